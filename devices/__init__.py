@@ -1,0 +1,115 @@
+"""Device profiles: one TOML file per device in this folder (the single device table).
+
+Installed as `awq_edge.devices`. A profile gives the GPU arch, total and default
+usable memory, memory bandwidth and notes; the memory planner and the engine
+builders read them from here and nowhere else.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError  # noqa: TID252  (awq_edge.devices -> awq_edge.errors)
+
+GIB = 1 << 30
+_HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    title: str
+    family: str  # "orin" groups the Jetson variants behind `--device orin`
+    gpu_arch: str  # "sm_87", "sm_89", or "" for the CPU
+    total_memory_gib: float  # 0: this machine's RAM, read at run time
+    usable_memory_gib: float  # default memory cap
+    memory_bandwidth_gbs: float
+    unified_memory: bool
+    notes: str
+    match_model: str = ""  # substring of /proc/device-tree/model (Jetson)
+    match_gpu_name: str = ""  # substring of the nvidia-smi GPU name
+
+    @property
+    def is_gpu(self) -> bool:
+        return bool(self.gpu_arch)
+
+    def default_memory_bytes(self) -> int:
+        """The memory cap used when the user gives none."""
+        if self.usable_memory_gib:
+            return int(self.usable_memory_gib * GIB)
+        return int(host_memory_bytes() * _CPU_FRACTION.get(self.name, 0.5))
+
+
+_CPU_FRACTION: dict[str, float] = {}
+
+
+def _load(path: Path) -> Device:
+    raw = tomllib.loads(path.read_text())
+    fraction = raw.pop("usable_memory_fraction", None)
+    if fraction is not None:
+        _CPU_FRACTION[raw["name"]] = float(fraction)
+    raw.setdefault("usable_memory_gib", 0)
+    return Device(**raw)
+
+
+def all_devices() -> dict[str, Device]:
+    return {d.name: d for d in sorted((_load(p) for p in _HERE.glob("*.toml")), key=lambda d: d.name)}
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _jetson_model() -> str:
+    try:
+        return Path("/proc/device-tree/model").read_text().strip("\x00\n ")
+    except OSError:
+        return ""
+
+
+def _gpu_names() -> list[str]:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def detect() -> Device:
+    """The profile that matches this machine (the CPU profile when no known GPU is found)."""
+    devices = all_devices()
+    model = _jetson_model()
+    if "Orin" in model:
+        # Variants share a model string; memory size tells them apart.
+        gib = host_memory_bytes() / GIB
+        candidates = [d for d in devices.values() if d.match_model and d.match_model in model]
+        if candidates:
+            return min(candidates, key=lambda d: abs(d.total_memory_gib - gib))
+    for gpu in _gpu_names():
+        for d in devices.values():
+            if d.match_gpu_name and d.match_gpu_name in gpu:
+                return d
+    return devices["cpu"]
+
+
+def resolve(name: str) -> Device:
+    """A device name or family (`orin`) -> one profile, or a UserError naming the choices."""
+    devices = all_devices()
+    if name in devices:
+        return devices[name]
+    family = [d for d in devices.values() if d.family == name]
+    if not family:
+        raise UserError(f"unknown device {name!r}; choose one of: {', '.join(['orin', *devices])}")
+    here = detect()
+    if here.family == name:
+        return here
+    raise UserError(
+        f"--device {name} has several variants and none was found on this machine; "
+        f"name one: {', '.join(d.name for d in family)}"
+    )

@@ -1,0 +1,1 @@
+"""ONNX export of AWQ checkpoints (installed as awq_edge.export)."""
