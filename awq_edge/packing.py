@@ -115,3 +115,16 @@ def dequantize(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size:
     s = scales.astype(np.float32)[:, g]
     z = zeros.astype(np.float32)[:, g]
     return (q.astype(np.float32) - z) * s
+
+
+# ---------------------------------------------------------------- TensorRT plugin layout
+# The op contract in plugins/README.md: qweight int32 [N, K/8], K contiguous per output
+# row, AWQ nibble order inside each word; scales and zeros fp16 [N, groups].
+
+def pack_for_plugin(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> dict[str, np.ndarray]:
+    check_quantized(q, scales, zeros, group_size)
+    return {
+        "qweight": pack_int4(q),
+        "scales": np.ascontiguousarray(scales).astype(np.float16),
+        "zeros": np.ascontiguousarray(zeros).astype(np.float16),
+    }
