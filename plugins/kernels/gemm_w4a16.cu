@@ -1,0 +1,230 @@
+// Prefill GEMM: Y[M, N] = X[M, K] @ W_hat^T for any M, on tensor cores.
+//
+// Block tile 64 (M) x 64 (N) x 64 (K), 4 warps in a 2 x 2 grid, each warp owning a
+// 32 x 32 piece of Y as 2 x 4 mma.sync.m16n8k16 tiles with fp32 accumulators.
+// Per K step the block:
+//   1. has already loaded the NEXT tile from global memory into registers (X as 128-bit
+//      loads; weights as one 128-bit load of 4 words per thread, two threads per weight
+//      row = 32 contiguous bytes, one full memory sector);
+//   2. computes on the CURRENT tile in shared memory (X tile [m][k], dequantized weight
+//      tile [n][k], which is exactly the "col" B operand of mma.row.col);
+//   3. stores the next tile into shared memory, dequantizing the weights on the way.
+// Rows are padded to 72 halves so the fragment loads of a warp hit 32 different banks.
+//
+// Edges: rows m >= M, rows n >= N and columns k >= K are filled with zeros in shared
+// memory, so any M, any N % 8 == 0 and any K % 8 == 0 work. A thread's 4 words are 32
+// k values starting at a multiple of 32, so they share one group (G is a multiple of 32);
+// when K % 32 != 0 the rows are not 16-byte aligned and words are read one at a time,
+// each with its own group and bounds check.
+#include "dequant.cuh"
+#include "launch_checks.cuh"
+
+namespace awq_edge {
+namespace {
+
+constexpr int kTileM = 64;
+constexpr int kTileN = 64;
+constexpr int kTileK = 64;
+constexpr int kThreads = 128;
+constexpr int kSmemRow = kTileK + 8;        // padded row length in halves (avoids bank conflicts)
+constexpr int kWarpTileM = 32;              // each warp: 32 x 32 of the output
+constexpr int kWarpTileN = 32;
+constexpr int kMmaTilesM = kWarpTileM / 16;  // 2 m16 tiles per warp
+constexpr int kMmaTilesN = kWarpTileN / 8;   // 4 n8 tiles per warp
+constexpr int kXLoadsPerThread = kTileM * kTileK / 8 / kThreads;  // 8 halves per 128-bit load -> 4
+constexpr int kWordsPerThread = 4;           // 64 rows x 8 words / 128 threads
+
+// m16n8k16, fp16 inputs, fp32 accumulate: acc += a * b.
+__device__ __forceinline__ void mma_16816(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();  // built only for sm_80 and newer (see CMakeLists.txt)
+#endif
+}
+
+// The slice of the next K tile that one thread carries from global memory to shared memory.
+struct TileLoad {
+    uint4 x[kXLoadsPerThread];
+    uint32_t words[kWordsPerThread];
+    half scale[kWordsPerThread];
+    half zero[kWordsPerThread];
+    bool word_valid[kWordsPerThread];
+};
+
+template <int kGroupSize, bool kVectorWeights>
+__device__ __forceinline__ void load_tile(TileLoad& t, const half* __restrict__ x, const uint32_t* __restrict__ qweight,
+                                          const half* __restrict__ scales, const half* __restrict__ zeros,
+                                          int M, int N, int K, int m_block, int n_block, int k_tile) {
+    const int tid = threadIdx.x;
+    // X: 64 rows x 8 loads of 8 halves; load i of this thread covers row r, columns c..c+7.
+#pragma unroll
+    for (int i = 0; i < kXLoadsPerThread; ++i) {
+        const int idx = tid + i * kThreads;
+        const int row = m_block + idx / (kTileK / 8);
+        const int col = k_tile + (idx % (kTileK / 8)) * 8;
+        t.x[i] = (row < M && col < K) ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(row) * K + col))
+                                      : make_uint4(0, 0, 0, 0);
+    }
+    // Weights: two threads per row n, each 4 words = 32 k values.
+    const int n = n_block + tid / 2;
+    const int words_per_row = K / kValuesPerWord;
+    const int first_word = k_tile / kValuesPerWord + (tid % 2) * kWordsPerThread;
+    const int groups = num_groups(K, kGroupSize);
+    const uint32_t* w_row = qweight + static_cast<size_t>(n) * words_per_row;
+    if constexpr (kVectorWeights) {
+        // K % 32 == 0: the 4 words are all inside K or all outside, and share one group.
+        const bool valid = n < N && first_word < words_per_row;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        half s = __float2half(0.0f), z = __float2half(0.0f);
+        if (valid) {
+            v = __ldcs(reinterpret_cast<const uint4*>(w_row + first_word));
+            const int g = group_of(first_word * kValuesPerWord, kGroupSize);
+            s = scales[static_cast<size_t>(n) * groups + g];
+            z = zeros[static_cast<size_t>(n) * groups + g];
+        }
+        t.words[0] = v.x; t.words[1] = v.y; t.words[2] = v.z; t.words[3] = v.w;
+#pragma unroll
+        for (int i = 0; i < kWordsPerThread; ++i) { t.scale[i] = s; t.zero[i] = z; t.word_valid[i] = valid; }
+    } else {
+#pragma unroll
+        for (int i = 0; i < kWordsPerThread; ++i) {
+            const int word = first_word + i;
+            t.word_valid[i] = n < N && word < words_per_row;
+            t.words[i] = 0;
+            t.scale[i] = t.zero[i] = __float2half(0.0f);
+            if (t.word_valid[i]) {
+                const int g = group_of(word * kValuesPerWord, kGroupSize);
+                t.words[i] = __ldcs(w_row + word);
+                t.scale[i] = scales[static_cast<size_t>(n) * groups + g];
+                t.zero[i] = zeros[static_cast<size_t>(n) * groups + g];
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ void store_tile(const TileLoad& t, half (*x_tile)[kSmemRow], half (*w_tile)[kSmemRow]) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < kXLoadsPerThread; ++i) {
+        const int idx = tid + i * kThreads;
+        *reinterpret_cast<uint4*>(&x_tile[idx / (kTileK / 8)][(idx % (kTileK / 8)) * 8]) = t.x[i];
+    }
+    const int row = tid / 2;
+    const int col = (tid % 2) * kWordsPerThread * kValuesPerWord;
+#pragma unroll
+    for (int i = 0; i < kWordsPerThread; ++i) {
+        half2 w[4];
+        if (t.word_valid[i]) {
+            dequant_word(t.words[i], make_group_params(t.scale[i], t.zero[i]), w);
+        } else {
+            w[0] = w[1] = w[2] = w[3] = __float2half2_rn(0.0f);  // outside the matrix: contributes nothing
+        }
+        *reinterpret_cast<uint4*>(&w_tile[row][col + i * kValuesPerWord]) = bit_cast<uint4>(w);
+    }
+}
+
+template <int kGroupSize, bool kVectorWeights>
+__global__ void __launch_bounds__(kThreads)
+gemm_w4a16_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
+                  const half* __restrict__ zeros, half* __restrict__ y, int M, int N, int K) {
+    __shared__ __align__(16) half x_tile[kTileM][kSmemRow];
+    __shared__ __align__(16) half w_tile[kTileN][kSmemRow];
+
+    const int m_block = blockIdx.y * kTileM;
+    const int n_block = blockIdx.x * kTileN;
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    const int warp_m = (warp / 2) * kWarpTileM;
+    const int warp_n = (warp % 2) * kWarpTileN;
+    const int group_id = lane / 4;  // mma fragment row (A, C) / column (B)
+    const int lane_in_group = lane % 4;
+
+    float acc[kMmaTilesM][kMmaTilesN][4] = {};
+
+    TileLoad next;
+    load_tile<kGroupSize, kVectorWeights>(next, x, qweight, scales, zeros, M, N, K, m_block, n_block, 0);
+    for (int k_tile = 0; k_tile < K; k_tile += kTileK) {
+        __syncthreads();  // everyone is done reading the previous tile
+        store_tile(next, x_tile, w_tile);
+        __syncthreads();
+        if (k_tile + kTileK < K) {
+            load_tile<kGroupSize, kVectorWeights>(next, x, qweight, scales, zeros, M, N, K, m_block, n_block,
+                                                  k_tile + kTileK);
+        }
+#pragma unroll
+        for (int kk = 0; kk < kTileK; kk += 16) {
+            // Fragment layouts of mma.m16n8k16 (PTX ISA): A regs = rows (g, g+8) x cols (2t, 2t+8);
+            // B regs = k (2t, 2t+8) of column g.
+            uint32_t a[kMmaTilesM][4];
+#pragma unroll
+            for (int mt = 0; mt < kMmaTilesM; ++mt) {
+                const int r = warp_m + mt * 16 + group_id;
+                const int c = kk + lane_in_group * 2;
+                a[mt][0] = *reinterpret_cast<const uint32_t*>(&x_tile[r][c]);
+                a[mt][1] = *reinterpret_cast<const uint32_t*>(&x_tile[r + 8][c]);
+                a[mt][2] = *reinterpret_cast<const uint32_t*>(&x_tile[r][c + 8]);
+                a[mt][3] = *reinterpret_cast<const uint32_t*>(&x_tile[r + 8][c + 8]);
+            }
+#pragma unroll
+            for (int nt = 0; nt < kMmaTilesN; ++nt) {
+                const int n = warp_n + nt * 8 + group_id;
+                const int c = kk + lane_in_group * 2;
+                const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(&w_tile[n][c]),
+                                       *reinterpret_cast<const uint32_t*>(&w_tile[n][c + 8])};
+#pragma unroll
+                for (int mt = 0; mt < kMmaTilesM; ++mt) mma_16816(acc[mt][nt], a[mt], b);
+            }
+        }
+    }
+
+    // C fragment: regs 0,1 = row g, columns 2t, 2t+1; regs 2,3 = row g + 8.
+#pragma unroll
+    for (int mt = 0; mt < kMmaTilesM; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kMmaTilesN; ++nt) {
+            const int col = n_block + warp_n + nt * 8 + lane_in_group * 2;
+            if (col >= N) continue;  // N % 8 == 0, so col + 1 < N whenever col < N
+#pragma unroll
+            for (int half_row = 0; half_row < 2; ++half_row) {
+                const int row = m_block + warp_m + mt * 16 + group_id + half_row * 8;
+                if (row < M) {
+                    *reinterpret_cast<half2*>(y + static_cast<size_t>(row) * N + col) =
+                        __floats2half2_rn(acc[mt][nt][2 * half_row], acc[mt][nt][2 * half_row + 1]);
+                }
+            }
+        }
+    }
+}
+
+template <int kGroupSize>
+void launch_for_group(const half* x, const uint32_t* qweight, const half* scales, const half* zeros, half* y,
+                      int M, int N, int K, cudaStream_t stream) {
+    const dim3 grid((N + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM);
+    if (rows_allow_128bit_loads(K)) {
+        gemm_w4a16_kernel<kGroupSize, true><<<grid, kThreads, 0, stream>>>(x, qweight, scales, zeros, y, M, N, K);
+    } else {
+        gemm_w4a16_kernel<kGroupSize, false><<<grid, kThreads, 0, stream>>>(x, qweight, scales, zeros, y, M, N, K);
+    }
+}
+
+}  // namespace
+}  // namespace awq_edge
+
+extern "C" int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                              __half* y, int M, int N, int K, int group_size, cudaStream_t stream) {
+    using namespace awq_edge;
+    if (!valid_matmul_args(x, qweight, scales, zeros, y, M, N, K, group_size)) return AWQ_W4A16_INVALID_ARGUMENT;
+    if ((M + kTileM - 1) / kTileM > 65535) return AWQ_W4A16_INVALID_ARGUMENT;  // grid.y limit
+    const auto* w = reinterpret_cast<const uint32_t*>(qweight);
+    switch (group_size) {
+        case 32: launch_for_group<32>(x, w, scales, zeros, y, M, N, K, stream); break;
+        case 64: launch_for_group<64>(x, w, scales, zeros, y, M, N, K, stream); break;
+        default: launch_for_group<128>(x, w, scales, zeros, y, M, N, K, stream); break;
+    }
+    return launch_status();
+}

@@ -1,0 +1,21 @@
+// The op entry point: picks the decode GEMV or the prefill GEMM by the number of rows.
+#include "launch_checks.cuh"
+
+extern "C" int awq_w4a16_matmul(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                                __half* y, int M, int N, int K, int group_size, cudaStream_t stream) {
+    // Up to 8 rows the GEMV's weight reads dominate and tensor cores would idle; above
+    // that the GEMM reuses each dequantized weight tile for 64 rows.
+    if (M >= 1 && M <= AWQ_W4A16_GEMV_MAX_ROWS) {
+        return awq_w4a16_gemv(x, qweight, scales, zeros, y, M, N, K, group_size, stream);
+    }
+    return awq_w4a16_gemm(x, qweight, scales, zeros, y, M, N, K, group_size, stream);
+}
+
+extern "C" const char* awq_w4a16_status_string(int status) {
+    if (status == AWQ_W4A16_OK) return "ok";
+    if (status == AWQ_W4A16_INVALID_ARGUMENT) {
+        return "invalid argument (need M >= 1, N and K multiples of 8, group_size 32/64/128, "
+               "x and qweight 16-byte aligned, y 4-byte aligned)";
+    }
+    return cudaGetErrorString(static_cast<cudaError_t>(status));
+}

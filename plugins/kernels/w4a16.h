@@ -1,0 +1,51 @@
+/* awq-edge W4A16 kernels: the plain C ABI (ctypes, the TensorRT plugin, any C caller).
+ *
+ * Y[M, N] = X[M, K] @ W_hat[N, K]^T, fp16 in and out, with
+ *   W_hat[n, k] = (q[n, k] - zeros[n, k / G]) * scales[n, k / G]
+ * and the weight layout of the op contract in plugins/README.md:
+ *   qweight int32 [N, K/8] (AWQ nibble order), scales and zeros fp16 [N, ceil(K/G)].
+ *
+ * Requirements (checked; a violation returns AWQ_W4A16_INVALID_ARGUMENT, nothing launched):
+ *   M >= 1; N >= 8 and N % 8 == 0; K >= 8 and K % 8 == 0; group_size in {32, 64, 128};
+ *   x and qweight 16-byte aligned, y 4-byte aligned (cudaMalloc gives 256).
+ * All launches are asynchronous on `stream`; the return value reports argument errors
+ * and launch errors (cudaGetLastError), not errors that happen later on the device.
+ */
+#ifndef AWQ_EDGE_W4A16_H
+#define AWQ_EDGE_W4A16_H
+
+#include <stdint.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    AWQ_W4A16_OK = 0,
+    AWQ_W4A16_INVALID_ARGUMENT = -1
+    /* a positive value is the cudaError_t of a failed launch */
+};
+
+/* Decode kernel: dequant-fused GEMV, M = 1..8 rows. */
+int awq_w4a16_gemv(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                   __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
+
+/* Prefill kernel: tensor-core GEMM (mma.sync m16n8k16, fp32 accumulation), any M >= 1. */
+int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                   __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
+
+/* The op: GEMV for M <= AWQ_W4A16_GEMV_MAX_ROWS, GEMM above. */
+#define AWQ_W4A16_GEMV_MAX_ROWS 8
+int awq_w4a16_matmul(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                     __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
+
+/* A readable message for a return value of the functions above. */
+const char* awq_w4a16_status_string(int status);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* AWQ_EDGE_W4A16_H */

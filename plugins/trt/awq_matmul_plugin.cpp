@@ -1,0 +1,198 @@
+#include "awq_matmul_plugin.h"
+
+#include <cstring>
+#include <exception>
+
+#include "w4a16.h"
+
+using namespace nvinfer1;
+
+namespace awq_edge {
+namespace {
+
+ILoggerFinder* gLoggerFinder = nullptr;
+
+enum InputIndex : int32_t { kX = 0, kQWeight = 1, kScales = 2, kZeros = 3, kNbInputs = 4 };
+
+// A dimension that is still unknown at build time (-1) matches anything.
+bool dimIs(int64_t actual, int64_t expected) { return actual == -1 || actual == expected; }
+
+// Reads one integer field; ONNX ints may arrive as int32 or int64.
+bool readIntField(PluginField const& field, int32_t& value) {
+    if (field.data == nullptr || field.length != 1) return false;
+    if (field.type == PluginFieldType::kINT32) {
+        value = *static_cast<int32_t const*>(field.data);
+        return true;
+    }
+    if (field.type == PluginFieldType::kINT64) {
+        value = static_cast<int32_t>(*static_cast<int64_t const*>(field.data));
+        return true;
+    }
+    return false;
+}
+
+}  // namespace
+
+void setLoggerFinder(ILoggerFinder* finder) noexcept { gLoggerFinder = finder; }
+
+void logError(std::string const& message) noexcept {
+    ILogger* logger = gLoggerFinder != nullptr ? gLoggerFinder->findLogger() : nullptr;
+    if (logger != nullptr) logger->log(ILogger::Severity::kERROR, ("AwqMatMulW4A16: " + message).c_str());
+}
+
+std::string AwqMatMulParams::problem() const {
+    if (K <= 0 || K % 8 != 0) return "K must be a positive multiple of 8, got " + std::to_string(K);
+    if (N <= 0 || N % 8 != 0) return "N must be a positive multiple of 8, got " + std::to_string(N);
+    if (group_size != 32 && group_size != 64 && group_size != 128) {
+        return "group_size must be 32, 64 or 128, got " + std::to_string(group_size);
+    }
+    return {};
+}
+
+// ---------------------------------------------------------------- plugin
+
+AwqMatMulPlugin::AwqMatMulPlugin(AwqMatMulParams params) : mParams(params) {}
+
+IPluginCapability* AwqMatMulPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept {
+    switch (type) {
+        case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
+        case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
+        case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
+    }
+    return nullptr;
+}
+
+IPluginV3* AwqMatMulPlugin::clone() noexcept {
+    try {
+        return new AwqMatMulPlugin(mParams);
+    } catch (std::exception const& e) {
+        logError(e.what());
+        return nullptr;
+    }
+}
+
+int32_t AwqMatMulPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes,
+                                            int32_t nbInputs) const noexcept {
+    if (nbOutputs != 1 || nbInputs != kNbInputs || inputTypes[kX] != DataType::kHALF) return -1;
+    outputTypes[0] = DataType::kHALF;
+    return 0;
+}
+
+int32_t AwqMatMulPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
+                                         int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
+                                         IExprBuilder& exprBuilder) noexcept {
+    if (nbInputs != kNbInputs || nbOutputs != 1) return -1;
+    DimsExprs const& x = inputs[kX];
+    if (x.nbDims < 2 || x.nbDims > 3) {
+        logError("X must have rank 2 or 3");
+        return -1;
+    }
+    outputs[0] = x;  // Y = X with the last dimension K replaced by N
+    outputs[0].d[x.nbDims - 1] = exprBuilder.constant(mParams.N);
+    return 0;
+}
+
+bool AwqMatMulPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+                                                int32_t nbOutputs) noexcept {
+    if (nbInputs != kNbInputs || nbOutputs != 1 || pos < 0 || pos >= kNbInputs + 1) return false;
+    PluginTensorDesc const& desc = inOut[pos].desc;
+    if (desc.format != TensorFormat::kLINEAR) return false;
+    // X, scales, zeros and Y are fp16; qweight is int32.
+    return desc.type == (pos == kQWeight ? DataType::kINT32 : DataType::kHALF);
+}
+
+bool AwqMatMulPlugin::shapesMatch(Dims const& x, Dims const& qweight, Dims const& scales, Dims const& zeros) const {
+    int64_t const N = mParams.N, K = mParams.K, groups = mParams.groups();
+    bool const ok = x.nbDims >= 2 && x.nbDims <= 3 && dimIs(x.d[x.nbDims - 1], K) &&  //
+                    qweight.nbDims == 2 && dimIs(qweight.d[0], N) && dimIs(qweight.d[1], K / 8) &&
+                    scales.nbDims == 2 && dimIs(scales.d[0], N) && dimIs(scales.d[1], groups) &&
+                    zeros.nbDims == 2 && dimIs(zeros.d[0], N) && dimIs(zeros.d[1], groups);
+    if (!ok) {
+        logError("input shapes do not match K=" + std::to_string(K) + " N=" + std::to_string(N) +
+                 " group_size=" + std::to_string(mParams.group_size) +
+                 " (need X [..., K], qweight [N, K/8], scales and zeros [N, ceil(K/G)])");
+    }
+    return ok;
+}
+
+int32_t AwqMatMulPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                                         DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept {
+    if (nbInputs != kNbInputs || nbOutputs != 1) return -1;
+    return shapesMatch(in[kX].desc.dims, in[kQWeight].desc.dims, in[kScales].desc.dims, in[kZeros].desc.dims) ? 0 : -1;
+}
+
+int32_t AwqMatMulPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/,
+                                       int32_t nbOutputs) noexcept {
+    if (nbInputs != kNbInputs || nbOutputs != 1) return -1;
+    return shapesMatch(in[kX].dims, in[kQWeight].dims, in[kScales].dims, in[kZeros].dims) ? 0 : -1;
+}
+
+int32_t AwqMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
+                                 void const* const* inputs, void* const* outputs, void* /*workspace*/,
+                                 cudaStream_t stream) noexcept {
+    Dims const& x = inputDesc[kX].dims;
+    int64_t rows = 1;  // all leading dimensions of X (batch x sequence) are rows of the matmul
+    for (int32_t i = 0; i < x.nbDims - 1; ++i) rows *= x.d[i];
+    if (rows == 0) return 0;
+    int const status = awq_w4a16_matmul(
+        static_cast<__half const*>(inputs[kX]), static_cast<int32_t const*>(inputs[kQWeight]),
+        static_cast<__half const*>(inputs[kScales]), static_cast<__half const*>(inputs[kZeros]),
+        static_cast<__half*>(outputs[0]), static_cast<int>(rows), mParams.N, mParams.K, mParams.group_size, stream);
+    if (status != AWQ_W4A16_OK) {
+        logError(awq_w4a16_status_string(status));
+        return -1;
+    }
+    return 0;
+}
+
+IPluginV3* AwqMatMulPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept { return clone(); }
+
+PluginFieldCollection const* AwqMatMulPlugin::getFieldsToSerialize() noexcept {
+    // Pointers into mParams: valid as long as this plugin lives, which TensorRT guarantees.
+    mSerializedFields = {PluginField("K", &mParams.K, PluginFieldType::kINT32, 1),
+                         PluginField("N", &mParams.N, PluginFieldType::kINT32, 1),
+                         PluginField("group_size", &mParams.group_size, PluginFieldType::kINT32, 1)};
+    mSerializedCollection.nbFields = static_cast<int32_t>(mSerializedFields.size());
+    mSerializedCollection.fields = mSerializedFields.data();
+    return &mSerializedCollection;
+}
+
+// ---------------------------------------------------------------- creator
+
+AwqMatMulCreator::AwqMatMulCreator() {
+    mFields = {PluginField("K", nullptr, PluginFieldType::kINT32, 1),
+               PluginField("N", nullptr, PluginFieldType::kINT32, 1),
+               PluginField("group_size", nullptr, PluginFieldType::kINT32, 1)};
+    mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
+    mFieldCollection.fields = mFields.data();
+}
+
+IPluginV3* AwqMatMulCreator::createPlugin(char const* /*name*/, PluginFieldCollection const* fc,
+                                          TensorRTPhase /*phase*/) noexcept {
+    try {
+        AwqMatMulParams params;
+        for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
+            PluginField const& field = fc->fields[i];
+            int32_t* target = std::strcmp(field.name, "K") == 0            ? &params.K
+                              : std::strcmp(field.name, "N") == 0          ? &params.N
+                              : std::strcmp(field.name, "group_size") == 0 ? &params.group_size
+                                                                           : nullptr;
+            if (target == nullptr) continue;  // e.g. plugin_version / plugin_namespace if passed through
+            if (!readIntField(field, *target)) {
+                logError(std::string("field ") + field.name + " must be one int32 or int64");
+                return nullptr;
+            }
+        }
+        std::string const problem = params.problem();
+        if (!problem.empty()) {
+            logError(problem);
+            return nullptr;
+        }
+        return new AwqMatMulPlugin(params);
+    } catch (std::exception const& e) {
+        logError(e.what());
+        return nullptr;
+    }
+}
+
+}  // namespace awq_edge
