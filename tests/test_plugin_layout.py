@@ -1,0 +1,95 @@
+"""Host-side cross-check of the plugin weight layout: Python packer vs the CUDA dequant helpers.
+
+plugins/tests/dequant_host_check.cpp runs kernels/dequant.cuh's host path (same bit tricks
+and zero-point arithmetic as the GPU path) on weights written by packing.pack_for_plugin;
+the result must equal packing.dequantize() rounded to fp16, bit for bit.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from awq_edge import packing, plugins
+
+
+@pytest.fixture(scope="module")
+def host_check(tmp_path_factory):
+    cxx = shutil.which("g++")
+    include = plugins.cuda_include_dir()
+    if cxx is None or include is None:
+        pytest.skip(f"needs g++ and the CUDA headers (cuda_fp16.h); found g++={cxx}, CUDA include={include}")
+    exe = tmp_path_factory.mktemp("host_check") / "dequant_host_check"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror",
+                    "-I", str(plugins.PLUGINS_DIR / "kernels"), "-isystem", str(include),
+                    str(plugins.PLUGINS_DIR / "tests" / "dequant_host_check.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    return exe
+
+
+def run_host_dequant(exe, tmp_path, packed: dict, n: int, k: int, group_size: int) -> np.ndarray:
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    with open(src, "wb") as f:
+        f.write(np.array([n, k, group_size], dtype=np.int32).tobytes())
+        for name in ("qweight", "scales", "zeros"):
+            f.write(np.ascontiguousarray(packed[name]).tobytes())
+    subprocess.run([str(exe), str(src), str(dst)], check=True, capture_output=True)
+    return np.fromfile(dst, dtype=np.float16).reshape(n, k)
+
+
+def random_quantized(rng, n, k, group_size, scale_range=(1e-3, 0.1)):
+    groups = packing.num_groups(k, group_size)
+    q = rng.integers(0, 16, size=(n, k), dtype=np.uint8)
+    zeros = rng.integers(0, 16, size=(n, groups), dtype=np.uint8)
+    scales = rng.uniform(*scale_range, size=(n, groups)).astype(np.float16)
+    return q, scales, zeros
+
+
+@pytest.mark.parametrize("n, k, group_size", [
+    (16, 576, 128),   # SmolLM2 hidden size: last group is 64 wide (ragged K)
+    (24, 256, 32),
+    (8, 200, 64),     # K % 32 != 0: the kernels' word-at-a-time path, last group 8 wide
+    (32, 1024, 128),
+    (8, 8, 32),       # a single word, a single short group
+])
+def test_host_dequant_matches_python_reference(host_check, tmp_path, n, k, group_size):
+    rng = np.random.default_rng(1000 * n + k + group_size)
+    q, scales, zeros = random_quantized(rng, n, k, group_size)
+    packed = packing.pack_for_plugin(q, scales, zeros, group_size)
+    got = run_host_dequant(host_check, tmp_path, packed, n, k, group_size)
+    want = packing.dequantize(q, scales, zeros, group_size).astype(np.float16)
+    mismatch = np.argwhere(got.view(np.uint16) != want.view(np.uint16))
+    assert mismatch.size == 0, f"{len(mismatch)} mismatches, first at {tuple(mismatch[0])}: " \
+                               f"{got[tuple(mismatch[0])]} vs {want[tuple(mismatch[0])]}"
+
+
+def test_host_dequant_extremes(host_check, tmp_path):
+    """Full nibble range, zero points 0 and 15, large, tiny (subnormal) and negative scales."""
+    n, k, group_size = 8, 256, 32
+    groups = packing.num_groups(k, group_size)
+    q = np.tile(np.arange(16, dtype=np.uint8), (n, k // 16))
+    zeros = np.zeros((n, groups), dtype=np.uint8)
+    zeros[::2] = 15
+    scales = np.full((n, groups), 4000.0, dtype=np.float16)  # 15 * 4000 = 60000 < fp16 max
+    scales[1::4] = 1e-7                                        # subnormal products
+    scales[2::4] = -0.37
+    packed = packing.pack_for_plugin(q, scales, zeros, group_size)
+    got = run_host_dequant(host_check, tmp_path, packed, n, k, group_size)
+    want = packing.dequantize(q, scales, zeros, group_size).astype(np.float16)
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_host_dequant_detects_a_wrong_nibble_order(host_check, tmp_path):
+    """Packing in natural nibble order (not AWQ_ORDER) must NOT match: the check can fail."""
+    n, k, group_size = 8, 64, 32
+    rng = np.random.default_rng(7)
+    q, scales, zeros = random_quantized(rng, n, k, group_size)
+    natural = np.zeros((n, k // 8), dtype=np.uint32)
+    for i in range(8):
+        natural |= q[:, i::8].astype(np.uint32) << np.uint32(4 * i)
+    packed = dict(packing.pack_for_plugin(q, scales, zeros, group_size), qweight=natural.view(np.int32))
+    got = run_host_dequant(host_check, tmp_path, packed, n, k, group_size)
+    want = packing.dequantize(q, scales, zeros, group_size).astype(np.float16)
+    assert (got.view(np.uint16) != want.view(np.uint16)).any()
