@@ -76,6 +76,9 @@ def commit_staging(staging: Path, output: Path) -> None:
     if output.exists():
         trash = output.with_name(f".{output.name}.old-{staging.name[-8:]}")
         output.rename(trash)
+    staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
+    for f in staging.iterdir():
+        f.chmod(0o644)
     staging.rename(output)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,537 @@
+"""AWQ: activation-aware weight quantization (Lin et al. 2023), W4 asymmetric, per group.
+
+Reads top to bottom as the algorithm runs:
+  1. cut calibration text into `calib_samples` sequences of `calib_seqlen` tokens;
+  2. capture the inputs of decoder block 0 (and each block's attention kwargs);
+  3. for each block, one at a time:
+     a. run the float block on all sequences: its float output is the next block's input;
+        on the way, record mean |x| per input channel of every linear, and keep the full
+        inputs of the first `loss_samples` sequences for the losses below;
+     b. search one scale vector per group (q/k/v <- input norm, o <- v, gate/up <- MLP norm,
+        down <- up) on a grid of alpha, loss = fp32 MSE of the module output;
+     c. fold the scales into the previous op (norm weight or linear rows);
+     d. search a clipping threshold per (output channel, group) for every linear but q and k;
+     e. quantize to INT4 and drop the block's float weights (memory stays ~one block).
+lm_head, embeddings and norms stay float.
+
+Memory: the model in its own dtype + one block in fp32 + calib inputs/outputs
+(2 x samples x seqlen x hidden x 4 bytes) + the loss inputs. See docs/quantizer.md.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import QuantizedLinear
+from .errors import UserError
+from .families import Family
+from .packing import GROUP_SIZES, MAX_INT
+
+
+@dataclass
+class QuantizeSettings:
+    method: str = "awq"  # awq | rtn
+    group_size: int = 128
+    calib_samples: int = 64
+    calib_seqlen: int = 512
+    loss_samples: int = 16  # sequences whose outputs the scale-search loss compares
+    scale_grid: int = 20  # alpha = i / scale_grid, i = 0 .. scale_grid-1
+    duo_scaling: bool = False  # s = x_mean^a / w_mean^(1-a) (AutoAWQ) instead of x_mean^a (paper)
+    clip_grid: int = 20  # clip ratios from 1.0 down to 1 - clip_max_shrink
+    clip_max_shrink: float = 0.5
+    clip_tokens: int = 512  # tokens the clip search compares on
+    batch_size: int = 8  # sequences per forward
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.method not in ("awq", "rtn"):
+            raise UserError(f"--method {self.method} is unknown; use awq or rtn")
+        if self.group_size not in GROUP_SIZES:
+            raise UserError(f"--group-size {self.group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
+        if self.calib_samples < 1 or self.calib_seqlen < 16:
+            raise UserError("--calib-samples must be >= 1 and --calib-seqlen >= 16")
+
+
+# ---------------------------------------------------------------- INT4 group quantization
+
+def _group_chunks(k: int, group_size: int):
+    """(column slice, group slice, group length): the full groups, then the short last one."""
+    full = k // group_size
+    if full:
+        yield slice(0, full * group_size), slice(0, full), group_size
+    if full * group_size < k:
+        yield slice(full * group_size, k), slice(full, full + 1), k - full * group_size
+
+
+def _quant_params(wg: torch.Tensor):
+    """Per-group scale and zero for wg [..., g]; scale rounded to fp16 as stored."""
+    wmax = wg.amax(-1, keepdim=True)
+    wmin = wg.amin(-1, keepdim=True)
+    scale = ((wmax - wmin).clamp(min=1e-5) / MAX_INT).half().float()
+    zero = (-torch.round(wmin / scale)).clamp(0, MAX_INT)
+    return scale, zero
+
+
+def quantize_tensor(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None):
+    """w [out, in] -> (q uint8 [out, in], scales fp16 [out, groups], zeros uint8 [out, groups]).
+
+    clip [out, groups], if given, clamps each group to [-clip, clip] first.
+    """
+    out_f, k = w.shape
+    groups = -(-k // group_size)
+    q = torch.empty(out_f, k, dtype=torch.uint8)
+    scales = torch.empty(out_f, groups, dtype=torch.float16)
+    zeros = torch.empty(out_f, groups, dtype=torch.uint8)
+    for cols, gs, g in _group_chunks(k, group_size):
+        wg = w[:, cols].float().reshape(out_f, -1, g)
+        if clip is not None:
+            c = clip[:, gs].unsqueeze(-1)
+            wg = wg.clamp(-c, c)
+        scale, zero = _quant_params(wg)
+        qg = (torch.round(wg / scale) + zero).clamp(0, MAX_INT)
+        q[:, cols] = qg.reshape(out_f, -1).to(torch.uint8).cpu()
+        scales[:, gs] = scale.squeeze(-1).half().cpu()
+        zeros[:, gs] = zero.squeeze(-1).to(torch.uint8).cpu()
+    return q, scales, zeros
+
+
+def fake_quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize then dequantize (same numbers as quantize_tensor), on w's device, in fp32."""
+    out_f, k = w.shape
+    result = torch.empty(out_f, k, dtype=torch.float32, device=w.device)
+    for cols, gs, g in _group_chunks(k, group_size):
+        wg = w[:, cols].float().reshape(out_f, -1, g)
+        if clip is not None:
+            c = clip[:, gs].unsqueeze(-1)
+            wg = wg.clamp(-c, c)
+        scale, zero = _quant_params(wg)
+        qg = (torch.round(wg / scale) + zero).clamp(0, MAX_INT)
+        result[:, cols] = ((qg - zero) * scale).reshape(out_f, -1)
+    return result
+
+
+# ---------------------------------------------------------------- calibration data
+
+def calibration_tokens(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Shuffle the texts, join them (EOS between), and cut [n, seqlen] token blocks."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    eos = tokenizer.eos_token_id
+    needed = n_samples * seqlen
+    ids: list[int] = []
+    for i in order:
+        ids.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= needed:
+            break
+    n = min(n_samples, len(ids) // seqlen)
+    if n == 0:
+        raise UserError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seqlen}; "
+                        "give more text or a smaller --calib-seqlen")
+    return torch.tensor(ids[: n * seqlen], dtype=torch.long).reshape(n, seqlen)
+
+
+# ---------------------------------------------------------------- capturing block inputs
+
+def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int):
+    """Layer 0's input hidden states for every sequence, and each layer's kwargs.
+
+    Every decoder layer is swapped for a pass-through that records what it is called
+    with, so one pass over the embeddings costs almost nothing. Kwargs come from a
+    batch-1 call so their masks/rotary tables broadcast over any batch size.
+    """
+    layers = model.model.layers
+    recorded_kwargs: list[dict] = [{} for _ in layers]
+    first_inputs: list[torch.Tensor] = []
+
+    def recorder(i):
+        def forward(hidden_states, *args, **kwargs):
+            if not recorded_kwargs[i]:
+                kwargs.pop("past_key_values", None)
+                kwargs["use_cache"] = False
+                recorded_kwargs[i] = kwargs
+            if i == 0:
+                first_inputs.append(hidden_states.detach().float().cpu())
+            return hidden_states
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        with torch.no_grad():
+            model.model(input_ids=tokens[:1], use_cache=False)
+            first_inputs.clear()
+            for start in range(0, len(tokens), batch_size):
+                model.model(input_ids=tokens[start:start + batch_size], use_cache=False)
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+    return torch.cat(first_inputs), recorded_kwargs
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ---------------------------------------------------------------- the groups of one block
+
+@dataclass
+class ScaleGroup:
+    name: str
+    prev: nn.Module  # the op the scales fold into (a norm or a linear)
+    linears: list[nn.Linear]  # the linears that read the scaled tensor
+    inspect: str  # "self_attn" | "mlp" | a linear's name: the module whose output the loss compares
+    input_of: str  # the linear whose captured input feeds `inspect`
+    kv_repeat: int = 1  # o <- v under GQA: one scale per v channel, repeated over query heads
+    head_dim: int = 0
+
+
+def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
+    attn, mlp = layer.self_attn, layer.mlp
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return [
+        ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn", "q_proj"),
+        ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj", kv_repeat=heads // kv_heads, head_dim=head_dim),
+        ScaleGroup("gate_up", getattr(layer, family.mlp_norm), [mlp.gate_proj, mlp.up_proj], "mlp", "gate_proj"),
+        ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj"),
+    ]
+
+
+def _linear_names(layer) -> dict[str, nn.Linear]:
+    a, m = layer.self_attn, layer.mlp
+    return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
+            "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
+
+
+# ---------------------------------------------------------------- scale search
+
+def _collapse(v: torch.Tensor, g: ScaleGroup) -> torch.Tensor:
+    """o <- v under GQA: per o-input channel -> per v channel (mean over the query heads sharing it)."""
+    if g.kv_repeat == 1:
+        return v
+    return v.view(-1, g.kv_repeat, g.head_dim).mean(1).reshape(-1)
+
+
+def _expand(s: torch.Tensor, g: ScaleGroup) -> torch.Tensor:
+    """Per v channel -> per o-input channel (the same scale for every query head of a KV head)."""
+    if g.kv_repeat == 1:
+        return s
+    return s.view(-1, 1, g.head_dim).expand(-1, g.kv_repeat, g.head_dim).reshape(-1)
+
+
+def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over output rows of |w| / max|w| of its group, per input channel (duo scaling)."""
+    w = torch.cat(weights, 0).abs()
+    normed = torch.empty_like(w)
+    for cols, _, g in _group_chunks(w.shape[1], group_size):
+        wg = w[:, cols].reshape(w.shape[0], -1, g)
+        normed[:, cols] = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape[0], -1)
+    return normed.mean(0)
+
+
+def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: QuantizeSettings):
+    """Grid search of alpha for one group. Returns (scales on the prev-op side, best alpha, losses)."""
+    originals = [lin.weight.data.clone() for lin in g.linears]
+    reference = run_module()
+    x_mean = _collapse(x_mean, g)
+    w_mean = _collapse(_weight_mean(originals, settings.group_size), g) if settings.duo_scaling else None
+    losses, best = [], (math.inf, None, 0.0)
+    try:
+        for i in range(settings.scale_grid):
+            alpha = i / settings.scale_grid
+            s = x_mean.pow(alpha)
+            if w_mean is not None:
+                s = s / (w_mean.pow(1 - alpha) + 1e-4)
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            s_in = _expand(s, g)
+            for lin, w in zip(g.linears, originals):
+                lin.weight.data = fake_quantize(w * s_in, settings.group_size) / s_in
+            loss = sum(float((out - ref).float().pow(2).sum()) for out, ref in zip(run_module(), reference))
+            loss /= sum(r.numel() for r in reference)
+            losses.append(loss)
+            if loss < best[0]:
+                best = (loss, s.clone(), alpha)
+    finally:
+        for lin, w in zip(g.linears, originals):
+            lin.weight.data = w
+    return best[1], best[2], losses
+
+
+# ---------------------------------------------------------------- clipping search
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256) -> torch.Tensor:
+    """Best max |w| per (output channel, group): minimises each group's partial-output MSE."""
+    out_f, k = w.shape
+    if len(x) > settings.clip_tokens:
+        x = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()]
+    gs_total = -(-k // settings.group_size)
+    best_clip = torch.empty(out_f, gs_total, device=w.device)
+    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+    for cols, gsl, g in _group_chunks(k, settings.group_size):
+        xg = x[:, cols].reshape(len(x), -1, g).permute(1, 0, 2)  # [groups, tokens, g]
+        for o0 in range(0, out_f, oc_batch):
+            wg = w[o0:o0 + oc_batch, cols].reshape(-1, xg.shape[0], g)  # [oc, groups, g]
+            max_abs = wg.abs().amax(-1)  # [oc, groups]
+            ref = torch.bmm(xg, wg.permute(1, 2, 0))  # [groups, tokens, oc]
+            best_err = torch.full_like(max_abs, math.inf)
+            best = max_abs.clone()
+            for r in ratios:
+                c = max_abs * r
+                wq = fake_quantize_groups(wg, c)
+                err = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2).mean(1).T  # [oc, groups]
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better, c, best)
+            best_clip[o0:o0 + oc_batch, gsl] = best
+    return best_clip
+
+
+def fake_quantize_groups(wg: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """wg [oc, groups, g] clamped to +-clip [oc, groups], quantized and dequantized."""
+    c = clip.unsqueeze(-1)
+    wg = wg.clamp(-c, c)
+    scale, zero = _quant_params(wg)
+    return (torch.round(wg / scale) + zero).clamp(0, MAX_INT).sub(zero).mul(scale)
+
+
+# ---------------------------------------------------------------- the driver
+
+@dataclass
+class QuantizeResult:
+    linears: dict[str, QuantizedLinear]
+    layer_report: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+    calib_tokens: int = 0
+
+
+def _batched(t: torch.Tensor, batch: int):
+    for start in range(0, len(t), batch):
+        yield t[start:start + batch]
+
+
+def _to_quantized(lin: nn.Linear, group_size: int, clip=None) -> QuantizedLinear:
+    q, scales, zeros = quantize_tensor(lin.weight.data, group_size, clip)
+    bias = lin.bias.data.float().cpu().numpy() if lin.bias is not None else None
+    return QuantizedLinear(q.numpy(), scales.numpy(), zeros.numpy(), group_size, bias)
+
+
+def _release(lin: nn.Linear) -> None:
+    """Drop a quantized linear's float weight: peak memory stays at about one block."""
+    lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+
+
+def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings: QuantizeSettings,
+                   progress: bool = True) -> QuantizeResult:
+    """Quantize every decoder block of `model` in place (its norms take the folded scales)."""
+    settings.validate()
+    started = time.time()
+    dev = torch.device(settings.device)
+    layers = model.model.layers
+    result = QuantizeResult({}, settings=asdict(settings))
+    prefix = "model.layers"
+
+    if settings.method == "rtn":
+        for i, layer in enumerate(tqdm(layers, desc="rtn", unit="block", disable=not progress)):
+            for name, lin in _linear_names(layer).items():
+                result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size)
+                _release(lin)
+        result.seconds = time.time() - started
+        return result
+
+    inputs, layer_kwargs = capture_block_inputs(model, tokens, settings.batch_size)
+    result.calib_tokens = int(tokens.numel())
+    n_loss = min(settings.loss_samples, len(inputs))
+    bar = tqdm(list(enumerate(layers)), desc="awq", unit="block", disable=not progress)
+    for i, layer in bar:
+        orig_dtype = next(layer.parameters()).dtype
+        layer.to(dev, torch.float32)
+        kwargs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else
+                      tuple(t.to(dev) for t in v) if isinstance(v, tuple) else v)
+                  for k, v in layer_kwargs[i].items()}
+        linears = _linear_names(layer)
+
+        # a. float outputs for the next block; |x| statistics; loss inputs
+        abs_sum: dict[str, torch.Tensor] = {}
+        captured: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+        counted = {"tokens": 0, "seqs": 0}
+
+        def hook(name):
+            def fn(_module, args, _out):
+                x = args[0].detach().float()
+                flat = x.reshape(-1, x.shape[-1])
+                abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
+                if counted["seqs"] < n_loss:
+                    captured[name].append(x[: n_loss - counted["seqs"]].clone())
+            return fn
+
+        handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+        outputs = []
+        with torch.no_grad():
+            for xb in _batched(inputs, settings.batch_size):
+                outputs.append(_layer_output(layer(xb.to(dev), **kwargs)).float().cpu())
+                counted["seqs"] += len(xb)
+                counted["tokens"] += xb.shape[0] * xb.shape[1]
+        for h in handles:
+            h.remove()
+        x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
+        loss_inputs = {n: torch.cat(v) for n, v in captured.items()}
+        del captured
+
+        # b + c. scales, group by group
+        report = {"layer": i, "groups": {}}
+        with torch.no_grad():
+            for g in block_groups(layer, family, model.config):
+                x = loss_inputs[g.input_of]
+                run = _module_runner(layer, g, x, kwargs, settings.batch_size)
+                s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
+                report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0]}
+                _apply_group(g, s, family, loss_inputs, linears)
+
+            # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
+            for name, lin in linears.items():
+                clip = None
+                if name not in ("q_proj", "k_proj") and settings.clip_grid > 0:
+                    x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
+                    clip = search_clip(lin.weight.data, x, settings)
+                result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
+                _release(lin)
+        layer.to(orig_dtype)
+        result.layer_report.append(report)
+        inputs = torch.cat(outputs)
+        del outputs, loss_inputs
+        bar.set_postfix(mlp_loss=f"{report['groups']['gate_up']['loss']:.2e}")
+    result.seconds = time.time() - started
+    return result
+
+
+def _path(name: str) -> str:
+    return ("self_attn." if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp.") + name
+
+
+def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: int):
+    """A function returning the list of `g.inspect` outputs on x, batch by batch."""
+    if g.inspect == "self_attn":
+        return lambda: [layer.self_attn(hidden_states=xb, **kwargs)[0] for xb in _batched(x, batch)]
+    if g.inspect == "mlp":
+        return lambda: [layer.mlp(xb) for xb in _batched(x, batch)]
+    lin = _linear_names(layer)[g.inspect]
+    return lambda: [lin(xb) for xb in _batched(x, batch)]
+
+
+def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: dict, linears: dict) -> None:
+    s_in = _expand(s, g)
+    prev = g.prev
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s.view(-1, 1))
+        if prev.bias is not None:
+            prev.bias.div_(s)
+    else:  # an RMSNorm: y = norm(x) * (offset + w); Gemma's offset is 1
+        prev.weight.copy_((prev.weight.float() + family.norm_offset) / s - family.norm_offset)
+    for lin in g.linears:
+        lin.weight.mul_(s_in.view(1, -1))
+    # The captured inputs of the scaled linears are now x / s (q/k/v share one input).
+    # (each linear has its own copy of its input, so each is divided once)
+    for name, lin in linears.items():
+        if any(lin is scaled for scaled in g.linears):
+            loss_inputs[name].div_(s_in)
+
+
+# ---------------------------------------------------------------- model dir -> checkpoint dir
+
+def float_tensors(model, quantized: dict[str, QuantizedLinear]) -> dict[str, np.ndarray]:
+    """Every tensor of the model that is not a quantized linear (embeddings, norms, lm_head)."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    out = {}
+    for name, t in model.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if owner in quantized or (tied and name == "lm_head.weight"):
+            continue
+        out[name] = t.detach().float().cpu().numpy()
+    return out
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device} is unknown; use cpu, cuda or auto")
+    return device
+
+
+def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: str | None = None,
+                        force: bool = False, progress: bool = True) -> dict:
+    """`awq-edge quantize`: load, calibrate, quantize, and write a checkpoint atomically."""
+    import shutil
+    from pathlib import Path
+
+    import psutil
+
+    from . import __version__, data
+    from .checkpoint import commit_staging, output_staging, write_checkpoint
+    from .model import check_causal_lm, is_awq_checkpoint, load_float_model, read_config, resolve_source
+
+    settings.validate()
+    settings.device = resolve_device(settings.device)
+    output = Path(output)
+    if output.exists() and not force:
+        raise UserError(f"output {output} already exists; choose another path or pass --force to replace it")
+    model_dir = resolve_source(source)
+    config = read_config(model_dir)
+    family = check_causal_lm(config, str(model_dir))
+    if is_awq_checkpoint(config):
+        raise UserError(f"{source} is already an AWQ checkpoint; give the float model to quantize")
+    texts, calib_source = [], "none (rtn)"
+    if settings.method == "awq":
+        if calib:
+            texts, calib_source = data.read_texts(calib), str(calib)
+        else:
+            texts = data.read_texts(data.fetch_wikipedia()[0])
+            calib_source = f"builtin: Wikipedia calibration split ({data.GENSIM_WHEEL} test dump)"
+    model, tokenizer = load_float_model(model_dir)
+    tokens = None
+    if settings.method == "awq":
+        tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    result = quantize_model(model, family, tokens, settings, progress=progress)
+    metadata = {
+        "awq_edge_version": __version__,
+        "source_model": str(source),
+        "family": family.name,
+        "settings": result.settings,
+        "calibration": {"source": calib_source, "tokens": result.calib_tokens,
+                        "sequences": 0 if tokens is None else int(tokens.shape[0])},
+        "seconds": round(result.seconds, 1),
+        "peak_rss_bytes": psutil.Process().memory_info().rss,
+        "layers": result.layer_report,
+    }
+    staging = output_staging(output, force)
+    try:
+        write_checkpoint(staging, config, result.linears, float_tensors(model, result.linears), metadata, model_dir)
+        commit_staging(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metadata
+
+
+def fake_quantize_model(model, settings: QuantizeSettings) -> None:
+    """RTN in place on a float model (for `eval --method rtn`): same numbers as an RTN checkpoint."""
+    settings.validate()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in _linear_names(layer).values():
+                lin.weight.data = fake_quantize(lin.weight.data, settings.group_size).to(lin.weight.dtype)
