@@ -1,0 +1,330 @@
+"""`awq-edge build SRC --device orin|rtx4090|rtx4070-laptop`: a TensorRT engine from the exported `trt` ONNX graph.
+
+Order of work (every failure is a one-line UserError naming what was found and what is needed):
+  1. the source: an exported graph with AwqMatMulW4A16 nodes (export --target trt);
+  2. the machine: an NVIDIA GPU whose arch equals the device profile's (an engine only runs
+     on the arch it was built on), and TensorRT >= 10.0 importable from Python;
+  3. the plugin library for that arch: built with cmake when missing, cached by a hash of
+     plugins/ (awq_edge.plugins), loaded with IPluginRegistry.load_library;
+  4. the build: strongly typed network (the graph is fp16), two optimization profiles
+     (0 = prefill up to the max input length, 1 = decode with one new token), workspace
+     limit from the memory plan, builder optimization level, a timing cache kept per
+     arch and TensorRT version in the cache dir;
+  5. the output, written into a temp dir next to OUTPUT and renamed at the end, so a failed
+     build leaves nothing behind: engine.plan, manifest.json, the plugin library and the
+     tokenizer/config files of SRC.
+
+Host memory: the ONNX parser reads weights from the external-data file into one host copy;
+the plan is streamed to disk (build_serialized_network_to_stream, where the installed TensorRT has it) instead
+of being held in memory next to the weights. This keeps the build near 1x the weight size
+plus TensorRT's own working memory; it has not been measured on a device yet.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import plugins
+from .errors import UserError
+
+MIN_TENSORRT = (10, 0)
+MANIFEST = "manifest.json"
+ENGINE_FILE = "engine.plan"
+DEFAULT_MAX_CONTEXT = 4096
+BUILDER_OPTIMIZATION_LEVEL = 3  # TensorRT's default; higher levels mostly add build time
+WORKSPACE_CAP = 1 << 30         # activations/scratch of a W4A16 LLM fit well below 1 GiB
+PREFILL_PROFILE, DECODE_PROFILE = 0, 1
+# Files of the export copied next to the engine (tokenizer, chat template, model config).
+COPIED_SUFFIXES = {".json", ".txt", ".jinja", ".model", ".tiktoken"}  # export.json included
+
+# Shape rules for the dynamic dims of the graph inputs, by ONNX dim_param name:
+# name -> ((prefill min, opt, max), (decode min, opt, max)) as functions of (max_input, max_context).
+_DIM_RULES = {
+    "batch": lambda i, c: ((1, 1, 1), (1, 1, 1)),
+    "sequence": lambda i, c: ((1, max(1, i // 2), i), (1, 1, 1)),
+    "past_sequence": lambda i, c: ((0, 0, c - 1), (0, c // 2, c - 1)),
+    "total_sequence": lambda i, c: ((1, max(1, i // 2), c), (1, c // 2, c)),
+}
+_DIM_ALIASES = {
+    "batch_size": "batch", "sequence_length": "sequence", "seq_len": "sequence", "input_length": "sequence",
+    "past_sequence_length": "past_sequence", "past_length": "past_sequence",
+    "total_sequence_length": "total_sequence", "context_length": "total_sequence", "kv_length": "total_sequence",
+}
+
+
+@dataclass
+class MemoryPlan:
+    cap_bytes: int          # what the engine may use on the device
+    weight_bytes: int       # initializers of the ONNX graph
+    kv_cache_bytes: int     # KV cache at max_context, allocated once by the backend
+    workspace_bytes: int    # TensorRT workspace pool limit
+    max_context: int
+    max_input: int
+    kv_mode: str
+
+
+# ---------------------------------------------------------------- checks
+
+def read_export_info(onnx_path: Path) -> dict:
+    """export.json beside the graph (docs/graph.md), or {} for a graph from elsewhere."""
+    info_path = onnx_path.parent / "export.json"
+    if not info_path.is_file():
+        return {}
+    try:
+        return json.loads(info_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{info_path} is unreadable ({e}); re-export the model") from None
+
+
+def find_onnx(src: Path) -> Path:
+    """The exported trt graph: SRC itself, SRC/trt/*.onnx or SRC/*.onnx (exactly one)."""
+    src = Path(src)
+    if src.is_file() and src.suffix == ".onnx":
+        return src
+    if not src.is_dir():
+        raise UserError(f"{src} not found; give the directory written by `awq-edge export --target trt`")
+    for folder in (src / "trt", src):
+        graphs = sorted(folder.glob("*.onnx")) if folder.is_dir() else []
+        if len(graphs) == 1:
+            target = read_export_info(graphs[0]).get("target", "trt")
+            if target != "trt":
+                raise UserError(f"{folder} was exported for target {target!r}; TensorRT needs "
+                                "`awq-edge export ... --target trt`")
+            return graphs[0]
+        if len(graphs) > 1:
+            raise UserError(f"{folder} holds several ONNX graphs ({', '.join(g.name for g in graphs)}); "
+                            "point SRC at one .onnx file")
+    raise UserError(f"no .onnx graph in {src}; export one first with `awq-edge export ... --target trt`")
+
+
+def check_gpu(device):
+    """The GPU this build will run on; it must have the device profile's arch."""
+    from .cuda_runtime import find_gpus
+    from .devices import all_devices
+
+    gpus = find_gpus()
+    if not gpus:
+        raise UserError(f"no NVIDIA GPU found (no CUDA driver / nvidia-smi); building for --device {device.name} "
+                        f"needs the {device.title} ({device.gpu_arch}) itself: TensorRT engines are built on "
+                        "the GPU they run on")
+    for gpu in gpus:
+        if gpu.arch == device.gpu_arch:
+            return gpu
+    found = ", ".join(f"{g.name} ({g.arch})" for g in gpus)
+    same_arch = [d.name for d in all_devices().values() if d.gpu_arch == gpus[0].arch]
+    hint = f"; this GPU matches --device {' / '.join(same_arch)}" if same_arch else ""
+    raise UserError(f"--device {device.name} needs a {device.gpu_arch} GPU ({device.title}) but this machine has "
+                    f"{found}{hint}")
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt  # noqa: PLC0415 - optional, imported only when building/running engines
+    except ImportError as e:
+        raise UserError(f"TensorRT for Python not found ({e}); need tensorrt >= {'.'.join(map(str, MIN_TENSORRT))} "
+                        "(JetPack: apt install python3-libnvinfer; x86: pip install tensorrt)") from None
+    version = tuple(int(p) for p in trt.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_TENSORRT:
+        raise UserError(f"TensorRT {trt.__version__} found; need >= {'.'.join(map(str, MIN_TENSORRT))} "
+                        "(IPluginV3 plugins)")
+    return trt
+
+
+def load_plugin_library(trt, library: Path):
+    if not Path(library).is_file():
+        raise UserError(f"plugin library {library} missing; rebuild the engine with `awq-edge build`")
+    handle = trt.get_plugin_registry().load_library(str(library))
+    if handle is None:
+        raise UserError(f"TensorRT could not load the plugin library {library}")
+    return handle
+
+
+# ---------------------------------------------------------------- planning
+
+def _onnx_inputs(onnx_path: Path) -> list[tuple[str, list]]:
+    """(name, dims) of the graph inputs; a dim is an int or its dim_param name. Weights are not loaded."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in value.type.tensor_type.shape.dim]
+        inputs.append((value.name, dims))
+    return inputs
+
+
+def profile_shapes(inputs: list[tuple[str, list]], max_input: int, max_context: int,
+                   kv_mode: str = "concat") -> list[dict]:
+    """Per profile, name -> (min, opt, max) shapes for every input with a dynamic dim.
+
+    docs/graph.md: input_ids [1, S]; past_key.{i} / past_value.{i} [1, Hkv, C, D] where C is
+    the past length (kv_mode concat) or the planned max context (kv_mode shared_buffer).
+    Other dynamic dims are matched by their ONNX dim_param name (_DIM_RULES).
+    """
+    profiles: list[dict] = [{}, {}]
+    for name, dims in inputs:
+        if all(isinstance(d, int) and d > 0 for d in dims):
+            continue
+        shapes = [([], [], []), ([], [], [])]
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                rule = ((d, d, d), (d, d, d))
+            elif name == "input_ids" and axis == 1:
+                rule = _DIM_RULES["sequence"](max_input, max_context)
+            elif name.startswith(("past_key", "past_value")) and axis == 2:
+                rule = (((max_context,) * 3,) * 2 if kv_mode == "shared_buffer"
+                        else _DIM_RULES["past_sequence"](max_input, max_context))
+            else:
+                key = _DIM_ALIASES.get(str(d), str(d))
+                if key not in _DIM_RULES:
+                    raise UserError(f"graph input {name} has a dynamic dim {d!r} with no shape rule (known: "
+                                    f"{', '.join(sorted(set(_DIM_RULES) | set(_DIM_ALIASES)))}); re-export the graph")
+                rule = _DIM_RULES[key](max_input, max_context)
+            for p in (PREFILL_PROFILE, DECODE_PROFILE):
+                for j in range(3):
+                    shapes[p][j].append(rule[p][j])
+        for p in (PREFILL_PROFILE, DECODE_PROFILE):
+            profiles[p][name] = tuple(tuple(s) for s in shapes[p])
+    return profiles
+
+
+def plan_memory(onnx_path: Path, device, max_memory: int | None, max_context: int | None) -> MemoryPlan:
+    """Weights + KV cache at the max context + workspace must fit under the memory cap."""
+    info = read_export_info(onnx_path)
+    cap = int(max_memory) if max_memory else device.default_memory_bytes()
+    weights = int(info.get("weight_bytes") or sum(
+        p.stat().st_size for p in onnx_path.parent.iterdir()
+        if p.is_file() and (p == onnx_path or p.suffix in {".data", ".bin", ".weights"})))
+    if weights >= cap:
+        raise UserError(f"the model's weights take {weights / 2**30:.2f} GiB but the memory cap is "
+                        f"{cap / 2**30:.2f} GiB on {device.name}; raise --max-memory or pick a smaller model")
+    workspace = min(WORKSPACE_CAP, (cap - weights) // 4)
+    kv_per_token = int(info.get("kv_bytes_per_token") or 0)
+    model_limit = int(info.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
+    fits = (cap - weights - workspace) // kv_per_token if kv_per_token else model_limit
+    context = int(max_context) if max_context else min(DEFAULT_MAX_CONTEXT, model_limit, fits)
+    if context < 2:
+        raise UserError(f"a context of {context} tokens fits in {cap / 2**30:.2f} GiB next to "
+                        f"{weights / 2**30:.2f} GiB of weights; raise --max-memory")
+    if context > fits:
+        raise UserError(f"--max-context {context} needs {context * kv_per_token / 2**30:.2f} GiB of KV cache; "
+                        f"{max(fits, 0)} tokens fit under the {cap / 2**30:.2f} GiB cap")
+    return MemoryPlan(cap, weights, context * kv_per_token, workspace, context, context,
+                      str(info.get("kv_mode", "concat")))
+
+
+# ---------------------------------------------------------------- build
+
+def _timing_cache_path(trt, gpu_arch: str) -> Path:
+    from .data import cache_dir
+
+    return cache_dir() / "trt" / f"timing-{gpu_arch}-trt{trt.__version__}.cache"
+
+
+def _build(trt, onnx_path: Path, plan: MemoryPlan, gpu_arch: str, engine_path: Path) -> None:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)  # fp16 graph: keep its types
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # reads external data next to the graph
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT could not parse {onnx_path.name}: {errors[:400]}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+    config.builder_optimization_level = BUILDER_OPTIMIZATION_LEVEL
+    for shapes in profile_shapes(_onnx_inputs(onnx_path), plan.max_input, plan.max_context, plan.kv_mode):
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+
+    cache_path = _timing_cache_path(trt, gpu_arch)
+    timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+
+    if hasattr(builder, "build_serialized_network_to_stream"):
+        # The plan goes straight to disk: no second host copy of the weights.
+        class FileWriter(trt.IStreamWriter):
+            def __init__(self, f):
+                trt.IStreamWriter.__init__(self)
+                self.f = f
+
+            def write(self, data):
+                return self.f.write(data)
+
+        with open(engine_path, "wb") as f:
+            ok = builder.build_serialized_network_to_stream(network, config, FileWriter(f))
+    else:
+        serialized = builder.build_serialized_network(network, config)
+        ok = serialized is not None
+        if ok:
+            with open(engine_path, "wb") as f:
+                f.write(memoryview(serialized))
+        del serialized
+    if not ok:
+        raise UserError("TensorRT failed to build the engine (see the TensorRT messages above)")
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
+
+
+def build_trt_engine(src_onnx_dir: Path, device, output: Path, *, max_memory: int | None = None,
+                     max_context: int | None = None, force: bool = False) -> Path:
+    """Build OUTPUT/engine.plan (+ manifest, plugin library, tokenizer files) for a GPU device profile."""
+    from .devices import resolve
+
+    if isinstance(device, str):
+        device = resolve(device)
+    if not device.is_gpu:
+        raise UserError(f"--device {device.name} has no GPU; TensorRT engines are for orin, rtx4090, rtx4070-laptop")
+    output = Path(output)
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists; pass --force to replace it")
+    onnx_path = find_onnx(Path(src_onnx_dir))
+    gpu = check_gpu(device)
+    trt = import_tensorrt()
+    plan = plan_memory(onnx_path, device, max_memory, max_context)
+    plugin_library = plugins.build_trt_plugin_library(device.gpu_arch)
+    load_plugin_library(trt, plugin_library)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        _build(trt, onnx_path, plan, device.gpu_arch, staging / ENGINE_FILE)
+        shutil.copy2(plugin_library, staging / plugins.TRT_PLUGIN_LIBRARY)
+        for extra in onnx_path.parent.iterdir():
+            if extra.is_file() and extra.suffix in COPIED_SUFFIXES:
+                shutil.copy2(extra, staging / extra.name)
+        manifest = {
+            "format": "awq-edge-trt-engine",
+            "format_version": 1,
+            "engine": ENGINE_FILE,
+            "plugin_library": plugins.TRT_PLUGIN_LIBRARY,
+            "plugin_hash": plugins.source_hash(),
+            "tensorrt_version": trt.__version__,
+            "gpu_arch": device.gpu_arch,
+            "gpu_name": gpu.name,
+            "device": device.name,
+            "device_title": device.title,
+            "profiles": {"prefill": PREFILL_PROFILE, "decode": DECODE_PROFILE},
+            "builder_optimization_level": BUILDER_OPTIMIZATION_LEVEL,
+            "memory_plan": asdict(plan),
+            "source": str(onnx_path.resolve()),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if output.exists():  # --force: replace only once the new engine is complete
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output / ENGINE_FILE
