@@ -162,3 +162,18 @@ def build_trt_plugin_library(gpu_arch: str) -> Path:
     shutil.rmtree(work)
     _publish(build, final)
     return library
+
+
+def load_kernels(gpu_arch: str):
+    """The kernel library for this arch through ctypes (built first if needed), with argtypes set."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(build_kernel_library(gpu_arch)))
+    args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
+    for name in ("awq_w4a16_gemv", "awq_w4a16_gemm", "awq_w4a16_matmul"):
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = ctypes.c_int
+    lib.awq_w4a16_status_string.argtypes = [ctypes.c_int]
+    lib.awq_w4a16_status_string.restype = ctypes.c_char_p
+    return lib

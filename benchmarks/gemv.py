@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""W4A16 kernel benchmark: decode GEMV bandwidth vs a device-to-device copy, vs torch fp16, and prefill GEMM.
+
+    python benchmarks/gemv.py [--iters 200] [--output benchmarks/results/NAME.json]
+
+Needs an NVIDIA GPU and nvcc (the kernels are built for the GPU's arch and loaded via
+ctypes). Torch with CUDA is optional: without it the torch column reads "not measured".
+Without a GPU it prints one line and exits with code 2.
+
+Method: every timing is the median of --iters launches, each timed with CUDA events.
+The weights are rotated over enough copies (>= 4x the L2 size) that each launch reads
+them from DRAM, as a decode step does. Achieved bandwidth = bytes moved (packed weights
++ scales + zeros + activations + output) / time; the ceiling is a large cudaMemcpy
+device-to-device (read + write bytes / time) measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from awq_edge import packing, plugins  # noqa: E402
+from awq_edge.cuda_runtime import CudaRuntime, find_gpus  # noqa: E402
+
+DECODE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]  # (K, N)
+PREFILL_ROWS = [16, 128, 512, 2048]
+GROUP_SIZE = 128
+CUDA_DEV_ATTR_L2_CACHE_SIZE = 89
+
+
+def median_ms(cuda: CudaRuntime, launch, iters: int) -> float:
+    start, end = cuda.event(), cuda.event()
+    for i in range(5):  # warm-up
+        launch(i)
+    times = []
+    for i in range(iters):
+        cuda.record(start)
+        launch(i)
+        cuda.record(end)
+        times.append(cuda.elapsed_ms(start, end))
+    return float(np.median(times))
+
+
+def copy_bandwidth_gbs(cuda: CudaRuntime, iters: int) -> float:
+    nbytes = 512 << 20
+    src, dst = cuda.malloc(nbytes), cuda.malloc(nbytes)
+    try:
+        ms = median_ms(cuda, lambda i: cuda.copy_device(dst, src, nbytes), max(20, iters // 5))
+    finally:
+        cuda.free(src)
+        cuda.free(dst)
+    return 2 * nbytes / ms / 1e6  # read + write
+
+
+class Weights:
+    """`copies` independent packed weight sets on the device, so rotation defeats the L2 cache."""
+
+    def __init__(self, cuda: CudaRuntime, k: int, n: int, copies: int, rng):
+        groups = packing.num_groups(k, GROUP_SIZE)
+        q = rng.integers(0, 16, size=(n, k), dtype=np.uint8)
+        zeros = rng.integers(0, 16, size=(n, groups), dtype=np.uint8)
+        scales = rng.uniform(0.002, 0.02, size=(n, groups)).astype(np.float16)
+        packed = packing.pack_for_plugin(q, scales, zeros, GROUP_SIZE)
+        self.nbytes = sum(a.nbytes for a in packed.values())
+        self.sets = [tuple(cuda.to_device(packed[name]) for name in ("qweight", "scales", "zeros"))
+                     for _ in range(copies)]
+        self.cuda = cuda
+
+    def free(self):
+        for s in self.sets:
+            for p in s:
+                self.cuda.free(p)
+
+
+def torch_ms(k: int, n: int, m: int, copies: int, iters: int):
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    ws = [torch.randn(k, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    for w in ws[:3]:
+        torch.matmul(x, w)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.matmul(x, ws[i % copies])
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del ws
+    torch.cuda.empty_cache()
+    return float(np.median(times))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+
+    gpus = find_gpus()
+    if not gpus:
+        print("error: no NVIDIA GPU found; benchmarks/gemv.py measures the CUDA kernels and needs one", file=sys.stderr)
+        return 2
+    gpu = gpus[0]
+    cuda = CudaRuntime()
+    lib = plugins.load_kernels(gpu.arch)
+    l2 = ctypes.c_int(0)
+    cuda.lib.cudaDeviceGetAttribute(ctypes.byref(l2), CUDA_DEV_ATTR_L2_CACHE_SIZE, 0)
+    rng = np.random.default_rng(0)
+
+    copy_gbs = copy_bandwidth_gbs(cuda, args.iters)
+    print(f"{gpu.name} ({gpu.arch}), L2 {l2.value >> 20} MiB, device-to-device copy {copy_gbs:.1f} GB/s")
+    results = {"gpu": gpu.name, "arch": gpu.arch, "date": dt.datetime.now().isoformat(timespec="seconds"),
+               "copy_gbs": copy_gbs, "group_size": GROUP_SIZE, "iters": args.iters, "decode": [], "prefill": []}
+
+    header = f"{'K x N':>13} {'M':>5} {'us':>9} {'GB/s':>8} {'% copy':>7} {'torch fp16 us':>14} {'speedup':>8} {'TFLOP/s':>8}"
+    print(header)
+    for k, n in DECODE_SHAPES:
+        probe = Weights(cuda, k, n, 1, rng)
+        copies = max(2, min(64, -(-4 * max(l2.value, 1 << 20) // probe.nbytes)))
+        probe.free()
+        weights = Weights(cuda, k, n, copies, rng)
+        max_m = max(PREFILL_ROWS)
+        x = cuda.to_device(rng.standard_normal((max_m, k)).astype(np.float16))
+        y = cuda.malloc(max_m * n * 2)
+        try:
+            for m in [1] + PREFILL_ROWS:
+                def launch(i, m=m):
+                    q, s, z = weights.sets[i % copies]
+                    status = lib.awq_w4a16_matmul(x, q, s, z, y, m, n, k, GROUP_SIZE, None)
+                    if status:
+                        raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
+                ms = median_ms(cuda, launch, args.iters if m == 1 else max(20, args.iters // 5))
+                moved = weights.nbytes + 2 * m * (k + n)
+                gbs = moved / ms / 1e6
+                tflops = 2 * m * k * n / ms / 1e9
+                t_ms = torch_ms(k, n, m, copies if m == 1 else 2, args.iters if m == 1 else 50)
+                row = {"K": k, "N": n, "M": m, "us": ms * 1e3, "gbs": gbs, "pct_of_copy": 100 * gbs / copy_gbs,
+                       "tflops": tflops, "torch_fp16_us": t_ms * 1e3 if t_ms else None,
+                       "speedup_vs_torch": (t_ms / ms) if t_ms else None}
+                results["decode" if m == 1 else "prefill"].append(row)
+                torch_col = f"{t_ms * 1e3:14.1f} {t_ms / ms:7.2f}x" if t_ms else f"{'not measured':>14} {'-':>8}"
+                print(f"{k:>6}x{n:<6} {m:>5} {ms * 1e3:9.1f} {gbs:8.1f} {row['pct_of_copy']:6.1f}% {torch_col} "
+                      f"{tflops:8.2f}")
+        finally:
+            weights.free()
+            cuda.free(x)
+            cuda.free(y)
+
+    out = args.output or Path(__file__).resolve().parent / "results" / \
+        f"gemv-{gpu.arch}-{gpu.name.replace(' ', '_')}-{dt.date.today()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
