@@ -88,6 +88,7 @@ class TrtBackend:
     def _allocate(self) -> None:
         """Every I/O buffer at its largest shape over both profiles, once."""
         self.buffers: dict[str, int] = {}
+        self.vocab_size = 0
         self.kv_spare: dict[str, int] = {}  # concat mode: the other half of each double buffer
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
@@ -105,6 +106,16 @@ class TrtBackend:
             shape = [d if d > 0 else self.max_context for d in self.engine.get_tensor_shape(name)]
             vocab_bytes = int(np.prod(shape)) * self._np_dtype(name).itemsize
             self.buffers[name] = self.cuda.malloc(vocab_bytes)
+            if name == "logits":
+                self.vocab_size = int(shape[-1])
+        self._kv_bytes = sum(int(np.prod(self.engine.get_tensor_profile_shape(n, 0)[2][:2])) * self.max_context
+                             * int(self.engine.get_tensor_profile_shape(n, 0)[2][3]) * self._np_dtype(n).itemsize
+                             * (2 if n in self.kv_spare else 1)
+                             for n in self.inputs if n.startswith(("past_key", "past_value")))
+
+    def kv_bytes(self) -> int:
+        """Device bytes held by the KV cache (both halves of the double buffers in concat mode)."""
+        return self._kv_bytes
 
     def reset(self) -> None:
         self.past_length = 0

@@ -21,6 +21,7 @@ plus TensorRT's own working memory; it has not been measured on a device yet.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -277,6 +278,14 @@ def _build(trt, onnx_path: Path, plan: MemoryPlan, gpu_arch: str, engine_path: P
     cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def build_trt_engine(src_onnx_dir: Path, device, output: Path, *, max_memory: int | None = None,
                      max_context: int | None = None, force: bool = False) -> Path:
     """Build OUTPUT/engine.plan (+ manifest, plugin library, tokenizer files) for a GPU device profile."""
@@ -307,6 +316,7 @@ def build_trt_engine(src_onnx_dir: Path, device, output: Path, *, max_memory: in
         manifest = {
             "format": "awq-edge-trt-engine",
             "format_version": 1,
+            "backend": "trt",
             "engine": ENGINE_FILE,
             "plugin_library": plugins.TRT_PLUGIN_LIBRARY,
             "plugin_hash": plugins.source_hash(),
@@ -320,6 +330,9 @@ def build_trt_engine(src_onnx_dir: Path, device, output: Path, *, max_memory: in
             "memory_plan": asdict(plan),
             "source": str(onnx_path.resolve()),
         }
+        # Sizes and hashes of everything in the engine dir (awq_edge.engine.check_files reads them).
+        manifest["files"] = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+                             for f in sorted(staging.iterdir()) if f.is_file()}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if output.exists():  # --force: replace only once the new engine is complete
             shutil.rmtree(output) if output.is_dir() else output.unlink()
