@@ -94,11 +94,14 @@ class TrtBackend:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         for name in self.inputs:
-            shape = self.engine.get_tensor_profile_shape(name, 0)[2]  # prefill max
+            shape = tuple(self.engine.get_tensor_profile_shape(name, 0)[2])  # prefill max
+            if name.startswith(("past_key", "past_value")):
+                # Room for max_context rows: in concat mode the two halves swap roles every step
+                # and either may receive a present of past + new rows.
+                shape = shape[:2] + (self.max_context,) + shape[3:]
+                if self.kv_mode == "concat":
+                    self.kv_spare[name] = self.cuda.malloc(int(np.prod(shape)) * self._np_dtype(name).itemsize)
             self.buffers[name] = self.cuda.malloc(int(np.prod(shape)) * self._np_dtype(name).itemsize)
-            if name.startswith(("past_key", "past_value")) and self.kv_mode == "concat":
-                self.kv_spare[name] = self.cuda.malloc(int(np.prod(shape[:2] + (self.max_context,) + shape[3:]))
-                                                       * self._np_dtype(name).itemsize)
         vocab_bytes = None
         for name in self.outputs:
             if name.startswith(("present_key", "present_value")):
