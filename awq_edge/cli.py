@@ -130,6 +130,227 @@ def eval_cmd(
                    f"({result['tokens']} tokens, seqlen {seqlen})")
 
 
+# ---------------------------------------------------------------- export, build and the runtime (no torch)
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="AWQ checkpoint directory (awq-edge quantize)"),
+    target: str = typer.Option("ort", help="ort (ONNX Runtime CPU), trt (TensorRT plugin ops) or onnx (standard ops)"),
+    output: Path = typer.Option(..., "--output", "-o", help="directory to write model.onnx + export.json into"),
+    force: bool = typer.Option(False, help="replace OUTPUT if it exists"),
+):
+    """Export an AWQ checkpoint to the ONNX decoder graph (docs/graph.md)."""
+    if target not in ("ort", "trt", "onnx"):
+        raise UserError(f"--target {target} is unknown; use ort, trt or onnx")
+    from .export import export_checkpoint
+
+    out = export_checkpoint(checkpoint, output, target=target, force=force)
+    typer.echo(f"wrote {out or output} (target {target})")
+
+
+@app.command()
+@user_errors
+def build(
+    source: str = typer.Argument(..., help="float model (HF dir, .gguf, `smollm2`), AWQ checkpoint, or export dir"),
+    device: str = typer.Option("cpu", help="cpu, or a GPU profile: orin, orin-*, rtx4090, rtx4070-laptop"),
+    output: Path = typer.Option(..., "--output", "-o", help="engine directory to write"),
+    max_memory: Optional[str] = typer.Option(None, help="memory cap, e.g. 2GB, 512MiB, 1.5 (GiB); default: the device's"),
+    max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the most that fit"),
+    force: bool = typer.Option(False, help="replace OUTPUT if it exists"),
+):
+    """Build a self-contained engine directory for a device."""
+    from .build import build_engine
+    from .memory import format_size
+
+    manifest = build_engine(source, device, output, max_memory=max_memory, max_context=max_context, force=force)
+    plan = manifest.get("memory_plan", {})
+    context = plan.get("context") or plan.get("max_context")
+    cap = plan.get("cap") or plan.get("cap_bytes")
+    typer.echo(f"wrote {output} for {manifest.get('device')}: context {context} tokens under a "
+               f"{format_size(cap) if cap else '?'} cap")
+
+
+def _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens):
+    from .sampling import SamplingSettings
+
+    SamplingSettings(temperature, top_k, top_p, repetition_penalty).validate()
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
+def _load_engine(engine: Path, max_memory: Optional[str], max_context: Optional[int], verify: bool = False):
+    from .engine import Engine
+    from .memory import parse_size
+
+    cap = parse_size(max_memory) if max_memory else None
+    return Engine.load(engine, max_memory=cap, max_context=max_context, verify=verify)
+
+
+def _utf8(text: str, what: str) -> str:
+    """argv arrives with undecodable bytes as lone surrogates: refuse them in one line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{what} is not valid UTF-8; fix its encoding") from None
+    return text
+
+
+@app.command()
+@user_errors
+def run(
+    engine: Path = typer.Argument(..., help="engine directory (awq-edge build)"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt; `-` reads it from stdin"),
+    max_new_tokens: int = typer.Option(256, help="tokens to generate at most"),
+    temperature: float = typer.Option(0.7, help="0 = greedy"),
+    top_k: int = typer.Option(50, help="0 = off"),
+    top_p: float = typer.Option(0.95, help="1 = off"),
+    repetition_penalty: float = typer.Option(1.0, help="1 = off"),
+    seed: Optional[int] = typer.Option(None, help="seed for sampling (same seed, same text)"),
+    stop: Optional[list[str]] = typer.Option(None, help="stop at this text (repeatable)"),
+    system: Optional[str] = typer.Option(None, help="system message (with the chat template)"),
+    no_chat_template: bool = typer.Option(False, help="feed the prompt as plain text"),
+    max_memory: Optional[str] = typer.Option(None, help="memory cap; default: the one the engine was built with"),
+    max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
+    verify: bool = typer.Option(False, help="check the sha256 of every engine file before loading"),
+    stats: bool = typer.Option(False, help="print token counts and speed to stderr"),
+):
+    """Generate a reply to one prompt, streamed to stdout."""
+    _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
+    if prompt == "-":
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError("the prompt on stdin is not valid UTF-8; fix its encoding") from None
+    _utf8(prompt, "the prompt")
+    eng = _load_engine(engine, max_memory, max_context, verify)
+    pieces = eng.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, seed=seed, stop=stop, system=system,
+                        chat_template=not no_chat_template)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = eng.last_stats
+    if stats:
+        typer.echo(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tok_s:.1f} tok/s, {s.new_tokens} new at "
+                   f"{s.decode_tok_s:.1f} tok/s, ttft {s.ttft_s * 1000:.0f} ms, {s.finish_reason}]", err=True)
+    if s.finish_reason == "context_full":
+        typer.echo(f"[stopped: the context of {eng.context} tokens is full]", err=True)
+
+
+def _read_line(interactive: bool) -> Optional[str]:
+    """One line of the user's input; None at end of input. Raises UnicodeDecodeError on bad bytes."""
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    line = sys.stdin.buffer.readline()
+    return line.decode("utf-8") if line else None
+
+
+@app.command()
+@user_errors
+def chat(
+    engine: Path = typer.Argument(..., help="engine directory (awq-edge build)"),
+    system: Optional[str] = typer.Option(None, help="system message"),
+    max_new_tokens: int = typer.Option(512, help="tokens per reply at most"),
+    temperature: float = typer.Option(0.7, help="0 = greedy"),
+    top_k: int = typer.Option(50, help="0 = off"),
+    top_p: float = typer.Option(0.95, help="1 = off"),
+    repetition_penalty: float = typer.Option(1.0, help="1 = off"),
+    seed: Optional[int] = typer.Option(None, help="seed for sampling"),
+    max_memory: Optional[str] = typer.Option(None, help="memory cap; default: the one the engine was built with"),
+    max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
+):
+    """Talk with the model. /reset starts over, /exit quits, Ctrl-C stops a reply."""
+    _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
+    if system is not None:
+        _utf8(system, "--system")
+    eng = _load_engine(engine, max_memory, max_context)
+    conversation = eng.chat(system)
+    interactive = sys.stdin.isatty()
+    typer.echo(f"chatting with {engine} ({eng.manifest.get('device')}, context {eng.context} tokens); "
+               "/reset starts over, /exit quits, Ctrl-C stops a reply", err=True)
+    turn = 0
+    while True:
+        try:
+            line = _read_line(interactive)
+        except UnicodeDecodeError:
+            typer.echo("error: that line is not valid UTF-8; type it again", err=True)
+            continue
+        except KeyboardInterrupt:
+            typer.echo("", err=True)
+            continue
+        if line is None:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            conversation.reset()
+            eng.reset()
+            typer.echo("[new conversation]", err=True)
+            continue
+        turn += 1
+        try:
+            turn_seed = None if seed is None else seed + turn - 1  # reproducible, yet not one reply per seed
+            for piece in conversation.stream(line, max_new_tokens=max_new_tokens, temperature=temperature,
+                                             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                             seed=turn_seed):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            typer.echo("[stopped]", err=True)
+            continue
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        s = eng.last_stats
+        typer.echo(f"[{s.new_tokens} tokens, {s.decode_tok_s:.1f} tok/s, fed {s.prompt_tokens - s.reused_tokens} "
+                   f"new prompt tokens, context {eng.position}/{eng.context}]", err=True)
+        if s.finish_reason == "context_full":
+            typer.echo("[the context is full: /reset to start a new conversation]", err=True)
+
+
+@app.command()
+@user_errors
+def bench(
+    engine: Path = typer.Argument(..., help="engine directory (awq-edge build)"),
+    prompt_tokens: int = typer.Option(128, help="prompt length in tokens"),
+    new_tokens: int = typer.Option(128, help="tokens to decode per run"),
+    runs: int = typer.Option(3, help="timed runs (after one warm-up); medians are reported"),
+    max_memory: Optional[str] = typer.Option(None, help="memory cap; default: the one the engine was built with"),
+    max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Time to first token, prefill and decode speed (greedy, batch 1), and peak RSS."""
+    import json
+
+    from .engine import bench_engine
+
+    if prompt_tokens < 1 or new_tokens < 2 or runs < 1:
+        raise UserError("--prompt-tokens must be >= 1, --new-tokens >= 2 and --runs >= 1")
+    eng = _load_engine(engine, max_memory, max_context)
+    result = bench_engine(eng, prompt_tokens, new_tokens, runs)
+    result["engine"] = str(engine)
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{engine} on {result['device']}: prompt {prompt_tokens} tokens, {new_tokens} new, median of {runs}")
+    typer.echo(f"  time to first token  {result['ttft_s'] * 1000:8.1f} ms")
+    typer.echo(f"  prefill              {result['prefill_tok_s']:8.1f} tok/s")
+    typer.echo(f"  decode               {result['decode_tok_s']:8.1f} tok/s")
+    typer.echo(f"  peak RSS             {result['peak_rss_bytes'] / 2**20:8.0f} MiB (plan total "
+               f"{result['plan_total_bytes'] / 2**20:.0f} MiB, cap {result['cap_bytes'] / 2**20:.0f} MiB)")
+
+
 def _needs_torch(command: str) -> None:
     try:
         import torch  # noqa: F401

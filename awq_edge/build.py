@@ -1,0 +1,193 @@
+"""`awq-edge build SRC --device D --output ENGINE`: one self-contained engine directory.
+
+SRC may be
+  - a float model (Hugging Face dir, .gguf, `smollm2`): quantized with the default AWQ
+    settings (needs torch), then exported;
+  - an AWQ checkpoint (config.json with quantization_config.quant_method == "awq"): exported;
+  - an ONNX export dir (export.json beside model.onnx): copied.
+
+CPU engines (ONNX Runtime) hold
+    model.onnx (+ its external data), export.json   the graph and its description (docs/graph.md)
+    tokenizer.json, tokenizer_config.json, chat template, config.json, generation_config.json
+    manifest.json   format + version, backend, device, model, quantization settings, the memory
+                    plan, awq-edge/onnx/onnxruntime versions, size + sha256 of every other file
+GPU devices are handed to awq_edge.trt_build.build_trt_engine with a `trt` export.
+
+Everything is written into a temp dir beside ENGINE and renamed at the end (a failed build
+leaves nothing). The memory plan is checked as soon as the export's sizes are known.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .checkpoint import commit_staging, copy_tokenizer, output_staging
+from .engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST, engine_plan, sha256_file
+from .errors import UserError
+
+# An export dir must have these (the runtime reads both).
+MODEL_FILES_NEEDED = ("model.onnx", "export.json")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def source_kind(source: str) -> str:
+    """export | checkpoint | model (a float model; resolve_source reports a missing one)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / MANIFEST).exists():
+            raise UserError(f"{source} is already an engine; give a model, an AWQ checkpoint or an export dir")
+        if (path / "export.json").exists():
+            return "export"
+        if (path / "config.json").exists():
+            from .model import is_awq_checkpoint, read_config
+
+            if is_awq_checkpoint(read_config(path)):
+                return "checkpoint"
+    return "model"
+
+
+def _quantize(source: str, out: Path, progress: bool) -> Path:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError(f"{source} is a float model: building from it quantizes it first, which needs torch and "
+                        "transformers (pip install 'awq-edge[quantize]'); or build from an AWQ checkpoint") from None
+    from .quantize import QuantizeSettings, quantize_checkpoint
+
+    quantize_checkpoint(source, out, QuantizeSettings(), progress=progress)
+    return out
+
+
+def _export(checkpoint: Path, out: Path, target: str) -> Path:
+    try:
+        from .export import export_checkpoint
+    except ImportError as e:
+        raise UserError(f"the ONNX exporter is not available ({e}); update awq-edge") from None
+    return Path(export_checkpoint(checkpoint, out, target=target, force=True) or out)
+
+
+def _read_export(export_dir: Path) -> dict:
+    try:
+        info = json.loads((export_dir / "export.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{export_dir}/export.json cannot be read ({e}); export the checkpoint again") from None
+    for name in MODEL_FILES_NEEDED:
+        if not (export_dir / name).exists():
+            raise UserError(f"{export_dir} has no {name}; export the checkpoint again")
+    return info
+
+
+def _checkpoint_metadata(checkpoint: Path | None) -> tuple[dict, dict]:
+    """(config.json, awq_edge.json) of the checkpoint, when there is one."""
+    if checkpoint is None:
+        return {}, {}
+    config = json.loads((checkpoint / "config.json").read_text())
+    meta_path = checkpoint / "awq_edge.json"
+    return config, json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+
+def build_engine(source: str, device: str = "cpu", output: Path | str = "engine", max_memory=None,
+                 max_context: int | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Build ENGINE from SRC for DEVICE; returns the manifest."""
+    from .devices import resolve
+    from .memory import parse_size
+
+    dev = resolve(device)
+    output = Path(output)
+    if output.exists() and not force:
+        raise UserError(f"output {output} already exists; choose another path or pass --force to replace it")
+    if isinstance(max_memory, str):
+        max_memory = parse_size(max_memory)
+    if max_context is not None and max_context < 1:
+        raise UserError(f"--max-context must be at least 1 (got {max_context})")
+    kind = source_kind(source)
+    if dev.is_gpu:
+        return _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress)
+
+    staging = output_staging(output, force)
+    work = Path(tempfile.mkdtemp(prefix=".build-work-", dir=staging.parent))
+    try:
+        checkpoint = None
+        if kind == "model":
+            checkpoint = _quantize(source, work / "checkpoint", progress)
+        elif kind == "checkpoint":
+            checkpoint = Path(source)
+        if checkpoint is not None:
+            export_dir = _export(checkpoint, work / "export", "ort")
+        else:
+            export_dir = Path(source)
+        info = _read_export(export_dir)
+        if info.get("target") == "trt":
+            raise UserError(f"{export_dir} is a TensorRT export (custom ops ONNX Runtime cannot run); "
+                            "export with --target ort for --device cpu")
+        config, meta = _checkpoint_metadata(checkpoint)
+        config = config or info.get("config") or {}
+
+        # The plan first: refuse before copying gigabytes.
+        manifest = {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION, "backend": "ort",
+                    "device": dev.name}
+        plan = engine_plan(output, manifest, info, config, max_memory, max_context)
+
+        for f in export_dir.iterdir():
+            if f.is_file():
+                (shutil.move if export_dir.is_relative_to(work) else shutil.copy2)(str(f), staging / f.name)
+        if checkpoint is not None:
+            copy_tokenizer(checkpoint, staging)
+        if not (staging / "tokenizer.json").exists():
+            raise UserError(f"no tokenizer.json in {checkpoint or export_dir}; the engine needs the model's tokenizer")
+        if config and not (staging / "config.json").exists():
+            (staging / "config.json").write_text(json.dumps(config, indent=2))
+
+        quant = meta.get("settings") or info.get("quantization") or config.get("quantization_config") or {}
+        manifest.update({
+            "model": {"source": str(source), "source_kind": kind,
+                      "model_type": config.get("model_type"), "architectures": config.get("architectures"),
+                      "family": meta.get("family")},
+            "quantization": quant,
+            "memory_plan": plan.to_dict(),
+            "versions": {"awq_edge": _version("awq-edge"), "onnx": _version("onnx"),
+                         "onnxruntime": _version("onnxruntime")},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                      for f in sorted(staging.iterdir()) if f.is_file()},
+        })
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        commit_staging(staging, output)
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress) -> dict:
+    try:
+        from .trt_build import build_trt_engine
+    except ImportError as e:
+        raise UserError(f"TensorRT engine building is not available in this install ({e}); "
+                        "build with --device cpu or install awq-edge with its TensorRT parts") from None
+    work = Path(tempfile.mkdtemp(prefix=".build-work-", dir=output.parent if output.parent.exists() else None))
+    try:
+        if kind == "export":
+            export_dir = Path(source)
+            if _read_export(export_dir).get("target") != "trt":
+                raise UserError(f"{source} is not a TensorRT export; run `awq-edge export CKPT --target trt` first")
+        else:
+            checkpoint = _quantize(source, work / "checkpoint", progress) if kind == "model" else Path(source)
+            export_dir = _export(checkpoint, work / "export", "trt")
+            copy_tokenizer(checkpoint, export_dir)  # trt_build copies tokenizer files from the export
+        build_trt_engine(export_dir, dev, output, max_memory=max_memory, max_context=max_context, force=force)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return json.loads((output / MANIFEST).read_text())
+

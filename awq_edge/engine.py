@@ -1,0 +1,474 @@
+"""The runtime: load an engine directory, generate and stream text, multi-turn chat. No torch.
+
+    from awq_edge import Engine
+    engine = Engine.load("smollm2.engine", max_memory="1GiB")
+    print(engine.generate("Name three colors.", temperature=0))
+    chat = engine.chat()
+    for piece in chat.stream("Hi!"):
+        print(piece, end="")
+
+One engine holds one KV cache (batch 1), allocated once by the backend for the planned
+context. The engine remembers which token ids the cache holds (`cached_ids`), so a new
+prompt that starts with them (the next chat turn, or the same system prompt) only feeds
+the tokens after the common prefix; everything else is rewound.
+
+Backends (same interface: forward(ids) -> logits of the last id, rewind(position),
+position, max_context, vocab_size, kv_bytes()): awq_edge.backend_ort.OrtBackend for the
+CPU, awq_edge.trt_backend.TrtBackend for GPU engines (imported only when needed).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .errors import UserError
+from .memory import PREFILL_CHUNK, MemoryPlan, parse_size, plan_memory, workspace_bytes
+from .sampling import Sampler, SamplingSettings
+from .tokenizer import StreamDecoder, Tokenizer
+
+MANIFEST = "manifest.json"
+ENGINE_FORMAT = "awq-edge-engine"
+ENGINE_FORMAT_VERSION = 1
+TRT_ENGINE_FORMAT = "awq-edge-trt-engine"  # written by awq_edge.trt_build
+
+
+# ---------------------------------------------------------------- the engine directory
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json of an engine dir, or a one-line error saying what PATH is instead."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"engine not found: {path}; build one with `awq-edge build MODEL --output {path}`")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not an engine directory; build one with `awq-edge build`")
+    if not (path / MANIFEST).exists():
+        if (path / "export.json").exists():
+            raise UserError(f"{path} is an ONNX export, not an engine; run `awq-edge build {path} --output ENGINE`")
+        raise UserError(f"{path} is not an awq-edge engine (no {MANIFEST}); build one with `awq-edge build`")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path / MANIFEST} is corrupt ({e}); rebuild the engine") from None
+    if not isinstance(manifest, dict) or manifest.get("format") not in (ENGINE_FORMAT, TRT_ENGINE_FORMAT):
+        raise UserError(f"{path} is not an awq-edge engine (unknown manifest format); rebuild it with `awq-edge build`")
+    if manifest["format"] == ENGINE_FORMAT and manifest.get("format_version") != ENGINE_FORMAT_VERSION:
+        raise UserError(f"{path} was built by an incompatible awq-edge (engine format "
+                        f"{manifest.get('format_version')}, this awq-edge reads {ENGINE_FORMAT_VERSION}); "
+                        "rebuild it with `awq-edge build`")
+    return manifest
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_files(path: Path, manifest: dict, full_hash: bool = False) -> None:
+    """Every file the manifest lists is there with its size (and sha256 when full_hash).
+
+    Sizes are checked on every load (cheap: catches truncated copies); hashing a multi-GB
+    model takes seconds, so that is opt-in (`awq-edge run --verify`, tests)."""
+    for name, entry in (manifest.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            raise UserError(f"engine {path} is incomplete: {name} is missing; rebuild or re-copy it")
+        if f.stat().st_size != entry["size"]:
+            raise UserError(f"engine {path} is corrupt: {name} is {f.stat().st_size} bytes, the manifest says "
+                            f"{entry['size']}; rebuild or re-copy it")
+        if full_hash and sha256_file(f) != entry["sha256"]:
+            raise UserError(f"engine {path} is corrupt: {name} does not match its sha256; rebuild or re-copy it")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"engine {path.parent} is incomplete: {path.name} is missing; rebuild it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); rebuild the engine") from None
+
+
+def engine_plan(path: Path, manifest: dict, export: dict, config: dict, max_memory=None,
+                max_context: int | None = None) -> MemoryPlan:
+    """The memory plan at load time: the user's cap and context, else the ones the engine was built with."""
+    from .devices import resolve
+
+    built = manifest.get("memory_plan") or {}
+    if isinstance(max_memory, str):
+        max_memory = parse_size(max_memory)
+    explicit_context = max_context is not None
+    built_context = built.get("context") or built.get("max_context")
+    hidden = int(config.get("hidden_size", 0))
+    heads = int(config.get("num_attention_heads", 0))
+    max_pos = int(export.get("max_position_embeddings") or config.get("max_position_embeddings") or 4096)
+
+    def workspace(ctx: int) -> int:
+        return workspace_bytes(hidden, int(config.get("intermediate_size", 4 * hidden)),
+                               int(export.get("vocab_size", config.get("vocab_size", 0))), heads, ctx,
+                               bool(export.get("all_logits")))
+
+    plan = plan_memory(int(export["weight_bytes"]), int(export["kv_bytes_per_token"]), resolve(manifest["device"]),
+                       max_memory=max_memory or built.get("cap") or built.get("cap_bytes"),
+                       max_context=max_context if explicit_context else None,
+                       max_position_embeddings=min(max_pos, built_context) if (built_context and not explicit_context)
+                       else max_pos,
+                       workspace=workspace)
+    return plan
+
+
+# ---------------------------------------------------------------- backends
+
+class _TrtAdapter:
+    """Gives awq_edge.trt_backend.TrtBackend (prefill/decode/reset) the forward/rewind interface."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.max_context = backend.max_context
+
+    @property
+    def position(self) -> int:
+        return self.backend.past_length
+
+    @property
+    def vocab_size(self) -> int:
+        return int(getattr(self.backend, "vocab_size", 0))
+
+    def forward(self, ids: Sequence[int]):
+        if len(ids) == 1 and self.position > 0:
+            return self.backend.decode(int(ids[0]))
+        return self.backend.prefill(list(ids))
+
+    def rewind(self, position: int) -> None:
+        if position == 0:
+            self.backend.reset()
+        else:
+            self.backend.past_length = position  # rows after it are overwritten by the next step
+
+    def kv_bytes(self) -> int:
+        return int(getattr(self.backend, "kv_bytes", lambda: 0)())
+
+
+def open_backend(path: Path, manifest: dict, plan: MemoryPlan, threads: int | None = None):
+    backend = manifest.get("backend") or ("trt" if manifest.get("format") == TRT_ENGINE_FORMAT else "ort")
+    if backend == "trt":
+        try:
+            from .trt_backend import TrtBackend
+        except ImportError as e:
+            raise UserError(f"this is a TensorRT engine ({manifest.get('device')}) but the TensorRT backend "
+                            f"cannot be imported ({e}); run it on the device it was built for") from None
+        trt = TrtBackend(path)
+        return trt if hasattr(trt, "forward") else _TrtAdapter(trt)
+    if backend != "ort":
+        raise UserError(f"engine {path} needs backend {backend!r}, which this awq-edge does not have; rebuild it")
+    try:
+        from .backend_ort import OrtBackend
+    except ImportError as e:
+        raise UserError(f"the ONNX Runtime backend cannot be imported ({e}); pip install onnxruntime") from None
+    return OrtBackend(path, max_context=plan.context, threads=threads)
+
+
+# ---------------------------------------------------------------- generation
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0      # prompt tokens already in the KV cache (not fed again)
+    new_tokens: int = 0         # tokens sampled
+    ttft_s: float = 0.0         # prompt in -> first token chosen (prefill + one sampling step)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0       # after the first token
+    finish_reason: str = ""     # eos | stop | length | context_full | interrupted
+
+    @property
+    def prefill_tok_s(self) -> float:
+        fed = self.prompt_tokens - self.reused_tokens
+        return fed / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _stop_holdback(text: str, stops: list[str]) -> int:
+    """How many chars at the end of text could be the start of a stop string (held back while streaming)."""
+    longest = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
+class Engine:
+    def __init__(self, path: Path, manifest: dict, export: dict, tokenizer: Tokenizer, backend, plan: MemoryPlan):
+        self.path = path
+        self.manifest = manifest
+        self.export = export
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.plan = plan
+        self.cached_ids: list[int] = []   # the ids whose K/V the backend holds, in order
+        self.last_stats = GenerationStats()
+
+    @classmethod
+    def load(cls, path, max_memory=None, max_context: int | None = None, threads: int | None = None,
+             verify: bool = False) -> "Engine":
+        """Check the engine dir and the memory plan first, then load (the plan refuses before any big allocation)."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        check_files(path, manifest, full_hash=verify)
+        export = _read_json(path / "export.json")
+        config = _read_json(path / "config.json") if (path / "config.json").exists() else export.get("config", {})
+        for key in ("weight_bytes", "kv_bytes_per_token"):
+            if key not in export:
+                raise UserError(f"{path / 'export.json'} has no {key}; rebuild the engine with this awq-edge")
+        plan = engine_plan(path, manifest, export, config, max_memory, max_context)
+        tokenizer = Tokenizer(path, config)
+        backend = open_backend(path, manifest, plan, threads)
+        return cls(path, manifest, export, tokenizer, backend, plan)
+
+    @property
+    def context(self) -> int:
+        return self.backend.max_context
+
+    @property
+    def position(self) -> int:
+        return self.backend.position
+
+    def reset(self) -> None:
+        self.backend.rewind(0)
+        self.cached_ids = []
+
+    def chat(self, system: str | None = None) -> "Chat":
+        return Chat(self, system)
+
+    # ------------------------------------------------------------ prompts
+    def prompt_ids(self, prompt, system: str | None = None, chat_template: bool = True) -> list[int]:
+        """A string (wrapped as one user message when the model has a chat template) or a list of messages."""
+        if isinstance(prompt, (list, tuple)):
+            return self.tokenizer.encode(self.tokenizer.render_chat(list(prompt)))
+        if not isinstance(prompt, str):
+            raise UserError(f"prompt must be a string or a list of messages, not {type(prompt).__name__}")
+        if chat_template and self.tokenizer.chat_template:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            return self.tokenizer.encode(self.tokenizer.render_chat(messages))
+        return self.tokenizer.encode((system + "\n" if system else "") + prompt, add_special_tokens=True)
+
+    # ------------------------------------------------------------ generation
+    def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 50,
+                 top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, system: str | None = None,
+                 chat_template: bool = True) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                   seed, stop, system, chat_template))
+
+    def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 50,
+               top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None, system: str | None = None,
+               chat_template: bool = True) -> Iterator[str]:
+        """Yield text pieces as tokens are chosen. Bad values fail here, before the first piece."""
+        sampler = Sampler(SamplingSettings(temperature, top_k, top_p, repetition_penalty, seed))
+        ids = self.prompt_ids(prompt, system, chat_template)
+        return self.stream_ids(ids, sampler, max_new_tokens, stop)
+
+    def stream_ids(self, ids: list[int], sampler: Sampler, max_new_tokens: int,
+                   stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Iterator[str]:
+        """The prompt as token ids; ignore_eos keeps going past EOS (benchmarks)."""
+        if max_new_tokens < 0:
+            raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        if not ids:
+            raise UserError("the prompt is empty")
+        if len(ids) >= self.context:
+            raise UserError(f"the prompt is {len(ids)} tokens but the context holds {self.context} "
+                            "(one more is needed for the reply); shorten it or raise --max-context/--max-memory")
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        return self._run(list(ids), sampler, max_new_tokens, stops, set() if ignore_eos else self.tokenizer.eos_ids)
+
+    def _forward(self, ids: Sequence[int]):
+        logits = self.backend.forward(ids)
+        self.cached_ids.extend(int(i) for i in ids)  # only after the backend took them
+        return logits
+
+    def _prefill(self, ids: list[int]):
+        """Feed what the cache lacks of ids (chunked), return the logits after the last one."""
+        if len(self.cached_ids) != self.backend.position:  # out of step (e.g. interrupted): start over
+            self.cached_ids = []
+        keep = min(_common_prefix(self.cached_ids, ids), len(ids) - 1)  # feed >= 1 id to get logits
+        self.backend.rewind(keep)
+        del self.cached_ids[keep:]
+        logits = None
+        for start in range(keep, len(ids), PREFILL_CHUNK):
+            logits = self._forward(ids[start:start + PREFILL_CHUNK])
+        return logits, keep
+
+    def _run(self, ids: list[int], sampler: Sampler, max_new_tokens: int, stops: list[str],
+             eos_ids: set[int]) -> Iterator[str]:
+        stats = GenerationStats(prompt_tokens=len(ids), finish_reason="interrupted")
+        self.last_stats = stats
+        decoder = StreamDecoder(self.tokenizer)
+        held = ""  # decoded text not yet yielded because it may be the start of a stop string
+        t0 = time.perf_counter()
+        logits, stats.reused_tokens = self._prefill(ids)
+        stats.prefill_s = time.perf_counter() - t0
+        seen = list(ids)
+        t_first = None
+        reason = "length"
+        for step in range(max_new_tokens):
+            token = sampler(logits, seen)
+            stats.new_tokens += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.ttft_s = t_first - t0
+            if token in eos_ids:
+                reason = "eos"
+                break
+            seen.append(token)
+            held += decoder.push(token)
+            if stops:
+                hit = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
+                if hit >= 0:
+                    held = held[:hit]
+                    reason = "stop"
+                    break
+                cut = len(held) - _stop_holdback(held, stops)
+                piece, held = held[:cut], held[cut:]
+            else:
+                piece, held = held, ""
+            if piece:
+                yield piece
+            if step == max_new_tokens - 1:
+                break  # no need to feed the last token
+            if self.backend.position >= self.context:
+                reason = "context_full"
+                break
+            logits = self._forward([token])
+            stats.decode_s = time.perf_counter() - t_first
+        if reason != "stop":
+            held += decoder.flush()
+            hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+            if hits:
+                held, reason = held[:min(hits)], "stop"
+        stats.finish_reason = reason
+        if held:
+            yield held
+
+
+class Chat:
+    """A multi-turn conversation on one engine. Earlier turns stay in the KV cache: each turn
+    feeds only the template text after what the cache already holds."""
+
+    def __init__(self, engine: Engine, system: str | None = None):
+        if not engine.tokenizer.chat_template:
+            raise UserError("this model has no chat template, so it cannot chat; use `awq-edge run`")
+        self.engine = engine
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self._ids: list[int] = []   # what this chat put in the engine's cache
+        self._text = ""             # the text those ids encode
+
+    @property
+    def tokens(self) -> int:
+        return len(self._ids)
+
+    def send(self, content: str, **sampling) -> str:
+        return "".join(self.stream(content, **sampling))
+
+    def stream(self, content: str, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 50,
+               top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None) -> Iterator[str]:
+        sampler = Sampler(SamplingSettings(temperature, top_k, top_p, repetition_penalty, seed))
+        messages = self.messages + [{"role": "user", "content": content}]
+        text = self.engine.tokenizer.render_chat(messages)
+        if self._text and text.startswith(self._text) and self.engine.cached_ids[:len(self._ids)] == self._ids:
+            # Keep the exact ids the cache holds (the reply as sampled) and encode only the new text.
+            ids = self._ids + self.engine.tokenizer.encode(text[len(self._text):])
+        else:
+            ids = self.engine.tokenizer.encode(text)
+        if len(ids) >= self.engine.context:
+            raise UserError(f"the conversation is {len(ids)} tokens and no longer fits in the context of "
+                            f"{self.engine.context}; /reset (or chat.reset()) to start a new one")
+        pieces = self.engine.stream_ids(ids, sampler, max_new_tokens, stop)
+        return self._record(messages, text, ids, pieces)
+
+    def _record(self, messages, text, ids, pieces) -> Iterator[str]:
+        reply = []
+        try:
+            for piece in pieces:
+                reply.append(piece)
+                yield piece
+        finally:
+            # Also after an interrupted reply: the conversation keeps what was said.
+            self.messages = messages + [{"role": "assistant", "content": "".join(reply)}]
+            cached = self.engine.cached_ids
+            if cached[:len(ids)] == ids:
+                self._ids = list(cached)
+                self._text = text + self.engine.tokenizer.decode(cached[len(ids):], skip_special_tokens=False)
+            else:
+                self._ids, self._text = [], ""
+
+
+# ---------------------------------------------------------------- benchmark
+
+BENCH_TEXT = ("The history of computing is a story of machines that got smaller, cheaper and faster, "
+              "and of people who found new things to do with them every time. ")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def bench_engine(engine: Engine, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3) -> dict:
+    """Greedy, batch 1, EOS ignored so every run decodes new_tokens. One warm-up run, then medians."""
+    import statistics
+
+    text_ids = engine.tokenizer.encode(BENCH_TEXT)
+    ids = (text_ids * (prompt_tokens // len(text_ids) + 1))[:prompt_tokens]
+    if prompt_tokens + new_tokens > engine.context:
+        raise UserError(f"--prompt-tokens + --new-tokens = {prompt_tokens + new_tokens} is more than the context "
+                        f"of {engine.context} tokens; lower them or raise --max-context")
+    greedy = SamplingSettings(temperature=0.0)
+    results = []
+    for run in range(runs + 1):
+        engine.reset()  # the whole prompt is prefilled every run
+        for _ in engine.stream_ids(ids, Sampler(greedy), new_tokens, ignore_eos=True):
+            pass
+        if run > 0:
+            results.append(engine.last_stats)
+    return {
+        "device": engine.manifest.get("device"),
+        "backend": engine.manifest.get("backend", "ort"),
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs,
+        "ttft_s": statistics.median(r.ttft_s for r in results),
+        "prefill_tok_s": statistics.median(r.prefill_tok_s for r in results),
+        "decode_tok_s": statistics.median(r.decode_tok_s for r in results),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "context": engine.context,
+        "plan_total_bytes": engine.plan.total, "cap_bytes": engine.plan.cap,
+    }
