@@ -1,0 +1,101 @@
+"""Sampling and the tokenizer side of the runtime (no model run needed: fast)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from awq_edge.errors import UserError
+from awq_edge.sampling import Sampler, SamplingSettings, apply_repetition_penalty
+from awq_edge.tokenizer import StreamDecoder, Tokenizer
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"temperature": -0.1}, "--temperature"), ({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"),
+    ({"top_k": -1}, "--top-k"), ({"repetition_penalty": 0.0}, "--repetition-penalty"),
+    ({"temperature": float("nan")}, "--temperature"),
+])
+def test_invalid_sampling_values_are_one_line_errors(kwargs, flag):
+    with pytest.raises(UserError) as e:
+        Sampler(SamplingSettings(**kwargs))
+    assert flag in str(e.value) and "\n" not in str(e.value)
+
+
+def test_greedy_is_argmax_and_ignores_the_seed():
+    logits = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    for seed in (1, 2, 3):
+        assert Sampler(SamplingSettings(temperature=0, seed=seed))(logits) == int(np.argmax(logits))
+
+
+def test_top_k_and_top_p_limit_the_candidates():
+    logits = np.zeros(100, dtype=np.float32)
+    logits[[10, 20, 30]] = [5.0, 4.0, 3.0]
+    picks = {Sampler(SamplingSettings(temperature=1.0, top_k=2, top_p=1.0, seed=s))(logits) for s in range(200)}
+    assert picks == {10, 20}
+    # top_p: token 10 holds e^5 / (e^5 + e^4 + e^3 + 97) = 46% of the mass, with 20 it is 63%
+    picks = {Sampler(SamplingSettings(temperature=1.0, top_k=0, top_p=0.4, seed=s))(logits) for s in range(50)}
+    assert picks == {10}
+    picks = {Sampler(SamplingSettings(temperature=1.0, top_k=0, top_p=0.6, seed=s))(logits) for s in range(200)}
+    assert picks == {10, 20}
+
+
+def test_sampling_follows_the_distribution_and_the_seed():
+    logits = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
+    sampler = Sampler(SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, seed=123))
+    draws = np.array([sampler(logits) for _ in range(4000)])
+    freq = np.bincount(draws, minlength=3) / len(draws)
+    assert np.allclose(freq, [0.5, 0.3, 0.2], atol=0.03)
+    again = Sampler(SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, seed=123))
+    assert [again(logits) for _ in range(50)] == list(draws[:50])
+
+
+def test_repetition_penalty_pushes_seen_tokens_down():
+    logits = np.array([2.0, -1.0, 1.0], dtype=np.float32)
+    out = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -2.0, 1.0]
+    assert logits.tolist() == [2.0, -1.0, 1.0]  # input untouched
+    assert Sampler(SamplingSettings(temperature=0, repetition_penalty=3.0))(logits, [0]) == 2
+
+
+# ---------------------------------------------------------------- tokenizer
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    return Tokenizer(smollm2_dir, {"eos_token_id": 2})
+
+
+def test_chat_template_renders_like_the_model_expects(tokenizer):
+    text = tokenizer.render_chat([{"role": "user", "content": "Hi"}])
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    ids = tokenizer.encode(text)
+    assert ids[0] == 1 and 2 in ids  # <|im_start|> / <|im_end|> are single special tokens
+    assert 2 in tokenizer.eos_ids
+
+
+MULTIBYTE = "Grüße aus Köln: 日本語のテキスト, emoji 🎉🚀 and Ωμέγα."
+
+
+def test_stream_decoder_never_emits_a_broken_character(tokenizer):
+    ids = tokenizer.encode(MULTIBYTE)
+    # byte-level BPE splits the CJK and emoji into several tokens that decode to U+FFFD alone
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == MULTIBYTE
+    assert all("\ufffd" not in p for p in pieces)
+    for p in pieces:  # every piece is valid UTF-8 on its own
+        p.encode("utf-8")
+
+
+def test_stream_decoder_keeps_spaces_between_words(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog."
+    decoder = StreamDecoder(tokenizer)
+    assert "".join(decoder.push(i) for i in tokenizer.encode(text)) + decoder.flush() == text
+
+
+def test_stream_decoder_gives_up_waiting_on_invalid_bytes(tokenizer):
+    # A lone UTF-8 lead byte that never gets its continuation: held a few tokens, then emitted.
+    lead = [i for i in tokenizer.encode("日") if "\ufffd" in tokenizer.decode([i])][0]
+    words = tokenizer.encode(" and then some more words follow here")
+    decoder = StreamDecoder(tokenizer)
+    out = [decoder.push(lead)] + [decoder.push(i) for i in words] + [decoder.flush()]
+    assert "".join(out).endswith("follow here")
