@@ -128,3 +128,90 @@ def pack_for_plugin(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_
         "scales": np.ascontiguousarray(scales).astype(np.float16),
         "zeros": np.ascontiguousarray(zeros).astype(np.float16),
     }
+
+
+# ---------------------------------------------------------------- ONNX Runtime MatMulNBits layout
+# com.microsoft MatMulNBits (bits 4 or 8), used by `export --target ort`.
+
+def to_matmul_nbits(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int,
+                    bits: int = 4) -> dict[str, np.ndarray]:
+    """Quantized weight -> the MatMulNBits tensors {B, scales, zero_points}.
+
+    Layout (Y = X @ w_hat.T, attributes K = in, N = out, block_size = group_size, bits):
+        B            uint8 [N, blocks, group_size * bits / 8]; blocks = ceil(K / group_size).
+                     Row n holds output channel n with K contiguous. 4-bit: byte b of a
+                     block holds k = 2b in its LOW nibble and k = 2b + 1 in its HIGH nibble.
+                     8-bit: one byte per k.
+        scales       float32 [N, blocks] (cast to the activation type by the caller)
+        zero_points  4-bit: uint8 [N, ceil(blocks / 2)], block 2j in the low nibble of byte j,
+                     block 2j + 1 in the high nibble (a missing last one is 0).
+                     8-bit: uint8 [N, blocks].
+    Ragged K: the last block is padded to group_size with q = its zero point, so the
+    padding dequantizes to exactly 0; ORT reads only the first K values anyway.
+    """
+    check_quantized(q, scales, zeros, group_size)
+    if bits not in (4, 8):
+        raise ValueError(f"MatMulNBits layout takes bits 4 or 8, got {bits}")
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"MatMulNBits needs a power-of-two block size >= 16, got {group_size}")
+    n, k = q.shape
+    blocks = num_groups(k, group_size)
+    padded = np.repeat(zeros.astype(np.uint8), group_size, axis=1)  # pad value = zero point
+    padded[:, :k] = q
+    codes = padded.reshape(n, blocks, group_size)
+    if bits == 4:
+        b = (codes[:, :, 0::2] | (codes[:, :, 1::2] << 4)).astype(np.uint8)
+        zp = np.zeros((n, 2 * num_groups(blocks, 2)), dtype=np.uint8)
+        zp[:, :blocks] = zeros
+        zero_points = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+    else:
+        b = codes.astype(np.uint8)
+        zero_points = zeros.astype(np.uint8)
+    return {"B": np.ascontiguousarray(b), "scales": np.ascontiguousarray(scales, dtype=np.float32),
+            "zero_points": np.ascontiguousarray(zero_points)}
+
+
+def from_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, k: int,
+                      bits: int = 4):
+    """The inverse of to_matmul_nbits: -> (q uint8 [N, K], scales [N, blocks], zeros uint8 [N, blocks])."""
+    n, blocks, _ = b.shape
+    if bits == 4:
+        codes = np.empty((n, blocks, b.shape[2] * 2), dtype=np.uint8)
+        codes[:, :, 0::2] = b & 0xF
+        codes[:, :, 1::2] = b >> 4
+        zeros = np.empty((n, zero_points.shape[-1] * 2), dtype=np.uint8)
+        zeros[:, 0::2] = zero_points.reshape(n, -1) & 0xF
+        zeros[:, 1::2] = zero_points.reshape(n, -1) >> 4
+        zeros = zeros[:, :blocks]
+    else:
+        codes = np.asarray(b, dtype=np.uint8)
+        zeros = np.asarray(zero_points, dtype=np.uint8).reshape(n, blocks)
+    q = codes.reshape(n, -1)[:, :k]
+    return np.ascontiguousarray(q), np.asarray(scales).reshape(n, blocks), np.ascontiguousarray(zeros)
+
+
+# ---------------------------------------------------------------- ONNX DequantizeLinear (uint4) layout
+# Standard ONNX (opset 21+) blocked DequantizeLinear, used by `export --target onnx`.
+
+def to_onnx_uint4_blocked(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int):
+    """Quantized weight -> (data, scale, zero_point) for DequantizeLinear(axis=0, block_size=G).
+
+    The weight is stored transposed, [K, N], so that MatMul(X, DequantizeLinear(...)) = X @ w_hat.T.
+        data        uint4 [K, N] (returned unpacked as uint8 0..15; the ONNX tensor packs two
+                    per byte, element 2i in the low nibble)
+        scale       float32 [ceil(K / G), N]
+        zero_point  uint4 [ceil(K / G), N] (unpacked uint8 as above)
+    Ragged K: ONNX defines the scale's blocked dimension as ceil(K / G), i.e. a short
+    last block, which is exactly the checkpoint's grouping; nothing is padded.
+    """
+    check_quantized(q, scales, zeros, group_size)
+    return (np.ascontiguousarray(q.T), np.ascontiguousarray(scales.T, dtype=np.float32),
+            np.ascontiguousarray(zeros.T))
+
+
+def pack_uint4_pairs(values: np.ndarray) -> bytes:
+    """uint8 0..15, any shape -> ONNX's packed 4-bit raw data (element 2i low nibble, 2i+1 high)."""
+    flat = np.asarray(values, dtype=np.uint8).reshape(-1)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, dtype=np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()

@@ -1,1 +1,145 @@
-"""ONNX export of AWQ checkpoints (installed as awq_edge.export)."""
+"""ONNX export of AWQ checkpoints (installed as awq_edge.export).
+
+    from awq_edge.export import export_checkpoint
+    export_checkpoint("ckpt/", "out/ort", target="ort")      # ORT CPU: MatMulNBits + GroupQueryAttention
+    export_checkpoint("ckpt/", "out/trt", target="trt")      # TensorRT: AwqMatMulW4A16 plugin, fp16
+    export_checkpoint("ckpt/", "out/onnx", target="onnx")    # standard ONNX: uint4 DequantizeLinear
+
+The graph is written with onnx.helper straight from the checkpoint's arrays (no torch, no
+tracing). docs/graph.md is the I/O contract, docs/export.md explains the choices.
+Files: model.onnx (graph), model.onnx.data (all weights, external data: no 2 GB protobuf
+limit), export.json, and the checkpoint's config.json and tokenizer files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import commit_staging, copy_tokenizer, output_staging, read_checkpoint
+from ..errors import UserError
+from .graph import Decoder, Target
+from .spec import model_spec
+
+TARGETS = ("ort", "trt", "onnx")
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+INFO_FILE = "export.json"
+# ort defaults, chosen for decode speed on x86 CPUs (see docs/export.md for the numbers):
+DEFAULT_ORT_ACCURACY_LEVEL = 4  # MatMulNBits int8 compute
+DEFAULT_ORT_LM_HEAD_BITS = 8
+LM_HEAD_BLOCK = 32
+OPSETS = {"ort": 23, "onnx": 21, "trt": 17}  # trt: what TensorRT 10.x's ONNX parser reads everywhere
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str | None = None,
+                      all_logits: bool = False, force: bool = False, lm_head_bits: int | None | str = "auto",
+                      accuracy_level: int | None = None) -> Path:
+    """Write the decoder graph of an AWQ checkpoint for `target`; returns out_dir.
+
+    act_dtype: float32 | float16; default float32 (ort, onnx) or float16 (trt).
+    lm_head_bits: None = the checkpoint's float lm_head (the accuracy reference); 8 or 4 =
+        MatMulNBits quantized from it (ort only); "auto" = 8 for ort, float otherwise.
+    accuracy_level: MatMulNBits accuracy_level (ort): 0 = fp32 compute (matches the reference
+        to ~1e-6), 4 = int8 compute (fast; default). For onnx it is recorded and passed by
+        the backend to ORT's DequantizeLinear+MatMul -> MatMulNBits fusion (default 0).
+    """
+    out_dir = Path(out_dir)
+    if target not in TARGETS:
+        raise UserError(f"unknown export target {target!r}; choose one of: {', '.join(TARGETS)}")
+    act_name = act_dtype or ("float16" if target == "trt" else "float32")
+    if act_name not in DTYPES:
+        raise UserError(f"unknown activation dtype {act_dtype!r}; choose float32 or float16")
+    if lm_head_bits == "auto":
+        lm_head_bits = DEFAULT_ORT_LM_HEAD_BITS if target == "ort" else None
+    if lm_head_bits not in (None, 4, 8):
+        raise UserError(f"lm_head bits must be float (None), 8 or 4, got {lm_head_bits!r}")
+    if lm_head_bits is not None and target != "ort":
+        raise UserError(f"a quantized lm_head is only available for target ort (MatMulNBits); "
+                        f"target {target} keeps the float lm_head")
+    if accuracy_level is None:
+        accuracy_level = DEFAULT_ORT_ACCURACY_LEVEL if target == "ort" else 0
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise UserError(f"accuracy_level must be 0..4, got {accuracy_level}")
+
+    ckpt = read_checkpoint(ckpt_dir)  # UserError when it is not an AWQ checkpoint
+    spec = model_spec(ckpt.config)
+    _check_shapes(ckpt, target)
+    t = Target(target, OPSETS[target], np.dtype(DTYPES[act_name]),
+               "shared_buffer" if target == "ort" else "concat", accuracy_level,
+               lm_head_bits, LM_HEAD_BLOCK, all_logits)
+
+    staging = output_staging(out_dir, force)
+    try:
+        model = Decoder(ckpt, spec, t).build()
+        weight_bytes = sum(len(init.raw_data) for init in model.graph.initializer)
+        _save(model, staging)
+        copy_tokenizer(Path(ckpt_dir), staging)
+        shutil.copy2(Path(ckpt_dir) / "config.json", staging / "config.json")
+        info = {
+            "target": target,
+            "kv_mode": t.kv_mode,
+            "act_dtype": act_name,
+            "model_type": spec.model_type,
+            "num_layers": spec.layers,
+            "num_heads": spec.heads,
+            "num_kv_heads": spec.kv_heads,
+            "head_dim": spec.head_dim,
+            "hidden_size": spec.hidden,
+            "vocab_size": spec.vocab,
+            "max_position_embeddings": spec.max_positions,
+            "sliding_windows": spec.layer_windows,
+            "all_logits": all_logits,
+            "lm_head": "float" if lm_head_bits is None else f"int{lm_head_bits}",
+            "matmul_accuracy_level": accuracy_level,
+            "opset": t.opset,
+            "weight_bytes": weight_bytes,
+            "kv_bytes_per_token": spec.kv_bytes_per_token * np.dtype(DTYPES[act_name]).itemsize,
+            "config": {k: v for k, v in ckpt.config.items() if k != "quantization_config"},
+            "quantization": {"quantization_config": ckpt.config.get("quantization_config"),
+                             "group_size": ckpt.group_size,
+                             "settings": ckpt.metadata.get("settings")},
+            "files": {f.name: _sha256(f) for f in sorted(staging.iterdir())},
+        }
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    commit_staging(staging, out_dir)
+    return out_dir
+
+
+def _check_shapes(ckpt, target: str) -> None:
+    for prefix, lin in ckpt.linears.items():
+        n, k = lin.q.shape
+        g = lin.group_size
+        if target == "ort" and (g < 16 or g & (g - 1)):
+            raise UserError(f"{prefix}: group size {g} is not a power of two >= 16, which "
+                            "MatMulNBits needs; export with --target onnx instead")
+        if target == "trt" and (k % 8 or n % 8 or g not in (32, 64, 128)):
+            raise UserError(f"{prefix}: [{n}, {k}] at group {g} does not fit AwqMatMulW4A16 "
+                            "(K and N multiples of 8, group 32/64/128)")
+
+
+def _save(model, staging: Path) -> None:
+    import onnx
+
+    onnx.save_model(model, str(staging / MODEL_FILE), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+    try:  # path-based: works for graphs over 2 GB
+        onnx.checker.check_model(str(staging / MODEL_FILE))
+    except onnx.checker.ValidationError as e:
+        raise UserError(f"the exported graph fails onnx.checker ({str(e).splitlines()[0]}); "
+                        "this is an exporter bug, please report it") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

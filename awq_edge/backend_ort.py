@@ -1,0 +1,155 @@
+"""ONNX Runtime CPU backend: runs an exported decoder graph (docs/graph.md) one step at a time.
+
+    backend = OrtBackend(Path("out/ort"), max_context=2048)
+    logits = backend.forward(prompt_ids)      # prefill, float32 [vocab] of the last token
+    logits = backend.forward([next_id])       # decode
+    backend.rewind(0)                         # reset
+
+Speed: everything is bound with IOBinding to preallocated OrtValues, so a decode step copies
+nothing but the new token ids in and the logits out.
+- kv_mode shared_buffer (target ort): one [1, Hkv, max_context, D] buffer per layer and K/V,
+  allocated once, bound as both past_key.i and present_key.i; GroupQueryAttention writes the
+  new rows in place. past_length says how many rows are valid, so rewind is free.
+- kv_mode concat (targets onnx, trt stand-in): ORT allocates each step's present (C' = C + S)
+  and it becomes the next step's past; the length never exceeds max_context.
+No torch here: this runs on a device with numpy and onnxruntime only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import UserError
+
+ORT_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int | None, accuracy_level: int = 0) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # a decoder is a chain: no parallel branches
+    so.intra_op_num_threads = threads or physical_cores()  # hyperthreads only contend for the FMA units
+    so.inter_op_num_threads = 1
+    # Spinning keeps worker threads hot between the ~300 small kernels of a decode step; it
+    # burns CPU while idle, so it is only worth it with more than one thread.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if so.intra_op_num_threads > 1 else "0")
+    # The onnx target: how ORT may fuse DequantizeLinear + MatMul into MatMulNBits (0 = fp32 compute).
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    return so
+
+
+class OrtBackend:
+    def __init__(self, export_dir: Path, max_context: int, threads: int | None = None):
+        export_dir = Path(export_dir)
+        try:
+            info = json.loads((export_dir / "export.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise UserError(f"{export_dir} has no readable export.json; export a model first with "
+                            "`awq-edge export CKPT OUT --target ort`") from None
+        if info.get("target") == "trt":
+            raise UserError(f"{export_dir} was exported for TensorRT (AwqMatMulW4A16 plugin ops); "
+                            "export with --target ort or onnx for the CPU, or use "
+                            "awq_edge.export.cpu_standin for tests")
+        if max_context < 1:
+            raise UserError(f"max_context must be at least 1, got {max_context}")
+        self.info = info
+        self.kv_mode = info["kv_mode"]
+        self.num_layers = int(info["num_layers"])
+        self.vocab_size = int(info["vocab_size"])
+        self.all_logits = bool(info.get("all_logits"))
+        self.max_context = int(max_context)
+        self.position = 0
+        self.kv_dtype = np.dtype(ORT_DTYPES[info["act_dtype"]])
+        self.kv_shape = (1, int(info["num_kv_heads"]), self.max_context, int(info["head_dim"]))
+        self.session = ort.InferenceSession(
+            str(export_dir / "model.onnx"),
+            session_options(threads, int(info.get("matmul_accuracy_level", 0))),
+            providers=["CPUExecutionProvider"])
+        self.binding = self.session.io_binding()
+        self._past_length = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, dtype=np.int64))
+        self.binding.bind_ortvalue_input("past_length", self._past_length)
+        self._logits = None
+        # Bound first, so binding.get_outputs() lists them last, in this order.
+        self._ort_allocated: list[str] = []
+        if not self.all_logits:
+            self._logits = ort.OrtValue.ortvalue_from_shape_and_type([1, self.vocab_size], np.float32)
+            self.binding.bind_ortvalue_output("logits", self._logits)
+        self._cache: list[ort.OrtValue] = []  # shared_buffer: [k0, v0, k1, v1, ...] of max_context rows
+        self._past: list[ort.OrtValue] = []  # concat: the current past, `position` rows
+        if self.kv_mode == "shared_buffer":
+            for i in range(self.num_layers):
+                for kind in ("key", "value"):
+                    buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.kv_shape, dtype=self.kv_dtype))
+                    self._cache.append(buf)
+                    self.binding.bind_ortvalue_input(f"past_{kind}.{i}", buf)
+                    self.binding.bind_ortvalue_output(f"present_{kind}.{i}", buf)
+        elif self.kv_mode == "concat":
+            self._ort_allocated += [f"present_{kind}.{i}" for i in range(self.num_layers) for kind in ("key", "value")]
+            self._set_past([np.zeros(self.kv_shape[:2] + (0,) + self.kv_shape[3:], self.kv_dtype)] * (2 * self.num_layers))
+        else:
+            raise UserError(f"{export_dir}/export.json has unknown kv_mode {self.kv_mode!r}; re-export the model")
+        if self.all_logits:
+            self._ort_allocated.append("logits")
+
+    # ------------------------------------------------------------ the interface
+    def forward(self, ids: Sequence[int]) -> np.ndarray:
+        n = len(ids)
+        if n == 0:
+            raise UserError("forward needs at least one token id")
+        if self.position + n > self.max_context:
+            raise UserError(f"context full: {self.position} cached + {n} new tokens exceeds "
+                            f"max_context {self.max_context}; rewind or start a longer context")
+        ids_array = np.asarray(ids, dtype=np.int64).reshape(1, n)
+        if ids_array.min() < 0 or ids_array.max() >= self.vocab_size:
+            raise UserError(f"token id out of range 0..{self.vocab_size - 1}")
+        self.binding.bind_cpu_input("input_ids", ids_array)
+        self._past_length.update_inplace(np.array([self.position], dtype=np.int64))
+        for name in self._ort_allocated:  # outputs whose shape changes per step: ORT allocates them
+            self.binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(self.binding)
+        self.position += n
+        if self._ort_allocated:
+            outputs = dict(zip(self._ort_allocated, self.binding.get_outputs()[-len(self._ort_allocated):]))
+            if self.kv_mode == "concat":
+                self._past = [outputs[f"present_{kind}.{i}"]
+                              for i in range(self.num_layers) for kind in ("key", "value")]
+                self._bind_past()
+            if self.all_logits:
+                return outputs["logits"].numpy()[0, -1].copy()
+        return self._logits.numpy()[0].copy()
+
+    def rewind(self, position: int) -> None:
+        if not 0 <= position <= self.position:
+            raise UserError(f"cannot rewind to {position}: the cache holds {self.position} tokens")
+        if self.kv_mode == "concat" and position < self.position:
+            self._set_past([np.ascontiguousarray(v.numpy()[:, :, :position]) for v in self._past])
+        self.position = position  # shared_buffer: rows past `position` are ignored, then overwritten
+
+    def kv_bytes(self) -> int:
+        if self.kv_mode == "shared_buffer":
+            return sum(int(np.prod(self.kv_shape)) * self.kv_dtype.itemsize for _ in self._cache)
+        return sum(int(np.prod(v.shape())) * self.kv_dtype.itemsize for v in self._past)
+
+    # ------------------------------------------------------------ concat mode
+    def _set_past(self, arrays: list[np.ndarray]) -> None:
+        self._past = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        self._bind_past()
+
+    def _bind_past(self) -> None:
+        for i in range(self.num_layers):
+            self.binding.bind_ortvalue_input(f"past_key.{i}", self._past[2 * i])
+            self.binding.bind_ortvalue_input(f"past_value.{i}", self._past[2 * i + 1])

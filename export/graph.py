@@ -1,0 +1,246 @@
+"""The decoder graph shared by all targets (docs/graph.md is its I/O contract).
+
+    h = embed[input_ids]                    (Gemma: * sqrt(hidden))
+    for each layer:
+        x = norm(h)                         input_layernorm
+        q, k, v = linear(x)                 (+ bias: Qwen2; per-head q/k norm: Qwen3, Gemma3)
+        a = o_proj(attention(q, k, v))      RoPE, KV cache, causal (+ sliding window) mask
+        a = norm(a)                         Gemma's post_attention_layernorm (sandwich)
+        h = h + a
+        x = norm(h)                         post_attention_layernorm / pre_feedforward_layernorm
+        m = down(act(gate(x)) * up(x))      silu or gelu_tanh
+        m = norm(m)                         Gemma's post_feedforward_layernorm (sandwich)
+        h = h + m
+    logits = lm_head(norm(h))               last position only unless all_logits
+
+What differs per target is passed in as a Target: how a quantized linear, the attention, and
+RMSNorm are emitted. The residual add is deferred into the next norm so the ort target can use
+SkipSimplifiedLayerNormalization (add + norm in one pass); the standard targets emit Add + norm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+from ..checkpoint import Checkpoint
+from ..errors import UserError
+from . import attention, linear
+from .builder import MS_DOMAIN, GraphBuilder
+from .spec import ModelSpec, rope_tables
+
+
+@dataclass
+class Target:
+    name: str  # ort | trt | onnx
+    opset: int
+    act_dtype: np.dtype
+    kv_mode: str  # shared_buffer | concat
+    accuracy_level: int = 0  # MatMulNBits accuracy_level (ort) / DQ->MatMulNBits fusion hint (onnx)
+    lm_head_bits: int | None = None  # None = float; 8 or 4 = MatMulNBits (ort only)
+    lm_head_block: int = 32
+    all_logits: bool = False
+
+    @property
+    def contrib(self) -> bool:  # may use com.microsoft ops
+        return self.name == "ort"
+
+
+class Decoder:
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, target: Target):
+        self.ckpt, self.spec, self.t = ckpt, spec, target
+        self.b = GraphBuilder(target.act_dtype, target.opset)
+
+    # ------------------------------------------------------------ weights
+    def tensor(self, name: str) -> np.ndarray:
+        try:
+            return self.ckpt.tensors[name]
+        except KeyError:
+            raise UserError(f"checkpoint lacks tensor {name}; it does not match its "
+                            f"{self.spec.model_type} config") from None
+
+    def linear_weights(self, prefix: str):
+        try:
+            return self.ckpt.linears[prefix]
+        except KeyError:
+            raise UserError(f"checkpoint lacks quantized linear {prefix}; it is not a complete "
+                            "AWQ checkpoint of this model") from None
+
+    def norm_weight(self, name: str) -> str:
+        w = self.tensor(name).astype(np.float32) + self.spec.family.norm_offset  # Gemma: (1 + w)
+        return self.b.act_const(name, w)
+
+    # ------------------------------------------------------------ building blocks
+    def linear(self, x: str, prefix: str, lin=None) -> str:
+        lin = lin or self.linear_weights(prefix)
+        if self.t.name == "ort":
+            return linear.matmul_nbits(self.b, x, lin, prefix, self.t.accuracy_level)
+        if self.t.name == "trt":
+            return linear.awq_plugin(self.b, x, lin, prefix)
+        return linear.dequantize_matmul(self.b, x, lin, prefix)
+
+    def rms_norm(self, x: str, weight: str) -> str:
+        b = self.b
+        if self.t.contrib:
+            # ONNX's own RMSNormalization (opset 23); ORT's SimplifiedLayerNormalization is the same
+            # kernel but sits in the onnx domain without a schema, which onnx.checker rejects.
+            return b.op("RMSNormalization", x, weight, axis=-1, epsilon=self.spec.eps, name="norm")
+        x32 = x if b.act_type == TensorProto.FLOAT else b.cast(x, TensorProto.FLOAT)
+        mean_sq = b.reduce_mean_last(b.op("Mul", x32, x32))
+        inv_rms = b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean_sq, b.const("const/f32/eps", np.float32(self.spec.eps)))))
+        y = b.op("Mul", x32, inv_rms)
+        if b.act_type != TensorProto.FLOAT:
+            y = b.cast(y, b.act_type)
+        return b.op("Mul", y, weight, name="norm")
+
+    def add_rms_norm(self, x: str, residual: str, weight: str) -> tuple[str, str]:
+        """(norm(residual + x), residual + x)."""
+        if self.t.contrib:
+            normed, _, _, total = self.b.op(
+                "SkipSimplifiedLayerNormalization", x, residual, weight, domain=MS_DOMAIN,
+                outputs=[self.b.name("norm"), "", "", self.b.name("residual")], epsilon=self.spec.eps)
+            return normed, total
+        total = self.b.op("Add", residual, x, name="residual")
+        return self.rms_norm(total, weight), total
+
+    def activation(self, x: str) -> str:
+        b = self.b
+        if self.spec.family.activation == "silu":
+            return b.op("Mul", x, b.op("Sigmoid", x), name="silu")
+        if self.t.contrib:
+            return b.op("FastGelu", x, domain=MS_DOMAIN, name="gelu_tanh")  # the tanh approximation
+        if b.opset >= 20:
+            return b.op("Gelu", x, approximate="tanh", name="gelu_tanh")
+        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        c = b.act_const("const/gelu_c", np.sqrt(2 / np.pi))
+        inner = b.op("Mul", c, b.op("Add", x, b.op("Mul", b.act_const("const/gelu_a", 0.044715),
+                                                    b.op("Mul", x, b.op("Mul", x, x)))))
+        half_x = b.op("Mul", x, b.act_const("const/half", 0.5))
+        return b.op("Mul", half_x, b.op("Add", b.act_const("const/one", 1.0), b.op("Tanh", inner)), name="gelu_tanh")
+
+    # ------------------------------------------------------------ the graph
+    def build(self):
+        b, spec, t = self.b, self.spec, self.t
+        act = b.act_type
+        seq = "sequence"
+        cache_dim = "past_sequence"
+        present_dim = "past_sequence" if t.kv_mode == "shared_buffer" else "total_sequence"
+        input_ids = b.add_input("input_ids", TensorProto.INT64, [1, seq])
+        past_length = b.add_input("past_length", TensorProto.INT64, [1])
+        kv_shape = [1, spec.kv_heads, cache_dim, spec.head_dim]
+        for i in range(spec.layers):
+            b.add_input(f"past_key.{i}", act, kv_shape)
+            b.add_input(f"past_value.{i}", act, kv_shape)
+        info = self.info = attention.step_info(b, input_ids, past_length, ort=t.kv_mode == "shared_buffer")
+
+        # RoPE tables: one per distinct frequency set (Gemma3: local and global).
+        tables: dict[bytes, tuple[str, str]] = {}
+        layer_rope = []
+        for freq in spec.layer_inv_freq:
+            key = freq.tobytes()
+            if key not in tables:
+                cos, sin = rope_tables(freq, spec.max_positions)
+                n = len(tables)
+                cos_name, sin_name = b.act_const(f"rope.{n}.cos", cos), b.act_const(f"rope.{n}.sin", sin)
+                if t.kv_mode == "concat":  # gather the rows of this step's positions once
+                    with b.scope(f"rope.{n}"):
+                        cos_name = attention.rope_rows(b, cos_name, info.positions)
+                        sin_name = attention.rope_rows(b, sin_name, info.positions)
+                tables[key] = (cos_name, sin_name)
+            layer_rope.append(tables[key])
+        masks = {}
+        if t.kv_mode == "concat":
+            for w in sorted(set(spec.layer_windows), key=lambda w: w or 0):
+                with b.scope(f"mask.{w or 'full'}"):
+                    masks[w] = attention.causal_mask(b, info, w)
+
+        # Embeddings, gathered from the fp16 table (exact: the checkpoint stores fp16).
+        embed_w = self.tensor("model.embed_tokens.weight")
+        lm_head_w = embed_w if spec.tie_embeddings else self.ckpt.tensors.get("lm_head.weight", embed_w)
+        float_head_fp32 = (t.lm_head_bits is None and act == TensorProto.FLOAT)
+        with b.scope("embed"):
+            if float_head_fp32 and spec.tie_embeddings:  # one fp32 table for Gather and lm_head
+                embed = b.const("model.embed_tokens.weight", embed_w.astype(np.float32))
+                h = b.op("Gather", embed, input_ids, axis=0)
+            else:
+                embed = b.const("model.embed_tokens.weight", embed_w.astype(np.float16))
+                h = b.op("Gather", embed, input_ids, axis=0)
+                if act != TensorProto.FLOAT16:
+                    h = b.cast(h, act)
+            if spec.family.embed_scale:
+                h = b.op("Mul", h, b.act_const("const/embed_scale", np.float32(spec.hidden ** 0.5)))
+
+        pending = None  # output of the previous block, not yet added to the residual h
+        for i in range(spec.layers):
+            p = f"model.layers.{i}"
+            with b.scope(f"layers.{i}"):
+                with b.scope("input_norm"):
+                    w = self.norm_weight(f"{p}.input_layernorm.weight")
+                    x, h = (self.rms_norm(h, w), h) if pending is None else self.add_rms_norm(pending, h, w)
+                with b.scope("attn"):
+                    a = self.attention_block(x, i, layer_rope[i], masks.get(spec.layer_windows[i]))
+                    if spec.family.sandwich_norm:
+                        a = self.rms_norm(a, self.norm_weight(f"{p}.post_attention_layernorm.weight"))
+                with b.scope("mlp_norm"):
+                    x, h = self.add_rms_norm(a, h, self.norm_weight(f"{p}.{spec.family.mlp_norm}.weight"))
+                with b.scope("mlp"):
+                    gate = self.linear(x, f"{p}.mlp.gate_proj")
+                    up = self.linear(x, f"{p}.mlp.up_proj")
+                    pending = self.linear(b.op("Mul", self.activation(gate), up), f"{p}.mlp.down_proj")
+                    if spec.family.sandwich_norm:
+                        pending = self.rms_norm(pending, self.norm_weight(f"{p}.post_feedforward_layernorm.weight"))
+
+        with b.scope("final"):
+            if not t.all_logits:  # only the last position reaches the (large) lm_head
+                pending = b.op("Slice", pending, b.int64s(-1), b.int64s(2**62), b.int64s(1), name="last")
+                h = b.op("Slice", h, b.int64s(-1), b.int64s(2**62), b.int64s(1), name="last_residual")
+            x, _ = self.add_rms_norm(pending, h, self.norm_weight("model.norm.weight"))
+            logits = self.lm_head(x, lm_head_w, embed if float_head_fp32 and spec.tie_embeddings else None)
+            if act != TensorProto.FLOAT:
+                logits = b.cast(logits, TensorProto.FLOAT)
+            if spec.final_softcap:
+                cap = b.const("const/f32/final_softcap", np.float32(spec.final_softcap))
+                logits = b.op("Mul", b.op("Tanh", b.op("Div", logits, cap)), cap)
+            shape = b.int64s(1, -1, spec.vocab) if t.all_logits else b.int64s(1, spec.vocab)
+            b.op("Reshape", logits, shape, outputs=["logits"])
+        b.add_output("logits", TensorProto.FLOAT, [1, seq, spec.vocab] if t.all_logits else [1, spec.vocab])
+        for i in range(spec.layers):
+            for kind in ("key", "value"):
+                b.add_output(f"present_{kind}.{i}", act, [1, spec.kv_heads, present_dim, spec.head_dim])
+        return b.model(f"awq_edge_{spec.model_type}_{t.name}")
+
+    def lm_head(self, x: str, weight: np.ndarray, shared_table: str | None) -> str:
+        b, t = self.b, self.t
+        if t.lm_head_bits:
+            return linear.lm_head_quantized(b, x, weight, t.lm_head_bits, t.lm_head_block, t.accuracy_level)
+        if shared_table is None:  # act fp16 or an untied head: its own table in the act dtype
+            shared_table = b.const("lm_head.weight", weight.astype(b.act_dtype))
+        x2d = b.op("Reshape", x, b.int64s(-1, self.spec.hidden))
+        return linear.lm_head_float(b, x2d, shared_table)
+
+    def attention_block(self, x: str, i: int, rope: tuple[str, str], mask: str | None) -> str:
+        b, spec, t = self.b, self.spec, self.t
+        p = f"model.layers.{i}.self_attn"
+        names = (f"present_key.{i}", f"present_value.{i}")
+        past = (f"past_key.{i}", f"past_value.{i}")
+        qk_norm = spec.family.qk_norm
+        if t.name == "ort":
+            # One MatMulNBits for q, k and v (one read of x, one kernel launch).
+            lin = linear.concat_linears([self.linear_weights(f"{p}.{n}_proj") for n in "qkv"])
+            qkv = self.linear(x, f"{p}.qkv_proj", lin)
+            if not qk_norm:
+                ctx = attention.gqa_attention(b, spec, i, qkv, None, None, *past, self.info, *rope, names)
+                return self.linear(ctx, f"{p}.o_proj")
+            q_size, kv_size = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+            q, k, v = b.op("Split", qkv, b.int64s(q_size, kv_size, kv_size), axis=-1, outputs=3)
+        else:
+            q, k, v = (self.linear(x, f"{p}.{n}_proj") for n in "qkv")
+        if qk_norm:
+            q = attention.head_norm(b, q, spec.heads, spec.head_dim, self.norm_weight(f"{p}.q_norm.weight"), self.rms_norm)
+            k = attention.head_norm(b, k, spec.kv_heads, spec.head_dim, self.norm_weight(f"{p}.k_norm.weight"), self.rms_norm)
+        if t.name == "ort":
+            ctx = attention.gqa_attention(b, spec, i, q, k, v, *past, self.info, *rope, names)
+        else:
+            ctx = attention.standard_attention(b, spec, q, k, v, *past, *rope, mask, names)
+        return self.linear(ctx, f"{p}.o_proj")
