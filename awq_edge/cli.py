@@ -214,6 +214,7 @@ def run(
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
     verify: bool = typer.Option(False, help="check the sha256 of every engine file before loading"),
     stats: bool = typer.Option(False, help="print token counts and speed to stderr"),
+    ignore_eos: bool = typer.Option(False, help="keep generating past the end-of-text token (measurements)"),
 ):
     """Generate a reply to one prompt, streamed to stdout."""
     _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
@@ -224,9 +225,11 @@ def run(
             raise UserError("the prompt on stdin is not valid UTF-8; fix its encoding") from None
     _utf8(prompt, "the prompt")
     eng = _load_engine(engine, max_memory, max_context, verify)
-    pieces = eng.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, seed=seed, stop=stop, system=system,
-                        chat_template=not no_chat_template)
+    from .sampling import Sampler, SamplingSettings
+
+    sampler = Sampler(SamplingSettings(temperature, top_k, top_p, repetition_penalty, seed))
+    ids = eng.prompt_ids(prompt, system, chat_template=not no_chat_template)
+    pieces = eng.stream_ids(ids, sampler, max_new_tokens, stop, ignore_eos=ignore_eos)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()

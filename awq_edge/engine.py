@@ -291,8 +291,14 @@ class Engine:
         return self.stream_ids(ids, sampler, max_new_tokens, stop)
 
     def stream_ids(self, ids: list[int], sampler: Sampler, max_new_tokens: int,
-                   stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Iterator[str]:
-        """The prompt as token ids; ignore_eos keeps going past EOS (benchmarks)."""
+                   stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
+                   reuse_cache: bool = False) -> Iterator[str]:
+        """The prompt as token ids; ignore_eos keeps going past EOS (benchmarks).
+
+        reuse_cache: keep the cached tokens the prompt starts with (Chat does). Off for one-shot
+        prompts: the same prompt then always gives the same text, because a prompt that is half
+        in the cache is computed in different chunks, and ORT's int8-compute MatMulNBits gives
+        slightly different logits for a 1-token step than for a many-token step."""
         if max_new_tokens < 0:
             raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
         if not ids:
@@ -301,6 +307,8 @@ class Engine:
             raise UserError(f"the prompt is {len(ids)} tokens but the context holds {self.context} "
                             "(one more is needed for the reply); shorten it or raise --max-context/--max-memory")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        if not reuse_cache:
+            self.reset()
         return self._run(list(ids), sampler, max_new_tokens, stops, set() if ignore_eos else self.tokenizer.eos_ids)
 
     def _forward(self, ids: Sequence[int]):
@@ -409,7 +417,7 @@ class Chat:
         if len(ids) >= self.engine.context:
             raise UserError(f"the conversation is {len(ids)} tokens and no longer fits in the context of "
                             f"{self.engine.context}; /reset (or chat.reset()) to start a new one")
-        pieces = self.engine.stream_ids(ids, sampler, max_new_tokens, stop)
+        pieces = self.engine.stream_ids(ids, sampler, max_new_tokens, stop, reuse_cache=True)
         return self._record(messages, text, ids, pieces)
 
     def _record(self, messages, text, ids, pieces) -> Iterator[str]:

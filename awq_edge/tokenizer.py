@@ -156,4 +156,4 @@ class StreamDecoder:
         start = max(0, self.emitted - self.CONTEXT)
         piece = self._text(start, len(self.ids))[len(self._text(start, self.emitted)):]
         self.emitted = len(self.ids)
-        return piece
+        return piece.rstrip(REPLACEMENT)  # the reply was cut inside a character: drop the half

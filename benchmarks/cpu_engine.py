@@ -1,0 +1,282 @@
+"""CPU decode benchmark: our ONNX Runtime engine vs transformers fp32 eager vs onnxruntime-genai int4
+vs llama.cpp, in one run, on the same model (SmolLM2-135M-Instruct) and the same prompt ids.
+
+    python benchmarks/cpu_engine.py --engine smollm2.engine           # an engine you built
+    python benchmarks/cpu_engine.py                                    # builds `awq-edge build smollm2` once (cached)
+
+Every runner is greedy, batch 1, and decodes exactly --new-tokens tokens (EOS ignored) after
+prefilling the same --prompt-tokens ids. Runners alternate (run 1 of each, then run 2 of
+each, ...) so a slow spell of the shared machine hits them all; one warm-up run each is not
+timed; medians are reported. Results: benchmarks/results/cpu_engine-<time>.json and a table.
+
+onnxruntime-genai's model is made by its own builder from the float model
+(python -m onnxruntime_genai.models.builder -i <float dir> -o <dir> -p int4 -e cpu) and
+cached under the awq-edge cache dir. llama.cpp runs on the GGUF the float model came from,
+via llama-cpp-python or a `llama-bench` binary, when one is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+PROMPT = ("The history of computing is a story of machines that got smaller, cheaper and faster, and of "
+          "people who found new things to do with them every time. ")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---------------------------------------------------------------- runners
+# Each runner: setup() once, then run(ids, new_tokens) -> {"ttft_s", "prefill_tok_s", "decode_tok_s"}.
+
+class OurEngine:
+    name = "awq-edge (ORT CPU, int4)"
+
+    def __init__(self, engine_dir: Path, threads: int | None):
+        from awq_edge.engine import Engine
+
+        self.engine = Engine.load(engine_dir, threads=threads)
+
+    def run(self, ids, new_tokens):
+        from awq_edge.sampling import Sampler, SamplingSettings
+
+        self.engine.reset()
+        for _ in self.engine.stream_ids(ids, Sampler(SamplingSettings(temperature=0)), new_tokens, ignore_eos=True):
+            pass
+        s = self.engine.last_stats
+        return {"ttft_s": s.ttft_s, "prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
+
+
+class TransformersEager:
+    name = "transformers fp32 eager"
+
+    def __init__(self, float_dir: Path, threads: int | None):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+
+    def run(self, ids, new_tokens):
+        torch = self.torch
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model(torch.tensor([ids]), use_cache=True)
+            token = int(out.logits[0, -1].argmax())
+            t_first = time.perf_counter()
+            past = out.past_key_values
+            for _ in range(new_tokens - 1):
+                out = self.model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            t_end = time.perf_counter()
+        return {"ttft_s": t_first - t0, "prefill_tok_s": len(ids) / (t_first - t0),
+                "decode_tok_s": (new_tokens - 1) / (t_end - t_first)}
+
+
+def ortgenai_model_dir(float_dir: Path) -> Path:
+    """onnxruntime-genai's own int4 CPU build of the float model, made once and cached."""
+    from awq_edge.data import cache_dir
+
+    out = cache_dir() / "bench" / f"ortgenai-int4-cpu-{float_dir.name}"
+    if (out / "genai_config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"building the onnxruntime-genai int4 model into {out} (once) ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(float_dir), "-o", str(tmp),
+                    "-p", "int4", "-e", "cpu", "-c", str(tmp.with_name(tmp.name + "-cache"))],
+                   check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(tmp.with_name(tmp.name + "-cache"), ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+class OrtGenai:
+    name = "onnxruntime-genai int4"
+
+    def __init__(self, model_dir: Path, threads: int | None):
+        import onnxruntime_genai as og
+
+        self.og = og
+        # Threads: ort-genai's own default (its genai_config.json session options); --threads is not applied.
+        self.model = og.Model(og.Config(str(model_dir)))
+
+    def run(self, ids, new_tokens):
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        total = len(ids) + new_tokens
+        params.set_search_options(do_sample=False, max_length=total, min_length=total)  # min_length: no early EOS
+        gen = og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))  # prefill, and the first token is chosen
+        t_first = time.perf_counter()
+        n = 1
+        while n < new_tokens and not gen.is_done():
+            gen.generate_next_token()
+            n += 1
+        t_end = time.perf_counter()
+        return {"ttft_s": t_first - t0, "prefill_tok_s": len(ids) / (t_first - t0),
+                "decode_tok_s": (n - 1) / (t_end - t_first)}
+
+
+class LlamaCppPython:
+    name = "llama.cpp (llama-cpp-python)"
+
+    def __init__(self, gguf: Path, threads: int | None, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=False)
+
+    def run(self, ids, new_tokens):
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t_first = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t_end = time.perf_counter()
+        return {"ttft_s": t_first - t0, "prefill_tok_s": len(ids) / (t_first - t0),
+                "decode_tok_s": (new_tokens - 1) / (t_end - t_first)}
+
+
+class LlamaBench:
+    name = "llama.cpp (llama-bench)"
+
+    def __init__(self, binary: str, gguf: Path, threads: int | None):
+        self.cmd = [binary, "-m", str(gguf), "-t", str(threads or os.cpu_count()), "-r", "1", "-o", "json"]
+
+    def run(self, ids, new_tokens):
+        out = subprocess.run(self.cmd + ["-p", str(len(ids)), "-n", str(new_tokens)], capture_output=True,
+                             text=True, check=True).stdout
+        rows = json.loads(out)
+        prefill = next(r for r in rows if r.get("n_prompt", 0) > 0)["avg_ts"]
+        decode = next(r for r in rows if r.get("n_gen", 0) > 0)["avg_ts"]
+        return {"ttft_s": len(ids) / prefill, "prefill_tok_s": prefill, "decode_tok_s": decode}
+
+
+# ---------------------------------------------------------------- main
+
+def default_engine() -> Path:
+    """`awq-edge build smollm2` (default AWQ settings: minutes on 2 cores), made once and cached."""
+    from awq_edge.build import build_engine
+    from awq_edge.data import cache_dir
+
+    out = cache_dir() / "bench" / "smollm2-awq.engine"
+    if not (out / "manifest.json").exists():
+        print(f"building {out} with default AWQ settings (once; several minutes) ...", file=sys.stderr)
+        build_engine("smollm2", "cpu", out, force=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engine", type=Path, help="our engine dir (default: build smollm2 once, cached)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="threads for every runner (default: each one's own)")
+    ap.add_argument("--skip", action="append", default=[], help="runner to leave out: ours, hf, ortgenai, llamacpp")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+
+    from awq_edge import data
+    from awq_edge.model import resolve_source
+    from awq_edge.tokenizer import Tokenizer
+
+    float_dir = resolve_source("smollm2")
+    engine_dir = args.engine or default_engine()
+    tok = Tokenizer(float_dir)
+    base = tok.encode(PROMPT)
+    ids = (base * (args.prompt_tokens // len(base) + 1))[:args.prompt_tokens]
+
+    runners, skipped = {}, {}
+    makers = {
+        "ours": lambda: OurEngine(engine_dir, args.threads),
+        "hf": lambda: TransformersEager(float_dir, args.threads),
+        "ortgenai": lambda: OrtGenai(ortgenai_model_dir(float_dir), args.threads),
+    }
+    try:
+        import llama_cpp  # noqa: F401
+        makers["llamacpp"] = lambda: LlamaCppPython(data.smollm2_gguf(), args.threads,
+                                                    args.prompt_tokens + args.new_tokens + 8)
+    except ImportError:
+        binary = shutil.which("llama-bench")
+        if binary:
+            makers["llamacpp"] = lambda: LlamaBench(binary, data.smollm2_gguf(), args.threads)
+        else:
+            skipped["llama.cpp"] = "not installed (pip install llama-cpp-python, or put llama-bench on PATH)"
+    for key, make in makers.items():
+        if key in args.skip:
+            skipped[key] = "skipped (--skip)"
+            continue
+        try:
+            runners[key] = make()
+        except Exception as e:  # a runner that cannot start is reported, the others still run
+            skipped[key] = f"failed to start: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+    runs = {k: [] for k in runners}
+    for r in runners.values():
+        r.run(ids, min(8, args.new_tokens))  # warm-up (graph optimisation, allocator, caches)
+    for i in range(args.runs):
+        order = list(runners) if i % 2 == 0 else list(reversed(runners))  # alternate, and flip the order
+        for key in order:
+            runs[key].append(runners[key].run(ids, args.new_tokens))
+            print(f"run {i + 1} {runners[key].name:32} decode {runs[key][-1]['decode_tok_s']:7.1f} tok/s",
+                  file=sys.stderr)
+
+    medians = {k: {m: statistics.median(r[m] for r in v) for m in ("ttft_s", "prefill_tok_s", "decode_tok_s")}
+               for k, v in runs.items()}
+    ref = medians.get("ortgenai", {}).get("decode_tok_s")
+    for m in medians.values():
+        m["decode_vs_ortgenai"] = m["decode_tok_s"] / ref if ref else None
+    result = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform()},
+        "model": "SmolLM2-135M-Instruct", "engine": str(engine_dir),
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
+        "threads": args.threads,
+        "runners": {k: {"name": runners[k].name, "median": medians[k], "runs": runs[k]} for k in runners},
+        "not_run": skipped,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"cpu_engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\nSmolLM2-135M, prompt {args.prompt_tokens} tokens, {args.new_tokens} new, greedy, "
+          f"median of {args.runs} ({cpu_name()}, {os.cpu_count()} CPUs)")
+    print(f"{'runtime':34} {'TTFT ms':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'vs ort-genai':>13}")
+    for k, m in medians.items():
+        ratio = f"{m['decode_vs_ortgenai']:.2f}x" if m["decode_vs_ortgenai"] else "-"
+        print(f"{runners[k].name:34} {m['ttft_s'] * 1000:8.1f} {m['prefill_tok_s']:14.1f} {m['decode_tok_s']:13.1f} "
+              f"{ratio:>13}")
+    for k, why in skipped.items():
+        print(f"{k:34} {why}")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
