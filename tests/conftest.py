@@ -52,3 +52,41 @@ def awq_checkpoint(tmp_path_factory, smollm2_dir):
                                 scale_grid=5, clip_grid=4)
     quantize_checkpoint(str(smollm2_dir), out, settings, progress=False)
     return out
+
+
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # also in test_quantize.py
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir):
+    """make(model_type) -> a tiny random model dir of that family (SmolLM2's tokenizer, vocab 49152)."""
+    made = {}
+
+    def make(model_type: str):
+        if model_type in made:
+            return made[model_type]
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from awq_edge.checkpoint import copy_tokenizer
+
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(
+            model_type, vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        if model_type == "gemma3_text":
+            config.sliding_window = 8  # small, so the sliding-window layers differ from full ones
+            config.layer_types = ["sliding_attention", "full_attention"]
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():  # non-trivial norms, so folding scales into them is exercised
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.rand_like(p) * 0.5 + (0.0 if model_type == "gemma3_text" else 0.75))
+        out = tmp_path_factory.mktemp("tiny") / model_type
+        model.save_pretrained(out)
+        copy_tokenizer(smollm2_dir, out)
+        made[model_type] = out
+        return out
+
+    return make
