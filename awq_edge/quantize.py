@@ -476,10 +476,9 @@ def resolve_device(device: str) -> str:
 def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: str | None = None,
                         force: bool = False, progress: bool = True) -> dict:
     """`awq-edge quantize`: load, calibrate, quantize, and write a checkpoint atomically."""
+    import resource
     import shutil
     from pathlib import Path
-
-    import psutil
 
     from . import __version__, data
     from .checkpoint import commit_staging, output_staging, write_checkpoint
@@ -516,7 +515,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
         "calibration": {"source": calib_source, "tokens": result.calib_tokens,
                         "sequences": 0 if tokens is None else int(tokens.shape[0])},
         "seconds": round(result.seconds, 1),
-        "peak_rss_bytes": psutil.Process().memory_info().rss,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         "layers": result.layer_report,
     }
     staging = output_staging(output, force)

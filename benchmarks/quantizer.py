@@ -1,0 +1,80 @@
+"""Perplexity table: float / RTN / AWQ at group 32, 64 and 128, plus quantization time and peak RSS.
+
+    python benchmarks/quantizer.py [--model smollm2] [--windows N] [--seqlen 1024]
+
+Runs the real CLI (`awq-edge quantize`, `awq-edge eval --json`) in subprocesses with default
+settings, on the built-in Wikipedia evaluation split (articles disjoint from calibration).
+Prints a markdown table and writes benchmarks/results/quantizer-<model>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cli(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "awq_edge.cli", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"awq-edge {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1]}")
+    return proc.stdout
+
+
+def evaluate(model: str, args) -> dict:
+    extra = ["--windows", str(args.windows)] if args.windows else []
+    return json.loads(cli("eval", model, "--seqlen", str(args.seqlen), "--json", *extra).strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--windows", type=int, default=None, help="default: every full window of the text")
+    ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--groups", default="32,64,128")
+    args = ap.parse_args()
+
+    rows, runs = [], {}
+    fp = evaluate(args.model, args)
+    print(f"float: ppl {fp['perplexity']:.3f} ({fp['windows']} windows x {fp['seqlen']})", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for g in [int(x) for x in args.groups.split(",")]:
+            row = {"group_size": g, "float": fp["perplexity"]}
+            for method in ("rtn", "awq"):
+                out = Path(tmp) / f"{method}-g{g}"
+                started = time.time()
+                cli("quantize", args.model, "--method", method, "--group-size", str(g), "--output", str(out))
+                wall = time.time() - started
+                meta = json.loads((out / "awq_edge.json").read_text())
+                result = evaluate(str(out), args)
+                row[method] = result["perplexity"]
+                runs[f"{method}-g{g}"] = {"quantize_wall_s": round(wall, 1), "quantize_s": meta["seconds"],
+                                          "peak_rss_bytes": meta["peak_rss_bytes"], "settings": meta["settings"],
+                                          "eval": result}
+                print(f"g{g} {method}: ppl {result['perplexity']:.3f}, quantize {wall:.0f} s wall, "
+                      f"peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+            row["gap_closed_ratio"] = (row["awq"] - fp["perplexity"]) / (row["rtn"] - fp["perplexity"])
+            rows.append(row)
+
+    print("\n| group | float | RTN | AWQ | (AWQ-float)/(RTN-float) |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['group_size']} | {r['float']:.2f} | {r['rtn']:.2f} | {r['awq']:.2f} | {r['gap_closed_ratio']:.2f} |")
+    RESULTS.mkdir(exist_ok=True)
+    name = Path(args.model).name.replace(".gguf", "")
+    out = RESULTS / f"quantizer-{name}.json"
+    out.write_text(json.dumps({
+        "command": "python benchmarks/quantizer.py " + " ".join(sys.argv[1:]),
+        "model": args.model, "text": fp["text"], "seqlen": args.seqlen, "windows": fp["windows"],
+        "tokens": fp["tokens"], "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+        "date": time.strftime("%Y-%m-%d"), "rows": rows, "runs": runs}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
