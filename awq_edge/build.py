@@ -112,6 +112,12 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
     if max_context is not None and max_context < 1:
         raise UserError(f"--max-context must be at least 1 (got {max_context})")
     kind = source_kind(source)
+    if kind == "model":
+        from .data import resolve_model_alias
+
+        if not Path(resolve_model_alias(source)).expanduser().exists():
+            raise UserError(f"model not found: {source}; give a Hugging Face model dir, a .gguf, `smollm2`, "
+                            "an AWQ checkpoint or an export dir")
     if dev.is_gpu:
         return _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress)
 

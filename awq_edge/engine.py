@@ -444,10 +444,19 @@ BENCH_TEXT = ("The history of computing is a story of machines that got smaller,
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set size.
+
+    Linux: VmHWM of /proc/self/status. Not ru_maxrss: Linux carries that over from the parent
+    through fork + exec, so a process started by a big parent reports the parent's peak."""
     import resource
     import sys
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -1,0 +1,136 @@
+"""The runtime commands as a user runs them: real subprocesses, real engine (engine_dir from test_engine)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_engine import engine_dir  # noqa: F401  (the session's one engine)
+
+CLI = [sys.executable, "-m", "awq_edge.cli"]
+
+
+def cli(*args, stdin: bytes | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([*CLI, *map(os.fsdecode, args)], input=stdin, capture_output=True, timeout=timeout, env=env)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    err = result.stderr.decode("utf-8", "replace").strip()
+    assert result.returncode == 1, (result.returncode, err)
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_run_streams_the_greedy_reply(engine_dir):  # noqa: F811
+    from awq_edge.engine import Engine
+
+    result = cli("run", engine_dir, "--prompt", "What is the capital of France?", "--temperature", "0",
+                 "--max-new-tokens", "24", "--stats")
+    assert result.returncode == 0, result.stderr
+    expected = Engine.load(engine_dir).generate("What is the capital of France?", max_new_tokens=24, temperature=0)
+    assert result.stdout.decode() == expected + "\n"
+    assert "tok/s" in result.stderr.decode()
+
+
+def test_chat_three_turns_over_stdin(engine_dir):  # noqa: F811
+    lines = [b"My name is Ada.", b"\xff\xfe not utf-8", b"What is my name?", b"/reset", b"Hello!", b"/exit",
+             b"never read"]
+    result = cli("chat", engine_dir, "--temperature", "0", "--max-new-tokens", "20", stdin=b"\n".join(lines) + b"\n")
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    stats = [line for line in err.splitlines() if line.startswith("[") and "tok/s" in line]
+    assert len(stats) == 3, err  # three replies; the bad line was refused and the REPL went on
+    assert "not valid UTF-8" in err and "[new conversation]" in err
+    fed = [int(line.split("fed ")[1].split()[0]) for line in stats]
+    context = [int(line.split("context ")[1].split("/")[0]) for line in stats]
+    # turn 2 feeds only its own text: far less than the whole conversation in the cache
+    assert fed[1] < 20 and context[1] > context[0] > fed[1]
+    # after /reset the conversation starts over: the whole fresh prompt (system text included) is fed
+    assert fed[2] > fed[1] and context[2] < context[1]
+    assert len(result.stdout.decode().strip().splitlines()) >= 3
+
+
+def test_bench_json(engine_dir):  # noqa: F811
+    result = cli("bench", engine_dir, "--prompt-tokens", "32", "--new-tokens", "16", "--runs", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    for key in ("ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes"):
+        assert data[key] > 0, key
+    assert data["peak_rss_bytes"] < data["cap_bytes"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "2"], "--top-p"),
+    (["--top-k", "-3"], "--top-k"),
+    (["--repetition-penalty", "0"], "--repetition-penalty"),
+    (["--max-memory", "lots"], "memory size"),
+    (["--max-memory", "64MiB"], "short by"),
+    (["--max-context", "64", "--prompt", "word " * 200], "context holds 64"),
+])
+def test_run_bad_values_are_one_line_errors(engine_dir, args, needle):  # noqa: F811
+    base = ["run", engine_dir, "--max-new-tokens", "4"] + ([] if "--prompt" in args else ["--prompt", "hi"])
+    assert needle in one_line_error(cli(*base, *args))
+
+
+def test_run_refuses_non_utf8_input(engine_dir):  # noqa: F811
+    assert "UTF-8" in one_line_error(cli("run", engine_dir, "--prompt", os.fsdecode(b"caf\xe9")))
+    assert "UTF-8" in one_line_error(cli("run", engine_dir, "--prompt", "-", stdin=b"caf\xe9 au lait"))
+
+
+def test_run_bad_engine_dirs(tmp_path):
+    assert "not found" in one_line_error(cli("run", tmp_path / "missing", "--prompt", "hi"))
+    (tmp_path / "foreign").mkdir()
+    assert "not an awq-edge engine" in one_line_error(cli("run", tmp_path / "foreign", "--prompt", "hi"))
+
+
+def test_build_bad_inputs_write_nothing(engine_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "out.engine"
+    assert "not found" in one_line_error(cli("build", tmp_path / "nope", "--output", out))
+    # an engine is not a build source
+    assert "already an engine" in one_line_error(cli("build", engine_dir, "--output", out))
+    # a cap below the weights is refused after export, before anything is written
+    (tmp_path / "export").mkdir()
+    for f in ("model.onnx", "model.onnx.data", "export.json", "tokenizer.json", "tokenizer_config.json",
+              "config.json", "chat_template.jinja"):
+        if (engine_dir / f).exists():
+            os.link(engine_dir / f, tmp_path / "export" / f)
+    assert "short by" in one_line_error(cli("build", tmp_path / "export", "--output", out, "--max-memory", "100MiB"))
+    assert "unknown device" in one_line_error(cli("build", tmp_path / "export", "--output", out, "--device", "pdp11"))
+    out.mkdir()
+    assert "already exists" in one_line_error(cli("build", tmp_path / "export", "--output", out))
+    assert list(out.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out.engine"]  # no temp dirs left behind
+
+
+def test_build_from_an_export_dir_then_run(engine_dir, tmp_path):  # noqa: F811
+    (tmp_path / "export").mkdir()
+    for f in engine_dir.iterdir():
+        if f.name != "manifest.json":
+            os.link(f, tmp_path / "export" / f.name)
+    out = tmp_path / "copy.engine"
+    result = cli("build", tmp_path / "export", "--output", out, "--max-memory", "512MiB")
+    assert result.returncode == 0, result.stderr
+    result = cli("run", out, "--prompt", "Say hi.", "--temperature", "0", "--max-new-tokens", "8")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_peak_rss_stays_under_the_cap_for_512_tokens(engine_dir):  # noqa: F811
+    """A 512-token generation under --max-memory: the child's peak RSS (ru_maxrss) stays below the cap."""
+    cap = 360 << 20
+    # A fresh wrapper process whose only child is the CLI, so RUSAGE_CHILDREN is that child's peak.
+    wrapper = ("import resource, subprocess, sys\n"
+               "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+               "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, r.returncode)\n")
+    result = subprocess.run([sys.executable, "-c", wrapper, *CLI, "run", str(engine_dir), "--prompt",
+                             "Tell me a long story about a dragon.", "--max-memory", "360MiB", "--max-new-tokens", "512",
+                             "--ignore-eos", "--temperature", "0.7", "--seed", "0", "--stats"],
+                            capture_output=True, text=True, timeout=300)
+    assert "512 new" in result.stderr, result.stderr
+    _, peak, rc = result.stdout.split()
+    assert rc == "0" and 0 < int(peak) < cap, f"peak RSS {int(peak) / 2**20:.0f} MiB, cap {cap / 2**20:.0f} MiB"
