@@ -125,3 +125,60 @@ def load_float_model(model_dir: Path, dtype=None):
 def decoder_layers(model):
     """The list of decoder blocks (model.model.layers for every supported family)."""
     return model.model.layers
+
+
+def load_for_quantization(model_dir: Path):
+    """(model, tokenizer, materialize): decoder blocks stay unloaded until materialize(i).
+
+    The quantizer holds one block's weights at a time (AutoAWQ's calibration OOMs came from
+    holding the whole model): embeddings, final norm and lm_head are loaded now, block i's
+    tensors are read from the safetensors files when materialize(i) is called. Models
+    stored as pytorch .bin are loaded whole (materialize is then a no-op).
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        model, tokenizer = load_float_model(model_dir)
+        return model, tokenizer, lambda i: None
+    config_dict = read_config(model_dir)
+    check_causal_lm(config_dict, str(model_dir))
+    where: dict[str, Path] = {}
+    try:
+        for f in files:
+            with safe_open(str(f), "pt") as handle:
+                where.update({key: f for key in handle.keys()})
+    except Exception as e:
+        raise UserError(f"could not read {model_dir}: {str(e).splitlines()[0][:200]}; "
+                        "the safetensors files are truncated or corrupt, re-download them") from None
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    names = [n for n in model.state_dict() if not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    missing = [n for n in names if n not in where]
+    if missing:  # renamed keys (a conversion mapping): let transformers load it whole
+        model, tokenizer = load_float_model(model_dir)
+        return model, tokenizer, lambda i: None
+
+    def load(prefix: str) -> None:
+        for name in [n for n in names if n.startswith(prefix)]:
+            with safe_open(str(where[name]), "pt") as handle:
+                set_module_tensor_to_device(model, name, "cpu", value=handle.get_tensor(name))
+
+    load("model.embed_tokens.")
+    load("model.norm.")
+    load("lm_head.")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        raise UserError(f"could not load the tokenizer from {model_dir}: {str(e).splitlines()[0][:200]}") from None
+    model.eval()
+    return model, tokenizer, lambda i: load(f"model.layers.{i}.")

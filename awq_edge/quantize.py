@@ -334,8 +334,11 @@ def _release(lin: nn.Linear) -> None:
 
 
 def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings: QuantizeSettings,
-                   progress: bool = True) -> QuantizeResult:
-    """Quantize every decoder block of `model` in place (its norms take the folded scales)."""
+                   progress: bool = True, materialize=lambda i: None) -> QuantizeResult:
+    """Quantize every decoder block of `model` in place (its norms take the folded scales).
+
+    materialize(i) loads block i's weights just before it is needed (see model.load_for_quantization).
+    """
     settings.validate()
     started = time.time()
     dev = torch.device(settings.device)
@@ -345,6 +348,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
 
     if settings.method == "rtn":
         for i, layer in enumerate(tqdm(layers, desc="rtn", unit="block", disable=not progress)):
+            materialize(i)
             for name, lin in _linear_names(layer).items():
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size)
                 _release(lin)
@@ -356,6 +360,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
     n_loss = min(settings.loss_samples, len(inputs))
     bar = tqdm(list(enumerate(layers)), desc="awq", unit="block", disable=not progress)
     for i, layer in bar:
+        materialize(i)
         orig_dtype = next(layer.parameters()).dtype
         layer.to(dev, torch.float32)
         kwargs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else
@@ -482,7 +487,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
 
     from . import __version__, data
     from .checkpoint import commit_staging, output_staging, write_checkpoint
-    from .model import check_causal_lm, is_awq_checkpoint, load_float_model, read_config, resolve_source
+    from .model import check_causal_lm, is_awq_checkpoint, load_for_quantization, read_config, resolve_source
 
     settings.validate()
     settings.device = resolve_device(settings.device)
@@ -501,12 +506,12 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
         else:
             texts = data.read_texts(data.fetch_wikipedia()[0])
             calib_source = f"builtin: Wikipedia calibration split ({data.GENSIM_WHEEL} test dump)"
-    model, tokenizer = load_float_model(model_dir)
+    model, tokenizer, materialize = load_for_quantization(model_dir)
     tokens = None
     if settings.method == "awq":
         tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = quantize_model(model, family, tokens, settings, progress=progress)
+    result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize)
     metadata = {
         "awq_edge_version": __version__,
         "source_model": str(source),
