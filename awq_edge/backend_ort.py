@@ -44,9 +44,9 @@ def session_options(threads: int | None, accuracy_level: int = 0) -> ort.Session
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # a decoder is a chain: no parallel branches
     so.intra_op_num_threads = threads or physical_cores()  # hyperthreads only contend for the FMA units
     so.inter_op_num_threads = 1
-    # Spinning keeps worker threads hot between the ~300 small kernels of a decode step; it
-    # burns CPU while idle, so it is only worth it with more than one thread.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if so.intra_op_num_threads > 1 else "0")
+    # No spinning: on a busy (shared, 2-core) machine a spinning worker steals the core its
+    # partner needs, and decode ran at half speed (30 vs 54 tok/s, SmolLM2, docs/export.md).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # The onnx target: how ORT may fuse DequantizeLinear + MatMul into MatMulNBits (0 = fp32 compute).
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
     return so

@@ -30,7 +30,7 @@ DATA_FILE = "model.onnx.data"
 INFO_FILE = "export.json"
 # ort defaults, chosen for decode speed on x86 CPUs (see docs/export.md for the numbers):
 DEFAULT_ORT_ACCURACY_LEVEL = 4  # MatMulNBits int8 compute
-DEFAULT_ORT_LM_HEAD_BITS = 8
+DEFAULT_ORT_LM_HEAD_BITS = 4  # int4 block 32: 1/6 of the fp32 head's bytes per token
 LM_HEAD_BLOCK = 32
 OPSETS = {"ort": 23, "onnx": 21, "trt": 17}  # trt: what TensorRT 10.x's ONNX parser reads everywhere
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -43,7 +43,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
 
     act_dtype: float32 | float16; default float32 (ort, onnx) or float16 (trt).
     lm_head_bits: None = the checkpoint's float lm_head (the accuracy reference); 8 or 4 =
-        MatMulNBits quantized from it (ort only); "auto" = 8 for ort, float otherwise.
+        MatMulNBits quantized from it (ort only); "auto" = 4 for ort, float otherwise.
     accuracy_level: MatMulNBits accuracy_level (ort): 0 = fp32 compute (matches the reference
         to ~1e-6), 4 = int8 compute (fast; default). For onnx it is recorded and passed by
         the backend to ORT's DequantizeLinear+MatMul -> MatMulNBits fusion (default 0).

@@ -69,7 +69,15 @@ class Decoder:
 
     def norm_weight(self, name: str) -> str:
         w = self.tensor(name).astype(np.float32) + self.spec.family.norm_offset  # Gemma: (1 + w)
+        if self.gemma_fp32_weight:
+            return self.b.const(name, w)
         return self.b.act_const(name, w)
+
+    @property
+    def gemma_fp32_weight(self) -> bool:
+        """Gemma multiplies by (1 + w) in fp32 before casting back (HF Gemma3RMSNorm); Llama-style
+        norms cast first, then multiply by the weight in the activation dtype."""
+        return bool(self.spec.family.norm_offset) and not self.t.contrib and self.b.act_type != TensorProto.FLOAT
 
     # ------------------------------------------------------------ building blocks
     def linear(self, x: str, prefix: str, lin=None) -> str:
@@ -90,6 +98,8 @@ class Decoder:
         mean_sq = b.reduce_mean_last(b.op("Mul", x32, x32))
         inv_rms = b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean_sq, b.const("const/f32/eps", np.float32(self.spec.eps)))))
         y = b.op("Mul", x32, inv_rms)
+        if self.gemma_fp32_weight:
+            return b.cast(b.op("Mul", y, weight), b.act_type)
         if b.act_type != TensorProto.FLOAT:
             y = b.cast(y, b.act_type)
         return b.op("Mul", y, weight, name="norm")

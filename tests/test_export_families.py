@@ -1,0 +1,76 @@
+"""Every family in awq_edge.families, exported for every target, against the torch reference.
+
+Tiny random models (hidden 64, 2 layers, 4 heads, 2 KV heads, vocab 256), RTN g32. The token
+sequences are longer than the sliding windows (Mistral 5, Gemma3 4), so window masks matter.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from awq_edge.errors import UserError
+from test_export_helpers import TINY, TINY_EXTRA, check_against_reference, export_for_cpu, tiny_checkpoint
+
+TARGETS = ("ort", "onnx", "trt")
+PROMPT = 12
+STEPS = 20
+
+
+@pytest.fixture(scope="module", params=[m for m in TINY_EXTRA if m != "llama"])
+def family(request, tmp_path_factory, smollm2_dir):
+    from awq_edge.checkpoint import load_awq_as_float
+
+    root = tmp_path_factory.mktemp(request.param)
+    ckpt = tiny_checkpoint(root, request.param, smollm2_dir)
+    return request.param, root, ckpt, load_awq_as_float(ckpt).eval()
+
+
+def _ids(seed: int, n: int = PROMPT + STEPS) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 256, n).tolist()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_family_matches_reference(family, target):
+    model_type, root, ckpt, ref = family
+    out = export_for_cpu(ckpt, root / "exports", target)
+    # trt runs in fp16 on the device; its stand-in keeps the fp16-rounded constants (RoPE
+    # tables, scalars), hence a looser bound than the fp32 targets' rounding-level agreement.
+    tol = 1e-3 if target == "trt" else 1e-5
+    check_against_reference(out, ref, _ids(1), PROMPT, tol)
+
+
+def test_gemma3_spec_reads_local_rope_and_window():
+    """What the gemma3 export relies on: per-layer windows, two RoPE bases, (1 + w) sandwich norms."""
+    from transformers import AutoConfig
+
+    from awq_edge.export.spec import model_spec
+
+    config = AutoConfig.for_model("gemma3_text", **{**TINY, **TINY_EXTRA["gemma3_text"]}).to_dict()
+    spec = model_spec(config)
+    assert spec.layer_windows == [4, None]
+    assert np.isclose(spec.layer_inv_freq[0][1], 10000.0 ** (-2 / 16))  # local base 1e4
+    assert np.isclose(spec.layer_inv_freq[1][1], 1e6 ** (-2 / 16))  # global base 1e6
+    assert spec.attn_scale == 16 ** -0.5
+    assert spec.family.sandwich_norm and spec.family.norm_offset == 1.0
+
+
+def test_llama3_rope_scaling(tmp_path, smollm2_dir):
+    """rope_type llama3 (Llama 3.x) changes the low frequencies; the export follows HF."""
+    from awq_edge.checkpoint import load_awq_as_float
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    ckpt = tiny_checkpoint(tmp_path, "llama", smollm2_dir, rope_parameters=rope)
+    ref = load_awq_as_float(ckpt).eval()
+    for target in ("ort", "onnx"):
+        check_against_reference(export_for_cpu(ckpt, tmp_path / "exports", target), ref, _ids(2), PROMPT, 1e-5)
+
+
+def test_unsupported_rope_type_is_a_user_error(tmp_path, smollm2_dir):
+    from awq_edge.export import export_checkpoint
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    ckpt = tiny_checkpoint(tmp_path, "llama", smollm2_dir, rope_parameters=rope)
+    with pytest.raises(UserError, match="RoPE type 'yarn' is not supported"):
+        export_checkpoint(ckpt, tmp_path / "out", "ort")
+    assert not (tmp_path / "out").exists()

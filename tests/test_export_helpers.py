@@ -1,0 +1,94 @@
+"""Helpers shared by the export and ORT backend tests (no tests here).
+
+- tiny_checkpoint: a random tiny model of any family, saved with save_pretrained and quantized
+  with RTN at group 32 by the real quantizer.
+- reference_logits / run_backend / rel_err: compare an exported graph with the torch
+  dequantized reference (awq_edge.checkpoint.load_awq_as_float).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+TINY_EXTRA = {
+    "llama": {},
+    "mistral": {"sliding_window": 5},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16,
+                    "layer_types": ["sliding_attention", "full_attention"]},
+}
+
+
+def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """float HF dir -> RTN g32 AWQ checkpoint in root/ckpt; norms and biases randomized so
+    that every family-specific piece (q/k norm, (1 + w), qkv bias) changes the logits."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**TINY, **TINY_EXTRA[model_type], **overrides})
+    model = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(model).__name__]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(mean=0.0 if model_type == "gemma3_text" else 1.0, std=0.2)
+            elif name.endswith(".bias"):
+                p.normal_(std=0.5)
+    float_dir = root / "float"
+    model.save_pretrained(float_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the quantizer loads a tokenizer
+        shutil.copy(Path(tokenizer_dir) / name, float_dir / name)
+    ckpt = root / "ckpt"
+    quantize_checkpoint(str(float_dir), ckpt, QuantizeSettings(method="rtn", group_size=32), progress=False)
+    return ckpt
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """max|a - b| / max|b|: the acceptance metric (b = reference)."""
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def reference_logits(model, ids: list[int]) -> np.ndarray:
+    """Logits [len(ids), vocab] of the torch reference, one full causal forward."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def run_backend(export_dir: Path, ids: list[int], prompt_len: int, max_context: int = 128) -> np.ndarray:
+    """Prefill ids[:prompt_len], then feed the rest one at a time; logits [1 + rest, vocab]."""
+    from awq_edge.backend_ort import OrtBackend
+
+    backend = OrtBackend(export_dir, max_context=max_context)
+    out = [backend.forward(ids[:prompt_len])]
+    for token in ids[prompt_len:]:
+        out.append(backend.forward([token]))
+    return np.stack(out)
+
+
+def check_against_reference(export_dir: Path, ref_model, ids: list[int], prompt_len: int, tol: float) -> float:
+    ref = reference_logits(ref_model, ids)[prompt_len - 1:]
+    got = run_backend(export_dir, ids, prompt_len)
+    errs = [rel_err(g, r) for g, r in zip(got, ref)]
+    assert max(errs) < tol, f"max rel err {max(errs):.2e} (prefill {errs[0]:.2e}) over {len(errs)} steps"
+    return max(errs)
+
+
+def export_for_cpu(ckpt: Path, out: Path, target: str, **kwargs) -> Path:
+    """Export; a trt export is rewritten by the CPU stand-in so ORT can run it."""
+    from awq_edge.export import export_checkpoint
+    from awq_edge.export.cpu_standin import standin_dir
+
+    if target == "ort":  # exact mode: float lm_head, fp32 MatMulNBits compute
+        kwargs = {"lm_head_bits": None, "accuracy_level": 0, **kwargs}
+    path = export_checkpoint(ckpt, out / target, target, **kwargs)
+    return standin_dir(path, out / f"{target}-cpu") if target == "trt" else path
