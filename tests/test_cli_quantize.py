@@ -1,0 +1,129 @@
+"""`awq-edge quantize` / `eval` from the command line: real runs and bad input.
+
+Bad input must give one `error:` line that says what is wrong and what to do, exit code 1,
+no traceback, and nothing written at (or beside) the output path.
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def awq_edge(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "awq_edge.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def assert_clean_error(proc, *phrases):
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for phrase in phrases:
+        assert phrase in errors[0], errors[0]
+
+
+def assert_nothing_written(parent, name):
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], list(parent.iterdir())
+
+
+def write_config(path, **config):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_missing_model(tmp_path):
+    proc = awq_edge("quantize", tmp_path / "nope", "--output", tmp_path / "out")
+    assert_clean_error(proc, "model not found")
+    assert_nothing_written(tmp_path, "out")
+
+
+def test_not_a_causal_lm(tmp_path):
+    src = write_config(tmp_path / "bert", architectures=["BertModel"], model_type="bert")
+    proc = awq_edge("quantize", src, "--output", tmp_path / "out")
+    assert_clean_error(proc, "not a causal LM")
+    assert_nothing_written(tmp_path, "out")
+
+
+def test_unsupported_family_lists_supported(tmp_path):
+    src = write_config(tmp_path / "falcon", architectures=["FalconForCausalLM"], model_type="falcon")
+    proc = awq_edge("quantize", src, "--output", tmp_path / "out")
+    assert_clean_error(proc, "'falcon' is not supported", "llama", "qwen3", "gemma3_text")
+
+
+def test_bad_group_size_is_refused_before_loading(tmp_path):
+    proc = awq_edge("quantize", tmp_path / "whatever", "--group-size", "100", "--output", tmp_path / "out")
+    assert_clean_error(proc, "--group-size 100", "32, 64, 128")
+
+
+def test_corrupt_weights(tmp_path, tiny_model_dir):
+    src = tmp_path / "corrupt"
+    shutil.copytree(tiny_model_dir("llama"), src)
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    proc = awq_edge("quantize", src, "--method", "rtn", "--output", tmp_path / "out")
+    assert_clean_error(proc, "corrupt")
+    assert_nothing_written(tmp_path, "out")
+
+
+def test_empty_calibration_file(tmp_path, tiny_model_dir):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n  \n")
+    proc = awq_edge("quantize", tiny_model_dir("llama"), "--calib", calib, "--output", tmp_path / "out")
+    assert_clean_error(proc, "holds no text")
+    assert_nothing_written(tmp_path, "out")
+
+
+def test_jsonl_without_text_field(tmp_path, tiny_model_dir):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"body": "hello"}\n')
+    proc = awq_edge("quantize", tiny_model_dir("llama"), "--calib", calib, "--output", tmp_path / "out")
+    assert_clean_error(proc, '"text"')
+
+
+def test_existing_output_needs_force(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = awq_edge("quantize", tiny_model_dir("llama"), "--method", "rtn", "--output", out)
+    assert_clean_error(proc, "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    proc = awq_edge("quantize", tiny_model_dir("llama"), "--method", "rtn", "--group-size", "32", "--output", out,
+                    "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out / "keep.txt").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                             "version": "gemm", "modules_to_not_convert": None}
+    assert (out / "tokenizer.json").exists() and (out / "awq_edge.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+
+def test_eval_json_reports_perplexity(tmp_path, tiny_model_dir):
+    text = tmp_path / "t.txt"
+    text.write_text("The robot arm picks up the red block and places it on the table. " * 200)
+    proc = awq_edge("eval", tiny_model_dir("qwen3"), "--text", text, "--seqlen", "128", "--windows", "2", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["windows"] == 2 and result["tokens"] == 2 * 127
+    assert result["perplexity"] > 1
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--seqlen", "1"], "--seqlen"),
+    (["--method", "gptq"], "--method gptq"),
+])
+def test_eval_bad_options(tmp_path, tiny_model_dir, args, phrase):
+    proc = awq_edge("eval", tiny_model_dir("llama"), *args)
+    assert_clean_error(proc, phrase)
+
+
+def test_eval_text_shorter_than_a_window(tmp_path, tiny_model_dir):
+    text = tmp_path / "short.txt"
+    text.write_text("Too short.")
+    proc = awq_edge("eval", tiny_model_dir("llama"), "--text", text)
+    assert_clean_error(proc, "fewer than one window")
