@@ -5,9 +5,11 @@ vs llama.cpp, in one run, on the same model (SmolLM2-135M-Instruct) and the same
     python benchmarks/cpu_engine.py                                    # builds `awq-edge build smollm2` once (cached)
 
 Every runner is greedy, batch 1, and decodes exactly --new-tokens tokens (EOS ignored) after
-prefilling the same --prompt-tokens ids. Runners alternate (run 1 of each, then run 2 of
-each, ...) so a slow spell of the shared machine hits them all; one warm-up run each is not
-timed; medians are reported. Results: benchmarks/results/cpu_engine-<time>.json and a table.
+prefilling the same --prompt-tokens ids. Each measurement runs in its own fresh process (so
+one runtime's idle spinning threads cannot slow another: ORT spins its workers), which loads
+the model, does one untimed warm-up and one timed run. Runners alternate (run 1 of each, then
+run 2 of each in reverse order, ...) so a slow spell of the shared machine hits them all;
+medians are reported. Results: benchmarks/results/cpu_engine-<time>.json and a table.
 
 onnxruntime-genai's model is made by its own builder from the float model
 (python -m onnxruntime_genai.models.builder -i <float dir> -o <dir> -p int4 -e cpu) and
@@ -201,6 +203,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="threads for every runner (default: each one's own)")
     ap.add_argument("--skip", action="append", default=[], help="runner to leave out: ours, hf, ortgenai, llamacpp")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement of one runner
     args = ap.parse_args()
 
     from awq_edge import data
@@ -213,7 +216,7 @@ def main() -> None:
     base = tok.encode(PROMPT)
     ids = (base * (args.prompt_tokens // len(base) + 1))[:args.prompt_tokens]
 
-    runners, skipped = {}, {}
+    skipped = {}
     makers = {
         "ours": lambda: OurEngine(engine_dir, args.threads),
         "hf": lambda: TransformersEager(float_dir, args.threads),
@@ -229,24 +232,39 @@ def main() -> None:
             makers["llamacpp"] = lambda: LlamaBench(binary, data.smollm2_gguf(), args.threads)
         else:
             skipped["llama.cpp"] = "not installed (pip install llama-cpp-python, or put llama-bench on PATH)"
-    for key, make in makers.items():
+    if args.worker:  # a child process: load, warm up, measure once, print one JSON line
+        runner = makers[args.worker]()
+        runner.run(ids, min(8, args.new_tokens))  # warm-up (graph optimisation, allocator, caches)
+        print("RESULT " + json.dumps({"name": runner.name, **runner.run(ids, args.new_tokens)}))
+        return
+    if "ortgenai" in makers and "ortgenai" not in args.skip:
+        ortgenai_model_dir(float_dir)  # build it once here, not inside a timed child
+    names, runs = {}, {}
+    for key in makers:
         if key in args.skip:
             skipped[key] = "skipped (--skip)"
-            continue
-        try:
-            runners[key] = make()
-        except Exception as e:  # a runner that cannot start is reported, the others still run
-            skipped[key] = f"failed to start: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-
-    runs = {k: [] for k in runners}
-    for r in runners.values():
-        r.run(ids, min(8, args.new_tokens))  # warm-up (graph optimisation, allocator, caches)
+        else:
+            runs[key] = []
+    child = [sys.executable, str(Path(__file__).resolve()), "--engine", str(engine_dir),
+             "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    if args.threads:
+        child += ["--threads", str(args.threads)]
     for i in range(args.runs):
-        order = list(runners) if i % 2 == 0 else list(reversed(runners))  # alternate, and flip the order
+        order = list(runs) if i % 2 == 0 else list(reversed(runs))  # alternate, and flip the order
         for key in order:
-            runs[key].append(runners[key].run(ids, args.new_tokens))
-            print(f"run {i + 1} {runners[key].name:32} decode {runs[key][-1]['decode_tok_s']:7.1f} tok/s",
-                  file=sys.stderr)
+            if key in skipped:
+                continue
+            done = subprocess.run(child + ["--worker", key], capture_output=True, text=True)
+            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:  # a runner that cannot run is reported, the others go on
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                skipped[key] = f"failed: {tail[:200]}"
+                continue
+            result = json.loads(line[len("RESULT "):])
+            names[key] = result.pop("name")
+            runs[key].append(result)
+            print(f"run {i + 1} {names[key]:32} decode {result['decode_tok_s']:7.1f} tok/s", file=sys.stderr)
+    runs = {k: v for k, v in runs.items() if v and k not in skipped}
 
     medians = {k: {m: statistics.median(r[m] for r in v) for m in ("ttft_s", "prefill_tok_s", "decode_tok_s")}
                for k, v in runs.items()}
@@ -259,7 +277,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct", "engine": str(engine_dir),
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
         "threads": args.threads,
-        "runners": {k: {"name": runners[k].name, "median": medians[k], "runs": runs[k]} for k in runners},
+        "runners": {k: {"name": names[k], "median": medians[k], "runs": runs[k]} for k in runs},
         "not_run": skipped,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -271,7 +289,7 @@ def main() -> None:
     print(f"{'runtime':34} {'TTFT ms':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'vs ort-genai':>13}")
     for k, m in medians.items():
         ratio = f"{m['decode_vs_ortgenai']:.2f}x" if m["decode_vs_ortgenai"] else "-"
-        print(f"{runners[k].name:34} {m['ttft_s'] * 1000:8.1f} {m['prefill_tok_s']:14.1f} {m['decode_tok_s']:13.1f} "
+        print(f"{names[k]:34} {m['ttft_s'] * 1000:8.1f} {m['prefill_tok_s']:14.1f} {m['decode_tok_s']:13.1f} "
               f"{ratio:>13}")
     for k, why in skipped.items():
         print(f"{k:34} {why}")
