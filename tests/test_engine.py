@@ -69,11 +69,11 @@ def test_seeds_make_sampling_reproducible(engine):
 
 
 def test_stop_strings_end_the_reply(engine):
-    full = engine.generate("Count from one to ten in words.", max_new_tokens=40, **GREEDY)
-    words = full.split()
-    assert len(words) > 3
-    stop = words[2]
-    cut = engine.generate("Count from one to ten in words.", max_new_tokens=40, stop=[stop], **GREEDY)
+    prompt = "Write a paragraph about the ocean."
+    full = engine.generate(prompt, max_new_tokens=40, **GREEDY)
+    assert len(full) > 20
+    stop = full[len(full) // 2:len(full) // 2 + 4]  # some text from the middle of the reply
+    cut = engine.generate(prompt, max_new_tokens=40, stop=[stop, "never appears"], **GREEDY)
     assert cut == full[:full.index(stop)] and engine.last_stats.finish_reason == "stop"
 
 
