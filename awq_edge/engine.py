@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .errors import UserError
-from .memory import PREFILL_CHUNK, MemoryPlan, parse_size, plan_memory, workspace_bytes
+from .memory import PREFILL_CHUNK, MemoryPlan, parse_size, peak_rss_bytes, plan_memory, workspace_bytes
 from .sampling import Sampler, SamplingSettings
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -441,24 +441,6 @@ class Chat:
 
 BENCH_TEXT = ("The history of computing is a story of machines that got smaller, cheaper and faster, "
               "and of people who found new things to do with them every time. ")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size.
-
-    Linux: VmHWM of /proc/self/status. Not ru_maxrss: Linux carries that over from the parent
-    through fork + exec, so a process started by a big parent reports the parent's peak."""
-    import resource
-    import sys
-
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def bench_engine(engine: Engine, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3) -> dict:

@@ -18,6 +18,7 @@ No torch, no onnxruntime here: this runs before anything is loaded.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 from .errors import UserError
@@ -137,3 +138,21 @@ def plan_memory(weight_bytes: int, kv_bytes_per_token: int, device, max_memory: 
     return MemoryPlan(cap=cap, weights=weight_bytes, kv_per_token=kv_bytes_per_token, context=context,
                       kv_bytes=kv_bytes_per_token * context, workspace=workspace_of(context),
                       runtime_overhead=runtime_overhead, total=total(context))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    Linux: VmHWM of /proc/self/status. Not ru_maxrss: Linux carries that over from the parent
+    through fork + exec, so a process started by a big parent reports the parent's peak."""
+    import resource
+    import sys
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

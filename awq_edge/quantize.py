@@ -481,12 +481,12 @@ def resolve_device(device: str) -> str:
 def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: str | None = None,
                         force: bool = False, progress: bool = True) -> dict:
     """`awq-edge quantize`: load, calibrate, quantize, and write a checkpoint atomically."""
-    import resource
     import shutil
     from pathlib import Path
 
     from . import __version__, data
     from .checkpoint import commit_staging, output_staging, write_checkpoint
+    from .memory import peak_rss_bytes
     from .model import check_causal_lm, is_awq_checkpoint, load_for_quantization, read_config, resolve_source
 
     settings.validate()
@@ -520,7 +520,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
         "calibration": {"source": calib_source, "tokens": result.calib_tokens,
                         "sequences": 0 if tokens is None else int(tokens.shape[0])},
         "seconds": round(result.seconds, 1),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        "peak_rss_bytes": peak_rss_bytes(),
         "layers": result.layer_report,
     }
     staging = output_staging(output, force)
