@@ -88,11 +88,14 @@ class GraphBuilder:
 
     # ------------------------------------------------------------ ops
     def op(self, op_type: str, *inputs: str | None, outputs: int | list[str] = 1, domain: str = "",
-           name: str | None = None, **attrs):
-        """Append a node; returns its output name (or a list when outputs != 1)."""
+           name: str | None = None, full_name: str | None = None, **attrs):
+        """Append a node; returns its output name (or a list when outputs != 1).
+
+        name is prefixed with the scope; full_name is used as is (the linears keep their
+        checkpoint names, e.g. model.layers.3.mlp.up_proj)."""
         if domain:
             self.domains.setdefault(domain, 1)
-        node_name = self.name(name or op_type)
+        node_name = full_name or self.name(name or op_type)
         if isinstance(outputs, int):
             out_names = [f"{node_name}/out{i}" if outputs > 1 else f"{node_name}/out" for i in range(outputs)]
         else:

@@ -51,7 +51,7 @@ def matmul_nbits(b: GraphBuilder, x: str, lin: QuantizedLinear, name: str, accur
     t = to_matmul_nbits(lin.q, lin.scales, lin.zeros, lin.group_size, bits=4)
     y = b.op("MatMulNBits", x, b.const(f"{name}.B", t["B"]),
              b.act_const(f"{name}.scales", t["scales"]), b.const(f"{name}.zero_points", t["zero_points"]),
-             domain=MS_DOMAIN, name=name, K=k, N=n, bits=4, block_size=lin.group_size,
+             domain=MS_DOMAIN, full_name=name, K=k, N=n, bits=4, block_size=lin.group_size,
              accuracy_level=accuracy_level)
     return _add_bias(b, y, lin, name)
 
@@ -62,7 +62,7 @@ def awq_plugin(b: GraphBuilder, x: str, lin: QuantizedLinear, name: str) -> str:
     t = pack_for_plugin(lin.q, lin.scales, lin.zeros, lin.group_size)
     y = b.op(PLUGIN_OP, x, b.const(f"{name}.qweight", t["qweight"]),
              b.const(f"{name}.scales", t["scales"]), b.const(f"{name}.zeros", t["zeros"]),
-             domain=PLUGIN_DOMAIN, name=name, K=k, N=n, group_size=lin.group_size,
+             domain=PLUGIN_DOMAIN, full_name=name, K=k, N=n, group_size=lin.group_size,
              plugin_version=PLUGIN_VERSION, plugin_namespace="")
     return _add_bias(b, y, lin, name)
 
@@ -78,8 +78,8 @@ def dequantize_matmul(b: GraphBuilder, x: str, lin: QuantizedLinear, name: str) 
              b.raw_const(f"{name}.weight_uint4", TensorProto.UINT4, data.shape, pack_uint4_pairs(data)),
              b.act_const(f"{name}.scale", scale),
              b.raw_const(f"{name}.zero_point", TensorProto.UINT4, zero.shape, pack_uint4_pairs(zero)),
-             name=f"{name}/dequantize", axis=0, block_size=lin.group_size)
-    y = b.op("MatMul", x, w, name=name)
+             full_name=f"{name}/dequantize", axis=0, block_size=lin.group_size)
+    y = b.op("MatMul", x, w, full_name=name)
     return _add_bias(b, y, lin, name)
 
 
@@ -111,11 +111,11 @@ def lm_head_quantized(b: GraphBuilder, x: str, weight: np.ndarray, bits: int, bl
     return b.op("MatMulNBits", x, b.const(f"lm_head.q{bits}.B", t["B"]),
                 b.act_const(f"lm_head.q{bits}.scales", t["scales"]),
                 b.const(f"lm_head.q{bits}.zero_points", t["zero_points"]),
-                domain=MS_DOMAIN, name="lm_head", K=k, N=n, bits=bits, block_size=block,
+                domain=MS_DOMAIN, full_name="lm_head", K=k, N=n, bits=bits, block_size=block,
                 accuracy_level=accuracy_level)
 
 
 def lm_head_float(b: GraphBuilder, x2d: str, weight_name: str) -> str:
     """The float lm_head as Gemm(X [M, H], W [V, H], transB): W is the [V, H] table itself, so a
     tied embedding is stored once."""
-    return b.op("Gemm", x2d, weight_name, name="lm_head", transB=1)
+    return b.op("Gemm", x2d, weight_name, full_name="lm_head", transB=1)
