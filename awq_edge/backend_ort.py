@@ -107,6 +107,15 @@ class OrtBackend:
 
     # ------------------------------------------------------------ the interface
     def forward(self, ids: Sequence[int]) -> np.ndarray:
+        return self._run(ids)[-1]
+
+    def forward_all(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] of every new position (graphs exported with all_logits: perplexity)."""
+        if not self.all_logits:
+            raise UserError("this graph returns the last position's logits only; export it with all_logits")
+        return self._run(ids)
+
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
         n = len(ids)
         if n == 0:
             raise UserError("forward needs at least one token id")
@@ -129,8 +138,8 @@ class OrtBackend:
                               for i in range(self.num_layers) for kind in ("key", "value")]
                 self._bind_past()
             if self.all_logits:
-                return outputs["logits"].numpy()[0, -1].copy()
-        return self._logits.numpy()[0].copy()
+                return outputs["logits"].numpy()[0].copy()
+        return self._logits.numpy().copy()
 
     def rewind(self, position: int) -> None:
         if not 0 <= position <= self.position:

@@ -69,12 +69,12 @@ def _quantize(source: str, out: Path, progress: bool) -> Path:
     return out
 
 
-def _export(checkpoint: Path, out: Path, target: str) -> Path:
+def _export(checkpoint: Path, out: Path, target: str, lm_head_bits="auto") -> Path:
     try:
         from .export import export_checkpoint
     except ImportError as e:
         raise UserError(f"the ONNX exporter is not available ({e}); update awq-edge") from None
-    return Path(export_checkpoint(checkpoint, out, target=target, force=True) or out)
+    return Path(export_checkpoint(checkpoint, out, target=target, force=True, lm_head_bits=lm_head_bits) or out)
 
 
 def _read_export(export_dir: Path) -> dict:
@@ -98,8 +98,11 @@ def _checkpoint_metadata(checkpoint: Path | None) -> tuple[dict, dict]:
 
 
 def build_engine(source: str, device: str = "cpu", output: Path | str = "engine", max_memory=None,
-                 max_context: int | None = None, force: bool = False, progress: bool = True) -> dict:
-    """Build ENGINE from SRC for DEVICE; returns the manifest."""
+                 max_context: int | None = None, force: bool = False, progress: bool = True,
+                 lm_head_bits="auto") -> dict:
+    """Build ENGINE from SRC for DEVICE; returns the manifest.
+
+    lm_head_bits ("auto" | None | 8 | 4) is passed to the CPU (`ort`) export: see docs/export.md."""
     from .devices import resolve
     from .memory import parse_size
 
@@ -130,7 +133,7 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
         elif kind == "checkpoint":
             checkpoint = Path(source)
         if checkpoint is not None:
-            export_dir = _export(checkpoint, work / "export", "ort")
+            export_dir = _export(checkpoint, work / "export", "ort", lm_head_bits)
         else:
             export_dir = Path(source)
         info = _read_export(export_dir)

@@ -132,12 +132,24 @@ def eval_cmd(
 
 # ---------------------------------------------------------------- export, build and the runtime (no torch)
 
+LM_HEAD_HELP = ("lm_head of the CPU (ort) graph: float (the checkpoint's), int8, int4 (block 32, as "
+                "onnxruntime-genai does; faster, less accurate), or auto (int8). See docs/export.md")
+
+
+def _lm_head_bits(choice: str):
+    choices = {"auto": "auto", "float": None, "int8": 8, "int4": 4}
+    if choice not in choices:
+        raise UserError(f"--lm-head {choice} is unknown; use auto, float, int8 or int4")
+    return choices[choice]
+
+
 @app.command("export")
 @user_errors
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="AWQ checkpoint directory (awq-edge quantize)"),
     target: str = typer.Option("ort", help="ort (ONNX Runtime CPU), trt (TensorRT plugin ops) or onnx (standard ops)"),
     output: Path = typer.Option(..., "--output", "-o", help="directory to write model.onnx + export.json into"),
+    lm_head: str = typer.Option("auto", help=LM_HEAD_HELP),
     force: bool = typer.Option(False, help="replace OUTPUT if it exists"),
 ):
     """Export an AWQ checkpoint to the ONNX decoder graph (docs/graph.md)."""
@@ -145,7 +157,7 @@ def export_cmd(
         raise UserError(f"--target {target} is unknown; use ort, trt or onnx")
     from .export import export_checkpoint
 
-    out = export_checkpoint(checkpoint, output, target=target, force=force)
+    out = export_checkpoint(checkpoint, output, target=target, force=force, lm_head_bits=_lm_head_bits(lm_head))
     typer.echo(f"wrote {out or output} (target {target})")
 
 
@@ -157,13 +169,15 @@ def build(
     output: Path = typer.Option(..., "--output", "-o", help="engine directory to write"),
     max_memory: Optional[str] = typer.Option(None, help="memory cap, e.g. 2GB, 512MiB, 1.5 (GiB); default: the device's"),
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the most that fit"),
+    lm_head: str = typer.Option("auto", help=LM_HEAD_HELP),
     force: bool = typer.Option(False, help="replace OUTPUT if it exists"),
 ):
     """Build a self-contained engine directory for a device."""
     from .build import build_engine
     from .memory import format_size
 
-    manifest = build_engine(source, device, output, max_memory=max_memory, max_context=max_context, force=force)
+    manifest = build_engine(source, device, output, max_memory=max_memory, max_context=max_context, force=force,
+                            lm_head_bits=_lm_head_bits(lm_head))
     plan = manifest.get("memory_plan", {})
     context = plan.get("context") or plan.get("max_context")
     cap = plan.get("cap") or plan.get("cap_bytes")
