@@ -26,7 +26,8 @@ from importlib import metadata
 from pathlib import Path
 
 from .checkpoint import commit_staging, copy_tokenizer, output_staging
-from .engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST, engine_plan, sha256_file
+from .checkpoint import sha256_file
+from .engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST, engine_plan
 from .errors import UserError
 
 # An export dir must have these (the runtime reads both).

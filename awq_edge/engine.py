@@ -18,13 +18,13 @@ CPU, awq_edge.trt_backend.TrtBackend for GPU engines (imported only when needed)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .checkpoint import sha256_file
 from .errors import UserError
 from .memory import PREFILL_CHUNK, MemoryPlan, parse_size, peak_rss_bytes, plan_memory, workspace_bytes
 from .sampling import Sampler, SamplingSettings
@@ -62,12 +62,6 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_files(path: Path, manifest: dict, full_hash: bool = False) -> None:

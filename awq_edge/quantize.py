@@ -79,6 +79,23 @@ def _quant_params(wg: torch.Tensor):
     return scale, zero
 
 
+def _quantize_groups(wg: torch.Tensor, clip: torch.Tensor | None = None):
+    """wg [..., g], clamped to +-clip [...] first if given -> (q as float, scale, zero)."""
+    if clip is not None:
+        c = clip.unsqueeze(-1)
+        wg = wg.clamp(-c, c)
+    scale, zero = _quant_params(wg)
+    return (torch.round(wg / scale) + zero).clamp(0, MAX_INT), scale, zero
+
+
+def _quantized_chunks(w: torch.Tensor, group_size: int, clip: torch.Tensor | None):
+    """(column slice, group slice, (q, scale, zero) of those groups) for w [out, in]."""
+    out_f = w.shape[0]
+    for cols, gs, g in _group_chunks(w.shape[1], group_size):
+        wg = w[:, cols].float().reshape(out_f, -1, g)
+        yield cols, gs, _quantize_groups(wg, None if clip is None else clip[:, gs])
+
+
 def quantize_tensor(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None):
     """w [out, in] -> (q uint8 [out, in], scales fp16 [out, groups], zeros uint8 [out, groups]).
 
@@ -89,13 +106,7 @@ def quantize_tensor(w: torch.Tensor, group_size: int, clip: torch.Tensor | None 
     q = torch.empty(out_f, k, dtype=torch.uint8)
     scales = torch.empty(out_f, groups, dtype=torch.float16)
     zeros = torch.empty(out_f, groups, dtype=torch.uint8)
-    for cols, gs, g in _group_chunks(k, group_size):
-        wg = w[:, cols].float().reshape(out_f, -1, g)
-        if clip is not None:
-            c = clip[:, gs].unsqueeze(-1)
-            wg = wg.clamp(-c, c)
-        scale, zero = _quant_params(wg)
-        qg = (torch.round(wg / scale) + zero).clamp(0, MAX_INT)
+    for cols, gs, (qg, scale, zero) in _quantized_chunks(w, group_size, clip):
         q[:, cols] = qg.reshape(out_f, -1).to(torch.uint8).cpu()
         scales[:, gs] = scale.squeeze(-1).half().cpu()
         zeros[:, gs] = zero.squeeze(-1).to(torch.uint8).cpu()
@@ -104,16 +115,9 @@ def quantize_tensor(w: torch.Tensor, group_size: int, clip: torch.Tensor | None 
 
 def fake_quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize (same numbers as quantize_tensor), on w's device, in fp32."""
-    out_f, k = w.shape
-    result = torch.empty(out_f, k, dtype=torch.float32, device=w.device)
-    for cols, gs, g in _group_chunks(k, group_size):
-        wg = w[:, cols].float().reshape(out_f, -1, g)
-        if clip is not None:
-            c = clip[:, gs].unsqueeze(-1)
-            wg = wg.clamp(-c, c)
-        scale, zero = _quant_params(wg)
-        qg = (torch.round(wg / scale) + zero).clamp(0, MAX_INT)
-        result[:, cols] = ((qg - zero) * scale).reshape(out_f, -1)
+    result = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    for cols, _, (qg, scale, zero) in _quantized_chunks(w, group_size, clip):
+        result[:, cols] = ((qg - zero) * scale).reshape(w.shape[0], -1)
     return result
 
 
@@ -300,10 +304,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc
 
 def fake_quantize_groups(wg: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     """wg [oc, groups, g] clamped to +-clip [oc, groups], quantized and dequantized."""
-    c = clip.unsqueeze(-1)
-    wg = wg.clamp(-c, c)
-    scale, zero = _quant_params(wg)
-    return (torch.round(wg / scale) + zero).clamp(0, MAX_INT).sub(zero).mul(scale)
+    qg, scale, zero = _quantize_groups(wg, clip)
+    return (qg - zero) * scale
 
 
 # ---------------------------------------------------------------- the driver

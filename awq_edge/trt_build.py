@@ -21,7 +21,6 @@ plus TensorRT's own working memory; it has not been measured on a device yet.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import plugins
+from .checkpoint import sha256_file
 from .errors import UserError
 
 MIN_TENSORRT = (10, 0)
@@ -278,12 +278,6 @@ def _build(trt, onnx_path: Path, plan: MemoryPlan, gpu_arch: str, engine_path: P
     cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_trt_engine(src_onnx_dir: Path, device, output: Path, *, max_memory: int | None = None,
@@ -331,7 +325,7 @@ def build_trt_engine(src_onnx_dir: Path, device, output: Path, *, max_memory: in
             "source": str(onnx_path.resolve()),
         }
         # Sizes and hashes of everything in the engine dir (awq_edge.engine.check_files reads them).
-        manifest["files"] = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+        manifest["files"] = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
                              for f in sorted(staging.iterdir()) if f.is_file()}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if output.exists():  # --force: replace only once the new engine is complete

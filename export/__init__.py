@@ -12,14 +12,13 @@ limit), export.json, and the checkpoint's config.json and tokenizer files.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import commit_staging, copy_tokenizer, output_staging, read_checkpoint
+from ..checkpoint import commit_staging, copy_tokenizer, output_staging, read_checkpoint, sha256_file
 from ..errors import UserError
 from .graph import Decoder, Target
 from .spec import model_spec
@@ -105,7 +104,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
             "quantization": {"quantization_config": ckpt.config.get("quantization_config"),
                              "group_size": ckpt.group_size,
                              "settings": ckpt.metadata.get("settings")},
-            "files": {f.name: _sha256(f) for f in sorted(staging.iterdir())},
+            "files": {f.name: sha256_file(f) for f in sorted(staging.iterdir())},
         }
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:
@@ -139,9 +138,3 @@ def _save(model, staging: Path) -> None:
                         "this is an exporter bug, please report it") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
