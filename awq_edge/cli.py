@@ -176,13 +176,26 @@ def build(
     from .build import build_engine
     from .memory import format_size
 
-    manifest = build_engine(source, device, output, max_memory=max_memory, max_context=max_context, force=force,
-                            lm_head_bits=_lm_head_bits(lm_head))
+    manifest = build_engine(source, _ask_variant(device), output, max_memory=max_memory, max_context=max_context,
+                            force=force, lm_head_bits=_lm_head_bits(lm_head))
     plan = manifest.get("memory_plan", {})
     context = plan.get("context") or plan.get("max_context")
     cap = plan.get("cap") or plan.get("cap_bytes")
     typer.echo(f"wrote {output} for {manifest.get('device')}: context {context} tokens under a "
                f"{format_size(cap) if cap else '?'} cap")
+
+
+def _ask_variant(device: str) -> str:
+    """`--device orin` on a machine that is not an Orin: ask which variant (at a terminal only)."""
+    from .devices import all_devices, detect
+
+    variants = [d.name for d in all_devices().values() if d.family == device and d.name != device]
+    if not variants or detect().family == device or not sys.stdin.isatty():
+        return device  # resolve() picks the variant found, or explains the choices in one line
+    while True:
+        answer = input(f"--device {device}: which one? ({', '.join(variants)}): ").strip()
+        if answer in variants:
+            return answer
 
 
 def _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens):
