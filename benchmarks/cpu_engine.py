@@ -56,6 +56,8 @@ class OurEngine:
         from awq_edge.engine import Engine
 
         self.engine = Engine.load(engine_dir, threads=threads)
+        lm_head = json.loads((Path(engine_dir) / "export.json").read_text()).get("lm_head", "?")
+        self.name = f"awq-edge (ORT CPU, int4, {lm_head} lm_head)"
 
     def run(self, ids, new_tokens):
         from awq_edge.sampling import Sampler, SamplingSettings
@@ -196,7 +198,8 @@ def default_engine() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--engine", type=Path, help="our engine dir (default: build smollm2 once, cached)")
+    ap.add_argument("--engine", type=Path, action="append",
+                    help="our engine dir; repeat to compare several (default: build smollm2 once, cached)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
@@ -211,17 +214,18 @@ def main() -> None:
     from awq_edge.tokenizer import Tokenizer
 
     float_dir = resolve_source("smollm2")
-    engine_dir = args.engine or default_engine()
+    engine_dirs = args.engine or [default_engine()]
     tok = Tokenizer(float_dir)
     base = tok.encode(PROMPT)
     ids = (base * (args.prompt_tokens // len(base) + 1))[:args.prompt_tokens]
 
     skipped = {}
-    makers = {
-        "ours": lambda: OurEngine(engine_dir, args.threads),
+    makers = {("ours" if i == 0 else f"ours{i + 1}"): (lambda e=e: OurEngine(e, args.threads))
+              for i, e in enumerate(engine_dirs)}
+    makers.update({
         "hf": lambda: TransformersEager(float_dir, args.threads),
         "ortgenai": lambda: OrtGenai(ortgenai_model_dir(float_dir), args.threads),
-    }
+    })
     try:
         import llama_cpp  # noqa: F401
         makers["llamacpp"] = lambda: LlamaCppPython(data.smollm2_gguf(), args.threads,
@@ -245,7 +249,7 @@ def main() -> None:
             skipped[key] = "skipped (--skip)"
         else:
             runs[key] = []
-    child = [sys.executable, str(Path(__file__).resolve()), "--engine", str(engine_dir),
+    child = [sys.executable, str(Path(__file__).resolve()), *[a for e in engine_dirs for a in ("--engine", str(e))],
              "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
     if args.threads:
         child += ["--threads", str(args.threads)]
@@ -274,7 +278,7 @@ def main() -> None:
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform()},
-        "model": "SmolLM2-135M-Instruct", "engine": str(engine_dir),
+        "model": "SmolLM2-135M-Instruct", "engines": [str(e) for e in engine_dirs],
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
         "threads": args.threads,
         "runners": {k: {"name": names[k], "median": medians[k], "runs": runs[k]} for k in runs},
