@@ -12,6 +12,11 @@ nothing but the new token ids in and the logits out.
   new rows in place. past_length says how many rows are valid, so rewind is free.
 - kv_mode concat (targets onnx, trt stand-in): ORT allocates each step's present (C' = C + S)
   and it becomes the next step's past; the length never exceeds max_context.
+Exact re-scoring (export.json `lm_head_exact`, the default quantized int4 lm_head): the graph
+also outputs `last_hidden` (the lm_head's input) and the exact fp16 table lm_head.f16 is
+memory-mapped; after each step the top_k candidates' logits are recomputed as table[idx] @ h,
+so greedy and top-k/top-p sampling see exact logits where it matters (~0.1 ms per step).
+forward_all (all_logits, perplexity) does not re-score: it returns the graph's logits.
 No torch here: this runs on a device with numpy and onnxruntime only.
 """
 from __future__ import annotations
@@ -104,13 +109,48 @@ class OrtBackend:
             raise UserError(f"{export_dir}/export.json has unknown kv_mode {self.kv_mode!r}; re-export the model")
         if self.all_logits:
             self._ort_allocated.append("logits")
+        self.exact_head = None
+        if info.get("lm_head_exact"):
+            self._open_exact_head(export_dir, info["lm_head_exact"])
+
+    def _open_exact_head(self, export_dir: Path, spec: dict) -> None:
+        path = export_dir / spec["file"]
+        rows, cols = int(spec["rows"]), int(spec["cols"])
+        if spec.get("dtype") != "float16" or rows != self.vocab_size:
+            raise UserError(f"{export_dir}/export.json: lm_head_exact {spec} does not fit this model; re-export it")
+        try:  # read-only map: only the rows of the candidates are ever paged in
+            self.exact_head = np.memmap(path, dtype="<f2", mode="r", shape=(rows, cols))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot map {path} ({e}); re-export the model") from None
+        self.rescore_k = min(int(spec.get("top_k", 64)), rows)
+        self.softcap = spec.get("final_softcap")
+        self._hidden = ort.OrtValue.ortvalue_from_shape_and_type([1, cols], np.float32)
+        self.binding.bind_ortvalue_output("last_hidden", self._hidden)
+        self._rows16 = np.empty((self.rescore_k, cols), np.float16)  # reused every step
+        self._rows32 = np.empty((self.rescore_k, cols), np.float32)
+
+    def rescore(self, logits: np.ndarray) -> np.ndarray:
+        """Replace the logits of the top_k candidates (in place) by the exact table's
+        table[idx] @ last_hidden (+ the graph's final soft-cap, if any); returns logits."""
+        idx = np.argpartition(logits, -self.rescore_k)[-self.rescore_k:]
+        np.take(self.exact_head, idx, axis=0, out=self._rows16)
+        np.copyto(self._rows32, self._rows16)
+        exact = self._rows32 @ self._hidden.numpy()[0]
+        if self.softcap:
+            exact = np.tanh(exact / self.softcap) * self.softcap
+        logits[idx] = exact
+        return logits
 
     # ------------------------------------------------------------ the interface
     def forward(self, ids: Sequence[int]) -> np.ndarray:
-        return self._run(ids)[-1]
+        """Logits [vocab] of the last new position (float32, a fresh array); top_k re-scored."""
+        logits = self._run(ids)[-1]
+        return logits if self.exact_head is None else self.rescore(logits)
 
     def forward_all(self, ids: Sequence[int]) -> np.ndarray:
-        """Logits [len(ids), vocab] of every new position (graphs exported with all_logits: perplexity)."""
+        """Logits [len(ids), vocab] of every new position (graphs exported with all_logits: perplexity).
+
+        Not re-scored: these are the graph's (quantized lm_head) logits for every row."""
         if not self.all_logits:
             raise UserError("this graph returns the last position's logits only; export it with all_logits")
         return self._run(ids)

@@ -133,7 +133,8 @@ def eval_cmd(
 # ---------------------------------------------------------------- export, build and the runtime (no torch)
 
 LM_HEAD_HELP = ("lm_head of the CPU (ort) graph: float (the checkpoint's), int8, int4 (block 32, as "
-                "onnxruntime-genai does; faster, less accurate), or auto (int8). See docs/export.md")
+                "onnxruntime-genai does), or auto (int4); int8 and int4 get the top 64 logits of each step "
+                "re-scored exactly at runtime. See docs/export.md")
 
 
 def _lm_head_bits(choice: str):

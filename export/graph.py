@@ -12,6 +12,7 @@
         m = norm(m)                         Gemma's post_feedforward_layernorm (sandwich)
         h = h + m
     logits = lm_head(norm(h))               last position only unless all_logits
+    last_hidden = norm(h)[last]             optional output (quantized ort lm_head: exact re-scoring)
 
 What differs per target is passed in as a Target: how a quantized linear, the attention, and
 RMSNorm are emitted. The residual add is deferred into the next norm so the ort target can use
@@ -41,6 +42,7 @@ class Target:
     lm_head_bits: int | None = None  # None = float; 8 or 4 = MatMulNBits (ort only)
     lm_head_block: int = 32
     all_logits: bool = False
+    last_hidden: bool = False  # also output the lm_head's input (float32 [1, H], last position)
 
     @property
     def contrib(self) -> bool:  # may use com.microsoft ops
@@ -78,6 +80,11 @@ class Decoder:
         """Gemma multiplies by (1 + w) in fp32 before casting back (HF Gemma3RMSNorm); Llama-style
         norms cast first, then multiply by the weight in the activation dtype."""
         return bool(self.spec.family.norm_offset) and not self.t.contrib and self.b.act_type != TensorProto.FLOAT
+
+    def lm_head_weight(self) -> np.ndarray:
+        """The checkpoint's lm_head [V, H]: the embedding table when tied (or when no head is stored)."""
+        embed_w = self.tensor("model.embed_tokens.weight")
+        return embed_w if self.spec.tie_embeddings else self.ckpt.tensors.get("lm_head.weight", embed_w)
 
     # ------------------------------------------------------------ building blocks
     def linear(self, x: str, prefix: str, lin=None) -> str:
@@ -167,7 +174,7 @@ class Decoder:
 
         # Embeddings, gathered from the fp16 table (exact: the checkpoint stores fp16).
         embed_w = self.tensor("model.embed_tokens.weight")
-        lm_head_w = embed_w if spec.tie_embeddings else self.ckpt.tensors.get("lm_head.weight", embed_w)
+        lm_head_w = self.lm_head_weight()
         float_head_fp32 = (t.lm_head_bits is None and act == TensorProto.FLOAT)
         with b.scope("embed"):
             if float_head_fp32 and spec.tie_embeddings:  # one fp32 table for Gather and lm_head
@@ -206,6 +213,8 @@ class Decoder:
                 pending = b.op("Slice", pending, b.int64s(-1), b.int64s(2**62), b.int64s(1), name="last")
                 h = b.op("Slice", h, b.int64s(-1), b.int64s(2**62), b.int64s(1), name="last_residual")
             x, _ = self.add_rms_norm(pending, h, self.norm_weight("model.norm.weight"))
+            if t.last_hidden:
+                self.last_hidden_output(x)
             logits = self.lm_head(x, lm_head_w, embed if float_head_fp32 and spec.tie_embeddings else None)
             if act != TensorProto.FLOAT:
                 logits = b.cast(logits, TensorProto.FLOAT)
@@ -215,10 +224,22 @@ class Decoder:
             shape = b.int64s(1, -1, spec.vocab) if t.all_logits else b.int64s(1, spec.vocab)
             b.op("Reshape", logits, shape, outputs=["logits"])
         b.add_output("logits", TensorProto.FLOAT, [1, seq, spec.vocab] if t.all_logits else [1, spec.vocab])
+        if t.last_hidden:
+            b.add_output("last_hidden", TensorProto.FLOAT, [1, spec.hidden])
         for i in range(spec.layers):
             for kind in ("key", "value"):
                 b.add_output(f"present_{kind}.{i}", act, [1, spec.kv_heads, present_dim, spec.head_dim])
         return b.model(f"awq_edge_{spec.model_type}_{t.name}")
+
+    def last_hidden_output(self, x: str) -> None:
+        """`last_hidden` = the final-norm hidden state of the last position (the lm_head's input),
+        float32 [1, H]: the runtime re-scores the top logit candidates from it with the exact table."""
+        b = self.b
+        if self.t.all_logits:  # [1, S, H] -> the last position
+            x = b.op("Slice", x, b.int64s(-1), b.int64s(2**62), b.int64s(1), name="last_hidden_row")
+        if b.act_type != TensorProto.FLOAT:
+            x = b.cast(x, TensorProto.FLOAT)
+        b.op("Reshape", x, b.int64s(1, self.spec.hidden), outputs=["last_hidden"])
 
     def lm_head(self, x: str, weight: np.ndarray, shared_table: str | None) -> str:
         b, t = self.b, self.t
