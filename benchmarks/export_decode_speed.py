@@ -10,9 +10,12 @@ EOS ignored. Runners alternate within every repetition (a slow spell of the shar
 hits them all); the first repetition is a warm-up and is not counted; medians are reported.
 
 Variants of our graph (exported from the same checkpoint into a temp dir):
-  default        lm_head int8 (block 128), MatMulNBits accuracy_level 4 (int8 compute)
-  lm_head-int4   lm_head int4 (block 32), accuracy_level 4
-  exact          float lm_head, accuracy_level 0 (what the correctness tests use)
+  default            lm_head int4 (block 32) + exact re-scoring of the top 64 at runtime,
+                     MatMulNBits accuracy_level 4 (int8 compute)
+  lm_head-int8       lm_head int8 (block 32) + exact re-scoring, accuracy_level 4
+  lm_head-int8-raw   lm_head int8, no re-scoring (the default before int4 + re-scoring)
+  lm_head-int4-raw   lm_head int4, no re-scoring (onnxruntime-genai's head as it is)
+  exact              float lm_head, accuracy_level 0 (what the correctness tests use)
 onnxruntime-genai: its builder's int4 CPU model of the float model (-p int4 -e cpu).
 Output: a table on stdout and JSON in benchmarks/results/export_decode_speed-<time>.json.
 """
@@ -33,7 +36,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 VARIANTS = {
     "default": {},
-    "lm_head-int4": {"lm_head_bits": 4},
+    "lm_head-int8": {"lm_head_bits": 8},
+    "lm_head-int8-raw": {"lm_head_bits": 8, "rescore_top_k": 0},
+    "lm_head-int4-raw": {"lm_head_bits": 4, "rescore_top_k": 0},
     "exact": {"lm_head_bits": None, "accuracy_level": 0},
 }
 
