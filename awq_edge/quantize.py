@@ -198,6 +198,9 @@ class ScaleGroup:
     head_dim: int = 0
 
 
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")  # their loss runs attention: whole sequences
+
+
 def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     attn, mlp = layer.self_attn, layer.mlp
     heads = config.num_attention_heads
@@ -360,6 +363,10 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
     inputs, layer_kwargs = capture_block_inputs(model, tokens, settings.batch_size)
     result.calib_tokens = int(tokens.numel())
     n_loss = min(settings.loss_samples, len(inputs))
+    # Attention needs whole sequences: q/k/v keep the first n_loss of them. The other linears'
+    # losses are per token, so they take the same number of tokens strided over ALL sequences:
+    # same cost, more diverse text.
+    token_stride = max(1, len(inputs) // n_loss)
     bar = tqdm(list(enumerate(layers)), desc="awq", unit="block", disable=not progress)
     for i, layer in bar:
         materialize(i)
@@ -380,8 +387,12 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 x = args[0].detach().float()
                 flat = x.reshape(-1, x.shape[-1])
                 abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
-                if counted["seqs"] < n_loss:
-                    captured[name].append(x[: n_loss - counted["seqs"]].clone())
+                if name in ATTENTION_INPUTS:
+                    if counted["seqs"] < n_loss:
+                        captured[name].append(x[: n_loss - counted["seqs"]].clone())
+                else:
+                    start = (-counted["tokens"]) % token_stride  # global stride across batches
+                    captured[name].append(flat[start::token_stride].clone())
             return fn
 
         handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
@@ -429,13 +440,16 @@ def _path(name: str) -> str:
 
 
 def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: int):
-    """A function returning the list of `g.inspect` outputs on x, batch by batch."""
+    """A function returning the list of `g.inspect` outputs on x, batch by batch.
+
+    x is [sequences, tokens, K] for attention and [tokens, K] for the per-token modules."""
     if g.inspect == "self_attn":
         return lambda: [layer.self_attn(hidden_states=xb, **kwargs)[0] for xb in _batched(x, batch)]
+    rows = 4096
     if g.inspect == "mlp":
-        return lambda: [layer.mlp(xb) for xb in _batched(x, batch)]
+        return lambda: [layer.mlp(xb) for xb in _batched(x, rows)]
     lin = _linear_names(layer)[g.inspect]
-    return lambda: [lin(xb) for xb in _batched(x, batch)]
+    return lambda: [lin(xb) for xb in _batched(x, rows)]
 
 
 def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: dict, linears: dict) -> None:
