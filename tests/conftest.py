@@ -54,6 +54,16 @@ def awq_checkpoint(tmp_path_factory, smollm2_dir):
     return out
 
 
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory, rtn_checkpoint):
+    """One CPU engine per test session (export + copy + hashes: a few seconds)."""
+    from awq_edge.build import build_engine
+
+    out = tmp_path_factory.mktemp("engine") / "smollm2.engine"
+    build_engine(str(rtn_checkpoint), "cpu", out, max_memory="1GiB", max_context=2048, progress=False)
+    return out
+
+
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # also in test_quantize.py
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_engine import engine_dir  # noqa: F401  (the session's one engine)
 
 CLI = [sys.executable, "-m", "awq_edge.cli"]
 

@@ -10,20 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from awq_edge.engine import ENGINE_FORMAT_VERSION, Engine, sha256_file
+from awq_edge.checkpoint import sha256_file
+from awq_edge.engine import ENGINE_FORMAT_VERSION, Engine
 from awq_edge.errors import UserError
 
 GREEDY = {"temperature": 0.0}
-
-
-@pytest.fixture(scope="session")
-def engine_dir(tmp_path_factory, rtn_checkpoint):
-    """One engine per test session (export + copy + hashes: a few seconds)."""
-    from awq_edge.build import build_engine
-
-    out = tmp_path_factory.mktemp("engine") / "smollm2.engine"
-    build_engine(str(rtn_checkpoint), "cpu", out, max_memory="1GiB", max_context=2048, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
