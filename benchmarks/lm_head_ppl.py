@@ -29,32 +29,23 @@ from awq_edge.tokenizer import Tokenizer
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def graph_perplexity(export_dir: Path, ids: list[int], seqlen: int, windows: int) -> float:
+def window_logits(backend: OrtBackend, window: list[int], stepwise: bool) -> np.ndarray:
+    """Logits [len(window) - 1, vocab] predicting window[1:], from an empty cache."""
+    backend.rewind(0)
+    if stepwise:  # one token at a time through forward: what generation sees (re-scored logits)
+        return np.stack([backend.forward([token]) for token in window[:-1]])
+    return backend.forward_all(window)[:-1]  # one prefill with all logits (no re-scoring)
+
+
+def graph_perplexity(export_dir: Path, ids: list[int], seqlen: int, windows: int, stepwise: bool = False) -> float:
     backend = OrtBackend(export_dir, max_context=seqlen)
     nll, count = 0.0, 0
     for w in range(windows):
         window = ids[w * seqlen:(w + 1) * seqlen]
-        backend.rewind(0)
-        logits = backend.forward_all(window)  # [seqlen, vocab]
-        logits = logits[:-1].astype(np.float64)
+        logits = window_logits(backend, window, stepwise).astype(np.float64)
         logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
         nll += float((logz - logits[np.arange(len(window) - 1), window[1:]]).sum())
         count += len(window) - 1
-    return math.exp(nll / count)
-
-
-def stepwise_perplexity(export_dir: Path, ids: list[int], seqlen: int, windows: int) -> float:
-    """The same windows decoded one token at a time through forward (re-scored logits)."""
-    backend = OrtBackend(export_dir, max_context=seqlen)
-    nll, count = 0.0, 0
-    for w in range(windows):
-        window = ids[w * seqlen:(w + 1) * seqlen]
-        backend.rewind(0)
-        for pos in range(len(window) - 1):
-            logits = backend.forward([window[pos]]).astype(np.float64)
-            m = logits.max()
-            nll += float(np.log(np.exp(logits - m).sum()) + m - logits[window[pos + 1]])
-            count += 1
     return math.exp(nll / count)
 
 
@@ -80,7 +71,7 @@ def main() -> None:
         name = "int4+rescore"
         out = export_checkpoint(args.checkpoint, Path(tmp) / "default", "ort")  # the default: int4 + re-scoring
         started = time.time()
-        results[name] = stepwise_perplexity(out, ids, args.seqlen, windows)
+        results[name] = graph_perplexity(out, ids, args.seqlen, windows, stepwise=True)
         print(f"lm_head {name:9} ppl {results[name]:.3f}  ({time.time() - started:.0f} s)", flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"lm_head_ppl-{args.checkpoint.name}.json"
