@@ -58,12 +58,10 @@ def source_kind(source: str) -> str:
 
 
 def _quantize(source: str, out: Path, progress: bool) -> Path:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UserError(f"{source} is a float model: building from it quantizes it first, which needs torch and "
-                        "transformers (pip install 'awq-edge[quantize]'); or build from an AWQ checkpoint") from None
+    from .model import require_torch
+
+    require_torch(f"{source} is a float model: building from it quantizes it first (or build from an AWQ "
+                  "checkpoint), which")
     from .quantize import QuantizeSettings, quantize_checkpoint
 
     quantize_checkpoint(source, out, QuantizeSettings(), progress=progress)

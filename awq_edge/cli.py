@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from .errors import UserError
+from .model import require_torch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="AWQ 4-bit quantization and a memory-capped W4A16 runtime.")
@@ -78,7 +79,7 @@ def quantize(
     force: bool = typer.Option(False, help="replace OUTPUT if it exists"),
 ):
     """Quantize MODEL to 4-bit AWQ and write an AutoAWQ-compatible checkpoint."""
-    _needs_torch("quantize")
+    require_torch("`awq-edge quantize` runs on the host and")
     from .quantize import QuantizeSettings, quantize_checkpoint
 
     settings = QuantizeSettings(method=method, group_size=group_size, calib_samples=calib_samples,
@@ -100,7 +101,7 @@ def eval_cmd(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Perplexity of a model or checkpoint over non-overlapping windows."""
-    _needs_torch("eval")
+    require_torch("`awq-edge eval` runs on the host and")
     import json
 
     from . import data
@@ -382,13 +383,6 @@ def bench(
                f"{result['plan_total_bytes'] / 2**20:.0f} MiB, cap {result['cap_bytes'] / 2**20:.0f} MiB)")
 
 
-def _needs_torch(command: str) -> None:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UserError(f"`awq-edge {command}` runs on the host and needs torch and transformers; "
-                        "install them with: pip install torch==2.13.0 'awq-edge[quantize]'") from None
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -19,6 +19,16 @@ from .errors import UserError
 from .families import Family, family_for
 
 
+def require_torch(needed_for: str) -> None:
+    """One-line error when the host-side libraries (torch, transformers) are missing."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError(f"{needed_for} needs torch and transformers (host side); install them with: "
+                        "pip install torch==2.13.0 'awq-edge[quantize]'") from None
+
+
 def read_config(model_dir: Path) -> dict:
     try:
         return json.loads((model_dir / "config.json").read_text())

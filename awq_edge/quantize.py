@@ -405,8 +405,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         for h in handles:
             h.remove()
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
-        loss_inputs = {n: torch.cat(v) for n, v in captured.items()}
-        del captured
+        loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(linears)}  # pop: no second copy
 
         # b + c. scales, group by group
         report = {"layer": i, "groups": {}}
@@ -526,7 +525,6 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     tokens = None
     if settings.method == "awq":
         tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize)
     metadata = {
         "awq_edge_version": __version__,
