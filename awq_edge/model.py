@@ -25,7 +25,7 @@ def require_torch(needed_for: str) -> None:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        raise UserError(f"{needed_for} needs torch and transformers (host side); install them with: "
+        raise UserError(f"{needed_for} needs torch and transformers; install them with: "
                         "pip install torch==2.13.0 'awq-edge[quantize]'") from None
 
 
