@@ -119,36 +119,6 @@ def engine_plan(path: Path, manifest: dict, export: dict, config: dict, max_memo
 
 # ---------------------------------------------------------------- backends
 
-class _TrtAdapter:
-    """Gives awq_edge.trt_backend.TrtBackend (prefill/decode/reset) the forward/rewind interface."""
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.max_context = backend.max_context
-
-    @property
-    def position(self) -> int:
-        return self.backend.past_length
-
-    @property
-    def vocab_size(self) -> int:
-        return int(getattr(self.backend, "vocab_size", 0))
-
-    def forward(self, ids: Sequence[int]):
-        if len(ids) == 1 and self.position > 0:
-            return self.backend.decode(int(ids[0]))
-        return self.backend.prefill(list(ids))
-
-    def rewind(self, position: int) -> None:
-        if position == 0:
-            self.backend.reset()
-        else:
-            self.backend.past_length = position  # rows after it are overwritten by the next step
-
-    def kv_bytes(self) -> int:
-        return int(getattr(self.backend, "kv_bytes", lambda: 0)())
-
-
 def open_backend(path: Path, manifest: dict, plan: MemoryPlan, threads: int | None = None):
     backend = manifest.get("backend") or ("trt" if manifest.get("format") == TRT_ENGINE_FORMAT else "ort")
     if backend == "trt":
@@ -157,8 +127,7 @@ def open_backend(path: Path, manifest: dict, plan: MemoryPlan, threads: int | No
         except ImportError as e:
             raise UserError(f"this is a TensorRT engine ({manifest.get('device')}) but the TensorRT backend "
                             f"cannot be imported ({e}); run it on the device it was built for") from None
-        trt = TrtBackend(path)
-        return trt if hasattr(trt, "forward") else _TrtAdapter(trt)
+        return TrtBackend(path)
     if backend != "ort":
         raise UserError(f"engine {path} needs backend {backend!r}, which this awq-edge does not have; rebuild it")
     try:

@@ -176,4 +176,15 @@ def load_kernels(gpu_arch: str):
         fn.restype = ctypes.c_int
     lib.awq_w4a16_status_string.argtypes = [ctypes.c_int]
     lib.awq_w4a16_status_string.restype = ctypes.c_char_p
+    declare_sampler(lib)
     return lib
+
+
+def declare_sampler(lib) -> None:
+    """argtypes of awq_sample_token (kernels/sample.h), in either library (both link it)."""
+    import ctypes
+
+    lib.awq_sample_token.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+                                     ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_void_p]
+    lib.awq_sample_token.restype = ctypes.c_int

@@ -46,7 +46,9 @@ class QuantizeSettings:
     duo_scaling: bool = False  # s = x_mean^a / w_mean^(1-a) (AutoAWQ) instead of x_mean^a (paper)
     clip_grid: int = 20  # clip ratios from 1.0 down to 1 - clip_max_shrink
     clip_max_shrink: float = 0.5
+    clip_mode: str = "symmetric"  # symmetric: [-r max|w|, r max|w|] | range: [r min, r max] | both
     clip_tokens: int = 512  # tokens the clip search compares on
+    skip_first_tokens: int = 0  # EXPERIMENT: leave each sequence's first tokens out of x_mean and per-token losses
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
@@ -79,27 +81,26 @@ def _quant_params(wg: torch.Tensor):
     return scale, zero
 
 
-def _quantize_groups(wg: torch.Tensor, clip: torch.Tensor | None = None):
-    """wg [..., g], clamped to +-clip [...] first if given -> (q as float, scale, zero)."""
+def _quantize_groups(wg: torch.Tensor, clip=None):
+    """wg [..., g], clamped to clip = (low, high) [...] first if given -> (q as float, scale, zero)."""
     if clip is not None:
-        c = clip.unsqueeze(-1)
-        wg = wg.clamp(-c, c)
+        wg = torch.maximum(torch.minimum(wg, clip[1].unsqueeze(-1)), clip[0].unsqueeze(-1))
     scale, zero = _quant_params(wg)
     return (torch.round(wg / scale) + zero).clamp(0, MAX_INT), scale, zero
 
 
-def _quantized_chunks(w: torch.Tensor, group_size: int, clip: torch.Tensor | None):
+def _quantized_chunks(w: torch.Tensor, group_size: int, clip: tuple | None):
     """(column slice, group slice, (q, scale, zero) of those groups) for w [out, in]."""
     out_f = w.shape[0]
     for cols, gs, g in _group_chunks(w.shape[1], group_size):
         wg = w[:, cols].float().reshape(out_f, -1, g)
-        yield cols, gs, _quantize_groups(wg, None if clip is None else clip[:, gs])
+        yield cols, gs, _quantize_groups(wg, None if clip is None else (clip[0][:, gs], clip[1][:, gs]))
 
 
-def quantize_tensor(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None):
+def quantize_tensor(w: torch.Tensor, group_size: int, clip: tuple | None = None):
     """w [out, in] -> (q uint8 [out, in], scales fp16 [out, groups], zeros uint8 [out, groups]).
 
-    clip [out, groups], if given, clamps each group to [-clip, clip] first.
+    clip = (low, high), each [out, groups], if given, clamps each group to [low, high] first.
     """
     out_f, k = w.shape
     groups = -(-k // group_size)
@@ -113,7 +114,7 @@ def quantize_tensor(w: torch.Tensor, group_size: int, clip: torch.Tensor | None 
     return q, scales, zeros
 
 
-def fake_quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, group_size: int, clip: tuple | None = None) -> torch.Tensor:
     """Quantize then dequantize (same numbers as quantize_tensor), on w's device, in fp32."""
     result = torch.empty(w.shape, dtype=torch.float32, device=w.device)
     for cols, _, (qg, scale, zero) in _quantized_chunks(w, group_size, clip):
@@ -277,36 +278,52 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
 
 # ---------------------------------------------------------------- clipping search
 
+def clip_candidates(wg: torch.Tensor, settings: QuantizeSettings):
+    """(low, high) [oc, groups] pairs to try for wg [oc, groups, g], the unclipped range first.
+
+    symmetric (the reference): [-r max|w|, r max|w|], which shrinks the longer side first;
+    range: [r min, r max], which keeps a skewed group's shape; both: the union."""
+    wmax, wmin = wg.amax(-1), wg.amin(-1)
+    max_abs = torch.maximum(wmax, -wmin)
+    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+    if settings.clip_mode in ("symmetric", "both"):
+        for r in ratios:
+            yield -max_abs * r, max_abs * r
+    if settings.clip_mode in ("range", "both"):
+        for r in ratios:
+            yield wmin * r, wmax * r
+
+
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256) -> torch.Tensor:
-    """Best max |w| per (output channel, group): minimises each group's partial-output MSE."""
+def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256):
+    """Best (low, high) clamp per (output channel, group), each [out, groups]: minimises each
+    group's partial-output MSE sum_j x_j (w_j - wq_j) on the captured inputs."""
     out_f, k = w.shape
     if len(x) > settings.clip_tokens:
         x = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()]
-    gs_total = -(-k // settings.group_size)
-    best_clip = torch.empty(out_f, gs_total, device=w.device)
-    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+    groups = -(-k // settings.group_size)
+    best_low = torch.empty(out_f, groups, device=w.device)
+    best_high = torch.empty(out_f, groups, device=w.device)
     for cols, gsl, g in _group_chunks(k, settings.group_size):
         xg = x[:, cols].reshape(len(x), -1, g).permute(1, 0, 2)  # [groups, tokens, g]
         for o0 in range(0, out_f, oc_batch):
             wg = w[o0:o0 + oc_batch, cols].reshape(-1, xg.shape[0], g)  # [oc, groups, g]
-            max_abs = wg.abs().amax(-1)  # [oc, groups]
             ref = torch.bmm(xg, wg.permute(1, 2, 0))  # [groups, tokens, oc]
-            best_err = torch.full_like(max_abs, math.inf)
-            best = max_abs.clone()
-            for r in ratios:
-                c = max_abs * r
-                wq = fake_quantize_groups(wg, c)
+            best_err = torch.full(wg.shape[:2], math.inf, device=w.device)
+            low, high = wg.amin(-1), wg.amax(-1)
+            for lo, hi in clip_candidates(wg, settings):
+                wq = fake_quantize_groups(wg, (lo, hi))
                 err = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2).mean(1).T  # [oc, groups]
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
-                best = torch.where(better, c, best)
-            best_clip[o0:o0 + oc_batch, gsl] = best
-    return best_clip
+                low, high = torch.where(better, lo, low), torch.where(better, hi, high)
+            best_low[o0:o0 + oc_batch, gsl] = low
+            best_high[o0:o0 + oc_batch, gsl] = high
+    return best_low, best_high
 
 
-def fake_quantize_groups(wg: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-    """wg [oc, groups, g] clamped to +-clip [oc, groups], quantized and dequantized."""
+def fake_quantize_groups(wg: torch.Tensor, clip) -> torch.Tensor:
+    """wg [oc, groups, g] clamped to clip = (low, high) [oc, groups], quantized and dequantized."""
     qg, scale, zero = _quantize_groups(wg, clip)
     return (qg - zero) * scale
 
@@ -385,6 +402,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         def hook(name):
             def fn(_module, args, _out):
                 x = args[0].detach().float()
+                if settings.skip_first_tokens and name not in ATTENTION_INPUTS:
+                    x = x[:, settings.skip_first_tokens:]
                 flat = x.reshape(-1, x.shape[-1])
                 abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
                 if name in ATTENTION_INPUTS:
@@ -401,7 +420,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             for xb in _batched(inputs, settings.batch_size):
                 outputs.append(_layer_output(layer(xb.to(dev), **kwargs)).float().cpu())
                 counted["seqs"] += len(xb)
-                counted["tokens"] += xb.shape[0] * xb.shape[1]
+                counted["tokens"] += xb.shape[0] * (xb.shape[1] - settings.skip_first_tokens)
         for h in handles:
             h.remove()
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}

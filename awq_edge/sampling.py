@@ -43,28 +43,49 @@ def apply_repetition_penalty(logits: np.ndarray, seen_ids, penalty: float) -> np
     return logits
 
 
+def candidates(logits: np.ndarray, settings: SamplingSettings, seen_ids=()):
+    """(ids highest first, their probabilities) after the penalty, temperature, top-k and top-p."""
+    s = settings
+    logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), seen_ids, s.repetition_penalty)
+    if 0 < s.top_k < logits.shape[0]:
+        ids = np.argpartition(logits, -s.top_k)[-s.top_k:]
+    else:
+        ids = np.arange(logits.shape[0])
+    ids = ids[np.argsort(-logits[ids], kind="stable")]
+    scaled = logits[ids].astype(np.float64) / s.temperature
+    probs = np.exp(scaled - scaled[0])
+    probs /= probs.sum()
+    if s.top_p < 1.0:
+        # Keep the smallest head whose mass reaches top_p (always at least one token).
+        keep = int(np.searchsorted(np.cumsum(probs), s.top_p)) + 1
+        ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+    return ids, probs
+
+
+def choose_token(logits: np.ndarray, settings: SamplingSettings, seen_ids=(), uniform: float = 0.0) -> int:
+    """The token for logits [vocab] given the draw `uniform` in [0, 1) (unused when greedy).
+
+    plugins/kernels/sample.cu implements the same rule on the GPU; tests compare the two."""
+    if settings.temperature == 0:
+        logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), seen_ids,
+                                          settings.repetition_penalty)
+        return int(np.argmax(logits))
+    ids, probs = candidates(logits, settings, seen_ids)
+    return int(ids[min(np.searchsorted(np.cumsum(probs), uniform), len(ids) - 1)])
+
+
 class Sampler:
+    """Draws one uniform per sampled token from a generator seeded once per generation.
+
+    Logits that live on a GPU (trt_backend.DeviceLogits) are sampled there with the same draw."""
+
     def __init__(self, settings: SamplingSettings):
         settings.validate()
         self.settings = settings
         self.rng = np.random.default_rng(settings.seed)
 
-    def __call__(self, logits: np.ndarray, seen_ids=()) -> int:
-        s = self.settings
-        logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), seen_ids, s.repetition_penalty)
-        if s.temperature == 0:
-            return int(np.argmax(logits))
-        # Candidates: the top-k ids (or all), highest first.
-        if 0 < s.top_k < logits.shape[0]:
-            ids = np.argpartition(logits, -s.top_k)[-s.top_k:]
-        else:
-            ids = np.arange(logits.shape[0])
-        ids = ids[np.argsort(-logits[ids], kind="stable")]
-        scaled = logits[ids].astype(np.float64) / s.temperature
-        probs = np.exp(scaled - scaled[0])
-        probs /= probs.sum()
-        if s.top_p < 1.0:
-            # Keep the smallest head whose mass reaches top_p (always at least one token).
-            keep = int(np.searchsorted(np.cumsum(probs), s.top_p)) + 1
-            ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
-        return int(ids[min(np.searchsorted(np.cumsum(probs), self.rng.random()), len(ids) - 1)])
+    def __call__(self, logits, seen_ids=()) -> int:
+        uniform = self.rng.random() if self.settings.temperature > 0 else 0.0
+        if hasattr(logits, "sample_on_device"):
+            return logits.sample_on_device(self.settings, seen_ids, uniform)
+        return choose_token(logits, self.settings, seen_ids, uniform)

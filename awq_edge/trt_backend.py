@@ -10,8 +10,10 @@ needs neither TensorRT nor a GPU; both are looked for when a backend is created.
   place); kv_mode concat keeps two buffers per tensor and swaps them after every step.
 - Profile 0 runs prefill, profile 1 decode. In shared_buffer mode decode shapes never
   change, so the decode step is captured once as a CUDA graph and replayed.
-- Sampling is greedy/temperature on the host from the fp32 logits of the last position
-  (one V-sized copy per token); sampling on the GPU is not implemented yet.
+- forward() returns DeviceLogits: the last position's logits stay on the GPU and the
+  Sampler picks the token there (plugins/kernels/sample.cu, same rule and same random draw
+  as the host Sampler), so one int32 crosses to the host per token, not V floats.
+  np.asarray(device_logits) copies them over when a caller wants them.
 """
 from __future__ import annotations
 
@@ -48,8 +50,27 @@ def check_manifest(manifest: dict, gpus: list, tensorrt_version: str | None) -> 
                         "is installed; engines do not move across TensorRT versions: rebuild it")
 
 
+class DeviceLogits:
+    """Logits [vocab] float32 at `ptr` on the GPU, valid until the backend's next forward()."""
+
+    def __init__(self, backend: "TrtBackend", ptr: int):
+        self.backend, self.ptr = backend, ptr
+        self.shape = (backend.vocab_size,)
+
+    def __array__(self, dtype=None, copy=None):
+        host = np.empty(self.shape, dtype=np.float32)
+        cuda = self.backend.cuda
+        cuda.check(cuda.lib.cudaMemcpyAsync(host.ctypes.data, self.ptr, host.nbytes, 2, self.backend.stream), "D2H")
+        cuda.stream_synchronize(self.backend.stream)
+        return host if dtype is None else host.astype(dtype)
+
+    def sample_on_device(self, settings, seen_ids, uniform: float) -> int:
+        return self.backend.sample_token(self.ptr, settings, seen_ids, uniform)
+
+
 class TrtBackend:
-    """prefill(tokens) -> logits of the last position; decode(token) -> logits; reset() empties the cache."""
+    """The backend interface of awq_edge.engine (like backend_ort.OrtBackend):
+    forward(ids) -> logits after the last id; rewind(position); position; max_context."""
 
     def __init__(self, engine_dir: Path):
         from .cuda_runtime import CudaError, CudaRuntime, find_gpus
@@ -78,8 +99,9 @@ class TrtBackend:
         self.max_context = int(plan["max_context"])
         self.kv_mode = plan.get("kv_mode", "concat")
         self._allocate()
+        self._allocate_sampling()
         self._decode_graph = None
-        self.reset()
+        self.past_length = 0
 
     # ------------------------------------------------------------ buffers
     def _np_dtype(self, name: str):
@@ -120,8 +142,51 @@ class TrtBackend:
         """Device bytes held by the KV cache (both halves of the double buffers in concat mode)."""
         return self._kv_bytes
 
-    def reset(self) -> None:
-        self.past_length = 0
+    def _allocate_sampling(self) -> None:
+        """Scratch for awq_sample_token: 2 x vocab floats, one token, and the seen ids."""
+        from .plugins import declare_sampler
+
+        self.sampler_lib = ctypes.CDLL(str(self.dir / self.manifest["plugin_library"]))  # already loaded by TensorRT
+        declare_sampler(self.sampler_lib)
+        if self._np_dtype("logits") != np.float32:
+            raise UserError("this engine's logits are not float32; rebuild it with this awq-edge (`awq-edge build`)")
+        self.sample_work = self.cuda.malloc(2 * self.vocab_size * 4)
+        self.sample_token_out = self.cuda.malloc(4)
+        self.seen_capacity = self.max_context
+        self.seen_ids = self.cuda.malloc(self.seen_capacity * 4)
+
+    # ------------------------------------------------------------ the engine's interface
+    @property
+    def position(self) -> int:
+        return self.past_length
+
+    def rewind(self, position: int) -> None:
+        """Forget everything after `position` tokens (rows after it are overwritten by the next step)."""
+        self.past_length = int(position)
+
+    def forward(self, ids) -> DeviceLogits:
+        ids = [int(i) for i in ids]
+        if len(ids) == 1 and self.past_length > 0:
+            return self.decode(ids[0])
+        return self.prefill(ids)
+
+    def sample_token(self, logits_ptr: int, settings, seen_ids, uniform: float) -> int:
+        """The next token by the Sampler's rule, chosen on the GPU (plugins/kernels/sample.h)."""
+        cuda = self.cuda
+        seen = np.unique(np.asarray(seen_ids, dtype=np.int32)) if settings.repetition_penalty != 1.0 else None
+        n_seen = 0 if seen is None else min(len(seen), self.seen_capacity)
+        if n_seen:
+            cuda.check(cuda.lib.cudaMemcpyAsync(self.seen_ids, seen.ctypes.data, n_seen * 4, 1, self.stream), "H2D")
+        status = self.sampler_lib.awq_sample_token(
+            logits_ptr, self.vocab_size, self.seen_ids, n_seen, settings.repetition_penalty, settings.temperature,
+            settings.top_k, settings.top_p, min(float(uniform), float(np.nextafter(np.float32(1), np.float32(0)))),
+            self.sample_work, self.sample_token_out, self.stream)
+        if status != 0:
+            raise UserError(f"GPU sampling failed (awq_sample_token returned {status}); check the sampling settings")
+        token = np.zeros(1, dtype=np.int32)
+        cuda.check(cuda.lib.cudaMemcpyAsync(token.ctypes.data, self.sample_token_out, 4, 2, self.stream), "D2H")
+        cuda.stream_synchronize(self.stream)
+        return int(token[0])
 
     # ------------------------------------------------------------ steps
     def _bind_and_run(self, tokens: np.ndarray, profile: int) -> np.ndarray:
@@ -154,29 +219,29 @@ class TrtBackend:
             for past in self.kv_spare:
                 self.buffers[past], self.kv_spare[past] = self.kv_spare[past], self.buffers[past]
         self.past_length += n_new
-        logits_name = "logits" if "logits" in self.outputs else self.outputs[0]
-        shape = tuple(ctx.get_tensor_shape(logits_name))
-        logits = np.empty(shape, dtype=self._np_dtype(logits_name))
-        cuda.check(cuda.lib.cudaMemcpyAsync(logits.ctypes.data, self.buffers[logits_name], logits.nbytes, 2,
-                                            self.stream), "cudaMemcpyAsync")
-        cuda.stream_synchronize(self.stream)
-        return logits.reshape(-1, logits.shape[-1])[-1]
+        return self._last_logits()
 
-    def prefill(self, token_ids) -> np.ndarray:
+    def _last_logits(self) -> DeviceLogits:
+        """The logits row of the last position, left on the GPU (the stream orders later reads)."""
+        shape = tuple(self.context.get_tensor_shape("logits"))  # [1, vocab] or [1, seq, vocab]
+        rows = int(np.prod(shape[:-1]))
+        return DeviceLogits(self, self.buffers["logits"] + (rows - 1) * self.vocab_size * 4)
+
+    def prefill(self, token_ids) -> DeviceLogits:
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         if self.past_length + tokens.shape[1] > self.max_context:
             raise UserError(f"context full: {self.past_length} + {tokens.shape[1]} tokens > max context "
                             f"{self.max_context} the engine was built for (awq-edge build --max-context)")
         return self._bind_and_run(tokens, 0)
 
-    def decode(self, token_id: int) -> np.ndarray:
+    def decode(self, token_id: int) -> DeviceLogits:
         if self.past_length + 1 > self.max_context:
             raise UserError(f"context full at {self.max_context} tokens (rebuild with a larger --max-context)")
         if self.kv_mode != "shared_buffer":
             return self._bind_and_run(np.array([[token_id]]), 1)
         return self._decode_with_graph(int(token_id))
 
-    def _decode_with_graph(self, token_id: int) -> np.ndarray:
+    def _decode_with_graph(self, token_id: int) -> DeviceLogits:
         """Decode shapes are fixed in shared_buffer mode: capture one step, then replay it."""
         if self._decode_graph is None:
             logits = self._bind_and_run(np.array([[token_id]]), 1)  # also sets shapes and addresses
@@ -194,17 +259,4 @@ class TrtBackend:
         self.cuda.check(lib.cudaMemcpyAsync(self.buffers["past_length"], past.ctypes.data, 8, 1, self.stream), "H2D")
         self.cuda.check(lib.cudaGraphLaunch(self._decode_graph, self.stream), "cudaGraphLaunch")
         self.past_length += 1
-        name = "logits" if "logits" in self.outputs else self.outputs[0]
-        logits = np.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._np_dtype(name))
-        self.cuda.check(lib.cudaMemcpyAsync(logits.ctypes.data, self.buffers[name], logits.nbytes, 2, self.stream),
-                        "D2H")
-        self.cuda.stream_synchronize(self.stream)
-        return logits.reshape(-1, logits.shape[-1])[-1]
-
-    @staticmethod
-    def sample(logits: np.ndarray, temperature: float = 0.0, rng: np.random.Generator | None = None) -> int:
-        if temperature <= 0:
-            return int(np.argmax(logits))
-        z = (logits.astype(np.float64) - logits.max()) / temperature
-        p = np.exp(z)
-        return int((rng or np.random.default_rng()).choice(len(p), p=p / p.sum()))
+        return self._last_logits()

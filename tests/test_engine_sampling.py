@@ -99,3 +99,24 @@ def test_stream_decoder_gives_up_waiting_on_invalid_bytes(tokenizer):
     decoder = StreamDecoder(tokenizer)
     out = [decoder.push(lead)] + [decoder.push(i) for i in words] + [decoder.flush()]
     assert "".join(out).endswith("follow here")
+
+
+def test_device_logits_get_the_same_draw_as_the_host_path():
+    """GPU logits (trt_backend.DeviceLogits) are sampled where they are, with the uniform the
+    host path would have used, so a seed gives the same stream of draws on either backend."""
+    class OnDevice:
+        def __init__(self):
+            self.calls = []
+
+        def sample_on_device(self, settings, seen_ids, uniform):
+            self.calls.append((settings.temperature, list(seen_ids), uniform))
+            return 7
+
+    logits = OnDevice()
+    sampler = Sampler(SamplingSettings(temperature=0.8, seed=3))
+    assert sampler(logits, [1, 2]) == 7 and sampler(logits, [1, 2, 7]) == 7
+    expected = np.random.default_rng(3)
+    assert logits.calls == [(0.8, [1, 2], expected.random()), (0.8, [1, 2, 7], expected.random())]
+    greedy = Sampler(SamplingSettings(temperature=0.0, seed=3))
+    greedy(logits, [])
+    assert logits.calls[-1][2] == 0.0 and greedy.rng.random() == np.random.default_rng(3).random()

@@ -87,3 +87,74 @@ def test_invalid_arguments_are_refused(gpu):
         assert lib.awq_w4a16_gemv(buf, buf, buf, buf, buf, 9, 64, 64, 32, None) == -1  # GEMV is for M <= 8
     finally:
         cuda.free(buf)
+
+
+# ---------------------------------------------------------------- token sampling (sample.cu)
+
+def sample_on_gpu(gpu, logits: np.ndarray, settings, seen, uniform: float) -> int:
+    cuda, lib = gpu
+    seen = np.unique(np.asarray(seen, dtype=np.int32))
+    ptrs = [cuda.to_device(np.ascontiguousarray(logits, dtype=np.float32)),
+            cuda.to_device(seen if len(seen) else np.zeros(1, np.int32))]
+    work, token = cuda.malloc(2 * len(logits) * 4), cuda.malloc(4)
+    try:
+        cuda.memset(token, 0xFF, 4)  # -1: a kernel that writes nothing fails
+        status = lib.awq_sample_token(ptrs[0], len(logits), ptrs[1], len(seen), settings.repetition_penalty,
+                                      settings.temperature, settings.top_k, settings.top_p, uniform, work, token,
+                                      None)
+        assert status == 0
+        cuda.synchronize()
+        out = np.zeros(1, np.int32)
+        cuda.to_host(token, out)
+    finally:
+        for p in (*ptrs, work, token):
+            cuda.free(p)
+    return int(out[0])
+
+
+@pytest.mark.parametrize("vocab", [7, 1000, 49152, 151936])
+@pytest.mark.parametrize("temperature, top_k, top_p, penalty", [
+    (0.0, 50, 0.95, 1.0), (0.0, 0, 1.0, 1.3), (0.7, 50, 0.95, 1.0), (1.0, 0, 0.9, 1.0),
+    (0.8, 0, 1.0, 1.0), (1.2, 3000, 0.5, 1.1), (0.5, 1, 1.0, 1.0)])
+def test_sampling_matches_the_host_sampler(gpu, vocab, temperature, top_k, top_p, penalty):
+    """Same logits, same uniform draw: the GPU picks the host Sampler's token (float rounding
+    at a boundary may flip a rare draw, so 97% must agree and every pick must be a kept id)."""
+    from awq_edge.sampling import SamplingSettings, candidates, choose_token
+
+    settings = SamplingSettings(temperature, top_k, top_p, penalty)
+    rng = np.random.default_rng(vocab + top_k)
+    agree, draws = 0, 40
+    for i in range(draws):
+        logits = (rng.standard_normal(vocab) * 3).astype(np.float32)
+        seen = rng.integers(0, vocab, size=20)
+        u = float(rng.random())
+        want = choose_token(logits, settings, seen, u)
+        got = sample_on_gpu(gpu, logits, settings, seen, u)
+        assert 0 <= got < vocab
+        agree += got == want
+        if temperature == 0:
+            assert got == want
+        else:  # the pick is one of the host's kept ids
+            assert got in set(candidates(logits, settings, seen)[0].tolist())
+    assert agree >= 0.97 * draws, f"{agree}/{draws} draws agree with the host Sampler"
+
+
+def test_sampling_ties_pick_the_lowest_id(gpu):
+    from awq_edge.sampling import SamplingSettings
+
+    logits = np.zeros(5000, np.float32)
+    logits[[4000, 17, 2500]] = 5.0
+    assert sample_on_gpu(gpu, logits, SamplingSettings(0.0), [], 0.0) == 17
+
+
+def test_sampling_invalid_arguments_are_refused(gpu):
+    cuda, lib = gpu
+    buf = cuda.malloc(1 << 16)
+    try:
+        for vocab, penalty, temperature, top_k, top_p, u in [(0, 1, 1, 0, 1, 0.5), (10, 0, 1, 0, 1, 0.5),
+                                                             (10, 1, -1, 0, 1, 0.5), (10, 1, 1, -1, 1, 0.5),
+                                                             (10, 1, 1, 0, 0, 0.5), (10, 1, 1, 0, 1, 1.0)]:
+            assert lib.awq_sample_token(buf, vocab, buf, 0, penalty, temperature, top_k, top_p, u, buf, buf,
+                                        None) == -1
+    finally:
+        cuda.free(buf)

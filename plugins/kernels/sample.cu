@@ -1,0 +1,241 @@
+// Token choice on the GPU for batch-1 decode (the rule and the ABI are in sample.h).
+//
+// One block of 1024 threads. Nothing is sorted: every cut is a threshold logit, found
+// exactly on the float's order-preserving bit pattern (its "key"):
+//   top-k:          radix select, four passes of 8-bit digits with integer counts;
+//   top-p, draw:    bisection over keys (at most 32 halvings) on the mass at or above them.
+// When the top-k set fits in shared memory (the usual top_k = 50) it is first compacted
+// there in id order, so the bisections do not stream the vocabulary again. Every reduction
+// has a fixed shape, so the same inputs give the same token on every run.
+#include <math.h>
+#include <stdint.h>
+
+#include <cuda_runtime.h>
+
+#include "sample.h"
+
+namespace {
+
+constexpr int kThreads = 1024;                 // 32 warps: a block reduction ends in one warp
+constexpr uint32_t kSharedCandidates = 2048;   // top-k sets up to this size live in shared memory
+
+__device__ __forceinline__ uint32_t order_key(float f) {
+    // IEEE-754 bits -> an unsigned int ordered like the floats (negatives reversed).
+    const uint32_t u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_to_float(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+struct SumOp {
+    template <typename T> __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+    template <typename T> __device__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+struct MinOp {
+    template <typename T> __device__ T operator()(T a, T b) const { return a < b ? a : b; }
+};
+
+// Every thread gets the result. `partial` is 32 entries of shared memory.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op, T* partial) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    __syncthreads();  // a previous reduction may still be reading `partial`
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = partial[threadIdx.x & 31];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum of prob[i] over the i whose logit key is >= t.
+__device__ float mass_at_least(const float* logit, const float* prob, int n, uint32_t t, float* partial) {
+    float s = 0.f;
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+        if (order_key(logit[i]) >= t) s += prob[i];
+    }
+    return block_reduce(s, SumOp(), partial);
+}
+
+// The largest key t in [lo, hi] with mass_at_least(t) >= target, given that it holds at lo.
+// The mass only changes at element keys, so t is always some element's key.
+__device__ uint32_t highest_threshold(const float* logit, const float* prob, int n, uint32_t lo, uint32_t hi,
+                                      float target, float* partial) {
+    while (lo < hi) {
+        const uint32_t mid = lo + static_cast<uint32_t>((static_cast<uint64_t>(hi) - lo + 1) >> 1);
+        if (mass_at_least(logit, prob, n, mid, partial) >= target) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return lo;
+}
+
+__global__ void __launch_bounds__(kThreads)
+sample_kernel(const float* __restrict__ logits, int vocab, const int32_t* __restrict__ seen, int n_seen,
+              float penalty, float temperature, int top_k, float top_p, float uniform, float* __restrict__ work,
+              int32_t* __restrict__ token) {
+    __shared__ float partial_f[32];
+    __shared__ uint32_t partial_u[32];
+    __shared__ unsigned long long partial_u64[32];
+    __shared__ uint32_t histogram[256];
+    __shared__ uint32_t digit[2];  // the chosen digit, and how many keys are still to cover below it
+    __shared__ uint32_t warp_offset[32];
+    __shared__ uint32_t tile_total;
+    __shared__ float cand_logit[kSharedCandidates];
+    __shared__ float cand_prob[kSharedCandidates];
+    __shared__ int32_t cand_id[kSharedCandidates];
+
+    const int tid = threadIdx.x;
+    float* logit = work;          // [vocab] logits after the repetition penalty
+    float* prob = work + vocab;   // [vocab] exp((logit - max) / T) of the top-k candidates, else 0
+
+    // 1. repetition penalty, computed from the input logit so a repeated id is penalised once
+    for (int i = tid; i < vocab; i += kThreads) logit[i] = logits[i];
+    __syncthreads();
+    if (penalty != 1.f) {
+        for (int j = tid; j < n_seen; j += kThreads) {
+            const int id = seen[j];
+            if (id >= 0 && id < vocab) {
+                const float x = logits[id];
+                logit[id] = x > 0.f ? x / penalty : x * penalty;
+            }
+        }
+        __syncthreads();
+    }
+
+    // 2. argmax, lowest id on ties: the key in the high half, the complemented id in the low half
+    unsigned long long best = 0;
+    for (int i = tid; i < vocab; i += kThreads) {
+        const unsigned long long packed =
+            (static_cast<unsigned long long>(order_key(logit[i])) << 32) | (0xffffffffu - static_cast<uint32_t>(i));
+        best = best > packed ? best : packed;
+    }
+    best = block_reduce(best, MaxOp(), partial_u64);
+    if (temperature <= 0.f) {
+        if (tid == 0) *token = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(best & 0xffffffffu));
+        return;
+    }
+    const uint32_t top_key = static_cast<uint32_t>(best >> 32);
+    const float top_logit = key_to_float(top_key);
+
+    // 3. top-k: the key of the k-th largest logit, one 8-bit digit at a time from the top
+    uint32_t kth = 0;  // 0: every id is a candidate
+    if (top_k > 0 && top_k < vocab) {
+        uint32_t prefix = 0, remaining = static_cast<uint32_t>(top_k);
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            const uint32_t high_mask = shift == 24 ? 0u : ~0u << (shift + 8);
+            for (int b = tid; b < 256; b += kThreads) histogram[b] = 0;
+            __syncthreads();
+            for (int i = tid; i < vocab; i += kThreads) {
+                const uint32_t k = order_key(logit[i]);
+                if ((k & high_mask) == prefix) atomicAdd(&histogram[(k >> shift) & 255u], 1u);
+            }
+            __syncthreads();
+            if (tid == 0) {  // walk down from digit 255 until `remaining` keys are covered
+                uint32_t above = 0;
+                int d = 255;
+                while (above + histogram[d] < remaining) above += histogram[d--];
+                digit[0] = static_cast<uint32_t>(d);
+                digit[1] = remaining - above;
+            }
+            __syncthreads();
+            prefix |= digit[0] << shift;
+            remaining = digit[1];
+        }
+        kth = prefix;
+    }
+
+    // 4. unnormalised probabilities of the candidates
+    const float inv_t = 1.f / temperature;
+    uint32_t count = 0;
+    for (int i = tid; i < vocab; i += kThreads) {
+        const bool keep = order_key(logit[i]) >= kth;
+        prob[i] = keep ? expf((logit[i] - top_logit) * inv_t) : 0.f;
+        count += keep ? 1u : 0u;
+    }
+    count = block_reduce(count, SumOp(), partial_u);
+
+    // 5. few candidates: compact them into shared memory in id order (ballot + warp scan)
+    const float* c_logit = logit;
+    const float* c_prob = prob;
+    bool compacted = false;
+    int n = vocab;
+    if (count <= kSharedCandidates) {
+        const int lane = tid & 31, warp = tid >> 5;
+        uint32_t base = 0;
+        for (int tile = 0; tile < vocab; tile += kThreads) {
+            const int i = tile + tid;
+            const bool keep = i < vocab && order_key(logit[i]) >= kth;
+            const uint32_t ballot = __ballot_sync(0xffffffffu, keep);
+            if (lane == 0) warp_offset[warp] = __popc(ballot);
+            __syncthreads();
+            if (warp == 0) {  // exclusive scan of the 32 warp counts
+                const uint32_t own = warp_offset[lane];
+                uint32_t inclusive = own;
+#pragma unroll
+                for (int offset = 1; offset < 32; offset <<= 1) {
+                    const uint32_t up = __shfl_up_sync(0xffffffffu, inclusive, offset);
+                    if (lane >= offset) inclusive += up;
+                }
+                warp_offset[lane] = inclusive - own;
+                if (lane == 31) tile_total = inclusive;
+            }
+            __syncthreads();
+            if (keep) {
+                const uint32_t at = base + warp_offset[warp] + __popc(ballot & ((1u << lane) - 1u));
+                cand_logit[at] = logit[i];
+                cand_prob[at] = prob[i];
+                cand_id[at] = i;
+            }
+            base += tile_total;
+            __syncthreads();  // warp_offset and tile_total are rewritten by the next tile
+        }
+        c_logit = cand_logit;
+        c_prob = cand_prob;
+        compacted = true;
+        n = static_cast<int>(count);
+    }
+
+    // 6. top-p: the highest threshold whose head still holds top_p of the candidates' mass
+    const float total = mass_at_least(c_logit, c_prob, n, kth, partial_f);
+    uint32_t cut = kth;
+    float kept = total;
+    if (top_p < 1.f) {
+        cut = highest_threshold(c_logit, c_prob, n, kth, top_key, top_p * total, partial_f);
+        kept = mass_at_least(c_logit, c_prob, n, cut, partial_f);
+    }
+
+    // 7. the draw: the highest threshold whose head holds uniform * kept, and its lowest id
+    const uint32_t drawn = highest_threshold(c_logit, c_prob, n, cut, top_key, uniform * kept, partial_f);
+    uint32_t id = 0xffffffffu;
+    for (int j = tid; j < n; j += kThreads) {
+        if (order_key(c_logit[j]) == drawn) {
+            const uint32_t candidate = compacted ? static_cast<uint32_t>(cand_id[j]) : static_cast<uint32_t>(j);
+            id = candidate < id ? candidate : id;
+        }
+    }
+    id = block_reduce(id, MinOp(), partial_u);
+    if (tid == 0) *token = static_cast<int32_t>(id);
+}
+
+}  // namespace
+
+extern "C" int awq_sample_token(const float* logits, int vocab, const int32_t* seen, int n_seen,
+                                float repetition_penalty, float temperature, int top_k, float top_p, float uniform,
+                                float* work, int32_t* token, cudaStream_t stream) {
+    const bool valid = logits != nullptr && work != nullptr && token != nullptr && vocab >= 1 && top_k >= 0 &&
+                       top_p > 0.f && top_p <= 1.f && uniform >= 0.f && uniform < 1.f &&
+                       repetition_penalty > 0.f && isfinite(repetition_penalty) && temperature >= 0.f &&
+                       isfinite(temperature) && n_seen >= 0 && (n_seen == 0 || seen != nullptr);
+    if (!valid) return AWQ_SAMPLE_INVALID_ARGUMENT;
+    sample_kernel<<<1, kThreads, 0, stream>>>(logits, vocab, seen, n_seen, repetition_penalty, temperature, top_k,
+                                              top_p, uniform, work, token);
+    return static_cast<int>(cudaGetLastError());
+}
