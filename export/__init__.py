@@ -82,7 +82,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
     spec = model_spec(ckpt.config)
     _check_shapes(ckpt, target)
     t = Target(target, OPSETS[target], np.dtype(DTYPES[act_name]),
-               "shared_buffer" if target == "ort" else "concat", accuracy_level,
+               "concat" if target == "onnx" else "shared_buffer", accuracy_level,
                lm_head_bits, LM_HEAD_BLOCK, all_logits, last_hidden=rescore)
 
     staging = output_staging(out_dir, force)

@@ -1,10 +1,14 @@
-"""Attention, two ways.
+"""Attention, three ways.
 
 - `gqa_attention` (target ort, kv_mode shared_buffer): one com.microsoft GroupQueryAttention
   node per layer. It applies RoPE itself (do_rotary with cos/sin caches), writes the new K/V
   rows into the KV buffer in place (past and present bound to the same memory), masks causally
   (and by local_window_size for sliding layers) and handles grouped KV heads without copying.
-- `standard_attention` (targets trt and onnx, kv_mode concat): standard ops only. RoPE from
+- `plugin_attention` (target trt, kv_mode shared_buffer): one AwqAttention node per layer, our
+  TensorRT plugin (contract in plugins/README.md): RoPE, the new K/V rows written into the
+  cache input in place, and causal (windowed) attention with grouped KV heads. There are no
+  present outputs: the runtime's cache buffers are the past inputs.
+- `standard_attention` (target onnx, kv_mode concat): standard ops only. RoPE from
   gathered cos/sin rows, present = Concat(past, new), scores in fp32 with an additive mask,
   grouped heads by broadcasting a [1, Hkv, 1, T, D] K/V against [1, Hkv, rep, S, D] queries.
 
@@ -26,7 +30,6 @@ from .spec import ModelSpec
 class StepInfo:
     """Per-step tensors computed once at the top of the graph and shared by every layer."""
     past_length: str  # int64 [1]
-    seq_len: str  # int64 [1]
     # ort: GroupQueryAttention's lengths
     seqlens_k: str | None = None  # int32 [1] = past + S - 1
     total_length: str | None = None  # int32 scalar = past + S
@@ -35,11 +38,13 @@ class StepInfo:
     key_positions: str | None = None  # int64 [T]
 
 
-def step_info(b: GraphBuilder, input_ids: str, past_length: str, ort: bool) -> StepInfo:
+def step_info(b: GraphBuilder, input_ids: str, past_length: str, target: str) -> StepInfo:
+    info = StepInfo(past_length)
+    if target == "trt":  # the AwqAttention plugin takes past_length as it is
+        return info
     seq_len = b.op("Gather", b.op("Shape", input_ids), b.int64s(1), axis=0, name="seq_len")
     total = b.op("Add", past_length, seq_len, name="total_length")
-    info = StepInfo(past_length, seq_len)
-    if ort:
+    if target == "ort":
         info.seqlens_k = b.cast(b.op("Sub", total, b.int64s(1), name="seqlens_k"), TensorProto.INT32)
         info.total_length = b.cast(b.op("Reshape", total, b.int64s(), name="total_scalar"), TensorProto.INT32)
     else:
@@ -76,6 +81,22 @@ def gqa_attention(b: GraphBuilder, spec: ModelSpec, layer: int, query: str, key:
         local_window_size=window if window else -1,
         softcap=float(spec.attn_softcap or 0.0))
     return out
+
+
+# ---------------------------------------------------------------- trt: AwqAttention plugin
+
+ATTENTION_PLUGIN_OP = "AwqAttention"
+ATTENTION_PLUGIN_VERSION = "1"
+
+
+def plugin_attention(b: GraphBuilder, spec: ModelSpec, layer: int, q: str, k: str, v: str, past_key: str,
+                     past_value: str, past_length: str, cos_table: str, sin_table: str) -> str:
+    """q [1, S, H*D], k/v [1, S, Hkv*D] (after q/k norms, before RoPE); returns [1, S, H*D]."""
+    return b.op(ATTENTION_PLUGIN_OP, q, k, v, past_key, past_value, past_length, cos_table, sin_table,
+                domain="awq_edge", name="attention", num_heads=spec.heads, kv_heads=spec.kv_heads,
+                head_dim=spec.head_dim, window=int(spec.layer_windows[layer] or 0), scale=float(spec.attn_scale),
+                softcap=float(spec.attn_softcap or 0.0), plugin_version=ATTENTION_PLUGIN_VERSION,
+                plugin_namespace="")
 
 
 # ---------------------------------------------------------------- standard ops, concat KV

@@ -1,11 +1,16 @@
 """Run a `trt` export on the CPU: a test stand-in for the TensorRT engine.
 
-The trt graph's AwqMatMulW4A16 nodes exist only as a TensorRT plugin. This rewrite replaces
-each one by an ORT MatMulNBits node (accuracy_level 0: fp32 compute) built from the node's
-OWN initializers: qweight is unpacked from the plugin layout (int32 [N, K/8], AWQ nibble
-order) back to q [N, K], and zeros are read from fp16. So a wrong plugin layout shows up
-as wrong logits in the tests. Everything else is converted from fp16 to fp32, which makes
-the stand-in comparable with the float32 reference model to ~1e-6.
+The trt graph's AwqMatMulW4A16 and AwqAttention nodes exist only as TensorRT plugins. This
+rewrite replaces
+- each AwqMatMulW4A16 by an ORT MatMulNBits node (accuracy_level 0: fp32 compute) built from
+  the node's OWN initializers: qweight is unpacked from the plugin layout (int32 [N, K/8],
+  AWQ nibble order) back to q [N, K], and zeros are read from fp16. So a wrong plugin layout
+  shows up as wrong logits in the tests;
+- each AwqAttention by an ORT GroupQueryAttention node with the same inputs and attributes
+  (RoPE from the same tables, window, softcap, scale), whose present outputs are bound to the
+  past buffers (kv_mode shared_buffer), which is what the plugin's in-place write amounts to.
+Everything else is converted from fp16 to fp32, which makes the stand-in comparable with the
+float32 reference model to ~1e-6.
 
     from awq_edge.export.cpu_standin import standin_dir
     cpu_dir = standin_dir("out/trt", "out/trt-cpu")   # then OrtBackend(cpu_dir, ...)
@@ -23,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import UserError
 from ..packing import to_matmul_nbits, unpack_int4
 from .builder import MS_DOMAIN
+from .attention import ATTENTION_PLUGIN_OP
 from .linear import PLUGIN_OP
 
 STANDIN_TARGET = "trt_cpu_standin"
@@ -37,12 +43,49 @@ def unpack_plugin_weights(qweight: np.ndarray, scales: np.ndarray, zeros: np.nda
     return q, np.asarray(scales, dtype=np.float16), z.astype(np.uint8)
 
 
+def _gqa_lengths(past_length: str, inits: dict) -> tuple[list, str, str]:
+    """Nodes computing GroupQueryAttention's seqlens_k (int32 [1] = past + S - 1) and
+    total_sequence_length (int32 scalar = past + S) from the graph inputs."""
+    inits["standin/one"] = numpy_helper.from_array(np.array([1], np.int64), "standin/one")
+    inits["standin/scalar"] = numpy_helper.from_array(np.array([], np.int64), "standin/scalar")
+    nodes = [
+        helper.make_node("Shape", ["input_ids"], ["standin/ids_shape"]),
+        helper.make_node("Gather", ["standin/ids_shape", "standin/one"], ["standin/seq_len"], axis=0),
+        helper.make_node("Add", [past_length, "standin/seq_len"], ["standin/total"]),
+        helper.make_node("Sub", ["standin/total", "standin/one"], ["standin/last"]),
+        helper.make_node("Cast", ["standin/last"], ["standin/seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Reshape", ["standin/total", "standin/scalar"], ["standin/total_scalar"]),
+        helper.make_node("Cast", ["standin/total_scalar"], ["standin/total_length"], to=TensorProto.INT32),
+    ]
+    return nodes, "standin/seqlens_k", "standin/total_length"
+
+
+def _attention_as_gqa(node, lengths: tuple[str, str], graph) -> onnx.NodeProto:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    q, k, v, past_key, past_value, _past_length, cos, sin = node.input
+    presents = [name.replace("past_", "present_", 1) for name in (past_key, past_value)]
+    for name in presents:
+        graph.output.append(helper.make_tensor_value_info(
+            name, TensorProto.FLOAT, [1, attrs["kv_heads"], "past_sequence", attrs["head_dim"]]))
+    return helper.make_node(
+        "GroupQueryAttention", [q, k, v, past_key, past_value, *lengths, cos, sin], [node.output[0], *presents],
+        name=node.name, domain=MS_DOMAIN, num_heads=attrs["num_heads"], kv_num_heads=attrs["kv_heads"],
+        scale=attrs["scale"], do_rotary=1, rotary_interleaved=0,
+        local_window_size=attrs["window"] or -1, softcap=attrs["softcap"])
+
+
 def standin_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The trt graph with plugin nodes replaced by MatMulNBits and fp16 turned into fp32."""
+    """The trt graph with plugin nodes replaced by MatMulNBits / GroupQueryAttention and fp16 turned into fp32."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    new_nodes = []
+    new_nodes, lengths = [], None
     for node in graph.node:
+        if node.op_type == ATTENTION_PLUGIN_OP:
+            if lengths is None:
+                length_nodes, *lengths = _gqa_lengths(node.input[5], inits)
+                new_nodes.extend(length_nodes)
+            new_nodes.append(_attention_as_gqa(node, tuple(lengths), graph))
+            continue
         if node.op_type != PLUGIN_OP:
             if node.op_type == "Cast":
                 for a in node.attribute:

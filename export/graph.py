@@ -143,13 +143,14 @@ class Decoder:
         seq = "sequence"
         cache_dim = "past_sequence"
         present_dim = "past_sequence" if t.kv_mode == "shared_buffer" else "total_sequence"
+        presents = t.name != "trt"  # the trt plugin writes the past inputs in place
         input_ids = b.add_input("input_ids", TensorProto.INT64, [1, seq])
         past_length = b.add_input("past_length", TensorProto.INT64, [1])
         kv_shape = [1, spec.kv_heads, cache_dim, spec.head_dim]
         for i in range(spec.layers):
             b.add_input(f"past_key.{i}", act, kv_shape)
             b.add_input(f"past_value.{i}", act, kv_shape)
-        info = self.info = attention.step_info(b, input_ids, past_length, ort=t.kv_mode == "shared_buffer")
+        info = self.info = attention.step_info(b, input_ids, past_length, t.name)
 
         # RoPE tables: one per distinct frequency set (Gemma3: local and global).
         tables: dict[bytes, tuple[str, str]] = {}
@@ -226,7 +227,7 @@ class Decoder:
         b.add_output("logits", TensorProto.FLOAT, [1, seq, spec.vocab] if t.all_logits else [1, spec.vocab])
         if t.last_hidden:
             b.add_output("last_hidden", TensorProto.FLOAT, [1, spec.hidden])
-        for i in range(spec.layers):
+        for i in range(spec.layers if presents else 0):
             for kind in ("key", "value"):
                 b.add_output(f"present_{kind}.{i}", act, [1, spec.kv_heads, present_dim, spec.head_dim])
         return b.model(f"awq_edge_{spec.model_type}_{t.name}")
@@ -272,6 +273,8 @@ class Decoder:
             k = attention.head_norm(b, k, spec.kv_heads, spec.head_dim, self.norm_weight(f"{p}.k_norm.weight"), self.rms_norm)
         if t.name == "ort":
             ctx = attention.gqa_attention(b, spec, i, q, k, v, *past, self.info, *rope, names)
+        elif t.name == "trt":
+            ctx = attention.plugin_attention(b, spec, i, q, k, v, *past, self.info.past_length, *rope)
         else:
             ctx = attention.standard_attention(b, spec, q, k, v, *past, *rope, mask, names)
         return self.linear(ctx, f"{p}.o_proj")

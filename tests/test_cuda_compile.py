@@ -15,7 +15,8 @@ import pytest
 from awq_edge import plugins
 
 CHECK = plugins.PLUGINS_DIR / "check_compile.sh"
-C_ABI = {"awq_w4a16_gemv", "awq_w4a16_gemm", "awq_w4a16_matmul", "awq_w4a16_status_string"}
+C_ABI = {"awq_w4a16_gemv", "awq_w4a16_gemm", "awq_w4a16_matmul", "awq_w4a16_status_string", "awq_sample_token",
+         "awq_attention"}
 
 needs_nvcc = pytest.mark.skipif(plugins.find_nvcc() is None, reason="nvcc not found: CUDA compile checks skipped")
 

@@ -218,7 +218,25 @@ def test_plugin_initializers_decode_to_w_hat(exports, rtn_checkpoint):
         q, s, z = unpack_plugin_weights(qweight, scales, zeros, a["K"])
         np.testing.assert_array_equal(packing.dequantize(q, s, z, 128), lin.dequantize())
     info = json.loads((trt_dir / "export.json").read_text())
-    assert (info["act_dtype"], info["kv_mode"]) == ("float16", "concat")
+    assert (info["act_dtype"], info["kv_mode"]) == ("float16", "shared_buffer")
+
+
+def test_trt_attention_nodes_follow_the_plugin_contract(exports):
+    """One AwqAttention per layer, reading that layer's cache inputs in place (no present outputs),
+    with the fields of plugins/README.md and full RoPE tables of D/2 columns."""
+    model, inits = _inits(exports["trt"].parent / "trt" / "model.onnx")
+    nodes = [n for n in model.graph.node if n.op_type == "AwqAttention"]
+    assert len(nodes) == 30 and {n.domain for n in nodes} == {"awq_edge"}
+    assert not [o.name for o in model.graph.output if o.name.startswith("present_")]
+    for i, node in enumerate(nodes):
+        a = _attrs(node)
+        assert {k: a[k] for k in ("num_heads", "kv_heads", "head_dim", "window")} == {
+            "num_heads": 9, "kv_heads": 3, "head_dim": 64, "window": 0}
+        assert a["scale"] == pytest.approx(64 ** -0.5) and a["softcap"] == 0.0
+        assert a["plugin_version"] == b"1" and a["plugin_namespace"] == b""
+        assert list(node.input[3:6]) == [f"past_key.{i}", f"past_value.{i}", "past_length"]
+        cos, sin = (numpy_helper.to_array(inits[n]) for n in node.input[6:8])
+        assert cos.dtype == sin.dtype == np.float16 and cos.shape == sin.shape == (8192, 32)
 
 
 def test_dequantize_linear_initializers_decode_to_w_hat(exports, rtn_checkpoint):

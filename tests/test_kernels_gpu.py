@@ -158,3 +158,102 @@ def test_sampling_invalid_arguments_are_refused(gpu):
                                         None) == -1
     finally:
         cuda.free(buf)
+
+
+# ---------------------------------------------------------------- attention with the in-place KV cache
+
+def rope_tables(positions: int, d: int, base: float = 10000.0):
+    inv_freq = 1.0 / base ** (np.arange(0, d, 2) / d)
+    angles = np.arange(positions)[:, None] * inv_freq[None]
+    return np.cos(angles).astype(np.float16), np.sin(angles).astype(np.float16)
+
+
+def rotate(x, cos, sin):
+    """HF rotate_half RoPE on the last axis; x [..., D], cos/sin [..., D/2] broadcast."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@pytest.mark.parametrize("s, past, heads, kv_heads, d, window, softcap", [
+    (1, 0, 9, 3, 64, 0, 0.0), (1, 300, 9, 3, 64, 0, 0.0), (7, 100, 8, 8, 128, 0, 0.0),
+    (64, 0, 4, 1, 256, 0, 50.0), (1, 500, 8, 2, 128, 64, 0.0), (33, 40, 8, 4, 64, 16, 0.0)])
+def test_attention_writes_the_cache_in_place_and_matches_a_reference(gpu, s, past, heads, kv_heads, d, window,
+                                                                     softcap):
+    cuda, lib = gpu
+    rng = np.random.default_rng(s * 1000 + past + d)
+    capacity, positions = 640, 1024
+    scale = d ** -0.5
+    q = rng.standard_normal((s, heads, d)).astype(np.float16)
+    k = rng.standard_normal((s, kv_heads, d)).astype(np.float16)
+    v = rng.standard_normal((s, kv_heads, d)).astype(np.float16)
+    k_cache = rng.standard_normal((kv_heads, capacity, d)).astype(np.float16)  # rows < past: earlier steps
+    v_cache = rng.standard_normal((kv_heads, capacity, d)).astype(np.float16)
+    k_cache[:, past + s:] = v_cache[:, past + s:] = 7.0  # rows after the step must stay untouched
+    cos, sin = rope_tables(positions, d)
+
+    pos = past + np.arange(s)
+    k_rot = rotate(k.astype(np.float64), cos[pos][:, None], sin[pos][:, None])  # [s, Hkv, D]
+    q_rot = rotate(q.astype(np.float64), cos[pos][:, None], sin[pos][:, None])
+    keys = k_cache.astype(np.float64).copy()
+    values = v_cache.astype(np.float64).copy()
+    keys[:, pos] = k_rot.transpose(1, 0, 2)
+    values[:, pos] = v.astype(np.float64).transpose(1, 0, 2)
+    want = np.empty((s, heads, d))
+    for h in range(heads):
+        kv = h // (heads // kv_heads)
+        for i, p in enumerate(pos):
+            lo = max(0, p - window + 1) if window else 0
+            scores = keys[kv, lo:p + 1] @ q_rot[i, h] * scale
+            if softcap:
+                scores = softcap * np.tanh(scores / softcap)
+            w = np.exp(scores - scores.max())
+            want[i, h] = (w / w.sum()) @ values[kv, lo:p + 1]
+
+    arrays = [q, k, v, k_cache, v_cache, np.array([past], np.int64), cos, sin]
+    ptrs = [cuda.to_device(np.ascontiguousarray(a)) for a in arrays]
+    q_rot_dev, out = cuda.malloc(q.nbytes), cuda.malloc(q.nbytes)
+    try:
+        cuda.memset(out, NAN_FP16, q.nbytes)
+        status = lib.awq_attention(*ptrs, q_rot_dev, out, s, heads, kv_heads, d, capacity, positions, window, scale,
+                                   softcap, None)
+        assert status == 0
+        cuda.synchronize()
+        got = np.empty_like(q)
+        cuda.to_host(out, got)
+        k_after, v_after = np.empty_like(k_cache), np.empty_like(v_cache)
+        cuda.to_host(ptrs[3], k_after)
+        cuda.to_host(ptrs[4], v_after)
+    finally:
+        for p in (*ptrs, q_rot_dev, out):
+            cuda.free(p)
+    assert not np.isnan(got).any()
+    np.testing.assert_array_equal(k_after[:, :past], k_cache[:, :past])
+    np.testing.assert_array_equal(k_after[:, past + s:], k_cache[:, past + s:])
+    np.testing.assert_array_equal(v_after[:, past + s:], v_cache[:, past + s:])
+    np.testing.assert_array_equal(v_after[:, pos], v.transpose(1, 0, 2))
+    np.testing.assert_allclose(k_after[:, pos].astype(np.float64), keys[:, pos], atol=4e-3, rtol=2e-3)
+    err = np.abs(got.astype(np.float64) - want).max() / np.abs(want).max()
+    assert err < 5e-3, f"max relative error {err:.2e}"
+
+
+def test_attention_past_the_capacity_writes_nothing_and_returns_nan(gpu):
+    cuda, lib = gpu
+    heads, d, capacity = 2, 64, 16
+    cos, sin = rope_tables(64, d)
+    cache = np.full((1, capacity, d), 3.0, np.float16)
+    arrays = [np.ones((1, heads, d), np.float16), np.ones((1, 1, d), np.float16), np.ones((1, 1, d), np.float16),
+              cache, cache, np.array([capacity], np.int64), cos, sin]
+    ptrs = [cuda.to_device(np.ascontiguousarray(a)) for a in arrays]
+    out = cuda.malloc(heads * d * 2)
+    try:
+        assert lib.awq_attention(*ptrs, out, out, 1, heads, 1, d, capacity, 64, 0, 0.125, 0.0, None) == 0
+        cuda.synchronize()
+        got, after = np.empty((heads, d), np.float16), np.empty_like(cache)
+        cuda.to_host(out, got)
+        cuda.to_host(ptrs[3], after)
+    finally:
+        for p in (*ptrs, out):
+            cuda.free(p)
+    assert np.isnan(got).all() and (after == 3.0).all()
+    assert lib.awq_attention(*([0] * 10), 1, 2, 1, 96, 16, 64, 0, 0.125, 0.0, None) == -1  # D 96, null pointers

@@ -26,7 +26,7 @@ def src(tmp_path):
     d = tmp_path / "export"
     d.mkdir()
     (d / "model.onnx").write_bytes(b"\0" * 1024)
-    (d / "export.json").write_text(json.dumps({"target": "trt", "kv_mode": "concat", "weight_bytes": 1 << 20,
+    (d / "export.json").write_text(json.dumps({"target": "trt", "kv_mode": "shared_buffer", "weight_bytes": 1 << 20,
                                                "kv_bytes_per_token": 1 << 16, "max_position_embeddings": 8192}))
     return d
 
@@ -101,7 +101,7 @@ def test_memory_plan_fits_the_kv_cache_under_the_cap(src):
     from awq_edge.devices import resolve
 
     plan = trt_build.plan_memory(src / "model.onnx", resolve("rtx4090"), max_memory=None, max_context=None)
-    assert plan.weight_bytes == 1 << 20 and plan.kv_mode == "concat"
+    assert plan.weight_bytes == 1 << 20 and plan.kv_mode == "shared_buffer"
     assert plan.max_context == trt_build.DEFAULT_MAX_CONTEXT
     assert plan.kv_cache_bytes == plan.max_context * (1 << 16)
     assert plan.weight_bytes + plan.kv_cache_bytes + plan.workspace_bytes <= plan.cap_bytes

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <exception>
 
+#include "plugin_common.h"
 #include "w4a16.h"
 
 using namespace nvinfer1;
@@ -10,35 +11,9 @@ using namespace nvinfer1;
 namespace awq_edge {
 namespace {
 
-ILoggerFinder* gLoggerFinder = nullptr;
-
 enum InputIndex : int32_t { kX = 0, kQWeight = 1, kScales = 2, kZeros = 3, kNbInputs = 4 };
 
-// A dimension that is still unknown at build time (-1) matches anything.
-bool dimIs(int64_t actual, int64_t expected) { return actual == -1 || actual == expected; }
-
-// Reads one integer field; ONNX ints may arrive as int32 or int64.
-bool readIntField(PluginField const& field, int32_t& value) {
-    if (field.data == nullptr || field.length != 1) return false;
-    if (field.type == PluginFieldType::kINT32) {
-        value = *static_cast<int32_t const*>(field.data);
-        return true;
-    }
-    if (field.type == PluginFieldType::kINT64) {
-        value = static_cast<int32_t>(*static_cast<int64_t const*>(field.data));
-        return true;
-    }
-    return false;
-}
-
 }  // namespace
-
-void setLoggerFinder(ILoggerFinder* finder) noexcept { gLoggerFinder = finder; }
-
-void logError(std::string const& message) noexcept {
-    ILogger* logger = gLoggerFinder != nullptr ? gLoggerFinder->findLogger() : nullptr;
-    if (logger != nullptr) logger->log(ILogger::Severity::kERROR, ("AwqMatMulW4A16: " + message).c_str());
-}
 
 std::string AwqMatMulParams::problem() const {
     if (K <= 0 || K % 8 != 0) return "K must be a positive multiple of 8, got " + std::to_string(K);
@@ -84,7 +59,7 @@ int32_t AwqMatMulPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInpu
     if (nbInputs != kNbInputs || nbOutputs != 1) return -1;
     DimsExprs const& x = inputs[kX];
     if (x.nbDims < 2 || x.nbDims > 3) {
-        logError("X must have rank 2 or 3");
+        logError("AwqMatMulW4A16: X must have rank 2 or 3");
         return -1;
     }
     outputs[0] = x;  // Y = X with the last dimension K replaced by N
@@ -108,7 +83,7 @@ bool AwqMatMulPlugin::shapesMatch(Dims const& x, Dims const& qweight, Dims const
                     scales.nbDims == 2 && dimIs(scales.d[0], N) && dimIs(scales.d[1], groups) &&
                     zeros.nbDims == 2 && dimIs(zeros.d[0], N) && dimIs(zeros.d[1], groups);
     if (!ok) {
-        logError("input shapes do not match K=" + std::to_string(K) + " N=" + std::to_string(N) +
+        logError("AwqMatMulW4A16: input shapes do not match K=" + std::to_string(K) + " N=" + std::to_string(N) +
                  " group_size=" + std::to_string(mParams.group_size) +
                  " (need X [..., K], qweight [N, K/8], scales and zeros [N, ceil(K/G)])");
     }
@@ -139,7 +114,7 @@ int32_t AwqMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensor
         static_cast<__half const*>(inputs[kScales]), static_cast<__half const*>(inputs[kZeros]),
         static_cast<__half*>(outputs[0]), static_cast<int>(rows), mParams.N, mParams.K, mParams.group_size, stream);
     if (status != AWQ_W4A16_OK) {
-        logError(awq_w4a16_status_string(status));
+        logError(std::string("AwqMatMulW4A16: ") + awq_w4a16_status_string(status));
         return -1;
     }
     return 0;

@@ -91,8 +91,4 @@ private:
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
-// Logs through TensorRT's logger once the library was loaded with a logger finder.
-void logError(std::string const& message) noexcept;
-void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept;
-
 }  // namespace awq_edge
