@@ -6,8 +6,10 @@ needs neither TensorRT nor a GPU; both are looked for when a backend is created.
 - The manifest is checked against the GPU and the TensorRT present before anything loads
   (an engine runs only on the arch and TensorRT version it was built with).
 - The KV cache is allocated once, for the planned max context (manifest memory_plan):
-  kv_mode shared_buffer binds past and present to the same buffers (the graph writes in
-  place); kv_mode concat keeps two buffers per tensor and swaps them after every step.
+  kv_mode shared_buffer: the AwqAttention plugin writes each step's rows into the past
+  buffers in place (present outputs, where a graph has them, are bound to the same buffers);
+  kv_mode concat (engines built before the plugin) keeps two buffers per tensor and swaps
+  them after every step.
 - Profile 0 runs prefill, profile 1 decode. In shared_buffer mode decode shapes never
   change, so the decode step is captured once as a CUDA graph and replayed.
 - forward() returns DeviceLogits: the last position's logits stay on the GPU and the
