@@ -48,6 +48,7 @@ class QuantizeSettings:
     clip_max_shrink: float = 0.5
     clip_mode: str = "symmetric"  # symmetric: [-r max|w|, r max|w|] | range: [r min, r max] | both
     clip_tokens: int = 512  # tokens the clip search compares on
+    propagate_quantized: bool = False  # EXPERIMENT: the next block sees this block's quantized outputs
     skip_first_tokens: int = 0  # EXPERIMENT: leave each sequence's first tokens out of x_mean and per-token losses
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
@@ -443,7 +444,15 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
                     clip = search_clip(lin.weight.data, x, settings)
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
-                _release(lin)
+                if settings.propagate_quantized:
+                    lin.weight.data = fake_quantize(lin.weight.data, settings.group_size, clip)
+                else:
+                    _release(lin)
+            if settings.propagate_quantized:
+                outputs = [_layer_output(layer(xb.to(dev), **kwargs)).float().cpu()
+                           for xb in _batched(inputs, settings.batch_size)]
+                for lin in linears.values():
+                    _release(lin)
         layer.to(orig_dtype)
         result.layer_report.append(report)
         inputs = torch.cat(outputs)
