@@ -49,6 +49,9 @@ class QuantizeSettings:
     clip_mode: str = "symmetric"  # symmetric: [-r max|w|, r max|w|] | range: [r min, r max] | both
     clip_tokens: int = 512  # tokens the clip search compares on
     propagate_quantized: bool = False  # EXPERIMENT: the next block sees this block's quantized outputs
+    clip_mlp_weighted: bool = False  # EXPERIMENT: gate/up clip errors weighted by their effect on act(gate) * up
+    search_clip_grid: int = 0  # EXPERIMENT: > 0: each alpha candidate is scored with clipped weights (this many ratios)
+    sink_weight: int = 1  # EXPERIMENT: each sequence's first token counts this many times (x_mean, per-token losses)
     skip_first_tokens: int = 0  # EXPERIMENT: leave each sequence's first tokens out of x_mean and per-token losses
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
@@ -198,6 +201,7 @@ class ScaleGroup:
     input_of: str  # the linear whose captured input feeds `inspect`
     kv_repeat: int = 1  # o <- v under GQA: one scale per v channel, repeated over query heads
     head_dim: int = 0
+    clippable: tuple = (True, True)  # per linear: does the clip search apply (not q and k)
 
 
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")  # their loss runs attention: whole sequences
@@ -209,7 +213,8 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return [
-        ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn", "q_proj"),
+        ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn", "q_proj",
+                   clippable=(False, False, True)),
         ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj", kv_repeat=heads // kv_heads, head_dim=head_dim),
         ScaleGroup("gate_up", getattr(layer, family.mlp_norm), [mlp.gate_proj, mlp.up_proj], "mlp", "gate_proj"),
         ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj"),
@@ -248,9 +253,19 @@ def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     return normed.mean(0)
 
 
-def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: QuantizeSettings):
-    """Grid search of alpha for one group. Returns (scales on the prev-op side, best alpha, losses)."""
+def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: QuantizeSettings,
+                  x: torch.Tensor | None = None):
+    """Grid search of alpha for one group. Returns (scales on the prev-op side, best alpha, losses).
+
+    With settings.search_clip_grid > 0 and x (the group's input), every candidate is scored with
+    the clip search run on its scaled weights, so alpha is chosen for the weights that get stored."""
     originals = [lin.weight.data.clone() for lin in g.linears]
+    joint = settings.search_clip_grid > 0 and x is not None
+    if joint:
+        x = x.reshape(-1, x.shape[-1])
+        if len(x) > settings.clip_tokens:
+            x = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()]
+        coarse = QuantizeSettings(**{**asdict(settings), "clip_grid": settings.search_clip_grid})
     reference = run_module()
     x_mean = _collapse(x_mean, g)
     w_mean = _collapse(_weight_mean(originals, settings.group_size), g) if settings.duo_scaling else None
@@ -264,8 +279,9 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             s_in = _expand(s, g)
-            for lin, w in zip(g.linears, originals):
-                lin.weight.data = fake_quantize(w * s_in, settings.group_size) / s_in
+            for lin, w, clippable in zip(g.linears, originals, g.clippable):
+                clip = search_clip(w * s_in, x / s_in, coarse) if joint and clippable else None
+                lin.weight.data = fake_quantize(w * s_in, settings.group_size, clip) / s_in
             loss = sum(float((out - ref).float().pow(2).sum()) for out, ref in zip(run_module(), reference))
             loss /= sum(r.numel() for r in reference)
             losses.append(loss)
@@ -296,12 +312,15 @@ def clip_candidates(wg: torch.Tensor, settings: QuantizeSettings):
 
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256):
+def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256,
+                token_weight: torch.Tensor | None = None):
     """Best (low, high) clamp per (output channel, group), each [out, groups]: minimises each
-    group's partial-output MSE sum_j x_j (w_j - wq_j) on the captured inputs."""
+    group's partial-output MSE sum_j x_j (w_j - wq_j) on the captured inputs.
+
+    token_weight [tokens, out], if given, weights each squared error (x already subsampled)."""
     out_f, k = w.shape
     if len(x) > settings.clip_tokens:
-        x = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()]
+        x = x[clip_token_index(len(x), settings)]
     groups = -(-k // settings.group_size)
     best_low = torch.empty(out_f, groups, device=w.device)
     best_high = torch.empty(out_f, groups, device=w.device)
@@ -314,13 +333,32 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc
             low, high = wg.amin(-1), wg.amax(-1)
             for lo, hi in clip_candidates(wg, settings):
                 wq = fake_quantize_groups(wg, (lo, hi))
-                err = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2).mean(1).T  # [oc, groups]
+                err = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2)  # [groups, tokens, oc]
+                if token_weight is not None:
+                    err = err * token_weight[:, o0:o0 + oc_batch]
+                err = err.mean(1).T  # [oc, groups]
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 low, high = torch.where(better, lo, low), torch.where(better, hi, high)
             best_low[o0:o0 + oc_batch, gsl] = low
             best_high[o0:o0 + oc_batch, gsl] = high
     return best_low, best_high
+
+
+def clip_token_index(n: int, settings: QuantizeSettings) -> torch.Tensor:
+    return torch.linspace(0, n - 1, settings.clip_tokens).long()
+
+
+@torch.no_grad()
+def mlp_clip_weights(mlp, x: torch.Tensor, settings: QuantizeSettings) -> dict[str, torch.Tensor]:
+    """First-order weights of gate/up output errors in h = act(gate) * up, per (clip token, channel):
+    dh = act'(g) u dg + act(g) du, so gate errors count (act'(g) u)^2 and up errors act(g)^2."""
+    if len(x) > settings.clip_tokens:
+        x = x[clip_token_index(len(x), settings)]
+    g, u = mlp.gate_proj(x), mlp.up_proj(x)
+    eps = 1e-3
+    slope = (mlp.act_fn(g + eps) - mlp.act_fn(g - eps)) / (2 * eps)
+    return {"gate_proj": (slope * u).pow(2), "up_proj": mlp.act_fn(g).pow(2)}
 
 
 def fake_quantize_groups(wg: torch.Tensor, clip) -> torch.Tensor:
@@ -413,6 +451,10 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 else:
                     start = (-counted["tokens"]) % token_stride  # global stride across batches
                     captured[name].append(flat[start::token_stride].clone())
+                    if settings.sink_weight > 1:
+                        sinks = x[:, 0]
+                        abs_sum[name] += (settings.sink_weight - 1) * sinks.abs().sum(0)
+                        captured[name].append(sinks.repeat(settings.sink_weight - 1, 1))
             return fn
 
         handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
@@ -433,16 +475,18 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             for g in block_groups(layer, family, model.config):
                 x = loss_inputs[g.input_of]
                 run = _module_runner(layer, g, x, kwargs, settings.batch_size)
-                s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
+                s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings, x)
                 report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0]}
                 _apply_group(g, s, family, loss_inputs, linears)
 
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
+            weights = (mlp_clip_weights(layer.mlp, loss_inputs["gate_proj"], settings)
+                       if settings.clip_mlp_weighted and settings.clip_grid > 0 else {})
             for name, lin in linears.items():
                 clip = None
                 if name not in ("q_proj", "k_proj") and settings.clip_grid > 0:
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
-                    clip = search_clip(lin.weight.data, x, settings)
+                    clip = search_clip(lin.weight.data, x, settings, token_weight=weights.get(name))
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
                 if settings.propagate_quantized:
                     lin.weight.data = fake_quantize(lin.weight.data, settings.group_size, clip)
