@@ -46,13 +46,7 @@ class QuantizeSettings:
     duo_scaling: bool = False  # s = x_mean^a / w_mean^(1-a) (AutoAWQ) instead of x_mean^a (paper)
     clip_grid: int = 20  # clip ratios from 1.0 down to 1 - clip_max_shrink
     clip_max_shrink: float = 0.5
-    clip_mode: str = "symmetric"  # symmetric: [-r max|w|, r max|w|] | range: [r min, r max] | both
     clip_tokens: int = 512  # tokens the clip search compares on
-    propagate_quantized: bool = False  # EXPERIMENT: the next block sees this block's quantized outputs
-    clip_mlp_weighted: bool = False  # EXPERIMENT: gate/up clip errors weighted by their effect on act(gate) * up
-    search_clip_grid: int = 0  # EXPERIMENT: > 0: each alpha candidate is scored with clipped weights (this many ratios)
-    sink_weight: int = 1  # EXPERIMENT: each sequence's first token counts this many times (x_mean, per-token losses)
-    skip_first_tokens: int = 0  # EXPERIMENT: leave each sequence's first tokens out of x_mean and per-token losses
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
@@ -85,26 +79,27 @@ def _quant_params(wg: torch.Tensor):
     return scale, zero
 
 
-def _quantize_groups(wg: torch.Tensor, clip=None):
-    """wg [..., g], clamped to clip = (low, high) [...] first if given -> (q as float, scale, zero)."""
+def _quantize_groups(wg: torch.Tensor, clip: torch.Tensor | None = None):
+    """wg [..., g], clamped to +-clip [...] first if given -> (q as float, scale, zero)."""
     if clip is not None:
-        wg = torch.maximum(torch.minimum(wg, clip[1].unsqueeze(-1)), clip[0].unsqueeze(-1))
+        c = clip.unsqueeze(-1)
+        wg = wg.clamp(-c, c)
     scale, zero = _quant_params(wg)
     return (torch.round(wg / scale) + zero).clamp(0, MAX_INT), scale, zero
 
 
-def _quantized_chunks(w: torch.Tensor, group_size: int, clip: tuple | None):
+def _quantized_chunks(w: torch.Tensor, group_size: int, clip: torch.Tensor | None):
     """(column slice, group slice, (q, scale, zero) of those groups) for w [out, in]."""
     out_f = w.shape[0]
     for cols, gs, g in _group_chunks(w.shape[1], group_size):
         wg = w[:, cols].float().reshape(out_f, -1, g)
-        yield cols, gs, _quantize_groups(wg, None if clip is None else (clip[0][:, gs], clip[1][:, gs]))
+        yield cols, gs, _quantize_groups(wg, None if clip is None else clip[:, gs])
 
 
-def quantize_tensor(w: torch.Tensor, group_size: int, clip: tuple | None = None):
+def quantize_tensor(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None):
     """w [out, in] -> (q uint8 [out, in], scales fp16 [out, groups], zeros uint8 [out, groups]).
 
-    clip = (low, high), each [out, groups], if given, clamps each group to [low, high] first.
+    clip [out, groups], if given, clamps each group to [-clip, clip] first.
     """
     out_f, k = w.shape
     groups = -(-k // group_size)
@@ -118,7 +113,7 @@ def quantize_tensor(w: torch.Tensor, group_size: int, clip: tuple | None = None)
     return q, scales, zeros
 
 
-def fake_quantize(w: torch.Tensor, group_size: int, clip: tuple | None = None) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize (same numbers as quantize_tensor), on w's device, in fp32."""
     result = torch.empty(w.shape, dtype=torch.float32, device=w.device)
     for cols, _, (qg, scale, zero) in _quantized_chunks(w, group_size, clip):
@@ -201,7 +196,6 @@ class ScaleGroup:
     input_of: str  # the linear whose captured input feeds `inspect`
     kv_repeat: int = 1  # o <- v under GQA: one scale per v channel, repeated over query heads
     head_dim: int = 0
-    clippable: tuple = (True, True)  # per linear: does the clip search apply (not q and k)
 
 
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")  # their loss runs attention: whole sequences
@@ -213,8 +207,7 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return [
-        ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn", "q_proj",
-                   clippable=(False, False, True)),
+        ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn", "q_proj"),
         ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj", kv_repeat=heads // kv_heads, head_dim=head_dim),
         ScaleGroup("gate_up", getattr(layer, family.mlp_norm), [mlp.gate_proj, mlp.up_proj], "mlp", "gate_proj"),
         ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj"),
@@ -253,19 +246,9 @@ def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     return normed.mean(0)
 
 
-def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: QuantizeSettings,
-                  x: torch.Tensor | None = None):
-    """Grid search of alpha for one group. Returns (scales on the prev-op side, best alpha, losses).
-
-    With settings.search_clip_grid > 0 and x (the group's input), every candidate is scored with
-    the clip search run on its scaled weights, so alpha is chosen for the weights that get stored."""
+def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: QuantizeSettings):
+    """Grid search of alpha for one group. Returns (scales on the prev-op side, best alpha, losses)."""
     originals = [lin.weight.data.clone() for lin in g.linears]
-    joint = settings.search_clip_grid > 0 and x is not None
-    if joint:
-        x = x.reshape(-1, x.shape[-1])
-        if len(x) > settings.clip_tokens:
-            x = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()]
-        coarse = QuantizeSettings(**{**asdict(settings), "clip_grid": settings.search_clip_grid})
     reference = run_module()
     x_mean = _collapse(x_mean, g)
     w_mean = _collapse(_weight_mean(originals, settings.group_size), g) if settings.duo_scaling else None
@@ -279,9 +262,8 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             s_in = _expand(s, g)
-            for lin, w, clippable in zip(g.linears, originals, g.clippable):
-                clip = search_clip(w * s_in, x / s_in, coarse) if joint and clippable else None
-                lin.weight.data = fake_quantize(w * s_in, settings.group_size, clip) / s_in
+            for lin, w in zip(g.linears, originals):
+                lin.weight.data = fake_quantize(w * s_in, settings.group_size) / s_in
             loss = sum(float((out - ref).float().pow(2).sum()) for out, ref in zip(run_module(), reference))
             loss /= sum(r.numel() for r in reference)
             losses.append(loss)
@@ -295,74 +277,36 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
 
 # ---------------------------------------------------------------- clipping search
 
-def clip_candidates(wg: torch.Tensor, settings: QuantizeSettings):
-    """(low, high) [oc, groups] pairs to try for wg [oc, groups, g], the unclipped range first.
-
-    symmetric (the reference): [-r max|w|, r max|w|], which shrinks the longer side first;
-    range: [r min, r max], which keeps a skewed group's shape; both: the union."""
-    wmax, wmin = wg.amax(-1), wg.amin(-1)
-    max_abs = torch.maximum(wmax, -wmin)
-    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
-    if settings.clip_mode in ("symmetric", "both"):
-        for r in ratios:
-            yield -max_abs * r, max_abs * r
-    if settings.clip_mode in ("range", "both"):
-        for r in ratios:
-            yield wmin * r, wmax * r
-
-
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256,
-                token_weight: torch.Tensor | None = None):
-    """Best (low, high) clamp per (output channel, group), each [out, groups]: minimises each
-    group's partial-output MSE sum_j x_j (w_j - wq_j) on the captured inputs.
-
-    token_weight [tokens, out], if given, weights each squared error (x already subsampled)."""
+def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256) -> torch.Tensor:
+    """Best max |w| per (output channel, group): minimises each group's partial-output MSE."""
     out_f, k = w.shape
     if len(x) > settings.clip_tokens:
-        x = x[clip_token_index(len(x), settings)]
-    groups = -(-k // settings.group_size)
-    best_low = torch.empty(out_f, groups, device=w.device)
-    best_high = torch.empty(out_f, groups, device=w.device)
+        x = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()]
+    gs_total = -(-k // settings.group_size)
+    best_clip = torch.empty(out_f, gs_total, device=w.device)
+    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
     for cols, gsl, g in _group_chunks(k, settings.group_size):
         xg = x[:, cols].reshape(len(x), -1, g).permute(1, 0, 2)  # [groups, tokens, g]
         for o0 in range(0, out_f, oc_batch):
             wg = w[o0:o0 + oc_batch, cols].reshape(-1, xg.shape[0], g)  # [oc, groups, g]
+            max_abs = wg.abs().amax(-1)  # [oc, groups]
             ref = torch.bmm(xg, wg.permute(1, 2, 0))  # [groups, tokens, oc]
-            best_err = torch.full(wg.shape[:2], math.inf, device=w.device)
-            low, high = wg.amin(-1), wg.amax(-1)
-            for lo, hi in clip_candidates(wg, settings):
-                wq = fake_quantize_groups(wg, (lo, hi))
-                err = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2)  # [groups, tokens, oc]
-                if token_weight is not None:
-                    err = err * token_weight[:, o0:o0 + oc_batch]
-                err = err.mean(1).T  # [oc, groups]
+            best_err = torch.full_like(max_abs, math.inf)
+            best = max_abs.clone()
+            for r in ratios:
+                c = max_abs * r
+                wq = fake_quantize_groups(wg, c)
+                err = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2).mean(1).T  # [oc, groups]
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
-                low, high = torch.where(better, lo, low), torch.where(better, hi, high)
-            best_low[o0:o0 + oc_batch, gsl] = low
-            best_high[o0:o0 + oc_batch, gsl] = high
-    return best_low, best_high
+                best = torch.where(better, c, best)
+            best_clip[o0:o0 + oc_batch, gsl] = best
+    return best_clip
 
 
-def clip_token_index(n: int, settings: QuantizeSettings) -> torch.Tensor:
-    return torch.linspace(0, n - 1, settings.clip_tokens).long()
-
-
-@torch.no_grad()
-def mlp_clip_weights(mlp, x: torch.Tensor, settings: QuantizeSettings) -> dict[str, torch.Tensor]:
-    """First-order weights of gate/up output errors in h = act(gate) * up, per (clip token, channel):
-    dh = act'(g) u dg + act(g) du, so gate errors count (act'(g) u)^2 and up errors act(g)^2."""
-    if len(x) > settings.clip_tokens:
-        x = x[clip_token_index(len(x), settings)]
-    g, u = mlp.gate_proj(x), mlp.up_proj(x)
-    eps = 1e-3
-    slope = (mlp.act_fn(g + eps) - mlp.act_fn(g - eps)) / (2 * eps)
-    return {"gate_proj": (slope * u).pow(2), "up_proj": mlp.act_fn(g).pow(2)}
-
-
-def fake_quantize_groups(wg: torch.Tensor, clip) -> torch.Tensor:
-    """wg [oc, groups, g] clamped to clip = (low, high) [oc, groups], quantized and dequantized."""
+def fake_quantize_groups(wg: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """wg [oc, groups, g] clamped to +-clip [oc, groups], quantized and dequantized."""
     qg, scale, zero = _quantize_groups(wg, clip)
     return (qg - zero) * scale
 
@@ -441,8 +385,6 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         def hook(name):
             def fn(_module, args, _out):
                 x = args[0].detach().float()
-                if settings.skip_first_tokens and name not in ATTENTION_INPUTS:
-                    x = x[:, settings.skip_first_tokens:]
                 flat = x.reshape(-1, x.shape[-1])
                 abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
                 if name in ATTENTION_INPUTS:
@@ -451,10 +393,6 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 else:
                     start = (-counted["tokens"]) % token_stride  # global stride across batches
                     captured[name].append(flat[start::token_stride].clone())
-                    if settings.sink_weight > 1:
-                        sinks = x[:, 0]
-                        abs_sum[name] += (settings.sink_weight - 1) * sinks.abs().sum(0)
-                        captured[name].append(sinks.repeat(settings.sink_weight - 1, 1))
             return fn
 
         handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
@@ -463,7 +401,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             for xb in _batched(inputs, settings.batch_size):
                 outputs.append(_layer_output(layer(xb.to(dev), **kwargs)).float().cpu())
                 counted["seqs"] += len(xb)
-                counted["tokens"] += xb.shape[0] * (xb.shape[1] - settings.skip_first_tokens)
+                counted["tokens"] += xb.shape[0] * xb.shape[1]
         for h in handles:
             h.remove()
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
@@ -475,28 +413,18 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             for g in block_groups(layer, family, model.config):
                 x = loss_inputs[g.input_of]
                 run = _module_runner(layer, g, x, kwargs, settings.batch_size)
-                s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings, x)
+                s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
                 report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0]}
                 _apply_group(g, s, family, loss_inputs, linears)
 
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
-            weights = (mlp_clip_weights(layer.mlp, loss_inputs["gate_proj"], settings)
-                       if settings.clip_mlp_weighted and settings.clip_grid > 0 else {})
             for name, lin in linears.items():
                 clip = None
                 if name not in ("q_proj", "k_proj") and settings.clip_grid > 0:
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
-                    clip = search_clip(lin.weight.data, x, settings, token_weight=weights.get(name))
+                    clip = search_clip(lin.weight.data, x, settings)
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
-                if settings.propagate_quantized:
-                    lin.weight.data = fake_quantize(lin.weight.data, settings.group_size, clip)
-                else:
-                    _release(lin)
-            if settings.propagate_quantized:
-                outputs = [_layer_output(layer(xb.to(dev), **kwargs)).float().cpu()
-                           for xb in _batched(inputs, settings.batch_size)]
-                for lin in linears.values():
-                    _release(lin)
+                _release(lin)
         layer.to(orig_dtype)
         result.layer_report.append(report)
         inputs = torch.cat(outputs)

@@ -38,20 +38,14 @@ def test_quantize_tensor_ragged_k_uses_a_short_last_group():
     torch.testing.assert_close(fake_quantize(w, 128), torch.from_numpy(w_hat))
 
 
-@pytest.mark.parametrize("mode", ["symmetric", "range", "both"])
-def test_clip_search_lowers_output_error(mode):
+def test_clip_search_lowers_output_error():
     torch.manual_seed(1)
     w = torch.randn(64, 256)
     w[:, 7] *= 8  # outliers stretch a few groups
     x = torch.randn(512, 256)
-    low, high = search_clip(w, x, QuantizeSettings(group_size=64, clip_mode=mode))
-    groups = w.reshape(64, 4, 64)
-    # the clamp keeps at least (1 - clip_max_shrink) of each group's largest magnitude
-    max_abs = groups.abs().amax(-1)
-    kept = torch.maximum(high.clamp(max=groups.amax(-1)), -low.clamp(min=groups.amin(-1)))
-    assert torch.all(kept <= max_abs + 1e-6) and torch.all(kept >= 0.5 * max_abs - 1e-6)
-    assert torch.any(kept < max_abs - 1e-6)  # and outlier groups do get clipped
-    err_clip = (x @ (fake_quantize(w, 64, (low, high)) - w).T).pow(2).mean()
+    clip = search_clip(w, x, QuantizeSettings(group_size=64))
+    assert torch.all(clip <= w.reshape(64, 4, 64).abs().amax(-1) + 1e-6)
+    err_clip = (x @ (fake_quantize(w, 64, clip) - w).T).pow(2).mean()
     err_rtn = (x @ (fake_quantize(w, 64) - w).T).pow(2).mean()
     assert err_clip < err_rtn
 
