@@ -44,26 +44,6 @@ std::string AwqAttentionParams::problem() const {
 
 // ---------------------------------------------------------------- plugin
 
-AwqAttentionPlugin::AwqAttentionPlugin(AwqAttentionParams params) : mParams(params) {}
-
-IPluginCapability* AwqAttentionPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept {
-    switch (type) {
-        case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-        case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
-        case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-IPluginV3* AwqAttentionPlugin::clone() noexcept {
-    try {
-        return new AwqAttentionPlugin(mParams);
-    } catch (std::exception const& e) {
-        logAttentionError(e.what());
-        return nullptr;
-    }
-}
-
 int32_t AwqAttentionPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes,
                                                int32_t nbInputs) const noexcept {
     if (nbOutputs != 1 || nbInputs != kNbInputs || inputTypes[kQ] != DataType::kHALF) return -1;
@@ -154,8 +134,6 @@ int32_t AwqAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTen
     }
     return 0;
 }
-
-IPluginV3* AwqAttentionPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept { return clone(); }
 
 PluginFieldCollection const* AwqAttentionPlugin::getFieldsToSerialize() noexcept {
     mSerializedFields = {PluginField("num_heads", &mParams.num_heads, PluginFieldType::kINT32, 1),

@@ -15,6 +15,8 @@
 
 #include <NvInferRuntime.h>
 
+#include "plugin_common.h"
+
 namespace awq_edge {
 
 constexpr char const* kAwqAttentionName = "AwqAttention";
@@ -32,16 +34,9 @@ struct AwqAttentionParams {
     std::string problem() const;  // empty when valid
 };
 
-class AwqAttentionPlugin : public nvinfer1::IPluginV3,
-                           public nvinfer1::IPluginV3OneCore,
-                           public nvinfer1::IPluginV3OneBuild,
-                           public nvinfer1::IPluginV3OneRuntime {
+class AwqAttentionPlugin : public PluginBase<AwqAttentionPlugin, AwqAttentionParams> {
 public:
-    explicit AwqAttentionPlugin(AwqAttentionParams params);
-
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
+    using PluginBase::PluginBase;
 
     // IPluginV3OneCore
     char const* getPluginName() const noexcept override { return kAwqAttentionName; }
@@ -68,13 +63,11 @@ public:
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
                     void const* const* inputs, void* const* outputs, void* workspace,
                     cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
     bool shapesMatch(nvinfer1::Dims const* in) const;
 
-    AwqAttentionParams mParams;
     std::vector<nvinfer1::PluginField> mSerializedFields;
     nvinfer1::PluginFieldCollection mSerializedCollection{};
 };

@@ -26,26 +26,6 @@ std::string AwqMatMulParams::problem() const {
 
 // ---------------------------------------------------------------- plugin
 
-AwqMatMulPlugin::AwqMatMulPlugin(AwqMatMulParams params) : mParams(params) {}
-
-IPluginCapability* AwqMatMulPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept {
-    switch (type) {
-        case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-        case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
-        case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-IPluginV3* AwqMatMulPlugin::clone() noexcept {
-    try {
-        return new AwqMatMulPlugin(mParams);
-    } catch (std::exception const& e) {
-        logError(e.what());
-        return nullptr;
-    }
-}
-
 int32_t AwqMatMulPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes,
                                             int32_t nbInputs) const noexcept {
     if (nbOutputs != 1 || nbInputs != kNbInputs || inputTypes[kX] != DataType::kHALF) return -1;
@@ -119,8 +99,6 @@ int32_t AwqMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensor
     }
     return 0;
 }
-
-IPluginV3* AwqMatMulPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept { return clone(); }
 
 PluginFieldCollection const* AwqMatMulPlugin::getFieldsToSerialize() noexcept {
     // Pointers into mParams: valid as long as this plugin lives, which TensorRT guarantees.

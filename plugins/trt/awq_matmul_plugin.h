@@ -10,6 +10,8 @@
 
 #include <NvInferRuntime.h>
 
+#include "plugin_common.h"
+
 namespace awq_edge {
 
 constexpr char const* kAwqMatMulName = "AwqMatMulW4A16";
@@ -28,16 +30,9 @@ struct AwqMatMulParams {
     std::string problem() const;
 };
 
-class AwqMatMulPlugin : public nvinfer1::IPluginV3,
-                        public nvinfer1::IPluginV3OneCore,
-                        public nvinfer1::IPluginV3OneBuild,
-                        public nvinfer1::IPluginV3OneRuntime {
+class AwqMatMulPlugin : public PluginBase<AwqMatMulPlugin, AwqMatMulParams> {
 public:
-    explicit AwqMatMulPlugin(AwqMatMulParams params);
-
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
+    using PluginBase::PluginBase;
 
     // IPluginV3OneCore
     char const* getPluginName() const noexcept override { return kAwqMatMulName; }
@@ -62,7 +57,6 @@ public:
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
                     void const* const* inputs, void* const* outputs, void* workspace,
                     cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
@@ -70,7 +64,6 @@ private:
     bool shapesMatch(nvinfer1::Dims const& x, nvinfer1::Dims const& qweight, nvinfer1::Dims const& scales,
                      nvinfer1::Dims const& zeros) const;
 
-    AwqMatMulParams mParams;
     std::vector<nvinfer1::PluginField> mSerializedFields;
     nvinfer1::PluginFieldCollection mSerializedCollection{};
 };

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <string>
 
 #include <NvInferRuntime.h>
@@ -20,5 +21,41 @@ bool readFloatField(nvinfer1::PluginField const& field, float& value);
 
 // A dimension that is still unknown at build time (-1) matches anything.
 inline bool dimIs(int64_t actual, int64_t expected) { return actual == -1 || actual == expected; }
+
+// What every plugin here shares: one object serves the core, build and runtime capabilities,
+// and a copy is made from the plugin's fields (`Params`, kept in mParams).
+template <typename Plugin, typename Params>
+class PluginBase : public nvinfer1::IPluginV3,
+                   public nvinfer1::IPluginV3OneCore,
+                   public nvinfer1::IPluginV3OneBuild,
+                   public nvinfer1::IPluginV3OneRuntime {
+public:
+    explicit PluginBase(Params params) : mParams(params) {}
+
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override {
+        switch (type) {
+            case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
+            case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
+            case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
+        }
+        return nullptr;
+    }
+
+    nvinfer1::IPluginV3* clone() noexcept override {
+        try {
+            return new Plugin(mParams);
+        } catch (std::exception const& e) {
+            logError(e.what());
+            return nullptr;
+        }
+    }
+
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept override {
+        return clone();
+    }
+
+protected:
+    Params mParams;
+};
 
 }  // namespace awq_edge
