@@ -383,8 +383,6 @@ def bench(
                f"{result['plan_total_bytes'] / 2**20:.0f} MiB, cap {result['cap_bytes'] / 2**20:.0f} MiB)")
 
 
-
-
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -62,8 +62,6 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-
-
 def check_files(path: Path, manifest: dict, full_hash: bool = False) -> None:
     """Every file the manifest lists is there with its size (and sha256 when full_hash).
 

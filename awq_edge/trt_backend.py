@@ -29,6 +29,7 @@ from .errors import UserError
 from .trt_build import ENGINE_FILE, MANIFEST
 
 _STREAM_CAPTURE_THREAD_LOCAL = 1
+_LARGEST_UNIFORM = float(np.nextafter(np.float32(1), np.float32(0)))  # a float64 draw rounds to 1.0 in fp32 above it
 
 
 def read_manifest(engine_dir: Path) -> dict:
@@ -181,7 +182,7 @@ class TrtBackend:
             cuda.check(cuda.lib.cudaMemcpyAsync(self.seen_ids, seen.ctypes.data, n_seen * 4, 1, self.stream), "H2D")
         status = self.sampler_lib.awq_sample_token(
             logits_ptr, self.vocab_size, self.seen_ids, n_seen, settings.repetition_penalty, settings.temperature,
-            settings.top_k, settings.top_p, min(float(uniform), float(np.nextafter(np.float32(1), np.float32(0)))),
+            settings.top_k, settings.top_p, min(float(uniform), _LARGEST_UNIFORM),
             self.sample_work, self.sample_token_out, self.stream)
         if status != 0:
             raise UserError(f"GPU sampling failed (awq_sample_token returned {status}); check the sampling settings")

@@ -278,8 +278,6 @@ def _build(trt, onnx_path: Path, plan: MemoryPlan, gpu_arch: str, engine_path: P
     cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
 
 
-
-
 def build_trt_engine(src_onnx_dir: Path, device, output: Path, *, max_memory: int | None = None,
                      max_context: int | None = None, force: bool = False) -> Path:
     """Build OUTPUT/engine.plan (+ manifest, plugin library, tokenizer files) for a GPU device profile."""

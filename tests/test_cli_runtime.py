@@ -1,14 +1,12 @@
-"""The runtime commands as a user runs them: real subprocesses, real engine (engine_dir from test_engine)."""
+"""The runtime commands as a user runs them: real subprocesses, real engine (engine_dir from conftest)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
 
 CLI = [sys.executable, "-m", "awq_edge.cli"]
 
@@ -25,7 +23,7 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return err
 
 
-def test_run_streams_the_greedy_reply(engine_dir):  # noqa: F811
+def test_run_streams_the_greedy_reply(engine_dir):
     from awq_edge.engine import Engine
 
     result = cli("run", engine_dir, "--prompt", "What is the capital of France?", "--temperature", "0",
@@ -36,7 +34,7 @@ def test_run_streams_the_greedy_reply(engine_dir):  # noqa: F811
     assert "tok/s" in result.stderr.decode()
 
 
-def test_chat_three_turns_over_stdin(engine_dir):  # noqa: F811
+def test_chat_three_turns_over_stdin(engine_dir):
     lines = [b"My name is Ada.", b"\xff\xfe not utf-8", b"What is my name?", b"/reset", b"Hello!", b"/exit",
              b"never read"]
     result = cli("chat", engine_dir, "--temperature", "0", "--max-new-tokens", "20", stdin=b"\n".join(lines) + b"\n")
@@ -54,7 +52,7 @@ def test_chat_three_turns_over_stdin(engine_dir):  # noqa: F811
     assert len(result.stdout.decode().strip().splitlines()) >= 3
 
 
-def test_bench_json(engine_dir):  # noqa: F811
+def test_bench_json(engine_dir):
     result = cli("bench", engine_dir, "--prompt-tokens", "32", "--new-tokens", "16", "--runs", "1", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -72,12 +70,12 @@ def test_bench_json(engine_dir):  # noqa: F811
     (["--max-memory", "64MiB"], "short by"),
     (["--max-context", "64", "--prompt", "word " * 200], "context holds 64"),
 ])
-def test_run_bad_values_are_one_line_errors(engine_dir, args, needle):  # noqa: F811
+def test_run_bad_values_are_one_line_errors(engine_dir, args, needle):
     base = ["run", engine_dir, "--max-new-tokens", "4"] + ([] if "--prompt" in args else ["--prompt", "hi"])
     assert needle in one_line_error(cli(*base, *args))
 
 
-def test_run_refuses_non_utf8_input(engine_dir):  # noqa: F811
+def test_run_refuses_non_utf8_input(engine_dir):
     assert "UTF-8" in one_line_error(cli("run", engine_dir, "--prompt", os.fsdecode(b"caf\xe9")))
     assert "UTF-8" in one_line_error(cli("run", engine_dir, "--prompt", "-", stdin=b"caf\xe9 au lait"))
 
@@ -88,7 +86,7 @@ def test_run_bad_engine_dirs(tmp_path):
     assert "not an awq-edge engine" in one_line_error(cli("run", tmp_path / "foreign", "--prompt", "hi"))
 
 
-def test_build_bad_inputs_write_nothing(engine_dir, tmp_path):  # noqa: F811
+def test_build_bad_inputs_write_nothing(engine_dir, tmp_path):
     out = tmp_path / "out.engine"
     assert "not found" in one_line_error(cli("build", tmp_path / "nope", "--output", out))
     # an engine is not a build source
@@ -107,7 +105,7 @@ def test_build_bad_inputs_write_nothing(engine_dir, tmp_path):  # noqa: F811
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out.engine"]  # no temp dirs left behind
 
 
-def test_build_from_an_export_dir_then_run(engine_dir, tmp_path):  # noqa: F811
+def test_build_from_an_export_dir_then_run(engine_dir, tmp_path):
     (tmp_path / "export").mkdir()
     for f in engine_dir.iterdir():
         if f.name != "manifest.json":
@@ -119,7 +117,7 @@ def test_build_from_an_export_dir_then_run(engine_dir, tmp_path):  # noqa: F811
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
 
 
-def test_peak_rss_stays_under_the_cap_for_512_tokens(engine_dir):  # noqa: F811
+def test_peak_rss_stays_under_the_cap_for_512_tokens(engine_dir):
     """A 512-token generation under --max-memory: the child's peak RSS (ru_maxrss) stays below the cap."""
     # 400 MiB: the plan counts the default int4 head's exact table (lm_head.f16, 54 MiB) as weights,
     # so 360 MiB (enough with the int8 head) now plans only 445 tokens of context.
