@@ -2,7 +2,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <exception>
 
 #include "attention.h"
 #include "plugin_common.h"
@@ -162,10 +161,8 @@ AwqAttentionCreator::AwqAttentionCreator() {
 
 IPluginV3* AwqAttentionCreator::createPlugin(char const* /*name*/, PluginFieldCollection const* fc,
                                              TensorRTPhase /*phase*/) noexcept {
-    try {
-        AwqAttentionParams params;
-        for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
-            PluginField const& field = fc->fields[i];
+    return createFromFields<AwqAttentionPlugin, AwqAttentionParams>(
+        kAwqAttentionName, fc, [](PluginField const& field, AwqAttentionParams& params) {
             int32_t* intTarget = std::strcmp(field.name, "num_heads") == 0  ? &params.num_heads
                                  : std::strcmp(field.name, "kv_heads") == 0 ? &params.kv_heads
                                  : std::strcmp(field.name, "head_dim") == 0 ? &params.head_dim
@@ -174,24 +171,10 @@ IPluginV3* AwqAttentionCreator::createPlugin(char const* /*name*/, PluginFieldCo
             float* floatTarget = std::strcmp(field.name, "scale") == 0     ? &params.scale
                                  : std::strcmp(field.name, "softcap") == 0 ? &params.softcap
                                                                            : nullptr;
-            bool const read = intTarget != nullptr     ? readIntField(field, *intTarget)
-                              : floatTarget != nullptr ? readFloatField(field, *floatTarget)
-                                                       : true;  // plugin_version / plugin_namespace
-            if (!read) {
-                logAttentionError(std::string("field ") + field.name + " has the wrong type or length");
-                return nullptr;
-            }
-        }
-        std::string const problem = params.problem();
-        if (!problem.empty()) {
-            logAttentionError(problem);
-            return nullptr;
-        }
-        return new AwqAttentionPlugin(params);
-    } catch (std::exception const& e) {
-        logAttentionError(e.what());
-        return nullptr;
-    }
+            return intTarget != nullptr     ? readIntField(field, *intTarget)
+                   : floatTarget != nullptr ? readFloatField(field, *floatTarget)
+                                            : true;  // plugin_version / plugin_namespace
+        });
 }
 
 }  // namespace awq_edge

@@ -1,7 +1,6 @@
 #include "awq_matmul_plugin.h"
 
 #include <cstring>
-#include <exception>
 
 #include "plugin_common.h"
 #include "w4a16.h"
@@ -122,30 +121,14 @@ AwqMatMulCreator::AwqMatMulCreator() {
 
 IPluginV3* AwqMatMulCreator::createPlugin(char const* /*name*/, PluginFieldCollection const* fc,
                                           TensorRTPhase /*phase*/) noexcept {
-    try {
-        AwqMatMulParams params;
-        for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
-            PluginField const& field = fc->fields[i];
+    return createFromFields<AwqMatMulPlugin, AwqMatMulParams>(
+        kAwqMatMulName, fc, [](PluginField const& field, AwqMatMulParams& params) {
             int32_t* target = std::strcmp(field.name, "K") == 0            ? &params.K
                               : std::strcmp(field.name, "N") == 0          ? &params.N
                               : std::strcmp(field.name, "group_size") == 0 ? &params.group_size
                                                                            : nullptr;
-            if (target == nullptr) continue;  // e.g. plugin_version / plugin_namespace if passed through
-            if (!readIntField(field, *target)) {
-                logError(std::string("field ") + field.name + " must be one int32 or int64");
-                return nullptr;
-            }
-        }
-        std::string const problem = params.problem();
-        if (!problem.empty()) {
-            logError(problem);
-            return nullptr;
-        }
-        return new AwqMatMulPlugin(params);
-    } catch (std::exception const& e) {
-        logError(e.what());
-        return nullptr;
-    }
+            return target == nullptr || readIntField(field, *target);
+        });
 }
 
 }  // namespace awq_edge

@@ -58,4 +58,31 @@ protected:
     Params mParams;
 };
 
+// What every creator here does with the fields TensorRT hands it: `readField(field, params)`
+// stores one field (true for fields it does not know, such as plugin_version; false for a
+// wrong type or length), then params.problem() must be empty. Failures are logged with the
+// op name and give nullptr, as TensorRT expects.
+template <typename Plugin, typename Params, typename ReadField>
+nvinfer1::IPluginV3* createFromFields(char const* op, nvinfer1::PluginFieldCollection const* fc,
+                                      ReadField readField) noexcept {
+    try {
+        Params params;
+        for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
+            if (!readField(fc->fields[i], params)) {
+                logError(std::string(op) + ": field " + fc->fields[i].name + " has the wrong type or length");
+                return nullptr;
+            }
+        }
+        std::string const problem = params.problem();
+        if (!problem.empty()) {
+            logError(std::string(op) + ": " + problem);
+            return nullptr;
+        }
+        return new Plugin(params);
+    } catch (std::exception const& e) {
+        logError(std::string(op) + ": " + e.what());
+        return nullptr;
+    }
+}
+
 }  // namespace awq_edge
