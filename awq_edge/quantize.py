@@ -54,6 +54,7 @@ class QuantizeSettings:
     loss_weighting: str = "none"  # residual | outliers | none
     skip_o: bool = False  # EXPERIMENT
     block_loss: bool = False  # EXPERIMENT
+    clip_qk: bool = False  # EXPERIMENT
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
@@ -463,7 +464,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
             for name, lin in linears.items():
                 clip = None
-                if name not in ("q_proj", "k_proj") and settings.clip_grid > 0:
+                if (settings.clip_qk or name not in ("q_proj", "k_proj")) and settings.clip_grid > 0:
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
                     clip = search_clip(lin.weight.data, x, settings, token_weights[name].reshape(-1).to(dev))
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
