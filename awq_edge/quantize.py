@@ -41,20 +41,12 @@ class QuantizeSettings:
     group_size: int = 128
     calib_samples: int = 64
     calib_seqlen: int = 512
-    calib_seed: int = 0  # shuffles the calibration texts: another seed, another sample of them
     loss_samples: int = 16  # sequences whose outputs the scale-search loss compares
     scale_grid: int = 20  # alpha = i / scale_grid, i = 0 .. scale_grid-1
     duo_scaling: bool = False  # s = x_mean^a / w_mean^(1-a) (AutoAWQ) instead of x_mean^a (paper)
     clip_grid: int = 20  # clip ratios from 1.0 down to 1 - clip_max_shrink
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens the clip search compares on
-    # "outliers": a token whose residual stream (the input of the block half's norm) has a mean
-    # square above the median's counts in the scale and clip losses with weight
-    # median / its mean square, i.e. by its error relative to that residual. The attention-sink
-    # token's residual is ~1000x the others' in SmolLM2 from block 12 on; with plain MSE
-    # ("none", the reference) that one token decides those blocks' per-token losses.
-    loss_weighting: str = "none"  # outliers | none
-    residual_side: str = "out"  # EXPERIMENT in | out
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
@@ -63,8 +55,6 @@ class QuantizeSettings:
             raise UserError(f"--method {self.method} is unknown; use awq or rtn")
         if self.group_size not in GROUP_SIZES:
             raise UserError(f"--group-size {self.group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
-        if self.loss_weighting not in ("outliers", "none"):
-            raise UserError(f"loss_weighting {self.loss_weighting!r} is unknown; use outliers or none")
         if self.calib_samples < 1 or self.calib_seqlen < 16:
             raise UserError("--calib-samples must be >= 1 and --calib-seqlen >= 16")
 
@@ -256,18 +246,8 @@ def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     return normed.mean(0)
 
 
-def weighted_mse(outs: list[torch.Tensor], refs: list[torch.Tensor], weights: list[torch.Tensor]) -> float:
-    """sum_t w_t |out_t - ref_t|^2 / (sum_t w_t * width) over batches; w has out's shape less the last dim."""
-    err = sum(float(((o - r).float().pow(2).sum(-1) * w).sum()) for o, r, w in zip(outs, refs, weights))
-    return err / (sum(float(w.sum()) for w in weights) * refs[0].shape[-1])
-
-
-def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, weights: list[torch.Tensor],
-                  settings: QuantizeSettings):
-    """Grid search of alpha for one group. Returns (scales on the prev-op side, best alpha, losses).
-
-    run_module() returns the inspected module's outputs batch by batch; weights are their
-    per-token loss weights."""
+def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: QuantizeSettings):
+    """Grid search of alpha for one group. Returns (scales on the prev-op side, best alpha, losses)."""
     originals = [lin.weight.data.clone() for lin in g.linears]
     reference = run_module()
     x_mean = _collapse(x_mean, g)
@@ -284,7 +264,8 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, weights: list
             s_in = _expand(s, g)
             for lin, w in zip(g.linears, originals):
                 lin.weight.data = fake_quantize(w * s_in, settings.group_size) / s_in
-            loss = weighted_mse(run_module(), reference, weights)
+            loss = sum(float((out - ref).float().pow(2).sum()) for out, ref in zip(run_module(), reference))
+            loss /= sum(r.numel() for r in reference)
             losses.append(loss)
             if loss < best[0]:
                 best = (loss, s.clone(), alpha)
@@ -297,17 +278,11 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, weights: list
 # ---------------------------------------------------------------- clipping search
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings,
-                token_weights: torch.Tensor | None = None, oc_batch: int = 256) -> torch.Tensor:
-    """Best max |w| per (output channel, group): minimises each group's partial-output MSE
-    (over x's tokens, weighted by token_weights when given)."""
+def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256) -> torch.Tensor:
+    """Best max |w| per (output channel, group): minimises each group's partial-output MSE."""
     out_f, k = w.shape
-    if token_weights is None:
-        token_weights = torch.ones(len(x), device=x.device)
     if len(x) > settings.clip_tokens:
-        pick = torch.linspace(0, len(x) - 1, settings.clip_tokens).long()
-        x, token_weights = x[pick], token_weights[pick]
-    tw = token_weights.view(1, -1, 1)
+        x = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()]
     gs_total = -(-k // settings.group_size)
     best_clip = torch.empty(out_f, gs_total, device=w.device)
     ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
@@ -322,7 +297,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings,
             for r in ratios:
                 c = max_abs * r
                 wq = fake_quantize_groups(wg, c)
-                err = ((torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2) * tw).mean(1).T  # [oc, groups]
+                err = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2).mean(1).T  # [oc, groups]
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best = torch.where(better, c, best)
@@ -420,46 +395,25 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                     captured[name].append(flat[start::token_stride].clone())
             return fn
 
-        # Mean square of the residual each block half's output is added into (the input of the
-        # next norm), per loss token: the attention half's is the MLP norm's input, the MLP
-        # half's the block output.
-        residual_ms: dict[str, list[torch.Tensor]] = {"attn_seqs": [], "attn": [], "mlp": []}
-
-        def record_ms(half, t):
-            ms = t.detach().float().pow(2).mean(-1)  # [batch, tokens]
-            if half == "attn" and counted["seqs"] < n_loss:
-                residual_ms["attn_seqs"].append(ms[: n_loss - counted["seqs"]].clone())
-            start = (-counted["tokens"]) % token_stride
-            residual_ms[half].append(ms.reshape(-1)[start::token_stride].clone())
-
         handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
-        if settings.residual_side == "in":
-            handles.append(layer.input_layernorm.register_forward_pre_hook(lambda _m, a: record_ms("attn", a[0])))
-            handles.append(getattr(layer, family.mlp_norm).register_forward_pre_hook(lambda _m, a: record_ms("mlp", a[0])))
-        else:
-            handles.append(getattr(layer, family.mlp_norm).register_forward_pre_hook(lambda _m, a: record_ms("attn", a[0])))
         outputs = []
         with torch.no_grad():
             for xb in _batched(inputs, settings.batch_size):
-                out = _layer_output(layer(xb.to(dev), **kwargs)).float()
-                if settings.residual_side == "out":
-                    record_ms("mlp", out)
-                outputs.append(out.cpu())
+                outputs.append(_layer_output(layer(xb.to(dev), **kwargs)).float().cpu())
                 counted["seqs"] += len(xb)
                 counted["tokens"] += xb.shape[0] * xb.shape[1]
         for h in handles:
             h.remove()
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
         loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(linears)}  # pop: no second copy
-        token_weights = _token_weights(residual_ms, settings.loss_weighting)
 
         # b + c. scales, group by group
         report = {"layer": i, "groups": {}}
         with torch.no_grad():
             for g in block_groups(layer, family, model.config):
                 x = loss_inputs[g.input_of]
-                run, weights = _module_runner(layer, g, x, token_weights[g.input_of].to(dev), kwargs, settings.batch_size)
-                s, alpha, losses = search_scales(g, x_mean[g.input_of], run, weights, settings)
+                run = _module_runner(layer, g, x, kwargs, settings.batch_size)
+                s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
                 report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0]}
                 _apply_group(g, s, family, loss_inputs, linears)
 
@@ -468,7 +422,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 clip = None
                 if name not in ("q_proj", "k_proj") and settings.clip_grid > 0:
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
-                    clip = search_clip(lin.weight.data, x, settings, token_weights[name].reshape(-1).to(dev))
+                    clip = search_clip(lin.weight.data, x, settings)
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
                 _release(lin)
         layer.to(orig_dtype)
@@ -484,35 +438,17 @@ def _path(name: str) -> str:
     return ("self_attn." if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp.") + name
 
 
-def _token_weights(residual_ms: dict[str, list[torch.Tensor]], mode: str) -> dict[str, torch.Tensor]:
-    """Per linear, the loss weight of each of its captured tokens (mean 1; see loss_weighting).
+def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: int):
+    """A function returning the list of `g.inspect` outputs on x, batch by batch.
 
-    q/k/v (whole sequences) and o read the residual entering attention; gate/up/down the one
-    entering the MLP."""
-    halves = {k: torch.cat(v) for k, v in residual_ms.items()}
-    if mode == "outliers":
-        halves = {k: 1.0 / v.clamp(min=float(v.median())) for k, v in halves.items()}
-    else:
-        halves = {k: torch.ones_like(v) for k, v in halves.items()}
-    halves = {k: v / v.mean() for k, v in halves.items()}
-    return {"q_proj": halves["attn_seqs"], "k_proj": halves["attn_seqs"], "v_proj": halves["attn_seqs"],
-            "o_proj": halves["attn"], "gate_proj": halves["mlp"], "up_proj": halves["mlp"], "down_proj": halves["mlp"]}
-
-
-def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, w: torch.Tensor, kwargs: dict, batch: int):
-    """(a function returning the list of `g.inspect` outputs on x batch by batch, their token weights).
-
-    x is [sequences, tokens, K] for attention and [tokens, K] for the per-token modules; w has
-    x's shape less K."""
+    x is [sequences, tokens, K] for attention and [tokens, K] for the per-token modules."""
     if g.inspect == "self_attn":
-        return (lambda: [layer.self_attn(hidden_states=xb, **kwargs)[0] for xb in _batched(x, batch)],
-                list(_batched(w, batch)))
+        return lambda: [layer.self_attn(hidden_states=xb, **kwargs)[0] for xb in _batched(x, batch)]
     rows = 4096
-    weights = list(_batched(w, rows))
     if g.inspect == "mlp":
-        return lambda: [layer.mlp(xb) for xb in _batched(x, rows)], weights
+        return lambda: [layer.mlp(xb) for xb in _batched(x, rows)]
     lin = _linear_names(layer)[g.inspect]
-    return lambda: [lin(xb) for xb in _batched(x, rows)], weights
+    return lambda: [lin(xb) for xb in _batched(x, rows)]
 
 
 def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: dict, linears: dict) -> None:
@@ -588,7 +524,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     model, tokenizer, materialize = load_for_quantization(model_dir)
     tokens = None
     if settings.method == "awq":
-        tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen, settings.calib_seed)
+        tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen)
     result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize)
     metadata = {
         "awq_edge_version": __version__,
