@@ -73,6 +73,7 @@ def quantize(
                                                     "default: the built-in Wikipedia calibration split"),
     calib_samples: int = typer.Option(64, help="calibration sequences"),
     calib_seqlen: int = typer.Option(512, help="tokens per calibration sequence"),
+    calib_seed: int = typer.Option(0, help="seed of the calibration texts' shuffle (another seed, another sample)"),
     method: str = typer.Option("awq", help="awq, or rtn (round-to-nearest, no calibration)"),
     duo_scaling: bool = typer.Option(False, help="AutoAWQ's scale variant: x_mean^a / w_mean^(1-a)"),
     device: str = typer.Option("auto", help="cpu, cuda, or auto"),
@@ -83,7 +84,8 @@ def quantize(
     from .quantize import QuantizeSettings, quantize_checkpoint
 
     settings = QuantizeSettings(method=method, group_size=group_size, calib_samples=calib_samples,
-                                calib_seqlen=calib_seqlen, duo_scaling=duo_scaling, device=device)
+                                calib_seqlen=calib_seqlen, calib_seed=calib_seed, duo_scaling=duo_scaling,
+                                device=device)
     meta = quantize_checkpoint(model, output, settings, str(calib) if calib else None, force=force)
     typer.echo(f"wrote {output} ({method}, group {group_size}) in {meta['seconds']:.0f} s, "
                f"peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB")

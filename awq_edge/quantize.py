@@ -41,6 +41,7 @@ class QuantizeSettings:
     group_size: int = 128
     calib_samples: int = 64
     calib_seqlen: int = 512
+    calib_seed: int = 0  # shuffles the calibration texts: another seed, another sample of them
     loss_samples: int = 16  # sequences whose outputs the scale-search loss compares
     scale_grid: int = 20  # alpha = i / scale_grid, i = 0 .. scale_grid-1
     duo_scaling: bool = False  # s = x_mean^a / w_mean^(1-a) (AutoAWQ) instead of x_mean^a (paper)
@@ -524,7 +525,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     model, tokenizer, materialize = load_for_quantization(model_dir)
     tokens = None
     if settings.method == "awq":
-        tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen)
+        tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen, settings.calib_seed)
     result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize)
     metadata = {
         "awq_edge_version": __version__,

@@ -5,7 +5,8 @@
 Quantizes with awq_edge.quantize.QuantizeSettings(**overrides) into a temp dir, runs
 `awq-edge eval --seqlen 1024 --windows N --json` on it, prints one JSON line and writes
 benchmarks/results/quantizer-variant-NAME.json. This is how the variants in docs/quantizer.md
-were measured (the experimental settings they name exist at commit 881588a).
+were measured. Experimental settings named in the docs exist only in the commits the docs give
+(881588a; 2e4f23d + e4fe36d; 2a83310): run this script from a checkout of that commit.
 """
 from __future__ import annotations
 

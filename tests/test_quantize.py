@@ -11,8 +11,9 @@ from awq_edge.errors import UserError
 from awq_edge.evaluate import perplexity
 from awq_edge.families import family_for
 from awq_edge.model import load_float_model
-from awq_edge.quantize import (QuantizeSettings, _apply_group, _linear_names, block_groups, capture_block_inputs,
-                               fake_quantize, fake_quantize_model, quantize_checkpoint, quantize_tensor, search_clip)
+from awq_edge.quantize import (QuantizeSettings, _apply_group, _linear_names, block_groups, calibration_tokens,
+                               capture_block_inputs, fake_quantize, fake_quantize_model, quantize_checkpoint,
+                               quantize_tensor, search_clip)
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -48,6 +49,15 @@ def test_clip_search_lowers_output_error():
     err_clip = (x @ (fake_quantize(w, 64, clip) - w).T).pow(2).mean()
     err_rtn = (x @ (fake_quantize(w, 64) - w).T).pow(2).mean()
     assert err_clip < err_rtn
+
+
+def test_calibration_seed_picks_another_sample_of_the_texts(smollm2):
+    _, tokenizer = smollm2
+    texts = [f"Paragraph {i} is about the number {i * 7919 % 1000} and nothing else." for i in range(200)]
+    first = calibration_tokens(tokenizer, texts, 4, 32, seed=0)
+    assert first.shape == (4, 32)
+    assert torch.equal(first, calibration_tokens(tokenizer, texts, 4, 32, seed=0))  # reproducible
+    assert not torch.equal(first, calibration_tokens(tokenizer, texts, 4, 32, seed=1))
 
 
 @torch.no_grad()
