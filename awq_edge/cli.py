@@ -115,7 +115,7 @@ def eval_cmd(
     if method not in ("float", "rtn"):
         raise UserError(f"--method {method} is unknown; use float or rtn")
     text_path = text if text else data.fetch_wikipedia()[1]
-    body = "\n\n".join(data.read_texts(text_path))
+    body = data.eval_text(text_path)
     model_dir = resolve_source(model)
     family = check_causal_lm(read_config(model_dir), str(model_dir))
     lm, tokenizer = load_float_model(model_dir)

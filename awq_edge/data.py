@@ -225,5 +225,11 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
+def eval_text(path: str | Path | None = None) -> str:
+    """The text `awq-edge eval` scores: PATH's texts (default: the built-in evaluation split),
+    joined by blank lines. Benchmarks and tests score the same string through this."""
+    return "\n\n".join(read_texts(path if path else fetch_wikipedia()[1]))
+
+
 def clear_cache() -> None:
     shutil.rmtree(data_dir(), ignore_errors=True)

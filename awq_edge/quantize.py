@@ -525,7 +525,8 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     model, tokenizer, materialize = load_for_quantization(model_dir)
     tokens = None
     if settings.method == "awq":
-        tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen, settings.calib_seed)
+        tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen,
+                                    settings.calib_seed)
     result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize)
     metadata = {
         "awq_edge_version": __version__,

@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tokenizer = Tokenizer(args.checkpoint)
-    text = "\n\n".join(data.read_texts(data.fetch_wikipedia()[1]))
+    text = data.eval_text()
     ids = tokenizer.encode(text)
     windows = min(args.windows, len(ids) // args.seqlen)
     results = {}

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from awq_edge.checkpoint import load_awq_as_float, read_checkpoint
-from awq_edge.data import fetch_wikipedia, read_texts
+from awq_edge.checkpoint import load_awq_as_float
+from awq_edge.data import eval_text
 from awq_edge.evaluate import perplexity
-from awq_edge.model import decoder_layers, load_float_model, resolve_source
+from awq_edge.model import decoder_layers, load_float_model, read_config, resolve_source
 from awq_edge.quantize import QuantizeSettings, fake_quantize_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,12 +37,12 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="results file suffix (default: the checkpoint's dir name)")
     args = ap.parse_args()
 
-    group_size = read_checkpoint(args.checkpoint).config["quantization_config"]["group_size"]
+    group_size = read_config(args.checkpoint)["quantization_config"]["group_size"]  # config only: weights load once, below
     model, tokenizer = load_float_model(resolve_source(args.model), dtype=torch.float32)
     awq = load_awq_as_float(args.checkpoint).eval()
     rtn = copy.deepcopy(model)
     fake_quantize_model(rtn, QuantizeSettings(method="rtn", group_size=group_size))
-    text = "\n\n".join(read_texts(fetch_wikipedia()[1]))  # as `awq-edge eval` reads it
+    text = eval_text()
     layers = decoder_layers(model)
     blocks = range(len(layers)) if args.blocks is None else [int(b) for b in args.blocks.split(",")]
 

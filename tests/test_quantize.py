@@ -93,7 +93,7 @@ def test_folding_scales_keeps_the_float_block_output(smollm2):
 def test_awq_beats_rtn_on_real_text(smollm2, awq_checkpoint):
     """Even on a tiny calibration budget, AWQ's perplexity is below RTN's at the same group size."""
     model, tokenizer = smollm2
-    text = "\n\n".join(data.read_texts(data.fetch_wikipedia()[1]))
+    text = data.eval_text()
     awq_model = load_awq_as_float(awq_checkpoint)
     base = {n: p.clone() for n, p in model.state_dict().items()}
     fake_quantize_model(model, QuantizeSettings(method="rtn", group_size=64))
