@@ -48,7 +48,6 @@ class QuantizeSettings:
     clip_grid: int = 20  # clip ratios from 1.0 down to 1 - clip_max_shrink
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens the clip search compares on
-    calib_spread: bool = False  # EXPERIMENT: blocks from random positions of all the text
     last_block_logits: bool = False  # last block's MLP losses through the final norm and lm_head
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
@@ -126,33 +125,24 @@ def fake_quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = 
 
 # ---------------------------------------------------------------- calibration data
 
-def calibration_tokens(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int = 0,
-                       spread: bool = False) -> torch.Tensor:
-    """Shuffle the texts, join them (EOS between), and cut [n, seqlen] token blocks.
-
-    spread: tokenize (up to 64x the tokens needed of) all texts and take n blocks at random
-    positions of the whole stream, so a few long documents do not make all the calibration."""
+def calibration_tokens(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Shuffle the texts, join them (EOS between), and cut [n, seqlen] token blocks."""
     order = list(range(len(texts)))
-    rng = random.Random(seed)
-    rng.shuffle(order)
+    random.Random(seed).shuffle(order)
     eos = tokenizer.eos_token_id
     needed = n_samples * seqlen
-    limit = needed * 64 if spread else needed
     ids: list[int] = []
     for i in order:
         ids.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
-        if len(ids) >= limit:
+        if len(ids) >= needed:
             break
     n = min(n_samples, len(ids) // seqlen)
     if n == 0:
         raise UserError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seqlen}; "
                         "give more text or a smaller --calib-seqlen")
-    blocks = torch.tensor(ids[: len(ids) // seqlen * seqlen], dtype=torch.long).reshape(-1, seqlen)
-    if spread:
-        blocks = blocks[sorted(rng.sample(range(len(blocks)), n))]
-    return blocks[:n]
+    return torch.tensor(ids[: n * seqlen], dtype=torch.long).reshape(n, seqlen)
 
 
 # ---------------------------------------------------------------- capturing block inputs
@@ -572,7 +562,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     tokens = None
     if settings.method == "awq":
         tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen,
-                                    settings.calib_seed, settings.calib_spread)
+                                    settings.calib_seed)
     result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize)
     metadata = {
         "awq_edge_version": __version__,
