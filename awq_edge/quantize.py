@@ -48,7 +48,6 @@ class QuantizeSettings:
     clip_grid: int = 20  # clip ratios from 1.0 down to 1 - clip_max_shrink
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens the clip search compares on
-    last_block_logits: bool = False  # last block's MLP losses through the final norm and lm_head
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
@@ -398,10 +397,6 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             return fn
 
         handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
-        last = i == len(layers) - 1 and settings.last_block_logits
-        if last:  # the residual the MLP output joins: its tokens match the MLP loss tokens
-            captured[MLP_RESIDUAL] = []
-            handles.append(getattr(layer, family.mlp_norm).register_forward_hook(hook(MLP_RESIDUAL)))
         outputs = []
         with torch.no_grad():
             for xb in _batched(inputs, settings.batch_size):
@@ -411,7 +406,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         for h in handles:
             h.remove()
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
-        loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(captured)}  # pop: no second copy
+        loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(linears)}  # pop: no second copy
 
         # b + c. scales, group by group
         report = {"layer": i, "groups": {}}
@@ -419,8 +414,6 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             for g in block_groups(layer, family, model.config):
                 x = loss_inputs[g.input_of]
                 run = _module_runner(layer, g, x, kwargs, settings.batch_size)
-                if last and g.inspect in ("mlp", "down_proj"):
-                    run = _through_head(run, loss_inputs[MLP_RESIDUAL], layer, model)
                 s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
                 report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0]}
                 _apply_group(g, s, family, loss_inputs, linears)
@@ -457,35 +450,6 @@ def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: i
         return lambda: [layer.mlp(xb) for xb in _batched(x, rows)]
     lin = _linear_names(layer)[g.inspect]
     return lambda: [lin(xb) for xb in _batched(x, rows)]
-
-
-MLP_RESIDUAL = "mlp_residual"
-
-
-def _head_metric(model) -> torch.Tensor:
-    """L with L L^T = W^T W for the lm_head W: ||d @ L||^2 = ||W d||^2, the logit-space error."""
-    w = model.get_output_embeddings().weight.detach().float()
-    gram = w.T @ w
-    gram += torch.eye(len(gram)) * gram.diagonal().mean() * 1e-6
-    return torch.linalg.cholesky(gram)
-
-
-def _through_head(run, residual: torch.Tensor, layer, model):
-    """The last block's MLP loss measured where it counts: on the logits.
-
-    Each token's MLP output joins its residual, passes the final norm and the lm_head; the
-    error there is what the loss compares. The norm divides each token by its own size, so
-    a token with a massive residual (the attention sink) stops dominating the loss."""
-    import copy
-    metric = _head_metric(model).to(residual.device)
-    norm = copy.deepcopy(model.model.norm).float().to(residual.device)
-    post = getattr(layer, "post_feedforward_layernorm", None)  # Gemma 3 norms the MLP output
-    def run_logits():
-        outs = []
-        for h, y in zip(_batched(residual, 4096), run()):
-            outs.append(norm(h + (post(y) if post is not None else y)) @ metric)
-        return outs
-    return run_logits
 
 
 def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: dict, linears: dict) -> None:
