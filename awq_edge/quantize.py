@@ -48,6 +48,8 @@ class QuantizeSettings:
     clip_grid: int = 20  # clip ratios from 1.0 down to 1 - clip_max_shrink
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens the clip search compares on
+    skip_o: bool = False  # EXPERIMENT
+    clip_qk: bool = False  # EXPERIMENT
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
@@ -412,6 +414,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         report = {"layer": i, "groups": {}}
         with torch.no_grad():
             for g in block_groups(layer, family, model.config):
+                if settings.skip_o and g.name == "o" and g.kv_repeat > 1:
+                    continue
                 x = loss_inputs[g.input_of]
                 run = _module_runner(layer, g, x, kwargs, settings.batch_size)
                 s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
@@ -421,7 +425,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
             for name, lin in linears.items():
                 clip = None
-                if name not in ("q_proj", "k_proj") and settings.clip_grid > 0:
+                if (settings.clip_qk or name not in ("q_proj", "k_proj")) and settings.clip_grid > 0:
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
                     clip = search_clip(lin.weight.data, x, settings)
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
