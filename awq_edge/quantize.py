@@ -50,6 +50,7 @@ class QuantizeSettings:
     clip_tokens: int = 512  # tokens the clip search compares on
     skip_o: bool = False  # EXPERIMENT
     clip_qk: bool = False  # EXPERIMENT
+    last_block_kl: bool = False  # EXPERIMENT: last block's MLP losses = KL of the next-token distribution
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
@@ -249,7 +250,16 @@ def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     return normed.mean(0)
 
 
-def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: QuantizeSettings):
+def _mse(outs, refs) -> float:
+    return sum(float((o - r).float().pow(2).sum()) for o, r in zip(outs, refs)) / sum(r.numel() for r in refs)
+
+
+def _kl(outs, refs) -> float:
+    """outs, refs: log-probabilities [tokens, vocab]; KL(float || trial) per token."""
+    return sum(float((r.exp() * (r - o)).sum()) for o, r in zip(outs, refs)) / sum(len(r) for r in refs)
+
+
+def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: QuantizeSettings, loss_fn=_mse):
     """Grid search of alpha for one group. Returns (scales on the prev-op side, best alpha, losses)."""
     originals = [lin.weight.data.clone() for lin in g.linears]
     reference = run_module()
@@ -267,8 +277,7 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
             s_in = _expand(s, g)
             for lin, w in zip(g.linears, originals):
                 lin.weight.data = fake_quantize(w * s_in, settings.group_size) / s_in
-            loss = sum(float((out - ref).float().pow(2).sum()) for out, ref in zip(run_module(), reference))
-            loss /= sum(r.numel() for r in reference)
+            loss = loss_fn(run_module(), reference)
             losses.append(loss)
             if loss < best[0]:
                 best = (loss, s.clone(), alpha)
@@ -399,6 +408,10 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             return fn
 
         handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+        last = i == len(layers) - 1 and settings.last_block_kl
+        if last:  # the residual the MLP output joins: its tokens match the MLP loss tokens
+            captured[MLP_RESIDUAL] = []
+            handles.append(getattr(layer, family.mlp_norm).register_forward_hook(hook(MLP_RESIDUAL)))
         outputs = []
         with torch.no_grad():
             for xb in _batched(inputs, settings.batch_size):
@@ -408,7 +421,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         for h in handles:
             h.remove()
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
-        loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(linears)}  # pop: no second copy
+        loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(captured)}  # pop: no second copy
 
         # b + c. scales, group by group
         report = {"layer": i, "groups": {}}
@@ -417,8 +430,15 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 if settings.skip_o and g.name == "o" and g.kv_repeat > 1:
                     continue
                 x = loss_inputs[g.input_of]
-                run = _module_runner(layer, g, x, kwargs, settings.batch_size)
-                s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
+                loss_fn = _mse
+                if last and g.inspect in ("mlp", "down_proj"):
+                    stride = max(1, len(x) // 1024)  # 1024 tokens: logits are 49152 wide
+                    run = _module_runner(layer, g, x[::stride], kwargs, settings.batch_size)
+                    run = _through_head(run, loss_inputs[MLP_RESIDUAL][::stride], layer, model)
+                    loss_fn = _kl
+                else:
+                    run = _module_runner(layer, g, x, kwargs, settings.batch_size)
+                s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings, loss_fn)
                 report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0]}
                 _apply_group(g, s, family, loss_inputs, linears)
 
@@ -454,6 +474,25 @@ def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: i
         return lambda: [layer.mlp(xb) for xb in _batched(x, rows)]
     lin = _linear_names(layer)[g.inspect]
     return lambda: [lin(xb) for xb in _batched(x, rows)]
+
+
+MLP_RESIDUAL = "mlp_residual"
+
+
+def _through_head(run, residual: torch.Tensor, layer, model):
+    """The last block's MLP outputs as next-token log-probabilities (for a KL loss).
+
+    Each token's MLP output joins its residual, passes the final norm and the lm_head."""
+    import copy
+    head = model.get_output_embeddings().weight.detach().float().to(residual.device)
+    norm = copy.deepcopy(model.model.norm).float().to(residual.device)
+    post = getattr(layer, "post_feedforward_layernorm", None)  # Gemma 3 norms the MLP output
+    def run_logits():
+        outs = []
+        for h, y in zip(_batched(residual, 4096), run()):
+            outs.append(torch.log_softmax(norm(h + (post(y) if post is not None else y)) @ head.T, -1))
+        return outs
+    return run_logits
 
 
 def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: dict, linears: dict) -> None:
