@@ -51,6 +51,7 @@ class QuantizeSettings:
     skip_o: bool = False  # EXPERIMENT
     clip_qk: bool = False  # EXPERIMENT
     last_block_kl: bool = False  # EXPERIMENT: last block's MLP losses = KL of the next-token distribution
+    offset_stride: bool = False  # EXPERIMENT
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
@@ -402,6 +403,10 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 if name in ATTENTION_INPUTS:
                     if counted["seqs"] < n_loss:
                         captured[name].append(x[: n_loss - counted["seqs"]].clone())
+                elif settings.offset_stride:  # sequence j starts at j % stride: first tokens at their own rate
+                    for j in range(x.shape[0]):
+                        off = (counted["seqs"] + j) % token_stride
+                        captured[name].append(x[j, off::token_stride].clone())
                 else:
                     start = (-counted["tokens"]) % token_stride  # global stride across batches
                     captured[name].append(flat[start::token_stride].clone())
