@@ -52,6 +52,7 @@ class QuantizeSettings:
     clip_qk: bool = False  # EXPERIMENT
     last_block_kl: bool = False  # EXPERIMENT: last block's MLP losses = KL of the next-token distribution
     offset_stride: bool = False  # EXPERIMENT
+    v_clip_attention: bool = False  # EXPERIMENT: v's clip errors weighted by the attention each token receives
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
@@ -291,11 +292,15 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
 # ---------------------------------------------------------------- clipping search
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256) -> torch.Tensor:
+def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256,
+                token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Best max |w| per (output channel, group): minimises each group's partial-output MSE."""
     out_f, k = w.shape
     if len(x) > settings.clip_tokens:
-        x = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()]
+        pick = torch.linspace(0, len(x) - 1, settings.clip_tokens).long()
+        x = x[pick]
+        token_weights = token_weights[pick] if token_weights is not None else None
+    tw = None if token_weights is None else (token_weights / token_weights.mean()).view(1, -1, 1)
     gs_total = -(-k // settings.group_size)
     best_clip = torch.empty(out_f, gs_total, device=w.device)
     ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
@@ -310,7 +315,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc
             for r in ratios:
                 c = max_abs * r
                 wq = fake_quantize_groups(wg, c)
-                err = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2).mean(1).T  # [oc, groups]
+                diff2 = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2)
+                err = (diff2 if tw is None else diff2 * tw).mean(1).T  # [oc, groups]
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best = torch.where(better, c, best)
@@ -428,6 +434,10 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
         loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(captured)}  # pop: no second copy
 
+        v_weights = None
+        if settings.v_clip_attention:  # before any scaling: the float block's attention
+            v_weights = _received_attention(layer, loss_inputs["q_proj"], kwargs, settings.batch_size)
+
         # b + c. scales, group by group
         report = {"layer": i, "groups": {}}
         with torch.no_grad():
@@ -452,7 +462,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 clip = None
                 if (settings.clip_qk or name not in ("q_proj", "k_proj")) and settings.clip_grid > 0:
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
-                    clip = search_clip(lin.weight.data, x, settings)
+                    clip = search_clip(lin.weight.data, x, settings,
+                                       token_weights=v_weights if name == "v_proj" else None)
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
                 _release(lin)
         layer.to(orig_dtype)
@@ -498,6 +509,25 @@ def _through_head(run, residual: torch.Tensor, layer, model):
             outs.append(torch.log_softmax(norm(h + (post(y) if post is not None else y)) @ head.T, -1))
         return outs
     return run_logits
+
+
+def _received_attention(layer, x_seqs: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
+    """Per token of x_seqs [n, T, K]: sum over queries of its attention probability squared,
+    averaged over heads. An error in a token's value vector reaches every query that reads it,
+    so v's clip errors are weighted by this (the attention sink's is ~T/4, a plain token's ~0.1)."""
+    cfg = layer.self_attn.config
+    impl = cfg._attn_implementation
+    t = x_seqs.shape[1]
+    mask = torch.full((t, t), float("-inf"), device=x_seqs.device).triu(1)[None, None]
+    cfg._attn_implementation = "eager"  # the only one that returns the probabilities
+    try:
+        out = []
+        for xb in _batched(x_seqs, batch):
+            _, probs = layer.self_attn(hidden_states=xb, **{**kwargs, "attention_mask": mask})
+            out.append(probs.float().pow(2).sum(2).mean(1))  # [b, T]
+    finally:
+        cfg._attn_implementation = impl
+    return torch.cat(out).reshape(-1)
 
 
 def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: dict, linears: dict) -> None:
