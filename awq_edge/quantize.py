@@ -52,6 +52,7 @@ class QuantizeSettings:
     clip_qk: bool = False  # EXPERIMENT
     last_block_kl: bool = False  # EXPERIMENT: last block's MLP losses = KL of the next-token distribution
     offset_stride: bool = False  # EXPERIMENT
+    v_clip_exact: bool = False  # EXPERIMENT: v's clip errors through the attention probabilities (2 sequences)
     v_clip_attention: bool = False  # EXPERIMENT: v's clip errors weighted by the attention each token receives
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
@@ -324,6 +325,40 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc
     return best_clip
 
 
+@torch.no_grad()
+def search_clip_through_attention(w: torch.Tensor, x: torch.Tensor, probs: torch.Tensor, n_rep: int,
+                                  settings: QuantizeSettings) -> torch.Tensor:
+    """v_proj's clip search scored on the attention output: a value error reaches every query
+    that reads the token. x [n, T, K] whole sequences, probs [n, heads, T, T] float attention."""
+    out_f, k = w.shape
+    n, t, _ = x.shape
+    kv_heads = probs.shape[1] // n_rep
+    head_dim = out_f // kv_heads
+    a = probs.view(n, kv_heads, n_rep, t, t)
+    gs_total = -(-k // settings.group_size)
+    best_clip = torch.empty(out_f, gs_total, device=w.device)
+    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+    for cols, gsl, g in _group_chunks(k, settings.group_size):
+        xg = x[:, :, cols].reshape(n, t, -1, g)  # [n, T, groups, g]
+        wg = w[:, cols].reshape(out_f, -1, g)  # [oc, groups, g]
+        max_abs = wg.abs().amax(-1)
+        ref = torch.einsum("ntcg,ocg->ntco", xg, wg)
+        best_err = torch.full_like(max_abs, math.inf)
+        best = max_abs.clone()
+        for r in ratios:
+            c = max_abs * r
+            err_tok = torch.einsum("ntcg,ocg->ntco", xg, fake_quantize_groups(wg, c)) - ref  # [n, T, groups, oc]
+            e = err_tok.reshape(n, t, -1, kv_heads, head_dim).permute(0, 3, 1, 2, 4)  # [n, kv, T, groups, D]
+            e = e.reshape(n, kv_heads, 1, t, -1)
+            err = (a @ e).pow(2).sum((0, 2, 3))  # [kv, groups*D]
+            err = err.view(kv_heads, -1, head_dim).permute(0, 2, 1).reshape(out_f, -1)  # [oc, groups]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, c, best)
+        best_clip[:, gsl] = best
+    return best_clip
+
+
 def fake_quantize_groups(wg: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     """wg [oc, groups, g] clamped to +-clip [oc, groups], quantized and dequantized."""
     qg, scale, zero = _quantize_groups(wg, clip)
@@ -434,6 +469,9 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
         loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(captured)}  # pop: no second copy
 
+        v_probs = None
+        if settings.v_clip_exact:
+            v_probs = _attention_probs(layer, loss_inputs["q_proj"][:2], kwargs)
         v_weights = None
         if settings.v_clip_attention:  # before any scaling: the float block's attention
             v_weights = _received_attention(layer, loss_inputs["q_proj"], kwargs, settings.batch_size)
@@ -462,8 +500,12 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 clip = None
                 if (settings.clip_qk or name not in ("q_proj", "k_proj")) and settings.clip_grid > 0:
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
-                    clip = search_clip(lin.weight.data, x, settings,
-                                       token_weights=v_weights if name == "v_proj" else None)
+                    if name == "v_proj" and v_probs is not None:
+                        n_rep = model.config.num_attention_heads // model.config.num_key_value_heads
+                        clip = search_clip_through_attention(lin.weight.data, loss_inputs[name][:2], v_probs, n_rep, settings)
+                    else:
+                        clip = search_clip(lin.weight.data, x, settings,
+                                           token_weights=v_weights if name == "v_proj" else None)
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
                 _release(lin)
         layer.to(orig_dtype)
@@ -509,6 +551,18 @@ def _through_head(run, residual: torch.Tensor, layer, model):
             outs.append(torch.log_softmax(norm(h + (post(y) if post is not None else y)) @ head.T, -1))
         return outs
     return run_logits
+
+
+def _attention_probs(layer, x_seqs: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    cfg = layer.self_attn.config
+    impl = cfg._attn_implementation
+    t = x_seqs.shape[1]
+    mask = torch.full((t, t), float("-inf"), device=x_seqs.device).triu(1)[None, None]
+    cfg._attn_implementation = "eager"  # the only one that returns the probabilities
+    try:
+        return layer.self_attn(hidden_states=x_seqs, **{**kwargs, "attention_mask": mask})[1].float()
+    finally:
+        cfg._attn_implementation = impl
 
 
 def _received_attention(layer, x_seqs: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
