@@ -48,12 +48,6 @@ class QuantizeSettings:
     clip_grid: int = 20  # clip ratios from 1.0 down to 1 - clip_max_shrink
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens the clip search compares on
-    skip_o: bool = False  # EXPERIMENT
-    clip_qk: bool = False  # EXPERIMENT
-    last_block_kl: bool = False  # EXPERIMENT: last block's MLP losses = KL of the next-token distribution
-    offset_stride: bool = False  # EXPERIMENT
-    v_clip_exact: bool = False  # EXPERIMENT: v's clip errors through the attention probabilities (2 sequences)
-    v_clip_attention: bool = False  # EXPERIMENT: v's clip errors weighted by the attention each token receives
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
@@ -253,16 +247,7 @@ def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     return normed.mean(0)
 
 
-def _mse(outs, refs) -> float:
-    return sum(float((o - r).float().pow(2).sum()) for o, r in zip(outs, refs)) / sum(r.numel() for r in refs)
-
-
-def _kl(outs, refs) -> float:
-    """outs, refs: log-probabilities [tokens, vocab]; KL(float || trial) per token."""
-    return sum(float((r.exp() * (r - o)).sum()) for o, r in zip(outs, refs)) / sum(len(r) for r in refs)
-
-
-def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: QuantizeSettings, loss_fn=_mse):
+def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: QuantizeSettings):
     """Grid search of alpha for one group. Returns (scales on the prev-op side, best alpha, losses)."""
     originals = [lin.weight.data.clone() for lin in g.linears]
     reference = run_module()
@@ -280,7 +265,8 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
             s_in = _expand(s, g)
             for lin, w in zip(g.linears, originals):
                 lin.weight.data = fake_quantize(w * s_in, settings.group_size) / s_in
-            loss = loss_fn(run_module(), reference)
+            loss = sum(float((out - ref).float().pow(2).sum()) for out, ref in zip(run_module(), reference))
+            loss /= sum(r.numel() for r in reference)
             losses.append(loss)
             if loss < best[0]:
                 best = (loss, s.clone(), alpha)
@@ -293,15 +279,11 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
 # ---------------------------------------------------------------- clipping search
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256,
-                token_weights: torch.Tensor | None = None) -> torch.Tensor:
+def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256) -> torch.Tensor:
     """Best max |w| per (output channel, group): minimises each group's partial-output MSE."""
     out_f, k = w.shape
     if len(x) > settings.clip_tokens:
-        pick = torch.linspace(0, len(x) - 1, settings.clip_tokens).long()
-        x = x[pick]
-        token_weights = token_weights[pick] if token_weights is not None else None
-    tw = None if token_weights is None else (token_weights / token_weights.mean()).view(1, -1, 1)
+        x = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()]
     gs_total = -(-k // settings.group_size)
     best_clip = torch.empty(out_f, gs_total, device=w.device)
     ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
@@ -316,46 +298,11 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc
             for r in ratios:
                 c = max_abs * r
                 wq = fake_quantize_groups(wg, c)
-                diff2 = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2)
-                err = (diff2 if tw is None else diff2 * tw).mean(1).T  # [oc, groups]
+                err = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2).mean(1).T  # [oc, groups]
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best = torch.where(better, c, best)
             best_clip[o0:o0 + oc_batch, gsl] = best
-    return best_clip
-
-
-@torch.no_grad()
-def search_clip_through_attention(w: torch.Tensor, x: torch.Tensor, probs: torch.Tensor, n_rep: int,
-                                  settings: QuantizeSettings) -> torch.Tensor:
-    """v_proj's clip search scored on the attention output: a value error reaches every query
-    that reads the token. x [n, T, K] whole sequences, probs [n, heads, T, T] float attention."""
-    out_f, k = w.shape
-    n, t, _ = x.shape
-    kv_heads = probs.shape[1] // n_rep
-    head_dim = out_f // kv_heads
-    a = probs.view(n, kv_heads, n_rep, t, t)
-    gs_total = -(-k // settings.group_size)
-    best_clip = torch.empty(out_f, gs_total, device=w.device)
-    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
-    for cols, gsl, g in _group_chunks(k, settings.group_size):
-        xg = x[:, :, cols].reshape(n, t, -1, g)  # [n, T, groups, g]
-        wg = w[:, cols].reshape(out_f, -1, g)  # [oc, groups, g]
-        max_abs = wg.abs().amax(-1)
-        ref = torch.einsum("ntcg,ocg->ntco", xg, wg)
-        best_err = torch.full_like(max_abs, math.inf)
-        best = max_abs.clone()
-        for r in ratios:
-            c = max_abs * r
-            err_tok = torch.einsum("ntcg,ocg->ntco", xg, fake_quantize_groups(wg, c)) - ref  # [n, T, groups, oc]
-            e = err_tok.reshape(n, t, -1, kv_heads, head_dim).permute(0, 3, 1, 2, 4)  # [n, kv, T, groups, D]
-            e = e.reshape(n, kv_heads, 1, t, -1)
-            err = (a @ e).pow(2).sum((0, 2, 3))  # [kv, groups*D]
-            err = err.view(kv_heads, -1, head_dim).permute(0, 2, 1).reshape(out_f, -1)  # [oc, groups]
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, c, best)
-        best_clip[:, gsl] = best
     return best_clip
 
 
@@ -444,20 +391,12 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 if name in ATTENTION_INPUTS:
                     if counted["seqs"] < n_loss:
                         captured[name].append(x[: n_loss - counted["seqs"]].clone())
-                elif settings.offset_stride:  # sequence j starts at j % stride: first tokens at their own rate
-                    for j in range(x.shape[0]):
-                        off = (counted["seqs"] + j) % token_stride
-                        captured[name].append(x[j, off::token_stride].clone())
                 else:
                     start = (-counted["tokens"]) % token_stride  # global stride across batches
                     captured[name].append(flat[start::token_stride].clone())
             return fn
 
         handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
-        last = i == len(layers) - 1 and settings.last_block_kl
-        if last:  # the residual the MLP output joins: its tokens match the MLP loss tokens
-            captured[MLP_RESIDUAL] = []
-            handles.append(getattr(layer, family.mlp_norm).register_forward_hook(hook(MLP_RESIDUAL)))
         outputs = []
         with torch.no_grad():
             for xb in _batched(inputs, settings.batch_size):
@@ -467,45 +406,24 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         for h in handles:
             h.remove()
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
-        loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(captured)}  # pop: no second copy
-
-        v_probs = None
-        if settings.v_clip_exact:
-            v_probs = _attention_probs(layer, loss_inputs["q_proj"][:2], kwargs)
-        v_weights = None
-        if settings.v_clip_attention:  # before any scaling: the float block's attention
-            v_weights = _received_attention(layer, loss_inputs["q_proj"], kwargs, settings.batch_size)
+        loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(linears)}  # pop: no second copy
 
         # b + c. scales, group by group
         report = {"layer": i, "groups": {}}
         with torch.no_grad():
             for g in block_groups(layer, family, model.config):
-                if settings.skip_o and g.name == "o" and g.kv_repeat > 1:
-                    continue
                 x = loss_inputs[g.input_of]
-                loss_fn = _mse
-                if last and g.inspect in ("mlp", "down_proj"):
-                    stride = max(1, len(x) // 1024)  # 1024 tokens: logits are 49152 wide
-                    run = _module_runner(layer, g, x[::stride], kwargs, settings.batch_size)
-                    run = _through_head(run, loss_inputs[MLP_RESIDUAL][::stride], layer, model)
-                    loss_fn = _kl
-                else:
-                    run = _module_runner(layer, g, x, kwargs, settings.batch_size)
-                s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings, loss_fn)
+                run = _module_runner(layer, g, x, kwargs, settings.batch_size)
+                s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
                 report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0]}
                 _apply_group(g, s, family, loss_inputs, linears)
 
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
             for name, lin in linears.items():
                 clip = None
-                if (settings.clip_qk or name not in ("q_proj", "k_proj")) and settings.clip_grid > 0:
+                if name not in ("q_proj", "k_proj") and settings.clip_grid > 0:
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
-                    if name == "v_proj" and v_probs is not None:
-                        n_rep = model.config.num_attention_heads // model.config.num_key_value_heads
-                        clip = search_clip_through_attention(lin.weight.data, loss_inputs[name][:2], v_probs, n_rep, settings)
-                    else:
-                        clip = search_clip(lin.weight.data, x, settings,
-                                           token_weights=v_weights if name == "v_proj" else None)
+                    clip = search_clip(lin.weight.data, x, settings)
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
                 _release(lin)
         layer.to(orig_dtype)
@@ -532,56 +450,6 @@ def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: i
         return lambda: [layer.mlp(xb) for xb in _batched(x, rows)]
     lin = _linear_names(layer)[g.inspect]
     return lambda: [lin(xb) for xb in _batched(x, rows)]
-
-
-MLP_RESIDUAL = "mlp_residual"
-
-
-def _through_head(run, residual: torch.Tensor, layer, model):
-    """The last block's MLP outputs as next-token log-probabilities (for a KL loss).
-
-    Each token's MLP output joins its residual, passes the final norm and the lm_head."""
-    import copy
-    head = model.get_output_embeddings().weight.detach().float().to(residual.device)
-    norm = copy.deepcopy(model.model.norm).float().to(residual.device)
-    post = getattr(layer, "post_feedforward_layernorm", None)  # Gemma 3 norms the MLP output
-    def run_logits():
-        outs = []
-        for h, y in zip(_batched(residual, 4096), run()):
-            outs.append(torch.log_softmax(norm(h + (post(y) if post is not None else y)) @ head.T, -1))
-        return outs
-    return run_logits
-
-
-def _attention_probs(layer, x_seqs: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    cfg = layer.self_attn.config
-    impl = cfg._attn_implementation
-    t = x_seqs.shape[1]
-    mask = torch.full((t, t), float("-inf"), device=x_seqs.device).triu(1)[None, None]
-    cfg._attn_implementation = "eager"  # the only one that returns the probabilities
-    try:
-        return layer.self_attn(hidden_states=x_seqs, **{**kwargs, "attention_mask": mask})[1].float()
-    finally:
-        cfg._attn_implementation = impl
-
-
-def _received_attention(layer, x_seqs: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
-    """Per token of x_seqs [n, T, K]: sum over queries of its attention probability squared,
-    averaged over heads. An error in a token's value vector reaches every query that reads it,
-    so v's clip errors are weighted by this (the attention sink's is ~T/4, a plain token's ~0.1)."""
-    cfg = layer.self_attn.config
-    impl = cfg._attn_implementation
-    t = x_seqs.shape[1]
-    mask = torch.full((t, t), float("-inf"), device=x_seqs.device).triu(1)[None, None]
-    cfg._attn_implementation = "eager"  # the only one that returns the probabilities
-    try:
-        out = []
-        for xb in _batched(x_seqs, batch):
-            _, probs = layer.self_attn(hidden_states=xb, **{**kwargs, "attention_mask": mask})
-            out.append(probs.float().pow(2).sum(2).mean(1))  # [b, T]
-    finally:
-        cfg._attn_implementation = impl
-    return torch.cat(out).reshape(-1)
 
 
 def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: dict, linears: dict) -> None:
