@@ -5,8 +5,9 @@
 Quantizes with awq_edge.quantize.QuantizeSettings(**overrides) into a temp dir, runs
 `awq-edge eval --seqlen 1024 --windows N --json` on it, prints one JSON line and writes
 benchmarks/results/quantizer-variant-NAME.json. This is how the variants in docs/quantizer.md
-were measured. Experimental settings named in the docs exist only in the commits the docs give
-(881588a; 2e4f23d + e4fe36d; 2a83310): run this script from a checkout of that commit.
+were measured. Experimental settings named in the docs exist only in the commit the docs give
+next to each: run this script from a checkout of that commit (or with PYTHONPATH set to a
+worktree of it).
 """
 from __future__ import annotations
 
