@@ -7,8 +7,8 @@ Reads top to bottom as the algorithm runs:
      a. run the float block on all sequences: its float output is the next block's input;
         on the way, record mean |x| per input channel of every linear, and keep the full
         inputs of the first `loss_samples` sequences for the losses below;
-     b. search one scale vector per group (q/k/v <- input norm, o <- v, gate/up <- MLP norm,
-        down <- up) on a grid of alpha, loss = fp32 MSE of the module output;
+     b. search one scale vector per group (q/k/v <- input norm, o <- v unless GQA, gate/up <-
+        MLP norm, down <- up) on a grid of alpha, loss = fp32 MSE of the module output;
      c. fold the scales into the previous op (norm weight or linear rows);
      d. search a clipping threshold per (output channel, group) for every linear but q and k;
      e. quantize to INT4 and drop the block's float weights (memory stays ~one block).
@@ -195,21 +195,24 @@ class ScaleGroup:
     linears: list[nn.Linear]  # the linears that read the scaled tensor
     inspect: str  # "self_attn" | "mlp" | a linear's name: the module whose output the loss compares
     input_of: str  # the linear whose captured input feeds `inspect`
-    kv_repeat: int = 1  # o <- v under GQA: one scale per v channel, repeated over query heads
-    head_dim: int = 0
 
 
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")  # their loss runs attention: whole sequences
 
 
 def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
+    """The scale groups of one block. Under GQA (fewer KV heads than query heads) there is no o
+    group: a v channel feeds several query heads, so o's inputs can only take scales shared
+    across those heads, and every shared rule we measured (x_mean averaged, max, RMS over the
+    heads; losses plain, relative to the residual, down-weighting outliers) did worse than
+    leaving o unscaled, on two texts and four paired calibration runs (docs/quantizer.md)."""
     attn, mlp = layer.self_attn, layer.mlp
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return [
-        ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn", "q_proj"),
-        ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj", kv_repeat=heads // kv_heads, head_dim=head_dim),
+    groups = [ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn", "q_proj")]
+    if kv_heads == heads:
+        groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
+    return groups + [
         ScaleGroup("gate_up", getattr(layer, family.mlp_norm), [mlp.gate_proj, mlp.up_proj], "mlp", "gate_proj"),
         ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj"),
     ]
@@ -222,20 +225,6 @@ def _linear_names(layer) -> dict[str, nn.Linear]:
 
 
 # ---------------------------------------------------------------- scale search
-
-def _collapse(v: torch.Tensor, g: ScaleGroup) -> torch.Tensor:
-    """o <- v under GQA: per o-input channel -> per v channel (mean over the query heads sharing it)."""
-    if g.kv_repeat == 1:
-        return v
-    return v.view(-1, g.kv_repeat, g.head_dim).mean(1).reshape(-1)
-
-
-def _expand(s: torch.Tensor, g: ScaleGroup) -> torch.Tensor:
-    """Per v channel -> per o-input channel (the same scale for every query head of a KV head)."""
-    if g.kv_repeat == 1:
-        return s
-    return s.view(-1, 1, g.head_dim).expand(-1, g.kv_repeat, g.head_dim).reshape(-1)
-
 
 def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     """Mean over output rows of |w| / max|w| of its group, per input channel (duo scaling)."""
@@ -251,8 +240,7 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
     """Grid search of alpha for one group. Returns (scales on the prev-op side, best alpha, losses)."""
     originals = [lin.weight.data.clone() for lin in g.linears]
     reference = run_module()
-    x_mean = _collapse(x_mean, g)
-    w_mean = _collapse(_weight_mean(originals, settings.group_size), g) if settings.duo_scaling else None
+    w_mean = _weight_mean(originals, settings.group_size) if settings.duo_scaling else None
     losses, best = [], (math.inf, None, 0.0)
     try:
         for i in range(settings.scale_grid):
@@ -262,9 +250,8 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
                 s = s / (w_mean.pow(1 - alpha) + 1e-4)
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            s_in = _expand(s, g)
             for lin, w in zip(g.linears, originals):
-                lin.weight.data = fake_quantize(w * s_in, settings.group_size) / s_in
+                lin.weight.data = fake_quantize(w * s, settings.group_size) / s
             loss = sum(float((out - ref).float().pow(2).sum()) for out, ref in zip(run_module(), reference))
             loss /= sum(r.numel() for r in reference)
             losses.append(loss)
@@ -453,7 +440,6 @@ def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: i
 
 
 def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: dict, linears: dict) -> None:
-    s_in = _expand(s, g)
     prev = g.prev
     if isinstance(prev, nn.Linear):
         prev.weight.div_(s.view(-1, 1))
@@ -462,12 +448,12 @@ def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: di
     else:  # an RMSNorm: y = norm(x) * (offset + w); Gemma's offset is 1
         prev.weight.copy_((prev.weight.float() + family.norm_offset) / s - family.norm_offset)
     for lin in g.linears:
-        lin.weight.mul_(s_in.view(1, -1))
+        lin.weight.mul_(s.view(1, -1))
     # The captured inputs of the scaled linears are now x / s (q/k/v share one input).
     # (each linear has its own copy of its input, so each is divided once)
     for name, lin in linears.items():
         if any(lin is scaled for scaled in g.linears):
-            loss_inputs[name].div_(s_in)
+            loss_inputs[name].div_(s)
 
 
 # ---------------------------------------------------------------- model dir -> checkpoint dir

@@ -69,12 +69,13 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # also in
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir):
-    """make(model_type) -> a tiny random model dir of that family (SmolLM2's tokenizer, vocab 49152)."""
+    """make(model_type, kv_heads=2) -> a tiny random model dir of that family (SmolLM2's tokenizer,
+    vocab 49152; 4 query heads, so kv_heads=4 makes it plain multi-head attention)."""
     made = {}
 
-    def make(model_type: str):
-        if model_type in made:
-            return made[model_type]
+    def make(model_type: str, kv_heads: int = 2):
+        if (model_type, kv_heads) in made:
+            return made[model_type, kv_heads]
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -83,7 +84,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
         torch.manual_seed(0)
         config = AutoConfig.for_model(
             model_type, vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+            num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=512,
             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
         if model_type == "gemma3_text":
             config.sliding_window = 8  # small, so the sliding-window layers differ from full ones
@@ -93,10 +94,10 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.copy_(torch.rand_like(p) * 0.5 + (0.0 if model_type == "gemma3_text" else 0.75))
-        out = tmp_path_factory.mktemp("tiny") / model_type
+        out = tmp_path_factory.mktemp("tiny") / f"{model_type}-kv{kv_heads}"
         model.save_pretrained(out)
         copy_tokenizer(smollm2_dir, out)
-        made[model_type] = out
+        made[model_type, kv_heads] = out
         return out
 
     return make

@@ -62,7 +62,7 @@ def test_calibration_seed_picks_another_sample_of_the_texts(smollm2):
 
 @torch.no_grad()
 def test_folding_scales_keeps_the_float_block_output(smollm2):
-    """norm /= s, q/k/v *= s; v rows /= s, o *= s (GQA-expanded); up /= s, down *= s: same function.
+    """norm /= s, q/k/v *= s; (o group: none under GQA); up /= s, down *= s: same function.
 
     And the captured linear inputs the clip search uses are divided to match the scaled weights.
     """
@@ -88,6 +88,26 @@ def test_folding_scales_keeps_the_float_block_output(smollm2):
     torch.testing.assert_close(layer(inputs, **kwargs[3]), before, rtol=1e-4, atol=1e-4)
     for name in ("q_proj", "o_proj", "gate_proj", "down_proj"):  # scaled weights on divided inputs
         torch.testing.assert_close(linears[name](captured[name]), outputs[name], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_o_group_only_without_gqa_and_its_fold_is_exact(tiny_model_dir):
+    """o <- v is searched for multi-head attention only (docs/quantizer.md: under GQA every shared
+    scale rule measured worse than none); where it runs, v rows /= s, o *= s keep the function."""
+    gqa, _ = load_float_model(tiny_model_dir("llama", kv_heads=2))
+    assert "o" not in [g.name for g in block_groups(gqa.model.layers[0], family_for("llama"), gqa.config)]
+    model, tokenizer = load_float_model(tiny_model_dir("llama", kv_heads=4))
+    tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
+    inputs, kwargs = capture_block_inputs(model, tokens, 1)
+    layer = model.model.layers[0]
+    groups = {g.name: g for g in block_groups(layer, family_for("llama"), model.config)}
+    assert list(groups) == ["qkv", "o", "gate_up", "down"]
+    before = layer(inputs, **kwargs[0])
+    torch.manual_seed(0)
+    linears = _linear_names(layer)
+    _apply_group(groups["o"], torch.rand(64) + 0.5, family_for("llama"),
+                 {n: torch.ones(1, lin.in_features) for n, lin in linears.items()}, linears)
+    torch.testing.assert_close(layer(inputs, **kwargs[0]), before, rtol=1e-4, atol=1e-4)
 
 
 def test_awq_beats_rtn_on_real_text(smollm2, awq_checkpoint):

@@ -1,0 +1,354 @@
+"""What-ifs for one linear type at a time, without re-running the quantizer (~15 s each).
+
+    python benchmarks/quantizer_lab.py [--settings '{"group_size": 128}'] [--windows 8] [--text wiki|shakespeare] EXPERIMENT...
+
+A full variant run (benchmarks/quantizer_variant.py) takes ~5.5 min and its result moves by up
+to 0.34 perplexity with the calibration sample alone, so effects of ~0.1 cannot be seen that way.
+Here the quantizer runs ONCE (cached under /tmp/awq-lab), recording every group's scales and every
+linear's float weight as it was quantized (scales folded in). With the scales folded, the float
+weights give the float model back, and one linear type (say gate_proj, in all 30 blocks) can be
+re-quantized another way and measured alone: perplexity minus float, on the same windows, so
+differences between experiments are paired and deterministic.
+
+Scale changes stay inside one type: a scale folded into a norm (qkv, gate_up) costs nothing to
+the norm, and v's and up's rows, which take o's and down's scales, quantize the same scaled or not
+(row scaling commutes with per-row group quantization), so W -> Q(W r) / r with r = s_new / s_awq
+is exactly what the quantizer would produce for that type with scales s_new.
+
+EXPERIMENTs: see EXPERIMENTS below (TYPE:WHAT, e.g. gate_proj:awq gate_proj:noclip down_proj:alpha0).
+Writes benchmarks/results/quantizer-lab-NAME.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import awq_edge.quantize as Q
+from awq_edge import data
+from awq_edge.checkpoint import load_awq_as_float
+from awq_edge.evaluate import perplexity
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path("/tmp/awq-lab")
+GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
+            "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
+INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o",
+            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
+
+
+def record(model: str, settings: Q.QuantizeSettings, key: str) -> dict:
+    """Quantize once; return {scaled float weights, AWQ dequantized weights, scales, clips, state}."""
+    path = CACHE / f"{key}.pt"
+    if path.exists():
+        return torch.load(path)
+    scaled, clips, scales = [], [], []
+    to_quantized, apply_group = Q._to_quantized, Q._apply_group
+
+    def rec_quantized(lin, group_size, clip=None):
+        scaled.append(lin.weight.data.detach().float().cpu().clone())
+        clips.append(None if clip is None else clip.cpu().clone())
+        return to_quantized(lin, group_size, clip)
+
+    def rec_group(g, s, *args):
+        scales.append((g.name, s.detach().cpu().clone()))
+        return apply_group(g, s, *args)
+
+    Q._to_quantized, Q._apply_group = rec_quantized, rec_group
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            Q.quantize_checkpoint(model, Path(tmp) / "ck", settings, progress=True)
+            awq = load_awq_as_float(Path(tmp) / "ck")
+    finally:
+        Q._to_quantized, Q._apply_group = to_quantized, apply_group
+    names = list(Q._linear_names(awq.model.layers[0]))
+    n_groups = len(scales) // len(awq.model.layers)
+    out = {"scaled": {}, "awq": {}, "clip": {}, "s": {}}
+    for k, (w, c) in enumerate(zip(scaled, clips)):
+        i, n = divmod(k, len(names))
+        out["scaled"][f"{i}.{names[n]}"] = w
+        out["clip"][f"{i}.{names[n]}"] = c
+        out["awq"][f"{i}.{names[n]}"] = Q._linear_names(awq.model.layers[i])[names[n]].weight.data.clone()
+    for k, (g, s) in enumerate(scales):
+        out["s"][f"{k // n_groups}.{g}"] = s
+    for i, layer in enumerate(awq.model.layers):  # the base model: AWQ's folded norms + scaled float linears
+        for n, lin in Q._linear_names(layer).items():
+            lin.weight.data = out["scaled"][f"{i}.{n}"].clone()
+    out["state"] = awq.state_dict()
+    out["config"] = awq.config.to_dict()
+    CACHE.mkdir(exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
+def capture(base, tokens: torch.Tensor, stride: int) -> dict:
+    """Per block: mean |x| (all tokens) and every `stride`-th token of each linear type's input."""
+    acts: dict = {}
+    hooks = []
+    for i, layer in enumerate(base.model.layers):
+        lins = Q._linear_names(layer)
+        mods = dict(lins, res=layer.input_layernorm, res_mid=layer.post_attention_layernorm)
+        for where, name in (("attn", "q_proj"), ("o", "o_proj"), ("mlp", "gate_proj"), ("down", "down_proj"),
+                            ("res", "res"), ("res_mid", "res_mid")):
+            def fn(_m, args, _o, key=(i, where)):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                entry = acts.setdefault(key, {"abs": 0, "n": 0, "x": []})
+                start = (-entry["n"]) % stride
+                entry["abs"] = entry["abs"] + x.abs().sum(0)
+                entry["x"].append(x[start::stride].clone())
+                entry["n"] += len(x)
+            hooks.append(mods[name].register_forward_hook(fn))
+    with torch.no_grad():
+        for start in range(0, len(tokens), 8):
+            base(input_ids=tokens[start:start + 8], use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {k: {"x_mean": v["abs"] / v["n"], "x": torch.cat(v["x"])} for k, v in acts.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("experiments", nargs="+")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--settings", default='{"group_size": 128}')
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--text", default="wiki", choices=["wiki", "shakespeare"])
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args()
+    overrides = json.loads(args.settings)
+    settings = Q.QuantizeSettings(**overrides)
+    key = "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "default"
+    started = time.time()
+    rec = record(args.model, settings, key)
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from awq_edge.model import resolve_source
+    config = AutoConfig.for_model(**{k: v for k, v in rec["config"].items() if k != "quantization_config"})
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    base.load_state_dict(rec["state"])
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_source(args.model)))
+    texts = data.read_texts(data.fetch_wikipedia()[0])
+    tokens = Q.calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen, settings.calib_seed)
+    stride = max(1, settings.calib_samples // settings.loss_samples)
+    acts = capture(base, tokens, stride)
+    text = data.eval_text() if args.text == "wiki" else data.eval_text(data.fetch_shakespeare())
+    layers = base.model.layers
+    G = settings.group_size
+
+    def ppl() -> float:
+        return perplexity(base, tokenizer, text, seqlen=1024, windows=args.windows, progress=False)["perplexity"]
+
+    float_ppl = ppl()
+    rows = []
+    for exp in args.experiments:
+        t, what = exp.split(":", 1)
+        keys = [f"{i}.{t}" for i in range(len(layers))]
+        for i, k in enumerate(keys):
+            lin = Q._linear_names(layers[i])[t]
+            lin.weight.data = EXPERIMENTS[what](rec, acts, layers[i], i, t, settings)
+        row = {"experiment": exp, "cost": ppl() - float_ppl}
+        for i, k in enumerate(keys):
+            Q._linear_names(layers[i])[t].weight.data = rec["scaled"][k].clone()
+        rows.append(row)
+        print(f"{exp:32s} {row['cost']:+.3f}", flush=True)
+    out = {"settings": overrides, "windows": args.windows, "text": args.text, "float": float_ppl, "rows": rows,
+           "wall_s": round(time.time() - started, 1),
+           "command": "python benchmarks/quantizer_lab.py " + " ".join(sys.argv[1:])}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"quantizer-lab-{args.name or key}.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- experiments
+
+def _x(acts, i, t):
+    return acts[(i, INPUT_OF[t])]
+
+
+def _requantize(w, x, r, settings, clip=True, token_weight=None, clip_tokens=None):
+    """Q(w r) / r with the clip searched on x / r (r: per input channel, relative to AWQ's scales)."""
+    ws = w * r
+    c = None
+    if clip:
+        xs = x / r
+        s = settings if clip_tokens is None else Q.QuantizeSettings(**{**settings.__dict__, "clip_tokens": clip_tokens})
+        c = search_clip_weighted(ws, xs, s, token_weight)
+    return Q.fake_quantize(ws, settings.group_size, c) / r
+
+
+def search_clip_weighted(w, x, settings, token_weight=None):
+    if token_weight is None:
+        return Q.search_clip(w, x, settings)
+    out_f, k = w.shape
+    idx = torch.linspace(0, len(x) - 1, settings.clip_tokens).long() if len(x) > settings.clip_tokens else torch.arange(len(x))
+    x, tw = x[idx], token_weight[idx]
+    best_clip = torch.empty(out_f, -(-k // settings.group_size))
+    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+    for cols, gsl, g in Q._group_chunks(k, settings.group_size):
+        xg = x[:, cols].reshape(len(x), -1, g).permute(1, 0, 2)
+        for o0 in range(0, out_f, 256):
+            wg = w[o0:o0 + 256, cols].reshape(-1, xg.shape[0], g)
+            max_abs = wg.abs().amax(-1)
+            ref = torch.bmm(xg, wg.permute(1, 2, 0))
+            best_err, best = torch.full_like(max_abs, math.inf), max_abs.clone()
+            for r in ratios:
+                c = max_abs * r
+                err = (torch.bmm(xg, Q.fake_quantize_groups(wg, c).permute(1, 2, 0)) - ref).pow(2)
+                err = (err * tw[None, :, o0:o0 + 256]).mean(1).T
+                better = err < best_err
+                best_err, best = torch.where(better, err, best_err), torch.where(better, c, best)
+            best_clip[o0:o0 + 256, gsl] = best
+    return best_clip
+
+
+def ones(rec, i, t):
+    return torch.ones(rec["scaled"][f"{i}.{t}"].shape[1])
+
+
+def exp_awq(rec, acts, layer, i, t, settings):  # the checkpoint's weights
+    return rec["awq"][f"{i}.{t}"].clone()
+
+
+def exp_redo(rec, acts, layer, i, t, settings):  # recomputed here: must match exp_awq
+    return _requantize(rec["scaled"][f"{i}.{t}"], _x(acts, i, t)["x"], ones(rec, i, t), settings,
+                       clip=t not in ("q_proj", "k_proj"))
+
+
+def exp_noclip(rec, acts, layer, i, t, settings):
+    return _requantize(rec["scaled"][f"{i}.{t}"], _x(acts, i, t)["x"], ones(rec, i, t), settings, clip=False)
+
+
+def exp_clip8192(rec, acts, layer, i, t, settings):
+    return _requantize(rec["scaled"][f"{i}.{t}"], _x(acts, i, t)["x"], ones(rec, i, t), settings, clip_tokens=8192)
+
+
+def exp_clip2048(rec, acts, layer, i, t, settings):
+    return _requantize(rec["scaled"][f"{i}.{t}"], _x(acts, i, t)["x"], ones(rec, i, t), settings, clip_tokens=2048)
+
+
+def exp_clip_firstorder(rec, acts, layer, i, t, settings):
+    """gate/up: clip errors weighted by their first-order effect on act(gate) * up."""
+    x = _x(acts, i, t)["x"]
+    with torch.no_grad():
+        g, u = layer.mlp.gate_proj(x), layer.mlp.up_proj(x)
+        eps = 1e-3
+        slope = (layer.mlp.act_fn(g + eps) - layer.mlp.act_fn(g - eps)) / (2 * eps)
+        tw = (slope * u).pow(2) if t == "gate_proj" else layer.mlp.act_fn(g).pow(2)
+    return _requantize(rec["scaled"][f"{i}.{t}"], x, ones(rec, i, t), settings, token_weight=tw)
+
+
+def exp_alpha0(rec, acts, layer, i, t, settings):
+    """The group's scales undone (alpha = 0: RTN + clip), for o and down (their scales touch only them)."""
+    s = rec["s"][f"{i}.{GROUP_OF[t]}"]
+    w = rec["scaled"][f"{i}.{t}"]
+    if len(s) != w.shape[1]:
+        kv_ch = len(s)
+        rep = w.shape[1] // kv_ch
+        head_dim = layer.self_attn.head_dim
+        s = s.view(-1, 1, head_dim).expand(-1, rep, head_dim).reshape(-1)
+    return _requantize(w, _x(acts, i, t)["x"], 1 / s, settings, clip=t not in ("q_proj", "k_proj"))
+
+
+def exp_exactmlp(rec, acts, layer, i, t, settings):
+    """gate/up: clip errors measured on act(gate) * up exactly (the other groups unquantized)."""
+    x = _x(acts, i, t)["x"]
+    idx = torch.linspace(0, len(x) - 1, settings.clip_tokens).long()
+    xs = x[idx]
+    with torch.no_grad():
+        g, u = layer.mlp.gate_proj(xs), layer.mlp.up_proj(xs)
+    act = layer.mlp.act_fn
+    w = rec["scaled"][f"{i}.{t}"]
+    out_f, k = w.shape
+    best_clip = torch.empty(out_f, -(-k // settings.group_size))
+    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+    for cols, gsl, gl in Q._group_chunks(k, settings.group_size):
+        xg = xs[:, cols].reshape(len(xs), -1, gl).permute(1, 0, 2)
+        for o0 in range(0, out_f, 256):
+            wg = w[o0:o0 + 256, cols].reshape(-1, xg.shape[0], gl)
+            max_abs = wg.abs().amax(-1)
+            ref = torch.bmm(xg, wg.permute(1, 2, 0))  # [groups, tokens, oc]
+            gg, uu = g[None, :, o0:o0 + 256], u[None, :, o0:o0 + 256]
+            best_err, best = torch.full_like(max_abs, math.inf), max_abs.clone()
+            for r in ratios:
+                c = max_abs * r
+                d = torch.bmm(xg, Q.fake_quantize_groups(wg, c).permute(1, 2, 0)) - ref
+                if t == "gate_proj":
+                    err = ((act(gg + d) - act(gg)) * uu).pow(2)
+                else:
+                    err = (act(gg) * d).pow(2)
+                err = err.mean(1).T
+                better = err < best_err
+                best_err, best = torch.where(better, err, best_err), torch.where(better, c, best)
+            best_clip[o0:o0 + 256, gsl] = best
+    return Q.fake_quantize(w, settings.group_size, best_clip)
+
+
+def _expanded(s, layer, n_in):
+    if len(s) == n_in:
+        return s
+    head_dim = layer.self_attn.head_dim
+    return s.view(-1, 1, head_dim).expand(-1, n_in // len(s), head_dim).reshape(-1)
+
+
+def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=False, weighting=None):
+    """AWQ's alpha grid for a group of one linear (o or down), loss on its output; returns W_eff."""
+    w = rec["scaled"][f"{i}.{t}"]
+    a = _x(acts, i, t)
+    s_awq = _expanded(rec["s"][f"{i}.{GROUP_OF[t]}"], layer, w.shape[1])
+    x_mean = a["x_mean"] * s_awq  # original basis
+    x = a["x"]
+    if drop_first:  # every sequence's first token (position 0) left out of the loss
+        per_seq = settings.calib_seqlen // max(1, settings.calib_samples // settings.loss_samples)
+        keep = torch.ones(len(x), dtype=torch.bool)
+        keep[::per_seq] = False
+        x = x[keep]
+    n_in, kv_ch = w.shape[1], len(rec["s"][f"{i}.{GROUP_OF[t]}"])
+    if kv_ch != n_in:
+        v = x_mean.view(kv_ch // layer.self_attn.head_dim, -1, layer.self_attn.head_dim)
+        x_mean = {"mean": v.mean(1), "max": v.amax(1), "rms": v.pow(2).mean(1).sqrt()}[collapse].reshape(-1)
+    ref = x @ w.T
+    tw = torch.ones(len(x), 1)
+    if weighting is not None:  # per-token weights from the residual the output is added into
+        ms = acts[(i, "res" if t == "o_proj" else "res_mid")]["x"].pow(2).mean(1, keepdim=True)
+        tw = 1 / ms if weighting == "relative" else (ms.median() / ms).clamp(max=1)
+    best = (math.inf, None)
+    for k in range(settings.scale_grid):
+        s = x_mean.pow(k / settings.scale_grid).clamp(min=1e-4)
+        s = _expanded(s / (s.max() * s.min()).sqrt(), layer, n_in)
+        r = s / s_awq
+        weff = Q.fake_quantize(w * r, settings.group_size) / r
+        loss = float(((x @ weff.T - ref).pow(2) * tw).mean())
+        if loss < best[0]:
+            best = (loss, r)
+    return _requantize(w, a["x"], best[1], settings)
+
+
+def exp_clip_nosink(rec, acts, layer, i, t, settings):
+    """Clip searched without each sequence's first token (the attention sink) among the tokens."""
+    x = _x(acts, i, t)["x"]
+    per_seq = settings.calib_seqlen // max(1, settings.calib_samples // settings.loss_samples)
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[::per_seq] = False
+    return _requantize(rec["scaled"][f"{i}.{t}"], x[keep], ones(rec, i, t), settings)
+
+
+EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192": exp_clip8192,
+               "clip2048": exp_clip2048, "firstorder": exp_clip_firstorder, "alpha0": exp_alpha0,
+               "exactmlp": exp_exactmlp, "clip_nosink": exp_clip_nosink,
+               "alpha": lambda *a: search_alpha(*a),
+               "alpha_max": lambda *a: search_alpha(*a, collapse="max"),
+               "alpha_rms": lambda *a: search_alpha(*a, collapse="rms"),
+               "alpha_nofirst": lambda *a: search_alpha(*a, drop_first=True),
+               "alpha_relative": lambda *a: search_alpha(*a, weighting="relative"),
+               "alpha_outliers": lambda *a: search_alpha(*a, weighting="outliers"),
+               "alpha_rms_relative": lambda *a: search_alpha(*a, collapse="rms", weighting="relative")}
+
+
+if __name__ == "__main__":
+    main()
