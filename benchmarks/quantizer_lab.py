@@ -245,48 +245,16 @@ def exp_clip_firstorder(rec, acts, layer, i, t, settings):
 
 def exp_alpha0(rec, acts, layer, i, t, settings):
     """The group's scales undone (alpha = 0: RTN + clip), for o and down (their scales touch only them)."""
-    s = rec["s"][f"{i}.{GROUP_OF[t]}"]
-    w = rec["scaled"][f"{i}.{t}"]
-    if len(s) != w.shape[1]:
-        kv_ch = len(s)
-        rep = w.shape[1] // kv_ch
-        head_dim = layer.self_attn.head_dim
-        s = s.view(-1, 1, head_dim).expand(-1, rep, head_dim).reshape(-1)
-    return _requantize(w, _x(acts, i, t)["x"], 1 / s, settings, clip=t not in ("q_proj", "k_proj"))
+    return _requantize(rec["scaled"][f"{i}.{t}"], _x(acts, i, t)["x"], 1 / awq_scale(rec, layer, i, t), settings,
+                       clip=t not in ("q_proj", "k_proj"))
 
 
-def exp_exactmlp(rec, acts, layer, i, t, settings):
-    """gate/up: clip errors measured on act(gate) * up exactly (the other groups unquantized)."""
-    x = _x(acts, i, t)["x"]
-    idx = torch.linspace(0, len(x) - 1, settings.clip_tokens).long()
-    xs = x[idx]
-    with torch.no_grad():
-        g, u = layer.mlp.gate_proj(xs), layer.mlp.up_proj(xs)
-    act = layer.mlp.act_fn
-    w = rec["scaled"][f"{i}.{t}"]
-    out_f, k = w.shape
-    best_clip = torch.empty(out_f, -(-k // settings.group_size))
-    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
-    for cols, gsl, gl in Q._group_chunks(k, settings.group_size):
-        xg = xs[:, cols].reshape(len(xs), -1, gl).permute(1, 0, 2)
-        for o0 in range(0, out_f, 256):
-            wg = w[o0:o0 + 256, cols].reshape(-1, xg.shape[0], gl)
-            max_abs = wg.abs().amax(-1)
-            ref = torch.bmm(xg, wg.permute(1, 2, 0))  # [groups, tokens, oc]
-            gg, uu = g[None, :, o0:o0 + 256], u[None, :, o0:o0 + 256]
-            best_err, best = torch.full_like(max_abs, math.inf), max_abs.clone()
-            for r in ratios:
-                c = max_abs * r
-                d = torch.bmm(xg, Q.fake_quantize_groups(wg, c).permute(1, 2, 0)) - ref
-                if t == "gate_proj":
-                    err = ((act(gg + d) - act(gg)) * uu).pow(2)
-                else:
-                    err = (act(gg) * d).pow(2)
-                err = err.mean(1).T
-                better = err < best_err
-                best_err, best = torch.where(better, err, best_err), torch.where(better, c, best)
-            best_clip[o0:o0 + 256, gsl] = best
-    return Q.fake_quantize(w, settings.group_size, best_clip)
+def awq_scale(rec, layer, i, t):
+    """The scale AWQ folded into t's input channels (ones where its group was not searched, e.g.
+    o under GQA since 4578bee; before that, one scale per v channel, repeated over query heads)."""
+    n_in = rec["scaled"][f"{i}.{t}"].shape[1]
+    s = rec["s"].get(f"{i}.{GROUP_OF[t]}", torch.ones(n_in))
+    return _expanded(s, layer, n_in)
 
 
 def _expanded(s, layer, n_in):
@@ -300,7 +268,7 @@ def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=F
     """AWQ's alpha grid for a group of one linear (o or down), loss on its output; returns W_eff."""
     w = rec["scaled"][f"{i}.{t}"]
     a = _x(acts, i, t)
-    s_awq = _expanded(rec["s"][f"{i}.{GROUP_OF[t]}"], layer, w.shape[1])
+    s_awq = awq_scale(rec, layer, i, t)
     x_mean = a["x_mean"] * s_awq  # original basis
     x = a["x"]
     if drop_first:  # every sequence's first token (position 0) left out of the loss
@@ -308,7 +276,8 @@ def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=F
         keep = torch.ones(len(x), dtype=torch.bool)
         keep[::per_seq] = False
         x = x[keep]
-    n_in, kv_ch = w.shape[1], len(rec["s"][f"{i}.{GROUP_OF[t]}"])
+    n_in = w.shape[1]
+    kv_ch = layer.self_attn.v_proj.out_features if t == "o_proj" else n_in
     if kv_ch != n_in:
         v = x_mean.view(kv_ch // layer.self_attn.head_dim, -1, layer.self_attn.head_dim)
         x_mean = {"mean": v.mean(1), "max": v.amax(1), "rms": v.pow(2).mean(1).sqrt()}[collapse].reshape(-1)
