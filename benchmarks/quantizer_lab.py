@@ -44,16 +44,15 @@ INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o",
 
 
 def record(model: str, settings: Q.QuantizeSettings, key: str) -> dict:
-    """Quantize once; return {scaled float weights, AWQ dequantized weights, scales, clips, state}."""
+    """Quantize once; return {scaled float weights, AWQ dequantized weights, scales, base state}."""
     path = CACHE / f"{key}.pt"
     if path.exists():
         return torch.load(path)
-    scaled, clips, scales = [], [], []
+    scaled, scales = [], []
     to_quantized, apply_group = Q._to_quantized, Q._apply_group
 
     def rec_quantized(lin, group_size, clip=None):
         scaled.append(lin.weight.data.detach().float().cpu().clone())
-        clips.append(None if clip is None else clip.cpu().clone())
         return to_quantized(lin, group_size, clip)
 
     def rec_group(g, s, *args):
@@ -69,11 +68,10 @@ def record(model: str, settings: Q.QuantizeSettings, key: str) -> dict:
         Q._to_quantized, Q._apply_group = to_quantized, apply_group
     names = list(Q._linear_names(awq.model.layers[0]))
     n_groups = len(scales) // len(awq.model.layers)
-    out = {"scaled": {}, "awq": {}, "clip": {}, "s": {}}
-    for k, (w, c) in enumerate(zip(scaled, clips)):
+    out = {"scaled": {}, "awq": {}, "s": {}}
+    for k, w in enumerate(scaled):
         i, n = divmod(k, len(names))
         out["scaled"][f"{i}.{names[n]}"] = w
-        out["clip"][f"{i}.{names[n]}"] = c
         out["awq"][f"{i}.{names[n]}"] = Q._linear_names(awq.model.layers[i])[names[n]].weight.data.clone()
     for k, (g, s) in enumerate(scales):
         out["s"][f"{k // n_groups}.{g}"] = s
@@ -85,6 +83,20 @@ def record(model: str, settings: Q.QuantizeSettings, key: str) -> dict:
     CACHE.mkdir(exist_ok=True)
     torch.save(out, path)
     return out
+
+
+def load_base(rec: dict):
+    """The model `record` left: AWQ's folded norms with the scaled float linears (= the float model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(**{k: v for k, v in rec["config"].items() if k != "quantization_config"})
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    base.load_state_dict(rec["state"])
+    return base
+
+
+def settings_key(overrides: dict) -> str:
+    """The cache key of a settings override (also the default results name)."""
+    return "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "default"
 
 
 def capture(base, tokens: torch.Tensor, stride: int) -> dict:
@@ -123,16 +135,14 @@ def main() -> None:
     args = ap.parse_args()
     overrides = json.loads(args.settings)
     settings = Q.QuantizeSettings(**overrides)
-    key = "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "default"
+    key = settings_key(overrides)
     started = time.time()
     rec = record(args.model, settings, key)
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from awq_edge.model import resolve_source
-    config = AutoConfig.for_model(**{k: v for k, v in rec["config"].items() if k != "quantization_config"})
-    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    base.load_state_dict(rec["state"])
+    base = load_base(rec)
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_source(args.model)))
     texts = data.read_texts(data.fetch_wikipedia()[0])
     tokens = Q.calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen, settings.calib_seed)
@@ -140,7 +150,6 @@ def main() -> None:
     acts = capture(base, tokens, stride)
     text = data.eval_text() if args.text == "wiki" else data.eval_text(data.fetch_shakespeare())
     layers = base.model.layers
-    G = settings.group_size
 
     def ppl() -> float:
         return perplexity(base, tokenizer, text, seqlen=1024, windows=args.windows, progress=False)["perplexity"]
@@ -149,13 +158,11 @@ def main() -> None:
     rows = []
     for exp in args.experiments:
         t, what = exp.split(":", 1)
-        keys = [f"{i}.{t}" for i in range(len(layers))]
-        for i, k in enumerate(keys):
-            lin = Q._linear_names(layers[i])[t]
-            lin.weight.data = EXPERIMENTS[what](rec, acts, layers[i], i, t, settings)
+        for i, layer in enumerate(layers):
+            Q._linear_names(layer)[t].weight.data = EXPERIMENTS[what](rec, acts, layer, i, t, settings)
         row = {"experiment": exp, "cost": ppl() - float_ppl}
-        for i, k in enumerate(keys):
-            Q._linear_names(layers[i])[t].weight.data = rec["scaled"][k].clone()
+        for i, layer in enumerate(layers):
+            Q._linear_names(layer)[t].weight.data = rec["scaled"][f"{i}.{t}"].clone()
         rows.append(row)
         print(f"{exp:32s} {row['cost']:+.3f}", flush=True)
     out = {"settings": overrides, "windows": args.windows, "text": args.text, "float": float_ppl, "rows": rows,
@@ -171,27 +178,28 @@ def _x(acts, i, t):
     return acts[(i, INPUT_OF[t])]
 
 
-def _requantize(w, x, r, settings, clip=True, token_weight=None, clip_tokens=None):
-    """Q(w r) / r with the clip searched on x / r (r: per input channel, relative to AWQ's scales)."""
+def _requantize(w, x, r, settings, clip=True, errors=None):
+    """Q(w r) / r with the clip searched on x / r (r: per input channel, relative to AWQ's scales).
+
+    errors, if given, replaces the clip search's squared partial-output error (see clip_search)."""
     ws = w * r
-    c = None
-    if clip:
-        xs = x / r
-        s = settings if clip_tokens is None else Q.QuantizeSettings(**{**settings.__dict__, "clip_tokens": clip_tokens})
-        c = search_clip_weighted(ws, xs, s, token_weight)
+    c = clip_search(ws, x / r, settings, errors) if clip else None
     return Q.fake_quantize(ws, settings.group_size, c) / r
 
 
-def search_clip_weighted(w, x, settings, token_weight=None):
-    if token_weight is None:
+def clip_search(w, x, settings, errors=None):
+    """awq_edge's search_clip, or the same search scored by errors(xs) -> fn(d, o0): the error of
+    each (group, clip token, output channel) from the partial-output change d [groups, tokens, oc]
+    of output channels o0.. (xs: the clip tokens, subsampled as search_clip does)."""
+    if errors is None:
         return Q.search_clip(w, x, settings)
+    xs = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()] if len(x) > settings.clip_tokens else x
+    error = errors(xs)
     out_f, k = w.shape
-    idx = torch.linspace(0, len(x) - 1, settings.clip_tokens).long() if len(x) > settings.clip_tokens else torch.arange(len(x))
-    x, tw = x[idx], token_weight[idx]
     best_clip = torch.empty(out_f, -(-k // settings.group_size))
     ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
     for cols, gsl, g in Q._group_chunks(k, settings.group_size):
-        xg = x[:, cols].reshape(len(x), -1, g).permute(1, 0, 2)
+        xg = xs[:, cols].reshape(len(xs), -1, g).permute(1, 0, 2)
         for o0 in range(0, out_f, 256):
             wg = w[o0:o0 + 256, cols].reshape(-1, xg.shape[0], g)
             max_abs = wg.abs().amax(-1)
@@ -199,12 +207,19 @@ def search_clip_weighted(w, x, settings, token_weight=None):
             best_err, best = torch.full_like(max_abs, math.inf), max_abs.clone()
             for r in ratios:
                 c = max_abs * r
-                err = (torch.bmm(xg, Q.fake_quantize_groups(wg, c).permute(1, 2, 0)) - ref).pow(2)
-                err = (err * tw[None, :, o0:o0 + 256]).mean(1).T
+                d = torch.bmm(xg, Q.fake_quantize_groups(wg, c).permute(1, 2, 0)) - ref
+                err = error(d, o0).mean(1).T
                 better = err < best_err
                 best_err, best = torch.where(better, err, best_err), torch.where(better, c, best)
             best_clip[o0:o0 + 256, gsl] = best
     return best_clip
+
+
+def _not_first_tokens(n, settings):
+    """Mask over the captured (strided) tokens: False at every calibration sequence's first token."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[::settings.calib_seqlen // max(1, settings.calib_samples // settings.loss_samples)] = False
+    return keep
 
 
 def ones(rec, i, t):
@@ -224,23 +239,31 @@ def exp_noclip(rec, acts, layer, i, t, settings):
     return _requantize(rec["scaled"][f"{i}.{t}"], _x(acts, i, t)["x"], ones(rec, i, t), settings, clip=False)
 
 
-def exp_clip8192(rec, acts, layer, i, t, settings):
-    return _requantize(rec["scaled"][f"{i}.{t}"], _x(acts, i, t)["x"], ones(rec, i, t), settings, clip_tokens=8192)
+def exp_clip_on(tokens):
+    """The clip search on `tokens` tokens instead of settings.clip_tokens."""
+    def run(rec, acts, layer, i, t, settings):
+        more = Q.QuantizeSettings(**{**settings.__dict__, "clip_tokens": tokens})
+        return _requantize(rec["scaled"][f"{i}.{t}"], _x(acts, i, t)["x"], ones(rec, i, t), more)
+    return run
 
 
-def exp_clip2048(rec, acts, layer, i, t, settings):
-    return _requantize(rec["scaled"][f"{i}.{t}"], _x(acts, i, t)["x"], ones(rec, i, t), settings, clip_tokens=2048)
+def exp_clip_mlp(exact):
+    """gate/up: clip errors measured on h = act(gate) * up (other groups unquantized), to first
+    order (gate: (act'(g) u dg)^2, up: (act(g) du)^2) or, for gate, exactly."""
+    def run(rec, acts, layer, i, t, settings):
+        act = layer.mlp.act_fn
 
-
-def exp_clip_firstorder(rec, acts, layer, i, t, settings):
-    """gate/up: clip errors weighted by their first-order effect on act(gate) * up."""
-    x = _x(acts, i, t)["x"]
-    with torch.no_grad():
-        g, u = layer.mlp.gate_proj(x), layer.mlp.up_proj(x)
-        eps = 1e-3
-        slope = (layer.mlp.act_fn(g + eps) - layer.mlp.act_fn(g - eps)) / (2 * eps)
-        tw = (slope * u).pow(2) if t == "gate_proj" else layer.mlp.act_fn(g).pow(2)
-    return _requantize(rec["scaled"][f"{i}.{t}"], x, ones(rec, i, t), settings, token_weight=tw)
+        def errors(xs):
+            with torch.no_grad():
+                g, u = layer.mlp.gate_proj(xs)[None], layer.mlp.up_proj(xs)[None]
+            if t == "up_proj":
+                return lambda d, o0: (act(g[..., o0:o0 + 256]) * d).pow(2)
+            if exact:
+                return lambda d, o0: ((act(g[..., o0:o0 + 256] + d) - act(g[..., o0:o0 + 256])) * u[..., o0:o0 + 256]).pow(2)
+            slope = (act(g + 1e-3) - act(g - 1e-3)) / 2e-3
+            return lambda d, o0: (slope[..., o0:o0 + 256] * u[..., o0:o0 + 256] * d).pow(2)
+        return _requantize(rec["scaled"][f"{i}.{t}"], _x(acts, i, t)["x"], ones(rec, i, t), settings, errors=errors)
+    return run
 
 
 def exp_alpha0(rec, acts, layer, i, t, settings):
@@ -258,6 +281,7 @@ def awq_scale(rec, layer, i, t):
 
 
 def _expanded(s, layer, n_in):
+    """Per v channel -> per o-input channel (the same value for every query head of a KV head)."""
     if len(s) == n_in:
         return s
     head_dim = layer.self_attn.head_dim
@@ -270,12 +294,7 @@ def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=F
     a = _x(acts, i, t)
     s_awq = awq_scale(rec, layer, i, t)
     x_mean = a["x_mean"] * s_awq  # original basis
-    x = a["x"]
-    if drop_first:  # every sequence's first token (position 0) left out of the loss
-        per_seq = settings.calib_seqlen // max(1, settings.calib_samples // settings.loss_samples)
-        keep = torch.ones(len(x), dtype=torch.bool)
-        keep[::per_seq] = False
-        x = x[keep]
+    x = a["x"][_not_first_tokens(len(a["x"]), settings)] if drop_first else a["x"]
     n_in = w.shape[1]
     kv_ch = layer.self_attn.v_proj.out_features if t == "o_proj" else n_in
     if kv_ch != n_in:
@@ -301,15 +320,12 @@ def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=F
 def exp_clip_nosink(rec, acts, layer, i, t, settings):
     """Clip searched without each sequence's first token (the attention sink) among the tokens."""
     x = _x(acts, i, t)["x"]
-    per_seq = settings.calib_seqlen // max(1, settings.calib_samples // settings.loss_samples)
-    keep = torch.ones(len(x), dtype=torch.bool)
-    keep[::per_seq] = False
-    return _requantize(rec["scaled"][f"{i}.{t}"], x[keep], ones(rec, i, t), settings)
+    return _requantize(rec["scaled"][f"{i}.{t}"], x[_not_first_tokens(len(x), settings)], ones(rec, i, t), settings)
 
 
-EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192": exp_clip8192,
-               "clip2048": exp_clip2048, "firstorder": exp_clip_firstorder, "alpha0": exp_alpha0,
-               "exactmlp": exp_exactmlp, "clip_nosink": exp_clip_nosink,
+EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192": exp_clip_on(8192),
+               "clip2048": exp_clip_on(2048), "firstorder": exp_clip_mlp(exact=False),
+               "exactmlp": exp_clip_mlp(exact=True), "alpha0": exp_alpha0, "clip_nosink": exp_clip_nosink,
                "alpha": lambda *a: search_alpha(*a),
                "alpha_max": lambda *a: search_alpha(*a, collapse="max"),
                "alpha_rms": lambda *a: search_alpha(*a, collapse="rms"),

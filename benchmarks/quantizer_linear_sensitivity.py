@@ -3,9 +3,9 @@ in every block, the others kept float.
 
     python benchmarks/quantizer_linear_sensitivity.py [--model smollm2] [--windows 8] [--settings '{"group_size": 128}']
 
-Quantizes MODEL with AWQ (QuantizeSettings(**settings)), keeping each linear's float weight as
-it was just before quantization (scales already folded in, so float and quantized weights of the
-same checkpoint can be mixed). Then, for each linear type, three models: that type AWQ-quantized
+Quantizes MODEL with AWQ (QuantizeSettings(**settings)) through quantizer_lab.record, which keeps
+each linear's float weight as it was just before quantization (scales already folded in, so float
+and quantized weights of the same checkpoint can be mixed). Then, for each linear type, three models: that type AWQ-quantized
 (scales + clipping, as written to the checkpoint), AWQ scales without clipping, and RTN on the
 float model. Where AWQ's cost stays near RTN's, AWQ did little for that type; "scaled, no clip"
 against "awq" is what clipping adds. Writes benchmarks/results/quantizer-linear-sensitivity-NAME.json.
@@ -16,17 +16,16 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import awq_edge.quantize as quantize
-from awq_edge.checkpoint import load_awq_as_float
 from awq_edge.data import eval_text
 from awq_edge.evaluate import perplexity
 from awq_edge.model import load_float_model, resolve_source
+from quantizer_lab import load_base, record, settings_key  # the same recording, cached in /tmp/awq-lab
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,25 +38,13 @@ def main() -> None:
     ap.add_argument("--settings", default='{"group_size": 128}', help="JSON object of QuantizeSettings fields")
     ap.add_argument("--name", default=None, help="results file suffix (default: MODEL-gGROUP)")
     args = ap.parse_args()
-    settings = quantize.QuantizeSettings(**json.loads(args.settings))
+    overrides = json.loads(args.settings)
+    settings = quantize.QuantizeSettings(**overrides)
     started = time.time()
-
-    # the float weight each linear had when it was quantized (AWQ scales folded in)
-    scaled_float: dict[str, torch.Tensor] = {}
-    to_quantized = quantize._to_quantized
-
-    def recording(lin, group_size, clip=None):
-        scaled_float[len(scaled_float)] = lin.weight.data.detach().float().cpu().clone()
-        return to_quantized(lin, group_size, clip)
-
-    quantize._to_quantized = recording
-    with tempfile.TemporaryDirectory() as tmp:
-        meta = quantize.quantize_checkpoint(args.model, Path(tmp) / "ck", settings, progress=True)
-        awq = load_awq_as_float(Path(tmp) / "ck").eval()
-    quantize._to_quantized = to_quantized
-    # recording order is quantize_model's: block by block, _linear_names order within a block
-    names = [f"{i}.{n}" for i in range(len(awq.model.layers)) for n in quantize._linear_names(awq.model.layers[0])]
-    scaled_float = {names[k]: w for k, w in scaled_float.items()}
+    # each linear's float weight as it was quantized (AWQ scales folded in) and its AWQ weight
+    rec = record(args.model, settings, settings_key(overrides))
+    awq = load_base(rec)
+    scaled_float, quantized = rec["scaled"], rec["awq"]
 
     model, tokenizer = load_float_model(resolve_source(args.model), dtype=torch.float32)
     text = eval_text()
@@ -70,11 +57,12 @@ def main() -> None:
             for n, lin in quantize._linear_names(layer).items():
                 yield f"{i}.{n}", n, lin
 
-    quantized = {key: lin.weight.data.clone() for key, _, lin in linears(awq)}
-    whole = {"float": ppl(model), "awq": ppl(awq)}
+    whole = {"float": ppl(model), "awq_scaled_float": ppl(awq)}  # ~float: the folded scales alone change nothing
+    for key, _, lin in linears(awq):
+        lin.weight.data = quantized[key]
+    whole["awq"] = ppl(awq)
     for key, _, lin in linears(awq):  # every linear back to its scaled float weight
         lin.weight.data = scaled_float[key].clone()
-    whole["awq_scaled_float"] = ppl(awq)  # ~float: the folded scales alone change nothing
     print(json.dumps(whole), flush=True)
 
     rows = []
@@ -101,8 +89,8 @@ def main() -> None:
         rows.append(row)
         print(f"{t:9s}  {row['awq']:+.3f}  {row['scaled_no_clip']:+.3f}           {row['rtn']:+.3f}  "
               f"{row['awq'] / row['rtn']:.2f}", flush=True)
-    out = {"model": args.model, "settings": json.loads(args.settings), "windows": args.windows, "whole": whole,
-           "types": rows, "quantize_s": meta["seconds"], "wall_s": round(time.time() - started, 1),
+    out = {"model": args.model, "settings": overrides, "windows": args.windows, "whole": whole,
+           "types": rows, "wall_s": round(time.time() - started, 1),
            "command": "python benchmarks/quantizer_linear_sensitivity.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(exist_ok=True)
     name = args.name or f"{args.model}-g{settings.group_size}"
