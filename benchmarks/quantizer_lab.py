@@ -99,8 +99,9 @@ def settings_key(overrides: dict) -> str:
     return "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "default"
 
 
-def capture(base, tokens: torch.Tensor, stride: int) -> dict:
-    """Per block: mean |x| (all tokens) and every `stride`-th token of each linear type's input."""
+def capture(base, tokens: torch.Tensor, stride: int, group_size: int) -> dict:
+    """Per block and linear input: mean |x| and the per-group Gram matrix E[x_g x_g^T] over all
+    tokens, and every `stride`-th token."""
     acts: dict = {}
     hooks = []
     for i, layer in enumerate(base.model.layers):
@@ -110,9 +111,10 @@ def capture(base, tokens: torch.Tensor, stride: int) -> dict:
                             ("res", "res"), ("res_mid", "res_mid")):
             def fn(_m, args, _o, key=(i, where)):
                 x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                entry = acts.setdefault(key, {"abs": 0, "n": 0, "x": []})
+                entry = acts.setdefault(key, {"abs": 0, "n": 0, "x": [], "h": 0})
                 start = (-entry["n"]) % stride
                 entry["abs"] = entry["abs"] + x.abs().sum(0)
+                entry["h"] = entry["h"] + group_gram(x, group_size)
                 entry["x"].append(x[start::stride].clone())
                 entry["n"] += len(x)
             hooks.append(mods[name].register_forward_hook(fn))
@@ -121,7 +123,15 @@ def capture(base, tokens: torch.Tensor, stride: int) -> dict:
             base(input_ids=tokens[start:start + 8], use_cache=False)
     for h in hooks:
         h.remove()
-    return {k: {"x_mean": v["abs"] / v["n"], "x": torch.cat(v["x"])} for k, v in acts.items()}
+    return {k: {"x_mean": v["abs"] / v["n"], "x": torch.cat(v["x"]), "h": v["h"] / v["n"]} for k, v in acts.items()}
+
+
+def group_gram(x, g):
+    """Per input group: x_g^T x_g summed over tokens, [groups, g, g] (last group zero-padded)."""
+    k = x.shape[1]
+    n_g = -(-k // g)
+    xp = torch.nn.functional.pad(x, (0, n_g * g - k)).reshape(len(x), n_g, g).permute(1, 0, 2)
+    return torch.bmm(xp.transpose(1, 2), xp)
 
 
 def main() -> None:
@@ -147,7 +157,7 @@ def main() -> None:
     texts = data.read_texts(data.fetch_wikipedia()[0])
     tokens = Q.calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen, settings.calib_seed)
     stride = max(1, settings.calib_samples // settings.loss_samples)
-    acts = capture(base, tokens, stride)
+    acts = capture(base, tokens, stride, settings.group_size)
     text = data.eval_text() if args.text == "wiki" else data.eval_text(data.fetch_shakespeare())
     layers = base.model.layers
 
@@ -213,6 +223,87 @@ def clip_search(w, x, settings, errors=None):
                 best_err, best = torch.where(better, err, best_err), torch.where(better, c, best)
             best_clip[o0:o0 + 256, gsl] = best
     return best_clip
+
+
+def joint_clip_search(w, x, settings, sweeps=2):
+    """Clip ratios chosen for the whole linear's output MSE instead of each group's partial
+    output: start from search_clip's per-group choice, then sweep the groups, each re-chosen with
+    the other groups' errors held (coordinate descent; the cross terms between groups count)."""
+    xs = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()] if len(x) > settings.clip_tokens else x
+    out_f, k = w.shape
+    start = Q.search_clip(w, x, settings)
+    best_clip = start.clone()
+    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+    gsz = settings.group_size
+    n_g = -(-k // gsz)
+    cols = [slice(j * gsz, min(k, (j + 1) * gsz)) for j in range(n_g)]
+    for o0 in range(0, out_f, 256):
+        wb = w[o0:o0 + 256]
+        max_abs = torch.stack([wb[:, c].abs().amax(1) for c in cols], 1)  # [oc, groups]
+
+        def partial_err(j, clip):
+            wq = Q.fake_quantize_groups(wb[:, cols[j]][:, None], clip[:, None])[:, 0]
+            return xs[:, cols[j]] @ (wq - wb[:, cols[j]]).T  # [tokens, oc]
+        d = [partial_err(j, best_clip[o0:o0 + 256, j]) for j in range(n_g)]
+        total = sum(d)
+        for _ in range(sweeps):
+            for j in range(n_g):
+                rest = total - d[j]
+                best_err = (total.pow(2)).mean(0)
+                best_c, best_d = best_clip[o0:o0 + 256, j].clone(), d[j]
+                for r in ratios:
+                    c = max_abs[:, j] * r
+                    dn = partial_err(j, c)
+                    err = (rest + dn).pow(2).mean(0)
+                    better = err < best_err
+                    best_err = torch.where(better, err, best_err)
+                    best_c = torch.where(better, c, best_c)
+                    best_d = torch.where(better[None], dn, best_d)
+                best_clip[o0:o0 + 256, j] = best_c
+                d[j] = best_d
+                total = rest + best_d
+    return best_clip
+
+
+def exp_jointclip(tokens=None):
+    """joint_clip_search on settings.clip_tokens tokens, or on `tokens`."""
+    def run(rec, acts, layer, i, t, settings):
+        more = Q.QuantizeSettings(**{**settings.__dict__, "clip_tokens": tokens or settings.clip_tokens})
+        w = rec["scaled"][f"{i}.{t}"]
+        return Q.fake_quantize(w, settings.group_size, joint_clip_search(w, _x(acts, i, t)["x"], more))
+    return run
+
+
+def gram_clip_search(w, h, settings):
+    """search_clip scored by the exact mean squared partial output dw^T H dw, H = E[x_g x_g^T]."""
+    out_f, k = w.shape
+    g = settings.group_size
+    n_g = -(-k // g)
+    wp = torch.nn.functional.pad(w, (0, n_g * g - k)).reshape(out_f, n_g, g)
+    valid = torch.nn.functional.pad(torch.ones(k), (0, n_g * g - k)).reshape(n_g, g).bool()
+    max_abs = torch.stack([wp[:, j, valid[j]].abs().amax(-1) for j in range(n_g)], 1)
+    best_err, best = torch.full_like(max_abs, math.inf), max_abs.clone()
+    for r in torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist():
+        c = max_abs * r
+        dw = torch.zeros_like(wp)
+        for j in range(n_g):
+            wj = wp[:, j:j + 1, valid[j]]
+            dw[:, j, valid[j]] = (Q.fake_quantize_groups(wj, c[:, j:j + 1]) - wj)[:, 0]
+        err = torch.einsum("ogi,gij,ogj->og", dw, h, dw)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, c, best)
+    return best
+
+
+def exp_cliphess(all_tokens):
+    """Clip scored through the Gram matrix of ALL calibration tokens, or of the strided loss
+    tokens (the same choices as clip8192: a check of gram_clip_search)."""
+    def run(rec, acts, layer, i, t, settings):
+        a = _x(acts, i, t)
+        h = a["h"] if all_tokens else group_gram(a["x"], settings.group_size) / len(a["x"])
+        w = rec["scaled"][f"{i}.{t}"]
+        return Q.fake_quantize(w, settings.group_size, gram_clip_search(w, h, settings))
+    return run
 
 
 def _not_first_tokens(n, settings):
@@ -324,8 +415,9 @@ def exp_clip_nosink(rec, acts, layer, i, t, settings):
 
 
 EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192": exp_clip_on(8192),
-               "clip2048": exp_clip_on(2048), "firstorder": exp_clip_mlp(exact=False),
-               "exactmlp": exp_clip_mlp(exact=True), "alpha0": exp_alpha0, "clip_nosink": exp_clip_nosink,
+               "clip2048": exp_clip_on(2048), "clip4096": exp_clip_on(4096),
+               "cliphess_strided": exp_cliphess(False), "cliphess_all": exp_cliphess(True), "firstorder": exp_clip_mlp(exact=False),
+               "exactmlp": exp_clip_mlp(exact=True), "alpha0": exp_alpha0, "jointclip": exp_jointclip(), "jointclip4096": exp_jointclip(4096), "clip_nosink": exp_clip_nosink,
                "alpha": lambda *a: search_alpha(*a),
                "alpha_max": lambda *a: search_alpha(*a, collapse="max"),
                "alpha_rms": lambda *a: search_alpha(*a, collapse="rms"),

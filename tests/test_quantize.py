@@ -51,6 +51,23 @@ def test_clip_search_lowers_output_error():
     assert err_clip < err_rtn
 
 
+def test_clip_search_picks_the_clip_with_the_lowest_partial_output_error_on_the_tokens():
+    # search_clip scores candidates through the Gram matrix; here each candidate is scored
+    # directly on the tokens, group by group, and the choices must agree (K = 200: a short group)
+    torch.manual_seed(2)
+    w, x = torch.randn(48, 200), torch.randn(300, 200) * torch.rand(200) * 3
+    settings = QuantizeSettings(group_size=64)
+    clip = search_clip(w, x, settings)
+    for j, start in enumerate(range(0, 200, 64)):
+        cols = slice(start, min(200, start + 64))
+        max_abs = w[:, cols].abs().amax(1)
+        errs = torch.stack([(x[:, cols] @ (fake_quantize(w[:, cols].clamp(-c[:, None], c[:, None]), 64)
+                                            - w[:, cols]).T).pow(2).mean(0)
+                            for c in (max_abs * r for r in torch.linspace(1.0, 0.5, settings.clip_grid))])
+        chosen = (x[:, cols] @ (fake_quantize(w[:, cols], 64, clip[:, j:j + 1]) - w[:, cols]).T).pow(2).mean(0)
+        torch.testing.assert_close(chosen, errs.min(0).values, rtol=1e-4, atol=1e-6)
+
+
 def test_calibration_seed_picks_another_sample_of_the_texts(smollm2):
     _, tokenizer = smollm2
     texts = [f"Paragraph {i} is about the number {i * 7919 % 1000} and nothing else." for i in range(200)]
