@@ -26,6 +26,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -99,9 +100,9 @@ def settings_key(overrides: dict) -> str:
     return "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "default"
 
 
-def capture(base, tokens: torch.Tensor, stride: int, group_size: int) -> dict:
-    """Per block and linear input: mean |x| and the per-group Gram matrix E[x_g x_g^T] over all
-    tokens, and every `stride`-th token."""
+def capture(base, tokens: torch.Tensor, stride: int, gram_group: int = 0) -> dict:
+    """Per block and linear input: mean |x| over all tokens, every `stride`-th token, and, if
+    gram_group, the per-group Gram matrix E[x_g x_g^T] over all tokens (for cliphess_all)."""
     acts: dict = {}
     hooks = []
     for i, layer in enumerate(base.model.layers):
@@ -114,7 +115,8 @@ def capture(base, tokens: torch.Tensor, stride: int, group_size: int) -> dict:
                 entry = acts.setdefault(key, {"abs": 0, "n": 0, "x": [], "h": 0})
                 start = (-entry["n"]) % stride
                 entry["abs"] = entry["abs"] + x.abs().sum(0)
-                entry["h"] = entry["h"] + group_gram(x, group_size)
+                if gram_group:
+                    entry["h"] = entry["h"] + group_gram(x, gram_group)
                 entry["x"].append(x[start::stride].clone())
                 entry["n"] += len(x)
             hooks.append(mods[name].register_forward_hook(fn))
@@ -157,7 +159,8 @@ def main() -> None:
     texts = data.read_texts(data.fetch_wikipedia()[0])
     tokens = Q.calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen, settings.calib_seed)
     stride = max(1, settings.calib_samples // settings.loss_samples)
-    acts = capture(base, tokens, stride, settings.group_size)
+    needs_gram = any(e.endswith(":cliphess_all") for e in args.experiments)
+    acts = capture(base, tokens, stride, settings.group_size if needs_gram else 0)
     text = data.eval_text() if args.text == "wiki" else data.eval_text(data.fetch_shakespeare())
     layers = base.model.layers
 
@@ -197,13 +200,18 @@ def _requantize(w, x, r, settings, clip=True, errors=None):
     return Q.fake_quantize(ws, settings.group_size, c) / r
 
 
+def _clip_tokens(x, settings):
+    """The clip tokens, subsampled as awq_edge's search_clip does."""
+    return x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()] if len(x) > settings.clip_tokens else x
+
+
 def clip_search(w, x, settings, errors=None):
     """awq_edge's search_clip, or the same search scored by errors(xs) -> fn(d, o0): the error of
     each (group, clip token, output channel) from the partial-output change d [groups, tokens, oc]
     of output channels o0.. (xs: the clip tokens, subsampled as search_clip does)."""
     if errors is None:
         return Q.search_clip(w, x, settings)
-    xs = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()] if len(x) > settings.clip_tokens else x
+    xs = _clip_tokens(x, settings)
     error = errors(xs)
     out_f, k = w.shape
     best_clip = torch.empty(out_f, -(-k // settings.group_size))
@@ -229,10 +237,9 @@ def joint_clip_search(w, x, settings, sweeps=2):
     """Clip ratios chosen for the whole linear's output MSE instead of each group's partial
     output: start from search_clip's per-group choice, then sweep the groups, each re-chosen with
     the other groups' errors held (coordinate descent; the cross terms between groups count)."""
-    xs = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()] if len(x) > settings.clip_tokens else x
+    xs = _clip_tokens(x, settings)
     out_f, k = w.shape
-    start = Q.search_clip(w, x, settings)
-    best_clip = start.clone()
+    best_clip = Q.search_clip(w, x, settings)
     ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
     gsz = settings.group_size
     n_g = -(-k // gsz)
@@ -268,31 +275,30 @@ def joint_clip_search(w, x, settings, sweeps=2):
 def exp_jointclip(tokens=None):
     """joint_clip_search on settings.clip_tokens tokens, or on `tokens`."""
     def run(rec, acts, layer, i, t, settings):
-        more = Q.QuantizeSettings(**{**settings.__dict__, "clip_tokens": tokens or settings.clip_tokens})
+        more = replace(settings, clip_tokens=tokens or settings.clip_tokens)
         w = rec["scaled"][f"{i}.{t}"]
         return Q.fake_quantize(w, settings.group_size, joint_clip_search(w, _x(acts, i, t)["x"], more))
     return run
 
 
 def gram_clip_search(w, h, settings):
-    """search_clip scored by the exact mean squared partial output dw^T H dw, H = E[x_g x_g^T]."""
+    """search_clip scored by the exact mean squared partial output dw^T H dw, H = E[x_g x_g^T]
+    ([groups, G, G], the short last group zero-padded)."""
     out_f, k = w.shape
-    g = settings.group_size
-    n_g = -(-k // g)
-    wp = torch.nn.functional.pad(w, (0, n_g * g - k)).reshape(out_f, n_g, g)
-    valid = torch.nn.functional.pad(torch.ones(k), (0, n_g * g - k)).reshape(n_g, g).bool()
-    max_abs = torch.stack([wp[:, j, valid[j]].abs().amax(-1) for j in range(n_g)], 1)
-    best_err, best = torch.full_like(max_abs, math.inf), max_abs.clone()
-    for r in torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist():
-        c = max_abs * r
-        dw = torch.zeros_like(wp)
-        for j in range(n_g):
-            wj = wp[:, j:j + 1, valid[j]]
-            dw[:, j, valid[j]] = (Q.fake_quantize_groups(wj, c[:, j:j + 1]) - wj)[:, 0]
-        err = torch.einsum("ogi,gij,ogj->og", dw, h, dw)
-        better = err < best_err
-        best_err, best = torch.where(better, err, best_err), torch.where(better, c, best)
-    return best
+    best_clip = torch.empty(out_f, h.shape[0])
+    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+    for cols, gsl, g in Q._group_chunks(k, settings.group_size):
+        wg, hg = w[:, cols].reshape(out_f, -1, g), h[gsl, :g, :g]
+        max_abs = wg.abs().amax(-1)
+        best_err, best = torch.full_like(max_abs, math.inf), max_abs.clone()
+        for r in ratios:
+            c = max_abs * r
+            dw = (Q.fake_quantize_groups(wg, c) - wg).permute(1, 0, 2)  # [groups, oc, g]
+            err = (torch.bmm(dw, hg) * dw).sum(-1).T
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, c, best)
+        best_clip[:, gsl] = best
+    return best_clip
 
 
 def exp_cliphess(all_tokens):
@@ -333,7 +339,7 @@ def exp_noclip(rec, acts, layer, i, t, settings):
 def exp_clip_on(tokens):
     """The clip search on `tokens` tokens instead of settings.clip_tokens."""
     def run(rec, acts, layer, i, t, settings):
-        more = Q.QuantizeSettings(**{**settings.__dict__, "clip_tokens": tokens})
+        more = replace(settings, clip_tokens=tokens)
         return _requantize(rec["scaled"][f"{i}.{t}"], _x(acts, i, t)["x"], ones(rec, i, t), more)
     return run
 
@@ -416,8 +422,10 @@ def exp_clip_nosink(rec, acts, layer, i, t, settings):
 
 EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192": exp_clip_on(8192),
                "clip2048": exp_clip_on(2048), "clip4096": exp_clip_on(4096),
-               "cliphess_strided": exp_cliphess(False), "cliphess_all": exp_cliphess(True), "firstorder": exp_clip_mlp(exact=False),
-               "exactmlp": exp_clip_mlp(exact=True), "alpha0": exp_alpha0, "jointclip": exp_jointclip(), "jointclip4096": exp_jointclip(4096), "clip_nosink": exp_clip_nosink,
+               "cliphess_strided": exp_cliphess(False), "cliphess_all": exp_cliphess(True),
+               "jointclip": exp_jointclip(), "jointclip4096": exp_jointclip(4096),
+               "firstorder": exp_clip_mlp(exact=False), "exactmlp": exp_clip_mlp(exact=True),
+               "alpha0": exp_alpha0, "clip_nosink": exp_clip_nosink,
                "alpha": lambda *a: search_alpha(*a),
                "alpha_max": lambda *a: search_alpha(*a, collapse="max"),
                "alpha_rms": lambda *a: search_alpha(*a, collapse="rms"),

@@ -52,8 +52,8 @@ def test_clip_search_lowers_output_error():
 
 
 def test_clip_search_picks_the_clip_with_the_lowest_partial_output_error_on_the_tokens():
-    # search_clip scores candidates through the Gram matrix; here each candidate is scored
-    # directly on the tokens, group by group, and the choices must agree (K = 200: a short group)
+    # every candidate ratio scored here on its own, group by group: the search's choice must have
+    # the lowest error in each (output channel, group) (K = 200: a short last group)
     torch.manual_seed(2)
     w, x = torch.randn(48, 200), torch.randn(300, 200) * torch.rand(200) * 3
     settings = QuantizeSettings(group_size=64)
