@@ -440,7 +440,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 if settings.sequential:
                     for n, lin in linears.items():
                         if lin is g.prev and done_clips.get(n) is not None:
-                            done_clips[n] = done_clips[n] / s.view(-1, 1)  # row scales: the clip scales with them
+                            done_clips[n] = done_clips[n] / s  # row scales: the clip scales with them
                     for n, lin in linears.items():
                         if any(lin is l for l in g.linears):
                             done_clips[n] = clip_of(n, lin)
