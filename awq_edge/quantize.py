@@ -49,7 +49,6 @@ class QuantizeSettings:
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens the clip search compares on
     batch_size: int = 8  # sequences per forward
-    attention_strided: bool = False  # EXPERIMENT: q/k/v loss sequences strided over all, not the first
     sequential: bool = False  # EXPERIMENT: each group calibrated on the block's already-quantized linears
     device: str = "cpu"
 
@@ -381,10 +380,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                     flat = x.reshape(-1, x.shape[-1])
                     abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
                     if name in ATTENTION_INPUTS:
-                        if settings.attention_strided:  # every token_stride-th sequence
-                            first = (-counted["seqs"]) % token_stride
-                            captured[name].append(x[first::token_stride].clone())
-                        elif counted["seqs"] < n_loss:
+                        if counted["seqs"] < n_loss:
                             captured[name].append(x[: n_loss - counted["seqs"]].clone())
                     else:
                         start = (-counted["tokens"]) % token_stride  # global stride across batches
