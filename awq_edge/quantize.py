@@ -49,7 +49,6 @@ class QuantizeSettings:
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens the clip search compares on
     batch_size: int = 8  # sequences per forward
-    sequential: bool = False  # EXPERIMENT: each group calibrated on the block's already-quantized linears
     device: str = "cpu"
 
     def validate(self) -> None:
@@ -367,87 +366,51 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         linears = _linear_names(layer)
 
         # a. float outputs for the next block; |x| statistics; loss inputs
-        done_clips: dict[str, torch.Tensor | None] = {}  # sequential: linears already quantized
+        abs_sum: dict[str, torch.Tensor] = {}
+        captured: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+        counted = {"tokens": 0, "seqs": 0}
 
-        def capture(names, keep_outputs=False):
-            abs_sum: dict[str, torch.Tensor] = {}
-            captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-            counted = {"tokens": 0, "seqs": 0}
+        def hook(name):
+            def fn(_module, args, _out):
+                x = args[0].detach().float()
+                flat = x.reshape(-1, x.shape[-1])
+                abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
+                if name in ATTENTION_INPUTS:
+                    if counted["seqs"] < n_loss:
+                        captured[name].append(x[: n_loss - counted["seqs"]].clone())
+                else:
+                    start = (-counted["tokens"]) % token_stride  # global stride across batches
+                    captured[name].append(flat[start::token_stride].clone())
+            return fn
 
-            def hook(name):
-                def fn(_module, args, _out):
-                    x = args[0].detach().float()
-                    flat = x.reshape(-1, x.shape[-1])
-                    abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
-                    if name in ATTENTION_INPUTS:
-                        if counted["seqs"] < n_loss:
-                            captured[name].append(x[: n_loss - counted["seqs"]].clone())
-                    else:
-                        start = (-counted["tokens"]) % token_stride  # global stride across batches
-                        captured[name].append(flat[start::token_stride].clone())
-                return fn
-
-            saved = {n: linears[n].weight.data for n in done_clips}
-            for n, clip in done_clips.items():
-                linears[n].weight.data = fake_quantize(saved[n], settings.group_size, clip)
-            handles = [linears[n].register_forward_hook(hook(n)) for n in names]
-            outs = []
-            try:
-                with torch.no_grad():
-                    for xb in _batched(inputs, settings.batch_size):
-                        out = _layer_output(layer(xb.to(dev), **kwargs))
-                        if keep_outputs:
-                            outs.append(out.float().cpu())
-                        counted["seqs"] += len(xb)
-                        counted["tokens"] += xb.shape[0] * xb.shape[1]
-            finally:
-                for h in handles:
-                    h.remove()
-                for n, w in saved.items():
-                    linears[n].weight.data = w
-            means = {n: v / counted["tokens"] for n, v in abs_sum.items()}
-            return means, {n: torch.cat(captured.pop(n)) for n in names}, outs
-
-        x_mean, loss_inputs, outputs = capture(list(linears), keep_outputs=True)
-
-        def clip_of(name, lin):
-            if name in ("q_proj", "k_proj") or settings.clip_grid <= 0:
-                return None
-            x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
-            return search_clip(lin.weight.data, x, settings)
+        handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+        outputs = []
+        with torch.no_grad():
+            for xb in _batched(inputs, settings.batch_size):
+                outputs.append(_layer_output(layer(xb.to(dev), **kwargs)).float().cpu())
+                counted["seqs"] += len(xb)
+                counted["tokens"] += xb.shape[0] * xb.shape[1]
+        for h in handles:
+            h.remove()
+        x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
+        loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(linears)}  # pop: no second copy
 
         # b + c. scales, group by group
         report = {"layer": i, "groups": {}}
         with torch.no_grad():
-            groups = block_groups(layer, family, model.config)
-            for g in groups:
-                if settings.sequential and done_clips:
-                    # this group's statistics and loss inputs through the block's quantized linears
-                    if g.name == "gate_up" and "o_proj" not in done_clips:
-                        # GQA: o has no group; clip it on the quantized q/k/v's attention output
-                        _, fresh, _ = capture(["o_proj"])
-                        loss_inputs.update(fresh)
-                        done_clips["o_proj"] = clip_of("o_proj", linears["o_proj"])
-                    names = [n for n, lin in linears.items() if any(lin is l for l in g.linears)]
-                    means, fresh, _ = capture(names)
-                    x_mean.update(means)
-                    loss_inputs.update(fresh)
+            for g in block_groups(layer, family, model.config):
                 x = loss_inputs[g.input_of]
                 run = _module_runner(layer, g, x, kwargs, settings.batch_size)
                 s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
                 report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0]}
                 _apply_group(g, s, family, loss_inputs, linears)
-                if settings.sequential:
-                    for n, lin in linears.items():
-                        if lin is g.prev and done_clips.get(n) is not None:
-                            done_clips[n] = done_clips[n] / s  # row scales: the clip scales with them
-                    for n, lin in linears.items():
-                        if any(lin is l for l in g.linears):
-                            done_clips[n] = clip_of(n, lin)
 
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
             for name, lin in linears.items():
-                clip = done_clips[name] if name in done_clips else clip_of(name, lin)
+                clip = None
+                if name not in ("q_proj", "k_proj") and settings.clip_grid > 0:
+                    x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
+                    clip = search_clip(lin.weight.data, x, settings)
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
                 _release(lin)
         layer.to(orig_dtype)
