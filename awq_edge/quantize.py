@@ -265,15 +265,28 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
 
 # ---------------------------------------------------------------- clipping search
 
+def clip_ratios(settings: QuantizeSettings) -> list[float]:
+    """The clip candidates, as fractions of max |w|: clip_grid steps from 1.0 down to 1 - clip_max_shrink."""
+    return torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+
+
+def subsample_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n tokens of x [tokens, K], evenly spaced over all of them (x itself if it has no more)."""
+    return x[torch.linspace(0, len(x) - 1, n).long()] if len(x) > n else x
+
+
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256) -> torch.Tensor:
-    """Best max |w| per (output channel, group): minimises each group's partial-output MSE."""
+def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc_batch: int = 256,
+                error=None) -> torch.Tensor:
+    """Best max |w| per (output channel, group): minimises each group's partial-output MSE.
+
+    error(d, o0), if given, scores the partial-output change d [groups, tokens, oc] of output
+    channels o0.. in place of d^2 (benchmarks/quantizer_lab.py tries other scorings with it)."""
     out_f, k = w.shape
-    if len(x) > settings.clip_tokens:
-        x = x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()]
+    x = subsample_tokens(x, settings.clip_tokens)
     gs_total = -(-k // settings.group_size)
     best_clip = torch.empty(out_f, gs_total, device=w.device)
-    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+    ratios = clip_ratios(settings)
     for cols, gsl, g in _group_chunks(k, settings.group_size):
         xg = x[:, cols].reshape(len(x), -1, g).permute(1, 0, 2)  # [groups, tokens, g]
         for o0 in range(0, out_f, oc_batch):
@@ -285,7 +298,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, settings: QuantizeSettings, oc
             for r in ratios:
                 c = max_abs * r
                 wq = fake_quantize_groups(wg, c)
-                err = (torch.bmm(xg, wq.permute(1, 2, 0)) - ref).pow(2).mean(1).T  # [oc, groups]
+                d = torch.bmm(xg, wq.permute(1, 2, 0)) - ref
+                err = (d.pow(2) if error is None else error(d, o0)).mean(1).T  # [oc, groups]
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best = torch.where(better, c, best)

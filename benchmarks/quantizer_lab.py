@@ -200,47 +200,22 @@ def _requantize(w, x, r, settings, clip=True, errors=None):
     return Q.fake_quantize(ws, settings.group_size, c) / r
 
 
-def _clip_tokens(x, settings):
-    """The clip tokens, subsampled as awq_edge's search_clip does."""
-    return x[torch.linspace(0, len(x) - 1, settings.clip_tokens).long()] if len(x) > settings.clip_tokens else x
-
-
 def clip_search(w, x, settings, errors=None):
     """awq_edge's search_clip, or the same search scored by errors(xs) -> fn(d, o0): the error of
     each (group, clip token, output channel) from the partial-output change d [groups, tokens, oc]
     of output channels o0.. (xs: the clip tokens, subsampled as search_clip does)."""
-    if errors is None:
-        return Q.search_clip(w, x, settings)
-    xs = _clip_tokens(x, settings)
-    error = errors(xs)
-    out_f, k = w.shape
-    best_clip = torch.empty(out_f, -(-k // settings.group_size))
-    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
-    for cols, gsl, g in Q._group_chunks(k, settings.group_size):
-        xg = xs[:, cols].reshape(len(xs), -1, g).permute(1, 0, 2)
-        for o0 in range(0, out_f, 256):
-            wg = w[o0:o0 + 256, cols].reshape(-1, xg.shape[0], g)
-            max_abs = wg.abs().amax(-1)
-            ref = torch.bmm(xg, wg.permute(1, 2, 0))
-            best_err, best = torch.full_like(max_abs, math.inf), max_abs.clone()
-            for r in ratios:
-                c = max_abs * r
-                d = torch.bmm(xg, Q.fake_quantize_groups(wg, c).permute(1, 2, 0)) - ref
-                err = error(d, o0).mean(1).T
-                better = err < best_err
-                best_err, best = torch.where(better, err, best_err), torch.where(better, c, best)
-            best_clip[o0:o0 + 256, gsl] = best
-    return best_clip
+    xs = Q.subsample_tokens(x, settings.clip_tokens)
+    return Q.search_clip(w, xs, settings, error=None if errors is None else errors(xs))
 
 
 def joint_clip_search(w, x, settings, sweeps=2):
     """Clip ratios chosen for the whole linear's output MSE instead of each group's partial
     output: start from search_clip's per-group choice, then sweep the groups, each re-chosen with
     the other groups' errors held (coordinate descent; the cross terms between groups count)."""
-    xs = _clip_tokens(x, settings)
+    xs = Q.subsample_tokens(x, settings.clip_tokens)
     out_f, k = w.shape
     best_clip = Q.search_clip(w, x, settings)
-    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+    ratios = Q.clip_ratios(settings)
     gsz = settings.group_size
     n_g = -(-k // gsz)
     cols = [slice(j * gsz, min(k, (j + 1) * gsz)) for j in range(n_g)]
@@ -286,7 +261,7 @@ def gram_clip_search(w, h, settings):
     ([groups, G, G], the short last group zero-padded)."""
     out_f, k = w.shape
     best_clip = torch.empty(out_f, h.shape[0])
-    ratios = torch.linspace(1.0, 1.0 - settings.clip_max_shrink, settings.clip_grid).tolist()
+    ratios = Q.clip_ratios(settings)
     for cols, gsl, g in Q._group_chunks(k, settings.group_size):
         wg, hg = w[:, cols].reshape(out_f, -1, g), h[gsl, :g, :g]
         max_abs = wg.abs().amax(-1)

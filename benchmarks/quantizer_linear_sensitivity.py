@@ -57,33 +57,29 @@ def main() -> None:
             for n, lin in quantize._linear_names(layer).items():
                 yield f"{i}.{n}", n, lin
 
+    def put(lm, t, weight):
+        """Every linear of type t (all types if None) takes weight(key, lin)."""
+        for key, n, lin in linears(lm):
+            if t is None or n == t:
+                lin.weight.data = weight(key, lin)
+
     whole = {"float": ppl(model), "awq_scaled_float": ppl(awq)}  # ~float: the folded scales alone change nothing
-    for key, _, lin in linears(awq):
-        lin.weight.data = quantized[key]
+    put(awq, None, lambda key, lin: quantized[key])
     whole["awq"] = ppl(awq)
-    for key, _, lin in linears(awq):  # every linear back to its scaled float weight
-        lin.weight.data = scaled_float[key].clone()
+    put(awq, None, lambda key, lin: scaled_float[key].clone())  # every linear back to its scaled float weight
     print(json.dumps(whole), flush=True)
 
     rows = []
     print("type       +AWQ    +scaled,no clip  +RTN    AWQ/RTN", flush=True)
     for t in TYPES:
         row = {"type": t}
-        for key, n, lin in linears(awq):
-            if n == t:
-                lin.weight.data = quantized[key]
+        put(awq, t, lambda key, lin: quantized[key])
         row["awq"] = ppl(awq) - whole["float"]
-        for key, n, lin in linears(awq):
-            if n == t:
-                lin.weight.data = quantize.fake_quantize(scaled_float[key], settings.group_size)
+        put(awq, t, lambda key, lin: quantize.fake_quantize(scaled_float[key], settings.group_size))
         row["scaled_no_clip"] = ppl(awq) - whole["float"]
-        for key, n, lin in linears(awq):
-            if n == t:
-                lin.weight.data = scaled_float[key].clone()
+        put(awq, t, lambda key, lin: scaled_float[key].clone())
         rtn = copy.deepcopy(model)
-        for key, n, lin in linears(rtn):
-            if n == t:
-                lin.weight.data = quantize.fake_quantize(lin.weight.data, settings.group_size)
+        put(rtn, t, lambda key, lin: quantize.fake_quantize(lin.weight.data, settings.group_size))
         row["rtn"] = ppl(rtn) - whole["float"]
         del rtn
         rows.append(row)
