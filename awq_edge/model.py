@@ -51,8 +51,11 @@ def is_awq_checkpoint(config: dict) -> bool:
 
 
 def _gguf_cache_dir(path: Path) -> Path:
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # Keyed by content, not by path: every fresh venv or clone holds the same GGUF at a new
+    # path, and a path key left one ~0.5 GB float copy per path in the cache until the disk filled.
+    # Hashing reads the file once (~0.5 s per 100 MB), far less than dequantizing it.
+    with open(path, "rb") as f:
+        key = hashlib.file_digest(f, "sha256").hexdigest()[:16]
     return data.cache_dir() / "models" / f"{path.stem}-{key}"
 
 

@@ -127,3 +127,26 @@ def test_eval_text_shorter_than_a_window(tmp_path, tiny_model_dir):
     text.write_text("Too short.")
     proc = awq_edge("eval", tiny_model_dir("llama"), "--text", text)
     assert_clean_error(proc, "fewer than one window")
+
+
+def test_gguf_cache_is_keyed_by_content_not_path(tmp_path, smollm2_dir):
+    """Every fresh venv holds the same GGUF at a new path; it must reuse one float copy, and a
+    changed file must not reuse a stale one."""
+    from awq_edge.data import smollm2_gguf
+    from awq_edge.model import _gguf_cache_dir, resolve_source
+
+    gguf = smollm2_gguf()
+    copy = tmp_path / "elsewhere" / gguf.name
+    copy.parent.mkdir()
+    shutil.copy(gguf, copy)
+    models = smollm2_dir.parent
+    before = sorted(models.iterdir())
+    assert resolve_source(str(copy)) == smollm2_dir
+    assert sorted(models.iterdir()) == before
+
+    with open(copy, "r+b") as f:   # one byte of tensor data near the end
+        f.seek(-100, 2)
+        byte = f.read(1)
+        f.seek(-100, 2)
+        f.write(bytes([byte[0] ^ 1]))
+    assert _gguf_cache_dir(copy) != smollm2_dir
