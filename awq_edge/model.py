@@ -54,8 +54,11 @@ def _gguf_cache_dir(path: Path) -> Path:
     # Keyed by content, not by path: every fresh venv or clone holds the same GGUF at a new
     # path, and a path key left one ~0.5 GB float copy per path in the cache until the disk filled.
     # Hashing reads the file once (~0.5 s per 100 MB), far less than dequantizing it.
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        key = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    key = digest.hexdigest()[:16]
     return data.cache_dir() / "models" / f"{path.stem}-{key}"
 
 
