@@ -395,25 +395,24 @@ def exp_clip_nosink(rec, acts, layer, i, t, settings):
     return _requantize(rec["scaled"][f"{i}.{t}"], x[_not_first_tokens(len(x), settings)], ones(rec, i, t), settings)
 
 
-def exp_refgrid(rec, acts, layer, i, t, settings):
-    """The clip grid of the reference code: 1 - k/20 for k < 0.5 * 20 (10 ratios, 1.00 .. 0.55)."""
-    ratios = Q.clip_ratios
-    Q.clip_ratios = lambda st: [1 - k / st.clip_grid for k in range(int(st.clip_max_shrink * st.clip_grid))]
-    try:
-        return exp_redo(rec, acts, layer, i, t, settings)
-    finally:
-        Q.clip_ratios = ratios
+def exp_redo_with(name, replacement):
+    """The default recomputed with awq_edge.quantize's function `name` replaced."""
+    def run(*args):
+        original = getattr(Q, name)
+        setattr(Q, name, replacement)
+        try:
+            return exp_redo(*args)
+        finally:
+            setattr(Q, name, original)
+    return run
 
 
-def exp_refstride(rec, acts, layer, i, t, settings):
-    """Clip tokens taken with an integer stride, x[::len(x) // 512], as the reference does: the
-    stride then divides the sequence length, so every sequence's first token is among them."""
-    sub = Q.subsample_tokens
-    Q.subsample_tokens = lambda x, n: x[::max(1, len(x) // n)]
-    try:
-        return exp_redo(rec, acts, layer, i, t, settings)
-    finally:
-        Q.subsample_tokens = sub
+# The reference code's clip grid: 1 - k/20 for k < 0.5 * 20 (10 ratios, 1.00 .. 0.55).
+exp_refgrid = exp_redo_with(
+    "clip_ratios", lambda st: [1 - k / st.clip_grid for k in range(int(st.clip_max_shrink * st.clip_grid))])
+# The reference's clip tokens, x[::len(x) // 512]: that stride divides the sequence length, so
+# every sequence's first token (the attention sink) is among them.
+exp_refstride = exp_redo_with("subsample_tokens", lambda x, n: x[::max(1, len(x) // n)])
 
 
 EXPERIMENTS = {"awq": exp_awq, "refgrid": exp_refgrid, "refstride": exp_refstride, "redo": exp_redo, "noclip": exp_noclip, "clip8192": exp_clip_on(8192),
