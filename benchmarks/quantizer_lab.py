@@ -415,8 +415,9 @@ exp_refgrid = exp_redo_with(
 exp_refstride = exp_redo_with("subsample_tokens", lambda x, n: x[::max(1, len(x) // n)])
 
 
-EXPERIMENTS = {"awq": exp_awq, "refgrid": exp_refgrid, "refstride": exp_refstride, "redo": exp_redo, "noclip": exp_noclip, "clip8192": exp_clip_on(8192),
+EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192": exp_clip_on(8192),
                "clip2048": exp_clip_on(2048), "clip4096": exp_clip_on(4096),
+               "refgrid": exp_refgrid, "refstride": exp_refstride,
                "cliphess_strided": exp_cliphess(False), "cliphess_all": exp_cliphess(True),
                "jointclip": exp_jointclip(), "jointclip4096": exp_jointclip(4096),
                "firstorder": exp_clip_mlp(exact=False), "exactmlp": exp_clip_mlp(exact=True),
