@@ -157,6 +157,14 @@ def next_layer_metric(base, acts, i, t):
     return factor, w_next.T @ w_next
 
 
+def _norm_weight(base, i, t):
+    layers = base.model.layers
+    if t == "o_proj":
+        return layers[i].post_attention_layernorm.weight.detach().float()[None]
+    norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else base.model.norm
+    return norm.weight.detach().float()[None]
+
+
 def group_gram(x, g):
     """Per input group: x_g^T x_g summed over tokens, [groups, g, g] (last group zero-padded)."""
     k = x.shape[1]
@@ -390,7 +398,8 @@ def _expanded(s, layer, n_in):
     return s.view(-1, 1, head_dim).expand(-1, n_in // len(s), head_dim).reshape(-1)
 
 
-def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=False, weighting=None):
+def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=False, weighting=None,
+                 shared=True):
     """AWQ's alpha grid for a group of one linear (o or down), loss on its output; returns W_eff."""
     w = rec["scaled"][f"{i}.{t}"]
     a = _x(acts, i, t)
@@ -398,7 +407,7 @@ def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=F
     x_mean = a["x_mean"] * s_awq  # original basis
     x = a["x"][_not_first_tokens(len(a["x"]), settings)] if drop_first else a["x"]
     n_in = w.shape[1]
-    kv_ch = layer.self_attn.v_proj.out_features if t == "o_proj" else n_in
+    kv_ch = layer.self_attn.v_proj.out_features if t == "o_proj" and shared else n_in
     if kv_ch != n_in:
         v = x_mean.view(kv_ch // layer.self_attn.head_dim, -1, layer.self_attn.head_dim)
         x_mean = {"mean": v.mean(1), "max": v.amax(1), "rms": v.pow(2).mean(1).sqrt()}[collapse].reshape(-1)
@@ -407,8 +416,10 @@ def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=F
     if weighting in ("relative", "outliers"):  # per-token weights from the residual the output is added into
         ms = acts[(i, "res" if t == "o_proj" else "res_mid")]["x"].pow(2).mean(1, keepdim=True)
         tw = 1 / ms if weighting == "relative" else (ms.median() / ms).clamp(max=1)
-    if weighting == "next":  # the error of the next linears' outputs (next_layer_metric)
+    if weighting in ("next", "next_abs"):  # the error of the next linears' outputs (next_layer_metric)
         factor, gram = next_layer_metric(acts["model"], acts, i, t)
+        if weighting == "next_abs":  # without the per-token 1 / rms: the norm weights and the Gram only
+            factor = _norm_weight(acts["model"], i, t)
 
         def loss_of(d):
             e = d * factor
@@ -468,7 +479,11 @@ EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192
                "alpha_relative": lambda *a: search_alpha(*a, weighting="relative"),
                "alpha_outliers": lambda *a: search_alpha(*a, weighting="outliers"),
                "alpha_rms_relative": lambda *a: search_alpha(*a, collapse="rms", weighting="relative"),
-               "alpha_next": lambda *a: search_alpha(*a, weighting="next")}
+               "alpha_next": lambda *a: search_alpha(*a, weighting="next"),
+               "alpha_next_abs": lambda *a: search_alpha(*a, weighting="next_abs"),
+               # o's own per-channel scale, not shared by the query heads of a KV head: it could
+               # not be folded into v under GQA; it says what o scaling could give at best
+               "alpha_unshared": lambda *a: search_alpha(*a, shared=False)}
 
 
 if __name__ == "__main__":
