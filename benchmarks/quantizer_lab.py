@@ -120,49 +120,12 @@ def capture(base, tokens: torch.Tensor, stride: int, gram_group: int = 0) -> dic
                 entry["x"].append(x[start::stride].clone())
                 entry["n"] += len(x)
             hooks.append(mods[name].register_forward_hook(fn))
-    hooks.append(base.model.norm.register_forward_hook(  # the final norm's input, as block L's "res"
-        lambda _m, args, _o: _record_final(acts, len(base.model.layers), args[0], stride)))
     with torch.no_grad():
         for start in range(0, len(tokens), 8):
             base(input_ids=tokens[start:start + 8], use_cache=False)
     for h in hooks:
         h.remove()
     return {k: {"x_mean": v["abs"] / v["n"], "x": torch.cat(v["x"]), "h": v["h"] / v["n"]} for k, v in acts.items()}
-
-
-def _record_final(acts, n_layers, x, stride):
-    x = x.detach().float().reshape(-1, x.shape[-1])
-    entry = acts.setdefault((n_layers, "res"), {"abs": 0, "n": 0, "x": [], "h": 0})
-    entry["abs"] = entry["abs"] + x.abs().sum(0)
-    entry["x"].append(x[(-entry["n"]) % stride::stride].clone())
-    entry["n"] += len(x)
-
-
-def next_layer_metric(base, acts, i, t):
-    """Where o's / down's output error goes next: added to the residual, RMS-normalised by the next
-    norm (per token), then read by the next linears. Returns (per-token-and-channel factor
-    w_norm / rms [tokens, hidden], Gram G = W_next^T W_next [hidden, hidden]) so that the error e
-    of the next linears' outputs is sum((d f) G (d f)) for an output change d."""
-    layers = base.model.layers
-    if t == "o_proj":
-        norm, res, nxt = layers[i].post_attention_layernorm, acts[(i, "res_mid")]["x"], layers[i].mlp
-        w_next = torch.cat([nxt.gate_proj.weight, nxt.up_proj.weight])
-    elif i + 1 < len(layers):
-        norm, res, a = layers[i + 1].input_layernorm, acts[(i + 1, "res")]["x"], layers[i + 1].self_attn
-        w_next = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-    else:
-        norm, res, w_next = base.model.norm, acts[(i + 1, "res")]["x"], base.lm_head.weight
-    w_next = w_next.detach().float()
-    factor = norm.weight.detach().float()[None] / (res.pow(2).mean(1, keepdim=True) + 1e-6).sqrt()
-    return factor, w_next.T @ w_next
-
-
-def _norm_weight(base, i, t):
-    layers = base.model.layers
-    if t == "o_proj":
-        return layers[i].post_attention_layernorm.weight.detach().float()[None]
-    norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else base.model.norm
-    return norm.weight.detach().float()[None]
 
 
 def group_gram(x, g):
@@ -198,7 +161,6 @@ def main() -> None:
     stride = max(1, settings.calib_samples // settings.loss_samples)
     needs_gram = any(e.endswith(":cliphess_all") for e in args.experiments)
     acts = capture(base, tokens, stride, settings.group_size if needs_gram else 0)
-    acts["model"] = base  # for experiments that look past the linear (alpha_next)
     text = data.eval_text() if args.text == "wiki" else data.eval_text(data.fetch_shakespeare())
     layers = base.model.layers
 
@@ -398,8 +360,7 @@ def _expanded(s, layer, n_in):
     return s.view(-1, 1, head_dim).expand(-1, n_in // len(s), head_dim).reshape(-1)
 
 
-def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=False, weighting=None,
-                 shared=True):
+def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=False, weighting=None):
     """AWQ's alpha grid for a group of one linear (o or down), loss on its output; returns W_eff."""
     w = rec["scaled"][f"{i}.{t}"]
     a = _x(acts, i, t)
@@ -407,33 +368,22 @@ def search_alpha(rec, acts, layer, i, t, settings, collapse="mean", drop_first=F
     x_mean = a["x_mean"] * s_awq  # original basis
     x = a["x"][_not_first_tokens(len(a["x"]), settings)] if drop_first else a["x"]
     n_in = w.shape[1]
-    kv_ch = layer.self_attn.v_proj.out_features if t == "o_proj" and shared else n_in
+    kv_ch = layer.self_attn.v_proj.out_features if t == "o_proj" else n_in
     if kv_ch != n_in:
         v = x_mean.view(kv_ch // layer.self_attn.head_dim, -1, layer.self_attn.head_dim)
         x_mean = {"mean": v.mean(1), "max": v.amax(1), "rms": v.pow(2).mean(1).sqrt()}[collapse].reshape(-1)
     ref = x @ w.T
     tw = torch.ones(len(x), 1)
-    if weighting in ("relative", "outliers"):  # per-token weights from the residual the output is added into
+    if weighting is not None:  # per-token weights from the residual the output is added into
         ms = acts[(i, "res" if t == "o_proj" else "res_mid")]["x"].pow(2).mean(1, keepdim=True)
         tw = 1 / ms if weighting == "relative" else (ms.median() / ms).clamp(max=1)
-    if weighting in ("next", "next_abs"):  # the error of the next linears' outputs (next_layer_metric)
-        factor, gram = next_layer_metric(acts["model"], acts, i, t)
-        if weighting == "next_abs":  # without the per-token 1 / rms: the norm weights and the Gram only
-            factor = _norm_weight(acts["model"], i, t)
-
-        def loss_of(d):
-            e = d * factor
-            return float(((e @ gram) * e).sum(1).mean())
-    else:
-        def loss_of(d):
-            return float((d.pow(2) * tw).mean())
     best = (math.inf, None)
     for k in range(settings.scale_grid):
         s = x_mean.pow(k / settings.scale_grid).clamp(min=1e-4)
         s = _expanded(s / (s.max() * s.min()).sqrt(), layer, n_in)
         r = s / s_awq
         weff = Q.fake_quantize(w * r, settings.group_size) / r
-        loss = loss_of(x @ weff.T - ref)
+        loss = float(((x @ weff.T - ref).pow(2) * tw).mean())
         if loss < best[0]:
             best = (loss, r)
     return _requantize(w, a["x"], best[1], settings)
@@ -478,12 +428,7 @@ EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192
                "alpha_nofirst": lambda *a: search_alpha(*a, drop_first=True),
                "alpha_relative": lambda *a: search_alpha(*a, weighting="relative"),
                "alpha_outliers": lambda *a: search_alpha(*a, weighting="outliers"),
-               "alpha_rms_relative": lambda *a: search_alpha(*a, collapse="rms", weighting="relative"),
-               "alpha_next": lambda *a: search_alpha(*a, weighting="next"),
-               "alpha_next_abs": lambda *a: search_alpha(*a, weighting="next_abs"),
-               # o's own per-channel scale, not shared by the query heads of a KV head: it could
-               # not be folded into v under GQA; it says what o scaling could give at best
-               "alpha_unshared": lambda *a: search_alpha(*a, shared=False)}
+               "alpha_rms_relative": lambda *a: search_alpha(*a, collapse="rms", weighting="relative")}
 
 
 if __name__ == "__main__":
