@@ -42,7 +42,6 @@ class QuantizeSettings:
     calib_samples: int = 64
     calib_seqlen: int = 512
     calib_seed: int = 0  # shuffles the calibration texts: another seed, another sample of them
-    calib_starts: bool = False  # EXPERIMENT: one sequence per text, its first calib_seqlen tokens
     loss_samples: int = 16  # sequences whose outputs the scale-search loss compares
     scale_grid: int = 20  # alpha = i / scale_grid, i = 0 .. scale_grid-1
     duo_scaling: bool = False  # s = x_mean^a / w_mean^(1-a) (AutoAWQ) instead of x_mean^a (paper)
@@ -125,20 +124,10 @@ def fake_quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = 
 
 # ---------------------------------------------------------------- calibration data
 
-def calibration_tokens(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int = 0,
-                       starts: bool = False) -> torch.Tensor:
+def calibration_tokens(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """Shuffle the texts, join them (EOS between), and cut [n, seqlen] token blocks."""
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    if starts:
-        rows = []
-        for i in order:
-            t = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
-            if len(t) >= seqlen:
-                rows.append(t[:seqlen])
-            if len(rows) == n_samples:
-                break
-        return torch.tensor(rows, dtype=torch.long)
     eos = tokenizer.eos_token_id
     needed = n_samples * seqlen
     ids: list[int] = []
@@ -537,7 +526,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     tokens = None
     if settings.method == "awq":
         tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen,
-                                    settings.calib_seed, settings.calib_starts)
+                                    settings.calib_seed)
     result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize)
     metadata = {
         "awq_edge_version": __version__,
