@@ -8,13 +8,13 @@ Accepted sources:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from . import data
+from .checkpoint import sha256_file
 from .errors import UserError
 from .families import Family, family_for
 
@@ -54,11 +54,7 @@ def _gguf_cache_dir(path: Path) -> Path:
     # Keyed by content, not by path: every fresh venv or clone holds the same GGUF at a new
     # path, and a path key left one ~0.5 GB float copy per path in the cache until the disk filled.
     # Hashing reads the file once (~0.5 s per 100 MB), far less than dequantizing it.
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    key = digest.hexdigest()[:16]
+    key = sha256_file(path)[:16]
     return data.cache_dir() / "models" / f"{path.stem}-{key}"
 
 
