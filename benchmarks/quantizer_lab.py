@@ -415,13 +415,61 @@ exp_refgrid = exp_redo_with(
 exp_refstride = exp_redo_with("subsample_tokens", lambda x, n: x[::max(1, len(x) // n)])
 
 
+def gptq_round(w, x, settings, clip, damp=0.01, block=128):
+    """GPTQ-style rounding on AWQ's grid: each group's scale/zero as AWQ chose them (clip included),
+    but columns rounded one at a time, the rounding error of each pushed onto the columns not yet
+    rounded through the inverse Gram matrix of x (Frantar et al. 2022)."""
+    w = w.clone().float()
+    out_f, k = w.shape
+    gsz = settings.group_size
+    n_g = -(-k // gsz)
+    scale = torch.empty(out_f, n_g)
+    zero = torch.empty(out_f, n_g)
+    for cols, gsl, g in Q._group_chunks(k, gsz):
+        wg = w[:, cols].reshape(out_f, -1, g)
+        if clip is not None:
+            c = clip[:, gsl].unsqueeze(-1)
+            wg = wg.clamp(-c, c)
+        sc, z = Q._quant_params(wg)
+        scale[:, gsl], zero[:, gsl] = sc.squeeze(-1), z.squeeze(-1)
+    h = x.T.double() @ x.double() / len(x)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    q = torch.empty_like(w)
+    for b0 in range(0, k, block):
+        b1 = min(k, b0 + block)
+        wb = w[:, b0:b1].clone()
+        err = torch.empty_like(wb)
+        for j in range(b1 - b0):
+            col = b0 + j
+            sc, z = scale[:, col // gsz], zero[:, col // gsz]
+            qc = ((torch.round(wb[:, j] / sc) + z).clamp(0, Q.MAX_INT) - z) * sc
+            q[:, col] = qc
+            e = (wb[:, j] - qc) / u[col, col]
+            err[:, j] = e
+            wb[:, j + 1:] -= e[:, None] * u[col, col + 1:b1][None]
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return q
+
+
+def exp_gptq(damp=0.01):
+    def run(rec, acts, layer, i, t, settings):
+        w = rec["scaled"][f"{i}.{t}"]
+        x = _x(acts, i, t)["x"]
+        clip = None if t in ("q_proj", "k_proj") else clip_search(w, x, settings)
+        return gptq_round(w, x, settings, clip, damp)
+    return run
+
+
 EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192": exp_clip_on(8192),
                "clip2048": exp_clip_on(2048), "clip4096": exp_clip_on(4096),
                "refgrid": exp_refgrid, "refstride": exp_refstride,
                "cliphess_strided": exp_cliphess(False), "cliphess_all": exp_cliphess(True),
                "jointclip": exp_jointclip(), "jointclip4096": exp_jointclip(4096),
                "firstorder": exp_clip_mlp(exact=False), "exactmlp": exp_clip_mlp(exact=True),
-               "alpha0": exp_alpha0, "clip_nosink": exp_clip_nosink,
+               "alpha0": exp_alpha0, "gptq": exp_gptq(), "gptq_d1": exp_gptq(0.1), "clip_nosink": exp_clip_nosink,
                "alpha": lambda *a: search_alpha(*a),
                "alpha_max": lambda *a: search_alpha(*a, collapse="max"),
                "alpha_rms": lambda *a: search_alpha(*a, collapse="rms"),
