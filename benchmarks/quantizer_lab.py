@@ -52,9 +52,9 @@ def record(model: str, settings: Q.QuantizeSettings, key: str) -> dict:
     scaled, scales = [], []
     to_quantized, apply_group = Q._to_quantized, Q._apply_group
 
-    def rec_quantized(lin, group_size, clip=None):
+    def rec_quantized(lin, *args):
         scaled.append(lin.weight.data.detach().float().cpu().clone())
-        return to_quantized(lin, group_size, clip)
+        return to_quantized(lin, *args)
 
     def rec_group(g, s, *args):
         scales.append((g.name, s.detach().cpu().clone()))
@@ -415,7 +415,7 @@ exp_refgrid = exp_redo_with(
 exp_refstride = exp_redo_with("subsample_tokens", lambda x, n: x[::max(1, len(x) // n)])
 
 
-def gptq_round(w, x, settings, clip, damp=0.01, block=128):
+def gptq_round(w, x, settings, clip, damp=0.01, block=128, act_order=False):
     """GPTQ-style rounding on AWQ's grid: each group's scale/zero as AWQ chose them (clip included),
     but columns rounded one at a time, the rounding error of each pushed onto the columns not yet
     rounded through the inverse Gram matrix of x (Frantar et al. 2022)."""
@@ -435,6 +435,9 @@ def gptq_round(w, x, settings, clip, damp=0.01, block=128):
     h = x.T.double() @ x.double() / len(x)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    group_of = perm // gsz
     h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     q = torch.empty_like(w)
@@ -444,22 +447,25 @@ def gptq_round(w, x, settings, clip, damp=0.01, block=128):
         err = torch.empty_like(wb)
         for j in range(b1 - b0):
             col = b0 + j
-            sc, z = scale[:, col // gsz], zero[:, col // gsz]
+            sc, z = scale[:, group_of[col]], zero[:, group_of[col]]
             qc = ((torch.round(wb[:, j] / sc) + z).clamp(0, Q.MAX_INT) - z) * sc
             q[:, col] = qc
             e = (wb[:, j] - qc) / u[col, col]
             err[:, j] = e
             wb[:, j + 1:] -= e[:, None] * u[col, col + 1:b1][None]
         w[:, b1:] -= err @ u[b0:b1, b1:]
-    return q
+    out = torch.empty_like(q)
+    out[:, perm] = q
+    return out
 
 
-def exp_gptq(damp=0.01):
+def exp_gptq(damp=0.01, act_order=False, nosink=False):
     def run(rec, acts, layer, i, t, settings):
         w = rec["scaled"][f"{i}.{t}"]
         x = _x(acts, i, t)["x"]
         clip = None if t in ("q_proj", "k_proj") else clip_search(w, x, settings)
-        return gptq_round(w, x, settings, clip, damp)
+        xh = x[_not_first_tokens(len(x), settings)] if nosink else x
+        return gptq_round(w, xh, settings, clip, damp, act_order=act_order)
     return run
 
 
@@ -469,7 +475,8 @@ EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192
                "cliphess_strided": exp_cliphess(False), "cliphess_all": exp_cliphess(True),
                "jointclip": exp_jointclip(), "jointclip4096": exp_jointclip(4096),
                "firstorder": exp_clip_mlp(exact=False), "exactmlp": exp_clip_mlp(exact=True),
-               "alpha0": exp_alpha0, "gptq": exp_gptq(), "gptq_d1": exp_gptq(0.1), "clip_nosink": exp_clip_nosink,
+               "alpha0": exp_alpha0, "gptq": exp_gptq(), "gptq_d1": exp_gptq(0.1), "gptq_act": exp_gptq(act_order=True),
+               "gptq_d10": exp_gptq(1.0), "gptq_d03": exp_gptq(0.3), "gptq_d30": exp_gptq(3.0), "gptq_nosink": exp_gptq(nosink=True), "clip_nosink": exp_clip_nosink,
                "alpha": lambda *a: search_alpha(*a),
                "alpha_max": lambda *a: search_alpha(*a, collapse="max"),
                "alpha_rms": lambda *a: search_alpha(*a, collapse="rms"),
