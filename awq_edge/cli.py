@@ -76,6 +76,8 @@ def quantize(
     calib_seed: int = typer.Option(0, help="seed of the calibration texts' shuffle (another seed, another sample)"),
     method: str = typer.Option("awq", help="awq, or rtn (round-to-nearest, no calibration)"),
     duo_scaling: bool = typer.Option(False, help="AutoAWQ's scale variant: x_mean^a / w_mean^(1-a)"),
+    rounding: str = typer.Option("nearest", help="nearest (AWQ), or gptq: AWQ's grid, each weight's level "
+                                                 "chosen to cancel earlier rounding errors (see docs/quantizer.md)"),
     device: str = typer.Option("auto", help="cpu, cuda, or auto"),
     force: bool = typer.Option(False, help="replace OUTPUT if it exists"),
 ):
@@ -85,7 +87,7 @@ def quantize(
 
     settings = QuantizeSettings(method=method, group_size=group_size, calib_samples=calib_samples,
                                 calib_seqlen=calib_seqlen, calib_seed=calib_seed, duo_scaling=duo_scaling,
-                                device=device)
+                                rounding=rounding, device=device)
     meta = quantize_checkpoint(model, output, settings, str(calib) if calib else None, force=force)
     typer.echo(f"wrote {output} ({method}, group {group_size}) in {meta['seconds']:.0f} s, "
                f"peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB")

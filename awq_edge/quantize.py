@@ -48,12 +48,16 @@ class QuantizeSettings:
     clip_grid: int = 20  # clip ratios from 1.0 down to 1 - clip_max_shrink
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens the clip search compares on
+    rounding: str = "nearest"  # nearest | gptq: see gptq_round
+    gptq_damp: float = 1.0  # gptq_round's damping, a fraction of the mean diagonal of H
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
     def validate(self) -> None:
         if self.method not in ("awq", "rtn"):
             raise UserError(f"--method {self.method} is unknown; use awq or rtn")
+        if self.rounding not in ("nearest", "gptq"):
+            raise UserError(f"--rounding {self.rounding} is unknown; use nearest or gptq")
         if self.group_size not in GROUP_SIZES:
             raise UserError(f"--group-size {self.group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
         if self.calib_samples < 1 or self.calib_seqlen < 16:
@@ -120,6 +124,44 @@ def fake_quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = 
     for cols, _, (qg, scale, zero) in _quantized_chunks(w, group_size, clip):
         result[:, cols] = ((qg - zero) * scale).reshape(w.shape[0], -1)
     return result
+
+
+@torch.no_grad()
+def gptq_round(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+               damp: float, clip: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
+    """q uint8 [out, in] on the grid of scales/zeros [out, groups] (and clip [out, groups], as
+    quantize_tensor took them), rounded one input column at a
+    time with each column's rounding error pushed onto the columns not yet rounded (GPTQ, Frantar
+    et al. 2022), so the error of x @ W^T stays small, not each weight's. The grid (AWQ's scales
+    and clipping) is kept: only which of its 16 levels each weight takes changes.
+
+    H = x^T x / n + damp * mean(diag) * I. The damping is heavy (1.0 by default) on purpose: with
+    GPTQ's usual 0.01 the rounding fits the calibration text and Wikipedia calibration made
+    Shakespeare worse (docs/quantizer.md, session 11).
+    """
+    w = w.float().clone()
+    out_f, k = w.shape
+    group_of = torch.arange(k, device=w.device) // group_size
+    step = scales.float()[:, group_of]  # [out, in]
+    zero = zeros.float()[:, group_of]
+    limit = clip.float()[:, group_of] if clip is not None else torch.full_like(step, math.inf)
+    h = x.T.float() @ x.float() / len(x)
+    h.diagonal().add_(damp * h.diagonal().mean() + (h.diagonal() == 0).float())  # unused channels: any value
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    del h
+    q = torch.empty(out_f, k, device=w.device)
+    for b0 in range(0, k, block):  # columns in blocks: the rest of w gets one matmul per block
+        b1 = min(k, b0 + block)
+        wb = w[:, b0:b1]
+        err = torch.empty_like(wb)
+        for j in range(b1 - b0):
+            c = b0 + j
+            wc = torch.maximum(torch.minimum(wb[:, j], limit[:, c]), -limit[:, c])
+            q[:, c] = (torch.round(wc / step[:, c]) + zero[:, c]).clamp(0, MAX_INT)
+            err[:, j] = (wb[:, j] - (q[:, c] - zero[:, c]) * step[:, c]) / u[c, c]
+            wb[:, j + 1:] -= err[:, j:j + 1] * u[c, c + 1:b1]
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return q.to(torch.uint8).cpu()
 
 
 # ---------------------------------------------------------------- calibration data
@@ -329,8 +371,12 @@ def _batched(t: torch.Tensor, batch: int):
         yield t[start:start + batch]
 
 
-def _to_quantized(lin: nn.Linear, group_size: int, clip=None) -> QuantizedLinear:
+def _to_quantized(lin: nn.Linear, group_size: int, clip=None, gptq_x=None, damp: float = 1.0) -> QuantizedLinear:
+    """The linear's INT4 form; with gptq_x (its calibration inputs), rounded by gptq_round."""
     q, scales, zeros = quantize_tensor(lin.weight.data, group_size, clip)
+    if gptq_x is not None:
+        dev = gptq_x.device
+        q = gptq_round(lin.weight.data, gptq_x, scales.to(dev), zeros.to(dev), group_size, damp, clip)
     bias = lin.bias.data.float().cpu().numpy() if lin.bias is not None else None
     return QuantizedLinear(q.numpy(), scales.numpy(), zeros.numpy(), group_size, bias)
 
@@ -420,12 +466,15 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 _apply_group(g, s, family, loss_inputs, linears)
 
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
+            # (--rounding gptq: not q/k either; their output MSE measured a poor guide there too)
             for name, lin in linears.items():
-                clip = None
-                if name not in ("q_proj", "k_proj") and settings.clip_grid > 0:
+                clip, gptq_x = None, None
+                if name not in ("q_proj", "k_proj"):
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
-                    clip = search_clip(lin.weight.data, x, settings)
-                result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size, clip)
+                    clip = search_clip(lin.weight.data, x, settings) if settings.clip_grid > 0 else None
+                    gptq_x = x if settings.rounding == "gptq" else None
+                result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(
+                    lin, settings.group_size, clip, gptq_x, settings.gptq_damp)
                 _release(lin)
         layer.to(orig_dtype)
         result.layer_report.append(report)

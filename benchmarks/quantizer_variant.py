@@ -1,10 +1,11 @@
 """One quantizer variant: quantize SmolLM2 with the default settings plus overrides, then evaluate.
 
-    python benchmarks/quantizer_variant.py NAME '{"group_size": 128, "clip_tokens": 2048}' [--windows 24]
+    python benchmarks/quantizer_variant.py NAME '{"group_size": 128, "clip_tokens": 2048}' [--windows 24] [--shakespeare]
 
 Quantizes with awq_edge.quantize.QuantizeSettings(**overrides) into a temp dir, runs
 `awq-edge eval --seqlen 1024 --windows N --json` on it, prints one JSON line and writes
-benchmarks/results/quantizer-variant-NAME.json. This is how the variants in docs/quantizer.md
+benchmarks/results/quantizer-variant-NAME.json. --shakespeare also scores the same checkpoint on
+the first N windows of the Shakespeare text (another domain than the Wikipedia calibration). This is how the variants in docs/quantizer.md
 were measured. Experimental settings named in the docs exist only in the commit the docs give
 next to each: run this script from a checkout of that commit (or with PYTHONPATH set to a
 worktree of it).
@@ -19,9 +20,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from awq_edge import data
 from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def evaluate(checkpoint: Path, windows: int, text: Path | None = None) -> dict:
+    """`awq-edge eval --seqlen 1024 --windows N --json` (on the Wikipedia evaluation split unless text)."""
+    cmd = [sys.executable, "-m", "awq_edge.cli", "eval", str(checkpoint), "--seqlen", "1024",
+           "--windows", str(windows), "--json"] + (["--text", str(text)] if text else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"eval failed: {proc.stderr.strip().splitlines()[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -30,6 +42,7 @@ def main() -> None:
     ap.add_argument("overrides", help="JSON object of QuantizeSettings fields")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--windows", type=int, default=24)
+    ap.add_argument("--shakespeare", action="store_true")
     args = ap.parse_args()
     overrides = json.loads(args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
@@ -37,14 +50,13 @@ def main() -> None:
         started = time.time()
         meta = quantize_checkpoint(args.model, out, QuantizeSettings(**overrides), progress=False)
         wall = time.time() - started
-        proc = subprocess.run([sys.executable, "-m", "awq_edge.cli", "eval", str(out), "--seqlen", "1024",
-                               "--windows", str(args.windows), "--json"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"eval failed: {proc.stderr.strip().splitlines()[-1]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = evaluate(out, args.windows)
+        shakespeare = evaluate(out, args.windows, data.fetch_shakespeare()) if args.shakespeare else None
     row = {"name": args.name, "settings": overrides, "perplexity": result["perplexity"],
            "windows": result["windows"], "quantize_wall_s": round(wall, 1), "peak_rss_bytes": meta["peak_rss_bytes"],
            "command": "python benchmarks/quantizer_variant.py " + " ".join(sys.argv[1:])}
+    if shakespeare:
+        row["shakespeare_perplexity"] = shakespeare["perplexity"]
     print(json.dumps(row))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"quantizer-variant-{args.name}.json").write_text(json.dumps(row, indent=2) + "\n")

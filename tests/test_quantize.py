@@ -12,8 +12,8 @@ from awq_edge.evaluate import perplexity
 from awq_edge.families import family_for
 from awq_edge.model import load_float_model
 from awq_edge.quantize import (QuantizeSettings, _apply_group, _linear_names, block_groups, calibration_tokens,
-                               capture_block_inputs, fake_quantize, fake_quantize_model, quantize_checkpoint,
-                               quantize_tensor, search_clip)
+                               capture_block_inputs, fake_quantize, fake_quantize_model, gptq_round,
+                               quantize_checkpoint, quantize_tensor, search_clip)
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -49,6 +49,43 @@ def test_clip_search_lowers_output_error():
     err_clip = (x @ (fake_quantize(w, 64, clip) - w).T).pow(2).mean()
     err_rtn = (x @ (fake_quantize(w, 64) - w).T).pow(2).mean()
     assert err_clip < err_rtn
+
+
+def _correlated_inputs(n, k, seed, sample_seed=0):
+    """n tokens whose channels are correlated, with a few loud ones (as in a real block's inputs);
+    the same seed, the same distribution; sample_seed picks the tokens."""
+    g = torch.Generator().manual_seed(seed)
+    mix, loud = torch.randn(k // 4, k, generator=g), 1 + 5 * (torch.rand(k, generator=g) > 0.97)
+    g.manual_seed(1000 + sample_seed)
+    return torch.randn(n, k // 4, generator=g) @ mix + 0.3 * torch.randn(n, k, generator=g) * loud
+
+
+def test_gptq_round_keeps_the_grid_and_lowers_the_output_error():
+    # K = 576 at G = 128: the short last group, as in SmolLM2
+    torch.manual_seed(3)
+    w, x = torch.randn(96, 576), _correlated_inputs(2048, 576, seed=3)
+    q_near, scales, zeros = quantize_tensor(w, 128)
+    q = gptq_round(w, x, scales, zeros, 128, damp=0.01)
+    assert q.dtype == torch.uint8 and q.shape == w.shape and int(q.max()) <= 15
+    assert (q != q_near).float().mean() > 0.1  # it does choose other levels
+
+    def output_error(qq, xx):
+        w_hat = torch.from_numpy(packing.dequantize(qq.numpy(), scales.numpy(), zeros.numpy(), 128))
+        return float((xx @ (w_hat - w).T).pow(2).mean())
+    assert output_error(q, x) < 0.7 * output_error(q_near, x)
+    # on other tokens of the same distribution too: not a fit to the 2048 it saw
+    x_new = _correlated_inputs(2048, 576, seed=3, sample_seed=1)
+    assert output_error(q, x_new) < 0.8 * output_error(q_near, x_new)
+
+
+def test_gptq_round_with_heavy_damping_is_round_to_nearest():
+    # H -> a multiple of I: no column's error says anything about another's, so no compensation
+    torch.manual_seed(4)
+    w, x = torch.randn(32, 200), _correlated_inputs(512, 200, seed=4)
+    clip = w[:, :192].reshape(32, 3, 64).abs().amax(-1) * 0.8
+    clip = torch.cat([clip, w[:, 192:].abs().amax(1, keepdim=True)], 1)  # K = 200: groups 64, 64, 64, 8
+    q_near, scales, zeros = quantize_tensor(w, 64, clip)
+    assert torch.equal(gptq_round(w, x, scales, zeros, 64, damp=1e9, clip=clip), q_near)
 
 
 def test_clip_search_picks_the_clip_with_the_lowest_partial_output_error_on_the_tokens():
