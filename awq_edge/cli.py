@@ -76,8 +76,9 @@ def quantize(
     calib_seed: int = typer.Option(0, help="seed of the calibration texts' shuffle (another seed, another sample)"),
     method: str = typer.Option("awq", help="awq, or rtn (round-to-nearest, no calibration)"),
     duo_scaling: bool = typer.Option(False, help="AutoAWQ's scale variant: x_mean^a / w_mean^(1-a)"),
-    rounding: str = typer.Option("nearest", help="nearest (AWQ), or gptq: AWQ's grid, each weight's level "
-                                                 "chosen to cancel earlier rounding errors (see docs/quantizer.md)"),
+    rounding: str = typer.Option("gptq", help="gptq: on AWQ's grid, each weight's level chosen to cancel "
+                                              "earlier rounding errors; nearest: the AWQ reference's rounding "
+                                              "(docs/quantizer.md)"),
     device: str = typer.Option("auto", help="cpu, cuda, or auto"),
     force: bool = typer.Option(False, help="replace OUTPUT if it exists"),
 ):

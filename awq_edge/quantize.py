@@ -48,7 +48,7 @@ class QuantizeSettings:
     clip_grid: int = 20  # clip ratios from 1.0 down to 1 - clip_max_shrink
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens the clip search compares on
-    rounding: str = "nearest"  # nearest | gptq: see gptq_round
+    rounding: str = "gptq"  # gptq: see gptq_round | nearest: round-to-nearest, as the AWQ reference
     gptq_damp: float = 1.0  # gptq_round's damping, a fraction of the mean diagonal of H
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"

@@ -1,7 +1,8 @@
 """Perplexity table: float / RTN / AWQ at group 32, 64 and 128, plus quantization time and peak RSS.
 
-    python benchmarks/quantizer.py [--model smollm2] [--windows N] [--seqlen 1024]
+    python benchmarks/quantizer.py [--model smollm2] [--windows N] [--seqlen 1024] [--roundings nearest,gptq]
 
+AWQ runs once per rounding (`--rounding`: nearest is the AWQ reference's, gptq the default).
 Runs the real CLI (`awq-edge quantize`, `awq-edge eval --json`) in subprocesses with default
 settings, on the built-in Wikipedia evaluation split (articles disjoint from calibration).
 Prints a markdown table and writes benchmarks/results/quantizer-<model>.json.
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None, help="default: every full window of the text")
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--groups", default="32,64,128")
+    ap.add_argument("--roundings", default="nearest,gptq")
     args = ap.parse_args()
 
     rows, runs = [], {}
@@ -46,25 +48,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for g in [int(x) for x in args.groups.split(",")]:
             row = {"group_size": g, "float": fp["perplexity"]}
-            for method in ("rtn", "awq"):
-                out = Path(tmp) / f"{method}-g{g}"
+            roundings = args.roundings.split(",")
+            for method, rounding in [("rtn", None)] + [("awq", r) for r in roundings]:
+                key = method if rounding is None else f"awq_{rounding}"
+                out = Path(tmp) / f"{key}-g{g}"
+                extra = [] if rounding is None else ["--rounding", rounding]
                 started = time.time()
-                cli("quantize", args.model, "--method", method, "--group-size", str(g), "--output", str(out))
+                cli("quantize", args.model, "--method", method, "--group-size", str(g), "--output", str(out), *extra)
                 wall = time.time() - started
                 meta = json.loads((out / "awq_edge.json").read_text())
                 result = evaluate(str(out), args)
-                row[method] = result["perplexity"]
-                runs[f"{method}-g{g}"] = {"quantize_wall_s": round(wall, 1), "quantize_s": meta["seconds"],
-                                          "peak_rss_bytes": meta["peak_rss_bytes"], "settings": meta["settings"],
-                                          "eval": result}
-                print(f"g{g} {method}: ppl {result['perplexity']:.3f}, quantize {wall:.0f} s wall, "
+                row[key] = result["perplexity"]
+                runs[f"{key}-g{g}"] = {"quantize_wall_s": round(wall, 1), "quantize_s": meta["seconds"],
+                                       "peak_rss_bytes": meta["peak_rss_bytes"], "settings": meta["settings"],
+                                       "eval": result}
+                print(f"g{g} {key}: ppl {result['perplexity']:.3f}, quantize {wall:.0f} s wall, "
                       f"peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
-            row["gap_closed_ratio"] = (row["awq"] - fp["perplexity"]) / (row["rtn"] - fp["perplexity"])
+            for r in roundings:
+                row[f"gap_closed_ratio_{r}"] = (row[f"awq_{r}"] - fp["perplexity"]) / (row["rtn"] - fp["perplexity"])
             rows.append(row)
 
-    print("\n| group | float | RTN | AWQ | (AWQ-float)/(RTN-float) |\n|---|---|---|---|---|")
+    roundings = args.roundings.split(",")
+    head = "".join(f" AWQ {r} | ratio |" for r in roundings)
+    print(f"\n| group | float | RTN |{head}\n|---|---|---|" + "---|---|" * len(roundings))
     for r in rows:
-        print(f"| {r['group_size']} | {r['float']:.2f} | {r['rtn']:.2f} | {r['awq']:.2f} | {r['gap_closed_ratio']:.2f} |")
+        cells = "".join(f" {r[f'awq_{x}']:.2f} | {r[f'gap_closed_ratio_{x}']:.3f} |" for x in roundings)
+        print(f"| {r['group_size']} | {r['float']:.2f} | {r['rtn']:.2f} |{cells}")
     RESULTS.mkdir(exist_ok=True)
     name = Path(args.model).name.replace(".gguf", "")
     out = RESULTS / f"quantizer-{name}.json"

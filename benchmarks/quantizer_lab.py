@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import awq_edge.quantize as Q
-from awq_edge import data
+from awq_edge import data, packing
 from awq_edge.checkpoint import load_awq_as_float
 from awq_edge.evaluate import perplexity
 
@@ -100,9 +100,10 @@ def settings_key(overrides: dict) -> str:
     return "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "default"
 
 
-def capture(base, tokens: torch.Tensor, stride: int, gram_group: int = 0) -> dict:
+def capture(base, tokens: torch.Tensor, stride: int, gram_group: int = 0, gram_full: bool = False) -> dict:
     """Per block and linear input: mean |x| over all tokens, every `stride`-th token, and, if
-    gram_group, the per-group Gram matrix E[x_g x_g^T] over all tokens (for cliphess_all)."""
+    gram_group, the per-group Gram matrix E[x_g x_g^T] over all tokens (for cliphess_all); if
+    gram_full, the whole E[x x^T] over all tokens (for gptq_all*)."""
     acts: dict = {}
     hooks = []
     for i, layer in enumerate(base.model.layers):
@@ -112,11 +113,13 @@ def capture(base, tokens: torch.Tensor, stride: int, gram_group: int = 0) -> dic
                             ("res", "res"), ("res_mid", "res_mid")):
             def fn(_m, args, _o, key=(i, where)):
                 x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                entry = acts.setdefault(key, {"abs": 0, "n": 0, "x": [], "h": 0})
+                entry = acts.setdefault(key, {"abs": 0, "n": 0, "x": [], "h": 0, "H": 0})
                 start = (-entry["n"]) % stride
                 entry["abs"] = entry["abs"] + x.abs().sum(0)
                 if gram_group:
                     entry["h"] = entry["h"] + group_gram(x, gram_group)
+                if gram_full:
+                    entry["H"] = entry["H"] + x.T @ x
                 entry["x"].append(x[start::stride].clone())
                 entry["n"] += len(x)
             hooks.append(mods[name].register_forward_hook(fn))
@@ -125,7 +128,8 @@ def capture(base, tokens: torch.Tensor, stride: int, gram_group: int = 0) -> dic
             base(input_ids=tokens[start:start + 8], use_cache=False)
     for h in hooks:
         h.remove()
-    return {k: {"x_mean": v["abs"] / v["n"], "x": torch.cat(v["x"]), "h": v["h"] / v["n"]} for k, v in acts.items()}
+    return {k: {"x_mean": v["abs"] / v["n"], "x": torch.cat(v["x"]), "h": v["h"] / v["n"], "H": v["H"] / v["n"]}
+            for k, v in acts.items()}
 
 
 def group_gram(x, g):
@@ -160,7 +164,8 @@ def main() -> None:
     tokens = Q.calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen, settings.calib_seed)
     stride = max(1, settings.calib_samples // settings.loss_samples)
     needs_gram = any(e.endswith(":cliphess_all") for e in args.experiments)
-    acts = capture(base, tokens, stride, settings.group_size if needs_gram else 0)
+    acts = capture(base, tokens, stride, settings.group_size if needs_gram else 0,
+                   any(":gptq_all" in e for e in args.experiments))
     text = data.eval_text() if args.text == "wiki" else data.eval_text(data.fetch_shakespeare())
     layers = base.model.layers
 
@@ -415,57 +420,21 @@ exp_refgrid = exp_redo_with(
 exp_refstride = exp_redo_with("subsample_tokens", lambda x, n: x[::max(1, len(x) // n)])
 
 
-def gptq_round(w, x, settings, clip, damp=0.01, block=128, act_order=False):
-    """GPTQ-style rounding on AWQ's grid: each group's scale/zero as AWQ chose them (clip included),
-    but columns rounded one at a time, the rounding error of each pushed onto the columns not yet
-    rounded through the inverse Gram matrix of x (Frantar et al. 2022)."""
-    w = w.clone().float()
-    out_f, k = w.shape
-    gsz = settings.group_size
-    n_g = -(-k // gsz)
-    scale = torch.empty(out_f, n_g)
-    zero = torch.empty(out_f, n_g)
-    for cols, gsl, g in Q._group_chunks(k, gsz):
-        wg = w[:, cols].reshape(out_f, -1, g)
-        if clip is not None:
-            c = clip[:, gsl].unsqueeze(-1)
-            wg = wg.clamp(-c, c)
-        sc, z = Q._quant_params(wg)
-        scale[:, gsl], zero[:, gsl] = sc.squeeze(-1), z.squeeze(-1)
-    h = x.T.double() @ x.double() / len(x)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
-    group_of = perm // gsz
-    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    q = torch.empty_like(w)
-    for b0 in range(0, k, block):
-        b1 = min(k, b0 + block)
-        wb = w[:, b0:b1].clone()
-        err = torch.empty_like(wb)
-        for j in range(b1 - b0):
-            col = b0 + j
-            sc, z = scale[:, group_of[col]], zero[:, group_of[col]]
-            qc = ((torch.round(wb[:, j] / sc) + z).clamp(0, Q.MAX_INT) - z) * sc
-            q[:, col] = qc
-            e = (wb[:, j] - qc) / u[col, col]
-            err[:, j] = e
-            wb[:, j + 1:] -= e[:, None] * u[col, col + 1:b1][None]
-        w[:, b1:] -= err @ u[b0:b1, b1:]
-    out = torch.empty_like(q)
-    out[:, perm] = q
-    return out
-
-
-def exp_gptq(damp=0.01, act_order=False, nosink=False):
+def exp_gptq(damp, all_tokens=False):
+    """awq_edge's --rounding gptq with this damping, H from the strided tokens or from all tokens
+    (session 11 also tried act order and leaving the sink token out of H, in commit f03deb1: both
+    worse)."""
     def run(rec, acts, layer, i, t, settings):
         w = rec["scaled"][f"{i}.{t}"]
         x = _x(acts, i, t)["x"]
         clip = None if t in ("q_proj", "k_proj") else clip_search(w, x, settings)
-        xh = x[_not_first_tokens(len(x), settings)] if nosink else x
-        return gptq_round(w, xh, settings, clip, damp, act_order=act_order)
+        _, scales, zeros = Q.quantize_tensor(w, settings.group_size, clip)
+        xh = x
+        if all_tokens:  # gptq_round takes tokens: a K x K factor of H (xh^T xh / K = H) stands in for them
+            h = _x(acts, i, t)["H"]
+            xh = torch.linalg.cholesky(h + 1e-6 * h.diagonal().mean() * torch.eye(len(h))).T * math.sqrt(len(h))
+        q = Q.gptq_round(w, xh, scales, zeros, settings.group_size, damp, clip)
+        return torch.from_numpy(packing.dequantize(q.numpy(), scales.numpy(), zeros.numpy(), settings.group_size))
     return run
 
 
@@ -475,8 +444,9 @@ EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192
                "cliphess_strided": exp_cliphess(False), "cliphess_all": exp_cliphess(True),
                "jointclip": exp_jointclip(), "jointclip4096": exp_jointclip(4096),
                "firstorder": exp_clip_mlp(exact=False), "exactmlp": exp_clip_mlp(exact=True),
-               "alpha0": exp_alpha0, "gptq": exp_gptq(), "gptq_d1": exp_gptq(0.1), "gptq_act": exp_gptq(act_order=True),
-               "gptq_d10": exp_gptq(1.0), "gptq_d03": exp_gptq(0.3), "gptq_d30": exp_gptq(3.0), "gptq_nosink": exp_gptq(nosink=True), "clip_nosink": exp_clip_nosink,
+               "alpha0": exp_alpha0, "clip_nosink": exp_clip_nosink,
+               "gptq": exp_gptq(0.01), "gptq_d1": exp_gptq(0.1), "gptq_d03": exp_gptq(0.3), "gptq_d10": exp_gptq(1.0),
+               "gptq_all_d03": exp_gptq(0.3, True), "gptq_all_d10": exp_gptq(1.0, True), "gptq_all_d01": exp_gptq(0.1, True),
                "alpha": lambda *a: search_alpha(*a),
                "alpha_max": lambda *a: search_alpha(*a, collapse="max"),
                "alpha_rms": lambda *a: search_alpha(*a, collapse="rms"),

@@ -211,6 +211,27 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
     assert math.isfinite(rel)
 
 
+def test_gptq_rounding_changes_only_the_levels_on_awq_grid(tiny_model_dir, tmp_path):
+    # same calibration, same scales and clips: every scale and zero must match nearest rounding's,
+    # q/k keep nearest levels, the other linears take others
+    src = tiny_model_dir("llama")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(data.read_texts(data.fetch_wikipedia()[0])[:6]))
+    ckpts = {}
+    for rounding in ("nearest", "gptq"):
+        settings = QuantizeSettings(group_size=32, calib_samples=4, calib_seqlen=64, loss_samples=2, scale_grid=5,
+                                    clip_grid=4, rounding=rounding, gptq_damp=0.01)
+        quantize_checkpoint(str(src), tmp_path / rounding, settings, calib=str(calib), progress=False)
+        ckpts[rounding] = read_checkpoint(tmp_path / rounding)
+    assert ckpts["gptq"].metadata["settings"]["rounding"] == "gptq"
+    for name, near in ckpts["nearest"].linears.items():
+        got = ckpts["gptq"].linears[name]
+        np.testing.assert_array_equal(got.scales, near.scales)
+        np.testing.assert_array_equal(got.zeros, near.zeros)
+        same_levels = np.array_equal(got.q, near.q)
+        assert same_levels == name.endswith(("q_proj", "k_proj")), name
+
+
 def test_unsupported_family_lists_the_supported_ones():
     with pytest.raises(UserError, match="not supported; supported model types: .*llama.*qwen3"):
         family_for("gpt2")
