@@ -129,11 +129,11 @@ def fake_quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = 
 @torch.no_grad()
 def gptq_round(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                damp: float, clip: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
-    """q uint8 [out, in] on the grid of scales/zeros [out, groups] (and clip [out, groups], as
-    quantize_tensor took them), rounded one input column at a
-    time with each column's rounding error pushed onto the columns not yet rounded (GPTQ, Frantar
-    et al. 2022), so the error of x @ W^T stays small, not each weight's. The grid (AWQ's scales
-    and clipping) is kept: only which of its 16 levels each weight takes changes.
+    """q uint8 [out, in] on the grid of scales/zeros [out, groups] (and clip [out, groups]) that
+    quantize_tensor chose, rounded one input column at a time, each column's rounding error pushed
+    onto the columns not yet rounded (GPTQ, Frantar et al. 2022): the error of x @ W^T stays small,
+    not each weight's. The grid (AWQ's scales and clipping) is kept: only which of its 16 levels
+    each weight takes changes.
 
     H = x^T x / n + damp * mean(diag) * I. The damping is heavy (1.0 by default) on purpose: with
     GPTQ's usual 0.01 the rounding fits the calibration text and Wikipedia calibration made
@@ -141,27 +141,28 @@ def gptq_round(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, zeros: to
     """
     w = w.float().clone()
     out_f, k = w.shape
-    group_of = torch.arange(k, device=w.device) // group_size
-    step = scales.float()[:, group_of]  # [out, in]
-    zero = zeros.float()[:, group_of]
-    limit = clip.float()[:, group_of] if clip is not None else torch.full_like(step, math.inf)
+    step, zero = scales.float(), zeros.float()  # [out, groups]: looked up per column, never expanded
+    limit = clip.float() if clip is not None else torch.full_like(step, math.inf)
     h = x.T.float() @ x.float() / len(x)
     h.diagonal().add_(damp * h.diagonal().mean() + (h.diagonal() == 0).float())  # unused channels: any value
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    h = torch.linalg.cholesky(h)  # one K x K matrix alive at a time (+ its successor): 7B's down is 0.5 GB
+    h = torch.cholesky_inverse(h)
+    u = torch.linalg.cholesky(h, upper=True)
     del h
-    q = torch.empty(out_f, k, device=w.device)
+    q = torch.empty(out_f, k, dtype=torch.uint8, device=w.device)
     for b0 in range(0, k, block):  # columns in blocks: the rest of w gets one matmul per block
         b1 = min(k, b0 + block)
         wb = w[:, b0:b1]
         err = torch.empty_like(wb)
         for j in range(b1 - b0):
-            c = b0 + j
-            wc = torch.maximum(torch.minimum(wb[:, j], limit[:, c]), -limit[:, c])
-            q[:, c] = (torch.round(wc / step[:, c]) + zero[:, c]).clamp(0, MAX_INT)
-            err[:, j] = (wb[:, j] - (q[:, c] - zero[:, c]) * step[:, c]) / u[c, c]
+            c, g = b0 + j, (b0 + j) // group_size
+            wc = torch.maximum(torch.minimum(wb[:, j], limit[:, g]), -limit[:, g])
+            qc = (torch.round(wc / step[:, g]) + zero[:, g]).clamp(0, MAX_INT)
+            q[:, c] = qc.to(torch.uint8)
+            err[:, j] = (wb[:, j] - (qc - zero[:, g]) * step[:, g]) / u[c, c]
             wb[:, j + 1:] -= err[:, j:j + 1] * u[c, c + 1:b1]
         w[:, b1:] -= err @ u[b0:b1, b1:]
-    return q.to(torch.uint8).cpu()
+    return q.cpu()
 
 
 # ---------------------------------------------------------------- calibration data
