@@ -11,7 +11,9 @@ Reads top to bottom as the algorithm runs:
         MLP norm, down <- up) on a grid of alpha, loss = fp32 MSE of the module output;
      c. fold the scales into the previous op (norm weight or linear rows);
      d. search a clipping threshold per (output channel, group) for every linear but q and k;
-     e. quantize to INT4 and drop the block's float weights (memory stays ~one block).
+     e. quantize to INT4 on that grid (default `rounding="gptq"`: levels chosen by gptq_round so
+        rounding errors cancel on the calibration inputs; "nearest": the reference's rounding) and
+        drop the block's float weights (memory stays ~one block).
 lm_head, embeddings and norms stay float.
 
 Memory: the model in its own dtype + one block in fp32 + calib inputs/outputs
