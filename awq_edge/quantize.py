@@ -86,13 +86,18 @@ def _quant_params(wg: torch.Tensor):
     return scale, zero
 
 
+def _levels(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The INT4 level (as float) nearest to w on the grid (scale, zero): nearest and GPTQ rounding share it."""
+    return (torch.round(w / scale) + zero).clamp(0, MAX_INT)
+
+
 def _quantize_groups(wg: torch.Tensor, clip: torch.Tensor | None = None):
     """wg [..., g], clamped to +-clip [...] first if given -> (q as float, scale, zero)."""
     if clip is not None:
         c = clip.unsqueeze(-1)
         wg = wg.clamp(-c, c)
     scale, zero = _quant_params(wg)
-    return (torch.round(wg / scale) + zero).clamp(0, MAX_INT), scale, zero
+    return _levels(wg, scale, zero), scale, zero
 
 
 def _quantized_chunks(w: torch.Tensor, group_size: int, clip: torch.Tensor | None):
@@ -158,8 +163,7 @@ def gptq_round(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, zeros: to
         err = torch.empty_like(wb)
         for j in range(b1 - b0):
             c, g = b0 + j, (b0 + j) // group_size
-            wc = torch.maximum(torch.minimum(wb[:, j], limit[:, g]), -limit[:, g])
-            qc = (torch.round(wc / step[:, g]) + zero[:, g]).clamp(0, MAX_INT)
+            qc = _levels(wb[:, j].clamp(-limit[:, g], limit[:, g]), step[:, g], zero[:, g])
             q[:, c] = qc.to(torch.uint8)
             err[:, j] = (wb[:, j] - (qc - zero[:, g]) * step[:, g]) / u[c, c]
             wb[:, j + 1:] -= err[:, j:j + 1] * u[c, c + 1:b1]
@@ -374,8 +378,8 @@ def _batched(t: torch.Tensor, batch: int):
         yield t[start:start + batch]
 
 
-def _to_quantized(lin: nn.Linear, group_size: int, clip=None, gptq_x=None, damp: float = 1.0) -> QuantizedLinear:
-    """The linear's INT4 form; with gptq_x (its calibration inputs), rounded by gptq_round."""
+def _to_quantized(lin: nn.Linear, group_size: int, clip=None, gptq_x=None, damp: float | None = None) -> QuantizedLinear:
+    """The linear's INT4 form; with gptq_x (its calibration inputs) and damp, rounded by gptq_round."""
     q, scales, zeros = quantize_tensor(lin.weight.data, group_size, clip)
     if gptq_x is not None:
         dev = gptq_x.device

@@ -43,12 +43,12 @@ def main() -> None:
     args = ap.parse_args()
 
     rows, runs = [], {}
+    roundings = args.roundings.split(",")
     fp = evaluate(args.model, args)
     print(f"float: ppl {fp['perplexity']:.3f} ({fp['windows']} windows x {fp['seqlen']})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for g in [int(x) for x in args.groups.split(",")]:
             row = {"group_size": g, "float": fp["perplexity"]}
-            roundings = args.roundings.split(",")
             for method, rounding in [("rtn", None)] + [("awq", r) for r in roundings]:
                 key = method if rounding is None else f"awq_{rounding}"
                 out = Path(tmp) / f"{key}-g{g}"
@@ -68,7 +68,6 @@ def main() -> None:
                 row[f"gap_closed_ratio_{r}"] = (row[f"awq_{r}"] - fp["perplexity"]) / (row["rtn"] - fp["perplexity"])
             rows.append(row)
 
-    roundings = args.roundings.split(",")
     head = "".join(f" AWQ {r} | ratio |" for r in roundings)
     print(f"\n| group | float | RTN |{head}\n|---|---|---|" + "---|---|" * len(roundings))
     for r in rows:

@@ -5,8 +5,8 @@
 Quantizes with awq_edge.quantize.QuantizeSettings(**overrides) into a temp dir, runs
 `awq-edge eval --seqlen 1024 --windows N --json` on it, prints one JSON line and writes
 benchmarks/results/quantizer-variant-NAME.json. --shakespeare also scores the same checkpoint on
-the first N windows of the Shakespeare text (another domain than the Wikipedia calibration). This is how the variants in docs/quantizer.md
-were measured. Experimental settings named in the docs exist only in the commit the docs give
+the first N windows of the Shakespeare text (another domain than the Wikipedia calibration).
+This is how the variants in docs/quantizer.md were measured. Experimental settings named in the docs exist only in the commit the docs give
 next to each: run this script from a checkout of that commit (or with PYTHONPATH set to a
 worktree of it).
 """
