@@ -15,6 +15,8 @@ from dataclasses import dataclass
 MEMCPY_HOST_TO_DEVICE = 1
 MEMCPY_DEVICE_TO_HOST = 2
 MEMCPY_DEVICE_TO_DEVICE = 3
+CUDA_DEV_ATTR_L2_CACHE_SIZE = 38  # cudaDevAttrL2CacheSize
+_STREAM_CAPTURE_THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
 
@@ -105,6 +107,7 @@ class CudaRuntime:
         lib.cudaGraphLaunch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.cudaGraphDestroy.argtypes = [ctypes.c_void_p]
         lib.cudaGraphExecDestroy.argtypes = [ctypes.c_void_p]
+        lib.cudaDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
         count = ctypes.c_int(0)
         if lib.cudaGetDeviceCount(ctypes.byref(count)) != 0 or count.value == 0:
             raise CudaError("no CUDA device available to the CUDA runtime")
@@ -160,3 +163,29 @@ class CudaRuntime:
         ms = ctypes.c_float()
         self.check(self.lib.cudaEventElapsedTime(ctypes.byref(ms), start, end), "cudaEventElapsedTime")
         return ms.value
+
+    def l2_cache_bytes(self, device: int = 0) -> int:
+        value = ctypes.c_int(0)
+        self.check(self.lib.cudaDeviceGetAttribute(ctypes.byref(value), CUDA_DEV_ATTR_L2_CACHE_SIZE, device),
+                   "cudaDeviceGetAttribute(L2 cache size)")
+        return value.value
+
+    def capture_graph(self, stream: int, enqueue) -> int:
+        """Record the work enqueue() puts on `stream` (not the default stream) as an instantiated CUDA graph."""
+        graph, exec_graph = ctypes.c_void_p(), ctypes.c_void_p()
+        self.check(self.lib.cudaStreamBeginCapture(stream, _STREAM_CAPTURE_THREAD_LOCAL), "cudaStreamBeginCapture")
+        try:
+            enqueue()
+        finally:
+            self.check(self.lib.cudaStreamEndCapture(stream, ctypes.byref(graph)), "cudaStreamEndCapture")
+        try:
+            self.check(self.lib.cudaGraphInstantiate(ctypes.byref(exec_graph), graph, 0), "cudaGraphInstantiate")
+        finally:
+            self.lib.cudaGraphDestroy(graph)  # the instantiated graph no longer needs it
+        return exec_graph.value
+
+    def launch_graph(self, exec_graph: int, stream: int) -> None:
+        self.check(self.lib.cudaGraphLaunch(exec_graph, stream), "cudaGraphLaunch")
+
+    def destroy_graph(self, exec_graph: int) -> None:
+        self.check(self.lib.cudaGraphExecDestroy(exec_graph), "cudaGraphExecDestroy")

@@ -28,7 +28,6 @@ import numpy as np
 from .errors import UserError
 from .trt_build import ENGINE_FILE, MANIFEST
 
-_STREAM_CAPTURE_THREAD_LOCAL = 1
 _LARGEST_UNIFORM = float(np.nextafter(np.float32(1), np.float32(0)))  # a float64 draw rounds to 1.0 in fp32 above it
 
 
@@ -248,18 +247,14 @@ class TrtBackend:
         """Decode shapes are fixed in shared_buffer mode: capture one step, then replay it."""
         if self._decode_graph is None:
             logits = self._bind_and_run(np.array([[token_id]]), 1)  # also sets shapes and addresses
-            lib, graph, exec_graph = self.cuda.lib, ctypes.c_void_p(), ctypes.c_void_p()
-            self.cuda.check(lib.cudaStreamBeginCapture(self.stream, _STREAM_CAPTURE_THREAD_LOCAL), "begin capture")
-            self.context.execute_async_v3(self.stream)
-            self.cuda.check(lib.cudaStreamEndCapture(self.stream, ctypes.byref(graph)), "end capture")
-            self.cuda.check(lib.cudaGraphInstantiate(ctypes.byref(exec_graph), graph, 0), "graph instantiate")
-            self._decode_graph = exec_graph.value
+            self._decode_graph = self.cuda.capture_graph(self.stream,
+                                                         lambda: self.context.execute_async_v3(self.stream))
             return logits
         lib = self.cuda.lib
         token = np.array([[token_id]], dtype=np.int64)
         past = np.array([self.past_length], dtype=np.int64)
         self.cuda.check(lib.cudaMemcpyAsync(self.buffers["input_ids"], token.ctypes.data, 8, 1, self.stream), "H2D")
         self.cuda.check(lib.cudaMemcpyAsync(self.buffers["past_length"], past.ctypes.data, 8, 1, self.stream), "H2D")
-        self.cuda.check(lib.cudaGraphLaunch(self._decode_graph, self.stream), "cudaGraphLaunch")
+        self.cuda.launch_graph(self._decode_graph, self.stream)
         self.past_length += 1
         return self._last_logits()

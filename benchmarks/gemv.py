@@ -7,16 +7,19 @@ Needs an NVIDIA GPU and nvcc (the kernels are built for the GPU's arch and loade
 ctypes). Torch with CUDA is optional: without it the torch column reads "not measured".
 Without a GPU it prints one line and exits with code 2.
 
-Method: every timing is the median of --iters launches, each timed with CUDA events.
-The weights are rotated over enough copies (>= 4x the L2 size) that each launch reads
-them from DRAM, as a decode step does. Achieved bandwidth = bytes moved (packed weights
-+ scales + zeros + activations + output) / time; the ceiling is a large cudaMemcpy
-device-to-device (read + write bytes / time) measured in the same run.
+Method: --iters launches of one shape are captured in one CUDA graph and replayed back to
+back, as a decode step replays its graph; time per launch = replay time / --iters (median of
+5 replays, CUDA events). Timing single launches from Python would measure the host's launch
+latency instead (a 4096x4096 GEMV takes ~3 us on an H100, a ctypes launch about as long).
+The weights rotate over enough copies (>= 4x the L2 size) that each launch reads them from
+DRAM. Torch fp16 (the peer) is timed the same way, in its own CUDA graph. Achieved
+bandwidth = bytes moved (packed weights + scales + zeros + activations + output) / time;
+the ceiling is a large cudaMemcpy device-to-device (read + write bytes / time) measured in
+the same run.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
 import json
 import sys
@@ -29,12 +32,14 @@ from awq_edge import packing, plugins  # noqa: E402
 from awq_edge.cuda_runtime import CudaRuntime, find_gpus  # noqa: E402
 
 DECODE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]  # (K, N)
+DECODE_ROWS = [1, 8]  # batch-1 decode; 8 is the GEMV's largest M
 PREFILL_ROWS = [16, 128, 512, 2048]
 GROUP_SIZE = 128
-CUDA_DEV_ATTR_L2_CACHE_SIZE = 89
+REPLAYS = 5
 
 
 def median_ms(cuda: CudaRuntime, launch, iters: int) -> float:
+    """Median time of single launches (for long operations, where launch latency does not matter)."""
     start, end = cuda.event(), cuda.event()
     for i in range(5):  # warm-up
         launch(i)
@@ -44,6 +49,24 @@ def median_ms(cuda: CudaRuntime, launch, iters: int) -> float:
         launch(i)
         cuda.record(end)
         times.append(cuda.elapsed_ms(start, end))
+    return float(np.median(times))
+
+
+def graph_ms(cuda: CudaRuntime, stream: int, launch, iters: int) -> float:
+    """Time per launch: launch(0..iters-1, stream) captured in one CUDA graph, replayed back to back."""
+    exec_graph = cuda.capture_graph(stream, lambda: [launch(i, stream) for i in range(iters)])
+    start, end = cuda.event(), cuda.event()
+    try:
+        cuda.launch_graph(exec_graph, stream)  # warm-up
+        times = []
+        for _ in range(REPLAYS):
+            cuda.record(start, stream)
+            cuda.launch_graph(exec_graph, stream)
+            cuda.record(end, stream)
+            times.append(cuda.elapsed_ms(start, end) / iters)
+    finally:
+        cuda.stream_synchronize(stream)
+        cuda.destroy_graph(exec_graph)
     return float(np.median(times))
 
 
@@ -79,6 +102,7 @@ class Weights:
 
 
 def torch_ms(k: int, n: int, m: int, copies: int, iters: int):
+    """Torch fp16 X @ W per launch, timed like ours: `iters` matmuls in one CUDA graph."""
     try:
         import torch
     except ImportError:
@@ -87,18 +111,25 @@ def torch_ms(k: int, n: int, m: int, copies: int, iters: int):
         return None
     ws = [torch.randn(k, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    for w in ws[:3]:
-        torch.matmul(x, w)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as torch's graph capture asks
+        for w in ws[:3]:
+            torch.matmul(x, w)
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(iters):
+            torch.matmul(x, ws[i % copies])
+    graph.replay()  # warm-up
     times = []
-    for i in range(iters):
+    for _ in range(REPLAYS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        torch.matmul(x, ws[i % copies])
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    del ws
+        times.append(start.elapsed_time(end) / iters)
+    del graph, ws
     torch.cuda.empty_cache()
     return float(np.median(times))
 
@@ -116,41 +147,44 @@ def main() -> int:
     gpu = gpus[0]
     cuda = CudaRuntime()
     lib = plugins.load_kernels(gpu.arch)
-    l2 = ctypes.c_int(0)
-    cuda.lib.cudaDeviceGetAttribute(ctypes.byref(l2), CUDA_DEV_ATTR_L2_CACHE_SIZE, 0)
+    l2 = cuda.l2_cache_bytes()
+    stream = cuda.stream()
     rng = np.random.default_rng(0)
 
     copy_gbs = copy_bandwidth_gbs(cuda, args.iters)
-    print(f"{gpu.name} ({gpu.arch}), L2 {l2.value >> 20} MiB, device-to-device copy {copy_gbs:.1f} GB/s")
+    print(f"{gpu.name} ({gpu.arch}), L2 {l2 >> 20} MiB, device-to-device copy {copy_gbs:.1f} GB/s")
     results = {"gpu": gpu.name, "arch": gpu.arch, "date": dt.datetime.now().isoformat(timespec="seconds"),
-               "copy_gbs": copy_gbs, "group_size": GROUP_SIZE, "iters": args.iters, "decode": [], "prefill": []}
+               "l2_bytes": l2, "copy_gbs": copy_gbs, "group_size": GROUP_SIZE, "iters": args.iters,
+               "timing": "CUDA graph of --iters launches, time per launch, median of 5 replays",
+               "decode": [], "prefill": []}
 
     header = f"{'K x N':>13} {'M':>5} {'us':>9} {'GB/s':>8} {'% copy':>7} {'torch fp16 us':>14} {'speedup':>8} {'TFLOP/s':>8}"
     print(header)
     for k, n in DECODE_SHAPES:
         probe = Weights(cuda, k, n, 1, rng)
-        copies = max(2, min(64, -(-4 * max(l2.value, 1 << 20) // probe.nbytes)))
+        copies = max(2, min(64, -(-4 * max(l2, 1 << 20) // probe.nbytes)))
         probe.free()
         weights = Weights(cuda, k, n, copies, rng)
         max_m = max(PREFILL_ROWS)
         x = cuda.to_device(rng.standard_normal((max_m, k)).astype(np.float16))
         y = cuda.malloc(max_m * n * 2)
         try:
-            for m in [1] + PREFILL_ROWS:
-                def launch(i, m=m):
+            for m in DECODE_ROWS + PREFILL_ROWS:
+                def launch(i, stream, m=m):
                     q, s, z = weights.sets[i % copies]
-                    status = lib.awq_w4a16_matmul(x, q, s, z, y, m, n, k, GROUP_SIZE, None)
+                    status = lib.awq_w4a16_matmul(x, q, s, z, y, m, n, k, GROUP_SIZE, stream)
                     if status:
                         raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
-                ms = median_ms(cuda, launch, args.iters if m == 1 else max(20, args.iters // 5))
+                iters = args.iters if m in DECODE_ROWS else max(20, args.iters // 5)
+                ms = graph_ms(cuda, stream, launch, iters)
                 moved = weights.nbytes + 2 * m * (k + n)
                 gbs = moved / ms / 1e6
                 tflops = 2 * m * k * n / ms / 1e9
-                t_ms = torch_ms(k, n, m, copies if m == 1 else 2, args.iters if m == 1 else 50)
+                t_ms = torch_ms(k, n, m, copies, iters)
                 row = {"K": k, "N": n, "M": m, "us": ms * 1e3, "gbs": gbs, "pct_of_copy": 100 * gbs / copy_gbs,
                        "tflops": tflops, "torch_fp16_us": t_ms * 1e3 if t_ms else None,
                        "speedup_vs_torch": (t_ms / ms) if t_ms else None}
-                results["decode" if m == 1 else "prefill"].append(row)
+                results["decode" if m in DECODE_ROWS else "prefill"].append(row)
                 torch_col = f"{t_ms * 1e3:14.1f} {t_ms / ms:7.2f}x" if t_ms else f"{'not measured':>14} {'-':>8}"
                 print(f"{k:>6}x{n:<6} {m:>5} {ms * 1e3:9.1f} {gbs:8.1f} {row['pct_of_copy']:6.1f}% {torch_col} "
                       f"{tflops:8.2f}")

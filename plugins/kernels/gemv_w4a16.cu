@@ -1,19 +1,23 @@
 // Decode GEMV: Y[M, N] = X[M, K] @ W_hat^T for M = 1..8, weights dequantized in registers.
 //
 // Batch-1 decode reads every weight once per token, so this kernel is a memory copy with
-// arithmetic on the side. Work split: one warp per output row n. Lane l reads words
-// l, l+32, ... of the row in chunks of 4 words (one 128-bit load = 32 k values), so a
-// warp reads 512 contiguous bytes per step: fully coalesced. Weights are loaded with
-// the streaming cache hint (used once); X is small and shared by all warps, so it is
-// read through the read-only cache.
+// arithmetic on the side; what bounds it is how many weight bytes are in flight. Work split:
+// one block of 128 threads per kRowsPerBlock output rows. The threads stride over the row's
+// 128-bit chunks (32 k values each; a block reads 2 KiB of a row per step, coalesced), and
+// each thread issues the loads of all the block's rows before using any: kRowsPerBlock
+// independent 16-byte loads in flight per thread. Each thread reads its X values once per
+// chunk and reuses them for every row. Weights are loaded with the streaming cache hint
+// (used once); X is small and shared by all blocks, so it goes through the read-only cache.
+// Partial sums: a warp shuffle, then shared memory across the block's 4 warps.
 //
 // A 128-bit chunk starts at a multiple of 32 and G is a multiple of 32, so the whole
 // chunk lies in one group: one scale and one zero per load. Rows of K % 32 != 0 are not
 // 16-byte aligned; for those the kernel reads one word (8 k values) at a time instead.
 // The last group may be short (K = 576 at G = 128): the group index is k / G either way.
+// N is a multiple of 8 (valid_matmul_args), hence of kRowsPerBlock: every block's rows exist.
 //
 // Arithmetic: the 8 products of one word are summed in a half2 (hmul2 + 3 hfma2), then
-// added to an fp32 accumulator per row; a warp shuffle reduction finishes the dot product.
+// added to an fp32 accumulator; the block reduction finishes the dot product in fp32.
 #include "dequant.cuh"
 #include "launch_checks.cuh"
 
@@ -21,7 +25,10 @@ namespace awq_edge {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kWarpsPerBlock = 4;  // 4 output rows per block of 128 threads
+constexpr int kWarpsPerBlock = 4;
+constexpr int kThreads = kWarpSize * kWarpsPerBlock;
+constexpr int kRowsPerBlock = 4;  // output rows per block: loads in flight per thread, and X reuse
+static_assert(8 % kRowsPerBlock == 0, "N is only known to be a multiple of 8");
 
 // Sum of the 8 products of one dequantized word with 8 activations, as fp32.
 __device__ __forceinline__ float dot8(const half2 w[4], uint4 x_bits) {
@@ -45,60 +52,78 @@ __device__ __forceinline__ void load_weight_words(const uint32_t* src, uint32_t 
 }
 
 template <int kRows, int kGroupSize, int kWordsPerLoad>
-__global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
+__global__ void __launch_bounds__(kThreads)
 gemv_w4a16_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                   const half* __restrict__ scales, const half* __restrict__ zeros, half* __restrict__ y,
                   int N, int K) {
-    const int lane = threadIdx.x % kWarpSize;
-    const int n = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize;
-    if (n >= N) return;  // whole warps leave together: the shuffles below stay full-warp
-
+    const int n0 = blockIdx.x * kRowsPerBlock;
     const int words_per_row = K / kValuesPerWord;
     const int groups = num_groups(K, kGroupSize);
-    const uint32_t* w_row = qweight + static_cast<size_t>(n) * words_per_row;
-    const half* scale_row = scales + static_cast<size_t>(n) * groups;
-    const half* zero_row = zeros + static_cast<size_t>(n) * groups;
-
-    float acc[kRows];
-#pragma unroll
-    for (int m = 0; m < kRows; ++m) acc[m] = 0.0f;
-
     const int loads_per_row = words_per_row / kWordsPerLoad;
-#pragma unroll 2
-    for (int chunk = lane; chunk < loads_per_row; chunk += kWarpSize) {
-        uint32_t words[kWordsPerLoad];
-        load_weight_words<kWordsPerLoad>(w_row + chunk * kWordsPerLoad, words);
+
+    float acc[kRowsPerBlock][kRows];
+#pragma unroll
+    for (int r = 0; r < kRowsPerBlock; ++r)
+#pragma unroll
+        for (int m = 0; m < kRows; ++m) acc[r][m] = 0.0f;
+
+    for (int chunk = threadIdx.x; chunk < loads_per_row; chunk += kThreads) {
         const int k0 = chunk * kWordsPerLoad * kValuesPerWord;
         const int g = group_of(k0, kGroupSize);
-        const GroupParams params = make_group_params(scale_row[g], zero_row[g]);
+        uint32_t words[kRowsPerBlock][kWordsPerLoad];
+        GroupParams params[kRowsPerBlock];
+#pragma unroll
+        for (int r = 0; r < kRowsPerBlock; ++r) {
+            const size_t n = static_cast<size_t>(n0 + r);
+            load_weight_words<kWordsPerLoad>(qweight + n * words_per_row + chunk * kWordsPerLoad, words[r]);
+            params[r] = make_group_params(scales[n * groups + g], zeros[n * groups + g]);
+        }
 #pragma unroll
         for (int i = 0; i < kWordsPerLoad; ++i) {
-            half2 w[4];
-            dequant_word(words[i], params, w);
             const int k = k0 + i * kValuesPerWord;
+            uint4 xv[kRows];
 #pragma unroll
             for (int m = 0; m < kRows; ++m) {
                 // K % 8 == 0, so X[m, k..k+7] is 16-byte aligned.
-                const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + k));
-                acc[m] += dot8(w, xv);
+                xv[m] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + k));
+            }
+#pragma unroll
+            for (int r = 0; r < kRowsPerBlock; ++r) {
+                half2 w[4];
+                dequant_word(words[r][i], params[r], w);
+#pragma unroll
+                for (int m = 0; m < kRows; ++m) acc[r][m] += dot8(w, xv[m]);
             }
         }
     }
 
+    __shared__ float warp_sums[kWarpsPerBlock][kRowsPerBlock * kRows];
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
 #pragma unroll
-    for (int m = 0; m < kRows; ++m) {
-        float v = acc[m];
+    for (int r = 0; r < kRowsPerBlock; ++r) {
 #pragma unroll
-        for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-        if (lane == 0) y[static_cast<size_t>(m) * N + n] = __float2half_rn(v);
+        for (int m = 0; m < kRows; ++m) {
+            float v = acc[r][m];
+#pragma unroll
+            for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+            if (lane == 0) warp_sums[warp][r * kRows + m] = v;
+        }
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < kRowsPerBlock * kRows; t += kThreads) {
+        const int r = t / kRows, m = t % kRows;
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarpsPerBlock; ++w) v += warp_sums[w][t];
+        y[static_cast<size_t>(m) * N + n0 + r] = __float2half_rn(v);
     }
 }
 
 template <int kRows, int kGroupSize>
 void launch_for_rows_and_group(const half* x, const uint32_t* qweight, const half* scales, const half* zeros,
                                half* y, int N, int K, cudaStream_t stream) {
-    const dim3 block(kWarpSize * kWarpsPerBlock);
-    const dim3 grid((N + kWarpsPerBlock - 1) / kWarpsPerBlock);
+    const dim3 block(kThreads);
+    const dim3 grid(N / kRowsPerBlock);
     if (rows_allow_128bit_loads(K)) {
         gemv_w4a16_kernel<kRows, kGroupSize, 4><<<grid, block, 0, stream>>>(x, qweight, scales, zeros, y, N, K);
     } else {
