@@ -5,8 +5,9 @@ Reads top to bottom as the algorithm runs:
   2. capture the inputs of decoder block 0 (and each block's attention kwargs);
   3. for each block, one at a time:
      a. run the float block on all sequences: its float output is the next block's input;
-        on the way, record mean |x| per input channel of every linear, and keep the full
-        inputs of the first `loss_samples` sequences for the losses below;
+        on the way, record mean |x| per input channel of every linear, keep inputs for the
+        losses below (`loss_samples` sequences' worth of tokens), and sum x^T x over all
+        tokens for the linears in `gptq_all_tokens` (down_proj);
      b. search one scale vector per group (q/k/v <- input norm, o <- v unless GQA, gate/up <-
         MLP norm, down <- up) on a grid of alpha, loss = fp32 MSE of the module output;
      c. fold the scales into the previous op (norm weight or linear rows);
@@ -52,6 +53,8 @@ class QuantizeSettings:
     clip_tokens: int = 512  # tokens the clip search compares on
     rounding: str = "gptq"  # gptq: see gptq_round | nearest: round-to-nearest, as the AWQ reference
     gptq_damp: float = 1.0  # gptq_round's damping, a fraction of the mean diagonal of H
+    # linears whose H sums over every calibration token, not the loss tokens (docs/quantizer.md)
+    gptq_all_tokens: tuple = ("down_proj",)
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
 
@@ -134,7 +137,13 @@ def fake_quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = 
 
 
 @torch.no_grad()
-def gptq_round(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """H = x^T x / n of tokens x [n, K], in fp32: what gptq_round needs to know of them."""
+    x = x.float()
+    return x.T @ x / len(x)
+
+
+def gptq_round(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                damp: float, clip: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
     """q uint8 [out, in] on the grid of scales/zeros [out, groups] (and clip [out, groups]) that
     quantize_tensor chose, rounded one input column at a time, each column's rounding error pushed
@@ -142,7 +151,8 @@ def gptq_round(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, zeros: to
     not each weight's. The grid (AWQ's scales and clipping) is kept: only which of its 16 levels
     each weight takes changes.
 
-    H = x^T x / n + damp * mean(diag) * I. The damping is heavy (1.0 by default) on purpose: with
+    h is gram(x) of the calibration inputs x; gptq_round uses H = h + damp * mean(diag h) * I.
+    The damping is heavy (1.0 by default) on purpose: with
     GPTQ's usual 0.01 the rounding fits the calibration text and Wikipedia calibration made
     Shakespeare worse (docs/quantizer.md, session 11).
     """
@@ -150,7 +160,7 @@ def gptq_round(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, zeros: to
     out_f, k = w.shape
     step, zero = scales.float(), zeros.float()  # [out, groups]: looked up per column, never expanded
     limit = clip.float() if clip is not None else torch.full_like(step, math.inf)
-    h = x.T.float() @ x.float() / len(x)
+    h = h.float().clone()
     h.diagonal().add_(damp * h.diagonal().mean() + (h.diagonal() == 0).float())  # unused channels: any value
     h = torch.linalg.cholesky(h)  # one K x K matrix alive at a time (+ its successor): 7B's down is 0.5 GB
     h = torch.cholesky_inverse(h)
@@ -378,12 +388,12 @@ def _batched(t: torch.Tensor, batch: int):
         yield t[start:start + batch]
 
 
-def _to_quantized(lin: nn.Linear, group_size: int, clip=None, gptq_x=None, damp: float | None = None) -> QuantizedLinear:
-    """The linear's INT4 form; with gptq_x (its calibration inputs) and damp, rounded by gptq_round."""
+def _to_quantized(lin: nn.Linear, group_size: int, clip=None, gptq_h=None, damp: float | None = None) -> QuantizedLinear:
+    """The linear's INT4 form; with gptq_h (gram of its calibration inputs) and damp, rounded by gptq_round."""
     q, scales, zeros = quantize_tensor(lin.weight.data, group_size, clip)
-    if gptq_x is not None:
-        dev = gptq_x.device
-        q = gptq_round(lin.weight.data, gptq_x, scales.to(dev), zeros.to(dev), group_size, damp, clip)
+    if gptq_h is not None:
+        dev = gptq_h.device
+        q = gptq_round(lin.weight.data, gptq_h, scales.to(dev), zeros.to(dev), group_size, damp, clip)
     bias = lin.bias.data.float().cpu().numpy() if lin.bias is not None else None
     return QuantizedLinear(q.numpy(), scales.numpy(), zeros.numpy(), group_size, bias)
 
@@ -435,6 +445,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         # a. float outputs for the next block; |x| statistics; loss inputs
         abs_sum: dict[str, torch.Tensor] = {}
         captured: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+        grams = {n: 0 for n in linears if settings.rounding == "gptq" and n in settings.gptq_all_tokens}
         counted = {"tokens": 0, "seqs": 0}
 
         def hook(name):
@@ -442,6 +453,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 x = args[0].detach().float()
                 flat = x.reshape(-1, x.shape[-1])
                 abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
+                if name in grams:
+                    grams[name] = grams[name] + flat.T @ flat
                 if name in ATTENTION_INPUTS:
                     if counted["seqs"] < n_loss:
                         captured[name].append(x[: n_loss - counted["seqs"]].clone())
@@ -460,6 +473,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         for h in handles:
             h.remove()
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
+        grams = {n: v / counted["tokens"] for n, v in grams.items()}
         loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(linears)}  # pop: no second copy
 
         # b + c. scales, group by group
@@ -470,18 +484,19 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 run = _module_runner(layer, g, x, kwargs, settings.batch_size)
                 s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
                 report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0]}
-                _apply_group(g, s, family, loss_inputs, linears)
+                _apply_group(g, s, family, loss_inputs, linears, grams)
 
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
             # (--rounding gptq: not q/k either; their output MSE measured a poor guide there too)
             for name, lin in linears.items():
-                clip, gptq_x = None, None
+                clip, gptq_h = None, None
                 if name not in ("q_proj", "k_proj"):
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
                     clip = search_clip(lin.weight.data, x, settings) if settings.clip_grid > 0 else None
-                    gptq_x = x if settings.rounding == "gptq" else None
+                    if settings.rounding == "gptq":
+                        gptq_h = grams.pop(name) if name in grams else gram(x)
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(
-                    lin, settings.group_size, clip, gptq_x, settings.gptq_damp)
+                    lin, settings.group_size, clip, gptq_h, settings.gptq_damp)
                 _release(lin)
         layer.to(orig_dtype)
         result.layer_report.append(report)
@@ -509,7 +524,8 @@ def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: i
     return lambda: [lin(xb) for xb in _batched(x, rows)]
 
 
-def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: dict, linears: dict) -> None:
+def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: dict, linears: dict,
+                 grams: dict) -> None:
     prev = g.prev
     if isinstance(prev, nn.Linear):
         prev.weight.div_(s.view(-1, 1))
@@ -519,11 +535,13 @@ def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: di
         prev.weight.copy_((prev.weight.float() + family.norm_offset) / s - family.norm_offset)
     for lin in g.linears:
         lin.weight.mul_(s.view(1, -1))
-    # The captured inputs of the scaled linears are now x / s (q/k/v share one input).
-    # (each linear has its own copy of its input, so each is divided once)
+    # The captured inputs of the scaled linears are now x / s (q/k/v share one input), and
+    # their grams (x/s)^T (x/s) / n. Each linear has its own copies, so each is divided once.
     for name, lin in linears.items():
         if any(lin is scaled for scaled in g.linears):
             loss_inputs[name].div_(s)
+            if name in grams:
+                grams[name].div_(s.view(-1, 1)).div_(s.view(1, -1))
 
 
 # ---------------------------------------------------------------- model dir -> checkpoint dir

@@ -429,11 +429,8 @@ def exp_gptq(damp, all_tokens=False):
         x = _x(acts, i, t)["x"]
         clip = None if t in ("q_proj", "k_proj") else clip_search(w, x, settings)
         _, scales, zeros = Q.quantize_tensor(w, settings.group_size, clip)
-        xh = x
-        if all_tokens:  # gptq_round takes tokens: a K x K factor of H (xh^T xh / K = H) stands in for them
-            h = _x(acts, i, t)["H"]
-            xh = torch.linalg.cholesky(h + 1e-6 * h.diagonal().mean() * torch.eye(len(h))).T * math.sqrt(len(h))
-        q = Q.gptq_round(w, xh, scales, zeros, settings.group_size, damp, clip)
+        h = _x(acts, i, t)["H"] if all_tokens else Q.gram(x)
+        q = Q.gptq_round(w, h, scales, zeros, settings.group_size, damp, clip)
         return torch.from_numpy(packing.dequantize(q.numpy(), scales.numpy(), zeros.numpy(), settings.group_size))
     return run
 

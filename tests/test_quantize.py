@@ -12,7 +12,7 @@ from awq_edge.evaluate import perplexity
 from awq_edge.families import family_for
 from awq_edge.model import load_float_model
 from awq_edge.quantize import (QuantizeSettings, _apply_group, _linear_names, block_groups, calibration_tokens,
-                               capture_block_inputs, fake_quantize, fake_quantize_model, gptq_round,
+                               capture_block_inputs, fake_quantize, fake_quantize_model, gptq_round, gram,
                                quantize_checkpoint, quantize_tensor, search_clip)
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
@@ -65,7 +65,7 @@ def test_gptq_round_keeps_the_grid_and_lowers_the_output_error():
     torch.manual_seed(3)
     w, x = torch.randn(96, 576), _correlated_inputs(2048, 576, seed=3)
     q_near, scales, zeros = quantize_tensor(w, 128)
-    q = gptq_round(w, x, scales, zeros, 128, damp=0.01)
+    q = gptq_round(w, gram(x), scales, zeros, 128, damp=0.01)
     assert q.dtype == torch.uint8 and q.shape == w.shape and int(q.max()) <= 15
     assert (q != q_near).float().mean() > 0.1  # it does choose other levels
 
@@ -85,7 +85,7 @@ def test_gptq_round_with_heavy_damping_is_round_to_nearest():
     clip = w[:, :192].reshape(32, 3, 64).abs().amax(-1) * 0.8
     clip = torch.cat([clip, w[:, 192:].abs().amax(1, keepdim=True)], 1)  # K = 200: groups 64, 64, 64, 8
     q_near, scales, zeros = quantize_tensor(w, 64, clip)
-    assert torch.equal(gptq_round(w, x, scales, zeros, 64, damp=1e9, clip=clip), q_near)
+    assert torch.equal(gptq_round(w, gram(x), scales, zeros, 64, damp=1e9, clip=clip), q_near)
 
 
 def test_clip_search_picks_the_clip_with_the_lowest_partial_output_error_on_the_tokens():
@@ -136,12 +136,16 @@ def test_folding_scales_keeps_the_float_block_output(smollm2):
     before = layer(inputs, **kwargs[3])
     for h in hooks:
         h.remove()
+    grams = {"down_proj": gram(captured["down_proj"].reshape(-1, captured["down_proj"].shape[-1]))}
     torch.manual_seed(0)
     for g in block_groups(layer, family_for("llama"), model.config):
-        _apply_group(g, torch.rand(g.prev.weight.shape[0]) + 0.5, family_for("llama"), captured, linears)
+        _apply_group(g, torch.rand(g.prev.weight.shape[0]) + 0.5, family_for("llama"), captured, linears, grams)
     torch.testing.assert_close(layer(inputs, **kwargs[3]), before, rtol=1e-4, atol=1e-4)
     for name in ("q_proj", "o_proj", "gate_proj", "down_proj"):  # scaled weights on divided inputs
         torch.testing.assert_close(linears[name](captured[name]), outputs[name], rtol=1e-4, atol=1e-4)
+    # the all-token gram follows its input: gram(x) became gram(x / s)
+    x_down = captured["down_proj"].reshape(-1, captured["down_proj"].shape[-1])
+    torch.testing.assert_close(grams["down_proj"], gram(x_down), rtol=1e-4, atol=1e-6)
 
 
 @torch.no_grad()
@@ -160,7 +164,7 @@ def test_o_group_only_without_gqa_and_its_fold_is_exact(tiny_model_dir):
     torch.manual_seed(0)
     linears = _linear_names(layer)
     _apply_group(groups["o"], torch.rand(64) + 0.5, family_for("llama"),
-                 {n: torch.ones(1, lin.in_features) for n, lin in linears.items()}, linears)
+                 {n: torch.ones(1, lin.in_features) for n, lin in linears.items()}, linears, {})
     torch.testing.assert_close(layer(inputs, **kwargs[0]), before, rtol=1e-4, atol=1e-4)
 
 
