@@ -4,12 +4,12 @@
 #
 #     bash benchmarks/gpu_check.sh            # results under $OUT, else benchmarks/results/gpu-check
 #
-# The lent machine is bare and offline, but its python3 has numpy, pytest, cmake and nvcc, which is
-# all these need (no venv, no install: PYTHONPATH=.). Steps: the GPU, the kernel library build,
-# the GPU tests, then the GEMV/GEMM benchmark. Each step's log lands beside the results, and a
-# failing step does not stop the later ones (the exit code is the first failure's).
-# Written without a GPU (checked only that each step fails cleanly there): its run time is not
-# known yet; give the device tool's run its 600 s limit. Commit the JSON and the logs' numbers.
+# The lent machine is bare and offline, but its python3 has numpy, pytest, cmake, nvcc, torch and
+# transformers, which is all these need (no venv, no install: PYTHONPATH=.). Steps: the GPU, the
+# kernel library build, the kernel tests, the quantizer on the GPU, then the GEMV/GEMM benchmark.
+# Each step's log lands beside the results, and a failing step does not stop the later ones (the
+# exit code is the first failure's).
+# On an H100 the whole run takes about a minute (2026-11-23). Commit the JSON and the logs' numbers.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/gpu-check}"
@@ -28,5 +28,6 @@ step gpu nvidia-smi
 step build python3 -c "from awq_edge import plugins; from awq_edge.cuda_runtime import find_gpus; \
 gpus = find_gpus(); assert gpus, 'no NVIDIA GPU found'; print(gpus[0]); print(plugins.build_kernel_library(gpus[0].arch))"
 step tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py
+step quantize python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
 step gemv python3 benchmarks/gemv.py --output "$out/gemv.json"
 exit "$status"
