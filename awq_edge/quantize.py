@@ -136,13 +136,13 @@ def fake_quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = 
     return result
 
 
-@torch.no_grad()
 def gram(x: torch.Tensor) -> torch.Tensor:
     """H = x^T x / n of tokens x [n, K], in fp32: what gptq_round needs to know of them."""
     x = x.float()
     return x.T @ x / len(x)
 
 
+@torch.no_grad()
 def gptq_round(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                damp: float, clip: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
     """q uint8 [out, in] on the grid of scales/zeros [out, groups] (and clip [out, groups]) that
@@ -454,7 +454,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 flat = x.reshape(-1, x.shape[-1])
                 abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
                 if name in grams:
-                    grams[name] = grams[name] + flat.T @ flat
+                    grams[name] += flat.T @ flat  # in place after the first batch: one K x K sum alive
                 if name in ATTENTION_INPUTS:
                     if counted["seqs"] < n_loss:
                         captured[name].append(x[: n_loss - counted["seqs"]].clone())
