@@ -24,10 +24,12 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember the first 
     [ "$status" -ne 0 ] || status=$rc
 }
 
-step gpu nvidia-smi
+step gpu bash -c 'nvidia-smi || exit; nvcc --version | tail -2
+    python3 -c "from awq_edge import plugins; print(\"TensorRT headers:\", plugins.tensorrt_include_dir())"
+    python3 -c "import tensorrt; print(\"tensorrt\", tensorrt.__version__)" 2>&1 | tail -1'
 step build python3 -c "from awq_edge import plugins; from awq_edge.cuda_runtime import find_gpus; \
 gpus = find_gpus(); assert gpus, 'no NVIDIA GPU found'; print(gpus[0]); print(plugins.build_kernel_library(gpus[0].arch))"
-step tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py
+step tests python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_kernels_gpu.py  # -s: each case's error
 step quantize python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
 step gemv python3 benchmarks/gemv.py --output "$out/gemv.json"
 exit "$status"

@@ -55,6 +55,7 @@ def run(gpu, entry: str, m: int, n: int, k: int, group_size: int, seed: int):
     assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
     err = np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want)
     worst = np.max(np.abs(got - want)) / np.max(np.abs(want))
+    print(f"error {entry} M={m} N={n} K={k} G={group_size}: relative {err:.2e}, worst element {worst:.2e}")
     assert err < 5e-3 and worst < 2e-2, f"relative error {err:.2e} (worst element {worst:.2e})"
 
 
@@ -234,6 +235,7 @@ def test_attention_writes_the_cache_in_place_and_matches_a_reference(gpu, s, pas
     np.testing.assert_array_equal(v_after[:, pos], v.transpose(1, 0, 2))
     np.testing.assert_allclose(k_after[:, pos].astype(np.float64), keys[:, pos], atol=4e-3, rtol=2e-3)
     err = np.abs(got.astype(np.float64) - want).max() / np.abs(want).max()
+    print(f"error awq_attention S={s} past={past} heads={heads}/{kv_heads} D={d}: worst element {err:.2e}")
     assert err < 5e-3, f"max relative error {err:.2e}"
 
 
