@@ -16,7 +16,6 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("torch sees no CUDA GPU: quantizer-on-GPU test skipped", allow_module_level=True)
 
-from awq_edge import packing  # noqa: E402
 from awq_edge.families import family_for  # noqa: E402
 from awq_edge.quantize import QuantizeSettings, quantize_model  # noqa: E402
 
@@ -47,8 +46,7 @@ def quantized(model, tokens, device: str, method: str = "awq"):
     model.to("cpu")
     with torch.no_grad():
         for name, lin in result.linears.items():
-            w_hat = packing.dequantize(lin.q, lin.scales, lin.zeros, lin.group_size)
-            model.get_submodule(name).weight = torch.nn.Parameter(torch.from_numpy(w_hat))
+            model.get_submodule(name).weight = torch.nn.Parameter(torch.from_numpy(lin.dequantize()))
     return model
 
 
