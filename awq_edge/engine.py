@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .checkpoint import sha256_file
 from .errors import UserError
@@ -145,7 +145,7 @@ class GenerationStats:
     ttft_s: float = 0.0         # prompt in -> first token chosen (prefill + one sampling step)
     prefill_s: float = 0.0
     decode_s: float = 0.0       # after the first token
-    finish_reason: str = ""     # eos | stop | length | context_full | interrupted
+    finish_reason: str = ""     # eos | stop | length | context_full | cancelled | interrupted
 
     @property
     def prefill_tok_s(self) -> float:
@@ -219,6 +219,12 @@ class Engine:
         self.backend.rewind(0)
         self.cached_ids = []
 
+    def rewind(self, position: int) -> None:
+        """Keep the first `position` cached tokens and drop the rest (the server keeps only the
+        part of the cache that a fresh prefill would compute the same: docs/server.md)."""
+        self.backend.rewind(position)
+        del self.cached_ids[position:]
+
     def chat(self, system: str | None = None) -> "Chat":
         return Chat(self, system)
 
@@ -238,23 +244,27 @@ class Engine:
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 50,
                  top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, system: str | None = None,
-                 chat_template: bool = True) -> str:
+                 chat_template: bool = True, cancel: Callable[[], bool] | None = None) -> str:
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                   seed, stop, system, chat_template))
+                                   seed, stop, system, chat_template, cancel))
 
     def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 50,
                top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: str | Sequence[str] | None = None, system: str | None = None,
-               chat_template: bool = True) -> Iterator[str]:
-        """Yield text pieces as tokens are chosen. Bad values fail here, before the first piece."""
+               chat_template: bool = True, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Yield text pieces as tokens are chosen. Bad values fail here, before the first piece.
+
+        cancel: called once per token (from the generating thread); when it returns True the
+        reply ends there with finish_reason "cancelled". Pass `event.is_set` of a
+        threading.Event to stop a generation from another thread."""
         sampler = Sampler(SamplingSettings(temperature, top_k, top_p, repetition_penalty, seed))
         ids = self.prompt_ids(prompt, system, chat_template)
-        return self.stream_ids(ids, sampler, max_new_tokens, stop)
+        return self.stream_ids(ids, sampler, max_new_tokens, stop, cancel=cancel)
 
     def stream_ids(self, ids: list[int], sampler: Sampler, max_new_tokens: int,
                    stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                   reuse_cache: bool = False) -> Iterator[str]:
-        """The prompt as token ids; ignore_eos keeps going past EOS (benchmarks).
+                   reuse_cache: bool = False, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
+        """The prompt as token ids; ignore_eos keeps going past EOS (benchmarks); cancel as in stream().
 
         reuse_cache: keep the cached tokens the prompt starts with (Chat does). Off for one-shot
         prompts: the same prompt then always gives the same text, because a prompt that is half
@@ -270,7 +280,8 @@ class Engine:
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         if not reuse_cache:
             self.reset()
-        return self._run(list(ids), sampler, max_new_tokens, stops, set() if ignore_eos else self.tokenizer.eos_ids)
+        return self._run(list(ids), sampler, max_new_tokens, stops, set() if ignore_eos else self.tokenizer.eos_ids,
+                         cancel)
 
     def _forward(self, ids: Sequence[int]):
         logits = self.backend.forward(ids)
@@ -290,7 +301,7 @@ class Engine:
         return logits, keep
 
     def _run(self, ids: list[int], sampler: Sampler, max_new_tokens: int, stops: list[str],
-             eos_ids: set[int]) -> Iterator[str]:
+             eos_ids: set[int], cancel: Callable[[], bool] | None = None) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=len(ids), finish_reason="interrupted")
         self.last_stats = stats
         decoder = StreamDecoder(self.tokenizer)
@@ -302,6 +313,9 @@ class Engine:
         t_first = None
         reason = "length"
         for step in range(max_new_tokens):
+            if cancel is not None and cancel():
+                reason = "cancelled"
+                break
             token = sampler(logits, seen)
             stats.new_tokens += 1
             if t_first is None:
@@ -366,7 +380,7 @@ class Chat:
 
     def stream(self, content: str, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 50,
                top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None) -> Iterator[str]:
+               stop: str | Sequence[str] | None = None, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
         sampler = Sampler(SamplingSettings(temperature, top_k, top_p, repetition_penalty, seed))
         messages = self.messages + [{"role": "user", "content": content}]
         text = self.engine.tokenizer.render_chat(messages)
@@ -378,7 +392,7 @@ class Chat:
         if len(ids) >= self.engine.context:
             raise UserError(f"the conversation is {len(ids)} tokens and no longer fits in the context of "
                             f"{self.engine.context}; /reset (or chat.reset()) to start a new one")
-        pieces = self.engine.stream_ids(ids, sampler, max_new_tokens, stop, reuse_cache=True)
+        pieces = self.engine.stream_ids(ids, sampler, max_new_tokens, stop, reuse_cache=True, cancel=cancel)
         return self._record(messages, text, ids, pieces)
 
     def _record(self, messages, text, ids, pieces) -> Iterator[str]:

@@ -93,6 +93,27 @@ def test_multi_turn_chat_does_not_prefill_earlier_turns(engine):
     assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 3 and chat.messages[-1]["content"] == third
 
 
+def test_cancel_from_another_thread_stops_at_the_next_token(engine):
+    import threading
+
+    stop = threading.Event()
+    pieces = []
+    for piece in engine.stream("Tell me a long story about a dragon.", max_new_tokens=200, cancel=stop.is_set,
+                               **GREEDY):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            setter = threading.Thread(target=stop.set)
+            setter.start()
+            setter.join()
+    s = engine.last_stats
+    assert s.finish_reason == "cancelled" and 3 <= s.new_tokens <= 6, s  # a piece is one token, or a few
+    assert engine.position == len(engine.cached_ids) == s.prompt_tokens + s.new_tokens  # the cache is consistent
+    full = engine.generate("Tell me a long story about a dragon.", max_new_tokens=s.new_tokens, **GREEDY)
+    assert full.startswith("".join(pieces))
+    engine.rewind(5)
+    assert engine.position == len(engine.cached_ids) == 5
+
+
 def test_context_limits(engine_dir):
     small = Engine.load(engine_dir, max_context=64)
     assert small.context == 64
