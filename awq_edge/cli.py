@@ -388,6 +388,44 @@ def bench(
                f"{result['plan_total_bytes'] / 2**20:.0f} MiB, cap {result['cap_bytes'] / 2**20:.0f} MiB)")
 
 
+@app.command()
+@user_errors
+def serve(
+    engine: Path = typer.Argument(..., help="engine directory (awq-edge build)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; anything but loopback is reachable by others"),
+    port: int = typer.Option(8000, help="TCP port; 0 = any free port (the startup line says which)"),
+    max_memory: Optional[str] = typer.Option(None, help="memory cap; default: the one the engine was built with"),
+    max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
+    queue_size: int = typer.Option(16, help="requests that may wait while one is answered; more get HTTP 429"),
+    api_key: Optional[str] = typer.Option(None, envvar="AWQ_EDGE_API_KEY",
+                                          help="require 'Authorization: Bearer KEY' (or set AWQ_EDGE_API_KEY)"),
+    max_body: str = typer.Option("1MiB", help="largest request body; larger ones get HTTP 413"),
+    name: Optional[str] = typer.Option(None, help="the model id clients send; default: the engine directory's name"),
+):
+    """Serve ENGINE over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models."""
+    try:
+        from .server import is_loopback, open_socket
+        from .server import serve as serve_forever
+    except ImportError as e:
+        raise UserError(f"`awq-edge serve` needs the serve extra ({e.name} is missing): "
+                        "pip install 'awq-edge[serve]'") from None
+    from .memory import parse_size
+
+    if queue_size < 1:
+        raise UserError(f"--queue-size must be >= 1, got {queue_size}")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {port}")
+    body_limit = parse_size(max_body)
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty; give a key or leave the option out")
+    if not is_loopback(host):
+        typer.echo(f"warning: listening on {host}: other machines can reach this server"
+                   f"{'' if api_key else ' and use it without a key (set --api-key)'}", err=True)
+    sock = open_socket(host, port)
+    eng = _load_engine(engine, max_memory, max_context)
+    serve_forever(eng, sock, name or engine.resolve().name, queue_size, api_key, body_limit)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

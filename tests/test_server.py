@@ -1,0 +1,376 @@
+"""`awq-edge serve` as a user runs it: a real server process on 127.0.0.1 with the real SmolLM2
+engine (engine_dir from conftest), driven by the official openai client and by plain HTTP."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+CLI = [sys.executable, "-m", "awq_edge.cli"]
+NAME = "smollm2.engine"  # the model id: the engine directory's name
+GREEDY = {"temperature": 0}
+
+
+class Served:
+    """A `awq-edge serve` process: its URL (from the startup line), its stderr log, and an openai client."""
+
+    def __init__(self, engine_dir, log_path, *args):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen([*CLI, "serve", str(engine_dir), "--port", "0", *args], stdout=subprocess.PIPE,
+                                     stderr=self.log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.startup = self._read_startup_line(timeout=120)
+        self.url = self.startup.split(" at ")[1].split()[0]  # http://127.0.0.1:PORT/v1
+        self.host, self.port = self.url.split("//")[1].split("/")[0].split(":")
+        self.port = int(self.port)
+
+    def _read_startup_line(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([self.proc.stdout], [], [], 0.5)[0]:
+                line = self.proc.stdout.readline().decode()
+                if line.startswith("serving "):
+                    return line.strip()
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        raise AssertionError(f"the server did not start: {self.log_path.read_text()[-2000:]}")
+
+    def client(self, **kwargs) -> "openai.OpenAI":
+        kwargs = {"api_key": "unused", "timeout": 120, **kwargs}
+        return openai.OpenAI(base_url=self.url, max_retries=0, **kwargs)
+
+    def stats(self, headers=None) -> dict:
+        return http_json("GET", f"http://{self.host}:{self.port}/stats", headers=headers)[1]
+
+    def stop(self) -> int:
+        """SIGTERM, as a service manager does: the server must exit 0, quickly, without a traceback."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def http_json(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON, headers) of a plain HTTP request; errors are answers too."""
+    request = urllib.request.Request(url, data=body, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def chat_body(content: str, **extra) -> bytes:
+    return json.dumps({"model": NAME, "messages": [{"role": "user", "content": content}], **extra}).encode()
+
+
+def open_stream(served: Served, body: dict) -> http.client.HTTPConnection:
+    """A streaming chat request on its own connection, so that the test can hang up in the middle."""
+    conn = http.client.HTTPConnection(served.host, served.port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": NAME, "stream": True, **body}),
+                 {"Content-Type": "application/json", "Authorization": "Bearer secret"})
+    return conn
+
+
+def read_events(response: http.client.HTTPResponse, count: int) -> list[str]:
+    events = []
+    while len(events) < count:
+        line = response.readline().decode()
+        if line.startswith("data: "):
+            events.append(line[6:].strip())
+    return events
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def served(engine_dir, tmp_path_factory):
+    s = Served(engine_dir, tmp_path_factory.mktemp("serve") / "stderr.log")
+    yield s
+    assert s.stop() == 0, s.log_path.read_text()[-2000:]
+    assert "Traceback" not in s.log_path.read_text()
+
+
+# ---------------------------------------------------------------- the API
+
+def test_startup_line_models_and_health(served, engine_dir):
+    assert served.url.startswith("http://127.0.0.1:") and str(engine_dir) in served.startup
+    assert "cpu" in served.startup and "context 2048 tokens" in served.startup
+    assert [m.id for m in served.client().models.list().data] == [NAME]
+    assert served.client().models.retrieve(NAME).id == NAME
+    status, health, _ = http_json("GET", f"http://127.0.0.1:{served.port}/health")
+    assert status == 200 and health["status"] == "ok" and health["context"] == 2048
+
+
+def test_chat_streaming_and_not_give_the_same_text(served):
+    client = served.client()
+    messages = [{"role": "user", "content": "Name three colors."}]
+    reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, **GREEDY)
+    text = reply.choices[0].message.content
+    assert text and reply.choices[0].finish_reason in ("stop", "length")
+    u = reply.usage
+    assert u.completion_tokens > 0 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == u.completion_tokens and not chunks[-1].choices
+    # content as a list of text parts (OpenAI's format) is the same prompt
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name three colors."}]}]
+    again = client.chat.completions.create(model=NAME, messages=parts, max_tokens=16, **GREEDY)
+    assert again.choices[0].message.content == text
+
+
+def test_completions_streaming_and_not(served):
+    client = served.client()
+    reply = client.completions.create(model=NAME, prompt="The three primary colors are", max_tokens=8, **GREEDY)
+    assert reply.choices[0].text and reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == "length"
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=NAME, prompt="The three primary colors are", max_tokens=8, stream=True, **GREEDY)]
+    assert "".join(pieces) == reply.choices[0].text
+
+
+def test_stop_strings(served):
+    client = served.client()
+    messages = [{"role": "user", "content": "List the planets of the solar system."}]
+    full = client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, **GREEDY)
+    text = full.choices[0].message.content
+    word = text.split()[3]
+    cut = client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, stop=[word, "zzzz"], **GREEDY)
+    assert cut.choices[0].message.content == text[:text.index(word)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, stop=word, stream=True,
+                                              **GREEDY)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text[:text.index(word)]
+
+
+# ---------------------------------------------------------------- KV reuse, and greedy output as `awq-edge run`
+
+@pytest.mark.parametrize("prompt", ["What is the capital of France?", "Name three colors."])  # 37 and 34 tokens
+def test_greedy_output_is_the_same_as_awq_edge_run_with_the_cache_reused(served, engine_dir, prompt):
+    """Both prompts change their greedy reply when the cache is naively reused
+    (benchmarks/kv_reuse_exact.py); the server must reuse it and still answer as `run` does."""
+    client = served.client()
+    client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=1)
+    replies = [client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=24, **GREEDY) for _ in range(2)]
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in replies]
+    assert cached[0] > 10  # at least the template's system prompt, shared with the earlier request
+    assert cached[1] >= replies[1].usage.prompt_tokens - 3  # the same prompt again: nearly all of it
+    run = subprocess.run([*CLI, "run", str(engine_dir), "--prompt", prompt, "--temperature", "0",
+                          "--max-new-tokens", "24"], capture_output=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert [r.choices[0].message.content + "\n" for r in replies] == [run.stdout.decode()] * 2
+
+
+def test_multi_turn_reuses_the_history_and_answers_as_a_fresh_prefill(served, engine_dir):
+    from awq_edge.engine import Engine
+
+    client = served.client()
+    messages = [{"role": "user", "content": "My name is Ada. What is a robot?"}]
+    first = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, **GREEDY)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "What is my name?"}]
+    second = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, **GREEDY)
+    prompt_1 = first.usage.prompt_tokens
+    # the whole first prompt (rounded down to a pair of rows) stays in the cache: the history is not fed again
+    assert prompt_1 - 1 <= second.usage.prompt_tokens_details.cached_tokens <= prompt_1
+    fresh = Engine.load(engine_dir).generate(messages, max_new_tokens=16, temperature=0)
+    assert second.choices[0].message.content == fresh
+
+
+# ---------------------------------------------------------------- the queue, order, cancellation
+
+def test_eight_concurrent_clients_are_all_answered_in_arrival_order(served):
+    client = served.client()
+    topics = ["cats", "dogs", "trees", "rivers", "robots", "stars", "bread", "music"]
+
+    def ask(topic):
+        return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": f"Describe {topic}."}],
+                                              max_tokens=8, temperature=0.7, seed=1)
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, topics))
+    assert all(r.choices[0].message.content for r in replies)
+    numbers = sorted(int(r.id.split("-")[1]) for r in replies)
+    recent = {r["number"]: r for r in served.stats()["recent"]}
+    done = [recent[n] for n in numbers]  # sorted by arrival
+    assert len(done) == 8 and all(r["finish_reason"] in ("eos", "length") for r in done)
+    for before, after in zip(done, done[1:]):
+        assert before["arrived"] <= after["arrived"]
+        assert before["finished"] <= after["started"]  # one at a time, first come first served
+    assert max(r["started"] - r["arrived"] for r in done) > 0.05  # they really waited in the queue
+
+
+def test_a_client_that_hangs_up_stops_its_generation(served):
+    conn = open_stream(served, {"messages": [{"role": "user", "content": "Tell me a long story."}],
+                                "max_tokens": 1500, "ignore_eos": True})
+    response = conn.getresponse()
+    assert response.status == 200
+    read_events(response, 4)
+    number = served.stats()["running"]
+    conn.close()  # hang up mid-stream
+    t0 = time.monotonic()
+    reply = served.client().chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi!"}],
+                                                    max_tokens=4, **GREEDY)
+    assert reply.choices[0].message.content and time.monotonic() - t0 < 10
+    entry = next(r for r in served.stats()["recent"] if r["number"] == number)
+    assert entry["finish_reason"] == "cancelled" and entry["completion_tokens"] < 200, entry
+
+    # a client that times out (non-streaming) is cancelled the same way
+    with pytest.raises(openai.APITimeoutError):
+        served.client(timeout=1.0).chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=1500,
+            extra_body={"ignore_eos": True})
+    last = wait_for(lambda: (st := served.stats())["running"] is None and st["recent"][-1], what="the cancel")
+    assert last["finish_reason"] == "cancelled" and last["completion_tokens"] < 300, last
+
+
+def test_max_tokens_is_capped_at_the_context(served):
+    prompt = "word " * 2000  # ~2010 tokens of the 2048
+    reply = served.client().completions.create(model=NAME, prompt=prompt, max_tokens=1000, extra_body={"ignore_eos": True},
+                                               **GREEDY)
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 2048
+    assert reply.choices[0].finish_reason == "length"
+
+
+# ---------------------------------------------------------------- bad requests
+
+def test_malformed_requests_get_openai_errors(served):
+    url = f"http://127.0.0.1:{served.port}/v1"
+    chat = f"{url}/chat/completions"
+    good = [{"role": "user", "content": "Hi"}]
+    cases = [
+        (chat, b"{not json", 400, None),
+        (chat, b"[1, 2]", 400, None),
+        (chat, json.dumps({"model": NAME}).encode(), 400, "messages"),
+        (chat, json.dumps({"model": NAME, "messages": "Hi"}).encode(), 400, "messages"),
+        (chat, json.dumps({"messages": good}).encode(), 400, "model"),
+        (chat, json.dumps({"model": "gpt-4o", "messages": good}).encode(), 404, "model"),
+        (chat, chat_body("Hi", temperature="hot"), 400, "temperature"),
+        (chat, chat_body("Hi", temperature=-1), 400, "temperature"),
+        (chat, chat_body("Hi", top_p=0), 400, "top_p"),
+        (chat, chat_body("Hi", max_tokens=0), 400, "max_tokens"),
+        (chat, chat_body("Hi", max_tokens=2.5), 400, "max_tokens"),
+        (chat, chat_body("Hi", n=2), 400, "n"),
+        (chat, chat_body("Hi", presence_penalty=0.5), 400, "presence_penalty"),
+        (chat, chat_body("Hi", logprobs=True), 400, "logprobs"),
+        (chat, chat_body("Hi", stop=5), 400, "stop"),
+        (chat, chat_body("Hi", stream="yes"), 400, "stream"),
+        (chat, json.dumps({"model": NAME, "messages": [{"role": "tool", "content": "x"}]}).encode(), 400,
+         "messages[0].role"),
+        (chat, json.dumps({"model": NAME, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}).encode(), 400, "messages[0].content[0]"),
+        (chat, chat_body("word " * 2500), 400, "messages"),  # longer than the 2048-token context
+        (chat, chat_body("x" * (2 << 20)), 413, None),  # over the 1 MiB body limit
+        (f"{url}/completions", json.dumps({"model": NAME}).encode(), 400, "prompt"),
+        (f"{url}/completions", json.dumps({"model": NAME, "prompt": ["a", "b"]}).encode(), 400, "prompt"),
+        (f"{url}/models/gpt-4o", None, 404, "model"),
+        (f"http://127.0.0.1:{served.port}/nope", None, 404, None),
+    ]
+    for target, body, status, param in cases:
+        got, answer, _ = http_json("POST" if body is not None else "GET", target, body)
+        error = answer.get("error", {})
+        assert (got, error.get("param")) == (status, param), (body[:80] if body else target, got, answer)
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], answer
+        assert "Traceback" not in error["message"]
+    assert "context holds 2048" in http_json("POST", chat, chat_body("word " * 2500))[1]["error"]["message"]
+    # the openai client surfaces them as its own exceptions
+    with pytest.raises(openai.NotFoundError):
+        served.client().chat.completions.create(model="gpt-4o", messages=good)
+    with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
+        served.client().chat.completions.create(model=NAME, messages=good, frequency_penalty=1.0)
+
+
+def test_a_full_queue_gets_429_and_a_wrong_key_401(engine_dir, tmp_path):
+    s = Served(engine_dir, tmp_path / "stderr.log", "--queue-size", "1", "--api-key", "secret",
+               "--max-memory", "400MiB")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").models.list()
+        status, answer, _ = http_json("GET", s.url + "/models")
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+        assert http_json("GET", f"http://127.0.0.1:{s.port}/health")[0] == 200  # liveness needs no key
+        key = {"Authorization": "Bearer secret"}
+        long = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1500,
+                "ignore_eos": True}
+        running = open_stream(s, long)
+        read_events(running.getresponse(), 2)  # the first request runs
+        waiting = open_stream(s, long)  # the second waits in the queue of 1
+        wait_for(lambda: s.stats(key)["waiting"] == 1, what="the second request to wait")
+        status, answer, headers = http_json("POST", s.url + "/chat/completions", chat_body("Hi"), key)
+        assert status == 429 and answer["error"]["code"] == "queue_full" and int(headers["Retry-After"]) >= 1
+        with pytest.raises(openai.RateLimitError):
+            s.client(api_key="secret").chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}])
+        waiting.close()  # it is skipped when its turn comes: nobody waits for it any more
+        time.sleep(0.3)  # (only so that the server sees this hang-up before the next one)
+        running.close()
+        stats = wait_for(lambda: (st := s.stats(key))["running"] is None and st["waiting"] == 0 and st,
+                         what="the queue to drain")
+        assert stats["refused_queue_full"] == 2 and stats["cancelled"] == 2
+        assert [r["finish_reason"] for r in stats["recent"]] == ["cancelled", "cancelled"]
+        assert stats["recent"][1]["completion_tokens"] == 0
+        assert 0 < stats["peak_rss_bytes"] < stats["plan"]["cap"] == 400 << 20  # the memory cap holds
+
+        # Ctrl-C / SIGTERM in the middle of a reply: the reply ends with an error event, the server exits 0 at once
+        response = open_stream(s, long).getresponse()
+        read_events(response, 2)
+        t0 = time.monotonic()
+        assert s.stop() == 0 and time.monotonic() - t0 < 10
+        rest = response.read().decode()
+        assert "shutting down" in rest and rest.rstrip().endswith("data: [DONE]")
+    finally:
+        assert s.stop() == 0
+    assert "Traceback" not in (tmp_path / "stderr.log").read_text()
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_serve_command_errors(engine_dir):
+    def serve(*args):
+        return subprocess.run([*CLI, "serve", str(engine_dir), *args], capture_output=True, text=True, timeout=120)
+
+    result = serve("--queue-size", "0")
+    assert result.returncode == 1 and result.stderr.strip() == "error: --queue-size must be >= 1, got 0"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        result = serve("--port", str(busy.getsockname()[1]))
+    assert result.returncode == 1 and result.stderr.startswith("error: cannot listen on 127.0.0.1:")
+    assert "\n" not in result.stderr.strip()
+
+
+def test_only_loopback_addresses_pass_without_a_warning():
+    from awq_edge.server import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "robot.local"))
