@@ -51,6 +51,10 @@ from .sampling import Sampler, SamplingSettings
 
 MAX_STOPS = 16          # stop strings per request (OpenAI allows 4)
 RECENT = 64             # finished requests kept for /stats
+# A streamed piece is sent with the pieces that follow it within this time: each event costs the
+# event loop (and the client) ~0.3-0.5 ms of CPU, 5-10% of a token for a fast model on 2 cores
+# (benchmarks/server_overhead.py); a model slower than 50 tokens/s still sends every token at once.
+STREAM_INTERVAL_S = 0.02
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length"}
 # Features of OpenAI's API that this server does not have: refused unless null or one of these defaults.
 UNSUPPORTED = {"logprobs": ("log probabilities", (False, 0)), "top_logprobs": ("log probabilities", (0,)),
@@ -262,8 +266,10 @@ class Job:
     max_new_tokens: int
     stops: list[str]
     ignore_eos: bool
+    stream: bool                 # send each piece as it comes (else the whole text at the end)
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("piece", text).., ("done", stats) | ("error", (status, text))
+    # ("piece", text) while streaming, then ("done", (stats, text)) or ("error", (status, message))
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.time)
     started: float = 0.0
@@ -348,38 +354,51 @@ def reusable_prefix(server: Server, ids: list[int]) -> int:
     return n
 
 
+def run_job(server: Server, job: Job) -> tuple[GenerationStats, str]:
+    """One reply. While streaming, pieces go to the handler as they come, those of STREAM_INTERVAL_S together."""
+    engine = server.engine
+
+    def stopped() -> bool:  # checked once per token
+        return job.cancel.is_set() or server.closing
+
+    if stopped():  # its client left while it waited (or the server is closing): skip it
+        return GenerationStats(finish_reason="cancelled"), ""
+    engine.rewind(reusable_prefix(server, job.ids))
+    text, sent, last_send = [], 0, 0.0
+    for piece in engine.stream_ids(job.ids, Sampler(job.settings), job.max_new_tokens, job.stops,
+                                   ignore_eos=job.ignore_eos, reuse_cache=True, cancel=stopped):
+        text.append(piece)
+        if job.stream and time.perf_counter() - last_send >= STREAM_INTERVAL_S:
+            job.send("piece", "".join(text[sent:]))
+            sent, last_send = len(text), time.perf_counter()
+    if job.stream and sent < len(text):
+        job.send("piece", "".join(text[sent:]))
+    server.prompt_rows = len(job.ids)
+    return engine.last_stats, "".join(text)
+
+
 def worker(server: Server) -> None:
     """The one thread that runs the engine: jobs in arrival order, until a None arrives."""
-    engine = server.engine
     while (job := server.jobs.get()) is not None:
         server.running = job
         job.started = time.time()
-        stats, error = GenerationStats(finish_reason="cancelled"), None
-
-        def stopped() -> bool:  # checked once per token
-            return job.cancel.is_set() or server.closing
-
+        error = None
         try:
-            if not stopped():  # else its client left while it waited: skip it
-                engine.rewind(reusable_prefix(server, job.ids))
-                for piece in engine.stream_ids(job.ids, Sampler(job.settings), job.max_new_tokens, job.stops,
-                                               ignore_eos=job.ignore_eos, reuse_cache=True, cancel=stopped):
-                    job.send("piece", piece)
-                stats = engine.last_stats
-                server.prompt_rows = len(job.ids)
+            stats, text = run_job(server, job)
             if server.closing and stats.finish_reason == "cancelled":
                 error = (503, "the server is shutting down; send the request again when it is back")
         except Exception as e:  # a bug, not the client's fault: log it, answer 500, start the next job clean
             traceback.print_exc()
-            engine.reset()
+            server.engine.reset()
             server.prompt_rows = 0
-            stats.finish_reason, error = "error", (500, f"the engine failed: {type(e).__name__}: {e}")
+            stats, text = GenerationStats(finish_reason="error"), ""
+            error = (500, f"the engine failed: {type(e).__name__}: {e}")
         server.running = None
         record(server, job, stats)  # before the answer, so a client that then asks /stats finds it
         if error:
             job.send("error", error)
         else:
-            job.send("done", stats)
+            job.send("done", (stats, text))
 
 
 def record(server: Server, job: Job, stats: GenerationStats) -> None:
@@ -398,11 +417,11 @@ def record(server: Server, job: Job, stats: GenerationStats) -> None:
           f"waited {job.started - job.arrived:.2f} s, took {done - job.started:.2f} s", file=sys.stderr, flush=True)
 
 
-def enqueue(server: Server, body: dict, ids: list[int]) -> Job:
+def enqueue(server: Server, body: dict, ids: list[int], stream: bool) -> Job:
     """Check the generation settings, then queue the job (or 429 when the queue is full)."""
     job = Job(number=server.arrivals + 1, ids=ids, settings=sampling_settings(body),
               max_new_tokens=max_new_tokens(body, len(ids), server.engine.context), stops=stop_strings(body),
-              ignore_eos=get(body, "ignore_eos", bool, False), loop=asyncio.get_running_loop())
+              ignore_eos=get(body, "ignore_eos", bool, False), stream=stream, loop=asyncio.get_running_loop())
     server.counts["requests"] += 1
     try:
         server.jobs.put_nowait(job)
@@ -445,7 +464,7 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
     stream = get(body, "stream", bool, False)
     stream_options = get(body, "stream_options", dict, {})
     include_usage = stream and get(stream_options, "include_usage", bool, False)
-    job = enqueue(server, body, ids)
+    job = enqueue(server, body, ids, stream)
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.number}",
             "object": ("chat.completion" if chat else "text_completion") + (".chunk" if stream and chat else ""),
             "created": int(job.arrived), "model": server.name}
@@ -453,13 +472,7 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
         return StreamingResponse(sse(job, head, chat, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def collect():
-        pieces = []
-        while (event := await job.events.get())[0] == "piece":
-            pieces.append(event[1])
-        return "".join(pieces), event
-
-    result = asyncio.ensure_future(collect())
+    result = asyncio.ensure_future(job.events.get())
     gone = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -469,11 +482,12 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
     if not result.done():
         result.cancel()
         return JSONResponse({}, status_code=499)  # nobody is listening
-    text, (kind, value) = result.result()
+    kind, value = result.result()
     if kind == "error":
         raise ApiError(*value)
-    return JSONResponse({**head, "choices": [choice(chat, text, FINISH_REASONS.get(value.finish_reason), False)],
-                         "usage": usage(value)})
+    stats, text = value
+    return JSONResponse({**head, "choices": [choice(chat, text, FINISH_REASONS.get(stats.finish_reason), False)],
+                         "usage": usage(stats)})
 
 
 async def sse(job: Job, head: dict, chat: bool, include_usage: bool):
@@ -491,9 +505,10 @@ async def sse(job: Job, head: dict, chat: bool, include_usage: bool):
         if kind == "error":
             yield event({"error": {"message": value[1], "type": "server_error", "param": None, "code": None}})
         else:
-            yield event({**head, "choices": [choice(chat, None, FINISH_REASONS.get(value.finish_reason), True)]})
+            stats = value[0]
+            yield event({**head, "choices": [choice(chat, None, FINISH_REASONS.get(stats.finish_reason), True)]})
             if include_usage:
-                yield event({**head, "choices": [], "usage": usage(value)})
+                yield event({**head, "choices": [], "usage": usage(stats)})
         yield "data: [DONE]\n\n"
     finally:  # also when the client went away: Starlette cancels this generator
         job.cancel.set()
