@@ -6,6 +6,7 @@ one line, `error: ...`, with exit code 1.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -423,7 +424,8 @@ def serve(
                    f"{'' if api_key else ' and use it without a key (set --api-key)'}", err=True)
     sock = open_socket(host, port)
     eng = _load_engine(engine, max_memory, max_context)
-    serve_forever(eng, sock, name or engine.resolve().name, queue_size, api_key, body_limit)
+    # the directory's name as given (a symlink's, not its target's), '..' and '.' normalized
+    serve_forever(eng, sock, name or Path(os.path.abspath(engine)).name, queue_size, api_key, body_limit)
 
 
 def main() -> None:  # pragma: no cover - console entry point

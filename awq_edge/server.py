@@ -9,8 +9,9 @@ How a request goes, top to bottom of this file:
   answered at once with OpenAI's error object `{"error": {"message", "type", "param", "code"}}`.
 - It becomes a Job in a bounded FIFO queue; a full queue answers 429 with Retry-After.
 - One worker thread owns the Engine (batch 1, one KV cache, loaded once under the user's
-  --max-memory / --max-context) and answers the jobs in arrival order. It hands each text
-  piece to the request's handler (on the event loop) through an asyncio queue.
+  --max-memory / --max-context) and answers the jobs in the order they came. It hands the
+  text to the request's handler (on the event loop) through an asyncio queue: while
+  streaming, the pieces of each STREAM_INTERVAL_S together, else all at the end.
 - A client that goes away sets its job's cancel event; the engine checks it once per token,
   so the generation stops at the next token and the next job starts.
 - KV reuse: a prompt keeps the part of the cache it shares with the previous prompt, but
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -51,9 +53,10 @@ from .sampling import Sampler, SamplingSettings
 
 MAX_STOPS = 16          # stop strings per request (OpenAI allows 4)
 RECENT = 64             # finished requests kept for /stats
-# A streamed piece is sent with the pieces that follow it within this time: each event costs the
-# event loop (and the client) ~0.3-0.5 ms of CPU, 5-10% of a token for a fast model on 2 cores
-# (benchmarks/server_overhead.py); a model slower than 50 tokens/s still sends every token at once.
+# A streamed piece is sent with the pieces that follow it within this time: each event costs
+# CPU in the event loop and in the client, which a fast model on 2 cores feels
+# (benchmarks/server_overhead.py measures both); a model slower than 50 tokens/s still sends
+# every token as it comes.
 STREAM_INTERVAL_S = 0.02
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length"}
 # Features of OpenAI's API that this server does not have: refused unless null or one of these defaults.
@@ -199,7 +202,10 @@ def completion_prompt(body: dict) -> str | list[int]:
 
 
 def tokenize(engine: Engine, prompt, param: str) -> list[int]:
-    """Token ids as `awq-edge run` makes them: messages through the chat template, a string as plain text."""
+    """Token ids as `awq-edge run` makes them: messages through the chat template, a string as plain text.
+
+    Called in a thread: a 1 MiB prompt takes most of a second, which would stall the other
+    replies' streams if it ran on the event loop."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         bad = [t for t in prompt if not 0 <= t < engine.backend.vocab_size]
         if bad:
@@ -222,10 +228,13 @@ def tokenize(engine: Engine, prompt, param: str) -> list[int]:
 
 def sampling_settings(body: dict) -> SamplingSettings:
     """temperature, top_p, top_k, repetition_penalty, seed; the defaults are `awq-edge run`'s."""
+    seed = get(body, "seed", int)
+    if seed is not None and seed < 0:  # numpy's generator takes none
+        raise ApiError(400, f"'seed' must be >= 0, got {seed}", param="seed")
     settings = SamplingSettings(temperature=get(body, "temperature", float, 0.7), top_k=get(body, "top_k", int, 50),
                                 top_p=get(body, "top_p", float, 0.95),
                                 repetition_penalty=get(body, "repetition_penalty", float, 1.0),
-                                seed=get(body, "seed", int))
+                                seed=seed)
     try:
         settings.validate()
     except UserError as e:  # the message names the CLI flag (--top-p); say the JSON field (top_p)
@@ -536,7 +545,7 @@ async def chat_completions(request: Request, server: Server):
     body = await read_json(request, server.max_body)
     check_model(body, server)
     check_supported(body)
-    ids = tokenize(server.engine, chat_messages(body), "messages")
+    ids = await run_in_threadpool(tokenize, server.engine, chat_messages(body), "messages")
     return await answer(request, server, body, ids, chat=True)
 
 
@@ -544,7 +553,7 @@ async def completions(request: Request, server: Server):
     body = await read_json(request, server.max_body)
     check_model(body, server)
     check_supported(body)
-    ids = tokenize(server.engine, completion_prompt(body), "prompt")
+    ids = await run_in_threadpool(tokenize, server.engine, completion_prompt(body), "prompt")
     return await answer(request, server, body, ids, chat=False)
 
 

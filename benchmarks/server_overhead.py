@@ -13,6 +13,8 @@ together, awq_edge/server.py STREAM_INTERVAL_S).
 Wall times on a shared machine are noisy, so CPU time is measured too: CPU seconds per token
 of this process (engine side), and of the server process plus this one (client) on the
 server side; it counts the server's extra work whatever the other users of the machine do.
+The server's event loop thread (HTTP, JSON, SSE; the engine runs in another thread) is
+measured on its own too: its CPU time per token (/proc/PID/task/PID/schedstat).
 Each run's prompt starts with its own number, so the server cannot reuse the previous prompt
 from its KV cache: both sides prefill the whole prompt. The two sides alternate (server first
 in even runs, engine first in odd ones) after one warm-up each; medians are reported, with the
@@ -67,14 +69,22 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def loop_cpu_seconds(pid: int) -> float:
+    """CPU time of a process's main thread (the server's event loop), to the nanosecond."""
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
 def timed(start_stream, server_pid: int | None = None) -> dict:
     """Wall times of a stream of text pieces, from the call that starts it to its last piece, and CPU time."""
     here0, server0 = cpu_seconds(), cpu_seconds(server_pid) if server_pid else 0.0
+    loop0 = loop_cpu_seconds(server_pid) if server_pid else 0.0
     t0 = time.perf_counter()
     stamps = [time.perf_counter() for piece in start_stream() if piece]
     here, server = cpu_seconds() - here0, (cpu_seconds(server_pid) - server0 if server_pid else 0.0)
+    loop = loop_cpu_seconds(server_pid) - loop0 if server_pid else 0.0
     return {"total_s": stamps[-1] - t0, "first_s": stamps[0] - t0, "pieces": len(stamps),
-            "decode_s": stamps[-1] - stamps[0], "cpu_s": here + server, "server_cpu_s": server, "client_cpu_s": here}
+            "decode_s": stamps[-1] - stamps[0], "cpu_s": here + server, "server_cpu_s": server, "client_cpu_s": here,
+            "server_loop_cpu_s": loop}
 
 
 def main() -> None:
@@ -121,7 +131,7 @@ def main() -> None:
                 r = sides[side](prompt)
                 r["tok_s"] = args.new_tokens / r["total_s"]
                 r["decode_tok_s"] = (args.new_tokens - 1) / r["decode_s"]
-                for what in ("cpu", "server_cpu", "client_cpu"):
+                for what in ("cpu", "server_cpu", "client_cpu", "server_loop_cpu"):
                     r[f"{what}_ms_per_token"] = r[f"{what}_s"] / args.new_tokens * 1000
                 if i > 0:
                     runs[side].append(r)
@@ -134,7 +144,7 @@ def main() -> None:
     load_after = os.getloadavg()
 
     metrics = ("tok_s", "decode_tok_s", "total_s", "first_s", "cpu_ms_per_token", "server_cpu_ms_per_token",
-               "client_cpu_ms_per_token")
+               "client_cpu_ms_per_token", "server_loop_cpu_ms_per_token", "pieces")
     median = {side: {m: statistics.median(r[m] for r in rs) for m in metrics} for side, rs in runs.items()}
     loss = {m: 1 - median["server"][m] / median["engine"][m] for m in ("tok_s", "decode_tok_s")}
     # CPU per token, server side over engine side: everything (server process + client), the server process alone
@@ -174,8 +184,10 @@ def main() -> None:
     print(f"server loss: {loss['tok_s'] * 100:.1f}% end to end, {loss['decode_tok_s'] * 100:.1f}% decode "
           f"(paired per run, median: {statistics.median(paired) * 100:.1f}%); "
           f"CPU per token: {loss['cpu_per_token'] * 100:+.1f}% (server process {median['server']['server_cpu_ms_per_token']:.2f}"
-          f" ms: {loss['server_process_cpu_per_token'] * 100:+.1f}%, openai client "
-          f"{median['server']['client_cpu_ms_per_token']:.2f} ms)")
+          f" ms: {loss['server_process_cpu_per_token'] * 100:+.1f}%, of which its event loop "
+          f"{median['server']['server_loop_cpu_ms_per_token']:.2f} ms; openai client "
+          f"{median['server']['client_cpu_ms_per_token']:.2f} ms); {median['server']['pieces']:.0f} streamed events "
+          f"for {args.new_tokens} tokens")
     print(f"wrote {path}")
 
 

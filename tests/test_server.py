@@ -285,6 +285,7 @@ def test_malformed_requests_get_openai_errors(served):
         (chat, chat_body("Hi", presence_penalty=0.5), 400, "presence_penalty"),
         (chat, chat_body("Hi", logprobs=True), 400, "logprobs"),
         (chat, chat_body("Hi", stop=5), 400, "stop"),
+        (chat, chat_body("Hi", seed=-1), 400, "seed"),
         (chat, chat_body("Hi", stream="yes"), 400, "stream"),
         (chat, json.dumps({"model": NAME, "messages": [{"role": "tool", "content": "x"}]}).encode(), 400,
          "messages[0].role"),
