@@ -1,29 +1,31 @@
 """What the HTTP server costs: tokens/s streamed through `awq-edge serve` vs the engine called in-process.
 
-    python benchmarks/server_overhead.py --engine out/engine [--runs 9] [--new-tokens 128]
+    python benchmarks/server_overhead.py --engine out/engine [--runs 41] [--new-tokens 128]
 
 One `awq-edge serve ENGINE --port 0` process, and the same engine loaded here. Each run sends
-the same prompt both ways, greedy, EOS ignored so both decode exactly --new-tokens tokens:
-  - server: /v1/completions, streamed, through the official openai client (its parsing counts);
-  - engine: Engine.stream_ids on the same token ids (what Engine.stream does, plus ignore_eos).
-Both are timed the same way, from the call to the last text piece: end-to-end tok/s =
-new tokens / that time (prefill included), decode tok/s = (new tokens - 1) / (last - first piece)
-(both sides send the first token's text at once; the server then sends the pieces of 20 ms
-together, awq_edge/server.py STREAM_INTERVAL_S).
-Wall times on a shared machine are noisy, so CPU time is measured too: CPU seconds per token
-of this process (engine side), and of the server process plus this one (client) on the
-server side; it counts the server's extra work whatever the other users of the machine do.
-The server's event loop thread (HTTP, JSON, SSE; the engine runs in another thread) is
-measured on its own too: its CPU time per token (/proc/PID/task/PID/schedstat).
+the same prompt three ways, greedy, EOS ignored so all decode exactly --new-tokens tokens:
+  - engine: Engine.stream_ids on the prompt's token ids (what Engine.stream does, plus ignore_eos);
+  - http: /v1/completions streamed, read with http.client (the server's cost, little client's);
+  - openai: the same through the official openai client (its parsing counts too).
+All are timed the same way, from the call to the last text piece: end-to-end tok/s =
+new tokens / that time (prefill included), decode tok/s = (new tokens - 1) / (last - first
+piece) (every side sends the first token's text at once; the server then sends the pieces of
+STREAM_INTERVAL_S together, awq_edge/server.py).
+The machine is shared, so wall times are noisy. The three sides run back to back in an order
+that rotates from run to run, after one warm-up run; medians over runs are reported, and the
+median of the per-run ratios (paired: one run's sides saw nearly the same machine), with the
+load average before and after. CPU time is measured too, which other users of the machine
+disturb less: of this process (engine side; the client on the server sides), of the server
+process, and of the server's event loop thread alone (HTTP, JSON, SSE; the engine runs in
+another thread), per token.
 Each run's prompt starts with its own number, so the server cannot reuse the previous prompt
-from its KV cache: both sides prefill the whole prompt. The two sides alternate (server first
-in even runs, engine first in odd ones) after one warm-up each; medians are reported, with the
-load average of the (shared) machine before and after.
+from its KV cache: every side prefills the whole prompt.
 Writes benchmarks/results/server_overhead-<time>.json.
 """
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -60,13 +62,10 @@ def start_server(engine: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not start")
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of a process (this one by default), all its threads."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int | str = "self") -> float:
+    """CPU time of a process, all its threads, to the nanosecond (/proc/PID/task/*/schedstat)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return sum(int((t / "schedstat").read_text().split()[0]) for t in tasks.iterdir()) / 1e9
 
 
 def loop_cpu_seconds(pid: int) -> float:
@@ -87,10 +86,21 @@ def timed(start_stream, server_pid: int | None = None) -> dict:
             "server_loop_cpu_s": loop}
 
 
+def read_sse(host: str, port: int, body: dict):
+    """/v1/completions streamed, read with the standard library: the text of each event."""
+    conn = http.client.HTTPConnection(host, port, timeout=300)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    for line in response:
+        if line.startswith(b"data: {"):
+            yield json.loads(line[6:])["choices"][0]["text"]
+    conn.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", required=True, type=Path)
-    ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--runs", type=int, default=41)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
@@ -99,22 +109,18 @@ def main() -> None:
 
     from awq_edge.engine import Engine
     from awq_edge.sampling import Sampler, SamplingSettings
+    from awq_edge.server import STREAM_INTERVAL_S
 
     load_before = os.getloadavg()
     proc, url = start_server(args.engine)
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
     try:
         engine = Engine.load(args.engine)
-        name = args.engine.resolve().name
+        name = Path(os.path.abspath(args.engine)).name
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        request = {"model": name, "max_tokens": args.new_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
 
-        def through_server(prompt: str) -> dict:
-            def start():
-                stream = client.completions.create(model=name, prompt=prompt, max_tokens=args.new_tokens,
-                                                   temperature=0, stream=True, extra_body={"ignore_eos": True})
-                return (c.choices[0].text if c.choices else "" for c in stream)
-            return timed(start, proc.pid)
-
-        def in_process(prompt: str) -> dict:
+        def engine_side(prompt: str) -> dict:
             def start():
                 ids = engine.prompt_ids(prompt, chat_template=False)  # as the server tokenizes /v1/completions
                 return engine.stream_ids(ids, Sampler(SamplingSettings(temperature=0.0)), args.new_tokens,
@@ -123,11 +129,22 @@ def main() -> None:
             assert engine.last_stats.new_tokens == args.new_tokens
             return result
 
-        sides = {"server": through_server, "engine": in_process}
-        runs = {"server": [], "engine": []}
+        def http_side(prompt: str) -> dict:
+            return timed(lambda: read_sse(host, int(port), {**request, "prompt": prompt}), proc.pid)
+
+        def openai_side(prompt: str) -> dict:
+            def start():
+                stream = client.completions.create(model=name, prompt=prompt, max_tokens=args.new_tokens,
+                                                   temperature=0, stream=True, extra_body={"ignore_eos": True})
+                return (c.choices[0].text if c.choices else "" for c in stream)
+            return timed(start, proc.pid)
+
+        sides = {"engine": engine_side, "http": http_side, "openai": openai_side}
+        orders = [("engine", "http", "openai"), ("openai", "engine", "http"), ("http", "openai", "engine")]
+        runs = {side: [] for side in sides}
         for i in range(args.runs + 1):  # run 0 is the warm-up
             prompt = f"{i + 1}. {PROMPT}"
-            for side in (("server", "engine") if i % 2 == 0 else ("engine", "server")):
+            for side in orders[i % 3]:
                 r = sides[side](prompt)
                 r["tok_s"] = args.new_tokens / r["total_s"]
                 r["decode_tok_s"] = (args.new_tokens - 1) / r["decode_s"]
@@ -146,13 +163,16 @@ def main() -> None:
     metrics = ("tok_s", "decode_tok_s", "total_s", "first_s", "cpu_ms_per_token", "server_cpu_ms_per_token",
                "client_cpu_ms_per_token", "server_loop_cpu_ms_per_token", "pieces")
     median = {side: {m: statistics.median(r[m] for r in rs) for m in metrics} for side, rs in runs.items()}
-    loss = {m: 1 - median["server"][m] / median["engine"][m] for m in ("tok_s", "decode_tok_s")}
-    # CPU per token, server side over engine side: everything (server process + client), the server process alone
-    loss["cpu_per_token"] = median["server"]["cpu_ms_per_token"] / median["engine"]["cpu_ms_per_token"] - 1
-    loss["server_process_cpu_per_token"] = (median["server"]["server_cpu_ms_per_token"]
-                                            / median["engine"]["cpu_ms_per_token"] - 1)
-    # Paired per run too: the two sides of one run ran back to back, so a slow spell of the machine hits both.
-    paired = [1 - s["tok_s"] / e["tok_s"] for s, e in zip(runs["server"], runs["engine"])]
+    loss = {}
+    for side in ("http", "openai"):
+        paired = [1 - s["tok_s"] / e["tok_s"] for s, e in zip(runs[side], runs["engine"])]
+        loss[side] = {
+            "tok_s": 1 - median[side]["tok_s"] / median["engine"]["tok_s"],
+            "decode_tok_s": 1 - median[side]["decode_tok_s"] / median["engine"]["decode_tok_s"],
+            "tok_s_paired_median": statistics.median(paired), "tok_s_paired": paired,
+            # CPU per token over the engine's: the server process and this process (the client) together
+            "cpu_per_token": median[side]["cpu_ms_per_token"] / median["engine"]["cpu_ms_per_token"] - 1,
+        }
     import onnxruntime
     import starlette
     import uvicorn
@@ -164,11 +184,11 @@ def main() -> None:
                     "loadavg_before": load_before, "loadavg_after": load_after},
         "versions": {"python": sys.version.split()[0], "onnxruntime": onnxruntime.__version__,
                      "starlette": starlette.__version__, "uvicorn": uvicorn.__version__, "openai": openai.__version__},
-        "engine": str(args.engine), "manifest_quantization": engine.manifest.get("quantization"),
+        "engine": str(args.engine), "quantization": engine.manifest.get("quantization"),
+        "stream_interval_s": STREAM_INTERVAL_S,
         "prompt_tokens": len(engine.prompt_ids(f"1. {PROMPT}", chat_template=False)),
         "new_tokens": args.new_tokens, "runs": args.runs,
-        "median": median, "loss": loss, "paired_loss_median": statistics.median(paired), "paired_loss": paired,
-        "all_runs": runs,
+        "median": median, "loss": loss, "all_runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"server_overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -176,18 +196,14 @@ def main() -> None:
 
     print(f"\n{result['prompt_tokens']} prompt tokens, {args.new_tokens} new, greedy, median of {args.runs} "
           f"({cpu_name()}, {os.cpu_count()} CPUs, load {load_before[0]:.2f} -> {load_after[0]:.2f})")
-    print(f"{'':8} {'end to end tok/s':>17} {'decode tok/s':>13} {'first piece ms':>15} {'CPU ms/token':>13}")
-    for side in ("engine", "server"):
-        m = median[side]
-        print(f"{side:8} {m['tok_s']:17.1f} {m['decode_tok_s']:13.1f} {m['first_s'] * 1000:15.1f} "
-              f"{m['cpu_ms_per_token']:13.2f}")
-    print(f"server loss: {loss['tok_s'] * 100:.1f}% end to end, {loss['decode_tok_s'] * 100:.1f}% decode "
-          f"(paired per run, median: {statistics.median(paired) * 100:.1f}%); "
-          f"CPU per token: {loss['cpu_per_token'] * 100:+.1f}% (server process {median['server']['server_cpu_ms_per_token']:.2f}"
-          f" ms: {loss['server_process_cpu_per_token'] * 100:+.1f}%, of which its event loop "
-          f"{median['server']['server_loop_cpu_ms_per_token']:.2f} ms; openai client "
-          f"{median['server']['client_cpu_ms_per_token']:.2f} ms); {median['server']['pieces']:.0f} streamed events "
-          f"for {args.new_tokens} tokens")
+    print(f"{'':8} {'end to end tok/s':>17} {'decode tok/s':>13} {'loss':>6} {'paired':>7} {'CPU ms/token':>13} "
+          f"{'server loop':>12} {'client':>7} {'events':>7}")
+    for side, m in median.items():
+        lost = f"{loss[side]['tok_s'] * 100:.1f}%" if side in loss else ""
+        paired = f"{loss[side]['tok_s_paired_median'] * 100:.1f}%" if side in loss else ""
+        print(f"{side:8} {m['tok_s']:17.1f} {m['decode_tok_s']:13.1f} {lost:>6} {paired:>7} "
+              f"{m['cpu_ms_per_token']:13.2f} {m['server_loop_cpu_ms_per_token']:12.2f} "
+              f"{m['client_cpu_ms_per_token'] if side in loss else 0.0:7.2f} {m['pieces']:7.0f}")
     print(f"wrote {path}")
 
 
