@@ -18,8 +18,9 @@ load average before and after. CPU time is measured too, which other users of th
 disturb less: of this process (engine side; the client on the server sides), of the server
 process, and of the server's event loop thread alone (HTTP, JSON, SSE; the engine runs in
 another thread), per token.
-Each run's prompt starts with its own number, so the server cannot reuse the previous prompt
-from its KV cache: every side prefills the whole prompt.
+Every request's prompt starts with its own 4-digit number (digits are single tokens, so all
+prompts have the same length), so the server cannot reuse the previous prompt from its KV
+cache: every side prefills the whole prompt.
 Writes benchmarks/results/server_overhead-<time>.json.
 """
 from __future__ import annotations
@@ -143,9 +144,8 @@ def main() -> None:
         orders = [("engine", "http", "openai"), ("openai", "engine", "http"), ("http", "openai", "engine")]
         runs = {side: [] for side in sides}
         for i in range(args.runs + 1):  # run 0 is the warm-up
-            prompt = f"{i + 1}. {PROMPT}"
-            for side in orders[i % 3]:
-                r = sides[side](prompt)
+            for k, side in enumerate(orders[i % 3]):
+                r = sides[side](f"{3 * i + k:04d}. {PROMPT}")
                 r["tok_s"] = args.new_tokens / r["total_s"]
                 r["decode_tok_s"] = (args.new_tokens - 1) / r["decode_s"]
                 for what in ("cpu", "server_cpu", "client_cpu", "server_loop_cpu"):
@@ -186,7 +186,7 @@ def main() -> None:
                      "starlette": starlette.__version__, "uvicorn": uvicorn.__version__, "openai": openai.__version__},
         "engine": str(args.engine), "quantization": engine.manifest.get("quantization"),
         "stream_interval_s": STREAM_INTERVAL_S,
-        "prompt_tokens": len(engine.prompt_ids(f"1. {PROMPT}", chat_template=False)),
+        "prompt_tokens": len(engine.prompt_ids(f"0000. {PROMPT}", chat_template=False)),
         "new_tokens": args.new_tokens, "runs": args.runs,
         "median": median, "loss": loss, "all_runs": runs,
     }
