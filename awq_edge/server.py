@@ -162,10 +162,13 @@ def message_text(content, param: str) -> str:
                        param=param, code="invalid_type")
     texts = []
     for i, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else json_type(part)
+        kind = part.get("type") if isinstance(part, dict) else json_type(part)
+        if kind != "text":
             raise ApiError(400, f"'{param}[{i}]' is {kind!r}: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
                                 "are supported", param=f"{param}[{i}]", code="invalid_content")
+        if not isinstance(part.get("text"), str):
+            raise ApiError(400, f"'{param}[{i}].text' must be a string, not {json_type(part.get('text'))}",
+                           param=f"{param}[{i}].text", code="invalid_type")
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -238,15 +241,18 @@ def sampling_settings(body: dict) -> SamplingSettings:
     try:
         settings.validate()
     except UserError as e:  # the message names the CLI flag (--top-p); say the JSON field (top_p)
-        name = re.search(r"--([a-z-]+)", str(e)).group(1).replace("-", "_")
-        raise ApiError(400, re.sub(r"--[a-z-]+", name, str(e)), param=name) from None
+        flag = re.search(r"--([a-z-]+)", str(e))
+        name = flag.group(1).replace("-", "_") if flag else None
+        raise ApiError(400, re.sub(r"--[a-z-]+", name or "", str(e)), param=name) from None
     return settings
 
 
 def stop_strings(body: dict) -> list[str]:
     stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None
-    if stops is None or not all(isinstance(s, str) for s in stops):
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise ApiError(400, "'stop' must be a string or an array of strings", param="stop", code="invalid_type")
     if len(stops) > MAX_STOPS:
         raise ApiError(400, f"'stop' has {len(stops)} strings; at most {MAX_STOPS}", param="stop")
