@@ -12,7 +12,10 @@ Reading needs numpy and safetensors only (no torch), so the exporter can use it 
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ import numpy as np
 
 from . import packing
 from .errors import UserError
+from .untrusted import Fields, read_json
 
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METADATA_FILE = "awq_edge.json"
@@ -62,20 +66,46 @@ def quantization_config(group_size: int) -> dict:
 
 # ---------------------------------------------------------------- writing
 
+def temp_dir_beside(output: Path, kind: str) -> Path:
+    """A new temp dir next to OUTPUT, `.{name}.{kind}-{pid}-XXXXXXXX`, for writing OUTPUT whole.
+
+    First removes the temp dirs of OUTPUT that a process which no longer runs left behind
+    (killed by SIGKILL, or a power loss): the pid in their name says whose they are."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{glob.escape(output.name)}.*-*-*"):
+        owner = _TEMP_OWNER.fullmatch(stale.name[len(output.name) + 2:])
+        if owner and not _process_alive(int(owner.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.{kind}-{os.getpid()}-"))
+
+
+_TEMP_OWNER = re.compile(r"(?:tmp|work|old)-(\d{1,10})-\w+")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid we can ask about: leave it
+    return True
+
+
 def output_staging(output: Path, force: bool) -> Path:
     """Refuse an existing output unless forced; return a temp dir beside it to write into."""
     if output.exists() and not force:
         raise UserError(f"output {output} already exists; choose another path or pass --force to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    return temp_dir_beside(output, "tmp")
 
 
 def commit_staging(staging: Path, output: Path) -> None:
     """Move a finished staging dir into place; an old output is only removed once the new one is whole."""
     trash = None
     if output.exists():
-        trash = output.with_name(f".{output.name}.old-{staging.name[-8:]}")
-        output.rename(trash)
+        trash = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-{os.getpid()}-"))
+        output.rename(trash / output.name)
     staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
     for f in staging.iterdir():
         f.chmod(0o644)
@@ -109,17 +139,6 @@ def write_checkpoint(staging: Path, config: dict, linears: dict[str, QuantizedLi
         copy_tokenizer(tokenizer_dir, staging)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (manifests record one per file)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def copy_tokenizer(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).exists():
@@ -136,44 +155,74 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read ours or an AutoAWQ GEMM checkpoint into numpy arrays (unpacked INT4)."""
+    """Read ours or an AutoAWQ GEMM checkpoint into numpy arrays (unpacked INT4).
+
+    A checkpoint is untrusted input: the quantization config is typed and bounded, every
+    quantized linear's tensors must have AutoAWQ's dtypes and agree in shape, and the group
+    size must be one the grouping supports. (Shapes against the model config: export.spec.)"""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{path} has no readable config.json; give an AWQ checkpoint directory") from None
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != "awq":
+    fix = "quantize the model again with `awq-edge quantize`"
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no readable config.json; give an AWQ checkpoint directory")
+    config = read_json(path / "config.json", fix)
+    qc_raw = config.get("quantization_config")
+    if not isinstance(qc_raw, dict) or qc_raw.get("quant_method") != "awq":
         raise UserError(f"{path} is not an AWQ checkpoint (no quantization_config.quant_method=awq); "
                         "quantize it first with `awq-edge quantize`")
-    if qc.get("version", "gemm").lower() != "gemm" or qc.get("bits", 4) != 4 or not qc.get("zero_point", True):
-        raise UserError(f"{path} uses AWQ {qc.get('version')} {qc.get('bits')}-bit; "
+    qc = Fields(qc_raw, f"{path / 'config.json'} quantization_config", fix)
+    version, bits, zero_point = qc.str("version", default="gemm"), qc.int("bits", 1, 64, default=4), \
+        qc.bool("zero_point", default=True)
+    if version.lower() != "gemm" or bits != 4 or not zero_point:
+        raise UserError(f"{path} uses AWQ {version} {bits}-bit{'' if zero_point else ' without zero points'}; "
                         "only the 4-bit zero-point 'gemm' layout is supported")
+    group_hint = qc.int("group_size", 1, 1 << 20, default=128)
     raw: dict[str, np.ndarray] = {}
     for f in _weight_files(path):
         try:
             raw.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"could not read {f}: {e}; the file is truncated or corrupt") from None
-    group_hint = int(qc.get("group_size", 128))
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise UserError(f"could not read {f}: {str(e)[:200]}; the file is truncated or corrupt") from None
     linears: dict[str, QuantizedLinear] = {}
     for key in [k for k in raw if k.endswith(".qweight")]:
         prefix = key[: -len(".qweight")]
         try:
-            q, scales, zeros = packing.from_awq_gemm(raw.pop(key), raw.pop(prefix + ".qzeros"), raw.pop(prefix + ".scales"))
+            parts = [raw.pop(prefix + suffix) for suffix in (".qweight", ".qzeros", ".scales")]
         except KeyError as e:
             raise UserError(f"{path}: {prefix} lacks {e}; the checkpoint is incomplete") from None
-        group_size = packing.infer_group_size(q.shape[1], scales.shape[1], group_hint)
-        bias = raw.pop(prefix + ".bias", None)
-        linears[prefix] = QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias)
+        linears[prefix] = _awq_linear(prefix, *parts, raw.pop(prefix + ".bias", None), group_hint, path)
     if not linears:
         raise UserError(f"{path} holds no quantized linears (*.qweight); the checkpoint is incomplete")
     meta_file = path / METADATA_FILE
-    metadata = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    metadata = read_json(meta_file, fix) if meta_file.is_file() else {}
     return Checkpoint(config, group_hint, linears, raw, metadata)
+
+
+def _awq_linear(prefix: str, qweight, qzeros, scales, bias, group_hint: int, path: Path) -> QuantizedLinear:
+    """One AutoAWQ GEMM linear, its tensors checked: qweight int32 [in, out/8], qzeros int32
+    [groups, out/8], scales float [groups, out], bias [out]; groups = ceil(in / group size)."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{path}: {prefix} {what}; the checkpoint is corrupt or not AutoAWQ GEMM")
+
+    if qweight.dtype != np.int32 or qzeros.dtype != np.int32 or scales.dtype not in (np.float16, np.float32):
+        raise bad(f"has dtypes qweight {qweight.dtype}, qzeros {qzeros.dtype}, scales {scales.dtype} "
+                  "(int32, int32, float16 expected)")
+    if qweight.ndim != 2 or qzeros.ndim != 2 or scales.ndim != 2:
+        raise bad("has tensors that are not 2-D")
+    in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
+    if qzeros.shape[1] * 8 != out_features or scales.shape != (qzeros.shape[0], out_features) or in_features < 1:
+        raise bad(f"has inconsistent shapes: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, "
+                  f"scales {list(scales.shape)}")
+    try:
+        group_size = packing.infer_group_size(in_features, scales.shape[0], group_hint)
+    except ValueError as e:
+        raise bad(str(e)) from None
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype not in (np.float16, np.float32)):
+        raise bad(f"has a bias of shape {list(bias.shape)} ({bias.dtype}), not [{out_features}] float")
+    q, scales, zeros = packing.from_awq_gemm(qweight, qzeros, scales)
+    return QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias)
 
 
 def load_awq_as_float(path: Path, dtype=None):
@@ -181,8 +230,12 @@ def load_awq_as_float(path: Path, dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .export.spec import check_checkpoint_shapes, model_spec
+
+    path = Path(path)
     ckpt = read_checkpoint(path)
     config_dict = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    check_checkpoint_shapes(ckpt.linears, ckpt.tensors, model_spec(config_dict, str(path / "config.json")), str(path))
     config = AutoConfig.for_model(**config_dict)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {name: torch.from_numpy(t.astype(np.float32)) for name, t in ckpt.tensors.items()}

@@ -1,15 +1,21 @@
 """The `awq-edge` command line (typer). Each command is a thin shell over a module function.
 
 Errors a user can fix are raised as UserError anywhere below and printed here as
-one line, `error: ...`, with exit code 1.
+one line, `error: ...`, with exit code 1. So are a file that cannot be read or written
+(OSError, naming the file) and running out of memory. Anything else is a bug: one line
+saying so, exit code 2 (AWQ_EDGE_DEBUG=1 shows the traceback). SIGTERM and SIGHUP unwind
+like Ctrl-C, so every temp dir of an unfinished output is removed on the way out.
 """
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
 from .errors import UserError
@@ -22,15 +28,37 @@ app.add_typer(data_app, name="data")
 
 
 def user_errors(fn):
-    """Turn a UserError into `error: ...` on stderr and exit code 1 (no traceback)."""
+    """Every failure of a command as one `error: ...` line on stderr and a non-zero exit code."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except UserError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
+            message, code = str(e), 1
+        except OSError as e:  # disk full, permissions, a vanished file: say which file
+            where = " ".join(str(f) for f in (e.filename, e.filename2) if f)
+            message, code = f"{e.strerror or type(e).__name__}{': ' + where if where else ''}; check the path", 1
+        except MemoryError:
+            message, code = "out of memory; lower --max-memory or --max-context, or use a smaller model", 1
+        except Exception as e:
+            if os.environ.get("AWQ_EDGE_DEBUG"):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            message, code = (f"internal error ({type(e).__name__}: {first}); please report it with the output "
+                             "of the same command run with AWQ_EDGE_DEBUG=1"), 2
+        typer.echo(f"error: {' '.join(message.split())}", err=True)
+        raise typer.Exit(code)
     return wrapper
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP (timeout, docker stop, systemd, a closed terminal): unwinds like Ctrl-C."""
+
+
+def _stop(signum, _frame):
+    raise Stopped(signum)
 
 
 # ---------------------------------------------------------------- devices and data
@@ -388,8 +416,16 @@ def bench(
                f"{result['plan_total_bytes'] / 2**20:.0f} MiB, cap {result['cap_bytes'] / 2**20:.0f} MiB)")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:
+    """The console entry point: the commands, with SIGTERM and SIGHUP turned into a clean stop."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _stop)
+    try:
+        app()
+    except Stopped as e:
+        typer.echo(f"error: stopped by {signal.Signals(e.args[0]).name}; unfinished output was removed", err=True)
+        sys.exit(128 + e.args[0])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -94,18 +94,19 @@ def workspace_bytes(hidden_size: int, intermediate_size: int, vocab_size: int, n
 
 def plan_memory(weight_bytes: int, kv_bytes_per_token: int, device, max_memory: int | None = None,
                 max_context: int | None = None, max_position_embeddings: int = 4096,
-                workspace=None, runtime_overhead: int | None = None) -> MemoryPlan:
+                workspace=None, runtime_overhead: int | None = None, default_cap: int | None = None) -> MemoryPlan:
     """The largest context that fits under the cap, or a UserError saying how much is missing.
 
     device: an awq_edge.devices.Device (its default cap and CPU/GPU overhead) or a device name.
     workspace: bytes, or a function context -> bytes (attention scores grow with the context).
+    default_cap: the cap without --max-memory (default: the device profile's).
     """
     if isinstance(device, str):
         from .devices import resolve
 
         device = resolve(device)
-    cap = int(max_memory) if max_memory else device.default_memory_bytes()
-    flag = "--max-memory" if max_memory else f"the default cap of {device.name}"
+    cap = int(max_memory) if max_memory else (default_cap or device.default_memory_bytes())
+    flag = "--max-memory" if max_memory else f"the default cap of {device.name} here"
     if runtime_overhead is None:
         runtime_overhead = GPU_RUNTIME_OVERHEAD if device.is_gpu else CPU_RUNTIME_OVERHEAD
     if max_context is not None and max_context < 1:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from . import data
-from .checkpoint import sha256_file
+from .checkpoint import temp_dir_beside
 from .errors import UserError
 from .families import Family, family_for
+from .untrusted import read_json, sha256_file
 
 
 def require_torch(needed_for: str) -> None:
@@ -30,12 +30,9 @@ def require_torch(needed_for: str) -> None:
 
 
 def read_config(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / "config.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{model_dir} has no config.json; give a Hugging Face model directory or a .gguf file") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{model_dir}/config.json is not valid JSON ({e}); re-download the model") from None
+    if not (model_dir / "config.json").exists():
+        raise UserError(f"{model_dir} has no config.json; give a Hugging Face model directory or a .gguf file")
+    return read_json(model_dir / "config.json", "re-download or re-quantize the model")
 
 
 def check_causal_lm(config: dict, where: str) -> Family:
@@ -73,8 +70,7 @@ def gguf_to_hf_dir(path: Path) -> Path:
         raise UserError(f"could not read GGUF {path}: {str(e).splitlines()[0][:200]}; "
                         "check the file is a complete llama.cpp GGUF") from None
     check_causal_lm(model.config.to_dict(), str(path))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    tmp = temp_dir_beside(out, "tmp")
     try:
         # Written by hand: transformers refuses to save a model it loaded from GGUF.
         from safetensors.torch import save_file

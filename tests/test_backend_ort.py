@@ -84,7 +84,7 @@ def test_trt_export_is_refused(tiny):
     _, ckpt, root = tiny
     with pytest.raises(UserError, match="exported for TensorRT"):
         OrtBackend(root / "exports" / "trt", max_context=8)
-    with pytest.raises(UserError, match="no readable export.json"):
+    with pytest.raises(UserError, match="export.json is missing"):
         OrtBackend(root, max_context=8)
 
 

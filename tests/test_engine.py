@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from awq_edge.checkpoint import sha256_file
-from awq_edge.engine import ENGINE_FORMAT_VERSION, Engine
+from awq_edge.untrusted import sha256_file
+from awq_edge.engine import Engine
+from awq_edge.engine_dir import ENGINE_FORMAT_VERSION
 from awq_edge.errors import UserError
 
 GREEDY = {"temperature": 0.0}

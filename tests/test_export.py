@@ -264,8 +264,9 @@ def test_export_files_and_info(exports, rtn_checkpoint):
     assert (info["num_layers"], info["num_kv_heads"], info["head_dim"], info["vocab_size"]) == (30, 3, 64, 49152)
     assert info["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
     assert info["quantization"]["group_size"] == 128
-    for name, digest in info["files"].items():
-        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    for name, record in info["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == record["sha256"]
+        assert (out / name).stat().st_size == record["size"]
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json"} <= set(info["files"])
     assert info["weight_bytes"] == pytest.approx((out / "model.onnx.data").stat().st_size, rel=0.01)
 
