@@ -94,7 +94,7 @@ class Fields:
         if not self.has(key):
             return self._missing(key, default)
         value = self.raw[key]
-        if isinstance(value, float) and value.is_integer():  # JSON writers may print 4096.0
+        if isinstance(value, float) and value % 1 == 0:  # JSON writers may print 4096.0 (inf % 1 is nan)
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
             raise self._bad(key, value, f"an integer in {lo}..{hi}")

@@ -14,8 +14,8 @@ from pathlib import Path
 from ..errors import UserError  # noqa: TID252  (awq_edge.devices -> awq_edge.errors)
 
 try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10 (JetPack 6): the same parser, from PyPI
+    import tomllib  # novermin (3.11+; on 3.10 the same parser comes from PyPI, below)
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 GIB = 1 << 30
