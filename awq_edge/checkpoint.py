@@ -236,8 +236,12 @@ def load_awq_as_float(path: Path, dtype=None):
     ckpt = read_checkpoint(path)
     config_dict = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     check_checkpoint_shapes(ckpt.linears, ckpt.tensors, model_spec(config_dict, str(path / "config.json")), str(path))
-    config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:  # transformers validates the rest of the config in its own way
+        config = AutoConfig.for_model(**config_dict)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as e:
+        raise UserError(f"transformers cannot build the model of {path / 'config.json'} ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:150]}); the config is corrupt") from None
     state = {name: torch.from_numpy(t.astype(np.float32)) for name, t in ckpt.tensors.items()}
     for prefix, lin in ckpt.linears.items():
         state[prefix + ".weight"] = torch.from_numpy(lin.dequantize())

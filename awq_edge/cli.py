@@ -155,7 +155,11 @@ def eval_cmd(
         from .quantize import QuantizeSettings, fake_quantize_model
 
         fake_quantize_model(lm, QuantizeSettings(method="rtn", group_size=group_size))
-    result = perplexity(lm, tokenizer, body, seqlen=seqlen, windows=windows, progress=not json_out)
+    try:
+        result = perplexity(lm, tokenizer, body, seqlen=seqlen, windows=windows, progress=not json_out)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:  # torch's errors on a model it cannot run
+        raise UserError(f"the model of {model} fails to run ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:150]}); its config.json may be corrupt") from None
     result.update({"model": model, "method": method, "family": family.name, "text": str(text_path)})
     if json_out:
         typer.echo(json.dumps(result))

@@ -230,11 +230,12 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
             if want is not None and attr.i != want:
                 raise UserError(f"{folder / EXPORT_INFO}: num_heads/num_kv_heads disagree with the graph's "
                                 f"{node.op_type} ({attr.name} {attr.i}); {fix}")
-    widths = [a.i for n in graph.node if n.name != "lm_head" for a in n.attribute if a.name == "N"]
-    widest_other = max(info.hidden_size, (info.num_heads + 2 * info.num_kv_heads) * info.head_dim)  # qkv fused
-    if widths and max(widths) > max(info.intermediate_size, widest_other):
-        raise UserError(f"{folder / EXPORT_INFO}: intermediate_size {info.intermediate_size} is smaller than the "
-                        f"graph's widest linear ({max(widths)}); {fix}")
+    gate = "model.layers.0.mlp.gate_proj"  # the exporter's name (export/graph.py); its N is the MLP width
+    widths = [a.i for n in graph.node if n.name == gate for a in n.attribute if a.name == "N"]
+    widths += shapes.get(f"{gate}.weight_uint4", [])[1:2]  # target onnx: DequantizeLinear's [K, N] weight
+    if widths != [info.intermediate_size]:
+        raise UserError(f"{folder / EXPORT_INFO}: intermediate_size {info.intermediate_size} is not the width of "
+                        f"the graph's MLP ({widths[:1] or 'none found'}); {fix}")
 
 
 _ELEMENT_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 16: 16,

@@ -37,6 +37,10 @@ def read_config(model_dir: Path) -> dict:
 
 def check_causal_lm(config: dict, where: str) -> Family:
     archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UserError(f"{where}: config.json architectures is not a list of names; re-download the model")
+    if not isinstance(config.get("model_type", ""), str):
+        raise UserError(f"{where}: config.json model_type is not a name; re-download the model")
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise UserError(f"{where} is not a causal LM (architectures: {', '.join(archs)}); "
                         "give a decoder-only *ForCausalLM model")
