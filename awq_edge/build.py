@@ -3,7 +3,8 @@
 SRC may be
   - a float model (Hugging Face dir, .gguf, `smollm2`): quantized with the default AWQ
     settings (needs torch), then exported;
-  - an AWQ checkpoint (config.json with quantization_config.quant_method == "awq"): exported;
+  - a quantized checkpoint (config.json with quantization_config.quant_method "awq", or
+    "compressed-tensors" W4A16 as llm-compressor writes it): exported;
   - an ONNX export dir (export.json beside model.onnx): copied.
 
 CPU engines (ONNX Runtime) hold
@@ -47,9 +48,9 @@ def source_kind(source: str) -> str:
         if (path / EXPORT_INFO).exists():
             return "export"
         if (path / "config.json").exists():
-            from .model import is_awq_checkpoint, read_config
+            from .model import is_quantized_checkpoint, read_config
 
-            if is_awq_checkpoint(read_config(path)):
+            if is_quantized_checkpoint(read_config(path)):
                 return "checkpoint"
     return "model"
 

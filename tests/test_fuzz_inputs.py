@@ -5,7 +5,8 @@ checkpoint must be exit 0 with the right output, or a non-zero exit with exactly
 line: never a traceback, an internal error, a hang, or a half-written output.
 
 The folders are real: a tiny random Gemma 3 (the family with the most config fields) with
-SmolLM2's tokenizer, quantized, exported and built once. Each example copies one folder (hard
+SmolLM2's tokenizer, quantized (AutoAWQ and compressed-tensors checkpoints), exported and
+built once. Each example copies one folder (hard
 links; only the mutated file is rewritten), then either sets one JSON field to something it
 should not be (deleted, null, another type, negative, zero, huge, nested in a list or an object)
 (or, for a number, half, double or one more: plausible but wrong) or changes the bytes of one
@@ -86,9 +87,11 @@ def folders(tmp_path_factory, tiny_model_dir):
     from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
 
     root = tmp_path_factory.mktemp("fuzz")
-    ckpt = root / "checkpoint"
-    quantize_checkpoint(str(tiny_model_dir("gemma3_text")), ckpt, QuantizeSettings(method="rtn", group_size=32),
-                        progress=False)
+    ckpt, ct_ckpt = root / "checkpoint", root / "ct-checkpoint"
+    rtn = QuantizeSettings(method="rtn", group_size=32)
+    quantize_checkpoint(str(tiny_model_dir("gemma3_text")), ckpt, rtn, progress=False)
+    quantize_checkpoint(str(tiny_model_dir("gemma3_text")), ct_ckpt, rtn, progress=False,
+                        checkpoint_format="compressed-tensors")
     export = export_checkpoint(ckpt, root / "export", "ort")
     engine = root / "engine"
     build_engine(str(export), "cpu", engine, max_memory="1GiB", progress=False)
@@ -96,7 +99,7 @@ def folders(tmp_path_factory, tiny_model_dir):
     text.write_text("Robots on small boards need memory caps and careful engineers.\n\n" * 12)
     code, out, err = invoke("run", engine, *RUN)
     assert code == 0, err
-    return {"checkpoint": ckpt, "export": export, "engine": engine, "text": text, "root": root,
+    return {"checkpoint": ckpt, "compressed-tensors": ct_ckpt, "export": export, "engine": engine, "text": text, "root": root,
             "reference": out, "plan": _plan_facts(engine)}
 
 
@@ -304,11 +307,12 @@ def test_build_from_a_mutated_export(folders, tmp_path_factory, data):
     shutil.rmtree(work)
 
 
-@fuzz_settings(24)
+@pytest.mark.parametrize("checkpoint_format", ["checkpoint", "compressed-tensors"])
+@fuzz_settings(16)
 @given(data=st.data())
-def test_export_and_eval_of_a_mutated_checkpoint(folders, tmp_path_factory, data):
+def test_export_and_eval_of_a_mutated_checkpoint(folders, tmp_path_factory, checkpoint_format, data):
     work = tmp_path_factory.mktemp("c")
-    ckpt = copy_folder(folders["checkpoint"], work / "checkpoint")
+    ckpt = copy_folder(folders[checkpoint_format], work / "checkpoint")
     _, what = mutate(ckpt, data)
     out = work / "export"
     code, _, err = invoke("export", ckpt, "--output", out)
