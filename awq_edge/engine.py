@@ -18,7 +18,6 @@ CPU, awq_edge.trt_backend.TrtBackend for GPU engines (imported only when needed)
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

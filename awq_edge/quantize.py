@@ -483,7 +483,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 x = loss_inputs[g.input_of]
                 run = _module_runner(layer, g, x, kwargs, settings.batch_size)
                 s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
-                report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0]}
+                report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0],
+                                            "losses": losses}
                 _apply_group(g, s, family, loss_inputs, linears, grams)
 
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -154,17 +155,18 @@ def _compile_template(source: str):
 
 def _render_bounded(template, context: dict) -> str:
     """template.render(context) within TEMPLATE_SECONDS, TEMPLATE_MAX_CHARS of output and
-    TEMPLATE_MAX_GROWTH of peak memory: a trace function checks the clock and the peak RSS on
+    TEMPLATE_MAX_GROWTH of resident memory: a trace function checks the clock and the RSS on
     every line the template (compiled to Python) runs, so a loop that never ends or never
     stops growing is stopped, in any thread."""
-    start_peak = _peak_rss()
+    rss = _RssReader()
+    start_rss = rss()
     deadline = time.monotonic() + TEMPLATE_SECONDS
 
     def check(frame, event, arg):
         if time.monotonic() > deadline:
             raise UserError(f"the chat template took more than {TEMPLATE_SECONDS:g} s to render; "
                             "it loops too long for these messages")
-        if _peak_rss() - start_peak > TEMPLATE_MAX_GROWTH:
+        if rss() - start_rss > TEMPLATE_MAX_GROWTH:
             raise UserError("the chat template took too much memory to render")
         return check
 
@@ -181,11 +183,31 @@ def _render_bounded(template, context: dict) -> str:
         raise UserError("the chat template recursed too deeply") from None
     finally:
         sys.settrace(previous)
+        rss.close()
     return "".join(pieces)
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10  # KiB on Linux
+class _RssReader:
+    """This process's resident set size, cheaply (a few us: one pread of /proc/self/statm); where
+    /proc is missing, the peak RSS instead (bounds the growth above the earlier peak)."""
+
+    def __init__(self):
+        try:
+            self.fd = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            self.fd = None
+
+    def __call__(self) -> int:
+        if self.fd is None:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10  # KiB on Linux
+        return int(os.pread(self.fd, 128, 0).split()[1]) * _PAGE
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class StreamDecoder:

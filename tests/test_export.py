@@ -19,7 +19,7 @@ from awq_edge import packing
 from awq_edge.checkpoint import read_checkpoint
 from awq_edge.errors import UserError
 from awq_edge.export import export_checkpoint
-from test_export_helpers import (check_against_reference, export_for_cpu, reference_logits, rel_err,
+from test_export_helpers import (CPU_TARGETS, check_against_reference, export_for_cpu, reference_logits, rel_err,
                                  run_backend, torch_one_thread)
 
 PROMPT = 16
@@ -51,12 +51,12 @@ def _ids(n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(100, 20000, n).tolist()
 
 
-@pytest.mark.parametrize("target", ["ort", "onnx", "trt"])
+@pytest.mark.parametrize("target", CPU_TARGETS)
 def test_ragged_g128_matches_reference(exports, rtn_reference, target):
     check_against_reference(exports[target], rtn_reference, _ids(PROMPT + DECODE), PROMPT, 1e-3)
 
 
-@pytest.mark.parametrize("target", ["ort", "onnx", "trt"])
+@pytest.mark.parametrize("target", CPU_TARGETS)
 def test_awq_g64_matches_reference(tmp_path, awq_checkpoint, awq_reference, target):
     out = export_for_cpu(awq_checkpoint, tmp_path, target)
     check_against_reference(out, awq_reference, _ids(PROMPT + DECODE, seed=1), PROMPT, 1e-3)

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from awq_edge.cli import app
-from awq_edge.untrusted import file_record
+from folder_helpers import linked_copy, resign, rewrite
 
 EXAMPLES = int(os.environ.get("AWQ_EDGE_FUZZ_EXAMPLES", "0"))
 SECONDS = 60  # per command; a tiny model runs each in well under 5 s
@@ -118,18 +118,6 @@ def _reference_workspace(engine: Path, context: int) -> int:
     return workspace_bytes(i.hidden_size, i.intermediate_size, i.vocab_size, i.num_heads, context, i.all_logits)
 
 
-def copy_folder(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        os.link(f, dst / f.name)
-    return dst
-
-
-def rewrite(path: Path, data: bytes) -> None:
-    path.unlink()  # break the hard link: the original folder stays as it was
-    path.write_bytes(data)
-
-
 def json_paths(value, prefix=(), depth=6):
     """Every key path into a JSON value (objects and lists), up to `depth` levels."""
     if depth == 0:
@@ -197,17 +185,6 @@ def apply_byte_mutation(folder: Path, name: str, kind: str, offset: int, byte: i
     rewrite(folder / name, bytes(data))
 
 
-def resign(folder: Path, listing: str, name: str) -> None:
-    """Update the folder's listing (manifest.json or export.json `files`) to the mutated file."""
-    if name == listing or not (folder / name).is_file():
-        return
-    data = json.loads((folder / listing).read_text())
-    files = data.get("files")
-    if isinstance(files, dict) and name in files:
-        files[name] = file_record(folder / name)
-        rewrite(folder / listing, json.dumps(data).encode())
-
-
 def _changed(original: Path, mutated: Path, name: str) -> bool:
     return not (mutated / name).exists() or (mutated / name).read_bytes() != (original / name).read_bytes()
 
@@ -263,7 +240,7 @@ def test_no_number_in_the_engine_metadata_moves_the_plan(folders, tmp_path):
     assert len(numbers) > 15  # weight_bytes, kv_bytes_per_token, layers, heads, the plan's cap ...
     for i, (name, path) in enumerate(numbers):
         for kind in ("halve", "double"):
-            engine = copy_folder(folders["engine"], tmp_path / f"{i}-{kind}")
+            engine = linked_copy(folders["engine"], tmp_path / f"{i}-{kind}")
             apply_json_mutation(engine, name, path, kind)
             resign(engine, "manifest.json", name)
             check_run(folders, engine, f"{name} {list(path)} {kind} (re-signed)", same_output=False)
@@ -273,7 +250,7 @@ def test_no_number_in_the_engine_metadata_moves_the_plan(folders, tmp_path):
 @fuzz_settings(60)
 @given(data=st.data())
 def test_run_on_a_mutated_engine(folders, tmp_path_factory, data):
-    engine = copy_folder(folders["engine"], tmp_path_factory.mktemp("e") / "engine")
+    engine = linked_copy(folders["engine"], tmp_path_factory.mktemp("e") / "engine")
     name, what = mutate(engine, data)
     signed = name != "manifest.json" and data.draw(st.booleans(), "re-signed")
     if signed:
@@ -288,7 +265,7 @@ def test_run_on_a_mutated_engine(folders, tmp_path_factory, data):
 @given(data=st.data())
 def test_build_from_a_mutated_export(folders, tmp_path_factory, data):
     work = tmp_path_factory.mktemp("x")
-    export = copy_folder(folders["export"], work / "export")
+    export = linked_copy(folders["export"], work / "export")
     name, what = mutate(export, data)
     signed = name != "export.json" and data.draw(st.booleans(), "re-signed")
     if signed:
@@ -312,7 +289,7 @@ def test_build_from_a_mutated_export(folders, tmp_path_factory, data):
 @given(data=st.data())
 def test_export_and_eval_of_a_mutated_checkpoint(folders, tmp_path_factory, checkpoint_format, data):
     work = tmp_path_factory.mktemp("c")
-    ckpt = copy_folder(folders[checkpoint_format], work / "checkpoint")
+    ckpt = linked_copy(folders[checkpoint_format], work / "checkpoint")
     _, what = mutate(ckpt, data)
     out = work / "export"
     code, _, err = invoke("export", ckpt, "--output", out)
