@@ -174,9 +174,13 @@ def load_for_quantization(model_dir: Path):
     except Exception as e:
         raise UserError(f"could not read {model_dir}: {str(e).splitlines()[0][:200]}; "
                         "the safetensors files are truncated or corrupt, re-download them") from None
-    config = AutoConfig.from_pretrained(model_dir)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    try:  # transformers checks the config in its own ways: one line for whatever it refuses
+        config = AutoConfig.from_pretrained(model_dir)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    except Exception as e:
+        raise UserError(f"transformers cannot build the model of {model_dir / 'config.json'} ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:150]}); re-download the model") from None
     names = [n for n in model.state_dict() if not (n == "lm_head.weight" and config.tie_word_embeddings)]
     missing = [n for n in names if n not in where]
     if missing:  # renamed keys (a conversion mapping): let transformers load it whole

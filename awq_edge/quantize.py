@@ -590,9 +590,12 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     output = Path(output)
     if output.exists() and not force:
         raise UserError(f"output {output} already exists; choose another path or pass --force to replace it")
+    from .export.spec import model_spec
+
     model_dir = resolve_source(source)
     config = read_config(model_dir)
     family = check_causal_lm(config, str(model_dir))
+    model_spec(config, str(model_dir / "config.json"), "re-download the model")  # exportable: checked now, not after
     if is_quantized_checkpoint(config):
         raise UserError(f"{source} is already a quantized checkpoint; give the float model to quantize")
     texts, calib_source = [], "none (rtn)"

@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 CHILD = r"""
 import json, sys
 from pathlib import Path
+import jinja2, numpy, onnxruntime, tokenizers  # the runtime's libraries, loaded before the first reading
 from awq_edge.memory import peak_rss_bytes
 from awq_edge.tokenizer import Tokenizer
 engine_dir, context, new_tokens = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

@@ -247,7 +247,7 @@ def test_no_number_in_the_engine_metadata_moves_the_plan(folders, tmp_path):
             shutil.rmtree(engine)
 
 
-@fuzz_settings(60)
+@fuzz_settings(240)
 @given(data=st.data())
 def test_run_on_a_mutated_engine(folders, tmp_path_factory, data):
     engine = linked_copy(folders["engine"], tmp_path_factory.mktemp("e") / "engine")
@@ -261,7 +261,7 @@ def test_run_on_a_mutated_engine(folders, tmp_path_factory, data):
     shutil.rmtree(engine.parent)
 
 
-@fuzz_settings(30)
+@fuzz_settings(120)
 @given(data=st.data())
 def test_build_from_a_mutated_export(folders, tmp_path_factory, data):
     work = tmp_path_factory.mktemp("x")
@@ -285,7 +285,7 @@ def test_build_from_a_mutated_export(folders, tmp_path_factory, data):
 
 
 @pytest.mark.parametrize("checkpoint_format", ["checkpoint", "compressed-tensors"])
-@fuzz_settings(16)
+@fuzz_settings(48)
 @given(data=st.data())
 def test_export_and_eval_of_a_mutated_checkpoint(folders, tmp_path_factory, checkpoint_format, data):
     work = tmp_path_factory.mktemp("c")
