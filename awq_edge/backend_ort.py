@@ -21,7 +21,6 @@ No torch here: this runs on a device with numpy and onnxruntime only.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -29,9 +28,14 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .engine_dir import MODEL_FILE, ExportInfo, read_export_info
 from .errors import UserError
 
 ORT_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def physical_cores() -> int:
@@ -58,32 +62,32 @@ def session_options(threads: int | None, accuracy_level: int = 0) -> ort.Session
 
 
 class OrtBackend:
-    def __init__(self, export_dir: Path, max_context: int, threads: int | None = None):
+    def __init__(self, export_dir: Path, max_context: int, threads: int | None = None,
+                 info: ExportInfo | None = None):
+        """info: export.json as checked by the engine (Engine.load); read and checked here when None."""
         export_dir = Path(export_dir)
-        try:
-            info = json.loads((export_dir / "export.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            raise UserError(f"{export_dir} has no readable export.json; export a model first with "
-                            "`awq-edge export CKPT OUT --target ort`") from None
-        if info.get("target") == "trt":
+        info = info or read_export_info(export_dir)
+        if info.target == "trt":
             raise UserError(f"{export_dir} was exported for TensorRT (AwqMatMulW4A16 plugin ops); "
                             "export with --target ort or onnx for the CPU, or use "
                             "awq_edge.export.cpu_standin for tests")
-        if max_context < 1:
-            raise UserError(f"max_context must be at least 1, got {max_context}")
+        if not 1 <= max_context <= info.max_position_embeddings:
+            raise UserError(f"max_context must be 1..{info.max_position_embeddings}, got {max_context}")
         self.info = info
-        self.kv_mode = info["kv_mode"]
-        self.num_layers = int(info["num_layers"])
-        self.vocab_size = int(info["vocab_size"])
-        self.all_logits = bool(info.get("all_logits"))
+        self.kv_mode = info.kv_mode
+        self.num_layers = info.num_layers
+        self.vocab_size = info.vocab_size
+        self.all_logits = info.all_logits
         self.max_context = int(max_context)
         self.position = 0
-        self.kv_dtype = np.dtype(ORT_DTYPES[info["act_dtype"]])
-        self.kv_shape = (1, int(info["num_kv_heads"]), self.max_context, int(info["head_dim"]))
-        self.session = ort.InferenceSession(
-            str(export_dir / "model.onnx"),
-            session_options(threads, int(info.get("matmul_accuracy_level", 0))),
-            providers=["CPUExecutionProvider"])
+        self.kv_dtype = np.dtype(ORT_DTYPES[info.act_dtype])
+        self.kv_shape = (1, info.num_kv_heads, self.max_context, info.head_dim)
+        model_path = export_dir / MODEL_FILE
+        try:
+            self.session = ort.InferenceSession(str(model_path), session_options(threads, info.matmul_accuracy_level),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT's Fail / InvalidGraph / InvalidProtobuf ...: a file it cannot run
+            raise UserError(f"ONNX Runtime cannot load {model_path}: {_first_line(e)}; rebuild or re-copy it") from None
         self.binding = self.session.io_binding()
         self._past_length = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, dtype=np.int64))
         self.binding.bind_ortvalue_input("past_length", self._past_length)
@@ -102,28 +106,25 @@ class OrtBackend:
                     self._cache.append(buf)
                     self.binding.bind_ortvalue_input(f"past_{kind}.{i}", buf)
                     self.binding.bind_ortvalue_output(f"present_{kind}.{i}", buf)
-        elif self.kv_mode == "concat":
+        else:  # concat
             self._ort_allocated += [f"present_{kind}.{i}" for i in range(self.num_layers) for kind in ("key", "value")]
             self._set_past([np.zeros(self.kv_shape[:2] + (0,) + self.kv_shape[3:], self.kv_dtype)] * (2 * self.num_layers))
-        else:
-            raise UserError(f"{export_dir}/export.json has unknown kv_mode {self.kv_mode!r}; re-export the model")
         if self.all_logits:
             self._ort_allocated.append("logits")
         self.exact_head = None
-        if info.get("lm_head_exact"):
-            self._open_exact_head(export_dir, info["lm_head_exact"])
+        if info.lm_head_exact:
+            self._open_exact_head(export_dir, info.lm_head_exact)
 
     def _open_exact_head(self, export_dir: Path, spec: dict) -> None:
+        """spec: export.json's lm_head_exact, checked (engine_dir): a listed file of rows x cols fp16."""
         path = export_dir / spec["file"]
-        rows, cols = int(spec["rows"]), int(spec["cols"])
-        if spec.get("dtype") != "float16" or rows != self.vocab_size:
-            raise UserError(f"{export_dir}/export.json: lm_head_exact {spec} does not fit this model; re-export it")
+        rows, cols = spec["rows"], spec["cols"]
         try:  # read-only map: only the rows of the candidates are ever paged in
             self.exact_head = np.memmap(path, dtype="<f2", mode="r", shape=(rows, cols))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot map {path} ({e}); re-export the model") from None
-        self.rescore_k = min(int(spec.get("top_k", 64)), rows)
-        self.softcap = spec.get("final_softcap")
+        self.rescore_k = spec["top_k"]
+        self.softcap = spec["final_softcap"]
         self._hidden = ort.OrtValue.ortvalue_from_shape_and_type([1, cols], np.float32)
         self.binding.bind_ortvalue_output("last_hidden", self._hidden)
         self._rows16 = np.empty((self.rescore_k, cols), np.float16)  # reused every step
@@ -169,7 +170,10 @@ class OrtBackend:
         self._past_length.update_inplace(np.array([self.position], dtype=np.int64))
         for name in self._ort_allocated:  # outputs whose shape changes per step: ORT allocates them
             self.binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(self.binding)
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as e:  # e.g. a graph whose shapes do not hold at run time
+            raise UserError(f"ONNX Runtime failed to run the model: {_first_line(e)}; rebuild the engine") from None
         self.position += n
         if self._ort_allocated:
             outputs = dict(zip(self._ort_allocated, self.binding.get_outputs()[-len(self._ort_allocated):]))

@@ -3,7 +3,8 @@
 SRC may be
   - a float model (Hugging Face dir, .gguf, `smollm2`): quantized with the default AWQ
     settings (needs torch), then exported;
-  - an AWQ checkpoint (config.json with quantization_config.quant_method == "awq"): exported;
+  - a quantized checkpoint (config.json with quantization_config.quant_method "awq", or
+    "compressed-tensors" W4A16 as llm-compressor writes it): exported;
   - an ONNX export dir (export.json beside model.onnx): copied.
 
 CPU engines (ONNX Runtime) hold
@@ -20,18 +21,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
-from .checkpoint import commit_staging, copy_tokenizer, output_staging
-from .checkpoint import sha256_file
-from .engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST, engine_plan
+from .checkpoint import commit_staging, output_staging, temp_dir_beside
+from .engine import engine_plan
+from .engine_dir import (ENGINE_FORMAT, ENGINE_FORMAT_VERSION, EXPORT_INFO, MANIFEST, read_export_info)
 from .errors import UserError
-
-# An export dir must have these (the runtime reads both).
-MODEL_FILES_NEEDED = ("model.onnx", "export.json")
+from .untrusted import file_record, read_json
 
 
 def _version(package: str) -> str:
@@ -47,12 +45,12 @@ def source_kind(source: str) -> str:
     if path.is_dir():
         if (path / MANIFEST).exists():
             raise UserError(f"{source} is already an engine; give a model, an AWQ checkpoint or an export dir")
-        if (path / "export.json").exists():
+        if (path / EXPORT_INFO).exists():
             return "export"
         if (path / "config.json").exists():
-            from .model import is_awq_checkpoint, read_config
+            from .model import is_quantized_checkpoint, read_config
 
-            if is_awq_checkpoint(read_config(path)):
+            if is_quantized_checkpoint(read_config(path)):
                 return "checkpoint"
     return "model"
 
@@ -76,24 +74,13 @@ def _export(checkpoint: Path, out: Path, target: str, lm_head_bits="auto") -> Pa
     return Path(export_checkpoint(checkpoint, out, target=target, force=True, lm_head_bits=lm_head_bits) or out)
 
 
-def _read_export(export_dir: Path) -> dict:
-    try:
-        info = json.loads((export_dir / "export.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{export_dir}/export.json cannot be read ({e}); export the checkpoint again") from None
-    for name in MODEL_FILES_NEEDED:
-        if not (export_dir / name).exists():
-            raise UserError(f"{export_dir} has no {name}; export the checkpoint again")
-    return info
-
-
-def _checkpoint_metadata(checkpoint: Path | None) -> tuple[dict, dict]:
-    """(config.json, awq_edge.json) of the checkpoint, when there is one."""
-    if checkpoint is None:
-        return {}, {}
-    config = json.loads((checkpoint / "config.json").read_text())
-    meta_path = checkpoint / "awq_edge.json"
-    return config, json.loads(meta_path.read_text()) if meta_path.exists() else {}
+def _quantization_settings(checkpoint: Path | None) -> dict:
+    """The quantizer's settings from a checkpoint's awq_edge.json (ours), else {}."""
+    meta = checkpoint / "awq_edge.json" if checkpoint is not None else None
+    if meta is None or not meta.is_file():
+        return {}
+    settings = read_json(meta, "quantize the model again").get("settings")
+    return settings if isinstance(settings, dict) else {}
 
 
 def build_engine(source: str, device: str = "cpu", output: Path | str = "engine", max_memory=None,
@@ -124,51 +111,40 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
         return _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress)
 
     staging = output_staging(output, force)
-    work = Path(tempfile.mkdtemp(prefix=".build-work-", dir=staging.parent))
+    work = temp_dir_beside(output, "work")
     try:
         checkpoint = None
         if kind == "model":
             checkpoint = _quantize(source, work / "checkpoint", progress)
         elif kind == "checkpoint":
             checkpoint = Path(source)
-        if checkpoint is not None:
-            export_dir = _export(checkpoint, work / "export", "ort", lm_head_bits)
-        else:
-            export_dir = Path(source)
-        info = _read_export(export_dir)
-        if info.get("target") == "trt":
-            raise UserError(f"{export_dir} is a TensorRT export (custom ops ONNX Runtime cannot run); "
+        export_dir = _export(checkpoint, work / "export", "ort", lm_head_bits) if checkpoint else Path(source)
+        info = read_export_info(export_dir)  # checks the export's files and graph (an export dir is untrusted)
+        if info.target not in ("ort", "onnx"):
+            raise UserError(f"{export_dir} is a {info.target} export (ops ONNX Runtime cannot run); "
                             "export with --target ort for --device cpu")
-        config, meta = _checkpoint_metadata(checkpoint)
-        config = config or info.get("config") or {}
+        if "tokenizer.json" not in info.files:
+            raise UserError(f"no tokenizer.json in {checkpoint or export_dir}; the engine needs the model's tokenizer")
 
         # The plan first: refuse before copying gigabytes.
         manifest = {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION, "backend": "ort",
                     "device": dev.name}
-        plan = engine_plan(output, manifest, info, config, max_memory, max_context)
+        plan = engine_plan(manifest, info, max_memory, max_context, at_load=False)
 
-        for f in export_dir.iterdir():
-            if f.is_file():
-                (shutil.move if export_dir.is_relative_to(work) else shutil.copy2)(str(f), staging / f.name)
-        if checkpoint is not None:
-            copy_tokenizer(checkpoint, staging)
-        if not (staging / "tokenizer.json").exists():
-            raise UserError(f"no tokenizer.json in {checkpoint or export_dir}; the engine needs the model's tokenizer")
-        if config and not (staging / "config.json").exists():
-            (staging / "config.json").write_text(json.dumps(config, indent=2))
-
-        quant = meta.get("settings") or info.get("quantization") or config.get("quantization_config") or {}
+        move = shutil.move if export_dir.is_relative_to(work) else shutil.copy2
+        for name in [*info.files, EXPORT_INFO]:  # exactly what the export lists (names checked plain)
+            move(str(export_dir / name), staging / name)
+        config = info.config
         manifest.update({
             "model": {"source": str(source), "source_kind": kind,
-                      "model_type": config.get("model_type"), "architectures": config.get("architectures"),
-                      "family": meta.get("family")},
-            "quantization": quant,
+                      "model_type": config.get("model_type"), "architectures": config.get("architectures")},
+            "quantization": (_quantization_settings(checkpoint) or info.quantization.get("settings")
+                             or info.quantization),
             "memory_plan": plan.to_dict(),
             "versions": {"awq_edge": _version("awq-edge"), "onnx": _version("onnx"),
                          "onnxruntime": _version("onnxruntime")},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
-                      for f in sorted(staging.iterdir()) if f.is_file()},
+            "files": {f.name: file_record(f) for f in sorted(staging.iterdir())},
         })
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         commit_staging(staging, output)
@@ -184,16 +160,15 @@ def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progre
     except ImportError as e:
         raise UserError(f"TensorRT engine building is not available in this install ({e}); "
                         "build with --device cpu or install awq-edge with its TensorRT parts") from None
-    work = Path(tempfile.mkdtemp(prefix=".build-work-", dir=output.parent if output.parent.exists() else None))
+    work = temp_dir_beside(output, "work")
     try:
         if kind == "export":
             export_dir = Path(source)
-            if _read_export(export_dir).get("target") != "trt":
+            if read_export_info(export_dir, graph=False).target != "trt":
                 raise UserError(f"{source} is not a TensorRT export; run `awq-edge export CKPT --target trt` first")
         else:
             checkpoint = _quantize(source, work / "checkpoint", progress) if kind == "model" else Path(source)
             export_dir = _export(checkpoint, work / "export", "trt")
-            copy_tokenizer(checkpoint, export_dir)  # trt_build copies tokenizer files from the export
         build_trt_engine(export_dir, dev, output, max_memory=max_memory, max_context=max_context, force=force)
     finally:
         shutil.rmtree(work, ignore_errors=True)

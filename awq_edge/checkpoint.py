@@ -1,4 +1,4 @@
-"""AWQ checkpoints on disk: AutoAWQ "gemm" safetensors + config.json, plus our metadata.
+"""Quantized checkpoints on disk: AutoAWQ "gemm" (the default) or compressed-tensors, plus our metadata.
 
 Directory layout (what `awq-edge quantize` writes, and what AutoAWQ writes too):
     config.json             the model config + quantization_config
@@ -8,11 +8,17 @@ Directory layout (what `awq-edge quantize` writes, and what AutoAWQ writes too):
     tokenizer files         tokenizer.json, tokenizer_config.json (with the chat template), ...
     awq_edge.json           ours: settings, calibration source, per-layer loss, timings
 
+`--format compressed-tensors` writes llm-compressor's layout instead (ct_checkpoint.py), and
+read_checkpoint reads either into the same Checkpoint. docs/formats.md describes both.
+
 Reading needs numpy and safetensors only (no torch), so the exporter can use it on a device.
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,9 +28,11 @@ import numpy as np
 
 from . import packing
 from .errors import UserError
+from .untrusted import Fields, read_json
 
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METADATA_FILE = "awq_edge.json"
+CHECKPOINT_FORMATS = ("awq", "compressed-tensors")  # what `awq-edge quantize --format` writes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
@@ -62,20 +70,46 @@ def quantization_config(group_size: int) -> dict:
 
 # ---------------------------------------------------------------- writing
 
+def temp_dir_beside(output: Path, kind: str) -> Path:
+    """A new temp dir next to OUTPUT, `.{name}.{kind}-{pid}-XXXXXXXX`, for writing OUTPUT whole.
+
+    First removes the temp dirs of OUTPUT that a process which no longer runs left behind
+    (killed by SIGKILL, or a power loss): the pid in their name says whose they are."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{glob.escape(output.name)}.*-*-*"):
+        owner = _TEMP_OWNER.fullmatch(stale.name[len(output.name) + 2:])
+        if owner and not _process_alive(int(owner.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.{kind}-{os.getpid()}-"))
+
+
+_TEMP_OWNER = re.compile(r"(?:tmp|work|old)-(\d{1,10})-\w+")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid we can ask about: leave it
+    return True
+
+
 def output_staging(output: Path, force: bool) -> Path:
     """Refuse an existing output unless forced; return a temp dir beside it to write into."""
     if output.exists() and not force:
         raise UserError(f"output {output} already exists; choose another path or pass --force to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    return temp_dir_beside(output, "tmp")
 
 
 def commit_staging(staging: Path, output: Path) -> None:
     """Move a finished staging dir into place; an old output is only removed once the new one is whole."""
     trash = None
     if output.exists():
-        trash = output.with_name(f".{output.name}.old-{staging.name[-8:]}")
-        output.rename(trash)
+        trash = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-{os.getpid()}-"))
+        output.rename(trash / output.name)
     staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
     for f in staging.iterdir():
         f.chmod(0o644)
@@ -85,39 +119,39 @@ def commit_staging(staging: Path, output: Path) -> None:
 
 
 def write_checkpoint(staging: Path, config: dict, linears: dict[str, QuantizedLinear],
-                     tensors: dict[str, np.ndarray], metadata: dict, tokenizer_dir: Path | None) -> None:
+                     tensors: dict[str, np.ndarray], metadata: dict, tokenizer_dir: Path | None,
+                     checkpoint_format: str = "awq") -> None:
+    """Write a checkpoint in CHECKPOINT_FORMATS into staging (see output_staging)."""
     from safetensors.numpy import save_file
 
+    from . import ct_checkpoint
+
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise UserError(f"--format {checkpoint_format} is unknown; use {' or '.join(CHECKPOINT_FORMATS)}")
     out: dict[str, np.ndarray] = {}
     for name, t in tensors.items():
         out[name] = np.ascontiguousarray(t.astype(np.float16))
     group_size = None
     for prefix, lin in linears.items():
         group_size = lin.group_size
-        for key, value in packing.to_awq_gemm(lin.q, lin.scales, lin.zeros, lin.group_size).items():
+        if checkpoint_format == "awq":
+            packed = packing.to_awq_gemm(lin.q, lin.scales, lin.zeros, lin.group_size)
+        else:
+            packed = ct_checkpoint.linear_tensors(prefix, lin)
+        for key, value in packed.items():
             out[f"{prefix}.{key}"] = value
         if lin.bias is not None:
             out[f"{prefix}.bias"] = lin.bias.astype(np.float16)
     save_file(out, str(staging / "model.safetensors"), metadata={"format": "pt"})
     config = dict(config)
-    config["quantization_config"] = quantization_config(group_size)
+    config["quantization_config"] = (quantization_config(group_size) if checkpoint_format == "awq"
+                                     else ct_checkpoint.quantization_config(group_size))
     config["torch_dtype"] = "float16"
     config.pop("dtype", None)
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, staging)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (manifests record one per file)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
@@ -136,44 +170,78 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read ours or an AutoAWQ GEMM checkpoint into numpy arrays (unpacked INT4)."""
+    """Read ours, an AutoAWQ GEMM or a compressed-tensors checkpoint into numpy arrays (unpacked INT4).
+
+    A checkpoint is untrusted input: the quantization config is typed and bounded, every
+    quantized linear's tensors must have AutoAWQ's dtypes and agree in shape, and the group
+    size must be one the grouping supports. (Shapes against the model config: export.spec.)"""
+    from . import ct_checkpoint
+
+    if ct_checkpoint.is_ct_dir(Path(path)):  # llm-compressor's format has its own reader
+        return ct_checkpoint.read_ct_checkpoint(path)
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{path} has no readable config.json; give an AWQ checkpoint directory") from None
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != "awq":
+    fix = "quantize the model again with `awq-edge quantize`"
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no readable config.json; give an AWQ checkpoint directory")
+    config = read_json(path / "config.json", fix)
+    qc_raw = config.get("quantization_config")
+    if not isinstance(qc_raw, dict) or qc_raw.get("quant_method") != "awq":
         raise UserError(f"{path} is not an AWQ checkpoint (no quantization_config.quant_method=awq); "
                         "quantize it first with `awq-edge quantize`")
-    if qc.get("version", "gemm").lower() != "gemm" or qc.get("bits", 4) != 4 or not qc.get("zero_point", True):
-        raise UserError(f"{path} uses AWQ {qc.get('version')} {qc.get('bits')}-bit; "
+    qc = Fields(qc_raw, f"{path / 'config.json'} quantization_config", fix)
+    version, bits, zero_point = qc.str("version", default="gemm"), qc.int("bits", 1, 64, default=4), \
+        qc.bool("zero_point", default=True)
+    if version.lower() != "gemm" or bits != 4 or not zero_point:
+        raise UserError(f"{path} uses AWQ {version} {bits}-bit{'' if zero_point else ' without zero points'}; "
                         "only the 4-bit zero-point 'gemm' layout is supported")
+    group_hint = qc.int("group_size", 1, 1 << 20, default=128)
     raw: dict[str, np.ndarray] = {}
     for f in _weight_files(path):
         try:
             raw.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"could not read {f}: {e}; the file is truncated or corrupt") from None
-    group_hint = int(qc.get("group_size", 128))
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise UserError(f"could not read {f}: {str(e)[:200]}; the file is truncated or corrupt") from None
     linears: dict[str, QuantizedLinear] = {}
     for key in [k for k in raw if k.endswith(".qweight")]:
         prefix = key[: -len(".qweight")]
         try:
-            q, scales, zeros = packing.from_awq_gemm(raw.pop(key), raw.pop(prefix + ".qzeros"), raw.pop(prefix + ".scales"))
+            parts = [raw.pop(prefix + suffix) for suffix in (".qweight", ".qzeros", ".scales")]
         except KeyError as e:
             raise UserError(f"{path}: {prefix} lacks {e}; the checkpoint is incomplete") from None
-        group_size = packing.infer_group_size(q.shape[1], scales.shape[1], group_hint)
-        bias = raw.pop(prefix + ".bias", None)
-        linears[prefix] = QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias)
+        linears[prefix] = _awq_linear(prefix, *parts, raw.pop(prefix + ".bias", None), group_hint, path)
     if not linears:
         raise UserError(f"{path} holds no quantized linears (*.qweight); the checkpoint is incomplete")
     meta_file = path / METADATA_FILE
-    metadata = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    metadata = read_json(meta_file, fix) if meta_file.is_file() else {}
     return Checkpoint(config, group_hint, linears, raw, metadata)
+
+
+def _awq_linear(prefix: str, qweight, qzeros, scales, bias, group_hint: int, path: Path) -> QuantizedLinear:
+    """One AutoAWQ GEMM linear, its tensors checked: qweight int32 [in, out/8], qzeros int32
+    [groups, out/8], scales float [groups, out], bias [out]; groups = ceil(in / group size)."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{path}: {prefix} {what}; the checkpoint is corrupt or not AutoAWQ GEMM")
+
+    if qweight.dtype != np.int32 or qzeros.dtype != np.int32 or scales.dtype not in (np.float16, np.float32):
+        raise bad(f"has dtypes qweight {qweight.dtype}, qzeros {qzeros.dtype}, scales {scales.dtype} "
+                  "(int32, int32, float16 expected)")
+    if qweight.ndim != 2 or qzeros.ndim != 2 or scales.ndim != 2:
+        raise bad("has tensors that are not 2-D")
+    in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
+    if qzeros.shape[1] * 8 != out_features or scales.shape != (qzeros.shape[0], out_features) or in_features < 1:
+        raise bad(f"has inconsistent shapes: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, "
+                  f"scales {list(scales.shape)}")
+    try:
+        group_size = packing.infer_group_size(in_features, scales.shape[0], group_hint)
+    except ValueError as e:
+        raise bad(str(e)) from None
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype not in (np.float16, np.float32)):
+        raise bad(f"has a bias of shape {list(bias.shape)} ({bias.dtype}), not [{out_features}] float")
+    q, scales, zeros = packing.from_awq_gemm(qweight, qzeros, scales)
+    return QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias)
 
 
 def load_awq_as_float(path: Path, dtype=None):
@@ -181,16 +249,28 @@ def load_awq_as_float(path: Path, dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .export.spec import check_checkpoint_shapes, model_spec
+
+    path = Path(path)
     ckpt = read_checkpoint(path)
     config_dict = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
-    config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    check_checkpoint_shapes(ckpt.linears, ckpt.tensors, model_spec(config_dict, str(path / "config.json")), str(path))
+    try:  # transformers validates the rest of the config in its own way
+        config = AutoConfig.for_model(**config_dict)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as e:
+        raise UserError(f"transformers cannot build the model of {path / 'config.json'} ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:150]}); the config is corrupt") from None
     state = {name: torch.from_numpy(t.astype(np.float32)) for name, t in ckpt.tensors.items()}
     for prefix, lin in ckpt.linears.items():
         state[prefix + ".weight"] = torch.from_numpy(lin.dequantize())
         if lin.bias is not None:
             state[prefix + ".bias"] = torch.from_numpy(lin.bias.astype(np.float32))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes transformers derives from the config differently (a default it fills in)
+        raise UserError(f"{path} does not match the model transformers builds from its config.json "
+                        f"({(str(e).strip().splitlines() or [''])[-1].strip()[:150]}); the config is corrupt") from None
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise UserError(f"{path} does not match its config.json (missing {missing[:3]}, "

@@ -1,16 +1,21 @@
 """The `awq-edge` command line (typer). Each command is a thin shell over a module function.
 
 Errors a user can fix are raised as UserError anywhere below and printed here as
-one line, `error: ...`, with exit code 1.
+one line, `error: ...`, with exit code 1. So are a file that cannot be read or written
+(OSError, naming the file) and running out of memory. Anything else is a bug: one line
+saying so, exit code 2 (AWQ_EDGE_DEBUG=1 shows the traceback). SIGTERM and SIGHUP unwind
+like Ctrl-C, so every temp dir of an unfinished output is removed on the way out.
 """
 from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
 from .errors import UserError
@@ -23,15 +28,37 @@ app.add_typer(data_app, name="data")
 
 
 def user_errors(fn):
-    """Turn a UserError into `error: ...` on stderr and exit code 1 (no traceback)."""
+    """Every failure of a command as one `error: ...` line on stderr and a non-zero exit code."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except UserError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
+            message, code = str(e), 1
+        except OSError as e:  # disk full, permissions, a vanished file: say which file
+            where = " ".join(str(f) for f in (e.filename, e.filename2) if f)
+            message, code = f"{e.strerror or type(e).__name__}{': ' + where if where else ''}; check the path", 1
+        except MemoryError:
+            message, code = "out of memory; lower --max-memory or --max-context, or use a smaller model", 1
+        except Exception as e:
+            if os.environ.get("AWQ_EDGE_DEBUG"):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            message, code = (f"internal error ({type(e).__name__}: {first}); please report it with the output "
+                             "of the same command run with AWQ_EDGE_DEBUG=1"), 2
+        typer.echo(f"error: {' '.join(message.split())}", err=True)
+        raise typer.Exit(code)
     return wrapper
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP (timeout, docker stop, systemd, a closed terminal): unwinds like Ctrl-C."""
+
+
+def _stop(signum, _frame):
+    raise Stopped(signum)
 
 
 # ---------------------------------------------------------------- devices and data
@@ -81,24 +108,29 @@ def quantize(
                                               "earlier rounding errors; nearest: the AWQ reference's rounding "
                                               "(docs/quantizer.md)"),
     device: str = typer.Option("auto", help="cpu, cuda, or auto"),
+    checkpoint_format: str = typer.Option("awq", "--format",
+                                          help="awq (AutoAWQ GEMM) or compressed-tensors (llm-compressor's "
+                                               "pack-quantized W4A16; no short last group); see docs/formats.md"),
     force: bool = typer.Option(False, help="replace OUTPUT if it exists"),
 ):
-    """Quantize MODEL to 4-bit AWQ and write an AutoAWQ-compatible checkpoint."""
+    """Quantize MODEL to 4-bit AWQ and write an AutoAWQ (or compressed-tensors) checkpoint."""
     require_torch("`awq-edge quantize` runs on the host and")
     from .quantize import QuantizeSettings, quantize_checkpoint
 
     settings = QuantizeSettings(method=method, group_size=group_size, calib_samples=calib_samples,
                                 calib_seqlen=calib_seqlen, calib_seed=calib_seed, duo_scaling=duo_scaling,
                                 rounding=rounding, device=device)
-    meta = quantize_checkpoint(model, output, settings, str(calib) if calib else None, force=force)
-    typer.echo(f"wrote {output} ({method}, group {group_size}) in {meta['seconds']:.0f} s, "
+    meta = quantize_checkpoint(model, output, settings, str(calib) if calib else None, force=force,
+                               checkpoint_format=checkpoint_format)
+    typer.echo(f"wrote {output} ({method}, group {group_size}, {checkpoint_format}) in {meta['seconds']:.0f} s, "
                f"peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB")
 
 
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    model: str = typer.Argument(..., help="float model (dir, .gguf, `smollm2`) or an AWQ checkpoint"),
+    model: str = typer.Argument(..., help="float model (dir, .gguf, `smollm2`) or a quantized checkpoint "
+                                          "(AWQ or compressed-tensors)"),
     text: Optional[Path] = typer.Option(None, help="text to score; default: the built-in Wikipedia evaluation split"),
     seqlen: int = typer.Option(1024, help="tokens per window"),
     windows: Optional[int] = typer.Option(None, help="score only the first N windows"),
@@ -128,7 +160,11 @@ def eval_cmd(
         from .quantize import QuantizeSettings, fake_quantize_model
 
         fake_quantize_model(lm, QuantizeSettings(method="rtn", group_size=group_size))
-    result = perplexity(lm, tokenizer, body, seqlen=seqlen, windows=windows, progress=not json_out)
+    try:
+        result = perplexity(lm, tokenizer, body, seqlen=seqlen, windows=windows, progress=not json_out)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:  # torch's errors on a model it cannot run
+        raise UserError(f"the model of {model} fails to run ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:150]}); its config.json may be corrupt") from None
     result.update({"model": model, "method": method, "family": family.name, "text": str(text_path)})
     if json_out:
         typer.echo(json.dumps(result))
@@ -154,7 +190,8 @@ def _lm_head_bits(choice: str):
 @app.command("export")
 @user_errors
 def export_cmd(
-    checkpoint: Path = typer.Argument(..., help="AWQ checkpoint directory (awq-edge quantize)"),
+    checkpoint: Path = typer.Argument(..., help="quantized checkpoint directory: AWQ (awq-edge quantize, "
+                                               "AutoAWQ) or compressed-tensors W4A16"),
     target: str = typer.Option("ort", help="ort (ONNX Runtime CPU), trt (TensorRT plugin ops) or onnx (standard ops)"),
     output: Path = typer.Option(..., "--output", "-o", help="directory to write model.onnx + export.json into"),
     lm_head: str = typer.Option("auto", help=LM_HEAD_HELP),
@@ -172,7 +209,8 @@ def export_cmd(
 @app.command()
 @user_errors
 def build(
-    source: str = typer.Argument(..., help="float model (HF dir, .gguf, `smollm2`), AWQ checkpoint, or export dir"),
+    source: str = typer.Argument(..., help="float model (HF dir, .gguf, `smollm2`), quantized checkpoint "
+                                          "(AWQ or compressed-tensors), or export dir"),
     device: str = typer.Option("cpu", help="cpu, or a GPU profile: orin, orin-*, rtx4090, rtx4070-laptop"),
     output: Path = typer.Option(..., "--output", "-o", help="engine directory to write"),
     max_memory: Optional[str] = typer.Option(None, help="memory cap, e.g. 2GB, 512MiB, 1.5 (GiB); default: the device's"),
@@ -428,8 +466,16 @@ def serve(
     serve_forever(eng, sock, name or Path(os.path.abspath(engine)).name, queue_size, api_key, body_limit)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:
+    """The console entry point: the commands, with SIGTERM and SIGHUP turned into a clean stop."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _stop)
+    try:
+        app()
+    except Stopped as e:
+        typer.echo(f"error: stopped by {signal.Signals(e.args[0]).name}; unfinished output was removed", err=True)
+        sys.exit(128 + e.args[0])
 
 
 if __name__ == "__main__":  # pragma: no cover

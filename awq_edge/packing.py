@@ -17,6 +17,16 @@ Layouts:
     qweight int32 [in, out/8]; nibble i (bits 4i..4i+3) of word j holds column
     8j + AWQ_ORDER[i]; qzeros int32 [groups, out/8] packed the same way;
     scales fp16 [groups, out].
+- compressed-tensors "pack-quantized" (llm-compressor's W4A16 checkpoint; vLLM and
+  transformers read it): q and zero points are stored as SIGNED int4 (-8..7) plus 8,
+  so the stored nibble is exactly our 0..15 value:
+    weight_packed     int32 [out, ceil(in/8)]; nibble i of word j holds column 8j + i
+                      (natural order, low nibble first), padded with 0 to a multiple of 8;
+    weight_zero_point int32 [ceil(out/8), groups] (asymmetric only): packed the same way
+                      but along OUT: nibble i of word [j, g] holds row 8j + i of group g;
+    weight_scale      float [out, groups];  weight_shape int [2] = (out, in).
+  Symmetric checkpoints store no zero point: signed q * scale = (q + 8 - 8) * scale,
+  i.e. zeros = 8. The format has no short last group: in % group_size must be 0.
 """
 from __future__ import annotations
 
@@ -28,6 +38,10 @@ import numpy as np
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # Where column c of a block sits: AWQ_REVERSE_ORDER[c] = nibble index.
 AWQ_REVERSE_ORDER = tuple(AWQ_ORDER.index(c) for c in range(8))
+# compressed-tensors packs in plain order: nibble i holds column i.
+CT_ORDER = tuple(range(8))
+# compressed-tensors stores int4 as signed -8..7 plus this offset in each nibble.
+CT_OFFSET = 8
 
 BITS = 4
 MAX_INT = 15
@@ -43,8 +57,9 @@ def group_index(in_features: int, group_size: int) -> np.ndarray:
     return np.arange(in_features) // group_size
 
 
-def pack_int4(q: np.ndarray) -> np.ndarray:
-    """uint8 [rows, cols] (0..15), cols % 8 == 0 -> int32 [rows, cols/8] in AutoAWQ order."""
+def pack_int4(q: np.ndarray, order=AWQ_ORDER) -> np.ndarray:
+    """uint8 [rows, cols] (0..15), cols % 8 == 0 -> int32 [rows, cols/8]; nibble i of a word
+    holds column order[i] of its 8-column block (AutoAWQ order unless told)."""
     q = np.asarray(q)
     rows, cols = q.shape
     if cols % 8:
@@ -53,17 +68,17 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
         raise ValueError("pack_int4 takes integers in 0..15")
     blocks = q.astype(np.uint32).reshape(rows, cols // 8, 8)
     packed = np.zeros((rows, cols // 8), dtype=np.uint32)
-    for nibble, column in enumerate(AWQ_ORDER):
+    for nibble, column in enumerate(order):
         packed |= blocks[:, :, column] << np.uint32(4 * nibble)
     return packed.view(np.int32)
 
 
-def unpack_int4(packed: np.ndarray) -> np.ndarray:
-    """int32 [rows, cols/8] in AutoAWQ order -> uint8 [rows, cols]."""
+def unpack_int4(packed: np.ndarray, order=AWQ_ORDER) -> np.ndarray:
+    """int32 [rows, cols/8] (AutoAWQ order unless told) -> uint8 [rows, cols]."""
     words = np.asarray(packed).view(np.uint32)
     rows, blocks = words.shape
     out = np.empty((rows, blocks, 8), dtype=np.uint8)
-    for nibble, column in enumerate(AWQ_ORDER):
+    for nibble, column in enumerate(order):
         out[:, :, column] = (words >> np.uint32(4 * nibble)) & np.uint32(0xF)
     return out.reshape(rows, blocks * 8)
 
@@ -98,6 +113,69 @@ def from_awq_gemm(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray):
             f"inconsistent AWQ tensors: qweight {qweight.shape}, qzeros {qzeros.shape}, scales {scales.shape}"
         )
     return np.ascontiguousarray(q), np.ascontiguousarray(scales), np.ascontiguousarray(zeros)
+
+
+# ---------------------------------------------------------------- compressed-tensors pack-quantized layout
+
+def _pack_rows_ct(values: np.ndarray) -> np.ndarray:
+    """uint8 [rows, cols] (0..15) -> int32 [rows, ceil(cols/8)] in plain nibble order, zero-padded."""
+    rows, cols = values.shape
+    padded = np.zeros((rows, 8 * num_groups(cols, 8)), dtype=np.uint8)
+    padded[:, :cols] = values
+    return pack_int4(padded, CT_ORDER)
+
+
+def to_compressed_tensors(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
+                          group_size: int) -> dict[str, np.ndarray]:
+    """Quantized weight -> the asymmetric pack-quantized tensors
+    {weight_packed, weight_scale, weight_zero_point, weight_shape}."""
+    check_quantized(q, scales, zeros, group_size)
+    out_features, in_features = q.shape
+    if in_features % group_size:
+        raise ValueError(f"{in_features} inputs are not a multiple of group size {group_size}, and "
+                         "compressed-tensors has no short last group")
+    return {
+        "weight_packed": _pack_rows_ct(q),
+        "weight_scale": np.ascontiguousarray(scales).astype(np.float16),
+        # packed along out: pack the transpose, transpose back
+        "weight_zero_point": np.ascontiguousarray(_pack_rows_ct(np.ascontiguousarray(zeros.T)).T),
+        "weight_shape": np.array([out_features, in_features], dtype=np.int64),
+    }
+
+
+def from_compressed_tensors(weight_packed: np.ndarray, weight_scale: np.ndarray,
+                            weight_zero_point: np.ndarray | None, weight_shape: np.ndarray, group_size: int):
+    """pack-quantized tensors -> (q uint8 [out, in], scales [out, groups], zeros uint8 [out, groups]).
+
+    weight_zero_point None means symmetric (zeros = 8). Every shape is checked against
+    weight_shape before anything is unpacked, so a lying weight_shape allocates nothing.
+    """
+    shape = np.asarray(weight_shape)
+    if shape.shape != (2,) or shape.dtype.kind not in "iu" or shape.min() < 1:
+        raise ValueError(f"weight_shape must be two positive integers [out, in], got {shape.tolist()}")
+    out_features, in_features = int(shape[0]), int(shape[1])
+    if in_features % group_size:
+        raise ValueError(f"{in_features} inputs are not a multiple of group size {group_size} "
+                         "(compressed-tensors has no short last group)")
+    groups = in_features // group_size
+    words = num_groups(in_features, 8)
+    if weight_packed.dtype != np.int32 or weight_packed.shape != (out_features, words):
+        raise ValueError(f"weight_packed must be int32 [{out_features}, {words}] for weight_shape "
+                         f"[{out_features}, {in_features}], got {weight_packed.dtype} {list(weight_packed.shape)}")
+    if weight_scale.dtype.kind != "f" or weight_scale.shape != (out_features, groups):
+        raise ValueError(f"weight_scale must be float [{out_features}, {groups}] at group {group_size}, "
+                         f"got {weight_scale.dtype} {list(weight_scale.shape)}")
+    q = unpack_int4(weight_packed, CT_ORDER)[:, :in_features]
+    if weight_zero_point is None:
+        zeros = np.full((out_features, groups), CT_OFFSET, dtype=np.uint8)
+    else:
+        zp_words = num_groups(out_features, 8)
+        if weight_zero_point.dtype != np.int32 or weight_zero_point.shape != (zp_words, groups):
+            raise ValueError(f"weight_zero_point must be int32 [{zp_words}, {groups}] (packed along the "
+                             f"{out_features} outputs), got {weight_zero_point.dtype} "
+                             f"{list(weight_zero_point.shape)}")
+        zeros = unpack_int4(np.ascontiguousarray(weight_zero_point.T), CT_ORDER)[:, :out_features].T
+    return np.ascontiguousarray(q), np.ascontiguousarray(weight_scale), np.ascontiguousarray(zeros)
 
 
 def infer_group_size(in_features: int, groups: int, hint: int | None = None) -> int:

@@ -483,7 +483,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 x = loss_inputs[g.input_of]
                 run = _module_runner(layer, g, x, kwargs, settings.batch_size)
                 s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
-                report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0]}
+                report["groups"][g.name] = {"alpha": alpha, "loss": min(losses), "loss_alpha0": losses[0],
+                                            "losses": losses}
                 _apply_group(g, s, family, loss_inputs, linears, grams)
 
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
@@ -569,26 +570,34 @@ def resolve_device(device: str) -> str:
 
 
 def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: str | None = None,
-                        force: bool = False, progress: bool = True) -> dict:
-    """`awq-edge quantize`: load, calibrate, quantize, and write a checkpoint atomically."""
+                        force: bool = False, progress: bool = True, checkpoint_format: str = "awq") -> dict:
+    """`awq-edge quantize`: load, calibrate, quantize, and write a checkpoint atomically.
+
+    checkpoint_format: "awq" (AutoAWQ GEMM) or "compressed-tensors" (llm-compressor's pack-quantized)."""
     import shutil
     from pathlib import Path
 
     from . import __version__, data
-    from .checkpoint import commit_staging, output_staging, write_checkpoint
+    from .checkpoint import CHECKPOINT_FORMATS, commit_staging, output_staging, write_checkpoint
+    from .ct_checkpoint import check_group_fits
     from .memory import peak_rss_bytes
-    from .model import check_causal_lm, is_awq_checkpoint, load_for_quantization, read_config, resolve_source
+    from .model import check_causal_lm, is_quantized_checkpoint, load_for_quantization, read_config, resolve_source
 
     settings.validate()
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise UserError(f"--format {checkpoint_format} is unknown; use {' or '.join(CHECKPOINT_FORMATS)}")
     settings.device = resolve_device(settings.device)
     output = Path(output)
     if output.exists() and not force:
         raise UserError(f"output {output} already exists; choose another path or pass --force to replace it")
+    from .export.spec import model_spec
+
     model_dir = resolve_source(source)
     config = read_config(model_dir)
     family = check_causal_lm(config, str(model_dir))
-    if is_awq_checkpoint(config):
-        raise UserError(f"{source} is already an AWQ checkpoint; give the float model to quantize")
+    model_spec(config, str(model_dir / "config.json"), "re-download the model")  # exportable: checked now, not after
+    if is_quantized_checkpoint(config):
+        raise UserError(f"{source} is already a quantized checkpoint; give the float model to quantize")
     texts, calib_source = [], "none (rtn)"
     if settings.method == "awq":
         if calib:
@@ -597,6 +606,10 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
             texts = data.read_texts(data.fetch_wikipedia()[0])
             calib_source = f"builtin: Wikipedia calibration split ({data.GENSIM_WHEEL} test dump)"
     model, tokenizer, materialize = load_for_quantization(model_dir)
+    if checkpoint_format == "compressed-tensors":  # refuse a short last group now, not after quantizing
+        check_group_fits({f"model.layers.{i}.{_path(name)}": lin.in_features
+                          for i, layer in enumerate(model.model.layers)
+                          for name, lin in _linear_names(layer).items()}, settings.group_size)
     tokens = None
     if settings.method == "awq":
         tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen,
@@ -605,6 +618,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     metadata = {
         "awq_edge_version": __version__,
         "source_model": str(source),
+        "checkpoint_format": checkpoint_format,
         "family": family.name,
         "settings": result.settings,
         "calibration": {"source": calib_source, "tokens": result.calib_tokens,
@@ -615,7 +629,8 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     }
     staging = output_staging(output, force)
     try:
-        write_checkpoint(staging, config, result.linears, float_tensors(model, result.linears), metadata, model_dir)
+        write_checkpoint(staging, config, result.linears, float_tensors(model, result.linears), metadata, model_dir,
+                         checkpoint_format)
         commit_staging(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -3,7 +3,8 @@
 - Tokenizer: `tokenizers` reads tokenizer.json; tokenizer_config.json gives the special
   tokens; the chat template comes from chat_template.jinja, chat_template.json or
   tokenizer_config.json (in that order) and is rendered with jinja2 in a sandbox, the way
-  Hugging Face renders it (trim_blocks, lstrip_blocks, raise_exception, tojson).
+  Hugging Face renders it (trim_blocks, lstrip_blocks, raise_exception, tojson), within a
+  time, output and memory budget (a template is code that came with the model).
 - StreamDecoder: turns token ids into text pieces one token at a time and never emits half
   of a multi-byte character. Byte-level BPE and byte-fallback tokens (<0xE6>) decode to
   U+FFFD until the rest of the character has arrived, so a piece ending in U+FFFD is held back.
@@ -11,68 +12,79 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
 from .errors import UserError
+from .untrusted import read_json
 
 REPLACEMENT = "\ufffd"
+TEMPLATE_SECONDS = 2.0          # a chat template is code from the model's files: bound its time,
+TEMPLATE_MAX_CHARS = 8 << 20    # its output,
+TEMPLATE_MAX_GROWTH = 256 << 20  # and the memory it may take while rendering
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+FIX = "rebuild the engine from a model with working tokenizer files"
 
 
 def _token_text(value) -> str | None:
     """tokenizer_config stores special tokens as a string or as {"content": ...}."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); rebuild the engine") from None
-
-
-def find_chat_template(folder: Path, tokenizer_config: dict) -> str | None:
-    if (folder / "chat_template.jinja").exists():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    template = _read_json(folder / "chat_template.json").get("chat_template") or tokenizer_config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template
-
-
 class Tokenizer:
-    def __init__(self, folder: Path, config: dict | None = None):
+    def __init__(self, folder: Path, config: dict | None = None, listed=None):
+        """listed: the folder's checked files (an engine's manifest); only those are read. None: any
+        tokenizer file present (a model or checkpoint folder on the host)."""
         from tokenizers import Tokenizer as HfTokenizer
 
         folder = Path(folder)
-        if not (folder / "tokenizer.json").exists():
+        present = {n for n in TOKENIZER_FILES if (folder / n).is_file() and (listed is None or n in listed)}
+        if "tokenizer.json" not in present:
             raise UserError(f"{folder} has no tokenizer.json; rebuild the engine from a model that has one")
         try:
             self.tk = HfTokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # the Rust side raises a plain Exception on a bad file
-            raise UserError(f"cannot read {folder / 'tokenizer.json'}: {str(e).splitlines()[0][:200]}") from None
-        self.config = _read_json(folder / "tokenizer_config.json")
+            raise UserError(f"cannot read {folder / 'tokenizer.json'}: {str(e).splitlines()[0][:200]}; {FIX}") from None
+
+        def read(name: str) -> dict:
+            return read_json(folder / name, FIX) if name in present else {}
+
+        self.config = read("tokenizer_config.json")
         self.special = {k: _token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        self.chat_template = find_chat_template(folder, self.config)
+        if "chat_template.jinja" in present:
+            try:
+                self.chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{folder / 'chat_template.jinja'} is not UTF-8 text; {FIX}") from None
+        else:
+            self.chat_template = _pick_template(read("chat_template.json").get("chat_template")
+                                                or self.config.get("chat_template"), folder)
         self._template = None
-        self.eos_ids = self._eos_ids(config or {}, _read_json(folder / "generation_config.json"))
+        self.eos_ids = self._eos_ids(config or {}, read("generation_config.json"))
 
     def _eos_ids(self, model_config: dict, generation_config: dict) -> set[int]:
         """Every id that ends a reply: eos_token_id of generation_config / config, and eos_token."""
         ids: set[int] = set()
         for source in (generation_config, model_config):
             value = source.get("eos_token_id")
-            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+            values = value if isinstance(value, list) else [] if value is None else [value]
+            for v in values:
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size:
+                    raise UserError(f"eos_token_id {str(v)[:40]} is not a token id of this model "
+                                    f"(0..{self.vocab_size - 1}); {FIX}")
+                ids.add(v)
         if self.special["eos_token"]:
             eos = self.tk.token_to_id(self.special["eos_token"])
             if eos is not None:
                 ids.add(eos)
-        return {int(i) for i in ids}
+        return ids
 
     @property
     def vocab_size(self) -> int:
@@ -90,30 +102,112 @@ class Tokenizer:
             raise UserError("this model has no chat template; pass a plain prompt (--no-chat-template)")
         if self._template is None:
             self._template = _compile_template(self.chat_template)
+        context = dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                       **{k: v or "" for k, v in self.special.items()})
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **{k: v or "" for k, v in self.special.items()})
+            return _render_bounded(self._template, context)
         except UserError:
             raise
         except Exception as e:  # a template error is a problem of the model files, said in one line
             raise UserError(f"the chat template failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
 
+def _pick_template(template, where: Path) -> str | None:
+    """A template string, or a list of {"name", "template"} (the "default" one is used)."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{where}: chat_template is not a string; {FIX}")
+    return template or None
+
+
 def _compile_template(source: str):
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
-        raise UserError(f"the chat template refused the messages: {message}")
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """Refuses `"x" * n` and `a ** b` that would build huge values in one C-level step
+        (the time budget cannot interrupt those; ranges are already capped by the sandbox)."""
+        intercepted_binops = frozenset(("*", "**"))
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        def call_binop(self, context, operator, left, right):
+            sized = [v for v in (left, right) if isinstance(v, (str, list, tuple))]
+            counts = [v for v in (left, right) if isinstance(v, int)]
+            if operator == "*" and sized and counts and len(sized[0]) * counts[0] > TEMPLATE_MAX_CHARS:
+                raise UserError("the chat template builds a value too large to render")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 256:
+                raise UserError("the chat template raises a number to a huge power")
+            return super().call_binop(context, operator, left, right)
+
+    def raise_exception(message):
+        raise UserError(f"the chat template refused the messages: {str(message)[:200]}")
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(source)
-    except TemplateError as e:
-        raise UserError(f"the chat template does not parse: {e}") from None
+    except (TemplateError, RecursionError, MemoryError) as e:
+        raise UserError(f"the chat template does not parse: {str(e)[:200]}") from None
+
+
+def _render_bounded(template, context: dict) -> str:
+    """template.render(context) within TEMPLATE_SECONDS, TEMPLATE_MAX_CHARS of output and
+    TEMPLATE_MAX_GROWTH of resident memory: a trace function checks the clock and the RSS on
+    every line the template (compiled to Python) runs, so a loop that never ends or never
+    stops growing is stopped, in any thread."""
+    rss = _RssReader()
+    start_rss = rss()
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+
+    def check(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise UserError(f"the chat template took more than {TEMPLATE_SECONDS:g} s to render; "
+                            "it loops too long for these messages")
+        if rss() - start_rss > TEMPLATE_MAX_GROWTH:
+            raise UserError("the chat template took too much memory to render")
+        return check
+
+    pieces, size = [], 0
+    previous = sys.gettrace()
+    sys.settrace(check)
+    try:
+        for piece in template.generate(**context):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise UserError(f"the chat template's output is over {TEMPLATE_MAX_CHARS >> 20} M characters")
+            pieces.append(piece)
+    except RecursionError:
+        raise UserError("the chat template recursed too deeply") from None
+    finally:
+        sys.settrace(previous)
+        rss.close()
+    return "".join(pieces)
+
+
+class _RssReader:
+    """This process's resident set size, cheaply (a few us: one pread of /proc/self/statm); where
+    /proc is missing, the peak RSS instead (bounds the growth above the earlier peak)."""
+
+    def __init__(self):
+        try:
+            self.fd = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            self.fd = None
+
+    def __call__(self) -> int:
+        if self.fd is None:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10  # KiB on Linux
+        return int(os.pread(self.fd, 128, 0).split()[1]) * _PAGE
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class StreamDecoder:

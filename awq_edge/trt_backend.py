@@ -20,22 +20,13 @@ needs neither TensorRT nor a GPU; both are looked for when a backend is created.
 from __future__ import annotations
 
 import ctypes
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
-from .trt_build import ENGINE_FILE, MANIFEST
 
 _LARGEST_UNIFORM = float(np.nextafter(np.float32(1), np.float32(0)))  # a float64 draw rounds to 1.0 in fp32 above it
-
-
-def read_manifest(engine_dir: Path) -> dict:
-    path = Path(engine_dir) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{path} not found; {engine_dir} is not an engine from `awq-edge build --device <gpu>`")
-    return json.loads(path.read_text())
 
 
 def check_manifest(manifest: dict, gpus: list, tensorrt_version: str | None) -> None:
@@ -74,12 +65,14 @@ class TrtBackend:
     """The backend interface of awq_edge.engine (like backend_ort.OrtBackend):
     forward(ids) -> logits after the last id; rewind(position); position; max_context."""
 
-    def __init__(self, engine_dir: Path):
+    def __init__(self, engine_dir: Path, manifest: dict, max_context: int):
+        """manifest: checked by awq_edge.engine_dir.read_manifest (its engine and plugin library are
+        plain names of listed files); max_context: the load-time plan's, at most the built one."""
         from .cuda_runtime import CudaError, CudaRuntime, find_gpus
         from .trt_build import import_tensorrt, load_plugin_library
 
         self.dir = Path(engine_dir)
-        self.manifest = read_manifest(self.dir)
+        self.manifest = manifest
         check_manifest(self.manifest, find_gpus(), None)
         trt = import_tensorrt()
         check_manifest(self.manifest, find_gpus(), trt.__version__)
@@ -92,14 +85,14 @@ class TrtBackend:
         self.trt = trt
         logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(logger)
-        self.engine = self.runtime.deserialize_cuda_engine((self.dir / ENGINE_FILE).read_bytes())
+        engine_file = self.dir / self.manifest["engine"]
+        self.engine = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
-            raise UserError(f"TensorRT could not load {self.dir / ENGINE_FILE} (see the messages above)")
+            raise UserError(f"TensorRT could not load {engine_file} (see the messages above)")
         self.context = self.engine.create_execution_context()
         self.stream = self.cuda.stream()
-        plan = self.manifest["memory_plan"]
-        self.max_context = int(plan["max_context"])
-        self.kv_mode = plan.get("kv_mode", "concat")
+        self.max_context = int(max_context)  # KV buffers for this many rows; the profiles allow up to the built one
+        self.kv_mode = self.manifest["memory_plan"].get("kv_mode", "concat")
         self._allocate()
         self._allocate_sampling()
         self._decode_graph = None
@@ -204,8 +197,7 @@ class TrtBackend:
                                                     host_inputs[name].nbytes, 1, self.stream), "cudaMemcpyAsync")
             elif name.startswith(("past_key", "past_value")):
                 shape = list(self.engine.get_tensor_profile_shape(name, profile)[2])
-                if self.kv_mode == "concat":
-                    shape[2] = self.past_length
+                shape[2] = self.past_length if self.kv_mode == "concat" else self.max_context  # rows held
                 ctx.set_input_shape(name, tuple(shape))
             ctx.set_tensor_address(name, self.buffers[name])
         for name in self.outputs:

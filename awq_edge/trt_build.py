@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import plugins
-from .checkpoint import sha256_file
+from .checkpoint import commit_staging, output_staging
+from .engine_dir import ENGINE_FORMAT_VERSION, EXPORT_INFO, MANIFEST, TRT_ENGINE_FORMAT, read_export_info
 from .errors import UserError
+from .memory import PREFILL_CHUNK
+from .untrusted import file_record
 
 MIN_TENSORRT = (10, 0)
-MANIFEST = "manifest.json"
 ENGINE_FILE = "engine.plan"
-DEFAULT_MAX_CONTEXT = 4096
 BUILDER_OPTIMIZATION_LEVEL = 3  # TensorRT's default; higher levels mostly add build time
-WORKSPACE_CAP = 1 << 30         # activations/scratch of a W4A16 LLM fit well below 1 GiB
 PREFILL_PROFILE, DECODE_PROFILE = 0, 1
 # Files of the export copied next to the engine (tokenizer, chat template, model config).
 COPIED_SUFFIXES = {".json", ".txt", ".jinja", ".model", ".tiktoken"}  # export.json included
@@ -56,29 +54,7 @@ _DIM_ALIASES = {
 }
 
 
-@dataclass
-class MemoryPlan:
-    cap_bytes: int          # what the engine may use on the device
-    weight_bytes: int       # initializers of the ONNX graph
-    kv_cache_bytes: int     # KV cache at max_context, allocated once by the backend
-    workspace_bytes: int    # TensorRT workspace pool limit
-    max_context: int
-    max_input: int
-    kv_mode: str
-
-
 # ---------------------------------------------------------------- checks
-
-def read_export_info(onnx_path: Path) -> dict:
-    """export.json beside the graph (docs/graph.md), or {} for a graph from elsewhere."""
-    info_path = onnx_path.parent / "export.json"
-    if not info_path.is_file():
-        return {}
-    try:
-        return json.loads(info_path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{info_path} is unreadable ({e}); re-export the model") from None
-
 
 def find_onnx(src: Path) -> Path:
     """The exported trt graph: SRC itself, SRC/trt/*.onnx or SRC/*.onnx (exactly one)."""
@@ -90,7 +66,7 @@ def find_onnx(src: Path) -> Path:
     for folder in (src / "trt", src):
         graphs = sorted(folder.glob("*.onnx")) if folder.is_dir() else []
         if len(graphs) == 1:
-            target = read_export_info(graphs[0]).get("target", "trt")
+            target = read_export_info(folder, graph=False).target
             if target != "trt":
                 raise UserError(f"{folder} was exported for target {target!r}; TensorRT needs "
                                 "`awq-edge export ... --target trt`")
@@ -165,7 +141,8 @@ def profile_shapes(inputs: list[tuple[str, list]], max_input: int, max_context: 
     """Per profile, name -> (min, opt, max) shapes for every input with a dynamic dim.
 
     docs/graph.md: input_ids [1, S]; past_key.{i} / past_value.{i} [1, Hkv, C, D] where C is
-    the past length (kv_mode concat) or the planned max context (kv_mode shared_buffer).
+    the past length (kv_mode concat) or the capacity of the KV buffers (kv_mode shared_buffer:
+    up to the planned max context; the runtime may plan a smaller one at load).
     Other dynamic dims are matched by their ONNX dim_param name (_DIM_RULES).
     """
     profiles: list[dict] = [{}, {}]
@@ -179,7 +156,7 @@ def profile_shapes(inputs: list[tuple[str, list]], max_input: int, max_context: 
             elif name == "input_ids" and axis == 1:
                 rule = _DIM_RULES["sequence"](max_input, max_context)
             elif name.startswith(("past_key", "past_value")) and axis == 2:
-                rule = (((max_context,) * 3,) * 2 if kv_mode == "shared_buffer"
+                rule = (((1, max_context, max_context),) * 2 if kv_mode == "shared_buffer"
                         else _DIM_RULES["past_sequence"](max_input, max_context))
             else:
                 key = _DIM_ALIASES.get(str(d), str(d))
@@ -195,29 +172,13 @@ def profile_shapes(inputs: list[tuple[str, list]], max_input: int, max_context: 
     return profiles
 
 
-def plan_memory(onnx_path: Path, device, max_memory: int | None, max_context: int | None) -> MemoryPlan:
-    """Weights + KV cache at the max context + workspace must fit under the memory cap."""
-    info = read_export_info(onnx_path)
-    cap = int(max_memory) if max_memory else device.default_memory_bytes()
-    weights = int(info.get("weight_bytes") or sum(
-        p.stat().st_size for p in onnx_path.parent.iterdir()
-        if p.is_file() and (p == onnx_path or p.suffix in {".data", ".bin", ".weights"})))
-    if weights >= cap:
-        raise UserError(f"the model's weights take {weights / 2**30:.2f} GiB but the memory cap is "
-                        f"{cap / 2**30:.2f} GiB on {device.name}; raise --max-memory or pick a smaller model")
-    workspace = min(WORKSPACE_CAP, (cap - weights) // 4)
-    kv_per_token = int(info.get("kv_bytes_per_token") or 0)
-    model_limit = int(info.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
-    fits = (cap - weights - workspace) // kv_per_token if kv_per_token else model_limit
-    context = int(max_context) if max_context else min(DEFAULT_MAX_CONTEXT, model_limit, fits)
-    if context < 2:
-        raise UserError(f"a context of {context} tokens fits in {cap / 2**30:.2f} GiB next to "
-                        f"{weights / 2**30:.2f} GiB of weights; raise --max-memory")
-    if context > fits:
-        raise UserError(f"--max-context {context} needs {context * kv_per_token / 2**30:.2f} GiB of KV cache; "
-                        f"{max(fits, 0)} tokens fit under the {cap / 2**30:.2f} GiB cap")
-    return MemoryPlan(cap, weights, context * kv_per_token, workspace, context, context,
-                      str(info.get("kv_mode", "concat")))
+def plan_memory(info, device, max_memory: int | None, max_context: int | None) -> dict:
+    """The engine's memory plan (awq_edge.engine.engine_plan, the one the runtime uses at load, with
+    the same overhead figure), plus what the build needs: the prefill chunk and the KV mode."""
+    from .engine import engine_plan
+
+    plan = engine_plan({"device": device.name, "backend": "trt"}, info, max_memory, max_context, at_load=False)
+    return {**plan.to_dict(), "max_input": PREFILL_CHUNK, "kv_mode": info.kv_mode}
 
 
 # ---------------------------------------------------------------- build
@@ -228,7 +189,7 @@ def _timing_cache_path(trt, gpu_arch: str) -> Path:
     return cache_dir() / "trt" / f"timing-{gpu_arch}-trt{trt.__version__}.cache"
 
 
-def _build(trt, onnx_path: Path, plan: MemoryPlan, gpu_arch: str, engine_path: Path) -> None:
+def _build(trt, onnx_path: Path, plan: dict, gpu_arch: str, engine_path: Path) -> None:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -241,9 +202,9 @@ def _build(trt, onnx_path: Path, plan: MemoryPlan, gpu_arch: str, engine_path: P
         raise UserError(f"TensorRT could not parse {onnx_path.name}: {errors[:400]}")
 
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan["workspace"])
     config.builder_optimization_level = BUILDER_OPTIMIZATION_LEVEL
-    for shapes in profile_shapes(_onnx_inputs(onnx_path), plan.max_input, plan.max_context, plan.kv_mode):
+    for shapes in profile_shapes(_onnx_inputs(onnx_path), plan["max_input"], plan["context"], plan["kv_mode"]):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
@@ -293,21 +254,21 @@ def build_trt_engine(src_onnx_dir: Path, device, output: Path, *, max_memory: in
     onnx_path = find_onnx(Path(src_onnx_dir))
     gpu = check_gpu(device)
     trt = import_tensorrt()
-    plan = plan_memory(onnx_path, device, max_memory, max_context)
+    info = read_export_info(onnx_path.parent)  # the export is untrusted input: its files and graph checked
+    plan = plan_memory(info, device, max_memory, max_context)
     plugin_library = plugins.build_trt_plugin_library(device.gpu_arch)
     load_plugin_library(trt, plugin_library)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    staging = output_staging(output, force)
     try:
         _build(trt, onnx_path, plan, device.gpu_arch, staging / ENGINE_FILE)
         shutil.copy2(plugin_library, staging / plugins.TRT_PLUGIN_LIBRARY)
-        for extra in onnx_path.parent.iterdir():
-            if extra.is_file() and extra.suffix in COPIED_SUFFIXES:
-                shutil.copy2(extra, staging / extra.name)
+        for name in [*info.files, EXPORT_INFO]:  # listed, plain names
+            if Path(name).suffix in COPIED_SUFFIXES:
+                shutil.copy2(onnx_path.parent / name, staging / name)
         manifest = {
-            "format": "awq-edge-trt-engine",
-            "format_version": 1,
+            "format": TRT_ENGINE_FORMAT,
+            "format_version": ENGINE_FORMAT_VERSION,
             "backend": "trt",
             "engine": ENGINE_FILE,
             "plugin_library": plugins.TRT_PLUGIN_LIBRARY,
@@ -319,17 +280,13 @@ def build_trt_engine(src_onnx_dir: Path, device, output: Path, *, max_memory: in
             "device_title": device.title,
             "profiles": {"prefill": PREFILL_PROFILE, "decode": DECODE_PROFILE},
             "builder_optimization_level": BUILDER_OPTIMIZATION_LEVEL,
-            "memory_plan": asdict(plan),
+            "memory_plan": plan,
             "source": str(onnx_path.resolve()),
         }
-        # Sizes and hashes of everything in the engine dir (awq_edge.engine.check_files reads them).
-        manifest["files"] = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
-                             for f in sorted(staging.iterdir()) if f.is_file()}
+        # Sizes and hashes of everything in the engine dir (awq_edge.engine_dir.check_files reads them).
+        manifest["files"] = {f.name: file_record(f) for f in sorted(staging.iterdir()) if f.is_file()}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if output.exists():  # --force: replace only once the new engine is complete
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        staging.rename(output)
-    except BaseException:
+        commit_staging(staging, output)  # --force: the old engine goes only once the new one is complete
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output / ENGINE_FILE

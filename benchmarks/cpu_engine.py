@@ -119,12 +119,26 @@ def ortgenai_model_dir(float_dir: Path) -> Path:
 class OrtGenai:
     name = "onnxruntime-genai int4"
 
-    def __init__(self, model_dir: Path, threads: int | None):
+    def __init__(self, model_dir: Path, threads: int):
+        import tempfile
+
         import onnxruntime_genai as og
 
         self.og = og
-        # Threads: ort-genai's own default (its genai_config.json session options); --threads is not applied.
-        self.model = og.Model(og.Config(str(model_dir)))
+        # The same thread count as every other runner: genai reads it from genai_config.json's session
+        # options, so load a view of the model dir (links) whose config says so.
+        self.view = Path(tempfile.mkdtemp(prefix="ortgenai-threads-"))
+        for f in model_dir.iterdir():
+            (self.view / f.name).symlink_to(f.resolve())
+        config = json.loads((model_dir / "genai_config.json").read_text())
+        options = config["model"]["decoder"].setdefault("session_options", {})
+        options.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+        (self.view / "genai_config.json").unlink()
+        (self.view / "genai_config.json").write_text(json.dumps(config, indent=2))
+        self.model = og.Model(og.Config(str(self.view)))
+
+    def __del__(self):
+        shutil.rmtree(getattr(self, "view", ""), ignore_errors=True)
 
     def run(self, ids, new_tokens):
         og = self.og
@@ -150,7 +164,7 @@ class LlamaCppPython:
     def __init__(self, gguf: Path, threads: int | None, n_ctx: int):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=False)
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def run(self, ids, new_tokens):
         llm = self.llm
@@ -171,7 +185,7 @@ class LlamaBench:
     name = "llama.cpp (llama-bench)"
 
     def __init__(self, binary: str, gguf: Path, threads: int | None):
-        self.cmd = [binary, "-m", str(gguf), "-t", str(threads or os.cpu_count()), "-r", "1", "-o", "json"]
+        self.cmd = [binary, "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
 
     def run(self, ids, new_tokens):
         out = subprocess.run(self.cmd + ["-p", str(len(ids)), "-n", str(new_tokens)], capture_output=True,
@@ -203,11 +217,16 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="threads for every runner (default: each one's own)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for every runner, the same for all (default: this machine's physical cores)")
     ap.add_argument("--skip", action="append", default=[], help="runner to leave out: ours, hf, ortgenai, llamacpp")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement of one runner
     args = ap.parse_args()
+    if args.threads is None:
+        from awq_edge.backend_ort import physical_cores
+
+        args.threads = physical_cores()  # our engine's own default, pinned for every runner alike
 
     from awq_edge import data
     from awq_edge.model import resolve_source
@@ -250,9 +269,8 @@ def main() -> None:
         else:
             runs[key] = []
     child = [sys.executable, str(Path(__file__).resolve()), *[a for e in engine_dirs for a in ("--engine", str(e))],
-             "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-    if args.threads:
-        child += ["--threads", str(args.threads)]
+             "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+             "--threads", str(args.threads)]
     for i in range(args.runs):
         order = list(runs) if i % 2 == 0 else list(reversed(runs))  # alternate, and flip the order
         for key in order:

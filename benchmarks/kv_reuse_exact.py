@@ -131,7 +131,7 @@ def main() -> None:
         "script": "benchmarks/kv_reuse_exact.py", "engine": str(args.engine),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_name(), "cores": os.cpu_count(),
         "python": sys.version.split()[0], "onnxruntime": onnxruntime.__version__,
-        "matmul_accuracy_level": engine.export.get("matmul_accuracy_level"),
+        "matmul_accuracy_level": engine.export.matmul_accuracy_level,
         "prefill_chunk": PREFILL_CHUNK,
         "part1": {"layouts": args.layouts, "bit_identical": identical, "as_predicted": agree, "seconds": part1_s,
                   "cases": cases},

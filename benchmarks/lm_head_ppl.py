@@ -1,13 +1,18 @@
-"""What the ORT graph's lm_head precision costs: perplexity of the exported graph itself.
+"""What the ORT graph's lm_head precision costs, measured on the exported graph itself.
 
     python benchmarks/lm_head_ppl.py CHECKPOINT [--windows 8] [--seqlen 512]
 
-Exports CHECKPOINT with all logits and the lm_head as float / int8 / int4 (block 32, as
-onnxruntime-genai's int4 model has it), each at the default MatMulNBits accuracy level, runs
-non-overlapping windows of the built-in Wikipedia evaluation split through OrtBackend, and
-prints perplexity per variant. forward_all does not re-score, so those rows are the raw
-heads; the row "int4+rescore" (the default export) feeds each window one token at a time
-through OrtBackend.forward, which re-scores the top 64 candidates of every step exactly. Writes benchmarks/results/lm_head_ppl-<checkpoint>.json.
+Exports CHECKPOINT with all logits once per lm_head variant (float / int8 / int4 block 32, as
+onnxruntime-genai's int4 model has it; MatMulNBits accuracy level 0 = fp32 compute or 4 = int8
+compute), runs non-overlapping windows of the built-in Wikipedia evaluation split through
+OrtBackend, and reports per variant, against the exact head (float, level 0) in the same run:
+  - perplexity of the graph's own logits;
+  - top-1 agreement: how often its argmax is the exact head's (near-ties count as misses);
+  - the median relative logit error per position, ||logits - exact|| / ||exact||.
+forward_all does not re-score, so those rows are the raw heads; the row "int4+rescore" (the
+default export) feeds each window one token at a time through OrtBackend.forward, which
+re-scores the top 64 candidates of every step exactly. Writes
+benchmarks/results/lm_head_ppl-<checkpoint>.json; docs/export.md's lm_head table is its output.
 """
 from __future__ import annotations
 
@@ -27,6 +32,15 @@ from awq_edge.export import export_checkpoint
 from awq_edge.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# name -> (lm_head_bits, MatMulNBits accuracy_level, stepwise); the first is the exact reference
+VARIANTS = {
+    "float, level 0 (exact)": (None, 0, False),
+    "float, level 4": (None, 4, False),
+    "int8 b32, level 0": (8, 0, False),
+    "int8 b32, level 4": (8, 4, False),
+    "int4 b32, level 4": (4, 4, False),
+    "int4 b32, level 4 + exact re-scoring (default)": ("auto", 4, True),
+}
 
 
 def window_logits(backend: OrtBackend, window: list[int], stepwise: bool) -> np.ndarray:
@@ -37,16 +51,11 @@ def window_logits(backend: OrtBackend, window: list[int], stepwise: bool) -> np.
     return backend.forward_all(window)[:-1]  # one prefill with all logits (no re-scoring)
 
 
-def graph_perplexity(export_dir: Path, ids: list[int], seqlen: int, windows: int, stepwise: bool = False) -> float:
-    backend = OrtBackend(export_dir, max_context=seqlen)
-    nll, count = 0.0, 0
-    for w in range(windows):
-        window = ids[w * seqlen:(w + 1) * seqlen]
-        logits = window_logits(backend, window, stepwise).astype(np.float64)
-        logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
-        nll += float((logz - logits[np.arange(len(window) - 1), window[1:]]).sum())
-        count += len(window) - 1
-    return math.exp(nll / count)
+def nll_sum(logits: np.ndarray, targets: list[int]) -> float:
+    logits = logits.astype(np.float64)
+    top = logits.max(1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(1)) + top[:, 0]
+    return float((logz - logits[np.arange(len(targets)), targets]).sum())
 
 
 def main() -> None:
@@ -56,29 +65,46 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     args = ap.parse_args()
 
-    tokenizer = Tokenizer(args.checkpoint)
-    text = data.eval_text()
-    ids = tokenizer.encode(text)
+    ids = Tokenizer(args.checkpoint).encode(data.eval_text())
     windows = min(args.windows, len(ids) // args.seqlen)
-    results = {}
+    stats = {name: {"nll": 0.0, "agree": 0, "rel_err": [], "seconds": 0.0} for name in VARIANTS}
+    count = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for name, bits in (("float", None), ("int8", 8), ("int4-b32", 4)):
-            out = Path(tmp) / name
-            export_checkpoint(args.checkpoint, out, "ort", all_logits=True, lm_head_bits=bits)
-            started = time.time()
-            results[name] = graph_perplexity(out, ids, args.seqlen, windows)
-            print(f"lm_head {name:9} ppl {results[name]:.3f}  ({time.time() - started:.0f} s)", flush=True)
-        name = "int4+rescore"
-        out = export_checkpoint(args.checkpoint, Path(tmp) / "default", "ort")  # the default: int4 + re-scoring
-        started = time.time()
-        results[name] = graph_perplexity(out, ids, args.seqlen, windows, stepwise=True)
-        print(f"lm_head {name:9} ppl {results[name]:.3f}  ({time.time() - started:.0f} s)", flush=True)
+        backends = {}
+        for name, (bits, level, stepwise) in VARIANTS.items():
+            kwargs = {} if bits == "auto" else {"all_logits": True, "lm_head_bits": bits}
+            out = export_checkpoint(args.checkpoint, Path(tmp) / str(len(backends)), "ort", accuracy_level=level,
+                                    **kwargs)
+            backends[name] = (OrtBackend(out, max_context=args.seqlen), stepwise)
+        for w in range(windows):
+            window = ids[w * args.seqlen:(w + 1) * args.seqlen]
+            targets, exact = window[1:], None
+            for name, (backend, stepwise) in backends.items():
+                started = time.perf_counter()
+                logits = window_logits(backend, window, stepwise)
+                s = stats[name]
+                s["seconds"] += time.perf_counter() - started
+                if exact is None:
+                    exact = logits
+                s["nll"] += nll_sum(logits, targets)
+                s["agree"] += int((logits.argmax(1) == exact.argmax(1)).sum())
+                s["rel_err"] += (np.linalg.norm(logits - exact, axis=1) / np.linalg.norm(exact, axis=1)).tolist()
+            count += len(targets)
+            print(f"window {w + 1}/{windows}", file=sys.stderr, flush=True)
+    results = {name: {"perplexity": math.exp(s["nll"] / count), "nll_per_token": s["nll"] / count,
+                      "top1_agreement": s["agree"] / count, "median_rel_logit_error": float(np.median(s["rel_err"])),
+                      "seconds": s["seconds"]} for name, s in stats.items()}
+    print(f"{'lm_head':48} {'ppl':>8} {'NLL/token':>10} {'top-1 agree':>12} {'median rel err':>15}")
+    for name, r in results.items():
+        print(f"{name:48} {r['perplexity']:8.3f} {r['nll_per_token']:10.4f} {r['top1_agreement']:12.3f} "
+              f"{r['median_rel_logit_error']:15.2e}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"lm_head_ppl-{args.checkpoint.name}.json"
-    out.write_text(json.dumps({"command": "python benchmarks/lm_head_ppl.py " + " ".join(sys.argv[1:]),
-                               "checkpoint": str(args.checkpoint), "windows": windows, "seqlen": args.seqlen,
-                               "perplexity": results, "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
-    print(f"wrote {out}")
+    path = RESULTS / f"lm_head_ppl-{args.checkpoint.name}.json"
+    path.write_text(json.dumps({"command": "python benchmarks/lm_head_ppl.py " + " ".join(sys.argv[1:]),
+                                "checkpoint": str(args.checkpoint), "windows": windows, "seqlen": args.seqlen,
+                                "scored_tokens": count, "variants": results, "date": time.strftime("%Y-%m-%d")},
+                               indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

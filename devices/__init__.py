@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError  # noqa: TID252  (awq_edge.devices -> awq_edge.errors)
+
+try:
+    import tomllib  # novermin (3.11+; on 3.10 the same parser comes from PyPI, below)
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
 
 GIB = 1 << 30
 _HERE = Path(__file__).resolve().parent
@@ -37,10 +41,29 @@ class Device:
         return bool(self.gpu_arch)
 
     def default_memory_bytes(self) -> int:
-        """The memory cap used when the user gives none."""
+        """The memory cap used when the user gives none, by the profile (a build for another device)."""
         if self.usable_memory_gib:
             return int(self.usable_memory_gib * GIB)
         return int(host_memory_bytes() * _CPU_FRACTION.get(self.name, 0.5))
+
+    def memory_here(self) -> int | None:
+        """What this machine has for the device: its RAM for the CPU and unified-memory boards
+        (Jetson), the GPU's own memory for a discrete GPU of this arch; None when none is found."""
+        if not self.is_gpu or self.unified_memory:
+            return host_memory_bytes()
+        from ..cuda_runtime import find_gpus  # noqa: TID252
+
+        sizes = [g.total_memory for g in find_gpus() if g.arch == self.gpu_arch and g.total_memory]
+        return max(sizes) if sizes else None
+
+    def default_cap_here(self) -> int:
+        """The default cap when an engine is loaded on this machine: the profile's share of the
+        memory actually here (a 24 GB profile's engine on an 8 GB GPU of the same arch gets a
+        cap that fits 8 GB), never more than the profile's own cap."""
+        cap, here = self.default_memory_bytes(), self.memory_here()
+        if here and self.total_memory_gib:
+            cap = min(cap, int(here * self.usable_memory_gib / self.total_memory_gib))
+        return cap
 
 
 _CPU_FRACTION: dict[str, float] = {}

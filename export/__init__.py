@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import commit_staging, copy_tokenizer, output_staging, read_checkpoint, sha256_file
+from ..checkpoint import commit_staging, copy_tokenizer, output_staging, read_checkpoint
+from ..engine_dir import EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_INFO as INFO_FILE, MODEL_FILE
 from ..errors import UserError
+from ..untrusted import file_record
 from .graph import Decoder, Target
-from .spec import model_spec
+from .spec import check_checkpoint_shapes, model_spec
 
 TARGETS = ("ort", "trt", "onnx")
-MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-INFO_FILE = "export.json"
 # ort defaults, chosen for decode speed on x86 CPUs (see docs/export.md for the numbers):
 DEFAULT_ORT_ACCURACY_LEVEL = 4  # MatMulNBits int8 compute
 # int4 (as onnxruntime-genai's int4 model): the fastest head. Its +12 % perplexity is bought
@@ -79,7 +79,8 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
     rescore = bool(lm_head_bits) and rescore_top_k > 0
 
     ckpt = read_checkpoint(ckpt_dir)  # UserError when it is not an AWQ checkpoint
-    spec = model_spec(ckpt.config)
+    spec = model_spec(ckpt.config, str(Path(ckpt_dir) / "config.json"))
+    check_checkpoint_shapes(ckpt.linears, ckpt.tensors, spec, str(ckpt_dir))
     _check_shapes(ckpt, target)
     t = Target(target, OPSETS[target], np.dtype(DTYPES[act_name]),
                "concat" if target == "onnx" else "shared_buffer", accuracy_level,
@@ -100,6 +101,8 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
         copy_tokenizer(Path(ckpt_dir), staging)
         shutil.copy2(Path(ckpt_dir) / "config.json", staging / "config.json")
         info = {
+            "format": EXPORT_FORMAT,
+            "format_version": EXPORT_FORMAT_VERSION,
             "target": target,
             "kv_mode": t.kv_mode,
             "act_dtype": act_name,
@@ -109,6 +112,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
             "num_kv_heads": spec.kv_heads,
             "head_dim": spec.head_dim,
             "hidden_size": spec.hidden,
+            "intermediate_size": max(lin.q.shape[0] for name, lin in ckpt.linears.items() if name.endswith("gate_proj")),
             "vocab_size": spec.vocab,
             "max_position_embeddings": spec.max_positions,
             "sliding_windows": spec.layer_windows,
@@ -123,7 +127,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
             "quantization": {"quantization_config": ckpt.config.get("quantization_config"),
                              "group_size": ckpt.group_size,
                              "settings": ckpt.metadata.get("settings")},
-            "files": {f.name: sha256_file(f) for f in sorted(staging.iterdir())},
+            "files": {f.name: file_record(f) for f in sorted(staging.iterdir())},
         }
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:

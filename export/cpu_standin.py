@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UserError
+from ..untrusted import file_record
 from ..packing import to_matmul_nbits, unpack_int4
 from .builder import MS_DOMAIN
 from .attention import ATTENTION_PLUGIN_OP
@@ -131,10 +132,14 @@ def standin_dir(trt_dir, out_dir) -> Path:
     if info.get("target") != "trt":
         raise UserError(f"{trt_dir} is a {info.get('target')!r} export; the stand-in rewrites trt exports")
     model = standin_model(onnx.load(str(trt_dir / "model.onnx")))
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     onnx.save_model(model, str(out_dir / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
-    info.update(target=STANDIN_TARGET, act_dtype="float32", matmul_accuracy_level=0, files={})
+    fp32 = 4 / 2  # the trt export's KV is fp16
+    info.update(target=STANDIN_TARGET, act_dtype="float32", matmul_accuracy_level=0, weight_bytes=weight_bytes,
+                kv_bytes_per_token=int(info["kv_bytes_per_token"] * fp32),
+                files={f.name: file_record(f) for f in sorted(out_dir.iterdir())})
     (out_dir / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return out_dir

@@ -13,8 +13,12 @@ import numpy as np
 
 from ..errors import UserError
 from ..families import Family, family_for
+from ..untrusted import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS,
+                         MAX_VOCAB, Fields)
 
 ROPE_TYPES = ("default", "linear", "llama3")
+FIX = "the checkpoint config is incomplete or corrupt"
+MAX_ROPE_TABLE = 1 << 27  # positions x head_dim: 2 x 512 MiB of float32 cos/sin at most
 
 
 @dataclass
@@ -27,6 +31,7 @@ class ModelSpec:
     kv_heads: int
     head_dim: int
     vocab: int
+    intermediate: int
     eps: float
     max_positions: int
     tie_embeddings: bool
@@ -42,94 +47,153 @@ class ModelSpec:
         return 2 * self.layers * self.kv_heads * self.head_dim
 
 
-def inv_freq(rope: dict, head_dim: int, where: str) -> np.ndarray:
+def inv_freq(rope: Fields, head_dim: int) -> np.ndarray:
     """RoPE inverse frequencies for one rope parameter dict (HF semantics), float64."""
-    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-    theta = float(rope.get("rope_theta", 10000.0))
+    rope_type = rope.str("rope_type", default=None) or rope.str("type", default="default")
+    theta = rope.float("rope_theta", 1e-3, 1e12, default=10000.0)
     freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if rope_type == "default":
         return freq
     if rope_type == "linear":
-        return freq / float(rope["factor"])
+        return freq / rope.float("factor", 1e-3, 1e6)
     if rope_type == "llama3":
-        factor = float(rope["factor"])
-        low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
-        old_ctx = float(rope["original_max_position_embeddings"])
+        factor = rope.float("factor", 1e-3, 1e6)
+        low, high = rope.float("low_freq_factor", 1e-6, 1e6), rope.float("high_freq_factor", 1e-6, 1e6)
+        old_ctx = rope.float("original_max_position_embeddings", 1, MAX_POSITIONS)
+        if high <= low:
+            raise UserError(f"{rope.where}: high_freq_factor must be above low_freq_factor; {rope.fix}")
         wavelen = 2 * math.pi / freq
         smooth = (old_ctx / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * freq / factor + smooth * freq
         out = np.where(wavelen > old_ctx / low, freq / factor, freq)
         medium = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
         return np.where(medium, smoothed, out)
-    raise UserError(f"{where}: RoPE type {rope_type!r} is not supported by the exporter "
+    raise UserError(f"{rope.where}: RoPE type {rope_type!r} is not supported by the exporter "
                     f"(supported: {', '.join(ROPE_TYPES)})")
 
 
-def _rope_params(config: dict) -> dict[str, dict]:
-    """Per layer type ('full_attention', 'sliding_attention') -> rope dict, from old or new configs."""
-    params = config.get("rope_parameters")
+def _rope_params(config: Fields) -> dict[str, Fields]:
+    """Per layer type ('full_attention', 'sliding_attention') -> rope parameters, from old or new configs."""
+    raw = config.raw
+    params = raw.get("rope_parameters")
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
-        return dict(params)  # transformers 5, one dict per layer type (Gemma3)
+        return {k: Fields(v, f"{config.where} rope_parameters.{k}", config.fix) for k, v in params.items()}
     if isinstance(params, dict) and params:
         base = dict(params)
     else:  # transformers 4 style: rope_theta + rope_scaling
-        base = dict(config.get("rope_scaling") or {})
-        base.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    base.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    out = {"full_attention": base}
-    local = config.get("rope_local_base_freq")
-    out["sliding_attention"] = {"rope_type": "default", "rope_theta": local} if local else base
+        scaling = raw.get("rope_scaling")
+        base = dict(scaling) if isinstance(scaling, dict) else {}
+    base.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    out = {"full_attention": Fields(base, f"{config.where} rope parameters", config.fix)}
+    local = raw.get("rope_local_base_freq")
+    out["sliding_attention"] = (Fields({"rope_type": "default", "rope_theta": local},
+                                       f"{config.where} rope_local_base_freq", config.fix) if local else out["full_attention"])
     return out
 
 
-def model_spec(config: dict) -> ModelSpec:
-    model_type = config.get("model_type", "?")
+def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> ModelSpec:
+    """The checked numbers of a model config (untrusted input: every field typed and bounded)."""
+    c = Fields(config, where, fix)
+    model_type = c.str("model_type", default="?")
     family = family_for(model_type)
-    where = f"model type {model_type}"
-    try:
-        hidden = int(config["hidden_size"])
-        layers = int(config["num_hidden_layers"])
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        vocab = int(config["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"config.json lacks a usable {e}; the checkpoint config is incomplete") from None
-    if float(config.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UserError(f"{where}: partial rotary embeddings are not supported by the exporter")
+    hidden = c.int("hidden_size", 1, MAX_HIDDEN)
+    layers = c.int("num_hidden_layers", 1, MAX_LAYERS)
+    heads = c.int("num_attention_heads", 1, MAX_HEADS)
+    kv_heads = c.int("num_key_value_heads", 1, heads, default=heads)
+    head_dim = c.int("head_dim", 2, MAX_HEAD_DIM, default=max(hidden // heads, 2))
+    vocab = c.int("vocab_size", 1, MAX_VOCAB)
+    intermediate = c.int("intermediate_size", 1, MAX_INTERMEDIATE)
+    max_positions = c.int("max_position_embeddings", 1, MAX_POSITIONS, default=4096)
+    if c.float("partial_rotary_factor", 0, 1, default=1.0) != 1.0:
+        raise UserError(f"model type {model_type}: partial rotary embeddings are not supported by the exporter")
     if heads % kv_heads:
-        raise UserError(f"{where}: {heads} attention heads is not a multiple of {kv_heads} KV heads")
+        raise UserError(f"model type {model_type}: {heads} attention heads is not a multiple of {kv_heads} KV heads")
+    if head_dim % 2:
+        raise UserError(f"{where}: head_dim {head_dim} is odd; RoPE needs an even head size; {fix}")
+    if max_positions * head_dim > MAX_ROPE_TABLE:  # the graph holds cos/sin tables of this size
+        raise UserError(f"{where}: max_position_embeddings {max_positions} x head_dim {head_dim} makes RoPE tables "
+                        f"too large to export; {fix}")
 
     # Which layers use a sliding window, and how wide (tokens attended, the query's own included).
-    window = config.get("sliding_window")
+    window = c.int("sliding_window", 1, MAX_POSITIONS, default=None)
     layer_types = config.get("layer_types")
     if not layer_types:
         sliding_all = window is not None and model_type == "mistral"
         layer_types = ["sliding_attention" if sliding_all else "full_attention"] * layers
-    if len(layer_types) != layers:
-        raise UserError(f"config.json has {len(layer_types)} layer_types for {layers} layers")
-    windows = [int(window) if t == "sliding_attention" and window else None for t in layer_types]
+    if (not isinstance(layer_types, list) or len(layer_types) != layers
+            or not all(t in ("full_attention", "sliding_attention") for t in layer_types)):
+        raise UserError(f"{where}: layer_types must list full_attention or sliding_attention for each of the "
+                        f"{layers} layers; {fix}")
+    windows = [window if t == "sliding_attention" and window else None for t in layer_types]
 
-    ropes = _rope_params(config)
+    ropes = _rope_params(c)
     freqs = []
     for t in layer_types:
         rope = ropes.get(t) or ropes.get("full_attention")
         if rope is None:
-            raise UserError(f"{where}: no RoPE parameters for layer type {t!r}")
-        freqs.append(inv_freq(rope, head_dim, where))
+            raise UserError(f"{where}: no RoPE parameters for layer type {t!r}; {fix}")
+        freqs.append(inv_freq(rope, head_dim))
 
-    scalar = config.get("query_pre_attn_scalar")  # Gemma: scale by this instead of head_dim
-    attn_scale = float(scalar) ** -0.5 if scalar else head_dim ** -0.5
+    scalar = c.float("query_pre_attn_scalar", 1e-6, 1e9, default=None)  # Gemma: scale by this, not head_dim
     return ModelSpec(
         family=family, model_type=model_type, hidden=hidden, layers=layers, heads=heads,
-        kv_heads=kv_heads, head_dim=head_dim, vocab=vocab,
-        eps=float(config.get("rms_norm_eps", 1e-6)),
-        max_positions=int(config.get("max_position_embeddings", 4096)),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attn_scale=attn_scale, layer_windows=windows, layer_inv_freq=freqs,
-        attn_softcap=config.get("attn_logit_softcapping"),
-        final_softcap=config.get("final_logit_softcapping"),
+        kv_heads=kv_heads, head_dim=head_dim, vocab=vocab, intermediate=intermediate,
+        eps=c.float("rms_norm_eps", 1e-12, 1.0, default=1e-6),
+        max_positions=max_positions,
+        tie_embeddings=c.bool("tie_word_embeddings", default=False),
+        attn_scale=scalar ** -0.5 if scalar else head_dim ** -0.5, layer_windows=windows, layer_inv_freq=freqs,
+        attn_softcap=c.float("attn_logit_softcapping", 1e-3, 1e6, default=None),
+        final_softcap=c.float("final_logit_softcapping", 1e-3, 1e6, default=None),
     )
+
+
+def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """What a checkpoint of this model holds: (quantized linears prefix -> [out, in], float tensors
+    name -> shape). Biases and an untied lm_head are optional (checked when present)."""
+    h, hd, inter = spec.hidden, spec.head_dim, spec.intermediate
+    q, kv = spec.heads * hd, spec.kv_heads * hd
+    family = spec.family
+    linears, tensors = {}, {"model.embed_tokens.weight": (spec.vocab, h), "model.norm.weight": (h,)}
+    norms = {"input_layernorm", family.mlp_norm}
+    if family.sandwich_norm:
+        norms |= {"post_attention_layernorm", "post_feedforward_layernorm"}
+    for i in range(spec.layers):
+        p = f"model.layers.{i}"
+        linears.update({f"{p}.self_attn.q_proj": (q, h), f"{p}.self_attn.k_proj": (kv, h),
+                        f"{p}.self_attn.v_proj": (kv, h), f"{p}.self_attn.o_proj": (h, q),
+                        f"{p}.mlp.gate_proj": (inter, h), f"{p}.mlp.up_proj": (inter, h),
+                        f"{p}.mlp.down_proj": (h, inter)})
+        tensors.update({f"{p}.{n}.weight": (h,) for n in norms})
+        if family.qk_norm:
+            tensors.update({f"{p}.self_attn.q_norm.weight": (hd,), f"{p}.self_attn.k_norm.weight": (hd,)})
+    return linears, tensors
+
+
+def check_checkpoint_shapes(linears: dict, tensors: dict, spec: ModelSpec, where: str) -> None:
+    """The checkpoint's tensors are the ones its config describes, with the config's shapes.
+
+    linears: prefix -> an object with .shape ([out, in]) and .bias (None or [out]);
+    tensors: name -> array. One line names the first tensor that does not fit."""
+    want_linears, want_tensors = checkpoint_shapes(spec)
+    for prefix, shape in want_linears.items():
+        lin = linears.get(prefix)
+        if lin is None:
+            raise UserError(f"{where} lacks the quantized linear {prefix}; it does not match its config.json")
+        if tuple(lin.shape) != shape or (lin.bias is not None and tuple(lin.bias.shape) != shape[:1]):
+            raise UserError(f"{where}: {prefix} is {list(lin.shape)}, its config.json implies {list(shape)}; "
+                            "the checkpoint is corrupt or belongs to another model")
+    extra = sorted(set(linears) - set(want_linears))
+    if extra:
+        raise UserError(f"{where} holds quantized linears its config.json does not describe ({extra[0]}, ...); "
+                        "the checkpoint does not match its config")
+    if not spec.tie_embeddings and "lm_head.weight" in tensors:
+        want_tensors["lm_head.weight"] = (spec.vocab, spec.hidden)
+    for name, shape in want_tensors.items():
+        if name not in tensors:
+            raise UserError(f"{where} lacks the tensor {name}; it does not match its config.json")
+        if tuple(tensors[name].shape) != shape:
+            raise UserError(f"{where}: {name} is {list(tensors[name].shape)}, its config.json implies {list(shape)}; "
+                            "the checkpoint is corrupt or belongs to another model")
 
 
 def rope_tables(freq: np.ndarray, positions: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ import pytest
 
 from awq_edge.backend_ort import OrtBackend
 from awq_edge.errors import UserError
-from test_export_helpers import export_for_cpu, tiny_checkpoint
+from test_export_helpers import CPU_TARGETS, export_for_cpu, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def tiny(tmp_path_factory, smollm2_dir):
 IDS = np.random.default_rng(0).integers(0, 256, 24).tolist()
 
 
-@pytest.mark.parametrize("target", ["ort", "onnx", "trt"])
+@pytest.mark.parametrize("target", CPU_TARGETS)
 def test_rewind_and_chunked_prefill_match_one_pass(tiny, target):
     backend = OrtBackend(tiny[0][target], max_context=32)
     straight = [backend.forward(IDS[:8])] + [backend.forward([t]) for t in IDS[8:]]
@@ -84,7 +84,7 @@ def test_trt_export_is_refused(tiny):
     _, ckpt, root = tiny
     with pytest.raises(UserError, match="exported for TensorRT"):
         OrtBackend(root / "exports" / "trt", max_context=8)
-    with pytest.raises(UserError, match="no readable export.json"):
+    with pytest.raises(UserError, match="export.json is missing"):
         OrtBackend(root, max_context=8)
 
 

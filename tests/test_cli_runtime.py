@@ -93,10 +93,9 @@ def test_build_bad_inputs_write_nothing(engine_dir, tmp_path):
     assert "already an engine" in one_line_error(cli("build", engine_dir, "--output", out))
     # a cap below the weights is refused after export, before anything is written
     (tmp_path / "export").mkdir()
-    for f in ("model.onnx", "model.onnx.data", "export.json", "tokenizer.json", "tokenizer_config.json",
-              "config.json", "chat_template.jinja"):
-        if (engine_dir / f).exists():
-            os.link(engine_dir / f, tmp_path / "export" / f)
+    for f in engine_dir.iterdir():
+        if f.name != "manifest.json":
+            os.link(f, tmp_path / "export" / f.name)
     assert "short by" in one_line_error(cli("build", tmp_path / "export", "--output", out, "--max-memory", "100MiB"))
     assert "unknown device" in one_line_error(cli("build", tmp_path / "export", "--output", out, "--device", "pdp11"))
     out.mkdir()
@@ -117,19 +116,22 @@ def test_build_from_an_export_dir_then_run(engine_dir, tmp_path):
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
 
 
-def test_peak_rss_stays_under_the_cap_for_512_tokens(engine_dir):
-    """A 512-token generation under --max-memory: the child's peak RSS (ru_maxrss) stays below the cap."""
-    # 400 MiB: the plan counts the default int4 head's exact table (lm_head.f16, 54 MiB) as weights,
-    # so 360 MiB (enough with the int8 head) now plans only 445 tokens of context.
+def test_peak_rss_stays_under_the_cap_with_the_whole_context_filled(engine_dir):
+    """Generate until the planned context is full (every KV page written, the attention at its
+    widest): the child's peak RSS (ru_maxrss) stays below the cap."""
+    from awq_edge.engine import Engine
+
     cap = 400 << 20
+    context = Engine.load(engine_dir, max_memory=cap).context  # what the plan fits under the cap
+    assert 512 < context < 2048
     # A fresh wrapper process whose only child is the CLI, so RUSAGE_CHILDREN is that child's peak.
     wrapper = ("import resource, subprocess, sys\n"
                "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
                "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, r.returncode)\n")
     result = subprocess.run([sys.executable, "-c", wrapper, *CLI, "run", str(engine_dir), "--prompt",
-                             "Tell me a long story about a dragon.", "--max-memory", "400MiB", "--max-new-tokens", "512",
-                             "--ignore-eos", "--temperature", "0.7", "--seed", "0", "--stats"],
-                            capture_output=True, text=True, timeout=300)
-    assert "512 new" in result.stderr, result.stderr
+                             "Tell me a long story about a dragon.", "--max-memory", "400MiB", "--max-new-tokens",
+                             str(context), "--ignore-eos", "--temperature", "0.7", "--seed", "0", "--stats"],
+                            capture_output=True, text=True, timeout=600)
+    assert f"the context of {context} tokens is full" in result.stderr, result.stderr
     _, peak, rc = result.stdout.split()
     assert rc == "0" and 0 < int(peak) < cap, f"peak RSS {int(peak) / 2**20:.0f} MiB, cap {cap / 2**20:.0f} MiB"

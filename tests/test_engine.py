@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from awq_edge.checkpoint import sha256_file
-from awq_edge.engine import ENGINE_FORMAT_VERSION, Engine
+from awq_edge.engine import Engine
+from awq_edge.engine_dir import ENGINE_FORMAT_VERSION
 from awq_edge.errors import UserError
+from awq_edge.untrusted import SMALL_FILE_BYTES, sampled_sha256, sha256_file
+from folder_helpers import linked_copy, rewrite
 
 GREEDY = {"temperature": 0.0}
 
@@ -34,6 +34,9 @@ def test_engine_dir_is_self_contained_and_hashed(engine_dir):
     assert set(manifest["files"]) == names - {"manifest.json"}
     for name, entry in manifest["files"].items():
         assert sha256_file(engine_dir / name) == entry["sha256"]
+        if entry["size"] > SMALL_FILE_BYTES:  # model.onnx.data, lm_head.f16: checked on every load by this
+            assert entry["sampled_sha256"] == sampled_sha256(engine_dir / name)
+    assert {n for n, e in manifest["files"].items() if "sampled_sha256" in e} == {"model.onnx.data", "lm_head.f16"}
     leftovers = [p.name for p in engine_dir.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # the temp dirs of the build are gone
 
@@ -146,19 +149,6 @@ def test_load_recomputes_the_plan_from_the_users_cap(engine_dir):
     assert e.backend.kv_bytes() == e.plan.kv_bytes  # the KV cache is allocated once, as planned
 
 
-def _linked_copy(src: Path, dst: Path) -> Path:
-    """A copy of an engine whose big files are hard links (cheap); files to corrupt are rewritten, not edited."""
-    dst.mkdir()
-    for f in src.iterdir():
-        os.link(f, dst / f.name)
-    return dst
-
-
-def _rewrite(path: Path, data: bytes) -> None:
-    path.unlink()  # break the hard link first
-    path.write_bytes(data)
-
-
 def test_bad_engine_dirs_are_one_line_errors(engine_dir, tmp_path):
     cases = {}
     cases["missing"] = tmp_path / "nope"
@@ -167,17 +157,17 @@ def test_bad_engine_dirs_are_one_line_errors(engine_dir, tmp_path):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "weights.bin").write_bytes(b"\0" * 10)
     cases["foreign"] = tmp_path / "foreign"
-    bad_json = _linked_copy(engine_dir, tmp_path / "bad_json")
-    _rewrite(bad_json / "manifest.json", b"{not json")
+    bad_json = linked_copy(engine_dir, tmp_path / "bad_json")
+    rewrite(bad_json / "manifest.json", b"{not json")
     cases["corrupt manifest"] = bad_json
-    old = _linked_copy(engine_dir, tmp_path / "old")
+    old = linked_copy(engine_dir, tmp_path / "old")
     manifest = json.loads((engine_dir / "manifest.json").read_text())
-    _rewrite(old / "manifest.json", json.dumps({**manifest, "format_version": 99}).encode())
+    rewrite(old / "manifest.json", json.dumps({**manifest, "format_version": 99}).encode())
     cases["incompatible format"] = old
-    truncated = _linked_copy(engine_dir, tmp_path / "truncated")
-    _rewrite(truncated / "model.onnx", (engine_dir / "model.onnx").read_bytes()[:1000])
+    truncated = linked_copy(engine_dir, tmp_path / "truncated")
+    rewrite(truncated / "model.onnx", (engine_dir / "model.onnx").read_bytes()[:1000])
     cases["truncated model"] = truncated
-    no_tok = _linked_copy(engine_dir, tmp_path / "no_tok")
+    no_tok = linked_copy(engine_dir, tmp_path / "no_tok")
     (no_tok / "tokenizer.json").unlink()
     cases["missing tokenizer"] = no_tok
     messages = {}
@@ -192,10 +182,10 @@ def test_bad_engine_dirs_are_one_line_errors(engine_dir, tmp_path):
 
 
 def test_full_hash_check_catches_changed_bytes(engine_dir, tmp_path):
-    changed = _linked_copy(engine_dir, tmp_path / "changed")
+    changed = linked_copy(engine_dir, tmp_path / "changed")
     data = bytearray((engine_dir / "tokenizer_config.json").read_bytes())
     data[-2] ^= 1
-    _rewrite(changed / "tokenizer_config.json", bytes(data))
+    rewrite(changed / "tokenizer_config.json", bytes(data))
     with pytest.raises(UserError, match="sha256"):
         Engine.load(changed, verify=True)
 

@@ -93,12 +93,16 @@ def test_stream_decoder_keeps_spaces_between_words(tokenizer):
 
 
 def test_stream_decoder_gives_up_waiting_on_invalid_bytes(tokenizer):
-    # A lone UTF-8 lead byte that never gets its continuation: held a few tokens, then emitted.
+    # UTF-8 lead bytes that never get their continuation: the text keeps ending in U+FFFD, so
+    # they are held until MAX_PENDING of them have piled up, then emitted; then streaming goes on.
     lead = [i for i in tokenizer.encode("日") if "\ufffd" in tokenizer.decode([i])][0]
-    words = tokenizer.encode(" and then some more words follow here")
     decoder = StreamDecoder(tokenizer)
-    out = [decoder.push(lead)] + [decoder.push(i) for i in words] + [decoder.flush()]
-    assert "".join(out).endswith("follow here")
+    held = [decoder.push(lead) for _ in range(StreamDecoder.MAX_PENDING - 1)]
+    assert held == [""] * (StreamDecoder.MAX_PENDING - 1)
+    given_up = decoder.push(lead)
+    assert given_up and set(given_up) == {"\ufffd"}
+    words = tokenizer.encode(" and then some more words follow here")
+    assert "".join(decoder.push(i) for i in words) + decoder.flush() == " and then some more words follow here"
 
 
 def test_device_logits_get_the_same_draw_as_the_host_path():

@@ -19,7 +19,7 @@ from awq_edge import packing
 from awq_edge.checkpoint import read_checkpoint
 from awq_edge.errors import UserError
 from awq_edge.export import export_checkpoint
-from test_export_helpers import (check_against_reference, export_for_cpu, reference_logits, rel_err,
+from test_export_helpers import (CPU_TARGETS, check_against_reference, export_for_cpu, reference_logits, rel_err,
                                  run_backend, torch_one_thread)
 
 PROMPT = 16
@@ -51,12 +51,12 @@ def _ids(n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(100, 20000, n).tolist()
 
 
-@pytest.mark.parametrize("target", ["ort", "onnx", "trt"])
+@pytest.mark.parametrize("target", CPU_TARGETS)
 def test_ragged_g128_matches_reference(exports, rtn_reference, target):
     check_against_reference(exports[target], rtn_reference, _ids(PROMPT + DECODE), PROMPT, 1e-3)
 
 
-@pytest.mark.parametrize("target", ["ort", "onnx", "trt"])
+@pytest.mark.parametrize("target", CPU_TARGETS)
 def test_awq_g64_matches_reference(tmp_path, awq_checkpoint, awq_reference, target):
     out = export_for_cpu(awq_checkpoint, tmp_path, target)
     check_against_reference(out, awq_reference, _ids(PROMPT + DECODE, seed=1), PROMPT, 1e-3)
@@ -264,8 +264,9 @@ def test_export_files_and_info(exports, rtn_checkpoint):
     assert (info["num_layers"], info["num_kv_heads"], info["head_dim"], info["vocab_size"]) == (30, 3, 64, 49152)
     assert info["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
     assert info["quantization"]["group_size"] == 128
-    for name, digest in info["files"].items():
-        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    for name, record in info["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == record["sha256"]
+        assert (out / name).stat().st_size == record["size"]
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json"} <= set(info["files"])
     assert info["weight_bytes"] == pytest.approx((out / "model.onnx.data").stat().st_size, rel=0.01)
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from awq_edge.errors import UserError
-from test_export_helpers import TINY, TINY_EXTRA, check_against_reference, export_for_cpu, tiny_checkpoint
+from test_export_helpers import CPU_TARGETS, TINY, TINY_EXTRA, check_against_reference, export_for_cpu, tiny_checkpoint
 
-TARGETS = ("ort", "onnx", "trt")
 PROMPT = 12
 STEPS = 20
 
@@ -29,7 +28,7 @@ def _ids(seed: int, n: int = PROMPT + STEPS) -> list[int]:
     return np.random.default_rng(seed).integers(0, 256, n).tolist()
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", CPU_TARGETS)
 def test_family_matches_reference(family, target):
     model_type, root, ckpt, ref = family
     out = export_for_cpu(ckpt, root / "exports", target)

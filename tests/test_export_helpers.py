@@ -12,6 +12,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+# Targets a test runs on this machine. The trt graph's plugin ops run through the CPU stand-in
+# (export/cpu_standin.py), not TensorRT, and the test ids say so.
+CPU_TARGETS = [pytest.param("ort", id="ort"), pytest.param("onnx", id="onnx"),
+               pytest.param("trt", id="trt_graph_on_cpu_standin")]
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)

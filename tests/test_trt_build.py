@@ -6,6 +6,7 @@ before it (each must fail with one line and leave nothing at OUTPUT) and the pur
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -20,15 +21,22 @@ RTX4090 = Gpu(0, "NVIDIA GeForce RTX 4090", "sm_89")
 ORIN = Gpu(0, "Orin", "sm_87")
 
 
+@pytest.fixture(scope="module")
+def trt_export(tmp_path_factory, smollm2_dir):
+    """A real `--target trt` export of a tiny Llama (the checks before the build read it all)."""
+    from awq_edge.export import export_checkpoint
+    from test_export_helpers import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("trt-src")
+    return export_checkpoint(tiny_checkpoint(root, "llama", smollm2_dir), root / "export", "trt")
+
+
 @pytest.fixture
-def src(tmp_path):
-    """A stand-in export: the checks before the build look only at file names and export.json."""
-    d = tmp_path / "export"
-    d.mkdir()
-    (d / "model.onnx").write_bytes(b"\0" * 1024)
-    (d / "export.json").write_text(json.dumps({"target": "trt", "kv_mode": "shared_buffer", "weight_bytes": 1 << 20,
-                                               "kv_bytes_per_token": 1 << 16, "max_position_embeddings": 8192}))
-    return d
+def src(trt_export, tmp_path):
+    """A copy of the trt export that a test may edit."""
+    copy = tmp_path / "export"
+    shutil.copytree(trt_export, copy)
+    return copy
 
 
 def with_gpus(monkeypatch, gpus):
@@ -80,7 +88,8 @@ def test_source_checks(tmp_path, src):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no .onnx graph" in assert_fails_cleanly(empty, tmp_path / "engine")
-    (src / "export.json").write_text(json.dumps({"target": "ort"}))
+    info = json.loads((src / "export.json").read_text())
+    (src / "export.json").write_text(json.dumps({**info, "target": "ort"}))
     assert "--target trt" in assert_fails_cleanly(src, tmp_path / "engine")
 
 
@@ -97,21 +106,25 @@ def test_cpu_device_is_refused(src, tmp_path):
     assert "no GPU" in assert_fails_cleanly(src, tmp_path / "engine", device="cpu")
 
 
-def test_memory_plan_fits_the_kv_cache_under_the_cap(src):
+def test_memory_plan_is_the_runtimes_with_the_gpu_overhead(trt_export):
     from awq_edge.devices import resolve
+    from awq_edge.engine_dir import read_export_info
+    from awq_edge.memory import GPU_RUNTIME_OVERHEAD
 
-    plan = trt_build.plan_memory(src / "model.onnx", resolve("rtx4090"), max_memory=None, max_context=None)
-    assert plan.weight_bytes == 1 << 20 and plan.kv_mode == "shared_buffer"
-    assert plan.max_context == trt_build.DEFAULT_MAX_CONTEXT
-    assert plan.kv_cache_bytes == plan.max_context * (1 << 16)
-    assert plan.weight_bytes + plan.kv_cache_bytes + plan.workspace_bytes <= plan.cap_bytes
-    small = trt_build.plan_memory(src / "model.onnx", resolve("rtx4090"), max_memory=64 << 20, max_context=None)
-    assert small.max_context < 1024  # the cap, not the default, limits the context
-    assert small.weight_bytes + small.kv_cache_bytes + small.workspace_bytes <= small.cap_bytes
-    with pytest.raises(UserError, match="KV cache"):
-        trt_build.plan_memory(src / "model.onnx", resolve("rtx4090"), max_memory=64 << 20, max_context=100_000)
-    with pytest.raises(UserError, match="weights take"):
-        trt_build.plan_memory(src / "model.onnx", resolve("rtx4090"), max_memory=1 << 20, max_context=None)
+    info = read_export_info(trt_export)
+    plan = trt_build.plan_memory(info, resolve("rtx4090"), max_memory=None, max_context=None)
+    assert plan["weights"] == info.weight_bytes and plan["kv_mode"] == "shared_buffer"
+    full = info.max_position_embeddings
+    assert plan["context"] == full  # a tiny model: every position fits
+    assert plan["runtime_overhead"] == GPU_RUNTIME_OVERHEAD  # the same figure the runtime plans with
+    assert plan["kv_bytes"] == plan["context"] * info.kv_bytes_per_token
+    assert plan["weights"] + plan["kv_bytes"] + plan["workspace"] + plan["runtime_overhead"] == plan["total"]
+    assert plan["total"] <= plan["cap"] == resolve("rtx4090").default_memory_bytes()
+    with pytest.raises(UserError, match="short by"):
+        trt_build.plan_memory(info, resolve("rtx4090"), max_memory=GPU_RUNTIME_OVERHEAD, max_context=None)
+    tight = plan["total"] - 1  # one byte short of the whole context
+    with pytest.raises(UserError, match="--max-memory"):
+        trt_build.plan_memory(info, resolve("rtx4090"), max_memory=tight, max_context=full)
 
 
 def test_profiles_follow_the_graph_contract():
@@ -121,7 +134,8 @@ def test_profiles_follow_the_graph_contract():
     assert decode["input_ids"] == ((1, 1), (1, 1), (1, 1))
     assert decode["past_key.0"][2] == (1, 3, 1023, 64) and "past_length" not in decode
     _, shared = trt_build.profile_shapes(inputs, 512, 1024, kv_mode="shared_buffer")
-    assert shared["past_key.0"] == ((1, 3, 1024, 64),) * 3
+    # the KV buffers hold up to the built context; the runtime may plan fewer rows at load
+    assert shared["past_key.0"] == ((1, 3, 1, 64), (1, 3, 1024, 64), (1, 3, 1024, 64))
     with pytest.raises(UserError, match="no shape rule"):
         trt_build.profile_shapes([("mystery", [1, "Q"])], 512, 1024)
 

@@ -1,0 +1,267 @@
+"""Engine and export folders, read as untrusted input (docs/runtime.md, "The engine directory").
+
+    manifest = read_manifest(path)                        # format, version, backend, device, plan
+    files = check_files(path, manifest["files"], ...)     # every listed file: plain name, size, hash
+    info = read_export_info(path, files)                  # export.json, checked against itself,
+                                                          # the ONNX graph and the files
+
+Every number the memory plan and the backends use comes out of here checked: a type and a
+range, and agreement with the other fields and with the files (weight_bytes is what the
+graph's initializers and the exact lm_head table hold, kv_bytes_per_token is 2 x layers x
+kv_heads x head_dim x itemsize, the vocabulary and hidden size are the embedding table's
+shape, ...). So an edited number cannot make the memory cap meaningless, and a file name
+cannot point outside the folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .untrusted import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS,
+                        MAX_VOCAB, Fields, check_file_records, plain_name, read_json)
+
+MANIFEST = "manifest.json"
+EXPORT_INFO = "export.json"
+MODEL_FILE = "model.onnx"
+ENGINE_FORMAT = "awq-edge-engine"
+TRT_ENGINE_FORMAT = "awq-edge-trt-engine"   # written by awq_edge.trt_build
+ENGINE_FORMAT_VERSION = 2                   # 2: sampled hashes of large files, checked export.json
+EXPORT_FORMAT = "awq-edge-export"
+EXPORT_FORMAT_VERSION = 2
+ACT_DTYPES = {"float32": 4, "float16": 2}
+REBUILD = "rebuild the engine with `awq-edge build`"
+REEXPORT = "export the checkpoint again with `awq-edge export`"
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json of an engine dir, its fields checked, or a one-line error saying what PATH is instead."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"engine not found: {path}; build one with `awq-edge build MODEL --output {path}`")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not an engine directory; build one with `awq-edge build`")
+    if not (path / MANIFEST).exists():
+        if (path / EXPORT_INFO).exists():
+            raise UserError(f"{path} is an ONNX export, not an engine; run `awq-edge build {path} --output ENGINE`")
+        raise UserError(f"{path} is not an awq-edge engine (no {MANIFEST}); build one with `awq-edge build`")
+    manifest = read_json(path / MANIFEST, REBUILD)
+    f = Fields(manifest, str(path / MANIFEST), REBUILD)
+    if manifest.get("format") not in (ENGINE_FORMAT, TRT_ENGINE_FORMAT):
+        raise UserError(f"{path} is not an awq-edge engine (unknown manifest format); {REBUILD}")
+    if manifest.get("format_version") != ENGINE_FORMAT_VERSION:
+        raise UserError(f"{path} was built by an incompatible awq-edge (engine format "
+                        f"{str(manifest.get('format_version'))[:20]}, this awq-edge reads {ENGINE_FORMAT_VERSION}); "
+                        f"{REBUILD}")
+    default_backend = "trt" if manifest["format"] == TRT_ENGINE_FORMAT else "ort"
+    manifest["backend"] = f.str("backend", ("ort", "trt"), default=default_backend)
+    f.str("device")
+    plan = f.obj("memory_plan")
+    plan.int("cap", 1, 1 << 50)
+    plan.int("context", 1, MAX_POSITIONS)
+    if manifest["format"] == TRT_ENGINE_FORMAT:  # a GPU engine carries code: it must be its own, listed file
+        for key in ("engine", "plugin_library"):
+            name = plain_name(f.str(key), f"{path / MANIFEST} {key}", REBUILD)
+            if name not in manifest.get("files", {}):
+                raise UserError(f"{path / MANIFEST}: {key} {name} is not among the engine's listed files; {REBUILD}")
+    return manifest
+
+
+def check_files(path: Path, files, full_hash: bool = False, fix: str = REBUILD) -> dict[str, dict]:
+    """Every file of FILES (name -> size and hashes) is in PATH, whole; returns the checked records."""
+    where = str(Path(path) / (MANIFEST if fix == REBUILD else EXPORT_INFO))
+    return check_file_records(Path(path), files, where, fix, full_hash)
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """export.json, checked (docs/graph.md). Only what the runtime and the memory plan use."""
+    target: str                  # ort | onnx | trt (| trt_cpu_standin: tests, export/cpu_standin.py)
+    kv_mode: str                 # shared_buffer | concat
+    act_dtype: str               # float32 | float16
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    all_logits: bool
+    matmul_accuracy_level: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    lm_head_exact: dict | None   # {"file", "rows", "cols", "top_k", "final_softcap"}
+    config: dict                 # the model's config.json as exported (tokenizer: eos ids)
+    quantization: dict           # the checkpoint's quantization_config and the quantizer's settings
+    files: dict                  # the folder's checked file records (name -> size, sha256)
+
+
+def read_export_info(folder: Path, listed: dict[str, dict] | None = None, graph: bool = True) -> ExportInfo:
+    """export.json of an export or engine dir, checked against itself and (graph=True) model.onnx.
+
+    listed: the checked file records of the folder (an engine's manifest); None for an export
+    dir, whose own export.json lists its files (checked here, sizes and hashes)."""
+    folder = Path(folder)
+    fix = REBUILD if listed is not None else REEXPORT
+    path = folder / EXPORT_INFO
+    raw = read_json(path, fix)
+    f = Fields(raw, str(path), fix)
+    if raw.get("format") != EXPORT_FORMAT or raw.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise UserError(f"{path} was written by an incompatible awq-edge (export format "
+                        f"{str(raw.get('format_version'))[:20]}, this awq-edge reads {EXPORT_FORMAT_VERSION}); {fix}")
+    if listed is None:
+        listed = check_files(folder, raw.get("files"), full_hash=False, fix=fix)
+    layers = f.int("num_layers", 1, MAX_LAYERS)
+    heads = f.int("num_heads", 1, MAX_HEADS)
+    kv_heads = f.int("num_kv_heads", 1, heads)
+    head_dim = f.int("head_dim", 1, MAX_HEAD_DIM)
+    act_dtype = f.str("act_dtype", tuple(ACT_DTYPES))
+    if heads % kv_heads:
+        raise UserError(f"{path}: num_heads {heads} is not a multiple of num_kv_heads {kv_heads}; {fix}")
+    kv_bytes = f.int("kv_bytes_per_token", 1, 1 << 40)
+    if kv_bytes != 2 * layers * kv_heads * head_dim * ACT_DTYPES[act_dtype]:
+        raise UserError(f"{path}: kv_bytes_per_token {kv_bytes} is not 2 x {layers} layers x {kv_heads} KV heads x "
+                        f"{head_dim} x {ACT_DTYPES[act_dtype]} bytes; {fix}")
+    config = f.obj("config")
+    info = ExportInfo(
+        target=f.str("target", ("ort", "onnx", "trt", "trt_cpu_standin")),
+        kv_mode=f.str("kv_mode", ("shared_buffer", "concat")),
+        act_dtype=act_dtype, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        hidden_size=f.int("hidden_size", 1, MAX_HIDDEN),
+        intermediate_size=f.int("intermediate_size", 1, MAX_INTERMEDIATE),
+        vocab_size=f.int("vocab_size", 1, MAX_VOCAB),
+        max_position_embeddings=f.int("max_position_embeddings", 1, MAX_POSITIONS),
+        all_logits=f.bool("all_logits"),
+        matmul_accuracy_level=f.int("matmul_accuracy_level", 0, 4),
+        weight_bytes=f.int("weight_bytes", 1, 1 << 50),
+        kv_bytes_per_token=kv_bytes,
+        lm_head_exact=_read_exact_head(f, listed, path, fix),
+        config=config.raw, quantization=raw["quantization"] if isinstance(raw.get("quantization"), dict) else {},
+        files=listed)
+    if info.lm_head_exact and (info.lm_head_exact["rows"], info.lm_head_exact["cols"]) != (info.vocab_size,
+                                                                                          info.hidden_size):
+        raise UserError(f"{path}: lm_head_exact is {info.lm_head_exact['rows']} x {info.lm_head_exact['cols']}, "
+                        f"the model is {info.vocab_size} x {info.hidden_size}; {fix}")
+    if graph:
+        check_graph(folder, info, listed, fix)
+    return info
+
+
+def _read_exact_head(f: Fields, listed: dict, path: Path, fix: str) -> dict | None:
+    head = f.obj("lm_head_exact", optional=True)
+    if head is None:
+        return None
+    name = plain_name(head.str("file"), f"{path} lm_head_exact", fix)
+    rows, cols = head.int("rows", 1, MAX_VOCAB), head.int("cols", 1, MAX_HIDDEN)
+    head.str("dtype", ("float16",))
+    if name not in listed or listed[name]["size"] != rows * cols * 2:
+        raise UserError(f"{path}: lm_head_exact names {name}, which is not a listed file of {rows} x {cols} "
+                        f"fp16 values; {fix}")
+    return {"file": name, "rows": rows, "cols": cols, "top_k": head.int("top_k", 1, rows),
+            "final_softcap": head.float("final_softcap", 1e-3, 1e6, default=None)}
+
+
+# ---------------------------------------------------------------- the graph against export.json
+
+def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: str) -> None:
+    """model.onnx (its structure: the weights stay on disk) agrees with export.json and the files.
+
+    Its external data must be listed files of the folder and lie inside them; the initializers'
+    bytes plus the exact head table are weight_bytes; the inputs, outputs and the embedding
+    table have the shapes export.json gives."""
+    import onnx
+    from onnx import TensorProto
+
+    where = folder / MODEL_FILE
+    if MODEL_FILE not in listed:
+        raise UserError(f"{folder} has no listed {MODEL_FILE}; {fix}")
+    try:
+        model = onnx.load(str(where), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: a corrupt file
+        raise UserError(f"{where} is not a readable ONNX graph ({type(e).__name__}); {fix}") from None
+    graph = model.graph
+    weight_bytes = info.lm_head_exact and info.lm_head_exact["rows"] * info.lm_head_exact["cols"] * 2 or 0
+    shapes = {}
+    for tensor in graph.initializer:
+        nbytes = _tensor_bytes(tensor, where, fix)
+        shapes[tensor.name] = list(tensor.dims)
+        if tensor.data_location == TensorProto.EXTERNAL:
+            ext = {e.key: e.value for e in tensor.external_data}
+            name = plain_name(ext.get("location"), f"{where} initializer {tensor.name}", fix)
+            offset, length = _int_text(ext.get("offset", "0")), _int_text(ext.get("length", str(nbytes)))
+            if name not in listed or offset < 0 or length != nbytes or offset + length > listed[name]["size"]:
+                raise UserError(f"{where}: initializer {tensor.name} points at bytes {offset}..{offset + length} of "
+                                f"{name}, which is not a listed file holding them; {fix}")
+        weight_bytes += nbytes
+    if weight_bytes != info.weight_bytes:
+        raise UserError(f"{folder / EXPORT_INFO}: weight_bytes {info.weight_bytes} is not what the files hold "
+                        f"({weight_bytes}); {fix}")
+    if shapes.get("model.embed_tokens.weight") != [info.vocab_size, info.hidden_size]:
+        raise UserError(f"{folder / EXPORT_INFO}: vocab_size x hidden_size {info.vocab_size} x {info.hidden_size} "
+                        f"is not the embedding table's {shapes.get('model.embed_tokens.weight')}; {fix}")
+    rope = shapes.get("rope.0.cos")
+    if not rope or rope[0] < info.max_position_embeddings:
+        raise UserError(f"{folder / EXPORT_INFO}: max_position_embeddings {info.max_position_embeddings} is more "
+                        f"than the graph's RoPE table holds; {fix}")
+    act = TensorProto.FLOAT if info.act_dtype == "float32" else TensorProto.FLOAT16
+    kv = {"elem": act, "dims": [1, info.num_kv_heads, None, info.head_dim]}
+    expected_inputs = {"input_ids": None, "past_length": None}
+    expected_inputs.update({f"past_{kind}.{i}": kv for i in range(info.num_layers) for kind in ("key", "value")})
+    expected_outputs = {"logits": {"elem": TensorProto.FLOAT,
+                                   "dims": [1, None, info.vocab_size] if info.all_logits else [1, info.vocab_size]}}
+    if info.lm_head_exact:
+        expected_outputs["last_hidden"] = {"elem": TensorProto.FLOAT, "dims": [1, info.hidden_size]}
+    if info.target != "trt":
+        expected_outputs.update({f"present_{kind}.{i}": kv for i in range(info.num_layers) for kind in ("key", "value")})
+    for kind, values, expected in (("inputs", graph.input, expected_inputs), ("outputs", graph.output, expected_outputs)):
+        found = {v.name: v for v in values if v.name not in shapes}
+        if set(found) != set(expected):
+            odd = sorted(set(found) ^ set(expected))[:3]
+            raise UserError(f"{where}: the graph's {kind} do not match export.json ({', '.join(odd)}); {fix}")
+        for name, want in expected.items():
+            if want and not _value_matches(found[name], want):
+                raise UserError(f"{where}: {kind[:-1]} {name} does not have the type and shape export.json "
+                                f"implies; {fix}")
+    for node in graph.node:  # the attention's head counts, where the op carries them
+        for attr in node.attribute:
+            want = {"num_heads": info.num_heads, "kv_num_heads": info.num_kv_heads,
+                    "kv_heads": info.num_kv_heads}.get(attr.name)
+            if want is not None and attr.i != want:
+                raise UserError(f"{folder / EXPORT_INFO}: num_heads/num_kv_heads disagree with the graph's "
+                                f"{node.op_type} ({attr.name} {attr.i}); {fix}")
+    gate = "model.layers.0.mlp.gate_proj"  # the exporter's name (export/graph.py); its N is the MLP width
+    widths = [a.i for n in graph.node if n.name == gate for a in n.attribute if a.name == "N"]
+    widths += shapes.get(f"{gate}.weight_uint4", [])[1:2]  # target onnx: DequantizeLinear's [K, N] weight
+    if widths != [info.intermediate_size]:
+        raise UserError(f"{folder / EXPORT_INFO}: intermediate_size {info.intermediate_size} is not the width of "
+                        f"the graph's MLP ({widths[:1] or 'none found'}); {fix}")
+
+
+_ELEMENT_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 16: 16,
+                 21: 4, 22: 4}  # onnx TensorProto element types -> bits (21/22: uint4/int4)
+
+
+def _tensor_bytes(tensor, where: Path, fix: str) -> int:
+    """Bytes of an initializer's data from its type and shape (the exporter stores raw data)."""
+    bits = _ELEMENT_BITS.get(tensor.data_type)
+    count = 1
+    for d in tensor.dims:
+        if d < 0:
+            bits = None
+        count *= max(d, 0)
+    if bits is None or count > 1 << 44:
+        raise UserError(f"{where}: initializer {tensor.name} has an unsupported type or shape; {fix}")
+    return (count * bits + 7) // 8
+
+
+def _int_text(text) -> int:
+    """An external-data offset or length (decimal text); -1 when it is not one."""
+    return int(text) if isinstance(text, str) and text.isdigit() and len(text) < 20 else -1
+
+
+def _value_matches(value, want: dict) -> bool:
+    t = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return t.elem_type == want["elem"] and len(dims) == len(want["dims"]) and all(
+        w is None or d == w for d, w in zip(dims, want["dims"]))
