@@ -42,7 +42,8 @@ QUANT_TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weigh
 
 
 def is_ct_config(config: dict) -> bool:
-    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+    qc = config.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def is_ct_dir(path: Path) -> bool:

@@ -25,4 +25,6 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 1024, windows: int | N
             logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
             nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
             count += seqlen - 1
-    return {"perplexity": math.exp(nll / count), "windows": n, "tokens": count, "seqlen": seqlen}
+    mean = nll / count
+    return {"perplexity": math.exp(mean) if mean < 700 else math.inf,  # garbage weights can overflow exp
+            "windows": n, "tokens": count, "seqlen": seqlen}

@@ -55,7 +55,8 @@ QUANTIZED_CHECKPOINT_METHODS = ("awq", "compressed-tensors")
 def is_quantized_checkpoint(config: dict) -> bool:
     """An AWQ or compressed-tensors checkpoint (not a float model). Any compressed-tensors
     config counts, so that an unsupported one gets the reader's error naming what it lacks."""
-    return (config.get("quantization_config") or {}).get("quant_method") in QUANTIZED_CHECKPOINT_METHODS
+    qc = config.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") in QUANTIZED_CHECKPOINT_METHODS
 
 
 def _gguf_cache_dir(path: Path) -> Path:

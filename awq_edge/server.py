@@ -548,19 +548,21 @@ def endpoint(handler, needs_key: bool = True):
 
 
 async def chat_completions(request: Request, server: Server):
-    body = await read_json(request, server.max_body)
-    check_model(body, server)
-    check_supported(body)
-    ids = await run_in_threadpool(tokenize, server.engine, chat_messages(body), "messages")
-    return await answer(request, server, body, ids, chat=True)
+    return await completion(request, server, chat=True)
 
 
 async def completions(request: Request, server: Server):
+    return await completion(request, server, chat=False)
+
+
+async def completion(request: Request, server: Server, chat: bool):
+    """/v1/chat/completions (messages through the chat template) or /v1/completions (a plain prompt)."""
     body = await read_json(request, server.max_body)
     check_model(body, server)
     check_supported(body)
-    ids = await run_in_threadpool(tokenize, server.engine, completion_prompt(body), "prompt")
-    return await answer(request, server, body, ids, chat=False)
+    prompt, field_name = (chat_messages(body), "messages") if chat else (completion_prompt(body), "prompt")
+    ids = await run_in_threadpool(tokenize, server.engine, prompt, field_name)
+    return await answer(request, server, body, ids, chat=chat)
 
 
 def model_card(server: Server) -> dict:

@@ -40,12 +40,17 @@ def _token_text(value) -> str | None:
 
 class Tokenizer:
     def __init__(self, folder: Path, config: dict | None = None, listed=None):
-        """listed: the folder's checked files (an engine's manifest); only those are read. None: any
-        tokenizer file present (a model or checkpoint folder on the host)."""
+        """listed: the folder's checked files (an engine's manifest); a tokenizer file that is there
+        but not listed is refused (it would change the output unchecked). None: any tokenizer file
+        present (a model or checkpoint folder on the host)."""
         from tokenizers import Tokenizer as HfTokenizer
 
         folder = Path(folder)
-        present = {n for n in TOKENIZER_FILES if (folder / n).is_file() and (listed is None or n in listed)}
+        present = {n for n in TOKENIZER_FILES if (folder / n).is_file()}
+        unlisted = sorted(present - set(listed)) if listed is not None else []
+        if unlisted:
+            raise UserError(f"{folder / unlisted[0]} is not among the engine's listed files; rebuild the engine "
+                            "or remove the file")
         if "tokenizer.json" not in present:
             raise UserError(f"{folder} has no tokenizer.json; rebuild the engine from a model that has one")
         try:
