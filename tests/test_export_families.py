@@ -5,6 +5,8 @@ sequences are longer than the sliding windows (Mistral 5, Gemma3 4), so window m
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -69,7 +71,11 @@ def test_unsupported_rope_type_is_a_user_error(tmp_path, smollm2_dir):
     from awq_edge.export import export_checkpoint
 
     rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
-    ckpt = tiny_checkpoint(tmp_path, "llama", smollm2_dir, rope_parameters=rope)
-    with pytest.raises(UserError, match="RoPE type 'yarn' is not supported"):
+    with pytest.raises(UserError, match="RoPE type 'yarn' is not supported"):  # refused before quantizing
+        tiny_checkpoint(tmp_path / "float", "llama", smollm2_dir, rope_parameters=rope)
+    ckpt = tiny_checkpoint(tmp_path / "ok", "llama", smollm2_dir)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    with pytest.raises(UserError, match="RoPE type 'yarn' is not supported"):  # and by the exporter
         export_checkpoint(ckpt, tmp_path / "out", "ort")
     assert not (tmp_path / "out").exists()
