@@ -13,10 +13,10 @@ nothing but the new token ids in and the logits out.
 - kv_mode concat (targets onnx, trt stand-in): ORT allocates each step's present (C' = C + S)
   and it becomes the next step's past; the length never exceeds max_context.
 Exact re-scoring (export.json `lm_head_exact`, the default quantized int4 lm_head): the graph
-also outputs `last_hidden` (the lm_head's input) and the exact fp16 table lm_head.f16 is
-memory-mapped; after each step the top_k candidates' logits are recomputed as table[idx] @ h,
-so greedy and top-k/top-p sampling see exact logits where it matters (~0.1 ms per step).
-forward_all (all_logits, perplexity) does not re-score: it returns the graph's logits.
+also outputs the top_k candidates of the last position (`top_ids`) and their exact logits from
+the fp16 table (`top_logits`); forward() puts those in place of the quantized ones, so greedy
+and top-k/top-p sampling see exact logits where it matters. forward_all (all_logits,
+perplexity) does not re-score: it returns the graph's logits.
 No torch here: this runs on a device with numpy and onnxruntime only.
 """
 from __future__ import annotations
@@ -47,15 +47,17 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def session_options(threads: int | None, accuracy_level: int = 0) -> ort.SessionOptions:
+def session_options(threads: int | None, accuracy_level: int = 0, spin: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # a decoder is a chain: no parallel branches
     so.intra_op_num_threads = threads or physical_cores()  # hyperthreads only contend for the FMA units
     so.inter_op_num_threads = 1
-    # No spinning: on a busy (shared, 2-core) machine a spinning worker steals the core its
-    # partner needs, and decode ran at half speed (30 vs 54 tok/s, SmolLM2, docs/export.md).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Spinning: a decode step is ~300 small ops, and a worker that sleeps between them takes
+    # longer to wake than many ops take to run (SmolLM2, 2 idle cores: 230 tok/s spinning, 162
+    # asleep; benchmarks/cpu_profile.py). On a machine whose cores other busy processes share,
+    # spinning steals the core its partner needs (docs/runtime.md): spin=False there.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     # The onnx target: how ORT may fuse DequantizeLinear + MatMul into MatMulNBits (0 = fp32 compute).
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
     return so
@@ -63,8 +65,9 @@ def session_options(threads: int | None, accuracy_level: int = 0) -> ort.Session
 
 class OrtBackend:
     def __init__(self, export_dir: Path, max_context: int, threads: int | None = None,
-                 info: ExportInfo | None = None):
-        """info: export.json as checked by the engine (Engine.load); read and checked here when None."""
+                 info: ExportInfo | None = None, spin: bool = True):
+        """info: export.json as checked by the engine (Engine.load); read and checked here when None.
+        threads, spin: ONNX Runtime's intra-op threads and whether they busy-wait (session_options)."""
         export_dir = Path(export_dir)
         info = info or read_export_info(export_dir)
         if info.target == "trt":
@@ -84,7 +87,8 @@ class OrtBackend:
         self.kv_shape = (1, info.num_kv_heads, self.max_context, info.head_dim)
         model_path = export_dir / MODEL_FILE
         try:
-            self.session = ort.InferenceSession(str(model_path), session_options(threads, info.matmul_accuracy_level),
+            self.session = ort.InferenceSession(str(model_path),
+                                                session_options(threads, info.matmul_accuracy_level, spin),
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT's Fail / InvalidGraph / InvalidProtobuf ...: a file it cannot run
             raise UserError(f"ONNX Runtime cannot load {model_path}: {_first_line(e)}; rebuild or re-copy it") from None
@@ -111,42 +115,28 @@ class OrtBackend:
             self._set_past([np.zeros(self.kv_shape[:2] + (0,) + self.kv_shape[3:], self.kv_dtype)] * (2 * self.num_layers))
         if self.all_logits:
             self._ort_allocated.append("logits")
-        self.exact_head = None
+        self.rescore_k = 0
         if info.lm_head_exact:
-            self._open_exact_head(export_dir, info.lm_head_exact)
+            self._bind_rescored(info.lm_head_exact["top_k"])
 
-    def _open_exact_head(self, export_dir: Path, spec: dict) -> None:
-        """spec: export.json's lm_head_exact, checked (engine_dir): a listed file of rows x cols fp16."""
-        path = export_dir / spec["file"]
-        rows, cols = spec["rows"], spec["cols"]
-        try:  # read-only map: only the rows of the candidates are ever paged in
-            self.exact_head = np.memmap(path, dtype="<f2", mode="r", shape=(rows, cols))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot map {path} ({e}); re-export the model") from None
-        self.rescore_k = spec["top_k"]
-        self.softcap = spec["final_softcap"]
-        self._hidden = ort.OrtValue.ortvalue_from_shape_and_type([1, cols], np.float32)
-        self.binding.bind_ortvalue_output("last_hidden", self._hidden)
-        self._rows16 = np.empty((self.rescore_k, cols), np.float16)  # reused every step
-        self._rows32 = np.empty((self.rescore_k, cols), np.float32)
+    def _bind_rescored(self, top_k: int) -> None:
+        """Preallocated outputs for the graph's exact re-scoring of the top_k candidates."""
+        self.rescore_k = top_k
+        self._top_ids = ort.OrtValue.ortvalue_from_shape_and_type([1, top_k], np.int64)
+        self._top_logits = ort.OrtValue.ortvalue_from_shape_and_type([1, top_k], np.float32)
+        self.binding.bind_ortvalue_output("top_ids", self._top_ids)
+        self.binding.bind_ortvalue_output("top_logits", self._top_logits)
 
     def rescore(self, logits: np.ndarray) -> np.ndarray:
-        """Replace the logits of the top_k candidates (in place) by the exact table's
-        table[idx] @ last_hidden (+ the graph's final soft-cap, if any); returns logits."""
-        idx = np.argpartition(logits, -self.rescore_k)[-self.rescore_k:]
-        np.take(self.exact_head, idx, axis=0, out=self._rows16)
-        np.copyto(self._rows32, self._rows16)
-        exact = self._rows32 @ self._hidden.numpy()[0]
-        if self.softcap:
-            exact = np.tanh(exact / self.softcap) * self.softcap
-        logits[idx] = exact
+        """Put the last step's exact logits of its top_k candidates in place (in logits); returns logits."""
+        logits[self._top_ids.numpy()[0]] = self._top_logits.numpy()[0]
         return logits
 
     # ------------------------------------------------------------ the interface
     def forward(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [vocab] of the last new position (float32, a fresh array); top_k re-scored."""
         logits = self._run(ids)[-1]
-        return logits if self.exact_head is None else self.rescore(logits)
+        return self.rescore(logits) if self.rescore_k else logits
 
     def forward_all(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [len(ids), vocab] of every new position (graphs exported with all_logits: perplexity).

@@ -70,7 +70,8 @@ def engine_plan(manifest: dict, info: ExportInfo, max_memory=None, max_context: 
                        max_context=max_context, max_position_embeddings=positions, workspace=workspace)
 
 
-def open_backend(path: Path, manifest: dict, info: ExportInfo, plan: MemoryPlan, threads: int | None = None):
+def open_backend(path: Path, manifest: dict, info: ExportInfo, plan: MemoryPlan, threads: int | None = None,
+                 spin: bool = True):
     if manifest["backend"] == "trt":
         try:
             from .trt_backend import TrtBackend
@@ -82,7 +83,7 @@ def open_backend(path: Path, manifest: dict, info: ExportInfo, plan: MemoryPlan,
         from .backend_ort import OrtBackend
     except ImportError as e:
         raise UserError(f"the ONNX Runtime backend cannot be imported ({e}); pip install onnxruntime") from None
-    return OrtBackend(path, max_context=plan.context, threads=threads, info=info)
+    return OrtBackend(path, max_context=plan.context, threads=threads, info=info, spin=spin)
 
 
 # ---------------------------------------------------------------- generation
@@ -143,7 +144,7 @@ class Engine:
 
     @classmethod
     def load(cls, path, max_memory=None, max_context: int | None = None, threads: int | None = None,
-             verify: bool = False) -> "Engine":
+             verify: bool = False, spin: bool = True) -> "Engine":
         """Check the engine dir and the memory plan first, then load (the plan refuses before any big allocation)."""
         path = Path(path)
         manifest = read_manifest(path)
@@ -151,7 +152,7 @@ class Engine:
         export = read_export_info(path, files, graph=manifest["backend"] == "ort")
         plan = engine_plan(manifest, export, max_memory, max_context)
         tokenizer = Tokenizer(path, export.config, files)
-        backend = open_backend(path, manifest, export, plan, threads)
+        backend = open_backend(path, manifest, export, plan, threads, spin)
         return cls(path, manifest, export, tokenizer, backend, plan)
 
     @property

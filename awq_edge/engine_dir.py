@@ -91,7 +91,7 @@ class ExportInfo:
     matmul_accuracy_level: int
     weight_bytes: int
     kv_bytes_per_token: int
-    lm_head_exact: dict | None   # {"file", "rows", "cols", "top_k", "final_softcap"}
+    lm_head_exact: dict | None   # {"top_k", "table"}: the graph outputs top_ids / top_logits
     config: dict                 # the model's config.json as exported (tokenizer: eos ids)
     quantization: dict           # the checkpoint's quantization_config and the quantizer's settings
     files: dict                  # the folder's checked file records (name -> size, sha256)
@@ -136,30 +136,21 @@ def read_export_info(folder: Path, listed: dict[str, dict] | None = None, graph:
         matmul_accuracy_level=f.int("matmul_accuracy_level", 0, 4),
         weight_bytes=f.int("weight_bytes", 1, 1 << 50),
         kv_bytes_per_token=kv_bytes,
-        lm_head_exact=_read_exact_head(f, listed, path, fix),
+        lm_head_exact=_read_exact_head(f),
         config=config.raw, quantization=raw["quantization"] if isinstance(raw.get("quantization"), dict) else {},
         files=listed)
-    if info.lm_head_exact and (info.lm_head_exact["rows"], info.lm_head_exact["cols"]) != (info.vocab_size,
-                                                                                          info.hidden_size):
-        raise UserError(f"{path}: lm_head_exact is {info.lm_head_exact['rows']} x {info.lm_head_exact['cols']}, "
-                        f"the model is {info.vocab_size} x {info.hidden_size}; {fix}")
+    if info.lm_head_exact and info.lm_head_exact["top_k"] > info.vocab_size:
+        raise UserError(f"{path}: lm_head_exact top_k {info.lm_head_exact['top_k']} is more than the vocabulary; {fix}")
     if graph:
         check_graph(folder, info, listed, fix)
     return info
 
 
-def _read_exact_head(f: Fields, listed: dict, path: Path, fix: str) -> dict | None:
+def _read_exact_head(f: Fields) -> dict | None:
     head = f.obj("lm_head_exact", optional=True)
     if head is None:
         return None
-    name = plain_name(head.str("file"), f"{path} lm_head_exact", fix)
-    rows, cols = head.int("rows", 1, MAX_VOCAB), head.int("cols", 1, MAX_HIDDEN)
-    head.str("dtype", ("float16",))
-    if name not in listed or listed[name]["size"] != rows * cols * 2:
-        raise UserError(f"{path}: lm_head_exact names {name}, which is not a listed file of {rows} x {cols} "
-                        f"fp16 values; {fix}")
-    return {"file": name, "rows": rows, "cols": cols, "top_k": head.int("top_k", 1, rows),
-            "final_softcap": head.float("final_softcap", 1e-3, 1e6, default=None)}
+    return {"top_k": head.int("top_k", 1, MAX_VOCAB), "table": head.str("table")}
 
 
 # ---------------------------------------------------------------- the graph against export.json
@@ -168,7 +159,7 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
     """model.onnx (its structure: the weights stay on disk) agrees with export.json and the files.
 
     Its external data must be listed files of the folder and lie inside them; the initializers'
-    bytes plus the exact head table are weight_bytes; the inputs, outputs and the embedding
+    bytes are weight_bytes; the inputs, outputs, the embedding table and the exact lm_head
     table have the shapes export.json gives."""
     import onnx
     from onnx import TensorProto
@@ -181,11 +172,10 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
     except Exception as e:  # protobuf's DecodeError and friends: a corrupt file
         raise UserError(f"{where} is not a readable ONNX graph ({type(e).__name__}); {fix}") from None
     graph = model.graph
-    weight_bytes = info.lm_head_exact and info.lm_head_exact["rows"] * info.lm_head_exact["cols"] * 2 or 0
-    shapes = {}
+    weight_bytes, shapes, types = 0, {}, {}
     for tensor in graph.initializer:
         nbytes = _tensor_bytes(tensor, where, fix)
-        shapes[tensor.name] = list(tensor.dims)
+        shapes[tensor.name], types[tensor.name] = list(tensor.dims), tensor.data_type
         if tensor.data_location == TensorProto.EXTERNAL:
             ext = {e.key: e.value for e in tensor.external_data}
             name = plain_name(ext.get("location"), f"{where} initializer {tensor.name}", fix)
@@ -211,7 +201,12 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
     expected_outputs = {"logits": {"elem": TensorProto.FLOAT,
                                    "dims": [1, None, info.vocab_size] if info.all_logits else [1, info.vocab_size]}}
     if info.lm_head_exact:
-        expected_outputs["last_hidden"] = {"elem": TensorProto.FLOAT, "dims": [1, info.hidden_size]}
+        k, table = info.lm_head_exact["top_k"], info.lm_head_exact["table"]
+        if shapes.get(table) != [info.vocab_size, info.hidden_size] or types.get(table) != TensorProto.FLOAT16:
+            raise UserError(f"{folder / EXPORT_INFO}: lm_head_exact table {table[:80]!r} is not a {info.vocab_size} x "
+                            f"{info.hidden_size} fp16 table of the graph; {fix}")
+        expected_outputs["top_ids"] = {"elem": TensorProto.INT64, "dims": [1, k]}
+        expected_outputs["top_logits"] = {"elem": TensorProto.FLOAT, "dims": [1, k]}
     if info.target != "trt":
         expected_outputs.update({f"present_{kind}.{i}": kv for i in range(info.num_layers) for kind in ("key", "value")})
     for kind, values, expected in (("inputs", graph.input, expected_inputs), ("outputs", graph.output, expected_outputs)):
@@ -230,9 +225,12 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
             if want is not None and attr.i != want:
                 raise UserError(f"{folder / EXPORT_INFO}: num_heads/num_kv_heads disagree with the graph's "
                                 f"{node.op_type} ({attr.name} {attr.i}); {fix}")
-    gate = "model.layers.0.mlp.gate_proj"  # the exporter's name (export/graph.py); its N is the MLP width
-    widths = [a.i for n in graph.node if n.name == gate for a in n.attribute if a.name == "N"]
-    widths += shapes.get(f"{gate}.weight_uint4", [])[1:2]  # target onnx: DequantizeLinear's [K, N] weight
+    # The MLP's width from the exporter's names (export/graph.py): gate_proj's N, or half of the
+    # fused gate_up_proj's (target ort), or DequantizeLinear's [K, N] weight (target onnx).
+    mlp = "model.layers.0.mlp"
+    widths = [a.i // (2 if n.name.endswith("gate_up_proj") else 1) for n in graph.node
+              if n.name in (f"{mlp}.gate_proj", f"{mlp}.gate_up_proj") for a in n.attribute if a.name == "N"]
+    widths += shapes.get(f"{mlp}.gate_proj.weight_uint4", [])[1:2]
     if widths != [info.intermediate_size]:
         raise UserError(f"{folder / EXPORT_INFO}: intermediate_size {info.intermediate_size} is not the width of "
                         f"the graph's MLP ({widths[:1] or 'none found'}); {fix}")

@@ -27,10 +27,10 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 MIN_CONTEXT = 256      # a plan that cannot hold this many tokens is useless for chat
 PREFILL_CHUNK = 256    # the engine feeds long prompts in chunks of this many tokens
 
-# Measured on the CPU by benchmarks/runtime_overhead.py (x86-64, ORT 1.31, Python 3.11,
-# SmolLM2-135M, default int4 head; benchmarks/results/runtime_overhead-20261202-135730.json):
-# the imported runtime with the tokenizer loaded peaks at 97 MiB RSS; loaded with a 512-token
-# context and after 200 generated tokens, at weights + 104 MiB, of which 54 MiB is neither
+# Measured on the CPU by benchmarks/runtime_overhead.py (x86-64, ORT 1.32, Python 3.11,
+# SmolLM2-135M, default int4 head; benchmarks/results/runtime_overhead-20261202-152642.json):
+# the imported runtime with the tokenizer loaded peaks at 96 MiB RSS; loaded with a 512-token
+# context and after 200 generated tokens, at weights + 127 MiB, of which 78 MiB is neither
 # the KV cache nor the workspace the plan counts. Rounded up, with margin.
 CPU_RUNTIME_OVERHEAD = 128 * MIB
 # On GPUs the CUDA context and TensorRT runtime cost about this much host+device memory

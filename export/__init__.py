@@ -8,8 +8,7 @@
 The graph is written with onnx.helper straight from the checkpoint's arrays (no torch, no
 tracing). docs/graph.md is the I/O contract, docs/export.md explains the choices.
 Files: model.onnx (graph), model.onnx.data (all weights, external data: no 2 GB protobuf
-limit), export.json, and the checkpoint's config.json and tokenizer files; with a quantized
-ort lm_head also lm_head.f16, the exact table the runtime re-scores the top candidates with.
+limit), export.json, and the checkpoint's config.json and tokenizer files.
 """
 from __future__ import annotations
 
@@ -30,11 +29,10 @@ TARGETS = ("ort", "trt", "onnx")
 DATA_FILE = "model.onnx.data"
 # ort defaults, chosen for decode speed on x86 CPUs (see docs/export.md for the numbers):
 DEFAULT_ORT_ACCURACY_LEVEL = 4  # MatMulNBits int8 compute
-# int4 (as onnxruntime-genai's int4 model): the fastest head. Its +12 % perplexity is bought
-# back by re-scoring the top candidates exactly at runtime (lm_head.f16, docs/export.md).
+# int4 (as onnxruntime-genai's int4 model): the fastest head. Its +9 % perplexity is bought
+# back by re-scoring the top candidates exactly in the graph (top_ids / top_logits, docs/export.md).
 DEFAULT_ORT_LM_HEAD_BITS = 4
-DEFAULT_RESCORE_TOP_K = 64  # candidates of each step whose logits the runtime recomputes exactly
-EXACT_HEAD_FILE = "lm_head.f16"
+DEFAULT_RESCORE_TOP_K = 64  # candidates of each step whose logits the graph recomputes exactly
 # Block 32: at int8 compute (accuracy_level 4) the activations are quantized per block too,
 # and block 128 cost +0.02 nats of NLL on SmolLM2 where block 32 cost nothing (docs/export.md).
 LM_HEAD_BLOCK = 32
@@ -50,9 +48,9 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
     act_dtype: float32 | float16; default float32 (ort, onnx) or float16 (trt).
     lm_head_bits: None = the checkpoint's float lm_head (the accuracy reference); 8 or 4 =
         MatMulNBits quantized from it (ort only); "auto" = 4 for ort, float otherwise.
-    rescore_top_k: with a quantized lm_head, write the exact table (lm_head.f16) and the
-        `last_hidden` output so the runtime recomputes the top-k logits of every step exactly;
-        0 = no re-scoring (the quantized logits as they are).
+    rescore_top_k: with a quantized lm_head, the graph also outputs the top-k candidates of the
+        last position and their exact logits (the fp16 table: the embedding when tied), which the
+        runtime puts in place of the quantized ones; 0 = no re-scoring (the quantized logits as they are).
     accuracy_level: MatMulNBits accuracy_level (ort): 0 = fp32 compute (matches the reference
         to ~1e-6), 4 = int8 compute (fast; default). For onnx it is recorded and passed by
         the backend to ORT's DequantizeLinear+MatMul -> MatMulNBits fusion (default 0).
@@ -84,7 +82,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
     _check_shapes(ckpt, target)
     t = Target(target, OPSETS[target], np.dtype(DTYPES[act_name]),
                "concat" if target == "onnx" else "shared_buffer", accuracy_level,
-               lm_head_bits, LM_HEAD_BLOCK, all_logits, last_hidden=rescore)
+               lm_head_bits, LM_HEAD_BLOCK, all_logits, rescore_top_k=rescore_top_k if rescore else 0)
 
     staging = output_staging(out_dir, force)
     try:
@@ -92,12 +90,9 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
         model = decoder.build()
         weight_bytes = sum(len(init.raw_data) for init in model.graph.initializer)
         _save(model, staging)
-        exact_head = None
-        if rescore:
-            exact_head = _write_exact_head(decoder.lm_head_weight(), staging / EXACT_HEAD_FILE, rescore_top_k,
-                                           spec.final_softcap)
-            # The runtime memory-maps it; the pages it touches count in RSS, so the planner sees them.
-            weight_bytes += (staging / EXACT_HEAD_FILE).stat().st_size
+        # The exact table the graph re-scores with: the embedding table when tied (no extra bytes).
+        table = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.exact"
+        exact_head = {"top_k": rescore_top_k, "table": table} if rescore else None
         copy_tokenizer(Path(ckpt_dir), staging)
         shutil.copy2(Path(ckpt_dir) / "config.json", staging / "config.json")
         info = {
@@ -135,18 +130,6 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
         raise
     commit_staging(staging, out_dir)
     return out_dir
-
-
-def _write_exact_head(weight: np.ndarray, path: Path, top_k: int, softcap: float | None) -> dict:
-    """The checkpoint's lm_head [V, H] as raw little-endian fp16 (exact: the checkpoint stores
-    fp16); returns its export.json record."""
-    table = np.ascontiguousarray(weight, dtype="<f2")
-    table.tofile(path)
-    info = {"file": path.name, "rows": int(table.shape[0]), "cols": int(table.shape[1]),
-            "dtype": "float16", "top_k": int(top_k)}
-    if softcap:  # the graph applies cap * tanh(logit / cap) after the lm_head; so must the runtime
-        info["final_softcap"] = float(softcap)
-    return info
 
 
 def _check_shapes(ckpt, target: str) -> None:

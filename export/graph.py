@@ -12,7 +12,8 @@
         m = norm(m)                         Gemma's post_feedforward_layernorm (sandwich)
         h = h + m
     logits = lm_head(norm(h))               last position only unless all_logits
-    last_hidden = norm(h)[last]             optional output (quantized ort lm_head: exact re-scoring)
+    top_ids, top_logits                     optional (quantized ort lm_head): the top-k of the last
+                                            position's logits, re-scored exactly with the fp16 table
 
 What differs per target is passed in as a Target: how a quantized linear, the attention, and
 RMSNorm are emitted. The residual add is deferred into the next norm so the ort target can use
@@ -42,7 +43,7 @@ class Target:
     lm_head_bits: int | None = None  # None = float; 8 or 4 = MatMulNBits (ort only)
     lm_head_block: int = 32
     all_logits: bool = False
-    last_hidden: bool = False  # also output the lm_head's input (float32 [1, H], last position)
+    rescore_top_k: int = 0  # > 0: also output the top-k candidates' exact logits (quantized lm_head)
 
     @property
     def contrib(self) -> bool:  # may use com.microsoft ops
@@ -203,8 +204,7 @@ class Decoder:
                 with b.scope("mlp_norm"):
                     x, h = self.add_rms_norm(a, h, self.norm_weight(f"{p}.{spec.family.mlp_norm}.weight"))
                 with b.scope("mlp"):
-                    gate = self.linear(x, f"{p}.mlp.gate_proj")
-                    up = self.linear(x, f"{p}.mlp.up_proj")
+                    gate, up = self.gate_up(x, f"{p}.mlp")
                     pending = self.linear(b.op("Mul", self.activation(gate), up), f"{p}.mlp.down_proj")
                     if spec.family.sandwich_norm:
                         pending = self.rms_norm(pending, self.norm_weight(f"{p}.post_feedforward_layernorm.weight"))
@@ -214,33 +214,52 @@ class Decoder:
                 pending = b.op("Slice", pending, b.int64s(-1), b.int64s(2**62), b.int64s(1), name="last")
                 h = b.op("Slice", h, b.int64s(-1), b.int64s(2**62), b.int64s(1), name="last_residual")
             x, _ = self.add_rms_norm(pending, h, self.norm_weight("model.norm.weight"))
-            if t.last_hidden:
-                self.last_hidden_output(x)
             logits = self.lm_head(x, lm_head_w, embed if float_head_fp32 and spec.tie_embeddings else None)
             if act != TensorProto.FLOAT:
                 logits = b.cast(logits, TensorProto.FLOAT)
-            if spec.final_softcap:
-                cap = b.const("const/f32/final_softcap", np.float32(spec.final_softcap))
-                logits = b.op("Mul", b.op("Tanh", b.op("Div", logits, cap)), cap)
+            logits = self.final_softcap(logits)
             shape = b.int64s(1, -1, spec.vocab) if t.all_logits else b.int64s(1, spec.vocab)
             b.op("Reshape", logits, shape, outputs=["logits"])
+            if t.rescore_top_k:
+                self.rescored_top_k(x, embed if spec.tie_embeddings else None)
         b.add_output("logits", TensorProto.FLOAT, [1, seq, spec.vocab] if t.all_logits else [1, spec.vocab])
-        if t.last_hidden:
-            b.add_output("last_hidden", TensorProto.FLOAT, [1, spec.hidden])
+        if t.rescore_top_k:
+            b.add_output("top_ids", TensorProto.INT64, [1, t.rescore_top_k])
+            b.add_output("top_logits", TensorProto.FLOAT, [1, t.rescore_top_k])
         for i in range(spec.layers if presents else 0):
             for kind in ("key", "value"):
                 b.add_output(f"present_{kind}.{i}", act, [1, spec.kv_heads, present_dim, spec.head_dim])
         return b.model(f"awq_edge_{spec.model_type}_{t.name}")
 
-    def last_hidden_output(self, x: str) -> None:
-        """`last_hidden` = the final-norm hidden state of the last position (the lm_head's input),
-        float32 [1, H]: the runtime re-scores the top logit candidates from it with the exact table."""
+    def final_softcap(self, logits: str) -> str:
+        """cap * tanh(logits / cap) for models with a final logit soft-cap (Gemma), else logits."""
+        if not self.spec.final_softcap:
+            return logits
         b = self.b
-        if self.t.all_logits:  # [1, S, H] -> the last position
-            x = b.op("Slice", x, b.int64s(-1), b.int64s(2**62), b.int64s(1), name="last_hidden_row")
-        if b.act_type != TensorProto.FLOAT:
-            x = b.cast(x, TensorProto.FLOAT)
-        b.op("Reshape", x, b.int64s(1, self.spec.hidden), outputs=["last_hidden"])
+        cap = b.const("const/f32/final_softcap", np.float32(self.spec.final_softcap))
+        return b.op("Mul", b.op("Tanh", b.op("Div", logits, cap)), cap)
+
+    def rescored_top_k(self, x: str, fp16_table: str | None) -> None:
+        """`top_ids` / `top_logits`: the k largest quantized logits of the last position and their
+        exact values, table[ids] @ x with the checkpoint's fp16 lm_head (the embedding table when
+        tied, already in the graph for Gather). Decoding picks from these, so greedy and top-k /
+        top-p see exact logits for every candidate that can win (docs/export.md)."""
+        b, spec, k = self.b, self.spec, self.t.rescore_top_k
+        with b.scope("rescore"):
+            if fp16_table is None:  # an untied head: its exact table beside the quantized one
+                fp16_table = b.const("lm_head.exact", self.lm_head_weight().astype(np.float16))
+            last = b.op("Reshape", x, b.int64s(-1, spec.hidden))
+            logits = b.op("Reshape", "logits", b.int64s(-1, spec.vocab))
+            if self.t.all_logits:  # the last position of [S, H] and [S, V]
+                last = b.op("Slice", last, b.int64s(-1), b.int64s(2**62), b.int64s(0))
+                logits = b.op("Slice", logits, b.int64s(-1), b.int64s(2**62), b.int64s(0))
+            if b.act_type != TensorProto.FLOAT:
+                last = b.cast(last, TensorProto.FLOAT)
+            _, ids = b.op("TopK", logits, b.int64s(k), axis=-1, largest=1, sorted=0,
+                          outputs=[b.name("top_values"), "top_ids"])
+            rows = b.cast(b.op("Gather", fp16_table, b.op("Reshape", ids, b.int64s(-1)), axis=0), TensorProto.FLOAT)
+            exact = self.final_softcap(b.op("Gemm", last, rows, transB=1))  # [1, k]
+            b.op("Identity", exact, outputs=["top_logits"])
 
     def lm_head(self, x: str, weight: np.ndarray, shared_table: str | None) -> str:
         b, t = self.b, self.t
@@ -250,6 +269,17 @@ class Decoder:
             shared_table = b.const("lm_head.weight", weight.astype(b.act_dtype))
         x2d = b.op("Reshape", x, b.int64s(-1, self.spec.hidden))
         return linear.lm_head_float(b, x2d, shared_table)
+
+    def gate_up(self, x: str, p: str) -> tuple[str, str]:
+        """The MLP's gate and up projections of x. ort: one MatMulNBits for both (x is read and
+        quantized to int8 once, one kernel instead of two), split after."""
+        if self.t.name != "ort":
+            return self.linear(x, f"{p}.gate_proj"), self.linear(x, f"{p}.up_proj")
+        lin = linear.concat_linears([self.linear_weights(f"{p}.{n}_proj") for n in ("gate", "up")])
+        width = lin.q.shape[0] // 2
+        gate, up = self.b.op("Split", self.linear(x, f"{p}.gate_up_proj", lin), self.b.int64s(width, width),
+                             axis=-1, outputs=2)
+        return gate, up
 
     def attention_block(self, x: str, i: int, rope: tuple[str, str], mask: str | None) -> str:
         b, spec, t = self.b, self.spec, self.t

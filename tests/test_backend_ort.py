@@ -90,33 +90,38 @@ def test_trt_export_is_refused(tiny):
 
 def _raw_and_rescored(backend, ids):
     raw = backend._run(ids)[-1].copy()  # the graph's logits, before re-scoring
-    return raw, backend.rescore(raw.copy()), backend._hidden.numpy()[0].copy()
+    return raw, backend.rescore(raw.copy())
 
 
 def test_rescoring_applies_the_final_softcap(tmp_path, smollm2_dir):
     """Gemma's final soft-cap: the graph applies cap * tanh(x / cap) to its logits, and the
-    exact re-scored candidates must get the same transform."""
-    ckpt = tiny_checkpoint(tmp_path, "gemma3_text", smollm2_dir, final_logit_softcapping=0.5)
+    exact re-scored candidates get the same transform: they equal the float head's (an untied
+    head here, so the graph holds its own fp16 table)."""
+    ckpt = tiny_checkpoint(tmp_path, "gemma3_text", smollm2_dir, final_logit_softcapping=0.5,
+                           tie_word_embeddings=False)
     out = export_for_cpu(ckpt, tmp_path / "exports", "ort", lm_head_bits=4, accuracy_level=4)
     spec = json.loads((out / "export.json").read_text())["lm_head_exact"]
-    assert spec["final_softcap"] == 0.5 and spec["top_k"] == 64
-    table = np.fromfile(out / spec["file"], dtype="<f2").reshape(spec["rows"], spec["cols"]).astype(np.float32)
+    assert spec == {"top_k": 64, "table": "lm_head.exact"}
+    exact = OrtBackend(export_for_cpu(ckpt, tmp_path / "float", "ort", lm_head_bits=None, accuracy_level=4),
+                       max_context=32)
     backend = OrtBackend(out, max_context=32)
     for ids in (IDS[:8], IDS[8:9], IDS[9:10]):
-        raw, got, hidden = _raw_and_rescored(backend, ids)
-        idx = np.argpartition(raw, -64)[-64:]
-        np.testing.assert_allclose(got[idx], 0.5 * np.tanh(table[idx] @ hidden / 0.5), rtol=0, atol=1e-5)
+        raw, got = _raw_and_rescored(backend, ids)
+        ref = exact.forward(ids)
+        idx = backend._top_ids.numpy()[0]
+        assert np.abs(ref).max() <= 0.5  # soft-capped
+        np.testing.assert_allclose(got[idx], ref[idx], rtol=1e-6, atol=1e-5)
 
 
 def test_all_logits_export_rescores_forward_only(tiny):
-    """With all_logits, last_hidden is the last position's: forward re-scores like a plain
-    export, forward_all returns the graph's (quantized head) logits untouched."""
+    """With all_logits, the re-scored candidates are the last position's: forward re-scores like a
+    plain export, forward_all returns the graph's (quantized head) logits untouched."""
     _, ckpt, root = tiny
     plain = OrtBackend(export_for_cpu(ckpt, root / "q4", "ort", lm_head_bits=4), max_context=32)
     full = OrtBackend(export_for_cpu(ckpt, root / "q4-all", "ort", lm_head_bits=4, all_logits=True), max_context=32)
-    assert plain.exact_head is not None and full.exact_head is not None
+    assert plain.rescore_k == full.rescore_k == 64
     np.testing.assert_allclose(full.forward(IDS[:8]), plain.forward(IDS[:8]), atol=1e-5)
     np.testing.assert_allclose(full.forward(IDS[8:9]), plain.forward(IDS[8:9]), atol=1e-5)
-    raw, _, _ = _raw_and_rescored(plain, IDS[9:12])
+    raw, _ = _raw_and_rescored(plain, IDS[9:12])
     full.rewind(9)
     np.testing.assert_allclose(full.forward_all(IDS[9:12])[-1], raw, atol=1e-5)

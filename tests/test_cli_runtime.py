@@ -121,7 +121,7 @@ def test_peak_rss_stays_under_the_cap_with_the_whole_context_filled(engine_dir):
     widest): the child's peak RSS (ru_maxrss) stays below the cap."""
     from awq_edge.engine import Engine
 
-    cap = 400 << 20
+    cap = 360 << 20
     context = Engine.load(engine_dir, max_memory=cap).context  # what the plan fits under the cap
     assert 512 < context < 2048
     # A fresh wrapper process whose only child is the CLI, so RUSAGE_CHILDREN is that child's peak.
@@ -129,7 +129,7 @@ def test_peak_rss_stays_under_the_cap_with_the_whole_context_filled(engine_dir):
                "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
                "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, r.returncode)\n")
     result = subprocess.run([sys.executable, "-c", wrapper, *CLI, "run", str(engine_dir), "--prompt",
-                             "Tell me a long story about a dragon.", "--max-memory", "400MiB", "--max-new-tokens",
+                             "Tell me a long story about a dragon.", "--max-memory", "360MiB", "--max-new-tokens",
                              str(context), "--ignore-eos", "--temperature", "0.7", "--seed", "0", "--stats"],
                             capture_output=True, text=True, timeout=600)
     assert f"the context of {context} tokens is full" in result.stderr, result.stderr

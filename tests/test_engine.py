@@ -34,9 +34,9 @@ def test_engine_dir_is_self_contained_and_hashed(engine_dir):
     assert set(manifest["files"]) == names - {"manifest.json"}
     for name, entry in manifest["files"].items():
         assert sha256_file(engine_dir / name) == entry["sha256"]
-        if entry["size"] > SMALL_FILE_BYTES:  # model.onnx.data, lm_head.f16: checked on every load by this
+        if entry["size"] > SMALL_FILE_BYTES:  # model.onnx.data: checked on every load by this
             assert entry["sampled_sha256"] == sampled_sha256(engine_dir / name)
-    assert {n for n, e in manifest["files"].items() if "sampled_sha256" in e} == {"model.onnx.data", "lm_head.f16"}
+    assert {n for n, e in manifest["files"].items() if "sampled_sha256" in e} == {"model.onnx.data"}
     leftovers = [p.name for p in engine_dir.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # the temp dirs of the build are gone
 

@@ -96,23 +96,26 @@ def default_export(tmp_path_factory, rtn_checkpoint):
     return export_checkpoint(rtn_checkpoint, tmp_path_factory.mktemp("default") / "ort", "ort")
 
 
-def _exact_table(export_dir) -> np.ndarray:
-    info = json.loads((export_dir / "export.json").read_text())["lm_head_exact"]
-    table = np.fromfile(export_dir / info["file"], dtype="<f2")
-    return table.reshape(info["rows"], info["cols"])
+@pytest.fixture(scope="module")
+def float_head_export(tmp_path_factory, rtn_checkpoint):
+    """The default export's twin with the float lm_head and the same int8-compute body: its logits
+    are the exact ones the default export's re-scored candidates must have."""
+    return export_checkpoint(rtn_checkpoint, tmp_path_factory.mktemp("float-head") / "ort", "ort", lm_head_bits=None)
 
 
 def test_default_export_is_int4_head_with_exact_table(default_export, rtn_checkpoint):
     info = json.loads((default_export / "export.json").read_text())
     assert info["lm_head"] == "int4" and info["matmul_accuracy_level"] == 4
-    assert info["lm_head_exact"] == {"file": "lm_head.f16", "rows": 49152, "cols": 576, "dtype": "float16", "top_k": 64}
-    table = _exact_table(default_export)
-    # the checkpoint's tied table, bit for bit
-    np.testing.assert_array_equal(table, read_checkpoint(rtn_checkpoint).tensors["model.embed_tokens.weight"])
+    assert info["lm_head_exact"] == {"top_k": 64, "table": "model.embed_tokens.weight"}
+    graph = onnx.load(str(default_export / "model.onnx"))  # with its external data
+    tables = {t.name: t for t in graph.graph.initializer}
+    # the exact table is the graph's fp16 embedding table (SmolLM2 is tied), bit for bit the checkpoint's
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(tables["model.embed_tokens.weight"]),
+                                  read_checkpoint(rtn_checkpoint).tensors["model.embed_tokens.weight"])
+    assert "lm_head.exact" not in tables  # tied: no second copy of the table
     data = (default_export / "model.onnx.data").stat().st_size
-    assert info["weight_bytes"] == pytest.approx(data + table.nbytes, rel=0.01)  # the planner counts the table
-    graph = onnx.load(str(default_export / "model.onnx"), load_external_data=False)
-    assert [o.name for o in graph.graph.output][:2] == ["logits", "last_hidden"]
+    assert info["weight_bytes"] == pytest.approx(data, rel=0.01)
+    assert [o.name for o in graph.graph.output][:3] == ["logits", "top_ids", "top_logits"]
     head = [n for n in graph.graph.node if n.name == "lm_head"][0]
     assert head.op_type == "MatMulNBits" and _attrs(head)["bits"] == 4
 
@@ -133,25 +136,25 @@ def test_default_export_greedy_64_tokens_identical(default_export, rtn_reference
     assert first is None, f"first divergence at token {first}"
 
 
-def test_rescored_logits_are_the_exact_table_products(default_export):
-    """After each step the top-64 candidates' logits are table[idx] @ last_hidden, the other
-    logits are the graph's, and the top-1 is the exact table's argmax."""
+def test_rescored_logits_are_the_float_heads(default_export, float_head_export):
+    """After each step the top-64 candidates of the int4 head carry the float head's logits (the
+    same body, so the same hidden state), the other logits stay the int4 head's, and the top-1 is
+    the float head's."""
     from awq_edge.backend_ort import OrtBackend
 
-    table = _exact_table(default_export).astype(np.float32)
     backend = OrtBackend(default_export, max_context=64)
+    exact = OrtBackend(float_head_export, max_context=64)
     ids = _ids(40, seed=5)
-    steps = [ids[:8]] + [[t] for t in ids[8:]]
-    for step in steps:
-        raw = backend._run(step)[-1].copy()  # the graph's logits, before re-scoring
+    for step in [ids[:8]] + [[t] for t in ids[8:]]:
+        raw = backend._run(step)[-1].copy()  # the int4 head's logits, before re-scoring
         got = backend.rescore(raw.copy())
-        hidden = backend._hidden.numpy()[0].astype(np.float32)
-        exact = table @ hidden
-        idx = np.argpartition(raw, -64)[-64:]
-        np.testing.assert_allclose(got[idx], exact[idx], rtol=0, atol=1e-5)
+        ref = exact.forward(step)
+        idx = backend._top_ids.numpy()[0]
+        assert np.sort(raw[idx])[0] >= np.sort(raw)[-64]  # the 64 largest of the int4 head
+        np.testing.assert_allclose(got[idx], ref[idx], rtol=1e-6, atol=1e-5)  # float32 summation order
         rest = np.setdiff1d(np.arange(len(raw)), idx)
         np.testing.assert_array_equal(got[rest], raw[rest])
-        assert got.argmax() == exact.argmax()
+        assert got.argmax() == ref.argmax()
 
 
 def test_int8_head_export_is_close(tmp_path, rtn_checkpoint, rtn_reference):
@@ -187,15 +190,17 @@ def test_matmul_nbits_initializers_decode_to_w_hat(exports, rtn_checkpoint):
     ckpt = read_checkpoint(rtn_checkpoint)
     model, inits = _inits(exports["ort"] / "model.onnx")
     nodes = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
-    assert len(nodes) == 30 * 5 + 0  # fused qkv, o, gate, up, down per layer (float lm_head here)
-    p = "model.layers.3.self_attn"
-    node = nodes[f"{p}.qkv_proj"]
-    a = _attrs(node)
-    assert (a["K"], a["N"], a["bits"], a["block_size"]) == (576, 960, 4, 128)
-    q, s, z = packing.from_matmul_nbits(*(numpy_helper.to_array(inits[n]) for n in node.input[1:4]), k=a["K"])
-    w = packing.dequantize(q, s, z, a["block_size"])
-    expected = np.concatenate([ckpt.linears[f"{p}.{n}_proj"].dequantize() for n in "qkv"])
-    np.testing.assert_array_equal(w, expected)
+    assert len(nodes) == 30 * 4 + 0  # fused qkv, o, fused gate_up, down per layer (float lm_head here)
+    for fused, parts, shape in (("model.layers.3.self_attn.qkv_proj", "qkv", (576, 960)),
+                                ("model.layers.3.mlp.gate_up_proj", ("gate", "up"), (576, 3072))):
+        node = nodes[fused]
+        a = _attrs(node)
+        assert (a["K"], a["N"], a["bits"], a["block_size"]) == (*shape, 4, 128)
+        q, s, z = packing.from_matmul_nbits(*(numpy_helper.to_array(inits[n]) for n in node.input[1:4]), k=a["K"])
+        w = packing.dequantize(q, s, z, a["block_size"])
+        prefix = fused.rsplit(".", 1)[0]
+        expected = np.concatenate([ckpt.linears[f"{prefix}.{n}_proj"].dequantize() for n in parts])
+        np.testing.assert_array_equal(w, expected)
 
 
 def test_plugin_initializers_decode_to_w_hat(exports, rtn_checkpoint):

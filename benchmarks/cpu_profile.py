@@ -1,0 +1,255 @@
+"""Where a CPU decode token goes: ONNX Runtime's ops, Python between tokens, the lm_head and its
+re-scoring, threads, against the weight-bytes roofline of this machine, all in one run.
+
+    python benchmarks/cpu_profile.py ENGINE [--tokens 128] [--threads 2] [--runs 3]
+
+1. Memory bandwidth of this machine, measured here: every thread (1 and --threads) reads its
+   own 256 MiB float32 array with numpy (np.add.reduce releases the GIL), best of 3.
+2. The bytes a decode token must read: every initializer a MatMulNBits node reads (the body's
+   4-bit linears and the quantized lm_head), plus one embedding row and the top-k rows of the
+   exact table that the graph re-scores. roofline tok/s = bandwidth / bytes.
+3. One greedy decode of --tokens tokens through the real Engine.stream_ids, with the time of
+   each part taken where it runs: the ORT session (run_with_iobinding, the in-graph re-scoring
+   included), putting the re-scored logits in place, the sampler, the streaming detokenizer,
+   and the rest of the Python loop.
+4. The same decode with ORT's profiler on (a separate session: profiling slows it), summed per
+   op type per token, with the node count of a decode step.
+5. Decode tok/s with 1 and --threads threads, spinning off and on (the engine's default).
+Prints a table and writes benchmarks/results/cpu_profile-<time>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+PROMPT = "Write a long story about a robot arm that learns to paint."
+
+
+def read_bandwidth(threads: int, mib: int = 256, repeats: int = 3) -> float:
+    """GB/s read by `threads` threads, each summing its own array (best of `repeats`)."""
+    arrays = [np.ones(mib * 2**20 // 4, np.float32) for _ in range(threads)]
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.add.reduce, args=(a,)) for a in arrays]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, threads * mib * 2**20 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def bytes_per_token(engine) -> dict:
+    """What one decode step reads: the MatMulNBits weights, one embedding row, the re-scored rows."""
+    import onnx
+
+    model = onnx.load(str(engine.path / "model.onnx"), load_external_data=False)
+    sizes = {}
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data)
+    linear = sum(sizes.get(i, 0) for n in model.graph.node if n.op_type == "MatMulNBits" for i in n.input[1:])
+    head = sum(sizes.get(i, 0) for n in model.graph.node if n.name == "lm_head" for i in n.input[1:])
+    info = engine.export
+    embed_row = info.hidden_size * 2
+    rescore = info.lm_head_exact["top_k"] * info.hidden_size * 2 if info.lm_head_exact else 0
+    return {"linears_incl_lm_head": linear, "lm_head": head, "embedding_row": embed_row, "rescored_rows": rescore,
+            "total": linear + embed_row + rescore, "nodes": len(model.graph.node)}
+
+
+class Timers:
+    """Seconds spent in each wrapped callable, summed; restore() puts the originals back."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+        self.originals = []
+
+    def wrap(self, owner, name: str, label: str):
+        fn = getattr(owner, name)
+        seconds = self.seconds
+        self.originals.append((owner, name, owner.__dict__.get(name, fn) if isinstance(owner, type) else fn))
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - start
+        setattr(owner, name, timed)
+
+    def restore(self):
+        for owner, name, original in reversed(self.originals):
+            setattr(owner, name, original)
+
+
+def timed_decode(engine_dir: Path, tokens: int, threads: int, spin: bool) -> dict:
+    """One greedy decode with each part of a token timed where it runs."""
+    from awq_edge import engine as engine_module
+    from awq_edge.engine import Engine
+    from awq_edge.sampling import Sampler, SamplingSettings
+    from awq_edge.tokenizer import StreamDecoder
+
+    engine = Engine.load(engine_dir, max_context=tokens + 64, threads=threads, spin=spin)
+    ids = engine.prompt_ids(PROMPT)
+    greedy = SamplingSettings(temperature=0)
+    for _ in engine.stream_ids(ids, Sampler(greedy), 8, ignore_eos=True):  # warm-up
+        pass
+    timers = Timers()
+    backend = engine.backend
+    timers.wrap(backend.session, "run_with_iobinding", "ort_session")
+    if backend.rescore_k:
+        timers.wrap(backend, "rescore", "rescore_scatter")
+    timers.wrap(engine_module.Sampler, "__call__", "sampler")
+    timers.wrap(StreamDecoder, "push", "detokenizer")
+    try:
+        start = time.perf_counter()
+        for _ in engine.stream_ids(ids, Sampler(greedy), tokens, ignore_eos=True):
+            pass
+        total = time.perf_counter() - start
+    finally:
+        timers.restore()
+    stats = engine.last_stats
+    prefill = stats.prefill_s
+    steps = stats.new_tokens - 1
+    decode = stats.decode_s
+    # Per decode token: the prefill (one session run, plus a little Python) is taken out of the
+    # session's time; the first token's sampling and re-scoring stay in (1 of --tokens).
+    parts = dict(timers.seconds)
+    parts["ort_session"] -= prefill
+    per_token = {k: v / steps * 1e3 for k, v in parts.items()}
+    per_token["decode_total"] = decode / steps * 1e3
+    per_token["python_other"] = per_token["decode_total"] - sum(v for k, v in per_token.items()
+                                                                 if k != "decode_total")
+    return {"decode_tok_s": stats.decode_tok_s, "ms_per_token": per_token, "wall_s": total,
+            "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "engine": engine}
+
+
+def op_profile(engine_dir: Path, tokens: int, threads: int, spin: bool) -> dict:
+    """ORT's own profile of a decode: microseconds per token by op type, and nodes per step."""
+    import onnxruntime as ort
+
+    from awq_edge import backend_ort
+    from awq_edge.engine import Engine
+    from awq_edge.sampling import Sampler, SamplingSettings
+
+    original = backend_ort.session_options
+    prefix = Path(tempfile.mkdtemp(prefix="awq-profile-")) / "ort"
+
+    def profiled(*args):
+        so = original(*args)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(prefix)
+        return so
+    backend_ort.session_options = profiled
+    try:
+        engine = Engine.load(engine_dir, max_context=tokens + 64, threads=threads, spin=spin)
+    finally:
+        backend_ort.session_options = original
+    ids = engine.prompt_ids(PROMPT)
+    for _ in engine.stream_ids(ids, Sampler(SamplingSettings(temperature=0)), tokens, ignore_eos=True):
+        pass
+    path = Path(engine.backend.session.end_profiling())
+    events = json.loads(path.read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    decode_runs = runs[1:]  # the first is the prefill
+    start = decode_runs[0]["ts"] if decode_runs else 0
+    by_op = defaultdict(float)
+    nodes = defaultdict(int)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("ts", 0) >= start and e["name"].endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] += e["dur"]
+            nodes[op] += 1
+    steps = max(len(decode_runs), 1)
+    run_us = statistics.mean(r["dur"] for r in decode_runs) if decode_runs else 0
+    for f in path.parent.iterdir():
+        f.unlink()
+    path.parent.rmdir()
+    del ort
+    return {"model_run_us_per_token": run_us,
+            "kernel_us_per_token": {op: us / steps for op, us in sorted(by_op.items(), key=lambda x: -x[1])},
+            "nodes_per_token": {op: n / steps for op, n in nodes.items()},
+            "kernel_sum_us_per_token": sum(by_op.values()) / steps}
+
+
+def thread_matrix(engine_dir: Path, tokens: int, threads: int, runs: int) -> dict:
+    """Decode tok/s (median of runs) for 1 and `threads` threads, with ORT's spinning off and on."""
+    from awq_edge.engine import Engine
+    from awq_edge.sampling import Sampler, SamplingSettings
+
+    out = {}
+    for n in sorted({1, threads}):
+        for spin in (False, True):
+            engine = Engine.load(engine_dir, max_context=tokens + 64, threads=n, spin=spin)
+            ids = engine.prompt_ids(PROMPT)
+            speeds = []
+            for _ in range(runs + 1):
+                for _ in engine.stream_ids(ids, Sampler(SamplingSettings(temperature=0)), tokens, ignore_eos=True):
+                    pass
+                speeds.append(engine.last_stats.decode_tok_s)
+            out[f"threads={n} spinning={'on' if spin else 'off'}"] = statistics.median(speeds[1:])
+            del engine
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("engine", type=Path)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-spin", action="store_true", help="profile with spinning off (default: on, the engine's)")
+    args = ap.parse_args()
+    from awq_edge.backend_ort import physical_cores
+
+    threads = args.threads or physical_cores()
+    bandwidth = {"1_thread_gbs": read_bandwidth(1), f"{threads}_threads_gbs": read_bandwidth(threads)}
+    decode = timed_decode(args.engine, args.tokens, threads, not args.no_spin)
+    engine = decode.pop("engine")
+    need = bytes_per_token(engine)
+    del engine
+    roofline = bandwidth[f"{threads}_threads_gbs"] * 1e9 / need["total"]
+    profile = op_profile(args.engine, args.tokens, threads, not args.no_spin)
+    matrix = thread_matrix(args.engine, args.tokens, threads, args.runs)
+
+    print(f"memory read bandwidth: 1 thread {bandwidth['1_thread_gbs']:.1f} GB/s, {threads} threads "
+          f"{bandwidth[f'{threads}_threads_gbs']:.1f} GB/s")
+    print(f"bytes per decode token: {need['total'] / 2**20:.1f} MiB ({need['nodes']} graph nodes); roofline "
+          f"{roofline:.0f} tok/s")
+    print(f"decode: {decode['decode_tok_s']:.1f} tok/s = {decode['decode_tok_s'] / roofline:.0%} of the roofline")
+    print("per token (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in decode["ms_per_token"].items()))
+    print(f"ORT profile: model_run {profile['model_run_us_per_token']:.0f} us/token, kernels "
+          f"{profile['kernel_sum_us_per_token']:.0f} us/token")
+    for op, us in profile["kernel_us_per_token"].items():
+        print(f"  {op:36} {us:8.1f} us  ({profile['nodes_per_token'][op]:.0f} nodes)")
+    for k, v in matrix.items():
+        print(f"  {k:28} {v:6.1f} tok/s")
+    result = {"command": "python benchmarks/cpu_profile.py " + " ".join(sys.argv[1:]),
+              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.platform(),
+              "cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                           if ln.startswith("model name")), "?"), "logical_cpus": os.cpu_count(),
+              "load_average": os.getloadavg(), "engine": str(args.engine), "threads": threads,
+              "spin": not args.no_spin,
+              "bandwidth": bandwidth, "bytes_per_token": need, "roofline_tok_s": roofline,
+              "decode": decode, "roofline_fraction": decode["decode_tok_s"] / roofline,
+              "ort_profile": profile, "threads_and_spinning": matrix}
+    path = HERE / "results" / f"cpu_profile-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
