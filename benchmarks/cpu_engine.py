@@ -57,7 +57,7 @@ class OurEngine:
 
         self.engine = Engine.load(engine_dir, threads=threads)
         lm_head = json.loads((Path(engine_dir) / "export.json").read_text()).get("lm_head", "?")
-        self.name = f"awq-edge (ORT CPU, int4, {lm_head} lm_head)"
+        self.name = f"awq-edge {Path(engine_dir).name} ({lm_head} lm_head)"
 
     def run(self, ids, new_tokens):
         from awq_edge.sampling import Sampler, SamplingSettings

@@ -20,6 +20,7 @@ Prints a table and writes benchmarks/results/cpu_profile-<time>.json.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -63,11 +64,32 @@ def bytes_per_token(engine) -> dict:
         sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data)
     linear = sum(sizes.get(i, 0) for n in model.graph.node if n.op_type == "MatMulNBits" for i in n.input[1:])
     head = sum(sizes.get(i, 0) for n in model.graph.node if n.name == "lm_head" for i in n.input[1:])
-    info = engine.export
-    embed_row = info.hidden_size * 2
-    rescore = info.lm_head_exact["top_k"] * info.hidden_size * 2 if info.lm_head_exact else 0
+    info = json.loads((engine.path / "export.json").read_text())  # plain JSON: older checkouts too
+    embed_row = info["hidden_size"] * 2
+    rescore = (info.get("lm_head_exact") or {}).get("top_k", 0) * info["hidden_size"] * 2
     return {"linears_incl_lm_head": linear, "lm_head": head, "embedding_row": embed_row, "rescored_rows": rescore,
             "total": linear + embed_row + rescore, "nodes": len(model.graph.node)}
+
+
+def load_engine(engine_dir: Path, context: int, threads: int, spin: bool):
+    """Engine.load with ORT's spinning on or off. An awq-edge from before the `spin` option (to
+    profile an older checkout, "before" a change) gets it through its session options."""
+    from awq_edge import backend_ort
+    from awq_edge.engine import Engine
+
+    if "spin" in inspect.signature(Engine.load).parameters:
+        return Engine.load(engine_dir, max_context=context, threads=threads, spin=spin)
+    original = backend_ort.session_options
+
+    def with_spin(*args):
+        so = original(*args)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        return so
+    backend_ort.session_options = with_spin
+    try:
+        return Engine.load(engine_dir, max_context=context, threads=threads)
+    finally:
+        backend_ort.session_options = original
 
 
 class Timers:
@@ -98,11 +120,10 @@ class Timers:
 def timed_decode(engine_dir: Path, tokens: int, threads: int, spin: bool) -> dict:
     """One greedy decode with each part of a token timed where it runs."""
     from awq_edge import engine as engine_module
-    from awq_edge.engine import Engine
     from awq_edge.sampling import Sampler, SamplingSettings
     from awq_edge.tokenizer import StreamDecoder
 
-    engine = Engine.load(engine_dir, max_context=tokens + 64, threads=threads, spin=spin)
+    engine = load_engine(engine_dir, tokens + 64, threads, spin)
     ids = engine.prompt_ids(PROMPT)
     greedy = SamplingSettings(temperature=0)
     for _ in engine.stream_ids(ids, Sampler(greedy), 8, ignore_eos=True):  # warm-up
@@ -110,8 +131,8 @@ def timed_decode(engine_dir: Path, tokens: int, threads: int, spin: bool) -> dic
     timers = Timers()
     backend = engine.backend
     timers.wrap(backend.session, "run_with_iobinding", "ort_session")
-    if backend.rescore_k:
-        timers.wrap(backend, "rescore", "rescore_scatter")
+    if getattr(backend, "rescore_k", 0) or getattr(backend, "exact_head", None) is not None:  # (older: numpy)
+        timers.wrap(backend, "rescore", "rescore")
     timers.wrap(engine_module.Sampler, "__call__", "sampler")
     timers.wrap(StreamDecoder, "push", "detokenizer")
     try:
@@ -142,7 +163,6 @@ def op_profile(engine_dir: Path, tokens: int, threads: int, spin: bool) -> dict:
     import onnxruntime as ort
 
     from awq_edge import backend_ort
-    from awq_edge.engine import Engine
     from awq_edge.sampling import Sampler, SamplingSettings
 
     original = backend_ort.session_options
@@ -155,7 +175,7 @@ def op_profile(engine_dir: Path, tokens: int, threads: int, spin: bool) -> dict:
         return so
     backend_ort.session_options = profiled
     try:
-        engine = Engine.load(engine_dir, max_context=tokens + 64, threads=threads, spin=spin)
+        engine = load_engine(engine_dir, tokens + 64, threads, spin)
     finally:
         backend_ort.session_options = original
     ids = engine.prompt_ids(PROMPT)
@@ -187,13 +207,12 @@ def op_profile(engine_dir: Path, tokens: int, threads: int, spin: bool) -> dict:
 
 def thread_matrix(engine_dir: Path, tokens: int, threads: int, runs: int) -> dict:
     """Decode tok/s (median of runs) for 1 and `threads` threads, with ORT's spinning off and on."""
-    from awq_edge.engine import Engine
     from awq_edge.sampling import Sampler, SamplingSettings
 
     out = {}
     for n in sorted({1, threads}):
         for spin in (False, True):
-            engine = Engine.load(engine_dir, max_context=tokens + 64, threads=n, spin=spin)
+            engine = load_engine(engine_dir, tokens + 64, n, spin)
             ids = engine.prompt_ids(PROMPT)
             speeds = []
             for _ in range(runs + 1):

@@ -42,7 +42,8 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 
 def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str | None = None,
                       all_logits: bool = False, force: bool = False, lm_head_bits: int | None | str = "auto",
-                      accuracy_level: int | None = None, rescore_top_k: int = DEFAULT_RESCORE_TOP_K) -> Path:
+                      accuracy_level: int | None = None, rescore_top_k: int = DEFAULT_RESCORE_TOP_K,
+                      lm_head_block: int = LM_HEAD_BLOCK) -> Path:
     """Write the decoder graph of an AWQ checkpoint for `target`; returns out_dir.
 
     act_dtype: float32 | float16; default float32 (ort, onnx) or float16 (trt).
@@ -82,7 +83,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
     _check_shapes(ckpt, target)
     t = Target(target, OPSETS[target], np.dtype(DTYPES[act_name]),
                "concat" if target == "onnx" else "shared_buffer", accuracy_level,
-               lm_head_bits, LM_HEAD_BLOCK, all_logits, rescore_top_k=rescore_top_k if rescore else 0)
+               lm_head_bits, lm_head_block, all_logits, rescore_top_k=rescore_top_k if rescore else 0)
 
     staging = output_staging(out_dir, force)
     try:
