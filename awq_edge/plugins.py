@@ -132,6 +132,39 @@ def build_kernel_library(gpu_arch: str) -> Path:
     return library
 
 
+# The kernel files the cuda backend launches through the driver API (their C-named __global__
+# entry points), one cubin each: awq_edge/cuda_backend.py loads them by these names.
+CUBIN_SOURCES = ("gemv_w4a16", "gemm_w4a16", "attention", "sample", "decoder_ops")
+
+
+def build_cubins(gpu_arch: str) -> dict[str, Path]:
+    """name -> the cubin of plugins/kernels/<name>.cu for one arch (GPU code only: built on any
+    host with nvcc, loaded on the device with cuModuleLoadData). Cached by source hash."""
+    arch = arch_number(gpu_arch)
+    final = _cache_root() / source_hash() / f"sm_{arch}-cubins"
+    cubins = {name: final / f"{name}.cubin" for name in CUBIN_SOURCES}
+    if all(p.is_file() for p in cubins.values()):
+        return cubins
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise UserError(f"nvcc not found: building a cuda engine compiles its kernels for {gpu_arch}; install the "
+                        "CUDA toolkit on the build host (the device needs only the driver), or set NVCC / CUDA_HOME")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    kernels = PLUGINS_DIR / "kernels"
+    jobs = [subprocess.Popen([nvcc, "-std=c++17", "-O3", "-cubin", f"-arch=sm_{arch}", "-I", str(kernels),
+                              "-o", str(build / f"{name}.cubin"), str(kernels / f"{name}.cu")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in CUBIN_SOURCES]
+    for name, job in zip(CUBIN_SOURCES, jobs):
+        out, _ = job.communicate()
+        if job.returncode != 0:
+            shutil.rmtree(build, ignore_errors=True)
+            tail = (out.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"nvcc failed on plugins/kernels/{name}.cu for {gpu_arch} ({tail[:300]})")
+    _publish(build, final)
+    return cubins
+
+
 def build_trt_plugin_library(gpu_arch: str) -> Path:
     """libawq_edge_trt_plugins.so for one arch, built with cmake (cached by source hash)."""
     arch = arch_number(gpu_arch)

@@ -1,6 +1,6 @@
 // Attention over a KV cache written in place (the contract is in attention.h).
 //
-// Two launches per call:
+// Two launches per call (awq_rope_store and awq_attend_d{D}, the names the cuda backend uses):
 //   rope_store  one block per new token: rotates q (into q_rot) and k (HF rotate_half, fp32
 //               math), writes k and v into their cache rows.
 //   attend      one block of 4 warps per (query head, new token). Each warp walks every 4th
@@ -27,11 +27,14 @@ __device__ __forceinline__ bool step_fits(int64_t past, int S, int capacity, int
     return past >= 0 && past + S <= capacity && past + S <= max_positions;
 }
 
-__global__ void __launch_bounds__(kRopeThreads)
-rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
-           __half* __restrict__ k_cache, __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
-           const __half* __restrict__ cos, const __half* __restrict__ sin, __half* __restrict__ q_rot, int S, int H,
-           int Hkv, int D, int capacity, int max_positions) {
+// q_stride / kv_stride: elements from one token's q (k, v) to the next's (H * D and Hkv * D when
+// they are separate tensors; the qkv width when they are columns of one fused projection).
+__device__ __forceinline__ void rope_store(const __half* __restrict__ q, const __half* __restrict__ k,
+                                           const __half* __restrict__ v, __half* __restrict__ k_cache,
+                                           __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
+                                           const __half* __restrict__ cos, const __half* __restrict__ sin,
+                                           __half* __restrict__ q_rot, int S, int H, int Hkv, int D, int capacity,
+                                           int max_positions, int q_stride, int kv_stride) {
     const int64_t past = *past_ptr;
     if (!step_fits(past, S, capacity, max_positions)) return;
     const int s = blockIdx.x;
@@ -43,8 +46,8 @@ rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const __h
     for (int idx = threadIdx.x; idx < (H + Hkv) * half_d; idx += blockDim.x) {
         const int head = idx / half_d, i = idx % half_d;
         const bool is_q = head < H;
-        const __half* src = is_q ? q + (static_cast<size_t>(s) * H + head) * D
-                                 : k + (static_cast<size_t>(s) * Hkv + (head - H)) * D;
+        const __half* src = is_q ? q + static_cast<size_t>(s) * q_stride + static_cast<size_t>(head) * D
+                                 : k + static_cast<size_t>(s) * kv_stride + static_cast<size_t>(head - H) * D;
         __half* dst = is_q ? q_rot + (static_cast<size_t>(s) * H + head) * D
                            : k_cache + (static_cast<size_t>(head - H) * capacity + pos) * D;
         const float x1 = __half2float(src[i]), x2 = __half2float(src[i + half_d]);
@@ -54,13 +57,13 @@ rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const __h
     }
     for (int idx = threadIdx.x; idx < Hkv * D; idx += blockDim.x) {
         const int head = idx / D, d = idx % D;
-        v_cache[(static_cast<size_t>(head) * capacity + pos) * D + d] = v[(static_cast<size_t>(s) * Hkv + head) * D + d];
+        v_cache[(static_cast<size_t>(head) * capacity + pos) * D + d] =
+            v[static_cast<size_t>(s) * kv_stride + static_cast<size_t>(head) * D + d];
     }
 }
 
 template <int kPairsPerLane>  // D = 64 * kPairsPerLane
-__global__ void __launch_bounds__(kWarps * 32)
-attend(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+__device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
        const int64_t* __restrict__ past_ptr, __half* __restrict__ out, int S, int H, int Hkv, int capacity,
        int max_positions, int window, float scale, float softcap) {
     constexpr int D = 64 * kPairsPerLane;
@@ -149,6 +152,32 @@ bool aligned4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3u) == 0
 
 }  // namespace
 
+// The kernels, with C names so that the CUDA driver API finds them in this file's cubin
+// (awq_edge/cuda_backend.py) as the launcher below does: awq_rope_store, grid S blocks of 256
+// threads, q/k/v rows of any stride (the cuda backend passes the fused qkv buffer's);
+// awq_attend_d{64,128,256}, grid (H, S) blocks of 128 threads.
+extern "C" __global__ void __launch_bounds__(kRopeThreads)
+awq_rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
+               __half* __restrict__ k_cache, __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
+               const __half* __restrict__ cos, const __half* __restrict__ sin, __half* __restrict__ q_rot, int S,
+               int H, int Hkv, int D, int capacity, int max_positions, int q_stride, int kv_stride) {
+    rope_store(q, k, v, k_cache, v_cache, past_ptr, cos, sin, q_rot, S, H, Hkv, D, capacity, max_positions, q_stride,
+               kv_stride);
+}
+
+#define AWQ_ATTEND_ENTRY(D)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(kWarps * 32)                                                       \
+        awq_attend_d##D(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,                       \
+                        const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,                   \
+                        __half* __restrict__ out, int S, int H, int Hkv, int capacity, int max_positions,          \
+                        int window, float scale, float softcap) {                                                   \
+        attend<D / 64>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale,   \
+                       softcap);                                                                                    \
+    }
+AWQ_ATTEND_ENTRY(64)
+AWQ_ATTEND_ENTRY(128)
+AWQ_ATTEND_ENTRY(256)
+
 extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, __half* k_cache, __half* v_cache,
                              const int64_t* past, const __half* cos, const __half* sin, __half* q_rot, __half* out,
                              int S, int H, int Hkv, int D, int capacity, int max_positions, int window, float scale,
@@ -159,22 +188,10 @@ extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, 
                        softcap >= 0.f && isfinite(softcap) && aligned4(q) && aligned4(k) && aligned4(v) &&
                        aligned4(k_cache) && aligned4(v_cache) && aligned4(q_rot) && aligned4(out);
     if (!valid) return AWQ_ATTENTION_INVALID_ARGUMENT;
-    rope_store<<<S, kRopeThreads, 0, stream>>>(q, k, v, k_cache, v_cache, past, cos, sin, q_rot, S, H, Hkv, D,
-                                               capacity, max_positions);
-    const dim3 grid(H, S);
-    switch (D) {
-        case 64:
-            attend<1><<<grid, kWarps * 32, 0, stream>>>(q_rot, k_cache, v_cache, past, out, S, H, Hkv, capacity,
-                                                        max_positions, window, scale, softcap);
-            break;
-        case 128:
-            attend<2><<<grid, kWarps * 32, 0, stream>>>(q_rot, k_cache, v_cache, past, out, S, H, Hkv, capacity,
-                                                        max_positions, window, scale, softcap);
-            break;
-        default:
-            attend<4><<<grid, kWarps * 32, 0, stream>>>(q_rot, k_cache, v_cache, past, out, S, H, Hkv, capacity,
-                                                        max_positions, window, scale, softcap);
-            break;
-    }
+    awq_rope_store<<<S, kRopeThreads, 0, stream>>>(q, k, v, k_cache, v_cache, past, cos, sin, q_rot, S, H, Hkv, D,
+                                                   capacity, max_positions, H * D, Hkv * D);
+    auto attend_kernel = D == 64 ? awq_attend_d64 : D == 128 ? awq_attend_d128 : awq_attend_d256;
+    attend_kernel<<<dim3(H, S), kWarps * 32, 0, stream>>>(q_rot, k_cache, v_cache, past, out, S, H, Hkv, capacity,
+                                                         max_positions, window, scale, softcap);
     return static_cast<int>(cudaGetLastError());
 }

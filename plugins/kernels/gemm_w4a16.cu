@@ -129,9 +129,9 @@ __device__ __forceinline__ void store_tile(const TileLoad& t, half (*x_tile)[kSm
 }
 
 template <int kGroupSize, bool kVectorWeights>
-__global__ void __launch_bounds__(kThreads)
-gemm_w4a16_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
-                  const half* __restrict__ zeros, half* __restrict__ y, int M, int N, int K) {
+__device__ __forceinline__ void gemm_w4a16(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
+                                           const half* __restrict__ scales, const half* __restrict__ zeros,
+                                           half* __restrict__ y, int M, int N, int K) {
     __shared__ __align__(16) half x_tile[kTileM][kSmemRow];
     __shared__ __align__(16) half w_tile[kTileN][kSmemRow];
 
@@ -201,15 +201,36 @@ gemm_w4a16_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweig
     }
 }
 
-template <int kGroupSize>
-void launch_for_group(const half* x, const uint32_t* qweight, const half* scales, const half* zeros, half* y,
-                      int M, int N, int K, cudaStream_t stream) {
-    const dim3 grid((N + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM);
-    if (rows_allow_128bit_loads(K)) {
-        gemm_w4a16_kernel<kGroupSize, true><<<grid, kThreads, 0, stream>>>(x, qweight, scales, zeros, y, M, N, K);
-    } else {
-        gemm_w4a16_kernel<kGroupSize, false><<<grid, kThreads, 0, stream>>>(x, qweight, scales, zeros, y, M, N, K);
+}  // namespace
+}  // namespace awq_edge
+
+// The kernels, one per group size and load width, with C names so that the CUDA driver API
+// finds them in this file's cubin (awq_edge/cuda_backend.py) as the launcher below does:
+// awq_gemm_g{G}_v{1: K % 32 == 0, 128-bit weight loads; 0: one word at a time},
+// grid (ceil(N / 64), ceil(M / 64)) blocks of 128 threads.
+#define AWQ_GEMM_ENTRY(G, V)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(128)                                                               \
+        awq_gemm_g##G##_v##V(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                      \
+                             const half* __restrict__ scales, const half* __restrict__ zeros, half* __restrict__ y, \
+                             int M, int N, int K) {                                                                 \
+        awq_edge::gemm_w4a16<G, V == 1>(x, qweight, scales, zeros, y, M, N, K);                                     \
     }
+AWQ_GEMM_ENTRY(32, 0)
+AWQ_GEMM_ENTRY(32, 1)
+AWQ_GEMM_ENTRY(64, 0)
+AWQ_GEMM_ENTRY(64, 1)
+AWQ_GEMM_ENTRY(128, 0)
+AWQ_GEMM_ENTRY(128, 1)
+
+namespace awq_edge {
+namespace {
+
+using GemmKernel = void (*)(const half*, const uint32_t*, const half*, const half*, half*, int, int, int);
+
+void launch_gemm(GemmKernel kernel, const half* x, const uint32_t* qweight, const half* scales, const half* zeros,
+                 half* y, int M, int N, int K, cudaStream_t stream) {
+    const dim3 grid((N + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM);
+    kernel<<<grid, kThreads, 0, stream>>>(x, qweight, scales, zeros, y, M, N, K);
 }
 
 }  // namespace
@@ -221,10 +242,10 @@ extern "C" int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __h
     if (!valid_matmul_args(x, qweight, scales, zeros, y, M, N, K, group_size)) return AWQ_W4A16_INVALID_ARGUMENT;
     if ((M + kTileM - 1) / kTileM > 65535) return AWQ_W4A16_INVALID_ARGUMENT;  // grid.y limit
     const auto* w = reinterpret_cast<const uint32_t*>(qweight);
-    switch (group_size) {
-        case 32: launch_for_group<32>(x, w, scales, zeros, y, M, N, K, stream); break;
-        case 64: launch_for_group<64>(x, w, scales, zeros, y, M, N, K, stream); break;
-        default: launch_for_group<128>(x, w, scales, zeros, y, M, N, K, stream); break;
-    }
+    const bool vector = rows_allow_128bit_loads(K);
+    GemmKernel kernel = group_size == 32 ? (vector ? awq_gemm_g32_v1 : awq_gemm_g32_v0)
+                      : group_size == 64 ? (vector ? awq_gemm_g64_v1 : awq_gemm_g64_v0)
+                                         : (vector ? awq_gemm_g128_v1 : awq_gemm_g128_v0);
+    launch_gemm(kernel, x, w, scales, zeros, y, M, N, K, stream);
     return launch_status();
 }

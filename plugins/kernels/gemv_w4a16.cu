@@ -52,10 +52,9 @@ __device__ __forceinline__ void load_weight_words(const uint32_t* src, uint32_t 
 }
 
 template <int kRows, int kGroupSize, int kWordsPerLoad>
-__global__ void __launch_bounds__(kThreads)
-gemv_w4a16_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
-                  const half* __restrict__ scales, const half* __restrict__ zeros, half* __restrict__ y,
-                  int N, int K) {
+__device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
+                                           const half* __restrict__ scales, const half* __restrict__ zeros,
+                                           half* __restrict__ y, int N, int K) {
     const int n0 = blockIdx.x * kRowsPerBlock;
     const int words_per_row = K / kValuesPerWord;
     const int groups = num_groups(K, kGroupSize);
@@ -119,6 +118,14 @@ gemv_w4a16_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweig
     }
 }
 
+template <int kRows, int kGroupSize, int kWordsPerLoad>
+__global__ void __launch_bounds__(kThreads)
+gemv_w4a16_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
+                  const half* __restrict__ scales, const half* __restrict__ zeros, half* __restrict__ y,
+                  int N, int K) {
+    gemv_w4a16<kRows, kGroupSize, kWordsPerLoad>(x, qweight, scales, zeros, y, N, K);
+}
+
 template <int kRows, int kGroupSize>
 void launch_for_rows_and_group(const half* x, const uint32_t* qweight, const half* scales, const half* zeros,
                                half* y, int N, int K, cudaStream_t stream) {
@@ -163,3 +170,20 @@ extern "C" int awq_w4a16_gemv(const __half* x, const int32_t* qweight, const __h
     }
     return launch_status();
 }
+
+// Entry points for launches through the CUDA driver API (the cuda backend loads this file's
+// cubin): awq_gemv_m1_g{G}_w{W}, one row (decode), grid N / 4 blocks of 128 threads, W = 4 when
+// K % 32 == 0 (128-bit loads), else 1. awq_edge/cuda_backend.py launches them.
+#define AWQ_GEMV_ENTRY(G, W)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(128)                                                               \
+        awq_gemv_m1_g##G##_w##W(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                   \
+                                const half* __restrict__ scales, const half* __restrict__ zeros,                    \
+                                half* __restrict__ y, int N, int K) {                                               \
+        awq_edge::gemv_w4a16<1, G, W>(x, qweight, scales, zeros, y, N, K);                                          \
+    }
+AWQ_GEMV_ENTRY(32, 1)
+AWQ_GEMV_ENTRY(32, 4)
+AWQ_GEMV_ENTRY(64, 1)
+AWQ_GEMV_ENTRY(64, 4)
+AWQ_GEMV_ENTRY(128, 1)
+AWQ_GEMV_ENTRY(128, 4)

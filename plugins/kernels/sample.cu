@@ -77,10 +77,9 @@ __device__ uint32_t highest_threshold(const float* logit, const float* prob, int
     return lo;
 }
 
-__global__ void __launch_bounds__(kThreads)
-sample_kernel(const float* __restrict__ logits, int vocab, const int32_t* __restrict__ seen, int n_seen,
-              float penalty, float temperature, int top_k, float top_p, float uniform, float* __restrict__ work,
-              int32_t* __restrict__ token) {
+__device__ __forceinline__ void sample(const float* __restrict__ logits, int vocab, const int32_t* __restrict__ seen,
+                                       int n_seen, float penalty, float temperature, int top_k, float top_p,
+                                       float uniform, float* __restrict__ work, int32_t* __restrict__ token) {
     __shared__ float partial_f[32];
     __shared__ uint32_t partial_u[32];
     __shared__ unsigned long long partial_u64[32];
@@ -225,7 +224,31 @@ sample_kernel(const float* __restrict__ logits, int vocab, const int32_t* __rest
     if (tid == 0) *token = static_cast<int32_t>(id);
 }
 
+__global__ void __launch_bounds__(kThreads)
+sample_kernel(const float* __restrict__ logits, int vocab, const int32_t* __restrict__ seen, int n_seen,
+              float penalty, float temperature, int top_k, float top_p, float uniform, float* __restrict__ work,
+              int32_t* __restrict__ token) {
+    sample(logits, vocab, seen, n_seen, penalty, temperature, top_k, top_p, uniform, work, token);
+}
+
 }  // namespace
+
+// The decode step's sampler, for a step captured once in a CUDA graph and replayed per token
+// (awq_edge/cuda_backend.py, one block of 1024 threads): what changes from token to token is
+// read from the device. The host writes `uniform` (its seeded draw) before each replay; the
+// history of ids for the repetition penalty lives on the device (`seen`, `n_seen`), and the
+// chosen token is appended to it (while it has room), so nothing but the token crosses back.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_sample_step(const float* __restrict__ logits, int vocab, int32_t* __restrict__ seen, int32_t* __restrict__ n_seen,
+                int seen_capacity, float penalty, float temperature, int top_k, float top_p,
+                const float* __restrict__ uniform, float* __restrict__ work, int32_t* __restrict__ token) {
+    const int count = *n_seen;
+    sample(logits, vocab, seen, count, penalty, temperature, top_k, top_p, *uniform, work, token);
+    if (threadIdx.x == 0) {  // the thread that wrote the token
+        if (count < seen_capacity) seen[count] = *token;
+        *n_seen = count < seen_capacity ? count + 1 : count;
+    }
+}
 
 extern "C" int awq_sample_token(const float* logits, int vocab, const int32_t* seen, int n_seen,
                                 float repetition_penalty, float temperature, int top_k, float top_p, float uniform,

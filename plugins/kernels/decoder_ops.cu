@@ -1,0 +1,140 @@
+// The small ops of the native decoder step (awq_edge/decoder.py lists the step; the numpy twin
+// of each kernel is in awq_edge/reference_backend.py, twin_<op>).
+//
+// Activations are fp16 rows; every kernel computes in fp32 and rounds once when it stores.
+// All are launched through the CUDA driver API from this file's cubin (awq_edge/cuda_backend.py),
+// so they have C names, and the launch shape is in each comment: one block per row unless said.
+// Nothing here has run on a GPU yet (the tests in tests/test_cuda_backend_gpu.py do, when one is lent).
+#include <math.h>
+#include <stdint.h>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kWarps = kThreads / 32;
+
+// The sum of v over the block; every thread gets it. `partial` is kWarps floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* partial) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    __syncthreads();  // an earlier call may still be reading `partial`
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += partial[w];
+    return total;
+}
+
+// y = x * rsqrt(mean(x^2) + eps) * weight over one row of n values (x may be y).
+__device__ __forceinline__ void rms_norm_row(const __half* x, const float* __restrict__ weight, __half* y, int n,
+                                             float eps, float* partial) {
+    float sum_sq = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = __half2float(x[i]);
+        sum_sq += v * v;
+    }
+    const float inv = rsqrtf(block_sum(sum_sq, partial) / static_cast<float>(n) + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = __float2half(__half2float(x[i]) * inv * weight[i]);
+}
+
+}  // namespace
+
+// out[s, :] = table[ids[s], :] * scale. Grid: S blocks. An id outside the vocabulary gives a NaN row.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_embed(const int32_t* __restrict__ ids, const __half* __restrict__ table, __half* __restrict__ out, int hidden,
+          int vocab, float scale) {
+    const int id = ids[blockIdx.x];
+    __half* y = out + static_cast<size_t>(blockIdx.x) * hidden;
+    const bool valid = id >= 0 && id < vocab;
+    const __half* row = table + static_cast<size_t>(valid ? id : 0) * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        y[i] = valid ? __float2half(__half2float(row[i]) * scale) : __float2half(NAN);
+    }
+}
+
+// out[r] = norm(x[first_row + r]) for the grid's rows (x may be out: Gemma's sandwich norms run in
+// place). weight is float32 with the family's offset folded in (Gemma: 1 + w).
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_rms_norm(const __half* x, const float* __restrict__ weight, __half* out, int hidden, float eps, int first_row) {
+    __shared__ float partial[kWarps];
+    const int row = first_row + blockIdx.x;
+    rms_norm_row(x + static_cast<size_t>(row) * hidden, weight, out + static_cast<size_t>(blockIdx.x) * hidden,
+                 hidden, eps, partial);
+}
+
+// The residual add fused into the next norm: residual[row] += x[row] (rounded to fp16), then
+// out[r] = norm(residual[row]), row = first_row + r. The final norm runs on the last row only.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_add_rms_norm(const __half* __restrict__ x, __half* __restrict__ residual, const float* __restrict__ weight,
+                 __half* __restrict__ out, int hidden, float eps, int first_row) {
+    __shared__ float partial[kWarps];
+    const size_t row = static_cast<size_t>(first_row + blockIdx.x) * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        residual[row + i] = __float2half(__half2float(residual[row + i]) + __half2float(x[row + i]));
+    }
+    // each thread reads back the elements it wrote: no barrier needed before the norm's first pass
+    rms_norm_row(residual + row, weight, out + static_cast<size_t>(blockIdx.x) * hidden, hidden, eps, partial);
+}
+
+// Per-head RMSNorm in place (Qwen3 and Gemma3's q/k norms): the heads of row r start at
+// x[r * row_stride + offset], head_dim values each. Grid: (heads, rows).
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_head_rms_norm(__half* x, int row_stride, int offset, int head_dim, const float* __restrict__ weight, float eps) {
+    __shared__ float partial[kWarps];
+    __half* head = x + static_cast<size_t>(blockIdx.y) * row_stride + offset + static_cast<size_t>(blockIdx.x) * head_dim;
+    rms_norm_row(head, weight, head, head_dim, eps, partial);
+}
+
+// y[r, :] += bias (Qwen2's q/k/v bias, after the fp16 GEMV output). Grid: rows.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_bias_add(__half* __restrict__ y, const __half* __restrict__ bias, int n) {
+    __half* row = y + static_cast<size_t>(blockIdx.x) * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = __float2half(__half2float(row[i]) + __half2float(bias[i]));
+}
+
+// out[r, j] = act(gate_up[r, j]) * gate_up[r, inter + j]; act: 0 = SiLU, 1 = GELU (tanh approximation).
+// Grid: rows.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_gated_act(const __half* __restrict__ gate_up, __half* __restrict__ out, int inter, int kind) {
+    const __half* g = gate_up + static_cast<size_t>(blockIdx.x) * 2 * inter;
+    __half* y = out + static_cast<size_t>(blockIdx.x) * inter;
+    for (int j = threadIdx.x; j < inter; j += blockDim.x) {
+        const float a = __half2float(g[j]), u = __half2float(g[inter + j]);
+        const float act = kind == 0 ? a / (1.f + expf(-a))
+                                    : 0.5f * a * (1.f + tanhf(0.7978845608028654f * (a + 0.044715f * a * a * a)));
+        y[j] = __float2half(act * u);
+    }
+}
+
+// logits[v] = table[v, :] . x (fp32 sums of fp16 products), then softcap * tanh(l / softcap) when
+// softcap > 0. One warp per vocabulary row, lanes reading 8 halves (16 bytes) at a time:
+// hidden % 8 == 0 (the backend checks). Grid: ceil(vocab / 8) blocks of 256 threads.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_lm_head(const __half* __restrict__ x, const __half* __restrict__ table, float* __restrict__ logits, int vocab,
+            int hidden, float softcap) {
+    const int v = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (v >= vocab) return;
+    const uint4* row = reinterpret_cast<const uint4*>(table + static_cast<size_t>(v) * hidden);
+    const uint4* xs = reinterpret_cast<const uint4*>(x);
+    float sum = 0.f;
+    for (int c = lane; c < hidden / 8; c += 32) {
+        const uint4 w = __ldcs(row + c), xv = __ldg(xs + c);
+        const __half2* w2 = reinterpret_cast<const __half2*>(&w);
+        const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 a = __half22float2(w2[i]), b = __half22float2(x2[i]);
+            sum += a.x * b.x + a.y * b.y;
+        }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) logits[v] = softcap > 0.f ? softcap * tanhf(sum / softcap) : sum;
+}
+
+// The position counter on the device: past += S after a step (the next replay reads it). Grid: 1 x 1.
+extern "C" __global__ void awq_advance(int64_t* past, int S) { *past += S; }
