@@ -85,14 +85,13 @@ def _quantization_settings(checkpoint: Path | None) -> dict:
 
 def build_engine(source: str, device: str = "cpu", output: Path | str = "engine", max_memory=None,
                  max_context: int | None = None, force: bool = False, progress: bool = True,
-                 lm_head_bits="auto") -> dict:
+                 lm_head_bits="auto", backend: str = "auto") -> dict:
     """Build ENGINE from SRC for DEVICE; returns the manifest.
 
     lm_head_bits ("auto" | None | 8 | 4) is passed to the CPU (`ort`) export: see docs/export.md."""
-    from .devices import resolve
     from .memory import parse_size
 
-    dev = resolve(device)
+    dev = resolve_for_build(device, backend)
     output = Path(output)
     if output.exists() and not force:
         raise UserError(f"output {output} already exists; choose another path or pass --force to replace it")
@@ -108,7 +107,9 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
             raise UserError(f"model not found: {source}; give a Hugging Face model dir, a .gguf, `smollm2`, "
                             "an AWQ checkpoint or an export dir")
     if dev.is_gpu:
-        return _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress)
+        return _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress, backend, device)
+    if backend not in ("auto", "ort"):
+        raise UserError(f"--backend {backend} is for GPU devices; --device cpu builds an ONNX Runtime engine")
 
     staging = output_staging(output, force)
     work = temp_dir_beside(output, "work")
@@ -154,7 +155,36 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress) -> dict:
+def resolve_for_build(name: str, backend: str = "auto"):
+    """The device profile to build for. A family (`orin`) that this machine is not: a cuda engine,
+    which is built anywhere, plans for the family's smallest variant and names the family in its
+    manifest (each variant resolves itself at load); TensorRT builds on the device, so it asks."""
+    from .devices import all_devices, resolve
+
+    try:
+        return resolve(name)
+    except UserError:
+        family = [d for d in all_devices().values() if d.family == name]
+        if not family or gpu_backend(backend) != "cuda":
+            raise
+        return min(family, key=lambda d: d.total_memory_gib)
+
+
+def gpu_backend(choice: str) -> str:
+    """--backend auto|cuda|trt for a GPU device: auto is trt where TensorRT is importable, else cuda."""
+    if choice not in ("auto", "cuda", "trt"):
+        raise UserError(f"--backend {choice} is unknown; use auto, cuda or trt")
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    return "trt" if importlib.util.find_spec("tensorrt") else "cuda"
+
+
+def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress, backend, device_name) -> dict:
+    backend = gpu_backend(backend)
+    if backend == "cuda":
+        return _build_cuda(source, kind, dev, output, max_memory, max_context, force, progress, device_name)
     try:
         from .trt_build import build_trt_engine
     except ImportError as e:
@@ -174,3 +204,20 @@ def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progre
         shutil.rmtree(work, ignore_errors=True)
     return json.loads((output / MANIFEST).read_text())
 
+
+
+def _build_cuda(source, kind, dev, output, max_memory, max_context, force, progress, device_name) -> dict:
+    """A native engine (awq_edge/cuda_build.py) from a float model or a quantized checkpoint."""
+    from .cuda_build import build_cuda_engine
+
+    if kind == "export":
+        raise UserError(f"{source} is an ONNX export; a cuda engine is built from a model or a quantized "
+                        "checkpoint (or pass --backend trt)")
+    if output.exists() and not force:
+        raise UserError(f"output {output} already exists; choose another path or pass --force to replace it")
+    work = temp_dir_beside(output, "work")
+    try:
+        checkpoint = _quantize(source, work / "checkpoint", progress) if kind == "model" else Path(source)
+        return build_cuda_engine(checkpoint, dev, output, max_memory, max_context, force, device_name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -54,6 +54,22 @@ class QuantizedLinear:
         return packing.dequantize(self.q, self.scales, self.zeros, self.group_size)
 
 
+def concat_linears(linears: list[QuantizedLinear]) -> QuantizedLinear:
+    """Stack linears that read the same input (q, k, v) into one with N = sum of their N."""
+    group_sizes = {lin.group_size for lin in linears}
+    if len(group_sizes) != 1 or len({lin.q.shape[1] for lin in linears}) != 1:
+        raise ValueError("only linears with the same K and group size can be fused")
+    biases = [lin.bias for lin in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = np.concatenate([b if b is not None else np.zeros(lin.q.shape[0], np.float32)
+                               for b, lin in zip(biases, linears)])
+    return QuantizedLinear(np.concatenate([lin.q for lin in linears]),
+                           np.concatenate([lin.scales for lin in linears]),
+                           np.concatenate([lin.zeros for lin in linears]),
+                           group_sizes.pop(), bias)
+
+
 @dataclass
 class Checkpoint:
     config: dict

@@ -216,6 +216,9 @@ def build(
     max_memory: Optional[str] = typer.Option(None, help="memory cap, e.g. 2GB, 512MiB, 1.5 (GiB); default: the device's"),
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the most that fit"),
     lm_head: str = typer.Option("auto", help=LM_HEAD_HELP),
+    backend: str = typer.Option("auto", help="GPU devices: cuda (our kernels, needs only the driver on the "
+                                             "device), trt (TensorRT), or auto (trt where TensorRT is importable, "
+                                             "else cuda)"),
     force: bool = typer.Option(False, help="replace OUTPUT if it exists"),
 ):
     """Build a self-contained engine directory for a device."""
@@ -223,12 +226,12 @@ def build(
     from .memory import format_size
 
     manifest = build_engine(source, _ask_variant(device), output, max_memory=max_memory, max_context=max_context,
-                            force=force, lm_head_bits=_lm_head_bits(lm_head))
+                            force=force, lm_head_bits=_lm_head_bits(lm_head), backend=backend)
     plan = manifest.get("memory_plan", {})
     context = plan.get("context") or plan.get("max_context")
     cap = plan.get("cap") or plan.get("cap_bytes")
-    typer.echo(f"wrote {output} for {manifest.get('device')}: context {context} tokens under a "
-               f"{format_size(cap) if cap else '?'} cap")
+    typer.echo(f"wrote {output} for {manifest.get('device')} (backend {manifest.get('backend')}): context {context} "
+               f"tokens under a {format_size(cap) if cap else '?'} cap")
 
 
 def _ask_variant(device: str) -> str:

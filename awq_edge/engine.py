@@ -23,19 +23,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .engine_dir import ExportInfo, check_files, read_export_info, read_manifest
+from .engine_dir import ExportInfo, check_files, read_decoder_info, read_export_info, read_manifest
 from .errors import UserError
-from .memory import (PREFILL_CHUNK, MemoryPlan, format_size, parse_size, peak_rss_bytes, plan_memory,
-                     workspace_bytes)
+from .memory import PREFILL_CHUNK, MemoryPlan, format_size, parse_size, peak_rss_bytes, plan_memory
 from .sampling import Sampler, SamplingSettings
 from .tokenizer import StreamDecoder, Tokenizer
 
 
 # ---------------------------------------------------------------- the memory plan and the backend
 
-def engine_plan(manifest: dict, info: ExportInfo, max_memory=None, max_context: int | None = None,
+def engine_plan(manifest: dict, info, max_memory=None, max_context: int | None = None,
                 at_load: bool = True) -> MemoryPlan:
-    """The memory plan from checked facts (engine_dir.read_export_info).
+    """The memory plan from checked facts: info is engine_dir's ExportInfo (ONNX engines) or
+    DecoderInfo (native engines); both give weight_bytes, kv_bytes_per_token,
+    max_position_embeddings and workspace(context).
 
     The cap: --max-memory, else the smaller of the cap the engine was built with and this
     machine's default for the device (at_load; at build time, the device profile's), never
@@ -45,7 +46,9 @@ def engine_plan(manifest: dict, info: ExportInfo, max_memory=None, max_context: 
     from .devices import resolve
 
     device = resolve(manifest["device"])
-    built = manifest.get("memory_plan") or {}
+    built = dict(manifest.get("memory_plan") or {})
+    if device.name != manifest["device"]:  # built for a family (`orin`): its cap was the smallest variant's
+        built.pop("cap", None)
     if isinstance(max_memory, str):
         max_memory = parse_size(max_memory)
     default_cap = device.default_cap_here() if at_load else device.default_memory_bytes()
@@ -60,18 +63,17 @@ def engine_plan(manifest: dict, info: ExportInfo, max_memory=None, max_context: 
         if max_context is not None and max_context > positions:
             raise UserError(f"--max-context {max_context} is more than the {positions} tokens this GPU engine was "
                             "built for; rebuild it with a larger --max-context")
-
-    def workspace(context: int) -> int:
-        return workspace_bytes(info.hidden_size, info.intermediate_size, info.vocab_size, info.num_heads, context,
-                               info.all_logits)
-
     return plan_memory(info.weight_bytes, info.kv_bytes_per_token, device, max_memory=max_memory,
                        default_cap=min(c for c in (built.get("cap"), default_cap) if c),
-                       max_context=max_context, max_position_embeddings=positions, workspace=workspace)
+                       max_context=max_context, max_position_embeddings=positions, workspace=info.workspace)
 
 
-def open_backend(path: Path, manifest: dict, info: ExportInfo, plan: MemoryPlan, threads: int | None = None,
+def open_backend(path: Path, manifest: dict, info, plan: MemoryPlan, threads: int | None = None,
                  spin: bool = True):
+    if manifest["backend"] == "cuda":
+        from .cuda_backend import CudaBackend
+
+        return CudaBackend(path, manifest, info, max_context=plan.context)
     if manifest["backend"] == "trt":
         try:
             from .trt_backend import TrtBackend
@@ -149,7 +151,13 @@ class Engine:
         path = Path(path)
         manifest = read_manifest(path)
         files = check_files(path, manifest["files"], full_hash=verify)
-        export = read_export_info(path, files, graph=manifest["backend"] == "ort")
+        if manifest["backend"] == "cuda":
+            from .cuda_backend import find_gpu
+
+            find_gpu(manifest)  # no GPU here, or another arch: one line, before anything is read
+            export = read_decoder_info(path, files)
+        else:
+            export = read_export_info(path, files, graph=manifest["backend"] == "ort")
         plan = engine_plan(manifest, export, max_memory, max_context)
         tokenizer = Tokenizer(path, export.config, files)
         backend = open_backend(path, manifest, export, plan, threads, spin)

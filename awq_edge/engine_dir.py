@@ -14,8 +14,11 @@ cannot point outside the folder.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .errors import UserError
 from .untrusted import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS,
@@ -54,11 +57,22 @@ def read_manifest(path: Path) -> dict:
                         f"{str(manifest.get('format_version'))[:20]}, this awq-edge reads {ENGINE_FORMAT_VERSION}); "
                         f"{REBUILD}")
     default_backend = "trt" if manifest["format"] == TRT_ENGINE_FORMAT else "ort"
-    manifest["backend"] = f.str("backend", ("ort", "trt"), default=default_backend)
+    manifest["backend"] = f.str("backend", ("ort", "trt", "cuda"), default=default_backend)
     f.str("device")
     plan = f.obj("memory_plan")
     plan.int("cap", 1, 1 << 50)
     plan.int("context", 1, MAX_POSITIONS)
+    if manifest["backend"] == "cuda":  # its kernels: a cubin per plugins.CUBIN_SOURCES module, listed files
+        from .plugins import CUBIN_SOURCES
+
+        arch = f.str("gpu_arch")
+        kernels = f.obj("kernels")
+        if not re.fullmatch(r"sm_\d{2,3}", arch) or set(kernels.raw) != set(CUBIN_SOURCES):
+            raise UserError(f"{path / MANIFEST}: gpu_arch or kernels are not what a cuda engine has; {REBUILD}")
+        for module in CUBIN_SOURCES:
+            name = plain_name(kernels.str(module), f"{path / MANIFEST} kernels", REBUILD)
+            if name not in manifest.get("files", {}):
+                raise UserError(f"{path / MANIFEST}: kernels {name} is not among the engine's listed files; {REBUILD}")
     if manifest["format"] == TRT_ENGINE_FORMAT:  # a GPU engine carries code: it must be its own, listed file
         for key in ("engine", "plugin_library"):
             name = plain_name(f.str(key), f"{path / MANIFEST} {key}", REBUILD)
@@ -95,6 +109,13 @@ class ExportInfo:
     config: dict                 # the model's config.json as exported (tokenizer: eos ids)
     quantization: dict           # the checkpoint's quantization_config and the quantizer's settings
     files: dict                  # the folder's checked file records (name -> size, sha256)
+
+    def workspace(self, context: int) -> int:
+        """Bytes of one prefill chunk's activations in ONNX Runtime (memory.workspace_bytes)."""
+        from .memory import workspace_bytes
+
+        return workspace_bytes(self.hidden_size, self.intermediate_size, self.vocab_size, self.num_heads, context,
+                               self.all_logits)
 
 
 def read_export_info(folder: Path, listed: dict[str, dict] | None = None, graph: bool = True) -> ExportInfo:
@@ -263,3 +284,95 @@ def _value_matches(value, want: dict) -> bool:
     dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
     return t.elem_type == want["elem"] and len(dims) == len(want["dims"]) and all(
         w is None or d == w for d, w in zip(dims, want["dims"]))
+
+
+# ---------------------------------------------------------------- native (cuda) engines
+
+DECODER_INFO = "decoder.json"
+DECODER_FORMAT = "awq-edge-decoder"
+DECODER_FORMAT_VERSION = 1
+TENSOR_ALIGN = 256  # every tensor of weights.bin starts at a multiple of this (the GPU's alignment)
+DTYPE_BYTES = {"float16": 2, "float32": 4, "int32": 4}
+
+
+def tensor_nbytes(dtype: str, shape) -> int:
+    return DTYPE_BYTES[dtype] * int(np.prod(shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class DecoderInfo:
+    """decoder.json of a native engine, checked: the DecoderSpec (recomputed from config.json),
+    and the index of weights.bin (every tensor the spec needs, with its dtype, shape and offset)."""
+    spec: object                 # awq_edge.decoder.DecoderSpec
+    weights_file: str
+    tensors: dict                # name -> (dtype, shape, offset)
+    weight_bytes: int
+    config: dict
+    lm_head: str                 # fp16
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.spec.kv_bytes_per_token
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.spec.max_positions
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab
+
+    def workspace(self, context: int) -> int:
+        """Device bytes besides weights and KV: one prefill chunk's fp16 activations and RoPE
+        scratch, the logits and the sampler's scratch, the ids fed and the sampled history."""
+        from .decoder import buffer_shapes
+        from .memory import PREFILL_CHUNK
+
+        shapes = buffer_shapes(self.spec, PREFILL_CHUNK)
+        activations = sum(2 * rows * width for rows, width in (s for s in shapes.values() if len(s) == 2))
+        q_rot = 2 * PREFILL_CHUNK * self.spec.heads * self.spec.head_dim
+        return activations + q_rot + 3 * 4 * self.spec.vocab + 4 * (PREFILL_CHUNK + context) + (1 << 20)
+
+
+def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:
+    """decoder.json of a native engine, checked against its config.json, the op list's tensor
+    layout and the size of weights.bin."""
+    from .decoder import decoder_spec, tensor_layout
+    from .export.spec import model_spec
+
+    folder = Path(folder)
+    path = folder / DECODER_INFO
+    if DECODER_INFO not in listed or "config.json" not in listed:
+        raise UserError(f"{folder} lists no {DECODER_INFO} or config.json; {REBUILD}")
+    raw = read_json(path, REBUILD)
+    f = Fields(raw, str(path), REBUILD)
+    if raw.get("format") != DECODER_FORMAT or raw.get("format_version") != DECODER_FORMAT_VERSION:
+        raise UserError(f"{path} was written by an incompatible awq-edge; {REBUILD}")
+    group_size = f.int("group_size", 32, 128)
+    if group_size not in (32, 64, 128):
+        raise UserError(f"{path}: group_size {group_size} is not 32, 64 or 128; {REBUILD}")
+    lm_head = f.str("lm_head", ("fp16",))
+    weights = plain_name(f.str("weights"), f"{path} weights", REBUILD)
+    if weights not in listed:
+        raise UserError(f"{path}: weights {weights} is not a listed file; {REBUILD}")
+    config = read_json(folder / "config.json", REBUILD)
+    spec = decoder_spec(model_spec(config, str(folder / "config.json"), REBUILD), group_size, f.bool("qkv_bias"))
+    layout = tensor_layout(spec)
+    index = f.obj("tensors")
+    if set(index.raw) != set(layout):
+        odd = sorted(set(index.raw) ^ set(layout))[:2]
+        raise UserError(f"{path}: its tensors are not the ones config.json implies ({', '.join(odd)}); {REBUILD}")
+    size, tensors = listed[weights]["size"], {}
+    for name, (dtype, shape) in layout.items():
+        entry = index.obj(name)
+        offset = entry.int("offset", 0, size)
+        if entry.str("dtype") != dtype or entry.raw.get("shape") != list(shape) or offset % TENSOR_ALIGN:
+            raise UserError(f"{path}: tensor {name} is not {dtype} {list(shape)} at an aligned offset; {REBUILD}")
+        tensors[name] = (dtype, shape, offset)
+    end = 0
+    for name, (dtype, shape, offset) in sorted(tensors.items(), key=lambda item: item[1][2]):
+        if offset < end or offset + tensor_nbytes(dtype, shape) > size:
+            raise UserError(f"{path}: tensor {name} overlaps another or ends past {weights}; {REBUILD}")
+        end = offset + tensor_nbytes(dtype, shape)
+    return DecoderInfo(spec=spec, weights_file=weights, tensors=tensors, weight_bytes=size, config=config,
+                       lm_head=lm_head)

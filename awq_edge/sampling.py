@@ -74,10 +74,26 @@ def choose_token(logits: np.ndarray, settings: SamplingSettings, seen_ids=(), un
     return int(ids[min(np.searchsorted(np.cumsum(probs), uniform), len(ids) - 1)])
 
 
+class DeviceLogits:
+    """Logits float32 [vocab] that stay on a GPU (the cuda and TensorRT backends), valid until the
+    backend's next forward. The Sampler hands them its draw and the backend picks the token there
+    (plugins/kernels/sample.cu, the rule of choose_token); np.asarray() copies them to the host."""
+
+    def __init__(self, backend, device_ptr: int, vocab: int):
+        self.backend, self.ptr, self.shape = backend, device_ptr, (vocab,)
+
+    def __array__(self, dtype=None, copy=None):
+        host = self.backend.logits_to_host(self.ptr)
+        return host if dtype is None else host.astype(dtype)
+
+    def sample_on_device(self, settings, seen_ids, uniform: float) -> int:
+        return self.backend.sample_token(self.ptr, settings, seen_ids, uniform)
+
+
 class Sampler:
     """Draws one uniform per sampled token from a generator seeded once per generation.
 
-    Logits that live on a GPU (trt_backend.DeviceLogits) are sampled there with the same draw."""
+    Logits that live on a GPU (DeviceLogits) are sampled there with the same draw."""
 
     def __init__(self, settings: SamplingSettings):
         settings.validate()

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .sampling import DeviceLogits
 
 _LARGEST_UNIFORM = float(np.nextafter(np.float32(1), np.float32(0)))  # a float64 draw rounds to 1.0 in fp32 above it
 
@@ -41,24 +42,6 @@ def check_manifest(manifest: dict, gpus: list, tensorrt_version: str | None) -> 
     if tensorrt_version is not None and tensorrt_version != manifest["tensorrt_version"]:
         raise UserError(f"engine built with TensorRT {manifest['tensorrt_version']} but TensorRT {tensorrt_version} "
                         "is installed; engines do not move across TensorRT versions: rebuild it")
-
-
-class DeviceLogits:
-    """Logits [vocab] float32 at `ptr` on the GPU, valid until the backend's next forward()."""
-
-    def __init__(self, backend: "TrtBackend", ptr: int):
-        self.backend, self.ptr = backend, ptr
-        self.shape = (backend.vocab_size,)
-
-    def __array__(self, dtype=None, copy=None):
-        host = np.empty(self.shape, dtype=np.float32)
-        cuda = self.backend.cuda
-        cuda.check(cuda.lib.cudaMemcpyAsync(host.ctypes.data, self.ptr, host.nbytes, 2, self.backend.stream), "D2H")
-        cuda.stream_synchronize(self.backend.stream)
-        return host if dtype is None else host.astype(dtype)
-
-    def sample_on_device(self, settings, seen_ids, uniform: float) -> int:
-        return self.backend.sample_token(self.ptr, settings, seen_ids, uniform)
 
 
 class TrtBackend:
@@ -165,6 +148,13 @@ class TrtBackend:
             return self.decode(ids[0])
         return self.prefill(ids)
 
+    def logits_to_host(self, device_ptr: int) -> np.ndarray:
+        host = np.empty(self.vocab_size, dtype=np.float32)
+        cuda = self.cuda
+        cuda.check(cuda.lib.cudaMemcpyAsync(host.ctypes.data, device_ptr, host.nbytes, 2, self.stream), "D2H")
+        cuda.stream_synchronize(self.stream)
+        return host
+
     def sample_token(self, logits_ptr: int, settings, seen_ids, uniform: float) -> int:
         """The next token by the Sampler's rule, chosen on the GPU (plugins/kernels/sample.h)."""
         cuda = self.cuda
@@ -219,7 +209,7 @@ class TrtBackend:
         """The logits row of the last position, left on the GPU (the stream orders later reads)."""
         shape = tuple(self.context.get_tensor_shape("logits"))  # [1, vocab] or [1, seq, vocab]
         rows = int(np.prod(shape[:-1]))
-        return DeviceLogits(self, self.buffers["logits"] + (rows - 1) * self.vocab_size * 4)
+        return DeviceLogits(self, self.buffers["logits"] + (rows - 1) * self.vocab_size * 4, self.vocab_size)
 
     def prefill(self, token_ids) -> DeviceLogits:
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)

@@ -22,7 +22,6 @@ from ..checkpoint import commit_staging, copy_tokenizer, output_staging, read_ch
 from ..engine_dir import EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_INFO as INFO_FILE, MODEL_FILE
 from ..errors import UserError
 from ..untrusted import file_record
-from .graph import Decoder, Target
 from .spec import check_checkpoint_shapes, model_spec
 
 TARGETS = ("ort", "trt", "onnx")
@@ -81,6 +80,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
     spec = model_spec(ckpt.config, str(Path(ckpt_dir) / "config.json"))
     check_checkpoint_shapes(ckpt.linears, ckpt.tensors, spec, str(ckpt_dir))
     _check_shapes(ckpt, target)
+    from .graph import Decoder, Target  # onnx: only here, so export.spec imports without it (device side)
     t = Target(target, OPSETS[target], np.dtype(DTYPES[act_name]),
                "concat" if target == "onnx" else "shared_buffer", accuracy_level,
                lm_head_bits, lm_head_block, all_logits, rescore_top_k=rescore_top_k if rescore else 0)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, concat_linears
 from ..errors import UserError
 from . import attention, linear
 from .builder import MS_DOMAIN, GraphBuilder
@@ -275,7 +275,7 @@ class Decoder:
         quantized to int8 once, one kernel instead of two), split after."""
         if self.t.name != "ort":
             return self.linear(x, f"{p}.gate_proj"), self.linear(x, f"{p}.up_proj")
-        lin = linear.concat_linears([self.linear_weights(f"{p}.{n}_proj") for n in ("gate", "up")])
+        lin = concat_linears([self.linear_weights(f"{p}.{n}_proj") for n in ("gate", "up")])
         width = lin.q.shape[0] // 2
         gate, up = self.b.op("Split", self.linear(x, f"{p}.gate_up_proj", lin), self.b.int64s(width, width),
                              axis=-1, outputs=2)
@@ -289,7 +289,7 @@ class Decoder:
         qk_norm = spec.family.qk_norm
         if t.name == "ort":
             # One MatMulNBits for q, k and v (one read of x, one kernel launch).
-            lin = linear.concat_linears([self.linear_weights(f"{p}.{n}_proj") for n in "qkv"])
+            lin = concat_linears([self.linear_weights(f"{p}.{n}_proj") for n in "qkv"])
             qkv = self.linear(x, f"{p}.qkv_proj", lin)
             if not qk_norm:
                 ctx = attention.gqa_attention(b, spec, i, qkv, None, None, *past, self.info, *rope, names)

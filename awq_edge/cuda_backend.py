@@ -1,0 +1,287 @@
+"""The cuda backend: a native engine's decoder step (awq_edge/decoder.py) on our own kernels,
+through the CUDA driver API (awq_edge/cuda_driver.py). No torch, no TensorRT, no compiler:
+the engine carries its kernels as cubins.
+
+    backend = CudaBackend(engine_dir, manifest, info, max_context)   # weights streamed to the GPU
+    logits = backend.forward(prompt_ids)   # DeviceLogits: stay on the GPU
+    token = sampler(logits, seen)          # chosen there (plugins/kernels/sample.cu)
+    logits = backend.forward([token])      # decode: one CUDA graph replay
+
+Each op of decode_ops(spec) is one launch (launch_op below, the mirror of the reference
+backend's run(), whose numpy twins define what each kernel computes). Prefill feeds chunks
+of up to PREFILL_CHUNK tokens, launching the ops one by one (the GEMM for the linears);
+decode (one token) replays a CUDA graph of the whole step, captured once, with the GEMV:
+the position counter lives on the device and advances inside the graph, so a replay needs
+only the token id written before it. Sampling runs after the step with the request's
+settings, keeping the repetition-penalty history on the device; one int32 comes back.
+
+Nothing in this file has run on a GPU yet: it is checked on a lent GPU by
+tests/test_cuda_backend_gpu.py (against the reference backend) and benchmarks/gpu_check.sh.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .decoder import buffer_shapes, decode_ops
+from .engine_dir import DecoderInfo
+from .errors import UserError
+from .memory import PREFILL_CHUNK, format_size
+from .sampling import DeviceLogits
+
+CHUNK_BYTES = 64 << 20           # weights go to the GPU in pieces this size: no second host copy
+_LARGEST_UNIFORM = float(np.nextafter(np.float32(1), np.float32(0)))
+# Launch shapes of the kernels (their comments in plugins/kernels/*.cu give the same).
+NORM_THREADS = 256
+GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
+GEMM_TILE, GEMM_THREADS = 64, 128
+ROPE_THREADS, ATTEND_THREADS = 256, 128
+LM_HEAD_ROWS_PER_BLOCK = 8
+SAMPLE_THREADS = 1024
+
+
+def find_gpu(manifest: dict):
+    """The GPU this engine runs on, or a one-line UserError (none, or another arch)."""
+    from .cuda_runtime import find_gpus
+
+    built = f"{manifest['gpu_arch']} ({manifest['device']})"
+    gpus = find_gpus()
+    if not gpus:
+        raise UserError(f"no NVIDIA GPU found: this engine (backend cuda) runs on a {built} GPU; build one for "
+                        "this machine with `awq-edge build SRC --device cpu`")
+    for gpu in gpus:
+        if gpu.arch == manifest["gpu_arch"]:
+            return gpu
+    here = ", ".join(f"{g.name} ({g.arch})" for g in gpus)
+    raise UserError(f"this engine was built for {built} but this machine has {here}; rebuild it with "
+                    "`awq-edge build SRC --device <this device>`")
+
+
+class CudaBackend:
+    """The backend interface of awq_edge.engine: forward, rewind, position, max_context,
+    vocab_size, kv_bytes; forward returns DeviceLogits."""
+
+    def __init__(self, engine_dir: Path, manifest: dict, info: DecoderInfo, max_context: int):
+        from .cuda_driver import CudaError, Driver
+
+        engine_dir = Path(engine_dir)
+        gpu = find_gpu(manifest)
+        self.spec = spec = info.spec
+        self.ops = decode_ops(spec)
+        self.max_context, self.vocab_size, self.position = int(max_context), spec.vocab, 0
+        try:
+            self.drv = Driver(gpu.index)
+            self.kernels = self._load_kernels(engine_dir, manifest)
+            self._check_room(info)
+            self.weights = self._upload_weights(engine_dir, info)
+            self._allocate()
+        except CudaError as e:
+            raise UserError(f"the GPU refused the engine: {e}") from None
+        self._decode_graph = None
+
+    # ------------------------------------------------------------ setup
+    def _load_kernels(self, engine_dir: Path, manifest: dict) -> dict:
+        functions = {}
+        for module_name, file in manifest["kernels"].items():  # checked by engine_dir.read_manifest
+            module = self.drv.load_module((engine_dir / file).read_bytes())
+            for name in KERNELS_OF[module_name]:
+                functions[name] = self.drv.function(module, name)
+        return functions
+
+    def _check_room(self, info: DecoderInfo) -> None:
+        """Refuse before allocating when the GPU has not the room the plan needs."""
+        need = info.weight_bytes + info.kv_bytes_per_token * self.max_context + info.workspace(self.max_context)
+        free, _ = self.drv.memory_info()
+        if need > free:
+            raise UserError(f"the engine needs {format_size(need)} of GPU memory for a {self.max_context}-token "
+                            f"context, and the GPU has {format_size(free)} free; lower --max-context or --max-memory")
+
+    def _upload_weights(self, engine_dir: Path, info: DecoderInfo) -> dict[str, int]:
+        """weights.bin into one device allocation, CHUNK_BYTES at a time; name -> device pointer."""
+        base = self.drv.alloc(info.weight_bytes)
+        chunk = np.empty(CHUNK_BYTES, np.uint8)
+        with open(engine_dir / info.weights_file, "rb") as f:
+            done = 0
+            while done < info.weight_bytes:
+                n = f.readinto(memoryview(chunk)[:min(CHUNK_BYTES, info.weight_bytes - done)])
+                if not n:
+                    raise UserError(f"{engine_dir / info.weights_file} ended early; rebuild or re-copy the engine")
+                self.drv.upload(base + done, chunk[:n])
+                done += n
+        return {name: base + offset for name, (_dtype, _shape, offset) in info.tensors.items()}
+
+    def _allocate(self) -> None:
+        spec, drv, C = self.spec, self.drv, self.max_context
+        self.buf = {}
+        for name, shape in buffer_shapes(spec, PREFILL_CHUNK).items():
+            self.buf[name] = drv.alloc(int(np.prod(shape)) * (4 if name == "logits" else 2))
+        self.q_rot = drv.alloc(PREFILL_CHUNK * spec.heads * spec.head_dim * 2)
+        layer_kv = spec.kv_heads * C * spec.head_dim * 2
+        self.k_cache = [drv.alloc(layer_kv) for _ in range(spec.layers)]
+        self.v_cache = [drv.alloc(layer_kv) for _ in range(spec.layers)]
+        self._kv_bytes = 2 * spec.layers * layer_kv
+        self.ids = drv.alloc(PREFILL_CHUNK * 4)        # int32 ids of the step
+        self.past = drv.alloc(8)                       # int64 position counter, advanced by the step
+        self.sample_work = drv.alloc(2 * spec.vocab * 4)
+        self.token = drv.alloc(4)
+        self.uniform = drv.alloc(4)
+        self.seen = drv.alloc(C * 4)                   # the repetition-penalty history, on the device
+        self.n_seen = drv.alloc(4)
+        self.seen_mirror: list[int] = []               # what `seen` holds, to upload only what is new
+        drv.zero(self.past, 8)
+        drv.zero(self.n_seen, 4)
+
+    # ------------------------------------------------------------ the engine's interface
+    def kv_bytes(self) -> int:
+        return self._kv_bytes
+
+    def rewind(self, position: int) -> None:
+        if not 0 <= position <= self.position:
+            raise UserError(f"cannot rewind to {position}: the cache holds {self.position} tokens")
+        self.position = int(position)
+        self.drv.upload(self.past, np.array([self.position], np.int64))
+
+    def forward(self, ids) -> DeviceLogits:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise UserError("forward needs at least one token id")
+        if self.position + ids.size > self.max_context:
+            raise UserError(f"context full: {self.position} cached + {ids.size} new tokens exceeds "
+                            f"max_context {self.max_context}; rewind or start a longer context")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise UserError(f"token id out of range 0..{self.vocab_size - 1}")
+        for start in range(0, ids.size, PREFILL_CHUNK):
+            chunk = ids[start:start + PREFILL_CHUNK].astype(np.int32)
+            self.drv.upload_async(self.ids, chunk)
+            if chunk.size == 1:
+                self._decode_step()
+            else:
+                self._step(chunk.size)
+            self.drv.synchronize()  # `chunk` is read by the copy above
+            self.position += chunk.size
+        return DeviceLogits(self, self.buf["logits"], self.vocab_size)
+
+    def _decode_step(self) -> None:
+        """One token: the whole step as one CUDA graph replay (captured on the first call)."""
+        if self._decode_graph is None:
+            self._decode_graph = self.drv.capture(lambda: self._step(1))
+        self.drv.replay(self._decode_graph)
+
+    def _step(self, rows: int) -> None:
+        for op in self.ops:
+            self.launch_op(op, rows)
+        self.launch("awq_advance", (1,), (1,), [self.past, ("i32", rows)])
+
+    # ------------------------------------------------------------ the ops, one launch each
+    def launch(self, name: str, grid: tuple, block: tuple, args: list) -> None:
+        """args: device pointers (ints) and ("i32" | "f32", value) pairs, in the kernel's order."""
+        from .cuda_driver import f32, i32, ptr
+
+        values = [ptr(a) if isinstance(a, int) else (i32 if a[0] == "i32" else f32)(a[1]) for a in args]
+        self.drv.launch(self.kernels[name], grid, block, values)
+
+    def launch_op(self, op, rows: int) -> None:
+        """The kernel of one op for a step of `rows` tokens (reference_backend.run's mirror)."""
+        a, w, b, spec = op.args, self.weights, self.buf, self.spec
+        eps = ("f32", spec.eps)
+        if op.kind == "embed":
+            self.launch("awq_embed", (rows,), (NORM_THREADS,),
+                        [self.ids, w[a["table"]], b[a["out"]], ("i32", spec.hidden), ("i32", spec.vocab),
+                         ("f32", a["scale"] or 1.0)])
+        elif op.kind == "norm":
+            self.launch("awq_rms_norm", (rows,), (NORM_THREADS,),
+                        [b[a["x"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps, ("i32", 0)])
+        elif op.kind == "add_norm":
+            last = a.get("last_row", False)
+            self.launch("awq_add_rms_norm", (1 if last else rows,), (NORM_THREADS,),
+                        [b[a["x"]], b[a["residual"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps,
+                         ("i32", rows - 1 if last else 0)])
+        elif op.kind == "linear":
+            self.linear(b[a["x"]], a["weight"], b[a["out"]], rows, a["N"], a["K"], a["bias"])
+        elif op.kind == "head_norm":
+            self.launch("awq_head_rms_norm", (a["heads"], rows), (NORM_THREADS,),
+                        [b[a["x"]], ("i32", spec.qkv_width), ("i32", a["offset"]), ("i32", spec.head_dim),
+                         w[a["weight"]], eps])
+        elif op.kind == "attention":
+            self.attention(b[a["qkv"]], b[a["out"]], a["layer"], a["rope"], a["window"], rows)
+        elif op.kind == "act":
+            self.launch("awq_gated_act", (rows,), (NORM_THREADS,),
+                        [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", 0 if a["kind"] == "silu" else 1)])
+        elif op.kind == "lm_head":
+            blocks = -(-spec.vocab // LM_HEAD_ROWS_PER_BLOCK)
+            self.launch("awq_lm_head", (blocks,), (NORM_THREADS,),
+                        [b[a["x"]], w[a["table"]], b[a["out"]], ("i32", spec.vocab), ("i32", spec.hidden),
+                         ("f32", a["softcap"])])
+        else:
+            raise ValueError(f"unknown op {op.kind}")
+
+    def linear(self, x: int, name: str, y: int, rows: int, n: int, k: int, bias: bool) -> None:
+        """The GEMV for one row (decode), the tensor-core GEMM for more; then the bias."""
+        w, g = self.weights, self.spec.group_size
+        weights = [w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"]]
+        wide = k % 32 == 0  # rows of 16-byte aligned words: 128-bit weight loads
+        if rows == 1:
+            self.launch(f"awq_gemv_m1_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
+                        [x, *weights, y, ("i32", n), ("i32", k)])
+        else:
+            grid = (-(-n // GEMM_TILE), -(-rows // GEMM_TILE))
+            self.launch(f"awq_gemm_g{g}_v{1 if wide else 0}", grid, (GEMM_THREADS,),
+                        [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k)])
+        if bias:
+            self.launch("awq_bias_add", (rows,), (NORM_THREADS,), [y, w[f"{name}.bias"], ("i32", n)])
+
+    def attention(self, qkv: int, out: int, layer: int, rope: int, window: int, rows: int) -> None:
+        """RoPE and the KV rows written in place, then attention (plugins/kernels/attention.h)."""
+        spec, w = self.spec, self.weights
+        H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
+        k, v = qkv + 2 * H * D, qkv + 2 * (H + Hkv) * D  # byte offsets of k and v in a fused row
+        sizes = [("i32", rows), ("i32", H), ("i32", Hkv)]
+        self.launch("awq_rope_store", (rows,), (ROPE_THREADS,),
+                    [qkv, k, v, self.k_cache[layer], self.v_cache[layer], self.past, w[f"rope.{rope}.cos"],
+                     w[f"rope.{rope}.sin"], self.q_rot, *sizes, ("i32", D), ("i32", self.max_context),
+                     ("i32", spec.max_positions), ("i32", spec.qkv_width), ("i32", spec.qkv_width)])
+        self.launch(f"awq_attend_d{D}", (H, rows), (ATTEND_THREADS,),
+                    [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, *sizes,
+                     ("i32", self.max_context), ("i32", spec.max_positions), ("i32", window),
+                     ("f32", spec.attn_scale), ("f32", spec.attn_softcap)])
+
+    # ------------------------------------------------------------ logits and sampling
+    def logits_to_host(self, device_ptr: int) -> np.ndarray:
+        host = np.empty(self.vocab_size, np.float32)
+        self.drv.download(host, device_ptr)
+        return host
+
+    def sample_token(self, device_ptr: int, settings, seen_ids, uniform: float) -> int:
+        """The next token by the Sampler's rule, chosen on the GPU. The history the repetition
+        penalty reads stays on the device: only the ids it lacks are uploaded."""
+        seen = [int(i) for i in seen_ids][-self.max_context:]
+        mirror = self.seen_mirror
+        if seen[:len(mirror)] != mirror:  # another history (a new prompt): upload it whole
+            mirror = []
+        new = np.array(seen[len(mirror):], np.int32)
+        if new.size:
+            self.drv.upload_async(self.seen + 4 * len(mirror), new)
+        count = np.array([len(seen)], np.int32)
+        draw = np.array([min(float(uniform), _LARGEST_UNIFORM)], np.float32)
+        self.drv.upload_async(self.n_seen, count)
+        self.drv.upload_async(self.uniform, draw)
+        self.launch("awq_sample_step", (1,), (SAMPLE_THREADS,),
+                    [device_ptr, ("i32", self.vocab_size), self.seen, self.n_seen, ("i32", self.max_context),
+                     ("f32", settings.repetition_penalty), ("f32", settings.temperature), ("i32", settings.top_k),
+                     ("f32", settings.top_p), self.uniform, self.sample_work, self.token])
+        token = np.empty(1, np.int32)
+        self.drv.download(token, self.token)  # synchronizes: new, count and draw are no longer read
+        self.seen_mirror = (seen + [int(token[0])])[:self.max_context]
+        return int(token[0])
+
+
+# Which kernels each cubin (plugins.CUBIN_SOURCES) provides to this backend.
+KERNELS_OF = {
+    "gemv_w4a16": [f"awq_gemv_m1_g{g}_w{w}" for g in (32, 64, 128) for w in (1, 4)],
+    "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)],
+    "attention": ["awq_rope_store", "awq_attend_d64", "awq_attend_d128", "awq_attend_d256"],
+    "sample": ["awq_sample_step"],
+    "decoder_ops": ["awq_embed", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
+                    "awq_gated_act", "awq_lm_head", "awq_advance"],
+}

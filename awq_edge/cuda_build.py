@@ -1,0 +1,122 @@
+"""`awq-edge build SRC --device orin|orin-*|rtx4090|rtx4070-laptop --backend cuda`: a native engine.
+
+The engine carries everything the device needs besides the NVIDIA driver: the weights in the
+kernels' layout and the kernels themselves, compiled for the device's arch as cubins (GPU code
+only), loaded with cuModuleLoadData. So it is built on any host with nvcc, no GPU needed, and
+an engine built on an x86 workstation runs on an aarch64 Orin. The files:
+
+    weights.bin       every tensor of decoder.tensor_layout(spec), each at a 256-byte offset
+    decoder.json      format, group size, q/k/v bias, lm_head kind, and the index of weights.bin
+                      (name -> dtype, shape, offset); the DecoderSpec itself is recomputed from
+                      config.json on load, and the index must be exactly the layout it implies
+    kernels.sm_XX.<name>.cubin   plugins/kernels/<name>.cu compiled for the arch (plugins.CUBIN_SOURCES)
+    config.json, tokenizer files, manifest.json (backend "cuda", device, gpu_arch, kernels,
+                      the memory plan, sizes and hashes of every file)
+
+Written into a temp dir beside OUTPUT and renamed at the end, like every engine.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import plugins
+from .checkpoint import commit_staging, copy_tokenizer, output_staging, read_checkpoint
+from .decoder import checkpoint_has_qkv_bias, decoder_spec, pack_weights
+from .engine_dir import (DECODER_FORMAT, DECODER_FORMAT_VERSION, DECODER_INFO, ENGINE_FORMAT, ENGINE_FORMAT_VERSION,
+                         MANIFEST, TENSOR_ALIGN, read_decoder_info)
+from .errors import UserError
+from .untrusted import file_record
+
+WEIGHTS_FILE = "weights.bin"
+
+
+def kernel_files(gpu_arch: str) -> dict[str, str]:
+    """module name -> the engine's file name for its cubin."""
+    return {name: f"kernels.{gpu_arch}.{name}.cubin" for name in plugins.CUBIN_SOURCES}
+
+
+def write_weights(path: Path, tensors: dict) -> dict:
+    """tensors written one after another at TENSOR_ALIGN offsets; returns decoder.json's index."""
+    index, offset = {}, 0
+    with open(path, "wb") as f:
+        for name, array in tensors.items():
+            f.write(b"\0" * (-offset % TENSOR_ALIGN))
+            offset += -offset % TENSOR_ALIGN
+            index[name] = {"dtype": str(array.dtype), "shape": list(array.shape), "offset": offset}
+            np.ascontiguousarray(array).tofile(f)
+            offset += array.nbytes
+    return index
+
+
+def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, max_context: int | None = None,
+                      force: bool = False, device_name: str | None = None) -> dict:
+    """Write a native engine for a GPU device profile from a quantized checkpoint; returns its manifest.
+
+    device_name: what the manifest names (a family such as `orin`, whose variants resolve
+    themselves at load); the plan is made for `device` (the family's smallest variant)."""
+    from .export.spec import check_checkpoint_shapes, model_spec
+
+    ckpt = read_checkpoint(checkpoint)
+    model = model_spec(ckpt.config, str(Path(checkpoint) / "config.json"))
+    check_checkpoint_shapes(ckpt.linears, ckpt.tensors, model, str(checkpoint))
+    group_sizes = {lin.group_size for lin in ckpt.linears.values()}
+    if len(group_sizes) != 1 or not group_sizes <= {32, 64, 128}:
+        raise UserError(f"{checkpoint} uses group sizes {sorted(group_sizes)}; the cuda backend's kernels take one "
+                        "group size of 32, 64 or 128")
+    spec = decoder_spec(model, group_sizes.pop(), checkpoint_has_qkv_bias(ckpt))
+    tensors = pack_weights(ckpt, spec)
+    source = {"source": str(checkpoint), "model_type": spec.model_type,
+              "architectures": ckpt.config.get("architectures"),
+              "quantization": ckpt.metadata.get("settings") or ckpt.config.get("quantization_config") or {}}
+    del ckpt  # the unpacked levels: only the packed tensors are written
+    return write_cuda_engine(output, device, spec, tensors, Path(checkpoint), source, max_memory, max_context,
+                             force, device_name)
+
+
+def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path, source: dict, max_memory=None,
+                      max_context: int | None = None, force: bool = False, device_name: str | None = None) -> dict:
+    """The engine folder from tensors in the kernels' layout (decoder.pack_weights, or random ones:
+    awq_edge/synthetic.py); config.json and the tokenizer come from model_dir."""
+    from .engine import engine_plan
+
+    output = Path(output)
+    if spec.hidden % 8:
+        raise UserError(f"hidden size {spec.hidden} is not a multiple of 8, which the cuda backend's kernels need; "
+                        "use the CPU engine (--device cpu)")
+    cubins = plugins.build_cubins(device.gpu_arch)  # before any output: nvcc missing is one line, nothing written
+    staging = output_staging(output, force)
+    try:
+        index = write_weights(staging / WEIGHTS_FILE, tensors)
+        decoder = {"format": DECODER_FORMAT, "format_version": DECODER_FORMAT_VERSION, "group_size": spec.group_size,
+                   "qkv_bias": spec.qkv_bias, "lm_head": "fp16", "weights": WEIGHTS_FILE, "tensors": index}
+        (staging / DECODER_INFO).write_text(json.dumps(decoder, indent=1) + "\n")
+        for name, file in kernel_files(device.gpu_arch).items():
+            shutil.copy2(cubins[name], staging / file)
+        shutil.copy2(model_dir / "config.json", staging / "config.json")
+        copy_tokenizer(model_dir, staging)
+        if not (staging / "tokenizer.json").exists():
+            raise UserError(f"no tokenizer.json in {model_dir}; the engine needs the model's tokenizer")
+        files = {f.name: file_record(f) for f in sorted(staging.iterdir())}
+        info = read_decoder_info(staging, files)  # what the device will read, checked here first
+        manifest = {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION, "backend": "cuda",
+                    "device": device.name, "gpu_arch": device.gpu_arch, "kernels": kernel_files(device.gpu_arch)}
+        plan = engine_plan(manifest, info, max_memory, max_context, at_load=False)
+        manifest.update({
+            "device": device_name or device.name,
+            "model": {k: source[k] for k in ("source", "model_type", "architectures")},
+            "quantization": source["quantization"],
+            "memory_plan": plan.to_dict(),
+            "plugin_hash": plugins.source_hash(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": files,
+        })
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        commit_staging(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest

@@ -1,0 +1,162 @@
+"""The CUDA driver API through ctypes: what the cuda backend needs, and nothing more.
+
+libcuda is the NVIDIA driver itself, so a device needs no CUDA toolkit, no runtime library and
+no compiler: kernels come as cubins (built with the engine), loaded with cuModuleLoadData and
+launched with cuLaunchKernel. Every call's status is checked; a failure raises CudaError with
+the driver's name for it.
+
+    drv = Driver()                                   # device 0, its primary context, one stream
+    module = drv.load_module(cubin_bytes)
+    kernel = drv.function(module, "awq_embed")
+    buf = drv.alloc(nbytes)
+    drv.launch(kernel, grid=(S,), block=(256,), args=[ptr(ids), ptr(table), ptr(out), i32(hidden), ...])
+    graph = drv.capture(lambda: ...launches...)      # a CUDA graph of the launches, replayed with drv.replay(graph)
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+CU_STREAM_NON_BLOCKING = 1
+CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def i32(v: int) -> ctypes.c_int:
+    return ctypes.c_int(int(v))
+
+
+def f32(v: float) -> ctypes.c_float:
+    return ctypes.c_float(float(v))
+
+
+def ptr(v: int) -> ctypes.c_uint64:
+    """A device pointer argument (CUdeviceptr is 64 bits on every platform we run)."""
+    return ctypes.c_uint64(int(v))
+
+
+def load_libcuda():
+    for name in ("libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda")):
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    return None
+
+
+class Driver:
+    def __init__(self, device_index: int = 0):
+        lib = load_libcuda()
+        if lib is None:
+            raise CudaError("the NVIDIA driver (libcuda.so.1) is not installed")
+        self.lib = lib
+        u64 = ctypes.c_uint64
+        lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        lib.cuMemAlloc_v2.argtypes = [ctypes.POINTER(u64), ctypes.c_size_t]
+        lib.cuMemFree_v2.argtypes = [u64]
+        lib.cuMemcpyHtoD_v2.argtypes = [u64, ctypes.c_void_p, ctypes.c_size_t]
+        lib.cuMemcpyHtoDAsync_v2.argtypes = [u64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        lib.cuMemcpyDtoH_v2.argtypes = [ctypes.c_void_p, u64, ctypes.c_size_t]
+        lib.cuMemcpyDtoHAsync_v2.argtypes = [ctypes.c_void_p, u64, ctypes.c_size_t, ctypes.c_void_p]
+        lib.cuMemsetD8_v2.argtypes = [u64, ctypes.c_ubyte, ctypes.c_size_t]
+        lib.cuModuleLoadData.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
+        lib.cuLaunchKernel.argtypes = ([ctypes.c_void_p] + [ctypes.c_uint] * 7 +
+                                       [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p])
+        lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
+        lib.cuStreamBeginCapture_v2.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.cuStreamEndCapture.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+        lib.cuGraphInstantiateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_ulonglong]
+        lib.cuGraphLaunch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuMemGetInfo_v2.argtypes = [ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        self.check(lib.cuInit(0), "cuInit")
+        self.device = ctypes.c_int()
+        self.check(lib.cuDeviceGet(ctypes.byref(self.device), device_index), "cuDeviceGet")
+        self.context = ctypes.c_void_p()
+        self.check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(self.context), self.device), "cuDevicePrimaryCtxRetain")
+        self.check(lib.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+        self.stream = ctypes.c_void_p()
+        self.check(lib.cuStreamCreate(ctypes.byref(self.stream), CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        self.modules = []  # kept alive with the driver object
+
+    def check(self, status: int, what: str) -> None:
+        if status != 0:
+            name = ctypes.c_char_p()
+            self.lib.cuGetErrorName(status, ctypes.byref(name))
+            raise CudaError(f"{what} failed: {(name.value or b'?').decode()} ({status})")
+
+    # ------------------------------------------------------------ memory
+    def alloc(self, nbytes: int) -> int:
+        out = ctypes.c_uint64()
+        self.check(self.lib.cuMemAlloc_v2(ctypes.byref(out), max(int(nbytes), 1)), f"cuMemAlloc({nbytes})")
+        return out.value
+
+    def free(self, device_ptr: int) -> None:
+        self.check(self.lib.cuMemFree_v2(device_ptr), "cuMemFree")
+
+    def upload(self, device_ptr: int, array) -> None:
+        """array (contiguous numpy) -> device, synchronous."""
+        self.check(self.lib.cuMemcpyHtoD_v2(device_ptr, array.ctypes.data, array.nbytes), "cuMemcpyHtoD")
+
+    def upload_async(self, device_ptr: int, array) -> None:
+        """On the stream: ordered before the launches that follow (array must stay alive until then)."""
+        self.check(self.lib.cuMemcpyHtoDAsync_v2(device_ptr, array.ctypes.data, array.nbytes, self.stream),
+                   "cuMemcpyHtoDAsync")
+
+    def download(self, array, device_ptr: int) -> None:
+        """device -> array, after everything queued on the stream."""
+        self.check(self.lib.cuMemcpyDtoHAsync_v2(array.ctypes.data, device_ptr, array.nbytes, self.stream),
+                   "cuMemcpyDtoHAsync")
+        self.synchronize()
+
+    def zero(self, device_ptr: int, nbytes: int) -> None:
+        self.check(self.lib.cuMemsetD8_v2(device_ptr, 0, nbytes), "cuMemsetD8")
+
+    def memory_info(self) -> tuple[int, int]:
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        self.check(self.lib.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)), "cuMemGetInfo")
+        return free.value, total.value
+
+    # ------------------------------------------------------------ kernels
+    def load_module(self, cubin: bytes):
+        module = ctypes.c_void_p()
+        image = ctypes.create_string_buffer(cubin, len(cubin))
+        self.check(self.lib.cuModuleLoadData(ctypes.byref(module), image), "cuModuleLoadData")
+        self.modules.append(module)
+        return module
+
+    def function(self, module, name: str):
+        fn = ctypes.c_void_p()
+        self.check(self.lib.cuModuleGetFunction(ctypes.byref(fn), module, name.encode()), f"cuModuleGetFunction({name})")
+        return fn
+
+    def launch(self, fn, grid: tuple, block: tuple, args: list, shared_bytes: int = 0) -> None:
+        """One kernel on the stream; args are ctypes values (ptr/i32/f32), in the kernel's order."""
+        grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+        params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+        self.check(self.lib.cuLaunchKernel(fn, *grid, *block, shared_bytes, self.stream, params, None),
+                   "cuLaunchKernel")
+
+    def synchronize(self) -> None:
+        self.check(self.lib.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
+
+    # ------------------------------------------------------------ graphs
+    def capture(self, launches) -> ctypes.c_void_p:
+        """The launches `launches()` makes on the stream, captured into an instantiated CUDA graph."""
+        self.check(self.lib.cuStreamBeginCapture_v2(self.stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+                   "cuStreamBeginCapture")
+        graph = ctypes.c_void_p()
+        try:
+            launches()
+        finally:
+            self.check(self.lib.cuStreamEndCapture(self.stream, ctypes.byref(graph)), "cuStreamEndCapture")
+        executable = ctypes.c_void_p()
+        self.check(self.lib.cuGraphInstantiateWithFlags(ctypes.byref(executable), graph, 0), "cuGraphInstantiate")
+        return executable
+
+    def replay(self, executable) -> None:
+        self.check(self.lib.cuGraphLaunch(executable, self.stream), "cuGraphLaunch")

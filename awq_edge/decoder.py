@@ -1,0 +1,256 @@
+"""The decoder step of a native engine, written once: the op list every executor runs.
+
+    spec = decoder_spec(model_spec(config), group_size)
+    ops = decode_ops(spec)               # [Op("embed", ...), Op("norm", ...), ..., Op("lm_head", ...)]
+    tensors = pack_weights(ckpt, spec)   # name -> array, in the kernels' layout
+    layout = tensor_layout(spec)         # name -> (dtype, shape): what a cuda engine must hold
+
+Two executors read the same list: awq_edge/reference_backend.py (numpy, the CPU twin that CI
+runs against the ONNX Runtime engine) and awq_edge/cuda_backend.py (our kernels, through the
+CUDA driver API). So what a step does (which norms, the fused q/k/v and gate/up linears, q/k
+norms, biases, sandwich norms, soft-caps, sliding windows) is decided here and nowhere else.
+
+A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kernels' W4A16):
+    h        [S, hidden]          the residual stream
+    x        [S, hidden]          a normed copy of it, the linears' input
+    qkv      [S, (H + 2 Hkv) D]   q, k and v side by side (one fused linear)
+    ctx      [S, H D]             attention output
+    attn     [S, hidden]          after o_proj (and Gemma's post-attention norm)
+    gate_up  [S, 2 I]             gate and up side by side (one fused linear)
+    act      [S, I]               act(gate) * up
+    mlp      [S, hidden]          after down_proj (and Gemma's post-feedforward norm)
+    logits   [V] float32          the last row's, after the final soft-cap
+The residual add is fused into the next norm (add_norm: h += pending; x = norm(h)), as the ONNX
+graph does; the final norm and the lm_head run on the last row only.
+
+Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qweight` int32
+[N, K/8] (AWQ nibble order), `.scales` and `.zeros` fp16 [N, groups] (+ `.bias` fp16 [N]);
+q/k/v and gate/up concatenated along N; norms as float32 (w + the family's offset: Gemma's
+1 + w); the embedding fp16 [V, hidden], which is the lm_head too when tied (else
+`lm_head.weight` fp16); RoPE tables fp16 [max_positions, D/2] per distinct frequency set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import UserError
+
+ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh"}
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What the op list needs of a model (from export.spec.ModelSpec and the checkpoint)."""
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    max_positions: int
+    group_size: int
+    tie_embeddings: bool
+    norm_offset: float             # Gemma: 1.0 (the norm multiplies by 1 + w)
+    qk_norm: bool                  # Qwen3, Gemma3
+    sandwich_norm: bool            # Gemma3
+    qkv_bias: bool                 # Qwen2 (and any checkpoint whose q/k/v carry a bias)
+    embed_scale: float | None      # Gemma: embeddings times sqrt(hidden)
+    activation: str                # silu | gelu_tanh
+    mlp_norm: str                  # the norm before gate/up
+    attn_scale: float
+    attn_softcap: float            # 0: none
+    final_softcap: float           # 0: none
+    layer_windows: tuple           # per layer: sliding window or 0
+    layer_rope: tuple              # per layer: index of its RoPE table
+    rope_freqs: tuple = field(repr=False)  # per table: inverse frequencies [D/2] (float64)
+
+    @property
+    def qkv_width(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """fp16 K and V of every layer for one token (the cache the attention kernel writes)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+
+
+def decoder_spec(model, group_size: int, qkv_bias: bool = False) -> DecoderSpec:
+    """A DecoderSpec from an export.spec.ModelSpec (a checked config) and the group size."""
+    family = model.family
+    if model.head_dim not in (64, 128, 256):
+        raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
+                        "(64, 128 or 256); use the CPU engine (--device cpu)")
+    freqs, layer_rope = [], []
+    for f in model.layer_inv_freq:
+        for j, known in enumerate(freqs):
+            if np.array_equal(known, f):
+                layer_rope.append(j)
+                break
+        else:
+            layer_rope.append(len(freqs))
+            freqs.append(f)
+    return DecoderSpec(
+        model_type=model.model_type, hidden=model.hidden, intermediate=model.intermediate, layers=model.layers,
+        heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim, vocab=model.vocab, eps=model.eps,
+        max_positions=model.max_positions, group_size=group_size, tie_embeddings=model.tie_embeddings,
+        norm_offset=family.norm_offset, qk_norm=family.qk_norm, sandwich_norm=family.sandwich_norm,
+        qkv_bias=family.qkv_bias or qkv_bias, embed_scale=float(model.hidden) ** 0.5 if family.embed_scale else None,
+        activation=ACTIVATIONS[family.activation], mlp_norm=family.mlp_norm, attn_scale=model.attn_scale,
+        attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
+        layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
+        rope_freqs=tuple(freqs))
+
+
+# ---------------------------------------------------------------- the op list
+
+@dataclass(frozen=True)
+class Op:
+    """One kernel launch of a step. args: buffer names (x, out, ...), tensor names (weight, ...)
+    and sizes; each executor maps `kind` to its implementation."""
+    kind: str
+    args: dict
+
+
+def decode_ops(spec: DecoderSpec) -> list[Op]:
+    """Every op of one decoder step, in order (the module docstring names the buffers)."""
+    H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
+    ops = [Op("embed", {"out": "h", "table": "model.embed_tokens.weight", "scale": spec.embed_scale})]
+    pending = None  # the buffer the next norm adds into h
+    for i in range(spec.layers):
+        p = f"model.layers.{i}"
+        w = f"{p}.input_layernorm.weight"
+        ops.append(Op("norm", {"x": "h", "out": "x", "weight": w}) if pending is None else
+                   Op("add_norm", {"x": pending, "residual": "h", "out": "x", "weight": w}))
+        ops.append(linear_op("x", "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias))
+        if spec.qk_norm:
+            ops.append(Op("head_norm", {"x": "qkv", "offset": 0, "heads": H, "weight": f"{p}.self_attn.q_norm.weight"}))
+            ops.append(Op("head_norm", {"x": "qkv", "offset": H * D, "heads": Hkv,
+                                        "weight": f"{p}.self_attn.k_norm.weight"}))
+        ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": spec.layer_rope[i],
+                                    "window": spec.layer_windows[i]}))
+        ops.append(linear_op("ctx", "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D))
+        if spec.sandwich_norm:
+            ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.post_attention_layernorm.weight"}))
+        ops.append(Op("add_norm", {"x": "attn", "residual": "h", "out": "x", "weight": f"{p}.{spec.mlp_norm}.weight"}))
+        ops.append(linear_op("x", "gate_up", f"{p}.mlp.gate_up_proj", 2 * spec.intermediate, spec.hidden))
+        ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation}))
+        ops.append(linear_op("act", "mlp", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate))
+        if spec.sandwich_norm:
+            ops.append(Op("norm", {"x": "mlp", "out": "mlp", "weight": f"{p}.post_feedforward_layernorm.weight"}))
+        pending = "mlp"
+    ops.append(Op("add_norm", {"x": pending, "residual": "h", "out": "x", "weight": "model.norm.weight",
+                               "last_row": True}))
+    ops.append(Op("lm_head", {"x": "x", "out": "logits", "table": lm_head_table(spec),
+                              "softcap": spec.final_softcap}))
+    return ops
+
+
+def linear_op(x: str, out: str, name: str, n: int, k: int, bias: bool = False) -> Op:
+    return Op("linear", {"x": x, "out": out, "weight": name, "N": n, "K": k, "bias": bias})
+
+
+def lm_head_table(spec: DecoderSpec) -> str:
+    return "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
+
+
+def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
+    """The activation buffers of a step of `rows` tokens (fp16, but logits float32)."""
+    return {"h": (rows, spec.hidden), "x": (rows, spec.hidden), "qkv": (rows, spec.qkv_width),
+            "ctx": (rows, spec.heads * spec.head_dim), "attn": (rows, spec.hidden),
+            "gate_up": (rows, 2 * spec.intermediate), "act": (rows, spec.intermediate),
+            "mlp": (rows, spec.hidden), "logits": (spec.vocab,)}
+
+
+# ---------------------------------------------------------------- weights in the kernels' layout
+
+def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
+    """name -> (dtype, shape) of every tensor a native engine holds for this spec."""
+    g = spec.group_size
+    layout = {"model.embed_tokens.weight": ("float16", (spec.vocab, spec.hidden)),
+              "model.norm.weight": ("float32", (spec.hidden,))}
+    if not spec.tie_embeddings:
+        layout["lm_head.weight"] = ("float16", (spec.vocab, spec.hidden))
+    for j in range(len(spec.rope_freqs)):
+        for kind in ("cos", "sin"):
+            layout[f"rope.{j}.{kind}"] = ("float16", (spec.max_positions, spec.head_dim // 2))
+    for op in decode_ops(spec):
+        a = op.args
+        if op.kind == "linear":
+            n, k = a["N"], a["K"]
+            layout[f"{a['weight']}.qweight"] = ("int32", (n, k // 8))
+            layout[f"{a['weight']}.scales"] = ("float16", (n, -(-k // g)))
+            layout[f"{a['weight']}.zeros"] = ("float16", (n, -(-k // g)))
+            if a["bias"]:
+                layout[f"{a['weight']}.bias"] = ("float16", (n,))
+        elif op.kind in ("norm", "add_norm"):
+            layout[a["weight"]] = ("float32", (spec.hidden,))
+        elif op.kind == "head_norm":
+            layout[a["weight"]] = ("float32", (spec.head_dim,))
+    return layout
+
+
+def pack_weights(ckpt, spec: DecoderSpec) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors in the layout tensor_layout() describes (checked against it)."""
+    from .checkpoint import concat_linears
+    from .packing import pack_for_plugin
+
+    def tensor(name: str) -> np.ndarray:
+        if name not in ckpt.tensors:
+            raise UserError(f"the checkpoint lacks {name}; it does not match its config")
+        return ckpt.tensors[name]
+
+    out = {"model.embed_tokens.weight": tensor("model.embed_tokens.weight").astype(np.float16)}
+    if not spec.tie_embeddings:
+        head = ckpt.tensors.get("lm_head.weight", ckpt.tensors.get("model.embed_tokens.weight"))
+        out["lm_head.weight"] = head.astype(np.float16)
+    out.update(rope_weights(spec))
+    for op in decode_ops(spec):
+        a = op.args
+        if op.kind == "linear":
+            prefix = a["weight"]
+            if prefix.endswith(".qkv_proj"):
+                parts = [prefix.replace("qkv_proj", f"{n}_proj") for n in "qkv"]
+            elif prefix.endswith(".gate_up_proj"):
+                parts = [prefix.replace("gate_up_proj", f"{n}_proj") for n in ("gate", "up")]
+            else:
+                parts = [prefix]
+            lin = concat_linears([ckpt.linears[name] for name in parts]) if len(parts) > 1 else ckpt.linears[prefix]
+            if lin.bias is not None and not a["bias"]:
+                raise UserError(f"{prefix} has a bias, which the cuda backend supports on q/k/v only; "
+                                "use the CPU engine (--device cpu)")
+            for key, value in pack_for_plugin(lin.q, lin.scales, lin.zeros, lin.group_size).items():
+                out[f"{prefix}.{key}"] = value
+            if a["bias"]:
+                bias = lin.bias if lin.bias is not None else np.zeros(lin.q.shape[0], np.float32)
+                out[f"{prefix}.bias"] = bias.astype(np.float16)
+        elif op.kind in ("norm", "add_norm", "head_norm"):
+            out[a["weight"]] = tensor(a["weight"]).astype(np.float32) + np.float32(spec.norm_offset)
+    layout = tensor_layout(spec)
+    for name, (dtype, shape) in layout.items():
+        got = out.get(name)
+        if got is None or str(got.dtype) != dtype or tuple(got.shape) != shape:
+            raise UserError(f"the checkpoint's {name} does not fit its config ({None if got is None else got.shape}"
+                            f", expected {shape}); it is corrupt or belongs to another model")
+    return {name: np.ascontiguousarray(out[name]) for name in layout}
+
+
+def rope_weights(spec: DecoderSpec) -> dict[str, np.ndarray]:
+    """The RoPE tables `rope.{j}.cos|sin` fp16 [max_positions, D/2], one pair per frequency set."""
+    from .export.spec import rope_tables
+
+    out = {}
+    for j, freq in enumerate(spec.rope_freqs):
+        cos, sin = rope_tables(freq, spec.max_positions)
+        out[f"rope.{j}.cos"], out[f"rope.{j}.sin"] = cos.astype(np.float16), sin.astype(np.float16)
+    return out
+
+
+def checkpoint_has_qkv_bias(ckpt) -> bool:
+    """Whether any layer's q/k/v projection carries a bias (Qwen2 always; others may)."""
+    return any(lin.bias is not None for name, lin in ckpt.linears.items()
+               if name.endswith(("q_proj", "k_proj", "v_proj")))

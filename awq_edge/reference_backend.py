@@ -1,0 +1,222 @@
+"""The numpy twin of the cuda backend: a native engine's decoder step (awq_edge/decoder.py),
+run op by op on the CPU with the kernels' arithmetic.
+
+    backend = ReferenceBackend(Path("engines/smollm2-orin"), max_context=512)
+    logits = backend.forward(prompt_ids)     # float32 [V] of the last token
+    logits = backend.forward([next_id])
+
+It reads the engine's weights.bin (memory-mapped) and runs decode_ops(spec) with one numpy
+function per kernel (the twin_* functions below): fp16 buffers between ops, fp32 inside each,
+the int4 weights dequantized exactly as the kernels do ((q - z) * s rounded to fp16 once).
+CI checks it against the ONNX Runtime engine for SmolLM2 and every family
+(tests/test_native_engine.py), which proves the op list, the packed layouts and the families
+without a GPU; on a GPU, each kernel is then checked against its twin. It implements the
+backend interface (forward, rewind, position, max_context, vocab_size, kv_bytes), so an
+Engine can run on it too (slowly: it is a reference, not a runtime).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .decoder import DecoderSpec, buffer_shapes, decode_ops
+from .engine_dir import DecoderInfo, check_files, read_decoder_info, read_manifest
+from .errors import UserError
+from .packing import dequantize, unpack_int4
+
+F16, F32 = np.float16, np.float32
+
+
+def load_tensors(folder: Path, info: DecoderInfo) -> dict[str, np.ndarray]:
+    """Every tensor of weights.bin as a read-only memory map (nothing is read until used)."""
+    data = np.memmap(Path(folder) / info.weights_file, dtype=np.uint8, mode="r")
+    return {name: data[offset:offset + np.dtype(dtype).itemsize * int(np.prod(shape))].view(dtype).reshape(shape)
+            for name, (dtype, shape, offset) in info.tensors.items()}
+
+
+# ---------------------------------------------------------------- the kernels' twins
+
+def twin_embed(ids: np.ndarray, table: np.ndarray, scale: float | None) -> np.ndarray:
+    rows = table[ids].astype(F32)
+    return (rows * F32(scale) if scale else rows).astype(F16)
+
+
+def twin_rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x fp16 [rows, n], weight float32 [n] (the family's offset folded in) -> fp16."""
+    x32 = x.astype(F32)
+    inv = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + F32(eps))
+    return (x32 * inv * weight).astype(F16)
+
+
+def twin_add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float):
+    """(norm(residual + x), residual + x), both fp16: the residual add fused into the norm."""
+    total = (residual.astype(F32) + x.astype(F32)).astype(F16)
+    return twin_rms_norm(total, weight, eps), total
+
+
+def dequantized(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
+    """W_hat float32 [N, K] with the kernels' values: (q - z) * s rounded to fp16 once."""
+    q = unpack_int4(qweight)
+    return dequantize(q, scales, zeros.astype(np.uint8), group_size).astype(F16).astype(F32)
+
+
+def twin_linear(x: np.ndarray, w_hat: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    y = x.astype(F32) @ w_hat.T
+    if bias is not None:
+        y = y.astype(F16).astype(F32) + bias.astype(F32)  # the kernel adds the bias to the fp16 output
+    return y.astype(F16)
+
+
+def twin_head_norm(x: np.ndarray, offset: int, heads: int, head_dim: int, weight: np.ndarray, eps: float) -> None:
+    """RMSNorm of each head of x[:, offset:offset + heads * head_dim], in place (Qwen3, Gemma3 q/k norms)."""
+    block = x[:, offset:offset + heads * head_dim]
+    rows = block.reshape(-1, head_dim)
+    block[...] = twin_rms_norm(rows, weight, eps).reshape(block.shape)
+
+
+def twin_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Hugging Face rotate_half RoPE of x fp16 [S, heads, D] at the tables' rows [S, D/2] -> fp16."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(F32), x[..., half:].astype(F32)
+    c, s = cos.astype(F32)[:, None, :], sin.astype(F32)[:, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(F16)
+
+
+def twin_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+                   past: int, cos: np.ndarray, sin: np.ndarray, window: int, scale: float,
+                   softcap: float) -> np.ndarray:
+    """The attention kernel's twin: q [S, H, D], k/v [S, Hkv, D] fp16; rotates q and k, writes k
+    and v into the caches [Hkv, capacity, D] at rows past..past+S-1, attends causally (and within
+    the window) with fp32 scores and softmax; returns fp16 [S, H * D]."""
+    S, H, D = q.shape
+    Hkv = k.shape[1]
+    positions = past + np.arange(S)
+    q_rot = twin_rope(q, cos[positions], sin[positions])
+    k_cache[:, past:past + S] = twin_rope(k, cos[positions], sin[positions]).transpose(1, 0, 2)
+    v_cache[:, past:past + S] = v.transpose(1, 0, 2)
+    out = np.empty((S, H, D), F16)
+    keys = k_cache[:, :past + S].astype(F32)
+    values = v_cache[:, :past + S].astype(F32)
+    j = np.arange(past + S)
+    for s, pos in enumerate(positions):
+        visible = (j <= pos) & ((j > pos - window) if window > 0 else True)
+        for h in range(H):
+            kv = h // (H // Hkv)
+            scores = keys[kv] @ q_rot[s, h].astype(F32) * F32(scale)
+            if softcap > 0:
+                scores = F32(softcap) * np.tanh(scores / F32(softcap))
+            scores = np.where(visible, scores, -np.inf)
+            p = np.exp(scores - scores.max())
+            out[s, h] = (p @ values[kv] / p.sum()).astype(F16)
+    return out.reshape(S, H * D)
+
+
+def twin_act(gate_up: np.ndarray, kind: str) -> np.ndarray:
+    """act(gate) * up of gate_up fp16 [rows, 2 I] (gate first) -> fp16 [rows, I]."""
+    inter = gate_up.shape[1] // 2
+    g, u = gate_up[:, :inter].astype(F32), gate_up[:, inter:].astype(F32)
+    if kind == "silu":
+        a = g / (1.0 + np.exp(-g))
+    else:  # gelu_tanh
+        a = 0.5 * g * (1.0 + np.tanh(F32(math.sqrt(2.0 / math.pi)) * (g + F32(0.044715) * g * g * g)))
+    return (a * u).astype(F16)
+
+
+def twin_lm_head(x: np.ndarray, table: np.ndarray, softcap: float) -> np.ndarray:
+    """float32 logits [V] of one fp16 row x [hidden] against the fp16 table [V, hidden] (or its
+    float32 copy: the same values)."""
+    logits = table.astype(F32, copy=False) @ x.astype(F32)
+    if softcap > 0:
+        logits = F32(softcap) * np.tanh(logits / F32(softcap))
+    return logits.astype(F32)
+
+
+# ---------------------------------------------------------------- the executor
+
+class ReferenceBackend:
+    """The backend interface over a native engine, in numpy (see the module docstring)."""
+
+    def __init__(self, engine_dir: Path, max_context: int, info: DecoderInfo | None = None):
+        engine_dir = Path(engine_dir)
+        if info is None:
+            info = read_decoder_info(engine_dir, check_files(engine_dir, read_manifest(engine_dir)["files"]))
+        self.spec: DecoderSpec = info.spec
+        if not 1 <= max_context <= self.spec.max_positions:
+            raise UserError(f"max_context must be 1..{self.spec.max_positions}, got {max_context}")
+        self.ops = decode_ops(self.spec)
+        self.tensors = load_tensors(engine_dir, info)
+        self.max_context, self.vocab_size, self.position = int(max_context), self.spec.vocab, 0
+        spec = self.spec
+        shape = (spec.kv_heads, self.max_context, spec.head_dim)
+        self.k_cache = [np.zeros(shape, F16) for _ in range(spec.layers)]
+        self.v_cache = [np.zeros(shape, F16) for _ in range(spec.layers)]
+        self._w: dict[str, np.ndarray] = {}  # dequantized linears and the head, float32, made on first use
+
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for c in self.k_cache + self.v_cache)
+
+    def rewind(self, position: int) -> None:
+        if not 0 <= position <= self.position:
+            raise UserError(f"cannot rewind to {position}: the cache holds {self.position} tokens")
+        self.position = position
+
+    def weight(self, name: str) -> np.ndarray:
+        if name not in self._w:
+            t = self.tensors
+            self._w[name] = dequantized(t[f"{name}.qweight"], t[f"{name}.scales"], t[f"{name}.zeros"],
+                                        self.spec.group_size)
+        return self._w[name]
+
+    def forward(self, ids) -> np.ndarray:
+        """Logits float32 [V] after the last of ids (a fresh array)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise UserError("forward needs at least one token id")
+        if self.position + ids.size > self.max_context:
+            raise UserError(f"context full: {self.position} cached + {ids.size} new tokens exceeds "
+                            f"max_context {self.max_context}; rewind or start a longer context")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise UserError(f"token id out of range 0..{self.vocab_size - 1}")
+        buf = {name: np.zeros(shape, F32 if name == "logits" else F16)
+               for name, shape in buffer_shapes(self.spec, ids.size).items()}
+        for op in self.ops:
+            self.run(op, buf, ids)
+        self.position += ids.size
+        return buf["logits"].copy()
+
+    def run(self, op, buf: dict, ids: np.ndarray) -> None:
+        """One op of the step on the buffers (the cuda backend launches the twin's kernel instead)."""
+        a, t, spec = op.args, self.tensors, self.spec
+        if op.kind == "embed":
+            buf[a["out"]][:] = twin_embed(ids, t[a["table"]], a["scale"])
+        elif op.kind == "norm":
+            buf[a["out"]][:] = twin_rms_norm(buf[a["x"]], t[a["weight"]], spec.eps)
+        elif op.kind == "add_norm":
+            rows = slice(-1, None) if a.get("last_row") else slice(None)
+            normed, total = twin_add_rms_norm(buf[a["x"]][rows], buf[a["residual"]][rows], t[a["weight"]], spec.eps)
+            buf[a["residual"]][rows], buf[a["out"]][:normed.shape[0]] = total, normed
+        elif op.kind == "linear":
+            bias = t[f"{a['weight']}.bias"] if a["bias"] else None
+            buf[a["out"]][:] = twin_linear(buf[a["x"]], self.weight(a["weight"]), bias)
+        elif op.kind == "head_norm":
+            twin_head_norm(buf[a["x"]], a["offset"], a["heads"], spec.head_dim, t[a["weight"]], spec.eps)
+        elif op.kind == "attention":
+            H, Hkv, D, S = spec.heads, spec.kv_heads, spec.head_dim, ids.size
+            qkv = buf[a["qkv"]]
+            q = qkv[:, :H * D].reshape(S, H, D)
+            k = qkv[:, H * D:(H + Hkv) * D].reshape(S, Hkv, D)
+            v = qkv[:, (H + Hkv) * D:].reshape(S, Hkv, D)
+            i = a["layer"]
+            buf[a["out"]][:] = twin_attention(q, k, v, self.k_cache[i], self.v_cache[i], self.position,
+                                              t[f"rope.{a['rope']}.cos"], t[f"rope.{a['rope']}.sin"], a["window"],
+                                              spec.attn_scale, spec.attn_softcap)
+        elif op.kind == "act":
+            buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"])
+        elif op.kind == "lm_head":
+            if a["table"] not in self._w:
+                self._w[a["table"]] = t[a["table"]].astype(F32)
+            buf[a["out"]][:] = twin_lm_head(buf[a["x"]][0], self._w[a["table"]], a["softcap"])
+        else:
+            raise ValueError(f"unknown op {op.kind}")

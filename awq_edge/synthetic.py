@@ -1,0 +1,168 @@
+"""Random AWQ checkpoints of real models' shapes, for machines that have no model files.
+
+The GPU machine lent to development sessions reaches no registry and holds no weights, yet its
+speed is a matter of shapes: decode reads every weight once per token whatever the values.
+
+    write_random_checkpoint("ckpt/", SHAPES["llama3.2-1b"], group_size=128, tokenizer_dir=tok)
+
+writes an AutoAWQ GEMM checkpoint (our reader's format) of a Llama-family model with random
+INT4 weights scaled so activations stay O(1) through the layers (no fp16 overflow), and random
+norms. `byte_tokenizer` makes a tokenizer without any download (ids 0-255 are bytes).
+
+    write_random_engine("engine/", "llama2-7b", resolve("h200"))
+
+writes a native (cuda) engine of the same kind of model straight in the kernels' layout, in
+seconds even at 7B (packing a checkpoint's levels would take minutes).
+Used by tests/test_cuda_backend_gpu.py and benchmarks/cuda_decode.py; numpy only (no torch).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import QuantizedLinear, commit_staging, output_staging, write_checkpoint
+
+# name -> the config of a public model of that shape (hidden, intermediate, layers, heads, kv
+# heads, head_dim, vocab, tied embeddings, positions, RoPE base); the weights are random.
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                         max_position_embeddings=8192, rope_theta=100000.0),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                        max_position_embeddings=8192, rope_theta=500000.0),
+    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+                       max_position_embeddings=8192, rope_theta=1000000.0),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, head_dim=128, vocab_size=32000, tie_word_embeddings=False,
+                      max_position_embeddings=4096, rope_theta=10000.0),
+    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                        max_position_embeddings=8192, rope_theta=500000.0),
+}
+BOS, EOS = 256, 257  # byte_tokenizer's special tokens
+
+
+def byte_tokenizer(folder: Path) -> Path:
+    """tokenizer.json + tokenizer_config.json of a byte-level tokenizer (ids 0-255: the bytes,
+    256 <s>, 257 </s>) with a plain chat template; made here, nothing downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}<s>{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": template}, indent=1))
+    return folder
+
+
+def random_linear(rng: np.random.Generator, n: int, k: int, group_size: int) -> QuantizedLinear:
+    """INT4 levels, zero points near 8 and scales such that w_hat's rows have norm ~1: y = x @ w.T
+    keeps x's scale."""
+    groups = -(-k // group_size)
+    q = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    zeros = rng.integers(6, 10, (n, groups), dtype=np.uint8)
+    level_std = 4.6  # of q - zero, q uniform on 0..15
+    scales = (rng.uniform(0.8, 1.2, (n, groups)) / (level_std * math.sqrt(k))).astype(np.float16)
+    return QuantizedLinear(q, scales, zeros, group_size)
+
+
+def random_checkpoint_config(shape: dict) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5,
+            "hidden_act": "silu", "attention_bias": False, "bos_token_id": BOS, "eos_token_id": EOS, **shape}
+
+
+def write_random_checkpoint(output: Path, shape: dict, group_size: int = 128, tokenizer_dir: Path | None = None,
+                            seed: int = 0, force: bool = False) -> Path:
+    """A Llama-family AWQ checkpoint of `shape` (a SHAPES entry) with random weights."""
+    rng = np.random.default_rng(seed)
+    config = random_checkpoint_config(shape)
+    hidden, inter, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    q_width = shape["num_attention_heads"] * shape["head_dim"]
+    kv_width = shape["num_key_value_heads"] * shape["head_dim"]
+    tensors = {"model.embed_tokens.weight": rng.standard_normal((vocab, hidden), np.float32).astype(np.float16),
+               "model.norm.weight": rng.uniform(0.8, 1.2, hidden).astype(np.float16)}
+    if not shape["tie_word_embeddings"]:
+        tensors["lm_head.weight"] = (rng.standard_normal((vocab, hidden), np.float32)
+                                     / math.sqrt(hidden)).astype(np.float16)
+    linears = {}
+    for i in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{p}.{norm}.weight"] = rng.uniform(0.8, 1.2, hidden).astype(np.float16)
+        for name, n, k in (("self_attn.q_proj", q_width, hidden), ("self_attn.k_proj", kv_width, hidden),
+                           ("self_attn.v_proj", kv_width, hidden), ("self_attn.o_proj", hidden, q_width),
+                           ("mlp.gate_proj", inter, hidden), ("mlp.up_proj", inter, hidden),
+                           ("mlp.down_proj", hidden, inter)):
+            linears[f"{p}.{name}"] = random_linear(rng, n, k, group_size)
+    metadata = {"source_model": "random", "shape": shape, "seed": seed}
+    output = Path(output)
+    staging = output_staging(output, force)
+    try:
+        write_checkpoint(staging, config, linears, tensors, metadata, tokenizer_dir)
+        commit_staging(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def random_engine_tensors(spec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random tensors in the kernels' layout (decoder.tensor_layout), with random_linear's scales:
+    random int32 words are random nibbles, so nothing is packed (a 7B engine in seconds)."""
+    from .decoder import rope_weights, tensor_layout
+
+    layout, out = tensor_layout(spec), rope_weights(spec)
+    for name, (dtype, shape) in layout.items():
+        if name in out:
+            continue
+        if name.endswith(".qweight"):
+            out[name] = rng.integers(-2**31, 2**31, shape, dtype=np.int64).astype(np.int32)
+        elif name.endswith(".scales"):
+            k = layout[name.replace(".scales", ".qweight")][1][1] * 8
+            out[name] = (rng.uniform(0.8, 1.2, shape) / (4.6 * math.sqrt(k))).astype(np.float16)
+        elif name.endswith(".zeros"):
+            out[name] = rng.integers(6, 10, shape).astype(np.float16)
+        elif name.endswith(".bias"):
+            out[name] = (0.1 * rng.standard_normal(shape, np.float32)).astype(np.float16)
+        elif dtype == "float32":  # norms, with the family's offset folded in
+            out[name] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
+        else:  # the embedding (O(1) rows) and an untied lm_head (rows of norm ~1)
+            scale = 1.0 if name == "model.embed_tokens.weight" else 1 / math.sqrt(shape[1])
+            out[name] = (scale * rng.standard_normal(shape, np.float32)).astype(np.float16)
+    return {name: out[name] for name in layout}
+
+
+def write_random_engine(output: Path, shape: str | dict, device, group_size: int = 128, seed: int = 0,
+                        max_context: int | None = None, force: bool = False) -> dict:
+    """A native (cuda) engine of a SHAPES model (a name, or a dict like one) with random weights,
+    written straight in the kernels' layout (no checkpoint); returns its manifest."""
+    import tempfile
+
+    from .cuda_build import write_cuda_engine
+    from .decoder import decoder_spec
+    from .export.spec import model_spec
+
+    shape_name = shape if isinstance(shape, str) else "custom"
+    config = random_checkpoint_config(SHAPES[shape] if isinstance(shape, str) else shape)
+    spec = decoder_spec(model_spec(config), group_size)
+    tensors = random_engine_tensors(spec, np.random.default_rng(seed))
+    with tempfile.TemporaryDirectory(prefix="awq-edge-random-") as model_dir:
+        byte_tokenizer(Path(model_dir))
+        (Path(model_dir) / "config.json").write_text(json.dumps(config, indent=1))
+        source = {"source": f"random:{shape_name}", "model_type": "llama", "architectures": config["architectures"],
+                  "quantization": {"method": "random", "group_size": group_size, "seed": seed}}
+        return write_cuda_engine(output, device, spec, tensors, Path(model_dir), source,
+                                 max_context=max_context, force=force)

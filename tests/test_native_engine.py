@@ -1,0 +1,206 @@
+"""Native (cuda) engines without a GPU: the build, the refusal to run, and the reference executor.
+
+The reference executor (awq_edge/reference_backend.py) runs the decoder step's op list
+(awq_edge/decoder.py) in numpy with the kernels' arithmetic. Matching the ONNX Runtime engine
+for SmolLM2 and a tiny model of every family proves the op list, the packed weight layouts and
+the families without a GPU; the GPU tests (test_cuda_backend_gpu.py) then only compare each
+kernel with its twin. Tiny models here have head_dim 64, the attention kernel's smallest.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from awq_edge import plugins
+from awq_edge.backend_ort import OrtBackend
+from awq_edge.build import build_engine
+from awq_edge.cuda_backend import KERNELS_OF
+from awq_edge.decoder import decode_ops, decoder_spec
+from awq_edge.engine import Engine
+from awq_edge.errors import UserError
+from awq_edge.export.spec import model_spec
+from awq_edge.reference_backend import ReferenceBackend
+from conftest import TINY_FAMILIES, has_gpu
+from folder_helpers import edit_json, linked_copy, resign
+from native_helpers import teacher_forced
+from test_export_helpers import export_for_cpu, tiny_checkpoint
+
+CLI = [sys.executable, "-m", "awq_edge.cli"]
+NATIVE_TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+needs_nvcc = pytest.mark.skipif(plugins.find_nvcc() is None, reason="nvcc not found: building a cuda engine "
+                                                                    "compiles its kernels")
+
+
+def tiny_native_checkpoint(root: Path, model_type: str, tokenizer_dir: Path) -> Path:
+    extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
+    return tiny_checkpoint(root, model_type, tokenizer_dir, **NATIVE_TINY, **extra)
+
+
+@pytest.fixture(scope="module")
+def smollm2_cuda_engine(tmp_path_factory, rtn_checkpoint):
+    out = tmp_path_factory.mktemp("native") / "smollm2-orin"
+    if plugins.find_nvcc() is None:
+        pytest.skip("nvcc not found: building a cuda engine compiles its kernels")
+    build_engine(str(rtn_checkpoint), "orin", out, backend="cuda", progress=False)
+    return out
+
+
+# ---------------------------------------------------------------- the build, and no GPU here
+
+@needs_nvcc
+@pytest.mark.skipif(has_gpu(), reason="this machine has a GPU: the engine would run")
+def test_a_cuda_engine_builds_without_a_gpu_and_run_says_none_is_here(rtn_checkpoint, tmp_path):
+    out = tmp_path / "smollm2-orin"
+    build = subprocess.run([*CLI, "build", str(rtn_checkpoint), "--device", "orin", "--output", str(out)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    assert "backend cuda" in build.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["backend"], manifest["device"], manifest["gpu_arch"]) == ("cuda", "orin", "sm_87")
+    assert set(manifest["kernels"]) == set(plugins.CUBIN_SOURCES)
+    for file in manifest["kernels"].values():  # GPU code, for the device's arch, in the engine
+        assert (out / file).read_bytes()[:4] == b"\x7fELF" and file in manifest["files"]
+    run = subprocess.run([*CLI, "run", str(out), "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: no NVIDIA GPU found"), run.stderr
+
+
+# ---------------------------------------------------------------- the reference executor
+
+@needs_nvcc
+def test_reference_executor_matches_the_ort_engine_for_smollm2(smollm2_cuda_engine, rtn_checkpoint, tmp_path):
+    reference = ReferenceBackend(smollm2_cuda_engine, max_context=128)
+    ort = OrtBackend(export_for_cpu(rtn_checkpoint, tmp_path, "ort"), max_context=128)  # fp32, exact
+    ids = np.random.default_rng(0).integers(0, 49152, 16 + 32).tolist()
+    errors, disagreements = teacher_forced(reference, ort, ids, 16)
+    # fp16 activations against fp32 ones: ~1e-3 (measured 1.0e-3 prefill, 2.2e-3 decode at most)
+    assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, smollm2_dir, tmp_path):
+    ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir)
+    engine = tmp_path / "engine"
+    build_engine(str(ckpt), "rtx4090", engine, backend="cuda", progress=False)
+    reference = ReferenceBackend(engine, max_context=64)
+    ort = OrtBackend(export_for_cpu(ckpt, tmp_path / "exports", "ort"), max_context=64)
+    # 44 tokens: longer than Mistral's (5) and Gemma 3's (4) sliding windows in these tiny configs
+    ids = np.random.default_rng(1).integers(0, 256, 12 + 32).tolist()
+    errors, disagreements = teacher_forced(reference, ort, ids, 12)
+    assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
+
+
+@needs_nvcc
+def test_an_engine_runs_on_the_reference_executor(smollm2_cuda_engine, engine_dir):
+    """The backend interface end to end (Engine, tokenizer, sampler) on the reference executor:
+    the greedy reply is the ONNX Runtime engine's."""
+    from awq_edge.engine import engine_plan
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+    from awq_edge.tokenizer import Tokenizer
+
+    path = smollm2_cuda_engine
+    manifest = read_manifest(path)
+    files = check_files(path, manifest["files"])
+    info = read_decoder_info(path, files)
+    plan = engine_plan({**manifest, "device": "orin-nano-8gb"}, info, max_context=256)  # built for the family
+    native = Engine(path, manifest, info, Tokenizer(path, info.config, files), ReferenceBackend(path, 256, info), plan)
+    prompt = "What is the capital of France?"
+    got = native.generate(prompt, max_new_tokens=12, temperature=0)
+    assert got == Engine.load(engine_dir).generate(prompt, max_new_tokens=12, temperature=0) and "Paris" in got
+
+
+@needs_nvcc
+def test_random_models_run_on_the_reference_executor(tmp_path):
+    """awq_edge/synthetic.py, which the GPU tests and benchmarks/cuda_decode.py use where no model
+    can be carried: a random checkpoint of SmolLM2's widths (2 layers) exports to an ORT engine that
+    the reference executor matches, and a random engine written straight in the kernels' layout
+    passes the engine checks and gives finite logits of the size it promises."""
+    from awq_edge.devices import resolve
+    from awq_edge.synthetic import SHAPES, byte_tokenizer, write_random_checkpoint, write_random_engine
+
+    shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 2}
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", shape, 128, byte_tokenizer(tmp_path / "tokenizer"))
+    build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
+    reference = ReferenceBackend(tmp_path / "engine", max_context=64)
+    ort = OrtBackend(export_for_cpu(ckpt, tmp_path / "exports", "ort"), max_context=64)
+    ids = np.random.default_rng(2).integers(0, 258, 12 + 20).tolist()
+    errors, disagreements = teacher_forced(reference, ort, ids, 12)
+    assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
+
+    manifest = write_random_engine(tmp_path / "random", shape, resolve("rtx4090"))
+    assert manifest["backend"] == "cuda" and manifest["model"]["source"] == "random:custom"
+    logits = ReferenceBackend(tmp_path / "random", max_context=16).forward(ids[:8])
+    assert logits.shape == (shape["vocab_size"],) and np.isfinite(logits).all() and logits.std() > 1
+
+
+# ---------------------------------------------------------------- the op list and its layouts
+
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_the_op_list_has_what_each_family_needs(model_type, tiny_model_dir):
+    config = json.loads((tiny_model_dir(model_type) / "config.json").read_text())
+    spec = decoder_spec(model_spec({**config, "head_dim": 64}), 32, qkv_bias=model_type == "qwen2")
+    kinds = [op.kind for op in decode_ops(spec)]
+    layers = spec.layers
+    assert kinds[0] == "embed" and kinds[-2:] == ["add_norm", "lm_head"]
+    assert kinds.count("attention") == layers and kinds.count("linear") == 4 * layers  # qkv, o, gate_up, down
+    assert kinds.count("head_norm") == (2 * layers if model_type in ("qwen3", "gemma3_text") else 0)
+    assert kinds.count("norm") == 1 + (2 * layers if model_type == "gemma3_text" else 0)  # + sandwich norms
+    biases = [op.args["bias"] for op in decode_ops(spec) if op.kind == "linear"]
+    assert sum(biases) == (layers if model_type == "qwen2" else 0)  # on the fused q/k/v only
+    windows = [op.args["window"] for op in decode_ops(spec) if op.kind == "attention"]
+    assert windows == [w or 0 for w in model_spec(config).layer_windows]
+
+
+def test_launch_shapes_match_the_kernel_sources():
+    """The cuda backend launches the kernels with the block sizes their __launch_bounds__ say."""
+    import awq_edge.cuda_backend as cb
+
+    src = {name: (plugins.PLUGINS_DIR / "kernels" / f"{name}.cu").read_text() for name in plugins.CUBIN_SOURCES}
+    assert f"constexpr int kThreads = {cb.NORM_THREADS};" in src["decoder_ops"]
+    assert f"constexpr int kRowsPerBlock = {cb.GEMV_ROWS_PER_BLOCK};" in src["gemv_w4a16"]
+    assert "__launch_bounds__(128)" in src["gemv_w4a16"] and cb.GEMV_THREADS == 128
+    assert f"constexpr int kTileM = {cb.GEMM_TILE};" in src["gemm_w4a16"] and cb.GEMM_THREADS == 128
+    assert f"constexpr int kRopeThreads = {cb.ROPE_THREADS};" in src["attention"]
+    assert "constexpr int kWarps = 4;" in src["attention"] and cb.ATTEND_THREADS == 4 * 32
+    assert f"constexpr int kThreads = {cb.SAMPLE_THREADS};" in src["sample"]
+    assert cb.LM_HEAD_ROWS_PER_BLOCK == cb.NORM_THREADS // 32  # one warp per vocabulary row
+    for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
+        for name in names:
+            base = re.sub(r"_(m1_g|g|d)\d.*$", "", name)
+            assert re.search(rf'extern "C" __global__[^{{]*{base}', src[module], re.S), (module, name)
+
+
+# ---------------------------------------------------------------- untrusted native engines
+
+@needs_nvcc
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["tensors"]["model.norm.weight"].update(offset=0), "overlaps"),
+    (lambda d: d["tensors"]["model.norm.weight"].update(shape=[1]), "is not float32"),
+    (lambda d: d["tensors"].pop("model.norm.weight"), "not the ones config.json implies"),
+    (lambda d: d.update(group_size=64), "is not"),
+    (lambda d: d.update(weights="../weights.bin"), "not a plain file name"),
+])
+def test_a_tampered_decoder_json_is_refused(smollm2_cuda_engine, tmp_path, edit, message):
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+
+    engine = linked_copy(smollm2_cuda_engine, tmp_path / "e")
+    edit_json(engine / "decoder.json", edit)
+    resign(engine, "manifest.json", "decoder.json")
+    with pytest.raises(UserError, match=message) as e:
+        read_decoder_info(engine, check_files(engine, read_manifest(engine)["files"]))
+    assert "\n" not in str(e.value)
+
+
+@needs_nvcc
+def test_kernels_named_outside_the_engine_are_refused(smollm2_cuda_engine, tmp_path):
+    engine = linked_copy(smollm2_cuda_engine, tmp_path / "e")
+    edit_json(engine / "manifest.json", lambda m: m["kernels"].update(sample="../sample.cubin"))
+    with pytest.raises(UserError, match="not a plain file name"):
+        Engine.load(engine)
