@@ -85,9 +85,10 @@ def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path
     from .engine import engine_plan
 
     output = Path(output)
-    if spec.hidden % 8:
-        raise UserError(f"hidden size {spec.hidden} is not a multiple of 8, which the cuda backend's kernels need; "
-                        "use the CPU engine (--device cpu)")
+    for what, size in (("hidden size", spec.hidden), ("intermediate size", spec.intermediate)):
+        if size % 8:  # the GEMV's rows come 8 at a time; int4 words pack 8 of K
+            raise UserError(f"{what} {size} is not a multiple of 8, which the cuda backend's kernels need; "
+                            "use the CPU engine (--device cpu)")
     cubins = plugins.build_cubins(device.gpu_arch)  # before any output: nvcc missing is one line, nothing written
     staging = output_staging(output, force)
     try:

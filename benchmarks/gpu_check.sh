@@ -4,17 +4,28 @@
 #
 #     bash benchmarks/gpu_check.sh            # results under $OUT, else benchmarks/results/gpu-check
 #
-# The lent machine is bare and offline, but its python3 has numpy, pytest, cmake, nvcc, torch and
-# transformers, which is all these need (no venv, no install: PYTHONPATH=.). Steps: the GPU, the
-# kernel library build, the kernel tests, the quantizer on the GPU, then the GEMV/GEMM benchmark.
+# The lent machine is bare and offline, but its python3 has numpy, pytest, cmake, nvcc, torch,
+# transformers and tokenizers, which is all these need (no venv, no install). Steps: the GPU, the
+# kernel library build, the kernel tests, the cuda backend against its reference executor
+# (tests/test_cuda_backend_gpu.py), the native decode benchmark against torch fp16 and int4
+# (benchmarks/cuda_decode.py), the quantizer on the GPU, then the GEMV/GEMM benchmark.
 # Each step's log lands beside the results, and a failing step does not stop the later ones (the
 # exit code is the first failure's).
-# On an H100 the whole run takes about a minute (2026-11-23). Commit the JSON and the logs' numbers.
+# On an H100 the kernel steps took about a minute (2026-11-23); the cuda backend steps are
+# estimated at 4-5 minutes more (CPU-side: the 1B reference run, the random 7B engine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/gpu-check}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 AWQ_EDGE_CACHE="${AWQ_EDGE_CACHE:-/tmp/awq-edge-cache}"
+# awq_edge.export and awq_edge.devices are the top-level export/ and devices/ (pyproject.toml's
+# package map). Without an install, a package of links gives them those names.
+pkg="$(mktemp -d)"
+mkdir "$pkg/awq_edge"
+ln -s "$PWD"/awq_edge/* "$pkg/awq_edge/"
+ln -s "$PWD/export" "$pkg/awq_edge/export"
+ln -s "$PWD/devices" "$pkg/awq_edge/devices"
+trap 'rm -rf "$pkg"' EXIT  # (python3 -P below: `-m` would put ./awq_edge, without those names, first)
+export PYTHONPATH="$pkg:$PWD" PYTHONUNBUFFERED=1 AWQ_EDGE_CACHE="${AWQ_EDGE_CACHE:-/tmp/awq-edge-cache}"
 status=0
 step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember the first failure
     echo "== $1"
@@ -30,6 +41,8 @@ step gpu bash -c 'nvidia-smi || exit; nvcc --version | tail -2
 step build python3 -c "from awq_edge import plugins; from awq_edge.cuda_runtime import find_gpus; \
 gpus = find_gpus(); assert gpus, 'no NVIDIA GPU found'; print(gpus[0]); print(plugins.build_kernel_library(gpus[0].arch))"
 step tests python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_kernels_gpu.py  # -s: each case's error
+step cuda_backend python3 -P -m pytest -q -s -m gpu -p no:cacheprovider tests/test_cuda_backend_gpu.py
+step cuda_decode python3 benchmarks/cuda_decode.py --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
 step quantize python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
 step gemv python3 benchmarks/gemv.py --output "$out/gemv.json"
 exit "$status"

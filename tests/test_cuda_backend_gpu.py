@@ -1,0 +1,190 @@
+"""The cuda backend on a real GPU against its numpy twin, the reference executor: pytest -m gpu.
+
+The reference executor (awq_edge/reference_backend.py) runs the same op list over the same
+engine file with each kernel's arithmetic in numpy; CI checks it against ONNX Runtime
+(test_native_engine.py). Here the cuda backend must match it, teacher-forced over a prompt
+longer than one prefill chunk (the chunked GEMM path) and 64 decode steps (CUDA graph
+replays): per-step logits within fp16 rounding, and the same argmax except at near-ties.
+
+Models: the tiny model of every family, a ragged one (K not a multiple of 32, a short last
+group: the kernels' narrow paths), a SmolLM2-shaped checkpoint through the real packing, and a
+random-weight Llama-3.2-1B-shaped engine. Nothing here needs a model download or ONNX Runtime,
+so it runs on the bare lent GPU machine (benchmarks/gpu_check.sh).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from awq_edge import plugins
+from awq_edge.cuda_runtime import find_gpus
+
+pytestmark = pytest.mark.gpu
+GPUS = find_gpus()
+if not GPUS:
+    pytest.skip("no NVIDIA GPU found: cuda backend tests skipped", allow_module_level=True)
+if plugins.find_nvcc() is None:
+    pytest.skip("nvcc not found: building a cuda engine compiles its kernels", allow_module_level=True)
+
+from awq_edge.build import build_engine  # noqa: E402
+from awq_edge.cuda_backend import CudaBackend  # noqa: E402
+from awq_edge.engine import Engine  # noqa: E402
+from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest  # noqa: E402
+from awq_edge.errors import UserError  # noqa: E402
+from awq_edge.memory import PREFILL_CHUNK  # noqa: E402
+from awq_edge.reference_backend import ReferenceBackend  # noqa: E402
+from awq_edge.sampling import Sampler, SamplingSettings, candidates, choose_token  # noqa: E402
+from awq_edge.synthetic import SHAPES, byte_tokenizer, write_random_checkpoint, write_random_engine  # noqa: E402
+from conftest import TINY_FAMILIES  # noqa: E402
+from native_helpers import near_tie, teacher_forced  # noqa: E402
+from test_export_helpers import tiny_checkpoint  # noqa: E402
+
+PROMPT, DECODE = PREFILL_CHUNK + 44, 64   # two prefill chunks, then 64 graph replays
+CONTEXT = PROMPT + DECODE + 8
+TINY_GPU = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                vocab_size=320, max_position_embeddings=512)
+
+
+def this_device():
+    """The device profile for this GPU (by name, else any profile of its arch)."""
+    from awq_edge.devices import all_devices, detect
+
+    here = detect()
+    if here.is_gpu and here.gpu_arch == GPUS[0].arch:
+        return here
+    same_arch = [d for d in all_devices().values() if d.gpu_arch == GPUS[0].arch]
+    if not same_arch:
+        pytest.skip(f"no device profile for {GPUS[0].arch}")
+    return max(same_arch, key=lambda d: d.total_memory_gib)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return byte_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def backends(engine: Path, max_context: int = CONTEXT):
+    """(cuda, reference) over the same engine folder."""
+    manifest = read_manifest(engine)
+    info = read_decoder_info(engine, check_files(engine, manifest["files"]))
+    return CudaBackend(engine, manifest, info, max_context), ReferenceBackend(engine, max_context, info)
+
+
+def check_against_reference(engine: Path, vocab: int, seed: int = 0) -> None:
+    cuda, reference = backends(engine)
+    ids = np.random.default_rng(seed).integers(0, min(vocab, 256), PROMPT + DECODE).tolist()
+    errors, disagreements = teacher_forced(cuda, reference, ids, PROMPT)
+    print(f"{engine.name}: prefill error {errors[0]:.1e}, decode at most {max(errors[1:]):.1e}")
+    # fp16 buffers on both sides; what differs is the order of fp32 sums and fp16 rounding there
+    assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
+
+
+def tiny_engine(root: Path, model_type: str, tokenizer_dir: Path, **overrides) -> Path:
+    extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
+    ckpt = tiny_checkpoint(root, model_type, tokenizer_dir, **{**TINY_GPU, **extra, **overrides})
+    build_engine(str(ckpt), this_device().name, root / "engine", backend="cuda", progress=False)
+    return root / "engine"
+
+
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_every_family_matches_the_reference(model_type, tokenizer_dir, tmp_path):
+    check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320)
+
+
+def test_ragged_shapes_match_the_reference(tokenizer_dir, tmp_path):
+    """hidden 136 and intermediate 200 at group 32: K % 32 != 0 (the GEMV's 4-byte loads, the
+    GEMM's unvectorized path) and a short last group in every linear."""
+    check_against_reference(tiny_engine(tmp_path, "llama", tokenizer_dir, hidden_size=136, intermediate_size=200),
+                            320)
+
+
+def test_a_smollm2_shaped_checkpoint_matches_the_reference(tokenizer_dir, tmp_path):
+    """The real packing path (AutoAWQ checkpoint -> kernels' layout) at SmolLM2's widths: 9 heads
+    of 3 KV groups, hidden 576 at group 128 (a short last group), a 49152-row tied head."""
+    shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 2}
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", shape, 128, tokenizer_dir)
+    build_engine(str(ckpt), this_device().name, tmp_path / "engine", backend="cuda", progress=False)
+    check_against_reference(tmp_path / "engine", shape["vocab_size"])
+
+
+def test_a_1b_random_engine_matches_the_reference(tmp_path):
+    """Llama-3.2-1B's shape (16 layers, GQA 32/8, a 128256-row tied head), random weights."""
+    write_random_engine(tmp_path / "engine", "llama3.2-1b", this_device())
+    check_against_reference(tmp_path / "engine", SHAPES["llama3.2-1b"]["vocab_size"])
+
+
+@pytest.fixture(scope="module")
+def smol_engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "engine"
+    write_random_engine(out, "smollm2-135m", this_device())
+    return out
+
+
+def test_sampling_on_the_device_matches_the_host_rule(smol_engine):
+    """sample_token (plugins/kernels/sample.cu, the history kept on the device) against
+    choose_token, same logits and draw: greedy exactly; sampled, a kept id and 97% the same
+    (float rounding at a cumulative boundary may flip a rare draw)."""
+    cuda, _ = backends(smol_engine, 256)
+    vocab = cuda.vocab_size
+    rng = np.random.default_rng(0)
+    for settings in (SamplingSettings(0.0), SamplingSettings(0.0, repetition_penalty=1.3),
+                     SamplingSettings(0.7, 50, 0.95), SamplingSettings(1.0, 0, 0.9, 1.2),
+                     SamplingSettings(1.2, 3000, 0.5, 1.1)):
+        agree, seen = 0, rng.integers(0, vocab, 30).tolist()
+        for draw in range(40):
+            if draw == 20:
+                seen = rng.integers(0, vocab, 10).tolist()  # another history: uploaded whole
+            logits = (rng.standard_normal(vocab) * 3).astype(np.float32)
+            cuda.drv.upload(cuda.buf["logits"], logits)
+            u = float(rng.random())
+            got = cuda.sample_token(cuda.buf["logits"], settings, seen, u)
+            want = choose_token(logits, settings, seen, u)
+            if settings.temperature == 0:
+                assert got == want, (settings, draw)
+            else:
+                assert got in set(candidates(logits, settings, seen)[0].tolist()), (settings, draw)
+            agree += got == want
+            seen.append(got)
+        assert agree >= 0.97 * 40, (settings, agree)
+
+
+def test_rewind_then_decode_equals_the_first_time(smol_engine):
+    cuda, _ = backends(smol_engine, 256)
+    rng = np.random.default_rng(3)
+    prompt, steps = rng.integers(0, 256, 40).tolist(), rng.integers(0, 256, 6).tolist()
+    np.asarray(cuda.forward(prompt))
+    first = [np.asarray(cuda.forward([t])) for t in steps]
+    cuda.rewind(len(prompt))
+    for t, want in zip(steps, first):  # the same graph on the same cache rows: the same bits
+        np.testing.assert_array_equal(np.asarray(cuda.forward([t])), want)
+    cuda.rewind(len(prompt) - 5)       # into the prompt: its tail again, as a 5-row chunk
+    np.asarray(cuda.forward(prompt[-5:]))
+    for t, want in zip(steps, first):
+        got = np.asarray(cuda.forward([t]))
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+    with pytest.raises(UserError, match="context full"):
+        cuda.forward([1] * 256)
+
+
+def test_the_engine_generates_on_the_gpu(tokenizer_dir, tmp_path):
+    """Engine.load picks the cuda backend: greedy tokens are the reference's argmax (but at a
+    near-tie), seeded sampling repeats itself, and a cap the GPU cannot hold is one line."""
+    engine_dir = tiny_engine(tmp_path, "qwen3", tokenizer_dir)
+    engine = Engine.load(engine_dir, max_context=CONTEXT)
+    assert type(engine.backend).__name__ == "CudaBackend"
+    prompt = list(range(60, 100))
+    "".join(engine.stream_ids(prompt, Sampler(SamplingSettings(0.0)), 24, ignore_eos=True))
+    ids = engine.cached_ids  # the prompt and every generated token but the last (never fed)
+    assert ids[:len(prompt)] == prompt and len(ids) == len(prompt) + 23
+    reference = ReferenceBackend(engine_dir, CONTEXT)
+    logits = np.asarray(reference.forward(prompt))
+    for token in ids[len(prompt):]:
+        assert token == logits.argmax() or near_tie(logits, token, 1e-2 * np.abs(logits).max())
+        logits = np.asarray(reference.forward([token]))
+    runs = [engine.generate("Once upon", max_new_tokens=16, temperature=0.9, seed=7) for _ in range(2)]
+    assert runs[0] == runs[1]
+    with pytest.raises(UserError) as e:
+        Engine.load(engine_dir, max_memory="100TB")
+    assert "\n" not in str(e.value)
