@@ -167,7 +167,7 @@ def test_cli_build_for_rtx4090_fails_with_one_line_and_writes_nothing(src, tmp_p
         pytest.skip("this machine has a GPU")
     out = tmp_path / "engine"
     proc = subprocess.run([sys.executable, "-m", "awq_edge.cli", "build", str(src), "--device", "rtx4090",
-                           "--output", str(out)], capture_output=True, text=True)
+                           "--backend", "trt", "--output", str(out)], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no NVIDIA GPU found" in lines[0], proc.stderr
