@@ -102,6 +102,9 @@ def quantize(
     calib_samples: int = typer.Option(64, help="calibration sequences"),
     calib_seqlen: int = typer.Option(512, help="tokens per calibration sequence"),
     calib_seed: int = typer.Option(0, help="seed of the calibration texts' shuffle (another seed, another sample)"),
+    calib_protocol: str = typer.Option("plain", help="plain: calibration sequences start mid-text; deployed: with "
+                                                     "what a deployed prompt starts with (the BOS, where one is "
+                                                     "added), left out of the statistics; deployed-all: counted"),
     method: str = typer.Option("awq", help="awq, or rtn (round-to-nearest, no calibration)"),
     duo_scaling: bool = typer.Option(False, help="AutoAWQ's scale variant: x_mean^a / w_mean^(1-a)"),
     rounding: str = typer.Option("gptq", help="gptq: on AWQ's grid, each weight's level chosen to cancel "
@@ -119,7 +122,7 @@ def quantize(
 
     settings = QuantizeSettings(method=method, group_size=group_size, calib_samples=calib_samples,
                                 calib_seqlen=calib_seqlen, calib_seed=calib_seed, duo_scaling=duo_scaling,
-                                rounding=rounding, device=device)
+                                rounding=rounding, device=device, calib_protocol=calib_protocol)
     meta = quantize_checkpoint(model, output, settings, str(calib) if calib else None, force=force,
                                checkpoint_format=checkpoint_format)
     typer.echo(f"wrote {output} ({method}, group {group_size}, {checkpoint_format}) in {meta['seconds']:.0f} s, "
@@ -136,6 +139,9 @@ def eval_cmd(
     windows: Optional[int] = typer.Option(None, help="score only the first N windows"),
     method: str = typer.Option("float", help="float (as given), or rtn: quantize on the fly first"),
     group_size: int = typer.Option(128, help="group size for --method rtn"),
+    protocol: str = typer.Option("deployed", help="deployed: each window starts as a deployed prompt does (with "
+                                                  "the BOS, where the tokenizer or chat template adds one); plain: "
+                                                  "mid-text, as the AWQ paper's numbers"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Perplexity of a model or checkpoint over non-overlapping windows."""
@@ -150,6 +156,10 @@ def eval_cmd(
         raise UserError("--seqlen must be >= 2 and --windows >= 1")
     if method not in ("float", "rtn"):
         raise UserError(f"--method {method} is unknown; use float or rtn")
+    from .evaluate import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol {protocol} is unknown; use {' or '.join(PROTOCOLS)}")
     text_path = text if text else data.fetch_wikipedia()[1]
     body = data.eval_text(text_path)
     model_dir = resolve_source(model)
@@ -161,7 +171,8 @@ def eval_cmd(
 
         fake_quantize_model(lm, QuantizeSettings(method="rtn", group_size=group_size))
     try:
-        result = perplexity(lm, tokenizer, body, seqlen=seqlen, windows=windows, progress=not json_out)
+        result = perplexity(lm, tokenizer, body, seqlen=seqlen, windows=windows, progress=not json_out,
+                            protocol=protocol)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:  # torch's errors on a model it cannot run
         raise UserError(f"the model of {model} fails to run ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:150]}); its config.json may be corrupt") from None
@@ -170,7 +181,8 @@ def eval_cmd(
         typer.echo(json.dumps(result))
     else:
         typer.echo(f"perplexity {result['perplexity']:.3f} over {result['windows']} windows "
-                   f"({result['tokens']} tokens, seqlen {seqlen})")
+                   f"({result['tokens']} tokens, seqlen {seqlen}, protocol {protocol}"
+                   f"{', starting with id ' + str(result['prefix'][0]) if result['prefix'] else ''})")
 
 
 # ---------------------------------------------------------------- export, build and the runtime (no torch)

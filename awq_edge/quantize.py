@@ -38,6 +38,9 @@ from .families import Family
 from .packing import GROUP_SIZES, MAX_INT
 
 
+CALIB_PROTOCOLS = ("plain", "deployed", "deployed-all")
+
+
 @dataclass
 class QuantizeSettings:
     method: str = "awq"  # awq | rtn
@@ -57,6 +60,11 @@ class QuantizeSettings:
     gptq_all_tokens: tuple = ("down_proj",)
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
+    # plain: calibration sequences start mid-text (the AWQ reference); deployed: each starts as a
+    # deployed prompt does (evaluate.deployed_prefix: the BOS where the tokenizer or chat template
+    # adds one), and the statistics and losses skip those first positions (an attention sink's
+    # huge activations would otherwise dominate |x|); deployed-all: the same, counting them
+    calib_protocol: str = "plain"
 
     def validate(self) -> None:
         if self.method not in ("awq", "rtn"):
@@ -65,6 +73,8 @@ class QuantizeSettings:
             raise UserError(f"--rounding {self.rounding} is unknown; use nearest or gptq")
         if self.group_size not in GROUP_SIZES:
             raise UserError(f"--group-size {self.group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
+        if self.calib_protocol not in CALIB_PROTOCOLS:
+            raise UserError(f"--calib-protocol {self.calib_protocol} is unknown; use {', '.join(CALIB_PROTOCOLS)}")
         if self.calib_samples < 1 or self.calib_seqlen < 16:
             raise UserError("--calib-samples must be >= 1 and --calib-seqlen >= 16")
 
@@ -183,12 +193,14 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: to
 
 # ---------------------------------------------------------------- calibration data
 
-def calibration_tokens(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """Shuffle the texts, join them (EOS between), and cut [n, seqlen] token blocks."""
+def calibration_tokens(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int = 0,
+                       prefix: list[int] = ()) -> torch.Tensor:
+    """Shuffle the texts, join them (EOS between), and cut [n, seqlen] token blocks, each
+    `prefix` (a deployed prompt's start, evaluate.deployed_prefix) + seqlen - len(prefix) text tokens."""
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     eos = tokenizer.eos_token_id
-    needed = n_samples * seqlen
+    needed = n_samples * (seqlen - len(prefix))
     ids: list[int] = []
     for i in order:
         ids.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
@@ -196,11 +208,13 @@ def calibration_tokens(tokenizer, texts: list[str], n_samples: int, seqlen: int,
             ids.append(eos)
         if len(ids) >= needed:
             break
-    n = min(n_samples, len(ids) // seqlen)
+    body = seqlen - len(prefix)
+    n = min(n_samples, len(ids) // body)
     if n == 0:
         raise UserError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seqlen}; "
                         "give more text or a smaller --calib-seqlen")
-    return torch.tensor(ids[: n * seqlen], dtype=torch.long).reshape(n, seqlen)
+    text = torch.tensor(ids[: n * body], dtype=torch.long).reshape(n, body)
+    return torch.cat([torch.tensor(list(prefix), dtype=torch.long).expand(n, len(prefix)), text], dim=1)
 
 
 # ---------------------------------------------------------------- capturing block inputs
@@ -404,10 +418,12 @@ def _release(lin: nn.Linear) -> None:
 
 
 def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings: QuantizeSettings,
-                   progress: bool = True, materialize=lambda i: None) -> QuantizeResult:
+                   progress: bool = True, materialize=lambda i: None, skip_positions: int = 0) -> QuantizeResult:
     """Quantize every decoder block of `model` in place (its norms take the folded scales).
 
     materialize(i) loads block i's weights just before it is needed (see model.load_for_quantization).
+    skip_positions: the first positions of every sequence (a deployed prompt's BOS) run through
+    the blocks but are left out of the |x| statistics, the Gram matrices and the per-token losses.
     """
     settings.validate()
     started = time.time()
@@ -451,7 +467,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         def hook(name):
             def fn(_module, args, _out):
                 x = args[0].detach().float()
-                flat = x.reshape(-1, x.shape[-1])
+                flat = x[:, skip_positions:].reshape(-1, x.shape[-1])
                 abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
                 if name in grams:
                     grams[name] += flat.T @ flat  # in place after the first batch: one K x K sum alive
@@ -469,7 +485,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             for xb in _batched(inputs, settings.batch_size):
                 outputs.append(_layer_output(layer(xb.to(dev), **kwargs)).float().cpu())
                 counted["seqs"] += len(xb)
-                counted["tokens"] += xb.shape[0] * xb.shape[1]
+                counted["tokens"] += xb.shape[0] * (xb.shape[1] - skip_positions)
         for h in handles:
             h.remove()
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
@@ -610,11 +626,16 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
         check_group_fits({f"model.layers.{i}.{_path(name)}": lin.in_features
                           for i, layer in enumerate(model.model.layers)
                           for name, lin in _linear_names(layer).items()}, settings.group_size)
-    tokens = None
+    tokens, prefix = None, []
     if settings.method == "awq":
+        from .evaluate import window_prefix
+
+        prefix = window_prefix(tokenizer, "plain" if settings.calib_protocol == "plain" else "deployed")
         tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen,
-                                    settings.calib_seed)
-    result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize)
+                                    settings.calib_seed, prefix)
+    skip = len(prefix) if settings.calib_protocol == "deployed" else 0
+    result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize,
+                            skip_positions=skip)
     metadata = {
         "awq_edge_version": __version__,
         "source_model": str(source),
@@ -622,7 +643,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
         "family": family.name,
         "settings": result.settings,
         "calibration": {"source": calib_source, "tokens": result.calib_tokens,
-                        "sequences": 0 if tokens is None else int(tokens.shape[0])},
+                        "sequences": 0 if tokens is None else int(tokens.shape[0]), "prefix": prefix},
         "seconds": round(result.seconds, 1),
         "peak_rss_bytes": peak_rss_bytes(),
         "layers": result.layer_report,

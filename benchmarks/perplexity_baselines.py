@@ -23,9 +23,10 @@ from awq_edge import data
 HERE = Path(__file__).resolve().parent
 
 
-def evaluate(model: str, text: Path, seqlen: int, windows: int, method: str, group: int) -> dict:
+def evaluate(model: str, text: Path, seqlen: int, windows: int, method: str, group: int,
+             protocol: str = "plain") -> dict:
     cmd = ["awq-edge", "eval", model, "--text", str(text), "--seqlen", str(seqlen), "--windows", str(windows),
-           "--json"]
+           "--protocol", protocol, "--json"]
     if method == "rtn":
         cmd += ["--method", "rtn", "--group-size", str(group)]
     started = time.time()
@@ -41,18 +42,21 @@ def main() -> None:
     ap.add_argument("--groups", type=int, nargs="+", default=[128])
     ap.add_argument("--windows", type=int, default=73)
     ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--protocol", default="plain", help="eval's window protocol (plain: the committed JSON's)")
     args = ap.parse_args()
 
     texts = {"wikipedia": data.fetch_wikipedia()[1], "shakespeare": data.fetch_shakespeare()}
     results = {}
     for name, path in texts.items():
-        results[name] = {"float": evaluate(args.model, path, args.seqlen, args.windows, "float", 0)}
+        results[name] = {"float": evaluate(args.model, path, args.seqlen, args.windows, "float", 0, args.protocol)}
         for g in args.groups:
-            results[name][f"rtn_g{g}"] = evaluate(args.model, path, args.seqlen, args.windows, "rtn", g)
+            results[name][f"rtn_g{g}"] = evaluate(args.model, path, args.seqlen, args.windows, "rtn", g, args.protocol)
         print(name, {k: round(v["perplexity"], 3) for k, v in results[name].items()}, flush=True)
-    path = HERE / "results" / f"perplexity-baselines-{args.model}.json"
+    suffix = "" if args.protocol == "plain" else f"-{args.protocol}"
+    path = HERE / "results" / f"perplexity-baselines-{args.model}{suffix}.json"
     path.write_text(json.dumps({"command": "python benchmarks/perplexity_baselines.py " + " ".join(sys.argv[1:]),
                                 "model": args.model, "seqlen": args.seqlen, "windows": args.windows,
+                                "protocol": args.protocol,
                                 "date": time.strftime("%Y-%m-%d"), "texts": results}, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -30,7 +30,8 @@ def cli(*args: str) -> str:
 
 def evaluate(model: str, args) -> dict:
     extra = ["--windows", str(args.windows)] if args.windows else []
-    return json.loads(cli("eval", model, "--seqlen", str(args.seqlen), "--json", *extra).strip().splitlines()[-1])
+    return json.loads(cli("eval", model, "--seqlen", str(args.seqlen), "--protocol", args.protocol, "--json",
+                          *extra).strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--groups", default="32,64,128")
     ap.add_argument("--roundings", default="nearest,gptq")
+    ap.add_argument("--protocol", default="plain", help="eval's window protocol (plain: the committed table's)")
     args = ap.parse_args()
 
     rows, runs = [], {}
@@ -79,6 +81,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "command": "python benchmarks/quantizer.py " + " ".join(sys.argv[1:]),
         "model": args.model, "text": fp["text"], "seqlen": args.seqlen, "windows": fp["windows"],
+        "protocol": args.protocol,
         "tokens": fp["tokens"], "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
         "date": time.strftime("%Y-%m-%d"), "rows": rows, "runs": runs}, indent=2) + "\n")
     print(f"\nwrote {out}")

@@ -170,7 +170,8 @@ def main() -> None:
     layers = base.model.layers
 
     def ppl() -> float:
-        return perplexity(base, tokenizer, text, seqlen=1024, windows=args.windows, progress=False)["perplexity"]
+        return perplexity(base, tokenizer, text, seqlen=1024, windows=args.windows, progress=False,
+                          protocol="plain")["perplexity"]  # the committed numbers' protocol
 
     float_ppl = ppl()
     rows = []

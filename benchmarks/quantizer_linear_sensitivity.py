@@ -50,7 +50,8 @@ def main() -> None:
     text = eval_text()
 
     def ppl(lm) -> float:
-        return perplexity(lm, tokenizer, text, seqlen=1024, windows=args.windows, progress=False)["perplexity"]
+        return perplexity(lm, tokenizer, text, seqlen=1024, windows=args.windows, progress=False,
+                          protocol="plain")["perplexity"]  # the committed numbers' protocol
 
     def linears(lm):
         for i, layer in enumerate(lm.model.layers):

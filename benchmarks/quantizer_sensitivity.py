@@ -47,7 +47,8 @@ def main() -> None:
     blocks = range(len(layers)) if args.blocks is None else [int(b) for b in args.blocks.split(",")]
 
     def ppl(lm) -> float:
-        return perplexity(lm, tokenizer, text, seqlen=1024, windows=args.windows, progress=False)["perplexity"]
+        return perplexity(lm, tokenizer, text, seqlen=1024, windows=args.windows, progress=False,
+                          protocol="plain")["perplexity"]  # the committed numbers' protocol
 
     started = time.time()
     whole = {"float": ppl(model), "awq": ppl(awq), "rtn": ppl(rtn)}

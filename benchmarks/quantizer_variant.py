@@ -26,10 +26,10 @@ from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def evaluate(checkpoint: Path, windows: int, text: Path | None = None) -> dict:
+def evaluate(checkpoint: Path, windows: int, text: Path | None = None, protocol: str = "plain") -> dict:
     """`awq-edge eval --seqlen 1024 --windows N --json` (on the Wikipedia evaluation split unless text)."""
     cmd = [sys.executable, "-m", "awq_edge.cli", "eval", str(checkpoint), "--seqlen", "1024",
-           "--windows", str(windows), "--json"] + (["--text", str(text)] if text else [])
+           "--windows", str(windows), "--protocol", protocol, "--json"] + (["--text", str(text)] if text else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"eval failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--shakespeare", action="store_true")
+    ap.add_argument("--protocol", default="plain", help="eval's window protocol (plain: the committed rows')")
     args = ap.parse_args()
     overrides = json.loads(args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,10 +51,10 @@ def main() -> None:
         started = time.time()
         meta = quantize_checkpoint(args.model, out, QuantizeSettings(**overrides), progress=False)
         wall = time.time() - started
-        result = evaluate(out, args.windows)
-        shakespeare = evaluate(out, args.windows, data.fetch_shakespeare()) if args.shakespeare else None
+        result = evaluate(out, args.windows, protocol=args.protocol)
+        shakespeare = evaluate(out, args.windows, data.fetch_shakespeare(), args.protocol) if args.shakespeare else None
     row = {"name": args.name, "settings": overrides, "perplexity": result["perplexity"],
-           "windows": result["windows"], "quantize_wall_s": round(wall, 1), "peak_rss_bytes": meta["peak_rss_bytes"],
+           "windows": result["windows"], "protocol": args.protocol, "quantize_wall_s": round(wall, 1), "peak_rss_bytes": meta["peak_rss_bytes"],
            "command": "python benchmarks/quantizer_variant.py " + " ".join(sys.argv[1:])}
     if shakespeare:
         row["shakespeare_perplexity"] = shakespeare["perplexity"]

@@ -78,6 +78,26 @@ def test_empty_calibration_file(tmp_path, tiny_model_dir):
     assert_nothing_written(tmp_path, "out")
 
 
+def test_calibration_protocols(tmp_path, tiny_model_dir):
+    """--calib-protocol deployed starts every calibration sequence with the BOS (the tiny models use
+    SmolLM2's tokenizer, whose chat template begins with it) and records it; a wrong name is one line."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The robot arm picks up the red block and places it on the table.\n\n" * 100)
+    metas = {}
+    for protocol in ("plain", "deployed"):
+        out = tmp_path / protocol
+        proc = awq_edge("quantize", tiny_model_dir("llama"), "--calib", calib, "--calib-samples", "4",
+                        "--calib-seqlen", "64", "--group-size", "32", "--calib-protocol", protocol, "--output", out)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        metas[protocol] = json.loads((out / "awq_edge.json").read_text())
+    assert metas["plain"]["calibration"]["prefix"] == [] and metas["deployed"]["calibration"]["prefix"] == [1]
+    assert metas["deployed"]["settings"]["calib_protocol"] == "deployed"
+    assert metas["plain"]["layers"] != metas["deployed"]["layers"]  # the searches saw other activations
+    proc = awq_edge("quantize", tiny_model_dir("llama"), "--calib-protocol", "bos", "--output", tmp_path / "x")
+    assert_clean_error(proc, "--calib-protocol bos")
+    assert_nothing_written(tmp_path, "x")
+
+
 def test_jsonl_without_text_field(tmp_path, tiny_model_dir):
     calib = tmp_path / "calib.jsonl"
     calib.write_text('{"body": "hello"}\n')
@@ -116,6 +136,7 @@ def test_eval_json_reports_perplexity(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("args,phrase", [
     (["--seqlen", "1"], "--seqlen"),
     (["--method", "gptq"], "--method gptq"),
+    (["--protocol", "bos"], "--protocol bos"),
 ])
 def test_eval_bad_options(tmp_path, tiny_model_dir, args, phrase):
     proc = awq_edge("eval", tiny_model_dir("llama"), *args)

@@ -7,7 +7,7 @@ import torch
 from awq_edge import data, packing
 from awq_edge.checkpoint import load_awq_as_float, read_checkpoint
 from awq_edge.errors import UserError
-from awq_edge.evaluate import perplexity
+from awq_edge.evaluate import deployed_prefix, perplexity
 from awq_edge.families import family_for
 from awq_edge.model import load_float_model
 from awq_edge.quantize import (QuantizeSettings, _apply_group, _layer_output, _linear_names, block_groups,
@@ -111,6 +111,41 @@ def test_calibration_seed_picks_another_sample_of_the_texts(smollm2):
     assert first.shape == (4, 32)
     assert torch.equal(first, calibration_tokens(tokenizer, texts, 4, 32, seed=0))  # reproducible
     assert not torch.equal(first, calibration_tokens(tokenizer, texts, 4, 32, seed=1))
+
+
+def test_deployed_prompts_start_with_the_bos_where_the_tokenizer_or_template_adds_it(smollm2, tmp_path):
+    """SmolLM2: its chat template begins with <|im_start|>, its BOS; a Llama-style tokenizer adds
+    its BOS itself; a tokenizer without a BOS (Qwen) starts mid-text."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from awq_edge.synthetic import BOS, byte_tokenizer
+
+    _, tokenizer = smollm2
+    assert deployed_prefix(tokenizer) == [tokenizer.bos_token_id] == [1]
+    byte_dir = byte_tokenizer(tmp_path / "bytes")  # a template that starts with "<s>"
+    assert deployed_prefix(AutoTokenizer.from_pretrained(byte_dir)) == [BOS]
+    adds = AutoTokenizer.from_pretrained(byte_dir)
+    adds.chat_template = None
+    assert deployed_prefix(adds) == []
+    adds.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    assert deployed_prefix(adds) == [BOS]
+    adds.bos_token = None
+    assert deployed_prefix(adds) == []
+
+
+def test_deployed_calibration_and_windows_start_with_the_prefix(smollm2):
+    model, tokenizer = smollm2
+    texts = [f"Paragraph {i} is about the number {i * 7919 % 1000} and nothing else." for i in range(200)]
+    plain = calibration_tokens(tokenizer, texts, 4, 32, seed=0)
+    deployed = calibration_tokens(tokenizer, texts, 4, 32, seed=0, prefix=[1])
+    assert deployed.shape == (4, 32) and (deployed[:, 0] == 1).all()
+    assert torch.equal(deployed[:, 1:].flatten(), plain.flatten()[:4 * 31])  # the same text, one token fewer per row
+    text = " ".join(texts)
+    a = perplexity(model, tokenizer, text, seqlen=128, windows=2, progress=False, protocol="plain")
+    b = perplexity(model, tokenizer, text, seqlen=128, windows=2, progress=False, protocol="deployed")
+    assert (a["prefix"], b["prefix"], a["tokens"], b["tokens"]) == ([], [1], 254, 254)
+    assert a["perplexity"] != b["perplexity"]
 
 
 @torch.no_grad()
