@@ -508,7 +508,10 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             for name, lin in linears.items():
                 clip, gptq_h = None, None
                 if name not in ("q_proj", "k_proj"):
-                    x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
+                    x = loss_inputs[name]
+                    if name in ATTENTION_INPUTS:  # whole sequences: drop the skipped first positions
+                        x = x[:, skip_positions:]
+                    x = x.reshape(-1, x.shape[-1])
                     clip = search_clip(lin.weight.data, x, settings) if settings.clip_grid > 0 else None
                     if settings.rounding == "gptq":
                         gptq_h = grams.pop(name) if name in grams else gram(x)
