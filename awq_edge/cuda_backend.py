@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .decoder import buffer_shapes, decode_ops
+from .decoder import buffer_shapes, decode_ops, step_ids
 from .engine_dir import DecoderInfo
 from .errors import UserError
 from .memory import PREFILL_CHUNK, format_size
@@ -143,14 +143,7 @@ class CudaBackend:
         self.drv.upload(self.past, np.array([self.position], np.int64))
 
     def forward(self, ids) -> DeviceLogits:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise UserError("forward needs at least one token id")
-        if self.position + ids.size > self.max_context:
-            raise UserError(f"context full: {self.position} cached + {ids.size} new tokens exceeds "
-                            f"max_context {self.max_context}; rewind or start a longer context")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise UserError(f"token id out of range 0..{self.vocab_size - 1}")
+        ids = step_ids(ids, self.position, self.max_context, self.vocab_size)
         for start in range(0, ids.size, PREFILL_CHUNK):
             chunk = ids[start:start + PREFILL_CHUNK].astype(np.int32)
             self.drv.upload_async(self.ids, chunk)

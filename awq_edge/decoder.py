@@ -166,6 +166,19 @@ def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
             "mlp": (rows, spec.hidden), "logits": (spec.vocab,)}
 
 
+def step_ids(ids, position: int, max_context: int, vocab: int) -> np.ndarray:
+    """The ids of a step as int64 [S], checked: at least one, room in the context, in the vocabulary."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        raise UserError("forward needs at least one token id")
+    if position + ids.size > max_context:
+        raise UserError(f"context full: {position} cached + {ids.size} new tokens exceeds "
+                        f"max_context {max_context}; rewind or start a longer context")
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise UserError(f"token id out of range 0..{vocab - 1}")
+    return ids
+
+
 # ---------------------------------------------------------------- weights in the kernels' layout
 
 def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .decoder import DecoderSpec, buffer_shapes, decode_ops
+from .decoder import DecoderSpec, buffer_shapes, decode_ops, step_ids
 from .engine_dir import DecoderInfo, check_files, read_decoder_info, read_manifest
 from .errors import UserError
 from .packing import dequantize, unpack_int4
@@ -171,14 +171,7 @@ class ReferenceBackend:
 
     def forward(self, ids) -> np.ndarray:
         """Logits float32 [V] after the last of ids (a fresh array)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise UserError("forward needs at least one token id")
-        if self.position + ids.size > self.max_context:
-            raise UserError(f"context full: {self.position} cached + {ids.size} new tokens exceeds "
-                            f"max_context {self.max_context}; rewind or start a longer context")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise UserError(f"token id out of range 0..{self.vocab_size - 1}")
+        ids = step_ids(ids, self.position, self.max_context, self.vocab_size)
         buf = {name: np.zeros(shape, F32 if name == "logits" else F16)
                for name, shape in buffer_shapes(self.spec, ids.size).items()}
         for op in self.ops:
