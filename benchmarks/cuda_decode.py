@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -262,6 +263,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per runtime and shape")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the temp dirs are removed
     from awq_edge import plugins
     from awq_edge.cuda_runtime import find_gpus
     from awq_edge.devices import all_devices, detect
