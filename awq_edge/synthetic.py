@@ -75,9 +75,24 @@ def random_linear(rng: np.random.Generator, n: int, k: int, group_size: int) -> 
     groups = -(-k // group_size)
     q = rng.integers(0, 16, (n, k), dtype=np.uint8)
     zeros = rng.integers(6, 10, (n, groups), dtype=np.uint8)
-    level_std = 4.6  # of q - zero, q uniform on 0..15
-    scales = (rng.uniform(0.8, 1.2, (n, groups)) / (level_std * math.sqrt(k))).astype(np.float16)
-    return QuantizedLinear(q, scales, zeros, group_size)
+    return QuantizedLinear(q, random_scales(rng, (n, groups), k), zeros, group_size)
+
+
+def random_scales(rng: np.random.Generator, shape: tuple, k: int) -> np.ndarray:
+    """fp16 group scales [N, groups] for levels uniform on 0..15 around a zero near 8 (their
+    spread 4.6) such that each row of w_hat over K inputs has norm ~1."""
+    level_std = 4.6
+    return (rng.uniform(0.8, 1.2, shape) / (level_std * math.sqrt(k))).astype(np.float16)
+
+
+def llama_linears(shape: dict) -> list[tuple[str, int, int]]:
+    """(name within a block, N, K) of a Llama block's seven linears, in the checkpoint's order."""
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    q_width = shape["num_attention_heads"] * shape["head_dim"]
+    kv_width = shape["num_key_value_heads"] * shape["head_dim"]
+    return [("self_attn.q_proj", q_width, hidden), ("self_attn.k_proj", kv_width, hidden),
+            ("self_attn.v_proj", kv_width, hidden), ("self_attn.o_proj", hidden, q_width),
+            ("mlp.gate_proj", inter, hidden), ("mlp.up_proj", inter, hidden), ("mlp.down_proj", hidden, inter)]
 
 
 def random_checkpoint_config(shape: dict) -> dict:
@@ -90,9 +105,7 @@ def write_random_checkpoint(output: Path, shape: dict, group_size: int = 128, to
     """A Llama-family AWQ checkpoint of `shape` (a SHAPES entry) with random weights."""
     rng = np.random.default_rng(seed)
     config = random_checkpoint_config(shape)
-    hidden, inter, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
-    q_width = shape["num_attention_heads"] * shape["head_dim"]
-    kv_width = shape["num_key_value_heads"] * shape["head_dim"]
+    hidden, vocab = shape["hidden_size"], shape["vocab_size"]
     tensors = {"model.embed_tokens.weight": rng.standard_normal((vocab, hidden), np.float32).astype(np.float16),
                "model.norm.weight": rng.uniform(0.8, 1.2, hidden).astype(np.float16)}
     if not shape["tie_word_embeddings"]:
@@ -103,10 +116,7 @@ def write_random_checkpoint(output: Path, shape: dict, group_size: int = 128, to
         p = f"model.layers.{i}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
             tensors[f"{p}.{norm}.weight"] = rng.uniform(0.8, 1.2, hidden).astype(np.float16)
-        for name, n, k in (("self_attn.q_proj", q_width, hidden), ("self_attn.k_proj", kv_width, hidden),
-                           ("self_attn.v_proj", kv_width, hidden), ("self_attn.o_proj", hidden, q_width),
-                           ("mlp.gate_proj", inter, hidden), ("mlp.up_proj", inter, hidden),
-                           ("mlp.down_proj", hidden, inter)):
+        for name, n, k in llama_linears(shape):
             linears[f"{p}.{name}"] = random_linear(rng, n, k, group_size)
     metadata = {"source_model": "random", "shape": shape, "seed": seed}
     output = Path(output)
@@ -131,8 +141,7 @@ def random_engine_tensors(spec, rng: np.random.Generator) -> dict[str, np.ndarra
         if name.endswith(".qweight"):
             out[name] = rng.integers(-2**31, 2**31, shape, dtype=np.int64).astype(np.int32)
         elif name.endswith(".scales"):
-            k = layout[name.replace(".scales", ".qweight")][1][1] * 8
-            out[name] = (rng.uniform(0.8, 1.2, shape) / (4.6 * math.sqrt(k))).astype(np.float16)
+            out[name] = random_scales(rng, shape, k=layout[name.replace(".scales", ".qweight")][1][1] * 8)
         elif name.endswith(".zeros"):
             out[name] = rng.integers(6, 10, shape).astype(np.float16)
         elif name.endswith(".bias"):

@@ -67,11 +67,9 @@ def worker_copy() -> dict:
 
 def worker_ours(engine_dir: str, runs: int) -> dict:
     from awq_edge.engine import Engine
-    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
     from awq_edge.sampling import Sampler, SamplingSettings
 
     path = Path(engine_dir)
-    info = read_decoder_info(path, check_files(path, read_manifest(path)["files"]))
     t0 = time.perf_counter()
     engine = Engine.load(path, max_context=PROMPT_TOKENS + NEW_TOKENS + 1)
     load_s = time.perf_counter() - t0
@@ -83,7 +81,7 @@ def worker_ours(engine_dir: str, runs: int) -> dict:
         stats.append(engine.last_stats)
     stats = stats[1:]
     return {"decode_tok_s": median([s.decode_tok_s for s in stats]), "ttft_s": median([s.ttft_s for s in stats]),
-            "weight_bytes_per_token": weight_bytes_read(info), "load_s": load_s}
+            "weight_bytes_per_token": weight_bytes_read(engine.export), "load_s": load_s}
 
 
 def weight_bytes_read(info) -> int:

@@ -35,13 +35,9 @@ import time
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
-RESULTS = Path(__file__).resolve().parent / "results"
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from quantizer_memory import RESULTS, rss_bytes  # noqa: E402  (this folder is on sys.path)
+
 GIB = 1 << 30
-
-
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE
 
 
 def live_rss_bytes() -> int:
@@ -79,15 +75,14 @@ def write_float_model(folder: Path, shape: dict, blocks: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from awq_edge.synthetic import byte_tokenizer, random_checkpoint_config
+    from awq_edge.synthetic import byte_tokenizer, llama_linears, random_checkpoint_config
 
     folder.mkdir(parents=True)
     config = {**random_checkpoint_config(shape), "num_hidden_layers": blocks, "torch_dtype": "float16"}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     byte_tokenizer(folder)
     g = torch.Generator().manual_seed(0)
-    hidden, inter, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
-    q, kv = shape["num_attention_heads"] * shape["head_dim"], shape["num_key_value_heads"] * shape["head_dim"]
+    hidden, vocab = shape["hidden_size"], shape["vocab_size"]
 
     def normal(*size):
         return (torch.randn(*size, generator=g) * 0.02).half()
@@ -100,10 +95,7 @@ def write_float_model(folder: Path, shape: dict, blocks: int) -> Path:
         p = f"model.layers.{i}"
         tensors = {f"{p}.input_layernorm.weight": torch.ones(hidden).half(),
                    f"{p}.post_attention_layernorm.weight": torch.ones(hidden).half()}
-        for name, n, k in (("self_attn.q_proj", q, hidden), ("self_attn.k_proj", kv, hidden),
-                           ("self_attn.v_proj", kv, hidden), ("self_attn.o_proj", hidden, q),
-                           ("mlp.gate_proj", inter, hidden), ("mlp.up_proj", inter, hidden),
-                           ("mlp.down_proj", hidden, inter)):
+        for name, n, k in llama_linears(shape):
             tensors[f"{p}.{name}.weight"] = normal(n, k)
         save_file(tensors, str(folder / f"model-{i:05d}.safetensors"))
     return folder
