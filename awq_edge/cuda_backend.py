@@ -28,10 +28,9 @@ from .decoder import buffer_shapes, decode_ops, step_ids
 from .engine_dir import DecoderInfo
 from .errors import UserError
 from .memory import PREFILL_CHUNK, format_size
-from .sampling import DeviceLogits
+from .sampling import DeviceLogits, fp32_draw
 
 CHUNK_BYTES = 64 << 20           # weights go to the GPU in pieces this size: no second host copy
-_LARGEST_UNIFORM = float(np.nextafter(np.float32(1), np.float32(0)))
 # Launch shapes of the kernels (their comments in plugins/kernels/*.cu give the same).
 NORM_THREADS = 256
 GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
@@ -256,7 +255,7 @@ class CudaBackend:
         if new.size:
             self.drv.upload_async(self.seen + 4 * len(mirror), new)
         count = np.array([len(seen)], np.int32)
-        draw = np.array([min(float(uniform), _LARGEST_UNIFORM)], np.float32)
+        draw = np.array([fp32_draw(uniform)], np.float32)
         self.drv.upload_async(self.n_seen, count)
         self.drv.upload_async(self.uniform, draw)
         self.launch("awq_sample_step", (1,), (SAMPLE_THREADS,),

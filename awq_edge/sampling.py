@@ -74,6 +74,15 @@ def choose_token(logits: np.ndarray, settings: SamplingSettings, seen_ids=(), un
     return int(ids[min(np.searchsorted(np.cumsum(probs), uniform), len(ids) - 1)])
 
 
+_LARGEST_FP32_BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))
+
+
+def fp32_draw(uniform: float) -> float:
+    """The draw as the GPU sampler reads it: a float32 in [0, 1) (a float64 draw just under 1
+    would round to 1.0 in float32)."""
+    return min(float(uniform), _LARGEST_FP32_BELOW_ONE)
+
+
 class DeviceLogits:
     """Logits float32 [vocab] that stay on a GPU (the cuda and TensorRT backends), valid until the
     backend's next forward. The Sampler hands them its draw and the backend picks the token there

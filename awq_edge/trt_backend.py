@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .sampling import DeviceLogits
+from .sampling import DeviceLogits, fp32_draw
 
-_LARGEST_UNIFORM = float(np.nextafter(np.float32(1), np.float32(0)))  # a float64 draw rounds to 1.0 in fp32 above it
 
 
 def check_manifest(manifest: dict, gpus: list, tensorrt_version: str | None) -> None:
@@ -164,7 +163,7 @@ class TrtBackend:
             cuda.check(cuda.lib.cudaMemcpyAsync(self.seen_ids, seen.ctypes.data, n_seen * 4, 1, self.stream), "H2D")
         status = self.sampler_lib.awq_sample_token(
             logits_ptr, self.vocab_size, self.seen_ids, n_seen, settings.repetition_penalty, settings.temperature,
-            settings.top_k, settings.top_p, min(float(uniform), _LARGEST_UNIFORM),
+            settings.top_k, settings.top_p, fp32_draw(uniform),
             self.sample_work, self.sample_token_out, self.stream)
         if status != 0:
             raise UserError(f"GPU sampling failed (awq_sample_token returned {status}); check the sampling settings")
