@@ -58,6 +58,10 @@ class QuantizeSettings:
     gptq_damp: float = 1.0  # gptq_round's damping, a fraction of the mean diagonal of H
     # linears whose H sums over every calibration token, not the loss tokens (docs/quantizer.md)
     gptq_all_tokens: tuple = ("down_proj",)
+    # after the rounding, each (row, group)'s scale refit to its levels by least squares under H
+    # (refit_scales): none | full (H) | diag (H's diagonal only); refit_damp as gptq_damp
+    scale_refit: str = "none"
+    refit_damp: float = 1.0
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
     # plain: calibration sequences start mid-text (the AWQ reference); deployed: each starts as a
@@ -71,6 +75,8 @@ class QuantizeSettings:
             raise UserError(f"--method {self.method} is unknown; use awq or rtn")
         if self.rounding not in ("nearest", "gptq"):
             raise UserError(f"--rounding {self.rounding} is unknown; use nearest or gptq")
+        if self.scale_refit not in ("none", "full", "diag"):
+            raise UserError(f"--scale-refit {self.scale_refit} is unknown; use none, full or diag")
         if self.group_size not in GROUP_SIZES:
             raise UserError(f"--group-size {self.group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
         if self.calib_protocol not in CALIB_PROTOCOLS:
@@ -189,6 +195,35 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: to
             wb[:, j + 1:] -= err[:, j:j + 1] * u[c, c + 1:b1]
         w[:, b1:] -= err @ u[b0:b1, b1:]
     return q.cpu()
+
+
+@torch.no_grad()
+def refit_scales(w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, h: torch.Tensor,
+                 group_size: int, damp: float, diagonal: bool = False) -> torch.Tensor:
+    """New scales [out, groups] for levels q and zeros kept: per output row, the least-squares
+    fit of w by sum_g scale_g * (q - zero)_g under the output error (w - w_hat)^T H (w - w_hat),
+    H = h + damp * mean(diag h) * I (with diagonal=True, only H's diagonal: llama.cpp's weighted
+    fit). Rows whose system is singular keep their scales."""
+    out_f, k = w.shape
+    w = w.float()
+    d = q.float() - zeros.float().repeat_interleave(group_size, 1)[:, :k]  # [out, K]
+    h = h.float().clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    if diagonal:
+        h = torch.diag(h.diagonal())
+    chunks = [(a, min(k, a + group_size)) for a in range(0, k, group_size)]  # the last one may be short
+    n = len(chunks)
+    wh = w @ h  # [out, K]
+    b = torch.stack([(d[:, a:e] * wh[:, a:e]).sum(1) for a, e in chunks], 1)  # [out, groups]
+    a_mat = torch.empty(out_f, n, n, device=w.device)
+    for j, (a1, e1) in enumerate(chunks):
+        p = d[:, a1:e1] @ h[a1:e1]  # [out, K]: (d restricted to group j) H
+        for i, (a0, e0) in enumerate(chunks):
+            a_mat[:, i, j] = (d[:, a0:e0] * p[:, a0:e0]).sum(1)
+    a_mat.diagonal(dim1=1, dim2=2).add_(1e-9)
+    new, info = torch.linalg.solve_ex(a_mat, b)
+    ok = (info == 0) & torch.isfinite(new).all(1) & (new > 0).all(1)
+    return torch.where(ok.view(-1, 1), new.to(scales.dtype).clamp_min(1e-5), scales)
 
 
 # ---------------------------------------------------------------- calibration data
@@ -402,12 +437,17 @@ def _batched(t: torch.Tensor, batch: int):
         yield t[start:start + batch]
 
 
-def _to_quantized(lin: nn.Linear, group_size: int, clip=None, gptq_h=None, damp: float | None = None) -> QuantizedLinear:
-    """The linear's INT4 form; with gptq_h (gram of its calibration inputs) and damp, rounded by gptq_round."""
+def _to_quantized(lin: nn.Linear, group_size: int, clip=None, gptq_h=None, damp: float | None = None,
+                  refit: str = "none", refit_damp: float = 1.0) -> QuantizedLinear:
+    """The linear's INT4 form; with gptq_h (gram of its calibration inputs) and damp, rounded by
+    gptq_round, then (refit full|diag) its scales refit to those levels under gptq_h."""
     q, scales, zeros = quantize_tensor(lin.weight.data, group_size, clip)
     if gptq_h is not None:
         dev = gptq_h.device
         q = gptq_round(lin.weight.data, gptq_h, scales.to(dev), zeros.to(dev), group_size, damp, clip)
+        if refit != "none":
+            scales = refit_scales(lin.weight.data, q.to(dev), scales.to(dev), zeros.to(dev), gptq_h, group_size,
+                                  refit_damp, diagonal=refit == "diag").cpu()
     bias = lin.bias.data.float().cpu().numpy() if lin.bias is not None else None
     return QuantizedLinear(q.numpy(), scales.numpy(), zeros.numpy(), group_size, bias)
 
@@ -516,7 +556,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                     if settings.rounding == "gptq":
                         gptq_h = grams.pop(name) if name in grams else gram(x)
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(
-                    lin, settings.group_size, clip, gptq_h, settings.gptq_damp)
+                    lin, settings.group_size, clip, gptq_h, settings.gptq_damp, settings.scale_refit,
+                    settings.refit_damp)
                 _release(lin)
         layer.to(orig_dtype)
         result.layer_report.append(report)

@@ -168,7 +168,8 @@ def main() -> int:
     result = {
         "benchmark": "quantizer_7b_blocks", "shape": args.shape, "shape_config": shape, "blocks_run": args.blocks,
         "settings": meta["settings"], "calibration_tokens": meta["calibration"]["tokens"],
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_at_end": os.getloadavg()},  # > cpus: other processes shared the cores
         "rss_before_load_bytes": start_rss, "rss_loaded_bytes": stamps[0][2], "load_peak_rss_bytes": stamps[0][3],
         "capture_seconds": round(stamps[1][1] - stamps[0][1], 1), "capture_peak_rss_bytes": stamps[1][3],
         "blocks": blocks, "kept_per_block_bytes": int(kept_per_block),

@@ -436,6 +436,21 @@ def exp_gptq(damp, all_tokens=False):
     return run
 
 
+def exp_refit(refit_damp, diagonal=False, all_tokens=False):
+    """exp_gptq(1.0) (the default rounding), then the scales refit to the levels by least squares
+    under H (awq_edge.quantize.refit_scales, session 15)."""
+    def run(rec, acts, layer, i, t, settings):
+        w = rec["scaled"][f"{i}.{t}"]
+        x = _x(acts, i, t)["x"]
+        clip = None if t in ("q_proj", "k_proj") else clip_search(w, x, settings)
+        _, scales, zeros = Q.quantize_tensor(w, settings.group_size, clip)
+        h = _x(acts, i, t)["H"] if all_tokens else Q.gram(x)
+        q = Q.gptq_round(w, h, scales, zeros, settings.group_size, 1.0, clip)
+        scales = Q.refit_scales(w, q, scales, zeros, h, settings.group_size, refit_damp, diagonal)
+        return torch.from_numpy(packing.dequantize(q.numpy(), scales.numpy(), zeros.numpy(), settings.group_size))
+    return run
+
+
 EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192": exp_clip_on(8192),
                "clip2048": exp_clip_on(2048), "clip4096": exp_clip_on(4096),
                "refgrid": exp_refgrid, "refstride": exp_refstride,
@@ -445,6 +460,10 @@ EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192
                "alpha0": exp_alpha0, "clip_nosink": exp_clip_nosink,
                "gptq": exp_gptq(0.01), "gptq_d1": exp_gptq(0.1), "gptq_d03": exp_gptq(0.3), "gptq_d10": exp_gptq(1.0),
                "gptq_all_d03": exp_gptq(0.3, True), "gptq_all_d10": exp_gptq(1.0, True), "gptq_all_d01": exp_gptq(0.1, True),
+               "refit_d10": exp_refit(1.0), "refit_d01": exp_refit(0.1), "refit_d0": exp_refit(0.0),
+               "refit_diag": exp_refit(1.0, True), "refit_diag0": exp_refit(0.0, True),
+               "gptq_all_refit_d10": exp_refit(1.0, all_tokens=True), "gptq_all_refit_d01": exp_refit(0.1, all_tokens=True),
+               "gptq_all_refit_diag": exp_refit(1.0, True, all_tokens=True),
                "alpha": lambda *a: search_alpha(*a),
                "alpha_max": lambda *a: search_alpha(*a, collapse="max"),
                "alpha_rms": lambda *a: search_alpha(*a, collapse="rms"),

@@ -12,7 +12,7 @@ from awq_edge.families import family_for
 from awq_edge.model import load_float_model
 from awq_edge.quantize import (QuantizeSettings, _apply_group, _layer_output, _linear_names, block_groups,
                                calibration_tokens, capture_block_inputs, fake_quantize, fake_quantize_model,
-                               gptq_round, gram, quantize_checkpoint, quantize_tensor, search_clip)
+                               gptq_round, gram, quantize_checkpoint, quantize_tensor, refit_scales, search_clip)
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -85,6 +85,34 @@ def test_gptq_round_with_heavy_damping_is_round_to_nearest():
     clip = torch.cat([clip, w[:, 192:].abs().amax(1, keepdim=True)], 1)  # K = 200: groups 64, 64, 64, 8
     q_near, scales, zeros = quantize_tensor(w, 64, clip)
     assert torch.equal(gptq_round(w, gram(x), scales, zeros, 64, damp=1e9, clip=clip), q_near)
+
+
+def test_refit_scales_is_the_least_squares_scale_for_the_levels():
+    # K = 576 at G = 128 (short last group); damp 0: the exact H-weighted least squares, so its
+    # error is below the grid's and no small move of any one scale lowers it further
+    torch.manual_seed(5)
+    w, x = torch.randn(48, 576), _correlated_inputs(2048, 576, seed=5)
+    h = gram(x)
+    _, scales, zeros = quantize_tensor(w, 128)
+    q = gptq_round(w, h, scales, zeros, 128, damp=1.0)
+
+    def output_error(s):
+        w_hat = torch.from_numpy(packing.dequantize(q.numpy(), s.numpy(), zeros.numpy(), 128))
+        return (x @ (w_hat - w).T).pow(2).mean(0)  # per output row
+    new = refit_scales(w, q, scales, zeros, h, 128, damp=0.0)
+    assert new.dtype == torch.float16 and new.shape == scales.shape and bool((new > 0).all())
+    assert bool((output_error(new) <= output_error(scales) * 1.001).all())
+    assert float(output_error(new).mean()) < 0.97 * float(output_error(scales).mean())
+    for g in (0, 4):
+        for factor in (0.99, 1.01):
+            moved = new.clone()
+            moved[:, g] = (moved[:, g].float() * factor).half()
+            assert float(output_error(moved).mean()) >= float(output_error(new).mean())
+    # a row whose levels all sit on the zero point has no scale to fit: it keeps its scale
+    q0 = q.clone()
+    q0[0] = zeros[0].repeat_interleave(128)[:576]
+    kept = refit_scales(w, q0, scales, zeros, h, 128, damp=0.0)
+    assert torch.equal(kept[0], scales[0])
 
 
 def test_clip_search_picks_the_clip_with_the_lowest_partial_output_error_on_the_tokens():
