@@ -421,10 +421,11 @@ exp_refgrid = exp_redo_with(
 exp_refstride = exp_redo_with("subsample_tokens", lambda x, n: x[::max(1, len(x) // n)])
 
 
-def exp_gptq(damp, all_tokens=False):
+def exp_gptq(damp, all_tokens=False, refit_damp=None, diagonal=False):
     """awq_edge's --rounding gptq with this damping, H from the strided tokens or from all tokens
     (session 11 also tried act order and leaving the sink token out of H, in commit f03deb1: both
-    worse)."""
+    worse); with refit_damp, the scales then refit to the levels by least squares under H
+    (awq_edge.quantize.refit_scales, session 15; diagonal: H's diagonal only)."""
     def run(rec, acts, layer, i, t, settings):
         w = rec["scaled"][f"{i}.{t}"]
         x = _x(acts, i, t)["x"]
@@ -432,23 +433,15 @@ def exp_gptq(damp, all_tokens=False):
         _, scales, zeros = Q.quantize_tensor(w, settings.group_size, clip)
         h = _x(acts, i, t)["H"] if all_tokens else Q.gram(x)
         q = Q.gptq_round(w, h, scales, zeros, settings.group_size, damp, clip)
+        if refit_damp is not None:
+            scales = Q.refit_scales(w, q, scales, zeros, h, settings.group_size, refit_damp, diagonal)
         return torch.from_numpy(packing.dequantize(q.numpy(), scales.numpy(), zeros.numpy(), settings.group_size))
     return run
 
 
 def exp_refit(refit_damp, diagonal=False, all_tokens=False):
-    """exp_gptq(1.0) (the default rounding), then the scales refit to the levels by least squares
-    under H (awq_edge.quantize.refit_scales, session 15)."""
-    def run(rec, acts, layer, i, t, settings):
-        w = rec["scaled"][f"{i}.{t}"]
-        x = _x(acts, i, t)["x"]
-        clip = None if t in ("q_proj", "k_proj") else clip_search(w, x, settings)
-        _, scales, zeros = Q.quantize_tensor(w, settings.group_size, clip)
-        h = _x(acts, i, t)["H"] if all_tokens else Q.gram(x)
-        q = Q.gptq_round(w, h, scales, zeros, settings.group_size, 1.0, clip)
-        scales = Q.refit_scales(w, q, scales, zeros, h, settings.group_size, refit_damp, diagonal)
-        return torch.from_numpy(packing.dequantize(q.numpy(), scales.numpy(), zeros.numpy(), settings.group_size))
-    return run
+    """exp_gptq(1.0) (the default rounding), then the scales refit."""
+    return exp_gptq(1.0, all_tokens, refit_damp, diagonal)
 
 
 EXPERIMENTS = {"awq": exp_awq, "redo": exp_redo, "noclip": exp_noclip, "clip8192": exp_clip_on(8192),
