@@ -59,7 +59,8 @@ class QuantizeSettings:
     # linears whose H sums over every calibration token, not the loss tokens (docs/quantizer.md)
     gptq_all_tokens: tuple = ("down_proj",)
     # after the rounding, each (row, group)'s scale refit to its levels by least squares under H
-    # (refit_scales): none | full (H) | diag (H's diagonal only); refit_damp as gptq_damp
+    # (refit_scales): none | full (H) | diag (H's diagonal only); refit_damp as gptq_damp. Only with
+    # rounding gptq, the linears that have an H (not q/k)
     scale_refit: str = "none"
     refit_damp: float = 1.0
     batch_size: int = 8  # sequences per forward
@@ -444,9 +445,10 @@ def _to_quantized(lin: nn.Linear, group_size: int, clip=None, gptq_h=None, damp:
     q, scales, zeros = quantize_tensor(lin.weight.data, group_size, clip)
     if gptq_h is not None:
         dev = gptq_h.device
-        q = gptq_round(lin.weight.data, gptq_h, scales.to(dev), zeros.to(dev), group_size, damp, clip)
+        scales_dev, zeros_dev = scales.to(dev), zeros.to(dev)
+        q = gptq_round(lin.weight.data, gptq_h, scales_dev, zeros_dev, group_size, damp, clip)
         if refit != "none":
-            scales = refit_scales(lin.weight.data, q.to(dev), scales.to(dev), zeros.to(dev), gptq_h, group_size,
+            scales = refit_scales(lin.weight.data, q.to(dev), scales_dev, zeros_dev, gptq_h, group_size,
                                   refit_damp, diagonal=refit == "diag").cpu()
     bias = lin.bias.data.float().cpu().numpy() if lin.bias is not None else None
     return QuantizedLinear(q.numpy(), scales.numpy(), zeros.numpy(), group_size, bias)

@@ -28,7 +28,6 @@ from .errors import UserError
 from .sampling import DeviceLogits, fp32_draw
 
 
-
 def check_manifest(manifest: dict, gpus: list, tensorrt_version: str | None) -> None:
     """Raise a one-line UserError when this engine cannot run here."""
     built = f"{manifest['gpu_arch']} ({manifest.get('gpu_name') or manifest.get('device_title', '?')})"
