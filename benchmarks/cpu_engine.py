@@ -7,7 +7,8 @@ vs llama.cpp, in one run, on the same model (SmolLM2-135M-Instruct) and the same
 Every runner is greedy, batch 1, and decodes exactly --new-tokens tokens (EOS ignored) after
 prefilling the same --prompt-tokens ids. Each measurement runs in its own fresh process (so
 one runtime's idle spinning threads cannot slow another: ORT spins its workers), which loads
-the model, does one untimed warm-up and one timed run. Runners alternate (run 1 of each, then
+the model, does one untimed warm-up and --repeats timed runs, and reports their median (one
+burst of another tenant on a shared machine then moves no measurement). Runners alternate (run 1 of each, then
 run 2 of each in reverse order, ...) so a slow spell of the shared machine hits them all;
 medians are reported. Results: benchmarks/results/cpu_engine-<time>.json and a table.
 
@@ -216,7 +217,8 @@ def main() -> None:
                     help="our engine dir; repeat to compare several (default: build smollm2 once, cached)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3, help="fresh processes per runner, alternating")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per process; their median is the run's")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for every runner, the same for all (default: this machine's physical cores)")
     ap.add_argument("--skip", action="append", default=[], help="runner to leave out: ours, hf, ortgenai, llamacpp")
@@ -258,7 +260,9 @@ def main() -> None:
     if args.worker:  # a child process: load, warm up, measure once, print one JSON line
         runner = makers[args.worker]()
         runner.run(ids, min(8, args.new_tokens))  # warm-up (graph optimisation, allocator, caches)
-        print("RESULT " + json.dumps({"name": runner.name, **runner.run(ids, args.new_tokens)}))
+        timed = [runner.run(ids, args.new_tokens) for _ in range(max(1, args.repeats))]
+        print("RESULT " + json.dumps({"name": runner.name,
+                                      **{m: statistics.median(t[m] for t in timed) for m in timed[0]}}))
         return
     if "ortgenai" in makers and "ortgenai" not in args.skip:
         ortgenai_model_dir(float_dir)  # build it once here, not inside a timed child
@@ -270,7 +274,7 @@ def main() -> None:
             runs[key] = []
     child = [sys.executable, str(Path(__file__).resolve()), *[a for e in engine_dirs for a in ("--engine", str(e))],
              "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-             "--threads", str(args.threads)]
+             "--threads", str(args.threads), "--repeats", str(args.repeats)]
     for i in range(args.runs):
         order = list(runs) if i % 2 == 0 else list(reversed(runs))  # alternate, and flip the order
         for key in order:
@@ -290,14 +294,16 @@ def main() -> None:
 
     medians = {k: {m: statistics.median(r[m] for r in v) for m in ("ttft_s", "prefill_tok_s", "decode_tok_s")}
                for k, v in runs.items()}
-    ref = medians.get("ortgenai", {}).get("decode_tok_s")
-    for m in medians.values():
-        m["decode_vs_ortgenai"] = m["decode_tok_s"] / ref if ref else None
+    for peer in ("ortgenai", "llamacpp"):
+        ref = medians.get(peer, {}).get("decode_tok_s")
+        for m in medians.values():
+            m[f"decode_vs_{peer}"] = m["decode_tok_s"] / ref if ref else None
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform()},
         "model": "SmolLM2-135M-Instruct", "engines": [str(e) for e in engine_dirs],
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
+        "repeats_per_run": args.repeats, "load_average_at_end": os.getloadavg(),
         "threads": args.threads,
         "runners": {k: {"name": names[k], "median": medians[k], "runs": runs[k]} for k in runs},
         "not_run": skipped,
@@ -308,11 +314,12 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M, prompt {args.prompt_tokens} tokens, {args.new_tokens} new, greedy, "
           f"median of {args.runs} ({cpu_name()}, {os.cpu_count()} CPUs)")
-    print(f"{'runtime':34} {'TTFT ms':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'vs ort-genai':>13}")
+    print(f"{'runtime':34} {'TTFT ms':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'vs ort-genai':>13} "
+          f"{'vs llama.cpp':>13}")
     for k, m in medians.items():
-        ratio = f"{m['decode_vs_ortgenai']:.2f}x" if m["decode_vs_ortgenai"] else "-"
+        ratios = [f"{m[r]:.2f}x" if m[r] else "-" for r in ("decode_vs_ortgenai", "decode_vs_llamacpp")]
         print(f"{names[k]:34} {m['ttft_s'] * 1000:8.1f} {m['prefill_tok_s']:14.1f} {m['decode_tok_s']:13.1f} "
-              f"{ratio:>13}")
+              f"{ratios[0]:>13} {ratios[1]:>13}")
     for k, why in skipped.items():
         print(f"{k:34} {why}")
     print(f"\nwrote {path}")

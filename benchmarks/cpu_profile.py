@@ -15,6 +15,10 @@ re-scoring, threads, against the weight-bytes roofline of this machine, all in o
 4. The same decode with ORT's profiler on (a separate session: profiling slows it), summed per
    op type per token, with the node count of a decode step.
 5. Decode tok/s with 1 and --threads threads, spinning off and on (the engine's default).
+6. Attention against the context (--contexts): the ORT session alone, ms per decode step with
+   P tokens already cached, for the engine's graph, the same graph with every
+   GroupQueryAttention replaced by a Slice of its query (no attention), and its MatMulNBits
+   alone (the weights). Each graph is timed in its own child process, median of 5 x 20 steps.
 Prints a table and writes benchmarks/results/cpu_profile-<time>.json.
 """
 from __future__ import annotations
@@ -24,7 +28,9 @@ import inspect
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +57,108 @@ def read_bandwidth(threads: int, mib: int = 256, repeats: int = 3) -> float:
             w.join()
         best = max(best, threads * mib * 2**20 / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def session_graphs(engine_dir: Path, into: Path) -> dict:
+    """The engine's model.onnx and two cut-down copies of it (sharing its weights file): every
+    GroupQueryAttention replaced by a Slice of its query's first heads * head_dim columns (the
+    shape attention returns), and the MatMulNBits nodes alone, each fed by a graph input."""
+    import onnx
+    from onnx import helper
+
+    source = engine_dir / "model.onnx"
+    try:  # ORT refuses a weights file that resolves outside the model's folder: no symlink
+        os.link(engine_dir / "model.onnx.data", into / "model.onnx.data")
+    except OSError:  # another filesystem
+        shutil.copyfile(engine_dir / "model.onnx.data", into / "model.onnx.data")
+    info = json.loads((engine_dir / "export.json").read_text())
+    width = info["num_heads"] * info["head_dim"]
+    graphs = {"engine": source}
+
+    def save(model, name: str) -> None:
+        produced = {o for n in model.graph.node for o in n.output}
+        outputs = [o for o in model.graph.output if o.name in produced]
+        del model.graph.output[:]
+        model.graph.output.extend(outputs)
+        graphs[name] = into / f"{name}.onnx"
+        onnx.save(model, str(graphs[name]))
+
+    model = onnx.load(str(source), load_external_data=False)
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.array([v], np.int64), f"cut/{v}")
+                                   for v in (0, width, -1))
+    nodes = [helper.make_node("Slice", [n.input[0], "cut/0", f"cut/{width}", "cut/-1"], [n.output[0]])
+             if n.op_type == "GroupQueryAttention" else n for n in model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    save(model, "no_attention")
+
+    model = onnx.load(str(source), load_external_data=False)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    del model.graph.node[:], model.graph.input[:], model.graph.output[:]
+    for k in sorted({helper.get_attribute_value(a) for n in matmuls for a in n.attribute if a.name == "K"}):
+        model.graph.input.append(helper.make_tensor_value_info(f"x{k}", onnx.TensorProto.FLOAT, [1, 1, k]))
+    for i, n in enumerate(matmuls):
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        model.graph.node.append(helper.make_node("MatMulNBits", [f"x{attrs['K']}", *n.input[1:]], [f"y{i}"],
+                                                 domain=n.domain, **attrs))
+        model.graph.output.append(helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [1, 1, attrs["N"]]))
+    save(model, "weights_only")
+    return graphs
+
+
+def time_session(model_path: Path, past: int, threads: int, repeats: int = 5, steps: int = 20) -> float:
+    """Median ms of one decode step (1 new token, `past` cached) of the ORT session alone."""
+    import onnxruntime as ort
+
+    from awq_edge.backend_ort import session_options
+
+    session = ort.InferenceSession(str(model_path), session_options(threads, 4), providers=["CPUExecutionProvider"])
+    binding = session.io_binding()
+    kept = []
+    outputs = {o.name for o in session.get_outputs()}
+    for i in session.get_inputs():
+        if i.name == "input_ids":
+            binding.bind_cpu_input(i.name, np.array([[42]], np.int64))
+        elif i.name == "past_length":
+            binding.bind_cpu_input(i.name, np.array([past], np.int64))
+        elif i.name.startswith("past_"):
+            kept.append(ort.OrtValue.ortvalue_from_numpy(np.zeros((1, i.shape[1], past + 1, i.shape[3]), np.float32)))
+            binding.bind_ortvalue_input(i.name, kept[-1])
+            if i.name.replace("past_", "present_") in outputs:  # (not in no_attention)
+                binding.bind_ortvalue_output(i.name.replace("past_", "present_"), kept[-1])
+        else:  # weights_only's inputs
+            binding.bind_cpu_input(i.name, np.random.default_rng(0).standard_normal(i.shape).astype(np.float32))
+    for name in outputs:
+        if not name.startswith("present_"):
+            binding.bind_output(name, "cpu")
+    for _ in range(steps):
+        session.run_with_iobinding(binding)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            session.run_with_iobinding(binding)
+        times.append((time.perf_counter() - start) / steps * 1e3)
+    return statistics.median(times)
+
+
+def attention_by_context(engine_dir: Path, contexts: list[int], threads: int) -> dict:
+    """ms per decode step of the session at each cached length: engine, no_attention, weights_only."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="awq-cut-") as tmp:
+        graphs = session_graphs(engine_dir, Path(tmp))
+        for past in contexts:
+            row = {}
+            for name, path in graphs.items():
+                if name == "weights_only" and past != contexts[0]:
+                    row[name] = out[contexts[0]][name]  # no KV input: the same at every length
+                    continue
+                child = subprocess.run([sys.executable, __file__, "--time-session", str(path), str(past), str(threads)],
+                                       capture_output=True, text=True, check=True)
+                row[name] = float(child.stdout.strip().splitlines()[-1])
+            row["attention"] = row["engine"] - row["no_attention"]
+            out[past] = row
+    return out
 
 
 def bytes_per_token(engine) -> dict:
@@ -225,12 +333,16 @@ def thread_matrix(engine_dir: Path, tokens: int, threads: int, runs: int) -> dic
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--time-session"]:  # the child of attention_by_context
+        print(time_session(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("engine", type=Path)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-spin", action="store_true", help="profile with spinning off (default: on, the engine's)")
+    ap.add_argument("--contexts", default="128,512,2048", help="cached lengths for the attention-vs-context table")
     args = ap.parse_args()
     from awq_edge.backend_ort import physical_cores
 
@@ -243,6 +355,7 @@ def main() -> None:
     roofline = bandwidth[f"{threads}_threads_gbs"] * 1e9 / need["total"]
     profile = op_profile(args.engine, args.tokens, threads, not args.no_spin)
     matrix = thread_matrix(args.engine, args.tokens, threads, args.runs)
+    by_context = attention_by_context(args.engine, [int(c) for c in args.contexts.split(",")], threads)
 
     print(f"memory read bandwidth: 1 thread {bandwidth['1_thread_gbs']:.1f} GB/s, {threads} threads "
           f"{bandwidth[f'{threads}_threads_gbs']:.1f} GB/s")
@@ -256,6 +369,10 @@ def main() -> None:
         print(f"  {op:36} {us:8.1f} us  ({profile['nodes_per_token'][op]:.0f} nodes)")
     for k, v in matrix.items():
         print(f"  {k:28} {v:6.1f} tok/s")
+    print("session ms per decode step by cached tokens: engine / no attention / weights only / attention")
+    for past, row in by_context.items():
+        print(f"  {past:6d}  {row['engine']:.3f} / {row['no_attention']:.3f} / {row['weights_only']:.3f} / "
+              f"{row['attention']:.3f}")
     result = {"command": "python benchmarks/cpu_profile.py " + " ".join(sys.argv[1:]),
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.platform(),
               "cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -264,7 +381,8 @@ def main() -> None:
               "spin": not args.no_spin,
               "bandwidth": bandwidth, "bytes_per_token": need, "roofline_tok_s": roofline,
               "decode": decode, "roofline_fraction": decode["decode_tok_s"] / roofline,
-              "ort_profile": profile, "threads_and_spinning": matrix}
+              "ort_profile": profile, "threads_and_spinning": matrix,
+              "session_ms_by_context": by_context}
     path = HERE / "results" / f"cpu_profile-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
