@@ -8,9 +8,9 @@ Every runner is greedy, batch 1, and decodes exactly --new-tokens tokens (EOS ig
 prefilling the same --prompt-tokens ids. Each measurement runs in its own fresh process (so
 one runtime's idle spinning threads cannot slow another: ORT spins its workers), which loads
 the model, does one untimed warm-up and --repeats timed runs, and reports their median (one
-burst of another tenant on a shared machine then moves no measurement). Runners alternate (run 1 of each, then
-run 2 of each in reverse order, ...) so a slow spell of the shared machine hits them all;
-medians are reported. Results: benchmarks/results/cpu_engine-<time>.json and a table.
+burst of another tenant on a shared machine then moves no measurement). Runners alternate
+(run 1 of each, then run 2 of each in reverse order, ...) so a slow spell of the shared machine
+hits them all; medians are reported. Results: benchmarks/results/cpu_engine-<time>.json and a table.
 
 onnxruntime-genai's model is made by its own builder from the float model
 (python -m onnxruntime_genai.models.builder -i <float dir> -o <dir> -p int4 -e cpu) and
@@ -257,7 +257,7 @@ def main() -> None:
             makers["llamacpp"] = lambda: LlamaBench(binary, data.smollm2_gguf(), args.threads)
         else:
             skipped["llama.cpp"] = "not installed (pip install llama-cpp-python, or put llama-bench on PATH)"
-    if args.worker:  # a child process: load, warm up, measure once, print one JSON line
+    if args.worker:  # a child process: load, warm up, measure --repeats times, print one JSON line
         runner = makers[args.worker]()
         runner.run(ids, min(8, args.new_tokens))  # warm-up (graph optimisation, allocator, caches)
         timed = [runner.run(ids, args.new_tokens) for _ in range(max(1, args.repeats))]

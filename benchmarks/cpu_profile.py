@@ -106,13 +106,15 @@ def session_graphs(engine_dir: Path, into: Path) -> dict:
     return graphs
 
 
-def time_session(model_path: Path, past: int, threads: int, repeats: int = 5, steps: int = 20) -> float:
-    """Median ms of one decode step (1 new token, `past` cached) of the ORT session alone."""
+def time_session(model_path: Path, past: int, threads: int, accuracy_level: int, repeats: int = 5,
+                 steps: int = 20) -> float:
+    """Median ms of one decode step (1 new token, `past` cached) of the ORT session alone, with
+    the session options Engine.load gives it (accuracy_level: export.json's matmul_accuracy_level)."""
     import onnxruntime as ort
 
     from awq_edge.backend_ort import session_options
 
-    session = ort.InferenceSession(str(model_path), session_options(threads, 4), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path), session_options(threads, accuracy_level), providers=["CPUExecutionProvider"])
     binding = session.io_binding()
     kept = []
     outputs = {o.name for o in session.get_outputs()}
@@ -145,6 +147,7 @@ def time_session(model_path: Path, past: int, threads: int, repeats: int = 5, st
 def attention_by_context(engine_dir: Path, contexts: list[int], threads: int) -> dict:
     """ms per decode step of the session at each cached length: engine, no_attention, weights_only."""
     out = {}
+    accuracy_level = json.loads((engine_dir / "export.json").read_text())["matmul_accuracy_level"]
     with tempfile.TemporaryDirectory(prefix="awq-cut-") as tmp:
         graphs = session_graphs(engine_dir, Path(tmp))
         for past in contexts:
@@ -153,7 +156,8 @@ def attention_by_context(engine_dir: Path, contexts: list[int], threads: int) ->
                 if name == "weights_only" and past != contexts[0]:
                     row[name] = out[contexts[0]][name]  # no KV input: the same at every length
                     continue
-                child = subprocess.run([sys.executable, __file__, "--time-session", str(path), str(past), str(threads)],
+                child = subprocess.run([sys.executable, __file__, "--time-session", str(path), str(past), str(threads),
+                                        str(accuracy_level)],
                                        capture_output=True, text=True, check=True)
                 row[name] = float(child.stdout.strip().splitlines()[-1])
             row["attention"] = row["engine"] - row["no_attention"]
@@ -334,7 +338,7 @@ def thread_matrix(engine_dir: Path, tokens: int, threads: int, runs: int) -> dic
 
 def main() -> None:
     if sys.argv[1:2] == ["--time-session"]:  # the child of attention_by_context
-        print(time_session(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+        print(time_session(Path(sys.argv[2]), *map(int, sys.argv[3:6])))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("engine", type=Path)
