@@ -70,9 +70,6 @@ class QuantizeSettings:
     # adds one), and the statistics and losses skip those first positions (an attention sink's
     # huge activations would otherwise dominate |x|); deployed-all: the same, counting them
     calib_protocol: str = "plain"
-    # the fraction of the calibration sequences the float model samples itself (self_sampled_tokens)
-    # instead of cutting them from the text: a mix that is not the calibration text's one domain
-    calib_self: float = 0.0
 
     def validate(self) -> None:
         if self.method not in ("awq", "rtn"):
@@ -87,8 +84,6 @@ class QuantizeSettings:
             raise UserError(f"--calib-protocol {self.calib_protocol} is unknown; use {', '.join(CALIB_PROTOCOLS)}")
         if self.calib_samples < 1 or self.calib_seqlen < 16:
             raise UserError("--calib-samples must be >= 1 and --calib-seqlen >= 16")
-        if not 0.0 <= self.calib_self <= 1.0:
-            raise UserError(f"--calib-self {self.calib_self} is not a fraction; give a number from 0 to 1")
 
 
 # ---------------------------------------------------------------- INT4 group quantization
@@ -256,36 +251,6 @@ def calibration_tokens(tokenizer, texts: list[str], n_samples: int, seqlen: int,
                         "give more text or a smaller --calib-seqlen")
     text = torch.tensor(ids[: n * body], dtype=torch.long).reshape(n, body)
     return torch.cat([torch.tensor(list(prefix), dtype=torch.long).expand(n, len(prefix)), text], dim=1)
-
-
-def self_sampled_tokens(model_dir, tokenizer, n_samples: int, seqlen: int, seed: int = 0,
-                        prefix: list[int] = (), batch_size: int = 8) -> torch.Tensor:
-    """[n, seqlen] tokens the float model samples itself: `prefix` + seqlen - len(prefix) tokens
-    drawn (temperature 1, top-p 0.95) after its start token (BOS, else EOS), which is then dropped.
-
-    Whatever the model writes unprompted spans its training mix (prose, code, lists), not the one
-    domain of a calibration file. Loads the whole float model: for small models."""
-    from .model import load_float_model
-
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise UserError("the tokenizer has neither a BOS nor an EOS token to start self-sampled calibration from; "
-                        "use --calib-self 0")
-    model, _ = load_float_model(model_dir, dtype=torch.float32)
-    body = seqlen - len(prefix)
-    torch.manual_seed(seed)
-    rows = []
-    with torch.no_grad():
-        for i in range(0, n_samples, batch_size):
-            b = min(batch_size, n_samples - i)
-            x = torch.full((b, 1), start, dtype=torch.long)
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0,
-                                 top_p=0.95, top_k=0, min_new_tokens=body, max_new_tokens=body,
-                                 pad_token_id=start)
-            rows.append(out[:, 1:1 + body])
-    del model
-    text = torch.cat(rows)
-    return torch.cat([torch.tensor(list(prefix), dtype=torch.long).expand(n_samples, len(prefix)), text], dim=1)
 
 
 # ---------------------------------------------------------------- capturing block inputs
@@ -712,14 +677,8 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
         from .evaluate import window_prefix
 
         prefix = window_prefix(tokenizer, "plain" if settings.calib_protocol == "plain" else "deployed")
-        n_self = round(settings.calib_samples * settings.calib_self)
-        tokens = calibration_tokens(tokenizer, texts, settings.calib_samples - n_self, settings.calib_seqlen,
-                                    settings.calib_seed, prefix) if n_self < settings.calib_samples else None
-        if n_self:
-            sampled = self_sampled_tokens(model_dir, tokenizer, n_self, settings.calib_seqlen, settings.calib_seed, prefix)
-            tokens = sampled if tokens is None else torch.cat([tokens, sampled])
-            # interleaved: the scale search's loss sequences are the first ones, and get both kinds
-            tokens = tokens[torch.randperm(len(tokens), generator=torch.Generator().manual_seed(settings.calib_seed))]
+        tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen,
+                                    settings.calib_seed, prefix)
     skip = len(prefix) if settings.calib_protocol == "deployed" else 0
     result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize,
                             skip_positions=skip)
