@@ -28,7 +28,7 @@ from .decoder import buffer_shapes, decode_ops, step_ids
 from .engine_dir import DecoderInfo
 from .errors import UserError
 from .memory import PREFILL_CHUNK, format_size
-from .sampling import DeviceLogits, fp32_draw
+from .sampling import NO_USABLE_LOGITS, DeviceLogits, fp32_draw
 
 CHUNK_BYTES = 64 << 20           # weights go to the GPU in pieces this size: no second host copy
 # Launch shapes of the kernels (their comments in plugins/kernels/*.cu give the same).
@@ -264,6 +264,9 @@ class CudaBackend:
                      ("f32", settings.top_p), self.uniform, self.sample_work, self.token])
         token = np.empty(1, np.int32)
         self.drv.download(token, self.token)  # synchronizes: new, count and draw are no longer read
+        if token[0] < 0:  # the kernel found no logit above -inf (NaN counts as -inf)
+            self.seen_mirror = []  # the device history is re-uploaded whole next time
+            raise UserError(NO_USABLE_LOGITS)
         self.seen_mirror = (seen + [int(token[0])])[:self.max_context]
         return int(token[0])
 

@@ -1,7 +1,9 @@
 """Next-token choice from float32 logits, in numpy: repetition penalty, temperature, top-k, top-p.
 
 temperature 0 means greedy (argmax after the repetition penalty). The random generator is
-seeded once per generation, so the same seed and prompt give the same text.
+seeded once per generation, so the same seed and prompt give the same text. A NaN logit counts
+as -inf (np.argmax would pick it: a broken step must not choose a token by accident), and a step
+with no logit above -inf is an error (NO_USABLE_LOGITS), here and in plugins/kernels/sample.cu.
 """
 from __future__ import annotations
 
@@ -43,10 +45,25 @@ def apply_repetition_penalty(logits: np.ndarray, seen_ids, penalty: float) -> np
     return logits
 
 
+NO_USABLE_LOGITS = ("every logit of this step is NaN or -inf, so no token can be chosen; the engine or "
+                    "checkpoint is broken (rebuild it from the checkpoint, or re-quantize)")
+
+
+def usable_logits(logits: np.ndarray) -> np.ndarray:
+    """logits with NaN as -inf (a copy only when there is a NaN); UserError when none is above -inf."""
+    nan = np.isnan(logits)
+    if nan.any():
+        logits = np.where(nan, np.float32(-np.inf), logits)
+    if not (logits > -np.inf).any():
+        raise UserError(NO_USABLE_LOGITS)
+    return logits
+
+
 def candidates(logits: np.ndarray, settings: SamplingSettings, seen_ids=()):
     """(ids highest first, their probabilities) after the penalty, temperature, top-k and top-p."""
     s = settings
-    logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), seen_ids, s.repetition_penalty)
+    logits = usable_logits(apply_repetition_penalty(np.asarray(logits, dtype=np.float32), seen_ids,
+                                                    s.repetition_penalty))
     if 0 < s.top_k < logits.shape[0]:
         ids = np.argpartition(logits, -s.top_k)[-s.top_k:]
     else:
@@ -69,7 +86,10 @@ def choose_token(logits: np.ndarray, settings: SamplingSettings, seen_ids=(), un
     if settings.temperature == 0:
         logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), seen_ids,
                                           settings.repetition_penalty)
-        return int(np.argmax(logits))
+        best = int(np.argmax(logits))
+        if np.isnan(logits[best]) or logits[best] == -np.inf:  # argmax returns the first NaN there is
+            best = int(np.argmax(usable_logits(logits)))
+        return best
     ids, probs = candidates(logits, settings, seen_ids)
     return int(ids[min(np.searchsorted(np.cumsum(probs), uniform), len(ids) - 1)])
 

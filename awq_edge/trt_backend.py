@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .sampling import DeviceLogits, fp32_draw
+from .sampling import NO_USABLE_LOGITS, DeviceLogits, fp32_draw
 
 
 def check_manifest(manifest: dict, gpus: list, tensorrt_version: str | None) -> None:
@@ -169,6 +169,8 @@ class TrtBackend:
         token = np.zeros(1, dtype=np.int32)
         cuda.check(cuda.lib.cudaMemcpyAsync(token.ctypes.data, self.sample_token_out, 4, 2, self.stream), "D2H")
         cuda.stream_synchronize(self.stream)
+        if token[0] < 0:  # the kernel found no logit above -inf (NaN counts as -inf)
+            raise UserError(NO_USABLE_LOGITS)
         return int(token[0])
 
     # ------------------------------------------------------------ steps

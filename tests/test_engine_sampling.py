@@ -124,3 +124,31 @@ def test_device_logits_get_the_same_draw_as_the_host_path():
     greedy = Sampler(SamplingSettings(temperature=0.0, seed=3))
     greedy(logits, [])
     assert logits.calls[-1][2] == 0.0 and greedy.rng.random() == np.random.default_rng(3).random()
+
+
+@pytest.mark.parametrize("settings", [SamplingSettings(temperature=0), SamplingSettings(temperature=0, repetition_penalty=1.3),
+                                      SamplingSettings(temperature=1.0, top_k=0, top_p=1.0),
+                                      SamplingSettings(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.2)])
+def test_a_nan_logit_is_never_chosen(settings):
+    """np.argmax returns the first NaN, and a NaN in the softmax poisons every probability: a NaN
+    counts as -inf (plugins/kernels/sample.cu follows the same rule)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=1000).astype(np.float32)
+    nan_ids = [3, 500, int(np.argmax(logits))]
+    logits[nan_ids] = np.nan
+    for seed in range(30):
+        token = Sampler(SamplingSettings(**{**settings.__dict__, "seed": seed}))(logits, seen_ids=[3, 7, 9])
+        assert 0 <= token < 1000 and token not in nan_ids
+    if settings.temperature == 0:
+        clean = logits.copy()
+        clean[nan_ids] = -np.inf
+        assert Sampler(settings)(logits, [3, 7, 9]) == Sampler(settings)(clean, [3, 7, 9])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_no_logit_above_minus_inf_is_a_one_line_error(temperature):
+    logits = np.full(100, np.nan, np.float32)
+    logits[:40] = -np.inf
+    with pytest.raises(UserError) as e:
+        Sampler(SamplingSettings(temperature=temperature))(logits)
+    assert "NaN or -inf" in str(e.value) and "\n" not in str(e.value)

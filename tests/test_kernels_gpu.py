@@ -148,6 +148,29 @@ def test_sampling_ties_pick_the_lowest_id(gpu):
     assert sample_on_gpu(gpu, logits, SamplingSettings(0.0), [], 0.0) == 17
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p, penalty", [(0.0, 0, 1.0, 1.0), (0.0, 0, 1.0, 1.3),
+                                                                  (1.0, 0, 1.0, 1.0), (0.7, 50, 0.9, 1.2)])
+def test_sampling_never_picks_a_nan_logit(gpu, temperature, top_k, top_p, penalty):
+    """A NaN counts as -inf, as in choose_token; with no logit above -inf the token is -1."""
+    from awq_edge.sampling import SamplingSettings, choose_token
+
+    settings = SamplingSettings(temperature, top_k, top_p, penalty)
+    rng = np.random.default_rng(7)
+    for i in range(20):
+        logits = (rng.standard_normal(49152) * 3).astype(np.float32)
+        nan_ids = rng.integers(0, 49152, size=50).tolist() + [int(np.argmax(logits))]
+        logits[nan_ids] = np.nan
+        seen = nan_ids[:5] + rng.integers(0, 49152, size=10).tolist()
+        u = float(rng.random())
+        got = sample_on_gpu(gpu, logits, settings, seen, u)
+        assert 0 <= got < 49152 and got not in nan_ids
+        if temperature == 0:
+            assert got == choose_token(logits, settings, seen, u)
+    nothing = np.full(1000, np.nan, np.float32)
+    nothing[:500] = -np.inf
+    assert sample_on_gpu(gpu, nothing, settings, [], 0.5) == -1
+
+
 def test_sampling_invalid_arguments_are_refused(gpu):
     cuda, lib = gpu
     buf = cuda.malloc(1 << 16)

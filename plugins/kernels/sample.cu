@@ -95,15 +95,16 @@ __device__ __forceinline__ void sample(const float* __restrict__ logits, int voc
     float* logit = work;          // [vocab] logits after the repetition penalty
     float* prob = work + vocab;   // [vocab] exp((logit - max) / T) of the top-k candidates, else 0
 
-    // 1. repetition penalty, computed from the input logit so a repeated id is penalised once
-    for (int i = tid; i < vocab; i += kThreads) logit[i] = logits[i];
+    // 1. repetition penalty, computed from the input logit so a repeated id is penalised once.
+    // A NaN logit counts as -inf: its order key would be above +inf's and win the argmax.
+    for (int i = tid; i < vocab; i += kThreads) logit[i] = isnan(logits[i]) ? -INFINITY : logits[i];
     __syncthreads();
     if (penalty != 1.f) {
         for (int j = tid; j < n_seen; j += kThreads) {
             const int id = seen[j];
             if (id >= 0 && id < vocab) {
                 const float x = logits[id];
-                logit[id] = x > 0.f ? x / penalty : x * penalty;
+                logit[id] = isnan(x) ? -INFINITY : x > 0.f ? x / penalty : x * penalty;
             }
         }
         __syncthreads();
@@ -117,6 +118,10 @@ __device__ __forceinline__ void sample(const float* __restrict__ logits, int voc
         best = best > packed ? best : packed;
     }
     best = block_reduce(best, MaxOp(), partial_u64);
+    if (static_cast<uint32_t>(best >> 32) == order_key(-INFINITY)) {  // nothing above -inf: no token
+        if (tid == 0) *token = -1;  // the host raises sampling.NO_USABLE_LOGITS
+        return;
+    }
     if (temperature <= 0.f) {
         if (tid == 0) *token = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(best & 0xffffffffu));
         return;
@@ -245,8 +250,9 @@ awq_sample_step(const float* __restrict__ logits, int vocab, int32_t* __restrict
     const int count = *n_seen;
     sample(logits, vocab, seen, count, penalty, temperature, top_k, top_p, *uniform, work, token);
     if (threadIdx.x == 0) {  // the thread that wrote the token
-        if (count < seen_capacity) seen[count] = *token;
-        *n_seen = count < seen_capacity ? count + 1 : count;
+        const bool append = *token >= 0 && count < seen_capacity;
+        if (append) seen[count] = *token;
+        *n_seen = append ? count + 1 : count;
     }
 }
 

@@ -9,6 +9,7 @@
  *   5. with u = `uniform` in [0, 1) drawn by the caller: the first kept id, highest first,
  *      at which the cumulative mass reaches u * (kept mass).
  * Given the same u the token is the host Sampler's, up to float rounding at a boundary.
+ * A NaN logit counts as -inf; when no logit is above -inf, `token` receives -1 (the host raises).
  *
  * `work` is scratch of AWQ_SAMPLE_WORK_FLOATS(vocab) floats; `token` receives the id.
  * Requirements (checked; a violation returns AWQ_SAMPLE_INVALID_ARGUMENT, nothing launched):
