@@ -104,8 +104,7 @@ def quantize(
     calib_seed: int = typer.Option(0, help="seed of the calibration texts' shuffle (another seed, another sample)"),
     calib_protocol: str = typer.Option("plain", help="plain: calibration sequences start mid-text (the default); "
                                                      "deployed: with what a deployed prompt starts with (the BOS, "
-                                                     "where one is added), left out of the statistics; deployed-all: "
-                                                     "counted. Experimental: see docs/quantizer.md"),
+                                                     "where one is added). See docs/quantizer.md"),
     method: str = typer.Option("awq", help="awq, or rtn (round-to-nearest, no calibration)"),
     duo_scaling: bool = typer.Option(False, help="AutoAWQ's scale variant: x_mean^a / w_mean^(1-a)"),
     rounding: str = typer.Option("gptq", help="gptq: on AWQ's grid, each weight's level chosen to cancel "

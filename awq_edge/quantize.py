@@ -38,7 +38,7 @@ from .families import Family
 from .packing import GROUP_SIZES, MAX_INT
 
 
-CALIB_PROTOCOLS = ("plain", "deployed", "deployed-all")
+CALIB_PROTOCOLS = ("plain", "deployed")
 
 
 @dataclass
@@ -67,8 +67,9 @@ class QuantizeSettings:
     device: str = "cpu"
     # plain: calibration sequences start mid-text (the AWQ reference); deployed: each starts as a
     # deployed prompt does (evaluate.deployed_prefix: the BOS where the tokenizer or chat template
-    # adds one), and the statistics and losses skip those first positions (an attention sink's
-    # huge activations would otherwise dominate |x|); deployed-all: the same, counting them
+    # adds one), counted everywhere: every later token reads the sink through attention, so its
+    # activations must be in the statistics, H and the losses (leaving them out measured worse
+    # than RTN, docs/quantizer.md session 17)
     calib_protocol: str = "plain"
 
     def validate(self) -> None:
@@ -460,12 +461,10 @@ def _release(lin: nn.Linear) -> None:
 
 
 def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings: QuantizeSettings,
-                   progress: bool = True, materialize=lambda i: None, skip_positions: int = 0) -> QuantizeResult:
+                   progress: bool = True, materialize=lambda i: None) -> QuantizeResult:
     """Quantize every decoder block of `model` in place (its norms take the folded scales).
 
     materialize(i) loads block i's weights just before it is needed (see model.load_for_quantization).
-    skip_positions: the first positions of every sequence (a deployed prompt's BOS) run through
-    the blocks but are left out of the |x| statistics, the Gram matrices and the per-token losses.
     """
     settings.validate()
     started = time.time()
@@ -509,7 +508,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         def hook(name):
             def fn(_module, args, _out):
                 x = args[0].detach().float()
-                flat = x[:, skip_positions:].reshape(-1, x.shape[-1])
+                flat = x.reshape(-1, x.shape[-1])
                 abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
                 if name in grams:
                     grams[name] += flat.T @ flat  # in place after the first batch: one K x K sum alive
@@ -527,7 +526,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             for xb in _batched(inputs, settings.batch_size):
                 outputs.append(_layer_output(layer(xb.to(dev), **kwargs)).float().cpu())
                 counted["seqs"] += len(xb)
-                counted["tokens"] += xb.shape[0] * (xb.shape[1] - skip_positions)
+                counted["tokens"] += xb.shape[0] * xb.shape[1]
         for h in handles:
             h.remove()
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
@@ -550,10 +549,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             for name, lin in linears.items():
                 clip, gptq_h = None, None
                 if name not in ("q_proj", "k_proj"):
-                    x = loss_inputs[name]
-                    if name in ATTENTION_INPUTS:  # whole sequences: drop the skipped first positions
-                        x = x[:, skip_positions:]
-                    x = x.reshape(-1, x.shape[-1])
+                    x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
                     clip = search_clip(lin.weight.data, x, settings) if settings.clip_grid > 0 else None
                     if settings.rounding == "gptq":
                         gptq_h = grams.pop(name) if name in grams else gram(x)
@@ -679,9 +675,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
         prefix = window_prefix(tokenizer, "plain" if settings.calib_protocol == "plain" else "deployed")
         tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen,
                                     settings.calib_seed, prefix)
-    skip = len(prefix) if settings.calib_protocol == "deployed" else 0
-    result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize,
-                            skip_positions=skip)
+    result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize)
     metadata = {
         "awq_edge_version": __version__,
         "source_model": str(source),
