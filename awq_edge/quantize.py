@@ -58,11 +58,15 @@ class QuantizeSettings:
     gptq_damp: float = 1.0  # gptq_round's damping, a fraction of the mean diagonal of H
     # linears whose H sums over every calibration token, not the loss tokens (docs/quantizer.md)
     gptq_all_tokens: tuple = ("down_proj",)
+    # linears whose H sums over the strided token sample of all sequences (the per-token linears'
+    # loss tokens) instead of their captured whole sequences: v_proj is the one it changes
+    gptq_strided: tuple = ()
     # after the rounding, each (row, group)'s scale refit to its levels by least squares under H
     # (refit_scales): none | full (H) | diag (H's diagonal only); refit_damp as gptq_damp. Only with
-    # rounding gptq, the linears that have an H (not q/k)
+    # rounding gptq, the linears that have an H (not q/k) and are named in refit_linears
     scale_refit: str = "none"
     refit_damp: float = 1.0
+    refit_linears: tuple = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
     # plain: calibration sequences start mid-text (the AWQ reference); deployed: each starts as a
@@ -502,7 +506,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         # a. float outputs for the next block; |x| statistics; loss inputs
         abs_sum: dict[str, torch.Tensor] = {}
         captured: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-        grams = {n: 0 for n in linears if settings.rounding == "gptq" and n in settings.gptq_all_tokens}
+        grams = {n: 0 for n in linears if settings.rounding == "gptq"
+                 and (n in settings.gptq_all_tokens or n in settings.gptq_strided)}
         counted = {"tokens": 0, "seqs": 0}
 
         def hook(name):
@@ -511,7 +516,11 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 flat = x.reshape(-1, x.shape[-1])
                 abs_sum[name] = abs_sum.get(name, 0) + flat.abs().sum(0)
                 if name in grams:
-                    grams[name] += flat.T @ flat  # in place after the first batch: one K x K sum alive
+                    if name in settings.gptq_strided:
+                        sample = flat[(-counted["tokens"]) % token_stride::token_stride]
+                        grams[name] += sample.T @ sample
+                    else:
+                        grams[name] += flat.T @ flat  # in place after the first batch: one K x K sum alive
                 if name in ATTENTION_INPUTS:
                     if counted["seqs"] < n_loss:
                         captured[name].append(x[: n_loss - counted["seqs"]].clone())
@@ -554,8 +563,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                     if settings.rounding == "gptq":
                         gptq_h = grams.pop(name) if name in grams else gram(x)
                 result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(
-                    lin, settings.group_size, clip, gptq_h, settings.gptq_damp, settings.scale_refit,
-                    settings.refit_damp)
+                    lin, settings.group_size, clip, gptq_h, settings.gptq_damp,
+                    settings.scale_refit if name in settings.refit_linears else "none", settings.refit_damp)
                 _release(lin)
         layer.to(orig_dtype)
         result.layer_report.append(report)
