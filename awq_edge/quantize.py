@@ -681,7 +681,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     if settings.method == "awq":
         from .evaluate import window_prefix
 
-        prefix = window_prefix(tokenizer, "plain" if settings.calib_protocol == "plain" else "deployed")
+        prefix = window_prefix(tokenizer, settings.calib_protocol)  # the evaluation protocols' names
         tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen,
                                     settings.calib_seed, prefix)
     result = quantize_model(model, family, tokens, settings, progress=progress, materialize=materialize)

@@ -157,7 +157,7 @@ def calibration(model: str, samples: int | None, seqlen: int | None, out: Path) 
     model_dir = resolve_source(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = data.read_texts(data.fetch_wikipedia()[0])
-    prefix = window_prefix(tokenizer, "plain" if settings.calib_protocol == "plain" else "deployed")
+    prefix = window_prefix(tokenizer, settings.calib_protocol)
     tokens = calibration_tokens(tokenizer, texts, settings.calib_samples, settings.calib_seqlen,
                                 settings.calib_seed, prefix)
     np.save(out, tokens.numpy().astype(np.int64))
