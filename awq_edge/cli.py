@@ -110,6 +110,10 @@ def quantize(
     rounding: str = typer.Option("gptq", help="gptq: on AWQ's grid, each weight's level chosen to cancel "
                                               "earlier rounding errors; nearest: the AWQ reference's rounding "
                                               "(docs/quantizer.md)"),
+    tune_steps: Optional[int] = typer.Option(None, help="SignRound steps per block after the rounding: levels "
+                                             "tuned on the block's output (0: off; default: the quantizer's, "
+                                             "see docs/quantizer.md; on SmolLM2 a step costs ~0.4 s per block "
+                                             "on 2 cores)"),
     device: str = typer.Option("auto", help="cpu, cuda, or auto"),
     checkpoint_format: str = typer.Option("awq", "--format",
                                           help="awq (AutoAWQ GEMM) or compressed-tensors (llm-compressor's "
@@ -122,7 +126,8 @@ def quantize(
 
     settings = QuantizeSettings(method=method, group_size=group_size, calib_samples=calib_samples,
                                 calib_seqlen=calib_seqlen, calib_seed=calib_seed, duo_scaling=duo_scaling,
-                                rounding=rounding, device=device, calib_protocol=calib_protocol)
+                                rounding=rounding, device=device, calib_protocol=calib_protocol,
+                                **({} if tune_steps is None else {"block_tune_steps": tune_steps}))
     meta = quantize_checkpoint(model, output, settings, str(calib) if calib else None, force=force,
                                checkpoint_format=checkpoint_format)
     typer.echo(f"wrote {output} ({method}, group {group_size}, {checkpoint_format}) in {meta['seconds']:.0f} s, "

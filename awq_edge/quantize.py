@@ -13,8 +13,9 @@ Reads top to bottom as the algorithm runs:
      c. fold the scales into the previous op (norm weight or linear rows);
      d. search a clipping threshold per (output channel, group) for every linear but q and k;
      e. quantize to INT4 on that grid (default `rounding="gptq"`: levels chosen by gptq_round so
-        rounding errors cancel on the calibration inputs; "nearest": the reference's rounding) and
-        drop the block's float weights (memory stays ~one block).
+        rounding errors cancel on the calibration inputs; "nearest": the reference's rounding);
+     f. (`block_tune_steps` > 0) tune the block's levels together on its output (SignRound),
+        then drop the block's float weights (memory stays ~one block).
 lm_head, embeddings and norms stay float.
 
 Memory: the model in its own dtype + one block in fp32 + calib inputs/outputs
@@ -67,6 +68,13 @@ class QuantizeSettings:
     scale_refit: str = "none"
     refit_damp: float = 1.0
     refit_linears: tuple = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # after the rounding, SignRound (Cheng et al. 2023) on each whole block: every linear's levels
+    # (within +-0.5 of the value they were rounded from) tuned together by signed gradient descent on
+    # the MSE of the block's output, float inputs in, float outputs as targets (tune_block_outputs;
+    # the grid, scales and zeros, is kept). 0 steps: off. docs/quantizer.md session 18
+    block_tune_steps: int = 20
+    block_tune_batch: int = 2  # sequences per step
+    block_tune_lr: float = 0.25  # x 1 / steps: how far a level's value may travel in all (x 0.5)
     batch_size: int = 8  # sequences per forward
     device: str = "cpu"
     # plain: calibration sequences start mid-text (the AWQ reference); deployed: each starts as a
@@ -87,6 +95,8 @@ class QuantizeSettings:
             raise UserError(f"--group-size {self.group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
         if self.calib_protocol not in CALIB_PROTOCOLS:
             raise UserError(f"--calib-protocol {self.calib_protocol} is unknown; use {', '.join(CALIB_PROTOCOLS)}")
+        if self.block_tune_steps < 0 or self.block_tune_batch < 1:
+            raise UserError("--tune-steps must be >= 0 (0: no block tuning)")
         if self.calib_samples < 1 or self.calib_seqlen < 16:
             raise UserError("--calib-samples must be >= 1 and --calib-seqlen >= 16")
 
@@ -166,7 +176,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_round(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-               damp: float, clip: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
+               damp: float, clip: torch.Tensor | None = None, block: int = 128, continuous: bool = False):
     """q uint8 [out, in] on the grid of scales/zeros [out, groups] (and clip [out, groups]) that
     quantize_tensor chose, rounded one input column at a time, each column's rounding error pushed
     onto the columns not yet rounded (GPTQ, Frantar et al. 2022): the error of x @ W^T stays small,
@@ -177,6 +187,9 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: to
     The damping is heavy (1.0 by default) on purpose: with
     GPTQ's usual 0.01 the rounding fits the calibration text and Wikipedia calibration made
     Shakespeare worse (docs/quantizer.md, session 11).
+
+    continuous=True also returns the values that were rounded ([out, in] fp32, in levels: round
+    and clamp them to get q), where block tuning starts from.
     """
     w = w.float().clone()
     out_f, k = w.shape
@@ -189,18 +202,33 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: to
     u = torch.linalg.cholesky(h, upper=True)
     del h
     q = torch.empty(out_f, k, dtype=torch.uint8, device=w.device)
+    values = torch.empty(out_f, k, device=w.device) if continuous else None
     for b0 in range(0, k, block):  # columns in blocks: the rest of w gets one matmul per block
         b1 = min(k, b0 + block)
         wb = w[:, b0:b1]
         err = torch.empty_like(wb)
         for j in range(b1 - b0):
             c, g = b0 + j, (b0 + j) // group_size
-            qc = _levels(wb[:, j].clamp(-limit[:, g], limit[:, g]), step[:, g], zero[:, g])
+            wc = wb[:, j].clamp(-limit[:, g], limit[:, g])
+            qc = _levels(wc, step[:, g], zero[:, g])
             q[:, c] = qc.to(torch.uint8)
+            if continuous:
+                values[:, c] = wc / step[:, g] + zero[:, g]
             err[:, j] = (wb[:, j] - (qc - zero[:, g]) * step[:, g]) / u[c, c]
             wb[:, j + 1:] -= err[:, j:j + 1] * u[c, c + 1:b1]
         w[:, b1:] -= err @ u[b0:b1, b1:]
-    return q.cpu()
+    return (q.cpu(), values) if continuous else q.cpu()
+
+
+def nearest_values(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                   clip: torch.Tensor | None = None) -> torch.Tensor:
+    """What round-to-nearest rounds: w (clamped to +-clip) / scale + zero, [out, in] fp32 in levels."""
+    k = w.shape[1]
+    expand = lambda t: t.float().repeat_interleave(group_size, 1)[:, :k]
+    w = w.float()
+    if clip is not None:
+        w = torch.maximum(torch.minimum(w, expand(clip)), -expand(clip))
+    return w / expand(scales) + expand(zeros)
 
 
 @torch.no_grad()
@@ -444,19 +472,96 @@ def _batched(t: torch.Tensor, batch: int):
 
 
 def _to_quantized(lin: nn.Linear, group_size: int, clip=None, gptq_h=None, damp: float | None = None,
-                  refit: str = "none", refit_damp: float = 1.0) -> QuantizedLinear:
+                  refit: str = "none", refit_damp: float = 1.0, continuous: bool = False):
     """The linear's INT4 form; with gptq_h (gram of its calibration inputs) and damp, rounded by
-    gptq_round, then (refit full|diag) its scales refit to those levels under gptq_h."""
+    gptq_round, then (refit full|diag) its scales refit to those levels under gptq_h.
+    continuous=True: (that, the values the levels were rounded from), for tune_block_outputs."""
     q, scales, zeros = quantize_tensor(lin.weight.data, group_size, clip)
+    values = None
     if gptq_h is not None:
         dev = gptq_h.device
         scales_dev, zeros_dev = scales.to(dev), zeros.to(dev)
-        q = gptq_round(lin.weight.data, gptq_h, scales_dev, zeros_dev, group_size, damp, clip)
+        q = gptq_round(lin.weight.data, gptq_h, scales_dev, zeros_dev, group_size, damp, clip,
+                       continuous=continuous)
+        if continuous:
+            q, values = q
         if refit != "none":
             scales = refit_scales(lin.weight.data, q.to(dev), scales_dev, zeros_dev, gptq_h, group_size,
                                   refit_damp, diagonal=refit == "diag").cpu()
+    elif continuous:
+        values = nearest_values(lin.weight.data, scales.to(lin.weight.device), zeros.to(lin.weight.device),
+                                group_size, clip)
     bias = lin.bias.data.float().cpu().numpy() if lin.bias is not None else None
-    return QuantizedLinear(q.numpy(), scales.numpy(), zeros.numpy(), group_size, bias)
+    quantized = QuantizedLinear(q.numpy(), scales.numpy(), zeros.numpy(), group_size, bias)
+    return (quantized, values) if continuous else quantized
+
+
+def tune_block_outputs(layer, rounded: dict, inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict,
+                       settings: QuantizeSettings) -> tuple[dict, dict]:
+    """SignRound (Cheng et al. 2023, AutoRound) on one block, started from the levels it has.
+
+    rounded: linear module -> (QuantizedLinear, the values its levels were rounded from). Each
+    linear's weight becomes (clamp(round(values + v), 0, 15) - zero) * scale with v in [-0.5, 0.5]
+    per weight, 0 at the start (the levels as rounded); round passes the gradient straight through.
+    v follows the sign of the gradient of the block output's MSE against the float block's, on
+    `block_tune_batch` random calibration sequences per step, the step size falling linearly from
+    block_tune_lr / steps (AutoRound's schedule with lr 1; on SmolLM2 0.25 measured best: only
+    values near a rounding boundary should flip). The first `batch_size` sequences (a quarter at
+    most) are held out of the steps; the result is kept only if it lowers their MSE.
+    -> ({module: new QuantizedLinear}, report)."""
+    steps = settings.block_tune_steps
+    dev = next(layer.parameters()).device
+    paths = {id(m): n for n, m in layer.named_modules()}
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    state = {}
+    for lin, (ql, values) in rounded.items():
+        k = ql.q.shape[1]
+        expand = lambda a: torch.from_numpy(np.asarray(a)).float().to(dev).repeat_interleave(ql.group_size, 1)[:, :k]
+        state[lin] = dict(values=values.to(dev), zero=expand(ql.zeros), scale=expand(ql.scales),
+                          v=torch.zeros_like(values, device=dev, requires_grad=True))
+
+    def weights(tuned: bool = True):
+        out = {}
+        for lin, st in state.items():
+            x = st["values"] + st["v"] if tuned else st["values"]
+            levels = (x + (torch.round(x) - x).detach()).clamp(0, MAX_INT)  # round, gradient straight through
+            out[paths[id(lin)] + ".weight"] = (levels - st["zero"]) * st["scale"]
+        return out
+
+    def block_mse(w, seqs):
+        y = _layer_output(torch.func.functional_call(layer, w, (inputs[seqs].to(dev),), kwargs))
+        return (y - targets[seqs].to(dev)).pow(2).mean()
+
+    # the first batch_size sequences judge the result, the others train (all, if too few)
+    n_check = min(settings.batch_size, len(inputs) // 4)
+    check = torch.arange(max(n_check, 1))
+    with torch.no_grad():
+        before = block_mse(weights(tuned=False), check).item()
+    gen = torch.Generator().manual_seed(settings.calib_seed)
+    params = [st["v"] for st in state.values()]
+    for step in range(steps):
+        seqs = n_check + torch.randperm(len(inputs) - n_check, generator=gen)[:settings.block_tune_batch]
+        loss = block_mse(weights(), seqs)
+        grads = torch.autograd.grad(loss, params)
+        lr = settings.block_tune_lr * (1 - step / steps) / steps
+        with torch.no_grad():
+            for t, g in zip(params, grads):
+                t.sub_(lr * torch.sign(g))
+            for v in params:
+                v.clamp_(-0.5, 0.5)
+    with torch.no_grad():
+        after = block_mse(weights(), check).item()
+    report = {"mse_before": before, "mse_after": after, "kept": after < before}
+    if not after < before:
+        return {lin: ql for lin, (ql, _) in rounded.items()}, report
+    new = {}
+    with torch.no_grad():
+        for lin, st in state.items():
+            ql = rounded[lin][0]
+            q = torch.round(st["values"] + st["v"]).clamp(0, MAX_INT).to(torch.uint8).cpu().numpy()
+            new[lin] = QuantizedLinear(q, ql.scales, ql.zeros, ql.group_size, ql.bias)
+    return new, report
 
 
 def _release(lin: nn.Linear) -> None:
@@ -555,6 +660,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
 
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
             # (--rounding gptq: not q/k either; their output MSE measured a poor guide there too)
+            tuning = settings.block_tune_steps > 0
+            rounded = {}
             for name, lin in linears.items():
                 clip, gptq_h = None, None
                 if name not in ("q_proj", "k_proj"):
@@ -562,14 +669,26 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                     clip = search_clip(lin.weight.data, x, settings) if settings.clip_grid > 0 else None
                     if settings.rounding == "gptq":
                         gptq_h = grams.pop(name) if name in grams else gram(x)
-                result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(
+                rounded[name] = _to_quantized(
                     lin, settings.group_size, clip, gptq_h, settings.gptq_damp,
-                    settings.scale_refit if name in settings.refit_linears else "none", settings.refit_damp)
+                    settings.scale_refit if name in settings.refit_linears else "none", settings.refit_damp,
+                    continuous=tuning)
+                if not tuning:
+                    _release(lin)
+        if tuning:  # f. the whole block's levels and scales, tuned on its output
+            del loss_inputs
+            tuned, report["tune"] = tune_block_outputs(layer, {linears[n]: r for n, r in rounded.items()},
+                                                       inputs, torch.cat(outputs), kwargs, settings)
+            rounded = {n: tuned[linears[n]] for n in rounded}
+            for lin in linears.values():
                 _release(lin)
+        for name, quantized in rounded.items():
+            result.linears[f"{prefix}.{i}.{_path(name)}"] = quantized
         layer.to(orig_dtype)
         result.layer_report.append(report)
         inputs = torch.cat(outputs)
-        del outputs, loss_inputs
+        del outputs
+        loss_inputs = None
         bar.set_postfix(mlp_loss=f"{report['groups']['gate_up']['loss']:.2e}")
     result.seconds = time.time() - started
     return result

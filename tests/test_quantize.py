@@ -12,7 +12,8 @@ from awq_edge.families import family_for
 from awq_edge.model import load_float_model
 from awq_edge.quantize import (QuantizeSettings, _apply_group, _layer_output, _linear_names, block_groups,
                                calibration_tokens, capture_block_inputs, fake_quantize, fake_quantize_model,
-                               gptq_round, gram, quantize_checkpoint, quantize_tensor, refit_scales, search_clip)
+                               _to_quantized, gptq_round, gram, quantize_checkpoint, quantize_tensor, refit_scales,
+                               search_clip, tune_block_outputs)
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -310,7 +311,7 @@ def test_gptq_rounding_changes_only_the_levels_on_awq_grid(tiny_model_dir, tmp_p
     ckpts = {}
     for rounding in ("nearest", "gptq"):
         settings = QuantizeSettings(group_size=32, calib_samples=4, calib_seqlen=64, loss_samples=2, scale_grid=5,
-                                    clip_grid=4, rounding=rounding, gptq_damp=0.01)
+                                    clip_grid=4, rounding=rounding, gptq_damp=0.01, block_tune_steps=0)
         quantize_checkpoint(str(src), tmp_path / rounding, settings, calib=str(calib), progress=False)
         ckpts[rounding] = read_checkpoint(tmp_path / rounding)
     assert ckpts["gptq"].metadata["settings"]["rounding"] == "gptq"
@@ -320,6 +321,44 @@ def test_gptq_rounding_changes_only_the_levels_on_awq_grid(tiny_model_dir, tmp_p
         np.testing.assert_array_equal(got.zeros, near.zeros)
         same_levels = np.array_equal(got.q, near.q)
         assert same_levels == name.endswith(("q_proj", "k_proj")), name
+
+
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_block_tuning_keeps_what_it_measured_and_never_a_worse_block(model_type, tiny_model_dir):
+    """tune_block_outputs on a real block of every family (its attention, norms and biases run under
+    autograd): it lowers the block's error on the held-out sequences, levels move at most one step
+    from where they were rounded, the grid (scales, zeros) stays, and the error it reports is that
+    of the QuantizedLinears it returns."""
+    model, tokenizer = load_float_model(tiny_model_dir(model_type))
+    texts = data.read_texts(data.fetch_wikipedia()[0])[:4]
+    tokens = calibration_tokens(tokenizer, texts, n_samples=8, seqlen=32)
+    inputs, kwargs = capture_block_inputs(model, tokens, 8)
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        targets = _layer_output(layer(inputs, **kwargs[0]))
+    linears = _linear_names(layer)
+    rounded = {lin: _to_quantized(lin, 32, continuous=True) for lin in linears.values()}
+    settings = QuantizeSettings(group_size=32, batch_size=2, block_tune_steps=30, block_tune_batch=2,
+                                block_tune_lr=0.25)
+    tuned, report = tune_block_outputs(layer, rounded, inputs, targets, kwargs[0], settings)
+    assert report["kept"] and report["mse_after"] < report["mse_before"]
+    for lin, got in tuned.items():
+        start = rounded[lin][0]
+        assert np.abs(got.q.astype(int) - start.q.astype(int)).max() <= 1
+        np.testing.assert_array_equal(got.zeros, start.zeros)
+        np.testing.assert_array_equal(got.scales, start.scales)
+    assert any(not np.array_equal(got.q, rounded[lin][0].q) for lin, got in tuned.items())
+
+    def check_error(quantized):
+        for lin, ql in quantized.items():
+            lin.weight = torch.nn.Parameter(torch.from_numpy(ql.dequantize()).float(), requires_grad=False)
+        with torch.no_grad():
+            return (_layer_output(layer(inputs[:2], **kwargs[0])) - targets[:2]).pow(2).mean().item()
+
+    before = check_error({lin: ql for lin, (ql, _) in rounded.items()})
+    after = check_error(tuned)
+    assert before == pytest.approx(report["mse_before"], rel=1e-4)
+    assert after == pytest.approx(report["mse_after"], rel=1e-4)
 
 
 def test_unsupported_family_lists_the_supported_ones():
