@@ -643,6 +643,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                 counted["tokens"] += xb.shape[0] * xb.shape[1]
         for h in handles:
             h.remove()
+        outputs = torch.cat(outputs)
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
         grams = {n: v / counted["tokens"] for n, v in grams.items()}
         loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(linears)}  # pop: no second copy
@@ -675,10 +676,10 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                     continuous=tuning)
                 if not tuning:
                     _release(lin)
-        if tuning:  # f. the whole block's levels and scales, tuned on its output
+        if tuning:  # f. the whole block's levels, tuned on its output
             del loss_inputs
             tuned, report["tune"] = tune_block_outputs(layer, {linears[n]: r for n, r in rounded.items()},
-                                                       inputs, torch.cat(outputs), kwargs, settings)
+                                                       inputs, outputs, kwargs, settings)
             rounded = {n: tuned[linears[n]] for n in rounded}
             for lin in linears.values():
                 _release(lin)
@@ -686,8 +687,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             result.linears[f"{prefix}.{i}.{_path(name)}"] = quantized
         layer.to(orig_dtype)
         result.layer_report.append(report)
-        inputs = torch.cat(outputs)
-        del outputs
+        inputs, outputs = outputs, None
         loss_inputs = None
         bar.set_postfix(mlp_loss=f"{report['groups']['gate_up']['loss']:.2e}")
     result.seconds = time.time() - started
