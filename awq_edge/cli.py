@@ -112,8 +112,7 @@ def quantize(
                                               "(docs/quantizer.md)"),
     tune_steps: Optional[int] = typer.Option(None, help="SignRound steps per block after the rounding: levels "
                                              "tuned on the block's output (0: off; default: the quantizer's, "
-                                             "see docs/quantizer.md; on SmolLM2 a step costs ~0.4 s per block "
-                                             "on 2 cores)"),
+                                             "see docs/quantizer.md)"),
     device: str = typer.Option("auto", help="cpu, cuda, or auto"),
     checkpoint_format: str = typer.Option("awq", "--format",
                                           help="awq (AutoAWQ GEMM) or compressed-tensors (llm-compressor's "

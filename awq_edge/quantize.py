@@ -220,15 +220,21 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: to
     return (q.cpu(), values) if continuous else q.cpu()
 
 
+def per_column(t: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """A per-group tensor [out, groups] repeated to one value per input column [out, k], in fp32
+    (the last group may be short)."""
+    return torch.as_tensor(t).float().repeat_interleave(group_size, 1)[:, :k]
+
+
 def nearest_values(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                    clip: torch.Tensor | None = None) -> torch.Tensor:
     """What round-to-nearest rounds: w (clamped to +-clip) / scale + zero, [out, in] fp32 in levels."""
     k = w.shape[1]
-    expand = lambda t: t.float().repeat_interleave(group_size, 1)[:, :k]
     w = w.float()
     if clip is not None:
-        w = torch.maximum(torch.minimum(w, expand(clip)), -expand(clip))
-    return w / expand(scales) + expand(zeros)
+        c = per_column(clip, group_size, k)
+        w = w.clamp(-c, c)
+    return w / per_column(scales, group_size, k) + per_column(zeros, group_size, k)
 
 
 @torch.no_grad()
@@ -240,7 +246,7 @@ def refit_scales(w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: 
     fit). Rows whose system is singular keep their scales."""
     out_f, k = w.shape
     w = w.float()
-    d = q.float() - zeros.float().repeat_interleave(group_size, 1)[:, :k]  # [out, K]
+    d = q.float() - per_column(zeros, group_size, k)  # [out, K]
     h = h.float().clone()
     h.diagonal().add_(damp * h.diagonal().mean())
     if diagonal:
@@ -517,8 +523,8 @@ def tune_block_outputs(layer, rounded: dict, inputs: torch.Tensor, targets: torc
     state = {}
     for lin, (ql, values) in rounded.items():
         k = ql.q.shape[1]
-        expand = lambda a: torch.from_numpy(np.asarray(a)).float().to(dev).repeat_interleave(ql.group_size, 1)[:, :k]
-        state[lin] = dict(values=values.to(dev), zero=expand(ql.zeros), scale=expand(ql.scales),
+        state[lin] = dict(values=values.to(dev), zero=per_column(ql.zeros, ql.group_size, k).to(dev),
+                          scale=per_column(ql.scales, ql.group_size, k).to(dev),
                           v=torch.zeros_like(values, device=dev, requires_grad=True))
 
     def weights(tuned: bool = True):
@@ -546,10 +552,8 @@ def tune_block_outputs(layer, rounded: dict, inputs: torch.Tensor, targets: torc
         grads = torch.autograd.grad(loss, params)
         lr = settings.block_tune_lr * (1 - step / steps) / steps
         with torch.no_grad():
-            for t, g in zip(params, grads):
-                t.sub_(lr * torch.sign(g))
-            for v in params:
-                v.clamp_(-0.5, 0.5)
+            for v, g in zip(params, grads):
+                v.sub_(lr * torch.sign(g)).clamp_(-0.5, 0.5)
     with torch.no_grad():
         after = block_mse(weights(), check).item()
     report = {"mse_before": before, "mse_after": after, "kept": after < before}
@@ -676,8 +680,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                     continuous=tuning)
                 if not tuning:
                     _release(lin)
+        loss_inputs = None  # freed before the tuning
         if tuning:  # f. the whole block's levels, tuned on its output
-            del loss_inputs
             tuned, report["tune"] = tune_block_outputs(layer, {linears[n]: r for n, r in rounded.items()},
                                                        inputs, outputs, kwargs, settings)
             rounded = {n: tuned[linears[n]] for n in rounded}
@@ -688,7 +692,6 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         layer.to(orig_dtype)
         result.layer_report.append(report)
         inputs, outputs = outputs, None
-        loss_inputs = None
         bar.set_postfix(mlp_loss=f"{report['groups']['gate_up']['loss']:.2e}")
     result.seconds = time.time() - started
     return result
