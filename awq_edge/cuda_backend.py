@@ -13,7 +13,8 @@ of up to PREFILL_CHUNK tokens, launching the ops one by one (the GEMM for the li
 decode (one token) replays a CUDA graph of the whole step, captured once, with the GEMV:
 the position counter lives on the device and advances inside the graph, so a replay needs
 only the token id written before it. Sampling runs after the step with the request's
-settings, keeping the repetition-penalty history on the device; one int32 comes back.
+settings, keeping the repetition-penalty history on the device; two int32 come back (the
+token, and the attention kernels' over-capacity flag).
 
 Nothing in this file has run on a GPU yet: it is checked on a lent GPU by
 tests/test_cuda_backend_gpu.py (against the reference backend) and benchmarks/gpu_check.sh.
@@ -61,16 +62,18 @@ class CudaBackend:
     """The backend interface of awq_edge.engine: forward, rewind, position, max_context,
     vocab_size, kv_bytes; forward returns DeviceLogits."""
 
-    def __init__(self, engine_dir: Path, manifest: dict, info: DecoderInfo, max_context: int):
+    def __init__(self, engine_dir: Path, manifest: dict, info: DecoderInfo, max_context: int, driver=None):
+        """driver: a cuda_driver.Driver; by default one on the GPU of the engine's arch (the tests
+        pass one that records the launches, to check them against the cubins without a GPU)."""
         from .cuda_driver import CudaError, Driver
 
         engine_dir = Path(engine_dir)
-        gpu = find_gpu(manifest)
+        gpu = find_gpu(manifest) if driver is None else None
         self.spec = spec = info.spec
         self.ops = decode_ops(spec)
         self.max_context, self.vocab_size, self.position = int(max_context), spec.vocab, 0
         try:
-            self.drv = Driver(gpu.index)
+            self.drv = driver or Driver(gpu.index)
             self.kernels = self._load_kernels(engine_dir, manifest)
             self._check_room(info)
             self.weights = self._upload_weights(engine_dir, info)
@@ -123,13 +126,15 @@ class CudaBackend:
         self.ids = drv.alloc(PREFILL_CHUNK * 4)        # int32 ids of the step
         self.past = drv.alloc(8)                       # int64 position counter, advanced by the step
         self.sample_work = drv.alloc(2 * spec.vocab * 4)
-        self.token = drv.alloc(4)
+        self.token = drv.alloc(8)                      # int32 sampled token, then int32 attention status:
+        self.status = self.token + 4                   # one download after sampling reads both
         self.uniform = drv.alloc(4)
         self.seen = drv.alloc(C * 4)                   # the repetition-penalty history, on the device
         self.n_seen = drv.alloc(4)
         self.seen_mirror: list[int] = []               # what `seen` holds, to upload only what is new
         drv.zero(self.past, 8)
         drv.zero(self.n_seen, 4)
+        drv.zero(self.token, 8)
 
     # ------------------------------------------------------------ the engine's interface
     def kv_bytes(self) -> int:
@@ -232,7 +237,7 @@ class CudaBackend:
         self.launch("awq_rope_store", (rows,), (ROPE_THREADS,),
                     [qkv, k, v, self.k_cache[layer], self.v_cache[layer], self.past, w[f"rope.{rope}.cos"],
                      w[f"rope.{rope}.sin"], self.q_rot, *sizes, ("i32", D), ("i32", self.max_context),
-                     ("i32", spec.max_positions), ("i32", spec.qkv_width), ("i32", spec.qkv_width)])
+                     ("i32", spec.max_positions), ("i32", spec.qkv_width), ("i32", spec.qkv_width), self.status])
         self.launch(f"awq_attend_d{D}", (H, rows), (ATTEND_THREADS,),
                     [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, *sizes,
                      ("i32", self.max_context), ("i32", spec.max_positions), ("i32", window),
@@ -240,9 +245,23 @@ class CudaBackend:
 
     # ------------------------------------------------------------ logits and sampling
     def logits_to_host(self, device_ptr: int) -> np.ndarray:
-        host = np.empty(self.vocab_size, np.float32)
+        host, status = np.empty(self.vocab_size, np.float32), np.empty(1, np.int32)
         self.drv.download(host, device_ptr)
+        self.drv.download(status, self.status)
+        self._check_status(int(status[0]))
         return host
+
+    def _check_status(self, status: int) -> None:
+        """The attention kernels flag a step whose rows did not fit the cache (the host's
+        position check, decoder.step_ids, should make that impossible: the device's counter
+        disagreed). The cache no longer matches the tokens: start over from an empty one."""
+        if status == 0:
+            return
+        self.drv.zero(self.status, 4)
+        self.rewind(0)
+        self.seen_mirror = []
+        raise UserError("the GPU's KV cache position went past its capacity (an engine bug, please report it); "
+                        "the conversation was reset: send the request again")
 
     def sample_token(self, device_ptr: int, settings, seen_ids, uniform: float) -> int:
         """The next token by the Sampler's rule, chosen on the GPU. The history the repetition
@@ -262,8 +281,9 @@ class CudaBackend:
                     [device_ptr, ("i32", self.vocab_size), self.seen, self.n_seen, ("i32", self.max_context),
                      ("f32", settings.repetition_penalty), ("f32", settings.temperature), ("i32", settings.top_k),
                      ("f32", settings.top_p), self.uniform, self.sample_work, self.token])
-        token = np.empty(1, np.int32)
+        token = np.empty(2, np.int32)         # the token and the attention status
         self.drv.download(token, self.token)  # synchronizes: new, count and draw are no longer read
+        self._check_status(int(token[1]))
         if token[0] < 0:  # the kernel found no logit above -inf (NaN counts as -inf)
             self.seen_mirror = []  # the device history is re-uploaded whole next time
             raise UserError(NO_USABLE_LOGITS)

@@ -211,7 +211,7 @@ def load_kernels(gpu_arch: str):
     lib.awq_w4a16_status_string.restype = ctypes.c_char_p
     declare_sampler(lib)
     lib.awq_attention.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.c_int] * 7 + [ctypes.c_float] * 2
-                                  + [ctypes.c_void_p])
+                                  + [ctypes.c_void_p] * 2)  # status, stream
     lib.awq_attention.restype = ctypes.c_int
     return lib
 

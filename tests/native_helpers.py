@@ -4,6 +4,9 @@ bare GPU machine imports it too).
 - teacher_forced: run two backends over the same ids (the prompt, then one token per step) and
   report each step's relative logit error and where their argmaxes disagree although the
   reference's top two are further apart than that error allows.
+- cubin_kernels: each kernel's parameter offsets and sizes and its block-size bound, read from
+  the cubin's ELF sections (no GPU, no cuobjdump).
+- RecordingDriver: the cuda backend's driver where there is no GPU, recording its launches.
 """
 from __future__ import annotations
 
@@ -24,3 +27,95 @@ def teacher_forced(backend, reference, ids: list[int], prompt: int, margin: floa
 def near_tie(reference_logits: np.ndarray, token: int, tolerance: float) -> bool:
     """Whether `token` is within `tolerance` of the reference's best logit."""
     return float(reference_logits.max() - reference_logits[token]) <= tolerance
+
+
+# ---------------------------------------------------------------- what a cubin says about its kernels
+# A cubin is an ELF file. Each kernel's section .nv.info.<name> is a list of attributes, each
+# (u8 format, u8 id, then a u16 value, or for format 4 a u16 size and that many bytes), 4-byte
+# aligned. Two ids matter here (the values cuobjdump -elf prints for them):
+EIATTR_MAX_THREADS = 0x05   # u32 x, y, z: the block size __launch_bounds__ allows
+EIATTR_KPARAM_INFO = 0x17   # one per parameter: u32 index, u16 ordinal, u16 offset, u32 flags (size = bits 18..31)
+EIFMT_SVAL = 4
+
+
+def elf_sections(data: bytes) -> dict[str, bytes]:
+    """name -> contents of each section of a 64-bit little-endian ELF file."""
+    import struct
+
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "not a 64-bit little-endian ELF file"
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    entsize, count, names_index = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * entsize) for i in range(count)]
+    names_at = headers[names_index][4]
+
+    def name(offset: int) -> str:
+        start = names_at + offset
+        return data[start:data.index(b"\0", start)].decode()
+
+    return {name(h[0]): data[h[4]:h[4] + h[5]] for h in headers}
+
+
+def cubin_kernels(cubin: bytes) -> dict[str, dict]:
+    """kernel name -> {"params": [(offset, size) in ordinal order], "max_threads": x*y*z or None}."""
+    import struct
+
+    kernels = {}
+    for section, info in elf_sections(cubin).items():
+        if not section.startswith(".nv.info."):
+            continue
+        params, max_threads, at = {}, None, 0
+        while at < len(info):
+            fmt, attr = info[at], info[at + 1]
+            size = struct.unpack_from("<H", info, at + 2)[0] if fmt == EIFMT_SVAL else 0
+            value = info[at + 4:at + 4 + size]
+            at += 4 + size
+            if attr == EIATTR_KPARAM_INFO:
+                _index, ordinal, offset, flags = struct.unpack("<IHHI", value)
+                params[ordinal] = (offset, flags >> 18)
+            elif attr == EIATTR_MAX_THREADS:
+                x, y, z = struct.unpack("<III", value)
+                max_threads = x * y * z
+        kernels[section[len(".nv.info."):]] = {"params": [params[i] for i in sorted(params)],
+                                               "max_threads": max_threads}
+    return kernels
+
+
+class RecordingDriver:
+    """Stands in for cuda_driver.Driver where there is no GPU, to see which kernels the cuda
+    backend launches with which arguments: allocations are distinct fake addresses, copies do
+    nothing, downloads read zeros, launches are recorded (name, grid, block, ctypes values)."""
+
+    def __init__(self):
+        self.next_address, self.launches, self.kernel_info = 1 << 32, [], {}
+
+    def load_module(self, cubin: bytes) -> dict:
+        return cubin_kernels(cubin)
+
+    def function(self, module: dict, name: str) -> str:
+        assert name in module, f"kernel {name} is not in its cubin (which has {sorted(module)})"
+        self.kernel_info[name] = module[name]
+        return name
+
+    def memory_info(self) -> tuple[int, int]:
+        return 1 << 40, 1 << 40
+
+    def alloc(self, nbytes: int) -> int:
+        address = self.next_address
+        self.next_address += -(-max(int(nbytes), 1) // 256) * 256
+        return address
+
+    def upload(self, device_ptr, array): pass
+    def upload_async(self, device_ptr, array): pass
+    def zero(self, device_ptr, nbytes): pass
+    def synchronize(self): pass
+    def replay(self, executable): pass
+
+    def download(self, array, device_ptr):
+        array[...] = 0
+
+    def launch(self, fn, grid, block, args, shared_bytes=0):
+        self.launches.append((fn, tuple(grid), tuple(block), list(args)))
+
+    def capture(self, launches):
+        launches()
+        return "graph"

@@ -168,6 +168,26 @@ def test_rewind_then_decode_equals_the_first_time(smol_engine):
         cuda.forward([1] * 256)
 
 
+def test_a_device_position_past_the_cache_is_an_error_not_a_token(smol_engine):
+    """The attention kernels' over-capacity flag reaches the host: with the device's counter
+    forced to the cache's end, the decode step raises (for sampling and for host logits alike),
+    the cache starts over, and the engine then decodes as it did before."""
+    cuda, _ = backends(smol_engine, 64)
+    prompt = np.random.default_rng(5).integers(0, 256, 10).tolist()
+    want = np.asarray(cuda.forward(prompt))
+    for read in ("sample", "host"):
+        cuda.rewind(len(prompt) - 1)
+        cuda.drv.upload(cuda.past, np.array([64], np.int64))  # the host still thinks 9
+        logits = cuda.forward(prompt[-1:])
+        with pytest.raises(UserError, match="past its capacity"):
+            if read == "sample":
+                cuda.sample_token(logits.ptr, SamplingSettings(0.0), prompt, 0.5)
+            else:
+                np.asarray(logits)
+        assert cuda.position == 0
+        np.testing.assert_array_equal(np.asarray(cuda.forward(prompt)), want)
+
+
 def test_the_engine_generates_on_the_gpu(tokenizer_dir, tmp_path):
     """Engine.load picks the cuda backend: greedy tokens are the reference's argmax (but at a
     near-tie), seeded sampling repeats itself, and a cap the GPU cannot hold is one line."""

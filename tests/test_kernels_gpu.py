@@ -237,19 +237,22 @@ def test_attention_writes_the_cache_in_place_and_matches_a_reference(gpu, s, pas
     arrays = [q, k, v, k_cache, v_cache, np.array([past], np.int64), cos, sin]
     ptrs = [cuda.to_device(np.ascontiguousarray(a)) for a in arrays]
     q_rot_dev, out = cuda.malloc(q.nbytes), cuda.malloc(q.nbytes)
+    flag = cuda.to_device(np.zeros(1, np.int32))
     try:
         cuda.memset(out, NAN_FP16, q.nbytes)
         status = lib.awq_attention(*ptrs, q_rot_dev, out, s, heads, kv_heads, d, capacity, positions, window, scale,
-                                   softcap, None)
+                                   softcap, flag, None)
         assert status == 0
         cuda.synchronize()
-        got = np.empty_like(q)
+        got, flag_after = np.empty_like(q), np.empty(1, np.int32)
         cuda.to_host(out, got)
+        cuda.to_host(flag, flag_after)
+        assert flag_after[0] == 0, "a step that fits set the over-capacity flag"
         k_after, v_after = np.empty_like(k_cache), np.empty_like(v_cache)
         cuda.to_host(ptrs[3], k_after)
         cuda.to_host(ptrs[4], v_after)
     finally:
-        for p in (*ptrs, q_rot_dev, out):
+        for p in (*ptrs, q_rot_dev, out, flag):
             cuda.free(p)
     assert not np.isnan(got).any()
     np.testing.assert_array_equal(k_after[:, :past], k_cache[:, :past])
@@ -262,7 +265,7 @@ def test_attention_writes_the_cache_in_place_and_matches_a_reference(gpu, s, pas
     assert err < 5e-3, f"max relative error {err:.2e}"
 
 
-def test_attention_past_the_capacity_writes_nothing_and_returns_nan(gpu):
+def test_attention_past_the_capacity_writes_nothing_returns_nan_and_sets_the_flag(gpu):
     cuda, lib = gpu
     heads, d, capacity = 2, 64, 16
     cos, sin = rope_tables(64, d)
@@ -271,14 +274,18 @@ def test_attention_past_the_capacity_writes_nothing_and_returns_nan(gpu):
               cache, cache, np.array([capacity], np.int64), cos, sin]
     ptrs = [cuda.to_device(np.ascontiguousarray(a)) for a in arrays]
     out = cuda.malloc(heads * d * 2)
+    flag = cuda.to_device(np.array([4], np.int32))  # other bits stay as they are
     try:
-        assert lib.awq_attention(*ptrs, out, out, 1, heads, 1, d, capacity, 64, 0, 0.125, 0.0, None) == 0
+        assert lib.awq_attention(*ptrs, out, out, 1, heads, 1, d, capacity, 64, 0, 0.125, 0.0, flag, None) == 0
+        assert lib.awq_attention(*ptrs, out, out, 1, heads, 1, d, capacity, 64, 0, 0.125, 0.0, None, None) == 0
         cuda.synchronize()
-        got, after = np.empty((heads, d), np.float16), np.empty_like(cache)
+        got, after, flag_after = np.empty((heads, d), np.float16), np.empty_like(cache), np.empty(1, np.int32)
         cuda.to_host(out, got)
         cuda.to_host(ptrs[3], after)
+        cuda.to_host(flag, flag_after)
     finally:
-        for p in (*ptrs, out):
+        for p in (*ptrs, out, flag):
             cuda.free(p)
     assert np.isnan(got).all() and (after == 3.0).all()
-    assert lib.awq_attention(*([0] * 10), 1, 2, 1, 96, 16, 64, 0, 0.125, 0.0, None) == -1  # D 96, null pointers
+    assert flag_after[0] == 4 | 1, f"over-capacity flag not set: {flag_after[0]}"  # AWQ_ATTENTION_OVER_CAPACITY
+    assert lib.awq_attention(*([0] * 10), 1, 2, 1, 96, 16, 64, 0, 0.125, 0.0, None, None) == -1  # D 96, null pointers

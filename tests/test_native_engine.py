@@ -20,15 +20,16 @@ import pytest
 from awq_edge import plugins
 from awq_edge.backend_ort import OrtBackend
 from awq_edge.build import build_engine
-from awq_edge.cuda_backend import KERNELS_OF
+from awq_edge.cuda_backend import KERNELS_OF, CudaBackend
 from awq_edge.decoder import decode_ops, decoder_spec
 from awq_edge.engine import Engine
 from awq_edge.errors import UserError
 from awq_edge.export.spec import model_spec
 from awq_edge.reference_backend import ReferenceBackend
+from awq_edge.sampling import SamplingSettings
 from conftest import TINY_FAMILIES, has_gpu
 from folder_helpers import edit_json, linked_copy, resign
-from native_helpers import teacher_forced
+from native_helpers import RecordingDriver, teacher_forced
 from test_export_helpers import export_for_cpu, tiny_checkpoint
 
 CLI = [sys.executable, "-m", "awq_edge.cli"]
@@ -69,6 +70,55 @@ def test_a_cuda_engine_builds_without_a_gpu_and_run_says_none_is_here(rtn_checkp
     run = subprocess.run([*CLI, "run", str(out), "--prompt", "hi"], capture_output=True, text=True, timeout=120)
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: no NVIDIA GPU found"), run.stderr
+
+
+def check_launches_against_the_cubins(engine: Path) -> set[str]:
+    """The cuda backend on a recording driver: a prefill chunk, two decode steps (the graph's
+    capture and a replay) and a sampled token. Every launch must pass exactly the parameters its
+    kernel in the engine's cubin declares (count, offsets, sizes: a pointer is 8 bytes, an int or
+    float 4) in a block no bigger than its __launch_bounds__. Returns the kernels launched."""
+    import ctypes
+
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+
+    manifest = read_manifest(engine)
+    info = read_decoder_info(engine, check_files(engine, manifest["files"]))
+    driver = RecordingDriver()
+    backend = CudaBackend(engine, manifest, info, 64, driver=driver)
+    backend.forward(list(range(1, 10)))
+    backend.forward([3])
+    backend.forward([4])
+    backend.sample_token(backend.buf["logits"], SamplingSettings(0.7, 40, 0.9, 1.1), [1, 2, 3], 0.5)
+    for name, grid, block, args in driver.launches:
+        kernel, where = driver.kernel_info[name], f"{engine.name}: {name}"
+        offset, passed = 0, []
+        for value in args:
+            size = ctypes.sizeof(value)
+            offset = -(-offset // size) * size  # natural alignment, as the parameter buffer lays them out
+            passed.append((offset, size))
+            offset += size
+        assert passed == kernel["params"], f"{where} launched with {passed}, the cubin declares {kernel['params']}"
+        threads = int(np.prod(block))
+        assert kernel["max_threads"] is None or threads <= kernel["max_threads"], f"{where}: {threads} threads"
+        assert min(grid) >= 1, f"{where}: grid {grid}"
+    return {name for name, *_ in driver.launches}
+
+
+@needs_nvcc
+def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm2_cuda_engine, smollm2_dir, tmp_path):
+    """The host side of every kernel call, checked without a GPU: SmolLM2 (group 128, sm_87),
+    then tiny ragged engines at group 32 (sm_89): Qwen2 (q/k/v bias, K % 32 != 0: the narrow
+    GEMV and GEMM paths) and Qwen3 (q/k norms)."""
+    launched = check_launches_against_the_cubins(smollm2_cuda_engine)
+    for model_type in ("qwen2", "qwen3"):
+        ckpt = tiny_checkpoint(tmp_path / model_type, model_type, smollm2_dir,
+                               **{**NATIVE_TINY, "hidden_size": 136, "intermediate_size": 200})
+        build_engine(str(ckpt), "rtx4090", tmp_path / model_type / "engine", backend="cuda", progress=False)
+        launched |= check_launches_against_the_cubins(tmp_path / model_type / "engine")
+    every = {name for names in KERNELS_OF.values() for name in names}
+    # not launched here: head_dim 128/256 attention, and the GEMV/GEMM of the group sizes not built above
+    assert {"awq_rope_store", "awq_attend_d64", "awq_sample_step", "awq_advance", "awq_bias_add",
+            "awq_head_rms_norm", "awq_gemv_m1_g128_w4", "awq_gemv_m1_g32_w1", "awq_gemm_g32_v0"} <= launched <= every
 
 
 # ---------------------------------------------------------------- the reference executor

@@ -29,14 +29,18 @@ __device__ __forceinline__ bool step_fits(int64_t past, int S, int capacity, int
 
 // q_stride / kv_stride: elements from one token's q (k, v) to the next's (H * D and Hkv * D when
 // they are separate tensors; the qkv width when they are columns of one fused projection).
+// A step that does not fit is flagged here, once (attend only writes its NaN).
 __device__ __forceinline__ void rope_store(const __half* __restrict__ q, const __half* __restrict__ k,
                                            const __half* __restrict__ v, __half* __restrict__ k_cache,
                                            __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
                                            const __half* __restrict__ cos, const __half* __restrict__ sin,
                                            __half* __restrict__ q_rot, int S, int H, int Hkv, int D, int capacity,
-                                           int max_positions, int q_stride, int kv_stride) {
+                                           int max_positions, int q_stride, int kv_stride, int* status) {
     const int64_t past = *past_ptr;
-    if (!step_fits(past, S, capacity, max_positions)) return;
+    if (!step_fits(past, S, capacity, max_positions)) {
+        if (status && blockIdx.x == 0 && threadIdx.x == 0) atomicOr(status, AWQ_ATTENTION_OVER_CAPACITY);
+        return;
+    }
     const int s = blockIdx.x;
     const int half_d = D / 2;
     const int64_t pos = past + s;
@@ -154,15 +158,17 @@ bool aligned4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3u) == 0
 
 // The kernels, with C names so that the CUDA driver API finds them in this file's cubin
 // (awq_edge/cuda_backend.py) as the launcher below does: awq_rope_store, grid S blocks of 256
-// threads, q/k/v rows of any stride (the cuda backend passes the fused qkv buffer's);
+// threads, q/k/v rows of any stride (the cuda backend passes the fused qkv buffer's), status
+// may be null;
 // awq_attend_d{64,128,256}, grid (H, S) blocks of 128 threads.
 extern "C" __global__ void __launch_bounds__(kRopeThreads)
 awq_rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                __half* __restrict__ k_cache, __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
                const __half* __restrict__ cos, const __half* __restrict__ sin, __half* __restrict__ q_rot, int S,
-               int H, int Hkv, int D, int capacity, int max_positions, int q_stride, int kv_stride) {
+               int H, int Hkv, int D, int capacity, int max_positions, int q_stride, int kv_stride,
+               int* __restrict__ status) {
     rope_store(q, k, v, k_cache, v_cache, past_ptr, cos, sin, q_rot, S, H, Hkv, D, capacity, max_positions, q_stride,
-               kv_stride);
+               kv_stride, status);
 }
 
 #define AWQ_ATTEND_ENTRY(D)                                                                                         \
@@ -181,7 +187,7 @@ AWQ_ATTEND_ENTRY(256)
 extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, __half* k_cache, __half* v_cache,
                              const int64_t* past, const __half* cos, const __half* sin, __half* q_rot, __half* out,
                              int S, int H, int Hkv, int D, int capacity, int max_positions, int window, float scale,
-                             float softcap, cudaStream_t stream) {
+                             float softcap, int* status, cudaStream_t stream) {
     const bool valid = q && k && v && k_cache && v_cache && past && cos && sin && q_rot && out && S >= 1 &&
                        S <= 65535 && H >= 1 && Hkv >= 1 && H % Hkv == 0 && (D == 64 || D == 128 || D == 256) &&
                        capacity >= S && max_positions >= S && window >= 0 && isfinite(scale) &&
@@ -189,7 +195,7 @@ extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, 
                        aligned4(k_cache) && aligned4(v_cache) && aligned4(q_rot) && aligned4(out);
     if (!valid) return AWQ_ATTENTION_INVALID_ARGUMENT;
     awq_rope_store<<<S, kRopeThreads, 0, stream>>>(q, k, v, k_cache, v_cache, past, cos, sin, q_rot, S, H, Hkv, D,
-                                                   capacity, max_positions, H * D, Hkv * D);
+                                                   capacity, max_positions, H * D, Hkv * D, status);
     auto attend_kernel = D == 64 ? awq_attend_d64 : D == 128 ? awq_attend_d128 : awq_attend_d256;
     attend_kernel<<<dim3(H, S), kWarps * 32, 0, stream>>>(q_rot, k_cache, v_cache, past, out, S, H, Hkv, capacity,
                                                          max_positions, window, scale, softcap);

@@ -124,7 +124,8 @@ int32_t AwqAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTen
         static_cast<int64_t const*>(inputs[kPast]), static_cast<__half const*>(inputs[kCos]),
         static_cast<__half const*>(inputs[kSin]), static_cast<__half*>(workspace), static_cast<__half*>(outputs[0]),
         tokens, mParams.num_heads, mParams.kv_heads, mParams.head_dim, capacity, maxPositions, mParams.window,
-        mParams.scale, mParams.softcap, stream);
+        mParams.scale, mParams.softcap, /*status=*/nullptr, stream);  // no output for it in the graph: the host's
+                                                                      // position check (decoder.step_ids) and the NaN remain
     if (status != 0) {
         logAttentionError(status == AWQ_ATTENTION_INVALID_ARGUMENT
                               ? "invalid arguments for awq_attention (see plugins/kernels/attention.h)"
