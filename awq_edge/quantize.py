@@ -502,6 +502,29 @@ def _to_quantized(lin: nn.Linear, group_size: int, clip=None, gptq_h=None, damp:
     return (quantized, values) if continuous else quantized
 
 
+class TunedWeight(torch.autograd.Function):
+    """W = (clamp(round(values + v), 0, 15) - zero) * scale, scale and zero per group; round passes
+    the gradient straight through, clamp stops it outside [0, 15] (as autograd would for these ops).
+    Written out so that backward keeps only its inputs: autograd's graph of the same ops holds
+    weight-sized tensors per linear (per-column scale and zero, clamp's input), ~12 bytes per
+    weight more, 2.4 GB for a 7B block. v None: the levels as rounded."""
+
+    @staticmethod
+    def forward(ctx, values, v, zero, scale, group_size):
+        ctx.save_for_backward(values, v, scale)
+        ctx.group_size = group_size
+        k = values.shape[1]
+        levels = torch.round(values if v is None else values + v).clamp_(0, MAX_INT)
+        return (levels - per_column(zero, group_size, k)) * per_column(scale, group_size, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, v, scale = ctx.saved_tensors
+        levels = torch.round(values + v)
+        inside = (levels >= 0) & (levels <= MAX_INT)
+        return None, torch.where(inside, grad * per_column(scale, ctx.group_size, values.shape[1]), 0.0), None, None, None
+
+
 def tune_block_outputs(layer, rounded: dict, inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict,
                        settings: QuantizeSettings) -> tuple[dict, dict]:
     """SignRound (Cheng et al. 2023, AutoRound) on one block, started from the levels it has.
@@ -516,24 +539,20 @@ def tune_block_outputs(layer, rounded: dict, inputs: torch.Tensor, targets: torc
     most) are held out of the steps; the result is kept only if it lowers their MSE.
     -> ({module: new QuantizedLinear}, report)."""
     steps = settings.block_tune_steps
-    dev = next(layer.parameters()).device
+    dev = torch.device(settings.device)  # (the linears' own weights may be released already)
     paths = {id(m): n for n, m in layer.named_modules()}
     for p in layer.parameters():
         p.requires_grad_(False)
     state = {}
     for lin, (ql, values) in rounded.items():
-        k = ql.q.shape[1]
-        state[lin] = dict(values=values.to(dev), zero=per_column(ql.zeros, ql.group_size, k).to(dev),
-                          scale=per_column(ql.scales, ql.group_size, k).to(dev),
+        state[lin] = dict(values=values.to(dev), zero=torch.as_tensor(ql.zeros).float().to(dev),
+                          scale=torch.as_tensor(ql.scales).float().to(dev), group_size=ql.group_size,
                           v=torch.zeros_like(values, device=dev, requires_grad=True))
 
     def weights(tuned: bool = True):
-        out = {}
-        for lin, st in state.items():
-            x = st["values"] + st["v"] if tuned else st["values"]
-            levels = (x + (torch.round(x) - x).detach()).clamp(0, MAX_INT)  # round, gradient straight through
-            out[paths[id(lin)] + ".weight"] = (levels - st["zero"]) * st["scale"]
-        return out
+        return {paths[id(lin)] + ".weight": TunedWeight.apply(st["values"], st["v"] if tuned else None, st["zero"],
+                                                              st["scale"], st["group_size"])
+                for lin, st in state.items()}
 
     def block_mse(w, seqs):
         y = _layer_output(torch.func.functional_call(layer, w, (inputs[seqs].to(dev),), kwargs))
@@ -678,15 +697,12 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                     lin, settings.group_size, clip, gptq_h, settings.gptq_damp,
                     settings.scale_refit if name in settings.refit_linears else "none", settings.refit_damp,
                     continuous=tuning)
-                if not tuning:
-                    _release(lin)
+                _release(lin)  # tuning works from the levels, scales and zeros alone
         loss_inputs = None  # freed before the tuning
         if tuning:  # f. the whole block's levels, tuned on its output
             tuned, report["tune"] = tune_block_outputs(layer, {linears[n]: r for n, r in rounded.items()},
                                                        inputs, outputs, kwargs, settings)
             rounded = {n: tuned[linears[n]] for n in rounded}
-            for lin in linears.values():
-                _release(lin)
         for name, quantized in rounded.items():
             result.linears[f"{prefix}.{i}.{_path(name)}"] = quantized
         layer.to(orig_dtype)

@@ -13,7 +13,7 @@ from awq_edge.model import load_float_model
 from awq_edge.quantize import (QuantizeSettings, _apply_group, _layer_output, _linear_names, block_groups,
                                calibration_tokens, capture_block_inputs, fake_quantize, fake_quantize_model,
                                _to_quantized, gptq_round, gram, quantize_checkpoint, quantize_tensor, refit_scales,
-                               search_clip, tune_block_outputs)
+                               TunedWeight, per_column, search_clip, tune_block_outputs)
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -359,6 +359,29 @@ def test_block_tuning_keeps_what_it_measured_and_never_a_worse_block(model_type,
     after = check_error(tuned)
     assert before == pytest.approx(report["mse_before"], rel=1e-4)
     assert after == pytest.approx(report["mse_after"], rel=1e-4)
+
+
+def test_the_tuned_weight_is_the_plain_expression_and_its_gradient_autograds():
+    """TunedWeight (forward and backward written out to keep less memory) against autograd on the
+    same ops: K = 80 at group 32 (a short last group), values reaching past both ends of [0, 15]."""
+    torch.manual_seed(0)
+    values = torch.rand(6, 80) * 16.4 - 0.7
+    zero, scale = torch.randint(0, 16, (6, 3)).float(), torch.rand(6, 3) + 0.1
+    v = (torch.rand(6, 80) - 0.5).requires_grad_(True)
+    grad_out = torch.randn(6, 80)
+
+    x = values + v
+    levels = (x + (torch.round(x) - x).detach()).clamp(0, 15)
+    want = (levels - per_column(zero, 32, 80)) * per_column(scale, 32, 80)
+    (want_grad,) = torch.autograd.grad(want, v, grad_out)
+    got = TunedWeight.apply(values, v, zero, scale, 32)
+    (got_grad,) = torch.autograd.grad(got, v, grad_out)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    assert (want_grad == 0).any() and (want_grad != 0).any()  # both sides of the clamp were reached
+    with torch.no_grad():  # v None: the levels as rounded
+        np.testing.assert_array_equal(TunedWeight.apply(values, None, zero, scale, 32),
+                                      (torch.round(values).clamp(0, 15) - per_column(zero, 32, 80))
+                                      * per_column(scale, 32, 80))
 
 
 def test_unsupported_family_lists_the_supported_ones():
