@@ -12,7 +12,8 @@ shape and times step f alone, with the default settings:
   token ids (the same count and length as the default calibration);
 - the float block's outputs (the targets), in batches of 8 as step a computes them;
 - every linear rounded to the nearest level at group 128 with the values it was rounded from
-  (step e's output when tuning is on; GPTQ instead of nearest changes the levels, not the sizes).
+  (step e's output when tuning is on; GPTQ instead of nearest changes the levels, not the sizes),
+  and the float weights of the linears released, as quantize_model does before tuning.
 A thread samples the RSS every 20 ms. The JSON has the RSS before the block's state, just before
 tuning and the peak during it, the seconds, and an estimate of a whole 7B run's peak: the
 committed per-block measurement (results/quantizer-7b-blocks-<shape>.json) with its largest block
@@ -38,7 +39,7 @@ def main() -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from awq_edge.quantize import (QuantizeSettings, _layer_output, _linear_names, _to_quantized,
+    from awq_edge.quantize import (QuantizeSettings, _layer_output, _linear_names, _release, _to_quantized,
                                    capture_block_inputs, tune_block_outputs)
     from awq_edge.synthetic import SHAPES, random_checkpoint_config
 
@@ -66,6 +67,8 @@ def main() -> int:
                              for i in range(0, len(inputs), settings.batch_size)])
         rounded = {lin: _to_quantized(lin, settings.group_size, continuous=True)
                    for lin in _linear_names(layer).values()}
+    for lin in rounded:
+        _release(lin)  # as quantize_model does before tuning
     setup_s = time.perf_counter() - t0
     before_tuning = live_rss_bytes()
     sampler.mark()
