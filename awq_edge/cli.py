@@ -110,6 +110,9 @@ def quantize(
     rounding: str = typer.Option("gptq", help="gptq: on AWQ's grid, each weight's level chosen to cancel "
                                               "earlier rounding errors; nearest: the AWQ reference's rounding "
                                               "(docs/quantizer.md)"),
+    scale_search: str = typer.Option("refine", help="refine: alpha's grid coarse to fine (the same alpha "
+                                                    "wherever the loss is unimodal in alpha); full: every alpha "
+                                                    "(slower); see docs/quantizer.md"),
     tune_steps: Optional[int] = typer.Option(None, help="SignRound steps per block after the rounding: levels "
                                              "tuned on the block's output (0: off; default: the quantizer's, "
                                              "see docs/quantizer.md)"),
@@ -125,7 +128,7 @@ def quantize(
 
     settings = QuantizeSettings(method=method, group_size=group_size, calib_samples=calib_samples,
                                 calib_seqlen=calib_seqlen, calib_seed=calib_seed, duo_scaling=duo_scaling,
-                                rounding=rounding, device=device, calib_protocol=calib_protocol,
+                                rounding=rounding, device=device, calib_protocol=calib_protocol, scale_search=scale_search,
                                 **({} if tune_steps is None else {"block_tune_steps": tune_steps}))
     meta = quantize_checkpoint(model, output, settings, str(calib) if calib else None, force=force,
                                checkpoint_format=checkpoint_format)

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from awq_edge import data, packing
 from awq_edge.checkpoint import load_awq_as_float, read_checkpoint
@@ -13,7 +15,7 @@ from awq_edge.model import load_float_model
 from awq_edge.quantize import (QuantizeSettings, _apply_group, _layer_output, _linear_names, block_groups,
                                calibration_tokens, capture_block_inputs, fake_quantize, fake_quantize_model,
                                _to_quantized, gptq_round, gram, quantize_checkpoint, quantize_tensor, refit_scales,
-                               TunedWeight, per_column, search_clip, tune_block_outputs)
+                               TunedWeight, coarse_to_fine, per_column, search_clip, tune_block_outputs)
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -252,13 +254,36 @@ def test_checkpoint_metadata_records_the_run(awq_checkpoint):
     assert meta["calibration"]["tokens"] == 4 * 128
     assert len(meta["layers"]) == 30
     groups = [group for layer in meta["layers"] for group in layer["groups"].values()]
-    for group in groups:  # the alpha kept is the grid point with the lowest loss
-        best = int(np.argmin(group["losses"]))
-        assert group["alpha"] == best / len(group["losses"]) and group["loss"] == group["losses"][best]
-        assert group["loss_alpha0"] == group["losses"][0]
+    for group in groups:  # the alpha kept is the grid point with the lowest loss of those tried
+        alphas, losses = zip(*group["losses"])
+        assert list(alphas) == sorted(alphas) and alphas[0] == 0.0
+        best = int(np.argmin(losses))
+        assert group["alpha"] == alphas[best] and group["loss"] == losses[best]
+        assert group["loss_alpha0"] == losses[0]
     # and the search is worth running: in most groups some scale beats no scaling at all
     assert np.mean([g["loss"] < g["loss_alpha0"] for g in groups]) > 0.5
     assert len(ckpt.linears) == 30 * 7
+
+
+@given(st.integers(1, 64), st.data())
+def test_coarse_to_fine_finds_the_minimum_of_a_unimodal_loss_from_fewer_losses(n, data):
+    """Strictly falling to a minimum at m, then strictly rising, with random slopes."""
+    m = data.draw(st.integers(0, n - 1))
+    steps = data.draw(st.lists(st.floats(0.001, 1000), min_size=n, max_size=n))
+    loss = [sum(steps[i:m]) if i <= m else sum(steps[m:i]) for i in range(n)]
+    calls = []
+    best, tried = coarse_to_fine(n, lambda i: calls.append(i) or loss[i])
+    assert best == m and sorted(calls) == sorted(tried) == sorted(set(calls))
+    assert tried == {i: loss[i] for i in calls}
+    if n == 20:
+        assert len(calls) <= 13
+
+
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=64))
+def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
+    best, tried = coarse_to_fine(len(loss), lambda i: loss[i])
+    assert 0 in tried and all(0 <= i < len(loss) for i in tried)
+    assert tried[best] == min(tried.values()) and best == min(i for i in tried if tried[i] == tried[best])
 
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES)
