@@ -98,6 +98,25 @@ def test_calibration_protocols(tmp_path, tiny_model_dir):
     assert_nothing_written(tmp_path, "x")
 
 
+def test_effort_high_and_the_full_scale_search_are_what_the_checkpoint_records(tmp_path, tiny_model_dir):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The robot arm picks up the red block and places it on the table.\n\n" * 100)
+    out = tmp_path / "high"
+    proc = awq_edge("quantize", tiny_model_dir("llama"), "--calib", calib, "--calib-samples", "4", "--calib-seqlen",
+                    "64", "--group-size", "32", "--effort", "high", "--scale-search", "full", "--output", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((out / "awq_edge.json").read_text())
+    assert meta["settings"]["block_tune_batch"] == 4 and meta["settings"]["scale_search"] == "full"
+    grid = meta["settings"]["scale_grid"]
+    for layer in meta["layers"]:  # every alpha of the grid was tried
+        for group in layer["groups"].values():
+            assert [alpha for alpha, _ in group["losses"]] == [i / grid for i in range(grid)]
+    for option, value in (("--effort", "max"), ("--scale-search", "coarse")):
+        proc = awq_edge("quantize", tiny_model_dir("llama"), option, value, "--output", tmp_path / "x")
+        assert_clean_error(proc, f"{option} {value}")
+        assert_nothing_written(tmp_path, "x")
+
+
 def test_jsonl_without_text_field(tmp_path, tiny_model_dir):
     calib = tmp_path / "calib.jsonl"
     calib.write_text('{"body": "hello"}\n')
