@@ -9,7 +9,7 @@ fresh `awq-edge quantize` process, so each run's time and peak RSS are its own. 
 - each run's quantize seconds and peak RSS (from the checkpoint's awq_edge.json);
 - whether the two checkpoints' tensors are bit-identical, and in how many groups the alpha differs;
 - from the full run's loss curves: how many groups have more than one local minimum in alpha, and
-  what coarse_to_fine would pick around the best 1 and the best 2 points (misses of the grid's
+  what coarse_to_fine would pick around the best 1, 2, 3 points (misses of the grid's
   argmin, losses computed per group, the worst loss ratio of a miss).
 Writes benchmarks/results/quantizer-scale-search-<model>-g<G>-<protocol>.json.
 """
@@ -83,7 +83,7 @@ def compare(full: Path, refine: Path | None) -> dict:
     row = {"settings": {k: meta_full["settings"][k] for k in ("group_size", "calib_protocol", "scale_grid")},
            "full": run_summary(full, meta_full), "groups": len(full_curves),
            "groups_with_several_local_minima": sum(local_minima(c) > 1 for c in full_curves),
-           "simulated": [simulate(full_curves, keep) for keep in (1, 2)]}
+           "simulated": [simulate(full_curves, keep) for keep in (1, 2, 3)]}
     if refine is None:
         return row
     meta_refine = json.loads((refine / "awq_edge.json").read_text())
