@@ -93,6 +93,10 @@ def test_calibration_protocols(tmp_path, tiny_model_dir):
     assert metas["plain"]["calibration"]["prefix"] == [] and metas["deployed"]["calibration"]["prefix"] == [1]
     assert metas["deployed"]["settings"]["calib_protocol"] == "deployed"
     assert metas["plain"]["layers"] != metas["deployed"]["layers"]  # the searches saw other activations
+    for layer in metas["plain"]["layers"]:  # the default search: coarse to fine, the best alpha of those tried
+        for group in layer["groups"].values():
+            alphas, losses = zip(*group["losses"])
+            assert 5 <= len(alphas) < 20 and group["alpha"] == alphas[losses.index(min(losses))]
     proc = awq_edge("quantize", tiny_model_dir("llama"), "--calib-protocol", "bos", "--output", tmp_path / "x")
     assert_clean_error(proc, "--calib-protocol bos")
     assert_nothing_written(tmp_path, "x")
