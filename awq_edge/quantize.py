@@ -51,7 +51,7 @@ class QuantizeSettings:
     calib_seed: int = 0  # shuffles the calibration texts: another seed, another sample of them
     loss_samples: int = 16  # sequences whose outputs the scale-search loss compares
     scale_grid: int = 20  # alpha = i / scale_grid, i = 0 .. scale_grid-1
-    # refine: coarse_to_fine over that grid (~half the losses computed; finds the same alpha when the
+    # refine: coarse_to_fine over that grid (~13 of its 20 losses; finds the same alpha when the
     # loss is unimodal in alpha, docs/quantizer.md session 20) | full: every alpha
     scale_search: str = "refine"
     duo_scaling: bool = False  # s = x_mean^a / w_mean^(1-a) (AutoAWQ) instead of x_mean^a (paper)
