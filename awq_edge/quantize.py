@@ -389,20 +389,22 @@ def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     return normed.mean(0)
 
 
-def coarse_to_fine(n: int, loss_at, keep: int = 3) -> tuple[int, dict[int, float]]:
+def coarse_to_fine(n: int, loss_at, keep: int = 3, first_step: int | None = None) -> tuple[int, dict[int, float]]:
     """The i in 0 .. n-1 with the lowest loss_at(i), lowest i on ties: every `step`-th i first
-    (step the largest power of two with 4 * step <= n), then the step halved around each of the
-    `keep` best points so far, down to 1: ~13 losses for n = 20, not 20. If the loss is unimodal
-    in i, its minimum lies within one step of the best point of each pass, so this returns the
-    argmin of all n. Measured alpha-loss curves are jagged (51 of SmolLM2's 90 groups have several
+    (first_step; by default the largest power of two with 4 * step <= n; 1 tries every i), then
+    the step halved around each of the `keep` best points so far, down to 1: ~13 losses for n = 20,
+    not 20. If the loss is unimodal in i, its minimum lies within one step of the best point of
+    each pass, so this returns the argmin of all n. Measured alpha-loss curves are jagged (51 of SmolLM2's 90 groups have several
     local minima): of 180 groups (two runs), around the best point alone the search missed the
     grid's argmin in 15, around the best two in 2, around the best three in none
     (docs/quantizer.md, session 20).
     -> (best i, {i: loss} of the i tried)."""
     tried: dict[int, float] = {}
-    step = 1
-    while 8 * step <= n:
-        step *= 2
+    step = first_step
+    if step is None:
+        step = 1
+        while 8 * step <= n:
+            step *= 2
 
     def ranked() -> list[int]:
         return sorted(tried, key=lambda i: (tried[i], i))
@@ -441,11 +443,8 @@ def search_scales(g: ScaleGroup, x_mean: torch.Tensor, run_module, settings: Qua
         return loss / sum(r.numel() for r in reference)
 
     try:
-        if settings.scale_search == "full":
-            tried = {i: loss_at(i) for i in range(settings.scale_grid)}
-            best = min(tried, key=lambda i: (tried[i], i))
-        else:
-            best, tried = coarse_to_fine(settings.scale_grid, loss_at)
+        best, tried = coarse_to_fine(settings.scale_grid, loss_at,
+                                     first_step=1 if settings.scale_search == "full" else None)
     finally:
         for lin, w in zip(g.linears, originals):
             lin.weight.data = w

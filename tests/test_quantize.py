@@ -284,6 +284,8 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
     best, tried = coarse_to_fine(len(loss), lambda i: loss[i])
     assert 0 in tried and all(0 <= i < len(loss) for i in tried)
     assert tried[best] == min(tried.values()) and best == min(i for i in tried if tried[i] == tried[best])
+    best, tried = coarse_to_fine(len(loss), lambda i: loss[i], first_step=1)  # --scale-search full
+    assert sorted(tried) == list(range(len(loss))) and best == loss.index(min(loss))
 
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES)
