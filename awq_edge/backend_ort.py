@@ -65,9 +65,11 @@ def session_options(threads: int | None, accuracy_level: int = 0, spin: bool = T
 
 class OrtBackend:
     def __init__(self, export_dir: Path, max_context: int, threads: int | None = None,
-                 info: ExportInfo | None = None, spin: bool = True):
+                 info: ExportInfo | None = None, spin: bool = True, native_decode: bool = False):
         """info: export.json as checked by the engine (Engine.load); read and checked here when None.
-        threads, spin: ONNX Runtime's intra-op threads and whether they busy-wait (session_options)."""
+        threads, spin: ONNX Runtime's intra-op threads and whether they busy-wait (session_options).
+        native_decode: one-token steps run on our own kernels (awq_edge/cpu_native.py) over the same
+        weights and KV buffers; prefill stays in ONNX Runtime. `decode_path` says which ran and why."""
         export_dir = Path(export_dir)
         info = info or read_export_info(export_dir)
         if info.target == "trt":
@@ -118,6 +120,24 @@ class OrtBackend:
         self.rescore_k = 0
         if info.lm_head_exact:
             self._bind_rescored(info.lm_head_exact["top_k"])
+        self.native = None
+        self.decode_path = "onnxruntime"
+        if native_decode:
+            self._start_native(export_dir, threads)
+
+    def _start_native(self, export_dir: Path, threads: int | None) -> None:
+        from .cpu_native import NativeDecoder, Unsupported, simd_path
+
+        if self.kv_mode != "shared_buffer":
+            self.decode_path = "onnxruntime (native decode needs in-place KV buffers)"
+            return
+        try:
+            self.native = NativeDecoder(export_dir, self.info, [v.data_ptr() for v in self._cache[0::2]],
+                                        [v.data_ptr() for v in self._cache[1::2]], self.max_context,
+                                        threads or physical_cores())
+            self.decode_path = f"native ({simd_path(self.native.lib)})"
+        except (Unsupported, UserError) as e:  # no compiler, or a graph the native step does not run
+            self.decode_path = f"onnxruntime (native decode unavailable: {_first_line(e)})"
 
     def _bind_rescored(self, top_k: int) -> None:
         """Preallocated outputs for the graph's exact re-scoring of the top_k candidates."""
@@ -135,6 +155,16 @@ class OrtBackend:
     # ------------------------------------------------------------ the interface
     def forward(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [vocab] of the last new position (float32, a fresh array); top_k re-scored."""
+        if self.native is not None and len(ids) == 1:
+            token = int(ids[0])
+            if not 0 <= token < self.vocab_size:
+                raise UserError(f"token id out of range 0..{self.vocab_size - 1}")
+            if self.position + 1 > self.max_context:
+                raise UserError(f"context full: {self.position} cached + 1 new token exceeds "
+                                f"max_context {self.max_context}; rewind or start a longer context")
+            logits = self.native.step(token, self.position)
+            self.position += 1
+            return logits
         logits = self._run(ids)[-1]
         return self.rescore(logits) if self.rescore_k else logits
 

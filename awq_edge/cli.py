@@ -283,17 +283,21 @@ def _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_token
 THREADS_HELP = "CPU threads for ONNX Runtime; default: this machine's physical cores"
 SPIN_HELP = ("--spin: ONNX Runtime's threads busy-wait between ops (fastest on an idle machine); --no-spin: they "
              "sleep (better when other busy processes share the cores). docs/runtime.md has the measurements")
+NATIVE_HELP = ("CPU engines: decode one token at a time on awq-edge's own kernels (built with the system C compiler "
+               "at first use) instead of ONNX Runtime's graph; prefill stays in ONNX Runtime. docs/export.md, "
+               "'Native CPU decode'")
 
 
 def _load_engine(engine: Path, max_memory: Optional[str], max_context: Optional[int], verify: bool = False,
-                 threads: Optional[int] = None, spin: bool = True):
+                 threads: Optional[int] = None, spin: bool = True, native_decode: bool = False):
     from .engine import Engine
     from .memory import parse_size
 
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
     cap = parse_size(max_memory) if max_memory else None
-    return Engine.load(engine, max_memory=cap, max_context=max_context, verify=verify, threads=threads, spin=spin)
+    return Engine.load(engine, max_memory=cap, max_context=max_context, verify=verify, threads=threads, spin=spin,
+                       native_decode=native_decode)
 
 
 def _utf8(text: str, what: str) -> str:
@@ -323,6 +327,7 @@ def run(
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     spin: bool = typer.Option(True, "--spin/--no-spin", help=SPIN_HELP),
+    native_decode: bool = typer.Option(False, "--native-decode", help=NATIVE_HELP),
     verify: bool = typer.Option(False, help="check the sha256 of every engine file before loading"),
     stats: bool = typer.Option(False, help="print token counts and speed to stderr"),
     ignore_eos: bool = typer.Option(False, help="keep generating past the end-of-text token (measurements)"),
@@ -335,7 +340,7 @@ def run(
         except UnicodeDecodeError:
             raise UserError("the prompt on stdin is not valid UTF-8; fix its encoding") from None
     _utf8(prompt, "the prompt")
-    eng = _load_engine(engine, max_memory, max_context, verify, threads, spin)
+    eng = _load_engine(engine, max_memory, max_context, verify, threads, spin, native_decode)
     from .sampling import Sampler, SamplingSettings
 
     sampler = Sampler(SamplingSettings(temperature, top_k, top_p, repetition_penalty, seed))
@@ -379,12 +384,13 @@ def chat(
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     spin: bool = typer.Option(True, "--spin/--no-spin", help=SPIN_HELP),
+    native_decode: bool = typer.Option(False, "--native-decode", help=NATIVE_HELP),
 ):
     """Talk with the model. /reset starts over, /exit quits, Ctrl-C stops a reply."""
     _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     if system is not None:
         _utf8(system, "--system")
-    eng = _load_engine(engine, max_memory, max_context, threads=threads, spin=spin)
+    eng = _load_engine(engine, max_memory, max_context, threads=threads, spin=spin, native_decode=native_decode)
     conversation = eng.chat(system)
     interactive = sys.stdin.isatty()
     typer.echo(f"chatting with {engine} ({eng.manifest.get('device')}, context {eng.context} tokens); "
@@ -446,6 +452,7 @@ def bench(
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     spin: bool = typer.Option(True, "--spin/--no-spin", help=SPIN_HELP),
+    native_decode: bool = typer.Option(False, "--native-decode", help=NATIVE_HELP),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Time to first token, prefill and decode speed (greedy, batch 1), and peak RSS."""
@@ -455,7 +462,7 @@ def bench(
 
     if prompt_tokens < 1 or new_tokens < 2 or runs < 1:
         raise UserError("--prompt-tokens must be >= 1, --new-tokens >= 2 and --runs >= 1")
-    eng = _load_engine(engine, max_memory, max_context, threads=threads, spin=spin)
+    eng = _load_engine(engine, max_memory, max_context, threads=threads, spin=spin, native_decode=native_decode)
     result = bench_engine(eng, prompt_tokens, new_tokens, runs)
     result["engine"] = str(engine)
     if json_out:
@@ -479,6 +486,7 @@ def serve(
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     spin: bool = typer.Option(True, "--spin/--no-spin", help=SPIN_HELP),
+    native_decode: bool = typer.Option(False, "--native-decode", help=NATIVE_HELP),
     queue_size: int = typer.Option(16, help="requests that may wait while one is answered; more get HTTP 429"),
     api_key: Optional[str] = typer.Option(None, envvar="AWQ_EDGE_API_KEY",
                                           help="require 'Authorization: Bearer KEY' (or set AWQ_EDGE_API_KEY)"),
@@ -505,7 +513,7 @@ def serve(
         typer.echo(f"warning: listening on {host}: other machines can reach this server"
                    f"{'' if api_key else ' and use it without a key (set --api-key)'}", err=True)
     sock = open_socket(host, port)
-    eng = _load_engine(engine, max_memory, max_context, threads=threads, spin=spin)
+    eng = _load_engine(engine, max_memory, max_context, threads=threads, spin=spin, native_decode=native_decode)
     # the directory's name as given (a symlink's, not its target's), '..' and '.' normalized
     serve_forever(eng, sock, name or Path(os.path.abspath(engine)).name, queue_size, api_key, body_limit)
 

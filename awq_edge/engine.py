@@ -69,7 +69,7 @@ def engine_plan(manifest: dict, info, max_memory=None, max_context: int | None =
 
 
 def open_backend(path: Path, manifest: dict, info, plan: MemoryPlan, threads: int | None = None,
-                 spin: bool = True):
+                 spin: bool = True, native_decode: bool = False):
     if manifest["backend"] == "cuda":
         from .cuda_backend import CudaBackend
 
@@ -85,7 +85,8 @@ def open_backend(path: Path, manifest: dict, info, plan: MemoryPlan, threads: in
         from .backend_ort import OrtBackend
     except ImportError as e:
         raise UserError(f"the ONNX Runtime backend cannot be imported ({e}); pip install onnxruntime") from None
-    return OrtBackend(path, max_context=plan.context, threads=threads, info=info, spin=spin)
+    return OrtBackend(path, max_context=plan.context, threads=threads, info=info, spin=spin,
+                      native_decode=native_decode)
 
 
 # ---------------------------------------------------------------- generation
@@ -146,8 +147,11 @@ class Engine:
 
     @classmethod
     def load(cls, path, max_memory=None, max_context: int | None = None, threads: int | None = None,
-             verify: bool = False, spin: bool = True) -> "Engine":
-        """Check the engine dir and the memory plan first, then load (the plan refuses before any big allocation)."""
+             verify: bool = False, spin: bool = True, native_decode: bool = False) -> "Engine":
+        """Check the engine dir and the memory plan first, then load (the plan refuses before any big allocation).
+
+        native_decode (CPU engines): one-token steps on our own kernels (awq_edge/cpu_native.py),
+        prefill in ONNX Runtime; engine.backend.decode_path says which decodes."""
         path = Path(path)
         manifest = read_manifest(path)
         files = check_files(path, manifest["files"], full_hash=verify)
@@ -160,7 +164,7 @@ class Engine:
             export = read_export_info(path, files, graph=manifest["backend"] == "ort")
         plan = engine_plan(manifest, export, max_memory, max_context)
         tokenizer = Tokenizer(path, export.config, files)
-        backend = open_backend(path, manifest, export, plan, threads, spin)
+        backend = open_backend(path, manifest, export, plan, threads, spin, native_decode)
         return cls(path, manifest, export, tokenizer, backend, plan)
 
     @property

@@ -1,0 +1,337 @@
+"""Our own CPU kernels (plugins/cpu/), built on the machine that runs them and called through ctypes.
+
+    lib = load_library()                      # cc -O3 -march=native -fopenmp, cached by source hash
+    y = gemv_q4(lib, t["B"], t["scales"], t["zero_points"], x, K, G)   # one MatMulNBits product
+
+The first of the kernels of a native CPU decode step (issue 22: ONNX Runtime spends about as
+long between its ~350 nodes per token as reading the weights). They read the weights in ORT's
+MatMulNBits layout (packing.to_matmul_nbits), so an engine needs no second copy of them in
+another format. Every kernel has a numpy twin here (`*_reference`) that computes the same
+integers; tests compare the two, and the C against ORT's own MatMulNBits.
+
+Built with the system C compiler (`CC`, else cc/gcc/clang) at first use into
+<cache_dir>/plugins/cpu-<hash>-<machine>/; -march=native picks the SIMD path (cpu_ops.h).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .plugins import PLUGINS_DIR, _cache_root, _publish, _run
+
+CPU_SOURCES = PLUGINS_DIR / "cpu"
+CPU_LIBRARY = "libawq_edge_cpu.so"
+DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
+
+
+def find_cc() -> str | None:
+    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def source_files() -> list[Path]:
+    return sorted(p for pattern in ("*.c", "*.h") for p in CPU_SOURCES.glob(pattern))
+
+
+def build_library(flags: tuple[str, ...] = DEFAULT_FLAGS) -> Path:
+    """The shared library of plugins/cpu/*.c for this machine (cached by sources, flags, machine)."""
+    sources = source_files()
+    if not sources:
+        raise UserError(f"CPU kernel sources not found in {CPU_SOURCES}; the native CPU kernels need an "
+                        "awq-edge source checkout")
+    digest = hashlib.sha256(" ".join(flags).encode() + b"\0")
+    for path in sources:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    final = _cache_root() / f"cpu-{digest.hexdigest()[:16]}-{platform.machine()}"
+    library = final / CPU_LIBRARY
+    if library.is_file():
+        return library
+    cc = find_cc()
+    if cc is None:
+        raise UserError("no C compiler found (cc, gcc or clang); install one or set CC to build the native CPU kernels")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        _run([cc, *flags, "-I", str(CPU_SOURCES), "-o", str(build / CPU_LIBRARY),
+              *[str(p) for p in sources if p.suffix == ".c"], "-lm"], "building the native CPU kernels")
+        _publish(build, final)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return library
+
+
+def load_library(flags: tuple[str, ...] = DEFAULT_FLAGS) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build_library(flags)))
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.quantize_act_q8.argtypes = [ptr, i32, i32, ptr, ptr, ptr]
+    lib.quantize_act_q8.restype = None
+    lib.gemv_q4.argtypes = [ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, ptr]
+    lib.gemv_q4.restype = None
+    lib.gemv_q4_chain.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.gemv_q4_chain.restype = None
+    lib.cpu_kernels_simd.argtypes = []
+    lib.cpu_kernels_simd.restype = ctypes.c_char_p
+    return lib
+
+
+def simd_path(lib: ctypes.CDLL) -> str:
+    return lib.cpu_kernels_simd().decode()
+
+
+# ---------------------------------------------------------------- activations to int8
+
+def _blocks(k: int, group: int) -> int:
+    return -(-k // group)
+
+
+def act_bytes(k: int, group: int) -> int:
+    """Length of the int8 activation row: blocks * G rounded up to whole 64-chunks (cpu_ops.h)."""
+    return -(-_blocks(k, group) * group // 64) * 64
+
+
+def quantize_act_q8(lib: ctypes.CDLL, x: np.ndarray, group: int):
+    """-> (x8 int8 [act_bytes] deinterleaved per 64-chunk, scale float32 [blocks], sum int32 [blocks])."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    blocks = _blocks(x.size, group)
+    x8 = np.empty(act_bytes(x.size, group), np.int8)
+    scale = np.empty(blocks, np.float32)
+    total = np.empty(blocks, np.int32)
+    lib.quantize_act_q8(x.ctypes.data, x.size, group, x8.ctypes.data, scale.ctypes.data, total.ctypes.data)
+    return x8, scale, total
+
+
+def quantize_act_q8_reference(x: np.ndarray, group: int):
+    """numpy twin of quantize_act_q8 (round half to even, as lrintf in the default rounding mode)."""
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    blocks = _blocks(x.size, group)
+    padded = np.zeros(act_bytes(x.size, group), np.float32)
+    padded[:x.size] = x
+    xb = padded[:blocks * group].reshape(blocks, group)
+    scale = (np.abs(xb).max(axis=1) / np.float32(127)).astype(np.float32)
+    inv = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale > 0).astype(np.float32)
+    q = np.zeros(padded.size, np.int32)
+    q[:blocks * group] = np.rint(xb * inv[:, None]).reshape(-1)
+    chunks = q.reshape(-1, 32, 2)  # per 64-chunk: the 32 even k, then the 32 odd k
+    x8 = np.concatenate([chunks[:, :, 0], chunks[:, :, 1]], axis=1).astype(np.int8).reshape(-1)
+    return x8, scale, q[:blocks * group].reshape(blocks, group).sum(axis=1).astype(np.int32)
+
+
+# ---------------------------------------------------------------- the 4-bit GEMV
+
+def gemv_q4(lib: ctypes.CDLL, b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, x: np.ndarray,
+            k: int, group: int) -> np.ndarray:
+    """y [N] float32 = x [K] times the MatMulNBits weight (B, scales, zero_points) with int8 activations."""
+    n = b.shape[0]
+    blocks = _blocks(k, group)
+    _check_layout(b, scales, zero_points, n, blocks, group)
+    x8, x_scale, x_sum = quantize_act_q8(lib, x, group)
+    y = np.empty(n, np.float32)
+    lib.gemv_q4(b.ctypes.data, scales.ctypes.data, zero_points.ctypes.data, n, k, group,
+                x8.ctypes.data, x_scale.ctypes.data, x_sum.ctypes.data, y.ctypes.data)
+    return y
+
+
+def gemv_q4_reference(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, x: np.ndarray,
+                      k: int, group: int) -> np.ndarray:
+    """numpy twin of gemv_q4: the same int8 activations and integer block dots, float64 sums."""
+    from .packing import from_matmul_nbits
+
+    n = b.shape[0]
+    blocks = _blocks(k, group)
+    q, s, z = from_matmul_nbits(b.reshape(n, blocks, group // 2), scales.reshape(n, blocks),
+                                zero_points.reshape(n, -1), k)
+    x8, x_scale, x_sum = quantize_act_q8_reference(x, group)
+    xq = x8.reshape(-1, 2, 32).transpose(0, 2, 1).reshape(-1)[:blocks * group].reshape(blocks, group)  # k order
+    padded = np.zeros((n, blocks * group), np.int64)
+    padded[:, :k] = q
+    dots = np.einsum("nbg,bg->nb", padded.reshape(n, blocks, group), xq.astype(np.int64))
+    ints = dots - z.astype(np.int64) * x_sum.astype(np.int64)[None, :]
+    return (ints * (x_scale.astype(np.float64)[None, :] * s.astype(np.float64))).sum(axis=1)
+
+
+def _check_layout(b, scales, zero_points, n, blocks, group) -> None:
+    if group < 16 or group & (group - 1):
+        raise ValueError(f"block size must be a power of two >= 16, got {group}")
+    for name, a, size, dtype in (("B", b, n * blocks * group // 2, np.uint8), ("scales", scales, n * blocks, np.float32),
+                                 ("zero_points", zero_points, n * ((blocks + 1) // 2), np.uint8)):
+        if a.dtype != dtype or a.size != size or not a.flags.c_contiguous:
+            raise ValueError(f"{name}: expected {size} contiguous {np.dtype(dtype).name}, got {a.size} {a.dtype}")
+
+
+# ---------------------------------------------------------------- the decode step
+
+class CpuOp(ctypes.Structure):
+    """struct cpu_op (cpu_ops.h): the same fields in the same order."""
+    _fields_ = [(name, ctypes.c_int32) for name in ("kind", "n", "k", "group", "offset", "layer", "window",
+                                                      "kind_arg")] + \
+               [("scale", ctypes.c_float), ("softcap", ctypes.c_float)] + \
+               [(name, ctypes.c_void_p) for name in ("x", "out", "residual", "w0", "w1", "w2", "bias", "w_norm",
+                                                      "table", "cos", "sin")]
+
+
+class CpuModel(ctypes.Structure):
+    """struct cpu_model (cpu_ops.h)."""
+    _fields_ = [(name, ctypes.c_int32) for name in ("heads", "kv_heads", "head_dim", "max_context", "top_k")] + \
+               [("eps", ctypes.c_float)] + \
+               [(name, ctypes.c_void_p) for name in ("k_cache", "v_cache", "x8", "x_scale", "x_sum", "scores",
+                                                      "top_ids", "top_logits")]
+
+
+OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8}
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1}
+
+
+class Unsupported(Exception):
+    """This engine cannot run on the native step (ONNX Runtime runs it instead); the message says why."""
+
+
+def graph_weights(export_dir: Path):
+    """(initializers: name -> array, a read-only view of model.onnx.data or the proto's own bytes;
+    MatMulNBits attributes: weight prefix -> {K, N, bits, block_size}) of an engine's graph."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(Path(export_dir) / "model.onnx"), load_external_data=False)
+    data_path = Path(export_dir) / "model.onnx.data"
+    data = np.memmap(data_path, dtype=np.uint8, mode="r") if data_path.is_file() else None
+    arrays = {}
+    for t in model.graph.initializer:
+        where = {e.key: e.value for e in t.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        shape = tuple(int(d) for d in t.dims)
+        if not where:
+            arrays[t.name] = numpy_helper.to_array(t)
+            continue
+        if where.get("location") != data_path.name or data is None:
+            raise Unsupported(f"initializer {t.name[:80]} lives outside model.onnx.data")
+        offset, length = int(where.get("offset", 0)), int(where.get("length", -1))
+        count = int(np.prod(shape, dtype=np.int64))
+        if length != count * dtype.itemsize or offset < 0 or offset + length > data.size:
+            raise Unsupported(f"initializer {t.name[:80]} does not fit model.onnx.data")
+        arrays[t.name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    matmuls = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            matmuls[node.input[1].removesuffix(".B")] = {**attrs, "inputs": list(node.input)}
+    return arrays, matmuls
+
+
+class NativeDecoder:
+    """One decode token of an ORT engine with our kernels (decode_step.c): the same weights
+    (model.onnx.data, memory-mapped), the same KV buffers as ONNX Runtime's session, so ORT
+    prefills and this decodes. Raises Unsupported for what it does not run."""
+
+    def __init__(self, export_dir: Path, info, k_caches: list[int], v_caches: list[int], max_context: int,
+                 threads: int):
+        from .decoder import buffer_shapes, decode_ops, decoder_spec
+        from .export.spec import model_spec
+
+        if info.target != "ort" or info.kv_mode != "shared_buffer" or info.act_dtype != "float32" or info.all_logits:
+            raise Unsupported("only float32 ort engines with in-place KV buffers")
+        if not info.lm_head_exact:
+            raise Unsupported("only a quantized lm_head with exact re-scoring (the default)")
+        self.arrays, self.matmuls = graph_weights(export_dir)
+        groups = {m["block_size"] for name, m in self.matmuls.items() if name != "lm_head.q4"}
+        if len(groups) != 1:
+            raise Unsupported(f"one block size for the body's linears, got {sorted(groups)}")
+        try:
+            spec = decoder_spec(model_spec(info.config), groups.pop(),
+                                any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith("qkv_proj")))
+        except UserError as e:
+            raise Unsupported(str(e)) from None
+        self.spec = spec
+        self.lib = load_library()
+        self.lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+        self.lib.decode_step.restype = None
+        self.lib.cpu_set_threads.argtypes = [ctypes.c_int]
+        self.lib.cpu_set_threads(int(threads))
+        self.buffers = {name: np.zeros(shape[-1], np.float32) for name, shape in buffer_shapes(spec, 1).items()}
+        self.top_k = info.lm_head_exact["top_k"]
+        self.exact_table = info.lm_head_exact["table"]
+        kmax = max(m["K"] for m in self.matmuls.values())
+        gmin = min(m["block_size"] for m in self.matmuls.values())
+        self.scratch = {"x8": np.zeros(act_bytes(kmax, gmin) + 256, np.int8),
+                        "x_scale": np.zeros(kmax // gmin + 2, np.float32), "x_sum": np.zeros(kmax // gmin + 2, np.int32),
+                        "scores": np.zeros((spec.heads, max_context), np.float32),
+                        "top_ids": np.zeros(self.top_k, np.int64), "top_logits": np.zeros(self.top_k, np.float32)}
+        self.caches = ((ctypes.c_void_p * spec.layers)(*k_caches), (ctypes.c_void_p * spec.layers)(*v_caches))
+        self.model = CpuModel(heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
+                              max_context=max_context, top_k=self.top_k, eps=spec.eps,
+                              k_cache=ctypes.cast(self.caches[0], ctypes.c_void_p),
+                              v_cache=ctypes.cast(self.caches[1], ctypes.c_void_p),
+                              **{k: v.ctypes.data for k, v in self.scratch.items()})
+        self.ops = [self._op(op) for op in decode_ops(spec)]
+        self.program = (CpuOp * len(self.ops))(*self.ops)
+
+    # ------------------------------------------------------------ the op list -> records
+    def _tensor(self, name: str, dtype, size: int) -> np.ndarray:
+        a = self.arrays.get(name)
+        if a is None or a.dtype != dtype or a.size != size:
+            raise Unsupported(f"graph tensor {name[:80]} is missing or not {size} x {np.dtype(dtype).name}")
+        return a
+
+    def _linear(self, rec: CpuOp, prefix: str, n: int, k: int) -> None:
+        m = self.matmuls.get(prefix)
+        if m is None or m.get("bits", 4) != 4 or m["K"] != k or m["N"] != n or len(m["inputs"]) > 4 and m["inputs"][4]:
+            raise Unsupported(f"{prefix}: not a plain 4-bit MatMulNBits of {n} x {k}")
+        g = m["block_size"]
+        blocks = _blocks(k, g)
+        rec.n, rec.k, rec.group = n, k, g
+        rec.w0 = self._tensor(m["inputs"][1], np.uint8, n * blocks * g // 2).ctypes.data
+        rec.w1 = self._tensor(m["inputs"][2], np.float32, n * blocks).ctypes.data
+        rec.w2 = self._tensor(m["inputs"][3], np.uint8, n * ((blocks + 1) // 2)).ctypes.data
+
+    def _op(self, op) -> CpuOp:
+        a, spec, buf = op.args, self.spec, self.buffers
+        rec = CpuOp(kind=OP_KINDS[op.kind])
+        ptr = lambda name: buf[name].ctypes.data  # noqa: E731
+        if op.kind == "embed":
+            rec.n, rec.out, rec.scale = spec.hidden, ptr(a["out"]), float(a["scale"] or 0.0)
+            rec.table = self._tensor(a["table"], np.float16, spec.vocab * spec.hidden).ctypes.data
+        elif op.kind in ("norm", "add_norm"):
+            rec.n, rec.x, rec.out = spec.hidden, ptr(a["x"]), ptr(a["out"])
+            rec.w_norm = self._tensor(a["weight"], np.float32, spec.hidden).ctypes.data
+            if op.kind == "add_norm":
+                rec.residual = ptr(a["residual"])
+        elif op.kind == "linear":
+            rec.x, rec.out = ptr(a["x"]), ptr(a["out"])
+            self._linear(rec, a["weight"], a["N"], a["K"])
+            if a["bias"]:
+                rec.bias = self._tensor(f"{a['weight']}.bias", np.float32, a["N"]).ctypes.data
+            elif f"{a['weight']}.bias" in self.arrays:
+                raise Unsupported(f"{a['weight']} has a bias the op list does not expect")
+        elif op.kind == "head_norm":
+            rec.n, rec.offset, rec.x = a["heads"], a["offset"], ptr(a["x"])
+            rec.w_norm = self._tensor(a["weight"], np.float32, spec.head_dim).ctypes.data
+        elif op.kind == "attention":
+            rec.x, rec.out, rec.layer, rec.window = ptr(a["qkv"]), ptr(a["out"]), a["layer"], a["window"]
+            rec.scale, rec.softcap = spec.attn_scale, spec.attn_softcap
+            half = spec.max_positions * (spec.head_dim // 2)
+            rec.cos = self._tensor(f"rope.{a['rope']}.cos", np.float32, half).ctypes.data
+            rec.sin = self._tensor(f"rope.{a['rope']}.sin", np.float32, half).ctypes.data
+        elif op.kind == "act":
+            rec.n, rec.x, rec.out, rec.kind_arg = spec.intermediate, ptr(a["x"]), ptr(a["out"]), ACT_KINDS[a["kind"]]
+        elif op.kind == "lm_head":
+            rec.x, rec.out, rec.softcap = ptr(a["x"]), ptr(a["out"]), a["softcap"]
+            self._linear(rec, "lm_head.q4", spec.vocab, spec.hidden)
+            rec.table = self._tensor(self.exact_table, np.float16, spec.vocab * spec.hidden).ctypes.data
+        return rec
+
+    # ------------------------------------------------------------ one token
+    def step(self, token: int, position: int) -> np.ndarray:
+        """Logits float32 [V] after `token` at `position` (a fresh array), the top_k re-scored in place."""
+        self.lib.decode_step(ctypes.byref(self.model), self.program, len(self.ops), int(token), int(position))
+        logits = self.buffers["logits"].copy()
+        logits[self.scratch["top_ids"]] = self.scratch["top_logits"]
+        return logits

@@ -1,0 +1,95 @@
+/* CPU kernels of the native decode step (awq_edge/cpu_native.py builds and loads them).
+
+   Weights are read in ONNX Runtime's MatMulNBits layout, the one the CPU engine already stores
+   (awq_edge/packing.py, to_matmul_nbits): so the native kernels and ORT share one format.
+       B            uint8 [N, blocks, G/2]; byte b of a block: k = 2b in the LOW nibble, 2b + 1 HIGH
+       scales       float32 [N, blocks]
+       zero_points  uint8 [N, ceil(blocks / 2)]; block 2j in the low nibble of byte j, 2j + 1 high
+   The last block of a ragged K is padded with q = its zero point, so it dequantizes to 0.
+
+   Activations are quantized to int8 per block of G (symmetric, scale = max|x| / 127), like
+   MatMulNBits with accuracy_level 4, and stored deinterleaved per chunk of 64 k: the 32 even k
+   first, then the 32 odd k. Byte j of a row's 32-byte chunk holds k = 2j and 2j + 1 of the
+   chunk in any block size, so its low nibbles meet the first half and its high nibbles the
+   second half (one contiguous load each); a 32-byte step is one block (G = 64), half of one
+   (G = 128) or two (G = 32).
+
+       y[n] = sum_blocks  sx * (s * dot(q, x8) - s * z * sum(x8))      exact in the integers
+*/
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bytes of x8 for K inputs at block size G: blocks * G rounded up to whole 64-chunks. */
+#define Q8_ACT_BYTES(K, G) (((((K) + (G) - 1) / (G)) * (G) + 63) / 64 * 64)
+
+/* x [K] float -> x8 [Q8_ACT_BYTES] int8 (deinterleaved per 64-chunk, zero padded past K),
+   x_scale [blocks], x_sum [blocks] (sum of the block's int8 values). */
+void quantize_act_q8(const float *x, int K, int G, int8_t *x8, float *x_scale, int32_t *x_sum);
+
+/* y [N] = the MatMulNBits product of one quantized activation row; rows split over OpenMP threads. */
+void gemv_q4(const uint8_t *B, const float *scales, const uint8_t *zero_points, int N, int K, int G,
+             const int8_t *x8, const float *x_scale, const int32_t *x_sum, float *y);
+
+/* count products back to back, each of the same x [K[i]] (zero padded as needed) into y: one
+   token's weights with no Python between them (benchmarks/cpu_native_gemv.py). x8, x_scale and
+   x_sum are scratch for the largest K. */
+void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scales, const uint8_t *const *zero_points,
+                   const int *N, const int *K, const int *G, const float *x, float *y, int8_t *x8, float *x_scale,
+                   int32_t *x_sum);
+
+/* ---------------------------------------------------------------- the decode step (decode_step.c) */
+
+enum cpu_op_kind { OP_EMBED = 1, OP_NORM, OP_ADD_NORM, OP_LINEAR, OP_HEAD_NORM, OP_ATTENTION, OP_ACT, OP_LM_HEAD };
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+
+/* One op of the step; awq_edge/cpu_native.py (CpuOp) declares the same fields in the same order. */
+struct cpu_op {
+  int32_t kind;      /* cpu_op_kind */
+  int32_t n;         /* outputs (linear, lm_head, act: I), width (norms, embed), heads (head_norm) */
+  int32_t k;         /* inputs (linear, lm_head) */
+  int32_t group;     /* the linear's block size */
+  int32_t offset;    /* head_norm: first column */
+  int32_t layer;     /* attention: which cache */
+  int32_t window;    /* attention: sliding window, 0 = none */
+  int32_t kind_arg;  /* act: ACT_SILU or ACT_GELU_TANH */
+  float scale;       /* attention: q k^T scale; embed: sqrt(hidden) or 0 */
+  float softcap;     /* attention scores, lm_head logits: cap * tanh(x / cap), 0 = none */
+  float *x, *out, *residual;
+  const uint8_t *w0;     /* MatMulNBits B */
+  const float *w1;       /* scales */
+  const uint8_t *w2;     /* zero_points */
+  const float *bias;     /* linear bias or NULL */
+  const float *w_norm;   /* norm weight (the family's offset folded in) */
+  const void *table;     /* fp16 [V, hidden]: embed; lm_head's exact table */
+  const float *cos, *sin;  /* RoPE tables [max_positions, D / 2] */
+};
+
+struct cpu_model {
+  int32_t heads, kv_heads, head_dim, max_context, top_k;
+  float eps;
+  float **k_cache, **v_cache;   /* per layer [kv_heads, max_context, head_dim], shared with ORT */
+  int8_t *x8;                   /* scratch: Q8_ACT_BYTES of the largest K */
+  float *x_scale;               /* scratch: blocks of the largest K */
+  int32_t *x_sum;
+  float *scores;                /* scratch: [heads, max_context] */
+  int64_t *top_ids;             /* [top_k] out */
+  float *top_logits;            /* [top_k] out */
+};
+
+/* ops[0 .. n_ops) for one new token at `position` (the rows before it are cached). */
+void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops, int64_t token, int position);
+
+/* OpenMP threads for the kernels. */
+void cpu_set_threads(int threads);
+
+/* Which SIMD path gemv_q4 was compiled with (for benchmarks and logs). */
+const char *cpu_kernels_simd(void);
+
+#ifdef __cplusplus
+}
+#endif

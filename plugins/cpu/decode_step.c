@@ -1,0 +1,254 @@
+/* decode_step: one decode token (S = 1) of the CPU engine in one call, ops as listed by Python.
+
+   awq_edge/cpu_native.py turns awq_edge/decoder.py's op list (the one every native executor
+   runs) into an array of cpu_op records over the ONNX Runtime engine's own weights, and calls
+   this once per token: no graph runtime, no Python between the ops. The maths is the ORT
+   graph's (export/graph.py), op for op:
+     embed      h = table[id] (fp16 -> fp32) (* sqrt(hidden): Gemma)
+     norm       out = x / rms(x) * w                          (RMSNormalization)
+     add_norm   residual += x; out = residual / rms * w       (SkipSimplifiedLayerNormalization)
+     linear     out = gemv_q4(x) (+ bias)                     (MatMulNBits, accuracy_level 4)
+     head_norm  per-head RMSNorm of a slice of x, in place    (Qwen3, Gemma3 q/k norms)
+     attention  RoPE (rotate_half) on q and k at `position`, k and v written into the layer's
+                cache [Hkv, capacity, D] at that row, softmax(q k^T * scale (soft-capped)) v over
+                rows 0..position (the last `window` of them on sliding layers)  (GroupQueryAttention)
+     act        out = act(gate) * up of x = [gate | up]       (silu, or gelu tanh: FastGelu)
+     lm_head    logits = gemv_q4(x) (soft-capped); the top_k of them re-scored exactly from
+                the fp16 table (the graph's TopK + Gather + Gemm)
+   The linears and the attention heads are split over OpenMP threads; the rest is small. */
+#include <math.h>
+#include <string.h>
+
+#include "cpu_ops.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+void cpu_set_threads(int threads) {
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#else
+  (void)threads;
+#endif
+}
+
+/* fp16 -> fp32: the compiler's _Float16 (F16C on x86, a native type on Arm) where it has one. */
+#ifdef __FLT16_MAX__
+static inline float half_to_float(uint16_t h) {
+  _Float16 f;
+  memcpy(&f, &h, 2);
+  return (float)f;
+}
+#else
+static float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
+  uint32_t bits;
+  if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);  /* inf, nan */
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else { /* subnormal: renormalize */
+    int e = -1;
+    uint32_t m = man;
+    do { e++; m <<= 1; } while (!(m & 1024));
+    bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 1023) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+#endif
+
+/* Eight partial sums, so the compiler can use vector lanes without reordering one float sum. */
+static inline float dot(const float *a, const float *b, int n) {
+  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; j++) part[j] += a[i + j] * b[i + j];
+  float total = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; i < n; i++) total += a[i] * b[i];
+  return total;
+}
+
+static void rms_norm(const float *x, const float *w, int n, float eps, float *out) {
+  const float inv = 1.f / sqrtf(dot(x, x, n) / (float)n + eps);
+  for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+/* e^x in float, branch-free so that loops of it vectorize (libm's expf does not, without
+   -ffast-math): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
+   error < 2e-7), times 2^n built in the exponent bits. */
+static inline float exp_approx(float x) {
+  x = fminf(fmaxf(x, -87.f), 88.f);
+  const float n = __builtin_floorf(x * 1.44269504f + 0.5f);
+  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  /* ln2 in two parts */
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+static inline float tanh_approx(float x) { /* 1 - 2 / (e^2x + 1): exact limits, abs error ~1e-7 */
+  return 1.f - 2.f / (exp_approx(2.f * x) + 1.f);
+}
+
+static void rope(float *x, int heads, int D, const float *cos, const float *sin) {
+  const int half = D / 2;
+  for (int h = 0; h < heads; h++) {
+    float *v = x + h * D;
+    for (int i = 0; i < half; i++) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i] + a * sin[i];
+    }
+  }
+}
+
+static void attention(const struct cpu_model *m, const struct cpu_op *op, int position) {
+  const int H = m->heads, Hkv = m->kv_heads, D = m->head_dim, cap = m->max_context;
+  float *q = op->x, *k = q + H * D, *v = k + Hkv * D;
+  const float *cos = op->cos + (size_t)position * (D / 2), *sin = op->sin + (size_t)position * (D / 2);
+  rope(q, H, D, cos, sin);
+  rope(k, Hkv, D, cos, sin);
+  float *kc = m->k_cache[op->layer], *vc = m->v_cache[op->layer];
+  for (int g = 0; g < Hkv; g++) {
+    memcpy(kc + ((size_t)g * cap + position) * D, k + g * D, sizeof(float) * D);
+    memcpy(vc + ((size_t)g * cap + position) * D, v + g * D, sizeof(float) * D);
+  }
+  const int first = op->window > 0 && position - op->window + 1 > 0 ? position - op->window + 1 : 0;
+  const int group = H / Hkv;
+#pragma omp parallel for schedule(static)
+  for (int h = 0; h < H; h++) {
+    const float *qh = q + h * D, *keys = kc + (size_t)(h / group) * cap * D, *values = vc + (size_t)(h / group) * cap * D;
+    float *score = m->scores + (size_t)h * cap, best = -INFINITY;
+    for (int t = first; t <= position; t++) {
+      const float s = dot(qh, keys + (size_t)t * D, D) * op->scale;
+      score[t] = op->softcap > 0.f ? op->softcap * tanh_approx(s / op->softcap) : s;
+      best = score[t] > best ? score[t] : best;
+    }
+#pragma omp simd
+    for (int t = first; t <= position; t++) score[t] = exp_approx(score[t] - best);
+    float total = 0.f;
+    for (int t = first; t <= position; t++) total += score[t];
+    float *out = op->out + h * D;
+    memset(out, 0, sizeof(float) * D);
+    for (int t = first; t <= position; t++) {
+      const float p = score[t] / total, *vt = values + (size_t)t * D;
+      for (int i = 0; i < D; i++) out[i] += p * vt[i];
+    }
+  }
+}
+
+static void linear(const struct cpu_model *m, const struct cpu_op *op) {
+  quantize_act_q8(op->x, op->k, op->group, m->x8, m->x_scale, m->x_sum);
+  gemv_q4(op->w0, op->w1, op->w2, op->n, op->k, op->group, m->x8, m->x_scale, m->x_sum, op->out);
+  if (op->bias)
+    for (int i = 0; i < op->n; i++) op->out[i] += op->bias[i];
+}
+
+static void act(const struct cpu_op *op) {
+  const int n = op->n;
+  const float *gate = op->x, *up = op->x + n;
+  float *out = op->out;
+  if (op->kind_arg == ACT_SILU) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = gate[i] / (1.f + exp_approx(-gate[i])) * up[i];
+  } else {
+#pragma omp simd
+    for (int i = 0; i < n; i++) {
+      const float g = gate[i];
+      out[i] = 0.5f * g * (1.f + tanh_approx(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
+    }
+  }
+}
+
+/* logits, then the top_k largest (any order) with their exact values from the fp16 table. */
+static void lm_head(const struct cpu_model *m, const struct cpu_op *op) {
+  linear(m, op);
+  float *logits = op->out;
+  const int V = op->n, k = m->top_k;
+  if (op->softcap > 0.f)
+    for (int i = 0; i < V; i++) logits[i] = op->softcap * tanh_approx(logits[i] / op->softcap);
+  if (k <= 0) return;
+  /* a min-heap of the k largest: most logits fail the first comparison */
+  int64_t *ids = m->top_ids;
+  float *vals = m->top_logits;
+  int size = 0;
+  for (int i = 0; i < V; i++) {
+    const float v = logits[i];
+    if (size == k && !(v > vals[0])) continue;  /* NaN never enters */
+    int pos;
+    if (size < k) { /* sift up */
+      pos = size++;
+      while (pos > 0 && vals[(pos - 1) / 2] > v) { vals[pos] = vals[(pos - 1) / 2]; ids[pos] = ids[(pos - 1) / 2]; pos = (pos - 1) / 2; }
+    } else { /* replace the root, sift down */
+      pos = 0;
+      for (;;) {
+        int c = 2 * pos + 1;
+        if (c >= k) break;
+        if (c + 1 < k && vals[c + 1] < vals[c]) c++;
+        if (!(vals[c] < v)) break;
+        vals[pos] = vals[c]; ids[pos] = ids[c]; pos = c;
+      }
+    }
+    vals[pos] = v;
+    ids[pos] = i;
+  }
+  const uint16_t *table = op->table;
+  const int Hd = op->k;
+  for (int j = 0; j < size; j++) {
+    const uint16_t *row = table + (size_t)ids[j] * Hd;
+    float s = 0.f;
+    for (int i = 0; i < Hd; i++) s += half_to_float(row[i]) * op->x[i];
+    vals[j] = op->softcap > 0.f ? op->softcap * tanh_approx(s / op->softcap) : s;
+  }
+  for (int j = size; j < k; j++) { ids[j] = 0; vals[j] = logits[0]; }
+}
+
+void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops, int64_t token, int position) {
+  for (int i = 0; i < n_ops; i++) {
+    const struct cpu_op *op = &ops[i];
+    switch (op->kind) {
+      case OP_EMBED: {
+        const uint16_t *row = (const uint16_t *)op->table + (size_t)token * op->n;
+        for (int j = 0; j < op->n; j++) op->out[j] = half_to_float(row[j]) * (op->scale > 0.f ? op->scale : 1.f);
+        break;
+      }
+      case OP_NORM:
+        rms_norm(op->x, op->w_norm, op->n, m->eps, op->out);
+        break;
+      case OP_ADD_NORM:
+        for (int j = 0; j < op->n; j++) op->residual[j] += op->x[j];
+        rms_norm(op->residual, op->w_norm, op->n, m->eps, op->out);
+        break;
+      case OP_LINEAR:
+        linear(m, op);
+        break;
+      case OP_HEAD_NORM:
+        for (int h = 0; h < op->n; h++) {
+          float *x = op->x + op->offset + h * m->head_dim;
+          rms_norm(x, op->w_norm, m->head_dim, m->eps, x);
+        }
+        break;
+      case OP_ATTENTION:
+        attention(m, op, position);
+        break;
+      case OP_ACT:
+        act(op);
+        break;
+      case OP_LM_HEAD:
+        lm_head(m, op);
+        break;
+    }
+  }
+}

@@ -1,0 +1,177 @@
+/* gemv_q4: one activation row times a 4-bit MatMulNBits weight (layout and maths: cpu_ops.h).
+
+   A row is walked in 32-byte chunks (64 weights). The chunk's int8 x uint4 products are summed
+   in int32 lanes, one SIMD path per ISA chosen at compile time (the library is built with
+   -march=native on the machine that runs it):
+     x86 AVX512-VNNI or AVX-VNNI   vpdpbusd
+     x86 AVX2                      vpmaddubsw + vpmaddwd
+     Arm dotprod (Armv8.2+)        sdot, two 16-byte halves
+     anything else                 plain C
+   then scaled by their block's s * sx into float lanes, summed across lanes once per row. The
+   zero point's share, s * sx * z * sum(x8) per block, is summed apart in scalar. Every path
+   computes the same integers; the numpy twin is cpu_native.gemv_q4_reference. */
+#include <math.h>
+#include <string.h>
+
+#include "cpu_ops.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#endif
+
+void quantize_act_q8(const float *x, int K, int G, int8_t *x8, float *x_scale, int32_t *x_sum) {
+  const int blocks = (K + G - 1) / G, bytes = Q8_ACT_BYTES(K, G);
+  memset(x8, 0, (size_t)bytes);
+  for (int blk = 0; blk < blocks; blk++) {
+    const int start = blk * G, len = K - start < G ? K - start : G;
+    float amax = 0.f;
+    for (int i = 0; i < len; i++) amax = fmaxf(amax, fabsf(x[start + i]));
+    const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+    int32_t sum = 0;
+    for (int i = 0; i < len; i++) {
+      const int k = start + i, v = (int)lrintf(x[k] * inv); /* |v| <= 127 */
+      x8[(k & ~63) + (k & 1) * 32 + (k & 63) / 2] = (int8_t)v;  /* chunk, then even/odd half */
+      sum += v;
+    }
+    x_scale[blk] = scale;
+    x_sum[blk] = sum;
+  }
+}
+
+/* The products of one row in plain C, bytes [from, row_bytes): the reference path, and the
+   tail a SIMD loop leaves. */
+static inline __attribute__((always_inline)) float row_tail(const uint8_t *row, const float *s, const int8_t *x8,
+                                                            const float *x_scale, int G, int from, int row_bytes) {
+  float acc = 0.f;
+  for (int j = from; j < row_bytes; j++) {
+    const int k = 2 * j, blk = k / G;
+    const int8_t *x = x8 + (k & ~63) + (k & 63) / 2;
+    acc += s[blk] * x_scale[blk] * (float)((int32_t)(row[j] & 15) * x[0] + (int32_t)(row[j] >> 4) * x[32]);
+  }
+  return acc;
+}
+
+#if defined(__AVX2__)
+static inline __m256i chunk_dot(const uint8_t *b, const int8_t *x) {
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i w = _mm256_loadu_si256((const __m256i *)b);
+  const __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+  const __m256i xe = _mm256_loadu_si256((const __m256i *)x), xo = _mm256_loadu_si256((const __m256i *)(x + 32));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_add_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xe),  /* two chains, not one */
+                          _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi, xo));
+#elif defined(__AVXVNNI__)
+  return _mm256_add_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xe),
+                          _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), hi, xo));
+#else  /* u8 * s8 pairs to int16 (2 * 15 * 127 fits), then pairs of int16 to int32 */
+  const __m256i ones = _mm256_set1_epi16(1);
+  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xe), ones),
+                          _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xo), ones));
+#endif
+}
+
+/* Lane i of a chunk's sum holds its bytes 4i..4i+3: one block for G >= 64, two for G = 32. */
+static inline __m256 chunk_scale(const float *s, const float *x_scale, int G, int chunk) {
+  if (G >= 64) {
+    const int blk = chunk * 64 / G;
+    return _mm256_set1_ps(s[blk] * x_scale[blk]);
+  }
+  if (G == 32)
+    return _mm256_set_m128(_mm_set1_ps(s[2 * chunk + 1] * x_scale[2 * chunk + 1]),
+                           _mm_set1_ps(s[2 * chunk] * x_scale[2 * chunk]));
+  float lanes[8];
+  for (int i = 0; i < 8; i++) {
+    const int blk = (chunk * 64 + 8 * i) / G;
+    lanes[i] = s[blk] * x_scale[blk];
+  }
+  return _mm256_loadu_ps(lanes);
+}
+
+static inline float hsum(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+static inline __attribute__((always_inline)) float row_dot(const uint8_t *row, const float *s, const int8_t *x8,
+                                                           const float *x_scale, int G, int row_bytes) {
+  __m256 acc = _mm256_setzero_ps();
+  int c = 0;
+  for (; 32 * c + 32 <= row_bytes; c++)
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_dot(row + 32 * c, x8 + 64 * c)), chunk_scale(s, x_scale, G, c), acc);
+  return hsum(acc) + row_tail(row, s, x8, x_scale, G, 32 * c, row_bytes);
+}
+
+#elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+static inline __attribute__((always_inline)) float row_dot(const uint8_t *row, const float *s, const int8_t *x8,
+                                                           const float *x_scale, int G, int row_bytes) {
+  const uint8x16_t low4 = vdupq_n_u8(15);
+  float32x4_t acc = vdupq_n_f32(0.f);
+  int j = 0;
+  for (; j + 16 <= row_bytes && (G >= 32); j += 16) {  /* 16 bytes = 32 weights: one block when G >= 32 */
+    const uint8x16_t w = vld1q_u8(row + j);
+    const int8_t *x = x8 + 2 * (j & ~31) + (j & 31);
+    int32x4_t dot = vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(vandq_u8(w, low4)), vld1q_s8(x));
+    dot = vdotq_s32(dot, vreinterpretq_s8_u8(vshrq_n_u8(w, 4)), vld1q_s8(x + 32));
+    const int blk = 2 * j / G;
+    acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot), s[blk] * x_scale[blk]);
+  }
+  return vaddvq_f32(acc) + row_tail(row, s, x8, x_scale, G, j, row_bytes);
+}
+
+#else
+static inline __attribute__((always_inline)) float row_dot(const uint8_t *row, const float *s, const int8_t *x8,
+                                                           const float *x_scale, int G, int row_bytes) {
+  return row_tail(row, s, x8, x_scale, G, 0, row_bytes);
+}
+#endif
+
+static inline __attribute__((always_inline)) float zero_share(const float *s, const uint8_t *zp, const float *x_scale,
+                                                              const int32_t *x_sum, int blocks) {
+  float share = 0.f; /* sum over blocks of s * sx * z * sum(x8): (q - z) without touching q */
+  for (int blk = 0; blk < blocks; blk++)
+    share += s[blk] * x_scale[blk] * (float)(((zp[blk / 2] >> (4 * (blk % 2))) & 15) * x_sum[blk]);
+  return share;
+}
+
+void gemv_q4(const uint8_t *B, const float *scales, const uint8_t *zero_points, int N, int K, int G,
+             const int8_t *x8, const float *x_scale, const int32_t *x_sum, float *y) {
+  const int blocks = (K + G - 1) / G, zp_bytes = (blocks + 1) / 2, row_bytes = blocks * G / 2;
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; n++) {
+    const uint8_t *row = B + (size_t)n * row_bytes, *zp = zero_points + (size_t)n * zp_bytes;
+    const float *s = scales + (size_t)n * blocks;
+    const float share = zero_share(s, zp, x_scale, x_sum, blocks);
+    /* the usual block sizes as constants: divisions become shifts */
+    const float dot = G == 128 ? row_dot(row, s, x8, x_scale, 128, row_bytes)
+                    : G == 64  ? row_dot(row, s, x8, x_scale, 64, row_bytes)
+                    : G == 32  ? row_dot(row, s, x8, x_scale, 32, row_bytes)
+                               : row_dot(row, s, x8, x_scale, G, row_bytes);
+    y[n] = dot - share;
+  }
+}
+
+void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scales, const uint8_t *const *zero_points,
+                   const int *N, const int *K, const int *G, const float *x, float *y, int8_t *x8, float *x_scale,
+                   int32_t *x_sum) {
+  for (int i = 0; i < count; i++) {
+    quantize_act_q8(x, K[i], G[i], x8, x_scale, x_sum);
+    gemv_q4(B[i], scales[i], zero_points[i], N[i], K[i], G[i], x8, x_scale, x_sum, y);
+  }
+}
+
+const char *cpu_kernels_simd(void) {
+#if defined(__AVX2__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512-vnni";
+#elif defined(__AVX2__) && defined(__AVXVNNI__)
+  return "avx-vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+  return "neon-dotprod";
+#else
+  return "scalar";
+#endif
+}

@@ -1,0 +1,138 @@
+"""The native CPU kernels (plugins/cpu/, awq_edge/cpu_native.py): built here with the system C
+compiler, checked against their numpy twins, against ONNX Runtime's MatMulNBits on the same
+bytes, and the whole decode step against the ORT engine for SmolLM2 and a tiny model of every
+family (q/k norms, biases, sandwich norms, GELU, sliding windows, soft-caps)."""
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from awq_edge import cpu_native
+from awq_edge.backend_ort import OrtBackend
+from awq_edge.errors import UserError
+from awq_edge.export import export_checkpoint
+from awq_edge.packing import dequantize, to_matmul_nbits
+from conftest import TINY_FAMILIES
+from native_helpers import teacher_forced
+from test_export_helpers import tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(cpu_native.find_cc() is None, reason="no C compiler (cc, gcc, clang) here")
+
+BASE = ("-O3", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
+# Every SIMD path this machine can run: x86-64 v1 is plain C, v3 is AVX2 without VNNI.
+FLAGS = {"native": cpu_native.DEFAULT_FLAGS}
+if platform.machine() in ("x86_64", "AMD64"):
+    FLAGS.update({"avx2": ("-march=x86-64-v3", *BASE), "plain": ("-march=x86-64", *BASE)})
+
+
+def random_weight(rng, n: int, k: int, group: int):
+    blocks = -(-k // group)
+    q = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    s = (rng.random((n, blocks)) * 0.02 + 0.001).astype(np.float32)
+    z = rng.integers(0, 16, (n, blocks)).astype(np.uint8)
+    return q, s, z, to_matmul_nbits(q, s, z, group)
+
+
+@pytest.mark.parametrize("path", sorted(FLAGS))
+@pytest.mark.parametrize("n,k,group", [(64, 576, 128), (40, 1536, 64), (24, 100, 32), (8, 48, 16), (9, 1000, 128),
+                                       (5, 576, 32), (3, 200, 16)])
+def test_gemv_matches_its_numpy_twin_on_every_simd_path(path, n, k, group):
+    lib = cpu_native.load_library(FLAGS[path])
+    rng = np.random.default_rng(n * k + group)
+    q, s, z, t = random_weight(rng, n, k, group)
+    x = (rng.standard_normal(k) * rng.choice([1e-3, 1.0, 50.0], k)).astype(np.float32)
+    x[rng.integers(0, k)] = 0.0
+    got_q = cpu_native.quantize_act_q8(lib, x, group)
+    want_q = cpu_native.quantize_act_q8_reference(x, group)
+    for got, want in zip(got_q, want_q):
+        assert np.array_equal(got, want)
+    y = cpu_native.gemv_q4(lib, t["B"], t["scales"], t["zero_points"], x, k, group)
+    twin = cpu_native.gemv_q4_reference(t["B"], t["scales"], t["zero_points"], x, k, group)
+    assert np.abs(y - twin).max() <= 1e-5 * np.abs(twin).max()
+    exact = dequantize(q, s, z, group).astype(np.float64) @ x.astype(np.float64)
+    assert np.abs(y - exact).max() <= 0.03 * np.abs(exact).max()  # int8 activations, like accuracy_level 4
+
+
+@pytest.mark.parametrize("n,k,group", [(96, 576, 128), (64, 1536, 128), (200, 576, 32), (48, 256, 64)])
+def test_gemv_matches_onnxruntime_matmulnbits_on_the_same_bytes(n, k, group):
+    lib = cpu_native.load_library()
+    rng = np.random.default_rng(k + group)
+    _, _, _, t = random_weight(rng, n, k, group)
+    x = rng.standard_normal(k).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "B", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=group, accuracy_level=4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(t["B"], "B"), numpy_helper.from_array(t["scales"], "s"),
+                               numpy_helper.from_array(t["zero_points"], "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x[None]})[0][0]
+    got = cpu_native.gemv_q4(lib, t["B"], t["scales"], t["zero_points"], x, k, group)
+    # MLAS quantizes the activations the same way: the two agree to float rounding (measured ~1e-6)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_gemv_refuses_a_weight_of_the_wrong_size():
+    lib = cpu_native.load_library()
+    _, _, _, t = random_weight(np.random.default_rng(0), 8, 128, 32)
+    with pytest.raises(ValueError, match="B: expected"):
+        cpu_native.gemv_q4(lib, t["B"].reshape(8, -1)[:, 1:].copy(), t["scales"], t["zero_points"], np.zeros(128, np.float32), 128, 32)
+
+
+@pytest.fixture(scope="module")
+def default_export(rtn_checkpoint, tmp_path_factory):
+    """SmolLM2 exported as `awq-edge build --device cpu` does (int4 lm_head re-scored, accuracy_level 4)."""
+    return export_checkpoint(rtn_checkpoint, tmp_path_factory.mktemp("native-cpu") / "ort", "ort")
+
+
+def test_native_decode_matches_onnxruntime_for_smollm2(default_export):
+    native = OrtBackend(default_export, max_context=256, threads=2, native_decode=True)
+    assert native.decode_path.startswith("native"), native.decode_path
+    reference = OrtBackend(default_export, max_context=256, threads=2)
+    ids = np.random.default_rng(0).integers(0, 49152, 48 + 40).tolist()
+    errors, disagreements = teacher_forced(native, reference, ids, 48)
+    # both quantize activations to int8 per block; rounding flips amplified over 30 layers: ~1-2 %
+    assert max(errors) < 0.1 and len(disagreements) <= 2, (max(errors), disagreements)
+    assert native.position == reference.position == len(ids)
+    # the KV buffers are ORT's: a prefill after native steps sees what they wrote
+    native.rewind(60)
+    reference.rewind(60)
+    a, b = native.forward(ids[60:70]), reference.forward(ids[60:70])
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.1
+
+
+def test_native_decode_checks_its_input_like_onnxruntime(default_export):
+    native = OrtBackend(default_export, max_context=8, threads=2, native_decode=True)
+    with pytest.raises(UserError, match="out of range"):
+        native.forward([49152])
+    native.forward([1] * 7)
+    native.forward([2])
+    with pytest.raises(UserError, match="context full"):
+        native.forward([3])
+
+
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_dir, tmp_path):
+    extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
+    ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, hidden_size=128, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, **extra)
+    export = export_checkpoint(ckpt, tmp_path / "ort", "ort")
+    native = OrtBackend(export, max_context=64, threads=2, native_decode=True)
+    assert native.decode_path.startswith("native"), native.decode_path
+    reference = OrtBackend(export, max_context=64, threads=2)
+    # 44 tokens: longer than Mistral's (5) and Gemma 3's (4) sliding windows in these tiny configs
+    ids = np.random.default_rng(1).integers(0, 256, 12 + 32).tolist()
+    errors, disagreements = teacher_forced(native, reference, ids, 12)
+    assert max(errors) < 0.1 and len(disagreements) <= 1, (max(errors), disagreements)
+
+
+def test_an_engine_the_native_step_cannot_run_decodes_in_onnxruntime(rtn_checkpoint, tmp_path):
+    export = export_checkpoint(rtn_checkpoint, tmp_path / "ort", "ort", lm_head_bits=None)  # float head
+    backend = OrtBackend(export, max_context=32, threads=2, native_decode=True)
+    assert backend.native is None and "lm_head" in backend.decode_path, backend.decode_path
+    assert backend.forward([1, 2, 3]).shape == (49152,)
+    assert backend.forward([4]).shape == (49152,)
