@@ -95,12 +95,12 @@ def _blocks(k: int, group: int) -> int:
 
 
 def act_bytes(k: int, group: int) -> int:
-    """Length of the int8 activation row: blocks * G rounded up to whole 64-chunks (cpu_ops.h)."""
-    return -(-_blocks(k, group) * group // 64) * 64
+    """Length of the int8 activation row: blocks * G rounded up to whole 128-chunks (cpu_ops.h)."""
+    return -(-_blocks(k, group) * group // 128) * 128
 
 
 def quantize_act_q8(lib: ctypes.CDLL, x: np.ndarray, group: int):
-    """-> (x8 int8 [act_bytes] deinterleaved per 64-chunk, scale float32 [blocks], sum int32 [blocks])."""
+    """-> (x8 int8 [act_bytes] deinterleaved per 128-chunk, scale float32 [blocks], sum int32 [blocks])."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     blocks = _blocks(x.size, group)
     x8 = np.empty(act_bytes(x.size, group), np.int8)
@@ -121,7 +121,7 @@ def quantize_act_q8_reference(x: np.ndarray, group: int):
     inv = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale > 0).astype(np.float32)
     q = np.zeros(padded.size, np.int32)
     q[:blocks * group] = np.rint(xb * inv[:, None]).reshape(-1)
-    chunks = q.reshape(-1, 32, 2)  # per 64-chunk: the 32 even k, then the 32 odd k
+    chunks = q.reshape(-1, 64, 2)  # per 128-chunk: the 64 even k, then the 64 odd k
     x8 = np.concatenate([chunks[:, :, 0], chunks[:, :, 1]], axis=1).astype(np.int8).reshape(-1)
     return x8, scale, q[:blocks * group].reshape(blocks, group).sum(axis=1).astype(np.int32)
 
@@ -151,7 +151,7 @@ def gemv_q4_reference(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray
     q, s, z = from_matmul_nbits(b.reshape(n, blocks, group // 2), scales.reshape(n, blocks),
                                 zero_points.reshape(n, -1), k)
     x8, x_scale, x_sum = quantize_act_q8_reference(x, group)
-    xq = x8.reshape(-1, 2, 32).transpose(0, 2, 1).reshape(-1)[:blocks * group].reshape(blocks, group)  # k order
+    xq = x8.reshape(-1, 2, 64).transpose(0, 2, 1).reshape(-1)[:blocks * group].reshape(blocks, group)  # k order
     padded = np.zeros((n, blocks * group), np.int64)
     padded[:, :k] = q
     dots = np.einsum("nbg,bg->nb", padded.reshape(n, blocks, group), xq.astype(np.int64))

@@ -8,11 +8,10 @@
    The last block of a ragged K is padded with q = its zero point, so it dequantizes to 0.
 
    Activations are quantized to int8 per block of G (symmetric, scale = max|x| / 127), like
-   MatMulNBits with accuracy_level 4, and stored deinterleaved per chunk of 64 k: the 32 even k
-   first, then the 32 odd k. Byte j of a row's 32-byte chunk holds k = 2j and 2j + 1 of the
+   MatMulNBits with accuracy_level 4, and stored deinterleaved per chunk of 128 k: the 64 even k
+   first, then the 64 odd k. Byte j of a row's 64-byte step holds k = 2j and 2j + 1 of the
    chunk in any block size, so its low nibbles meet the first half and its high nibbles the
-   second half (one contiguous load each); a 32-byte step is one block (G = 64), half of one
-   (G = 128) or two (G = 32).
+   second half (one contiguous load each, of 64, 32 or 16 bytes: any SIMD width).
 
        y[n] = sum_blocks  sx * (s * dot(q, x8) - s * z * sum(x8))      exact in the integers
 */
@@ -24,16 +23,21 @@
 extern "C" {
 #endif
 
-/* Bytes of x8 for K inputs at block size G: blocks * G rounded up to whole 64-chunks. */
-#define Q8_ACT_BYTES(K, G) (((((K) + (G) - 1) / (G)) * (G) + 63) / 64 * 64)
+/* Bytes of x8 for K inputs at block size G: blocks * G rounded up to whole 128-chunks. */
+#define Q8_ACT_BYTES(K, G) (((((K) + (G) - 1) / (G)) * (G) + 127) / 128 * 128)
 
-/* x [K] float -> x8 [Q8_ACT_BYTES] int8 (deinterleaved per 64-chunk, zero padded past K),
+/* x [K] float -> x8 [Q8_ACT_BYTES] int8 (deinterleaved per 128-chunk, zero padded past K),
    x_scale [blocks], x_sum [blocks] (sum of the block's int8 values). */
 void quantize_act_q8(const float *x, int K, int G, int8_t *x8, float *x_scale, int32_t *x_sum);
 
 /* y [N] = the MatMulNBits product of one quantized activation row; rows split over OpenMP threads. */
 void gemv_q4(const uint8_t *B, const float *scales, const uint8_t *zero_points, int N, int K, int G,
              const int8_t *x8, const float *x_scale, const int32_t *x_sum, float *y);
+
+/* The same, as an orphaned `omp for` over the rows: called by every thread of an enclosing
+   parallel region (decode_step), it shares the rows out and ends with a barrier. */
+void gemv_q4_rows(const uint8_t *B, const float *scales, const uint8_t *zero_points, int N, int K, int G,
+                  const int8_t *x8, const float *x_scale, const int32_t *x_sum, float *y);
 
 /* count products back to back, each of the same x [K[i]] (zero padded as needed) into y: one
    token's weights with no Python between them (benchmarks/cpu_native_gemv.py). x8, x_scale and

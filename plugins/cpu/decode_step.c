@@ -118,16 +118,19 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
   const int H = m->heads, Hkv = m->kv_heads, D = m->head_dim, cap = m->max_context;
   float *q = op->x, *k = q + H * D, *v = k + Hkv * D;
   const float *cos = op->cos + (size_t)position * (D / 2), *sin = op->sin + (size_t)position * (D / 2);
-  rope(q, H, D, cos, sin);
-  rope(k, Hkv, D, cos, sin);
   float *kc = m->k_cache[op->layer], *vc = m->v_cache[op->layer];
-  for (int g = 0; g < Hkv; g++) {
-    memcpy(kc + ((size_t)g * cap + position) * D, k + g * D, sizeof(float) * D);
-    memcpy(vc + ((size_t)g * cap + position) * D, v + g * D, sizeof(float) * D);
+#pragma omp single
+  {
+    rope(q, H, D, cos, sin);
+    rope(k, Hkv, D, cos, sin);
+    for (int g = 0; g < Hkv; g++) {
+      memcpy(kc + ((size_t)g * cap + position) * D, k + g * D, sizeof(float) * D);
+      memcpy(vc + ((size_t)g * cap + position) * D, v + g * D, sizeof(float) * D);
+    }
   }
   const int first = op->window > 0 && position - op->window + 1 > 0 ? position - op->window + 1 : 0;
   const int group = H / Hkv;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
   for (int h = 0; h < H; h++) {
     const float *qh = q + h * D, *keys = kc + (size_t)(h / group) * cap * D, *values = vc + (size_t)(h / group) * cap * D;
     float *score = m->scores + (size_t)h * cap, best = -INFINITY;
@@ -149,11 +152,15 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
   }
 }
 
+/* Called by every thread of the step's parallel region (so are attention and lm_head). */
 static void linear(const struct cpu_model *m, const struct cpu_op *op) {
+#pragma omp single
   quantize_act_q8(op->x, op->k, op->group, m->x8, m->x_scale, m->x_sum);
-  gemv_q4(op->w0, op->w1, op->w2, op->n, op->k, op->group, m->x8, m->x_scale, m->x_sum, op->out);
-  if (op->bias)
+  gemv_q4_rows(op->w0, op->w1, op->w2, op->n, op->k, op->group, m->x8, m->x_scale, m->x_sum, op->out);
+  if (op->bias) {
+#pragma omp single
     for (int i = 0; i < op->n; i++) op->out[i] += op->bias[i];
+  }
 }
 
 static void act(const struct cpu_op *op) {
@@ -172,9 +179,16 @@ static void act(const struct cpu_op *op) {
   }
 }
 
+static void top_k_exact(const struct cpu_model *m, const struct cpu_op *op);
+
 /* logits, then the top_k largest (any order) with their exact values from the fp16 table. */
 static void lm_head(const struct cpu_model *m, const struct cpu_op *op) {
   linear(m, op);
+#pragma omp single
+  top_k_exact(m, op);
+}
+
+static void top_k_exact(const struct cpu_model *m, const struct cpu_op *op) {
   float *logits = op->out;
   const int V = op->n, k = m->top_k;
   if (op->softcap > 0.f)
@@ -215,40 +229,52 @@ static void lm_head(const struct cpu_model *m, const struct cpu_op *op) {
   for (int j = size; j < k; j++) { ids[j] = 0; vals[j] = logits[0]; }
 }
 
+/* The ops too small to share out: one thread runs each. */
+static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t token) {
+  switch (op->kind) {
+    case OP_EMBED: {
+      const uint16_t *row = (const uint16_t *)op->table + (size_t)token * op->n;
+      for (int j = 0; j < op->n; j++) op->out[j] = half_to_float(row[j]) * (op->scale > 0.f ? op->scale : 1.f);
+      break;
+    }
+    case OP_NORM:
+      rms_norm(op->x, op->w_norm, op->n, m->eps, op->out);
+      break;
+    case OP_ADD_NORM:
+      for (int j = 0; j < op->n; j++) op->residual[j] += op->x[j];
+      rms_norm(op->residual, op->w_norm, op->n, m->eps, op->out);
+      break;
+    case OP_HEAD_NORM:
+      for (int h = 0; h < op->n; h++) {
+        float *x = op->x + op->offset + h * m->head_dim;
+        rms_norm(x, op->w_norm, m->head_dim, m->eps, x);
+      }
+      break;
+    case OP_ACT:
+      act(op);
+      break;
+  }
+}
+
 void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops, int64_t token, int position) {
+  /* One parallel region for the whole step: the threads stay in it, and ops hand over at
+     barriers (the end of each `omp for` / `omp single`) instead of a fork and join per op. */
+#pragma omp parallel
   for (int i = 0; i < n_ops; i++) {
     const struct cpu_op *op = &ops[i];
     switch (op->kind) {
-      case OP_EMBED: {
-        const uint16_t *row = (const uint16_t *)op->table + (size_t)token * op->n;
-        for (int j = 0; j < op->n; j++) op->out[j] = half_to_float(row[j]) * (op->scale > 0.f ? op->scale : 1.f);
-        break;
-      }
-      case OP_NORM:
-        rms_norm(op->x, op->w_norm, op->n, m->eps, op->out);
-        break;
-      case OP_ADD_NORM:
-        for (int j = 0; j < op->n; j++) op->residual[j] += op->x[j];
-        rms_norm(op->residual, op->w_norm, op->n, m->eps, op->out);
-        break;
       case OP_LINEAR:
         linear(m, op);
-        break;
-      case OP_HEAD_NORM:
-        for (int h = 0; h < op->n; h++) {
-          float *x = op->x + op->offset + h * m->head_dim;
-          rms_norm(x, op->w_norm, m->head_dim, m->eps, x);
-        }
         break;
       case OP_ATTENTION:
         attention(m, op, position);
         break;
-      case OP_ACT:
-        act(op);
-        break;
       case OP_LM_HEAD:
         lm_head(m, op);
         break;
+      default:
+#pragma omp single
+        small_op(m, op, token);
     }
   }
 }

@@ -1,15 +1,17 @@
 /* gemv_q4: one activation row times a 4-bit MatMulNBits weight (layout and maths: cpu_ops.h).
 
-   A row is walked in 32-byte chunks (64 weights). The chunk's int8 x uint4 products are summed
-   in int32 lanes, one SIMD path per ISA chosen at compile time (the library is built with
-   -march=native on the machine that runs it):
-     x86 AVX512-VNNI or AVX-VNNI   vpdpbusd
-     x86 AVX2                      vpmaddubsw + vpmaddwd
-     Arm dotprod (Armv8.2+)        sdot, two 16-byte halves
+   A row is walked in steps of 64 (AVX-512), 32 (AVX2) or 16 (Arm) bytes. A step's int8 x uint4
+   products are summed in int32 lanes, one SIMD path per ISA chosen at compile time (the library
+   is built with -march=native on the machine that runs it):
+     x86 AVX512-VNNI + AVX512BW    vpdpbusd on 64 bytes (128 weights) per step
+     x86 AVX-VNNI / AVX512-VNNI    vpdpbusd on 32 bytes
+     x86 AVX2                      vpmaddubsw + vpmaddwd on 32 bytes
+     Arm dotprod (Armv8.2+)        sdot on 16 bytes
      anything else                 plain C
-   then scaled by their block's s * sx into float lanes, summed across lanes once per row. The
-   zero point's share, s * sx * z * sum(x8) per block, is summed apart in scalar. Every path
-   computes the same integers; the numpy twin is cpu_native.gemv_q4_reference. */
+   then scaled by their block's s * sx into float lanes (lane i holds bytes 4i..4i+3, so one
+   block per lane group), summed across lanes once per row. The zero point's share,
+   s * sx * z * sum(x8) per block, is summed apart in scalar. Every path computes the same
+   integers; the numpy twin is cpu_native.gemv_q4_reference. */
 #include <math.h>
 #include <string.h>
 
@@ -20,6 +22,15 @@
 #elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
 #include <arm_neon.h>
 #endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define STEP64 1
+#endif
+
+/* Row byte j holds k = 2j (low nibble) and 2j + 1 (high): their activations' places in x8. */
+static inline int evens_at(int j) { return 2 * (j & ~63) + (j & 63); }
+static inline const int8_t *evens_for(const int8_t *x8, int j) { return x8 + evens_at(j); }
+#define ODDS 64 /* odds_for(j) = evens_for(j) + ODDS */
 
 void quantize_act_q8(const float *x, int K, int G, int8_t *x8, float *x_scale, int32_t *x_sum) {
   const int blocks = (K + G - 1) / G, bytes = Q8_ACT_BYTES(K, G);
@@ -32,7 +43,7 @@ void quantize_act_q8(const float *x, int K, int G, int8_t *x8, float *x_scale, i
     int32_t sum = 0;
     for (int i = 0; i < len; i++) {
       const int k = start + i, v = (int)lrintf(x[k] * inv); /* |v| <= 127 */
-      x8[(k & ~63) + (k & 1) * 32 + (k & 63) / 2] = (int8_t)v;  /* chunk, then even/odd half */
+      x8[evens_at(k / 2) + (k & 1) * ODDS] = (int8_t)v;
       sum += v;
     }
     x_scale[blk] = scale;
@@ -46,19 +57,19 @@ static inline __attribute__((always_inline)) float row_tail(const uint8_t *row, 
                                                             const float *x_scale, int G, int from, int row_bytes) {
   float acc = 0.f;
   for (int j = from; j < row_bytes; j++) {
-    const int k = 2 * j, blk = k / G;
-    const int8_t *x = x8 + (k & ~63) + (k & 63) / 2;
-    acc += s[blk] * x_scale[blk] * (float)((int32_t)(row[j] & 15) * x[0] + (int32_t)(row[j] >> 4) * x[32]);
+    const int blk = 2 * j / G;
+    const int8_t *x = evens_for(x8, j);
+    acc += s[blk] * x_scale[blk] * (float)((int32_t)(row[j] & 15) * x[0] + (int32_t)(row[j] >> 4) * x[ODDS]);
   }
   return acc;
 }
 
 #if defined(__AVX2__)
-static inline __m256i chunk_dot(const uint8_t *b, const int8_t *x) {
+static inline __m256i dot32(const uint8_t *b, const int8_t *x) {
   const __m256i low4 = _mm256_set1_epi8(15);
   const __m256i w = _mm256_loadu_si256((const __m256i *)b);
   const __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
-  const __m256i xe = _mm256_loadu_si256((const __m256i *)x), xo = _mm256_loadu_si256((const __m256i *)(x + 32));
+  const __m256i xe = _mm256_loadu_si256((const __m256i *)x), xo = _mm256_loadu_si256((const __m256i *)(x + ODDS));
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return _mm256_add_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xe),  /* two chains, not one */
                           _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi, xo));
@@ -72,18 +83,15 @@ static inline __m256i chunk_dot(const uint8_t *b, const int8_t *x) {
 #endif
 }
 
-/* Lane i of a chunk's sum holds its bytes 4i..4i+3: one block for G >= 64, two for G = 32. */
-static inline __m256 chunk_scale(const float *s, const float *x_scale, int G, int chunk) {
+/* s * sx of the 8 lanes of the 32 bytes at row byte j (lane i: bytes j + 4i .. j + 4i + 3). */
+static inline __m256 scale32(const float *s, const float *x_scale, int G, int j) {
   if (G >= 64) {
-    const int blk = chunk * 64 / G;
+    const int blk = 2 * j / G;
     return _mm256_set1_ps(s[blk] * x_scale[blk]);
   }
-  if (G == 32)
-    return _mm256_set_m128(_mm_set1_ps(s[2 * chunk + 1] * x_scale[2 * chunk + 1]),
-                           _mm_set1_ps(s[2 * chunk] * x_scale[2 * chunk]));
   float lanes[8];
   for (int i = 0; i < 8; i++) {
-    const int blk = (chunk * 64 + 8 * i) / G;
+    const int blk = (2 * j + 8 * i) / G;
     lanes[i] = s[blk] * x_scale[blk];
   }
   return _mm256_loadu_ps(lanes);
@@ -95,13 +103,46 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
+#ifdef STEP64
+/* s * sx of the 16 lanes of the 64 bytes at row byte j (blocks of G = 128 or more: one; 64: two; 32: four). */
+static inline __m512 scale64(const float *s, const float *x_scale, int G, int j) {
+  if (G >= 128) {
+    const int blk = 2 * j / G;
+    return _mm512_set1_ps(s[blk] * x_scale[blk]);
+  }
+  const int first = 2 * j / G;
+  __m128 a = G == 64 ? _mm_castpd_ps(_mm_load_sd((const double *)(s + first)))
+                     : _mm_loadu_ps(s + first);  /* G = 32: four blocks (G = 16 does not get here) */
+  __m128 b = G == 64 ? _mm_castpd_ps(_mm_load_sd((const double *)(x_scale + first))) : _mm_loadu_ps(x_scale + first);
+  const __m512i lanes = G == 64 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_mul_ps(a, b)));
+}
+#endif
+
 static inline __attribute__((always_inline)) float row_dot(const uint8_t *row, const float *s, const int8_t *x8,
                                                            const float *x_scale, int G, int row_bytes) {
+  int j = 0;
+  float total = 0.f;
+#ifdef STEP64
+  if (G >= 32) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 64 <= row_bytes; j += 64) {
+      const __m512i w = _mm512_loadu_si512(row + j);
+      const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+      const int8_t *x = evens_for(x8, j);
+      const __m512i dot = _mm512_add_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x)),
+                                           _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(x + ODDS)));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale64(s, x_scale, G, j), acc);
+    }
+    total = _mm512_reduce_add_ps(acc);
+  }
+#endif
   __m256 acc = _mm256_setzero_ps();
-  int c = 0;
-  for (; 32 * c + 32 <= row_bytes; c++)
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_dot(row + 32 * c, x8 + 64 * c)), chunk_scale(s, x_scale, G, c), acc);
-  return hsum(acc) + row_tail(row, s, x8, x_scale, G, 32 * c, row_bytes);
+  for (; j + 32 <= row_bytes; j += 32)
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(row + j, evens_for(x8, j))), scale32(s, x_scale, G, j), acc);
+  return total + hsum(acc) + row_tail(row, s, x8, x_scale, G, j, row_bytes);
 }
 
 #elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
@@ -112,9 +153,9 @@ static inline __attribute__((always_inline)) float row_dot(const uint8_t *row, c
   int j = 0;
   for (; j + 16 <= row_bytes && (G >= 32); j += 16) {  /* 16 bytes = 32 weights: one block when G >= 32 */
     const uint8x16_t w = vld1q_u8(row + j);
-    const int8_t *x = x8 + 2 * (j & ~31) + (j & 31);
+    const int8_t *x = evens_for(x8, j);
     int32x4_t dot = vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(vandq_u8(w, low4)), vld1q_s8(x));
-    dot = vdotq_s32(dot, vreinterpretq_s8_u8(vshrq_n_u8(w, 4)), vld1q_s8(x + 32));
+    dot = vdotq_s32(dot, vreinterpretq_s8_u8(vshrq_n_u8(w, 4)), vld1q_s8(x + ODDS));
     const int blk = 2 * j / G;
     acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot), s[blk] * x_scale[blk]);
   }
@@ -136,10 +177,10 @@ static inline __attribute__((always_inline)) float zero_share(const float *s, co
   return share;
 }
 
-void gemv_q4(const uint8_t *B, const float *scales, const uint8_t *zero_points, int N, int K, int G,
-             const int8_t *x8, const float *x_scale, const int32_t *x_sum, float *y) {
+void gemv_q4_rows(const uint8_t *B, const float *scales, const uint8_t *zero_points, int N, int K, int G,
+                  const int8_t *x8, const float *x_scale, const int32_t *x_sum, float *y) {
   const int blocks = (K + G - 1) / G, zp_bytes = (blocks + 1) / 2, row_bytes = blocks * G / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
   for (int n = 0; n < N; n++) {
     const uint8_t *row = B + (size_t)n * row_bytes, *zp = zero_points + (size_t)n * zp_bytes;
     const float *s = scales + (size_t)n * blocks;
@@ -153,18 +194,28 @@ void gemv_q4(const uint8_t *B, const float *scales, const uint8_t *zero_points, 
   }
 }
 
+void gemv_q4(const uint8_t *B, const float *scales, const uint8_t *zero_points, int N, int K, int G,
+             const int8_t *x8, const float *x_scale, const int32_t *x_sum, float *y) {
+#pragma omp parallel
+  gemv_q4_rows(B, scales, zero_points, N, K, G, x8, x_scale, x_sum, y);
+}
+
 void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scales, const uint8_t *const *zero_points,
                    const int *N, const int *K, const int *G, const float *x, float *y, int8_t *x8, float *x_scale,
                    int32_t *x_sum) {
+#pragma omp parallel
   for (int i = 0; i < count; i++) {
+#pragma omp single
     quantize_act_q8(x, K[i], G[i], x8, x_scale, x_sum);
-    gemv_q4(B[i], scales[i], zero_points[i], N[i], K[i], G[i], x8, x_scale, x_sum, y);
+    gemv_q4_rows(B[i], scales[i], zero_points[i], N[i], K[i], G[i], x8, x_scale, x_sum, y);
   }
 }
 
 const char *cpu_kernels_simd(void) {
-#if defined(__AVX2__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AVX2__) && defined(STEP64)
   return "avx512-vnni";
+#elif defined(__AVX2__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512vl-vnni (256-bit)";
 #elif defined(__AVX2__) && defined(__AVXVNNI__)
   return "avx-vnni";
 #elif defined(__AVX2__)
