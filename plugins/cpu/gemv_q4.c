@@ -169,10 +169,28 @@ static inline __attribute__((always_inline)) float row_dot(const uint8_t *row, c
 }
 #endif
 
+/* sum over blocks of s * sx * z * sum(x8): the zero point's share, (q - z) without touching q.
+   Vectorized on x86 (16 or 8 blocks a step): for G = 32 there are as many blocks as steps. */
 static inline __attribute__((always_inline)) float zero_share(const float *s, const uint8_t *zp, const float *x_scale,
                                                               const int32_t *x_sum, int blocks) {
-  float share = 0.f; /* sum over blocks of s * sx * z * sum(x8): (q - z) without touching q */
-  for (int blk = 0; blk < blocks; blk++)
+  float share = 0.f;
+  int blk = 0;
+#if defined(__AVX2__)
+  const __m128i low4 = _mm_set1_epi8(15);
+  __m256 acc = _mm256_setzero_ps();
+  for (; blk + 8 <= blocks; blk += 8) {  /* 4 bytes of zero points = 8 blocks */
+    int32_t packed;
+    memcpy(&packed, zp + blk / 2, 4);
+    const __m128i b = _mm_cvtsi32_si128(packed);
+    const __m128i z = _mm_unpacklo_epi8(_mm_and_si128(b, low4), _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+    const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z));
+    const __m256 xs = _mm256_mul_ps(_mm256_loadu_ps(x_scale + blk),
+                                    _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(x_sum + blk))));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + blk), zf), xs, acc);
+  }
+  share = hsum(acc);
+#endif
+  for (; blk < blocks; blk++)
     share += s[blk] * x_scale[blk] * (float)(((zp[blk / 2] >> (4 * (blk % 2))) & 15) * x_sum[blk]);
   return share;
 }
