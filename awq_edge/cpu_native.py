@@ -250,6 +250,8 @@ class NativeDecoder:
                                 any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith("qkv_proj")))
         except UserError as e:
             raise Unsupported(str(e)) from None
+        if spec.head_dim > 256 or spec.head_dim % 2:
+            raise Unsupported(f"head_dim {spec.head_dim} (the native attention takes even sizes up to 256)")
         self.spec = spec
         self.lib = load_library()
         self.lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]

@@ -114,6 +114,30 @@ static void rope(float *x, int heads, int D, const float *cos, const float *sin)
   }
 }
 
+/* One query head over its KV head's rows first..position; D a constant where it can be, so the
+   output row stays in registers across the rows. */
+static inline __attribute__((always_inline)) void attend(const float *qh, const float *keys, const float *values,
+                                                         int first, int position, float scale, float softcap,
+                                                         float *score, float *out, const int D) {
+  float best = -INFINITY;
+  for (int t = first; t <= position; t++) {
+    const float s = dot(qh, keys + (size_t)t * D, D) * scale;
+    score[t] = softcap > 0.f ? softcap * tanh_approx(s / softcap) : s;
+    best = score[t] > best ? score[t] : best;
+  }
+#pragma omp simd
+  for (int t = first; t <= position; t++) score[t] = exp_approx(score[t] - best);
+  float total = 0.f;
+  for (int t = first; t <= position; t++) total += score[t];
+  float acc[256] = {0.f};  /* D <= 256 (cpu_native.py checks) */
+  for (int t = first; t <= position; t++) {
+    const float p = score[t], *vt = values + (size_t)t * D;
+    for (int i = 0; i < D; i++) acc[i] += p * vt[i];
+  }
+  const float inv = 1.f / total;
+  for (int i = 0; i < D; i++) out[i] = acc[i] * inv;
+}
+
 static void attention(const struct cpu_model *m, const struct cpu_op *op, int position) {
   const int H = m->heads, Hkv = m->kv_heads, D = m->head_dim, cap = m->max_context;
   float *q = op->x, *k = q + H * D, *v = k + Hkv * D;
@@ -132,23 +156,11 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
   const int group = H / Hkv;
 #pragma omp for schedule(static)
   for (int h = 0; h < H; h++) {
-    const float *qh = q + h * D, *keys = kc + (size_t)(h / group) * cap * D, *values = vc + (size_t)(h / group) * cap * D;
-    float *score = m->scores + (size_t)h * cap, best = -INFINITY;
-    for (int t = first; t <= position; t++) {
-      const float s = dot(qh, keys + (size_t)t * D, D) * op->scale;
-      score[t] = op->softcap > 0.f ? op->softcap * tanh_approx(s / op->softcap) : s;
-      best = score[t] > best ? score[t] : best;
-    }
-#pragma omp simd
-    for (int t = first; t <= position; t++) score[t] = exp_approx(score[t] - best);
-    float total = 0.f;
-    for (int t = first; t <= position; t++) total += score[t];
-    float *out = op->out + h * D;
-    memset(out, 0, sizeof(float) * D);
-    for (int t = first; t <= position; t++) {
-      const float p = score[t] / total, *vt = values + (size_t)t * D;
-      for (int i = 0; i < D; i++) out[i] += p * vt[i];
-    }
+    const size_t kv = (size_t)(h / group) * cap * D;
+    float *score = m->scores + (size_t)h * cap, *out = op->out + h * D;
+    if (D == 64) attend(q + h * D, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, out, 64);
+    else if (D == 128) attend(q + h * D, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, out, 128);
+    else attend(q + h * D, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, out, D);
   }
 }
 
