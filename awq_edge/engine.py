@@ -33,7 +33,7 @@ from .tokenizer import StreamDecoder, Tokenizer
 # ---------------------------------------------------------------- the memory plan and the backend
 
 def engine_plan(manifest: dict, info, max_memory=None, max_context: int | None = None,
-                at_load: bool = True) -> MemoryPlan:
+                at_load: bool = True, native_decode: bool = False) -> MemoryPlan:
     """The memory plan from checked facts: info is engine_dir's ExportInfo (ONNX engines) or
     DecoderInfo (native engines); both give weight_bytes, kv_bytes_per_token,
     max_position_embeddings and workspace(context).
@@ -42,7 +42,9 @@ def engine_plan(manifest: dict, info, max_memory=None, max_context: int | None =
     machine's default for the device (at_load; at build time, the device profile's), never
     the build host's. --max-memory above what this machine has is refused at load. The
     context: the most that fits, at most the built one unless --max-context asks for another
-    (a GPU engine's built context is a hard limit: its shapes were fixed at build)."""
+    (a GPU engine's built context is a hard limit: its shapes were fixed at build).
+    native_decode (CPU engines): the native step reads the weights from the mapped file beside
+    ONNX Runtime's own (prepacked) copy, so they count twice."""
     from .devices import resolve
 
     device = resolve(manifest["device"])
@@ -63,7 +65,8 @@ def engine_plan(manifest: dict, info, max_memory=None, max_context: int | None =
         if max_context is not None and max_context > positions:
             raise UserError(f"--max-context {max_context} is more than the {positions} tokens this GPU engine was "
                             "built for; rebuild it with a larger --max-context")
-    return plan_memory(info.weight_bytes, info.kv_bytes_per_token, device, max_memory=max_memory,
+    weights = info.weight_bytes * (2 if native_decode and manifest.get("backend") == "ort" else 1)
+    return plan_memory(weights, info.kv_bytes_per_token, device, max_memory=max_memory,
                        default_cap=min(c for c in (built.get("cap"), default_cap) if c),
                        max_context=max_context, max_position_embeddings=positions, workspace=info.workspace)
 
@@ -162,7 +165,7 @@ class Engine:
             export = read_decoder_info(path, files)
         else:
             export = read_export_info(path, files, graph=manifest["backend"] == "ort")
-        plan = engine_plan(manifest, export, max_memory, max_context)
+        plan = engine_plan(manifest, export, max_memory, max_context, native_decode=native_decode)
         tokenizer = Tokenizer(path, export.config, files)
         backend = open_backend(path, manifest, export, plan, threads, spin, native_decode)
         return cls(path, manifest, export, tokenizer, backend, plan)

@@ -139,3 +139,15 @@ def test_an_engine_the_native_step_cannot_run_decodes_in_onnxruntime(rtn_checkpo
     assert backend.native is None and "lm_head" in backend.decode_path, backend.decode_path
     assert backend.forward([1, 2, 3]).shape == (49152,)
     assert backend.forward([4]).shape == (49152,)
+
+
+def test_an_engine_loaded_with_native_decode_plans_for_both_copies_and_generates(engine_dir):
+    from awq_edge.engine import Engine
+
+    plain = Engine.load(engine_dir, max_context=256, threads=2)
+    native = Engine.load(engine_dir, max_context=256, threads=2, native_decode=True)
+    assert native.backend.decode_path.startswith("native") and plain.backend.decode_path == "onnxruntime"
+    assert native.plan.weights == 2 * plain.plan.weights  # the mapped file beside ORT's prepacked copy
+    text = native.generate("Name three colours.", max_new_tokens=24, temperature=0)
+    assert native.last_stats.new_tokens == 24 or native.last_stats.finish_reason == "eos"
+    assert text.strip(), text
