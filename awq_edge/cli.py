@@ -284,12 +284,13 @@ THREADS_HELP = "CPU threads for ONNX Runtime; default: this machine's physical c
 SPIN_HELP = ("--spin: ONNX Runtime's threads busy-wait between ops (fastest on an idle machine); --no-spin: they "
              "sleep (better when other busy processes share the cores). docs/runtime.md has the measurements")
 NATIVE_HELP = ("CPU engines: decode one token at a time on awq-edge's own kernels (built with the system C compiler "
-               "at first use) instead of ONNX Runtime's graph; prefill stays in ONNX Runtime. docs/export.md, "
-               "'Native CPU decode'")
+               "at first use) instead of ONNX Runtime's graph; prefill stays in ONNX Runtime. Default: on when the "
+               "memory plan holds the weights twice at the same context (and a compiler is here), else off. "
+               "docs/export.md, 'Native CPU decode'")
 
 
 def _load_engine(engine: Path, max_memory: Optional[str], max_context: Optional[int], verify: bool = False,
-                 threads: Optional[int] = None, spin: bool = True, native_decode: bool = False):
+                 threads: Optional[int] = None, spin: bool = True, native_decode: Optional[bool] = None):
     from .engine import Engine
     from .memory import parse_size
 
@@ -327,7 +328,7 @@ def run(
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     spin: bool = typer.Option(True, "--spin/--no-spin", help=SPIN_HELP),
-    native_decode: bool = typer.Option(False, "--native-decode", help=NATIVE_HELP),
+    native_decode: Optional[bool] = typer.Option(None, "--native-decode/--no-native-decode", help=NATIVE_HELP),
     verify: bool = typer.Option(False, help="check the sha256 of every engine file before loading"),
     stats: bool = typer.Option(False, help="print token counts and speed to stderr"),
     ignore_eos: bool = typer.Option(False, help="keep generating past the end-of-text token (measurements)"),
@@ -384,7 +385,7 @@ def chat(
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     spin: bool = typer.Option(True, "--spin/--no-spin", help=SPIN_HELP),
-    native_decode: bool = typer.Option(False, "--native-decode", help=NATIVE_HELP),
+    native_decode: Optional[bool] = typer.Option(None, "--native-decode/--no-native-decode", help=NATIVE_HELP),
 ):
     """Talk with the model. /reset starts over, /exit quits, Ctrl-C stops a reply."""
     _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
@@ -452,7 +453,7 @@ def bench(
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     spin: bool = typer.Option(True, "--spin/--no-spin", help=SPIN_HELP),
-    native_decode: bool = typer.Option(False, "--native-decode", help=NATIVE_HELP),
+    native_decode: Optional[bool] = typer.Option(None, "--native-decode/--no-native-decode", help=NATIVE_HELP),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Time to first token, prefill and decode speed (greedy, batch 1), and peak RSS."""
@@ -465,13 +466,14 @@ def bench(
     eng = _load_engine(engine, max_memory, max_context, threads=threads, spin=spin, native_decode=native_decode)
     result = bench_engine(eng, prompt_tokens, new_tokens, runs)
     result["engine"] = str(engine)
+    result["decode_path"] = getattr(eng.backend, "decode_path", eng.manifest["backend"])
     if json_out:
         typer.echo(json.dumps(result))
         return
     typer.echo(f"{engine} on {result['device']}: prompt {prompt_tokens} tokens, {new_tokens} new, median of {runs}")
     typer.echo(f"  time to first token  {result['ttft_s'] * 1000:8.1f} ms")
     typer.echo(f"  prefill              {result['prefill_tok_s']:8.1f} tok/s")
-    typer.echo(f"  decode               {result['decode_tok_s']:8.1f} tok/s")
+    typer.echo(f"  decode               {result['decode_tok_s']:8.1f} tok/s ({result['decode_path']})")
     typer.echo(f"  peak RSS             {result['peak_rss_bytes'] / 2**20:8.0f} MiB (plan total "
                f"{result['plan_total_bytes'] / 2**20:.0f} MiB, cap {result['cap_bytes'] / 2**20:.0f} MiB)")
 
@@ -486,7 +488,7 @@ def serve(
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     spin: bool = typer.Option(True, "--spin/--no-spin", help=SPIN_HELP),
-    native_decode: bool = typer.Option(False, "--native-decode", help=NATIVE_HELP),
+    native_decode: Optional[bool] = typer.Option(None, "--native-decode/--no-native-decode", help=NATIVE_HELP),
     queue_size: int = typer.Option(16, help="requests that may wait while one is answered; more get HTTP 429"),
     api_key: Optional[str] = typer.Option(None, envvar="AWQ_EDGE_API_KEY",
                                           help="require 'Authorization: Bearer KEY' (or set AWQ_EDGE_API_KEY)"),

@@ -150,11 +150,14 @@ class Engine:
 
     @classmethod
     def load(cls, path, max_memory=None, max_context: int | None = None, threads: int | None = None,
-             verify: bool = False, spin: bool = True, native_decode: bool = False) -> "Engine":
+             verify: bool = False, spin: bool = True, native_decode: bool | None = None) -> "Engine":
         """Check the engine dir and the memory plan first, then load (the plan refuses before any big allocation).
 
         native_decode (CPU engines): one-token steps on our own kernels (awq_edge/cpu_native.py),
-        prefill in ONNX Runtime; engine.backend.decode_path says which decodes."""
+        prefill in ONNX Runtime. None (the default): on when the plan with the weights counted
+        twice gives the same context, else off; True: on (its plan); False: ONNX Runtime decodes.
+        Where the kernels cannot run (no C compiler, a graph they do not cover) ONNX Runtime
+        decodes anyway; engine.backend.decode_path says which decodes and why."""
         path = Path(path)
         manifest = read_manifest(path)
         files = check_files(path, manifest["files"], full_hash=verify)
@@ -165,9 +168,23 @@ class Engine:
             export = read_decoder_info(path, files)
         else:
             export = read_export_info(path, files, graph=manifest["backend"] == "ort")
-        plan = engine_plan(manifest, export, max_memory, max_context, native_decode=native_decode)
+        native = bool(native_decode) and manifest["backend"] == "ort"
+        plan = engine_plan(manifest, export, max_memory, max_context, native_decode=native)
+        declined = None
+        if native_decode is None and manifest["backend"] == "ort":
+            try:
+                doubled = engine_plan(manifest, export, max_memory, max_context, native_decode=True)
+                native = doubled.context == plan.context
+            except UserError:  # the second copy does not fit the cap at all
+                native = False
+            if native:
+                plan = doubled
+            else:
+                declined = "onnxruntime (native decode off: its second copy of the weights would shrink the context)"
         tokenizer = Tokenizer(path, export.config, files)
-        backend = open_backend(path, manifest, export, plan, threads, spin, native_decode)
+        backend = open_backend(path, manifest, export, plan, threads, spin, native)
+        if declined:
+            backend.decode_path = declined
         return cls(path, manifest, export, tokenizer, backend, plan)
 
     @property

@@ -53,17 +53,16 @@ def cpu_name() -> str:
 class OurEngine:
     name = "awq-edge (ORT CPU, int4)"
 
-    def __init__(self, engine_dir: Path, threads: int | None, native_decode: bool = False):
+    def __init__(self, engine_dir: Path, threads: int | None, native_decode: bool | None = None):
         from awq_edge.engine import Engine
 
         self.engine = Engine.load(engine_dir, threads=threads, native_decode=native_decode)
         lm_head = json.loads((Path(engine_dir) / "export.json").read_text()).get("lm_head", "?")
-        self.name = f"awq-edge {Path(engine_dir).name} ({lm_head} lm_head)"
-        if native_decode:
-            path = self.engine.backend.decode_path
-            if not path.startswith("native"):
-                raise SystemExit(f"--native-decode: {path}")
-            self.name = f"awq-edge {Path(engine_dir).name} native decode"
+        path = self.engine.backend.decode_path
+        decoder = "native decode" if path.startswith("native") else "ORT decode"
+        self.name = f"awq-edge {Path(engine_dir).name} ({lm_head} lm_head, {decoder})"
+        if native_decode is None and not path.startswith("native"):
+            print(f"note: {path}", file=sys.stderr)
 
     def run(self, ids, new_tokens):
         from awq_edge.sampling import Sampler, SamplingSettings
@@ -226,8 +225,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per process; their median is the run's")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for every runner, the same for all (default: this machine's physical cores)")
-    ap.add_argument("--native-decode", action="store_true",
-                    help="also run each engine with --native-decode (our own CPU kernels decode; runner ours-native)")
+    ap.add_argument("--ort-decode", action="store_true",
+                    help="also run each engine with ONNX Runtime decoding (--no-native-decode; runner ours-ort) "
+                         "beside the default (native decode where it runs)")
     ap.add_argument("--skip", action="append", default=[], help="runner to leave out: ours, hf, ortgenai, llamacpp")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement of one runner
@@ -250,8 +250,8 @@ def main() -> None:
     skipped = {}
     makers = {("ours" if i == 0 else f"ours{i + 1}"): (lambda e=e: OurEngine(e, args.threads))
               for i, e in enumerate(engine_dirs)}
-    if args.native_decode:
-        makers.update({("ours-native" if i == 0 else f"ours{i + 1}-native"): (lambda e=e: OurEngine(e, args.threads, True))
+    if args.ort_decode:
+        makers.update({("ours-ort" if i == 0 else f"ours{i + 1}-ort"): (lambda e=e: OurEngine(e, args.threads, False))
                        for i, e in enumerate(engine_dirs)})
     makers.update({
         "hf": lambda: TransformersEager(float_dir, args.threads),
@@ -284,7 +284,7 @@ def main() -> None:
             runs[key] = []
     child = [sys.executable, str(Path(__file__).resolve()), *[a for e in engine_dirs for a in ("--engine", str(e))],
              "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-             "--threads", str(args.threads), "--repeats", str(args.repeats)] + (["--native-decode"] if args.native_decode else [])
+             "--threads", str(args.threads), "--repeats", str(args.repeats)] + (["--ort-decode"] if args.ort_decode else [])
     for i in range(args.runs):
         order = list(runs) if i % 2 == 0 else list(reversed(runs))  # alternate, and flip the order
         for key in order:

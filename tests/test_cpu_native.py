@@ -144,10 +144,23 @@ def test_an_engine_the_native_step_cannot_run_decodes_in_onnxruntime(rtn_checkpo
 def test_an_engine_loaded_with_native_decode_plans_for_both_copies_and_generates(engine_dir):
     from awq_edge.engine import Engine
 
-    plain = Engine.load(engine_dir, max_context=256, threads=2)
+    plain = Engine.load(engine_dir, max_context=256, threads=2, native_decode=False)
     native = Engine.load(engine_dir, max_context=256, threads=2, native_decode=True)
     assert native.backend.decode_path.startswith("native") and plain.backend.decode_path == "onnxruntime"
     assert native.plan.weights == 2 * plain.plan.weights  # the mapped file beside ORT's prepacked copy
     text = native.generate("Name three colours.", max_new_tokens=24, temperature=0)
     assert native.last_stats.new_tokens == 24 or native.last_stats.finish_reason == "eos"
     assert text.strip(), text
+
+
+def test_by_default_native_decode_is_on_only_when_the_plan_keeps_its_context(engine_dir):
+    from awq_edge.engine import Engine
+
+    roomy = Engine.load(engine_dir, threads=2)  # the engine's built plan: 1 GiB, 2048 tokens
+    assert roomy.backend.decode_path.startswith("native") and roomy.plan.context == 2048
+    # a cap that holds the weights once at 2048 tokens but not twice: ONNX Runtime decodes, same context
+    once = Engine.load(engine_dir, threads=2, native_decode=False)
+    tight = once.plan.total + once.plan.weights // 2
+    auto = Engine.load(engine_dir, threads=2, max_memory=tight)
+    assert auto.plan.context == Engine.load(engine_dir, max_memory=tight, native_decode=False).plan.context
+    assert auto.backend.decode_path.startswith("onnxruntime (native decode off"), auto.backend.decode_path
