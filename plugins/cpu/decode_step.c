@@ -167,9 +167,11 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
 }
 
 /* Called by every thread of the step's parallel region (so are attention and lm_head). */
-static void linear(const struct cpu_model *m, const struct cpu_op *op) {
+static void linear(const struct cpu_model *m, const struct cpu_op *op, int quantized) {
+  if (!quantized) {
 #pragma omp single
-  quantize_act_q8(op->x, op->k, op->group, m->x8, m->x_scale, m->x_sum);
+    quantize_act_q8(op->x, op->k, op->group, m->x8, m->x_scale, m->x_sum);
+  }
   gemv_q4_rows(op->w0, op->w1, op->w2, op->n, op->k, op->group, m->x8, m->x_scale, m->x_sum, op->out);
   if (op->bias) {
 #pragma omp single
@@ -196,8 +198,8 @@ static void act(const struct cpu_op *op) {
 static void top_k_exact(const struct cpu_model *m, const struct cpu_op *op);
 
 /* logits, then the top_k largest (any order) with their exact values from the fp16 table. */
-static void lm_head(const struct cpu_model *m, const struct cpu_op *op) {
-  linear(m, op);
+static void lm_head(const struct cpu_model *m, const struct cpu_op *op, int quantized) {
+  linear(m, op, quantized);
 #pragma omp single
   top_k_exact(m, op);
 }
@@ -272,23 +274,36 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
 
 void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops, int64_t token, int position) {
   /* One parallel region for the whole step: the threads stay in it, and ops hand over at
-     barriers (the end of each `omp for` / `omp single`) instead of a fork and join per op. */
+     barriers (the end of each `omp for` / `omp single`) instead of a fork and join per op. A
+     small op followed by a linear also quantizes that linear's input in its own `single`: one
+     barrier fewer (every thread takes the same branches, so they agree on it). */
 #pragma omp parallel
-  for (int i = 0; i < n_ops; i++) {
-    const struct cpu_op *op = &ops[i];
-    switch (op->kind) {
-      case OP_LINEAR:
-        linear(m, op);
-        break;
-      case OP_ATTENTION:
-        attention(m, op, position);
-        break;
-      case OP_LM_HEAD:
-        lm_head(m, op);
-        break;
-      default:
+  {
+    int quantized = 0;  /* this op's input was quantized by the op before */
+    for (int i = 0; i < n_ops; i++) {
+      const struct cpu_op *op = &ops[i], *next = i + 1 < n_ops ? &ops[i + 1] : NULL;
+      switch (op->kind) {
+        case OP_LINEAR:
+          linear(m, op, quantized);
+          quantized = 0;
+          break;
+        case OP_ATTENTION:
+          attention(m, op, position);
+          break;
+        case OP_LM_HEAD:
+          lm_head(m, op, quantized);
+          quantized = 0;
+          break;
+        default: {
+          const int fold = next && (next->kind == OP_LINEAR || next->kind == OP_LM_HEAD);
 #pragma omp single
-        small_op(m, op, token);
+          {
+            small_op(m, op, token);
+            if (fold) quantize_act_q8(next->x, next->k, next->group, m->x8, m->x_scale, m->x_sum);
+          }
+          quantized = fold;
+        }
+      }
     }
   }
 }
