@@ -30,6 +30,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from cpu_attention_split import median_ms  # noqa: E402  (one timer for the CPU benchmarks)
 
 
 def matmul_nodes(engine: Path):
@@ -92,7 +93,7 @@ def time_native(engine: Path, steps: int, repeats: int) -> dict:
     def step():
         lib.gemv_q4_chain(count, b, s, z, n_, k_, g_, x.ctypes.data, y.ctypes.data, x8.ctypes.data,
                           xs.ctypes.data, xsum.ctypes.data)
-    return {"ms": _time(step, steps, repeats), "simd": cpu_native.simd_path(lib)}
+    return {"ms": median_ms(step, steps, repeats), "simd": cpu_native.simd_path(lib)}
 
 
 def time_ort(graph: Path, accuracy_level: int, threads: int, steps: int, repeats: int) -> dict:
@@ -106,19 +107,7 @@ def time_ort(graph: Path, accuracy_level: int, threads: int, steps: int, repeats
         binding.bind_cpu_input(i.name, np.random.default_rng(0).standard_normal(i.shape).astype(np.float32))
     for o in session.get_outputs():
         binding.bind_output(o.name, "cpu")
-    return {"ms": _time(lambda: session.run_with_iobinding(binding), steps, repeats)}
-
-
-def _time(step, steps: int, repeats: int) -> float:
-    for _ in range(5):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append((time.perf_counter() - start) / steps * 1e3)
-    return statistics.median(times)
+    return {"ms": median_ms(lambda: session.run_with_iobinding(binding), steps, repeats)}
 
 
 def agreement(engine: Path) -> dict:

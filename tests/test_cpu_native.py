@@ -92,10 +92,15 @@ def default_export(rtn_checkpoint, tmp_path_factory):
     return export_checkpoint(rtn_checkpoint, tmp_path_factory.mktemp("native-cpu") / "ort", "ort")
 
 
-def test_native_decode_matches_onnxruntime_for_smollm2(default_export):
-    native = OrtBackend(default_export, max_context=256, threads=2, native_decode=True)
+def native_and_onnxruntime(export, max_context: int):
+    """Two backends over one export: native decode (asserted to run) and ONNX Runtime decode."""
+    native = OrtBackend(export, max_context=max_context, threads=2, native_decode=True)
     assert native.decode_path.startswith("native"), native.decode_path
-    reference = OrtBackend(default_export, max_context=256, threads=2)
+    return native, OrtBackend(export, max_context=max_context, threads=2)
+
+
+def test_native_decode_matches_onnxruntime_for_smollm2(default_export):
+    native, reference = native_and_onnxruntime(default_export, 256)
     ids = np.random.default_rng(0).integers(0, 49152, 48 + 40).tolist()
     errors, disagreements = teacher_forced(native, reference, ids, 48)
     # both quantize activations to int8 per block; rounding flips amplified over 30 layers: ~1-2 %
@@ -123,10 +128,7 @@ def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_
     extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
     ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, hidden_size=128, intermediate_size=256,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=64, **extra)
-    export = export_checkpoint(ckpt, tmp_path / "ort", "ort")
-    native = OrtBackend(export, max_context=64, threads=2, native_decode=True)
-    assert native.decode_path.startswith("native"), native.decode_path
-    reference = OrtBackend(export, max_context=64, threads=2)
+    native, reference = native_and_onnxruntime(export_checkpoint(ckpt, tmp_path / "ort", "ort"), 64)
     # 44 tokens: longer than Mistral's (5) and Gemma 3's (4) sliding windows in these tiny configs
     ids = np.random.default_rng(1).integers(0, 256, 12 + 32).tolist()
     errors, disagreements = teacher_forced(native, reference, ids, 12)
