@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .decoder import step_ids
 from .engine_dir import MODEL_FILE, ExportInfo, read_export_info
 from .errors import UserError
 
@@ -156,12 +157,7 @@ class OrtBackend:
     def forward(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [vocab] of the last new position (float32, a fresh array); top_k re-scored."""
         if self.native is not None and len(ids) == 1:
-            token = int(ids[0])
-            if not 0 <= token < self.vocab_size:
-                raise UserError(f"token id out of range 0..{self.vocab_size - 1}")
-            if self.position + 1 > self.max_context:
-                raise UserError(f"context full: {self.position} cached + 1 new token exceeds "
-                                f"max_context {self.max_context}; rewind or start a longer context")
+            token = int(step_ids(ids, self.position, self.max_context, self.vocab_size)[0])
             logits = self.native.step(token, self.position)
             self.position += 1
             return logits
@@ -177,15 +173,8 @@ class OrtBackend:
         return self._run(ids)
 
     def _run(self, ids: Sequence[int]) -> np.ndarray:
-        n = len(ids)
-        if n == 0:
-            raise UserError("forward needs at least one token id")
-        if self.position + n > self.max_context:
-            raise UserError(f"context full: {self.position} cached + {n} new tokens exceeds "
-                            f"max_context {self.max_context}; rewind or start a longer context")
-        ids_array = np.asarray(ids, dtype=np.int64).reshape(1, n)
-        if ids_array.min() < 0 or ids_array.max() >= self.vocab_size:
-            raise UserError(f"token id out of range 0..{self.vocab_size - 1}")
+        ids_array = step_ids(ids, self.position, self.max_context, self.vocab_size).reshape(1, -1)
+        n = ids_array.shape[1]
         self.binding.bind_cpu_input("input_ids", ids_array)
         self._past_length.update_inplace(np.array([self.position], dtype=np.int64))
         for name in self._ort_allocated:  # outputs whose shape changes per step: ORT allocates them
