@@ -34,32 +34,13 @@ from cpu_attention_split import median_ms  # noqa: E402  (one timer for the CPU 
 
 
 def matmul_nodes(engine: Path):
-    """[(name, K, N, block, B, scales, zero_points)] of every MatMulNBits in the engine's graph."""
-    import onnx
-    from onnx import helper, numpy_helper
+    """[(name, K, N, block, B, scales, zero_points)] of every 4-bit MatMulNBits in the engine's graph,
+    in graph order (read as the native step reads them: onnx refuses a data file with a second link)."""
+    from awq_edge.cpu_native import graph_weights
 
-    model = onnx.load(str(engine / "model.onnx"), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
-    data = np.memmap(engine / "model.onnx.data", dtype=np.uint8, mode="r")
-
-    def array(name: str) -> np.ndarray:  # read here: onnx refuses a data file with a second link
-        t = inits[name]
-        where = {e.key: e.value for e in t.external_data}
-        if not where:
-            return numpy_helper.to_array(t)
-        offset, length = int(where.get("offset", 0)), int(where["length"])
-        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        return np.frombuffer(data[offset:offset + length], dtype=dtype).reshape(tuple(t.dims))
-    out = []
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("bits", 4) != 4:
-            continue
-        b, s, z = (np.ascontiguousarray(array(i)) for i in node.input[1:4])
-        out.append((node.name, attrs["K"], attrs["N"], attrs["block_size"], b, s.astype(np.float32), z))
-    return out
+    arrays, matmuls = graph_weights(engine)
+    return [(name, m["K"], m["N"], m["block_size"], *(np.ascontiguousarray(arrays[i]) for i in m["inputs"][1:4]))
+            for name, m in matmuls.items() if m.get("bits", 4) == 4]
 
 
 def ort_graph(engine: Path, into: Path) -> Path:
