@@ -29,7 +29,7 @@ from .plugins import PLUGINS_DIR, _cache_root, _publish, _run
 
 CPU_SOURCES = PLUGINS_DIR / "cpu"
 CPU_LIBRARY = "libawq_edge_cpu.so"
-DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
+DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11")
 
 
 def find_cc() -> str | None:

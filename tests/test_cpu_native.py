@@ -135,6 +135,18 @@ def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_
     assert max(errors) < 0.1 and len(disagreements) <= 1, (max(errors), disagreements)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 3, 64), (4, 1, 128), (2, 1, 256)])
+def test_native_attention_for_other_head_shapes(heads, kv_heads, head_dim, smollm2_dir, tmp_path):
+    # every head size the decoder takes (256 runs the generic path), a group split between the two
+    # threads (6 heads in groups of 2), one KV head for all (MQA); 80 tokens span three key blocks
+    ckpt = tiny_checkpoint(tmp_path, "llama", smollm2_dir, hidden_size=192, intermediate_size=256,
+                           num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+    native, reference = native_and_onnxruntime(export_checkpoint(ckpt, tmp_path / "ort", "ort"), 96)
+    ids = np.random.default_rng(2).integers(0, 256, 40 + 40).tolist()
+    errors, disagreements = teacher_forced(native, reference, ids, 40)
+    assert max(errors) < 0.1 and len(disagreements) <= 1, (max(errors), disagreements)
+
+
 def test_an_engine_the_native_step_cannot_run_decodes_in_onnxruntime(rtn_checkpoint, tmp_path):
     export = export_checkpoint(rtn_checkpoint, tmp_path / "ort", "ort", lm_head_bits=None)  # float head
     backend = OrtBackend(export, max_context=32, threads=2, native_decode=True)

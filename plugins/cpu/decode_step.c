@@ -80,9 +80,11 @@ static void rms_norm(const float *x, const float *w, int n, float eps, float *ou
 
 /* e^x in float, branch-free so that loops of it vectorize (libm's expf does not, without
    -ffast-math): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
-   error < 2e-7), times 2^n built in the exponent bits. */
+   error < 2e-7), times 2^n built in the exponent bits. The clamps are compares, not fminf (which
+   GCC does not vectorize), and floorf vectorizes only under -fno-trapping-math (cpu_native.py). */
 static inline float exp_approx(float x) {
-  x = fminf(fmaxf(x, -87.f), 88.f);
+  x = x < -87.f ? -87.f : x;
+  x = x > 88.f ? 88.f : x;
   const float n = __builtin_floorf(x * 1.44269504f + 0.5f);
   const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  /* ln2 in two parts */
   float p = 1.f / 720.f;
@@ -92,10 +94,8 @@ static inline float exp_approx(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = ((int32_t)n + 127) << 23;
-  float scale;
-  memcpy(&scale, &bits, 4);
-  return p * scale;
+  const union { int32_t bits; float f; } scale = {.bits = ((int32_t)n + 127) << 23};
+  return p * scale.f;
 }
 
 static inline float tanh_approx(float x) { /* 1 - 2 / (e^2x + 1): exact limits, abs error ~1e-7 */
@@ -114,30 +114,51 @@ static void rope(float *x, int heads, int D, const float *cos, const float *sin)
   }
 }
 
-/* One query head over its KV head's rows first..position; D a constant where it can be, so the
-   output row stays in registers across the rows. */
-static inline __attribute__((always_inline)) void attend(const float *qh, const float *keys, const float *values,
-                                                         int first, int position, float scale, float softcap,
-                                                         float *score, float *out, const int D) {
-  float best = -INFINITY;
-  for (int t = first; t <= position; t++) {
-    __builtin_prefetch(keys + (size_t)(t + 8) * D);  /* the cache rows stream from DRAM: 8 ahead */
-    const float s = dot(qh, keys + (size_t)t * D, D) * scale;
-    score[t] = softcap > 0.f ? softcap * tanh_approx(s / softcap) : s;
-    best = score[t] > best ? score[t] : best;
+/* Key rows per block: a block of K (or V) rows stays in L1 while every query head of its group
+   reads it, so the rows stream from DRAM once per token, not once per query head. */
+enum { KEY_BLOCK = 32 };
+
+/* Query heads q[0..heads) of one KV head over its rows first..position: scores block by block,
+   softmax per head (normalized in place), then the weighted V rows block by block. D a constant where it can be, so a
+   head's output row stays in registers across a block. */
+static inline __attribute__((always_inline)) void attend_group(const float *q, int heads, const float *keys,
+                                                               const float *values, int first, int position,
+                                                               float scale, float softcap, float *scores,
+                                                               int cap, float *out, const int D) {
+  for (int t0 = first; t0 <= position; t0 += KEY_BLOCK) {
+    const int t1 = position + 1 - t0 < KEY_BLOCK ? position + 1 : t0 + KEY_BLOCK;
+    for (int h = 0; h < heads; h++) {
+      const float *qh = q + h * D;
+      float *score = scores + (size_t)h * cap;
+      for (int t = t0; t < t1; t++) score[t] = dot(qh, keys + (size_t)t * D, D) * scale;
+    }
   }
+  for (int h = 0; h < heads; h++) {
+    float *score = scores + (size_t)h * cap, best = -INFINITY, total = 0.f;
+    if (softcap > 0.f)
+      for (int t = first; t <= position; t++) score[t] = softcap * tanh_approx(score[t] / softcap);
+    for (int t = first; t <= position; t++) best = score[t] > best ? score[t] : best;
 #pragma omp simd
-  for (int t = first; t <= position; t++) score[t] = exp_approx(score[t] - best);
-  float total = 0.f;
-  for (int t = first; t <= position; t++) total += score[t];
-  float acc[256] = {0.f};  /* D <= 256 (cpu_native.py checks) */
-  for (int t = first; t <= position; t++) {
-    __builtin_prefetch(values + (size_t)(t + 8) * D);
-    const float p = score[t], *vt = values + (size_t)t * D;
-    for (int i = 0; i < D; i++) acc[i] += p * vt[i];
+    for (int t = first; t <= position; t++) score[t] = exp_approx(score[t] - best);
+    for (int t = first; t <= position; t++) total += score[t];
+    const float inv = 1.f / total;
+#pragma omp simd
+    for (int t = first; t <= position; t++) score[t] *= inv;
+    for (int i = 0; i < D; i++) out[h * D + i] = 0.f;
   }
-  const float inv = 1.f / total;
-  for (int i = 0; i < D; i++) out[i] = acc[i] * inv;
+  for (int t0 = first; t0 <= position; t0 += KEY_BLOCK) {
+    const int t1 = position + 1 - t0 < KEY_BLOCK ? position + 1 : t0 + KEY_BLOCK;
+    for (int h = 0; h < heads; h++) {
+      const float *score = scores + (size_t)h * cap;
+      float acc[256];  /* D <= 256 (cpu_native.py checks) */
+      for (int i = 0; i < D; i++) acc[i] = out[h * D + i];
+      for (int t = t0; t < t1; t++) {
+        const float p = score[t], *vt = values + (size_t)t * D;
+        for (int i = 0; i < D; i++) acc[i] += p * vt[i];
+      }
+      for (int i = 0; i < D; i++) out[h * D + i] = acc[i];
+    }
+  }
 }
 
 static void attention(const struct cpu_model *m, const struct cpu_op *op, int position) {
@@ -156,14 +177,24 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
   }
   const int first = op->window > 0 && position - op->window + 1 > 0 ? position - op->window + 1 : 0;
   const int group = H / Hkv;
-#pragma omp for schedule(static)
-  for (int h = 0; h < H; h++) {
-    const size_t kv = (size_t)(h / group) * cap * D;
+  /* Each thread takes a contiguous range of query heads (as `omp for schedule(static)` would) and
+     runs it KV head by KV head, the heads of one group together. */
+#ifdef _OPENMP
+  const int thread = omp_get_thread_num(), threads = omp_get_num_threads();
+#else
+  const int thread = 0, threads = 1;
+#endif
+  const int h_end = (int)((int64_t)H * (thread + 1) / threads);
+  for (int h = (int)((int64_t)H * thread / threads); h < h_end;) {
+    const int g = h / group, count = ((g + 1) * group < h_end ? (g + 1) * group : h_end) - h;
+    const size_t kv = (size_t)g * cap * D;
     float *score = m->scores + (size_t)h * cap, *out = op->out + h * D;
-    if (D == 64) attend(q + h * D, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, out, 64);
-    else if (D == 128) attend(q + h * D, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, out, 128);
-    else attend(q + h * D, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, out, D);
+    if (D == 64) attend_group(q + h * D, count, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, cap, out, 64);
+    else if (D == 128) attend_group(q + h * D, count, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, cap, out, 128);
+    else attend_group(q + h * D, count, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, cap, out, D);
+    h += count;
   }
+#pragma omp barrier
 }
 
 /* Called by every thread of the step's parallel region (so are attention and lm_head). */
