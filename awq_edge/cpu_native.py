@@ -250,11 +250,12 @@ class NativeDecoder:
                                 any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith("qkv_proj")))
         except UserError as e:
             raise Unsupported(str(e)) from None
-        if spec.head_dim > 256 or spec.head_dim % 2:
-            raise Unsupported(f"head_dim {spec.head_dim} (the native attention takes even sizes up to 256)")
+        if spec.head_dim > 256 or spec.head_dim % 16:
+            raise Unsupported(f"head_dim {spec.head_dim} (the native attention takes multiples of 16 up to 256)")
         self.spec = spec
         self.lib = load_library()
-        self.lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+        self.lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                                         ctypes.c_void_p]
         self.lib.decode_step.restype = None
         self.lib.cpu_set_threads.argtypes = [ctypes.c_int]
         self.lib.cpu_set_threads(int(threads))
@@ -333,7 +334,7 @@ class NativeDecoder:
     # ------------------------------------------------------------ one token
     def step(self, token: int, position: int) -> np.ndarray:
         """Logits float32 [V] after `token` at `position` (a fresh array), the top_k re-scored in place."""
-        self.lib.decode_step(ctypes.byref(self.model), self.program, len(self.ops), int(token), int(position))
+        self.lib.decode_step(ctypes.byref(self.model), self.program, len(self.ops), int(token), int(position), None)
         logits = self.buffers["logits"].copy()
         logits[self.scratch["top_ids"]] = self.scratch["top_logits"]
         return logits

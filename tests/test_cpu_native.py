@@ -42,7 +42,7 @@ def random_weight(rng, n: int, k: int, group: int):
 
 @pytest.mark.parametrize("path", sorted(FLAGS))
 @pytest.mark.parametrize("n,k,group", [(64, 576, 128), (40, 1536, 64), (24, 100, 32), (8, 48, 16), (9, 1000, 128),
-                                       (5, 576, 32), (3, 200, 16)])
+                                       (5, 576, 32), (3, 200, 16), (4, 99, 32), (2, 17, 16)])
 def test_gemv_matches_its_numpy_twin_on_every_simd_path(path, n, k, group):
     lib = cpu_native.load_library(FLAGS[path])
     rng = np.random.default_rng(n * k + group)

@@ -86,7 +86,8 @@ struct cpu_model {
 };
 
 /* ops[0 .. n_ops) for one new token at `position` (the rows before it are cached). */
-void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops, int64_t token, int position);
+void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops, int64_t token, int position,
+                 double *op_seconds /* NULL, or n_ops wall times to add each op's to (profiling) */);
 
 /* OpenMP threads for the kernels. */
 void cpu_set_threads(int threads);

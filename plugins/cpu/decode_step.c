@@ -25,6 +25,22 @@
 #include <omp.h>
 #endif
 
+static int omp_thread(void) {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+static double wall_seconds(void) {
+#ifdef _OPENMP
+  return omp_get_wtime();
+#else
+  return 0.0;
+#endif
+}
+
 void cpu_set_threads(int threads) {
 #ifdef _OPENMP
   omp_set_num_threads(threads);
@@ -72,6 +88,11 @@ static inline float dot(const float *a, const float *b, int n) {
   for (; i < n; i++) total += a[i] * b[i];
   return total;
 }
+
+/* Sixteen floats as one vector (GCC/Clang vector extensions: AVX-512, 2 x AVX, 4 x NEON). */
+typedef float f32x16 __attribute__((vector_size(64)));
+static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
 
 static void rms_norm(const float *x, const float *w, int n, float eps, float *out) {
   const float inv = 1.f / sqrtf(dot(x, x, n) / (float)n + eps);
@@ -150,13 +171,13 @@ static inline __attribute__((always_inline)) void attend_group(const float *q, i
     const int t1 = position + 1 - t0 < KEY_BLOCK ? position + 1 : t0 + KEY_BLOCK;
     for (int h = 0; h < heads; h++) {
       const float *score = scores + (size_t)h * cap;
-      float acc[256];  /* D <= 256 (cpu_native.py checks) */
-      for (int i = 0; i < D; i++) acc[i] = out[h * D + i];
+      f32x16 acc[256 / 16];
+      for (int c = 0; c < D / 16; c++) acc[c] = load16(out + h * D + 16 * c);
       for (int t = t0; t < t1; t++) {
         const float p = score[t], *vt = values + (size_t)t * D;
-        for (int i = 0; i < D; i++) acc[i] += p * vt[i];
+        for (int c = 0; c < D / 16; c++) acc[c] += p * load16(vt + 16 * c);
       }
-      for (int i = 0; i < D; i++) out[h * D + i] = acc[i];
+      for (int c = 0; c < D / 16; c++) store16(out + h * D + 16 * c, acc[c]);
     }
   }
 }
@@ -180,10 +201,11 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
   /* Each thread takes a contiguous range of query heads (as `omp for schedule(static)` would) and
      runs it KV head by KV head, the heads of one group together. */
 #ifdef _OPENMP
-  const int thread = omp_get_thread_num(), threads = omp_get_num_threads();
+  const int threads = omp_get_num_threads();
 #else
-  const int thread = 0, threads = 1;
+  const int threads = 1;
 #endif
+  const int thread = omp_thread();
   const int h_end = (int)((int64_t)H * (thread + 1) / threads);
   for (int h = (int)((int64_t)H * thread / threads); h < h_end;) {
     const int g = h / group, count = ((g + 1) * group < h_end ? (g + 1) * group : h_end) - h;
@@ -303,7 +325,8 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
   }
 }
 
-void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops, int64_t token, int position) {
+void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops, int64_t token, int position,
+                 double *op_seconds) {
   /* One parallel region for the whole step: the threads stay in it, and ops hand over at
      barriers (the end of each `omp for` / `omp single`) instead of a fork and join per op. A
      small op followed by a linear also quantizes that linear's input in its own `single`: one
@@ -311,6 +334,7 @@ void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops,
 #pragma omp parallel
   {
     int quantized = 0;  /* this op's input was quantized by the op before */
+    double last = op_seconds ? wall_seconds() : 0.0;
     for (int i = 0; i < n_ops; i++) {
       const struct cpu_op *op = &ops[i], *next = i + 1 < n_ops ? &ops[i + 1] : NULL;
       switch (op->kind) {
@@ -334,6 +358,12 @@ void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops,
           }
           quantized = fold;
         }
+      }
+      /* every op ends at a barrier, so thread 0's clock between two of them is the op's wall time */
+      if (op_seconds && omp_thread() == 0) {
+        const double now = wall_seconds();
+        op_seconds[i] += now - last;
+        last = now;
       }
     }
   }
