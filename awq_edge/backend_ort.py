@@ -183,6 +183,8 @@ class OrtBackend:
             self.session.run_with_iobinding(self.binding)
         except Exception as e:  # e.g. a graph whose shapes do not hold at run time
             raise UserError(f"ONNX Runtime failed to run the model: {_first_line(e)}; rebuild the engine") from None
+        if self.native is not None:  # the native step reads its own (bf16) copy of these rows
+            self.native.mirror(self.position, n)
         self.position += n
         if self._ort_allocated:
             outputs = dict(zip(self._ort_allocated, self.binding.get_outputs()[-len(self._ort_allocated):]))

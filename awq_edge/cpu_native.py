@@ -29,7 +29,7 @@ from .plugins import PLUGINS_DIR, _cache_root, _publish, _run
 
 CPU_SOURCES = PLUGINS_DIR / "cpu"
 CPU_LIBRARY = "libawq_edge_cpu.so"
-DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11")
+DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
 
 
 def find_cc() -> str | None:
@@ -184,9 +184,11 @@ class CpuModel(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in ("heads", "kv_heads", "head_dim", "max_context", "top_k")] + \
                [("eps", ctypes.c_float)] + \
                [(name, ctypes.c_void_p) for name in ("k_cache", "v_cache", "x8", "x_scale", "x_sum", "scores",
-                                                      "top_ids", "top_logits")]
+                                                      "top_ids", "top_logits", "k_mirror", "v_mirror")] + \
+               [("mirror_rows", ctypes.c_int32)]
 
 
+KEY_BLOCK = 32  # decode_step.c's key tile
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}
 
@@ -269,10 +271,19 @@ class NativeDecoder:
                         "scores": np.zeros((spec.heads, max_context), np.float32),
                         "top_ids": np.zeros(self.top_k, np.int64), "top_logits": np.zeros(self.top_k, np.float32)}
         self.caches = ((ctypes.c_void_p * spec.layers)(*k_caches), (ctypes.c_void_p * spec.layers)(*v_caches))
+        # the step's bf16 copy of the cache (decode_step.c): keys in tiles of KEY_BLOCK, values in rows
+        rows = -(-max_context // KEY_BLOCK) * KEY_BLOCK
+        self.mirrors = [np.zeros((spec.kv_heads, rows, spec.head_dim), np.uint16) for _ in range(2 * spec.layers)]
+        self.mirror_pointers = tuple((ctypes.c_void_p * spec.layers)(*(m.ctypes.data for m in self.mirrors[i::2]))
+                                     for i in (0, 1))
+        self.lib.cpu_mirror_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self.lib.cpu_mirror_rows.restype = None
         self.model = CpuModel(heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
                               max_context=max_context, top_k=self.top_k, eps=spec.eps,
                               k_cache=ctypes.cast(self.caches[0], ctypes.c_void_p),
                               v_cache=ctypes.cast(self.caches[1], ctypes.c_void_p),
+                              k_mirror=ctypes.cast(self.mirror_pointers[0], ctypes.c_void_p),
+                              v_mirror=ctypes.cast(self.mirror_pointers[1], ctypes.c_void_p), mirror_rows=rows,
                               **{k: v.ctypes.data for k, v in self.scratch.items()})
         self.ops = [self._op(op) for op in decode_ops(spec)]
         self.program = (CpuOp * len(self.ops))(*self.ops)
@@ -330,6 +341,11 @@ class NativeDecoder:
             self._linear(rec, "lm_head.q4", spec.vocab, spec.hidden)
             rec.table = self._tensor(self.exact_table, np.float16, spec.vocab * spec.hidden).ctypes.data
         return rec
+
+    def mirror(self, first: int, count: int) -> None:
+        """Copy cache rows [first, first + count), which ONNX Runtime just wrote, into the step's bf16 copy."""
+        if count > 0:
+            self.lib.cpu_mirror_rows(ctypes.byref(self.model), self.spec.layers, int(first), int(count))
 
     # ------------------------------------------------------------ one token
     def step(self, token: int, position: int) -> np.ndarray:

@@ -44,7 +44,8 @@ def engine_plan(manifest: dict, info, max_memory=None, max_context: int | None =
     context: the most that fits, at most the built one unless --max-context asks for another
     (a GPU engine's built context is a hard limit: its shapes were fixed at build).
     native_decode (CPU engines): the native step reads the weights from the mapped file beside
-    ONNX Runtime's own (prepacked) copy, so they count twice."""
+    ONNX Runtime's own (prepacked) copy, so they count twice, and the cache through its own bf16
+    copy beside ORT's float32 one (cpu_native.py), so the KV counts one and a half times."""
     from .devices import resolve
 
     device = resolve(manifest["device"])
@@ -65,8 +66,10 @@ def engine_plan(manifest: dict, info, max_memory=None, max_context: int | None =
         if max_context is not None and max_context > positions:
             raise UserError(f"--max-context {max_context} is more than the {positions} tokens this GPU engine was "
                             "built for; rebuild it with a larger --max-context")
-    weights = info.weight_bytes * (2 if native_decode and manifest.get("backend") == "ort" else 1)
-    return plan_memory(weights, info.kv_bytes_per_token, device, max_memory=max_memory,
+    native = native_decode and manifest.get("backend") == "ort"
+    weights = info.weight_bytes * (2 if native else 1)
+    kv_per_token = info.kv_bytes_per_token + (info.kv_bytes_per_token // 2 if native else 0)
+    return plan_memory(weights, kv_per_token, device, max_memory=max_memory,
                        default_cap=min(c for c in (built.get("cap"), default_cap) if c),
                        max_context=max_context, max_position_embeddings=positions, workspace=info.workspace)
 

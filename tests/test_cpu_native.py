@@ -162,6 +162,8 @@ def test_an_engine_loaded_with_native_decode_plans_for_both_copies_and_generates
     native = Engine.load(engine_dir, max_context=256, threads=2, native_decode=True)
     assert native.backend.decode_path.startswith("native") and plain.backend.decode_path == "onnxruntime"
     assert native.plan.weights == 2 * plain.plan.weights  # the mapped file beside ORT's prepacked copy
+    assert 2 * native.plan.kv_bytes == 3 * plain.plan.kv_bytes  # ORT's float32 cache and the bf16 copy
+    assert sum(m.nbytes for m in native.backend.native.mirrors) == plain.plan.kv_bytes // 2  # 256: whole tiles
     text = native.generate("Name three colours.", max_new_tokens=24, temperature=0)
     assert native.last_stats.new_tokens == 24 or native.last_stats.finish_reason == "eos"
     assert text.strip(), text

@@ -83,11 +83,18 @@ struct cpu_model {
   float *scores;                /* scratch: [heads, max_context] */
   int64_t *top_ids;             /* [top_k] out */
   float *top_logits;            /* [top_k] out */
+  /* The step's bf16 copy of the cache (decode_step.c): per layer, keys in tiles
+     [kv_heads, mirror_rows / 32, head_dim, 32], values [kv_heads, mirror_rows, head_dim]. */
+  uint16_t **k_mirror, **v_mirror;
+  int32_t mirror_rows;          /* max_context rounded up to whole tiles of 32 */
 };
 
 /* ops[0 .. n_ops) for one new token at `position` (the rows before it are cached). */
 void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops, int64_t token, int position,
                  double *op_seconds /* NULL, or n_ops wall times to add each op's to (profiling) */);
+
+/* Rows [first, first + count) of `layers` layers' ORT caches into the bf16 mirror (after ORT wrote them). */
+void cpu_mirror_rows(const struct cpu_model *m, int layers, int first, int count);
 
 /* OpenMP threads for the kernels. */
 void cpu_set_threads(int threads);

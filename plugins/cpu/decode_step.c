@@ -135,55 +135,187 @@ static void rope(float *x, int heads, int D, const float *cos, const float *sin)
   }
 }
 
-/* Key rows per block: a block of K (or V) rows stays in L1 while every query head of its group
-   reads it, so the rows stream from DRAM once per token, not once per query head. */
+/* ---------------------------------------------------------------- attention over the bf16 mirror
+
+   The step reads the cache through its own copy, bf16 (a float32's top half, rounded to nearest
+   even): half the bytes of ORT's float32 rows, which every token reads in full, and the widths
+   that bf16 models were trained with. Keys are stored in tiles of KEY_BLOCK keys,
+   [kv_heads, rows / KEY_BLOCK, D, KEY_BLOCK], so a tile's scores are one vector multiply-add per
+   dimension (no horizontal sums) over 2 KiB - 8 KiB read in order; values are [kv_heads, rows, D].
+   ORT's float32 cache stays the reference (its prefill reads it): the step writes both, and
+   cpu_mirror_rows copies in the rows an ORT prefill wrote. */
 enum { KEY_BLOCK = 32 };
 
-/* Query heads q[0..heads) of one KV head over its rows first..position: scores block by block,
-   softmax per head (normalized in place), then the weighted V rows block by block. D a constant where it can be, so a
-   head's output row stays in registers across a block. */
-static inline __attribute__((always_inline)) void attend_group(const float *q, int heads, const float *keys,
-                                                               const float *values, int first, int position,
+/* The largest of x[0..n) (NaN never wins), and the sum in sixteen lanes: both vectorize. */
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+static float max_of(const float *x, int n) {
+  f32x16 lanes = {0.f};
+  lanes -= INFINITY;
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const f32x16 v = load16(x + i);
+    const i32x16 greater = v > lanes;
+    lanes = (f32x16)(((i32x16)v & greater) | ((i32x16)lanes & ~greater));
+  }
+  float best = -INFINITY;
+  for (int j = 0; j < 16; j++) best = lanes[j] > best ? lanes[j] : best;
+  for (; i < n; i++) best = x[i] > best ? x[i] : best;
+  return best;
+}
+
+static float sum_of(const float *x, int n) {
+  f32x16 lanes = {0.f};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) lanes += load16(x + i);
+  float total = 0.f;
+  for (int j = 0; j < 16; j++) total += lanes[j];
+  for (; i < n; i++) total += x[i];
+  return total;
+}
+
+static inline uint16_t to_bf16(float x) {
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded); /* NaN stays NaN */
+}
+
+/* 16 bf16 -> 16 floats: each the 16 bits shifted to the top (integer lanes, every ISA). */
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+static inline f32x16 load_bf16x16(const uint16_t *p) {
+  u32x16 u;
+  for (int i = 0; i < 16; i++) u[i] = (uint32_t)p[i] << 16;
+  f32x16 f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+static inline size_t key_at(int rows, int g, int d, int t, int D) { /* the tiled key layout above */
+  return (((size_t)g * (rows / KEY_BLOCK) + t / KEY_BLOCK) * D + d) * KEY_BLOCK + t % KEY_BLOCK;
+}
+
+static void mirror_row(const struct cpu_model *m, int layer, int g, int t, const float *k, const float *v) {
+  const int D = m->head_dim, rows = m->mirror_rows;
+  uint16_t *km = m->k_mirror[layer], *vm = m->v_mirror[layer] + ((size_t)g * rows + t) * D;
+  for (int d = 0; d < D; d++) {
+    km[key_at(rows, g, d, t, D)] = to_bf16(k[d]);
+    vm[d] = to_bf16(v[d]);
+  }
+}
+
+void cpu_mirror_rows(const struct cpu_model *m, int layers, int first, int count) {
+  const int Hkv = m->kv_heads, D = m->head_dim, cap = m->max_context;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int layer = 0; layer < layers; layer++)
+    for (int g = 0; g < Hkv; g++)
+      for (int t = first; t < first + count; t++) {
+        const size_t at = ((size_t)g * cap + t) * D;
+        mirror_row(m, layer, g, t, m->k_cache[layer] + at, m->v_cache[layer] + at);
+      }
+}
+
+/* The scores of one key tile (KEY_BLOCK keys) for query heads qa and, if `two`, qb, into sa / sb.
+   Eight independent sums (two heads x two 16-key halves x even / odd d) so that the
+   multiply-adds overlap instead of waiting on each other; the bf16 tile is converted once for both. */
+static inline __attribute__((always_inline)) void tile_scores(const uint16_t *tile, const float *qa, const float *qb,
+                                                              float *sa, float *sb, const int two, const int D) {
+  f32x16 a0 = {0.f}, a1 = {0.f}, a2 = {0.f}, a3 = {0.f}, b0 = {0.f}, b1 = {0.f}, b2 = {0.f}, b3 = {0.f};
+  for (int d = 0; d < D; d += 2) {
+    const f32x16 k0 = load_bf16x16(tile + d * KEY_BLOCK), k1 = load_bf16x16(tile + d * KEY_BLOCK + 16);
+    const f32x16 k2 = load_bf16x16(tile + (d + 1) * KEY_BLOCK), k3 = load_bf16x16(tile + (d + 1) * KEY_BLOCK + 16);
+    a0 += qa[d] * k0;
+    a1 += qa[d] * k1;
+    a2 += qa[d + 1] * k2;
+    a3 += qa[d + 1] * k3;
+    if (two) {
+      b0 += qb[d] * k0;
+      b1 += qb[d] * k1;
+      b2 += qb[d + 1] * k2;
+      b3 += qb[d + 1] * k3;
+    }
+  }
+  store16(sa, a0 + a2);
+  store16(sa + 16, a1 + a3);
+  if (two) {
+    store16(sb, b0 + b2);
+    store16(sb + 16, b1 + b3);
+  }
+}
+
+/* outa (and outb) [64 of D] += sum over rows t0..t1 of p[t] * V[t]: the probabilities pa / pb of
+   two heads over the same value rows, eight independent sums. */
+static inline __attribute__((always_inline)) void weighted_values(const uint16_t *values, int t0, int t1,
+                                                                  const float *pa, const float *pb, float *outa,
+                                                                  float *outb, const int two, const int D) {
+  f32x16 a0 = load16(outa), a1 = load16(outa + 16), a2 = load16(outa + 32), a3 = load16(outa + 48);
+  f32x16 b0 = {0.f}, b1 = {0.f}, b2 = {0.f}, b3 = {0.f};
+  if (two) {
+    b0 = load16(outb), b1 = load16(outb + 16), b2 = load16(outb + 32), b3 = load16(outb + 48);
+  }
+  for (int t = t0; t < t1; t++) {
+    const uint16_t *v = values + (size_t)t * D;
+    const f32x16 v0 = load_bf16x16(v), v1 = load_bf16x16(v + 16), v2 = load_bf16x16(v + 32), v3 = load_bf16x16(v + 48);
+    a0 += pa[t] * v0;
+    a1 += pa[t] * v1;
+    a2 += pa[t] * v2;
+    a3 += pa[t] * v3;
+    if (two) {
+      b0 += pb[t] * v0;
+      b1 += pb[t] * v1;
+      b2 += pb[t] * v2;
+      b3 += pb[t] * v3;
+    }
+  }
+  store16(outa, a0), store16(outa + 16, a1), store16(outa + 32, a2), store16(outa + 48, a3);
+  if (two) store16(outb, b0), store16(outb + 16, b1), store16(outb + 32, b2), store16(outb + 48, b3);
+}
+
+/* Query heads q[0..heads) of one KV head (its key tiles `keys`, value rows `values`) over rows
+   first..position: scores tile by tile (heads two at a time, the tile in L1), softmax per head
+   (normalized in place), then the weighted value rows in blocks, 64 dimensions at a time. */
+static inline __attribute__((always_inline)) void attend_group(const float *q, int heads, const uint16_t *keys,
+                                                               const uint16_t *values, int first, int position,
                                                                float scale, float softcap, float *scores,
                                                                int cap, float *out, const int D) {
-  for (int t0 = first; t0 <= position; t0 += KEY_BLOCK) {
-    const int t1 = position + 1 - t0 < KEY_BLOCK ? position + 1 : t0 + KEY_BLOCK;
-    for (int h = 0; h < heads; h++) {
-      const float *qh = q + h * D;
-      float *score = scores + (size_t)h * cap;
-      for (int t = t0; t < t1; t++) score[t] = dot(qh, keys + (size_t)t * D, D) * scale;
+  for (int b = first / KEY_BLOCK; b <= position / KEY_BLOCK; b++) {
+    const uint16_t *tile = keys + (size_t)b * D * KEY_BLOCK;
+    const int t0 = b * KEY_BLOCK, lo = first > t0 ? first : t0;
+    const int hi = position < t0 + KEY_BLOCK - 1 ? position : t0 + KEY_BLOCK - 1;
+    for (int h = 0; h < heads; h += 2) {
+      float s[2][KEY_BLOCK];
+      const int two = h + 1 < heads;
+      if (two) tile_scores(tile, q + h * D, q + (h + 1) * D, s[0], s[1], 1, D);
+      else tile_scores(tile, q + h * D, NULL, s[0], NULL, 0, D);
+      for (int i = 0; i <= two; i++)
+        for (int t = lo; t <= hi; t++) scores[(size_t)(h + i) * cap + t] = s[i][t - t0] * scale;
     }
   }
   for (int h = 0; h < heads; h++) {
-    float *score = scores + (size_t)h * cap, best = -INFINITY, total = 0.f;
+    float *score = scores + (size_t)h * cap;
     if (softcap > 0.f)
       for (int t = first; t <= position; t++) score[t] = softcap * tanh_approx(score[t] / softcap);
-    for (int t = first; t <= position; t++) best = score[t] > best ? score[t] : best;
+    const float best = max_of(score + first, position + 1 - first);
 #pragma omp simd
     for (int t = first; t <= position; t++) score[t] = exp_approx(score[t] - best);
-    for (int t = first; t <= position; t++) total += score[t];
-    const float inv = 1.f / total;
+    const float inv = 1.f / sum_of(score + first, position + 1 - first);
 #pragma omp simd
     for (int t = first; t <= position; t++) score[t] *= inv;
     for (int i = 0; i < D; i++) out[h * D + i] = 0.f;
   }
   for (int t0 = first; t0 <= position; t0 += KEY_BLOCK) {
     const int t1 = position + 1 - t0 < KEY_BLOCK ? position + 1 : t0 + KEY_BLOCK;
-    for (int h = 0; h < heads; h++) {
-      const float *score = scores + (size_t)h * cap;
-      f32x16 acc[256 / 16];
-      for (int c = 0; c < D / 16; c++) acc[c] = load16(out + h * D + 16 * c);
-      for (int t = t0; t < t1; t++) {
-        const float p = score[t], *vt = values + (size_t)t * D;
-        for (int c = 0; c < D / 16; c++) acc[c] += p * load16(vt + 16 * c);
+    for (int h = 0; h < heads; h += 2)
+      for (int c = 0; c < D; c += 64) {
+        float *outa = out + h * D + c;
+        const float *pa = scores + (size_t)h * cap;
+        if (h + 1 < heads) weighted_values(values + c, t0, t1, pa, pa + cap, outa, outa + D, 1, D);
+        else weighted_values(values + c, t0, t1, pa, NULL, outa, NULL, 0, D);
       }
-      for (int c = 0; c < D / 16; c++) store16(out + h * D + 16 * c, acc[c]);
-    }
   }
 }
 
 static void attention(const struct cpu_model *m, const struct cpu_op *op, int position) {
-  const int H = m->heads, Hkv = m->kv_heads, D = m->head_dim, cap = m->max_context;
+  const int H = m->heads, Hkv = m->kv_heads, D = m->head_dim, cap = m->max_context, rows = m->mirror_rows;
   float *q = op->x, *k = q + H * D, *v = k + Hkv * D;
   const float *cos = op->cos + (size_t)position * (D / 2), *sin = op->sin + (size_t)position * (D / 2);
   float *kc = m->k_cache[op->layer], *vc = m->v_cache[op->layer];
@@ -194,6 +326,7 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
     for (int g = 0; g < Hkv; g++) {
       memcpy(kc + ((size_t)g * cap + position) * D, k + g * D, sizeof(float) * D);
       memcpy(vc + ((size_t)g * cap + position) * D, v + g * D, sizeof(float) * D);
+      mirror_row(m, op->layer, g, position, k + g * D, v + g * D);
     }
   }
   const int first = op->window > 0 && position - op->window + 1 > 0 ? position - op->window + 1 : 0;
@@ -209,11 +342,12 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
   const int h_end = (int)((int64_t)H * (thread + 1) / threads);
   for (int h = (int)((int64_t)H * thread / threads); h < h_end;) {
     const int g = h / group, count = ((g + 1) * group < h_end ? (g + 1) * group : h_end) - h;
-    const size_t kv = (size_t)g * cap * D;
+    const uint16_t *keys = m->k_mirror[op->layer] + (size_t)g * rows * D;
+    const uint16_t *values = m->v_mirror[op->layer] + (size_t)g * rows * D;
     float *score = m->scores + (size_t)h * cap, *out = op->out + h * D;
-    if (D == 64) attend_group(q + h * D, count, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, cap, out, 64);
-    else if (D == 128) attend_group(q + h * D, count, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, cap, out, 128);
-    else attend_group(q + h * D, count, kc + kv, vc + kv, first, position, op->scale, op->softcap, score, cap, out, D);
+    if (D == 64) attend_group(q + h * D, count, keys, values, first, position, op->scale, op->softcap, score, cap, out, 64);
+    else if (D == 128) attend_group(q + h * D, count, keys, values, first, position, op->scale, op->softcap, score, cap, out, 128);
+    else attend_group(q + h * D, count, keys, values, first, position, op->scale, op->softcap, score, cap, out, 256);
     h += count;
   }
 #pragma omp barrier
