@@ -185,7 +185,7 @@ class CpuModel(ctypes.Structure):
                [("eps", ctypes.c_float)] + \
                [(name, ctypes.c_void_p) for name in ("k_cache", "v_cache", "x8", "x_scale", "x_sum", "scores",
                                                       "top_ids", "top_logits", "k_mirror", "v_mirror")] + \
-               [("mirror_rows", ctypes.c_int32)]
+               [("mirror_rows", ctypes.c_int32), ("top_slots", ctypes.c_int32)]
 
 
 KEY_BLOCK = 32  # decode_step.c's key tile
@@ -269,7 +269,8 @@ class NativeDecoder:
         self.scratch = {"x8": np.zeros(act_bytes(kmax, gmin) + 256, np.int8),
                         "x_scale": np.zeros(kmax // gmin + 2, np.float32), "x_sum": np.zeros(kmax // gmin + 2, np.int32),
                         "scores": np.zeros((spec.heads, max_context), np.float32),
-                        "top_ids": np.zeros(self.top_k, np.int64), "top_logits": np.zeros(self.top_k, np.float32)}
+                        "top_ids": np.zeros((threads + 1, self.top_k), np.int64),
+                        "top_logits": np.zeros((threads + 1, self.top_k), np.float32)}
         self.caches = ((ctypes.c_void_p * spec.layers)(*k_caches), (ctypes.c_void_p * spec.layers)(*v_caches))
         # the step's bf16 copy of the cache (decode_step.c): keys in tiles of KEY_BLOCK, values in rows
         rows = -(-max_context // KEY_BLOCK) * KEY_BLOCK
@@ -284,6 +285,7 @@ class NativeDecoder:
                               v_cache=ctypes.cast(self.caches[1], ctypes.c_void_p),
                               k_mirror=ctypes.cast(self.mirror_pointers[0], ctypes.c_void_p),
                               v_mirror=ctypes.cast(self.mirror_pointers[1], ctypes.c_void_p), mirror_rows=rows,
+                              top_slots=threads + 1,
                               **{k: v.ctypes.data for k, v in self.scratch.items()})
         self.ops = [self._op(op) for op in decode_ops(spec)]
         self.program = (CpuOp * len(self.ops))(*self.ops)
@@ -352,5 +354,5 @@ class NativeDecoder:
         """Logits float32 [V] after `token` at `position` (a fresh array), the top_k re-scored in place."""
         self.lib.decode_step(ctypes.byref(self.model), self.program, len(self.ops), int(token), int(position), None)
         logits = self.buffers["logits"].copy()
-        logits[self.scratch["top_ids"]] = self.scratch["top_logits"]
+        logits[self.scratch["top_ids"][0]] = self.scratch["top_logits"][0]
         return logits

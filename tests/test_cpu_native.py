@@ -113,6 +113,18 @@ def test_native_decode_matches_onnxruntime_for_smollm2(default_export):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.1
 
 
+def test_native_top_k_is_the_k_largest_over_the_whole_vocabulary(default_export):
+    # each thread keeps a heap of its share of the vocabulary; the merge must see every share
+    backend = OrtBackend(default_export, max_context=64, threads=2, native_decode=True)
+    backend.forward(list(range(100, 120)))
+    for token in (5, 49151, 700):
+        logits = backend.forward([token])
+        decoder = backend.native
+        quantized, ids = decoder.buffers["logits"], decoder.scratch["top_ids"][0]
+        assert set(ids.tolist()) == set(np.argsort(quantized)[-decoder.top_k:].tolist())
+        assert np.array_equal(logits[ids], decoder.scratch["top_logits"][0])
+
+
 def test_native_decode_checks_its_input_like_onnxruntime(default_export):
     native = OrtBackend(default_export, max_context=8, threads=2, native_decode=True)
     with pytest.raises(UserError, match="out of range"):

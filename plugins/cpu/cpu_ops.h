@@ -81,12 +81,13 @@ struct cpu_model {
   float *x_scale;               /* scratch: blocks of the largest K */
   int32_t *x_sum;
   float *scores;                /* scratch: [heads, max_context] */
-  int64_t *top_ids;             /* [top_k] out */
-  float *top_logits;            /* [top_k] out */
+  int64_t *top_ids;             /* [top_slots, top_k]: slot 0 out, the others a thread's heap each */
+  float *top_logits;            /* [top_slots, top_k] */
   /* The step's bf16 copy of the cache (decode_step.c): per layer, keys in tiles
      [kv_heads, mirror_rows / 32, head_dim, 32], values [kv_heads, mirror_rows, head_dim]. */
   uint16_t **k_mirror, **v_mirror;
   int32_t mirror_rows;          /* max_context rounded up to whole tiles of 32 */
+  int32_t top_slots;            /* threads + 1 (fewer: one thread selects the top_k alone) */
 };
 
 /* ops[0 .. n_ops) for one new token at `position` (the rows before it are cached). */

@@ -25,6 +25,14 @@
 #include <omp.h>
 #endif
 
+static int omp_threads(void) {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 static int omp_thread(void) {
 #ifdef _OPENMP
   return omp_get_thread_num();
@@ -333,12 +341,7 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
   const int group = H / Hkv;
   /* Each thread takes a contiguous range of query heads (as `omp for schedule(static)` would) and
      runs it KV head by KV head, the heads of one group together. */
-#ifdef _OPENMP
-  const int threads = omp_get_num_threads();
-#else
-  const int threads = 1;
-#endif
-  const int thread = omp_thread();
+  const int threads = omp_threads(), thread = omp_thread();
   const int h_end = (int)((int64_t)H * (thread + 1) / threads);
   for (int h = (int)((int64_t)H * thread / threads); h < h_end;) {
     const int g = h / group, count = ((g + 1) * group < h_end ? (g + 1) * group : h_end) - h;
@@ -382,54 +385,71 @@ static void act(const struct cpu_op *op) {
   }
 }
 
-static void top_k_exact(const struct cpu_model *m, const struct cpu_op *op);
+/* Offer (id, v) to a min-heap of the k largest seen (size <= k entries): most values fail the
+   first comparison. NaN never enters. */
+static inline void heap_offer(int64_t *ids, float *vals, int *size, int k, int64_t id, float v) {
+  if (*size == k && !(v > vals[0])) return;
+  int pos;
+  if (*size < k) { /* sift up */
+    pos = (*size)++;
+    while (pos > 0 && vals[(pos - 1) / 2] > v) { vals[pos] = vals[(pos - 1) / 2]; ids[pos] = ids[(pos - 1) / 2]; pos = (pos - 1) / 2; }
+  } else { /* replace the root, sift down */
+    pos = 0;
+    for (;;) {
+      int c = 2 * pos + 1;
+      if (c >= k) break;
+      if (c + 1 < k && vals[c + 1] < vals[c]) c++;
+      if (!(vals[c] < v)) break;
+      vals[pos] = vals[c]; ids[pos] = ids[c]; pos = c;
+    }
+  }
+  vals[pos] = v;
+  ids[pos] = id;
+}
+
+/* The top_k largest logits (any order) with their exact values from the fp16 table, into slot 0
+   of top_ids / top_logits. Every thread of the region calls it: each keeps a heap of its share of
+   the vocabulary in its own slot (1 + thread), one thread merges them, all re-score. */
+static void top_k_exact(const struct cpu_model *m, const struct cpu_op *op) {
+  float *logits = op->out;
+  const int V = op->n, k = m->top_k, threads = omp_threads();
+  const int parts = threads < m->top_slots ? threads : 1, part = omp_thread();
+  if (op->softcap > 0.f) {
+#pragma omp for schedule(static)
+    for (int i = 0; i < V; i++) logits[i] = op->softcap * tanh_approx(logits[i] / op->softcap);
+  }
+  if (k <= 0) return;
+  if (part < parts) {
+    int64_t *ids = m->top_ids + (size_t)(1 + part) * k;
+    float *vals = m->top_logits + (size_t)(1 + part) * k;
+    int size = 0;
+    for (int i = (int)((int64_t)V * part / parts); i < (int)((int64_t)V * (part + 1) / parts); i++)
+      heap_offer(ids, vals, &size, k, i, logits[i]);
+    for (int j = size; j < k; j++) { ids[j] = -1; vals[j] = -INFINITY; } /* empty places */
+  }
+#pragma omp barrier
+#pragma omp single
+  {
+    int size = 0;
+    for (int j = k; j < (1 + parts) * k; j++)
+      if (m->top_ids[j] >= 0) heap_offer(m->top_ids, m->top_logits, &size, k, m->top_ids[j], m->top_logits[j]);
+    for (int j = size; j < k; j++) { m->top_ids[j] = 0; m->top_logits[j] = logits[0]; } /* fewer than k real values */
+  }
+  const uint16_t *table = op->table;
+  const int Hd = op->k;
+#pragma omp for schedule(static)
+  for (int j = 0; j < k; j++) {
+    const uint16_t *row = table + (size_t)m->top_ids[j] * Hd;
+    float s = 0.f;
+    for (int i = 0; i < Hd; i++) s += half_to_float(row[i]) * op->x[i];
+    m->top_logits[j] = op->softcap > 0.f ? op->softcap * tanh_approx(s / op->softcap) : s;
+  }
+}
 
 /* logits, then the top_k largest (any order) with their exact values from the fp16 table. */
 static void lm_head(const struct cpu_model *m, const struct cpu_op *op, int quantized) {
   linear(m, op, quantized);
-#pragma omp single
   top_k_exact(m, op);
-}
-
-static void top_k_exact(const struct cpu_model *m, const struct cpu_op *op) {
-  float *logits = op->out;
-  const int V = op->n, k = m->top_k;
-  if (op->softcap > 0.f)
-    for (int i = 0; i < V; i++) logits[i] = op->softcap * tanh_approx(logits[i] / op->softcap);
-  if (k <= 0) return;
-  /* a min-heap of the k largest: most logits fail the first comparison */
-  int64_t *ids = m->top_ids;
-  float *vals = m->top_logits;
-  int size = 0;
-  for (int i = 0; i < V; i++) {
-    const float v = logits[i];
-    if (size == k && !(v > vals[0])) continue;  /* NaN never enters */
-    int pos;
-    if (size < k) { /* sift up */
-      pos = size++;
-      while (pos > 0 && vals[(pos - 1) / 2] > v) { vals[pos] = vals[(pos - 1) / 2]; ids[pos] = ids[(pos - 1) / 2]; pos = (pos - 1) / 2; }
-    } else { /* replace the root, sift down */
-      pos = 0;
-      for (;;) {
-        int c = 2 * pos + 1;
-        if (c >= k) break;
-        if (c + 1 < k && vals[c + 1] < vals[c]) c++;
-        if (!(vals[c] < v)) break;
-        vals[pos] = vals[c]; ids[pos] = ids[c]; pos = c;
-      }
-    }
-    vals[pos] = v;
-    ids[pos] = i;
-  }
-  const uint16_t *table = op->table;
-  const int Hd = op->k;
-  for (int j = 0; j < size; j++) {
-    const uint16_t *row = table + (size_t)ids[j] * Hd;
-    float s = 0.f;
-    for (int i = 0; i < Hd; i++) s += half_to_float(row[i]) * op->x[i];
-    vals[j] = op->softcap > 0.f ? op->softcap * tanh_approx(s / op->softcap) : s;
-  }
-  for (int j = size; j < k; j++) { ids[j] = 0; vals[j] = logits[0]; }
 }
 
 /* The ops too small to share out: one thread runs each. */
