@@ -10,8 +10,9 @@ the lm_head is split into its GEMV and its top-k selection + exact re-scoring (a
 with top_k = 0, alternating). Medians over `--rounds`, `--steps` steps each.
 
 The roofline: the bytes a step must read (the 4-bit weights, lm_head included, the re-scored
-rows, and the KV cache rows 0..P) over this machine's read bandwidth measured in the same run
-(cpu_profile.read_bandwidth); `roofline_fraction` = roofline time / the whole step's time.
+rows, and rows 0..P of the bf16 KV copy the step reads) over this machine's read bandwidth,
+measured in the same run (cpu_profile.read_bandwidth); `roofline_fraction` = roofline time /
+the whole step's time.
 Prints a table and writes results/cpu_native_profile-<time>.json.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main() -> None:
     bandwidth = read_bandwidth(threads)
     weights = bytes_per_token(engine)
     spec = native.spec
-    kv_row = spec.layers * 2 * spec.kv_heads * spec.head_dim * 4  # float32 K and V, every layer
+    kv_row = spec.layers * 2 * spec.kv_heads * spec.head_dim * 2  # K and V of every layer: the bf16 copy it reads
     result = {"command": "python " + " ".join(["benchmarks/cpu_native_profile.py", *sys.argv[1:]]),
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "engine": str(args.engine), "threads": threads,
               "decode_path": engine.backend.decode_path, "load_average": os.getloadavg(),
