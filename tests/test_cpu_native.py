@@ -111,6 +111,9 @@ def test_native_decode_matches_onnxruntime_for_smollm2(default_export):
     reference.rewind(60)
     a, b = native.forward(ids[60:70]), reference.forward(ids[60:70])
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.1
+    # ... and native steps after that prefill read the rows it wrote (copied into the bf16 cache)
+    errors, disagreements = teacher_forced(native, reference, ids[70:80], 1)
+    assert max(errors) < 0.1 and len(disagreements) <= 1, (errors, disagreements)
 
 
 def test_native_top_k_is_the_k_largest_over_the_whole_vocabulary(default_export):
