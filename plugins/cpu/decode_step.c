@@ -10,12 +10,14 @@
      linear     out = gemv_q4(x) (+ bias)                     (MatMulNBits, accuracy_level 4)
      head_norm  per-head RMSNorm of a slice of x, in place    (Qwen3, Gemma3 q/k norms)
      attention  RoPE (rotate_half) on q and k at `position`, k and v written into the layer's
-                cache [Hkv, capacity, D] at that row, softmax(q k^T * scale (soft-capped)) v over
-                rows 0..position (the last `window` of them on sliding layers)  (GroupQueryAttention)
+                cache [Hkv, capacity, D] at that row (and into the step's bf16 copy of it, which
+                it reads), softmax(q k^T * scale (soft-capped)) v over rows 0..position (the last
+                `window` of them on sliding layers)                   (GroupQueryAttention)
      act        out = act(gate) * up of x = [gate | up]       (silu, or gelu tanh: FastGelu)
      lm_head    logits = gemv_q4(x) (soft-capped); the top_k of them re-scored exactly from
                 the fp16 table (the graph's TopK + Gather + Gemm)
-   The linears and the attention heads are split over OpenMP threads; the rest is small. */
+   The linears, the attention heads and the lm_head's top-k are split over OpenMP threads; the
+   rest is small. */
 #include <math.h>
 #include <string.h>
 
