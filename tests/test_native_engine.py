@@ -163,7 +163,9 @@ def test_an_engine_runs_on_the_reference_executor(smollm2_cuda_engine, engine_di
     native = Engine(path, manifest, info, Tokenizer(path, info.config, files), ReferenceBackend(path, 256, info), plan)
     prompt = "What is the capital of France?"
     got = native.generate(prompt, max_new_tokens=12, temperature=0)
-    assert got == Engine.load(engine_dir).generate(prompt, max_new_tokens=12, temperature=0) and "Paris" in got
+    # ONNX Runtime decoding: the default native CPU step's int8 / bf16 rounding can flip a near-tie
+    onnxruntime = Engine.load(engine_dir, native_decode=False)
+    assert got == onnxruntime.generate(prompt, max_new_tokens=12, temperature=0) and "Paris" in got
 
 
 @needs_nvcc
