@@ -1,6 +1,6 @@
 """Our 4-bit GEMV (plugins/cpu/gemv_q4.c) against ONNX Runtime's MatMulNBits on one token's weights.
 
-    python benchmarks/cpu_native_gemv.py ENGINE [--threads 2] [--runs 5] [--steps 30]
+    python benchmarks/cpu_native_gemv.py ENGINE [--threads 2] [--runs 5] [--steps 30] [--march native]
 
 Issue 22's question before a native CPU decode step: can our own kernel read the weights as
 fast as MLAS does? Both sides get every MatMulNBits of the engine's graph (the fused q/k/v,
@@ -14,6 +14,8 @@ Each side runs in its own child process (one side's spinning threads would slow 
 alternating; each child reports the median of --repeats timings of --steps tokens. Prints ms per
 token, GB/s of weight bytes, this machine's read bandwidth (numpy, as cpu_profile.py), and the
 largest relative difference of the two sides' outputs; writes results/cpu_native_gemv-<time>.json.
+--march builds our side for another target, to measure a fallback path on this machine
+(x86-64-v3: the AVX2 path; x86-64: plain C).
 """
 from __future__ import annotations
 
@@ -49,12 +51,18 @@ def ort_graph(engine: Path, into: Path) -> Path:
     return session_graphs(engine, into)["weights_only"]
 
 
-def time_native(engine: Path, steps: int, repeats: int) -> dict:
+def native_flags(march: str) -> tuple:
+    from awq_edge import cpu_native
+
+    return tuple(f"-march={march}" if f == "-march=native" else f for f in cpu_native.DEFAULT_FLAGS)
+
+
+def time_native(engine: Path, steps: int, repeats: int, march: str) -> dict:
     import ctypes
 
     from awq_edge import cpu_native
 
-    lib = cpu_native.load_library()
+    lib = cpu_native.load_library(native_flags(march))
     nodes = matmul_nodes(engine)
     count = len(nodes)
     ptr = ctypes.c_void_p
@@ -124,6 +132,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="child processes per side, alternating")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--march", default="native", help="our side's -march (x86-64-v3: AVX2, x86-64: plain C)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # internal: SIDE GRAPH
     args = ap.parse_args()
@@ -133,7 +142,7 @@ def main() -> None:
     accuracy_level = json.loads((args.engine / "export.json").read_text())["matmul_accuracy_level"]
     if args.child:
         side, graph = args.child
-        res = (time_native(args.engine, args.steps, args.repeats) if side == "native"
+        res = (time_native(args.engine, args.steps, args.repeats, args.march) if side == "native"
                else time_ort(Path(graph), accuracy_level, threads, args.steps, args.repeats))
         print("RESULT " + json.dumps(res))
         return
@@ -152,7 +161,7 @@ def main() -> None:
         for r in range(args.runs):
             for side in (("ort", "native") if r % 2 == 0 else ("native", "ort")):
                 cmd = [sys.executable, __file__, str(args.engine), "--threads", str(threads), "--steps", str(args.steps),
-                       "--repeats", str(args.repeats), "--child", side, str(graph)]
+                       "--repeats", str(args.repeats), "--march", args.march, "--child", side, str(graph)]
                 done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
                 res = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
                 simd = res.get("simd", simd)
@@ -163,7 +172,8 @@ def main() -> None:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average": os.getloadavg(),
         "engine": str(args.engine), "threads": threads, "products": len(nodes), "weight_bytes": weight_bytes,
-        "simd": simd, "bandwidth_gbs": {"1_thread": read_bandwidth(1), f"{threads}_threads": read_bandwidth(threads)},
+        "simd": simd, "march": args.march,
+        "bandwidth_gbs": {"1_thread": read_bandwidth(1), f"{threads}_threads": read_bandwidth(threads)},
         "ms_per_token": medians, "runs": runs,
         "gbs": {side: weight_bytes / ms / 1e6 for side, ms in medians.items()},
         "native_vs_ort_time": medians["native"] / medians["ort"],
