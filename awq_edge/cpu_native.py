@@ -88,6 +88,13 @@ def simd_path(lib: ctypes.CDLL) -> str:
     return lib.cpu_kernels_simd().decode()
 
 
+def has_simd_kernel() -> bool:
+    """Whether this CPU gets a SIMD GEMV (AVX2 or better, Arm dotprod). The plain C path is ~18x
+    slower than ONNX Runtime's MLAS (results/cpu_native_gemv-20261204-000753.json), so native
+    decode is not the default without one. Builds (or finds) the library: raises as load_library."""
+    return simd_path(load_library()) != "scalar"
+
+
 # ---------------------------------------------------------------- activations to int8
 
 def _blocks(k: int, group: int) -> int:

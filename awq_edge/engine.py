@@ -32,6 +32,17 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 # ---------------------------------------------------------------- the memory plan and the backend
 
+def _native_kernels_fast() -> bool:
+    """Whether the native CPU step has a SIMD GEMV here (True when that cannot be known: no
+    compiler; the backend then says why native decode is off)."""
+    from . import cpu_native
+
+    try:
+        return cpu_native.has_simd_kernel()
+    except Exception:  # noqa: BLE001 - no compiler, a failed build: OrtBackend reports it
+        return True
+
+
 def engine_plan(manifest: dict, info, max_memory=None, max_context: int | None = None,
                 at_load: bool = True, native_decode: bool = False) -> MemoryPlan:
     """The memory plan from checked facts: info is engine_dir's ExportInfo (ONNX engines) or
@@ -180,10 +191,14 @@ class Engine:
                 native = doubled.context == plan.context
             except UserError:  # the second copy does not fit the cap at all
                 native = False
-            if native:
-                plan = doubled
-            else:
+            if not native:
                 declined = "onnxruntime (native decode off: its second copy of the weights would shrink the context)"
+            elif not _native_kernels_fast():
+                native = False
+                declined = ("onnxruntime (native decode off: no SIMD kernel for this CPU, and plain C is slower than "
+                            "ONNX Runtime; --native-decode forces it)")
+            else:
+                plan = doubled
         tokenizer = Tokenizer(path, export.config, files)
         backend = open_backend(path, manifest, export, plan, threads, spin, native)
         if declined:

@@ -195,3 +195,14 @@ def test_by_default_native_decode_is_on_only_when_the_plan_keeps_its_context(eng
     auto = Engine.load(engine_dir, threads=2, max_memory=tight)
     assert auto.plan.context == Engine.load(engine_dir, max_memory=tight, native_decode=False).plan.context
     assert auto.backend.decode_path.startswith("onnxruntime (native decode off"), auto.backend.decode_path
+
+
+def test_without_a_simd_kernel_native_decode_is_not_the_default(engine_dir, monkeypatch):
+    # plain C is ~18x slower than MLAS (cpu_native_gemv.py --march x86-64): ORT decodes unless forced
+    from awq_edge.engine import Engine
+
+    monkeypatch.setattr(cpu_native, "has_simd_kernel", lambda: False)
+    auto = Engine.load(engine_dir, threads=2)
+    assert auto.backend.decode_path.startswith("onnxruntime (native decode off: no SIMD"), auto.backend.decode_path
+    assert auto.plan.weights == Engine.load(engine_dir, threads=2, native_decode=False).plan.weights
+    assert Engine.load(engine_dir, threads=2, native_decode=True).backend.decode_path.startswith("native")
