@@ -29,7 +29,9 @@ from .plugins import PLUGINS_DIR, _cache_root, _publish, _run
 
 CPU_SOURCES = PLUGINS_DIR / "cpu"
 CPU_LIBRARY = "libawq_edge_cpu.so"
-DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
+DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
+                 "-shared", "-fPIC", "-std=c11")
+KEY_BLOCK = 32  # decode_step.c's key tile: keys per tile of the bf16 cache copy
 
 
 def find_cc() -> str | None:
@@ -166,6 +168,23 @@ def gemv_q4_reference(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray
     return (ints * (x_scale.astype(np.float64)[None, :] * s.astype(np.float64))).sum(axis=1)
 
 
+def to_bf16_reference(x: np.ndarray) -> np.ndarray:
+    """numpy twin of decode_step.c's to_bf16: a float32's top half, rounded to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where((u & 0x7FFFFFFF) > 0x7F800000, ((u >> 16) | 0x40).astype(np.uint16), rounded)
+
+
+def mirror_reference(k: np.ndarray, v: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy twin of the step's bf16 copy of one layer's cache (cpu_ops.h), from ORT's float32 rows
+    k, v [Hkv, n, D]: keys in tiles [Hkv, rows / KEY_BLOCK, D, KEY_BLOCK], values [Hkv, rows, D],
+    the rows past n zero; both returned flat, in memory order."""
+    hkv, n, d = k.shape
+    keys, values = np.zeros((hkv, rows, d), np.uint16), np.zeros((hkv, rows, d), np.uint16)
+    keys[:, :n], values[:, :n] = to_bf16_reference(k), to_bf16_reference(v)
+    return keys.reshape(hkv, rows // KEY_BLOCK, KEY_BLOCK, d).transpose(0, 1, 3, 2).ravel(), values.ravel()
+
+
 def _check_layout(b, scales, zero_points, n, blocks, group) -> None:
     if group < 16 or group & (group - 1):
         raise ValueError(f"block size must be a power of two >= 16, got {group}")
@@ -195,7 +214,6 @@ class CpuModel(ctypes.Structure):
                [("mirror_rows", ctypes.c_int32), ("top_slots", ctypes.c_int32)]
 
 
-KEY_BLOCK = 32  # decode_step.c's key tile
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}
 

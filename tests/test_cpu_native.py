@@ -128,6 +128,25 @@ def test_native_top_k_is_the_k_largest_over_the_whole_vocabulary(default_export)
         assert np.array_equal(logits[ids], decoder.scratch["top_logits"][0])
 
 
+def test_the_bf16_cache_copy_is_its_numpy_twin_after_prefill_and_steps(default_export):
+    # cpu_mirror_rows (after ORT's prefill) and the step's own writes, against the layout in cpu_ops.h
+    backend = OrtBackend(default_export, max_context=70, threads=2, native_decode=True)  # 70: a ragged last tile
+    backend.forward(list(range(100, 140)))
+    for token in (7, 8, 9):
+        backend.forward([token])
+    decoder, n = backend.native, backend.position
+    for layer in (0, 17, decoder.spec.layers - 1):
+        k, v = (backend._cache[2 * layer + i].numpy()[0, :, :n] for i in (0, 1))
+        keys, values = cpu_native.mirror_reference(k, v, decoder.model.mirror_rows)
+        assert np.array_equal(decoder.mirrors[2 * layer].ravel(), keys)
+        assert np.array_equal(decoder.mirrors[2 * layer + 1].ravel(), values)
+    # round half to even (1 + 2^-8 down, 1 + 3 * 2^-8 up), infinities kept, a NaN whose rounding would carry stays NaN
+    bits = np.array([0x3F800000, 0xC0200000, 0x3F808000, 0x3F818000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7FFFFFFF],
+                    np.uint32)
+    assert cpu_native.to_bf16_reference(bits.view(np.float32)).tolist() == [
+        0x3F80, 0xC020, 0x3F80, 0x3F82, 0x7F80, 0xFF80, 0x7FC0, 0x7FFF]
+
+
 def test_native_decode_checks_its_input_like_onnxruntime(default_export):
     native = OrtBackend(default_export, max_context=8, threads=2, native_decode=True)
     with pytest.raises(UserError, match="out of range"):
