@@ -63,6 +63,7 @@ class Driver:
         lib.cuMemcpyDtoH_v2.argtypes = [ctypes.c_void_p, u64, ctypes.c_size_t]
         lib.cuMemcpyDtoHAsync_v2.argtypes = [ctypes.c_void_p, u64, ctypes.c_size_t, ctypes.c_void_p]
         lib.cuMemsetD8_v2.argtypes = [u64, ctypes.c_ubyte, ctypes.c_size_t]
+        lib.cuMemcpyDtoDAsync_v2.argtypes = [u64, u64, ctypes.c_size_t, ctypes.c_void_p]
         lib.cuModuleLoadData.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
         lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
         lib.cuLaunchKernel.argtypes = ([ctypes.c_void_p] + [ctypes.c_uint] * 7 +
@@ -82,6 +83,7 @@ class Driver:
         self.stream = ctypes.c_void_p()
         self.check(lib.cuStreamCreate(ctypes.byref(self.stream), CU_STREAM_NON_BLOCKING), "cuStreamCreate")
         self.modules = []  # kept alive with the driver object
+        self.launches = 0  # kernels launched (or captured) so far: benchmarks count a step's
 
     def check(self, status: int, what: str) -> None:
         if status != 0:
@@ -113,6 +115,10 @@ class Driver:
                    "cuMemcpyDtoHAsync")
         self.synchronize()
 
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        """device -> device on the stream (benchmarks time it: the bandwidth ceiling)."""
+        self.check(self.lib.cuMemcpyDtoDAsync_v2(dst, src, nbytes, self.stream), "cuMemcpyDtoDAsync")
+
     def zero(self, device_ptr: int, nbytes: int) -> None:
         self.check(self.lib.cuMemsetD8_v2(device_ptr, 0, nbytes), "cuMemsetD8")
 
@@ -138,6 +144,7 @@ class Driver:
         """One kernel on the stream; args are ctypes values (ptr/i32/f32), in the kernel's order."""
         grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
         params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+        self.launches += 1
         self.check(self.lib.cuLaunchKernel(fn, *grid, *block, shared_bytes, self.stream, params, None),
                    "cuLaunchKernel")
 

@@ -264,7 +264,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the temp dirs are removed
     from awq_edge import plugins
     from awq_edge.cuda_runtime import find_gpus
-    from awq_edge.devices import all_devices, detect
+    from awq_edge.devices import profile_for_arch
     from awq_edge.synthetic import SHAPES, write_random_engine
 
     gpus = find_gpus()
@@ -279,9 +279,10 @@ def main() -> int:
     if unknown:
         print(f"error: unknown shape {unknown[0]}; choose from {', '.join(SHAPES)}", file=sys.stderr)
         return 2
-    here = detect()
-    device = here if here.gpu_arch == gpus[0].arch else \
-        max((d for d in all_devices().values() if d.gpu_arch == gpus[0].arch), key=lambda d: d.total_memory_gib)
+    device = profile_for_arch(gpus[0].arch)
+    if device is None:
+        print(f"error: no device profile has the arch {gpus[0].arch}; add one under devices/", file=sys.stderr)
+        return 2
     copy = run_worker(["copy"], args.timeout)
     bandwidth = copy.get("copy_bandwidth_gbs")
     gpu = copy.get("gpu", gpus[0].name)

@@ -16,6 +16,11 @@ DRAM. Torch fp16 (the peer) is timed the same way, in its own CUDA graph. Achiev
 bandwidth = bytes moved (packed weights + scales + zeros + activations + output) / time;
 the ceiling is a large cudaMemcpy device-to-device (read + write bytes / time) measured in
 the same run.
+
+What bounds the GEMV, per M = 1 shape: a read-only kernel of the same grid and the same bytes
+(awq_w4a16_read_only: the GEMV's loads, no arithmetic) is timed beside it, and a straight line
+time = intercept + bytes / bandwidth is fitted over the shapes, for both: the intercept is the
+fixed cost of a launch (in a graph), the slope the bandwidth once a launch is running.
 """
 from __future__ import annotations
 
@@ -31,7 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from awq_edge import packing, plugins  # noqa: E402
 from awq_edge.cuda_runtime import CudaRuntime, find_gpus  # noqa: E402
 
-DECODE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]  # (K, N)
+# (K, N): SmolLM2-135M's, 2048-wide (Llama-3.2-1B), 7B's. The small ones give the fit its intercept.
+DECODE_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192), (8192, 2048),
+                 (4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]
+PREFILL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]
 DECODE_ROWS = [1, 8]  # batch-1 decode; 8 is the GEMV's largest M
 PREFILL_ROWS = [16, 128, 512, 2048]
 GROUP_SIZE = 128
@@ -79,6 +87,13 @@ def copy_bandwidth_gbs(cuda: CudaRuntime, iters: int) -> float:
         cuda.free(src)
         cuda.free(dst)
     return 2 * nbytes / ms / 1e6  # read + write
+
+
+def fit_launch_cost(nbytes, us) -> dict:
+    """Least-squares line us = intercept + bytes / bandwidth over the shapes: the intercept (us)
+    is the fixed cost of one launch, the slope the bandwidth (GB/s) once a launch runs."""
+    slope, intercept = np.polyfit(np.asarray(nbytes, float), np.asarray(us, float), 1)
+    return {"intercept_us": float(intercept), "slope_gbs": float(1e-3 / slope) if slope > 0 else float("inf")}
 
 
 class Weights:
@@ -157,33 +172,45 @@ def main() -> int:
                "l2_bytes": l2, "copy_gbs": copy_gbs, "group_size": GROUP_SIZE, "iters": args.iters,
                "timing": "CUDA graph of --iters launches, time per launch, median of 5 replays",
                "decode": [], "prefill": []}
+    read_only_us = {}
 
     header = f"{'K x N':>13} {'M':>5} {'us':>9} {'GB/s':>8} {'% copy':>7} {'torch fp16 us':>14} {'speedup':>8} {'TFLOP/s':>8}"
     print(header)
     for k, n in DECODE_SHAPES:
         probe = Weights(cuda, k, n, 1, rng)
-        copies = max(2, min(64, -(-4 * max(l2, 1 << 20) // probe.nbytes)))
+        copies = max(2, min(4096, -(-4 * max(l2, 1 << 20) // probe.nbytes)))
+        decode_iters = max(args.iters, copies)  # a graph that visits every copy: small shapes too read DRAM
         probe.free()
         weights = Weights(cuda, k, n, copies, rng)
         max_m = max(PREFILL_ROWS)
         x = cuda.to_device(rng.standard_normal((max_m, k)).astype(np.float16))
         y = cuda.malloc(max_m * n * 2)
         try:
-            for m in DECODE_ROWS + PREFILL_ROWS:
+            def read_only(i, stream):
+                q, s, z = weights.sets[i % copies]
+                status = lib.awq_w4a16_read_only(q, s, z, y, n, k, GROUP_SIZE, stream)
+                if status:
+                    raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
+            read_only_us[(k, n)] = graph_ms(cuda, stream, read_only, decode_iters) * 1e3
+            for m in DECODE_ROWS + (PREFILL_ROWS if (k, n) in PREFILL_SHAPES else []):
                 def launch(i, stream, m=m):
                     q, s, z = weights.sets[i % copies]
                     status = lib.awq_w4a16_matmul(x, q, s, z, y, m, n, k, GROUP_SIZE, stream)
                     if status:
                         raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
-                iters = args.iters if m in DECODE_ROWS else max(20, args.iters // 5)
+                iters = decode_iters if m in DECODE_ROWS else max(20, args.iters // 5)
                 ms = graph_ms(cuda, stream, launch, iters)
                 moved = weights.nbytes + 2 * m * (k + n)
                 gbs = moved / ms / 1e6
                 tflops = 2 * m * k * n / ms / 1e9
                 t_ms = torch_ms(k, n, m, copies, iters)
-                row = {"K": k, "N": n, "M": m, "us": ms * 1e3, "gbs": gbs, "pct_of_copy": 100 * gbs / copy_gbs,
+                row = {"K": k, "N": n, "M": m, "bytes": moved, "us": ms * 1e3, "gbs": gbs, "pct_of_copy": 100 * gbs / copy_gbs,
                        "tflops": tflops, "torch_fp16_us": t_ms * 1e3 if t_ms else None,
                        "speedup_vs_torch": (t_ms / ms) if t_ms else None}
+                if m == 1:
+                    row["read_only_bytes"] = weights.nbytes + 2 * n
+                    row["read_only_us"] = read_only_us[(k, n)]
+                    row["read_only_pct_of_copy"] = 100 * row["read_only_bytes"] / row["read_only_us"] / 1e3 / copy_gbs
                 results["decode" if m in DECODE_ROWS else "prefill"].append(row)
                 torch_col = f"{t_ms * 1e3:14.1f} {t_ms / ms:7.2f}x" if t_ms else f"{'not measured':>14} {'-':>8}"
                 print(f"{k:>6}x{n:<6} {m:>5} {ms * 1e3:9.1f} {gbs:8.1f} {row['pct_of_copy']:6.1f}% {torch_col} "
@@ -193,12 +220,30 @@ def main() -> int:
             cuda.free(x)
             cuda.free(y)
 
+    summarize(results)
     out = args.output or Path(__file__).resolve().parent / "results" / \
         f"gemv-{gpu.arch}-{gpu.name.replace(' ', '_')}-{dt.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def summarize(results: dict) -> None:
+    """Add and print the fits (ours and the read-only kernel, M = 1) and M = 8 over M = 1."""
+    copy_gbs = results["copy_gbs"]
+    m1 = [r for r in results["decode"] if r["M"] == 1]
+    fits = {"gemv": fit_launch_cost([r["bytes"] for r in m1], [r["us"] for r in m1]),
+            "read_only": fit_launch_cost([r["read_only_bytes"] for r in m1], [r["read_only_us"] for r in m1])}
+    for name, fit in fits.items():
+        fit["slope_pct_of_copy"] = 100 * fit["slope_gbs"] / copy_gbs
+        print(f"fit, {name:>9} M=1: {fit['intercept_us']:.2f} us per launch + bytes / {fit['slope_gbs']:.0f} GB/s "
+              f"({fit['slope_pct_of_copy']:.0f}% of copy)")
+    results["fit_m1"] = fits
+    by_shape = {(r["K"], r["N"]): r["us"] for r in m1}
+    results["m8_over_m1"] = {f"{r['K']}x{r['N']}": r["us"] / by_shape[(r["K"], r["N"])]
+                             for r in results["decode"] if r["M"] == 8}
+    print("M=8 time / M=1 time: " + ", ".join(f"{shape} {v:.2f}x" for shape, v in results["m8_over_m1"].items()))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
 # transformers and tokenizers, which is all these need (no venv, no install). Steps: the GPU, the
 # kernel library build, the kernel tests, the cuda backend against its reference executor
 # (tests/test_cuda_backend_gpu.py), the native decode benchmark against torch fp16 and int4
-# (benchmarks/cuda_decode.py), the quantizer on the GPU, then the GEMV/GEMM benchmark.
+# (benchmarks/cuda_decode.py), one 7B-shaped layer against its roofline (benchmarks/cuda_layer.py),
+# the quantizer on the GPU, then the GEMV/GEMM benchmark (with its read-only ceiling and launch-cost fit).
 # Each step's log lands beside the results, and a failing step does not stop the later ones (the
 # exit code is the first failure's).
 # On an H100 the kernel steps took about a minute (2026-11-23); the cuda backend steps are
@@ -43,6 +44,7 @@ gpus = find_gpus(); assert gpus, 'no NVIDIA GPU found'; print(gpus[0]); print(pl
 step tests python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_kernels_gpu.py  # -s: each case's error
 step cuda_backend python3 -P -m pytest -q -s -m gpu -p no:cacheprovider tests/test_cuda_backend_gpu.py
 step cuda_decode python3 benchmarks/cuda_decode.py --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
+step cuda_layer python3 benchmarks/cuda_layer.py --output "$out/cuda_layer.json"
 step quantize python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
 step gemv python3 benchmarks/gemv.py --output "$out/gemv.json"
 exit "$status"

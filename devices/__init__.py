@@ -121,6 +121,16 @@ def detect() -> Device:
     return devices["cpu"]
 
 
+def profile_for_arch(gpu_arch: str) -> Device | None:
+    """This machine's profile when its GPU has that arch, else the largest profile of the arch
+    (benchmarks and GPU tests build for the GPU they find, named or not); None if none has it."""
+    here = detect()
+    if here.is_gpu and here.gpu_arch == gpu_arch:
+        return here
+    same_arch = [d for d in all_devices().values() if d.gpu_arch == gpu_arch]
+    return max(same_arch, key=lambda d: d.total_memory_gib) if same_arch else None
+
+
 def resolve(name: str) -> Device:
     """A device name or family (`orin`) -> one profile, or a UserError naming the choices."""
     devices = all_devices()

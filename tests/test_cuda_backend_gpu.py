@@ -49,15 +49,12 @@ TINY_GPU = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, n
 
 def this_device():
     """The device profile for this GPU (by name, else any profile of its arch)."""
-    from awq_edge.devices import all_devices, detect
+    from awq_edge.devices import profile_for_arch
 
-    here = detect()
-    if here.is_gpu and here.gpu_arch == GPUS[0].arch:
-        return here
-    same_arch = [d for d in all_devices().values() if d.gpu_arch == GPUS[0].arch]
-    if not same_arch:
+    device = profile_for_arch(GPUS[0].arch)
+    if device is None:
         pytest.skip(f"no device profile for {GPUS[0].arch}")
-    return max(same_arch, key=lambda d: d.total_memory_gib)
+    return device
 
 
 @pytest.fixture(scope="module")

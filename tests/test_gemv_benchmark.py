@@ -1,10 +1,14 @@
-"""benchmarks/gemv.py without a GPU: one line on stderr and a non-zero exit, no results file."""
+"""The GPU benchmarks' host side: without a GPU, one line on stderr and a non-zero exit, no
+results file; the launch-cost fit and the layer's op list and bytes, on made-up numbers and a
+random engine."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from awq_edge.cuda_runtime import find_gpus
@@ -19,3 +23,69 @@ def test_gemv_benchmark_without_gpu_exits_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no NVIDIA GPU found" in proc.stderr
     assert not out.exists()
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_launch_cost_fit_recovers_intercept_and_bandwidth():
+    gemv = load_script("gemv")
+    nbytes = np.array([0.2e6, 1.2e6, 8.4e6, 22.6e6, 29.4e6])
+    us = 2.37 + nbytes / 2770e3 + np.array([0.01, -0.02, 0.015, -0.01, 0.005])  # 2.37 us + bytes / 2.77 TB/s
+    fit = gemv.fit_launch_cost(nbytes, us)
+    assert abs(fit["intercept_us"] - 2.37) < 0.05 and abs(fit["slope_gbs"] - 2770) / 2770 < 0.01
+
+
+def test_the_summary_fits_both_kernels_and_compares_m8_with_m1():
+    gemv = load_script("gemv")
+    copy = 3000.0
+    rows = []
+    for k, n in [(576, 576), (2048, 2048), (4096, 4096), (4096, 14336)]:
+        b = k * n // 2 + 4 * n * (k // 128)
+        rows.append({"K": k, "N": n, "M": 1, "bytes": b, "us": 3.0 + b / 2800e3,
+                     "read_only_bytes": b, "read_only_us": 2.0 + b / 2900e3})
+        rows.append({"K": k, "N": n, "M": 8, "bytes": b, "us": 1.5 * (3.0 + b / 2800e3)})
+    results = {"copy_gbs": copy, "decode": rows}
+    gemv.summarize(results)
+    fits = results["fit_m1"]
+    assert abs(fits["gemv"]["intercept_us"] - 3.0) < 1e-6 and abs(fits["read_only"]["intercept_us"] - 2.0) < 1e-6
+    assert abs(fits["gemv"]["slope_pct_of_copy"] - 100 * 2800 / copy) < 1e-6
+    assert set(results["m8_over_m1"]) == {"576x576", "2048x2048", "4096x4096", "4096x14336"}
+    assert all(abs(v - 1.5) < 1e-9 for v in results["m8_over_m1"].values())
+
+
+@pytest.mark.skipif(bool(find_gpus()), reason="this machine has a GPU: run the benchmark itself")
+def test_cuda_layer_benchmark_without_gpu_exits_with_one_line(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "cuda_layer.py"), "--output", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no NVIDIA GPU found" in proc.stderr
+    assert not out.exists()
+
+
+def test_a_layer_is_the_op_list_between_embedding_and_head_and_its_bytes_are_its_tensors(tmp_path):
+    from awq_edge.decoder import decode_ops
+    from awq_edge.devices import resolve
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+    from awq_edge.synthetic import SHAPES, write_random_engine
+
+    layer = load_script("cuda_layer")
+    shape = dict(SHAPES["smollm2-135m"], num_hidden_layers=3, vocab_size=512)
+    write_random_engine(tmp_path / "e", shape, resolve("h200"), max_context=64)
+    info = read_decoder_info(tmp_path / "e", check_files(tmp_path / "e", read_manifest(tmp_path / "e")["files"]))
+    ops = layer.layer_ops(decode_ops(info.spec))
+    assert {op.kind for op in ops} >= {"linear", "attention"} and not {"embed", "lm_head"} & {op.kind for op in ops}
+    per_layer = len(ops) // 3
+    assert len(ops) == 3 * per_layer
+    assert [op.kind for op in ops[1:per_layer]] == [op.kind for op in ops[per_layer + 1:2 * per_layer]]
+    h, i, d = 576, 1536, 64
+    weights = h * (9 + 6) * d // 2 + h * h // 2 + h * 2 * i // 2 + i * h // 2  # int4 words
+    groups = (15 * d + h + 2 * i) * -(-h // 128) + h * (i // 128)  # scale + zero pairs, fp16 each (576: 5 groups)
+    norms = 2 * h * 4
+    kv = 2 * 3 * 33 * d * 2
+    assert layer.layer_bytes(info, 32) == weights + 4 * groups + norms + kv

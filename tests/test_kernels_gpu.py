@@ -79,6 +79,46 @@ def test_matmul_dispatch(gpu, m):
     run(gpu, "awq_w4a16_matmul", m, 512, 576, 128, seed=m)
 
 
+def read_only_twin(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
+    """What awq_w4a16_read_only writes (its loads xor-ed, per block of 4 rows), as fp16 bits:
+    xor is order-free, so it is every word of the block's rows, and each row's scale | zero << 16
+    once per 128-bit chunk (per word when K % 32 != 0) of the group the chunk starts in."""
+    n, words = qweight.shape
+    per_load = 4 if (words * 8) % 32 == 0 else 1
+    chunk_k = np.arange(words // per_load) * per_load * 8
+    group_bits = scales.view(np.uint16).astype(np.uint32) ^ (zeros.view(np.uint16).astype(np.uint32) << 16)
+    bits = np.bitwise_xor.reduce(qweight.view(np.uint32), axis=1) ^ \
+        np.bitwise_xor.reduce(group_bits[:, chunk_k // group_size], axis=1)
+    block = np.bitwise_xor.reduce(bits.reshape(-1, 4), axis=1)
+    return np.repeat((block ^ (block >> 16)) & 0xFFFF, 4).astype(np.uint16)
+
+
+@pytest.mark.parametrize("k, n, group_size", SHAPES)
+def test_the_read_only_ceiling_reads_every_byte_the_gemv_reads(gpu, k, n, group_size):
+    """benchmarks/gemv.py's ceiling: its output is the xor of what it loaded, so a load it skips
+    (or one the compiler dropped) shows."""
+    cuda, lib = gpu
+    rng = np.random.default_rng(k + n)
+    groups = packing.num_groups(k, group_size)
+    packed = packing.pack_for_plugin(rng.integers(0, 16, size=(n, k), dtype=np.uint8),
+                                     rng.uniform(0.002, 0.02, size=(n, groups)).astype(np.float16),
+                                     rng.integers(0, 16, size=(n, groups), dtype=np.uint8), group_size)
+    ptrs = [cuda.to_device(np.ascontiguousarray(packed[name])) for name in ("qweight", "scales", "zeros")]
+    y_dev = cuda.malloc(n * 2)
+    try:
+        cuda.memset(y_dev, NAN_FP16, n * 2)
+        status = lib.awq_w4a16_read_only(*ptrs, y_dev, n, k, group_size, None)
+        assert status == 0, lib.awq_w4a16_status_string(status).decode()
+        cuda.synchronize()
+        got = np.empty(n, dtype=np.uint16)
+        cuda.to_host(y_dev, got)
+    finally:
+        for p in (*ptrs, y_dev):
+            cuda.free(p)
+    want = read_only_twin(packed["qweight"], packed["scales"], packed["zeros"], group_size)
+    assert np.array_equal(got, want), f"{np.sum(got != want)} of {n} rows differ"
+
+
 def test_invalid_arguments_are_refused(gpu):
     cuda, lib = gpu
     buf = cuda.malloc(1 << 16)

@@ -126,6 +126,48 @@ gemv_w4a16_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweig
     gemv_w4a16<kRows, kGroupSize, kWordsPerLoad>(x, qweight, scales, zeros, y, N, K);
 }
 
+// The GEMV's ceiling (benchmarks/gemv.py): the same grid, the same loads of the same bytes
+// (the weights with the streaming hint, each row's scale and zero per chunk) and the same
+// output rows, but no arithmetic. The loaded bits are xor-ed together so no load can be
+// dropped. What the GEMV takes beyond this kernel's time is its arithmetic and reduction;
+// what this kernel takes beyond bytes / bandwidth is the launch and the access pattern.
+template <int kWordsPerLoad>
+__global__ void __launch_bounds__(kThreads)
+read_only_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
+                 const half* __restrict__ zeros, half* __restrict__ y, int K, int group_size) {
+    const int n0 = blockIdx.x * kRowsPerBlock;
+    const int words_per_row = K / kValuesPerWord;
+    const int groups = num_groups(K, group_size);
+    const int loads_per_row = words_per_row / kWordsPerLoad;
+    uint32_t bits = 0;
+    for (int chunk = threadIdx.x; chunk < loads_per_row; chunk += kThreads) {
+        const int g = group_of(chunk * kWordsPerLoad * kValuesPerWord, group_size);
+        uint32_t words[kRowsPerBlock][kWordsPerLoad];
+#pragma unroll
+        for (int r = 0; r < kRowsPerBlock; ++r) {
+            const size_t n = static_cast<size_t>(n0 + r);
+            load_weight_words<kWordsPerLoad>(qweight + n * words_per_row + chunk * kWordsPerLoad, words[r]);
+            bits ^= static_cast<uint32_t>(__half_as_ushort(scales[n * groups + g])) ^
+                    (static_cast<uint32_t>(__half_as_ushort(zeros[n * groups + g])) << 16);
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsPerBlock; ++r)
+#pragma unroll
+            for (int i = 0; i < kWordsPerLoad; ++i) bits ^= words[r][i];
+    }
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) bits ^= __shfl_xor_sync(0xffffffffu, bits, offset);
+    __shared__ uint32_t warp_bits[kWarpsPerBlock];
+    if (threadIdx.x % kWarpSize == 0) warp_bits[threadIdx.x / kWarpSize] = bits;
+    __syncthreads();
+    if (threadIdx.x < kRowsPerBlock) {
+        uint32_t b = 0;
+#pragma unroll
+        for (int w = 0; w < kWarpsPerBlock; ++w) b ^= warp_bits[w];
+        y[n0 + threadIdx.x] = __ushort_as_half(static_cast<unsigned short>((b ^ (b >> 16)) & 0xffffu));
+    }
+}
+
 template <int kRows, int kGroupSize>
 void launch_for_rows_and_group(const half* x, const uint32_t* qweight, const half* scales, const half* zeros,
                                half* y, int N, int K, cudaStream_t stream) {
@@ -167,6 +209,20 @@ extern "C" int awq_w4a16_gemv(const __half* x, const int32_t* qweight, const __h
         case 6: launch_for_rows<6>(x, w, scales, zeros, y, N, K, group_size, stream); break;
         case 7: launch_for_rows<7>(x, w, scales, zeros, y, N, K, group_size, stream); break;
         default: launch_for_rows<8>(x, w, scales, zeros, y, N, K, group_size, stream); break;
+    }
+    return launch_status();
+}
+
+extern "C" int awq_w4a16_read_only(const int32_t* qweight, const __half* scales, const __half* zeros, __half* y,
+                                   int N, int K, int group_size, cudaStream_t stream) {
+    using namespace awq_edge;
+    // valid_matmul_args wants an x: qweight stands in for it (same alignment rule, never read)
+    if (!valid_matmul_args(qweight, qweight, scales, zeros, y, 1, N, K, group_size)) return AWQ_W4A16_INVALID_ARGUMENT;
+    const auto* w = reinterpret_cast<const uint32_t*>(qweight);
+    if (rows_allow_128bit_loads(K)) {
+        read_only_kernel<4><<<N / kRowsPerBlock, kThreads, 0, stream>>>(w, scales, zeros, y, K, group_size);
+    } else {
+        read_only_kernel<1><<<N / kRowsPerBlock, kThreads, 0, stream>>>(w, scales, zeros, y, K, group_size);
     }
     return launch_status();
 }

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""One decoder layer on the GPU against its roofline: every kernel of a layer back to back in
+one CUDA graph, the way a decode step runs them.
+
+    python3 benchmarks/cuda_layer.py [--shape llama2-7b] [--context 512] [--output FILE.json]
+
+The engine is a random-weight int4 g128 engine of the shape (awq_edge/synthetic.py) with a
+small vocabulary and enough layers that their weights are >= 4x the L2 cache, so each layer
+reads its weights from DRAM, as in a real step. After a prefill of --context tokens, a graph
+holds --repeats passes over the layers' ops of a one-token step (decode_ops(spec) without the
+embedding, the final norm and the lm_head; the position counter does not advance, so each
+pass attends over the same --context cached rows). Time per layer = replay time /
+(repeats x layers), host-timed over whole replays after a synchronize, median of 5.
+
+Roofline of a layer = (its weight bytes + the K and V rows its attention reads) / the bandwidth
+of a device-to-device copy measured in the same run (read + write bytes / time). Activations
+(a few KiB) are left out. JSON: gpu, shape, context, layers, launches_per_layer, us_per_layer,
+bytes_per_layer, roofline_us, roofline_fraction, copy_gbs. Needs an NVIDIA GPU and nvcc (the
+engine's kernels are compiled here); no torch. Without a GPU it prints one line and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT))  # after PYTHONPATH: an installed (or gpu_check.sh's linked) awq_edge wins
+
+REPLAYS = 5
+
+
+def layer_ops(ops: list) -> list:
+    """The ops of the layers in a step's op list: all but the embedding, the final norm and the head."""
+    assert ops[0].kind == "embed" and ops[-1].kind == "lm_head" and ops[-2].args.get("last_row")
+    return ops[1:-2]
+
+
+def layer_bytes(info, context: int) -> int:
+    """Bytes one layer reads in a decode step at `context` cached tokens: its weights (every
+    tensor of model.layers.*, over the layers) and the K and V rows attention reads."""
+    spec = info.spec
+    weights = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for name, (dtype, shape, _) in info.tensors.items()
+                  if name.startswith("model.layers."))
+    kv = 2 * spec.kv_heads * (context + 1) * spec.head_dim * 2
+    return weights // spec.layers + kv
+
+
+def copy_gbs(drv, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, read + write, median of 5 timed batches of 10."""
+    src, dst = drv.alloc(nbytes), drv.alloc(nbytes)
+    try:
+        drv.copy(dst, src, nbytes)
+        drv.synchronize()
+        times = []
+        for _ in range(REPLAYS):
+            t0 = time.perf_counter()
+            for _ in range(10):
+                drv.copy(dst, src, nbytes)
+            drv.synchronize()
+            times.append((time.perf_counter() - t0) / 10)
+    finally:
+        drv.free(src)
+        drv.free(dst)
+    return 2 * nbytes / float(np.median(times)) / 1e9
+
+
+def time_layers(backend, ops: list, repeats: int) -> tuple[float, int]:
+    """(seconds, kernel launches) per pass over `ops` (one token), captured `repeats` times in one graph."""
+    before = backend.drv.launches
+    graph = backend.drv.capture(lambda: [backend.launch_op(op, 1) for _ in range(repeats) for op in ops])
+    launches = (backend.drv.launches - before) // repeats
+    backend.drv.replay(graph)  # warm-up
+    backend.drv.synchronize()
+    times = []
+    for _ in range(REPLAYS):
+        t0 = time.perf_counter()
+        backend.drv.replay(graph)
+        backend.drv.synchronize()
+        times.append((time.perf_counter() - t0) / repeats)
+    return float(np.median(times)), launches
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama2-7b")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+
+    from awq_edge.cuda_backend import CudaBackend
+    from awq_edge.cuda_runtime import CudaRuntime, find_gpus
+    from awq_edge.devices import profile_for_arch
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+    from awq_edge.synthetic import SHAPES, write_random_engine
+
+    gpus = find_gpus()
+    if not gpus:
+        print("error: no NVIDIA GPU found; benchmarks/cuda_layer.py times the cuda backend's kernels and needs one",
+              file=sys.stderr)
+        return 2
+    gpu = gpus[0]
+    device = profile_for_arch(gpu.arch)
+    if device is None:
+        print(f"error: no device profile has the arch {gpu.arch}; add one under devices/", file=sys.stderr)
+        return 2
+    l2 = CudaRuntime().l2_cache_bytes()
+    shape = dict(SHAPES[args.shape], vocab_size=512, max_position_embeddings=max(args.context + 1, 1024))
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * shape["head_dim"]
+    approx_layer = (hidden * (qkv + hidden + 3 * inter)) // 2  # int4 weights, for the layer count only
+    shape["num_hidden_layers"] = layers = max(2, -(-4 * l2 // approx_layer))
+    with tempfile.TemporaryDirectory(prefix="awq-edge-layer-") as tmp:
+        engine = Path(tmp) / "engine"
+        print(f"{gpu.name} ({gpu.arch}), L2 {l2 >> 20} MiB: a random {args.shape}-shaped engine of {layers} layers")
+        write_random_engine(engine, shape, device, max_context=args.context + 1)
+        manifest = read_manifest(engine)
+        info = read_decoder_info(engine, check_files(engine, manifest["files"]))
+        backend = CudaBackend(engine, manifest, info, max_context=args.context + 1)
+        backend.forward(np.random.default_rng(0).integers(0, 256, args.context))
+        ceiling = copy_gbs(backend.drv)
+        ops = layer_ops(backend.ops)
+        seconds, launches = time_layers(backend, ops, args.repeats)
+        seconds /= layers
+    nbytes = layer_bytes(info, args.context)
+    roofline = nbytes / (ceiling * 1e9)
+    row = {"gpu": gpu.name, "arch": gpu.arch, "shape": args.shape, "context": args.context, "layers": layers,
+           "launches_per_layer": launches / layers, "us_per_layer": seconds * 1e6, "bytes_per_layer": nbytes,
+           "roofline_us": roofline * 1e6, "roofline_fraction": roofline / seconds, "copy_gbs": ceiling,
+           "date": dt.datetime.now().isoformat(timespec="seconds"),
+           "timing": f"{args.repeats} passes over the layers in one graph, host clock, median of {REPLAYS}"}
+    print(f"{args.shape} layer at context {args.context}: {row['us_per_layer']:.1f} us, "
+          f"{row['launches_per_layer']:.0f} launches, {nbytes / 1e6:.1f} MB -> roofline {row['roofline_us']:.1f} us "
+          f"at {ceiling:.0f} GB/s copy: {100 * row['roofline_fraction']:.0f}% of roofline")
+    out = args.output or ROOT / "benchmarks" / "results" / f"cuda_layer-{gpu.arch}-{dt.date.today()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
