@@ -7,10 +7,11 @@ the engine carries its kernels as cubins.
     token = sampler(logits, seen)          # chosen there (plugins/kernels/sample.cu)
     logits = backend.forward([token])      # decode: one CUDA graph replay
 
-Each op of decode_ops(spec) is one launch (launch_op below, the mirror of the reference
-backend's run(), whose numpy twins define what each kernel computes). Prefill feeds chunks
-of up to PREFILL_CHUNK tokens, launching the ops one by one (the GEMM for the linears);
-decode (one token) replays a CUDA graph of the whole step, captured once, with the GEMV:
+Each op of decode_ops(spec) is one launch in decode (launch_op below, the mirror of the reference
+backend's run(), whose numpy twins define what each kernel computes): the GEMV does a linear's
+fused norm, activation and residual add. Prefill feeds chunks of up to PREFILL_CHUNK tokens,
+launching the ops one by one with the GEMM for the linears, and the fusions as kernels of their
+own around it. Decode (one token) replays a CUDA graph of the whole step, captured once:
 the position counter lives on the device and advances inside the graph, so a replay needs
 only the token id written before it. Sampling runs after the step with the request's
 settings, keeping the repetition-penalty history on the device; two int32 come back (the
@@ -39,6 +40,7 @@ GEMM_TILE, GEMM_THREADS = 64, 128
 ROPE_THREADS, ATTEND_THREADS = 256, 128
 LM_HEAD_ROWS_PER_BLOCK = 8
 SAMPLE_THREADS = 1024
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1}  # plugins/kernels/activation.cuh ActKind
 
 
 def find_gpu(manifest: dict):
@@ -187,15 +189,17 @@ class CudaBackend:
                         [self.ids, w[a["table"]], b[a["out"]], ("i32", spec.hidden), ("i32", spec.vocab),
                          ("f32", a["scale"] or 1.0)])
         elif op.kind == "norm":
-            self.launch("awq_rms_norm", (rows,), (NORM_THREADS,),
-                        [b[a["x"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps, ("i32", 0)])
+            last = a.get("last_row", False)
+            self.launch("awq_rms_norm", (1 if last else rows,), (NORM_THREADS,),
+                        [b[a["x"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps,
+                         ("i32", rows - 1 if last else 0)])
         elif op.kind == "add_norm":
             last = a.get("last_row", False)
             self.launch("awq_add_rms_norm", (1 if last else rows,), (NORM_THREADS,),
                         [b[a["x"]], b[a["residual"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps,
                          ("i32", rows - 1 if last else 0)])
         elif op.kind == "linear":
-            self.linear(b[a["x"]], a["weight"], b[a["out"]], rows, a["N"], a["K"], a["bias"])
+            self.linear(op, rows)
         elif op.kind == "head_norm":
             self.launch("awq_head_rms_norm", (a["heads"], rows), (NORM_THREADS,),
                         [b[a["x"]], ("i32", spec.qkv_width), ("i32", a["offset"]), ("i32", spec.head_dim),
@@ -213,20 +217,37 @@ class CudaBackend:
         else:
             raise ValueError(f"unknown op {op.kind}")
 
-    def linear(self, x: int, name: str, y: int, rows: int, n: int, k: int, bias: bool) -> None:
-        """The GEMV for one row (decode), the tensor-core GEMM for more; then the bias."""
-        w, g = self.weights, self.spec.group_size
+    def linear(self, op, rows: int) -> None:
+        """One row (decode): the GEMV with the op's norm prologue, bias, and act or residual epilogue.
+        More rows (prefill): the norm kernel, the tensor-core GEMM, then bias, act or residual kernels."""
+        a, w, b, spec = op.args, self.weights, self.buf, self.spec
+        name, n, k, g = a["weight"], a["N"], a["K"], spec.group_size
         weights = [w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"]]
+        bias = w[f"{name}.bias"] if a["bias"] else 0
         wide = k % 32 == 0  # rows of 16-byte aligned words: 128-bit weight loads
         if rows == 1:
-            self.launch(f"awq_gemv_m1_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
-                        [x, *weights, y, ("i32", n), ("i32", k)])
-        else:
-            grid = (-(-n // GEMM_TILE), -(-rows // GEMM_TILE))
-            self.launch(f"awq_gemm_g{g}_v{1 if wide else 0}", grid, (GEMM_THREADS,),
-                        [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k)])
-        if bias:
-            self.launch("awq_bias_add", (rows,), (NORM_THREADS,), [y, w[f"{name}.bias"], ("i32", n)])
+            kernel = f"awq_gemv_{'norm_' if a['norm'] else ''}{a['epilogue']}_g{g}_w{4 if wide else 1}"
+            self.launch(kernel, (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
+                        [b[a["x"]], *weights, b[a["out"]], ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0,
+                         ("f32", spec.eps), bias, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0)])
+            return
+        x = b[a["x"]]
+        if a["norm"]:
+            self.launch("awq_rms_norm", (rows,), (NORM_THREADS,),
+                        [x, w[a["norm"]], b["x"], ("i32", k), ("f32", spec.eps), ("i32", 0)])
+            x = b["x"]
+        # the result's buffer before its epilogue kernel: "attn" is hidden wide and free when the adds are fused
+        y = {"store": b[a["out"]], "act": b["gate_up"], "residual": b["attn"]}[a["epilogue"]]
+        grid = (-(-n // GEMM_TILE), -(-rows // GEMM_TILE))
+        self.launch(f"awq_gemm_g{g}_v{1 if wide else 0}", grid, (GEMM_THREADS,),
+                    [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k)])
+        if a["bias"]:
+            self.launch("awq_bias_add", (rows,), (NORM_THREADS,), [y, bias, ("i32", n)])
+        if a["epilogue"] == "act":
+            self.launch("awq_gated_act", (rows,), (NORM_THREADS,),
+                        [y, b[a["out"]], ("i32", n // 2), ("i32", ACT_KINDS[a["act"]])])
+        elif a["epilogue"] == "residual":
+            self.launch("awq_residual_add", (rows,), (NORM_THREADS,), [b[a["out"]], y, ("i32", n)])
 
     def attention(self, qkv: int, out: int, layer: int, rope: int, window: int, rows: int) -> None:
         """RoPE and the KV rows written in place, then attention (plugins/kernels/attention.h)."""
@@ -293,10 +314,11 @@ class CudaBackend:
 
 # Which kernels each cubin (plugins.CUBIN_SOURCES) provides to this backend.
 KERNELS_OF = {
-    "gemv_w4a16": [f"awq_gemv_m1_g{g}_w{w}" for g in (32, 64, 128) for w in (1, 4)],
+    "gemv_w4a16": [f"awq_gemv_{fusion}_g{g}_w{w}" for fusion in ("store", "norm_store", "act", "norm_act", "residual")
+                   for g in (32, 64, 128) for w in (1, 4)],
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)],
     "attention": ["awq_rope_store", "awq_attend_d64", "awq_attend_d128", "awq_attend_d256"],
     "sample": ["awq_sample_step"],
     "decoder_ops": ["awq_embed", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
-                    "awq_gated_act", "awq_lm_head", "awq_advance"],
+                    "awq_gated_act", "awq_residual_add", "awq_lm_head", "awq_advance"],
 }

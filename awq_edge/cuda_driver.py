@@ -83,7 +83,7 @@ class Driver:
         self.stream = ctypes.c_void_p()
         self.check(lib.cuStreamCreate(ctypes.byref(self.stream), CU_STREAM_NON_BLOCKING), "cuStreamCreate")
         self.modules = []  # kept alive with the driver object
-        self.launches = 0  # kernels launched (or captured) so far: benchmarks count a step's
+        self.launch_count = 0  # kernels launched (or captured) so far: benchmarks count a step's
 
     def check(self, status: int, what: str) -> None:
         if status != 0:
@@ -144,7 +144,7 @@ class Driver:
         """One kernel on the stream; args are ctypes values (ptr/i32/f32), in the kernel's order."""
         grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
         params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-        self.launches += 1
+        self.launch_count += 1
         self.check(self.lib.cuLaunchKernel(fn, *grid, *block, shared_bytes, self.stream, params, None),
                    "cuLaunchKernel")
 

@@ -16,16 +16,19 @@ A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kerne
     qkv      [S, (H + 2 Hkv) D]   q, k and v side by side (one fused linear)
     ctx      [S, H D]             attention output
     attn     [S, hidden]          after o_proj (and Gemma's post-attention norm)
-    gate_up  [S, 2 I]             gate and up side by side (one fused linear)
+    gate_up  [S, 2 I]             gate and up, rows interleaved (g0 u0 g1 u1 ...; one linear)
     act      [S, I]               act(gate) * up
     mlp      [S, hidden]          after down_proj (and Gemma's post-feedforward norm)
     logits   [V] float32          the last row's, after the final soft-cap
-The residual add is fused into the next norm (add_norm: h += pending; x = norm(h)), as the ONNX
-graph does; the final norm and the lm_head run on the last row only.
+In the fused op list (the default) the norms run in the next linear's prologue, the activation and
+the residual adds in the linears' epilogues (decode_ops); unfused, the residual add is fused into
+the next norm (add_norm: h += pending; x = norm(h)), as the ONNX graph does. The final norm and
+the lm_head run on the last row only.
 
 Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qweight` int32
 [N, K/8] (AWQ nibble order), `.scales` and `.zeros` fp16 [N, groups] (+ `.bias` fp16 [N]);
-q/k/v and gate/up concatenated along N; norms as float32 (w + the family's offset: Gemma's
+q/k/v concatenated along N, gate/up with their rows interleaved (gate row j at 2j, up row j at
+2j + 1: a GEMV block holds both halves of its outputs); norms as float32 (w + the family's offset: Gemma's
 1 + w); the embedding fp16 [V, hidden], which is the lm_head too when tied (else
 `lm_head.weight` fp16); RoPE tables fp16 [max_positions, D/2] per distinct frequency set.
 """
@@ -116,42 +119,76 @@ class Op:
     args: dict
 
 
-def decode_ops(spec: DecoderSpec) -> list[Op]:
-    """Every op of one decoder step, in order (the module docstring names the buffers)."""
+def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
+    """Every op of one decoder step, in order (the module docstring names the buffers).
+
+    fused (the default): the norms before q/k/v and gate/up run in those linears' prologue, the
+    activation in gate/up's epilogue, the residual adds in o_proj's and down's epilogues, so a
+    Llama layer is 4 linears and the attention. Gemma 3's sandwich norms sit between a linear and
+    its residual add, so there the adds stay in add_norm ops. fused=False lists one op per step
+    of the arithmetic; both lists compute the same numbers (the twins round at the same places).
+    """
     H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
     ops = [Op("embed", {"out": "h", "table": "model.embed_tokens.weight", "scale": spec.embed_scale})]
-    pending = None  # the buffer the next norm adds into h
+    fuse_residual = fused and not spec.sandwich_norm
+    pending = None  # a buffer not yet added into h: the next norm adds it (add_norm)
+
+    def normed_input(weight: str) -> tuple[str, str | None]:
+        """(the linear's input buffer, the norm its prologue applies): the norm of h, fused or not."""
+        if fused and pending is None:
+            return "h", weight
+        ops.append(Op("norm", {"x": "h", "out": "x", "weight": weight}) if pending is None else
+                   Op("add_norm", {"x": pending, "residual": "h", "out": "x", "weight": weight}))
+        return "x", None
+
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        w = f"{p}.input_layernorm.weight"
-        ops.append(Op("norm", {"x": "h", "out": "x", "weight": w}) if pending is None else
-                   Op("add_norm", {"x": pending, "residual": "h", "out": "x", "weight": w}))
-        ops.append(linear_op("x", "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias))
+        x, norm = normed_input(f"{p}.input_layernorm.weight")
+        pending = None
+        ops.append(linear_op(x, "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias, norm))
         if spec.qk_norm:
             ops.append(Op("head_norm", {"x": "qkv", "offset": 0, "heads": H, "weight": f"{p}.self_attn.q_norm.weight"}))
             ops.append(Op("head_norm", {"x": "qkv", "offset": H * D, "heads": Hkv,
                                         "weight": f"{p}.self_attn.k_norm.weight"}))
         ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": spec.layer_rope[i],
                                     "window": spec.layer_windows[i]}))
-        ops.append(linear_op("ctx", "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D))
-        if spec.sandwich_norm:
-            ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.post_attention_layernorm.weight"}))
-        ops.append(Op("add_norm", {"x": "attn", "residual": "h", "out": "x", "weight": f"{p}.{spec.mlp_norm}.weight"}))
-        ops.append(linear_op("x", "gate_up", f"{p}.mlp.gate_up_proj", 2 * spec.intermediate, spec.hidden))
-        ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation}))
-        ops.append(linear_op("act", "mlp", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate))
-        if spec.sandwich_norm:
-            ops.append(Op("norm", {"x": "mlp", "out": "mlp", "weight": f"{p}.post_feedforward_layernorm.weight"}))
-        pending = "mlp"
-    ops.append(Op("add_norm", {"x": pending, "residual": "h", "out": "x", "weight": "model.norm.weight",
-                               "last_row": True}))
+        if fuse_residual:
+            ops.append(linear_op("ctx", "h", f"{p}.self_attn.o_proj", spec.hidden, H * D, epilogue="residual"))
+        else:
+            ops.append(linear_op("ctx", "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D))
+            if spec.sandwich_norm:
+                ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.post_attention_layernorm.weight"}))
+            pending = "attn"
+        x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
+        pending = None
+        gate_up = f"{p}.mlp.gate_up_proj"
+        if fused:
+            ops.append(linear_op(x, "act", gate_up, 2 * spec.intermediate, spec.hidden, norm=norm,
+                                 epilogue="act", act=spec.activation))
+        else:
+            ops.append(linear_op(x, "gate_up", gate_up, 2 * spec.intermediate, spec.hidden))
+            ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation}))
+        if fuse_residual:
+            ops.append(linear_op("act", "h", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, epilogue="residual"))
+        else:
+            ops.append(linear_op("act", "mlp", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate))
+            if spec.sandwich_norm:
+                ops.append(Op("norm", {"x": "mlp", "out": "mlp", "weight": f"{p}.post_feedforward_layernorm.weight"}))
+            pending = "mlp"
+    final = {"out": "x", "weight": "model.norm.weight", "last_row": True}
+    ops.append(Op("add_norm", {"x": pending, "residual": "h", **final}) if pending else Op("norm", {"x": "h", **final}))
     ops.append(Op("lm_head", {"x": "x", "out": "logits", "table": lm_head_table(spec),
                               "softcap": spec.final_softcap}))
     return ops
 
 
-def linear_op(x: str, out: str, name: str, n: int, k: int, bias: bool = False) -> Op:
-    return Op("linear", {"x": x, "out": out, "weight": name, "N": n, "K": k, "bias": bias})
+def linear_op(x: str, out: str, name: str, n: int, k: int, bias: bool = False, norm: str | None = None,
+              epilogue: str = "store", act: str | None = None) -> Op:
+    """out = epilogue(norm(x) @ W^T + bias). norm: an RMSNorm weight applied to x first (the
+    prologue). epilogue: store | act (out = act(gate) * up of the row-interleaved gate/up result,
+    N / 2 wide) | residual (out += the result; out is h)."""
+    return Op("linear", {"x": x, "out": out, "weight": name, "N": n, "K": k, "bias": bias, "norm": norm,
+                         "epilogue": epilogue, "act": act})
 
 
 def lm_head_table(spec: DecoderSpec) -> str:
@@ -200,6 +237,8 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
             layout[f"{a['weight']}.zeros"] = ("float16", (n, -(-k // g)))
             if a["bias"]:
                 layout[f"{a['weight']}.bias"] = ("float16", (n,))
+            if a["norm"]:
+                layout[a["norm"]] = ("float32", (k,))
         elif op.kind in ("norm", "add_norm"):
             layout[a["weight"]] = ("float32", (spec.hidden,))
         elif op.kind == "head_norm":
@@ -236,8 +275,11 @@ def pack_weights(ckpt, spec: DecoderSpec) -> dict[str, np.ndarray]:
             if lin.bias is not None and not a["bias"]:
                 raise UserError(f"{prefix} has a bias, which the cuda backend supports on q/k/v only; "
                                 "use the CPU engine (--device cpu)")
-            for key, value in pack_for_plugin(lin.q, lin.scales, lin.zeros, lin.group_size).items():
+            rows = interleave_halves(lin.q.shape[0]) if prefix.endswith(".gate_up_proj") else slice(None)
+            for key, value in pack_for_plugin(lin.q[rows], lin.scales[rows], lin.zeros[rows], lin.group_size).items():
                 out[f"{prefix}.{key}"] = value
+            if a["norm"]:
+                out[a["norm"]] = tensor(a["norm"]).astype(np.float32) + np.float32(spec.norm_offset)
             if a["bias"]:
                 bias = lin.bias if lin.bias is not None else np.zeros(lin.q.shape[0], np.float32)
                 out[f"{prefix}.bias"] = bias.astype(np.float16)
@@ -250,6 +292,11 @@ def pack_weights(ckpt, spec: DecoderSpec) -> dict[str, np.ndarray]:
             raise UserError(f"the checkpoint's {name} does not fit its config ({None if got is None else got.shape}"
                             f", expected {shape}); it is corrupt or belongs to another model")
     return {name: np.ascontiguousarray(out[name]) for name in layout}
+
+
+def interleave_halves(n: int) -> np.ndarray:
+    """Row order [0, n/2, 1, n/2 + 1, ...]: the gate/up rows paired (gate j, up j) for the act epilogue."""
+    return np.arange(n).reshape(2, n // 2).T.reshape(-1)
 
 
 def rope_weights(spec: DecoderSpec) -> dict[str, np.ndarray]:

@@ -50,9 +50,14 @@ def twin_rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x32 * inv * weight).astype(F16)
 
 
+def twin_residual(h: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """h + y rounded to fp16 (the residual epilogue; add_norm's add is the same)."""
+    return (h.astype(F32) + y.astype(F32)).astype(F16)
+
+
 def twin_add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float):
     """(norm(residual + x), residual + x), both fp16: the residual add fused into the norm."""
-    total = (residual.astype(F32) + x.astype(F32)).astype(F16)
+    total = twin_residual(residual, x)
     return twin_rms_norm(total, weight, eps), total
 
 
@@ -114,9 +119,9 @@ def twin_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.ndar
 
 
 def twin_act(gate_up: np.ndarray, kind: str) -> np.ndarray:
-    """act(gate) * up of gate_up fp16 [rows, 2 I] (gate first) -> fp16 [rows, I]."""
-    inter = gate_up.shape[1] // 2
-    g, u = gate_up[:, :inter].astype(F32), gate_up[:, inter:].astype(F32)
+    """act(gate) * up of gate_up fp16 [rows, 2 I] (interleaved: gate j at 2j, up j at 2j + 1)
+    -> fp16 [rows, I]. The GEMV's act epilogue rounds its two sums to fp16 first, the same."""
+    g, u = gate_up[:, 0::2].astype(F32), gate_up[:, 1::2].astype(F32)
     if kind == "silu":
         a = g / (1.0 + np.exp(-g))
     else:  # gelu_tanh
@@ -185,14 +190,23 @@ class ReferenceBackend:
         if op.kind == "embed":
             buf[a["out"]][:] = twin_embed(ids, t[a["table"]], a["scale"])
         elif op.kind == "norm":
-            buf[a["out"]][:] = twin_rms_norm(buf[a["x"]], t[a["weight"]], spec.eps)
+            rows = slice(-1, None) if a.get("last_row") else slice(None)
+            normed = twin_rms_norm(buf[a["x"]][rows], t[a["weight"]], spec.eps)
+            buf[a["out"]][:normed.shape[0]] = normed
         elif op.kind == "add_norm":
             rows = slice(-1, None) if a.get("last_row") else slice(None)
             normed, total = twin_add_rms_norm(buf[a["x"]][rows], buf[a["residual"]][rows], t[a["weight"]], spec.eps)
             buf[a["residual"]][rows], buf[a["out"]][:normed.shape[0]] = total, normed
         elif op.kind == "linear":
+            x = buf[a["x"]] if a["norm"] is None else twin_rms_norm(buf[a["x"]], t[a["norm"]], spec.eps)
             bias = t[f"{a['weight']}.bias"] if a["bias"] else None
-            buf[a["out"]][:] = twin_linear(buf[a["x"]], self.weight(a["weight"]), bias)
+            y = twin_linear(x, self.weight(a["weight"]), bias)
+            if a["epilogue"] == "act":
+                buf[a["out"]][:] = twin_act(y, a["act"])
+            elif a["epilogue"] == "residual":
+                buf[a["out"]][:] = twin_residual(buf[a["out"]], y)
+            else:
+                buf[a["out"]][:] = y
         elif op.kind == "head_norm":
             twin_head_norm(buf[a["x"]], a["offset"], a["heads"], spec.head_dim, t[a["weight"]], spec.eps)
         elif op.kind == "attention":

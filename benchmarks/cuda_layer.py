@@ -9,13 +9,16 @@ small vocabulary and enough layers that their weights are >= 4x the L2 cache, so
 reads its weights from DRAM, as in a real step. After a prefill of --context tokens, a graph
 holds --repeats passes over the layers' ops of a one-token step (decode_ops(spec) without the
 embedding, the final norm and the lm_head; the position counter does not advance, so each
-pass attends over the same --context cached rows). Time per layer = replay time /
+pass attends over the same --context cached rows). The fused op list (the default: norms in the
+linears' prologue, activation and residual adds in their epilogues) and the unfused one (a
+kernel per op) are timed in the same run, alternating. Time per layer = replay time /
 (repeats x layers), host-timed over whole replays after a synchronize, median of 5.
 
 Roofline of a layer = (its weight bytes + the K and V rows its attention reads) / the bandwidth
 of a device-to-device copy measured in the same run (read + write bytes / time). Activations
 (a few KiB) are left out. JSON: gpu, shape, context, layers, launches_per_layer, us_per_layer,
-bytes_per_layer, roofline_us, roofline_fraction, copy_gbs. Needs an NVIDIA GPU and nvcc (the
+bytes_per_layer, roofline_us, roofline_fraction, copy_gbs, and unfused_us_per_layer,
+unfused_launches_per_layer, fused_speedup. Needs an NVIDIA GPU and nvcc (the
 engine's kernels are compiled here); no torch. Without a GPU it prints one line and exits 2.
 """
 from __future__ import annotations
@@ -73,9 +76,9 @@ def copy_gbs(drv, nbytes: int = 1 << 30) -> float:
 
 def time_layers(backend, ops: list, repeats: int) -> tuple[float, int]:
     """(seconds, kernel launches) per pass over `ops` (one token), captured `repeats` times in one graph."""
-    before = backend.drv.launches
+    before = backend.drv.launch_count
     graph = backend.drv.capture(lambda: [backend.launch_op(op, 1) for _ in range(repeats) for op in ops])
-    launches = (backend.drv.launches - before) // repeats
+    launches = (backend.drv.launch_count - before) // repeats
     backend.drv.replay(graph)  # warm-up
     backend.drv.synchronize()
     times = []
@@ -96,6 +99,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from awq_edge.cuda_backend import CudaBackend
+    from awq_edge.decoder import decode_ops
     from awq_edge.cuda_runtime import CudaRuntime, find_gpus
     from awq_edge.devices import profile_for_arch
     from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
@@ -126,19 +130,25 @@ def main() -> int:
         backend = CudaBackend(engine, manifest, info, max_context=args.context + 1)
         backend.forward(np.random.default_rng(0).integers(0, 256, args.context))
         ceiling = copy_gbs(backend.drv)
-        ops = layer_ops(backend.ops)
-        seconds, launches = time_layers(backend, ops, args.repeats)
-        seconds /= layers
+        timed = {True: [], False: []}
+        for _ in range(3):  # fused and unfused alternating: the median of each
+            for fused in (True, False):
+                timed[fused].append(time_layers(backend, layer_ops(decode_ops(info.spec, fused=fused)), args.repeats))
+        (seconds, launches), (unfused, unfused_launches) = (
+            (float(np.median([t for t, _ in timed[f]])) / layers, timed[f][0][1]) for f in (True, False))
     nbytes = layer_bytes(info, args.context)
     roofline = nbytes / (ceiling * 1e9)
     row = {"gpu": gpu.name, "arch": gpu.arch, "shape": args.shape, "context": args.context, "layers": layers,
            "launches_per_layer": launches / layers, "us_per_layer": seconds * 1e6, "bytes_per_layer": nbytes,
            "roofline_us": roofline * 1e6, "roofline_fraction": roofline / seconds, "copy_gbs": ceiling,
+           "unfused_us_per_layer": unfused * 1e6, "unfused_launches_per_layer": unfused_launches / layers,
+           "fused_speedup": unfused / seconds,
            "date": dt.datetime.now().isoformat(timespec="seconds"),
            "timing": f"{args.repeats} passes over the layers in one graph, host clock, median of {REPLAYS}"}
     print(f"{args.shape} layer at context {args.context}: {row['us_per_layer']:.1f} us, "
           f"{row['launches_per_layer']:.0f} launches, {nbytes / 1e6:.1f} MB -> roofline {row['roofline_us']:.1f} us "
-          f"at {ceiling:.0f} GB/s copy: {100 * row['roofline_fraction']:.0f}% of roofline")
+          f"at {ceiling:.0f} GB/s copy: {100 * row['roofline_fraction']:.0f}% of roofline; unfused "
+          f"{row['unfused_us_per_layer']:.1f} us, {row['unfused_launches_per_layer']:.0f} launches")
     out = args.output or ROOT / "benchmarks" / "results" / f"cuda_layer-{gpu.arch}-{dt.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")

@@ -30,6 +30,7 @@ if plugins.find_nvcc() is None:
 
 from awq_edge.build import build_engine  # noqa: E402
 from awq_edge.cuda_backend import CudaBackend  # noqa: E402
+from awq_edge.decoder import decode_ops  # noqa: E402
 from awq_edge.engine import Engine  # noqa: E402
 from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest  # noqa: E402
 from awq_edge.errors import UserError  # noqa: E402
@@ -69,8 +70,10 @@ def backends(engine: Path, max_context: int = CONTEXT):
     return CudaBackend(engine, manifest, info, max_context), ReferenceBackend(engine, max_context, info)
 
 
-def check_against_reference(engine: Path, vocab: int, seed: int = 0) -> None:
+def check_against_reference(engine: Path, vocab: int, seed: int = 0, fused: bool = True) -> None:
+    """fused=False: the unfused op list on the GPU (one kernel per op; fused is the default)."""
     cuda, reference = backends(engine)
+    cuda.ops = decode_ops(cuda.spec, fused=fused)
     ids = np.random.default_rng(seed).integers(0, min(vocab, 256), PROMPT + DECODE).tolist()
     errors, disagreements = teacher_forced(cuda, reference, ids, PROMPT)
     print(f"{engine.name}: prefill error {errors[0]:.1e}, decode at most {max(errors[1:]):.1e}")
@@ -85,9 +88,10 @@ def tiny_engine(root: Path, model_type: str, tokenizer_dir: Path, **overrides) -
     return root / "engine"
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("model_type", TINY_FAMILIES)
-def test_every_family_matches_the_reference(model_type, tokenizer_dir, tmp_path):
-    check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320)
+def test_every_family_matches_the_reference(model_type, fused, tokenizer_dir, tmp_path):
+    check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320, fused=fused)
 
 
 def test_ragged_shapes_match_the_reference(tokenizer_dir, tmp_path):
@@ -110,6 +114,58 @@ def test_a_1b_random_engine_matches_the_reference(tmp_path):
     """Llama-3.2-1B's shape (16 layers, GQA 32/8, a 128256-row tied head), random weights."""
     write_random_engine(tmp_path / "engine", "llama3.2-1b", this_device())
     check_against_reference(tmp_path / "engine", SHAPES["llama3.2-1b"]["vocab_size"])
+
+
+@pytest.mark.parametrize("k, n, group_size", [(576, 1536, 128), (136, 400, 32), (4096, 4096, 128)])
+@pytest.mark.parametrize("fusion", ["store", "norm_store", "act", "norm_act", "residual"])
+def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
+    """Each decode GEMV entry point on its own (cubin, driver API), fresh random data, the output
+    poisoned with NaN, against the twins of what it fuses: norm prologue, bias, act, residual."""
+    from awq_edge import packing
+    from awq_edge.cuda_backend import ACT_KINDS
+    from awq_edge.cuda_driver import Driver, f32, i32, ptr
+    from awq_edge.reference_backend import dequantized, twin_act, twin_linear, twin_residual, twin_rms_norm
+
+    rng = np.random.default_rng(k * n + len(fusion))
+    groups = packing.num_groups(k, group_size)
+    packed = packing.pack_for_plugin(rng.integers(0, 16, (n, k), dtype=np.uint8),
+                                     rng.uniform(0.002, 0.02, (n, groups)).astype(np.float16),
+                                     rng.integers(0, 16, (n, groups), dtype=np.uint8), group_size)
+    x = (rng.standard_normal((1, k)) * 3).astype(np.float16)
+    norm_weight = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float16) if fusion.endswith("store") else None
+    h = rng.standard_normal((1, n)).astype(np.float16)
+    act = "gelu_tanh" if k == 136 else "silu"
+    eps = 1e-6
+
+    xin = twin_rms_norm(x, norm_weight, eps) if fusion.startswith("norm") else x
+    y = twin_linear(xin, dequantized(packed["qweight"], packed["scales"], packed["zeros"], group_size), bias)
+    want = twin_act(y, act) if fusion.endswith("act") else twin_residual(h, y) if fusion == "residual" else y
+
+    drv = Driver(GPUS[0].index)
+    module = drv.load_module(plugins.build_cubins(GPUS[0].arch)["gemv_w4a16"].read_bytes())
+    fn = drv.function(module, f"awq_gemv_{fusion}_g{group_size}_w{4 if k % 32 == 0 else 1}")
+    arrays = [x, packed["qweight"], packed["scales"], packed["zeros"], norm_weight, bias if bias is not None else h]
+    dev = []
+    for a in arrays:
+        dev.append(drv.alloc(a.nbytes))
+        drv.upload(dev[-1], np.ascontiguousarray(a))
+    out_init = h if fusion == "residual" else np.full((1, want.shape[1]), np.nan, np.float16)
+    out = drv.alloc(out_init.nbytes)
+    drv.upload(out, out_init)
+    try:
+        drv.launch(fn, (n // 4,), (128,), [ptr(dev[0]), ptr(dev[1]), ptr(dev[2]), ptr(dev[3]), ptr(out), i32(n), i32(k),
+                                           ptr(dev[4]), f32(eps), ptr(dev[5] if bias is not None else 0),
+                                           i32(ACT_KINDS[act])])
+        got = np.empty_like(out_init)
+        drv.download(got, out)
+    finally:
+        for d in dev + [out]:
+            drv.free(d)
+    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
+    err = np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64))
+    print(f"fused GEMV {fusion} K={k} N={n} G={group_size}: relative error {err:.1e}")
+    assert err < 5e-3, err
 
 
 @pytest.fixture(scope="module")

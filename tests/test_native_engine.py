@@ -72,7 +72,7 @@ def test_a_cuda_engine_builds_without_a_gpu_and_run_says_none_is_here(rtn_checkp
     assert run.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: no NVIDIA GPU found"), run.stderr
 
 
-def check_launches_against_the_cubins(engine: Path) -> set[str]:
+def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[str]:
     """The cuda backend on a recording driver: a prefill chunk, two decode steps (the graph's
     capture and a replay) and a sampled token. Every launch must pass exactly the parameters its
     kernel in the engine's cubin declares (count, offsets, sizes: a pointer is 8 bytes, an int or
@@ -85,8 +85,14 @@ def check_launches_against_the_cubins(engine: Path) -> set[str]:
     info = read_decoder_info(engine, check_files(engine, manifest["files"]))
     driver = RecordingDriver()
     backend = CudaBackend(engine, manifest, info, 64, driver=driver)
+    backend.ops = decode_ops(info.spec, fused=fused)
     backend.forward(list(range(1, 10)))
+    before = len(driver.launches)
     backend.forward([3])
+    decode_launches = len(driver.launches) - before
+    spec = info.spec
+    if fused and not spec.sandwich_norm:  # embed, per layer 4 GEMVs + RoPE/KV + attention (+ q/k norms), norm, head, advance
+        assert decode_launches == 1 + spec.layers * (6 + 2 * spec.qk_norm) + 3, decode_launches
     backend.forward([4])
     backend.sample_token(backend.buf["logits"], SamplingSettings(0.7, 40, 0.9, 1.1), [1, 2, 3], 0.5)
     for name, grid, block, args in driver.launches:
@@ -106,19 +112,28 @@ def check_launches_against_the_cubins(engine: Path) -> set[str]:
 
 @needs_nvcc
 def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm2_cuda_engine, smollm2_dir, tmp_path):
-    """The host side of every kernel call, checked without a GPU: SmolLM2 (group 128, sm_87),
-    then tiny ragged engines at group 32 (sm_89): Qwen2 (q/k/v bias, K % 32 != 0: the narrow
-    GEMV and GEMM paths) and Qwen3 (q/k norms)."""
+    """The host side of every kernel call, checked without a GPU: SmolLM2 (group 128, sm_87) with
+    the fused and the unfused op list, then tiny ragged engines at group 32 (sm_89): Qwen2 (q/k/v
+    bias, K % 32 != 0: the narrow GEMV and GEMM paths), Qwen3 (q/k norms), Gemma 3 (sandwich norms)."""
     launched = check_launches_against_the_cubins(smollm2_cuda_engine)
-    for model_type in ("qwen2", "qwen3"):
+    assert {"awq_gemv_norm_store_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_residual_g128_w4",
+            "awq_residual_add", "awq_gated_act"} <= launched
+    assert not {"awq_add_rms_norm", "awq_gemv_store_g128_w4"} & launched
+    unfused = check_launches_against_the_cubins(smollm2_cuda_engine, fused=False)
+    assert {"awq_gemv_store_g128_w4", "awq_add_rms_norm", "awq_gated_act"} <= unfused
+    assert not {name for name in unfused if "norm_" in name or "residual" in name}
+    launched |= unfused
+    for model_type in ("qwen2", "qwen3", "gemma3_text"):
+        extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
         ckpt = tiny_checkpoint(tmp_path / model_type, model_type, smollm2_dir,
-                               **{**NATIVE_TINY, "hidden_size": 136, "intermediate_size": 200})
+                               **{**NATIVE_TINY, "hidden_size": 136, "intermediate_size": 200, **extra})
         build_engine(str(ckpt), "rtx4090", tmp_path / model_type / "engine", backend="cuda", progress=False)
         launched |= check_launches_against_the_cubins(tmp_path / model_type / "engine")
     every = {name for names in KERNELS_OF.values() for name in names}
     # not launched here: head_dim 128/256 attention, and the GEMV/GEMM of the group sizes not built above
     assert {"awq_rope_store", "awq_attend_d64", "awq_sample_step", "awq_advance", "awq_bias_add",
-            "awq_head_rms_norm", "awq_gemv_m1_g128_w4", "awq_gemv_m1_g32_w1", "awq_gemm_g32_v0"} <= launched <= every
+            "awq_head_rms_norm", "awq_gemv_norm_store_g32_w1", "awq_gemv_act_g32_w1", "awq_gemv_store_g32_w1",
+            "awq_gemm_g32_v0"} <= launched <= every
 
 
 # ---------------------------------------------------------------- the reference executor
@@ -198,16 +213,60 @@ def test_random_models_run_on_the_reference_executor(tmp_path):
 def test_the_op_list_has_what_each_family_needs(model_type, tiny_model_dir):
     config = json.loads((tiny_model_dir(model_type) / "config.json").read_text())
     spec = decoder_spec(model_spec({**config, "head_dim": 64}), 32, qkv_bias=model_type == "qwen2")
-    kinds = [op.kind for op in decode_ops(spec)]
-    layers = spec.layers
-    assert kinds[0] == "embed" and kinds[-2:] == ["add_norm", "lm_head"]
-    assert kinds.count("attention") == layers and kinds.count("linear") == 4 * layers  # qkv, o, gate_up, down
-    assert kinds.count("head_norm") == (2 * layers if model_type in ("qwen3", "gemma3_text") else 0)
-    assert kinds.count("norm") == 1 + (2 * layers if model_type == "gemma3_text" else 0)  # + sandwich norms
-    biases = [op.args["bias"] for op in decode_ops(spec) if op.kind == "linear"]
-    assert sum(biases) == (layers if model_type == "qwen2" else 0)  # on the fused q/k/v only
-    windows = [op.args["window"] for op in decode_ops(spec) if op.kind == "attention"]
-    assert windows == [w or 0 for w in model_spec(config).layer_windows]
+    layers, gemma = spec.layers, model_type == "gemma3_text"
+    for fused in (False, True):
+        ops = decode_ops(spec, fused=fused)
+        kinds = [op.kind for op in ops]
+        linears = [op.args for op in ops if op.kind == "linear"]
+        assert kinds[0] == "embed" and kinds[-1] == "lm_head" and ops[-2].args["last_row"]
+        assert kinds.count("attention") == layers and len(linears) == 4 * layers  # qkv, o, gate_up, down
+        assert kinds.count("head_norm") == (2 * layers if model_type in ("qwen3", "gemma3_text") else 0)
+        assert sum(a["bias"] for a in linears) == (layers if model_type == "qwen2" else 0)  # on q/k/v only
+        windows = [op.args["window"] for op in ops if op.kind == "attention"]
+        assert windows == [w or 0 for w in model_spec(config).layer_windows]
+        sandwich = 2 * layers if gemma else 0
+        prologues = sum(a["norm"] is not None for a in linears)
+        residuals = sum(a["epilogue"] == "residual" for a in linears)
+        acts = sum(a["epilogue"] == "act" for a in linears)
+        if not fused:
+            assert (prologues, residuals, acts, kinds.count("act")) == (0, 0, 0, layers)
+            assert kinds.count("norm") == 1 + sandwich and kinds.count("add_norm") == 2 * layers
+        elif gemma:  # the sandwich norms keep the adds in add_norm: only layer 0's first norm is a prologue
+            assert (prologues, residuals, acts, kinds.count("act")) == (1, 0, layers, 0)
+            assert kinds.count("norm") == sandwich and kinds.count("add_norm") == 2 * layers
+        else:  # a layer is its four linears and the attention
+            assert (prologues, residuals, acts, kinds.count("act")) == (2 * layers, 2 * layers, layers, 0)
+            assert kinds.count("norm") == 1 and kinds.count("add_norm") == 0
+            assert set(kinds) == {"embed", "linear", "head_norm", "attention", "norm", "lm_head"} - \
+                ({"head_norm"} if model_type not in ("qwen3",) else set())
+
+
+@needs_nvcc
+def test_fused_and_unfused_op_lists_compute_the_same_logits(tmp_path, smollm2_dir):
+    """The twins round at the same places whether an op is fused or not: bit-identical logits,
+    for a family with sandwich norms (Gemma 3) and one without, with a prefill and decode steps."""
+    for model_type in ("qwen2", "gemma3_text"):
+        ckpt = tiny_native_checkpoint(tmp_path / model_type, model_type, smollm2_dir)
+        build_engine(str(ckpt), "rtx4090", tmp_path / model_type / "engine", backend="cuda", progress=False)
+        fused = ReferenceBackend(tmp_path / model_type / "engine", max_context=64)
+        unfused = ReferenceBackend(tmp_path / model_type / "engine", max_context=64)
+        unfused.ops = decode_ops(unfused.spec, fused=False)
+        assert fused.ops != unfused.ops
+        for step in ([5, 9, 200, 31, 7, 77], [3], [8]):
+            assert np.array_equal(fused.forward(step), unfused.forward(step)), model_type
+
+
+def test_gate_up_rows_are_interleaved_and_the_act_twin_pairs_them():
+    from awq_edge.decoder import interleave_halves
+    from awq_edge.reference_backend import twin_act
+
+    assert interleave_halves(6).tolist() == [0, 3, 1, 4, 2, 5]
+    rng = np.random.default_rng(0)
+    gate, up = rng.standard_normal((3, 4)).astype(np.float16), rng.standard_normal((3, 4)).astype(np.float16)
+    side_by_side = np.concatenate([gate, up], axis=1)
+    out = twin_act(side_by_side[:, interleave_halves(8)], "silu")
+    g = gate.astype(np.float32)
+    assert np.array_equal(out, (g / (1 + np.exp(-g)) * up.astype(np.float32)).astype(np.float16))
 
 
 def test_launch_shapes_match_the_kernel_sources():
@@ -225,8 +284,11 @@ def test_launch_shapes_match_the_kernel_sources():
     assert cb.LM_HEAD_ROWS_PER_BLOCK == cb.NORM_THREADS // 32  # one warp per vocabulary row
     for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
         for name in names:
-            base = re.sub(r"_(m1_g|g|d)\d.*$", "", name)
-            assert re.search(rf'extern "C" __global__[^{{]*{base}', src[module], re.S), (module, name)
+            base = re.sub(r"_(g|d)\d.*$", "", name)
+            if module == "gemv_w4a16":  # made by a macro per fusion, for every group size and load width
+                assert f"AWQ_GEMV_ENTRIES({base[len('awq_gemv_'):]}," in src[module], name
+            else:
+                assert re.search(rf'extern "C" __global__[^{{]*{base}', src[module], re.S), (module, name)
 
 
 # ---------------------------------------------------------------- untrusted native engines

@@ -11,6 +11,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "activation.cuh"
+
 namespace {
 
 constexpr int kThreads = 256;  // 8 warps
@@ -96,18 +98,24 @@ awq_bias_add(__half* __restrict__ y, const __half* __restrict__ bias, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = __float2half(__half2float(row[i]) + __half2float(bias[i]));
 }
 
-// out[r, j] = act(gate_up[r, j]) * gate_up[r, inter + j]; act: 0 = SiLU, 1 = GELU (tanh approximation).
-// Grid: rows.
+// out[r, j] = act(gate_up[r, 2j]) * gate_up[r, 2j + 1] (gate and up rows interleaved at packing);
+// kind: 0 = SiLU, 1 = GELU (tanh approximation). Grid: rows. The decode GEMV fuses this (act epilogue).
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_gated_act(const __half* __restrict__ gate_up, __half* __restrict__ out, int inter, int kind) {
-    const __half* g = gate_up + static_cast<size_t>(blockIdx.x) * 2 * inter;
+    const __half2* pairs = reinterpret_cast<const __half2*>(gate_up) + static_cast<size_t>(blockIdx.x) * inter;
     __half* y = out + static_cast<size_t>(blockIdx.x) * inter;
     for (int j = threadIdx.x; j < inter; j += blockDim.x) {
-        const float a = __half2float(g[j]), u = __half2float(g[inter + j]);
-        const float act = kind == 0 ? a / (1.f + expf(-a))
-                                    : 0.5f * a * (1.f + tanhf(0.7978845608028654f * (a + 0.044715f * a * a * a)));
-        y[j] = __float2half(act * u);
+        const float2 gu = __half22float2(pairs[j]);
+        y[j] = __float2half(awq_edge::gated_act(gu.x, gu.y, kind));
     }
+}
+
+// h[r, :] += y[r, :], rounded to fp16: the residual add of a prefill step, which the decode GEMV
+// fuses into its epilogue. Grid: rows.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_residual_add(__half* __restrict__ h, const __half* __restrict__ y, int n) {
+    const size_t row = static_cast<size_t>(blockIdx.x) * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) h[row + i] = __float2half(__half2float(h[row + i]) + __half2float(y[row + i]));
 }
 
 // logits[v] = table[v, :] . x (fp32 sums of fp16 products), then softcap * tanh(l / softcap) when

@@ -18,6 +18,15 @@
 //
 // Arithmetic: the 8 products of one word are summed in a half2 (hmul2 + 3 hfma2), then
 // added to an fp32 accumulator; the block reduction finishes the dot product in fp32.
+//
+// Fusions (decode, M = 1; awq_edge/decoder.py linear_op says what each computes, its twin is
+// reference_backend.run's "linear"): the prologue RMSNorms x on the fly (each block sums the
+// squares of the K values of x itself, then scales each 8-value load of x: norm(h) never goes
+// through memory); the epilogue stores (adding a bias), or applies the gated activation to the
+// block's gate/up row pairs (rows interleaved at packing, so a block of 4 rows makes 2 outputs),
+// or adds the result into the residual stream y. Every value is rounded to fp16 where the
+// unfused kernels round it, so fused and unfused steps agree.
+#include "activation.cuh"
 #include "dequant.cuh"
 #include "launch_checks.cuh"
 
@@ -41,6 +50,53 @@ __device__ __forceinline__ float dot8(const half2 w[4], uint4 x_bits) {
     return f.x + f.y;
 }
 
+// What a decode GEMV does around the product.
+enum class Epilogue { kStore, kAct, kResidual };
+
+struct Fusion {
+    const float* norm_weight = nullptr;  // prologue: RMSNorm weight [K], float32 (the family offset folded in)
+    float eps = 0.f;
+    const half* bias = nullptr;          // kStore: added to the fp16 result, or none
+    int act_kind = kSilu;                // kAct: ActKind
+};
+
+// rsqrt(mean(x^2) + eps) of one row of K fp16 values, on every thread of the block.
+__device__ __forceinline__ float row_inv_rms(const half* __restrict__ x, int K, float eps) {
+    __shared__ float partial[kWarpsPerBlock];
+    float sum = 0.f;
+    for (int c = threadIdx.x; c < K / kValuesPerWord; c += kThreads) {
+        const uint4 bits = __ldg(reinterpret_cast<const uint4*>(x) + c);
+        const half2* h = reinterpret_cast<const half2*>(&bits);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 f = __half22float2(h[i]);
+            sum += f.x * f.x + f.y * f.y;
+        }
+    }
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (threadIdx.x % kWarpSize == 0) partial[threadIdx.x / kWarpSize] = sum;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) total += partial[w];
+    return rsqrtf(total / static_cast<float>(K) + eps);
+}
+
+// 8 values of x normed: x * inv_rms * weight, rounded to fp16 (as awq_rms_norm stores them).
+__device__ __forceinline__ uint4 normed8(uint4 bits, const float* __restrict__ weight, float inv_rms) {
+    const float4 w0 = __ldg(reinterpret_cast<const float4*>(weight));
+    const float4 w1 = __ldg(reinterpret_cast<const float4*>(weight) + 1);
+    const float w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+    half2* h = reinterpret_cast<half2*>(&bits);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h[i]);
+        h[i] = __floats2half2_rn(f.x * inv_rms * w[2 * i], f.y * inv_rms * w[2 * i + 1]);
+    }
+    return bits;
+}
+
 template <int kWords>
 __device__ __forceinline__ void load_weight_words(const uint32_t* src, uint32_t (&words)[kWords]) {
     if constexpr (kWords == 4) {
@@ -51,11 +107,15 @@ __device__ __forceinline__ void load_weight_words(const uint32_t* src, uint32_t 
     }
 }
 
-template <int kRows, int kGroupSize, int kWordsPerLoad>
+template <int kRows, int kGroupSize, int kWordsPerLoad, bool kNorm = false, Epilogue kEpilogue = Epilogue::kStore>
 __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                                            const half* __restrict__ scales, const half* __restrict__ zeros,
-                                           half* __restrict__ y, int N, int K) {
+                                           half* __restrict__ y, int N, int K, Fusion fusion = Fusion{}) {
+    static_assert(kRows == 1 || (!kNorm && kEpilogue == Epilogue::kStore), "fusions are for decode (M = 1)");
+    static_assert(kRowsPerBlock % 2 == 0, "the act epilogue pairs a block's rows");
     const int n0 = blockIdx.x * kRowsPerBlock;
+    float inv_rms = 0.f;
+    if constexpr (kNorm) inv_rms = row_inv_rms(x, K, fusion.eps);
     const int words_per_row = K / kValuesPerWord;
     const int groups = num_groups(K, kGroupSize);
     const int loads_per_row = words_per_row / kWordsPerLoad;
@@ -86,6 +146,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
                 // K % 8 == 0, so X[m, k..k+7] is 16-byte aligned.
                 xv[m] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + k));
             }
+            if constexpr (kNorm) xv[0] = normed8(xv[0], fusion.norm_weight + k, inv_rms);
 #pragma unroll
             for (int r = 0; r < kRowsPerBlock; ++r) {
                 half2 w[4];
@@ -109,12 +170,31 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
         }
     }
     __syncthreads();
-    for (int t = threadIdx.x; t < kRowsPerBlock * kRows; t += kThreads) {
-        const int r = t / kRows, m = t % kRows;
+    // The block's dot products, rounded to fp16 as a plain GEMV stores them.
+    auto result = [&](int t) {
         float v = 0.0f;
 #pragma unroll
         for (int w = 0; w < kWarpsPerBlock; ++w) v += warp_sums[w][t];
-        y[static_cast<size_t>(m) * N + n0 + r] = __float2half_rn(v);
+        return __float2half_rn(v);
+    };
+    if constexpr (kEpilogue == Epilogue::kAct) {
+        if (threadIdx.x < kRowsPerBlock / 2) {  // y is act [N / 2]: rows 2j and 2j + 1 are gate j and up j
+            const int j = threadIdx.x;
+            const float act = gated_act(__half2float(result(2 * j)), __half2float(result(2 * j + 1)), fusion.act_kind);
+            y[n0 / 2 + j] = __float2half_rn(act);
+        }
+    } else {
+        for (int t = threadIdx.x; t < kRowsPerBlock * kRows; t += kThreads) {
+            const int r = t / kRows, m = t % kRows;
+            const size_t at = static_cast<size_t>(m) * N + n0 + r;
+            half v = result(t);
+            if constexpr (kEpilogue == Epilogue::kResidual) {
+                v = __float2half_rn(__half2float(y[at]) + __half2float(v));
+            } else if (fusion.bias != nullptr) {
+                v = __float2half_rn(__half2float(v) + __half2float(fusion.bias[n0 + r]));
+            }
+            y[at] = v;
+        }
     }
 }
 
@@ -228,18 +308,31 @@ extern "C" int awq_w4a16_read_only(const int32_t* qweight, const __half* scales,
 }
 
 // Entry points for launches through the CUDA driver API (the cuda backend loads this file's
-// cubin): awq_gemv_m1_g{G}_w{W}, one row (decode), grid N / 4 blocks of 128 threads, W = 4 when
-// K % 32 == 0 (128-bit loads), else 1. awq_edge/cuda_backend.py launches them.
-#define AWQ_GEMV_ENTRY(G, W)                                                                                        \
+// cubin): one row (decode), grid N / 4 blocks of 128 threads, W = 4 when K % 32 == 0 (128-bit
+// loads), else 1; awq_edge/cuda_backend.py launches them. All take the same arguments:
+//   awq_gemv_store_g{G}_w{W}       y = x W^T (+ bias when bias is not null)
+//   awq_gemv_norm_store_g{G}_w{W}  y = norm(x) W^T (+ bias): x is h, norm_weight the layer's norm
+//   awq_gemv_act_g{G}_w{W}         y[N/2] = act(gate) * up of x W^T (gate/up rows interleaved)
+//   awq_gemv_norm_act_g{G}_w{W}    the same of norm(x) W^T
+//   awq_gemv_residual_g{G}_w{W}    y += x W^T (y is h)
+#define AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, G, W)                                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                               \
-        awq_gemv_m1_g##G##_w##W(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                   \
-                                const half* __restrict__ scales, const half* __restrict__ zeros,                    \
-                                half* __restrict__ y, int N, int K) {                                               \
-        awq_edge::gemv_w4a16<1, G, W>(x, qweight, scales, zeros, y, N, K);                                          \
+        awq_gemv_##NAME##_g##G##_w##W(const half* __restrict__ x, const uint32_t* __restrict__ qweight,             \
+                                      const half* __restrict__ scales, const half* __restrict__ zeros,              \
+                                      half* __restrict__ y, int N, int K, const float* __restrict__ norm_weight,     \
+                                      float eps, const half* __restrict__ bias, int act_kind) {                     \
+        awq_edge::gemv_w4a16<1, G, W, NORM, awq_edge::Epilogue::EPILOGUE>(                                         \
+            x, qweight, scales, zeros, y, N, K, awq_edge::Fusion{norm_weight, eps, bias, act_kind});                \
     }
-AWQ_GEMV_ENTRY(32, 1)
-AWQ_GEMV_ENTRY(32, 4)
-AWQ_GEMV_ENTRY(64, 1)
-AWQ_GEMV_ENTRY(64, 4)
-AWQ_GEMV_ENTRY(128, 1)
-AWQ_GEMV_ENTRY(128, 4)
+#define AWQ_GEMV_ENTRIES(NAME, NORM, EPILOGUE)                                                                      \
+    AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 32, 1)                                                                     \
+    AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 32, 4)                                                                     \
+    AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 64, 1)                                                                     \
+    AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 64, 4)                                                                     \
+    AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 128, 1)                                                                    \
+    AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 128, 4)
+AWQ_GEMV_ENTRIES(store, false, kStore)
+AWQ_GEMV_ENTRIES(norm_store, true, kStore)
+AWQ_GEMV_ENTRIES(act, false, kAct)
+AWQ_GEMV_ENTRIES(norm_act, true, kAct)
+AWQ_GEMV_ENTRIES(residual, false, kResidual)
