@@ -41,7 +41,7 @@ DECODE_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192
                  (4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]
 PREFILL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]
 DECODE_ROWS = [1, 8]  # batch-1 decode; 8 is the GEMV's largest M
-PREFILL_ROWS = [16, 128, 512, 2048]
+PREFILL_ROWS = [16, 32, 128, 512, 2048]  # 16 and 32: the GEMV in 8-row chunks (awq_w4a16_matmul)
 GROUP_SIZE = 128
 REPLAYS = 5
 

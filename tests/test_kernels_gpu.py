@@ -74,7 +74,7 @@ def test_gemm(gpu, m, k, n, group_size):
     run(gpu, "awq_w4a16_gemm", m, n, k, group_size, seed=m * 104729 + k + n)
 
 
-@pytest.mark.parametrize("m", [1, 8, 9, 64])
+@pytest.mark.parametrize("m", [1, 8, 9, 16, 31, 32, 33, 64])
 def test_matmul_dispatch(gpu, m):
     run(gpu, "awq_w4a16_matmul", m, 512, 576, 128, seed=m)
 

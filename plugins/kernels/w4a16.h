@@ -36,8 +36,10 @@ int awq_w4a16_gemv(const __half* x, const int32_t* qweight, const __half* scales
 int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                    __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
 
-/* The op: GEMV for M <= AWQ_W4A16_GEMV_MAX_ROWS, GEMM above. */
+/* The op: GEMV for M <= AWQ_W4A16_GEMV_MAX_ROWS, the GEMV in chunks of that many rows up to
+ * AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS, GEMM above. */
 #define AWQ_W4A16_GEMV_MAX_ROWS 8
+#define AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS 32
 int awq_w4a16_matmul(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                      __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
 
