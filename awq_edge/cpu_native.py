@@ -312,7 +312,9 @@ class NativeDecoder:
                               v_mirror=ctypes.cast(self.mirror_pointers[1], ctypes.c_void_p), mirror_rows=rows,
                               top_slots=threads + 1,
                               **{k: v.ctypes.data for k, v in self.scratch.items()})
-        self.ops = [self._op(op) for op in decode_ops(spec)]
+        # the unfused list: decode_step.c runs one op per record, and ORT's fused gate/up weight has
+        # gate and up side by side (not interleaved as in a cuda engine), which its act op reads
+        self.ops = [self._op(op) for op in decode_ops(spec, fused=False)]
         self.program = (CpuOp * len(self.ops))(*self.ops)
 
     # ------------------------------------------------------------ the op list -> records
@@ -346,6 +348,8 @@ class NativeDecoder:
             if op.kind == "add_norm":
                 rec.residual = ptr(a["residual"])
         elif op.kind == "linear":
+            if a["norm"] or a["epilogue"] != "store":  # a fused op: its output would not fit its buffer
+                raise Unsupported(f"{a['weight']}: a fused linear ({a['epilogue']}), which decode_step.c does not run")
             rec.x, rec.out = ptr(a["x"]), ptr(a["out"])
             self._linear(rec, a["weight"], a["N"], a["K"])
             if a["bias"]:

@@ -225,3 +225,14 @@ def test_without_a_simd_kernel_native_decode_is_not_the_default(engine_dir, monk
     assert auto.backend.decode_path.startswith("onnxruntime (native decode off: no SIMD"), auto.backend.decode_path
     assert auto.plan.weights == Engine.load(engine_dir, threads=2, native_decode=False).plan.weights
     assert Engine.load(engine_dir, threads=2, native_decode=True).backend.decode_path.startswith("native")
+
+
+def test_the_native_step_refuses_a_fused_op_list(default_export):
+    """decode_step.c runs the unfused op list; a fused linear (norm prologue, act or residual
+    epilogue) would write past its buffer, so building records from one is refused, not run."""
+    from awq_edge.decoder import decode_ops
+
+    native = OrtBackend(default_export, max_context=64, threads=2, native_decode=True).native
+    fused = [op for op in decode_ops(native.spec) if op.kind == "linear" and op.args["epilogue"] == "act"]
+    with pytest.raises(cpu_native.Unsupported, match="fused linear"):
+        native._op(fused[0])
