@@ -38,6 +38,7 @@ NORM_THREADS = 256
 GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
 GEMM_TILE, GEMM_THREADS = 64, 128
 ROPE_THREADS, ATTEND_THREADS = 256, 128
+ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
 LM_HEAD_ROWS_PER_BLOCK = 8
 SAMPLE_THREADS = 1024
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}  # plugins/kernels/activation.cuh ActKind
@@ -74,6 +75,8 @@ class CudaBackend:
         self.spec = spec = info.spec
         self.ops = decode_ops(spec)
         self.max_context, self.vocab_size, self.position = int(max_context), spec.vocab, 0
+        # sm_90+: each kernel may start while the one before finishes (plugins/kernels/pdl.cuh)
+        self.programmatic = int(manifest["gpu_arch"].removeprefix("sm_")) >= 90
         try:
             self.drv = driver or Driver(gpu.index)
             self.kernels = self._load_kernels(engine_dir, manifest)
@@ -121,6 +124,11 @@ class CudaBackend:
         for name, shape in buffer_shapes(spec, PREFILL_CHUNK).items():
             self.buf[name] = drv.alloc(int(np.prod(shape)) * (4 if name == "logits" else 2))
         self.q_rot = drv.alloc(PREFILL_CHUNK * spec.heads * spec.head_dim * 2)
+        # decode attention's splits of the context: each one's softmax state, and a counter per head
+        self.attn_splits = -(-C // ATTEND_SPLIT_KEYS)
+        self.attn_partials = drv.alloc(4 * spec.heads * self.attn_splits * (2 + spec.head_dim))
+        self.attn_counters = drv.alloc(4 * spec.heads)
+        drv.zero(self.attn_counters, 4 * spec.heads)
         layer_kv = spec.kv_heads * C * spec.head_dim * 2
         self.k_cache = [drv.alloc(layer_kv) for _ in range(spec.layers)]
         self.v_cache = [drv.alloc(layer_kv) for _ in range(spec.layers)]
@@ -178,7 +186,7 @@ class CudaBackend:
         from .cuda_driver import f32, i32, ptr
 
         values = [ptr(a) if isinstance(a, int) else (i32 if a[0] == "i32" else f32)(a[1]) for a in args]
-        self.drv.launch(self.kernels[name], grid, block, values)
+        self.drv.launch(self.kernels[name], grid, block, values, programmatic=self.programmatic)
 
     def launch_op(self, op, rows: int) -> None:
         """The kernel of one op for a step of `rows` tokens (reference_backend.run's mirror)."""
@@ -259,10 +267,15 @@ class CudaBackend:
                     [qkv, k, v, self.k_cache[layer], self.v_cache[layer], self.past, w[f"rope.{rope}.cos"],
                      w[f"rope.{rope}.sin"], self.q_rot, *sizes, ("i32", D), ("i32", self.max_context),
                      ("i32", spec.max_positions), ("i32", spec.qkv_width), ("i32", spec.qkv_width), self.status])
-        self.launch(f"awq_attend_d{D}", (H, rows), (ATTEND_THREADS,),
-                    [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, *sizes,
-                     ("i32", self.max_context), ("i32", spec.max_positions), ("i32", window),
-                     ("f32", spec.attn_scale), ("f32", spec.attn_softcap)])
+        limits = [("i32", self.max_context), ("i32", spec.max_positions), ("i32", window),
+                  ("f32", spec.attn_scale), ("f32", spec.attn_softcap)]
+        if rows == 1:  # decode: the context split over blocks (flash-decoding), merged by each head's last block
+            self.launch(f"awq_attend_split_d{D}", (H, self.attn_splits), (ATTEND_SPLIT_KEYS,),
+                        [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, self.attn_partials,
+                         self.attn_counters, ("i32", H), ("i32", Hkv), *limits])
+        else:
+            self.launch(f"awq_attend_d{D}", (H, rows), (ATTEND_THREADS,),
+                        [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, *sizes, *limits])
 
     # ------------------------------------------------------------ logits and sampling
     def logits_to_host(self, device_ptr: int) -> np.ndarray:
@@ -317,7 +330,7 @@ KERNELS_OF = {
     "gemv_w4a16": [f"awq_gemv_{fusion}_g{g}_w{w}" for fusion in ("store", "norm_store", "act", "norm_act", "residual")
                    for g in (32, 64, 128) for w in (1, 4)],
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)],
-    "attention": ["awq_rope_store", "awq_attend_d64", "awq_attend_d128", "awq_attend_d256"],
+    "attention": ["awq_rope_store"] + [f"awq_attend{split}_d{d}" for split in ("", "_split") for d in (64, 128, 256)],
     "sample": ["awq_sample_step"],
     "decoder_ops": ["awq_embed", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
                     "awq_gated_act", "awq_residual_add", "awq_lm_head", "awq_advance"],

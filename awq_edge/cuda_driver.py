@@ -19,6 +19,20 @@ import ctypes.util
 
 CU_STREAM_NON_BLOCKING = 1
 CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute (cuda.h): an id, padding to 8 bytes, a 64-byte value union."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint64 * 8)]
+
+
+class LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuda.h), for cuLaunchKernelEx."""
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 
 
 class CudaError(RuntimeError):
@@ -68,6 +82,8 @@ class Driver:
         lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
         lib.cuLaunchKernel.argtypes = ([ctypes.c_void_p] + [ctypes.c_uint] * 7 +
                                        [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p])
+        lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
         lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
         lib.cuStreamBeginCapture_v2.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.cuStreamEndCapture.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
@@ -140,13 +156,21 @@ class Driver:
         self.check(self.lib.cuModuleGetFunction(ctypes.byref(fn), module, name.encode()), f"cuModuleGetFunction({name})")
         return fn
 
-    def launch(self, fn, grid: tuple, block: tuple, args: list, shared_bytes: int = 0) -> None:
-        """One kernel on the stream; args are ctypes values (ptr/i32/f32), in the kernel's order."""
+    def launch(self, fn, grid: tuple, block: tuple, args: list, shared_bytes: int = 0,
+               programmatic: bool = False) -> None:
+        """One kernel on the stream; args are ctypes values (ptr/i32/f32), in the kernel's order.
+        programmatic: allowed to start before the previous kernel ends (sm_90: plugins/kernels/pdl.cuh)."""
         grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
         params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
         self.launch_count += 1
-        self.check(self.lib.cuLaunchKernel(fn, *grid, *block, shared_bytes, self.stream, params, None),
-                   "cuLaunchKernel")
+        if not programmatic:
+            self.check(self.lib.cuLaunchKernel(fn, *grid, *block, shared_bytes, self.stream, params, None),
+                       "cuLaunchKernel")
+            return
+        attribute = LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attribute.value[0] = 1  # programmaticStreamSerializationAllowed, an int at offset 0
+        config = LaunchConfig(*grid, *block, shared_bytes, self.stream, ctypes.pointer(attribute), 1)
+        self.check(self.lib.cuLaunchKernelEx(ctypes.byref(config), fn, params, None), "cuLaunchKernelEx")
 
     def synchronize(self) -> None:
         self.check(self.lib.cuStreamSynchronize(self.stream), "cuStreamSynchronize")

@@ -324,14 +324,19 @@ class DecoderInfo:
 
     def workspace(self, context: int) -> int:
         """Device bytes besides weights and KV: one prefill chunk's fp16 activations and RoPE
-        scratch, the logits and the sampler's scratch, the ids fed and the sampled history."""
+        scratch, decode attention's per-split state, the logits and the sampler's scratch, the
+        ids fed and the sampled history (what cuda_backend._allocate allocates)."""
+        from .cuda_backend import ATTEND_SPLIT_KEYS
         from .decoder import buffer_shapes
         from .memory import PREFILL_CHUNK
 
         shapes = buffer_shapes(self.spec, PREFILL_CHUNK)
         activations = sum(2 * rows * width for rows, width in (s for s in shapes.values() if len(s) == 2))
-        q_rot = 2 * PREFILL_CHUNK * self.spec.heads * self.spec.head_dim
-        return activations + q_rot + 3 * 4 * self.spec.vocab + 4 * (PREFILL_CHUNK + context) + (1 << 20)
+        spec = self.spec
+        q_rot = 2 * PREFILL_CHUNK * spec.heads * spec.head_dim
+        splits = -(-context // ATTEND_SPLIT_KEYS)  # decode attention's partial results and counters
+        attention = 4 * spec.heads * (splits * (2 + spec.head_dim) + 1)
+        return activations + q_rot + attention + 3 * 4 * spec.vocab + 4 * (PREFILL_CHUNK + context) + (1 << 20)
 
 
 def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:

@@ -118,6 +118,35 @@ def twin_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.ndar
     return out.reshape(S, H * D)
 
 
+def twin_attend_split(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, window: int,
+                      scale: float, softcap: float, split_keys: int = 128) -> np.ndarray:
+    """Decode attention as awq_attend_split computes it (flash-decoding): q_rot fp16 [H, D] at
+    position pos over the caches [Hkv, capacity, D]; each split of split_keys keys keeps its
+    softmax state (max, sum, V-weighted sum, fp32), then the splits are merged. -> fp16 [H * D]."""
+    H, D = q_rot.shape
+    Hkv, capacity = k_cache.shape[0], k_cache.shape[1]
+    first = max(0, pos - window + 1) if window > 0 else 0
+    out = np.empty((H, D), F16)
+    for h in range(H):
+        kv, q = h // (H // Hkv), q_rot[h].astype(F32)
+        states = []
+        for lo in range(0, capacity, split_keys):
+            keys = np.arange(max(first, lo), min(pos + 1, lo + split_keys))
+            if keys.size == 0:
+                states.append((-np.inf, F32(0), np.zeros(D, F32)))
+                continue
+            scores = k_cache[kv, keys].astype(F32) @ q * F32(scale)
+            if softcap > 0:
+                scores = F32(softcap) * np.tanh(scores / F32(softcap))
+            p = np.exp(scores - scores.max())
+            states.append((scores.max(), p.sum(), p @ v_cache[kv, keys].astype(F32)))
+        m = max(state[0] for state in states)
+        weights = [np.exp(mc - m) if mc > -np.inf else F32(0) for mc, _, _ in states]
+        total = sum(w * s for w, (_, s, _) in zip(weights, states))
+        out[h] = (sum(w * acc for w, (_, _, acc) in zip(weights, states)) / total).astype(F16)
+    return out.reshape(-1)
+
+
 def twin_act(gate_up: np.ndarray, kind: str) -> np.ndarray:
     """act(gate) * up of gate_up fp16 [rows, 2 I] (interleaved: gate j at 2j, up j at 2j + 1)
     -> fp16 [rows, I]. The GEMV's act epilogue rounds its two sums to fp16 first, the same."""

@@ -11,14 +11,17 @@ holds --repeats passes over the layers' ops of a one-token step (decode_ops(spec
 embedding, the final norm and the lm_head; the position counter does not advance, so each
 pass attends over the same --context cached rows). The fused op list (the default: norms in the
 linears' prologue, activation and residual adds in their epilogues) and the unfused one (a
-kernel per op) are timed in the same run, alternating. Time per layer = replay time /
+kernel per op) are timed in the same run, alternating; on sm_90, where the backend launches
+each kernel to overlap the previous one's tail (plugins/kernels/pdl.cuh), the fused list is
+timed without that too. Time per layer = replay time /
 (repeats x layers), host-timed over whole replays after a synchronize, median of 5.
 
 Roofline of a layer = (its weight bytes + the K and V rows its attention reads) / the bandwidth
 of a device-to-device copy measured in the same run (read + write bytes / time). Activations
 (a few KiB) are left out. JSON: gpu, shape, context, layers, launches_per_layer, us_per_layer,
-bytes_per_layer, roofline_us, roofline_fraction, copy_gbs, and unfused_us_per_layer,
-unfused_launches_per_layer, fused_speedup. Needs an NVIDIA GPU and nvcc (the
+bytes_per_layer, roofline_us, roofline_fraction, copy_gbs (the backend's default: fused, overlapped
+launches on sm_90), and under "variants" each variant's us_per_layer, launches_per_layer and
+roofline_fraction. Needs an NVIDIA GPU and nvcc (the
 engine's kernels are compiled here); no torch. Without a GPU it prints one line and exits 2.
 """
 from __future__ import annotations
@@ -130,25 +133,31 @@ def main() -> int:
         backend = CudaBackend(engine, manifest, info, max_context=args.context + 1)
         backend.forward(np.random.default_rng(0).integers(0, 256, args.context))
         ceiling = copy_gbs(backend.drv)
-        timed = {True: [], False: []}
-        for _ in range(3):  # fused and unfused alternating: the median of each
-            for fused in (True, False):
-                timed[fused].append(time_layers(backend, layer_ops(decode_ops(info.spec, fused=fused)), args.repeats))
-        (seconds, launches), (unfused, unfused_launches) = (
-            (float(np.median([t for t, _ in timed[f]])) / layers, timed[f][0][1]) for f in (True, False))
+        variants = {"fused": (True, backend.programmatic), "unfused": (False, backend.programmatic)}
+        if backend.programmatic:
+            variants["fused, launches not overlapped"] = (True, False)
+        timed = {name: [] for name in variants}
+        for _ in range(3):  # the variants alternating: the median of each
+            for name, (fused, programmatic) in variants.items():
+                backend.programmatic = programmatic
+                timed[name].append(time_layers(backend, layer_ops(decode_ops(info.spec, fused=fused)), args.repeats))
     nbytes = layer_bytes(info, args.context)
     roofline = nbytes / (ceiling * 1e9)
+    results = {name: {"us_per_layer": float(np.median([t for t, _ in runs])) / layers * 1e6,
+                      "launches_per_layer": runs[0][1] / layers} for name, runs in timed.items()}
+    for r in results.values():
+        r["roofline_fraction"] = roofline * 1e6 / r["us_per_layer"]
     row = {"gpu": gpu.name, "arch": gpu.arch, "shape": args.shape, "context": args.context, "layers": layers,
-           "launches_per_layer": launches / layers, "us_per_layer": seconds * 1e6, "bytes_per_layer": nbytes,
-           "roofline_us": roofline * 1e6, "roofline_fraction": roofline / seconds, "copy_gbs": ceiling,
-           "unfused_us_per_layer": unfused * 1e6, "unfused_launches_per_layer": unfused_launches / layers,
-           "fused_speedup": unfused / seconds,
+           **results["fused"], "bytes_per_layer": nbytes, "roofline_us": roofline * 1e6, "copy_gbs": ceiling,
+           "variants": results,
            "date": dt.datetime.now().isoformat(timespec="seconds"),
            "timing": f"{args.repeats} passes over the layers in one graph, host clock, median of {REPLAYS}"}
     print(f"{args.shape} layer at context {args.context}: {row['us_per_layer']:.1f} us, "
           f"{row['launches_per_layer']:.0f} launches, {nbytes / 1e6:.1f} MB -> roofline {row['roofline_us']:.1f} us "
-          f"at {ceiling:.0f} GB/s copy: {100 * row['roofline_fraction']:.0f}% of roofline; unfused "
-          f"{row['unfused_us_per_layer']:.1f} us, {row['unfused_launches_per_layer']:.0f} launches")
+          f"at {ceiling:.0f} GB/s copy: {100 * row['roofline_fraction']:.0f}% of roofline")
+    for name, r in results.items():
+        print(f"  {name:>32}: {r['us_per_layer']:6.1f} us, {r['launches_per_layer']:.0f} launches, "
+              f"{100 * r['roofline_fraction']:.0f}% of roofline")
     out = args.output or ROOT / "benchmarks" / "results" / f"cuda_layer-{gpu.arch}-{dt.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")

@@ -87,6 +87,7 @@ class RecordingDriver:
 
     def __init__(self):
         self.next_address, self.launches, self.kernel_info = 1 << 32, [], {}
+        self.allocated = 0  # bytes asked for
 
     def load_module(self, cubin: bytes) -> dict:
         return cubin_kernels(cubin)
@@ -102,6 +103,7 @@ class RecordingDriver:
     def alloc(self, nbytes: int) -> int:
         address = self.next_address
         self.next_address += -(-max(int(nbytes), 1) // 256) * 256
+        self.allocated += int(nbytes)
         return address
 
     def upload(self, device_ptr, array): pass
@@ -113,8 +115,9 @@ class RecordingDriver:
     def download(self, array, device_ptr):
         array[...] = 0
 
-    def launch(self, fn, grid, block, args, shared_bytes=0):
+    def launch(self, fn, grid, block, args, shared_bytes=0, programmatic=False):
         self.launches.append((fn, tuple(grid), tuple(block), list(args)))
+        self.programmatic = programmatic
 
     def capture(self, launches):
         launches()

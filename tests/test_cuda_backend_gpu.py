@@ -168,6 +168,50 @@ def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
     assert err < 5e-3, err
 
 
+@pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (8, 2), 700, 0.0),
+                                                       (256, (4, 4), 0, 50.0)])
+def test_split_decode_attention_matches_its_twin(d, heads, window, softcap):
+    """awq_attend_split on its own (cubin, driver API) over a 2000-row cache: 16 splits of 128
+    keys, most of them past the position or before the window; two positions in a row, so the
+    per-head counters must have been reset by the first step's merging blocks."""
+    from awq_edge.cuda_backend import ATTEND_SPLIT_KEYS
+    from awq_edge.cuda_driver import Driver, f32, i32, ptr
+    from awq_edge.reference_backend import twin_attend_split
+
+    (H, Hkv), capacity = heads, 2000
+    rng = np.random.default_rng(d + window)
+    q = rng.standard_normal((H, d)).astype(np.float16)
+    k_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
+    v_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
+    splits = -(-capacity // ATTEND_SPLIT_KEYS)
+    drv = Driver(GPUS[0].index)
+    fn = drv.function(drv.load_module(plugins.build_cubins(GPUS[0].arch)["attention"].read_bytes()),
+                      f"awq_attend_split_d{d}")
+    dev = {name: drv.alloc(a.nbytes) for name, a in (("q", q), ("k", k_cache), ("v", v_cache))}
+    for name, a in (("q", q), ("k", k_cache), ("v", v_cache)):
+        drv.upload(dev[name], a)
+    past, out = drv.alloc(8), drv.alloc(H * d * 2)
+    partials, counters = drv.alloc(4 * H * splits * (2 + d)), drv.alloc(4 * H)
+    drv.zero(counters, 4 * H)
+    try:
+        for pos in (1234, 1235):
+            drv.upload(past, np.array([pos], np.int64))
+            drv.upload(out, np.full(H * d, np.nan, np.float16))
+            drv.launch(fn, (H, splits), (ATTEND_SPLIT_KEYS,),
+                       [ptr(dev["q"]), ptr(dev["k"]), ptr(dev["v"]), ptr(past), ptr(out), ptr(partials), ptr(counters),
+                        i32(H), i32(Hkv), i32(capacity), i32(capacity), i32(window), f32(d ** -0.5), f32(softcap)])
+            got = np.empty(H * d, np.float16)
+            drv.download(got, out)
+            want = twin_attend_split(q, k_cache, v_cache, pos, window, d ** -0.5, softcap, ATTEND_SPLIT_KEYS)
+            assert not np.isnan(got).any(), f"pos {pos}: {np.isnan(got).sum()} outputs never written"
+            err = np.abs(got.astype(np.float32) - want.astype(np.float32)).max() / np.abs(want.astype(np.float32)).max()
+            print(f"split attention D={d} pos={pos} window={window} softcap={softcap}: worst element {err:.1e}")
+            assert err < 5e-3, err
+    finally:
+        for a in (*dev.values(), past, out, partials, counters):
+            drv.free(a)
+
+
 @pytest.fixture(scope="module")
 def smol_engine(tmp_path_factory):
     out = tmp_path_factory.mktemp("smol") / "engine"

@@ -60,3 +60,60 @@ def test_trt_plugin_compiles_against_tensorrt_headers():
                                "CUDA_HOME": str(plugins.cuda_include_dir().parent)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok   trt" in proc.stdout, proc.stdout
+
+
+@needs_nvcc
+def test_every_kernel_the_cuda_backend_launches_keeps_the_programmatic_launch_contract(tmp_path):
+    """On sm_90 the cuda backend lets each kernel start before the previous one ends
+    (plugins/kernels/pdl.cuh): a kernel that skipped griddepcontrol.wait would read activations
+    still being written. Every kernel entry of every cubin source, compiled to PTX for sm_90, must
+    wait, and must let the next one start; for sm_89 there must be neither (no such instruction)."""
+    import re
+
+    from awq_edge.cuda_backend import KERNELS_OF
+
+    for arch, expect in (("90", True), ("89", False)):
+        for name in plugins.CUBIN_SOURCES:
+            ptx = tmp_path / f"{name}.sm_{arch}.ptx"
+            subprocess.run([plugins.find_nvcc(), "-std=c++17", "-O3", "-ptx", f"-arch=sm_{arch}",
+                            "-I", str(plugins.PLUGINS_DIR / "kernels"), "-o", str(ptx),
+                            str(plugins.PLUGINS_DIR / "kernels" / f"{name}.cu")], check=True, timeout=300)
+            text = ptx.read_text()
+            entries = dict(re.findall(r"\.entry (\w+)\((.*?)\n}\n", text, re.S))
+            for kernel in KERNELS_OF[name]:
+                body = entries[kernel]
+                has = ("griddepcontrol.wait" in body, "griddepcontrol.launch_dependents" in body)
+                assert has == (expect, expect), f"{kernel} sm_{arch}: wait, launch_dependents = {has}"
+                if expect:  # the wait comes before the first load of anything but the weights
+                    wait_at = body.index("griddepcontrol.wait")
+                    first_load = re.search(r"\bld\.global", body)
+                    assert first_load is None or first_load.start() > wait_at, f"{kernel}: a load before the wait"
+
+
+@needs_nvcc
+def test_the_launch_structs_match_cuda_h(tmp_path):
+    """cuda_driver's ctypes CUlaunchConfig and CUlaunchAttribute (cuLaunchKernelEx) against the
+    sizes and offsets the C compiler gives cuda.h's, and the attribute id."""
+    import ctypes
+
+    from awq_edge.cuda_driver import CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION as ID
+    from awq_edge.cuda_driver import LaunchAttribute, LaunchConfig
+
+    include = plugins.cuda_include_dir()
+    if include is None or shutil.which("g++") is None:
+        pytest.skip("needs g++ and cuda.h")
+    fields = {"CUlaunchConfig": [f for f, _ in LaunchConfig._fields_],
+              "CUlaunchAttribute": [f for f, _ in LaunchAttribute._fields_]}
+    src = tmp_path / "layout.cpp"
+    lines = ['#include <cstddef>', '#include <cstdio>', '#include <cuda.h>', 'int main() {',
+             'printf("%d\\n", (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);']
+    for struct, names in fields.items():
+        lines.append(f'printf("%zu\\n", sizeof({struct}));')
+        lines += [f'printf("%zu\\n", offsetof({struct}, {n}));' for n in names]
+    src.write_text("\n".join(lines + ["}"]) + "\n")
+    subprocess.run(["g++", "-I", str(include), "-o", str(tmp_path / "layout"), str(src)], check=True, timeout=120)
+    got = [int(v) for v in subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True).stdout.split()]
+    want = [ID]
+    for cls in (LaunchConfig, LaunchAttribute):
+        want += [ctypes.sizeof(cls)] + [getattr(cls, n).offset for n, _ in cls._fields_]
+    assert got == want

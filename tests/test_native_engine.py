@@ -85,6 +85,8 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[s
     info = read_decoder_info(engine, check_files(engine, manifest["files"]))
     driver = RecordingDriver()
     backend = CudaBackend(engine, manifest, info, 64, driver=driver)
+    # the memory plan counts every device byte the backend allocates
+    assert driver.allocated <= info.weight_bytes + 64 * info.kv_bytes_per_token + info.workspace(64)
     backend.ops = decode_ops(info.spec, fused=fused)
     backend.forward(list(range(1, 10)))
     before = len(driver.launches)
@@ -95,6 +97,7 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[s
         assert decode_launches == 1 + spec.layers * (6 + 2 * spec.qk_norm) + 3, decode_launches
     backend.forward([4])
     backend.sample_token(backend.buf["logits"], SamplingSettings(0.7, 40, 0.9, 1.1), [1, 2, 3], 0.5)
+    assert driver.programmatic == (manifest["gpu_arch"] == "sm_90")  # overlapping launches: sm_90 only
     for name, grid, block, args in driver.launches:
         kernel, where = driver.kernel_info[name], f"{engine.name}: {name}"
         offset, passed = 0, []
@@ -114,7 +117,8 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[s
 def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm2_cuda_engine, smollm2_dir, tmp_path):
     """The host side of every kernel call, checked without a GPU: SmolLM2 (group 128, sm_87) with
     the fused and the unfused op list, then tiny ragged engines at group 32 (sm_89): Qwen2 (q/k/v
-    bias, K % 32 != 0: the narrow GEMV and GEMM paths), Qwen3 (q/k norms), Gemma 3 (sandwich norms)."""
+    bias, K % 32 != 0: the narrow GEMV and GEMM paths), Qwen3 (q/k norms), Gemma 3 (sandwich norms;
+    sm_90, whose launches may overlap)."""
     launched = check_launches_against_the_cubins(smollm2_cuda_engine)
     assert {"awq_gemv_norm_store_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_residual_g128_w4",
             "awq_residual_add", "awq_gated_act"} <= launched
@@ -127,11 +131,12 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
         extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
         ckpt = tiny_checkpoint(tmp_path / model_type, model_type, smollm2_dir,
                                **{**NATIVE_TINY, "hidden_size": 136, "intermediate_size": 200, **extra})
-        build_engine(str(ckpt), "rtx4090", tmp_path / model_type / "engine", backend="cuda", progress=False)
+        device = "h200" if model_type == "gemma3_text" else "rtx4090"  # sm_90: programmatic launches
+        build_engine(str(ckpt), device, tmp_path / model_type / "engine", backend="cuda", progress=False)
         launched |= check_launches_against_the_cubins(tmp_path / model_type / "engine")
     every = {name for names in KERNELS_OF.values() for name in names}
     # not launched here: head_dim 128/256 attention, and the GEMV/GEMM of the group sizes not built above
-    assert {"awq_rope_store", "awq_attend_d64", "awq_sample_step", "awq_advance", "awq_bias_add",
+    assert {"awq_rope_store", "awq_attend_d64", "awq_attend_split_d64", "awq_sample_step", "awq_advance", "awq_bias_add",
             "awq_head_rms_norm", "awq_gemv_norm_store_g32_w1", "awq_gemv_act_g32_w1", "awq_gemv_store_g32_w1",
             "awq_gemm_g32_v0"} <= launched <= every
 
@@ -280,6 +285,8 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"constexpr int kTileM = {cb.GEMM_TILE};" in src["gemm_w4a16"] and cb.GEMM_THREADS == 128
     assert f"constexpr int kRopeThreads = {cb.ROPE_THREADS};" in src["attention"]
     assert "constexpr int kWarps = 4;" in src["attention"] and cb.ATTEND_THREADS == 4 * 32
+    assert f"constexpr int kSplitKeys = {cb.ATTEND_SPLIT_KEYS};" in src["attention"]
+    assert "constexpr int kSplitThreads = kSplitKeys;" in src["attention"]
     assert f"constexpr int kThreads = {cb.SAMPLE_THREADS};" in src["sample"]
     assert cb.LM_HEAD_ROWS_PER_BLOCK == cb.NORM_THREADS // 32  # one warp per vocabulary row
     for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
@@ -318,3 +325,29 @@ def test_kernels_named_outside_the_engine_are_refused(smollm2_cuda_engine, tmp_p
     edit_json(engine / "manifest.json", lambda m: m["kernels"].update(sample="../sample.cubin"))
     with pytest.raises(UserError, match="not a plain file name"):
         Engine.load(engine)
+
+
+@pytest.mark.parametrize("pos, window, softcap, heads", [(0, 0, 0.0, (4, 2)), (127, 0, 0.0, (4, 2)),
+                                                         (128, 0, 50.0, (2, 2)), (300, 0, 0.0, (6, 3)),
+                                                         (300, 100, 0.0, (4, 1)), (383, 4096, 30.0, (4, 4))])
+def test_split_decode_attention_twin_equals_one_softmax(pos, window, softcap, heads):
+    """awq_attend_split's twin (splits of 128 keys, each with its softmax state, then merged)
+    against one float64 softmax over the visible keys: splits that see no key (past the
+    position, before the window) must weigh nothing."""
+    from awq_edge.reference_backend import twin_attend_split
+
+    H, Hkv = heads
+    D, capacity, rng = 64, 384, np.random.default_rng(pos + window)
+    q = rng.standard_normal((H, D)).astype(np.float16)
+    k_cache = rng.standard_normal((Hkv, capacity, D)).astype(np.float16)
+    v_cache = rng.standard_normal((Hkv, capacity, D)).astype(np.float16)
+    got = twin_attend_split(q, k_cache, v_cache, pos, window, 0.125, softcap).reshape(H, D).astype(np.float64)
+    first = max(0, pos - window + 1) if window else 0
+    for h in range(H):
+        keys, values = k_cache[h // (H // Hkv), first:pos + 1], v_cache[h // (H // Hkv), first:pos + 1]
+        scores = keys.astype(np.float64) @ q[h].astype(np.float64) * 0.125
+        if softcap:
+            scores = softcap * np.tanh(scores / softcap)
+        p = np.exp(scores - scores.max())
+        want = p @ values.astype(np.float64) / p.sum()
+        assert np.abs(got[h] - want).max() < 2e-3 * max(1.0, np.abs(want).max())

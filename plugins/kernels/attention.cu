@@ -7,9 +7,16 @@
 //               visible key with an online softmax (running max, sum and V-weighted sum, all
 //               fp32); the four partial results are merged at the end. A lane owns D/64 half2
 //               pairs of dims, so a warp reads a K or V row as 128-byte contiguous pieces.
-// Decode (S = 1) runs H blocks that each read their KV head's rows once. Splitting a long
-// context over several blocks per head (flash-decoding) is the next step if attention shows
-// up in decode profiles; nothing here has been timed on a GPU yet.
+// attend walks a head's keys in 4 serial chains (a load, a dot product, a shuffle reduction and
+// an exp per key): fine when a prefill gives it H x S blocks, slow in decode, where it would be H
+// blocks. Decode uses attend_split (flash-decoding) instead:
+//   attend_split  grid (H, splits), 128 threads: block (h, c) takes keys c*128 .. c*128+127 of
+//               head h (those visible: each thread scores one key, all loads independent), keeps
+//               its softmax state (max, sum, V-weighted sum) in `partials`; the last block of
+//               the head to finish (a counter per head) merges the splits and writes out.
+//               splits = ceil(capacity / 128) is fixed when the decode graph is captured; the
+//               blocks past the position find no key and only count themselves.
+// Nothing here has been timed on a GPU yet.
 #include <math.h>
 #include <stdint.h>
 
@@ -17,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include "attention.h"
+#include "pdl.cuh"
 
 namespace {
 
@@ -152,6 +160,137 @@ __device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const _
     }
 }
 
+constexpr int kSplitKeys = 128;  // keys per attend_split block: one per thread in the score pass
+constexpr int kSplitThreads = kSplitKeys;
+
+// max / sum of v over an attend_split block; every thread gets it. `scratch`: kSplitThreads / 32 floats.
+template <bool kMax>
+__device__ __forceinline__ float split_block_reduce(float v, float* scratch) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, v, offset);
+        v = kMax ? fmaxf(v, other) : v + other;
+    }
+    __syncthreads();  // an earlier call may still be reading `scratch`
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+    __syncthreads();
+    float total = scratch[0];
+#pragma unroll
+    for (int w = 1; w < kSplitThreads / 32; ++w) total = kMax ? fmaxf(total, scratch[w]) : total + scratch[w];
+    return total;
+}
+
+// One decode query head over one split of its keys, then (in the head's last block) the merge.
+// partials: float32 [H, splits, 2 + D] (max, sum, V-weighted sum); counters: int32 [H], zero
+// between steps (the merging block resets its head's).
+template <int D>
+__device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,
+                                             const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
+                                             __half* __restrict__ out, float* __restrict__ partials,
+                                             int* __restrict__ counters, int H, int Hkv, int capacity,
+                                             int max_positions, int window, float scale, float softcap) {
+    constexpr int kPairs = D / 2;
+    constexpr int kGroups = kSplitThreads / kPairs;  // threads per value pair: they split the keys
+    static_assert(kSplitThreads % kPairs == 0, "D / 2 divides the block");
+    __shared__ float q_s[D];
+    __shared__ float p_s[kSplitKeys];
+    __shared__ float scratch[kSplitThreads / 32];
+    __shared__ float2 acc_s[kGroups][kPairs];
+    __shared__ bool merge_here;
+
+    const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    __half* y = out + static_cast<size_t>(h) * D;
+    const int64_t pos = *past_ptr;
+    if (!step_fits(pos, 1, capacity, max_positions)) {
+        for (int d = threadIdx.x; d < D; d += blockDim.x) y[d] = __float2half(NAN);
+        return;
+    }
+    const int kv_head = h / (H / Hkv);
+    const int64_t first = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+    const int64_t lo = static_cast<int64_t>(split) * kSplitKeys;
+    const int64_t begin = first > lo ? first : lo;
+    const int64_t end = pos + 1 < lo + kSplitKeys ? pos + 1 : lo + kSplitKeys;  // keys [begin, end)
+
+    for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __half2float(q_rot[static_cast<size_t>(h) * D + d]);
+    __syncthreads();
+    const int64_t j = begin + threadIdx.x;
+    float score = -INFINITY;
+    if (j < end) {
+        const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + (static_cast<size_t>(kv_head) * capacity + j) * D);
+        float dot = 0.f;
+#pragma unroll 4
+        for (int c = 0; c < D / 8; ++c) {
+            const uint4 bits = k_row[c];
+            const __half2* k2 = reinterpret_cast<const __half2*>(&bits);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float2 kf = __half22float2(k2[i]);
+                dot += q_s[8 * c + 2 * i] * kf.x + q_s[8 * c + 2 * i + 1] * kf.y;
+            }
+        }
+        score = dot * scale;
+        if (softcap > 0.f) score = softcap * tanhf(score / softcap);
+    }
+    const float block_max = split_block_reduce<true>(score, scratch);
+    const float p = j < end ? __expf(score - block_max) : 0.f;  // no visible key: every p is 0
+    p_s[threadIdx.x] = p;
+    const float block_sum = split_block_reduce<false>(p, scratch);  // (its barriers publish p_s)
+
+    const int pair = threadIdx.x % kPairs, group = threadIdx.x / kPairs;
+    const __half2* v_rows = reinterpret_cast<const __half2*>(v_cache + static_cast<size_t>(kv_head) * capacity * D);
+    float2 acc = make_float2(0.f, 0.f);
+    for (int t = group; t < end - begin; t += kGroups) {
+        const float2 vf = __half22float2(v_rows[(begin + t) * kPairs + pair]);
+        acc.x += p_s[t] * vf.x;
+        acc.y += p_s[t] * vf.y;
+    }
+    acc_s[group][pair] = acc;
+    __syncthreads();
+    float* part = partials + (static_cast<size_t>(h) * splits + split) * (2 + D);
+    if (threadIdx.x < kPairs) {
+        float2 sum = acc_s[0][threadIdx.x];
+#pragma unroll
+        for (int g = 1; g < kGroups; ++g) {
+            sum.x += acc_s[g][threadIdx.x].x;
+            sum.y += acc_s[g][threadIdx.x].y;
+        }
+        part[2 + 2 * threadIdx.x] = sum.x;
+        part[3 + 2 * threadIdx.x] = sum.y;
+    }
+    if (threadIdx.x == 0) {
+        part[0] = block_max;
+        part[1] = block_sum;
+    }
+
+    // The last of the head's blocks to get here merges (the fences order the partials before the count).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) merge_here = atomicAdd(counters + h, 1) == splits - 1;
+    __syncthreads();
+    if (!merge_here) return;
+    __threadfence();
+    const float* head = partials + static_cast<size_t>(h) * splits * (2 + D);
+    float m = -INFINITY;
+    for (int c = 0; c < splits; ++c) m = fmaxf(m, __ldcg(head + c * (2 + D)));
+    float total = 0.f;
+    for (int c = 0; c < splits; ++c) {
+        const float mc = __ldcg(head + c * (2 + D));
+        if (mc > -INFINITY) total += __ldcg(head + c * (2 + D) + 1) * __expf(mc - m);
+    }
+    for (int q = threadIdx.x; q < kPairs; q += blockDim.x) {
+        float2 sum = make_float2(0.f, 0.f);
+        for (int c = 0; c < splits; ++c) {
+            const float mc = __ldcg(head + c * (2 + D));
+            if (mc == -INFINITY) continue;  // a split with no visible key
+            const float w = __expf(mc - m);
+            sum.x += __ldcg(head + c * (2 + D) + 2 + 2 * q) * w;
+            sum.y += __ldcg(head + c * (2 + D) + 3 + 2 * q) * w;
+        }
+        reinterpret_cast<__half2*>(y)[q] = __floats2half2_rn(sum.x / total, sum.y / total);
+    }
+    if (threadIdx.x == 0) counters[h] = 0;  // ready for the next step
+}
+
 bool aligned4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3u) == 0; }
 
 }  // namespace
@@ -167,6 +306,7 @@ awq_rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const
                const __half* __restrict__ cos, const __half* __restrict__ sin, __half* __restrict__ q_rot, int S,
                int H, int Hkv, int D, int capacity, int max_positions, int q_stride, int kv_stride,
                int* __restrict__ status) {
+    awq_edge::begin_after_previous_kernel();
     rope_store(q, k, v, k_cache, v_cache, past_ptr, cos, sin, q_rot, S, H, Hkv, D, capacity, max_positions, q_stride,
                kv_stride, status);
 }
@@ -177,12 +317,30 @@ awq_rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const
                         const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,                   \
                         __half* __restrict__ out, int S, int H, int Hkv, int capacity, int max_positions,          \
                         int window, float scale, float softcap) {                                                   \
+        awq_edge::begin_after_previous_kernel();                                                                    \
         attend<D / 64>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale,   \
                        softcap);                                                                                    \
     }
 AWQ_ATTEND_ENTRY(64)
 AWQ_ATTEND_ENTRY(128)
 AWQ_ATTEND_ENTRY(256)
+
+// awq_attend_split_d{64,128,256}: decode (S = 1), grid (H, ceil(capacity / 128)) blocks of 128
+// threads; partials float32 [H, grid.y, 2 + D], counters int32 [H] zeroed once at allocation.
+#define AWQ_ATTEND_SPLIT_ENTRY(D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(kSplitThreads, 1) /* without the 1, ptxas spilled at 32 regs */ \
+        awq_attend_split_d##D(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,                 \
+                              const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,             \
+                              __half* __restrict__ out, float* __restrict__ partials, int* __restrict__ counters,   \
+                              int H, int Hkv, int capacity, int max_positions, int window, float scale,             \
+                              float softcap) {                                                                      \
+        awq_edge::begin_after_previous_kernel();                                                                    \
+        attend_split<D>(q_rot, k_cache, v_cache, past_ptr, out, partials, counters, H, Hkv, capacity,              \
+                        max_positions, window, scale, softcap);                                                     \
+    }
+AWQ_ATTEND_SPLIT_ENTRY(64)
+AWQ_ATTEND_SPLIT_ENTRY(128)
+AWQ_ATTEND_SPLIT_ENTRY(256)
 
 extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, __half* k_cache, __half* v_cache,
                              const int64_t* past, const __half* cos, const __half* sin, __half* q_rot, __half* out,

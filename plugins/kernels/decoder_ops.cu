@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "activation.cuh"
+#include "pdl.cuh"
 
 namespace {
 
@@ -49,6 +50,7 @@ __device__ __forceinline__ void rms_norm_row(const __half* x, const float* __res
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_embed(const int32_t* __restrict__ ids, const __half* __restrict__ table, __half* __restrict__ out, int hidden,
           int vocab, float scale) {
+    awq_edge::begin_after_previous_kernel();
     const int id = ids[blockIdx.x];
     __half* y = out + static_cast<size_t>(blockIdx.x) * hidden;
     const bool valid = id >= 0 && id < vocab;
@@ -62,6 +64,7 @@ awq_embed(const int32_t* __restrict__ ids, const __half* __restrict__ table, __h
 // place). weight is float32 with the family's offset folded in (Gemma: 1 + w).
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_rms_norm(const __half* x, const float* __restrict__ weight, __half* out, int hidden, float eps, int first_row) {
+    awq_edge::begin_after_previous_kernel();
     __shared__ float partial[kWarps];
     const int row = first_row + blockIdx.x;
     rms_norm_row(x + static_cast<size_t>(row) * hidden, weight, out + static_cast<size_t>(blockIdx.x) * hidden,
@@ -73,6 +76,7 @@ awq_rms_norm(const __half* x, const float* __restrict__ weight, __half* out, int
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_add_rms_norm(const __half* __restrict__ x, __half* __restrict__ residual, const float* __restrict__ weight,
                  __half* __restrict__ out, int hidden, float eps, int first_row) {
+    awq_edge::begin_after_previous_kernel();
     __shared__ float partial[kWarps];
     const size_t row = static_cast<size_t>(first_row + blockIdx.x) * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
@@ -86,6 +90,7 @@ awq_add_rms_norm(const __half* __restrict__ x, __half* __restrict__ residual, co
 // x[r * row_stride + offset], head_dim values each. Grid: (heads, rows).
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_head_rms_norm(__half* x, int row_stride, int offset, int head_dim, const float* __restrict__ weight, float eps) {
+    awq_edge::begin_after_previous_kernel();
     __shared__ float partial[kWarps];
     __half* head = x + static_cast<size_t>(blockIdx.y) * row_stride + offset + static_cast<size_t>(blockIdx.x) * head_dim;
     rms_norm_row(head, weight, head, head_dim, eps, partial);
@@ -94,6 +99,7 @@ awq_head_rms_norm(__half* x, int row_stride, int offset, int head_dim, const flo
 // y[r, :] += bias (Qwen2's q/k/v bias, after the fp16 GEMV output). Grid: rows.
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_bias_add(__half* __restrict__ y, const __half* __restrict__ bias, int n) {
+    awq_edge::begin_after_previous_kernel();
     __half* row = y + static_cast<size_t>(blockIdx.x) * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = __float2half(__half2float(row[i]) + __half2float(bias[i]));
 }
@@ -102,6 +108,7 @@ awq_bias_add(__half* __restrict__ y, const __half* __restrict__ bias, int n) {
 // kind: 0 = SiLU, 1 = GELU (tanh approximation). Grid: rows. The decode GEMV fuses this (act epilogue).
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_gated_act(const __half* __restrict__ gate_up, __half* __restrict__ out, int inter, int kind) {
+    awq_edge::begin_after_previous_kernel();
     const __half2* pairs = reinterpret_cast<const __half2*>(gate_up) + static_cast<size_t>(blockIdx.x) * inter;
     __half* y = out + static_cast<size_t>(blockIdx.x) * inter;
     for (int j = threadIdx.x; j < inter; j += blockDim.x) {
@@ -114,6 +121,7 @@ awq_gated_act(const __half* __restrict__ gate_up, __half* __restrict__ out, int 
 // fuses into its epilogue. Grid: rows.
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_residual_add(__half* __restrict__ h, const __half* __restrict__ y, int n) {
+    awq_edge::begin_after_previous_kernel();
     const size_t row = static_cast<size_t>(blockIdx.x) * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) h[row + i] = __float2half(__half2float(h[row + i]) + __half2float(y[row + i]));
 }
@@ -124,6 +132,7 @@ awq_residual_add(__half* __restrict__ h, const __half* __restrict__ y, int n) {
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_lm_head(const __half* __restrict__ x, const __half* __restrict__ table, float* __restrict__ logits, int vocab,
             int hidden, float softcap) {
+    awq_edge::begin_after_previous_kernel();
     const int v = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (v >= vocab) return;
     const uint4* row = reinterpret_cast<const uint4*>(table + static_cast<size_t>(v) * hidden);
@@ -145,4 +154,7 @@ awq_lm_head(const __half* __restrict__ x, const __half* __restrict__ table, floa
 }
 
 // The position counter on the device: past += S after a step (the next replay reads it). Grid: 1 x 1.
-extern "C" __global__ void awq_advance(int64_t* past, int S) { *past += S; }
+extern "C" __global__ void awq_advance(int64_t* past, int S) {
+    awq_edge::begin_after_previous_kernel();
+    *past += S;
+}

@@ -18,6 +18,7 @@
 // each with its own group and bounds check.
 #include "dequant.cuh"
 #include "launch_checks.cuh"
+#include "pdl.cuh"
 
 namespace awq_edge {
 namespace {
@@ -213,6 +214,7 @@ __device__ __forceinline__ void gemm_w4a16(const half* __restrict__ x, const uin
         awq_gemm_g##G##_v##V(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                      \
                              const half* __restrict__ scales, const half* __restrict__ zeros, half* __restrict__ y, \
                              int M, int N, int K) {                                                                 \
+        awq_edge::begin_after_previous_kernel();                                                                    \
         awq_edge::gemm_w4a16<G, V == 1>(x, qweight, scales, zeros, y, M, N, K);                                     \
     }
 AWQ_GEMM_ENTRY(32, 0)

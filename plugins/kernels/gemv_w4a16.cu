@@ -29,6 +29,7 @@
 #include "activation.cuh"
 #include "dequant.cuh"
 #include "launch_checks.cuh"
+#include "pdl.cuh"
 
 namespace awq_edge {
 namespace {
@@ -114,11 +115,22 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
     static_assert(kRows == 1 || (!kNorm && kEpilogue == Epilogue::kStore), "fusions are for decode (M = 1)");
     static_assert(kRowsPerBlock % 2 == 0, "the act epilogue pairs a block's rows");
     const int n0 = blockIdx.x * kRowsPerBlock;
-    float inv_rms = 0.f;
-    if constexpr (kNorm) inv_rms = row_inv_rms(x, K, fusion.eps);
     const int words_per_row = K / kValuesPerWord;
     const int groups = num_groups(K, kGroupSize);
     const int loads_per_row = words_per_row / kWordsPerLoad;
+    // The weights are no earlier kernel's output: in decode (M = 1) their first chunk starts on
+    // its way to L2 before the wait (pdl.cuh), overlapping the previous kernel's tail. (Not for
+    // M > 1: the C ABI's launches do not overlap, and at M = 4 the pointers made ptxas spill.)
+    let_next_kernel_start();
+    if (kRows == 1 && static_cast<int>(threadIdx.x) < loads_per_row) {
+#pragma unroll
+        for (int r = 0; r < kRowsPerBlock; ++r) {
+            prefetch_l2(qweight + static_cast<size_t>(n0 + r) * words_per_row + threadIdx.x * kWordsPerLoad);
+        }
+    }
+    wait_for_previous_kernel();
+    float inv_rms = 0.f;
+    if constexpr (kNorm) inv_rms = row_inv_rms(x, K, fusion.eps);
 
     float acc[kRowsPerBlock][kRows];
 #pragma unroll

@@ -12,6 +12,7 @@
 
 #include <cuda_runtime.h>
 
+#include "pdl.cuh"
 #include "sample.h"
 
 namespace {
@@ -247,6 +248,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 awq_sample_step(const float* __restrict__ logits, int vocab, int32_t* __restrict__ seen, int32_t* __restrict__ n_seen,
                 int seen_capacity, float penalty, float temperature, int top_k, float top_p,
                 const float* __restrict__ uniform, float* __restrict__ work, int32_t* __restrict__ token) {
+    awq_edge::begin_after_previous_kernel();
     const int count = *n_seen;
     sample(logits, vocab, seen, count, penalty, temperature, top_k, top_p, *uniform, work, token);
     if (threadIdx.x == 0) {  // the thread that wrote the token
