@@ -7,9 +7,10 @@
 # The lent machine is bare and offline, but its python3 has numpy, pytest, cmake, nvcc, torch,
 # transformers and tokenizers, which is all these need (no venv, no install). Steps: the GPU, the
 # kernel library build, the kernel tests, the cuda backend against its reference executor
-# (tests/test_cuda_backend_gpu.py), the native decode benchmark against torch fp16 and int4
-# (benchmarks/cuda_decode.py), one 7B-shaped layer against its roofline (benchmarks/cuda_layer.py),
-# the quantizer on the GPU, then the GEMV/GEMM benchmark (with its read-only ceiling and launch-cost fit).
+# (tests/test_cuda_backend_gpu.py), one 7B-shaped layer against its roofline
+# (benchmarks/cuda_layer.py), the GEMV/GEMM benchmark (with its read-only ceiling and launch-cost
+# fit), the native decode benchmark against torch fp16 and int4 (benchmarks/cuda_decode.py), then
+# the quantizer on the GPU.
 # Each step's log lands beside the results, and a failing step does not stop the later ones (the
 # exit code is the first failure's).
 # On an H100 the kernel steps took about a minute (2026-11-23); the cuda backend steps are
@@ -28,23 +29,28 @@ ln -s "$PWD/devices" "$pkg/awq_edge/devices"
 trap 'rm -rf "$pkg"' EXIT  # (python3 -P below: `-m` would put ./awq_edge, without those names, first)
 export PYTHONPATH="$pkg:$PWD" PYTHONUNBUFFERED=1 AWQ_EDGE_CACHE="${AWQ_EDGE_CACHE:-/tmp/awq-edge-cache}"
 status=0
-step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember the first failure
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, remember the first failure
     echo "== $1"
-    "${@:2}" 2>&1 | tee "$out/$1.log"
+    timeout --kill-after=10 "$2" "${@:3}" 2>&1 | tee "$out/$1.log"
     local rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || echo "== $1: stopped after $2 s"
     echo "== $1: exit $rc"
     [ "$status" -ne 0 ] || status=$rc
 }
 
-step gpu bash -c 'nvidia-smi || exit; nvcc --version | tail -2
+# Most telling first: correctness of the kernels and the backend, then the layer and kernel
+# speeds, then end to end, then the quantizer. The limits keep a hung step from eating the
+# session's device time (all of them together are about 19 minutes; a normal run ~6).
+step gpu 60 bash -c 'nvidia-smi || exit; nvcc --version | tail -2
     python3 -c "from awq_edge import plugins; print(\"TensorRT headers:\", plugins.tensorrt_include_dir())"
     python3 -c "import tensorrt; print(\"tensorrt\", tensorrt.__version__)" 2>&1 | tail -1'
-step build python3 -c "from awq_edge import plugins; from awq_edge.cuda_runtime import find_gpus; \
-gpus = find_gpus(); assert gpus, 'no NVIDIA GPU found'; print(gpus[0]); print(plugins.build_kernel_library(gpus[0].arch))"
-step tests python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_kernels_gpu.py  # -s: each case's error
-step cuda_backend python3 -P -m pytest -q -s -m gpu -p no:cacheprovider tests/test_cuda_backend_gpu.py
-step cuda_decode python3 benchmarks/cuda_decode.py --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
-step cuda_layer python3 benchmarks/cuda_layer.py --output "$out/cuda_layer.json"
-step quantize python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
-step gemv python3 benchmarks/gemv.py --output "$out/gemv.json"
+step build 180 python3 -c "from awq_edge import plugins; from awq_edge.cuda_runtime import find_gpus; \
+gpus = find_gpus(); assert gpus, 'no NVIDIA GPU found'; print(gpus[0]); print(plugins.build_kernel_library(gpus[0].arch)); \
+print(plugins.build_cubins(gpus[0].arch))"
+step tests 150 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_kernels_gpu.py  # -s: each case's error
+step cuda_backend 240 python3 -P -m pytest -q -s -m gpu -p no:cacheprovider tests/test_cuda_backend_gpu.py
+step cuda_layer 120 python3 benchmarks/cuda_layer.py --output "$out/cuda_layer.json"
+step gemv 180 python3 benchmarks/gemv.py --output "$out/gemv.json"
+step cuda_decode 300 python3 benchmarks/cuda_decode.py --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
+step quantize 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
 exit "$status"
