@@ -213,7 +213,7 @@ class CudaBackend:
                         [b[a["x"]], ("i32", spec.qkv_width), ("i32", a["offset"]), ("i32", spec.head_dim),
                          w[a["weight"]], eps])
         elif op.kind == "attention":
-            self.attention(b[a["qkv"]], b[a["out"]], a["layer"], a["rope"], a["window"], rows)
+            self.attention(op, rows)
         elif op.kind == "act":
             self.launch("awq_gated_act", (rows,), (NORM_THREADS,),
                         [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", 0 if a["kind"] == "silu" else 1)])
@@ -226,8 +226,9 @@ class CudaBackend:
             raise ValueError(f"unknown op {op.kind}")
 
     def linear(self, op, rows: int) -> None:
-        """One row (decode): the GEMV with the op's norm prologue, bias, and act or residual epilogue.
-        More rows (prefill): the norm kernel, the tensor-core GEMM, then bias, act or residual kernels."""
+        """One row (decode): the GEMV with the op's norm prologue, bias, and act, residual or RoPE
+        epilogue. More rows (prefill): the norm kernel, the tensor-core GEMM, then the bias, act,
+        residual or RoPE/KV-write kernel."""
         a, w, b, spec = op.args, self.weights, self.buf, self.spec
         name, n, k, g = a["weight"], a["N"], a["K"], spec.group_size
         weights = [w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"]]
@@ -235,9 +236,10 @@ class CudaBackend:
         wide = k % 32 == 0  # rows of 16-byte aligned words: 128-bit weight loads
         if rows == 1:
             kernel = f"awq_gemv_{'norm_' if a['norm'] else ''}{a['epilogue']}_g{g}_w{4 if wide else 1}"
+            rope = self.rope_args(a["layer"], a["rope"]) if a["epilogue"] == "rope" else [0] * 7 + [("i32", 0)] * 5
             self.launch(kernel, (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
                         [b[a["x"]], *weights, b[a["out"]], ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0,
-                         ("f32", spec.eps), bias, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0)])
+                         ("f32", spec.eps), bias, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope])
             return
         x = b[a["x"]]
         if a["norm"]:
@@ -245,7 +247,7 @@ class CudaBackend:
                         [x, w[a["norm"]], b["x"], ("i32", k), ("f32", spec.eps), ("i32", 0)])
             x = b["x"]
         # the result's buffer before its epilogue kernel: "attn" is hidden wide and free when the adds are fused
-        y = {"store": b[a["out"]], "act": b["gate_up"], "residual": b["attn"]}[a["epilogue"]]
+        y = {"store": b[a["out"]], "rope": b[a["out"]], "act": b["gate_up"], "residual": b["attn"]}[a["epilogue"]]
         grid = (-(-n // GEMM_TILE), -(-rows // GEMM_TILE))
         self.launch(f"awq_gemm_g{g}_v{1 if wide else 0}", grid, (GEMM_THREADS,),
                     [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k)])
@@ -256,18 +258,35 @@ class CudaBackend:
                         [y, b[a["out"]], ("i32", n // 2), ("i32", ACT_KINDS[a["act"]])])
         elif a["epilogue"] == "residual":
             self.launch("awq_residual_add", (rows,), (NORM_THREADS,), [b[a["out"]], y, ("i32", n)])
+        elif a["epilogue"] == "rope":
+            self.rope_store(y, a["layer"], a["rope"], rows)
 
-    def attention(self, qkv: int, out: int, layer: int, rope: int, window: int, rows: int) -> None:
-        """RoPE and the KV rows written in place, then attention (plugins/kernels/attention.h)."""
+    def rope_args(self, layer: int, rope: int) -> list:
+        """The GEMV's RoPE epilogue arguments (plugins/kernels/gemv_w4a16.cu RopeArgs), in order."""
+        spec, w = self.spec, self.weights
+        return [w[f"rope.{rope}.cos"], w[f"rope.{rope}.sin"], self.q_rot, self.k_cache[layer], self.v_cache[layer],
+                self.past, self.status, ("i32", spec.heads), ("i32", spec.kv_heads), ("i32", spec.head_dim),
+                ("i32", self.max_context), ("i32", spec.max_positions)]
+
+    def rope_store(self, qkv: int, layer: int, rope: int, rows: int) -> None:
+        """RoPE of q (into q_rot) and k, and the KV rows written in place (plugins/kernels/attention.h)."""
         spec, w = self.spec, self.weights
         H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
         k, v = qkv + 2 * H * D, qkv + 2 * (H + Hkv) * D  # byte offsets of k and v in a fused row
-        sizes = [("i32", rows), ("i32", H), ("i32", Hkv)]
         self.launch("awq_rope_store", (rows,), (ROPE_THREADS,),
                     [qkv, k, v, self.k_cache[layer], self.v_cache[layer], self.past, w[f"rope.{rope}.cos"],
-                     w[f"rope.{rope}.sin"], self.q_rot, *sizes, ("i32", D), ("i32", self.max_context),
-                     ("i32", spec.max_positions), ("i32", spec.qkv_width), ("i32", spec.qkv_width), self.status])
-        limits = [("i32", self.max_context), ("i32", spec.max_positions), ("i32", window),
+                     w[f"rope.{rope}.sin"], self.q_rot, ("i32", rows), ("i32", H), ("i32", Hkv), ("i32", D),
+                     ("i32", self.max_context), ("i32", spec.max_positions), ("i32", spec.qkv_width),
+                     ("i32", spec.qkv_width), self.status])
+
+    def attention(self, op, rows: int) -> None:
+        """RoPE and the KV write (unless the q/k/v linear's epilogue did them), then attention."""
+        a, spec = op.args, self.spec
+        H, Hkv, D, layer = spec.heads, spec.kv_heads, spec.head_dim, a["layer"]
+        if not a["rotated"]:
+            self.rope_store(self.buf[a["qkv"]], layer, a["rope"], rows)
+        out = self.buf[a["out"]]
+        limits = [("i32", self.max_context), ("i32", spec.max_positions), ("i32", a["window"]),
                   ("f32", spec.attn_scale), ("f32", spec.attn_softcap)]
         if rows == 1:  # decode: the context split over blocks (flash-decoding), merged by each head's last block
             self.launch(f"awq_attend_split_d{D}", (H, self.attn_splits), (ATTEND_SPLIT_KEYS,),
@@ -275,7 +294,8 @@ class CudaBackend:
                          self.attn_counters, ("i32", H), ("i32", Hkv), *limits])
         else:
             self.launch(f"awq_attend_d{D}", (H, rows), (ATTEND_THREADS,),
-                        [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, *sizes, *limits])
+                        [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, ("i32", rows),
+                         ("i32", H), ("i32", Hkv), *limits])
 
     # ------------------------------------------------------------ logits and sampling
     def logits_to_host(self, device_ptr: int) -> np.ndarray:
@@ -327,7 +347,8 @@ class CudaBackend:
 
 # Which kernels each cubin (plugins.CUBIN_SOURCES) provides to this backend.
 KERNELS_OF = {
-    "gemv_w4a16": [f"awq_gemv_{fusion}_g{g}_w{w}" for fusion in ("store", "norm_store", "act", "norm_act", "residual")
+    "gemv_w4a16": [f"awq_gemv_{fusion}_g{g}_w{w}"
+                   for fusion in ("store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope")
                    for g in (32, 64, 128) for w in (1, 4)],
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)],
     "attention": ["awq_rope_store"] + [f"awq_attend{split}_d{d}" for split in ("", "_split") for d in (64, 128, 256)],

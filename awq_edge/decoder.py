@@ -122,7 +122,8 @@ class Op:
 def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
     """Every op of one decoder step, in order (the module docstring names the buffers).
 
-    fused (the default): the norms before q/k/v and gate/up run in those linears' prologue, the
+    fused (the default): the norms before q/k/v and gate/up run in those linears' prologue, RoPE
+    and the KV-cache write in q/k/v's epilogue (not with q/k norms, which come between), the
     activation in gate/up's epilogue, the residual adds in o_proj's and down's epilogues, so a
     Llama layer is 4 linears and the attention. Gemma 3's sandwich norms sit between a linear and
     its residual add, so there the adds stay in add_norm ops. fused=False lists one op per step
@@ -145,13 +146,15 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
         p = f"model.layers.{i}"
         x, norm = normed_input(f"{p}.input_layernorm.weight")
         pending = None
-        ops.append(linear_op(x, "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias, norm))
+        rope_in_linear = fused and not spec.qk_norm  # q/k norms must see q and k before RoPE
+        ops.append(linear_op(x, "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias, norm,
+                             **({"epilogue": "rope", "layer": i, "rope": spec.layer_rope[i]} if rope_in_linear else {})))
         if spec.qk_norm:
             ops.append(Op("head_norm", {"x": "qkv", "offset": 0, "heads": H, "weight": f"{p}.self_attn.q_norm.weight"}))
             ops.append(Op("head_norm", {"x": "qkv", "offset": H * D, "heads": Hkv,
                                         "weight": f"{p}.self_attn.k_norm.weight"}))
         ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": spec.layer_rope[i],
-                                    "window": spec.layer_windows[i]}))
+                                    "window": spec.layer_windows[i], "rotated": rope_in_linear}))
         if fuse_residual:
             ops.append(linear_op("ctx", "h", f"{p}.self_attn.o_proj", spec.hidden, H * D, epilogue="residual"))
         else:
@@ -183,12 +186,15 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
 
 
 def linear_op(x: str, out: str, name: str, n: int, k: int, bias: bool = False, norm: str | None = None,
-              epilogue: str = "store", act: str | None = None) -> Op:
+              epilogue: str = "store", act: str | None = None, layer: int | None = None,
+              rope: int | None = None) -> Op:
     """out = epilogue(norm(x) @ W^T + bias). norm: an RMSNorm weight applied to x first (the
     prologue). epilogue: store | act (out = act(gate) * up of the row-interleaved gate/up result,
-    N / 2 wide) | residual (out += the result; out is h)."""
+    N / 2 wide) | residual (out += the result; out is h) | rope (the q/k/v result rotated with
+    RoPE table `rope`, q kept for the attention, k and v written into `layer`'s cache row, as the
+    attention op does otherwise; its attention op then has rotated=True)."""
     return Op("linear", {"x": x, "out": out, "weight": name, "N": n, "K": k, "bias": bias, "norm": norm,
-                         "epilogue": epilogue, "act": act})
+                         "epilogue": epilogue, "act": act, "layer": layer, "rope": rope})
 
 
 def lm_head_table(spec: DecoderSpec) -> str:

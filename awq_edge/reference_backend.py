@@ -89,23 +89,29 @@ def twin_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(F16)
 
 
-def twin_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-                   past: int, cos: np.ndarray, sin: np.ndarray, window: int, scale: float,
-                   softcap: float) -> np.ndarray:
-    """The attention kernel's twin: q [S, H, D], k/v [S, Hkv, D] fp16; rotates q and k, writes k
-    and v into the caches [Hkv, capacity, D] at rows past..past+S-1, attends causally (and within
-    the window) with fp32 scores and softmax; returns fp16 [S, H * D]."""
-    S, H, D = q.shape
-    Hkv = k.shape[1]
+def twin_rope_store(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+                    past: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """awq_rope_store's twin (and the q/k/v GEMV's rope epilogue's): q [S, H, D], k/v [S, Hkv, D]
+    fp16; writes k rotated and v into the caches [Hkv, capacity, D] at rows past..past+S-1;
+    returns q rotated, fp16 [S, H, D]."""
+    S = q.shape[0]
     positions = past + np.arange(S)
-    q_rot = twin_rope(q, cos[positions], sin[positions])
     k_cache[:, past:past + S] = twin_rope(k, cos[positions], sin[positions]).transpose(1, 0, 2)
     v_cache[:, past:past + S] = v.transpose(1, 0, 2)
+    return twin_rope(q, cos[positions], sin[positions])
+
+
+def twin_attend(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, window: int, scale: float,
+                softcap: float) -> np.ndarray:
+    """The attend kernels' twin: q_rot fp16 [S, H, D] at positions past..past+S-1 over the caches,
+    causally (and within the window), fp32 scores and softmax; returns fp16 [S, H * D]."""
+    S, H, D = q_rot.shape
+    Hkv = k_cache.shape[0]
     out = np.empty((S, H, D), F16)
     keys = k_cache[:, :past + S].astype(F32)
     values = v_cache[:, :past + S].astype(F32)
     j = np.arange(past + S)
-    for s, pos in enumerate(positions):
+    for s, pos in enumerate(past + np.arange(S)):
         visible = (j <= pos) & ((j > pos - window) if window > 0 else True)
         for h in range(H):
             kv = h // (H // Hkv)
@@ -203,6 +209,16 @@ class ReferenceBackend:
                                         self.spec.group_size)
         return self._w[name]
 
+    def rope_store(self, qkv: np.ndarray, layer: int, rope: int) -> np.ndarray:
+        """q/k/v rows fp16 [S, qkv_width] of this step: k and v into the layer's cache, q rotated."""
+        spec, S = self.spec, qkv.shape[0]
+        H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
+        q = qkv[:, :H * D].reshape(S, H, D)
+        k = qkv[:, H * D:(H + Hkv) * D].reshape(S, Hkv, D)
+        v = qkv[:, (H + Hkv) * D:].reshape(S, Hkv, D)
+        return twin_rope_store(q, k, v, self.k_cache[layer], self.v_cache[layer], self.position,
+                               self.tensors[f"rope.{rope}.cos"], self.tensors[f"rope.{rope}.sin"])
+
     def forward(self, ids) -> np.ndarray:
         """Logits float32 [V] after the last of ids (a fresh array)."""
         ids = step_ids(ids, self.position, self.max_context, self.vocab_size)
@@ -234,20 +250,17 @@ class ReferenceBackend:
                 buf[a["out"]][:] = twin_act(y, a["act"])
             elif a["epilogue"] == "residual":
                 buf[a["out"]][:] = twin_residual(buf[a["out"]], y)
+            elif a["epilogue"] == "rope":
+                self.q_rot = self.rope_store(y, a["layer"], a["rope"])
             else:
                 buf[a["out"]][:] = y
         elif op.kind == "head_norm":
             twin_head_norm(buf[a["x"]], a["offset"], a["heads"], spec.head_dim, t[a["weight"]], spec.eps)
         elif op.kind == "attention":
-            H, Hkv, D, S = spec.heads, spec.kv_heads, spec.head_dim, ids.size
-            qkv = buf[a["qkv"]]
-            q = qkv[:, :H * D].reshape(S, H, D)
-            k = qkv[:, H * D:(H + Hkv) * D].reshape(S, Hkv, D)
-            v = qkv[:, (H + Hkv) * D:].reshape(S, Hkv, D)
             i = a["layer"]
-            buf[a["out"]][:] = twin_attention(q, k, v, self.k_cache[i], self.v_cache[i], self.position,
-                                              t[f"rope.{a['rope']}.cos"], t[f"rope.{a['rope']}.sin"], a["window"],
-                                              spec.attn_scale, spec.attn_softcap)
+            q_rot = self.q_rot if a["rotated"] else self.rope_store(buf[a["qkv"]], i, a["rope"])
+            buf[a["out"]][:] = twin_attend(q_rot, self.k_cache[i], self.v_cache[i], self.position, a["window"],
+                                           spec.attn_scale, spec.attn_softcap)
         elif op.kind == "act":
             buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"])
         elif op.kind == "lm_head":

@@ -117,15 +117,18 @@ def test_a_1b_random_engine_matches_the_reference(tmp_path):
 
 
 @pytest.mark.parametrize("k, n, group_size", [(576, 1536, 128), (136, 400, 32), (4096, 4096, 128)])
-@pytest.mark.parametrize("fusion", ["store", "norm_store", "act", "norm_act", "residual"])
+@pytest.mark.parametrize("fusion", ["store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope"])
 def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
     """Each decode GEMV entry point on its own (cubin, driver API), fresh random data, the output
     poisoned with NaN, against the twins of what it fuses: norm prologue, bias, act, residual."""
     from awq_edge import packing
     from awq_edge.cuda_backend import ACT_KINDS
     from awq_edge.cuda_driver import Driver, f32, i32, ptr
-    from awq_edge.reference_backend import dequantized, twin_act, twin_linear, twin_residual, twin_rms_norm
+    from awq_edge.reference_backend import (dequantized, twin_act, twin_linear, twin_residual, twin_rms_norm,
+                                            twin_rope_store)
 
+    if fusion.endswith("rope") and n % 64:
+        pytest.skip("q/k/v rows are whole heads of 64")
     rng = np.random.default_rng(k * n + len(fusion))
     groups = packing.num_groups(k, group_size)
     packed = packing.pack_for_plugin(rng.integers(0, 16, (n, k), dtype=np.uint8),
@@ -133,35 +136,58 @@ def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
                                      rng.integers(0, 16, (n, groups), dtype=np.uint8), group_size)
     x = (rng.standard_normal((1, k)) * 3).astype(np.float16)
     norm_weight = rng.uniform(0.5, 1.5, k).astype(np.float32)
-    bias = rng.standard_normal(n).astype(np.float16) if fusion.endswith("store") else None
+    bias = rng.standard_normal(n).astype(np.float16) if fusion.endswith(("store", "rope")) else None
     h = rng.standard_normal((1, n)).astype(np.float16)
     act = "gelu_tanh" if k == 136 else "silu"
     eps = 1e-6
+    # RoPE: n = (H + 2 Hkv) D with D = 64, at position 5 of a 16-row cache
+    D, pos, capacity = 64, 5, 16
+    kv_heads = n // D // 4 or 1
+    heads = n // D - 2 * kv_heads
+    cos, sin = (rng.uniform(-1, 1, (capacity, D // 2)).astype(np.float16) for _ in range(2))
 
     xin = twin_rms_norm(x, norm_weight, eps) if fusion.startswith("norm") else x
     y = twin_linear(xin, dequantized(packed["qweight"], packed["scales"], packed["zeros"], group_size), bias)
-    want = twin_act(y, act) if fusion.endswith("act") else twin_residual(h, y) if fusion == "residual" else y
+    if fusion.endswith("rope"):
+        k_want, v_want = np.zeros((kv_heads, capacity, D), np.float16), np.zeros((kv_heads, capacity, D), np.float16)
+        q, kk, v = y[:, :heads * D], y[:, heads * D:(heads + kv_heads) * D], y[:, (heads + kv_heads) * D:]
+        q_want = twin_rope_store(q.reshape(1, heads, D), kk.reshape(1, kv_heads, D), v.reshape(1, kv_heads, D),
+                                 k_want, v_want, pos, cos, sin)
+        want = np.concatenate([q_want.reshape(-1), k_want[:, pos].reshape(-1), v_want[:, pos].reshape(-1)])[None]
+    else:
+        want = twin_act(y, act) if fusion.endswith("act") else twin_residual(h, y) if fusion == "residual" else y
 
     drv = Driver(GPUS[0].index)
     module = drv.load_module(plugins.build_cubins(GPUS[0].arch)["gemv_w4a16"].read_bytes())
     fn = drv.function(module, f"awq_gemv_{fusion}_g{group_size}_w{4 if k % 32 == 0 else 1}")
-    arrays = [x, packed["qweight"], packed["scales"], packed["zeros"], norm_weight, bias if bias is not None else h]
-    dev = []
-    for a in arrays:
-        dev.append(drv.alloc(a.nbytes))
-        drv.upload(dev[-1], np.ascontiguousarray(a))
-    out_init = h if fusion == "residual" else np.full((1, want.shape[1]), np.nan, np.float16)
-    out = drv.alloc(out_init.nbytes)
-    drv.upload(out, out_init)
+    arrays = {"x": x, "q": packed["qweight"], "s": packed["scales"], "z": packed["zeros"], "norm": norm_weight,
+              "bias": bias if bias is not None else h, "cos": cos, "sin": sin,
+              "q_rot": np.full((heads, D), np.nan, np.float16), "k_cache": np.full((kv_heads, capacity, D), np.nan, np.float16),
+              "v_cache": np.full((kv_heads, capacity, D), np.nan, np.float16), "past": np.array([pos], np.int64),
+              "status": np.zeros(1, np.int32),
+              "out": h.copy() if fusion == "residual" else np.full((1, n // 2 if fusion.endswith("act") else n), np.nan, np.float16)}
+    dev = {}
+    for name, a in arrays.items():
+        dev[name] = drv.alloc(a.nbytes)
+        drv.upload(dev[name], np.ascontiguousarray(a))
     try:
-        drv.launch(fn, (n // 4,), (128,), [ptr(dev[0]), ptr(dev[1]), ptr(dev[2]), ptr(dev[3]), ptr(out), i32(n), i32(k),
-                                           ptr(dev[4]), f32(eps), ptr(dev[5] if bias is not None else 0),
-                                           i32(ACT_KINDS[act])])
-        got = np.empty_like(out_init)
-        drv.download(got, out)
+        drv.launch(fn, (n // 4,), (128,), [ptr(dev["x"]), ptr(dev["q"]), ptr(dev["s"]), ptr(dev["z"]), ptr(dev["out"]),
+                                           i32(n), i32(k), ptr(dev["norm"]), f32(eps),
+                                           ptr(dev["bias"] if bias is not None else 0), i32(ACT_KINDS[act]),
+                                           *[ptr(dev[name]) for name in ("cos", "sin", "q_rot", "k_cache", "v_cache",
+                                                                         "past", "status")],
+                                           i32(heads), i32(kv_heads), i32(D), i32(capacity), i32(capacity)])
+        got = {name: np.empty_like(arrays[name]) for name in ("out", "q_rot", "k_cache", "v_cache")}
+        for name, a in got.items():
+            drv.download(a, dev[name])
     finally:
-        for d in dev + [out]:
+        for d in dev.values():
             drv.free(d)
+    if fusion.endswith("rope"):
+        got = np.concatenate([got["q_rot"].reshape(-1), got["k_cache"][:, pos].reshape(-1),
+                              got["v_cache"][:, pos].reshape(-1)])[None]
+    else:
+        got = got["out"]
     assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
     err = np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64))
     print(f"fused GEMV {fusion} K={k} N={n} G={group_size}: relative error {err:.1e}")

@@ -93,8 +93,8 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[s
     backend.forward([3])
     decode_launches = len(driver.launches) - before
     spec = info.spec
-    if fused and not spec.sandwich_norm:  # embed, per layer 4 GEMVs + RoPE/KV + attention (+ q/k norms), norm, head, advance
-        assert decode_launches == 1 + spec.layers * (6 + 2 * spec.qk_norm) + 3, decode_launches
+    if fused and not spec.sandwich_norm:  # embed; per layer 4 GEMVs + attention (+ q/k norms and RoPE/KV); norm, head, advance
+        assert decode_launches == 1 + spec.layers * (5 + 3 * spec.qk_norm) + 3, decode_launches
     backend.forward([4])
     backend.sample_token(backend.buf["logits"], SamplingSettings(0.7, 40, 0.9, 1.1), [1, 2, 3], 0.5)
     assert driver.programmatic == (manifest["gpu_arch"] == "sm_90")  # overlapping launches: sm_90 only
@@ -120,9 +120,9 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     bias, K % 32 != 0: the narrow GEMV and GEMM paths), Qwen3 (q/k norms), Gemma 3 (sandwich norms;
     sm_90, whose launches may overlap)."""
     launched = check_launches_against_the_cubins(smollm2_cuda_engine)
-    assert {"awq_gemv_norm_store_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_residual_g128_w4",
-            "awq_residual_add", "awq_gated_act"} <= launched
-    assert not {"awq_add_rms_norm", "awq_gemv_store_g128_w4"} & launched
+    assert {"awq_gemv_norm_rope_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_residual_g128_w4",
+            "awq_residual_add", "awq_gated_act", "awq_rope_store"} <= launched  # (prefill: the fusions' kernels)
+    assert not {"awq_add_rms_norm", "awq_gemv_store_g128_w4", "awq_gemv_norm_store_g128_w4"} & launched
     unfused = check_launches_against_the_cubins(smollm2_cuda_engine, fused=False)
     assert {"awq_gemv_store_g128_w4", "awq_add_rms_norm", "awq_gated_act"} <= unfused
     assert not {name for name in unfused if "norm_" in name or "residual" in name}
@@ -137,7 +137,8 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     every = {name for names in KERNELS_OF.values() for name in names}
     # not launched here: head_dim 128/256 attention, and the GEMV/GEMM of the group sizes not built above
     assert {"awq_rope_store", "awq_attend_d64", "awq_attend_split_d64", "awq_sample_step", "awq_advance", "awq_bias_add",
-            "awq_head_rms_norm", "awq_gemv_norm_store_g32_w1", "awq_gemv_act_g32_w1", "awq_gemv_store_g32_w1",
+            "awq_head_rms_norm", "awq_gemv_norm_rope_g32_w1", "awq_gemv_norm_store_g32_w1", "awq_gemv_act_g32_w1",
+            "awq_gemv_store_g32_w1",
             "awq_gemm_g32_v0"} <= launched <= every
 
 
@@ -241,6 +242,9 @@ def test_the_op_list_has_what_each_family_needs(model_type, tiny_model_dir):
             assert kinds.count("norm") == sandwich and kinds.count("add_norm") == 2 * layers
         else:  # a layer is its four linears and the attention
             assert (prologues, residuals, acts, kinds.count("act")) == (2 * layers, 2 * layers, layers, 0)
+            ropes = sum(a["epilogue"] == "rope" for a in linears)
+            rotated = sum(op.args["rotated"] for op in ops if op.kind == "attention")
+            assert ropes == rotated == (0 if spec.qk_norm else layers)  # RoPE waits for q/k norms
             assert kinds.count("norm") == 1 and kinds.count("add_norm") == 0
             assert set(kinds) == {"embed", "linear", "head_norm", "attention", "norm", "lm_head"} - \
                 ({"head_norm"} if model_type not in ("qwen3",) else set())

@@ -24,8 +24,12 @@
 // squares of the K values of x itself, then scales each 8-value load of x: norm(h) never goes
 // through memory); the epilogue stores (adding a bias), or applies the gated activation to the
 // block's gate/up row pairs (rows interleaved at packing, so a block of 4 rows makes 2 outputs),
-// or adds the result into the residual stream y. Every value is rounded to fp16 where the
-// unfused kernels round it, so fused and unfused steps agree.
+// or adds the result into the residual stream y, or (q/k/v) applies RoPE and writes q into q_rot
+// and k and v into their cache rows, as awq_rope_store does. For RoPE a block takes rows
+// (2j, 2j + 1, 2j + D/2, 2j + 1 + D/2) of a q or k head instead of 4 adjacent ones, so it holds
+// both halves of its two rotation pairs (the weights need no other layout: rows are read one by
+// one anyway). Every value is rounded to fp16 where the unfused kernels round it, so fused and
+// unfused steps agree.
 #include "activation.cuh"
 #include "dequant.cuh"
 #include "launch_checks.cuh"
@@ -52,14 +56,41 @@ __device__ __forceinline__ float dot8(const half2 w[4], uint4 x_bits) {
 }
 
 // What a decode GEMV does around the product.
-enum class Epilogue { kStore, kAct, kResidual };
+enum class Epilogue { kStore, kAct, kResidual, kRope };
+
+// kRope's arguments: those of awq_rope_store (attention.h) for one token at position *past.
+struct RopeArgs {
+    const half* cos = nullptr;  // [max_positions, D/2]
+    const half* sin = nullptr;
+    half* q_rot = nullptr;      // [H, D]
+    half* k_cache = nullptr;    // [Hkv, capacity, D]
+    half* v_cache = nullptr;
+    const int64_t* past = nullptr;
+    int* status = nullptr;      // AWQ_ATTENTION_OVER_CAPACITY is ORed in when the token does not fit
+    int heads = 0, kv_heads = 0, head_dim = 0, capacity = 0, max_positions = 0;
+};
 
 struct Fusion {
     const float* norm_weight = nullptr;  // prologue: RMSNorm weight [K], float32 (the family offset folded in)
     float eps = 0.f;
-    const half* bias = nullptr;          // kStore: added to the fp16 result, or none
+    const half* bias = nullptr;          // kStore, kRope: added to the fp16 result, or none
     int act_kind = kSilu;                // kAct: ActKind
+    RopeArgs rope;                       // kRope
 };
+
+// The output rows of block b: 4 adjacent ones, or for RoPE in a q/k head (D/4 blocks per head)
+// rows 2j, 2j + 1, 2j + D/2, 2j + 1 + D/2: rotation pairs (r, r + 2). v rows stay adjacent.
+template <Epilogue kEpilogue>
+__device__ __forceinline__ int row_of_block(int b, int r, const RopeArgs& rope) {
+    if constexpr (kEpilogue == Epilogue::kRope) {
+        const int blocks_per_head = rope.head_dim / kRowsPerBlock;
+        if (b < (rope.heads + rope.kv_heads) * blocks_per_head) {
+            const int head = b / blocks_per_head, j = b % blocks_per_head;
+            return head * rope.head_dim + 2 * j + (r & 1) + (r >> 1) * (rope.head_dim / 2);
+        }
+    }
+    return b * kRowsPerBlock + r;
+}
 
 // rsqrt(mean(x^2) + eps) of one row of K fp16 values, on every thread of the block.
 __device__ __forceinline__ float row_inv_rms(const half* __restrict__ x, int K, float eps) {
@@ -98,6 +129,34 @@ __device__ __forceinline__ uint4 normed8(uint4 bits, const float* __restrict__ w
     return bits;
 }
 
+// The RoPE epilogue of one block (value(t): the fp16 result of its row(t)): q rows rotated into
+// q_rot, k rows rotated into the cache row of the position, v rows copied there; awq_rope_store's
+// arithmetic (fp32 from the fp16 inputs and tables, one rounding).
+template <typename Row, typename Value>
+__device__ __forceinline__ void rope_epilogue(const RopeArgs& a, Row row, Value value) {
+    const int64_t pos = *a.past;
+    if (pos < 0 || pos + 1 > a.capacity || pos + 1 > a.max_positions) {  // attend writes the NaN
+        if (a.status != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicOr(a.status, 1);  // OVER_CAPACITY
+        return;
+    }
+    const int D = a.head_dim, half_d = D / 2;
+    const int head = row(0) / D;
+    if (head < a.heads + a.kv_heads) {
+        if (threadIdx.x < 2) {  // pair (row(t), row(t + 2)) = dims (i, i + D/2)
+            const int t = threadIdx.x, i = row(t) % D;
+            const float x1 = __half2float(value(t)), x2 = __half2float(value(t + 2));
+            const float c = __half2float(a.cos[pos * half_d + i]), sn = __half2float(a.sin[pos * half_d + i]);
+            half* dst = head < a.heads ? a.q_rot + static_cast<size_t>(head) * D
+                                       : a.k_cache + (static_cast<size_t>(head - a.heads) * a.capacity + pos) * D;
+            dst[i] = __float2half(x1 * c - x2 * sn);
+            dst[i + half_d] = __float2half(x2 * c + x1 * sn);
+        }
+    } else if (threadIdx.x < kRowsPerBlock) {
+        const int v = row(threadIdx.x) - (a.heads + a.kv_heads) * D;
+        a.v_cache[(static_cast<size_t>(v / D) * a.capacity + pos) * D + v % D] = value(threadIdx.x);
+    }
+}
+
 template <int kWords>
 __device__ __forceinline__ void load_weight_words(const uint32_t* src, uint32_t (&words)[kWords]) {
     if constexpr (kWords == 4) {
@@ -114,7 +173,8 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
                                            half* __restrict__ y, int N, int K, Fusion fusion = Fusion{}) {
     static_assert(kRows == 1 || (!kNorm && kEpilogue == Epilogue::kStore), "fusions are for decode (M = 1)");
     static_assert(kRowsPerBlock % 2 == 0, "the act epilogue pairs a block's rows");
-    const int n0 = blockIdx.x * kRowsPerBlock;
+    // (a function, not an array: an array indexed by thread would live in local memory)
+    const auto row = [&](int r) { return row_of_block<kEpilogue>(blockIdx.x, r, fusion.rope); };
     const int words_per_row = K / kValuesPerWord;
     const int groups = num_groups(K, kGroupSize);
     const int loads_per_row = words_per_row / kWordsPerLoad;
@@ -125,7 +185,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
     if (kRows == 1 && static_cast<int>(threadIdx.x) < loads_per_row) {
 #pragma unroll
         for (int r = 0; r < kRowsPerBlock; ++r) {
-            prefetch_l2(qweight + static_cast<size_t>(n0 + r) * words_per_row + threadIdx.x * kWordsPerLoad);
+            prefetch_l2(qweight + static_cast<size_t>(row(r)) * words_per_row + threadIdx.x * kWordsPerLoad);
         }
     }
     wait_for_previous_kernel();
@@ -145,7 +205,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
         GroupParams params[kRowsPerBlock];
 #pragma unroll
         for (int r = 0; r < kRowsPerBlock; ++r) {
-            const size_t n = static_cast<size_t>(n0 + r);
+            const size_t n = static_cast<size_t>(row(r));
             load_weight_words<kWordsPerLoad>(qweight + n * words_per_row + chunk * kWordsPerLoad, words[r]);
             params[r] = make_group_params(scales[n * groups + g], zeros[n * groups + g]);
         }
@@ -189,23 +249,28 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
         for (int w = 0; w < kWarpsPerBlock; ++w) v += warp_sums[w][t];
         return __float2half_rn(v);
     };
+    // + the bias, rounded again: as awq_bias_add does to the stored result
+    auto biased = [&](int t) {
+        const half v = result(t);
+        return fusion.bias ? __float2half_rn(__half2float(v) + __half2float(fusion.bias[row(t)])) : v;
+    };
     if constexpr (kEpilogue == Epilogue::kAct) {
         if (threadIdx.x < kRowsPerBlock / 2) {  // y is act [N / 2]: rows 2j and 2j + 1 are gate j and up j
             const int j = threadIdx.x;
             const float act = gated_act(__half2float(result(2 * j)), __half2float(result(2 * j + 1)), fusion.act_kind);
-            y[n0 / 2 + j] = __float2half_rn(act);
+            y[row(0) / 2 + j] = __float2half_rn(act);
         }
+    } else if constexpr (kEpilogue == Epilogue::kRope) {
+        rope_epilogue(fusion.rope, row, biased);
     } else {
         for (int t = threadIdx.x; t < kRowsPerBlock * kRows; t += kThreads) {
             const int r = t / kRows, m = t % kRows;
-            const size_t at = static_cast<size_t>(m) * N + n0 + r;
-            half v = result(t);
+            const size_t at = static_cast<size_t>(m) * N + row(r);
             if constexpr (kEpilogue == Epilogue::kResidual) {
-                v = __float2half_rn(__half2float(y[at]) + __half2float(v));
-            } else if (fusion.bias != nullptr) {
-                v = __float2half_rn(__half2float(v) + __half2float(fusion.bias[n0 + r]));
+                y[at] = __float2half_rn(__half2float(y[at]) + __half2float(result(t)));
+            } else {
+                y[at] = kRows == 1 ? biased(t) : result(t);
             }
-            y[at] = v;
         }
     }
 }
@@ -321,20 +386,30 @@ extern "C" int awq_w4a16_read_only(const int32_t* qweight, const __half* scales,
 
 // Entry points for launches through the CUDA driver API (the cuda backend loads this file's
 // cubin): one row (decode), grid N / 4 blocks of 128 threads, W = 4 when K % 32 == 0 (128-bit
-// loads), else 1; awq_edge/cuda_backend.py launches them. All take the same arguments:
+// loads), else 1; awq_edge/cuda_backend.py launches them. All take the same arguments (those a
+// variant does not use may be null or 0):
 //   awq_gemv_store_g{G}_w{W}       y = x W^T (+ bias when bias is not null)
 //   awq_gemv_norm_store_g{G}_w{W}  y = norm(x) W^T (+ bias): x is h, norm_weight the layer's norm
 //   awq_gemv_act_g{G}_w{W}         y[N/2] = act(gate) * up of x W^T (gate/up rows interleaved)
 //   awq_gemv_norm_act_g{G}_w{W}    the same of norm(x) W^T
 //   awq_gemv_residual_g{G}_w{W}    y += x W^T (y is h)
+//   awq_gemv_rope_g{G}_w{W}        q/k/v = x W^T (+ bias): q rotated into q_rot, k rotated and v
+//                                  written into the cache rows of position *past (y unused)
+//   awq_gemv_norm_rope_g{G}_w{W}   the same of norm(x) W^T
 #define AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, G, W)                                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                               \
         awq_gemv_##NAME##_g##G##_w##W(const half* __restrict__ x, const uint32_t* __restrict__ qweight,             \
                                       const half* __restrict__ scales, const half* __restrict__ zeros,              \
                                       half* __restrict__ y, int N, int K, const float* __restrict__ norm_weight,     \
-                                      float eps, const half* __restrict__ bias, int act_kind) {                     \
+                                      float eps, const half* __restrict__ bias, int act_kind,                       \
+                                      const half* __restrict__ cos, const half* __restrict__ sin,                   \
+                                      half* __restrict__ q_rot, half* __restrict__ k_cache,                         \
+                                      half* __restrict__ v_cache, const int64_t* __restrict__ past, int* status,     \
+                                      int heads, int kv_heads, int head_dim, int capacity, int max_positions) {     \
+        const awq_edge::RopeArgs rope{cos,   sin,      q_rot,    k_cache,  v_cache,      past,                      \
+                                      status, heads,   kv_heads, head_dim, capacity,     max_positions};            \
         awq_edge::gemv_w4a16<1, G, W, NORM, awq_edge::Epilogue::EPILOGUE>(                                         \
-            x, qweight, scales, zeros, y, N, K, awq_edge::Fusion{norm_weight, eps, bias, act_kind});                \
+            x, qweight, scales, zeros, y, N, K, awq_edge::Fusion{norm_weight, eps, bias, act_kind, rope});          \
     }
 #define AWQ_GEMV_ENTRIES(NAME, NORM, EPILOGUE)                                                                      \
     AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 32, 1)                                                                     \
@@ -348,3 +423,5 @@ AWQ_GEMV_ENTRIES(norm_store, true, kStore)
 AWQ_GEMV_ENTRIES(act, false, kAct)
 AWQ_GEMV_ENTRIES(norm_act, true, kAct)
 AWQ_GEMV_ENTRIES(residual, false, kResidual)
+AWQ_GEMV_ENTRIES(rope, false, kRope)
+AWQ_GEMV_ENTRIES(norm_rope, true, kRope)
