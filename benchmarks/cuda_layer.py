@@ -97,7 +97,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama2-7b")
     parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=None, help="passes over the layers per graph "
+                        "(default: enough for about 80 layers, at least 1)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
 
@@ -124,6 +125,7 @@ def main() -> int:
     qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * shape["head_dim"]
     approx_layer = (hidden * (qkv + hidden + 3 * inter)) // 2  # int4 weights, for the layer count only
     shape["num_hidden_layers"] = layers = max(2, -(-4 * l2 // approx_layer))
+    repeats = args.repeats or max(1, -(-80 // layers))
     with tempfile.TemporaryDirectory(prefix="awq-edge-layer-") as tmp:
         engine = Path(tmp) / "engine"
         print(f"{gpu.name} ({gpu.arch}), L2 {l2 >> 20} MiB: a random {args.shape}-shaped engine of {layers} layers")
@@ -140,7 +142,7 @@ def main() -> int:
         for _ in range(3):  # the variants alternating: the median of each
             for name, (fused, programmatic) in variants.items():
                 backend.programmatic = programmatic
-                timed[name].append(time_layers(backend, layer_ops(decode_ops(info.spec, fused=fused)), args.repeats))
+                timed[name].append(time_layers(backend, layer_ops(decode_ops(info.spec, fused=fused)), repeats))
     nbytes = layer_bytes(info, args.context)
     roofline = nbytes / (ceiling * 1e9)
     results = {name: {"us_per_layer": float(np.median([t for t, _ in runs])) / layers * 1e6,
@@ -151,7 +153,7 @@ def main() -> int:
            **results["fused"], "bytes_per_layer": nbytes, "roofline_us": roofline * 1e6, "copy_gbs": ceiling,
            "variants": results,
            "date": dt.datetime.now().isoformat(timespec="seconds"),
-           "timing": f"{args.repeats} passes over the layers in one graph, host clock, median of {REPLAYS}"}
+           "timing": f"{repeats} passes over the {layers} layers in one graph, host clock, median of {REPLAYS}"}
     print(f"{args.shape} layer at context {args.context}: {row['us_per_layer']:.1f} us, "
           f"{row['launches_per_layer']:.0f} launches, {nbytes / 1e6:.1f} MB -> roofline {row['roofline_us']:.1f} us "
           f"at {ceiling:.0f} GB/s copy: {100 * row['roofline_fraction']:.0f}% of roofline")

@@ -50,6 +50,7 @@ print(plugins.build_cubins(gpus[0].arch))"
 step tests 150 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_kernels_gpu.py  # -s: each case's error
 step cuda_backend 240 python3 -P -m pytest -q -s -m gpu -p no:cacheprovider tests/test_cuda_backend_gpu.py
 step cuda_layer 120 python3 benchmarks/cuda_layer.py --output "$out/cuda_layer.json"
+step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m --output "$out/cuda_layer-smollm2.json"
 step gemv 180 python3 benchmarks/gemv.py --output "$out/gemv.json"
 step cuda_decode 300 python3 benchmarks/cuda_decode.py --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
 step quantize 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py

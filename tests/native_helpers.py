@@ -106,6 +106,11 @@ class RecordingDriver:
         self.allocated += int(nbytes)
         return address
 
+    @property
+    def launch_count(self) -> int:
+        return len(self.launches)
+
+    def copy(self, dst, src, nbytes): pass
     def upload(self, device_ptr, array): pass
     def upload_async(self, device_ptr, array): pass
     def zero(self, device_ptr, nbytes): pass

@@ -89,3 +89,14 @@ def test_a_layer_is_the_op_list_between_embedding_and_head_and_its_bytes_are_its
     norms = 2 * h * 4
     kv = 2 * 3 * 33 * d * 2
     assert layer.layer_bytes(info, 32) == weights + 4 * groups + norms + kv
+    # the timing harness on the cuda backend, its launches recorded instead of run: one pass over
+    # the layers is 5 launches a layer fused (4 GEMVs, attention), 9 unfused
+    from awq_edge.cuda_backend import CudaBackend
+    from native_helpers import RecordingDriver
+
+    manifest = read_manifest(tmp_path / "e")
+    backend = CudaBackend(tmp_path / "e", manifest, info, 64, driver=RecordingDriver())
+    backend.forward(list(range(40)))
+    for fused, per_layer in ((True, 5), (False, 9)):
+        seconds, launches = layer.time_layers(backend, layer.layer_ops(decode_ops(info.spec, fused=fused)), 2)
+        assert launches == 3 * per_layer and seconds >= 0
