@@ -88,7 +88,8 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
                  lm_head_bits="auto", backend: str = "auto") -> dict:
     """Build ENGINE from SRC for DEVICE; returns the manifest.
 
-    lm_head_bits ("auto" | None | 8 | 4) is passed to the CPU (`ort`) export: see docs/export.md."""
+    lm_head_bits ("auto" | None | 8 | 4) is passed to the CPU (`ort`) export: see docs/export.md.
+    A cuda engine's head is int8 for "auto" and 8, fp16 for None (float); 4 is refused."""
     from .memory import parse_size
 
     dev = resolve_for_build(device, backend)
@@ -107,7 +108,8 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
             raise UserError(f"model not found: {source}; give a Hugging Face model dir, a .gguf, `smollm2`, "
                             "an AWQ checkpoint or an export dir")
     if dev.is_gpu:
-        return _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress, backend, device)
+        return _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress, backend, device,
+                          lm_head_bits)
     if backend not in ("auto", "ort"):
         raise UserError(f"--backend {backend} is for GPU devices; --device cpu builds an ONNX Runtime engine")
 
@@ -181,10 +183,16 @@ def gpu_backend(choice: str) -> str:
     return "trt" if importlib.util.find_spec("tensorrt") else "cuda"
 
 
-def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress, backend, device_name) -> dict:
+def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress, backend, device_name,
+               lm_head_bits="auto") -> dict:
     backend = gpu_backend(backend)
     if backend == "cuda":
-        return _build_cuda(source, kind, dev, output, max_memory, max_context, force, progress, device_name)
+        heads = {"auto": "int8", 8: "int8", None: "fp16"}
+        if lm_head_bits not in heads:
+            raise UserError(f"--lm-head int{lm_head_bits} is for CPU engines; a cuda engine's head is int8 (auto) "
+                            "or float")
+        return _build_cuda(source, kind, dev, output, max_memory, max_context, force, progress, device_name,
+                           heads[lm_head_bits])
     try:
         from .trt_build import build_trt_engine
     except ImportError as e:
@@ -206,7 +214,8 @@ def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progre
 
 
 
-def _build_cuda(source, kind, dev, output, max_memory, max_context, force, progress, device_name) -> dict:
+def _build_cuda(source, kind, dev, output, max_memory, max_context, force, progress, device_name,
+                lm_head: str) -> dict:
     """A native engine (awq_edge/cuda_build.py) from a float model or a quantized checkpoint."""
     from .cuda_build import build_cuda_engine
 
@@ -218,6 +227,6 @@ def _build_cuda(source, kind, dev, output, max_memory, max_context, force, progr
     work = temp_dir_beside(output, "work")
     try:
         checkpoint = _quantize(source, work / "checkpoint", progress) if kind == "model" else Path(source)
-        return build_cuda_engine(checkpoint, dev, output, max_memory, max_context, force, device_name)
+        return build_cuda_engine(checkpoint, dev, output, max_memory, max_context, force, device_name, lm_head)
     finally:
         shutil.rmtree(work, ignore_errors=True)

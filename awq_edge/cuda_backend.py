@@ -219,8 +219,9 @@ class CudaBackend:
                         [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", 0 if a["kind"] == "silu" else 1)])
         elif op.kind == "lm_head":
             blocks = -(-spec.vocab // LM_HEAD_ROWS_PER_BLOCK)
-            self.launch("awq_lm_head", (blocks,), (NORM_THREADS,),
-                        [b[a["x"]], w[a["table"]], b[a["out"]], ("i32", spec.vocab), ("i32", spec.hidden),
+            table = [w[a["table"]], w[a["scales"]]] if a["scales"] else [w[a["table"]]]
+            self.launch("awq_lm_head_q8" if a["scales"] else "awq_lm_head", (blocks,), (NORM_THREADS,),
+                        [b[a["x"]], *table, b[a["out"]], ("i32", spec.vocab), ("i32", spec.hidden),
                          ("f32", a["softcap"])])
         else:
             raise ValueError(f"unknown op {op.kind}")
@@ -354,5 +355,5 @@ KERNELS_OF = {
     "attention": ["awq_rope_store"] + [f"awq_attend{split}_d{d}" for split in ("", "_split") for d in (64, 128, 256)],
     "sample": ["awq_sample_step"],
     "decoder_ops": ["awq_embed", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
-                    "awq_gated_act", "awq_residual_add", "awq_lm_head", "awq_advance"],
+                    "awq_gated_act", "awq_residual_add", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
 }

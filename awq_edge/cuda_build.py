@@ -54,8 +54,9 @@ def write_weights(path: Path, tensors: dict) -> dict:
 
 
 def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, max_context: int | None = None,
-                      force: bool = False, device_name: str | None = None) -> dict:
+                      force: bool = False, device_name: str | None = None, lm_head: str = "int8") -> dict:
     """Write a native engine for a GPU device profile from a quantized checkpoint; returns its manifest.
+    lm_head: int8 (the default: half the bytes of the checkpoint's fp16 head on every token) or fp16.
 
     device_name: what the manifest names (a family such as `orin`, whose variants resolve
     themselves at load); the plan is made for `device` (the family's smallest variant)."""
@@ -68,7 +69,7 @@ def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, m
     if len(group_sizes) != 1 or not group_sizes <= {32, 64, 128}:
         raise UserError(f"{checkpoint} uses group sizes {sorted(group_sizes)}; the cuda backend's kernels take one "
                         "group size of 32, 64 or 128")
-    spec = decoder_spec(model, group_sizes.pop(), checkpoint_has_qkv_bias(ckpt))
+    spec = decoder_spec(model, group_sizes.pop(), checkpoint_has_qkv_bias(ckpt), lm_head)
     tensors = pack_weights(ckpt, spec)
     source = {"source": str(checkpoint), "model_type": spec.model_type,
               "architectures": ckpt.config.get("architectures"),
@@ -94,7 +95,7 @@ def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path
     try:
         index = write_weights(staging / WEIGHTS_FILE, tensors)
         decoder = {"format": DECODER_FORMAT, "format_version": DECODER_FORMAT_VERSION, "group_size": spec.group_size,
-                   "qkv_bias": spec.qkv_bias, "lm_head": "fp16", "weights": WEIGHTS_FILE, "tensors": index}
+                   "qkv_bias": spec.qkv_bias, "lm_head": spec.lm_head, "weights": WEIGHTS_FILE, "tensors": index}
         (staging / DECODER_INFO).write_text(json.dumps(decoder, indent=1) + "\n")
         for name, file in kernel_files(device.gpu_arch).items():
             shutil.copy2(cubins[name], staging / file)

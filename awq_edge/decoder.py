@@ -30,7 +30,9 @@ Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qwei
 q/k/v concatenated along N, gate/up with their rows interleaved (gate row j at 2j, up row j at
 2j + 1: a GEMV block holds both halves of its outputs); norms as float32 (w + the family's offset: Gemma's
 1 + w); the embedding fp16 [V, hidden], which is the lm_head too when tied (else
-`lm_head.weight` fp16); RoPE tables fp16 [max_positions, D/2] per distinct frequency set.
+`lm_head.weight` fp16), or the head as int8 rows with an fp16 scale per 32 values
+(`lm_head.q8`, `lm_head.q8_scales`: spec.lm_head "int8", the default, half the bytes per token);
+RoPE tables fp16 [max_positions, D/2] per distinct frequency set.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UserError
+from .packing import INT8_BLOCK
 
 ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh"}
 
@@ -71,6 +74,7 @@ class DecoderSpec:
     layer_windows: tuple           # per layer: sliding window or 0
     layer_rope: tuple              # per layer: index of its RoPE table
     rope_freqs: tuple = field(repr=False)  # per table: inverse frequencies [D/2] (float64)
+    lm_head: str = "int8"          # the head in the engine: int8 (rows in blocks of 32, fp16 scales) or fp16
 
     @property
     def qkv_width(self) -> int:
@@ -82,8 +86,11 @@ class DecoderSpec:
         return 2 * self.layers * self.kv_heads * self.head_dim * 2
 
 
-def decoder_spec(model, group_size: int, qkv_bias: bool = False) -> DecoderSpec:
-    """A DecoderSpec from an export.spec.ModelSpec (a checked config) and the group size."""
+LM_HEADS = ("int8", "fp16")
+
+
+def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8") -> DecoderSpec:
+    """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size and the head's kind."""
     family = model.family
     if model.head_dim not in (64, 128, 256):
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
@@ -106,7 +113,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False) -> DecoderSpec:
         activation=ACTIVATIONS[family.activation], mlp_norm=family.mlp_norm, attn_scale=model.attn_scale,
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
-        rope_freqs=tuple(freqs))
+        rope_freqs=tuple(freqs), lm_head=lm_head)
 
 
 # ---------------------------------------------------------------- the op list
@@ -180,8 +187,9 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             pending = "mlp"
     final = {"out": "x", "weight": "model.norm.weight", "last_row": True}
     ops.append(Op("add_norm", {"x": pending, "residual": "h", **final}) if pending else Op("norm", {"x": "h", **final}))
-    ops.append(Op("lm_head", {"x": "x", "out": "logits", "table": lm_head_table(spec),
-                              "softcap": spec.final_softcap}))
+    head = ({"table": "lm_head.q8", "scales": "lm_head.q8_scales"} if spec.lm_head == "int8" else
+            {"table": lm_head_table(spec), "scales": None})
+    ops.append(Op("lm_head", {"x": "x", "out": "logits", **head, "softcap": spec.final_softcap}))
     return ops
 
 
@@ -229,7 +237,10 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
     g = spec.group_size
     layout = {"model.embed_tokens.weight": ("float16", (spec.vocab, spec.hidden)),
               "model.norm.weight": ("float32", (spec.hidden,))}
-    if not spec.tie_embeddings:
+    if spec.lm_head == "int8":  # (an untied model's fp16 head is then not needed)
+        layout["lm_head.q8"] = ("int8", (spec.vocab, spec.hidden))
+        layout["lm_head.q8_scales"] = ("float16", (spec.vocab, -(-spec.hidden // INT8_BLOCK)))
+    elif not spec.tie_embeddings:
         layout["lm_head.weight"] = ("float16", (spec.vocab, spec.hidden))
     for j in range(len(spec.rope_freqs)):
         for kind in ("cos", "sin"):
@@ -255,7 +266,7 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
 def pack_weights(ckpt, spec: DecoderSpec) -> dict[str, np.ndarray]:
     """The checkpoint's tensors in the layout tensor_layout() describes (checked against it)."""
     from .checkpoint import concat_linears
-    from .packing import pack_for_plugin
+    from .packing import pack_for_plugin, quantize_rows_int8
 
     def tensor(name: str) -> np.ndarray:
         if name not in ckpt.tensors:
@@ -263,8 +274,11 @@ def pack_weights(ckpt, spec: DecoderSpec) -> dict[str, np.ndarray]:
         return ckpt.tensors[name]
 
     out = {"model.embed_tokens.weight": tensor("model.embed_tokens.weight").astype(np.float16)}
-    if not spec.tie_embeddings:
-        head = ckpt.tensors.get("lm_head.weight", ckpt.tensors.get("model.embed_tokens.weight"))
+    head = ckpt.tensors.get("lm_head.weight", out["model.embed_tokens.weight"]) if not spec.tie_embeddings \
+        else out["model.embed_tokens.weight"]
+    if spec.lm_head == "int8":
+        out["lm_head.q8"], out["lm_head.q8_scales"] = quantize_rows_int8(head.astype(np.float16))
+    elif not spec.tie_embeddings:
         out["lm_head.weight"] = head.astype(np.float16)
     out.update(rope_weights(spec))
     for op in decode_ops(spec):

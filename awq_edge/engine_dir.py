@@ -292,7 +292,7 @@ DECODER_INFO = "decoder.json"
 DECODER_FORMAT = "awq-edge-decoder"
 DECODER_FORMAT_VERSION = 2  # 2: gate/up rows interleaved (2026-12-04)
 TENSOR_ALIGN = 256  # every tensor of weights.bin starts at a multiple of this (the GPU's alignment)
-DTYPE_BYTES = {"float16": 2, "float32": 4, "int32": 4}
+DTYPE_BYTES = {"float16": 2, "float32": 4, "int32": 4, "int8": 1}
 
 
 def tensor_nbytes(dtype: str, shape) -> int:
@@ -308,7 +308,7 @@ class DecoderInfo:
     tensors: dict                # name -> (dtype, shape, offset)
     weight_bytes: int
     config: dict
-    lm_head: str                 # fp16
+    lm_head: str                 # int8 | fp16 (decoder.LM_HEADS)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -342,7 +342,7 @@ class DecoderInfo:
 def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:
     """decoder.json of a native engine, checked against its config.json, the op list's tensor
     layout and the size of weights.bin."""
-    from .decoder import decoder_spec, tensor_layout
+    from .decoder import LM_HEADS, decoder_spec, tensor_layout
     from .export.spec import model_spec
 
     folder = Path(folder)
@@ -356,12 +356,13 @@ def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:
     group_size = f.int("group_size", 32, 128)
     if group_size not in (32, 64, 128):
         raise UserError(f"{path}: group_size {group_size} is not 32, 64 or 128; {REBUILD}")
-    lm_head = f.str("lm_head", ("fp16",))
+    lm_head = f.str("lm_head", LM_HEADS)
     weights = plain_name(f.str("weights"), f"{path} weights", REBUILD)
     if weights not in listed:
         raise UserError(f"{path}: weights {weights} is not a listed file; {REBUILD}")
     config = read_json(folder / "config.json", REBUILD)
-    spec = decoder_spec(model_spec(config, str(folder / "config.json"), REBUILD), group_size, f.bool("qkv_bias"))
+    spec = decoder_spec(model_spec(config, str(folder / "config.json"), REBUILD), group_size, f.bool("qkv_bias"),
+                        lm_head)
     layout = tensor_layout(spec)
     index = f.obj("tensors")
     if set(index.raw) != set(layout):

@@ -199,6 +199,28 @@ def dequantize(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size:
 # The op contract in plugins/README.md: qweight int32 [N, K/8], K contiguous per output
 # row, AWQ nibble order inside each word; scales and zeros fp16 [N, groups].
 
+INT8_BLOCK = 32  # the cuda engine's int8 lm_head: one fp16 scale per 32 values of a row
+
+
+def quantize_rows_int8(table: np.ndarray, block: int = INT8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """A float table [V, K] -> (q int8 [V, K], scales fp16 [V, ceil(K / block)]), symmetric per block:
+    s = max|w| / 127 rounded to fp16, q = round(w / s) in -127..127. W_hat = q * s."""
+    w = np.asarray(table, np.float32)
+    v, k = w.shape
+    blocks = -(-k // block)
+    padded = np.zeros((v, blocks * block), np.float32)
+    padded[:, :k] = w
+    scales = (np.abs(padded.reshape(v, blocks, block)).max(axis=2) / 127).astype(np.float16)
+    s = np.repeat(scales.astype(np.float32), block, axis=1)[:, :k]
+    q = np.where(s > 0, np.rint(w / np.where(s > 0, s, 1)), 0)
+    return np.clip(q, -127, 127).astype(np.int8), scales
+
+
+def dequantize_rows_int8(q: np.ndarray, scales: np.ndarray, block: int = INT8_BLOCK) -> np.ndarray:
+    """W_hat float32 [V, K] of quantize_rows_int8's output."""
+    return q.astype(np.float32) * np.repeat(scales.astype(np.float32), block, axis=1)[:, :q.shape[1]]
+
+
 def pack_for_plugin(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> dict[str, np.ndarray]:
     check_quantized(q, scales, zeros, group_size)
     return {

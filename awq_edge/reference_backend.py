@@ -24,7 +24,7 @@ import numpy as np
 from .decoder import DecoderSpec, buffer_shapes, decode_ops, step_ids
 from .engine_dir import DecoderInfo, check_files, read_decoder_info, read_manifest
 from .errors import UserError
-from .packing import dequantize, unpack_int4
+from .packing import dequantize, dequantize_rows_int8, unpack_int4
 
 F16, F32 = np.float16, np.float32
 
@@ -165,8 +165,8 @@ def twin_act(gate_up: np.ndarray, kind: str) -> np.ndarray:
 
 
 def twin_lm_head(x: np.ndarray, table: np.ndarray, softcap: float) -> np.ndarray:
-    """float32 logits [V] of one fp16 row x [hidden] against the fp16 table [V, hidden] (or its
-    float32 copy: the same values)."""
+    """float32 logits [V] of one fp16 row x [hidden] against the table [V, hidden]: float32 values
+    of the fp16 table, or of the int8 one (dequantize_rows_int8: q * s, exact in float32)."""
     logits = table.astype(F32, copy=False) @ x.astype(F32)
     if softcap > 0:
         logits = F32(softcap) * np.tanh(logits / F32(softcap))
@@ -265,7 +265,8 @@ class ReferenceBackend:
             buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"])
         elif op.kind == "lm_head":
             if a["table"] not in self._w:
-                self._w[a["table"]] = t[a["table"]].astype(F32)
+                self._w[a["table"]] = (dequantize_rows_int8(t[a["table"]], t[a["scales"]]) if a["scales"]
+                                       else t[a["table"]].astype(F32))
             buf[a["out"]][:] = twin_lm_head(buf[a["x"]][0], self._w[a["table"]], a["softcap"])
         else:
             raise ValueError(f"unknown op {op.kind}")

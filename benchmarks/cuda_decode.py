@@ -20,7 +20,8 @@ poison the others, and each starts with the GPU's memory free):
 decode_tok_s = (new tokens - 1) / time after the first token; ttft_s = prompt in -> first token
 on the host; both the median of --runs runs after a warm-up. roofline_fraction = (weight bytes
 read per token / copy bandwidth) / time per token, with the weight bytes each runtime reads: every
-linear and the lm_head (an untied embedding table is gathered, one row). JSON rows carry the keys
+linear and the lm_head (ours int8 by default, the peers fp16; an embedding table that is not the head
+is gathered, one row). JSON rows carry the keys
 gpu, shape, runtime, decode_tok_s, ttft_s, roofline_fraction (and bytes, errors); a runtime that
 fails gives a row with its one-line error, never a number. Needs an NVIDIA GPU, nvcc (the
 engine's kernels are compiled here) and torch with CUDA for the peers.
@@ -85,11 +86,12 @@ def worker_ours(engine_dir: str, runs: int) -> dict:
 
 
 def weight_bytes_read(info) -> int:
-    """Bytes of the engine's tensors one decode step reads whole: all but the RoPE tables and an
-    untied embedding table (one row of each is read)."""
+    """Bytes of the engine's tensors one decode step reads whole: all but the RoPE tables and the
+    embedding table unless it is the head (one row of each is read)."""
     import numpy as np
 
-    skip = {"model.embed_tokens.weight"} if not info.spec.tie_embeddings else set()
+    head_is_table = info.spec.tie_embeddings and info.spec.lm_head == "fp16"
+    skip = set() if head_is_table else {"model.embed_tokens.weight"}
     return sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for name, (dtype, shape, _) in info.tensors.items()
                if name not in skip and not name.startswith("rope."))
 

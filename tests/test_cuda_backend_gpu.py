@@ -194,6 +194,41 @@ def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
     assert err < 5e-3, err
 
 
+@pytest.mark.parametrize("vocab, hidden, softcap", [(49152, 576, 0.0), (1000, 136, 30.0), (32000, 4096, 0.0)])
+def test_the_int8_head_matches_its_twin(vocab, hidden, softcap):
+    """awq_lm_head_q8 on its own (cubin, driver API) against twin_lm_head of the dequantized int8
+    rows; logits poisoned with NaN first."""
+    from awq_edge import packing
+    from awq_edge.cuda_backend import LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS
+    from awq_edge.cuda_driver import Driver, f32, i32, ptr
+    from awq_edge.reference_backend import twin_lm_head
+
+    rng = np.random.default_rng(vocab + hidden)
+    q, scales = packing.quantize_rows_int8((rng.standard_normal((vocab, hidden)) / hidden ** 0.5).astype(np.float16))
+    x = (rng.standard_normal(hidden) * 3).astype(np.float16)
+    want = twin_lm_head(x, packing.dequantize_rows_int8(q, scales), softcap)
+    drv = Driver(GPUS[0].index)
+    fn = drv.function(drv.load_module(plugins.build_cubins(GPUS[0].arch)["decoder_ops"].read_bytes()),
+                      "awq_lm_head_q8")
+    dev = [drv.alloc(a.nbytes) for a in (x, q, scales)]
+    for d, a in zip(dev, (x, q, scales)):
+        drv.upload(d, a)
+    logits = drv.alloc(vocab * 4)
+    drv.upload(logits, np.full(vocab, np.nan, np.float32))
+    try:
+        drv.launch(fn, (-(-vocab // LM_HEAD_ROWS_PER_BLOCK),), (NORM_THREADS,),
+                   [ptr(dev[0]), ptr(dev[1]), ptr(dev[2]), ptr(logits), i32(vocab), i32(hidden), f32(softcap)])
+        got = np.empty(vocab, np.float32)
+        drv.download(got, logits)
+    finally:
+        for d in dev + [logits]:
+            drv.free(d)
+    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} logits never written"
+    err = np.abs(got - want).max() / np.abs(want).max()
+    print(f"int8 head V={vocab} hidden={hidden}: worst element {err:.1e}")
+    assert err < 1e-4 and got.argmax() == want.argmax()
+
+
 @pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (8, 2), 700, 0.0),
                                                        (256, (4, 4), 0, 50.0)])
 def test_split_decode_attention_matches_its_twin(d, heads, window, softcap):

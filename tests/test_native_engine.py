@@ -169,6 +169,30 @@ def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, 
 
 
 @needs_nvcc
+def test_a_cuda_engines_head_is_int8_unless_float_is_asked(tmp_path, smollm2_dir):
+    """int8 rows (half the bytes read per token) by default, the checkpoint's fp16 with --lm-head
+    float; int4 is refused in one line. On the reference executor the int8 head's logits stay within
+    1 % of the fp16 head's and pick the same token at every step."""
+    ckpt = tiny_native_checkpoint(tmp_path, "qwen2", smollm2_dir)  # untied: the fp16 head is its own tensor
+    backends = {}
+    for bits, head in (("auto", "int8"), (None, "fp16")):
+        engine = tmp_path / head
+        build_engine(str(ckpt), "rtx4090", engine, backend="cuda", progress=False, lm_head_bits=bits)
+        decoder = json.loads((engine / "decoder.json").read_text())
+        assert decoder["lm_head"] == head
+        assert ("lm_head.q8" in decoder["tensors"], "lm_head.weight" in decoder["tensors"]) == (head == "int8",
+                                                                                              head == "fp16")
+        backends[head] = ReferenceBackend(engine, max_context=64)
+    errors, disagreements = teacher_forced(backends["int8"], backends["fp16"],
+                                           np.random.default_rng(2).integers(0, 256, 40).tolist(), 8, margin=0)
+    assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
+    refused = subprocess.run([*CLI, "build", str(ckpt), "--device", "rtx4090", "--backend", "cuda", "--lm-head",
+                              "int4", "--output", str(tmp_path / "int4")], capture_output=True, text=True)
+    assert refused.returncode != 0 and refused.stderr.count("\n") == 1 and "--lm-head int4" in refused.stderr
+    assert not (tmp_path / "int4").exists()
+
+
+@needs_nvcc
 def test_an_engine_runs_on_the_reference_executor(smollm2_cuda_engine, engine_dir):
     """The backend interface end to end (Engine, tokenizer, sampler) on the reference executor:
     the greedy reply is the ONNX Runtime engine's."""

@@ -76,3 +76,18 @@ def test_pack_rejects_bad_input():
         packing.pack_int4(np.full((2, 8), 16, np.uint8))
     with pytest.raises(ValueError):
         packing.to_awq_gemm(np.zeros((8, 64), np.uint8), np.ones((8, 1), np.float16), np.zeros((8, 1), np.uint8), 32)
+
+
+def test_int8_rows_round_trip_within_half_a_step():
+    """The cuda engine's int8 head (packing.quantize_rows_int8): per 32 values of a row one fp16
+    scale, max|w| / 127; every value back within half a step, a zero block stays zero, and a row
+    length that 32 does not divide gets a short last block."""
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((50, 136)) * rng.uniform(0.01, 3, (50, 1))).astype(np.float16)
+    table[3, 32:64] = 0
+    q, scales = packing.quantize_rows_int8(table)
+    assert q.dtype == np.int8 and q.shape == table.shape and scales.shape == (50, 5) and scales.dtype == np.float16
+    assert np.abs(q).max() <= 127 and scales[3, 1] == 0 and not q[3, 32:64].any()
+    back = packing.dequantize_rows_int8(q, scales)
+    step = np.repeat(scales.astype(np.float32), 32, axis=1)[:, :136]
+    assert np.all(np.abs(back - table.astype(np.float32)) <= step / 2 + 1e-6 * np.abs(table.astype(np.float32)))

@@ -153,6 +153,38 @@ awq_lm_head(const __half* __restrict__ x, const __half* __restrict__ table, floa
     if (lane == 0) logits[v] = softcap > 0.f ? softcap * tanhf(sum / softcap) : sum;
 }
 
+// The int8 head: logits[v] = sum_k q[v, k] * scales[v, k / 32] * x[k] (fp32 sums), then the
+// soft-cap as above. q int8 [vocab, hidden], scales fp16 [vocab, ceil(hidden / 32)]. One warp per
+// vocabulary row, lanes reading 8 values (8 bytes, inside one block of 32) at a time: hidden % 8
+// == 0. Half the bytes of the fp16 head per token. Grid: ceil(vocab / 8) blocks of 256 threads.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_lm_head_q8(const __half* __restrict__ x, const int8_t* __restrict__ q, const __half* __restrict__ scales,
+               float* __restrict__ logits, int vocab, int hidden, float softcap) {
+    awq_edge::begin_after_previous_kernel();
+    const int v = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (v >= vocab) return;
+    const int blocks = (hidden + 31) / 32;
+    const uint2* row = reinterpret_cast<const uint2*>(q + static_cast<size_t>(v) * hidden);
+    const uint4* xs = reinterpret_cast<const uint4*>(x);
+    float sum = 0.f;
+    for (int c = lane; c < hidden / 8; c += 32) {
+        const uint2 bits = __ldcs(row + c);
+        const uint4 xv = __ldg(xs + c);
+        const int8_t* w = reinterpret_cast<const int8_t*>(&bits);
+        const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 b = __half22float2(x2[i]);
+            dot += static_cast<float>(w[2 * i]) * b.x + static_cast<float>(w[2 * i + 1]) * b.y;
+        }
+        sum += dot * __half2float(scales[static_cast<size_t>(v) * blocks + c / 4]);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) logits[v] = softcap > 0.f ? softcap * tanhf(sum / softcap) : sum;
+}
+
 // The position counter on the device: past += S after a step (the next replay reads it). Grid: 1 x 1.
 extern "C" __global__ void awq_advance(int64_t* past, int S) {
     awq_edge::begin_after_previous_kernel();
