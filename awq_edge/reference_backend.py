@@ -124,6 +124,34 @@ def twin_attend(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pas
     return out.reshape(S, H * D)
 
 
+def twin_attend_tiles(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, window: int,
+                      scale: float, softcap: float, tile_keys: int = 128) -> np.ndarray:
+    """One query of awq_attend as it computes it: q_rot fp16 [H, D] at position pos, the visible
+    keys walked in tiles of tile_keys from the first, an online softmax (running max and sum, the
+    V-weighted sum rescaled when the max moves), fp32. -> fp16 [H * D]. (twin_attend is the same
+    function in one softmax; this one checks the tile arithmetic.)"""
+    H, D = q_rot.shape
+    Hkv = k_cache.shape[0]
+    first = max(0, pos - window + 1) if window > 0 else 0
+    out = np.empty((H, D), F16)
+    for h in range(H):
+        kv, q = h // (H // Hkv), q_rot[h].astype(F32)
+        running_max, running_sum, acc = -np.inf, F32(0), np.zeros(D, F32)
+        for begin in range(first, pos + 1, tile_keys):
+            keys = np.arange(begin, min(pos + 1, begin + tile_keys))
+            scores = k_cache[kv, keys].astype(F32) @ q * F32(scale)
+            if softcap > 0:
+                scores = F32(softcap) * np.tanh(scores / F32(softcap))
+            new_max = max(running_max, scores.max())
+            rescale = np.exp(running_max - new_max)
+            p = np.exp(scores - new_max)
+            running_sum = running_sum * rescale + p.sum()
+            acc = acc * rescale + p @ v_cache[kv, keys].astype(F32)
+            running_max = new_max
+        out[h] = (acc / running_sum).astype(F16)
+    return out.reshape(-1)
+
+
 def twin_attend_split(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, window: int,
                       scale: float, softcap: float, split_keys: int = 128) -> np.ndarray:
     """Decode attention as awq_attend_split computes it (flash-decoding): q_rot fp16 [H, D] at

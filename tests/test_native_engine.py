@@ -313,8 +313,8 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"constexpr int kTileM = {cb.GEMM_TILE};" in src["gemm_w4a16"] and cb.GEMM_THREADS == 128
     assert f"constexpr int kRopeThreads = {cb.ROPE_THREADS};" in src["attention"]
     assert "constexpr int kWarps = 4;" in src["attention"] and cb.ATTEND_THREADS == 4 * 32
-    assert f"constexpr int kSplitKeys = {cb.ATTEND_SPLIT_KEYS};" in src["attention"]
-    assert "constexpr int kSplitThreads = kSplitKeys;" in src["attention"]
+    assert f"constexpr int kTileKeys = {cb.ATTEND_SPLIT_KEYS};" in src["attention"]
+    assert "constexpr int kSplitKeys = kTileKeys;" in src["attention"] and cb.ATTEND_THREADS == cb.ATTEND_SPLIT_KEYS
     assert f"constexpr int kThreads = {cb.SAMPLE_THREADS};" in src["sample"]
     assert cb.LM_HEAD_ROWS_PER_BLOCK == cb.NORM_THREADS // 32  # one warp per vocabulary row
     for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
@@ -358,24 +358,27 @@ def test_kernels_named_outside_the_engine_are_refused(smollm2_cuda_engine, tmp_p
 @pytest.mark.parametrize("pos, window, softcap, heads", [(0, 0, 0.0, (4, 2)), (127, 0, 0.0, (4, 2)),
                                                          (128, 0, 50.0, (2, 2)), (300, 0, 0.0, (6, 3)),
                                                          (300, 100, 0.0, (4, 1)), (383, 4096, 30.0, (4, 4))])
-def test_split_decode_attention_twin_equals_one_softmax(pos, window, softcap, heads):
-    """awq_attend_split's twin (splits of 128 keys, each with its softmax state, then merged)
-    against one float64 softmax over the visible keys: splits that see no key (past the
-    position, before the window) must weigh nothing."""
-    from awq_edge.reference_backend import twin_attend_split
+def test_attention_tile_and_split_twins_equal_one_softmax(pos, window, softcap, heads):
+    """awq_attend_split's twin (splits of 128 keys, each with its softmax state, then merged) and
+    awq_attend's (tiles of 128 keys from the first visible one, an online softmax) against one
+    float64 softmax over the visible keys: splits that see no key (past the position, before the
+    window) must weigh nothing, and a tile's rescaling must keep the earlier tiles' weights."""
+    from awq_edge.reference_backend import twin_attend_split, twin_attend_tiles
 
     H, Hkv = heads
     D, capacity, rng = 64, 384, np.random.default_rng(pos + window)
     q = rng.standard_normal((H, D)).astype(np.float16)
     k_cache = rng.standard_normal((Hkv, capacity, D)).astype(np.float16)
     v_cache = rng.standard_normal((Hkv, capacity, D)).astype(np.float16)
-    got = twin_attend_split(q, k_cache, v_cache, pos, window, 0.125, softcap).reshape(H, D).astype(np.float64)
+    split = twin_attend_split(q, k_cache, v_cache, pos, window, 0.125, softcap).reshape(H, D).astype(np.float64)
+    tiles = twin_attend_tiles(q, k_cache, v_cache, pos, window, 0.125, softcap).reshape(H, D).astype(np.float64)
     first = max(0, pos - window + 1) if window else 0
-    for h in range(H):
-        keys, values = k_cache[h // (H // Hkv), first:pos + 1], v_cache[h // (H // Hkv), first:pos + 1]
-        scores = keys.astype(np.float64) @ q[h].astype(np.float64) * 0.125
-        if softcap:
-            scores = softcap * np.tanh(scores / softcap)
-        p = np.exp(scores - scores.max())
-        want = p @ values.astype(np.float64) / p.sum()
-        assert np.abs(got[h] - want).max() < 2e-3 * max(1.0, np.abs(want).max())
+    for got in (split, tiles):
+        for h in range(H):
+            keys, values = k_cache[h // (H // Hkv), first:pos + 1], v_cache[h // (H // Hkv), first:pos + 1]
+            scores = keys.astype(np.float64) @ q[h].astype(np.float64) * 0.125
+            if softcap:
+                scores = softcap * np.tanh(scores / softcap)
+            p = np.exp(scores - scores.max())
+            want = p @ values.astype(np.float64) / p.sum()
+            assert np.abs(got[h] - want).max() < 2e-3 * max(1.0, np.abs(want).max())

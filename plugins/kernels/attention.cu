@@ -3,20 +3,19 @@
 // Two launches per call (awq_rope_store and awq_attend_d{D}, the names the cuda backend uses):
 //   rope_store  one block per new token: rotates q (into q_rot) and k (HF rotate_half, fp32
 //               math), writes k and v into their cache rows.
-//   attend      one block of 4 warps per (query head, new token). Each warp walks every 4th
-//               visible key with an online softmax (running max, sum and V-weighted sum, all
-//               fp32); the four partial results are merged at the end. A lane owns D/64 half2
-//               pairs of dims, so a warp reads a K or V row as 128-byte contiguous pieces.
-// attend walks a head's keys in 4 serial chains (a load, a dot product, a shuffle reduction and
-// an exp per key): fine when a prefill gives it H x S blocks, slow in decode, where it would be H
-// blocks. Decode uses attend_split (flash-decoding) instead:
+//   attend      one block of 128 threads per (query head, new token), walking the visible keys
+//               in tiles of 128: each thread scores one key of the tile (its loads independent of
+//               the others'), the block keeps an online softmax (running max and sum, fp32), and
+//               each thread accumulates the V-weighted sum of one pair of dims over a share of
+//               the tile's keys, rescaled when the max moves.
+// Decode uses attend_split (flash-decoding) instead, the same tile work spread over blocks:
 //   attend_split  grid (H, splits), 128 threads: block (h, c) takes keys c*128 .. c*128+127 of
-//               head h (those visible: each thread scores one key, all loads independent), keeps
-//               its softmax state (max, sum, V-weighted sum) in `partials`; the last block of
-//               the head to finish (a counter per head) merges the splits and writes out.
-//               splits = ceil(capacity / 128) is fixed when the decode graph is captured; the
-//               blocks past the position find no key and only count themselves.
-// Nothing here has been timed on a GPU yet.
+//               head h (those visible), keeps its softmax state (max, sum, V-weighted sum) in
+//               `partials`; the last block of the head to finish (a counter per head) merges the
+//               splits and writes out. splits = ceil(capacity / 128) is fixed when the decode
+//               graph is captured; the blocks past the position find no key and only count themselves.
+// Nothing here has been timed on a GPU yet (the per-warp serial walk that attend replaced passed
+// the GPU tests on an H100 on 2026-11-23).
 #include <math.h>
 #include <stdint.h>
 
@@ -74,98 +73,13 @@ __device__ __forceinline__ void rope_store(const __half* __restrict__ q, const _
     }
 }
 
-template <int kPairsPerLane>  // D = 64 * kPairsPerLane
-__device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
-       const int64_t* __restrict__ past_ptr, __half* __restrict__ out, int S, int H, int Hkv, int capacity,
-       int max_positions, int window, float scale, float softcap) {
-    constexpr int D = 64 * kPairsPerLane;
-    __shared__ float warp_max[kWarps];
-    __shared__ float warp_sum[kWarps];
-    __shared__ float2 warp_acc[kWarps][D / 2];
+constexpr int kTileKeys = 128;  // keys per tile: one per thread in the score pass
+constexpr int kTileThreads = kTileKeys;
+static_assert(kTileThreads == kWarps * 32, "attend's block is the tile");
 
-    const int h = blockIdx.x, s = blockIdx.y;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __half* y = out + (static_cast<size_t>(s) * H + h) * D;
-    const int64_t past = *past_ptr;
-    if (!step_fits(past, S, capacity, max_positions)) {
-        for (int d = threadIdx.x; d < D; d += blockDim.x) y[d] = __float2half(NAN);
-        return;
-    }
-    const int kv_head = h / (H / Hkv);
-    const int64_t pos = past + s;
-    const int64_t first = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
-
-    const __half2* q2 = reinterpret_cast<const __half2*>(q_rot + (static_cast<size_t>(s) * H + h) * D);
-    const __half2* k_rows = reinterpret_cast<const __half2*>(k_cache + static_cast<size_t>(kv_head) * capacity * D);
-    const __half2* v_rows = reinterpret_cast<const __half2*>(v_cache + static_cast<size_t>(kv_head) * capacity * D);
-    float2 qf[kPairsPerLane], acc[kPairsPerLane];
-#pragma unroll
-    for (int i = 0; i < kPairsPerLane; ++i) {
-        qf[i] = __half22float2(q2[lane + 32 * i]);
-        acc[i] = make_float2(0.f, 0.f);
-    }
-    float running_max = -INFINITY, running_sum = 0.f;
-    for (int64_t j = first + warp; j <= pos; j += kWarps) {
-        const __half2* k_row = k_rows + j * (D / 2);
-        float dot = 0.f;
-#pragma unroll
-        for (int i = 0; i < kPairsPerLane; ++i) {
-            const float2 kf = __half22float2(k_row[lane + 32 * i]);
-            dot += qf[i].x * kf.x + qf[i].y * kf.y;
-        }
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        float score = dot * scale;
-        if (softcap > 0.f) score = softcap * tanhf(score / softcap);
-        const float new_max = fmaxf(running_max, score);
-        const float rescale = __expf(running_max - new_max);  // 0 on the first key
-        const float p = __expf(score - new_max);
-        running_sum = running_sum * rescale + p;
-        const __half2* v_row = v_rows + j * (D / 2);
-#pragma unroll
-        for (int i = 0; i < kPairsPerLane; ++i) {
-            const float2 vf = __half22float2(v_row[lane + 32 * i]);
-            acc[i].x = acc[i].x * rescale + p * vf.x;
-            acc[i].y = acc[i].y * rescale + p * vf.y;
-        }
-        running_max = new_max;
-    }
-
-    // Merge the warps' softmax states (a warp that saw no key has max -inf and weight 0).
-    if (lane == 0) {
-        warp_max[warp] = running_max;
-        warp_sum[warp] = running_sum;
-    }
-#pragma unroll
-    for (int i = 0; i < kPairsPerLane; ++i) warp_acc[warp][lane + 32 * i] = acc[i];
-    __syncthreads();
-    float block_max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) block_max = fmaxf(block_max, warp_max[w]);
-    float weight[kWarps], total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-        weight[w] = __expf(warp_max[w] - block_max);
-        total += warp_sum[w] * weight[w];
-    }
-    const float inv_total = 1.f / total;
-    for (int pair = threadIdx.x; pair < D / 2; pair += blockDim.x) {
-        float2 sum = make_float2(0.f, 0.f);
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-            sum.x += warp_acc[w][pair].x * weight[w];
-            sum.y += warp_acc[w][pair].y * weight[w];
-        }
-        reinterpret_cast<__half2*>(y)[pair] = __floats2half2_rn(sum.x * inv_total, sum.y * inv_total);
-    }
-}
-
-constexpr int kSplitKeys = 128;  // keys per attend_split block: one per thread in the score pass
-constexpr int kSplitThreads = kSplitKeys;
-
-// max / sum of v over an attend_split block; every thread gets it. `scratch`: kSplitThreads / 32 floats.
+// max / sum of v over a block of kTileThreads; every thread gets it. `scratch`: kTileThreads / 32 floats.
 template <bool kMax>
-__device__ __forceinline__ float split_block_reduce(float v, float* scratch) {
+__device__ __forceinline__ float tile_reduce(float v, float* scratch) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
         const float other = __shfl_xor_sync(0xffffffffu, v, offset);
@@ -176,9 +90,114 @@ __device__ __forceinline__ float split_block_reduce(float v, float* scratch) {
     __syncthreads();
     float total = scratch[0];
 #pragma unroll
-    for (int w = 1; w < kSplitThreads / 32; ++w) total = kMax ? fmaxf(total, scratch[w]) : total + scratch[w];
+    for (int w = 1; w < kTileThreads / 32; ++w) total = kMax ? fmaxf(total, scratch[w]) : total + scratch[w];
     return total;
 }
+
+// scale * q.k of key row j (q in shared memory as float), soft-capped when softcap > 0.
+template <int D>
+__device__ __forceinline__ float score_key(const float* q_s, const __half* __restrict__ k_rows, int64_t j, float scale,
+                                           float softcap) {
+    const uint4* k_row = reinterpret_cast<const uint4*>(k_rows + j * D);
+    float dot = 0.f;
+#pragma unroll 4
+    for (int c = 0; c < D / 8; ++c) {
+        const uint4 bits = k_row[c];
+        const __half2* k2 = reinterpret_cast<const __half2*>(&bits);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 kf = __half22float2(k2[i]);
+            dot += q_s[8 * c + 2 * i] * kf.x + q_s[8 * c + 2 * i + 1] * kf.y;
+        }
+    }
+    const float score = dot * scale;
+    return softcap > 0.f ? softcap * tanhf(score / softcap) : score;
+}
+
+// acc += sum over this thread's share of the tile's n keys (from row `begin`) of p_s[t] * V[t] at
+// its pair of dims: thread = (group, pair), the groups taking every kTileThreads / (D / 2)-th key.
+template <int D>
+__device__ __forceinline__ void accumulate_values(float2& acc, const float* p_s, const __half* __restrict__ v_rows,
+                                                  int64_t begin, int n) {
+    constexpr int kPairs = D / 2, kGroups = kTileThreads / kPairs;
+    static_assert(kTileThreads % kPairs == 0, "D / 2 divides the block");
+    const int pair = threadIdx.x % kPairs, group = threadIdx.x / kPairs;
+    const __half2* v2 = reinterpret_cast<const __half2*>(v_rows);
+    for (int t = group; t < n; t += kGroups) {
+        const float2 vf = __half22float2(v2[(begin + t) * kPairs + pair]);
+        acc.x += p_s[t] * vf.x;
+        acc.y += p_s[t] * vf.y;
+    }
+}
+
+// Each pair's sum over the groups (threads < D / 2 get theirs). acc_s: shared [kGroups][D / 2].
+template <int D>
+__device__ __forceinline__ float2 sum_over_groups(float2 acc, float2* acc_s) {
+    constexpr int kPairs = D / 2, kGroups = kTileThreads / kPairs;
+    __syncthreads();  // acc_s may still be read by an earlier use
+    acc_s[threadIdx.x] = acc;  // [group][pair] flattened: thread = group * kPairs + pair
+    __syncthreads();
+    float2 sum = make_float2(0.f, 0.f);
+    if (threadIdx.x < kPairs) {
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) {
+            sum.x += acc_s[g * kPairs + threadIdx.x].x;
+            sum.y += acc_s[g * kPairs + threadIdx.x].y;
+        }
+    }
+    return sum;
+}
+
+template <int D>
+__device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,
+                                       const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
+                                       __half* __restrict__ out, int S, int H, int Hkv, int capacity, int max_positions,
+                                       int window, float scale, float softcap) {
+    __shared__ float q_s[D];
+    __shared__ float p_s[kTileKeys];
+    __shared__ float scratch[kTileThreads / 32];
+    __shared__ float2 acc_s[kTileThreads];
+
+    const int h = blockIdx.x, s = blockIdx.y;
+    __half* y = out + (static_cast<size_t>(s) * H + h) * D;
+    const int64_t past = *past_ptr;
+    if (!step_fits(past, S, capacity, max_positions)) {
+        for (int d = threadIdx.x; d < D; d += blockDim.x) y[d] = __float2half(NAN);
+        return;
+    }
+    const int kv_head = h / (H / Hkv);
+    const int64_t pos = past + s;
+    const int64_t first = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+    const __half* k_rows = k_cache + static_cast<size_t>(kv_head) * capacity * D;
+    const __half* v_rows = v_cache + static_cast<size_t>(kv_head) * capacity * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __half2float(q_rot[(static_cast<size_t>(s) * H + h) * D + d]);
+    __syncthreads();
+
+    float running_max = -INFINITY, running_sum = 0.f;
+    float2 acc = make_float2(0.f, 0.f);
+    for (int64_t begin = first; begin <= pos; begin += kTileKeys) {
+        const int n = static_cast<int>(pos + 1 - begin < kTileKeys ? pos + 1 - begin : kTileKeys);
+        const bool mine = static_cast<int>(threadIdx.x) < n;
+        const float score = mine ? score_key<D>(q_s, k_rows, begin + threadIdx.x, scale, softcap) : -INFINITY;
+        const float new_max = fmaxf(running_max, tile_reduce<true>(score, scratch));  // finite: the tile has a key
+        const float rescale = __expf(running_max - new_max);  // 0 on the first tile
+        const float p = mine ? __expf(score - new_max) : 0.f;
+        p_s[threadIdx.x] = p;
+        running_sum = running_sum * rescale + tile_reduce<false>(p, scratch);  // (its barriers publish p_s)
+        running_max = new_max;
+        acc.x *= rescale;
+        acc.y *= rescale;
+        accumulate_values<D>(acc, p_s, v_rows, begin, n);
+        __syncthreads();  // p_s is rewritten by the next tile
+    }
+    const float2 sum = sum_over_groups<D>(acc, acc_s);
+    if (threadIdx.x < D / 2) {
+        reinterpret_cast<__half2*>(y)[threadIdx.x] = __floats2half2_rn(sum.x / running_sum, sum.y / running_sum);
+    }
+}
+
+constexpr int kSplitKeys = kTileKeys;  // keys per attend_split block: one tile
+constexpr int kSplitThreads = kTileThreads;
 
 // One decode query head over one split of its keys, then (in the head's last block) the merge.
 // partials: float32 [H, splits, 2 + D] (max, sum, V-weighted sum); counters: int32 [H], zero
@@ -189,13 +208,10 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
                                              __half* __restrict__ out, float* __restrict__ partials,
                                              int* __restrict__ counters, int H, int Hkv, int capacity,
                                              int max_positions, int window, float scale, float softcap) {
-    constexpr int kPairs = D / 2;
-    constexpr int kGroups = kSplitThreads / kPairs;  // threads per value pair: they split the keys
-    static_assert(kSplitThreads % kPairs == 0, "D / 2 divides the block");
     __shared__ float q_s[D];
     __shared__ float p_s[kSplitKeys];
     __shared__ float scratch[kSplitThreads / 32];
-    __shared__ float2 acc_s[kGroups][kPairs];
+    __shared__ float2 acc_s[kSplitThreads];
     __shared__ bool merge_here;
 
     const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
@@ -209,51 +225,23 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
     const int64_t first = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
     const int64_t lo = static_cast<int64_t>(split) * kSplitKeys;
     const int64_t begin = first > lo ? first : lo;
-    const int64_t end = pos + 1 < lo + kSplitKeys ? pos + 1 : lo + kSplitKeys;  // keys [begin, end)
+    const int64_t end = pos + 1 < lo + kSplitKeys ? pos + 1 : lo + kSplitKeys;  // keys [begin, end), maybe none
+    const __half* k_rows = k_cache + static_cast<size_t>(kv_head) * capacity * D;
+    const __half* v_rows = v_cache + static_cast<size_t>(kv_head) * capacity * D;
 
     for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __half2float(q_rot[static_cast<size_t>(h) * D + d]);
     __syncthreads();
-    const int64_t j = begin + threadIdx.x;
-    float score = -INFINITY;
-    if (j < end) {
-        const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + (static_cast<size_t>(kv_head) * capacity + j) * D);
-        float dot = 0.f;
-#pragma unroll 4
-        for (int c = 0; c < D / 8; ++c) {
-            const uint4 bits = k_row[c];
-            const __half2* k2 = reinterpret_cast<const __half2*>(&bits);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const float2 kf = __half22float2(k2[i]);
-                dot += q_s[8 * c + 2 * i] * kf.x + q_s[8 * c + 2 * i + 1] * kf.y;
-            }
-        }
-        score = dot * scale;
-        if (softcap > 0.f) score = softcap * tanhf(score / softcap);
-    }
-    const float block_max = split_block_reduce<true>(score, scratch);
-    const float p = j < end ? __expf(score - block_max) : 0.f;  // no visible key: every p is 0
+    const bool mine = begin + threadIdx.x < end;
+    const float score = mine ? score_key<D>(q_s, k_rows, begin + threadIdx.x, scale, softcap) : -INFINITY;
+    const float block_max = tile_reduce<true>(score, scratch);
+    const float p = mine ? __expf(score - block_max) : 0.f;  // no visible key: every p is 0
     p_s[threadIdx.x] = p;
-    const float block_sum = split_block_reduce<false>(p, scratch);  // (its barriers publish p_s)
-
-    const int pair = threadIdx.x % kPairs, group = threadIdx.x / kPairs;
-    const __half2* v_rows = reinterpret_cast<const __half2*>(v_cache + static_cast<size_t>(kv_head) * capacity * D);
+    const float block_sum = tile_reduce<false>(p, scratch);  // (its barriers publish p_s)
     float2 acc = make_float2(0.f, 0.f);
-    for (int t = group; t < end - begin; t += kGroups) {
-        const float2 vf = __half22float2(v_rows[(begin + t) * kPairs + pair]);
-        acc.x += p_s[t] * vf.x;
-        acc.y += p_s[t] * vf.y;
-    }
-    acc_s[group][pair] = acc;
-    __syncthreads();
+    accumulate_values<D>(acc, p_s, v_rows, begin, end > begin ? static_cast<int>(end - begin) : 0);
+    const float2 sum = sum_over_groups<D>(acc, acc_s);
     float* part = partials + (static_cast<size_t>(h) * splits + split) * (2 + D);
-    if (threadIdx.x < kPairs) {
-        float2 sum = acc_s[0][threadIdx.x];
-#pragma unroll
-        for (int g = 1; g < kGroups; ++g) {
-            sum.x += acc_s[g][threadIdx.x].x;
-            sum.y += acc_s[g][threadIdx.x].y;
-        }
+    if (threadIdx.x < D / 2) {
         part[2 + 2 * threadIdx.x] = sum.x;
         part[3 + 2 * threadIdx.x] = sum.y;
     }
@@ -277,16 +265,16 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
         const float mc = __ldcg(head + c * (2 + D));
         if (mc > -INFINITY) total += __ldcg(head + c * (2 + D) + 1) * __expf(mc - m);
     }
-    for (int q = threadIdx.x; q < kPairs; q += blockDim.x) {
-        float2 sum = make_float2(0.f, 0.f);
+    for (int q = threadIdx.x; q < D / 2; q += blockDim.x) {
+        float2 merged = make_float2(0.f, 0.f);
         for (int c = 0; c < splits; ++c) {
             const float mc = __ldcg(head + c * (2 + D));
             if (mc == -INFINITY) continue;  // a split with no visible key
             const float w = __expf(mc - m);
-            sum.x += __ldcg(head + c * (2 + D) + 2 + 2 * q) * w;
-            sum.y += __ldcg(head + c * (2 + D) + 3 + 2 * q) * w;
+            merged.x += __ldcg(head + c * (2 + D) + 2 + 2 * q) * w;
+            merged.y += __ldcg(head + c * (2 + D) + 3 + 2 * q) * w;
         }
-        reinterpret_cast<__half2*>(y)[q] = __floats2half2_rn(sum.x / total, sum.y / total);
+        reinterpret_cast<__half2*>(y)[q] = __floats2half2_rn(merged.x / total, merged.y / total);
     }
     if (threadIdx.x == 0) counters[h] = 0;  // ready for the next step
 }
@@ -312,14 +300,14 @@ awq_rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const
 }
 
 #define AWQ_ATTEND_ENTRY(D)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(kWarps * 32)                                                       \
+    extern "C" __global__ void __launch_bounds__(kWarps * 32, 1) /* as below: ptxas spilled without the 1 */  \
         awq_attend_d##D(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,                       \
                         const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,                   \
                         __half* __restrict__ out, int S, int H, int Hkv, int capacity, int max_positions,          \
                         int window, float scale, float softcap) {                                                   \
         awq_edge::begin_after_previous_kernel();                                                                    \
-        attend<D / 64>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale,   \
-                       softcap);                                                                                    \
+        attend<D>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale,        \
+                  softcap);                                                                                         \
     }
 AWQ_ATTEND_ENTRY(64)
 AWQ_ATTEND_ENTRY(128)
