@@ -9,6 +9,9 @@
 //   (reads of data no earlier kernel writes: the weights)
 //   wait_for_previous_kernel()  returns once the previous kernel has finished and its writes are
 //                               visible; everything that reads or writes activations comes after.
+//                               (PTX ISA, griddepcontrol: .wait waits until "all the memory operations
+//                               from the prerequisite grids are performed and made visible to the
+//                               current grid", so the read-only-cache loads after it see them too.)
 // Launched without the attribute (or before sm_90), both are no-ops and the launch waits as usual.
 #pragma once
 
