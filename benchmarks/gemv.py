@@ -21,6 +21,8 @@ What bounds the GEMV, per M = 1 shape: a read-only kernel of the same grid and t
 (awq_w4a16_read_only: the GEMV's loads, no arithmetic) is timed beside it, and a straight line
 time = intercept + bytes / bandwidth is fitted over the shapes, for both: the intercept is the
 fixed cost of a launch (in a graph), the slope the bandwidth once a launch is running.
+Prefill rows also time the other way to prefill: dequantize the weights to fp16
+(awq_w4a16_dequantize), then torch's fp16 matmul (cuBLAS), captured together.
 """
 from __future__ import annotations
 
@@ -149,6 +151,49 @@ def torch_ms(k: int, n: int, m: int, copies: int, iters: int):
     return float(np.median(times))
 
 
+def dequant_torch_ms(lib, weights: "Weights", k: int, n: int, m: int, iters: int):
+    """Prefill as "dequantize to fp16 (awq_w4a16_dequantize), then torch fp16 matmul (cuBLAS)", per
+    launch pair, timed like the rest: `iters` pairs in one CUDA graph (our kernel is captured on
+    torch's capture stream). None without torch with CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    w = torch.empty(n, k, device="cuda", dtype=torch.float16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    copies = len(weights.sets)
+
+    def pair(i):
+        q, s, z = weights.sets[i % copies]
+        status = lib.awq_w4a16_dequantize(q, s, z, w.data_ptr(), n, k, GROUP_SIZE, torch.cuda.current_stream().cuda_stream)
+        if status:
+            raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
+        return torch.matmul(x, w.t())
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as torch's graph capture asks
+        for i in range(3):
+            pair(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(iters):
+            pair(i)
+    graph.replay()  # warm-up
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    del graph  # (w and x go with the function)
+    return float(np.median(times))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=200)
@@ -207,14 +252,20 @@ def main() -> int:
                 row = {"K": k, "N": n, "M": m, "bytes": moved, "us": ms * 1e3, "gbs": gbs, "pct_of_copy": 100 * gbs / copy_gbs,
                        "tflops": tflops, "torch_fp16_us": t_ms * 1e3 if t_ms else None,
                        "speedup_vs_torch": (t_ms / ms) if t_ms else None}
+                if m in PREFILL_ROWS:  # the other way to prefill: dequantize, then cuBLAS fp16
+                    d_ms = dequant_torch_ms(lib, weights, k, n, m, iters)
+                    row["dequant_cublas_us"] = d_ms * 1e3 if d_ms else None
+                    row["ours_vs_dequant_cublas"] = d_ms / ms if d_ms else None
                 if m == 1:
                     row["read_only_bytes"] = weights.nbytes + 2 * n
                     row["read_only_us"] = read_only_us[(k, n)]
                     row["read_only_pct_of_copy"] = 100 * row["read_only_bytes"] / row["read_only_us"] / 1e3 / copy_gbs
                 results["decode" if m in DECODE_ROWS else "prefill"].append(row)
                 torch_col = f"{t_ms * 1e3:14.1f} {t_ms / ms:7.2f}x" if t_ms else f"{'not measured':>14} {'-':>8}"
+                dequant_col = (f"  dequant+cuBLAS {row['dequant_cublas_us']:.1f} us, ours {row['ours_vs_dequant_cublas']:.2f}x"
+                               if row.get("dequant_cublas_us") else "")
                 print(f"{k:>6}x{n:<6} {m:>5} {ms * 1e3:9.1f} {gbs:8.1f} {row['pct_of_copy']:6.1f}% {torch_col} "
-                      f"{tflops:8.2f}")
+                      f"{tflops:8.2f}{dequant_col}")
         finally:
             weights.free()
             cuda.free(x)

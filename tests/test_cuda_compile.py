@@ -16,6 +16,7 @@ from awq_edge import plugins
 
 CHECK = plugins.PLUGINS_DIR / "check_compile.sh"
 C_ABI = {"awq_w4a16_gemv", "awq_w4a16_gemm", "awq_w4a16_matmul", "awq_w4a16_status_string", "awq_sample_token",
+         "awq_w4a16_read_only", "awq_w4a16_dequantize",
          "awq_attention"}
 
 needs_nvcc = pytest.mark.skipif(plugins.find_nvcc() is None, reason="nvcc not found: CUDA compile checks skipped")

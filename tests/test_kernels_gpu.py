@@ -119,6 +119,33 @@ def test_the_read_only_ceiling_reads_every_byte_the_gemv_reads(gpu, k, n, group_
     assert np.array_equal(got, want), f"{np.sum(got != want)} of {n} rows differ"
 
 
+@pytest.mark.parametrize("k, n, group_size", SHAPES)
+def test_dequantize_gives_packing_dequantize_rounded_to_fp16_exactly(gpu, k, n, group_size):
+    """awq_w4a16_dequantize (the first half of dequantize + cuBLAS prefill): bit for bit the
+    reference's W_hat in fp16, every element written (the output poisoned first)."""
+    cuda, lib = gpu
+    rng = np.random.default_rng(n * 31 + k)
+    groups = packing.num_groups(k, group_size)
+    q = rng.integers(0, 16, size=(n, k), dtype=np.uint8)
+    zeros = rng.integers(0, 16, size=(n, groups), dtype=np.uint8)
+    scales = rng.uniform(0.002, 0.02, size=(n, groups)).astype(np.float16)
+    packed = packing.pack_for_plugin(q, scales, zeros, group_size)
+    want = packing.dequantize(q, scales, zeros, group_size).astype(np.float16)
+    ptrs = [cuda.to_device(np.ascontiguousarray(packed[name])) for name in ("qweight", "scales", "zeros")]
+    w_dev = cuda.malloc(n * k * 2)
+    try:
+        cuda.memset(w_dev, NAN_FP16, n * k * 2)
+        status = lib.awq_w4a16_dequantize(*ptrs, w_dev, n, k, group_size, None)
+        assert status == 0, lib.awq_w4a16_status_string(status).decode()
+        cuda.synchronize()
+        got = np.empty((n, k), dtype=np.float16)
+        cuda.to_host(w_dev, got)
+    finally:
+        for p in (*ptrs, w_dev):
+            cuda.free(p)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), f"{np.sum(got != want)} values differ"
+
+
 def test_invalid_arguments_are_refused(gpu):
     cuda, lib = gpu
     buf = cuda.malloc(1 << 16)

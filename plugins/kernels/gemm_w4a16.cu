@@ -227,6 +227,25 @@ AWQ_GEMM_ENTRY(128, 1)
 namespace awq_edge {
 namespace {
 
+// W_hat fp16 [N, K] from the packed weights: one thread per word (8 values), the kernels' own
+// dequantization ((q - z) * s rounded once), so the result is packing.dequantize's rounded to
+// fp16 exactly. For "dequantize, then cuBLAS fp16" prefill, measured against our GEMM by
+// benchmarks/gemv.py. Grid: ceil(N * K / 8 / 256) blocks of 256 threads.
+template <int kGroupSize>
+__global__ void __launch_bounds__(256)
+dequantize_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
+                  const half* __restrict__ zeros, half* __restrict__ w, int N, int K) {
+    const size_t word = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int words_per_row = K / kValuesPerWord;
+    if (word >= static_cast<size_t>(N) * words_per_row) return;
+    const size_t n = word / words_per_row;
+    const int k = static_cast<int>(word % words_per_row) * kValuesPerWord;
+    const size_t at = n * num_groups(K, kGroupSize) + group_of(k, kGroupSize);
+    half2 out[4];
+    dequant_word(__ldcs(qweight + word), make_group_params(scales[at], zeros[at]), out);
+    *reinterpret_cast<uint4*>(w + n * K + k) = bit_cast<uint4>(out);
+}
+
 using GemmKernel = void (*)(const half*, const uint32_t*, const half*, const half*, half*, int, int, int);
 
 void launch_gemm(GemmKernel kernel, const half* x, const uint32_t* qweight, const half* scales, const half* zeros,
@@ -249,5 +268,21 @@ extern "C" int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __h
                       : group_size == 64 ? (vector ? awq_gemm_g64_v1 : awq_gemm_g64_v0)
                                          : (vector ? awq_gemm_g128_v1 : awq_gemm_g128_v0);
     launch_gemm(kernel, x, w, scales, zeros, y, M, N, K, stream);
+    return launch_status();
+}
+
+extern "C" int awq_w4a16_dequantize(const int32_t* qweight, const __half* scales, const __half* zeros, __half* w,
+                                    int N, int K, int group_size, cudaStream_t stream) {
+    using namespace awq_edge;
+    // valid_matmul_args wants an x: w stands in for it (16-byte aligned, as every row start is: K % 8 == 0)
+    if (!valid_matmul_args(w, qweight, scales, zeros, w, 1, N, K, group_size)) return AWQ_W4A16_INVALID_ARGUMENT;
+    const auto* q = reinterpret_cast<const uint32_t*>(qweight);
+    const size_t words = static_cast<size_t>(N) * (K / kValuesPerWord);
+    const unsigned blocks = static_cast<unsigned>((words + 255) / 256);
+    switch (group_size) {
+        case 32: dequantize_kernel<32><<<blocks, 256, 0, stream>>>(q, scales, zeros, w, N, K); break;
+        case 64: dequantize_kernel<64><<<blocks, 256, 0, stream>>>(q, scales, zeros, w, N, K); break;
+        default: dequantize_kernel<128><<<blocks, 256, 0, stream>>>(q, scales, zeros, w, N, K); break;
+    }
     return launch_status();
 }

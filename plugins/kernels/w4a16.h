@@ -43,6 +43,11 @@ int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales
 int awq_w4a16_matmul(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                      __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
 
+/* W_hat fp16 [N, K] (row-major) from the packed weights, exactly packing.dequantize's values rounded
+ * to fp16: the first half of "dequantize, then cuBLAS fp16" prefill (benchmarks/gemv.py). */
+int awq_w4a16_dequantize(const int32_t* qweight, const __half* scales, const __half* zeros, __half* w,
+                         int N, int K, int group_size, cudaStream_t stream);
+
 /* The GEMV's ceiling, for benchmarks: the decode GEMV's grid and loads of the same weight, scale and
  * zero bytes (M = 1), with no arithmetic; y gets N meaningless values. */
 int awq_w4a16_read_only(const int32_t* qweight, const __half* scales, const __half* zeros, __half* y,
