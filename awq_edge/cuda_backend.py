@@ -216,7 +216,7 @@ class CudaBackend:
             self.attention(op, rows)
         elif op.kind == "act":
             self.launch("awq_gated_act", (rows,), (NORM_THREADS,),
-                        [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", 0 if a["kind"] == "silu" else 1)])
+                        [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", ACT_KINDS[a["kind"]])])
         elif op.kind == "lm_head":
             blocks = -(-spec.vocab // LM_HEAD_ROWS_PER_BLOCK)
             table = [w[a["table"]], w[a["scales"]]] if a["scales"] else [w[a["table"]]]
