@@ -54,4 +54,38 @@ step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m 
 step gemv 180 python3 benchmarks/gemv.py --output "$out/gemv.json"
 step cuda_decode 300 python3 benchmarks/cuda_decode.py --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
 step quantize 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
+# One screen of the numbers issue 19 asks for, from the JSONs above (whatever exists).
+python3 - "$out" <<'SUMMARY' 2>&1 | tee "$out/summary.log"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(name):
+    try:
+        return json.loads((out / name).read_text())
+    except (OSError, ValueError):
+        return None
+g = load("gemv.json")
+if g:
+    for name, fit in g.get("fit_m1", {}).items():
+        print(f"fit {name}: {fit['intercept_us']:.2f} us + bytes / {fit['slope_gbs']:.0f} GB/s ({fit['slope_pct_of_copy']:.0f}% of copy)")
+    for r in g["decode"]:
+        if r["M"] == 1:
+            print(f"GEMV {r['K']}x{r['N']}: {r['us']:.1f} us, {r['pct_of_copy']:.0f}% of copy (read-only {r['read_only_pct_of_copy']:.0f}%)")
+    print("M=8/M=1: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.get("m8_over_m1", {}).items()))
+    for r in g["prefill"]:
+        vs = f"{r['speedup_vs_torch']:.2f}x cuBLAS" if r.get("speedup_vs_torch") else "no torch"
+        dq = f", {r['ours_vs_dequant_cublas']:.2f}x dequant+cuBLAS" if r.get("ours_vs_dequant_cublas") else ""
+        print(f"prefill {r['K']}x{r['N']} M={r['M']}: {r['us']:.1f} us, {vs}{dq}")
+for name in ("cuda_layer.json", "cuda_layer-smollm2.json"):
+    layer = load(name)
+    if layer:
+        for variant, r in layer["variants"].items():
+            print(f"layer {layer['shape']} {variant}: {r['us_per_layer']:.1f} us, {r['launches_per_layer']:.0f} launches, "
+                  f"{100 * r['roofline_fraction']:.0f}% of roofline")
+d = load("cuda_decode.json")
+for r in (d or {}).get("rows", d if isinstance(d, list) else []):
+    if isinstance(r, dict) and r.get("decode_tok_s"):
+        print(f"decode {r['shape']} {r['runtime']}: {r['decode_tok_s']:.0f} tok/s, "
+              f"{100 * (r.get('roofline_fraction') or 0):.0f}% of roofline, TTFT {1e3 * r['ttft_s']:.0f} ms")
+SUMMARY
 exit "$status"
