@@ -118,25 +118,20 @@ class Weights:
                 self.cuda.free(p)
 
 
-def torch_ms(k: int, n: int, m: int, copies: int, iters: int):
-    """Torch fp16 X @ W per launch, timed like ours: `iters` matmuls in one CUDA graph."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    ws = [torch.randn(k, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):  # warm-up off the default stream, as torch's graph capture asks
-        for w in ws[:3]:
-            torch.matmul(x, w)
+def torch_graph_ms(launch, iters: int) -> float:
+    """Time per call of launch(i) (torch work, or ours on torch's current stream), timed like ours:
+    a warm-up off the default stream (as torch's graph capture asks), `iters` calls in one CUDA
+    graph, the median of REPLAYS replays."""
+    import torch
+
+    with torch.cuda.stream(torch.cuda.Stream()):
+        for i in range(3):
+            launch(i)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(iters):
-            torch.matmul(x, ws[i % copies])
+            launch(i)
     graph.replay()  # warm-up
     times = []
     for _ in range(REPLAYS):
@@ -146,52 +141,47 @@ def torch_ms(k: int, n: int, m: int, copies: int, iters: int):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / iters)
-    del graph, ws
+    del graph
     torch.cuda.empty_cache()
     return float(np.median(times))
 
 
-def dequant_torch_ms(lib, weights: "Weights", k: int, n: int, m: int, iters: int):
-    """Prefill as "dequantize to fp16 (awq_w4a16_dequantize), then torch fp16 matmul (cuBLAS)", per
-    launch pair, timed like the rest: `iters` pairs in one CUDA graph (our kernel is captured on
-    torch's capture stream). None without torch with CUDA."""
+def torch_cuda():
+    """torch, if it is installed with CUDA; else None (the peer columns read "not measured")."""
     try:
         import torch
     except ImportError:
         return None
-    if not torch.cuda.is_available():
+    return torch if torch.cuda.is_available() else None
+
+
+def torch_ms(k: int, n: int, m: int, copies: int, iters: int):
+    """Torch fp16 X @ W per launch (cuBLAS); None without torch with CUDA."""
+    torch = torch_cuda()
+    if torch is None:
+        return None
+    ws = [torch.randn(k, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    return torch_graph_ms(lambda i: torch.matmul(x, ws[i % copies]), iters)
+
+
+def dequant_torch_ms(lib, weights: "Weights", k: int, n: int, m: int, iters: int):
+    """Prefill as "dequantize to fp16 (awq_w4a16_dequantize), then torch fp16 matmul (cuBLAS)", per
+    pair, our kernel launched on torch's (capture) stream; None without torch with CUDA."""
+    torch = torch_cuda()
+    if torch is None:
         return None
     w = torch.empty(n, k, device="cuda", dtype=torch.float16)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    copies = len(weights.sets)
 
     def pair(i):
-        q, s, z = weights.sets[i % copies]
+        q, s, z = weights.sets[i % len(weights.sets)]
         status = lib.awq_w4a16_dequantize(q, s, z, w.data_ptr(), n, k, GROUP_SIZE, torch.cuda.current_stream().cuda_stream)
         if status:
             raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
         return torch.matmul(x, w.t())
 
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):  # warm-up off the default stream, as torch's graph capture asks
-        for i in range(3):
-            pair(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(iters):
-            pair(i)
-    graph.replay()  # warm-up
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    del graph  # (w and x go with the function)
-    return float(np.median(times))
+    return torch_graph_ms(pair, iters)
 
 
 def main() -> int:

@@ -28,30 +28,41 @@ def gpu():
     return cuda, plugins.load_kernels(GPUS[0].arch)
 
 
-def run(gpu, entry: str, m: int, n: int, k: int, group_size: int, seed: int):
-    cuda, lib = gpu
-    rng = np.random.default_rng(seed)
+def random_quantized(rng, n: int, k: int, group_size: int):
+    """(q, scales, zeros, packed): random levels, zero points and scales, and their plugin layout."""
     groups = packing.num_groups(k, group_size)
     q = rng.integers(0, 16, size=(n, k), dtype=np.uint8)
     zeros = rng.integers(0, 16, size=(n, groups), dtype=np.uint8)
     scales = rng.uniform(0.002, 0.02, size=(n, groups)).astype(np.float16)
-    x = rng.standard_normal((m, k)).astype(np.float16)
-    packed = packing.pack_for_plugin(q, scales, zeros, group_size)
-    w_hat = packing.dequantize(q, scales, zeros, group_size).astype(np.float64)
-    want = x.astype(np.float64) @ w_hat.T
+    return q, scales, zeros, packing.pack_for_plugin(q, scales, zeros, group_size)
 
-    ptrs = [cuda.to_device(np.ascontiguousarray(a)) for a in (x, packed["qweight"], packed["scales"], packed["zeros"])]
-    y_dev = cuda.malloc(m * n * 2)
+
+def call(gpu, entry: str, inputs: list, out: np.ndarray, *args) -> np.ndarray:
+    """lib.entry(*inputs on the device, an output buffer poisoned with NaN, *args, stream NULL);
+    returns the output in out's shape and dtype."""
+    cuda, lib = gpu
+    ptrs = [cuda.to_device(np.ascontiguousarray(a)) for a in inputs]
+    out_dev = cuda.malloc(out.nbytes)
     try:
-        cuda.memset(y_dev, NAN_FP16, m * n * 2)  # 0x7E7E is a NaN in fp16
-        status = getattr(lib, entry)(*ptrs, y_dev, m, n, k, group_size, None)
+        cuda.memset(out_dev, NAN_FP16, out.nbytes)  # 0x7E7E is a NaN in fp16
+        status = getattr(lib, entry)(*ptrs, out_dev, *args, None)
         assert status == 0, lib.awq_w4a16_status_string(status).decode()
         cuda.synchronize()
-        got = np.empty((m, n), dtype=np.float16)
-        cuda.to_host(y_dev, got)
+        cuda.to_host(out_dev, out)
     finally:
-        for p in (*ptrs, y_dev):
+        for p in (*ptrs, out_dev):
             cuda.free(p)
+    return out
+
+
+def run(gpu, entry: str, m: int, n: int, k: int, group_size: int, seed: int):
+    rng = np.random.default_rng(seed)
+    q, scales, zeros, packed = random_quantized(rng, n, k, group_size)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    w_hat = packing.dequantize(q, scales, zeros, group_size).astype(np.float64)
+    want = x.astype(np.float64) @ w_hat.T
+    got = call(gpu, entry, [x, packed["qweight"], packed["scales"], packed["zeros"]], np.empty((m, n), np.float16),
+               m, n, k, group_size)
     assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
     err = np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want)
     worst = np.max(np.abs(got - want)) / np.max(np.abs(want))
@@ -97,24 +108,9 @@ def read_only_twin(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
 def test_the_read_only_ceiling_reads_every_byte_the_gemv_reads(gpu, k, n, group_size):
     """benchmarks/gemv.py's ceiling: its output is the xor of what it loaded, so a load it skips
     (or one the compiler dropped) shows."""
-    cuda, lib = gpu
-    rng = np.random.default_rng(k + n)
-    groups = packing.num_groups(k, group_size)
-    packed = packing.pack_for_plugin(rng.integers(0, 16, size=(n, k), dtype=np.uint8),
-                                     rng.uniform(0.002, 0.02, size=(n, groups)).astype(np.float16),
-                                     rng.integers(0, 16, size=(n, groups), dtype=np.uint8), group_size)
-    ptrs = [cuda.to_device(np.ascontiguousarray(packed[name])) for name in ("qweight", "scales", "zeros")]
-    y_dev = cuda.malloc(n * 2)
-    try:
-        cuda.memset(y_dev, NAN_FP16, n * 2)
-        status = lib.awq_w4a16_read_only(*ptrs, y_dev, n, k, group_size, None)
-        assert status == 0, lib.awq_w4a16_status_string(status).decode()
-        cuda.synchronize()
-        got = np.empty(n, dtype=np.uint16)
-        cuda.to_host(y_dev, got)
-    finally:
-        for p in (*ptrs, y_dev):
-            cuda.free(p)
+    *_, packed = random_quantized(np.random.default_rng(k + n), n, k, group_size)
+    weights = [packed["qweight"], packed["scales"], packed["zeros"]]
+    got = call(gpu, "awq_w4a16_read_only", weights, np.empty(n, np.uint16), n, k, group_size)
     want = read_only_twin(packed["qweight"], packed["scales"], packed["zeros"], group_size)
     assert np.array_equal(got, want), f"{np.sum(got != want)} of {n} rows differ"
 
@@ -123,26 +119,10 @@ def test_the_read_only_ceiling_reads_every_byte_the_gemv_reads(gpu, k, n, group_
 def test_dequantize_gives_packing_dequantize_rounded_to_fp16_exactly(gpu, k, n, group_size):
     """awq_w4a16_dequantize (the first half of dequantize + cuBLAS prefill): bit for bit the
     reference's W_hat in fp16, every element written (the output poisoned first)."""
-    cuda, lib = gpu
-    rng = np.random.default_rng(n * 31 + k)
-    groups = packing.num_groups(k, group_size)
-    q = rng.integers(0, 16, size=(n, k), dtype=np.uint8)
-    zeros = rng.integers(0, 16, size=(n, groups), dtype=np.uint8)
-    scales = rng.uniform(0.002, 0.02, size=(n, groups)).astype(np.float16)
-    packed = packing.pack_for_plugin(q, scales, zeros, group_size)
+    q, scales, zeros, packed = random_quantized(np.random.default_rng(n * 31 + k), n, k, group_size)
     want = packing.dequantize(q, scales, zeros, group_size).astype(np.float16)
-    ptrs = [cuda.to_device(np.ascontiguousarray(packed[name])) for name in ("qweight", "scales", "zeros")]
-    w_dev = cuda.malloc(n * k * 2)
-    try:
-        cuda.memset(w_dev, NAN_FP16, n * k * 2)
-        status = lib.awq_w4a16_dequantize(*ptrs, w_dev, n, k, group_size, None)
-        assert status == 0, lib.awq_w4a16_status_string(status).decode()
-        cuda.synchronize()
-        got = np.empty((n, k), dtype=np.float16)
-        cuda.to_host(w_dev, got)
-    finally:
-        for p in (*ptrs, w_dev):
-            cuda.free(p)
+    got = call(gpu, "awq_w4a16_dequantize", [packed["qweight"], packed["scales"], packed["zeros"]],
+               np.empty((n, k), np.float16), n, k, group_size)
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), f"{np.sum(got != want)} values differ"
 
 
