@@ -75,10 +75,13 @@ class CudaBackend:
         self.spec = spec = info.spec
         self.ops = decode_ops(spec)
         self.max_context, self.vocab_size, self.position = int(max_context), spec.vocab, 0
-        # sm_90+: each kernel may start while the one before finishes (plugins/kernels/pdl.cuh)
+        # sm_90+: each kernel may start while the one before finishes (plugins/kernels/pdl.cuh);
+        # before, each GEMV sends the next linear's first weights toward L2 (up to half of it) instead
         self.programmatic = int(manifest["gpu_arch"].removeprefix("sm_")) >= 90
+        self.prefetch_bytes = 0
         try:
             self.drv = driver or Driver(gpu.index)
+            self.prefetch_bytes = 0 if self.programmatic else self.drv.l2_cache_bytes() // 2
             self.kernels = self._load_kernels(engine_dir, manifest)
             self._check_room(info)
             self.weights = self._upload_weights(engine_dir, info)
@@ -176,9 +179,19 @@ class CudaBackend:
         self.drv.replay(self._decode_graph)
 
     def _step(self, rows: int) -> None:
-        for op in self.ops:
-            self.launch_op(op, rows)
+        self.launch_ops(self.ops, rows)
         self.launch("awq_advance", (1,), (1,), [self.past, ("i32", rows)])
+
+    def launch_ops(self, ops: list, rows: int) -> None:
+        """ops in order; each linear is told the next one's weights (the L2 prefetch)."""
+        following = None
+        nexts = []
+        for op in reversed(ops):
+            nexts.append(following)
+            if op.kind == "linear":
+                following = op
+        for op, next_linear in zip(ops, reversed(nexts)):
+            self.launch_op(op, rows, next_linear)
 
     # ------------------------------------------------------------ the ops, one launch each
     def launch(self, name: str, grid: tuple, block: tuple, args: list) -> None:
@@ -188,7 +201,7 @@ class CudaBackend:
         values = [ptr(a) if isinstance(a, int) else (i32 if a[0] == "i32" else f32)(a[1]) for a in args]
         self.drv.launch(self.kernels[name], grid, block, values, programmatic=self.programmatic)
 
-    def launch_op(self, op, rows: int) -> None:
+    def launch_op(self, op, rows: int, next_linear=None) -> None:
         """The kernel of one op for a step of `rows` tokens (reference_backend.run's mirror)."""
         a, w, b, spec = op.args, self.weights, self.buf, self.spec
         eps = ("f32", spec.eps)
@@ -207,7 +220,7 @@ class CudaBackend:
                         [b[a["x"]], b[a["residual"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps,
                          ("i32", rows - 1 if last else 0)])
         elif op.kind == "linear":
-            self.linear(op, rows)
+            self.linear(op, rows, next_linear)
         elif op.kind == "head_norm":
             self.launch("awq_head_rms_norm", (a["heads"], rows), (NORM_THREADS,),
                         [b[a["x"]], ("i32", spec.qkv_width), ("i32", a["offset"]), ("i32", spec.head_dim),
@@ -226,7 +239,7 @@ class CudaBackend:
         else:
             raise ValueError(f"unknown op {op.kind}")
 
-    def linear(self, op, rows: int) -> None:
+    def linear(self, op, rows: int, next_linear=None) -> None:
         """One row (decode): the GEMV with the op's norm prologue, bias, and act, residual or RoPE
         epilogue. More rows (prefill): the norm kernel, the tensor-core GEMM, then the bias, act,
         residual or RoPE/KV-write kernel."""
@@ -238,9 +251,13 @@ class CudaBackend:
         if rows == 1:
             kernel = f"awq_gemv_{'norm_' if a['norm'] else ''}{a['epilogue']}_g{g}_w{4 if wide else 1}"
             rope = self.rope_args(a["layer"], a["rope"]) if a["epilogue"] == "rope" else [0] * 7 + [("i32", 0)] * 5
+            prefetch = [0, ("i32", 0)]
+            if next_linear is not None and self.prefetch_bytes:
+                nxt = next_linear.args
+                prefetch = [w[f"{nxt['weight']}.qweight"], ("i32", min(nxt["N"] * nxt["K"] // 2, self.prefetch_bytes))]
             self.launch(kernel, (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
                         [b[a["x"]], *weights, b[a["out"]], ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0,
-                         ("f32", spec.eps), bias, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope])
+                         ("f32", spec.eps), bias, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope, *prefetch])
             return
         x = b[a["x"]]
         if a["norm"]:

@@ -20,6 +20,7 @@ import ctypes.util
 CU_STREAM_NON_BLOCKING = 1
 CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE = 38
 
 
 class LaunchAttribute(ctypes.Structure):
@@ -90,6 +91,7 @@ class Driver:
         lib.cuGraphInstantiateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_ulonglong]
         lib.cuGraphLaunch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.cuMemGetInfo_v2.argtypes = [ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        lib.cuDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
         self.check(lib.cuInit(0), "cuInit")
         self.device = ctypes.c_int()
         self.check(lib.cuDeviceGet(ctypes.byref(self.device), device_index), "cuDeviceGet")
@@ -137,6 +139,12 @@ class Driver:
 
     def zero(self, device_ptr: int, nbytes: int) -> None:
         self.check(self.lib.cuMemsetD8_v2(device_ptr, 0, nbytes), "cuMemsetD8")
+
+    def l2_cache_bytes(self) -> int:
+        value = ctypes.c_int()
+        self.check(self.lib.cuDeviceGetAttribute(ctypes.byref(value), CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, self.device),
+                   "cuDeviceGetAttribute")
+        return value.value
 
     def memory_info(self) -> tuple[int, int]:
         free, total = ctypes.c_size_t(), ctypes.c_size_t()

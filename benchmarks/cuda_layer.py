@@ -11,9 +11,9 @@ holds --repeats passes over the layers' ops of a one-token step (decode_ops(spec
 embedding, the final norm and the lm_head; the position counter does not advance, so each
 pass attends over the same --context cached rows). The fused op list (the default: norms in the
 linears' prologue, activation and residual adds in their epilogues) and the unfused one (a
-kernel per op) are timed in the same run, alternating; on sm_90, where the backend launches
-each kernel to overlap the previous one's tail (plugins/kernels/pdl.cuh), the fused list is
-timed without that too. Time per layer = replay time /
+kernel per op) are timed in the same run, alternating, and the fused list without overlapped
+launches (plugins/kernels/pdl.cuh, sm_90 only) with and without the GEMVs' L2 prefetch of the
+next linear's weights (what sm_87/sm_89 run instead). Time per layer = replay time /
 (repeats x layers), host-timed over whole replays after a synchronize, median of 5.
 
 Roofline of a layer = (its weight bytes + the K and V rows its attention reads) / the bandwidth
@@ -80,7 +80,7 @@ def copy_gbs(drv, nbytes: int = 1 << 30) -> float:
 def time_layers(backend, ops: list, repeats: int) -> tuple[float, int]:
     """(seconds, kernel launches) per pass over `ops` (one token), captured `repeats` times in one graph."""
     before = backend.drv.launch_count
-    graph = backend.drv.capture(lambda: [backend.launch_op(op, 1) for _ in range(repeats) for op in ops])
+    graph = backend.drv.capture(lambda: [backend.launch_ops(ops, 1) for _ in range(repeats)])
     launches = (backend.drv.launch_count - before) // repeats
     backend.drv.replay(graph)  # warm-up
     backend.drv.synchronize()
@@ -135,13 +135,17 @@ def main() -> int:
         backend = CudaBackend(engine, manifest, info, max_context=args.context + 1)
         backend.forward(np.random.default_rng(0).integers(0, 256, args.context))
         ceiling = copy_gbs(backend.drv)
-        variants = {"fused": (True, backend.programmatic), "unfused": (False, backend.programmatic)}
-        if backend.programmatic:
-            variants["fused, launches not overlapped"] = (True, False)
+        # (fused op list, overlapped launches, L2 prefetch bytes): the backend's default first
+        default = (True, backend.programmatic, backend.prefetch_bytes)
+        prefetch = backend.drv.l2_cache_bytes() // 2
+        variants = {"fused": default, "unfused": (False, *default[1:])}
+        if backend.programmatic:  # what sm_87/sm_89 run, and the same without the prefetch
+            variants["fused, not overlapped, L2 prefetch"] = (True, False, prefetch)
+        variants["fused, not overlapped, no prefetch"] = (True, False, 0)
         timed = {name: [] for name in variants}
         for _ in range(3):  # the variants alternating: the median of each
-            for name, (fused, programmatic) in variants.items():
-                backend.programmatic = programmatic
+            for name, (fused, programmatic, prefetch_bytes) in variants.items():
+                backend.programmatic, backend.prefetch_bytes = programmatic, prefetch_bytes
                 timed[name].append(time_layers(backend, layer_ops(decode_ops(info.spec, fused=fused)), repeats))
     nbytes = layer_bytes(info, args.context)
     roofline = nbytes / (ceiling * 1e9)

@@ -100,6 +100,9 @@ class RecordingDriver:
     def memory_info(self) -> tuple[int, int]:
         return 1 << 40, 1 << 40
 
+    def l2_cache_bytes(self) -> int:
+        return 4 << 20  # an Orin's
+
     def alloc(self, nbytes: int) -> int:
         address = self.next_address
         self.next_address += -(-max(int(nbytes), 1) // 256) * 256

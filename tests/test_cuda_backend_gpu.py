@@ -176,7 +176,8 @@ def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
                                            ptr(dev["bias"] if bias is not None else 0), i32(ACT_KINDS[act]),
                                            *[ptr(dev[name]) for name in ("cos", "sin", "q_rot", "k_cache", "v_cache",
                                                                          "past", "status")],
-                                           i32(heads), i32(kv_heads), i32(D), i32(capacity), i32(capacity)])
+                                           i32(heads), i32(kv_heads), i32(D), i32(capacity), i32(capacity),
+                                           ptr(dev["q"]), i32(packed["qweight"].nbytes)])  # (the L2 prefetch: its own weights)
         got = {name: np.empty_like(arrays[name]) for name in ("out", "q_rot", "k_cache", "v_cache")}
         for name, a in got.items():
             drv.download(a, dev[name])

@@ -100,3 +100,12 @@ def test_a_layer_is_the_op_list_between_embedding_and_head_and_its_bytes_are_its
     for fused, per_layer in ((True, 5), (False, 9)):
         seconds, launches = layer.time_layers(backend, layer.layer_ops(decode_ops(info.spec, fused=fused)), 2)
         assert launches == 3 * per_layer and seconds >= 0
+    # (sm_90 engine: overlapped launches, so no GEMV prefetches; without them each GEMV but the
+    # last prefetches the next linear's weights, up to half the L2)
+    gemvs = [args for name, _, _, args in backend.drv.launches if name.startswith("awq_gemv_")]
+    assert gemvs and all(args[-1].value == 0 for args in gemvs)
+    backend.programmatic, backend.prefetch_bytes = False, 2 << 20
+    backend.drv.launches.clear()
+    layer.time_layers(backend, layer.layer_ops(decode_ops(info.spec)), 1)
+    sizes = [args[-1].value for name, _, _, args in backend.drv.launches if name.startswith("awq_gemv_")]
+    assert len(sizes) == 12 and sizes[-1] == 0 and 0 < min(sizes[:-1]) and max(sizes) <= 2 << 20

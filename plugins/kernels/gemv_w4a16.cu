@@ -76,6 +76,8 @@ struct Fusion {
     const half* bias = nullptr;          // kStore, kRope: added to the fp16 result, or none
     int act_kind = kSilu;                // kAct: ActKind
     RopeArgs rope;                       // kRope
+    const char* next_weights = nullptr;  // the next linear's weights: their first next_bytes are sent
+    int next_bytes = 0;                  // toward L2 as the blocks finish (GPUs without pdl.cuh's overlap)
 };
 
 // The output rows of block b: 4 adjacent ones, or for RoPE in a q/k head (D/4 blocks per head)
@@ -226,6 +228,18 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
 #pragma unroll
                 for (int m = 0; m < kRows; ++m) acc[r][m] += dot8(w, xv[m]);
             }
+        }
+    }
+
+    // Without overlapped launches (sm_87/sm_89), DRAM idles from the tail of this kernel until
+    // the next GEMV's first loads return: each block, as it finishes, sends its share of the next
+    // linear's first bytes toward L2 (issue-and-forget prefetches).
+    if (fusion.next_bytes > 0) {
+        const int lines = (fusion.next_bytes + 127) / 128;
+        const int per_block = (lines + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+        for (int l = threadIdx.x; l < per_block; l += kThreads) {
+            const int line = static_cast<int>(blockIdx.x) * per_block + l;
+            if (line < lines) prefetch_l2(fusion.next_weights + static_cast<size_t>(line) * 128);
         }
     }
 
@@ -387,7 +401,7 @@ extern "C" int awq_w4a16_read_only(const int32_t* qweight, const __half* scales,
 // Entry points for launches through the CUDA driver API (the cuda backend loads this file's
 // cubin): one row (decode), grid N / 4 blocks of 128 threads, W = 4 when K % 32 == 0 (128-bit
 // loads), else 1; awq_edge/cuda_backend.py launches them. All take the same arguments (those a
-// variant does not use may be null or 0):
+// variant does not use may be null or 0; next_weights/next_bytes: the L2 prefetch above, any variant):
 //   awq_gemv_store_g{G}_w{W}       y = x W^T (+ bias when bias is not null)
 //   awq_gemv_norm_store_g{G}_w{W}  y = norm(x) W^T (+ bias): x is h, norm_weight the layer's norm
 //   awq_gemv_act_g{G}_w{W}         y[N/2] = act(gate) * up of x W^T (gate/up rows interleaved)
@@ -405,11 +419,13 @@ extern "C" int awq_w4a16_read_only(const int32_t* qweight, const __half* scales,
                                       const half* __restrict__ cos, const half* __restrict__ sin,                   \
                                       half* __restrict__ q_rot, half* __restrict__ k_cache,                         \
                                       half* __restrict__ v_cache, const int64_t* __restrict__ past, int* status,     \
-                                      int heads, int kv_heads, int head_dim, int capacity, int max_positions) {     \
+                                      int heads, int kv_heads, int head_dim, int capacity, int max_positions,      \
+                                      const char* next_weights, int next_bytes) {                                  \
         const awq_edge::RopeArgs rope{cos,   sin,      q_rot,    k_cache,  v_cache,      past,                      \
                                       status, heads,   kv_heads, head_dim, capacity,     max_positions};            \
         awq_edge::gemv_w4a16<1, G, W, NORM, awq_edge::Epilogue::EPILOGUE>(                                         \
-            x, qweight, scales, zeros, y, N, K, awq_edge::Fusion{norm_weight, eps, bias, act_kind, rope});          \
+            x, qweight, scales, zeros, y, N, K,                                                                     \
+            awq_edge::Fusion{norm_weight, eps, bias, act_kind, rope, next_weights, next_bytes});                    \
     }
 #define AWQ_GEMV_ENTRIES(NAME, NORM, EPILOGUE)                                                                      \
     AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 32, 1)                                                                     \
