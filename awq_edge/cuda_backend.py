@@ -78,7 +78,6 @@ class CudaBackend:
         # sm_90+: each kernel may start while the one before finishes (plugins/kernels/pdl.cuh);
         # before, each GEMV sends the next linear's first weights toward L2 (up to half of it) instead
         self.programmatic = int(manifest["gpu_arch"].removeprefix("sm_")) >= 90
-        self.prefetch_bytes = 0
         try:
             self.drv = driver or Driver(gpu.index)
             self.prefetch_bytes = 0 if self.programmatic else self.drv.l2_cache_bytes() // 2
@@ -184,14 +183,10 @@ class CudaBackend:
 
     def launch_ops(self, ops: list, rows: int) -> None:
         """ops in order; each linear is told the next one's weights (the L2 prefetch)."""
-        following = None
-        nexts = []
-        for op in reversed(ops):
-            nexts.append(following)
-            if op.kind == "linear":
-                following = op
-        for op, next_linear in zip(ops, reversed(nexts)):
-            self.launch_op(op, rows, next_linear)
+        linears = [op for op in ops if op.kind == "linear"]
+        next_linear = {id(op): following for op, following in zip(linears, linears[1:])}
+        for op in ops:
+            self.launch_op(op, rows, next_linear.get(id(op)))
 
     # ------------------------------------------------------------ the ops, one launch each
     def launch(self, name: str, grid: tuple, block: tuple, args: list) -> None:

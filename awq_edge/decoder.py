@@ -142,17 +142,19 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
     pending = None  # a buffer not yet added into h: the next norm adds it (add_norm)
 
     def normed_input(weight: str) -> tuple[str, str | None]:
-        """(the linear's input buffer, the norm its prologue applies): the norm of h, fused or not."""
+        """(the linear's input buffer, the norm its prologue applies): the norm of h, fused or not,
+        with the pending buffer added into h first (it is then no longer pending)."""
+        nonlocal pending
         if fused and pending is None:
             return "h", weight
         ops.append(Op("norm", {"x": "h", "out": "x", "weight": weight}) if pending is None else
                    Op("add_norm", {"x": pending, "residual": "h", "out": "x", "weight": weight}))
+        pending = None
         return "x", None
 
     for i in range(spec.layers):
         p = f"model.layers.{i}"
         x, norm = normed_input(f"{p}.input_layernorm.weight")
-        pending = None
         rope_in_linear = fused and not spec.qk_norm  # q/k norms must see q and k before RoPE
         ops.append(linear_op(x, "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias, norm,
                              **({"epilogue": "rope", "layer": i, "rope": spec.layer_rope[i]} if rope_in_linear else {})))
@@ -170,7 +172,6 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                 ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.post_attention_layernorm.weight"}))
             pending = "attn"
         x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
-        pending = None
         gate_up = f"{p}.mlp.gate_up_proj"
         if fused:
             ops.append(linear_op(x, "act", gate_up, 2 * spec.intermediate, spec.hidden, norm=norm,
