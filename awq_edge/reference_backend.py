@@ -101,6 +101,12 @@ def twin_rope_store(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.nda
     return twin_rope(q, cos[positions], sin[positions])
 
 
+def key_scores(q: np.ndarray, keys: np.ndarray, scale: float, softcap: float) -> np.ndarray:
+    """scale * q.k of one query (float32 [D]) against key rows (fp16, or their float32 copy), soft-capped: fp32."""
+    scores = keys.astype(F32, copy=False) @ q * F32(scale)
+    return F32(softcap) * np.tanh(scores / F32(softcap)) if softcap > 0 else scores
+
+
 def twin_attend(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, window: int, scale: float,
                 softcap: float) -> np.ndarray:
     """The attend kernels' twin: q_rot fp16 [S, H, D] at positions past..past+S-1 over the caches,
@@ -115,10 +121,7 @@ def twin_attend(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pas
         visible = (j <= pos) & ((j > pos - window) if window > 0 else True)
         for h in range(H):
             kv = h // (H // Hkv)
-            scores = keys[kv] @ q_rot[s, h].astype(F32) * F32(scale)
-            if softcap > 0:
-                scores = F32(softcap) * np.tanh(scores / F32(softcap))
-            scores = np.where(visible, scores, -np.inf)
+            scores = np.where(visible, key_scores(q_rot[s, h].astype(F32), keys[kv], scale, softcap), -np.inf)
             p = np.exp(scores - scores.max())
             out[s, h] = (p @ values[kv] / p.sum()).astype(F16)
     return out.reshape(S, H * D)
@@ -138,10 +141,8 @@ def twin_attend_tiles(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarra
         kv, q = h // (H // Hkv), q_rot[h].astype(F32)
         running_max, running_sum, acc = -np.inf, F32(0), np.zeros(D, F32)
         for begin in range(first, pos + 1, tile_keys):
-            keys = np.arange(begin, min(pos + 1, begin + tile_keys))
-            scores = k_cache[kv, keys].astype(F32) @ q * F32(scale)
-            if softcap > 0:
-                scores = F32(softcap) * np.tanh(scores / F32(softcap))
+            keys = slice(begin, min(pos + 1, begin + tile_keys))
+            scores = key_scores(q, k_cache[kv, keys], scale, softcap)
             new_max = max(running_max, scores.max())
             rescale = np.exp(running_max - new_max)
             p = np.exp(scores - new_max)
@@ -165,15 +166,13 @@ def twin_attend_split(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarra
         kv, q = h // (H // Hkv), q_rot[h].astype(F32)
         states = []
         for lo in range(0, capacity, split_keys):
-            keys = np.arange(max(first, lo), min(pos + 1, lo + split_keys))
-            if keys.size == 0:
+            begin, end = max(first, lo), min(pos + 1, lo + split_keys)
+            if begin >= end:  # a split with no visible key
                 states.append((-np.inf, F32(0), np.zeros(D, F32)))
                 continue
-            scores = k_cache[kv, keys].astype(F32) @ q * F32(scale)
-            if softcap > 0:
-                scores = F32(softcap) * np.tanh(scores / F32(softcap))
+            scores = key_scores(q, k_cache[kv, begin:end], scale, softcap)
             p = np.exp(scores - scores.max())
-            states.append((scores.max(), p.sum(), p @ v_cache[kv, keys].astype(F32)))
+            states.append((scores.max(), p.sum(), p @ v_cache[kv, begin:end].astype(F32)))
         m = max(state[0] for state in states)
         weights = [np.exp(mc - m) if mc > -np.inf else F32(0) for mc, _, _ in states]
         total = sum(w * s for w, (_, s, _) in zip(weights, states))
