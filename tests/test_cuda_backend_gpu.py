@@ -13,6 +13,7 @@ so it runs on the bare lent GPU machine (benchmarks/gpu_check.sh).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,25 @@ def test_a_1b_random_engine_matches_the_reference(tmp_path):
     check_against_reference(tmp_path / "engine", SHAPES["llama3.2-1b"]["vocab_size"])
 
 
+def cubin_kernel(drv, module: str, name: str):
+    """Kernel `name` of plugins/kernels/<module>.cu, built for this GPU, through the driver API."""
+    return drv.function(drv.load_module(plugins.build_cubins(GPUS[0].arch)[module].read_bytes()), name)
+
+
+@contextmanager
+def on_device(drv, arrays: dict):
+    """name -> device pointer of a fresh copy of each array (poisoned outputs included); all freed after."""
+    dev = {}
+    try:
+        for name, a in arrays.items():
+            dev[name] = drv.alloc(a.nbytes)
+            drv.upload(dev[name], np.ascontiguousarray(a))
+        yield dev
+    finally:
+        for pointer in dev.values():
+            drv.free(pointer)
+
+
 @pytest.mark.parametrize("k, n, group_size", [(576, 1536, 128), (136, 400, 32), (4096, 4096, 128)])
 @pytest.mark.parametrize("fusion", ["store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope"])
 def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
@@ -158,19 +178,14 @@ def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
         want = twin_act(y, act) if fusion.endswith("act") else twin_residual(h, y) if fusion == "residual" else y
 
     drv = Driver(GPUS[0].index)
-    module = drv.load_module(plugins.build_cubins(GPUS[0].arch)["gemv_w4a16"].read_bytes())
-    fn = drv.function(module, f"awq_gemv_{fusion}_g{group_size}_w{4 if k % 32 == 0 else 1}")
+    fn = cubin_kernel(drv, "gemv_w4a16", f"awq_gemv_{fusion}_g{group_size}_w{4 if k % 32 == 0 else 1}")
     arrays = {"x": x, "q": packed["qweight"], "s": packed["scales"], "z": packed["zeros"], "norm": norm_weight,
               "bias": bias if bias is not None else h, "cos": cos, "sin": sin,
               "q_rot": np.full((heads, D), np.nan, np.float16), "k_cache": np.full((kv_heads, capacity, D), np.nan, np.float16),
               "v_cache": np.full((kv_heads, capacity, D), np.nan, np.float16), "past": np.array([pos], np.int64),
               "status": np.zeros(1, np.int32),
               "out": h.copy() if fusion == "residual" else np.full((1, n // 2 if fusion.endswith("act") else n), np.nan, np.float16)}
-    dev = {}
-    for name, a in arrays.items():
-        dev[name] = drv.alloc(a.nbytes)
-        drv.upload(dev[name], np.ascontiguousarray(a))
-    try:
+    with on_device(drv, arrays) as dev:
         drv.launch(fn, (n // 4,), (128,), [ptr(dev["x"]), ptr(dev["q"]), ptr(dev["s"]), ptr(dev["z"]), ptr(dev["out"]),
                                            i32(n), i32(k), ptr(dev["norm"]), f32(eps),
                                            ptr(dev["bias"] if bias is not None else 0), i32(ACT_KINDS[act]),
@@ -181,9 +196,6 @@ def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
         got = {name: np.empty_like(arrays[name]) for name in ("out", "q_rot", "k_cache", "v_cache")}
         for name, a in got.items():
             drv.download(a, dev[name])
-    finally:
-        for d in dev.values():
-            drv.free(d)
     if fusion.endswith("rope"):
         got = np.concatenate([got["q_rot"].reshape(-1), got["k_cache"][:, pos].reshape(-1),
                               got["v_cache"][:, pos].reshape(-1)])[None]
@@ -209,21 +221,13 @@ def test_the_int8_head_matches_its_twin(vocab, hidden, softcap):
     x = (rng.standard_normal(hidden) * 3).astype(np.float16)
     want = twin_lm_head(x, packing.dequantize_rows_int8(q, scales), softcap)
     drv = Driver(GPUS[0].index)
-    fn = drv.function(drv.load_module(plugins.build_cubins(GPUS[0].arch)["decoder_ops"].read_bytes()),
-                      "awq_lm_head_q8")
-    dev = [drv.alloc(a.nbytes) for a in (x, q, scales)]
-    for d, a in zip(dev, (x, q, scales)):
-        drv.upload(d, a)
-    logits = drv.alloc(vocab * 4)
-    drv.upload(logits, np.full(vocab, np.nan, np.float32))
-    try:
+    fn = cubin_kernel(drv, "decoder_ops", "awq_lm_head_q8")
+    with on_device(drv, {"x": x, "q": q, "scales": scales, "logits": np.full(vocab, np.nan, np.float32)}) as dev:
         drv.launch(fn, (-(-vocab // LM_HEAD_ROWS_PER_BLOCK),), (NORM_THREADS,),
-                   [ptr(dev[0]), ptr(dev[1]), ptr(dev[2]), ptr(logits), i32(vocab), i32(hidden), f32(softcap)])
+                   [ptr(dev["x"]), ptr(dev["q"]), ptr(dev["scales"]), ptr(dev["logits"]), i32(vocab), i32(hidden),
+                    f32(softcap)])
         got = np.empty(vocab, np.float32)
-        drv.download(got, logits)
-    finally:
-        for d in dev + [logits]:
-            drv.free(d)
+        drv.download(got, dev["logits"])
     assert not np.isnan(got).any(), f"{np.isnan(got).sum()} logits never written"
     err = np.abs(got - want).max() / np.abs(want).max()
     print(f"int8 head V={vocab} hidden={hidden}: worst element {err:.1e}")
@@ -247,31 +251,23 @@ def test_split_decode_attention_matches_its_twin(d, heads, window, softcap):
     v_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
     splits = -(-capacity // ATTEND_SPLIT_KEYS)
     drv = Driver(GPUS[0].index)
-    fn = drv.function(drv.load_module(plugins.build_cubins(GPUS[0].arch)["attention"].read_bytes()),
-                      f"awq_attend_split_d{d}")
-    dev = {name: drv.alloc(a.nbytes) for name, a in (("q", q), ("k", k_cache), ("v", v_cache))}
-    for name, a in (("q", q), ("k", k_cache), ("v", v_cache)):
-        drv.upload(dev[name], a)
-    past, out = drv.alloc(8), drv.alloc(H * d * 2)
-    partials, counters = drv.alloc(4 * H * splits * (2 + d)), drv.alloc(4 * H)
-    drv.zero(counters, 4 * H)
-    try:
+    fn = cubin_kernel(drv, "attention", f"awq_attend_split_d{d}")
+    arrays = {"q": q, "k": k_cache, "v": v_cache, "past": np.zeros(1, np.int64), "out": np.zeros(H * d, np.float16),
+              "partials": np.zeros(H * splits * (2 + d), np.float32), "counters": np.zeros(H, np.int32)}
+    with on_device(drv, arrays) as dev:
         for pos in (1234, 1235):
-            drv.upload(past, np.array([pos], np.int64))
-            drv.upload(out, np.full(H * d, np.nan, np.float16))
+            drv.upload(dev["past"], np.array([pos], np.int64))
+            drv.upload(dev["out"], np.full(H * d, np.nan, np.float16))
             drv.launch(fn, (H, splits), (ATTEND_SPLIT_KEYS,),
-                       [ptr(dev["q"]), ptr(dev["k"]), ptr(dev["v"]), ptr(past), ptr(out), ptr(partials), ptr(counters),
+                       [*[ptr(dev[name]) for name in ("q", "k", "v", "past", "out", "partials", "counters")],
                         i32(H), i32(Hkv), i32(capacity), i32(capacity), i32(window), f32(d ** -0.5), f32(softcap)])
             got = np.empty(H * d, np.float16)
-            drv.download(got, out)
+            drv.download(got, dev["out"])
             want = twin_attend_split(q, k_cache, v_cache, pos, window, d ** -0.5, softcap, ATTEND_SPLIT_KEYS)
             assert not np.isnan(got).any(), f"pos {pos}: {np.isnan(got).sum()} outputs never written"
             err = np.abs(got.astype(np.float32) - want.astype(np.float32)).max() / np.abs(want.astype(np.float32)).max()
             print(f"split attention D={d} pos={pos} window={window} softcap={softcap}: worst element {err:.1e}")
             assert err < 5e-3, err
-    finally:
-        for a in (*dev.values(), past, out, partials, counters):
-            drv.free(a)
 
 
 @pytest.fixture(scope="module")
