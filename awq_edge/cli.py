@@ -468,12 +468,14 @@ def bench(
     result = bench_engine(eng, prompt_tokens, new_tokens, runs)
     result["engine"] = str(engine)
     result["decode_path"] = getattr(eng.backend, "decode_path", eng.manifest["backend"])
+    backend = eng.manifest["backend"]
+    result["prefill_path"] = getattr(eng.backend, "prefill_path", "onnxruntime" if backend == "ort" else backend)
     if json_out:
         typer.echo(json.dumps(result))
         return
     typer.echo(f"{engine} on {result['device']}: prompt {prompt_tokens} tokens, {new_tokens} new, median of {runs}")
     typer.echo(f"  time to first token  {result['ttft_s'] * 1000:8.1f} ms")
-    typer.echo(f"  prefill              {result['prefill_tok_s']:8.1f} tok/s")
+    typer.echo(f"  prefill              {result['prefill_tok_s']:8.1f} tok/s ({result['prefill_path']})")
     typer.echo(f"  decode               {result['decode_tok_s']:8.1f} tok/s ({result['decode_path']})")
     typer.echo(f"  peak RSS             {result['peak_rss_bytes'] / 2**20:8.0f} MiB (plan total "
                f"{result['plan_total_bytes'] / 2**20:.0f} MiB, cap {result['cap_bytes'] / 2**20:.0f} MiB)")

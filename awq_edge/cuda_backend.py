@@ -17,6 +17,12 @@ only the token id written before it. Sampling runs after the step with the reque
 settings, keeping the repetition-penalty history on the device; two int32 come back (the
 token, and the attention kernels' over-capacity flag).
 
+A prefill chunk's linears (matmul below): from CUBLAS_FROM_ROWS rows, "dequantize a slab of
+weight rows to fp16, then cuBLAS's fp16 GEMM" when the machine has cuBLAS (awq_edge/cublas.py;
+`prefill_path` says which ran and why): on an H100 that beat our GEMM by 1.5-3.6x from M = 16 up
+(benchmarks/README.md's timings of both parts). Below that (or without cuBLAS): up to 32 rows
+the plain GEMV, 8 rows at a time, else our tensor-core GEMM.
+
 Nothing in this file has run on a GPU yet: it is checked on a lent GPU by
 tests/test_cuda_backend_gpu.py (against the reference backend) and benchmarks/gpu_check.sh.
 """
@@ -36,12 +42,32 @@ CHUNK_BYTES = 64 << 20           # weights go to the GPU in pieces this size: no
 # Launch shapes of the kernels (their comments in plugins/kernels/*.cu give the same).
 NORM_THREADS = 256
 GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
+GEMV_MAX_ROWS, GEMV_CHUNKED_MAX_ROWS = 8, 32  # plugins/kernels/w4a16.h: short chunks, 8 rows a GEMV
 GEMM_TILE, GEMM_THREADS = 64, 128
 ROPE_THREADS, ATTEND_THREADS = 256, 128
 ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
 LM_HEAD_ROWS_PER_BLOCK = 8
 SAMPLE_THREADS = 1024
+DEQUANT_THREADS = 256
+# Prefill through cuBLAS: from this many rows a chunk (a guess from the H100's timings of the two
+# parts; benchmarks/cuda_decode.py times both paths per chunk size on the lent GPU), the fp16 slab
+# of weight rows it dequantizes into at most this many bytes, and cuBLAS's own scratch.
+CUBLAS_FROM_ROWS = 64
+DEQUANT_SLAB_BYTES = 16 << 20
+CUBLAS_WORKSPACE_BYTES = 4 << 20
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}  # plugins/kernels/activation.cuh ActKind
+
+
+def slab_rows(n: int, k: int) -> int:
+    """Weight rows dequantized at a time for a [n, k] linear: whole when it fits DEQUANT_SLAB_BYTES,
+    else the most rows that do (a multiple of 8: N is one)."""
+    return min(n, max(8, DEQUANT_SLAB_BYTES // (2 * k) // 8 * 8))
+
+
+def cublas_prefill_bytes(spec) -> int:
+    """Device bytes the cuBLAS prefill needs: the largest slab and cuBLAS's workspace."""
+    linears = [op.args for op in decode_ops(spec) if op.kind == "linear"]
+    return max(2 * slab_rows(a["N"], a["K"]) * a["K"] for a in linears) + CUBLAS_WORKSPACE_BYTES
 
 
 def find_gpu(manifest: dict):
@@ -65,9 +91,12 @@ class CudaBackend:
     """The backend interface of awq_edge.engine: forward, rewind, position, max_context,
     vocab_size, kv_bytes; forward returns DeviceLogits."""
 
-    def __init__(self, engine_dir: Path, manifest: dict, info: DecoderInfo, max_context: int, driver=None):
+    def __init__(self, engine_dir: Path, manifest: dict, info: DecoderInfo, max_context: int, driver=None,
+                 cublas=None):
         """driver: a cuda_driver.Driver; by default one on the GPU of the engine's arch (the tests
-        pass one that records the launches, to check them against the cubins without a GPU)."""
+        pass one that records the launches, to check them against the cubins without a GPU).
+        cublas: what runs long prefill chunks' GEMMs (cublas.Cublas's gemm_wt); by default the
+        machine's cuBLAS when it has one (with a driver given: none); False: our GEMM always."""
         from .cuda_driver import CudaError, Driver
 
         engine_dir = Path(engine_dir)
@@ -85,6 +114,8 @@ class CudaBackend:
             self._check_room(info)
             self.weights = self._upload_weights(engine_dir, info)
             self._allocate()
+            self.cublas, self.prefill_path = self._open_cublas(False if cublas is None and driver else cublas)
+            self.cublas_from_rows = CUBLAS_FROM_ROWS  # (benchmarks/cuda_decode.py moves it to time both paths)
         except CudaError as e:
             raise UserError(f"the GPU refused the engine: {e}") from None
         self._decode_graph = None
@@ -138,6 +169,8 @@ class CudaBackend:
         self.ids = drv.alloc(PREFILL_CHUNK * 4)        # int32 ids of the step
         self.past = drv.alloc(8)                       # int64 position counter, advanced by the step
         self.sample_work = drv.alloc(2 * spec.vocab * 4)
+        self.cublas_workspace = drv.alloc(CUBLAS_WORKSPACE_BYTES)  # with the slab: cublas_prefill_bytes
+        self.dequant_slab = drv.alloc(cublas_prefill_bytes(spec) - CUBLAS_WORKSPACE_BYTES)
         self.token = drv.alloc(8)                      # int32 sampled token, then int32 attention status:
         self.status = self.token + 4                   # one download after sampling reads both
         self.uniform = drv.alloc(4)
@@ -147,6 +180,19 @@ class CudaBackend:
         drv.zero(self.past, 8)
         drv.zero(self.n_seen, 4)
         drv.zero(self.token, 8)
+
+    def _open_cublas(self, given):
+        """(the GEMM of long prefill chunks or None, what prefill runs and why)."""
+        from .cublas import CublasUnavailable, load_cublas
+
+        if given is False:
+            return None, "awq-edge GEMV/GEMM (cuBLAS not asked for)"  # (the tests' fake drivers too)
+        if given is None:
+            try:
+                given = load_cublas(self.drv.stream, self.cublas_workspace, CUBLAS_WORKSPACE_BYTES)
+            except CublasUnavailable as e:
+                return None, f"awq-edge GEMV/GEMM (no cuBLAS: {e})"
+        return given, f"dequantize + cuBLAS from {CUBLAS_FROM_ROWS} rows a chunk, awq-edge GEMV/GEMM below"
 
     # ------------------------------------------------------------ the engine's interface
     def kv_bytes(self) -> int:
@@ -236,8 +282,9 @@ class CudaBackend:
 
     def linear(self, op, rows: int, next_linear=None) -> None:
         """One row (decode): the GEMV with the op's norm prologue, bias, and act, residual or RoPE
-        epilogue. More rows (prefill): the norm kernel, the tensor-core GEMM, then the bias, act,
-        residual or RoPE/KV-write kernel."""
+        epilogue. More rows (prefill): the norm kernel; the plain GEMV 8 rows at a time (up to 32
+        rows), dequantize + cuBLAS (from cublas_from_rows, when found) or the tensor-core GEMM;
+        then the bias, act, residual or RoPE/KV-write kernel."""
         a, w, b, spec = op.args, self.weights, self.buf, self.spec
         name, n, k, g = a["weight"], a["N"], a["K"], spec.group_size
         weights = [w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"]]
@@ -261,9 +308,7 @@ class CudaBackend:
             x = b["x"]
         # the result's buffer before its epilogue kernel: "attn" is hidden wide and free when the adds are fused
         y = {"store": b[a["out"]], "rope": b[a["out"]], "act": b["gate_up"], "residual": b["attn"]}[a["epilogue"]]
-        grid = (-(-n // GEMM_TILE), -(-rows // GEMM_TILE))
-        self.launch(f"awq_gemm_g{g}_v{1 if wide else 0}", grid, (GEMM_THREADS,),
-                    [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k)])
+        self.matmul(x, name, n, k, y, rows)
         if a["bias"]:
             self.launch("awq_bias_add", (rows,), (NORM_THREADS,), [y, bias, ("i32", n)])
         if a["epilogue"] == "act":
@@ -273,6 +318,38 @@ class CudaBackend:
             self.launch("awq_residual_add", (rows,), (NORM_THREADS,), [b[a["out"]], y, ("i32", n)])
         elif a["epilogue"] == "rope":
             self.rope_store(y, a["layer"], a["rope"], rows)
+
+    def matmul(self, x: int, name: str, n: int, k: int, y: int, rows: int) -> None:
+        """y[rows, n] = x[rows, k] @ W_hat^T of linear `name` for rows > 1, rounded to fp16: dequantize
+        + cuBLAS from cublas_from_rows rows (when found), else up to 32 rows the plain GEMV 8 rows
+        at a time (the GEMM's 64-row tiles would be mostly empty), else the tensor-core GEMM."""
+        w, g = self.weights, self.spec.group_size
+        weights = [w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"]]
+        wide = k % 32 == 0  # rows of 16-byte aligned words: 128-bit weight loads
+        if self.cublas is not None and rows >= self.cublas_from_rows:
+            self.dequantized_matmul(x, name, n, k, y, rows)
+        elif rows <= GEMV_CHUNKED_MAX_ROWS:
+            for m0 in range(0, rows, GEMV_MAX_ROWS):
+                m = min(GEMV_MAX_ROWS, rows - m0)
+                self.launch(f"awq_gemv_rows{m}_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
+                            [x + 2 * m0 * k, *weights, y + 2 * m0 * n, ("i32", n), ("i32", k)])
+        else:
+            self.launch(f"awq_gemm_g{g}_v{1 if wide else 0}", (-(-n // GEMM_TILE), -(-rows // GEMM_TILE)),
+                        (GEMM_THREADS,), [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k)])
+
+    def dequantized_matmul(self, x: int, name: str, n: int, k: int, y: int, rows: int) -> None:
+        """y[rows, n] = x[rows, k] @ W_hat^T as our GEMM computes it, a slab of weight rows at a
+        time: dequantized to fp16 (awq_dequantize, rounded as our kernels round), then cuBLAS's
+        fp16 GEMM with fp32 accumulation into the slab's columns of y."""
+        w, g = self.weights, self.spec.group_size
+        groups = -(-k // g)
+        slab = slab_rows(n, k)
+        for n0 in range(0, n, slab):
+            rows_here = min(slab, n - n0)
+            self.launch(f"awq_dequantize_g{g}", (-(-rows_here * k // 8 // DEQUANT_THREADS),), (DEQUANT_THREADS,),
+                        [w[f"{name}.qweight"] + n0 * k // 2, w[f"{name}.scales"] + 2 * n0 * groups,
+                         w[f"{name}.zeros"] + 2 * n0 * groups, self.dequant_slab, ("i32", rows_here), ("i32", k)])
+            self.cublas.gemm_wt(self.dequant_slab, x, y + 2 * n0, n=rows_here, rows=rows, k=k, ldc=n)
 
     def rope_args(self, layer: int, rope: int) -> list:
         """The GEMV's RoPE epilogue arguments (plugins/kernels/gemv_w4a16.cu RopeArgs), in order."""
@@ -362,8 +439,10 @@ class CudaBackend:
 KERNELS_OF = {
     "gemv_w4a16": [f"awq_gemv_{fusion}_g{g}_w{w}"
                    for fusion in ("store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope")
-                   for g in (32, 64, 128) for w in (1, 4)],
-    "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)],
+                   for g in (32, 64, 128) for w in (1, 4)] +
+                  [f"awq_gemv_rows{m}_g{g}_w{w}" for m in range(1, 9) for g in (32, 64, 128) for w in (1, 4)],
+    "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)] +
+                  [f"awq_dequantize_g{g}" for g in (32, 64, 128)],
     "attention": ["awq_rope_store"] + [f"awq_attend{split}_d{d}" for split in ("", "_split") for d in (64, 128, 256)],
     "sample": ["awq_sample_step"],
     "decoder_ops": ["awq_embed", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",

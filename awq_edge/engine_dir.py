@@ -325,8 +325,9 @@ class DecoderInfo:
     def workspace(self, context: int) -> int:
         """Device bytes besides weights and KV: one prefill chunk's fp16 activations and RoPE
         scratch, decode attention's per-split state, the logits and the sampler's scratch, the
-        ids fed and the sampled history (what cuda_backend._allocate allocates)."""
-        from .cuda_backend import ATTEND_SPLIT_KEYS
+        ids fed and the sampled history, the cuBLAS prefill's slab and workspace (what
+        cuda_backend._allocate allocates)."""
+        from .cuda_backend import ATTEND_SPLIT_KEYS, cublas_prefill_bytes
         from .decoder import buffer_shapes
         from .memory import PREFILL_CHUNK
 
@@ -336,7 +337,8 @@ class DecoderInfo:
         q_rot = 2 * PREFILL_CHUNK * spec.heads * spec.head_dim
         splits = -(-context // ATTEND_SPLIT_KEYS)  # decode attention's partial results and counters
         attention = 4 * spec.heads * (splits * (2 + spec.head_dim) + 1)
-        return activations + q_rot + attention + 3 * 4 * spec.vocab + 4 * (PREFILL_CHUNK + context) + (1 << 20)
+        return (activations + q_rot + attention + 3 * 4 * spec.vocab + 4 * (PREFILL_CHUNK + context)
+                + cublas_prefill_bytes(spec) + (1 << 20))
 
 
 def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:

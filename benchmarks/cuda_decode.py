@@ -18,7 +18,9 @@ poison the others, and each starts with the GPU's memory free):
     copy         a 2 GiB device-to-device copy: the bandwidth ceiling, (read + write) / time
 
 decode_tok_s = (new tokens - 1) / time after the first token; ttft_s = prompt in -> first token
-on the host; both the median of --runs runs after a warm-up. roofline_fraction = (weight bytes
+on the host; both the median of --runs runs after a warm-up. For awq-edge also one prefill chunk
+of 16, 64 and 256 rows both ways (our kernels: the GEMV 8 rows at a time up to 32 rows, the GEMM
+above; and dequantize + cuBLAS when the machine has it), alternating: prefill_{rows}_{ours|cublas}_ms. roofline_fraction = (weight bytes
 read per token / copy bandwidth) / time per token, with the weight bytes each runtime reads: every
 linear and the lm_head (ours int8 by default, the peers fp16; an embedding table that is not the head
 is gathered, one row). JSON rows carry the keys
@@ -43,6 +45,7 @@ sys.path.append(str(ROOT))  # after PYTHONPATH: an installed (or gpu_check.sh's 
 
 DEFAULT_SHAPES = "smollm2-135m,llama3.2-1b,llama2-7b"
 PROMPT_TOKENS, NEW_TOKENS = 128, 256
+PREFILL_ROWS = (16, 64, 256)  # prefill chunk sizes timed on both GEMM paths
 
 
 # ---------------------------------------------------------------- the workers (one per subprocess)
@@ -82,7 +85,30 @@ def worker_ours(engine_dir: str, runs: int) -> dict:
         stats.append(engine.last_stats)
     stats = stats[1:]
     return {"decode_tok_s": median([s.decode_tok_s for s in stats]), "ttft_s": median([s.ttft_s for s in stats]),
-            "weight_bytes_per_token": weight_bytes_read(engine.export), "load_s": load_s}
+            "weight_bytes_per_token": weight_bytes_read(engine.export), "load_s": load_s,
+            "prefill_path": engine.backend.prefill_path, **prefill_times(engine.backend, runs)}
+
+
+def prefill_times(backend, runs: int) -> dict:
+    """Milliseconds of one prefill chunk of PREFILL_ROWS rows on our kernels (the chunked GEMV up to
+    32 rows, the GEMM above) and, when the machine has
+    cuBLAS, through dequantize + cuBLAS (at every size, whatever cuda_backend.CUBLAS_FROM_ROWS
+    says), alternating, median of runs: where the backend's switch between the two belongs."""
+    blas, switch, out = backend.cublas, backend.cublas_from_rows, {}
+    paths = {"ours": None, "cublas": blas} if blas is not None else {"ours": None}
+    times = {(rows, path): [] for rows in PREFILL_ROWS for path in paths}
+    backend.cublas_from_rows = 1
+    for _ in range(runs + 1):  # the first is a warm-up
+        for rows, path in times:
+            backend.cublas = paths[path]
+            backend.rewind(0)
+            t0 = time.perf_counter()
+            backend.forward(list(range(rows)))  # returns after the step (the backend synchronizes)
+            times[rows, path].append(time.perf_counter() - t0)
+    backend.cublas, backend.cublas_from_rows = blas, switch
+    for (rows, path), seconds in times.items():
+        out[f"prefill_{rows}_{path}_ms"] = median(seconds[1:]) * 1e3
+    return out
 
 
 def weight_bytes_read(info) -> int:
@@ -308,6 +334,11 @@ def main() -> int:
     for shape in shapes:
         by = {r["runtime"]: r for r in rows if r["shape"] == shape}
         ours = by["awq-edge"]["decode_tok_s"]
+        for n in PREFILL_ROWS:
+            ours, blas = by["awq-edge"].get(f"prefill_{n}_ours_ms"), by["awq-edge"].get(f"prefill_{n}_cublas_ms")
+            if ours and blas:
+                print(f"{shape}: a {n}-row prefill chunk: our kernels {ours:.2f} ms, dequantize + cuBLAS {blas:.2f} ms "
+                      f"(cuBLAS {ours / blas:.2f}x faster)")
         for peer in ("torch-fp16", "torch-int4"):
             if ours and by[peer]["decode_tok_s"]:
                 print(f"{shape}: awq-edge / {peer} decode = {ours / by[peer]['decode_tok_s']:.2f}x")

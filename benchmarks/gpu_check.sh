@@ -87,5 +87,11 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
     if isinstance(r, dict) and r.get("decode_tok_s"):
         print(f"decode {r['shape']} {r['runtime']}: {r['decode_tok_s']:.0f} tok/s, "
               f"{100 * (r.get('roofline_fraction') or 0):.0f}% of roofline, TTFT {1e3 * r['ttft_s']:.0f} ms")
+        if r.get("prefill_path"):
+            print(f"  prefill: {r['prefill_path']}")
+        for n in (16, 64, 256):
+            ours, blas = r.get(f"prefill_{n}_ours_ms"), r.get(f"prefill_{n}_cublas_ms")
+            if ours and blas:
+                print(f"  {n}-row chunk: our kernels {ours:.2f} ms, dequantize + cuBLAS {blas:.2f} ms ({ours / blas:.2f}x)")
 SUMMARY
 exit "$status"

@@ -7,6 +7,10 @@ bare GPU machine imports it too).
 - cubin_kernels: each kernel's parameter offsets and sizes and its block-size bound, read from
   the cubin's ELF sections (no GPU, no cuobjdump).
 - RecordingDriver: the cuda backend's driver where there is no GPU, recording its launches.
+- MemoryDriver: a RecordingDriver whose device memory is host memory, and which runs the kernels
+  it is given numpy twins of (to check the host side's pointer arithmetic with real numbers).
+- RecordingCublas: stands in for awq_edge.cublas.Cublas: records each GEMM, or with a
+  MemoryDriver computes it.
 """
 from __future__ import annotations
 
@@ -130,3 +134,61 @@ class RecordingDriver:
     def capture(self, launches):
         launches()
         return "graph"
+
+
+class MemoryDriver(RecordingDriver):
+    """Allocations are host arrays: uploads land in them and downloads read them. A launch of a
+    kernel named in `twins` (name -> fn(driver, args as Python numbers)) runs the twin."""
+
+    def __init__(self, twins: dict | None = None):
+        super().__init__()
+        self.memory: dict[int, np.ndarray] = {}
+        self.twins = twins or {}
+
+    def alloc(self, nbytes: int) -> int:
+        address = super().alloc(nbytes)
+        self.memory[address] = np.zeros(max(int(nbytes), 1), np.uint8)
+        return address
+
+    def bytes_at(self, address: int, nbytes: int) -> np.ndarray:
+        """The uint8 view of [address, address + nbytes), which must lie inside one allocation."""
+        base = max((b for b in self.memory if b <= address), default=None)
+        assert base is not None and address + nbytes <= base + self.memory[base].size, \
+            f"{nbytes} bytes at {address:#x} are outside every allocation"
+        return self.memory[base][address - base:address - base + nbytes]
+
+    def array_at(self, address: int, dtype, shape) -> np.ndarray:
+        return self.bytes_at(address, int(np.prod(shape)) * np.dtype(dtype).itemsize).view(dtype).reshape(shape)
+
+    def upload(self, device_ptr, array):
+        self.bytes_at(device_ptr, array.nbytes)[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+    upload_async = upload
+
+    def download(self, array, device_ptr):
+        array.reshape(-1).view(np.uint8)[:] = self.bytes_at(device_ptr, array.nbytes)
+
+    def zero(self, device_ptr, nbytes):
+        self.bytes_at(device_ptr, nbytes)[:] = 0
+
+    def launch(self, fn, grid, block, args, shared_bytes=0, programmatic=False):
+        super().launch(fn, grid, block, args, shared_bytes, programmatic)
+        if fn in self.twins:
+            self.twins[fn](self, [a.value for a in args])
+
+
+class RecordingCublas:
+    """cublas.Cublas's gemm_wt, recorded; on a MemoryDriver also computed (float32, rounded to fp16)."""
+
+    def __init__(self, driver=None):
+        self.calls, self.driver = [], driver
+
+    def gemm_wt(self, w, x, y, n, rows, k, ldc):
+        self.calls.append(dict(w=w, x=x, y=y, n=n, rows=rows, k=k, ldc=ldc))
+        if isinstance(self.driver, MemoryDriver):
+            weights = self.driver.array_at(w, np.float16, (n, k)).astype(np.float32)
+            inputs = self.driver.array_at(x, np.float16, (rows, k)).astype(np.float32)
+            out = self.driver.array_at(y, np.float16, ((rows - 1) * ldc + n,))
+            product = (inputs @ weights.T).astype(np.float16)
+            for r in range(rows):
+                out[r * ldc:r * ldc + n] = product[r]

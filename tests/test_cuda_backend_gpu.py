@@ -64,20 +64,23 @@ def tokenizer_dir(tmp_path_factory):
     return byte_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
-def backends(engine: Path, max_context: int = CONTEXT):
-    """(cuda, reference) over the same engine folder."""
+def backends(engine: Path, max_context: int = CONTEXT, cublas=None):
+    """(cuda, reference) over the same engine folder; cublas=False: prefill on our GEMM only."""
     manifest = read_manifest(engine)
     info = read_decoder_info(engine, check_files(engine, manifest["files"]))
-    return CudaBackend(engine, manifest, info, max_context), ReferenceBackend(engine, max_context, info)
+    return (CudaBackend(engine, manifest, info, max_context, cublas=cublas),
+            ReferenceBackend(engine, max_context, info))
 
 
-def check_against_reference(engine: Path, vocab: int, seed: int = 0, fused: bool = True) -> None:
-    """fused=False: the unfused op list on the GPU (one kernel per op; fused is the default)."""
-    cuda, reference = backends(engine)
+def check_against_reference(engine: Path, vocab: int, seed: int = 0, fused: bool = True, cublas=None) -> None:
+    """fused=False: the unfused op list on the GPU (one kernel per op; fused is the default).
+    The first prefill chunk is PREFILL_CHUNK rows: through cuBLAS when found (cublas=False: not)."""
+    cuda, reference = backends(engine, cublas=cublas)
     cuda.ops = decode_ops(cuda.spec, fused=fused)
     ids = np.random.default_rng(seed).integers(0, min(vocab, 256), PROMPT + DECODE).tolist()
     errors, disagreements = teacher_forced(cuda, reference, ids, PROMPT)
-    print(f"{engine.name}: prefill error {errors[0]:.1e}, decode at most {max(errors[1:]):.1e}")
+    print(f"{engine.name}: prefill error {errors[0]:.1e}, decode at most {max(errors[1:]):.1e}; "
+          f"prefill: {cuda.prefill_path}")
     # fp16 buffers on both sides; what differs is the order of fp32 sums and fp16 rounding there
     assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
 
@@ -100,6 +103,17 @@ def test_ragged_shapes_match_the_reference(tokenizer_dir, tmp_path):
     GEMM's unvectorized path) and a short last group in every linear."""
     check_against_reference(tiny_engine(tmp_path, "llama", tokenizer_dir, hidden_size=136, intermediate_size=200),
                             320)
+
+
+def test_long_prefill_chunks_match_the_reference_through_cublas_and_through_our_gemm(tokenizer_dir, tmp_path):
+    """Both prefill paths of a 256-row chunk (dequantized slabs + cuBLAS, and our GEMM) on the
+    ragged shape: K % 32 != 0 (rows not 16-byte aligned for cuBLAS either), short last groups."""
+    engine = tiny_engine(tmp_path, "llama", tokenizer_dir, hidden_size=136, intermediate_size=200)
+    cuda, _ = backends(engine)
+    if cuda.cublas is None:
+        pytest.skip(f"no cuBLAS on this machine: {cuda.prefill_path}")
+    check_against_reference(engine, 320)
+    check_against_reference(engine, 320, cublas=False)
 
 
 def test_a_smollm2_shaped_checkpoint_matches_the_reference(tokenizer_dir, tmp_path):

@@ -109,3 +109,30 @@ def test_a_layer_is_the_op_list_between_embedding_and_head_and_its_bytes_are_its
     layer.time_layers(backend, layer.layer_ops(decode_ops(info.spec)), 1)
     sizes = [args[-1].value for name, _, _, args in backend.drv.launches if name.startswith("awq_gemv_")]
     assert len(sizes) == 12 and sizes[-1] == 0 and 0 < min(sizes[:-1]) and max(sizes) <= 2 << 20
+
+
+def test_cuda_decode_times_both_prefill_paths_and_puts_the_backend_back(tmp_path):
+    """benchmarks/cuda_decode.py's prefill_times on a recorded backend: each chunk size through
+    our kernels and through dequantize + cuBLAS (even below the backend's switch), the backend's
+    switch and cuBLAS left as they were; without cuBLAS, our kernels only."""
+    from awq_edge.cuda_backend import CUBLAS_FROM_ROWS, CudaBackend
+    from awq_edge.devices import resolve
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+    from awq_edge.synthetic import SHAPES, write_random_engine
+    from native_helpers import RecordingCublas, RecordingDriver
+
+    bench = load_script("cuda_decode")
+    write_random_engine(tmp_path / "e", dict(SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=512),
+                        resolve("orin-nano-8gb"), max_context=300)
+    manifest = read_manifest(tmp_path / "e")
+    info = read_decoder_info(tmp_path / "e", check_files(tmp_path / "e", manifest["files"]))
+    blas = RecordingCublas()
+    backend = CudaBackend(tmp_path / "e", manifest, info, 300, driver=RecordingDriver(), cublas=blas)
+    times = bench.prefill_times(backend, 2)
+    assert set(times) == {f"prefill_{n}_{path}_ms" for n in bench.PREFILL_ROWS for path in ("ours", "cublas")}
+    linears = sum(op.kind == "linear" for op in backend.ops)
+    assert sorted({c["rows"] for c in blas.calls}) == sorted(bench.PREFILL_ROWS)  # one slab each: SmolLM2 is small
+    assert len(blas.calls) == 3 * len(bench.PREFILL_ROWS) * linears  # warm-up + 2 runs
+    assert backend.cublas is blas and backend.cublas_from_rows == CUBLAS_FROM_ROWS
+    backend.cublas = None
+    assert set(bench.prefill_times(backend, 1)) == {f"prefill_{n}_ours_ms" for n in bench.PREFILL_ROWS}

@@ -20,7 +20,8 @@ import pytest
 from awq_edge import plugins
 from awq_edge.backend_ort import OrtBackend
 from awq_edge.build import build_engine
-from awq_edge.cuda_backend import KERNELS_OF, CudaBackend
+from awq_edge import cuda_backend
+from awq_edge.cuda_backend import CUBLAS_FROM_ROWS, KERNELS_OF, CudaBackend
 from awq_edge.decoder import decode_ops, decoder_spec
 from awq_edge.engine import Engine
 from awq_edge.errors import UserError
@@ -29,7 +30,7 @@ from awq_edge.reference_backend import ReferenceBackend
 from awq_edge.sampling import SamplingSettings
 from conftest import TINY_FAMILIES, has_gpu
 from folder_helpers import edit_json, linked_copy, resign
-from native_helpers import RecordingDriver, teacher_forced
+from native_helpers import MemoryDriver, RecordingCublas, RecordingDriver, teacher_forced
 from test_export_helpers import export_for_cpu, tiny_checkpoint
 
 CLI = [sys.executable, "-m", "awq_edge.cli"]
@@ -73,8 +74,11 @@ def test_a_cuda_engine_builds_without_a_gpu_and_run_says_none_is_here(rtn_checkp
 
 
 def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[str]:
-    """The cuda backend on a recording driver: a prefill chunk, two decode steps (the graph's
-    capture and a replay) and a sampled token. Every launch must pass exactly the parameters its
+    """The cuda backend on a recording driver: a 9-row prefill chunk (the GEMV, 8 rows at a time),
+    two decode steps (the graph's capture and a replay), a sampled token, a 40-row chunk (the
+    GEMM), and a 64-row chunk (its linears through the
+    dequantize kernel and cuBLAS, whose calls must cover every output column of every linear
+    once). Every launch must pass exactly the parameters its
     kernel in the engine's cubin declares (count, offsets, sizes: a pointer is 8 bytes, an int or
     float 4) in a block no bigger than its __launch_bounds__. Returns the kernels launched."""
     import ctypes
@@ -97,6 +101,26 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[s
         assert decode_launches == 1 + spec.layers * (5 + 3 * spec.qk_norm) + 3, decode_launches
     backend.forward([4])
     backend.sample_token(backend.buf["logits"], SamplingSettings(0.7, 40, 0.9, 1.1), [1, 2, 3], 0.5)
+    backend.forward(list(range(40)))  # a chunk of more rows than the chunked GEMV takes: the GEMM
+    assert backend.cublas is None and backend.prefill_path.startswith("awq-edge GEMV/GEMM")  # a driver given: no cuBLAS
+    backend.rewind(0)
+    backend.cublas = blas = RecordingCublas()
+    before = len(driver.launches)
+    backend.forward(list(range(CUBLAS_FROM_ROWS)))
+    long_chunk = {name for name, *_ in driver.launches[before:]}
+    assert "awq_dequantize_g%d" % spec.group_size in long_chunk and not any("gemm" in n for n in long_chunk)
+    assert all(c["rows"] == CUBLAS_FROM_ROWS and c["w"] == backend.dequant_slab for c in blas.calls)
+    calls = iter(blas.calls)  # per linear in order: its slabs, side by side, covering its N columns once
+    for a in (op.args for op in backend.ops if op.kind == "linear"):
+        first = next(calls)
+        done, y0 = first["n"], first["y"]
+        assert (first["k"], first["ldc"]) == (a["K"], a["N"])
+        while done < a["N"]:
+            call = next(calls)
+            assert (call["k"], call["ldc"], call["y"]) == (a["K"], a["N"], y0 + 2 * done)
+            done += call["n"]
+        assert done == a["N"], (a["weight"], done)
+    assert next(calls, None) is None
     assert driver.programmatic == (manifest["gpu_arch"] == "sm_90")  # overlapping launches: sm_90 only
     for name, grid, block, args in driver.launches:
         kernel, where = driver.kernel_info[name], f"{engine.name}: {name}"
@@ -140,6 +164,78 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
             "awq_head_rms_norm", "awq_gemv_norm_rope_g32_w1", "awq_gemv_norm_store_g32_w1", "awq_gemv_act_g32_w1",
             "awq_gemv_store_g32_w1",
             "awq_gemm_g32_v0"} <= launched <= every
+
+
+@needs_nvcc
+def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_engine, monkeypatch):
+    """The three ways a prefill chunk's linear runs, on host memory with numpy twins of the
+    kernels and of cuBLAS (the dequantize kernel's twin is packing.dequantize rounded to fp16, as
+    test_kernels_gpu.py checks on a GPU): 64 rows as slabs of weight rows dequantized into one
+    scratch buffer and each multiplied by cuBLAS into its columns (slabs small enough here that
+    every linear of layer 0 takes several, the last one short); 19 rows through the plain GEMV
+    8 rows at a time (8 + 8 + 3); 40 rows through the GEMM. Each gives x @ W_hat^T from
+    weights.bin, and every launch covers its output."""
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+    from awq_edge.packing import dequantize, unpack_int4
+
+    monkeypatch.setattr(cuda_backend, "DEQUANT_SLAB_BYTES", 2 * 1536 * 40)  # 104 rows at K = 576, 40 at 1536
+    manifest = read_manifest(smollm2_cuda_engine)
+    info = read_decoder_info(smollm2_cuda_engine, check_files(smollm2_cuda_engine, manifest["files"]))
+    g = info.spec.group_size
+
+    def w_hat(drv, qweight, scales, zeros, n, k):
+        groups = -(-k // g)
+        q = unpack_int4(drv.array_at(qweight, np.int32, (n, k // 8)))
+        s, z = (drv.array_at(a, np.float16, (n, groups)) for a in (scales, zeros))
+        return dequantize(q, s, z, g).astype(np.float16)
+
+    def dequantize_twin(drv, args):
+        qweight, scales, zeros, w, n, k = args
+        drv.array_at(w, np.float16, (n, k))[:] = w_hat(drv, qweight, scales, zeros, n, k)
+
+    def product_twin(drv, x, qweight, scales, zeros, y, m, n, k):
+        weights = w_hat(drv, qweight, scales, zeros, n, k).astype(np.float32)
+        product = drv.array_at(x, np.float16, (m, k)).astype(np.float32) @ weights.T
+        drv.array_at(y, np.float16, (m, n))[:] = product.astype(np.float16)
+
+    twins = {f"awq_dequantize_g{g}": dequantize_twin,
+             f"awq_gemm_g{g}_v1": lambda drv, a: product_twin(drv, *a[:5], *a[5:])}
+    for m in range(1, 9):
+        twins[f"awq_gemv_rows{m}_g{g}_w4"] = lambda drv, a, m=m: product_twin(drv, *a[:5], m, *a[5:])
+    driver = MemoryDriver(twins)
+    backend = CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=driver, cublas=False)
+    blas = RecordingCublas(driver)
+    weights = np.memmap(smollm2_cuda_engine / info.weights_file, np.uint8, "r")
+
+    def tensor(name):
+        dtype, shape, offset = info.tensors[name]
+        return weights[offset:offset + np.dtype(dtype).itemsize * int(np.prod(shape))].view(dtype).reshape(shape)
+
+    rng = np.random.default_rng(3)
+    for rows, path in ((64, "cublas"), (19, "gemv"), (40, "gemm")):
+        backend.cublas = blas if path == "cublas" else None
+        for a in (op.args for op in backend.ops if op.kind == "linear" and op.args["layer"] == 0):
+            name, n, k = a["weight"], a["N"], a["K"]
+            if path == "cublas":
+                assert -(-n // cuda_backend.slab_rows(n, k)) > 2 and n % cuda_backend.slab_rows(n, k)
+            x = rng.standard_normal((rows, k)).astype(np.float16)
+            driver.upload(backend.buf[a["x"]], x)
+            y = driver.alloc(2 * rows * n)
+            launches = len(driver.launches)
+            backend.matmul(backend.buf[a["x"]], name, n, k, y, rows)
+            launched = driver.launches[launches:]
+            assert {fn for fn, *_ in launched} == {
+                "cublas": {f"awq_dequantize_g{g}"}, "gemv": {f"awq_gemv_rows8_g{g}_w4", f"awq_gemv_rows3_g{g}_w4"},
+                "gemm": {f"awq_gemm_g{g}_v1"}}[path]
+            for fn, grid, block, args in launched:  # every weight word (dequantize) or output row has a thread
+                covered = grid[0] * block[0] >= args[4].value * k // 8 if path == "cublas" else \
+                    grid[0] * {"gemv": 4, "gemm": 64}[path] >= n
+                assert covered and (path != "gemm" or grid[1] * 64 >= rows), (fn, grid)
+            weights_hat = dequantize(unpack_int4(tensor(f"{name}.qweight")), tensor(f"{name}.scales"),
+                                     tensor(f"{name}.zeros"), g)
+            expected = x.astype(np.float32) @ weights_hat.astype(np.float16).astype(np.float32).T
+            got = driver.array_at(y, np.float16, (rows, n)).astype(np.float32)
+            assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max(), (path, name)
 
 
 # ---------------------------------------------------------------- the reference executor
@@ -316,11 +412,17 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"constexpr int kTileKeys = {cb.ATTEND_SPLIT_KEYS};" in src["attention"]
     assert "constexpr int kSplitKeys = kTileKeys;" in src["attention"] and cb.ATTEND_THREADS == cb.ATTEND_SPLIT_KEYS
     assert f"constexpr int kThreads = {cb.SAMPLE_THREADS};" in src["sample"]
+    header = (plugins.PLUGINS_DIR / "kernels" / "w4a16.h").read_text()
+    assert f"#define AWQ_W4A16_GEMV_MAX_ROWS {cb.GEMV_MAX_ROWS}\n" in header
+    assert f"#define AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS {cb.GEMV_CHUNKED_MAX_ROWS}\n" in header
+    assert re.search(rf"__launch_bounds__\({cb.DEQUANT_THREADS}\)\s*\\\s*awq_dequantize_g", src["gemm_w4a16"])
     assert cb.LM_HEAD_ROWS_PER_BLOCK == cb.NORM_THREADS // 32  # one warp per vocabulary row
     for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
         for name in names:
             base = re.sub(r"_(g|d)\d.*$", "", name)
-            if module == "gemv_w4a16":  # made by a macro per fusion, for every group size and load width
+            if name.startswith("awq_gemv_rows"):  # made by a macro per row count
+                assert f"AWQ_GEMV_ROWS_ENTRIES({base[len('awq_gemv_rows'):]})" in src[module], name
+            elif module == "gemv_w4a16":  # made by a macro per fusion, for every group size and load width
                 assert f"AWQ_GEMV_ENTRIES({base[len('awq_gemv_'):]}," in src[module], name
             else:
                 assert re.search(rf'extern "C" __global__[^{{]*{base}', src[module], re.S), (module, name)

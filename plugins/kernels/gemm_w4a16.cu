@@ -229,12 +229,12 @@ namespace {
 
 // W_hat fp16 [N, K] from the packed weights: one thread per word (8 values), the kernels' own
 // dequantization ((q - z) * s rounded once), so the result is packing.dequantize's rounded to
-// fp16 exactly. For "dequantize, then cuBLAS fp16" prefill, measured against our GEMM by
-// benchmarks/gemv.py. Grid: ceil(N * K / 8 / 256) blocks of 256 threads.
+// fp16 exactly. The cuda backend's long prefill chunks run "dequantize a slab of rows, then
+// cuBLAS fp16" with it (awq_edge/cuda_backend.py dequantized_matmul); benchmarks/gemv.py times
+// that against our GEMM.
 template <int kGroupSize>
-__global__ void __launch_bounds__(256)
-dequantize_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
-                  const half* __restrict__ zeros, half* __restrict__ w, int N, int K) {
+__device__ __forceinline__ void dequantize(const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
+                                           const half* __restrict__ zeros, half* __restrict__ w, int N, int K) {
     const size_t word = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     const int words_per_row = K / kValuesPerWord;
     if (word >= static_cast<size_t>(N) * words_per_row) return;
@@ -245,6 +245,24 @@ dequantize_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__
     dequant_word(__ldcs(qweight + word), make_group_params(scales[at], zeros[at]), out);
     *reinterpret_cast<uint4*>(w + n * K + k) = bit_cast<uint4>(out);
 }
+
+}  // namespace
+}  // namespace awq_edge
+
+// awq_dequantize_g{G}(qweight, scales, zeros, w, N, K): grid ceil(N * K / 8 / 256) blocks of 256.
+#define AWQ_DEQUANTIZE_ENTRY(G)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256)                                                        \
+        awq_dequantize_g##G(const uint32_t* __restrict__ qweight, const half* __restrict__ scales,            \
+                            const half* __restrict__ zeros, half* __restrict__ w, int N, int K) {             \
+        awq_edge::begin_after_previous_kernel(); /* w may still be read by the previous GEMM */               \
+        awq_edge::dequantize<G>(qweight, scales, zeros, w, N, K);                                            \
+    }
+AWQ_DEQUANTIZE_ENTRY(32)
+AWQ_DEQUANTIZE_ENTRY(64)
+AWQ_DEQUANTIZE_ENTRY(128)
+
+namespace awq_edge {
+namespace {
 
 using GemmKernel = void (*)(const half*, const uint32_t*, const half*, const half*, half*, int, int, int);
 
@@ -280,9 +298,9 @@ extern "C" int awq_w4a16_dequantize(const int32_t* qweight, const __half* scales
     const size_t words = static_cast<size_t>(N) * (K / kValuesPerWord);
     const unsigned blocks = static_cast<unsigned>((words + 255) / 256);
     switch (group_size) {
-        case 32: dequantize_kernel<32><<<blocks, 256, 0, stream>>>(q, scales, zeros, w, N, K); break;
-        case 64: dequantize_kernel<64><<<blocks, 256, 0, stream>>>(q, scales, zeros, w, N, K); break;
-        default: dequantize_kernel<128><<<blocks, 256, 0, stream>>>(q, scales, zeros, w, N, K); break;
+        case 32: awq_dequantize_g32<<<blocks, 256, 0, stream>>>(q, scales, zeros, w, N, K); break;
+        case 64: awq_dequantize_g64<<<blocks, 256, 0, stream>>>(q, scales, zeros, w, N, K); break;
+        default: awq_dequantize_g128<<<blocks, 256, 0, stream>>>(q, scales, zeros, w, N, K); break;
     }
     return launch_status();
 }

@@ -289,14 +289,6 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
     }
 }
 
-template <int kRows, int kGroupSize, int kWordsPerLoad>
-__global__ void __launch_bounds__(kThreads)
-gemv_w4a16_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
-                  const half* __restrict__ scales, const half* __restrict__ zeros, half* __restrict__ y,
-                  int N, int K) {
-    gemv_w4a16<kRows, kGroupSize, kWordsPerLoad>(x, qweight, scales, zeros, y, N, K);
-}
-
 // The GEMV's ceiling (benchmarks/gemv.py): the same grid, the same loads of the same bytes
 // (the weights with the streaming hint, each row's scale and zero per chunk) and the same
 // output rows, but no arithmetic. The loaded bits are xor-ed together so no load can be
@@ -339,27 +331,42 @@ read_only_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__ 
     }
 }
 
-template <int kRows, int kGroupSize>
-void launch_for_rows_and_group(const half* x, const uint32_t* qweight, const half* scales, const half* zeros,
-                               half* y, int N, int K, cudaStream_t stream) {
-    const dim3 block(kThreads);
-    const dim3 grid(N / kRowsPerBlock);
-    if (rows_allow_128bit_loads(K)) {
-        gemv_w4a16_kernel<kRows, kGroupSize, 4><<<grid, block, 0, stream>>>(x, qweight, scales, zeros, y, N, K);
-    } else {
-        gemv_w4a16_kernel<kRows, kGroupSize, 1><<<grid, block, 0, stream>>>(x, qweight, scales, zeros, y, N, K);
-    }
-}
+}  // namespace
+}  // namespace awq_edge
 
-template <int kRows>
-void launch_for_rows(const half* x, const uint32_t* qweight, const half* scales, const half* zeros, half* y,
-                     int N, int K, int group_size, cudaStream_t stream) {
-    switch (group_size) {
-        case 32: launch_for_rows_and_group<kRows, 32>(x, qweight, scales, zeros, y, N, K, stream); break;
-        case 64: launch_for_rows_and_group<kRows, 64>(x, qweight, scales, zeros, y, N, K, stream); break;
-        default: launch_for_rows_and_group<kRows, 128>(x, qweight, scales, zeros, y, N, K, stream); break;
+// The plain GEMV of M = 1..8 rows, by name: awq_gemv_rows{M}_g{G}_w{W}(x, qweight, scales, zeros,
+// y, N, K), y[M, N] = x[M, K] W^T, grid N / 4 blocks of 128 threads (W as below). The C launcher
+// awq_w4a16_gemv and the cuda backend's short prefill chunks (8 rows at a time) launch these.
+#define AWQ_GEMV_ROWS_ENTRY(M, G, W)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128)                                                             \
+        awq_gemv_rows##M##_g##G##_w##W(const half* __restrict__ x, const uint32_t* __restrict__ qweight,          \
+                                       const half* __restrict__ scales, const half* __restrict__ zeros,           \
+                                       half* __restrict__ y, int N, int K) {                                      \
+        awq_edge::gemv_w4a16<M, G, W>(x, qweight, scales, zeros, y, N, K);                                        \
     }
-}
+#define AWQ_GEMV_ROWS_ENTRIES(M)                                                                                  \
+    AWQ_GEMV_ROWS_ENTRY(M, 32, 1) AWQ_GEMV_ROWS_ENTRY(M, 32, 4) AWQ_GEMV_ROWS_ENTRY(M, 64, 1)                     \
+    AWQ_GEMV_ROWS_ENTRY(M, 64, 4) AWQ_GEMV_ROWS_ENTRY(M, 128, 1) AWQ_GEMV_ROWS_ENTRY(M, 128, 4)
+AWQ_GEMV_ROWS_ENTRIES(1)
+AWQ_GEMV_ROWS_ENTRIES(2)
+AWQ_GEMV_ROWS_ENTRIES(3)
+AWQ_GEMV_ROWS_ENTRIES(4)
+AWQ_GEMV_ROWS_ENTRIES(5)
+AWQ_GEMV_ROWS_ENTRIES(6)
+AWQ_GEMV_ROWS_ENTRIES(7)
+AWQ_GEMV_ROWS_ENTRIES(8)
+
+namespace awq_edge {
+namespace {
+
+using GemvKernel = void (*)(const half*, const uint32_t*, const half*, const half*, half*, int, int);
+#define AWQ_GEMV_ROWS_KERNELS(M)                                                                                  \
+    {awq_gemv_rows##M##_g32_w1, awq_gemv_rows##M##_g32_w4, awq_gemv_rows##M##_g64_w1,                             \
+     awq_gemv_rows##M##_g64_w4, awq_gemv_rows##M##_g128_w1, awq_gemv_rows##M##_g128_w4}
+// [M - 1][group index * 2 + (K % 32 == 0)]
+constexpr GemvKernel kGemvKernels[8][6] = {AWQ_GEMV_ROWS_KERNELS(1), AWQ_GEMV_ROWS_KERNELS(2), AWQ_GEMV_ROWS_KERNELS(3),
+                                           AWQ_GEMV_ROWS_KERNELS(4), AWQ_GEMV_ROWS_KERNELS(5), AWQ_GEMV_ROWS_KERNELS(6),
+                                           AWQ_GEMV_ROWS_KERNELS(7), AWQ_GEMV_ROWS_KERNELS(8)};
 
 }  // namespace
 }  // namespace awq_edge
@@ -370,17 +377,10 @@ extern "C" int awq_w4a16_gemv(const __half* x, const int32_t* qweight, const __h
     if (!valid_matmul_args(x, qweight, scales, zeros, y, M, N, K, group_size) || M > AWQ_W4A16_GEMV_MAX_ROWS) {
         return AWQ_W4A16_INVALID_ARGUMENT;
     }
-    const auto* w = reinterpret_cast<const uint32_t*>(qweight);
-    switch (M) {
-        case 1: launch_for_rows<1>(x, w, scales, zeros, y, N, K, group_size, stream); break;
-        case 2: launch_for_rows<2>(x, w, scales, zeros, y, N, K, group_size, stream); break;
-        case 3: launch_for_rows<3>(x, w, scales, zeros, y, N, K, group_size, stream); break;
-        case 4: launch_for_rows<4>(x, w, scales, zeros, y, N, K, group_size, stream); break;
-        case 5: launch_for_rows<5>(x, w, scales, zeros, y, N, K, group_size, stream); break;
-        case 6: launch_for_rows<6>(x, w, scales, zeros, y, N, K, group_size, stream); break;
-        case 7: launch_for_rows<7>(x, w, scales, zeros, y, N, K, group_size, stream); break;
-        default: launch_for_rows<8>(x, w, scales, zeros, y, N, K, group_size, stream); break;
-    }
+    const int group = group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
+    const GemvKernel kernel = kGemvKernels[M - 1][2 * group + (rows_allow_128bit_loads(K) ? 1 : 0)];
+    kernel<<<N / kRowsPerBlock, kThreads, 0, stream>>>(x, reinterpret_cast<const uint32_t*>(qweight), scales, zeros, y,
+                                                       N, K);
     return launch_status();
 }
 
