@@ -46,6 +46,7 @@ GEMV_MAX_ROWS, GEMV_CHUNKED_MAX_ROWS = 8, 32  # plugins/kernels/w4a16.h: short c
 GEMM_TILE, GEMM_THREADS = 64, 128
 ROPE_THREADS, ATTEND_THREADS = 256, 128
 ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
+ATTEND_BLOCK_QUERIES = 16        # prefill attention: tokens per block (awq_attend_block)
 LM_HEAD_ROWS_PER_BLOCK = 8
 SAMPLE_THREADS = 1024
 DEQUANT_THREADS = 256
@@ -382,8 +383,10 @@ class CudaBackend:
             self.launch(f"awq_attend_split_d{D}", (H, self.attn_splits), (ATTEND_SPLIT_KEYS,),
                         [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, self.attn_partials,
                          self.attn_counters, ("i32", H), ("i32", Hkv), *limits])
-        else:
-            self.launch(f"awq_attend_d{D}", (H, rows), (ATTEND_THREADS,),
+        else:  # a block per (head, 16 tokens) shares each K/V tile; shorter chunks: a block per (head, token)
+            block = rows >= ATTEND_BLOCK_QUERIES
+            self.launch(f"awq_attend{'_block' if block else ''}_d{D}",
+                        (H, -(-rows // ATTEND_BLOCK_QUERIES) if block else rows), (ATTEND_THREADS,),
                         [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, ("i32", rows),
                          ("i32", H), ("i32", Hkv), *limits])
 
@@ -443,7 +446,8 @@ KERNELS_OF = {
                   [f"awq_gemv_rows{m}_g{g}_w{w}" for m in range(1, 9) for g in (32, 64, 128) for w in (1, 4)],
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)] +
                   [f"awq_dequantize_g{g}" for g in (32, 64, 128)],
-    "attention": ["awq_rope_store"] + [f"awq_attend{split}_d{d}" for split in ("", "_split") for d in (64, 128, 256)],
+    "attention": ["awq_rope_store"] + [f"awq_attend{kind}_d{d}" for kind in ("", "_block", "_split")
+                                       for d in (64, 128, 256)],
     "sample": ["awq_sample_step"],
     "decoder_ops": ["awq_embed", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
                     "awq_gated_act", "awq_residual_add", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],

@@ -153,6 +153,40 @@ def twin_attend_tiles(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarra
     return out.reshape(-1)
 
 
+def twin_attend_block(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, window: int,
+                      scale: float, softcap: float, block_queries: int = 16) -> np.ndarray:
+    """Prefill attention as awq_attend_block computes it: q_rot fp16 [S, H, D] at positions
+    past..past+S-1; per head, blocks of block_queries tokens walk the keys any of them sees in
+    tiles of 4096 / D from the block's first visible key, each token with its own online softmax
+    (a tile a token sees nothing of changes nothing), fp32. -> fp16 [S, H * D]."""
+    S, H, D = q_rot.shape
+    Hkv, tile = k_cache.shape[0], 4096 // D
+    out = np.empty((S, H, D), F16)
+    for h in range(H):
+        kv = h // (H // Hkv)
+        for t0 in range(0, S, block_queries):
+            tokens = np.arange(t0, min(S, t0 + block_queries))
+            pos = past + tokens
+            first = np.maximum(0, pos - window + 1) if window > 0 else np.zeros_like(pos)
+            q = q_rot[tokens, h].astype(F32)
+            running_max, running_sum = np.full(len(tokens), -np.inf, F32), np.zeros(len(tokens), F32)
+            acc = np.zeros((len(tokens), D), F32)
+            for begin in range(int(first[0]), int(pos[-1]) + 1, tile):
+                j = np.arange(begin, min(int(pos[-1]) + 1, begin + tile))
+                scores = np.stack([key_scores(row, k_cache[kv, j], scale, softcap) for row in q])
+                visible = (j[None, :] >= first[:, None]) & (j[None, :] <= pos[:, None])
+                scores = np.where(visible, scores, -np.inf)
+                new_max = np.maximum(running_max, scores.max(axis=1))
+                seen = new_max > -np.inf
+                rescale = np.where(seen, np.exp(running_max - np.where(seen, new_max, 0)), F32(1))
+                p = np.where(visible, np.exp(scores - np.where(seen, new_max, 0)[:, None]), F32(0))
+                running_sum = running_sum * rescale + p.sum(axis=1)
+                acc = acc * rescale[:, None] + p @ v_cache[kv, j].astype(F32)
+                running_max = new_max
+            out[tokens, h] = (acc / running_sum[:, None]).astype(F16)
+    return out.reshape(S, H * D)
+
+
 def twin_attend_split(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, window: int,
                       scale: float, softcap: float, split_keys: int = 128) -> np.ndarray:
     """Decode attention as awq_attend_split computes it (flash-decoding): q_rot fp16 [H, D] at

@@ -52,6 +52,7 @@ step cuda_backend 240 python3 -P -m pytest -q -s -m gpu -p no:cacheprovider test
 step cuda_layer 120 python3 benchmarks/cuda_layer.py --output "$out/cuda_layer.json"
 step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m --output "$out/cuda_layer-smollm2.json"
 step gemv 180 python3 benchmarks/gemv.py --output "$out/gemv.json"
+step cuda_attention 60 python3 benchmarks/cuda_attention.py --output "$out/cuda_attention.json"
 step cuda_decode 300 python3 benchmarks/cuda_decode.py --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
 step quantize 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
 # One screen of the numbers issue 19 asks for, from the JSONs above (whatever exists).
@@ -82,6 +83,10 @@ for name in ("cuda_layer.json", "cuda_layer-smollm2.json"):
         for variant, r in layer["variants"].items():
             print(f"layer {layer['shape']} {variant}: {r['us_per_layer']:.1f} us, {r['launches_per_layer']:.0f} launches, "
                   f"{100 * r['roofline_fraction']:.0f}% of roofline")
+a = load("cuda_attention.json")
+for r in (a or {}).get("rows", []):
+    print(f"prefill attention H {r['heads']}/{r['kv_heads']} D {r['head_dim']} after {r['past']}: per token "
+          f"{r['per_token_us']:.0f} us, 16-token blocks {r['block_us']:.0f} us ({r['speedup']:.2f}x)")
 d = load("cuda_decode.json")
 for r in (d or {}).get("rows", d if isinstance(d, list) else []):
     if isinstance(r, dict) and r.get("decode_tok_s"):

@@ -59,9 +59,10 @@ def test_the_summary_fits_both_kernels_and_compares_m8_with_m1():
 
 
 @pytest.mark.skipif(bool(find_gpus()), reason="this machine has a GPU: run the benchmark itself")
-def test_cuda_layer_benchmark_without_gpu_exits_with_one_line(tmp_path):
+@pytest.mark.parametrize("script", ["cuda_layer.py", "cuda_attention.py"])
+def test_cuda_kernel_benchmarks_without_gpu_exit_with_one_line(tmp_path, script):
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "cuda_layer.py"), "--output", str(out)],
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / script), "--output", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no NVIDIA GPU found" in proc.stderr

@@ -160,7 +160,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
         launched |= check_launches_against_the_cubins(tmp_path / model_type / "engine")
     every = {name for names in KERNELS_OF.values() for name in names}
     # not launched here: head_dim 128/256 attention, and the GEMV/GEMM of the group sizes not built above
-    assert {"awq_rope_store", "awq_attend_d64", "awq_attend_split_d64", "awq_sample_step", "awq_advance", "awq_bias_add",
+    assert {"awq_rope_store", "awq_attend_d64", "awq_attend_block_d64", "awq_attend_split_d64", "awq_sample_step", "awq_advance", "awq_bias_add",
             "awq_head_rms_norm", "awq_gemv_norm_rope_g32_w1", "awq_gemv_norm_store_g32_w1", "awq_gemv_act_g32_w1",
             "awq_gemv_store_g32_w1",
             "awq_gemm_g32_v0"} <= launched <= every
@@ -411,6 +411,7 @@ def test_launch_shapes_match_the_kernel_sources():
     assert "constexpr int kWarps = 4;" in src["attention"] and cb.ATTEND_THREADS == 4 * 32
     assert f"constexpr int kTileKeys = {cb.ATTEND_SPLIT_KEYS};" in src["attention"]
     assert "constexpr int kSplitKeys = kTileKeys;" in src["attention"] and cb.ATTEND_THREADS == cb.ATTEND_SPLIT_KEYS
+    assert f"constexpr int kBlockQueries = {cb.ATTEND_BLOCK_QUERIES};" in src["attention"]
     assert f"constexpr int kThreads = {cb.SAMPLE_THREADS};" in src["sample"]
     header = (plugins.PLUGINS_DIR / "kernels" / "w4a16.h").read_text()
     assert f"#define AWQ_W4A16_GEMV_MAX_ROWS {cb.GEMV_MAX_ROWS}\n" in header
@@ -484,3 +485,32 @@ def test_attention_tile_and_split_twins_equal_one_softmax(pos, window, softcap, 
             p = np.exp(scores - scores.max())
             want = p @ values.astype(np.float64) / p.sum()
             assert np.abs(got[h] - want).max() < 2e-3 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("D, past, S, window, softcap, heads", [(64, 0, 37, 0, 0.0, (4, 2)), (64, 100, 40, 20, 0.0, (2, 1)),
+                                                                (128, 250, 33, 0, 30.0, (6, 3)),
+                                                                (256, 60, 17, 5, 0.0, (2, 2))])
+def test_the_prefill_block_attention_twin_equals_one_softmax(D, past, S, window, softcap, heads):
+    """awq_attend_block's twin (16 tokens a block sharing key tiles of 4096 / D, each token with its
+    own online softmax) against a float64 softmax per token: a last block of fewer tokens, tiles
+    that some of a block's tokens see nothing of (a window shorter than the block: 20 and 5), GQA,
+    the soft-cap, every head size."""
+    from awq_edge.reference_backend import twin_attend_block
+
+    H, Hkv = heads
+    rng = np.random.default_rng(past + S)
+    q = rng.standard_normal((S, H, D)).astype(np.float16)
+    k_cache = rng.standard_normal((Hkv, past + S + 3, D)).astype(np.float16)
+    v_cache = rng.standard_normal((Hkv, past + S + 3, D)).astype(np.float16)
+    got = twin_attend_block(q, k_cache, v_cache, past, window, D ** -0.5, softcap).reshape(S, H, D).astype(np.float64)
+    for s in range(S):
+        pos = past + s
+        first = max(0, pos - window + 1) if window else 0
+        for h in range(H):
+            keys, values = k_cache[h // (H // Hkv), first:pos + 1], v_cache[h // (H // Hkv), first:pos + 1]
+            scores = keys.astype(np.float64) @ q[s, h].astype(np.float64) * D ** -0.5
+            if softcap:
+                scores = softcap * np.tanh(scores / softcap)
+            p = np.exp(scores - scores.max())
+            want = p @ values.astype(np.float64) / p.sum()
+            assert np.abs(got[s, h] - want).max() < 2e-3 * max(1.0, np.abs(want).max()), (s, h)

@@ -8,6 +8,9 @@
 //               the others'), the block keeps an online softmax (running max and sum, fp32), and
 //               each thread accumulates the V-weighted sum of one pair of dims over a share of
 //               the tile's keys, rescaled when the max moves.
+//   attend_block  (prefill chunks of 16 rows or more) one block of 128 threads per (query head,
+//               16 new tokens): each K/V tile is read into shared memory once for the 16 tokens
+//               (attend reads it once per token), then each token's 8 lanes score and sum it.
 // Decode uses attend_split (flash-decoding) instead, the same tile work spread over blocks:
 //   attend_split  grid (H, splits), 128 threads: block (h, c) takes keys c*128 .. c*128+127 of
 //               head h (those visible), keeps its softmax state (max, sum, V-weighted sum) in
@@ -196,6 +199,148 @@ __device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const _
     }
 }
 
+// Prefill attention over a block of query tokens (flash-attention's loop order, on CUDA cores):
+// awq_attend saves nothing across tokens, so a chunk of S tokens reads each visible K/V row S
+// times; here a block takes kBlockQueries tokens of one query head and each K/V tile is read
+// from memory once for all of them (into shared memory), then every thread works on its
+// token. Thread = (token, lane of 8): in the score pass a lane takes keys lane, lane + 8, ... of
+// the tile, in the value pass pairs of dims lane, lane + 8, ...; a token's softmax state (max,
+// sum) lives in its 8 lanes (consecutive lanes of one warp: shuffles), and its V-weighted sum is
+// rescaled when the max moves, as in awq_attend. Tiles hold 4096 / D keys (8 KiB of K and of V).
+constexpr int kBlockQueries = 16;                             // tokens per block
+constexpr int kLanesPerQuery = kTileThreads / kBlockQueries;  // 8
+static_assert(kLanesPerQuery == 8, "a token's lanes are 8 consecutive lanes of one warp");
+
+template <int D>
+struct BlockTile {
+    static constexpr int kKeys = 4096 / D;                         // 64, 32, 16 keys a tile
+    static constexpr int kKeysPerLane = kKeys / kLanesPerQuery;    // 8, 4, 2
+    static constexpr int kPairsPerLane = D / 2 / kLanesPerQuery;   // 4, 8, 16
+    static constexpr int kKRow = D + 8;  // K rows padded by 16 bytes: a token's 8 lanes read 8 rows from distinct banks
+};
+
+template <int D>
+__device__ __forceinline__ void attend_block(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,
+                                             const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
+                                             __half* __restrict__ out, int S, int H, int Hkv, int capacity,
+                                             int max_positions, int window, float scale, float softcap) {
+    using T = BlockTile<D>;
+    __shared__ __align__(16) float q_s[kBlockQueries][D];
+    __shared__ __align__(16) __half k_s[T::kKeys][T::kKRow];
+    __shared__ __align__(16) __half v_s[T::kKeys][D];
+    __shared__ float p_s[kBlockQueries][T::kKeys + 1];  // + 1: the 4 tokens of a warp read distinct banks
+
+    const int h = blockIdx.x, t0 = blockIdx.y * kBlockQueries;
+    const int token = threadIdx.x / kLanesPerQuery, lane = threadIdx.x % kLanesPerQuery;
+    const int s = t0 + token;  // this thread's token; past S it only helps load the tiles
+    const int64_t past = *past_ptr;
+    if (!step_fits(past, S, capacity, max_positions)) {
+        for (int i = threadIdx.x; i < kBlockQueries * D; i += blockDim.x) {
+            if (t0 + i / D < S) out[(static_cast<size_t>(t0 + i / D) * H + h) * D + i % D] = __float2half(NAN);
+        }
+        return;
+    }
+    const int kv_head = h / (H / Hkv);
+    const int64_t pos = past + s;
+    const int64_t first = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;  // this token's first key
+    const int64_t block_first = (window > 0 && past + t0 - window + 1 > 0) ? past + t0 - window + 1 : 0;
+    const int64_t block_last = past + (t0 + kBlockQueries < S ? t0 + kBlockQueries : S) - 1;
+    const __half* k_rows = k_cache + static_cast<size_t>(kv_head) * capacity * D;
+    const __half* v_rows = v_cache + static_cast<size_t>(kv_head) * capacity * D;
+    for (int i = threadIdx.x; i < kBlockQueries * D; i += blockDim.x) {
+        const int t = i / D;
+        q_s[t][i % D] = t0 + t < S ? __half2float(q_rot[(static_cast<size_t>(t0 + t) * H + h) * D + i % D]) : 0.f;
+    }
+
+    float running_max = -INFINITY, running_sum = 0.f;
+    float2 acc[T::kPairsPerLane];
+#pragma unroll
+    for (int i = 0; i < T::kPairsPerLane; ++i) acc[i] = make_float2(0.f, 0.f);
+    for (int64_t begin = block_first; begin <= block_last; begin += T::kKeys) {
+        const int n = static_cast<int>(block_last + 1 - begin < T::kKeys ? block_last + 1 - begin : T::kKeys);
+        __syncthreads();  // the previous tile is no longer read (the first time: q_s is written)
+        for (int c = threadIdx.x; c < T::kKeys * D / 8; c += blockDim.x) {  // 16 bytes a thread a step
+            const int j = c / (D / 8), d = (c % (D / 8)) * 8;
+            uint4 k_bits = make_uint4(0u, 0u, 0u, 0u), v_bits = k_bits;  // rows past the last key: zeros, not stale
+            if (j < n) {
+                k_bits = *reinterpret_cast<const uint4*>(k_rows + (begin + j) * D + d);
+                v_bits = *reinterpret_cast<const uint4*>(v_rows + (begin + j) * D + d);
+            }
+            *reinterpret_cast<uint4*>(&k_s[j][d]) = k_bits;
+            *reinterpret_cast<uint4*>(&v_s[j][d]) = v_bits;
+        }
+        __syncthreads();
+
+        float score[T::kKeysPerLane];
+#pragma unroll
+        for (int i = 0; i < T::kKeysPerLane; ++i) score[i] = 0.f;
+        for (int d = 0; d < D; d += 8) {
+            const float4 qa = *reinterpret_cast<const float4*>(&q_s[token][d]);
+            const float4 qb = *reinterpret_cast<const float4*>(&q_s[token][d + 4]);
+#pragma unroll
+            for (int i = 0; i < T::kKeysPerLane; ++i) {
+                const uint4 bits = *reinterpret_cast<const uint4*>(&k_s[lane + i * kLanesPerQuery][d]);
+                const __half2* k2 = reinterpret_cast<const __half2*>(&bits);
+                const float2 k0 = __half22float2(k2[0]), k1 = __half22float2(k2[1]);
+                const float2 k2f = __half22float2(k2[2]), k3 = __half22float2(k2[3]);
+                score[i] += qa.x * k0.x + qa.y * k0.y + qa.z * k1.x + qa.w * k1.y +
+                            qb.x * k2f.x + qb.y * k2f.y + qb.z * k3.x + qb.w * k3.y;
+            }
+        }
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < T::kKeysPerLane; ++i) {
+            const int64_t j = begin + lane + i * kLanesPerQuery;
+            const float scaled = score[i] * scale;
+            const float capped = softcap > 0.f ? softcap * tanhf(scaled / softcap) : scaled;
+            score[i] = (s < S && j >= first && j <= pos) ? capped : -INFINITY;  // (j <= pos: j is a loaded row)
+            tile_max = fmaxf(tile_max, score[i]);
+        }
+#pragma unroll
+        for (int offset = kLanesPerQuery / 2; offset > 0; offset >>= 1) {
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+        }
+        const float new_max = fmaxf(running_max, tile_max);  // -inf while the token has seen no key
+        const float rescale = new_max == -INFINITY ? 1.f : __expf(running_max - new_max);
+        float tile_sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < T::kKeysPerLane; ++i) {
+            const float p = score[i] == -INFINITY ? 0.f : __expf(score[i] - new_max);
+            p_s[token][lane + i * kLanesPerQuery] = p;
+            tile_sum += p;
+        }
+#pragma unroll
+        for (int offset = kLanesPerQuery / 2; offset > 0; offset >>= 1) {
+            tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, offset);
+        }
+        running_sum = running_sum * rescale + tile_sum;
+        running_max = new_max;
+        __syncwarp();  // the token's p_s row, written by its 8 lanes (of this warp)
+#pragma unroll
+        for (int i = 0; i < T::kPairsPerLane; ++i) {
+            acc[i].x *= rescale;
+            acc[i].y *= rescale;
+        }
+        for (int j = 0; j < n; ++j) {
+            const float p = p_s[token][j];
+            const __half2* v2 = reinterpret_cast<const __half2*>(&v_s[j][0]);
+#pragma unroll
+            for (int i = 0; i < T::kPairsPerLane; ++i) {
+                const float2 vf = __half22float2(v2[lane + i * kLanesPerQuery]);
+                acc[i].x += p * vf.x;
+                acc[i].y += p * vf.y;
+            }
+        }
+    }
+    if (s < S) {
+        __half2* y = reinterpret_cast<__half2*>(out + (static_cast<size_t>(s) * H + h) * D);
+#pragma unroll
+        for (int i = 0; i < T::kPairsPerLane; ++i) {
+            y[lane + i * kLanesPerQuery] = __floats2half2_rn(acc[i].x / running_sum, acc[i].y / running_sum);
+        }
+    }
+}
+
 constexpr int kSplitKeys = kTileKeys;  // keys per attend_split block: one tile
 constexpr int kSplitThreads = kTileThreads;
 
@@ -312,6 +457,22 @@ awq_rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const
 AWQ_ATTEND_ENTRY(64)
 AWQ_ATTEND_ENTRY(128)
 AWQ_ATTEND_ENTRY(256)
+
+// awq_attend_block_d{64,128,256}: prefill chunks of 16 rows or more, grid (H, ceil(S / 16))
+// blocks of 128 threads; the arguments are awq_attend's.
+#define AWQ_ATTEND_BLOCK_ENTRY(D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(kTileThreads, 1) /* ptxas spilled at d64 on sm_90 without the 1 */ \
+        awq_attend_block_d##D(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,                 \
+                              const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,             \
+                              __half* __restrict__ out, int S, int H, int Hkv, int capacity, int max_positions,    \
+                              int window, float scale, float softcap) {                                             \
+        awq_edge::begin_after_previous_kernel();                                                                    \
+        attend_block<D>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale,  \
+                        softcap);                                                                                   \
+    }
+AWQ_ATTEND_BLOCK_ENTRY(64)
+AWQ_ATTEND_BLOCK_ENTRY(128)
+AWQ_ATTEND_BLOCK_ENTRY(256)
 
 // awq_attend_split_d{64,128,256}: decode (S = 1), grid (H, ceil(capacity / 128)) blocks of 128
 // threads; partials float32 [H, grid.y, 2 + D], counters int32 [H] zeroed once at allocation.

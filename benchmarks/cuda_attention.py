@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Prefill attention on the GPU: a block per (head, token) against a block per (head, 16 tokens).
+
+    python3 benchmarks/cuda_attention.py [--output FILE.json]
+
+One 256-row prefill chunk after 0, 1024 and 3840 cached rows, for three head layouts (SmolLM2's
+9/3 x 64, Llama-3-8B's 32/8 x 128, Gemma's 8/4 x 256), each kernel on the same random q and
+cache: awq_attend_d{D} (the block per token: every token reads every visible K/V row) and
+awq_attend_block_d{D} (16 tokens share each K/V tile, what the cuda backend runs for chunks of
+16 rows or more), alternating; host-timed over 20 launches after a synchronize, median of 5.
+The two outputs are compared too (they must agree to fp16 rounding). JSON rows: heads,
+kv_heads, head_dim, past, rows, per_token_us, block_us, speedup. Needs an NVIDIA GPU and nvcc
+(the kernels are compiled here); no torch. Without a GPU it prints one line and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT))  # after PYTHONPATH: an installed (or gpu_check.sh's linked) awq_edge wins
+
+LAYOUTS = [(9, 3, 64), (32, 8, 128), (8, 4, 256)]   # (heads, kv_heads, head_dim)
+DEPTHS, ROWS, LAUNCHES, REPEATS = (0, 1024, 3840), 256, 20, 5
+
+
+def time_launches(drv, launch) -> float:
+    """Seconds per launch: LAUNCHES back to back, host-timed after a synchronize; median of REPEATS."""
+    times = []
+    for _ in range(REPEATS):
+        drv.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(LAUNCHES):
+            launch()
+        drv.synchronize()
+        times.append((time.perf_counter() - t0) / LAUNCHES)
+    return sorted(times)[REPEATS // 2]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    from awq_edge import plugins
+    from awq_edge.cuda_backend import ATTEND_BLOCK_QUERIES, ATTEND_THREADS
+    from awq_edge.cuda_driver import Driver, f32, i32, ptr
+    from awq_edge.cuda_runtime import find_gpus
+
+    gpus = find_gpus()
+    if not gpus:
+        print("error: no NVIDIA GPU found; this benchmark runs on one", file=sys.stderr)
+        return 2
+    if plugins.find_nvcc() is None:
+        print("error: nvcc not found; the kernels are compiled here", file=sys.stderr)
+        return 2
+    drv = Driver(gpus[0].index)
+    module = drv.load_module(plugins.build_cubins(gpus[0].arch)["attention"].read_bytes())
+    rng, rows_out = np.random.default_rng(0), []
+    for H, Hkv, D in LAYOUTS:
+        per_token, block = drv.function(module, f"awq_attend_d{D}"), drv.function(module, f"awq_attend_block_d{D}")
+        for past in DEPTHS:
+            capacity = past + ROWS
+            host = {"q": rng.standard_normal((ROWS, H, D)), "k": rng.standard_normal((Hkv, capacity, D)),
+                    "v": rng.standard_normal((Hkv, capacity, D))}
+            dev = {name: drv.alloc(a.size * 2) for name, a in host.items()}
+            for name, a in host.items():
+                drv.upload(dev[name], a.astype(np.float16))
+            dev["past"], dev["out_a"], dev["out_b"] = drv.alloc(8), drv.alloc(ROWS * H * D * 2), drv.alloc(ROWS * H * D * 2)
+            drv.upload(dev["past"], np.array([past], np.int64))
+
+            def arguments(out):
+                return [ptr(dev["q"]), ptr(dev["k"]), ptr(dev["v"]), ptr(dev["past"]), ptr(dev[out]), i32(ROWS), i32(H),
+                        i32(Hkv), i32(capacity), i32(capacity), i32(0), f32(D ** -0.5), f32(0.0)]
+            a_args, b_args = arguments("out_a"), arguments("out_b")
+            run_a = lambda: drv.launch(per_token, (H, ROWS), (ATTEND_THREADS,), a_args)  # noqa: E731
+            run_b = lambda: drv.launch(block, (H, -(-ROWS // ATTEND_BLOCK_QUERIES)), (ATTEND_THREADS,), b_args)  # noqa: E731
+            run_a(), run_b()
+            a, b = np.empty(ROWS * H * D, np.float16), np.empty(ROWS * H * D, np.float16)
+            drv.download(a, dev["out_a"])
+            drv.download(b, dev["out_b"])
+            diff = float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max())
+            timed = {"a": [], "b": []}
+            for _ in range(2):  # alternating
+                timed["a"].append(time_launches(drv, run_a))
+                timed["b"].append(time_launches(drv, run_b))
+            for pointer in dev.values():
+                drv.free(pointer)
+            row = {"heads": H, "kv_heads": Hkv, "head_dim": D, "past": past, "rows": ROWS,
+                   "per_token_us": min(timed["a"]) * 1e6, "block_us": min(timed["b"]) * 1e6, "max_abs_diff": diff}
+            row["speedup"] = row["per_token_us"] / row["block_us"]
+            rows_out.append(row)
+            print(f"H {H}/{Hkv} D {D}, {ROWS} rows after {past}: per token {row['per_token_us']:.0f} us, "
+                  f"16-token blocks {row['block_us']:.0f} us ({row['speedup']:.2f}x), outputs differ by {diff:.1e}",
+                  flush=True)
+    out = args.output or ROOT / "benchmarks" / "results" / f"cuda_attention-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "cuda_attention", "date": dt.datetime.now().isoformat(timespec="seconds"),
+                               "gpu": gpus[0].name, "rows": rows_out}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0 if all(r["max_abs_diff"] < 2e-2 for r in rows_out) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
