@@ -21,7 +21,7 @@ A prefill chunk's linears (matmul below): from CUBLAS_FROM_ROWS rows, "dequantiz
 weight rows to fp16, then cuBLAS's fp16 GEMM" when the machine has cuBLAS (awq_edge/cublas.py;
 `prefill_path` says which ran and why): on an H100 that beat our GEMM by 1.5-3.6x from M = 16 up
 (benchmarks/README.md's timings of both parts). Below that (or without cuBLAS): up to 32 rows
-the plain GEMV, 8 rows at a time, else our tensor-core GEMM.
+the GEMV, 8 rows at a time (on tensor cores from 2 rows), else our tensor-core GEMM.
 
 Nothing in this file has run on a GPU yet: it is checked on a lent GPU by
 tests/test_cuda_backend_gpu.py (against the reference backend) and benchmarks/gpu_check.sh.
@@ -43,6 +43,7 @@ CHUNK_BYTES = 64 << 20           # weights go to the GPU in pieces this size: no
 NORM_THREADS = 256
 GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
 GEMV_MAX_ROWS, GEMV_CHUNKED_MAX_ROWS = 8, 32  # plugins/kernels/w4a16.h: short chunks, 8 rows a GEMV
+GEMV_MMA_ROWS_PER_BLOCK = 16                  # the tensor-core GEMV (2..8 rows): one mma tile of rows
 GEMM_TILE, GEMM_THREADS = 64, 128
 ROPE_THREADS, ATTEND_THREADS = 256, 128
 ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
@@ -322,18 +323,24 @@ class CudaBackend:
 
     def matmul(self, x: int, name: str, n: int, k: int, y: int, rows: int) -> None:
         """y[rows, n] = x[rows, k] @ W_hat^T of linear `name` for rows > 1, rounded to fp16: dequantize
-        + cuBLAS from cublas_from_rows rows (when found), else up to 32 rows the plain GEMV 8 rows
-        at a time (the GEMM's 64-row tiles would be mostly empty), else the tensor-core GEMM."""
+        + cuBLAS from cublas_from_rows rows (when found), else up to 32 rows the GEMV 8 rows at a
+        time (the GEMM's 64-row tiles would be mostly empty; on tensor cores from 2 rows when
+        K % 32 == 0), else the tensor-core GEMM."""
         w, g = self.weights, self.spec.group_size
         weights = [w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"]]
         wide = k % 32 == 0  # rows of 16-byte aligned words: 128-bit weight loads
         if self.cublas is not None and rows >= self.cublas_from_rows:
             self.dequantized_matmul(x, name, n, k, y, rows)
-        elif rows <= GEMV_CHUNKED_MAX_ROWS:
+        elif rows <= GEMV_CHUNKED_MAX_ROWS:  # as awq_w4a16_matmul: 8 rows a GEMV, on tensor cores from 2
             for m0 in range(0, rows, GEMV_MAX_ROWS):
                 m = min(GEMV_MAX_ROWS, rows - m0)
-                self.launch(f"awq_gemv_rows{m}_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
-                            [x + 2 * m0 * k, *weights, y + 2 * m0 * n, ("i32", n), ("i32", k)])
+                chunk = [x + 2 * m0 * k, *weights, y + 2 * m0 * n]
+                if m >= 2 and wide:
+                    self.launch(f"awq_gemv_mma_g{g}", (-(-n // GEMV_MMA_ROWS_PER_BLOCK),), (GEMV_THREADS,),
+                                [*chunk, ("i32", m), ("i32", n), ("i32", k)])
+                else:
+                    self.launch(f"awq_gemv_rows{m}_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,),
+                                (GEMV_THREADS,), [*chunk, ("i32", n), ("i32", k)])
         else:
             self.launch(f"awq_gemm_g{g}_v{1 if wide else 0}", (-(-n // GEMM_TILE), -(-rows // GEMM_TILE)),
                         (GEMM_THREADS,), [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k)])
@@ -443,7 +450,8 @@ KERNELS_OF = {
     "gemv_w4a16": [f"awq_gemv_{fusion}_g{g}_w{w}"
                    for fusion in ("store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope")
                    for g in (32, 64, 128) for w in (1, 4)] +
-                  [f"awq_gemv_rows{m}_g{g}_w{w}" for m in range(1, 9) for g in (32, 64, 128) for w in (1, 4)],
+                  [f"awq_gemv_rows{m}_g{g}_w{w}" for m in range(1, 9) for g in (32, 64, 128) for w in (1, 4)] +
+                  [f"awq_gemv_mma_g{g}" for g in (32, 64, 128)],
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)] +
                   [f"awq_dequantize_g{g}" for g in (32, 64, 128)],
     "attention": ["awq_rope_store"] + [f"awq_attend{kind}_d{d}" for kind in ("", "_block", "_split")

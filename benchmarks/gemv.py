@@ -22,7 +22,9 @@ What bounds the GEMV, per M = 1 shape: a read-only kernel of the same grid and t
 time = intercept + bytes / bandwidth is fitted over the shapes, for both: the intercept is the
 fixed cost of a launch (in a graph), the slope the bandwidth once a launch is running.
 Prefill rows also time the other way to prefill: dequantize the weights to fp16
-(awq_w4a16_dequantize), then torch's fp16 matmul (cuBLAS), captured together.
+(awq_w4a16_dequantize), then torch's fp16 matmul (cuBLAS), captured together. At M = 8 the op
+(awq_w4a16_matmul) runs the tensor-core GEMV; the CUDA-core one (awq_w4a16_gemv) is timed beside
+it (cuda_cores_us, m8_cuda_cores_over_m1).
 """
 from __future__ import annotations
 
@@ -246,6 +248,13 @@ def main() -> int:
                     d_ms = dequant_torch_ms(lib, weights, k, n, m, iters)
                     row["dequant_cublas_us"] = d_ms * 1e3 if d_ms else None
                     row["ours_vs_dequant_cublas"] = d_ms / ms if d_ms else None
+                if m == max(DECODE_ROWS):  # the op runs it on tensor cores; the CUDA-core GEMV beside it
+                    def cuda_cores(i, stream, m=m):
+                        q, s, z = weights.sets[i % copies]
+                        status = lib.awq_w4a16_gemv(x, q, s, z, y, m, n, k, GROUP_SIZE, stream)
+                        if status:
+                            raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
+                    row["cuda_cores_us"] = graph_ms(cuda, stream, cuda_cores, iters) * 1e3
                 if m == 1:
                     row["read_only_bytes"] = weights.nbytes + 2 * n
                     row["read_only_us"] = read_only_us[(k, n)]
@@ -285,6 +294,11 @@ def summarize(results: dict) -> None:
     results["m8_over_m1"] = {f"{r['K']}x{r['N']}": r["us"] / by_shape[(r["K"], r["N"])]
                              for r in results["decode"] if r["M"] == 8}
     print("M=8 time / M=1 time: " + ", ".join(f"{shape} {v:.2f}x" for shape, v in results["m8_over_m1"].items()))
+    results["m8_cuda_cores_over_m1"] = {f"{r['K']}x{r['N']}": r["cuda_cores_us"] / by_shape[(r["K"], r["N"])]
+                                        for r in results["decode"] if r["M"] == 8 and r.get("cuda_cores_us")}
+    if results["m8_cuda_cores_over_m1"]:
+        print("M=8 on CUDA cores / M=1: " + ", ".join(f"{shape} {v:.2f}x"
+                                                    for shape, v in results["m8_cuda_cores_over_m1"].items()))
 
 
 if __name__ == "__main__":

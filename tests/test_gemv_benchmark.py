@@ -56,6 +56,7 @@ def test_the_summary_fits_both_kernels_and_compares_m8_with_m1():
     assert abs(fits["gemv"]["slope_pct_of_copy"] - 100 * 2800 / copy) < 1e-6
     assert set(results["m8_over_m1"]) == {"576x576", "2048x2048", "4096x4096", "4096x14336"}
     assert all(abs(v - 1.5) < 1e-9 for v in results["m8_over_m1"].values())
+    assert results["m8_cuda_cores_over_m1"] == {}  # (made-up rows without the CUDA-core column)
 
 
 @pytest.mark.skipif(bool(find_gpus()), reason="this machine has a GPU: run the benchmark itself")

@@ -79,6 +79,14 @@ def test_gemv(gpu, m, k, n, group_size):
     run(gpu, "awq_w4a16_gemv", m, n, k, group_size, seed=m * 7919 + k + n)
 
 
+@pytest.mark.parametrize("m", range(2, 9))
+@pytest.mark.parametrize("k, n, group_size", [s for s in SHAPES if s[0] % 32 == 0])
+def test_gemv_on_tensor_cores(gpu, m, k, n, group_size):
+    """awq_w4a16_gemv_mma: K = 576 and 96 leave windows some lanes and warps have nothing of, N = 72
+    a block of 16 rows half outside."""
+    run(gpu, "awq_w4a16_gemv_mma", m, n, k, group_size, seed=m * 31337 + k + n)
+
+
 @pytest.mark.parametrize("m", [1, 9, 16, 100, 128, 512, 2048])
 @pytest.mark.parametrize("k, n, group_size", SHAPES)
 def test_gemm(gpu, m, k, n, group_size):
@@ -133,6 +141,8 @@ def test_invalid_arguments_are_refused(gpu):
         for m, n, k, g in [(0, 64, 64, 32), (1, 60, 64, 32), (1, 64, 60, 32), (1, 64, 64, 48)]:
             assert lib.awq_w4a16_matmul(buf, buf, buf, buf, buf, m, n, k, g, None) == -1
         assert lib.awq_w4a16_gemv(buf, buf, buf, buf, buf, 9, 64, 64, 32, None) == -1  # GEMV is for M <= 8
+        assert lib.awq_w4a16_gemv_mma(buf, buf, buf, buf, buf, 9, 64, 64, 32, None) == -1
+        assert lib.awq_w4a16_gemv_mma(buf, buf, buf, buf, buf, 4, 64, 72, 32, None) == -1  # K % 32 != 0
     finally:
         cuda.free(buf)
 

@@ -145,7 +145,8 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     sm_90, whose launches may overlap)."""
     launched = check_launches_against_the_cubins(smollm2_cuda_engine)
     assert {"awq_gemv_norm_rope_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_residual_g128_w4",
-            "awq_residual_add", "awq_gated_act", "awq_rope_store"} <= launched  # (prefill: the fusions' kernels)
+            "awq_residual_add", "awq_gated_act", "awq_rope_store",  # (prefill: the fusions' kernels)
+            "awq_gemv_mma_g128", "awq_gemv_rows1_g128_w4"} <= launched  # (a 9-row chunk: 8 rows + 1)
     assert not {"awq_add_rms_norm", "awq_gemv_store_g128_w4", "awq_gemv_norm_store_g128_w4"} & launched
     unfused = check_launches_against_the_cubins(smollm2_cuda_engine, fused=False)
     assert {"awq_gemv_store_g128_w4", "awq_add_rms_norm", "awq_gated_act"} <= unfused
@@ -162,7 +163,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     # not launched here: head_dim 128/256 attention, and the GEMV/GEMM of the group sizes not built above
     assert {"awq_rope_store", "awq_attend_d64", "awq_attend_block_d64", "awq_attend_split_d64", "awq_sample_step", "awq_advance", "awq_bias_add",
             "awq_head_rms_norm", "awq_gemv_norm_rope_g32_w1", "awq_gemv_norm_store_g32_w1", "awq_gemv_act_g32_w1",
-            "awq_gemv_store_g32_w1",
+            "awq_gemv_store_g32_w1", "awq_gemv_rows8_g32_w1",
             "awq_gemm_g32_v0"} <= launched <= every
 
 
@@ -172,8 +173,8 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
     kernels and of cuBLAS (the dequantize kernel's twin is packing.dequantize rounded to fp16, as
     test_kernels_gpu.py checks on a GPU): 64 rows as slabs of weight rows dequantized into one
     scratch buffer and each multiplied by cuBLAS into its columns (slabs small enough here that
-    every linear of layer 0 takes several, the last one short); 19 rows through the plain GEMV
-    8 rows at a time (8 + 8 + 3); 40 rows through the GEMM. Each gives x @ W_hat^T from
+    every linear of layer 0 takes several, the last one short); 19 rows through the tensor-core
+    GEMV 8 rows at a time (8 + 8 + 3); 40 rows through the GEMM. Each gives x @ W_hat^T from
     weights.bin, and every launch covers its output."""
     from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
     from awq_edge.packing import dequantize, unpack_int4
@@ -202,6 +203,7 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
              f"awq_gemm_g{g}_v1": lambda drv, a: product_twin(drv, *a[:5], *a[5:])}
     for m in range(1, 9):
         twins[f"awq_gemv_rows{m}_g{g}_w4"] = lambda drv, a, m=m: product_twin(drv, *a[:5], m, *a[5:])
+    twins[f"awq_gemv_mma_g{g}"] = lambda drv, a: product_twin(drv, *a)
     driver = MemoryDriver(twins)
     backend = CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=driver, cublas=False)
     blas = RecordingCublas(driver)
@@ -225,11 +227,11 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
             backend.matmul(backend.buf[a["x"]], name, n, k, y, rows)
             launched = driver.launches[launches:]
             assert {fn for fn, *_ in launched} == {
-                "cublas": {f"awq_dequantize_g{g}"}, "gemv": {f"awq_gemv_rows8_g{g}_w4", f"awq_gemv_rows3_g{g}_w4"},
+                "cublas": {f"awq_dequantize_g{g}"}, "gemv": {f"awq_gemv_mma_g{g}"},
                 "gemm": {f"awq_gemm_g{g}_v1"}}[path]
             for fn, grid, block, args in launched:  # every weight word (dequantize) or output row has a thread
                 covered = grid[0] * block[0] >= args[4].value * k // 8 if path == "cublas" else \
-                    grid[0] * {"gemv": 4, "gemm": 64}[path] >= n
+                    grid[0] * {"gemv": 16, "gemm": 64}[path] >= n
                 assert covered and (path != "gemm" or grid[1] * 64 >= rows), (fn, grid)
             weights_hat = dequantize(unpack_int4(tensor(f"{name}.qweight")), tensor(f"{name}.scales"),
                                      tensor(f"{name}.zeros"), g)
@@ -413,6 +415,7 @@ def test_launch_shapes_match_the_kernel_sources():
     assert "constexpr int kSplitKeys = kTileKeys;" in src["attention"] and cb.ATTEND_THREADS == cb.ATTEND_SPLIT_KEYS
     assert f"constexpr int kBlockQueries = {cb.ATTEND_BLOCK_QUERIES};" in src["attention"]
     assert f"constexpr int kThreads = {cb.SAMPLE_THREADS};" in src["sample"]
+    assert f"constexpr int kMmaRowsPerBlock = {cb.GEMV_MMA_ROWS_PER_BLOCK};" in src["gemv_w4a16"]
     header = (plugins.PLUGINS_DIR / "kernels" / "w4a16.h").read_text()
     assert f"#define AWQ_W4A16_GEMV_MAX_ROWS {cb.GEMV_MAX_ROWS}\n" in header
     assert f"#define AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS {cb.GEMV_CHUNKED_MAX_ROWS}\n" in header
@@ -421,7 +424,9 @@ def test_launch_shapes_match_the_kernel_sources():
     for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
         for name in names:
             base = re.sub(r"_(g|d)\d.*$", "", name)
-            if name.startswith("awq_gemv_rows"):  # made by a macro per row count
+            if name.startswith("awq_gemv_mma"):
+                assert f"AWQ_GEMV_MMA_ENTRY({name.rsplit('_g', 1)[1]})" in src[module], name
+            elif name.startswith("awq_gemv_rows"):  # made by a macro per row count
                 assert f"AWQ_GEMV_ROWS_ENTRIES({base[len('awq_gemv_rows'):]})" in src[module], name
             elif module == "gemv_w4a16":  # made by a macro per fusion, for every group size and load width
                 assert f"AWQ_GEMV_ENTRIES({base[len('awq_gemv_'):]}," in src[module], name

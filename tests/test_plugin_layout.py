@@ -93,3 +93,68 @@ def test_host_dequant_detects_a_wrong_nibble_order(host_check, tmp_path):
     got = run_host_dequant(host_check, tmp_path, packed, n, k, group_size)
     want = packing.dequantize(q, scales, zeros, group_size).astype(np.float16)
     assert (got.view(np.uint16) != want.view(np.uint16)).any()
+
+
+# ---------------------------------------------------------------- the tensor-core GEMV's fragment plan
+
+def mma_16816(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """acc [32 lanes, 4] += one mma.m16n8k16 of the lanes' fragments a [32, 4 regs, 2 halves] and
+    b [32, 2, 2], with plugins/kernels/mma.cuh's layouts (g = lane // 4, t = lane % 4)."""
+    A, B = np.zeros((16, 16)), np.zeros((16, 8))
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        A[g, 2 * t:2 * t + 2], A[g + 8, 2 * t:2 * t + 2] = a[lane, 0], a[lane, 1]
+        A[g, 2 * t + 8:2 * t + 10], A[g + 8, 2 * t + 8:2 * t + 10] = a[lane, 2], a[lane, 3]
+        B[2 * t:2 * t + 2, g], B[2 * t + 8:2 * t + 10, g] = b[lane, 0], b[lane, 1]
+    C = A @ B
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        acc[lane] += (C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1])
+
+
+def gemv_mma_lanes(x: np.ndarray, w_hat: np.ndarray) -> np.ndarray:
+    """awq_gemv_mma (plugins/kernels/gemv_w4a16.cu) lane by lane, in float64: blocks of 16 output
+    rows, 4 warps taking 128-k windows two at a time, lane (g, t) holding rows g and g + 8 of its
+    32 k (chunk 4 window + t) and row g of x; for word i and half h its 4 k are chunk 32 + 8i + 4h
+    .. + 3, the pairs dequant_word gives as 2h and 2h + 1. Then the warps' tiles summed."""
+    M, K = x.shape
+    N = w_hat.shape[0]
+    xp = np.zeros((8, K))
+    xp[:M] = x
+    windows, y = -(-K // 128), np.zeros((M, N))
+    for n0 in range(0, N, 16):
+        tiles = np.zeros((4, 16, 8))
+        for warp in range(4):
+            acc = np.zeros((32, 4))
+            for w0 in range(2 * warp, windows, 8):
+                for s in range(2):
+                    for i in range(4):
+                        for h in range(2):
+                            a, b = np.zeros((32, 4, 2)), np.zeros((32, 2, 2))
+                            for lane in range(32):
+                                g, t = divmod(lane, 4)
+                                k = ((w0 + s) * 4 + t) * 32 + 8 * i + 4 * h
+                                if k >= K:
+                                    continue
+                                row = [w_hat[n] if n < N else np.zeros(K) for n in (n0 + g, n0 + g + 8)]
+                                a[lane] = row[0][k:k + 2], row[1][k:k + 2], row[0][k + 2:k + 4], row[1][k + 2:k + 4]
+                                b[lane] = xp[g, k:k + 2], xp[g, k + 2:k + 4]
+                            mma_16816(acc, a, b)
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                tiles[warp, g, 2 * t:2 * t + 2], tiles[warp, g + 8, 2 * t:2 * t + 2] = acc[lane, :2], acc[lane, 2:]
+        rows = min(16, N - n0)
+        y[:, n0:n0 + rows] = tiles.sum(axis=0)[:rows, :M].T
+    return y
+
+
+@pytest.mark.parametrize("m, n, k", [(2, 72, 576), (5, 40, 96), (8, 24, 1024), (3, 16, 32)])
+def test_the_tensor_core_gemvs_fragment_plan_computes_x_times_w_hat(m, n, k):
+    """The k order awq_gemv_mma gives its lanes (each lane's own words, in dequant_word's pairs, as
+    the mma's A columns and the matching x as its B rows) covers every k of every row once: with
+    ragged windows (K = 576, 96, 32: windows some lanes or warps have nothing of) and N % 16 = 8."""
+    rng = np.random.default_rng(m * n + k)
+    w_hat = rng.standard_normal((n, k))
+    x = rng.standard_normal((m, k))
+    got = gemv_mma_lanes(x, w_hat)
+    assert np.allclose(got, x @ w_hat.T, rtol=1e-12, atol=1e-9)

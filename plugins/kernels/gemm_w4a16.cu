@@ -18,6 +18,7 @@
 // each with its own group and bounds check.
 #include "dequant.cuh"
 #include "launch_checks.cuh"
+#include "mma.cuh"
 #include "pdl.cuh"
 
 namespace awq_edge {
@@ -34,19 +35,6 @@ constexpr int kMmaTilesM = kWarpTileM / 16;  // 2 m16 tiles per warp
 constexpr int kMmaTilesN = kWarpTileN / 8;   // 4 n8 tiles per warp
 constexpr int kXLoadsPerThread = kTileM * kTileK / 8 / kThreads;  // 8 halves per 128-bit load -> 4
 constexpr int kWordsPerThread = 4;           // 64 rows x 8 words / 128 threads
-
-// m16n8k16, fp16 inputs, fp32 accumulate: acc += a * b.
-__device__ __forceinline__ void mma_16816(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-    __trap();  // built only for sm_80 and newer (see CMakeLists.txt)
-#endif
-}
 
 // The slice of the next K tile that one thread carries from global memory to shared memory.
 struct TileLoad {

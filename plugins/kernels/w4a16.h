@@ -32,12 +32,17 @@ enum {
 int awq_w4a16_gemv(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                    __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
 
+/* The GEMV of M = 2..8 rows on tensor cores (mma.sync, fp32 accumulation); K % 32 == 0. */
+int awq_w4a16_gemv_mma(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                       __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
+
 /* Prefill kernel: tensor-core GEMM (mma.sync m16n8k16, fp32 accumulation), any M >= 1. */
 int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                    __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
 
 /* The op: GEMV for M <= AWQ_W4A16_GEMV_MAX_ROWS, the GEMV in chunks of that many rows up to
- * AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS, GEMM above. */
+ * AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS, GEMM above; chunks of 2 rows or more on tensor cores
+ * (awq_w4a16_gemv_mma) when K % 32 == 0. */
 #define AWQ_W4A16_GEMV_MAX_ROWS 8
 #define AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS 32
 int awq_w4a16_matmul(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
