@@ -124,11 +124,19 @@ class CudaBackend:
 
     # ------------------------------------------------------------ setup
     def _load_kernels(self, engine_dir: Path, manifest: dict) -> dict:
+        from .cuda_driver import CudaError
+
         functions = {}
         for module_name, file in manifest["kernels"].items():  # checked by engine_dir.read_manifest
             module = self.drv.load_module((engine_dir / file).read_bytes())
             for name in KERNELS_OF[module_name]:
-                functions[name] = self.drv.function(module, name)
+                try:
+                    functions[name] = self.drv.function(module, name)
+                except CudaError as e:
+                    if "NOT_FOUND" not in str(e):
+                        raise
+                    raise UserError(f"{engine_dir / file} has no kernel {name}: the engine was built by an older "
+                                    "awq-edge; rebuild it with `awq-edge build`") from None
         return functions
 
     def _check_room(self, info: DecoderInfo) -> None:

@@ -168,6 +168,25 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
 
 
 @needs_nvcc
+def test_an_engine_whose_cubins_lack_a_kernel_is_refused_with_rebuild(smollm2_cuda_engine):
+    """An engine built before a kernel existed (its cubin has no such name) gets one line saying so."""
+    from awq_edge.cuda_driver import CudaError
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+
+    class OlderCubins(RecordingDriver):
+        def function(self, module, name):
+            if name == "awq_gemv_mma_g128":
+                raise CudaError(f"cuModuleGetFunction({name}) failed: CUDA_ERROR_NOT_FOUND (500)")
+            return super().function(module, name)
+
+    manifest = read_manifest(smollm2_cuda_engine)
+    info = read_decoder_info(smollm2_cuda_engine, check_files(smollm2_cuda_engine, manifest["files"]))
+    with pytest.raises(UserError, match="has no kernel awq_gemv_mma_g128: the engine was built by an older awq-edge; "
+                                        "rebuild it"):
+        CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=OlderCubins())
+
+
+@needs_nvcc
 def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_engine, monkeypatch):
     """The three ways a prefill chunk's linear runs, on host memory with numpy twins of the
     kernels and of cuBLAS (the dequantize kernel's twin is packing.dequantize rounded to fp16, as
