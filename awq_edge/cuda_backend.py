@@ -11,7 +11,8 @@ Each op of decode_ops(spec) is one launch in decode (launch_op below, the mirror
 backend's run(), whose numpy twins define what each kernel computes): the GEMV does a linear's
 fused norm, activation and residual add. Prefill feeds chunks of up to PREFILL_CHUNK tokens,
 launching the ops one by one with the GEMM for the linears, and the fusions as kernels of their
-own around it. Decode (one token) replays a CUDA graph of the whole step, captured once:
+own around it; a full chunk replays a graph of them, as decode does. Decode (one token) replays
+a CUDA graph of the whole step, captured once:
 the position counter lives on the device and advances inside the graph, so a replay needs
 only the token id written before it. Sampling runs after the step with the request's
 settings, keeping the repetition-penalty history on the device; two int32 come back (the
@@ -48,6 +49,7 @@ GEMM_TILE, GEMM_THREADS = 64, 128
 ROPE_THREADS, ATTEND_THREADS = 256, 128
 ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
 ATTEND_BLOCK_QUERIES = 16        # prefill attention: tokens per block (awq_attend_block)
+GRAPH_ROWS = (1, PREFILL_CHUNK)   # steps replayed as CUDA graphs: decode, and full prefill chunks
 LM_HEAD_ROWS_PER_BLOCK = 8
 SAMPLE_THREADS = 1024
 DEQUANT_THREADS = 256
@@ -120,7 +122,7 @@ class CudaBackend:
             self.cublas_from_rows = CUBLAS_FROM_ROWS  # (benchmarks/cuda_decode.py moves it to time both paths)
         except CudaError as e:
             raise UserError(f"the GPU refused the engine: {e}") from None
-        self._decode_graph = None
+        self._graphs = {}  # rows -> the instantiated CUDA graph of a step of that many rows
 
     # ------------------------------------------------------------ setup
     def _load_kernels(self, engine_dir: Path, manifest: dict) -> dict:
@@ -216,22 +218,30 @@ class CudaBackend:
 
     def forward(self, ids) -> DeviceLogits:
         ids = step_ids(ids, self.position, self.max_context, self.vocab_size)
-        for start in range(0, ids.size, PREFILL_CHUNK):
-            chunk = ids[start:start + PREFILL_CHUNK].astype(np.int32)
+        chunks = [ids[start:start + PREFILL_CHUNK].astype(np.int32) for start in range(0, ids.size, PREFILL_CHUNK)]
+        for chunk in chunks:  # on the stream in order; the host waits once, at the end
             self.drv.upload_async(self.ids, chunk)
-            if chunk.size == 1:
-                self._decode_step()
+            if chunk.size in GRAPH_ROWS:
+                self._replay(chunk.size)
             else:
                 self._step(chunk.size)
-            self.drv.synchronize()  # `chunk` is read by the copy above
             self.position += chunk.size
+        self.drv.synchronize()  # (the chunks' host arrays are read by the copies until here)
         return DeviceLogits(self, self.buf["logits"], self.vocab_size)
 
-    def _decode_step(self) -> None:
-        """One token: the whole step as one CUDA graph replay (captured on the first call)."""
-        if self._decode_graph is None:
-            self._decode_graph = self.drv.capture(lambda: self._step(1))
-        self.drv.replay(self._decode_graph)
+    def _replay(self, rows: int) -> None:
+        """A step of `rows` tokens as one CUDA graph replay, captured the first time: a decode step's
+        ~5 launches a layer, or a full prefill chunk's ~15 (from Python each costs ~10-20 us of host
+        time, which for a small model is more than the GPU's)."""
+        if rows not in self._graphs:
+            self._graphs[rows] = self.drv.capture(lambda: self._step(rows))
+        self.drv.replay(self._graphs[rows])
+
+    def set_prefill_path(self, cublas, cublas_from_rows: int) -> None:
+        """What prefill's linears run (a Cublas or None, and from how many rows); the captured
+        prefill graphs, which hold the old choice, are dropped."""
+        self.cublas, self.cublas_from_rows = cublas, int(cublas_from_rows)
+        self._graphs = {rows: graph for rows, graph in self._graphs.items() if rows == 1}
 
     def _step(self, rows: int) -> None:
         self.launch_ops(self.ops, rows)

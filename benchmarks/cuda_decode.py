@@ -20,7 +20,8 @@ poison the others, and each starts with the GPU's memory free):
 decode_tok_s = (new tokens - 1) / time after the first token; ttft_s = prompt in -> first token
 on the host; both the median of --runs runs after a warm-up. For awq-edge also one prefill chunk
 of 16, 64 and 256 rows both ways (our kernels: the GEMV 8 rows at a time up to 32 rows, the GEMM
-above; and dequantize + cuBLAS when the machine has it), alternating: prefill_{rows}_{ours|cublas}_ms. roofline_fraction = (weight bytes
+above; and dequantize + cuBLAS when the machine has it), in turn: prefill_{rows}_{ours|cublas}_ms
+(a 256-row chunk is a full one: a CUDA graph replay). roofline_fraction = (weight bytes
 read per token / copy bandwidth) / time per token, with the weight bytes each runtime reads: every
 linear and the lm_head (ours int8 by default, the peers fp16; an embedding table that is not the head
 is gathered, one row). JSON rows carry the keys
@@ -91,24 +92,25 @@ def worker_ours(engine_dir: str, runs: int) -> dict:
 
 def prefill_times(backend, runs: int) -> dict:
     """Milliseconds of one prefill chunk of PREFILL_ROWS rows on our kernels (the chunked GEMV up to
-    32 rows, the GEMM above) and, when the machine has
-    cuBLAS, through dequantize + cuBLAS (at every size, whatever cuda_backend.CUBLAS_FROM_ROWS
-    says), alternating, median of runs: where the backend's switch between the two belongs."""
-    blas, switch, out = backend.cublas, backend.cublas_from_rows, {}
+    32 rows, the GEMM above) and, when the machine has cuBLAS, through dequantize + cuBLAS (at
+    every size, whatever cuda_backend.CUBLAS_FROM_ROWS says); the paths in turn, twice, each
+    after a warm-up run (which captures the full chunk's graph); median of runs: where the
+    backend's switch between the two belongs."""
+    blas, switch = backend.cublas, backend.cublas_from_rows
     paths = {"ours": None, "cublas": blas} if blas is not None else {"ours": None}
     times = {(rows, path): [] for rows in PREFILL_ROWS for path in paths}
-    backend.cublas_from_rows = 1
-    for _ in range(runs + 1):  # the first is a warm-up
-        for rows, path in times:
-            backend.cublas = paths[path]
-            backend.rewind(0)
-            t0 = time.perf_counter()
-            backend.forward(list(range(rows)))  # returns after the step (the backend synchronizes)
-            times[rows, path].append(time.perf_counter() - t0)
-    backend.cublas, backend.cublas_from_rows = blas, switch
-    for (rows, path), seconds in times.items():
-        out[f"prefill_{rows}_{path}_ms"] = median(seconds[1:]) * 1e3
-    return out
+    for _ in range(2):
+        for path, gemm in paths.items():
+            backend.set_prefill_path(gemm, 1)
+            for run in range(runs + 1):
+                for rows in PREFILL_ROWS:
+                    backend.rewind(0)
+                    t0 = time.perf_counter()
+                    backend.forward(list(range(rows)))  # returns after the step (the backend synchronizes)
+                    if run:
+                        times[rows, path].append(time.perf_counter() - t0)
+    backend.set_prefill_path(blas, switch)
+    return {f"prefill_{rows}_{path}_ms": median(seconds) * 1e3 for (rows, path), seconds in times.items()}
 
 
 def weight_bytes_read(info) -> int:

@@ -122,7 +122,9 @@ class RecordingDriver:
     def upload_async(self, device_ptr, array): pass
     def zero(self, device_ptr, nbytes): pass
     def synchronize(self): pass
-    def replay(self, executable): pass
+
+    def replay(self, executable):
+        self.replays = getattr(self, "replays", 0) + 1
 
     def download(self, array, device_ptr):
         array[...] = 0
@@ -132,8 +134,9 @@ class RecordingDriver:
         self.programmatic = programmatic
 
     def capture(self, launches):
+        self.captures = getattr(self, "captures", 0) + 1
         launches()
-        return "graph"
+        return f"graph {self.captures}"
 
 
 class MemoryDriver(RecordingDriver):

@@ -168,6 +168,34 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
 
 
 @needs_nvcc
+def test_full_prefill_chunks_and_decode_steps_replay_graphs_captured_once(smollm2_cuda_engine):
+    """A 600-token prompt is chunks of 256, 256 and 88: the first full chunk is captured (its
+    launches recorded once), the second replays it, the short one launches its kernels; a second
+    prompt replays the same graph. A new prefill path drops the prefill graph (it holds the old
+    choice) but not decode's."""
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+    from awq_edge.memory import PREFILL_CHUNK
+
+    manifest = read_manifest(smollm2_cuda_engine)
+    info = read_decoder_info(smollm2_cuda_engine, check_files(smollm2_cuda_engine, manifest["files"]))
+    driver = RecordingDriver()
+    backend = CudaBackend(smollm2_cuda_engine, manifest, info, 1024, driver=driver)
+    assert PREFILL_CHUNK == 256
+    backend.forward(list(range(600)))
+    backend.forward([5])
+    assert (driver.captures, driver.replays, backend.position) == (2, 3, 601)
+    launches = len(driver.launches)
+    backend.rewind(0)
+    backend.forward(list(range(300)))  # 256 (a replay) + 44 (launched)
+    assert (driver.captures, driver.replays) == (2, 4) and len(driver.launches) > launches
+    backend.set_prefill_path(RecordingCublas(), 64)
+    backend.rewind(0)
+    backend.forward(list(range(256)))
+    backend.forward([7])
+    assert (driver.captures, driver.replays) == (3, 6) and backend.cublas.calls  # recaptured through cuBLAS
+
+
+@needs_nvcc
 def test_an_engine_whose_cubins_lack_a_kernel_is_refused_with_rebuild(smollm2_cuda_engine):
     """An engine built before a kernel existed (its cubin has no such name) gets one line saying so."""
     from awq_edge.cuda_driver import CudaError
