@@ -231,8 +231,8 @@ class CudaBackend:
 
     def _replay(self, rows: int) -> None:
         """A step of `rows` tokens as one CUDA graph replay, captured the first time: a decode step's
-        ~5 launches a layer, or a full prefill chunk's ~15 (from Python each costs ~10-20 us of host
-        time, which for a small model is more than the GPU's)."""
+        ~5 launches a layer, or a full prefill chunk's ~15 (from Python each costs host time, which
+        for a small model is more than the GPU's)."""
         if rows not in self._graphs:
             self._graphs[rows] = self.drv.capture(lambda: self._step(rows))
         self.drv.replay(self._graphs[rows])
