@@ -20,8 +20,8 @@ token, and the attention kernels' over-capacity flag).
 
 A prefill chunk's linears (matmul below): from CUBLAS_FROM_ROWS rows, "dequantize a slab of
 weight rows to fp16, then cuBLAS's fp16 GEMM" when the machine has cuBLAS (awq_edge/cublas.py;
-`prefill_path` says which ran and why): on an H100 that beat our GEMM by 1.5-3.6x from M = 16 up
-(benchmarks/README.md's timings of both parts). Below that (or without cuBLAS): up to 32 rows
+`prefill_path` says which ran and why): from an H100 run's cuBLAS and GEMM timings, an estimated
+1.5-3.6x our GEMM from M = 128 up (docs/cuda.md). Below that (or without cuBLAS): up to 32 rows
 the GEMV, 8 rows at a time (on tensor cores from 2 rows), else our tensor-core GEMM.
 
 Nothing in this file has run on a GPU yet: it is checked on a lent GPU by
