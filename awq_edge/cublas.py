@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
-import sys
+import site
 from pathlib import Path
 
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
@@ -39,10 +39,12 @@ def library_candidates() -> list[str]:
     for root in filter(None, roots):
         found += sorted(glob.glob(str(Path(root) / "lib64" / "libcublas.so*")))
         found += sorted(glob.glob(str(Path(root) / "targets" / "*" / "lib" / "libcublas.so*")))
-    for site in sys.path:  # nvidia/cublas/lib (CUDA 12 wheels), nvidia/cu13/lib (CUDA 13)
+    # the installed wheels: nvidia/cublas/lib (CUDA 12), nvidia/cu13/lib (CUDA 13). Site directories
+    # only, never sys.path's relative entries: a library found in the working directory would run.
+    for site_dir in [*site.getsitepackages(), site.getusersitepackages()]:
         for sub in ("nvidia/cublas/lib", "nvidia/cu*/lib"):
-            found += sorted(glob.glob(str(Path(site or ".") / sub / "libcublas.so*")), reverse=True)
-    return list(dict.fromkeys(found))
+            found += sorted(glob.glob(str(Path(site_dir) / sub / "libcublas.so*")), reverse=True)
+    return list(dict.fromkeys(name for name in found if "/" not in name or Path(name).is_absolute()))
 
 
 class Cublas:
