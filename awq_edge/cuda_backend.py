@@ -62,10 +62,10 @@ CUBLAS_WORKSPACE_BYTES = 4 << 20
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}  # plugins/kernels/activation.cuh ActKind
 
 
-def slab_rows(n: int, k: int) -> int:
-    """Weight rows dequantized at a time for a [n, k] linear: whole when it fits DEQUANT_SLAB_BYTES,
-    else the most rows that do (a multiple of 8: N is one)."""
-    return min(n, max(8, DEQUANT_SLAB_BYTES // (2 * k) // 8 * 8))
+def slab_rows(n: int, k: int, slab_bytes: int = DEQUANT_SLAB_BYTES) -> int:
+    """Weight rows dequantized at a time for a [n, k] linear: whole when it fits slab_bytes, else
+    the most rows that do (a multiple of 8: N is one)."""
+    return min(n, max(8, slab_bytes // (2 * k) // 8 * 8))
 
 
 def cublas_prefill_bytes(spec) -> int:
@@ -120,6 +120,7 @@ class CudaBackend:
             self._allocate()
             self.cublas, self.prefill_path = self._open_cublas(False if cublas is None and driver else cublas)
             self.cublas_from_rows = CUBLAS_FROM_ROWS  # (benchmarks/cuda_decode.py moves it to time both paths)
+            self.slab_bytes = DEQUANT_SLAB_BYTES       # (and tries slabs that fit the L2)
         except CudaError as e:
             raise UserError(f"the GPU refused the engine: {e}") from None
         self._graphs = {}  # rows -> the instantiated CUDA graph of a step of that many rows
@@ -237,10 +238,13 @@ class CudaBackend:
             self._graphs[rows] = self.drv.capture(lambda: self._step(rows))
         self.drv.replay(self._graphs[rows])
 
-    def set_prefill_path(self, cublas, cublas_from_rows: int) -> None:
-        """What prefill's linears run (a Cublas or None, and from how many rows); the captured
-        prefill graphs, which hold the old choice, are dropped."""
-        self.cublas, self.cublas_from_rows = cublas, int(cublas_from_rows)
+    def set_prefill_path(self, cublas, cublas_from_rows: int, slab_bytes: int = DEQUANT_SLAB_BYTES) -> None:
+        """What prefill's linears run (a Cublas or None, from how many rows, slabs of at most
+        slab_bytes: the buffer's size or less); the captured prefill graphs, which hold the old
+        choice, are dropped."""
+        if not 0 < slab_bytes <= DEQUANT_SLAB_BYTES:
+            raise ValueError(f"slab_bytes {slab_bytes} is not in 1..{DEQUANT_SLAB_BYTES}")
+        self.cublas, self.cublas_from_rows, self.slab_bytes = cublas, int(cublas_from_rows), int(slab_bytes)
         self._graphs = {rows: graph for rows, graph in self._graphs.items() if rows == 1}
 
     def _step(self, rows: int) -> None:
@@ -369,7 +373,7 @@ class CudaBackend:
         fp16 GEMM with fp32 accumulation into the slab's columns of y."""
         w, g = self.weights, self.spec.group_size
         groups = -(-k // g)
-        slab = slab_rows(n, k)
+        slab = slab_rows(n, k, self.slab_bytes)
         for n0 in range(0, n, slab):
             rows_here = min(slab, n - n0)
             self.launch(f"awq_dequantize_g{g}", (-(-rows_here * k // 8 // DEQUANT_THREADS),), (DEQUANT_THREADS,),

@@ -93,15 +93,23 @@ def worker_ours(engine_dir: str, runs: int) -> dict:
 def prefill_times(backend, runs: int) -> dict:
     """Milliseconds of one prefill chunk of PREFILL_ROWS rows on our kernels (the chunked GEMV up to
     32 rows, the GEMM above) and, when the machine has cuBLAS, through dequantize + cuBLAS (at
-    every size, whatever cuda_backend.CUBLAS_FROM_ROWS says); the paths in turn, twice, each
-    after a warm-up run (which captures the full chunk's graph); median of runs: where the
-    backend's switch between the two belongs."""
+    every size, whatever cuda_backend.CUBLAS_FROM_ROWS says) with 16 MiB slabs and, where the L2
+    is smaller than 32 MiB (Orin, RTX 40xx laptops), with slabs of half the L2 ("cublas_l2");
+    the paths in turn, twice, each after a warm-up run (which captures the full chunk's graph);
+    median of runs: where the backend's switch and slab size belong."""
+    from awq_edge.cuda_backend import DEQUANT_SLAB_BYTES
+
     blas, switch = backend.cublas, backend.cublas_from_rows
-    paths = {"ours": None, "cublas": blas} if blas is not None else {"ours": None}
+    paths = {"ours": (None, DEQUANT_SLAB_BYTES)}
+    if blas is not None:
+        paths["cublas"] = (blas, DEQUANT_SLAB_BYTES)
+        l2_half = backend.drv.l2_cache_bytes() // 2  # slabs that stay in L2 between the two kernels
+        if l2_half < DEQUANT_SLAB_BYTES:
+            paths["cublas_l2"] = (blas, l2_half)
     times = {(rows, path): [] for rows in PREFILL_ROWS for path in paths}
     for _ in range(2):
-        for path, gemm in paths.items():
-            backend.set_prefill_path(gemm, 1)
+        for path, (gemm, slab_bytes) in paths.items():
+            backend.set_prefill_path(gemm, 1, slab_bytes)
             for run in range(runs + 1):
                 for rows in PREFILL_ROWS:
                     backend.rewind(0)
@@ -109,7 +117,7 @@ def prefill_times(backend, runs: int) -> dict:
                     backend.forward(list(range(rows)))  # returns after the step (the backend synchronizes)
                     if run:
                         times[rows, path].append(time.perf_counter() - t0)
-    backend.set_prefill_path(blas, switch)
+    backend.set_prefill_path(blas, switch, DEQUANT_SLAB_BYTES)
     return {f"prefill_{rows}_{path}_ms": median(seconds) * 1e3 for (rows, path), seconds in times.items()}
 
 
@@ -337,10 +345,10 @@ def main() -> int:
         by = {r["runtime"]: r for r in rows if r["shape"] == shape}
         ours = by["awq-edge"]["decode_tok_s"]
         for n in PREFILL_ROWS:
-            ours, blas = by["awq-edge"].get(f"prefill_{n}_ours_ms"), by["awq-edge"].get(f"prefill_{n}_cublas_ms")
+            ours, blas, l2 = (by["awq-edge"].get(f"prefill_{n}_{path}_ms") for path in ("ours", "cublas", "cublas_l2"))
             if ours and blas:
                 print(f"{shape}: a {n}-row prefill chunk: our kernels {ours:.2f} ms, dequantize + cuBLAS {blas:.2f} ms "
-                      f"(cuBLAS {ours / blas:.2f}x faster)")
+                      f"(cuBLAS {ours / blas:.2f}x faster)" + (f", with L2-sized slabs {l2:.2f} ms" if l2 else ""))
         for peer in ("torch-fp16", "torch-int4"):
             if ours and by[peer]["decode_tok_s"]:
                 print(f"{shape}: awq-edge / {peer} decode = {ours / by[peer]['decode_tok_s']:.2f}x")

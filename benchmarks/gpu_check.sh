@@ -96,8 +96,9 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
         if r.get("prefill_path"):
             print(f"  prefill: {r['prefill_path']}")
         for n in (16, 64, 256):
-            ours, blas = r.get(f"prefill_{n}_ours_ms"), r.get(f"prefill_{n}_cublas_ms")
+            ours, blas, l2 = (r.get(f"prefill_{n}_{path}_ms") for path in ("ours", "cublas", "cublas_l2"))
             if ours and blas:
-                print(f"  {n}-row chunk: our kernels {ours:.2f} ms, dequantize + cuBLAS {blas:.2f} ms ({ours / blas:.2f}x)")
+                print(f"  {n}-row chunk: our kernels {ours:.2f} ms, dequantize + cuBLAS {blas:.2f} ms ({ours / blas:.2f}x)"
+                      + (f", with L2-sized slabs {l2:.2f} ms" if l2 else ""))
 SUMMARY
 exit "$status"

@@ -118,7 +118,7 @@ def test_cuda_decode_times_both_prefill_paths_and_puts_the_backend_back(tmp_path
     our kernels and through dequantize + cuBLAS (even below the backend's switch; a full chunk's
     graph captured again for each path), the backend's switch and cuBLAS left as they were;
     without cuBLAS, our kernels only."""
-    from awq_edge.cuda_backend import CUBLAS_FROM_ROWS, CudaBackend
+    from awq_edge.cuda_backend import CUBLAS_FROM_ROWS, DEQUANT_SLAB_BYTES, CudaBackend, slab_rows
     from awq_edge.devices import resolve
     from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
     from awq_edge.synthetic import SHAPES, write_random_engine
@@ -132,11 +132,14 @@ def test_cuda_decode_times_both_prefill_paths_and_puts_the_backend_back(tmp_path
     blas = RecordingCublas()
     backend = CudaBackend(tmp_path / "e", manifest, info, 300, driver=RecordingDriver(), cublas=blas)
     times = bench.prefill_times(backend, 2)
-    assert set(times) == {f"prefill_{n}_{path}_ms" for n in bench.PREFILL_ROWS for path in ("ours", "cublas")}
-    linears = sum(op.kind == "linear" for op in backend.ops)
+    paths = ("ours", "cublas", "cublas_l2")  # (the recording driver's L2 is an Orin's 4 MiB: 2 MiB slabs too)
+    assert set(times) == {f"prefill_{n}_{path}_ms" for n in bench.PREFILL_ROWS for path in paths}
+    linears = [op.args for op in backend.ops if op.kind == "linear"]
+    slabs = len(linears) + sum(-(-a["N"] // slab_rows(a["N"], a["K"], 2 << 20)) for a in linears)  # 16 MiB, 2 MiB
     calls = {rows: sum(c["rows"] == rows for c in blas.calls) for rows in bench.PREFILL_ROWS}
-    # one slab each (SmolLM2 is small); both rounds: a warm-up and 2 runs, a full chunk captured once a round
-    assert calls == {16: 2 * 3 * linears, 64: 2 * 3 * linears, 256: 2 * linears}
+    # both rounds: a warm-up and 2 runs, a full chunk captured once a round
+    assert calls == {16: 2 * 3 * slabs, 64: 2 * 3 * slabs, 256: 2 * slabs}
+    assert backend.slab_bytes == DEQUANT_SLAB_BYTES
     assert backend.cublas is blas and backend.cublas_from_rows == CUBLAS_FROM_ROWS
     backend.cublas = None
     assert set(bench.prefill_times(backend, 1)) == {f"prefill_{n}_ours_ms" for n in bench.PREFILL_ROWS}
