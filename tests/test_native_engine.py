@@ -215,7 +215,7 @@ def test_an_engine_whose_cubins_lack_a_kernel_is_refused_with_rebuild(smollm2_cu
 
 
 @needs_nvcc
-def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_engine, monkeypatch):
+def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_engine):
     """The three ways a prefill chunk's linear runs, on host memory with numpy twins of the
     kernels and of cuBLAS (the dequantize kernel's twin is packing.dequantize rounded to fp16, as
     test_kernels_gpu.py checks on a GPU): 64 rows as slabs of weight rows dequantized into one
@@ -226,7 +226,7 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
     from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
     from awq_edge.packing import dequantize, unpack_int4
 
-    monkeypatch.setattr(cuda_backend, "DEQUANT_SLAB_BYTES", 2 * 1536 * 40)  # 104 rows at K = 576, 40 at 1536
+    slab_bytes = 2 * 1536 * 40  # 104 rows at K = 576, 40 at 1536
     manifest = read_manifest(smollm2_cuda_engine)
     info = read_decoder_info(smollm2_cuda_engine, check_files(smollm2_cuda_engine, manifest["files"]))
     g = info.spec.group_size
@@ -262,11 +262,12 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
 
     rng = np.random.default_rng(3)
     for rows, path in ((64, "cublas"), (19, "gemv"), (40, "gemm")):
-        backend.cublas = blas if path == "cublas" else None
+        backend.set_prefill_path(blas if path == "cublas" else None, CUBLAS_FROM_ROWS, slab_bytes)
         for a in (op.args for op in backend.ops if op.kind == "linear" and op.args["layer"] == 0):
             name, n, k = a["weight"], a["N"], a["K"]
             if path == "cublas":
-                assert -(-n // cuda_backend.slab_rows(n, k)) > 2 and n % cuda_backend.slab_rows(n, k)
+                slab = cuda_backend.slab_rows(n, k, slab_bytes)
+                assert -(-n // slab) > 2 and n % slab
             x = rng.standard_normal((rows, k)).astype(np.float16)
             driver.upload(backend.buf[a["x"]], x)
             y = driver.alloc(2 * rows * n)
