@@ -48,7 +48,8 @@ GEMV_MMA_ROWS_PER_BLOCK = 16                  # the tensor-core GEMV (2..8 rows)
 GEMM_TILE, GEMM_THREADS = 64, 128
 ROPE_THREADS, ATTEND_THREADS = 256, 128
 ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
-ATTEND_BLOCK_QUERIES = 16        # prefill attention: tokens per block (awq_attend_block)
+ATTEND_BLOCK_QUERIES = 16        # prefill attention: tokens per block (awq_attend_block, CUDA cores: D = 256)
+ATTEND_MMA_QUERIES = 64          # and per block on tensor cores (awq_attend_mma, D = 64 and 128)
 GRAPH_ROWS = (1, PREFILL_CHUNK)   # steps replayed as CUDA graphs: decode, and full prefill chunks
 LM_HEAD_ROWS_PER_BLOCK = 8
 SAMPLE_THREADS = 1024
@@ -412,10 +413,14 @@ class CudaBackend:
             self.launch(f"awq_attend_split_d{D}", (H, self.attn_splits), (ATTEND_SPLIT_KEYS,),
                         [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, self.attn_partials,
                          self.attn_counters, ("i32", H), ("i32", Hkv), *limits])
-        else:  # a block per (head, 16 tokens) shares each K/V tile; shorter chunks: a block per (head, token)
-            block = rows >= ATTEND_BLOCK_QUERIES
-            self.launch(f"awq_attend{'_block' if block else ''}_d{D}",
-                        (H, -(-rows // ATTEND_BLOCK_QUERIES) if block else rows), (ATTEND_THREADS,),
+        else:  # 16 rows or more: blocks of tokens share each K/V tile (on tensor cores up to D = 128)
+            if rows >= ATTEND_BLOCK_QUERIES and D <= 128:
+                name, grid = f"awq_attend_mma_d{D}", (H, -(-rows // ATTEND_MMA_QUERIES))
+            elif rows >= ATTEND_BLOCK_QUERIES:
+                name, grid = f"awq_attend_block_d{D}", (H, -(-rows // ATTEND_BLOCK_QUERIES))
+            else:  # a few rows: a block per (head, token), more blocks to spread
+                name, grid = f"awq_attend_d{D}", (H, rows)
+            self.launch(name, grid, (ATTEND_THREADS,),
                         [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, ("i32", rows),
                          ("i32", H), ("i32", Hkv), *limits])
 
@@ -477,7 +482,7 @@ KERNELS_OF = {
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)] +
                   [f"awq_dequantize_g{g}" for g in (32, 64, 128)],
     "attention": ["awq_rope_store"] + [f"awq_attend{kind}_d{d}" for kind in ("", "_block", "_split")
-                                       for d in (64, 128, 256)],
+                                       for d in (64, 128, 256)] + ["awq_attend_mma_d64", "awq_attend_mma_d128"],
     "sample": ["awq_sample_step"],
     "decoder_ops": ["awq_embed", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
                     "awq_gated_act", "awq_residual_add", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],

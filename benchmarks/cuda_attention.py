@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Prefill attention on the GPU: a block per (head, token) against a block per (head, 16 tokens).
+"""Prefill attention on the GPU: a block per (head, token), per (head, 16 tokens), on tensor cores.
 
     python3 benchmarks/cuda_attention.py [--output FILE.json]
 
 One 256-row prefill chunk after 0, 1024 and 3840 cached rows, for three head layouts (SmolLM2's
 9/3 x 64, Llama-3-8B's 32/8 x 128, Gemma's 8/4 x 256), each kernel on the same random q and
-cache: awq_attend_d{D} (the block per token: every token reads every visible K/V row) and
-awq_attend_block_d{D} (16 tokens share each K/V tile, what the cuda backend runs for chunks of
-16 rows or more), alternating; host-timed over 20 launches after a synchronize, median of 5.
-The two outputs are compared too (they must agree to fp16 rounding). JSON rows: heads,
-kv_heads, head_dim, past, rows, per_token_us, block_us, speedup. Needs an NVIDIA GPU and nvcc
+cache: awq_attend_d{D} (the block per token: every token reads every visible K/V row),
+awq_attend_block_d{D} (16 tokens share each K/V tile, CUDA cores: what the cuda backend runs for
+chunks of 16 rows or more at D = 256) and awq_attend_mma_d{D} (64 tokens a block on tensor
+cores, D = 64 and 128: the backend's choice there), alternating; host-timed over 20 launches
+after a synchronize, median of 5. The outputs are compared too (they must agree to fp16
+rounding). JSON rows: heads, kv_heads, head_dim, past, rows, per_token_us, block_us, mma_us,
+speedup (per token / block), mma_speedup. Needs an NVIDIA GPU and nvcc
 (the kernels are compiled here); no torch. Without a GPU it prints one line and exits 2.
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     from awq_edge import plugins
-    from awq_edge.cuda_backend import ATTEND_BLOCK_QUERIES, ATTEND_THREADS
+    from awq_edge.cuda_backend import ATTEND_BLOCK_QUERIES, ATTEND_MMA_QUERIES, ATTEND_THREADS
     from awq_edge.cuda_driver import Driver, f32, i32, ptr
     from awq_edge.cuda_runtime import find_gpus
 
@@ -64,6 +66,7 @@ def main() -> int:
     rng, rows_out = np.random.default_rng(0), []
     for H, Hkv, D in LAYOUTS:
         per_token, block = drv.function(module, f"awq_attend_d{D}"), drv.function(module, f"awq_attend_block_d{D}")
+        mma = drv.function(module, f"awq_attend_mma_d{D}") if D <= 128 else None
         for past in DEPTHS:
             capacity = past + ROWS
             host = {"q": rng.standard_normal((ROWS, H, D)), "k": rng.standard_normal((Hkv, capacity, D)),
@@ -71,33 +74,43 @@ def main() -> int:
             dev = {name: drv.alloc(a.size * 2) for name, a in host.items()}
             for name, a in host.items():
                 drv.upload(dev[name], a.astype(np.float16))
-            dev["past"], dev["out_a"], dev["out_b"] = drv.alloc(8), drv.alloc(ROWS * H * D * 2), drv.alloc(ROWS * H * D * 2)
+            dev["past"] = drv.alloc(8)
+            for out in ("out_a", "out_b", "out_c"):
+                dev[out] = drv.alloc(ROWS * H * D * 2)
             drv.upload(dev["past"], np.array([past], np.int64))
 
             def arguments(out):
                 return [ptr(dev["q"]), ptr(dev["k"]), ptr(dev["v"]), ptr(dev["past"]), ptr(dev[out]), i32(ROWS), i32(H),
                         i32(Hkv), i32(capacity), i32(capacity), i32(0), f32(D ** -0.5), f32(0.0)]
-            a_args, b_args = arguments("out_a"), arguments("out_b")
-            run_a = lambda: drv.launch(per_token, (H, ROWS), (ATTEND_THREADS,), a_args)  # noqa: E731
-            run_b = lambda: drv.launch(block, (H, -(-ROWS // ATTEND_BLOCK_QUERIES)), (ATTEND_THREADS,), b_args)  # noqa: E731
-            run_a(), run_b()
-            a, b = np.empty(ROWS * H * D, np.float16), np.empty(ROWS * H * D, np.float16)
-            drv.download(a, dev["out_a"])
-            drv.download(b, dev["out_b"])
-            diff = float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max())
-            timed = {"a": [], "b": []}
+            runs = {"per_token": lambda: drv.launch(per_token, (H, ROWS), (ATTEND_THREADS,), arguments("out_a")),
+                    "block": lambda: drv.launch(block, (H, -(-ROWS // ATTEND_BLOCK_QUERIES)), (ATTEND_THREADS,),
+                                                arguments("out_b"))}
+            if mma is not None:
+                runs["mma"] = lambda: drv.launch(mma, (H, -(-ROWS // ATTEND_MMA_QUERIES)), (ATTEND_THREADS,),
+                                                 arguments("out_c"))
+            outputs = {}
+            for (name, run), out in zip(runs.items(), ("out_a", "out_b", "out_c")):
+                run()
+                outputs[name] = np.empty(ROWS * H * D, np.float16)
+                drv.download(outputs[name], dev[out])
+            diff = max(float(np.abs(a.astype(np.float32) - outputs["per_token"].astype(np.float32)).max())
+                       for a in outputs.values())
+            timed = {name: [] for name in runs}
             for _ in range(2):  # alternating
-                timed["a"].append(time_launches(drv, run_a))
-                timed["b"].append(time_launches(drv, run_b))
+                for name, run in runs.items():
+                    timed[name].append(time_launches(drv, run))
             for pointer in dev.values():
                 drv.free(pointer)
-            row = {"heads": H, "kv_heads": Hkv, "head_dim": D, "past": past, "rows": ROWS,
-                   "per_token_us": min(timed["a"]) * 1e6, "block_us": min(timed["b"]) * 1e6, "max_abs_diff": diff}
+            row = {"heads": H, "kv_heads": Hkv, "head_dim": D, "past": past, "rows": ROWS, "max_abs_diff": diff,
+                   **{f"{name}_us": min(t) * 1e6 for name, t in timed.items()}}
             row["speedup"] = row["per_token_us"] / row["block_us"]
+            if "mma_us" in row:
+                row["mma_speedup"] = row["per_token_us"] / row["mma_us"]
             rows_out.append(row)
+            mma_col = f", tensor cores {row['mma_us']:.0f} us ({row['mma_speedup']:.2f}x)" if "mma_us" in row else ""
             print(f"H {H}/{Hkv} D {D}, {ROWS} rows after {past}: per token {row['per_token_us']:.0f} us, "
-                  f"16-token blocks {row['block_us']:.0f} us ({row['speedup']:.2f}x), outputs differ by {diff:.1e}",
-                  flush=True)
+                  f"16-token blocks {row['block_us']:.0f} us ({row['speedup']:.2f}x){mma_col}, outputs differ by "
+                  f"{diff:.1e}", flush=True)
     out = args.output or ROOT / "benchmarks" / "results" / f"cuda_attention-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "cuda_attention", "date": dt.datetime.now().isoformat(timespec="seconds"),

@@ -86,8 +86,9 @@ for name in ("cuda_layer.json", "cuda_layer-smollm2.json"):
                   f"{100 * r['roofline_fraction']:.0f}% of roofline")
 a = load("cuda_attention.json")
 for r in (a or {}).get("rows", []):
+    mma = f", tensor cores {r['mma_us']:.0f} us ({r['mma_speedup']:.2f}x)" if r.get("mma_us") else ""
     print(f"prefill attention H {r['heads']}/{r['kv_heads']} D {r['head_dim']} after {r['past']}: per token "
-          f"{r['per_token_us']:.0f} us, 16-token blocks {r['block_us']:.0f} us ({r['speedup']:.2f}x)")
+          f"{r['per_token_us']:.0f} us, 16-token blocks {r['block_us']:.0f} us ({r['speedup']:.2f}x){mma}")
 d = load("cuda_decode.json")
 for r in (d or {}).get("rows", d if isinstance(d, list) else []):
     if isinstance(r, dict) and r.get("decode_tok_s"):

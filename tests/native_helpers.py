@@ -11,6 +11,8 @@ bare GPU machine imports it too).
   it is given numpy twins of (to check the host side's pointer arithmetic with real numbers).
 - RecordingCublas: stands in for awq_edge.cublas.Cublas: records each GEMM, or with a
   MemoryDriver computes it.
+- emulate_mma_16816: one tensor-core instruction over a warp's fragments, with the layouts of
+  plugins/kernels/mma.cuh, for running a kernel's fragment plan lane by lane.
 """
 from __future__ import annotations
 
@@ -195,3 +197,19 @@ class RecordingCublas:
             product = (inputs @ weights.T).astype(np.float16)
             for r in range(rows):
                 out[r * ldc:r * ldc + n] = product[r]
+
+
+LANE_G, LANE_T = np.arange(32) // 4, np.arange(32) % 4  # a lane's fragment group and its place in it
+
+
+def emulate_mma_16816(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """acc [32 lanes, 4] += one mma.m16n8k16 of the lanes' fragments a [32, 4 regs, 2 halves] and
+    b [32, 2, 2] (float64; the layouts of plugins/kernels/mma.cuh)."""
+    g, t = LANE_G, LANE_T
+    A, B = np.zeros((16, 16)), np.zeros((16, 8))
+    for reg, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+        A[row, col], A[row, col + 1] = a[:, reg, 0], a[:, reg, 1]
+    for reg, k in enumerate((2 * t, 2 * t + 8)):
+        B[k, g], B[k + 1, g] = b[:, reg, 0], b[:, reg, 1]
+    C = A @ B
+    acc += np.stack([C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1]], axis=1)

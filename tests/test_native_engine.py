@@ -161,7 +161,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
         launched |= check_launches_against_the_cubins(tmp_path / model_type / "engine")
     every = {name for names in KERNELS_OF.values() for name in names}
     # not launched here: head_dim 128/256 attention, and the GEMV/GEMM of the group sizes not built above
-    assert {"awq_rope_store", "awq_attend_d64", "awq_attend_block_d64", "awq_attend_split_d64", "awq_sample_step", "awq_advance", "awq_bias_add",
+    assert {"awq_rope_store", "awq_attend_d64", "awq_attend_mma_d64", "awq_attend_split_d64", "awq_sample_step", "awq_advance", "awq_bias_add",
             "awq_head_rms_norm", "awq_gemv_norm_rope_g32_w1", "awq_gemv_norm_store_g32_w1", "awq_gemv_act_g32_w1",
             "awq_gemv_store_g32_w1", "awq_gemv_rows8_g32_w1",
             "awq_gemm_g32_v0"} <= launched <= every
@@ -462,6 +462,7 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"constexpr int kTileKeys = {cb.ATTEND_SPLIT_KEYS};" in src["attention"]
     assert "constexpr int kSplitKeys = kTileKeys;" in src["attention"] and cb.ATTEND_THREADS == cb.ATTEND_SPLIT_KEYS
     assert f"constexpr int kBlockQueries = {cb.ATTEND_BLOCK_QUERIES};" in src["attention"]
+    assert f"constexpr int kMmaQueries = {cb.ATTEND_MMA_QUERIES};" in src["attention"]
     assert f"constexpr int kThreads = {cb.SAMPLE_THREADS};" in src["sample"]
     assert f"constexpr int kMmaRowsPerBlock = {cb.GEMV_MMA_ROWS_PER_BLOCK};" in src["gemv_w4a16"]
     header = (plugins.PLUGINS_DIR / "kernels" / "w4a16.h").read_text()
@@ -540,7 +541,105 @@ def test_attention_tile_and_split_twins_equal_one_softmax(pos, window, softcap, 
             assert np.abs(got[h] - want).max() < 2e-3 * max(1.0, np.abs(want).max())
 
 
-@pytest.mark.parametrize("D, past, S, window, softcap, heads", [(64, 0, 37, 0, 0.0, (4, 2)), (64, 100, 40, 20, 0.0, (2, 1)),
+def attend_mma_lanes(q_rot, k_cache, v_cache, past: int, window: int, scale: float, softcap: float) -> np.ndarray:
+    """awq_attend_mma (plugins/kernels/attention.cu) lane by lane: per (head, 64 tokens) 4 warps of
+    16 tokens; per tile of 64 keys a warp's scores as 8 x (D / 16) mma (A: its q rows, B: K rows
+    2t.. of key g), masked and soft-capped, an online softmax per fragment row (max over the row's
+    4 lanes; each lane sums its own columns), P rounded to fp16 as the A fragments of P V (two
+    score fragments each), V's B fragments (keys 2t, 2t + 1 | + 8 of dim g); float64 otherwise."""
+    from native_helpers import LANE_G, LANE_T, emulate_mma_16816
+
+    S, H, D = q_rot.shape
+    Hkv, g, t = k_cache.shape[0], LANE_G, LANE_T
+    out = np.full((S, H, D), np.nan)
+    for h in range(H):
+        kv = h // (H // Hkv)
+        for t0 in range(0, S, 64):
+            block_first = max(0, past + t0 - window + 1) if window > 0 else 0
+            block_last = past + min(t0 + 64, S) - 1
+            for warp in range(4):
+                token = np.stack([t0 + warp * 16 + g, t0 + warp * 16 + g + 8], axis=1)  # [lane, row]
+                pos = past + token
+                first = np.maximum(0, pos - window + 1) if window > 0 else np.zeros_like(pos)
+                q = np.zeros((S + 64, D))
+                q[:S] = q_rot[:, h].astype(np.float64)
+                qa = np.stack([np.stack([q[token[:, r], 16 * ks + 2 * t + 8 * c + e] for r, c in
+                                         ((0, 0), (1, 0), (0, 1), (1, 1)) for e in (0, 1)], axis=1).reshape(32, 4, 2)
+                               for ks in range(D // 16)], axis=1)  # [lane, k step, reg, half]
+                o, rmax, rsum = np.zeros((32, D // 8, 4)), np.full((32, 2), -np.inf), np.zeros((32, 2))
+                for begin in range(block_first, block_last + 1, 64):
+                    n = min(64, block_last + 1 - begin)
+                    ks_, vs_ = np.zeros((64, D)), np.zeros((64, D))
+                    ks_[:n], vs_[:n] = k_cache[kv, begin:begin + n], v_cache[kv, begin:begin + n]
+                    sc = np.zeros((32, 8, 4))
+                    for nt in range(8):
+                        for ks in range(D // 16):
+                            b = np.stack([ks_[8 * nt + g, 16 * ks + c + 2 * t + e] for c in (0, 8) for e in (0, 1)],
+                                         axis=1).reshape(32, 2, 2)
+                            emulate_mma_16816(sc[:, nt], qa[:, ks], b)
+                    key = begin + 8 * np.arange(8)[None, :, None] + 2 * t[:, None, None] + np.array([0, 1, 0, 1])
+                    row = np.array([0, 0, 1, 1])
+                    tok, p_, f_ = token[:, row][:, None, :], pos[:, row][:, None, :], first[:, row][:, None, :]
+                    scaled = sc * scale
+                    capped = softcap * np.tanh(scaled / softcap) if softcap > 0 else scaled
+                    sc = np.where((tok < S) & (key >= f_) & (key <= p_), capped, -np.inf)
+                    tile_max = np.stack([sc[:, :, :2].max(axis=(1, 2)), sc[:, :, 2:].max(axis=(1, 2))], axis=1)
+                    tile_max = tile_max.reshape(8, 4, 2).max(axis=1).repeat(4, axis=0)  # over the row's 4 lanes
+                    new_max = np.maximum(rmax, tile_max)
+                    rescale = np.where(new_max == -np.inf, 1.0, np.exp(rmax - np.where(new_max == -np.inf, 0, new_max)))
+                    rmax = new_max
+                    row_max = np.where(rmax == -np.inf, 0, rmax)[:, row][:, None, :]
+                    pr = np.where(sc == -np.inf, 0.0, np.exp(sc - row_max))
+                    rsum = rsum * rescale + np.stack([pr[:, :, :2].sum(axis=(1, 2)), pr[:, :, 2:].sum(axis=(1, 2))], 1)
+                    o *= rescale[:, row][:, None, :]
+                    ph = pr.astype(np.float16).astype(np.float64)  # the A fragments of P V are fp16
+                    for kk in range(4):
+                        a = np.stack([ph[:, 2 * kk, :2], ph[:, 2 * kk, 2:],
+                                      ph[:, 2 * kk + 1, :2], ph[:, 2 * kk + 1, 2:]], axis=1)
+                        for dn in range(D // 8):
+                            b = np.stack([vs_[16 * kk + c + 2 * t + e, 8 * dn + g] for c in (0, 8) for e in (0, 1)],
+                                         axis=1).reshape(32, 2, 2)
+                            emulate_mma_16816(o[:, dn], a, b)
+                total = rsum.reshape(8, 4, 2).sum(axis=1).repeat(4, axis=0)
+                for lane in range(32):
+                    for r in range(2):
+                        if token[lane, r] < S:
+                            for dn in range(D // 8):
+                                d = 8 * dn + 2 * t[lane]
+                                out[token[lane, r], h, d:d + 2] = o[lane, dn, 2 * r:2 * r + 2] / total[lane, r]
+    return out
+
+
+@pytest.mark.parametrize("D, past, S, window, softcap, heads", [(64, 0, 70, 0, 0.0, (2, 1)),
+                                                                (128, 90, 37, 20, 0.0, (2, 2)),
+                                                                (64, 10, 65, 0, 30.0, (3, 3))])
+def test_the_tensor_core_prefill_attentions_fragment_plan_equals_one_softmax(D, past, S, window, softcap, heads):
+    """awq_attend_mma's plan run lane by lane with the PTX ISA's fragment layouts against a float64
+    softmax per token: a last block of fewer tokens (70 = 64 + 6), warps with no token, a window
+    shorter than a warp's tokens (tiles some rows see nothing of), the soft-cap, both head sizes.
+    Within P's fp16 rounding (the kernel multiplies V by fp16 probabilities)."""
+    H, Hkv = heads
+    rng = np.random.default_rng(D + past + S)
+    q = rng.standard_normal((S, H, D)).astype(np.float16)
+    k_cache = rng.standard_normal((Hkv, past + S + 3, D)).astype(np.float16)
+    v_cache = rng.standard_normal((Hkv, past + S + 3, D)).astype(np.float16)
+    got = attend_mma_lanes(q, k_cache, v_cache, past, window, D ** -0.5, softcap)
+    assert not np.isnan(got).any()
+    for s in range(S):
+        pos = past + s
+        first = max(0, pos - window + 1) if window else 0
+        for h in range(H):
+            keys, values = k_cache[h // (H // Hkv), first:pos + 1], v_cache[h // (H // Hkv), first:pos + 1]
+            scores = keys.astype(np.float64) @ q[s, h].astype(np.float64) * D ** -0.5
+            if softcap:
+                scores = softcap * np.tanh(scores / softcap)
+            p = np.exp(scores - scores.max())
+            want = p @ values.astype(np.float64) / p.sum()
+            assert np.abs(got[s, h] - want).max() < 4e-3 * max(1.0, np.abs(want).max()), (s, h)
+
+
+@pytest.mark.parametrize("D, past, S, window, softcap, heads", [(64, 0, 37, 0, 0.0, (4, 2)),
+                                                                (64, 100, 40, 20, 0.0, (2, 1)),
                                                                 (128, 250, 33, 0, 30.0, (6, 3)),
                                                                 (256, 60, 17, 5, 0.0, (2, 2))])
 def test_the_prefill_block_attention_twin_equals_one_softmax(D, past, S, window, softcap, heads):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from awq_edge import packing, plugins
+from native_helpers import emulate_mma_16816
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +98,6 @@ def test_host_dequant_detects_a_wrong_nibble_order(host_check, tmp_path):
 
 # ---------------------------------------------------------------- the tensor-core GEMV's fragment plan
 
-def mma_16816(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """acc [32 lanes, 4] += one mma.m16n8k16 of the lanes' fragments a [32, 4 regs, 2 halves] and
-    b [32, 2, 2], with plugins/kernels/mma.cuh's layouts (g = lane // 4, t = lane % 4)."""
-    A, B = np.zeros((16, 16)), np.zeros((16, 8))
-    for lane in range(32):
-        g, t = divmod(lane, 4)
-        A[g, 2 * t:2 * t + 2], A[g + 8, 2 * t:2 * t + 2] = a[lane, 0], a[lane, 1]
-        A[g, 2 * t + 8:2 * t + 10], A[g + 8, 2 * t + 8:2 * t + 10] = a[lane, 2], a[lane, 3]
-        B[2 * t:2 * t + 2, g], B[2 * t + 8:2 * t + 10, g] = b[lane, 0], b[lane, 1]
-    C = A @ B
-    for lane in range(32):
-        g, t = divmod(lane, 4)
-        acc[lane] += (C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1])
-
-
 def gemv_mma_lanes(x: np.ndarray, w_hat: np.ndarray) -> np.ndarray:
     """awq_gemv_mma (plugins/kernels/gemv_w4a16.cu) lane by lane, in float64: blocks of 16 output
     rows, 4 warps taking 128-k windows two at a time, lane (g, t) holding rows g and g + 8 of its
@@ -139,7 +125,7 @@ def gemv_mma_lanes(x: np.ndarray, w_hat: np.ndarray) -> np.ndarray:
                                 row = [w_hat[n] if n < N else np.zeros(K) for n in (n0 + g, n0 + g + 8)]
                                 a[lane] = row[0][k:k + 2], row[1][k:k + 2], row[0][k + 2:k + 4], row[1][k + 2:k + 4]
                                 b[lane] = xp[g, k:k + 2], xp[g, k + 2:k + 4]
-                            mma_16816(acc, a, b)
+                            emulate_mma_16816(acc, a, b)
             for lane in range(32):
                 g, t = divmod(lane, 4)
                 tiles[warp, g, 2 * t:2 * t + 2], tiles[warp, g + 8, 2 * t:2 * t + 2] = acc[lane, :2], acc[lane, 2:]

@@ -8,9 +8,11 @@
 //               the others'), the block keeps an online softmax (running max and sum, fp32), and
 //               each thread accumulates the V-weighted sum of one pair of dims over a share of
 //               the tile's keys, rescaled when the max moves.
-//   attend_block  (prefill chunks of 16 rows or more) one block of 128 threads per (query head,
-//               16 new tokens): each K/V tile is read into shared memory once for the 16 tokens
-//               (attend reads it once per token), then each token's 8 lanes score and sum it.
+//   attend_mma    (prefill chunks of 16 rows or more, D = 64 and 128) one block of 4 warps per
+//               (query head, 64 new tokens): each K/V tile read into shared memory once for the
+//               64 tokens, scores and P V on tensor cores (flash-attention 2's loop).
+//   attend_block  (the same at D = 256, on CUDA cores) one block per (query head, 16 tokens):
+//               each K/V tile read once for the 16, each token's 8 lanes score and sum it.
 // Decode uses attend_split (flash-decoding) instead, the same tile work spread over blocks:
 //   attend_split  grid (H, splits), 128 threads: block (h, c) takes keys c*128 .. c*128+127 of
 //               head h (those visible), keeps its softmax state (max, sum, V-weighted sum) in
@@ -26,6 +28,7 @@
 #include <cuda_runtime.h>
 
 #include "attention.h"
+#include "mma.cuh"
 #include "pdl.cuh"
 
 namespace {
@@ -341,6 +344,177 @@ __device__ __forceinline__ void attend_block(const __half* __restrict__ q_rot, c
     }
 }
 
+// Prefill attention on tensor cores (flash-attention 2's loop, head_dim 64 and 128): a block of
+// 4 warps per (query head, 64 tokens), a warp per 16 tokens. Per tile of 64 keys (K and V in
+// shared memory, rows padded by 16 bytes so the fragment loads hit distinct banks) a warp
+// computes its 16 x 64 scores as mma.m16n8k16 (A = its q rows, kept in registers; B = K rows),
+// keeps an online softmax per token on the score fragments (a row's values live in the 4 lanes
+// of a fragment group: shuffles), and multiplies P (the score fragments, rounded to fp16, are
+// already the A fragments of P V) by V into fp32 output fragments. plugins/kernels/mma.cuh has
+// the fragment layouts. Each thread's running sum covers its own columns; the 4 lanes add theirs
+// at the end.
+constexpr int kMmaQueries = 64;  // tokens per block: 16 per warp
+constexpr int kMmaKeys = 64;     // keys per tile
+
+__device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ uint32_t halves_bits(__half lo, __half hi) {
+    return static_cast<uint32_t>(__half_as_ushort(lo)) | (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
+}
+
+template <int D>
+__device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,
+                                           const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
+                                           __half* __restrict__ out, int S, int H, int Hkv, int capacity,
+                                           int max_positions, int window, float scale, float softcap) {
+    static_assert(D == 64 || D == 128, "registers: q and the output fragments of a 16-token row tile");
+    constexpr int kRow = D + 8;  // padded shared rows (halves)
+    __shared__ __align__(16) __half k_s[kMmaKeys][kRow];
+    __shared__ __align__(16) __half v_s[kMmaKeys][kRow];
+
+    const int h = blockIdx.x, t0 = blockIdx.y * kMmaQueries;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int64_t past = *past_ptr;
+    if (!step_fits(past, S, capacity, max_positions)) {
+        for (int i = threadIdx.x; i < kMmaQueries * D; i += blockDim.x) {
+            if (t0 + i / D < S) out[(static_cast<size_t>(t0 + i / D) * H + h) * D + i % D] = __float2half(NAN);
+        }
+        return;
+    }
+    const int kv_head = h / (H / Hkv);
+    const __half* k_rows = k_cache + static_cast<size_t>(kv_head) * capacity * D;
+    const __half* v_rows = v_cache + static_cast<size_t>(kv_head) * capacity * D;
+    // this thread's two tokens (fragment rows g and g + 8 of its warp's 16) and their first keys
+    int token[2];
+    int64_t pos[2], first[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        token[r] = t0 + warp * 16 + g + 8 * r;
+        pos[r] = past + token[r];
+        first[r] = (window > 0 && pos[r] - window + 1 > 0) ? pos[r] - window + 1 : 0;
+    }
+    const int64_t block_first = (window > 0 && past + t0 - window + 1 > 0) ? past + t0 - window + 1 : 0;
+    const int64_t block_last = past + (t0 + kMmaQueries < S ? t0 + kMmaQueries : S) - 1;
+
+    // q as A fragments: [k step][a0..a3], tokens past S are zeros
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // a0 (g, 2t), a1 (g + 8, 2t), a2 (g, 2t + 8), a3 (g + 8, 2t + 8)
+            const int r = i & 1, d = 16 * ks + 2 * t + 8 * (i >> 1);
+            qa[ks][i] = token[r] < S ? *reinterpret_cast<const uint32_t*>(
+                                           q_rot + (static_cast<size_t>(token[r]) * H + h) * D + d)
+                                     : 0u;
+        }
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float running_max[2] = {-INFINITY, -INFINITY}, running_sum[2] = {0.f, 0.f};
+
+    for (int64_t begin = block_first; begin <= block_last; begin += kMmaKeys) {
+        const int n = static_cast<int>(block_last + 1 - begin < kMmaKeys ? block_last + 1 - begin : kMmaKeys);
+        __syncthreads();  // the previous tile is no longer read
+        for (int c = threadIdx.x; c < kMmaKeys * D / 8; c += blockDim.x) {
+            const int j = c / (D / 8), d = (c % (D / 8)) * 8;
+            uint4 k_bits = make_uint4(0u, 0u, 0u, 0u), v_bits = k_bits;  // rows past the last key: zeros
+            if (j < n) {
+                k_bits = *reinterpret_cast<const uint4*>(k_rows + (begin + j) * D + d);
+                v_bits = *reinterpret_cast<const uint4*>(v_rows + (begin + j) * D + d);
+            }
+            *reinterpret_cast<uint4*>(&k_s[j][d]) = k_bits;
+            *reinterpret_cast<uint4*>(&v_s[j][d]) = v_bits;
+        }
+        __syncthreads();
+
+        // scores: 8 fragments of 8 keys; s[nt][0, 1] = row g, keys 8nt + 2t (+1); [2, 3] = row g + 8
+        float s[kMmaKeys / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks) {
+                const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(&k_s[8 * nt + g][16 * ks + 2 * t]),
+                                       *reinterpret_cast<const uint32_t*>(&k_s[8 * nt + g][16 * ks + 8 + 2 * t])};
+                awq_edge::mma_16816(s[nt], qa[ks], b);
+            }
+        }
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = i >> 1;
+                const int64_t key = begin + 8 * nt + 2 * t + (i & 1);
+                const float scaled = s[nt][i] * scale;
+                const float capped = softcap > 0.f ? softcap * tanhf(scaled / softcap) : scaled;
+                s[nt][i] = (token[r] < S && key >= first[r] && key <= pos[r]) ? capped : -INFINITY;
+                tile_max[r] = fmaxf(tile_max[r], s[nt][i]);
+            }
+        }
+        float rescale[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+            const float new_max = fmaxf(running_max[r], tile_max[r]);  // -inf while the token has seen no key
+            rescale[r] = new_max == -INFINITY ? 1.f : __expf(running_max[r] - new_max);
+            running_max[r] = new_max;
+            running_sum[r] *= rescale[r];
+        }
+#pragma unroll
+        for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = i >> 1;
+                s[nt][i] = s[nt][i] == -INFINITY ? 0.f : __expf(s[nt][i] - running_max[r]);
+                running_sum[r] += s[nt][i];
+            }
+        }
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            o[dn][0] *= rescale[0];
+            o[dn][1] *= rescale[0];
+            o[dn][2] *= rescale[1];
+            o[dn][3] *= rescale[1];
+        }
+        // O += P V, 16 keys a step: P's A fragment is two score fragments (keys 16kk + 2t, + 8 + 2t)
+#pragma unroll
+        for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
+            const uint32_t a[4] = {half2_bits(s[2 * kk][0], s[2 * kk][1]), half2_bits(s[2 * kk][2], s[2 * kk][3]),
+                                   half2_bits(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   half2_bits(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const int key = 16 * kk + 2 * t;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn) {
+                const int d = 8 * dn + g;
+                const uint32_t b[2] = {halves_bits(v_s[key][d], v_s[key + 1][d]),
+                                       halves_bits(v_s[key + 8][d], v_s[key + 9][d])};
+                awq_edge::mma_16816(o[dn], a, b);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // the row's sum over its 4 lanes
+        running_sum[r] += __shfl_xor_sync(0xffffffffu, running_sum[r], 1);
+        running_sum[r] += __shfl_xor_sync(0xffffffffu, running_sum[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (token[r] >= S) continue;
+        __half* y = out + (static_cast<size_t>(token[r]) * H + h) * D;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            *reinterpret_cast<__half2*>(y + 8 * dn + 2 * t) =
+                __floats2half2_rn(o[dn][2 * r] / running_sum[r], o[dn][2 * r + 1] / running_sum[r]);
+        }
+    }
+}
+
 constexpr int kSplitKeys = kTileKeys;  // keys per attend_split block: one tile
 constexpr int kSplitThreads = kTileThreads;
 
@@ -473,6 +647,21 @@ AWQ_ATTEND_ENTRY(256)
 AWQ_ATTEND_BLOCK_ENTRY(64)
 AWQ_ATTEND_BLOCK_ENTRY(128)
 AWQ_ATTEND_BLOCK_ENTRY(256)
+
+// awq_attend_mma_d{64,128}: prefill on tensor cores, grid (H, ceil(S / 64)) blocks of 128
+// threads; the arguments are awq_attend's.
+#define AWQ_ATTEND_MMA_ENTRY(D)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(kTileThreads, 1)                                                   \
+        awq_attend_mma_d##D(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,                   \
+                            const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,               \
+                            __half* __restrict__ out, int S, int H, int Hkv, int capacity, int max_positions,      \
+                            int window, float scale, float softcap) {                                               \
+        awq_edge::begin_after_previous_kernel();                                                                    \
+        attend_mma<D>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale,    \
+                      softcap);                                                                                     \
+    }
+AWQ_ATTEND_MMA_ENTRY(64)
+AWQ_ATTEND_MMA_ENTRY(128)
 
 // awq_attend_split_d{64,128,256}: decode (S = 1), grid (H, ceil(capacity / 128)) blocks of 128
 // threads; partials float32 [H, grid.y, 2 + D], counters int32 [H] zeroed once at allocation.
