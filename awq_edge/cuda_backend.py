@@ -353,8 +353,14 @@ class CudaBackend:
         weights = [w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"]]
         wide = k % 32 == 0  # rows of 16-byte aligned words: 128-bit weight loads
         if self.cublas is not None and rows >= self.cublas_from_rows:
-            self.dequantized_matmul(x, name, n, k, y, rows)
-        elif rows <= GEMV_CHUNKED_MAX_ROWS:  # as awq_w4a16_matmul: 8 rows a GEMV, on tensor cores from 2
+            from .cublas import CublasUnavailable
+
+            try:
+                self.dequantized_matmul(x, name, n, k, y, rows)
+                return
+            except CublasUnavailable as e:  # e.g. a shape it refuses: ours from here on, y written whole below
+                self.cublas, self.prefill_path = None, f"awq-edge GEMV/GEMM (cuBLAS failed: {e})"
+        if rows <= GEMV_CHUNKED_MAX_ROWS:  # as awq_w4a16_matmul: 8 rows a GEMV, on tensor cores from 2
             for m0 in range(0, rows, GEMV_MAX_ROWS):
                 m = min(GEMV_MAX_ROWS, rows - m0)
                 chunk = [x + 2 * m0 * k, *weights, y + 2 * m0 * n]

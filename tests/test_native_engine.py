@@ -196,6 +196,30 @@ def test_full_prefill_chunks_and_decode_steps_replay_graphs_captured_once(smollm
 
 
 @needs_nvcc
+def test_a_cublas_call_that_fails_hands_prefill_back_to_our_kernels(smollm2_cuda_engine):
+    """cuBLAS refusing a GEMM mid-prefill: that linear and every later one run our kernels (the
+    GEMM writes the whole output), prefill_path says why, and nothing is raised to the user."""
+    from awq_edge.cublas import CublasUnavailable
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+
+    class RefusingCublas(RecordingCublas):
+        def gemm_wt(self, *args, **kwargs):
+            super().gemm_wt(*args, **kwargs)
+            if len(self.calls) == 3:
+                raise CublasUnavailable("cublasGemmEx failed with cuBLAS status 15")
+
+    manifest = read_manifest(smollm2_cuda_engine)
+    info = read_decoder_info(smollm2_cuda_engine, check_files(smollm2_cuda_engine, manifest["files"]))
+    driver = RecordingDriver()
+    backend = CudaBackend(smollm2_cuda_engine, manifest, info, 128, driver=driver, cublas=RefusingCublas())
+    backend.forward(list(range(100)))
+    linears = sum(op.kind == "linear" for op in backend.ops)
+    gemms = [name for name, *_ in driver.launches if name.startswith("awq_gemm_")]
+    assert backend.cublas is None and "cuBLAS failed: cublasGemmEx failed" in backend.prefill_path
+    assert len(gemms) == linears - 2  # the third linear on: our GEMM (100 rows)
+
+
+@needs_nvcc
 def test_an_engine_whose_cubins_lack_a_kernel_is_refused_with_rebuild(smollm2_cuda_engine):
     """An engine built before a kernel existed (its cubin has no such name) gets one line saying so."""
     from awq_edge.cuda_driver import CudaError
