@@ -9,20 +9,21 @@ the engine carries its kernels as cubins.
 
 Each op of decode_ops(spec) is one launch in decode (launch_op below, the mirror of the reference
 backend's run(), whose numpy twins define what each kernel computes): the GEMV does a linear's
-fused norm, activation and residual add. Prefill feeds chunks of up to PREFILL_CHUNK tokens,
-launching the ops one by one with the GEMM for the linears, and the fusions as kernels of their
-own around it; a full chunk replays a graph of them, as decode does. Decode (one token) replays
-a CUDA graph of the whole step, captured once:
-the position counter lives on the device and advances inside the graph, so a replay needs
-only the token id written before it. Sampling runs after the step with the request's
-settings, keeping the repetition-penalty history on the device; two int32 come back (the
-token, and the attention kernels' over-capacity flag).
+fused norm, activation and residual add. Prefill feeds chunks of up to PREFILL_CHUNK tokens: the
+same ops, with the fusions as kernels of their own around each linear's product. A step of one
+token (decode) or of a full chunk replays a CUDA graph of its launches, captured the first time:
+the position counter lives on the device and advances inside the graph, so a replay needs only
+the ids written before it. Sampling runs after the step with the request's settings, keeping
+the repetition-penalty history on the device; two int32 come back (the token, and the attention
+kernels' over-capacity flag).
 
 A prefill chunk's linears (matmul below): from CUBLAS_FROM_ROWS rows, "dequantize a slab of
 weight rows to fp16, then cuBLAS's fp16 GEMM" when the machine has cuBLAS (awq_edge/cublas.py;
 `prefill_path` says which ran and why): from an H100 run's cuBLAS and GEMM timings, an estimated
 1.5-3.6x our GEMM from M = 128 up (docs/cuda.md). Below that (or without cuBLAS): up to 32 rows
-the GEMV, 8 rows at a time (on tensor cores from 2 rows), else our tensor-core GEMM.
+the GEMV, 8 rows at a time (on tensor cores from 2 rows), else our tensor-core GEMM. Its
+attention: blocks of 64 tokens on tensor cores (16 on CUDA cores at head size 256), or for a
+few rows a block per token.
 
 Nothing in this file has run on a GPU yet: it is checked on a lent GPU by
 tests/test_cuda_backend_gpu.py (against the reference backend) and benchmarks/gpu_check.sh.
@@ -307,9 +308,8 @@ class CudaBackend:
 
     def linear(self, op, rows: int, next_linear=None) -> None:
         """One row (decode): the GEMV with the op's norm prologue, bias, and act, residual or RoPE
-        epilogue. More rows (prefill): the norm kernel; the plain GEMV 8 rows at a time (up to 32
-        rows), dequantize + cuBLAS (from cublas_from_rows, when found) or the tensor-core GEMM;
-        then the bias, act, residual or RoPE/KV-write kernel."""
+        epilogue. More rows (prefill): the norm kernel, the product (matmul), then the bias, act,
+        residual or RoPE/KV-write kernel."""
         a, w, b, spec = op.args, self.weights, self.buf, self.spec
         name, n, k, g = a["weight"], a["N"], a["K"], spec.group_size
         weights = [w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"]]
