@@ -193,3 +193,20 @@ class CudaRuntime:
 
     def destroy_graph(self, exec_graph: int) -> None:
         self.check(self.lib.cudaGraphExecDestroy(exec_graph), "cudaGraphExecDestroy")
+
+
+def benchmark_gpu(script: str):
+    """The first GPU for a GPU benchmark script, once it is sure nvcc is there too (its kernels are
+    compiled on the machine); else None, after one line on stderr saying what is missing."""
+    import sys
+
+    from . import plugins
+
+    gpus = find_gpus()
+    if not gpus:
+        print(f"error: no NVIDIA GPU found; {script} runs on one", file=sys.stderr)
+        return None
+    if plugins.find_nvcc() is None:
+        print(f"error: nvcc not found; {script} compiles the kernels on this machine", file=sys.stderr)
+        return None
+    return gpus[0]

@@ -52,17 +52,13 @@ def main() -> int:
     from awq_edge import plugins
     from awq_edge.cuda_backend import ATTEND_BLOCK_QUERIES, ATTEND_MMA_QUERIES, ATTEND_THREADS
     from awq_edge.cuda_driver import Driver, f32, i32, ptr
-    from awq_edge.cuda_runtime import find_gpus
+    from awq_edge.cuda_runtime import benchmark_gpu
 
-    gpus = find_gpus()
-    if not gpus:
-        print("error: no NVIDIA GPU found; this benchmark runs on one", file=sys.stderr)
+    gpu = benchmark_gpu("benchmarks/cuda_attention.py")
+    if gpu is None:
         return 2
-    if plugins.find_nvcc() is None:
-        print("error: nvcc not found; the kernels are compiled here", file=sys.stderr)
-        return 2
-    drv = Driver(gpus[0].index)
-    module = drv.load_module(plugins.build_cubins(gpus[0].arch)["attention"].read_bytes())
+    drv = Driver(gpu.index)
+    module = drv.load_module(plugins.build_cubins(gpu.arch)["attention"].read_bytes())
     rng, rows_out = np.random.default_rng(0), []
     for H, Hkv, D in LAYOUTS:
         per_token, block = drv.function(module, f"awq_attend_d{D}"), drv.function(module, f"awq_attend_block_d{D}")
@@ -114,7 +110,7 @@ def main() -> int:
     out = args.output or ROOT / "benchmarks" / "results" / f"cuda_attention-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "cuda_attention", "date": dt.datetime.now().isoformat(timespec="seconds"),
-                               "gpu": gpus[0].name, "rows": rows_out}, indent=1) + "\n")
+                               "gpu": gpu.name, "rows": rows_out}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0 if all(r["max_abs_diff"] < 2e-2 for r in rows_out) else 1
 

@@ -300,30 +300,25 @@ def main() -> int:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the temp dirs are removed
-    from awq_edge import plugins
-    from awq_edge.cuda_runtime import find_gpus
+    from awq_edge.cuda_runtime import benchmark_gpu
     from awq_edge.devices import profile_for_arch
     from awq_edge.synthetic import SHAPES, write_random_engine
 
-    gpus = find_gpus()
-    if not gpus:
-        print("error: no NVIDIA GPU found; this benchmark runs on one", file=sys.stderr)
-        return 2
-    if plugins.find_nvcc() is None:
-        print("error: nvcc not found; the engine's kernels are compiled here", file=sys.stderr)
+    gpu0 = benchmark_gpu("benchmarks/cuda_decode.py")
+    if gpu0 is None:
         return 2
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         print(f"error: unknown shape {unknown[0]}; choose from {', '.join(SHAPES)}", file=sys.stderr)
         return 2
-    device = profile_for_arch(gpus[0].arch)
+    device = profile_for_arch(gpu0.arch)
     if device is None:
-        print(f"error: no device profile has the arch {gpus[0].arch}; add one under devices/", file=sys.stderr)
+        print(f"error: no device profile has the arch {gpu0.arch}; add one under devices/", file=sys.stderr)
         return 2
     copy = run_worker(["copy"], args.timeout)
     bandwidth = copy.get("copy_bandwidth_gbs")
-    gpu = copy.get("gpu", gpus[0].name)
+    gpu = copy.get("gpu", gpu0.name)
     print(f"{gpu}: device copy {bandwidth and round(bandwidth)} GB/s {copy.get('error', '')}", flush=True)
     rows = []
     for shape in shapes:

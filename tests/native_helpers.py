@@ -13,6 +13,8 @@ bare GPU machine imports it too).
   MemoryDriver computes it.
 - emulate_mma_16816: one tensor-core instruction over a warp's fragments, with the layouts of
   plugins/kernels/mma.cuh, for running a kernel's fragment plan lane by lane.
+- attention_f64: causal (windowed, soft-capped) attention over a KV cache in float64, what the
+  attention twins and plans are checked against.
 """
 from __future__ import annotations
 
@@ -213,3 +215,23 @@ def emulate_mma_16816(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         B[k, g], B[k + 1, g] = b[:, reg, 0], b[:, reg, 1]
     C = A @ B
     acc += np.stack([C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1]], axis=1)
+
+
+def attention_f64(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, window: int, scale: float,
+                  softcap: float) -> np.ndarray:
+    """q [S, H, D] at positions past..past+S-1 over the caches [Hkv, capacity, D] -> [S, H, D]
+    float64: each token sees the keys from max(0, pos - window + 1) (0 without a window) to pos."""
+    S, H, D = q.shape
+    Hkv = k_cache.shape[0]
+    out = np.empty((S, H, D))
+    for s in range(S):
+        pos = past + s
+        first = max(0, pos - window + 1) if window else 0
+        for h in range(H):
+            keys, values = k_cache[h // (H // Hkv), first:pos + 1], v_cache[h // (H // Hkv), first:pos + 1]
+            scores = keys.astype(np.float64) @ q[s, h].astype(np.float64) * scale
+            if softcap:
+                scores = softcap * np.tanh(scores / softcap)
+            p = np.exp(scores - scores.max())
+            out[s, h] = p @ values.astype(np.float64) / p.sum()
+    return out

@@ -60,7 +60,7 @@ def test_the_summary_fits_both_kernels_and_compares_m8_with_m1():
 
 
 @pytest.mark.skipif(bool(find_gpus()), reason="this machine has a GPU: run the benchmark itself")
-@pytest.mark.parametrize("script", ["cuda_layer.py", "cuda_attention.py"])
+@pytest.mark.parametrize("script", ["cuda_layer.py", "cuda_attention.py", "cuda_decode.py"])
 def test_cuda_kernel_benchmarks_without_gpu_exit_with_one_line(tmp_path, script):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(SCRIPT.parent / script), "--output", str(out)],

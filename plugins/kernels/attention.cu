@@ -214,6 +214,15 @@ constexpr int kBlockQueries = 16;                             // tokens per bloc
 constexpr int kLanesPerQuery = kTileThreads / kBlockQueries;  // 8
 static_assert(kLanesPerQuery == 8, "a token's lanes are 8 consecutive lanes of one warp");
 
+// A step that does not fit the cache: the block's rows t0 .. t0 + tokens - 1 (those < S) of head h
+// are NaN, never stale values (rope_store raised the flag the host reads).
+template <int D>
+__device__ __forceinline__ void write_nan_rows(__half* __restrict__ out, int t0, int tokens, int S, int H, int h) {
+    for (int i = threadIdx.x; i < tokens * D; i += blockDim.x) {
+        if (t0 + i / D < S) out[(static_cast<size_t>(t0 + i / D) * H + h) * D + i % D] = __float2half(NAN);
+    }
+}
+
 template <int D>
 struct BlockTile {
     static constexpr int kKeys = 4096 / D;                         // 64, 32, 16 keys a tile
@@ -238,9 +247,7 @@ __device__ __forceinline__ void attend_block(const __half* __restrict__ q_rot, c
     const int s = t0 + token;  // this thread's token; past S it only helps load the tiles
     const int64_t past = *past_ptr;
     if (!step_fits(past, S, capacity, max_positions)) {
-        for (int i = threadIdx.x; i < kBlockQueries * D; i += blockDim.x) {
-            if (t0 + i / D < S) out[(static_cast<size_t>(t0 + i / D) * H + h) * D + i % D] = __float2half(NAN);
-        }
+        write_nan_rows<D>(out, t0, kBlockQueries, S, H, h);
         return;
     }
     const int kv_head = h / (H / Hkv);
@@ -379,9 +386,7 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int64_t past = *past_ptr;
     if (!step_fits(past, S, capacity, max_positions)) {
-        for (int i = threadIdx.x; i < kMmaQueries * D; i += blockDim.x) {
-            if (t0 + i / D < S) out[(static_cast<size_t>(t0 + i / D) * H + h) * D + i % D] = __float2half(NAN);
-        }
+        write_nan_rows<D>(out, t0, kMmaQueries, S, H, h);
         return;
     }
     const int kv_head = h / (H / Hkv);
@@ -605,8 +610,7 @@ bool aligned4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3u) == 0
 // The kernels, with C names so that the CUDA driver API finds them in this file's cubin
 // (awq_edge/cuda_backend.py) as the launcher below does: awq_rope_store, grid S blocks of 256
 // threads, q/k/v rows of any stride (the cuda backend passes the fused qkv buffer's), status
-// may be null;
-// awq_attend_d{64,128,256}, grid (H, S) blocks of 128 threads.
+// may be null; the attend kernels below.
 extern "C" __global__ void __launch_bounds__(kRopeThreads)
 awq_rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                __half* __restrict__ k_cache, __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
@@ -618,50 +622,27 @@ awq_rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const
                kv_stride, status);
 }
 
-#define AWQ_ATTEND_ENTRY(D)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(kWarps * 32, 1) /* as below: ptxas spilled without the 1 */  \
-        awq_attend_d##D(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,                       \
-                        const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,                   \
-                        __half* __restrict__ out, int S, int H, int Hkv, int capacity, int max_positions,          \
-                        int window, float scale, float softcap) {                                                   \
-        awq_edge::begin_after_previous_kernel();                                                                    \
-        attend<D>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale,        \
-                  softcap);                                                                                         \
-    }
-AWQ_ATTEND_ENTRY(64)
-AWQ_ATTEND_ENTRY(128)
-AWQ_ATTEND_ENTRY(256)
-
-// awq_attend_block_d{64,128,256}: prefill chunks of 16 rows or more, grid (H, ceil(S / 16))
-// blocks of 128 threads; the arguments are awq_attend's.
-#define AWQ_ATTEND_BLOCK_ENTRY(D)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(kTileThreads, 1) /* ptxas spilled at d64 on sm_90 without the 1 */ \
-        awq_attend_block_d##D(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,                 \
-                              const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,             \
-                              __half* __restrict__ out, int S, int H, int Hkv, int capacity, int max_positions,    \
-                              int window, float scale, float softcap) {                                             \
-        awq_edge::begin_after_previous_kernel();                                                                    \
-        attend_block<D>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale,  \
-                        softcap);                                                                                   \
-    }
-AWQ_ATTEND_BLOCK_ENTRY(64)
-AWQ_ATTEND_BLOCK_ENTRY(128)
-AWQ_ATTEND_BLOCK_ENTRY(256)
-
-// awq_attend_mma_d{64,128}: prefill on tensor cores, grid (H, ceil(S / 64)) blocks of 128
-// threads; the arguments are awq_attend's.
-#define AWQ_ATTEND_MMA_ENTRY(D)                                                                                     \
+// The prefill attention kernels, all with awq_attend's arguments and 128 threads a block:
+//   awq_attend_d{64,128,256}        grid (H, S): a block per token (chunks of fewer than 16 rows)
+//   awq_attend_block_d{64,128,256}  grid (H, ceil(S / 16)): 16 tokens a block on CUDA cores
+//   awq_attend_mma_d{64,128}        grid (H, ceil(S / 64)): 64 tokens a block on tensor cores
+// (__launch_bounds__(128, 1): without the 1, ptxas picked register targets that spilled.)
+#define AWQ_ATTEND_ROWS_ENTRY(NAME, BODY, D)                                                                        \
     extern "C" __global__ void __launch_bounds__(kTileThreads, 1)                                                   \
-        awq_attend_mma_d##D(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,                   \
-                            const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,               \
-                            __half* __restrict__ out, int S, int H, int Hkv, int capacity, int max_positions,      \
-                            int window, float scale, float softcap) {                                               \
+        NAME(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,                                  \
+             const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr, __half* __restrict__ out,    \
+             int S, int H, int Hkv, int capacity, int max_positions, int window, float scale, float softcap) {      \
         awq_edge::begin_after_previous_kernel();                                                                    \
-        attend_mma<D>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale,    \
-                      softcap);                                                                                     \
+        BODY<D>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale, softcap); \
     }
-AWQ_ATTEND_MMA_ENTRY(64)
-AWQ_ATTEND_MMA_ENTRY(128)
+AWQ_ATTEND_ROWS_ENTRY(awq_attend_d64, attend, 64)
+AWQ_ATTEND_ROWS_ENTRY(awq_attend_d128, attend, 128)
+AWQ_ATTEND_ROWS_ENTRY(awq_attend_d256, attend, 256)
+AWQ_ATTEND_ROWS_ENTRY(awq_attend_block_d64, attend_block, 64)
+AWQ_ATTEND_ROWS_ENTRY(awq_attend_block_d128, attend_block, 128)
+AWQ_ATTEND_ROWS_ENTRY(awq_attend_block_d256, attend_block, 256)
+AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d64, attend_mma, 64)
+AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d128, attend_mma, 128)
 
 // awq_attend_split_d{64,128,256}: decode (S = 1), grid (H, ceil(capacity / 128)) blocks of 128
 // threads; partials float32 [H, grid.y, 2 + D], counters int32 [H] zeroed once at allocation.
