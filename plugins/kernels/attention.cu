@@ -1,6 +1,7 @@
 // Attention over a KV cache written in place (the contract is in attention.h).
 //
-// Two launches per call (awq_rope_store and awq_attend_d{D}, the names the cuda backend uses):
+// Two launches per call of awq_attention (awq_rope_store, then attend, attend_mma or attend_block
+// by S and D, as the cuda backend chooses; the names it launches):
 //   rope_store  one block per new token: rotates q (into q_rot) and k (HF rotate_half, fp32
 //               math), writes k and v into their cache rows.
 //   attend      one block of 128 threads per (query head, new token), walking the visible keys
@@ -673,8 +674,17 @@ extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, 
     if (!valid) return AWQ_ATTENTION_INVALID_ARGUMENT;
     awq_rope_store<<<S, kRopeThreads, 0, stream>>>(q, k, v, k_cache, v_cache, past, cos, sin, q_rot, S, H, Hkv, D,
                                                    capacity, max_positions, H * D, Hkv * D, status);
+    // as the cuda backend chooses: 16 rows or more in blocks of tokens (tensor cores up to D = 128)
     auto attend_kernel = D == 64 ? awq_attend_d64 : D == 128 ? awq_attend_d128 : awq_attend_d256;
-    attend_kernel<<<dim3(H, S), kWarps * 32, 0, stream>>>(q_rot, k_cache, v_cache, past, out, S, H, Hkv, capacity,
-                                                         max_positions, window, scale, softcap);
+    dim3 grid(H, S);
+    if (S >= kBlockQueries && D <= 128) {
+        attend_kernel = D == 64 ? awq_attend_mma_d64 : awq_attend_mma_d128;
+        grid.y = (S + kMmaQueries - 1) / kMmaQueries;
+    } else if (S >= kBlockQueries) {
+        attend_kernel = awq_attend_block_d256;
+        grid.y = (S + kBlockQueries - 1) / kBlockQueries;
+    }
+    attend_kernel<<<grid, kTileThreads, 0, stream>>>(q_rot, k_cache, v_cache, past, out, S, H, Hkv, capacity,
+                                                     max_positions, window, scale, softcap);
     return static_cast<int>(cudaGetLastError());
 }
