@@ -336,6 +336,27 @@ def smol_engine(tmp_path_factory):
     return out
 
 
+def test_cublas_fits_the_reserve_the_memory_plan_counts_for_it(smol_engine):
+    """What cuBLAS takes on the device beyond our slab and workspace (its handle, the kernels it
+    loads on first use, a captured full chunk's graph), measured around its first prefills (a full
+    chunk, then an 80-row one), fits cuda_backend.CUBLAS_RESERVE_BYTES."""
+    from awq_edge.cublas import CublasUnavailable, load_cublas
+    from awq_edge.cuda_backend import CUBLAS_FROM_ROWS, CUBLAS_RESERVE_BYTES, CUBLAS_WORKSPACE_BYTES
+
+    cuda, _ = backends(smol_engine, cublas=False)
+    cuda.drv.synchronize()
+    free_before, _ = cuda.drv.memory_info()
+    try:
+        blas = load_cublas(cuda.drv.stream, cuda.cublas_workspace, CUBLAS_WORKSPACE_BYTES)
+    except CublasUnavailable as e:
+        pytest.skip(f"no cuBLAS on this machine: {e}")
+    cuda.set_prefill_path(blas, CUBLAS_FROM_ROWS)
+    np.asarray(cuda.forward(list(range(PREFILL_CHUNK + 80))))
+    used = free_before - cuda.drv.memory_info()[0]
+    print(f"cuBLAS took {used / 2**20:.1f} MiB of device memory (reserve {CUBLAS_RESERVE_BYTES / 2**20:.0f} MiB)")
+    assert used <= CUBLAS_RESERVE_BYTES, used
+
+
 def test_sampling_on_the_device_matches_the_host_rule(smol_engine):
     """sample_token (plugins/kernels/sample.cu, the history kept on the device) against
     choose_token, same logits and draw: greedy exactly; sampled, a kept id and 97% the same
