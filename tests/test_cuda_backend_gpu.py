@@ -227,9 +227,10 @@ def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
 @pytest.mark.parametrize("vocab, hidden, softcap", [(49152, 576, 0.0), (1000, 136, 30.0), (32000, 4096, 0.0)])
 def test_the_int8_head_matches_its_twin(vocab, hidden, softcap):
     """awq_lm_head_q8 on its own (cubin, driver API) against twin_lm_head of the dequantized int8
-    rows; logits poisoned with NaN first."""
+    rows; logits poisoned with NaN first. hidden 576 and 4096: 16-byte loads; 136: 8-byte ones; a
+    vocabulary of 1000: a last warp with rows past the end."""
     from awq_edge import packing
-    from awq_edge.cuda_backend import LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS
+    from awq_edge.cuda_backend import LM_HEAD_Q8_ROWS_PER_BLOCK, NORM_THREADS
     from awq_edge.cuda_driver import Driver, f32, i32, ptr
     from awq_edge.reference_backend import twin_lm_head
 
@@ -240,7 +241,7 @@ def test_the_int8_head_matches_its_twin(vocab, hidden, softcap):
     drv = Driver(GPUS[0].index)
     fn = cubin_kernel(drv, "decoder_ops", "awq_lm_head_q8")
     with on_device(drv, {"x": x, "q": q, "scales": scales, "logits": np.full(vocab, np.nan, np.float32)}) as dev:
-        drv.launch(fn, (-(-vocab // LM_HEAD_ROWS_PER_BLOCK),), (NORM_THREADS,),
+        drv.launch(fn, (-(-vocab // LM_HEAD_Q8_ROWS_PER_BLOCK),), (NORM_THREADS,),
                    [ptr(dev["x"]), ptr(dev["q"]), ptr(dev["scales"]), ptr(dev["logits"]), i32(vocab), i32(hidden),
                     f32(softcap)])
         got = np.empty(vocab, np.float32)

@@ -494,6 +494,8 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"#define AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS {cb.GEMV_CHUNKED_MAX_ROWS}\n" in header
     assert re.search(rf"__launch_bounds__\({cb.DEQUANT_THREADS}\)\s*\\\s*awq_dequantize_g", src["gemm_w4a16"])
     assert cb.LM_HEAD_ROWS_PER_BLOCK == cb.NORM_THREADS // 32  # one warp per vocabulary row
+    assert "constexpr int kHeadRowsPerWarp = 4;" in src["decoder_ops"]
+    assert cb.LM_HEAD_Q8_ROWS_PER_BLOCK == cb.NORM_THREADS // 32 * 4  # the int8 head: 4 rows a warp
     for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
         for name in names:
             base = re.sub(r"_(g|d)\d.*$", "", name)

@@ -8,6 +8,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -154,35 +156,71 @@ awq_lm_head(const __half* __restrict__ x, const __half* __restrict__ table, floa
 }
 
 // The int8 head: logits[v] = sum_k q[v, k] * scales[v, k / 32] * x[k] (fp32 sums), then the
-// soft-cap as above. q int8 [vocab, hidden], scales fp16 [vocab, ceil(hidden / 32)]. One warp per
-// vocabulary row, lanes reading 8 values (8 bytes, inside one block of 32) at a time: hidden % 8
-// == 0. Half the bytes of the fp16 head per token. Grid: ceil(vocab / 8) blocks of 256 threads.
+// soft-cap as above. q int8 [vocab, hidden], scales fp16 [vocab, ceil(hidden / 32)]. Half the
+// bytes of the fp16 head per token, and for a small model a third of all it reads, so it is
+// written like the decode GEMV: a warp takes kHeadRowsPerWarp rows, and each lane loads its chunk
+// of all of them before using any (16 bytes a row when hidden % 16 == 0, else 8), reusing its
+// x values for every row. (The GEMV as a warp per row, each lane with at most two 16-byte loads
+// in flight, reached 45-55% of copy on the H100: benchmarks/README.md.) Grid: ceil(vocab / 32)
+// blocks of 256.
+constexpr int kHeadRowsPerWarp = 4;
+
+template <int kBytes>  // 16 or 8 int8 values a load: one block of 32 (a scale) each
+__device__ __forceinline__ void head_q8_rows(const __half* __restrict__ x, const int8_t* __restrict__ q,
+                                             const __half* __restrict__ scales, int v0, int vocab, int hidden,
+                                             float (&sum)[kHeadRowsPerWarp]) {
+    using Load = typename std::conditional<kBytes == 16, uint4, uint2>::type;
+    const int lane = threadIdx.x & 31, blocks = (hidden + 31) / 32;
+    for (int c = lane; c < hidden / kBytes; c += 32) {
+        Load bits[kHeadRowsPerWarp];
+#pragma unroll
+        for (int r = 0; r < kHeadRowsPerWarp; ++r) {  // every row's load first: kHeadRowsPerWarp in flight
+            const int v = v0 + r < vocab ? v0 + r : v0;
+            bits[r] = __ldcs(reinterpret_cast<const Load*>(q + static_cast<size_t>(v) * hidden) + c);
+        }
+        float xf[kBytes];
+#pragma unroll
+        for (int i = 0; i < kBytes / 8; ++i) {
+            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x) + c * (kBytes / 8) + i);
+            const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float2 f = __half22float2(x2[j]);
+                xf[8 * i + 2 * j] = f.x;
+                xf[8 * i + 2 * j + 1] = f.y;
+            }
+        }
+        const int block = c * kBytes / 32;
+#pragma unroll
+        for (int r = 0; r < kHeadRowsPerWarp; ++r) {
+            const int8_t* w = reinterpret_cast<const int8_t*>(&bits[r]);
+            float dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < kBytes; ++i) dot += static_cast<float>(w[i]) * xf[i];
+            const int v = v0 + r < vocab ? v0 + r : v0;
+            sum[r] += dot * __half2float(scales[static_cast<size_t>(v) * blocks + block]);
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_lm_head_q8(const __half* __restrict__ x, const int8_t* __restrict__ q, const __half* __restrict__ scales,
                float* __restrict__ logits, int vocab, int hidden, float softcap) {
     awq_edge::begin_after_previous_kernel();
-    const int v = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
-    if (v >= vocab) return;
-    const int blocks = (hidden + 31) / 32;
-    const uint2* row = reinterpret_cast<const uint2*>(q + static_cast<size_t>(v) * hidden);
-    const uint4* xs = reinterpret_cast<const uint4*>(x);
-    float sum = 0.f;
-    for (int c = lane; c < hidden / 8; c += 32) {
-        const uint2 bits = __ldcs(row + c);
-        const uint4 xv = __ldg(xs + c);
-        const int8_t* w = reinterpret_cast<const int8_t*>(&bits);
-        const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
-        float dot = 0.f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const float2 b = __half22float2(x2[i]);
-            dot += static_cast<float>(w[2 * i]) * b.x + static_cast<float>(w[2 * i + 1]) * b.y;
-        }
-        sum += dot * __half2float(scales[static_cast<size_t>(v) * blocks + c / 4]);
+    const int v0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kHeadRowsPerWarp, lane = threadIdx.x & 31;
+    if (v0 >= vocab) return;  // (a whole warp: the shuffles below see all 32 lanes)
+    float sum[kHeadRowsPerWarp] = {};
+    if (hidden % 16 == 0) {
+        head_q8_rows<16>(x, q, scales, v0, vocab, hidden, sum);
+    } else {
+        head_q8_rows<8>(x, q, scales, v0, vocab, hidden, sum);
     }
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) logits[v] = softcap > 0.f ? softcap * tanhf(sum / softcap) : sum;
+    for (int r = 0; r < kHeadRowsPerWarp; ++r) {
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], offset);
+        if (lane == 0 && v0 + r < vocab) logits[v0 + r] = softcap > 0.f ? softcap * tanhf(sum[r] / softcap) : sum[r];
+    }
 }
 
 // The position counter on the device: past += S after a step (the next replay reads it). Grid: 1 x 1.
