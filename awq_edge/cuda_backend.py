@@ -52,8 +52,7 @@ ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads
 ATTEND_BLOCK_QUERIES = 16        # prefill attention: tokens per block (awq_attend_block, CUDA cores: D = 256)
 ATTEND_MMA_QUERIES = 64          # and per block on tensor cores (awq_attend_mma, D = 64 and 128)
 GRAPH_ROWS = (1, PREFILL_CHUNK)   # steps replayed as CUDA graphs: decode, and full prefill chunks
-LM_HEAD_ROWS_PER_BLOCK = 8       # the fp16 head: a warp per row
-LM_HEAD_Q8_ROWS_PER_BLOCK = 32   # the int8 head: 4 rows a warp (plugins/kernels/decoder_ops.cu)
+LM_HEAD_ROWS_PER_BLOCK = 32      # the heads: 4 rows a warp (plugins/kernels/decoder_ops.cu)
 SAMPLE_THREADS = 1024
 DEQUANT_THREADS = 256
 # Prefill through cuBLAS: from this many rows a chunk (a guess from the H100's timings of the two
@@ -308,7 +307,7 @@ class CudaBackend:
             self.launch("awq_gated_act", (rows,), (NORM_THREADS,),
                         [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", ACT_KINDS[a["kind"]])])
         elif op.kind == "lm_head":
-            blocks = -(-spec.vocab // (LM_HEAD_Q8_ROWS_PER_BLOCK if a["scales"] else LM_HEAD_ROWS_PER_BLOCK))
+            blocks = -(-spec.vocab // LM_HEAD_ROWS_PER_BLOCK)
             table = [w[a["table"]], w[a["scales"]]] if a["scales"] else [w[a["table"]]]
             self.launch("awq_lm_head_q8" if a["scales"] else "awq_lm_head", (blocks,), (NORM_THREADS,),
                         [b[a["x"]], *table, b[a["out"]], ("i32", spec.vocab), ("i32", spec.hidden),

@@ -224,31 +224,36 @@ def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
     assert err < 5e-3, err
 
 
+@pytest.mark.parametrize("head", ["int8", "fp16"])
 @pytest.mark.parametrize("vocab, hidden, softcap", [(49152, 576, 0.0), (1000, 136, 30.0), (32000, 4096, 0.0)])
-def test_the_int8_head_matches_its_twin(vocab, hidden, softcap):
-    """awq_lm_head_q8 on its own (cubin, driver API) against twin_lm_head of the dequantized int8
-    rows; logits poisoned with NaN first. hidden 576 and 4096: 16-byte loads; 136: 8-byte ones; a
-    vocabulary of 1000: a last warp with rows past the end."""
+def test_the_heads_match_their_twin(head, vocab, hidden, softcap):
+    """awq_lm_head_q8 (int8 rows) and awq_lm_head (fp16) on their own (cubin, driver API) against
+    twin_lm_head of the (dequantized) rows; logits poisoned with NaN first. hidden 576 and 4096:
+    16-byte loads of int8 rows; 136: 8-byte ones; a vocabulary of 1000: a last warp with rows past
+    the end."""
     from awq_edge import packing
-    from awq_edge.cuda_backend import LM_HEAD_Q8_ROWS_PER_BLOCK, NORM_THREADS
+    from awq_edge.cuda_backend import LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS
     from awq_edge.cuda_driver import Driver, f32, i32, ptr
     from awq_edge.reference_backend import twin_lm_head
 
     rng = np.random.default_rng(vocab + hidden)
-    q, scales = packing.quantize_rows_int8((rng.standard_normal((vocab, hidden)) / hidden ** 0.5).astype(np.float16))
+    table = (rng.standard_normal((vocab, hidden)) / hidden ** 0.5).astype(np.float16)
     x = (rng.standard_normal(hidden) * 3).astype(np.float16)
-    want = twin_lm_head(x, packing.dequantize_rows_int8(q, scales), softcap)
+    if head == "int8":
+        q, scales = packing.quantize_rows_int8(table)
+        tensors, want = {"q": q, "scales": scales}, twin_lm_head(x, packing.dequantize_rows_int8(q, scales), softcap)
+    else:
+        tensors, want = {"table": table}, twin_lm_head(x, table, softcap)
     drv = Driver(GPUS[0].index)
-    fn = cubin_kernel(drv, "decoder_ops", "awq_lm_head_q8")
-    with on_device(drv, {"x": x, "q": q, "scales": scales, "logits": np.full(vocab, np.nan, np.float32)}) as dev:
-        drv.launch(fn, (-(-vocab // LM_HEAD_Q8_ROWS_PER_BLOCK),), (NORM_THREADS,),
-                   [ptr(dev["x"]), ptr(dev["q"]), ptr(dev["scales"]), ptr(dev["logits"]), i32(vocab), i32(hidden),
-                    f32(softcap)])
+    fn = cubin_kernel(drv, "decoder_ops", "awq_lm_head_q8" if head == "int8" else "awq_lm_head")
+    with on_device(drv, {"x": x, **tensors, "logits": np.full(vocab, np.nan, np.float32)}) as dev:
+        drv.launch(fn, (-(-vocab // LM_HEAD_ROWS_PER_BLOCK),), (NORM_THREADS,),
+                   [ptr(dev[name]) for name in ("x", *tensors, "logits")] + [i32(vocab), i32(hidden), f32(softcap)])
         got = np.empty(vocab, np.float32)
         drv.download(got, dev["logits"])
     assert not np.isnan(got).any(), f"{np.isnan(got).sum()} logits never written"
     err = np.abs(got - want).max() / np.abs(want).max()
-    print(f"int8 head V={vocab} hidden={hidden}: worst element {err:.1e}")
+    print(f"{head} head V={vocab} hidden={hidden}: worst element {err:.1e}")
     assert err < 1e-4 and got.argmax() == want.argmax()
 
 

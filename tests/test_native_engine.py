@@ -356,6 +356,7 @@ def test_a_cuda_engines_head_is_int8_unless_float_is_asked(tmp_path, smollm2_dir
     errors, disagreements = teacher_forced(backends["int8"], backends["fp16"],
                                            np.random.default_rng(2).integers(0, 256, 40).tolist(), 8, margin=0)
     assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
+    assert "awq_lm_head" in check_launches_against_the_cubins(tmp_path / "fp16")  # the fp16 head's launch
     refused = subprocess.run([*CLI, "build", str(ckpt), "--device", "rtx4090", "--backend", "cuda", "--lm-head",
                               "int4", "--output", str(tmp_path / "int4")], capture_output=True, text=True)
     assert refused.returncode != 0 and refused.stderr.count("\n") == 1 and "--lm-head int4" in refused.stderr
@@ -493,9 +494,8 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"#define AWQ_W4A16_GEMV_MAX_ROWS {cb.GEMV_MAX_ROWS}\n" in header
     assert f"#define AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS {cb.GEMV_CHUNKED_MAX_ROWS}\n" in header
     assert re.search(rf"__launch_bounds__\({cb.DEQUANT_THREADS}\)\s*\\\s*awq_dequantize_g", src["gemm_w4a16"])
-    assert cb.LM_HEAD_ROWS_PER_BLOCK == cb.NORM_THREADS // 32  # one warp per vocabulary row
     assert "constexpr int kHeadRowsPerWarp = 4;" in src["decoder_ops"]
-    assert cb.LM_HEAD_Q8_ROWS_PER_BLOCK == cb.NORM_THREADS // 32 * 4  # the int8 head: 4 rows a warp
+    assert cb.LM_HEAD_ROWS_PER_BLOCK == cb.NORM_THREADS // 32 * 4  # the heads: 4 vocabulary rows a warp
     for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
         for name in names:
             base = re.sub(r"_(g|d)\d.*$", "", name)

@@ -128,60 +128,36 @@ awq_residual_add(__half* __restrict__ h, const __half* __restrict__ y, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) h[row + i] = __float2half(__half2float(h[row + i]) + __half2float(y[row + i]));
 }
 
-// logits[v] = table[v, :] . x (fp32 sums of fp16 products), then softcap * tanh(l / softcap) when
-// softcap > 0. One warp per vocabulary row, lanes reading 8 halves (16 bytes) at a time:
-// hidden % 8 == 0 (the backend checks). Grid: ceil(vocab / 8) blocks of 256 threads.
-extern "C" __global__ void __launch_bounds__(kThreads)
-awq_lm_head(const __half* __restrict__ x, const __half* __restrict__ table, float* __restrict__ logits, int vocab,
-            int hidden, float softcap) {
-    awq_edge::begin_after_previous_kernel();
-    const int v = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
-    if (v >= vocab) return;
-    const uint4* row = reinterpret_cast<const uint4*>(table + static_cast<size_t>(v) * hidden);
-    const uint4* xs = reinterpret_cast<const uint4*>(x);
-    float sum = 0.f;
-    for (int c = lane; c < hidden / 8; c += 32) {
-        const uint4 w = __ldcs(row + c), xv = __ldg(xs + c);
-        const __half2* w2 = reinterpret_cast<const __half2*>(&w);
-        const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const float2 a = __half22float2(w2[i]), b = __half22float2(x2[i]);
-            sum += a.x * b.x + a.y * b.y;
-        }
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) logits[v] = softcap > 0.f ? softcap * tanhf(sum / softcap) : sum;
-}
-
-// The int8 head: logits[v] = sum_k q[v, k] * scales[v, k / 32] * x[k] (fp32 sums), then the
-// soft-cap as above. q int8 [vocab, hidden], scales fp16 [vocab, ceil(hidden / 32)]. Half the
-// bytes of the fp16 head per token, and for a small model a third of all it reads, so it is
-// written like the decode GEMV: a warp takes kHeadRowsPerWarp rows, and each lane loads its chunk
-// of all of them before using any (16 bytes a row when hidden % 16 == 0, else 8), reusing its
-// x values for every row. (The GEMV as a warp per row, each lane with at most two 16-byte loads
-// in flight, reached 45-55% of copy on the H100: benchmarks/README.md.) Grid: ceil(vocab / 32)
-// blocks of 256.
+// The lm_head: logits[v] = table[v, :] . x in fp32, then softcap * tanh(l / softcap) when
+// softcap > 0. Two tables: fp16 rows (awq_lm_head), or int8 rows with an fp16 scale per 32 values
+// (awq_lm_head_q8, the cuda engine's default: half the bytes; q int8 [vocab, hidden], scales fp16
+// [vocab, ceil(hidden / 32)]). The head is a third of a small model's reads a token, so it is
+// laid out like the decode GEMV: a warp takes kHeadRowsPerWarp rows, and each lane loads its chunk
+// of all of them before using any (16 bytes a row; 8 for int8 rows when hidden % 16 != 0),
+// reusing its x values for every row. (The GEMV as a warp per row, each lane with at most two
+// 16-byte loads in flight, reached 45-55% of copy on the H100: benchmarks/README.md.) hidden % 8
+// == 0 (the backend checks). Grid: ceil(vocab / 32) blocks of 256 threads.
 constexpr int kHeadRowsPerWarp = 4;
 
-template <int kBytes>  // 16 or 8 int8 values a load: one block of 32 (a scale) each
-__device__ __forceinline__ void head_q8_rows(const __half* __restrict__ x, const int8_t* __restrict__ q,
-                                             const __half* __restrict__ scales, int v0, int vocab, int hidden,
-                                             float (&sum)[kHeadRowsPerWarp]) {
+template <bool kInt8, int kBytes>  // fp16 rows: 16 bytes = 8 values; int8 rows: kBytes values, one scale
+__device__ __forceinline__ void head_rows(const __half* __restrict__ x, const void* __restrict__ table,
+                                          const __half* __restrict__ scales, int v0, int vocab, int hidden,
+                                          float (&sum)[kHeadRowsPerWarp]) {
     using Load = typename std::conditional<kBytes == 16, uint4, uint2>::type;
-    const int lane = threadIdx.x & 31, blocks = (hidden + 31) / 32;
-    for (int c = lane; c < hidden / kBytes; c += 32) {
+    constexpr int kValues = kInt8 ? kBytes : kBytes / 2;  // values a load
+    const int lane = threadIdx.x & 31, row_bytes = hidden * (kInt8 ? 1 : 2), blocks = (hidden + 31) / 32;
+    for (int c = lane; c < hidden / kValues; c += 32) {
         Load bits[kHeadRowsPerWarp];
 #pragma unroll
         for (int r = 0; r < kHeadRowsPerWarp; ++r) {  // every row's load first: kHeadRowsPerWarp in flight
             const int v = v0 + r < vocab ? v0 + r : v0;
-            bits[r] = __ldcs(reinterpret_cast<const Load*>(q + static_cast<size_t>(v) * hidden) + c);
+            bits[r] = __ldcs(reinterpret_cast<const Load*>(static_cast<const char*>(table) +
+                                                           static_cast<size_t>(v) * row_bytes) + c);
         }
-        float xf[kBytes];
+        float xf[kValues];
 #pragma unroll
-        for (int i = 0; i < kBytes / 8; ++i) {
-            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x) + c * (kBytes / 8) + i);
+        for (int i = 0; i < kValues / 8; ++i) {
+            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x) + c * (kValues / 8) + i);
             const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -190,37 +166,65 @@ __device__ __forceinline__ void head_q8_rows(const __half* __restrict__ x, const
                 xf[8 * i + 2 * j + 1] = f.y;
             }
         }
-        const int block = c * kBytes / 32;
 #pragma unroll
         for (int r = 0; r < kHeadRowsPerWarp; ++r) {
-            const int8_t* w = reinterpret_cast<const int8_t*>(&bits[r]);
             float dot = 0.f;
+            if constexpr (kInt8) {
+                const int8_t* w = reinterpret_cast<const int8_t*>(&bits[r]);
 #pragma unroll
-            for (int i = 0; i < kBytes; ++i) dot += static_cast<float>(w[i]) * xf[i];
-            const int v = v0 + r < vocab ? v0 + r : v0;
-            sum[r] += dot * __half2float(scales[static_cast<size_t>(v) * blocks + block]);
+                for (int i = 0; i < kValues; ++i) dot += static_cast<float>(w[i]) * xf[i];
+                const int v = v0 + r < vocab ? v0 + r : v0;
+                dot *= __half2float(scales[static_cast<size_t>(v) * blocks + c * kValues / 32]);
+            } else {
+                const __half2* w2 = reinterpret_cast<const __half2*>(&bits[r]);
+#pragma unroll
+                for (int i = 0; i < kValues / 2; ++i) {
+                    const float2 w = __half22float2(w2[i]);
+                    dot += w.x * xf[2 * i] + w.y * xf[2 * i + 1];
+                }
+            }
+            sum[r] += dot;
         }
     }
+}
+
+// The warp's sums to logits (soft-capped); rows past the vocabulary are not written.
+__device__ __forceinline__ void write_head_logits(float (&sum)[kHeadRowsPerWarp], int v0, int vocab, float softcap,
+                                                  float* __restrict__ logits) {
+#pragma unroll
+    for (int r = 0; r < kHeadRowsPerWarp; ++r) {
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], offset);
+        if ((threadIdx.x & 31) == 0 && v0 + r < vocab) {
+            logits[v0 + r] = softcap > 0.f ? softcap * tanhf(sum[r] / softcap) : sum[r];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_lm_head(const __half* __restrict__ x, const __half* __restrict__ table, float* __restrict__ logits, int vocab,
+            int hidden, float softcap) {
+    awq_edge::begin_after_previous_kernel();
+    const int v0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kHeadRowsPerWarp;
+    if (v0 >= vocab) return;  // (a whole warp: the shuffles see all 32 lanes)
+    float sum[kHeadRowsPerWarp] = {};
+    head_rows<false, 16>(x, table, nullptr, v0, vocab, hidden, sum);
+    write_head_logits(sum, v0, vocab, softcap, logits);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_lm_head_q8(const __half* __restrict__ x, const int8_t* __restrict__ q, const __half* __restrict__ scales,
                float* __restrict__ logits, int vocab, int hidden, float softcap) {
     awq_edge::begin_after_previous_kernel();
-    const int v0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kHeadRowsPerWarp, lane = threadIdx.x & 31;
-    if (v0 >= vocab) return;  // (a whole warp: the shuffles below see all 32 lanes)
+    const int v0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kHeadRowsPerWarp;
+    if (v0 >= vocab) return;
     float sum[kHeadRowsPerWarp] = {};
     if (hidden % 16 == 0) {
-        head_q8_rows<16>(x, q, scales, v0, vocab, hidden, sum);
+        head_rows<true, 16>(x, q, scales, v0, vocab, hidden, sum);
     } else {
-        head_q8_rows<8>(x, q, scales, v0, vocab, hidden, sum);
+        head_rows<true, 8>(x, q, scales, v0, vocab, hidden, sum);
     }
-#pragma unroll
-    for (int r = 0; r < kHeadRowsPerWarp; ++r) {
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], offset);
-        if (lane == 0 && v0 + r < vocab) logits[v0 + r] = softcap > 0.f ? softcap * tanhf(sum[r] / softcap) : sum[r];
-    }
+    write_head_logits(sum, v0, vocab, softcap, logits);
 }
 
 // The position counter on the device: past += S after a step (the next replay reads it). Grid: 1 x 1.
