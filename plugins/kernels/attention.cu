@@ -41,6 +41,11 @@ __device__ __forceinline__ bool step_fits(int64_t past, int S, int capacity, int
     return past >= 0 && past + S <= capacity && past + S <= max_positions;
 }
 
+// The first key a token at position pos sees: pos - window + 1 with a sliding window, else 0.
+__device__ __forceinline__ int64_t first_key(int64_t pos, int window) {
+    return (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+}
+
 // q_stride / kv_stride: elements from one token's q (k, v) to the next's (H * D and Hkv * D when
 // they are separate tensors; the qkv width when they are columns of one fused projection).
 // A step that does not fit is flagged here, once (attend only writes its NaN).
@@ -174,7 +179,7 @@ __device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const _
     }
     const int kv_head = h / (H / Hkv);
     const int64_t pos = past + s;
-    const int64_t first = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+    const int64_t first = first_key(pos, window);
     const __half* k_rows = k_cache + static_cast<size_t>(kv_head) * capacity * D;
     const __half* v_rows = v_cache + static_cast<size_t>(kv_head) * capacity * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __half2float(q_rot[(static_cast<size_t>(s) * H + h) * D + d]);
@@ -200,6 +205,24 @@ __device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const _
     const float2 sum = sum_over_groups<D>(acc, acc_s);
     if (threadIdx.x < D / 2) {
         reinterpret_cast<__half2*>(y)[threadIdx.x] = __floats2half2_rn(sum.x / running_sum, sum.y / running_sum);
+    }
+}
+
+// Keys begin .. begin + n - 1 of a head's K and V rows into shared tiles of kKeys rows (any row
+// stride, 16-byte aligned), 16 bytes a thread a step. Rows past n are zeros, not stale values: a
+// masked key's weight is 0, and 0 times a stale NaN would not be.
+template <int D, int kKeys, int kKRow, int kVRow>
+__device__ __forceinline__ void load_kv_tile(const __half* __restrict__ k_rows, const __half* __restrict__ v_rows,
+                                             int64_t begin, int n, __half (*k_s)[kKRow], __half (*v_s)[kVRow]) {
+    for (int c = threadIdx.x; c < kKeys * D / 8; c += blockDim.x) {
+        const int j = c / (D / 8), d = (c % (D / 8)) * 8;
+        uint4 k_bits = make_uint4(0u, 0u, 0u, 0u), v_bits = k_bits;
+        if (j < n) {
+            k_bits = *reinterpret_cast<const uint4*>(k_rows + (begin + j) * D + d);
+            v_bits = *reinterpret_cast<const uint4*>(v_rows + (begin + j) * D + d);
+        }
+        *reinterpret_cast<uint4*>(&k_s[j][d]) = k_bits;
+        *reinterpret_cast<uint4*>(&v_s[j][d]) = v_bits;
     }
 }
 
@@ -253,8 +276,8 @@ __device__ __forceinline__ void attend_block(const __half* __restrict__ q_rot, c
     }
     const int kv_head = h / (H / Hkv);
     const int64_t pos = past + s;
-    const int64_t first = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;  // this token's first key
-    const int64_t block_first = (window > 0 && past + t0 - window + 1 > 0) ? past + t0 - window + 1 : 0;
+    const int64_t first = first_key(pos, window);  // this token's first key
+    const int64_t block_first = first_key(past + t0, window);  // its first token's
     const int64_t block_last = past + (t0 + kBlockQueries < S ? t0 + kBlockQueries : S) - 1;
     const __half* k_rows = k_cache + static_cast<size_t>(kv_head) * capacity * D;
     const __half* v_rows = v_cache + static_cast<size_t>(kv_head) * capacity * D;
@@ -270,16 +293,7 @@ __device__ __forceinline__ void attend_block(const __half* __restrict__ q_rot, c
     for (int64_t begin = block_first; begin <= block_last; begin += T::kKeys) {
         const int n = static_cast<int>(block_last + 1 - begin < T::kKeys ? block_last + 1 - begin : T::kKeys);
         __syncthreads();  // the previous tile is no longer read (the first time: q_s is written)
-        for (int c = threadIdx.x; c < T::kKeys * D / 8; c += blockDim.x) {  // 16 bytes a thread a step
-            const int j = c / (D / 8), d = (c % (D / 8)) * 8;
-            uint4 k_bits = make_uint4(0u, 0u, 0u, 0u), v_bits = k_bits;  // rows past the last key: zeros, not stale
-            if (j < n) {
-                k_bits = *reinterpret_cast<const uint4*>(k_rows + (begin + j) * D + d);
-                v_bits = *reinterpret_cast<const uint4*>(v_rows + (begin + j) * D + d);
-            }
-            *reinterpret_cast<uint4*>(&k_s[j][d]) = k_bits;
-            *reinterpret_cast<uint4*>(&v_s[j][d]) = v_bits;
-        }
+        load_kv_tile<D, T::kKeys>(k_rows, v_rows, begin, n, k_s, v_s);
         __syncthreads();
 
         float score[T::kKeysPerLane];
@@ -400,9 +414,9 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
     for (int r = 0; r < 2; ++r) {
         token[r] = t0 + warp * 16 + g + 8 * r;
         pos[r] = past + token[r];
-        first[r] = (window > 0 && pos[r] - window + 1 > 0) ? pos[r] - window + 1 : 0;
+        first[r] = first_key(pos[r], window);
     }
-    const int64_t block_first = (window > 0 && past + t0 - window + 1 > 0) ? past + t0 - window + 1 : 0;
+    const int64_t block_first = first_key(past + t0, window);  // its first token's
     const int64_t block_last = past + (t0 + kMmaQueries < S ? t0 + kMmaQueries : S) - 1;
 
     // q as A fragments: [k step][a0..a3], tokens past S are zeros
@@ -425,16 +439,7 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
     for (int64_t begin = block_first; begin <= block_last; begin += kMmaKeys) {
         const int n = static_cast<int>(block_last + 1 - begin < kMmaKeys ? block_last + 1 - begin : kMmaKeys);
         __syncthreads();  // the previous tile is no longer read
-        for (int c = threadIdx.x; c < kMmaKeys * D / 8; c += blockDim.x) {
-            const int j = c / (D / 8), d = (c % (D / 8)) * 8;
-            uint4 k_bits = make_uint4(0u, 0u, 0u, 0u), v_bits = k_bits;  // rows past the last key: zeros
-            if (j < n) {
-                k_bits = *reinterpret_cast<const uint4*>(k_rows + (begin + j) * D + d);
-                v_bits = *reinterpret_cast<const uint4*>(v_rows + (begin + j) * D + d);
-            }
-            *reinterpret_cast<uint4*>(&k_s[j][d]) = k_bits;
-            *reinterpret_cast<uint4*>(&v_s[j][d]) = v_bits;
-        }
+        load_kv_tile<D, kMmaKeys>(k_rows, v_rows, begin, n, k_s, v_s);
         __syncthreads();
 
         // scores: 8 fragments of 8 keys; s[nt][0, 1] = row g, keys 8nt + 2t (+1); [2, 3] = row g + 8
@@ -547,7 +552,7 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
         return;
     }
     const int kv_head = h / (H / Hkv);
-    const int64_t first = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+    const int64_t first = first_key(pos, window);
     const int64_t lo = static_cast<int64_t>(split) * kSplitKeys;
     const int64_t begin = first > lo ? first : lo;
     const int64_t end = pos + 1 < lo + kSplitKeys ? pos + 1 : lo + kSplitKeys;  // keys [begin, end), maybe none

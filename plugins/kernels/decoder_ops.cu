@@ -146,13 +146,15 @@ __device__ __forceinline__ void head_rows(const __half* __restrict__ x, const vo
     using Load = typename std::conditional<kBytes == 16, uint4, uint2>::type;
     constexpr int kValues = kInt8 ? kBytes : kBytes / 2;  // values a load
     const int lane = threadIdx.x & 31, row_bytes = hidden * (kInt8 ? 1 : 2), blocks = (hidden + 31) / 32;
+    int row[kHeadRowsPerWarp];  // the warp's rows; past the vocabulary, row v0 again (never written)
+#pragma unroll
+    for (int r = 0; r < kHeadRowsPerWarp; ++r) row[r] = v0 + r < vocab ? v0 + r : v0;
     for (int c = lane; c < hidden / kValues; c += 32) {
         Load bits[kHeadRowsPerWarp];
 #pragma unroll
         for (int r = 0; r < kHeadRowsPerWarp; ++r) {  // every row's load first: kHeadRowsPerWarp in flight
-            const int v = v0 + r < vocab ? v0 + r : v0;
             bits[r] = __ldcs(reinterpret_cast<const Load*>(static_cast<const char*>(table) +
-                                                           static_cast<size_t>(v) * row_bytes) + c);
+                                                           static_cast<size_t>(row[r]) * row_bytes) + c);
         }
         float xf[kValues];
 #pragma unroll
@@ -173,8 +175,7 @@ __device__ __forceinline__ void head_rows(const __half* __restrict__ x, const vo
                 const int8_t* w = reinterpret_cast<const int8_t*>(&bits[r]);
 #pragma unroll
                 for (int i = 0; i < kValues; ++i) dot += static_cast<float>(w[i]) * xf[i];
-                const int v = v0 + r < vocab ? v0 + r : v0;
-                dot *= __half2float(scales[static_cast<size_t>(v) * blocks + c * kValues / 32]);
+                dot *= __half2float(scales[static_cast<size_t>(row[r]) * blocks + c * kValues / 32]);
             } else {
                 const __half2* w2 = reinterpret_cast<const __half2*>(&bits[r]);
 #pragma unroll

@@ -307,7 +307,9 @@ constexpr int kMmaRowsPerBlock = 16;
 constexpr int kMmaWindowK = 128;       // k a warp step covers: 4 lanes x 32
 constexpr int kMmaWindowsPerStep = 2;  // windows a warp loads before computing
 
-__device__ __forceinline__ uint32_t word_at(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+__device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
 
 template <int kGroupSize>
 __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
@@ -336,12 +338,13 @@ __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint3
                 weights[s][r] = ok ? __ldcs(reinterpret_cast<const uint4*>(qweight + row * words_per_row) + chunk)
                                    : make_uint4(0u, 0u, 0u, 0u);
                 const size_t at = row * groups + group_of(chunk * 32, kGroupSize);
-                params[s][r] = make_group_params(ok ? scales[at] : __float2half(0.f), ok ? zeros[at] : __float2half(0.f));
+                const half none = __float2half(0.f);
+                params[s][r] = make_group_params(ok ? scales[at] : none, ok ? zeros[at] : none);
             }
 #pragma unroll
             for (int i = 0; i < 4; ++i) {        // x[g, 32 chunk + 8i ..]: B's column g is row g of x
-                xs[s][i] = k_ok && g < M ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(g) * K) + 4 * chunk + i)
-                                         : make_uint4(0u, 0u, 0u, 0u);
+                const uint4* x_row = reinterpret_cast<const uint4*>(x + static_cast<size_t>(g) * K);
+                xs[s][i] = k_ok && g < M ? __ldg(x_row + 4 * chunk + i) : make_uint4(0u, 0u, 0u, 0u);
             }
         }
 #pragma unroll

@@ -13,7 +13,7 @@ extern "C" int awq_w4a16_matmul(const __half* x, const int32_t* qweight, const _
         for (int m0 = 0; m0 < M; m0 += AWQ_W4A16_GEMV_MAX_ROWS) {
             const int rows = M - m0 < AWQ_W4A16_GEMV_MAX_ROWS ? M - m0 : AWQ_W4A16_GEMV_MAX_ROWS;
             // 2 rows or more: on tensor cores where the rows allow its 128-bit loads
-            const auto gemv = rows >= 2 && K % 32 == 0 ? awq_w4a16_gemv_mma : awq_w4a16_gemv;
+            const auto gemv = rows >= 2 && awq_edge::rows_allow_128bit_loads(K) ? awq_w4a16_gemv_mma : awq_w4a16_gemv;
             const int status = gemv(x + static_cast<size_t>(m0) * K, qweight, scales, zeros,
                                     y + static_cast<size_t>(m0) * N, rows, N, K, group_size, stream);
             if (status != AWQ_W4A16_OK) return status;
