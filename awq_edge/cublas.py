@@ -3,8 +3,8 @@
 Our tensor-core GEMM (plugins/kernels/gemm_w4a16.cu) reached 0.23-0.47x cuBLAS fp16 from
 M = 128 up on an H100 (benchmarks/README.md); dequantizing a slab of weight rows to fp16 and
 handing it to cuBLAS costs one extra pass over the slab (in L2 when the slab fits), which at a
-256-token chunk is small beside the GEMM. So a long prefill chunk runs that way when the machine has cuBLAS (CUDA
-toolkits, JetPack and the `nvidia-cublas` wheel carry it), and our GEMM otherwise.
+256-token chunk is small beside the GEMM. So a long prefill chunk runs that way when the machine
+has cuBLAS (CUDA toolkits, JetPack and the `nvidia-cublas` wheel carry it), and our GEMM otherwise.
 
     blas = load_cublas(stream, workspace, workspace_bytes)   # or raises CublasUnavailable
     blas.gemm_wt(w, x, y, n=N, rows=M, k=K, ldc=N)           # y[M, :N] = x[M, K] @ w[N, K]^T, fp16
@@ -102,4 +102,5 @@ def load_cublas(stream, workspace: int, workspace_bytes: int) -> Cublas:
             continue
         except CublasUnavailable as e:  # another version may suit this driver
             refused = CublasUnavailable(f"{Path(name).name}: {e}")
-    raise refused or CublasUnavailable("libcublas not found (a CUDA toolkit, JetPack or the nvidia-cublas wheel has it)")
+    raise refused or CublasUnavailable("libcublas not found (a CUDA toolkit, JetPack or the nvidia-cublas wheel "
+                                       "has it)")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cublas import CublasUnavailable, load_cublas
 from .decoder import buffer_shapes, decode_ops, step_ids
 from .engine_dir import DecoderInfo
 from .errors import UserError
@@ -129,7 +130,7 @@ class CudaBackend:
             self._check_room(info)
             self.weights = self._upload_weights(engine_dir, info)
             self._allocate()
-            self.cublas, self.prefill_path = self._open_cublas(False if cublas is None and driver else cublas)
+            self.cublas, self.no_cublas = self._open_cublas(False if cublas is None and driver else cublas)
             self.cublas_from_rows = CUBLAS_FROM_ROWS  # (benchmarks/cuda_decode.py moves it to time both paths)
             self.slab_bytes = DEQUANT_SLAB_BYTES       # (and tries slabs that fit the L2)
         except CudaError as e:
@@ -206,17 +207,22 @@ class CudaBackend:
         drv.zero(self.token, 8)
 
     def _open_cublas(self, given):
-        """(the GEMM of long prefill chunks or None, what prefill runs and why)."""
-        from .cublas import CublasUnavailable, load_cublas
-
+        """(the GEMM of long prefill chunks, None) or (None, why there is none)."""
         if given is False:
-            return None, "awq-edge GEMV/GEMM (cuBLAS not asked for)"  # (the tests' fake drivers too)
+            return None, "cuBLAS not asked for"  # (the tests' fake drivers too)
         if given is None:
             try:
                 given = load_cublas(self.drv.stream, self.cublas_workspace, CUBLAS_WORKSPACE_BYTES)
             except CublasUnavailable as e:
-                return None, f"awq-edge GEMV/GEMM (no cuBLAS: {e})"
-        return given, f"dequantize + cuBLAS from {CUBLAS_FROM_ROWS} rows a chunk, awq-edge GEMV/GEMM below"
+                return None, f"no cuBLAS: {e}"
+        return given, None
+
+    @property
+    def prefill_path(self) -> str:
+        """What a prefill chunk's linears run, and why (awq-edge bench prints it)."""
+        if self.cublas is None:
+            return f"awq-edge GEMV/GEMM ({self.no_cublas})"
+        return f"dequantize + cuBLAS from {self.cublas_from_rows} rows a chunk, awq-edge GEMV/GEMM below"
 
     # ------------------------------------------------------------ the engine's interface
     def kv_bytes(self) -> int:
@@ -256,6 +262,7 @@ class CudaBackend:
         if not 0 < slab_bytes <= DEQUANT_SLAB_BYTES:
             raise ValueError(f"slab_bytes {slab_bytes} is not in 1..{DEQUANT_SLAB_BYTES}")
         self.cublas, self.cublas_from_rows, self.slab_bytes = cublas, int(cublas_from_rows), int(slab_bytes)
+        self.no_cublas = None if cublas is not None else "cuBLAS not asked for"
         self._graphs = {rows: graph for rows, graph in self._graphs.items() if rows == 1}
 
     def _step(self, rows: int) -> None:
@@ -362,13 +369,11 @@ class CudaBackend:
         weights = [w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"]]
         wide = k % 32 == 0  # rows of 16-byte aligned words: 128-bit weight loads
         if self.cublas is not None and rows >= self.cublas_from_rows:
-            from .cublas import CublasUnavailable
-
             try:
                 self.dequantized_matmul(x, name, n, k, y, rows)
                 return
             except CublasUnavailable as e:  # e.g. a shape it refuses: ours from here on, y written whole below
-                self.cublas, self.prefill_path = None, f"awq-edge GEMV/GEMM (cuBLAS failed: {e})"
+                self.cublas, self.no_cublas = None, f"cuBLAS failed: {e}"
         if rows <= GEMV_CHUNKED_MAX_ROWS:  # as awq_w4a16_matmul: 8 rows a GEMV, on tensor cores from 2
             for m0 in range(0, rows, GEMV_MAX_ROWS):
                 m = min(GEMV_MAX_ROWS, rows - m0)
