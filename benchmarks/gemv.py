@@ -50,6 +50,12 @@ GROUP_SIZE = 128
 REPLAYS = 5
 
 
+def check(lib, status: int) -> None:
+    """A kernel launcher's return value: 0, or the error it names, raised."""
+    if status:
+        raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
+
+
 def median_ms(cuda: CudaRuntime, launch, iters: int) -> float:
     """Median time of single launches (for long operations, where launch latency does not matter)."""
     start, end = cuda.event(), cuda.event()
@@ -178,9 +184,8 @@ def dequant_torch_ms(lib, weights: "Weights", k: int, n: int, m: int, iters: int
 
     def pair(i):
         q, s, z = weights.sets[i % len(weights.sets)]
-        status = lib.awq_w4a16_dequantize(q, s, z, w.data_ptr(), n, k, GROUP_SIZE, torch.cuda.current_stream().cuda_stream)
-        if status:
-            raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
+        check(lib, lib.awq_w4a16_dequantize(q, s, z, w.data_ptr(), n, k, GROUP_SIZE,
+                                            torch.cuda.current_stream().cuda_stream))
         return torch.matmul(x, w.t())
 
     return torch_graph_ms(pair, iters)
@@ -224,17 +229,15 @@ def main() -> int:
         y = cuda.malloc(max_m * n * 2)
         try:
             def read_only(i, stream):
-                q, s, z = weights.sets[i % copies]
-                status = lib.awq_w4a16_read_only(q, s, z, y, n, k, GROUP_SIZE, stream)
-                if status:
-                    raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
+                check(lib, lib.awq_w4a16_read_only(*weights.sets[i % copies], y, n, k, GROUP_SIZE, stream))
+
+            def entry_point(name, m):  # launch(i, stream) of lib.name over the rotating weight copies
+                fn = getattr(lib, name)
+                return lambda i, stream: check(lib, fn(x, *weights.sets[i % copies], y, m, n, k, GROUP_SIZE, stream))
+
             read_only_us[(k, n)] = graph_ms(cuda, stream, read_only, decode_iters) * 1e3
             for m in DECODE_ROWS + (PREFILL_ROWS if (k, n) in PREFILL_SHAPES else []):
-                def launch(i, stream, m=m):
-                    q, s, z = weights.sets[i % copies]
-                    status = lib.awq_w4a16_matmul(x, q, s, z, y, m, n, k, GROUP_SIZE, stream)
-                    if status:
-                        raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
+                launch = entry_point("awq_w4a16_matmul", m)
                 iters = decode_iters if m in DECODE_ROWS else max(20, args.iters // 5)
                 ms = graph_ms(cuda, stream, launch, iters)
                 moved = weights.nbytes + 2 * m * (k + n)
@@ -249,12 +252,7 @@ def main() -> int:
                     row["dequant_cublas_us"] = d_ms * 1e3 if d_ms else None
                     row["ours_vs_dequant_cublas"] = d_ms / ms if d_ms else None
                 if m == max(DECODE_ROWS):  # the op runs it on tensor cores; the CUDA-core GEMV beside it
-                    def cuda_cores(i, stream, m=m):
-                        q, s, z = weights.sets[i % copies]
-                        status = lib.awq_w4a16_gemv(x, q, s, z, y, m, n, k, GROUP_SIZE, stream)
-                        if status:
-                            raise RuntimeError(lib.awq_w4a16_status_string(status).decode())
-                    row["cuda_cores_us"] = graph_ms(cuda, stream, cuda_cores, iters) * 1e3
+                    row["cuda_cores_us"] = graph_ms(cuda, stream, entry_point("awq_w4a16_gemv", m), iters) * 1e3
                 if m == 1:
                     row["read_only_bytes"] = weights.nbytes + 2 * n
                     row["read_only_us"] = read_only_us[(k, n)]

@@ -6,6 +6,7 @@ bare GPU machine imports it too).
   reference's top two are further apart than that error allows.
 - cubin_kernels: each kernel's parameter offsets and sizes and its block-size bound, read from
   the cubin's ELF sections (no GPU, no cuobjdump).
+- read_native_engine: a native engine folder's manifest and decoder info, checked as Engine.load does.
 - RecordingDriver: the cuda backend's driver where there is no GPU, recording its launches.
 - MemoryDriver: a RecordingDriver whose device memory is host memory, and which runs the kernels
   it is given numpy twins of (to check the host side's pointer arithmetic with real numbers).
@@ -86,6 +87,14 @@ def cubin_kernels(cubin: bytes) -> dict[str, dict]:
         kernels[section[len(".nv.info."):]] = {"params": [params[i] for i in sorted(params)],
                                                "max_threads": max_threads}
     return kernels
+
+
+def read_native_engine(path):
+    """(manifest, DecoderInfo) of a native engine folder, read and checked as Engine.load reads them."""
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+
+    manifest = read_manifest(path)
+    return manifest, read_decoder_info(path, check_files(path, manifest["files"]))
 
 
 class RecordingDriver:

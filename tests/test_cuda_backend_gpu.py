@@ -33,14 +33,13 @@ from awq_edge.build import build_engine  # noqa: E402
 from awq_edge.cuda_backend import CudaBackend  # noqa: E402
 from awq_edge.decoder import decode_ops  # noqa: E402
 from awq_edge.engine import Engine  # noqa: E402
-from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest  # noqa: E402
 from awq_edge.errors import UserError  # noqa: E402
 from awq_edge.memory import PREFILL_CHUNK  # noqa: E402
 from awq_edge.reference_backend import ReferenceBackend  # noqa: E402
 from awq_edge.sampling import Sampler, SamplingSettings, candidates, choose_token  # noqa: E402
 from awq_edge.synthetic import SHAPES, byte_tokenizer, write_random_checkpoint, write_random_engine  # noqa: E402
 from conftest import TINY_FAMILIES  # noqa: E402
-from native_helpers import near_tie, teacher_forced  # noqa: E402
+from native_helpers import near_tie, read_native_engine, teacher_forced  # noqa: E402
 from test_export_helpers import tiny_checkpoint  # noqa: E402
 
 # two prefill chunks (256 rows: the GEMM, or dequantize + cuBLAS; 20 rows: the GEMV 8 rows at a
@@ -68,8 +67,7 @@ def tokenizer_dir(tmp_path_factory):
 
 def backends(engine: Path, max_context: int = CONTEXT, cublas=None):
     """(cuda, reference) over the same engine folder; cublas=False: prefill on our GEMM only."""
-    manifest = read_manifest(engine)
-    info = read_decoder_info(engine, check_files(engine, manifest["files"]))
+    manifest, info = read_native_engine(engine)
     return (CudaBackend(engine, manifest, info, max_context, cublas=cublas),
             ReferenceBackend(engine, max_context, info))
 

@@ -120,15 +120,13 @@ def test_cuda_decode_times_both_prefill_paths_and_puts_the_backend_back(tmp_path
     without cuBLAS, our kernels only."""
     from awq_edge.cuda_backend import CUBLAS_FROM_ROWS, DEQUANT_SLAB_BYTES, CudaBackend, slab_rows
     from awq_edge.devices import resolve
-    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
     from awq_edge.synthetic import SHAPES, write_random_engine
-    from native_helpers import RecordingCublas, RecordingDriver
+    from native_helpers import RecordingCublas, RecordingDriver, read_native_engine
 
     bench = load_script("cuda_decode")
     write_random_engine(tmp_path / "e", dict(SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=512),
                         resolve("orin-nano-8gb"), max_context=300)
-    manifest = read_manifest(tmp_path / "e")
-    info = read_decoder_info(tmp_path / "e", check_files(tmp_path / "e", manifest["files"]))
+    manifest, info = read_native_engine(tmp_path / "e")
     blas = RecordingCublas()
     backend = CudaBackend(tmp_path / "e", manifest, info, 300, driver=RecordingDriver(), cublas=blas)
     times = bench.prefill_times(backend, 2)

@@ -30,7 +30,8 @@ from awq_edge.reference_backend import ReferenceBackend
 from awq_edge.sampling import SamplingSettings
 from conftest import TINY_FAMILIES, has_gpu
 from folder_helpers import edit_json, linked_copy, resign
-from native_helpers import MemoryDriver, RecordingCublas, RecordingDriver, attention_f64, teacher_forced
+from native_helpers import (MemoryDriver, RecordingCublas, RecordingDriver, attention_f64, read_native_engine,
+                            teacher_forced)
 from test_export_helpers import export_for_cpu, tiny_checkpoint
 
 CLI = [sys.executable, "-m", "awq_edge.cli"]
@@ -83,10 +84,7 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[s
     float 4) in a block no bigger than its __launch_bounds__. Returns the kernels launched."""
     import ctypes
 
-    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
-
-    manifest = read_manifest(engine)
-    info = read_decoder_info(engine, check_files(engine, manifest["files"]))
+    manifest, info = read_native_engine(engine)
     driver = RecordingDriver()
     backend = CudaBackend(engine, manifest, info, 64, driver=driver)
     # the memory plan counts every device byte the backend allocates
@@ -173,11 +171,9 @@ def test_full_prefill_chunks_and_decode_steps_replay_graphs_captured_once(smollm
     launches recorded once), the second replays it, the short one launches its kernels; a second
     prompt replays the same graph. A new prefill path drops the prefill graph (it holds the old
     choice) but not decode's."""
-    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
     from awq_edge.memory import PREFILL_CHUNK
 
-    manifest = read_manifest(smollm2_cuda_engine)
-    info = read_decoder_info(smollm2_cuda_engine, check_files(smollm2_cuda_engine, manifest["files"]))
+    manifest, info = read_native_engine(smollm2_cuda_engine)
     driver = RecordingDriver()
     backend = CudaBackend(smollm2_cuda_engine, manifest, info, 1024, driver=driver)
     assert PREFILL_CHUNK == 256
@@ -200,7 +196,6 @@ def test_a_cublas_call_that_fails_hands_prefill_back_to_our_kernels(smollm2_cuda
     """cuBLAS refusing a GEMM mid-prefill: that linear and every later one run our kernels (the
     GEMM writes the whole output), prefill_path says why, and nothing is raised to the user."""
     from awq_edge.cublas import CublasUnavailable
-    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
 
     class RefusingCublas(RecordingCublas):
         def gemm_wt(self, *args, **kwargs):
@@ -208,8 +203,7 @@ def test_a_cublas_call_that_fails_hands_prefill_back_to_our_kernels(smollm2_cuda
             if len(self.calls) == 3:
                 raise CublasUnavailable("cublasGemmEx failed with cuBLAS status 15")
 
-    manifest = read_manifest(smollm2_cuda_engine)
-    info = read_decoder_info(smollm2_cuda_engine, check_files(smollm2_cuda_engine, manifest["files"]))
+    manifest, info = read_native_engine(smollm2_cuda_engine)
     driver = RecordingDriver()
     backend = CudaBackend(smollm2_cuda_engine, manifest, info, 128, driver=driver, cublas=RefusingCublas())
     backend.forward(list(range(100)))
@@ -223,7 +217,6 @@ def test_a_cublas_call_that_fails_hands_prefill_back_to_our_kernels(smollm2_cuda
 def test_an_engine_whose_cubins_lack_a_kernel_is_refused_with_rebuild(smollm2_cuda_engine):
     """An engine built before a kernel existed (its cubin has no such name) gets one line saying so."""
     from awq_edge.cuda_driver import CudaError
-    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
 
     class OlderCubins(RecordingDriver):
         def function(self, module, name):
@@ -231,8 +224,7 @@ def test_an_engine_whose_cubins_lack_a_kernel_is_refused_with_rebuild(smollm2_cu
                 raise CudaError(f"cuModuleGetFunction({name}) failed: CUDA_ERROR_NOT_FOUND (500)")
             return super().function(module, name)
 
-    manifest = read_manifest(smollm2_cuda_engine)
-    info = read_decoder_info(smollm2_cuda_engine, check_files(smollm2_cuda_engine, manifest["files"]))
+    manifest, info = read_native_engine(smollm2_cuda_engine)
     with pytest.raises(UserError, match="has no kernel awq_gemv_mma_g128: the engine was built by an older awq-edge; "
                                         "rebuild it"):
         CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=OlderCubins())
@@ -247,12 +239,10 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
     every linear of layer 0 takes several, the last one short); 19 rows through the tensor-core
     GEMV 8 rows at a time (8 + 8 + 3); 40 rows through the GEMM. Each gives x @ W_hat^T from
     weights.bin, and every launch covers its output."""
-    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
     from awq_edge.packing import dequantize, unpack_int4
 
     slab_bytes = 2 * 1536 * 40  # 104 rows at K = 576, 40 at 1536
-    manifest = read_manifest(smollm2_cuda_engine)
-    info = read_decoder_info(smollm2_cuda_engine, check_files(smollm2_cuda_engine, manifest["files"]))
+    manifest, info = read_native_engine(smollm2_cuda_engine)
     g = info.spec.group_size
 
     def w_hat(drv, qweight, scales, zeros, n, k):
