@@ -113,7 +113,7 @@ def test_a_layer_is_the_op_list_between_embedding_and_head_and_its_bytes_are_its
     assert len(sizes) == 12 and sizes[-1] == 0 and 0 < min(sizes[:-1]) and max(sizes) <= 2 << 20
 
 
-def test_cuda_decode_times_both_prefill_paths_and_puts_the_backend_back(tmp_path):
+def test_cuda_decode_prefill_times_on_a_recording_driver_cover_both_paths_and_put_the_backend_back(tmp_path):
     """benchmarks/cuda_decode.py's prefill_times on a recorded backend: each chunk size through
     our kernels and through dequantize + cuBLAS (even below the backend's switch; a full chunk's
     graph captured again for each path), the backend's switch and cuBLAS left as they were;

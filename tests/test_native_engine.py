@@ -192,7 +192,7 @@ def test_full_prefill_chunks_and_decode_steps_replay_graphs_captured_once(smollm
 
 
 @needs_nvcc
-def test_a_cublas_call_that_fails_hands_prefill_back_to_our_kernels(smollm2_cuda_engine):
+def test_a_failing_call_of_a_stand_in_cublas_hands_prefill_back_to_our_kernels(smollm2_cuda_engine):
     """cuBLAS refusing a GEMM mid-prefill: that linear and every later one run our kernels (the
     GEMM writes the whole output), prefill_path says why, and nothing is raised to the user."""
     from awq_edge.cublas import CublasUnavailable
