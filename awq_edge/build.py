@@ -187,10 +187,7 @@ def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progre
                lm_head_bits="auto") -> dict:
     backend = gpu_backend(backend)
     if backend == "cuda":
-        heads = {"auto": "int8", 8: "int8", None: "fp16"}
-        if lm_head_bits not in heads:
-            raise UserError(f"--lm-head int{lm_head_bits} is for CPU engines; a cuda engine's head is int8 (auto) "
-                            "or float")
+        heads = {"auto": "int8", 8: "int8", 4: "int4", None: "fp16"}
         return _build_cuda(source, kind, dev, output, max_memory, max_context, force, progress, device_name,
                            heads[lm_head_bits])
     try:

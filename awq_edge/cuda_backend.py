@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .cublas import CublasUnavailable, load_cublas
-from .decoder import buffer_shapes, decode_ops, step_ids
+from .decoder import HEAD_TOP_K, buffer_shapes, decode_ops, head_slices, step_ids
 from .engine_dir import DecoderInfo
 from .errors import UserError
 from .memory import PREFILL_CHUNK, format_size
@@ -54,6 +54,7 @@ ATTEND_BLOCK_QUERIES = 16        # prefill attention: tokens per block (awq_atte
 ATTEND_MMA_QUERIES = 64          # and per block on tensor cores (awq_attend_mma, D = 64 and 128)
 GRAPH_ROWS = (1, PREFILL_CHUNK)   # steps replayed as CUDA graphs: decode, and full prefill chunks
 LM_HEAD_ROWS_PER_BLOCK = 32      # the heads: 4 rows a warp (plugins/kernels/decoder_ops.cu)
+HEAD_SELECT_THREADS, HEAD_RESCORE_ROWS = 1024, 8  # an int4 head's re-scoring (plugins/kernels/head_top_k.cu)
 SAMPLE_THREADS = 1024
 DEQUANT_THREADS = 256
 # Prefill through cuBLAS: from this many rows a chunk (a guess from the H100's timings of the two
@@ -84,6 +85,12 @@ def slab_buffer_bytes(spec) -> int:
 def cublas_prefill_bytes(spec) -> int:
     """Device bytes the cuBLAS prefill needs: the slab, cuBLAS's workspace and its own reserve."""
     return slab_buffer_bytes(spec) + CUBLAS_WORKSPACE_BYTES + CUBLAS_RESERVE_BYTES
+
+
+def head_candidate_bytes(spec) -> int:
+    """An int4 head's candidates between its two selection kernels: a key and an id each."""
+    slices, _ = head_slices(spec.vocab)
+    return 8 * slices * HEAD_TOP_K
 
 
 def find_gpu(manifest: dict):
@@ -194,6 +201,7 @@ class CudaBackend:
         self.ids = drv.alloc(PREFILL_CHUNK * 4)        # int32 ids of the step
         self.past = drv.alloc(8)                       # int64 position counter, advanced by the step
         self.sample_work = drv.alloc(2 * spec.vocab * 4)
+        self.head_candidates = drv.alloc(head_candidate_bytes(spec))  # an int4 head's: keys, then ids
         self.cublas_workspace = drv.alloc(CUBLAS_WORKSPACE_BYTES)  # with the slab: in cublas_prefill_bytes
         self.dequant_slab = drv.alloc(slab_buffer_bytes(spec))
         self.token = drv.alloc(8)                      # int32 sampled token, then int32 attention status:
@@ -313,14 +321,38 @@ class CudaBackend:
         elif op.kind == "act":
             self.launch("awq_gated_act", (rows,), (NORM_THREADS,),
                         [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", ACT_KINDS[a["kind"]])])
+        elif op.kind == "lm_head" and a["bits"] == 4:
+            self.rescored_head(a)
         elif op.kind == "lm_head":
             blocks = -(-spec.vocab // LM_HEAD_ROWS_PER_BLOCK)
-            table = [w[a["table"]], w[a["scales"]]] if a["scales"] else [w[a["table"]]]
-            self.launch("awq_lm_head_q8" if a["scales"] else "awq_lm_head", (blocks,), (NORM_THREADS,),
+            table = [w[a["table"]], w[a["scales"]]] if a["bits"] == 8 else [w[a["table"]]]
+            self.launch("awq_lm_head_q8" if a["bits"] == 8 else "awq_lm_head", (blocks,), (NORM_THREADS,),
                         [b[a["x"]], *table, b[a["out"]], ("i32", spec.vocab), ("i32", spec.hidden),
                          ("f32", a["softcap"])])
         else:
             raise ValueError(f"unknown op {op.kind}")
+
+    def rescored_head(self, a: dict) -> None:
+        """An int4 head: the 4-bit GEMV's logits, then its top_k recomputed from the fp16 table (the
+        twin is reference_backend.twin_rescored_head)."""
+        w, b, spec = self.weights, self.buf, self.spec
+        n, k, name = a["N"], a["K"], a["weight"]
+        self.launch(f"awq_gemv_logits_g{spec.group_size}_w{4 if k % 32 == 0 else 1}", (n // GEMV_ROWS_PER_BLOCK,),
+                    (GEMV_THREADS,), [b[a["x"]], w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"],
+                                      b[a["out"]], ("i32", n), ("i32", k), ("i32", spec.vocab), ("f32", a["softcap"])])
+        self.rescore_top_k(a)
+
+    def rescore_top_k(self, a: dict) -> None:
+        """The int4 head's top_k logits recomputed from the fp16 table: each slice's candidates,
+        then the top of those, re-scored."""
+        w, b, spec, top_k = self.weights, self.buf, self.spec, a["top_k"]
+        slices, length = head_slices(spec.vocab)
+        keys, ids = self.head_candidates, self.head_candidates + 4 * slices * top_k
+        self.launch("awq_head_candidates", (slices,), (HEAD_SELECT_THREADS,),
+                    [b[a["out"]], ("i32", spec.vocab), ("i32", length), ("i32", top_k), keys, ids])
+        self.launch("awq_head_rescore", (-(-top_k // HEAD_RESCORE_ROWS),), (HEAD_SELECT_THREADS,),
+                    [keys, ids, ("i32", slices * top_k), ("i32", top_k), b[a["x"]], w[a["exact"]],
+                     ("i32", spec.hidden), ("f32", a["softcap"]), b[a["out"]]])
 
     def linear(self, op, rows: int, next_linear=None) -> None:
         """One row (decode): the GEMV with the op's norm prologue, bias, and act, residual or RoPE
@@ -498,12 +530,14 @@ KERNELS_OF = {
                    for fusion in ("store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope")
                    for g in (32, 64, 128) for w in (1, 4)] +
                   [f"awq_gemv_rows{m}_g{g}_w{w}" for m in range(1, 9) for g in (32, 64, 128) for w in (1, 4)] +
-                  [f"awq_gemv_mma_g{g}" for g in (32, 64, 128)],
+                  [f"awq_gemv_mma_g{g}" for g in (32, 64, 128)] +
+                  [f"awq_gemv_logits_g{g}_w{w}" for g in (32, 64, 128) for w in (1, 4)],
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)] +
                   [f"awq_dequantize_g{g}" for g in (32, 64, 128)],
     "attention": ["awq_rope_store"] + [f"awq_attend{kind}_d{d}" for kind in ("", "_block", "_split")
                                        for d in (64, 128, 256)] + ["awq_attend_mma_d64", "awq_attend_mma_d128"],
     "sample": ["awq_sample_step"],
+    "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decoder_ops": ["awq_embed", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
                     "awq_gated_act", "awq_residual_add", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
 }

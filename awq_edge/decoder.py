@@ -30,9 +30,12 @@ Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qwei
 q/k/v concatenated along N, gate/up with their rows interleaved (gate row j at 2j, up row j at
 2j + 1: a GEMV block holds both halves of its outputs); norms as float32 (w + the family's offset: Gemma's
 1 + w); the embedding fp16 [V, hidden], which is the lm_head too when tied (else
-`lm_head.weight` fp16), or the head as int8 rows with an fp16 scale per 32 values
+`lm_head.weight` fp16); or the head as int8 rows with an fp16 scale per 32 values
 (`lm_head.q8`, `lm_head.q8_scales`: spec.lm_head "int8", the default, half the bytes per token);
-RoPE tables fp16 [max_positions, D/2] per distinct frequency set.
+or as a 4-bit linear like the others (`lm_head.q4`, rows padded to a multiple of 8: "int4", a
+quarter of the bytes), whose top HEAD_TOP_K logits are then recomputed from the fp16 table
+(which an untied model then keeps too), as the CPU engine's graph does; RoPE tables fp16
+[max_positions, D/2] per distinct frequency set.
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ class DecoderSpec:
     layer_windows: tuple           # per layer: sliding window or 0
     layer_rope: tuple              # per layer: index of its RoPE table
     rope_freqs: tuple = field(repr=False)  # per table: inverse frequencies [D/2] (float64)
-    lm_head: str = "int8"          # the head in the engine: int8 (rows in blocks of 32, fp16 scales) or fp16
+    lm_head: str = "int8"          # the head in the engine: LM_HEADS
 
     @property
     def qkv_width(self) -> int:
@@ -86,7 +89,11 @@ class DecoderSpec:
         return 2 * self.layers * self.kv_heads * self.head_dim * 2
 
 
-LM_HEADS = ("int8", "fp16")
+# the head in an engine: int8 rows (blocks of 32, fp16 scales), a 4-bit linear whose top HEAD_TOP_K
+# logits are re-scored with the fp16 table, or the fp16 table itself
+LM_HEADS = ("int8", "int4", "fp16")
+HEAD_TOP_K = 64                  # an int4 head's candidates re-scored each step (as export's default)
+HEAD_SELECT_CAPACITY = 8192      # plugins/kernels/head_top_k.cu: keys a block selects among
 
 
 def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8") -> DecoderSpec:
@@ -95,6 +102,11 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
     if model.head_dim not in (64, 128, 256):
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
                         "(64, 128 or 256); use the CPU engine (--device cpu)")
+    if lm_head not in LM_HEADS:
+        raise UserError(f"lm_head {lm_head!r} is not one of {', '.join(LM_HEADS)}")
+    if lm_head == "int4" and model.vocab > HEAD_SELECT_CAPACITY ** 2 // HEAD_TOP_K:
+        raise UserError(f"a vocabulary of {model.vocab} is more than the int4 head's candidate search takes "
+                        f"({HEAD_SELECT_CAPACITY ** 2 // HEAD_TOP_K}); build with --lm-head int8")
     freqs, layer_rope = [], []
     for f in model.layer_inv_freq:
         for j, known in enumerate(freqs):
@@ -188,10 +200,25 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             pending = "mlp"
     final = {"out": "x", "weight": "model.norm.weight", "last_row": True}
     ops.append(Op("add_norm", {"x": pending, "residual": "h", **final}) if pending else Op("norm", {"x": "h", **final}))
-    head = ({"table": "lm_head.q8", "scales": "lm_head.q8_scales"} if spec.lm_head == "int8" else
-            {"table": lm_head_table(spec), "scales": None})
-    ops.append(Op("lm_head", {"x": "x", "out": "logits", **head, "softcap": spec.final_softcap}))
+    heads = {"int8": {"bits": 8, "table": "lm_head.q8", "scales": "lm_head.q8_scales"},
+             "int4": {"bits": 4, "weight": "lm_head.q4", "N": padded_vocab(spec), "K": spec.hidden,
+                      "exact": lm_head_table(spec), "top_k": min(HEAD_TOP_K, spec.vocab)},
+             "fp16": {"bits": 16, "table": lm_head_table(spec), "scales": None}}
+    ops.append(Op("lm_head", {"x": "x", "out": "logits", **heads[spec.lm_head], "softcap": spec.final_softcap}))
     return ops
+
+
+def padded_vocab(spec: DecoderSpec) -> int:
+    """Rows of an int4 head: the vocabulary rounded up to 8 (the GEMV's rows come 8 at a time);
+    the rows past it are zeros, and their logits are never written."""
+    return -(-spec.vocab // 8) * 8
+
+
+def head_slices(vocab: int) -> tuple[int, int]:
+    """(slices, slice length) of an int4 head's candidate search: each slice's top HEAD_TOP_K,
+    then the top of those; both fit HEAD_SELECT_CAPACITY keys (so vocab <= 128 x 8192)."""
+    length = max(2048, -(-vocab // (HEAD_SELECT_CAPACITY // HEAD_TOP_K)))
+    return -(-vocab // length), length
 
 
 def linear_op(x: str, out: str, name: str, n: int, k: int, bias: bool = False, norm: str | None = None,
@@ -241,8 +268,14 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
     if spec.lm_head == "int8":  # (an untied model's fp16 head is then not needed)
         layout["lm_head.q8"] = ("int8", (spec.vocab, spec.hidden))
         layout["lm_head.q8_scales"] = ("float16", (spec.vocab, -(-spec.hidden // INT8_BLOCK)))
-    elif not spec.tie_embeddings:
-        layout["lm_head.weight"] = ("float16", (spec.vocab, spec.hidden))
+    else:  # fp16, or int4's exact table for the re-scoring
+        if not spec.tie_embeddings:
+            layout["lm_head.weight"] = ("float16", (spec.vocab, spec.hidden))
+        if spec.lm_head == "int4":
+            n, k = padded_vocab(spec), spec.hidden
+            layout["lm_head.q4.qweight"] = ("int32", (n, k // 8))
+            layout["lm_head.q4.scales"] = ("float16", (n, -(-k // g)))
+            layout["lm_head.q4.zeros"] = ("float16", (n, -(-k // g)))
     for j in range(len(spec.rope_freqs)):
         for kind in ("cos", "sin"):
             layout[f"rope.{j}.{kind}"] = ("float16", (spec.max_positions, spec.head_dim // 2))
@@ -279,8 +312,11 @@ def pack_weights(ckpt, spec: DecoderSpec) -> dict[str, np.ndarray]:
         else out["model.embed_tokens.weight"]
     if spec.lm_head == "int8":
         out["lm_head.q8"], out["lm_head.q8_scales"] = quantize_rows_int8(head.astype(np.float16))
-    elif not spec.tie_embeddings:
-        out["lm_head.weight"] = head.astype(np.float16)
+    else:
+        if not spec.tie_embeddings:
+            out["lm_head.weight"] = head.astype(np.float16)
+        if spec.lm_head == "int4":
+            out.update(quantize_head_int4(head.astype(np.float16), spec))
     out.update(rope_weights(spec))
     for op in decode_ops(spec):
         a = op.args
@@ -313,6 +349,22 @@ def pack_weights(ckpt, spec: DecoderSpec) -> dict[str, np.ndarray]:
             raise UserError(f"the checkpoint's {name} does not fit its config ({None if got is None else got.shape}"
                             f", expected {shape}); it is corrupt or belongs to another model")
     return {name: np.ascontiguousarray(out[name]) for name in layout}
+
+
+def quantize_head_int4(table: np.ndarray, spec: DecoderSpec) -> dict[str, np.ndarray]:
+    """The fp16 head [V, hidden] as a 4-bit linear `lm_head.q4` of the engine's group size
+    (round to nearest, asymmetric: export's quantize_blockwise), rows padded with zeros to a
+    multiple of 8, in the plugin layout."""
+    from .export.linear import quantize_blockwise
+    from .packing import pack_for_plugin
+
+    padded = np.zeros((padded_vocab(spec), spec.hidden), np.float16)  # zero rows: scale 0, zero 0
+    padded[:spec.vocab] = table
+    parts = []
+    for start in range(0, padded.shape[0], 8192):  # in pieces: float32 copies of a 7B head are GBs
+        q, scales, zeros = quantize_blockwise(padded[start:start + 8192], 4, spec.group_size)
+        parts.append(pack_for_plugin(q, scales.astype(np.float16), zeros.astype(np.float16), spec.group_size))
+    return {f"lm_head.q4.{key}": np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def interleave_halves(n: int) -> np.ndarray:

@@ -308,7 +308,7 @@ class DecoderInfo:
     tensors: dict                # name -> (dtype, shape, offset)
     weight_bytes: int
     config: dict
-    lm_head: str                 # int8 | fp16 (decoder.LM_HEADS)
+    lm_head: str                 # int8 | int4 | fp16 (decoder.LM_HEADS)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -325,9 +325,9 @@ class DecoderInfo:
     def workspace(self, context: int) -> int:
         """Device bytes besides weights and KV: one prefill chunk's fp16 activations and RoPE
         scratch, decode attention's per-split state, the logits and the sampler's scratch, the
-        ids fed and the sampled history, the cuBLAS prefill's slab and workspace (what
-        cuda_backend._allocate allocates)."""
-        from .cuda_backend import ATTEND_SPLIT_KEYS, cublas_prefill_bytes
+        ids fed and the sampled history, the cuBLAS prefill's slab and workspace, an int4 head's
+        candidates (what cuda_backend._allocate allocates)."""
+        from .cuda_backend import ATTEND_SPLIT_KEYS, cublas_prefill_bytes, head_candidate_bytes
         from .decoder import buffer_shapes
         from .memory import PREFILL_CHUNK
 
@@ -338,7 +338,7 @@ class DecoderInfo:
         splits = -(-context // ATTEND_SPLIT_KEYS)  # decode attention's partial results and counters
         attention = 4 * spec.heads * (splits * (2 + spec.head_dim) + 1)
         return (activations + q_rot + attention + 3 * 4 * spec.vocab + 4 * (PREFILL_CHUNK + context)
-                + cublas_prefill_bytes(spec) + (1 << 20))
+                + cublas_prefill_bytes(spec) + head_candidate_bytes(spec) + (1 << 20))
 
 
 def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:

@@ -234,6 +234,30 @@ def twin_lm_head(x: np.ndarray, table: np.ndarray, softcap: float) -> np.ndarray
     return logits.astype(F32)
 
 
+def order_keys(values: np.ndarray) -> np.ndarray:
+    """uint32 keys ordered like the float32 values (plugins/kernels/select.cuh order_key), with
+    NaN lowest (key 0: it never wins a place)."""
+    u = np.asarray(values, F32).view(np.uint32)
+    keys = np.where(u & 0x80000000, ~u, u | 0x80000000).astype(np.uint32)
+    return np.where(np.isnan(values), np.uint32(0), keys)
+
+
+def twin_head_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest logits, in id order; of equal logits the lowest ids (what
+    awq_head_candidates + awq_head_rescore choose)."""
+    keys = order_keys(logits).astype(np.int64)
+    return np.sort(np.argsort(-keys, kind="stable")[:k])
+
+
+def twin_rescored_head(x: np.ndarray, w_hat: np.ndarray, exact: np.ndarray, top_k: int, softcap: float) -> np.ndarray:
+    """An int4 head's logits [V]: x against W_hat (the 4-bit head), then its top_k recomputed
+    from the exact fp16 table."""
+    logits = twin_lm_head(x, w_hat, softcap)
+    ids = twin_head_top_k(logits, top_k)
+    logits[ids] = twin_lm_head(x, exact[ids], softcap)
+    return logits
+
+
 # ---------------------------------------------------------------- the executor
 
 class ReferenceBackend:
@@ -325,9 +349,14 @@ class ReferenceBackend:
         elif op.kind == "act":
             buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"])
         elif op.kind == "lm_head":
+            x = buf[a["x"]][0]
+            if a["bits"] == 4:
+                w_hat = self.weight(a["weight"])[:spec.vocab]
+                buf[a["out"]][:] = twin_rescored_head(x, w_hat, t[a["exact"]], a["top_k"], a["softcap"])
+                return
             if a["table"] not in self._w:
-                self._w[a["table"]] = (dequantize_rows_int8(t[a["table"]], t[a["scales"]]) if a["scales"]
+                self._w[a["table"]] = (dequantize_rows_int8(t[a["table"]], t[a["scales"]]) if a["bits"] == 8
                                        else t[a["table"]].astype(F32))
-            buf[a["out"]][:] = twin_lm_head(buf[a["x"]][0], self._w[a["table"]], a["softcap"])
+            buf[a["out"]][:] = twin_lm_head(x, self._w[a["table"]], a["softcap"])
         else:
             raise ValueError(f"unknown op {op.kind}")

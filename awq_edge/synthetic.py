@@ -131,12 +131,16 @@ def write_random_checkpoint(output: Path, shape: dict, group_size: int = 128, to
 
 def random_engine_tensors(spec, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Random tensors in the kernels' layout (decoder.tensor_layout), with random_linear's scales:
-    random int32 words are random nibbles, so nothing is packed (a 7B engine in seconds)."""
-    from .decoder import rope_weights, tensor_layout
+    random int32 words are random nibbles, so nothing is packed (a 7B engine in seconds). An int4
+    head is quantized from its fp16 table (its re-scoring needs the two to agree)."""
+    from .decoder import lm_head_table, quantize_head_int4, rope_weights, tensor_layout
 
     layout, out = tensor_layout(spec), rope_weights(spec)
     for name, (dtype, shape) in layout.items():
         if name in out:
+            continue
+        if name.startswith("lm_head.q4."):
+            out.update(quantize_head_int4(out[lm_head_table(spec)], spec))  # (the table comes first in the layout)
             continue
         if name.endswith(".qweight"):
             out[name] = rng.integers(-2**31, 2**31, shape, dtype=np.int64).astype(np.int32)
@@ -159,9 +163,10 @@ def random_engine_tensors(spec, rng: np.random.Generator) -> dict[str, np.ndarra
 
 
 def write_random_engine(output: Path, shape: str | dict, device, group_size: int = 128, seed: int = 0,
-                        max_context: int | None = None, force: bool = False) -> dict:
+                        max_context: int | None = None, force: bool = False, lm_head: str = "int8") -> dict:
     """A native (cuda) engine of a SHAPES model (a name, or a dict like one) with random weights,
-    written straight in the kernels' layout (no checkpoint); returns its manifest."""
+    written straight in the kernels' layout (no checkpoint), its head of kind lm_head
+    (decoder.LM_HEADS); returns its manifest."""
     import tempfile
 
     from .cuda_build import write_cuda_engine
@@ -170,7 +175,7 @@ def write_random_engine(output: Path, shape: str | dict, device, group_size: int
 
     shape_name = shape if isinstance(shape, str) else "custom"
     config = random_checkpoint_config(SHAPES[shape] if isinstance(shape, str) else shape)
-    spec = decoder_spec(model_spec(config), group_size)
+    spec = decoder_spec(model_spec(config), group_size, lm_head=lm_head)
     tensors = random_engine_tensors(spec, np.random.default_rng(seed))
     with tempfile.TemporaryDirectory(prefix="awq-edge-random-") as model_dir:
         byte_tokenizer(Path(model_dir))

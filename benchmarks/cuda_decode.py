@@ -122,12 +122,15 @@ def prefill_times(backend, runs: int) -> dict:
 
 
 def weight_bytes_read(info) -> int:
-    """Bytes of the engine's tensors one decode step reads whole: all but the RoPE tables and the
-    embedding table unless it is the head (one row of each is read)."""
+    """Bytes of the engine's tensors one decode step reads whole: all but the RoPE tables, the
+    embedding table unless it is the head, and an int4 head's fp16 table (one row of each is
+    read, or its top 64)."""
     import numpy as np
 
     head_is_table = info.spec.tie_embeddings and info.spec.lm_head == "fp16"
     skip = set() if head_is_table else {"model.embed_tokens.weight"}
+    if info.spec.lm_head == "int4":
+        skip.add("lm_head.weight")
     return sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for name, (dtype, shape, _) in info.tensors.items()
                if name not in skip and not name.startswith("rope."))
 

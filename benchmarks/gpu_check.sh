@@ -9,8 +9,8 @@
 # kernel library build, the kernel tests, the cuda backend against its reference executor
 # (tests/test_cuda_backend_gpu.py), one 7B-shaped layer against its roofline
 # (benchmarks/cuda_layer.py), the GEMV/GEMM benchmark (with its read-only ceiling and launch-cost
-# fit), the native decode benchmark against torch fp16 and int4 (benchmarks/cuda_decode.py), then
-# the quantizer on the GPU.
+# fit), prefill attention, the three lm_heads (benchmarks/cuda_head.py), the native decode
+# benchmark against torch fp16 and int4 (benchmarks/cuda_decode.py), then the quantizer on the GPU.
 # Each step's log lands beside the results, and a failing step does not stop the later ones (the
 # exit code is the first failure's).
 # On an H100 the kernel steps took about a minute (2026-11-23); the cuda backend steps are
@@ -53,6 +53,7 @@ step cuda_layer 120 python3 benchmarks/cuda_layer.py --output "$out/cuda_layer.j
 step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m --output "$out/cuda_layer-smollm2.json"
 step gemv 180 python3 benchmarks/gemv.py --output "$out/gemv.json"
 step cuda_attention 60 python3 benchmarks/cuda_attention.py --output "$out/cuda_attention.json"
+step cuda_head 150 python3 benchmarks/cuda_head.py --output "$out/cuda_head.json"
 step cuda_decode 300 python3 benchmarks/cuda_decode.py --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
 step quantize 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
 # One screen of the numbers issue 19 asks for, from the JSONs above (whatever exists).
@@ -89,6 +90,11 @@ for r in (a or {}).get("rows", []):
     mma = f", tensor cores {r['mma_us']:.0f} us ({r['mma_speedup']:.2f}x)" if r.get("mma_us") else ""
     print(f"prefill attention H {r['heads']}/{r['kv_heads']} D {r['head_dim']} after {r['past']}: per token "
           f"{r['per_token_us']:.0f} us, 16-token blocks {r['block_us']:.0f} us ({r['speedup']:.2f}x){mma}")
+h = load("cuda_head.json")
+for r in (h or {}).get("rows", []):
+    print(f"head {r['shape']}: int8 {r['int8_us']:.1f} us ({r['int8_gbs']:.0f} GB/s), int4 {r['int4_us']:.1f} us "
+          f"({r['int4_over_int8']:.2f}x int8; re-scoring {r['int4_rescore_us']:.1f} us), fp16 {r['fp16_us']:.1f} us; "
+          f"int4 argmax {'=' if r['int4_argmax_is_fp16s'] else '!='} fp16's")
 d = load("cuda_decode.json")
 for r in (d or {}).get("rows", d if isinstance(d, list) else []):
     if isinstance(r, dict) and r.get("decode_tok_s"):

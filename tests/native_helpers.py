@@ -16,6 +16,8 @@ bare GPU machine imports it too).
   plugins/kernels/mma.cuh, for running a kernel's fragment plan lane by lane.
 - attention_f64: causal (windowed, soft-capped) attention over a KV cache in float64, what the
   attention twins and plans are checked against.
+- select_plan, head_candidates_twin, head_rescore_twin: the int4 head's candidate search as
+  plugins/kernels/select.cuh and head_top_k.cu do it, step by step and block by block.
 """
 from __future__ import annotations
 
@@ -244,3 +246,64 @@ def attention_f64(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past:
             p = np.exp(scores - scores.max())
             out[s, h] = p @ values.astype(np.float64) / p.sum()
     return out
+
+
+# ---------------------------------------------------------------- an int4 head's candidate search
+
+def select_plan(keys: np.ndarray, k: int, threads: int = 1024) -> np.ndarray:
+    """The indices of the k largest uint32 keys, by rank, as select.cuh's kth_largest_key and
+    emit_top_k find them: four radix passes (warp 0's walk: lane l sums digits 255 - 8l down to
+    248 - 8l, the first lane whose running total reaches what is left walks its own bins), then
+    tiles of `threads` keys whose ranks are the keys above the k-th before them plus the equal
+    ones before them (at most `take`)."""
+    keys = np.asarray(keys, np.uint32).astype(np.int64)
+    prefix, remaining = 0, k
+    for shift in (24, 16, 8, 0):
+        high_mask = 0 if shift == 24 else (0xFFFFFFFF << (shift + 8)) & 0xFFFFFFFF
+        hist = np.bincount((keys[(keys & high_mask) == prefix] >> shift) & 255, minlength=256)
+        own = np.array([hist[255 - 8 * lane - np.arange(8)].sum() for lane in range(32)])
+        inclusive = np.cumsum(own)
+        lane = int(np.argmax(inclusive >= remaining))
+        above, d = int(inclusive[lane] - own[lane]), 255 - 8 * lane
+        while above + hist[d] < remaining:
+            above += int(hist[d])
+            d -= 1
+        prefix, remaining = prefix | (d << shift), remaining - above
+    out = np.full(k, -1, np.int64)
+    above_base = equal_base = 0
+    for tile in range(0, keys.size, threads):
+        t = keys[tile:tile + threads]
+        above, equal = t > prefix, t == prefix
+        above_rank = above_base + np.cumsum(above) - above  # exclusive scans over the tile
+        equal_rank = equal_base + np.cumsum(equal) - equal
+        taken = above | (equal & (equal_rank < remaining))
+        out[(above_rank + np.minimum(equal_rank, remaining))[taken]] = tile + np.flatnonzero(taken)
+        above_base, equal_base = above_base + int(above.sum()), equal_base + int(equal.sum())
+    assert (out >= 0).all() and np.unique(out).size == k
+    return out
+
+
+def head_candidates_twin(logits: np.ndarray, vocab: int, length: int, top_k: int):
+    """awq_head_candidates: (keys uint32 [slices, top_k], ids int32 [slices, top_k]), each slice's
+    top_k in id order, padded with key 0 and id -1 past a short slice."""
+    from awq_edge.reference_backend import order_keys
+
+    slices = -(-vocab // length)
+    keys, ids = np.zeros((slices, top_k), np.uint32), np.full((slices, top_k), -1, np.int32)
+    for b in range(slices):
+        part = order_keys(logits[b * length:min((b + 1) * length, vocab)])
+        chosen = select_plan(part, min(top_k, part.size))
+        keys[b, :chosen.size], ids[b, :chosen.size] = part[chosen], b * length + chosen
+    return keys, ids
+
+
+def head_rescore_twin(keys: np.ndarray, ids: np.ndarray, top_k: int, x: np.ndarray, table: np.ndarray,
+                      softcap: float, logits: np.ndarray) -> np.ndarray:
+    """awq_head_rescore: the top_k of all candidates, their logits recomputed from the fp16 table
+    (in place); returns the chosen ids (padding ones dropped)."""
+    from awq_edge.reference_backend import twin_lm_head
+
+    chosen = ids.reshape(-1)[select_plan(keys.reshape(-1), top_k)]
+    chosen = chosen[chosen >= 0]
+    logits[chosen] = twin_lm_head(x, table[chosen], softcap)
+    return chosen

@@ -126,6 +126,15 @@ def test_a_smollm2_shaped_checkpoint_matches_the_reference(tokenizer_dir, tmp_pa
     check_against_reference(tmp_path / "engine", shape["vocab_size"])
 
 
+def test_an_int4_head_matches_the_reference(tokenizer_dir, tmp_path):
+    """--lm-head int4 end to end at SmolLM2's widths (a 49152-row head: 24 slices of candidates)
+    with a soft-cap: the 4-bit head's logits and its top 64 re-scored from the fp16 table."""
+    shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 2, "final_logit_softcapping": 30.0}
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", shape, 128, tokenizer_dir)
+    build_engine(str(ckpt), this_device().name, tmp_path / "engine", backend="cuda", progress=False, lm_head_bits=4)
+    check_against_reference(tmp_path / "engine", shape["vocab_size"])
+
+
 def test_a_1b_random_engine_matches_the_reference(tmp_path):
     """Llama-3.2-1B's shape (16 layers, GQA 32/8, a 128256-row tied head), random weights."""
     write_random_engine(tmp_path / "engine", "llama3.2-1b", this_device())
@@ -253,6 +262,100 @@ def test_the_heads_match_their_twin(head, vocab, hidden, softcap):
     err = np.abs(got - want).max() / np.abs(want).max()
     print(f"{head} head V={vocab} hidden={hidden}: worst element {err:.1e}")
     assert err < 1e-4 and got.argmax() == want.argmax()
+
+
+@pytest.mark.parametrize("vocab, hidden, group_size, softcap", [(49152, 576, 128, 0.0), (1003, 136, 32, 30.0),
+                                                               (151936, 1536, 64, 0.0), (262208, 640, 128, 0.0)])
+def test_the_int4_heads_kernels_match_their_twins(vocab, hidden, group_size, softcap):
+    """The three launches of an int4 head on their own (cubins, driver API), fresh random data:
+    awq_gemv_logits (a vocabulary padded to a multiple of 8: the pad's logits are never written;
+    hidden 136: 4-byte weight loads) against twin_lm_head of W_hat; then on those very logits
+    awq_head_candidates against its block plan exactly, and awq_head_rescore: the top 64 (lowest
+    ids on ties) recomputed from the fp16 table, every other logit untouched."""
+    from types import SimpleNamespace
+
+    from awq_edge.cuda_backend import GEMV_ROWS_PER_BLOCK, GEMV_THREADS, HEAD_RESCORE_ROWS, HEAD_SELECT_THREADS
+    from awq_edge.cuda_driver import Driver, f32, i32, ptr
+    from awq_edge.decoder import HEAD_TOP_K, head_slices, padded_vocab, quantize_head_int4
+    from awq_edge.reference_backend import dequantized, twin_head_top_k, twin_lm_head
+    from native_helpers import head_candidates_twin
+
+    rng = np.random.default_rng(vocab + hidden)
+    table = (rng.standard_normal((vocab, hidden)) / hidden ** 0.5).astype(np.float16)
+    x = (rng.standard_normal(hidden) * 3).astype(np.float16)
+    spec = SimpleNamespace(vocab=vocab, hidden=hidden, group_size=group_size)
+    n = padded_vocab(spec)
+    q4 = quantize_head_int4(table, spec)
+    want = twin_lm_head(x, dequantized(*(q4[f"lm_head.q4.{p}"] for p in ("qweight", "scales", "zeros")),
+                                       group_size)[:vocab], softcap)
+    slices, length = head_slices(vocab)
+    drv = Driver(GPUS[0].index)
+    logits_fn = cubin_kernel(drv, "gemv_w4a16", f"awq_gemv_logits_g{group_size}_w{4 if hidden % 32 == 0 else 1}")
+    candidates_fn = cubin_kernel(drv, "head_top_k", "awq_head_candidates")
+    rescore_fn = cubin_kernel(drv, "head_top_k", "awq_head_rescore")
+    arrays = {"x": x, **q4, "table": table, "logits": np.full(n, np.nan, np.float32),
+              "keys": np.full(slices * HEAD_TOP_K, 7, np.uint32), "ids": np.full(slices * HEAD_TOP_K, -7, np.int32)}
+    with on_device(drv, arrays) as dev:
+        drv.launch(logits_fn, (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
+                   [ptr(dev[name]) for name in ("x", "lm_head.q4.qweight", "lm_head.q4.scales", "lm_head.q4.zeros",
+                                                "logits")] + [i32(n), i32(hidden), i32(vocab), f32(softcap)])
+        approx = np.empty(n, np.float32)
+        drv.download(approx, dev["logits"])
+        drv.launch(candidates_fn, (slices,), (HEAD_SELECT_THREADS,),
+                   [ptr(dev["logits"]), i32(vocab), i32(length), i32(HEAD_TOP_K), ptr(dev["keys"]), ptr(dev["ids"])])
+        keys, ids = np.empty(slices * HEAD_TOP_K, np.uint32), np.empty(slices * HEAD_TOP_K, np.int32)
+        drv.download(keys, dev["keys"])
+        drv.download(ids, dev["ids"])
+        drv.launch(rescore_fn, (-(-HEAD_TOP_K // HEAD_RESCORE_ROWS),), (HEAD_SELECT_THREADS,),
+                   [ptr(dev["keys"]), ptr(dev["ids"]), i32(slices * HEAD_TOP_K), i32(HEAD_TOP_K), ptr(dev["x"]),
+                    ptr(dev["table"]), i32(hidden), f32(softcap), ptr(dev["logits"])])
+        got = np.empty(n, np.float32)
+        drv.download(got, dev["logits"])
+    assert np.isnan(approx[vocab:]).all() and not np.isnan(approx[:vocab]).any()
+    err = np.abs(approx[:vocab] - want).max() / np.abs(want).max()
+    print(f"int4 head V={vocab} hidden={hidden} g={group_size}: worst element {err:.1e}")
+    assert err < 2e-3
+    approx = approx[:vocab]
+    want_keys, want_ids = head_candidates_twin(approx, vocab, length, HEAD_TOP_K)
+    assert np.array_equal(keys, want_keys.reshape(-1)) and np.array_equal(ids, want_ids.reshape(-1))
+    chosen = twin_head_top_k(approx, HEAD_TOP_K)
+    exact = twin_lm_head(x, table[chosen], softcap)
+    assert np.allclose(got[chosen], exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+    others = np.setdiff1d(np.arange(vocab), chosen)
+    assert np.array_equal(got[others], approx[others]) and np.isnan(got[vocab:]).all()
+
+
+@pytest.mark.parametrize("vocab", [5, 100, 49152, 262208])
+def test_the_head_candidate_search_on_ties_and_nan_keeps_the_twins_choice(vocab):
+    """awq_head_candidates + awq_head_rescore on logits drawn from a few values (ties inside and
+    across slices), infinities and NaN, and all equal: the re-scored ids are twin_head_top_k's
+    (a table of ones against an x of ones makes each re-scored logit 8)."""
+    from awq_edge.cuda_backend import HEAD_RESCORE_ROWS, HEAD_SELECT_THREADS
+    from awq_edge.cuda_driver import Driver, f32, i32, ptr
+    from awq_edge.decoder import HEAD_TOP_K, head_slices
+    from awq_edge.reference_backend import twin_head_top_k
+
+    rng = np.random.default_rng(vocab)
+    top_k = min(HEAD_TOP_K, vocab)
+    slices, length = head_slices(vocab)
+    drv = Driver(GPUS[0].index)
+    candidates_fn = cubin_kernel(drv, "head_top_k", "awq_head_candidates")
+    rescore_fn = cubin_kernel(drv, "head_top_k", "awq_head_rescore")
+    few = np.array([np.nan, -np.inf, np.inf, -1.5, 0.0, 2.25, 7.0], np.float32)
+    for logits in (rng.choice(few, vocab), np.round(rng.standard_normal(vocab), 1).astype(np.float32),
+                   np.full(vocab, 3.0, np.float32)):
+        arrays = {"logits": logits, "keys": np.zeros(slices * top_k, np.uint32),
+                  "ids": np.zeros(slices * top_k, np.int32), "x": np.ones(8, np.float16),
+                  "table": np.ones((vocab, 8), np.float16)}
+        with on_device(drv, arrays) as dev:
+            drv.launch(candidates_fn, (slices,), (HEAD_SELECT_THREADS,),
+                       [ptr(dev["logits"]), i32(vocab), i32(length), i32(top_k), ptr(dev["keys"]), ptr(dev["ids"])])
+            drv.launch(rescore_fn, (-(-top_k // HEAD_RESCORE_ROWS),), (HEAD_SELECT_THREADS,),
+                       [ptr(dev["keys"]), ptr(dev["ids"]), i32(slices * top_k), i32(top_k), ptr(dev["x"]),
+                        ptr(dev["table"]), i32(8), f32(0.0), ptr(dev["logits"])])
+            got = np.empty(vocab, np.float32)
+            drv.download(got, dev["logits"])
+        assert np.array_equal(np.flatnonzero(got == 8.0), twin_head_top_k(logits, top_k))
 
 
 @pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (8, 2), 700, 0.0),

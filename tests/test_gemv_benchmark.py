@@ -60,7 +60,7 @@ def test_the_summary_fits_both_kernels_and_compares_m8_with_m1():
 
 
 @pytest.mark.skipif(bool(find_gpus()), reason="this machine has a GPU: run the benchmark itself")
-@pytest.mark.parametrize("script", ["cuda_layer.py", "cuda_attention.py", "cuda_decode.py"])
+@pytest.mark.parametrize("script", ["cuda_layer.py", "cuda_attention.py", "cuda_decode.py", "cuda_head.py"])
 def test_cuda_kernel_benchmarks_without_gpu_exit_with_one_line(tmp_path, script):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(SCRIPT.parent / script), "--output", str(out)],
@@ -141,3 +141,32 @@ def test_cuda_decode_prefill_times_on_a_recording_driver_cover_both_paths_and_pu
     assert backend.cublas is blas and backend.cublas_from_rows == CUBLAS_FROM_ROWS
     backend.cublas = None
     assert set(bench.prefill_times(backend, 1)) == {f"prefill_{n}_ours_ms" for n in bench.PREFILL_ROWS}
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp16"])
+def test_the_head_benchmark_reads_a_fresh_copy_of_the_head_each_launch(tmp_path, kind):
+    """cuda_head.py's graph, on a recording driver: the head op's launches once per copy of the
+    tensors it reads whole (whose bytes it counts), each copy at its own addresses, the engine's
+    pointers put back after the capture."""
+    from awq_edge.cuda_backend import CudaBackend
+    from awq_edge.devices import resolve
+    from awq_edge.synthetic import SHAPES, write_random_engine
+    from native_helpers import RecordingDriver, read_native_engine
+
+    head = load_script("cuda_head")
+    write_random_engine(tmp_path / "e", dict(SHAPES["smollm2-135m"], num_hidden_layers=1, vocab_size=1000),
+                        resolve("h200"), max_context=16, lm_head=kind)
+    manifest, info = read_native_engine(tmp_path / "e")
+    driver = RecordingDriver()
+    backend = CudaBackend(tmp_path / "e", manifest, info, 16, driver=driver)
+    op = next(op for op in backend.ops if op.kind == "lm_head")
+    names = head.head_tensors(op)
+    assert sum(head.tensor_bytes(info, n) for n in names) == {"int8": 1000 * 576 + 2 * 1000 * 18,
+                                                              "int4": 1000 * 288 + 4 * 1000 * 5, "fp16": 2 * 1000 * 576}[kind]
+    before = dict(backend.weights)
+    graph, extra = head.rotating_graph(backend, info, names, lambda: backend.launch_op(op, 1), 3)
+    assert backend.weights == before and len(extra) == 2 * len(names) and graph
+    per_copy = {"int4": 3}.get(kind, 1)
+    assert len(driver.launches) == 3 * per_copy
+    first_pointer = [args[1].value for fn, _, _, args in driver.launches[::per_copy]]
+    assert first_pointer[0] == before[names[0]] and len(set(first_pointer)) == 3

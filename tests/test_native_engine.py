@@ -30,8 +30,8 @@ from awq_edge.reference_backend import ReferenceBackend
 from awq_edge.sampling import SamplingSettings
 from conftest import TINY_FAMILIES, has_gpu
 from folder_helpers import edit_json, linked_copy, resign
-from native_helpers import (MemoryDriver, RecordingCublas, RecordingDriver, attention_f64, read_native_engine,
-                            teacher_forced)
+from native_helpers import (MemoryDriver, RecordingCublas, RecordingDriver, attention_f64, head_candidates_twin,
+                            head_rescore_twin, read_native_engine, teacher_forced)
 from test_export_helpers import export_for_cpu, tiny_checkpoint
 
 CLI = [sys.executable, "-m", "awq_edge.cli"]
@@ -96,7 +96,8 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[s
     decode_launches = len(driver.launches) - before
     spec = info.spec
     if fused and not spec.sandwich_norm:  # embed; per layer 4 GEMVs + attention (+ q/k norms and RoPE/KV); norm, head, advance
-        assert decode_launches == 1 + spec.layers * (5 + 3 * spec.qk_norm) + 3, decode_launches
+        head = 3 if spec.lm_head == "int4" else 1  # (the int4 head's logits, then its top 64 re-scored)
+        assert decode_launches == 1 + spec.layers * (5 + 3 * spec.qk_norm) + 2 + head, decode_launches
     backend.forward([4])
     backend.sample_token(backend.buf["logits"], SamplingSettings(0.7, 40, 0.9, 1.1), [1, 2, 3], 0.5)
     backend.forward(list(range(40)))  # a chunk of more rows than the chunked GEMV takes: the GEMM
@@ -302,6 +303,89 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
             assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max(), (path, name)
 
 
+@pytest.mark.parametrize("vocab", [5, 64, 100, 2049, 49152, 151936, 262208, 1 << 20])
+def test_an_int4_heads_candidate_search_keeps_the_top_64_lowest_ids_on_ties(vocab):
+    """The two kernels of the int4 head's re-scoring, as their block plans (select.cuh step by
+    step), choose reference_backend.twin_head_top_k's set: the 64 largest logits, of equal ones
+    the lowest ids, NaN never before a number, whatever the slices cut: logits drawn from a few
+    values (ties across slices), infinities and NaN, or all equal; at vocabularies below 64, every
+    id. The slices fit the kernels' shared memory up to the largest vocabulary an int4 head takes."""
+    from awq_edge.decoder import HEAD_SELECT_CAPACITY, HEAD_TOP_K, head_slices
+    from awq_edge.reference_backend import twin_head_top_k
+
+    slices, length = head_slices(vocab)
+    assert length <= HEAD_SELECT_CAPACITY and slices * HEAD_TOP_K <= HEAD_SELECT_CAPACITY and slices * length >= vocab
+    rng = np.random.default_rng(vocab)
+    top_k = min(HEAD_TOP_K, vocab)
+    few = rng.choice(np.array([np.nan, -np.inf, np.inf, -1.5, 0.0, 2.25, 7.0], np.float32), vocab)
+    for logits in (rng.standard_normal(vocab).astype(np.float32), np.round(rng.standard_normal(vocab), 1).astype(
+            np.float32), few, np.full(vocab, 3.0, np.float32)):
+        keys, ids = head_candidates_twin(logits, vocab, length, top_k)
+        scratch = logits.copy()
+        chosen = head_rescore_twin(keys, ids, top_k, np.zeros(8, np.float16), np.zeros((vocab, 8), np.float16), 0.0,
+                                   scratch)
+        expected = twin_head_top_k(logits, top_k)
+        assert np.array_equal(np.sort(chosen), expected) and expected.size == top_k
+        assert not np.isnan(logits[expected]).any() or np.isnan(logits).sum() > vocab - top_k
+        assert (scratch[chosen] == 0).all()  # re-scored (against a zero x)
+
+
+@needs_nvcc
+def test_an_int4_heads_three_launches_give_the_rescored_logits_on_host_memory(tmp_path):
+    """The int4 head through the cuda backend, on host memory with the kernels' twins: the 4-bit
+    GEMV's logits (a vocabulary of 20003 rows, padded to 20008 in weights.bin: the pad is never
+    written), each slice's candidates, then their re-scoring from the fp16 table, soft-capped.
+    The logits are reference_backend.twin_rescored_head's from the engine's own tensors."""
+    from awq_edge.decoder import padded_vocab
+    from awq_edge.devices import resolve
+    from awq_edge.packing import dequantize, unpack_int4
+    from awq_edge.reference_backend import dequantized, load_tensors, twin_rescored_head
+    from awq_edge.synthetic import SHAPES, write_random_engine
+
+    shape = dict(SHAPES["smollm2-135m"], num_hidden_layers=1, vocab_size=20003, tie_word_embeddings=False,
+                 final_logit_softcapping=30.0)
+    write_random_engine(tmp_path / "e", shape, resolve("rtx4090"), group_size=64, max_context=32, lm_head="int4")
+    manifest, info = read_native_engine(tmp_path / "e")
+    spec = info.spec
+    assert (spec.final_softcap, padded_vocab(spec)) == (30.0, 20008)
+
+    def logits_twin(drv, args):
+        x, qweight, scales, zeros, logits, n, k, vocab, softcap = args
+        groups = -(-k // spec.group_size)
+        w = dequantize(unpack_int4(drv.array_at(qweight, np.int32, (n, k // 8))),
+                       *(drv.array_at(a, np.float16, (n, groups)) for a in (scales, zeros)), spec.group_size)
+        y = w.astype(np.float16).astype(np.float32)[:vocab] @ drv.array_at(x, np.float16, (k,)).astype(np.float32)
+        drv.array_at(logits, np.float32, (vocab,))[:] = softcap * np.tanh(y / softcap) if softcap > 0 else y
+
+    def candidates_twin(drv, args):
+        logits, vocab, length, top_k, keys, ids = args
+        slices = -(-vocab // length)
+        k, i = head_candidates_twin(drv.array_at(logits, np.float32, (vocab,)), vocab, length, top_k)
+        drv.array_at(keys, np.uint32, (slices, top_k))[:], drv.array_at(ids, np.int32, (slices, top_k))[:] = k, i
+
+    def rescore_twin(drv, args):
+        keys, ids, candidates, top_k, x, table, hidden, softcap, logits = args
+        head_rescore_twin(drv.array_at(keys, np.uint32, (candidates,)), drv.array_at(ids, np.int32, (candidates,)),
+                          top_k, drv.array_at(x, np.float16, (hidden,)),
+                          drv.array_at(table, np.float16, (spec.vocab, hidden)), softcap,
+                          drv.array_at(logits, np.float32, (spec.vocab,)))
+
+    driver = MemoryDriver({"awq_gemv_logits_g64_w4": logits_twin, "awq_head_candidates": candidates_twin,
+                           "awq_head_rescore": rescore_twin})
+    backend = CudaBackend(tmp_path / "e", manifest, info, 32, driver=driver)
+    x = np.random.default_rng(4).standard_normal(spec.hidden).astype(np.float16)
+    driver.upload(backend.buf["x"], x)
+    driver.upload(backend.buf["logits"], np.full(spec.vocab, np.nan, np.float32))
+    head = next(op for op in backend.ops if op.kind == "lm_head")
+    backend.launch_op(head, 1)
+    assert [fn for fn, *_ in driver.launches] == ["awq_gemv_logits_g64_w4", "awq_head_candidates", "awq_head_rescore"]
+    tensors = load_tensors(tmp_path / "e", info)
+    w_hat = dequantized(*(tensors[f"lm_head.q4.{part}"] for part in ("qweight", "scales", "zeros")), 64)
+    expected = twin_rescored_head(x, w_hat[:spec.vocab], tensors["lm_head.weight"], 64, 30.0)
+    got = driver.array_at(backend.buf["logits"], np.float32, (spec.vocab,))
+    assert np.allclose(got, expected, rtol=1e-5, atol=1e-5), np.abs(got - expected).max()
+
+
 # ---------------------------------------------------------------- the reference executor
 
 @needs_nvcc
@@ -329,28 +413,38 @@ def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, 
 
 
 @needs_nvcc
-def test_a_cuda_engines_head_is_int8_unless_float_is_asked(tmp_path, smollm2_dir):
+def test_a_cuda_engines_head_is_int8_unless_int4_or_float_is_asked(tmp_path, smollm2_dir):
     """int8 rows (half the bytes read per token) by default, the checkpoint's fp16 with --lm-head
-    float; int4 is refused in one line. On the reference executor the int8 head's logits stay within
-    1 % of the fp16 head's and pick the same token at every step."""
+    float, a 4-bit linear with its top 64 re-scored from the fp16 table with --lm-head int4. On
+    the reference executor the int8 head's logits stay within 1 % of the fp16 head's and pick the
+    same token at every step; the int4 head's top 64 hold the fp16 head's best token at every
+    step, with the fp16 head's very logits, so it picks the same token too."""
     ckpt = tiny_native_checkpoint(tmp_path, "qwen2", smollm2_dir)  # untied: the fp16 head is its own tensor
     backends = {}
-    for bits, head in (("auto", "int8"), (None, "fp16")):
+    for bits, head in (("auto", "int8"), (None, "fp16"), (4, "int4")):
         engine = tmp_path / head
         build_engine(str(ckpt), "rtx4090", engine, backend="cuda", progress=False, lm_head_bits=bits)
         decoder = json.loads((engine / "decoder.json").read_text())
         assert decoder["lm_head"] == head
-        assert ("lm_head.q8" in decoder["tensors"], "lm_head.weight" in decoder["tensors"]) == (head == "int8",
-                                                                                              head == "fp16")
+        assert ("lm_head.q8" in decoder["tensors"], "lm_head.weight" in decoder["tensors"],
+                "lm_head.q4.qweight" in decoder["tensors"]) == (head == "int8", head != "int8", head == "int4")
         backends[head] = ReferenceBackend(engine, max_context=64)
-    errors, disagreements = teacher_forced(backends["int8"], backends["fp16"],
-                                           np.random.default_rng(2).integers(0, 256, 40).tolist(), 8, margin=0)
+    ids = np.random.default_rng(2).integers(0, 256, 40).tolist()
+    errors, disagreements = teacher_forced(backends["int8"], backends["fp16"], ids, 8, margin=0)
     assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
+    backends["fp16"].rewind(0)
+    for step in [ids[:8]] + [[t] for t in ids[8:]]:
+        exact, got = backends["fp16"].forward(step), backends["int4"].forward(step)
+        rescored = np.flatnonzero(np.abs(got - exact) <= 1e-5 * np.abs(exact).max())
+        assert rescored.size >= 64 and exact.argmax() in rescored and got.argmax() == exact.argmax()
     assert "awq_lm_head" in check_launches_against_the_cubins(tmp_path / "fp16")  # the fp16 head's launch
+    launched = check_launches_against_the_cubins(tmp_path / "int4")
+    assert {"awq_head_candidates", "awq_head_rescore"} <= launched
+    assert any(name.startswith("awq_gemv_logits_") for name in launched)
     refused = subprocess.run([*CLI, "build", str(ckpt), "--device", "rtx4090", "--backend", "cuda", "--lm-head",
-                              "int4", "--output", str(tmp_path / "int4")], capture_output=True, text=True)
-    assert refused.returncode != 0 and refused.stderr.count("\n") == 1 and "--lm-head int4" in refused.stderr
-    assert not (tmp_path / "int4").exists()
+                              "int3", "--output", str(tmp_path / "int3")], capture_output=True, text=True)
+    assert refused.returncode != 0 and refused.stderr.count("\n") == 1 and "--lm-head int3" in refused.stderr
+    assert not (tmp_path / "int3").exists()
 
 
 @needs_nvcc
@@ -486,6 +580,11 @@ def test_launch_shapes_match_the_kernel_sources():
     assert re.search(rf"__launch_bounds__\({cb.DEQUANT_THREADS}\)\s*\\\s*awq_dequantize_g", src["gemm_w4a16"])
     assert "constexpr int kHeadRowsPerWarp = 4;" in src["decoder_ops"]
     assert cb.LM_HEAD_ROWS_PER_BLOCK == cb.NORM_THREADS // 32 * 4  # the heads: 4 vocabulary rows a warp
+    from awq_edge.decoder import HEAD_SELECT_CAPACITY, HEAD_TOP_K
+    assert f"constexpr int kThreads = {cb.HEAD_SELECT_THREADS};" in src["head_top_k"]
+    assert f"constexpr int kRowsPerBlock = {cb.HEAD_RESCORE_ROWS};" in src["head_top_k"]
+    assert f"constexpr int kTopK = {HEAD_TOP_K};" in src["head_top_k"]
+    assert f"constexpr int kCapacity = {HEAD_SELECT_CAPACITY};" in src["head_top_k"]
     for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
         for name in names:
             base = re.sub(r"_(g|d)\d.*$", "", name)
@@ -493,6 +592,8 @@ def test_launch_shapes_match_the_kernel_sources():
                 assert f"AWQ_GEMV_MMA_ENTRY({name.rsplit('_g', 1)[1]})" in src[module], name
             elif name.startswith("awq_gemv_rows"):  # made by a macro per row count
                 assert f"AWQ_GEMV_ROWS_ENTRIES({base[len('awq_gemv_rows'):]})" in src[module], name
+            elif name.startswith("awq_gemv_logits"):  # the int4 head: a macro per group size and load width
+                assert f"AWQ_GEMV_LOGITS_ENTRY({name[len('awq_gemv_logits_g'):].replace('_w', ', ')})" in src[module], name
             elif module == "gemv_w4a16":  # made by a macro per fusion, for every group size and load width
                 assert f"AWQ_GEMV_ENTRIES({base[len('awq_gemv_'):]}," in src[module], name
             elif module == "attention" and base.startswith("awq_attend") and "split" not in base:

@@ -57,7 +57,7 @@ __device__ __forceinline__ float dot8(const half2 w[4], uint4 x_bits) {
 }
 
 // What a decode GEMV does around the product.
-enum class Epilogue { kStore, kAct, kResidual, kRope };
+enum class Epilogue { kStore, kAct, kResidual, kRope, kLogits };
 
 // kRope's arguments: those of awq_rope_store (attention.h) for one token at position *past.
 struct RopeArgs {
@@ -79,6 +79,9 @@ struct Fusion {
     RopeArgs rope;                       // kRope
     const char* next_weights = nullptr;  // the next linear's weights: their first next_bytes are sent
     int next_bytes = 0;                  // toward L2 as the blocks finish (GPUs without pdl.cuh's overlap)
+    float* logits = nullptr;             // kLogits: float32 [vocab], soft-capped when softcap > 0
+    int vocab = 0;                       //   (rows past the vocabulary pad N to a multiple of 8: not written)
+    float softcap = 0.f;
 };
 
 // The output rows of block b: 4 adjacent ones, or for RoPE in a q/k head (D/4 blocks per head)
@@ -277,6 +280,13 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
         }
     } else if constexpr (kEpilogue == Epilogue::kRope) {
         rope_epilogue(fusion.rope, row, biased);
+    } else if constexpr (kEpilogue == Epilogue::kLogits) {  // the fp32 sum, not rounded to fp16
+        if (threadIdx.x < kRowsPerBlock && row(threadIdx.x) < fusion.vocab) {
+            float v = 0.0f;
+#pragma unroll
+            for (int w = 0; w < kWarpsPerBlock; ++w) v += warp_sums[w][threadIdx.x];
+            fusion.logits[row(threadIdx.x)] = fusion.softcap > 0.f ? fusion.softcap * tanhf(v / fusion.softcap) : v;
+        }
     } else {
         for (int t = threadIdx.x; t < kRowsPerBlock * kRows; t += kThreads) {
             const int r = t / kRows, m = t % kRows;
@@ -561,3 +571,26 @@ AWQ_GEMV_ENTRIES(norm_act, true, kAct)
 AWQ_GEMV_ENTRIES(residual, false, kResidual)
 AWQ_GEMV_ENTRIES(rope, false, kRope)
 AWQ_GEMV_ENTRIES(norm_rope, true, kRope)
+
+// An int4 lm_head (decode and the last row of prefill): awq_gemv_logits_g{G}_w{W}(x, qweight,
+// scales, zeros, logits, N, K, vocab, softcap), logits[v] = x W^T in fp32 (soft-capped when
+// softcap > 0) for v < vocab; N is the vocabulary padded to a multiple of 8. Grid N / 4 blocks of
+// 128 threads. head_top_k.cu then re-scores its top 64 from the fp16 table.
+#define AWQ_GEMV_LOGITS_ENTRY(G, W)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                                               \
+        awq_gemv_logits_g##G##_w##W(const half* __restrict__ x, const uint32_t* __restrict__ qweight,               \
+                                    const half* __restrict__ scales, const half* __restrict__ zeros,                \
+                                    float* __restrict__ logits, int N, int K, int vocab, float softcap) {          \
+        awq_edge::Fusion fusion;                                                                                    \
+        fusion.logits = logits;                                                                                     \
+        fusion.vocab = vocab;                                                                                       \
+        fusion.softcap = softcap;                                                                                   \
+        awq_edge::gemv_w4a16<1, G, W, false, awq_edge::Epilogue::kLogits>(x, qweight, scales, zeros, nullptr, N, K, \
+                                                                          fusion);                                  \
+    }
+AWQ_GEMV_LOGITS_ENTRY(32, 1)
+AWQ_GEMV_LOGITS_ENTRY(32, 4)
+AWQ_GEMV_LOGITS_ENTRY(64, 1)
+AWQ_GEMV_LOGITS_ENTRY(64, 4)
+AWQ_GEMV_LOGITS_ENTRY(128, 1)
+AWQ_GEMV_LOGITS_ENTRY(128, 4)

@@ -14,45 +14,14 @@
 
 #include "pdl.cuh"
 #include "sample.h"
+#include "select.cuh"
 
 namespace {
 
+using namespace awq_edge;
+
 constexpr int kThreads = 1024;                 // 32 warps: a block reduction ends in one warp
 constexpr uint32_t kSharedCandidates = 2048;   // top-k sets up to this size live in shared memory
-
-__device__ __forceinline__ uint32_t order_key(float f) {
-    // IEEE-754 bits -> an unsigned int ordered like the floats (negatives reversed).
-    const uint32_t u = __float_as_uint(f);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-__device__ __forceinline__ float key_to_float(uint32_t k) {
-    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
-}
-
-struct SumOp {
-    template <typename T> __device__ T operator()(T a, T b) const { return a + b; }
-};
-struct MaxOp {
-    template <typename T> __device__ T operator()(T a, T b) const { return a > b ? a : b; }
-};
-struct MinOp {
-    template <typename T> __device__ T operator()(T a, T b) const { return a < b ? a : b; }
-};
-
-// Every thread gets the result. `partial` is 32 entries of shared memory.
-template <typename T, typename Op>
-__device__ T block_reduce(T v, Op op, T* partial) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    __syncthreads();  // a previous reduction may still be reading `partial`
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
-    __syncthreads();
-    v = partial[threadIdx.x & 31];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
 
 // Sum of prob[i] over the i whose logit key is >= t.
 __device__ float mass_at_least(const float* logit, const float* prob, int n, uint32_t t, float* partial) {
@@ -84,8 +53,7 @@ __device__ __forceinline__ void sample(const float* __restrict__ logits, int voc
     __shared__ float partial_f[32];
     __shared__ uint32_t partial_u[32];
     __shared__ unsigned long long partial_u64[32];
-    __shared__ uint32_t histogram[256];
-    __shared__ uint32_t digit[2];  // the chosen digit, and how many keys are still to cover below it
+    __shared__ SelectScratch scratch;
     __shared__ uint32_t warp_offset[32];
     __shared__ uint32_t tile_total;
     __shared__ float cand_logit[kSharedCandidates];
@@ -130,31 +98,11 @@ __device__ __forceinline__ void sample(const float* __restrict__ logits, int voc
     const uint32_t top_key = static_cast<uint32_t>(best >> 32);
     const float top_logit = key_to_float(top_key);
 
-    // 3. top-k: the key of the k-th largest logit, one 8-bit digit at a time from the top
+    // 3. top-k: the key of the k-th largest logit (select.cuh)
     uint32_t kth = 0;  // 0: every id is a candidate
     if (top_k > 0 && top_k < vocab) {
-        uint32_t prefix = 0, remaining = static_cast<uint32_t>(top_k);
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            const uint32_t high_mask = shift == 24 ? 0u : ~0u << (shift + 8);
-            for (int b = tid; b < 256; b += kThreads) histogram[b] = 0;
-            __syncthreads();
-            for (int i = tid; i < vocab; i += kThreads) {
-                const uint32_t k = order_key(logit[i]);
-                if ((k & high_mask) == prefix) atomicAdd(&histogram[(k >> shift) & 255u], 1u);
-            }
-            __syncthreads();
-            if (tid == 0) {  // walk down from digit 255 until `remaining` keys are covered
-                uint32_t above = 0;
-                int d = 255;
-                while (above + histogram[d] < remaining) above += histogram[d--];
-                digit[0] = static_cast<uint32_t>(d);
-                digit[1] = remaining - above;
-            }
-            __syncthreads();
-            prefix |= digit[0] << shift;
-            remaining = digit[1];
-        }
-        kth = prefix;
+        kth = kth_largest_key(vocab, [&](int i) { return order_key(logit[i]); }, static_cast<uint32_t>(top_k),
+                              scratch).x;
     }
 
     // 4. unnormalised probabilities of the candidates
