@@ -23,8 +23,9 @@ time = intercept + bytes / bandwidth is fitted over the shapes, for both: the in
 fixed cost of a launch (in a graph), the slope the bandwidth once a launch is running.
 Prefill rows also time the other way to prefill: dequantize the weights to fp16
 (awq_w4a16_dequantize), then torch's fp16 matmul (cuBLAS), captured together. At M = 8 the op
-(awq_w4a16_matmul) runs the tensor-core GEMV; the CUDA-core one (awq_w4a16_gemv) is timed beside
-it (cuda_cores_us, m8_cuda_cores_over_m1).
+(awq_w4a16_matmul) runs the tensor-core GEMV with 16 rows a block; the CUDA-core one
+(awq_w4a16_gemv: cuda_cores_us, m8_cuda_cores_over_m1) and the tensor-core one with 32 rows a block
+(awq_w4a16_gemv_mma32: mma32_us, m8_mma32_over_m1) are timed beside it.
 """
 from __future__ import annotations
 
@@ -251,8 +252,10 @@ def main() -> int:
                     d_ms = dequant_torch_ms(lib, weights, k, n, m, iters)
                     row["dequant_cublas_us"] = d_ms * 1e3 if d_ms else None
                     row["ours_vs_dequant_cublas"] = d_ms / ms if d_ms else None
-                if m == max(DECODE_ROWS):  # the op runs it on tensor cores; the CUDA-core GEMV beside it
+                if m == max(DECODE_ROWS):  # the op runs it on tensor cores; the CUDA-core GEMV and 32-row blocks beside it
                     row["cuda_cores_us"] = graph_ms(cuda, stream, entry_point("awq_w4a16_gemv", m), iters) * 1e3
+                    if k % 32 == 0:
+                        row["mma32_us"] = graph_ms(cuda, stream, entry_point("awq_w4a16_gemv_mma32", m), iters) * 1e3
                 if m == 1:
                     row["read_only_bytes"] = weights.nbytes + 2 * n
                     row["read_only_us"] = read_only_us[(k, n)]
@@ -297,6 +300,11 @@ def summarize(results: dict) -> None:
     if results["m8_cuda_cores_over_m1"]:
         print("M=8 on CUDA cores / M=1: " + ", ".join(f"{shape} {v:.2f}x"
                                                     for shape, v in results["m8_cuda_cores_over_m1"].items()))
+    results["m8_mma32_over_m1"] = {f"{r['K']}x{r['N']}": r["mma32_us"] / by_shape[(r["K"], r["N"])]
+                                   for r in results["decode"] if r["M"] == 8 and r.get("mma32_us")}
+    if results["m8_mma32_over_m1"]:
+        print("M=8 on tensor cores, 32-row blocks / M=1: " + ", ".join(
+            f"{shape} {v:.2f}x" for shape, v in results["m8_mma32_over_m1"].items()))
 
 
 if __name__ == "__main__":

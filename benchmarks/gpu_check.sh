@@ -75,6 +75,7 @@ if g:
             print(f"GEMV {r['K']}x{r['N']}: {r['us']:.1f} us, {r['pct_of_copy']:.0f}% of copy (read-only {r['read_only_pct_of_copy']:.0f}%)")
     print("M=8/M=1: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.get("m8_over_m1", {}).items()))
     print("M=8/M=1 on CUDA cores: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.get("m8_cuda_cores_over_m1", {}).items()))
+    print("M=8/M=1, 32-row tensor-core blocks: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.get("m8_mma32_over_m1", {}).items()))
     for r in g["prefill"]:
         vs = f"{r['speedup_vs_torch']:.2f}x cuBLAS" if r.get("speedup_vs_torch") else "no torch"
         dq = f", {r['ours_vs_dequant_cublas']:.2f}x dequant+cuBLAS" if r.get("ours_vs_dequant_cublas") else ""

@@ -48,7 +48,8 @@ def test_the_summary_fits_both_kernels_and_compares_m8_with_m1():
         b = k * n // 2 + 4 * n * (k // 128)
         rows.append({"K": k, "N": n, "M": 1, "bytes": b, "us": 3.0 + b / 2800e3,
                      "read_only_bytes": b, "read_only_us": 2.0 + b / 2900e3})
-        rows.append({"K": k, "N": n, "M": 8, "bytes": b, "us": 1.5 * (3.0 + b / 2800e3)})
+        rows.append({"K": k, "N": n, "M": 8, "bytes": b, "us": 1.5 * (3.0 + b / 2800e3),
+                     **({"mma32_us": 1.25 * (3.0 + b / 2800e3)} if k == 4096 else {})})
     results = {"copy_gbs": copy, "decode": rows}
     gemv.summarize(results)
     fits = results["fit_m1"]
@@ -57,6 +58,7 @@ def test_the_summary_fits_both_kernels_and_compares_m8_with_m1():
     assert set(results["m8_over_m1"]) == {"576x576", "2048x2048", "4096x4096", "4096x14336"}
     assert all(abs(v - 1.5) < 1e-9 for v in results["m8_over_m1"].values())
     assert results["m8_cuda_cores_over_m1"] == {}  # (made-up rows without the CUDA-core column)
+    assert {k: round(v, 9) for k, v in results["m8_mma32_over_m1"].items()} == {"4096x4096": 1.25, "4096x14336": 1.25}
 
 
 @pytest.mark.skipif(bool(find_gpus()), reason="this machine has a GPU: run the benchmark itself")

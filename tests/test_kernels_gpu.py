@@ -79,12 +79,13 @@ def test_gemv(gpu, m, k, n, group_size):
     run(gpu, "awq_w4a16_gemv", m, n, k, group_size, seed=m * 7919 + k + n)
 
 
+@pytest.mark.parametrize("entry", ["awq_w4a16_gemv_mma", "awq_w4a16_gemv_mma32"])
 @pytest.mark.parametrize("m", range(2, 9))
 @pytest.mark.parametrize("k, n, group_size", [s for s in SHAPES if s[0] % 32 == 0])
-def test_gemv_on_tensor_cores(gpu, m, k, n, group_size):
-    """awq_w4a16_gemv_mma: K = 576 and 96 leave windows some lanes and warps have nothing of, N = 72
-    a block of 16 rows half outside."""
-    run(gpu, "awq_w4a16_gemv_mma", m, n, k, group_size, seed=m * 31337 + k + n)
+def test_gemv_on_tensor_cores(gpu, entry, m, k, n, group_size):
+    """awq_w4a16_gemv_mma (16 rows a block) and _mma32 (32): K = 576 and 96 leave windows some lanes
+    and warps have nothing of, N = 72 a block of 16 rows half outside (of 32: a tile and a half)."""
+    run(gpu, entry, m, n, k, group_size, seed=m * 31337 + k + n)
 
 
 @pytest.mark.parametrize("m", [1, 9, 16, 100, 128, 512, 2048])
@@ -143,6 +144,8 @@ def test_invalid_arguments_are_refused(gpu):
         assert lib.awq_w4a16_gemv(buf, buf, buf, buf, buf, 9, 64, 64, 32, None) == -1  # GEMV is for M <= 8
         assert lib.awq_w4a16_gemv_mma(buf, buf, buf, buf, buf, 9, 64, 64, 32, None) == -1
         assert lib.awq_w4a16_gemv_mma(buf, buf, buf, buf, buf, 4, 64, 72, 32, None) == -1  # K % 32 != 0
+        assert lib.awq_w4a16_gemv_mma32(buf, buf, buf, buf, buf, 9, 64, 64, 32, None) == -1
+        assert lib.awq_w4a16_gemv_mma32(buf, buf, buf, buf, buf, 4, 64, 72, 32, None) == -1
     finally:
         cuda.free(buf)
 

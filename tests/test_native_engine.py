@@ -589,7 +589,7 @@ def test_launch_shapes_match_the_kernel_sources():
         for name in names:
             base = re.sub(r"_(g|d)\d.*$", "", name)
             if name.startswith("awq_gemv_mma"):
-                assert f"AWQ_GEMV_MMA_ENTRY({name.rsplit('_g', 1)[1]})" in src[module], name
+                assert f"AWQ_GEMV_MMA_ENTRY(awq_gemv_mma, {name.rsplit('_g', 1)[1]}, 1)" in src[module], name
             elif name.startswith("awq_gemv_rows"):  # made by a macro per row count
                 assert f"AWQ_GEMV_ROWS_ENTRIES({base[len('awq_gemv_rows'):]})" in src[module], name
             elif name.startswith("awq_gemv_logits"):  # the int4 head: a macro per group size and load width

@@ -98,39 +98,44 @@ def test_host_dequant_detects_a_wrong_nibble_order(host_check, tmp_path):
 
 # ---------------------------------------------------------------- the tensor-core GEMV's fragment plan
 
-def gemv_mma_lanes(x: np.ndarray, w_hat: np.ndarray) -> np.ndarray:
+def gemv_mma_lanes(x: np.ndarray, w_hat: np.ndarray, tiles: int = 1) -> np.ndarray:
     """awq_gemv_mma (plugins/kernels/gemv_w4a16.cu) lane by lane, in float64: blocks of 16 output
-    rows, 4 warps taking 128-k windows two at a time, lane (g, t) holding rows g and g + 8 of its
-    32 k (chunk 4 window + t) and row g of x; for word i and half h its 4 k are chunk 32 + 8i + 4h
-    .. + 3, the pairs dequant_word gives as 2h and 2h + 1. Then the warps' tiles summed."""
+    rows a tile (tiles = 2: awq_gemv_mma32), 4 warps taking 128-k windows two at a time, lane (g, t)
+    holding rows g and g + 8 of each tile for its 32 k (chunk 4 window + t) and row g of x; for
+    word i and half h its 4 k are chunk 32 + 8i + 4h .. + 3, the pairs dequant_word gives as 2h
+    and 2h + 1. Then the warps' tiles summed."""
     M, K = x.shape
     N = w_hat.shape[0]
     xp = np.zeros((8, K))
     xp[:M] = x
     windows, y = -(-K // 128), np.zeros((M, N))
-    for n0 in range(0, N, 16):
-        tiles = np.zeros((4, 16, 8))
+    for n0 in range(0, N, 16 * tiles):
+        partial = np.zeros((4, 16 * tiles, 8))
         for warp in range(4):
-            acc = np.zeros((32, 4))
+            acc = np.zeros((tiles, 32, 4))
             for w0 in range(2 * warp, windows, 8):
                 for s in range(2):
                     for i in range(4):
-                        for h in range(2):
-                            a, b = np.zeros((32, 4, 2)), np.zeros((32, 2, 2))
-                            for lane in range(32):
-                                g, t = divmod(lane, 4)
-                                k = ((w0 + s) * 4 + t) * 32 + 8 * i + 4 * h
-                                if k >= K:
-                                    continue
-                                row = [w_hat[n] if n < N else np.zeros(K) for n in (n0 + g, n0 + g + 8)]
-                                a[lane] = row[0][k:k + 2], row[1][k:k + 2], row[0][k + 2:k + 4], row[1][k + 2:k + 4]
-                                b[lane] = xp[g, k:k + 2], xp[g, k + 2:k + 4]
-                            emulate_mma_16816(acc, a, b)
-            for lane in range(32):
-                g, t = divmod(lane, 4)
-                tiles[warp, g, 2 * t:2 * t + 2], tiles[warp, g + 8, 2 * t:2 * t + 2] = acc[lane, :2], acc[lane, 2:]
-        rows = min(16, N - n0)
-        y[:, n0:n0 + rows] = tiles.sum(axis=0)[:rows, :M].T
+                        for j in range(tiles):
+                            for h in range(2):
+                                a, b = np.zeros((32, 4, 2)), np.zeros((32, 2, 2))
+                                for lane in range(32):
+                                    g, t = divmod(lane, 4)
+                                    k = ((w0 + s) * 4 + t) * 32 + 8 * i + 4 * h
+                                    if k >= K:
+                                        continue
+                                    row = [w_hat[n] if n < N else np.zeros(K) for n in (n0 + 16 * j + g,
+                                                                                         n0 + 16 * j + g + 8)]
+                                    a[lane] = row[0][k:k + 2], row[1][k:k + 2], row[0][k + 2:k + 4], row[1][k + 2:k + 4]
+                                    b[lane] = xp[g, k:k + 2], xp[g, k + 2:k + 4]
+                                emulate_mma_16816(acc[j], a, b)
+            for j in range(tiles):
+                for lane in range(32):
+                    g, t = divmod(lane, 4)
+                    partial[warp, 16 * j + g, 2 * t:2 * t + 2] = acc[j, lane, :2]
+                    partial[warp, 16 * j + g + 8, 2 * t:2 * t + 2] = acc[j, lane, 2:]
+        rows = min(16 * tiles, N - n0)
+        y[:, n0:n0 + rows] = partial.sum(axis=0)[:rows, :M].T
     return y
 
 
@@ -138,9 +143,11 @@ def gemv_mma_lanes(x: np.ndarray, w_hat: np.ndarray) -> np.ndarray:
 def test_the_tensor_core_gemvs_fragment_plan_computes_x_times_w_hat(m, n, k):
     """The k order awq_gemv_mma gives its lanes (each lane's own words, in dequant_word's pairs, as
     the mma's A columns and the matching x as its B rows) covers every k of every row once: with
-    ragged windows (K = 576, 96, 32: windows some lanes or warps have nothing of) and N % 16 = 8."""
+    ragged windows (K = 576, 96, 32: windows some lanes or warps have nothing of) and N % 16 = 8;
+    with blocks of one tile of 16 rows and (awq_gemv_mma32) of two, x shared by both."""
     rng = np.random.default_rng(m * n + k)
     w_hat = rng.standard_normal((n, k))
     x = rng.standard_normal((m, k))
-    got = gemv_mma_lanes(x, w_hat)
-    assert np.allclose(got, x @ w_hat.T, rtol=1e-12, atol=1e-9)
+    for tiles in (1, 2):
+        got = gemv_mma_lanes(x, w_hat, tiles)
+        assert np.allclose(got, x @ w_hat.T, rtol=1e-12, atol=1e-9), tiles

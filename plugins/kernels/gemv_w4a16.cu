@@ -306,13 +306,16 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
 // dequantized weights (A) by the same 16 k of up to 8 rows of x (B, rows past M are zeros), so a
 // word is dequantized once and its products with all 8 rows are one instruction's share.
 //
-// A block of 4 warps owns 16 output rows (n0 + g and n0 + g + 8 for fragment group g = lane / 4);
-// the warps split K into windows of 128 k, each lane t = lane % 4 of a group taking 32 k (four
-// words, one 128-bit load per row) of the window. The k order inside an mma is ours to choose,
-// as long as A and B agree: lane t's A columns (2t, 2t+1 | 2t+8, 2t+9) and B rows (the same) hold
-// the pairs of its own words, so each lane dequantizes only what it loaded (dequant_word's half2
-// pairs are the fragment registers) and loads the matching 8 x values of its row of x as 16 bytes.
-// A warp loads two windows before using any; the warps' partial tiles are summed in shared memory.
+// A block of 4 warps owns kTiles x 16 output rows (tile j: n0 + 16j + g and n0 + 16j + g + 8 for
+// fragment group g = lane / 4); the warps split K into windows of 128 k, each lane t = lane % 4 of
+// a group taking 32 k (four words, one 128-bit load per row) of the window. The k order inside an
+// mma is ours to choose, as long as A and B agree: lane t's A columns (2t, 2t+1 | 2t+8, 2t+9) and
+// B rows (the same) hold the pairs of its own words, so each lane dequantizes only what it loaded
+// (dequant_word's half2 pairs are the fragment registers) and loads the matching 8 x values of its
+// row of x as 16 bytes, once for all the block's tiles. A warp loads two windows before using any;
+// the warps' partial tiles are summed in shared memory. x is read from L2 once per block: at one
+// tile (awq_gemv_mma_g*) that is twice the block's weight bytes at M = 8, at two (awq_gemv_mma32_g*,
+// half the blocks) once; benchmarks/gemv.py times both.
 constexpr int kMmaRowsPerBlock = 16;
 constexpr int kMmaWindowK = 128;       // k a warp step covers: 4 lanes x 32
 constexpr int kMmaWindowsPerStep = 2;  // windows a warp loads before computing
@@ -321,28 +324,29 @@ __device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-template <int kGroupSize>
+template <int kGroupSize, int kTiles>
 __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                                          const half* __restrict__ scales, const half* __restrict__ zeros,
                                          half* __restrict__ y, int M, int N, int K) {
+    constexpr int kRows = kTiles * kMmaRowsPerBlock;
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int g = lane / 4, t = lane % 4;
-    const int n0 = blockIdx.x * kMmaRowsPerBlock;
+    const int n0 = blockIdx.x * kRows;
     const int words_per_row = K / kValuesPerWord, groups = num_groups(K, kGroupSize);
     const int windows = (K + kMmaWindowK - 1) / kMmaWindowK;
     begin_after_previous_kernel();
 
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float acc[kTiles][4] = {};
     for (int w0 = warp * kMmaWindowsPerStep; w0 < windows; w0 += kWarpsPerBlock * kMmaWindowsPerStep) {
-        uint4 weights[kMmaWindowsPerStep][2], xs[kMmaWindowsPerStep][4];
-        GroupParams params[kMmaWindowsPerStep][2];
+        uint4 weights[kMmaWindowsPerStep][2 * kTiles], xs[kMmaWindowsPerStep][4];
+        GroupParams params[kMmaWindowsPerStep][2 * kTiles];
 #pragma unroll
         for (int s = 0; s < kMmaWindowsPerStep; ++s) {
             const int chunk = (w0 + s) * 4 + t;  // this lane's 32 k: chunk * 32 ..
             const bool k_ok = chunk * 32 < K;    // (K % 32 == 0: the whole chunk, or none of it)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {        // rows n0 + g and n0 + g + 8
-                const int n = n0 + g + 8 * r;
+            for (int r = 0; r < 2 * kTiles; ++r) {  // rows n0 + 16 (r / 2) + g + 8 (r % 2)
+                const int n = n0 + 16 * (r / 2) + g + 8 * (r % 2);
                 const bool ok = k_ok && n < N;   // outside: zero weights (scale 0, zero 0)
                 const size_t row = static_cast<size_t>(ok ? n : 0);
                 weights[s][r] = ok ? __ldcs(reinterpret_cast<const uint4*>(qweight + row * words_per_row) + chunk)
@@ -361,34 +365,43 @@ __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint3
         for (int s = 0; s < kMmaWindowsPerStep; ++s) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {        // word i of each row: k 8i .. 8i + 7 of the chunk
-                half2 low[4], high[4];           // rows g, g + 8: pairs (k 8i+0,1) (2,3) (4,5) (6,7)
-                dequant_word(word_at(weights[s][0], i), params[s][0], low);
-                dequant_word(word_at(weights[s][1], i), params[s][1], high);
                 const uint32_t x_pairs[4] = {word_at(xs[s][i], 0), word_at(xs[s][i], 1), word_at(xs[s][i], 2),
                                              word_at(xs[s][i], 3)};
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {    // k 8i + 4h .. + 3: A cols (2t, 2t+1) = pair 2h, (2t+8, 2t+9) = 2h + 1
-                    const uint32_t a[4] = {bit_cast<uint32_t>(low[2 * h]), bit_cast<uint32_t>(high[2 * h]),
-                                           bit_cast<uint32_t>(low[2 * h + 1]), bit_cast<uint32_t>(high[2 * h + 1])};
-                    const uint32_t b[2] = {x_pairs[2 * h], x_pairs[2 * h + 1]};
-                    mma_16816(acc, a, b);
+                for (int j = 0; j < kTiles; ++j) {
+                    half2 low[4], high[4];       // rows g, g + 8 of tile j: pairs (k 8i+0,1) (2,3) (4,5) (6,7)
+                    dequant_word(word_at(weights[s][2 * j], i), params[s][2 * j], low);
+                    dequant_word(word_at(weights[s][2 * j + 1], i), params[s][2 * j + 1], high);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {  // k 8i + 4h .. + 3: A cols (2t, 2t+1) = pair 2h, (2t+8, 2t+9) = 2h + 1
+                        const uint32_t a[4] = {bit_cast<uint32_t>(low[2 * h]), bit_cast<uint32_t>(high[2 * h]),
+                                               bit_cast<uint32_t>(low[2 * h + 1]), bit_cast<uint32_t>(high[2 * h + 1])};
+                        const uint32_t b[2] = {x_pairs[2 * h], x_pairs[2 * h + 1]};
+                        mma_16816(acc[j], a, b);
+                    }
                 }
             }
         }
     }
 
-    __shared__ float tiles[kWarpsPerBlock][kMmaRowsPerBlock][8];  // each warp's C: [row][row of x]
-    tiles[warp][g][2 * t] = acc[0];
-    tiles[warp][g][2 * t + 1] = acc[1];
-    tiles[warp][g + 8][2 * t] = acc[2];
-    tiles[warp][g + 8][2 * t + 1] = acc[3];
-    __syncthreads();
-    const int r = threadIdx.x / 8, m = threadIdx.x % 8;  // 128 threads: 16 rows x 8 rows of x
-    if (m < M && n0 + r < N) {
-        float sum = 0.f;
+    __shared__ float tiles[kWarpsPerBlock][kRows][8];  // each warp's C: [row][row of x]
 #pragma unroll
-        for (int w = 0; w < kWarpsPerBlock; ++w) sum += tiles[w][r][m];
-        y[static_cast<size_t>(m) * N + n0 + r] = __float2half_rn(sum);
+    for (int j = 0; j < kTiles; ++j) {
+        tiles[warp][16 * j + g][2 * t] = acc[j][0];
+        tiles[warp][16 * j + g][2 * t + 1] = acc[j][1];
+        tiles[warp][16 * j + g + 8][2 * t] = acc[j][2];
+        tiles[warp][16 * j + g + 8][2 * t + 1] = acc[j][3];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+        const int r = 16 * j + threadIdx.x / 8, m = threadIdx.x % 8;  // 128 threads: 16 rows x 8 rows of x
+        if (m < M && n0 + r < N) {
+            float sum = 0.f;
+#pragma unroll
+            for (int w = 0; w < kWarpsPerBlock; ++w) sum += tiles[w][r][m];
+            y[static_cast<size_t>(m) * N + n0 + r] = __float2half_rn(sum);
+        }
     }
 }
 
@@ -460,17 +473,21 @@ AWQ_GEMV_ROWS_ENTRIES(7)
 AWQ_GEMV_ROWS_ENTRIES(8)
 
 // awq_gemv_mma_g{G}(x, qweight, scales, zeros, y, M, N, K): M = 2..8 (1 works too), K % 32 == 0,
-// grid ceil(N / 16) blocks of 128 threads; the tensor-core GEMV above.
-#define AWQ_GEMV_MMA_ENTRY(G)                                                                                     \
+// grid ceil(N / 16) blocks of 128 threads; the tensor-core GEMV above. awq_gemv_mma32_g{G}: the
+// same with 32 rows a block (grid ceil(N / 32)), x read half as often.
+#define AWQ_GEMV_MMA_ENTRY(NAME, G, TILES)                                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
-        awq_gemv_mma_g##G(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                       \
-                          const half* __restrict__ scales, const half* __restrict__ zeros, half* __restrict__ y,  \
-                          int M, int N, int K) {                                                                  \
-        awq_edge::gemv_mma<G>(x, qweight, scales, zeros, y, M, N, K);                                             \
+        NAME##_g##G(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                             \
+                    const half* __restrict__ scales, const half* __restrict__ zeros, half* __restrict__ y, int M, \
+                    int N, int K) {                                                                               \
+        awq_edge::gemv_mma<G, TILES>(x, qweight, scales, zeros, y, M, N, K);                                      \
     }
-AWQ_GEMV_MMA_ENTRY(32)
-AWQ_GEMV_MMA_ENTRY(64)
-AWQ_GEMV_MMA_ENTRY(128)
+AWQ_GEMV_MMA_ENTRY(awq_gemv_mma, 32, 1)
+AWQ_GEMV_MMA_ENTRY(awq_gemv_mma, 64, 1)
+AWQ_GEMV_MMA_ENTRY(awq_gemv_mma, 128, 1)
+AWQ_GEMV_MMA_ENTRY(awq_gemv_mma32, 32, 2)
+AWQ_GEMV_MMA_ENTRY(awq_gemv_mma32, 64, 2)
+AWQ_GEMV_MMA_ENTRY(awq_gemv_mma32, 128, 2)
 
 namespace awq_edge {
 namespace {
@@ -500,18 +517,36 @@ extern "C" int awq_w4a16_gemv(const __half* x, const int32_t* qweight, const __h
     return launch_status();
 }
 
-extern "C" int awq_w4a16_gemv_mma(const __half* x, const int32_t* qweight, const __half* scales,
-                                  const __half* zeros, __half* y, int M, int N, int K, int group_size,
-                                  cudaStream_t stream) {
+namespace {
+
+int launch_gemv_mma(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros, __half* y,
+                    int M, int N, int K, int group_size, int tiles, cudaStream_t stream) {
     using namespace awq_edge;
     if (!valid_matmul_args(x, qweight, scales, zeros, y, M, N, K, group_size) || M > AWQ_W4A16_GEMV_MAX_ROWS ||
         !rows_allow_128bit_loads(K)) {
         return AWQ_W4A16_INVALID_ARGUMENT;
     }
-    const auto kernel = group_size == 32 ? awq_gemv_mma_g32 : group_size == 64 ? awq_gemv_mma_g64 : awq_gemv_mma_g128;
-    kernel<<<(N + kMmaRowsPerBlock - 1) / kMmaRowsPerBlock, kThreads, 0, stream>>>(
-        x, reinterpret_cast<const uint32_t*>(qweight), scales, zeros, y, M, N, K);
+    const int g = group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
+    const auto kernel = tiles == 1 ? (g == 0 ? awq_gemv_mma_g32 : g == 1 ? awq_gemv_mma_g64 : awq_gemv_mma_g128)
+                                   : (g == 0 ? awq_gemv_mma32_g32 : g == 1 ? awq_gemv_mma32_g64 : awq_gemv_mma32_g128);
+    const int rows = tiles * kMmaRowsPerBlock;
+    kernel<<<(N + rows - 1) / rows, kThreads, 0, stream>>>(x, reinterpret_cast<const uint32_t*>(qweight), scales,
+                                                           zeros, y, M, N, K);
     return launch_status();
+}
+
+}  // namespace
+
+extern "C" int awq_w4a16_gemv_mma(const __half* x, const int32_t* qweight, const __half* scales,
+                                  const __half* zeros, __half* y, int M, int N, int K, int group_size,
+                                  cudaStream_t stream) {
+    return launch_gemv_mma(x, qweight, scales, zeros, y, M, N, K, group_size, 1, stream);
+}
+
+extern "C" int awq_w4a16_gemv_mma32(const __half* x, const int32_t* qweight, const __half* scales,
+                                    const __half* zeros, __half* y, int M, int N, int K, int group_size,
+                                    cudaStream_t stream) {
+    return launch_gemv_mma(x, qweight, scales, zeros, y, M, N, K, group_size, 2, stream);
 }
 
 extern "C" int awq_w4a16_read_only(const int32_t* qweight, const __half* scales, const __half* zeros, __half* y,

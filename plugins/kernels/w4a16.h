@@ -32,9 +32,12 @@ enum {
 int awq_w4a16_gemv(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                    __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
 
-/* The GEMV of M = 2..8 rows on tensor cores (mma.sync, fp32 accumulation); K % 32 == 0. */
+/* The GEMV of M = 2..8 rows on tensor cores (mma.sync, fp32 accumulation); K % 32 == 0. 16 output
+ * rows a block; _mma32: 32 (x read from L2 half as often, half the blocks). */
 int awq_w4a16_gemv_mma(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                        __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
+int awq_w4a16_gemv_mma32(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                         __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
 
 /* Prefill kernel: tensor-core GEMM (mma.sync m16n8k16, fp32 accumulation), any M >= 1. */
 int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
