@@ -226,6 +226,12 @@ class CudaBackend:
         return given, None
 
     @property
+    def decode_path(self) -> str:
+        """What a decode step runs (awq-edge bench prints it): the head is the choice a build makes."""
+        head = {"int4": "int4, its top 64 re-scored from fp16"}.get(self.spec.lm_head, self.spec.lm_head)
+        return f"cuda graph of awq-edge kernels, lm_head {head}"
+
+    @property
     def prefill_path(self) -> str:
         """What a prefill chunk's linears run, and why (awq-edge bench prints it)."""
         if self.cublas is None:
@@ -337,7 +343,7 @@ class CudaBackend:
         twin is reference_backend.twin_rescored_head)."""
         w, b, spec = self.weights, self.buf, self.spec
         n, k, name = a["N"], a["K"], a["weight"]
-        self.launch(f"awq_gemv_logits_g{spec.group_size}_w{4 if k % 32 == 0 else 1}", (n // GEMV_ROWS_PER_BLOCK,),
+        self.launch(f"awq_gemv_logits_g{a['group_size']}_w{4 if k % 32 == 0 else 1}", (n // GEMV_ROWS_PER_BLOCK,),
                     (GEMV_THREADS,), [b[a["x"]], w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"],
                                       b[a["out"]], ("i32", n), ("i32", k), ("i32", spec.vocab), ("f32", a["softcap"])])
         self.rescore_top_k(a)

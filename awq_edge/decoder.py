@@ -32,8 +32,8 @@ q/k/v concatenated along N, gate/up with their rows interleaved (gate row j at 2
 1 + w); the embedding fp16 [V, hidden], which is the lm_head too when tied (else
 `lm_head.weight` fp16); or the head as int8 rows with an fp16 scale per 32 values
 (`lm_head.q8`, `lm_head.q8_scales`: spec.lm_head "int8", the default, half the bytes per token);
-or as a 4-bit linear like the others (`lm_head.q4`, rows padded to a multiple of 8: "int4", a
-quarter of the bytes), whose top HEAD_TOP_K logits are then recomputed from the fp16 table
+or as a 4-bit linear like the others (`lm_head.q4` at group 32, rows padded to a multiple of 8:
+"int4", under a third of the bytes), whose top HEAD_TOP_K logits are then recomputed from the fp16 table
 (which an untied model then keeps too), as the CPU engine's graph does; RoPE tables fp16
 [max_positions, D/2] per distinct frequency set.
 """
@@ -93,6 +93,8 @@ class DecoderSpec:
 # logits are re-scored with the fp16 table, or the fp16 table itself
 LM_HEADS = ("int8", "int4", "fp16")
 HEAD_TOP_K = 64                  # an int4 head's candidates re-scored each step (as export's default)
+HEAD_INT4_GROUP = 32             # an int4 head's group size, whatever the body's (as the CPU engine's head):
+                                 # a full softmax sums its approximate tail (benchmarks/cuda_head_quality.py)
 HEAD_SELECT_CAPACITY = 8192      # plugins/kernels/head_top_k.cu: keys a block selects among
 
 
@@ -202,7 +204,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
     ops.append(Op("add_norm", {"x": pending, "residual": "h", **final}) if pending else Op("norm", {"x": "h", **final}))
     heads = {"int8": {"bits": 8, "table": "lm_head.q8", "scales": "lm_head.q8_scales"},
              "int4": {"bits": 4, "weight": "lm_head.q4", "N": padded_vocab(spec), "K": spec.hidden,
-                      "exact": lm_head_table(spec), "top_k": min(HEAD_TOP_K, spec.vocab)},
+                      "group_size": HEAD_INT4_GROUP, "exact": lm_head_table(spec),
+                      "top_k": min(HEAD_TOP_K, spec.vocab)},
              "fp16": {"bits": 16, "table": lm_head_table(spec), "scales": None}}
     ops.append(Op("lm_head", {"x": "x", "out": "logits", **heads[spec.lm_head], "softcap": spec.final_softcap}))
     return ops
@@ -274,8 +277,8 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
         if spec.lm_head == "int4":
             n, k = padded_vocab(spec), spec.hidden
             layout["lm_head.q4.qweight"] = ("int32", (n, k // 8))
-            layout["lm_head.q4.scales"] = ("float16", (n, -(-k // g)))
-            layout["lm_head.q4.zeros"] = ("float16", (n, -(-k // g)))
+            layout["lm_head.q4.scales"] = ("float16", (n, -(-k // HEAD_INT4_GROUP)))
+            layout["lm_head.q4.zeros"] = ("float16", (n, -(-k // HEAD_INT4_GROUP)))
     for j in range(len(spec.rope_freqs)):
         for kind in ("cos", "sin"):
             layout[f"rope.{j}.{kind}"] = ("float16", (spec.max_positions, spec.head_dim // 2))
@@ -352,9 +355,9 @@ def pack_weights(ckpt, spec: DecoderSpec) -> dict[str, np.ndarray]:
 
 
 def quantize_head_int4(table: np.ndarray, spec: DecoderSpec) -> dict[str, np.ndarray]:
-    """The fp16 head [V, hidden] as a 4-bit linear `lm_head.q4` of the engine's group size
-    (round to nearest, asymmetric: export's quantize_blockwise), rows padded with zeros to a
-    multiple of 8, in the plugin layout."""
+    """The fp16 head [V, hidden] as a 4-bit linear `lm_head.q4` at group HEAD_INT4_GROUP (round
+    to nearest, asymmetric: export's quantize_blockwise), rows padded with zeros to a multiple
+    of 8, in the plugin layout."""
     from .export.linear import quantize_blockwise
     from .packing import pack_for_plugin
 
@@ -362,8 +365,8 @@ def quantize_head_int4(table: np.ndarray, spec: DecoderSpec) -> dict[str, np.nda
     padded[:spec.vocab] = table
     parts = []
     for start in range(0, padded.shape[0], 8192):  # in pieces: float32 copies of a 7B head are GBs
-        q, scales, zeros = quantize_blockwise(padded[start:start + 8192], 4, spec.group_size)
-        parts.append(pack_for_plugin(q, scales.astype(np.float16), zeros.astype(np.float16), spec.group_size))
+        q, scales, zeros = quantize_blockwise(padded[start:start + 8192], 4, HEAD_INT4_GROUP)
+        parts.append(pack_for_plugin(q, scales.astype(np.float16), zeros.astype(np.float16), HEAD_INT4_GROUP))
     return {f"lm_head.q4.{key}": np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 

@@ -287,11 +287,12 @@ class ReferenceBackend:
             raise UserError(f"cannot rewind to {position}: the cache holds {self.position} tokens")
         self.position = position
 
-    def weight(self, name: str) -> np.ndarray:
+    def weight(self, name: str, group_size: int | None = None) -> np.ndarray:
+        """W_hat float32 of a 4-bit linear (at the engine's group size unless another is given)."""
         if name not in self._w:
             t = self.tensors
             self._w[name] = dequantized(t[f"{name}.qweight"], t[f"{name}.scales"], t[f"{name}.zeros"],
-                                        self.spec.group_size)
+                                        group_size or self.spec.group_size)
         return self._w[name]
 
     def rope_store(self, qkv: np.ndarray, layer: int, rope: int) -> np.ndarray:
@@ -351,7 +352,7 @@ class ReferenceBackend:
         elif op.kind == "lm_head":
             x = buf[a["x"]][0]
             if a["bits"] == 4:
-                w_hat = self.weight(a["weight"])[:spec.vocab]
+                w_hat = self.weight(a["weight"], a["group_size"])[:spec.vocab]
                 buf[a["out"]][:] = twin_rescored_head(x, w_hat, t[a["exact"]], a["top_k"], a["softcap"])
                 return
             if a["table"] not in self._w:

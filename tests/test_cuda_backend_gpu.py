@@ -264,9 +264,9 @@ def test_the_heads_match_their_twin(head, vocab, hidden, softcap):
     assert err < 1e-4 and got.argmax() == want.argmax()
 
 
-@pytest.mark.parametrize("vocab, hidden, group_size, softcap", [(49152, 576, 128, 0.0), (1003, 136, 32, 30.0),
-                                                               (151936, 1536, 64, 0.0), (262208, 640, 128, 0.0)])
-def test_the_int4_heads_kernels_match_their_twins(vocab, hidden, group_size, softcap):
+@pytest.mark.parametrize("vocab, hidden, softcap", [(49152, 576, 0.0), (1003, 136, 30.0), (151936, 1536, 0.0),
+                                                   (262208, 640, 0.0)])
+def test_the_int4_heads_kernels_match_their_twins(vocab, hidden, softcap):
     """The three launches of an int4 head on their own (cubins, driver API), fresh random data:
     awq_gemv_logits (a vocabulary padded to a multiple of 8: the pad's logits are never written;
     hidden 136: 4-byte weight loads) against twin_lm_head of W_hat; then on those very logits
@@ -276,14 +276,14 @@ def test_the_int4_heads_kernels_match_their_twins(vocab, hidden, group_size, sof
 
     from awq_edge.cuda_backend import GEMV_ROWS_PER_BLOCK, GEMV_THREADS, HEAD_RESCORE_ROWS, HEAD_SELECT_THREADS
     from awq_edge.cuda_driver import Driver, f32, i32, ptr
-    from awq_edge.decoder import HEAD_TOP_K, head_slices, padded_vocab, quantize_head_int4
+    from awq_edge.decoder import HEAD_INT4_GROUP, HEAD_TOP_K, head_slices, padded_vocab, quantize_head_int4
     from awq_edge.reference_backend import dequantized, twin_head_top_k, twin_lm_head
     from native_helpers import head_candidates_twin
 
     rng = np.random.default_rng(vocab + hidden)
     table = (rng.standard_normal((vocab, hidden)) / hidden ** 0.5).astype(np.float16)
     x = (rng.standard_normal(hidden) * 3).astype(np.float16)
-    spec = SimpleNamespace(vocab=vocab, hidden=hidden, group_size=group_size)
+    spec, group_size = SimpleNamespace(vocab=vocab, hidden=hidden), HEAD_INT4_GROUP
     n = padded_vocab(spec)
     q4 = quantize_head_int4(table, spec)
     want = twin_lm_head(x, dequantized(*(q4[f"lm_head.q4.{p}"] for p in ("qweight", "scales", "zeros")),

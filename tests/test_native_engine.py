@@ -102,6 +102,7 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[s
     backend.sample_token(backend.buf["logits"], SamplingSettings(0.7, 40, 0.9, 1.1), [1, 2, 3], 0.5)
     backend.forward(list(range(40)))  # a chunk of more rows than the chunked GEMV takes: the GEMM
     assert backend.cublas is None and backend.prefill_path.startswith("awq-edge GEMV/GEMM")  # a driver given: no cuBLAS
+    assert f"lm_head {spec.lm_head}" in backend.decode_path  # (what awq-edge bench prints)
     backend.rewind(0)
     backend.cublas = blas = RecordingCublas()
     before = len(driver.launches)
@@ -333,10 +334,10 @@ def test_an_int4_heads_candidate_search_keeps_the_top_64_lowest_ids_on_ties(voca
 @needs_nvcc
 def test_an_int4_heads_three_launches_give_the_rescored_logits_on_host_memory(tmp_path):
     """The int4 head through the cuda backend, on host memory with the kernels' twins: the 4-bit
-    GEMV's logits (a vocabulary of 20003 rows, padded to 20008 in weights.bin: the pad is never
-    written), each slice's candidates, then their re-scoring from the fp16 table, soft-capped.
+    GEMV's logits (group 32 in an engine of group 64; a vocabulary of 20003 rows, padded to 20008
+    in weights.bin: the pad is never written), each slice's candidates, then their re-scoring from the fp16 table, soft-capped.
     The logits are reference_backend.twin_rescored_head's from the engine's own tensors."""
-    from awq_edge.decoder import padded_vocab
+    from awq_edge.decoder import HEAD_INT4_GROUP, padded_vocab
     from awq_edge.devices import resolve
     from awq_edge.packing import dequantize, unpack_int4
     from awq_edge.reference_backend import dequantized, load_tensors, twin_rescored_head
@@ -351,9 +352,9 @@ def test_an_int4_heads_three_launches_give_the_rescored_logits_on_host_memory(tm
 
     def logits_twin(drv, args):
         x, qweight, scales, zeros, logits, n, k, vocab, softcap = args
-        groups = -(-k // spec.group_size)
+        groups = -(-k // HEAD_INT4_GROUP)
         w = dequantize(unpack_int4(drv.array_at(qweight, np.int32, (n, k // 8))),
-                       *(drv.array_at(a, np.float16, (n, groups)) for a in (scales, zeros)), spec.group_size)
+                       *(drv.array_at(a, np.float16, (n, groups)) for a in (scales, zeros)), HEAD_INT4_GROUP)
         y = w.astype(np.float16).astype(np.float32)[:vocab] @ drv.array_at(x, np.float16, (k,)).astype(np.float32)
         drv.array_at(logits, np.float32, (vocab,))[:] = softcap * np.tanh(y / softcap) if softcap > 0 else y
 
@@ -370,7 +371,7 @@ def test_an_int4_heads_three_launches_give_the_rescored_logits_on_host_memory(tm
                           drv.array_at(table, np.float16, (spec.vocab, hidden)), softcap,
                           drv.array_at(logits, np.float32, (spec.vocab,)))
 
-    driver = MemoryDriver({"awq_gemv_logits_g64_w4": logits_twin, "awq_head_candidates": candidates_twin,
+    driver = MemoryDriver({"awq_gemv_logits_g32_w4": logits_twin, "awq_head_candidates": candidates_twin,
                            "awq_head_rescore": rescore_twin})
     backend = CudaBackend(tmp_path / "e", manifest, info, 32, driver=driver)
     x = np.random.default_rng(4).standard_normal(spec.hidden).astype(np.float16)
@@ -378,9 +379,9 @@ def test_an_int4_heads_three_launches_give_the_rescored_logits_on_host_memory(tm
     driver.upload(backend.buf["logits"], np.full(spec.vocab, np.nan, np.float32))
     head = next(op for op in backend.ops if op.kind == "lm_head")
     backend.launch_op(head, 1)
-    assert [fn for fn, *_ in driver.launches] == ["awq_gemv_logits_g64_w4", "awq_head_candidates", "awq_head_rescore"]
+    assert [fn for fn, *_ in driver.launches] == ["awq_gemv_logits_g32_w4", "awq_head_candidates", "awq_head_rescore"]
     tensors = load_tensors(tmp_path / "e", info)
-    w_hat = dequantized(*(tensors[f"lm_head.q4.{part}"] for part in ("qweight", "scales", "zeros")), 64)
+    w_hat = dequantized(*(tensors[f"lm_head.q4.{part}"] for part in ("qweight", "scales", "zeros")), HEAD_INT4_GROUP)
     expected = twin_rescored_head(x, w_hat[:spec.vocab], tensors["lm_head.weight"], 64, 30.0)
     got = driver.array_at(backend.buf["logits"], np.float32, (spec.vocab,))
     assert np.allclose(got, expected, rtol=1e-5, atol=1e-5), np.abs(got - expected).max()
