@@ -195,6 +195,23 @@ class CudaRuntime:
         self.check(self.lib.cudaGraphExecDestroy(exec_graph), "cudaGraphExecDestroy")
 
 
+def seconds_per_call(drv, run, calls: int = 20, repeats: int = 5) -> float:
+    """A GPU benchmark's timing: `calls` of run() back to back, host-timed from a synchronize to
+    the next; the median over `repeats` of the seconds per call (run once first, to warm up)."""
+    import time
+
+    run()
+    times = []
+    for _ in range(repeats):
+        drv.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            run()
+        drv.synchronize()
+        times.append((time.perf_counter() - t0) / calls)
+    return sorted(times)[repeats // 2]
+
+
 def benchmark_gpu(script: str):
     """The first GPU for a GPU benchmark script, once it is sure nvcc is there too (its kernels are
     compiled on the machine); else None, after one line on stderr saying what is missing."""

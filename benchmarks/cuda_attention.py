@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # after PYTHONPATH: an installed (or gpu_check.sh's linked) awq_edge wins
 
 LAYOUTS = [(9, 3, 64), (32, 8, 128), (8, 4, 256)]   # (heads, kv_heads, head_dim)
-DEPTHS, ROWS, LAUNCHES, REPEATS = (0, 1024, 3840), 256, 20, 5
-
-
-def time_launches(drv, launch) -> float:
-    """Seconds per launch: LAUNCHES back to back, host-timed after a synchronize; median of REPEATS."""
-    times = []
-    for _ in range(REPEATS):
-        drv.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(LAUNCHES):
-            launch()
-        drv.synchronize()
-        times.append((time.perf_counter() - t0) / LAUNCHES)
-    return sorted(times)[REPEATS // 2]
+DEPTHS, ROWS = (0, 1024, 3840), 256
 
 
 def main() -> int:
@@ -52,7 +38,7 @@ def main() -> int:
     from awq_edge import plugins
     from awq_edge.cuda_backend import ATTEND_BLOCK_QUERIES, ATTEND_MMA_QUERIES, ATTEND_THREADS
     from awq_edge.cuda_driver import Driver, f32, i32, ptr
-    from awq_edge.cuda_runtime import benchmark_gpu
+    from awq_edge.cuda_runtime import benchmark_gpu, seconds_per_call
 
     gpu = benchmark_gpu("benchmarks/cuda_attention.py")
     if gpu is None:
@@ -94,7 +80,7 @@ def main() -> int:
             timed = {name: [] for name in runs}
             for _ in range(2):  # alternating
                 for name, run in runs.items():
-                    timed[name].append(time_launches(drv, run))
+                    timed[name].append(seconds_per_call(drv, run))
             for pointer in dev.values():
                 drv.free(pointer)
             row = {"heads": H, "kv_heads": Hkv, "head_dim": D, "past": past, "rows": ROWS, "max_abs_diff": diff,

@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,6 @@ sys.path.append(str(ROOT))  # after PYTHONPATH: an installed (or gpu_check.sh's 
 
 HEADS = [("smollm2-135m", 49152, 576), ("qwen2.5-1.5b", 151936, 1536), ("llama3.2-1b", 128256, 2048)]
 KINDS = ("int8", "int4", "fp16")
-REPLAYS, REPEATS = 20, 5
 
 
 def head_tensors(op) -> list[str]:
@@ -71,26 +69,12 @@ def rotating_graph(backend, info, names: list[str], launch, copies: int):
     return drv.capture(all_copies), extra
 
 
-def replay_us(drv, graph, copies: int) -> float:
-    """Microseconds per launch sequence: REPLAYS replays after a synchronize; median of REPEATS."""
-    drv.replay(graph)
-    times = []
-    for _ in range(REPEATS):
-        drv.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(REPLAYS):
-            drv.replay(graph)
-        drv.synchronize()
-        times.append((time.perf_counter() - t0) / REPLAYS / copies)
-    return sorted(times)[REPEATS // 2] * 1e6
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     from awq_edge.cuda_backend import CudaBackend
-    from awq_edge.cuda_runtime import benchmark_gpu
+    from awq_edge.cuda_runtime import benchmark_gpu, seconds_per_call
     from awq_edge.devices import profile_for_arch
     from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
     from awq_edge.synthetic import SHAPES, write_random_engine
@@ -119,12 +103,12 @@ def main() -> int:
                 copies = max(1, min(64, -(-4 * backend.drv.l2_cache_bytes() // nbytes)))
                 backend.drv.upload(backend.buf["x"], x)
                 graph, extra = rotating_graph(backend, info, names, lambda: backend.launch_op(op, 1), copies)
-                row[f"{kind}_us"] = replay_us(backend.drv, graph, copies)
+                row[f"{kind}_us"] = seconds_per_call(backend.drv, lambda: backend.drv.replay(graph)) / copies * 1e6
                 row[f"{kind}_bytes"] = nbytes
                 row[f"{kind}_gbs"] = nbytes / row[f"{kind}_us"] / 1e3
                 if kind == "int4":  # the re-scoring alone (its reads are the logits and 64 table rows)
                     rescore = backend.drv.capture(lambda: backend.rescore_top_k(op.args))
-                    row["int4_rescore_us"] = replay_us(backend.drv, rescore, 1)
+                    row["int4_rescore_us"] = seconds_per_call(backend.drv, lambda: backend.drv.replay(rescore)) * 1e6
                 backend.drv.replay(graph)
                 logits = np.empty(vocab, np.float32)
                 backend.drv.synchronize()
