@@ -10,8 +10,10 @@ quantizer never calibrates on). The body is the same for every head, so each pos
 normed row x is computed once and given to each head's twin: the fp16 table (exact), int8 rows
 (packing.quantize_rows_int8), the 4-bit head alone, and the 4-bit head with its top 64
 re-scored from the fp16 table (what --lm-head int4 runs). Per head and text: perplexity, how
-often its argmax is the exact head's, and for the 4-bit head how often the exact head's top 1
-and top 10 are among its 64 candidates. Writes benchmarks/results/cuda_head_quality-<ckpt>.json.
+often its argmax is the exact head's, the mean total variation distance between the token
+distributions the default sampler (temperature 0.7, top-k 50, top-p 0.95) draws from with its
+logits and with the exact ones, and for the 4-bit head how often the exact head's top 1 and
+top 10 are among its 64 candidates. Writes benchmarks/results/cuda_head_quality-<ckpt>.json.
 """
 from __future__ import annotations
 
@@ -53,6 +55,14 @@ def nll(logits: np.ndarray, target: int) -> float:
     return float(np.log(np.exp(logits - top).sum()) + top - logits[target])
 
 
+def sampled_distance(logits: np.ndarray, exact: np.ndarray, settings) -> float:
+    """Total variation distance between the default sampler's distributions over two logits."""
+    from awq_edge.sampling import candidates
+
+    p, q = (dict(zip(*(a.tolist() for a in candidates(values, settings)))) for values in (logits, exact))
+    return 0.5 * sum(abs(p.get(i, 0.0) - q.get(i, 0.0)) for i in set(p) | set(q))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
@@ -63,6 +73,7 @@ def main() -> int:
     from awq_edge.build import build_engine
     from awq_edge.packing import dequantize_rows_int8, quantize_rows_int8
     from awq_edge.reference_backend import ReferenceBackend, twin_head_top_k, twin_lm_head
+    from awq_edge.sampling import SamplingSettings
     from awq_edge.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(args.checkpoint)
@@ -80,7 +91,7 @@ def main() -> int:
         for text_name, text in texts.items():
             ids = tokenizer.encode(text)
             windows = min(args.windows, len(ids) // args.seqlen)
-            s = {name: {"nll": 0.0, "agree": 0} for name in HEADS}
+            s = {name: {"nll": 0.0, "agree": 0, "tv": 0.0} for name in HEADS}
             recall, count = {1: 0, 10: 0}, 0
             for w in range(windows):
                 window = ids[w * args.seqlen:(w + 1) * args.seqlen]
@@ -96,6 +107,7 @@ def main() -> int:
                     for name, values in logits.items():
                         s[name]["nll"] += nll(values, target)
                         s[name]["agree"] += int(values.argmax() == exact.argmax())
+                        s[name]["tv"] += sampled_distance(values, exact, SamplingSettings())
                     best = np.argsort(-exact)[:10]
                     recall[1] += int(best[0] in candidates)
                     recall[10] += len(set(best.tolist()) & set(candidates.tolist())) / 10
@@ -104,7 +116,8 @@ def main() -> int:
             results[text_name] = {
                 "tokens": count,
                 "heads": {name: {"perplexity": math.exp(v["nll"] / count), "nll_per_token": v["nll"] / count,
-                                 "top1_agreement": v["agree"] / count} for name, v in s.items()},
+                                 "top1_agreement": v["agree"] / count,
+                                 "default_sampler_tv_distance": v["tv"] / count} for name, v in s.items()},
                 "int4_top64_recall_of_exact_top1": recall[1] / count,
                 "int4_top64_recall_of_exact_top10": recall[10] / count}
     for text_name, r in results.items():
@@ -112,7 +125,8 @@ def main() -> int:
               f"{100 * r['int4_top64_recall_of_exact_top1']:.2f}% / top 10 {100 * r['int4_top64_recall_of_exact_top10']:.2f}%")
         for name, h in r["heads"].items():
             print(f"  {name:28} ppl {h['perplexity']:8.3f}  NLL {h['nll_per_token']:.4f}  "
-                  f"argmax = exact's {100 * h['top1_agreement']:.2f}%")
+                  f"argmax = exact's {100 * h['top1_agreement']:.2f}%  "
+                  f"sampler TV distance {h['default_sampler_tv_distance']:.4f}")
     out = ROOT / "benchmarks" / "results" / f"cuda_head_quality-{args.checkpoint.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python benchmarks/cuda_head_quality.py " + " ".join(sys.argv[1:]),
