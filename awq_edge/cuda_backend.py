@@ -26,7 +26,8 @@ attention: blocks of 64 tokens on tensor cores (16 on CUDA cores at head size 25
 few rows a block per token.
 
 Nothing in this file has run on a GPU yet: it is checked on a lent GPU by
-tests/test_cuda_backend_gpu.py (against the reference backend) and benchmarks/gpu_check.sh.
+tests/test_cuda_backend_gpu.py (against the reference backend) and benchmarks/gpu_check.sh, and
+in CI with the kernels' own source on a CPU emulation (tests/test_kernels_on_cpu.py).
 """
 from __future__ import annotations
 

@@ -307,3 +307,115 @@ def head_rescore_twin(keys: np.ndarray, ids: np.ndarray, top_k: int, x: np.ndarr
     chosen = chosen[chosen >= 0]
     logits[chosen] = twin_lm_head(x, table[chosen], softcap)
     return chosen
+
+
+# ---------------------------------------------------------------- the kernels' own source on the CPU
+
+def build_emulated_kernels(out_dir) -> "ctypes.CDLL | None":
+    """Every kernel the cuda backend loads (cuda_backend.KERNELS_OF), compiled from its .cu file
+    with g++ for the CPU emulation of tests/cuda_on_cpu/emulate.h, as one library whose
+    cpu_launch(name, grid x, y, z, threads, args) runs a kernel; None without g++ or CUDA headers."""
+    import ctypes
+    import shutil
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from awq_edge import plugins
+    from awq_edge.cuda_backend import KERNELS_OF
+
+    cxx, include = shutil.which("g++"), plugins.cuda_include_dir()
+    if cxx is None or include is None:
+        return None
+    here, out = Path(__file__).parent / "cuda_on_cpu", Path(out_dir)
+    flags = ["-std=c++20", "-O1", "-pthread", "-fPIC", "-w", "-I", str(plugins.PLUGINS_DIR / "kernels"),
+             "-isystem", str(include), "-include", str(here / "emulate.h")]
+    sources = {"launch": here / "launch.cpp"}
+    for module, names in KERNELS_OF.items():
+        sources[module] = out / f"{module}.cpp"
+        sources[module].write_text(f'#include "{module}.cu"\n' + "".join(f"AWQ_EMULATE({n})\n" for n in names))
+
+    def compile_one(name):
+        subprocess.run([cxx, *flags, "-c", "-o", str(out / f"{name}.o"), str(sources[name])], check=True)
+        return out / f"{name}.o"
+
+    with ThreadPoolExecutor(2) as pool:
+        objects = list(pool.map(compile_one, sources))
+    subprocess.run([cxx, "-shared", "-pthread", "-o", str(out / "kernels.so"), *map(str, objects)], check=True)
+    lib = ctypes.CDLL(str(out / "kernels.so"))
+    lib.cpu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                               ctypes.c_void_p]
+    return lib
+
+
+class EmulatedDriver(RecordingDriver):
+    """The cuda backend's driver over the kernels' own source on the CPU (build_emulated_kernels):
+    device memory is host memory (a pointer is a host address), a launch runs the kernel, and a
+    captured graph is its launches, run again at each replay (and not at the capture, as on a GPU)."""
+
+    def __init__(self, lib):
+        super().__init__()
+        self.lib, self.buffers, self.capturing = lib, {}, None
+
+    def alloc(self, nbytes: int) -> int:
+        self.allocated += int(nbytes)
+        buffer = np.zeros(max(int(nbytes), 1) + 256, np.uint8)
+        address = -(-buffer.ctypes.data // 256) * 256  # as aligned as cuMemAlloc's
+        self.buffers[address] = buffer
+        return address
+
+    def free(self, device_ptr: int) -> None:
+        self.buffers.pop(device_ptr, None)
+
+    def upload(self, device_ptr, array):
+        import ctypes
+
+        array = np.ascontiguousarray(array)
+        ctypes.memmove(device_ptr, array.ctypes.data, array.nbytes)
+
+    upload_async = upload
+
+    def download(self, array, device_ptr):
+        import ctypes
+
+        assert array.flags.c_contiguous
+        ctypes.memmove(array.ctypes.data, device_ptr, array.nbytes)
+
+    def copy(self, dst, src, nbytes):
+        import ctypes
+
+        ctypes.memmove(dst, src, nbytes)
+
+    def zero(self, device_ptr, nbytes):
+        import ctypes
+
+        ctypes.memset(device_ptr, 0, nbytes)
+
+    def launch(self, fn, grid, block, args, shared_bytes=0, programmatic=False):
+        super().launch(fn, grid, block, args, shared_bytes, programmatic)
+        if self.capturing is not None:
+            self.capturing.append((fn, grid, block, args))
+        else:
+            self.run(fn, grid, block, args)
+
+    def run(self, fn, grid, block, args):
+        import ctypes
+
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        assert all(b == 1 for b in tuple(block)[1:]), "the kernels' blocks are 1-D"
+        values = (ctypes.c_void_p * max(len(args), 1))(*[ctypes.addressof(a) for a in args])
+        assert self.lib.cpu_launch(fn.encode(), *grid, block[0], values) == 0, fn
+
+    def capture(self, launches):
+        self.captures = getattr(self, "captures", 0) + 1
+        self.capturing = []
+        try:
+            launches()
+            return self.capturing
+        finally:
+            self.capturing = None
+
+    def replay(self, executable):
+        self.replays = getattr(self, "replays", 0) + 1
+        for launch in executable:
+            self.run(*launch)

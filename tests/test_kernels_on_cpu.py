@@ -1,52 +1,41 @@
 """CUDA kernels' own source run on the CPU (tests/cuda_on_cpu/emulate.h: a thread per GPU
-thread, barriers for __syncthreads and the warp collectives), against their twins: the int4
-head's candidate search and re-scoring (plugins/kernels/head_top_k.cu) and the decode sampler
-(sample.cu), both built on select.cuh. This checks their logic (indices, synchronization, what
-the warp collectives return) in CI; the GPU tests check them on the hardware."""
+thread, barriers for __syncthreads and the warp collectives, mma.sync's fragments exchanged),
+against their twins: the int4 head's candidate search and re-scoring (head_top_k.cu), the decode
+sampler (sample.cu), both built on select.cuh; then the whole cuda backend, every kernel of a
+decode step and of prefill, against the reference executor. This checks their logic (indices,
+synchronization, what the collectives return, the fragment layouts) in CI; the GPU tests check
+them on the hardware."""
 from __future__ import annotations
-
-import ctypes
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
-from awq_edge import plugins
+from awq_edge.cuda_driver import f32, i32, ptr
 from awq_edge.decoder import HEAD_TOP_K, head_slices
 from awq_edge.reference_backend import twin_head_top_k, twin_lm_head
 from awq_edge.sampling import SamplingSettings, candidates, choose_token
-from native_helpers import head_candidates_twin
+from native_helpers import EmulatedDriver, build_emulated_kernels, head_candidates_twin
 
-HERE = plugins.PLUGINS_DIR.parent / "tests" / "cuda_on_cpu"
-THREADS = 1024  # the kernels' block (cuda_backend.HEAD_SELECT_THREADS, SAMPLE_THREADS)
-P, I32, F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+THREADS = 1024  # the selection kernels' block (cuda_backend.HEAD_SELECT_THREADS, SAMPLE_THREADS)
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    cxx, include = shutil.which("g++"), plugins.cuda_include_dir()
-    if cxx is None or include is None:
-        pytest.skip(f"needs g++ and the CUDA headers; found g++={cxx}, CUDA include={include}")
-    out = tmp_path_factory.mktemp("cuda_on_cpu")
-    objects = []
-    for name in ("head_top_k", "sample"):
-        objects.append(out / f"{name}.o")
-        subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-fPIC", "-Werror", "-Wall", "-Wno-unknown-pragmas",
-                        "-Wno-unused-function", "-c",
-                        "-I", str(plugins.PLUGINS_DIR / "kernels"), "-isystem", str(include),
-                        "-include", str(HERE / "emulate.h"), "-o", str(objects[-1]), str(HERE / f"{name}.cpp")],
-                       check=True)
-    subprocess.run([cxx, "-shared", "-pthread", "-o", str(out / "kernels.so"), *map(str, objects)], check=True)
-    lib = ctypes.CDLL(str(out / "kernels.so"))
-    lib.cpu_head_candidates.argtypes = [P, I32, I32, I32, P, P, I32, I32]
-    lib.cpu_head_rescore.argtypes = [P, P, I32, I32, P, P, I32, F32, P, I32, I32]
-    lib.cpu_sample_step.argtypes = [P, I32, P, P, I32, F32, F32, I32, F32, P, P, P, I32]
+def emulated(tmp_path_factory):
+    lib = build_emulated_kernels(tmp_path_factory.mktemp("cuda_on_cpu"))
+    if lib is None:
+        pytest.skip("needs g++ and the CUDA headers")
     return lib
 
 
+def run(lib, name: str, grid: tuple, threads: int, args: list) -> None:
+    """One kernel over host arrays: args are numpy arrays (their addresses), ints or floats."""
+    values = [ptr(a.ctypes.data) if isinstance(a, np.ndarray) else f32(a) if isinstance(a, float) else i32(a)
+              for a in args]
+    EmulatedDriver(lib).run(name, grid, (threads,), values)
+
+
 @pytest.mark.parametrize("vocab", [5, 100, 2049, 5000])
-def test_the_int4_heads_selection_kernels_choose_the_twins_set(kernels, vocab):
+def test_the_int4_heads_selection_kernels_choose_the_twins_set(emulated, vocab):
     """awq_head_candidates: each slice's top 64 keys and ids exactly as its block plan has them;
     awq_head_rescore: the top 64 of those (lowest ids on ties, NaN last) recomputed from the
     table in place, every other logit untouched: on logits with ties within and across slices,
@@ -61,20 +50,19 @@ def test_the_int4_heads_selection_kernels_choose_the_twins_set(kernels, vocab):
     for logits in (rng.choice(few, vocab), np.round(rng.standard_normal(vocab), 1).astype(np.float32),
                    np.full(vocab, 3.0, np.float32)):
         keys, ids = np.full(slices * top_k, 7, np.uint32), np.full(slices * top_k, -7, np.int32)
-        kernels.cpu_head_candidates(logits.ctypes.data, vocab, length, top_k, keys.ctypes.data, ids.ctypes.data,
-                                    slices, THREADS)
+        run(emulated, "awq_head_candidates", (slices,), THREADS, [logits, vocab, length, top_k, keys, ids])
         want_keys, want_ids = head_candidates_twin(logits, vocab, length, top_k)
         assert np.array_equal(keys, want_keys.reshape(-1)) and np.array_equal(ids, want_ids.reshape(-1))
         got = logits.copy()
-        kernels.cpu_head_rescore(keys.ctypes.data, ids.ctypes.data, slices * top_k, top_k, x.ctypes.data,
-                                 table.ctypes.data, hidden, 30.0, got.ctypes.data, -(-top_k // 8), THREADS)
+        run(emulated, "awq_head_rescore", (-(-top_k // 8),), THREADS,
+            [keys, ids, slices * top_k, top_k, x, table, hidden, 30.0, got])
         chosen = twin_head_top_k(logits, top_k)
         assert np.allclose(got[chosen], twin_lm_head(x, table[chosen], 30.0), rtol=1e-5, atol=1e-5)
         others = np.setdiff1d(np.arange(vocab), chosen)
         assert np.array_equal(got[others], logits[others], equal_nan=True)
 
 
-def sample_on_cpu(kernels, logits: np.ndarray, settings: SamplingSettings, seen, uniform: float):
+def sample_on_cpu(lib, logits: np.ndarray, settings: SamplingSettings, seen, uniform: float):
     """(token, the history after the step) of awq_sample_step, the cuda backend's sampler."""
     vocab = logits.size
     history = np.zeros(64, np.int32)
@@ -82,16 +70,16 @@ def sample_on_cpu(kernels, logits: np.ndarray, settings: SamplingSettings, seen,
     n_seen = np.array([len(seen)], np.int32)
     work, token = np.zeros(2 * vocab, np.float32), np.full(1, -7, np.int32)
     draw = np.array([uniform], np.float32)
-    kernels.cpu_sample_step(logits.ctypes.data, vocab, history.ctypes.data, n_seen.ctypes.data, history.size,
-                            settings.repetition_penalty, settings.temperature, settings.top_k, settings.top_p,
-                            draw.ctypes.data, work.ctypes.data, token.ctypes.data, THREADS)
+    run(lib, "awq_sample_step", (1,), THREADS,
+        [logits, vocab, history, n_seen, history.size, float(settings.repetition_penalty),
+         float(settings.temperature), settings.top_k, float(settings.top_p), draw, work, token])
     return int(token[0]), history[:int(n_seen[0])].tolist()
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p, penalty", [
     (0.0, 50, 0.95, 1.0), (0.0, 0, 1.0, 1.3), (0.7, 50, 0.95, 1.0), (1.0, 0, 0.9, 1.0), (1.2, 300, 0.5, 1.1),
     (0.5, 1, 1.0, 1.0)])
-def test_the_decode_sampler_picks_the_host_samplers_token(kernels, temperature, top_k, top_p, penalty):
+def test_the_decode_sampler_picks_the_host_samplers_token(emulated, temperature, top_k, top_p, penalty):
     """awq_sample_step on the CPU against sampling.choose_token: the same token for the same
     draw (greedy always; else at least 3 of 4 draws, float rounding at a boundary aside, and
     always one of the host's kept ids), appended to the device history; NaN logits never win,
@@ -105,7 +93,7 @@ def test_the_decode_sampler_picks_the_host_samplers_token(kernels, temperature, 
         logits[nan_ids] = np.nan
         seen = rng.integers(0, vocab, 10).tolist()
         for u in rng.random(2):
-            got, history = sample_on_cpu(kernels, logits, settings, seen, float(u))
+            got, history = sample_on_cpu(emulated, logits, settings, seen, float(u))
             assert history == seen + [got] and got not in nan_ids
             want = choose_token(logits, settings, seen, float(u))
             agree += got == want
@@ -113,7 +101,68 @@ def test_the_decode_sampler_picks_the_host_samplers_token(kernels, temperature, 
     assert agree >= 3
     ties = np.zeros(2000, np.float32)
     ties[[1500, 17, 900]] = 5.0
-    assert sample_on_cpu(kernels, ties, SamplingSettings(0.0), [], 0.0)[0] == 17
+    assert sample_on_cpu(emulated, ties, SamplingSettings(0.0), [], 0.0)[0] == 17
     close = np.zeros(2000, np.float32)
     close[[17, 900]] = 5.0, 4.9  # top-k 1 keeps 17 alone, however high the draw
-    assert sample_on_cpu(kernels, close, SamplingSettings(1.0, 1, 1.0), [], 0.99)[0] == 17
+    assert sample_on_cpu(emulated, close, SamplingSettings(1.0, 1, 1.0), [], 0.99)[0] == 17
+
+
+# (family, --lm-head, config overrides, fused op list, prompt length, kernels it must launch):
+# between them every kind of kernel the backend launches (all but the cuBLAS path's dequantize),
+# at head sizes 64, 128 and 256, K % 32 == 0 and not, a full prefill chunk
+BACKEND_CASES = {
+    "llama-int4-head": ("llama", 4, {}, True, 20,
+                        {"awq_gemv_logits_g32_w4", "awq_head_candidates", "awq_head_rescore", "awq_gemv_mma_g32",
+                         "awq_attend_mma_d64", "awq_gemv_norm_rope_g32_w4", "awq_gemv_norm_act_g32_w4",
+                         "awq_gemv_residual_g32_w4", "awq_gemm_g32_v1"}),
+    "qwen3-unfused-9-rows": ("qwen3", "auto", {}, False, 9,
+                             {"awq_attend_d64", "awq_gemv_rows1_g32_w4", "awq_head_rms_norm", "awq_add_rms_norm",
+                              "awq_gemv_store_g32_w4", "awq_lm_head_q8"}),
+    "gemma3-fp16-head": ("gemma3_text", None, {"query_pre_attn_scalar": 64, "num_hidden_layers": 2}, True, 20,
+                         {"awq_lm_head", "awq_gemv_norm_store_g32_w4", "awq_gemv_act_g32_w4"}),
+    "qwen2-ragged": ("qwen2", "auto", {"hidden_size": 136, "intermediate_size": 200}, True, 20,
+                     {"awq_gemm_g32_v0", "awq_gemv_rows8_g32_w1", "awq_gemv_norm_rope_g32_w1", "awq_bias_add"}),
+    "mistral-d128-window": ("mistral", 4, {"head_dim": 128, "sliding_window": 5}, True, 20,
+                            {"awq_attend_mma_d128", "awq_attend_split_d128"}),
+    "llama-d256-full-chunk": ("llama", "auto", {"head_dim": 256}, True, 300,
+                              {"awq_attend_block_d256", "awq_attend_split_d256"}),
+}
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, case, tmp_path):
+    """The cuda backend itself (cuda_backend.py: its launches, buffers, graphs) running every
+    kernel's own source on the CPU, against the reference executor over the same engine: a
+    prompt (9 rows: the tensor-core GEMV for 8 and the plain one for 1, attention a block per
+    token; 20: prefill attention in blocks of tokens; 300: a full 256-row chunk, captured and
+    replayed as a graph, then 44 rows), 3 decode steps (graph replays: the fused GEMVs, split
+    attention, the head), then a 40-token chunk (the GEMM), each step's logits within fp16
+    rounding and the same argmax; then a token sampled on the device."""
+    from awq_edge.build import build_engine
+    from awq_edge.cuda_backend import CudaBackend
+    from awq_edge.decoder import decode_ops
+    from awq_edge.model import resolve_source
+    from awq_edge.reference_backend import ReferenceBackend
+    from native_helpers import read_native_engine, teacher_forced
+    from test_export_helpers import tiny_checkpoint
+
+    model_type, lm_head, overrides, fused, prompt, expected = BACKEND_CASES[case]
+    shape = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 64, "num_hidden_layers": 1, "max_position_embeddings": 512, **overrides}
+    ckpt = tiny_checkpoint(tmp_path, model_type, resolve_source("smollm2"), **shape)
+    build_engine(str(ckpt), "h200", tmp_path / "engine", backend="cuda", progress=False, lm_head_bits=lm_head)
+    manifest, info = read_native_engine(tmp_path / "engine")
+    driver = EmulatedDriver(emulated)
+    cuda = CudaBackend(tmp_path / "engine", manifest, info, prompt + 48, driver=driver)
+    cuda.ops = decode_ops(info.spec, fused=fused)
+    reference = ReferenceBackend(tmp_path / "engine", prompt + 48, info)
+    ids = np.random.default_rng(5).integers(0, 256, prompt + 3 + 40).tolist()
+    errors, disagreements = teacher_forced(cuda, reference, ids[:prompt + 3], prompt)
+    got, want = np.asarray(cuda.forward(ids[prompt + 3:])), reference.forward(ids[prompt + 3:])
+    errors.append(float(np.linalg.norm(got - want) / np.linalg.norm(want)))
+    launched = {fn for fn, *_ in driver.launches}
+    print(f"{case}: errors {max(errors):.1e}, {driver.launch_count} launches of {len(launched)} kernels")
+    assert max(errors) < 1e-2 and disagreements == [] and got.argmax() == want.argmax(), (errors, disagreements)
+    assert cuda.sample_token(cuda.buf["logits"], SamplingSettings(0.0), ids, 0.0) == int(got.argmax())
+    assert expected <= launched and "awq_sample_step" in driver.kernel_info, expected - launched
+    assert prompt < 256 or driver.captures == 2 and driver.replays == 4  # the full chunk's graph, and decode's

@@ -667,6 +667,7 @@ AWQ_ATTEND_SPLIT_ENTRY(64)
 AWQ_ATTEND_SPLIT_ENTRY(128)
 AWQ_ATTEND_SPLIT_ENTRY(256)
 
+#if defined(__CUDACC__)  // the C launchers (tests/cuda_on_cpu compiles the kernels alone with g++)
 extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, __half* k_cache, __half* v_cache,
                              const int64_t* past, const __half* cos, const __half* sin, __half* q_rot, __half* out,
                              int S, int H, int Hkv, int D, int capacity, int max_positions, int window, float scale,
@@ -693,3 +694,4 @@ extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, 
                                                      max_positions, window, scale, softcap);
     return static_cast<int>(cudaGetLastError());
 }
+#endif  // __CUDACC__

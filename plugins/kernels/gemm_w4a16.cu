@@ -249,6 +249,7 @@ AWQ_DEQUANTIZE_ENTRY(32)
 AWQ_DEQUANTIZE_ENTRY(64)
 AWQ_DEQUANTIZE_ENTRY(128)
 
+#if defined(__CUDACC__)  // the C launchers (tests/cuda_on_cpu compiles the kernels alone with g++)
 namespace awq_edge {
 namespace {
 
@@ -292,3 +293,4 @@ extern "C" int awq_w4a16_dequantize(const int32_t* qweight, const __half* scales
     }
     return launch_status();
 }
+#endif  // __CUDACC__

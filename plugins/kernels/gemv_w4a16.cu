@@ -489,6 +489,7 @@ AWQ_GEMV_MMA_ENTRY(awq_gemv_mma32, 32, 2)
 AWQ_GEMV_MMA_ENTRY(awq_gemv_mma32, 64, 2)
 AWQ_GEMV_MMA_ENTRY(awq_gemv_mma32, 128, 2)
 
+#if defined(__CUDACC__)  // the C launchers (tests/cuda_on_cpu compiles the kernels alone with g++)
 namespace awq_edge {
 namespace {
 
@@ -562,6 +563,7 @@ extern "C" int awq_w4a16_read_only(const int32_t* qweight, const __half* scales,
     }
     return launch_status();
 }
+#endif  // __CUDACC__
 
 // Entry points for launches through the CUDA driver API (the cuda backend loads this file's
 // cubin): one row (decode), grid N / 4 blocks of 128 threads, W = 4 when K % 32 == 0 (128-bit

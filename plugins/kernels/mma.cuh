@@ -19,6 +19,8 @@ __device__ __forceinline__ void mma_16816(float (&acc)[4], const uint32_t (&a)[4
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(AWQ_EDGE_CPU_EMULATION)  // tests/cuda_on_cpu: the warp's fragments exchanged on the CPU
+    emulated_mma_16816(acc, a, b);
 #else
     __trap();  // built only for sm_80 and newer (see CMakeLists.txt)
 #endif

@@ -206,7 +206,7 @@ awq_sample_step(const float* __restrict__ logits, int vocab, int32_t* __restrict
     }
 }
 
-#if defined(__CUDACC__)  // (tests/cuda_on_cpu compiles the kernels above with g++)
+#if defined(__CUDACC__)  // the C launchers (tests/cuda_on_cpu compiles the kernels alone with g++)
 extern "C" int awq_sample_token(const float* logits, int vocab, const int32_t* seen, int n_seen,
                                 float repetition_penalty, float temperature, int top_k, float top_p, float uniform,
                                 float* work, int32_t* token, cudaStream_t stream) {
@@ -219,4 +219,4 @@ extern "C" int awq_sample_token(const float* logits, int vocab, const int32_t* s
                                               top_p, uniform, work, token);
     return static_cast<int>(cudaGetLastError());
 }
-#endif
+#endif  // __CUDACC__

@@ -1,18 +1,28 @@
-// Just enough of CUDA to run a block-level kernel's own source on the CPU, for CI (no GPU):
-// each thread of a block is an OS thread, __syncthreads a barrier of the block, and each warp
-// intrinsic an exchange through a barrier of the warp's 32 threads. Blocks run one after
-// another, so a kernel's `__shared__` variables are plain statics. What it checks is the
-// kernel's logic (indices, synchronization, the warp collectives' results), not its speed or
-// anything about memory the GPU would do differently; tests/test_kernels_on_cpu.py uses it,
-// included before the kernel's .cu (g++ -include).
+// Just enough of CUDA to run the kernels' own source on the CPU, for CI (no GPU): each thread of
+// a block is a fiber, __syncthreads a barrier of the block, and each warp collective (the
+// shuffles, ballot, match, mma.sync) an exchange through a barrier of the warp's 32 threads.
+// Blocks run one after another, so a kernel's `__shared__` variables are plain statics. What it
+// checks is the kernels' logic (indices, synchronization, what the collectives return, the
+// fragment layouts of mma.sync), not their speed or anything the GPU's memory does differently.
+//
+// Included before each kernel file (g++ -include; tests/test_kernels_on_cpu.py builds them),
+// whose kernels a generated line AWQ_EMULATE(name) each registers; `cpu_launch` (launch.cpp)
+// runs one by name with the driver API's arguments (an array of pointers to the values).
 #pragma once
 
-#include <barrier>
+#include <atomic>
+#include <ucontext.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <thread>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <cuda_fp16.h>
@@ -30,74 +40,161 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define AWQ_EDGE_CPU_EMULATION 1
 
 namespace cuda_on_cpu {
 
 constexpr int kWarp = 32;
+constexpr int kSlotBytes = 64;
+constexpr int kMaxThreads = 1024;
+constexpr size_t kStackBytes = 128 << 10;
+
+// A block's threads are fibers on one OS thread (ucontext), each run until it waits at a barrier
+// or returns: a switch costs no system wakeup, and every run is the same interleaving.
+struct Meeting {  // a barrier whose party is the threads still running the block
+    int party = 0, arrived = 0;
+    uint64_t phase = 0;
+};
+
+struct Fiber {
+    ucontext_t context;
+    std::unique_ptr<char[]> stack{new char[kStackBytes]};
+    const Meeting* waiting = nullptr;  // the meeting it waits at, and that meeting's phase then
+    uint64_t phase = 0;
+    bool done = false;
+};
 
 struct Warp {
-    std::barrier<> meet{kWarp};
-    uint64_t slot[kWarp];
+    Meeting meet;
+    unsigned char slot[kWarp][kSlotBytes];
 };
 
-struct Block {
-    explicit Block(int threads) : meet(threads), warps(threads / kWarp) {}
-    std::barrier<> meet;
-    std::vector<Warp> warps;
-};
-
-inline Block* block = nullptr;
-inline uint3 grid_dim{1, 1, 1}, block_dim{1, 1, 1};
-inline thread_local uint3 thread_index{0, 0, 0};
-inline uint3 block_index{0, 0, 0};
+inline ucontext_t scheduler;
+inline std::vector<Fiber> fibers(kMaxThreads);
+inline Meeting block_meeting;
+inline Warp warps[kMaxThreads / kWarp];
+inline const std::function<void()>* running_kernel = nullptr;
+inline uint3 grid_dim{1, 1, 1}, block_dim{1, 1, 1}, block_index{0, 0, 0}, thread_index{0, 0, 0};
 
 inline int lane() { return static_cast<int>(thread_index.x) % kWarp; }
-inline Warp& warp() { return block->warps[thread_index.x / kWarp]; }
+inline Warp& warp() { return warps[thread_index.x / kWarp]; }
+inline Fiber& current() { return fibers[thread_index.x]; }
 
-// Every lane's value, to every lane (then what each intrinsic makes of them).
+inline void release(Meeting& m) {
+    m.arrived = 0;
+    ++m.phase;
+}
+
+inline void wait(Meeting& m) {
+    if (++m.arrived == m.party) {
+        release(m);
+        return;
+    }
+    Fiber& self = current();
+    self.waiting = &m;
+    self.phase = m.phase;
+    swapcontext(&self.context, &scheduler);
+}
+
+inline void leave(Meeting& m) {  // an exited GPU thread no longer counts for __syncthreads
+    if (--m.party > 0 && m.arrived == m.party) release(m);
+}
+
+inline void fiber_main() {
+    (*running_kernel)();
+    current().done = true;
+    leave(warp().meet);
+    leave(block_meeting);
+}  // (then uc_link: back to the scheduler)
+
+// Every lane's value, to every lane (then what each collective makes of them).
 template <typename T>
-std::vector<T> gather(T value) {
-    static_assert(sizeof(T) <= 8, "a warp slot holds 8 bytes");
+std::vector<T> gather(const T& value) {
+    static_assert(sizeof(T) <= kSlotBytes && std::is_trivially_copyable_v<T>, "a warp slot holds 64 bytes");
     Warp& w = warp();
-    uint64_t bits = 0;
-    std::memcpy(&bits, &value, sizeof(T));
-    w.slot[lane()] = bits;
-    w.meet.arrive_and_wait();
+    std::memcpy(w.slot[lane()], &value, sizeof(T));
+    wait(w.meet);
     std::vector<T> all(kWarp);
-    for (int i = 0; i < kWarp; ++i) std::memcpy(&all[i], &w.slot[i], sizeof(T));
-    w.meet.arrive_and_wait();  // the slots are rewritten by the next intrinsic
+    for (int i = 0; i < kWarp; ++i) std::memcpy(&all[i], w.slot[i], sizeof(T));
+    wait(w.meet);  // the slots are rewritten by the next collective
     return all;
 }
 
-// Runs kernel() for every block of the grid, blockDim.x threads at a time (1-D launches).
-inline void launch(unsigned grid, unsigned threads, const std::function<void()>& kernel) {
-    grid_dim = {grid, 1, 1};
+// kernel() for every block of the grid (1-D blocks of at most 1024 threads), one block at a time.
+inline void launch(dim3 grid, unsigned threads, const std::function<void()>& kernel) {
+    if (threads == 0 || threads > kMaxThreads) throw std::runtime_error("a block of 1..1024 threads");
+    grid_dim = {grid.x, grid.y, grid.z};
     block_dim = {threads, 1, 1};
-    for (unsigned b = 0; b < grid; ++b) {
-        Block here(static_cast<int>(threads));
-        block = &here;
-        block_index = {b, 0, 0};
-        std::vector<std::thread> team;
-        team.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t) {
-            team.emplace_back([t, &kernel] {
-                thread_index = {t, 0, 0};
-                kernel();
-            });
+    running_kernel = &kernel;
+    for (unsigned z = 0; z < grid.z; ++z) {
+        for (unsigned y = 0; y < grid.y; ++y) {
+            for (unsigned x = 0; x < grid.x; ++x) {
+                block_index = {x, y, z};
+                block_meeting = Meeting{static_cast<int>(threads)};
+                for (unsigned w = 0; w * kWarp < threads; ++w) {
+                    warps[w].meet = Meeting{static_cast<int>(std::min<unsigned>(kWarp, threads - w * kWarp))};
+                }
+                for (unsigned t = 0; t < threads; ++t) {
+                    Fiber& f = fibers[t];
+                    f.waiting = nullptr;
+                    f.done = false;
+                    getcontext(&f.context);
+                    f.context.uc_stack.ss_sp = f.stack.get();
+                    f.context.uc_stack.ss_size = kStackBytes;
+                    f.context.uc_link = &scheduler;
+                    makecontext(&f.context, fiber_main, 0);
+                }
+                for (unsigned left = threads; left > 0;) {  // round robin over the fibers that can run
+                    bool ran = false;
+                    for (unsigned t = 0; t < threads; ++t) {
+                        Fiber& f = fibers[t];
+                        if (f.done || (f.waiting != nullptr && f.waiting->phase == f.phase)) continue;
+                        f.waiting = nullptr;
+                        thread_index = {t, 0, 0};
+                        swapcontext(&scheduler, &f.context);
+                        ran = true;
+                        if (f.done) --left;
+                    }
+                    if (!ran) throw std::runtime_error("every thread of the block waits: a barrier not all reach");
+                }
+            }
         }
-        for (auto& thread : team) thread.join();
-        block = nullptr;
     }
 }
 
+// Kernels by name, each called with the driver API's argument array (pointers to the values).
+using Launcher = std::function<void(dim3, unsigned, void**)>;
+
+inline std::map<std::string, Launcher>& kernels() {
+    static std::map<std::string, Launcher> registry;
+    return registry;
+}
+
+template <typename... A, size_t... I>
+void call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
+    kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+}
+
+template <typename... A>
+bool add(const char* name, void (*kernel)(A...)) {
+    kernels()[name] = [kernel](dim3 grid, unsigned threads, void** args) {
+        launch(grid, threads, [&] { call(kernel, args, std::index_sequence_for<A...>{}); });
+    };
+    return true;
+}
+
 }  // namespace cuda_on_cpu
+
+#define AWQ_EMULATE(name) static const bool awq_emulated_##name = cuda_on_cpu::add(#name, name);
 
 #define threadIdx (cuda_on_cpu::thread_index)
 #define blockIdx (cuda_on_cpu::block_index)
 #define blockDim (cuda_on_cpu::block_dim)
 #define gridDim (cuda_on_cpu::grid_dim)
 
-inline void __syncthreads() { cuda_on_cpu::block->meet.arrive_and_wait(); }
+inline void __syncthreads() { cuda_on_cpu::wait(cuda_on_cpu::block_meeting); }
+inline void __syncwarp(unsigned = 0xffffffffu) { cuda_on_cpu::wait(cuda_on_cpu::warp().meet); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int mask) { return cuda_on_cpu::gather(v)[cuda_on_cpu::lane() ^ mask]; }
@@ -112,7 +209,7 @@ T __shfl_up_sync(unsigned, T v, unsigned delta) {
 inline unsigned __ballot_sync(unsigned, int predicate) {
     const auto all = cuda_on_cpu::gather(static_cast<unsigned>(predicate != 0));
     unsigned bits = 0;
-    for (int i = 0; i < cuda_on_cpu::kWarp; ++i) bits |= static_cast<unsigned>(all[i]) << i;
+    for (int i = 0; i < cuda_on_cpu::kWarp; ++i) bits |= all[i] << i;
     return bits;
 }
 
@@ -123,9 +220,17 @@ inline unsigned __match_any_sync(unsigned, unsigned value) {
     return bits;
 }
 
-inline unsigned atomicAdd(unsigned* address, unsigned value) {
-    return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
+// __hfma2 is device-only in cuda_fp16.h: in double (exact), one rounding to fp16.
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+    const auto fma = [](float x, float y, float z) { return static_cast<float>(static_cast<double>(x) * y + z); };
+    return __floats2half2_rn(fma(__low2float(a), __low2float(b), __low2float(c)),
+                             fma(__high2float(a), __high2float(b), __high2float(c)));
 }
+
+template <typename T>
+T atomicAdd(T* address, T value) { return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST); }
+template <typename T>
+T atomicOr(T* address, T value) { return __atomic_fetch_or(address, value, __ATOMIC_SEQ_CST); }
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
@@ -144,6 +249,49 @@ inline float __uint_as_float(unsigned u) {
 
 template <typename T>
 T __ldg(const T* p) { return *p; }
+template <typename T>
+T __ldcs(const T* p) { return *p; }
+template <typename T>
+T __ldcg(const T* p) { return *p; }
+
+inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 using std::isnan;
+using std::max;
 using std::min;
+
+namespace awq_edge {
+
+// mma.sync.m16n8k16 (f32 += f16 x f16) over the warp's fragments, in the layouts mma.cuh gives.
+inline void emulated_mma_16816(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    struct Fragments {
+        uint32_t a[4], b[2];
+    };
+    const auto all = cuda_on_cpu::gather(Fragments{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}});
+    float A[16][16], B[16][8];
+    const auto halves = [](uint32_t r, float& low, float& high) {
+        __half2 h;
+        std::memcpy(&h, &r, 4);
+        low = __low2float(h);
+        high = __high2float(h);
+    };
+    for (int l = 0; l < cuda_on_cpu::kWarp; ++l) {
+        const int g = l / 4, t = l % 4;
+        halves(all[l].a[0], A[g][2 * t], A[g][2 * t + 1]);
+        halves(all[l].a[1], A[g + 8][2 * t], A[g + 8][2 * t + 1]);
+        halves(all[l].a[2], A[g][2 * t + 8], A[g][2 * t + 9]);
+        halves(all[l].a[3], A[g + 8][2 * t + 8], A[g + 8][2 * t + 9]);
+        halves(all[l].b[0], B[2 * t][g], B[2 * t + 1][g]);
+        halves(all[l].b[1], B[2 * t + 8][g], B[2 * t + 9][g]);
+    }
+    const int g = cuda_on_cpu::lane() / 4, t = cuda_on_cpu::lane() % 4;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int i = 0; i < 4; ++i) {
+        float sum = 0.f;
+        for (int k = 0; k < 16; ++k) sum += A[rows[i]][k] * B[k][cols[i]];
+        acc[i] += sum;
+    }
+}
+
+}  // namespace awq_edge
