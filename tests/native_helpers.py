@@ -312,7 +312,8 @@ def head_rescore_twin(keys: np.ndarray, ids: np.ndarray, top_k: int, x: np.ndarr
 # ---------------------------------------------------------------- the kernels' own source on the CPU
 
 def build_emulated_kernels(out_dir) -> "ctypes.CDLL | None":
-    """Every kernel the cuda backend loads (cuda_backend.KERNELS_OF), compiled from its .cu file
+    """Every kernel the cuda backend loads (cuda_backend.KERNELS_OF; and the 32-row tensor-core GEMV
+    that benchmarks/gemv.py measures beside its 16-row one), compiled from its .cu file
     with g++ for the CPU emulation of tests/cuda_on_cpu/emulate.h, as one library whose
     cpu_launch(name, grid x, y, z, threads, args) runs a kernel; None without g++ or CUDA headers."""
     import ctypes
@@ -331,7 +332,9 @@ def build_emulated_kernels(out_dir) -> "ctypes.CDLL | None":
     flags = ["-std=c++20", "-O1", "-pthread", "-fPIC", "-w", "-I", str(plugins.PLUGINS_DIR / "kernels"),
              "-isystem", str(include), "-include", str(here / "emulate.h")]
     sources = {"launch": here / "launch.cpp"}
+    extra = {"gemv_w4a16": [f"awq_gemv_mma32_g{g}" for g in (32, 64, 128)]}  # measured, not yet launched
     for module, names in KERNELS_OF.items():
+        names = names + extra.get(module, [])
         sources[module] = out / f"{module}.cpp"
         sources[module].write_text(f'#include "{module}.cu"\n' + "".join(f"AWQ_EMULATE({n})\n" for n in names))
 

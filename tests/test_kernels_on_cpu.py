@@ -107,6 +107,27 @@ def test_the_decode_sampler_picks_the_host_samplers_token(emulated, temperature,
     assert sample_on_cpu(emulated, close, SamplingSettings(1.0, 1, 1.0), [], 0.99)[0] == 17
 
 
+@pytest.mark.parametrize("kernel", ["awq_gemv_mma_g32", "awq_gemv_mma32_g32", "awq_gemv_mma32_g128"])
+@pytest.mark.parametrize("m, n, k", [(8, 72, 576), (3, 40, 256)])
+def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k):
+    """The tensor-core GEMV with 16 and 32 rows a block: N = 72 and 40 leave a block's second tile
+    (of 32 rows) or half a tile outside, K = 576 windows some warps have nothing of."""
+    from awq_edge.packing import dequantize, pack_for_plugin
+
+    g = int(kernel.rsplit("_g", 1)[1])
+    rng = np.random.default_rng(m + n + k + g)
+    q = rng.integers(0, 16, (n, k))
+    scales = (rng.random((n, -(-k // g))) * 0.02 + 0.001).astype(np.float16)
+    zeros = rng.integers(0, 16, (n, -(-k // g))).astype(np.float16)
+    packed = pack_for_plugin(q, scales, zeros, g)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    y = np.full((m, n), np.nan, np.float16)
+    rows = 32 if "mma32" in kernel else 16
+    run(emulated, kernel, (-(-n // rows),), 128, [x, packed["qweight"], packed["scales"], packed["zeros"], y, m, n, k])
+    want = x.astype(np.float32) @ dequantize(q, scales, zeros, g).astype(np.float16).astype(np.float32).T
+    assert np.abs(y.astype(np.float32) - want).max() <= 2e-3 * np.abs(want).max()
+
+
 # (family, --lm-head, config overrides, fused op list, prompt length, kernels it must launch):
 # between them every kind of kernel the backend launches (all but the cuBLAS path's dequantize),
 # at head sizes 64, 128 and 256, K % 32 == 0 and not, a full prefill chunk
