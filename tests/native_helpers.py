@@ -196,14 +196,15 @@ class MemoryDriver(RecordingDriver):
 
 
 class RecordingCublas:
-    """cublas.Cublas's gemm_wt, recorded; on a MemoryDriver also computed (float32, rounded to fp16)."""
+    """cublas.Cublas's gemm_wt, recorded; on a driver whose memory the host reads (MemoryDriver,
+    EmulatedDriver: array_at) also computed (float32, rounded to fp16)."""
 
     def __init__(self, driver=None):
         self.calls, self.driver = [], driver
 
     def gemm_wt(self, w, x, y, n, rows, k, ldc):
         self.calls.append(dict(w=w, x=x, y=y, n=n, rows=rows, k=k, ldc=ldc))
-        if isinstance(self.driver, MemoryDriver):
+        if hasattr(self.driver, "array_at"):
             weights = self.driver.array_at(w, np.float16, (n, k)).astype(np.float32)
             inputs = self.driver.array_at(x, np.float16, (rows, k)).astype(np.float32)
             out = self.driver.array_at(y, np.float16, ((rows - 1) * ldc + n,))
@@ -369,6 +370,13 @@ class EmulatedDriver(RecordingDriver):
 
     def free(self, device_ptr: int) -> None:
         self.buffers.pop(device_ptr, None)
+
+    def array_at(self, address: int, dtype, shape) -> np.ndarray:
+        """A numpy view of device (here host) memory."""
+        import ctypes
+
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).view(dtype).reshape(shape)
 
     def upload(self, device_ptr, array):
         import ctypes

@@ -147,6 +147,10 @@ BACKEND_CASES = {
                             {"awq_attend_mma_d128", "awq_attend_split_d128"}),
     "llama-d256-full-chunk": ("llama", "auto", {"head_dim": 256}, True, 300,
                               {"awq_attend_block_d256", "awq_attend_split_d256"}),
+    # a random engine at group 128 (synthetic.write_random_engine), prefill's long chunks through
+    # the dequantize kernel and a stand-in cuBLAS computing on the host (RecordingCublas)
+    "random-g128-cublas-path": ("random", 4, {}, True, 70,
+                                {"awq_dequantize_g128", "awq_gemv_norm_rope_g128_w4", "awq_gemv_logits_g32_w4"}),
 }
 
 
@@ -160,7 +164,10 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     attention, the head), then a 40-token chunk (the GEMM), each step's logits within fp16
     rounding and the same argmax; then a token sampled on the device."""
     from awq_edge.build import build_engine
-    from awq_edge.cuda_backend import CudaBackend
+    from awq_edge.cuda_backend import CUBLAS_FROM_ROWS, CudaBackend
+    from awq_edge.devices import resolve
+    from awq_edge.synthetic import SHAPES, write_random_engine
+    from native_helpers import RecordingCublas
     from awq_edge.decoder import decode_ops
     from awq_edge.model import resolve_source
     from awq_edge.reference_backend import ReferenceBackend
@@ -170,12 +177,18 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     model_type, lm_head, overrides, fused, prompt, expected = BACKEND_CASES[case]
     shape = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
              "head_dim": 64, "num_hidden_layers": 1, "max_position_embeddings": 512, **overrides}
-    ckpt = tiny_checkpoint(tmp_path, model_type, resolve_source("smollm2"), **shape)
-    build_engine(str(ckpt), "h200", tmp_path / "engine", backend="cuda", progress=False, lm_head_bits=lm_head)
+    if model_type == "random":
+        shape = {**SHAPES["smollm2-135m"], **shape, "hidden_size": 256, "intermediate_size": 512, "vocab_size": 512}
+        write_random_engine(tmp_path / "engine", shape, resolve("h200"), group_size=128, lm_head="int4")
+    else:
+        ckpt = tiny_checkpoint(tmp_path, model_type, resolve_source("smollm2"), **shape)
+        build_engine(str(ckpt), "h200", tmp_path / "engine", backend="cuda", progress=False, lm_head_bits=lm_head)
     manifest, info = read_native_engine(tmp_path / "engine")
     driver = EmulatedDriver(emulated)
     cuda = CudaBackend(tmp_path / "engine", manifest, info, prompt + 48, driver=driver)
     cuda.ops = decode_ops(info.spec, fused=fused)
+    if model_type == "random":
+        cuda.set_prefill_path(RecordingCublas(driver), CUBLAS_FROM_ROWS, 2 * 256 * 96)  # slabs of 96 rows
     reference = ReferenceBackend(tmp_path / "engine", prompt + 48, info)
     ids = np.random.default_rng(5).integers(0, 256, prompt + 3 + 40).tolist()
     errors, disagreements = teacher_forced(cuda, reference, ids[:prompt + 3], prompt)
@@ -187,3 +200,4 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     assert cuda.sample_token(cuda.buf["logits"], SamplingSettings(0.0), ids, 0.0) == int(got.argmax())
     assert expected <= launched and "awq_sample_step" in driver.kernel_info, expected - launched
     assert prompt < 256 or driver.captures == 2 and driver.replays == 4  # the full chunk's graph, and decode's
+    assert model_type != "random" or cuda.cublas.calls  # (the 70-row prompt, the 40-row chunk is below 64)
