@@ -21,6 +21,8 @@ bare GPU machine imports it too).
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 
@@ -312,12 +314,11 @@ def head_rescore_twin(keys: np.ndarray, ids: np.ndarray, top_k: int, x: np.ndarr
 
 # ---------------------------------------------------------------- the kernels' own source on the CPU
 
-def build_emulated_kernels(out_dir) -> "ctypes.CDLL | None":
+def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     """Every kernel the cuda backend loads (cuda_backend.KERNELS_OF; and the 32-row tensor-core GEMV
     that benchmarks/gemv.py measures beside its 16-row one), compiled from its .cu file
     with g++ for the CPU emulation of tests/cuda_on_cpu/emulate.h, as one library whose
     cpu_launch(name, grid x, y, z, threads, args) runs a kernel; None without g++ or CUDA headers."""
-    import ctypes
     import shutil
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
@@ -373,33 +374,23 @@ class EmulatedDriver(RecordingDriver):
 
     def array_at(self, address: int, dtype, shape) -> np.ndarray:
         """A numpy view of device (here host) memory."""
-        import ctypes
-
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).view(dtype).reshape(shape)
 
     def upload(self, device_ptr, array):
-        import ctypes
-
         array = np.ascontiguousarray(array)
         ctypes.memmove(device_ptr, array.ctypes.data, array.nbytes)
 
     upload_async = upload
 
     def download(self, array, device_ptr):
-        import ctypes
-
         assert array.flags.c_contiguous
         ctypes.memmove(array.ctypes.data, device_ptr, array.nbytes)
 
     def copy(self, dst, src, nbytes):
-        import ctypes
-
         ctypes.memmove(dst, src, nbytes)
 
     def zero(self, device_ptr, nbytes):
-        import ctypes
-
         ctypes.memset(device_ptr, 0, nbytes)
 
     def launch(self, fn, grid, block, args, shared_bytes=0, programmatic=False):
@@ -410,8 +401,6 @@ class EmulatedDriver(RecordingDriver):
             self.run(fn, grid, block, args)
 
     def run(self, fn, grid, block, args):
-        import ctypes
-
         grid = tuple(grid) + (1,) * (3 - len(grid))
         assert all(b == 1 for b in tuple(block)[1:]), "the kernels' blocks are 1-D"
         values = (ctypes.c_void_p * max(len(args), 1))(*[ctypes.addressof(a) for a in args])
