@@ -28,6 +28,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "activation.cuh"
 #include "attention.h"
 #include "mma.cuh"
 #include "pdl.cuh"
@@ -123,7 +124,7 @@ __device__ __forceinline__ float score_key(const float* q_s, const __half* __res
         }
     }
     const float score = dot * scale;
-    return softcap > 0.f ? softcap * tanhf(score / softcap) : score;
+    return awq_edge::soft_cap(score, softcap);
 }
 
 // acc += sum over this thread's share of the tile's n keys (from row `begin`) of p_s[t] * V[t] at
@@ -317,7 +318,7 @@ __device__ __forceinline__ void attend_block(const __half* __restrict__ q_rot, c
         for (int i = 0; i < T::kKeysPerLane; ++i) {
             const int64_t j = begin + lane + i * kLanesPerQuery;
             const float scaled = score[i] * scale;
-            const float capped = softcap > 0.f ? softcap * tanhf(scaled / softcap) : scaled;
+            const float capped = awq_edge::soft_cap(scaled, softcap);
             score[i] = (s < S && j >= first && j <= pos) ? capped : -INFINITY;  // (j <= pos: j is a loaded row)
             tile_max = fmaxf(tile_max, score[i]);
         }
@@ -462,7 +463,7 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
                 const int r = i >> 1;
                 const int64_t key = begin + 8 * nt + 2 * t + (i & 1);
                 const float scaled = s[nt][i] * scale;
-                const float capped = softcap > 0.f ? softcap * tanhf(scaled / softcap) : scaled;
+                const float capped = awq_edge::soft_cap(scaled, softcap);
                 s[nt][i] = (token[r] < S && key >= first[r] && key <= pos[r]) ? capped : -INFINITY;
                 tile_max[r] = fmaxf(tile_max[r], s[nt][i]);
             }

@@ -197,7 +197,7 @@ __device__ __forceinline__ void write_head_logits(float (&sum)[kHeadRowsPerWarp]
 #pragma unroll
         for (int offset = 16; offset > 0; offset >>= 1) sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], offset);
         if ((threadIdx.x & 31) == 0 && v0 + r < vocab) {
-            logits[v0 + r] = softcap > 0.f ? softcap * tanhf(sum[r] / softcap) : sum[r];
+            logits[v0 + r] = awq_edge::soft_cap(sum[r], softcap);
         }
     }
 }

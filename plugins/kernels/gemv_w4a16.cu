@@ -260,13 +260,14 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
         }
     }
     __syncthreads();
-    // The block's dot products, rounded to fp16 as a plain GEMV stores them.
-    auto result = [&](int t) {
+    // The block's dot products in fp32, and rounded to fp16 as a plain GEMV stores them.
+    auto block_sum = [&](int t) {
         float v = 0.0f;
 #pragma unroll
         for (int w = 0; w < kWarpsPerBlock; ++w) v += warp_sums[w][t];
-        return __float2half_rn(v);
+        return v;
     };
+    auto result = [&](int t) { return __float2half_rn(block_sum(t)); };
     // + the bias, rounded again: as awq_bias_add does to the stored result
     auto biased = [&](int t) {
         const half v = result(t);
@@ -282,10 +283,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
         rope_epilogue(fusion.rope, row, biased);
     } else if constexpr (kEpilogue == Epilogue::kLogits) {  // the fp32 sum, not rounded to fp16
         if (threadIdx.x < kRowsPerBlock && row(threadIdx.x) < fusion.vocab) {
-            float v = 0.0f;
-#pragma unroll
-            for (int w = 0; w < kWarpsPerBlock; ++w) v += warp_sums[w][threadIdx.x];
-            fusion.logits[row(threadIdx.x)] = fusion.softcap > 0.f ? fusion.softcap * tanhf(v / fusion.softcap) : v;
+            fusion.logits[row(threadIdx.x)] = soft_cap(block_sum(threadIdx.x), fusion.softcap);
         }
     } else {
         for (int t = threadIdx.x; t < kRowsPerBlock * kRows; t += kThreads) {

@@ -15,6 +15,7 @@
 
 #include <cuda_fp16.h>
 
+#include "activation.cuh"
 #include "pdl.cuh"
 #include "select.cuh"
 
@@ -102,6 +103,6 @@ awq_head_rescore(const uint32_t* __restrict__ candidate_keys, const int32_t* __r
         float total = 0.f;
 #pragma unroll
         for (int p = 0; p < kWarpsPerRow; ++p) total += partial[warp + p];
-        logits[id] = softcap > 0.f ? softcap * tanhf(total / softcap) : total;
+        logits[id] = soft_cap(total, softcap);
     }
 }
