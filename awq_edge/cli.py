@@ -203,7 +203,7 @@ def eval_cmd(
 LM_HEAD_HELP = ("lm_head of the CPU (ort) graph: float (the checkpoint's), int8, int4 (block 32, as "
                 "onnxruntime-genai does), or auto (int4); int8 and int4 get the top 64 logits of each step "
                 "re-scored exactly at runtime. See docs/export.md. A cuda engine's: auto or int8 (int8 rows, "
-                "block 32), int4 (4-bit at the engine's group size, top 64 re-scored from the fp16 table) "
+                "block 32), int4 (4-bit at group 32, top 64 re-scored from the fp16 table) "
                 "or float (fp16); docs/cuda.md")
 
 

@@ -57,7 +57,7 @@ def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, m
                       force: bool = False, device_name: str | None = None, lm_head: str = "int8") -> dict:
     """Write a native engine for a GPU device profile from a quantized checkpoint; returns its manifest.
     lm_head: int8 (the default: half the bytes of the checkpoint's fp16 head on every token), int4
-    (a quarter; each step's top 64 re-scored from the fp16 table) or fp16 (decoder.LM_HEADS).
+    (under a third; each step's top 64 re-scored from the fp16 table) or fp16 (decoder.LM_HEADS).
 
     device_name: what the manifest names (a family such as `orin`, whose variants resolve
     themselves at load); the plan is made for `device` (the family's smallest variant)."""

@@ -206,7 +206,7 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
              "int4": {"bits": 4, "weight": "lm_head.q4", "N": padded_vocab(spec), "K": spec.hidden,
                       "group_size": HEAD_INT4_GROUP, "exact": lm_head_table(spec),
                       "top_k": min(HEAD_TOP_K, spec.vocab)},
-             "fp16": {"bits": 16, "table": lm_head_table(spec), "scales": None}}
+             "fp16": {"bits": 16, "table": lm_head_table(spec)}}
     ops.append(Op("lm_head", {"x": "x", "out": "logits", **heads[spec.lm_head], "softcap": spec.final_softcap}))
     return ops
 

@@ -295,16 +295,12 @@ def summarize(results: dict) -> None:
     results["m8_over_m1"] = {f"{r['K']}x{r['N']}": r["us"] / by_shape[(r["K"], r["N"])]
                              for r in results["decode"] if r["M"] == 8}
     print("M=8 time / M=1 time: " + ", ".join(f"{shape} {v:.2f}x" for shape, v in results["m8_over_m1"].items()))
-    results["m8_cuda_cores_over_m1"] = {f"{r['K']}x{r['N']}": r["cuda_cores_us"] / by_shape[(r["K"], r["N"])]
-                                        for r in results["decode"] if r["M"] == 8 and r.get("cuda_cores_us")}
-    if results["m8_cuda_cores_over_m1"]:
-        print("M=8 on CUDA cores / M=1: " + ", ".join(f"{shape} {v:.2f}x"
-                                                    for shape, v in results["m8_cuda_cores_over_m1"].items()))
-    results["m8_mma32_over_m1"] = {f"{r['K']}x{r['N']}": r["mma32_us"] / by_shape[(r["K"], r["N"])]
-                                   for r in results["decode"] if r["M"] == 8 and r.get("mma32_us")}
-    if results["m8_mma32_over_m1"]:
-        print("M=8 on tensor cores, 32-row blocks / M=1: " + ", ".join(
-            f"{shape} {v:.2f}x" for shape, v in results["m8_mma32_over_m1"].items()))
+    for column, key, what in (("cuda_cores_us", "m8_cuda_cores_over_m1", "on CUDA cores"),
+                              ("mma32_us", "m8_mma32_over_m1", "on tensor cores, 32-row blocks")):  # the variants
+        results[key] = {f"{r['K']}x{r['N']}": r[column] / by_shape[(r["K"], r["N"])]
+                        for r in results["decode"] if r["M"] == 8 and r.get(column)}
+        if results[key]:
+            print(f"M=8 {what} / M=1: " + ", ".join(f"{shape} {v:.2f}x" for shape, v in results[key].items()))
 
 
 if __name__ == "__main__":
