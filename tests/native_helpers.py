@@ -17,7 +17,8 @@ bare GPU machine imports it too).
 - attention_f64: causal (windowed, soft-capped) attention over a KV cache in float64, what the
   attention twins and plans are checked against.
 - select_plan, head_candidates_twin, head_rescore_twin: the int4 head's candidate search as
-  plugins/kernels/select.cuh and head_top_k.cu do it, step by step and block by block.
+  plugins/kernels/select.cuh and head_top_k.cu do it, step by step and block by block;
+  tie_heavy_logits, what they are tested on.
 """
 from __future__ import annotations
 
@@ -284,6 +285,14 @@ def select_plan(keys: np.ndarray, k: int, threads: int = 1024) -> np.ndarray:
         above_base, equal_base = above_base + int(above.sum()), equal_base + int(equal.sum())
     assert (out >= 0).all() and np.unique(out).size == k
     return out
+
+
+def tie_heavy_logits(rng: np.random.Generator, vocab: int) -> list[np.ndarray]:
+    """Logits a top-k must break ties in: drawn from a few values (with NaN and the infinities),
+    rounded to one decimal (ties inside and across slices), and all equal."""
+    few = np.array([np.nan, -np.inf, np.inf, -1.5, 0.0, 2.25, 7.0], np.float32)
+    return [rng.choice(few, vocab), np.round(rng.standard_normal(vocab), 1).astype(np.float32),
+            np.full(vocab, 3.0, np.float32)]
 
 
 def head_candidates_twin(logits: np.ndarray, vocab: int, length: int, top_k: int):

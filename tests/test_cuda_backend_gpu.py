@@ -39,7 +39,7 @@ from awq_edge.reference_backend import ReferenceBackend  # noqa: E402
 from awq_edge.sampling import Sampler, SamplingSettings, candidates, choose_token  # noqa: E402
 from awq_edge.synthetic import SHAPES, byte_tokenizer, write_random_checkpoint, write_random_engine  # noqa: E402
 from conftest import TINY_FAMILIES  # noqa: E402
-from native_helpers import near_tie, read_native_engine, teacher_forced  # noqa: E402
+from native_helpers import near_tie, read_native_engine, teacher_forced, tie_heavy_logits  # noqa: E402
 from test_export_helpers import tiny_checkpoint  # noqa: E402
 
 # two prefill chunks (256 rows: the GEMM, or dequantize + cuBLAS; 20 rows: the GEMV 8 rows at a
@@ -341,9 +341,7 @@ def test_the_head_candidate_search_on_ties_and_nan_keeps_the_twins_choice(vocab)
     drv = Driver(GPUS[0].index)
     candidates_fn = cubin_kernel(drv, "head_top_k", "awq_head_candidates")
     rescore_fn = cubin_kernel(drv, "head_top_k", "awq_head_rescore")
-    few = np.array([np.nan, -np.inf, np.inf, -1.5, 0.0, 2.25, 7.0], np.float32)
-    for logits in (rng.choice(few, vocab), np.round(rng.standard_normal(vocab), 1).astype(np.float32),
-                   np.full(vocab, 3.0, np.float32)):
+    for logits in tie_heavy_logits(rng, vocab):
         arrays = {"logits": logits, "keys": np.zeros(slices * top_k, np.uint32),
                   "ids": np.zeros(slices * top_k, np.int32), "x": np.ones(8, np.float16),
                   "table": np.ones((vocab, 8), np.float16)}
