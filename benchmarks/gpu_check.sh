@@ -17,7 +17,11 @@
 # estimated at 4-5 minutes more (CPU-side: the 1B reference run, the random 7B engine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-benchmarks/results/gpu-check}"
+# The lent machine hands back at most 8 files from $OUT: there the logs and JSONs are written to a
+# scratch folder and packed into $OUT/gpu-check.tar.gz after every step (so a run cut short at its
+# limit still returns what finished), with the summary beside it.
+if [ -n "${OUT:-}" ]; then out="$(mktemp -d)"; bundle="$OUT/gpu-check.tar.gz"; else
+    out=benchmarks/results/gpu-check; bundle=""; fi
 mkdir -p "$out"
 # awq_edge.export and awq_edge.devices are the top-level export/ and devices/ (pyproject.toml's
 # package map). Without an install, a package of links gives them those names.
@@ -26,7 +30,7 @@ mkdir "$pkg/awq_edge"
 ln -s "$PWD"/awq_edge/* "$pkg/awq_edge/"
 ln -s "$PWD/export" "$pkg/awq_edge/export"
 ln -s "$PWD/devices" "$pkg/awq_edge/devices"
-trap 'rm -rf "$pkg"' EXIT  # (python3 -P below: `-m` would put ./awq_edge, without those names, first)
+trap 'rm -rf "$pkg"; [ -z "$bundle" ] || rm -rf "$out"' EXIT  # (python3 -P below: `-m` would put ./awq_edge, without those names, first)
 export PYTHONPATH="$pkg:$PWD" PYTHONUNBUFFERED=1 AWQ_EDGE_CACHE="${AWQ_EDGE_CACHE:-/tmp/awq-edge-cache}"
 status=0
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, remember the first failure
@@ -36,7 +40,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || echo "== $1: stopped after $2 s"
     echo "== $1: exit $rc"
     [ "$status" -ne 0 ] || status=$rc
+    [ -z "$bundle" ] || { tar czf "$bundle.part" -C "$out" . && mv "$bundle.part" "$bundle"; }
 }
+# pytest-xdist (on the lent machine's image) runs the GPU tests' CPU side (engine writing, the
+# numpy reference) on all cores; -rA prints each passing case's measured error, as -s would.
+if python3 -c "import xdist" 2>/dev/null; then par=(-n 8 -rA); else par=(-s); fi
 
 # Most telling first: correctness of the kernels and the backend, then the layer and kernel
 # speeds, then end to end, then the quantizer. The limits keep a hung step from eating the
@@ -47,17 +55,17 @@ step gpu 60 bash -c 'nvidia-smi || exit; nvcc --version | tail -2
 step build 180 python3 -c "from awq_edge import plugins; from awq_edge.cuda_runtime import find_gpus; \
 gpus = find_gpus(); assert gpus, 'no NVIDIA GPU found'; print(gpus[0]); print(plugins.build_kernel_library(gpus[0].arch)); \
 print(plugins.build_cubins(gpus[0].arch))"
-step tests 150 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_kernels_gpu.py  # -s: each case's error
-step cuda_backend 240 python3 -P -m pytest -q -s -m gpu -p no:cacheprovider tests/test_cuda_backend_gpu.py
+step tests 150 python3 -m pytest -q "${par[@]}" -m gpu -p no:cacheprovider tests/test_kernels_gpu.py
+step cuda_backend 240 python3 -P -m pytest -q "${par[@]}" -m gpu -p no:cacheprovider tests/test_cuda_backend_gpu.py
+step cuda_decode 300 python3 benchmarks/cuda_decode.py --timeout 150 --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
 step cuda_layer 120 python3 benchmarks/cuda_layer.py --output "$out/cuda_layer.json"
 step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m --output "$out/cuda_layer-smollm2.json"
 step gemv 180 python3 benchmarks/gemv.py --output "$out/gemv.json"
 step cuda_attention 60 python3 benchmarks/cuda_attention.py --output "$out/cuda_attention.json"
 step cuda_head 150 python3 benchmarks/cuda_head.py --output "$out/cuda_head.json"
-step cuda_decode 300 python3 benchmarks/cuda_decode.py --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
 step quantize 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
 # One screen of the numbers issue 19 asks for, from the JSONs above (whatever exists).
-python3 - "$out" <<'SUMMARY' 2>&1 | tee "$out/summary.log"
+python3 - "$out" <<'SUMMARY' 2>&1 | tee "$out/summary.log" ${bundle:+"$OUT/summary.log"}
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -109,4 +117,5 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
                 print(f"  {n}-row chunk: our kernels {ours:.2f} ms, dequantize + cuBLAS {blas:.2f} ms ({ours / blas:.2f}x)"
                       + (f", with L2-sized slabs {l2:.2f} ms" if l2 else ""))
 SUMMARY
+[ -z "$bundle" ] || { tar czf "$bundle.part" -C "$out" . && mv "$bundle.part" "$bundle"; }
 exit "$status"
