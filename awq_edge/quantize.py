@@ -566,6 +566,16 @@ class TunedWeight(torch.autograd.Function):
         return None, torch.where(inside, grad * per_column(scale, ctx.group_size, values.shape[1]), 0.0), None, None, None
 
 
+def _autograd_ready(t):
+    """t (or a tuple's tensors), cloned if made under torch.inference_mode(): autograd cannot save those."""
+    if isinstance(t, tuple):
+        return tuple(map(_autograd_ready, t))
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+
+
+# The caller may run under torch.no_grad() or torch.inference_mode() (quantize_model's own steps
+# are fine under either); the tuning steps need autograd: inference mode off here, grad on around them.
+@torch.inference_mode(False)
 def tune_block_outputs(layer, rounded: dict, inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict,
                        settings: QuantizeSettings) -> tuple[dict, dict]:
     """SignRound (Cheng et al. 2023, AutoRound) on one block, started from the levels it has.
@@ -584,16 +594,20 @@ def tune_block_outputs(layer, rounded: dict, inputs: torch.Tensor, targets: torc
     paths = {id(m): n for n, m in layer.named_modules()}
     for p in layer.parameters():
         p.requires_grad_(False)
+    # tensors made under the caller's inference mode (its inputs and kwargs; the block's weights if
+    # the model was built in it) join the autograd as normal copies (inputs[seqs] is one already)
+    kwargs = {k: _autograd_ready(v) for k, v in kwargs.items()}
+    fixed = {n: t.clone() for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_inference()}
     state = {}
     for lin, (ql, values) in rounded.items():
-        state[lin] = dict(values=values.to(dev), zero=torch.as_tensor(ql.zeros).float().to(dev),
+        state[lin] = dict(values=_autograd_ready(values.to(dev)), zero=torch.as_tensor(ql.zeros).float().to(dev),
                           scale=torch.as_tensor(ql.scales).float().to(dev), group_size=ql.group_size,
                           v=torch.zeros_like(values, device=dev, requires_grad=True))
 
     def weights(tuned: bool = True):
-        return {paths[id(lin)] + ".weight": TunedWeight.apply(st["values"], st["v"] if tuned else None, st["zero"],
-                                                              st["scale"], st["group_size"])
-                for lin, st in state.items()}
+        return fixed | {paths[id(lin)] + ".weight": TunedWeight.apply(st["values"], st["v"] if tuned else None,
+                                                                      st["zero"], st["scale"], st["group_size"])
+                        for lin, st in state.items()}
 
     def block_mse(w, seqs):
         y = _layer_output(torch.func.functional_call(layer, w, (inputs[seqs].to(dev),), kwargs))
@@ -608,8 +622,8 @@ def tune_block_outputs(layer, rounded: dict, inputs: torch.Tensor, targets: torc
     params = [st["v"] for st in state.values()]
     for step in range(steps):
         seqs = n_check + torch.randperm(len(inputs) - n_check, generator=gen)[:settings.block_tune_batch]
-        loss = block_mse(weights(), seqs)
-        grads = torch.autograd.grad(loss, params)
+        with torch.enable_grad():  # the steps need their gradient, even under the caller's torch.no_grad()
+            grads = torch.autograd.grad(block_mse(weights(), seqs), params)
         lr = settings.block_tune_lr * (1 - step / steps) / steps
         with torch.no_grad():
             for v, g in zip(params, grads):

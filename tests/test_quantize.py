@@ -14,8 +14,9 @@ from awq_edge.families import family_for
 from awq_edge.model import load_float_model
 from awq_edge.quantize import (QuantizeSettings, _apply_group, _layer_output, _linear_names, block_groups,
                                calibration_tokens, capture_block_inputs, fake_quantize, fake_quantize_model,
-                               _to_quantized, gptq_round, gram, quantize_checkpoint, quantize_tensor, refit_scales,
-                               TunedWeight, coarse_to_fine, per_column, search_clip, tune_block_outputs)
+                               _to_quantized, gptq_round, gram, quantize_checkpoint, quantize_model, quantize_tensor,
+                               refit_scales, TunedWeight, coarse_to_fine, per_column, search_clip,
+                               tune_block_outputs)
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -386,6 +387,31 @@ def test_block_tuning_keeps_what_it_measured_and_never_a_worse_block(model_type,
     after = check_error(tuned)
     assert before == pytest.approx(report["mse_before"], rel=1e-4)
     assert after == pytest.approx(report["mse_after"], rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_quantize_model_tunes_blocks_the_same_under_the_callers_no_grad_or_inference_mode(mode, tiny_model_dir):
+    """API users (and test_quantize_gpu.py) call quantize_model under torch.no_grad() or
+    torch.inference_mode(): block tuning still takes its gradients and gives the same levels."""
+    src = tiny_model_dir("llama")
+    _, tokenizer = load_float_model(src)
+    tokens = calibration_tokens(tokenizer, data.read_texts(data.fetch_wikipedia()[0])[:4], n_samples=16, seqlen=64)
+    settings = QuantizeSettings(group_size=32, batch_size=2, loss_samples=2, scale_grid=3, clip_grid=3,
+                                block_tune_steps=20, block_tune_batch=2)
+
+    def run():
+        model, _ = load_float_model(src)
+        return quantize_model(model, family_for("llama"), tokens, settings, progress=False)
+
+    want = run()
+    with mode():
+        got = run()
+    assert any(r["tune"]["kept"] for r in want.layer_report)  # tuned levels, not only the rounded ones
+    assert [r["tune"] for r in got.layer_report] == [r["tune"] for r in want.layer_report]
+    assert got.linears.keys() == want.linears.keys()
+    for name, ql in want.linears.items():
+        for field in ("q", "scales", "zeros"):
+            np.testing.assert_array_equal(getattr(got.linears[name], field), getattr(ql, field), err_msg=name)
 
 
 def test_the_tuned_weight_is_the_plain_expression_and_its_gradient_autograds():
