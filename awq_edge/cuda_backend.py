@@ -46,6 +46,17 @@ CHUNK_BYTES = 64 << 20           # weights go to the GPU in pieces this size: no
 # Launch shapes of the kernels (their comments in plugins/kernels/*.cu give the same).
 NORM_THREADS = 256
 GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
+# The one-row GEMV on tensor cores (awq_gemv_tc_*, plugins/kernels/gemv_w4a16.cu gemv_tc): 16 rows
+# a block of 256 threads, for K % 32 == 0 and K <= 16384 (x in its shared memory), RoPE at
+# head_dim % 16 == 0; other linears take the CUDA-core one (4 rows a block).
+GEMV_TC_ROWS, GEMV_TC_THREADS, GEMV_TC_MAX_K = 16, 256, 16384
+# Which one decode runs: "auto" takes the tensor-core GEMV for the linears with an RMSNorm prologue
+# (q/k/v, gate/up) and the CUDA-core one for the rest. On the H200 (benchmarks/cuda_layer.py,
+# 2026-12-04, a Llama-2-7B layer, each op alone): qkv 18.2 us against 25.8, gate/up 30.4 against
+# 43.2 (each block norms x once for 16 rows instead of 4), but o_proj 5.7 against 4.4 and down 12.1
+# against 10.0 (a plain GEMV streams faster on CUDA cores: 55-59% of copy against 36-41% at 7B
+# shapes, benchmarks/gemv.py). "cuda_cores" and "tensor_cores" take one for all.
+DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores")
 GEMV_MAX_ROWS, GEMV_CHUNKED_MAX_ROWS = 8, 32  # plugins/kernels/w4a16.h: short chunks, 8 rows a GEMV
 GEMV_MMA_ROWS_PER_BLOCK = 16                  # the tensor-core GEMV (2..8 rows): one mma tile of rows
 GEMM_TILE, GEMM_THREADS = 64, 128
@@ -58,16 +69,17 @@ LM_HEAD_ROWS_PER_BLOCK = 32      # the heads: 4 rows a warp (plugins/kernels/dec
 HEAD_SELECT_THREADS, HEAD_RESCORE_ROWS = 1024, 8  # an int4 head's re-scoring (plugins/kernels/head_top_k.cu)
 SAMPLE_THREADS = 1024
 DEQUANT_THREADS = 256
-# Prefill through cuBLAS: from this many rows a chunk (a guess from the H100's timings of the two
-# parts; benchmarks/cuda_decode.py times both paths per chunk size on the lent GPU), the fp16 slab
-# of weight rows it dequantizes into at most this many bytes, and cuBLAS's own scratch.
-CUBLAS_FROM_ROWS = 64
+# Prefill through cuBLAS: from this many rows a chunk, the fp16 slab of weight rows it dequantizes
+# into at most this many bytes, and cuBLAS's own scratch. Full chunks only: on the H200
+# (benchmarks/cuda_decode.py, 2026-12-04) dequantize + cuBLAS beat our GEMM 1.5-1.9x on a 256-row
+# chunk (a graph replay) but lost 1.4-4x on 16 and 64 rows, launched one by one (a 7B's ~800 slabs).
+CUBLAS_FROM_ROWS = PREFILL_CHUNK
 DEQUANT_SLAB_BYTES = 16 << 20
 CUBLAS_WORKSPACE_BYTES = 4 << 20
-# what cuBLAS itself takes on the device (its handle, the kernels it loads on first use): counted in
-# the memory plan, not allocated by us; a guess until a GPU test measures it
-# (test_cublas_fits_the_reserve_the_memory_plan_counts_for_it)
-CUBLAS_RESERVE_BYTES = 64 << 20
+# What cuBLAS itself takes on the device (its handle, the kernels it loads on first use), counted in
+# the memory plan, not allocated by us: 134 MiB on the H200 with CUDA 13's cuBLAS (2026-12-04,
+# test_cublas_fits_the_reserve_the_memory_plan_counts_for_it), with some room for other builds.
+CUBLAS_RESERVE_BYTES = 160 << 20
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}  # plugins/kernels/activation.cuh ActKind
 
 
@@ -140,6 +152,7 @@ class CudaBackend:
             self._allocate()
             self.cublas, self.no_cublas = self._open_cublas(False if cublas is None and driver else cublas)
             self.cublas_from_rows = CUBLAS_FROM_ROWS  # (benchmarks/cuda_decode.py moves it to time both paths)
+            self.decode_gemv = DECODE_GEMVS[0]  # (set_decode_gemv: the benchmarks time each)
             self.slab_bytes = DEQUANT_SLAB_BYTES       # (and tries slabs that fit the L2)
         except CudaError as e:
             raise UserError(f"the GPU refused the engine: {e}") from None
@@ -230,7 +243,9 @@ class CudaBackend:
     def decode_path(self) -> str:
         """What a decode step runs (awq-edge bench prints it): the head is the choice a build makes."""
         head = {"int4": "int4, its top 64 re-scored from fp16"}.get(self.spec.lm_head, self.spec.lm_head)
-        return f"cuda graph of awq-edge kernels, lm_head {head}"
+        gemv = {"auto": "on tensor cores after a norm, else CUDA cores", "tensor_cores": "on tensor cores",
+                "cuda_cores": "on CUDA cores"}[self.decode_gemv]
+        return f"cuda graph of awq-edge kernels, GEMV {gemv}, lm_head {head}"
 
     @property
     def prefill_path(self) -> str:
@@ -279,6 +294,15 @@ class CudaBackend:
         self.cublas, self.cublas_from_rows, self.slab_bytes = cublas, int(cublas_from_rows), int(slab_bytes)
         self.no_cublas = None if cublas is not None else "cuBLAS not asked for"
         self._graphs = {rows: graph for rows, graph in self._graphs.items() if rows == 1}
+
+    def set_decode_gemv(self, kind: str) -> None:
+        """Which one-row GEMV decode runs (DECODE_GEMVS: "auto", "cuda_cores", "tensor_cores", the
+        last where a linear's shape allows); the captured decode graph, which holds the old choice,
+        is dropped."""
+        if kind not in DECODE_GEMVS:
+            raise ValueError(f"decode GEMV {kind!r} is not one of {', '.join(DECODE_GEMVS)}")
+        self.decode_gemv = kind
+        self._graphs.pop(1, None)
 
     def _step(self, rows: int) -> None:
         self.launch_ops(self.ops, rows)
@@ -344,9 +368,13 @@ class CudaBackend:
         twin is reference_backend.twin_rescored_head)."""
         w, b, spec = self.weights, self.buf, self.spec
         n, k, name = a["N"], a["K"], a["weight"]
-        self.launch(f"awq_gemv_logits_g{a['group_size']}_w{4 if k % 32 == 0 else 1}", (n // GEMV_ROWS_PER_BLOCK,),
-                    (GEMV_THREADS,), [b[a["x"]], w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"],
-                                      b[a["out"]], ("i32", n), ("i32", k), ("i32", spec.vocab), ("f32", a["softcap"])])
+        args = [b[a["x"]], w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"], b[a["out"]], ("i32", n),
+                ("i32", k), ("i32", spec.vocab), ("f32", a["softcap"])]
+        if self.on_tensor_cores(a):
+            self.launch(f"awq_gemv_tc_logits_g{a['group_size']}", (-(-n // GEMV_TC_ROWS),), (GEMV_TC_THREADS,), args)
+        else:
+            self.launch(f"awq_gemv_logits_g{a['group_size']}_w{4 if k % 32 == 0 else 1}", (n // GEMV_ROWS_PER_BLOCK,),
+                        (GEMV_THREADS,), args)
         self.rescore_top_k(a)
 
     def rescore_top_k(self, a: dict) -> None:
@@ -371,15 +399,19 @@ class CudaBackend:
         bias = w[f"{name}.bias"] if a["bias"] else 0
         wide = k % 32 == 0  # rows of 16-byte aligned words: 128-bit weight loads
         if rows == 1:
-            kernel = f"awq_gemv_{'norm_' if a['norm'] else ''}{a['epilogue']}_g{g}_w{4 if wide else 1}"
+            fusion = f"{'norm_' if a['norm'] else ''}{a['epilogue']}"
             rope = self.rope_args(a["layer"], a["rope"]) if a["epilogue"] == "rope" else [0] * 7 + [("i32", 0)] * 5
             prefetch = [0, ("i32", 0)]
             if next_linear is not None and self.prefetch_bytes:
                 nxt = next_linear.args
                 prefetch = [w[f"{nxt['weight']}.qweight"], ("i32", min(nxt["N"] * nxt["K"] // 2, self.prefetch_bytes))]
-            self.launch(kernel, (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
-                        [b[a["x"]], *weights, b[a["out"]], ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0,
-                         ("f32", spec.eps), bias, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope, *prefetch])
+            args = [b[a["x"]], *weights, b[a["out"]], ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0,
+                    ("f32", spec.eps), bias, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope, *prefetch]
+            if self.on_tensor_cores(a):
+                self.launch(f"awq_gemv_tc_{fusion}_g{g}", (-(-n // GEMV_TC_ROWS),), (GEMV_TC_THREADS,), args)
+            else:
+                self.launch(f"awq_gemv_{fusion}_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
+                            args)
             return
         x = b[a["x"]]
         if a["norm"]:
@@ -398,6 +430,14 @@ class CudaBackend:
             self.launch("awq_residual_add", (rows,), (NORM_THREADS,), [b[a["out"]], y, ("i32", n)])
         elif a["epilogue"] == "rope":
             self.rope_store(y, a["layer"], a["rope"], rows)
+
+    def on_tensor_cores(self, a: dict) -> bool:
+        """Whether a one-row linear (or int4 head) of op args `a` runs on the tensor-core GEMV:
+        chosen (DECODE_GEMVS), and its shape allows it."""
+        fits = (a["K"] % 32 == 0 and a["K"] <= GEMV_TC_MAX_K
+                and (a.get("epilogue") != "rope" or self.spec.head_dim % GEMV_TC_ROWS == 0))
+        chosen = self.decode_gemv == "tensor_cores" or self.decode_gemv == "auto" and bool(a.get("norm"))
+        return fits and chosen
 
     def matmul(self, x: int, name: str, n: int, k: int, y: int, rows: int) -> None:
         """y[rows, n] = x[rows, k] @ W_hat^T of linear `name` for rows > 1, rounded to fp16: dequantize
@@ -538,7 +578,9 @@ KERNELS_OF = {
                    for g in (32, 64, 128) for w in (1, 4)] +
                   [f"awq_gemv_rows{m}_g{g}_w{w}" for m in range(1, 9) for g in (32, 64, 128) for w in (1, 4)] +
                   [f"awq_gemv_mma_g{g}" for g in (32, 64, 128)] +
-                  [f"awq_gemv_logits_g{g}_w{w}" for g in (32, 64, 128) for w in (1, 4)],
+                  [f"awq_gemv_logits_g{g}_w{w}" for g in (32, 64, 128) for w in (1, 4)] +
+                  [f"awq_gemv_tc_{fusion}_g{g}" for fusion in ("store", "norm_store", "act", "norm_act", "residual",
+                                                               "rope", "norm_rope", "logits") for g in (32, 64, 128)],
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)] +
                   [f"awq_dequantize_g{g}" for g in (32, 64, 128)],
     "attention": ["awq_rope_store"] + [f"awq_attend{kind}_d{d}" for kind in ("", "_block", "_split")

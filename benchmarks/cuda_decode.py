@@ -17,6 +17,8 @@ poison the others, and each starts with the GPU's memory free):
                  tinygemm, what gpt-fast uses), bf16 activations, int4 g128 where K allows
     copy         a 2 GiB device-to-device copy: the bandwidth ceiling, (read + write) / time
 
+For awq-edge, decode runs on each one-row GEMV choice (cuda_backend.DECODE_GEMVS, set_decode_gemv):
+keys decode_gemv (the default) and decode_tok_s_auto, decode_tok_s_cuda_cores, decode_tok_s_tensor_cores.
 decode_tok_s = (new tokens - 1) / time after the first token; ttft_s = prompt in -> first token
 on the host; both the median of --runs runs after a warm-up. For awq-edge also one prefill chunk
 of 16, 64 and 256 rows both ways (our kernels: the GEMV 8 rows at a time up to 32 rows, the GEMM
@@ -79,13 +81,23 @@ def worker_ours(engine_dir: str, runs: int) -> dict:
     engine = Engine.load(path, max_context=PROMPT_TOKENS + NEW_TOKENS + 1)
     load_s = time.perf_counter() - t0
     prompt = [int(i) for i in range(PROMPT_TOKENS)]  # byte ids: any are valid
-    stats = []
-    for _ in range(runs + 1):  # the first captures the decode graph
-        "".join(engine.stream_ids(prompt, Sampler(SamplingSettings(0.0)), NEW_TOKENS, ignore_eos=True))
-        assert engine.last_stats.new_tokens == NEW_TOKENS, engine.last_stats
-        stats.append(engine.last_stats)
-    stats = stats[1:]
+    from awq_edge.cuda_backend import DECODE_GEMVS
+
+    default = engine.backend.decode_gemv
+    by_gemv = {}
+    for gemv in DECODE_GEMVS:
+        engine.backend.set_decode_gemv(gemv)
+        stats = []
+        for _ in range(runs + 1):  # the first captures the decode graph
+            "".join(engine.stream_ids(prompt, Sampler(SamplingSettings(0.0)), NEW_TOKENS, ignore_eos=True))
+            assert engine.last_stats.new_tokens == NEW_TOKENS, engine.last_stats
+            stats.append(engine.last_stats)
+        by_gemv[gemv] = stats[1:]
+    engine.backend.set_decode_gemv(default)
+    stats = by_gemv[default]
     return {"decode_tok_s": median([s.decode_tok_s for s in stats]), "ttft_s": median([s.ttft_s for s in stats]),
+            "decode_gemv": default,
+            **{f"decode_tok_s_{gemv}": median([s.decode_tok_s for s in runs_]) for gemv, runs_ in by_gemv.items()},
             "weight_bytes_per_token": weight_bytes_read(engine.export), "load_s": load_s,
             "prefill_path": engine.backend.prefill_path, **prefill_times(engine.backend, runs)}
 

@@ -13,15 +13,34 @@ pass attends over the same --context cached rows). The fused op list (the defaul
 linears' prologue, activation and residual adds in their epilogues) and the unfused one (a
 kernel per op) are timed in the same run, alternating, and the fused list without overlapped
 launches (plugins/kernels/pdl.cuh, sm_90 only) with and without the GEMVs' L2 prefetch of the
-next linear's weights (what sm_87/sm_89 run instead). Time per layer = replay time /
+next linear's weights (what sm_87/sm_89 run instead), and the fused list with every linear on
+the CUDA-core GEMV, then on the tensor-core one (cuda_backend.DECODE_GEMVS; the default, "auto",
+takes tensor cores for the linears with a norm prologue). Time per layer = replay time /
 (repeats x layers), host-timed over whole replays after a synchronize, median of 5.
 
 Roofline of a layer = (its weight bytes + the K and V rows its attention reads) / the bandwidth
 of a device-to-device copy measured in the same run (read + write bytes / time). Activations
-(a few KiB) are left out. JSON: gpu, shape, context, layers, launches_per_layer, us_per_layer,
-bytes_per_layer, roofline_us, roofline_fraction, copy_gbs (the backend's default: fused, overlapped
-launches on sm_90), and under "variants" each variant's us_per_layer, launches_per_layer and
-roofline_fraction. Needs an NVIDIA GPU and nvcc (the
+(a few KiB) are left out.
+
+Then where a layer's time goes, op by op (fused, overlapped launches on sm_90; both GEMVs):
+for each op of a layer's fused list (the same kinds in the same order in every layer; labelled
+by kind, and the weight name without model.layers.N., e.g. "linear self_attn.qkv_proj",
+"attention"), a graph of only that op of every layer, --repeats times (launch_ops on that list:
+each linear prefetches the next layer's same linear), timed as above. Its bytes: the layer's
+tensors its args name (a linear's qweight, scales, zeros, bias and prologue norm's weight), and
+attention's K and V rows (they add up to the layer's bytes); % of copy = bytes / (time x copy
+bandwidth). The ops' times add up to more or less than the whole layer's: the difference is what
+running them together costs or saves (overlap, serialization). An op timed alone may find its
+data in L2 when its bytes over all the layers fit there (attention's K and V at small contexts,
+a small linear over few layers), so it runs faster than in a layer, where the other ops' weights
+evict it: the table marks such rows "(L2)" (bytes x layers < L2).
+
+JSON: gpu, shape, context, layers, launches_per_layer, us_per_layer, bytes_per_layer,
+roofline_us, roofline_fraction, copy_gbs (the backend's default: fused, overlapped launches on
+sm_90), under "variants" each variant's us_per_layer, launches_per_layer and roofline_fraction,
+under "breakdown" per decode GEMV kind (cuda_cores, tensor_cores) each op's {op (its label),
+us_per_layer, bytes (per layer), pct_of_copy}, and breakdown_sum_us per kind (the ops' us_per_layer
+summed). Needs an NVIDIA GPU and nvcc (the
 engine's kernels are compiled here); no torch. Without a GPU it prints one line and exits 2.
 """
 from __future__ import annotations
@@ -56,6 +75,31 @@ def layer_bytes(info, context: int) -> int:
                   if name.startswith("model.layers."))
     kv = 2 * spec.kv_heads * (context + 1) * spec.head_dim * 2
     return weights // spec.layers + kv
+
+
+def op_bytes(info, op, context: int) -> int:
+    """Bytes one op of a layer reads in a decode step: the layer's tensors its args name (a
+    linear's {weight}.qweight, .scales, .zeros, .bias, its norm), and for attention the K and V rows."""
+    names = [v for v in op.args.values() if str(v).startswith("model.layers.")]  # not buffers, not "rope"
+    weights = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for name, (dtype, shape, _) in info.tensors.items()
+                  if any(name == v or name.startswith(v + ".") for v in names))
+    spec = info.spec
+    return weights + (2 * spec.kv_heads * (context + 1) * spec.head_dim * 2 if op.kind == "attention" else 0)
+
+
+def op_groups(ops: list, layers: int) -> list[tuple[str, list]]:
+    """(label, that op of every layer) for each op position within a layer of `ops` (layer_ops'):
+    its kind, and for an op with a layer's weight that name without model.layers.N."""
+    def label(op) -> str:
+        weight = op.args.get("weight")
+        return f"{op.kind} {weight.split('.', 3)[3]}" if str(weight).startswith("model.layers.") else op.kind
+
+    per_layer = len(ops) // layers
+    assert per_layer * layers == len(ops), (len(ops), layers)
+    groups = [ops[i::per_layer] for i in range(per_layer)]
+    for group in groups:
+        assert len({label(op) for op in group}) == 1, [label(op) for op in group]
+    return [(label(group[0]), group) for group in groups]
 
 
 def copy_gbs(drv, nbytes: int = 1 << 30) -> float:
@@ -102,7 +146,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
 
-    from awq_edge.cuda_backend import CudaBackend
+    from awq_edge.cuda_backend import DECODE_GEMVS, CudaBackend
     from awq_edge.decoder import decode_ops
     from awq_edge.cuda_runtime import CudaRuntime, find_gpus
     from awq_edge.devices import profile_for_arch
@@ -135,27 +179,38 @@ def main() -> int:
         backend = CudaBackend(engine, manifest, info, max_context=args.context + 1)
         backend.forward(np.random.default_rng(0).integers(0, 256, args.context))
         ceiling = copy_gbs(backend.drv)
-        # (fused op list, overlapped launches, L2 prefetch bytes): the backend's default first
-        default = (True, backend.programmatic, backend.prefetch_bytes)
+        # (fused op list, overlapped launches, L2 prefetch bytes, decode GEMV): the backend's default first
+        default = (True, backend.programmatic, backend.prefetch_bytes, backend.decode_gemv)
         prefetch = backend.drv.l2_cache_bytes() // 2
         variants = {"fused": default, "unfused": (False, *default[1:])}
+        for gemv in DECODE_GEMVS[1:]:  # all on CUDA cores, all on tensor cores
+            variants[f"fused, GEMV on {gemv.replace('_', ' ')}"] = (*default[:3], gemv)
         if backend.programmatic:  # what sm_87/sm_89 run, and the same without the prefetch
-            variants["fused, not overlapped, L2 prefetch"] = (True, False, prefetch)
-        variants["fused, not overlapped, no prefetch"] = (True, False, 0)
+            variants["fused, not overlapped, L2 prefetch"] = (True, False, prefetch, default[3])
+        variants["fused, not overlapped, no prefetch"] = (True, False, 0, default[3])
         timed = {name: [] for name in variants}
         for _ in range(3):  # the variants alternating: the median of each
-            for name, (fused, programmatic, prefetch_bytes) in variants.items():
-                backend.programmatic, backend.prefetch_bytes = programmatic, prefetch_bytes
+            for name, (fused, programmatic, prefetch_bytes, gemv) in variants.items():
+                backend.programmatic, backend.prefetch_bytes, backend.decode_gemv = programmatic, prefetch_bytes, gemv
                 timed[name].append(time_layers(backend, layer_ops(decode_ops(info.spec, fused=fused)), repeats))
+        breakdown = {}  # per decode GEMV kind, with the default launches
+        for gemv in DECODE_GEMVS[1:]:
+            backend.programmatic, backend.prefetch_bytes, backend.decode_gemv = *default[1:3], gemv
+            breakdown[gemv] = [(label, op_bytes(info, group[0], args.context), time_layers(backend, group, repeats)[0])
+                               for label, group in op_groups(layer_ops(decode_ops(info.spec, fused=True)), layers)]
     nbytes = layer_bytes(info, args.context)
     roofline = nbytes / (ceiling * 1e9)
     results = {name: {"us_per_layer": float(np.median([t for t, _ in runs])) / layers * 1e6,
                       "launches_per_layer": runs[0][1] / layers} for name, runs in timed.items()}
     for r in results.values():
         r["roofline_fraction"] = roofline * 1e6 / r["us_per_layer"]
+    ops = {gemv: [{"op": label, "us_per_layer": t / layers * 1e6, "bytes": b,
+                   "pct_of_copy": 100 * b / (t / layers * ceiling * 1e9)} for label, b, t in rows]
+           for gemv, rows in breakdown.items()}
     row = {"gpu": gpu.name, "arch": gpu.arch, "shape": args.shape, "context": args.context, "layers": layers,
            **results["fused"], "bytes_per_layer": nbytes, "roofline_us": roofline * 1e6, "copy_gbs": ceiling,
            "variants": results,
+           "breakdown": ops, "breakdown_sum_us": {gemv: sum(r["us_per_layer"] for r in rows) for gemv, rows in ops.items()},
            "date": dt.datetime.now().isoformat(timespec="seconds"),
            "timing": f"{repeats} passes over the {layers} layers in one graph, host clock, median of {REPLAYS}"}
     print(f"{args.shape} layer at context {args.context}: {row['us_per_layer']:.1f} us, "
@@ -164,6 +219,14 @@ def main() -> int:
     for name, r in results.items():
         print(f"  {name:>32}: {r['us_per_layer']:6.1f} us, {r['launches_per_layer']:.0f} launches, "
               f"{100 * r['roofline_fraction']:.0f}% of roofline")
+    for gemv, rows in ops.items():
+        print(f"  each op alone over the {layers} layers, GEMV on {gemv.replace('_', ' ')}: "
+              f"{row['breakdown_sum_us'][gemv]:.1f} us in all ({row['breakdown_sum_us'][gemv] - row['us_per_layer']:+.1f} "
+              "us against the default layer)")
+        print(f"  {'op':>32}  us/layer  share      MB  % of copy")
+        for r in rows:
+            print(f"  {r['op']:>32}  {r['us_per_layer']:8.1f}  {100 * r['us_per_layer'] / row['us_per_layer']:4.0f}%  "
+                  f"{r['bytes'] / 1e6:6.1f}  {r['pct_of_copy']:8.0f}%{' (L2)' if r['bytes'] * layers < l2 else ''}")
     out = args.output or ROOT / "benchmarks" / "results" / f"cuda_layer-{gpu.arch}-{dt.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")

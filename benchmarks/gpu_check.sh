@@ -7,14 +7,13 @@
 # The lent machine is bare and offline, but its python3 has numpy, pytest, cmake, nvcc, torch,
 # transformers and tokenizers, which is all these need (no venv, no install). Steps: the GPU, the
 # kernel library build, the kernel tests, the cuda backend against its reference executor
-# (tests/test_cuda_backend_gpu.py), one 7B-shaped layer against its roofline
-# (benchmarks/cuda_layer.py), the GEMV/GEMM benchmark (with its read-only ceiling and launch-cost
-# fit), prefill attention, the three lm_heads (benchmarks/cuda_head.py), the native decode
-# benchmark against torch fp16 and int4 (benchmarks/cuda_decode.py), then the quantizer on the GPU.
-# Each step's log lands beside the results, and a failing step does not stop the later ones (the
-# exit code is the first failure's).
-# On an H100 the kernel steps took about a minute (2026-11-23); the cuda backend steps are
-# estimated at 4-5 minutes more (CPU-side: the 1B reference run, the random 7B engine).
+# (tests/test_cuda_backend_gpu.py), one 7B-shaped layer against its roofline with a per-op
+# breakdown (benchmarks/cuda_layer.py), the GEMV/GEMM benchmark (with its read-only ceiling and
+# launch-cost fit), the native decode benchmark against torch fp16 and int4
+# (benchmarks/cuda_decode.py), a SmolLM2-shaped layer, prefill attention, the three lm_heads
+# (benchmarks/cuda_head.py), then the quantizer on the GPU. Each step's log lands beside the
+# results, and a failing step does not stop the later ones (the exit code is the first failure's).
+# On the H200 (2026-12-04, run 1) the whole script took 353 s with the tests on 8 xdist workers.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The lent machine hands back at most 8 files from $OUT: there the logs and JSONs are written to a
@@ -33,7 +32,9 @@ ln -s "$PWD/devices" "$pkg/awq_edge/devices"
 trap 'rm -rf "$pkg"; [ -z "$bundle" ] || rm -rf "$out"' EXIT  # (python3 -P below: `-m` would put ./awq_edge, without those names, first)
 export PYTHONPATH="$pkg:$PWD" PYTHONUNBUFFERED=1 AWQ_EDGE_CACHE="${AWQ_EDGE_CACHE:-/tmp/awq-edge-cache}"
 status=0
+# GPU_CHECK_STEPS="build tests gemv ...": only those steps (a second run in one session's budget)
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, remember the first failure
+    [ -z "${GPU_CHECK_STEPS:-}" ] || [[ " $GPU_CHECK_STEPS " == *" $1 "* ]] || return 0
     echo "== $1"
     timeout --kill-after=10 "$2" "${@:3}" 2>&1 | tee "$out/$1.log"
     local rc=${PIPESTATUS[0]}
@@ -57,10 +58,10 @@ gpus = find_gpus(); assert gpus, 'no NVIDIA GPU found'; print(gpus[0]); print(pl
 print(plugins.build_cubins(gpus[0].arch))"
 step tests 150 python3 -m pytest -q "${par[@]}" -m gpu -p no:cacheprovider tests/test_kernels_gpu.py
 step cuda_backend 240 python3 -P -m pytest -q "${par[@]}" -m gpu -p no:cacheprovider tests/test_cuda_backend_gpu.py
-step cuda_decode 300 python3 benchmarks/cuda_decode.py --timeout 150 --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
 step cuda_layer 120 python3 benchmarks/cuda_layer.py --output "$out/cuda_layer.json"
-step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m --output "$out/cuda_layer-smollm2.json"
 step gemv 180 python3 benchmarks/gemv.py --output "$out/gemv.json"
+step cuda_decode 300 python3 benchmarks/cuda_decode.py --timeout 150 --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
+step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m --output "$out/cuda_layer-smollm2.json"
 step cuda_attention 60 python3 benchmarks/cuda_attention.py --output "$out/cuda_attention.json"
 step cuda_head 150 python3 benchmarks/cuda_head.py --output "$out/cuda_head.json"
 step quantize 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
@@ -80,7 +81,8 @@ if g:
         print(f"fit {name}: {fit['intercept_us']:.2f} us + bytes / {fit['slope_gbs']:.0f} GB/s ({fit['slope_pct_of_copy']:.0f}% of copy)")
     for r in g["decode"]:
         if r["M"] == 1:
-            print(f"GEMV {r['K']}x{r['N']}: {r['us']:.1f} us, {r['pct_of_copy']:.0f}% of copy (read-only {r['read_only_pct_of_copy']:.0f}%)")
+            tc = f", tensor cores {r['tensor_cores_us']:.1f} us, {r['tensor_cores_pct_of_copy']:.0f}%" if r.get("tensor_cores_us") else ""
+            print(f"GEMV {r['K']}x{r['N']}: {r['us']:.1f} us, {r['pct_of_copy']:.0f}% of copy (read-only {r['read_only_pct_of_copy']:.0f}%){tc}")
     print("M=8/M=1: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.get("m8_over_m1", {}).items()))
     print("M=8/M=1 on CUDA cores: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.get("m8_cuda_cores_over_m1", {}).items()))
     print("M=8/M=1, 32-row tensor-core blocks: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.get("m8_mma32_over_m1", {}).items()))
@@ -94,6 +96,9 @@ for name in ("cuda_layer.json", "cuda_layer-smollm2.json"):
         for variant, r in layer["variants"].items():
             print(f"layer {layer['shape']} {variant}: {r['us_per_layer']:.1f} us, {r['launches_per_layer']:.0f} launches, "
                   f"{100 * r['roofline_fraction']:.0f}% of roofline")
+        for gemv, rows in layer.get("breakdown", {}).items():
+            print(f"  GEMV on {gemv}: " + ", ".join(f"{r['op'].removeprefix('linear ')} {r['us_per_layer']:.1f} us "
+                                                    f"({r['pct_of_copy']:.0f}%)" for r in rows))
 a = load("cuda_attention.json")
 for r in (a or {}).get("rows", []):
     mma = f", tensor cores {r['mma_us']:.0f} us ({r['mma_speedup']:.2f}x)" if r.get("mma_us") else ""
@@ -109,6 +114,9 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
     if isinstance(r, dict) and r.get("decode_tok_s"):
         print(f"decode {r['shape']} {r['runtime']}: {r['decode_tok_s']:.0f} tok/s, "
               f"{100 * (r.get('roofline_fraction') or 0):.0f}% of roofline, TTFT {1e3 * r['ttft_s']:.0f} ms")
+        if r.get("decode_tok_s_tensor_cores"):
+            print(f"  GEMV auto {r['decode_tok_s_auto']:.0f} tok/s, on CUDA cores {r['decode_tok_s_cuda_cores']:.0f}, "
+                  f"on tensor cores {r['decode_tok_s_tensor_cores']:.0f}")
         if r.get("prefill_path"):
             print(f"  prefill: {r['prefill_path']}")
         for n in (16, 64, 256):

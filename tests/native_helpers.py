@@ -16,6 +16,9 @@ bare GPU machine imports it too).
   plugins/kernels/mma.cuh, for running a kernel's fragment plan lane by lane.
 - attention_f64: causal (windowed, soft-capped) attention over a KV cache in float64, what the
   attention twins and plans are checked against.
+- fused_gemv_error: one decode GEMV entry point (CUDA cores or tensor cores) on fresh random
+  data with poisoned outputs, through any driver (the GPU's, or EmulatedDriver), against the
+  twins of what it fuses.
 - select_plan, head_candidates_twin, head_rescore_twin: the int4 head's candidate search as
   plugins/kernels/select.cuh and head_top_k.cu do it, step by step and block by block;
   tie_heavy_logits, what they are tested on.
@@ -253,6 +256,80 @@ def attention_f64(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past:
 
 
 # ---------------------------------------------------------------- an int4 head's candidate search
+
+def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tensor_cores: bool) -> float:
+    """Relative error of decode GEMV entry point `fn` (drv.function's handle of awq_gemv_{fusion}_g*_w*,
+    or awq_gemv_tc_{fusion}_g* when tensor_cores) against the twins of what it fuses (norm prologue,
+    bias, act, residual, RoPE with the KV-cache write), on fresh random data with every output
+    poisoned with NaN (an output never written fails). RoPE: n = (H + 2 Hkv) 64."""
+    from awq_edge import packing
+    from awq_edge.cuda_backend import ACT_KINDS, GEMV_TC_ROWS, GEMV_TC_THREADS
+    from awq_edge.cuda_driver import f32, i32, ptr
+    from awq_edge.reference_backend import (dequantized, twin_act, twin_linear, twin_residual, twin_rms_norm,
+                                            twin_rope_store)
+
+    rng = np.random.default_rng(k * n + len(fusion) + tensor_cores)
+    groups = packing.num_groups(k, group_size)
+    packed = packing.pack_for_plugin(rng.integers(0, 16, (n, k), dtype=np.uint8),
+                                     rng.uniform(0.002, 0.02, (n, groups)).astype(np.float16),
+                                     rng.integers(0, 16, (n, groups), dtype=np.uint8), group_size)
+    x = (rng.standard_normal((1, k)) * 3).astype(np.float16)
+    norm_weight = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float16) if fusion.endswith(("store", "rope")) else None
+    h = rng.standard_normal((1, n)).astype(np.float16)
+    act = "gelu_tanh" if k % 32 else "silu"
+    eps = 1e-6
+    # RoPE: n = (H + 2 Hkv) D with D = 64, at position 5 of a 16-row cache
+    D, pos, capacity = 64, 5, 16
+    kv_heads = n // D // 4 or 1
+    heads = n // D - 2 * kv_heads
+
+    cos, sin = (rng.uniform(-1, 1, (capacity, D // 2)).astype(np.float16) for _ in range(2))
+    xin = twin_rms_norm(x, norm_weight, eps) if fusion.startswith("norm") else x
+    y = twin_linear(xin, dequantized(packed["qweight"], packed["scales"], packed["zeros"], group_size), bias)
+    if fusion.endswith("rope"):
+        k_want, v_want = np.zeros((kv_heads, capacity, D), np.float16), np.zeros((kv_heads, capacity, D), np.float16)
+        q, kk, v = y[:, :heads * D], y[:, heads * D:(heads + kv_heads) * D], y[:, (heads + kv_heads) * D:]
+        q_want = twin_rope_store(q.reshape(1, heads, D), kk.reshape(1, kv_heads, D), v.reshape(1, kv_heads, D),
+                                 k_want, v_want, pos, cos, sin)
+        want = np.concatenate([q_want.reshape(-1), k_want[:, pos].reshape(-1), v_want[:, pos].reshape(-1)])[None]
+    else:
+        want = twin_act(y, act) if fusion.endswith("act") else twin_residual(h, y) if fusion == "residual" else y
+
+    out = h.copy() if fusion == "residual" else np.full((1, n // 2 if fusion.endswith("act") else n), np.nan, np.float16)
+    arrays = {"x": x, "q": packed["qweight"], "s": packed["scales"], "z": packed["zeros"], "norm": norm_weight,
+              "bias": bias if bias is not None else h, "cos": cos, "sin": sin,
+              "q_rot": np.full((max(heads, 1), D), np.nan, np.float16),
+              "k_cache": np.full((kv_heads, capacity, D), np.nan, np.float16),
+              "v_cache": np.full((kv_heads, capacity, D), np.nan, np.float16), "past": np.array([pos], np.int64),
+              "status": np.zeros(1, np.int32), "out": out}
+    dev = {}
+    try:
+        for name, a in arrays.items():
+            dev[name] = drv.alloc(a.nbytes)
+            drv.upload(dev[name], np.ascontiguousarray(a))
+        grid, block = ((-(-n // GEMV_TC_ROWS),), (GEMV_TC_THREADS,)) if tensor_cores else ((n // 4,), (128,))
+        drv.launch(fn, grid, block, [ptr(dev["x"]), ptr(dev["q"]), ptr(dev["s"]), ptr(dev["z"]), ptr(dev["out"]),
+                                     i32(n), i32(k), ptr(dev["norm"]), f32(eps),
+                                     ptr(dev["bias"] if bias is not None else 0), i32(ACT_KINDS[act]),
+                                     *[ptr(dev[name]) for name in ("cos", "sin", "q_rot", "k_cache", "v_cache",
+                                                                   "past", "status")],
+                                     i32(heads), i32(kv_heads), i32(D), i32(capacity), i32(capacity),
+                                     ptr(dev["q"]), i32(packed["qweight"].nbytes)])  # (the L2 prefetch: its own weights)
+        got = {name: np.empty_like(arrays[name]) for name in ("out", "q_rot", "k_cache", "v_cache")}
+        for name, a in got.items():
+            drv.download(a, dev[name])
+    finally:
+        for pointer in dev.values():
+            drv.free(pointer)
+    if fusion.endswith("rope"):
+        got = np.concatenate([got["q_rot"].reshape(-1)[:heads * D], got["k_cache"][:, pos].reshape(-1),
+                              got["v_cache"][:, pos].reshape(-1)])[None]
+    else:
+        got = got["out"]
+    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
+    return float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64)))
+
 
 def select_plan(keys: np.ndarray, k: int, threads: int = 1024) -> np.ndarray:
     """The indices of the k largest uint32 keys, by rank, as select.cuh's kth_largest_key and

@@ -39,7 +39,8 @@ from awq_edge.reference_backend import ReferenceBackend  # noqa: E402
 from awq_edge.sampling import Sampler, SamplingSettings, candidates, choose_token  # noqa: E402
 from awq_edge.synthetic import SHAPES, byte_tokenizer, write_random_checkpoint, write_random_engine  # noqa: E402
 from conftest import TINY_FAMILIES  # noqa: E402
-from native_helpers import near_tie, read_native_engine, teacher_forced, tie_heavy_logits  # noqa: E402
+from native_helpers import (fused_gemv_error, near_tie, read_native_engine, teacher_forced,  # noqa: E402
+                            tie_heavy_logits)
 from test_export_helpers import tiny_checkpoint  # noqa: E402
 
 # two prefill chunks (256 rows: the GEMM, or dequantize + cuBLAS; 20 rows: the GEMV 8 rows at a
@@ -72,15 +73,19 @@ def backends(engine: Path, max_context: int = CONTEXT, cublas=None):
             ReferenceBackend(engine, max_context, info))
 
 
-def check_against_reference(engine: Path, vocab: int, seed: int = 0, fused: bool = True, cublas=None) -> None:
+def check_against_reference(engine: Path, vocab: int, seed: int = 0, fused: bool = True, cublas=None,
+                            gemv: str | None = None) -> None:
     """fused=False: the unfused op list on the GPU (one kernel per op; fused is the default).
-    The first prefill chunk is PREFILL_CHUNK rows: through cuBLAS when found (cublas=False: not)."""
+    The first prefill chunk is PREFILL_CHUNK rows: through cuBLAS when found (cublas=False: not).
+    gemv: the decode GEMV ("cuda_cores", "tensor_cores"; None: the backend's default)."""
     cuda, reference = backends(engine, cublas=cublas)
     cuda.ops = decode_ops(cuda.spec, fused=fused)
+    if gemv:
+        cuda.set_decode_gemv(gemv)
     ids = np.random.default_rng(seed).integers(0, min(vocab, 256), PROMPT + DECODE).tolist()
     errors, disagreements = teacher_forced(cuda, reference, ids, PROMPT)
     print(f"{engine.name}: prefill error {errors[0]:.1e}, decode at most {max(errors[1:]):.1e}; "
-          f"prefill: {cuda.prefill_path}")
+          f"prefill: {cuda.prefill_path}; decode: {cuda.decode_path}")
     # fp16 buffers on both sides; what differs is the order of fp32 sums and fp16 rounding there
     assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
 
@@ -92,11 +97,17 @@ def tiny_engine(root: Path, model_type: str, tokenizer_dir: Path, **overrides) -
     return root / "engine"
 
 
+GEMVS = ["cuda_cores", "tensor_cores"]
+
+
+@pytest.mark.parametrize("gemv", GEMVS)
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("model_type", TINY_FAMILIES)
-def test_every_family_matches_the_reference(model_type, fused, tokenizer_dir, tmp_path):
-    """Our kernels only (cuBLAS has its own test below, and the default path the larger models')."""
-    check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320, fused=fused, cublas=False)
+def test_every_family_matches_the_reference(model_type, fused, gemv, tokenizer_dir, tmp_path):
+    """Our kernels only (cuBLAS has its own test below, and the default path the larger models'),
+    decode on either GEMV."""
+    check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320, fused=fused, cublas=False,
+                            gemv=gemv)
 
 
 def test_ragged_shapes_match_the_reference(tokenizer_dir, tmp_path):
@@ -117,28 +128,31 @@ def test_long_prefill_chunks_match_the_reference_through_cublas_and_through_our_
     check_against_reference(engine, 320, cublas=False)
 
 
-def test_a_smollm2_shaped_checkpoint_matches_the_reference(tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("gemv", GEMVS)
+def test_a_smollm2_shaped_checkpoint_matches_the_reference(gemv, tokenizer_dir, tmp_path):
     """The real packing path (AutoAWQ checkpoint -> kernels' layout) at SmolLM2's widths: 9 heads
     of 3 KV groups, hidden 576 at group 128 (a short last group), a 49152-row tied head."""
     shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 2}
     ckpt = write_random_checkpoint(tmp_path / "ckpt", shape, 128, tokenizer_dir)
     build_engine(str(ckpt), this_device().name, tmp_path / "engine", backend="cuda", progress=False)
-    check_against_reference(tmp_path / "engine", shape["vocab_size"])
+    check_against_reference(tmp_path / "engine", shape["vocab_size"], gemv=gemv)
 
 
-def test_an_int4_head_matches_the_reference(tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("gemv", GEMVS)
+def test_an_int4_head_matches_the_reference(gemv, tokenizer_dir, tmp_path):
     """--lm-head int4 end to end at SmolLM2's widths (a 49152-row head: 24 slices of candidates)
     with a soft-cap: the 4-bit head's logits and its top 64 re-scored from the fp16 table."""
     shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 2, "final_logit_softcapping": 30.0}
     ckpt = write_random_checkpoint(tmp_path / "ckpt", shape, 128, tokenizer_dir)
     build_engine(str(ckpt), this_device().name, tmp_path / "engine", backend="cuda", progress=False, lm_head_bits=4)
-    check_against_reference(tmp_path / "engine", shape["vocab_size"])
+    check_against_reference(tmp_path / "engine", shape["vocab_size"], gemv=gemv)
 
 
-def test_a_1b_random_engine_matches_the_reference(tmp_path):
+@pytest.mark.parametrize("gemv", GEMVS)
+def test_a_1b_random_engine_matches_the_reference(gemv, tmp_path):
     """Llama-3.2-1B's shape (16 layers, GQA 32/8, a 128256-row tied head), random weights."""
     write_random_engine(tmp_path / "engine", "llama3.2-1b", this_device())
-    check_against_reference(tmp_path / "engine", SHAPES["llama3.2-1b"]["vocab_size"])
+    check_against_reference(tmp_path / "engine", SHAPES["llama3.2-1b"]["vocab_size"], gemv=gemv)
 
 
 def cubin_kernel(drv, module: str, name: str):
@@ -160,74 +174,27 @@ def on_device(drv, arrays: dict):
             drv.free(pointer)
 
 
-@pytest.mark.parametrize("k, n, group_size", [(576, 1536, 128), (136, 400, 32), (4096, 4096, 128)])
+@pytest.mark.parametrize("kernel", ["cuda_cores", "tensor_cores"])
+@pytest.mark.parametrize("k, n, group_size", [(576, 1536, 128), (136, 400, 32), (4096, 4096, 128), (256, 200, 64),
+                                              (512, 328, 32), (11008, 4096, 128)])
 @pytest.mark.parametrize("fusion", ["store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope"])
-def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size):
-    """Each decode GEMV entry point on its own (cubin, driver API), fresh random data, the output
-    poisoned with NaN, against the twins of what it fuses: norm prologue, bias, act, residual."""
-    from awq_edge import packing
-    from awq_edge.cuda_backend import ACT_KINDS
-    from awq_edge.cuda_driver import Driver, f32, i32, ptr
-    from awq_edge.reference_backend import (dequantized, twin_act, twin_linear, twin_residual, twin_rms_norm,
-                                            twin_rope_store)
+def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size, kernel):
+    """Each decode GEMV entry point on its own (cubin, driver API), CUDA cores and tensor cores,
+    fresh random data, the output poisoned with NaN, against the twins of what it fuses: norm
+    prologue, bias, act, residual, RoPE and the KV write (native_helpers.fused_gemv_error). N = 200
+    and 328 leave half a tensor-core tile; K = 256 leaves most of its 8 warps without a window."""
+    from awq_edge.cuda_driver import Driver
 
     if fusion.endswith("rope") and n % 64:
         pytest.skip("q/k/v rows are whole heads of 64")
-    rng = np.random.default_rng(k * n + len(fusion))
-    groups = packing.num_groups(k, group_size)
-    packed = packing.pack_for_plugin(rng.integers(0, 16, (n, k), dtype=np.uint8),
-                                     rng.uniform(0.002, 0.02, (n, groups)).astype(np.float16),
-                                     rng.integers(0, 16, (n, groups), dtype=np.uint8), group_size)
-    x = (rng.standard_normal((1, k)) * 3).astype(np.float16)
-    norm_weight = rng.uniform(0.5, 1.5, k).astype(np.float32)
-    bias = rng.standard_normal(n).astype(np.float16) if fusion.endswith(("store", "rope")) else None
-    h = rng.standard_normal((1, n)).astype(np.float16)
-    act = "gelu_tanh" if k == 136 else "silu"
-    eps = 1e-6
-    # RoPE: n = (H + 2 Hkv) D with D = 64, at position 5 of a 16-row cache
-    D, pos, capacity = 64, 5, 16
-    kv_heads = n // D // 4 or 1
-    heads = n // D - 2 * kv_heads
-    cos, sin = (rng.uniform(-1, 1, (capacity, D // 2)).astype(np.float16) for _ in range(2))
-
-    xin = twin_rms_norm(x, norm_weight, eps) if fusion.startswith("norm") else x
-    y = twin_linear(xin, dequantized(packed["qweight"], packed["scales"], packed["zeros"], group_size), bias)
-    if fusion.endswith("rope"):
-        k_want, v_want = np.zeros((kv_heads, capacity, D), np.float16), np.zeros((kv_heads, capacity, D), np.float16)
-        q, kk, v = y[:, :heads * D], y[:, heads * D:(heads + kv_heads) * D], y[:, (heads + kv_heads) * D:]
-        q_want = twin_rope_store(q.reshape(1, heads, D), kk.reshape(1, kv_heads, D), v.reshape(1, kv_heads, D),
-                                 k_want, v_want, pos, cos, sin)
-        want = np.concatenate([q_want.reshape(-1), k_want[:, pos].reshape(-1), v_want[:, pos].reshape(-1)])[None]
-    else:
-        want = twin_act(y, act) if fusion.endswith("act") else twin_residual(h, y) if fusion == "residual" else y
-
+    if kernel == "tensor_cores" and k % 32:
+        pytest.skip("the tensor-core GEMV needs K % 32 == 0")
     drv = Driver(GPUS[0].index)
-    fn = cubin_kernel(drv, "gemv_w4a16", f"awq_gemv_{fusion}_g{group_size}_w{4 if k % 32 == 0 else 1}")
-    arrays = {"x": x, "q": packed["qweight"], "s": packed["scales"], "z": packed["zeros"], "norm": norm_weight,
-              "bias": bias if bias is not None else h, "cos": cos, "sin": sin,
-              "q_rot": np.full((heads, D), np.nan, np.float16), "k_cache": np.full((kv_heads, capacity, D), np.nan, np.float16),
-              "v_cache": np.full((kv_heads, capacity, D), np.nan, np.float16), "past": np.array([pos], np.int64),
-              "status": np.zeros(1, np.int32),
-              "out": h.copy() if fusion == "residual" else np.full((1, n // 2 if fusion.endswith("act") else n), np.nan, np.float16)}
-    with on_device(drv, arrays) as dev:
-        drv.launch(fn, (n // 4,), (128,), [ptr(dev["x"]), ptr(dev["q"]), ptr(dev["s"]), ptr(dev["z"]), ptr(dev["out"]),
-                                           i32(n), i32(k), ptr(dev["norm"]), f32(eps),
-                                           ptr(dev["bias"] if bias is not None else 0), i32(ACT_KINDS[act]),
-                                           *[ptr(dev[name]) for name in ("cos", "sin", "q_rot", "k_cache", "v_cache",
-                                                                         "past", "status")],
-                                           i32(heads), i32(kv_heads), i32(D), i32(capacity), i32(capacity),
-                                           ptr(dev["q"]), i32(packed["qweight"].nbytes)])  # (the L2 prefetch: its own weights)
-        got = {name: np.empty_like(arrays[name]) for name in ("out", "q_rot", "k_cache", "v_cache")}
-        for name, a in got.items():
-            drv.download(a, dev[name])
-    if fusion.endswith("rope"):
-        got = np.concatenate([got["q_rot"].reshape(-1), got["k_cache"][:, pos].reshape(-1),
-                              got["v_cache"][:, pos].reshape(-1)])[None]
-    else:
-        got = got["out"]
-    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
-    err = np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64))
-    print(f"fused GEMV {fusion} K={k} N={n} G={group_size}: relative error {err:.1e}")
+    name = (f"awq_gemv_tc_{fusion}_g{group_size}" if kernel == "tensor_cores"
+            else f"awq_gemv_{fusion}_g{group_size}_w{4 if k % 32 == 0 else 1}")
+    err = fused_gemv_error(drv, cubin_kernel(drv, "gemv_w4a16", name), fusion, k, n, group_size,
+                           kernel == "tensor_cores")
+    print(f"fused GEMV {fusion} on {kernel} K={k} N={n} G={group_size}: relative error {err:.1e}")
     assert err < 5e-3, err
 
 

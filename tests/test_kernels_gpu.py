@@ -88,6 +88,15 @@ def test_gemv_on_tensor_cores(gpu, entry, m, k, n, group_size):
     run(gpu, entry, m, n, k, group_size, seed=m * 31337 + k + n)
 
 
+@pytest.mark.parametrize("k, n, group_size", [s for s in SHAPES if s[0] % 32 == 0] + [(11008, 200, 128),
+                                                                                       (512, 328, 32)])
+def test_the_decode_gemv_on_tensor_cores(gpu, k, n, group_size):
+    """awq_w4a16_gemv_tc (M = 1): G = 128 scales each window's sums after the mma, 32 and 64 the
+    operands; N = 72 and 200 leave half a tile, K = 96 and 576 warps without a window, K = 11008
+    warps with 10 windows and 11."""
+    run(gpu, "awq_w4a16_gemv_tc", 1, n, k, group_size, seed=k * 7 + n)
+
+
 @pytest.mark.parametrize("m", [1, 9, 16, 100, 128, 512, 2048])
 @pytest.mark.parametrize("k, n, group_size", SHAPES)
 def test_gemm(gpu, m, k, n, group_size):
@@ -146,6 +155,8 @@ def test_invalid_arguments_are_refused(gpu):
         assert lib.awq_w4a16_gemv_mma(buf, buf, buf, buf, buf, 4, 64, 72, 32, None) == -1  # K % 32 != 0
         assert lib.awq_w4a16_gemv_mma32(buf, buf, buf, buf, buf, 9, 64, 64, 32, None) == -1
         assert lib.awq_w4a16_gemv_mma32(buf, buf, buf, buf, buf, 4, 64, 72, 32, None) == -1
+        assert lib.awq_w4a16_gemv_tc(buf, buf, buf, buf, buf, 2, 64, 64, 32, None) == -1  # M = 1 only
+        assert lib.awq_w4a16_gemv_tc(buf, buf, buf, buf, buf, 1, 64, 72, 32, None) == -1  # K % 32 != 0
     finally:
         cuda.free(buf)
 

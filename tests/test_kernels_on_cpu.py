@@ -14,7 +14,8 @@ from awq_edge.cuda_driver import f32, i32, ptr
 from awq_edge.decoder import HEAD_TOP_K, head_slices
 from awq_edge.reference_backend import twin_head_top_k, twin_lm_head
 from awq_edge.sampling import SamplingSettings, candidates, choose_token
-from native_helpers import EmulatedDriver, build_emulated_kernels, head_candidates_twin, tie_heavy_logits
+from native_helpers import (EmulatedDriver, build_emulated_kernels, fused_gemv_error, head_candidates_twin,
+                            tie_heavy_logits)
 
 THREADS = 1024  # the selection kernels' block (cuda_backend.HEAD_SELECT_THREADS, SAMPLE_THREADS)
 
@@ -126,11 +127,25 @@ def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k):
     assert np.abs(y.astype(np.float32) - want).max() <= 2e-3 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("k, n, group_size", [(576, 192, 128), (256, 200, 64), (512, 256, 32)])
+@pytest.mark.parametrize("fusion", ["store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope"])
+def test_the_tensor_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, group_size):
+    """awq_gemv_tc_* (gemv_tc: the window sums scaled after the mma at G = 128, dequantized
+    operands at G = 32 and 64) with every fusion, against the twins: K = 576 and 256 leave some of
+    the 8 warps without a window and a window half empty, N = 200 half a tile."""
+    if fusion.endswith("rope") and n % 64:
+        pytest.skip("q/k/v rows are whole heads of 64")
+    err = fused_gemv_error(EmulatedDriver(emulated), f"awq_gemv_tc_{fusion}_g{group_size}", fusion, k, n, group_size,
+                           tensor_cores=True)
+    assert err < 5e-3, err
+
+
 # (family, --lm-head, config overrides, fused op list, prompt length, kernels it must launch):
-# between them every kind of kernel the backend launches (all but the cuBLAS path's dequantize),
-# at head sizes 64, 128 and 256, K % 32 == 0 and not, a full prefill chunk
+# between them every kind of kernel the backend launches, at head sizes 64, 128 and 256, K % 32 ==
+# 0 and not, a full prefill chunk; decode on the default GEMV choice ("auto": tensor cores after a
+# norm), or all on CUDA cores or all on tensor cores where the name ends so
 BACKEND_CASES = {
-    "llama-int4-head": ("llama", 4, {}, True, 20,
+    "llama-int4-head-cuda-cores": ("llama", 4, {}, True, 20,
                         {"awq_gemv_logits_g32_w4", "awq_head_candidates", "awq_head_rescore", "awq_gemv_mma_g32",
                          "awq_attend_mma_d64", "awq_gemv_norm_rope_g32_w4", "awq_gemv_norm_act_g32_w4",
                          "awq_gemv_residual_g32_w4", "awq_gemm_g32_v1"}),
@@ -138,7 +153,7 @@ BACKEND_CASES = {
                              {"awq_attend_d64", "awq_gemv_rows1_g32_w4", "awq_head_rms_norm", "awq_add_rms_norm",
                               "awq_gemv_store_g32_w4", "awq_lm_head_q8"}),
     "gemma3-fp16-head": ("gemma3_text", None, {"query_pre_attn_scalar": 64, "num_hidden_layers": 2}, True, 20,
-                         {"awq_lm_head", "awq_gemv_norm_store_g32_w4", "awq_gemv_act_g32_w4"}),
+                         {"awq_lm_head", "awq_gemv_tc_norm_store_g32", "awq_gemv_act_g32_w4"}),
     "qwen2-ragged": ("qwen2", "auto", {"hidden_size": 136, "intermediate_size": 200}, True, 20,
                      {"awq_gemm_g32_v0", "awq_gemv_rows8_g32_w1", "awq_gemv_norm_rope_g32_w1", "awq_bias_add"}),
     "mistral-d128-window": ("mistral", 4, {"head_dim": 128, "sliding_window": 5}, True, 20,
@@ -148,7 +163,18 @@ BACKEND_CASES = {
     # a random engine at group 128 (synthetic.write_random_engine), prefill's long chunks through
     # the dequantize kernel and a stand-in cuBLAS computing on the host (RecordingCublas)
     "random-g128-cublas-path": ("random", 4, {}, True, 70,
-                                {"awq_dequantize_g128", "awq_gemv_norm_rope_g128_w4", "awq_gemv_logits_g32_w4"}),
+                                {"awq_dequantize_g128", "awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128",
+                                 "awq_gemv_residual_g128_w4", "awq_gemv_logits_g32_w4"}),
+    # decode on the tensor-core GEMV (set_decode_gemv): group 32 (a fused Llama with an int4 head),
+    # group 128 (the scaled-after-the-mma path), and the unfused list
+    "llama-tensor-core-gemv": ("llama", 4, {}, True, 20,
+                               {"awq_gemv_tc_norm_rope_g32", "awq_gemv_tc_norm_act_g32", "awq_gemv_tc_residual_g32",
+                                "awq_gemv_tc_logits_g32"}),
+    "qwen2-unfused-tensor-core-gemv": ("qwen2", "auto", {}, False, 20,
+                                       {"awq_gemv_tc_store_g32"}),
+    "random-g128-tensor-core-gemv": ("random", 4, {}, True, 70,
+                                     {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128",
+                                      "awq_gemv_tc_residual_g128", "awq_gemv_tc_logits_g32"}),
 }
 
 
@@ -162,7 +188,7 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     attention, the head), then a 40-token chunk (the GEMM), each step's logits within fp16
     rounding and the same argmax; then a token sampled on the device."""
     from awq_edge.build import build_engine
-    from awq_edge.cuda_backend import CUBLAS_FROM_ROWS, CudaBackend
+    from awq_edge.cuda_backend import CudaBackend
     from awq_edge.devices import resolve
     from awq_edge.synthetic import SHAPES, write_random_engine
     from native_helpers import RecordingCublas
@@ -186,7 +212,11 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     cuda = CudaBackend(tmp_path / "engine", manifest, info, prompt + 48, driver=driver)
     cuda.ops = decode_ops(info.spec, fused=fused)
     if model_type == "random":
-        cuda.set_prefill_path(RecordingCublas(driver), CUBLAS_FROM_ROWS, 2 * 256 * 96)  # slabs of 96 rows
+        cuda.set_prefill_path(RecordingCublas(driver), 64, 2 * 256 * 96)  # from 64 rows, slabs of 96 rows
+    if case.endswith("tensor-core-gemv"):
+        cuda.set_decode_gemv("tensor_cores")
+    elif case.endswith("cuda-cores"):
+        cuda.set_decode_gemv("cuda_cores")
     reference = ReferenceBackend(tmp_path / "engine", prompt + 48, info)
     ids = np.random.default_rng(5).integers(0, 256, prompt + 3 + 40).tolist()
     errors, disagreements = teacher_forced(cuda, reference, ids[:prompt + 3], prompt)

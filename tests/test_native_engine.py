@@ -74,14 +74,15 @@ def test_a_cuda_engine_builds_without_a_gpu_and_run_says_none_is_here(rtn_checkp
     assert run.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: no NVIDIA GPU found"), run.stderr
 
 
-def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[str]:
+def check_launches_against_the_cubins(engine: Path, fused: bool = True, gemv: str = "auto") -> set[str]:
     """The cuda backend on a recording driver: a 9-row prefill chunk (the GEMV, 8 rows at a time),
     two decode steps (the graph's capture and a replay), a sampled token, a 40-row chunk (the
     GEMM), and a 64-row chunk (its linears through the
     dequantize kernel and cuBLAS, whose calls must cover every output column of every linear
     once). Every launch must pass exactly the parameters its
     kernel in the engine's cubin declares (count, offsets, sizes: a pointer is 8 bytes, an int or
-    float 4) in a block no bigger than its __launch_bounds__. Returns the kernels launched."""
+    float 4) in a block no bigger than its __launch_bounds__. gemv: the decode GEMV choice
+    (cuda_backend.DECODE_GEMVS). Returns the kernels launched."""
     import ctypes
 
     manifest, info = read_native_engine(engine)
@@ -90,6 +91,7 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[s
     # the memory plan counts every device byte the backend allocates
     assert driver.allocated <= info.weight_bytes + 64 * info.kv_bytes_per_token + info.workspace(64)
     backend.ops = decode_ops(info.spec, fused=fused)
+    backend.set_decode_gemv(gemv)
     backend.forward(list(range(1, 10)))
     before = len(driver.launches)
     backend.forward([3])
@@ -104,12 +106,13 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True) -> set[s
     assert backend.cublas is None and backend.prefill_path.startswith("awq-edge GEMV/GEMM")  # a driver given: no cuBLAS
     assert f"lm_head {spec.lm_head}" in backend.decode_path  # (what awq-edge bench prints)
     backend.rewind(0)
-    backend.cublas = blas = RecordingCublas()
+    assert backend.cublas_from_rows == CUBLAS_FROM_ROWS
+    backend.set_prefill_path(blas := RecordingCublas(), 64)  # (the switch down to a chunk this context holds)
     before = len(driver.launches)
-    backend.forward(list(range(CUBLAS_FROM_ROWS)))
+    backend.forward(list(range(64)))
     long_chunk = {name for name, *_ in driver.launches[before:]}
     assert "awq_dequantize_g%d" % spec.group_size in long_chunk and not any("gemm" in n for n in long_chunk)
-    assert all(c["rows"] == CUBLAS_FROM_ROWS and c["w"] == backend.dequant_slab for c in blas.calls)
+    assert all(c["rows"] == 64 and c["w"] == backend.dequant_slab for c in blas.calls)
     calls = iter(blas.calls)  # per linear in order: its slabs, side by side, covering its N columns once
     for a in (op.args for op in backend.ops if op.kind == "linear"):
         first = next(calls)
@@ -144,10 +147,15 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     bias, K % 32 != 0: the narrow GEMV and GEMM paths), Qwen3 (q/k norms), Gemma 3 (sandwich norms;
     sm_90, whose launches may overlap)."""
     launched = check_launches_against_the_cubins(smollm2_cuda_engine)
-    assert {"awq_gemv_norm_rope_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_residual_g128_w4",
+    assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128", "awq_gemv_residual_g128_w4",  # ("auto")
             "awq_residual_add", "awq_gated_act", "awq_rope_store",  # (prefill: the fusions' kernels)
             "awq_gemv_mma_g128", "awq_gemv_rows1_g128_w4"} <= launched  # (a 9-row chunk: 8 rows + 1)
     assert not {"awq_add_rms_norm", "awq_gemv_store_g128_w4", "awq_gemv_norm_store_g128_w4"} & launched
+    on_cuda_cores = check_launches_against_the_cubins(smollm2_cuda_engine, gemv="cuda_cores")
+    assert {"awq_gemv_norm_rope_g128_w4", "awq_gemv_norm_act_g128_w4"} <= on_cuda_cores
+    on_tensor_cores = check_launches_against_the_cubins(smollm2_cuda_engine, gemv="tensor_cores")
+    assert {"awq_gemv_tc_residual_g128", "awq_gemv_tc_norm_act_g128"} <= on_tensor_cores
+    launched |= on_cuda_cores | on_tensor_cores
     unfused = check_launches_against_the_cubins(smollm2_cuda_engine, fused=False)
     assert {"awq_gemv_store_g128_w4", "awq_add_rms_norm", "awq_gated_act"} <= unfused
     assert not {name for name in unfused if "norm_" in name or "residual" in name}
@@ -208,6 +216,7 @@ def test_a_failing_call_of_a_stand_in_cublas_hands_prefill_back_to_our_kernels(s
     manifest, info = read_native_engine(smollm2_cuda_engine)
     driver = RecordingDriver()
     backend = CudaBackend(smollm2_cuda_engine, manifest, info, 128, driver=driver, cublas=RefusingCublas())
+    backend.set_prefill_path(backend.cublas, 64)  # (a chunk below the full one the switch waits for)
     backend.forward(list(range(100)))
     linears = sum(op.kind == "linear" for op in backend.ops)
     gemms = [name for name, *_ in driver.launches if name.startswith("awq_gemm_")]
@@ -278,7 +287,7 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
 
     rng = np.random.default_rng(3)
     for rows, path in ((64, "cublas"), (19, "gemv"), (40, "gemm")):
-        backend.set_prefill_path(blas if path == "cublas" else None, CUBLAS_FROM_ROWS, slab_bytes)
+        backend.set_prefill_path(blas if path == "cublas" else None, 64, slab_bytes)  # (64 rows: cuBLAS too)
         for a in (op.args for op in backend.ops if op.kind == "linear" and op.args["layer"] == 0):
             name, n, k = a["weight"], a["N"], a["K"]
             if path == "cublas":
@@ -573,6 +582,10 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"constexpr int kMmaQueries = {cb.ATTEND_MMA_QUERIES};" in src["attention"]
     assert f"constexpr int kThreads = {cb.SAMPLE_THREADS};" in src["sample"]
     assert f"constexpr int kMmaRowsPerBlock = {cb.GEMV_MMA_ROWS_PER_BLOCK};" in src["gemv_w4a16"]
+    assert cb.GEMV_TC_ROWS == cb.GEMV_MMA_ROWS_PER_BLOCK and "constexpr int kTcRows = kMmaRowsPerBlock;" in src["gemv_w4a16"]
+    assert f"constexpr int kTcWarps = {cb.GEMV_TC_THREADS // 32};" in src["gemv_w4a16"]
+    assert f"constexpr int kTcMaxK = {cb.GEMV_TC_MAX_K};" in src["gemv_w4a16"]
+    assert re.search(rf"__launch_bounds__\({cb.GEMV_TC_THREADS}\)\s*\\\s*awq_gemv_tc_", src["gemv_w4a16"])
     header = (plugins.PLUGINS_DIR / "kernels" / "w4a16.h").read_text()
     assert f"#define AWQ_W4A16_GEMV_MAX_ROWS {cb.GEMV_MAX_ROWS}\n" in header
     assert f"#define AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS {cb.GEMV_CHUNKED_MAX_ROWS}\n" in header
@@ -591,6 +604,10 @@ def test_launch_shapes_match_the_kernel_sources():
                 assert f"AWQ_GEMV_MMA_ENTRY(awq_gemv_mma, {name.rsplit('_g', 1)[1]}, 1)" in src[module], name
             elif name.startswith("awq_gemv_rows"):  # made by a macro per row count
                 assert f"AWQ_GEMV_ROWS_ENTRIES({base[len('awq_gemv_rows'):]})" in src[module], name
+            elif name.startswith("awq_gemv_tc_logits"):  # on tensor cores: a macro per group size
+                assert f"AWQ_GEMV_TC_LOGITS_ENTRY({name.rsplit('_g', 1)[1]})" in src[module], name
+            elif name.startswith("awq_gemv_tc_"):  # a macro per fusion, for every group size
+                assert f"AWQ_GEMV_TC_ENTRIES({base[len('awq_gemv_tc_'):]}," in src[module], name
             elif name.startswith("awq_gemv_logits"):  # the int4 head: a macro per group size and load width
                 assert f"AWQ_GEMV_LOGITS_ENTRY({name[len('awq_gemv_logits_g'):].replace('_w', ', ')})" in src[module], name
             elif module == "gemv_w4a16":  # made by a macro per fusion, for every group size and load width

@@ -90,8 +90,9 @@ inline half2 host_mul(half2 a, half2 b) {
 }
 #endif
 
-// One packed word -> 4 half2: (k0,k1) (k2,k3) (k4,k5) (k6,k7), each (q - z) * s.
-AWQ_HOST_DEVICE void dequant_word(uint32_t word, const GroupParams& p, half2 out[4]) {
+// One packed word -> 4 half2 of the centered levels q - z: (k0,k1) (k2,k3) (k4,k5) (k6,k7), each an
+// integer in -15..15, exact in fp16 (the tensor-core GEMV multiplies these and scales the sums).
+AWQ_HOST_DEVICE void centered_levels(uint32_t word, const GroupParams& p, half2 out[4]) {
     const uint32_t shifted = word >> 8;
     const half2 pair01 = bit_cast<half2>(and_or(word, kLowNibblesMask, kFp16Magic1024));
     const half2 pair23 = bit_cast<half2>(and_or(word, kHighNibblesMask, kFp16Magic1024));
@@ -99,16 +100,28 @@ AWQ_HOST_DEVICE void dequant_word(uint32_t word, const GroupParams& p, half2 out
     const half2 pair67 = bit_cast<half2>(and_or(shifted, kHighNibblesMask, kFp16Magic1024));
 #if defined(__CUDA_ARCH__)
     const half2 sixteenth = __float2half2_rn(0.0625f);
-    out[0] = __hmul2(__hsub2(pair01, p.low_bias), p.scale);
-    out[1] = __hmul2(__hfma2(pair23, sixteenth, p.high_bias), p.scale);
-    out[2] = __hmul2(__hsub2(pair45, p.low_bias), p.scale);
-    out[3] = __hmul2(__hfma2(pair67, sixteenth, p.high_bias), p.scale);
+    out[0] = __hsub2(pair01, p.low_bias);
+    out[1] = __hfma2(pair23, sixteenth, p.high_bias);
+    out[2] = __hsub2(pair45, p.low_bias);
+    out[3] = __hfma2(pair67, sixteenth, p.high_bias);
 #else
-    out[0] = host_mul(host_sub(pair01, p.low_bias), p.scale);
-    out[1] = host_mul(host_fma_sixteenth(pair23, p.high_bias), p.scale);
-    out[2] = host_mul(host_sub(pair45, p.low_bias), p.scale);
-    out[3] = host_mul(host_fma_sixteenth(pair67, p.high_bias), p.scale);
+    out[0] = host_sub(pair01, p.low_bias);
+    out[1] = host_fma_sixteenth(pair23, p.high_bias);
+    out[2] = host_sub(pair45, p.low_bias);
+    out[3] = host_fma_sixteenth(pair67, p.high_bias);
 #endif
+}
+
+// One packed word -> 4 half2: (k0,k1) (k2,k3) (k4,k5) (k6,k7), each (q - z) * s.
+AWQ_HOST_DEVICE void dequant_word(uint32_t word, const GroupParams& p, half2 out[4]) {
+    centered_levels(word, p, out);
+    for (int i = 0; i < 4; ++i) {
+#if defined(__CUDA_ARCH__)
+        out[i] = __hmul2(out[i], p.scale);
+#else
+        out[i] = host_mul(out[i], p.scale);
+#endif
+    }
 }
 
 // Group of input column k (the last group may be short when G does not divide K).

@@ -84,25 +84,28 @@ struct Fusion {
     float softcap = 0.f;
 };
 
-// The output rows of block b: 4 adjacent ones, or for RoPE in a q/k head (D/4 blocks per head)
-// rows 2j, 2j + 1, 2j + D/2, 2j + 1 + D/2: rotation pairs (r, r + 2). v rows stay adjacent.
-template <Epilogue kEpilogue>
+// The output rows of block b of R rows: R adjacent ones, or for RoPE in a q/k head (D/R blocks
+// per head) rows R/2 j .. R/2 j + R/2 - 1 and the same + D/2: rotation pairs (r, r + R/2). (R = 4:
+// rows 2j, 2j + 1, 2j + D/2, 2j + 1 + D/2.) v rows stay adjacent.
+template <Epilogue kEpilogue, int kBlockRows = kRowsPerBlock>
 __device__ __forceinline__ int row_of_block(int b, int r, const RopeArgs& rope) {
     if constexpr (kEpilogue == Epilogue::kRope) {
-        const int blocks_per_head = rope.head_dim / kRowsPerBlock;
+        constexpr int kHalf = kBlockRows / 2;
+        const int blocks_per_head = rope.head_dim / kBlockRows;
         if (b < (rope.heads + rope.kv_heads) * blocks_per_head) {
             const int head = b / blocks_per_head, j = b % blocks_per_head;
-            return head * rope.head_dim + 2 * j + (r & 1) + (r >> 1) * (rope.head_dim / 2);
+            return head * rope.head_dim + kHalf * j + r % kHalf + (r / kHalf) * (rope.head_dim / 2);
         }
     }
-    return b * kRowsPerBlock + r;
+    return b * kBlockRows + r;
 }
 
-// rsqrt(mean(x^2) + eps) of one row of K fp16 values, on every thread of the block.
+// rsqrt(mean(x^2) + eps) of one row of K fp16 values, on every thread of a block of kWarps warps.
+template <int kWarps = kWarpsPerBlock>
 __device__ __forceinline__ float row_inv_rms(const half* __restrict__ x, int K, float eps) {
-    __shared__ float partial[kWarpsPerBlock];
+    __shared__ float partial[kWarps];
     float sum = 0.f;
-    for (int c = threadIdx.x; c < K / kValuesPerWord; c += kThreads) {
+    for (int c = threadIdx.x; c < K / kValuesPerWord; c += kWarps * kWarpSize) {
         const uint4 bits = __ldg(reinterpret_cast<const uint4*>(x) + c);
         const half2* h = reinterpret_cast<const half2*>(&bits);
 #pragma unroll
@@ -117,7 +120,7 @@ __device__ __forceinline__ float row_inv_rms(const half* __restrict__ x, int K, 
     __syncthreads();
     float total = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarpsPerBlock; ++w) total += partial[w];
+    for (int w = 0; w < kWarps; ++w) total += partial[w];
     return rsqrtf(total / static_cast<float>(K) + eps);
 }
 
@@ -138,8 +141,9 @@ __device__ __forceinline__ uint4 normed8(uint4 bits, const float* __restrict__ w
 // The RoPE epilogue of one block (value(t): the fp16 result of its row(t)): q rows rotated into
 // q_rot, k rows rotated into the cache row of the position, v rows copied there; awq_rope_store's
 // arithmetic (fp32 from the fp16 inputs and tables, one rounding).
-template <typename Row, typename Value>
+template <int kBlockRows, typename Row, typename Value>
 __device__ __forceinline__ void rope_epilogue(const RopeArgs& a, Row row, Value value) {
+    constexpr int kHalf = kBlockRows / 2;
     const int64_t pos = *a.past;
     if (pos < 0 || pos + 1 > a.capacity || pos + 1 > a.max_positions) {  // attend writes the NaN
         if (a.status != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicOr(a.status, 1);  // OVER_CAPACITY
@@ -148,18 +152,65 @@ __device__ __forceinline__ void rope_epilogue(const RopeArgs& a, Row row, Value 
     const int D = a.head_dim, half_d = D / 2;
     const int head = row(0) / D;
     if (head < a.heads + a.kv_heads) {
-        if (threadIdx.x < 2) {  // pair (row(t), row(t + 2)) = dims (i, i + D/2)
+        if (threadIdx.x < kHalf) {  // pair (row(t), row(t + R/2)) = dims (i, i + D/2)
             const int t = threadIdx.x, i = row(t) % D;
-            const float x1 = __half2float(value(t)), x2 = __half2float(value(t + 2));
+            const float x1 = __half2float(value(t)), x2 = __half2float(value(t + kHalf));
             const float c = __half2float(a.cos[pos * half_d + i]), sn = __half2float(a.sin[pos * half_d + i]);
             half* dst = head < a.heads ? a.q_rot + static_cast<size_t>(head) * D
                                        : a.k_cache + (static_cast<size_t>(head - a.heads) * a.capacity + pos) * D;
             dst[i] = __float2half(x1 * c - x2 * sn);
             dst[i + half_d] = __float2half(x2 * c + x1 * sn);
         }
-    } else if (threadIdx.x < kRowsPerBlock) {
+    } else if (threadIdx.x < kBlockRows) {
         const int v = row(threadIdx.x) - (a.heads + a.kv_heads) * D;
         a.v_cache[(static_cast<size_t>(v / D) * a.capacity + pos) * D + v % D] = value(threadIdx.x);
+    }
+}
+
+// Without overlapped launches (sm_87/sm_89), DRAM idles from the tail of a GEMV until the next
+// GEMV's first loads return: each block, as it finishes, sends its share of the next linear's
+// first bytes toward L2 (issue-and-forget prefetches).
+template <int kBlockThreads>
+__device__ __forceinline__ void prefetch_next_weights(const Fusion& fusion) {
+    if (fusion.next_bytes > 0) {
+        const int lines = (fusion.next_bytes + 127) / 128;
+        const int per_block = (lines + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+        for (int l = threadIdx.x; l < per_block; l += kBlockThreads) {
+            const int line = static_cast<int>(blockIdx.x) * per_block + l;
+            if (line < lines) prefetch_l2(fusion.next_weights + static_cast<size_t>(line) * 128);
+        }
+    }
+}
+
+// What a one-row GEMV block does with its kBlockRows dot products (sum(t): the fp32 dot product of
+// row(t)): stores them (+ bias), applies the gated activation to its gate/up row pairs (rows
+// interleaved at packing, so R rows make R/2 outputs), adds them into the residual stream y,
+// writes fp32 logits, or applies RoPE and writes q and the KV-cache rows. Rows past N (a last
+// block of 16 when N % 16 == 8) are not written.
+template <Epilogue kEpilogue, int kBlockRows, typename Row, typename Sum>
+__device__ __forceinline__ void one_row_epilogue(const Fusion& fusion, half* __restrict__ y, int N, Row row, Sum sum) {
+    auto result = [&](int t) { return __float2half_rn(sum(t)); };
+    // + the bias, rounded again: as awq_bias_add does to the stored result
+    auto biased = [&](int t) {
+        const half v = result(t);
+        return fusion.bias ? __float2half_rn(__half2float(v) + __half2float(fusion.bias[row(t)])) : v;
+    };
+    const int t = threadIdx.x;
+    if constexpr (kEpilogue == Epilogue::kAct) {
+        if (t < kBlockRows / 2 && row(2 * t) < N) {  // y is act [N / 2]: rows 2j and 2j + 1 are gate j and up j
+            const float act = gated_act(__half2float(result(2 * t)), __half2float(result(2 * t + 1)), fusion.act_kind);
+            y[row(0) / 2 + t] = __float2half_rn(act);
+        }
+    } else if constexpr (kEpilogue == Epilogue::kRope) {
+        rope_epilogue<kBlockRows>(fusion.rope, row, biased);
+    } else if constexpr (kEpilogue == Epilogue::kLogits) {  // the fp32 sum, not rounded to fp16
+        if (t < kBlockRows && row(t) < N && row(t) < fusion.vocab) fusion.logits[row(t)] = soft_cap(sum(t), fusion.softcap);
+    } else if (t < kBlockRows && row(t) < N) {
+        if constexpr (kEpilogue == Epilogue::kResidual) {
+            y[row(t)] = __float2half_rn(__half2float(y[row(t)]) + __half2float(result(t)));
+        } else {
+            y[row(t)] = biased(t);
+        }
     }
 }
 
@@ -235,17 +286,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
         }
     }
 
-    // Without overlapped launches (sm_87/sm_89), DRAM idles from the tail of this kernel until
-    // the next GEMV's first loads return: each block, as it finishes, sends its share of the next
-    // linear's first bytes toward L2 (issue-and-forget prefetches).
-    if (fusion.next_bytes > 0) {
-        const int lines = (fusion.next_bytes + 127) / 128;
-        const int per_block = (lines + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
-        for (int l = threadIdx.x; l < per_block; l += kThreads) {
-            const int line = static_cast<int>(blockIdx.x) * per_block + l;
-            if (line < lines) prefetch_l2(fusion.next_weights + static_cast<size_t>(line) * 128);
-        }
-    }
+    prefetch_next_weights<kThreads>(fusion);
 
     __shared__ float warp_sums[kWarpsPerBlock][kRowsPerBlock * kRows];
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -267,33 +308,12 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
         for (int w = 0; w < kWarpsPerBlock; ++w) v += warp_sums[w][t];
         return v;
     };
-    auto result = [&](int t) { return __float2half_rn(block_sum(t)); };
-    // + the bias, rounded again: as awq_bias_add does to the stored result
-    auto biased = [&](int t) {
-        const half v = result(t);
-        return fusion.bias ? __float2half_rn(__half2float(v) + __half2float(fusion.bias[row(t)])) : v;
-    };
-    if constexpr (kEpilogue == Epilogue::kAct) {
-        if (threadIdx.x < kRowsPerBlock / 2) {  // y is act [N / 2]: rows 2j and 2j + 1 are gate j and up j
-            const int j = threadIdx.x;
-            const float act = gated_act(__half2float(result(2 * j)), __half2float(result(2 * j + 1)), fusion.act_kind);
-            y[row(0) / 2 + j] = __float2half_rn(act);
-        }
-    } else if constexpr (kEpilogue == Epilogue::kRope) {
-        rope_epilogue(fusion.rope, row, biased);
-    } else if constexpr (kEpilogue == Epilogue::kLogits) {  // the fp32 sum, not rounded to fp16
-        if (threadIdx.x < kRowsPerBlock && row(threadIdx.x) < fusion.vocab) {
-            fusion.logits[row(threadIdx.x)] = soft_cap(block_sum(threadIdx.x), fusion.softcap);
-        }
+    if constexpr (kRows == 1) {
+        one_row_epilogue<kEpilogue, kRowsPerBlock>(fusion, y, N, row, block_sum);
     } else {
         for (int t = threadIdx.x; t < kRowsPerBlock * kRows; t += kThreads) {
             const int r = t / kRows, m = t % kRows;
-            const size_t at = static_cast<size_t>(m) * N + row(r);
-            if constexpr (kEpilogue == Epilogue::kResidual) {
-                y[at] = __float2half_rn(__half2float(y[at]) + __half2float(result(t)));
-            } else {
-                y[at] = kRows == 1 ? biased(t) : result(t);
-            }
+            y[static_cast<size_t>(m) * N + row(r)] = __float2half_rn(block_sum(t));
         }
     }
 }
@@ -401,6 +421,154 @@ __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint3
             y[static_cast<size_t>(m) * N + n0 + r] = __float2half_rn(sum);
         }
     }
+}
+
+// The decode GEMV on tensor cores (M = 1, K % 32 == 0, K <= kTcMaxK): the same products and
+// fusions as gemv_w4a16<1> above in about half its instructions per weight byte. On an H200 that
+// kernel streams at ~70% of copy bandwidth (benchmarks/gemv.py, 2026-12-04) where the H100 gave
+// ~94%: with the same SMs and clocks and 1.4x the bandwidth, its ~23 instructions per 4-byte word
+// (dequantize, scale, 4 fp16 FMAs, 2 conversions, 2 fp32 adds) became the bound.
+//
+// Here a word costs a shift, 4 lop3, 4 half2 ops and one mma: the mma multiplies the centered
+// levels q - z (exact in fp16) by x with exact products and fp32 sums, so neither the scale nor a
+// conversion is applied per value. When the group covers a whole 128-k window (G % 128 == 0), the
+// window's sum is scaled once per row in fp32: s * sum((q - z) x), zeros exact. For G = 32 and 64
+// the 4 lanes of an mma span several groups, so A is the dequantized (q - z) * s as in gemv_mma.
+//
+// Work split: a block of 8 warps owns 16 output rows (one mma tile: lane (g, t) holds rows g and
+// g + 8) and splits K evenly over its warps in 128-k windows (lane t: 32 k, one 16-byte load per
+// row); at K = 11008 no warp does a third round that others skip. Each warp keeps two steps of
+// kTcWindowsPerStep windows in flight (2 x 2 x 2 x 16 bytes a lane), the first two issued before
+// the wait for the previous kernel (pdl.cuh): weights are no kernel's output. x (normed, for the
+// norm variants: once per block instead of once per value) sits in shared memory, and every lane
+// feeds it to B's column g, so all 8 columns of C hold the same dot products. Row sums are
+// reduced across the warps in shared memory, then one_row_epilogue as above.
+constexpr int kTcRows = kMmaRowsPerBlock;  // 16
+constexpr int kTcWarps = 8;
+constexpr int kTcThreads = kTcWarps * kWarpSize;
+constexpr int kTcWindowsPerStep = 2;
+constexpr int kTcMaxK = 16384;             // x in static shared memory: 32 KiB (wider K: gemv_w4a16)
+
+// One warp step's loads: for each of its windows the lane's 16 bytes of rows g and g + 8, and
+// those rows' scale and zero of the window's group (zero weights, zero scale and zero past K or N).
+struct TcStep {
+    uint4 words[kTcWindowsPerStep][2];
+    half scale[kTcWindowsPerStep][2], zero[kTcWindowsPerStep][2];
+};
+
+template <int kGroupSize>
+__device__ __forceinline__ TcStep load_tc_step(const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
+                                               const half* __restrict__ zeros, int N, int K, int window, int end,
+                                               int t, const int (&rows)[2]) {
+    TcStep step;
+    const int words_per_row = K / kValuesPerWord, groups = num_groups(K, kGroupSize);
+#pragma unroll
+    for (int s = 0; s < kTcWindowsPerStep; ++s) {
+        const int chunk = (window + s) * 4 + t;  // this lane's 32 k: chunk * 32 ..
+        const bool k_ok = window + s < end && chunk * 32 < K;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const bool ok = k_ok && rows[h] < N;
+            const size_t n = static_cast<size_t>(ok ? rows[h] : 0);
+            const size_t at = n * groups + group_of(chunk * 32, kGroupSize);
+            step.words[s][h] = ok ? __ldcs(reinterpret_cast<const uint4*>(qweight + n * words_per_row) + chunk)
+                                  : make_uint4(0u, 0u, 0u, 0u);
+            step.scale[s][h] = ok ? scales[at] : __float2half(0.f);
+            step.zero[s][h] = ok ? zeros[at] : __float2half(0.f);
+        }
+    }
+    return step;
+}
+
+template <int kGroupSize, bool kNorm, Epilogue kEpilogue>
+__device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
+                                        const half* __restrict__ scales, const half* __restrict__ zeros,
+                                        half* __restrict__ y, int N, int K, const Fusion& fusion) {
+    constexpr bool kScaleAfter = kGroupSize % kMmaWindowK == 0;
+    if (K > kTcMaxK || K % 32 != 0) __trap();  // the launcher's contract (cuda_backend.py checks it)
+    __shared__ uint4 x_shared[kTcMaxK / kValuesPerWord];
+    __shared__ float row_sums[kTcWarps][kTcRows];
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, g = lane / 4, t = lane % 4;
+    const auto row = [&](int r) { return row_of_block<kEpilogue, kTcRows>(blockIdx.x, r, fusion.rope); };
+    const int rows[2] = {row(g), row(g + 8)};
+    const int windows = (K + kMmaWindowK - 1) / kMmaWindowK;
+    const int begin = warp * windows / kTcWarps, end = (warp + 1) * windows / kTcWarps;
+
+    let_next_kernel_start();
+    TcStep step = load_tc_step<kGroupSize>(qweight, scales, zeros, N, K, begin, end, t, rows);
+    TcStep next = load_tc_step<kGroupSize>(qweight, scales, zeros, N, K, begin + kTcWindowsPerStep, end, t, rows);
+    wait_for_previous_kernel();
+    float inv_rms = 0.f;
+    if constexpr (kNorm) inv_rms = row_inv_rms<kTcWarps>(x, K, fusion.eps);
+    for (int c = threadIdx.x; c < K / kValuesPerWord; c += kTcThreads) {
+        const uint4 bits = __ldg(reinterpret_cast<const uint4*>(x) + c);
+        if constexpr (kNorm) {
+            x_shared[c] = normed8(bits, fusion.norm_weight + c * kValuesPerWord, inv_rms);
+        } else {
+            x_shared[c] = bits;
+        }
+    }
+    __syncthreads();
+
+    float sums[2] = {0.f, 0.f};  // rows g, g + 8 (kScaleAfter: scaled window by window)
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int window = begin; window < end; window += kTcWindowsPerStep) {
+#pragma unroll
+        for (int s = 0; s < kTcWindowsPerStep; ++s) {
+            const int chunk = (window + s) * 4 + t;
+            if (window + s >= end) break;  // (the same for the whole warp)
+            GroupParams params[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) params[h] = make_group_params(step.scale[s][h], step.zero[s][h]);
+            if constexpr (kScaleAfter) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[i] = 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {  // word i of each row: k 8i .. 8i + 7 of the chunk
+                const uint4 xv = chunk * 32 < K ? x_shared[4 * chunk + i] : make_uint4(0u, 0u, 0u, 0u);
+                half2 low[4], high[4];     // rows g, g + 8: pairs (k 8i+0,1) (2,3) (4,5) (6,7)
+                if constexpr (kScaleAfter) {
+                    centered_levels(word_at(step.words[s][0], i), params[0], low);
+                    centered_levels(word_at(step.words[s][1], i), params[1], high);
+                } else {
+                    dequant_word(word_at(step.words[s][0], i), params[0], low);
+                    dequant_word(word_at(step.words[s][1], i), params[1], high);
+                }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {  // A cols (2t, 2t+1) = pair 2h, (2t+8, 2t+9) = pair 2h + 1
+                    const uint32_t a[4] = {bit_cast<uint32_t>(low[2 * h]), bit_cast<uint32_t>(high[2 * h]),
+                                           bit_cast<uint32_t>(low[2 * h + 1]), bit_cast<uint32_t>(high[2 * h + 1])};
+                    const uint32_t b[2] = {word_at(xv, 2 * h), word_at(xv, 2 * h + 1)};
+                    mma_16816(acc, a, b);
+                }
+            }
+            if constexpr (kScaleAfter) {  // the window lies in one group: s * sum((q - z) x) per row
+                sums[0] += __half2float(step.scale[s][0]) * acc[0];
+                sums[1] += __half2float(step.scale[s][1]) * acc[2];
+            }
+        }
+        step = next;
+        next = load_tc_step<kGroupSize>(qweight, scales, zeros, N, K, window + 2 * kTcWindowsPerStep, end, t, rows);
+    }
+    if constexpr (!kScaleAfter) {
+        sums[0] = acc[0];
+        sums[1] = acc[2];
+    }
+    prefetch_next_weights<kTcThreads>(fusion);
+
+    if (t == 0) {  // C's columns are all equal: lane (g, 0) holds rows g and g + 8
+        row_sums[warp][g] = sums[0];
+        row_sums[warp][g + 8] = sums[1];
+    }
+    __syncthreads();
+    auto block_sum = [&](int r) {
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kTcWarps; ++w) v += row_sums[w][r];
+        return v;
+    };
+    one_row_epilogue<kEpilogue, kTcRows>(fusion, y, N, row, block_sum);
 }
 
 // The GEMV's ceiling (benchmarks/gemv.py): the same grid, the same loads of the same bytes
@@ -629,3 +797,67 @@ AWQ_GEMV_LOGITS_ENTRY(64, 1)
 AWQ_GEMV_LOGITS_ENTRY(64, 4)
 AWQ_GEMV_LOGITS_ENTRY(128, 1)
 AWQ_GEMV_LOGITS_ENTRY(128, 4)
+
+// The same one-row GEMVs on tensor cores (gemv_tc: K % 32 == 0, K <= 16384; for RoPE head_dim %
+// 16 == 0), with the same arguments: awq_gemv_tc_{store,norm_store,act,norm_act,residual,rope,
+// norm_rope}_g{G} as above, and awq_gemv_tc_logits_g{G} with the logits entry's arguments. Grid
+// ceil(N / 16) blocks of 256 threads.
+#define AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, G)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256)                                                               \
+        awq_gemv_tc_##NAME##_g##G(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                 \
+                                  const half* __restrict__ scales, const half* __restrict__ zeros,                  \
+                                  half* __restrict__ y, int N, int K, const float* __restrict__ norm_weight,         \
+                                  float eps, const half* __restrict__ bias, int act_kind,                           \
+                                  const half* __restrict__ cos, const half* __restrict__ sin,                       \
+                                  half* __restrict__ q_rot, half* __restrict__ k_cache,                             \
+                                  half* __restrict__ v_cache, const int64_t* __restrict__ past, int* status,         \
+                                  int heads, int kv_heads, int head_dim, int capacity, int max_positions,          \
+                                  const char* next_weights, int next_bytes) {                                      \
+        const awq_edge::RopeArgs rope{cos,   sin,      q_rot,    k_cache,  v_cache,      past,                      \
+                                      status, heads,   kv_heads, head_dim, capacity,     max_positions};            \
+        awq_edge::gemv_tc<G, NORM, awq_edge::Epilogue::EPILOGUE>(                                                  \
+            x, qweight, scales, zeros, y, N, K,                                                                     \
+            awq_edge::Fusion{norm_weight, eps, bias, act_kind, rope, next_weights, next_bytes});                    \
+    }
+#define AWQ_GEMV_TC_ENTRIES(NAME, NORM, EPILOGUE)                                                                   \
+    AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, 32)                                                                     \
+    AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, 64)                                                                     \
+    AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, 128)
+AWQ_GEMV_TC_ENTRIES(store, false, kStore)
+AWQ_GEMV_TC_ENTRIES(norm_store, true, kStore)
+AWQ_GEMV_TC_ENTRIES(act, false, kAct)
+AWQ_GEMV_TC_ENTRIES(norm_act, true, kAct)
+AWQ_GEMV_TC_ENTRIES(residual, false, kResidual)
+AWQ_GEMV_TC_ENTRIES(rope, false, kRope)
+AWQ_GEMV_TC_ENTRIES(norm_rope, true, kRope)
+#define AWQ_GEMV_TC_LOGITS_ENTRY(G)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256)                                                               \
+        awq_gemv_tc_logits_g##G(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                   \
+                                const half* __restrict__ scales, const half* __restrict__ zeros,                    \
+                                float* __restrict__ logits, int N, int K, int vocab, float softcap) {              \
+        awq_edge::Fusion fusion;                                                                                    \
+        fusion.logits = logits;                                                                                     \
+        fusion.vocab = vocab;                                                                                       \
+        fusion.softcap = softcap;                                                                                   \
+        awq_edge::gemv_tc<G, false, awq_edge::Epilogue::kLogits>(x, qweight, scales, zeros, nullptr, N, K, fusion); \
+    }
+AWQ_GEMV_TC_LOGITS_ENTRY(32)
+AWQ_GEMV_TC_LOGITS_ENTRY(64)
+AWQ_GEMV_TC_LOGITS_ENTRY(128)
+
+#if defined(__CUDACC__)  // its C launcher (awq_w4a16_gemv_tc, w4a16.h: benchmarks/gemv.py, the kernel tests)
+extern "C" int awq_w4a16_gemv_tc(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                                 __half* y, int M, int N, int K, int group_size, cudaStream_t stream) {
+    using namespace awq_edge;
+    if (!valid_matmul_args(x, qweight, scales, zeros, y, M, N, K, group_size) || M != 1 ||
+        !rows_allow_128bit_loads(K) || K > kTcMaxK) {
+        return AWQ_W4A16_INVALID_ARGUMENT;
+    }
+    const int g = group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
+    const auto kernel = g == 0 ? awq_gemv_tc_store_g32 : g == 1 ? awq_gemv_tc_store_g64 : awq_gemv_tc_store_g128;
+    kernel<<<(N + kTcRows - 1) / kTcRows, kTcThreads, 0, stream>>>(
+        x, reinterpret_cast<const uint32_t*>(qweight), scales, zeros, y, N, K, nullptr, 0.f, nullptr, 0, nullptr,
+        nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0, 0, 0, 0, nullptr, 0);
+    return launch_status();
+}
+#endif  // __CUDACC__

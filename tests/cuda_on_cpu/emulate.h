@@ -14,6 +14,7 @@
 #include <ucontext.h>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -41,6 +42,8 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 #define AWQ_EDGE_CPU_EMULATION 1
+
+inline void __trap() { std::abort(); }  // a broken launch contract: stop, as the GPU would
 
 namespace cuda_on_cpu {
 
