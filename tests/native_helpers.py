@@ -19,6 +19,8 @@ bare GPU machine imports it too).
 - fused_gemv_error: one decode GEMV entry point (CUDA cores or tensor cores) on fresh random
   data with poisoned outputs, through any driver (the GPU's, or EmulatedDriver), against the
   twins of what it fuses.
+- split_attention_errors: the decode attention kernel (flash-decoding splits) through any driver,
+  against its twin, at successive positions.
 - select_plan, head_candidates_twin, head_rescore_twin: the int4 head's candidate search as
   plugins/kernels/select.cuh and head_top_k.cu do it, step by step and block by block;
   tie_heavy_logits, what they are tested on.
@@ -329,6 +331,47 @@ def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tens
         got = got["out"]
     assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
     return float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64)))
+
+
+def split_attention_errors(drv, fn, d: int, heads: tuple, window: int, softcap: float, capacity: int,
+                           positions) -> list[tuple[int, float]]:
+    """awq_attend_split_d{d} (drv.function's handle `fn`) over a random cache of `capacity` rows at each
+    of `positions` in turn (the per-head counters carried over: the merging blocks must reset them),
+    outputs poisoned with NaN each time: (position, worst element error against twin_attend_split
+    relative to the largest output) per position."""
+    from awq_edge.cuda_backend import ATTEND_SPLIT_KEYS
+    from awq_edge.cuda_driver import f32, i32, ptr
+    from awq_edge.reference_backend import twin_attend_split
+
+    H, Hkv = heads
+    rng = np.random.default_rng(d + window + capacity)
+    q = rng.standard_normal((H, d)).astype(np.float16)
+    k_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
+    v_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
+    splits = -(-capacity // ATTEND_SPLIT_KEYS)
+    arrays = {"q": q, "k": k_cache, "v": v_cache, "past": np.zeros(1, np.int64), "out": np.zeros(H * d, np.float16),
+              "partials": np.zeros(H * splits * (2 + d), np.float32), "counters": np.zeros(H, np.int32)}
+    dev, errors = {}, []
+    try:
+        for name, a in arrays.items():
+            dev[name] = drv.alloc(a.nbytes)
+            drv.upload(dev[name], np.ascontiguousarray(a))
+        for pos in positions:
+            drv.upload(dev["past"], np.array([pos], np.int64))
+            drv.upload(dev["out"], np.full(H * d, np.nan, np.float16))
+            drv.launch(fn, (H, splits), (ATTEND_SPLIT_KEYS,),
+                       [*[ptr(dev[name]) for name in ("q", "k", "v", "past", "out", "partials", "counters")],
+                        i32(H), i32(Hkv), i32(capacity), i32(capacity), i32(window), f32(d ** -0.5), f32(softcap)])
+            got = np.empty(H * d, np.float16)
+            drv.download(got, dev["out"])
+            want = twin_attend_split(q, k_cache, v_cache, pos, window, d ** -0.5, softcap, ATTEND_SPLIT_KEYS)
+            assert not np.isnan(got).any(), f"pos {pos}: {np.isnan(got).sum()} outputs never written"
+            errors.append((pos, float(np.abs(got.astype(np.float32) - want.astype(np.float32)).max()
+                                      / np.abs(want.astype(np.float32)).max())))
+    finally:
+        for pointer in dev.values():
+            drv.free(pointer)
+    return errors
 
 
 def select_plan(keys: np.ndarray, k: int, threads: int = 1024) -> np.ndarray:

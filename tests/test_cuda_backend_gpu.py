@@ -39,8 +39,8 @@ from awq_edge.reference_backend import ReferenceBackend  # noqa: E402
 from awq_edge.sampling import Sampler, SamplingSettings, candidates, choose_token  # noqa: E402
 from awq_edge.synthetic import SHAPES, byte_tokenizer, write_random_checkpoint, write_random_engine  # noqa: E402
 from conftest import TINY_FAMILIES  # noqa: E402
-from native_helpers import (fused_gemv_error, near_tie, read_native_engine, teacher_forced,  # noqa: E402
-                            tie_heavy_logits)
+from native_helpers import (fused_gemv_error, near_tie, read_native_engine, split_attention_errors,  # noqa: E402
+                            teacher_forced, tie_heavy_logits)
 from test_export_helpers import tiny_checkpoint  # noqa: E402
 
 # two prefill chunks (256 rows: the GEMM, or dequantize + cuBLAS; 20 rows: the GEMV 8 rows at a
@@ -329,34 +329,13 @@ def test_split_decode_attention_matches_its_twin(d, heads, window, softcap):
     """awq_attend_split on its own (cubin, driver API) over a 2000-row cache: 16 splits of 128
     keys, most of them past the position or before the window; two positions in a row, so the
     per-head counters must have been reset by the first step's merging blocks."""
-    from awq_edge.cuda_backend import ATTEND_SPLIT_KEYS
-    from awq_edge.cuda_driver import Driver, f32, i32, ptr
-    from awq_edge.reference_backend import twin_attend_split
+    from awq_edge.cuda_driver import Driver
 
-    (H, Hkv), capacity = heads, 2000
-    rng = np.random.default_rng(d + window)
-    q = rng.standard_normal((H, d)).astype(np.float16)
-    k_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
-    v_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
-    splits = -(-capacity // ATTEND_SPLIT_KEYS)
     drv = Driver(GPUS[0].index)
-    fn = cubin_kernel(drv, "attention", f"awq_attend_split_d{d}")
-    arrays = {"q": q, "k": k_cache, "v": v_cache, "past": np.zeros(1, np.int64), "out": np.zeros(H * d, np.float16),
-              "partials": np.zeros(H * splits * (2 + d), np.float32), "counters": np.zeros(H, np.int32)}
-    with on_device(drv, arrays) as dev:
-        for pos in (1234, 1235):
-            drv.upload(dev["past"], np.array([pos], np.int64))
-            drv.upload(dev["out"], np.full(H * d, np.nan, np.float16))
-            drv.launch(fn, (H, splits), (ATTEND_SPLIT_KEYS,),
-                       [*[ptr(dev[name]) for name in ("q", "k", "v", "past", "out", "partials", "counters")],
-                        i32(H), i32(Hkv), i32(capacity), i32(capacity), i32(window), f32(d ** -0.5), f32(softcap)])
-            got = np.empty(H * d, np.float16)
-            drv.download(got, dev["out"])
-            want = twin_attend_split(q, k_cache, v_cache, pos, window, d ** -0.5, softcap, ATTEND_SPLIT_KEYS)
-            assert not np.isnan(got).any(), f"pos {pos}: {np.isnan(got).sum()} outputs never written"
-            err = np.abs(got.astype(np.float32) - want.astype(np.float32)).max() / np.abs(want.astype(np.float32)).max()
-            print(f"split attention D={d} pos={pos} window={window} softcap={softcap}: worst element {err:.1e}")
-            assert err < 5e-3, err
+    for pos, err in split_attention_errors(drv, cubin_kernel(drv, "attention", f"awq_attend_split_d{d}"), d, heads,
+                                           window, softcap, 2000, (1234, 1235)):
+        print(f"split attention D={d} pos={pos} window={window} softcap={softcap}: worst element {err:.1e}")
+        assert err < 5e-3, err
 
 
 @pytest.mark.parametrize("kernel", ["block", "mma"])

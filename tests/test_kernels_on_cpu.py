@@ -15,7 +15,7 @@ from awq_edge.decoder import HEAD_TOP_K, head_slices
 from awq_edge.reference_backend import twin_head_top_k, twin_lm_head
 from awq_edge.sampling import SamplingSettings, candidates, choose_token
 from native_helpers import (EmulatedDriver, build_emulated_kernels, fused_gemv_error, head_candidates_twin,
-                            tie_heavy_logits)
+                            split_attention_errors, tie_heavy_logits)
 
 THREADS = 1024  # the selection kernels' block (cuda_backend.HEAD_SELECT_THREADS, SAMPLE_THREADS)
 
@@ -138,6 +138,17 @@ def test_the_tensor_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, 
     err = fused_gemv_error(EmulatedDriver(emulated), f"awq_gemv_tc_{fusion}_g{group_size}", fusion, k, n, group_size,
                            tensor_cores=True)
     assert err < 5e-3, err
+
+
+@pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (4, 2), 200, 0.0),
+                                                       (256, (2, 2), 0, 50.0)])
+def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window, softcap):
+    """awq_attend_split over a 400-row cache at positions 300 and 301: full tiles of 128 keys (the
+    value walk's batched loads and its remainder), splits past the position or before the window,
+    and the per-head counters reset between the two steps."""
+    for pos, err in split_attention_errors(EmulatedDriver(emulated), f"awq_attend_split_d{d}", d, heads, window,
+                                           softcap, 400, (300, 301)):
+        assert err < 5e-3, (pos, err)
 
 
 # (family, --lm-head, config overrides, fused op list, prompt length, kernels it must launch):

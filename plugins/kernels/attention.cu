@@ -20,8 +20,7 @@
 //               `partials`; the last block of the head to finish (a counter per head) merges the
 //               splits and writes out. splits = ceil(capacity / 128) is fixed when the decode
 //               graph is captured; the blocks past the position find no key and only count themselves.
-// Nothing here has been timed on a GPU yet (the per-warp serial walk that attend replaced passed
-// the GPU tests on an H100 on 2026-11-23).
+// Timed on the H200 (2026-12-04): benchmarks/cuda_attention.py (prefill), cuda_layer.py (decode).
 #include <math.h>
 #include <stdint.h>
 
@@ -128,34 +127,59 @@ __device__ __forceinline__ float score_key(const float* q_s, const __half* __res
 }
 
 // acc += sum over this thread's share of the tile's n keys (from row `begin`) of p_s[t] * V[t] at
-// its pair of dims: thread = (group, pair), the groups taking every kTileThreads / (D / 2)-th key.
-template <int D>
-__device__ __forceinline__ void accumulate_values(float2& acc, const float* p_s, const __half* __restrict__ v_rows,
-                                                  int64_t begin, int n) {
-    constexpr int kPairs = D / 2, kGroups = kTileThreads / kPairs;
-    static_assert(kTileThreads % kPairs == 0, "D / 2 divides the block");
-    const int pair = threadIdx.x % kPairs, group = threadIdx.x / kPairs;
-    const __half2* v2 = reinterpret_cast<const __half2*>(v_rows);
-    for (int t = group; t < n; t += kGroups) {
-        const float2 vf = __half22float2(v2[(begin + t) * kPairs + pair]);
-        acc.x += p_s[t] * vf.x;
-        acc.y += p_s[t] * vf.y;
+// its 8 dims: thread = (group, chunk of 8 dims), the groups taking every kGroups-th key, one
+// 16-byte load a key. The walk is bound by load latency (a key's load, then its products), so
+// kValueLoads keys' loads are issued before their products: at D = 128 a thread walks 16 keys of a
+// full tile in 4 rounds (one 4-byte load a key, 64 rounds, before 2026-12-04: the H200 took 15.5 us
+// per Llama-2-7B layer at 512 keys, benchmarks/cuda_layer.py).
+constexpr int kValueLoads = 4;
+
+__device__ __forceinline__ void add_scaled8(float (&acc)[8], float p, uint4 bits) {
+    const __half2* v2 = reinterpret_cast<const __half2*>(&bits);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 vf = __half22float2(v2[i]);
+        acc[2 * i] += p * vf.x;
+        acc[2 * i + 1] += p * vf.y;
     }
 }
 
-// Each pair's sum over the groups (threads < D / 2 get theirs). acc_s: shared [kGroups][D / 2].
 template <int D>
-__device__ __forceinline__ float2 sum_over_groups(float2 acc, float2* acc_s) {
-    constexpr int kPairs = D / 2, kGroups = kTileThreads / kPairs;
+__device__ __forceinline__ void accumulate_values(float (&acc)[8], const float* p_s, const __half* __restrict__ v_rows,
+                                                  int64_t begin, int n) {
+    constexpr int kChunks = D / 8, kGroups = kTileThreads / kChunks;
+    static_assert(kTileThreads % kChunks == 0, "D / 8 divides the block");
+    const int chunk = threadIdx.x % kChunks, group = threadIdx.x / kChunks;
+    const uint4* v = reinterpret_cast<const uint4*>(v_rows + begin * D) + chunk;
+    int t = group;
+    for (; t + (kValueLoads - 1) * kGroups < n; t += kValueLoads * kGroups) {
+        uint4 bits[kValueLoads];
+#pragma unroll
+        for (int u = 0; u < kValueLoads; ++u) bits[u] = v[static_cast<size_t>(t + u * kGroups) * kChunks];
+#pragma unroll
+        for (int u = 0; u < kValueLoads; ++u) add_scaled8(acc, p_s[t + u * kGroups], bits[u]);
+    }
+    for (; t < n; t += kGroups) add_scaled8(acc, p_s[t], v[static_cast<size_t>(t) * kChunks]);
+}
+
+// Each pair of dims' sum over the groups (threads < D / 2 get theirs: dims 2q, 2q + 1).
+// acc_s: shared [kTileThreads][8], [group][chunk][8] flattened (thread = group * kChunks + chunk).
+template <int D>
+__device__ __forceinline__ float2 sum_over_groups(const float (&acc)[8], float* acc_s) {
+    constexpr int kChunks = D / 8, kGroups = kTileThreads / kChunks;
     __syncthreads();  // acc_s may still be read by an earlier use
-    acc_s[threadIdx.x] = acc;  // [group][pair] flattened: thread = group * kPairs + pair
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc_s[threadIdx.x * 8 + i] = acc[i];
     __syncthreads();
+    static_assert(D / 2 <= kTileThreads, "a pair of dims a thread");
     float2 sum = make_float2(0.f, 0.f);
-    if (threadIdx.x < kPairs) {
+    const int q = threadIdx.x;
+    if (q < D / 2) {
 #pragma unroll
         for (int g = 0; g < kGroups; ++g) {
-            sum.x += acc_s[g * kPairs + threadIdx.x].x;
-            sum.y += acc_s[g * kPairs + threadIdx.x].y;
+            const float* at = acc_s + (g * kChunks + 2 * q / 8) * 8 + 2 * q % 8;
+            sum.x += at[0];
+            sum.y += at[1];
         }
     }
     return sum;
@@ -169,7 +193,7 @@ __device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const _
     __shared__ float q_s[D];
     __shared__ float p_s[kTileKeys];
     __shared__ float scratch[kTileThreads / 32];
-    __shared__ float2 acc_s[kTileThreads];
+    __shared__ float acc_s[kTileThreads * 8];
 
     const int h = blockIdx.x, s = blockIdx.y;
     __half* y = out + (static_cast<size_t>(s) * H + h) * D;
@@ -187,7 +211,7 @@ __device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const _
     __syncthreads();
 
     float running_max = -INFINITY, running_sum = 0.f;
-    float2 acc = make_float2(0.f, 0.f);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int64_t begin = first; begin <= pos; begin += kTileKeys) {
         const int n = static_cast<int>(pos + 1 - begin < kTileKeys ? pos + 1 - begin : kTileKeys);
         const bool mine = static_cast<int>(threadIdx.x) < n;
@@ -198,8 +222,8 @@ __device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const _
         p_s[threadIdx.x] = p;
         running_sum = running_sum * rescale + tile_reduce<false>(p, scratch);  // (its barriers publish p_s)
         running_max = new_max;
-        acc.x *= rescale;
-        acc.y *= rescale;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] *= rescale;
         accumulate_values<D>(acc, p_s, v_rows, begin, n);
         __syncthreads();  // p_s is rewritten by the next tile
     }
@@ -542,7 +566,7 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
     __shared__ float q_s[D];
     __shared__ float p_s[kSplitKeys];
     __shared__ float scratch[kSplitThreads / 32];
-    __shared__ float2 acc_s[kSplitThreads];
+    __shared__ float acc_s[kSplitThreads * 8];
     __shared__ bool merge_here;
 
     const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
@@ -568,7 +592,7 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
     const float p = mine ? __expf(score - block_max) : 0.f;  // no visible key: every p is 0
     p_s[threadIdx.x] = p;
     const float block_sum = tile_reduce<false>(p, scratch);  // (its barriers publish p_s)
-    float2 acc = make_float2(0.f, 0.f);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     accumulate_values<D>(acc, p_s, v_rows, begin, end > begin ? static_cast<int>(end - begin) : 0);
     const float2 sum = sum_over_groups<D>(acc, acc_s);
     float* part = partials + (static_cast<size_t>(h) * splits + split) * (2 + D);
