@@ -50,13 +50,16 @@ GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
 # a block of 256 threads, for K % 32 == 0 and K <= 16384 (x in its shared memory), RoPE at
 # head_dim % 16 == 0; other linears take the CUDA-core one (4 rows a block).
 GEMV_TC_ROWS, GEMV_TC_THREADS, GEMV_TC_MAX_K = 16, 256, 16384
+GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid: ~120 registers x 256 threads, 2 blocks an SM
 # Which one decode runs: "auto" takes the tensor-core GEMV for the linears with an RMSNorm prologue
 # (q/k/v, gate/up) and the CUDA-core one for the rest. On the H200 (benchmarks/cuda_layer.py,
 # 2026-12-04, a Llama-2-7B layer, each op alone): qkv 18.2 us against 25.8, gate/up 30.4 against
 # 43.2 (each block norms x once for 16 rows instead of 4), but o_proj 5.7 against 4.4 and down 12.1
 # against 10.0 (a plain GEMV streams faster on CUDA cores: 55-59% of copy against 36-41% at 7B
-# shapes, benchmarks/gemv.py). "cuda_cores" and "tensor_cores" take one for all.
-DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores")
+# shapes, benchmarks/gemv.py). "cuda_cores" and "tensor_cores" take one for all;
+# "tensor_cores_persistent" the tensor-core one on GEMV_TC_BLOCKS_PER_SM blocks an SM, each taking
+# several 16-row tiles in turn with its loads running on into the next (not yet timed).
+DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent")
 GEMV_MAX_ROWS, GEMV_CHUNKED_MAX_ROWS = 8, 32  # plugins/kernels/w4a16.h: short chunks, 8 rows a GEMV
 GEMV_MMA_ROWS_PER_BLOCK = 16                  # the tensor-core GEMV (2..8 rows): one mma tile of rows
 GEMM_TILE, GEMM_THREADS = 64, 128
@@ -146,6 +149,7 @@ class CudaBackend:
         try:
             self.drv = driver or Driver(gpu.index)
             self.prefetch_bytes = 0 if self.programmatic else self.drv.l2_cache_bytes() // 2
+            self.sm_count = self.drv.multiprocessor_count()
             self.kernels = self._load_kernels(engine_dir, manifest)
             self._check_room(info)
             self.weights = self._upload_weights(engine_dir, info)
@@ -244,6 +248,7 @@ class CudaBackend:
         """What a decode step runs (awq-edge bench prints it): the head is the choice a build makes."""
         head = {"int4": "int4, its top 64 re-scored from fp16"}.get(self.spec.lm_head, self.spec.lm_head)
         gemv = {"auto": "on tensor cores after a norm, else CUDA cores", "tensor_cores": "on tensor cores",
+                "tensor_cores_persistent": "on tensor cores, a persistent grid",
                 "cuda_cores": "on CUDA cores"}[self.decode_gemv]
         return f"cuda graph of awq-edge kernels, GEMV {gemv}, lm_head {head}"
 
@@ -371,7 +376,7 @@ class CudaBackend:
         args = [b[a["x"]], w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"], b[a["out"]], ("i32", n),
                 ("i32", k), ("i32", spec.vocab), ("f32", a["softcap"])]
         if self.on_tensor_cores(a):
-            self.launch(f"awq_gemv_tc_logits_g{a['group_size']}", (-(-n // GEMV_TC_ROWS),), (GEMV_TC_THREADS,), args)
+            self.launch(f"awq_gemv_tc_logits_g{a['group_size']}", self.tensor_core_grid(n), (GEMV_TC_THREADS,), args)
         else:
             self.launch(f"awq_gemv_logits_g{a['group_size']}_w{4 if k % 32 == 0 else 1}", (n // GEMV_ROWS_PER_BLOCK,),
                         (GEMV_THREADS,), args)
@@ -408,7 +413,7 @@ class CudaBackend:
             args = [b[a["x"]], *weights, b[a["out"]], ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0,
                     ("f32", spec.eps), bias, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope, *prefetch]
             if self.on_tensor_cores(a):
-                self.launch(f"awq_gemv_tc_{fusion}_g{g}", (-(-n // GEMV_TC_ROWS),), (GEMV_TC_THREADS,), args)
+                self.launch(f"awq_gemv_tc_{fusion}_g{g}", self.tensor_core_grid(n), (GEMV_TC_THREADS,), args)
             else:
                 self.launch(f"awq_gemv_{fusion}_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
                             args)
@@ -436,8 +441,16 @@ class CudaBackend:
         chosen (DECODE_GEMVS), and its shape allows it."""
         fits = (a["K"] % 32 == 0 and a["K"] <= GEMV_TC_MAX_K
                 and (a.get("epilogue") != "rope" or self.spec.head_dim % GEMV_TC_ROWS == 0))
-        chosen = self.decode_gemv == "tensor_cores" or self.decode_gemv == "auto" and bool(a.get("norm"))
+        chosen = self.decode_gemv.startswith("tensor_cores") or self.decode_gemv == "auto" and bool(a.get("norm"))
         return fits and chosen
+
+    def tensor_core_grid(self, n: int) -> tuple[int]:
+        """The tensor-core GEMV's grid for n rows: a block a 16-row tile, or at most
+        GEMV_TC_BLOCKS_PER_SM blocks an SM (tensor_cores_persistent)."""
+        tiles = -(-n // GEMV_TC_ROWS)
+        if self.decode_gemv == "tensor_cores_persistent":
+            return (min(tiles, GEMV_TC_BLOCKS_PER_SM * self.sm_count),)
+        return (tiles,)
 
     def matmul(self, x: int, name: str, n: int, k: int, y: int, rows: int) -> None:
         """y[rows, n] = x[rows, k] @ W_hat^T of linear `name` for rows > 1, rounded to fp16: dequantize

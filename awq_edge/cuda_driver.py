@@ -21,6 +21,7 @@ CU_STREAM_NON_BLOCKING = 1
 CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE = 38
+CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
 
 
 class LaunchAttribute(ctypes.Structure):
@@ -144,6 +145,12 @@ class Driver:
         value = ctypes.c_int()
         self.check(self.lib.cuDeviceGetAttribute(ctypes.byref(value), CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, self.device),
                    "cuDeviceGetAttribute")
+        return value.value
+
+    def multiprocessor_count(self) -> int:
+        value = ctypes.c_int()
+        self.check(self.lib.cuDeviceGetAttribute(ctypes.byref(value), CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                                                 self.device), "cuDeviceGetAttribute")
         return value.value
 
     def memory_info(self) -> tuple[int, int]:

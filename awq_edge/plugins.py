@@ -203,8 +203,8 @@ def load_kernels(gpu_arch: str):
 
     lib = ctypes.CDLL(str(build_kernel_library(gpu_arch)))
     args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
-    for name in ("awq_w4a16_gemv", "awq_w4a16_gemv_mma", "awq_w4a16_gemv_mma32", "awq_w4a16_gemv_tc", "awq_w4a16_gemm",
-                 "awq_w4a16_matmul"):
+    for name in ("awq_w4a16_gemv", "awq_w4a16_gemv_mma", "awq_w4a16_gemv_mma32", "awq_w4a16_gemv_tc",
+                 "awq_w4a16_gemv_tc_persistent", "awq_w4a16_gemm", "awq_w4a16_matmul"):
         fn = getattr(lib, name)
         fn.argtypes = args
         fn.restype = ctypes.c_int

@@ -18,7 +18,7 @@ poison the others, and each starts with the GPU's memory free):
     copy         a 2 GiB device-to-device copy: the bandwidth ceiling, (read + write) / time
 
 For awq-edge, decode runs on each one-row GEMV choice (cuda_backend.DECODE_GEMVS, set_decode_gemv):
-keys decode_gemv (the default) and decode_tok_s_auto, decode_tok_s_cuda_cores, decode_tok_s_tensor_cores.
+keys decode_gemv (the default) and decode_tok_s_{choice} for each choice.
 decode_tok_s = (new tokens - 1) / time after the first token; ttft_s = prompt in -> first token
 on the host; both the median of --runs runs after a warm-up. For awq-edge also one prefill chunk
 of 16, 64 and 256 rows both ways (our kernels: the GEMV 8 rows at a time up to 32 rows, the GEMM

@@ -27,7 +27,9 @@ Prefill rows also time the other way to prefill: dequantize the weights to fp16
 (awq_w4a16_gemv: cuda_cores_us, m8_cuda_cores_over_m1) and the tensor-core one with 32 rows a block
 (awq_w4a16_gemv_mma32: mma32_us, m8_mma32_over_m1) are timed beside it. At M = 1 the tensor-core
 decode GEMV (awq_w4a16_gemv_tc, the cuda backend's awq_gemv_tc_*: tensor_cores_us,
-tensor_cores_pct_of_copy, and its own fit) is timed beside the CUDA-core one.
+tensor_cores_pct_of_copy, and its own fit) and the same on a persistent grid
+(awq_w4a16_gemv_tc_persistent: tensor_cores_persistent_us, ..._pct_of_copy, its fit) are timed
+beside the CUDA-core one.
 """
 from __future__ import annotations
 
@@ -258,9 +260,11 @@ def main() -> int:
                     row["cuda_cores_us"] = graph_ms(cuda, stream, entry_point("awq_w4a16_gemv", m), iters) * 1e3
                     if k % 32 == 0:
                         row["mma32_us"] = graph_ms(cuda, stream, entry_point("awq_w4a16_gemv_mma32", m), iters) * 1e3
-                if m == 1 and k % 32 == 0 and k <= 16384:  # the tensor-core decode GEMV beside it
-                    row["tensor_cores_us"] = graph_ms(cuda, stream, entry_point("awq_w4a16_gemv_tc", 1), iters) * 1e3
-                    row["tensor_cores_pct_of_copy"] = 100 * moved / row["tensor_cores_us"] / 1e3 / copy_gbs
+                if m == 1 and k % 32 == 0 and k <= 16384:  # the tensor-core decode GEMVs beside it
+                    for key, entry in (("tensor_cores", "awq_w4a16_gemv_tc"),
+                                       ("tensor_cores_persistent", "awq_w4a16_gemv_tc_persistent")):
+                        row[f"{key}_us"] = graph_ms(cuda, stream, entry_point(entry, 1), iters) * 1e3
+                        row[f"{key}_pct_of_copy"] = 100 * moved / row[f"{key}_us"] / 1e3 / copy_gbs
                 if m == 1:
                     row["read_only_bytes"] = weights.nbytes + 2 * n
                     row["read_only_us"] = read_only_us[(k, n)]
@@ -271,7 +275,8 @@ def main() -> int:
                                if row.get("dequant_cublas_us") else "")
                 if row.get("tensor_cores_us"):
                     dequant_col += (f"  tensor cores {row['tensor_cores_us']:.1f} us "
-                                    f"({row['tensor_cores_pct_of_copy']:.1f}% of copy)")
+                                    f"({row['tensor_cores_pct_of_copy']:.1f}% of copy), persistent "
+                                    f"{row['tensor_cores_persistent_us']:.1f} us")
                 print(f"{k:>6}x{n:<6} {m:>5} {ms * 1e3:9.1f} {gbs:8.1f} {row['pct_of_copy']:6.1f}% {torch_col} "
                       f"{tflops:8.2f}{dequant_col}")
         finally:
@@ -296,7 +301,8 @@ def summarize(results: dict) -> None:
             "read_only": fit_launch_cost([r["read_only_bytes"] for r in m1], [r["read_only_us"] for r in m1])}
     tc = [r for r in m1 if r.get("tensor_cores_us")]
     if len(tc) >= 2:
-        fits["gemv_tensor_cores"] = fit_launch_cost([r["bytes"] for r in tc], [r["tensor_cores_us"] for r in tc])
+        for key in ("tensor_cores", "tensor_cores_persistent"):
+            fits[f"gemv_{key}"] = fit_launch_cost([r["bytes"] for r in tc], [r[f"{key}_us"] for r in tc])
     for name, fit in fits.items():
         fit["slope_pct_of_copy"] = 100 * fit["slope_gbs"] / copy_gbs
         print(f"fit, {name:>9} M=1: {fit['intercept_us']:.2f} us per launch + bytes / {fit['slope_gbs']:.0f} GB/s "

@@ -81,7 +81,9 @@ if g:
         print(f"fit {name}: {fit['intercept_us']:.2f} us + bytes / {fit['slope_gbs']:.0f} GB/s ({fit['slope_pct_of_copy']:.0f}% of copy)")
     for r in g["decode"]:
         if r["M"] == 1:
-            tc = f", tensor cores {r['tensor_cores_us']:.1f} us, {r['tensor_cores_pct_of_copy']:.0f}%" if r.get("tensor_cores_us") else ""
+            tc = (f", tensor cores {r['tensor_cores_us']:.1f} us, {r['tensor_cores_pct_of_copy']:.0f}%, persistent "
+                  f"{r['tensor_cores_persistent_us']:.1f} us, {r['tensor_cores_persistent_pct_of_copy']:.0f}%"
+                  if r.get("tensor_cores_persistent_us") else "")
             print(f"GEMV {r['K']}x{r['N']}: {r['us']:.1f} us, {r['pct_of_copy']:.0f}% of copy (read-only {r['read_only_pct_of_copy']:.0f}%){tc}")
     print("M=8/M=1: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.get("m8_over_m1", {}).items()))
     print("M=8/M=1 on CUDA cores: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.get("m8_cuda_cores_over_m1", {}).items()))
@@ -114,9 +116,9 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
     if isinstance(r, dict) and r.get("decode_tok_s"):
         print(f"decode {r['shape']} {r['runtime']}: {r['decode_tok_s']:.0f} tok/s, "
               f"{100 * (r.get('roofline_fraction') or 0):.0f}% of roofline, TTFT {1e3 * r['ttft_s']:.0f} ms")
-        if r.get("decode_tok_s_tensor_cores"):
-            print(f"  GEMV auto {r['decode_tok_s_auto']:.0f} tok/s, on CUDA cores {r['decode_tok_s_cuda_cores']:.0f}, "
-                  f"on tensor cores {r['decode_tok_s_tensor_cores']:.0f}")
+        kinds = {k.removeprefix("decode_tok_s_"): v for k, v in r.items() if k.startswith("decode_tok_s_")}
+        if kinds:
+            print("  GEMV " + ", ".join(f"{kind} {v:.0f} tok/s" for kind, v in kinds.items()))
         if r.get("prefill_path"):
             print(f"  prefill: {r['prefill_path']}")
         for n in (16, 64, 256):

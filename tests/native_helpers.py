@@ -130,6 +130,9 @@ class RecordingDriver:
     def l2_cache_bytes(self) -> int:
         return 4 << 20  # an Orin's
 
+    def multiprocessor_count(self) -> int:
+        return 2  # (few: a persistent grid's blocks each take several tiles)
+
     def alloc(self, nbytes: int) -> int:
         address = self.next_address
         self.next_address += -(-max(int(nbytes), 1) // 256) * 256
@@ -259,11 +262,13 @@ def attention_f64(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past:
 
 # ---------------------------------------------------------------- an int4 head's candidate search
 
-def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tensor_cores: bool) -> float:
+def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tensor_cores: bool,
+                     blocks: int | None = None) -> float:
     """Relative error of decode GEMV entry point `fn` (drv.function's handle of awq_gemv_{fusion}_g*_w*,
-    or awq_gemv_tc_{fusion}_g* when tensor_cores) against the twins of what it fuses (norm prologue,
-    bias, act, residual, RoPE with the KV-cache write), on fresh random data with every output
-    poisoned with NaN (an output never written fails). RoPE: n = (H + 2 Hkv) 64."""
+    or awq_gemv_tc_{fusion}_g* when tensor_cores, on `blocks` blocks: default a block a 16-row tile)
+    against the twins of what it fuses (norm prologue, bias, act, residual, RoPE with the KV-cache
+    write), on fresh random data with every output poisoned with NaN (an output never written
+    fails). RoPE: n = (H + 2 Hkv) 64."""
     from awq_edge import packing
     from awq_edge.cuda_backend import ACT_KINDS, GEMV_TC_ROWS, GEMV_TC_THREADS
     from awq_edge.cuda_driver import f32, i32, ptr
@@ -310,7 +315,7 @@ def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tens
         for name, a in arrays.items():
             dev[name] = drv.alloc(a.nbytes)
             drv.upload(dev[name], np.ascontiguousarray(a))
-        grid, block = ((-(-n // GEMV_TC_ROWS),), (GEMV_TC_THREADS,)) if tensor_cores else ((n // 4,), (128,))
+        grid, block = ((blocks or -(-n // GEMV_TC_ROWS),), (GEMV_TC_THREADS,)) if tensor_cores else ((n // 4,), (128,))
         drv.launch(fn, grid, block, [ptr(dev["x"]), ptr(dev["q"]), ptr(dev["s"]), ptr(dev["z"]), ptr(dev["out"]),
                                      i32(n), i32(k), ptr(dev["norm"]), f32(eps),
                                      ptr(dev["bias"] if bias is not None else 0), i32(ACT_KINDS[act]),

@@ -148,7 +148,7 @@ def test_an_int4_head_matches_the_reference(gemv, tokenizer_dir, tmp_path):
     check_against_reference(tmp_path / "engine", shape["vocab_size"], gemv=gemv)
 
 
-@pytest.mark.parametrize("gemv", GEMVS)
+@pytest.mark.parametrize("gemv", GEMVS + ["tensor_cores_persistent", "auto"])
 def test_a_1b_random_engine_matches_the_reference(gemv, tmp_path):
     """Llama-3.2-1B's shape (16 layers, GQA 32/8, a 128256-row tied head), random weights."""
     write_random_engine(tmp_path / "engine", "llama3.2-1b", this_device())
@@ -174,7 +174,7 @@ def on_device(drv, arrays: dict):
             drv.free(pointer)
 
 
-@pytest.mark.parametrize("kernel", ["cuda_cores", "tensor_cores"])
+@pytest.mark.parametrize("kernel", ["cuda_cores", "tensor_cores", "tensor_cores_persistent"])
 @pytest.mark.parametrize("k, n, group_size", [(576, 1536, 128), (136, 400, 32), (4096, 4096, 128), (256, 200, 64),
                                               (512, 328, 32), (11008, 4096, 128)])
 @pytest.mark.parametrize("fusion", ["store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope"])
@@ -187,13 +187,14 @@ def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size, kernel):
 
     if fusion.endswith("rope") and n % 64:
         pytest.skip("q/k/v rows are whole heads of 64")
-    if kernel == "tensor_cores" and k % 32:
+    if kernel.startswith("tensor_cores") and k % 32:
         pytest.skip("the tensor-core GEMV needs K % 32 == 0")
     drv = Driver(GPUS[0].index)
-    name = (f"awq_gemv_tc_{fusion}_g{group_size}" if kernel == "tensor_cores"
+    name = (f"awq_gemv_tc_{fusion}_g{group_size}" if kernel.startswith("tensor_cores")
             else f"awq_gemv_{fusion}_g{group_size}_w{4 if k % 32 == 0 else 1}")
+    blocks = 7 if kernel == "tensor_cores_persistent" else None  # (tiles taken in turn, some blocks one more)
     err = fused_gemv_error(drv, cubin_kernel(drv, "gemv_w4a16", name), fusion, k, n, group_size,
-                           kernel == "tensor_cores")
+                           kernel.startswith("tensor_cores"), blocks)
     print(f"fused GEMV {fusion} on {kernel} K={k} N={n} G={group_size}: relative error {err:.1e}")
     assert err < 5e-3, err
 

@@ -90,11 +90,13 @@ def test_gemv_on_tensor_cores(gpu, entry, m, k, n, group_size):
 
 @pytest.mark.parametrize("k, n, group_size", [s for s in SHAPES if s[0] % 32 == 0] + [(11008, 200, 128),
                                                                                        (512, 328, 32)])
-def test_the_decode_gemv_on_tensor_cores(gpu, k, n, group_size):
-    """awq_w4a16_gemv_tc (M = 1): G = 128 scales each window's sums after the mma, 32 and 64 the
-    operands; N = 72 and 200 leave half a tile, K = 96 and 576 warps without a window, K = 11008
-    warps with 10 windows and 11."""
-    run(gpu, "awq_w4a16_gemv_tc", 1, n, k, group_size, seed=k * 7 + n)
+@pytest.mark.parametrize("entry", ["awq_w4a16_gemv_tc", "awq_w4a16_gemv_tc_persistent"])
+def test_the_decode_gemv_on_tensor_cores(gpu, entry, k, n, group_size):
+    """awq_w4a16_gemv_tc (M = 1), a block a tile and on a persistent grid: G = 128 scales each
+    window's sums after the mma, 32 and 64 the operands; N = 72 and 200 leave half a tile, K = 96
+    and 576 warps without a window, K = 11008 warps with 10 windows and 11; N = 4096 and 1536 give a
+    persistent block several tiles."""
+    run(gpu, entry, 1, n, k, group_size, seed=k * 7 + n)
 
 
 @pytest.mark.parametrize("m", [1, 9, 16, 100, 128, 512, 2048])

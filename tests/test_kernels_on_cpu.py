@@ -127,16 +127,18 @@ def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k):
     assert np.abs(y.astype(np.float32) - want).max() <= 2e-3 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("blocks", [None, 3], ids=["block-a-tile", "persistent"])
 @pytest.mark.parametrize("k, n, group_size", [(576, 192, 128), (256, 200, 64), (512, 256, 32)])
 @pytest.mark.parametrize("fusion", ["store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope"])
-def test_the_tensor_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, group_size):
+def test_the_tensor_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, group_size, blocks):
     """awq_gemv_tc_* (gemv_tc: the window sums scaled after the mma at G = 128, dequantized
-    operands at G = 32 and 64) with every fusion, against the twins: K = 576 and 256 leave some of
-    the 8 warps without a window and a window half empty, N = 200 half a tile."""
+    operands at G = 32 and 64) with every fusion, against the twins, on a block a tile and on 3
+    blocks taking 4-6 tiles each: K = 576 and 256 leave some of the 8 warps without a window and
+    a window half empty, N = 200 half a tile."""
     if fusion.endswith("rope") and n % 64:
         pytest.skip("q/k/v rows are whole heads of 64")
     err = fused_gemv_error(EmulatedDriver(emulated), f"awq_gemv_tc_{fusion}_g{group_size}", fusion, k, n, group_size,
-                           tensor_cores=True)
+                           tensor_cores=True, blocks=blocks)
     assert err < 5e-3, err
 
 
@@ -186,6 +188,9 @@ BACKEND_CASES = {
     "random-g128-tensor-core-gemv": ("random", 4, {}, True, 70,
                                      {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128",
                                       "awq_gemv_tc_residual_g128", "awq_gemv_tc_logits_g32"}),
+    # the same on a persistent grid (EmulatedDriver's 2 SMs: 4 blocks, each taking several tiles)
+    "llama-int4-head-tensor-core-persistent-gemv": ("llama", 4, {}, True, 20,
+                                                    {"awq_gemv_tc_norm_act_g32", "awq_gemv_tc_logits_g32"}),
 }
 
 
@@ -226,6 +231,8 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
         cuda.set_prefill_path(RecordingCublas(driver), 64, 2 * 256 * 96)  # from 64 rows, slabs of 96 rows
     if case.endswith("tensor-core-gemv"):
         cuda.set_decode_gemv("tensor_cores")
+    elif case.endswith("tensor-core-persistent-gemv"):
+        cuda.set_decode_gemv("tensor_cores_persistent")
     elif case.endswith("cuda-cores"):
         cuda.set_decode_gemv("cuda_cores")
     reference = ReferenceBackend(tmp_path / "engine", prompt + 48, info)
@@ -238,5 +245,8 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     assert max(errors) < 1e-2 and disagreements == [] and got.argmax() == want.argmax(), (errors, disagreements)
     assert cuda.sample_token(cuda.buf["logits"], SamplingSettings(0.0), ids, 0.0) == int(got.argmax())
     assert expected <= launched and "awq_sample_step" in driver.kernel_info, expected - launched
+    if "persistent" in case:  # fewer blocks than tiles somewhere
+        assert any(grid[0] < -(-args[5].value // 16) for fn, grid, _, args in driver.launches
+                   if fn.startswith("awq_gemv_tc_")), "no persistent grid"
     assert prompt < 256 or driver.captures == 2 and driver.replays == 4  # the full chunk's graph, and decode's
     assert model_type != "random" or cuda.cublas.calls  # (the 70-row prompt, the 40-row chunk is below 64)

@@ -442,7 +442,10 @@ __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint3
 // the wait for the previous kernel (pdl.cuh): weights are no kernel's output. x (normed, for the
 // norm variants: once per block instead of once per value) sits in shared memory, and every lane
 // feeds it to B's column g, so all 8 columns of C hold the same dot products. Row sums are
-// reduced across the warps in shared memory, then one_row_epilogue as above.
+// reduced across the warps in shared memory, then one_row_epilogue as above. A grid of fewer
+// blocks than tiles makes each block take several tiles in turn (a persistent grid: x staged and
+// normed once a block, and its loads running on from one tile into the next); the results are
+// the same either way, and benchmarks/gemv.py times both.
 constexpr int kTcRows = kMmaRowsPerBlock;  // 16
 constexpr int kTcWarps = 8;
 constexpr int kTcThreads = kTcWarps * kWarpSize;
@@ -489,14 +492,31 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
     __shared__ uint4 x_shared[kTcMaxK / kValuesPerWord];
     __shared__ float row_sums[kTcWarps][kTcRows];
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, g = lane / 4, t = lane % 4;
-    const auto row = [&](int r) { return row_of_block<kEpilogue, kTcRows>(blockIdx.x, r, fusion.rope); };
-    const int rows[2] = {row(g), row(g + 8)};
+    const int tiles = (N + kTcRows - 1) / kTcRows;
     const int windows = (K + kMmaWindowK - 1) / kMmaWindowK;
     const int begin = warp * windows / kTcWarps, end = (warp + 1) * windows / kTcWarps;
 
+    // A block takes tiles blockIdx.x, + gridDim.x, ...: one each when the grid is a block a tile,
+    // several when it is fewer (a persistent grid). The loads run two steps ahead of the products,
+    // across tiles too: (load_tile, load_window) is the next step to load (past the last tile:
+    // nothing loaded).
+    int load_tile = blockIdx.x, load_window = begin;
+    const auto load_next = [&]() {
+        const int rows[2] = {row_of_block<kEpilogue, kTcRows>(load_tile, g, fusion.rope),
+                             row_of_block<kEpilogue, kTcRows>(load_tile, g + 8, fusion.rope)};
+        const TcStep loaded = load_tc_step<kGroupSize>(qweight, scales, zeros, N, K, load_window,
+                                                       load_tile < tiles ? end : load_window, t, rows);
+        load_window += kTcWindowsPerStep;
+        if (load_window >= end) {
+            load_window = begin;
+            load_tile += gridDim.x;
+        }
+        return loaded;
+    };
+
     let_next_kernel_start();
-    TcStep step = load_tc_step<kGroupSize>(qweight, scales, zeros, N, K, begin, end, t, rows);
-    TcStep next = load_tc_step<kGroupSize>(qweight, scales, zeros, N, K, begin + kTcWindowsPerStep, end, t, rows);
+    TcStep step = load_next();
+    TcStep next = load_next();
     wait_for_previous_kernel();
     float inv_rms = 0.f;
     if constexpr (kNorm) inv_rms = row_inv_rms<kTcWarps>(x, K, fusion.eps);
@@ -510,65 +530,84 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
     }
     __syncthreads();
 
-    float sums[2] = {0.f, 0.f};  // rows g, g + 8 (kScaleAfter: scaled window by window)
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int window = begin; window < end; window += kTcWindowsPerStep) {
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        // Four independent accumulators (window s of the step, half h of a word's pairs): mma.sync
+        // adds into its C, so one accumulator would chain every mma of a warp behind the one before;
+        // with the words' loop outermost, consecutive mmas go to different accumulators.
+        float sums[2] = {0.f, 0.f};  // rows g, g + 8 (kScaleAfter: scaled window by window)
+        float acc[kTcWindowsPerStep][2][4] = {};
+        for (int window = begin; window < end; window += kTcWindowsPerStep) {
+            GroupParams params[kTcWindowsPerStep][2];
 #pragma unroll
-        for (int s = 0; s < kTcWindowsPerStep; ++s) {
-            const int chunk = (window + s) * 4 + t;
-            if (window + s >= end) break;  // (the same for the whole warp)
-            GroupParams params[2];
+            for (int s = 0; s < kTcWindowsPerStep; ++s) {
 #pragma unroll
-            for (int h = 0; h < 2; ++h) params[h] = make_group_params(step.scale[s][h], step.zero[s][h]);
+                for (int h = 0; h < 2; ++h) params[s][h] = make_group_params(step.scale[s][h], step.zero[s][h]);
+            }
             if constexpr (kScaleAfter) {
 #pragma unroll
-                for (int i = 0; i < 4; ++i) acc[i] = 0.f;
+                for (int s = 0; s < kTcWindowsPerStep; ++s)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int c = 0; c < 4; ++c) acc[s][h][c] = 0.f;
             }
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {  // word i of each row: k 8i .. 8i + 7 of the chunk
-                const uint4 xv = chunk * 32 < K ? x_shared[4 * chunk + i] : make_uint4(0u, 0u, 0u, 0u);
-                half2 low[4], high[4];     // rows g, g + 8: pairs (k 8i+0,1) (2,3) (4,5) (6,7)
-                if constexpr (kScaleAfter) {
-                    centered_levels(word_at(step.words[s][0], i), params[0], low);
-                    centered_levels(word_at(step.words[s][1], i), params[1], high);
-                } else {
-                    dequant_word(word_at(step.words[s][0], i), params[0], low);
-                    dequant_word(word_at(step.words[s][1], i), params[1], high);
-                }
+            for (int i = 0; i < 4; ++i) {  // word i of each row: k 8i .. 8i + 7 of each window's chunk
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {  // A cols (2t, 2t+1) = pair 2h, (2t+8, 2t+9) = pair 2h + 1
-                    const uint32_t a[4] = {bit_cast<uint32_t>(low[2 * h]), bit_cast<uint32_t>(high[2 * h]),
-                                           bit_cast<uint32_t>(low[2 * h + 1]), bit_cast<uint32_t>(high[2 * h + 1])};
-                    const uint32_t b[2] = {word_at(xv, 2 * h), word_at(xv, 2 * h + 1)};
-                    mma_16816(acc, a, b);
+                for (int s = 0; s < kTcWindowsPerStep; ++s) {  // (a window past `end` has zero levels: adds 0)
+                    const int chunk = (window + s) * 4 + t;
+                    const uint4 xv = chunk * 32 < K ? x_shared[4 * chunk + i] : make_uint4(0u, 0u, 0u, 0u);
+                    half2 low[4], high[4];  // rows g, g + 8: pairs (k 8i+0,1) (2,3) (4,5) (6,7)
+                    if constexpr (kScaleAfter) {
+                        centered_levels(word_at(step.words[s][0], i), params[s][0], low);
+                        centered_levels(word_at(step.words[s][1], i), params[s][1], high);
+                    } else {
+                        dequant_word(word_at(step.words[s][0], i), params[s][0], low);
+                        dequant_word(word_at(step.words[s][1], i), params[s][1], high);
+                    }
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {  // A cols (2t, 2t+1) = pair 2h, (2t+8, 2t+9) = pair 2h + 1
+                        const uint32_t a[4] = {bit_cast<uint32_t>(low[2 * h]), bit_cast<uint32_t>(high[2 * h]),
+                                               bit_cast<uint32_t>(low[2 * h + 1]), bit_cast<uint32_t>(high[2 * h + 1])};
+                        const uint32_t b[2] = {word_at(xv, 2 * h), word_at(xv, 2 * h + 1)};
+                        mma_16816(acc[s][h], a, b);
+                    }
                 }
             }
-            if constexpr (kScaleAfter) {  // the window lies in one group: s * sum((q - z) x) per row
-                sums[0] += __half2float(step.scale[s][0]) * acc[0];
-                sums[1] += __half2float(step.scale[s][1]) * acc[2];
+            if constexpr (kScaleAfter) {  // a window lies in one group: s * sum((q - z) x) per row
+#pragma unroll
+                for (int s = 0; s < kTcWindowsPerStep; ++s) {
+                    sums[0] += __half2float(step.scale[s][0]) * (acc[s][0][0] + acc[s][1][0]);
+                    sums[1] += __half2float(step.scale[s][1]) * (acc[s][0][2] + acc[s][1][2]);
+                }
+            }
+            step = next;
+            next = load_next();
+        }
+        if constexpr (!kScaleAfter) {
+#pragma unroll
+            for (int s = 0; s < kTcWindowsPerStep; ++s) {
+                sums[0] += acc[s][0][0] + acc[s][1][0];
+                sums[1] += acc[s][0][2] + acc[s][1][2];
             }
         }
-        step = next;
-        next = load_tc_step<kGroupSize>(qweight, scales, zeros, N, K, window + 2 * kTcWindowsPerStep, end, t, rows);
-    }
-    if constexpr (!kScaleAfter) {
-        sums[0] = acc[0];
-        sums[1] = acc[2];
+
+        if (t == 0) {  // C's columns are all equal: lane (g, 0) holds rows g and g + 8
+            row_sums[warp][g] = sums[0];
+            row_sums[warp][g + 8] = sums[1];
+        }
+        __syncthreads();
+        const auto row = [&](int r) { return row_of_block<kEpilogue, kTcRows>(tile, r, fusion.rope); };
+        const auto block_sum = [&](int r) {
+            float v = 0.0f;
+#pragma unroll
+            for (int w = 0; w < kTcWarps; ++w) v += row_sums[w][r];
+            return v;
+        };
+        one_row_epilogue<kEpilogue, kTcRows>(fusion, y, N, row, block_sum);
+        __syncthreads();  // row_sums is the next tile's
     }
     prefetch_next_weights<kTcThreads>(fusion);
-
-    if (t == 0) {  // C's columns are all equal: lane (g, 0) holds rows g and g + 8
-        row_sums[warp][g] = sums[0];
-        row_sums[warp][g + 8] = sums[1];
-    }
-    __syncthreads();
-    auto block_sum = [&](int r) {
-        float v = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kTcWarps; ++w) v += row_sums[w][r];
-        return v;
-    };
-    one_row_epilogue<kEpilogue, kTcRows>(fusion, y, N, row, block_sum);
 }
 
 // The GEMV's ceiling (benchmarks/gemv.py): the same grid, the same loads of the same bytes
@@ -800,8 +839,8 @@ AWQ_GEMV_LOGITS_ENTRY(128, 4)
 
 // The same one-row GEMVs on tensor cores (gemv_tc: K % 32 == 0, K <= 16384; for RoPE head_dim %
 // 16 == 0), with the same arguments: awq_gemv_tc_{store,norm_store,act,norm_act,residual,rope,
-// norm_rope}_g{G} as above, and awq_gemv_tc_logits_g{G} with the logits entry's arguments. Grid
-// ceil(N / 16) blocks of 256 threads.
+// norm_rope}_g{G} as above, and awq_gemv_tc_logits_g{G} with the logits entry's arguments. Blocks
+// of 256 threads, a grid of 1 to ceil(N / 16) blocks (each takes every gridDim-th 16-row tile).
 #define AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, G)                                                                  \
     extern "C" __global__ void __launch_bounds__(256)                                                               \
         awq_gemv_tc_##NAME##_g##G(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                 \
@@ -845,9 +884,11 @@ AWQ_GEMV_TC_LOGITS_ENTRY(32)
 AWQ_GEMV_TC_LOGITS_ENTRY(64)
 AWQ_GEMV_TC_LOGITS_ENTRY(128)
 
-#if defined(__CUDACC__)  // its C launcher (awq_w4a16_gemv_tc, w4a16.h: benchmarks/gemv.py, the kernel tests)
-extern "C" int awq_w4a16_gemv_tc(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
-                                 __half* y, int M, int N, int K, int group_size, cudaStream_t stream) {
+#if defined(__CUDACC__)  // its C launchers (w4a16.h: benchmarks/gemv.py, the kernel tests)
+namespace {
+
+int launch_gemv_tc(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros, __half* y, int M,
+                   int N, int K, int group_size, bool persistent, cudaStream_t stream) {
     using namespace awq_edge;
     if (!valid_matmul_args(x, qweight, scales, zeros, y, M, N, K, group_size) || M != 1 ||
         !rows_allow_128bit_loads(K) || K > kTcMaxK) {
@@ -855,9 +896,31 @@ extern "C" int awq_w4a16_gemv_tc(const __half* x, const int32_t* qweight, const 
     }
     const int g = group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
     const auto kernel = g == 0 ? awq_gemv_tc_store_g32 : g == 1 ? awq_gemv_tc_store_g64 : awq_gemv_tc_store_g128;
-    kernel<<<(N + kTcRows - 1) / kTcRows, kTcThreads, 0, stream>>>(
-        x, reinterpret_cast<const uint32_t*>(qweight), scales, zeros, y, N, K, nullptr, 0.f, nullptr, 0, nullptr,
-        nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0, 0, 0, 0, nullptr, 0);
+    int blocks = (N + kTcRows - 1) / kTcRows;
+    if (persistent) {  // two blocks an SM (about 120 registers x 256 threads each)
+        int device = 0, sms = 0;
+        if (cudaGetDevice(&device) != cudaSuccess ||
+            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+            return launch_status();
+        }
+        blocks = blocks < 2 * sms ? blocks : 2 * sms;
+    }
+    kernel<<<blocks, kTcThreads, 0, stream>>>(x, reinterpret_cast<const uint32_t*>(qweight), scales, zeros, y, N, K,
+                                              nullptr, 0.f, nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                              nullptr, nullptr, 0, 0, 0, 0, 0, nullptr, 0);
     return launch_status();
+}
+
+}  // namespace
+
+extern "C" int awq_w4a16_gemv_tc(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                                 __half* y, int M, int N, int K, int group_size, cudaStream_t stream) {
+    return launch_gemv_tc(x, qweight, scales, zeros, y, M, N, K, group_size, false, stream);
+}
+
+extern "C" int awq_w4a16_gemv_tc_persistent(const __half* x, const int32_t* qweight, const __half* scales,
+                                            const __half* zeros, __half* y, int M, int N, int K, int group_size,
+                                            cudaStream_t stream) {
+    return launch_gemv_tc(x, qweight, scales, zeros, y, M, N, K, group_size, true, stream);
 }
 #endif  // __CUDACC__

@@ -43,6 +43,9 @@ int awq_w4a16_gemv_mma32(const __half* x, const int32_t* qweight, const __half* 
  * and K <= 16384. The cuda backend runs it with its fusions (awq_gemv_tc_*). */
 int awq_w4a16_gemv_tc(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                       __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
+/* The same on a persistent grid (two blocks an SM, each taking several 16-row tiles in turn). */
+int awq_w4a16_gemv_tc_persistent(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                                 __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
 
 /* Prefill kernel: tensor-core GEMM (mma.sync m16n8k16, fp32 accumulation), any M >= 1. */
 int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
