@@ -112,7 +112,8 @@ __device__ __forceinline__ float score_key(const float* q_s, const __half* __res
                                            float softcap) {
     const uint4* k_row = reinterpret_cast<const uint4*>(k_rows + j * D);
     float dot = 0.f;
-#pragma unroll 4
+    constexpr int kUnroll = D / 8 <= 16 ? D / 8 : 8;  // the row's loads in flight together (D = 256: half)
+#pragma unroll kUnroll
     for (int c = 0; c < D / 8; ++c) {
         const uint4 bits = k_row[c];
         const __half2* k2 = reinterpret_cast<const __half2*>(&bits);
@@ -584,25 +585,30 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
     const __half* k_rows = k_cache + static_cast<size_t>(kv_head) * capacity * D;
     const __half* v_rows = v_cache + static_cast<size_t>(kv_head) * capacity * D;
 
-    for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __half2float(q_rot[static_cast<size_t>(h) * D + d]);
-    __syncthreads();
-    const bool mine = begin + threadIdx.x < end;
-    const float score = mine ? score_key<D>(q_s, k_rows, begin + threadIdx.x, scale, softcap) : -INFINITY;
-    const float block_max = tile_reduce<true>(score, scratch);
-    const float p = mine ? __expf(score - block_max) : 0.f;  // no visible key: every p is 0
-    p_s[threadIdx.x] = p;
-    const float block_sum = tile_reduce<false>(p, scratch);  // (its barriers publish p_s)
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    accumulate_values<D>(acc, p_s, v_rows, begin, end > begin ? static_cast<int>(end - begin) : 0);
-    const float2 sum = sum_over_groups<D>(acc, acc_s);
     float* part = partials + (static_cast<size_t>(h) * splits + split) * (2 + D);
-    if (threadIdx.x < D / 2) {
-        part[2 + 2 * threadIdx.x] = sum.x;
-        part[3 + 2 * threadIdx.x] = sum.y;
-    }
-    if (threadIdx.x == 0) {
-        part[0] = block_max;
-        part[1] = block_sum;
+    if (begin < end) {  // (the same for the whole block)
+        for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __half2float(q_rot[static_cast<size_t>(h) * D + d]);
+        __syncthreads();
+        const bool mine = begin + threadIdx.x < end;
+        const float score = mine ? score_key<D>(q_s, k_rows, begin + threadIdx.x, scale, softcap) : -INFINITY;
+        const float block_max = tile_reduce<true>(score, scratch);
+        const float p = mine ? __expf(score - block_max) : 0.f;
+        p_s[threadIdx.x] = p;
+        const float block_sum = tile_reduce<false>(p, scratch);  // (its barriers publish p_s)
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        accumulate_values<D>(acc, p_s, v_rows, begin, static_cast<int>(end - begin));
+        const float2 sum = sum_over_groups<D>(acc, acc_s);
+        if (threadIdx.x < D / 2) {
+            part[2 + 2 * threadIdx.x] = sum.x;
+            part[3 + 2 * threadIdx.x] = sum.y;
+        }
+        if (threadIdx.x == 0) {
+            part[0] = block_max;
+            part[1] = block_sum;
+        }
+    } else if (threadIdx.x == 0) {  // no visible key (past the position, or before the window): the
+        part[0] = -INFINITY;        // merge skips it; most splits of a long cache early in a chat
+        part[1] = 0.f;
     }
 
     // The last of the head's blocks to get here merges (the fences order the partials before the count).
