@@ -51,12 +51,16 @@ GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
 # head_dim % 16 == 0; other linears take the CUDA-core one (4 rows a block).
 GEMV_TC_ROWS, GEMV_TC_THREADS, GEMV_TC_MAX_K = 16, 256, 16384
 GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid: ~120 registers x 256 threads, 2 blocks an SM
+GEMV_TC_AUTO_MIN_K = 2048
 # Which one decode runs: "auto" takes the tensor-core GEMV for the linears with an RMSNorm prologue
-# (q/k/v, gate/up) and the CUDA-core one for the rest. On the H200 (benchmarks/cuda_layer.py,
-# 2026-12-04, a Llama-2-7B layer, each op alone): qkv 18.2 us against 25.8, gate/up 30.4 against
-# 43.2 (each block norms x once for 16 rows instead of 4), but o_proj 5.7 against 4.4 and down 12.1
-# against 10.0 (a plain GEMV streams faster on CUDA cores: 55-59% of copy against 36-41% at 7B
-# shapes, benchmarks/gemv.py). "cuda_cores" and "tensor_cores" take one for all;
+# (q/k/v, gate/up) from K = GEMV_TC_AUTO_MIN_K, and the CUDA-core one for the rest. On the H200
+# (benchmarks/cuda_layer.py, 2026-12-04, a Llama-2-7B layer, each op alone): qkv 18.2 us against
+# 25.8, gate/up 30.4 against 43.2 (each block norms x once for 16 rows instead of 4: every block
+# reads all of x and the norm weight), but o_proj 5.7 against 4.4 and down 12.1 against 10.0 (a
+# plain GEMV streams faster on CUDA cores: 55-59% of copy against 36-41% at 7B shapes,
+# benchmarks/gemv.py). At small K the norm costs a block little and the plain tensor-core GEMV
+# was slower (576x576: 2.8 us against 2.0), so SmolLM2-sized models keep CUDA cores until a GPU
+# times their layer both ways (cuda_layer.py --shape smollm2-135m). "cuda_cores" and "tensor_cores" take one for all;
 # "tensor_cores_persistent" the tensor-core one on GEMV_TC_BLOCKS_PER_SM blocks an SM, each taking
 # several 16-row tiles in turn with its loads running on into the next (not yet timed).
 DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent")
@@ -441,7 +445,8 @@ class CudaBackend:
         chosen (DECODE_GEMVS), and its shape allows it."""
         fits = (a["K"] % 32 == 0 and a["K"] <= GEMV_TC_MAX_K
                 and (a.get("epilogue") != "rope" or self.spec.head_dim % GEMV_TC_ROWS == 0))
-        chosen = self.decode_gemv.startswith("tensor_cores") or self.decode_gemv == "auto" and bool(a.get("norm"))
+        chosen = (self.decode_gemv.startswith("tensor_cores")
+                  or self.decode_gemv == "auto" and bool(a.get("norm")) and a["K"] >= GEMV_TC_AUTO_MIN_K)
         return fits and chosen
 
     def tensor_core_grid(self, n: int) -> tuple[int]:

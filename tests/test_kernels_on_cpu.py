@@ -155,8 +155,8 @@ def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window,
 
 # (family, --lm-head, config overrides, fused op list, prompt length, kernels it must launch):
 # between them every kind of kernel the backend launches, at head sizes 64, 128 and 256, K % 32 ==
-# 0 and not, a full prefill chunk; decode on the default GEMV choice ("auto": tensor cores after a
-# norm), or all on CUDA cores or all on tensor cores where the name ends so
+# 0 and not, a full prefill chunk; decode on the default GEMV choice ("auto": at these widths all
+# on CUDA cores), or all on CUDA cores or all on tensor cores where the name ends so
 BACKEND_CASES = {
     "llama-int4-head-cuda-cores": ("llama", 4, {}, True, 20,
                         {"awq_gemv_logits_g32_w4", "awq_head_candidates", "awq_head_rescore", "awq_gemv_mma_g32",
@@ -166,7 +166,7 @@ BACKEND_CASES = {
                              {"awq_attend_d64", "awq_gemv_rows1_g32_w4", "awq_head_rms_norm", "awq_add_rms_norm",
                               "awq_gemv_store_g32_w4", "awq_lm_head_q8"}),
     "gemma3-fp16-head": ("gemma3_text", None, {"query_pre_attn_scalar": 64, "num_hidden_layers": 2}, True, 20,
-                         {"awq_lm_head", "awq_gemv_tc_norm_store_g32", "awq_gemv_act_g32_w4"}),
+                         {"awq_lm_head", "awq_gemv_norm_store_g32_w4", "awq_gemv_act_g32_w4"}),
     "qwen2-ragged": ("qwen2", "auto", {"hidden_size": 136, "intermediate_size": 200}, True, 20,
                      {"awq_gemm_g32_v0", "awq_gemv_rows8_g32_w1", "awq_gemv_norm_rope_g32_w1", "awq_bias_add"}),
     "mistral-d128-window": ("mistral", 4, {"head_dim": 128, "sliding_window": 5}, True, 20,
@@ -176,8 +176,7 @@ BACKEND_CASES = {
     # a random engine at group 128 (synthetic.write_random_engine), prefill's long chunks through
     # the dequantize kernel and a stand-in cuBLAS computing on the host (RecordingCublas)
     "random-g128-cublas-path": ("random", 4, {}, True, 70,
-                                {"awq_dequantize_g128", "awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128",
-                                 "awq_gemv_residual_g128_w4", "awq_gemv_logits_g32_w4"}),
+                                {"awq_dequantize_g128", "awq_gemv_norm_rope_g128_w4", "awq_gemv_logits_g32_w4"}),
     # decode on the tensor-core GEMV (set_decode_gemv): group 32 (a fused Llama with an int4 head),
     # group 128 (the scaled-after-the-mma path), and the unfused list
     "llama-tensor-core-gemv": ("llama", 4, {}, True, 20,
