@@ -613,6 +613,8 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"constexpr int kRowsPerBlock = {cb.HEAD_RESCORE_ROWS};" in src["head_top_k"]
     assert f"constexpr int kTopK = {HEAD_TOP_K};" in src["head_top_k"]
     assert f"constexpr int kCapacity = {HEAD_SELECT_CAPACITY};" in src["head_top_k"]
+    fusions = re.search(r"#define AWQ_GEMV_FUSIONS\(ENTRIES\)(.*?)\n\n", src["gemv_w4a16"], re.S)
+    fusions = fusions.group(1).split("AWQ_GEMV_FUSIONS(AWQ_GEMV_ENTRIES)")[0] if fusions else ""
     for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
         for name in names:
             base = re.sub(r"_(g|d)\d.*$", "", name)
@@ -622,12 +624,14 @@ def test_launch_shapes_match_the_kernel_sources():
                 assert f"AWQ_GEMV_ROWS_ENTRIES({base[len('awq_gemv_rows'):]})" in src[module], name
             elif name.startswith("awq_gemv_tc_logits"):  # on tensor cores: a macro per group size
                 assert f"AWQ_GEMV_TC_LOGITS_ENTRY({name.rsplit('_g', 1)[1]})" in src[module], name
-            elif name.startswith("awq_gemv_tc_"):  # a macro per fusion, for every group size
-                assert f"AWQ_GEMV_TC_ENTRIES({base[len('awq_gemv_tc_'):]}," in src[module], name
+            elif name.startswith("awq_gemv_tc_"):  # the fusions' list, each for every group size
+                assert "AWQ_GEMV_FUSIONS(AWQ_GEMV_TC_ENTRIES)" in src[module], name
+                assert f"ENTRIES({base[len('awq_gemv_tc_'):]}," in fusions, name
             elif name.startswith("awq_gemv_logits"):  # the int4 head: a macro per group size and load width
                 assert f"AWQ_GEMV_LOGITS_ENTRY({name[len('awq_gemv_logits_g'):].replace('_w', ', ')})" in src[module], name
-            elif module == "gemv_w4a16":  # made by a macro per fusion, for every group size and load width
-                assert f"AWQ_GEMV_ENTRIES({base[len('awq_gemv_'):]}," in src[module], name
+            elif module == "gemv_w4a16":  # the fusions' list, each for every group size and load width
+                assert "AWQ_GEMV_FUSIONS(AWQ_GEMV_ENTRIES)" in src[module], name
+                assert f"ENTRIES({base[len('awq_gemv_'):]}," in fusions, name
             elif module == "attention" and base.startswith("awq_attend") and "split" not in base:
                 assert f"AWQ_ATTEND_ROWS_ENTRY({name}, " in src[module], name  # prefill: a macro per kernel
             else:

@@ -84,6 +84,15 @@ struct Fusion {
     float softcap = 0.f;
 };
 
+// An int4 head's Fusion: fp32 logits for v < vocab, soft-capped when softcap > 0.
+__device__ __forceinline__ Fusion logits_fusion(float* logits, int vocab, float softcap) {
+    Fusion fusion;
+    fusion.logits = logits;
+    fusion.vocab = vocab;
+    fusion.softcap = softcap;
+    return fusion;
+}
+
 // The output rows of block b of R rows: R adjacent ones, or for RoPE in a q/k head (D/R blocks
 // per head) rows R/2 j .. R/2 j + R/2 - 1 and the same + D/2: rotation pairs (r, r + R/2). (R = 4:
 // rows 2j, 2j + 1, 2j + D/2, 2j + 1 + D/2.) v rows stay adjacent.
@@ -785,22 +794,27 @@ extern "C" int awq_w4a16_read_only(const int32_t* qweight, const __half* scales,
 //   awq_gemv_rope_g{G}_w{W}        q/k/v = x W^T (+ bias): q rotated into q_rot, k rotated and v
 //                                  written into the cache rows of position *past (y unused)
 //   awq_gemv_norm_rope_g{G}_w{W}   the same of norm(x) W^T
+// (The parameters of every one-row fused GEMV entry, here and on tensor cores below, and the
+// Fusion they make.)
+#define AWQ_GEMV_FUSED_PARAMS                                                                                       \
+    const half *__restrict__ x, const uint32_t *__restrict__ qweight, const half *__restrict__ scales,              \
+        const half *__restrict__ zeros, half *__restrict__ y, int N, int K, const float *__restrict__ norm_weight,  \
+        float eps, const half *__restrict__ bias, int act_kind, const half *__restrict__ cos,                       \
+        const half *__restrict__ sin, half *__restrict__ q_rot, half *__restrict__ k_cache,                         \
+        half *__restrict__ v_cache, const int64_t *__restrict__ past, int *status, int heads, int kv_heads,         \
+        int head_dim, int capacity, int max_positions, const char *next_weights, int next_bytes
+#define AWQ_GEMV_FUSION                                                                                             \
+    awq_edge::Fusion {                                                                                              \
+        norm_weight, eps, bias, act_kind,                                                                           \
+            awq_edge::RopeArgs{cos,   sin,   q_rot,    k_cache,  v_cache,  past,                                    \
+                               status, heads, kv_heads, head_dim, capacity, max_positions},                         \
+            next_weights, next_bytes                                                                                \
+    }
 #define AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, G, W)                                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                               \
-        awq_gemv_##NAME##_g##G##_w##W(const half* __restrict__ x, const uint32_t* __restrict__ qweight,             \
-                                      const half* __restrict__ scales, const half* __restrict__ zeros,              \
-                                      half* __restrict__ y, int N, int K, const float* __restrict__ norm_weight,     \
-                                      float eps, const half* __restrict__ bias, int act_kind,                       \
-                                      const half* __restrict__ cos, const half* __restrict__ sin,                   \
-                                      half* __restrict__ q_rot, half* __restrict__ k_cache,                         \
-                                      half* __restrict__ v_cache, const int64_t* __restrict__ past, int* status,     \
-                                      int heads, int kv_heads, int head_dim, int capacity, int max_positions,      \
-                                      const char* next_weights, int next_bytes) {                                  \
-        const awq_edge::RopeArgs rope{cos,   sin,      q_rot,    k_cache,  v_cache,      past,                      \
-                                      status, heads,   kv_heads, head_dim, capacity,     max_positions};            \
-        awq_edge::gemv_w4a16<1, G, W, NORM, awq_edge::Epilogue::EPILOGUE>(                                         \
-            x, qweight, scales, zeros, y, N, K,                                                                     \
-            awq_edge::Fusion{norm_weight, eps, bias, act_kind, rope, next_weights, next_bytes});                    \
+        awq_gemv_##NAME##_g##G##_w##W(AWQ_GEMV_FUSED_PARAMS) {                                                      \
+        awq_edge::gemv_w4a16<1, G, W, NORM, awq_edge::Epilogue::EPILOGUE>(x, qweight, scales, zeros, y, N, K,       \
+                                                                          AWQ_GEMV_FUSION);                         \
     }
 #define AWQ_GEMV_ENTRIES(NAME, NORM, EPILOGUE)                                                                      \
     AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 32, 1)                                                                     \
@@ -809,13 +823,17 @@ extern "C" int awq_w4a16_read_only(const int32_t* qweight, const __half* scales,
     AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 64, 4)                                                                     \
     AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 128, 1)                                                                    \
     AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 128, 4)
-AWQ_GEMV_ENTRIES(store, false, kStore)
-AWQ_GEMV_ENTRIES(norm_store, true, kStore)
-AWQ_GEMV_ENTRIES(act, false, kAct)
-AWQ_GEMV_ENTRIES(norm_act, true, kAct)
-AWQ_GEMV_ENTRIES(residual, false, kResidual)
-AWQ_GEMV_ENTRIES(rope, false, kRope)
-AWQ_GEMV_ENTRIES(norm_rope, true, kRope)
+// The fused one-row GEMVs, (name, norm prologue, epilogue): ENTRIES of each, on CUDA cores here
+// and on tensor cores below.
+#define AWQ_GEMV_FUSIONS(ENTRIES)                                                                                   \
+    ENTRIES(store, false, kStore)                                                                                   \
+    ENTRIES(norm_store, true, kStore)                                                                               \
+    ENTRIES(act, false, kAct)                                                                                       \
+    ENTRIES(norm_act, true, kAct)                                                                                   \
+    ENTRIES(residual, false, kResidual)                                                                             \
+    ENTRIES(rope, false, kRope)                                                                                     \
+    ENTRIES(norm_rope, true, kRope)
+AWQ_GEMV_FUSIONS(AWQ_GEMV_ENTRIES)
 
 // An int4 lm_head (decode and the last row of prefill): awq_gemv_logits_g{G}_w{W}(x, qweight,
 // scales, zeros, logits, N, K, vocab, softcap), logits[v] = x W^T in fp32 (soft-capped when
@@ -826,12 +844,9 @@ AWQ_GEMV_ENTRIES(norm_rope, true, kRope)
         awq_gemv_logits_g##G##_w##W(const half* __restrict__ x, const uint32_t* __restrict__ qweight,               \
                                     const half* __restrict__ scales, const half* __restrict__ zeros,                \
                                     float* __restrict__ logits, int N, int K, int vocab, float softcap) {          \
-        awq_edge::Fusion fusion;                                                                                    \
-        fusion.logits = logits;                                                                                     \
-        fusion.vocab = vocab;                                                                                       \
-        fusion.softcap = softcap;                                                                                   \
         awq_edge::gemv_w4a16<1, G, W, false, awq_edge::Epilogue::kLogits>(x, qweight, scales, zeros, nullptr, N, K, \
-                                                                          fusion);                                  \
+                                                                          awq_edge::logits_fusion(logits, vocab,    \
+                                                                                                  softcap));        \
     }
 AWQ_GEMV_LOGITS_ENTRY(32, 1)
 AWQ_GEMV_LOGITS_ENTRY(32, 4)
@@ -846,42 +861,21 @@ AWQ_GEMV_LOGITS_ENTRY(128, 4)
 // of 256 threads, a grid of 1 to ceil(N / 16) blocks (each takes every gridDim-th 16-row tile).
 #define AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, G)                                                                  \
     extern "C" __global__ void __launch_bounds__(256)                                                               \
-        awq_gemv_tc_##NAME##_g##G(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                 \
-                                  const half* __restrict__ scales, const half* __restrict__ zeros,                  \
-                                  half* __restrict__ y, int N, int K, const float* __restrict__ norm_weight,         \
-                                  float eps, const half* __restrict__ bias, int act_kind,                           \
-                                  const half* __restrict__ cos, const half* __restrict__ sin,                       \
-                                  half* __restrict__ q_rot, half* __restrict__ k_cache,                             \
-                                  half* __restrict__ v_cache, const int64_t* __restrict__ past, int* status,         \
-                                  int heads, int kv_heads, int head_dim, int capacity, int max_positions,          \
-                                  const char* next_weights, int next_bytes) {                                      \
-        const awq_edge::RopeArgs rope{cos,   sin,      q_rot,    k_cache,  v_cache,      past,                      \
-                                      status, heads,   kv_heads, head_dim, capacity,     max_positions};            \
-        awq_edge::gemv_tc<G, NORM, awq_edge::Epilogue::EPILOGUE>(                                                  \
-            x, qweight, scales, zeros, y, N, K,                                                                     \
-            awq_edge::Fusion{norm_weight, eps, bias, act_kind, rope, next_weights, next_bytes});                    \
+        awq_gemv_tc_##NAME##_g##G(AWQ_GEMV_FUSED_PARAMS) {                                                          \
+        awq_edge::gemv_tc<G, NORM, awq_edge::Epilogue::EPILOGUE>(x, qweight, scales, zeros, y, N, K, AWQ_GEMV_FUSION); \
     }
 #define AWQ_GEMV_TC_ENTRIES(NAME, NORM, EPILOGUE)                                                                   \
     AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, 32)                                                                     \
     AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, 64)                                                                     \
     AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, 128)
-AWQ_GEMV_TC_ENTRIES(store, false, kStore)
-AWQ_GEMV_TC_ENTRIES(norm_store, true, kStore)
-AWQ_GEMV_TC_ENTRIES(act, false, kAct)
-AWQ_GEMV_TC_ENTRIES(norm_act, true, kAct)
-AWQ_GEMV_TC_ENTRIES(residual, false, kResidual)
-AWQ_GEMV_TC_ENTRIES(rope, false, kRope)
-AWQ_GEMV_TC_ENTRIES(norm_rope, true, kRope)
+AWQ_GEMV_FUSIONS(AWQ_GEMV_TC_ENTRIES)
 #define AWQ_GEMV_TC_LOGITS_ENTRY(G)                                                                                 \
     extern "C" __global__ void __launch_bounds__(256)                                                               \
         awq_gemv_tc_logits_g##G(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                   \
                                 const half* __restrict__ scales, const half* __restrict__ zeros,                    \
                                 float* __restrict__ logits, int N, int K, int vocab, float softcap) {              \
-        awq_edge::Fusion fusion;                                                                                    \
-        fusion.logits = logits;                                                                                     \
-        fusion.vocab = vocab;                                                                                       \
-        fusion.softcap = softcap;                                                                                   \
-        awq_edge::gemv_tc<G, false, awq_edge::Epilogue::kLogits>(x, qweight, scales, zeros, nullptr, N, K, fusion); \
+        awq_edge::gemv_tc<G, false, awq_edge::Epilogue::kLogits>(x, qweight, scales, zeros, nullptr, N, K,         \
+                                                                 awq_edge::logits_fusion(logits, vocab, softcap)); \
     }
 AWQ_GEMV_TC_LOGITS_ENTRY(32)
 AWQ_GEMV_TC_LOGITS_ENTRY(64)
