@@ -60,9 +60,10 @@ GEMV_TC_AUTO_MIN_K = 2048
 # plain GEMV streams faster on CUDA cores: 55-59% of copy against 36-41% at 7B shapes,
 # benchmarks/gemv.py). At small K the norm costs a block little and the plain tensor-core GEMV
 # was slower (576x576: 2.8 us against 2.0), so SmolLM2-sized models keep CUDA cores until a GPU
-# times their layer both ways (cuda_layer.py --shape smollm2-135m). "cuda_cores" and "tensor_cores" take one for all;
-# "tensor_cores_persistent" the tensor-core one on GEMV_TC_BLOCKS_PER_SM blocks an SM, each taking
-# several 16-row tiles in turn with its loads running on into the next (not yet timed).
+# times their layer both ways (cuda_layer.py --shape smollm2-135m). "cuda_cores" and
+# "tensor_cores" take one for all; "tensor_cores_persistent" the tensor-core one on
+# GEMV_TC_BLOCKS_PER_SM blocks an SM, each taking several 16-row tiles in turn with its loads
+# running on into the next (not yet timed).
 DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent")
 GEMV_MAX_ROWS, GEMV_CHUNKED_MAX_ROWS = 8, 32  # plugins/kernels/w4a16.h: short chunks, 8 rows a GEMV
 GEMV_MMA_ROWS_PER_BLOCK = 16                  # the tensor-core GEMV (2..8 rows): one mma tile of rows
@@ -305,9 +306,9 @@ class CudaBackend:
         self._graphs = {rows: graph for rows, graph in self._graphs.items() if rows == 1}
 
     def set_decode_gemv(self, kind: str) -> None:
-        """Which one-row GEMV decode runs (DECODE_GEMVS: "auto", "cuda_cores", "tensor_cores", the
-        last where a linear's shape allows); the captured decode graph, which holds the old choice,
-        is dropped."""
+        """Which one-row GEMV decode runs (one of DECODE_GEMVS; the tensor-core one only where a
+        linear's shape allows, on_tensor_cores); the captured decode graph, which holds the old
+        choice, is dropped."""
         if kind not in DECODE_GEMVS:
             raise ValueError(f"decode GEMV {kind!r} is not one of {', '.join(DECODE_GEMVS)}")
         self.decode_gemv = kind
@@ -589,16 +590,17 @@ class CudaBackend:
         return int(token[0])
 
 
+# The one-row GEMVs' fusions (gemv_w4a16.cu AWQ_GEMV_FUSIONS): an entry of each on CUDA cores
+# (per group size and load width) and on tensor cores (per group size).
+GEMV_FUSIONS = ("store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope")
+
 # Which kernels each cubin (plugins.CUBIN_SOURCES) provides to this backend.
 KERNELS_OF = {
-    "gemv_w4a16": [f"awq_gemv_{fusion}_g{g}_w{w}"
-                   for fusion in ("store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope")
-                   for g in (32, 64, 128) for w in (1, 4)] +
+    "gemv_w4a16": [f"awq_gemv_{fusion}_g{g}_w{w}" for fusion in GEMV_FUSIONS for g in (32, 64, 128) for w in (1, 4)] +
                   [f"awq_gemv_rows{m}_g{g}_w{w}" for m in range(1, 9) for g in (32, 64, 128) for w in (1, 4)] +
                   [f"awq_gemv_mma_g{g}" for g in (32, 64, 128)] +
                   [f"awq_gemv_logits_g{g}_w{w}" for g in (32, 64, 128) for w in (1, 4)] +
-                  [f"awq_gemv_tc_{fusion}_g{g}" for fusion in ("store", "norm_store", "act", "norm_act", "residual",
-                                                               "rope", "norm_rope", "logits") for g in (32, 64, 128)],
+                  [f"awq_gemv_tc_{fusion}_g{g}" for fusion in (*GEMV_FUSIONS, "logits") for g in (32, 64, 128)],
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)] +
                   [f"awq_dequantize_g{g}" for g in (32, 64, 128)],
     "attention": ["awq_rope_store"] + [f"awq_attend{kind}_d{d}" for kind in ("", "_block", "_split")

@@ -73,6 +73,7 @@ def worker_copy() -> dict:
 
 
 def worker_ours(engine_dir: str, runs: int) -> dict:
+    from awq_edge.cuda_backend import DECODE_GEMVS
     from awq_edge.engine import Engine
     from awq_edge.sampling import Sampler, SamplingSettings
 
@@ -81,8 +82,6 @@ def worker_ours(engine_dir: str, runs: int) -> dict:
     engine = Engine.load(path, max_context=PROMPT_TOKENS + NEW_TOKENS + 1)
     load_s = time.perf_counter() - t0
     prompt = [int(i) for i in range(PROMPT_TOKENS)]  # byte ids: any are valid
-    from awq_edge.cuda_backend import DECODE_GEMVS
-
     default = engine.backend.decode_gemv
     by_gemv = {}
     for gemv in DECODE_GEMVS:

@@ -14,15 +14,16 @@ linears' prologue, activation and residual adds in their epilogues) and the unfu
 kernel per op) are timed in the same run, alternating, and the fused list without overlapped
 launches (plugins/kernels/pdl.cuh, sm_90 only) with and without the GEMVs' L2 prefetch of the
 next linear's weights (what sm_87/sm_89 run instead), and the fused list with every linear on
-the CUDA-core GEMV, then on the tensor-core one (cuda_backend.DECODE_GEMVS; the default, "auto",
-takes tensor cores for the linears with a norm prologue). Time per layer = replay time /
+the CUDA-core GEMV, on the tensor-core one, and on that on a persistent grid
+(cuda_backend.DECODE_GEMVS; the default, "auto", takes tensor cores for the linears with a norm
+prologue from K = 2048). Time per layer = replay time /
 (repeats x layers), host-timed over whole replays after a synchronize, median of 5.
 
 Roofline of a layer = (its weight bytes + the K and V rows its attention reads) / the bandwidth
 of a device-to-device copy measured in the same run (read + write bytes / time). Activations
 (a few KiB) are left out.
 
-Then where a layer's time goes, op by op (fused, overlapped launches on sm_90; both GEMVs):
+Then where a layer's time goes, op by op (fused, overlapped launches on sm_90; each GEMV):
 for each op of a layer's fused list (the same kinds in the same order in every layer; labelled
 by kind, and the weight name without model.layers.N., e.g. "linear self_attn.qkv_proj",
 "attention"), a graph of only that op of every layer, --repeats times (launch_ops on that list:
@@ -38,9 +39,9 @@ evict it: the table marks such rows "(L2)" (bytes x layers < L2).
 JSON: gpu, shape, context, layers, launches_per_layer, us_per_layer, bytes_per_layer,
 roofline_us, roofline_fraction, copy_gbs (the backend's default: fused, overlapped launches on
 sm_90), under "variants" each variant's us_per_layer, launches_per_layer and roofline_fraction,
-under "breakdown" per decode GEMV kind (cuda_cores, tensor_cores) each op's {op (its label),
-us_per_layer, bytes (per layer), pct_of_copy}, and breakdown_sum_us per kind (the ops' us_per_layer
-summed). Needs an NVIDIA GPU and nvcc (the
+under "breakdown" per decode GEMV (cuda_cores, tensor_cores, tensor_cores_persistent) each op's
+{op (its label), us_per_layer, bytes (per layer), pct_of_copy}, and breakdown_sum_us per GEMV (the
+ops' us_per_layer summed). Needs an NVIDIA GPU and nvcc (the
 engine's kernels are compiled here); no torch. Without a GPU it prints one line and exits 2.
 """
 from __future__ import annotations
@@ -70,11 +71,14 @@ def layer_ops(ops: list) -> list:
 def layer_bytes(info, context: int) -> int:
     """Bytes one layer reads in a decode step at `context` cached tokens: its weights (every
     tensor of model.layers.*, over the layers) and the K and V rows attention reads."""
-    spec = info.spec
     weights = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for name, (dtype, shape, _) in info.tensors.items()
                   if name.startswith("model.layers."))
-    kv = 2 * spec.kv_heads * (context + 1) * spec.head_dim * 2
-    return weights // spec.layers + kv
+    return weights // info.spec.layers + kv_bytes_read(info.spec, context)
+
+
+def kv_bytes_read(spec, context: int) -> int:
+    """The K and V rows (fp16) one layer's attention reads for a token at `context` cached tokens."""
+    return 2 * spec.kv_heads * (context + 1) * spec.head_dim * 2
 
 
 def op_bytes(info, op, context: int) -> int:
@@ -83,8 +87,7 @@ def op_bytes(info, op, context: int) -> int:
     names = [v for v in op.args.values() if str(v).startswith("model.layers.")]  # not buffers, not "rope"
     weights = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for name, (dtype, shape, _) in info.tensors.items()
                   if any(name == v or name.startswith(v + ".") for v in names))
-    spec = info.spec
-    return weights + (2 * spec.kv_heads * (context + 1) * spec.head_dim * 2 if op.kind == "attention" else 0)
+    return weights + (kv_bytes_read(info.spec, context) if op.kind == "attention" else 0)
 
 
 def op_groups(ops: list, layers: int) -> list[tuple[str, list]]:
@@ -183,7 +186,7 @@ def main() -> int:
         default = (True, backend.programmatic, backend.prefetch_bytes, backend.decode_gemv)
         prefetch = backend.drv.l2_cache_bytes() // 2
         variants = {"fused": default, "unfused": (False, *default[1:])}
-        for gemv in DECODE_GEMVS[1:]:  # all on CUDA cores, all on tensor cores
+        for gemv in DECODE_GEMVS[1:]:  # every linear on one GEMV
             variants[f"fused, GEMV on {gemv.replace('_', ' ')}"] = (*default[:3], gemv)
         if backend.programmatic:  # what sm_87/sm_89 run, and the same without the prefetch
             variants["fused, not overlapped, L2 prefetch"] = (True, False, prefetch, default[3])
@@ -191,11 +194,13 @@ def main() -> int:
         timed = {name: [] for name in variants}
         for _ in range(3):  # the variants alternating: the median of each
             for name, (fused, programmatic, prefetch_bytes, gemv) in variants.items():
-                backend.programmatic, backend.prefetch_bytes, backend.decode_gemv = programmatic, prefetch_bytes, gemv
+                backend.programmatic, backend.prefetch_bytes = programmatic, prefetch_bytes
+                backend.set_decode_gemv(gemv)
                 timed[name].append(time_layers(backend, layer_ops(decode_ops(info.spec, fused=fused)), repeats))
         breakdown = {}  # per decode GEMV kind, with the default launches
         for gemv in DECODE_GEMVS[1:]:
-            backend.programmatic, backend.prefetch_bytes, backend.decode_gemv = *default[1:3], gemv
+            backend.programmatic, backend.prefetch_bytes = default[1:3]
+            backend.set_decode_gemv(gemv)
             breakdown[gemv] = [(label, op_bytes(info, group[0], args.context), time_layers(backend, group, repeats)[0])
                                for label, group in op_groups(layer_ops(decode_ops(info.spec, fused=True)), layers)]
     nbytes = layer_bytes(info, args.context)

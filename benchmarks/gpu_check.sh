@@ -41,8 +41,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || echo "== $1: stopped after $2 s"
     echo "== $1: exit $rc"
     [ "$status" -ne 0 ] || status=$rc
-    [ -z "$bundle" ] || { tar czf "$bundle.part" -C "$out" . && mv "$bundle.part" "$bundle"; }
+    pack
 }
+pack() { [ -z "$bundle" ] || { tar czf "$bundle.part" -C "$out" . && mv "$bundle.part" "$bundle"; }; }
 # pytest-xdist (on the lent machine's image) runs the GPU tests' CPU side (engine writing, the
 # numpy reference) on all cores; -rA prints each passing case's measured error, as -s would.
 if python3 -c "import xdist" 2>/dev/null; then par=(-n 8 -rA); else par=(-s); fi
@@ -127,5 +128,5 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
                 print(f"  {n}-row chunk: our kernels {ours:.2f} ms, dequantize + cuBLAS {blas:.2f} ms ({ours / blas:.2f}x)"
                       + (f", with L2-sized slabs {l2:.2f} ms" if l2 else ""))
 SUMMARY
-[ -z "$bundle" ] || { tar czf "$bundle.part" -C "$out" . && mv "$bundle.part" "$bundle"; }
+pack
 exit "$status"

@@ -30,7 +30,7 @@ if plugins.find_nvcc() is None:
     pytest.skip("nvcc not found: building a cuda engine compiles its kernels", allow_module_level=True)
 
 from awq_edge.build import build_engine  # noqa: E402
-from awq_edge.cuda_backend import CudaBackend  # noqa: E402
+from awq_edge.cuda_backend import GEMV_FUSIONS, CudaBackend  # noqa: E402
 from awq_edge.decoder import decode_ops  # noqa: E402
 from awq_edge.engine import Engine  # noqa: E402
 from awq_edge.errors import UserError  # noqa: E402
@@ -177,7 +177,7 @@ def on_device(drv, arrays: dict):
 @pytest.mark.parametrize("kernel", ["cuda_cores", "tensor_cores", "tensor_cores_persistent"])
 @pytest.mark.parametrize("k, n, group_size", [(576, 1536, 128), (136, 400, 32), (4096, 4096, 128), (256, 200, 64),
                                               (512, 328, 32), (11008, 4096, 128)])
-@pytest.mark.parametrize("fusion", ["store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope"])
+@pytest.mark.parametrize("fusion", GEMV_FUSIONS)
 def test_fused_gemv_kernels_match_their_twins(fusion, k, n, group_size, kernel):
     """Each decode GEMV entry point on its own (cubin, driver API), CUDA cores and tensor cores,
     fresh random data, the output poisoned with NaN, against the twins of what it fuses: norm

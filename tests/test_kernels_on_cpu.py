@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from awq_edge.cuda_backend import GEMV_FUSIONS
 from awq_edge.cuda_driver import f32, i32, ptr
 from awq_edge.decoder import HEAD_TOP_K, head_slices
 from awq_edge.reference_backend import twin_head_top_k, twin_lm_head
@@ -129,7 +130,7 @@ def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k):
 
 @pytest.mark.parametrize("blocks", [None, 3], ids=["block-a-tile", "persistent"])
 @pytest.mark.parametrize("k, n, group_size", [(576, 192, 128), (256, 200, 64), (512, 256, 32)])
-@pytest.mark.parametrize("fusion", ["store", "norm_store", "act", "norm_act", "residual", "rope", "norm_rope"])
+@pytest.mark.parametrize("fusion", GEMV_FUSIONS)
 def test_the_tensor_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, group_size, blocks):
     """awq_gemv_tc_* (gemv_tc: the window sums scaled after the mma at G = 128, dequantized
     operands at G = 32 and 64) with every fusion, against the twins, on a block a tile and on 3
