@@ -51,19 +51,17 @@ GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
 # head_dim % 16 == 0; other linears take the CUDA-core one (4 rows a block).
 GEMV_TC_ROWS, GEMV_TC_THREADS, GEMV_TC_MAX_K = 16, 256, 16384
 GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid: ~120 registers x 256 threads, 2 blocks an SM
-GEMV_TC_AUTO_MIN_K = 2048
-# Which one decode runs: "auto" takes the tensor-core GEMV for the linears with an RMSNorm prologue
-# (q/k/v, gate/up) from K = GEMV_TC_AUTO_MIN_K, and the CUDA-core one for the rest. On the H200
-# (benchmarks/cuda_layer.py, 2026-12-04, a Llama-2-7B layer, each op alone): qkv 18.2 us against
-# 25.8, gate/up 30.4 against 43.2 (each block norms x once for 16 rows instead of 4: every block
-# reads all of x and the norm weight), but o_proj 5.7 against 4.4 and down 12.1 against 10.0 (a
-# plain GEMV streams faster on CUDA cores: 55-59% of copy against 36-41% at 7B shapes,
-# benchmarks/gemv.py). At small K the norm costs a block little and the plain tensor-core GEMV
-# was slower (576x576: 2.8 us against 2.0), so SmolLM2-sized models keep CUDA cores until a GPU
-# times their layer both ways (cuda_layer.py --shape smollm2-135m). "cuda_cores" and
-# "tensor_cores" take one for all; "tensor_cores_persistent" the tensor-core one on
-# GEMV_TC_BLOCKS_PER_SM blocks an SM, each taking several 16-row tiles in turn with its loads
-# running on into the next (not yet timed).
+# Which one decode runs: "auto" takes the tensor-core GEMV on its persistent grid for the linears
+# with an RMSNorm prologue (q/k/v, gate/up), and the CUDA-core one for the rest. On the H200
+# (benchmarks/cuda_layer.py, 2026-12-04 run 3, each op alone in a Llama-2-7B layer, CUDA cores /
+# tensor cores / persistent): qkv 25.7 / 19.5 / 14.8 us, gate/up 43.1 / 31.3 / 21.0 (a block norms
+# x once for all its rows: every block reads all of x and the norm weight), but o_proj 4.4 / 6.0 /
+# 6.0 and down 10.0 / 12.0 / 11.9 (a plain GEMV streams faster on CUDA cores, benchmarks/gemv.py).
+# SmolLM2's layer the same way round (qkv 4.1 / 3.5 / 3.5, o_proj 1.6 / 2.2 / 2.2). End to end
+# (cuda_decode.py, all linears one way): 7B 298 / 359 / 432 tok/s, Llama-3.2-1B 932 / 1223 / 1352.
+# "cuda_cores", "tensor_cores" and "tensor_cores_persistent" take one for all linears: the
+# persistent grid is GEMV_TC_BLOCKS_PER_SM blocks an SM, each taking several 16-row tiles in turn
+# with its loads running on into the next, and x normed once a block.
 DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent")
 GEMV_MAX_ROWS, GEMV_CHUNKED_MAX_ROWS = 8, 32  # plugins/kernels/w4a16.h: short chunks, 8 rows a GEMV
 GEMV_MMA_ROWS_PER_BLOCK = 16                  # the tensor-core GEMV (2..8 rows): one mma tile of rows
@@ -252,7 +250,7 @@ class CudaBackend:
     def decode_path(self) -> str:
         """What a decode step runs (awq-edge bench prints it): the head is the choice a build makes."""
         head = {"int4": "int4, its top 64 re-scored from fp16"}.get(self.spec.lm_head, self.spec.lm_head)
-        gemv = {"auto": "on tensor cores after a norm, else CUDA cores", "tensor_cores": "on tensor cores",
+        gemv = {"auto": "on tensor cores (persistent) after a norm, else CUDA cores", "tensor_cores": "on tensor cores",
                 "tensor_cores_persistent": "on tensor cores, a persistent grid",
                 "cuda_cores": "on CUDA cores"}[self.decode_gemv]
         return f"cuda graph of awq-edge kernels, GEMV {gemv}, lm_head {head}"
@@ -446,15 +444,14 @@ class CudaBackend:
         chosen (DECODE_GEMVS), and its shape allows it."""
         fits = (a["K"] % 32 == 0 and a["K"] <= GEMV_TC_MAX_K
                 and (a.get("epilogue") != "rope" or self.spec.head_dim % GEMV_TC_ROWS == 0))
-        chosen = (self.decode_gemv.startswith("tensor_cores")
-                  or self.decode_gemv == "auto" and bool(a.get("norm")) and a["K"] >= GEMV_TC_AUTO_MIN_K)
+        chosen = self.decode_gemv.startswith("tensor_cores") or self.decode_gemv == "auto" and bool(a.get("norm"))
         return fits and chosen
 
     def tensor_core_grid(self, n: int) -> tuple[int]:
         """The tensor-core GEMV's grid for n rows: a block a 16-row tile, or at most
-        GEMV_TC_BLOCKS_PER_SM blocks an SM (tensor_cores_persistent)."""
+        GEMV_TC_BLOCKS_PER_SM blocks an SM (tensor_cores_persistent, and auto's normed linears)."""
         tiles = -(-n // GEMV_TC_ROWS)
-        if self.decode_gemv == "tensor_cores_persistent":
+        if self.decode_gemv in ("tensor_cores_persistent", "auto"):
             return (min(tiles, GEMV_TC_BLOCKS_PER_SM * self.sm_count),)
         return (tiles,)
 

@@ -154,42 +154,43 @@ def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window,
         assert err < 5e-3, (pos, err)
 
 
-# (family, --lm-head, config overrides, fused op list, prompt length, kernels it must launch):
-# between them every kind of kernel the backend launches, at head sizes 64, 128 and 256, K % 32 ==
-# 0 and not, a full prefill chunk; decode on the default GEMV choice ("auto": at these widths all
-# on CUDA cores), or all on CUDA cores or all on tensor cores where the name ends so
+# (family, --lm-head, config overrides, fused op list, prompt length, decode GEMV, kernels it must
+# launch): between them every kind of kernel the backend launches, at head sizes 64, 128 and 256,
+# K % 32 == 0 and not, a full prefill chunk, and every decode GEMV choice (cuda_backend.DECODE_GEMVS;
+# "auto": the normed linears on the persistent tensor-core grid where K % 32 == 0, the rest on CUDA cores)
 BACKEND_CASES = {
-    "llama-int4-head-cuda-cores": ("llama", 4, {}, True, 20,
+    "llama-int4-head-cuda-cores": ("llama", 4, {}, True, 20, "cuda_cores",
                         {"awq_gemv_logits_g32_w4", "awq_head_candidates", "awq_head_rescore", "awq_gemv_mma_g32",
                          "awq_attend_mma_d64", "awq_gemv_norm_rope_g32_w4", "awq_gemv_norm_act_g32_w4",
                          "awq_gemv_residual_g32_w4", "awq_gemm_g32_v1"}),
-    "qwen3-unfused-9-rows": ("qwen3", "auto", {}, False, 9,
+    "qwen3-unfused-9-rows": ("qwen3", "auto", {}, False, 9, "auto",
                              {"awq_attend_d64", "awq_gemv_rows1_g32_w4", "awq_head_rms_norm", "awq_add_rms_norm",
                               "awq_gemv_store_g32_w4", "awq_lm_head_q8"}),
     "gemma3-fp16-head": ("gemma3_text", None, {"query_pre_attn_scalar": 64, "num_hidden_layers": 2}, True, 20,
+                         "cuda_cores",
                          {"awq_lm_head", "awq_gemv_norm_store_g32_w4", "awq_gemv_act_g32_w4"}),
-    "qwen2-ragged": ("qwen2", "auto", {"hidden_size": 136, "intermediate_size": 200}, True, 20,
+    "qwen2-ragged": ("qwen2", "auto", {"hidden_size": 136, "intermediate_size": 200}, True, 20, "auto",
                      {"awq_gemm_g32_v0", "awq_gemv_rows8_g32_w1", "awq_gemv_norm_rope_g32_w1", "awq_bias_add"}),
-    "mistral-d128-window": ("mistral", 4, {"head_dim": 128, "sliding_window": 5}, True, 20,
+    "mistral-d128-window": ("mistral", 4, {"head_dim": 128, "sliding_window": 5}, True, 20, "auto",
                             {"awq_attend_mma_d128", "awq_attend_split_d128"}),
-    "llama-d256-full-chunk": ("llama", "auto", {"head_dim": 256}, True, 300,
+    "llama-d256-full-chunk": ("llama", "auto", {"head_dim": 256}, True, 300, "auto",
                               {"awq_attend_block_d256", "awq_attend_split_d256"}),
     # a random engine at group 128 (synthetic.write_random_engine), prefill's long chunks through
     # the dequantize kernel and a stand-in cuBLAS computing on the host (RecordingCublas)
-    "random-g128-cublas-path": ("random", 4, {}, True, 70,
+    "random-g128-cublas-path": ("random", 4, {}, True, 70, "cuda_cores",
                                 {"awq_dequantize_g128", "awq_gemv_norm_rope_g128_w4", "awq_gemv_logits_g32_w4"}),
     # decode on the tensor-core GEMV (set_decode_gemv): group 32 (a fused Llama with an int4 head),
     # group 128 (the scaled-after-the-mma path), and the unfused list
-    "llama-tensor-core-gemv": ("llama", 4, {}, True, 20,
+    "llama-tensor-core-gemv": ("llama", 4, {}, True, 20, "tensor_cores",
                                {"awq_gemv_tc_norm_rope_g32", "awq_gemv_tc_norm_act_g32", "awq_gemv_tc_residual_g32",
                                 "awq_gemv_tc_logits_g32"}),
-    "qwen2-unfused-tensor-core-gemv": ("qwen2", "auto", {}, False, 20,
+    "qwen2-unfused-tensor-core-gemv": ("qwen2", "auto", {}, False, 20, "tensor_cores",
                                        {"awq_gemv_tc_store_g32"}),
-    "random-g128-tensor-core-gemv": ("random", 4, {}, True, 70,
+    "random-g128-tensor-core-gemv": ("random", 4, {}, True, 70, "tensor_cores",
                                      {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128",
                                       "awq_gemv_tc_residual_g128", "awq_gemv_tc_logits_g32"}),
     # the same on a persistent grid (EmulatedDriver's 2 SMs: 4 blocks, each taking several tiles)
-    "llama-int4-head-tensor-core-persistent-gemv": ("llama", 4, {}, True, 20,
+    "llama-int4-head-tensor-core-persistent-gemv": ("llama", 4, {}, True, 20, "tensor_cores_persistent",
                                                     {"awq_gemv_tc_norm_act_g32", "awq_gemv_tc_logits_g32"}),
 }
 
@@ -214,7 +215,7 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     from native_helpers import read_native_engine, teacher_forced
     from test_export_helpers import tiny_checkpoint
 
-    model_type, lm_head, overrides, fused, prompt, expected = BACKEND_CASES[case]
+    model_type, lm_head, overrides, fused, prompt, gemv, expected = BACKEND_CASES[case]
     shape = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
              "head_dim": 64, "num_hidden_layers": 1, "max_position_embeddings": 512, **overrides}
     if model_type == "random":
@@ -229,12 +230,7 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     cuda.ops = decode_ops(info.spec, fused=fused)
     if model_type == "random":
         cuda.set_prefill_path(RecordingCublas(driver), 64, 2 * 256 * 96)  # from 64 rows, slabs of 96 rows
-    if case.endswith("tensor-core-gemv"):
-        cuda.set_decode_gemv("tensor_cores")
-    elif case.endswith("tensor-core-persistent-gemv"):
-        cuda.set_decode_gemv("tensor_cores_persistent")
-    elif case.endswith("cuda-cores"):
-        cuda.set_decode_gemv("cuda_cores")
+    cuda.set_decode_gemv(gemv)
     reference = ReferenceBackend(tmp_path / "engine", prompt + 48, info)
     ids = np.random.default_rng(5).integers(0, 256, prompt + 3 + 40).tolist()
     errors, disagreements = teacher_forced(cuda, reference, ids[:prompt + 3], prompt)
@@ -245,7 +241,8 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     assert max(errors) < 1e-2 and disagreements == [] and got.argmax() == want.argmax(), (errors, disagreements)
     assert cuda.sample_token(cuda.buf["logits"], SamplingSettings(0.0), ids, 0.0) == int(got.argmax())
     assert expected <= launched and "awq_sample_step" in driver.kernel_info, expected - launched
-    if "persistent" in case:  # fewer blocks than tiles somewhere
+    if gemv in ("auto", "tensor_cores_persistent") and fused and shape["hidden_size"] % 32 == 0:  # a persistent
+        # grid: fewer blocks than tiles somewhere
         assert any(grid[0] < -(-args[5].value // 16) for fn, grid, _, args in driver.launches
                    if fn.startswith("awq_gemv_tc_")), "no persistent grid"
     assert prompt < 256 or driver.captures == 2 and driver.replays == 4  # the full chunk's graph, and decode's

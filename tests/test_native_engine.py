@@ -147,15 +147,17 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     bias, K % 32 != 0: the narrow GEMV and GEMM paths), Qwen3 (q/k norms), Gemma 3 (sandwich norms;
     sm_90, whose launches may overlap)."""
     launched = check_launches_against_the_cubins(smollm2_cuda_engine)
-    assert {"awq_gemv_norm_rope_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_residual_g128_w4",  # ("auto", K 576)
+    assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128", "awq_gemv_residual_g128_w4",  # ("auto")
             "awq_residual_add", "awq_gated_act", "awq_rope_store",  # (prefill: the fusions' kernels)
             "awq_gemv_mma_g128", "awq_gemv_rows1_g128_w4"} <= launched  # (a 9-row chunk: 8 rows + 1)
     assert not {"awq_add_rms_norm", "awq_gemv_store_g128_w4", "awq_gemv_norm_store_g128_w4"} & launched
+    on_cuda_cores = check_launches_against_the_cubins(smollm2_cuda_engine, gemv="cuda_cores")
+    assert {"awq_gemv_norm_rope_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_residual_g128_w4"} <= on_cuda_cores
     on_tensor_cores = check_launches_against_the_cubins(smollm2_cuda_engine, gemv="tensor_cores")
     assert {"awq_gemv_tc_residual_g128", "awq_gemv_tc_norm_act_g128"} <= on_tensor_cores
     persistent = check_launches_against_the_cubins(smollm2_cuda_engine, gemv="tensor_cores_persistent")
     assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_residual_g128"} <= persistent
-    launched |= on_tensor_cores | persistent
+    launched |= on_cuda_cores | on_tensor_cores | persistent
     unfused = check_launches_against_the_cubins(smollm2_cuda_engine, fused=False)
     assert {"awq_gemv_store_g128_w4", "awq_add_rms_norm", "awq_gated_act"} <= unfused
     assert not {name for name in unfused if "norm_" in name or "residual" in name}
@@ -176,19 +178,27 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
 
 
 @needs_nvcc
-def test_auto_runs_the_normed_linears_of_a_wide_model_on_tensor_cores(tmp_path):
-    """decode_gemv "auto" (the default): from K = GEMV_TC_AUTO_MIN_K the linears with a norm
-    prologue (q/k/v, gate/up) run the tensor-core GEMV and o_proj and down the CUDA-core one (what
-    the H200 measured faster for each); below it all run on CUDA cores (the SmolLM2 engine above)."""
+def test_auto_runs_the_normed_linears_of_a_wide_model_on_persistent_tensor_cores(tmp_path):
+    """decode_gemv "auto" (the default): the linears with a norm prologue (q/k/v, gate/up) run the
+    tensor-core GEMV on its persistent grid (at most GEMV_TC_BLOCKS_PER_SM blocks an SM) and o_proj
+    and down the CUDA-core one (what the H200 measured faster for each)."""
     from awq_edge.devices import resolve
     from awq_edge.synthetic import SHAPES, write_random_engine
 
     shape = dict(SHAPES["llama3.2-1b"], num_hidden_layers=1, vocab_size=512)
-    assert shape["hidden_size"] >= cuda_backend.GEMV_TC_AUTO_MIN_K
     write_random_engine(tmp_path / "e", shape, resolve("h200"), max_context=64)
-    launched = check_launches_against_the_cubins(tmp_path / "e")
-    assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128", "awq_gemv_residual_g128_w4"} <= launched
-    assert not {"awq_gemv_norm_rope_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_tc_residual_g128"} & launched
+    manifest, info = read_native_engine(tmp_path / "e")
+    driver = RecordingDriver()
+    backend = CudaBackend(tmp_path / "e", manifest, info, 64, driver=driver)
+    backend.forward([1, 2, 3])
+    before = len(driver.launches)
+    backend.forward([4])
+    grids = {name: grid for name, grid, *_ in driver.launches[before:]}
+    assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128", "awq_gemv_residual_g128_w4"} <= set(grids)
+    assert not {"awq_gemv_norm_rope_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_tc_residual_g128"} & set(grids)
+    gate_up_tiles = 2 * shape["intermediate_size"] // cuda_backend.GEMV_TC_ROWS
+    assert grids["awq_gemv_tc_norm_act_g128"][0] == min(gate_up_tiles, cuda_backend.GEMV_TC_BLOCKS_PER_SM
+                                                         * backend.sm_count) < gate_up_tiles
 
 
 @needs_nvcc

@@ -20,6 +20,7 @@
 //               `partials`; the last block of the head to finish (a counter per head) merges the
 //               splits and writes out. splits = ceil(capacity / 128) is fixed when the decode
 //               graph is captured; the blocks past the position find no key and only count themselves.
+//               A block issues all its K and V loads first (SplitLoads): one DRAM latency a split.
 // Timed on the H200 (2026-12-04): benchmarks/cuda_attention.py (prefill), cuda_layer.py (decode).
 #include <math.h>
 #include <stdint.h>
@@ -555,6 +556,73 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
 constexpr int kSplitKeys = kTileKeys;  // keys per attend_split block: one tile
 constexpr int kSplitThreads = kTileThreads;
 
+// A split's K and V rows are all its block reads, so the block issues them at once, before any
+// arithmetic: each thread its key's row (the first kEarly 16-byte chunks of it) and its share of
+// the value walk (accumulate_values' order: keys group, group + kGroups, ...; zeros past n), held
+// in registers until the softmax needs them. One DRAM latency a split instead of one for q, one
+// for the K row, then four for the values (12.9 us per Llama-2-7B layer at 512 keys on the H200,
+// 2026-12-04 run 3, where the bytes take 2).
+template <int D>
+struct SplitLoads {
+    static constexpr int kChunks = D / 8, kGroups = kSplitThreads / kChunks;
+    static constexpr int kKeysPerThread = kSplitKeys / kGroups;                         // 8, 16, 32
+    static constexpr int kEarlyK = kChunks < 16 ? kChunks : 16;                         // D = 256: half the row
+    static constexpr int kEarlyV = kKeysPerThread < 16 ? kKeysPerThread : 16;           // D = 256: half the walk
+    uint4 k[kEarlyK];
+    uint4 v[kEarlyV];
+};
+
+template <int D>
+__device__ __forceinline__ void load_split(SplitLoads<D>& loads, const __half* __restrict__ k_rows,
+                                           const __half* __restrict__ v_rows, int64_t begin, int n) {
+    using L = SplitLoads<D>;
+    const bool mine = static_cast<int>(threadIdx.x) < n;
+    const uint4* k_row = reinterpret_cast<const uint4*>(k_rows + (begin + (mine ? threadIdx.x : 0)) * D);
+#pragma unroll
+    for (int c = 0; c < L::kEarlyK; ++c) loads.k[c] = mine ? k_row[c] : make_uint4(0u, 0u, 0u, 0u);
+    const int chunk = threadIdx.x % L::kChunks, group = threadIdx.x / L::kChunks;
+    const uint4* v = reinterpret_cast<const uint4*>(v_rows + begin * D) + chunk;
+#pragma unroll
+    for (int u = 0; u < L::kEarlyV; ++u) {
+        const int t = group + u * L::kGroups;
+        loads.v[u] = t < n ? v[static_cast<size_t>(t) * L::kChunks] : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// score_key's arithmetic on the loaded row (the chunks past kEarlyK loaded here).
+template <int D>
+__device__ __forceinline__ float score_loaded_key(const float* q_s, const SplitLoads<D>& loads,
+                                                  const __half* __restrict__ k_rows, int64_t j, float scale,
+                                                  float softcap) {
+    const uint4* k_row = reinterpret_cast<const uint4*>(k_rows + j * D);
+    float dot = 0.f;
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) {
+        const uint4 bits = c < SplitLoads<D>::kEarlyK ? loads.k[c] : k_row[c];
+        const __half2* k2 = reinterpret_cast<const __half2*>(&bits);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 kf = __half22float2(k2[i]);
+            dot += q_s[8 * c + 2 * i] * kf.x + q_s[8 * c + 2 * i + 1] * kf.y;
+        }
+    }
+    return awq_edge::soft_cap(dot * scale, softcap);
+}
+
+// accumulate_values on the loaded chunks (p_s is 0 past n, and so are their bits), then the rest.
+template <int D>
+__device__ __forceinline__ void accumulate_loaded_values(float (&acc)[8], const float* p_s, const SplitLoads<D>& loads,
+                                                         const __half* __restrict__ v_rows, int64_t begin, int n) {
+    using L = SplitLoads<D>;
+    const int chunk = threadIdx.x % L::kChunks, group = threadIdx.x / L::kChunks;
+#pragma unroll
+    for (int u = 0; u < L::kEarlyV; ++u) add_scaled8(acc, p_s[group + u * L::kGroups], loads.v[u]);
+    const uint4* v = reinterpret_cast<const uint4*>(v_rows + begin * D) + chunk;
+    for (int t = group + L::kEarlyV * L::kGroups; t < n; t += L::kGroups) {
+        add_scaled8(acc, p_s[t], v[static_cast<size_t>(t) * L::kChunks]);
+    }
+}
+
 // One decode query head over one split of its keys, then (in the head's last block) the merge.
 // partials: float32 [H, splits, 2 + D] (max, sum, V-weighted sum); counters: int32 [H], zero
 // between steps (the merging block resets its head's).
@@ -587,16 +655,19 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
 
     float* part = partials + (static_cast<size_t>(h) * splits + split) * (2 + D);
     if (begin < end) {  // (the same for the whole block)
+        const int n = static_cast<int>(end - begin);
+        SplitLoads<D> loads;
+        load_split<D>(loads, k_rows, v_rows, begin, n);
         for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __half2float(q_rot[static_cast<size_t>(h) * D + d]);
         __syncthreads();
-        const bool mine = begin + threadIdx.x < end;
-        const float score = mine ? score_key<D>(q_s, k_rows, begin + threadIdx.x, scale, softcap) : -INFINITY;
+        const bool mine = static_cast<int>(threadIdx.x) < n;
+        const float score = mine ? score_loaded_key<D>(q_s, loads, k_rows, begin + threadIdx.x, scale, softcap) : -INFINITY;
         const float block_max = tile_reduce<true>(score, scratch);
         const float p = mine ? __expf(score - block_max) : 0.f;
         p_s[threadIdx.x] = p;
         const float block_sum = tile_reduce<false>(p, scratch);  // (its barriers publish p_s)
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        accumulate_values<D>(acc, p_s, v_rows, begin, static_cast<int>(end - begin));
+        accumulate_loaded_values<D>(acc, p_s, loads, v_rows, begin, n);
         const float2 sum = sum_over_groups<D>(acc, acc_s);
         if (threadIdx.x < D / 2) {
             part[2 + 2 * threadIdx.x] = sum.x;
