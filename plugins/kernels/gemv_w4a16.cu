@@ -244,14 +244,20 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
     const int words_per_row = K / kValuesPerWord;
     const int groups = num_groups(K, kGroupSize);
     const int loads_per_row = words_per_row / kWordsPerLoad;
-    // The weights are no earlier kernel's output: in decode (M = 1) their first chunk starts on
-    // its way to L2 before the wait (pdl.cuh), overlapping the previous kernel's tail. (Not for
-    // M > 1: the C ABI's launches do not overlap, and at M = 4 the pointers made ptxas spill.)
+    // The weights are no earlier kernel's output: in decode (M = 1) all of a thread's chunks (each
+    // round's: K = 11008 takes 3) start on their way to L2 before the wait (pdl.cuh), overlapping
+    // the previous kernel's tail, and the rounds after the first then wait on L2, not DRAM. (Only
+    // the first chunk of a 4-byte-load row. Not for M > 1: the C ABI's launches do not overlap,
+    // and at M = 4 the pointers made ptxas spill.)
     let_next_kernel_start();
-    if (kRows == 1 && static_cast<int>(threadIdx.x) < loads_per_row) {
+    if constexpr (kRows == 1) {
+        const int prefetch_end = kWordsPerLoad == 4 ? loads_per_row : min(loads_per_row, kThreads);
+#pragma unroll 1
+        for (int chunk = threadIdx.x; chunk < prefetch_end; chunk += kThreads) {
 #pragma unroll
-        for (int r = 0; r < kRowsPerBlock; ++r) {
-            prefetch_l2(qweight + static_cast<size_t>(row(r)) * words_per_row + threadIdx.x * kWordsPerLoad);
+            for (int r = 0; r < kRowsPerBlock; ++r) {
+                prefetch_l2(qweight + static_cast<size_t>(row(r)) * words_per_row + chunk * kWordsPerLoad);
+            }
         }
     }
     wait_for_previous_kernel();
@@ -449,9 +455,10 @@ __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint3
 //
 // Work split: a block of 8 warps owns 16 output rows (one mma tile: lane (g, t) holds rows g and
 // g + 8) and splits K evenly over its warps in 128-k windows (lane t: 32 k, one 16-byte load per
-// row); at K = 11008 no warp does a third round that others skip. Each warp keeps two steps of
-// kTcWindowsPerStep windows in flight (2 x 2 x 2 x 16 bytes a lane), the first two issued before
-// the wait for the previous kernel (pdl.cuh): weights are no kernel's output. x (normed, for the
+// row); at K = 11008 no warp does a third round that others skip. Each warp's loads run two steps
+// of kTcWindowsPerStep windows ahead of its products (2 x 2 x 2 x 16 bytes a lane in flight, the
+// first two steps issued before the wait for the previous kernel, pdl.cuh: weights are no
+// kernel's output), and kTcPrefetchSteps steps further ahead it sends the same bytes toward L2. x (normed, for the
 // norm variants: once per block instead of once per value) sits in shared memory, and every lane
 // feeds it to B's column g, so all 8 columns of C hold the same dot products. Row sums are
 // reduced across the warps in shared memory, then one_row_epilogue as above. A grid of fewer
@@ -462,6 +469,7 @@ constexpr int kTcRows = kMmaRowsPerBlock;  // 16
 constexpr int kTcWarps = 8;
 constexpr int kTcThreads = kTcWarps * kWarpSize;
 constexpr int kTcWindowsPerStep = 2;
+constexpr int kTcPrefetchSteps = 4;  // how far ahead of its loads a lane sends its weights toward L2
 constexpr int kTcMaxK = 16384;             // x in static shared memory: 32 KiB (wider K: gemv_w4a16)
 
 // One warp step's loads: for each of its windows the lane's 16 bytes of rows g and g + 8, and
@@ -495,6 +503,21 @@ __device__ __forceinline__ TcStep load_tc_step(const uint32_t* __restrict__ qwei
     return step;
 }
 
+// load_tc_step's weight bytes sent toward L2 (prefetch: nothing waits for them, no registers).
+__device__ __forceinline__ void prefetch_tc_step(const uint32_t* __restrict__ qweight, int N, int K, int window,
+                                                 int end, int t, const int (&rows)[2]) {
+    const int words_per_row = K / kValuesPerWord;
+#pragma unroll
+    for (int s = 0; s < kTcWindowsPerStep; ++s) {
+        const int chunk = (window + s) * 4 + t;
+        if (window + s >= end || chunk * 32 >= K) continue;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            if (rows[h] < N) prefetch_l2(qweight + static_cast<size_t>(rows[h]) * words_per_row + chunk * 4);
+        }
+    }
+}
+
 template <int kGroupSize, bool kNorm, Epilogue kEpilogue>
 __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                                         const half* __restrict__ scales, const half* __restrict__ zeros,
@@ -509,26 +532,47 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
     const int begin = warp * windows / kTcWarps, end = (warp + 1) * windows / kTcWarps;
 
     // A block takes tiles blockIdx.x, + gridDim.x, ...: one each when the grid is a block a tile,
-    // several when it is fewer (a persistent grid). The loads run two steps ahead of the products,
-    // across tiles too: (load_tile, load_window) is the next step to load (past the last tile:
-    // nothing loaded).
+    // several when it is fewer (a persistent grid). Steps are walked in that order by two cursors
+    // (tile, window), across tiles too: the loads run two steps ahead of the products (three
+    // steps in registers), and kTcPrefetchSteps further ahead each lane sends the bytes it will load
+    // toward L2 (no registers: the loads then wait on L2, not DRAM). Past the last tile: nothing.
+    const auto advance = [&](int& tile, int& window) {
+        window += kTcWindowsPerStep;
+        if (window >= end) {
+            window = begin;
+            tile += gridDim.x;
+        }
+    };
+    const auto rows_of = [&](int tile, int (&rows)[2]) {
+        rows[0] = row_of_block<kEpilogue, kTcRows>(tile, g, fusion.rope);
+        rows[1] = row_of_block<kEpilogue, kTcRows>(tile, g + 8, fusion.rope);
+    };
     int load_tile = blockIdx.x, load_window = begin;
     const auto load_next = [&]() {
-        const int rows[2] = {row_of_block<kEpilogue, kTcRows>(load_tile, g, fusion.rope),
-                             row_of_block<kEpilogue, kTcRows>(load_tile, g + 8, fusion.rope)};
+        int rows[2];
+        rows_of(load_tile, rows);
         const TcStep loaded = load_tc_step<kGroupSize>(qweight, scales, zeros, N, K, load_window,
                                                        load_tile < tiles ? end : load_window, t, rows);
-        load_window += kTcWindowsPerStep;
-        if (load_window >= end) {
-            load_window = begin;
-            load_tile += gridDim.x;
-        }
+        advance(load_tile, load_window);
         return loaded;
+    };
+    int fetch_tile = blockIdx.x, fetch_window = begin;
+    const auto prefetch_next = [&]() {
+        if (fetch_tile < tiles) {
+            int rows[2];
+            rows_of(fetch_tile, rows);
+            prefetch_tc_step(qweight, N, K, fetch_window, end, t, rows);
+        }
+        advance(fetch_tile, fetch_window);
     };
 
     let_next_kernel_start();
     TcStep step = load_next();
     TcStep next = load_next();
+    advance(fetch_tile, fetch_window);  // (steps 0 and 1: loaded)
+    advance(fetch_tile, fetch_window);
+#pragma unroll 1
+    for (int i = 0; i < kTcPrefetchSteps; ++i) prefetch_next();
     wait_for_previous_kernel();
     float inv_rms = 0.f;
     if constexpr (kNorm) inv_rms = row_inv_rms<kTcWarps>(x, K, fusion.eps);
@@ -549,6 +593,8 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
         float sums[2] = {0.f, 0.f};  // rows g, g + 8 (kScaleAfter: scaled window by window)
         float acc[kTcWindowsPerStep][2][4] = {};
         for (int window = begin; window < end; window += kTcWindowsPerStep) {
+            const TcStep after = load_next();  // two steps ahead of the products
+            prefetch_next();                   // and kTcPrefetchSteps more toward L2
             GroupParams params[kTcWindowsPerStep][2];
 #pragma unroll
             for (int s = 0; s < kTcWindowsPerStep; ++s) {
@@ -594,7 +640,7 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
                 }
             }
             step = next;
-            next = load_next();
+            next = after;
         }
         if constexpr (!kScaleAfter) {
 #pragma unroll
@@ -860,7 +906,7 @@ AWQ_GEMV_LOGITS_ENTRY(128, 4)
 // norm_rope}_g{G} as above, and awq_gemv_tc_logits_g{G} with the logits entry's arguments. Blocks
 // of 256 threads, a grid of 1 to ceil(N / 16) blocks (each takes every gridDim-th 16-row tile).
 #define AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, G)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256)                                                               \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                             \
         awq_gemv_tc_##NAME##_g##G(AWQ_GEMV_FUSED_PARAMS) {                                                          \
         awq_edge::gemv_tc<G, NORM, awq_edge::Epilogue::EPILOGUE>(x, qweight, scales, zeros, y, N, K, AWQ_GEMV_FUSION); \
     }
