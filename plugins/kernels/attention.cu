@@ -689,25 +689,30 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
     __syncthreads();
     if (!merge_here) return;
     __threadfence();
+    // One pass over the splits, the online softmax's merge (the running max m, and the sum and each
+    // pair of dims rescaled when it moves): each split's loads are independent of the sums, so the
+    // unrolled loop issues several splits' at once (three passes waited on L2 three times).
+    // Thread q < D / 2 merges dims 2q, 2q + 1; a split with no visible key (max -inf) is skipped,
+    // its never-written values unread in the sums.
     const float* head = partials + static_cast<size_t>(h) * splits * (2 + D);
-    float m = -INFINITY;
-    for (int c = 0; c < splits; ++c) m = fmaxf(m, __ldcg(head + c * (2 + D)));
-    float total = 0.f;
+    const int q = threadIdx.x;
+    float m = -INFINITY, total = 0.f;
+    float2 merged = make_float2(0.f, 0.f);
+#pragma unroll 4
     for (int c = 0; c < splits; ++c) {
-        const float mc = __ldcg(head + c * (2 + D));
-        if (mc > -INFINITY) total += __ldcg(head + c * (2 + D) + 1) * __expf(mc - m);
-    }
-    for (int q = threadIdx.x; q < D / 2; q += blockDim.x) {
-        float2 merged = make_float2(0.f, 0.f);
-        for (int c = 0; c < splits; ++c) {
-            const float mc = __ldcg(head + c * (2 + D));
-            if (mc == -INFINITY) continue;  // a split with no visible key
-            const float w = __expf(mc - m);
-            merged.x += __ldcg(head + c * (2 + D) + 2 + 2 * q) * w;
-            merged.y += __ldcg(head + c * (2 + D) + 3 + 2 * q) * w;
+        const float* part = head + c * (2 + D);
+        const float mc = __ldcg(part), sc = __ldcg(part + 1);
+        const float2 vc = q < D / 2 ? make_float2(__ldcg(part + 2 + 2 * q), __ldcg(part + 3 + 2 * q)) : merged;
+        if (mc > -INFINITY) {
+            const float new_m = fmaxf(m, mc);
+            const float old_weight = __expf(m - new_m), weight = __expf(mc - new_m);  // (m = -inf: 0)
+            total = total * old_weight + sc * weight;
+            merged.x = merged.x * old_weight + vc.x * weight;
+            merged.y = merged.y * old_weight + vc.y * weight;
+            m = new_m;
         }
-        reinterpret_cast<__half2*>(y)[q] = __floats2half2_rn(merged.x / total, merged.y / total);
     }
+    if (q < D / 2) reinterpret_cast<__half2*>(y)[q] = __floats2half2_rn(merged.x / total, merged.y / total);
     if (threadIdx.x == 0) counters[h] = 0;  // ready for the next step
 }
 

@@ -249,6 +249,9 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
     // the previous kernel's tail, and the rounds after the first then wait on L2, not DRAM. (Only
     // the first chunk of a 4-byte-load row. Not for M > 1: the C ABI's launches do not overlap,
     // and at M = 4 the pointers made ptxas spill.)
+    int rows[kRowsPerBlock];  // row(r) once (RoPE's divides), for the loops below (constant indices: registers)
+#pragma unroll
+    for (int r = 0; r < kRowsPerBlock; ++r) rows[r] = row(r);
     let_next_kernel_start();
     if constexpr (kRows == 1) {
         const int prefetch_end = kWordsPerLoad == 4 ? loads_per_row : min(loads_per_row, kThreads);
@@ -256,7 +259,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
         for (int chunk = threadIdx.x; chunk < prefetch_end; chunk += kThreads) {
 #pragma unroll
             for (int r = 0; r < kRowsPerBlock; ++r) {
-                prefetch_l2(qweight + static_cast<size_t>(row(r)) * words_per_row + chunk * kWordsPerLoad);
+                prefetch_l2(qweight + static_cast<size_t>(rows[r]) * words_per_row + chunk * kWordsPerLoad);
             }
         }
     }
@@ -277,7 +280,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
         GroupParams params[kRowsPerBlock];
 #pragma unroll
         for (int r = 0; r < kRowsPerBlock; ++r) {
-            const size_t n = static_cast<size_t>(row(r));
+            const size_t n = static_cast<size_t>(rows[r]);
             load_weight_words<kWordsPerLoad>(qweight + n * words_per_row + chunk * kWordsPerLoad, words[r]);
             params[r] = make_group_params(scales[n * groups + g], zeros[n * groups + g]);
         }
@@ -518,6 +521,44 @@ __device__ __forceinline__ void prefetch_tc_step(const uint32_t* __restrict__ qw
     }
 }
 
+// Where a warp of gemv_tc is in its walk: a tile (16 output rows) and a window (its step's first).
+// A block takes tiles blockIdx.x, + gridDim.x, ... For RoPE the tile is also kept as (q/k/v head,
+// 16-row slice j of it), advanced without a division: row_of_block divides by the slices a head
+// has, which at a step a tile (K = 4096) cost about as much as the step's dequantization.
+template <Epilogue kEpilogue>
+struct TcCursor {
+    int tile, window, head = 0, j = 0;
+    __device__ __forceinline__ TcCursor(int first_tile, int first_window, const RopeArgs& rope)
+        : tile(first_tile), window(first_window) {
+        if constexpr (kEpilogue == Epilogue::kRope) {
+            const int slices = rope.head_dim / kTcRows;
+            head = first_tile / slices;
+            j = first_tile % slices;
+        }
+    }
+    // Output row r of the tile: row_of_block<kEpilogue, 16>(tile, r, rope).
+    __device__ __forceinline__ int row(int r, const RopeArgs& rope) const {
+        if constexpr (kEpilogue == Epilogue::kRope) {
+            const int D = rope.head_dim;
+            if (head < rope.heads + rope.kv_heads) return head * D + 8 * j + r % 8 + (r / 8) * (D / 2);
+            return head * D + kTcRows * j + r;
+        }
+        return tile * kTcRows + r;
+    }
+    // The block's next tile (gridDim.x = stride_heads heads and stride_j slices further).
+    __device__ __forceinline__ void next_tile(int stride_heads, int stride_j, const RopeArgs& rope) {
+        tile += static_cast<int>(gridDim.x);
+        if constexpr (kEpilogue == Epilogue::kRope) {
+            head += stride_heads;
+            j += stride_j;
+            if (j >= rope.head_dim / kTcRows) {
+                j -= rope.head_dim / kTcRows;
+                ++head;
+            }
+        }
+    }
+};
+
 template <int kGroupSize, bool kNorm, Epilogue kEpilogue>
 __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                                         const half* __restrict__ scales, const half* __restrict__ zeros,
@@ -532,45 +573,44 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
     const int begin = warp * windows / kTcWarps, end = (warp + 1) * windows / kTcWarps;
 
     // A block takes tiles blockIdx.x, + gridDim.x, ...: one each when the grid is a block a tile,
-    // several when it is fewer (a persistent grid). Steps are walked in that order by two cursors
-    // (tile, window), across tiles too: the loads run two steps ahead of the products (three
-    // steps in registers), and kTcPrefetchSteps further ahead each lane sends the bytes it will load
-    // toward L2 (no registers: the loads then wait on L2, not DRAM). Past the last tile: nothing.
-    const auto advance = [&](int& tile, int& window) {
-        window += kTcWindowsPerStep;
-        if (window >= end) {
-            window = begin;
-            tile += gridDim.x;
+    // several when it is fewer (a persistent grid). Three cursors walk the steps in that order,
+    // across tiles too: the products', the loads' two steps ahead (three steps in registers), and
+    // kTcPrefetchSteps further ahead the prefetches' (each lane sends the bytes it will load toward
+    // L2; no registers: the loads then wait on L2, not DRAM). Past the last tile: nothing.
+    int stride_heads = 0, stride_j = 0;
+    if constexpr (kEpilogue == Epilogue::kRope) {
+        stride_heads = static_cast<int>(gridDim.x) / (fusion.rope.head_dim / kTcRows);
+        stride_j = static_cast<int>(gridDim.x) % (fusion.rope.head_dim / kTcRows);
+    }
+    const auto advance = [&](TcCursor<kEpilogue>& at) {
+        at.window += kTcWindowsPerStep;
+        if (at.window >= end) {
+            at.window = begin;
+            at.next_tile(stride_heads, stride_j, fusion.rope);
         }
     };
-    const auto rows_of = [&](int tile, int (&rows)[2]) {
-        rows[0] = row_of_block<kEpilogue, kTcRows>(tile, g, fusion.rope);
-        rows[1] = row_of_block<kEpilogue, kTcRows>(tile, g + 8, fusion.rope);
-    };
-    int load_tile = blockIdx.x, load_window = begin;
+    TcCursor<kEpilogue> loading(blockIdx.x, begin, fusion.rope);
     const auto load_next = [&]() {
-        int rows[2];
-        rows_of(load_tile, rows);
-        const TcStep loaded = load_tc_step<kGroupSize>(qweight, scales, zeros, N, K, load_window,
-                                                       load_tile < tiles ? end : load_window, t, rows);
-        advance(load_tile, load_window);
+        const int rows[2] = {loading.row(g, fusion.rope), loading.row(g + 8, fusion.rope)};
+        const TcStep loaded = load_tc_step<kGroupSize>(qweight, scales, zeros, N, K, loading.window,
+                                                       loading.tile < tiles ? end : loading.window, t, rows);
+        advance(loading);
         return loaded;
     };
-    int fetch_tile = blockIdx.x, fetch_window = begin;
+    TcCursor<kEpilogue> fetching = loading;
     const auto prefetch_next = [&]() {
-        if (fetch_tile < tiles) {
-            int rows[2];
-            rows_of(fetch_tile, rows);
-            prefetch_tc_step(qweight, N, K, fetch_window, end, t, rows);
+        if (fetching.tile < tiles) {
+            const int rows[2] = {fetching.row(g, fusion.rope), fetching.row(g + 8, fusion.rope)};
+            prefetch_tc_step(qweight, N, K, fetching.window, end, t, rows);
         }
-        advance(fetch_tile, fetch_window);
+        advance(fetching);
     };
 
     let_next_kernel_start();
     TcStep step = load_next();
     TcStep next = load_next();
-    advance(fetch_tile, fetch_window);  // (steps 0 and 1: loaded)
-    advance(fetch_tile, fetch_window);
+    advance(fetching);  // (steps 0 and 1: loaded)
+    advance(fetching);
 #pragma unroll 1
     for (int i = 0; i < kTcPrefetchSteps; ++i) prefetch_next();
     wait_for_previous_kernel();
@@ -586,7 +626,8 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
     }
     __syncthreads();
 
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (TcCursor<kEpilogue> tile(blockIdx.x, begin, fusion.rope); tile.tile < tiles;
+         tile.next_tile(stride_heads, stride_j, fusion.rope)) {
         // Four independent accumulators (window s of the step, half h of a word's pairs): mma.sync
         // adds into its C, so one accumulator would chain every mma of a warp behind the one before;
         // with the words' loop outermost, consecutive mmas go to different accumulators.
@@ -655,7 +696,7 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
             row_sums[warp][g + 8] = sums[1];
         }
         __syncthreads();
-        const auto row = [&](int r) { return row_of_block<kEpilogue, kTcRows>(tile, r, fusion.rope); };
+        const auto row = [&](int r) { return tile.row(r, fusion.rope); };
         const auto block_sum = [&](int r) {
             float v = 0.0f;
 #pragma unroll
