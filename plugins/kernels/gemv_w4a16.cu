@@ -444,11 +444,10 @@ __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint3
 // The decode GEMV on tensor cores (M = 1, K % 32 == 0, K <= kTcMaxK): the same products and
 // fusions as gemv_w4a16<1> above in about half its instructions per weight byte (that kernel
 // spends ~23 per 4-byte word: dequantize, scale, 4 fp16 FMAs, 2 conversions, 2 fp32 adds). On the
-// H200 (2026-12-04, benchmarks/README.md) this one streamed plain GEMVs slower (36-41% of copy
-// against 52-59% at 7B shapes: instructions were not the bound, loads in flight were) but ran the
-// normed q/k/v and gate/up 1.4x faster (x normed once a block of 16 rows, not of 4), which is
-// where cuda_backend's "auto" uses it. The four independent accumulators and the persistent grid
-// below came after that run.
+// H200 (2026-12-04 run 3, benchmarks/README.md) this one, on its persistent grid, streamed plain
+// GEMVs slower (41-44% of copy against 53-60% at 7B shapes) but ran the normed q/k/v and gate/up
+// 1.7-2x faster (x normed once a block of the 264, not once per 4 rows), which is where
+// cuda_backend's "auto" uses it. The deeper load ring and the L2 prefetch came after that run.
 //
 // Here a word costs a shift, 4 lop3, 4 half2 ops and one mma: the mma multiplies the centered
 // levels q - z (exact in fp16) by x with exact products and fp32 sums, so neither the scale nor a
