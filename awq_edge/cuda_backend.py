@@ -21,7 +21,7 @@ A prefill chunk's linears (matmul below): from CUBLAS_FROM_ROWS rows, "dequantiz
 weight rows to fp16, then cuBLAS's fp16 GEMM" when the machine has cuBLAS (awq_edge/cublas.py;
 `prefill_path` says which ran and why): from an H100 run's cuBLAS and GEMM timings, an estimated
 1.5-3.6x our GEMM from M = 128 up (docs/cuda.md). Below that (or without cuBLAS): up to 32 rows
-the GEMV, 8 rows at a time (on tensor cores from 2 rows), else our tensor-core GEMM. Its
+the GEMV (on tensor cores from 2 rows, all of them in one pass), else our tensor-core GEMM. Its
 attention: blocks of 64 tokens on tensor cores (16 on CUDA cores at head size 256), or for a
 few rows a block per token.
 
@@ -63,8 +63,15 @@ GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid: ~120 registers x 256 threads, 
 # persistent grid is GEMV_TC_BLOCKS_PER_SM blocks an SM, each taking several 16-row tiles in turn
 # with its loads running on into the next, and x normed once a block.
 DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent")
-GEMV_MAX_ROWS, GEMV_CHUNKED_MAX_ROWS = 8, 32  # plugins/kernels/w4a16.h: short chunks, 8 rows a GEMV
-GEMV_MMA_ROWS_PER_BLOCK = 16                  # the tensor-core GEMV (2..8 rows): one mma tile of rows
+GEMV_MAX_ROWS, GEMV_CHUNKED_MAX_ROWS = 8, 32  # plugins/kernels/w4a16.h: short chunks' GEMVs (CUDA cores: 8 rows each)
+GEMV_MMA_ROWS_PER_BLOCK = 16                  # the tensor-core GEMV (2..32 rows): one mma tile of rows
+
+
+def mma_rows_suffix(rows: int) -> str:
+    """The tensor-core GEMV for `rows` rows of x (2..32) in one pass: awq_gemv_mma{this}_g{G}."""
+    return "" if rows <= 8 else "_x16" if rows <= 16 else "_x32"
+
+
 GEMM_TILE, GEMM_THREADS = 64, 128
 ROPE_THREADS, ATTEND_THREADS = 256, 128
 ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
@@ -457,9 +464,9 @@ class CudaBackend:
 
     def matmul(self, x: int, name: str, n: int, k: int, y: int, rows: int) -> None:
         """y[rows, n] = x[rows, k] @ W_hat^T of linear `name` for rows > 1, rounded to fp16: dequantize
-        + cuBLAS from cublas_from_rows rows (when found), else up to 32 rows the GEMV 8 rows at a
-        time (the GEMM's 64-row tiles would be mostly empty; on tensor cores from 2 rows when
-        K % 32 == 0), else the tensor-core GEMM."""
+        + cuBLAS from cublas_from_rows rows (when found), else up to 32 rows a GEMV (the GEMM's
+        64-row tiles would be mostly empty): where K % 32 == 0 the tensor-core one, all the rows in
+        one pass, else the CUDA-core one 8 rows at a time; else the tensor-core GEMM."""
         w, g = self.weights, self.spec.group_size
         weights = [w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"]]
         wide = k % 32 == 0  # rows of 16-byte aligned words: 128-bit weight loads
@@ -469,16 +476,14 @@ class CudaBackend:
                 return
             except CublasUnavailable as e:  # e.g. a shape it refuses: ours from here on, y written whole below
                 self.cublas, self.no_cublas = None, f"cuBLAS failed: {e}"
-        if rows <= GEMV_CHUNKED_MAX_ROWS:  # as awq_w4a16_matmul: 8 rows a GEMV, on tensor cores from 2
+        if 2 <= rows <= GEMV_CHUNKED_MAX_ROWS and wide:  # as awq_w4a16_matmul: on tensor cores, one pass
+            self.launch(f"awq_gemv_mma{mma_rows_suffix(rows)}_g{g}", (-(-n // GEMV_MMA_ROWS_PER_BLOCK),),
+                        (GEMV_THREADS,), [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k)])
+        elif rows <= GEMV_CHUNKED_MAX_ROWS:  # the CUDA-core GEMV, 8 rows at a time
             for m0 in range(0, rows, GEMV_MAX_ROWS):
                 m = min(GEMV_MAX_ROWS, rows - m0)
-                chunk = [x + 2 * m0 * k, *weights, y + 2 * m0 * n]
-                if m >= 2 and wide:
-                    self.launch(f"awq_gemv_mma_g{g}", (-(-n // GEMV_MMA_ROWS_PER_BLOCK),), (GEMV_THREADS,),
-                                [*chunk, ("i32", m), ("i32", n), ("i32", k)])
-                else:
-                    self.launch(f"awq_gemv_rows{m}_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,),
-                                (GEMV_THREADS,), [*chunk, ("i32", n), ("i32", k)])
+                self.launch(f"awq_gemv_rows{m}_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
+                            [x + 2 * m0 * k, *weights, y + 2 * m0 * n, ("i32", n), ("i32", k)])
         else:
             self.launch(f"awq_gemm_g{g}_v{1 if wide else 0}", (-(-n // GEMM_TILE), -(-rows // GEMM_TILE)),
                         (GEMM_THREADS,), [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k)])
@@ -595,7 +600,7 @@ GEMV_FUSIONS = ("store", "norm_store", "act", "norm_act", "residual", "rope", "n
 KERNELS_OF = {
     "gemv_w4a16": [f"awq_gemv_{fusion}_g{g}_w{w}" for fusion in GEMV_FUSIONS for g in (32, 64, 128) for w in (1, 4)] +
                   [f"awq_gemv_rows{m}_g{g}_w{w}" for m in range(1, 9) for g in (32, 64, 128) for w in (1, 4)] +
-                  [f"awq_gemv_mma_g{g}" for g in (32, 64, 128)] +
+                  [f"awq_gemv_mma{suffix}_g{g}" for suffix in ("", "_x16", "_x32") for g in (32, 64, 128)] +
                   [f"awq_gemv_logits_g{g}_w{w}" for g in (32, 64, 128) for w in (1, 4)] +
                   [f"awq_gemv_tc_{fusion}_g{g}" for fusion in (*GEMV_FUSIONS, "logits") for g in (32, 64, 128)],
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)] +

@@ -21,7 +21,7 @@ For awq-edge, decode runs on each one-row GEMV choice (cuda_backend.DECODE_GEMVS
 keys decode_gemv (the default) and decode_tok_s_{choice} for each choice.
 decode_tok_s = (new tokens - 1) / time after the first token; ttft_s = prompt in -> first token
 on the host; both the median of --runs runs after a warm-up. For awq-edge also one prefill chunk
-of 16, 64 and 256 rows both ways (our kernels: the GEMV 8 rows at a time up to 32 rows, the GEMM
+of 16, 64 and 256 rows both ways (our kernels: the GEMV up to 32 rows, the GEMM
 above; and dequantize + cuBLAS when the machine has it), in turn: prefill_{rows}_{ours|cublas}_ms
 (a 256-row chunk is a full one: a CUDA graph replay). roofline_fraction = (weight bytes
 read per token / copy bandwidth) / time per token, with the weight bytes each runtime reads: every

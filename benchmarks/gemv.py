@@ -22,7 +22,9 @@ What bounds the GEMV, per M = 1 shape: a read-only kernel of the same grid and t
 time = intercept + bytes / bandwidth is fitted over the shapes, for both: the intercept is the
 fixed cost of a launch (in a graph), the slope the bandwidth once a launch is running.
 Prefill rows also time the other way to prefill: dequantize the weights to fp16
-(awq_w4a16_dequantize), then torch's fp16 matmul (cuBLAS), captured together. At M = 8 the op
+(awq_w4a16_dequantize), then torch's fp16 matmul (cuBLAS), captured together; at M = 16 and 32,
+which the op runs on the tensor-core GEMV in one pass, also the same rows as 8-row GEMVs
+(chunks_of_8_us: the weights read 2 or 4 times, as before 2026-12-04's run 3). At M = 8 the op
 (awq_w4a16_matmul) runs the tensor-core GEMV with 16 rows a block; the CUDA-core one
 (awq_w4a16_gemv: cuda_cores_us, m8_cuda_cores_over_m1) and the tensor-core one with 32 rows a block
 (awq_w4a16_gemv_mma32: mma32_us, m8_mma32_over_m1) are timed beside it. At M = 1 the tensor-core
@@ -50,7 +52,7 @@ DECODE_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192
                  (4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]
 PREFILL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]
 DECODE_ROWS = [1, 8]  # batch-1 decode; 8 is the GEMV's largest M
-PREFILL_ROWS = [16, 32, 128, 512, 2048]  # 16 and 32: the GEMV in 8-row chunks (awq_w4a16_matmul)
+PREFILL_ROWS = [16, 32, 128, 512, 2048]  # 16 and 32: the tensor-core GEMV in one pass (awq_w4a16_matmul)
 GROUP_SIZE = 128
 REPLAYS = 5
 
@@ -240,6 +242,13 @@ def main() -> int:
                 fn = getattr(lib, name)
                 return lambda i, stream: check(lib, fn(x, *weights.sets[i % copies], y, m, n, k, GROUP_SIZE, stream))
 
+            def chunks_of_8(m):  # M rows as tensor-core GEMVs of 8 rows each (the weights read M / 8 times)
+                def launch(i, stream):
+                    for m0 in range(0, m, 8):
+                        check(lib, lib.awq_w4a16_gemv_mma(x + 2 * m0 * k, *weights.sets[i % copies], y + 2 * m0 * n,
+                                                          min(8, m - m0), n, k, GROUP_SIZE, stream))
+                return launch
+
             read_only_us[(k, n)] = graph_ms(cuda, stream, read_only, decode_iters) * 1e3
             for m in DECODE_ROWS + (PREFILL_ROWS if (k, n) in PREFILL_SHAPES else []):
                 launch = entry_point("awq_w4a16_matmul", m)
@@ -256,6 +265,8 @@ def main() -> int:
                     d_ms = dequant_torch_ms(lib, weights, k, n, m, iters)
                     row["dequant_cublas_us"] = d_ms * 1e3 if d_ms else None
                     row["ours_vs_dequant_cublas"] = d_ms / ms if d_ms else None
+                if m in PREFILL_ROWS and m <= 32 and k % 32 == 0:  # the same rows 8 at a time, as before run 3
+                    row["chunks_of_8_us"] = graph_ms(cuda, stream, chunks_of_8(m), iters) * 1e3
                 if m == max(DECODE_ROWS):  # the op runs it on tensor cores; the CUDA-core GEMV and 32-row blocks beside it
                     row["cuda_cores_us"] = graph_ms(cuda, stream, entry_point("awq_w4a16_gemv", m), iters) * 1e3
                     if k % 32 == 0:

@@ -79,12 +79,13 @@ def test_gemv(gpu, m, k, n, group_size):
     run(gpu, "awq_w4a16_gemv", m, n, k, group_size, seed=m * 7919 + k + n)
 
 
-@pytest.mark.parametrize("entry", ["awq_w4a16_gemv_mma", "awq_w4a16_gemv_mma32"])
-@pytest.mark.parametrize("m", range(2, 9))
+@pytest.mark.parametrize("entry, m", [(e, m) for e in ("awq_w4a16_gemv_mma", "awq_w4a16_gemv_mma32") for m in range(2, 9)]
+                         + [("awq_w4a16_gemv_mma", m) for m in (9, 15, 16, 17, 24, 32)])
 @pytest.mark.parametrize("k, n, group_size", [s for s in SHAPES if s[0] % 32 == 0])
 def test_gemv_on_tensor_cores(gpu, entry, m, k, n, group_size):
-    """awq_w4a16_gemv_mma (16 rows a block) and _mma32 (32): K = 576 and 96 leave windows some lanes
-    and warps have nothing of, N = 72 a block of 16 rows half outside (of 32: a tile and a half)."""
+    """awq_w4a16_gemv_mma (16 rows a block; up to 32 rows of x in one pass) and _mma32 (32 rows a
+    block, up to 8 of x): K = 576 and 96 leave windows some lanes and warps have nothing of, N = 72
+    a block of 16 rows half outside (of 32: a tile and a half)."""
     run(gpu, entry, m, n, k, group_size, seed=m * 31337 + k + n)
 
 
@@ -153,7 +154,7 @@ def test_invalid_arguments_are_refused(gpu):
         for m, n, k, g in [(0, 64, 64, 32), (1, 60, 64, 32), (1, 64, 60, 32), (1, 64, 64, 48)]:
             assert lib.awq_w4a16_matmul(buf, buf, buf, buf, buf, m, n, k, g, None) == -1
         assert lib.awq_w4a16_gemv(buf, buf, buf, buf, buf, 9, 64, 64, 32, None) == -1  # GEMV is for M <= 8
-        assert lib.awq_w4a16_gemv_mma(buf, buf, buf, buf, buf, 9, 64, 64, 32, None) == -1
+        assert lib.awq_w4a16_gemv_mma(buf, buf, buf, buf, buf, 33, 64, 64, 32, None) == -1  # up to 32 rows
         assert lib.awq_w4a16_gemv_mma(buf, buf, buf, buf, buf, 4, 64, 72, 32, None) == -1  # K % 32 != 0
         assert lib.awq_w4a16_gemv_mma32(buf, buf, buf, buf, buf, 9, 64, 64, 32, None) == -1
         assert lib.awq_w4a16_gemv_mma32(buf, buf, buf, buf, buf, 4, 64, 72, 32, None) == -1

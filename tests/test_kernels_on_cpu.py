@@ -107,11 +107,15 @@ def test_the_decode_sampler_picks_the_host_samplers_token(emulated, temperature,
     assert sample_on_cpu(emulated, close, SamplingSettings(1.0, 1, 1.0), [], 0.99)[0] == 17
 
 
-@pytest.mark.parametrize("kernel", ["awq_gemv_mma_g32", "awq_gemv_mma32_g32", "awq_gemv_mma32_g128"])
-@pytest.mark.parametrize("m, n, k", [(8, 72, 576), (3, 40, 256)])
+@pytest.mark.parametrize("kernel, m", [("awq_gemv_mma_g32", 8), ("awq_gemv_mma_g32", 3), ("awq_gemv_mma32_g32", 8),
+                                       ("awq_gemv_mma32_g128", 3), ("awq_gemv_mma_x16_g64", 9),
+                                       ("awq_gemv_mma_x16_g128", 16), ("awq_gemv_mma_x32_g32", 17),
+                                       ("awq_gemv_mma_x32_g128", 32)])
+@pytest.mark.parametrize("n, k", [(72, 576), (40, 256)])
 def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k):
-    """The tensor-core GEMV with 16 and 32 rows a block: N = 72 and 40 leave a block's second tile
-    (of 32 rows) or half a tile outside, K = 576 windows some warps have nothing of."""
+    """The tensor-core GEMV with 16 and 32 rows a block, and for up to 16 and 32 rows of x in one
+    pass (B tiles of 8 rows, the last one partly past M): N = 72 and 40 leave a block's second
+    tile (of 32 rows) or half a tile outside, K = 576 windows some warps have nothing of."""
     from awq_edge.packing import dequantize, pack_for_plugin
 
     g = int(kernel.rsplit("_g", 1)[1])
@@ -160,11 +164,11 @@ def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window,
 # "auto": the normed linears on the persistent tensor-core grid where K % 32 == 0, the rest on CUDA cores)
 BACKEND_CASES = {
     "llama-int4-head-cuda-cores": ("llama", 4, {}, True, 20, "cuda_cores",
-                        {"awq_gemv_logits_g32_w4", "awq_head_candidates", "awq_head_rescore", "awq_gemv_mma_g32",
+                        {"awq_gemv_logits_g32_w4", "awq_head_candidates", "awq_head_rescore", "awq_gemv_mma_x32_g32",
                          "awq_attend_mma_d64", "awq_gemv_norm_rope_g32_w4", "awq_gemv_norm_act_g32_w4",
                          "awq_gemv_residual_g32_w4", "awq_gemm_g32_v1"}),
     "qwen3-unfused-9-rows": ("qwen3", "auto", {}, False, 9, "auto",
-                             {"awq_attend_d64", "awq_gemv_rows1_g32_w4", "awq_head_rms_norm", "awq_add_rms_norm",
+                             {"awq_attend_d64", "awq_gemv_mma_x16_g32", "awq_head_rms_norm", "awq_add_rms_norm",
                               "awq_gemv_store_g32_w4", "awq_lm_head_q8"}),
     "gemma3-fp16-head": ("gemma3_text", None, {"query_pre_attn_scalar": 64, "num_hidden_layers": 2}, True, 20,
                          "cuda_cores",
@@ -199,8 +203,8 @@ BACKEND_CASES = {
 def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, case, tmp_path):
     """The cuda backend itself (cuda_backend.py: its launches, buffers, graphs) running every
     kernel's own source on the CPU, against the reference executor over the same engine: a
-    prompt (9 rows: the tensor-core GEMV for 8 and the plain one for 1, attention a block per
-    token; 20: prefill attention in blocks of tokens; 300: a full 256-row chunk, captured and
+    prompt (9 rows: the tensor-core GEMV for up to 16 rows, attention a block per token; 20: the
+    one for up to 32, prefill attention in blocks of tokens; 300: a full 256-row chunk, captured and
     replayed as a graph, then 44 rows), 3 decode steps (graph replays: the fused GEMVs, split
     attention, the head), then a 40-token chunk (the GEMM), each step's logits within fp16
     rounding and the same argmax; then a token sampled on the device."""

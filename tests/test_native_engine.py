@@ -75,7 +75,7 @@ def test_a_cuda_engine_builds_without_a_gpu_and_run_says_none_is_here(rtn_checkp
 
 
 def check_launches_against_the_cubins(engine: Path, fused: bool = True, gemv: str = "auto") -> set[str]:
-    """The cuda backend on a recording driver: a 9-row prefill chunk (the GEMV, 8 rows at a time),
+    """The cuda backend on a recording driver: a 9-row prefill chunk (the tensor-core GEMV, one pass),
     two decode steps (the graph's capture and a replay), a sampled token, a 40-row chunk (the
     GEMM), and a 64-row chunk (its linears through the
     dequantize kernel and cuBLAS, whose calls must cover every output column of every linear
@@ -149,7 +149,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     launched = check_launches_against_the_cubins(smollm2_cuda_engine)
     assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128", "awq_gemv_residual_g128_w4",  # ("auto")
             "awq_residual_add", "awq_gated_act", "awq_rope_store",  # (prefill: the fusions' kernels)
-            "awq_gemv_mma_g128", "awq_gemv_rows1_g128_w4"} <= launched  # (a 9-row chunk: 8 rows + 1)
+            "awq_gemv_mma_x16_g128"} <= launched  # (a 9-row chunk: one pass on tensor cores)
     assert not {"awq_add_rms_norm", "awq_gemv_store_g128_w4", "awq_gemv_norm_store_g128_w4"} & launched
     on_cuda_cores = check_launches_against_the_cubins(smollm2_cuda_engine, gemv="cuda_cores")
     assert {"awq_gemv_norm_rope_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_residual_g128_w4"} <= on_cuda_cores
@@ -274,7 +274,7 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
     test_kernels_gpu.py checks on a GPU): 64 rows as slabs of weight rows dequantized into one
     scratch buffer and each multiplied by cuBLAS into its columns (slabs small enough here that
     every linear of layer 0 takes several, the last one short); 19 rows through the tensor-core
-    GEMV 8 rows at a time (8 + 8 + 3); 40 rows through the GEMM. Each gives x @ W_hat^T from
+    GEMV in one pass; 40 rows through the GEMM. Each gives x @ W_hat^T from
     weights.bin, and every launch covers its output."""
     from awq_edge.packing import dequantize, unpack_int4
 
@@ -301,7 +301,7 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
              f"awq_gemm_g{g}_v1": lambda drv, a: product_twin(drv, *a[:5], *a[5:])}
     for m in range(1, 9):
         twins[f"awq_gemv_rows{m}_g{g}_w4"] = lambda drv, a, m=m: product_twin(drv, *a[:5], m, *a[5:])
-    twins[f"awq_gemv_mma_g{g}"] = lambda drv, a: product_twin(drv, *a)
+    twins[f"awq_gemv_mma_x32_g{g}"] = lambda drv, a: product_twin(drv, *a)
     driver = MemoryDriver(twins)
     backend = CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=driver, cublas=False)
     blas = RecordingCublas(driver)
@@ -326,7 +326,7 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
             backend.matmul(backend.buf[a["x"]], name, n, k, y, rows)
             launched = driver.launches[launches:]
             assert {fn for fn, *_ in launched} == {
-                "cublas": {f"awq_dequantize_g{g}"}, "gemv": {f"awq_gemv_mma_g{g}"},
+                "cublas": {f"awq_dequantize_g{g}"}, "gemv": {f"awq_gemv_mma_x32_g{g}"},
                 "gemm": {f"awq_gemm_g{g}_v1"}}[path]
             for fn, grid, block, args in launched:  # every weight word (dequantize) or output row has a thread
                 covered = grid[0] * block[0] >= args[4].value * k // 8 if path == "cublas" else \
@@ -628,8 +628,9 @@ def test_launch_shapes_match_the_kernel_sources():
     for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
         for name in names:
             base = re.sub(r"_(g|d)\d.*$", "", name)
-            if name.startswith("awq_gemv_mma"):
-                assert f"AWQ_GEMV_MMA_ENTRY(awq_gemv_mma, {name.rsplit('_g', 1)[1]}, 1)" in src[module], name
+            if name.startswith("awq_gemv_mma"):  # a macro per B-tile count, each for every group size
+                assert f"AWQ_GEMV_MMA_ENTRIES({base}, 1, {dict(awq_gemv_mma=1, awq_gemv_mma_x16=2, awq_gemv_mma_x32=4)[base]})" \
+                    in src[module], name
             elif name.startswith("awq_gemv_rows"):  # made by a macro per row count
                 assert f"AWQ_GEMV_ROWS_ENTRIES({base[len('awq_gemv_rows'):]})" in src[module], name
             elif name.startswith("awq_gemv_tc_logits"):  # on tensor cores: a macro per group size

@@ -336,11 +336,12 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
     }
 }
 
-// The GEMV of M = 2..8 rows on tensor cores (prefill's short chunks; K % 32 == 0). The CUDA-core
+// The GEMV of M = 2..32 rows on tensor cores (prefill's short chunks; K % 32 == 0). The CUDA-core
 // GEMV above spends ~22 instructions per weight byte at M = 8: for each row of x it repeats the
 // products of every dequantized word. Here one mma.m16n8k16 multiplies a 16-row x 16-k tile of
-// dequantized weights (A) by the same 16 k of up to 8 rows of x (B, rows past M are zeros), so a
-// word is dequantized once and its products with all 8 rows are one instruction's share.
+// dequantized weights (A) by the same 16 k of 8 rows of x (B, rows past M are zeros), so a word
+// is dequantized once and its products with 8 rows are one instruction's share; kXTiles B tiles
+// (up to 8, 16 or 32 rows of x) share each A, so the weights are read once for all the rows.
 //
 // A block of 4 warps owns kTiles x 16 output rows (tile j: n0 + 16j + g and n0 + 16j + g + 8 for
 // fragment group g = lane / 4); the warps split K into windows of 128 k, each lane t = lane % 4 of
@@ -348,10 +349,12 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
 // mma is ours to choose, as long as A and B agree: lane t's A columns (2t, 2t+1 | 2t+8, 2t+9) and
 // B rows (the same) hold the pairs of its own words, so each lane dequantizes only what it loaded
 // (dequant_word's half2 pairs are the fragment registers) and loads the matching 8 x values of its
-// row of x as 16 bytes, once for all the block's tiles. A warp loads two windows before using any;
-// the warps' partial tiles are summed in shared memory. x is read from L2 once per block: at one
-// tile (awq_gemv_mma_g*) that is twice the block's weight bytes at M = 8, at two (awq_gemv_mma32_g*,
-// half the blocks) once; benchmarks/gemv.py times both.
+// rows of x (g, g + 8, ... for each B tile) as 16 bytes, once for all the block's tiles. A warp
+// loads two windows before using any (one at 32 rows of x: registers); the warps' partial tiles
+// are summed in shared memory. x is read from L2 once per block: at one tile (awq_gemv_mma_g*)
+// that is twice the block's weight bytes at M = 8, at two (awq_gemv_mma32_g*, half the blocks)
+// once; benchmarks/gemv.py times both. Up to 32 rows in one pass (awq_gemv_mma_x16_g*, _x32_g*)
+// read as much x as 8 rows at a time did, and the weights once instead of up to 4 times.
 constexpr int kMmaRowsPerBlock = 16;
 constexpr int kMmaWindowK = 128;       // k a warp step covers: 4 lanes x 32
 constexpr int kMmaWindowsPerStep = 2;  // windows a warp loads before computing
@@ -360,11 +363,13 @@ __device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-template <int kGroupSize, int kTiles>
+template <int kGroupSize, int kTiles, int kXTiles = 1>
 __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                                          const half* __restrict__ scales, const half* __restrict__ zeros,
                                          half* __restrict__ y, int M, int N, int K) {
     constexpr int kRows = kTiles * kMmaRowsPerBlock;
+    constexpr int kXRows = 8 * kXTiles;  // rows of x a block takes (M <= kXRows)
+    constexpr int kWindows = kXTiles > 2 ? 1 : kMmaWindowsPerStep;
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int g = lane / 4, t = lane % 4;
     const int n0 = blockIdx.x * kRows;
@@ -372,12 +377,12 @@ __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint3
     const int windows = (K + kMmaWindowK - 1) / kMmaWindowK;
     begin_after_previous_kernel();
 
-    float acc[kTiles][4] = {};
-    for (int w0 = warp * kMmaWindowsPerStep; w0 < windows; w0 += kWarpsPerBlock * kMmaWindowsPerStep) {
-        uint4 weights[kMmaWindowsPerStep][2 * kTiles], xs[kMmaWindowsPerStep][4];
-        GroupParams params[kMmaWindowsPerStep][2 * kTiles];
+    float acc[kTiles][kXTiles][4] = {};
+    for (int w0 = warp * kWindows; w0 < windows; w0 += kWarpsPerBlock * kWindows) {
+        uint4 weights[kWindows][2 * kTiles], xs[kWindows][kXTiles][4];
+        GroupParams params[kWindows][2 * kTiles];
 #pragma unroll
-        for (int s = 0; s < kMmaWindowsPerStep; ++s) {
+        for (int s = 0; s < kWindows; ++s) {
             const int chunk = (w0 + s) * 4 + t;  // this lane's 32 k: chunk * 32 ..
             const bool k_ok = chunk * 32 < K;    // (K % 32 == 0: the whole chunk, or none of it)
 #pragma unroll
@@ -392,17 +397,17 @@ __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint3
                 params[s][r] = make_group_params(ok ? scales[at] : none, ok ? zeros[at] : none);
             }
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {        // x[g, 32 chunk + 8i ..]: B's column g is row g of x
-                const uint4* x_row = reinterpret_cast<const uint4*>(x + static_cast<size_t>(g) * K);
-                xs[s][i] = k_ok && g < M ? __ldg(x_row + 4 * chunk + i) : make_uint4(0u, 0u, 0u, 0u);
+            for (int xt = 0; xt < kXTiles; ++xt) {  // x[m, 32 chunk + 8i ..]: B tile xt's column g is row m of x
+                const int m = 8 * xt + g;
+                const uint4* x_row = reinterpret_cast<const uint4*>(x + static_cast<size_t>(m < M ? m : 0) * K);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) xs[s][xt][i] = k_ok && m < M ? __ldg(x_row + 4 * chunk + i) : make_uint4(0u, 0u, 0u, 0u);
             }
         }
 #pragma unroll
-        for (int s = 0; s < kMmaWindowsPerStep; ++s) {
+        for (int s = 0; s < kWindows; ++s) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {        // word i of each row: k 8i .. 8i + 7 of the chunk
-                const uint32_t x_pairs[4] = {word_at(xs[s][i], 0), word_at(xs[s][i], 1), word_at(xs[s][i], 2),
-                                             word_at(xs[s][i], 3)};
 #pragma unroll
                 for (int j = 0; j < kTiles; ++j) {
                     half2 low[4], high[4];       // rows g, g + 8 of tile j: pairs (k 8i+0,1) (2,3) (4,5) (6,7)
@@ -412,26 +417,31 @@ __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint3
                     for (int h = 0; h < 2; ++h) {  // k 8i + 4h .. + 3: A cols (2t, 2t+1) = pair 2h, (2t+8, 2t+9) = 2h + 1
                         const uint32_t a[4] = {bit_cast<uint32_t>(low[2 * h]), bit_cast<uint32_t>(high[2 * h]),
                                                bit_cast<uint32_t>(low[2 * h + 1]), bit_cast<uint32_t>(high[2 * h + 1])};
-                        const uint32_t b[2] = {x_pairs[2 * h], x_pairs[2 * h + 1]};
-                        mma_16816(acc[j], a, b);
+#pragma unroll
+                        for (int xt = 0; xt < kXTiles; ++xt) {
+                            const uint32_t b[2] = {word_at(xs[s][xt][i], 2 * h), word_at(xs[s][xt][i], 2 * h + 1)};
+                            mma_16816(acc[j][xt], a, b);
+                        }
                     }
                 }
             }
         }
     }
 
-    __shared__ float tiles[kWarpsPerBlock][kRows][8];  // each warp's C: [row][row of x]
+    __shared__ float tiles[kWarpsPerBlock][kRows][kXRows];  // each warp's C: [row][row of x]
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
-        tiles[warp][16 * j + g][2 * t] = acc[j][0];
-        tiles[warp][16 * j + g][2 * t + 1] = acc[j][1];
-        tiles[warp][16 * j + g + 8][2 * t] = acc[j][2];
-        tiles[warp][16 * j + g + 8][2 * t + 1] = acc[j][3];
+#pragma unroll
+        for (int xt = 0; xt < kXTiles; ++xt) {
+            tiles[warp][16 * j + g][8 * xt + 2 * t] = acc[j][xt][0];
+            tiles[warp][16 * j + g][8 * xt + 2 * t + 1] = acc[j][xt][1];
+            tiles[warp][16 * j + g + 8][8 * xt + 2 * t] = acc[j][xt][2];
+            tiles[warp][16 * j + g + 8][8 * xt + 2 * t + 1] = acc[j][xt][3];
+        }
     }
     __syncthreads();
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j) {
-        const int r = 16 * j + threadIdx.x / 8, m = threadIdx.x % 8;  // 128 threads: 16 rows x 8 rows of x
+    for (int e = threadIdx.x; e < kRows * kXRows; e += kThreads) {
+        const int r = e / kXRows, m = e % kXRows;
         if (m < M && n0 + r < N) {
             float sum = 0.f;
 #pragma unroll
@@ -755,7 +765,7 @@ read_only_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__ 
 
 // The plain GEMV of M = 1..8 rows, by name: awq_gemv_rows{M}_g{G}_w{W}(x, qweight, scales, zeros,
 // y, N, K), y[M, N] = x[M, K] W^T, grid N / 4 blocks of 128 threads (W as below). The C launcher
-// awq_w4a16_gemv and the cuda backend's short prefill chunks (8 rows at a time) launch these.
+// awq_w4a16_gemv and the cuda backend's short prefill chunks where K % 32 != 0 (8 rows at a time) launch these.
 #define AWQ_GEMV_ROWS_ENTRY(M, G, W)                                                                              \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
         awq_gemv_rows##M##_g##G##_w##W(const half* __restrict__ x, const uint32_t* __restrict__ qweight,          \
@@ -776,21 +786,23 @@ AWQ_GEMV_ROWS_ENTRIES(7)
 AWQ_GEMV_ROWS_ENTRIES(8)
 
 // awq_gemv_mma_g{G}(x, qweight, scales, zeros, y, M, N, K): M = 2..8 (1 works too), K % 32 == 0,
-// grid ceil(N / 16) blocks of 128 threads; the tensor-core GEMV above. awq_gemv_mma32_g{G}: the
-// same with 32 rows a block (grid ceil(N / 32)), x read half as often.
-#define AWQ_GEMV_MMA_ENTRY(NAME, G, TILES)                                                                        \
+// grid ceil(N / 16) blocks of 128 threads; the tensor-core GEMV above. awq_gemv_mma_x16_g{G} and
+// awq_gemv_mma_x32_g{G}: the same for M up to 16 and 32 in one pass. awq_gemv_mma32_g{G}: M <= 8
+// with 32 rows a block (grid ceil(N / 32)), x read half as often.
+#define AWQ_GEMV_MMA_ENTRY(NAME, G, TILES, XTILES)                                                                \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
         NAME##_g##G(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                             \
                     const half* __restrict__ scales, const half* __restrict__ zeros, half* __restrict__ y, int M, \
                     int N, int K) {                                                                               \
-        awq_edge::gemv_mma<G, TILES>(x, qweight, scales, zeros, y, M, N, K);                                      \
+        awq_edge::gemv_mma<G, TILES, XTILES>(x, qweight, scales, zeros, y, M, N, K);                              \
     }
-AWQ_GEMV_MMA_ENTRY(awq_gemv_mma, 32, 1)
-AWQ_GEMV_MMA_ENTRY(awq_gemv_mma, 64, 1)
-AWQ_GEMV_MMA_ENTRY(awq_gemv_mma, 128, 1)
-AWQ_GEMV_MMA_ENTRY(awq_gemv_mma32, 32, 2)
-AWQ_GEMV_MMA_ENTRY(awq_gemv_mma32, 64, 2)
-AWQ_GEMV_MMA_ENTRY(awq_gemv_mma32, 128, 2)
+#define AWQ_GEMV_MMA_ENTRIES(NAME, TILES, XTILES)                                                                 \
+    AWQ_GEMV_MMA_ENTRY(NAME, 32, TILES, XTILES) AWQ_GEMV_MMA_ENTRY(NAME, 64, TILES, XTILES)                       \
+    AWQ_GEMV_MMA_ENTRY(NAME, 128, TILES, XTILES)
+AWQ_GEMV_MMA_ENTRIES(awq_gemv_mma, 1, 1)
+AWQ_GEMV_MMA_ENTRIES(awq_gemv_mma_x16, 1, 2)
+AWQ_GEMV_MMA_ENTRIES(awq_gemv_mma_x32, 1, 4)
+AWQ_GEMV_MMA_ENTRIES(awq_gemv_mma32, 2, 1)
 
 #if defined(__CUDACC__)  // the C launchers (tests/cuda_on_cpu compiles the kernels alone with g++)
 namespace awq_edge {
@@ -826,13 +838,18 @@ namespace {
 int launch_gemv_mma(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros, __half* y,
                     int M, int N, int K, int group_size, int tiles, cudaStream_t stream) {
     using namespace awq_edge;
-    if (!valid_matmul_args(x, qweight, scales, zeros, y, M, N, K, group_size) || M > AWQ_W4A16_GEMV_MAX_ROWS ||
+    const int max_rows = tiles == 1 ? AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS : AWQ_W4A16_GEMV_MAX_ROWS;
+    if (!valid_matmul_args(x, qweight, scales, zeros, y, M, N, K, group_size) || M > max_rows ||
         !rows_allow_128bit_loads(K)) {
         return AWQ_W4A16_INVALID_ARGUMENT;
     }
     const int g = group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
-    const auto kernel = tiles == 1 ? (g == 0 ? awq_gemv_mma_g32 : g == 1 ? awq_gemv_mma_g64 : awq_gemv_mma_g128)
-                                   : (g == 0 ? awq_gemv_mma32_g32 : g == 1 ? awq_gemv_mma32_g64 : awq_gemv_mma32_g128);
+    using MmaKernel = void (*)(const half*, const uint32_t*, const half*, const half*, half*, int, int, int);
+    constexpr MmaKernel kByRows[3][3] = {{awq_gemv_mma_g32, awq_gemv_mma_g64, awq_gemv_mma_g128},
+                                         {awq_gemv_mma_x16_g32, awq_gemv_mma_x16_g64, awq_gemv_mma_x16_g128},
+                                         {awq_gemv_mma_x32_g32, awq_gemv_mma_x32_g64, awq_gemv_mma_x32_g128}};
+    const MmaKernel kernel = tiles == 2 ? (g == 0 ? awq_gemv_mma32_g32 : g == 1 ? awq_gemv_mma32_g64 : awq_gemv_mma32_g128)
+                                        : kByRows[M <= 8 ? 0 : M <= 16 ? 1 : 2][g];
     const int rows = tiles * kMmaRowsPerBlock;
     kernel<<<(N + rows - 1) / rows, kThreads, 0, stream>>>(x, reinterpret_cast<const uint32_t*>(qweight), scales,
                                                            zeros, y, M, N, K);

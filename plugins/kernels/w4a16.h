@@ -32,8 +32,9 @@ enum {
 int awq_w4a16_gemv(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                    __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
 
-/* The GEMV of M = 2..8 rows on tensor cores (mma.sync, fp32 accumulation); K % 32 == 0. 16 output
- * rows a block; _mma32: 32 (x read from L2 half as often, half the blocks). */
+/* The GEMV of M = 2..32 rows on tensor cores in one pass (mma.sync, fp32 accumulation); K % 32 == 0.
+ * 16 output rows a block; _mma32: M <= 8 and 32 rows a block (x read from L2 half as often, half
+ * the blocks). */
 int awq_w4a16_gemv_mma(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                        __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
 int awq_w4a16_gemv_mma32(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
@@ -51,9 +52,9 @@ int awq_w4a16_gemv_tc_persistent(const __half* x, const int32_t* qweight, const 
 int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                    __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
 
-/* The op: GEMV for M <= AWQ_W4A16_GEMV_MAX_ROWS, the GEMV in chunks of that many rows up to
- * AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS, GEMM above; chunks of 2 rows or more on tensor cores
- * (awq_w4a16_gemv_mma) when K % 32 == 0. */
+/* The op: up to AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS rows a GEMV (from 2 rows, when K % 32 == 0, the
+ * tensor-core one in one pass, awq_w4a16_gemv_mma; else the CUDA-core one AWQ_W4A16_GEMV_MAX_ROWS
+ * rows at a time), the GEMM above. */
 #define AWQ_W4A16_GEMV_MAX_ROWS 8
 #define AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS 32
 int awq_w4a16_matmul(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
