@@ -75,8 +75,8 @@ def mma_rows_suffix(rows: int) -> str:
 GEMM_TILE, GEMM_THREADS = 64, 128
 ROPE_THREADS, ATTEND_THREADS = 256, 128
 ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
-ATTEND_BLOCK_QUERIES = 16        # prefill attention: tokens per block (awq_attend_block, CUDA cores: D = 256)
-ATTEND_MMA_QUERIES = 64          # and per block on tensor cores (awq_attend_mma, D = 64 and 128)
+ATTEND_BLOCK_QUERIES = 16        # prefill attention from this many rows a chunk: blocks of tokens
+ATTEND_MMA_QUERIES = 64          # on tensor cores (awq_attend_mma), this many a block
 GRAPH_ROWS = (1, PREFILL_CHUNK)   # steps replayed as CUDA graphs: decode, and full prefill chunks
 LM_HEAD_ROWS_PER_BLOCK = 32      # the heads: 4 rows a warp (plugins/kernels/decoder_ops.cu)
 HEAD_SELECT_THREADS, HEAD_RESCORE_ROWS = 1024, 8  # an int4 head's re-scoring (plugins/kernels/head_top_k.cu)
@@ -533,11 +533,9 @@ class CudaBackend:
             self.launch(f"awq_attend_split_d{D}", (H, self.attn_splits), (ATTEND_SPLIT_KEYS,),
                         [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, self.attn_partials,
                          self.attn_counters, ("i32", H), ("i32", Hkv), *limits])
-        else:  # 16 rows or more: blocks of tokens share each K/V tile (on tensor cores up to D = 128)
-            if rows >= ATTEND_BLOCK_QUERIES and D <= 128:
+        else:  # 16 rows or more: blocks of 64 tokens share each K/V tile, on tensor cores
+            if rows >= ATTEND_BLOCK_QUERIES:
                 name, grid = f"awq_attend_mma_d{D}", (H, -(-rows // ATTEND_MMA_QUERIES))
-            elif rows >= ATTEND_BLOCK_QUERIES:
-                name, grid = f"awq_attend_block_d{D}", (H, -(-rows // ATTEND_BLOCK_QUERIES))
             else:  # a few rows: a block per (head, token), more blocks to spread
                 name, grid = f"awq_attend_d{D}", (H, rows)
             self.launch(name, grid, (ATTEND_THREADS,),
@@ -606,7 +604,7 @@ KERNELS_OF = {
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)] +
                   [f"awq_dequantize_g{g}" for g in (32, 64, 128)],
     "attention": ["awq_rope_store"] + [f"awq_attend{kind}_d{d}" for kind in ("", "_block", "_split")
-                                       for d in (64, 128, 256)] + ["awq_attend_mma_d64", "awq_attend_mma_d128"],
+                                       for d in (64, 128, 256)] + [f"awq_attend_mma_d{d}" for d in (64, 128, 256)],
     "sample": ["awq_sample_step"],
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decoder_ops": ["awq_embed", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",

@@ -6,9 +6,9 @@
 One 256-row prefill chunk after 0, 1024 and 3840 cached rows, for three head layouts (SmolLM2's
 9/3 x 64, Llama-3-8B's 32/8 x 128, Gemma's 8/4 x 256), each kernel on the same random q and
 cache: awq_attend_d{D} (the block per token: every token reads every visible K/V row),
-awq_attend_block_d{D} (16 tokens share each K/V tile, CUDA cores: what the cuda backend runs for
-chunks of 16 rows or more at D = 256) and awq_attend_mma_d{D} (64 tokens a block on tensor
-cores, D = 64 and 128: the backend's choice there), alternating; host-timed over 20 launches
+awq_attend_block_d{D} (16 tokens share each K/V tile, CUDA cores: the backend's kernel at D = 256
+until 2026-12-04's run 3) and awq_attend_mma_d{D} (64 tokens a block on tensor cores, 32-key
+tiles at D = 256: the backend's choice for chunks of 16 rows or more), alternating; host-timed over 20 launches
 after a synchronize, median of 5. The outputs are compared too (they must agree to fp16
 rounding). JSON rows: heads, kv_heads, head_dim, past, rows, per_token_us, block_us, mma_us,
 speedup (per token / block), mma_speedup. Needs an NVIDIA GPU and nvcc
@@ -48,7 +48,7 @@ def main() -> int:
     rng, rows_out = np.random.default_rng(0), []
     for H, Hkv, D in LAYOUTS:
         per_token, block = drv.function(module, f"awq_attend_d{D}"), drv.function(module, f"awq_attend_block_d{D}")
-        mma = drv.function(module, f"awq_attend_mma_d{D}") if D <= 128 else None
+        mma = drv.function(module, f"awq_attend_mma_d{D}")
         for past in DEPTHS:
             capacity = past + ROWS
             host = {"q": rng.standard_normal((ROWS, H, D)), "k": rng.standard_normal((Hkv, capacity, D)),
@@ -66,10 +66,9 @@ def main() -> int:
                         i32(Hkv), i32(capacity), i32(capacity), i32(0), f32(D ** -0.5), f32(0.0)]
             runs = {"per_token": lambda: drv.launch(per_token, (H, ROWS), (ATTEND_THREADS,), arguments("out_a")),
                     "block": lambda: drv.launch(block, (H, -(-ROWS // ATTEND_BLOCK_QUERIES)), (ATTEND_THREADS,),
-                                                arguments("out_b"))}
-            if mma is not None:
-                runs["mma"] = lambda: drv.launch(mma, (H, -(-ROWS // ATTEND_MMA_QUERIES)), (ATTEND_THREADS,),
-                                                 arguments("out_c"))
+                                                arguments("out_b")),
+                    "mma": lambda: drv.launch(mma, (H, -(-ROWS // ATTEND_MMA_QUERIES)), (ATTEND_THREADS,),
+                                              arguments("out_c"))}
             outputs = {}
             for (name, run), out in zip(runs.items(), ("out_a", "out_b", "out_c")):
                 run()
@@ -86,10 +85,9 @@ def main() -> int:
             row = {"heads": H, "kv_heads": Hkv, "head_dim": D, "past": past, "rows": ROWS, "max_abs_diff": diff,
                    **{f"{name}_us": min(t) * 1e6 for name, t in timed.items()}}
             row["speedup"] = row["per_token_us"] / row["block_us"]
-            if "mma_us" in row:
-                row["mma_speedup"] = row["per_token_us"] / row["mma_us"]
+            row["mma_speedup"] = row["per_token_us"] / row["mma_us"]
             rows_out.append(row)
-            mma_col = f", tensor cores {row['mma_us']:.0f} us ({row['mma_speedup']:.2f}x)" if "mma_us" in row else ""
+            mma_col = f", tensor cores {row['mma_us']:.0f} us ({row['mma_speedup']:.2f}x)"
             print(f"H {H}/{Hkv} D {D}, {ROWS} rows after {past}: per token {row['per_token_us']:.0f} us, "
                   f"16-token blocks {row['block_us']:.0f} us ({row['speedup']:.2f}x){mma_col}, outputs differ by "
                   f"{diff:.1e}", flush=True)

@@ -338,6 +338,41 @@ def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tens
     return float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64)))
 
 
+def prefill_attention_error(drv, fn, kernel: str, d: int, heads: tuple, past: int, rows: int, window: int,
+                            softcap: float) -> float:
+    """awq_attend_{kernel}_d{d} ("block" or "mma"; drv.function's handle `fn`) over a chunk of `rows`
+    random query rows after `past` random cached rows, outputs poisoned with NaN: its worst element
+    error against twin_attend_block relative to the largest output."""
+    from awq_edge.cuda_backend import ATTEND_BLOCK_QUERIES, ATTEND_MMA_QUERIES, ATTEND_THREADS
+    from awq_edge.cuda_driver import f32, i32, ptr
+    from awq_edge.reference_backend import twin_attend_block
+
+    (H, Hkv), capacity = heads, past + rows + 5
+    rng = np.random.default_rng(d + past)
+    q = rng.standard_normal((rows, H, d)).astype(np.float16)
+    k_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
+    v_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
+    per_block = ATTEND_MMA_QUERIES if kernel == "mma" else ATTEND_BLOCK_QUERIES
+    arrays = {"q": q, "k": k_cache, "v": v_cache, "past": np.array([past], np.int64),
+              "out": np.full(rows * H * d, np.nan, np.float16)}
+    dev = {}
+    try:
+        for name, a in arrays.items():
+            dev[name] = drv.alloc(a.nbytes)
+            drv.upload(dev[name], np.ascontiguousarray(a))
+        drv.launch(fn, (H, -(-rows // per_block)), (ATTEND_THREADS,),
+                   [*[ptr(dev[name]) for name in ("q", "k", "v", "past", "out")], i32(rows), i32(H), i32(Hkv),
+                    i32(capacity), i32(capacity), i32(window), f32(d ** -0.5), f32(softcap)])
+        got = np.empty(rows * H * d, np.float16)
+        drv.download(got, dev["out"])
+    finally:
+        for pointer in dev.values():
+            drv.free(pointer)
+    want = twin_attend_block(q, k_cache, v_cache, past, window, d ** -0.5, softcap).reshape(-1)
+    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
+    return float(np.abs(got.astype(np.float32) - want.astype(np.float32)).max() / np.abs(want.astype(np.float32)).max())
+
+
 def split_attention_errors(drv, fn, d: int, heads: tuple, window: int, softcap: float, capacity: int,
                            positions) -> list[tuple[int, float]]:
     """awq_attend_split_d{d} (drv.function's handle `fn`) over a random cache of `capacity` rows at each

@@ -39,7 +39,7 @@ from awq_edge.reference_backend import ReferenceBackend  # noqa: E402
 from awq_edge.sampling import Sampler, SamplingSettings, candidates, choose_token  # noqa: E402
 from awq_edge.synthetic import SHAPES, byte_tokenizer, write_random_checkpoint, write_random_engine  # noqa: E402
 from conftest import TINY_FAMILIES  # noqa: E402
-from native_helpers import (fused_gemv_error, near_tie, read_native_engine, split_attention_errors,  # noqa: E402
+from native_helpers import (fused_gemv_error, near_tie, read_native_engine, prefill_attention_error, split_attention_errors,  # noqa: E402
                             teacher_forced, tie_heavy_logits)
 from test_export_helpers import tiny_checkpoint  # noqa: E402
 
@@ -344,39 +344,20 @@ def test_split_decode_attention_matches_its_twin(d, heads, window, softcap):
                                                                  (128, (8, 2), 700, 256, 300, 0.0),
                                                                  (128, (4, 1), 40, 20, 6, 0.0),
                                                                  (64, (2, 2), 5, 70, 0, 30.0),
-                                                                 (256, (4, 4), 0, 33, 0, 50.0)])
+                                                                 (256, (4, 4), 0, 33, 0, 50.0),
+                                                                 (256, (8, 4), 600, 100, 0, 0.0)])
 def test_prefill_attention_over_blocks_of_tokens_matches_its_twin(kernel, d, heads, past, rows, window, softcap):
-    """awq_attend_block (16 tokens a block, CUDA cores) and awq_attend_mma (64, tensor cores; head
-    sizes 64 and 128) on their own (cubin, driver API): chunks of 37, 256, 20, 70 and 33 rows (last
-    blocks of fewer tokens), after 0 to 1000 cached rows, windows shorter than a block (tiles some
-    tokens see nothing of), GQA, the soft-cap; outputs poisoned with NaN beforehand. The twin is
-    twin_attend_block; the tensor-core kernel multiplies V by fp16 probabilities (its fragment plan
-    is checked on the CPU, test_native_engine.py)."""
-    from awq_edge.cuda_backend import ATTEND_BLOCK_QUERIES, ATTEND_MMA_QUERIES, ATTEND_THREADS
-    from awq_edge.cuda_driver import Driver, f32, i32, ptr
-    from awq_edge.reference_backend import twin_attend_block
+    """awq_attend_block (16 tokens a block, CUDA cores) and awq_attend_mma (64, tensor cores; 32-key
+    tiles at head size 256) on their own (cubin, driver API): chunks of 37, 256, 20, 70, 33 and 100
+    rows (last blocks of fewer tokens), after 0 to 1000 cached rows, windows shorter than a block
+    (tiles some tokens see nothing of), GQA, the soft-cap; outputs poisoned with NaN beforehand.
+    The twin is twin_attend_block; the tensor-core kernel multiplies V by fp16 probabilities (its
+    fragment plan is checked on the CPU, test_native_engine.py)."""
+    from awq_edge.cuda_driver import Driver
 
-    if kernel == "mma" and d > 128:
-        pytest.skip("awq_attend_mma is for head sizes 64 and 128")
-    (H, Hkv), capacity = heads, past + rows + 5
-    rng = np.random.default_rng(d + past)
-    q = rng.standard_normal((rows, H, d)).astype(np.float16)
-    k_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
-    v_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
     drv = Driver(GPUS[0].index)
-    fn = cubin_kernel(drv, "attention", f"awq_attend_{kernel}_d{d}")
-    per_block = ATTEND_MMA_QUERIES if kernel == "mma" else ATTEND_BLOCK_QUERIES
-    arrays = {"q": q, "k": k_cache, "v": v_cache, "past": np.array([past], np.int64),
-              "out": np.full(rows * H * d, np.nan, np.float16)}
-    with on_device(drv, arrays) as dev:
-        drv.launch(fn, (H, -(-rows // per_block)), (ATTEND_THREADS,),
-                   [*[ptr(dev[name]) for name in ("q", "k", "v", "past", "out")], i32(rows), i32(H), i32(Hkv),
-                    i32(capacity), i32(capacity), i32(window), f32(d ** -0.5), f32(softcap)])
-        got = np.empty(rows * H * d, np.float16)
-        drv.download(got, dev["out"])
-    want = twin_attend_block(q, k_cache, v_cache, past, window, d ** -0.5, softcap).reshape(-1)
-    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
-    err = np.abs(got.astype(np.float32) - want.astype(np.float32)).max() / np.abs(want.astype(np.float32)).max()
+    err = prefill_attention_error(drv, cubin_kernel(drv, "attention", f"awq_attend_{kernel}_d{d}"), kernel, d, heads,
+                                  past, rows, window, softcap)
     print(f"{kernel} attention D={d} past={past} rows={rows} window={window} softcap={softcap}: worst element {err:.1e}")
     assert err < 5e-3, err
 

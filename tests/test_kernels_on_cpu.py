@@ -16,7 +16,7 @@ from awq_edge.decoder import HEAD_TOP_K, head_slices
 from awq_edge.reference_backend import twin_head_top_k, twin_lm_head
 from awq_edge.sampling import SamplingSettings, candidates, choose_token
 from native_helpers import (EmulatedDriver, build_emulated_kernels, fused_gemv_error, head_candidates_twin,
-                            split_attention_errors, tie_heavy_logits)
+                            prefill_attention_error, split_attention_errors, tie_heavy_logits)
 
 THREADS = 1024  # the selection kernels' block (cuda_backend.HEAD_SELECT_THREADS, SAMPLE_THREADS)
 
@@ -147,6 +147,17 @@ def test_the_tensor_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, 
     assert err < 5e-3, err
 
 
+@pytest.mark.parametrize("d, heads, past, rows, window, softcap", [(256, (2, 1), 40, 37, 9, 0.0),
+                                                                 (256, (2, 2), 0, 70, 0, 30.0),
+                                                                 (128, (4, 2), 100, 20, 0, 0.0)])
+def test_the_tensor_core_prefill_attention_matches_its_twin(emulated, d, heads, past, rows, window, softcap):
+    """awq_attend_mma (32-key tiles at head size 256): a window shorter than a warp's tokens, GQA, a
+    last block of 6 tokens, the soft-cap; outputs poisoned with NaN."""
+    driver = EmulatedDriver(emulated)
+    err = prefill_attention_error(driver, f"awq_attend_mma_d{d}", "mma", d, heads, past, rows, window, softcap)
+    assert err < 5e-3, err
+
+
 @pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (4, 2), 200, 0.0),
                                                        (256, (2, 2), 0, 50.0)])
 def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window, softcap):
@@ -178,7 +189,7 @@ BACKEND_CASES = {
     "mistral-d128-window": ("mistral", 4, {"head_dim": 128, "sliding_window": 5}, True, 20, "auto",
                             {"awq_attend_mma_d128", "awq_attend_split_d128"}),
     "llama-d256-full-chunk": ("llama", "auto", {"head_dim": 256}, True, 300, "auto",
-                              {"awq_attend_block_d256", "awq_attend_split_d256"}),
+                              {"awq_attend_mma_d256", "awq_attend_split_d256"}),
     # a random engine at group 128 (synthetic.write_random_engine), prefill's long chunks through
     # the dequantize kernel and a stand-in cuBLAS computing on the host (RecordingCublas)
     "random-g128-cublas-path": ("random", 4, {}, True, 70, "cuda_cores",

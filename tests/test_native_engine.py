@@ -703,7 +703,7 @@ def test_attention_tile_and_split_twins_equal_one_softmax(pos, window, softcap, 
 
 def attend_mma_lanes(q_rot, k_cache, v_cache, past: int, window: int, scale: float, softcap: float) -> np.ndarray:
     """awq_attend_mma (plugins/kernels/attention.cu) lane by lane: per (head, 64 tokens) 4 warps of
-    16 tokens; per tile of 64 keys a warp's scores as 8 x (D / 16) mma (A: its q rows, B: K rows
+    16 tokens; per tile of 64 keys (32 at D = 256) a warp's scores as keys / 8 x (D / 16) mma (A: its q rows, B: K rows
     2t.. of key g), masked and soft-capped, an online softmax per fragment row (max over the row's
     4 lanes; each lane sums its own columns), P rounded to fp16 as the A fragments of P V (two
     score fragments each), V's B fragments (keys 2t, 2t + 1 | + 8 of dim g); float64 otherwise."""
@@ -711,6 +711,7 @@ def attend_mma_lanes(q_rot, k_cache, v_cache, past: int, window: int, scale: flo
 
     S, H, D = q_rot.shape
     Hkv, g, t = k_cache.shape[0], LANE_G, LANE_T
+    keys = 32 if D == 256 else 64  # a tile
     out = np.full((S, H, D), np.nan)
     for h in range(H):
         kv = h // (H // Hkv)
@@ -727,17 +728,17 @@ def attend_mma_lanes(q_rot, k_cache, v_cache, past: int, window: int, scale: flo
                                          ((0, 0), (1, 0), (0, 1), (1, 1)) for e in (0, 1)], axis=1).reshape(32, 4, 2)
                                for ks in range(D // 16)], axis=1)  # [lane, k step, reg, half]
                 o, rmax, rsum = np.zeros((32, D // 8, 4)), np.full((32, 2), -np.inf), np.zeros((32, 2))
-                for begin in range(block_first, block_last + 1, 64):
-                    n = min(64, block_last + 1 - begin)
-                    ks_, vs_ = np.zeros((64, D)), np.zeros((64, D))
+                for begin in range(block_first, block_last + 1, keys):
+                    n = min(keys, block_last + 1 - begin)
+                    ks_, vs_ = np.zeros((keys, D)), np.zeros((keys, D))
                     ks_[:n], vs_[:n] = k_cache[kv, begin:begin + n], v_cache[kv, begin:begin + n]
-                    sc = np.zeros((32, 8, 4))
-                    for nt in range(8):
+                    sc = np.zeros((32, keys // 8, 4))
+                    for nt in range(keys // 8):
                         for ks in range(D // 16):
                             b = np.stack([ks_[8 * nt + g, 16 * ks + c + 2 * t + e] for c in (0, 8) for e in (0, 1)],
                                          axis=1).reshape(32, 2, 2)
                             emulate_mma_16816(sc[:, nt], qa[:, ks], b)
-                    key = begin + 8 * np.arange(8)[None, :, None] + 2 * t[:, None, None] + np.array([0, 1, 0, 1])
+                    key = begin + 8 * np.arange(keys // 8)[None, :, None] + 2 * t[:, None, None] + np.array([0, 1, 0, 1])
                     row = np.array([0, 0, 1, 1])
                     tok, p_, f_ = token[:, row][:, None, :], pos[:, row][:, None, :], first[:, row][:, None, :]
                     scaled = sc * scale
@@ -753,7 +754,7 @@ def attend_mma_lanes(q_rot, k_cache, v_cache, past: int, window: int, scale: flo
                     rsum = rsum * rescale + np.stack([pr[:, :, :2].sum(axis=(1, 2)), pr[:, :, 2:].sum(axis=(1, 2))], 1)
                     o *= rescale[:, row][:, None, :]
                     ph = pr.astype(np.float16).astype(np.float64)  # the A fragments of P V are fp16
-                    for kk in range(4):
+                    for kk in range(keys // 16):
                         a = np.stack([ph[:, 2 * kk, :2], ph[:, 2 * kk, 2:],
                                       ph[:, 2 * kk + 1, :2], ph[:, 2 * kk + 1, 2:]], axis=1)
                         for dn in range(D // 8):
@@ -772,11 +773,13 @@ def attend_mma_lanes(q_rot, k_cache, v_cache, past: int, window: int, scale: flo
 
 @pytest.mark.parametrize("D, past, S, window, softcap, heads", [(64, 0, 70, 0, 0.0, (2, 1)),
                                                                 (128, 90, 37, 20, 0.0, (2, 2)),
-                                                                (64, 10, 65, 0, 30.0, (3, 3))])
+                                                                (64, 10, 65, 0, 30.0, (3, 3)),
+                                                                (256, 40, 20, 9, 0.0, (2, 1))])
 def test_the_tensor_core_prefill_attentions_fragment_plan_equals_one_softmax(D, past, S, window, softcap, heads):
     """awq_attend_mma's plan run lane by lane with the PTX ISA's fragment layouts against a float64
     softmax per token: a last block of fewer tokens (70 = 64 + 6), warps with no token, a window
-    shorter than a warp's tokens (tiles some rows see nothing of), the soft-cap, both head sizes.
+    shorter than a warp's tokens (tiles some rows see nothing of), the soft-cap, every head size
+    (32-key tiles at 256).
     Within P's fp16 rounding (the kernel multiplies V by fp16 probabilities)."""
     H, Hkv = heads
     rng = np.random.default_rng(D + past + S)

@@ -1,7 +1,7 @@
 // Attention over a KV cache written in place (the contract is in attention.h).
 //
-// Two launches per call of awq_attention (awq_rope_store, then attend, attend_mma or attend_block
-// by S and D, as the cuda backend chooses; the names it launches):
+// Two launches per call of awq_attention (awq_rope_store, then attend or attend_mma by S, as the
+// cuda backend chooses; the names it launches):
 //   rope_store  one block per new token: rotates q (into q_rot) and k (HF rotate_half, fp32
 //               math), writes k and v into their cache rows.
 //   attend      one block of 128 threads per (query head, new token), walking the visible keys
@@ -9,11 +9,13 @@
 //               the others'), the block keeps an online softmax (running max and sum, fp32), and
 //               each thread accumulates the V-weighted sum of one pair of dims over a share of
 //               the tile's keys, rescaled when the max moves.
-//   attend_mma    (prefill chunks of 16 rows or more, D = 64 and 128) one block of 4 warps per
-//               (query head, 64 new tokens): each K/V tile read into shared memory once for the
-//               64 tokens, scores and P V on tensor cores (flash-attention 2's loop).
-//   attend_block  (the same at D = 256, on CUDA cores) one block per (query head, 16 tokens):
-//               each K/V tile read once for the 16, each token's 8 lanes score and sum it.
+//   attend_mma    (prefill chunks of 16 rows or more) one block of 4 warps per (query head, 64
+//               new tokens): each K/V tile read into shared memory once for the 64 tokens,
+//               scores and P V on tensor cores (flash-attention 2's loop).
+//   attend_block  (benchmarks/cuda_attention.py's comparison; the backend's D = 256 kernel until
+//               attend_mma took that size, not yet timed on a GPU) one block per (query head, 16
+//               tokens) on CUDA cores: each K/V tile read once for the 16, each token's 8 lanes
+//               score and sum it.
 // Decode uses attend_split (flash-decoding) instead, the same tile work spread over blocks:
 //   attend_split  grid (H, splits), 128 threads: block (h, c) takes keys c*128 .. c*128+127 of
 //               head h (those visible), keeps its softmax state (max, sum, V-weighted sum) in
@@ -393,8 +395,9 @@ __device__ __forceinline__ void attend_block(const __half* __restrict__ q_rot, c
     }
 }
 
-// Prefill attention on tensor cores (flash-attention 2's loop, head_dim 64 and 128): a block of
-// 4 warps per (query head, 64 tokens), a warp per 16 tokens. Per tile of 64 keys (K and V in
+// Prefill attention on tensor cores (flash-attention 2's loop, head_dim 64, 128 and 256): a block
+// of 4 warps per (query head, 64 tokens), a warp per 16 tokens. Per tile of 64 keys (32 at D =
+// 256, where a thread's q and output fragments take 192 registers; 254 in all, no spills) (K and V in
 // shared memory, rows padded by 16 bytes so the fragment loads hit distinct banks) a warp
 // computes its 16 x 64 scores as mma.m16n8k16 (A = its q rows, kept in registers; B = K rows),
 // keeps an online softmax per token on the score fragments (a row's values live in the 4 lanes
@@ -403,7 +406,9 @@ __device__ __forceinline__ void attend_block(const __half* __restrict__ q_rot, c
 // the fragment layouts. Each thread's running sum covers its own columns; the 4 lanes add theirs
 // at the end.
 constexpr int kMmaQueries = 64;  // tokens per block: 16 per warp
-constexpr int kMmaKeys = 64;     // keys per tile
+// keys per tile: 64, or 32 at D = 256 (registers: a thread's output fragments are D / 2 floats)
+template <int D>
+constexpr int kMmaKeys = D == 256 ? 32 : 64;
 
 __device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);
@@ -419,10 +424,10 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
                                            const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
                                            __half* __restrict__ out, int S, int H, int Hkv, int capacity,
                                            int max_positions, int window, float scale, float softcap) {
-    static_assert(D == 64 || D == 128, "registers: q and the output fragments of a 16-token row tile");
+    static_assert(D == 64 || D == 128 || D == 256, "the head sizes the kernels take");
     constexpr int kRow = D + 8;  // padded shared rows (halves)
-    __shared__ __align__(16) __half k_s[kMmaKeys][kRow];
-    __shared__ __align__(16) __half v_s[kMmaKeys][kRow];
+    __shared__ __align__(16) __half k_s[kMmaKeys<D>][kRow];
+    __shared__ __align__(16) __half v_s[kMmaKeys<D>][kRow];
 
     const int h = blockIdx.x, t0 = blockIdx.y * kMmaQueries;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -463,16 +468,16 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float running_max[2] = {-INFINITY, -INFINITY}, running_sum[2] = {0.f, 0.f};
 
-    for (int64_t begin = block_first; begin <= block_last; begin += kMmaKeys) {
-        const int n = static_cast<int>(block_last + 1 - begin < kMmaKeys ? block_last + 1 - begin : kMmaKeys);
+    for (int64_t begin = block_first; begin <= block_last; begin += kMmaKeys<D>) {
+        const int n = static_cast<int>(block_last + 1 - begin < kMmaKeys<D> ? block_last + 1 - begin : kMmaKeys<D>);
         __syncthreads();  // the previous tile is no longer read
-        load_kv_tile<D, kMmaKeys>(k_rows, v_rows, begin, n, k_s, v_s);
+        load_kv_tile<D, kMmaKeys<D>>(k_rows, v_rows, begin, n, k_s, v_s);
         __syncthreads();
 
         // scores: 8 fragments of 8 keys; s[nt][0, 1] = row g, keys 8nt + 2t (+1); [2, 3] = row g + 8
-        float s[kMmaKeys / 8][4];
+        float s[kMmaKeys<D> / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+        for (int nt = 0; nt < kMmaKeys<D> / 8; ++nt) {
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
             for (int ks = 0; ks < D / 16; ++ks) {
@@ -483,7 +488,7 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
         }
         float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+        for (int nt = 0; nt < kMmaKeys<D> / 8; ++nt) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int r = i >> 1;
@@ -505,7 +510,7 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
             running_sum[r] *= rescale[r];
         }
 #pragma unroll
-        for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+        for (int nt = 0; nt < kMmaKeys<D> / 8; ++nt) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int r = i >> 1;
@@ -522,7 +527,7 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
         }
         // O += P V, 16 keys a step: P's A fragment is two score fragments (keys 16kk + 2t, + 8 + 2t)
 #pragma unroll
-        for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
+        for (int kk = 0; kk < kMmaKeys<D> / 16; ++kk) {
             const uint32_t a[4] = {half2_bits(s[2 * kk][0], s[2 * kk][1]), half2_bits(s[2 * kk][2], s[2 * kk][3]),
                                    half2_bits(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                    half2_bits(s[2 * kk + 1][2], s[2 * kk + 1][3])};
@@ -738,7 +743,7 @@ awq_rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const
 // The prefill attention kernels, all with awq_attend's arguments and 128 threads a block:
 //   awq_attend_d{64,128,256}        grid (H, S): a block per token (chunks of fewer than 16 rows)
 //   awq_attend_block_d{64,128,256}  grid (H, ceil(S / 16)): 16 tokens a block on CUDA cores
-//   awq_attend_mma_d{64,128}        grid (H, ceil(S / 64)): 64 tokens a block on tensor cores
+//   awq_attend_mma_d{64,128,256}    grid (H, ceil(S / 64)): 64 tokens a block on tensor cores
 // (__launch_bounds__(128, 1): without the 1, ptxas picked register targets that spilled.)
 #define AWQ_ATTEND_ROWS_ENTRY(NAME, BODY, D)                                                                        \
     extern "C" __global__ void __launch_bounds__(kTileThreads, 1)                                                   \
@@ -756,6 +761,7 @@ AWQ_ATTEND_ROWS_ENTRY(awq_attend_block_d128, attend_block, 128)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_block_d256, attend_block, 256)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d64, attend_mma, 64)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d128, attend_mma, 128)
+AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d256, attend_mma, 256)
 
 // awq_attend_split_d{64,128,256}: decode (S = 1), grid (H, ceil(capacity / 128)) blocks of 128
 // threads; partials float32 [H, grid.y, 2 + D], counters int32 [H] zeroed once at allocation.
@@ -787,15 +793,12 @@ extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, 
     if (!valid) return AWQ_ATTENTION_INVALID_ARGUMENT;
     awq_rope_store<<<S, kRopeThreads, 0, stream>>>(q, k, v, k_cache, v_cache, past, cos, sin, q_rot, S, H, Hkv, D,
                                                    capacity, max_positions, H * D, Hkv * D, status);
-    // as the cuda backend chooses: 16 rows or more in blocks of tokens (tensor cores up to D = 128)
+    // as the cuda backend chooses: 16 rows or more in blocks of 64 tokens on tensor cores
     auto attend_kernel = D == 64 ? awq_attend_d64 : D == 128 ? awq_attend_d128 : awq_attend_d256;
     dim3 grid(H, S);
-    if (S >= kBlockQueries && D <= 128) {
-        attend_kernel = D == 64 ? awq_attend_mma_d64 : awq_attend_mma_d128;
+    if (S >= kBlockQueries) {
+        attend_kernel = D == 64 ? awq_attend_mma_d64 : D == 128 ? awq_attend_mma_d128 : awq_attend_mma_d256;
         grid.y = (S + kMmaQueries - 1) / kMmaQueries;
-    } else if (S >= kBlockQueries) {
-        attend_kernel = awq_attend_block_d256;
-        grid.y = (S + kBlockQueries - 1) / kBlockQueries;
     }
     attend_kernel<<<grid, kTileThreads, 0, stream>>>(q_rot, k_cache, v_cache, past, out, S, H, Hkv, capacity,
                                                      max_positions, window, scale, softcap);
