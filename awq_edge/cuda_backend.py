@@ -73,6 +73,15 @@ def mma_rows_suffix(rows: int) -> str:
 
 
 GEMM_TILE, GEMM_THREADS = 64, 128
+# The GEMM splits K over gridDim.z blocks when a chunk's output has too few 64 x 64 tiles to give
+# each SM GEMM_SPLIT_BLOCKS_PER_SM blocks (a 64-row chunk of a 4096-wide linear: 64 tiles); each
+# split's fp32 accumulators go through this workspace (16 KiB a tile and split), summed by the
+# tile's last block (plugins/kernels/gemm_w4a16.cu). At most GEMM_MAX_SPLITS, each at least
+# GEMM_MIN_SPLIT_STEPS K tiles of 64. Not yet timed on a GPU.
+GEMM_SPLIT_BLOCKS_PER_SM, GEMM_MAX_SPLITS, GEMM_MIN_SPLIT_STEPS = 2, 8, 4
+GEMM_SPLIT_TILE_BYTES = GEMM_THREADS * 32 * 4
+GEMM_SPLIT_WORKSPACE_BYTES = 4 << 20
+GEMM_SPLIT_MAX_TILES = GEMM_SPLIT_WORKSPACE_BYTES // (2 * GEMM_SPLIT_TILE_BYTES)  # counters: a split has 2+
 ROPE_THREADS, ATTEND_THREADS = 256, 128
 ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
 ATTEND_BLOCK_QUERIES = 16        # prefill attention from this many rows a chunk: blocks of tokens
@@ -100,6 +109,17 @@ def slab_rows(n: int, k: int, slab_bytes: int = DEQUANT_SLAB_BYTES) -> int:
     """Weight rows dequantized at a time for a [n, k] linear: whole when it fits slab_bytes, else
     the most rows that do (a multiple of 8: N is one)."""
     return min(n, max(8, slab_bytes // (2 * k) // 8 * 8))
+
+
+def gemm_split_count(rows: int, n: int, k: int, sm_count: int) -> int:
+    """How many blocks split K for a GEMM of rows x n x k: enough for GEMM_SPLIT_BLOCKS_PER_SM
+    blocks an SM, within GEMM_MAX_SPLITS, GEMM_MIN_SPLIT_STEPS K tiles a split and the workspace."""
+    tiles = -(-rows // GEMM_TILE) * -(-n // GEMM_TILE)
+    if tiles > GEMM_SPLIT_MAX_TILES:
+        return 1
+    want = -(-GEMM_SPLIT_BLOCKS_PER_SM * sm_count // tiles)
+    fits = GEMM_SPLIT_WORKSPACE_BYTES // (tiles * GEMM_SPLIT_TILE_BYTES)
+    return max(1, min(want, GEMM_MAX_SPLITS, -(-k // GEMM_TILE) // GEMM_MIN_SPLIT_STEPS, fits))
 
 
 def slab_buffer_bytes(spec) -> int:
@@ -232,6 +252,9 @@ class CudaBackend:
         self.head_candidates = drv.alloc(head_candidate_bytes(spec))  # an int4 head's: keys, then ids
         self.cublas_workspace = drv.alloc(CUBLAS_WORKSPACE_BYTES)  # with the slab: in cublas_prefill_bytes
         self.dequant_slab = drv.alloc(slab_buffer_bytes(spec))
+        self.gemm_partials = drv.alloc(GEMM_SPLIT_WORKSPACE_BYTES)  # the split-K GEMM's, and a counter a tile
+        self.gemm_counters = drv.alloc(4 * GEMM_SPLIT_MAX_TILES)
+        drv.zero(self.gemm_counters, 4 * GEMM_SPLIT_MAX_TILES)
         self.token = drv.alloc(8)                      # int32 sampled token, then int32 attention status:
         self.status = self.token + 4                   # one download after sampling reads both
         self.uniform = drv.alloc(4)
@@ -485,8 +508,9 @@ class CudaBackend:
                 self.launch(f"awq_gemv_rows{m}_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
                             [x + 2 * m0 * k, *weights, y + 2 * m0 * n, ("i32", n), ("i32", k)])
         else:
-            self.launch(f"awq_gemm_g{g}_v{1 if wide else 0}", (-(-n // GEMM_TILE), -(-rows // GEMM_TILE)),
-                        (GEMM_THREADS,), [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k)])
+            grid = (-(-n // GEMM_TILE), -(-rows // GEMM_TILE), gemm_split_count(rows, n, k, self.sm_count))
+            self.launch(f"awq_gemm_g{g}_v{1 if wide else 0}", grid, (GEMM_THREADS,),
+                        [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k), self.gemm_partials, self.gemm_counters])
 
     def dequantized_matmul(self, x: int, name: str, n: int, k: int, y: int, rows: int) -> None:
         """y[rows, n] = x[rows, k] @ W_hat^T as our GEMM computes it, a slab of weight rows at a

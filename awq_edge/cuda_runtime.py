@@ -16,6 +16,7 @@ MEMCPY_HOST_TO_DEVICE = 1
 MEMCPY_DEVICE_TO_HOST = 2
 MEMCPY_DEVICE_TO_DEVICE = 3
 CUDA_DEV_ATTR_L2_CACHE_SIZE = 38  # cudaDevAttrL2CacheSize
+CUDA_DEV_ATTR_MULTIPROCESSOR_COUNT = 16  # cudaDevAttrMultiProcessorCount
 _STREAM_CAPTURE_THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
@@ -167,6 +168,12 @@ class CudaRuntime:
         ms = ctypes.c_float()
         self.check(self.lib.cudaEventElapsedTime(ctypes.byref(ms), start, end), "cudaEventElapsedTime")
         return ms.value
+
+    def multiprocessor_count(self, device: int = 0) -> int:
+        value = ctypes.c_int(0)
+        self.check(self.lib.cudaDeviceGetAttribute(ctypes.byref(value), CUDA_DEV_ATTR_MULTIPROCESSOR_COUNT, device),
+                   "cudaDeviceGetAttribute(multiprocessor count)")
+        return value.value
 
     def l2_cache_bytes(self, device: int = 0) -> int:
         value = ctypes.c_int(0)

@@ -211,6 +211,8 @@ def load_kernels(gpu_arch: str):
     for name in ("awq_w4a16_read_only", "awq_w4a16_dequantize"):  # (weights..., out, N, K, group_size, stream)
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
         getattr(lib, name).restype = ctypes.c_int
+    lib.awq_w4a16_gemm_split_k.argtypes = args[:-1] + [ctypes.c_int] + [ctypes.c_void_p] * 3  # splits, partials, counters
+    lib.awq_w4a16_gemm_split_k.restype = ctypes.c_int
     lib.awq_w4a16_status_string.argtypes = [ctypes.c_int]
     lib.awq_w4a16_status_string.restype = ctypes.c_char_p
     declare_sampler(lib)

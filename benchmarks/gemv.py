@@ -24,7 +24,9 @@ fixed cost of a launch (in a graph), the slope the bandwidth once a launch is ru
 Prefill rows also time the other way to prefill: dequantize the weights to fp16
 (awq_w4a16_dequantize), then torch's fp16 matmul (cuBLAS), captured together; at M = 16 and 32,
 which the op runs on the tensor-core GEMV in one pass, also the same rows as 8-row GEMVs
-(chunks_of_8_us: the weights read 2 or 4 times, as before 2026-12-04's run 3). At M = 8 the op
+(chunks_of_8_us: the weights read 2 or 4 times, as before 2026-12-04's run 3); above 32 rows, where
+the op runs the GEMM on one split of K, also the GEMM with K split as the cuda backend splits it
+for few output tiles (split_k ways: split_k_us; awq_w4a16_gemm_split_k). At M = 8 the op
 (awq_w4a16_matmul) runs the tensor-core GEMV with 16 rows a block; the CUDA-core one
 (awq_w4a16_gemv: cuda_cores_us, m8_cuda_cores_over_m1) and the tensor-core one with 32 rows a block
 (awq_w4a16_gemv_mma32: mma32_us, m8_mma32_over_m1) are timed beside it. At M = 1 the tensor-core
@@ -46,6 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from awq_edge import packing, plugins  # noqa: E402
 from awq_edge.cuda_runtime import CudaRuntime, find_gpus  # noqa: E402
+from awq_edge.cuda_backend import GEMM_SPLIT_MAX_TILES, GEMM_SPLIT_WORKSPACE_BYTES, gemm_split_count  # noqa: E402
 
 # (K, N): SmolLM2-135M's, 2048-wide (Llama-3.2-1B), 7B's. The small ones give the fit its intercept.
 DECODE_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192), (8192, 2048),
@@ -215,6 +218,10 @@ def main() -> int:
     stream = cuda.stream()
     rng = np.random.default_rng(0)
 
+    sms = cuda.multiprocessor_count()
+    partials = cuda.malloc(GEMM_SPLIT_WORKSPACE_BYTES)  # the split-K GEMM's workspace, as the cuda backend's
+    counters = cuda.malloc(4 * GEMM_SPLIT_MAX_TILES)
+    cuda.memset(counters, 0, 4 * GEMM_SPLIT_MAX_TILES)
     copy_gbs = copy_bandwidth_gbs(cuda, args.iters)
     print(f"{gpu.name} ({gpu.arch}), L2 {l2 >> 20} MiB, device-to-device copy {copy_gbs:.1f} GB/s")
     results = {"gpu": gpu.name, "arch": gpu.arch, "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -242,6 +249,10 @@ def main() -> int:
                 fn = getattr(lib, name)
                 return lambda i, stream: check(lib, fn(x, *weights.sets[i % copies], y, m, n, k, GROUP_SIZE, stream))
 
+            def split_k(m, splits):  # the GEMM as the cuda backend launches it for few output tiles
+                return lambda i, stream: check(lib, lib.awq_w4a16_gemm_split_k(
+                    x, *weights.sets[i % copies], y, m, n, k, GROUP_SIZE, splits, partials, counters, stream))
+
             def chunks_of_8(m):  # M rows as tensor-core GEMVs of 8 rows each (the weights read M / 8 times)
                 def launch(i, stream):
                     for m0 in range(0, m, 8):
@@ -267,6 +278,10 @@ def main() -> int:
                     row["ours_vs_dequant_cublas"] = d_ms / ms if d_ms else None
                 if m in PREFILL_ROWS and m <= 32 and k % 32 == 0:  # the same rows 8 at a time, as before run 3
                     row["chunks_of_8_us"] = graph_ms(cuda, stream, chunks_of_8(m), iters) * 1e3
+                splits = gemm_split_count(m, n, k, sms)
+                if m in PREFILL_ROWS and m > 32 and splits > 1:  # the cuda backend's GEMM: K split over blocks
+                    row["split_k"] = splits
+                    row["split_k_us"] = graph_ms(cuda, stream, split_k(m, splits), iters) * 1e3
                 if m == max(DECODE_ROWS):  # the op runs it on tensor cores; the CUDA-core GEMV and 32-row blocks beside it
                     row["cuda_cores_us"] = graph_ms(cuda, stream, entry_point("awq_w4a16_gemv", m), iters) * 1e3
                     if k % 32 == 0:

@@ -93,6 +93,7 @@ if g:
         vs = f"{r['speedup_vs_torch']:.2f}x cuBLAS" if r.get("speedup_vs_torch") else "no torch"
         dq = f", {r['ours_vs_dequant_cublas']:.2f}x dequant+cuBLAS" if r.get("ours_vs_dequant_cublas") else ""
         dq += f", 8 rows at a time {r['chunks_of_8_us']:.1f} us" if r.get("chunks_of_8_us") else ""
+        dq += f", K split {r['split_k']} ways {r['split_k_us']:.1f} us" if r.get("split_k_us") else ""
         print(f"prefill {r['K']}x{r['N']} M={r['M']}: {r['us']:.1f} us, {vs}{dq}")
 for name in ("cuda_layer.json", "cuda_layer-smollm2.json"):
     layer = load(name)

@@ -55,14 +55,15 @@ def call(gpu, entry: str, inputs: list, out: np.ndarray, *args) -> np.ndarray:
     return out
 
 
-def run(gpu, entry: str, m: int, n: int, k: int, group_size: int, seed: int):
+def run(gpu, entry: str, m: int, n: int, k: int, group_size: int, seed: int, extra: tuple = ()):
+    """entry(x, weights..., y, m, n, k, group_size, *extra, stream) against float64."""
     rng = np.random.default_rng(seed)
     q, scales, zeros, packed = random_quantized(rng, n, k, group_size)
     x = rng.standard_normal((m, k)).astype(np.float16)
     w_hat = packing.dequantize(q, scales, zeros, group_size).astype(np.float64)
     want = x.astype(np.float64) @ w_hat.T
     got = call(gpu, entry, [x, packed["qweight"], packed["scales"], packed["zeros"]], np.empty((m, n), np.float16),
-               m, n, k, group_size)
+               m, n, k, group_size, *extra)
     assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
     err = np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want)
     worst = np.max(np.abs(got - want)) / np.max(np.abs(want))
@@ -104,6 +105,30 @@ def test_the_decode_gemv_on_tensor_cores(gpu, entry, k, n, group_size):
 @pytest.mark.parametrize("k, n, group_size", SHAPES)
 def test_gemm(gpu, m, k, n, group_size):
     run(gpu, "awq_w4a16_gemm", m, n, k, group_size, seed=m * 104729 + k + n)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("m, k, n, group_size", [(64, 4096, 4096, 128), (40, 576, 1536, 128), (100, 200, 64, 32),
+                                                 (33, 11008, 256, 128)])
+def test_gemm_with_k_split(gpu, splits, m, k, n, group_size):
+    """awq_w4a16_gemm_split_k (the cuda backend's GEMM for few output tiles): 2, 3 and 8 splits of the
+    K tiles (uneven shares; K = 200: a short last tile), twice on the same workspace (the tiles'
+    last blocks reset the counters)."""
+    if splits > -(-k // 64):
+        pytest.skip("more splits than K tiles")
+    from awq_edge.cuda_backend import GEMM_SPLIT_TILE_BYTES
+
+    cuda, _ = gpu
+    tiles = -(-m // 64) * -(-n // 64)
+    partials, counters = cuda.malloc(splits * tiles * GEMM_SPLIT_TILE_BYTES), cuda.malloc(4 * tiles)
+    try:
+        cuda.memset(counters, 0, 4 * tiles)
+        for again in range(2):
+            run(gpu, "awq_w4a16_gemm_split_k", m, n, k, group_size, seed=m + k + n + again,
+                extra=(splits, partials, counters))
+    finally:
+        cuda.free(partials)
+        cuda.free(counters)
 
 
 @pytest.mark.parametrize("m", [1, 8, 9, 16, 31, 32, 33, 64])

@@ -132,6 +132,31 @@ def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k):
     assert np.abs(y.astype(np.float32) - want).max() <= 2e-3 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("splits, m, n, k, g", [(3, 70, 72, 576, 128), (2, 40, 64, 200, 32), (1, 5, 40, 96, 64)])
+def test_the_gemm_with_k_split_gives_x_times_w_hat(emulated, splits, m, n, k, g):
+    """awq_gemm_g{G}_v{V} over gridDim.z splits of its K tiles (uneven shares; K = 200: one-word loads
+    and a short last tile), each split's accumulators summed by the output tile's last block, twice
+    on the same workspace: the counters must be left at zero."""
+    from awq_edge.packing import dequantize, pack_for_plugin
+
+    rng = np.random.default_rng(splits + m + n + k)
+    q = rng.integers(0, 16, (n, k))
+    scales = (rng.random((n, -(-k // g))) * 0.02 + 0.001).astype(np.float16)
+    zeros = rng.integers(0, 16, (n, -(-k // g))).astype(np.float16)
+    packed = pack_for_plugin(q, scales, zeros, g)
+    grid = (-(-n // 64), -(-m // 64), splits)
+    partials = np.full(splits * grid[0] * grid[1] * 128 * 32, np.nan, np.float32)
+    counters = np.zeros(grid[0] * grid[1], np.int32)
+    for _ in range(2):
+        x = rng.standard_normal((m, k)).astype(np.float16)
+        y = np.full((m, n), np.nan, np.float16)
+        run(emulated, f"awq_gemm_g{g}_v{int(k % 32 == 0)}", grid, 128,
+            [x, packed["qweight"], packed["scales"], packed["zeros"], y, m, n, k, partials, counters])
+        want = x.astype(np.float32) @ dequantize(q, scales, zeros, g).astype(np.float16).astype(np.float32).T
+        assert np.abs(y.astype(np.float32) - want).max() <= 2e-3 * np.abs(want).max()
+        assert not counters.any()
+
+
 @pytest.mark.parametrize("blocks", [None, 3], ids=["block-a-tile", "persistent"])
 @pytest.mark.parametrize("k, n, group_size", [(576, 192, 128), (256, 200, 64), (512, 256, 32)])
 @pytest.mark.parametrize("fusion", GEMV_FUSIONS)

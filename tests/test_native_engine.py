@@ -274,7 +274,7 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
     test_kernels_gpu.py checks on a GPU): 64 rows as slabs of weight rows dequantized into one
     scratch buffer and each multiplied by cuBLAS into its columns (slabs small enough here that
     every linear of layer 0 takes several, the last one short); 19 rows through the tensor-core
-    GEMV in one pass; 40 rows through the GEMM. Each gives x @ W_hat^T from
+    GEMV in one pass; 40 rows through the GEMM, K split over blocks as for a 132-SM GPU. Each gives x @ W_hat^T from
     weights.bin, and every launch covers its output."""
     from awq_edge.packing import dequantize, unpack_int4
 
@@ -298,11 +298,16 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
         drv.array_at(y, np.float16, (m, n))[:] = product.astype(np.float16)
 
     twins = {f"awq_dequantize_g{g}": dequantize_twin,
-             f"awq_gemm_g{g}_v1": lambda drv, a: product_twin(drv, *a[:5], *a[5:])}
+             f"awq_gemm_g{g}_v1": lambda drv, a: product_twin(drv, *a[:5], *a[5:8])}
     for m in range(1, 9):
         twins[f"awq_gemv_rows{m}_g{g}_w4"] = lambda drv, a, m=m: product_twin(drv, *a[:5], m, *a[5:])
     twins[f"awq_gemv_mma_x32_g{g}"] = lambda drv, a: product_twin(drv, *a)
-    driver = MemoryDriver(twins)
+
+    class H200Sized(MemoryDriver):  # 132 SMs: the GEMM's 40-row chunks split K (its twin ignores how)
+        def multiprocessor_count(self):
+            return 132
+
+    driver = H200Sized(twins)
     backend = CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=driver, cublas=False)
     blas = RecordingCublas(driver)
     weights = np.memmap(smollm2_cuda_engine / info.weights_file, np.uint8, "r")
@@ -332,6 +337,12 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
                 covered = grid[0] * block[0] >= args[4].value * k // 8 if path == "cublas" else \
                     grid[0] * {"gemv": 16, "gemm": 64}[path] >= n
                 assert covered and (path != "gemm" or grid[1] * 64 >= rows), (fn, grid)
+                if path == "gemm":  # K split as gemm_split_count says, within the workspace it is given
+                    tiles = grid[0] * grid[1]
+                    assert grid[2] == cuda_backend.gemm_split_count(rows, n, k, 132) > 1, (name, grid)
+                    assert grid[2] * tiles * cuda_backend.GEMM_SPLIT_TILE_BYTES <= cuda_backend.GEMM_SPLIT_WORKSPACE_BYTES
+                    assert tiles <= cuda_backend.GEMM_SPLIT_MAX_TILES
+                    assert [args[8].value, args[9].value] == [backend.gemm_partials, backend.gemm_counters]
             weights_hat = dequantize(unpack_int4(tensor(f"{name}.qweight")), tensor(f"{name}.scales"),
                                      tensor(f"{name}.zeros"), g)
             expected = x.astype(np.float32) @ weights_hat.astype(np.float16).astype(np.float32).T

@@ -11,6 +11,13 @@
 //   3. stores the next tile into shared memory, dequantizing the weights on the way.
 // Rows are padded to 72 halves so the fragment loads of a warp hit 32 different banks.
 //
+// Split K (gridDim.z > 1, the cuda backend's choice when the output has too few 64 x 64 tiles to
+// fill the GPU: a 64-row chunk of a 4096-wide linear is 64 tiles for 132 SMs): block (x, y, z)
+// takes the z-th of gridDim.z even shares of the K tiles, writes its fp32 accumulators to
+// `partials` (each thread its own 32, in fragment order: the same thread of every split holds
+// the same output elements), and the last block of the output tile to finish (a counter per
+// tile, reset by that block) sums the splits in order and writes Y, as one block would have.
+//
 // Edges: rows m >= M, rows n >= N and columns k >= K are filled with zeros in shared
 // memory, so any M, any N % 8 == 0 and any K % 8 == 0 work. A thread's 4 words are 32
 // k values starting at a multiple of 32, so they share one group (G is a multiple of 32);
@@ -35,6 +42,7 @@ constexpr int kMmaTilesM = kWarpTileM / 16;  // 2 m16 tiles per warp
 constexpr int kMmaTilesN = kWarpTileN / 8;   // 4 n8 tiles per warp
 constexpr int kXLoadsPerThread = kTileM * kTileK / 8 / kThreads;  // 8 halves per 128-bit load -> 4
 constexpr int kWordsPerThread = 4;           // 64 rows x 8 words / 128 threads
+constexpr int kAccPerThread = kMmaTilesM * kMmaTilesN * 4;  // a thread's fp32 accumulators: 32
 
 // The slice of the next K tile that one thread carries from global memory to shared memory.
 struct TileLoad {
@@ -117,10 +125,48 @@ __device__ __forceinline__ void store_tile(const TileLoad& t, half (*x_tile)[kSm
     }
 }
 
+// With split K: this thread's accumulators into the block's share of `partials`; false for all
+// but the output tile's last block, which returns with the sum over the splits in acc.
+__device__ __forceinline__ bool gather_splits(float (&acc)[kMmaTilesM][kMmaTilesN][4], float* __restrict__ partials,
+                                              int* __restrict__ counters) {
+    __shared__ bool last;
+    const int tiles = gridDim.x * gridDim.y, tile = blockIdx.y * gridDim.x + blockIdx.x;
+    float* flat = &acc[0][0][0];
+    const auto at = [&](int split) {
+        return reinterpret_cast<float4*>(partials + ((static_cast<size_t>(split) * tiles + tile) * kThreads + threadIdx.x)
+                                                        * kAccPerThread);
+    };
+    float4* mine = at(blockIdx.z);
+#pragma unroll
+    for (int i = 0; i < kAccPerThread / 4; ++i) mine[i] = make_float4(flat[4 * i], flat[4 * i + 1], flat[4 * i + 2], flat[4 * i + 3]);
+    __threadfence();  // the partials before the count (as awq_attend_split's merge)
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counters + tile, 1) == static_cast<int>(gridDim.z) - 1;
+    __syncthreads();
+    if (!last) return false;
+    __threadfence();
+#pragma unroll
+    for (int i = 0; i < kAccPerThread; ++i) flat[i] = 0.f;
+    for (int split = 0; split < static_cast<int>(gridDim.z); ++split) {  // in order: the same sums every run
+        const float4* part = at(split);
+#pragma unroll
+        for (int i = 0; i < kAccPerThread / 4; ++i) {
+            const float4 v = __ldcg(part + i);
+            flat[4 * i] += v.x;
+            flat[4 * i + 1] += v.y;
+            flat[4 * i + 2] += v.z;
+            flat[4 * i + 3] += v.w;
+        }
+    }
+    if (threadIdx.x == 0) counters[tile] = 0;  // ready for the next launch
+    return true;
+}
+
 template <int kGroupSize, bool kVectorWeights>
 __device__ __forceinline__ void gemm_w4a16(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                                            const half* __restrict__ scales, const half* __restrict__ zeros,
-                                           half* __restrict__ y, int M, int N, int K) {
+                                           half* __restrict__ y, int M, int N, int K, float* __restrict__ partials,
+                                           int* __restrict__ counters) {
     __shared__ __align__(16) half x_tile[kTileM][kSmemRow];
     __shared__ __align__(16) half w_tile[kTileN][kSmemRow];
 
@@ -135,13 +181,18 @@ __device__ __forceinline__ void gemm_w4a16(const half* __restrict__ x, const uin
 
     float acc[kMmaTilesM][kMmaTilesN][4] = {};
 
+    // this block's K tiles: the blockIdx.z-th of gridDim.z even shares (all of them without a split)
+    const int k_tiles = (K + kTileK - 1) / kTileK;
+    const int k_begin = static_cast<int>(blockIdx.z) * k_tiles / static_cast<int>(gridDim.z) * kTileK;
+    const int k_end_tile = (static_cast<int>(blockIdx.z) + 1) * k_tiles / static_cast<int>(gridDim.z) * kTileK;
+    const int k_end = k_end_tile < K ? k_end_tile : K;
     TileLoad next;
-    load_tile<kGroupSize, kVectorWeights>(next, x, qweight, scales, zeros, M, N, K, m_block, n_block, 0);
-    for (int k_tile = 0; k_tile < K; k_tile += kTileK) {
+    load_tile<kGroupSize, kVectorWeights>(next, x, qweight, scales, zeros, M, N, K, m_block, n_block, k_begin);
+    for (int k_tile = k_begin; k_tile < k_end; k_tile += kTileK) {
         __syncthreads();  // everyone is done reading the previous tile
         store_tile(next, x_tile, w_tile);
         __syncthreads();
-        if (k_tile + kTileK < K) {
+        if (k_tile + kTileK < k_end) {
             load_tile<kGroupSize, kVectorWeights>(next, x, qweight, scales, zeros, M, N, K, m_block, n_block,
                                                   k_tile + kTileK);
         }
@@ -171,6 +222,7 @@ __device__ __forceinline__ void gemm_w4a16(const half* __restrict__ x, const uin
         }
     }
 
+    if (gridDim.z > 1 && !gather_splits(acc, partials, counters)) return;
     // C fragment: regs 0,1 = row g, columns 2t, 2t+1; regs 2,3 = row g + 8.
 #pragma unroll
     for (int mt = 0; mt < kMmaTilesM; ++mt) {
@@ -196,14 +248,16 @@ __device__ __forceinline__ void gemm_w4a16(const half* __restrict__ x, const uin
 // The kernels, one per group size and load width, with C names so that the CUDA driver API
 // finds them in this file's cubin (awq_edge/cuda_backend.py) as the launcher below does:
 // awq_gemm_g{G}_v{1: K % 32 == 0, 128-bit weight loads; 0: one word at a time},
-// grid (ceil(N / 64), ceil(M / 64)) blocks of 128 threads.
+// grid (ceil(N / 64), ceil(M / 64), splits of K) blocks of 128 threads; with splits > 1,
+// partials: float32 [splits, tiles, 128, 32] and counters: int32 [tiles], zero between launches
+// (tiles = grid.x * grid.y); unused (may be null) with one split.
 #define AWQ_GEMM_ENTRY(G, V)                                                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                                               \
         awq_gemm_g##G##_v##V(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                      \
                              const half* __restrict__ scales, const half* __restrict__ zeros, half* __restrict__ y, \
-                             int M, int N, int K) {                                                                 \
+                             int M, int N, int K, float* __restrict__ partials, int* __restrict__ counters) {       \
         awq_edge::begin_after_previous_kernel();                                                                    \
-        awq_edge::gemm_w4a16<G, V == 1>(x, qweight, scales, zeros, y, M, N, K);                                     \
+        awq_edge::gemm_w4a16<G, V == 1>(x, qweight, scales, zeros, y, M, N, K, partials, counters);                 \
     }
 AWQ_GEMM_ENTRY(32, 0)
 AWQ_GEMM_ENTRY(32, 1)
@@ -253,12 +307,13 @@ AWQ_DEQUANTIZE_ENTRY(128)
 namespace awq_edge {
 namespace {
 
-using GemmKernel = void (*)(const half*, const uint32_t*, const half*, const half*, half*, int, int, int);
+using GemmKernel = void (*)(const half*, const uint32_t*, const half*, const half*, half*, int, int, int, float*,
+                            int*);
 
 void launch_gemm(GemmKernel kernel, const half* x, const uint32_t* qweight, const half* scales, const half* zeros,
                  half* y, int M, int N, int K, cudaStream_t stream) {
-    const dim3 grid((N + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM);
-    kernel<<<grid, kThreads, 0, stream>>>(x, qweight, scales, zeros, y, M, N, K);
+    const dim3 grid((N + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM);  // one split of K: no workspace
+    kernel<<<grid, kThreads, 0, stream>>>(x, qweight, scales, zeros, y, M, N, K, nullptr, nullptr);
 }
 
 }  // namespace
@@ -275,6 +330,25 @@ extern "C" int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __h
                       : group_size == 64 ? (vector ? awq_gemm_g64_v1 : awq_gemm_g64_v0)
                                          : (vector ? awq_gemm_g128_v1 : awq_gemm_g128_v0);
     launch_gemm(kernel, x, w, scales, zeros, y, M, N, K, stream);
+    return launch_status();
+}
+
+extern "C" int awq_w4a16_gemm_split_k(const __half* x, const int32_t* qweight, const __half* scales,
+                                      const __half* zeros, __half* y, int M, int N, int K, int group_size, int splits,
+                                      float* partials, int* counters, cudaStream_t stream) {
+    using namespace awq_edge;
+    if (!valid_matmul_args(x, qweight, scales, zeros, y, M, N, K, group_size)) return AWQ_W4A16_INVALID_ARGUMENT;
+    const dim3 grid((N + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM, splits);
+    if (grid.y > 65535 || splits < 1 || splits > 64 || splits > (K + kTileK - 1) / kTileK ||
+        (splits > 1 && (partials == nullptr || counters == nullptr))) {
+        return AWQ_W4A16_INVALID_ARGUMENT;
+    }
+    const auto* w = reinterpret_cast<const uint32_t*>(qweight);
+    const bool vector = rows_allow_128bit_loads(K);
+    GemmKernel kernel = group_size == 32 ? (vector ? awq_gemm_g32_v1 : awq_gemm_g32_v0)
+                      : group_size == 64 ? (vector ? awq_gemm_g64_v1 : awq_gemm_g64_v0)
+                                         : (vector ? awq_gemm_g128_v1 : awq_gemm_g128_v0);
+    kernel<<<grid, kThreads, 0, stream>>>(x, w, scales, zeros, y, M, N, K, partials, counters);
     return launch_status();
 }
 

@@ -51,6 +51,12 @@ int awq_w4a16_gemv_tc_persistent(const __half* x, const int32_t* qweight, const 
 /* Prefill kernel: tensor-core GEMM (mma.sync m16n8k16, fp32 accumulation), any M >= 1. */
 int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                    __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
+/* The same with K split over `splits` blocks per 64 x 64 output tile (1..64, at most ceil(K / 64)):
+ * partials float32 [splits * ceil(M / 64) * ceil(N / 64) * 4096] and counters int32 [ceil(M / 64) *
+ * ceil(N / 64)], zeroed once (each launch leaves them zero); both may be null with one split. */
+int awq_w4a16_gemm_split_k(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                           __half* y, int M, int N, int K, int group_size, int splits, float* partials,
+                           int* counters, cudaStream_t stream);
 
 /* The op: up to AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS rows a GEMV (from 2 rows, when K % 32 == 0, the
  * tensor-core one in one pass, awq_w4a16_gemv_mma; else the CUDA-core one AWQ_W4A16_GEMV_MAX_ROWS
