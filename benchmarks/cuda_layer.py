@@ -15,8 +15,8 @@ kernel per op) are timed in the same run, alternating, and the fused list withou
 launches (plugins/kernels/pdl.cuh, sm_90 only) with and without the GEMVs' L2 prefetch of the
 next linear's weights (what sm_87/sm_89 run instead), and the fused list with every linear on
 the CUDA-core GEMV, on the tensor-core one, and on that on a persistent grid
-(cuda_backend.DECODE_GEMVS; the default, "auto", takes tensor cores for the linears with a norm
-prologue from K = 2048). Time per layer = replay time /
+(cuda_backend.DECODE_GEMVS; the default, "auto", takes the persistent tensor-core one for the
+linears with a norm prologue and the CUDA-core one for the rest). Time per layer = replay time /
 (repeats x layers), host-timed over whole replays after a synchronize, median of 5.
 
 Roofline of a layer = (its weight bytes + the K and V rows its attention reads) / the bandwidth

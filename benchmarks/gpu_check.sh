@@ -10,7 +10,8 @@
 # (tests/test_cuda_backend_gpu.py), one 7B-shaped layer against its roofline with a per-op
 # breakdown (benchmarks/cuda_layer.py), the GEMV/GEMM benchmark (with its read-only ceiling and
 # launch-cost fit), the native decode benchmark against torch fp16 and int4
-# (benchmarks/cuda_decode.py), a SmolLM2-shaped layer, prefill attention, the three lm_heads
+# (benchmarks/cuda_decode.py), a SmolLM2-shaped layer, the 7B layer at 4096 cached tokens,
+# prefill attention, the three lm_heads
 # (benchmarks/cuda_head.py), then the quantizer on the GPU. Each step's log lands beside the
 # results, and a failing step does not stop the later ones (the exit code is the first failure's).
 # On the H200 (2026-12-04, run 1) the whole script took 353 s with the tests on 8 xdist workers.
@@ -63,6 +64,7 @@ step cuda_layer 120 python3 benchmarks/cuda_layer.py --output "$out/cuda_layer.j
 step gemv 180 python3 benchmarks/gemv.py --output "$out/gemv.json"
 step cuda_decode 300 python3 benchmarks/cuda_decode.py --timeout 150 --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
 step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m --output "$out/cuda_layer-smollm2.json"
+step cuda_layer_long 120 python3 benchmarks/cuda_layer.py --context 4096 --output "$out/cuda_layer-4096.json"
 step cuda_attention 60 python3 benchmarks/cuda_attention.py --output "$out/cuda_attention.json"
 step cuda_head 150 python3 benchmarks/cuda_head.py --output "$out/cuda_head.json"
 step quantize 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
@@ -95,11 +97,12 @@ if g:
         dq += f", 8 rows at a time {r['chunks_of_8_us']:.1f} us" if r.get("chunks_of_8_us") else ""
         dq += f", K split {r['split_k']} ways {r['split_k_us']:.1f} us" if r.get("split_k_us") else ""
         print(f"prefill {r['K']}x{r['N']} M={r['M']}: {r['us']:.1f} us, {vs}{dq}")
-for name in ("cuda_layer.json", "cuda_layer-smollm2.json"):
+for name in ("cuda_layer.json", "cuda_layer-smollm2.json", "cuda_layer-4096.json"):
     layer = load(name)
     if layer:
         for variant, r in layer["variants"].items():
-            print(f"layer {layer['shape']} {variant}: {r['us_per_layer']:.1f} us, {r['launches_per_layer']:.0f} launches, "
+            print(f"layer {layer['shape']} at {layer['context']} keys, {variant}: {r['us_per_layer']:.1f} us, "
+                  f"{r['launches_per_layer']:.0f} launches, "
                   f"{100 * r['roofline_fraction']:.0f}% of roofline")
         for gemv, rows in layer.get("breakdown", {}).items():
             print(f"  GEMV on {gemv}: " + ", ".join(f"{r['op'].removeprefix('linear ')} {r['us_per_layer']:.1f} us "
