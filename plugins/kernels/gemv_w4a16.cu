@@ -608,6 +608,7 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
     };
     TcCursor<kEpilogue> fetching = loading;
     const auto prefetch_next = [&]() {
+        if constexpr (kTcPrefetchSteps == 0) return;  // (0: no prefetch at all, for comparison)
         if (fetching.tile < tiles) {
             const int rows[2] = {fetching.row(g, fusion.rope), fetching.row(g + 8, fusion.rope)};
             prefetch_tc_step(qweight, N, K, fetching.window, end, t, rows);
