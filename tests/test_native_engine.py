@@ -268,6 +268,23 @@ def test_an_engine_whose_cubins_lack_a_kernel_is_refused_with_rebuild(smollm2_cu
 
 
 @needs_nvcc
+def test_a_short_chunks_linear_is_one_tensor_core_gemv_sized_for_its_rows(smollm2_cuda_engine):
+    """Without cuBLAS, each linear of a chunk of 1-32 rows is one GEMV launch over all its rows (8, 16
+    or 32 rows of x a pass on tensor cores; one row on CUDA cores), and from 33 rows the GEMM."""
+    manifest, info = read_native_engine(smollm2_cuda_engine)
+    driver = RecordingDriver()
+    backend = CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=driver, cublas=False)
+    g, a = info.spec.group_size, next(op.args for op in backend.ops if op.kind == "linear")
+    expected = {1: f"awq_gemv_rows1_g{g}_w4", 2: f"awq_gemv_mma_g{g}", 8: f"awq_gemv_mma_g{g}",
+                9: f"awq_gemv_mma_x16_g{g}", 16: f"awq_gemv_mma_x16_g{g}", 17: f"awq_gemv_mma_x32_g{g}",
+                32: f"awq_gemv_mma_x32_g{g}", 33: f"awq_gemm_g{g}_v1"}
+    for rows, name in expected.items():
+        launches = len(driver.launches)
+        backend.matmul(backend.buf[a["x"]], a["weight"], a["N"], a["K"], backend.buf[a["out"]], rows)
+        assert [fn for fn, *_ in driver.launches[launches:]] == [name], rows
+
+
+@needs_nvcc
 def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_engine):
     """The three ways a prefill chunk's linear runs, on host memory with numpy twins of the
     kernels and of cuBLAS (the dequantize kernel's twin is packing.dequantize rounded to fp16, as
