@@ -189,6 +189,19 @@ __device__ __forceinline__ void head_rows(const __half* __restrict__ x, const vo
     }
 }
 
+// The table is no kernel's output: before the wait for the previous kernel (pdl.cuh) each lane sends
+// all its 16-byte chunks of the warp's rows toward L2 (every round: at SmolLM2's 576-byte int8
+// rows a second round of 4 lanes waited on DRAM again), overlapping the final norm before it.
+__device__ __forceinline__ void prefetch_head_rows(const void* __restrict__ table, int v0, int vocab, int row_bytes) {
+    if (row_bytes % 16 != 0) return;  // (int8 rows of hidden % 16 != 0: 8-byte aligned, left alone)
+#pragma unroll
+    for (int r = 0; r < kHeadRowsPerWarp; ++r) {
+        if (v0 + r >= vocab) break;
+        const char* row = static_cast<const char*>(table) + static_cast<size_t>(v0 + r) * row_bytes;
+        for (int c = threadIdx.x & 31; c < row_bytes / 16; c += 32) awq_edge::prefetch_l2(row + 16 * c);
+    }
+}
+
 // The warp's sums to logits (soft-capped); rows past the vocabulary are not written.
 __device__ __forceinline__ void write_head_logits(float (&sum)[kHeadRowsPerWarp], int v0, int vocab, float softcap,
                                                   float* __restrict__ logits) {
@@ -205,8 +218,10 @@ __device__ __forceinline__ void write_head_logits(float (&sum)[kHeadRowsPerWarp]
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_lm_head(const __half* __restrict__ x, const __half* __restrict__ table, float* __restrict__ logits, int vocab,
             int hidden, float softcap) {
-    awq_edge::begin_after_previous_kernel();
+    awq_edge::let_next_kernel_start();
     const int v0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kHeadRowsPerWarp;
+    prefetch_head_rows(table, v0, vocab, 2 * hidden);
+    awq_edge::wait_for_previous_kernel();
     if (v0 >= vocab) return;  // (a whole warp: the shuffles see all 32 lanes)
     float sum[kHeadRowsPerWarp] = {};
     head_rows<false, 16>(x, table, nullptr, v0, vocab, hidden, sum);
@@ -216,8 +231,10 @@ awq_lm_head(const __half* __restrict__ x, const __half* __restrict__ table, floa
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_lm_head_q8(const __half* __restrict__ x, const int8_t* __restrict__ q, const __half* __restrict__ scales,
                float* __restrict__ logits, int vocab, int hidden, float softcap) {
-    awq_edge::begin_after_previous_kernel();
+    awq_edge::let_next_kernel_start();
     const int v0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kHeadRowsPerWarp;
+    prefetch_head_rows(q, v0, vocab, hidden);
+    awq_edge::wait_for_previous_kernel();
     if (v0 >= vocab) return;
     float sum[kHeadRowsPerWarp] = {};
     if (hidden % 16 == 0) {
