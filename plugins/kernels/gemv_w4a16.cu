@@ -93,20 +93,26 @@ __device__ __forceinline__ Fusion logits_fusion(float* logits, int vocab, float 
     return fusion;
 }
 
-// The output rows of block b of R rows: R adjacent ones, or for RoPE in a q/k head (D/R blocks
-// per head) rows R/2 j .. R/2 j + R/2 - 1 and the same + D/2: rotation pairs (r, r + R/2). (R = 4:
-// rows 2j, 2j + 1, 2j + D/2, 2j + 1 + D/2.) v rows stay adjacent.
+// For RoPE, output row r of slice j (of R rows, D/R slices a head) of a q/k/v head: in a q/k head
+// rows R/2 j .. R/2 j + R/2 - 1 and the same + D/2, rotation pairs (r, r + R/2) (R = 4: rows 2j,
+// 2j + 1, 2j + D/2, 2j + 1 + D/2); in a v head the R adjacent rows.
+template <int kBlockRows>
+__device__ __forceinline__ int rope_row(int head, int j, int r, const RopeArgs& rope) {
+    constexpr int kHalf = kBlockRows / 2;
+    const int D = rope.head_dim;
+    if (head < rope.heads + rope.kv_heads) return head * D + kHalf * j + r % kHalf + (r / kHalf) * (D / 2);
+    return head * D + kBlockRows * j + r;
+}
+
+// The output rows of block b of R rows: R adjacent ones, or for RoPE slice b % (D/R) of head
+// b / (D/R) (rope_row).
 template <Epilogue kEpilogue, int kBlockRows = kRowsPerBlock>
 __device__ __forceinline__ int row_of_block(int b, int r, const RopeArgs& rope) {
     if constexpr (kEpilogue == Epilogue::kRope) {
-        constexpr int kHalf = kBlockRows / 2;
-        const int blocks_per_head = rope.head_dim / kBlockRows;
-        if (b < (rope.heads + rope.kv_heads) * blocks_per_head) {
-            const int head = b / blocks_per_head, j = b % blocks_per_head;
-            return head * rope.head_dim + kHalf * j + r % kHalf + (r / kHalf) * (rope.head_dim / 2);
-        }
+        const int slices = rope.head_dim / kBlockRows;
+        if (b < (rope.heads + rope.kv_heads) * slices) return rope_row<kBlockRows>(b / slices, b % slices, r, rope);
     }
-    return b * kBlockRows + r;
+    return b * kBlockRows + r;  // (a v head's slices: rope_row's adjacent rows)
 }
 
 // rsqrt(mean(x^2) + eps) of one row of K fp16 values, on every thread of a block of kWarps warps.
@@ -547,11 +553,7 @@ struct TcCursor {
     }
     // Output row r of the tile: row_of_block<kEpilogue, 16>(tile, r, rope).
     __device__ __forceinline__ int row(int r, const RopeArgs& rope) const {
-        if constexpr (kEpilogue == Epilogue::kRope) {
-            const int D = rope.head_dim;
-            if (head < rope.heads + rope.kv_heads) return head * D + 8 * j + r % 8 + (r / 8) * (D / 2);
-            return head * D + kTcRows * j + r;
-        }
+        if constexpr (kEpilogue == Epilogue::kRope) return rope_row<kTcRows>(head, j, r, rope);
         return tile * kTcRows + r;
     }
     // The block's next tile (gridDim.x = stride_heads heads and stride_j slices further).
