@@ -109,16 +109,14 @@ __device__ __forceinline__ float tile_reduce(float v, float* scratch) {
     return total;
 }
 
-// scale * q.k of key row j (q in shared memory as float), soft-capped when softcap > 0.
-template <int D>
-__device__ __forceinline__ float score_key(const float* q_s, const __half* __restrict__ k_rows, int64_t j, float scale,
-                                           float softcap) {
-    const uint4* k_row = reinterpret_cast<const uint4*>(k_rows + j * D);
+// scale * q.k of a key row whose 16-byte chunk c is chunk(c) (q in shared memory as float),
+// soft-capped when softcap > 0; kUnroll chunks' loads in flight together.
+template <int D, int kUnroll, typename Chunk>
+__device__ __forceinline__ float score_chunks(const float* q_s, Chunk chunk, float scale, float softcap) {
     float dot = 0.f;
-    constexpr int kUnroll = D / 8 <= 16 ? D / 8 : 8;  // the row's loads in flight together (D = 256: half)
 #pragma unroll kUnroll
     for (int c = 0; c < D / 8; ++c) {
-        const uint4 bits = k_row[c];
+        const uint4 bits = chunk(c);
         const __half2* k2 = reinterpret_cast<const __half2*>(&bits);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -126,8 +124,16 @@ __device__ __forceinline__ float score_key(const float* q_s, const __half* __res
             dot += q_s[8 * c + 2 * i] * kf.x + q_s[8 * c + 2 * i + 1] * kf.y;
         }
     }
-    const float score = dot * scale;
-    return awq_edge::soft_cap(score, softcap);
+    return awq_edge::soft_cap(dot * scale, softcap);
+}
+
+// score_chunks of key row j.
+template <int D>
+__device__ __forceinline__ float score_key(const float* q_s, const __half* __restrict__ k_rows, int64_t j, float scale,
+                                           float softcap) {
+    const uint4* k_row = reinterpret_cast<const uint4*>(k_rows + j * D);
+    constexpr int kUnroll = D / 8 <= 16 ? D / 8 : 8;  // the row's loads in flight together (D = 256: half)
+    return score_chunks<D, kUnroll>(q_s, [&](int c) { return k_row[c]; }, scale, softcap);
 }
 
 // acc += sum over this thread's share of the tile's n keys (from row `begin`) of p_s[t] * V[t] at
@@ -594,24 +600,14 @@ __device__ __forceinline__ void load_split(SplitLoads<D>& loads, const __half* _
     }
 }
 
-// score_key's arithmetic on the loaded row (the chunks past kEarlyK loaded here).
+// score_key on the loaded row (the chunks past kEarlyK loaded here; fully unrolled: registers).
 template <int D>
 __device__ __forceinline__ float score_loaded_key(const float* q_s, const SplitLoads<D>& loads,
                                                   const __half* __restrict__ k_rows, int64_t j, float scale,
                                                   float softcap) {
     const uint4* k_row = reinterpret_cast<const uint4*>(k_rows + j * D);
-    float dot = 0.f;
-#pragma unroll
-    for (int c = 0; c < D / 8; ++c) {
-        const uint4 bits = c < SplitLoads<D>::kEarlyK ? loads.k[c] : k_row[c];
-        const __half2* k2 = reinterpret_cast<const __half2*>(&bits);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const float2 kf = __half22float2(k2[i]);
-            dot += q_s[8 * c + 2 * i] * kf.x + q_s[8 * c + 2 * i + 1] * kf.y;
-        }
-    }
-    return awq_edge::soft_cap(dot * scale, softcap);
+    return score_chunks<D, D / 8>(
+        q_s, [&](int c) { return c < SplitLoads<D>::kEarlyK ? loads.k[c] : k_row[c]; }, scale, softcap);
 }
 
 // accumulate_values on the loaded chunks (p_s is 0 past n, and so are their bits), then the rest.
