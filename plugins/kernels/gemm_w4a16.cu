@@ -310,28 +310,8 @@ namespace {
 using GemmKernel = void (*)(const half*, const uint32_t*, const half*, const half*, half*, int, int, int, float*,
                             int*);
 
-void launch_gemm(GemmKernel kernel, const half* x, const uint32_t* qweight, const half* scales, const half* zeros,
-                 half* y, int M, int N, int K, cudaStream_t stream) {
-    const dim3 grid((N + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM);  // one split of K: no workspace
-    kernel<<<grid, kThreads, 0, stream>>>(x, qweight, scales, zeros, y, M, N, K, nullptr, nullptr);
-}
-
 }  // namespace
 }  // namespace awq_edge
-
-extern "C" int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
-                              __half* y, int M, int N, int K, int group_size, cudaStream_t stream) {
-    using namespace awq_edge;
-    if (!valid_matmul_args(x, qweight, scales, zeros, y, M, N, K, group_size)) return AWQ_W4A16_INVALID_ARGUMENT;
-    if ((M + kTileM - 1) / kTileM > 65535) return AWQ_W4A16_INVALID_ARGUMENT;  // grid.y limit
-    const auto* w = reinterpret_cast<const uint32_t*>(qweight);
-    const bool vector = rows_allow_128bit_loads(K);
-    GemmKernel kernel = group_size == 32 ? (vector ? awq_gemm_g32_v1 : awq_gemm_g32_v0)
-                      : group_size == 64 ? (vector ? awq_gemm_g64_v1 : awq_gemm_g64_v0)
-                                         : (vector ? awq_gemm_g128_v1 : awq_gemm_g128_v0);
-    launch_gemm(kernel, x, w, scales, zeros, y, M, N, K, stream);
-    return launch_status();
-}
 
 extern "C" int awq_w4a16_gemm_split_k(const __half* x, const int32_t* qweight, const __half* scales,
                                       const __half* zeros, __half* y, int M, int N, int K, int group_size, int splits,
@@ -350,6 +330,11 @@ extern "C" int awq_w4a16_gemm_split_k(const __half* x, const int32_t* qweight, c
                                          : (vector ? awq_gemm_g128_v1 : awq_gemm_g128_v0);
     kernel<<<grid, kThreads, 0, stream>>>(x, w, scales, zeros, y, M, N, K, partials, counters);
     return launch_status();
+}
+
+extern "C" int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
+                              __half* y, int M, int N, int K, int group_size, cudaStream_t stream) {
+    return awq_w4a16_gemm_split_k(x, qweight, scales, zeros, y, M, N, K, group_size, 1, nullptr, nullptr, stream);
 }
 
 extern "C" int awq_w4a16_dequantize(const int32_t* qweight, const __half* scales, const __half* zeros, __half* w,
