@@ -338,6 +338,17 @@ def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tens
     return float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64)))
 
 
+def random_quantized(rng, n: int, k: int, group_size: int):
+    """(q, scales, zeros, packed): random levels, zero points and scales, and their plugin layout."""
+    from awq_edge import packing
+
+    groups = packing.num_groups(k, group_size)
+    q = rng.integers(0, 16, size=(n, k), dtype=np.uint8)
+    zeros = rng.integers(0, 16, size=(n, groups), dtype=np.uint8)
+    scales = rng.uniform(0.002, 0.02, size=(n, groups)).astype(np.float16)
+    return q, scales, zeros, packing.pack_for_plugin(q, scales, zeros, group_size)
+
+
 def prefill_attention_error(drv, fn, kernel: str, d: int, heads: tuple, past: int, rows: int, window: int,
                             softcap: float) -> float:
     """awq_attend_{kernel}_d{d} ("block" or "mma"; drv.function's handle `fn`) over a chunk of `rows`

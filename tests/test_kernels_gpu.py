@@ -11,6 +11,7 @@ import pytest
 
 from awq_edge import packing, plugins
 from awq_edge.cuda_runtime import find_gpus
+from native_helpers import random_quantized
 
 pytestmark = pytest.mark.gpu
 GPUS = find_gpus()
@@ -26,15 +27,6 @@ def gpu():
 
     cuda = CudaRuntime()
     return cuda, plugins.load_kernels(GPUS[0].arch)
-
-
-def random_quantized(rng, n: int, k: int, group_size: int):
-    """(q, scales, zeros, packed): random levels, zero points and scales, and their plugin layout."""
-    groups = packing.num_groups(k, group_size)
-    q = rng.integers(0, 16, size=(n, k), dtype=np.uint8)
-    zeros = rng.integers(0, 16, size=(n, groups), dtype=np.uint8)
-    scales = rng.uniform(0.002, 0.02, size=(n, groups)).astype(np.float16)
-    return q, scales, zeros, packing.pack_for_plugin(q, scales, zeros, group_size)
 
 
 def call(gpu, entry: str, inputs: list, out: np.ndarray, *args) -> np.ndarray:

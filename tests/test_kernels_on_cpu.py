@@ -16,7 +16,7 @@ from awq_edge.decoder import HEAD_TOP_K, head_slices
 from awq_edge.reference_backend import twin_head_top_k, twin_lm_head
 from awq_edge.sampling import SamplingSettings, candidates, choose_token
 from native_helpers import (EmulatedDriver, build_emulated_kernels, fused_gemv_error, head_candidates_twin,
-                            prefill_attention_error, split_attention_errors, tie_heavy_logits)
+                            prefill_attention_error, random_quantized, split_attention_errors, tie_heavy_logits)
 
 THREADS = 1024  # the selection kernels' block (cuda_backend.HEAD_SELECT_THREADS, SAMPLE_THREADS)
 
@@ -116,14 +116,11 @@ def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k):
     """The tensor-core GEMV with 16 and 32 rows a block, and for up to 16 and 32 rows of x in one
     pass (B tiles of 8 rows, the last one partly past M): N = 72 and 40 leave a block's second
     tile (of 32 rows) or half a tile outside, K = 576 windows some warps have nothing of."""
-    from awq_edge.packing import dequantize, pack_for_plugin
+    from awq_edge.packing import dequantize
 
     g = int(kernel.rsplit("_g", 1)[1])
     rng = np.random.default_rng(m + n + k + g)
-    q = rng.integers(0, 16, (n, k))
-    scales = (rng.random((n, -(-k // g))) * 0.02 + 0.001).astype(np.float16)
-    zeros = rng.integers(0, 16, (n, -(-k // g))).astype(np.float16)
-    packed = pack_for_plugin(q, scales, zeros, g)
+    q, scales, zeros, packed = random_quantized(rng, n, k, g)
     x = rng.standard_normal((m, k)).astype(np.float16)
     y = np.full((m, n), np.nan, np.float16)
     rows = 32 if "mma32" in kernel else 16
@@ -137,13 +134,10 @@ def test_the_gemm_with_k_split_gives_x_times_w_hat(emulated, splits, m, n, k, g)
     """awq_gemm_g{G}_v{V} over gridDim.z splits of its K tiles (uneven shares; K = 200: one-word loads
     and a short last tile), each split's accumulators summed by the output tile's last block, twice
     on the same workspace: the counters must be left at zero."""
-    from awq_edge.packing import dequantize, pack_for_plugin
+    from awq_edge.packing import dequantize
 
     rng = np.random.default_rng(splits + m + n + k)
-    q = rng.integers(0, 16, (n, k))
-    scales = (rng.random((n, -(-k // g))) * 0.02 + 0.001).astype(np.float16)
-    zeros = rng.integers(0, 16, (n, -(-k // g))).astype(np.float16)
-    packed = pack_for_plugin(q, scales, zeros, g)
+    q, scales, zeros, packed = random_quantized(rng, n, k, g)
     grid = (-(-n // 64), -(-m // 64), splits)
     partials = np.full(splits * grid[0] * grid[1] * 128 * 32, np.nan, np.float32)
     counters = np.zeros(grid[0] * grid[1], np.int32)
