@@ -22,8 +22,7 @@ weight rows to fp16, then cuBLAS's fp16 GEMM" when the machine has cuBLAS (awq_e
 `prefill_path` says which ran and why): from an H100 run's cuBLAS and GEMM timings, an estimated
 1.5-3.6x our GEMM from M = 128 up (docs/cuda.md). Below that (or without cuBLAS): up to 32 rows
 the GEMV (on tensor cores from 2 rows, all of them in one pass), else our tensor-core GEMM. Its
-attention: blocks of 64 tokens on tensor cores (16 on CUDA cores at head size 256), or for a
-few rows a block per token.
+attention: blocks of 64 tokens on tensor cores from 16 rows, or for fewer a block per token.
 
 Nothing in this file has run on a GPU yet: it is checked on a lent GPU by
 tests/test_cuda_backend_gpu.py (against the reference backend) and benchmarks/gpu_check.sh, and
