@@ -49,7 +49,7 @@ GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
 # a block of 256 threads, for K % 32 == 0 and K <= 16384 (x in its shared memory), RoPE at
 # head_dim % 16 == 0; other linears take the CUDA-core one (4 rows a block).
 GEMV_TC_ROWS, GEMV_TC_THREADS, GEMV_TC_MAX_K = 16, 256, 16384
-GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid: ~120 registers x 256 threads, 2 blocks an SM
+GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid (kTcBlocksPerSm: launch bounds of 128 registers x 256 threads)
 # Which one decode runs: "auto" takes the tensor-core GEMV on its persistent grid for the linears
 # with an RMSNorm prologue (q/k/v, gate/up), and the CUDA-core one for the rest. On the H200
 # (benchmarks/cuda_layer.py, 2026-12-04 run 3, each op alone in a Llama-2-7B layer, CUDA cores /

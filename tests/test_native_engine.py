@@ -639,7 +639,10 @@ def test_launch_shapes_match_the_kernel_sources():
     assert cb.GEMV_TC_ROWS == cb.GEMV_MMA_ROWS_PER_BLOCK and "constexpr int kTcRows = kMmaRowsPerBlock;" in src["gemv_w4a16"]
     assert f"constexpr int kTcWarps = {cb.GEMV_TC_THREADS // 32};" in src["gemv_w4a16"]
     assert f"constexpr int kTcMaxK = {cb.GEMV_TC_MAX_K};" in src["gemv_w4a16"]
-    assert re.search(rf"__launch_bounds__\({cb.GEMV_TC_THREADS}\)\s*\\\s*awq_gemv_tc_", src["gemv_w4a16"])
+    assert f"constexpr int kTcBlocksPerSm = {cb.GEMV_TC_BLOCKS_PER_SM};" in src["gemv_w4a16"]
+    assert len(re.findall(r"__launch_bounds__\(awq_edge::kTcThreads, awq_edge::kTcBlocksPerSm\)\s*\\\s*awq_gemv_tc_",
+                          src["gemv_w4a16"])) == 2  # the fused entries' macro and the logits'
+    assert "constexpr int kTcThreads = kTcWarps * kWarpSize;" in src["gemv_w4a16"]
     header = (plugins.PLUGINS_DIR / "kernels" / "w4a16.h").read_text()
     assert f"#define AWQ_W4A16_GEMV_MAX_ROWS {cb.GEMV_MAX_ROWS}\n" in header
     assert f"#define AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS {cb.GEMV_CHUNKED_MAX_ROWS}\n" in header

@@ -489,6 +489,7 @@ constexpr int kTcThreads = kTcWarps * kWarpSize;
 constexpr int kTcWindowsPerStep = 2;
 constexpr int kTcPrefetchSteps = 4;  // how far ahead of its loads a lane sends its weights toward L2
 constexpr int kTcMaxK = 16384;             // x in static shared memory: 32 KiB (wider K: gemv_w4a16)
+constexpr int kTcBlocksPerSm = 2;          // its persistent grid; launch bounds hold it to 128 registers a thread
 
 // One warp step's loads: for each of its windows the lane's 16 bytes of rows g and g + 8, and
 // those rows' scale and zero of the window's group (zero weights, zero scale and zero past K or N).
@@ -966,7 +967,7 @@ AWQ_GEMV_LOGITS_ENTRY(128, 4)
 // norm_rope}_g{G} as above, and awq_gemv_tc_logits_g{G} with the logits entry's arguments. Blocks
 // of 256 threads, a grid of 1 to ceil(N / 16) blocks (each takes every gridDim-th 16-row tile).
 #define AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, G)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256, 2)                                                             \
+    extern "C" __global__ void __launch_bounds__(awq_edge::kTcThreads, awq_edge::kTcBlocksPerSm)                   \
         awq_gemv_tc_##NAME##_g##G(AWQ_GEMV_FUSED_PARAMS) {                                                          \
         awq_edge::gemv_tc<G, NORM, awq_edge::Epilogue::EPILOGUE>(x, qweight, scales, zeros, y, N, K, AWQ_GEMV_FUSION); \
     }
@@ -976,7 +977,7 @@ AWQ_GEMV_LOGITS_ENTRY(128, 4)
     AWQ_GEMV_TC_ENTRY(NAME, NORM, EPILOGUE, 128)
 AWQ_GEMV_FUSIONS(AWQ_GEMV_TC_ENTRIES)
 #define AWQ_GEMV_TC_LOGITS_ENTRY(G)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256)                                                               \
+    extern "C" __global__ void __launch_bounds__(awq_edge::kTcThreads, awq_edge::kTcBlocksPerSm)                   \
         awq_gemv_tc_logits_g##G(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                   \
                                 const half* __restrict__ scales, const half* __restrict__ zeros,                    \
                                 float* __restrict__ logits, int N, int K, int vocab, float softcap) {              \
@@ -1000,13 +1001,13 @@ int launch_gemv_tc(const __half* x, const int32_t* qweight, const __half* scales
     const int g = group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
     const auto kernel = g == 0 ? awq_gemv_tc_store_g32 : g == 1 ? awq_gemv_tc_store_g64 : awq_gemv_tc_store_g128;
     int blocks = (N + kTcRows - 1) / kTcRows;
-    if (persistent) {  // two blocks an SM (about 120 registers x 256 threads each)
+    if (persistent) {  // kTcBlocksPerSm blocks an SM
         int device = 0, sms = 0;
         if (cudaGetDevice(&device) != cudaSuccess ||
             cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
             return launch_status();
         }
-        blocks = blocks < 2 * sms ? blocks : 2 * sms;
+        blocks = blocks < kTcBlocksPerSm * sms ? blocks : kTcBlocksPerSm * sms;
     }
     kernel<<<blocks, kTcThreads, 0, stream>>>(x, reinterpret_cast<const uint32_t*>(qweight), scales, zeros, y, N, K,
                                               nullptr, 0.f, nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr,
