@@ -278,8 +278,8 @@ def main() -> int:
                     row["ours_vs_dequant_cublas"] = d_ms / ms if d_ms else None
                 if m in PREFILL_ROWS and m <= 32 and k % 32 == 0:  # the same rows 8 at a time, as before run 3
                     row["chunks_of_8_us"] = graph_ms(cuda, stream, chunks_of_8(m), iters) * 1e3
-                splits = gemm_split_count(m, n, k, sms)
-                if m in PREFILL_ROWS and m > 32 and splits > 1:  # the cuda backend's GEMM: K split over blocks
+                splits = gemm_split_count(m, n, k, sms) if m in PREFILL_ROWS and m > 32 else 1
+                if splits > 1:  # the cuda backend's GEMM: K split over blocks
                     row["split_k"] = splits
                     row["split_k_us"] = graph_ms(cuda, stream, split_k(m, splits), iters) * 1e3
                 if m == max(DECODE_ROWS):  # the op runs it on tensor cores; the CUDA-core GEMV and 32-row blocks beside it
