@@ -71,15 +71,15 @@ def mma_rows_suffix(rows: int) -> str:
     return "" if rows <= 8 else "_x16" if rows <= 16 else "_x32"
 
 
-GEMM_TILE, GEMM_THREADS = 64, 128
-# The GEMM splits K over gridDim.z blocks when a chunk's output has too few 64 x 64 tiles to give
-# each SM GEMM_SPLIT_BLOCKS_PER_SM blocks (a 64-row chunk of a 4096-wide linear: 64 tiles); each
-# split's fp32 accumulators go through this workspace (16 KiB a tile and split), summed by the
+GEMM_TILE_M, GEMM_TILE_N, GEMM_STEP_K, GEMM_THREADS = 64, 128, 32, 256  # plugins/kernels/gemm_w4a16.cu
+# The GEMM splits K over gridDim.z blocks when a chunk's output has too few 64 x 128 tiles to give
+# each SM GEMM_SPLIT_BLOCKS_PER_SM blocks (a 64-row chunk of a 4096-wide linear: 32 tiles); each
+# split's fp32 accumulators go through this workspace (32 KiB a tile and split), summed by the
 # tile's last block (plugins/kernels/gemm_w4a16.cu). At most GEMM_MAX_SPLITS, each at least
-# GEMM_MIN_SPLIT_STEPS K tiles of 64. Not yet timed on a GPU.
-GEMM_SPLIT_BLOCKS_PER_SM, GEMM_MAX_SPLITS, GEMM_MIN_SPLIT_STEPS = 2, 8, 4
+# GEMM_MIN_SPLIT_STEPS K steps of 32. Not yet timed on a GPU.
+GEMM_SPLIT_BLOCKS_PER_SM, GEMM_MAX_SPLITS, GEMM_MIN_SPLIT_STEPS = 2, 8, 8
 GEMM_SPLIT_TILE_BYTES = GEMM_THREADS * 32 * 4
-GEMM_SPLIT_WORKSPACE_BYTES = 4 << 20
+GEMM_SPLIT_WORKSPACE_BYTES = 8 << 20
 GEMM_SPLIT_MAX_TILES = GEMM_SPLIT_WORKSPACE_BYTES // (2 * GEMM_SPLIT_TILE_BYTES)  # counters: a split has 2+
 ROPE_THREADS, ATTEND_THREADS = 256, 128
 ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
@@ -110,15 +110,21 @@ def slab_rows(n: int, k: int, slab_bytes: int = DEQUANT_SLAB_BYTES) -> int:
     return min(n, max(8, slab_bytes // (2 * k) // 8 * 8))
 
 
+def gemm_grid(rows: int, n: int) -> tuple[int, int]:
+    """The GEMM's output tiles for rows x n: (along n, along rows)."""
+    return -(-n // GEMM_TILE_N), -(-rows // GEMM_TILE_M)
+
+
 def gemm_split_count(rows: int, n: int, k: int, sm_count: int) -> int:
     """How many blocks split K for a GEMM of rows x n x k: enough for GEMM_SPLIT_BLOCKS_PER_SM
-    blocks an SM, within GEMM_MAX_SPLITS, GEMM_MIN_SPLIT_STEPS K tiles a split and the workspace."""
-    tiles = -(-rows // GEMM_TILE) * -(-n // GEMM_TILE)
+    blocks an SM, within GEMM_MAX_SPLITS, GEMM_MIN_SPLIT_STEPS K steps a split and the workspace."""
+    across, down = gemm_grid(rows, n)
+    tiles = across * down
     if tiles > GEMM_SPLIT_MAX_TILES:
         return 1
     want = -(-GEMM_SPLIT_BLOCKS_PER_SM * sm_count // tiles)
     fits = GEMM_SPLIT_WORKSPACE_BYTES // (tiles * GEMM_SPLIT_TILE_BYTES)
-    return max(1, min(want, GEMM_MAX_SPLITS, -(-k // GEMM_TILE) // GEMM_MIN_SPLIT_STEPS, fits))
+    return max(1, min(want, GEMM_MAX_SPLITS, -(-k // GEMM_STEP_K) // GEMM_MIN_SPLIT_STEPS, fits))
 
 
 def slab_buffer_bytes(spec) -> int:
@@ -507,7 +513,7 @@ class CudaBackend:
                 self.launch(f"awq_gemv_rows{m}_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
                             [x + 2 * m0 * k, *weights, y + 2 * m0 * n, ("i32", n), ("i32", k)])
         else:
-            grid = (-(-n // GEMM_TILE), -(-rows // GEMM_TILE), gemm_split_count(rows, n, k, self.sm_count))
+            grid = (*gemm_grid(rows, n), gemm_split_count(rows, n, k, self.sm_count))
             self.launch(f"awq_gemm_g{g}_v{1 if wide else 0}", grid, (GEMM_THREADS,),
                         [x, *weights, y, ("i32", rows), ("i32", n), ("i32", k), self.gemm_partials, self.gemm_counters])
 

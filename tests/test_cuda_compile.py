@@ -69,7 +69,8 @@ def test_every_kernel_the_cuda_backend_launches_keeps_the_programmatic_launch_co
     (plugins/kernels/pdl.cuh): a kernel that skipped griddepcontrol.wait would read activations
     still being written. Every kernel entry of every cubin source, compiled to PTX for sm_90, must
     wait, and must let the next one start, and load nothing before the wait but the tensor-core
-    GEMV's weights, scales and zeros; for sm_89 there must be neither (no such instruction)."""
+    GEMV's and the GEMM's weights, scales and zeros; for sm_89 there must be neither (no such
+    instruction)."""
     import re
 
     from awq_edge.cuda_backend import KERNELS_OF
@@ -87,11 +88,18 @@ def test_every_kernel_the_cuda_backend_launches_keeps_the_programmatic_launch_co
                 has = ("griddepcontrol.wait" in body, "griddepcontrol.launch_dependents" in body)
                 assert has == (expect, expect), f"{kernel} sm_{arch}: wait, launch_dependents = {has}"
                 if expect:  # the wait comes before the first load of anything but the weights
-                    early = set(re.findall(r"\bld\.global[\w.]*", body[:body.index("griddepcontrol.wait")]))
+                    loads = re.findall(r"\b(?:ld\.global|cp\.async)[\w.]*", body[:body.index("griddepcontrol.wait")])
                     # the tensor-core GEMV loads its first weights (16-byte streaming loads) and their
-                    # 2-byte scales and zeros before it waits; every other kernel loads nothing
+                    # 2-byte scales and zeros before it waits; the GEMM copies its first 3 steps'
+                    # weights (16 bytes a thread a step, or 2 words of 4 when K % 32 != 0: X's copies
+                    # are 16 bytes too, so the count tells them apart) and loads their scales and zeros;
+                    # every other kernel loads nothing
                     allowed = {"ld.global.cs.v4.u32", "ld.global.nc.u16"} if kernel.startswith("awq_gemv_tc_") else set()
-                    assert early <= allowed, f"{kernel}: {sorted(early - allowed)} before the wait"
+                    if kernel.startswith("awq_gemm_"):
+                        copy = "cp.async.cg.shared.global" if kernel.endswith("_v1") else "cp.async.ca.shared.global"
+                        allowed = {"ld.global.nc.b16", copy}
+                        assert loads.count(copy) == (3 if kernel.endswith("_v1") else 6), (kernel, loads)
+                    assert set(loads) <= allowed, f"{kernel}: {sorted(set(loads) - allowed)} before the wait"
 
 
 @needs_nvcc

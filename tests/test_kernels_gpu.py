@@ -104,14 +104,15 @@ def test_gemm(gpu, m, k, n, group_size):
                                                  (33, 11008, 256, 128)])
 def test_gemm_with_k_split(gpu, splits, m, k, n, group_size):
     """awq_w4a16_gemm_split_k (the cuda backend's GEMM for few output tiles): 2, 3 and 8 splits of the
-    K tiles (uneven shares; K = 200: a short last tile), twice on the same workspace (the tiles'
+    K steps (uneven shares; K = 200: a short last step), twice on the same workspace (the tiles'
     last blocks reset the counters)."""
-    if splits > -(-k // 64):
-        pytest.skip("more splits than K tiles")
-    from awq_edge.cuda_backend import GEMM_SPLIT_TILE_BYTES
+    from awq_edge.cuda_backend import GEMM_SPLIT_TILE_BYTES, GEMM_STEP_K, gemm_grid
 
+    if splits > -(-k // GEMM_STEP_K):
+        pytest.skip("more splits than K steps")
     cuda, _ = gpu
-    tiles = -(-m // 64) * -(-n // 64)
+    across, down = gemm_grid(m, n)
+    tiles = across * down
     partials, counters = cuda.malloc(splits * tiles * GEMM_SPLIT_TILE_BYTES), cuda.malloc(4 * tiles)
     try:
         cuda.memset(counters, 0, 4 * tiles)

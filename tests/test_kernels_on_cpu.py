@@ -129,22 +129,26 @@ def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k):
     assert np.abs(y.astype(np.float32) - want).max() <= 2e-3 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("splits, m, n, k, g", [(3, 70, 72, 576, 128), (2, 40, 64, 200, 32), (1, 5, 40, 96, 64)])
+@pytest.mark.parametrize("splits, m, n, k, g", [(3, 70, 72, 576, 128), (2, 40, 136, 200, 32), (1, 5, 40, 96, 64),
+                                                 (1, 65, 128, 40, 32)])
 def test_the_gemm_with_k_split_gives_x_times_w_hat(emulated, splits, m, n, k, g):
-    """awq_gemm_g{G}_v{V} over gridDim.z splits of its K tiles (uneven shares; K = 200: one-word loads
-    and a short last tile), each split's accumulators summed by the output tile's last block, twice
-    on the same workspace: the counters must be left at zero."""
+    """awq_gemm_g{G}_v{V} over gridDim.z splits of its K steps (uneven shares; K = 200 and 40: one-word
+    copies and a short last step; K = 40 and 96: fewer steps than the pipeline copies ahead; N = 72
+    and 136: tiles of 128 rows partly past N), each split's accumulators summed by the output
+    tile's last block, twice on the same workspace: the counters must be left at zero. The
+    emulated cp.async lands a copy only at its thread's wait, so a step read before its wait fails."""
+    from awq_edge.cuda_backend import GEMM_SPLIT_TILE_BYTES, GEMM_THREADS, gemm_grid
     from awq_edge.packing import dequantize
 
     rng = np.random.default_rng(splits + m + n + k)
     q, scales, zeros, packed = random_quantized(rng, n, k, g)
-    grid = (-(-n // 64), -(-m // 64), splits)
-    partials = np.full(splits * grid[0] * grid[1] * 128 * 32, np.nan, np.float32)
+    grid = (*gemm_grid(m, n), splits)
+    partials = np.full(splits * grid[0] * grid[1] * GEMM_SPLIT_TILE_BYTES // 4, np.nan, np.float32)
     counters = np.zeros(grid[0] * grid[1], np.int32)
     for _ in range(2):
         x = rng.standard_normal((m, k)).astype(np.float16)
         y = np.full((m, n), np.nan, np.float16)
-        run(emulated, f"awq_gemm_g{g}_v{int(k % 32 == 0)}", grid, 128,
+        run(emulated, f"awq_gemm_g{g}_v{int(k % 32 == 0)}", grid, GEMM_THREADS,
             [x, packed["qweight"], packed["scales"], packed["zeros"], y, m, n, k, partials, counters])
         want = x.astype(np.float32) @ dequantize(q, scales, zeros, g).astype(np.float16).astype(np.float32).T
         assert np.abs(y.astype(np.float32) - want).max() <= 2e-3 * np.abs(want).max()

@@ -352,8 +352,9 @@ def test_a_prefill_chunks_linears_give_x_times_w_hat_on_every_path(smollm2_cuda_
                 "gemm": {f"awq_gemm_g{g}_v1"}}[path]
             for fn, grid, block, args in launched:  # every weight word (dequantize) or output row has a thread
                 covered = grid[0] * block[0] >= args[4].value * k // 8 if path == "cublas" else \
-                    grid[0] * {"gemv": 16, "gemm": 64}[path] >= n
-                assert covered and (path != "gemm" or grid[1] * 64 >= rows), (fn, grid)
+                    grid[0] * {"gemv": 16, "gemm": cuda_backend.GEMM_TILE_N}[path] >= n
+                assert covered and (path != "gemm" or grid[1] * cuda_backend.GEMM_TILE_M >= rows), (fn, grid)
+                assert path != "gemm" or block[0] == cuda_backend.GEMM_THREADS
                 if path == "gemm":  # K split as gemm_split_count says, within the workspace it is given
                     tiles = grid[0] * grid[1]
                     assert grid[2] == cuda_backend.gemm_split_count(rows, n, k, 132) > 1, (name, grid)
@@ -627,7 +628,11 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"constexpr int kThreads = {cb.NORM_THREADS};" in src["decoder_ops"]
     assert f"constexpr int kRowsPerBlock = {cb.GEMV_ROWS_PER_BLOCK};" in src["gemv_w4a16"]
     assert "__launch_bounds__(128)" in src["gemv_w4a16"] and cb.GEMV_THREADS == 128
-    assert f"constexpr int kTileM = {cb.GEMM_TILE};" in src["gemm_w4a16"] and cb.GEMM_THREADS == 128
+    assert f"constexpr int kTileM = {cb.GEMM_TILE_M};" in src["gemm_w4a16"]
+    assert f"constexpr int kTileN = {cb.GEMM_TILE_N};" in src["gemm_w4a16"]
+    assert f"constexpr int kStepK = {cb.GEMM_STEP_K};" in src["gemm_w4a16"]
+    assert f"constexpr int kThreads = {cb.GEMM_THREADS};" in src["gemm_w4a16"]
+    assert re.search(rf"__launch_bounds__\({cb.GEMM_THREADS}, 2\)\s*\\\s*awq_gemm_g", src["gemm_w4a16"])
     assert f"constexpr int kRopeThreads = {cb.ROPE_THREADS};" in src["attention"]
     assert "constexpr int kWarps = 4;" in src["attention"] and cb.ATTEND_THREADS == 4 * 32
     assert f"constexpr int kTileKeys = {cb.ATTEND_SPLIT_KEYS};" in src["attention"]

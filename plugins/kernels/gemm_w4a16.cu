@@ -1,28 +1,35 @@
 // Prefill GEMM: Y[M, N] = X[M, K] @ W_hat^T for any M, on tensor cores.
 //
-// Block tile 64 (M) x 64 (N) x 64 (K), 4 warps in a 2 x 2 grid, each warp owning a
-// 32 x 32 piece of Y as 2 x 4 mma.sync.m16n8k16 tiles with fp32 accumulators.
-// Per K step the block:
-//   1. has already loaded the NEXT tile from global memory into registers (X as 128-bit
-//      loads; weights as one 128-bit load of 4 words per thread, two threads per weight
-//      row = 32 contiguous bytes, one full memory sector);
-//   2. computes on the CURRENT tile in shared memory (X tile [m][k], dequantized weight
-//      tile [n][k], which is exactly the "col" B operand of mma.row.col);
-//   3. stores the next tile into shared memory, dequantizing the weights on the way.
-// Rows are padded to 72 halves so the fragment loads of a warp hit 32 different banks.
+// Block tile 64 (M) x 128 (N), 8 warps in a 2 x 4 grid, each warp owning a 32 x 32 piece of Y as
+// 2 x 4 mma.sync.m16n8k16 tiles with fp32 accumulators. K goes in steps of 32 through kStages
+// buffers in shared memory, filled by cp.async (async_copy.cuh) kStages - 1 steps ahead of the
+// products: three steps' loads are in flight while the tensor cores work on the fourth. A step's
+// buffer holds X's 64 x 32 halves and the weights' 128 rows x 4 packed words as they lie in
+// memory: each warp dequantizes the words it multiplies into registers, so the weights cross
+// shared memory as 4-bit words, never as fp16. (Until 2026-12-04: 64 x 64 tiles of 4 warps, one
+// step of lookahead through registers, the weights stored dequantized, every fragment loaded 32
+// bits at a time; 0.23-0.34x cuBLAS fp16 from M = 128 on the H200, run 3.)
 //
-// Split K (gridDim.z > 1, the cuda backend's choice when the output has too few 64 x 64 tiles to
-// fill the GPU: a 64-row chunk of a 4096-wide linear is 64 tiles for 132 SMs): block (x, y, z)
-// takes the z-th of gridDim.z even shares of the K tiles, writes its fp32 accumulators to
-// `partials` (each thread its own 32, in fragment order: the same thread of every split holds
-// the same output elements), and the last block of the output tile to finish (a counter per
-// tile, reset by that block) sums the splits in order and writes Y, as one block would have.
+// The k order inside a step is free as long as A and B agree (the tensor-core GEMV's trick): lane
+// (g, t) of a warp (g = lane / 4, t = lane % 4) takes word t of weight row g, the 8 k values
+// 8t..8t+7, and 16 bytes of X rows g and g + 8 at the same k, and uses the first 4 as its
+// fragments' k (2t, 2t+1, 2t+8, 2t+9) of one mma and the last 4 of the other. A step is then per
+// lane one 128-bit shared load of X per 8 rows of a 16-row tile and one 32-bit load per 8-row
+// tile of weights, each without bank conflicts (a quarter warp reads 128 consecutive bytes),
+// where mma's own k order would take a 32-bit load per fragment register.
 //
-// Edges: rows m >= M, rows n >= N and columns k >= K are filled with zeros in shared
-// memory, so any M, any N % 8 == 0 and any K % 8 == 0 work. A thread's 4 words are 32
-// k values starting at a multiple of 32, so they share one group (G is a multiple of 32);
-// when K % 32 != 0 the rows are not 16-byte aligned and words are read one at a time,
-// each with its own group and bounds check.
+// Split K (gridDim.z > 1, the cuda backend's choice when the output has too few tiles to fill the
+// GPU: a 64-row chunk of a 4096-wide linear is 32 tiles for an H200's 132 SMs): block (x, y, z)
+// takes the z-th of gridDim.z even shares of the K steps, writes its fp32 accumulators to
+// `partials` (each thread its own 32, in fragment order: the same thread of every split holds the
+// same output elements), and the last block of the output tile to finish (a counter per tile,
+// reset by that block) sums the splits in order and writes Y, as one block would have.
+//
+// Edges: the copies of rows m >= M, rows n >= N and columns k >= K write zeros (the scale and
+// zero of a row n >= N are 0 too, so its weights dequantize to 0), so any M, any N % 8 == 0 and
+// any K % 8 == 0 work. G is a multiple of 32, so a step's k share one group. When K % 32 != 0 the
+// weight rows are not 16-byte aligned and their words are copied one at a time.
+#include "async_copy.cuh"
 #include "dequant.cuh"
 #include "launch_checks.cuh"
 #include "mma.cuh"
@@ -32,96 +39,100 @@ namespace awq_edge {
 namespace {
 
 constexpr int kTileM = 64;
-constexpr int kTileN = 64;
-constexpr int kTileK = 64;
-constexpr int kThreads = 128;
-constexpr int kSmemRow = kTileK + 8;        // padded row length in halves (avoids bank conflicts)
+constexpr int kTileN = 128;
+constexpr int kStepK = 32;                  // k values a pipeline step
+constexpr int kStages = 4;                  // buffers: kStages - 1 steps copied ahead of the products
+constexpr int kThreads = 256;
 constexpr int kWarpTileM = 32;              // each warp: 32 x 32 of the output
 constexpr int kWarpTileN = 32;
+constexpr int kWarpsN = kTileN / kWarpTileN;  // 4 (and 2 along M)
 constexpr int kMmaTilesM = kWarpTileM / 16;  // 2 m16 tiles per warp
 constexpr int kMmaTilesN = kWarpTileN / 8;   // 4 n8 tiles per warp
-constexpr int kXLoadsPerThread = kTileM * kTileK / 8 / kThreads;  // 8 halves per 128-bit load -> 4
-constexpr int kWordsPerThread = 4;           // 64 rows x 8 words / 128 threads
+constexpr int kWordsPerStep = kStepK / kValuesPerWord;      // 4 words of a weight row a step
 constexpr int kAccPerThread = kMmaTilesM * kMmaTilesN * 4;  // a thread's fp32 accumulators: 32
+static_assert(kTileM * kStepK / 8 == kThreads, "a step of X is one 16-byte copy a thread");
+static_assert(kTileN * kWordsPerStep % kThreads == 0, "a step of weights is whole words a thread");
 
-// The slice of the next K tile that one thread carries from global memory to shared memory.
-struct TileLoad {
-    uint4 x[kXLoadsPerThread];
-    uint32_t words[kWordsPerThread];
-    half scale[kWordsPerThread];
-    half zero[kWordsPerThread];
-    bool word_valid[kWordsPerThread];
+struct Stage {  // one pipeline step's buffer: 6 KiB
+    half x[kTileM][kStepK];                // rows of 64 bytes
+    uint32_t w[kTileN][kWordsPerStep];     // the packed words, as in memory
 };
 
-template <int kGroupSize, bool kVectorWeights>
-__device__ __forceinline__ void load_tile(TileLoad& t, const half* __restrict__ x, const uint32_t* __restrict__ qweight,
-                                          const half* __restrict__ scales, const half* __restrict__ zeros,
-                                          int M, int N, int K, int m_block, int n_block, int k_tile) {
-    const int tid = threadIdx.x;
-    // X: 64 rows x 8 loads of 8 halves; load i of this thread covers row r, columns c..c+7.
-#pragma unroll
-    for (int i = 0; i < kXLoadsPerThread; ++i) {
-        const int idx = tid + i * kThreads;
-        const int row = m_block + idx / (kTileK / 8);
-        const int col = k_tile + (idx % (kTileK / 8)) * 8;
-        t.x[i] = (row < M && col < K) ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(row) * K + col))
-                                      : make_uint4(0, 0, 0, 0);
-    }
-    // Weights: two threads per row n, each 4 words = 32 k values.
-    const int n = n_block + tid / 2;
+// X's 64 rows x 32 columns of step k0: a 16-byte copy a thread (K % 8 == 0: in K or out whole).
+__device__ __forceinline__ void copy_x(Stage& s, const half* __restrict__ x, int M, int K, int m_block, int k0) {
+    const int row = threadIdx.x / (kStepK / 8), col = threadIdx.x % (kStepK / 8) * 8;
+    const bool valid = m_block + row < M && k0 + col < K;
+    copy_async_16(&s.x[row][col], valid ? x + static_cast<size_t>(m_block + row) * K + k0 + col : x, valid);
+}
+
+// The weights' 128 rows x 4 words of step k0 (inside K): a row's 16 bytes a thread when K % 32 == 0.
+template <bool kVectorWeights>
+__device__ __forceinline__ void copy_weights(Stage& s, const uint32_t* __restrict__ qweight, int N, int K,
+                                             int n_block, int k0) {
     const int words_per_row = K / kValuesPerWord;
-    const int first_word = k_tile / kValuesPerWord + (tid % 2) * kWordsPerThread;
-    const int groups = num_groups(K, kGroupSize);
-    const uint32_t* w_row = qweight + static_cast<size_t>(n) * words_per_row;
     if constexpr (kVectorWeights) {
-        // K % 32 == 0: the 4 words are all inside K or all outside, and share one group.
-        const bool valid = n < N && first_word < words_per_row;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        half s = __float2half(0.0f), z = __float2half(0.0f);
-        if (valid) {
-            v = __ldcs(reinterpret_cast<const uint4*>(w_row + first_word));
-            const int g = group_of(first_word * kValuesPerWord, kGroupSize);
-            s = scales[static_cast<size_t>(n) * groups + g];
-            z = zeros[static_cast<size_t>(n) * groups + g];
+        if (threadIdx.x < kTileN) {
+            const int n = n_block + threadIdx.x;
+            const bool valid = n < N;
+            copy_async_16(s.w[threadIdx.x],
+                          valid ? qweight + static_cast<size_t>(n) * words_per_row + k0 / kValuesPerWord : qweight,
+                          valid);
         }
-        t.words[0] = v.x; t.words[1] = v.y; t.words[2] = v.z; t.words[3] = v.w;
-#pragma unroll
-        for (int i = 0; i < kWordsPerThread; ++i) { t.scale[i] = s; t.zero[i] = z; t.word_valid[i] = valid; }
     } else {
 #pragma unroll
-        for (int i = 0; i < kWordsPerThread; ++i) {
-            const int word = first_word + i;
-            t.word_valid[i] = n < N && word < words_per_row;
-            t.words[i] = 0;
-            t.scale[i] = t.zero[i] = __float2half(0.0f);
-            if (t.word_valid[i]) {
-                const int g = group_of(word * kValuesPerWord, kGroupSize);
-                t.words[i] = __ldcs(w_row + word);
-                t.scale[i] = scales[static_cast<size_t>(n) * groups + g];
-                t.zero[i] = zeros[static_cast<size_t>(n) * groups + g];
-            }
+        for (int i = 0; i < kTileN * kWordsPerStep / kThreads; ++i) {
+            const int idx = threadIdx.x + i * kThreads;
+            const int row = idx / kWordsPerStep, word = k0 / kValuesPerWord + idx % kWordsPerStep;
+            const bool valid = n_block + row < N && word < words_per_row;
+            copy_async_4(&s.w[row][idx % kWordsPerStep],
+                         valid ? qweight + static_cast<size_t>(n_block + row) * words_per_row + word : qweight, valid);
         }
     }
 }
 
-__device__ __forceinline__ void store_tile(const TileLoad& t, half (*x_tile)[kSmemRow], half (*w_tile)[kSmemRow]) {
-    const int tid = threadIdx.x;
+// The scale and zero of a lane's weight rows (row g of each of its 8-row tiles) at step k0.
+struct RowGroups {
+    half scale[kMmaTilesN], zero[kMmaTilesN];
+};
+
+template <int kGroupSize>
+__device__ __forceinline__ RowGroups load_row_groups(const half* __restrict__ scales, const half* __restrict__ zeros,
+                                                     int N, int K, int first_row, int k0) {
+    RowGroups r;
+    const int groups = num_groups(K, kGroupSize), group = group_of(k0, kGroupSize);
 #pragma unroll
-    for (int i = 0; i < kXLoadsPerThread; ++i) {
-        const int idx = tid + i * kThreads;
-        *reinterpret_cast<uint4*>(&x_tile[idx / (kTileK / 8)][(idx % (kTileK / 8)) * 8]) = t.x[i];
+    for (int nt = 0; nt < kMmaTilesN; ++nt) {
+        const int n = first_row + nt * 8;
+        const size_t at = static_cast<size_t>(n) * groups + group;
+        r.scale[nt] = n < N ? __ldg(scales + at) : __float2half(0.0f);
+        r.zero[nt] = n < N ? __ldg(zeros + at) : __float2half(0.0f);
     }
-    const int row = tid / 2;
-    const int col = (tid % 2) * kWordsPerThread * kValuesPerWord;
+    return r;
+}
+
+// One step's products: acc[mt][nt] += X tile mt x W_hat tile nt over the step's 32 k.
+__device__ __forceinline__ void multiply_step(const Stage& s, const RowGroups& groups,
+                                              float (&acc)[kMmaTilesM][kMmaTilesN][4], int warp_m, int warp_n, int g,
+                                              int t) {
+    uint32_t a[kMmaTilesM][2][4];  // [m16 tile][the step's first or second mma][fragment register]
 #pragma unroll
-    for (int i = 0; i < kWordsPerThread; ++i) {
-        half2 w[4];
-        if (t.word_valid[i]) {
-            dequant_word(t.words[i], make_group_params(t.scale[i], t.zero[i]), w);
-        } else {
-            w[0] = w[1] = w[2] = w[3] = __float2half2_rn(0.0f);  // outside the matrix: contributes nothing
+    for (int mt = 0; mt < kMmaTilesM; ++mt) {
+        const int r = warp_m + mt * 16 + g;
+        const uint4 top = *reinterpret_cast<const uint4*>(&s.x[r][8 * t]);  // k 8t..8t+7 of row g
+        const uint4 bottom = *reinterpret_cast<const uint4*>(&s.x[r + 8][8 * t]);
+        a[mt][0][0] = top.x, a[mt][0][1] = bottom.x, a[mt][0][2] = top.y, a[mt][0][3] = bottom.y;
+        a[mt][1][0] = top.z, a[mt][1][1] = bottom.z, a[mt][1][2] = top.w, a[mt][1][3] = bottom.w;
+    }
+#pragma unroll
+    for (int nt = 0; nt < kMmaTilesN; ++nt) {
+        half2 w[4];  // (k0, k1) .. (k6, k7) of the lane's word
+        dequant_word(s.w[warp_n + nt * 8 + g][t], make_group_params(groups.scale[nt], groups.zero[nt]), w);
+#pragma unroll
+        for (int half_step = 0; half_step < 2; ++half_step) {
+            const uint32_t b[2] = {bit_cast<uint32_t>(w[2 * half_step]), bit_cast<uint32_t>(w[2 * half_step + 1])};
+#pragma unroll
+            for (int mt = 0; mt < kMmaTilesM; ++mt) mma_16816(acc[mt][nt], a[mt][half_step], b);
         }
-        *reinterpret_cast<uint4*>(&w_tile[row][col + i * kValuesPerWord]) = bit_cast<uint4>(w);
     }
 }
 
@@ -167,59 +178,51 @@ __device__ __forceinline__ void gemm_w4a16(const half* __restrict__ x, const uin
                                            const half* __restrict__ scales, const half* __restrict__ zeros,
                                            half* __restrict__ y, int M, int N, int K, float* __restrict__ partials,
                                            int* __restrict__ counters) {
-    __shared__ __align__(16) half x_tile[kTileM][kSmemRow];
-    __shared__ __align__(16) half w_tile[kTileN][kSmemRow];
+    __shared__ __align__(16) Stage stages[kStages];
 
     const int m_block = blockIdx.y * kTileM;
     const int n_block = blockIdx.x * kTileN;
     const int lane = threadIdx.x % 32;
     const int warp = threadIdx.x / 32;
-    const int warp_m = (warp / 2) * kWarpTileM;
-    const int warp_n = (warp % 2) * kWarpTileN;
-    const int group_id = lane / 4;  // mma fragment row (A, C) / column (B)
-    const int lane_in_group = lane % 4;
+    const int warp_m = (warp / kWarpsN) * kWarpTileM;
+    const int warp_n = (warp % kWarpsN) * kWarpTileN;
+    const int g = lane / 4;  // mma fragment row (A, C) / column (B)
+    const int t = lane % 4;
+
+    // this block's K steps: the blockIdx.z-th of gridDim.z even shares (all of them without a split)
+    const int k_steps = (K + kStepK - 1) / kStepK;
+    const int first = static_cast<int>(blockIdx.z) * k_steps / static_cast<int>(gridDim.z);
+    const int steps = (static_cast<int>(blockIdx.z) + 1) * k_steps / static_cast<int>(gridDim.z) - first;
+    const auto k_of = [&](int step) { return (first + step) * kStepK; };
+
+    // The first steps' weights and scales: nothing an earlier kernel writes, so before waiting for it.
+    // (Their copies join the first step's group: waiting for it waits for them, which is early, not late.)
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < steps) copy_weights<kVectorWeights>(stages[s], qweight, N, K, n_block, k_of(s));
+    }
+    RowGroups groups = load_row_groups<kGroupSize>(scales, zeros, N, K, n_block + warp_n + g, k_of(0));
+    wait_for_previous_kernel();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < steps) copy_x(stages[s], x, M, K, m_block, k_of(s));
+        commit_copies();  // a group a step, empty past the end: the count wait_copies relies on
+    }
 
     float acc[kMmaTilesM][kMmaTilesN][4] = {};
-
-    // this block's K tiles: the blockIdx.z-th of gridDim.z even shares (all of them without a split)
-    const int k_tiles = (K + kTileK - 1) / kTileK;
-    const int k_begin = static_cast<int>(blockIdx.z) * k_tiles / static_cast<int>(gridDim.z) * kTileK;
-    const int k_end_tile = (static_cast<int>(blockIdx.z) + 1) * k_tiles / static_cast<int>(gridDim.z) * kTileK;
-    const int k_end = k_end_tile < K ? k_end_tile : K;
-    TileLoad next;
-    load_tile<kGroupSize, kVectorWeights>(next, x, qweight, scales, zeros, M, N, K, m_block, n_block, k_begin);
-    for (int k_tile = k_begin; k_tile < k_end; k_tile += kTileK) {
-        __syncthreads();  // everyone is done reading the previous tile
-        store_tile(next, x_tile, w_tile);
-        __syncthreads();
-        if (k_tile + kTileK < k_end) {
-            load_tile<kGroupSize, kVectorWeights>(next, x, qweight, scales, zeros, M, N, K, m_block, n_block,
-                                                  k_tile + kTileK);
+    for (int i = 0; i < steps; ++i) {
+        wait_copies<kStages - 2>();  // this thread's copies of step i have landed
+        __syncthreads();             // everyone's have, and every warp is done with step i - 1's buffer
+        const int ahead = i + kStages - 1;  // into that buffer
+        if (ahead < steps) {
+            copy_weights<kVectorWeights>(stages[ahead % kStages], qweight, N, K, n_block, k_of(ahead));
+            copy_x(stages[ahead % kStages], x, M, K, m_block, k_of(ahead));
         }
-#pragma unroll
-        for (int kk = 0; kk < kTileK; kk += 16) {
-            // Fragment layouts of mma.m16n8k16 (PTX ISA): A regs = rows (g, g+8) x cols (2t, 2t+8);
-            // B regs = k (2t, 2t+8) of column g.
-            uint32_t a[kMmaTilesM][4];
-#pragma unroll
-            for (int mt = 0; mt < kMmaTilesM; ++mt) {
-                const int r = warp_m + mt * 16 + group_id;
-                const int c = kk + lane_in_group * 2;
-                a[mt][0] = *reinterpret_cast<const uint32_t*>(&x_tile[r][c]);
-                a[mt][1] = *reinterpret_cast<const uint32_t*>(&x_tile[r + 8][c]);
-                a[mt][2] = *reinterpret_cast<const uint32_t*>(&x_tile[r][c + 8]);
-                a[mt][3] = *reinterpret_cast<const uint32_t*>(&x_tile[r + 8][c + 8]);
-            }
-#pragma unroll
-            for (int nt = 0; nt < kMmaTilesN; ++nt) {
-                const int n = warp_n + nt * 8 + group_id;
-                const int c = kk + lane_in_group * 2;
-                const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(&w_tile[n][c]),
-                                       *reinterpret_cast<const uint32_t*>(&w_tile[n][c + 8])};
-#pragma unroll
-                for (int mt = 0; mt < kMmaTilesM; ++mt) mma_16816(acc[mt][nt], a[mt], b);
-            }
-        }
+        commit_copies();
+        const RowGroups next =
+            i + 1 < steps ? load_row_groups<kGroupSize>(scales, zeros, N, K, n_block + warp_n + g, k_of(i + 1)) : groups;
+        multiply_step(stages[i % kStages], groups, acc, warp_m, warp_n, g, t);
+        groups = next;
     }
 
     if (gridDim.z > 1 && !gather_splits(acc, partials, counters)) return;
@@ -228,11 +231,11 @@ __device__ __forceinline__ void gemm_w4a16(const half* __restrict__ x, const uin
     for (int mt = 0; mt < kMmaTilesM; ++mt) {
 #pragma unroll
         for (int nt = 0; nt < kMmaTilesN; ++nt) {
-            const int col = n_block + warp_n + nt * 8 + lane_in_group * 2;
+            const int col = n_block + warp_n + nt * 8 + t * 2;
             if (col >= N) continue;  // N % 8 == 0, so col + 1 < N whenever col < N
 #pragma unroll
             for (int half_row = 0; half_row < 2; ++half_row) {
-                const int row = m_block + warp_m + mt * 16 + group_id + half_row * 8;
+                const int row = m_block + warp_m + mt * 16 + g + half_row * 8;
                 if (row < M) {
                     *reinterpret_cast<half2*>(y + static_cast<size_t>(row) * N + col) =
                         __floats2half2_rn(acc[mt][nt][2 * half_row], acc[mt][nt][2 * half_row + 1]);
@@ -247,16 +250,16 @@ __device__ __forceinline__ void gemm_w4a16(const half* __restrict__ x, const uin
 
 // The kernels, one per group size and load width, with C names so that the CUDA driver API
 // finds them in this file's cubin (awq_edge/cuda_backend.py) as the launcher below does:
-// awq_gemm_g{G}_v{1: K % 32 == 0, 128-bit weight loads; 0: one word at a time},
-// grid (ceil(N / 64), ceil(M / 64), splits of K) blocks of 128 threads; with splits > 1,
-// partials: float32 [splits, tiles, 128, 32] and counters: int32 [tiles], zero between launches
+// awq_gemm_g{G}_v{1: K % 32 == 0, 16-byte weight copies; 0: one word at a time},
+// grid (ceil(N / 128), ceil(M / 64), splits of K) blocks of 256 threads; with splits > 1,
+// partials: float32 [splits, tiles, 256, 32] and counters: int32 [tiles], zero between launches
 // (tiles = grid.x * grid.y); unused (may be null) with one split.
 #define AWQ_GEMM_ENTRY(G, V)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(128)                                                               \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                            \
         awq_gemm_g##G##_v##V(const half* __restrict__ x, const uint32_t* __restrict__ qweight,                      \
                              const half* __restrict__ scales, const half* __restrict__ zeros, half* __restrict__ y, \
                              int M, int N, int K, float* __restrict__ partials, int* __restrict__ counters) {       \
-        awq_edge::begin_after_previous_kernel();                                                                    \
+        awq_edge::let_next_kernel_start();                                                                          \
         awq_edge::gemm_w4a16<G, V == 1>(x, qweight, scales, zeros, y, M, N, K, partials, counters);                 \
     }
 AWQ_GEMM_ENTRY(32, 0)
@@ -319,7 +322,7 @@ extern "C" int awq_w4a16_gemm_split_k(const __half* x, const int32_t* qweight, c
     using namespace awq_edge;
     if (!valid_matmul_args(x, qweight, scales, zeros, y, M, N, K, group_size)) return AWQ_W4A16_INVALID_ARGUMENT;
     const dim3 grid((N + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM, splits);
-    if (grid.y > 65535 || splits < 1 || splits > 64 || splits > (K + kTileK - 1) / kTileK ||
+    if (grid.y > 65535 || splits < 1 || splits > 64 || splits > (K + kStepK - 1) / kStepK ||
         (splits > 1 && (partials == nullptr || counters == nullptr))) {
         return AWQ_W4A16_INVALID_ARGUMENT;
     }

@@ -1,7 +1,8 @@
 // Just enough of CUDA to run the kernels' own source on the CPU, for CI (no GPU): each thread of
 // a block is a fiber, __syncthreads a barrier of the block, and each warp collective (the
 // shuffles, ballot, match, mma.sync) an exchange through a barrier of the warp's 32 threads.
-// Blocks run one after another, so a kernel's `__shared__` variables are plain statics. What it
+// Blocks run one after another, so a kernel's `__shared__` variables are plain statics. A cp.async
+// copy (async_copy.cuh) lands only at its thread's wait for it, the latest the GPU allows. What it
 // checks is the kernels' logic (indices, synchronization, what the collectives return, the
 // fragment layouts of mma.sync), not their speed or anything the GPU's memory does differently.
 //
@@ -67,6 +68,20 @@ struct Fiber {
     bool done = false;
 };
 
+// A thread's cp.async copies not yet landed (async_copy.cuh): each holds its bytes from when it
+// was issued, and lands (is written to shared memory) only at the thread's wait_copies, so a
+// kernel that reads a stage before waiting for it reads stale data, here as it might on a GPU.
+struct PendingCopy {
+    void* to;
+    unsigned char bytes[16];
+    int size;
+};
+
+struct CopyQueue {
+    std::vector<std::vector<PendingCopy>> committed;  // oldest first
+    std::vector<PendingCopy> open;                    // issued since the last commit
+};
+
 struct Warp {
     Meeting meet;
     unsigned char slot[kWarp][kSlotBytes];
@@ -75,6 +90,7 @@ struct Warp {
 inline ucontext_t scheduler;
 inline std::vector<Fiber> fibers(kMaxThreads);
 inline Meeting block_meeting;
+inline CopyQueue copy_queues[kMaxThreads];
 inline Warp warps[kMaxThreads / kWarp];
 inline const std::function<void()>* running_kernel = nullptr;
 inline uint3 grid_dim{1, 1, 1}, block_dim{1, 1, 1}, block_index{0, 0, 0}, thread_index{0, 0, 0};
@@ -139,6 +155,7 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
                 }
                 for (unsigned t = 0; t < threads; ++t) {
                     Fiber& f = fibers[t];
+                    copy_queues[t] = CopyQueue{};
                     f.waiting = nullptr;
                     f.done = false;
                     getcontext(&f.context);
@@ -294,6 +311,27 @@ inline void emulated_mma_16816(float (&acc)[4], const uint32_t (&a)[4], const ui
         float sum = 0.f;
         for (int k = 0; k < 16; ++k) sum += A[rows[i]][k] * B[k][cols[i]];
         acc[i] += sum;
+    }
+}
+
+// cp.async (async_copy.cuh): queued per thread, landed in order at its wait.
+inline void emulated_copy_async(void* to, const void* from, int size, bool valid) {
+    cuda_on_cpu::PendingCopy copy{to, {}, size};
+    if (valid) std::memcpy(copy.bytes, from, size);  // else zeros, as src-size 0 writes
+    cuda_on_cpu::copy_queues[cuda_on_cpu::thread_index.x].open.push_back(copy);
+}
+
+inline void emulated_commit_copies() {
+    auto& queue = cuda_on_cpu::copy_queues[cuda_on_cpu::thread_index.x];
+    queue.committed.push_back(std::move(queue.open));
+    queue.open.clear();
+}
+
+inline void emulated_wait_copies(int newest_pending) {
+    auto& queue = cuda_on_cpu::copy_queues[cuda_on_cpu::thread_index.x];
+    while (static_cast<int>(queue.committed.size()) > newest_pending) {
+        for (const auto& copy : queue.committed.front()) std::memcpy(copy.to, copy.bytes, copy.size);
+        queue.committed.erase(queue.committed.begin());
     }
 }
 
