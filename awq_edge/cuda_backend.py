@@ -11,9 +11,14 @@ Each op of decode_ops(spec) is one launch in decode (launch_op below, the mirror
 backend's run(), whose numpy twins define what each kernel computes): the GEMV does a linear's
 fused norm, activation and residual add. Prefill feeds chunks of up to PREFILL_CHUNK tokens: the
 same ops, with the fusions as kernels of their own around each linear's product. A step of one
-token (decode) or of a full chunk replays a CUDA graph of its launches, captured the first time:
-the position counter lives on the device and advances inside the graph, so a replay needs only
-the ids written before it. Sampling runs after the step with the request's settings, keeping
+token (decode) replays a CUDA graph of its launches, captured the first time: the position
+counter lives on the device and advances inside the graph, so a replay needs only the ids
+written before it. A prefill chunk replays one too: the chunk padded to the next of
+PREFILL_GRAPH_ROWS (the extra rows' K/V land past the real ones, where the next tokens overwrite
+them before any query reads them), all of the step but its tail (the last row's norm and the
+head), which is launched after it for the real last row, with the advance by the real rows.
+From Python each launch costs host time (packing its arguments, a ctypes call): ~330 launches
+for a SmolLM2 chunk took 8.5 ms on the H200 (run 3) where the GPU needs ~1. Sampling runs after the step with the request's settings, keeping
 the repetition-penalty history on the device; two int32 come back (the token, and the attention
 kernels' over-capacity flag).
 
@@ -85,7 +90,9 @@ ROPE_THREADS, ATTEND_THREADS = 256, 128
 ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
 ATTEND_BLOCK_QUERIES = 16        # prefill attention from this many rows a chunk: blocks of tokens
 ATTEND_MMA_QUERIES = 64          # on tensor cores (awq_attend_mma), this many a block
-GRAPH_ROWS = (1, PREFILL_CHUNK)   # steps replayed as CUDA graphs: decode, and full prefill chunks
+# A prefill chunk is padded to the first of these that holds it (at most 1.5x its rows) and
+# replays that size's graph; the largest is PREFILL_CHUNK.
+PREFILL_GRAPH_ROWS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 LM_HEAD_ROWS_PER_BLOCK = 32      # the heads: 4 rows a warp (plugins/kernels/decoder_ops.cu)
 HEAD_SELECT_THREADS, HEAD_RESCORE_ROWS = 1024, 8  # an int4 head's re-scoring (plugins/kernels/head_top_k.cu)
 SAMPLE_THREADS = 1024
@@ -93,7 +100,8 @@ DEQUANT_THREADS = 256
 # Prefill through cuBLAS: from this many rows a chunk, the fp16 slab of weight rows it dequantizes
 # into at most this many bytes, and cuBLAS's own scratch. Full chunks only: on the H200
 # (benchmarks/cuda_decode.py, 2026-12-04) dequantize + cuBLAS beat our GEMM 1.5-1.9x on a 256-row
-# chunk (a graph replay) but lost 1.4-4x on 16 and 64 rows, launched one by one (a 7B's ~800 slabs).
+# chunk (a graph replay) but lost 1.4-4x on 16 and 64 rows, launched one by one (a 7B's ~800 slabs);
+# those are graph replays now too, to be timed again (benchmarks/cuda_decode.py prefill_times).
 CUBLAS_FROM_ROWS = PREFILL_CHUNK
 DEQUANT_SLAB_BYTES = 16 << 20
 CUBLAS_WORKSPACE_BYTES = 4 << 20
@@ -102,6 +110,17 @@ CUBLAS_WORKSPACE_BYTES = 4 << 20
 # test_cublas_fits_the_reserve_the_memory_plan_counts_for_it), with some room for other builds.
 CUBLAS_RESERVE_BYTES = 160 << 20
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}  # plugins/kernels/activation.cuh ActKind
+
+
+def prefill_graph_rows(rows: int, room: int) -> int | None:
+    """The padded size of a prefill chunk of `rows` whose graph it replays, or None when the padding
+    would not fit the `room` left in the cache (then its kernels are launched one by one)."""
+    return next((size for size in PREFILL_GRAPH_ROWS if rows <= size <= room), None)
+
+
+def step_tail(ops: list) -> int:
+    """Where a step's tail starts: the final norm (of the last row only) and the head."""
+    return next(i for i, op in enumerate(ops) if op.args.get("last_row"))
 
 
 def slab_rows(n: int, k: int, slab_bytes: int = DEQUANT_SLAB_BYTES) -> int:
@@ -309,24 +328,37 @@ class CudaBackend:
 
     def forward(self, ids) -> DeviceLogits:
         ids = step_ids(ids, self.position, self.max_context, self.vocab_size)
-        chunks = [ids[start:start + PREFILL_CHUNK].astype(np.int32) for start in range(0, ids.size, PREFILL_CHUNK)]
-        for chunk in chunks:  # on the stream in order; the host waits once, at the end
-            self.drv.upload_async(self.ids, chunk)
-            if chunk.size in GRAPH_ROWS:
-                self._replay(chunk.size)
+        staged = []  # the chunks' host arrays: the copies read them until the synchronize below
+        for start in range(0, ids.size, PREFILL_CHUNK):  # on the stream in order; the host waits once
+            chunk = ids[start:start + PREFILL_CHUNK].astype(np.int32)
+            rows = chunk.size
+            room = min(self.max_context, self.spec.max_positions) - self.position
+            padded = 1 if rows == 1 else prefill_graph_rows(rows, room)
+            staged.append(chunk if padded is None else np.pad(chunk, (0, padded - rows)))
+            self.drv.upload_async(self.ids, staged[-1])
+            if padded is None:
+                self._step(rows)
             else:
-                self._step(chunk.size)
-            self.position += chunk.size
-        self.drv.synchronize()  # (the chunks' host arrays are read by the copies until here)
+                self._replay(padded)
+                if rows > 1:  # (decode's graph has its tail)
+                    self._tail(rows)
+            self.position += rows
+        self.drv.synchronize()
         return DeviceLogits(self, self.buf["logits"], self.vocab_size)
 
     def _replay(self, rows: int) -> None:
-        """A step of `rows` tokens as one CUDA graph replay, captured the first time: a decode step's
-        ~5 launches a layer, or a full prefill chunk's ~15 (from Python each costs host time, which
-        for a small model is more than the GPU's)."""
+        """One CUDA graph replay, captured the first time: a decode step's ~5 launches a layer
+        (rows 1), or a prefill chunk's ~11 but its tail, for a chunk padded to `rows`."""
         if rows not in self._graphs:
-            self._graphs[rows] = self.drv.capture(lambda: self._step(rows))
+            tail = step_tail(self.ops)
+            self._graphs[rows] = self.drv.capture(
+                (lambda: self._step(1)) if rows == 1 else (lambda: self.launch_ops(self.ops[:tail], rows)))
         self.drv.replay(self._graphs[rows])
+
+    def _tail(self, rows: int) -> None:
+        """A step's tail: the norm of its last row and the head, then the position advanced by its rows."""
+        self.launch_ops(self.ops[step_tail(self.ops):], rows)
+        self.launch("awq_advance", (1,), (1,), [self.past, ("i32", rows)])
 
     def set_prefill_path(self, cublas, cublas_from_rows: int, slab_bytes: int = DEQUANT_SLAB_BYTES) -> None:
         """What prefill's linears run (a Cublas or None, from how many rows, slabs of at most
@@ -348,8 +380,8 @@ class CudaBackend:
         self._graphs.pop(1, None)
 
     def _step(self, rows: int) -> None:
-        self.launch_ops(self.ops, rows)
-        self.launch("awq_advance", (1,), (1,), [self.past, ("i32", rows)])
+        self.launch_ops(self.ops[:step_tail(self.ops)], rows)
+        self._tail(rows)
 
     def launch_ops(self, ops: list, rows: int) -> None:
         """ops in order; each linear is told the next one's weights (the L2 prefetch)."""

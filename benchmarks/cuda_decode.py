@@ -106,7 +106,7 @@ def prefill_times(backend, runs: int) -> dict:
     32 rows, the GEMM above) and, when the machine has cuBLAS, through dequantize + cuBLAS (at
     every size, whatever cuda_backend.CUBLAS_FROM_ROWS says) with 16 MiB slabs and, where the L2
     is smaller than 32 MiB (Orin, RTX 40xx laptops), with slabs of half the L2 ("cublas_l2");
-    the paths in turn, twice, each after a warm-up run (which captures the full chunk's graph);
+    the paths in turn, twice, each after a warm-up run (which captures each size's graph);
     median of runs: where the backend's switch and slab size belong."""
     from awq_edge.cuda_backend import DEQUANT_SLAB_BYTES
 

@@ -208,20 +208,29 @@ class MemoryDriver(RecordingDriver):
 
 class RecordingCublas:
     """cublas.Cublas's gemm_wt, recorded; on a driver whose memory the host reads (MemoryDriver,
-    EmulatedDriver: array_at) also computed (float32, rounded to fp16)."""
+    EmulatedDriver: array_at) also computed (float32, rounded to fp16), in a graph the driver is
+    capturing at each replay, as the GPU's cuBLAS would be."""
 
     def __init__(self, driver=None):
         self.calls, self.driver = [], driver
 
     def gemm_wt(self, w, x, y, n, rows, k, ldc):
         self.calls.append(dict(w=w, x=x, y=y, n=n, rows=rows, k=k, ldc=ldc))
-        if hasattr(self.driver, "array_at"):
+        if not hasattr(self.driver, "array_at"):
+            return
+
+        def gemm():
             weights = self.driver.array_at(w, np.float16, (n, k)).astype(np.float32)
             inputs = self.driver.array_at(x, np.float16, (rows, k)).astype(np.float32)
             out = self.driver.array_at(y, np.float16, ((rows - 1) * ldc + n,))
             product = (inputs @ weights.T).astype(np.float16)
             for r in range(rows):
                 out[r * ldc:r * ldc + n] = product[r]
+
+        if getattr(self.driver, "capturing", None) is not None:
+            self.driver.capturing.append(gemm)
+        else:
+            gemm()
 
 
 LANE_G, LANE_T = np.arange(32) // 4, np.arange(32) % 4  # a lane's fragment group and its place in it
@@ -597,5 +606,5 @@ class EmulatedDriver(RecordingDriver):
 
     def replay(self, executable):
         self.replays = getattr(self, "replays", 0) + 1
-        for launch in executable:
-            self.run(*launch)
+        for launch in executable:  # a kernel's launch, or a stand-in cuBLAS's GEMM (RecordingCublas)
+            launch() if callable(launch) else self.run(*launch)

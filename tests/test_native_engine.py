@@ -202,11 +202,14 @@ def test_auto_runs_the_normed_linears_of_a_wide_model_on_persistent_tensor_cores
 
 
 @needs_nvcc
-def test_full_prefill_chunks_and_decode_steps_replay_graphs_captured_once(smollm2_cuda_engine):
-    """A 600-token prompt is chunks of 256, 256 and 88: the first full chunk is captured (its
-    launches recorded once), the second replays it, the short one launches its kernels; a second
-    prompt replays the same graph. A new prefill path drops the prefill graph (it holds the old
-    choice) but not decode's."""
+def test_prefill_chunks_and_decode_steps_replay_graphs_captured_once(smollm2_cuda_engine):
+    """A 600-token prompt is chunks of 256, 256 and 88: the full chunk's graph is captured (its
+    launches recorded once) and replayed, the short one padded to 96 rows and that size's graph
+    captured; each chunk's tail (the last row's norm, the head, the advance) is launched for its
+    real rows, so the position counts real tokens. A second prompt replays the same graphs; a
+    chunk whose padding would not fit the cache is launched one by one. A new prefill path drops
+    the prefill graphs (they hold the old choice) but not decode's."""
+    from awq_edge.cuda_backend import prefill_graph_rows, step_tail
     from awq_edge.memory import PREFILL_CHUNK
 
     manifest, info = read_native_engine(smollm2_cuda_engine)
@@ -214,17 +217,41 @@ def test_full_prefill_chunks_and_decode_steps_replay_graphs_captured_once(smollm
     backend = CudaBackend(smollm2_cuda_engine, manifest, info, 1024, driver=driver)
     assert PREFILL_CHUNK == 256
     backend.forward(list(range(600)))
+    # each chunk's tail after its graph: the final norm of its last real row (one block), the head, the advance
+    tails = [(name, grid, args) for name, grid, _, args in driver.launches
+             if name in ("awq_rms_norm", "awq_add_rms_norm", "awq_advance") and grid == (1,)]
+    assert [args[-1].value for name, grid, args in tails] == [255, 256, 255, 256, 87, 88]
     backend.forward([5])
-    assert (driver.captures, driver.replays, backend.position) == (2, 3, 601)
-    launches = len(driver.launches)
+    assert (driver.captures, driver.replays, backend.position) == (3, 4, 601)
     backend.rewind(0)
-    backend.forward(list(range(300)))  # 256 (a replay) + 44 (launched)
-    assert (driver.captures, driver.replays) == (2, 4) and len(driver.launches) > launches
+    backend.forward(list(range(344)))  # 256 (a replay) + 88 (a replay of the 96-row graph)
+    assert (driver.captures, driver.replays, backend.position) == (3, 6, 344)
+    launches = len(driver.launches)
+    backend.forward(list(range(1024 - 344 - 1)))  # ... + 79: padded to 96 it would not fit the 80 rows left
+    assert prefill_graph_rows(79, 80) is None and prefill_graph_rows(79, 96) == 96
+    assert (driver.captures, driver.replays) == (3, 8)
+    eager = [name for name, *_ in driver.launches[launches:]]
+    assert len(eager) > len(backend.ops) and eager[-1] == "awq_advance"
     backend.set_prefill_path(RecordingCublas(), 64)
     backend.rewind(0)
     backend.forward(list(range(256)))
     backend.forward([7])
-    assert (driver.captures, driver.replays) == (3, 6) and backend.cublas.calls  # recaptured through cuBLAS
+    assert (driver.captures, driver.replays) == (4, 10) and backend.cublas.calls  # recaptured through cuBLAS
+    assert backend.ops[step_tail(backend.ops)].args["last_row"] and backend.ops[-1].kind == "lm_head"
+
+
+def test_a_prefill_chunk_is_padded_to_at_most_half_again_its_rows_within_the_room_left():
+    """prefill_graph_rows: every chunk size 2..256 gets the smallest graph size that holds it,
+    at most 1.5x its rows (so at most a third of a padded chunk's work is padding), none past the
+    room left in the cache, and the largest is a full chunk."""
+    from awq_edge.cuda_backend import PREFILL_GRAPH_ROWS, prefill_graph_rows
+    from awq_edge.memory import PREFILL_CHUNK
+
+    assert PREFILL_GRAPH_ROWS[-1] == PREFILL_CHUNK and list(PREFILL_GRAPH_ROWS) == sorted(set(PREFILL_GRAPH_ROWS))
+    for rows in range(2, PREFILL_CHUNK + 1):
+        size = prefill_graph_rows(rows, 10_000)
+        assert rows <= size <= 1.5 * rows and not any(rows <= s < size for s in PREFILL_GRAPH_ROWS)
+        assert prefill_graph_rows(rows, size) == size and prefill_graph_rows(rows, size - 1) is None
 
 
 @needs_nvcc
