@@ -111,11 +111,12 @@ def test_the_decode_sampler_picks_the_host_samplers_token(emulated, temperature,
                                        ("awq_gemv_mma32_g128", 3), ("awq_gemv_mma_x16_g64", 9),
                                        ("awq_gemv_mma_x16_g128", 16), ("awq_gemv_mma_x32_g32", 17),
                                        ("awq_gemv_mma_x32_g128", 32)])
-@pytest.mark.parametrize("n, k", [(72, 576), (40, 256)])
+@pytest.mark.parametrize("n, k", [(72, 576), (40, 256), (40, 2176)])
 def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k):
     """The tensor-core GEMV with 16 and 32 rows a block, and for up to 16 and 32 rows of x in one
     pass (B tiles of 8 rows, the last one partly past M): N = 72 and 40 leave a block's second
-    tile (of 32 rows) or half a tile outside, K = 576 windows some warps have nothing of."""
+    tile (of 32 rows) or half a tile outside, K = 576 windows some warps have nothing of, and
+    K = 2176 (17 windows) gives a warp 3 steps, each loaded while the one before is multiplied."""
     from awq_edge.packing import dequantize
 
     g = int(kernel.rsplit("_g", 1)[1])

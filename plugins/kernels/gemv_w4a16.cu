@@ -356,7 +356,8 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
 // B rows (the same) hold the pairs of its own words, so each lane dequantizes only what it loaded
 // (dequant_word's half2 pairs are the fragment registers) and loads the matching 8 x values of its
 // rows of x (g, g + 8, ... for each B tile) as 16 bytes, once for all the block's tiles. A warp
-// loads two windows before using any (one at 32 rows of x: registers); the warps' partial tiles
+// loads two windows before using any (one at 32 rows of x: registers), and up to 8 rows of x the
+// next step's while it multiplies this one's (MmaStep, load_mma_step); the warps' partial tiles
 // are summed in shared memory. x is read from L2 once per block: at one tile (awq_gemv_mma_g*)
 // that is twice the block's weight bytes at M = 8, at two (awq_gemv_mma32_g*, half the blocks)
 // once; benchmarks/gemv.py times both. Up to 32 rows in one pass (awq_gemv_mma_x16_g*, _x32_g*)
@@ -369,6 +370,49 @@ __device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// One warp step of gemv_mma: for each of its windows the lane's 16 bytes of each of its weight
+// rows, their scale and zero, and the matching 8 k of x's rows (zeros past K, N or M).
+template <int kTiles, int kXTiles, int kWindows>
+struct MmaStep {
+    uint4 weights[kWindows][2 * kTiles];  // rows n0 + 16 (r / 2) + g + 8 (r % 2)
+    half scale[kWindows][2 * kTiles], zero[kWindows][2 * kTiles];
+    uint4 xs[kWindows][kXTiles][4];       // x[8 xt + g, 32 chunk + 8i ..]: B tile xt's column g
+};
+
+template <int kGroupSize, int kTiles, int kXTiles, int kWindows>
+__device__ __forceinline__ MmaStep<kTiles, kXTiles, kWindows> load_mma_step(
+    const half* __restrict__ x, const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
+    const half* __restrict__ zeros, int M, int N, int K, int n0, int w0, int g, int t) {
+    MmaStep<kTiles, kXTiles, kWindows> step;
+    const int words_per_row = K / kValuesPerWord, groups = num_groups(K, kGroupSize);
+#pragma unroll
+    for (int s = 0; s < kWindows; ++s) {
+        const int chunk = (w0 + s) * 4 + t;  // this lane's 32 k: chunk * 32 ..
+        const bool k_ok = chunk * 32 < K;    // (K % 32 == 0: the whole chunk, or none of it)
+#pragma unroll
+        for (int r = 0; r < 2 * kTiles; ++r) {
+            const int n = n0 + 16 * (r / 2) + g + 8 * (r % 2);
+            const bool ok = k_ok && n < N;   // outside: zero weights (scale 0, zero 0)
+            const size_t row = static_cast<size_t>(ok ? n : 0);
+            const size_t at = row * groups + group_of(chunk * 32, kGroupSize);
+            step.weights[s][r] = ok ? __ldcs(reinterpret_cast<const uint4*>(qweight + row * words_per_row) + chunk)
+                                    : make_uint4(0u, 0u, 0u, 0u);
+            step.scale[s][r] = ok ? scales[at] : __float2half(0.f);
+            step.zero[s][r] = ok ? zeros[at] : __float2half(0.f);
+        }
+#pragma unroll
+        for (int xt = 0; xt < kXTiles; ++xt) {
+            const int m = 8 * xt + g;
+            const uint4* x_row = reinterpret_cast<const uint4*>(x + static_cast<size_t>(m < M ? m : 0) * K);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                step.xs[s][xt][i] = k_ok && m < M ? __ldg(x_row + 4 * chunk + i) : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    }
+    return step;
+}
+
 template <int kGroupSize, int kTiles, int kXTiles = 1>
 __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                                          const half* __restrict__ scales, const half* __restrict__ zeros,
@@ -376,62 +420,57 @@ __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint3
     constexpr int kRows = kTiles * kMmaRowsPerBlock;
     constexpr int kXRows = 8 * kXTiles;  // rows of x a block takes (M <= kXRows)
     constexpr int kWindows = kXTiles > 2 ? 1 : kMmaWindowsPerStep;
+    constexpr int kStride = kWarpsPerBlock * kWindows;  // windows from one step of a warp to its next
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int g = lane / 4, t = lane % 4;
     const int n0 = blockIdx.x * kRows;
-    const int words_per_row = K / kValuesPerWord, groups = num_groups(K, kGroupSize);
     const int windows = (K + kMmaWindowK - 1) / kMmaWindowK;
+    const auto load = [&](int w0) {  // (past K: zeros, and no memory read)
+        return load_mma_step<kGroupSize, kTiles, kXTiles, kWindows>(x, qweight, scales, zeros, M, N, K, n0, w0, g, t);
+    };
     begin_after_previous_kernel();
 
+    // With one B tile (up to 8 rows of x) each step's loads are issued a step ahead of its products:
+    // two steps' bytes in flight a lane (until 2026-12-04 one: at K = 11008 a warp's 11 steps were 11
+    // DRAM round trips in a row, and M = 8 took 1.6x the M = 1 GEMV on the H200, run 3). With more
+    // (x16, x32) the second step's x would take ~180 registers a thread, a third of the blocks an
+    // SM: fewer bytes in flight, not more. There a step is loaded when its products begin.
+    constexpr bool kAhead = kXTiles == 1;
     float acc[kTiles][kXTiles][4] = {};
-    for (int w0 = warp * kWindows; w0 < windows; w0 += kWarpsPerBlock * kWindows) {
-        uint4 weights[kWindows][2 * kTiles], xs[kWindows][kXTiles][4];
-        GroupParams params[kWindows][2 * kTiles];
-#pragma unroll
-        for (int s = 0; s < kWindows; ++s) {
-            const int chunk = (w0 + s) * 4 + t;  // this lane's 32 k: chunk * 32 ..
-            const bool k_ok = chunk * 32 < K;    // (K % 32 == 0: the whole chunk, or none of it)
-#pragma unroll
-            for (int r = 0; r < 2 * kTiles; ++r) {  // rows n0 + 16 (r / 2) + g + 8 (r % 2)
-                const int n = n0 + 16 * (r / 2) + g + 8 * (r % 2);
-                const bool ok = k_ok && n < N;   // outside: zero weights (scale 0, zero 0)
-                const size_t row = static_cast<size_t>(ok ? n : 0);
-                weights[s][r] = ok ? __ldcs(reinterpret_cast<const uint4*>(qweight + row * words_per_row) + chunk)
-                                   : make_uint4(0u, 0u, 0u, 0u);
-                const size_t at = row * groups + group_of(chunk * 32, kGroupSize);
-                const half none = __float2half(0.f);
-                params[s][r] = make_group_params(ok ? scales[at] : none, ok ? zeros[at] : none);
-            }
-#pragma unroll
-            for (int xt = 0; xt < kXTiles; ++xt) {  // x[m, 32 chunk + 8i ..]: B tile xt's column g is row m of x
-                const int m = 8 * xt + g;
-                const uint4* x_row = reinterpret_cast<const uint4*>(x + static_cast<size_t>(m < M ? m : 0) * K);
-#pragma unroll
-                for (int i = 0; i < 4; ++i) xs[s][xt][i] = k_ok && m < M ? __ldg(x_row + 4 * chunk + i) : make_uint4(0u, 0u, 0u, 0u);
-            }
+    MmaStep<kTiles, kXTiles, kWindows> step, next;
+    if constexpr (kAhead) step = load(warp * kWindows);
+    for (int w0 = warp * kWindows; w0 < windows; w0 += kStride) {
+        if constexpr (kAhead) {
+            next = load(w0 + kStride);
+        } else {
+            step = load(w0);
         }
 #pragma unroll
         for (int s = 0; s < kWindows; ++s) {
+            GroupParams params[2 * kTiles];
+#pragma unroll
+            for (int r = 0; r < 2 * kTiles; ++r) params[r] = make_group_params(step.scale[s][r], step.zero[s][r]);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {        // word i of each row: k 8i .. 8i + 7 of the chunk
 #pragma unroll
                 for (int j = 0; j < kTiles; ++j) {
                     half2 low[4], high[4];       // rows g, g + 8 of tile j: pairs (k 8i+0,1) (2,3) (4,5) (6,7)
-                    dequant_word(word_at(weights[s][2 * j], i), params[s][2 * j], low);
-                    dequant_word(word_at(weights[s][2 * j + 1], i), params[s][2 * j + 1], high);
+                    dequant_word(word_at(step.weights[s][2 * j], i), params[2 * j], low);
+                    dequant_word(word_at(step.weights[s][2 * j + 1], i), params[2 * j + 1], high);
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {  // k 8i + 4h .. + 3: A cols (2t, 2t+1) = pair 2h, (2t+8, 2t+9) = 2h + 1
                         const uint32_t a[4] = {bit_cast<uint32_t>(low[2 * h]), bit_cast<uint32_t>(high[2 * h]),
                                                bit_cast<uint32_t>(low[2 * h + 1]), bit_cast<uint32_t>(high[2 * h + 1])};
 #pragma unroll
                         for (int xt = 0; xt < kXTiles; ++xt) {
-                            const uint32_t b[2] = {word_at(xs[s][xt][i], 2 * h), word_at(xs[s][xt][i], 2 * h + 1)};
+                            const uint32_t b[2] = {word_at(step.xs[s][xt][i], 2 * h), word_at(step.xs[s][xt][i], 2 * h + 1)};
                             mma_16816(acc[j][xt], a, b);
                         }
                     }
                 }
             }
         }
+        if constexpr (kAhead) step = next;
     }
 
     __shared__ float tiles[kWarpsPerBlock][kRows][kXRows];  // each warp's C: [row][row of x]
