@@ -357,7 +357,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
 // (dequant_word's half2 pairs are the fragment registers) and loads the matching 8 x values of its
 // rows of x (g, g + 8, ... for each B tile) as 16 bytes, once for all the block's tiles. A warp
 // loads two windows before using any (one at 32 rows of x: registers), and up to 8 rows of x the
-// next step's while it multiplies this one's (MmaStep, load_mma_step); the warps' partial tiles
+// next step's while it multiplies this one's (load_mma_weights, load_mma_x); the warps' partial tiles
 // are summed in shared memory. x is read from L2 once per block: at one tile (awq_gemv_mma_g*)
 // that is twice the block's weight bytes at M = 8, at two (awq_gemv_mma32_g*, half the blocks)
 // once; benchmarks/gemv.py times both. Up to 32 rows in one pass (awq_gemv_mma_x16_g*, _x32_g*)
@@ -371,19 +371,23 @@ __device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
 }
 
 // One warp step of gemv_mma: for each of its windows the lane's 16 bytes of each of its weight
-// rows, their scale and zero, and the matching 8 k of x's rows (zeros past K, N or M).
-template <int kTiles, int kXTiles, int kWindows>
-struct MmaStep {
-    uint4 weights[kWindows][2 * kTiles];  // rows n0 + 16 (r / 2) + g + 8 (r % 2)
+// rows and their scale and zero, and the matching 8 k of x's rows (zeros past K, N or M).
+template <int kTiles, int kWindows>
+struct MmaWeights {
+    uint4 words[kWindows][2 * kTiles];  // rows n0 + 16 (r / 2) + g + 8 (r % 2)
     half scale[kWindows][2 * kTiles], zero[kWindows][2 * kTiles];
-    uint4 xs[kWindows][kXTiles][4];       // x[8 xt + g, 32 chunk + 8i ..]: B tile xt's column g
 };
 
-template <int kGroupSize, int kTiles, int kXTiles, int kWindows>
-__device__ __forceinline__ MmaStep<kTiles, kXTiles, kWindows> load_mma_step(
-    const half* __restrict__ x, const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
-    const half* __restrict__ zeros, int M, int N, int K, int n0, int w0, int g, int t) {
-    MmaStep<kTiles, kXTiles, kWindows> step;
+template <int kXTiles, int kWindows>
+struct MmaX {
+    uint4 rows[kWindows][kXTiles][4];  // x[8 xt + g, 32 chunk + 8i ..]: B tile xt's column g
+};
+
+template <int kGroupSize, int kTiles, int kWindows>
+__device__ __forceinline__ MmaWeights<kTiles, kWindows> load_mma_weights(
+    const uint32_t* __restrict__ qweight, const half* __restrict__ scales, const half* __restrict__ zeros, int N,
+    int K, int n0, int w0, int g, int t) {
+    MmaWeights<kTiles, kWindows> w;
     const int words_per_row = K / kValuesPerWord, groups = num_groups(K, kGroupSize);
 #pragma unroll
     for (int s = 0; s < kWindows; ++s) {
@@ -395,22 +399,34 @@ __device__ __forceinline__ MmaStep<kTiles, kXTiles, kWindows> load_mma_step(
             const bool ok = k_ok && n < N;   // outside: zero weights (scale 0, zero 0)
             const size_t row = static_cast<size_t>(ok ? n : 0);
             const size_t at = row * groups + group_of(chunk * 32, kGroupSize);
-            step.weights[s][r] = ok ? __ldcs(reinterpret_cast<const uint4*>(qweight + row * words_per_row) + chunk)
-                                    : make_uint4(0u, 0u, 0u, 0u);
-            step.scale[s][r] = ok ? scales[at] : __float2half(0.f);
-            step.zero[s][r] = ok ? zeros[at] : __float2half(0.f);
+            w.words[s][r] = ok ? __ldcs(reinterpret_cast<const uint4*>(qweight + row * words_per_row) + chunk)
+                               : make_uint4(0u, 0u, 0u, 0u);
+            w.scale[s][r] = ok ? scales[at] : __float2half(0.f);
+            w.zero[s][r] = ok ? zeros[at] : __float2half(0.f);
         }
+    }
+    return w;
+}
+
+template <int kXTiles, int kWindows>
+__device__ __forceinline__ MmaX<kXTiles, kWindows> load_mma_x(const half* __restrict__ x, int M, int K, int w0, int g,
+                                                              int t) {
+    MmaX<kXTiles, kWindows> v;
+#pragma unroll
+    for (int s = 0; s < kWindows; ++s) {
+        const int chunk = (w0 + s) * 4 + t;
+        const bool k_ok = chunk * 32 < K;
 #pragma unroll
         for (int xt = 0; xt < kXTiles; ++xt) {
             const int m = 8 * xt + g;
             const uint4* x_row = reinterpret_cast<const uint4*>(x + static_cast<size_t>(m < M ? m : 0) * K);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                step.xs[s][xt][i] = k_ok && m < M ? __ldg(x_row + 4 * chunk + i) : make_uint4(0u, 0u, 0u, 0u);
+                v.rows[s][xt][i] = k_ok && m < M ? __ldg(x_row + 4 * chunk + i) : make_uint4(0u, 0u, 0u, 0u);
             }
         }
     }
-    return step;
+    return v;
 }
 
 template <int kGroupSize, int kTiles, int kXTiles = 1>
@@ -425,52 +441,60 @@ __device__ __forceinline__ void gemv_mma(const half* __restrict__ x, const uint3
     const int g = lane / 4, t = lane % 4;
     const int n0 = blockIdx.x * kRows;
     const int windows = (K + kMmaWindowK - 1) / kMmaWindowK;
-    const auto load = [&](int w0) {  // (past K: zeros, and no memory read)
-        return load_mma_step<kGroupSize, kTiles, kXTiles, kWindows>(x, qweight, scales, zeros, M, N, K, n0, w0, g, t);
+    const auto load_weights = [&](int w0) {  // (past K: zeros, and no memory read)
+        return load_mma_weights<kGroupSize, kTiles, kWindows>(qweight, scales, zeros, N, K, n0, w0, g, t);
     };
-    begin_after_previous_kernel();
+    const auto load_x = [&](int w0) { return load_mma_x<kXTiles, kWindows>(x, M, K, w0, g, t); };
 
-    // With one B tile (up to 8 rows of x) each step's loads are issued a step ahead of its products:
-    // two steps' bytes in flight a lane (until 2026-12-04 one: at K = 11008 a warp's 11 steps were 11
-    // DRAM round trips in a row, and M = 8 took 1.6x the M = 1 GEMV on the H200, run 3). With more
-    // (x16, x32) the second step's x would take ~180 registers a thread, a third of the blocks an
-    // SM: fewer bytes in flight, not more. There a step is loaded when its products begin.
-    constexpr bool kAhead = kXTiles == 1;
+    // Each step's weights are loaded a step ahead of its products: two steps' bytes in flight a
+    // lane (until 2026-12-04 one: at K = 11008 a warp's 11 steps were 11 DRAM round trips in a row,
+    // and M = 8 took 1.6x the M = 1 GEMV on the H200, run 3). Its x (from L2) too, with one B tile
+    // (up to 8 rows of x); with more (x16, x32) a second step's x would take ~180 registers a
+    // thread, a third of the blocks an SM: fewer bytes in flight, not more. There it is loaded as
+    // its products begin. The first weights go before the wait for the previous kernel (pdl.cuh):
+    // no kernel writes them.
+    constexpr bool kXAhead = kXTiles == 1;
+    let_next_kernel_start();
+    MmaWeights<kTiles, kWindows> weights = load_weights(warp * kWindows), next_weights;
+    wait_for_previous_kernel();
+    MmaX<kXTiles, kWindows> xs, next_xs;
+    if constexpr (kXAhead) xs = load_x(warp * kWindows);
     float acc[kTiles][kXTiles][4] = {};
-    MmaStep<kTiles, kXTiles, kWindows> step, next;
-    if constexpr (kAhead) step = load(warp * kWindows);
     for (int w0 = warp * kWindows; w0 < windows; w0 += kStride) {
-        if constexpr (kAhead) {
-            next = load(w0 + kStride);
+        next_weights = load_weights(w0 + kStride);
+        if constexpr (kXAhead) {
+            next_xs = load_x(w0 + kStride);
         } else {
-            step = load(w0);
+            xs = load_x(w0);
         }
 #pragma unroll
         for (int s = 0; s < kWindows; ++s) {
             GroupParams params[2 * kTiles];
 #pragma unroll
-            for (int r = 0; r < 2 * kTiles; ++r) params[r] = make_group_params(step.scale[s][r], step.zero[s][r]);
+            for (int r = 0; r < 2 * kTiles; ++r) params[r] = make_group_params(weights.scale[s][r], weights.zero[s][r]);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {        // word i of each row: k 8i .. 8i + 7 of the chunk
 #pragma unroll
                 for (int j = 0; j < kTiles; ++j) {
                     half2 low[4], high[4];       // rows g, g + 8 of tile j: pairs (k 8i+0,1) (2,3) (4,5) (6,7)
-                    dequant_word(word_at(step.weights[s][2 * j], i), params[2 * j], low);
-                    dequant_word(word_at(step.weights[s][2 * j + 1], i), params[2 * j + 1], high);
+                    dequant_word(word_at(weights.words[s][2 * j], i), params[2 * j], low);
+                    dequant_word(word_at(weights.words[s][2 * j + 1], i), params[2 * j + 1], high);
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {  // k 8i + 4h .. + 3: A cols (2t, 2t+1) = pair 2h, (2t+8, 2t+9) = 2h + 1
                         const uint32_t a[4] = {bit_cast<uint32_t>(low[2 * h]), bit_cast<uint32_t>(high[2 * h]),
                                                bit_cast<uint32_t>(low[2 * h + 1]), bit_cast<uint32_t>(high[2 * h + 1])};
 #pragma unroll
                         for (int xt = 0; xt < kXTiles; ++xt) {
-                            const uint32_t b[2] = {word_at(step.xs[s][xt][i], 2 * h), word_at(step.xs[s][xt][i], 2 * h + 1)};
+                            const uint32_t b[2] = {word_at(xs.rows[s][xt][i], 2 * h),
+                                                   word_at(xs.rows[s][xt][i], 2 * h + 1)};
                             mma_16816(acc[j][xt], a, b);
                         }
                     }
                 }
             }
         }
-        if constexpr (kAhead) step = next;
+        weights = next_weights;
+        if constexpr (kXAhead) xs = next_xs;
     }
 
     __shared__ float tiles[kWarpsPerBlock][kRows][kXRows];  // each warp's C: [row][row of x]
