@@ -556,15 +556,23 @@ constexpr int kTcBlocksPerSm = 2;          // its persistent grid; launch bounds
 
 // One warp step's loads: for each of its windows the lane's 16 bytes of rows g and g + 8, and
 // those rows' scale and zero of the window's group (zero weights, zero scale and zero past K or N).
+// When a group covers whole windows (G % 128 == 0) the 4 lanes of a window's row share its scale
+// and zero: lane t loads one of the 4 (window t & 1, the scale or, from t = 2, the zero) for both
+// its rows, as a half2 in `shared_groups`, and the lanes swap them when they use them
+// (tc_groups). A warp's load of a scale touches its 16 rows' 16 sectors whatever the lanes ask,
+// so 2 such loads a lane a step instead of 8 are a quarter of the L1 work (where the CUDA-core
+// GEMV's lanes, along one row, share a sector) and 1 register a step instead of 8.
 struct TcStep {
     uint4 words[kTcWindowsPerStep][2];
-    half scale[kTcWindowsPerStep][2], zero[kTcWindowsPerStep][2];
+    half scale[kTcWindowsPerStep][2], zero[kTcWindowsPerStep][2];  // G = 32, 64: each lane's own
+    uint32_t shared_groups;                                          // G % 128 == 0
 };
 
 template <int kGroupSize>
 __device__ __forceinline__ TcStep load_tc_step(const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
                                                const half* __restrict__ zeros, int N, int K, int window, int end,
                                                int t, const int (&rows)[2]) {
+    static_assert(kTcWindowsPerStep == 2, "shared_groups: a window and a table for each of a group's 4 lanes");
     TcStep step;
     const int words_per_row = K / kValuesPerWord, groups = num_groups(K, kGroupSize);
 #pragma unroll
@@ -575,14 +583,51 @@ __device__ __forceinline__ TcStep load_tc_step(const uint32_t* __restrict__ qwei
         for (int h = 0; h < 2; ++h) {
             const bool ok = k_ok && rows[h] < N;
             const size_t n = static_cast<size_t>(ok ? rows[h] : 0);
-            const size_t at = n * groups + group_of(chunk * 32, kGroupSize);
             step.words[s][h] = ok ? __ldcs(reinterpret_cast<const uint4*>(qweight + n * words_per_row) + chunk)
                                   : make_uint4(0u, 0u, 0u, 0u);
-            step.scale[s][h] = ok ? scales[at] : __float2half(0.f);
-            step.zero[s][h] = ok ? zeros[at] : __float2half(0.f);
+            if constexpr (kGroupSize % kMmaWindowK != 0) {
+                const size_t at = n * groups + group_of(chunk * 32, kGroupSize);
+                step.scale[s][h] = ok ? scales[at] : __float2half(0.f);
+                step.zero[s][h] = ok ? zeros[at] : __float2half(0.f);
+            }
         }
     }
+    if constexpr (kGroupSize % kMmaWindowK == 0) {
+        const int s = t & 1, first_k = (window + s) * kMmaWindowK;  // (a window inside K from its first chunk)
+        const half* table = t < 2 ? scales : zeros;
+        half mine[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const bool ok = window + s < end && first_k < K && rows[h] < N;
+            mine[h] = ok ? table[static_cast<size_t>(rows[h]) * groups + group_of(first_k, kGroupSize)] : __float2half(0.f);
+        }
+        step.shared_groups = bit_cast<uint32_t>(__halves2half2(mine[0], mine[1]));
+    }
     return step;
+}
+
+// The scale and zero of rows g and g + 8 for each window of a step: a lane's own (G = 32, 64), or
+// from the 4 lanes that loaded them (G % 128 == 0, load_tc_step). A lane whose chunk is past K gets
+// its window's real ones: its weights are zeros and so is its x, so its products add 0.
+template <int kGroupSize>
+__device__ __forceinline__ void tc_groups(const TcStep& step, int lane, half (&scale)[kTcWindowsPerStep][2],
+                                          half (&zero)[kTcWindowsPerStep][2]) {
+    if constexpr (kGroupSize % kMmaWindowK == 0) {
+        const int first = lane & ~3;  // lane t = 0 of this lane's group of 4
+#pragma unroll
+        for (int s = 0; s < kTcWindowsPerStep; ++s) {
+            const half2 sc = bit_cast<half2>(__shfl_sync(0xffffffffu, step.shared_groups, first + s));
+            const half2 z = bit_cast<half2>(__shfl_sync(0xffffffffu, step.shared_groups, first + 2 + s));
+            scale[s][0] = __low2half(sc), scale[s][1] = __high2half(sc);
+            zero[s][0] = __low2half(z), zero[s][1] = __high2half(z);
+        }
+    } else {
+#pragma unroll
+        for (int s = 0; s < kTcWindowsPerStep; ++s) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) scale[s][h] = step.scale[s][h], zero[s][h] = step.zero[s][h];
+        }
+    }
 }
 
 // load_tc_step's weight bytes sent toward L2 (prefetch: nothing waits for them, no registers).
@@ -712,11 +757,13 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
         for (int window = begin; window < end; window += kTcWindowsPerStep) {
             const TcStep after = load_next();  // two steps ahead of the products
             prefetch_next();                   // and kTcPrefetchSteps more toward L2
+            half scale[kTcWindowsPerStep][2], zero[kTcWindowsPerStep][2];
+            tc_groups<kGroupSize>(step, lane, scale, zero);
             GroupParams params[kTcWindowsPerStep][2];
 #pragma unroll
             for (int s = 0; s < kTcWindowsPerStep; ++s) {
 #pragma unroll
-                for (int h = 0; h < 2; ++h) params[s][h] = make_group_params(step.scale[s][h], step.zero[s][h]);
+                for (int h = 0; h < 2; ++h) params[s][h] = make_group_params(scale[s][h], zero[s][h]);
             }
             if constexpr (kScaleAfter) {
 #pragma unroll
@@ -752,8 +799,8 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
             if constexpr (kScaleAfter) {  // a window lies in one group: s * sum((q - z) x) per row
 #pragma unroll
                 for (int s = 0; s < kTcWindowsPerStep; ++s) {
-                    sums[0] += __half2float(step.scale[s][0]) * (acc[s][0][0] + acc[s][1][0]);
-                    sums[1] += __half2float(step.scale[s][1]) * (acc[s][0][2] + acc[s][1][2]);
+                    sums[0] += __half2float(scale[s][0]) * (acc[s][0][0] + acc[s][1][0]);
+                    sums[1] += __half2float(scale[s][1]) * (acc[s][0][2] + acc[s][1][2]);
                 }
             }
             step = next;

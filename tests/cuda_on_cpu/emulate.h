@@ -220,6 +220,9 @@ template <typename T>
 T __shfl_xor_sync(unsigned, T v, int mask) { return cuda_on_cpu::gather(v)[cuda_on_cpu::lane() ^ mask]; }
 
 template <typename T>
+T __shfl_sync(unsigned, T v, int src_lane) { return cuda_on_cpu::gather(v)[src_lane % cuda_on_cpu::kWarp]; }
+
+template <typename T>
 T __shfl_up_sync(unsigned, T v, unsigned delta) {
     const int from = cuda_on_cpu::lane() - static_cast<int>(delta);
     const auto all = cuda_on_cpu::gather(v);
