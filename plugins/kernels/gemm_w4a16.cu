@@ -90,30 +90,32 @@ __device__ __forceinline__ void copy_weights(Stage& s, const uint32_t* __restric
     }
 }
 
-// The scale and zero of a lane's weight rows (row g of each of its 8-row tiles) at step k0.
-struct RowGroups {
-    half scale[kMmaTilesN], zero[kMmaTilesN];
-};
+// The scale and zero of a warp's weight rows at step k0: lane (g, t) loads those of row g of its
+// 8-row tile t, as a half2; lane (g, nt) of its group of 4 has those of tile nt (row_group). A
+// warp's load of scales touches its 8 rows' sectors whatever the lanes ask: 2 loads a lane a step
+// instead of 8 (a scale and a zero of each tile) are a quarter of the L1 work.
+static_assert(kMmaTilesN == 4, "a tile's scale and zero for each of a group's 4 lanes");
 
 template <int kGroupSize>
-__device__ __forceinline__ RowGroups load_row_groups(const half* __restrict__ scales, const half* __restrict__ zeros,
-                                                     int N, int K, int first_row, int k0) {
-    RowGroups r;
-    const int groups = num_groups(K, kGroupSize), group = group_of(k0, kGroupSize);
-#pragma unroll
-    for (int nt = 0; nt < kMmaTilesN; ++nt) {
-        const int n = first_row + nt * 8;
-        const size_t at = static_cast<size_t>(n) * groups + group;
-        r.scale[nt] = n < N ? __ldg(scales + at) : __float2half(0.0f);
-        r.zero[nt] = n < N ? __ldg(zeros + at) : __float2half(0.0f);
-    }
-    return r;
+__device__ __forceinline__ uint32_t load_row_groups(const half* __restrict__ scales, const half* __restrict__ zeros,
+                                                    int N, int K, int first_row, int t, int k0) {
+    const int n = first_row + t * 8;
+    const size_t at = static_cast<size_t>(n) * num_groups(K, kGroupSize) + group_of(k0, kGroupSize);
+    const half none = __float2half(0.0f);
+    return bit_cast<uint32_t>(__halves2half2(n < N ? __ldg(scales + at) : none, n < N ? __ldg(zeros + at) : none));
+}
+
+// Tile nt's row g: its group's dequantization parameters, from the lane that loaded them.
+__device__ __forceinline__ GroupParams row_group(uint32_t groups, int lane, int nt) {
+    const half2 scale_zero = bit_cast<half2>(__shfl_sync(0xffffffffu, groups, (lane & ~3) + nt));
+    return make_group_params(__low2half(scale_zero), __high2half(scale_zero));
 }
 
 // One step's products: acc[mt][nt] += X tile mt x W_hat tile nt over the step's 32 k.
-__device__ __forceinline__ void multiply_step(const Stage& s, const RowGroups& groups,
+__device__ __forceinline__ void multiply_step(const Stage& s, uint32_t groups,
                                               float (&acc)[kMmaTilesM][kMmaTilesN][4], int warp_m, int warp_n, int g,
                                               int t) {
+    const int lane = 4 * g + t;
     uint32_t a[kMmaTilesM][2][4];  // [m16 tile][the step's first or second mma][fragment register]
 #pragma unroll
     for (int mt = 0; mt < kMmaTilesM; ++mt) {
@@ -126,7 +128,7 @@ __device__ __forceinline__ void multiply_step(const Stage& s, const RowGroups& g
 #pragma unroll
     for (int nt = 0; nt < kMmaTilesN; ++nt) {
         half2 w[4];  // (k0, k1) .. (k6, k7) of the lane's word
-        dequant_word(s.w[warp_n + nt * 8 + g][t], make_group_params(groups.scale[nt], groups.zero[nt]), w);
+        dequant_word(s.w[warp_n + nt * 8 + g][t], row_group(groups, lane, nt), w);
 #pragma unroll
         for (int half_step = 0; half_step < 2; ++half_step) {
             const uint32_t b[2] = {bit_cast<uint32_t>(w[2 * half_step]), bit_cast<uint32_t>(w[2 * half_step + 1])};
@@ -201,7 +203,7 @@ __device__ __forceinline__ void gemm_w4a16(const half* __restrict__ x, const uin
     for (int s = 0; s < kStages - 1; ++s) {
         if (s < steps) copy_weights<kVectorWeights>(stages[s], qweight, N, K, n_block, k_of(s));
     }
-    RowGroups groups = load_row_groups<kGroupSize>(scales, zeros, N, K, n_block + warp_n + g, k_of(0));
+    uint32_t groups = load_row_groups<kGroupSize>(scales, zeros, N, K, n_block + warp_n + g, t, k_of(0));
     wait_for_previous_kernel();
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -219,8 +221,8 @@ __device__ __forceinline__ void gemm_w4a16(const half* __restrict__ x, const uin
             copy_x(stages[ahead % kStages], x, M, K, m_block, k_of(ahead));
         }
         commit_copies();
-        const RowGroups next =
-            i + 1 < steps ? load_row_groups<kGroupSize>(scales, zeros, N, K, n_block + warp_n + g, k_of(i + 1)) : groups;
+        const uint32_t next =
+            i + 1 < steps ? load_row_groups<kGroupSize>(scales, zeros, N, K, n_block + warp_n + g, t, k_of(i + 1)) : groups;
         multiply_step(stages[i % kStages], groups, acc, warp_m, warp_n, g, t);
         groups = next;
     }
