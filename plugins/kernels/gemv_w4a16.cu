@@ -370,6 +370,43 @@ __device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// When a group covers whole 128-k windows (G % 128 == 0) the 4 lanes of a window's row (t = 0..3,
+// 32 k each) need the same scale and zero. For a pair of windows, lane t loads one of the 4 (window
+// t & 1, the scale or, from t = 2, the zero) for two rows, as a half2, and the lanes swap them
+// where they use them (window_groups). A warp's load of scales touches all its rows' sectors
+// whatever the lanes ask (16 rows: 16 sectors, where the CUDA-core GEMV's lanes walk one row and
+// share one), so 2 such loads a lane instead of 8 are a quarter of the L1 work, and 1 register a
+// pair of windows instead of 8. window_ok: the caller's window + (t & 1) is its to load. (The
+// decode GEMV, gemv_tc, does this; in gemv_mma it took ptxas from ~100 registers to ~140 at
+// G = 128, 3 blocks an SM instead of 5, so there each lane loads its own.)
+template <int kGroupSize>
+__device__ __forceinline__ uint32_t load_window_groups(const half* __restrict__ scales, const half* __restrict__ zeros,
+                                                       int N, int K, int window, bool window_ok, int t,
+                                                       const int (&rows)[2]) {
+    static_assert(kGroupSize % kMmaWindowK == 0, "a window in one group");
+    const int first_k = (window + (t & 1)) * kMmaWindowK;  // (a window inside K from its first chunk)
+    const half* table = t < 2 ? scales : zeros;
+    half mine[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const bool ok = window_ok && first_k < K && rows[h] < N;
+        const size_t at = static_cast<size_t>(ok ? rows[h] : 0) * num_groups(K, kGroupSize) + group_of(first_k, kGroupSize);
+        mine[h] = ok ? table[at] : __float2half(0.f);
+    }
+    return bit_cast<uint32_t>(__halves2half2(mine[0], mine[1]));
+}
+
+// Window s (0 or 1) of the pair: both rows' scale and zero, from the lanes of this lane's group
+// of 4 that loaded them. A lane whose chunk is past K gets its window's real ones: its weights and
+// its x are zeros, so its products add 0.
+__device__ __forceinline__ void window_groups(uint32_t loaded, int lane, int s, half (&scale)[2], half (&zero)[2]) {
+    const int first = lane & ~3;  // lane t = 0 of the group
+    const half2 sc = bit_cast<half2>(__shfl_sync(0xffffffffu, loaded, first + s));
+    const half2 z = bit_cast<half2>(__shfl_sync(0xffffffffu, loaded, first + 2 + s));
+    scale[0] = __low2half(sc), scale[1] = __high2half(sc);
+    zero[0] = __low2half(z), zero[1] = __high2half(z);
+}
+
 // One warp step of gemv_mma: for each of its windows the lane's 16 bytes of each of its weight
 // rows and their scale and zero, and the matching 8 k of x's rows (zeros past K, N or M).
 template <int kTiles, int kWindows>
@@ -555,16 +592,11 @@ constexpr int kTcMaxK = 16384;             // x in static shared memory: 32 KiB 
 constexpr int kTcBlocksPerSm = 2;          // its persistent grid; launch bounds hold it to 128 registers a thread
 
 // One warp step's loads: for each of its windows the lane's 16 bytes of rows g and g + 8, and
-// those rows' scale and zero of the window's group (zero weights, zero scale and zero past K or N).
-// When a group covers whole windows (G % 128 == 0) the 4 lanes of a window's row share its scale
-// and zero: lane t loads one of the 4 (window t & 1, the scale or, from t = 2, the zero) for both
-// its rows, as a half2 in `shared_groups`, and the lanes swap them when they use them
-// (tc_groups). A warp's load of a scale touches its 16 rows' 16 sectors whatever the lanes ask,
-// so 2 such loads a lane a step instead of 8 are a quarter of the L1 work (where the CUDA-core
-// GEMV's lanes, along one row, share a sector) and 1 register a step instead of 8.
+// those rows' scale and zero of the window's group (zero weights, zero scale and zero past K or N):
+// each lane's own at G = 32, 64, shared by a window's lanes at G % 128 == 0 (load_window_groups).
 struct TcStep {
     uint4 words[kTcWindowsPerStep][2];
-    half scale[kTcWindowsPerStep][2], zero[kTcWindowsPerStep][2];  // G = 32, 64: each lane's own
+    half scale[kTcWindowsPerStep][2], zero[kTcWindowsPerStep][2];  // G = 32, 64
     uint32_t shared_groups;                                          // G % 128 == 0
 };
 
@@ -593,37 +625,20 @@ __device__ __forceinline__ TcStep load_tc_step(const uint32_t* __restrict__ qwei
         }
     }
     if constexpr (kGroupSize % kMmaWindowK == 0) {
-        const int s = t & 1, first_k = (window + s) * kMmaWindowK;  // (a window inside K from its first chunk)
-        const half* table = t < 2 ? scales : zeros;
-        half mine[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const bool ok = window + s < end && first_k < K && rows[h] < N;
-            mine[h] = ok ? table[static_cast<size_t>(rows[h]) * groups + group_of(first_k, kGroupSize)] : __float2half(0.f);
-        }
-        step.shared_groups = bit_cast<uint32_t>(__halves2half2(mine[0], mine[1]));
+        step.shared_groups = load_window_groups<kGroupSize>(scales, zeros, N, K, window, window + (t & 1) < end, t, rows);
     }
     return step;
 }
 
-// The scale and zero of rows g and g + 8 for each window of a step: a lane's own (G = 32, 64), or
-// from the 4 lanes that loaded them (G % 128 == 0, load_tc_step). A lane whose chunk is past K gets
-// its window's real ones: its weights are zeros and so is its x, so its products add 0.
+// The scale and zero of rows g and g + 8 for each window of a step.
 template <int kGroupSize>
 __device__ __forceinline__ void tc_groups(const TcStep& step, int lane, half (&scale)[kTcWindowsPerStep][2],
                                           half (&zero)[kTcWindowsPerStep][2]) {
-    if constexpr (kGroupSize % kMmaWindowK == 0) {
-        const int first = lane & ~3;  // lane t = 0 of this lane's group of 4
 #pragma unroll
-        for (int s = 0; s < kTcWindowsPerStep; ++s) {
-            const half2 sc = bit_cast<half2>(__shfl_sync(0xffffffffu, step.shared_groups, first + s));
-            const half2 z = bit_cast<half2>(__shfl_sync(0xffffffffu, step.shared_groups, first + 2 + s));
-            scale[s][0] = __low2half(sc), scale[s][1] = __high2half(sc);
-            zero[s][0] = __low2half(z), zero[s][1] = __high2half(z);
-        }
-    } else {
-#pragma unroll
-        for (int s = 0; s < kTcWindowsPerStep; ++s) {
+    for (int s = 0; s < kTcWindowsPerStep; ++s) {
+        if constexpr (kGroupSize % kMmaWindowK == 0) {
+            window_groups(step.shared_groups, lane, s, scale[s], zero[s]);
+        } else {
 #pragma unroll
             for (int h = 0; h < 2; ++h) scale[s][h] = step.scale[s][h], zero[s][h] = step.zero[s][h];
         }
