@@ -182,7 +182,7 @@ def test_the_tensor_core_prefill_attention_matches_its_twin(emulated, d, heads, 
     assert err < 5e-3, err
 
 
-@pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (4, 2), 200, 0.0),
+@pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (4, 2), 100, 0.0),
                                                        (256, (2, 2), 0, 50.0)])
 def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window, softcap):
     """awq_attend_split over a 400-row cache at positions 300 and 301: full tiles of 128 keys (the

@@ -21,7 +21,8 @@
 //               head h (those visible), keeps its softmax state (max, sum, V-weighted sum) in
 //               `partials`; the last block of the head to finish (a counter per head) merges the
 //               splits and writes out. splits = ceil(capacity / 128) is fixed when the decode
-//               graph is captured; the blocks past the position find no key and only count themselves.
+//               graph is captured; the blocks with no visible key (past the position, before the
+//               window) return at once, and the counts and the merge cover the others only.
 //               A block issues all its K and V loads first (SplitLoads): one DRAM latency a split.
 // Timed on the H200 (2026-12-04): benchmarks/cuda_attention.py (prefill), cuda_layer.py (decode).
 #include <math.h>
@@ -648,59 +649,60 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
     }
     const int kv_head = h / (H / Hkv);
     const int64_t first = first_key(pos, window);
+    // The splits with visible keys: from first's to pos's. The grid has a split for every 128 keys of
+    // the cache (fixed when the decode graph is captured); the others return here, without a count
+    // or a partial (until 2026-12-04 they wrote an empty one, counted, and the merge read them all:
+    // 64 splits a head for an 8192-token cache, early in a chat with a few of them in use).
+    const int first_split = static_cast<int>(first / kSplitKeys), last_split = static_cast<int>(pos / kSplitKeys);
+    if (split < first_split || split > last_split) return;
     const int64_t lo = static_cast<int64_t>(split) * kSplitKeys;
     const int64_t begin = first > lo ? first : lo;
-    const int64_t end = pos + 1 < lo + kSplitKeys ? pos + 1 : lo + kSplitKeys;  // keys [begin, end), maybe none
+    const int64_t end = pos + 1 < lo + kSplitKeys ? pos + 1 : lo + kSplitKeys;  // keys [begin, end): at least one
     const __half* k_rows = k_cache + static_cast<size_t>(kv_head) * capacity * D;
     const __half* v_rows = v_cache + static_cast<size_t>(kv_head) * capacity * D;
 
     float* part = partials + (static_cast<size_t>(h) * splits + split) * (2 + D);
-    if (begin < end) {  // (the same for the whole block)
-        const int n = static_cast<int>(end - begin);
-        SplitLoads<D> loads;
-        load_split<D>(loads, k_rows, v_rows, begin, n);
-        for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __half2float(q_rot[static_cast<size_t>(h) * D + d]);
-        __syncthreads();
-        const bool mine = static_cast<int>(threadIdx.x) < n;
-        const float score = mine ? score_loaded_key<D>(q_s, loads, k_rows, begin + threadIdx.x, scale, softcap) : -INFINITY;
-        const float block_max = tile_reduce<true>(score, scratch);
-        const float p = mine ? __expf(score - block_max) : 0.f;
-        p_s[threadIdx.x] = p;
-        const float block_sum = tile_reduce<false>(p, scratch);  // (its barriers publish p_s)
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        accumulate_loaded_values<D>(acc, p_s, loads, v_rows, begin, n);
-        const float2 sum = sum_over_groups<D>(acc, acc_s);
-        if (threadIdx.x < D / 2) {
-            part[2 + 2 * threadIdx.x] = sum.x;
-            part[3 + 2 * threadIdx.x] = sum.y;
-        }
-        if (threadIdx.x == 0) {
-            part[0] = block_max;
-            part[1] = block_sum;
-        }
-    } else if (threadIdx.x == 0) {  // no visible key (past the position, or before the window): the
-        part[0] = -INFINITY;        // merge skips it; most splits of a long cache early in a chat
-        part[1] = 0.f;
+    const int n = static_cast<int>(end - begin);
+    SplitLoads<D> loads;
+    load_split<D>(loads, k_rows, v_rows, begin, n);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __half2float(q_rot[static_cast<size_t>(h) * D + d]);
+    __syncthreads();
+    const bool mine = static_cast<int>(threadIdx.x) < n;
+    const float score = mine ? score_loaded_key<D>(q_s, loads, k_rows, begin + threadIdx.x, scale, softcap) : -INFINITY;
+    const float block_max = tile_reduce<true>(score, scratch);
+    const float p = mine ? __expf(score - block_max) : 0.f;
+    p_s[threadIdx.x] = p;
+    const float block_sum = tile_reduce<false>(p, scratch);  // (its barriers publish p_s)
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    accumulate_loaded_values<D>(acc, p_s, loads, v_rows, begin, n);
+    const float2 sum = sum_over_groups<D>(acc, acc_s);
+    if (threadIdx.x < D / 2) {
+        part[2 + 2 * threadIdx.x] = sum.x;
+        part[3 + 2 * threadIdx.x] = sum.y;
+    }
+    if (threadIdx.x == 0) {
+        part[0] = block_max;
+        part[1] = block_sum;
     }
 
     // The last of the head's blocks to get here merges (the fences order the partials before the count).
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) merge_here = atomicAdd(counters + h, 1) == splits - 1;
+    if (threadIdx.x == 0) merge_here = atomicAdd(counters + h, 1) == last_split - first_split;
     __syncthreads();
     if (!merge_here) return;
     __threadfence();
     // One pass over the splits, the online softmax's merge (the running max m, and the sum and each
     // pair of dims rescaled when it moves): each split's loads are independent of the sums, so the
     // unrolled loop issues several splits' at once (three passes waited on L2 three times).
-    // Thread q < D / 2 merges dims 2q, 2q + 1; a split with no visible key (max -inf) is skipped,
-    // its never-written values unread in the sums.
+    // Thread q < D / 2 merges dims 2q, 2q + 1. Every split merged has a visible key, so a finite
+    // max (a score of -inf only from a -inf logit, whose split then adds nothing).
     const float* head = partials + static_cast<size_t>(h) * splits * (2 + D);
     const int q = threadIdx.x;
     float m = -INFINITY, total = 0.f;
     float2 merged = make_float2(0.f, 0.f);
 #pragma unroll 4
-    for (int c = 0; c < splits; ++c) {
+    for (int c = first_split; c <= last_split; ++c) {
         const float* part = head + c * (2 + D);
         const float mc = __ldcg(part), sc = __ldcg(part + 1);
         const float2 vc = q < D / 2 ? make_float2(__ldcg(part + 2 + 2 * q), __ldcg(part + 3 + 2 * q)) : merged;
