@@ -68,8 +68,9 @@ def test_every_kernel_the_cuda_backend_launches_keeps_the_programmatic_launch_co
     """On sm_90 the cuda backend lets each kernel start before the previous one ends
     (plugins/kernels/pdl.cuh): a kernel that skipped griddepcontrol.wait would read activations
     still being written. Every kernel entry of every cubin source, compiled to PTX for sm_90, must
-    wait, and must let the next one start, and load nothing before the wait but the tensor-core
-    GEMVs' and the GEMM's weights, scales and zeros; for sm_89 there must be neither (no such
+    wait, and must let the next one start, write nothing before the wait, and load nothing
+    before it but the tensor-core GEMVs' and the GEMM's weights, scales and zeros, and the decode
+    attention's position and older keys; for sm_89 there must be neither (no such
     instruction)."""
     import re
 
@@ -88,15 +89,22 @@ def test_every_kernel_the_cuda_backend_launches_keeps_the_programmatic_launch_co
                 has = ("griddepcontrol.wait" in body, "griddepcontrol.launch_dependents" in body)
                 assert has == (expect, expect), f"{kernel} sm_{arch}: wait, launch_dependents = {has}"
                 if expect:  # the wait comes before the first load of anything but the weights
-                    loads = re.findall(r"\b(?:ld\.global|cp\.async)[\w.]*", body[:body.index("griddepcontrol.wait")])
+                    early = body[:body.index("griddepcontrol.wait")]
+                    loads = re.findall(r"\b(?:ld\.global|cp\.async)[\w.]*", early)
+                    writes = re.findall(r"\b(?:st\.global|atom|red)\.[\w.]*", early)
+                    assert not writes, f"{kernel}: {sorted(set(writes))} before the wait"
                     # the tensor-core GEMVs (decode's, and prefill's for 2..32 rows) load their first
                     # weights (16-byte streaming loads) and their 2-byte scales and zeros before they
                     # wait; the GEMM copies its first 3 steps'
                     # weights (16 bytes a thread a step, or 2 words of 4 when K % 32 != 0: X's copies
                     # are 16 bytes too, so the count tells them apart) and loads their scales and zeros;
+                    # the decode attention loads the position and the K/V rows of the keys before it
+                    # (earlier steps', finished: a decode step is one graph launch; attention.cu);
                     # every other kernel loads nothing
                     tensor_core_gemv = kernel.startswith(("awq_gemv_tc_", "awq_gemv_mma"))
                     allowed = {"ld.global.cs.v4.u32", "ld.global.nc.u16"} if tensor_core_gemv else set()
+                    if kernel.startswith("awq_attend_split_"):
+                        allowed = {"ld.global.nc.u64", "ld.global.nc.v4.u32"}
                     if kernel.startswith("awq_gemm_"):
                         copy = "cp.async.cg.shared.global" if kernel.endswith("_v1") else "cp.async.ca.shared.global"
                         allowed = {"ld.global.nc.b16", copy}

@@ -601,6 +601,24 @@ __device__ __forceinline__ void load_split(SplitLoads<D>& loads, const __half* _
     }
 }
 
+// load_split's loads of the one key t of the split (the position's: see attend_split).
+template <int D>
+__device__ __forceinline__ void load_split_key(SplitLoads<D>& loads, const __half* __restrict__ k_rows,
+                                               const __half* __restrict__ v_rows, int64_t begin, int t) {
+    using L = SplitLoads<D>;
+    if (static_cast<int>(threadIdx.x) == t) {
+        const uint4* k_row = reinterpret_cast<const uint4*>(k_rows + (begin + t) * D);
+#pragma unroll
+        for (int c = 0; c < L::kEarlyK; ++c) loads.k[c] = k_row[c];
+    }
+    const int chunk = threadIdx.x % L::kChunks, group = threadIdx.x / L::kChunks;
+    const uint4* v = reinterpret_cast<const uint4*>(v_rows + begin * D) + chunk;
+#pragma unroll
+    for (int u = 0; u < L::kEarlyV; ++u) {
+        if (group + u * L::kGroups == t) loads.v[u] = v[static_cast<size_t>(t) * L::kChunks];
+    }
+}
+
 // score_key on the loaded row (the chunks past kEarlyK loaded here; fully unrolled: registers).
 template <int D>
 __device__ __forceinline__ float score_loaded_key(const float* q_s, const SplitLoads<D>& loads,
@@ -640,10 +658,18 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
     __shared__ float acc_s[kSplitThreads * 8];
     __shared__ bool merge_here;
 
+    // Before the wait for the previous kernel (pdl.cuh) this kernel reads the position and the K/V
+    // rows of the keys before it, which only earlier decode steps write (their last kernel
+    // advances the position; their q/k/v GEMV writes their key): the cuda backend launches a
+    // decode step as one CUDA graph, and a graph launch starts once everything before it on the
+    // stream is done, so those reads see them finished. The position's own key, which this step's
+    // q/k/v GEMV (or rope_store) writes, and q are read after the wait, and so is anything written.
+    // Its loads then overlap the q/k/v GEMV's tail instead of following it.
     const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     __half* y = out + static_cast<size_t>(h) * D;
     const int64_t pos = *past_ptr;
     if (!step_fits(pos, 1, capacity, max_positions)) {
+        awq_edge::wait_for_previous_kernel();
         for (int d = threadIdx.x; d < D; d += blockDim.x) y[d] = __float2half(NAN);
         return;
     }
@@ -663,8 +689,11 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
 
     float* part = partials + (static_cast<size_t>(h) * splits + split) * (2 + D);
     const int n = static_cast<int>(end - begin);
+    const int older = pos - begin < n ? static_cast<int>(pos - begin) : n;  // keys before the position's
     SplitLoads<D> loads;
-    load_split<D>(loads, k_rows, v_rows, begin, n);
+    load_split<D>(loads, k_rows, v_rows, begin, older);
+    awq_edge::wait_for_previous_kernel();
+    if (older < n) load_split_key<D>(loads, k_rows, v_rows, begin, older);  // the position's key (the last)
     for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __half2float(q_rot[static_cast<size_t>(h) * D + d]);
     __syncthreads();
     const bool mine = static_cast<int>(threadIdx.x) < n;
@@ -770,7 +799,7 @@ AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d256, attend_mma, 256)
                               __half* __restrict__ out, float* __restrict__ partials, int* __restrict__ counters,   \
                               int H, int Hkv, int capacity, int max_positions, int window, float scale,             \
                               float softcap) {                                                                      \
-        awq_edge::begin_after_previous_kernel();                                                                    \
+        awq_edge::let_next_kernel_start(); /* and the wait inside, after the older keys' loads */                  \
         attend_split<D>(q_rot, k_cache, v_cache, past_ptr, out, partials, counters, H, Hkv, capacity,              \
                         max_positions, window, scale, softcap);                                                     \
     }

@@ -6,7 +6,9 @@
 // The contract, which every kernel the cuda backend launches keeps (in this order, first thing):
 //   let_next_kernel_start()     the next kernel may be scheduled now: it only runs until its own
 //                               wait_for_previous_kernel(), so nothing it does can race with us;
-//   (reads of data no earlier kernel writes: the weights)
+//   (reads of data no earlier kernel writes: the weights; and in the decode attention, data
+//   only earlier decode steps write: a decode step is one CUDA graph launch, which starts once
+//   all earlier work on the stream is done; attention.cu attend_split)
 //   wait_for_previous_kernel()  returns once the previous kernel has finished and its writes are
 //                               visible; everything that reads or writes activations comes after.
 //                               (PTX ISA, griddepcontrol: .wait waits until "all the memory operations
