@@ -2,14 +2,16 @@
 """One decoder layer on the GPU against its roofline: every kernel of a layer back to back in
 one CUDA graph, the way a decode step runs them.
 
-    python3 benchmarks/cuda_layer.py [--shape llama2-7b] [--context 512] [--output FILE.json]
+    python3 benchmarks/cuda_layer.py [--shape llama2-7b] [--context 512] [--cache N] [--output FILE.json]
 
 The engine is a random-weight int4 g128 engine of the shape (awq_edge/synthetic.py) with a
 small vocabulary and enough layers that their weights are >= 4x the L2 cache, so each layer
 reads its weights from DRAM, as in a real step. After a prefill of --context tokens, a graph
 holds --repeats passes over the layers' ops of a one-token step (decode_ops(spec) without the
 embedding, the final norm and the lm_head; the position counter does not advance, so each
-pass attends over the same --context cached rows). The fused op list (the default: norms in the
+pass attends over the same --context cached rows). The KV cache holds --cache tokens (default
+--context + 1): a chat engine's is its whole context, and decode attention's grid has a block
+per 128 of them, most of them past the position early in a chat. The fused op list (the default: norms in the
 linears' prologue, activation and residual adds in their epilogues) and the unfused one (a
 kernel per op) are timed in the same run, alternating, and the fused list without overlapped
 launches (plugins/kernels/pdl.cuh, sm_90 only) with and without the GEMVs' L2 prefetch of the
@@ -36,7 +38,7 @@ data in L2 when its bytes over all the layers fit there (attention's K and V at 
 a small linear over few layers), so it runs faster than in a layer, where the other ops' weights
 evict it: the table marks such rows "(L2)" (bytes x layers < L2).
 
-JSON: gpu, shape, context, layers, launches_per_layer, us_per_layer, bytes_per_layer,
+JSON: gpu, shape, context, cache, layers, launches_per_layer, us_per_layer, bytes_per_layer,
 roofline_us, roofline_fraction, copy_gbs (the backend's default: fused, overlapped launches on
 sm_90), under "variants" each variant's us_per_layer, launches_per_layer and roofline_fraction,
 under "breakdown" per decode GEMV (cuda_cores, tensor_cores, tensor_cores_persistent) each op's
@@ -144,6 +146,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama2-7b")
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--cache", type=int, default=None, help="KV cache tokens (default: --context + 1)")
     parser.add_argument("--repeats", type=int, default=None, help="passes over the layers per graph "
                         "(default: enough for about 80 layers, at least 1)")
     parser.add_argument("--output", type=Path, default=None)
@@ -167,7 +170,12 @@ def main() -> int:
         print(f"error: no device profile has the arch {gpu.arch}; add one under devices/", file=sys.stderr)
         return 2
     l2 = CudaRuntime().l2_cache_bytes()
-    shape = dict(SHAPES[args.shape], vocab_size=512, max_position_embeddings=max(args.context + 1, 1024))
+    cache = args.cache or args.context + 1
+    if cache <= args.context:
+        print(f"error: --cache {cache} leaves no room for a token after --context {args.context}; "
+              "give a larger --cache", file=sys.stderr)
+        return 2
+    shape = dict(SHAPES[args.shape], vocab_size=512, max_position_embeddings=max(cache, 1024))
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
     qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * shape["head_dim"]
     approx_layer = (hidden * (qkv + hidden + 3 * inter)) // 2  # int4 weights, for the layer count only
@@ -176,10 +184,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="awq-edge-layer-") as tmp:
         engine = Path(tmp) / "engine"
         print(f"{gpu.name} ({gpu.arch}), L2 {l2 >> 20} MiB: a random {args.shape}-shaped engine of {layers} layers")
-        write_random_engine(engine, shape, device, max_context=args.context + 1)
+        write_random_engine(engine, shape, device, max_context=cache)
         manifest = read_manifest(engine)
         info = read_decoder_info(engine, check_files(engine, manifest["files"]))
-        backend = CudaBackend(engine, manifest, info, max_context=args.context + 1)
+        backend = CudaBackend(engine, manifest, info, max_context=cache)
         backend.forward(np.random.default_rng(0).integers(0, 256, args.context))
         ceiling = copy_gbs(backend.drv)
         # (fused op list, overlapped launches, L2 prefetch bytes, decode GEMV): the backend's default first
@@ -212,13 +220,14 @@ def main() -> int:
     ops = {gemv: [{"op": label, "us_per_layer": t / layers * 1e6, "bytes": b,
                    "pct_of_copy": 100 * b / (t / layers * ceiling * 1e9)} for label, b, t in rows]
            for gemv, rows in breakdown.items()}
-    row = {"gpu": gpu.name, "arch": gpu.arch, "shape": args.shape, "context": args.context, "layers": layers,
+    row = {"gpu": gpu.name, "arch": gpu.arch, "shape": args.shape, "context": args.context, "cache": cache,
+           "layers": layers,
            **results["fused"], "bytes_per_layer": nbytes, "roofline_us": roofline * 1e6, "copy_gbs": ceiling,
            "variants": results,
            "breakdown": ops, "breakdown_sum_us": {gemv: sum(r["us_per_layer"] for r in rows) for gemv, rows in ops.items()},
            "date": dt.datetime.now().isoformat(timespec="seconds"),
            "timing": f"{repeats} passes over the {layers} layers in one graph, host clock, median of {REPLAYS}"}
-    print(f"{args.shape} layer at context {args.context}: {row['us_per_layer']:.1f} us, "
+    print(f"{args.shape} layer at context {args.context} (cache {cache}): {row['us_per_layer']:.1f} us, "
           f"{row['launches_per_layer']:.0f} launches, {nbytes / 1e6:.1f} MB -> roofline {row['roofline_us']:.1f} us "
           f"at {ceiling:.0f} GB/s copy: {100 * row['roofline_fraction']:.0f}% of roofline")
     for name, r in results.items():
