@@ -678,6 +678,10 @@ def test_launch_shapes_match_the_kernel_sources():
     header = (plugins.PLUGINS_DIR / "kernels" / "w4a16.h").read_text()
     assert f"#define AWQ_W4A16_GEMV_MAX_ROWS {cb.GEMV_MAX_ROWS}\n" in header
     assert f"#define AWQ_W4A16_GEMV_CHUNKED_MAX_ROWS {cb.GEMV_CHUNKED_MAX_ROWS}\n" in header
+    # the split-K GEMM's workspace as the C header documents it: a tile's accumulators, its threads' 32 each
+    flat = re.sub(r"\s*\n \*\s*", " ", header)  # the comments' lines joined
+    assert f"ceil(M / {cb.GEMM_TILE_M}) * ceil(N / {cb.GEMM_TILE_N}) * {cb.GEMM_SPLIT_TILE_BYTES // 4}]" in flat
+    assert f"at most ceil(K / {cb.GEMM_STEP_K})" in flat
     assert re.search(rf"__launch_bounds__\({cb.DEQUANT_THREADS}\)\s*\\\s*awq_dequantize_g", src["gemm_w4a16"])
     assert "constexpr int kHeadRowsPerWarp = 4;" in src["decoder_ops"]
     assert cb.LM_HEAD_ROWS_PER_BLOCK == cb.NORM_THREADS // 32 * 4  # the heads: 4 vocabulary rows a warp

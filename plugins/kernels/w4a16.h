@@ -51,9 +51,10 @@ int awq_w4a16_gemv_tc_persistent(const __half* x, const int32_t* qweight, const 
 /* Prefill kernel: tensor-core GEMM (mma.sync m16n8k16, fp32 accumulation), any M >= 1. */
 int awq_w4a16_gemm(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                    __half* y, int M, int N, int K, int group_size, cudaStream_t stream);
-/* The same with K split over `splits` blocks per 64 x 64 output tile (1..64, at most ceil(K / 64)):
- * partials float32 [splits * ceil(M / 64) * ceil(N / 64) * 4096] and counters int32 [ceil(M / 64) *
- * ceil(N / 64)], zeroed once (each launch leaves them zero); both may be null with one split. */
+/* The same with K split over `splits` blocks per output tile of 64 rows of M x 128 of N (1..64, at
+ * most ceil(K / 32), the GEMM's K steps): partials float32 [splits * ceil(M / 64) * ceil(N / 128) *
+ * 8192] and counters int32 [ceil(M / 64) * ceil(N / 128)], zeroed once (each launch leaves them
+ * zero); both may be null with one split. */
 int awq_w4a16_gemm_split_k(const __half* x, const int32_t* qweight, const __half* scales, const __half* zeros,
                            __half* y, int M, int N, int K, int group_size, int splits, float* partials,
                            int* counters, cudaStream_t stream);
