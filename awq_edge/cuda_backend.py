@@ -18,9 +18,10 @@ PREFILL_GRAPH_ROWS (the extra rows' K/V land past the real ones, where the next 
 them before any query reads them), all of the step but its tail (the last row's norm and the
 head), which is launched after it for the real last row, with the advance by the real rows.
 From Python each launch costs host time (packing its arguments, a ctypes call): a 16-row
-SmolLM2 chunk's ~330 launches took 8.5 ms on the H200 (run 3), a full chunk's graph 2.9 ms. Sampling runs after the step with the request's settings, keeping
-the repetition-penalty history on the device; two int32 come back (the token, and the attention
-kernels' over-capacity flag).
+SmolLM2 chunk's ~330 launches took 8.5 ms on the H200 (run 3), a full chunk's graph 2.9 ms.
+Sampling runs after the step with the request's settings, keeping the repetition-penalty
+history on the device; two int32 come back (the token, and the attention kernels' over-capacity
+flag).
 
 A prefill chunk's linears (matmul below): from CUBLAS_FROM_ROWS rows, "dequantize a slab of
 weight rows to fp16, then cuBLAS's fp16 GEMM" when the machine has cuBLAS (awq_edge/cublas.py;
