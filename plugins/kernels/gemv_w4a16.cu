@@ -370,6 +370,27 @@ __device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// Weight row n's 32-k chunk `chunk` (K % 32 == 0): the 16 bytes (4 packed words) a tensor-core
+// GEMV lane takes of a window.
+__device__ __forceinline__ const uint4* weight_chunk(const uint32_t* __restrict__ qweight, int K, size_t n, int chunk) {
+    return reinterpret_cast<const uint4*>(qweight + n * (K / kValuesPerWord)) + chunk;
+}
+
+// That chunk, streamed, and (kGroups) its group's scale and zero: all zeros when !ok (past K or N).
+template <int kGroupSize, bool kGroups>
+__device__ __forceinline__ uint4 load_weight_chunk(const uint32_t* __restrict__ qweight,
+                                                   const half* __restrict__ scales, const half* __restrict__ zeros,
+                                                   int K, int n, int chunk, bool ok, half& scale, half& zero) {
+    const size_t row = static_cast<size_t>(ok ? n : 0);
+    const uint4 words = ok ? __ldcs(weight_chunk(qweight, K, row, chunk)) : make_uint4(0u, 0u, 0u, 0u);
+    if constexpr (kGroups) {
+        const size_t at = row * num_groups(K, kGroupSize) + group_of(chunk * 32, kGroupSize);
+        scale = ok ? scales[at] : __float2half(0.f);
+        zero = ok ? zeros[at] : __float2half(0.f);
+    }
+    return words;
+}
+
 // When a group covers whole 128-k windows (G % 128 == 0) the 4 lanes of a window's row (t = 0..3,
 // 32 k each) need the same scale and zero. For a pair of windows, lane t loads one of the 4 (window
 // t & 1, the scale or, from t = 2, the zero) for two rows, as a half2, and the lanes swap them
@@ -425,7 +446,6 @@ __device__ __forceinline__ MmaWeights<kTiles, kWindows> load_mma_weights(
     const uint32_t* __restrict__ qweight, const half* __restrict__ scales, const half* __restrict__ zeros, int N,
     int K, int n0, int w0, int g, int t) {
     MmaWeights<kTiles, kWindows> w;
-    const int words_per_row = K / kValuesPerWord, groups = num_groups(K, kGroupSize);
 #pragma unroll
     for (int s = 0; s < kWindows; ++s) {
         const int chunk = (w0 + s) * 4 + t;  // this lane's 32 k: chunk * 32 ..
@@ -433,13 +453,8 @@ __device__ __forceinline__ MmaWeights<kTiles, kWindows> load_mma_weights(
 #pragma unroll
         for (int r = 0; r < 2 * kTiles; ++r) {
             const int n = n0 + 16 * (r / 2) + g + 8 * (r % 2);
-            const bool ok = k_ok && n < N;   // outside: zero weights (scale 0, zero 0)
-            const size_t row = static_cast<size_t>(ok ? n : 0);
-            const size_t at = row * groups + group_of(chunk * 32, kGroupSize);
-            w.words[s][r] = ok ? __ldcs(reinterpret_cast<const uint4*>(qweight + row * words_per_row) + chunk)
-                               : make_uint4(0u, 0u, 0u, 0u);
-            w.scale[s][r] = ok ? scales[at] : __float2half(0.f);
-            w.zero[s][r] = ok ? zeros[at] : __float2half(0.f);
+            w.words[s][r] = load_weight_chunk<kGroupSize, true>(qweight, scales, zeros, K, n, chunk, k_ok && n < N,
+                                                                w.scale[s][r], w.zero[s][r]);
         }
     }
     return w;
@@ -606,22 +621,14 @@ __device__ __forceinline__ TcStep load_tc_step(const uint32_t* __restrict__ qwei
                                                int t, const int (&rows)[2]) {
     static_assert(kTcWindowsPerStep == 2, "shared_groups: a window and a table for each of a group's 4 lanes");
     TcStep step;
-    const int words_per_row = K / kValuesPerWord, groups = num_groups(K, kGroupSize);
 #pragma unroll
     for (int s = 0; s < kTcWindowsPerStep; ++s) {
         const int chunk = (window + s) * 4 + t;  // this lane's 32 k: chunk * 32 ..
         const bool k_ok = window + s < end && chunk * 32 < K;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const bool ok = k_ok && rows[h] < N;
-            const size_t n = static_cast<size_t>(ok ? rows[h] : 0);
-            step.words[s][h] = ok ? __ldcs(reinterpret_cast<const uint4*>(qweight + n * words_per_row) + chunk)
-                                  : make_uint4(0u, 0u, 0u, 0u);
-            if constexpr (kGroupSize % kMmaWindowK != 0) {
-                const size_t at = n * groups + group_of(chunk * 32, kGroupSize);
-                step.scale[s][h] = ok ? scales[at] : __float2half(0.f);
-                step.zero[s][h] = ok ? zeros[at] : __float2half(0.f);
-            }
+        for (int h = 0; h < 2; ++h) {  // (G % 128 == 0: the groups below, shared)
+            step.words[s][h] = load_weight_chunk<kGroupSize, kGroupSize % kMmaWindowK != 0>(
+                qweight, scales, zeros, K, rows[h], chunk, k_ok && rows[h] < N, step.scale[s][h], step.zero[s][h]);
         }
     }
     if constexpr (kGroupSize % kMmaWindowK == 0) {
@@ -648,14 +655,13 @@ __device__ __forceinline__ void tc_groups(const TcStep& step, int lane, half (&s
 // load_tc_step's weight bytes sent toward L2 (prefetch: nothing waits for them, no registers).
 __device__ __forceinline__ void prefetch_tc_step(const uint32_t* __restrict__ qweight, int N, int K, int window,
                                                  int end, int t, const int (&rows)[2]) {
-    const int words_per_row = K / kValuesPerWord;
 #pragma unroll
     for (int s = 0; s < kTcWindowsPerStep; ++s) {
         const int chunk = (window + s) * 4 + t;
         if (window + s >= end || chunk * 32 >= K) continue;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            if (rows[h] < N) prefetch_l2(qweight + static_cast<size_t>(rows[h]) * words_per_row + chunk * 4);
+            if (rows[h] < N) prefetch_l2(weight_chunk(qweight, K, rows[h], chunk));
         }
     }
 }
