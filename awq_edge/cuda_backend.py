@@ -351,10 +351,12 @@ class CudaBackend:
         """One CUDA graph replay, captured the first time: a decode step's ~5 launches a layer
         (rows 1), or a prefill chunk's ~11 but its tail, for a chunk padded to `rows`."""
         if rows not in self._graphs:
-            tail = step_tail(self.ops)
-            self._graphs[rows] = self.drv.capture(
-                (lambda: self._step(1)) if rows == 1 else (lambda: self.launch_ops(self.ops[:tail], rows)))
+            self._graphs[rows] = self.drv.capture(lambda: self._step(1) if rows == 1 else self._body(rows))
         self.drv.replay(self._graphs[rows])
+
+    def _body(self, rows: int) -> None:
+        """A step's launches up to its tail."""
+        self.launch_ops(self.ops[:step_tail(self.ops)], rows)
 
     def _tail(self, rows: int) -> None:
         """A step's tail: the norm of its last row and the head, then the position advanced by its rows."""
@@ -381,7 +383,7 @@ class CudaBackend:
         self._graphs.pop(1, None)
 
     def _step(self, rows: int) -> None:
-        self.launch_ops(self.ops[:step_tail(self.ops)], rows)
+        self._body(rows)
         self._tail(rows)
 
     def launch_ops(self, ops: list, rows: int) -> None:
