@@ -16,6 +16,7 @@ bare GPU machine imports it too).
   plugins/kernels/mma.cuh, for running a kernel's fragment plan lane by lane.
 - attention_f64: causal (windowed, soft-capped) attention over a KV cache in float64, what the
   attention twins and plans are checked against.
+- on_device: fresh device copies of named arrays, freed afterwards (a context manager).
 - fused_gemv_error: one decode GEMV entry point (CUDA cores or tensor cores) on fresh random
   data with poisoned outputs, through any driver (the GPU's, or EmulatedDriver), against the
   twins of what it fuses.
@@ -28,6 +29,7 @@ bare GPU machine imports it too).
 from __future__ import annotations
 
 import ctypes
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -271,6 +273,20 @@ def attention_f64(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past:
 
 # ---------------------------------------------------------------- an int4 head's candidate search
 
+@contextmanager
+def on_device(drv, arrays: dict):
+    """name -> device pointer of a fresh copy of each array (poisoned outputs included); all freed after."""
+    dev = {}
+    try:
+        for name, a in arrays.items():
+            dev[name] = drv.alloc(a.nbytes)
+            drv.upload(dev[name], np.ascontiguousarray(a))
+        yield dev
+    finally:
+        for pointer in dev.values():
+            drv.free(pointer)
+
+
 def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tensor_cores: bool,
                      blocks: int | None = None) -> float:
     """Relative error of decode GEMV entry point `fn` (drv.function's handle of awq_gemv_{fusion}_g*_w*,
@@ -319,11 +335,7 @@ def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tens
               "k_cache": np.full((kv_heads, capacity, D), np.nan, np.float16),
               "v_cache": np.full((kv_heads, capacity, D), np.nan, np.float16), "past": np.array([pos], np.int64),
               "status": np.zeros(1, np.int32), "out": out}
-    dev = {}
-    try:
-        for name, a in arrays.items():
-            dev[name] = drv.alloc(a.nbytes)
-            drv.upload(dev[name], np.ascontiguousarray(a))
+    with on_device(drv, arrays) as dev:
         grid, block = ((blocks or -(-n // GEMV_TC_ROWS),), (GEMV_TC_THREADS,)) if tensor_cores else ((n // 4,), (128,))
         drv.launch(fn, grid, block, [ptr(dev["x"]), ptr(dev["q"]), ptr(dev["s"]), ptr(dev["z"]), ptr(dev["out"]),
                                      i32(n), i32(k), ptr(dev["norm"]), f32(eps),
@@ -335,9 +347,6 @@ def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tens
         got = {name: np.empty_like(arrays[name]) for name in ("out", "q_rot", "k_cache", "v_cache")}
         for name, a in got.items():
             drv.download(a, dev[name])
-    finally:
-        for pointer in dev.values():
-            drv.free(pointer)
     if fusion.endswith("rope"):
         got = np.concatenate([got["q_rot"].reshape(-1)[:heads * D], got["k_cache"][:, pos].reshape(-1),
                               got["v_cache"][:, pos].reshape(-1)])[None]
@@ -375,19 +384,12 @@ def prefill_attention_error(drv, fn, kernel: str, d: int, heads: tuple, past: in
     per_block = ATTEND_MMA_QUERIES if kernel == "mma" else ATTEND_BLOCK_QUERIES
     arrays = {"q": q, "k": k_cache, "v": v_cache, "past": np.array([past], np.int64),
               "out": np.full(rows * H * d, np.nan, np.float16)}
-    dev = {}
-    try:
-        for name, a in arrays.items():
-            dev[name] = drv.alloc(a.nbytes)
-            drv.upload(dev[name], np.ascontiguousarray(a))
+    with on_device(drv, arrays) as dev:
         drv.launch(fn, (H, -(-rows // per_block)), (ATTEND_THREADS,),
                    [*[ptr(dev[name]) for name in ("q", "k", "v", "past", "out")], i32(rows), i32(H), i32(Hkv),
                     i32(capacity), i32(capacity), i32(window), f32(d ** -0.5), f32(softcap)])
         got = np.empty(rows * H * d, np.float16)
         drv.download(got, dev["out"])
-    finally:
-        for pointer in dev.values():
-            drv.free(pointer)
     want = twin_attend_block(q, k_cache, v_cache, past, window, d ** -0.5, softcap).reshape(-1)
     assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
     return float(np.abs(got.astype(np.float32) - want.astype(np.float32)).max() / np.abs(want.astype(np.float32)).max())
@@ -411,11 +413,8 @@ def split_attention_errors(drv, fn, d: int, heads: tuple, window: int, softcap: 
     splits = -(-capacity // ATTEND_SPLIT_KEYS)
     arrays = {"q": q, "k": k_cache, "v": v_cache, "past": np.zeros(1, np.int64), "out": np.zeros(H * d, np.float16),
               "partials": np.zeros(H * splits * (2 + d), np.float32), "counters": np.zeros(H, np.int32)}
-    dev, errors = {}, []
-    try:
-        for name, a in arrays.items():
-            dev[name] = drv.alloc(a.nbytes)
-            drv.upload(dev[name], np.ascontiguousarray(a))
+    errors = []
+    with on_device(drv, arrays) as dev:
         for pos in positions:
             drv.upload(dev["past"], np.array([pos], np.int64))
             drv.upload(dev["out"], np.full(H * d, np.nan, np.float16))
@@ -428,9 +427,6 @@ def split_attention_errors(drv, fn, d: int, heads: tuple, window: int, softcap: 
             assert not np.isnan(got).any(), f"pos {pos}: {np.isnan(got).sum()} outputs never written"
             errors.append((pos, float(np.abs(got.astype(np.float32) - want.astype(np.float32)).max()
                                       / np.abs(want.astype(np.float32)).max())))
-    finally:
-        for pointer in dev.values():
-            drv.free(pointer)
     return errors
 
 

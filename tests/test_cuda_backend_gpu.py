@@ -13,7 +13,6 @@ so it runs on the bare lent GPU machine (benchmarks/gpu_check.sh).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +38,8 @@ from awq_edge.reference_backend import ReferenceBackend  # noqa: E402
 from awq_edge.sampling import Sampler, SamplingSettings, candidates, choose_token  # noqa: E402
 from awq_edge.synthetic import SHAPES, byte_tokenizer, write_random_checkpoint, write_random_engine  # noqa: E402
 from conftest import TINY_FAMILIES  # noqa: E402
-from native_helpers import (fused_gemv_error, near_tie, read_native_engine, prefill_attention_error, split_attention_errors,  # noqa: E402
-                            teacher_forced, tie_heavy_logits)
+from native_helpers import (fused_gemv_error, near_tie, on_device, read_native_engine, prefill_attention_error,  # noqa: E402
+                            split_attention_errors, teacher_forced, tie_heavy_logits)
 from test_export_helpers import tiny_checkpoint  # noqa: E402
 
 # two prefill chunks (256 rows: the GEMM, or dequantize + cuBLAS; 20 rows: the GEMV 8 rows at a
@@ -158,20 +157,6 @@ def test_a_1b_random_engine_matches_the_reference(gemv, tmp_path):
 def cubin_kernel(drv, module: str, name: str):
     """Kernel `name` of plugins/kernels/<module>.cu, built for this GPU, through the driver API."""
     return drv.function(drv.load_module(plugins.build_cubins(GPUS[0].arch)[module].read_bytes()), name)
-
-
-@contextmanager
-def on_device(drv, arrays: dict):
-    """name -> device pointer of a fresh copy of each array (poisoned outputs included); all freed after."""
-    dev = {}
-    try:
-        for name, a in arrays.items():
-            dev[name] = drv.alloc(a.nbytes)
-            drv.upload(dev[name], np.ascontiguousarray(a))
-        yield dev
-    finally:
-        for pointer in dev.values():
-            drv.free(pointer)
 
 
 @pytest.mark.parametrize("kernel", ["cuda_cores", "tensor_cores", "tensor_cores_persistent"])
