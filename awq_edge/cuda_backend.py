@@ -6,6 +6,7 @@ the engine carries its kernels as cubins.
     logits = backend.forward(prompt_ids)   # DeviceLogits: stay on the GPU
     token = sampler(logits, seen)          # chosen there (plugins/kernels/sample.cu)
     logits = backend.forward([token])      # decode: one CUDA graph replay
+    token, logits = backend.sample_and_feed(logits.ptr, settings, seen, draw)  # both, run ahead (below)
 
 Each op of decode_ops(spec) is one launch in decode (launch_op below, the mirror of the reference
 backend's run(), whose numpy twins define what each kernel computes): the GEMV does a linear's
@@ -21,7 +22,11 @@ From Python each launch costs host time (packing its arguments, a ctypes call): 
 SmolLM2 chunk's ~330 launches took 8.5 ms on the H200 (run 3), a full chunk's graph 2.9 ms.
 Sampling runs after the step with the request's settings, keeping the repetition-penalty
 history on the device; two int32 come back (the token, and the attention kernels' over-capacity
-flag).
+flag). Decode runs ahead (sample_and_feed, which the Engine calls): the decode step embeds the
+token where the sampler wrote it, so the step that feeds a token is queued behind its sampling
+before the host reads it back, and the GPU computes the next logits while the host detokenizes,
+checks stop strings and hands the text on; a reply that stops there takes that step back
+(rewind). Per token the host then waits once, for the sampler, not for the step.
 
 A prefill chunk's linears (matmul below): from CUBLAS_FROM_ROWS rows, "dequantize a slab of
 weight rows to fp16, then cuBLAS's fp16 GEMM" when the machine has cuBLAS (awq_edge/cublas.py;
@@ -280,15 +285,22 @@ class CudaBackend:
         self.gemm_partials = drv.alloc(GEMM_SPLIT_WORKSPACE_BYTES)  # the split-K GEMM's, and a counter a tile
         self.gemm_counters = drv.alloc(4 * GEMM_SPLIT_MAX_TILES)
         drv.zero(self.gemm_counters, 4 * GEMM_SPLIT_MAX_TILES)
-        self.token = drv.alloc(8)                      # int32 sampled token, then int32 attention status:
-        self.status = self.token + 4                   # one download after sampling reads both
+        self.token = drv.alloc(8)                      # int32 sampled token (a decode step's input), then
+        self.status = self.token + 4                   # int32 attention status: one download reads both
         self.uniform = drv.alloc(4)
+        # the copies that overlap a running step go through page-locked memory, and the host waits
+        # for the sampler alone through an event recorded behind its token's copy
+        self.host_token, self.host_draw = drv.host_array(2, np.int32), drv.host_array(1, np.float32)
+        self.sampled = drv.event()
+        self.draw_on_device = 0.0                      # what `uniform` holds (greedy: always 0)
+        self.run_ahead = True                          # (benchmarks/cuda_decode.py times it off too)
         self.seen = drv.alloc(C * 4)                   # the repetition-penalty history, on the device
         self.n_seen = drv.alloc(4)
         self.seen_mirror: list[int] = []               # what `seen` holds, to upload only what is new
         drv.zero(self.past, 8)
         drv.zero(self.n_seen, 4)
         drv.zero(self.token, 8)
+        drv.zero(self.uniform, 4)
 
     def _open_cublas(self, given):
         """(the GEMM of long prefill chunks, None) or (None, why there is none)."""
@@ -325,6 +337,7 @@ class CudaBackend:
         if not 0 <= position <= self.position:
             raise UserError(f"cannot rewind to {position}: the cache holds {self.position} tokens")
         self.position = int(position)
+        self.drv.synchronize()  # a step run ahead may still advance the counter (a plain copy would not wait)
         self.drv.upload(self.past, np.array([self.position], np.int64))
 
     def forward(self, ids) -> DeviceLogits:
@@ -336,7 +349,7 @@ class CudaBackend:
             room = min(self.max_context, self.spec.max_positions) - self.position
             padded = 1 if rows == 1 else prefill_graph_rows(rows, room)
             staged.append(chunk if padded is None else np.pad(chunk, (0, padded - rows)))
-            self.drv.upload_async(self.ids, staged[-1])
+            self.drv.upload_async(self.token if rows == 1 else self.ids, staged[-1])  # (decode embeds `token`)
             if padded is None:
                 self._step(rows)
             else:
@@ -405,9 +418,9 @@ class CudaBackend:
         """The kernel of one op for a step of `rows` tokens (reference_backend.run's mirror)."""
         a, w, b, spec = op.args, self.weights, self.buf, self.spec
         eps = ("f32", spec.eps)
-        if op.kind == "embed":
+        if op.kind == "embed":  # decode's id is where the sampler writes it
             self.launch("awq_embed", (rows,), (NORM_THREADS,),
-                        [self.ids, w[a["table"]], b[a["out"]], ("i32", spec.hidden), ("i32", spec.vocab),
+                        [self.token if rows == 1 else self.ids, w[a["table"]], b[a["out"]], ("i32", spec.hidden), ("i32", spec.vocab),
                          ("f32", a["scale"] or 1.0)])
         elif op.kind == "norm":
             last = a.get("last_row", False)
@@ -620,6 +633,7 @@ class CudaBackend:
         disagreed). The cache no longer matches the tokens: start over from an empty one."""
         if status == 0:
             return
+        self.drv.synchronize()  # (a step may be running ahead)
         self.drv.zero(self.status, 4)
         self.rewind(0)
         self.seen_mirror = []
@@ -629,29 +643,57 @@ class CudaBackend:
     def sample_token(self, device_ptr: int, settings, seen_ids, uniform: float) -> int:
         """The next token by the Sampler's rule, chosen on the GPU. The history the repetition
         penalty reads stays on the device: only the ids it lacks are uploaded."""
-        seen = [int(i) for i in seen_ids][-self.max_context:]
-        mirror = self.seen_mirror
+        seen = self._queue_sample(device_ptr, settings, seen_ids, uniform)
+        return self._sampled_token(seen, fed=False)
+
+    def sample_and_feed(self, device_ptr: int, settings, seen_ids, uniform: float) -> tuple[int, DeviceLogits]:
+        """sample_token, and the decode step that feeds the chosen token queued behind it before the
+        host reads the token back: the GPU computes the next logits while the host handles this
+        token. (token, those logits); the caller that stops at this token takes the step back with
+        rewind(position - 1)."""
+        step_ids([0], self.position, self.max_context, self.vocab_size)  # room for one more
+        seen = self._queue_sample(device_ptr, settings, seen_ids, uniform)
+        self._replay(1)
+        self.position += 1
+        return self._sampled_token(seen, fed=True), DeviceLogits(self, self.buf["logits"], self.vocab_size)
+
+    def _queue_sample(self, device_ptr: int, settings, seen_ids, uniform: float) -> list:
+        """The sampler's launch, the copy of its token to host_token and the event `sampled`, queued.
+        Returns the history it samples after (the last max_context ids)."""
+        seen = list(seen_ids)[-self.max_context:]
+        mirror, self.seen_mirror = self.seen_mirror, []  # unknown until the token is read
         if seen[:len(mirror)] != mirror:  # another history (a new prompt): upload it whole
             mirror = []
-        new = np.array(seen[len(mirror):], np.int32)
-        if new.size:
-            self.drv.upload_async(self.seen + 4 * len(mirror), new)
-        count = np.array([len(seen)], np.int32)
-        draw = np.array([fp32_draw(uniform)], np.float32)
-        self.drv.upload_async(self.n_seen, count)
-        self.drv.upload_async(self.uniform, draw)
+        if len(seen) > len(mirror):  # else the device holds the history, and its count (the sampler appends)
+            # (pageable: these live until the wait for `sampled`, after which the copies have run)
+            self.uploads = np.array(seen[len(mirror):], np.int32), np.array([len(seen)], np.int32)
+            self.drv.upload_async(self.seen + 4 * len(mirror), self.uploads[0])
+            self.drv.upload_async(self.n_seen, self.uploads[1])
+        draw = fp32_draw(uniform)
+        if draw != self.draw_on_device:  # (greedy: never)
+            self.host_draw[0] = draw      # page-locked: the copy does not wait for a step running ahead
+            self.drv.upload_async(self.uniform, self.host_draw)
+            self.draw_on_device = draw
         self.launch("awq_sample_step", (1,), (SAMPLE_THREADS,),
                     [device_ptr, ("i32", self.vocab_size), self.seen, self.n_seen, ("i32", self.max_context),
                      ("f32", settings.repetition_penalty), ("f32", settings.temperature), ("i32", settings.top_k),
                      ("f32", settings.top_p), self.uniform, self.sample_work, self.token])
-        token = np.empty(2, np.int32)         # the token and the attention status
-        self.drv.download(token, self.token)  # synchronizes: new, count and draw are no longer read
-        self._check_status(int(token[1]))
-        if token[0] < 0:  # the kernel found no logit above -inf (NaN counts as -inf)
-            self.seen_mirror = []  # the device history is re-uploaded whole next time
+        self.drv.download_async(self.host_token, self.token)  # the token and the attention status
+        self.drv.record(self.sampled)
+        return seen
+
+    def _sampled_token(self, seen: list, fed: bool) -> int:
+        """Wait for the sampler (not for a step queued behind it) and read its token."""
+        self.drv.wait(self.sampled)
+        token, status = (int(v) for v in self.host_token)
+        if fed and (status or token < 0):
+            self.rewind(self.position - 1)  # the step fed nothing usable
+        self._check_status(status)
+        if token < 0:  # the kernel found no logit above -inf (NaN counts as -inf)
             raise UserError(NO_USABLE_LOGITS)
-        self.seen_mirror = (seen + [int(token[0])])[:self.max_context]
-        return int(token[0])
+        seen.append(token)
+        self.seen_mirror = seen[:self.max_context]
+        return token
 
 
 # The one-row GEMVs' fusions (gemv_w4a16.cu AWQ_GEMV_FUSIONS): an entry of each on CUDA cores

@@ -11,13 +11,17 @@ the driver's name for it.
     buf = drv.alloc(nbytes)
     drv.launch(kernel, grid=(S,), block=(256,), args=[ptr(ids), ptr(table), ptr(out), i32(hidden), ...])
     graph = drv.capture(lambda: ...launches...)      # a CUDA graph of the launches, replayed with drv.replay(graph)
+    done = drv.event(); drv.record(done); drv.wait(done)  # the host waits for the stream up to a point
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 
+import numpy as np
+
 CU_STREAM_NON_BLOCKING = 1
+CU_EVENT_DISABLE_TIMING = 2
 CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE = 38
@@ -93,6 +97,10 @@ class Driver:
         lib.cuGraphLaunch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.cuMemGetInfo_v2.argtypes = [ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
         lib.cuDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
+        lib.cuMemAllocHost_v2.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
+        lib.cuEventCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+        lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuEventSynchronize.argtypes = [ctypes.c_void_p]
         self.check(lib.cuInit(0), "cuInit")
         self.device = ctypes.c_int()
         self.check(lib.cuDeviceGet(ctypes.byref(self.device), device_index), "cuDeviceGet")
@@ -130,9 +138,23 @@ class Driver:
 
     def download(self, array, device_ptr: int) -> None:
         """device -> array, after everything queued on the stream."""
+        self.download_async(array, device_ptr)
+        self.synchronize()
+
+    def download_async(self, array, device_ptr: int) -> None:
+        """device -> array on the stream, without waiting: array is a host_array (pageable memory would
+        make the copy wait), to be read after waiting on an event recorded behind the copy."""
         self.check(self.lib.cuMemcpyDtoHAsync_v2(array.ctypes.data, device_ptr, array.nbytes, self.stream),
                    "cuMemcpyDtoHAsync")
-        self.synchronize()
+
+    def host_array(self, count: int, dtype) -> np.ndarray:
+        """A numpy array of count items in page-locked host memory, which copies on the stream read or
+        write when they run, so the host neither waits for them nor may touch the array before they
+        have (kept for the process's life: the backend makes a few small ones)."""
+        nbytes = max(int(count) * np.dtype(dtype).itemsize, 1)
+        address = ctypes.c_void_p()
+        self.check(self.lib.cuMemAllocHost_v2(ctypes.byref(address), nbytes), f"cuMemAllocHost({nbytes})")
+        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address.value)).view(dtype)[:count]
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         """device -> device on the stream (benchmarks time it: the bandwidth ceiling)."""
@@ -189,6 +211,18 @@ class Driver:
 
     def synchronize(self) -> None:
         self.check(self.lib.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
+
+    def event(self) -> ctypes.c_void_p:
+        event = ctypes.c_void_p()
+        self.check(self.lib.cuEventCreate(ctypes.byref(event), CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+        return event
+
+    def record(self, event) -> None:
+        """Mark the stream's current end: wait(event) returns once everything queued before it ran."""
+        self.check(self.lib.cuEventRecord(event, self.stream), "cuEventRecord")
+
+    def wait(self, event) -> None:
+        self.check(self.lib.cuEventSynchronize(event), "cuEventSynchronize")
 
     # ------------------------------------------------------------ graphs
     def capture(self, launches) -> ctypes.c_void_p:

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Sequence
 from .engine_dir import ExportInfo, check_files, read_decoder_info, read_export_info, read_manifest
 from .errors import UserError
 from .memory import PREFILL_CHUNK, MemoryPlan, format_size, parse_size, peak_rss_bytes, plan_memory
-from .sampling import Sampler, SamplingSettings
+from .sampling import DeviceLogits, Sampler, SamplingSettings
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -298,6 +298,21 @@ class Engine:
             logits = self._forward(ids[start:start + PREFILL_CHUNK])
         return logits, keep
 
+    def _sample(self, sampler: Sampler, logits, seen: list[int], feed: bool):
+        """(the next token, None), or where the backend runs decode ahead (the cuda backend) and
+        feed is asked: (the token, the logits after feeding it), the step that feeds it queued on
+        the GPU before the token is read back, so it runs while the host handles this token."""
+        if feed and getattr(self.backend, "run_ahead", False) and isinstance(logits, DeviceLogits):
+            token, fed_logits = self.backend.sample_and_feed(logits.ptr, sampler.settings, seen, sampler.draw())
+            self.cached_ids.append(token)
+            return token, fed_logits
+        return sampler(logits, seen), None
+
+    def _unfeed(self, fed_logits) -> None:
+        """Take back the step that fed the last token (it ended the reply: it is not kept)."""
+        if fed_logits is not None:
+            self.rewind(self.backend.position - 1)
+
     def _run(self, ids: list[int], sampler: Sampler, max_new_tokens: int, stops: list[str],
              eos_ids: set[int], cancel: Callable[[], bool] | None = None) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=len(ids), finish_reason="interrupted")
@@ -314,13 +329,15 @@ class Engine:
             if cancel is not None and cancel():
                 reason = "cancelled"
                 break
-            token = sampler(logits, seen)
+            feed = step < max_new_tokens - 1 and self.backend.position < self.context
+            token, fed_logits = self._sample(sampler, logits, seen, feed)
             stats.new_tokens += 1
             if t_first is None:
                 t_first = time.perf_counter()
                 stats.ttft_s = t_first - t0
             if token in eos_ids:
                 reason = "eos"
+                self._unfeed(fed_logits)
                 break
             seen.append(token)
             held += decoder.push(token)
@@ -329,6 +346,7 @@ class Engine:
                 if hit >= 0:
                     held = held[:hit]
                     reason = "stop"
+                    self._unfeed(fed_logits)
                     break
                 cut = len(held) - _stop_holdback(held, stops)
                 piece, held = held[:cut], held[cut:]
@@ -338,10 +356,13 @@ class Engine:
                 yield piece
             if step == max_new_tokens - 1:
                 break  # no need to feed the last token
-            if self.backend.position >= self.context:
+            if fed_logits is not None:
+                logits = fed_logits
+            elif self.backend.position >= self.context:
                 reason = "context_full"
                 break
-            logits = self._forward([token])
+            else:
+                logits = self._forward([token])
             stats.decode_s = time.perf_counter() - t_first
         if reason != "stop":
             held += decoder.flush()

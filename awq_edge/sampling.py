@@ -129,8 +129,12 @@ class Sampler:
         self.settings = settings
         self.rng = np.random.default_rng(settings.seed)
 
+    def draw(self) -> float:
+        """The next token's uniform (greedy: none drawn, 0)."""
+        return self.rng.random() if self.settings.temperature > 0 else 0.0
+
     def __call__(self, logits, seen_ids=()) -> int:
-        uniform = self.rng.random() if self.settings.temperature > 0 else 0.0
+        uniform = self.draw()
         if hasattr(logits, "sample_on_device"):
             return logits.sample_on_device(self.settings, seen_ids, uniform)
         return choose_token(logits, self.settings, seen_ids, uniform)

@@ -117,6 +117,7 @@ class RecordingDriver:
     def __init__(self):
         self.next_address, self.launches, self.kernel_info = 1 << 32, [], {}
         self.allocated = 0  # bytes asked for
+        self.captures = self.replays = 0  # graphs captured, graph launches
 
     def load_module(self, cubin: bytes) -> dict:
         return cubin_kernels(cubin)
@@ -150,19 +151,29 @@ class RecordingDriver:
     def upload_async(self, device_ptr, array): pass
     def zero(self, device_ptr, nbytes): pass
     def synchronize(self): pass
+    def record(self, event): pass
+    def wait(self, event): pass
+
+    def event(self):
+        return object()
+
+    def host_array(self, count, dtype):
+        return np.zeros(count, dtype)
 
     def replay(self, executable):
-        self.replays = getattr(self, "replays", 0) + 1
+        self.replays += 1
 
     def download(self, array, device_ptr):
         array[...] = 0
+
+    download_async = download
 
     def launch(self, fn, grid, block, args, shared_bytes=0, programmatic=False):
         self.launches.append((fn, tuple(grid), tuple(block), list(args)))
         self.programmatic = programmatic
 
     def capture(self, launches):
-        self.captures = getattr(self, "captures", 0) + 1
+        self.captures += 1
         launches()
         return f"graph {self.captures}"
 
@@ -199,6 +210,8 @@ class MemoryDriver(RecordingDriver):
     def download(self, array, device_ptr):
         array.reshape(-1).view(np.uint8)[:] = self.bytes_at(device_ptr, array.nbytes)
 
+    download_async = download
+
     def zero(self, device_ptr, nbytes):
         self.bytes_at(device_ptr, nbytes)[:] = 0
 
@@ -229,8 +242,8 @@ class RecordingCublas:
             for r in range(rows):
                 out[r * ldc:r * ldc + n] = product[r]
 
-        if getattr(self.driver, "capturing", None) is not None:
-            self.driver.capturing.append(gemm)
+        if hasattr(self.driver, "enqueue"):
+            self.driver.enqueue(gemm)
         else:
             gemm()
 
@@ -541,11 +554,18 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
 class EmulatedDriver(RecordingDriver):
     """The cuda backend's driver over the kernels' own source on the CPU (build_emulated_kernels):
     device memory is host memory (a pointer is a host address), a launch runs the kernel, and a
-    captured graph is its launches, run again at each replay (and not at the capture, as on a GPU)."""
+    captured graph is its launches, run again at each replay (and not at the capture, as on a GPU).
+
+    The stream is a queue, as on the GPU: launches, replays, async copies and event records wait in
+    `pending` until the host waits for them (synchronize, wait on an event, download), so a host
+    that reads a result it did not wait for reads stale memory here too. An async copy from
+    pageable memory reads it at once (the driver stages it), from a host_array when it runs. A
+    synchronous copy or memset while work is queued fails: on the GPU it would not wait for the
+    stream (cuda_driver's stream does not sync with the legacy one), a race."""
 
     def __init__(self, lib):
         super().__init__()
-        self.lib, self.buffers, self.capturing = lib, {}, None
+        self.lib, self.buffers, self.capturing, self.pending, self.page_locked = lib, {}, None, [], []
 
     def alloc(self, nbytes: int) -> int:
         self.allocated += int(nbytes)
@@ -562,28 +582,61 @@ class EmulatedDriver(RecordingDriver):
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).view(dtype).reshape(shape)
 
+    def host_array(self, count, dtype):
+        array = np.zeros(count, dtype)
+        self.page_locked.append(array)
+        return array
+
+    def enqueue(self, work) -> None:
+        """work (a callable, or a launch's (fn, grid, block, args)) into the graph being captured, or on the stream."""
+        (self.capturing if self.capturing is not None else self.pending).append(work)
+
+    def run_pending(self, count: int) -> None:
+        work, self.pending = self.pending[:count], self.pending[count:]
+        for item in work:
+            if callable(item):
+                item()
+            elif item[0] != "event":
+                self.run(*item)
+
+    def synchronize(self):
+        self.run_pending(len(self.pending))
+
+    def record(self, event):
+        self.pending.append(("event", event))
+
+    def wait(self, event):
+        marks = [i for i, item in enumerate(self.pending) if item == ("event", event)]
+        self.run_pending(marks[-1] + 1 if marks else 0)
+
     def upload(self, device_ptr, array):
+        assert not self.pending, "a synchronous copy while the stream has work queued (on the GPU: a race)"
         array = np.ascontiguousarray(array)
         ctypes.memmove(device_ptr, array.ctypes.data, array.nbytes)
 
-    upload_async = upload
+    def upload_async(self, device_ptr, array):
+        locked = any(array is a or array.base is a for a in self.page_locked)
+        source = array if locked else np.array(array, copy=True)
+        self.pending.append(lambda: ctypes.memmove(device_ptr, source.ctypes.data, source.nbytes))
+
+    def download_async(self, array, device_ptr):
+        assert array.flags.c_contiguous
+        self.pending.append(lambda: ctypes.memmove(array.ctypes.data, device_ptr, array.nbytes))
 
     def download(self, array, device_ptr):
-        assert array.flags.c_contiguous
-        ctypes.memmove(array.ctypes.data, device_ptr, array.nbytes)
+        self.download_async(array, device_ptr)
+        self.synchronize()
 
     def copy(self, dst, src, nbytes):
-        ctypes.memmove(dst, src, nbytes)
+        self.pending.append(lambda: ctypes.memmove(dst, src, nbytes))
 
     def zero(self, device_ptr, nbytes):
+        assert not self.pending, "a synchronous memset while the stream has work queued (on the GPU: a race)"
         ctypes.memset(device_ptr, 0, nbytes)
 
     def launch(self, fn, grid, block, args, shared_bytes=0, programmatic=False):
         super().launch(fn, grid, block, args, shared_bytes, programmatic)
-        if self.capturing is not None:
-            self.capturing.append((fn, grid, block, args))
-        else:
-            self.run(fn, grid, block, args)
+        self.enqueue((fn, grid, block, args))
 
     def run(self, fn, grid, block, args):
         grid = tuple(grid) + (1,) * (3 - len(grid))
@@ -592,7 +645,7 @@ class EmulatedDriver(RecordingDriver):
         assert self.lib.cpu_launch(fn.encode(), *grid, block[0], values) == 0, fn
 
     def capture(self, launches):
-        self.captures = getattr(self, "captures", 0) + 1
+        self.captures += 1
         self.capturing = []
         try:
             launches()
@@ -601,6 +654,5 @@ class EmulatedDriver(RecordingDriver):
             self.capturing = None
 
     def replay(self, executable):
-        self.replays = getattr(self, "replays", 0) + 1
-        for launch in executable:  # a kernel's launch, or a stand-in cuBLAS's GEMM (RecordingCublas)
-            launch() if callable(launch) else self.run(*launch)
+        self.replays += 1
+        self.pending.extend(executable)  # kernels' launches, or a stand-in cuBLAS's GEMMs (RecordingCublas)

@@ -290,3 +290,65 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     chunk_graphs = 1 if prompt <= 256 else 2
     assert (driver.captures, driver.replays) == (chunk_graphs + 1, chunk_graphs + 3)
     assert model_type != "random" or cuda.cublas.calls  # (the 70-row prompt, the 40-row chunk is below 64)
+
+
+def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(emulated, tmp_path):
+    """The Engine over the cuda backend on emulated kernels (a stream that runs only when the host
+    waits, as on the GPU): with decode run ahead (the step feeding a token queued before the host
+    reads it) every way a reply ends gives the tokens of one step at a time, and leaves the same
+    cache: the same cached ids, the same position on the device (the next step's logits agree),
+    the step fed past a stop taken back."""
+    from awq_edge.build import build_engine
+    from awq_edge.cuda_backend import CudaBackend
+    from awq_edge.engine import Engine, engine_plan
+    from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
+    from awq_edge.model import resolve_source
+    from awq_edge.sampling import Sampler
+    from awq_edge.tokenizer import Tokenizer
+    from test_export_helpers import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path, "llama", resolve_source("smollm2"), num_hidden_layers=1, hidden_size=128,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    build_engine(str(ckpt), "h200", tmp_path / "engine", backend="cuda", progress=False)
+    path = tmp_path / "engine"
+    manifest = read_manifest(path)
+    files = check_files(path, manifest["files"])
+    info = read_decoder_info(path, files)
+    context = 24
+    backend = CudaBackend(path, manifest, info, context, driver=EmulatedDriver(emulated))
+    engine = Engine(path, manifest, info, Tokenizer(path, info.config, files), backend,
+                    engine_plan(manifest, info, max_context=context))
+    prompt = [60, 71, 68, 0, 66, 64, 83]  # (the tiny model's 256 ids are the tokenizer's first)
+    greedy, sampled = SamplingSettings(0.0), SamplingSettings(0.8, 20, 0.9, 1.3, seed=3)
+
+    def reply(run_ahead: bool, settings, new_tokens: int, stop=None, eos=None, cancel_after=None):
+        backend.run_ahead, calls, replays = run_ahead, [], backend.drv.replays
+        cancel = None if cancel_after is None else lambda: calls.append(1) or len(calls) > cancel_after
+        engine.reset()
+        eos_ids = engine.tokenizer.eos_ids if eos is None else {eos}
+        text = "".join(engine._run(list(prompt), Sampler(settings), new_tokens, [stop] if stop else [], eos_ids,
+                                   cancel))
+        steps, cached = backend.drv.replays - replays, list(engine.cached_ids)
+        engine.rewind(min(engine.position, context - 1))  # (a full cache: room for the step below)
+        after = np.asarray(engine.backend.forward([7])).copy()  # the cache's K/V and the device's position
+        stats = engine.last_stats
+        return text, stats.finish_reason, stats.new_tokens, cached, steps, after
+
+    for reason, case in [("length", dict(settings=greedy, new_tokens=6)),
+                         ("length", dict(settings=sampled, new_tokens=6)),
+                         ("context_full", dict(settings=greedy, new_tokens=40)),
+                         ("cancelled", dict(settings=sampled, new_tokens=8, cancel_after=3))]:
+        step_by_step = reply(False, **case)
+        ahead = reply(True, **case)
+        assert step_by_step[1] == reason, (step_by_step[:4], case)
+        # (the same graph replays: the prompt's, then one a token fed; none run ahead past the end)
+        assert ahead[:5] == step_by_step[:5] and np.array_equal(ahead[5], step_by_step[5]), case
+    # a stop string and an end-of-sequence id in the middle of the greedy reply: the fed step is undone
+    tokens = reply(False, greedy, 6)[3][len(prompt):]
+    for case in [dict(eos=tokens[2]), dict(stop=engine.tokenizer.decode(tokens[2:4]))]:
+        step_by_step = reply(False, greedy, 6, **case)
+        ahead = reply(True, greedy, 6, **case)
+        assert step_by_step[1] in ("eos", "stop") and len(step_by_step[3]) < len(prompt) + 6, step_by_step[:4]
+        # (the stop's token was fed ahead, one replay more)
+        assert ahead[:4] == step_by_step[:4] and np.array_equal(ahead[5], step_by_step[5]), case
+        assert ahead[4] == step_by_step[4] + 1
