@@ -295,9 +295,10 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
 def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(emulated, tmp_path):
     """The Engine over the cuda backend on emulated kernels (a stream that runs only when the host
     waits, as on the GPU): with decode run ahead (the step feeding a token queued before the host
-    reads it) every way a reply ends gives the tokens of one step at a time, and leaves the same
-    cache: the same cached ids, the same position on the device (the next step's logits agree),
-    the step fed past a stop taken back."""
+    reads it, the token chosen on the device) every way a reply ends gives the tokens of one step
+    at a time with each token chosen on the host, and leaves the same cache: the same cached ids,
+    the same position on the device (the next step's logits agree), the step fed past a stop taken
+    back."""
     from awq_edge.build import build_engine
     from awq_edge.cuda_backend import CudaBackend
     from awq_edge.engine import Engine, engine_plan
@@ -321,13 +322,17 @@ def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(e
     prompt = [60, 71, 68, 0, 66, 64, 83]  # (the tiny model's 256 ids are the tokenizer's first)
     greedy, sampled = SamplingSettings(0.0), SamplingSettings(0.8, 20, 0.9, 1.3, seed=3)
 
+    class HostSampler(Sampler):  # one step at a time, each token chosen on the host from the logits
+        def __call__(self, logits, seen_ids=()):
+            return super().__call__(np.asarray(logits), seen_ids)
+
     def reply(run_ahead: bool, settings, new_tokens: int, stop=None, eos=None, cancel_after=None):
         backend.run_ahead, calls, replays = run_ahead, [], backend.drv.replays
         cancel = None if cancel_after is None else lambda: calls.append(1) or len(calls) > cancel_after
         engine.reset()
         eos_ids = engine.tokenizer.eos_ids if eos is None else {eos}
-        text = "".join(engine._run(list(prompt), Sampler(settings), new_tokens, [stop] if stop else [], eos_ids,
-                                   cancel))
+        sampler = Sampler(settings) if run_ahead else HostSampler(settings)
+        text = "".join(engine._run(list(prompt), sampler, new_tokens, [stop] if stop else [], eos_ids, cancel))
         steps, cached = backend.drv.replays - replays, list(engine.cached_ids)
         engine.rewind(min(engine.position, context - 1))  # (a full cache: room for the step below)
         after = np.asarray(engine.backend.forward([7])).copy()  # the cache's K/V and the device's position
