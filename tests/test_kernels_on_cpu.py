@@ -357,3 +357,16 @@ def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(e
         # (the stop's token was fed ahead, one replay more)
         assert ahead[:4] == step_by_step[:4] and np.array_equal(ahead[5], step_by_step[5]), case
         assert ahead[4] == step_by_step[4] + 1
+
+    # a second turn on the first's cache, as Chat sends it (the reply, its end-of-turn id, the new
+    # text): the device's history then lacks only the new ids, and the penalty must see them
+    end = reply(False, sampled, 6)[3][len(prompt) + 2]
+
+    def two_turns(run_ahead: bool):
+        backend.run_ahead, make = run_ahead, (Sampler if run_ahead else HostSampler)
+        engine.reset()
+        first = "".join(engine._run(list(prompt), make(sampled), 6, [], {end}))
+        ids = list(engine.cached_ids) + [end, 65, 66, 67]
+        return first, "".join(engine.stream_ids(ids, make(sampled), 6, reuse_cache=True)), list(engine.cached_ids)
+
+    assert two_turns(True) == two_turns(False)
