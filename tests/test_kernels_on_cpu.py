@@ -369,4 +369,8 @@ def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(e
         ids = list(engine.cached_ids) + [end, 65, 66, 67]
         return first, "".join(engine.stream_ids(ids, make(sampled), 6, reuse_cache=True)), list(engine.cached_ids)
 
-    assert two_turns(True) == two_turns(False)
+    assert two_turns(False) == two_turns(True)
+    drv = backend.drv
+    drv.synchronize()
+    history = drv.array_at(backend.seen, np.int32, (int(drv.array_at(backend.n_seen, np.int32, (1,))[0]),))
+    assert history.tolist() == backend.seen_mirror and history.tolist()[:len(engine.cached_ids)] == engine.cached_ids
