@@ -14,7 +14,10 @@ the tokens after the common prefix; everything else is rewound.
 
 Backends (same interface: forward(ids) -> logits of the last id, rewind(position),
 position, max_context, vocab_size, kv_bytes()): awq_edge.backend_ort.OrtBackend for the
-CPU, awq_edge.trt_backend.TrtBackend for GPU engines (imported only when needed).
+CPU, awq_edge.cuda_backend.CudaBackend and awq_edge.trt_backend.TrtBackend for GPU engines
+(imported only when needed). A backend with `run_ahead` set also has sample_and_feed: the
+token and the logits after feeding it, the feeding step queued before the token is read back
+(docs/cuda.md, "Decode runs ahead").
 """
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ poison the others, and each starts with the GPU's memory free):
     copy         a 2 GiB device-to-device copy: the bandwidth ceiling, (read + write) / time
 
 For awq-edge, decode runs on each one-row GEMV choice (cuda_backend.DECODE_GEMVS, set_decode_gemv):
-keys decode_gemv (the default) and decode_tok_s_{choice} for each choice.
+keys decode_gemv (the default) and decode_tok_s_{choice} for each choice; and once more on the
+default without running ahead (each token read back before the step that feeds it is queued):
+decode_tok_s_step_by_step.
 decode_tok_s = (new tokens - 1) / time after the first token; ttft_s = prompt in -> first token
 on the host; both the median of --runs runs after a warm-up. For awq-edge also one prefill chunk
 of 16, 64 and 256 rows both ways (our kernels: the GEMV up to 32 rows, the GEMM
@@ -93,10 +95,17 @@ def worker_ours(engine_dir: str, runs: int) -> dict:
             stats.append(engine.last_stats)
         by_gemv[gemv] = stats[1:]
     engine.backend.set_decode_gemv(default)
+    engine.backend.run_ahead = False  # one step at a time: the host reads each token before the next step
+    step_by_step = []
+    for _ in range(runs):
+        "".join(engine.stream_ids(prompt, Sampler(SamplingSettings(0.0)), NEW_TOKENS, ignore_eos=True))
+        step_by_step.append(engine.last_stats)
+    engine.backend.run_ahead = True
     stats = by_gemv[default]
     return {"decode_tok_s": median([s.decode_tok_s for s in stats]), "ttft_s": median([s.ttft_s for s in stats]),
             "decode_gemv": default,
             **{f"decode_tok_s_{gemv}": median([s.decode_tok_s for s in runs_]) for gemv, runs_ in by_gemv.items()},
+            "decode_tok_s_step_by_step": median([s.decode_tok_s for s in step_by_step]),
             "weight_bytes_per_token": weight_bytes_read(engine.export), "load_s": load_s,
             "prefill_path": engine.backend.prefill_path, **prefill_times(engine.backend, runs)}
 

@@ -10,7 +10,8 @@
 # (tests/test_cuda_backend_gpu.py), one 7B-shaped layer against its roofline with a per-op
 # breakdown (benchmarks/cuda_layer.py), the GEMV/GEMM benchmark (with its read-only ceiling and
 # launch-cost fit), the native decode benchmark against torch fp16 and int4
-# (benchmarks/cuda_decode.py), a SmolLM2-shaped layer, the 7B layer at 4096 cached tokens,
+# (benchmarks/cuda_decode.py), a SmolLM2-shaped layer, the floor of a persistent decode step
+# (benchmarks/persistent_step.py), the 7B layer at 4096 cached tokens,
 # prefill attention, the three lm_heads
 # (benchmarks/cuda_head.py), then the quantizer on the GPU. Each step's log lands beside the
 # results, and a failing step does not stop the later ones (the exit code is the first failure's).
@@ -66,6 +67,9 @@ step cuda_decode 300 python3 benchmarks/cuda_decode.py --timeout 150 --output "$
 # (SmolLM2 in a chat engine's 8192-token cache: 64 attention blocks a head, 5 with keys at 512;
 # run 3 timed it in a 513-token cache)
 step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m --cache 8192 --output "$out/cuda_layer-smollm2.json"
+# the floor of a persistent decode step (one launch, grid barriers) against a launch per op,
+# SmolLM2 and Llama-3.2-1B shapes: read against cuda_layer_small's real layer
+step persistent_step 90 python3 benchmarks/persistent_step.py --output "$out/persistent_step.json"
 step cuda_layer_long 120 python3 benchmarks/cuda_layer.py --context 4096 --output "$out/cuda_layer-4096.json"
 step cuda_attention 60 python3 benchmarks/cuda_attention.py --output "$out/cuda_attention.json"
 step cuda_head 150 python3 benchmarks/cuda_head.py --output "$out/cuda_head.json"
@@ -110,6 +114,11 @@ for name in ("cuda_layer.json", "cuda_layer-smollm2.json", "cuda_layer-4096.json
         for gemv, rows in layer.get("breakdown", {}).items():
             print(f"  GEMV on {gemv}: " + ", ".join(f"{r['op'].removeprefix('linear ')} {r['us_per_layer']:.1f} us "
                                                     f"({r['pct_of_copy']:.0f}%)" for r in rows))
+ps = load("persistent_step.json")
+for r in (ps or {}).get("shapes", []):
+    print(f"step skeleton {r['shape']}, us a layer (roofline {r['roofline_us']:.2f}) at "
+          + ", ".join(f"{k} blocks/SM: per op {r['per_op_us'][k]:.2f}, persistent {v:.2f}"
+                      for k, v in r["persistent_us"].items()))
 a = load("cuda_attention.json")
 for r in (a or {}).get("rows", []):
     mma = f", tensor cores {r['mma_us']:.0f} us ({r['mma_speedup']:.2f}x)" if r.get("mma_us") else ""

@@ -101,6 +101,18 @@ def cubin_kernels(cubin: bytes) -> dict[str, dict]:
     return kernels
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (its helpers; main() not run)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def read_native_engine(path):
     """(manifest, DecoderInfo) of a native engine folder, read and checked as Engine.load reads them."""
     from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
@@ -514,7 +526,8 @@ def head_rescore_twin(keys: np.ndarray, ids: np.ndarray, top_k: int, x: np.ndarr
 
 def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     """Every kernel the cuda backend loads (cuda_backend.KERNELS_OF; and the 32-row tensor-core GEMV
-    that benchmarks/gemv.py measures beside its 16-row one), compiled from its .cu file
+    that benchmarks/gemv.py measures beside its 16-row one, and benchmarks/persistent_step.py's
+    skeleton of a persistent step), compiled from its .cu file
     with g++ for the CPU emulation of tests/cuda_on_cpu/emulate.h, as one library whose
     cpu_launch(name, grid x, y, z, threads, args) runs a kernel; None without g++ or CUDA headers."""
     import shutil
@@ -532,9 +545,10 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     flags = ["-std=c++20", "-O1", "-pthread", "-fPIC", "-w", "-I", str(plugins.PLUGINS_DIR / "kernels"),
              "-isystem", str(include), "-include", str(here / "emulate.h")]
     sources = {"launch": here / "launch.cpp"}
-    extra = {"gemv_w4a16": [f"awq_gemv_mma32_g{g}" for g in (32, 64, 128)]}  # measured, not yet launched
-    for module, names in KERNELS_OF.items():
-        names = names + extra.get(module, [])
+    extra = {"gemv_w4a16": [f"awq_gemv_mma32_g{g}" for g in (32, 64, 128)],  # measured, not yet launched
+             "persistent_step": ["awq_step_skeleton"]}
+    for module in {**KERNELS_OF, **extra}:
+        names = KERNELS_OF.get(module, []) + extra.get(module, [])
         sources[module] = out / f"{module}.cpp"
         sources[module].write_text(f'#include "{module}.cu"\n' + "".join(f"AWQ_EMULATE({n})\n" for n in names))
 

@@ -461,3 +461,30 @@ def test_the_engine_generates_on_the_gpu(tokenizer_dir, tmp_path):
     with pytest.raises(UserError) as e:
         Engine.load(engine_dir, max_memory="100TB")
     assert "\n" not in str(e.value)
+
+
+def test_decode_run_ahead_gives_the_tokens_and_cache_of_one_step_at_a_time(tokenizer_dir, tmp_path):
+    """On the GPU, the Engine with decode run ahead (the default: the step feeding a token queued
+    before the host reads it) against one step at a time: the same tokens greedy and sampled, the
+    same cache after (the next step's logits bit for bit), also when an end-of-sequence id in the
+    middle takes back the step fed past it. (tests/test_kernels_on_cpu.py covers every way a reply
+    ends on the emulated stream.)"""
+    engine_dir = tiny_engine(tmp_path, "llama", tokenizer_dir)
+    engine = Engine.load(engine_dir, max_context=CONTEXT)
+    prompt = list(range(60, 100))
+
+    def reply(run_ahead: bool, settings, eos=frozenset()):
+        engine.backend.run_ahead = run_ahead
+        engine.reset()
+        text = "".join(engine._run(list(prompt), Sampler(settings), 24, [], set(eos)))
+        cached = list(engine.cached_ids)
+        return text, engine.last_stats.finish_reason, cached, np.asarray(engine.backend.forward([5])).copy()
+
+    for settings in (SamplingSettings(0.0), SamplingSettings(0.9, 40, 0.95, 1.2, seed=11)):
+        step_by_step = reply(False, settings)
+        assert step_by_step[1] == "length" and len(step_by_step[2]) == len(prompt) + 23
+        ahead = reply(True, settings)
+        assert ahead[:3] == step_by_step[:3] and np.array_equal(ahead[3], step_by_step[3]), settings
+        end = step_by_step[2][len(prompt) + 5]
+        step_by_step, ahead = reply(False, settings, {end}), reply(True, settings, {end})
+        assert step_by_step[1] == "eos" and ahead[:3] == step_by_step[:3] and np.array_equal(ahead[3], step_by_step[3])

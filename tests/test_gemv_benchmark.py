@@ -3,7 +3,6 @@ results file; the launch-cost fit and the layer's op list and bytes, on made-up 
 random engine."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from awq_edge.cuda_runtime import find_gpus
+from native_helpers import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gemv.py"
 
@@ -25,15 +25,8 @@ def test_gemv_benchmark_without_gpu_exits_with_one_line(tmp_path):
     assert not out.exists()
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_launch_cost_fit_recovers_intercept_and_bandwidth():
-    gemv = load_script("gemv")
+    gemv = load_benchmark("gemv")
     nbytes = np.array([0.2e6, 1.2e6, 8.4e6, 22.6e6, 29.4e6])
     us = 2.37 + nbytes / 2770e3 + np.array([0.01, -0.02, 0.015, -0.01, 0.005])  # 2.37 us + bytes / 2.77 TB/s
     fit = gemv.fit_launch_cost(nbytes, us)
@@ -41,7 +34,7 @@ def test_the_launch_cost_fit_recovers_intercept_and_bandwidth():
 
 
 def test_the_summary_fits_both_kernels_and_compares_m8_with_m1():
-    gemv = load_script("gemv")
+    gemv = load_benchmark("gemv")
     copy = 3000.0
     rows = []
     for k, n in [(576, 576), (2048, 2048), (4096, 4096), (4096, 14336)]:
@@ -62,7 +55,8 @@ def test_the_summary_fits_both_kernels_and_compares_m8_with_m1():
 
 
 @pytest.mark.skipif(bool(find_gpus()), reason="this machine has a GPU: run the benchmark itself")
-@pytest.mark.parametrize("script", ["cuda_layer.py", "cuda_attention.py", "cuda_decode.py", "cuda_head.py"])
+@pytest.mark.parametrize("script", ["cuda_layer.py", "cuda_attention.py", "cuda_decode.py", "cuda_head.py",
+                                    "persistent_step.py"])
 def test_cuda_kernel_benchmarks_without_gpu_exit_with_one_line(tmp_path, script):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(SCRIPT.parent / script), "--output", str(out)],
@@ -78,7 +72,7 @@ def test_a_layer_is_the_op_list_between_embedding_and_head_and_its_bytes_are_its
     from awq_edge.engine_dir import check_files, read_decoder_info, read_manifest
     from awq_edge.synthetic import SHAPES, write_random_engine
 
-    layer = load_script("cuda_layer")
+    layer = load_benchmark("cuda_layer")
     shape = dict(SHAPES["smollm2-135m"], num_hidden_layers=3, vocab_size=512)
     write_random_engine(tmp_path / "e", shape, resolve("h200"), max_context=64)
     info = read_decoder_info(tmp_path / "e", check_files(tmp_path / "e", read_manifest(tmp_path / "e")["files"]))
@@ -125,7 +119,7 @@ def test_cuda_decode_prefill_times_on_a_recording_driver_cover_both_paths_and_pu
     from awq_edge.synthetic import SHAPES, write_random_engine
     from native_helpers import RecordingCublas, RecordingDriver, read_native_engine
 
-    bench = load_script("cuda_decode")
+    bench = load_benchmark("cuda_decode")
     write_random_engine(tmp_path / "e", dict(SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=512),
                         resolve("orin-nano-8gb"), max_context=300)
     manifest, info = read_native_engine(tmp_path / "e")
@@ -156,7 +150,7 @@ def test_the_head_benchmark_reads_a_fresh_copy_of_the_head_each_launch(tmp_path,
     from awq_edge.synthetic import SHAPES, write_random_engine
     from native_helpers import RecordingDriver, read_native_engine
 
-    head = load_script("cuda_head")
+    head = load_benchmark("cuda_head")
     write_random_engine(tmp_path / "e", dict(SHAPES["smollm2-135m"], num_hidden_layers=1, vocab_size=1000),
                         resolve("h200"), max_context=16, lm_head=kind)
     manifest, info = read_native_engine(tmp_path / "e")

@@ -16,7 +16,8 @@ from awq_edge.decoder import HEAD_TOP_K, head_slices
 from awq_edge.reference_backend import twin_head_top_k, twin_lm_head
 from awq_edge.sampling import SamplingSettings, candidates, choose_token
 from native_helpers import (EmulatedDriver, build_emulated_kernels, fused_gemv_error, head_candidates_twin,
-                            prefill_attention_error, random_quantized, split_attention_errors, tie_heavy_logits)
+                            load_benchmark, prefill_attention_error, random_quantized, split_attention_errors,
+                            tie_heavy_logits)
 
 THREADS = 1024  # the selection kernels' block (cuda_backend.HEAD_SELECT_THREADS, SAMPLE_THREADS)
 
@@ -374,3 +375,36 @@ def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(e
     drv.synchronize()
     history = drv.array_at(backend.seen, np.int32, (int(drv.array_at(backend.n_seen, np.int32, (1,))[0]),))
     assert history.tolist() == backend.seen_mirror and history.tolist()[:len(engine.cached_ids)] == engine.cached_ids
+
+
+def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_hangs(emulated):
+    """awq_step_skeleton (benchmarks/persistent_step.py's floor of a persistent decode step) on
+    two layers of a small shape against skeleton_twin: in one launch (one block: its grid barriers
+    pass at once) and a launch per phase. A grid that cannot all be resident (here any of 2
+    blocks: they run one after another) sets the barrier's stalled flag instead of hanging."""
+    layer_phases, skeleton_twin, step_layout = (getattr(load_benchmark("persistent_step"), name) for name in
+                                                ("layer_phases", "skeleton_twin", "step_layout"))
+    shape = dict(hidden_size=128, intermediate_size=256, head_dim=64, num_attention_heads=2, num_key_value_heads=1)
+    start, words = step_layout(layer_phases(shape, 40), 2, 128)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 1 << 32, (int(start[-1]), 4), dtype=np.uint64).astype(np.uint32)
+    initial = rng.integers(0, 1 << 32, int(words[0]), dtype=np.uint64).astype(np.uint32)
+    stride, phases = int(words.max()), len(start) - 1
+    want = skeleton_twin(data, start, words, initial, 1)
+
+    def step(first_phases: list, blocks: int = 1):
+        vectors, barrier, sums = np.zeros(2 * stride, np.uint32), np.zeros(4, np.uint32), np.zeros(8, np.uint32)
+        vectors[:initial.size] = initial
+        for first, count in first_phases:
+            run(emulated, "awq_step_skeleton", (blocks,), 256,
+                [data, start, words, first, count, vectors, stride, barrier, sums])
+        return sums[:blocks], barrier
+
+    for plan in ([(0, phases)], [(p, 1) for p in range(phases)]):
+        sums, barrier = step(plan)
+        assert sums.tolist() == want.tolist() and barrier[2] == 0, plan
+    other = initial.copy()
+    other[3] += 5
+    assert want.tolist() != skeleton_twin(data, start, words, other, 1).tolist()  # (the vectors count)
+    _, barrier = step([(0, 3)], blocks=2)
+    assert barrier[2] == 1

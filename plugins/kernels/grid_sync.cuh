@@ -1,0 +1,59 @@
+// A barrier across a whole grid, for persistent kernels that run a decode step's phases one
+// after another in one launch. Every block of the grid must be resident at once: launch with
+// cuLaunchCooperativeKernel (the driver refuses a grid that cannot be), at most the occupancy's
+// blocks an SM. The pattern is cooperative groups' grid sync: the block meets at __syncthreads,
+// its first thread fences (so the block's writes come before its arrival) and adds itself to a
+// counter; the last to arrive resets the counter and moves the generation on, the others wait
+// for that. After the barrier every block sees every write made before it.
+#pragma once
+
+#include <stdint.h>
+
+namespace awq_edge {
+
+struct GridBarrier {       // zeroed once; the kernel leaves `arrived` at 0 after each barrier
+    unsigned arrived;      // blocks at the current barrier
+    unsigned generation;   // barriers passed (wraps)
+    unsigned stalled;      // set when a block gave up waiting: the grid was not all resident
+    unsigned unused;
+};
+
+constexpr unsigned kGridSyncMaxPolls = 1u << 24;  // ~a second of polls: a wrong launch fails, never hangs
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+#ifdef AWQ_EDGE_CPU_EMULATION
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+#else
+    unsigned value;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(p) : "memory");
+    return value;
+#endif
+}
+
+__device__ __forceinline__ void grid_sync(GridBarrier* barrier) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned blocks = gridDim.x * gridDim.y * gridDim.z;
+        const unsigned generation = load_acquire(&barrier->generation);  // (read before arriving)
+        __threadfence();
+        if (atomicAdd(&barrier->arrived, 1u) == blocks - 1) {
+            atomicExch(&barrier->arrived, 0u);
+            __threadfence();
+            atomicAdd(&barrier->generation, 1u);
+        } else {
+            for (unsigned polls = 0; load_acquire(&barrier->generation) == generation; ++polls) {
+                if (polls == kGridSyncMaxPolls) {
+                    atomicExch(&barrier->stalled, 1u);
+                    break;
+                }
+#ifndef AWQ_EDGE_CPU_EMULATION
+                __nanosleep(32);
+#endif
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+}  // namespace awq_edge
