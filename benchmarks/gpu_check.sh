@@ -10,10 +10,10 @@
 # (tests/test_cuda_backend_gpu.py), one 7B-shaped layer against its roofline with a per-op
 # breakdown (benchmarks/cuda_layer.py), the GEMV/GEMM benchmark (with its read-only ceiling and
 # launch-cost fit), the native decode benchmark against torch fp16 and int4
-# (benchmarks/cuda_decode.py), a SmolLM2-shaped layer, the floor of a persistent decode step
-# (benchmarks/persistent_step.py), the 7B layer at 4096 cached tokens,
-# prefill attention, the three lm_heads
-# (benchmarks/cuda_head.py), then the quantizer on the GPU. Each step's log lands beside the
+# (benchmarks/cuda_decode.py), SmolLM2- and Llama-3.2-1B-shaped layers, the floor of a
+# persistent decode step (benchmarks/persistent_step.py), the 7B layer at 4096 cached tokens,
+# prefill attention, the three lm_heads (benchmarks/cuda_head.py), then the quantizer on the
+# GPU. Each step's log lands beside the
 # results, and a failing step does not stop the later ones (the exit code is the first failure's).
 # On the H200 (2026-12-04, run 1) the whole script took 353 s with the tests on 8 xdist workers.
 set -uo pipefail
@@ -67,6 +67,8 @@ step cuda_decode 300 python3 benchmarks/cuda_decode.py --timeout 150 --output "$
 # (SmolLM2 in a chat engine's 8192-token cache: 64 attention blocks a head, 5 with keys at 512;
 # run 3 timed it in a 513-token cache)
 step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m --cache 8192 --output "$out/cuda_layer-smollm2.json"
+# Llama-3.2-1B's layer (run 3's end to end, less its head: ~41 us a layer, its roofline 7.6): where it goes
+step cuda_layer_1b 100 python3 benchmarks/cuda_layer.py --shape llama3.2-1b --cache 8192 --output "$out/cuda_layer-1b.json"
 # the floor of a persistent decode step (one launch, grid barriers) against a launch per op,
 # SmolLM2 and Llama-3.2-1B shapes: read against cuda_layer_small's real layer
 step persistent_step 90 python3 benchmarks/persistent_step.py --output "$out/persistent_step.json"
@@ -103,7 +105,7 @@ if g:
         dq += f", 8 rows at a time {r['chunks_of_8_us']:.1f} us" if r.get("chunks_of_8_us") else ""
         dq += f", K split {r['split_k']} ways {r['split_k_us']:.1f} us" if r.get("split_k_us") else ""
         print(f"prefill {r['K']}x{r['N']} M={r['M']}: {r['us']:.1f} us, {vs}{dq}")
-for name in ("cuda_layer.json", "cuda_layer-smollm2.json", "cuda_layer-4096.json"):
+for name in ("cuda_layer.json", "cuda_layer-smollm2.json", "cuda_layer-1b.json", "cuda_layer-4096.json"):
     layer = load(name)
     if layer:
         for variant, r in layer["variants"].items():
