@@ -67,7 +67,7 @@ step cuda_decode 300 python3 benchmarks/cuda_decode.py --timeout 150 --output "$
 # (SmolLM2 in a chat engine's 8192-token cache: 64 attention blocks a head, 5 with keys at 512;
 # run 3 timed it in a 513-token cache)
 step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m --cache 8192 --output "$out/cuda_layer-smollm2.json"
-# Llama-3.2-1B's layer (run 3's end to end, less its head: ~41 us a layer, its roofline 7.6): where it goes
+# Llama-3.2-1B's layer (run 3's end to end, less its head: ~41 us a layer, its roofline ~8): where it goes
 step cuda_layer_1b 100 python3 benchmarks/cuda_layer.py --shape llama3.2-1b --cache 8192 --output "$out/cuda_layer-1b.json"
 # the floor of a persistent decode step (one launch, grid barriers) against a launch per op,
 # SmolLM2 and Llama-3.2-1B shapes: read against cuda_layer_small's real layer
