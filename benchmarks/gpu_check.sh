@@ -119,7 +119,7 @@ for name in ("cuda_layer.json", "cuda_layer-smollm2.json", "cuda_layer-1b.json",
 ps = load("persistent_step.json")
 for r in (ps or {}).get("shapes", []):
     print(f"step skeleton {r['shape']}, us a layer (roofline {r['roofline_us']:.2f}) at "
-          + ", ".join(f"{k} blocks/SM: per op {r['per_op_us'][k]:.2f}, persistent {v:.2f}"
+          + ", ".join(f"{k} blocks/SM: per op {r['per_op_us'][k]:.2f}, persistent {v:.2f}, queue {r['queue_us'][k]:.2f}"
                       for k, v in r["persistent_us"].items()))
 a = load("cuda_attention.json")
 for r in (a or {}).get("rows", []):

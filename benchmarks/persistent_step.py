@@ -8,9 +8,13 @@ awq_step_skeleton (plugins/kernels/persistent_step.cu) runs the phases of a deco
 (q/k/v, attention over --context cached tokens, o_proj, gate/up, down), each reading what the
 real op reads from DRAM (a linear's int4 weights with a fp16 scale and zero a group of 128;
 attention's K and V rows) and the vector the phase before wrote, with nothing of the real
-arithmetic (small at these sizes). Two ways, at 1, 2 and 4 blocks of 256 threads an SM, alternating:
+arithmetic (small at these sizes). Three ways, at 1, 2 and 4 blocks of 256 threads an SM, alternating:
 
     persistent   one cooperative launch a step, a grid barrier between phases (grid_sync.cuh)
+    queue        one launch a step, its phases' tiles (as many a phase as blocks) a queue of tasks
+                 taken in order by whichever block is free, each waiting (after loading its own
+                 bytes) only for the phase before to be done (awq_step_skeleton_queue: no
+                 cooperative launch, and it runs on the CPU emulation)
     per_op       a launch a phase (the same kernel, one phase each, as many blocks), a step's
                  launches in one CUDA graph, overlapped on sm_90 (pdl.cuh), as the backend's
                  decode step is
@@ -24,9 +28,10 @@ shape in the same gpu_check run (run 3: SmolLM2's 19.4 us at 512 cached tokens):
 the real layer and per_op is the real kernels' own work; between per_op and persistent, what
 one launch a step saves on the same work.
 
-JSON: gpu, copy_gbs, context, and per shape: layers, bytes_per_layer, roofline_us, per_op_us and
-persistent_us ({blocks an SM: us per layer} each), phases (name, bytes, out_words). Needs an NVIDIA GPU
-and nvcc (the kernel is compiled here); no torch. Without a GPU it prints one line and exits 2.
+JSON: gpu, copy_gbs, context, and per shape: layers, bytes_per_layer, roofline_us, per_op_us,
+persistent_us and queue_us ({blocks an SM: us per layer} each), phases (name, bytes, out_words).
+Needs an NVIDIA GPU and nvcc (the kernel is compiled here); no torch. Without a GPU it prints one
+line and exits 2.
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ sys.path.append(str(ROOT))  # after PYTHONPATH: an installed (or gpu_check.sh's 
 SKELETON_THREADS = 256   # persistent_step.cu kThreads
 GROUP = 128              # the group size the phases' scale/zero bytes assume
 BLOCKS_PER_SM = (1, 2, 4)
+WAYS = ("per_op", "persistent", "queue")
+STEP_QUEUE_BYTES = 24    # persistent_step.cu StepQueue: next, base (u64), finished, stalled (u32)
 
 
 def linear_bytes(n: int, k: int) -> int:
@@ -106,19 +113,22 @@ def skeleton_twin(words: np.ndarray, phase_start: np.ndarray, vector_words: np.n
 class Skeleton:
     """The kernel on one GPU, over one step's layout: run(persistent or per op) and check()."""
 
-    def __init__(self, drv, function, programmatic: bool, phase_start: np.ndarray, vector_words: np.ndarray, rng):
-        self.drv, self.function, self.programmatic = drv, function, programmatic
+    def __init__(self, drv, functions: dict, programmatic: bool, phase_start: np.ndarray, vector_words: np.ndarray,
+                 rng):
+        self.drv, self.functions, self.programmatic = drv, functions, programmatic
         self.phase_start, self.vector_words = phase_start, vector_words
         self.words = np.frombuffer(rng.bytes(int(phase_start[-1]) * 16), np.uint32).reshape(-1, 4)
         self.initial = np.frombuffer(rng.bytes(int(vector_words[0]) * 4), np.uint32)
         self.stride = int(vector_words.max())
         self.dev = {"bytes": drv.alloc(self.words.nbytes), "start": drv.alloc(phase_start.nbytes),
                     "words": drv.alloc(vector_words.nbytes), "vectors": drv.alloc(2 * self.stride * 4),
-                    "barrier": drv.alloc(16), "sums": drv.alloc(4 * 4096)}
+                    "barrier": drv.alloc(16), "sums": drv.alloc(4 * 4096), "queue": drv.alloc(STEP_QUEUE_BYTES),
+                    "done": drv.alloc(4 * len(phase_start))}
         drv.upload(self.dev["bytes"], self.words)
         drv.upload(self.dev["start"], phase_start)
         drv.upload(self.dev["words"], vector_words)
-        drv.zero(self.dev["barrier"], 16)
+        for name, nbytes in (("barrier", 16), ("queue", STEP_QUEUE_BYTES), ("done", 4 * len(phase_start))):
+            drv.zero(self.dev[name], nbytes)  # once: both kernels leave them ready for the next launch
 
     def args(self, first: int, phases: int) -> list:
         from awq_edge.cuda_driver import i32, ptr
@@ -127,29 +137,43 @@ class Skeleton:
         return [ptr(d["bytes"]), ptr(d["start"]), ptr(d["words"]), i32(first), i32(phases), ptr(d["vectors"]),
                 i32(self.stride), ptr(d["barrier"]), ptr(d["sums"])]
 
-    def launch_persistent(self, blocks: int) -> None:
-        args = self.args(0, len(self.phase_start) - 1)
+    def launch(self, way: str, blocks: int) -> None:
+        """One step the given way, on `blocks` blocks (the queue: as many tiles a phase)."""
+        from awq_edge.cuda_driver import i32, ptr
+
+        phases = len(self.phase_start) - 1
+        if way == "per_op":
+            for p in range(phases):
+                self.drv.launch(self.functions["awq_step_skeleton"], (blocks,), (SKELETON_THREADS,), self.args(p, 1),
+                                programmatic=self.programmatic)
+            return
+        if way == "queue":
+            d = self.dev
+            self.drv.launch(self.functions["awq_step_skeleton_queue"], (blocks,), (SKELETON_THREADS,),
+                            [ptr(d["bytes"]), ptr(d["start"]), ptr(d["words"]), i32(phases), i32(blocks),
+                             ptr(d["vectors"]), i32(self.stride), ptr(d["queue"]), ptr(d["done"]), ptr(d["sums"])])
+            return
+        args = self.args(0, phases)
         params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-        self.drv.check(self.drv.lib.cuLaunchCooperativeKernel(self.function, blocks, 1, 1, SKELETON_THREADS, 1, 1, 0,
-                                                              self.drv.stream, params), "cuLaunchCooperativeKernel")
+        self.drv.check(self.drv.lib.cuLaunchCooperativeKernel(self.functions["awq_step_skeleton"], blocks, 1, 1,
+                                                              SKELETON_THREADS, 1, 1, 0, self.drv.stream, params),
+                       "cuLaunchCooperativeKernel")
 
-    def launch_per_op(self, blocks: int) -> None:
-        for p in range(len(self.phase_start) - 1):
-            self.drv.launch(self.function, (blocks,), (SKELETON_THREADS,), self.args(p, 1),
-                            programmatic=self.programmatic)
-
-    def check(self, launch, blocks: int) -> None:
-        """One step from the initial vector: its block sums must be the twin's, the barrier not stalled."""
+    def check(self, way: str, blocks: int) -> None:
+        """One step from the initial vector: its block sums must be the twin's, nothing stalled."""
         self.drv.synchronize()
         self.drv.upload(self.dev["vectors"], self.initial)
-        launch(blocks)
-        sums, flags = np.empty(blocks, np.uint32), np.empty(4, np.uint32)
+        self.launch(way, blocks)
+        sums, barrier, queue = np.empty(blocks, np.uint32), np.empty(4, np.uint32), np.empty(6, np.uint32)
+        # (queue: next and base as uint32 pairs, then finished, stalled)
         self.drv.download(sums, self.dev["sums"])
-        self.drv.download(flags, self.dev["barrier"])
+        self.drv.download(barrier, self.dev["barrier"])
+        self.drv.download(queue, self.dev["queue"])
+        stalled = bool(barrier[2] or queue[5])
         want = skeleton_twin(self.words, self.phase_start, self.vector_words, self.initial, blocks)
-        if flags[2] or not np.array_equal(sums, want):
-            raise SystemExit(f"error: awq_step_skeleton ({launch.__name__}, {blocks} blocks) disagrees with its twin "
-                             f"(barrier stalled: {bool(flags[2])}, {int((sums != want).sum())} block sums differ)")
+        if stalled or not np.array_equal(sums, want):
+            raise SystemExit(f"error: the step skeleton ({way}, {blocks} blocks) disagrees with its twin "
+                             f"(stalled: {stalled}, {int((sums != want).sum())} block sums differ)")
 
     def free(self) -> None:
         for address in self.dev.values():
@@ -187,8 +211,8 @@ def main() -> int:
         return 2
     drv = Driver(gpu.index)
     with tempfile.TemporaryDirectory(prefix="awq-edge-skeleton-") as tmp:
-        function = drv.function(drv.load_module(build_cubin(plugins.find_nvcc(), gpu.arch, Path(tmp) / "s.cubin")),
-                                "awq_step_skeleton")
+        module = drv.load_module(build_cubin(plugins.find_nvcc(), gpu.arch, Path(tmp) / "s.cubin"))
+    functions = {name: drv.function(module, name) for name in ("awq_step_skeleton", "awq_step_skeleton_queue")}
     drv.lib.cuLaunchCooperativeKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
         ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
     sms, l2, ceiling = drv.multiprocessor_count(), drv.l2_cache_bytes(), copy_gbs(drv)
@@ -200,15 +224,15 @@ def main() -> int:
         per_layer = sum(nbytes for _, nbytes, _ in phases)
         layers = max(shape["num_hidden_layers"], -(-4 * l2 // per_layer))
         start, words = step_layout(phases, layers, shape["hidden_size"])
-        skeleton = Skeleton(drv, function, int(gpu.arch.removeprefix("sm_")) >= 90, start, words, rng)
+        skeleton = Skeleton(drv, functions, int(gpu.arch.removeprefix("sm_")) >= 90, start, words, rng)
         try:
             runs = {}  # (way, blocks an SM) -> one step
             for k in BLOCKS_PER_SM:
-                skeleton.check(skeleton.launch_per_op, k * sms)
-                skeleton.check(skeleton.launch_persistent, k * sms)
-                graph = drv.capture(lambda: skeleton.launch_per_op(k * sms))
+                for way in WAYS:
+                    skeleton.check(way, k * sms)
+                    runs[way, k] = lambda way=way, blocks=k * sms: skeleton.launch(way, blocks)
+                graph = drv.capture(lambda: skeleton.launch("per_op", k * sms))
                 runs["per_op", k] = lambda graph=graph: drv.replay(graph)
-                runs["persistent", k] = lambda blocks=k * sms: skeleton.launch_persistent(blocks)
             timings = {key: [] for key in runs}
             for _ in range(5):  # alternating, each a median of its own
                 for key, run in runs.items():
@@ -218,14 +242,12 @@ def main() -> int:
         us = {key: float(np.median(t)) for key, t in timings.items()}
         row = {"shape": name, "layers": layers, "bytes_per_layer": per_layer,
                "roofline_us": per_layer / (ceiling * 1e9) * 1e6,
-               **{f"{way}_us": {k: us[way, k] for k in BLOCKS_PER_SM} for way in ("per_op", "persistent")},
+               **{f"{way}_us": {k: us[way, k] for k in BLOCKS_PER_SM} for way in WAYS},
                "phases": [dict(name=n, bytes=b, out_words=w) for n, b, w in phases]}
         results.append(row)
         print(f"{name}: {layers} layers of {per_layer / 2**20:.2f} MiB (roofline {row['roofline_us']:.2f} us), "
-              f"us a layer at {'/'.join(map(str, BLOCKS_PER_SM))} blocks an SM: per op "
-              + " / ".join(f"{v:.2f}" for v in row["per_op_us"].values()) + ", persistent "
-              + " / ".join(f"{v:.2f}" for v in row["persistent_us"].values())
-              + f" ({min(row['per_op_us'].values()) / min(row['persistent_us'].values()):.2f}x, best to best)")
+              f"us a layer at {'/'.join(map(str, BLOCKS_PER_SM))} blocks an SM: "
+              + ", ".join(f"{way} " + " / ".join(f"{v:.2f}" for v in row[f"{way}_us"].values()) for way in WAYS))
     report = {"gpu": gpu.name, "arch": gpu.arch, "sms": sms, "copy_gbs": ceiling, "context": args.context,
               "date": dt.datetime.now().isoformat(timespec="seconds"), "shapes": results}
     if args.output:

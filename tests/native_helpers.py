@@ -546,7 +546,7 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
              "-isystem", str(include), "-include", str(here / "emulate.h")]
     sources = {"launch": here / "launch.cpp"}
     extra = {"gemv_w4a16": [f"awq_gemv_mma32_g{g}" for g in (32, 64, 128)],  # measured, not yet launched
-             "persistent_step": ["awq_step_skeleton"]}
+             "persistent_step": ["awq_step_skeleton", "awq_step_skeleton_queue"]}
     for module in {**KERNELS_OF, **extra}:
         names = KERNELS_OF.get(module, []) + extra.get(module, [])
         sources[module] = out / f"{module}.cpp"

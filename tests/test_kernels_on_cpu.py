@@ -381,7 +381,9 @@ def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_ha
     """awq_step_skeleton (benchmarks/persistent_step.py's floor of a persistent decode step) on
     two layers of a small shape against skeleton_twin: in one launch (one block: its grid barriers
     pass at once) and a launch per phase. A grid that cannot all be resident (here any of 2
-    blocks: they run one after another) sets the barrier's stalled flag instead of hanging."""
+    blocks: they run one after another) sets the barrier's stalled flag instead of hanging. The
+    same step as a queue of tasks (awq_step_skeleton_queue) on grids of 1 to 5 blocks, launch
+    after launch."""
     layer_phases, skeleton_twin, step_layout = (getattr(load_benchmark("persistent_step"), name) for name in
                                                 ("layer_phases", "skeleton_twin", "step_layout"))
     shape = dict(hidden_size=128, intermediate_size=256, head_dim=64, num_attention_heads=2, num_key_value_heads=1)
@@ -408,3 +410,15 @@ def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_ha
     assert want.tolist() != skeleton_twin(data, start, words, other, 1).tolist()  # (the vectors count)
     _, barrier = step([(0, 3)], blocks=2)
     assert barrier[2] == 1
+
+    # the queue of tasks: any grid (here its blocks take the tasks one after another), launch after
+    # launch on the same counters (each from where the last left them), tiles and grids changing
+    queue, done, handed_out = np.zeros(3, np.uint64), np.zeros(phases, np.uint32), 0
+    for blocks, tiles in ((1, 3), (2, 3), (3, 2), (5, 4)):
+        vectors, sums = np.zeros(2 * stride, np.uint32), np.zeros(8, np.uint32)
+        vectors[:initial.size] = initial
+        run(emulated, "awq_step_skeleton_queue", (blocks,), 256,
+            [data, start, words, phases, tiles, vectors, stride, queue, done, sums])
+        assert sums[:tiles].tolist() == skeleton_twin(data, start, words, initial, tiles).tolist(), (blocks, tiles)
+        handed_out += phases * tiles + blocks
+        assert queue.tolist() == [handed_out, handed_out, 0] and not done.any(), queue  # (and not stalled)

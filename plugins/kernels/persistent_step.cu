@@ -50,34 +50,103 @@ __device__ uint32_t block_sum(uint32_t v, uint32_t* partial) {
 
 }  // namespace
 
+// One phase's share for one block or tile: `tile` of `tiles` (the rule in the header), its sum s
+// returned to every thread after its output words are written. wait() runs between the phase's
+// own bytes and the input vector (they do not depend on the phase before; the vector does).
+template <typename Wait>
+__device__ uint32_t skeleton_phase(const uint4* __restrict__ bytes, const long long* __restrict__ phase_start,
+                                   const int* __restrict__ vector_words, int p, unsigned tile, unsigned tiles,
+                                   uint32_t* vectors, int vector_stride, uint32_t* partial, Wait wait) {
+    const uint32_t* in = vectors + static_cast<size_t>(p % 2) * vector_stride;
+    uint32_t* out = vectors + static_cast<size_t>((p + 1) % 2) * vector_stride;
+    uint32_t s = 0;
+    const long long end = phase_start[p + 1];
+    for (long long i = phase_start[p] + static_cast<long long>(tile) * kThreads + threadIdx.x; i < end;
+         i += static_cast<long long>(tiles) * kThreads) {
+        const uint4 w = bytes[i];
+        s += w.x ^ w.y ^ w.z ^ w.w;
+    }
+    wait();
+    const int n_in = vector_words[p];
+    for (int i = threadIdx.x; i < n_in; i += kThreads) s += in[i];
+    s = block_sum(s, partial);
+    const int n_out = vector_words[p + 1];
+    const int per_tile = (n_out + static_cast<int>(tiles) - 1) / static_cast<int>(tiles);
+    const int first = static_cast<int>(tile) * per_tile;
+    const int last = first + per_tile < n_out ? first + per_tile : n_out;
+    for (int j = first + threadIdx.x; j < last; j += kThreads) out[j] = mix(s + static_cast<uint32_t>(j));
+    return s;
+}
+
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_step_skeleton(const uint4* __restrict__ bytes, const long long* __restrict__ phase_start,
                   const int* __restrict__ vector_words, int first_phase, int phases, uint32_t* vectors,
                   int vector_stride, awq_edge::GridBarrier* barrier, uint32_t* __restrict__ block_sums) {
     __shared__ uint32_t partial[kThreads / 32];
-    const unsigned blocks = gridDim.x;
     awq_edge::let_next_kernel_start();
     for (int p = first_phase; p < first_phase + phases; ++p) {
-        const uint32_t* in = vectors + static_cast<size_t>(p % 2) * vector_stride;
-        uint32_t* out = vectors + static_cast<size_t>((p + 1) % 2) * vector_stride;
-        uint32_t s = 0;
-        // the phase's own bytes first: they do not depend on the phase before
-        const long long end = phase_start[p + 1];
-        for (long long i = phase_start[p] + static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; i < end;
-             i += static_cast<long long>(blocks) * kThreads) {
-            const uint4 w = bytes[i];
-            s += w.x ^ w.y ^ w.z ^ w.w;
-        }
-        awq_edge::wait_for_previous_kernel();  // (a launch per phase, on sm_90: pdl.cuh)
-        const int n_in = vector_words[p];
-        for (int i = threadIdx.x; i < n_in; i += kThreads) s += in[i];
-        s = block_sum(s, partial);
-        const int n_out = vector_words[p + 1];
-        const int per_block = (n_out + static_cast<int>(blocks) - 1) / static_cast<int>(blocks);
-        const int first = static_cast<int>(blockIdx.x) * per_block;
-        const int last = first + per_block < n_out ? first + per_block : n_out;
-        for (int j = first + threadIdx.x; j < last; j += kThreads) out[j] = mix(s + static_cast<uint32_t>(j));
+        // (a launch per phase, on sm_90: its wait for the launch before, pdl.cuh)
+        const uint32_t s = skeleton_phase(bytes, phase_start, vector_words, p, blockIdx.x, gridDim.x, vectors,
+                                          vector_stride, partial, [] { awq_edge::wait_for_previous_kernel(); });
         if (threadIdx.x == 0) block_sums[blockIdx.x] = s;
         if (p + 1 < first_phase + phases) awq_edge::grid_sync(barrier);
+    }
+}
+
+// The same step as a queue of tasks (phase, tile), `tiles` a phase, taken in order by whichever
+// block is free: a task loads its tile's bytes, then waits until the phase before has all its
+// tiles done (done[p], a count a phase), then reads the vector. Tasks are taken in order, so a
+// task waits only for tasks taken before it, by running blocks: any grid makes progress without a
+// cooperative launch (and the CPU emulation, whose blocks run one after another, takes them all
+// in turn). `next` only grows: a launch's tasks start at `base`, and each block ends on one task
+// past the last, so the task that ends the step moves `base` on by the tasks and the grid, and
+// zeroes the counts for the next launch (nothing reads them after: a block that starts late finds
+// no task left). The queue and done (P counts) are zeroed once.
+struct StepQueue {
+    unsigned long long next;  // tasks handed out, over all launches
+    unsigned long long base;  // `next` at this launch's first task
+    unsigned finished;        // this launch's last-phase tiles done
+    unsigned stalled;         // set when a task gave up waiting
+};
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_step_skeleton_queue(const uint4* __restrict__ bytes, const long long* __restrict__ phase_start,
+                        const int* __restrict__ vector_words, int phases, int tiles, uint32_t* vectors,
+                        int vector_stride, StepQueue* queue, unsigned* done, uint32_t* __restrict__ tile_sums) {
+    __shared__ uint32_t partial[kThreads / 32];
+    __shared__ long long task;
+    const long long total = static_cast<long long>(phases) * tiles;
+    for (;;) {
+        if (threadIdx.x == 0) {
+            const unsigned long long base = *reinterpret_cast<volatile unsigned long long*>(&queue->base);
+            task = static_cast<long long>(atomicAdd(&queue->next, 1ull) - base);
+        }
+        __syncthreads();
+        const long long t = task;
+        if (t < 0 || t >= total) break;  // (< 0: a block that started after its step ended)
+        const int p = static_cast<int>(t / tiles);
+        const unsigned tile = static_cast<unsigned>(t % tiles);
+        const uint32_t s = skeleton_phase(bytes, phase_start, vector_words, p, tile, tiles, vectors, vector_stride,
+                                          partial, [&] {
+            for (unsigned polls = 0; p > 0 && threadIdx.x == 0 &&
+                                     awq_edge::load_acquire(&done[p - 1]) < static_cast<unsigned>(tiles); ++polls) {
+                if (polls == awq_edge::kGridSyncMaxPolls) {  // (a bug, not a slow block: fail, never hang)
+                    atomicExch(&queue->stalled, 1u);
+                    break;
+                }
+            }
+            __syncthreads();
+        });
+        __syncthreads();  // the tile's words are written (and `task` read) by every thread
+        if (threadIdx.x == 0) {
+            if (p == phases - 1) tile_sums[tile] = s;
+            __threadfence();
+            atomicAdd(&done[p], 1u);
+            if (p == phases - 1 && atomicAdd(&queue->finished, 1u) + 1u == static_cast<unsigned>(tiles)) {
+                for (int i = 0; i < phases; ++i) done[i] = 0;  // the step is over: ready the next launch
+                queue->finished = 0;
+                queue->base += static_cast<unsigned long long>(total) + gridDim.x;
+            }
+        }
     }
 }
