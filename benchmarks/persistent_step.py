@@ -153,14 +153,15 @@ class Skeleton:
                             [ptr(d["bytes"]), ptr(d["start"]), ptr(d["words"]), i32(phases), i32(blocks),
                              ptr(d["vectors"]), i32(self.stride), ptr(d["queue"]), ptr(d["done"]), ptr(d["sums"])])
             return
-        args = self.args(0, phases)
+        args, launch = self.args(0, phases), self.drv.lib.cuLaunchCooperativeKernel
+        launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
         params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-        self.drv.check(self.drv.lib.cuLaunchCooperativeKernel(self.functions["awq_step_skeleton"], blocks, 1, 1,
-                                                              SKELETON_THREADS, 1, 1, 0, self.drv.stream, params),
-                       "cuLaunchCooperativeKernel")
+        self.drv.check(launch(self.functions["awq_step_skeleton"], blocks, 1, 1, SKELETON_THREADS, 1, 1, 0,
+                              self.drv.stream, params), "cuLaunchCooperativeKernel")
 
-    def check(self, way: str, blocks: int) -> None:
-        """One step from the initial vector: its block sums must be the twin's, nothing stalled."""
+    def check(self, way: str, blocks: int) -> str | None:
+        """One step from the initial vector: what is wrong when its block sums are not the twin's or
+        something stalled, else None."""
         self.drv.synchronize()
         self.drv.upload(self.dev["vectors"], self.initial)
         self.launch(way, blocks)
@@ -172,8 +173,9 @@ class Skeleton:
         stalled = bool(barrier[2] or queue[5])
         want = skeleton_twin(self.words, self.phase_start, self.vector_words, self.initial, blocks)
         if stalled or not np.array_equal(sums, want):
-            raise SystemExit(f"error: the step skeleton ({way}, {blocks} blocks) disagrees with its twin "
-                             f"(stalled: {stalled}, {int((sums != want).sum())} block sums differ)")
+            return (f"the step skeleton ({way}, {blocks} blocks) disagrees with its twin (stalled: {stalled}, "
+                    f"{int((sums != want).sum())} block sums differ)")
+        return None
 
     def free(self) -> None:
         for address in self.dev.values():
@@ -213,8 +215,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="awq-edge-skeleton-") as tmp:
         module = drv.load_module(build_cubin(plugins.find_nvcc(), gpu.arch, Path(tmp) / "s.cubin"))
     functions = {name: drv.function(module, name) for name in ("awq_step_skeleton", "awq_step_skeleton_queue")}
-    drv.lib.cuLaunchCooperativeKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
-        ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
     sms, l2, ceiling = drv.multiprocessor_count(), drv.l2_cache_bytes(), copy_gbs(drv)
     print(f"{gpu.name} ({gpu.arch}): {sms} SMs, L2 {l2 >> 20} MiB, copy {ceiling:.0f} GB/s, context {args.context}")
     rng, results = np.random.default_rng(0), []
@@ -229,7 +229,10 @@ def main() -> int:
             runs = {}  # (way, blocks an SM) -> one step
             for k in BLOCKS_PER_SM:
                 for way in WAYS:
-                    skeleton.check(way, k * sms)
+                    wrong = skeleton.check(way, k * sms)
+                    if wrong:
+                        print(f"error: {wrong}", file=sys.stderr)
+                        return 1
                     runs[way, k] = lambda way=way, blocks=k * sms: skeleton.launch(way, blocks)
                 graph = drv.capture(lambda: skeleton.launch("per_op", k * sms))
                 runs["per_op", k] = lambda graph=graph: drv.replay(graph)

@@ -38,8 +38,8 @@ from awq_edge.reference_backend import ReferenceBackend  # noqa: E402
 from awq_edge.sampling import Sampler, SamplingSettings, candidates, choose_token  # noqa: E402
 from awq_edge.synthetic import SHAPES, byte_tokenizer, write_random_checkpoint, write_random_engine  # noqa: E402
 from conftest import TINY_FAMILIES  # noqa: E402
-from native_helpers import (fused_gemv_error, near_tie, on_device, read_native_engine, prefill_attention_error,  # noqa: E402
-                            split_attention_errors, teacher_forced, tie_heavy_logits)
+from native_helpers import (fused_gemv_error, load_benchmark, near_tie, on_device, read_native_engine,  # noqa: E402
+                            prefill_attention_error, split_attention_errors, teacher_forced, tie_heavy_logits)
 from test_export_helpers import tiny_checkpoint  # noqa: E402
 
 # two prefill chunks (256 rows: the GEMM, or dequantize + cuBLAS; 20 rows: the GEMV 8 rows at a
@@ -488,3 +488,25 @@ def test_decode_run_ahead_gives_the_tokens_and_cache_of_one_step_at_a_time(token
         end = step_by_step[2][len(prompt) + 5]
         step_by_step, ahead = reply(False, settings, {end}), reply(True, settings, {end})
         assert step_by_step[1] == "eos" and ahead[:3] == step_by_step[:3] and np.array_equal(ahead[3], step_by_step[3])
+
+
+@pytest.mark.parametrize("way", ["per_op", "persistent", "queue"])
+def test_the_persistent_step_skeleton_matches_its_twin_with_its_blocks_at_once(way, tmp_path):
+    """benchmarks/persistent_step.py's skeleton of a persistent decode step on the GPU, where its
+    blocks run at once (on the CPU emulation they run one after another, so a wait or barrier that
+    let a block run ahead could not show there), against skeleton_twin: three steps in a row, each
+    on a different grid, 8 SmolLM2-shaped layers."""
+    from awq_edge.cuda_driver import Driver
+
+    bench = load_benchmark("persistent_step")
+    drv = Driver(GPUS[0].index)
+    module = drv.load_module(bench.build_cubin(plugins.find_nvcc(), GPUS[0].arch, tmp_path / "skeleton.cubin"))
+    functions = {name: drv.function(module, name) for name in ("awq_step_skeleton", "awq_step_skeleton_queue")}
+    start, words = bench.step_layout(bench.layer_phases(SHAPES["smollm2-135m"], 300), 8, 576)
+    skeleton = bench.Skeleton(drv, functions, int(GPUS[0].arch.removeprefix("sm_")) >= 90, start, words,
+                              np.random.default_rng(0))
+    try:
+        for blocks_per_sm in (2, 1, 4):
+            assert skeleton.check(way, blocks_per_sm * drv.multiprocessor_count()) is None
+    finally:
+        skeleton.free()

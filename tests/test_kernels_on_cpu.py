@@ -384,8 +384,8 @@ def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_ha
     blocks: they run one after another) sets the barrier's stalled flag instead of hanging. The
     same step as a queue of tasks (awq_step_skeleton_queue) on grids of 1 to 5 blocks, launch
     after launch."""
-    layer_phases, skeleton_twin, step_layout = (getattr(load_benchmark("persistent_step"), name) for name in
-                                                ("layer_phases", "skeleton_twin", "step_layout"))
+    bench = load_benchmark("persistent_step")
+    layer_phases, skeleton_twin, step_layout = bench.layer_phases, bench.skeleton_twin, bench.step_layout
     shape = dict(hidden_size=128, intermediate_size=256, head_dim=64, num_attention_heads=2, num_key_value_heads=1)
     start, words = step_layout(layer_phases(shape, 40), 2, 128)
     rng = np.random.default_rng(0)
@@ -422,3 +422,14 @@ def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_ha
         assert sums[:tiles].tolist() == skeleton_twin(data, start, words, initial, tiles).tolist(), (blocks, tiles)
         handed_out += phases * tiles + blocks
         assert queue.tolist() == [handed_out, handed_out, 0] and not done.any(), queue  # (and not stalled)
+
+    # the benchmark's harness itself (its buffers, arguments and check) on the emulation, the ways
+    # that need no cooperative launch
+    skeleton = bench.Skeleton(EmulatedDriver(emulated), {name: name for name in ("awq_step_skeleton",
+                                                                                 "awq_step_skeleton_queue")},
+                              False, start, words, rng)
+    for way, blocks in (("per_op", 1), ("per_op", 3), ("queue", 2), ("queue", 3)):
+        assert skeleton.check(way, blocks) is None, (way, blocks)
+    skeleton.words = skeleton.words.copy()
+    skeleton.words[0, 0] ^= 1  # (the device keeps the old words: the check must see it)
+    assert "disagrees" in skeleton.check("queue", 2)
