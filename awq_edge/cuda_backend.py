@@ -293,6 +293,7 @@ class CudaBackend:
         self.host_token, self.host_draw = drv.host_array(2, np.int32), drv.host_array(1, np.float32)
         self.sampled = drv.event()
         self.draw_on_device = 0.0                      # what `uniform` holds (greedy: always 0)
+        self.uploads = ()                              # pageable arrays a queued copy still reads
         self.run_ahead = True                          # (benchmarks/cuda_decode.py times it off too)
         self.seen = drv.alloc(C * 4)                   # the repetition-penalty history, on the device
         self.n_seen = drv.alloc(4)
@@ -419,8 +420,9 @@ class CudaBackend:
         a, w, b, spec = op.args, self.weights, self.buf, self.spec
         eps = ("f32", spec.eps)
         if op.kind == "embed":  # decode's id is where the sampler writes it
+            ids = self.token if rows == 1 else self.ids
             self.launch("awq_embed", (rows,), (NORM_THREADS,),
-                        [self.token if rows == 1 else self.ids, w[a["table"]], b[a["out"]], ("i32", spec.hidden), ("i32", spec.vocab),
+                        [ids, w[a["table"]], b[a["out"]], ("i32", spec.hidden), ("i32", spec.vocab),
                          ("f32", a["scale"] or 1.0)])
         elif op.kind == "norm":
             last = a.get("last_row", False)
