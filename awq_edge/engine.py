@@ -118,7 +118,7 @@ class GenerationStats:
     new_tokens: int = 0         # tokens sampled
     ttft_s: float = 0.0         # prompt in -> first token chosen (prefill + one sampling step)
     prefill_s: float = 0.0
-    decode_s: float = 0.0       # after the first token
+    decode_s: float = 0.0       # first token chosen -> last token chosen
     finish_reason: str = ""     # eos | stop | length | context_full | cancelled | interrupted
 
     @property
@@ -338,6 +338,8 @@ class Engine:
             if t_first is None:
                 t_first = time.perf_counter()
                 stats.ttft_s = t_first - t0
+            else:  # from the first token to this one: new_tokens - 1 steps (run ahead or not)
+                stats.decode_s = time.perf_counter() - t_first
             if token in eos_ids:
                 reason = "eos"
                 self._unfeed(fed_logits)
@@ -366,7 +368,6 @@ class Engine:
                 break
             else:
                 logits = self._forward([token])
-            stats.decode_s = time.perf_counter() - t_first
         if reason != "stop":
             held += decoder.flush()
             hits = [i for i in (held.find(s) for s in stops) if i >= 0]
