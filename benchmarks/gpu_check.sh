@@ -137,8 +137,12 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
         print(f"decode {r['shape']} {r['runtime']}: {r['decode_tok_s']:.0f} tok/s, "
               f"{100 * (r.get('roofline_fraction') or 0):.0f}% of roofline, TTFT {1e3 * r['ttft_s']:.0f} ms")
         kinds = {k.removeprefix("decode_tok_s_"): v for k, v in r.items() if k.startswith("decode_tok_s_")}
+        step_by_step = kinds.pop("step_by_step", None)
         if kinds:
             print("  GEMV " + ", ".join(f"{kind} {v:.0f} tok/s" for kind, v in kinds.items()))
+        if step_by_step:
+            print(f"  run ahead {r['decode_tok_s']:.0f} tok/s, one step at a time {step_by_step:.0f} "
+                  f"({r['decode_tok_s'] / step_by_step:.2f}x)")
         if r.get("prefill_path"):
             print(f"  prefill: {r['prefill_path']}")
         for n in (16, 64, 256):
