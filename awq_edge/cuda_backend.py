@@ -646,7 +646,7 @@ class CudaBackend:
         """The next token by the Sampler's rule, chosen on the GPU. The history the repetition
         penalty reads stays on the device: only the ids it lacks are uploaded."""
         seen = self._queue_sample(device_ptr, settings, seen_ids, uniform)
-        return self._sampled_token(seen, fed=False)
+        return self._sampled_token(seen)
 
     def sample_and_feed(self, device_ptr: int, settings, seen_ids, uniform: float) -> tuple[int, DeviceLogits]:
         """sample_token, and the decode step that feeds the chosen token queued behind it before the
@@ -656,8 +656,14 @@ class CudaBackend:
         step_ids([0], self.position, self.max_context, self.vocab_size)  # room for one more
         seen = self._queue_sample(device_ptr, settings, seen_ids, uniform)
         self._replay(1)
-        self.position += 1
-        return self._sampled_token(seen, fed=True), DeviceLogits(self, self.buf["logits"], self.vocab_size)
+        self.position = fed = self.position + 1
+        try:
+            token = self._sampled_token(seen)
+        except BaseException:  # no token (or Ctrl-C while waiting): the step fed nothing the caller keeps
+            if self.position == fed:  # (an over-capacity flag has reset the cache already)
+                self.rewind(fed - 1)
+            raise
+        return token, DeviceLogits(self, self.buf["logits"], self.vocab_size)
 
     def _queue_sample(self, device_ptr: int, settings, seen_ids, uniform: float) -> list:
         """The sampler's launch, the copy of its token to host_token and the event `sampled`, queued.
@@ -684,12 +690,10 @@ class CudaBackend:
         self.drv.record(self.sampled)
         return seen
 
-    def _sampled_token(self, seen: list, fed: bool) -> int:
+    def _sampled_token(self, seen: list) -> int:
         """Wait for the sampler (not for a step queued behind it) and read its token."""
         self.drv.wait(self.sampled)
         token, status = (int(v) for v in self.host_token)
-        if fed and (status or token < 0):
-            self.rewind(self.position - 1)  # the step fed nothing usable
         self._check_status(status)
         if token < 0:  # the kernel found no logit above -inf (NaN counts as -inf)
             raise UserError(NO_USABLE_LOGITS)

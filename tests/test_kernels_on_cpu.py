@@ -371,6 +371,27 @@ def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(e
         return first, "".join(engine.stream_ids(ids, make(sampled), 6, reuse_cache=True)), list(engine.cached_ids)
 
     assert two_turns(False) == two_turns(True)
+
+    # Ctrl-C while the host waits for a token (the step feeding it queued): the step is taken
+    # back, so the cache still matches the engine's ids and the next reply reuses them
+    engine.reset()
+    wait, calls = backend.drv.wait, []
+
+    def interrupted_wait(event):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        wait(event)
+
+    backend.drv.wait = interrupted_wait
+    with pytest.raises(KeyboardInterrupt):
+        "".join(engine.stream_ids(list(prompt), Sampler(greedy), 8))
+    backend.drv.wait = wait
+    assert engine.position == len(engine.cached_ids) == len(prompt) + 2
+    ids = engine.cached_ids + [65]
+    reused = "".join(engine.stream_ids(ids, Sampler(greedy), 4, reuse_cache=True))
+    assert engine.last_stats.reused_tokens == len(prompt) + 2
+    assert reused == "".join(engine.stream_ids(ids, Sampler(greedy), 4))  # (from an empty cache)
     drv = backend.drv
     drv.synchronize()
     history = drv.array_at(backend.seen, np.int32, (int(drv.array_at(backend.n_seen, np.int32, (1,))[0]),))
