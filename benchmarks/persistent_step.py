@@ -216,7 +216,15 @@ def main() -> int:
         module = drv.load_module(build_cubin(plugins.find_nvcc(), gpu.arch, Path(tmp) / "s.cubin"))
     functions = {name: drv.function(module, name) for name in ("awq_step_skeleton", "awq_step_skeleton_queue")}
     sms, l2, ceiling = drv.multiprocessor_count(), drv.l2_cache_bytes(), copy_gbs(drv)
-    print(f"{gpu.name} ({gpu.arch}): {sms} SMs, L2 {l2 >> 20} MiB, copy {ceiling:.0f} GB/s, context {args.context}")
+    resident = ctypes.c_int()  # a cooperative launch must fit at once: at most this many blocks an SM
+    drv.lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
+                                                                     ctypes.c_int, ctypes.c_size_t]
+    drv.check(drv.lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(resident),
+                                                                  functions["awq_step_skeleton"], SKELETON_THREADS, 0),
+              "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+    per_sm = [k for k in BLOCKS_PER_SM if k <= resident.value]
+    print(f"{gpu.name} ({gpu.arch}): {sms} SMs ({resident.value} skeleton blocks an SM at once), L2 {l2 >> 20} MiB, "
+          f"copy {ceiling:.0f} GB/s, context {args.context}")
     rng, results = np.random.default_rng(0), []
     for name in args.shapes.split(","):
         shape = SHAPES[name]
@@ -227,7 +235,7 @@ def main() -> int:
         skeleton = Skeleton(drv, functions, int(gpu.arch.removeprefix("sm_")) >= 90, start, words, rng)
         try:
             runs = {}  # (way, blocks an SM) -> one step
-            for k in BLOCKS_PER_SM:
+            for k in per_sm:
                 for way in WAYS:
                     wrong = skeleton.check(way, k * sms)
                     if wrong:
@@ -245,11 +253,11 @@ def main() -> int:
         us = {key: float(np.median(t)) for key, t in timings.items()}
         row = {"shape": name, "layers": layers, "bytes_per_layer": per_layer,
                "roofline_us": per_layer / (ceiling * 1e9) * 1e6,
-               **{f"{way}_us": {k: us[way, k] for k in BLOCKS_PER_SM} for way in WAYS},
+               **{f"{way}_us": {k: us[way, k] for k in per_sm} for way in WAYS},
                "phases": [dict(name=n, bytes=b, out_words=w) for n, b, w in phases]}
         results.append(row)
         print(f"{name}: {layers} layers of {per_layer / 2**20:.2f} MiB (roofline {row['roofline_us']:.2f} us), "
-              f"us a layer at {'/'.join(map(str, BLOCKS_PER_SM))} blocks an SM: "
+              f"us a layer at {'/'.join(map(str, per_sm))} blocks an SM: "
               + ", ".join(f"{way} " + " / ".join(f"{v:.2f}" for v in row[f"{way}_us"].values()) for way in WAYS))
     report = {"gpu": gpu.name, "arch": gpu.arch, "sms": sms, "copy_gbs": ceiling, "context": args.context,
               "date": dt.datetime.now().isoformat(timespec="seconds"), "shapes": results}
