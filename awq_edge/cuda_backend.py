@@ -321,7 +321,8 @@ class CudaBackend:
         gemv = {"auto": "on tensor cores (persistent) after a norm, else CUDA cores", "tensor_cores": "on tensor cores",
                 "tensor_cores_persistent": "on tensor cores, a persistent grid",
                 "cuda_cores": "on CUDA cores"}[self.decode_gemv]
-        return f"cuda graph of awq-edge kernels, GEMV {gemv}, lm_head {head}"
+        ahead = ", run ahead of the host" if self.run_ahead else ", one step at a time"
+        return f"cuda graph of awq-edge kernels, GEMV {gemv}, lm_head {head}{ahead}"
 
     @property
     def prefill_path(self) -> str:
