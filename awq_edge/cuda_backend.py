@@ -298,6 +298,7 @@ class CudaBackend:
         self.seen = drv.alloc(C * 4)                   # the repetition-penalty history, on the device
         self.n_seen = drv.alloc(4)
         self.seen_mirror: list[int] = []               # what `seen` holds, to upload only what is new
+        self.seen_source = None                        # the caller's list the mirror was last made from
         drv.zero(self.past, 8)
         drv.zero(self.n_seen, 4)
         drv.zero(self.token, 8)
@@ -646,8 +647,8 @@ class CudaBackend:
     def sample_token(self, device_ptr: int, settings, seen_ids, uniform: float) -> int:
         """The next token by the Sampler's rule, chosen on the GPU. The history the repetition
         penalty reads stays on the device: only the ids it lacks are uploaded."""
-        seen = self._queue_sample(device_ptr, settings, seen_ids, uniform)
-        return self._sampled_token(seen)
+        self._queue_sample(device_ptr, settings, seen_ids, uniform)
+        return self._sampled_token(seen_ids)
 
     def sample_and_feed(self, device_ptr: int, settings, seen_ids, uniform: float) -> tuple[int, DeviceLogits]:
         """sample_token, and the decode step that feeds the chosen token queued behind it before the
@@ -655,29 +656,20 @@ class CudaBackend:
         token. (token, those logits); the caller that stops at this token takes the step back with
         rewind(position - 1)."""
         step_ids([0], self.position, self.max_context, self.vocab_size)  # room for one more
-        seen = self._queue_sample(device_ptr, settings, seen_ids, uniform)
+        self._queue_sample(device_ptr, settings, seen_ids, uniform)
         self._replay(1)
         self.position = fed = self.position + 1
         try:
-            token = self._sampled_token(seen)
+            token = self._sampled_token(seen_ids)
         except BaseException:  # no token (or Ctrl-C while waiting): the step fed nothing the caller keeps
             if self.position == fed:  # (an over-capacity flag has reset the cache already)
                 self.rewind(fed - 1)
             raise
         return token, DeviceLogits(self, self.buf["logits"], self.vocab_size)
 
-    def _queue_sample(self, device_ptr: int, settings, seen_ids, uniform: float) -> list:
-        """The sampler's launch, the copy of its token to host_token and the event `sampled`, queued.
-        Returns the history it samples after (the last max_context ids)."""
-        seen = list(seen_ids)[-self.max_context:]
-        mirror, self.seen_mirror = self.seen_mirror, []  # unknown until the token is read
-        if seen[:len(mirror)] != mirror:  # another history (a new prompt): upload it whole
-            mirror = []
-        if len(seen) > len(mirror):  # else the device holds the history, and its count (the sampler appends)
-            # (pageable: these live until the wait for `sampled`, after which the copies have run)
-            self.uploads = np.array(seen[len(mirror):], np.int32), np.array([len(seen)], np.int32)
-            self.drv.upload_async(self.seen + 4 * len(mirror), self.uploads[0])
-            self.drv.upload_async(self.n_seen, self.uploads[1])
+    def _queue_sample(self, device_ptr: int, settings, seen_ids, uniform: float) -> None:
+        """The sampler's launch, the copy of its token to host_token and the event `sampled`, queued."""
+        self._sync_history(seen_ids)
         draw = fp32_draw(uniform)
         if draw != self.draw_on_device:  # (greedy: never)
             self.host_draw[0] = draw      # page-locked: the copy does not wait for a step running ahead
@@ -689,17 +681,37 @@ class CudaBackend:
                      ("f32", settings.top_p), self.uniform, self.sample_work, self.token])
         self.drv.download_async(self.host_token, self.token)  # the token and the attention status
         self.drv.record(self.sampled)
-        return seen
 
-    def _sampled_token(self, seen: list) -> int:
+    def _sync_history(self, seen_ids) -> None:
+        """Queue what makes the device's repetition-penalty history (`seen`, `n_seen`) the last
+        max_context of seen_ids: only the ids it lacks. The engine's list only grows, by the token
+        the sampler chose and appended on the device too, which takes O(1) to check (the same
+        list, one id longer, ending in that token: Python's copy and compare of an 8K history cost
+        ~0.1 ms a token, more on an Orin's cores); any other list is compared with the mirror."""
+        mirror, source, self.seen_source = self.seen_mirror, self.seen_source, None  # (set again once read)
+        if seen_ids is source and len(seen_ids) == len(mirror) < self.max_context and seen_ids[-1] == mirror[-1]:
+            return
+        seen = list(seen_ids)[-self.max_context:]
+        if seen[:len(mirror)] != mirror:  # another history (a new prompt): upload it whole
+            mirror = []
+        if len(seen) > len(mirror):  # else the device holds the history, and its count
+            # (pageable: these live until the wait for `sampled`, after which the copies have run)
+            self.uploads = np.array(seen[len(mirror):], np.int32), np.array([len(seen)], np.int32)
+            self.drv.upload_async(self.seen + 4 * len(mirror), self.uploads[0])
+            self.drv.upload_async(self.n_seen, self.uploads[1])
+        self.seen_mirror = seen
+
+    def _sampled_token(self, seen_ids) -> int:
         """Wait for the sampler (not for a step queued behind it) and read its token."""
         self.drv.wait(self.sampled)
         token, status = (int(v) for v in self.host_token)
         self._check_status(status)
         if token < 0:  # the kernel found no logit above -inf (NaN counts as -inf)
+            self.seen_mirror = []  # (the device's history is uploaded whole next time)
             raise UserError(NO_USABLE_LOGITS)
-        seen.append(token)
-        self.seen_mirror = seen[:self.max_context]
+        if len(self.seen_mirror) < self.max_context:  # the sampler appended it on the device
+            self.seen_mirror.append(token)
+        self.seen_source = seen_ids
         return token
 
 
