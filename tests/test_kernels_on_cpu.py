@@ -392,6 +392,17 @@ def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(e
     reused = "".join(engine.stream_ids(ids, Sampler(greedy), 4, reuse_cache=True))
     assert engine.last_stats.reused_tokens == len(prompt) + 2
     assert reused == "".join(engine.stream_ids(ids, Sampler(greedy), 4))  # (from an empty cache)
+
+    # a caller's own history list that grew by another id than the one sampled is uploaded, not
+    # trusted (the O(1) check is for the engine's list, grown by the sampled token)
+    engine.reset()
+    logits = backend.forward(prompt)
+    host, settings, history = np.asarray(logits).copy(), SamplingSettings(0.0, repetition_penalty=5.0), list(prompt)
+    first = backend.sample_token(logits.ptr, settings, history, 0.0)
+    other = int(np.argmax(np.where(np.isin(np.arange(host.size), history + [first]), -np.inf, host)))
+    history.append(other)  # (penalized now: the best is `first` again, where trusting the device picks `other`)
+    want = choose_token(host, settings, history, 0.0)
+    assert backend.sample_token(logits.ptr, settings, history, 0.0) == want == first
     drv = backend.drv
     drv.synchronize()
     history = drv.array_at(backend.seen, np.int32, (int(drv.array_at(backend.n_seen, np.int32, (1,))[0]),))
