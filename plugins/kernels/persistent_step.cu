@@ -135,6 +135,7 @@ awq_step_skeleton_queue(const uint4* __restrict__ bytes, const long long* __rest
                     break;
                 }
             }
+            if (threadIdx.x == 0) __threadfence();  // (as grid_sync: the block's reads after it see the writes)
             __syncthreads();
         });
         __syncthreads();  // the tile's words are written (and `task` read) by every thread
