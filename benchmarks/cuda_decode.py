@@ -23,7 +23,7 @@ default without running ahead (each token read back before the step that feeds i
 decode_tok_s_step_by_step.
 decode_tok_s = (new tokens - 1) / time after the first token; ttft_s = prompt in -> first token
 on the host; both the median of --runs runs after a warm-up. For awq-edge also one prefill chunk
-of 16, 64 and 256 rows both ways (our kernels: the GEMV up to 32 rows, the GEMM
+of 16, 64, 128 and 256 rows both ways (our kernels: the GEMV up to 32 rows, the GEMM
 above; and dequantize + cuBLAS when the machine has it), in turn: prefill_{rows}_{ours|cublas}_ms
 (a 256-row chunk is a full one: a CUDA graph replay). roofline_fraction = (weight bytes
 read per token / copy bandwidth) / time per token, with the weight bytes each runtime reads: every
@@ -50,7 +50,7 @@ sys.path.append(str(ROOT))  # after PYTHONPATH: an installed (or gpu_check.sh's 
 
 DEFAULT_SHAPES = "smollm2-135m,llama3.2-1b,llama2-7b"
 PROMPT_TOKENS, NEW_TOKENS = 128, 256
-PREFILL_ROWS = (16, 64, 256)  # prefill chunk sizes timed on both GEMM paths
+PREFILL_ROWS = (16, 64, 128, 256)  # prefill chunk sizes timed on both GEMM paths (CUBLAS_FROM_ROWS)
 
 
 # ---------------------------------------------------------------- the workers (one per subprocess)

@@ -145,7 +145,7 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
                   f"({r['decode_tok_s'] / step_by_step:.2f}x)")
         if r.get("prefill_path"):
             print(f"  prefill: {r['prefill_path']}")
-        for n in (16, 64, 256):
+        for n in (16, 64, 128, 256):
             ours, blas, l2 = (r.get(f"prefill_{n}_{path}_ms") for path in ("ours", "cublas", "cublas_l2"))
             if ours and blas:
                 print(f"  {n}-row chunk: our kernels {ours:.2f} ms, dequantize + cuBLAS {blas:.2f} ms ({ours / blas:.2f}x)"
