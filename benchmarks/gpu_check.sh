@@ -118,9 +118,9 @@ for name in ("cuda_layer.json", "cuda_layer-smollm2.json", "cuda_layer-1b.json",
                                                     f"({r['pct_of_copy']:.0f}%)" for r in rows))
 ps = load("persistent_step.json")
 for r in (ps or {}).get("shapes", []):
-    print(f"step skeleton {r['shape']}, us a layer (roofline {r['roofline_us']:.2f}) at "
-          + ", ".join(f"{k} blocks/SM: per op {r['per_op_us'][k]:.2f}, persistent {v:.2f}, queue {r['queue_us'][k]:.2f}"
-                      for k, v in r["persistent_us"].items()))
+    print(f"step skeleton {r['shape']}, us a layer (roofline {r['roofline_us']:.2f}): "
+          + "; ".join(f"{way} " + ", ".join(f"{v:.2f} at {k} blocks/SM" for k, v in r[f"{way}_us"].items())
+                      for way in ("per_op", "persistent", "queue")))
 a = load("cuda_attention.json")
 for r in (a or {}).get("rows", []):
     mma = f", tensor cores {r['mma_us']:.0f} us ({r['mma_speedup']:.2f}x)" if r.get("mma_us") else ""
