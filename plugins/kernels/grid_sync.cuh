@@ -30,6 +30,22 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 #endif
 }
 
+// Thread 0's wait for another block's counter: polls *p (acquire) until ready(value), at most
+// kGridSyncMaxPolls times (then sets *stalled and goes on). The caller fences after it, so the
+// block's reads after its next __syncthreads see what was written before *p moved.
+template <typename Ready>
+__device__ __forceinline__ void poll_until(const unsigned* p, Ready ready, unsigned* stalled) {
+    for (unsigned polls = 0; !ready(load_acquire(p)); ++polls) {
+        if (polls == kGridSyncMaxPolls) {
+            atomicExch(stalled, 1u);
+            break;
+        }
+#ifndef AWQ_EDGE_CPU_EMULATION
+        __nanosleep(32);
+#endif
+    }
+}
+
 __device__ __forceinline__ void grid_sync(GridBarrier* barrier) {
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -41,15 +57,7 @@ __device__ __forceinline__ void grid_sync(GridBarrier* barrier) {
             __threadfence();
             atomicAdd(&barrier->generation, 1u);
         } else {
-            for (unsigned polls = 0; load_acquire(&barrier->generation) == generation; ++polls) {
-                if (polls == kGridSyncMaxPolls) {
-                    atomicExch(&barrier->stalled, 1u);
-                    break;
-                }
-#ifndef AWQ_EDGE_CPU_EMULATION
-                __nanosleep(32);
-#endif
-            }
+            poll_until(&barrier->generation, [&](unsigned now) { return now != generation; }, &barrier->stalled);
         }
         __threadfence();
     }

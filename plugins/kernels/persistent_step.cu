@@ -128,14 +128,11 @@ awq_step_skeleton_queue(const uint4* __restrict__ bytes, const long long* __rest
         const unsigned tile = static_cast<unsigned>(t % tiles);
         const uint32_t s = skeleton_phase(bytes, phase_start, vector_words, p, tile, tiles, vectors, vector_stride,
                                           partial, [&] {
-            for (unsigned polls = 0; p > 0 && threadIdx.x == 0 &&
-                                     awq_edge::load_acquire(&done[p - 1]) < static_cast<unsigned>(tiles); ++polls) {
-                if (polls == awq_edge::kGridSyncMaxPolls) {  // (a bug, not a slow block: fail, never hang)
-                    atomicExch(&queue->stalled, 1u);
-                    break;
-                }
+            if (p > 0 && threadIdx.x == 0) {  // (a stall is a bug, not a slow block: fail, never hang)
+                awq_edge::poll_until(&done[p - 1], [&](unsigned n) { return n >= static_cast<unsigned>(tiles); },
+                                     &queue->stalled);
+                __threadfence();  // (as grid_sync: the block's reads after it see the writes)
             }
-            if (threadIdx.x == 0) __threadfence();  // (as grid_sync: the block's reads after it see the writes)
             __syncthreads();
         });
         __syncthreads();  // the tile's words are written (and `task` read) by every thread
