@@ -84,22 +84,24 @@ def worker_ours(engine_dir: str, runs: int) -> dict:
     engine = Engine.load(path, max_context=PROMPT_TOKENS + NEW_TOKENS + 1)
     load_s = time.perf_counter() - t0
     prompt = [int(i) for i in range(PROMPT_TOKENS)]  # byte ids: any are valid
+
+    def greedy_runs(count: int) -> list:
+        """The GenerationStats of `count` greedy replies of NEW_TOKENS to the prompt."""
+        stats = []
+        for _ in range(count):
+            "".join(engine.stream_ids(prompt, Sampler(SamplingSettings(0.0)), NEW_TOKENS, ignore_eos=True))
+            assert engine.last_stats.new_tokens == NEW_TOKENS, engine.last_stats
+            stats.append(engine.last_stats)
+        return stats
+
     default = engine.backend.decode_gemv
     by_gemv = {}
     for gemv in DECODE_GEMVS:
         engine.backend.set_decode_gemv(gemv)
-        stats = []
-        for _ in range(runs + 1):  # the first captures the decode graph
-            "".join(engine.stream_ids(prompt, Sampler(SamplingSettings(0.0)), NEW_TOKENS, ignore_eos=True))
-            assert engine.last_stats.new_tokens == NEW_TOKENS, engine.last_stats
-            stats.append(engine.last_stats)
-        by_gemv[gemv] = stats[1:]
+        by_gemv[gemv] = greedy_runs(runs + 1)[1:]  # (the first captures the decode graph)
     engine.backend.set_decode_gemv(default)
     engine.backend.run_ahead = False  # one step at a time: the host reads each token before the next step
-    step_by_step = []
-    for _ in range(runs):
-        "".join(engine.stream_ids(prompt, Sampler(SamplingSettings(0.0)), NEW_TOKENS, ignore_eos=True))
-        step_by_step.append(engine.last_stats)
+    step_by_step = greedy_runs(runs)
     engine.backend.run_ahead = True
     stats = by_gemv[default]
     return {"decode_tok_s": median([s.decode_tok_s for s in stats]), "ttft_s": median([s.ttft_s for s in stats]),
