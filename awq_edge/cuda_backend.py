@@ -686,8 +686,8 @@ class CudaBackend:
         """Queue what makes the device's repetition-penalty history (`seen`, `n_seen`) the last
         max_context of seen_ids: only the ids it lacks. The engine's list only grows, by the token
         the sampler chose and appended on the device too, which takes O(1) to check (the same
-        list, one id longer, ending in that token: Python's copy and compare of an 8K history cost
-        ~0.1 ms a token, more on an Orin's cores); any other list is compared with the mirror."""
+        list, one id longer, ending in that token), where copying and comparing the whole history
+        every token grows with the context; any other list is compared with the mirror."""
         mirror, source, self.seen_source = self.seen_mirror, self.seen_source, None  # (set again once read)
         if seen_ids is source and len(seen_ids) == len(mirror) < self.max_context and seen_ids[-1] == mirror[-1]:
             return
