@@ -41,6 +41,7 @@ in CI with the kernels' own source on a CPU emulation (tests/test_kernels_on_cpu
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,18 +62,24 @@ GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
 # head_dim % 16 == 0; other linears take the CUDA-core one (4 rows a block).
 GEMV_TC_ROWS, GEMV_TC_THREADS, GEMV_TC_MAX_K = 16, 256, 16384
 GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid (kTcBlocksPerSm: launch bounds of 128 registers x 256 threads)
-# Which one decode runs: "auto" takes the tensor-core GEMV on its persistent grid for the linears
-# with an RMSNorm prologue (q/k/v, gate/up), and the CUDA-core one for the rest. On the H200
+# Which one decode runs. "cuda_cores", "tensor_cores" and "tensor_cores_persistent" take one for
+# all linears: the persistent grid is GEMV_TC_BLOCKS_PER_SM blocks an SM, each taking several
+# 16-row tiles in turn with its loads running on into the next, and x normed once a block.
+# "auto" chooses per linear role (gemv_role): the one timed fastest on this GPU when the backend
+# was loaded (tune_decode_gemv), else auto_default: the persistent tensor-core GEMV for the
+# linears with an RMSNorm prologue (q/k/v, gate/up), the CUDA-core one for the rest. On the H200
 # (benchmarks/cuda_layer.py, 2026-12-04 run 3, each op alone in a Llama-2-7B layer, CUDA cores /
 # tensor cores / persistent): qkv 25.7 / 19.5 / 14.8 us, gate/up 43.1 / 31.3 / 21.0 (a block norms
 # x once for all its rows: every block reads all of x and the norm weight), but o_proj 4.4 / 6.0 /
 # 6.0 and down 10.0 / 12.0 / 11.9 (a plain GEMV streams faster on CUDA cores, benchmarks/gemv.py).
 # SmolLM2's layer the same way round (qkv 4.1 / 3.5 / 3.5, o_proj 1.6 / 2.2 / 2.2). End to end
 # (cuda_decode.py, all linears one way): 7B 298 / 359 / 432 tok/s, Llama-3.2-1B 932 / 1223 / 1352.
-# "cuda_cores", "tensor_cores" and "tensor_cores_persistent" take one for all linears: the
-# persistent grid is GEMV_TC_BLOCKS_PER_SM blocks an SM, each taking several 16-row tiles in turn
-# with its loads running on into the next, and x normed once a block.
+# No Orin or RTX 40xx has run them, hence the timing at load.
 DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent")
+GEMV_KINDS = DECODE_GEMVS[1:]
+# The timing at load: each variant replayed this many times after a warm-up, in turn with the
+# others, the median kept; a role leaves auto_default only for a GEMV at least TUNE_MARGIN faster.
+TUNE_REPLAYS, TUNE_MARGIN = 3, 0.03
 GEMV_MAX_ROWS, GEMV_CHUNKED_MAX_ROWS = 8, 32  # plugins/kernels/w4a16.h: short chunks' GEMVs (CUDA cores: 8 rows each)
 GEMV_MMA_ROWS_PER_BLOCK = 16                  # the tensor-core GEMV (2..32 rows): one mma tile of rows
 
@@ -122,6 +129,19 @@ def prefill_graph_rows(rows: int, room: int) -> int | None:
     """The padded size of a prefill chunk of `rows` whose graph it replays, or None when the padding
     would not fit the `room` left in the cache (then its kernels are launched one by one)."""
     return next((size for size in PREFILL_GRAPH_ROWS if rows <= size <= room), None)
+
+
+def gemv_role(a: dict) -> str:
+    """Decode's one-row GEMVs that run the same kernel in every layer, timed together by the tuning:
+    the weight's name without its layer, and the fusion ("self_attn.qkv_proj norm_rope",
+    "lm_head.q4 logits"; Gemma's first q/k/v, which norms its input, is a role of its own)."""
+    name = a["weight"].split(".", 3)[3] if a["weight"].startswith("model.layers.") else a["weight"]
+    return f"{name} {'norm_' if a.get('norm') else ''}{a.get('epilogue', 'logits')}"
+
+
+def auto_default(a: dict) -> str:
+    """auto's GEMV for a linear of op args `a` where nothing was timed (see DECODE_GEMVS)."""
+    return "tensor_cores_persistent" if a.get("norm") else "cuda_cores"
 
 
 def step_tail(ops: list) -> int:
@@ -191,11 +211,13 @@ class CudaBackend:
     vocab_size, kv_bytes; forward returns DeviceLogits."""
 
     def __init__(self, engine_dir: Path, manifest: dict, info: DecoderInfo, max_context: int, driver=None,
-                 cublas=None):
+                 cublas=None, tune: bool | None = None):
         """driver: a cuda_driver.Driver; by default one on the GPU of the engine's arch (the tests
         pass one that records the launches, to check them against the cubins without a GPU).
         cublas: what runs long prefill chunks' GEMMs (cublas.Cublas's gemm_wt); by default the
-        machine's cuBLAS when it has one (with a driver given: none); False: our GEMM always."""
+        machine's cuBLAS when it has one (with a driver given: none); False: our GEMM always.
+        tune: time the decode GEMVs on this GPU now (tune_decode_gemv); by default on a GPU of
+        our own driver, unless AWQ_EDGE_TUNE=0."""
         from .cuda_driver import CudaError, Driver
 
         engine_dir = Path(engine_dir)
@@ -217,10 +239,14 @@ class CudaBackend:
             self.cublas, self.no_cublas = self._open_cublas(False if cublas is None and driver else cublas)
             self.cublas_from_rows = CUBLAS_FROM_ROWS  # (benchmarks/cuda_decode.py moves it to time both paths)
             self.decode_gemv = DECODE_GEMVS[0]  # (set_decode_gemv: the benchmarks time each)
+            self.tuned_gemv: dict[str, str] = {}      # auto's choice per gemv_role, where timed
+            self.gemv_tuning = None                    # what tune_decode_gemv measured
             self.slab_bytes = DEQUANT_SLAB_BYTES       # (and tries slabs that fit the L2)
+            self._graphs = {}  # rows -> the instantiated CUDA graph of a step of that many rows
+            if tune if tune is not None else driver is None and os.environ.get("AWQ_EDGE_TUNE", "1") != "0":
+                self.tune_decode_gemv()
         except CudaError as e:
             raise UserError(f"the GPU refused the engine: {e}") from None
-        self._graphs = {}  # rows -> the instantiated CUDA graph of a step of that many rows
 
     # ------------------------------------------------------------ setup
     def _load_kernels(self, engine_dir: Path, manifest: dict) -> dict:
@@ -263,9 +289,9 @@ class CudaBackend:
 
     def _allocate(self) -> None:
         spec, drv, C = self.spec, self.drv, self.max_context
-        self.buf = {}
-        for name, shape in buffer_shapes(spec, PREFILL_CHUNK).items():
-            self.buf[name] = drv.alloc(int(np.prod(shape)) * (4 if name == "logits" else 2))
+        self.buf_bytes = {name: int(np.prod(shape)) * (4 if name == "logits" else 2)
+                          for name, shape in buffer_shapes(spec, PREFILL_CHUNK).items()}
+        self.buf = {name: drv.alloc(nbytes) for name, nbytes in self.buf_bytes.items()}
         self.q_rot = drv.alloc(PREFILL_CHUNK * spec.heads * spec.head_dim * 2)
         # decode attention's splits of the context: each one's softmax state, and a counter per head
         self.attn_splits = -(-C // ATTEND_SPLIT_KEYS)
@@ -292,6 +318,7 @@ class CudaBackend:
         # for the sampler alone through an event recorded behind its token's copy
         self.host_token, self.host_draw = drv.host_array(2, np.int32), drv.host_array(1, np.float32)
         self.sampled = drv.event()
+        self.timer = drv.event(timing=True), drv.event(timing=True)  # (tune_decode_gemv's)
         self.draw_on_device = 0.0                      # what `uniform` holds (greedy: always 0)
         self.uploads = ()                              # pageable arrays a queued copy still reads
         self.run_ahead = True                          # (benchmarks/cuda_decode.py times it off too)
@@ -319,9 +346,13 @@ class CudaBackend:
     def decode_path(self) -> str:
         """What a decode step runs (awq-edge bench prints it): the head is the choice a build makes."""
         head = {"int4": "int4, its top 64 re-scored from fp16"}.get(self.spec.lm_head, self.spec.lm_head)
-        gemv = {"auto": "on tensor cores (persistent) after a norm, else CUDA cores", "tensor_cores": "on tensor cores",
-                "tensor_cores_persistent": "on tensor cores, a persistent grid",
-                "cuda_cores": "on CUDA cores"}[self.decode_gemv]
+        said = {"tensor_cores": "on tensor cores", "tensor_cores_persistent": "on tensor cores (persistent grid)",
+                "cuda_cores": "on CUDA cores"}
+        gemv = said.get(self.decode_gemv, "on tensor cores (persistent grid) after a norm, else CUDA cores")
+        if self.decode_gemv == "auto" and self.gemv_tuning is not None:
+            gemv = "as timed on this GPU (" + "; ".join(
+                f"{'lm_head' if role.startswith('lm_head') else role.split()[0].rsplit('.', 1)[-1]} "
+                f"{said[self.gemv_kind(ops[0].args)]}" for role, ops in self.gemv_roles().items()) + ")"
         ahead = ", run ahead of the host" if self.run_ahead else ", one step at a time"
         return f"cuda graph of awq-edge kernels, GEMV {gemv}, lm_head {head}{ahead}"
 
@@ -387,7 +418,13 @@ class CudaBackend:
             raise ValueError(f"slab_bytes {slab_bytes} is not in 1..{DEQUANT_SLAB_BYTES}")
         self.cublas, self.cublas_from_rows, self.slab_bytes = cublas, int(cublas_from_rows), int(slab_bytes)
         self.no_cublas = None if cublas is not None else "cuBLAS not asked for"
-        self._graphs = {rows: graph for rows, graph in self._graphs.items() if rows == 1}
+        self._drop_graphs([rows for rows in self._graphs if rows > 1])
+
+    def _drop_graphs(self, sizes) -> None:
+        """Release the captured graphs of these step sizes (they hold an old choice)."""
+        for rows in sizes:
+            if rows in self._graphs:
+                self.drv.release(self._graphs.pop(rows))
 
     def set_decode_gemv(self, kind: str) -> None:
         """Which one-row GEMV decode runs (one of DECODE_GEMVS; the tensor-core one only where a
@@ -396,7 +433,7 @@ class CudaBackend:
         if kind not in DECODE_GEMVS:
             raise ValueError(f"decode GEMV {kind!r} is not one of {', '.join(DECODE_GEMVS)}")
         self.decode_gemv = kind
-        self._graphs.pop(1, None)
+        self._drop_graphs([1])
 
     def _step(self, rows: int) -> None:
         self._body(rows)
@@ -465,8 +502,10 @@ class CudaBackend:
         n, k, name = a["N"], a["K"], a["weight"]
         args = [b[a["x"]], w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"], b[a["out"]], ("i32", n),
                 ("i32", k), ("i32", spec.vocab), ("f32", a["softcap"])]
-        if self.on_tensor_cores(a):
-            self.launch(f"awq_gemv_tc_logits_g{a['group_size']}", self.tensor_core_grid(n), (GEMV_TC_THREADS,), args)
+        kind = self.gemv_kind(a)
+        if kind != "cuda_cores":
+            self.launch(f"awq_gemv_tc_logits_g{a['group_size']}", self.tensor_core_grid(n, kind), (GEMV_TC_THREADS,),
+                        args)
         else:
             self.launch(f"awq_gemv_logits_g{a['group_size']}_w{4 if k % 32 == 0 else 1}", (n // GEMV_ROWS_PER_BLOCK,),
                         (GEMV_THREADS,), args)
@@ -502,8 +541,9 @@ class CudaBackend:
                 prefetch = [w[f"{nxt['weight']}.qweight"], ("i32", min(nxt["N"] * nxt["K"] // 2, self.prefetch_bytes))]
             args = [b[a["x"]], *weights, b[a["out"]], ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0,
                     ("f32", spec.eps), bias, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope, *prefetch]
-            if self.on_tensor_cores(a):
-                self.launch(f"awq_gemv_tc_{fusion}_g{g}", self.tensor_core_grid(n), (GEMV_TC_THREADS,), args)
+            kind = self.gemv_kind(a)
+            if kind != "cuda_cores":
+                self.launch(f"awq_gemv_tc_{fusion}_g{g}", self.tensor_core_grid(n, kind), (GEMV_TC_THREADS,), args)
             else:
                 self.launch(f"awq_gemv_{fusion}_g{g}_w{4 if wide else 1}", (n // GEMV_ROWS_PER_BLOCK,), (GEMV_THREADS,),
                             args)
@@ -526,21 +566,110 @@ class CudaBackend:
         elif a["epilogue"] == "rope":
             self.rope_store(y, a["layer"], a["rope"], rows)
 
-    def on_tensor_cores(self, a: dict) -> bool:
-        """Whether a one-row linear (or int4 head) of op args `a` runs on the tensor-core GEMV:
-        chosen (DECODE_GEMVS), and its shape allows it."""
-        fits = (a["K"] % 32 == 0 and a["K"] <= GEMV_TC_MAX_K
-                and (a.get("epilogue") != "rope" or self.spec.head_dim % GEMV_TC_ROWS == 0))
-        chosen = self.decode_gemv.startswith("tensor_cores") or self.decode_gemv == "auto" and bool(a.get("norm"))
-        return fits and chosen
+    def gemv_kind(self, a: dict) -> str:
+        """The one-row GEMV (GEMV_KINDS) a linear or int4 head of op args `a` runs: decode_gemv's
+        choice, for auto the one timed for its role (else auto_default), where its shape allows it:
+        the tensor-core GEMV takes K % 32 == 0 up to GEMV_TC_MAX_K, and RoPE at head_dim % 16 == 0."""
+        kind = self.decode_gemv
+        if kind == "auto":
+            kind = self.tuned_gemv.get(gemv_role(a)) or auto_default(a)
+        return kind if self.fits_tensor_cores(a) else "cuda_cores"
 
-    def tensor_core_grid(self, n: int) -> tuple[int]:
-        """The tensor-core GEMV's grid for n rows: a block a 16-row tile, or at most
-        GEMV_TC_BLOCKS_PER_SM blocks an SM (tensor_cores_persistent, and auto's normed linears)."""
+    def fits_tensor_cores(self, a: dict) -> bool:
+        return (a["K"] % 32 == 0 and a["K"] <= GEMV_TC_MAX_K
+                and (a.get("epilogue") != "rope" or self.spec.head_dim % GEMV_TC_ROWS == 0))
+
+    def tensor_core_grid(self, n: int, kind: str) -> tuple[int]:
+        """The tensor-core GEMV's grid for n rows: a block a 16-row tile, or on the persistent grid at
+        most GEMV_TC_BLOCKS_PER_SM blocks an SM."""
         tiles = -(-n // GEMV_TC_ROWS)
-        if self.decode_gemv in ("tensor_cores_persistent", "auto"):
+        if kind == "tensor_cores_persistent":
             return (min(tiles, GEMV_TC_BLOCKS_PER_SM * self.sm_count),)
         return (tiles,)
+
+    # ------------------------------------------------------------ the decode GEMVs timed at load
+    def gemv_roles(self) -> dict[str, list]:
+        """Decode's one-row GEMV ops (the linears, an int4 head) by gemv_role, in step order."""
+        roles = {}
+        for op in self.ops:
+            if op.kind == "linear" or op.kind == "lm_head" and op.args["bits"] == 4:
+                roles.setdefault(gemv_role(op.args), []).append(op)
+        return roles
+
+    def tune_decode_gemv(self) -> dict:
+        """auto's GEMV per role, timed on this GPU. For each role, each GEMV kind its shape takes
+        runs the role's ops of every layer back to back in one graph, as a step runs them (the
+        weights from DRAM, the launches overlapping as in a step); the fastest, if TUNE_MARGIN
+        faster than auto_default, replaces it. Then the whole step (but its tail) with those
+        choices against the defaults: the faster is kept (a GEMV faster alone may slow the kernels
+        around it). The timed graphs write the activations, the logits and the cache at the
+        position (which the next step overwrites): call it before a prompt or between replies.
+        Returns what it measured, kept in gemv_tuning: "us" (role -> kind -> microseconds),
+        "step_us" (default and tuned, when they differ), "gemv" (role -> the kind it runs now)."""
+        self.drv.synchronize()  # (a memset does not wait for the stream)
+        for name, nbytes in self.buf_bytes.items():  # a role's graph reads its input unwritten
+            self.drv.zero(self.buf[name], nbytes)
+        saved, self.decode_gemv, self.tuned_gemv = self.decode_gemv, "auto", {}
+        report, chosen, roles = {"us": {}}, {}, self.gemv_roles()
+        try:
+            for role, ops in roles.items():
+                a, default = ops[0].args, self.gemv_kind(ops[0].args)
+                kinds = [default] + [k for k in GEMV_KINDS if k != default and (k == "cuda_cores" or
+                                                                                 self.fits_tensor_cores(a))]
+                if len(kinds) == 1:
+                    continue
+                times = self._time_graphs({kind: self._launches({role: kind}, ops) for kind in kinds})
+                report["us"][role] = {kind: round(t * 1e6, 2) for kind, t in times.items()}
+                best = min(times, key=times.get)
+                if times[best] < (1 - TUNE_MARGIN) * times[default]:
+                    chosen[role] = best
+            if chosen:
+                body = self.ops[:step_tail(self.ops)]
+                step = self._time_graphs({"default": self._launches({}, body), "tuned": self._launches(chosen, body)})
+                report["step_us"] = {name: round(t * 1e6, 2) for name, t in step.items()}
+                if step["tuned"] > step["default"]:
+                    chosen = {}
+        except BaseException:
+            chosen = {}
+            raise
+        finally:
+            self.tuned_gemv = chosen
+            report["gemv"] = {role: self.gemv_kind(ops[0].args) for role, ops in roles.items()}  # (auto's)
+            self.decode_gemv = saved
+            self.drv.synchronize()
+            self._drop_graphs([1])
+        self.gemv_tuning = report
+        return report
+
+    def _launches(self, choice: dict, ops: list):
+        """What a graph captures: ops for one row, with auto's GEMV per role `choice`."""
+        def launches():
+            saved, self.tuned_gemv = self.tuned_gemv, choice
+            try:
+                self.launch_ops(ops, 1)
+            finally:
+                self.tuned_gemv = saved
+        return launches
+
+    def _time_graphs(self, variants: dict) -> dict[str, float]:
+        """Seconds of GPU time a replay of each variant's graph takes (name -> its launches): a
+        warm-up, then TUNE_REPLAYS replays each in turn, the median."""
+        graphs = {name: self.drv.capture(launches) for name, launches in variants.items()}
+        start, end = self.timer
+        times = {name: [] for name in graphs}
+        try:
+            for replay in range(TUNE_REPLAYS + 1):
+                for name, graph in graphs.items():
+                    self.drv.record(start)
+                    self.drv.replay(graph)
+                    self.drv.record(end)
+                    self.drv.wait(end)
+                    if replay:
+                        times[name].append(self.drv.elapsed(start, end))
+        finally:
+            for graph in graphs.values():
+                self.drv.release(graph)
+        return {name: float(np.median(t)) for name, t in times.items()}
 
     def matmul(self, x: int, name: str, n: int, k: int, y: int, rows: int) -> None:
         """y[rows, n] = x[rows, k] @ W_hat^T of linear `name` for rows > 1, rounded to fp16: dequantize

@@ -12,6 +12,7 @@ the driver's name for it.
     drv.launch(kernel, grid=(S,), block=(256,), args=[ptr(ids), ptr(table), ptr(out), i32(hidden), ...])
     graph = drv.capture(lambda: ...launches...)      # a CUDA graph of the launches, replayed with drv.replay(graph)
     done = drv.event(); drv.record(done); drv.wait(done)  # the host waits for the stream up to a point
+    a, b = drv.event(timing=True), drv.event(timing=True)  # ... and drv.elapsed(a, b): GPU seconds between
 """
 from __future__ import annotations
 
@@ -101,6 +102,9 @@ class Driver:
         lib.cuEventCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
         lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.cuEventSynchronize.argtypes = [ctypes.c_void_p]
+        lib.cuEventElapsedTime.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuGraphDestroy.argtypes = [ctypes.c_void_p]
+        lib.cuGraphExecDestroy.argtypes = [ctypes.c_void_p]
         self.check(lib.cuInit(0), "cuInit")
         self.device = ctypes.c_int()
         self.check(lib.cuDeviceGet(ctypes.byref(self.device), device_index), "cuDeviceGet")
@@ -212,9 +216,11 @@ class Driver:
     def synchronize(self) -> None:
         self.check(self.lib.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
 
-    def event(self) -> ctypes.c_void_p:
+    def event(self, timing: bool = False) -> ctypes.c_void_p:
+        """timing: the event keeps when it ran, for elapsed (a little slower to record)."""
         event = ctypes.c_void_p()
-        self.check(self.lib.cuEventCreate(ctypes.byref(event), CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+        self.check(self.lib.cuEventCreate(ctypes.byref(event), 0 if timing else CU_EVENT_DISABLE_TIMING),
+                   "cuEventCreate")
         return event
 
     def record(self, event) -> None:
@@ -223,6 +229,12 @@ class Driver:
 
     def wait(self, event) -> None:
         self.check(self.lib.cuEventSynchronize(event), "cuEventSynchronize")
+
+    def elapsed(self, start, end) -> float:
+        """Seconds of GPU time between two timing events, both recorded and waited for."""
+        ms = ctypes.c_float()
+        self.check(self.lib.cuEventElapsedTime(ctypes.byref(ms), start, end), "cuEventElapsedTime")
+        return ms.value / 1e3
 
     # ------------------------------------------------------------ graphs
     def capture(self, launches) -> ctypes.c_void_p:
@@ -235,8 +247,15 @@ class Driver:
         finally:
             self.check(self.lib.cuStreamEndCapture(self.stream, ctypes.byref(graph)), "cuStreamEndCapture")
         executable = ctypes.c_void_p()
-        self.check(self.lib.cuGraphInstantiateWithFlags(ctypes.byref(executable), graph, 0), "cuGraphInstantiate")
+        try:
+            self.check(self.lib.cuGraphInstantiateWithFlags(ctypes.byref(executable), graph, 0), "cuGraphInstantiate")
+        finally:
+            self.lib.cuGraphDestroy(graph)  # (the executable keeps what it needs)
         return executable
+
+    def release(self, executable) -> None:
+        """Free a captured graph that will not be replayed again."""
+        self.check(self.lib.cuGraphExecDestroy(executable), "cuGraphExecDestroy")
 
     def replay(self, executable) -> None:
         self.check(self.lib.cuGraphLaunch(executable, self.stream), "cuGraphLaunch")

@@ -7,7 +7,8 @@ bare GPU machine imports it too).
 - cubin_kernels: each kernel's parameter offsets and sizes and its block-size bound, read from
   the cubin's ELF sections (no GPU, no cuobjdump).
 - read_native_engine: a native engine folder's manifest and decoder info, checked as Engine.load does.
-- RecordingDriver: the cuda backend's driver where there is no GPU, recording its launches.
+- RecordingDriver: the cuda backend's driver where there is no GPU, recording its launches; its
+  timing events read a clock that each graph replay advances by its launches' `cost`.
 - MemoryDriver: a RecordingDriver whose device memory is host memory, and which runs the kernels
   it is given numpy twins of (to check the host side's pointer arithmetic with real numbers).
 - RecordingCublas: stands in for awq_edge.cublas.Cublas: records each GEMM, or with a
@@ -121,15 +122,34 @@ def read_native_engine(path):
     return manifest, read_decoder_info(path, check_files(path, manifest["files"]))
 
 
+class FakeEvent:
+    """An event of the drivers below: when it ran, on their clock (compared by identity)."""
+    time = None
+
+
 class RecordingDriver:
     """Stands in for cuda_driver.Driver where there is no GPU, to see which kernels the cuda
     backend launches with which arguments: allocations are distinct fake addresses, copies do
-    nothing, downloads read zeros, launches are recorded (name, grid, block, ctypes values)."""
+    nothing, downloads read zeros, launches are recorded (name, grid, block, ctypes values).
+    Time is a clock a replay advances by cost(kernel name, grid) of each launch in its graph: what
+    tune_decode_gemv reads through events and elapsed. A launch costs, per block, the seconds of
+    the first name substring in `costs` it contains (else 0.1 us), plus `slowed` when it is of
+    slowed_after's second kernel right after one of its first (a kernel fast alone that slows the
+    next)."""
 
     def __init__(self):
         self.next_address, self.launches, self.kernel_info = 1 << 32, [], {}
         self.allocated = 0  # bytes asked for
-        self.captures = self.replays = 0  # graphs captured, graph launches
+        self.captures = self.replays = self.released = 0  # graphs captured, graph launches, graphs freed
+        self.graphs, self.clock, self.previous = {}, 0.0, ""
+        self.costs, self.slowed_after, self.slowed = {}, ("", ""), 0.0
+
+    def cost(self, name: str, grid: tuple) -> float:
+        per_block = next((c for part, c in self.costs.items() if part in name), 1e-7)
+        first, then = self.slowed_after
+        after = bool(first) and first in self.previous and then in name
+        self.previous = name
+        return per_block * int(np.prod(grid)) + (self.slowed if after else 0.0)
 
     def load_module(self, cubin: bytes) -> dict:
         return cubin_kernels(cubin)
@@ -163,17 +183,26 @@ class RecordingDriver:
     def upload_async(self, device_ptr, array): pass
     def zero(self, device_ptr, nbytes): pass
     def synchronize(self): pass
-    def record(self, event): pass
     def wait(self, event): pass
 
-    def event(self):
-        return object()
+    def event(self, timing=False):
+        return FakeEvent()
+
+    def record(self, event):
+        event.time = self.clock
+
+    def elapsed(self, start, end) -> float:
+        return end.time - start.time
+
+    def release(self, executable):
+        self.released += 1
 
     def host_array(self, count, dtype):
         return np.zeros(count, dtype)
 
     def replay(self, executable):
         self.replays += 1
+        self.clock += sum(self.cost(name, grid) for name, grid, *_ in self.graphs[executable])
 
     def download(self, array, device_ptr):
         array[...] = 0
@@ -186,7 +215,9 @@ class RecordingDriver:
 
     def capture(self, launches):
         self.captures += 1
+        before = len(self.launches)
         launches()
+        self.graphs[f"graph {self.captures}"] = self.launches[before:]
         return f"graph {self.captures}"
 
 
@@ -610,7 +641,9 @@ class EmulatedDriver(RecordingDriver):
         for item in work:
             if callable(item):
                 item()
-            elif item[0] != "event":
+            elif item[0] == "event":
+                item[1].time = self.clock
+            else:
                 self.run(*item)
 
     def synchronize(self):
@@ -657,6 +690,7 @@ class EmulatedDriver(RecordingDriver):
         assert all(b == 1 for b in tuple(block)[1:]), "the kernels' blocks are 1-D"
         values = (ctypes.c_void_p * max(len(args), 1))(*[ctypes.addressof(a) for a in args])
         assert self.lib.cpu_launch(fn.encode(), *grid, block[0], values) == 0, fn
+        self.clock += self.cost(fn, grid)
 
     def capture(self, launches):
         self.captures += 1

@@ -293,6 +293,41 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     assert model_type != "random" or cuda.cublas.calls  # (the 70-row prompt, the 40-row chunk is below 64)
 
 
+def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_path):
+    """tune_decode_gemv runs the real kernels (here emulated, its clock a cost per launch that
+    makes q/k/v cheapest on CUDA cores and the rest on the persistent tensor-core grid, the int4
+    head included): a prompt and decode steps afterwards give the logits, bit for bit, of a
+    backend never timed that runs the same choices (the timed graphs wrote nothing a step reads:
+    the cache, the position), within fp16 rounding of the reference."""
+    from awq_edge.build import build_engine
+    from awq_edge.cuda_backend import CudaBackend
+    from awq_edge.model import resolve_source
+    from awq_edge.reference_backend import ReferenceBackend
+    from native_helpers import read_native_engine
+    from test_export_helpers import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path, "llama", resolve_source("smollm2"), num_hidden_layers=2, hidden_size=128,
+                           intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    build_engine(str(ckpt), "h200", tmp_path / "engine", backend="cuda", progress=False, lm_head_bits=4)
+    manifest, info = read_native_engine(tmp_path / "engine")
+    timed = EmulatedDriver(emulated)
+    timed.costs = {"awq_gemv_norm_rope": 1e-11}
+    tuned = CudaBackend(tmp_path / "engine", manifest, info, 32, driver=timed, tune=True)
+    assert set(tuned.gemv_tuning["gemv"].values()) == {"cuda_cores", "tensor_cores_persistent"}
+    assert tuned.tuned_gemv["lm_head.q4 logits"] == "tensor_cores_persistent"  # (auto's default: CUDA cores)
+    assert timed.released == timed.captures > 0 and not timed.pending
+    plain = CudaBackend(tmp_path / "engine", manifest, info, 32, driver=EmulatedDriver(emulated))
+    plain.tuned_gemv = dict(tuned.tuned_gemv)
+    reference = ReferenceBackend(tmp_path / "engine", 32, info)
+    ids = np.random.default_rng(2).integers(0, 256, 12).tolist()
+    for step in ([ids[:9]] + [[i] for i in ids[9:]]):
+        got, same, want = (np.asarray(b.forward(step)) for b in (tuned, plain, reference))
+        assert np.array_equal(got, same)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2 and got.argmax() == want.argmax()
+    launched = {work[0] for work in tuned._graphs[1]}  # (the decode step's graph)
+    assert {"awq_gemv_norm_rope_g32_w4", "awq_gemv_tc_residual_g32", "awq_gemv_tc_logits_g32"} <= launched
+
+
 def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(emulated, tmp_path):
     """The Engine over the cuda backend on emulated kernels (a stream that runs only when the host
     waits, as on the GPU): with decode run ahead (the step feeding a token queued before the host

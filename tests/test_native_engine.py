@@ -202,6 +202,57 @@ def test_auto_runs_the_normed_linears_of_a_wide_model_on_persistent_tensor_cores
 
 
 @needs_nvcc
+def test_the_decode_gemvs_timed_at_load_choose_per_role_and_the_whole_step_has_the_last_word(tmp_path):
+    """tune_decode_gemv on a recording driver whose clock is a cost per launch: each role of
+    decode's GEMVs gets the one timed fastest (here q/k/v on CUDA cores, o_proj and down on the
+    persistent tensor-core grid, against auto's defaults), the decode graph launches those, and
+    every graph timed is freed. When those choices make the step slower as a whole (a
+    tensor-core o_proj slowing the gate/up after it), auto keeps its defaults."""
+    from awq_edge.devices import resolve
+    from awq_edge.synthetic import SHAPES, write_random_engine
+
+    shape = dict(SHAPES["llama3.2-1b"], num_hidden_layers=2, vocab_size=512)
+    write_random_engine(tmp_path / "e", shape, resolve("h200"), max_context=64)
+    manifest, info = read_native_engine(tmp_path / "e")
+    cheap_qkv = {"awq_gemv_norm_rope": 1e-11}
+
+    def decode_kernels(costs: dict, slowed_after=("", ""), slowed=0.0) -> tuple:
+        driver = RecordingDriver()
+        driver.costs, driver.slowed_after, driver.slowed = costs, slowed_after, slowed
+        backend = CudaBackend(tmp_path / "e", manifest, info, 64, driver=driver, tune=True)
+        assert driver.released == driver.captures  # every timed graph freed (none kept)
+        backend.forward([1, 2, 3])
+        before = len(driver.launches)
+        backend.forward([4])
+        return backend, {name: grid for name, grid, *_ in driver.launches[before:]}
+
+    backend, grids = decode_kernels(cheap_qkv)
+    tuning, sm_blocks = backend.gemv_tuning, cuda_backend.GEMV_TC_BLOCKS_PER_SM * backend.sm_count
+    assert tuning["gemv"] == {"self_attn.qkv_proj norm_rope": "cuda_cores",
+                              "self_attn.o_proj residual": "tensor_cores_persistent",
+                              "mlp.gate_up_proj norm_act": "tensor_cores_persistent",  # (auto's default)
+                              "mlp.down_proj residual": "tensor_cores_persistent"}, tuning
+    assert tuning["step_us"]["tuned"] < tuning["step_us"]["default"]
+    assert set(tuning["us"]["self_attn.o_proj residual"]) == set(cuda_backend.GEMV_KINDS)
+    assert {"awq_gemv_norm_rope_g128_w4", "awq_gemv_tc_residual_g128", "awq_gemv_tc_norm_act_g128"} <= set(grids)
+    assert not {"awq_gemv_tc_norm_rope_g128", "awq_gemv_residual_g128_w4"} & set(grids)
+    assert grids["awq_gemv_tc_residual_g128"] == (sm_blocks,)  # (o_proj and down: both on the persistent grid)
+    assert "as timed on this GPU (qkv_proj on CUDA cores; o_proj on tensor cores (persistent grid)" in \
+        backend.decode_path
+
+    backend, grids = decode_kernels(cheap_qkv, ("awq_gemv_tc_residual", "awq_gemv_tc_norm_act"), 1.0)
+    tuning = backend.gemv_tuning
+    assert tuning["step_us"]["tuned"] > tuning["step_us"]["default"]
+    assert tuning["gemv"] == {"self_attn.qkv_proj norm_rope": "tensor_cores_persistent",
+                              "self_attn.o_proj residual": "cuda_cores",
+                              "mlp.gate_up_proj norm_act": "tensor_cores_persistent",
+                              "mlp.down_proj residual": "cuda_cores"}, tuning
+    assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_residual_g128_w4"} <= set(grids)
+    # a backend the caller gives a driver is not timed unless asked (tests, benchmarks)
+    assert CudaBackend(tmp_path / "e", manifest, info, 64, driver=RecordingDriver()).gemv_tuning is None
+
+
+@needs_nvcc
 def test_prefill_chunks_and_decode_steps_replay_graphs_captured_once(smollm2_cuda_engine):
     """A 600-token prompt is chunks of 256, 256 and 88: the full chunk's graph is captured (its
     launches recorded once) and replayed, the short one padded to 96 rows and that size's graph
