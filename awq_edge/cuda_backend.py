@@ -42,6 +42,7 @@ in CI with the kernels' own source on a CPU emulation (tests/test_kernels_on_cpu
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -605,7 +606,9 @@ class CudaBackend:
         around it). The timed graphs write the activations, the logits and the cache at the
         position (which the next step overwrites): call it before a prompt or between replies.
         Returns what it measured, kept in gemv_tuning: "us" (role -> kind -> microseconds),
-        "step_us" (default and tuned, when they differ), "gemv" (role -> the kind it runs now)."""
+        "step_us" (default and tuned, when they differ), "gemv" (role -> the kind it runs now),
+        "seconds" (the host's wall time for all of it: what it adds to loading the engine)."""
+        started = time.perf_counter()
         self.drv.synchronize()  # (a memset does not wait for the stream)
         for name, nbytes in self.buf_bytes.items():  # a role's graph reads its input unwritten
             self.drv.zero(self.buf[name], nbytes)
@@ -638,6 +641,7 @@ class CudaBackend:
             self.decode_gemv = saved
             self.drv.synchronize()
             self._drop_graphs([1])
+        report["seconds"] = round(time.perf_counter() - started, 4)
         self.gemv_tuning = report
         return report
 

@@ -105,7 +105,7 @@ def worker_ours(engine_dir: str, runs: int) -> dict:
     engine.backend.run_ahead = True
     stats = by_gemv[default]
     return {"decode_tok_s": median([s.decode_tok_s for s in stats]), "ttft_s": median([s.ttft_s for s in stats]),
-            "decode_gemv": default,
+            "decode_gemv": default, "gemv_tuning": engine.backend.gemv_tuning,
             **{f"decode_tok_s_{gemv}": median([s.decode_tok_s for s in runs_]) for gemv, runs_ in by_gemv.items()},
             "decode_tok_s_step_by_step": median([s.decode_tok_s for s in step_by_step]),
             "weight_bytes_per_token": weight_bytes_read(engine.export), "load_s": load_s,

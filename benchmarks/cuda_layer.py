@@ -223,13 +223,16 @@ def main() -> int:
     row = {"gpu": gpu.name, "arch": gpu.arch, "shape": args.shape, "context": args.context, "cache": cache,
            "layers": layers,
            **results["fused"], "bytes_per_layer": nbytes, "roofline_us": roofline * 1e6, "copy_gbs": ceiling,
-           "variants": results,
+           "variants": results, "gemv_tuning": backend.gemv_tuning,
            "breakdown": ops, "breakdown_sum_us": {gemv: sum(r["us_per_layer"] for r in rows) for gemv, rows in ops.items()},
            "date": dt.datetime.now().isoformat(timespec="seconds"),
            "timing": f"{repeats} passes over the {layers} layers in one graph, host clock, median of {REPLAYS}"}
     print(f"{args.shape} layer at context {args.context} (cache {cache}): {row['us_per_layer']:.1f} us, "
           f"{row['launches_per_layer']:.0f} launches, {nbytes / 1e6:.1f} MB -> roofline {row['roofline_us']:.1f} us "
           f"at {ceiling:.0f} GB/s copy: {100 * row['roofline_fraction']:.0f}% of roofline")
+    if backend.gemv_tuning:  # (None with AWQ_EDGE_TUNE=0)
+        print(f"  fused's GEMVs (auto, timed at load in {backend.gemv_tuning['seconds']:.2f} s): "
+              + ", ".join(f"{role} {kind}" for role, kind in backend.gemv_tuning["gemv"].items()))
     for name, r in results.items():
         print(f"  {name:>32}: {r['us_per_layer']:6.1f} us, {r['launches_per_layer']:.0f} launches, "
               f"{100 * r['roofline_fraction']:.0f}% of roofline")

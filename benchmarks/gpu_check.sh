@@ -113,6 +113,12 @@ for name in ("cuda_layer.json", "cuda_layer-smollm2.json", "cuda_layer-1b.json",
                   f"{variant}: {r['us_per_layer']:.1f} us, "
                   f"{r['launches_per_layer']:.0f} launches, "
                   f"{100 * r['roofline_fraction']:.0f}% of roofline")
+        tuning = layer.get("gemv_tuning") or {}
+        if tuning:
+            print(f"  auto's GEMVs, timed at load ({tuning['seconds']:.2f} s): "
+                  + "; ".join(f"{role} {kind}" + (f" ({', '.join(f'{k} {v:.1f}' for k, v in tuning['us'][role].items())} us)"
+                                                   if role in tuning["us"] else "")
+                              for role, kind in tuning["gemv"].items()) + (f"; step {tuning['step_us']}" if tuning.get("step_us") else ""))
         for gemv, rows in layer.get("breakdown", {}).items():
             print(f"  GEMV on {gemv}: " + ", ".join(f"{r['op'].removeprefix('linear ')} {r['us_per_layer']:.1f} us "
                                                     f"({r['pct_of_copy']:.0f}%)" for r in rows))
@@ -140,6 +146,10 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
         step_by_step = kinds.pop("step_by_step", None)
         if kinds:
             print("  GEMV " + ", ".join(f"{kind} {v:.0f} tok/s" for kind, v in kinds.items()))
+        tuning = r.get("gemv_tuning") or {}
+        if tuning:
+            print(f"  auto timed at load in {tuning['seconds']:.2f} s: " + ", ".join(
+                f"{role.split()[0]} {kind}" for role, kind in tuning["gemv"].items()))
         if step_by_step:
             print(f"  run ahead {r['decode_tok_s']:.0f} tok/s, one step at a time {step_by_step:.0f} "
                   f"({r['decode_tok_s'] / step_by_step:.2f}x)")

@@ -154,6 +154,29 @@ def test_a_1b_random_engine_matches_the_reference(gemv, tmp_path):
     check_against_reference(tmp_path / "engine", SHAPES["llama3.2-1b"]["vocab_size"], gemv=gemv)
 
 
+def test_the_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(tmp_path):
+    """Loading times every GEMV kind each role of decode takes on this GPU (tune_decode_gemv: the
+    default for a backend on our own driver), and a backend so timed gives, bit for bit, the
+    logits of one never timed that runs the same choices: the timed graphs wrote nothing a step
+    reads (prefill on our kernels on both)."""
+    from awq_edge.cuda_backend import GEMV_KINDS
+
+    shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 4}
+    write_random_engine(tmp_path / "engine", shape, this_device(), lm_head="int4")
+    manifest, info = read_native_engine(tmp_path / "engine")
+    tuned = CudaBackend(tmp_path / "engine", manifest, info, CONTEXT, cublas=False)
+    tuning = tuned.gemv_tuning
+    print(f"timed in {tuning['seconds']:.3f} s: {tuning}")
+    assert set(tuning["gemv"]) == set(tuned.gemv_roles()) == set(tuning["us"])  # (576-wide: every kind fits)
+    assert all(set(us) == set(GEMV_KINDS) and min(us.values()) > 0 for us in tuning["us"].values())
+    plain = CudaBackend(tmp_path / "engine", manifest, info, CONTEXT, cublas=False, tune=False)
+    assert plain.gemv_tuning is None
+    plain.tuned_gemv = dict(tuned.tuned_gemv)
+    ids = np.random.default_rng(4).integers(0, 256, 24).tolist()
+    for step in [ids[:17]] + [[i] for i in ids[17:]]:
+        assert np.array_equal(np.asarray(tuned.forward(step)), np.asarray(plain.forward(step)))
+
+
 def cubin_kernel(drv, module: str, name: str):
     """Kernel `name` of plugins/kernels/<module>.cu, built for this GPU, through the driver API."""
     return drv.function(drv.load_module(plugins.build_cubins(GPUS[0].arch)[module].read_bytes()), name)
