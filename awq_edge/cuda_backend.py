@@ -244,7 +244,11 @@ class CudaBackend:
             self.gemv_tuning = None                    # what tune_decode_gemv measured
             self.slab_bytes = DEQUANT_SLAB_BYTES       # (and tries slabs that fit the L2)
             self._graphs = {}  # rows -> the instantiated CUDA graph of a step of that many rows
-            if tune if tune is not None else driver is None and os.environ.get("AWQ_EDGE_TUNE", "1") != "0":
+            self.tune = tune if tune is not None else driver is None and os.environ.get("AWQ_EDGE_TUNE", "1") != "0"
+            self.time_prefill = self.tune              # (off once set_prefill_path chooses)
+            self.prefill_timed: dict[int, str] = {}    # padded rows -> "cublas" or "ours" (faster_prefill_graph)
+            self.prefill_tuning: dict[int, dict] = {}  # padded rows -> each path's milliseconds
+            if self.tune:
                 self.tune_decode_gemv()
         except CudaError as e:
             raise UserError(f"the GPU refused the engine: {e}") from None
@@ -362,6 +366,10 @@ class CudaBackend:
         """What a prefill chunk's linears run, and why (awq-edge bench prints it)."""
         if self.cublas is None:
             return f"awq-edge GEMV/GEMM ({self.no_cublas})"
+        if self.time_prefill:
+            timed = ", ".join(f"{rows} rows {path}" for rows, path in sorted(self.prefill_timed.items()))
+            return (f"dequantize + cuBLAS or awq-edge GEMM per chunk size from {GEMV_CHUNKED_MAX_ROWS + 1} rows, "
+                    f"the faster on this GPU ({timed or 'none timed yet'}), awq-edge GEMV below")
         return f"dequantize + cuBLAS from {self.cublas_from_rows} rows a chunk, awq-edge GEMV/GEMM below"
 
     # ------------------------------------------------------------ the engine's interface
@@ -399,8 +407,41 @@ class CudaBackend:
         """One CUDA graph replay, captured the first time: a decode step's ~5 launches a layer
         (rows 1), or a prefill chunk's ~11 but its tail, for a chunk padded to `rows`."""
         if rows not in self._graphs:
-            self._graphs[rows] = self.drv.capture(lambda: self._step(1) if rows == 1 else self._body(rows))
+            if rows > GEMV_CHUNKED_MAX_ROWS and self.time_prefill and self.cublas is not None:
+                self._graphs[rows] = self.faster_prefill_graph(rows)
+            else:
+                self._graphs[rows] = self.drv.capture(lambda: self._step(1) if rows == 1 else self._body(rows))
         self.drv.replay(self._graphs[rows])
+
+    def faster_prefill_graph(self, rows: int):
+        """The graph of a prefill chunk padded to `rows` (its ids on the stream already) on the
+        faster of the two paths for its linears on this GPU, dequantize + cuBLAS or our GEMM
+        (prefill_timed, prefill_tuning): each captured and timed (a warm-up and a replay each,
+        in turn). Replaying a chunk's body again changes nothing: its embed rewrites h, its
+        rows' K/V are written before any query reads them, and only the tail advances the
+        position; the caller's replay of the one kept is what stays."""
+        graphs = {}
+        try:
+            for path in ("cublas", "ours"):
+                self.prefill_timed[rows] = path
+                graphs[path] = self.drv.capture(lambda: self._body(rows))
+            times = self._time_graphs(graphs, replays=1)
+        except BaseException:
+            self.prefill_timed.pop(rows, None)
+            for graph in graphs.values():
+                self.drv.release(graph)
+            raise
+        kept = min(times, key=times.get)
+        self.prefill_timed[rows] = kept
+        self.prefill_tuning[rows] = {path: round(t * 1e3, 3) for path, t in times.items()}
+        self.drv.release(graphs.pop("ours" if kept == "cublas" else "cublas"))
+        return graphs[kept]
+
+    def uses_cublas(self, rows: int) -> bool:
+        """Whether a prefill chunk of `rows` (padded) runs its linears through dequantize + cuBLAS."""
+        if self.cublas is None:
+            return False
+        return self.prefill_timed[rows] == "cublas" if rows in self.prefill_timed else rows >= self.cublas_from_rows
 
     def _body(self, rows: int) -> None:
         """A step's launches up to its tail."""
@@ -413,12 +454,13 @@ class CudaBackend:
 
     def set_prefill_path(self, cublas, cublas_from_rows: int, slab_bytes: int = DEQUANT_SLAB_BYTES) -> None:
         """What prefill's linears run (a Cublas or None, from how many rows, slabs of at most
-        slab_bytes: the buffer's size or less); the captured prefill graphs, which hold the old
-        choice, are dropped."""
+        slab_bytes: the buffer's size or less), chosen here rather than timed per chunk size;
+        the captured prefill graphs, which hold the old choice, are dropped."""
         if not 0 < slab_bytes <= DEQUANT_SLAB_BYTES:
             raise ValueError(f"slab_bytes {slab_bytes} is not in 1..{DEQUANT_SLAB_BYTES}")
         self.cublas, self.cublas_from_rows, self.slab_bytes = cublas, int(cublas_from_rows), int(slab_bytes)
         self.no_cublas = None if cublas is not None else "cuBLAS not asked for"
+        self.time_prefill, self.prefill_timed = False, {}
         self._drop_graphs([rows for rows in self._graphs if rows > 1])
 
     def _drop_graphs(self, sizes) -> None:
@@ -621,14 +663,14 @@ class CudaBackend:
                                                                                  self.fits_tensor_cores(a))]
                 if len(kinds) == 1:
                     continue
-                times = self._time_graphs({kind: self._launches({role: kind}, ops) for kind in kinds})
+                times = self._time_launches({kind: self._launches({role: kind}, ops) for kind in kinds})
                 report["us"][role] = {kind: round(t * 1e6, 2) for kind, t in times.items()}
                 best = min(times, key=times.get)
                 if times[best] < (1 - TUNE_MARGIN) * times[default]:
                     chosen[role] = best
             if chosen:
                 body = self.ops[:step_tail(self.ops)]
-                step = self._time_graphs({"default": self._launches({}, body), "tuned": self._launches(chosen, body)})
+                step = self._time_launches({"default": self._launches({}, body), "tuned": self._launches(chosen, body)})
                 report["step_us"] = {name: round(t * 1e6, 2) for name, t in step.items()}
                 if step["tuned"] > step["default"]:
                     chosen = {}
@@ -655,24 +697,31 @@ class CudaBackend:
                 self.tuned_gemv = saved
         return launches
 
-    def _time_graphs(self, variants: dict) -> dict[str, float]:
-        """Seconds of GPU time a replay of each variant's graph takes (name -> its launches): a
-        warm-up, then TUNE_REPLAYS replays each in turn, the median."""
-        graphs = {name: self.drv.capture(launches) for name, launches in variants.items()}
-        start, end = self.timer
-        times = {name: [] for name in graphs}
+    def _time_launches(self, variants: dict) -> dict[str, float]:
+        """_time_graphs of each variant's launches (name -> a function making them), captured here
+        and freed after."""
+        graphs = {}
         try:
-            for replay in range(TUNE_REPLAYS + 1):
-                for name, graph in graphs.items():
-                    self.drv.record(start)
-                    self.drv.replay(graph)
-                    self.drv.record(end)
-                    self.drv.wait(end)
-                    if replay:
-                        times[name].append(self.drv.elapsed(start, end))
+            for name, launches in variants.items():
+                graphs[name] = self.drv.capture(launches)
+            return self._time_graphs(graphs)
         finally:
             for graph in graphs.values():
                 self.drv.release(graph)
+
+    def _time_graphs(self, graphs: dict, replays: int = TUNE_REPLAYS) -> dict[str, float]:
+        """Seconds of GPU time a replay of each graph takes (name -> graph), by CUDA events: a
+        warm-up, then `replays` replays each in turn, the median."""
+        start, end = self.timer
+        times = {name: [] for name in graphs}
+        for replay in range(replays + 1):
+            for name, graph in graphs.items():
+                self.drv.record(start)
+                self.drv.replay(graph)
+                self.drv.record(end)
+                self.drv.wait(end)
+                if replay:
+                    times[name].append(self.drv.elapsed(start, end))
         return {name: float(np.median(t)) for name, t in times.items()}
 
     def matmul(self, x: int, name: str, n: int, k: int, y: int, rows: int) -> None:
@@ -683,7 +732,7 @@ class CudaBackend:
         w, g = self.weights, self.spec.group_size
         weights = [w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"]]
         wide = k % 32 == 0  # rows of 16-byte aligned words: 128-bit weight loads
-        if self.cublas is not None and rows >= self.cublas_from_rows:
+        if self.uses_cublas(rows):
             try:
                 self.dequantized_matmul(x, name, n, k, y, rows)
                 return

@@ -328,6 +328,44 @@ def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_pat
     assert {"awq_gemv_norm_rope_g32_w4", "awq_gemv_tc_residual_g32", "awq_gemv_tc_logits_g32"} <= launched
 
 
+@pytest.mark.parametrize("faster", ["cublas", "ours"])
+def test_a_prefill_chunk_timed_on_both_paths_keeps_the_faster_and_what_it_computes(emulated, faster, tmp_path):
+    """A chunk size's first use on a timed backend with cuBLAS (here a stand-in computing on the
+    host, RecordingCublas, and a clock that makes our GEMM or the dequantize kernel the slow
+    one): both paths' graphs are captured and replayed, the faster kept for that size, the other
+    freed; the prompt's logits and the decode step after are bit for bit those of an untimed
+    backend set to that path, within fp16 rounding of the reference."""
+    from awq_edge.cuda_backend import CudaBackend
+    from awq_edge.devices import resolve
+    from awq_edge.reference_backend import ReferenceBackend
+    from awq_edge.synthetic import SHAPES
+    from awq_edge.synthetic import write_random_engine
+    from native_helpers import RecordingCublas, read_native_engine
+
+    shape = {**SHAPES["smollm2-135m"], "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+             "num_key_value_heads": 1, "head_dim": 64, "num_hidden_layers": 1, "vocab_size": 512}
+    write_random_engine(tmp_path / "engine", shape, resolve("h200"), group_size=128)
+    manifest, info = read_native_engine(tmp_path / "engine")
+    timed = EmulatedDriver(emulated)
+    timed.costs = {"awq_gemm" if faster == "cublas" else "awq_dequantize": 1e-3}
+    tuned = CudaBackend(tmp_path / "engine", manifest, info, 128, driver=timed, cublas=RecordingCublas(timed),
+                        tune=True)
+    plain_driver = EmulatedDriver(emulated)
+    plain = CudaBackend(tmp_path / "engine", manifest, info, 128, driver=plain_driver)
+    plain.set_prefill_path(RecordingCublas(plain_driver), 96 if faster == "cublas" else 256)
+    plain.tuned_gemv = dict(tuned.tuned_gemv)
+    reference = ReferenceBackend(tmp_path / "engine", 128, info)
+    ids = np.random.default_rng(6).integers(0, 256, 72).tolist()
+    captures = timed.captures
+    for step in (ids[:70], ids[70:71], ids[71:]):  # 70 rows: padded to 96, timed both ways
+        got, same, want = (np.asarray(b.forward(step)) for b in (tuned, plain, reference))
+        assert np.array_equal(got, same)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2 and got.argmax() == want.argmax()
+    assert tuned.prefill_timed == {96: faster} and set(tuned.prefill_tuning[96]) == {"cublas", "ours"}
+    assert timed.captures - captures == 3 and len(tuned._graphs) == 2  # both paths, decode; one path kept
+    assert f"96 rows {faster}" in tuned.prefill_path
+
+
 def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(emulated, tmp_path):
     """The Engine over the cuda backend on emulated kernels (a stream that runs only when the host
     waits, as on the GPU): with decode run ahead (the step feeding a token queued before the host
