@@ -18,7 +18,9 @@ poison the others, and each starts with the GPU's memory free):
     copy         a 2 GiB device-to-device copy: the bandwidth ceiling, (read + write) / time
 
 For awq-edge, decode runs on each one-row GEMV choice (cuda_backend.DECODE_GEMVS, set_decode_gemv):
-keys decode_gemv (the default) and decode_tok_s_{choice} for each choice; and once more on the
+keys decode_gemv (the default, "auto": per linear the GEMV timed fastest at load, gemv_tuning;
+the prompt's chunk size timed on both prefill paths at first use, prefill_tuning, in ms) and
+decode_tok_s_{choice} for each choice; and once more on the
 default without running ahead (each token read back before the step that feeds it is queued):
 decode_tok_s_step_by_step.
 decode_tok_s = (new tokens - 1) / time after the first token; ttft_s = prompt in -> first token
@@ -109,7 +111,9 @@ def worker_ours(engine_dir: str, runs: int) -> dict:
             **{f"decode_tok_s_{gemv}": median([s.decode_tok_s for s in runs_]) for gemv, runs_ in by_gemv.items()},
             "decode_tok_s_step_by_step": median([s.decode_tok_s for s in step_by_step]),
             "weight_bytes_per_token": weight_bytes_read(engine.export), "load_s": load_s,
-            "prefill_path": engine.backend.prefill_path, **prefill_times(engine.backend, runs)}
+            "prefill_path": engine.backend.prefill_path,  # (what the timing at first use chose, before:)
+            "prefill_tuning": {str(rows): ms for rows, ms in engine.backend.prefill_tuning.items()},
+            **prefill_times(engine.backend, runs)}
 
 
 def prefill_times(backend, runs: int) -> dict:

@@ -78,6 +78,8 @@ def check_against_reference(engine: Path, vocab: int, seed: int = 0, fused: bool
     The first prefill chunk is PREFILL_CHUNK rows: through cuBLAS when found (cublas=False: not).
     gemv: the decode GEMV ("cuda_cores", "tensor_cores"; None: the backend's default)."""
     cuda, reference = backends(engine, cublas=cublas)
+    if cuda.cublas is not None:  # (not the faster path timed on first use: this one, test_what_is_timed_... that)
+        cuda.set_prefill_path(cuda.cublas, PREFILL_CHUNK)
     cuda.ops = decode_ops(cuda.spec, fused=fused)
     if gemv:
         cuda.set_decode_gemv(gemv)
@@ -154,27 +156,33 @@ def test_a_1b_random_engine_matches_the_reference(gemv, tmp_path):
     check_against_reference(tmp_path / "engine", SHAPES["llama3.2-1b"]["vocab_size"], gemv=gemv)
 
 
-def test_the_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(tmp_path):
+def test_what_is_timed_on_this_gpu_leaves_nothing_a_step_reads(tmp_path):
     """Loading times every GEMV kind each role of decode takes on this GPU (tune_decode_gemv: the
-    default for a backend on our own driver), and a backend so timed gives, bit for bit, the
-    logits of one never timed that runs the same choices: the timed graphs wrote nothing a step
-    reads (prefill on our kernels on both)."""
+    default for a backend on our own driver), and a 70-row prompt (padded to 96) times both
+    prefill paths where cuBLAS is found; a backend so timed gives, bit for bit, the logits of one
+    never timed that runs the same choices: the timed graphs wrote nothing a step reads."""
     from awq_edge.cuda_backend import GEMV_KINDS
 
     shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 4}
     write_random_engine(tmp_path / "engine", shape, this_device(), lm_head="int4")
     manifest, info = read_native_engine(tmp_path / "engine")
-    tuned = CudaBackend(tmp_path / "engine", manifest, info, CONTEXT, cublas=False)
+    tuned = CudaBackend(tmp_path / "engine", manifest, info, CONTEXT)
     tuning = tuned.gemv_tuning
     print(f"timed in {tuning['seconds']:.3f} s: {tuning}")
     assert set(tuning["gemv"]) == set(tuned.gemv_roles()) == set(tuning["us"])  # (576-wide: every kind fits)
     assert all(set(us) == set(GEMV_KINDS) and min(us.values()) > 0 for us in tuning["us"].values())
-    plain = CudaBackend(tmp_path / "engine", manifest, info, CONTEXT, cublas=False, tune=False)
+    plain = CudaBackend(tmp_path / "engine", manifest, info, CONTEXT, tune=False)
     assert plain.gemv_tuning is None
     plain.tuned_gemv = dict(tuned.tuned_gemv)
-    ids = np.random.default_rng(4).integers(0, 256, 24).tolist()
-    for step in [ids[:17]] + [[i] for i in ids[17:]]:
-        assert np.array_equal(np.asarray(tuned.forward(step)), np.asarray(plain.forward(step)))
+    ids = np.random.default_rng(4).integers(0, 256, 76).tolist()
+    got = np.asarray(tuned.forward(ids[:70]))
+    if tuned.cublas is not None:
+        print(f"prefill: {tuned.prefill_path}; {tuned.prefill_tuning}")
+        assert set(tuned.prefill_timed) == {96} and min(tuned.prefill_tuning[96].values()) > 0
+        plain.set_prefill_path(plain.cublas, 96 if tuned.prefill_timed[96] == "cublas" else 256)
+    assert np.array_equal(got, np.asarray(plain.forward(ids[:70])))
+    for i in ids[70:]:
+        assert np.array_equal(np.asarray(tuned.forward([i])), np.asarray(plain.forward([i])))
 
 
 def cubin_kernel(drv, module: str, name: str):
