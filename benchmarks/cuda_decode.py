@@ -125,7 +125,7 @@ def prefill_times(backend, runs: int) -> dict:
     median of runs: where the backend's switch and slab size belong."""
     from awq_edge.cuda_backend import DEQUANT_SLAB_BYTES
 
-    blas, switch = backend.cublas, backend.cublas_from_rows
+    blas, switch, timing = backend.cublas, backend.cublas_from_rows, backend.time_prefill
     paths = {"ours": (None, DEQUANT_SLAB_BYTES)}
     if blas is not None:
         paths["cublas"] = (blas, DEQUANT_SLAB_BYTES)
@@ -144,6 +144,7 @@ def prefill_times(backend, runs: int) -> dict:
                     if run:
                         times[rows, path].append(time.perf_counter() - t0)
     backend.set_prefill_path(blas, switch, DEQUANT_SLAB_BYTES)
+    backend.time_prefill = timing  # (each chunk size timed again at its next first use)
     return {f"prefill_{rows}_{path}_ms": median(seconds) * 1e3 for (rows, path), seconds in times.items()}
 
 

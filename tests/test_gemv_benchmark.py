@@ -124,7 +124,7 @@ def test_cuda_decode_prefill_times_on_a_recording_driver_cover_both_paths_and_pu
                         resolve("orin-nano-8gb"), max_context=300)
     manifest, info = read_native_engine(tmp_path / "e")
     blas = RecordingCublas()
-    backend = CudaBackend(tmp_path / "e", manifest, info, 300, driver=RecordingDriver(), cublas=blas)
+    backend = CudaBackend(tmp_path / "e", manifest, info, 300, driver=RecordingDriver(), cublas=blas, tune=True)
     times = bench.prefill_times(backend, 2)
     paths = ("ours", "cublas", "cublas_l2")  # (the recording driver's L2 is an Orin's 4 MiB: 2 MiB slabs too)
     assert set(times) == {f"prefill_{n}_{path}_ms" for n in bench.PREFILL_ROWS for path in paths}
@@ -135,7 +135,7 @@ def test_cuda_decode_prefill_times_on_a_recording_driver_cover_both_paths_and_pu
     # path drops the graphs), and replayed (which a recording driver does not run)
     assert calls == {rows: 2 * slabs for rows in bench.PREFILL_ROWS}
     assert backend.slab_bytes == DEQUANT_SLAB_BYTES
-    assert backend.cublas is blas and backend.cublas_from_rows == CUBLAS_FROM_ROWS
+    assert backend.cublas is blas and backend.cublas_from_rows == CUBLAS_FROM_ROWS and backend.time_prefill
     backend.cublas = None
     assert set(bench.prefill_times(backend, 1)) == {f"prefill_{n}_ours_ms" for n in bench.PREFILL_ROWS}
 
