@@ -51,6 +51,7 @@ from .cublas import CublasUnavailable, load_cublas
 from .decoder import HEAD_TOP_K, buffer_shapes, decode_ops, head_slices, step_ids
 from .engine_dir import DecoderInfo
 from .errors import UserError
+from .gpu_tuning import read_tuning, tuning_key, write_tuning
 from .memory import PREFILL_CHUNK, format_size
 from .sampling import NO_USABLE_LOGITS, DeviceLogits, fp32_draw
 
@@ -212,13 +213,16 @@ class CudaBackend:
     vocab_size, kv_bytes; forward returns DeviceLogits."""
 
     def __init__(self, engine_dir: Path, manifest: dict, info: DecoderInfo, max_context: int, driver=None,
-                 cublas=None, tune: bool | None = None):
+                 cublas=None, tune: bool | None = None, tuning_cache: Path | bool | None = None):
         """driver: a cuda_driver.Driver; by default one on the GPU of the engine's arch (the tests
         pass one that records the launches, to check them against the cubins without a GPU).
         cublas: what runs long prefill chunks' GEMMs (cublas.Cublas's gemm_wt); by default the
         machine's cuBLAS when it has one (with a driver given: none); False: our GEMM always.
-        tune: time the decode GEMVs on this GPU now (tune_decode_gemv); by default on a GPU of
-        our own driver, unless AWQ_EDGE_TUNE=0."""
+        tune: time the decode GEMVs on this GPU now (tune_decode_gemv) and each prefill chunk size
+        on both paths at its first use; by default on a GPU of our own driver, unless
+        AWQ_EDGE_TUNE=0. tuning_cache: the folder that keeps what was timed for the next load
+        (awq_edge/gpu_tuning.py); by default the cache folder's tuning/ on our own driver, False:
+        none."""
         from .cuda_driver import CudaError, Driver
 
         engine_dir = Path(engine_dir)
@@ -248,8 +252,15 @@ class CudaBackend:
             self.time_prefill = self.tune              # (off once set_prefill_path chooses)
             self.prefill_timed: dict[int, str] = {}    # padded rows -> "cublas" or "ours" (faster_prefill_graph)
             self.prefill_tuning: dict[int, dict] = {}  # padded rows -> each path's milliseconds
-            if self.tune:
+            self.tuning_path = self._tuning_path(manifest, tuning_cache, driver) if self.tune else None
+            cached = self.tuning_path and read_tuning(self.tuning_path, self._kinds_per_role(),
+                                                      {r for r in PREFILL_GRAPH_ROWS if r > GEMV_CHUNKED_MAX_ROWS})
+            if cached:
+                self.tuned_gemv, self.prefill_timed = cached["gemv"], cached["prefill"]
+                self.gemv_tuning = {"gemv": self.auto_choices(), "cached": str(self.tuning_path)}
+            elif self.tune:
                 self.tune_decode_gemv()
+                self._keep_tuning()
         except CudaError as e:
             raise UserError(f"the GPU refused the engine: {e}") from None
 
@@ -407,8 +418,10 @@ class CudaBackend:
         """One CUDA graph replay, captured the first time: a decode step's ~5 launches a layer
         (rows 1), or a prefill chunk's ~11 but its tail, for a chunk padded to `rows`."""
         if rows not in self._graphs:
-            if rows > GEMV_CHUNKED_MAX_ROWS and self.time_prefill and self.cublas is not None:
+            if (rows > GEMV_CHUNKED_MAX_ROWS and self.time_prefill and self.cublas is not None
+                    and rows not in self.prefill_timed):
                 self._graphs[rows] = self.faster_prefill_graph(rows)
+                self._keep_tuning()
             else:
                 self._graphs[rows] = self.drv.capture(lambda: self._step(1) if rows == 1 else self._body(rows))
         self.drv.replay(self._graphs[rows])
@@ -639,6 +652,39 @@ class CudaBackend:
                 roles.setdefault(gemv_role(op.args), []).append(op)
         return roles
 
+    def auto_choices(self) -> dict[str, str]:
+        """auto's GEMV for each role now: as timed (or read from the cache), else its default."""
+        saved, self.decode_gemv = self.decode_gemv, "auto"
+        try:
+            return {role: self.gemv_kind(ops[0].args) for role, ops in self.gemv_roles().items()}
+        finally:
+            self.decode_gemv = saved
+
+    def _kinds_per_role(self) -> dict[str, set]:
+        return {role: {kind for kind in GEMV_KINDS if kind == "cuda_cores" or self.fits_tensor_cores(ops[0].args)}
+                for role, ops in self.gemv_roles().items()}
+
+    def _tuning_path(self, manifest: dict, folder, driver) -> Path | None:
+        """Where this GPU's choices for this engine's kernels and shapes are kept (gpu_tuning)."""
+        if folder is None and driver is None:
+            try:
+                from .data import cache_dir
+
+                folder = cache_dir() / "tuning"
+            except OSError:  # (no writable home: time at every load)
+                return None
+        if not folder:
+            return None
+        shapes = [[role, ops[0].args["N"], ops[0].args["K"], len(ops)] for role, ops in self.gemv_roles().items()]
+        key = tuning_key(gpu=self.drv.device_name(), arch=manifest["gpu_arch"], sms=self.sm_count,
+                         kernels=manifest.get("plugin_hash"), group_size=self.spec.group_size, gemvs=shapes,
+                         layers=self.spec.layers, heads=[self.spec.heads, self.spec.kv_heads, self.spec.head_dim])
+        return Path(folder) / f"{key}.json"
+
+    def _keep_tuning(self) -> None:
+        if self.tuning_path is not None:
+            write_tuning(self.tuning_path, self.auto_choices(), self.prefill_timed)
+
     def tune_decode_gemv(self) -> dict:
         """auto's GEMV per role, timed on this GPU. For each role, each GEMV kind its shape takes
         runs the role's ops of every layer back to back in one graph, as a step runs them (the
@@ -678,9 +724,8 @@ class CudaBackend:
             chosen = {}
             raise
         finally:
-            self.tuned_gemv = chosen
-            report["gemv"] = {role: self.gemv_kind(ops[0].args) for role, ops in roles.items()}  # (auto's)
-            self.decode_gemv = saved
+            self.decode_gemv, self.tuned_gemv = saved, chosen
+            report["gemv"] = self.auto_choices()
             self.drv.synchronize()
             self._drop_graphs([1])
         report["seconds"] = round(time.perf_counter() - started, 4)

@@ -98,6 +98,7 @@ class Driver:
         lib.cuGraphLaunch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.cuMemGetInfo_v2.argtypes = [ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
         lib.cuDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
+        lib.cuDeviceGetName.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
         lib.cuMemAllocHost_v2.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
         lib.cuEventCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
         lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
@@ -172,6 +173,11 @@ class Driver:
         self.check(self.lib.cuDeviceGetAttribute(ctypes.byref(value), CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, self.device),
                    "cuDeviceGetAttribute")
         return value.value
+
+    def device_name(self) -> str:
+        name = ctypes.create_string_buffer(256)
+        self.check(self.lib.cuDeviceGetName(name, len(name), self.device), "cuDeviceGetName")
+        return name.value.decode(errors="replace")
 
     def multiprocessor_count(self) -> int:
         value = ctypes.c_int()

@@ -168,6 +168,9 @@ class RecordingDriver:
     def multiprocessor_count(self) -> int:
         return 2  # (few: a persistent grid's blocks each take several tiles)
 
+    def device_name(self) -> str:
+        return "recording driver"
+
     def alloc(self, nbytes: int) -> int:
         address = self.next_address
         self.next_address += -(-max(int(nbytes), 1) // 256) * 256

@@ -253,6 +253,63 @@ def test_the_decode_gemvs_timed_at_load_choose_per_role_and_the_whole_step_has_t
 
 
 @needs_nvcc
+def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over(smollm2_dir, tmp_path):
+    """With a tuning cache folder, the choices timed at load go into one file for this GPU, these
+    kernels and these shapes; the next load reads them (nothing timed: no graph captured) and
+    runs the same kernels. A file that is not JSON, too big, of another format, or naming a
+    role or kind this engine has not (a tensor-core GEMV for the ragged model's RoPE linear) is
+    ignored: timed again and written over. Another shape gets another file."""
+    from awq_edge import gpu_tuning
+    from awq_edge.devices import resolve
+    from awq_edge.synthetic import SHAPES, write_random_engine
+
+    shape = dict(SHAPES["llama3.2-1b"], num_hidden_layers=2, vocab_size=512)
+    write_random_engine(tmp_path / "e", shape, resolve("h200"), max_context=64)
+    manifest, info = read_native_engine(tmp_path / "e")
+    folder = tmp_path / "tuning"
+
+    def load(engine=tmp_path / "e", info=info, manifest=manifest):
+        driver = RecordingDriver()
+        driver.costs = {"awq_gemv_norm_rope": 1e-11}  # (q/k/v cheapest on CUDA cores)
+        backend = CudaBackend(engine, manifest, info, 64, driver=driver, tune=True, tuning_cache=folder)
+        return backend, driver
+
+    timed, driver = load()
+    assert driver.captures > 0 and "us" in timed.gemv_tuning
+    [kept] = folder.iterdir()
+    assert json.loads(kept.read_text())["gemv"] == timed.gemv_tuning["gemv"] == timed.auto_choices()
+    again, driver = load()
+    assert driver.captures == 0 and again.gemv_tuning == {"gemv": timed.auto_choices(), "cached": str(kept)}
+    assert again.auto_choices()["self_attn.qkv_proj norm_rope"] == "cuda_cores"
+    good = kept.read_text()
+    bad_kind = json.loads(good)
+    bad_kind["gemv"]["self_attn.o_proj residual"] = "tensor_cores_everywhere"
+    bad_role = json.loads(good)
+    bad_role["gemv"]["model.layers.0.mlp.up_proj residual"] = "cuda_cores"
+    bad_size = json.loads(good)
+    bad_size["prefill"] = {"100": "cublas"}
+    for bad in ("not json", json.dumps(bad_kind), json.dumps(bad_role), json.dumps(bad_size),
+                json.dumps({**json.loads(good), "format": 0}), good + " " * gpu_tuning.MAX_BYTES):
+        kept.write_text(bad)
+        retimed, driver = load()
+        assert driver.captures > 0 and "us" in retimed.gemv_tuning, bad[:40]
+        assert kept.read_text() == good
+    # the ragged model's q/k/v (K = 136) runs on CUDA cores only: a file saying otherwise is not read
+    ckpt = tiny_checkpoint(tmp_path / "ragged", "llama", smollm2_dir,
+                           **{**NATIVE_TINY, "hidden_size": 136, "intermediate_size": 200})
+    build_engine(str(ckpt), "h200", tmp_path / "ragged" / "engine", backend="cuda", progress=False)
+    r_manifest, r_info = read_native_engine(tmp_path / "ragged" / "engine")
+    ragged, driver = load(tmp_path / "ragged" / "engine", r_info, r_manifest)
+    ragged_file = ragged.tuning_path
+    qkv = "self_attn.qkv_proj norm_rope"
+    assert ragged_file != kept and ragged.auto_choices()[qkv] == "cuda_cores"
+    wrong = json.loads(ragged_file.read_text())
+    wrong["gemv"][qkv] = "tensor_cores"
+    ragged_file.write_text(json.dumps(wrong))
+    assert load(tmp_path / "ragged" / "engine", r_info, r_manifest)[1].captures > 0
+
+
+@needs_nvcc
 def test_prefill_chunks_and_decode_steps_replay_graphs_captured_once(smollm2_cuda_engine):
     """A 600-token prompt is chunks of 256, 256 and 88: the full chunk's graph is captured (its
     launches recorded once) and replayed, the short one padded to 96 rows and that size's graph

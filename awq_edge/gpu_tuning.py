@@ -1,0 +1,76 @@
+"""What the cuda backend timed on a GPU, kept so that the next load runs the same kernels.
+
+The backend times its decode GEMVs per linear role when it loads, and both prefill paths for a
+chunk size when it first uses one (cuda_backend.tune_decode_gemv, faster_prefill_graph). Timing
+is noisy: two loads could choose differently where two kernels are close, and different kernels
+sum in a different order, so a greedy reply could change between runs. So the choices are kept
+in one small JSON file per GPU, kernels and model shape (tuning_key), under the cache folder's
+`tuning/`; the next load reads them instead of timing again. Delete the file (or the folder) to
+time again, e.g. after changing a Jetson's power mode.
+
+The file is read as untrusted: one that is too big, does not parse, or names a role, kind, chunk
+size or path this backend does not have is ignored (and timed over); writes go to a temporary
+file renamed into place, and a folder that cannot be written (a read-only home) only means the
+next load times again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+FORMAT = 1
+MAX_BYTES = 1 << 16
+PREFILL_PATHS = ("cublas", "ours")
+
+
+def tuning_key(**parts) -> str:
+    """A file name for what the choices depend on: the GPU, the kernels, the shapes timed."""
+    blob = json.dumps({"format": FORMAT, **parts}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def read_tuning(path: Path, roles: dict[str, set], sizes: set[int]) -> dict | None:
+    """{"gemv": {role: kind}, "prefill": {rows: path}} from the file at `path`, or None when it
+    is absent or not valid here: `roles` maps each role to the kinds it can run (every role must
+    have one), `sizes` are the chunk sizes that may be timed."""
+    try:
+        if path.stat().st_size > MAX_BYTES:
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return None
+    gemv, prefill = data.get("gemv"), data.get("prefill", {})
+    if not isinstance(gemv, dict) or set(gemv) != set(roles) or not isinstance(prefill, dict):
+        return None
+    if any(not isinstance(kind, str) or kind not in roles[role] for role, kind in gemv.items()):
+        return None
+    chosen = {}
+    for rows, way in prefill.items():
+        if not (isinstance(rows, str) and rows.isdigit() and int(rows) in sizes and way in PREFILL_PATHS):
+            return None
+        chosen[int(rows)] = way
+    return {"gemv": dict(gemv), "prefill": chosen}
+
+
+def write_tuning(path: Path, gemv: dict[str, str], prefill: dict[int, str]) -> bool:
+    """Keep the choices at `path` (whole or not at all); False when the folder cannot be written."""
+    text = json.dumps({"format": FORMAT, "gemv": gemv, "prefill": {str(r): w for r, w in sorted(prefill.items())}},
+                      indent=1) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=".tuning-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        return False
+    return True
