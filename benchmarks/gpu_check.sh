@@ -114,7 +114,7 @@ for name in ("cuda_layer.json", "cuda_layer-smollm2.json", "cuda_layer-1b.json",
                   f"{r['launches_per_layer']:.0f} launches, "
                   f"{100 * r['roofline_fraction']:.0f}% of roofline")
         tuning = layer.get("gemv_tuning") or {}
-        if tuning:
+        if "seconds" in tuning:
             print(f"  auto's GEMVs, timed at load ({tuning['seconds']:.2f} s): "
                   + "; ".join(f"{role} {kind}" + (f" ({', '.join(f'{k} {v:.1f}' for k, v in tuning['us'][role].items())} us)"
                                                    if role in tuning["us"] else "")
@@ -148,13 +148,16 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
             print("  GEMV " + ", ".join(f"{kind} {v:.0f} tok/s" for kind, v in kinds.items()))
         tuning = r.get("gemv_tuning") or {}
         if tuning:
-            print(f"  auto timed at load in {tuning['seconds']:.2f} s: " + ", ".join(
+            how = f"timed at load in {tuning['seconds']:.2f} s" if "seconds" in tuning else "read from the cache"
+            print(f"  auto {how}: " + ", ".join(
                 f"{role.split()[0]} {kind}" for role, kind in tuning["gemv"].items()))
         if step_by_step:
             print(f"  run ahead {r['decode_tok_s']:.0f} tok/s, one step at a time {step_by_step:.0f} "
                   f"({r['decode_tok_s'] / step_by_step:.2f}x)")
         if r.get("prefill_path"):
             print(f"  prefill: {r['prefill_path']}")
+        for rows, ms in (r.get("prefill_tuning") or {}).items():
+            print(f"  {rows}-row chunk timed at first use: " + ", ".join(f"{path} {v:.2f} ms" for path, v in ms.items()))
         for n in (16, 64, 128, 256):
             ours, blas, l2 = (r.get(f"prefill_{n}_{path}_ms") for path in ("ours", "cublas", "cublas_l2"))
             if ours and blas:

@@ -166,7 +166,7 @@ def test_what_is_timed_on_this_gpu_leaves_nothing_a_step_reads(tmp_path):
     shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 4}
     write_random_engine(tmp_path / "engine", shape, this_device(), lm_head="int4")
     manifest, info = read_native_engine(tmp_path / "engine")
-    tuned = CudaBackend(tmp_path / "engine", manifest, info, CONTEXT)
+    tuned = CudaBackend(tmp_path / "engine", manifest, info, CONTEXT, tuning_cache=False)  # (timed, not read)
     tuning = tuned.gemv_tuning
     print(f"timed in {tuning['seconds']:.3f} s: {tuning}")
     assert set(tuning["gemv"]) == set(tuned.gemv_roles()) == set(tuning["us"])  # (576-wide: every kind fits)

@@ -334,7 +334,8 @@ def test_a_prefill_chunk_timed_on_both_paths_keeps_the_faster_and_what_it_comput
     host, RecordingCublas, and a clock that makes our GEMM or the dequantize kernel the slow
     one): both paths' graphs are captured and replayed, the faster kept for that size, the other
     freed; the prompt's logits and the decode step after are bit for bit those of an untimed
-    backend set to that path, within fp16 rounding of the reference."""
+    backend set to that path, within fp16 rounding of the reference. The choice is kept (a
+    tuning cache folder): the next load runs that path for that size without timing."""
     from awq_edge.cuda_backend import CudaBackend
     from awq_edge.devices import resolve
     from awq_edge.reference_backend import ReferenceBackend
@@ -349,7 +350,7 @@ def test_a_prefill_chunk_timed_on_both_paths_keeps_the_faster_and_what_it_comput
     timed = EmulatedDriver(emulated)
     timed.costs = {"awq_gemm" if faster == "cublas" else "awq_dequantize": 1e-3}
     tuned = CudaBackend(tmp_path / "engine", manifest, info, 128, driver=timed, cublas=RecordingCublas(timed),
-                        tune=True)
+                        tune=True, tuning_cache=tmp_path / "tuning")
     plain_driver = EmulatedDriver(emulated)
     plain = CudaBackend(tmp_path / "engine", manifest, info, 128, driver=plain_driver)
     plain.set_prefill_path(RecordingCublas(plain_driver), 96 if faster == "cublas" else 256)
@@ -357,13 +358,21 @@ def test_a_prefill_chunk_timed_on_both_paths_keeps_the_faster_and_what_it_comput
     reference = ReferenceBackend(tmp_path / "engine", 128, info)
     ids = np.random.default_rng(6).integers(0, 256, 72).tolist()
     captures = timed.captures
+    logits = []
     for step in (ids[:70], ids[70:71], ids[71:]):  # 70 rows: padded to 96, timed both ways
         got, same, want = (np.asarray(b.forward(step)) for b in (tuned, plain, reference))
+        logits.append(got)
         assert np.array_equal(got, same)
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2 and got.argmax() == want.argmax()
     assert tuned.prefill_timed == {96: faster} and set(tuned.prefill_tuning[96]) == {"cublas", "ours"}
     assert timed.captures - captures == 3 and len(tuned._graphs) == 2  # both paths, decode; one path kept
     assert f"96 rows {faster}" in tuned.prefill_path
+    again_driver = EmulatedDriver(emulated)
+    again = CudaBackend(tmp_path / "engine", manifest, info, 128, driver=again_driver,
+                        cublas=RecordingCublas(again_driver), tune=True, tuning_cache=tmp_path / "tuning")
+    assert again.prefill_timed == {96: faster} and again.tuned_gemv == tuned.auto_choices()
+    assert np.array_equal(np.asarray(again.forward(ids[:70])), logits[0])
+    assert again_driver.captures == 1 and again_driver.replays == 1  # that path's graph only, nothing timed
 
 
 def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(emulated, tmp_path):
