@@ -28,6 +28,12 @@ before the host reads it back, and the GPU computes the next logits while the ho
 checks stop strings and hands the text on; a reply that stops there takes that step back
 (rewind). Per token the host then waits once, for the sampler, not for the step.
 
+What is fastest depends on the GPU, so the backend times it there (on our own driver, unless
+AWQ_EDGE_TUNE=0): loading times each one-row GEMV kind per role of decode's linears and keeps the
+fastest (tune_decode_gemv), and a prefill chunk size's first use times both paths below and
+keeps the faster (faster_prefill_graph); the choices are kept for the next load
+(awq_edge/gpu_tuning.py), where nothing is timed again. Without timing, the defaults below.
+
 A prefill chunk's linears (matmul below): from CUBLAS_FROM_ROWS rows, "dequantize a slab of
 weight rows to fp16, then cuBLAS's fp16 GEMM" when the machine has cuBLAS (awq_edge/cublas.py;
 `prefill_path` says which ran and why): from an H100 run's cuBLAS and GEMM timings, an estimated
@@ -660,8 +666,9 @@ class CudaBackend:
         finally:
             self.decode_gemv = saved
 
-    def _kinds_per_role(self) -> dict[str, set]:
-        return {role: {kind for kind in GEMV_KINDS if kind == "cuda_cores" or self.fits_tensor_cores(ops[0].args)}
+    def _kinds_per_role(self) -> dict[str, list]:
+        """The GEMV kinds each role's shape takes, in GEMV_KINDS's order."""
+        return {role: [kind for kind in GEMV_KINDS if kind == "cuda_cores" or self.fits_tensor_cores(ops[0].args)]
                 for role, ops in self.gemv_roles().items()}
 
     def _tuning_path(self, manifest: dict, folder, driver) -> Path | None:
@@ -701,12 +708,11 @@ class CudaBackend:
         for name, nbytes in self.buf_bytes.items():  # a role's graph reads its input unwritten
             self.drv.zero(self.buf[name], nbytes)
         saved, self.decode_gemv, self.tuned_gemv = self.decode_gemv, "auto", {}
-        report, chosen, roles = {"us": {}}, {}, self.gemv_roles()
+        report, chosen, fitting = {"us": {}}, {}, self._kinds_per_role()
         try:
-            for role, ops in roles.items():
-                a, default = ops[0].args, self.gemv_kind(ops[0].args)
-                kinds = [default] + [k for k in GEMV_KINDS if k != default and (k == "cuda_cores" or
-                                                                                 self.fits_tensor_cores(a))]
+            for role, ops in self.gemv_roles().items():
+                default = self.gemv_kind(ops[0].args)
+                kinds = [default] + [kind for kind in fitting[role] if kind != default]
                 if len(kinds) == 1:
                     continue
                 times = self._time_launches({kind: self._launches({role: kind}, ops) for kind in kinds})
