@@ -263,7 +263,10 @@ class CudaBackend:
                                                       {r for r in PREFILL_GRAPH_ROWS if r > GEMV_CHUNKED_MAX_ROWS})
             if cached:
                 self.tuned_gemv, self.prefill_timed = cached["gemv"], cached["prefill"]
-                self.gemv_tuning = {"gemv": self.auto_choices(), "cached": str(self.tuning_path)}
+                if not cached["prefetch"]:
+                    self.prefetch_bytes = 0
+                self.gemv_tuning = {"gemv": self.auto_choices(), "prefetch": self.prefetch_bytes > 0,
+                                    "cached": str(self.tuning_path)}
             elif self.tune:
                 self.tune_decode_gemv()
                 self._keep_tuning()
@@ -690,7 +693,7 @@ class CudaBackend:
 
     def _keep_tuning(self) -> None:
         if self.tuning_path is not None:
-            write_tuning(self.tuning_path, self.auto_choices(), self.prefill_timed)
+            write_tuning(self.tuning_path, self.auto_choices(), self.prefill_timed, self.prefetch_bytes > 0)
 
     def tune_decode_gemv(self) -> dict:
         """auto's GEMV per role, timed on this GPU. For each role, each GEMV kind its shape takes
@@ -698,10 +701,13 @@ class CudaBackend:
         weights from DRAM, the launches overlapping as in a step); the fastest, if TUNE_MARGIN
         faster than auto_default, replaces it. Then the whole step (but its tail) with those
         choices against the defaults: the faster is kept (a GEMV faster alone may slow the kernels
-        around it). The timed graphs write the activations, the logits and the cache at the
+        around it). Where GEMVs send the next linear's weights toward L2 (sm_87/sm_89, no
+        overlapped launches), the step without that prefetch too: it is dropped unless it saves
+        TUNE_MARGIN. The timed graphs write the activations, the logits and the cache at the
         position (which the next step overwrites): call it before a prompt or between replies.
         Returns what it measured, kept in gemv_tuning: "us" (role -> kind -> microseconds),
-        "step_us" (default and tuned, when they differ), "gemv" (role -> the kind it runs now),
+        "step_us" (default and tuned, when they differ), "prefetch_us" (with and without),
+        "gemv" (role -> the kind it runs now), "prefetch" (whether it does),
         "seconds" (the host's wall time for all of it: what it adds to loading the engine)."""
         started = time.perf_counter()
         self.drv.synchronize()  # (a memset does not wait for the stream)
@@ -720,32 +726,41 @@ class CudaBackend:
                 best = min(times, key=times.get)
                 if times[best] < (1 - TUNE_MARGIN) * times[default]:
                     chosen[role] = best
+            body = self.ops[:step_tail(self.ops)]
             if chosen:
-                body = self.ops[:step_tail(self.ops)]
                 step = self._time_launches({"default": self._launches({}, body), "tuned": self._launches(chosen, body)})
                 report["step_us"] = {name: round(t * 1e6, 2) for name, t in step.items()}
                 if step["tuned"] > step["default"]:
                     chosen = {}
+            if self.prefetch_bytes:
+                step = self._time_launches({"with": self._launches(chosen, body),
+                                            "without": self._launches(chosen, body, prefetch_bytes=0)})
+                report["prefetch_us"] = {name: round(t * 1e6, 2) for name, t in step.items()}
+                if step["with"] > (1 - TUNE_MARGIN) * step["without"]:
+                    self.prefetch_bytes = 0
         except BaseException:
             chosen = {}
             raise
         finally:
             self.decode_gemv, self.tuned_gemv = saved, chosen
-            report["gemv"] = self.auto_choices()
+            report["gemv"], report["prefetch"] = self.auto_choices(), self.prefetch_bytes > 0
             self.drv.synchronize()
             self._drop_graphs([1])
         report["seconds"] = round(time.perf_counter() - started, 4)
         self.gemv_tuning = report
         return report
 
-    def _launches(self, choice: dict, ops: list):
-        """What a graph captures: ops for one row, with auto's GEMV per role `choice`."""
+    def _launches(self, choice: dict, ops: list, prefetch_bytes: int | None = None):
+        """What a graph captures: ops for one row, with auto's GEMV per role `choice` (and the L2
+        prefetch of so many bytes: by default the backend's)."""
         def launches():
-            saved, self.tuned_gemv = self.tuned_gemv, choice
+            saved = self.tuned_gemv, self.prefetch_bytes
+            self.tuned_gemv = choice
+            self.prefetch_bytes = saved[1] if prefetch_bytes is None else prefetch_bytes
             try:
                 self.launch_ops(ops, 1)
             finally:
-                self.tuned_gemv = saved
+                self.tuned_gemv, self.prefetch_bytes = saved
         return launches
 
     def _time_launches(self, variants: dict) -> dict[str, float]:

@@ -32,8 +32,9 @@ def tuning_key(**parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def read_tuning(path: Path, roles: dict[str, set], sizes: set[int]) -> dict | None:
-    """{"gemv": {role: kind}, "prefill": {rows: path}} from the file at `path`, or None when it
+def read_tuning(path: Path, roles: dict[str, list], sizes: set[int]) -> dict | None:
+    """{"gemv": {role: kind}, "prefill": {rows: path}, "prefetch": bool} from the file at `path`
+    (prefetch: whether decode's GEMVs send the next weights toward L2), or None when it
     is absent or not valid here: `roles` maps each role to the kinds it can run (every role must
     have one), `sizes` are the chunk sizes that may be timed."""
     try:
@@ -44,8 +45,10 @@ def read_tuning(path: Path, roles: dict[str, set], sizes: set[int]) -> dict | No
         return None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return None
-    gemv, prefill = data.get("gemv"), data.get("prefill", {})
+    gemv, prefill, prefetch = data.get("gemv"), data.get("prefill", {}), data.get("prefetch")
     if not isinstance(gemv, dict) or set(gemv) != set(roles) or not isinstance(prefill, dict):
+        return None
+    if not isinstance(prefetch, bool):
         return None
     if any(not isinstance(kind, str) or kind not in roles[role] for role, kind in gemv.items()):
         return None
@@ -54,13 +57,13 @@ def read_tuning(path: Path, roles: dict[str, set], sizes: set[int]) -> dict | No
         if not (isinstance(rows, str) and rows.isdigit() and int(rows) in sizes and way in PREFILL_PATHS):
             return None
         chosen[int(rows)] = way
-    return {"gemv": dict(gemv), "prefill": chosen}
+    return {"gemv": dict(gemv), "prefill": chosen, "prefetch": prefetch}
 
 
-def write_tuning(path: Path, gemv: dict[str, str], prefill: dict[int, str]) -> bool:
+def write_tuning(path: Path, gemv: dict[str, str], prefill: dict[int, str], prefetch: bool) -> bool:
     """Keep the choices at `path` (whole or not at all); False when the folder cannot be written."""
-    text = json.dumps({"format": FORMAT, "gemv": gemv, "prefill": {str(r): w for r, w in sorted(prefill.items())}},
-                      indent=1) + "\n"
+    text = json.dumps({"format": FORMAT, "gemv": gemv, "prefill": {str(r): w for r, w in sorted(prefill.items())},
+                       "prefetch": bool(prefetch)}, indent=1) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=".tuning-", dir=path.parent)

@@ -144,7 +144,7 @@ class RecordingDriver:
         self.graphs, self.clock, self.previous = {}, 0.0, ""
         self.costs, self.slowed_after, self.slowed = {}, ("", ""), 0.0
 
-    def cost(self, name: str, grid: tuple) -> float:
+    def cost(self, name: str, grid: tuple, args: list = ()) -> float:
         per_block = next((c for part, c in self.costs.items() if part in name), 1e-7)
         first, then = self.slowed_after
         after = bool(first) and first in self.previous and then in name
@@ -205,7 +205,7 @@ class RecordingDriver:
 
     def replay(self, executable):
         self.replays += 1
-        self.clock += sum(self.cost(name, grid) for name, grid, *_ in self.graphs[executable])
+        self.clock += sum(self.cost(name, grid, args) for name, grid, _, args in self.graphs[executable])
 
     def download(self, array, device_ptr):
         array[...] = 0
@@ -693,7 +693,7 @@ class EmulatedDriver(RecordingDriver):
         assert all(b == 1 for b in tuple(block)[1:]), "the kernels' blocks are 1-D"
         values = (ctypes.c_void_p * max(len(args), 1))(*[ctypes.addressof(a) for a in args])
         assert self.lib.cpu_launch(fn.encode(), *grid, block[0], values) == 0, fn
-        self.clock += self.cost(fn, grid)
+        self.clock += self.cost(fn, grid, args)
 
     def capture(self, launches):
         self.captures += 1

@@ -258,7 +258,8 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     kernels and these shapes; the next load reads them (nothing timed: no graph captured) and
     runs the same kernels. A file that is not JSON, too big, of another format, or naming a
     role or kind this engine has not (a tensor-core GEMV for the ragged model's RoPE linear) is
-    ignored: timed again and written over. Another shape gets another file."""
+    ignored (as is a prefetch flag that is not a bool): timed again and written over. Another
+    shape gets another file."""
     from awq_edge import gpu_tuning
     from awq_edge.devices import resolve
     from awq_edge.synthetic import SHAPES, write_random_engine
@@ -279,7 +280,8 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     [kept] = folder.iterdir()
     assert json.loads(kept.read_text())["gemv"] == timed.gemv_tuning["gemv"] == timed.auto_choices()
     again, driver = load()
-    assert driver.captures == 0 and again.gemv_tuning == {"gemv": timed.auto_choices(), "cached": str(kept)}
+    assert driver.captures == 0 and again.gemv_tuning == {"gemv": timed.auto_choices(), "prefetch": False,
+                                                          "cached": str(kept)}
     assert again.auto_choices()["self_attn.qkv_proj norm_rope"] == "cuda_cores"
     good = kept.read_text()
     bad_kind = json.loads(good)
@@ -289,7 +291,8 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     bad_size = json.loads(good)
     bad_size["prefill"] = {"100": "cublas"}
     for bad in ("not json", json.dumps(bad_kind), json.dumps(bad_role), json.dumps(bad_size),
-                json.dumps({**json.loads(good), "format": 0}), good + " " * gpu_tuning.MAX_BYTES):
+                json.dumps({**json.loads(good), "format": 0}), json.dumps({**json.loads(good), "prefetch": "no"}),
+                good + " " * gpu_tuning.MAX_BYTES):
         kept.write_text(bad)
         retimed, driver = load()
         assert driver.captures > 0 and "us" in retimed.gemv_tuning, bad[:40]
@@ -307,6 +310,35 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     wrong["gemv"][qkv] = "tensor_cores"
     ragged_file.write_text(json.dumps(wrong))
     assert load(tmp_path / "ragged" / "engine", r_info, r_manifest)[1].captures > 0
+
+
+def test_the_l2_prefetch_of_sm87_and_sm89_is_kept_only_where_it_is_timed_faster(tmp_path):
+    """On a GPU without overlapped launches each decode GEMV sends the next linear's weights
+    toward L2; the timing at load keeps that only when the step runs faster with it (a clock
+    where prefetching GEMVs take less time), else the GEMVs are launched without it, and the
+    choice is kept for the next load."""
+    from awq_edge.devices import resolve
+    from awq_edge.synthetic import SHAPES, write_random_engine
+
+    write_random_engine(tmp_path / "e", dict(SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=512),
+                        resolve("rtx4090"), max_context=64)
+    manifest, info = read_native_engine(tmp_path / "e")
+
+    class PrefetchHelps(RecordingDriver):
+        def cost(self, name, grid, args=()):
+            prefetching = name.startswith("awq_gemv_") and args and args[-1].value > 0
+            return super().cost(name, grid, args) * (0.5 if prefetching else 1.0)
+
+    for driver, helps in ((PrefetchHelps(), True), (RecordingDriver(), False), (RecordingDriver(), False)):
+        backend = CudaBackend(tmp_path / "e", manifest, info, 64, driver=driver, tune=True,
+                              tuning_cache=tmp_path / ("helps" if helps else "not"))
+        assert not backend.programmatic and backend.gemv_tuning["prefetch"] is helps
+        assert ("prefetch_us" in backend.gemv_tuning) is (driver.captures > 0)  # (the third load reads the file)
+        backend.forward([1, 2])
+        before = len(driver.launches)
+        backend.forward([3])
+        sizes = [args[-1].value for name, _, _, args in driver.launches[before:] if name.startswith("awq_gemv_")]
+        assert len(sizes) == 8 and (max(sizes) > 0) is helps, sizes
 
 
 @needs_nvcc
