@@ -259,15 +259,7 @@ class CudaBackend:
             self.prefill_timed: dict[int, str] = {}    # padded rows -> "cublas" or "ours" (faster_prefill_graph)
             self.prefill_tuning: dict[int, dict] = {}  # padded rows -> each path's milliseconds
             self.tuning_path = self._tuning_path(manifest, tuning_cache, driver) if self.tune else None
-            cached = self.tuning_path and read_tuning(self.tuning_path, self._kinds_per_role(),
-                                                      {r for r in PREFILL_GRAPH_ROWS if r > GEMV_CHUNKED_MAX_ROWS})
-            if cached:
-                self.tuned_gemv, self.prefill_timed = cached["gemv"], cached["prefill"]
-                if not cached["prefetch"]:
-                    self.prefetch_bytes = 0
-                self.gemv_tuning = {"gemv": self.auto_choices(), "prefetch": self.prefetch_bytes > 0,
-                                    "cached": str(self.tuning_path)}
-            elif self.tune:
+            if self.tune and not self._read_tuning():
                 self.tune_decode_gemv()
                 self._keep_tuning()
         except CudaError as e:
@@ -690,6 +682,19 @@ class CudaBackend:
                          kernels=manifest.get("plugin_hash"), group_size=self.spec.group_size, gemvs=shapes,
                          layers=self.spec.layers, heads=[self.spec.heads, self.spec.kv_heads, self.spec.head_dim])
         return Path(folder) / f"{key}.json"
+
+    def _read_tuning(self) -> bool:
+        """Take the choices an earlier load kept for this GPU and engine, if a valid file has them."""
+        cached = self.tuning_path and read_tuning(self.tuning_path, self._kinds_per_role(),
+                                                  {r for r in PREFILL_GRAPH_ROWS if r > GEMV_CHUNKED_MAX_ROWS})
+        if not cached:
+            return False
+        self.tuned_gemv, self.prefill_timed = cached["gemv"], cached["prefill"]
+        if not cached["prefetch"]:
+            self.prefetch_bytes = 0
+        self.gemv_tuning = {"gemv": self.auto_choices(), "prefetch": self.prefetch_bytes > 0,
+                            "cached": str(self.tuning_path)}
+        return True
 
     def _keep_tuning(self) -> None:
         if self.tuning_path is not None:
