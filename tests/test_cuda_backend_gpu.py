@@ -66,9 +66,11 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def backends(engine: Path, max_context: int = CONTEXT, cublas=None):
-    """(cuda, reference) over the same engine folder; cublas=False: prefill on our GEMM only."""
+    """(cuda, reference) over the same engine folder; cublas=False: prefill on our GEMM only. The
+    cuda backend times its GEMVs (tests run side by side on the GPU, so the choices are not
+    kept: benchmarks/cuda_decode.py, later in gpu_check, times the same shapes alone)."""
     manifest, info = read_native_engine(engine)
-    return (CudaBackend(engine, manifest, info, max_context, cublas=cublas),
+    return (CudaBackend(engine, manifest, info, max_context, cublas=cublas, tuning_cache=False),
             ReferenceBackend(engine, max_context, info))
 
 
