@@ -260,8 +260,11 @@ class CudaBackend:
             self.prefill_tuning: dict[int, dict] = {}  # padded rows -> each path's milliseconds
             self.tuning_path = self._tuning_path(manifest, tuning_cache, driver) if self.tune else None
             if self.tune and not self._read_tuning():
-                self.tune_decode_gemv()
-                self._keep_tuning()
+                try:
+                    self.tune_decode_gemv()
+                    self._keep_tuning()
+                except CudaError as e:  # (e.g. no room for a timed graph): the defaults, untimed
+                    self.gemv_tuning, self.time_prefill = {"error": str(e), "gemv": self.auto_choices()}, False
         except CudaError as e:
             raise UserError(f"the GPU refused the engine: {e}") from None
 
@@ -366,7 +369,7 @@ class CudaBackend:
         said = {"tensor_cores": "on tensor cores", "tensor_cores_persistent": "on tensor cores (persistent grid)",
                 "cuda_cores": "on CUDA cores"}
         gemv = said.get(self.decode_gemv, "on tensor cores (persistent grid) after a norm, else CUDA cores")
-        if self.decode_gemv == "auto" and self.gemv_tuning is not None:
+        if self.decode_gemv == "auto" and self.gemv_tuning and "error" not in self.gemv_tuning:
             gemv = "as timed on this GPU (" + "; ".join(
                 f"{'lm_head' if role.startswith('lm_head') else role.split()[0].rsplit('.', 1)[-1]} "
                 f"{said[self.gemv_kind(ops[0].args)]}" for role, ops in self.gemv_roles().items()) + ")"

@@ -248,6 +248,20 @@ def test_the_decode_gemvs_timed_at_load_choose_per_role_and_the_whole_step_has_t
                               "mlp.gate_up_proj norm_act": "tensor_cores_persistent",
                               "mlp.down_proj residual": "cuda_cores"}, tuning
     assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_residual_g128_w4"} <= set(grids)
+    # a GPU that refuses the timing (here its events) leaves auto's defaults, and nothing kept
+    from awq_edge.cuda_driver import CudaError
+
+    class NoTimer(RecordingDriver):
+        def elapsed(self, start, end):
+            raise CudaError("cuEventElapsedTime failed: CUDA_ERROR_INVALID_HANDLE (400)")
+
+    driver = NoTimer()
+    untimed = CudaBackend(tmp_path / "e", manifest, info, 64, driver=driver, tune=True, tuning_cache=tmp_path / "t")
+    assert untimed.gemv_tuning["error"].startswith("cuEventElapsedTime") and not untimed.time_prefill
+    assert untimed.auto_choices() == untimed.gemv_tuning["gemv"] == {
+        role: cuda_backend.auto_default(ops[0].args) for role, ops in untimed.gemv_roles().items()}
+    assert driver.released == driver.captures and not (tmp_path / "t").exists()
+    assert "as timed" not in untimed.decode_path
     # a backend the caller gives a driver is not timed unless asked (tests, benchmarks)
     assert CudaBackend(tmp_path / "e", manifest, info, 64, driver=RecordingDriver()).gemv_tuning is None
 
