@@ -253,6 +253,7 @@ class CudaBackend:
             self.tuned_gemv: dict[str, str] = {}      # auto's choice per gemv_role, where timed
             self.gemv_tuning = None                    # what tune_decode_gemv measured
             self.slab_bytes = DEQUANT_SLAB_BYTES       # (and tries slabs that fit the L2)
+            self.l2_slab_bytes = min(DEQUANT_SLAB_BYTES, self.drv.l2_cache_bytes() // 2)
             self._graphs = {}  # rows -> the instantiated CUDA graph of a step of that many rows
             self.tune = tune if tune is not None else driver is None and os.environ.get("AWQ_EDGE_TUNE", "1") != "0"
             self.time_prefill = self.tune              # (off once set_prefill_path chooses)
@@ -432,14 +433,16 @@ class CudaBackend:
 
     def faster_prefill_graph(self, rows: int):
         """The graph of a prefill chunk padded to `rows` (its ids on the stream already) on the
-        faster of the two paths for its linears on this GPU, dequantize + cuBLAS or our GEMM
-        (prefill_timed, prefill_tuning): each captured and timed (a warm-up and a replay each,
-        in turn). Replaying a chunk's body again changes nothing: its embed rewrites h, its
-        rows' K/V are written before any query reads them, and only the tail advances the
-        position; the caller's replay of the one kept is what stays."""
+        fastest path for its linears on this GPU (prefill_timed, prefill_tuning): dequantize +
+        cuBLAS, the same with slabs of half the L2 where that is smaller (they stay in L2
+        between the two kernels, in smaller GEMMs: an Orin's 4 MiB), or our GEMM; each captured
+        and timed (a warm-up and a replay each, in turn). Replaying a chunk's body again changes
+        nothing: its embed rewrites h, its rows' K/V are written before any query reads them, and
+        only the tail advances the position; the caller's replay of the one kept is what stays."""
+        paths = ["cublas", "cublas_l2", "ours"] if self.l2_slab_bytes < DEQUANT_SLAB_BYTES else ["cublas", "ours"]
         graphs = {}
         try:
-            for path in ("cublas", "ours"):
+            for path in paths:
                 self.prefill_timed[rows] = path
                 graphs[path] = self.drv.capture(lambda: self._body(rows))
             times = self._time_graphs(graphs, replays=1)
@@ -451,14 +454,22 @@ class CudaBackend:
         kept = min(times, key=times.get)
         self.prefill_timed[rows] = kept
         self.prefill_tuning[rows] = {path: round(t * 1e3, 3) for path, t in times.items()}
-        self.drv.release(graphs.pop("ours" if kept == "cublas" else "cublas"))
+        for path in paths:
+            if path != kept:
+                self.drv.release(graphs.pop(path))
         return graphs[kept]
 
     def uses_cublas(self, rows: int) -> bool:
         """Whether a prefill chunk of `rows` (padded) runs its linears through dequantize + cuBLAS."""
         if self.cublas is None:
             return False
-        return self.prefill_timed[rows] == "cublas" if rows in self.prefill_timed else rows >= self.cublas_from_rows
+        if rows in self.prefill_timed:
+            return self.prefill_timed[rows] != "ours"
+        return rows >= self.cublas_from_rows
+
+    def slab_bytes_for(self, rows: int) -> int:
+        """The dequantized slab's size for a prefill chunk of `rows` (padded) through cuBLAS."""
+        return self.l2_slab_bytes if self.prefill_timed.get(rows) == "cublas_l2" else self.slab_bytes
 
     def _body(self, rows: int) -> None:
         """A step's launches up to its tail."""
@@ -831,7 +842,7 @@ class CudaBackend:
         fp16 GEMM with fp32 accumulation into the slab's columns of y."""
         w, g = self.weights, self.spec.group_size
         groups = -(-k // g)
-        slab = slab_rows(n, k, self.slab_bytes)
+        slab = slab_rows(n, k, self.slab_bytes_for(rows))
         for n0 in range(0, n, slab):
             rows_here = min(slab, n - n0)
             self.launch(f"awq_dequantize_g{g}", (-(-rows_here * k // 8 // DEQUANT_THREADS),), (DEQUANT_THREADS,),

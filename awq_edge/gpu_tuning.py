@@ -23,7 +23,7 @@ from pathlib import Path
 
 FORMAT = 1
 MAX_BYTES = 1 << 16
-PREFILL_PATHS = ("cublas", "ours")
+PREFILL_PATHS = ("cublas", "cublas_l2", "ours")  # (cuda_backend.faster_prefill_graph)
 
 
 def tuning_key(**parts) -> str:

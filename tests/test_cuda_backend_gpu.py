@@ -181,7 +181,7 @@ def test_what_is_timed_on_this_gpu_leaves_nothing_a_step_reads(tmp_path):
     if tuned.cublas is not None:
         print(f"prefill: {tuned.prefill_path}; {tuned.prefill_tuning}")
         assert set(tuned.prefill_timed) == {96} and min(tuned.prefill_tuning[96].values()) > 0
-        plain.set_prefill_path(plain.cublas, 96 if tuned.prefill_timed[96] == "cublas" else 256)
+        plain.set_prefill_path(plain.cublas, 256 if tuned.prefill_timed[96] == "ours" else 96, tuned.slab_bytes_for(96))
     assert np.array_equal(got, np.asarray(plain.forward(ids[:70])))
     for i in ids[70:]:
         assert np.array_equal(np.asarray(tuned.forward([i])), np.asarray(plain.forward([i])))

@@ -328,14 +328,15 @@ def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_pat
     assert {"awq_gemv_norm_rope_g32_w4", "awq_gemv_tc_residual_g32", "awq_gemv_tc_logits_g32"} <= launched
 
 
-@pytest.mark.parametrize("faster", ["cublas", "ours"])
-def test_a_prefill_chunk_timed_on_both_paths_keeps_the_faster_and_what_it_computes(emulated, faster, tmp_path):
+@pytest.mark.parametrize("faster", ["cublas_l2", "ours"])
+def test_a_prefill_chunk_timed_on_every_path_keeps_the_fastest_and_what_it_computes(emulated, faster, tmp_path):
     """A chunk size's first use on a timed backend with cuBLAS (here a stand-in computing on the
-    host, RecordingCublas, and a clock that makes our GEMM or the dequantize kernel the slow
-    one): both paths' graphs are captured and replayed, the faster kept for that size, the other
-    freed; the prompt's logits and the decode step after are bit for bit those of an untimed
-    backend set to that path, within fp16 rounding of the reference. The choice is kept (a
-    tuning cache folder): the next load runs that path for that size without timing."""
+    host, RecordingCublas; an L2 of 64 KiB, so slabs of half of it are 64 weight rows; and a
+    clock that makes our GEMM and slabs of more rows slow, or the dequantize kernel): every
+    path's graph is captured and replayed, the fastest kept for that size, the others freed;
+    the prompt's logits and the decode step after are bit for bit those of an untimed backend
+    set to that path, within fp16 rounding of the reference. The choice is kept (a tuning
+    cache folder): the next load runs that path for that size without timing."""
     from awq_edge.cuda_backend import CudaBackend
     from awq_edge.devices import resolve
     from awq_edge.reference_backend import ReferenceBackend
@@ -343,31 +344,41 @@ def test_a_prefill_chunk_timed_on_both_paths_keeps_the_faster_and_what_it_comput
     from awq_edge.synthetic import write_random_engine
     from native_helpers import RecordingCublas, read_native_engine
 
+    class SmallL2(EmulatedDriver):
+        def l2_cache_bytes(self):
+            return 1 << 16
+
+        def cost(self, name, grid, args=()):  # (awq_dequantize's 5th argument: the slab's rows)
+            big_slab = faster == "cublas_l2" and name.startswith("awq_dequantize") and args[4].value > 64
+            return super().cost(name, grid, args) + (1e-3 if big_slab else 0.0)
+
     shape = {**SHAPES["smollm2-135m"], "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
              "num_key_value_heads": 1, "head_dim": 64, "num_hidden_layers": 1, "vocab_size": 512}
     write_random_engine(tmp_path / "engine", shape, resolve("h200"), group_size=128)
     manifest, info = read_native_engine(tmp_path / "engine")
-    timed = EmulatedDriver(emulated)
-    timed.costs = {"awq_gemm" if faster == "cublas" else "awq_dequantize": 1e-3}
+    timed = SmallL2(emulated)
+    timed.costs = {"awq_gemm" if faster == "cublas_l2" else "awq_dequantize": 1e-3}
     tuned = CudaBackend(tmp_path / "engine", manifest, info, 128, driver=timed, cublas=RecordingCublas(timed),
                         tune=True, tuning_cache=tmp_path / "tuning")
     plain_driver = EmulatedDriver(emulated)
     plain = CudaBackend(tmp_path / "engine", manifest, info, 128, driver=plain_driver)
-    plain.set_prefill_path(RecordingCublas(plain_driver), 96 if faster == "cublas" else 256)
+    plain.set_prefill_path(RecordingCublas(plain_driver), *((96, 1 << 15) if faster == "cublas_l2" else (256,)))
     plain.tuned_gemv = dict(tuned.tuned_gemv)
     reference = ReferenceBackend(tmp_path / "engine", 128, info)
     ids = np.random.default_rng(6).integers(0, 256, 72).tolist()
     captures = timed.captures
     logits = []
-    for step in (ids[:70], ids[70:71], ids[71:]):  # 70 rows: padded to 96, timed both ways
+    for step in (ids[:70], ids[70:71], ids[71:]):  # 70 rows: padded to 96, timed every way
         got, same, want = (np.asarray(b.forward(step)) for b in (tuned, plain, reference))
         logits.append(got)
         assert np.array_equal(got, same)
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2 and got.argmax() == want.argmax()
-    assert tuned.prefill_timed == {96: faster} and set(tuned.prefill_tuning[96]) == {"cublas", "ours"}
-    assert timed.captures - captures == 3 and len(tuned._graphs) == 2  # both paths, decode; one path kept
+    assert tuned.prefill_timed == {96: faster} and set(tuned.prefill_tuning[96]) == {"cublas", "cublas_l2", "ours"}
+    assert timed.captures - captures == 4 and len(tuned._graphs) == 2  # every path, decode; one path kept
     assert f"96 rows {faster}" in tuned.prefill_path
-    again_driver = EmulatedDriver(emulated)
+    slabs = [work[3][4].value for work in tuned._graphs[96] if not callable(work) and work[0].startswith("awq_dequantize")]
+    assert (max(slabs) == 64 if faster == "cublas_l2" else not slabs), slabs  # (the kept graph's)
+    again_driver = SmallL2(emulated)
     again = CudaBackend(tmp_path / "engine", manifest, info, 128, driver=again_driver,
                         cublas=RecordingCublas(again_driver), tune=True, tuning_cache=tmp_path / "tuning")
     assert again.prefill_timed == {96: faster} and again.tuned_gemv == tuned.auto_choices()
