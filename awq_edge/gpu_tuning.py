@@ -1,6 +1,6 @@
 """What the cuda backend timed on a GPU, kept so that the next load runs the same kernels.
 
-The backend times its decode GEMVs per linear role when it loads, and both prefill paths for a
+The backend times its decode GEMVs per linear role when it loads, and every prefill path for a
 chunk size when it first uses one (cuda_backend.tune_decode_gemv, faster_prefill_graph). Timing
 is noisy: two loads could choose differently where two kernels are close, and different kernels
 sum in a different order, so a greedy reply could change between runs. So the choices are kept
