@@ -43,7 +43,7 @@ def read_tuning(path: Path, roles: dict[str, list], sizes: set[int]) -> dict | N
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or type(data.get("format")) is not int or data["format"] != FORMAT:
         return None
     gemv, prefill, prefetch = data.get("gemv"), data.get("prefill", {}), data.get("prefetch")
     if not isinstance(gemv, dict) or set(gemv) != set(roles) or not isinstance(prefill, dict):
@@ -54,7 +54,7 @@ def read_tuning(path: Path, roles: dict[str, list], sizes: set[int]) -> dict | N
         return None
     chosen = {}
     for rows, way in prefill.items():
-        if not (isinstance(rows, str) and rows.isdigit() and int(rows) in sizes and way in PREFILL_PATHS):
+        if not (rows.isascii() and rows.isdigit() and int(rows) in sizes and way in PREFILL_PATHS):
             return None
         chosen[int(rows)] = way
     return {"gemv": dict(gemv), "prefill": chosen, "prefetch": prefetch}
