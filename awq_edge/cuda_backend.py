@@ -225,7 +225,7 @@ class CudaBackend:
         cublas: what runs long prefill chunks' GEMMs (cublas.Cublas's gemm_wt); by default the
         machine's cuBLAS when it has one (with a driver given: none); False: our GEMM always.
         tune: time the decode GEMVs on this GPU now (tune_decode_gemv) and each prefill chunk size
-        on both paths at its first use; by default on a GPU of our own driver, unless
+        on every path at its first use (faster_prefill_graph); by default on a GPU of our own driver, unless
         AWQ_EDGE_TUNE=0. tuning_cache: the folder that keeps what was timed for the next load
         (awq_edge/gpu_tuning.py); by default the cache folder's tuning/ on our own driver, False:
         none."""
@@ -257,7 +257,7 @@ class CudaBackend:
             self._graphs = {}  # rows -> the instantiated CUDA graph of a step of that many rows
             self.tune = tune if tune is not None else driver is None and os.environ.get("AWQ_EDGE_TUNE", "1") != "0"
             self.time_prefill = self.tune              # (off once set_prefill_path chooses)
-            self.prefill_timed: dict[int, str] = {}    # padded rows -> "cublas" or "ours" (faster_prefill_graph)
+            self.prefill_timed: dict[int, str] = {}    # padded rows -> its path, gpu_tuning.PREFILL_PATHS
             self.prefill_tuning: dict[int, dict] = {}  # padded rows -> each path's milliseconds
             self.tuning_path = self._tuning_path(manifest, tuning_cache, driver) if self.tune else None
             if self.tune and not self._read_tuning():
