@@ -281,9 +281,7 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     shape = dict(SHAPES["llama3.2-1b"], num_hidden_layers=2, vocab_size=512)
     write_random_engine(tmp_path / "e", shape, resolve("h200"), max_context=64)
     manifest, info = read_native_engine(tmp_path / "e")
-    folder = tmp_path / "tuning"
-
-    def load(engine=tmp_path / "e", info=info, manifest=manifest):
+    def load(engine=tmp_path / "e", info=info, manifest=manifest, folder=tmp_path / "tuning"):
         driver = RecordingDriver()
         driver.costs = {"awq_gemv_norm_rope": 1e-11}  # (q/k/v cheapest on CUDA cores)
         backend = CudaBackend(engine, manifest, info, 64, driver=driver, tune=True, tuning_cache=folder)
@@ -291,7 +289,7 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
 
     timed, driver = load()
     assert driver.captures > 0 and "us" in timed.gemv_tuning
-    [kept] = folder.iterdir()
+    [kept] = (tmp_path / "tuning").iterdir()
     assert json.loads(kept.read_text())["gemv"] == timed.gemv_tuning["gemv"] == timed.auto_choices()
     again, driver = load()
     assert driver.captures == 0 and again.gemv_tuning == {"gemv": timed.auto_choices(), "prefetch": False,
@@ -314,6 +312,11 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
         retimed, driver = load()
         assert driver.captures > 0 and "us" in retimed.gemv_tuning, bad[:40]
         assert kept.read_text() == good
+    # a folder that cannot be written (here: under a file) only means timing at every load
+    (tmp_path / "a_file").write_text("")
+    assert not gpu_tuning.write_tuning(tmp_path / "a_file" / "t.json", {}, {}, False)
+    unkept, driver = load(folder=tmp_path / "a_file" / "tuning")
+    assert driver.captures > 0 and unkept.auto_choices() == timed.auto_choices()
     # the ragged model's q/k/v (K = 136) runs on CUDA cores only: a file saying otherwise is not read
     ckpt = tiny_checkpoint(tmp_path / "ragged", "llama", smollm2_dir,
                            **{**NATIVE_TINY, "hidden_size": 136, "intermediate_size": 200})
