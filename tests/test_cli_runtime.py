@@ -56,7 +56,7 @@ def test_bench_json(engine_dir):
     result = cli("bench", engine_dir, "--prompt-tokens", "32", "--new-tokens", "16", "--runs", "1", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    for key in ("ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes"):
+    for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes"):
         assert data[key] > 0, key
     assert data["peak_rss_bytes"] < data["cap_bytes"]
 
