@@ -54,7 +54,7 @@ def read_tuning(path: Path, roles: dict[str, list], sizes: set[int]) -> dict | N
         return None
     chosen = {}
     for rows, way in prefill.items():
-        if not (rows.isascii() and rows.isdigit() and int(rows) in sizes and way in PREFILL_PATHS):
+        if not (rows.isascii() and rows.isdigit() and len(rows) < 6 and int(rows) in sizes and way in PREFILL_PATHS):
             return None
         chosen[int(rows)] = way
     return {"gemv": dict(gemv), "prefill": chosen, "prefetch": prefetch}

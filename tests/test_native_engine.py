@@ -302,9 +302,9 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     bad_role["gemv"]["model.layers.0.mlp.up_proj residual"] = "cuda_cores"
     bad_size = json.loads(good)
     bad_size["prefill"] = {"100": "cublas"}
-    bad_digit = json.loads(good)
-    bad_digit["prefill"] = {"9\u00b2": "ours"}  # (a digit to str.isdigit, not to int)
-    for bad in ("not json", json.dumps(bad_kind), json.dumps(bad_role), json.dumps(bad_size), json.dumps(bad_digit),
+    bad_digits = [json.dumps({**json.loads(good), "prefill": {rows: "ours"}})  # (digits to str.isdigit, not to
+                  for rows in ("9\u00b2", "9" * 5000)]                          # int, or too many for it)
+    for bad in ("not json", json.dumps(bad_kind), json.dumps(bad_role), json.dumps(bad_size), *bad_digits,
                 json.dumps({**json.loads(good), "format": True}),
                 json.dumps({**json.loads(good), "format": 0}), json.dumps({**json.loads(good), "prefetch": "no"}),
                 good + " " * gpu_tuning.MAX_BYTES):
