@@ -21,8 +21,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+from .untrusted import read_json
+
 FORMAT = 1
-MAX_BYTES = 1 << 16
 PREFILL_PATHS = ("cublas", "cublas_l2", "ours")  # (cuda_backend.faster_prefill_graph)
 
 
@@ -38,12 +40,10 @@ def read_tuning(path: Path, roles: dict[str, list], sizes: set[int]) -> dict | N
     is absent or not valid here: `roles` maps each role to the kinds it can run (every role must
     have one), `sizes` are the chunk sizes that may be timed."""
     try:
-        if path.stat().st_size > MAX_BYTES:
-            return None
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_json(path, "")  # (size-capped, any parse failure: a UserError)
+    except UserError:
         return None
-    if not isinstance(data, dict) or type(data.get("format")) is not int or data["format"] != FORMAT:
+    if type(data.get("format")) is not int or data["format"] != FORMAT:
         return None
     gemv, prefill, prefetch = data.get("gemv"), data.get("prefill", {}), data.get("prefetch")
     if not isinstance(gemv, dict) or set(gemv) != set(roles) or not isinstance(prefill, dict):

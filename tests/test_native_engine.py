@@ -276,6 +276,7 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     shape gets another file."""
     from awq_edge import gpu_tuning
     from awq_edge.devices import resolve
+    from awq_edge.untrusted import MAX_JSON_BYTES
     from awq_edge.synthetic import SHAPES, write_random_engine
 
     shape = dict(SHAPES["llama3.2-1b"], num_hidden_layers=2, vocab_size=512)
@@ -304,10 +305,10 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     bad_size["prefill"] = {"100": "cublas"}
     bad_digits = [json.dumps({**json.loads(good), "prefill": {rows: "ours"}})  # (digits to str.isdigit, not to
                   for rows in ("9\u00b2", "9" * 5000)]                          # int, or too many for it)
-    for bad in ("not json", json.dumps(bad_kind), json.dumps(bad_role), json.dumps(bad_size), *bad_digits,
+    for bad in ("not json", "[" * 60000, json.dumps(bad_kind), json.dumps(bad_role), json.dumps(bad_size), *bad_digits,
                 json.dumps({**json.loads(good), "format": True}),
                 json.dumps({**json.loads(good), "format": 0}), json.dumps({**json.loads(good), "prefetch": "no"}),
-                good + " " * gpu_tuning.MAX_BYTES):
+                good + " " * MAX_JSON_BYTES):
         kept.write_text(bad)
         retimed, driver = load()
         assert driver.captures > 0 and "us" in retimed.gemv_tuning, bad[:40]
