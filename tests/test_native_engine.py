@@ -276,12 +276,13 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     shape gets another file."""
     from awq_edge import gpu_tuning
     from awq_edge.devices import resolve
-    from awq_edge.untrusted import MAX_JSON_BYTES
     from awq_edge.synthetic import SHAPES, write_random_engine
+    from awq_edge.untrusted import MAX_JSON_BYTES
 
     shape = dict(SHAPES["llama3.2-1b"], num_hidden_layers=2, vocab_size=512)
     write_random_engine(tmp_path / "e", shape, resolve("h200"), max_context=64)
     manifest, info = read_native_engine(tmp_path / "e")
+
     def load(engine=tmp_path / "e", info=info, manifest=manifest, folder=tmp_path / "tuning"):
         driver = RecordingDriver()
         driver.costs = {"awq_gemv_norm_rope": 1e-11}  # (q/k/v cheapest on CUDA cores)
