@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -69,11 +70,19 @@ def _download_wheel(spec: str, into: Path) -> Path:
     return wheels[0]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """text into path whole or not at all: a temporary file of its own in the same folder (two
+    writers at once cannot mix; created new, with the umask's permissions), renamed into place;
+    removed if anything fails. OSError as it comes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    temp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        with open(temp, "x", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- Wikipedia
@@ -147,8 +156,8 @@ def fetch_wikipedia() -> tuple[Path, Path]:
     articles = parse_wiki_dump(xml_bytes)
     calib = [a for a in articles if not is_eval_article(a["title"])]
     evaluation = [a for a in articles if is_eval_article(a["title"])]
-    _write_atomic(calib_path(), "".join(json.dumps(a) + "\n" for a in calib))
-    _write_atomic(eval_path(), "\n\n".join(a["text"] for a in evaluation) + "\n")
+    write_atomic(calib_path(), "".join(json.dumps(a) + "\n" for a in calib))
+    write_atomic(eval_path(), "\n\n".join(a["text"] for a in evaluation) + "\n")
     return calib_path(), eval_path()
 
 
@@ -165,7 +174,7 @@ def fetch_shakespeare() -> Path:
     # The plays are markdown; keep the spoken lines and speaker names as plain text.
     cleaned = [re.sub(r"[#*_>`]+", "", t) for t in texts]
     cleaned = [re.sub(r"\n{3,}", "\n\n", t).strip() for t in cleaned]
-    _write_atomic(shakespeare_path(), "\n\n".join(cleaned) + "\n")
+    write_atomic(shakespeare_path(), "\n\n".join(cleaned) + "\n")
     return shakespeare_path()
 
 

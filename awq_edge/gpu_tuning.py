@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from .data import write_atomic
 from .errors import UserError
 from .untrusted import read_json
 
@@ -65,15 +64,7 @@ def write_tuning(path: Path, gemv: dict[str, str], prefill: dict[int, str], pref
     text = json.dumps({"format": FORMAT, "gemv": gemv, "prefill": {str(r): w for r, w in sorted(prefill.items())},
                        "prefetch": bool(prefetch)}, indent=1) + "\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".tuning-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, text)
     except OSError:
         return False
     return True
