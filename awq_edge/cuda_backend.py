@@ -30,8 +30,8 @@ checks stop strings and hands the text on; a reply that stops there takes that s
 
 What is fastest depends on the GPU, so the backend times it there (on our own driver, unless
 AWQ_EDGE_TUNE=0): loading times each one-row GEMV kind per role of decode's linears and keeps the
-fastest (tune_decode_gemv), and a prefill chunk size's first use times both paths below and
-keeps the faster (faster_prefill_graph); the choices are kept for the next load
+fastest (tune_decode_gemv), and a prefill chunk size's first use times every path below and
+keeps the fastest (faster_prefill_graph); the choices are kept for the next load
 (awq_edge/gpu_tuning.py), where nothing is timed again. Without timing, the defaults below.
 
 A prefill chunk's linears (matmul below): from CUBLAS_FROM_ROWS rows, "dequantize a slab of
