@@ -19,7 +19,7 @@ poison the others, and each starts with the GPU's memory free):
 
 For awq-edge, decode runs on each one-row GEMV choice (cuda_backend.DECODE_GEMVS, set_decode_gemv):
 keys decode_gemv (the default, "auto": per linear the GEMV timed fastest at load, gemv_tuning;
-the prompt's chunk size timed on both prefill paths at first use, prefill_tuning, in ms) and
+the prompt's chunk size timed on every prefill path at first use, prefill_tuning, in ms) and
 decode_tok_s_{choice} for each choice; and once more on the
 default without running ahead (each token read back before the step that feeds it is queued):
 decode_tok_s_step_by_step.

@@ -230,7 +230,7 @@ def main() -> int:
     print(f"{args.shape} layer at context {args.context} (cache {cache}): {row['us_per_layer']:.1f} us, "
           f"{row['launches_per_layer']:.0f} launches, {nbytes / 1e6:.1f} MB -> roofline {row['roofline_us']:.1f} us "
           f"at {ceiling:.0f} GB/s copy: {100 * row['roofline_fraction']:.0f}% of roofline")
-    if backend.gemv_tuning:  # (None with AWQ_EDGE_TUNE=0)
+    if backend.gemv_tuning and "seconds" in backend.gemv_tuning:  # (None with AWQ_EDGE_TUNE=0; no time on an error)
         print(f"  fused's GEMVs (auto, timed at load in {backend.gemv_tuning['seconds']:.2f} s): "
               + ", ".join(f"{role} {kind}" for role, kind in backend.gemv_tuning["gemv"].items()))
     for name, r in results.items():
