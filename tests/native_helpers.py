@@ -596,6 +596,8 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(out / "kernels.so"))
     lib.cpu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
                                ctypes.c_void_p]
+    lib.cpu_schedule.argtypes = [ctypes.c_int]
+    lib.cpu_stale_memory.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -609,11 +611,20 @@ class EmulatedDriver(RecordingDriver):
     that reads a result it did not wait for reads stale memory here too. An async copy from
     pageable memory reads it at once (the driver stages it), from a host_array when it runs. A
     synchronous copy or memset while work is queued fails: on the GPU it would not wait for the
-    stream (cuda_driver's stream does not sync with the legacy one), a race."""
+    stream (cuda_driver's stream does not sync with the legacy one), a race.
 
-    def __init__(self, lib):
+    adversarial=True runs each launch in emulate.h's adversarial schedule (threads and blocks in
+    reverse, cp.async landed at issue), and a programmatic launch on the memory a programmatic
+    dependent launch may still see before its wait_for_previous_kernel() (pdl.cuh): a chain of
+    programmatic launches may all start as soon as its first does (each lets the next start first
+    thing, before its own wait), so each block of a later one starts on the memory from before the
+    chain's first kernel. A chain ends at anything that is not a kernel (a copy, an event, a
+    stand-in cuBLAS) and at a graph launch, which waits for everything before it."""
+
+    def __init__(self, lib, adversarial: bool = False):
         super().__init__()
         self.lib, self.buffers, self.capturing, self.pending, self.page_locked = lib, {}, None, [], []
+        self.adversarial, self.chain_start = adversarial, None  # (the buffers before a chain's first kernel)
 
     def alloc(self, nbytes: int) -> int:
         self.allocated += int(nbytes)
@@ -642,11 +653,14 @@ class EmulatedDriver(RecordingDriver):
     def run_pending(self, count: int) -> None:
         work, self.pending = self.pending[:count], self.pending[count:]
         for item in work:
+            kernel = not callable(item) and len(item) == 5
+            if not kernel:  # ends a chain of programmatic launches
+                self.chain_start = None
             if callable(item):
                 item()
             elif item[0] == "event":
                 item[1].time = self.clock
-            else:
+            elif kernel:
                 self.run(*item)
 
     def synchronize(self):
@@ -686,12 +700,21 @@ class EmulatedDriver(RecordingDriver):
 
     def launch(self, fn, grid, block, args, shared_bytes=0, programmatic=False):
         super().launch(fn, grid, block, args, shared_bytes, programmatic)
-        self.enqueue((fn, grid, block, args))
+        self.enqueue((fn, grid, block, args, programmatic))
 
-    def run(self, fn, grid, block, args):
+    def run(self, fn, grid, block, args, programmatic=False):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         assert all(b == 1 for b in tuple(block)[1:]), "the kernels' blocks are 1-D"
         values = (ctypes.c_void_p * max(len(args), 1))(*[ctypes.addressof(a) for a in args])
+        self.lib.cpu_schedule(int(self.adversarial))
+        if self.adversarial and programmatic and self.chain_start is not None:
+            stale = [(b, self.chain_start[a]) for a, b in self.buffers.items()
+                     if a in self.chain_start and not np.array_equal(b, self.chain_start[a])]
+            self.lib.cpu_stale_memory(len(stale), (ctypes.c_void_p * max(len(stale), 1))(*[b.ctypes.data for b, _ in stale]),
+                                      (ctypes.c_size_t * max(len(stale), 1))(*[b.nbytes for b, _ in stale]),
+                                      (ctypes.c_void_p * max(len(stale), 1))(*[old.ctypes.data for _, old in stale]))
+        elif self.adversarial:
+            self.chain_start = {a: b.copy() for a, b in self.buffers.items()}
         assert self.lib.cpu_launch(fn.encode(), *grid, block[0], values) == 0, fn
         self.clock += self.cost(fn, grid, args)
 
@@ -706,4 +729,5 @@ class EmulatedDriver(RecordingDriver):
 
     def replay(self, executable):
         self.replays += 1
+        self.pending.append(("graph launch",))  # (waits for all before it: a chain of programmatic launches ends)
         self.pending.extend(executable)  # kernels' launches, or a stand-in cuBLAS's GEMMs (RecordingCublas)

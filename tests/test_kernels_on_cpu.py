@@ -235,6 +235,43 @@ BACKEND_CASES = {
 }
 
 
+def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False):
+    """BACKEND_CASES[case]'s engine (built under tmp_path the first time) on a CudaBackend over
+    the emulated kernels (EmulatedDriver, adversarial or not), the case's decode GEMV chosen; and
+    the case's token ids (prompt, 3 decode steps, a 40-token chunk)."""
+    from awq_edge.build import build_engine
+    from awq_edge.cuda_backend import CudaBackend
+    from awq_edge.decoder import decode_ops
+    from awq_edge.devices import resolve
+    from awq_edge.model import resolve_source
+    from awq_edge.synthetic import SHAPES, write_random_engine
+    from native_helpers import RecordingCublas, read_native_engine
+    from test_export_helpers import tiny_checkpoint
+
+    model_type, lm_head, overrides, fused, prompt, gemv, _ = BACKEND_CASES[case]
+    shape = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 64, "num_hidden_layers": 1, "max_position_embeddings": 512, **overrides}
+    engine = tmp_path / "engine"
+    if model_type == "random":
+        shape = {**SHAPES["smollm2-135m"], **shape, "hidden_size": 256, "intermediate_size": 512, "vocab_size": 512}
+    if engine.exists():
+        pass
+    elif model_type == "random":
+        write_random_engine(engine, shape, resolve("h200"), group_size=128, lm_head="int4")
+    else:
+        ckpt = tiny_checkpoint(tmp_path, model_type, resolve_source("smollm2"), **shape)
+        build_engine(str(ckpt), "h200", engine, backend="cuda", progress=False, lm_head_bits=lm_head)
+    manifest, info = read_native_engine(engine)
+    driver = EmulatedDriver(lib, adversarial)
+    cuda = CudaBackend(engine, manifest, info, prompt + 48, driver=driver)
+    cuda.ops = decode_ops(info.spec, fused=fused)
+    if model_type == "random":
+        cuda.set_prefill_path(RecordingCublas(driver), 64, 2 * 256 * 96)  # from 64 rows, slabs of 96 rows
+    cuda.set_decode_gemv(gemv)
+    ids = np.random.default_rng(5).integers(0, 256, prompt + 3 + 40).tolist()
+    return cuda, driver, info, ids
+
+
 @pytest.mark.parametrize("case", BACKEND_CASES)
 def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, case, tmp_path):
     """The cuda backend itself (cuda_backend.py: its launches, buffers, graphs) running every
@@ -245,35 +282,12 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     decode steps (graph replays: the fused GEMVs, split attention, the head), then a 40-token
     chunk (the GEMM, launched one by one: its padding does not fit the cache), each step's
     logits within fp16 rounding and the same argmax; then a token sampled on the device."""
-    from awq_edge.build import build_engine
-    from awq_edge.cuda_backend import CudaBackend
-    from awq_edge.devices import resolve
-    from awq_edge.synthetic import SHAPES, write_random_engine
-    from native_helpers import RecordingCublas
-    from awq_edge.decoder import decode_ops
-    from awq_edge.model import resolve_source
     from awq_edge.reference_backend import ReferenceBackend
-    from native_helpers import read_native_engine, teacher_forced
-    from test_export_helpers import tiny_checkpoint
+    from native_helpers import teacher_forced
 
-    model_type, lm_head, overrides, fused, prompt, gemv, expected = BACKEND_CASES[case]
-    shape = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
-             "head_dim": 64, "num_hidden_layers": 1, "max_position_embeddings": 512, **overrides}
-    if model_type == "random":
-        shape = {**SHAPES["smollm2-135m"], **shape, "hidden_size": 256, "intermediate_size": 512, "vocab_size": 512}
-        write_random_engine(tmp_path / "engine", shape, resolve("h200"), group_size=128, lm_head="int4")
-    else:
-        ckpt = tiny_checkpoint(tmp_path, model_type, resolve_source("smollm2"), **shape)
-        build_engine(str(ckpt), "h200", tmp_path / "engine", backend="cuda", progress=False, lm_head_bits=lm_head)
-    manifest, info = read_native_engine(tmp_path / "engine")
-    driver = EmulatedDriver(emulated)
-    cuda = CudaBackend(tmp_path / "engine", manifest, info, prompt + 48, driver=driver)
-    cuda.ops = decode_ops(info.spec, fused=fused)
-    if model_type == "random":
-        cuda.set_prefill_path(RecordingCublas(driver), 64, 2 * 256 * 96)  # from 64 rows, slabs of 96 rows
-    cuda.set_decode_gemv(gemv)
+    model_type, _, _, fused, prompt, gemv, expected = BACKEND_CASES[case]
+    cuda, driver, info, ids = emulated_backend(emulated, case, tmp_path)
     reference = ReferenceBackend(tmp_path / "engine", prompt + 48, info)
-    ids = np.random.default_rng(5).integers(0, 256, prompt + 3 + 40).tolist()
     errors, disagreements = teacher_forced(cuda, reference, ids[:prompt + 3], prompt)
     got, want = np.asarray(cuda.forward(ids[prompt + 3:])), reference.forward(ids[prompt + 3:])
     errors.append(float(np.linalg.norm(got - want) / np.linalg.norm(want)))
@@ -282,8 +296,8 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     assert max(errors) < 1e-2 and disagreements == [] and got.argmax() == want.argmax(), (errors, disagreements)
     assert cuda.sample_token(cuda.buf["logits"], SamplingSettings(0.0), ids, 0.0) == int(got.argmax())
     assert expected <= launched and "awq_sample_step" in driver.kernel_info, expected - launched
-    if gemv in ("auto", "tensor_cores_persistent") and fused and shape["hidden_size"] % 32 == 0:  # a persistent
-        # grid: fewer blocks than tiles somewhere
+    if gemv in ("auto", "tensor_cores_persistent") and fused and info.spec.hidden % 32 == 0:  # a
+        # persistent grid: fewer blocks than tiles somewhere
         assert any(grid[0] < -(-args[5].value // 16) for fn, grid, _, args in driver.launches
                    if fn.startswith("awq_gemv_tc_")), "no persistent grid"
     # graphs: the prompt's chunks (padded: 9 -> 12, 20 -> 24, 70 -> 96 rows; 300 = 256 + 44 -> 48) and
@@ -291,6 +305,31 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     chunk_graphs = 1 if prompt <= 256 else 2
     assert (driver.captures, driver.replays) == (chunk_graphs + 1, chunk_graphs + 3)
     assert model_type != "random" or cuda.cublas.calls  # (the 70-row prompt, the 40-row chunk is below 64)
+
+
+@pytest.mark.parametrize("case", ["llama-int4-head-cuda-cores", "qwen2-ragged", "llama-tensor-core-gemv"])
+def test_the_cuda_backends_kernels_give_the_same_bits_in_any_order_a_gpu_may_run_them(emulated, case, tmp_path):
+    """Races the plain emulation cannot see: the case's prompt, decode steps, chunk and a token
+    sampled on the device (top-k, top-p, a penalty), run again in emulate.h's adversarial
+    schedule: a block's threads in reverse between barriers (a read of shared memory another
+    thread writes with no barrier between reads the other value), blocks in reverse, cp.async
+    copies landed at issue (a stage refilled while others still read it), and every programmatic
+    launch's blocks run up to their wait_for_previous_kernel() on the memory from before its
+    chain's first kernel (pdl.cuh: reading anything but the weights or what earlier graph launches
+    wrote before that wait). Every logit and the token the same, bit for bit."""
+    runs = []
+    for adversarial in (False, True):
+        cuda, driver, _, ids = emulated_backend(emulated, case, tmp_path, adversarial)
+        prompt = BACKEND_CASES[case][4]
+        logits = [np.array(cuda.forward(step)) for step in [ids[:prompt], *[[t] for t in ids[prompt:prompt + 3]],
+                                                            ids[prompt + 3:]]]
+        token = cuda.sample_token(cuda.buf["logits"], SamplingSettings(0.9, 20, 0.9, 1.3), ids, 0.37)
+        logits.append(np.array(cuda.forward([token])))
+        runs.append((logits, token, driver.launch_count))
+    (plain, plain_token, launches), (adversarial, adversarial_token, adversarial_launches) = runs
+    assert launches == adversarial_launches and plain_token == adversarial_token
+    for step, (a, b) in enumerate(zip(plain, adversarial)):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"step {step}: {np.abs(a - b).max()}"
 
 
 def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_path):

@@ -28,6 +28,8 @@ __device__ __forceinline__ void let_next_kernel_start() {
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#elif defined(AWQ_EDGE_CPU_EMULATION)  // tests/cuda_on_cpu: what came before it may run on stale memory
+    emulated_wait_for_previous_kernel();
 #endif
 }
 

@@ -6,6 +6,14 @@
 // checks is the kernels' logic (indices, synchronization, what the collectives return, the
 // fragment layouts of mma.sync), not their speed or anything the GPU's memory does differently.
 //
+// That order is one of many a GPU may run. `schedule.adversarial` (cpu_schedule, launch.cpp) runs
+// another at every point where the GPU is free to differ: a block's threads in reverse order
+// between barriers (a thread reading what another writes without a barrier between now reads the
+// other value), blocks in reverse order, each cp.async copy landed at its issue (the earliest),
+// and, for a launch given stale memory (cpu_stale_memory: what a programmatic dependent launch may
+// still see, pdl.cuh), each block run before wait_for_previous_kernel() on that memory. A kernel
+// free of races gives the same bits either way (tests/test_kernels_on_cpu.py compares them).
+//
 // Included before each kernel file (g++ -include; tests/test_kernels_on_cpu.py builds them),
 // whose kernels a generated line AWQ_EMULATE(name) each registers; `cpu_launch` (launch.cpp)
 // runs one by name with the driver API's arguments (an array of pointers to the values).
@@ -87,12 +95,28 @@ struct Warp {
     unsigned char slot[kWarp][kSlotBytes];
 };
 
+struct Schedule {
+    bool adversarial = false;
+};
+
+// Bytes an earlier kernel wrote that a programmatic dependent launch may still see before its
+// wait_for_previous_kernel(): each block starts on `before`, and the bytes of then (`now`) are put
+// back once its threads all wait (or, if some wait at a __syncthreads instead, once none can run).
+struct StaleBytes {
+    unsigned char* at;
+    std::vector<unsigned char> before, now;
+};
+
 inline ucontext_t scheduler;
 inline std::vector<Fiber> fibers(kMaxThreads);
 inline Meeting block_meeting;
 inline CopyQueue copy_queues[kMaxThreads];
 inline Warp warps[kMaxThreads / kWarp];
 inline const std::function<void()>* running_kernel = nullptr;
+inline Schedule schedule;
+inline std::vector<StaleBytes> stale;  // for the next launch only
+inline Meeting previous_kernel;        // the threads waiting in wait_for_previous_kernel()
+inline bool previous_done = true;      // this block's stale bytes put back
 inline uint3 grid_dim{1, 1, 1}, block_dim{1, 1, 1}, block_index{0, 0, 0}, thread_index{0, 0, 0};
 
 inline int lane() { return static_cast<int>(thread_index.x) % kWarp; }
@@ -119,11 +143,40 @@ inline void leave(Meeting& m) {  // an exited GPU thread no longer counts for __
     if (--m.party > 0 && m.arrived == m.party) release(m);
 }
 
+inline void finish_previous_kernel() {
+    if (previous_done) return;
+    for (auto& s : stale) std::memcpy(s.at, s.now.data(), s.now.size());
+    previous_done = true;
+    release(previous_kernel);
+}
+
+inline void start_on_stale_bytes() {
+    previous_done = stale.empty();
+    previous_kernel = Meeting{block_meeting.party};
+    for (auto& s : stale) {
+        std::memcpy(s.now.data(), s.at, s.now.size());
+        std::memcpy(s.at, s.before.data(), s.before.size());
+    }
+}
+
+inline void wait_for_previous() {
+    if (previous_done) return;
+    Meeting& m = previous_kernel;
+    if (m.arrived + 1 == m.party) {
+        finish_previous_kernel();
+        return;
+    }
+    wait(m);
+}
+
 inline void fiber_main() {
     (*running_kernel)();
     current().done = true;
     leave(warp().meet);
     leave(block_meeting);
+    if (!previous_done && --previous_kernel.party > 0 && previous_kernel.arrived == previous_kernel.party) {
+        finish_previous_kernel();
+    }
 }  // (then uc_link: back to the scheduler)
 
 // Every lane's value, to every lane (then what each collective makes of them).
@@ -145,41 +198,49 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
     grid_dim = {grid.x, grid.y, grid.z};
     block_dim = {threads, 1, 1};
     running_kernel = &kernel;
-    for (unsigned z = 0; z < grid.z; ++z) {
-        for (unsigned y = 0; y < grid.y; ++y) {
-            for (unsigned x = 0; x < grid.x; ++x) {
-                block_index = {x, y, z};
-                block_meeting = Meeting{static_cast<int>(threads)};
-                for (unsigned w = 0; w * kWarp < threads; ++w) {
-                    warps[w].meet = Meeting{static_cast<int>(std::min<unsigned>(kWarp, threads - w * kWarp))};
-                }
-                for (unsigned t = 0; t < threads; ++t) {
-                    Fiber& f = fibers[t];
-                    copy_queues[t] = CopyQueue{};
-                    f.waiting = nullptr;
-                    f.done = false;
-                    getcontext(&f.context);
-                    f.context.uc_stack.ss_sp = f.stack.get();
-                    f.context.uc_stack.ss_size = kStackBytes;
-                    f.context.uc_link = &scheduler;
-                    makecontext(&f.context, fiber_main, 0);
-                }
-                for (unsigned left = threads; left > 0;) {  // round robin over the fibers that can run
-                    bool ran = false;
-                    for (unsigned t = 0; t < threads; ++t) {
-                        Fiber& f = fibers[t];
-                        if (f.done || (f.waiting != nullptr && f.waiting->phase == f.phase)) continue;
-                        f.waiting = nullptr;
-                        thread_index = {t, 0, 0};
-                        swapcontext(&scheduler, &f.context);
-                        ran = true;
-                        if (f.done) --left;
-                    }
-                    if (!ran) throw std::runtime_error("every thread of the block waits: a barrier not all reach");
-                }
+    const bool reversed = schedule.adversarial;
+    const size_t blocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
+    for (size_t b = 0; b < blocks; ++b) {
+        const size_t i = reversed ? blocks - 1 - b : b;
+        block_index = {static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
+                       static_cast<unsigned>(i / grid.x / grid.y)};
+        block_meeting = Meeting{static_cast<int>(threads)};
+        for (unsigned w = 0; w * kWarp < threads; ++w) {
+            warps[w].meet = Meeting{static_cast<int>(std::min<unsigned>(kWarp, threads - w * kWarp))};
+        }
+        for (unsigned t = 0; t < threads; ++t) {
+            Fiber& f = fibers[t];
+            copy_queues[t] = CopyQueue{};
+            f.waiting = nullptr;
+            f.done = false;
+            getcontext(&f.context);
+            f.context.uc_stack.ss_sp = f.stack.get();
+            f.context.uc_stack.ss_size = kStackBytes;
+            f.context.uc_link = &scheduler;
+            makecontext(&f.context, fiber_main, 0);
+        }
+        start_on_stale_bytes();
+        for (unsigned left = threads; left > 0;) {  // round robin over the fibers that can run
+            bool ran = false;
+            for (unsigned n = 0; n < threads; ++n) {
+                const unsigned t = reversed ? threads - 1 - n : n;
+                Fiber& f = fibers[t];
+                if (f.done || (f.waiting != nullptr && f.waiting->phase == f.phase)) continue;
+                f.waiting = nullptr;
+                thread_index = {t, 0, 0};
+                swapcontext(&scheduler, &f.context);
+                ran = true;
+                if (f.done) --left;
+            }
+            if (!ran && previous_kernel.arrived > 0 && !previous_done) {
+                finish_previous_kernel();  // (the others wait at a barrier: on a GPU they would not wait for these)
+            } else if (!ran) {
+                throw std::runtime_error("every thread of the block waits: a barrier not all reach");
             }
         }
+        finish_previous_kernel();
     }
+    stale.clear();
 }
 
 // Kernels by name, each called with the driver API's argument array (pointers to the values).
@@ -323,6 +384,10 @@ inline void emulated_mma_16816(float (&acc)[4], const uint32_t (&a)[4], const ui
 inline void emulated_copy_async(void* to, const void* from, int size, bool valid) {
     cuda_on_cpu::PendingCopy copy{to, {}, size};
     if (valid) std::memcpy(copy.bytes, from, size);  // else zeros, as src-size 0 writes
+    if (cuda_on_cpu::schedule.adversarial) {         // landed at once
+        std::memcpy(to, copy.bytes, size);
+        return;
+    }
     cuda_on_cpu::copy_queues[cuda_on_cpu::thread_index.x].open.push_back(copy);
 }
 
@@ -339,5 +404,7 @@ inline void emulated_wait_copies(int newest_pending) {
         queue.committed.erase(queue.committed.begin());
     }
 }
+
+inline void emulated_wait_for_previous_kernel() { cuda_on_cpu::wait_for_previous(); }
 
 }  // namespace awq_edge
