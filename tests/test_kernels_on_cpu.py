@@ -30,15 +30,24 @@ def emulated(tmp_path_factory):
     return lib
 
 
-def run(lib, name: str, grid: tuple, threads: int, args: list) -> None:
-    """One kernel over host arrays: args are numpy arrays (their addresses), ints or floats."""
+def run(lib, name: str, grid: tuple, threads: int, args: list, adversarial: bool = False) -> None:
+    """One kernel over host arrays: args are numpy arrays (their addresses), ints or floats; in
+    emulate.h's adversarial schedule or not."""
     values = [ptr(a.ctypes.data) if isinstance(a, np.ndarray) else f32(a) if isinstance(a, float) else i32(a)
               for a in args]
-    EmulatedDriver(lib).run(name, grid, (threads,), values)
+    EmulatedDriver(lib, adversarial).run(name, grid, (threads,), values)
 
 
+# The kernel tests below run each case twice: in the emulation's plain schedule (a cp.async copy
+# lands at its wait: a stage read too early is stale) and its adversarial one (threads and blocks
+# in reverse, copies landed at issue: a stage refilled while another warp still reads it is
+# overwritten; emulate.h).
+SCHEDULES = pytest.mark.parametrize("adversarial", [False, True], ids=["plain", "adversarial"])
+
+
+@SCHEDULES
 @pytest.mark.parametrize("vocab", [5, 100, 2049, 5000])
-def test_the_int4_heads_selection_kernels_choose_the_twins_set(emulated, vocab):
+def test_the_int4_heads_selection_kernels_choose_the_twins_set(emulated, vocab, adversarial):
     """awq_head_candidates: each slice's top 64 keys and ids exactly as its block plan has them;
     awq_head_rescore: the top 64 of those (lowest ids on ties, NaN last) recomputed from the
     table in place, every other logit untouched: on logits with ties within and across slices,
@@ -51,19 +60,19 @@ def test_the_int4_heads_selection_kernels_choose_the_twins_set(emulated, vocab):
     table = rng.standard_normal((vocab, hidden)).astype(np.float16)
     for logits in tie_heavy_logits(rng, vocab):
         keys, ids = np.full(slices * top_k, 7, np.uint32), np.full(slices * top_k, -7, np.int32)
-        run(emulated, "awq_head_candidates", (slices,), THREADS, [logits, vocab, length, top_k, keys, ids])
+        run(emulated, "awq_head_candidates", (slices,), THREADS, [logits, vocab, length, top_k, keys, ids], adversarial)
         want_keys, want_ids = head_candidates_twin(logits, vocab, length, top_k)
         assert np.array_equal(keys, want_keys.reshape(-1)) and np.array_equal(ids, want_ids.reshape(-1))
         got = logits.copy()
         run(emulated, "awq_head_rescore", (-(-top_k // 8),), THREADS,
-            [keys, ids, slices * top_k, top_k, x, table, hidden, 30.0, got])
+            [keys, ids, slices * top_k, top_k, x, table, hidden, 30.0, got], adversarial)
         chosen = twin_head_top_k(logits, top_k)
         assert np.allclose(got[chosen], twin_lm_head(x, table[chosen], 30.0), rtol=1e-5, atol=1e-5)
         others = np.setdiff1d(np.arange(vocab), chosen)
         assert np.array_equal(got[others], logits[others], equal_nan=True)
 
 
-def sample_on_cpu(lib, logits: np.ndarray, settings: SamplingSettings, seen, uniform: float):
+def sample_on_cpu(lib, logits: np.ndarray, settings: SamplingSettings, seen, uniform: float, adversarial=False):
     """(token, the history after the step) of awq_sample_step, the cuda backend's sampler."""
     vocab = logits.size
     history = np.zeros(64, np.int32)
@@ -73,14 +82,15 @@ def sample_on_cpu(lib, logits: np.ndarray, settings: SamplingSettings, seen, uni
     draw = np.array([uniform], np.float32)
     run(lib, "awq_sample_step", (1,), THREADS,
         [logits, vocab, history, n_seen, history.size, float(settings.repetition_penalty),
-         float(settings.temperature), settings.top_k, float(settings.top_p), draw, work, token])
+         float(settings.temperature), settings.top_k, float(settings.top_p), draw, work, token], adversarial)
     return int(token[0]), history[:int(n_seen[0])].tolist()
 
 
+@SCHEDULES
 @pytest.mark.parametrize("temperature, top_k, top_p, penalty", [
     (0.0, 50, 0.95, 1.0), (0.0, 0, 1.0, 1.3), (0.7, 50, 0.95, 1.0), (1.0, 0, 0.9, 1.0), (1.2, 300, 0.5, 1.1),
     (0.5, 1, 1.0, 1.0)])
-def test_the_decode_sampler_picks_the_host_samplers_token(emulated, temperature, top_k, top_p, penalty):
+def test_the_decode_sampler_picks_the_host_samplers_token(emulated, temperature, top_k, top_p, penalty, adversarial):
     """awq_sample_step on the CPU against sampling.choose_token: the same token for the same
     draw (greedy always; else at least 3 of 4 draws, float rounding at a boundary aside, and
     always one of the host's kept ids), appended to the device history; NaN logits never win,
@@ -94,7 +104,7 @@ def test_the_decode_sampler_picks_the_host_samplers_token(emulated, temperature,
         logits[nan_ids] = np.nan
         seen = rng.integers(0, vocab, 10).tolist()
         for u in rng.random(2):
-            got, history = sample_on_cpu(emulated, logits, settings, seen, float(u))
+            got, history = sample_on_cpu(emulated, logits, settings, seen, float(u), adversarial)
             assert history == seen + [got] and got not in nan_ids
             want = choose_token(logits, settings, seen, float(u))
             agree += got == want
@@ -102,18 +112,19 @@ def test_the_decode_sampler_picks_the_host_samplers_token(emulated, temperature,
     assert agree >= 3
     ties = np.zeros(2000, np.float32)
     ties[[1500, 17, 900]] = 5.0
-    assert sample_on_cpu(emulated, ties, SamplingSettings(0.0), [], 0.0)[0] == 17
+    assert sample_on_cpu(emulated, ties, SamplingSettings(0.0), [], 0.0, adversarial)[0] == 17
     close = np.zeros(2000, np.float32)
     close[[17, 900]] = 5.0, 4.9  # top-k 1 keeps 17 alone, however high the draw
-    assert sample_on_cpu(emulated, close, SamplingSettings(1.0, 1, 1.0), [], 0.99)[0] == 17
+    assert sample_on_cpu(emulated, close, SamplingSettings(1.0, 1, 1.0), [], 0.99, adversarial)[0] == 17
 
 
+@SCHEDULES
 @pytest.mark.parametrize("kernel, m", [("awq_gemv_mma_g32", 8), ("awq_gemv_mma_g32", 3), ("awq_gemv_mma32_g32", 8),
                                        ("awq_gemv_mma32_g128", 3), ("awq_gemv_mma_x16_g64", 9),
                                        ("awq_gemv_mma_x16_g128", 16), ("awq_gemv_mma_x32_g32", 17),
                                        ("awq_gemv_mma_x32_g128", 32)])
 @pytest.mark.parametrize("n, k", [(72, 576), (40, 256), (40, 2176)])
-def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k):
+def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k, adversarial):
     """The tensor-core GEMV with 16 and 32 rows a block, and for up to 16 and 32 rows of x in one
     pass (B tiles of 8 rows, the last one partly past M): N = 72 and 40 leave a block's second
     tile (of 32 rows) or half a tile outside, K = 576 windows some warps have nothing of, and
@@ -126,14 +137,16 @@ def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k):
     x = rng.standard_normal((m, k)).astype(np.float16)
     y = np.full((m, n), np.nan, np.float16)
     rows = 32 if "mma32" in kernel else 16
-    run(emulated, kernel, (-(-n // rows),), 128, [x, packed["qweight"], packed["scales"], packed["zeros"], y, m, n, k])
+    run(emulated, kernel, (-(-n // rows),), 128, [x, packed["qweight"], packed["scales"], packed["zeros"], y, m, n, k],
+        adversarial)
     want = x.astype(np.float32) @ dequantize(q, scales, zeros, g).astype(np.float16).astype(np.float32).T
     assert np.abs(y.astype(np.float32) - want).max() <= 2e-3 * np.abs(want).max()
 
 
+@SCHEDULES
 @pytest.mark.parametrize("splits, m, n, k, g", [(3, 70, 72, 576, 128), (2, 40, 136, 200, 32), (1, 5, 40, 96, 64),
                                                  (1, 65, 128, 40, 32)])
-def test_the_gemm_with_k_split_gives_x_times_w_hat(emulated, splits, m, n, k, g):
+def test_the_gemm_with_k_split_gives_x_times_w_hat(emulated, splits, m, n, k, g, adversarial):
     """awq_gemm_g{G}_v{V} over gridDim.z splits of its K steps (uneven shares; K = 200 and 40: one-word
     copies and a short last step; K = 40 and 96: fewer steps than the pipeline copies ahead; N = 72
     and 136: tiles of 128 rows partly past N), each split's accumulators summed by the output
@@ -151,45 +164,49 @@ def test_the_gemm_with_k_split_gives_x_times_w_hat(emulated, splits, m, n, k, g)
         x = rng.standard_normal((m, k)).astype(np.float16)
         y = np.full((m, n), np.nan, np.float16)
         run(emulated, f"awq_gemm_g{g}_v{int(k % 32 == 0)}", grid, GEMM_THREADS,
-            [x, packed["qweight"], packed["scales"], packed["zeros"], y, m, n, k, partials, counters])
+            [x, packed["qweight"], packed["scales"], packed["zeros"], y, m, n, k, partials, counters], adversarial)
         want = x.astype(np.float32) @ dequantize(q, scales, zeros, g).astype(np.float16).astype(np.float32).T
         assert np.abs(y.astype(np.float32) - want).max() <= 2e-3 * np.abs(want).max()
         assert not counters.any()
 
 
+@SCHEDULES
 @pytest.mark.parametrize("blocks", [None, 3], ids=["block-a-tile", "persistent"])
 @pytest.mark.parametrize("k, n, group_size", [(576, 192, 128), (256, 200, 64), (512, 256, 32)])
 @pytest.mark.parametrize("fusion", GEMV_FUSIONS)
-def test_the_tensor_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, group_size, blocks):
+def test_the_tensor_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, group_size, blocks, adversarial):
     """awq_gemv_tc_* (gemv_tc: the window sums scaled after the mma at G = 128, dequantized
     operands at G = 32 and 64) with every fusion, against the twins, on a block a tile and on 3
     blocks taking 4-6 tiles each: K = 576 and 256 leave some of the 8 warps without a window and
     a window half empty, N = 200 half a tile."""
     if fusion.endswith("rope") and n % 64:
         pytest.skip("q/k/v rows are whole heads of 64")
-    err = fused_gemv_error(EmulatedDriver(emulated), f"awq_gemv_tc_{fusion}_g{group_size}", fusion, k, n, group_size,
+    err = fused_gemv_error(EmulatedDriver(emulated, adversarial), f"awq_gemv_tc_{fusion}_g{group_size}", fusion, k, n, group_size,
                            tensor_cores=True, blocks=blocks)
     assert err < 5e-3, err
 
 
+@SCHEDULES
 @pytest.mark.parametrize("d, heads, past, rows, window, softcap", [(256, (2, 1), 40, 37, 9, 0.0),
                                                                  (256, (2, 2), 0, 70, 0, 30.0),
                                                                  (128, (4, 2), 100, 20, 0, 0.0)])
-def test_the_tensor_core_prefill_attention_matches_its_twin(emulated, d, heads, past, rows, window, softcap):
+def test_the_tensor_core_prefill_attention_matches_its_twin(emulated, d, heads, past, rows, window, softcap,
+                                                           adversarial):
     """awq_attend_mma (32-key tiles at head size 256): a window shorter than a warp's tokens, GQA, a
     last block of 6 tokens, the soft-cap; outputs poisoned with NaN."""
-    driver = EmulatedDriver(emulated)
+    driver = EmulatedDriver(emulated, adversarial)
     err = prefill_attention_error(driver, f"awq_attend_mma_d{d}", "mma", d, heads, past, rows, window, softcap)
     assert err < 5e-3, err
 
 
+@SCHEDULES
 @pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (4, 2), 100, 0.0),
                                                        (256, (2, 2), 0, 50.0)])
-def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window, softcap):
+def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window, softcap, adversarial):
     """awq_attend_split over a 400-row cache at positions 300 and 301: full tiles of 128 keys (the
     value walk's batched loads and its remainder), splits past the position or before the window,
     and the per-head counters reset between the two steps."""
-    for pos, err in split_attention_errors(EmulatedDriver(emulated), f"awq_attend_split_d{d}", d, heads, window,
+    for pos, err in split_attention_errors(EmulatedDriver(emulated, adversarial), f"awq_attend_split_d{d}", d, heads, window,
                                            softcap, 400, (300, 301)):
         assert err < 5e-3, (pos, err)
 
