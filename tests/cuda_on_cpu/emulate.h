@@ -7,9 +7,11 @@
 // fragment layouts of mma.sync), not their speed or anything the GPU's memory does differently.
 //
 // That order is one of many a GPU may run. `schedule.adversarial` (cpu_schedule, launch.cpp) runs
-// another at every point where the GPU is free to differ: a block's threads in reverse order
-// between barriers (a thread reading what another writes without a barrier between now reads the
-// other value), blocks in reverse order, each cp.async copy landed at its issue (the earliest),
+// another at every point where the GPU is free to differ: a block's warps one at a time from the
+// last, each as far as it goes before the next (to a __syncthreads: warps drift apart as they may
+// on a GPU, where the round robin keeps them in step at every shuffle and mma), its lanes in
+// reverse (a thread reading what another writes without a barrier between now reads the other
+// value), blocks in reverse order, each cp.async copy landed at its issue (the earliest),
 // and, for a launch given stale memory (cpu_stale_memory: what a programmatic dependent launch may
 // still see, pdl.cuh), each block run before wait_for_previous_kernel() on that memory. A kernel
 // free of races gives the same bits either way (tests/test_kernels_on_cpu.py compares them).
@@ -220,17 +222,28 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
             makecontext(&f.context, fiber_main, 0);
         }
         start_on_stale_bytes();
-        for (unsigned left = threads; left > 0;) {  // round robin over the fibers that can run
+        unsigned left = threads;
+        const auto run_fiber = [&](unsigned t) {  // until it waits or returns; false if it cannot run
+            Fiber& f = fibers[t];
+            if (f.done || (f.waiting != nullptr && f.waiting->phase == f.phase)) return false;
+            f.waiting = nullptr;
+            thread_index = {t, 0, 0};
+            swapcontext(&scheduler, &f.context);
+            if (f.done) --left;
+            return true;
+        };
+        while (left > 0) {
             bool ran = false;
-            for (unsigned n = 0; n < threads; ++n) {
-                const unsigned t = reversed ? threads - 1 - n : n;
-                Fiber& f = fibers[t];
-                if (f.done || (f.waiting != nullptr && f.waiting->phase == f.phase)) continue;
-                f.waiting = nullptr;
-                thread_index = {t, 0, 0};
-                swapcontext(&scheduler, &f.context);
-                ran = true;
-                if (f.done) --left;
+            if (!reversed) {  // round robin over the fibers that can run
+                for (unsigned t = 0; t < threads; ++t) ran |= run_fiber(t);
+            } else {  // the last warp first, each as far as it goes (to a __syncthreads), lanes in reverse
+                for (unsigned w = (threads + kWarp - 1) / kWarp; w-- > 0;) {
+                    for (bool again = true; again;) {
+                        again = false;
+                        for (unsigned t = std::min(threads, (w + 1) * kWarp); t-- > w * kWarp;) again |= run_fiber(t);
+                        ran |= again;
+                    }
+                }
             }
             if (!ran && previous_kernel.arrived > 0 && !previous_done) {
                 finish_previous_kernel();  // (the others wait at a barrier: on a GPU they would not wait for these)
