@@ -35,11 +35,14 @@ from contextlib import contextmanager
 import numpy as np
 
 
-def teacher_forced(backend, reference, ids: list[int], prompt: int, margin: float = 4.0):
-    """(errors per step, steps whose argmax differs by more than a near-tie)."""
+def teacher_forced(backend, reference, ids: list[int], prompt: int, margin: float = 4.0, logits=None):
+    """(errors per step, steps whose argmax differs by more than a near-tie); the backend's logits
+    of each step appended to `logits` if given."""
     errors, disagreements = [], []
     for step in [ids[:prompt]] + [[t] for t in ids[prompt:]]:
         a, b = np.asarray(backend.forward(step)), np.asarray(reference.forward(step))
+        if logits is not None:
+            logits.append(a.copy())
         errors.append(float(np.linalg.norm(a - b) / np.linalg.norm(b)))
         if a.argmax() != b.argmax() and not near_tie(b, a.argmax(), margin * errors[-1] * np.abs(b).max()):
             disagreements.append(len(errors) - 1)

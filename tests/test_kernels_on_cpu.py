@@ -298,15 +298,24 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     rows; each chunk padded and replayed as a graph, its tail launched for its real last row), 3
     decode steps (graph replays: the fused GEMVs, split attention, the head), then a 40-token
     chunk (the GEMM, launched one by one: its padding does not fit the cache), each step's
-    logits within fp16 rounding and the same argmax; then a token sampled on the device."""
+    logits within fp16 rounding and the same argmax; then a token sampled on the device.
+
+    Then races the plain emulation cannot see: the same steps, and a token sampled with top-k,
+    top-p and a penalty and fed, on a second backend in emulate.h's adversarial schedule (warps
+    one at a time, each to its next barrier; lanes and blocks in reverse; cp.async copies landed
+    at issue; every programmatic launch's blocks run up to their wait_for_previous_kernel() on
+    the memory from before its chain's first kernel: pdl.cuh's contract) give every logit and
+    the token bit for bit."""
     from awq_edge.reference_backend import ReferenceBackend
     from native_helpers import teacher_forced
 
     model_type, _, _, fused, prompt, gemv, expected = BACKEND_CASES[case]
     cuda, driver, info, ids = emulated_backend(emulated, case, tmp_path)
     reference = ReferenceBackend(tmp_path / "engine", prompt + 48, info)
-    errors, disagreements = teacher_forced(cuda, reference, ids[:prompt + 3], prompt)
+    plain_logits = []
+    errors, disagreements = teacher_forced(cuda, reference, ids[:prompt + 3], prompt, logits=plain_logits)
     got, want = np.asarray(cuda.forward(ids[prompt + 3:])), reference.forward(ids[prompt + 3:])
+    plain_logits.append(got.copy())
     errors.append(float(np.linalg.norm(got - want) / np.linalg.norm(want)))
     launched = {fn for fn, *_ in driver.launches}
     print(f"{case}: errors {max(errors):.1e}, {driver.launch_count} launches of {len(launched)} kernels")
@@ -323,29 +332,16 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     assert (driver.captures, driver.replays) == (chunk_graphs + 1, chunk_graphs + 3)
     assert model_type != "random" or cuda.cublas.calls  # (the 70-row prompt, the 40-row chunk is below 64)
 
-
-@pytest.mark.parametrize("case", ["llama-int4-head-cuda-cores", "qwen2-ragged", "llama-tensor-core-gemv"])
-def test_the_cuda_backends_kernels_give_the_same_bits_in_any_order_a_gpu_may_run_them(emulated, case, tmp_path):
-    """Races the plain emulation cannot see: the case's prompt, decode steps, chunk and a token
-    sampled on the device (top-k, top-p, a penalty), run again in emulate.h's adversarial
-    schedule: a block's threads in reverse between barriers (a read of shared memory another
-    thread writes with no barrier between reads the other value), blocks in reverse, cp.async
-    copies landed at issue (a stage refilled while others still read it), and every programmatic
-    launch's blocks run up to their wait_for_previous_kernel() on the memory from before its
-    chain's first kernel (pdl.cuh: reading anything but the weights or what earlier graph launches
-    wrote before that wait). Every logit and the token the same, bit for bit."""
-    runs = []
-    for adversarial in (False, True):
-        cuda, driver, _, ids = emulated_backend(emulated, case, tmp_path, adversarial)
-        prompt = BACKEND_CASES[case][4]
-        logits = [np.array(cuda.forward(step)) for step in [ids[:prompt], *[[t] for t in ids[prompt:prompt + 3]],
-                                                            ids[prompt + 3:]]]
-        token = cuda.sample_token(cuda.buf["logits"], SamplingSettings(0.9, 20, 0.9, 1.3), ids, 0.37)
-        logits.append(np.array(cuda.forward([token])))
-        runs.append((logits, token, driver.launch_count))
-    (plain, plain_token, launches), (adversarial, adversarial_token, adversarial_launches) = runs
-    assert launches == adversarial_launches and plain_token == adversarial_token
-    for step, (a, b) in enumerate(zip(plain, adversarial)):
+    sampled = SamplingSettings(0.9, 20, 0.9, 1.3)
+    token = cuda.sample_token(cuda.buf["logits"], sampled, ids, 0.37)
+    plain_logits.append(np.asarray(cuda.forward([token])).copy())
+    adversarial, _, _, _ = emulated_backend(emulated, case, tmp_path, adversarial=True)
+    steps = [ids[:prompt], *[[t] for t in ids[prompt:prompt + 3]], ids[prompt + 3:]]
+    again = [np.asarray(adversarial.forward(step)).copy() for step in steps]
+    assert adversarial.sample_token(adversarial.buf["logits"], SamplingSettings(0.0), ids, 0.0) == int(got.argmax())
+    assert adversarial.sample_token(adversarial.buf["logits"], sampled, ids, 0.37) == token
+    again.append(np.asarray(adversarial.forward([token])).copy())
+    for step, (a, b) in enumerate(zip(plain_logits, again)):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"step {step}: {np.abs(a - b).max()}"
 
 
