@@ -89,7 +89,7 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
     """Build ENGINE from SRC for DEVICE; returns the manifest.
 
     lm_head_bits ("auto" | None | 8 | 4) is passed to the CPU (`ort`) export: see docs/export.md.
-    A cuda engine's head is int8 for "auto" and 8, fp16 for None (float); 4 is refused."""
+    A cuda engine's head is int8 for "auto" and 8, int4 for 4 (an int4 GEMV and a re-scored top 64), fp16 for None."""
     from .memory import parse_size
 
     dev = resolve_for_build(device, backend)

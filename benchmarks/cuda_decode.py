@@ -368,12 +368,12 @@ def main() -> int:
                 print(format_row(row), flush=True)
     for shape in shapes:
         by = {r["runtime"]: r for r in rows if r["shape"] == shape}
-        ours = by["awq-edge"]["decode_tok_s"]
         for n in PREFILL_ROWS:
-            ours, blas, l2 = (by["awq-edge"].get(f"prefill_{n}_{path}_ms") for path in ("ours", "cublas", "cublas_l2"))
-            if ours and blas:
-                print(f"{shape}: a {n}-row prefill chunk: our kernels {ours:.2f} ms, dequantize + cuBLAS {blas:.2f} ms "
-                      f"(cuBLAS {ours / blas:.2f}x faster)" + (f", with L2-sized slabs {l2:.2f} ms" if l2 else ""))
+            mine, blas, l2 = (by["awq-edge"].get(f"prefill_{n}_{path}_ms") for path in ("ours", "cublas", "cublas_l2"))
+            if mine and blas:
+                print(f"{shape}: a {n}-row prefill chunk: our kernels {mine:.2f} ms, dequantize + cuBLAS {blas:.2f} ms "
+                      f"(cuBLAS {mine / blas:.2f}x faster)" + (f", with L2-sized slabs {l2:.2f} ms" if l2 else ""))
+        ours = by["awq-edge"]["decode_tok_s"]  # (printed until 2026-12-05 as the last prefill time / the peer's tok/s)
         for peer in ("torch-fp16", "torch-int4"):
             if ours and by[peer]["decode_tok_s"]:
                 print(f"{shape}: awq-edge / {peer} decode = {ours / by[peer]['decode_tok_s']:.2f}x")

@@ -83,6 +83,9 @@ def main() -> int:
     if gpu is None:
         return 2
     device = profile_for_arch(gpu.arch)
+    if device is None:
+        print(f"error: no device profile has the arch {gpu.arch}; add one under devices/", file=sys.stderr)
+        return 2
     rows, failures = [], []
     with tempfile.TemporaryDirectory(prefix="awq-edge-head-") as tmp:
         for shape_name, vocab, hidden in HEADS:
