@@ -579,8 +579,8 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     if cxx is None or include is None:
         return None
     here, out = Path(__file__).parent / "cuda_on_cpu", Path(out_dir)
-    flags = ["-std=c++20", "-O1", "-pthread", "-fPIC", "-w", "-I", str(plugins.PLUGINS_DIR / "kernels"),
-             "-isystem", str(include), "-include", str(here / "emulate.h")]
+    flags = ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-pthread", "-fPIC", "-w",
+             "-I", str(plugins.PLUGINS_DIR / "kernels"), "-isystem", str(include), "-include", str(here / "emulate.h")]
     sources = {"launch": here / "launch.cpp"}
     extra = {"gemv_w4a16": [f"awq_gemv_mma32_g{g}" for g in (32, 64, 128)],  # measured, not yet launched
              "persistent_step": ["awq_step_skeleton", "awq_step_skeleton_queue"]}
@@ -713,9 +713,10 @@ class EmulatedDriver(RecordingDriver):
         if self.adversarial and programmatic and self.chain_start is not None:
             stale = [(b, self.chain_start[a]) for a, b in self.buffers.items()
                      if a in self.chain_start and not np.array_equal(b, self.chain_start[a])]
-            self.lib.cpu_stale_memory(len(stale), (ctypes.c_void_p * max(len(stale), 1))(*[b.ctypes.data for b, _ in stale]),
-                                      (ctypes.c_size_t * max(len(stale), 1))(*[b.nbytes for b, _ in stale]),
-                                      (ctypes.c_void_p * max(len(stale), 1))(*[old.ctypes.data for _, old in stale]))
+            n = max(len(stale), 1)
+            self.lib.cpu_stale_memory(len(stale), (ctypes.c_void_p * n)(*[b.ctypes.data for b, _ in stale]),
+                                      (ctypes.c_size_t * n)(*[b.nbytes for b, _ in stale]),
+                                      (ctypes.c_void_p * n)(*[old.ctypes.data for _, old in stale]))
         elif self.adversarial:
             self.chain_start = {a: b.copy() for a, b in self.buffers.items()}
         assert self.lib.cpu_launch(fn.encode(), *grid, block[0], values) == 0, fn

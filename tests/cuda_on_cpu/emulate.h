@@ -22,6 +22,7 @@
 #pragma once
 
 #include <atomic>
+#include <setjmp.h>
 #include <ucontext.h>
 #include <cmath>
 #include <cstdint>
@@ -63,15 +64,20 @@ constexpr int kSlotBytes = 64;
 constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 128 << 10;
 
-// A block's threads are fibers on one OS thread (ucontext), each run until it waits at a barrier
-// or returns: a switch costs no system wakeup, and every run is the same interleaving.
+// A block's threads are fibers on one OS thread, each run until it waits at a barrier or returns:
+// a switch costs no system wakeup, and every run is the same interleaving. A fiber's stack is made
+// with makecontext and entered once with setcontext; every switch after is _setjmp/_longjmp, which
+// leave the signal mask alone (swapcontext saves and sets it: two system calls a switch, most of
+// the emulation's time). (Built with _FORTIFY_SOURCE off: its longjmp check refuses another stack.)
 struct Meeting {  // a barrier whose party is the threads still running the block
     int party = 0, arrived = 0;
     uint64_t phase = 0;
 };
 
 struct Fiber {
-    ucontext_t context;
+    ucontext_t context;  // its first entry
+    jmp_buf resume;      // where it waits
+    bool started = false;
     std::unique_ptr<char[]> stack{new char[kStackBytes]};
     const Meeting* waiting = nullptr;  // the meeting it waits at, and that meeting's phase then
     uint64_t phase = 0;
@@ -109,7 +115,7 @@ struct StaleBytes {
     std::vector<unsigned char> before, now;
 };
 
-inline ucontext_t scheduler;
+inline jmp_buf scheduler;
 inline std::vector<Fiber> fibers(kMaxThreads);
 inline Meeting block_meeting;
 inline CopyQueue copy_queues[kMaxThreads];
@@ -138,7 +144,7 @@ inline void wait(Meeting& m) {
     Fiber& self = current();
     self.waiting = &m;
     self.phase = m.phase;
-    swapcontext(&self.context, &scheduler);
+    if (_setjmp(self.resume) == 0) _longjmp(scheduler, 1);
 }
 
 inline void leave(Meeting& m) {  // an exited GPU thread no longer counts for __syncthreads
@@ -179,7 +185,8 @@ inline void fiber_main() {
     if (!previous_done && --previous_kernel.party > 0 && previous_kernel.arrived == previous_kernel.party) {
         finish_previous_kernel();
     }
-}  // (then uc_link: back to the scheduler)
+    _longjmp(scheduler, 1);  // (never returns: its stack is made anew for the next block)
+}
 
 // Every lane's value, to every lane (then what each collective makes of them).
 template <typename T>
@@ -215,10 +222,11 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
             copy_queues[t] = CopyQueue{};
             f.waiting = nullptr;
             f.done = false;
+            f.started = false;
             getcontext(&f.context);
             f.context.uc_stack.ss_sp = f.stack.get();
             f.context.uc_stack.ss_size = kStackBytes;
-            f.context.uc_link = &scheduler;
+            f.context.uc_link = nullptr;
             makecontext(&f.context, fiber_main, 0);
         }
         start_on_stale_bytes();
@@ -228,7 +236,13 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
             if (f.done || (f.waiting != nullptr && f.waiting->phase == f.phase)) return false;
             f.waiting = nullptr;
             thread_index = {t, 0, 0};
-            swapcontext(&scheduler, &f.context);
+            if (_setjmp(scheduler) == 0) {
+                if (!f.started) {
+                    f.started = true;
+                    setcontext(&f.context);
+                }
+                _longjmp(f.resume, 1);
+            }
             if (f.done) --left;
             return true;
         };
