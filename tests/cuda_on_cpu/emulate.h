@@ -7,11 +7,12 @@
 // fragment layouts of mma.sync), not their speed or anything the GPU's memory does differently.
 //
 // That order is one of many a GPU may run. `schedule.adversarial` (cpu_schedule, launch.cpp) runs
-// another at every point where the GPU is free to differ: a block's warps one at a time from the
-// last, each as far as it goes before the next (to a __syncthreads: warps drift apart as they may
-// on a GPU, where the round robin keeps them in step at every shuffle and mma), its lanes in
-// reverse (a thread reading what another writes without a barrier between now reads the other
-// value), blocks in reverse order, each cp.async copy landed at its issue (the earliest),
+// another at every point where the GPU is free to differ: a block's warps one at a time, each as
+// far as it goes before the next (to a __syncthreads: warps drift apart as they may on a GPU,
+// where the round robin keeps them in step at every shuffle and mma), from the last warp and lane
+// in one round and from the first in the next (a thread reading what another writes without a
+// barrier between reads the other value, one way or the other), blocks in reverse order, each
+// cp.async copy landed at its issue (the earliest),
 // and, for a launch given stale memory (cpu_stale_memory: what a programmatic dependent launch may
 // still see, pdl.cuh), each block run before wait_for_previous_kernel() on that memory. A kernel
 // free of races gives the same bits either way (tests/test_kernels_on_cpu.py compares them).
@@ -246,15 +247,22 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
             if (f.done) --left;
             return true;
         };
-        while (left > 0) {
+        const unsigned warp_count = (threads + kWarp - 1) / kWarp;
+        for (bool backwards = true; left > 0; backwards = !backwards) {
             bool ran = false;
             if (!reversed) {  // round robin over the fibers that can run
                 for (unsigned t = 0; t < threads; ++t) ran |= run_fiber(t);
-            } else {  // the last warp first, each as far as it goes (to a __syncthreads), lanes in reverse
-                for (unsigned w = (threads + kWarp - 1) / kWarp; w-- > 0;) {
+            } else {  // a warp at a time, each as far as it goes (to a __syncthreads): from the last
+                // warp and lane in one round, from the first in the next, so that of two warps
+                // racing between barriers each runs ahead of the other in turn
+                for (unsigned n = 0; n < warp_count; ++n) {
+                    const unsigned w = backwards ? warp_count - 1 - n : n;
+                    const unsigned first = w * kWarp, lanes = std::min(threads - first, static_cast<unsigned>(kWarp));
                     for (bool again = true; again;) {
                         again = false;
-                        for (unsigned t = std::min(threads, (w + 1) * kWarp); t-- > w * kWarp;) again |= run_fiber(t);
+                        for (unsigned l = 0; l < lanes; ++l) {
+                            again |= run_fiber(first + (backwards ? lanes - 1 - l : l));
+                        }
                         ran |= again;
                     }
                 }
