@@ -39,9 +39,9 @@ def run(lib, name: str, grid: tuple, threads: int, args: list, adversarial: bool
 
 
 # The kernel tests below run each case twice: in the emulation's plain schedule (a cp.async copy
-# lands at its wait: a stage read too early is stale) and its adversarial one (threads and blocks
-# in reverse, copies landed at issue: a stage refilled while another warp still reads it is
-# overwritten; emulate.h).
+# lands at its wait: a stage read too early is stale) and its adversarial one (warps one at a time
+# to their next barrier, from either end in turn, blocks in reverse, copies landed at issue: a
+# stage refilled while another warp still reads it is overwritten; emulate.h).
 SCHEDULES = pytest.mark.parametrize("adversarial", [False, True], ids=["plain", "adversarial"])
 
 
@@ -302,7 +302,8 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
 
     Then races the plain emulation cannot see: the same steps, and a token sampled with top-k,
     top-p and a penalty and fed, on a second backend in emulate.h's adversarial schedule (warps
-    one at a time, each to its next barrier; lanes and blocks in reverse; cp.async copies landed
+    one at a time, each to its next barrier, from the last and the first in turn; blocks in
+    reverse; cp.async copies landed
     at issue; every programmatic launch's blocks run up to their wait_for_previous_kernel() on
     the memory from before its chain's first kernel: pdl.cuh's contract) give every logit and
     the token bit for bit."""
