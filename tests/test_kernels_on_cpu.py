@@ -303,10 +303,9 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     Then races the plain emulation cannot see: the same steps, and a token sampled with top-k,
     top-p and a penalty and fed, on a second backend in emulate.h's adversarial schedule (warps
     one at a time, each to its next barrier, from the last and the first in turn; blocks in
-    reverse; cp.async copies landed
-    at issue; every programmatic launch's blocks run up to their wait_for_previous_kernel() on
-    the memory from before its chain's first kernel: pdl.cuh's contract) give every logit and
-    the token bit for bit."""
+    reverse; cp.async copies landed at issue; every programmatic launch's blocks run up to their
+    wait_for_previous_kernel() on the memory from before its chain's first kernel: pdl.cuh's
+    contract) give every logit and the token bit for bit."""
     from awq_edge.reference_backend import ReferenceBackend
     from native_helpers import teacher_forced
 
