@@ -30,6 +30,7 @@ bare GPU machine imports it too).
 from __future__ import annotations
 
 import ctypes
+import mmap
 from contextlib import contextmanager
 
 import numpy as np
@@ -604,6 +605,12 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     return lib
 
 
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 class EmulatedDriver(RecordingDriver):
     """The cuda backend's driver over the kernels' own source on the CPU (build_emulated_kernels):
     device memory is host memory (a pointer is a host address), a launch runs the kernel, and a
@@ -627,14 +634,23 @@ class EmulatedDriver(RecordingDriver):
     def __init__(self, lib, adversarial: bool = False):
         super().__init__()
         self.lib, self.buffers, self.capturing, self.pending, self.page_locked = lib, {}, None, [], []
+        self.mappings = []  # (alloc's, kept while the driver lives)
         self.adversarial, self.chain_start = adversarial, None  # (the buffers before a chain's first kernel)
 
     def alloc(self, nbytes: int) -> int:
+        """Zeroed memory, 256-byte aligned as cuMemAlloc's, that ends where a page no access may
+        touch begins: a kernel reading or writing past the end of a buffer (beyond its rounding
+        up to 256 bytes) stops the process with a segmentation fault, not a wrong number."""
         self.allocated += int(nbytes)
-        buffer = np.zeros(max(int(nbytes), 1) + 256, np.uint8)
-        address = -(-buffer.ctypes.data // 256) * 256  # as aligned as cuMemAlloc's
-        self.buffers[address] = buffer
-        return address
+        size, page = -(-max(int(nbytes), 1) // 256) * 256, mmap.PAGESIZE
+        pages = -(-size // page) * page
+        memory = mmap.mmap(-1, pages + page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        start = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+        assert _libc().mprotect(ctypes.c_void_p(start + pages), page, 0) == 0, "mprotect"  # PROT_NONE
+        buffer = np.frombuffer(memory, np.uint8, size, pages - size)  # (the usable bytes only)
+        self.buffers[buffer.ctypes.data] = buffer
+        self.mappings.append(memory)
+        return buffer.ctypes.data
 
     def free(self, device_ptr: int) -> None:
         self.buffers.pop(device_ptr, None)
