@@ -601,6 +601,7 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     lib.cpu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
                                ctypes.c_void_p]
     lib.cpu_schedule.argtypes = [ctypes.c_int]
+    lib.cpu_fault.restype = ctypes.c_char_p
     lib.cpu_stale_memory.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
@@ -735,7 +736,8 @@ class EmulatedDriver(RecordingDriver):
                                       (ctypes.c_void_p * n)(*[old.ctypes.data for _, old in stale]))
         elif self.adversarial:
             self.chain_start = {a: b.copy() for a, b in self.buffers.items()}
-        assert self.lib.cpu_launch(fn.encode(), *grid, block[0], values) == 0, fn
+        status = self.lib.cpu_launch(fn.encode(), *grid, block[0], values)
+        assert status == 0, f"{fn}: " + (self.lib.cpu_fault().decode() if status == 3 else "see its error above")
         self.clock += self.cost(fn, grid, args)
 
     def capture(self, launches):

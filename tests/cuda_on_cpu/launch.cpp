@@ -1,27 +1,34 @@
 // The entry point of the emulated kernels (emulate.h): run one by name, as cuLaunchKernel would.
+#include <csetjmp>
 #include <csignal>
 #include <cstdio>
 #include <exception>
-#include <unistd.h>
 
 namespace {
 
-const char* running_name = "";
+const char* running_name = nullptr;  // the kernel running, if one is
+sigjmp_buf fault_exit;
+char fault_message[320] = "";
 struct sigaction previous_segv_action;
 
 // A kernel's access outside memory (EmulatedDriver's buffers end at a page no access may touch):
-// say where, then hand the signal to whoever handled it before (Python's faulthandler: the stack).
-void on_segmentation_fault(int, siginfo_t* info, void*) {
-    char line[320];
-    const int n = std::snprintf(line, sizeof line,
-                                "\nemulated kernel %s, block (%u, %u, %u), thread %u: an access at %p outside "
-                                "every buffer (past the end of one?)\n",
-                                running_name, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, info->si_addr);
-    if (n > 0) (void)!write(2, line, static_cast<size_t>(n));
-    sigaction(SIGSEGV, &previous_segv_action, nullptr);  // (the access runs again, and faults to it)
+// the launch returns 3 with fault_message saying where. (A fault anywhere else goes to whoever
+// handled the signal before: Python's faulthandler.)
+void on_segmentation_fault(int signal, siginfo_t* info, void*) {
+    if (running_name == nullptr) {
+        sigaction(SIGSEGV, &previous_segv_action, nullptr);  // (the access runs again, and faults to it)
+        return;
+    }
+    std::snprintf(fault_message, sizeof fault_message,
+                  "block (%u, %u, %u), thread %u: an access at %p outside every buffer (past the end of one?)",
+                  blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, info->si_addr);
+    siglongjmp(fault_exit, signal);
 }
 
 }  // namespace
+
+// What the last launch that returned 3 touched.
+extern "C" const char* cpu_fault() { return fault_message; }
 
 extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned threads,
                           void** args) {
@@ -30,22 +37,28 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
         std::fprintf(stderr, "no emulated kernel %s\n", name);
         return 1;
     }
-    static const bool handled = [] {
-        struct sigaction action = {};
-        action.sa_sigaction = on_segmentation_fault;
-        action.sa_flags = SA_SIGINFO | SA_ONSTACK;
-        sigemptyset(&action.sa_mask);
-        return sigaction(SIGSEGV, &action, &previous_segv_action) == 0;
-    }();
-    (void)handled;
+    struct sigaction action = {};
+    action.sa_sigaction = on_segmentation_fault;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &previous_segv_action);
     running_name = found->first.c_str();
+    if (sigsetjmp(fault_exit, 1) != 0) {  // (the block's fibers are left as they were: the next launch makes new ones)
+        running_name = nullptr;
+        sigaction(SIGSEGV, &previous_segv_action, nullptr);
+        cuda_on_cpu::stale.clear();
+        return 3;
+    }
+    int status = 0;
     try {
         found->second(dim3(grid_x, grid_y, grid_z), threads, args);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "%s: %s\n", name, e.what());
-        return 2;
+        status = 2;
     }
-    return 0;
+    running_name = nullptr;
+    sigaction(SIGSEGV, &previous_segv_action, nullptr);
+    return status;
 }
 
 // The order the next launches run in (emulate.h, Schedule): 0 the plain one, 1 the adversarial one.
