@@ -639,16 +639,20 @@ class EmulatedDriver(RecordingDriver):
         self.adversarial, self.chain_start = adversarial, None  # (the buffers before a chain's first kernel)
 
     def alloc(self, nbytes: int) -> int:
-        """Zeroed memory, 256-byte aligned as cuMemAlloc's, that ends where a page no access may
-        touch begins: a kernel reading or writing past the end of a buffer (beyond its rounding
-        up to 256 bytes) stops the process with a segmentation fault, not a wrong number."""
+        """Zeroed memory, 256-byte aligned as cuMemAlloc's, beside a page no access may touch: it
+        ends where that page begins (an adversarial driver's: starts where it ends), so a kernel
+        reading or writing past the end of a buffer (beyond its rounding up to 256 bytes; or
+        before its start) fails its launch (emulate.h's launch.cpp: the block, thread, address),
+        not with a wrong number."""
         self.allocated += int(nbytes)
         size, page = -(-max(int(nbytes), 1) // 256) * 256, mmap.PAGESIZE
         pages = -(-size // page) * page
         memory = mmap.mmap(-1, pages + page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         start = ctypes.addressof(ctypes.c_char.from_buffer(memory))
-        assert _libc().mprotect(ctypes.c_void_p(start + pages), page, 0) == 0, "mprotect"  # PROT_NONE
-        buffer = np.frombuffer(memory, np.uint8, size, pages - size)  # (the usable bytes only)
+        guard = start if self.adversarial else start + pages
+        assert _libc().mprotect(ctypes.c_void_p(guard), page, 0) == 0, "mprotect"  # PROT_NONE
+        # (the usable bytes only)
+        buffer = np.frombuffer(memory, np.uint8, size, page if self.adversarial else pages - size)
         self.buffers[buffer.ctypes.data] = buffer
         self.mappings.append(memory)
         return buffer.ctypes.data

@@ -20,7 +20,7 @@ void on_segmentation_fault(int signal, siginfo_t* info, void*) {
         return;
     }
     std::snprintf(fault_message, sizeof fault_message,
-                  "block (%u, %u, %u), thread %u: an access at %p outside every buffer (past the end of one?)",
+                  "block (%u, %u, %u), thread %u: an access at %p outside every buffer (just before or past one?)",
                   blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, info->si_addr);
     siglongjmp(fault_exit, signal);
 }
