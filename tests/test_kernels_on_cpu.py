@@ -16,8 +16,8 @@ from awq_edge.decoder import HEAD_TOP_K, head_slices
 from awq_edge.reference_backend import twin_head_top_k, twin_lm_head
 from awq_edge.sampling import SamplingSettings, candidates, choose_token
 from native_helpers import (EmulatedDriver, build_emulated_kernels, fused_gemv_error, head_candidates_twin,
-                            load_benchmark, prefill_attention_error, random_quantized, split_attention_errors,
-                            tie_heavy_logits)
+                            load_benchmark, on_device, prefill_attention_error, random_quantized,
+                            split_attention_errors, tie_heavy_logits)
 
 THREADS = 1024  # the selection kernels' block (cuda_backend.HEAD_SELECT_THREADS, SAMPLE_THREADS)
 
@@ -31,11 +31,17 @@ def emulated(tmp_path_factory):
 
 
 def run(lib, name: str, grid: tuple, threads: int, args: list, adversarial: bool = False) -> None:
-    """One kernel over host arrays: args are numpy arrays (their addresses), ints or floats; in
-    emulate.h's adversarial schedule or not."""
-    values = [ptr(a.ctypes.data) if isinstance(a, np.ndarray) else f32(a) if isinstance(a, float) else i32(a)
-              for a in args]
-    EmulatedDriver(lib, adversarial).run(name, grid, (threads,), values)
+    """One kernel over host arrays: args are numpy arrays (copied to the driver's guarded memory
+    and back: an access past an end fails), ints or floats; in emulate.h's adversarial schedule or not."""
+    driver = EmulatedDriver(lib, adversarial)
+    arrays = [a for a in args if isinstance(a, np.ndarray)]
+    with on_device(driver, {i: a for i, a in enumerate(arrays)}) as dev:
+        pointers = iter(dev.values())
+        values = [ptr(next(pointers)) if isinstance(a, np.ndarray) else f32(a) if isinstance(a, float) else i32(a)
+                  for a in args]
+        driver.run(name, grid, (threads,), values)
+        for i, a in enumerate(arrays):
+            driver.download(a, dev[i])
 
 
 # The kernel tests below run each case twice: in the emulation's plain schedule (a cp.async copy
@@ -181,7 +187,8 @@ def test_the_tensor_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, 
     a window half empty, N = 200 half a tile."""
     if fusion.endswith("rope") and n % 64:
         pytest.skip("q/k/v rows are whole heads of 64")
-    err = fused_gemv_error(EmulatedDriver(emulated, adversarial), f"awq_gemv_tc_{fusion}_g{group_size}", fusion, k, n, group_size,
+    driver = EmulatedDriver(emulated, adversarial)
+    err = fused_gemv_error(driver, f"awq_gemv_tc_{fusion}_g{group_size}", fusion, k, n, group_size,
                            tensor_cores=True, blocks=blocks)
     assert err < 5e-3, err
 
@@ -206,8 +213,9 @@ def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window,
     """awq_attend_split over a 400-row cache at positions 300 and 301: full tiles of 128 keys (the
     value walk's batched loads and its remainder), splits past the position or before the window,
     and the per-head counters reset between the two steps."""
-    for pos, err in split_attention_errors(EmulatedDriver(emulated, adversarial), f"awq_attend_split_d{d}", d, heads, window,
-                                           softcap, 400, (300, 301)):
+    driver = EmulatedDriver(emulated, adversarial)
+    for pos, err in split_attention_errors(driver, f"awq_attend_split_d{d}", d, heads, window, softcap, 400,
+                                           (300, 301)):
         assert err < 5e-3, (pos, err)
 
 
