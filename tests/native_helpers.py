@@ -432,9 +432,10 @@ def random_quantized(rng, n: int, k: int, group_size: int):
 
 def prefill_attention_error(drv, fn, kernel: str, d: int, heads: tuple, past: int, rows: int, window: int,
                             softcap: float) -> float:
-    """awq_attend_{kernel}_d{d} ("block" or "mma"; drv.function's handle `fn`) over a chunk of `rows`
-    random query rows after `past` random cached rows, outputs poisoned with NaN: its worst element
-    error against twin_attend_block relative to the largest output."""
+    """awq_attend_{kernel}_d{d} ("block" or "mma"; "" for awq_attend_d{d}, a block per token;
+    drv.function's handle `fn`) over a chunk of `rows` random query rows after `past` random cached
+    rows, outputs poisoned with NaN: its worst element error against twin_attend_block relative to
+    the largest output."""
     from awq_edge.cuda_backend import ATTEND_BLOCK_QUERIES, ATTEND_MMA_QUERIES, ATTEND_THREADS
     from awq_edge.cuda_driver import f32, i32, ptr
     from awq_edge.reference_backend import twin_attend_block
@@ -444,7 +445,7 @@ def prefill_attention_error(drv, fn, kernel: str, d: int, heads: tuple, past: in
     q = rng.standard_normal((rows, H, d)).astype(np.float16)
     k_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
     v_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
-    per_block = ATTEND_MMA_QUERIES if kernel == "mma" else ATTEND_BLOCK_QUERIES
+    per_block = {"mma": ATTEND_MMA_QUERIES, "block": ATTEND_BLOCK_QUERIES, "": 1}[kernel]
     arrays = {"q": q, "k": k_cache, "v": v_cache, "past": np.array([past], np.int64),
               "out": np.full(rows * H * d, np.nan, np.float16)}
     with on_device(drv, arrays) as dev:

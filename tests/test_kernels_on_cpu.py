@@ -207,6 +207,18 @@ def test_the_tensor_core_prefill_attention_matches_its_twin(emulated, d, heads, 
 
 
 @SCHEDULES
+@pytest.mark.parametrize("d, heads, past, rows, window, softcap", [(128, (4, 2), 30, 9, 0, 0.0),
+                                                                 (256, (2, 1), 40, 15, 7, 30.0)])
+def test_the_prefill_attention_for_a_few_rows_matches_its_twin(emulated, d, heads, past, rows, window, softcap,
+                                                               adversarial):
+    """awq_attend_d{D} (a block per token: chunks of fewer than 16 rows, as a chat's next turn feeds)
+    at head sizes 128 and 256, which the backend cases reach only at 64: GQA, a window, the soft-cap."""
+    driver = EmulatedDriver(emulated, adversarial)
+    err = prefill_attention_error(driver, f"awq_attend_d{d}", "", d, heads, past, rows, window, softcap)
+    assert err < 5e-3, err
+
+
+@SCHEDULES
 @pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (4, 2), 100, 0.0),
                                                        (256, (2, 2), 0, 50.0)])
 def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window, softcap, adversarial):
