@@ -178,6 +178,21 @@ def test_the_gemm_with_k_split_gives_x_times_w_hat(emulated, splits, m, n, k, g,
 
 
 @SCHEDULES
+@pytest.mark.parametrize("n, k, g", [(40, 256, 32), (24, 192, 64), (16, 384, 128), (8, 200, 32)])
+def test_the_dequantize_kernel_gives_w_hat_bit_for_bit(emulated, n, k, g, adversarial):
+    """awq_dequantize_g{G} (cuBLAS prefill's first half) at every group size, K = 200 a short last
+    group: packing.dequantize's fp16 values exactly (the GEMM and the GEMV round the same way)."""
+    from awq_edge.packing import dequantize
+
+    rng = np.random.default_rng(n + k + g)
+    q, scales, zeros, packed = random_quantized(rng, n, k, g)
+    w = np.full((n, k), np.nan, np.float16)
+    run(emulated, f"awq_dequantize_g{g}", (-(-n * k // 8 // 256),), 256,
+        [packed["qweight"], packed["scales"], packed["zeros"], w, n, k], adversarial)
+    assert np.array_equal(w, dequantize(q, scales, zeros, g).astype(np.float16))
+
+
+@SCHEDULES
 @pytest.mark.parametrize("blocks", [None, 3], ids=["block-a-tile", "persistent"])
 @pytest.mark.parametrize("k, n, group_size", [(576, 192, 128), (256, 200, 64), (512, 256, 32)])
 @pytest.mark.parametrize("fusion", GEMV_FUSIONS)
