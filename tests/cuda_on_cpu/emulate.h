@@ -12,10 +12,10 @@
 // where the round robin keeps them in step at every shuffle and mma), from the last warp and lane
 // in one round and from the first in the next (a thread reading what another writes without a
 // barrier between reads the other value, one way or the other), blocks in reverse order, each
-// cp.async copy landed at its issue (the earliest),
-// and, for a launch given stale memory (cpu_stale_memory: what a programmatic dependent launch may
-// still see, pdl.cuh), each block run before wait_for_previous_kernel() on that memory. A kernel
-// free of races gives the same bits either way (tests/test_kernels_on_cpu.py compares them).
+// cp.async copy landed at its issue (the earliest), and, for a launch given stale memory
+// (cpu_stale_memory: what a programmatic dependent launch may still see, pdl.cuh), each block run
+// up to its wait_for_previous_kernel() on that memory. A kernel free of races gives the same bits
+// either way (tests/test_kernels_on_cpu.py compares them).
 //
 // Included before each kernel file (g++ -include; tests/test_kernels_on_cpu.py builds them),
 // whose kernels a generated line AWQ_EMULATE(name) each registers; `cpu_launch` (launch.cpp)
