@@ -62,16 +62,19 @@ print(plugins.build_cubins(gpus[0].arch))"
 step tests 150 python3 -m pytest -q "${par[@]}" -m gpu -p no:cacheprovider tests/test_kernels_gpu.py
 step cuda_backend 240 python3 -P -m pytest -q "${par[@]}" -m gpu -p no:cacheprovider tests/test_cuda_backend_gpu.py
 step cuda_layer 120 python3 benchmarks/cuda_layer.py --output "$out/cuda_layer.json"
-step gemv 180 python3 benchmarks/gemv.py --output "$out/gemv.json"
-step cuda_decode 300 python3 benchmarks/cuda_decode.py --timeout 150 --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
+# (the steps the next decision needs first: whether a persistent step is worth building rests on
+# SmolLM2's real layer against the skeleton's floor; each step's results are packed as it ends,
+# so a run cut short by the session's time keeps them)
 # (SmolLM2 in a chat engine's 8192-token cache: 64 attention blocks a head, 5 with keys at 512;
 # run 3 timed it in a 513-token cache)
 step cuda_layer_small 120 python3 benchmarks/cuda_layer.py --shape smollm2-135m --cache 8192 --output "$out/cuda_layer-smollm2.json"
-# Llama-3.2-1B's layer (run 3's end to end, less its head: ~41 us a layer, its roofline ~8): where it goes
-step cuda_layer_1b 100 python3 benchmarks/cuda_layer.py --shape llama3.2-1b --cache 8192 --output "$out/cuda_layer-1b.json"
 # the floor of a persistent decode step (one launch, grid barriers) against a launch per op,
 # SmolLM2 and Llama-3.2-1B shapes: read against cuda_layer_small's real layer
 step persistent_step 90 python3 benchmarks/persistent_step.py --output "$out/persistent_step.json"
+step gemv 180 python3 benchmarks/gemv.py --output "$out/gemv.json"
+step cuda_decode 300 python3 benchmarks/cuda_decode.py --timeout 150 --output "$out/cuda_decode.json" ${CUDA_DECODE_SHAPES:+--shapes "$CUDA_DECODE_SHAPES"}
+# Llama-3.2-1B's layer (run 3's end to end, less its head: ~41 us a layer, its roofline ~8): where it goes
+step cuda_layer_1b 100 python3 benchmarks/cuda_layer.py --shape llama3.2-1b --cache 8192 --output "$out/cuda_layer-1b.json"
 step cuda_layer_long 120 python3 benchmarks/cuda_layer.py --context 4096 --output "$out/cuda_layer-4096.json"
 step cuda_attention 60 python3 benchmarks/cuda_attention.py --output "$out/cuda_attention.json"
 step cuda_head 150 python3 benchmarks/cuda_head.py --output "$out/cuda_head.json"
