@@ -30,6 +30,7 @@ bare GPU machine imports it too).
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 from contextlib import contextmanager
 
@@ -607,6 +608,7 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
 def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -636,7 +638,6 @@ class EmulatedDriver(RecordingDriver):
     def __init__(self, lib, adversarial: bool = False):
         super().__init__()
         self.lib, self.buffers, self.capturing, self.pending, self.page_locked = lib, {}, None, [], []
-        self.mappings = []  # (alloc's, kept while the driver lives)
         self.adversarial, self.chain_start = adversarial, None  # (the buffers before a chain's first kernel)
 
     def alloc(self, nbytes: int) -> int:
@@ -652,10 +653,9 @@ class EmulatedDriver(RecordingDriver):
         start = ctypes.addressof(ctypes.c_char.from_buffer(memory))
         guard = start if self.adversarial else start + pages
         assert _libc().mprotect(ctypes.c_void_p(guard), page, 0) == 0, "mprotect"  # PROT_NONE
-        # (the usable bytes only)
+        # (the usable bytes only; the array keeps the mapping, unmapped once free drops it)
         buffer = np.frombuffer(memory, np.uint8, size, page if self.adversarial else pages - size)
         self.buffers[buffer.ctypes.data] = buffer
-        self.mappings.append(memory)
         return buffer.ctypes.data
 
     def free(self, device_ptr: int) -> None:

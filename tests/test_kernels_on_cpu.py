@@ -320,11 +320,9 @@ def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False):
     engine = tmp_path / "engine"
     if model_type == "random":
         shape = {**SHAPES["smollm2-135m"], **shape, "hidden_size": 256, "intermediate_size": 512, "vocab_size": 512}
-    if engine.exists():
-        pass
-    elif model_type == "random":
+    if model_type == "random" and not engine.exists():
         write_random_engine(engine, shape, resolve("h200"), group_size=128, lm_head="int4")
-    else:
+    elif not engine.exists():
         ckpt = tiny_checkpoint(tmp_path, model_type, resolve_source("smollm2"), **shape)
         build_engine(str(ckpt), "h200", engine, backend="cuda", progress=False, lm_head_bits=lm_head)
     manifest, info = read_native_engine(engine)
