@@ -6,7 +6,7 @@
 
 namespace {
 
-const char* running_name = nullptr;  // the kernel running, if one is
+bool in_kernel = false;  // a launch is running
 sigjmp_buf fault_exit;
 char fault_message[320] = "";
 struct sigaction previous_segv_action;
@@ -15,7 +15,7 @@ struct sigaction previous_segv_action;
 // the launch returns 3 with fault_message saying where. (A fault anywhere else goes to whoever
 // handled the signal before: Python's faulthandler.)
 void on_segmentation_fault(int signal, siginfo_t* info, void*) {
-    if (running_name == nullptr) {
+    if (!in_kernel) {
         sigaction(SIGSEGV, &previous_segv_action, nullptr);  // (the access runs again, and faults to it)
         return;
     }
@@ -42,9 +42,9 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
     action.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&action.sa_mask);
     sigaction(SIGSEGV, &action, &previous_segv_action);
-    running_name = found->first.c_str();
+    in_kernel = true;
     if (sigsetjmp(fault_exit, 1) != 0) {  // (the block's fibers are left as they were: the next launch makes new ones)
-        running_name = nullptr;
+        in_kernel = false;
         sigaction(SIGSEGV, &previous_segv_action, nullptr);
         cuda_on_cpu::stale.clear();
         return 3;
@@ -56,7 +56,7 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
         std::fprintf(stderr, "%s: %s\n", name, e.what());
         status = 2;
     }
-    running_name = nullptr;
+    in_kernel = false;
     sigaction(SIGSEGV, &previous_segv_action, nullptr);
     return status;
 }
