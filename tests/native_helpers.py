@@ -569,7 +569,9 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     that benchmarks/gemv.py measures beside its 16-row one, and benchmarks/persistent_step.py's
     skeleton of a persistent step), compiled from its .cu file
     with g++ for the CPU emulation of tests/cuda_on_cpu/emulate.h, as one library whose
-    cpu_launch(name, grid x, y, z, threads, args) runs a kernel; None without g++ or CUDA headers."""
+    cpu_launch(name, grid x, y, z, threads, args) runs a kernel; None without g++ or CUDA headers.
+    Built with the -fsanitize checks for what fails on a GPU and not on an x86 (a misaligned
+    access, an index past a local array; launch.cpp reports each at the kernel's line)."""
     import shutil
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
@@ -582,7 +584,12 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     if cxx is None or include is None:
         return None
     here, out = Path(__file__).parent / "cuda_on_cpu", Path(out_dir)
-    flags = ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-pthread", "-fPIC", "-w",
+    # The checks for what would fail on a GPU and may pass on an x86: a misaligned access, an index
+    # past a local array, a signed overflow, a float that does not fit an int; each reported by
+    # launch.cpp's handlers (no libubsan: the launch returns 3 with the kernel's line).
+    checks = ["-fsanitize=alignment,bounds,null,shift,signed-integer-overflow,integer-divide-by-zero,"
+              "float-cast-overflow,bool,enum,vla-bound,return", "-fno-sanitize-recover=all"]
+    flags = ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-pthread", "-fPIC", "-w", *checks,
              "-I", str(plugins.PLUGINS_DIR / "kernels"), "-isystem", str(include), "-include", str(here / "emulate.h")]
     sources = {"launch": here / "launch.cpp"}
     extra = {"gemv_w4a16": [f"awq_gemv_mma32_g{g}" for g in (32, 64, 128)],  # measured, not yet launched
@@ -598,7 +605,7 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
 
     with ThreadPoolExecutor(2) as pool:
         objects = list(pool.map(compile_one, sources))
-    subprocess.run([cxx, "-shared", "-pthread", "-o", str(out / "kernels.so"), *map(str, objects)], check=True)
+    subprocess.run([cxx, "-shared", "-pthread", "-Wl,-z,defs", "-o", str(out / "kernels.so"), *map(str, objects)], check=True)
     lib = ctypes.CDLL(str(out / "kernels.so"))
     lib.cpu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
                                ctypes.c_void_p]

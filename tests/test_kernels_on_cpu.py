@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from awq_edge.cuda_backend import GEMV_FUSIONS
+from awq_edge.cuda_backend import GEMV_FUSIONS, LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS
 from awq_edge.cuda_driver import f32, i32, ptr
 from awq_edge.decoder import HEAD_TOP_K, head_slices
 from awq_edge.reference_backend import twin_head_top_k, twin_lm_head
@@ -49,6 +49,37 @@ def run(lib, name: str, grid: tuple, threads: int, args: list, adversarial: bool
 # to their next barrier, from either end in turn, blocks in reverse, copies landed at issue: a
 # stage refilled while another warp still reads it is overwritten; emulate.h).
 SCHEDULES = pytest.mark.parametrize("adversarial", [False, True], ids=["plain", "adversarial"])
+
+
+def test_an_access_a_gpu_faults_on_fails_its_emulated_launch_which_says_where(emulated):
+    """What runs on an x86 but faults on a GPU fails the emulated launch, saying where: the fp16
+    head (16-byte loads of its table rows) on a table 2 bytes past an aligned address (on an x86
+    the right logits), at the kernel's line; a vocabulary past the table's end, or a table
+    starting before its buffer (an adversarial driver's guard page is before each buffer), at the
+    address. An index past a local array fails the same way (-fsanitize=bounds: launch.cpp). On
+    an aligned table of the right size the same launch gives the twin's logits."""
+    rng = np.random.default_rng(3)
+    hidden, vocab = 64, 40
+    x, table = rng.standard_normal(hidden).astype(np.float16), rng.standard_normal((vocab, hidden)).astype(np.float16)
+    for adversarial in (False, True):
+        driver = EmulatedDriver(emulated, adversarial)
+        row = 2 * hidden
+        with on_device(driver, {"x": x, "table": np.zeros(table.nbytes + 16, np.uint8),
+                                "logits": np.zeros(vocab + 32, np.float32)}) as dev:
+            def head(at: int, rows: int = vocab):
+                driver.run("awq_lm_head", (-(-rows // LM_HEAD_ROWS_PER_BLOCK),), (NORM_THREADS,),
+                           [ptr(dev["x"]), ptr(at), ptr(dev["logits"]), i32(rows), i32(hidden), f32(30.0)])
+                return driver.array_at(dev["logits"], np.float32, (rows,)).copy()
+
+            driver.upload(dev["table"], table)
+            assert np.allclose(head(dev["table"]), twin_lm_head(x, table, 30.0), rtol=1e-5, atol=1e-5)
+            driver.upload(dev["table"] + 2, table)
+            with pytest.raises(AssertionError, match=r"awq_lm_head: block \(\d+, 0, 0\), thread \d+: "
+                                                     r"\S*plugins/kernels/decoder_ops\.cu:\d+:\d+: a misaligned access"):
+                head(dev["table"] + 2)
+            past = (dev["table"] - 16 * row, vocab) if adversarial else (dev["table"], vocab + 24)
+            with pytest.raises(AssertionError, match=r"awq_lm_head: block .*: an access at 0x[0-9a-f]+ outside every"):
+                head(*past)
 
 
 @SCHEDULES

@@ -15,7 +15,9 @@
 // cp.async copy landed at its issue (the earliest), and, for a launch given stale memory
 // (cpu_stale_memory: what a programmatic dependent launch may still see, pdl.cuh), each block run
 // up to its wait_for_previous_kernel() on that memory. A kernel free of races gives the same bits
-// either way (tests/test_kernels_on_cpu.py compares them).
+// either way (tests/test_kernels_on_cpu.py compares them). A misaligned access, an index past a
+// local array and the like, which an x86 runs and a GPU may not, end the launch at the kernel's
+// line (-fsanitize checks, launch.cpp's handlers; the cached loads below check alignment).
 //
 // Included before each kernel file (g++ -include; tests/test_kernels_on_cpu.py builds them),
 // whose kernels a generated line AWQ_EMULATE(name) each registers; `cpu_launch` (launch.cpp)
@@ -32,6 +34,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <source_location>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -56,7 +59,10 @@
 #define __shared__ static
 #define AWQ_EDGE_CPU_EMULATION 1
 
-inline void __trap() { std::abort(); }  // a broken launch contract: stop, as the GPU would
+inline void __trap() { std::abort(); }
+
+// Undefined behaviour at a kernel's line (launch.cpp): the launch stops and fails, saying where.
+extern "C" [[noreturn]] void cpu_undefined(const char* file, unsigned line, unsigned column, const char* what);  // a broken launch contract: stop, as the GPU would
 
 namespace cuda_on_cpu {
 
@@ -368,12 +374,21 @@ inline float __uint_as_float(unsigned u) {
     return f;
 }
 
+// The cached loads: a plain load, its alignment checked here so that a misaligned one is reported
+// at the kernel's line (the -fsanitize check inside would name this one).
 template <typename T>
-T __ldg(const T* p) { return *p; }
+__attribute__((no_sanitize("alignment"))) T checked_load(const T* p, const std::source_location& at) {
+    if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) {
+        cpu_undefined(at.file_name(), at.line(), at.column(), "a misaligned access (the GPU faults: misaligned address)");
+    }
+    return *p;
+}
 template <typename T>
-T __ldcs(const T* p) { return *p; }
+T __ldg(const T* p, const std::source_location& at = std::source_location::current()) { return checked_load(p, at); }
 template <typename T>
-T __ldcg(const T* p) { return *p; }
+T __ldcs(const T* p, const std::source_location& at = std::source_location::current()) { return checked_load(p, at); }
+template <typename T>
+T __ldcg(const T* p, const std::source_location& at = std::source_location::current()) { return checked_load(p, at); }
 
 inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }

@@ -1,6 +1,7 @@
 // The entry point of the emulated kernels (emulate.h): run one by name, as cuLaunchKernel would.
 #include <csetjmp>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <exception>
 
@@ -8,7 +9,7 @@ namespace {
 
 bool in_kernel = false;  // a launch is running
 sigjmp_buf fault_exit;
-char fault_message[320] = "";
+char fault_message[512] = "";
 struct sigaction previous_segv_action;
 
 // A kernel's access outside memory (EmulatedDriver's buffers end at a page no access may touch):
@@ -25,7 +26,83 @@ void on_segmentation_fault(int signal, siginfo_t* info, void*) {
     siglongjmp(fault_exit, signal);
 }
 
+// Undefined behaviour in a kernel. The kernels are built with g++'s -fsanitize checks that stand
+// for what fails on a GPU (native_helpers.build_emulated_kernels): a misaligned access (a float4,
+// uint4 or half2 at an address not a multiple of its size: "misaligned address" on a GPU, fine on
+// an x86), an index past a local array (the unrolled fragment arrays), a signed overflow or a shift
+// past the bits (which nvcc may optimize on as g++ may), a float converted to an int it does not
+// fit (a GPU saturates, an x86 does not). Each check calls one of the handlers below, which stand
+// in for libubsan's: the launch returns 3 with fault_message saying which line of which kernel.
+struct SourceLocation {
+    const char* file;
+    uint32_t line, column;
+};
+struct TypeDescriptor {
+    uint16_t kind, info;
+    char name[1];
+};
+struct Check {  // how every check's data begins
+    SourceLocation at;
+    const TypeDescriptor* type;
+};
+struct AccessCheck {
+    SourceLocation at;
+    const TypeDescriptor* type;
+    unsigned char log_alignment, kind;
+};
+
+[[noreturn]] void undefined(const Check* check, const char* what) {
+    char described[160];
+    std::snprintf(described, sizeof described, "%s (%s)", what, check->type->name);
+    cpu_undefined(check->at.file, check->at.line, check->at.column, described);
+}
+
 }  // namespace
+
+extern "C" void cpu_undefined(const char* file, unsigned line, unsigned column, const char* what) {
+    std::snprintf(fault_message, sizeof fault_message, "block (%u, %u, %u), thread %u: %s:%u:%u: %s", blockIdx.x,
+                  blockIdx.y, blockIdx.z, threadIdx.x, file, line, column, what);
+    if (!in_kernel) {
+        std::fprintf(stderr, "%s\n", fault_message);
+        std::abort();
+    }
+    siglongjmp(fault_exit, 1);
+}
+
+extern "C" {
+void __ubsan_handle_type_mismatch_v1_abort(const AccessCheck* check, uintptr_t pointer) {
+    const bool aligned = (pointer & ((uintptr_t{1} << check->log_alignment) - 1)) == 0;
+    undefined(reinterpret_cast<const Check*>(check),
+              pointer == 0 ? "an access through a null pointer"
+              : !aligned   ? "a misaligned access (the GPU faults: misaligned address)"
+                           : "an access to an object too small for its type");
+}
+void __ubsan_handle_out_of_bounds_abort(const Check* check, uintptr_t) { undefined(check, "an index out of bounds"); }
+void __ubsan_handle_add_overflow_abort(const Check* check, uintptr_t, uintptr_t) {
+    undefined(check, "a signed overflow in an addition");
+}
+void __ubsan_handle_sub_overflow_abort(const Check* check, uintptr_t, uintptr_t) {
+    undefined(check, "a signed overflow in a subtraction");
+}
+void __ubsan_handle_mul_overflow_abort(const Check* check, uintptr_t, uintptr_t) {
+    undefined(check, "a signed overflow in a multiplication");
+}
+void __ubsan_handle_negate_overflow_abort(const Check* check, uintptr_t) {
+    undefined(check, "a signed overflow in a negation");
+}
+void __ubsan_handle_divrem_overflow_abort(const Check* check, uintptr_t, uintptr_t) {
+    undefined(check, "an integer division by zero or overflow");
+}
+void __ubsan_handle_shift_out_of_bounds_abort(const Check* check, uintptr_t, uintptr_t) {
+    undefined(check, "a shift by a negative count or past the bits");
+}
+void __ubsan_handle_load_invalid_value_abort(const Check* check, uintptr_t) {
+    undefined(check, "a bool or enum load of a value it cannot hold");
+}
+void __ubsan_handle_float_cast_overflow_abort(const Check* check, uintptr_t) {
+    undefined(check, "a float converted to an integer type it does not fit");
+}
+}
 
 // What the last launch that returned 3 touched.
 extern "C" const char* cpu_fault() { return fault_message; }
@@ -43,7 +120,7 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
     sigemptyset(&action.sa_mask);
     sigaction(SIGSEGV, &action, &previous_segv_action);
     in_kernel = true;
-    if (sigsetjmp(fault_exit, 1) != 0) {  // (the block's fibers are left as they were: the next launch makes new ones)
+    if (sigsetjmp(fault_exit, 1) != 0) {  // (a fault, or undefined behaviour; the block's fibers are left as they were: the next launch makes new ones)
         in_kernel = false;
         sigaction(SIGSEGV, &previous_segv_action, nullptr);
         cuda_on_cpu::stale.clear();
