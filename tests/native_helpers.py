@@ -611,6 +611,7 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
                                ctypes.c_void_p]
     lib.cpu_schedule.argtypes = [ctypes.c_int]
     lib.cpu_fault.restype = ctypes.c_char_p
+    lib.cpu_buffers.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.cpu_stale_memory.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
@@ -635,7 +636,8 @@ class EmulatedDriver(RecordingDriver):
     stream (cuda_driver's stream does not sync with the legacy one), a race.
 
     adversarial=True runs each launch in emulate.h's adversarial schedule (threads and blocks in
-    reverse, cp.async landed at issue), and a programmatic launch on the memory a programmatic
+    reverse, cp.async landed at issue, a block's writes to the buffers hidden from the other blocks
+    until it fences), and a programmatic launch on the memory a programmatic
     dependent launch may still see before its wait_for_previous_kernel() (pdl.cuh): a chain of
     programmatic launches may all start as soon as its first does (each lets the next start first
     thing, before its own wait), so each block of a later one starts on the memory from before the
@@ -748,6 +750,10 @@ class EmulatedDriver(RecordingDriver):
                                       (ctypes.c_void_p * n)(*[old.ctypes.data for _, old in stale]))
         elif self.adversarial:
             self.chain_start = {a: b.copy() for a, b in self.buffers.items()}
+        if self.adversarial:  # (each block's writes hidden from the others until it fences)
+            n = max(len(self.buffers), 1)
+            self.lib.cpu_buffers(len(self.buffers), (ctypes.c_void_p * n)(*self.buffers),
+                                 (ctypes.c_size_t * n)(*[b.nbytes for b in self.buffers.values()]))
         status = self.lib.cpu_launch(fn.encode(), *grid, block[0], values)
         assert status == 0, f"{fn}: " + (self.lib.cpu_fault().decode() if status == 3 else "see its error above")
         self.clock += self.cost(fn, grid, args)

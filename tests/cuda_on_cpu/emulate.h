@@ -14,7 +14,8 @@
 // barrier between reads the other value, one way or the other), blocks in reverse order, each
 // cp.async copy landed at its issue (the earliest), and, for a launch given stale memory
 // (cpu_stale_memory: what a programmatic dependent launch may still see, pdl.cuh), each block run
-// up to its wait_for_previous_kernel() on that memory. A kernel free of races gives the same bits
+// up to its wait_for_previous_kernel() on that memory, and a block's writes hidden from the other
+// blocks until it fences (HiddenWrites). A kernel free of races gives the same bits
 // either way (tests/test_kernels_on_cpu.py compares them). A misaligned access, an index past a
 // local array and the like, which an x86 runs and a GPU may not, end the launch at the kernel's
 // line (-fsanitize checks, launch.cpp's handlers; the cached loads below check alignment).
@@ -26,10 +27,13 @@
 
 #include <atomic>
 #include <setjmp.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -122,6 +126,24 @@ struct StaleBytes {
     std::vector<unsigned char> before, now;
 };
 
+// What one block wrote that the grid's other blocks may not see yet (the adversarial schedule): on a GPU a block's writes reach another block for certain only
+// after a __threadfence() of the writer's (or at the kernel's end), an atomic's at once; a merge
+// that skips the fence may read the partials as they were. While a block runs, the buffers' pages
+// are read-only: the first write to one faults, and launch.cpp's handler keeps the page as the
+// other blocks see it (`seen`) and makes it writable. A fence (here any thread's: the adversarial
+// schedule runs one thread at a time between barriers) makes the pages written so far seen as they
+// are. At the block's end each byte written since its last fence, but not by an atomic, is put back
+// as seen and kept in `later`, written when the kernel ends. (What a reader's missing fence could
+// still let it see from its L1 is not modelled: the merges read partials with __ldcg, from L2.)
+struct HiddenWrites {
+    bool on = false;                                           // for this launch
+    std::vector<std::pair<unsigned char*, size_t>> buffers;    // page-aligned ranges
+    std::map<unsigned char*, std::vector<unsigned char>> seen; // page -> what the other blocks see
+    std::vector<unsigned char*> written;                       // pages written since the last fence
+    std::vector<std::pair<unsigned char*, size_t>> atomics;    // the words this block's atomics wrote
+    std::vector<std::pair<unsigned char*, std::vector<unsigned char>>> later;
+};
+
 inline jmp_buf scheduler;
 inline std::vector<Fiber> fibers(kMaxThreads);
 inline Meeting block_meeting;
@@ -130,9 +152,104 @@ inline Warp warps[kMaxThreads / kWarp];
 inline const std::function<void()>* running_kernel = nullptr;
 inline Schedule schedule;
 inline std::vector<StaleBytes> stale;  // for the next launch only
+inline HiddenWrites hidden;            // its buffers for the next launch only
 inline Meeting previous_kernel;        // the threads waiting in wait_for_previous_kernel()
 inline bool previous_done = true;      // this block's stale bytes put back
 inline uint3 grid_dim{1, 1, 1}, block_dim{1, 1, 1}, block_index{0, 0, 0}, thread_index{0, 0, 0};
+
+inline size_t page_bytes() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+inline void protect_buffers(int protection) {
+    for (auto [at, size] : hidden.buffers) mprotect(at, size, protection);
+}
+
+// launch.cpp's fault handler: a block's first write to a page since the last fence (true), or
+// an access outside the buffers (false).
+inline bool note_page_written(const void* address) {
+    const auto* a = static_cast<const unsigned char*>(address);
+    if (!hidden.on) return false;
+    for (auto [at, size] : hidden.buffers) {
+        if (a < at || a >= at + size) continue;
+        unsigned char* page = at + (a - at) / page_bytes() * page_bytes();
+        if (std::find(hidden.written.begin(), hidden.written.end(), page) != hidden.written.end()) return false;
+        if (!hidden.seen.count(page)) hidden.seen[page].assign(page, page + page_bytes());
+        hidden.written.push_back(page);
+        mprotect(page, page_bytes(), PROT_READ | PROT_WRITE);
+        return true;
+    }
+    return false;
+}
+
+inline void fence_writes() {  // __threadfence(): what the block wrote, seen
+    for (unsigned char* page : hidden.written) {
+        std::memcpy(hidden.seen[page].data(), page, page_bytes());
+        mprotect(page, page_bytes(), PROT_READ);
+    }
+    hidden.written.clear();
+}
+
+inline void note_atomic(void* address, size_t size) {
+    if (hidden.on) hidden.atomics.push_back({static_cast<unsigned char*>(address), size});
+}
+
+inline void hide_unfenced_writes() {  // at a block's end
+    const auto atomic = [](const unsigned char* byte) {
+        for (auto [at, size] : hidden.atomics) {
+            if (byte >= at && byte < at + size) return true;
+        }
+        return false;
+    };
+    for (unsigned char* page : hidden.written) {
+        const std::vector<unsigned char>& seen = hidden.seen[page];
+        for (size_t i = 0; i < page_bytes();) {
+            size_t end = i;
+            while (end < page_bytes() && page[end] != seen[end] && !atomic(page + end)) ++end;
+            if (end == i) {
+                ++i;
+                continue;
+            }
+            hidden.later.push_back({page + i, {page + i, page + end}});
+            std::memcpy(page + i, seen.data() + i, end - i);
+            i = end;
+        }
+        mprotect(page, page_bytes(), PROT_READ);
+    }
+    hidden.written.clear();
+    hidden.seen.clear();
+    hidden.atomics.clear();
+}
+
+// Bytes the emulation itself puts in place while a block runs (the stale memory's swaps below):
+// not the block's writes, so seen by every block as they are.
+inline void put_bytes(unsigned char* at, const unsigned char* from, size_t size) {
+    if (!hidden.on || size == 0) {
+        std::memcpy(at, from, size);
+        return;
+    }
+    const size_t page = page_bytes();
+    unsigned char* first = at - reinterpret_cast<uintptr_t>(at) % page;
+    const size_t span = (at + size - first + page - 1) / page * page;
+    mprotect(first, span, PROT_READ | PROT_WRITE);
+    std::memcpy(at, from, size);
+    for (unsigned char* p = first; p < first + span; p += page) {
+        const auto kept = hidden.seen.find(p);
+        if (kept != hidden.seen.end()) {
+            const size_t begin = std::max(p, at) - p, end = std::min(p + page, at + size) - p;
+            std::memcpy(kept->second.data() + begin, p + begin, end - begin);
+        }
+        if (std::find(hidden.written.begin(), hidden.written.end(), p) == hidden.written.end()) {
+            mprotect(p, page, PROT_READ);
+        }
+    }
+}
+
+inline void end_hidden_writes() {  // at the kernel's end (or a failed launch's): every write lands
+    if (hidden.on) {
+        protect_buffers(PROT_READ | PROT_WRITE);
+        for (const auto& [at, bytes] : hidden.later) std::memcpy(at, bytes.data(), bytes.size());
+    }
+    hidden = HiddenWrites{};
+}
 
 inline int lane() { return static_cast<int>(thread_index.x) % kWarp; }
 inline Warp& warp() { return warps[thread_index.x / kWarp]; }
@@ -160,7 +277,7 @@ inline void leave(Meeting& m) {  // an exited GPU thread no longer counts for __
 
 inline void finish_previous_kernel() {
     if (previous_done) return;
-    for (auto& s : stale) std::memcpy(s.at, s.now.data(), s.now.size());
+    for (auto& s : stale) put_bytes(s.at, s.now.data(), s.now.size());
     previous_done = true;
     release(previous_kernel);
 }
@@ -170,7 +287,7 @@ inline void start_on_stale_bytes() {
     previous_kernel = Meeting{block_meeting.party};
     for (auto& s : stale) {
         std::memcpy(s.now.data(), s.at, s.now.size());
-        std::memcpy(s.at, s.before.data(), s.before.size());
+        put_bytes(s.at, s.before.data(), s.before.size());
     }
 }
 
@@ -215,6 +332,8 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
     block_dim = {threads, 1, 1};
     running_kernel = &kernel;
     const bool reversed = schedule.adversarial;
+    hidden.on = reversed && !hidden.buffers.empty();
+    if (hidden.on) protect_buffers(PROT_READ);
     const size_t blocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
     for (size_t b = 0; b < blocks; ++b) {
         const size_t i = reversed ? blocks - 1 - b : b;
@@ -280,8 +399,10 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
             }
         }
         finish_previous_kernel();
+        if (hidden.on) hide_unfenced_writes();
     }
     stale.clear();
+    end_hidden_writes();
 }
 
 // Kernels by name, each called with the driver API's argument array (pointers to the values).
@@ -316,7 +437,10 @@ bool add(const char* name, void (*kernel)(A...)) {
 
 inline void __syncthreads() { cuda_on_cpu::wait(cuda_on_cpu::block_meeting); }
 inline void __syncwarp(unsigned = 0xffffffffu) { cuda_on_cpu::wait(cuda_on_cpu::warp().meet); }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence() {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (cuda_on_cpu::hidden.on) cuda_on_cpu::fence_writes();
+}
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int mask) { return cuda_on_cpu::gather(v)[cuda_on_cpu::lane() ^ mask]; }
@@ -352,12 +476,22 @@ inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
                              fma(__high2float(a), __high2float(b), __high2float(c)));
 }
 
+// (seen by every block at once: cuda_on_cpu::HiddenWrites)
 template <typename T>
-T atomicAdd(T* address, T value) { return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST); }
+T atomicAdd(T* address, T value) {
+    cuda_on_cpu::note_atomic(address, sizeof(T));
+    return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST);
+}
 template <typename T>
-T atomicOr(T* address, T value) { return __atomic_fetch_or(address, value, __ATOMIC_SEQ_CST); }
+T atomicOr(T* address, T value) {
+    cuda_on_cpu::note_atomic(address, sizeof(T));
+    return __atomic_fetch_or(address, value, __ATOMIC_SEQ_CST);
+}
 template <typename T>
-T atomicExch(T* address, T value) { return __atomic_exchange_n(address, value, __ATOMIC_SEQ_CST); }
+T atomicExch(T* address, T value) {
+    cuda_on_cpu::note_atomic(address, sizeof(T));
+    return __atomic_exchange_n(address, value, __ATOMIC_SEQ_CST);
+}
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }

@@ -16,6 +16,7 @@ struct sigaction previous_segv_action;
 // the launch returns 3 with fault_message saying where. (A fault anywhere else goes to whoever
 // handled the signal before: Python's faulthandler.)
 void on_segmentation_fault(int signal, siginfo_t* info, void*) {
+    if (in_kernel && cuda_on_cpu::note_page_written(info->si_addr)) return;  // (HiddenWrites; the write runs again)
     if (!in_kernel) {
         sigaction(SIGSEGV, &previous_segv_action, nullptr);  // (the access runs again, and faults to it)
         return;
@@ -124,6 +125,7 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
         in_kernel = false;
         sigaction(SIGSEGV, &previous_segv_action, nullptr);
         cuda_on_cpu::stale.clear();
+        cuda_on_cpu::end_hidden_writes();
         return 3;
     }
     int status = 0;
@@ -140,6 +142,19 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
 
 // The order the next launches run in (emulate.h, Schedule): 0 the plain one, 1 the adversarial one.
 extern "C" void cpu_schedule(int adversarial) { cuda_on_cpu::schedule.adversarial = adversarial != 0; }
+
+// For the next launch only: the buffers whose writes one block may hide from the others until a
+// fence (emulate.h, HiddenWrites; the adversarial schedule only): `count` ranges (at[i], size[i]
+// bytes), each widened to whole pages (EmulatedDriver's buffers each have pages of their own).
+extern "C" void cpu_buffers(int count, void** at, const size_t* size) {
+    const size_t page = cuda_on_cpu::page_bytes();
+    cuda_on_cpu::hidden = cuda_on_cpu::HiddenWrites{};
+    for (int i = 0; i < count; ++i) {
+        const auto first = reinterpret_cast<uintptr_t>(at[i]) / page * page;
+        const auto end = (reinterpret_cast<uintptr_t>(at[i]) + size[i] + page - 1) / page * page;
+        cuda_on_cpu::hidden.buffers.push_back({reinterpret_cast<unsigned char*>(first), end - first});
+    }
+}
 
 // For the next launch only: `count` ranges (at[i], size[i] bytes) that its blocks see as
 // before[i] until they wait for the previous kernel (emulate.h, StaleBytes).
