@@ -160,7 +160,7 @@ def test_the_decode_sampler_picks_the_host_samplers_token(emulated, temperature,
                                        ("awq_gemv_mma_g128", 5), ("awq_gemv_mma32_g32", 8),
                                        ("awq_gemv_mma32_g128", 3), ("awq_gemv_mma_x16_g64", 9),
                                        ("awq_gemv_mma_x16_g128", 16), ("awq_gemv_mma_x32_g32", 17),
-                                       ("awq_gemv_mma_x32_g128", 32)])
+                                       ("awq_gemv_mma_x32_g64", 24), ("awq_gemv_mma_x32_g128", 32)])
 @pytest.mark.parametrize("n, k", [(72, 576), (40, 256), (40, 2176)])
 def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k, adversarial):
     """The tensor-core GEMV with 16 and 32 rows a block, and for up to 16 and 32 rows of x in one
@@ -182,11 +182,59 @@ def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k, adv
 
 
 @SCHEDULES
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_the_int4_heads_gemvs_give_soft_capped_logits_below_the_vocabulary(emulated, g, adversarial):
+    """An int4 head's first pass at every group size: awq_gemv_logits_g{G}_w{W} (CUDA cores; W = 1
+    at a K whose last group is short, 4 at K % 32 == 0) and awq_gemv_tc_logits_g{G} (tensor cores,
+    a block a 16-row tile and 2 blocks taking them in turn): fp32 x W^T soft-capped, written for
+    the rows below the vocabulary only (N = 72 rows, a vocabulary of 70)."""
+    from awq_edge.cuda_backend import GEMV_TC_ROWS, GEMV_TC_THREADS
+    from awq_edge.packing import dequantize
+
+    n, vocab, softcap = 72, 70, 30.0
+    rng = np.random.default_rng(g)
+    for k, kernel, grid, threads in ((2 * g + 40, f"awq_gemv_logits_g{g}_w1", n // 4, 128),
+                                     (2 * g, f"awq_gemv_logits_g{g}_w4", n // 4, 128),
+                                     (2 * g, f"awq_gemv_tc_logits_g{g}", -(-n // GEMV_TC_ROWS), GEMV_TC_THREADS),
+                                     (2 * g, f"awq_gemv_tc_logits_g{g}", 2, GEMV_TC_THREADS)):
+        q, scales, zeros, packed = random_quantized(rng, n, k, g)
+        x = (rng.standard_normal(k) * 3).astype(np.float16)
+        logits = np.full(n, np.nan, np.float32)
+        run(emulated, kernel, (grid,), threads,
+            [x, packed["qweight"], packed["scales"], packed["zeros"], logits, n, k, vocab, softcap], adversarial)
+        sums = x.astype(np.float32) @ dequantize(q, scales, zeros, g).astype(np.float16).astype(np.float32).T
+        want = softcap * np.tanh(sums / softcap)
+        assert np.abs(logits[:vocab] - want[:vocab]).max() <= 1e-3 * np.abs(want).max(), (kernel, grid)
+        assert np.isnan(logits[vocab:]).all(), (kernel, grid)
+
+
+@SCHEDULES
+@pytest.mark.parametrize("g, wide", [(32, False), (32, True), (64, False), (64, True), (128, False), (128, True)])
+def test_the_cuda_core_gemv_of_1_to_8_rows_gives_x_times_w_hat(emulated, g, wide, adversarial):
+    """awq_gemv_rows{M}_g{G}_w{W} (short prefill chunks where K % 32 != 0, 8 rows at a time; the C
+    launcher awq_w4a16_gemv) for every M = 1..8 at every group size: W = 1 (a word a load) at a K
+    whose last group is short, W = 4 (16-byte loads) at K % 32 == 0; N = 12, three blocks."""
+    from awq_edge.packing import dequantize
+
+    n, k = 12, 2 * g + (0 if wide else 40)
+    rng = np.random.default_rng(g + k)
+    q, scales, zeros, packed = random_quantized(rng, n, k, g)
+    w_hat = dequantize(q, scales, zeros, g).astype(np.float16).astype(np.float32)
+    for m in range(1, 9):
+        x = rng.standard_normal((m, k)).astype(np.float16)
+        y = np.full((m, n), np.nan, np.float16)
+        run(emulated, f"awq_gemv_rows{m}_g{g}_w{4 if wide else 1}", (n // 4,), 128,
+            [x, packed["qweight"], packed["scales"], packed["zeros"], y, n, k], adversarial)
+        want = x.astype(np.float32) @ w_hat.T
+        assert np.abs(y.astype(np.float32) - want).max() <= 2e-3 * np.abs(want).max(), m
+
+
+@SCHEDULES
 @pytest.mark.parametrize("splits, m, n, k, g", [(3, 70, 72, 576, 128), (2, 40, 136, 200, 32), (1, 5, 40, 96, 64),
-                                                 (1, 65, 128, 40, 32)])
+                                                 (1, 65, 128, 40, 32), (2, 33, 40, 200, 64), (1, 20, 72, 328, 128)])
 def test_the_gemm_with_k_split_gives_x_times_w_hat(emulated, splits, m, n, k, g, adversarial):
-    """awq_gemm_g{G}_v{V} over gridDim.z splits of its K steps (uneven shares; K = 200 and 40: one-word
-    copies and a short last step; K = 40 and 96: fewer steps than the pipeline copies ahead; N = 72
+    """awq_gemm_g{G}_v{V} over gridDim.z splits of its K steps (uneven shares; K = 200, 328 and 40:
+    one-word copies (V = 0, at every group size) and a short last step; K = 40 and 96: fewer steps than the pipeline copies ahead; N = 72
     and 136: tiles of 128 rows partly past N), each split's accumulators summed by the output
     tile's last block, twice on the same workspace: the counters must be left at zero. The
     emulated cp.async lands a copy only at its thread's wait, so a step read before its wait fails."""
@@ -240,12 +288,14 @@ def test_the_tensor_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, 
 
 
 @SCHEDULES
-@pytest.mark.parametrize("k, n, group_size", [(136, 192, 32), (256, 200, 64), (384, 136, 128)])
+@pytest.mark.parametrize("k, n, group_size", [(136, 192, 32), (256, 136, 32), (256, 200, 64), (200, 136, 64),
+                                              (384, 136, 128), (328, 200, 128)])
 @pytest.mark.parametrize("fusion", GEMV_FUSIONS)
 def test_the_cuda_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, group_size, adversarial):
     """awq_gemv_{fusion}_g{G}_w{W} (the CUDA-core decode GEMV) with every fusion at every group
-    size, against the twins: K = 136 one word a load (w1, a short last group), N = 200 and 136 a
-    last block partly past N (256 and 192 with RoPE: whole heads of 64)."""
+    size and both load widths, against the twins: K = 136, 200 and 328 one word a load (w1, a
+    short last group), K % 32 == 0 16 bytes (w4); N = 200 and 136 a last block partly past N
+    (whole heads of 64 with RoPE)."""
     n = -(-n // 64) * 64 if fusion.endswith("rope") else n
     driver = EmulatedDriver(emulated, adversarial)
     err = fused_gemv_error(driver, f"awq_gemv_{fusion}_g{group_size}_w{4 if k % 32 == 0 else 1}", fusion, k, n,
@@ -263,6 +313,20 @@ def test_the_tensor_core_prefill_attention_matches_its_twin(emulated, d, heads, 
     last block of 6 tokens, the soft-cap; outputs poisoned with NaN."""
     driver = EmulatedDriver(emulated, adversarial)
     err = prefill_attention_error(driver, f"awq_attend_mma_d{d}", "mma", d, heads, past, rows, window, softcap)
+    assert err < 5e-3, err
+
+
+@SCHEDULES
+@pytest.mark.parametrize("d, heads, past, rows, window, softcap", [(64, (2, 1), 20, 37, 9, 0.0),
+                                                                 (128, (4, 2), 0, 20, 0, 30.0),
+                                                                 (256, (2, 2), 30, 17, 0, 0.0)])
+def test_the_block_prefill_attention_matches_its_twin(emulated, d, heads, past, rows, window, softcap,
+                                                      adversarial):
+    """awq_attend_block_d{D} (16 tokens a block sharing each K/V tile, CUDA cores; benchmarks/
+    cuda_attention.py measures it beside the others) at every head size: a window, GQA, the
+    soft-cap, a last block of 5 or 1 tokens; outputs poisoned with NaN."""
+    driver = EmulatedDriver(emulated, adversarial)
+    err = prefill_attention_error(driver, f"awq_attend_block_d{d}", "block", d, heads, past, rows, window, softcap)
     assert err < 5e-3, err
 
 
