@@ -564,6 +564,11 @@ def head_rescore_twin(keys: np.ndarray, ids: np.ndarray, top_k: int, x: np.ndarr
 
 # ---------------------------------------------------------------- the kernels' own source on the CPU
 
+# Kernels the benchmarks launch that the backend does not (yet), emulated too.
+BENCHMARK_KERNELS = {"gemv_w4a16": [f"awq_gemv_mma32_g{g}" for g in (32, 64, 128)],
+                     "persistent_step": ["awq_step_skeleton", "awq_step_skeleton_queue"]}
+
+
 def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     """Every kernel the cuda backend loads (cuda_backend.KERNELS_OF; and the 32-row tensor-core GEMV
     that benchmarks/gemv.py measures beside its 16-row one, and benchmarks/persistent_step.py's
@@ -592,10 +597,8 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     flags = ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-pthread", "-fPIC", "-w", *checks,
              "-I", str(plugins.PLUGINS_DIR / "kernels"), "-isystem", str(include), "-include", str(here / "emulate.h")]
     sources = {"launch": here / "launch.cpp"}
-    extra = {"gemv_w4a16": [f"awq_gemv_mma32_g{g}" for g in (32, 64, 128)],  # measured, not yet launched
-             "persistent_step": ["awq_step_skeleton", "awq_step_skeleton_queue"]}
-    for module in {**KERNELS_OF, **extra}:
-        names = KERNELS_OF.get(module, []) + extra.get(module, [])
+    for module in {**KERNELS_OF, **BENCHMARK_KERNELS}:
+        names = KERNELS_OF.get(module, []) + BENCHMARK_KERNELS.get(module, [])
         sources[module] = out / f"{module}.cpp"
         sources[module].write_text(f'#include "{module}.cu"\n' + "".join(f"AWQ_EMULATE({n})\n" for n in names))
 
@@ -643,6 +646,8 @@ class EmulatedDriver(RecordingDriver):
     thing, before its own wait), so each block of a later one starts on the memory from before the
     chain's first kernel. A chain ends at anything that is not a kernel (a copy, an event, a
     stand-in cuBLAS) and at a graph launch, which waits for everything before it."""
+
+    launched: set[str] = set()  # every kernel any EmulatedDriver ran in this process
 
     def __init__(self, lib, adversarial: bool = False):
         super().__init__()
@@ -754,6 +759,7 @@ class EmulatedDriver(RecordingDriver):
             n = max(len(self.buffers), 1)
             self.lib.cpu_buffers(len(self.buffers), (ctypes.c_void_p * n)(*self.buffers),
                                  (ctypes.c_size_t * n)(*[b.nbytes for b in self.buffers.values()]))
+        EmulatedDriver.launched.add(fn)
         status = self.lib.cpu_launch(fn.encode(), *grid, block[0], values)
         assert status == 0, f"{fn}: " + (self.lib.cpu_fault().decode() if status == 3 else "see its error above")
         self.clock += self.cost(fn, grid, args)

@@ -158,7 +158,7 @@ def test_the_decode_sampler_picks_the_host_samplers_token(emulated, temperature,
 @SCHEDULES
 @pytest.mark.parametrize("kernel, m", [("awq_gemv_mma_g32", 8), ("awq_gemv_mma_g32", 3), ("awq_gemv_mma_g64", 2),
                                        ("awq_gemv_mma_g128", 5), ("awq_gemv_mma32_g32", 8),
-                                       ("awq_gemv_mma32_g128", 3), ("awq_gemv_mma_x16_g64", 9),
+                                       ("awq_gemv_mma32_g64", 4), ("awq_gemv_mma32_g128", 3), ("awq_gemv_mma_x16_g64", 9),
                                        ("awq_gemv_mma_x16_g128", 16), ("awq_gemv_mma_x32_g32", 17),
                                        ("awq_gemv_mma_x32_g64", 24), ("awq_gemv_mma_x32_g128", 32)])
 @pytest.mark.parametrize("n, k", [(72, 576), (40, 256), (40, 2176)])
@@ -752,3 +752,21 @@ def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_ha
     skeleton.words = skeleton.words.copy()
     skeleton.words[0, 0] ^= 1  # (the device keeps the old words: the check must see it)
     assert "disagrees" in skeleton.check("queue", 2)
+
+
+def test_every_kernel_ran_in_the_emulation(request):
+    """Last in this file: every kernel the backend can load (cuda_backend.KERNELS_OF) and the
+    benchmarks' own ran in one of the tests above, so a kernel added without an emulated test
+    fails here. Skipped when only some of the tests ran (-k, -m, a test named)."""
+    import sys
+
+    from awq_edge.cuda_backend import KERNELS_OF
+    from native_helpers import BENCHMARK_KERNELS
+
+    module, config = sys.modules[__name__], request.config
+    tests = {name for name in dir(module) if name.startswith("test_")} - {request.function.__name__}
+    collected = {item.originalname for item in request.session.items if item.module is module}
+    if tests - collected or config.getoption("keyword") or config.getoption("markexpr"):
+        pytest.skip("only some of this file's tests ran")
+    kernels = {name for names in (*KERNELS_OF.values(), *BENCHMARK_KERNELS.values()) for name in names}
+    assert not kernels - EmulatedDriver.launched, f"never emulated: {sorted(kernels - EmulatedDriver.launched)}"
