@@ -594,7 +594,7 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     # launch.cpp's handlers (no libubsan: the launch returns 3 with the kernel's line).
     checks = ["-fsanitize=alignment,bounds,null,shift,signed-integer-overflow,integer-divide-by-zero,"
               "float-cast-overflow,bool,enum,vla-bound,return", "-fno-sanitize-recover=all"]
-    flags = ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-pthread", "-fPIC", "-w", *checks,
+    flags = ["-std=c++20", "-O2", "-U_FORTIFY_SOURCE", "-pthread", "-fPIC", "-w", *checks,
              "-I", str(plugins.PLUGINS_DIR / "kernels"), "-isystem", str(include), "-include", str(here / "emulate.h")]
     sources = {"launch": here / "launch.cpp"}
     for module in {**KERNELS_OF, **BENCHMARK_KERNELS}:
