@@ -12,8 +12,8 @@
 # launch-cost fit), the native decode benchmark against torch fp16 and int4
 # (benchmarks/cuda_decode.py), SmolLM2- and Llama-3.2-1B-shaped layers, the floor of a
 # persistent decode step (benchmarks/persistent_step.py), the 7B layer at 4096 cached tokens,
-# prefill attention, the three lm_heads (benchmarks/cuda_head.py), then the quantizer on the
-# GPU. Each step's log lands beside the
+# prefill attention, the three lm_heads (benchmarks/cuda_head.py), the quantizer on the GPU, then
+# compute-sanitizer over two tiny engines. Each step's log lands beside the
 # results, and a failing step does not stop the later ones (the exit code is the first failure's).
 # On the H200 (2026-12-04, run 1) the whole script took 353 s with the tests on 8 xdist workers.
 set -uo pipefail
@@ -79,6 +79,15 @@ step cuda_layer_long 120 python3 benchmarks/cuda_layer.py --context 4096 --outpu
 step cuda_attention 60 python3 benchmarks/cuda_attention.py --output "$out/cuda_attention.json"
 step cuda_head 150 python3 benchmarks/cuda_head.py --output "$out/cuda_head.json"
 step quantize 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
+# Last, on whatever time is left: compute-sanitizer over two tiny engines' backend tests (every
+# kind of kernel a prefill and a decode step launch, graphs and programmatic launches; the ragged
+# one's K % 32 != 0): memcheck (an access outside an allocation, a misaligned one), racecheck
+# (shared memory read and written without a barrier between), synccheck (a barrier not all reach).
+# What the CPU emulation cannot see: the hardware's own order. sanitize.log: "ERROR SUMMARY" a tool.
+step sanitize 150 bash -c 'for tool in memcheck racecheck synccheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -P -m pytest -q -p no:cacheprovider -m gpu \
+        "tests/test_cuda_backend_gpu.py::test_every_family_matches_the_reference[llama-fused-tensor_cores]" \
+        tests/test_cuda_backend_gpu.py::test_ragged_shapes_match_the_reference || exit; done'
 # One screen of the numbers issue 19 asks for, from the JSONs above (whatever exists).
 python3 - "$out" <<'SUMMARY' 2>&1 | tee "$out/summary.log" ${bundle:+"$OUT/summary.log"}
 import json, sys
