@@ -615,6 +615,7 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     lib.cpu_schedule.argtypes = [ctypes.c_int]
     lib.cpu_fault.restype = ctypes.c_char_p
     lib.cpu_buffers.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.cpu_first_block.argtypes = [ctypes.c_ulonglong]
     lib.cpu_stale_memory.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 

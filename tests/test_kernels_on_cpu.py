@@ -82,6 +82,76 @@ def test_an_access_a_gpu_faults_on_fails_its_emulated_launch_which_says_where(em
                 head(*past)
 
 
+def test_the_embedding_and_heads_reach_the_last_rows_of_a_table_past_2_gib(emulated):
+    """Gemma 3 27B's vocabulary (262144) at its hidden size (5376): an fp16 table of 2.8 GB, whose
+    byte offsets do not fit 32 bits. The embedding of the last ids, the last block of the fp16,
+    int8 and int4 heads (CUDA and tensor cores), and the int4 head's re-scoring of the last rows
+    give those rows' values: an offset computed in 32 bits fails as a signed overflow
+    (-fsanitize), or wrapped reads another row or faults. The tables are untouched zero pages but
+    for their last rows, and the heads' grids run their last block only (cpu_first_block)."""
+    from awq_edge.cuda_backend import GEMV_TC_ROWS, GEMV_TC_THREADS
+    from awq_edge.packing import dequantize
+
+    vocab, hidden, g, last = 262144, 5376, 128, 32
+    rng = np.random.default_rng(27)
+    driver = EmulatedDriver(emulated)
+    x = rng.standard_normal(hidden).astype(np.float16)
+
+    def buffer(shape, dtype, tail=None) -> int:  # zero pages; the last rows `tail`
+        at = driver.alloc(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        if tail is not None:
+            driver.array_at(at, dtype, shape)[-len(tail):] = tail
+        return at
+
+    def launch(name, blocks, threads, args, last_block_only=True):
+        emulated.cpu_first_block(blocks - 1 if last_block_only else 0)
+        driver.run(name, (blocks,), (threads,),
+                   [ptr(a) if kind == "p" else i32(a) if kind == "i" else f32(a) for kind, a in args])
+
+    def close(got, want):
+        return np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+    x_at, logits = buffer((1, hidden), np.float16, x[None]), buffer((vocab,), np.float32)
+    got_logits = lambda n: driver.array_at(logits, np.float32, (vocab,))[-n:].copy()  # noqa: E731
+
+    rows = rng.standard_normal((last, hidden)).astype(np.float16)  # fp16 table
+    table = buffer((vocab, hidden), np.float16, rows)
+    ids, out = buffer((last,), np.int32, np.arange(vocab - last, vocab, dtype=np.int32)), buffer(rows.shape, np.float16)
+    launch("awq_embed", last, NORM_THREADS, [("p", ids), ("p", table), ("p", out), ("i", hidden), ("i", vocab),
+                                              ("f", 1.0)], last_block_only=False)
+    assert np.array_equal(driver.array_at(out, np.float16, rows.shape), rows)
+    launch("awq_lm_head", vocab // LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS,
+           [("p", x_at), ("p", table), ("p", logits), ("i", vocab), ("i", hidden), ("f", 0.0)])
+    assert close(got_logits(last), twin_lm_head(x, rows, 0.0))
+    keys = buffer((8,), np.uint32, np.arange(8, dtype=np.uint32))
+    chosen = buffer((8,), np.int32, np.arange(vocab - 8, vocab, dtype=np.int32))
+    launch("awq_head_rescore", 1, THREADS, [("p", keys), ("p", chosen), ("i", 8), ("i", 8), ("p", x_at),
+                                            ("p", table), ("i", hidden), ("f", 30.0), ("p", logits)])
+    assert close(got_logits(8), twin_lm_head(x, rows[-8:], 30.0))
+    for at in (table, ids, out, keys, chosen):
+        driver.free(at)
+
+    q8 = rng.integers(-127, 128, (last, hidden)).astype(np.int8)  # int8 table, a scale a 32 values
+    s8 = rng.uniform(0.001, 0.01, (last, hidden // 32)).astype(np.float16)
+    table, scales = buffer((vocab, hidden), np.int8, q8), buffer((vocab, hidden // 32), np.float16, s8)
+    launch("awq_lm_head_q8", vocab // LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS,
+           [("p", x_at), ("p", table), ("p", scales), ("p", logits), ("i", vocab), ("i", hidden), ("f", 0.0)])
+    w8 = q8.astype(np.float32) * np.repeat(s8.astype(np.float32), 32, axis=1)
+    assert close(got_logits(last), w8 @ x.astype(np.float32))
+    driver.free(table)
+    driver.free(scales)
+
+    q, s, z, packed = random_quantized(rng, last, hidden, g)  # int4 head, group 128
+    weights = [buffer((vocab, *packed[name].shape[1:]), packed[name].dtype, packed[name])
+               for name in ("qweight", "scales", "zeros")]
+    want = dequantize(q, s, z, g).astype(np.float16).astype(np.float32) @ x.astype(np.float32)
+    args = [*[("p", a) for a in (x_at, *weights, logits)], ("i", vocab), ("i", hidden), ("i", vocab), ("f", 0.0)]
+    launch(f"awq_gemv_logits_g{g}_w4", vocab // 4, 128, args)
+    assert close(got_logits(4), want[-4:])
+    launch(f"awq_gemv_tc_logits_g{g}", vocab // GEMV_TC_ROWS, GEMV_TC_THREADS, args)
+    assert close(got_logits(GEMV_TC_ROWS), want[-GEMV_TC_ROWS:])
+
+
 @SCHEDULES
 @pytest.mark.parametrize("vocab", [5, 100, 2049, 5000])
 def test_the_int4_heads_selection_kernels_choose_the_twins_set(emulated, vocab, adversarial):

@@ -153,6 +153,7 @@ inline const std::function<void()>* running_kernel = nullptr;
 inline Schedule schedule;
 inline std::vector<StaleBytes> stale;  // for the next launch only
 inline HiddenWrites hidden;            // its buffers for the next launch only
+inline size_t first_block = 0;         // for the next launch only: the blocks before it not run
 inline Meeting previous_kernel;        // the threads waiting in wait_for_previous_kernel()
 inline bool previous_done = true;      // this block's stale bytes put back
 inline uint3 grid_dim{1, 1, 1}, block_dim{1, 1, 1}, block_index{0, 0, 0}, thread_index{0, 0, 0};
@@ -337,6 +338,7 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
     const size_t blocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
     for (size_t b = 0; b < blocks; ++b) {
         const size_t i = reversed ? blocks - 1 - b : b;
+        if (i < first_block) continue;
         block_index = {static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
                        static_cast<unsigned>(i / grid.x / grid.y)};
         block_meeting = Meeting{static_cast<int>(threads)};
@@ -403,6 +405,7 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
     }
     stale.clear();
     end_hidden_writes();
+    first_block = 0;
 }
 
 // Kernels by name, each called with the driver API's argument array (pointers to the values).

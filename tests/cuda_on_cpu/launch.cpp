@@ -126,6 +126,7 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
         sigaction(SIGSEGV, &previous_segv_action, nullptr);
         cuda_on_cpu::stale.clear();
         cuda_on_cpu::end_hidden_writes();
+        cuda_on_cpu::first_block = 0;
         return 3;
     }
     int status = 0;
@@ -142,6 +143,10 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
 
 // The order the next launches run in (emulate.h, Schedule): 0 the plain one, 1 the adversarial one.
 extern "C" void cpu_schedule(int adversarial) { cuda_on_cpu::schedule.adversarial = adversarial != 0; }
+
+// For the next launch only: run the grid's blocks from this (linear) index on, the ones before
+// not at all (a test of a huge grid's last blocks: each block of these kernels stands alone).
+extern "C" void cpu_first_block(unsigned long long first) { cuda_on_cpu::first_block = first; }
 
 // For the next launch only: the buffers whose writes one block may hide from the others until a
 // fence (emulate.h, HiddenWrites; the adversarial schedule only): `count` ranges (at[i], size[i]
