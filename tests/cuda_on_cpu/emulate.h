@@ -25,6 +25,7 @@
 // runs one by name with the driver API's arguments (an array of pointers to the values).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <setjmp.h>
 #include <sys/mman.h>
@@ -33,7 +34,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -63,10 +63,10 @@
 #define __shared__ static
 #define AWQ_EDGE_CPU_EMULATION 1
 
-inline void __trap() { std::abort(); }
+inline void __trap() { std::abort(); }  // a broken launch contract: stop, as the GPU would
 
 // Undefined behaviour at a kernel's line (launch.cpp): the launch stops and fails, saying where.
-extern "C" [[noreturn]] void cpu_undefined(const char* file, unsigned line, unsigned column, const char* what);  // a broken launch contract: stop, as the GPU would
+extern "C" [[noreturn]] void cpu_undefined(const char* file, unsigned line, unsigned column, const char* what);
 
 namespace cuda_on_cpu {
 
@@ -126,14 +126,15 @@ struct StaleBytes {
     std::vector<unsigned char> before, now;
 };
 
-// What one block wrote that the grid's other blocks may not see yet (the adversarial schedule): on a GPU a block's writes reach another block for certain only
-// after a __threadfence() of the writer's (or at the kernel's end), an atomic's at once; a merge
-// that skips the fence may read the partials as they were. While a block runs, the buffers' pages
-// are read-only: the first write to one faults, and launch.cpp's handler keeps the page as the
-// other blocks see it (`seen`) and makes it writable. A fence (here any thread's: the adversarial
-// schedule runs one thread at a time between barriers) makes the pages written so far seen as they
-// are. At the block's end each byte written since its last fence, but not by an atomic, is put back
-// as seen and kept in `later`, written when the kernel ends. (What a reader's missing fence could
+// What one block wrote that the grid's other blocks may not see yet (the adversarial schedule):
+// on a GPU a block's writes reach another block for certain only after a __threadfence() of the
+// writer's (or at the kernel's end), an atomic's at once; a merge that skips the fence may read
+// the partials as they were. While a block runs, the buffers' pages are read-only: the first write
+// to one faults, and launch.cpp's handler keeps the page as the other blocks see it (`seen`) and
+// makes it writable. A fence (here any thread's: the adversarial schedule runs one thread at a
+// time between barriers) makes the pages written so far seen as they are. At the block's end each
+// byte written since its last fence, but not by an atomic, is put back as seen and kept in
+// `later`, written when the kernel ends. (What a reader's missing fence could
 // still let it see from its L1 is not modelled: the merges read partials with __ldcg, from L2.)
 struct HiddenWrites {
     bool on = false;                                           // for this launch
@@ -516,7 +517,8 @@ inline float __uint_as_float(unsigned u) {
 template <typename T>
 __attribute__((no_sanitize("alignment"))) T checked_load(const T* p, const std::source_location& at) {
     if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) {
-        cpu_undefined(at.file_name(), at.line(), at.column(), "a misaligned access (the GPU faults: misaligned address)");
+        cpu_undefined(at.file_name(), at.line(), at.column(),
+                      "a misaligned access (the GPU faults: misaligned address)");
     }
     return *p;
 }

@@ -121,7 +121,9 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
     sigemptyset(&action.sa_mask);
     sigaction(SIGSEGV, &action, &previous_segv_action);
     in_kernel = true;
-    if (sigsetjmp(fault_exit, 1) != 0) {  // (a fault, or undefined behaviour; the block's fibers are left as they were: the next launch makes new ones)
+    // A fault or undefined behaviour jumps here (the block's fibers are left as they were: the
+    // next launch makes new ones).
+    if (sigsetjmp(fault_exit, 1) != 0) {
         in_kernel = false;
         sigaction(SIGSEGV, &previous_segv_action, nullptr);
         cuda_on_cpu::stale.clear();
