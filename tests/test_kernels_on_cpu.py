@@ -229,8 +229,9 @@ def test_the_decode_sampler_picks_the_host_samplers_token(emulated, temperature,
 @pytest.mark.parametrize("kernel, m", [("awq_gemv_mma_g32", 8), ("awq_gemv_mma_g32", 3), ("awq_gemv_mma_g64", 2),
                                        ("awq_gemv_mma_g128", 5), ("awq_gemv_mma32_g32", 8),
                                        ("awq_gemv_mma32_g64", 4), ("awq_gemv_mma32_g128", 3),
-                                       ("awq_gemv_mma_x16_g64", 9), ("awq_gemv_mma_x16_g128", 16), ("awq_gemv_mma_x32_g32", 17),
-                                       ("awq_gemv_mma_x32_g64", 24), ("awq_gemv_mma_x32_g128", 32)])
+                                       ("awq_gemv_mma_x16_g64", 9), ("awq_gemv_mma_x16_g128", 16),
+                                       ("awq_gemv_mma_x32_g32", 17), ("awq_gemv_mma_x32_g64", 24),
+                                       ("awq_gemv_mma_x32_g128", 32)])
 @pytest.mark.parametrize("n, k", [(72, 576), (40, 256), (40, 2176)])
 def test_the_tensor_core_gemvs_give_x_times_w_hat(emulated, kernel, m, n, k, adversarial):
     """The tensor-core GEMV with 16 and 32 rows a block, and for up to 16 and 32 rows of x in one
@@ -375,41 +376,20 @@ def test_the_cuda_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, gr
 
 
 @SCHEDULES
-@pytest.mark.parametrize("d, heads, past, rows, window, softcap", [(256, (2, 1), 40, 37, 9, 0.0),
-                                                                 (256, (2, 2), 0, 70, 0, 30.0),
-                                                                 (128, (4, 2), 100, 20, 0, 0.0)])
-def test_the_tensor_core_prefill_attention_matches_its_twin(emulated, d, heads, past, rows, window, softcap,
-                                                           adversarial):
-    """awq_attend_mma (32-key tiles at head size 256): a window shorter than a warp's tokens, GQA, a
-    last block of 6 tokens, the soft-cap; outputs poisoned with NaN."""
+@pytest.mark.parametrize("kernel, d, heads, past, rows, window, softcap", [
+    ("mma", 256, (2, 1), 40, 37, 9, 0.0), ("mma", 256, (2, 2), 0, 70, 0, 30.0), ("mma", 128, (4, 2), 100, 20, 0, 0.0),
+    ("block", 64, (2, 1), 20, 37, 9, 0.0), ("block", 128, (4, 2), 0, 20, 0, 30.0),
+    ("block", 256, (2, 2), 30, 17, 0, 0.0), ("", 128, (4, 2), 30, 9, 0, 0.0), ("", 256, (2, 1), 40, 15, 7, 30.0)])
+def test_the_prefill_attentions_match_their_twin(emulated, kernel, d, heads, past, rows, window, softcap, adversarial):
+    """awq_attend_mma_d{D} (tensor cores, 32-key tiles at head size 256): a window shorter than a
+    warp's tokens, GQA, a last block of 6 tokens, the soft-cap. awq_attend_block_d{D} (16 tokens a
+    block sharing each K/V tile, CUDA cores; benchmarks/cuda_attention.py measures it beside the
+    others) at every head size, a last block of 5 or 1 tokens. awq_attend_d{D} (a block per token:
+    chunks of fewer than 16 rows, as a chat's next turn feeds) at head sizes 128 and 256, which the
+    backend cases reach only at 64. Outputs poisoned with NaN."""
     driver = EmulatedDriver(emulated, adversarial)
-    err = prefill_attention_error(driver, f"awq_attend_mma_d{d}", "mma", d, heads, past, rows, window, softcap)
-    assert err < 5e-3, err
-
-
-@SCHEDULES
-@pytest.mark.parametrize("d, heads, past, rows, window, softcap", [(64, (2, 1), 20, 37, 9, 0.0),
-                                                                 (128, (4, 2), 0, 20, 0, 30.0),
-                                                                 (256, (2, 2), 30, 17, 0, 0.0)])
-def test_the_block_prefill_attention_matches_its_twin(emulated, d, heads, past, rows, window, softcap,
-                                                      adversarial):
-    """awq_attend_block_d{D} (16 tokens a block sharing each K/V tile, CUDA cores; benchmarks/
-    cuda_attention.py measures it beside the others) at every head size: a window, GQA, the
-    soft-cap, a last block of 5 or 1 tokens; outputs poisoned with NaN."""
-    driver = EmulatedDriver(emulated, adversarial)
-    err = prefill_attention_error(driver, f"awq_attend_block_d{d}", "block", d, heads, past, rows, window, softcap)
-    assert err < 5e-3, err
-
-
-@SCHEDULES
-@pytest.mark.parametrize("d, heads, past, rows, window, softcap", [(128, (4, 2), 30, 9, 0, 0.0),
-                                                                 (256, (2, 1), 40, 15, 7, 30.0)])
-def test_the_prefill_attention_for_a_few_rows_matches_its_twin(emulated, d, heads, past, rows, window, softcap,
-                                                               adversarial):
-    """awq_attend_d{D} (a block per token: chunks of fewer than 16 rows, as a chat's next turn feeds)
-    at head sizes 128 and 256, which the backend cases reach only at 64: GQA, a window, the soft-cap."""
-    driver = EmulatedDriver(emulated, adversarial)
-    err = prefill_attention_error(driver, f"awq_attend_d{d}", "", d, heads, past, rows, window, softcap)
+    name = f"awq_attend_{kernel}_d{d}" if kernel else f"awq_attend_d{d}"
+    err = prefill_attention_error(driver, name, kernel, d, heads, past, rows, window, softcap)
     assert err < 5e-3, err
 
 
