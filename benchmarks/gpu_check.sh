@@ -177,9 +177,10 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
                       + (f", with L2-sized slabs {l2:.2f} ms" if l2 else ""))
 sanitize = out / "sanitize.log"  # (each tool ends with its "ERROR SUMMARY: N errors", in the step's order)
 if sanitize.exists():
-    found = [line.split("ERROR SUMMARY:")[1].strip() for line in sanitize.read_text().splitlines() if "ERROR SUMMARY:" in line]
-    print("compute-sanitizer: " + (", ".join(f"{tool} {n}" for tool, n in zip(("memcheck", "racecheck", "synccheck"), found))
-                                   or "no summary (see sanitize.log)"))
+    found = [line.split("ERROR SUMMARY:")[1].strip()
+             for line in sanitize.read_text().splitlines() if "ERROR SUMMARY:" in line]
+    tools = ", ".join(f"{tool} {n}" for tool, n in zip(("memcheck", "racecheck", "synccheck"), found))
+    print("compute-sanitizer: " + (tools or "no summary (see sanitize.log)"))
 SUMMARY
 pack
 exit "$status"
