@@ -747,7 +747,8 @@ def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(e
     assert history.tolist() == backend.seen_mirror and history.tolist()[:len(engine.cached_ids)] == engine.cached_ids
 
 
-def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_hangs(emulated):
+@SCHEDULES
+def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_hangs(emulated, adversarial):
     """awq_step_skeleton (benchmarks/persistent_step.py's floor of a persistent decode step) on
     two layers of a small shape against skeleton_twin: in one launch (one block: its grid barriers
     pass at once) and a launch per phase. A grid that cannot all be resident (here any of 2
@@ -769,7 +770,7 @@ def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_ha
         vectors[:initial.size] = initial
         for first, count in first_phases:
             run(emulated, "awq_step_skeleton", (blocks,), 256,
-                [data, start, words, first, count, vectors, stride, barrier, sums])
+                [data, start, words, first, count, vectors, stride, barrier, sums], adversarial)
         return sums[:blocks], barrier
 
     for plan in ([(0, phases)], [(p, 1) for p in range(phases)]):
@@ -788,14 +789,14 @@ def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_ha
         vectors, sums = np.zeros(2 * stride, np.uint32), np.zeros(8, np.uint32)
         vectors[:initial.size] = initial
         run(emulated, "awq_step_skeleton_queue", (blocks,), 256,
-            [data, start, words, phases, tiles, vectors, stride, queue, done, sums])
+            [data, start, words, phases, tiles, vectors, stride, queue, done, sums], adversarial)
         assert sums[:tiles].tolist() == skeleton_twin(data, start, words, initial, tiles).tolist(), (blocks, tiles)
         handed_out += phases * tiles + blocks
         assert queue.tolist() == [handed_out, handed_out, 0] and not done.any(), queue  # (and not stalled)
 
     # the benchmark's harness itself (its buffers, arguments and check) on the emulation, the ways
     # that need no cooperative launch
-    skeleton = bench.Skeleton(EmulatedDriver(emulated), {name: name for name in ("awq_step_skeleton",
+    skeleton = bench.Skeleton(EmulatedDriver(emulated, adversarial), {name: name for name in ("awq_step_skeleton",
                                                                                  "awq_step_skeleton_queue")},
                               False, start, words, rng)
     for way, blocks in (("per_op", 1), ("per_op", 3), ("queue", 2), ("queue", 3)):
