@@ -88,7 +88,8 @@ def test_the_embedding_and_heads_reach_the_last_rows_of_a_table_past_2_gib(emula
     int8 and int4 heads (CUDA and tensor cores), and the int4 head's re-scoring of the last rows
     give those rows' values: an offset computed in 32 bits fails as a signed overflow
     (-fsanitize), or wrapped reads another row or faults. The tables are untouched zero pages but
-    for their last rows, and the heads' grids run their last block only (cpu_first_block)."""
+    for their last rows, and the heads' grids run their last block only (cpu_first_block: every
+    logit before that block's rows stays NaN)."""
     from awq_edge.cuda_backend import GEMV_TC_ROWS, GEMV_TC_THREADS
     from awq_edge.packing import dequantize
 
@@ -112,7 +113,14 @@ def test_the_embedding_and_heads_reach_the_last_rows_of_a_table_past_2_gib(emula
         return np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
 
     x_at, logits = buffer((1, hidden), np.float16, x[None]), buffer((vocab,), np.float32)
-    got_logits = lambda n: driver.array_at(logits, np.float32, (vocab,))[-n:].copy()  # noqa: E731
+    driver.array_at(logits, np.float32, (vocab,))[:] = np.nan
+
+    def got_logits(n: int) -> np.ndarray:  # the last n, none before them written; poisoned again after
+        every = driver.array_at(logits, np.float32, (vocab,))
+        assert np.isnan(every[:-n]).all(), "a logit before the last block's rows was written"
+        got = every[-n:].copy()
+        every[:] = np.nan
+        return got
 
     rows = rng.standard_normal((last, hidden)).astype(np.float16)  # fp16 table
     table = buffer((vocab, hidden), np.float16, rows)
