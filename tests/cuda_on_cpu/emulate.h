@@ -161,6 +161,15 @@ inline uint3 grid_dim{1, 1, 1}, block_dim{1, 1, 1}, block_index{0, 0, 0}, thread
 
 inline size_t page_bytes() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 
+inline unsigned char* page_start(const void* address) {  // of the page holding address
+    const auto a = reinterpret_cast<uintptr_t>(address);
+    return reinterpret_cast<unsigned char*>(a - a % page_bytes());
+}
+
+inline bool written_since_fence(const unsigned char* page) {
+    return std::find(hidden.written.begin(), hidden.written.end(), page) != hidden.written.end();
+}
+
 inline void protect_buffers(int protection) {
     for (auto [at, size] : hidden.buffers) mprotect(at, size, protection);
 }
@@ -172,8 +181,8 @@ inline bool note_page_written(const void* address) {
     if (!hidden.on) return false;
     for (auto [at, size] : hidden.buffers) {
         if (a < at || a >= at + size) continue;
-        unsigned char* page = at + (a - at) / page_bytes() * page_bytes();
-        if (std::find(hidden.written.begin(), hidden.written.end(), page) != hidden.written.end()) return false;
+        unsigned char* page = page_start(a);
+        if (written_since_fence(page)) return false;
         if (!hidden.seen.count(page)) hidden.seen[page].assign(page, page + page_bytes());
         hidden.written.push_back(page);
         mprotect(page, page_bytes(), PROT_READ | PROT_WRITE);
@@ -229,8 +238,8 @@ inline void put_bytes(unsigned char* at, const unsigned char* from, size_t size)
         return;
     }
     const size_t page = page_bytes();
-    unsigned char* first = at - reinterpret_cast<uintptr_t>(at) % page;
-    const size_t span = (at + size - first + page - 1) / page * page;
+    unsigned char* first = page_start(at);
+    const size_t span = page_start(at + size - 1) + page - first;
     mprotect(first, span, PROT_READ | PROT_WRITE);
     std::memcpy(at, from, size);
     for (unsigned char* p = first; p < first + span; p += page) {
@@ -239,18 +248,20 @@ inline void put_bytes(unsigned char* at, const unsigned char* from, size_t size)
             const size_t begin = std::max(p, at) - p, end = std::min(p + page, at + size) - p;
             std::memcpy(kept->second.data() + begin, p + begin, end - begin);
         }
-        if (std::find(hidden.written.begin(), hidden.written.end(), p) == hidden.written.end()) {
-            mprotect(p, page, PROT_READ);
-        }
+        if (!written_since_fence(p)) mprotect(p, page, PROT_READ);
     }
 }
 
-inline void end_hidden_writes() {  // at the kernel's end (or a failed launch's): every write lands
+// At a launch's end, or a failed one's (launch.cpp): every hidden write lands, and what was set
+// for that launch only (its stale memory, its buffers, its first block) is dropped.
+inline void end_launch() {
     if (hidden.on) {
         protect_buffers(PROT_READ | PROT_WRITE);
         for (const auto& [at, bytes] : hidden.later) std::memcpy(at, bytes.data(), bytes.size());
     }
     hidden = HiddenWrites{};
+    stale.clear();
+    first_block = 0;
 }
 
 inline int lane() { return static_cast<int>(thread_index.x) % kWarp; }
@@ -404,9 +415,7 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
         finish_previous_kernel();
         if (hidden.on) hide_unfenced_writes();
     }
-    stale.clear();
-    end_hidden_writes();
-    first_block = 0;
+    end_launch();
 }
 
 // Kernels by name, each called with the driver API's argument array (pointers to the values).

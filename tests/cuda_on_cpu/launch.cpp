@@ -126,9 +126,7 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
     if (sigsetjmp(fault_exit, 1) != 0) {
         in_kernel = false;
         sigaction(SIGSEGV, &previous_segv_action, nullptr);
-        cuda_on_cpu::stale.clear();
-        cuda_on_cpu::end_hidden_writes();
-        cuda_on_cpu::first_block = 0;
+        cuda_on_cpu::end_launch();
         return 3;
     }
     int status = 0;
@@ -154,12 +152,11 @@ extern "C" void cpu_first_block(unsigned long long first) { cuda_on_cpu::first_b
 // fence (emulate.h, HiddenWrites; the adversarial schedule only): `count` ranges (at[i], size[i]
 // bytes), each widened to whole pages (EmulatedDriver's buffers each have pages of their own).
 extern "C" void cpu_buffers(int count, void** at, const size_t* size) {
-    const size_t page = cuda_on_cpu::page_bytes();
     cuda_on_cpu::hidden = cuda_on_cpu::HiddenWrites{};
     for (int i = 0; i < count; ++i) {
-        const auto first = reinterpret_cast<uintptr_t>(at[i]) / page * page;
-        const auto end = (reinterpret_cast<uintptr_t>(at[i]) + size[i] + page - 1) / page * page;
-        cuda_on_cpu::hidden.buffers.push_back({reinterpret_cast<unsigned char*>(first), end - first});
+        unsigned char* first = cuda_on_cpu::page_start(at[i]);
+        unsigned char* last = cuda_on_cpu::page_start(static_cast<unsigned char*>(at[i]) + size[i] - 1);
+        cuda_on_cpu::hidden.buffers.push_back({first, static_cast<size_t>(last - first) + cuda_on_cpu::page_bytes()});
     }
 }
 
