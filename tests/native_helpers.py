@@ -621,6 +621,11 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     return lib
 
 
+def c_array(ctype, items: list):
+    """items as a C array for the emulation's entry points (one element at least: never a null pointer)."""
+    return (ctype * max(len(items), 1))(*items)
+
+
 @functools.cache
 def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
@@ -746,21 +751,19 @@ class EmulatedDriver(RecordingDriver):
     def run(self, fn, grid, block, args, programmatic=False):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         assert all(b == 1 for b in tuple(block)[1:]), "the kernels' blocks are 1-D"
-        values = (ctypes.c_void_p * max(len(args), 1))(*[ctypes.addressof(a) for a in args])
+        values = c_array(ctypes.c_void_p, [ctypes.addressof(a) for a in args])
         self.lib.cpu_schedule(int(self.adversarial))
         if self.adversarial and programmatic and self.chain_start is not None:
             stale = [(b, self.chain_start[a]) for a, b in self.buffers.items()
                      if a in self.chain_start and not np.array_equal(b, self.chain_start[a])]
-            n = max(len(stale), 1)
-            self.lib.cpu_stale_memory(len(stale), (ctypes.c_void_p * n)(*[b.ctypes.data for b, _ in stale]),
-                                      (ctypes.c_size_t * n)(*[b.nbytes for b, _ in stale]),
-                                      (ctypes.c_void_p * n)(*[old.ctypes.data for _, old in stale]))
+            self.lib.cpu_stale_memory(len(stale), c_array(ctypes.c_void_p, [b.ctypes.data for b, _ in stale]),
+                                      c_array(ctypes.c_size_t, [b.nbytes for b, _ in stale]),
+                                      c_array(ctypes.c_void_p, [old.ctypes.data for _, old in stale]))
         elif self.adversarial:
             self.chain_start = {a: b.copy() for a, b in self.buffers.items()}
         if self.adversarial:  # (each block's writes hidden from the others until it fences)
-            n = max(len(self.buffers), 1)
-            self.lib.cpu_buffers(len(self.buffers), (ctypes.c_void_p * n)(*self.buffers),
-                                 (ctypes.c_size_t * n)(*[b.nbytes for b in self.buffers.values()]))
+            self.lib.cpu_buffers(len(self.buffers), c_array(ctypes.c_void_p, list(self.buffers)),
+                                 c_array(ctypes.c_size_t, [b.nbytes for b in self.buffers.values()]))
         EmulatedDriver.launched.add(fn)
         status = self.lib.cpu_launch(fn.encode(), *grid, block[0], values)
         assert status == 0, f"{fn}: " + (self.lib.cpu_fault().decode() if status == 3 else "see its error above")

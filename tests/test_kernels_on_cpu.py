@@ -106,8 +106,7 @@ def test_the_embedding_and_heads_reach_the_last_rows_of_a_table_past_2_gib(emula
 
     def launch(name, blocks, threads, args, last_block_only=True):
         emulated.cpu_first_block(blocks - 1 if last_block_only else 0)
-        driver.run(name, (blocks,), (threads,),
-                   [ptr(a) if kind == "p" else i32(a) if kind == "i" else f32(a) for kind, a in args])
+        driver.run(name, (blocks,), (threads,), args)
 
     def close(got, want):
         return np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
@@ -125,16 +124,16 @@ def test_the_embedding_and_heads_reach_the_last_rows_of_a_table_past_2_gib(emula
     rows = rng.standard_normal((last, hidden)).astype(np.float16)  # fp16 table
     table = buffer((vocab, hidden), np.float16, rows)
     ids, out = buffer((last,), np.int32, np.arange(vocab - last, vocab, dtype=np.int32)), buffer(rows.shape, np.float16)
-    launch("awq_embed", last, NORM_THREADS, [("p", ids), ("p", table), ("p", out), ("i", hidden), ("i", vocab),
-                                              ("f", 1.0)], last_block_only=False)
+    launch("awq_embed", last, NORM_THREADS, [ptr(ids), ptr(table), ptr(out), i32(hidden), i32(vocab), f32(1.0)],
+           last_block_only=False)
     assert np.array_equal(driver.array_at(out, np.float16, rows.shape), rows)
     launch("awq_lm_head", vocab // LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS,
-           [("p", x_at), ("p", table), ("p", logits), ("i", vocab), ("i", hidden), ("f", 0.0)])
+           [ptr(x_at), ptr(table), ptr(logits), i32(vocab), i32(hidden), f32(0.0)])
     assert close(got_logits(last), twin_lm_head(x, rows, 0.0))
     keys = buffer((8,), np.uint32, np.arange(8, dtype=np.uint32))
     chosen = buffer((8,), np.int32, np.arange(vocab - 8, vocab, dtype=np.int32))
-    launch("awq_head_rescore", 1, THREADS, [("p", keys), ("p", chosen), ("i", 8), ("i", 8), ("p", x_at),
-                                            ("p", table), ("i", hidden), ("f", 30.0), ("p", logits)])
+    launch("awq_head_rescore", 1, THREADS, [ptr(keys), ptr(chosen), i32(8), i32(8), ptr(x_at), ptr(table),
+                                            i32(hidden), f32(30.0), ptr(logits)])
     assert close(got_logits(8), twin_lm_head(x, rows[-8:], 30.0))
     for at in (table, ids, out, keys, chosen):
         driver.free(at)
@@ -143,7 +142,7 @@ def test_the_embedding_and_heads_reach_the_last_rows_of_a_table_past_2_gib(emula
     s8 = rng.uniform(0.001, 0.01, (last, hidden // 32)).astype(np.float16)
     table, scales = buffer((vocab, hidden), np.int8, q8), buffer((vocab, hidden // 32), np.float16, s8)
     launch("awq_lm_head_q8", vocab // LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS,
-           [("p", x_at), ("p", table), ("p", scales), ("p", logits), ("i", vocab), ("i", hidden), ("f", 0.0)])
+           [ptr(x_at), ptr(table), ptr(scales), ptr(logits), i32(vocab), i32(hidden), f32(0.0)])
     w8 = q8.astype(np.float32) * np.repeat(s8.astype(np.float32), 32, axis=1)
     assert close(got_logits(last), w8 @ x.astype(np.float32))
     driver.free(table)
@@ -153,7 +152,7 @@ def test_the_embedding_and_heads_reach_the_last_rows_of_a_table_past_2_gib(emula
     weights = [buffer((vocab, *packed[name].shape[1:]), packed[name].dtype, packed[name])
                for name in ("qweight", "scales", "zeros")]
     want = dequantize(q, s, z, g).astype(np.float16).astype(np.float32) @ x.astype(np.float32)
-    args = [*[("p", a) for a in (x_at, *weights, logits)], ("i", vocab), ("i", hidden), ("i", vocab), ("f", 0.0)]
+    args = [*map(ptr, (x_at, *weights, logits)), i32(vocab), i32(hidden), i32(vocab), f32(0.0)]
     launch(f"awq_gemv_logits_g{g}_w4", vocab // 4, 128, args)
     assert close(got_logits(4), want[-4:])
     launch(f"awq_gemv_tc_logits_g{g}", vocab // GEMV_TC_ROWS, GEMV_TC_THREADS, args)
@@ -804,9 +803,8 @@ def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_ha
 
     # the benchmark's harness itself (its buffers, arguments and check) on the emulation, the ways
     # that need no cooperative launch
-    skeleton = bench.Skeleton(EmulatedDriver(emulated, adversarial), {name: name for name in ("awq_step_skeleton",
-                                                                                 "awq_step_skeleton_queue")},
-                              False, start, words, rng)
+    names = {name: name for name in ("awq_step_skeleton", "awq_step_skeleton_queue")}
+    skeleton = bench.Skeleton(EmulatedDriver(emulated, adversarial), names, False, start, words, rng)
     for way, blocks in (("per_op", 1), ("per_op", 3), ("queue", 2), ("queue", 3)):
         assert skeleton.check(way, blocks) is None, (way, blocks)
     skeleton.words = skeleton.words.copy()
