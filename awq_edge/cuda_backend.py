@@ -83,8 +83,17 @@ GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid (kTcBlocksPerSm: launch bounds 
 # SmolLM2's layer the same way round (qkv 4.1 / 3.5 / 3.5, o_proj 1.6 / 2.2 / 2.2). End to end
 # (cuda_decode.py, all linears one way): 7B 298 / 359 / 432 tok/s, Llama-3.2-1B 932 / 1223 / 1352.
 # No Orin or RTX 40xx has run them, hence the timing at load.
-DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent")
-GEMV_KINDS = DECODE_GEMVS[1:]
+# "persistent_step": the step's layers in one launch (plugins/kernels/decode_step.cu, issue 19:
+# a small model's layer is launch- and latency-bound), every linear on its CUDA-core GEMV body,
+# the ops a queue of tasks over STEP_BLOCKS_PER_SM blocks an SM; the tail (final norm, head) as
+# auto runs it. Not yet timed on a GPU: never chosen unless asked for.
+DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent", "persistent_step")
+GEMV_KINDS = ("cuda_cores", "tensor_cores", "tensor_cores_persistent")
+STEP_BLOCKS_PER_SM = 2  # decode_step.cu: 215 registers x 128 threads a block (ptxas, sm_90)
+STEP_ARGS = 28          # decode_step.cu kStepArgs: a StepOp is 4 + this many int64
+STEP_KINDS = {"embed": 0, "norm": 1, "add_norm": 2, "head_norm": 3, "act": 4, "rope_store": 5, "attention": 6,
+              "linear": 7}  # decode_step.cu StepKind
+STEP_STALLED = 2        # a bit of the status word (decode_step.cu AWQ_STEP_STALLED)
 # The timing at load: each variant replayed this many times after a warm-up, in turn with the
 # others, the median kept; a role leaves auto_default only for a GEMV at least TUNE_MARGIN faster.
 TUNE_REPLAYS, TUNE_MARGIN = 3, 0.03
@@ -343,6 +352,7 @@ class CudaBackend:
         self.draw_on_device = 0.0                      # what `uniform` holds (greedy: always 0)
         self.uploads = ()                              # pageable arrays a queued copy still reads
         self.run_ahead = True                          # (benchmarks/cuda_decode.py times it off too)
+        self.step_capacity = 0                         # the persistent step's table: ops it has room for
         self.seen = drv.alloc(C * 4)                   # the repetition-penalty history, on the device
         self.n_seen = drv.alloc(4)
         self.seen_mirror: list[int] = []               # what `seen` holds, to upload only what is new
@@ -368,7 +378,8 @@ class CudaBackend:
         """What a decode step runs (awq-edge bench prints it): the head is the choice a build makes."""
         head = {"int4": "int4, its top 64 re-scored from fp16"}.get(self.spec.lm_head, self.spec.lm_head)
         said = {"tensor_cores": "on tensor cores", "tensor_cores_persistent": "on tensor cores (persistent grid)",
-                "cuda_cores": "on CUDA cores"}
+                "cuda_cores": "on CUDA cores",
+                "persistent_step": "on CUDA cores in one persistent launch for the layers (the head's as auto)"}
         gemv = said.get(self.decode_gemv, "on tensor cores (persistent grid) after a norm, else CUDA cores")
         if self.decode_gemv == "auto" and self.gemv_tuning and "error" not in self.gemv_tuning:
             gemv = "as timed on this GPU (" + "; ".join(
@@ -428,6 +439,8 @@ class CudaBackend:
                 self._graphs[rows] = self.faster_prefill_graph(rows)
                 self._keep_tuning()
             else:
+                if rows == 1 and self.decode_gemv == "persistent_step":
+                    self._prepare_step()
                 self._graphs[rows] = self.drv.capture(lambda: self._step(1) if rows == 1 else self._body(rows))
         self.drv.replay(self._graphs[rows])
 
@@ -472,8 +485,11 @@ class CudaBackend:
         return self.l2_slab_bytes if self.prefill_timed.get(rows) == "cublas_l2" else self.slab_bytes
 
     def _body(self, rows: int) -> None:
-        """A step's launches up to its tail."""
-        self.launch_ops(self.ops[:step_tail(self.ops)], rows)
+        """A step's launches up to its tail (decode on the persistent step: one)."""
+        if rows == 1 and self.decode_gemv == "persistent_step":
+            self.launch_step()
+        else:
+            self.launch_ops(self.ops[:step_tail(self.ops)], rows)
 
     def _tail(self, rows: int) -> None:
         """A step's tail: the norm of its last row and the head, then the position advanced by its rows."""
@@ -509,6 +525,82 @@ class CudaBackend:
     def _step(self, rows: int) -> None:
         self._body(rows)
         self._tail(rows)
+
+    # ------------------------------------------------------------ the persistent step
+    def step_ops(self) -> list[tuple]:
+        """The body of a decode step as plugins/kernels/decode_step.cu's StepOp rows: (kind, tasks,
+        variant, args), args as launch() takes them, in the order each kind's case reads them."""
+        b, w, spec, C = self.buf, self.weights, self.spec, self.max_context
+        H, Hkv, D, eps = spec.heads, spec.kv_heads, spec.head_dim, ("f32", spec.eps)
+        blocks = STEP_BLOCKS_PER_SM * self.sm_count
+        rows = []
+        for op in self.ops[:step_tail(self.ops)]:
+            a = op.args
+            if op.kind == "embed":
+                rows.append(("embed", 1, 0, [self.token, w[a["table"]], b[a["out"]], ("i32", spec.hidden),
+                                             ("i32", spec.vocab), ("f32", a["scale"] or 1.0)]))
+            elif op.kind == "norm":
+                rows.append(("norm", 1, 0, [b[a["x"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps]))
+            elif op.kind == "add_norm":
+                rows.append(("add_norm", 1, 0, [b[a["x"]], b[a["residual"]], w[a["weight"]], b[a["out"]],
+                                                ("i32", spec.hidden), eps]))
+            elif op.kind == "head_norm":
+                rows.append(("head_norm", a["heads"], 0, [b[a["x"]], ("i32", a["offset"]), ("i32", D),
+                                                          w[a["weight"]], eps]))
+            elif op.kind == "act":
+                rows.append(("act", 1, 0, [b[a["x"]], b[a["out"]], ("i32", spec.intermediate),
+                                           ("i32", ACT_KINDS[a["kind"]])]))
+            elif op.kind == "attention":
+                layer, qkv = a["layer"], b[a["qkv"]]
+                if not a["rotated"]:
+                    rows.append(("rope_store", 1, 0, [
+                        qkv, qkv + 2 * H * D, qkv + 2 * (H + Hkv) * D, self.k_cache[layer], self.v_cache[layer],
+                        self.past, w[f"rope.{a['rope']}.cos"], w[f"rope.{a['rope']}.sin"], self.q_rot, ("i32", H),
+                        ("i32", Hkv), ("i32", D), ("i32", C), ("i32", spec.max_positions),
+                        ("i32", spec.qkv_width), ("i32", spec.qkv_width), self.status]))
+                per_head = max(1, min(self.attn_splits, blocks // H))
+                rows.append(("attention", H * per_head, D, [
+                    self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, b[a["out"]], self.attn_partials,
+                    self.attn_counters, ("i32", H), ("i32", Hkv), ("i32", C), ("i32", spec.max_positions),
+                    ("i32", a["window"]), ("f32", spec.attn_scale), ("f32", spec.attn_softcap),
+                    ("i32", self.attn_splits), ("i32", per_head)]))
+            elif op.kind == "linear":
+                name, n, k = a["weight"], a["N"], a["K"]
+                fusion = GEMV_FUSIONS.index(f"{'norm_' if a['norm'] else ''}{a['epilogue']}")
+                rope = self.rope_args(a["layer"], a["rope"]) if a["epilogue"] == "rope" else [0] * 7 + [("i32", 0)] * 5
+                rows.append(("linear", min(n // GEMV_ROWS_PER_BLOCK, blocks), 2 * fusion + (k % 32 == 0), [
+                    b[a["x"]], w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"], b[a["out"]],
+                    ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0, eps,
+                    w[f"{name}.bias"] if a["bias"] else 0, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope]))
+            else:
+                raise ValueError(f"the persistent step has no op {op.kind}")
+        return rows
+
+    def _prepare_step(self) -> None:
+        """The step's StepOp table on the device, with its queue and counts (zeroed: the kernel
+        leaves them so), before a capture (an upload is not a graph's)."""
+        rows = self.step_ops()
+        self.drv.synchronize()  # (once per capture: the copies below must not overtake queued work)
+        table = np.zeros((len(rows), 4 + STEP_ARGS), np.int64)
+        first = 0
+        for i, (kind, tasks, variant, args) in enumerate(rows):
+            values = [a if isinstance(a, int) else a[1] if a[0] == "i32" else
+                      int(np.float32(a[1]).view(np.int32)) for a in args]
+            table[i, :4 + len(values)] = [STEP_KINDS[kind], tasks, first, variant, *values]
+            first += tasks
+        if self.step_capacity < len(rows):  # (sized for the longest op list yet)
+            self.step_table, self.step_capacity = self.drv.alloc(table.nbytes), len(rows)
+            self.step_queue, self.step_done = self.drv.alloc(32), self.drv.alloc(4 * len(rows))
+            self.drv.zero(self.step_queue, 32)
+            self.drv.zero(self.step_done, 4 * len(rows))
+        self.drv.upload(self.step_table, table)
+        self.step_count = len(rows)
+
+    def launch_step(self) -> None:
+        """The decode step's body as one launch of the persistent step (_prepare_step's table)."""
+        self.launch(f"awq_decode_step_g{self.spec.group_size}", (STEP_BLOCKS_PER_SM * self.sm_count,),
+                    (GEMV_THREADS,), [self.step_table, ("i32", self.step_count), self.step_queue, self.step_done,
+                                      self.status])
 
     def launch_ops(self, ops: list, rows: int) -> None:
         """ops in order; each linear is told the next one's weights (the L2 prefetch)."""
@@ -642,7 +734,7 @@ class CudaBackend:
         choice, for auto the one timed for its role (else auto_default), where its shape allows it:
         the tensor-core GEMV takes K % 32 == 0 up to GEMV_TC_MAX_K, and RoPE at head_dim % 16 == 0."""
         kind = self.decode_gemv
-        if kind == "auto":
+        if kind in ("auto", "persistent_step"):  # (the persistent step's linears run inside it; its head as auto's)
             kind = self.tuned_gemv.get(gemv_role(a)) or auto_default(a)
         return kind if self.fits_tensor_cores(a) else "cuda_cores"
 
@@ -901,15 +993,18 @@ class CudaBackend:
     def _check_status(self, status: int) -> None:
         """The attention kernels flag a step whose rows did not fit the cache (the host's
         position check, decoder.step_ids, should make that impossible: the device's counter
-        disagreed). The cache no longer matches the tokens: start over from an empty one."""
+        disagreed); the persistent step one whose task waited in vain. Either way the cache no
+        longer matches the tokens: start over from an empty one."""
         if status == 0:
             return
         self.drv.synchronize()  # (a step may be running ahead)
         self.drv.zero(self.status, 4)
         self.rewind(0)
         self.seen_mirror = []
-        raise UserError("the GPU's KV cache position went past its capacity (an engine bug, please report it); "
-                        "the conversation was reset: send the request again")
+        what = ("the GPU's persistent decode step stalled" if status & STEP_STALLED else
+                "the GPU's KV cache position went past its capacity")
+        raise UserError(f"{what} (an engine bug, please report it); the conversation was reset: send the request "
+                        "again")
 
     def sample_token(self, device_ptr: int, settings, seen_ids, uniform: float) -> int:
         """The next token by the Sampler's rule, chosen on the GPU. The history the repetition
@@ -999,6 +1094,7 @@ KERNELS_OF = {
                                        for d in (64, 128, 256)] + [f"awq_attend_mma_d{d}" for d in (64, 128, 256)],
     "sample": ["awq_sample_step"],
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
+    "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
     "decoder_ops": ["awq_embed", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
                     "awq_gated_act", "awq_residual_add", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
 }

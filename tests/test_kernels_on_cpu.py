@@ -451,6 +451,19 @@ BACKEND_CASES = {
     # the same on a persistent grid (EmulatedDriver's 2 SMs: 4 blocks, each taking several tiles)
     "llama-int4-head-tensor-core-persistent-gemv": ("llama", 4, {}, True, 20, "tensor_cores_persistent",
                                                     {"awq_gemv_tc_norm_act_g32", "awq_gemv_tc_logits_g32"}),
+    # decode's layers in one persistent launch (decode_step.cu): its fused GEMV bodies, split
+    # attention at 64/128/256 (Gemma's windows), Qwen3's q/k norms and RoPE after them, Gemma 3's sandwich
+    # norms (add_norm, GELU), bias and K % 32 != 0, the unfused list (norm, act, store), group 128
+    "llama-persistent-step": ("llama", 4, {"num_hidden_layers": 2}, True, 20, "persistent_step",
+                              {"awq_decode_step_g32", "awq_gemv_logits_g32_w4"}),
+    "qwen3-d128-persistent-step": ("qwen3", "auto", {"head_dim": 128}, True, 20, "persistent_step",
+                                   {"awq_decode_step_g32"}),
+    "gemma3-d256-persistent-step": ("gemma3_text", None, {"query_pre_attn_scalar": 64, "head_dim": 256,
+                                                          "num_hidden_layers": 2}, True, 20, "persistent_step",
+                                    {"awq_decode_step_g32", "awq_lm_head"}),
+    "qwen2-ragged-unfused-persistent-step": ("qwen2", "auto", {"hidden_size": 136, "intermediate_size": 200}, False,
+                                             20, "persistent_step", {"awq_decode_step_g32"}),
+    "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
 }
 
 

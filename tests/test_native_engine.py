@@ -854,6 +854,19 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"constexpr int kCapacity = {HEAD_SELECT_CAPACITY};" in src["head_top_k"]
     fusions = re.search(r"#define AWQ_GEMV_FUSIONS\(ENTRIES\)(.*?)\n\n", src["gemv_w4a16"], re.S)
     fusions = fusions.group(1).split("AWQ_GEMV_FUSIONS(AWQ_GEMV_ENTRIES)")[0] if fusions else ""
+    # the persistent step's table (decode_step.cu StepOp) as cuda_backend.step_ops writes it: its
+    # kinds in order, its argument slots, the GEMV's fusions by index, the stall's status bit
+    step = src["decode_step"]
+    assert f"constexpr int kStepArgs = {cb.STEP_ARGS};" in step and f"#define AWQ_STEP_STALLED {cb.STEP_STALLED} " in step
+    assert "constexpr int kStepThreads = 128;" in step and cb.GEMV_THREADS == 128
+    kinds = re.search(r"enum StepKind \{(.*?)\};", step, re.S).group(1).replace("\n", " ")
+    enum_name = {"embed": "kStepEmbed", "norm": "kStepNorm", "add_norm": "kStepAddNorm", "head_norm": "kStepHeadNorm",
+                 "act": "kStepAct", "rope_store": "kStepRopeStore", "attention": "kStepAttend", "linear": "kStepGemv"}
+    assert [k.strip() for k in kinds.split(",")] == [enum_name[k] for k in sorted(cb.STEP_KINDS, key=cb.STEP_KINDS.get)]
+    for i, fusion in enumerate(cb.GEMV_FUSIONS):
+        norm, epilogue = re.search(rf"ENTRIES\({fusion}, (\w+), (\w+)\)", fusions).groups()
+        case = "default:" if i == len(cb.GEMV_FUSIONS) - 1 else f"case {i}:"
+        assert f"{case} step_gemv<kGroupSize, kWords, {norm}, Epilogue::{epilogue}>" in step, fusion
     for module, names in KERNELS_OF.items():  # every name the backend looks up is a C-named kernel there
         for name in names:
             base = re.sub(r"_(g|d)\d.*$", "", name)

@@ -52,19 +52,19 @@ __device__ __forceinline__ int64_t first_key(int64_t pos, int window) {
 
 // q_stride / kv_stride: elements from one token's q (k, v) to the next's (H * D and Hkv * D when
 // they are separate tensors; the qkv width when they are columns of one fused projection).
-// A step that does not fit is flagged here, once (attend only writes its NaN).
+// A step that does not fit is flagged here, once (attend only writes its NaN). s: the step's row
+// this block rotates and stores (its kernel's blockIdx.x).
 __device__ __forceinline__ void rope_store(const __half* __restrict__ q, const __half* __restrict__ k,
                                            const __half* __restrict__ v, __half* __restrict__ k_cache,
                                            __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
                                            const __half* __restrict__ cos, const __half* __restrict__ sin,
                                            __half* __restrict__ q_rot, int S, int H, int Hkv, int D, int capacity,
-                                           int max_positions, int q_stride, int kv_stride, int* status) {
+                                           int max_positions, int q_stride, int kv_stride, int* status, int s) {
     const int64_t past = *past_ptr;
     if (!step_fits(past, S, capacity, max_positions)) {
-        if (status && blockIdx.x == 0 && threadIdx.x == 0) atomicOr(status, AWQ_ATTENTION_OVER_CAPACITY);
+        if (status && s == 0 && threadIdx.x == 0) atomicOr(status, AWQ_ATTENTION_OVER_CAPACITY);
         return;
     }
-    const int s = blockIdx.x;
     const int half_d = D / 2;
     const int64_t pos = past + s;
     const __half* cos_row = cos + pos * half_d;
@@ -643,15 +643,17 @@ __device__ __forceinline__ void accumulate_loaded_values(float (&acc)[8], const 
     }
 }
 
-// One decode query head over one split of its keys, then (in the head's last block) the merge.
-// partials: float32 [H, splits, 2 + D] (max, sum, V-weighted sum); counters: int32 [H], zero
-// between steps (the merging block resets its head's).
-template <int D>
+// One decode query head h over split `split` of its keys (of `splits`: the kernel's blockIdx.x,
+// blockIdx.y and gridDim.y), then (in the head's last block) the merge; wait(): its wait for the
+// previous kernel. partials: float32 [H, splits, 2 + D] (max, sum, V-weighted sum); counters:
+// int32 [H], zero between steps (the merging block resets its head's).
+template <int D, typename Wait = awq_edge::AfterPreviousKernel>
 __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,
                                              const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
                                              __half* __restrict__ out, float* __restrict__ partials,
                                              int* __restrict__ counters, int H, int Hkv, int capacity,
-                                             int max_positions, int window, float scale, float softcap) {
+                                             int max_positions, int window, float scale, float softcap, int h,
+                                             int split, int splits, Wait wait = Wait{}) {
     __shared__ float q_s[D];
     __shared__ float p_s[kSplitKeys];
     __shared__ float scratch[kSplitThreads / 32];
@@ -665,11 +667,10 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
     // stream is done, so those reads see them finished. The position's own key, which this step's
     // q/k/v GEMV (or rope_store) writes, and q are read after the wait, and so is anything written.
     // Its loads then overlap the q/k/v GEMV's tail instead of following it.
-    const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     __half* y = out + static_cast<size_t>(h) * D;
     const int64_t pos = *past_ptr;
     if (!step_fits(pos, 1, capacity, max_positions)) {
-        awq_edge::wait_for_previous_kernel();
+        wait();
         for (int d = threadIdx.x; d < D; d += blockDim.x) y[d] = __float2half(NAN);
         return;
     }
@@ -692,7 +693,7 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
     const int older = pos - begin < n ? static_cast<int>(pos - begin) : n;  // keys before the position's
     SplitLoads<D> loads;
     load_split<D>(loads, k_rows, v_rows, begin, older);
-    awq_edge::wait_for_previous_kernel();
+    wait();
     if (older < n) load_split_key<D>(loads, k_rows, v_rows, begin, older);  // the position's key (the last)
     for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __half2float(q_rot[static_cast<size_t>(h) * D + d]);
     __syncthreads();
@@ -752,6 +753,7 @@ bool aligned4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3u) == 0
 
 }  // namespace
 
+#ifndef AWQ_EDGE_BODIES_ONLY  // (decode_step.cu includes the bodies above and runs them in its own kernel)
 // The kernels, with C names so that the CUDA driver API finds them in this file's cubin
 // (awq_edge/cuda_backend.py) as the launcher below does: awq_rope_store, grid S blocks of 256
 // threads, q/k/v rows of any stride (the cuda backend passes the fused qkv buffer's), status
@@ -764,7 +766,7 @@ awq_rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const
                int* __restrict__ status) {
     awq_edge::begin_after_previous_kernel();
     rope_store(q, k, v, k_cache, v_cache, past_ptr, cos, sin, q_rot, S, H, Hkv, D, capacity, max_positions, q_stride,
-               kv_stride, status);
+               kv_stride, status, blockIdx.x);
 }
 
 // The prefill attention kernels, all with awq_attend's arguments and 128 threads a block:
@@ -801,7 +803,7 @@ AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d256, attend_mma, 256)
                               float softcap) {                                                                      \
         awq_edge::let_next_kernel_start(); /* and the wait inside, after the older keys' loads */                  \
         attend_split<D>(q_rot, k_cache, v_cache, past_ptr, out, partials, counters, H, Hkv, capacity,              \
-                        max_positions, window, scale, softcap);                                                     \
+                        max_positions, window, scale, softcap, blockIdx.x, blockIdx.y, gridDim.y);                  \
     }
 AWQ_ATTEND_SPLIT_ENTRY(64)
 AWQ_ATTEND_SPLIT_ENTRY(128)
@@ -832,3 +834,4 @@ extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, 
     return static_cast<int>(cudaGetLastError());
 }
 #endif  // __CUDACC__
+#endif  // AWQ_EDGE_BODIES_ONLY

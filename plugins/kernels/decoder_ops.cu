@@ -15,36 +15,12 @@
 
 #include "activation.cuh"
 #include "pdl.cuh"
+#include "row_ops.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kWarps = kThreads / 32;
-
-// The sum of v over the block; every thread gets it. `partial` is kWarps floats of shared memory.
-__device__ __forceinline__ float block_sum(float v, float* partial) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    __syncthreads();  // an earlier call may still be reading `partial`
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
-    __syncthreads();
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += partial[w];
-    return total;
-}
-
-// y = x * rsqrt(mean(x^2) + eps) * weight over one row of n values (x may be y).
-__device__ __forceinline__ void rms_norm_row(const __half* x, const float* __restrict__ weight, __half* y, int n,
-                                             float eps, float* partial) {
-    float sum_sq = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float v = __half2float(x[i]);
-        sum_sq += v * v;
-    }
-    const float inv = rsqrtf(block_sum(sum_sq, partial) / static_cast<float>(n) + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = __float2half(__half2float(x[i]) * inv * weight[i]);
-}
 
 }  // namespace
 
@@ -53,13 +29,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 awq_embed(const int32_t* __restrict__ ids, const __half* __restrict__ table, __half* __restrict__ out, int hidden,
           int vocab, float scale) {
     awq_edge::begin_after_previous_kernel();
-    const int id = ids[blockIdx.x];
-    __half* y = out + static_cast<size_t>(blockIdx.x) * hidden;
-    const bool valid = id >= 0 && id < vocab;
-    const __half* row = table + static_cast<size_t>(valid ? id : 0) * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        y[i] = valid ? __float2half(__half2float(row[i]) * scale) : __float2half(NAN);
-    }
+    awq_edge::embed_row(ids[blockIdx.x], table, out + static_cast<size_t>(blockIdx.x) * hidden, hidden, vocab, scale);
 }
 
 // out[r] = norm(x[first_row + r]) for the grid's rows (x may be out: Gemma's sandwich norms run in
@@ -69,8 +39,8 @@ awq_rms_norm(const __half* x, const float* __restrict__ weight, __half* out, int
     awq_edge::begin_after_previous_kernel();
     __shared__ float partial[kWarps];
     const int row = first_row + blockIdx.x;
-    rms_norm_row(x + static_cast<size_t>(row) * hidden, weight, out + static_cast<size_t>(blockIdx.x) * hidden,
-                 hidden, eps, partial);
+    awq_edge::rms_norm_row(x + static_cast<size_t>(row) * hidden, weight,
+                           out + static_cast<size_t>(blockIdx.x) * hidden, hidden, eps, partial);
 }
 
 // The residual add fused into the next norm: residual[row] += x[row] (rounded to fp16), then
@@ -81,11 +51,8 @@ awq_add_rms_norm(const __half* __restrict__ x, __half* __restrict__ residual, co
     awq_edge::begin_after_previous_kernel();
     __shared__ float partial[kWarps];
     const size_t row = static_cast<size_t>(first_row + blockIdx.x) * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        residual[row + i] = __float2half(__half2float(residual[row + i]) + __half2float(x[row + i]));
-    }
-    // each thread reads back the elements it wrote: no barrier needed before the norm's first pass
-    rms_norm_row(residual + row, weight, out + static_cast<size_t>(blockIdx.x) * hidden, hidden, eps, partial);
+    awq_edge::add_rms_norm_row(x + row, residual + row, weight, out + static_cast<size_t>(blockIdx.x) * hidden, hidden,
+                               eps, partial);
 }
 
 // Per-head RMSNorm in place (Qwen3 and Gemma3's q/k norms): the heads of row r start at
@@ -95,7 +62,7 @@ awq_head_rms_norm(__half* x, int row_stride, int offset, int head_dim, const flo
     awq_edge::begin_after_previous_kernel();
     __shared__ float partial[kWarps];
     __half* head = x + static_cast<size_t>(blockIdx.y) * row_stride + offset + static_cast<size_t>(blockIdx.x) * head_dim;
-    rms_norm_row(head, weight, head, head_dim, eps, partial);
+    awq_edge::rms_norm_row(head, weight, head, head_dim, eps, partial);
 }
 
 // y[r, :] += bias (Qwen2's q/k/v bias, after the fp16 GEMV output). Grid: rows.
@@ -111,12 +78,8 @@ awq_bias_add(__half* __restrict__ y, const __half* __restrict__ bias, int n) {
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_gated_act(const __half* __restrict__ gate_up, __half* __restrict__ out, int inter, int kind) {
     awq_edge::begin_after_previous_kernel();
-    const __half2* pairs = reinterpret_cast<const __half2*>(gate_up) + static_cast<size_t>(blockIdx.x) * inter;
-    __half* y = out + static_cast<size_t>(blockIdx.x) * inter;
-    for (int j = threadIdx.x; j < inter; j += blockDim.x) {
-        const float2 gu = __half22float2(pairs[j]);
-        y[j] = __float2half(awq_edge::gated_act(gu.x, gu.y, kind));
-    }
+    awq_edge::gated_act_row(gate_up + 2 * static_cast<size_t>(blockIdx.x) * inter,
+                            out + static_cast<size_t>(blockIdx.x) * inter, inter, kind);
 }
 
 // h[r, :] += y[r, :], rounded to fp16: the residual add of a prefill step, which the decode GEMV

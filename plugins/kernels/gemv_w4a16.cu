@@ -155,13 +155,14 @@ __device__ __forceinline__ uint4 normed8(uint4 bits, const float* __restrict__ w
 
 // The RoPE epilogue of one block (value(t): the fp16 result of its row(t)): q rows rotated into
 // q_rot, k rows rotated into the cache row of the position, v rows copied there; awq_rope_store's
-// arithmetic (fp32 from the fp16 inputs and tables, one rounding).
+// arithmetic (fp32 from the fp16 inputs and tables, one rounding). flag_here: the block (or the
+// persistent step's task) of block 0, which flags a position past the cache.
 template <int kBlockRows, typename Row, typename Value>
-__device__ __forceinline__ void rope_epilogue(const RopeArgs& a, Row row, Value value) {
+__device__ __forceinline__ void rope_epilogue(const RopeArgs& a, Row row, Value value, bool flag_here) {
     constexpr int kHalf = kBlockRows / 2;
     const int64_t pos = *a.past;
     if (pos < 0 || pos + 1 > a.capacity || pos + 1 > a.max_positions) {  // attend writes the NaN
-        if (a.status != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicOr(a.status, 1);  // OVER_CAPACITY
+        if (a.status != nullptr && flag_here && threadIdx.x == 0) atomicOr(a.status, 1);  // OVER_CAPACITY
         return;
     }
     const int D = a.head_dim, half_d = D / 2;
@@ -201,9 +202,10 @@ __device__ __forceinline__ void prefetch_next_weights(const Fusion& fusion) {
 // row(t)): stores them (+ bias), applies the gated activation to its gate/up row pairs (rows
 // interleaved at packing, so R rows make R/2 outputs), adds them into the residual stream y,
 // writes fp32 logits, or applies RoPE and writes q and the KV-cache rows. Rows past N (a last
-// block of 16 when N % 16 == 8) are not written.
+// block of 16 when N % 16 == 8) are not written. first_block: block 0's (RoPE's over-capacity flag).
 template <Epilogue kEpilogue, int kBlockRows, typename Row, typename Sum>
-__device__ __forceinline__ void one_row_epilogue(const Fusion& fusion, half* __restrict__ y, int N, Row row, Sum sum) {
+__device__ __forceinline__ void one_row_epilogue(const Fusion& fusion, half* __restrict__ y, int N, Row row, Sum sum,
+                                                 bool first_block) {
     auto result = [&](int t) { return __float2half_rn(sum(t)); };
     // + the bias, rounded again: as awq_bias_add does to the stored result
     auto biased = [&](int t) {
@@ -217,7 +219,7 @@ __device__ __forceinline__ void one_row_epilogue(const Fusion& fusion, half* __r
             y[row(0) / 2 + t] = __float2half_rn(act);
         }
     } else if constexpr (kEpilogue == Epilogue::kRope) {
-        rope_epilogue<kBlockRows>(fusion.rope, row, biased);
+        rope_epilogue<kBlockRows>(fusion.rope, row, biased, first_block);
     } else if constexpr (kEpilogue == Epilogue::kLogits) {  // the fp32 sum, not rounded to fp16
         if (t < kBlockRows && row(t) < N && row(t) < fusion.vocab) fusion.logits[row(t)] = soft_cap(sum(t), fusion.softcap);
     } else if (t < kBlockRows && row(t) < N) {
@@ -239,14 +241,18 @@ __device__ __forceinline__ void load_weight_words(const uint32_t* src, uint32_t 
     }
 }
 
-template <int kRows, int kGroupSize, int kWordsPerLoad, bool kNorm = false, Epilogue kEpilogue = Epilogue::kStore>
+// Block `block` of the grid's N / 4 (its kernel's blockIdx.x; the persistent decode step's tasks
+// pass theirs), waiting with wait() where its kernel waits for the previous one.
+template <int kRows, int kGroupSize, int kWordsPerLoad, bool kNorm = false, Epilogue kEpilogue = Epilogue::kStore,
+          typename Wait = AfterPreviousKernel>
 __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                                            const half* __restrict__ scales, const half* __restrict__ zeros,
-                                           half* __restrict__ y, int N, int K, Fusion fusion = Fusion{}) {
+                                           half* __restrict__ y, int N, int K, Fusion fusion, int block,
+                                           Wait wait = Wait{}) {
     static_assert(kRows == 1 || (!kNorm && kEpilogue == Epilogue::kStore), "fusions are for decode (M = 1)");
     static_assert(kRowsPerBlock % 2 == 0, "the act epilogue pairs a block's rows");
     // (a function, not an array: an array indexed by thread would live in local memory)
-    const auto row = [&](int r) { return row_of_block<kEpilogue>(blockIdx.x, r, fusion.rope); };
+    const auto row = [&](int r) { return row_of_block<kEpilogue>(block, r, fusion.rope); };
     const int words_per_row = K / kValuesPerWord;
     const int groups = num_groups(K, kGroupSize);
     const int loads_per_row = words_per_row / kWordsPerLoad;
@@ -269,7 +275,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
             }
         }
     }
-    wait_for_previous_kernel();
+    wait();
     float inv_rms = 0.f;
     if constexpr (kNorm) inv_rms = row_inv_rms(x, K, fusion.eps);
 
@@ -333,7 +339,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
         return v;
     };
     if constexpr (kRows == 1) {
-        one_row_epilogue<kEpilogue, kRowsPerBlock>(fusion, y, N, row, block_sum);
+        one_row_epilogue<kEpilogue, kRowsPerBlock>(fusion, y, N, row, block_sum, block == 0);
     } else {
         for (int t = threadIdx.x; t < kRowsPerBlock * kRows; t += kThreads) {
             const int r = t / kRows, m = t % kRows;
@@ -847,7 +853,7 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
             for (int w = 0; w < kTcWarps; ++w) v += row_sums[w][r];
             return v;
         };
-        one_row_epilogue<kEpilogue, kTcRows>(fusion, y, N, row, block_sum);
+        one_row_epilogue<kEpilogue, kTcRows>(fusion, y, N, row, block_sum, blockIdx.x == 0);
         __syncthreads();  // row_sums is the next tile's
     }
     prefetch_next_weights<kTcThreads>(fusion);
@@ -898,6 +904,7 @@ read_only_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__ 
 }  // namespace
 }  // namespace awq_edge
 
+#ifndef AWQ_EDGE_BODIES_ONLY  // (decode_step.cu includes the bodies above and runs them in its own kernel)
 // The plain GEMV of M = 1..8 rows, by name: awq_gemv_rows{M}_g{G}_w{W}(x, qweight, scales, zeros,
 // y, N, K), y[M, N] = x[M, K] W^T, grid N / 4 blocks of 128 threads (W as below). The C launcher
 // awq_w4a16_gemv and the cuda backend's short prefill chunks where K % 32 != 0 (8 rows at a time) launch these.
@@ -906,7 +913,7 @@ read_only_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__ 
         awq_gemv_rows##M##_g##G##_w##W(const half* __restrict__ x, const uint32_t* __restrict__ qweight,          \
                                        const half* __restrict__ scales, const half* __restrict__ zeros,           \
                                        half* __restrict__ y, int N, int K) {                                      \
-        awq_edge::gemv_w4a16<M, G, W>(x, qweight, scales, zeros, y, N, K);                                        \
+        awq_edge::gemv_w4a16<M, G, W>(x, qweight, scales, zeros, y, N, K, awq_edge::Fusion{}, blockIdx.x);        \
     }
 #define AWQ_GEMV_ROWS_ENTRIES(M)                                                                                  \
     AWQ_GEMV_ROWS_ENTRY(M, 32, 1) AWQ_GEMV_ROWS_ENTRY(M, 32, 4) AWQ_GEMV_ROWS_ENTRY(M, 64, 1)                     \
@@ -1052,7 +1059,7 @@ extern "C" int awq_w4a16_read_only(const int32_t* qweight, const __half* scales,
     extern "C" __global__ void __launch_bounds__(128)                                                               \
         awq_gemv_##NAME##_g##G##_w##W(AWQ_GEMV_FUSED_PARAMS) {                                                      \
         awq_edge::gemv_w4a16<1, G, W, NORM, awq_edge::Epilogue::EPILOGUE>(x, qweight, scales, zeros, y, N, K,       \
-                                                                          AWQ_GEMV_FUSION);                         \
+                                                                          AWQ_GEMV_FUSION, blockIdx.x);             \
     }
 #define AWQ_GEMV_ENTRIES(NAME, NORM, EPILOGUE)                                                                      \
     AWQ_GEMV_ENTRY(NAME, NORM, EPILOGUE, 32, 1)                                                                     \
@@ -1084,7 +1091,8 @@ AWQ_GEMV_FUSIONS(AWQ_GEMV_ENTRIES)
                                     float* __restrict__ logits, int N, int K, int vocab, float softcap) {          \
         awq_edge::gemv_w4a16<1, G, W, false, awq_edge::Epilogue::kLogits>(x, qweight, scales, zeros, nullptr, N, K, \
                                                                           awq_edge::logits_fusion(logits, vocab,    \
-                                                                                                  softcap));        \
+                                                                                                  softcap),         \
+                                                                          blockIdx.x);                              \
     }
 AWQ_GEMV_LOGITS_ENTRY(32, 1)
 AWQ_GEMV_LOGITS_ENTRY(32, 4)
@@ -1159,3 +1167,4 @@ extern "C" int awq_w4a16_gemv_tc_persistent(const __half* x, const int32_t* qwei
     return launch_gemv_tc(x, qweight, scales, zeros, y, M, N, K, group_size, true, stream);
 }
 #endif  // __CUDACC__
+#endif  // AWQ_EDGE_BODIES_ONLY

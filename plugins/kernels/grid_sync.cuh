@@ -46,6 +46,21 @@ __device__ __forceinline__ void poll_until(const unsigned* p, Ready ready, unsig
     }
 }
 
+// A persistent step's tasks as a queue (persistent_step.cu's skeleton, decode_step.cu's real
+// step): tasks (phase or op, tile) in order, taken by whichever block is free; a task waits only
+// for the tasks before it, by running blocks, so any grid makes progress without a cooperative
+// launch (and the CPU emulation, whose blocks run one after another, takes them all in turn).
+// `next` only grows: a launch's tasks start at `base`, and each block ends on one task past the
+// last, so the task that ends the step moves `base` on by the tasks and the grid, and zeroes the
+// counts for the next launch (nothing reads them after: a block that starts late finds no task
+// left). Zeroed once.
+struct StepQueue {
+    unsigned long long next;  // tasks handed out, over all launches
+    unsigned long long base;  // `next` at this launch's first task
+    unsigned finished;        // this launch's last-phase tiles done
+    unsigned stalled;         // set when a task gave up waiting
+};
+
 __device__ __forceinline__ void grid_sync(GridBarrier* barrier) {
     __syncthreads();
     if (threadIdx.x == 0) {

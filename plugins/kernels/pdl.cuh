@@ -33,6 +33,12 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 }
 
+// wait_for_previous_kernel as a function object: the wait an op's body takes (its kernel's; the
+// persistent decode step, decode_step.cu, passes its wait for the op before it instead).
+struct AfterPreviousKernel {
+    __device__ __forceinline__ void operator()() const { wait_for_previous_kernel(); }
+};
+
 // Both, for a kernel that reads nothing before the previous kernel's results.
 __device__ __forceinline__ void begin_after_previous_kernel() {
     let_next_kernel_start();

@@ -94,25 +94,14 @@ awq_step_skeleton(const uint4* __restrict__ bytes, const long long* __restrict__
 }
 
 // The same step as a queue of tasks (phase, tile), `tiles` a phase, taken in order by whichever
-// block is free: a task loads its tile's bytes, then waits until the phase before has all its
-// tiles done (done[p], a count a phase), then reads the vector. Tasks are taken in order, so a
-// task waits only for tasks taken before it, by running blocks: any grid makes progress without a
-// cooperative launch (and the CPU emulation, whose blocks run one after another, takes them all
-// in turn). `next` only grows: a launch's tasks start at `base`, and each block ends on one task
-// past the last, so the task that ends the step moves `base` on by the tasks and the grid, and
-// zeroes the counts for the next launch (nothing reads them after: a block that starts late finds
-// no task left). The queue and done (P counts) are zeroed once.
-struct StepQueue {
-    unsigned long long next;  // tasks handed out, over all launches
-    unsigned long long base;  // `next` at this launch's first task
-    unsigned finished;        // this launch's last-phase tiles done
-    unsigned stalled;         // set when a task gave up waiting
-};
-
+// block is free (grid_sync.cuh StepQueue): a task loads its tile's bytes, then waits until the
+// phase before has all its tiles done (done[p], a count a phase), then reads the vector. The
+// queue and done (P counts) are zeroed once. decode_step.cu runs a real step this way.
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_step_skeleton_queue(const uint4* __restrict__ bytes, const long long* __restrict__ phase_start,
                         const int* __restrict__ vector_words, int phases, int tiles, uint32_t* vectors,
-                        int vector_stride, StepQueue* queue, unsigned* done, uint32_t* __restrict__ tile_sums) {
+                        int vector_stride, awq_edge::StepQueue* queue, unsigned* done,
+                        uint32_t* __restrict__ tile_sums) {
     __shared__ uint32_t partial[kThreads / 32];
     __shared__ long long task;
     const long long total = static_cast<long long>(phases) * tiles;

@@ -540,6 +540,11 @@ T __ldcg(const T* p, const std::source_location& at = std::source_location::curr
 
 inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
 
 using std::isnan;
 using std::max;

@@ -1,0 +1,222 @@
+// A decode step's layers in one launch (issue 19: a small model's layer is launch- and
+// latency-bound, ~5 launches a layer; cuda_backend's decode choice "persistent_step").
+//
+// The step's ops (awq_edge/decoder.py decode_ops, up to its tail: the last row's norm and the head
+// stay launches of their own) are a table of StepOp, each cut into `tasks` tiles, and the tiles of
+// all ops one queue (grid_sync.cuh StepQueue): a block takes the next task, runs the op's own body
+// for that tile (the same device functions the per-op kernels run: gemv_w4a16.cu's one-row GEMV
+// on CUDA cores, attention.cu's split decode attention and rope_store, row_ops.cuh's norms,
+// embedding and activation), and counts it done. Where the op's kernel would wait for the kernel
+// before it (pdl.cuh), the task waits until every task of the op before it is done (`done`, a count
+// an op; the weights and older keys are loaded before that wait, as the kernels load them before
+// theirs). A task waits only on tasks taken before it, so any grid makes progress, and the CPU
+// emulation (blocks one after another) runs it too. A wait that never ends is a bug: it gives up
+// after ~a second and sets AWQ_STEP_STALLED in status, which the host reports.
+//
+// The ops, kinds and argument slots: awq_edge/cuda_backend.py step_table writes them; the case
+// of each kind below reads them in the same order.
+#define AWQ_EDGE_BODIES_ONLY
+#include "attention.cu"
+#include "gemv_w4a16.cu"
+#undef AWQ_EDGE_BODIES_ONLY
+
+#include "grid_sync.cuh"
+#include "row_ops.cuh"
+
+#define AWQ_STEP_STALLED 2 /* a bit of *status, beside attention.h's AWQ_ATTENTION_OVER_CAPACITY */
+
+namespace awq_edge {
+namespace {
+
+constexpr int kStepThreads = 128;  // the GEMV's block (kThreads) and split attention's (kSplitThreads)
+static_assert(kStepThreads == kThreads && kStepThreads == kSplitThreads, "one block size for every op's body");
+
+enum StepKind { kStepEmbed, kStepNorm, kStepAddNorm, kStepHeadNorm, kStepAct, kStepRopeStore, kStepAttend,
+                kStepGemv };
+constexpr int kStepArgs = 28;
+
+struct StepOp {
+    int64_t kind;     // StepKind
+    int64_t tasks;    // tiles of the op: 1, a head each, or the GEMV's 4-row blocks dealt out in turn
+    int64_t first;    // its first task: the ops' tasks in order
+    int64_t variant;  // the GEMV's fusion * 2 + (K % 32 == 0), attention's head size
+    int64_t arg[kStepArgs];  // pointers, int32 and float32 (the bits), in each case's order below
+};
+
+// The task's wait: thread 0 polls the op before's count (acquire) until all its tasks are done,
+// then fences, so the block's reads after the barrier see their writes (grid_sync's pattern).
+struct AfterOpBefore {
+    const unsigned* done;  // the op before's count, or null for the first op
+    unsigned tasks;
+    unsigned* stalled;
+    __device__ __forceinline__ void operator()() const {
+        if (done != nullptr && threadIdx.x == 0) {
+            poll_until(done, [&](unsigned n) { return n >= tasks; }, stalled);
+            __threadfence();
+        }
+        __syncthreads();
+    }
+};
+
+template <int kGroupSize, int kWords, bool kNorm, Epilogue kEpilogue>
+__device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBefore wait) {
+    const int64_t* a = op.arg;
+    Fusion fusion;
+    fusion.norm_weight = reinterpret_cast<const float*>(a[7]);
+    fusion.eps = __int_as_float(static_cast<int>(a[8]));
+    fusion.bias = reinterpret_cast<const half*>(a[9]);
+    fusion.act_kind = static_cast<int>(a[10]);
+    fusion.rope = RopeArgs{reinterpret_cast<const half*>(a[11]), reinterpret_cast<const half*>(a[12]),
+                           reinterpret_cast<half*>(a[13]), reinterpret_cast<half*>(a[14]),
+                           reinterpret_cast<half*>(a[15]), reinterpret_cast<const int64_t*>(a[16]),
+                           reinterpret_cast<int*>(a[17]), static_cast<int>(a[18]), static_cast<int>(a[19]),
+                           static_cast<int>(a[20]), static_cast<int>(a[21]), static_cast<int>(a[22])};
+    const int N = static_cast<int>(a[5]), K = static_cast<int>(a[6]);
+    for (int block = tile; block < N / kRowsPerBlock; block += static_cast<int>(op.tasks)) {
+        gemv_w4a16<1, kGroupSize, kWords, kNorm, kEpilogue>(
+            reinterpret_cast<const half*>(a[0]), reinterpret_cast<const uint32_t*>(a[1]),
+            reinterpret_cast<const half*>(a[2]), reinterpret_cast<const half*>(a[3]), reinterpret_cast<half*>(a[4]),
+            N, K, fusion, block, wait);
+        __syncthreads();  // (the body's shared sums, before the next block's)
+    }
+}
+
+// The GEMV's fusions in cuda_backend.GEMV_FUSIONS's order (gemv_w4a16.cu AWQ_GEMV_FUSIONS).
+template <int kGroupSize, int kWords>
+__device__ __forceinline__ void step_gemv_fusion(const StepOp& op, int tile, AfterOpBefore wait) {
+    switch (op.variant / 2) {
+        case 0: step_gemv<kGroupSize, kWords, false, Epilogue::kStore>(op, tile, wait); break;
+        case 1: step_gemv<kGroupSize, kWords, true, Epilogue::kStore>(op, tile, wait); break;
+        case 2: step_gemv<kGroupSize, kWords, false, Epilogue::kAct>(op, tile, wait); break;
+        case 3: step_gemv<kGroupSize, kWords, true, Epilogue::kAct>(op, tile, wait); break;
+        case 4: step_gemv<kGroupSize, kWords, false, Epilogue::kResidual>(op, tile, wait); break;
+        case 5: step_gemv<kGroupSize, kWords, false, Epilogue::kRope>(op, tile, wait); break;
+        default: step_gemv<kGroupSize, kWords, true, Epilogue::kRope>(op, tile, wait); break;
+    }
+}
+
+// Head tile / per_head of the split attention, splits tile % per_head, + per_head, ... (per_head
+// tasks a head: up to the grid's blocks between the heads, so a short context's empty splits cost
+// no task of their own).
+template <int D>
+__device__ __forceinline__ void step_attend(const StepOp& op, int tile, AfterOpBefore wait) {
+    const int64_t* a = op.arg;
+    const int splits = static_cast<int>(a[14]), per_head = static_cast<int>(a[15]);
+    for (int split = tile % per_head; split < splits; split += per_head) {
+        attend_split<D>(reinterpret_cast<const half*>(a[0]), reinterpret_cast<const half*>(a[1]),
+                        reinterpret_cast<const half*>(a[2]), reinterpret_cast<const int64_t*>(a[3]),
+                        reinterpret_cast<half*>(a[4]), reinterpret_cast<float*>(a[5]), reinterpret_cast<int*>(a[6]),
+                        static_cast<int>(a[7]), static_cast<int>(a[8]), static_cast<int>(a[9]),
+                        static_cast<int>(a[10]), static_cast<int>(a[11]), __int_as_float(static_cast<int>(a[12])),
+                        __int_as_float(static_cast<int>(a[13])), tile / per_head, split, splits, wait);
+        __syncthreads();  // (its shared memory, before the next split's)
+    }
+}
+
+template <int kGroupSize>
+__device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefore wait, float* partial) {
+    const int64_t* a = op.arg;
+    const auto h = [&](int i) { return reinterpret_cast<half*>(a[i]); };
+    const auto f = [&](int i) { return __int_as_float(static_cast<int>(a[i])); };
+    const auto i32 = [&](int i) { return static_cast<int>(a[i]); };
+    switch (op.kind) {
+        case kStepEmbed:  // (ids, table, out, hidden, vocab, scale)
+            wait();
+            embed_row(*reinterpret_cast<const int32_t*>(a[0]), h(1), h(2), i32(3), i32(4), f(5));
+            break;
+        case kStepNorm:  // (x, weight, out, n, eps)
+            wait();
+            rms_norm_row(h(0), reinterpret_cast<const float*>(a[1]), h(2), i32(3), f(4), partial);
+            break;
+        case kStepAddNorm:  // (x, residual, weight, out, n, eps)
+            wait();
+            add_rms_norm_row(h(0), h(1), reinterpret_cast<const float*>(a[2]), h(3), i32(4), f(5), partial);
+            break;
+        case kStepHeadNorm: {  // (x, offset, head_dim, weight, eps): head `tile`, in place
+            wait();
+            half* head = h(0) + a[1] + static_cast<int64_t>(tile) * a[2];
+            rms_norm_row(head, reinterpret_cast<const float*>(a[3]), head, i32(2), f(4), partial);
+            break;
+        }
+        case kStepAct:  // (gate_up, out, inter, kind)
+            wait();
+            gated_act_row(h(0), h(1), i32(2), i32(3));
+            break;
+        case kStepRopeStore:  // awq_rope_store's arguments for one row (S = 1)
+            wait();
+            rope_store(h(0), h(1), h(2), h(3), h(4), reinterpret_cast<const int64_t*>(a[5]), h(6), h(7), h(8), 1,
+                       i32(9), i32(10), i32(11), i32(12), i32(13), i32(14), i32(15), reinterpret_cast<int*>(a[16]),
+                       0);
+            break;
+        case kStepAttend:  // awq_attend_split's arguments, then splits and the tasks a head (step_attend)
+            if (op.variant == 64) step_attend<64>(op, tile, wait);
+            else if (op.variant == 128) step_attend<128>(op, tile, wait);
+            else step_attend<256>(op, tile, wait);
+            break;
+        default:  // kStepGemv: the fused one-row GEMV's arguments (AWQ_GEMV_FUSED_PARAMS, no prefetch)
+            if (op.variant % 2) step_gemv_fusion<kGroupSize, 4>(op, tile, wait);
+            else step_gemv_fusion<kGroupSize, 1>(op, tile, wait);
+    }
+}
+
+template <int kGroupSize>
+__device__ __forceinline__ void decode_step(const StepOp* __restrict__ ops, int n_ops, StepQueue* queue,
+                                            unsigned* done, int* status) {
+    __shared__ long long task;
+    __shared__ float partial[kRowOpsMaxWarps];
+    let_next_kernel_start();
+    // The token (the sampler's) and the position (the step before's advance) come from kernels before.
+    wait_for_previous_kernel();
+    const StepOp& last = ops[n_ops - 1];
+    const long long total = last.first + last.tasks;
+    for (;;) {
+        if (threadIdx.x == 0) {
+            const unsigned long long base = *reinterpret_cast<volatile unsigned long long*>(&queue->base);
+            task = static_cast<long long>(atomicAdd(&queue->next, 1ull) - base);
+        }
+        __syncthreads();
+        const long long t = task;
+        if (t < 0 || t >= total) break;  // (< 0: a block that started after its step ended)
+        int lo = 0, hi = n_ops - 1;      // the op of task t: the last whose first task is <= t
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (ops[mid].first <= t) lo = mid;
+            else hi = mid - 1;
+        }
+        const StepOp& op = ops[lo];
+        const unsigned tasks_before = lo > 0 ? static_cast<unsigned>(ops[lo - 1].tasks) : 0u;
+        const AfterOpBefore wait{lo > 0 ? &done[lo - 1] : nullptr, tasks_before, &queue->stalled};
+        run_task<kGroupSize>(op, static_cast<int>(t - op.first), wait, partial);
+        // Counted only once the op before is done (a task may return before its wait: attention's
+        // splits past the position), so the last op's count means the whole step is.
+        wait();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(&done[lo], 1u);
+            if (lo == n_ops - 1 && atomicAdd(&queue->finished, 1u) + 1u == static_cast<unsigned>(last.tasks)) {
+                if (atomicAdd(&queue->stalled, 0u) != 0u) atomicOr(status, AWQ_STEP_STALLED);
+                for (int i = 0; i < n_ops; ++i) done[i] = 0;  // the step is over: ready the next launch
+                queue->finished = 0;
+                queue->stalled = 0;
+                queue->base += static_cast<unsigned long long>(total) + gridDim.x;
+            }
+        }
+        __syncthreads();  // (`task` and `partial`, before the next task's)
+    }
+}
+
+}  // namespace
+}  // namespace awq_edge
+
+// awq_decode_step_g{32,64,128}(ops, n_ops, queue, done, status): the step's ops (StepOp [n_ops])
+// at the engine's group size; queue (StepQueue) and done (uint32 [n_ops]) zeroed once; status as
+// the attention kernels'. Any grid of 128-thread blocks (cuda_backend: STEP_BLOCKS_PER_SM an SM).
+#define AWQ_DECODE_STEP_ENTRY(G)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(awq_edge::kStepThreads)                                           \
+        awq_decode_step_g##G(const awq_edge::StepOp* __restrict__ ops, int n_ops, awq_edge::StepQueue* queue,       \
+                             unsigned* done, int* status) {                                                         \
+        awq_edge::decode_step<G>(ops, n_ops, queue, done, status);                                                 \
+    }
+AWQ_DECODE_STEP_ENTRY(32)
+AWQ_DECODE_STEP_ENTRY(64)
+AWQ_DECODE_STEP_ENTRY(128)

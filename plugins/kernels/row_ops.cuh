@@ -1,0 +1,72 @@
+// The bodies of the small per-row ops (decoder_ops.cu's kernels run them a block a row; the
+// persistent decode step, decode_step.cu, a task a row): any block of up to 256 threads.
+// Activations are fp16 rows; each computes in fp32 and rounds once when it stores.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include <cuda_fp16.h>
+
+#include "activation.cuh"
+
+namespace awq_edge {
+
+constexpr int kRowOpsMaxWarps = 8;  // `partial` below: this many floats of shared memory
+
+// The sum of v over the block; every thread gets it. `partial`: kRowOpsMaxWarps floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* partial) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    __syncthreads();  // an earlier call may still be reading `partial`
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (unsigned w = 0; w < blockDim.x / 32; ++w) total += partial[w];
+    return total;
+}
+
+// y = x * rsqrt(mean(x^2) + eps) * weight over one row of n values (x may be y).
+__device__ __forceinline__ void rms_norm_row(const __half* x, const float* __restrict__ weight, __half* y, int n,
+                                             float eps, float* partial) {
+    float sum_sq = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = __half2float(x[i]);
+        sum_sq += v * v;
+    }
+    const float inv = rsqrtf(block_sum(sum_sq, partial) / static_cast<float>(n) + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = __float2half(__half2float(x[i]) * inv * weight[i]);
+}
+
+// residual += x (rounded to fp16), then y = norm(residual): the residual add fused into the next norm.
+__device__ __forceinline__ void add_rms_norm_row(const __half* __restrict__ x, __half* __restrict__ residual,
+                                                 const float* __restrict__ weight, __half* __restrict__ y, int n,
+                                                 float eps, float* partial) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        residual[i] = __float2half(__half2float(residual[i]) + __half2float(x[i]));
+    }
+    // each thread reads back the elements it wrote: no barrier needed before the norm's first pass
+    rms_norm_row(residual, weight, y, n, eps, partial);
+}
+
+// y = table[id, :] * scale; an id outside the vocabulary gives a NaN row.
+__device__ __forceinline__ void embed_row(int id, const __half* __restrict__ table, __half* __restrict__ y,
+                                          int hidden, int vocab, float scale) {
+    const bool valid = id >= 0 && id < vocab;
+    const __half* row = table + static_cast<size_t>(valid ? id : 0) * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        y[i] = valid ? __float2half(__half2float(row[i]) * scale) : __float2half(NAN);
+    }
+}
+
+// y[j] = act(gate_up[2j]) * gate_up[2j + 1], j < inter (gate and up rows interleaved at packing).
+__device__ __forceinline__ void gated_act_row(const __half* __restrict__ gate_up, __half* __restrict__ y, int inter,
+                                              int kind) {
+    const __half2* pairs = reinterpret_cast<const __half2*>(gate_up);
+    for (int j = threadIdx.x; j < inter; j += blockDim.x) {
+        const float2 gu = __half22float2(pairs[j]);
+        y[j] = __float2half(gated_act(gu.x, gu.y, kind));
+    }
+}
+
+}  // namespace awq_edge
