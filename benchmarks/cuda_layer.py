@@ -17,9 +17,11 @@ kernel per op) are timed in the same run, alternating, and the fused list withou
 launches (plugins/kernels/pdl.cuh, sm_90 only) with and without the GEMVs' L2 prefetch of the
 next linear's weights (what sm_87/sm_89 run instead), and the fused list with every linear on
 the CUDA-core GEMV, on the tensor-core one, and on that on a persistent grid
-(cuda_backend.DECODE_GEMVS; the default, "auto", takes the persistent tensor-core one for the
-linears with a norm prologue and the CUDA-core one for the rest). Time per layer = replay time /
-(repeats x layers), host-timed over whole replays after a synchronize, median of 5.
+(cuda_backend.GEMV_KINDS; the default, "auto", takes the persistent tensor-core one for the
+linears with a norm prologue and the CUDA-core one for the rest); and the layers in one launch
+(decode choice "persistent_step", plugins/kernels/decode_step.cu: its pass also embeds the
+token, a task of a few hundred bytes). Time per layer = replay time / (repeats x layers),
+host-timed over whole replays after a synchronize, median of 5.
 
 Roofline of a layer = (its weight bytes + the K and V rows its attention reads) / the bandwidth
 of a device-to-device copy measured in the same run (read + write bytes / time). Activations
@@ -126,10 +128,14 @@ def copy_gbs(drv, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / float(np.median(times)) / 1e9
 
 
-def time_layers(backend, ops: list, repeats: int) -> tuple[float, int]:
-    """(seconds, kernel launches) per pass over `ops` (one token), captured `repeats` times in one graph."""
+def time_layers(backend, ops: list, repeats: int, step: bool = False) -> tuple[float, int]:
+    """(seconds, kernel launches) per pass over `ops` (one token), captured `repeats` times in one
+    graph; step: a pass is one launch of the persistent step over the backend's own ops instead."""
     before = backend.drv.launch_count
-    graph = backend.drv.capture(lambda: [backend.launch_ops(ops, 1) for _ in range(repeats)])
+    if step:
+        backend._prepare_step()  # (its table: an upload, before the capture)
+    launch = backend.launch_step if step else lambda: backend.launch_ops(ops, 1)
+    graph = backend.drv.capture(lambda: [launch() for _ in range(repeats)])
     launches = (backend.drv.launch_count - before) // repeats
     backend.drv.replay(graph)  # warm-up
     backend.drv.synchronize()
@@ -152,7 +158,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
 
-    from awq_edge.cuda_backend import DECODE_GEMVS, CudaBackend
+    from awq_edge.cuda_backend import GEMV_KINDS, CudaBackend
     from awq_edge.decoder import decode_ops
     from awq_edge.cuda_runtime import CudaRuntime, find_gpus
     from awq_edge.devices import profile_for_arch
@@ -194,8 +200,9 @@ def main() -> int:
         default = (True, backend.programmatic, backend.prefetch_bytes, backend.decode_gemv)
         prefetch = backend.drv.l2_cache_bytes() // 2
         variants = {"fused": default, "unfused": (False, *default[1:])}
-        for gemv in DECODE_GEMVS[1:]:  # every linear on one GEMV
+        for gemv in GEMV_KINDS:  # every linear on one GEMV
             variants[f"fused, GEMV on {gemv.replace('_', ' ')}"] = (*default[:3], gemv)
+        variants["fused, layers in one launch"] = (*default[:3], "persistent_step")
         if backend.programmatic:  # what sm_87/sm_89 run, and the same without the prefetch
             variants["fused, not overlapped, L2 prefetch"] = (True, False, prefetch, default[3])
         variants["fused, not overlapped, no prefetch"] = (True, False, 0, default[3])
@@ -204,9 +211,10 @@ def main() -> int:
             for name, (fused, programmatic, prefetch_bytes, gemv) in variants.items():
                 backend.programmatic, backend.prefetch_bytes = programmatic, prefetch_bytes
                 backend.set_decode_gemv(gemv)
-                timed[name].append(time_layers(backend, layer_ops(decode_ops(info.spec, fused=fused)), repeats))
+                timed[name].append(time_layers(backend, layer_ops(decode_ops(info.spec, fused=fused)), repeats,
+                                               step=gemv == "persistent_step"))
         breakdown = {}  # per decode GEMV kind, with the default launches
-        for gemv in DECODE_GEMVS[1:]:
+        for gemv in GEMV_KINDS:
             backend.programmatic, backend.prefetch_bytes = default[1:3]
             backend.set_decode_gemv(gemv)
             breakdown[gemv] = [(label, op_bytes(info, group[0], args.context), time_layers(backend, group, repeats)[0])
@@ -234,7 +242,7 @@ def main() -> int:
         print(f"  fused's GEMVs (auto, timed at load in {backend.gemv_tuning['seconds']:.2f} s): "
               + ", ".join(f"{role} {kind}" for role, kind in backend.gemv_tuning["gemv"].items()))
     for name, r in results.items():
-        print(f"  {name:>32}: {r['us_per_layer']:6.1f} us, {r['launches_per_layer']:.0f} launches, "
+        print(f"  {name:>32}: {r['us_per_layer']:6.1f} us, {r['launches_per_layer']:.2g} launches, "
               f"{100 * r['roofline_fraction']:.0f}% of roofline")
     for gemv, rows in ops.items():
         print(f"  each op alone over the {layers} layers, GEMV on {gemv.replace('_', ' ')}: "

@@ -38,10 +38,11 @@ status=0
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, remember the first failure
     [ -z "${GPU_CHECK_STEPS:-}" ] || [[ " $GPU_CHECK_STEPS " == *" $1 "* ]] || return 0
     echo "== $1"
+    local started=$SECONDS
     timeout --kill-after=10 "$2" "${@:3}" 2>&1 | tee "$out/$1.log"
     local rc=${PIPESTATUS[0]}
     [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || echo "== $1: stopped after $2 s"
-    echo "== $1: exit $rc"
+    echo "== $1: exit $rc after $((SECONDS - started)) s (of $2)"
     [ "$status" -ne 0 ] || status=$rc
     pack
 }
@@ -79,15 +80,16 @@ step cuda_layer_long 120 python3 benchmarks/cuda_layer.py --context 4096 --outpu
 step cuda_attention 60 python3 benchmarks/cuda_attention.py --output "$out/cuda_attention.json"
 step cuda_head 150 python3 benchmarks/cuda_head.py --output "$out/cuda_head.json"
 step quantize 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
-# Last, on whatever time is left: compute-sanitizer over two tiny engines' backend tests (every
+# Last, on whatever time is left: compute-sanitizer over three tiny engines' backend tests (every
 # kind of kernel a prefill and a decode step launch, graphs and programmatic launches; the ragged
-# one's K % 32 != 0): memcheck (an access outside an allocation, a misaligned one), racecheck
+# one's K % 32 != 0; the persistent step, its blocks waiting on each other's counts): memcheck (an access outside an allocation, a misaligned one), racecheck
 # (shared memory read and written without a barrier between), synccheck (a barrier not all reach).
 # What the CPU emulation cannot see: the hardware's own order. sanitize.log: "ERROR SUMMARY" a tool.
 step sanitize 150 bash -c 'for tool in memcheck racecheck synccheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -P -m pytest -q -p no:cacheprovider -m gpu \
         "tests/test_cuda_backend_gpu.py::test_every_family_matches_the_reference[llama-fused-tensor_cores]" \
-        tests/test_cuda_backend_gpu.py::test_ragged_shapes_match_the_reference || exit; done'
+        tests/test_cuda_backend_gpu.py::test_ragged_shapes_match_the_reference \
+        "tests/test_cuda_backend_gpu.py::test_every_family_on_the_persistent_step[llama]" || exit; done'
 # One screen of the numbers issue 19 asks for, from the JSONs above (whatever exists).
 python3 - "$out" <<'SUMMARY' 2>&1 | tee "$out/summary.log" ${bundle:+"$OUT/summary.log"}
 import json, sys
@@ -123,7 +125,7 @@ for name in ("cuda_layer.json", "cuda_layer-smollm2.json", "cuda_layer-1b.json",
         for variant, r in layer["variants"].items():
             print(f"layer {layer['shape']} at {layer['context']} keys of {layer.get('cache', layer['context'] + 1)}, "
                   f"{variant}: {r['us_per_layer']:.1f} us, "
-                  f"{r['launches_per_layer']:.0f} launches, "
+                  f"{r['launches_per_layer']:.2g} launches, "
                   f"{100 * r['roofline_fraction']:.0f}% of roofline")
         tuning = layer.get("gemv_tuning") or {}
         if "seconds" in tuning:

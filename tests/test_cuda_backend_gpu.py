@@ -131,7 +131,15 @@ def test_long_prefill_chunks_match_the_reference_through_cublas_and_through_our_
     check_against_reference(engine, 320, cublas=False)
 
 
-@pytest.mark.parametrize("gemv", GEMVS)
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_every_family_on_the_persistent_step(model_type, tokenizer_dir, tmp_path):
+    """Decode's layers in one launch (decode_step.cu): its blocks at once on the GPU, each task
+    waiting for the op before (the CPU emulation runs its blocks one after another)."""
+    check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320, cublas=False,
+                            gemv="persistent_step")
+
+
+@pytest.mark.parametrize("gemv", GEMVS + ["persistent_step"])
 def test_a_smollm2_shaped_checkpoint_matches_the_reference(gemv, tokenizer_dir, tmp_path):
     """The real packing path (AutoAWQ checkpoint -> kernels' layout) at SmolLM2's widths: 9 heads
     of 3 KV groups, hidden 576 at group 128 (a short last group), a 49152-row tied head."""
@@ -151,7 +159,7 @@ def test_an_int4_head_matches_the_reference(gemv, tokenizer_dir, tmp_path):
     check_against_reference(tmp_path / "engine", shape["vocab_size"], gemv=gemv)
 
 
-@pytest.mark.parametrize("gemv", GEMVS + ["tensor_cores_persistent", "auto"])
+@pytest.mark.parametrize("gemv", GEMVS + ["tensor_cores_persistent", "auto", "persistent_step"])
 def test_a_1b_random_engine_matches_the_reference(gemv, tmp_path):
     """Llama-3.2-1B's shape (16 layers, GQA 32/8, a 128256-row tied head), random weights."""
     write_random_engine(tmp_path / "engine", "llama3.2-1b", this_device())

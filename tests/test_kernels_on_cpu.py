@@ -453,7 +453,7 @@ BACKEND_CASES = {
                                                     {"awq_gemv_tc_norm_act_g32", "awq_gemv_tc_logits_g32"}),
     # decode's layers in one persistent launch (decode_step.cu): its fused GEMV bodies, split
     # attention at 64/128/256 (Gemma's windows), Qwen3's q/k norms and RoPE after them, Gemma 3's sandwich
-    # norms (add_norm, GELU), bias and K % 32 != 0, the unfused list (norm, act, store), group 128
+    # norms (add_norm, GELU), bias and K % 32 != 0, the unfused list (norm, act, store), groups 64 and 128
     "llama-persistent-step": ("llama", 4, {"num_hidden_layers": 2}, True, 20, "persistent_step",
                               {"awq_decode_step_g32", "awq_gemv_logits_g32_w4"}),
     "qwen3-d128-persistent-step": ("qwen3", "auto", {"head_dim": 128}, True, 20, "persistent_step",
@@ -464,6 +464,8 @@ BACKEND_CASES = {
     "qwen2-ragged-unfused-persistent-step": ("qwen2", "auto", {"hidden_size": 136, "intermediate_size": 200}, False,
                                              20, "persistent_step", {"awq_decode_step_g32"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
+    "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
+                                   {"awq_decode_step_g64"}),
 }
 
 
@@ -481,13 +483,15 @@ def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False):
     from test_export_helpers import tiny_checkpoint
 
     model_type, lm_head, overrides, fused, prompt, gemv, _ = BACKEND_CASES[case]
+    overrides = dict(overrides)
+    group_size = overrides.pop("group_size", 128)  # (a random engine's)
     shape = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
              "head_dim": 64, "num_hidden_layers": 1, "max_position_embeddings": 512, **overrides}
     engine = tmp_path / "engine"
     if model_type == "random":
         shape = {**SHAPES["smollm2-135m"], **shape, "hidden_size": 256, "intermediate_size": 512, "vocab_size": 512}
     if model_type == "random" and not engine.exists():
-        write_random_engine(engine, shape, resolve("h200"), group_size=128, lm_head="int4")
+        write_random_engine(engine, shape, resolve("h200"), group_size=group_size, lm_head="int4")
     elif not engine.exists():
         ckpt = tiny_checkpoint(tmp_path, model_type, resolve_source("smollm2"), **shape)
         build_engine(str(ckpt), "h200", engine, backend="cuda", progress=False, lm_head_bits=lm_head)
@@ -556,6 +560,30 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     again.append(np.asarray(adversarial.forward([token])).copy())
     for step, (a, b) in enumerate(zip(plain_logits, again)):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"step {step}: {np.abs(a - b).max()}"
+
+
+def test_a_persistent_step_that_waits_in_vain_is_an_error_not_a_hang(emulated, tmp_path):
+    """A task whose op before never completes (the table says the embedding has 2 tasks, the
+    queue hands out 1) gives up waiting, the step ends, and the host gets a one-line error; the
+    queue is left ready, so the table mended, the same tokens give the same logits again."""
+    from awq_edge.errors import UserError
+
+    cuda, driver, info, ids = emulated_backend(emulated, "llama-persistent-step", tmp_path)
+    prompt = ids[:20]
+    cuda.forward(prompt)
+    first = np.asarray(cuda.forward(ids[20:21])).copy()  # (captures the decode graph: the table)
+    table = np.empty((cuda.step_count, 32), np.int64)
+    driver.download(table, cuda.step_table)
+    assert table[0, :3].tolist() == [0, 1, 0]  # the embedding: kind, tasks, first task
+    table[0, 1] = 2
+    driver.upload(cuda.step_table, table)
+    with pytest.raises(UserError, match="persistent decode step stalled"):
+        np.asarray(cuda.forward(ids[21:22]))
+    table[0, 1] = 1
+    driver.upload(cuda.step_table, table)
+    assert cuda.position == 0  # (the conversation was reset)
+    cuda.forward(prompt)
+    assert np.array_equal(np.asarray(cuda.forward(ids[20:21])), first)
 
 
 def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_path):

@@ -45,12 +45,13 @@ struct StepOp {
 
 // The task's wait: thread 0 polls the op before's count (acquire) until all its tasks are done,
 // then fences, so the block's reads after the barrier see their writes (grid_sync's pattern).
+// Once a wait has given up (`stalled`), none waits again: the step ends fast, flagged.
 struct AfterOpBefore {
     const unsigned* done;  // the op before's count, or null for the first op
     unsigned tasks;
     unsigned* stalled;
     __device__ __forceinline__ void operator()() const {
-        if (done != nullptr && threadIdx.x == 0) {
+        if (done != nullptr && threadIdx.x == 0 && *reinterpret_cast<volatile unsigned*>(stalled) == 0u) {
             poll_until(done, [&](unsigned n) { return n >= tasks; }, stalled);
             __threadfence();
         }
