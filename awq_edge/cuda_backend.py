@@ -83,16 +83,18 @@ GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid (kTcBlocksPerSm: launch bounds 
 # SmolLM2's layer the same way round (qkv 4.1 / 3.5 / 3.5, o_proj 1.6 / 2.2 / 2.2). End to end
 # (cuda_decode.py, all linears one way): 7B 298 / 359 / 432 tok/s, Llama-3.2-1B 932 / 1223 / 1352.
 # No Orin or RTX 40xx has run them, hence the timing at load.
-# "persistent_step": the step's layers in one launch (plugins/kernels/decode_step.cu, issue 19:
-# a small model's layer is launch- and latency-bound), every linear on its CUDA-core GEMV body,
-# the ops a queue of tasks over STEP_BLOCKS_PER_SM blocks an SM; the tail (final norm, head) as
-# auto runs it. Not yet timed on a GPU: never chosen unless asked for.
+# "persistent_step": the step in one launch (plugins/kernels/decode_step.cu, issue 19: a small
+# model's layer is launch- and latency-bound), every linear on its CUDA-core GEMV body, the ops a
+# queue of tasks over STEP_BLOCKS_PER_SM blocks an SM; an int4 head (its GEMV as auto chooses,
+# the candidate search, the re-scoring) and the position's advance are launched after it. Not yet
+# timed on a GPU: never chosen unless asked for.
 DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent", "persistent_step")
 GEMV_KINDS = ("cuda_cores", "tensor_cores", "tensor_cores_persistent")
 STEP_BLOCKS_PER_SM = 2  # decode_step.cu: 215 registers x 128 threads a block (ptxas, sm_90)
 STEP_ARGS = 28          # decode_step.cu kStepArgs: a StepOp is 4 + this many int64
 STEP_KINDS = {"embed": 0, "norm": 1, "add_norm": 2, "head_norm": 3, "act": 4, "rope_store": 5, "attention": 6,
-              "linear": 7}  # decode_step.cu StepKind
+              "linear": 7, "lm_head": 8}  # decode_step.cu StepKind
+STEP_HEAD_ROWS = 16     # decode_step.cu step_lm_head: a task's blocks of rows (4 warps x 4)
 STEP_STALLED = 2        # a bit of the status word (decode_step.cu AWQ_STEP_STALLED)
 # The timing at load: each variant replayed this many times after a warm-up, in turn with the
 # others, the median kept; a role leaves auto_default only for a GEMV at least TUNE_MARGIN faster.
@@ -485,15 +487,17 @@ class CudaBackend:
         return self.l2_slab_bytes if self.prefill_timed.get(rows) == "cublas_l2" else self.slab_bytes
 
     def _body(self, rows: int) -> None:
-        """A step's launches up to its tail (decode on the persistent step: one)."""
+        """A step's launches up to its tail (decode on the persistent step: its one launch)."""
         if rows == 1 and self.decode_gemv == "persistent_step":
             self.launch_step()
         else:
             self.launch_ops(self.ops[:step_tail(self.ops)], rows)
 
     def _tail(self, rows: int) -> None:
-        """A step's tail: the norm of its last row and the head, then the position advanced by its rows."""
-        self.launch_ops(self.ops[step_tail(self.ops):], rows)
+        """A step's tail: the norm of its last row and the head (on the persistent step: an int4
+        head's kernels, if any), then the position advanced by its rows."""
+        persistent = rows == 1 and self.decode_gemv == "persistent_step"
+        self.launch_ops(self.ops[self.step_end() if persistent else step_tail(self.ops):], rows)
         self.launch("awq_advance", (1,), (1,), [self.past, ("i32", rows)])
 
     def set_prefill_path(self, cublas, cublas_from_rows: int, slab_bytes: int = DEQUANT_SLAB_BYTES) -> None:
@@ -527,19 +531,25 @@ class CudaBackend:
         self._tail(rows)
 
     # ------------------------------------------------------------ the persistent step
-    def step_ops(self) -> list[tuple]:
-        """The body of a decode step as plugins/kernels/decode_step.cu's StepOp rows: (kind, tasks,
-        variant, args), args as launch() takes them, in the order each kind's case reads them."""
+    def step_end(self) -> int:
+        """Where the persistent step's ops end: all a decode step's but an int4 head (its candidate
+        search and re-scoring are kernels of their own, launched after the step)."""
+        return next((i for i, op in enumerate(self.ops) if op.kind == "lm_head" and op.args["bits"] == 4),
+                    len(self.ops))
+
+    def step_ops(self, ops: list) -> list[tuple]:
+        """ops (of one row) as plugins/kernels/decode_step.cu's StepOp rows: (kind, tasks, variant,
+        args), args as launch() takes them, in the order each kind's case reads them."""
         b, w, spec, C = self.buf, self.weights, self.spec, self.max_context
         H, Hkv, D, eps = spec.heads, spec.kv_heads, spec.head_dim, ("f32", spec.eps)
         blocks = STEP_BLOCKS_PER_SM * self.sm_count
         rows = []
-        for op in self.ops[:step_tail(self.ops)]:
+        for op in ops:
             a = op.args
             if op.kind == "embed":
                 rows.append(("embed", 1, 0, [self.token, w[a["table"]], b[a["out"]], ("i32", spec.hidden),
                                              ("i32", spec.vocab), ("f32", a["scale"] or 1.0)]))
-            elif op.kind == "norm":
+            elif op.kind == "norm":  # (the final one of the last row: the only row)
                 rows.append(("norm", 1, 0, [b[a["x"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps]))
             elif op.kind == "add_norm":
                 rows.append(("add_norm", 1, 0, [b[a["x"]], b[a["residual"]], w[a["weight"]], b[a["out"]],
@@ -572,14 +582,20 @@ class CudaBackend:
                     b[a["x"]], w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"], b[a["out"]],
                     ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0, eps,
                     w[f"{name}.bias"] if a["bias"] else 0, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope]))
+            elif op.kind == "lm_head" and a["bits"] in (8, 16):
+                table = [w[a["table"]], w[a["scales"]]] if a["bits"] == 8 else [w[a["table"]], 0]
+                rows.append(("lm_head", min(-(-spec.vocab // STEP_HEAD_ROWS), blocks), a["bits"], [
+                    b[a["x"]], *table, b[a["out"]], ("i32", spec.vocab), ("i32", spec.hidden),
+                    ("f32", a["softcap"])]))
             else:
-                raise ValueError(f"the persistent step has no op {op.kind}")
+                raise ValueError(f"the persistent step has no op {op.kind} ({a.get('bits', '')})")
         return rows
 
-    def _prepare_step(self) -> None:
-        """The step's StepOp table on the device, with its queue and counts (zeroed: the kernel
-        leaves them so), before a capture (an upload is not a graph's)."""
-        rows = self.step_ops()
+    def _prepare_step(self, ops: list | None = None) -> None:
+        """The persistent step's StepOp table of ops (by default a decode step's, up to step_end) on
+        the device, with its queue and counts (zeroed: the kernel leaves them so), before a capture
+        (an upload is not a graph's)."""
+        rows = self.step_ops(self.ops[:self.step_end()] if ops is None else ops)
         self.drv.synchronize()  # (once per capture: the copies below must not overtake queued work)
         table = np.zeros((len(rows), 4 + STEP_ARGS), np.int64)
         first = 0
@@ -597,7 +613,7 @@ class CudaBackend:
         self.step_count = len(rows)
 
     def launch_step(self) -> None:
-        """The decode step's body as one launch of the persistent step (_prepare_step's table)."""
+        """One launch of the persistent step over _prepare_step's table."""
         self.launch(f"awq_decode_step_g{self.spec.group_size}", (STEP_BLOCKS_PER_SM * self.sm_count,),
                     (GEMV_THREADS,), [self.step_table, ("i32", self.step_count), self.step_queue, self.step_done,
                                       self.status])

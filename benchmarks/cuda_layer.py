@@ -19,8 +19,7 @@ next linear's weights (what sm_87/sm_89 run instead), and the fused list with ev
 the CUDA-core GEMV, on the tensor-core one, and on that on a persistent grid
 (cuda_backend.GEMV_KINDS; the default, "auto", takes the persistent tensor-core one for the
 linears with a norm prologue and the CUDA-core one for the rest); and the layers in one launch
-(decode choice "persistent_step", plugins/kernels/decode_step.cu: its pass also embeds the
-token, a task of a few hundred bytes). Time per layer = replay time / (repeats x layers),
+(decode choice "persistent_step", plugins/kernels/decode_step.cu). Time per layer = replay time / (repeats x layers),
 host-timed over whole replays after a synchronize, median of 5.
 
 Roofline of a layer = (its weight bytes + the K and V rows its attention reads) / the bandwidth
@@ -130,10 +129,10 @@ def copy_gbs(drv, nbytes: int = 1 << 30) -> float:
 
 def time_layers(backend, ops: list, repeats: int, step: bool = False) -> tuple[float, int]:
     """(seconds, kernel launches) per pass over `ops` (one token), captured `repeats` times in one
-    graph; step: a pass is one launch of the persistent step over the backend's own ops instead."""
+    graph; step: a pass is one launch of the persistent step over `ops` instead."""
     before = backend.drv.launch_count
     if step:
-        backend._prepare_step()  # (its table: an upload, before the capture)
+        backend._prepare_step(ops)  # (its table: an upload, before the capture)
     launch = backend.launch_step if step else lambda: backend.launch_ops(ops, 1)
     graph = backend.drv.capture(lambda: [launch() for _ in range(repeats)])
     launches = (backend.drv.launch_count - before) // repeats

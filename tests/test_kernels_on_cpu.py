@@ -539,6 +539,10 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     assert max(errors) < 1e-2 and disagreements == [] and got.argmax() == want.argmax(), (errors, disagreements)
     assert cuda.sample_token(cuda.buf["logits"], SamplingSettings(0.0), ids, 0.0) == int(got.argmax())
     assert expected <= launched and "awq_sample_step" in driver.kernel_info, expected - launched
+    if gemv == "persistent_step":  # decode's graph: the step, an int4 head's GEMV, candidates, re-scoring, the advance
+        decode = [item[0] for item in cuda._graphs[1]]
+        assert decode[0] == f"awq_decode_step_g{info.spec.group_size}" and decode[-1] == "awq_advance", decode
+        assert len(decode) == (5 if info.spec.lm_head == "int4" else 2), decode
     if gemv in ("auto", "tensor_cores_persistent") and fused and info.spec.hidden % 32 == 0:  # a
         # persistent grid: fewer blocks than tiles somewhere
         assert any(grid[0] < -(-args[5].value // 16) for fn, grid, _, args in driver.launches

@@ -845,8 +845,11 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"ceil(M / {cb.GEMM_TILE_M}) * ceil(N / {cb.GEMM_TILE_N}) * {cb.GEMM_SPLIT_TILE_BYTES // 4}]" in flat
     assert f"at most ceil(K / {cb.GEMM_STEP_K})" in flat
     assert re.search(rf"__launch_bounds__\({cb.DEQUANT_THREADS}\)\s*\\\s*awq_dequantize_g", src["gemm_w4a16"])
-    assert "constexpr int kHeadRowsPerWarp = 4;" in src["decoder_ops"]
+    head = (plugins.PLUGINS_DIR / "kernels" / "lm_head.cuh").read_text()
+    assert "constexpr int kHeadRowsPerWarp = 4;" in head and '#include "lm_head.cuh"' in src["decoder_ops"]
     assert cb.LM_HEAD_ROWS_PER_BLOCK == cb.NORM_THREADS // 32 * 4  # the heads: 4 vocabulary rows a warp
+    assert cb.STEP_HEAD_ROWS == 128 // 32 * 4
+    assert "kBlockRows = kStepThreads / 32 * kHeadRowsPerWarp;" in src["decode_step"]
     from awq_edge.decoder import HEAD_SELECT_CAPACITY, HEAD_TOP_K
     assert f"constexpr int kThreads = {cb.HEAD_SELECT_THREADS};" in src["head_top_k"]
     assert f"constexpr int kRowsPerBlock = {cb.HEAD_RESCORE_ROWS};" in src["head_top_k"]
@@ -861,7 +864,8 @@ def test_launch_shapes_match_the_kernel_sources():
     assert "constexpr int kStepThreads = 128;" in step and cb.GEMV_THREADS == 128
     kinds = re.search(r"enum StepKind \{(.*?)\};", step, re.S).group(1).replace("\n", " ")
     enum_name = {"embed": "kStepEmbed", "norm": "kStepNorm", "add_norm": "kStepAddNorm", "head_norm": "kStepHeadNorm",
-                 "act": "kStepAct", "rope_store": "kStepRopeStore", "attention": "kStepAttend", "linear": "kStepGemv"}
+                 "act": "kStepAct", "rope_store": "kStepRopeStore", "attention": "kStepAttend", "linear": "kStepGemv",
+                 "lm_head": "kStepLmHead"}
     assert [k.strip() for k in kinds.split(",")] == [enum_name[k] for k in sorted(cb.STEP_KINDS, key=cb.STEP_KINDS.get)]
     for i, fusion in enumerate(cb.GEMV_FUSIONS):
         norm, epilogue = re.search(rf"ENTRIES\({fusion}, (\w+), (\w+)\)", fusions).groups()

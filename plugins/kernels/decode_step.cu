@@ -1,8 +1,9 @@
 // A decode step's layers in one launch (issue 19: a small model's layer is launch- and
 // latency-bound, ~5 launches a layer; cuda_backend's decode choice "persistent_step").
 //
-// The step's ops (awq_edge/decoder.py decode_ops, up to its tail: the last row's norm and the head
-// stay launches of their own) are a table of StepOp, each cut into `tasks` tiles, and the tiles of
+// The step's ops (awq_edge/decoder.py decode_ops: all of them, but an int4 head, whose candidate
+// search and re-scoring stay launches of their own; the position's advance is one too) are a
+// table of StepOp, each cut into `tasks` tiles, and the tiles of
 // all ops one queue (grid_sync.cuh StepQueue): a block takes the next task, runs the op's own body
 // for that tile (the same device functions the per-op kernels run: gemv_w4a16.cu's one-row GEMV
 // on CUDA cores, attention.cu's split decode attention and rope_store, row_ops.cuh's norms,
@@ -21,6 +22,7 @@
 #undef AWQ_EDGE_BODIES_ONLY
 
 #include "grid_sync.cuh"
+#include "lm_head.cuh"
 #include "row_ops.cuh"
 
 #define AWQ_STEP_STALLED 2 /* a bit of *status, beside attention.h's AWQ_ATTENTION_OVER_CAPACITY */
@@ -32,14 +34,14 @@ constexpr int kStepThreads = 128;  // the GEMV's block (kThreads) and split atte
 static_assert(kStepThreads == kThreads && kStepThreads == kSplitThreads, "one block size for every op's body");
 
 enum StepKind { kStepEmbed, kStepNorm, kStepAddNorm, kStepHeadNorm, kStepAct, kStepRopeStore, kStepAttend,
-                kStepGemv };
+                kStepGemv, kStepLmHead };
 constexpr int kStepArgs = 28;
 
 struct StepOp {
     int64_t kind;     // StepKind
     int64_t tasks;    // tiles of the op: 1, a head each, or the GEMV's 4-row blocks dealt out in turn
     int64_t first;    // its first task: the ops' tasks in order
-    int64_t variant;  // the GEMV's fusion * 2 + (K % 32 == 0), attention's head size
+    int64_t variant;  // the GEMV's fusion * 2 + (K % 32 == 0), attention's head size, the head's bits
     int64_t arg[kStepArgs];  // pointers, int32 and float32 (the bits), in each case's order below
 };
 
@@ -114,6 +116,32 @@ __device__ __forceinline__ void step_attend(const StepOp& op, int tile, AfterOpB
     }
 }
 
+// An fp16 or int8 lm_head (lm_head.cuh): 16-row blocks (a warp's 4 rows each) tile, + tasks, ...;
+// the task's rows all sent toward L2 before its wait, as the head kernel sends its block's.
+__device__ __forceinline__ void step_lm_head(const StepOp& op, int tile, AfterOpBefore wait) {
+    const int64_t* a = op.arg;
+    const auto x = reinterpret_cast<const half*>(a[0]);
+    const void* table = reinterpret_cast<const void*>(a[1]);
+    const auto scales = reinterpret_cast<const half*>(a[2]);
+    const auto logits = reinterpret_cast<float*>(a[3]);
+    const int vocab = static_cast<int>(a[4]), hidden = static_cast<int>(a[5]);
+    const float softcap = __int_as_float(static_cast<int>(a[6]));
+    const bool int8 = op.variant == 8;
+    constexpr int kBlockRows = kStepThreads / 32 * kHeadRowsPerWarp;
+    const int blocks = (vocab + kBlockRows - 1) / kBlockRows;
+    const int warp_row = static_cast<int>(threadIdx.x) / 32 * kHeadRowsPerWarp;  // the warp's first row in a block
+    for (int b = tile; b < blocks; b += static_cast<int>(op.tasks)) {
+        prefetch_head_rows(table, b * kBlockRows + warp_row, vocab, int8 ? hidden : 2 * hidden);
+    }
+    wait();
+    for (int b = tile; b < blocks; b += static_cast<int>(op.tasks)) {
+        const int v0 = b * kBlockRows + warp_row;
+        if (v0 >= vocab) continue;  // (a whole warp: the shuffles see all 32 lanes)
+        if (int8) lm_head_warp<true>(x, table, scales, v0, vocab, hidden, softcap, logits);
+        else lm_head_warp<false>(x, table, nullptr, v0, vocab, hidden, softcap, logits);
+    }
+}
+
 template <int kGroupSize>
 __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefore wait, float* partial) {
     const int64_t* a = op.arg;
@@ -153,6 +181,9 @@ __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefo
             if (op.variant == 64) step_attend<64>(op, tile, wait);
             else if (op.variant == 128) step_attend<128>(op, tile, wait);
             else step_attend<256>(op, tile, wait);
+            break;
+        case kStepLmHead:  // (x, table, scales or null, logits, vocab, hidden, softcap)
+            step_lm_head(op, tile, wait);
             break;
         default:  // kStepGemv: the fused one-row GEMV's arguments (AWQ_GEMV_FUSED_PARAMS, no prefetch)
             if (op.variant % 2) step_gemv_fusion<kGroupSize, 4>(op, tile, wait);
