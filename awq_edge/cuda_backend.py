@@ -87,7 +87,8 @@ GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid (kTcBlocksPerSm: launch bounds 
 # model's layer is launch- and latency-bound), every linear on its CUDA-core GEMV body, the ops a
 # queue of tasks over STEP_BLOCKS_PER_SM blocks an SM; an int4 head (its GEMV as auto chooses,
 # the candidate search, the re-scoring) and the position's advance are launched after it. Not yet
-# timed on a GPU: never chosen unless asked for.
+# timed on a GPU: never chosen unless asked for (set_decode_gemv, or AWQ_EDGE_DECODE=persistent_step
+# for any program that loads an engine: awq-edge run, chat, serve, bench).
 DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent", "persistent_step")
 GEMV_KINDS = ("cuda_cores", "tensor_cores", "tensor_cores_persistent")
 STEP_BLOCKS_PER_SM = 2  # decode_step.cu: 215 registers x 128 threads a block (ptxas, sm_90)
@@ -156,6 +157,15 @@ def gemv_role(a: dict) -> str:
     "lm_head.q4 logits"; Gemma's first q/k/v, which norms its input, is a role of its own)."""
     name = a["weight"].split(".", 3)[3] if a["weight"].startswith("model.layers.") else a["weight"]
     return f"{name} {'norm_' if a.get('norm') else ''}{a.get('epilogue', 'logits')}"
+
+
+def decode_choice(environ=os.environ) -> str:
+    """The decode choice (DECODE_GEMVS) that AWQ_EDGE_DECODE names, by default auto."""
+    value = environ.get("AWQ_EDGE_DECODE", "").strip() or "auto"
+    if value not in DECODE_GEMVS:
+        raise UserError(f"AWQ_EDGE_DECODE={value!r} is not a decode choice; set one of {', '.join(DECODE_GEMVS)}, "
+                        "or unset it for auto")
+    return value
 
 
 def auto_default(a: dict) -> str:
@@ -243,6 +253,7 @@ class CudaBackend:
         from .cuda_driver import CudaError, Driver
 
         engine_dir = Path(engine_dir)
+        decode = decode_choice()  # (a wrong one refused before the GPU is touched)
         gpu = find_gpu(manifest) if driver is None else None
         self.spec = spec = info.spec
         self.ops = decode_ops(spec)
@@ -260,7 +271,7 @@ class CudaBackend:
             self._allocate()
             self.cublas, self.no_cublas = self._open_cublas(False if cublas is None and driver else cublas)
             self.cublas_from_rows = CUBLAS_FROM_ROWS  # (benchmarks/cuda_decode.py moves it to time both paths)
-            self.decode_gemv = DECODE_GEMVS[0]  # (set_decode_gemv: the benchmarks time each)
+            self.decode_gemv = decode  # (set_decode_gemv: the benchmarks time each)
             self.tuned_gemv: dict[str, str] = {}      # auto's choice per gemv_role, where timed
             self.gemv_tuning = None                    # what tune_decode_gemv measured
             self.slab_bytes = DEQUANT_SLAB_BYTES       # (and tries slabs that fit the L2)
@@ -381,7 +392,7 @@ class CudaBackend:
         head = {"int4": "int4, its top 64 re-scored from fp16"}.get(self.spec.lm_head, self.spec.lm_head)
         said = {"tensor_cores": "on tensor cores", "tensor_cores_persistent": "on tensor cores (persistent grid)",
                 "cuda_cores": "on CUDA cores",
-                "persistent_step": "on CUDA cores in one persistent launch for the layers (the head's as auto)"}
+                "persistent_step": "on CUDA cores, the step in one persistent launch (an int4 head's as auto)"}
         gemv = said.get(self.decode_gemv, "on tensor cores (persistent grid) after a norm, else CUDA cores")
         if self.decode_gemv == "auto" and self.gemv_tuning and "error" not in self.gemv_tuning:
             gemv = "as timed on this GPU (" + "; ".join(

@@ -74,7 +74,7 @@ def test_an_access_a_gpu_faults_on_fails_its_emulated_launch_which_says_where(em
             driver.upload(dev["table"], table)
             assert np.allclose(head(dev["table"]), twin_lm_head(x, table, 30.0), rtol=1e-5, atol=1e-5)
             driver.upload(dev["table"] + 2, table)
-            at_its_line = r"awq_lm_head: block \(\d+, 0, 0\), thread \d+: \S*/decoder_ops\.cu:\d+:\d+: a misaligned"
+            at_its_line = r"awq_lm_head: block \(\d+, 0, 0\), thread \d+: \S*/lm_head\.cuh:\d+:\d+: a misaligned"
             with pytest.raises(AssertionError, match=at_its_line):
                 head(dev["table"] + 2)
             past = (dev["table"] - 16 * row, vocab) if adversarial else (dev["table"], vocab + 24)

@@ -97,8 +97,10 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True, gemv: st
     backend.forward([3])
     decode_launches = len(driver.launches) - before
     spec = info.spec
-    if fused and not spec.sandwich_norm:  # embed; per layer 4 GEMVs + attention (+ q/k norms and RoPE/KV); norm, head, advance
-        head = 3 if spec.lm_head == "int4" else 1  # (the int4 head's logits, then its top 64 re-scored)
+    head = 3 if spec.lm_head == "int4" else 1  # (the int4 head's logits, then its top 64 re-scored)
+    if gemv == "persistent_step":  # the step (with an fp16/int8 head), an int4 head's kernels, the advance
+        assert decode_launches == 2 + (head if head == 3 else 0), decode_launches
+    elif fused and not spec.sandwich_norm:  # embed; per layer 4 GEMVs + attention (+ q/k norms and RoPE/KV); norm, head, advance
         assert decode_launches == 1 + spec.layers * (5 + 3 * spec.qk_norm) + 2 + head, decode_launches
     backend.forward([4])
     backend.sample_token(backend.buf["logits"], SamplingSettings(0.7, 40, 0.9, 1.1), [1, 2, 3], 0.5)
@@ -157,7 +159,9 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     assert {"awq_gemv_tc_residual_g128", "awq_gemv_tc_norm_act_g128"} <= on_tensor_cores
     persistent = check_launches_against_the_cubins(smollm2_cuda_engine, gemv="tensor_cores_persistent")
     assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_residual_g128"} <= persistent
-    launched |= on_cuda_cores | on_tensor_cores | persistent
+    one_launch = check_launches_against_the_cubins(smollm2_cuda_engine, gemv="persistent_step")
+    assert "awq_decode_step_g128" in one_launch
+    launched |= on_cuda_cores | on_tensor_cores | persistent | one_launch
     unfused = check_launches_against_the_cubins(smollm2_cuda_engine, fused=False)
     assert {"awq_gemv_store_g128_w4", "awq_add_rms_norm", "awq_gated_act"} <= unfused
     assert not {name for name in unfused if "norm_" in name or "residual" in name}
@@ -454,6 +458,24 @@ def test_an_engine_whose_cubins_lack_a_kernel_is_refused_with_rebuild(smollm2_cu
     with pytest.raises(UserError, match="has no kernel awq_gemv_mma_g128: the engine was built by an older awq-edge; "
                                         "rebuild it"):
         CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=OlderCubins())
+
+
+@needs_nvcc
+def test_awq_edge_decode_picks_the_decode_choice_and_refuses_a_name_it_does_not_know(smollm2_cuda_engine,
+                                                                                    monkeypatch):
+    manifest, info = read_native_engine(smollm2_cuda_engine)
+    monkeypatch.setenv("AWQ_EDGE_DECODE", "persistent_step")
+    driver = RecordingDriver()
+    backend = CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=driver)
+    backend.forward([1, 2, 3])
+    before = len(driver.launches)
+    backend.forward([4])
+    assert [name for name, *_ in driver.launches[before:]] == ["awq_decode_step_g128", "awq_advance"]
+    assert "one persistent launch" in backend.decode_path
+    monkeypatch.setenv("AWQ_EDGE_DECODE", "tensor-cores")
+    with pytest.raises(UserError, match="AWQ_EDGE_DECODE='tensor-cores' is not a decode choice; set one of auto, "
+                                        "cuda_cores, tensor_cores, tensor_cores_persistent, persistent_step"):
+        CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=RecordingDriver())
 
 
 @needs_nvcc

@@ -1,21 +1,22 @@
-// A decode step's layers in one launch (issue 19: a small model's layer is launch- and
-// latency-bound, ~5 launches a layer; cuda_backend's decode choice "persistent_step").
+// A decode step in one launch (issue 19: a small model's layer is launch- and latency-bound, ~5
+// launches a layer; cuda_backend's decode choice "persistent_step").
 //
 // The step's ops (awq_edge/decoder.py decode_ops: all of them, but an int4 head, whose candidate
 // search and re-scoring stay launches of their own; the position's advance is one too) are a
-// table of StepOp, each cut into `tasks` tiles, and the tiles of
-// all ops one queue (grid_sync.cuh StepQueue): a block takes the next task, runs the op's own body
-// for that tile (the same device functions the per-op kernels run: gemv_w4a16.cu's one-row GEMV
-// on CUDA cores, attention.cu's split decode attention and rope_store, row_ops.cuh's norms,
-// embedding and activation), and counts it done. Where the op's kernel would wait for the kernel
+// table of StepOp, each cut into `tasks` tiles, and the tiles of all ops one queue (grid_sync.cuh
+// StepQueue): a block takes the next task, runs the op's own body for that tile (the device
+// functions the per-op kernels run: gemv_w4a16.cu's one-row GEMV on CUDA cores, attention.cu's
+// split decode attention and rope_store, row_ops.cuh's norms, embedding and activation,
+// lm_head.cuh's head), and counts it done. Where the op's kernel would wait for the kernel
 // before it (pdl.cuh), the task waits until every task of the op before it is done (`done`, a count
 // an op; the weights and older keys are loaded before that wait, as the kernels load them before
 // theirs). A task waits only on tasks taken before it, so any grid makes progress, and the CPU
 // emulation (blocks one after another) runs it too. A wait that never ends is a bug: it gives up
 // after ~a second and sets AWQ_STEP_STALLED in status, which the host reports.
 //
-// The ops, kinds and argument slots: awq_edge/cuda_backend.py step_table writes them; the case
-// of each kind below reads them in the same order.
+// The ops, kinds and argument slots: awq_edge/cuda_backend.py step_ops writes them (and
+// tests/test_native_engine.py checks the kinds' order); the case of each kind below reads them in
+// the same order.
 #define AWQ_EDGE_BODIES_ONLY
 #include "attention.cu"
 #include "gemv_w4a16.cu"
@@ -74,12 +75,26 @@ __device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBef
                            reinterpret_cast<half*>(a[15]), reinterpret_cast<const int64_t*>(a[16]),
                            reinterpret_cast<int*>(a[17]), static_cast<int>(a[18]), static_cast<int>(a[19]),
                            static_cast<int>(a[20]), static_cast<int>(a[21]), static_cast<int>(a[22])};
-    const int N = static_cast<int>(a[5]), K = static_cast<int>(a[6]);
-    for (int block = tile; block < N / kRowsPerBlock; block += static_cast<int>(op.tasks)) {
+    const int N = static_cast<int>(a[5]), K = static_cast<int>(a[6]), tasks = static_cast<int>(op.tasks);
+    const auto qweight = reinterpret_cast<const uint32_t*>(a[1]);
+    // The task's later row blocks' weights toward L2 now, before the first one's wait (each body
+    // call sends its own first, but the calls after the first come after that wait), as the
+    // per-op kernel's blocks all send theirs before theirs. (The first's: its call.)
+    const int words_per_row = K / kValuesPerWord, loads = words_per_row / kWords;
+    const int prefetched = kWords == 4 ? loads : min(loads, kThreads);  // (gemv_w4a16's prefetch_end)
+    for (int block = tile + tasks; block < N / kRowsPerBlock; block += tasks) {
+        for (int chunk = threadIdx.x; chunk < prefetched; chunk += kThreads) {
+#pragma unroll
+            for (int r = 0; r < kRowsPerBlock; ++r) {
+                const size_t row = static_cast<size_t>(row_of_block<kEpilogue>(block, r, fusion.rope));
+                prefetch_l2(qweight + row * words_per_row + chunk * kWords);
+            }
+        }
+    }
+    for (int block = tile; block < N / kRowsPerBlock; block += tasks) {
         gemv_w4a16<1, kGroupSize, kWords, kNorm, kEpilogue>(
-            reinterpret_cast<const half*>(a[0]), reinterpret_cast<const uint32_t*>(a[1]),
-            reinterpret_cast<const half*>(a[2]), reinterpret_cast<const half*>(a[3]), reinterpret_cast<half*>(a[4]),
-            N, K, fusion, block, wait);
+            reinterpret_cast<const half*>(a[0]), qweight, reinterpret_cast<const half*>(a[2]),
+            reinterpret_cast<const half*>(a[3]), reinterpret_cast<half*>(a[4]), N, K, fusion, block, wait);
         __syncthreads();  // (the body's shared sums, before the next block's)
     }
 }
