@@ -91,7 +91,7 @@ GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid (kTcBlocksPerSm: launch bounds 
 # for any program that loads an engine: awq-edge run, chat, serve, bench).
 DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent", "persistent_step")
 GEMV_KINDS = ("cuda_cores", "tensor_cores", "tensor_cores_persistent")
-STEP_BLOCKS_PER_SM = 2  # decode_step.cu: 215 registers x 128 threads a block (ptxas, sm_90)
+STEP_BLOCKS_PER_SM = 2  # decode_step.cu: 234 registers x 128 threads a block (ptxas, sm_90; 3 an SM spill)
 STEP_ARGS = 28          # decode_step.cu kStepArgs: a StepOp is 4 + this many int64
 STEP_KINDS = {"embed": 0, "norm": 1, "add_norm": 2, "head_norm": 3, "act": 4, "rope_store": 5, "attention": 6,
               "linear": 7, "lm_head": 8}  # decode_step.cu StepKind
@@ -176,6 +176,16 @@ def auto_default(a: dict) -> str:
 def step_tail(ops: list) -> int:
     """Where a step's tail starts: the final norm (of the last row only) and the head."""
     return next(i for i, op in enumerate(ops) if op.args.get("last_row"))
+
+
+def step_capacity(spec) -> int:
+    """The most ops a persistent step's table holds: the unfused op list, a RoPE op a layer more."""
+    return len(decode_ops(spec, fused=False)) + spec.layers
+
+
+def step_table_bytes(spec) -> int:
+    """The persistent step's table (StepOp: 4 + STEP_ARGS int64), its counts (uint32) and queue."""
+    return step_capacity(spec) * (8 * (4 + STEP_ARGS) + 4) + 32
 
 
 def slab_rows(n: int, k: int, slab_bytes: int = DEQUANT_SLAB_BYTES) -> int:
@@ -365,7 +375,9 @@ class CudaBackend:
         self.draw_on_device = 0.0                      # what `uniform` holds (greedy: always 0)
         self.uploads = ()                              # pageable arrays a queued copy still reads
         self.run_ahead = True                          # (benchmarks/cuda_decode.py times it off too)
-        self.step_capacity = 0                         # the persistent step's table: ops it has room for
+        self.step_capacity = step_capacity(spec)       # the persistent step's table, its counts, its queue
+        self.step_table = drv.alloc(8 * (4 + STEP_ARGS) * self.step_capacity)
+        self.step_done, self.step_queue = drv.alloc(4 * self.step_capacity), drv.alloc(32)
         self.seen = drv.alloc(C * 4)                   # the repetition-penalty history, on the device
         self.n_seen = drv.alloc(4)
         self.seen_mirror: list[int] = []               # what `seen` holds, to upload only what is new
@@ -374,6 +386,8 @@ class CudaBackend:
         drv.zero(self.n_seen, 4)
         drv.zero(self.token, 8)
         drv.zero(self.uniform, 4)
+        drv.zero(self.step_done, 4 * self.step_capacity)  # (the step leaves its counts and queue so)
+        drv.zero(self.step_queue, 32)
 
     def _open_cublas(self, given):
         """(the GEMM of long prefill chunks, None) or (None, why there is none)."""
@@ -604,10 +618,9 @@ class CudaBackend:
 
     def _prepare_step(self, ops: list | None = None) -> None:
         """The persistent step's StepOp table of ops (by default a decode step's, up to step_end) on
-        the device, with its queue and counts (zeroed: the kernel leaves them so), before a capture
-        (an upload is not a graph's)."""
+        the device, before a capture (an upload is not a graph's)."""
         rows = self.step_ops(self.ops[:self.step_end()] if ops is None else ops)
-        self.drv.synchronize()  # (once per capture: the copies below must not overtake queued work)
+        self.drv.synchronize()  # (once per capture: the copy below must not overtake queued work)
         table = np.zeros((len(rows), 4 + STEP_ARGS), np.int64)
         first = 0
         for i, (kind, tasks, variant, args) in enumerate(rows):
@@ -615,11 +628,8 @@ class CudaBackend:
                       int(np.float32(a[1]).view(np.int32)) for a in args]
             table[i, :4 + len(values)] = [STEP_KINDS[kind], tasks, first, variant, *values]
             first += tasks
-        if self.step_capacity < len(rows):  # (sized for the longest op list yet)
-            self.step_table, self.step_capacity = self.drv.alloc(table.nbytes), len(rows)
-            self.step_queue, self.step_done = self.drv.alloc(32), self.drv.alloc(4 * len(rows))
-            self.drv.zero(self.step_queue, 32)
-            self.drv.zero(self.step_done, 4 * len(rows))
+        if len(rows) > self.step_capacity:
+            raise ValueError(f"a persistent step of {len(rows)} ops; its table holds {self.step_capacity}")
         self.drv.upload(self.step_table, table)
         self.step_count = len(rows)
 

@@ -326,9 +326,10 @@ class DecoderInfo:
         """Device bytes besides weights and KV: one prefill chunk's fp16 activations and RoPE
         scratch, decode attention's per-split state, the logits and the sampler's scratch, the
         ids fed and the sampled history, the cuBLAS prefill's slab and workspace, an int4 head's
-        candidates, the split-K GEMM's partials (what cuda_backend._allocate allocates)."""
+        candidates, the split-K GEMM's partials, the persistent step's table (what
+        cuda_backend._allocate allocates)."""
         from .cuda_backend import (ATTEND_SPLIT_KEYS, GEMM_SPLIT_MAX_TILES, GEMM_SPLIT_WORKSPACE_BYTES,
-                                   cublas_prefill_bytes, head_candidate_bytes)
+                                   cublas_prefill_bytes, head_candidate_bytes, step_table_bytes)
         from .decoder import buffer_shapes
         from .memory import PREFILL_CHUNK
 
@@ -340,7 +341,8 @@ class DecoderInfo:
         attention = 4 * spec.heads * (splits * (2 + spec.head_dim) + 1)
         gemm_splits = GEMM_SPLIT_WORKSPACE_BYTES + 4 * GEMM_SPLIT_MAX_TILES  # the split-K GEMM's partials, counters
         return (activations + q_rot + attention + 3 * 4 * spec.vocab + 4 * (PREFILL_CHUNK + context)
-                + cublas_prefill_bytes(spec) + head_candidate_bytes(spec) + gemm_splits + (1 << 20))
+                + cublas_prefill_bytes(spec) + head_candidate_bytes(spec) + gemm_splits + step_table_bytes(spec)
+                + (1 << 20))
 
 
 def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:
