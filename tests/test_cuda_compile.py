@@ -71,7 +71,8 @@ def test_every_kernel_the_cuda_backend_launches_keeps_the_programmatic_launch_co
     wait, and must let the next one start, write nothing before the wait, and load nothing
     before it but the tensor-core GEMVs' and the GEMM's weights, scales and zeros, and the decode
     attention's position and older keys; for sm_89 there must be neither (no such
-    instruction)."""
+    instruction). The persistent step, whose blocks read what others wrote in the same launch,
+    loads no activation through the read-only cache."""
     import re
 
     from awq_edge.cuda_backend import KERNELS_OF
@@ -83,6 +84,12 @@ def test_every_kernel_the_cuda_backend_launches_keeps_the_programmatic_launch_co
                             "-I", str(plugins.PLUGINS_DIR / "kernels"), "-o", str(ptx),
                             str(plugins.PLUGINS_DIR / "kernels" / f"{name}.cu")], check=True, timeout=300)
             text = ptx.read_text()
+            if name == "decode_step":  # one kernel for a whole step: what one block wrote, another reads in
+                # it, which the read-only cache (ld.global.nc) does not see; only the table's slots
+                # and the position (u64) and the norms' weights (v4.f32) may go through it
+                # (activations: pdl.cuh load_activation, from L2)
+                through_nc = set(re.findall(r"\bld\.global\.nc[\w.]*", text))
+                assert through_nc <= {"ld.global.nc.u64", "ld.global.nc.v4.f32"}, through_nc
             entries = dict(re.findall(r"\.entry (\w+)\((.*?)\n}\n", text, re.S))
             for kernel in KERNELS_OF[name]:
                 body = entries[kernel]

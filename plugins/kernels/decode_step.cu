@@ -17,6 +17,7 @@
 // The ops, kinds and argument slots: awq_edge/cuda_backend.py step_ops writes them (and
 // tests/test_native_engine.py checks the kinds' order); the case of each kind below reads them in
 // the same order.
+#define AWQ_EDGE_ONE_KERNEL  // activations another block wrote: loaded from L2 (pdl.cuh load_activation)
 #define AWQ_EDGE_BODIES_ONLY
 #include "attention.cu"
 #include "gemv_w4a16.cu"

@@ -121,7 +121,7 @@ __device__ __forceinline__ float row_inv_rms(const half* __restrict__ x, int K, 
     __shared__ float partial[kWarps];
     float sum = 0.f;
     for (int c = threadIdx.x; c < K / kValuesPerWord; c += kWarps * kWarpSize) {
-        const uint4 bits = __ldg(reinterpret_cast<const uint4*>(x) + c);
+        const uint4 bits = load_activation(reinterpret_cast<const uint4*>(x) + c);
         const half2* h = reinterpret_cast<const half2*>(&bits);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -303,7 +303,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
 #pragma unroll
             for (int m = 0; m < kRows; ++m) {
                 // K % 8 == 0, so X[m, k..k+7] is 16-byte aligned.
-                xv[m] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + k));
+                xv[m] = load_activation(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + k));
             }
             if constexpr (kNorm) xv[0] = normed8(xv[0], fusion.norm_weight + k, inv_rms);
 #pragma unroll
@@ -765,7 +765,7 @@ __device__ __forceinline__ void gemv_tc(const half* __restrict__ x, const uint32
     float inv_rms = 0.f;
     if constexpr (kNorm) inv_rms = row_inv_rms<kTcWarps>(x, K, fusion.eps);
     for (int c = threadIdx.x; c < K / kValuesPerWord; c += kTcThreads) {
-        const uint4 bits = __ldg(reinterpret_cast<const uint4*>(x) + c);
+        const uint4 bits = load_activation(reinterpret_cast<const uint4*>(x) + c);
         if constexpr (kNorm) {
             x_shared[c] = normed8(bits, fusion.norm_weight + c * kValuesPerWord, inv_rms);
         } else {

@@ -36,7 +36,7 @@ __device__ __forceinline__ void head_rows(const __half* __restrict__ x, const vo
         float xf[kValues];
 #pragma unroll
         for (int i = 0; i < kValues / 8; ++i) {
-            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x) + c * (kValues / 8) + i);
+            const uint4 xv = load_activation(reinterpret_cast<const uint4*>(x) + c * (kValues / 8) + i);
             const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {

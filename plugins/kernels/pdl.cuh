@@ -45,6 +45,31 @@ __device__ __forceinline__ void begin_after_previous_kernel() {
     wait_for_previous_kernel();
 }
 
+// An activation's bytes, which an earlier kernel wrote: through the read-only cache (__ldg). In the
+// persistent decode step (decode_step.cu defines AWQ_EDGE_ONE_KERNEL before its bodies) other
+// blocks of the same kernel wrote them, and that cache is not kept coherent with their writes
+// (ld.global.nc is for data no thread writes while the kernel runs): from L2 there (__ldcg), where
+// the writers' fences put them.
+#if defined(AWQ_EDGE_CPU_EMULATION)
+template <typename T>
+T load_activation(const T* p, const std::source_location& at = std::source_location::current()) {
+#ifdef AWQ_EDGE_ONE_KERNEL
+    return __ldcg(p, at);
+#else
+    return __ldg(p, at);
+#endif
+}
+#else
+template <typename T>
+__device__ __forceinline__ T load_activation(const T* p) {
+#ifdef AWQ_EDGE_ONE_KERNEL
+    return __ldcg(p);
+#else
+    return __ldg(p);
+#endif
+}
+#endif
+
 // Start moving 16 bytes at p from DRAM into L2 (the GEMV's first weights, before it waits).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
 #if defined(__CUDA_ARCH__)
