@@ -26,7 +26,9 @@ barrier gives other sums; a stalled one sets its flag). Roofline = bytes per lay
 bandwidth of the same run. Read us_per_layer against cuda_layer.py's real layer of the same
 shape in the same gpu_check run (run 3: SmolLM2's 19.4 us at 512 cached tokens): the gap between
 the real layer and per_op is the real kernels' own work; between per_op and persistent, what
-one launch a step saves on the same work.
+one launch a step saves on the same work. The real step on the queue (decode_step.cu, decode
+choice persistent_step) is in cuda_layer.py's variant "fused, layers in one launch" and
+cuda_decode.py's decode_tok_s_persistent_step: against queue_us here, what its real work costs.
 
 JSON: gpu, copy_gbs, context, and per shape: layers, bytes_per_layer, roofline_us, per_op_us,
 persistent_us and queue_us ({blocks an SM: us per layer} each), phases (name, bytes, out_words).
