@@ -451,11 +451,10 @@ BACKEND_CASES = {
     # the same on a persistent grid (EmulatedDriver's 2 SMs: 4 blocks, each taking several tiles)
     "llama-int4-head-tensor-core-persistent-gemv": ("llama", 4, {}, True, 20, "tensor_cores_persistent",
                                                     {"awq_gemv_tc_norm_act_g32", "awq_gemv_tc_logits_g32"}),
-    # decode's layers in one persistent launch (decode_step.cu): its fused GEMV bodies, split
-    # attention at 64/128/256 (Gemma's windows), Qwen3's q/k norms and RoPE after them, Gemma 3's sandwich
-    # norms (add_norm, GELU), bias and K % 32 != 0, the unfused list (norm, act, store), groups 64 and 128
-    "llama-persistent-step": ("llama", 4, {"num_hidden_layers": 2}, True, 20, "persistent_step",
-                              {"awq_decode_step_g32", "awq_gemv_logits_g32_w4"}),
+    # decode in one persistent launch (decode_step.cu): its fused GEMV bodies, split attention at
+    # 64/128/256 (Gemma's windows), Qwen3's q/k norms and RoPE after them, Gemma 3's sandwich norms
+    # (add_norm, GELU), bias and K % 32 != 0, the unfused list (norm, act, store), groups 32, 64 and
+    # 128, the fp16, int8 (16- and 8-byte rows) and int4 heads
     "qwen3-d128-persistent-step": ("qwen3", "auto", {"head_dim": 128}, True, 20, "persistent_step",
                                    {"awq_decode_step_g32"}),
     "gemma3-d256-persistent-step": ("gemma3_text", None, {"query_pre_attn_scalar": 64, "head_dim": 256,
@@ -572,7 +571,7 @@ def test_a_persistent_step_that_waits_in_vain_is_an_error_not_a_hang(emulated, t
     queue is left ready, so the table mended, the same tokens give the same logits again."""
     from awq_edge.errors import UserError
 
-    cuda, driver, info, ids = emulated_backend(emulated, "llama-persistent-step", tmp_path)
+    cuda, driver, info, ids = emulated_backend(emulated, "qwen3-d128-persistent-step", tmp_path)
     prompt = ids[:20]
     cuda.forward(prompt)
     first = np.asarray(cuda.forward(ids[20:21])).copy()  # (captures the decode graph: the table)

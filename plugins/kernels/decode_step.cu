@@ -218,13 +218,8 @@ __device__ __forceinline__ void decode_step(const StepOp* __restrict__ ops, int 
     const StepOp& last = ops[n_ops - 1];
     const long long total = last.first + last.tasks;
     for (;;) {
-        if (threadIdx.x == 0) {
-            const unsigned long long base = *reinterpret_cast<volatile unsigned long long*>(&queue->base);
-            task = static_cast<long long>(atomicAdd(&queue->next, 1ull) - base);
-        }
-        __syncthreads();
-        const long long t = task;
-        if (t < 0 || t >= total) break;  // (< 0: a block that started after its step ended)
+        const long long t = take_task(queue, task);
+        if (t < 0 || t >= total) break;
         int lo = 0, hi = n_ops - 1;      // the op of task t: the last whose first task is <= t
         while (lo < hi) {
             const int mid = (lo + hi + 1) / 2;
@@ -238,16 +233,8 @@ __device__ __forceinline__ void decode_step(const StepOp* __restrict__ ops, int 
         // Counted only once the op before is done (a task may return before its wait: attention's
         // splits past the position), so the last op's count means the whole step is.
         wait();
-        if (threadIdx.x == 0) {
-            __threadfence();
-            atomicAdd(&done[lo], 1u);
-            if (lo == n_ops - 1 && atomicAdd(&queue->finished, 1u) + 1u == static_cast<unsigned>(last.tasks)) {
-                if (atomicAdd(&queue->stalled, 0u) != 0u) atomicOr(status, AWQ_STEP_STALLED);
-                for (int i = 0; i < n_ops; ++i) done[i] = 0;  // the step is over: ready the next launch
-                queue->finished = 0;
-                queue->stalled = 0;
-                queue->base += static_cast<unsigned long long>(total) + gridDim.x;
-            }
+        if (threadIdx.x == 0 && count_task(queue, done, lo, n_ops, static_cast<unsigned>(last.tasks), total)) {
+            if (atomicExch(&queue->stalled, 0u) != 0u) atomicOr(status, AWQ_STEP_STALLED);  // (the step's end)
         }
         __syncthreads();  // (`task` and `partial`, before the next task's)
     }

@@ -61,6 +61,32 @@ struct StepQueue {
     unsigned stalled;         // set when a task gave up waiting
 };
 
+// The block's next task of this launch, to every thread (its first thread takes it; `task` is a
+// __shared__ slot): outside [0, the launch's tasks) when none is left (< 0: a block that started
+// after its launch's last task ended).
+__device__ __forceinline__ long long take_task(StepQueue* queue, long long& task) {
+    if (threadIdx.x == 0) {
+        const unsigned long long base = *reinterpret_cast<volatile unsigned long long*>(&queue->base);
+        task = static_cast<long long>(atomicAdd(&queue->next, 1ull) - base);
+    }
+    __syncthreads();
+    return task;
+}
+
+// Thread 0's count of a task of phase p (of `phases`) done, its block's writes made: the task that
+// ends the last phase (of `last_tiles` tasks) ends the launch, zeroing the counts and moving `base`
+// past the launch's `tasks` and the grid's one-past-the-end takes. Returns whether it ended it.
+__device__ __forceinline__ bool count_task(StepQueue* queue, unsigned* done, int p, int phases, unsigned last_tiles,
+                                           long long tasks) {
+    __threadfence();
+    atomicAdd(&done[p], 1u);
+    if (p != phases - 1 || atomicAdd(&queue->finished, 1u) + 1u != last_tiles) return false;
+    for (int i = 0; i < phases; ++i) done[i] = 0;  // (nothing reads them after: ready for the next launch)
+    queue->finished = 0;
+    queue->base += static_cast<unsigned long long>(tasks) + gridDim.x;
+    return true;
+}
+
 __device__ __forceinline__ void grid_sync(GridBarrier* barrier) {
     __syncthreads();
     if (threadIdx.x == 0) {

@@ -106,13 +106,8 @@ awq_step_skeleton_queue(const uint4* __restrict__ bytes, const long long* __rest
     __shared__ long long task;
     const long long total = static_cast<long long>(phases) * tiles;
     for (;;) {
-        if (threadIdx.x == 0) {
-            const unsigned long long base = *reinterpret_cast<volatile unsigned long long*>(&queue->base);
-            task = static_cast<long long>(atomicAdd(&queue->next, 1ull) - base);
-        }
-        __syncthreads();
-        const long long t = task;
-        if (t < 0 || t >= total) break;  // (< 0: a block that started after its step ended)
+        const long long t = awq_edge::take_task(queue, task);
+        if (t < 0 || t >= total) break;
         const int p = static_cast<int>(t / tiles);
         const unsigned tile = static_cast<unsigned>(t % tiles);
         const uint32_t s = skeleton_phase(bytes, phase_start, vector_words, p, tile, tiles, vectors, vector_stride,
@@ -127,13 +122,7 @@ awq_step_skeleton_queue(const uint4* __restrict__ bytes, const long long* __rest
         __syncthreads();  // the tile's words are written (and `task` read) by every thread
         if (threadIdx.x == 0) {
             if (p == phases - 1) tile_sums[tile] = s;
-            __threadfence();
-            atomicAdd(&done[p], 1u);
-            if (p == phases - 1 && atomicAdd(&queue->finished, 1u) + 1u == static_cast<unsigned>(tiles)) {
-                for (int i = 0; i < phases; ++i) done[i] = 0;  // the step is over: ready the next launch
-                queue->finished = 0;
-                queue->base += static_cast<unsigned long long>(total) + gridDim.x;
-            }
+            awq_edge::count_task(queue, done, p, phases, static_cast<unsigned>(tiles), total);
         }
     }
 }
