@@ -91,7 +91,7 @@ GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid (kTcBlocksPerSm: launch bounds 
 # for any program that loads an engine: awq-edge run, chat, serve, bench).
 DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent", "persistent_step")
 GEMV_KINDS = ("cuda_cores", "tensor_cores", "tensor_cores_persistent")
-STEP_BLOCKS_PER_SM = 2  # decode_step.cu: 234 registers x 128 threads a block (ptxas, sm_90; 3 an SM spill)
+STEP_BLOCKS_PER_SM = 2  # decode_step.cu: ~230 registers x 128 threads a block (ptxas, sm_90; 3 an SM spill)
 STEP_ARGS = 28          # decode_step.cu kStepArgs: a StepOp is 4 + this many int64
 STEP_KINDS = {"embed": 0, "norm": 1, "add_norm": 2, "head_norm": 3, "act": 4, "rope_store": 5, "attention": 6,
               "linear": 7, "lm_head": 8}  # decode_step.cu StepKind
@@ -282,6 +282,8 @@ class CudaBackend:
             self.cublas, self.no_cublas = self._open_cublas(False if cublas is None and driver else cublas)
             self.cublas_from_rows = CUBLAS_FROM_ROWS  # (benchmarks/cuda_decode.py moves it to time both paths)
             self.decode_gemv = decode  # (set_decode_gemv: the benchmarks time each)
+            if decode == "persistent_step" and self.step_refusal():
+                raise UserError(self.step_refusal())
             self.tuned_gemv: dict[str, str] = {}      # auto's choice per gemv_role, where timed
             self.gemv_tuning = None                    # what tune_decode_gemv measured
             self.slab_bytes = DEQUANT_SLAB_BYTES       # (and tries slabs that fit the L2)
@@ -548,6 +550,8 @@ class CudaBackend:
         choice, is dropped."""
         if kind not in DECODE_GEMVS:
             raise ValueError(f"decode GEMV {kind!r} is not one of {', '.join(DECODE_GEMVS)}")
+        if kind == "persistent_step" and self.step_refusal():
+            raise UserError(self.step_refusal())
         self.decode_gemv = kind
         self._drop_graphs([1])
 
@@ -556,6 +560,15 @@ class CudaBackend:
         self._tail(rows)
 
     # ------------------------------------------------------------ the persistent step
+    def step_refusal(self) -> str | None:
+        """Why this engine cannot decode on the persistent step, or None: its GEMV bodies take
+        16-byte loads only, so every linear's K % 32 == 0 (every real model's shape)."""
+        ragged = next((a for a in (op.args for op in self.ops if op.kind == "linear") if a["K"] % 32), None)
+        if ragged is None:
+            return None
+        return (f"the persistent decode step needs each linear's input width to be a multiple of 32, and "
+                f"{ragged['weight']}'s is {ragged['K']}; choose another decode (AWQ_EDGE_DECODE, or unset it)")
+
     def step_end(self) -> int:
         """Where the persistent step's ops end: all a decode step's but an int4 head (its candidate
         search and re-scoring are kernels of their own, launched after the step)."""
@@ -603,7 +616,9 @@ class CudaBackend:
                 name, n, k = a["weight"], a["N"], a["K"]
                 fusion = GEMV_FUSIONS.index(f"{'norm_' if a['norm'] else ''}{a['epilogue']}")
                 rope = self.rope_args(a["layer"], a["rope"]) if a["epilogue"] == "rope" else [0] * 7 + [("i32", 0)] * 5
-                rows.append(("linear", min(n // GEMV_ROWS_PER_BLOCK, blocks), 2 * fusion + (k % 32 == 0), [
+                if k % 32:
+                    raise UserError(self.step_refusal())
+                rows.append(("linear", min(n // GEMV_ROWS_PER_BLOCK, blocks), fusion, [
                     b[a["x"]], w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"], b[a["out"]],
                     ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0, eps,
                     w[f"{name}.bias"] if a["bias"] else 0, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope]))

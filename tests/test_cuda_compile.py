@@ -74,16 +74,24 @@ def test_every_kernel_the_cuda_backend_launches_keeps_the_programmatic_launch_co
     instruction). The persistent step, whose blocks read what others wrote in the same launch,
     loads no activation through the read-only cache."""
     import re
+    from concurrent.futures import ThreadPoolExecutor
 
     from awq_edge.cuda_backend import KERNELS_OF
 
+    def ptx_of(job: tuple[str, str]) -> str:
+        arch, name = job
+        ptx = tmp_path / f"{name}.sm_{arch}.ptx"
+        subprocess.run([plugins.find_nvcc(), "-std=c++17", "-O3", "-ptx", f"-arch=sm_{arch}",
+                        "-I", str(plugins.PLUGINS_DIR / "kernels"), "-o", str(ptx),
+                        str(plugins.PLUGINS_DIR / "kernels" / f"{name}.cu")], check=True, timeout=300)
+        return ptx.read_text()
+
+    jobs = [(arch, name) for arch in ("90", "89") for name in plugins.CUBIN_SOURCES]
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:  # (the compiles: most of the test's time)
+        ptx_texts = dict(zip(jobs, pool.map(ptx_of, jobs)))
     for arch, expect in (("90", True), ("89", False)):
         for name in plugins.CUBIN_SOURCES:
-            ptx = tmp_path / f"{name}.sm_{arch}.ptx"
-            subprocess.run([plugins.find_nvcc(), "-std=c++17", "-O3", "-ptx", f"-arch=sm_{arch}",
-                            "-I", str(plugins.PLUGINS_DIR / "kernels"), "-o", str(ptx),
-                            str(plugins.PLUGINS_DIR / "kernels" / f"{name}.cu")], check=True, timeout=300)
-            text = ptx.read_text()
+            text = ptx_texts[arch, name]
             if name == "decode_step":  # one kernel for a whole step: what one block wrote, another reads in
                 # it, which the read-only cache (ld.global.nc) does not see; only the table's slots
                 # and the position (u64) and the norms' weights (v4.f32) may go through it

@@ -453,15 +453,14 @@ BACKEND_CASES = {
                                                     {"awq_gemv_tc_norm_act_g32", "awq_gemv_tc_logits_g32"}),
     # decode in one persistent launch (decode_step.cu): its fused GEMV bodies, split attention at
     # 64/128/256 (Gemma's windows), Qwen3's q/k norms and RoPE after them, Gemma 3's sandwich norms
-    # (add_norm, GELU), bias and K % 32 != 0, the unfused list (norm, act, store), groups 32, 64 and
-    # 128, the fp16, int8 (16- and 8-byte rows) and int4 heads
+    # (add_norm, GELU), bias, the unfused list (norm, act, store), groups 32, 64 and 128, the fp16,
+    # int8 and int4 heads (K % 32 != 0 is refused: test_a_persistent_step_that_waits_in_vain_...)
     "qwen3-d128-persistent-step": ("qwen3", "auto", {"head_dim": 128}, True, 20, "persistent_step",
                                    {"awq_decode_step_g32"}),
     "gemma3-d256-persistent-step": ("gemma3_text", None, {"query_pre_attn_scalar": 64, "head_dim": 256,
                                                           "num_hidden_layers": 2}, True, 20, "persistent_step",
                                     {"awq_decode_step_g32", "awq_lm_head"}),
-    "qwen2-ragged-unfused-persistent-step": ("qwen2", "auto", {"hidden_size": 136, "intermediate_size": 200}, False,
-                                             20, "persistent_step", {"awq_decode_step_g32"}),
+    "qwen2-unfused-persistent-step": ("qwen2", "auto", {}, False, 20, "persistent_step", {"awq_decode_step_g32"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),
@@ -568,7 +567,8 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
 def test_a_persistent_step_that_waits_in_vain_is_an_error_not_a_hang(emulated, tmp_path):
     """A task whose op before never completes (the table says the embedding has 2 tasks, the
     queue hands out 1) gives up waiting, the step ends, and the host gets a one-line error; the
-    queue is left ready, so the table mended, the same tokens give the same logits again."""
+    queue is left ready, so the table mended, the same tokens give the same logits again. And an
+    engine the step cannot run is refused with one line."""
     from awq_edge.errors import UserError
 
     cuda, driver, info, ids = emulated_backend(emulated, "qwen3-d128-persistent-step", tmp_path)
@@ -587,6 +587,11 @@ def test_a_persistent_step_that_waits_in_vain_is_an_error_not_a_hang(emulated, t
     assert cuda.position == 0  # (the conversation was reset)
     cuda.forward(prompt)
     assert np.array_equal(np.asarray(cuda.forward(ids[20:21])), first)
+    # an engine with a linear of K % 32 != 0 (its GEMV bodies take 16-byte loads only): refused
+    ragged, _, _, _ = emulated_backend(emulated, "qwen2-ragged", tmp_path / "ragged")
+    with pytest.raises(UserError, match="needs each linear's input width to be a multiple of 32, and "
+                                        r"model.layers.0.self_attn.qkv_proj's is 136; choose another decode"):
+        ragged.set_decode_gemv("persistent_step")
 
 
 def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_path):

@@ -43,7 +43,7 @@ struct StepOp {
     int64_t kind;     // StepKind
     int64_t tasks;    // tiles of the op: 1, a head each, or the GEMV's 4-row blocks dealt out in turn
     int64_t first;    // its first task: the ops' tasks in order
-    int64_t variant;  // the GEMV's fusion * 2 + (K % 32 == 0), attention's head size, the head's bits
+    int64_t variant;  // the GEMV's fusion, attention's head size, the head's bits
     int64_t arg[kStepArgs];  // pointers, int32 and float32 (the bits), in each case's order below
 };
 
@@ -100,10 +100,12 @@ __device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBef
     }
 }
 
-// The GEMV's fusions in cuda_backend.GEMV_FUSIONS's order (gemv_w4a16.cu AWQ_GEMV_FUSIONS).
+// The GEMV's fusions in cuda_backend.GEMV_FUSIONS's order (gemv_w4a16.cu AWQ_GEMV_FUSIONS). K % 32
+// == 0 (16-byte loads; cuda_backend refuses the step for an engine with another K: the 4-byte
+// loads' bodies would add a third to the kernel's compile time, for no real model's shape).
 template <int kGroupSize, int kWords>
 __device__ __forceinline__ void step_gemv_fusion(const StepOp& op, int tile, AfterOpBefore wait) {
-    switch (op.variant / 2) {
+    switch (op.variant) {
         case 0: step_gemv<kGroupSize, kWords, false, Epilogue::kStore>(op, tile, wait); break;
         case 1: step_gemv<kGroupSize, kWords, true, Epilogue::kStore>(op, tile, wait); break;
         case 2: step_gemv<kGroupSize, kWords, false, Epilogue::kAct>(op, tile, wait); break;
@@ -202,8 +204,7 @@ __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefo
             step_lm_head(op, tile, wait);
             break;
         default:  // kStepGemv: the fused one-row GEMV's arguments (AWQ_GEMV_FUSED_PARAMS, no prefetch)
-            if (op.variant % 2) step_gemv_fusion<kGroupSize, 4>(op, tile, wait);
-            else step_gemv_fusion<kGroupSize, 1>(op, tile, wait);
+            step_gemv_fusion<kGroupSize, 4>(op, tile, wait);
     }
 }
 
