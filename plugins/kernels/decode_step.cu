@@ -63,8 +63,11 @@ struct AfterOpBefore {
     }
 };
 
-template <int kGroupSize, int kWords, bool kNorm, Epilogue kEpilogue>
+// The GEMV's 16-byte-load body: K % 32 == 0 (cuda_backend refuses the step for an engine with another
+// K: the 4-byte loads' bodies would add a third to the kernel's compile time, for no real model's shape).
+template <int kGroupSize, bool kNorm, Epilogue kEpilogue>
 __device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBefore wait) {
+    constexpr int kWords = 4;
     const int64_t* a = op.arg;
     Fusion fusion;
     fusion.norm_weight = reinterpret_cast<const float*>(a[7]);
@@ -82,9 +85,8 @@ __device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBef
     // call sends its own first, but the calls after the first come after that wait), as the
     // per-op kernel's blocks all send theirs before theirs. (The first's: its call.)
     const int words_per_row = K / kValuesPerWord, loads = words_per_row / kWords;
-    const int prefetched = kWords == 4 ? loads : min(loads, kThreads);  // (gemv_w4a16's prefetch_end)
     for (int block = tile + tasks; block < N / kRowsPerBlock; block += tasks) {
-        for (int chunk = threadIdx.x; chunk < prefetched; chunk += kThreads) {
+        for (int chunk = threadIdx.x; chunk < loads; chunk += kThreads) {  // (gemv_w4a16's prefetch_end)
 #pragma unroll
             for (int r = 0; r < kRowsPerBlock; ++r) {
                 const size_t row = static_cast<size_t>(row_of_block<kEpilogue>(block, r, fusion.rope));
@@ -100,19 +102,17 @@ __device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBef
     }
 }
 
-// The GEMV's fusions in cuda_backend.GEMV_FUSIONS's order (gemv_w4a16.cu AWQ_GEMV_FUSIONS). K % 32
-// == 0 (16-byte loads; cuda_backend refuses the step for an engine with another K: the 4-byte
-// loads' bodies would add a third to the kernel's compile time, for no real model's shape).
-template <int kGroupSize, int kWords>
+// The GEMV's fusions in cuda_backend.GEMV_FUSIONS's order (gemv_w4a16.cu AWQ_GEMV_FUSIONS).
+template <int kGroupSize>
 __device__ __forceinline__ void step_gemv_fusion(const StepOp& op, int tile, AfterOpBefore wait) {
     switch (op.variant) {
-        case 0: step_gemv<kGroupSize, kWords, false, Epilogue::kStore>(op, tile, wait); break;
-        case 1: step_gemv<kGroupSize, kWords, true, Epilogue::kStore>(op, tile, wait); break;
-        case 2: step_gemv<kGroupSize, kWords, false, Epilogue::kAct>(op, tile, wait); break;
-        case 3: step_gemv<kGroupSize, kWords, true, Epilogue::kAct>(op, tile, wait); break;
-        case 4: step_gemv<kGroupSize, kWords, false, Epilogue::kResidual>(op, tile, wait); break;
-        case 5: step_gemv<kGroupSize, kWords, false, Epilogue::kRope>(op, tile, wait); break;
-        default: step_gemv<kGroupSize, kWords, true, Epilogue::kRope>(op, tile, wait); break;
+        case 0: step_gemv<kGroupSize, false, Epilogue::kStore>(op, tile, wait); break;
+        case 1: step_gemv<kGroupSize, true, Epilogue::kStore>(op, tile, wait); break;
+        case 2: step_gemv<kGroupSize, false, Epilogue::kAct>(op, tile, wait); break;
+        case 3: step_gemv<kGroupSize, true, Epilogue::kAct>(op, tile, wait); break;
+        case 4: step_gemv<kGroupSize, false, Epilogue::kResidual>(op, tile, wait); break;
+        case 5: step_gemv<kGroupSize, false, Epilogue::kRope>(op, tile, wait); break;
+        default: step_gemv<kGroupSize, true, Epilogue::kRope>(op, tile, wait); break;
     }
 }
 
@@ -204,7 +204,7 @@ __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefo
             step_lm_head(op, tile, wait);
             break;
         default:  // kStepGemv: the fused one-row GEMV's arguments (AWQ_GEMV_FUSED_PARAMS, no prefetch)
-            step_gemv_fusion<kGroupSize, 4>(op, tile, wait);
+            step_gemv_fusion<kGroupSize>(op, tile, wait);
     }
 }
 
