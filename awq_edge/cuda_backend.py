@@ -281,14 +281,12 @@ class CudaBackend:
             self._allocate()
             self.cublas, self.no_cublas = self._open_cublas(False if cublas is None and driver else cublas)
             self.cublas_from_rows = CUBLAS_FROM_ROWS  # (benchmarks/cuda_decode.py moves it to time both paths)
-            self.decode_gemv = decode  # (set_decode_gemv: the benchmarks time each)
-            if decode == "persistent_step" and self.step_refusal():
-                raise UserError(self.step_refusal())
             self.tuned_gemv: dict[str, str] = {}      # auto's choice per gemv_role, where timed
             self.gemv_tuning = None                    # what tune_decode_gemv measured
             self.slab_bytes = DEQUANT_SLAB_BYTES       # (and tries slabs that fit the L2)
             self.l2_slab_bytes = min(DEQUANT_SLAB_BYTES, self.drv.l2_cache_bytes() // 2)
             self._graphs = {}  # rows -> the instantiated CUDA graph of a step of that many rows
+            self.set_decode_gemv(decode)  # (the benchmarks time each; an engine the step cannot run: refused)
             self.tune = tune if tune is not None else driver is None and os.environ.get("AWQ_EDGE_TUNE", "1") != "0"
             self.time_prefill = self.tune              # (off once set_prefill_path chooses)
             self.prefill_timed: dict[int, str] = {}    # padded rows -> its path, gpu_tuning.PREFILL_PATHS
@@ -550,8 +548,9 @@ class CudaBackend:
         choice, is dropped."""
         if kind not in DECODE_GEMVS:
             raise ValueError(f"decode GEMV {kind!r} is not one of {', '.join(DECODE_GEMVS)}")
-        if kind == "persistent_step" and self.step_refusal():
-            raise UserError(self.step_refusal())
+        refusal = self.step_refusal() if kind == "persistent_step" else None
+        if refusal:
+            raise UserError(refusal)
         self.decode_gemv = kind
         self._drop_graphs([1])
 
@@ -569,6 +568,10 @@ class CudaBackend:
         return (f"the persistent decode step needs each linear's input width to be a multiple of 32, and "
                 f"{ragged['weight']}'s is {ragged['K']}; choose another decode (AWQ_EDGE_DECODE, or unset it)")
 
+    def step_blocks(self) -> int:
+        """The persistent step's grid (its ops' tasks are cut for it)."""
+        return STEP_BLOCKS_PER_SM * self.sm_count
+
     def step_end(self) -> int:
         """Where the persistent step's ops end: all a decode step's but an int4 head (its candidate
         search and re-scoring are kernels of their own, launched after the step)."""
@@ -580,7 +583,7 @@ class CudaBackend:
         args), args as launch() takes them, in the order each kind's case reads them."""
         b, w, spec, C = self.buf, self.weights, self.spec, self.max_context
         H, Hkv, D, eps = spec.heads, spec.kv_heads, spec.head_dim, ("f32", spec.eps)
-        blocks = STEP_BLOCKS_PER_SM * self.sm_count
+        blocks = self.step_blocks()
         rows = []
         for op in ops:
             a = op.args
@@ -650,7 +653,7 @@ class CudaBackend:
 
     def launch_step(self) -> None:
         """One launch of the persistent step over _prepare_step's table."""
-        self.launch(f"awq_decode_step_g{self.spec.group_size}", (STEP_BLOCKS_PER_SM * self.sm_count,),
+        self.launch(f"awq_decode_step_g{self.spec.group_size}", (self.step_blocks(),),
                     (GEMV_THREADS,), [self.step_table, ("i32", self.step_count), self.step_queue, self.step_done,
                                       self.status])
 

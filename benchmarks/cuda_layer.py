@@ -19,8 +19,8 @@ next linear's weights (what sm_87/sm_89 run instead), and the fused list with ev
 the CUDA-core GEMV, on the tensor-core one, and on that on a persistent grid
 (cuda_backend.GEMV_KINDS; the default, "auto", takes the persistent tensor-core one for the
 linears with a norm prologue and the CUDA-core one for the rest); and the layers in one launch
-(decode choice "persistent_step", plugins/kernels/decode_step.cu). Time per layer = replay time / (repeats x layers),
-host-timed over whole replays after a synchronize, median of 5.
+(decode choice "persistent_step", plugins/kernels/decode_step.cu). Time per layer = replay time /
+(repeats x layers), host-timed over whole replays after a synchronize, median of 5.
 
 Roofline of a layer = (its weight bytes + the K and V rows its attention reads) / the bandwidth
 of a device-to-device copy measured in the same run (read + write bytes / time). Activations
