@@ -30,9 +30,10 @@ checks stop strings and hands the text on; a reply that stops there takes that s
 
 What is fastest depends on the GPU, so the backend times it there (on our own driver, unless
 AWQ_EDGE_TUNE=0): loading times each one-row GEMV kind per role of decode's linears and keeps the
-fastest (tune_decode_gemv), and a prefill chunk size's first use times every path below and
-keeps the fastest (faster_prefill_graph); the choices are kept for the next load
-(awq_edge/gpu_tuning.py), where nothing is timed again. Without timing, the defaults below.
+fastest, then that step against the persistent step (tune_decode_gemv), and a prefill chunk
+size's first use times every path below and keeps the fastest (faster_prefill_graph); the
+choices are kept for the next load (awq_edge/gpu_tuning.py), where nothing is timed again.
+Without timing, the defaults below.
 
 A prefill chunk's linears (matmul below): from CUBLAS_FROM_ROWS rows, "dequantize a slab of
 weight rows to fp16, then cuBLAS's fp16 GEMM" when the machine has cuBLAS (awq_edge/cublas.py;
@@ -86,9 +87,11 @@ GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid (kTcBlocksPerSm: launch bounds 
 # "persistent_step": the step in one launch (plugins/kernels/decode_step.cu, issue 19: a small
 # model's layer is launch- and latency-bound), every linear on its CUDA-core GEMV body, the ops a
 # queue of tasks over STEP_BLOCKS_PER_SM blocks an SM; an int4 head (its GEMV as auto chooses,
-# the candidate search, the re-scoring) and the position's advance are launched after it. Not yet
-# timed on a GPU: never chosen unless asked for (set_decode_gemv, or AWQ_EDGE_DECODE=persistent_step
-# for any program that loads an engine: awq-edge run, chat, serve, bench).
+# the candidate search, the re-scoring) and the position's advance are launched after it. Asked
+# for (set_decode_gemv, or AWQ_EDGE_DECODE=persistent_step for any program that loads an engine:
+# awq-edge run, chat, serve, bench), or taken by auto where the timing at load found it
+# TUNE_MARGIN faster than auto's per-op step and its output agreed with that step's
+# (tune_decode_gemv; not yet timed on any GPU).
 DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent", "persistent_step")
 GEMV_KINDS = ("cuda_cores", "tensor_cores", "tensor_cores_persistent")
 STEP_BLOCKS_PER_SM = 2  # decode_step.cu: ~230 registers x 128 threads a block (ptxas, sm_90; 3 an SM spill)
@@ -100,6 +103,9 @@ STEP_STALLED = 2        # a bit of the status word (decode_step.cu AWQ_STEP_STAL
 # The timing at load: each variant replayed this many times after a warm-up, in turn with the
 # others, the median kept; a role leaves auto_default only for a GEMV at least TUNE_MARGIN faster.
 TUNE_REPLAYS, TUNE_MARGIN = 3, 0.03
+# ... and the persistent step only where its output agrees with the per-op step's within this
+# fraction of that output's norm (they sum in another order: fp16 rounding, ~1e-3, apart).
+STEP_AGREEMENT = 1e-2
 GEMV_MAX_ROWS, GEMV_CHUNKED_MAX_ROWS = 8, 32  # plugins/kernels/w4a16.h: short chunks' GEMVs (CUDA cores: 8 rows each)
 GEMV_MMA_ROWS_PER_BLOCK = 16                  # the tensor-core GEMV (2..32 rows): one mma tile of rows
 
@@ -282,6 +288,7 @@ class CudaBackend:
             self.cublas, self.no_cublas = self._open_cublas(False if cublas is None and driver else cublas)
             self.cublas_from_rows = CUBLAS_FROM_ROWS  # (benchmarks/cuda_decode.py moves it to time both paths)
             self.tuned_gemv: dict[str, str] = {}      # auto's choice per gemv_role, where timed
+            self.tuned_step = False                    # auto decodes on the persistent step (timed faster)
             self.gemv_tuning = None                    # what tune_decode_gemv measured
             self.slab_bytes = DEQUANT_SLAB_BYTES       # (and tries slabs that fit the L2)
             self.l2_slab_bytes = min(DEQUANT_SLAB_BYTES, self.drv.l2_cache_bytes() // 2)
@@ -408,7 +415,9 @@ class CudaBackend:
                 "cuda_cores": "on CUDA cores",
                 "persistent_step": "on CUDA cores, the step in one persistent launch (an int4 head's as auto)"}
         gemv = said.get(self.decode_gemv, "on tensor cores (persistent grid) after a norm, else CUDA cores")
-        if self.decode_gemv == "auto" and self.gemv_tuning and "error" not in self.gemv_tuning:
+        if self.decode_gemv == "auto" and self.tuned_step:
+            gemv = f"as timed on this GPU: {said['persistent_step']}"
+        elif self.decode_gemv == "auto" and self.gemv_tuning and "error" not in self.gemv_tuning:
             gemv = "as timed on this GPU (" + "; ".join(
                 f"{'lm_head' if role.startswith('lm_head') else role.split()[0].rsplit('.', 1)[-1]} "
                 f"{said[self.gemv_kind(ops[0].args)]}" for role, ops in self.gemv_roles().items()) + ")"
@@ -466,7 +475,7 @@ class CudaBackend:
                 self._graphs[rows] = self.faster_prefill_graph(rows)
                 self._keep_tuning()
             else:
-                if rows == 1 and self.decode_gemv == "persistent_step":
+                if rows == 1 and self.decodes_on_step():
                     self._prepare_step()
                 self._graphs[rows] = self.drv.capture(lambda: self._step(1) if rows == 1 else self._body(rows))
         self.drv.replay(self._graphs[rows])
@@ -513,7 +522,7 @@ class CudaBackend:
 
     def _body(self, rows: int) -> None:
         """A step's launches up to its tail (decode on the persistent step: its one launch)."""
-        if rows == 1 and self.decode_gemv == "persistent_step":
+        if rows == 1 and self.decodes_on_step():
             self.launch_step()
         else:
             self.launch_ops(self.ops[:step_tail(self.ops)], rows)
@@ -521,7 +530,7 @@ class CudaBackend:
     def _tail(self, rows: int) -> None:
         """A step's tail: the norm of its last row and the head (on the persistent step: an int4
         head's kernels, if any), then the position advanced by its rows."""
-        persistent = rows == 1 and self.decode_gemv == "persistent_step"
+        persistent = rows == 1 and self.decodes_on_step()
         self.launch_ops(self.ops[self.step_end() if persistent else step_tail(self.ops):], rows)
         self.launch("awq_advance", (1,), (1,), [self.past, ("i32", rows)])
 
@@ -559,6 +568,10 @@ class CudaBackend:
         self._tail(rows)
 
     # ------------------------------------------------------------ the persistent step
+    def decodes_on_step(self) -> bool:
+        """Whether a decode step runs on the persistent step: asked for, or auto's as timed here."""
+        return self.decode_gemv == "persistent_step" or self.decode_gemv == "auto" and self.tuned_step
+
     def step_refusal(self) -> str | None:
         """Why this engine cannot decode on the persistent step, or None: its GEMV bodies take
         16-byte loads only, so every linear's K % 32 == 0 (every real model's shape)."""
@@ -847,19 +860,21 @@ class CudaBackend:
     def _read_tuning(self) -> bool:
         """Take the choices an earlier load kept for this GPU and engine, if a valid file has them."""
         cached = self.tuning_path and read_tuning(self.tuning_path, self._kinds_per_role(),
-                                                  {r for r in PREFILL_GRAPH_ROWS if r > GEMV_CHUNKED_MAX_ROWS})
+                                                  {r for r in PREFILL_GRAPH_ROWS if r > GEMV_CHUNKED_MAX_ROWS},
+                                                  self.step_refusal() is None)
         if not cached:
             return False
-        self.tuned_gemv, self.prefill_timed = cached["gemv"], cached["prefill"]
+        self.tuned_gemv, self.prefill_timed, self.tuned_step = cached["gemv"], cached["prefill"], cached["step"]
         if not cached["prefetch"]:
             self.prefetch_bytes = 0
         self.gemv_tuning = {"gemv": self.auto_choices(), "prefetch": self.prefetch_bytes > 0,
-                            "cached": str(self.tuning_path)}
+                            "persistent_step": self.tuned_step, "cached": str(self.tuning_path)}
         return True
 
     def _keep_tuning(self) -> None:
         if self.tuning_path is not None:
-            write_tuning(self.tuning_path, self.auto_choices(), self.prefill_timed, self.prefetch_bytes > 0)
+            write_tuning(self.tuning_path, self.auto_choices(), self.prefill_timed, self.prefetch_bytes > 0,
+                         self.tuned_step)
 
     def tune_decode_gemv(self) -> dict:
         """auto's GEMV per role, timed on this GPU. For each role, each GEMV kind its shape takes
@@ -869,18 +884,23 @@ class CudaBackend:
         choices against the defaults: the faster is kept (a GEMV faster alone may slow the kernels
         around it). Where GEMVs send the next linear's weights toward L2 (sm_87/sm_89, no
         overlapped launches), the step without that prefetch too: it is dropped unless it saves
-        TUNE_MARGIN. The timed graphs write the activations, the logits and the cache at the
-        position (which the next step overwrites): call it before a prompt or between replies.
+        TUNE_MARGIN. Last, that step against the persistent step (where the engine's shapes
+        allow it, step_refusal): auto decodes on the persistent step when it is TUNE_MARGIN faster
+        and its output (the logits, or an int4 head's input) agreed with the per-op step's
+        (_step_or_persistent). The timed graphs write the activations, the logits and the cache at
+        the position (which the next step overwrites): call it before a prompt or between replies.
         Returns what it measured, kept in gemv_tuning: "us" (role -> kind -> microseconds),
         "step_us" (default and tuned, when they differ), "prefetch_us" (with and without),
-        "gemv" (role -> the kind it runs now), "prefetch" (whether it does),
-        "seconds" (the host's wall time for all of it: what it adds to loading the engine)."""
+        "persistent_step_us" (per_op and persistent, or "persistent_step_error": why it was not
+        timed), "gemv" (role -> the kind it runs now), "prefetch" (whether it does),
+        "persistent_step" (whether decode runs on it), "seconds" (the host's wall time for all of
+        it: what it adds to loading the engine)."""
         started = time.perf_counter()
         self.drv.synchronize()  # (a memset does not wait for the stream)
         for name, nbytes in self.buf_bytes.items():  # a role's graph reads its input unwritten
             self.drv.zero(self.buf[name], nbytes)
-        saved, self.decode_gemv, self.tuned_gemv = self.decode_gemv, "auto", {}
-        report, chosen, fitting = {"us": {}}, {}, self._kinds_per_role()
+        saved, self.decode_gemv, self.tuned_gemv, self.tuned_step = self.decode_gemv, "auto", {}, False
+        report, chosen, fitting, on_step = {"us": {}}, {}, self._kinds_per_role(), False
         try:
             for role, ops in self.gemv_roles().items():
                 default = self.gemv_kind(ops[0].args)
@@ -904,17 +924,66 @@ class CudaBackend:
                 report["prefetch_us"] = {name: round(t * 1e6, 2) for name, t in step.items()}
                 if step["with"] > (1 - TUNE_MARGIN) * step["without"]:
                     self.prefetch_bytes = 0
+            if self.step_refusal() is None:
+                on_step = self._step_or_persistent(chosen, report)
         except BaseException:
-            chosen = {}
+            chosen, on_step = {}, False
             raise
         finally:
-            self.decode_gemv, self.tuned_gemv = saved, chosen
+            self.decode_gemv, self.tuned_gemv, self.tuned_step = saved, chosen, on_step
             report["gemv"], report["prefetch"] = self.auto_choices(), self.prefetch_bytes > 0
+            report["persistent_step"] = on_step
             self.drv.synchronize()
             self._drop_graphs([1])
         report["seconds"] = round(time.perf_counter() - started, 4)
         self.gemv_tuning = report
         return report
+
+    def _step_or_persistent(self, chosen: dict, report: dict) -> bool:
+        """Whether auto should decode on the persistent step: a decode step up to step_end as per-op
+        launches (auto's GEMVs `chosen`) and on the persistent step, each replayed once, must give
+        the same output (the logits, or an int4 head's input: within STEP_AGREEMENT of each
+        other's norm, all finite, the step not stalled, the GPU not refusing its launch; else
+        "persistent_step_error" says why), then both timed: the persistent step only if
+        TUNE_MARGIN faster ("persistent_step_us")."""
+        from .cuda_driver import CudaError
+
+        ops = self.ops[:self.step_end()]
+        out = ops[-1].args["out"]  # (the logits, fp32; else the final norm's fp16 row)
+        size, dtype = (self.vocab_size, np.float32) if ops[-1].kind == "lm_head" else (self.spec.hidden, np.float16)
+        graphs, outputs = {}, {}
+        try:
+            graphs["per_op"] = self.drv.capture(self._launches(chosen, ops))
+            self._prepare_step()
+            try:
+                graphs["persistent"] = self.drv.capture(self.launch_step)
+            except CudaError as e:  # (e.g. its registers: the per-op step's choices stand)
+                report["persistent_step_error"] = f"the GPU refused it: {e}"
+                return False
+            for name, graph in graphs.items():
+                self.drv.replay(graph)
+                self.drv.synchronize()
+                outputs[name] = np.empty(size, dtype)
+                self.drv.download(outputs[name], self.buf[out])
+            status = np.empty(1, np.int32)
+            self.drv.download(status, self.status)
+            want, got = (outputs[name].astype(np.float64) for name in ("per_op", "persistent"))
+            if status[0] & STEP_STALLED:
+                self.drv.zero(self.status, 4)
+                report["persistent_step_error"] = "it stalled (a task waited in vain)"
+                return False
+            if not (np.isfinite(want).all() and np.isfinite(got).all()
+                    and np.linalg.norm(got - want) <= STEP_AGREEMENT * np.linalg.norm(want)):
+                report["persistent_step_error"] = (
+                    f"its {out} differed from the per-op step's by {np.linalg.norm(got - want):.3g} "
+                    f"(norm {np.linalg.norm(want):.3g}), or was not finite")
+                return False
+            times = self._time_graphs(graphs)
+        finally:
+            for graph in graphs.values():
+                self.drv.release(graph)
+        report["persistent_step_us"] = {name: round(t * 1e6, 2) for name, t in times.items()}
+        return times["persistent"] < (1 - TUNE_MARGIN) * times["per_op"]
 
     def _launches(self, choice: dict, ops: list, prefetch_bytes: int | None = None):
         """What a graph captures: ops for one row, with auto's GEMV per role `choice` (and the L2

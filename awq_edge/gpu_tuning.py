@@ -23,7 +23,7 @@ from .data import write_atomic
 from .errors import UserError
 from .untrusted import read_json
 
-FORMAT = 1
+FORMAT = 2  # (2: the persistent step's choice, "step")
 PREFILL_PATHS = ("cublas", "cublas_l2", "ours")  # (cuda_backend.faster_prefill_graph)
 
 
@@ -33,11 +33,12 @@ def tuning_key(**parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def read_tuning(path: Path, roles: dict[str, list], sizes: set[int]) -> dict | None:
-    """{"gemv": {role: kind}, "prefill": {rows: path}, "prefetch": bool} from the file at `path`
-    (prefetch: whether decode's GEMVs send the next weights toward L2), or None when it
-    is absent or not valid here: `roles` maps each role to the kinds it can run (every role must
-    have one), `sizes` are the chunk sizes that may be timed."""
+def read_tuning(path: Path, roles: dict[str, list], sizes: set[int], step_allowed: bool) -> dict | None:
+    """{"gemv": {role: kind}, "prefill": {rows: path}, "prefetch": bool, "step": bool} from the file
+    at `path` (prefetch: whether decode's GEMVs send the next weights toward L2; step: whether
+    decode runs on the persistent step), or None when it is absent or not valid here: `roles`
+    maps each role to the kinds it can run (every role must have one), `sizes` are the chunk
+    sizes that may be timed, and the step may be chosen only where `step_allowed`."""
     try:
         data = read_json(path, "")  # (size-capped, any parse failure: a UserError)
     except UserError:
@@ -47,7 +48,8 @@ def read_tuning(path: Path, roles: dict[str, list], sizes: set[int]) -> dict | N
     gemv, prefill, prefetch = data.get("gemv"), data.get("prefill", {}), data.get("prefetch")
     if not isinstance(gemv, dict) or set(gemv) != set(roles) or not isinstance(prefill, dict):
         return None
-    if not isinstance(prefetch, bool):
+    step = data.get("step")
+    if not isinstance(prefetch, bool) or not isinstance(step, bool) or step and not step_allowed:
         return None
     if any(not isinstance(kind, str) or kind not in roles[role] for role, kind in gemv.items()):
         return None
@@ -56,13 +58,13 @@ def read_tuning(path: Path, roles: dict[str, list], sizes: set[int]) -> dict | N
         if not (rows.isascii() and rows.isdigit() and len(rows) < 6 and int(rows) in sizes and way in PREFILL_PATHS):
             return None
         chosen[int(rows)] = way
-    return {"gemv": dict(gemv), "prefill": chosen, "prefetch": prefetch}
+    return {"gemv": dict(gemv), "prefill": chosen, "prefetch": prefetch, "step": step}
 
 
-def write_tuning(path: Path, gemv: dict[str, str], prefill: dict[int, str], prefetch: bool) -> bool:
+def write_tuning(path: Path, gemv: dict[str, str], prefill: dict[int, str], prefetch: bool, step: bool) -> bool:
     """Keep the choices at `path` (whole or not at all); False when the folder cannot be written."""
     text = json.dumps({"format": FORMAT, "gemv": gemv, "prefill": {str(r): w for r, w in sorted(prefill.items())},
-                       "prefetch": bool(prefetch)}, indent=1) + "\n"
+                       "prefetch": bool(prefetch), "step": bool(step)}, indent=1) + "\n"
     try:
         write_atomic(path, text)
     except OSError:

@@ -100,6 +100,14 @@ def load(name):
         return json.loads((out / name).read_text())
     except (OSError, ValueError):
         return None
+def on_step(tuning):  # the timing at load's persistent step against the per-op step
+    if tuning.get("persistent_step_error"):
+        return f"; persistent step not taken: {tuning['persistent_step_error']}"
+    us = tuning.get("persistent_step_us")
+    if us:
+        return (f"; persistent step {'taken' if tuning.get('persistent_step') else 'not taken'} "
+                f"({us['persistent']:.1f} us, per op {us['per_op']:.1f} us)")
+    return "; persistent step taken" if tuning.get("persistent_step") else ""
 g = load("gemv.json")
 if g:
     for name, fit in g.get("fit_m1", {}).items():
@@ -132,7 +140,8 @@ for name in ("cuda_layer.json", "cuda_layer-smollm2.json", "cuda_layer-1b.json",
             print(f"  auto's GEMVs, timed at load ({tuning['seconds']:.2f} s): "
                   + "; ".join(f"{role} {kind}" + (f" ({', '.join(f'{k} {v:.1f}' for k, v in tuning['us'][role].items())} us)"
                                                    if role in tuning["us"] else "")
-                              for role, kind in tuning["gemv"].items()) + (f"; step {tuning['step_us']}" if tuning.get("step_us") else ""))
+                              for role, kind in tuning["gemv"].items()) + (f"; step {tuning['step_us']}" if tuning.get("step_us") else "")
+                  + on_step(tuning))
         for gemv, rows in layer.get("breakdown", {}).items():
             print(f"  GEMV on {gemv}: " + ", ".join(f"{r['op'].removeprefix('linear ')} {r['us_per_layer']:.1f} us "
                                                     f"({r['pct_of_copy']:.0f}%)" for r in rows))
@@ -164,7 +173,7 @@ for r in (d or {}).get("rows", d if isinstance(d, list) else []):
         if tuning:
             how = f"timed at load in {tuning['seconds']:.2f} s" if "seconds" in tuning else "read from the cache"
             print(f"  auto {how}: " + ", ".join(
-                f"{role.split()[0]} {kind}" for role, kind in tuning["gemv"].items()))
+                f"{role.split()[0]} {kind}" for role, kind in tuning["gemv"].items()) + on_step(tuning))
         if step_by_step:
             print(f"  run ahead {r['decode_tok_s']:.0f} tok/s, one step at a time {step_by_step:.0f} "
                   f"({r['decode_tok_s'] / step_by_step:.2f}x)")

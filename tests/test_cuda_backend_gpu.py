@@ -170,7 +170,8 @@ def test_what_is_timed_on_this_gpu_leaves_nothing_a_step_reads(tmp_path):
     """Loading times every GEMV kind each role of decode takes on this GPU (tune_decode_gemv: the
     default for a backend on our own driver), and a 70-row prompt (padded to 96) times both
     prefill paths where cuBLAS is found; a backend so timed gives, bit for bit, the logits of one
-    never timed that runs the same choices: the timed graphs wrote nothing a step reads."""
+    never timed that runs the same choices: the timed graphs wrote nothing a step reads. The
+    persistent step, timed last against the per-op step, agreed with it (whichever was kept)."""
     from awq_edge.cuda_backend import GEMV_KINDS
 
     shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 4}
@@ -181,9 +182,10 @@ def test_what_is_timed_on_this_gpu_leaves_nothing_a_step_reads(tmp_path):
     print(f"timed in {tuning['seconds']:.3f} s: {tuning}")
     assert set(tuning["gemv"]) == set(tuned.gemv_roles()) == set(tuning["us"])  # (576-wide: every kind fits)
     assert all(set(us) == set(GEMV_KINDS) and min(us.values()) > 0 for us in tuning["us"].values())
+    assert "persistent_step_error" not in tuning and min(tuning["persistent_step_us"].values()) > 0
     plain = CudaBackend(tmp_path / "engine", manifest, info, CONTEXT, tune=False)
     assert plain.gemv_tuning is None
-    plain.tuned_gemv = dict(tuned.tuned_gemv)
+    plain.tuned_gemv, plain.tuned_step = dict(tuned.tuned_gemv), tuned.tuned_step
     ids = np.random.default_rng(4).integers(0, 256, 76).tolist()
     got = np.asarray(tuned.forward(ids[:70]))
     if tuned.cublas is not None:

@@ -599,7 +599,9 @@ def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_pat
     makes q/k/v cheapest on CUDA cores and the rest on the persistent tensor-core grid, the int4
     head included): a prompt and decode steps afterwards give the logits, bit for bit, of a
     backend never timed that runs the same choices (the timed graphs wrote nothing a step reads:
-    the cache, the position), within fp16 rounding of the reference."""
+    the cache, the position), within fp16 rounding of the reference. On a clock where the
+    persistent step is cheapest, its output agrees with the per-op step's (the real kernels:
+    here the int4 head's input) and auto decodes on it, within fp16 rounding of the reference."""
     from awq_edge.build import build_engine
     from awq_edge.cuda_backend import CudaBackend
     from awq_edge.model import resolve_source
@@ -619,14 +621,20 @@ def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_pat
     assert timed.released == timed.captures > 0 and not timed.pending
     plain = CudaBackend(tmp_path / "engine", manifest, info, 32, driver=EmulatedDriver(emulated))
     plain.tuned_gemv = dict(tuned.tuned_gemv)
+    step_timed = EmulatedDriver(emulated)
+    step_timed.costs = {**timed.costs, "awq_decode_step": 1e-12}
+    stepped = CudaBackend(tmp_path / "engine", manifest, info, 32, driver=step_timed, tune=True)
+    assert stepped.gemv_tuning["persistent_step"] and stepped.decodes_on_step(), stepped.gemv_tuning
     reference = ReferenceBackend(tmp_path / "engine", 32, info)
     ids = np.random.default_rng(2).integers(0, 256, 12).tolist()
     for step in ([ids[:9]] + [[i] for i in ids[9:]]):
-        got, same, want = (np.asarray(b.forward(step)) for b in (tuned, plain, reference))
+        got, same, on_step, want = (np.asarray(b.forward(step)) for b in (tuned, plain, stepped, reference))
         assert np.array_equal(got, same)
-        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2 and got.argmax() == want.argmax()
+        for logits in (got, on_step):
+            assert np.linalg.norm(logits - want) / np.linalg.norm(want) < 1e-2 and logits.argmax() == want.argmax()
     launched = {work[0] for work in tuned._graphs[1]}  # (the decode step's graph)
     assert {"awq_gemv_norm_rope_g32_w4", "awq_gemv_tc_residual_g32", "awq_gemv_tc_logits_g32"} <= launched
+    assert stepped._graphs[1][0][0] == "awq_decode_step_g32"
 
 
 @pytest.mark.parametrize("faster", ["cublas_l2", "ours"])

@@ -275,9 +275,10 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     """With a tuning cache folder, the choices timed at load go into one file for this GPU, these
     kernels and these shapes; the next load reads them (nothing timed: no graph captured) and
     runs the same kernels. A file that is not JSON, too big, of another format, or naming a
-    role or kind this engine has not (a tensor-core GEMV for the ragged model's RoPE linear) is
-    ignored (as is a prefetch flag that is not a bool): timed again and written over. Another
-    shape gets another file."""
+    role or kind this engine has not (a tensor-core GEMV for the ragged model's RoPE linear, or
+    the persistent step it cannot run) is ignored (as is a prefetch or step flag that is not a
+    bool): timed again and written over. A file choosing the persistent step gives a decode on
+    it. Another shape gets another file."""
     from awq_edge import gpu_tuning
     from awq_edge.devices import resolve
     from awq_edge.synthetic import SHAPES, write_random_engine
@@ -299,9 +300,14 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     assert json.loads(kept.read_text())["gemv"] == timed.gemv_tuning["gemv"] == timed.auto_choices()
     again, driver = load()
     assert driver.captures == 0 and again.gemv_tuning == {"gemv": timed.auto_choices(), "prefetch": False,
-                                                          "cached": str(kept)}
+                                                          "persistent_step": False, "cached": str(kept)}
     assert again.auto_choices()["self_attn.qkv_proj norm_rope"] == "cuda_cores"
     good = kept.read_text()
+    kept.write_text(json.dumps({**json.loads(good), "step": True}))
+    on_step, driver = load()
+    assert driver.captures == 0 and on_step.decodes_on_step() and "in one persistent launch" in on_step.decode_path
+    on_step.forward([1])
+    assert [name for name, *_ in driver.launches[-2:]] == ["awq_decode_step_g128", "awq_advance"]
     bad_kind = json.loads(good)
     bad_kind["gemv"]["self_attn.o_proj residual"] = "tensor_cores_everywhere"
     bad_role = json.loads(good)
@@ -313,6 +319,8 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     for bad in ("not json", "[" * 60000, json.dumps(bad_kind), json.dumps(bad_role), json.dumps(bad_size), *bad_digits,
                 json.dumps({**json.loads(good), "format": True}),
                 json.dumps({**json.loads(good), "format": 0}), json.dumps({**json.loads(good), "prefetch": "no"}),
+                json.dumps({**json.loads(good), "step": 1}), json.dumps({k: v for k, v in json.loads(good).items()
+                                                                         if k != "step"}),
                 good + " " * MAX_JSON_BYTES):
         kept.write_text(bad)
         retimed, driver = load()
@@ -320,7 +328,7 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
         assert kept.read_text() == good
     # a folder that cannot be written (here: under a file) only means timing at every load
     (tmp_path / "a_file").write_text("")
-    assert not gpu_tuning.write_tuning(tmp_path / "a_file" / "t.json", {}, {}, False)
+    assert not gpu_tuning.write_tuning(tmp_path / "a_file" / "t.json", {}, {}, False, False)
     unkept, driver = load(folder=tmp_path / "a_file" / "tuning")
     assert driver.captures > 0 and unkept.auto_choices() == timed.auto_choices()
     # the ragged model's q/k/v (K = 136) runs on CUDA cores only: a file saying otherwise is not read
@@ -332,10 +340,90 @@ def test_what_a_gpu_timed_is_kept_for_the_next_load_and_a_bad_file_is_timed_over
     ragged_file = ragged.tuning_path
     qkv = "self_attn.qkv_proj norm_rope"
     assert ragged_file != kept and ragged.auto_choices()[qkv] == "cuda_cores"
-    wrong = json.loads(ragged_file.read_text())
-    wrong["gemv"][qkv] = "tensor_cores"
-    ragged_file.write_text(json.dumps(wrong))
-    assert load(tmp_path / "ragged" / "engine", r_info, r_manifest)[1].captures > 0
+    right = ragged_file.read_text()
+    for wrong in ({"gemv": {**json.loads(right)["gemv"], qkv: "tensor_cores"}}, {"step": True}):
+        ragged_file.write_text(json.dumps({**json.loads(right), **wrong}))
+        assert load(tmp_path / "ragged" / "engine", r_info, r_manifest)[1].captures > 0
+        assert ragged_file.read_text() == right
+
+
+@needs_nvcc
+def test_auto_decodes_on_the_persistent_step_only_where_it_is_timed_faster_and_agrees(tmp_path):
+    """The timing at load's last word: a decode step on auto's per-op launches against the
+    persistent step. A clock on which the step is cheaper makes auto decode on it (the step and
+    the advance, until another decode is chosen); one on which it is dearer, or where its output
+    differs from the per-op step's (a driver whose downloads after the step read 1.5, after the
+    per-op step 1), or where it stalls (the status word's bit, cleared after), or whose launch
+    the GPU refuses, keeps the per-op step (and the GEMVs timed before it), and says why."""
+    from awq_edge.cuda_driver import CudaError
+
+    from awq_edge.devices import resolve
+    from awq_edge.synthetic import SHAPES, write_random_engine
+
+    write_random_engine(tmp_path / "e", dict(SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=512),
+                        resolve("h200"), max_context=64)
+    manifest, info = read_native_engine(tmp_path / "e")
+
+    class Differs(RecordingDriver):  # downloads read ones, after a replay of the step one and a half
+        after_step, status_after_step = 1.5, 0
+
+        def __init__(self):
+            super().__init__()
+            self.last, self.zeroed = None, []
+
+        def replay(self, executable):
+            super().replay(executable)
+            self.last = executable
+
+        def download(self, array, device_ptr):
+            on_step = any(name.startswith("awq_decode_step") for name, *_ in self.graphs.get(self.last, []))
+            if array.dtype == np.int32:  # (the status word)
+                array[...] = self.status_after_step if on_step else 0
+            else:
+                array[...] = self.after_step if on_step else 1
+
+        def zero(self, device_ptr, nbytes):
+            self.zeroed.append(device_ptr)
+
+    class Stalls(Differs):  # ... the same output, but the status word after the step has the stall's bit
+        after_step, status_after_step = 1, cuda_backend.STEP_STALLED
+
+    class Refuses(RecordingDriver):  # a GPU that cannot launch the step (its registers, say)
+        def launch(self, fn, grid, block, args, shared_bytes=0, programmatic=False):
+            if fn.startswith("awq_decode_step"):
+                raise CudaError("cuLaunchKernel failed: CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES (701)")
+            super().launch(fn, grid, block, args, shared_bytes, programmatic)
+
+        def capture(self, launches):
+            try:
+                return super().capture(launches)
+            except CudaError:
+                self.captures -= 1  # (no graph made)
+                raise
+
+    for driver, cheap, taken, error in ((RecordingDriver(), True, True, None), (RecordingDriver(), False, False, None),
+                                        (Differs(), True, False, "differed from the per-op step's"),
+                                        (Stalls(), True, False, "stalled"),
+                                        (Refuses(), True, False, "the GPU refused it: cuLaunchKernel")):
+        driver.costs = {"awq_decode_step": 1e-12} if cheap else {}
+        backend = CudaBackend(tmp_path / "e", manifest, info, 64, driver=driver, tune=True)
+        tuning = backend.gemv_tuning
+        assert tuning["persistent_step"] is taken is backend.decodes_on_step(), tuning
+        assert driver.released == driver.captures and "us" in tuning and "error" not in tuning
+        if error:
+            assert error in tuning["persistent_step_error"] and "persistent_step_us" not in tuning
+        else:
+            us = tuning["persistent_step_us"]
+            assert (us["persistent"] < us["per_op"]) is cheap and "persistent_step_error" not in tuning
+        assert (backend.status in getattr(driver, "zeroed", [])) is (error == "stalled")
+        assert ("in one persistent launch" in backend.decode_path) is taken
+        for decode, on_step in (("auto", taken), ("cuda_cores", False), ("auto", taken)):
+            backend.set_decode_gemv(decode)
+            backend.forward([1, 2])
+            before = len(driver.launches)
+            backend.forward([3])
+            names = [name for name, *_ in driver.launches[before:]]
+            assert (names == ["awq_decode_step_g128", "awq_advance"]) is on_step, names
 
 
 def test_the_l2_prefetch_of_sm87_and_sm89_is_kept_only_where_it_is_timed_faster(tmp_path):
