@@ -63,6 +63,13 @@ struct AfterOpBefore {
     }
 };
 
+// A task's 1 / rms of x, computed once for all its row blocks (gemv_w4a16.cu RowInvRms: each
+// block of the per-op kernel computes its own).
+struct GivenInvRms {
+    float value;
+    __device__ __forceinline__ float operator()(const half*, int, float) const { return value; }
+};
+
 // The GEMV's 16-byte-load body: K % 32 == 0 (cuda_backend refuses the step for an engine with another
 // K: the 4-byte loads' bodies would add a third to the kernel's compile time, for no real model's shape).
 template <int kGroupSize, bool kNorm, Epilogue kEpilogue>
@@ -83,9 +90,10 @@ __device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBef
     const auto qweight = reinterpret_cast<const uint32_t*>(a[1]);
     // The task's later row blocks' weights toward L2 now, before the first one's wait (each body
     // call sends its own first, but the calls after the first come after that wait), as the
-    // per-op kernel's blocks all send theirs before theirs. (The first's: its call.)
+    // per-op kernel's blocks all send theirs before theirs. (The first's: its call, unless a norm
+    // prologue waits below, before any call.)
     const int words_per_row = K / kValuesPerWord, loads = words_per_row / kWords;
-    for (int block = tile + tasks; block < N / kRowsPerBlock; block += tasks) {
+    for (int block = kNorm ? tile : tile + tasks; block < N / kRowsPerBlock; block += tasks) {
         for (int chunk = threadIdx.x; chunk < loads; chunk += kThreads) {  // (gemv_w4a16's prefetch_end)
 #pragma unroll
             for (int r = 0; r < kRowsPerBlock; ++r) {
@@ -94,10 +102,16 @@ __device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBef
             }
         }
     }
+    const auto x = reinterpret_cast<const half*>(a[0]);
+    float inv_rms = 0.f;  // (x is the op before's output: after its wait; tile < N / 4 always)
+    if constexpr (kNorm) {
+        wait();
+        inv_rms = row_inv_rms(x, K, fusion.eps);
+    }
     for (int block = tile; block < N / kRowsPerBlock; block += tasks) {
         gemv_w4a16<1, kGroupSize, kWords, kNorm, kEpilogue>(
-            reinterpret_cast<const half*>(a[0]), qweight, reinterpret_cast<const half*>(a[2]),
-            reinterpret_cast<const half*>(a[3]), reinterpret_cast<half*>(a[4]), N, K, fusion, block, wait);
+            x, qweight, reinterpret_cast<const half*>(a[2]), reinterpret_cast<const half*>(a[3]),
+            reinterpret_cast<half*>(a[4]), N, K, fusion, block, wait, GivenInvRms{inv_rms});
         __syncthreads();  // (the body's shared sums, before the next block's)
     }
 }
