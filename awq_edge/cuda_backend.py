@@ -1118,7 +1118,8 @@ class CudaBackend:
         """The attention kernels flag a step whose rows did not fit the cache (the host's
         position check, decoder.step_ids, should make that impossible: the device's counter
         disagreed); the persistent step one whose task waited in vain. Either way the cache no
-        longer matches the tokens: start over from an empty one."""
+        longer matches the tokens: start over from an empty one. A persistent step that auto
+        took (tuned_step) is given up for the per-op step, here and in the tuning file."""
         if status == 0:
             return
         self.drv.synchronize()  # (a step may be running ahead)
@@ -1127,6 +1128,13 @@ class CudaBackend:
         self.seen_mirror = []
         what = ("the GPU's persistent decode step stalled" if status & STEP_STALLED else
                 "the GPU's KV cache position went past its capacity")
+        if status & STEP_STALLED and self.tuned_step:
+            self.tuned_step = False
+            self._drop_graphs([1])
+            self._keep_tuning()
+            if self.gemv_tuning:
+                self.gemv_tuning["persistent_step"] = False
+            what += " (decode goes on without it)"
         raise UserError(f"{what} (an engine bug, please report it); the conversation was reset: send the request "
                         "again")
 

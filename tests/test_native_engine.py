@@ -354,7 +354,9 @@ def test_auto_decodes_on_the_persistent_step_only_where_it_is_timed_faster_and_a
     the advance, until another decode is chosen); one on which it is dearer, or where its output
     differs from the per-op step's (a driver whose downloads after the step read 1.5, after the
     per-op step 1), or where it stalls (the status word's bit, cleared after), or whose launch
-    the GPU refuses, keeps the per-op step (and the GEMVs timed before it), and says why."""
+    the GPU refuses, keeps the per-op step (and the GEMVs timed before it), and says why. A stall
+    of the step auto took, later in use, is a one-line error that resets the conversation, and
+    decode goes on per op from then on (and at the next load: the tuning file says so)."""
     from awq_edge.cuda_driver import CudaError
 
     from awq_edge.devices import resolve
@@ -401,12 +403,15 @@ def test_auto_decodes_on_the_persistent_step_only_where_it_is_timed_faster_and_a
                 self.captures -= 1  # (no graph made)
                 raise
 
-    for driver, cheap, taken, error in ((RecordingDriver(), True, True, None), (RecordingDriver(), False, False, None),
+    agrees = Differs()
+    agrees.after_step = 1
+    for driver, cheap, taken, error in ((agrees, True, True, None), (RecordingDriver(), False, False, None),
                                         (Differs(), True, False, "differed from the per-op step's"),
                                         (Stalls(), True, False, "stalled"),
                                         (Refuses(), True, False, "the GPU refused it: cuLaunchKernel")):
         driver.costs = {"awq_decode_step": 1e-12} if cheap else {}
-        backend = CudaBackend(tmp_path / "e", manifest, info, 64, driver=driver, tune=True)
+        backend = CudaBackend(tmp_path / "e", manifest, info, 64, driver=driver, tune=True,
+                              tuning_cache=tmp_path / f"tuning-{error}-{cheap}")
         tuning = backend.gemv_tuning
         assert tuning["persistent_step"] is taken is backend.decodes_on_step(), tuning
         assert driver.released == driver.captures and "us" in tuning and "error" not in tuning
@@ -424,6 +429,22 @@ def test_auto_decodes_on_the_persistent_step_only_where_it_is_timed_faster_and_a
             backend.forward([3])
             names = [name for name, *_ in driver.launches[before:]]
             assert (names == ["awq_decode_step_g128", "awq_advance"]) is on_step, names
+    kept = next((tmp_path / "tuning-None-True").iterdir())
+    assert json.loads(kept.read_text())["step"] is True
+    backend = CudaBackend(tmp_path / "e", manifest, info, 64, driver=agrees, tune=True, tuning_cache=kept.parent)
+    assert backend.decodes_on_step() and "cached" in backend.gemv_tuning
+    backend.forward([1, 2])
+    agrees.status_after_step = cuda_backend.STEP_STALLED  # (the status word read after the decode step)
+    with pytest.raises(UserError, match=r"^the GPU's persistent decode step stalled \(decode goes on without it\) "
+                                        r"\(an engine bug, please report it\); the conversation was reset"):
+        np.asarray(backend.forward([3]))
+    assert backend.position == 0 and not backend.decodes_on_step() and not backend.gemv_tuning["persistent_step"]
+    assert json.loads(kept.read_text())["step"] is False
+    backend.forward([1, 2])
+    before = len(agrees.launches)
+    backend.forward([3])
+    names = [name for name, *_ in agrees.launches[before:]]  # (a graph captured anew: per op)
+    assert "awq_advance" in names and "awq_decode_step_g128" not in names, names
 
 
 def test_the_l2_prefetch_of_sm87_and_sm89_is_kept_only_where_it_is_timed_faster(tmp_path):
