@@ -393,8 +393,7 @@ class CudaBackend:
         drv.zero(self.n_seen, 4)
         drv.zero(self.token, 8)
         drv.zero(self.uniform, 4)
-        drv.zero(self.step_done, 4 * self.step_capacity)  # (the step leaves its counts and queue so)
-        drv.zero(self.step_queue, 32)
+        self._reset_step_queue()
 
     def _open_cublas(self, given):
         """(the GEMM of long prefill chunks, None) or (None, why there is none)."""
@@ -568,6 +567,12 @@ class CudaBackend:
         self._tail(rows)
 
     # ------------------------------------------------------------ the persistent step
+    def _reset_step_queue(self) -> None:
+        """Zero the persistent step's counts and queue, as each launch leaves them, but one that
+        stalled: a block that gave up late may count its task after the step's end."""
+        self.drv.zero(self.step_done, 4 * self.step_capacity)
+        self.drv.zero(self.step_queue, 32)
+
     def decodes_on_step(self) -> bool:
         """Whether a decode step runs on the persistent step: asked for, or auto's as timed here."""
         return self.decode_gemv == "persistent_step" or self.decode_gemv == "auto" and self.tuned_step
@@ -970,6 +975,7 @@ class CudaBackend:
             want, got = (outputs[name].astype(np.float64) for name in ("per_op", "persistent"))
             if status[0] & STEP_STALLED:
                 self.drv.zero(self.status, 4)
+                self._reset_step_queue()
                 report["persistent_step_error"] = "it stalled (a task waited in vain)"
                 return False
             if not (np.isfinite(want).all() and np.isfinite(got).all()
@@ -1124,6 +1130,8 @@ class CudaBackend:
             return
         self.drv.synchronize()  # (a step may be running ahead)
         self.drv.zero(self.status, 4)
+        if status & STEP_STALLED:
+            self._reset_step_queue()
         self.rewind(0)
         self.seen_mirror = []
         what = ("the GPU's persistent decode step stalled" if status & STEP_STALLED else
