@@ -18,7 +18,11 @@ struct GridBarrier {       // zeroed once; the kernel leaves `arrived` at 0 afte
     unsigned unused;
 };
 
-constexpr unsigned kGridSyncMaxPolls = 1u << 24;  // ~a second of polls: a wrong launch fails, never hangs
+// How long a wait polls before it gives up: a wrong launch fails, never hangs. On the GPU a second
+// by its clock (%globaltimer: a poll's cost, an L2 round trip and a sleep, varies by GPU and load,
+// so a count of polls would be ~1 s on one and ~10 on another); in the CPU emulation a count.
+constexpr unsigned long long kGridSyncMaxWaitNs = 1000000000ull;
+constexpr unsigned kGridSyncMaxPolls = 1u << 24;  // (the emulation's)
 
 __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 #ifdef AWQ_EDGE_CPU_EMULATION
@@ -30,20 +34,34 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 #endif
 }
 
-// Thread 0's wait for another block's counter: polls *p (acquire) until ready(value), at most
-// kGridSyncMaxPolls times (then sets *stalled and goes on). The caller fences after it, so the
-// block's reads after its next __syncthreads see what was written before *p moved.
+// Thread 0's wait for another block's counter: polls *p (acquire) until ready(value), for at most
+// kGridSyncMaxWaitNs (then sets *stalled and goes on). The caller fences after it, so the block's
+// reads after its next __syncthreads see what was written before *p moved.
 template <typename Ready>
 __device__ __forceinline__ void poll_until(const unsigned* p, Ready ready, unsigned* stalled) {
+#ifdef AWQ_EDGE_CPU_EMULATION
     for (unsigned polls = 0; !ready(load_acquire(p)); ++polls) {
         if (polls == kGridSyncMaxPolls) {
             atomicExch(stalled, 1u);
             break;
         }
-#ifndef AWQ_EDGE_CPU_EMULATION
-        __nanosleep(32);
-#endif
     }
+#else
+    unsigned long long started = 0;
+    for (unsigned polls = 0; !ready(load_acquire(p)); ++polls) {
+        if (polls % 64 == 0) {  // (the clock now and then: a read of it costs more than a poll)
+            unsigned long long now;
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+            if (polls == 0) {
+                started = now;
+            } else if (now - started > kGridSyncMaxWaitNs) {
+                atomicExch(stalled, 1u);
+                break;
+            }
+        }
+        __nanosleep(32);
+    }
+#endif
 }
 
 // A persistent step's tasks as a queue (persistent_step.cu's skeleton, decode_step.cu's real
