@@ -240,6 +240,10 @@ def main() -> int:
     if backend.gemv_tuning and "seconds" in backend.gemv_tuning:  # (None with AWQ_EDGE_TUNE=0; no time on an error)
         print(f"  fused's GEMVs (auto, timed at load in {backend.gemv_tuning['seconds']:.2f} s): "
               + ", ".join(f"{role} {kind}" for role, kind in backend.gemv_tuning["gemv"].items()))
+        us, why = backend.gemv_tuning.get("persistent_step_us"), backend.gemv_tuning.get("persistent_step_error")
+        if us or why:  # (the timing at load's last word: the whole step per op against the persistent step)
+            print(f"  the persistent step at load: {'taken' if backend.gemv_tuning['persistent_step'] else 'not taken'}"
+                  + (f" ({us['persistent']:.1f} us a step, per op {us['per_op']:.1f} us)" if us else f": {why}"))
     for name, r in results.items():
         print(f"  {name:>32}: {r['us_per_layer']:6.1f} us, {r['launches_per_layer']:.2g} launches, "
               f"{100 * r['roofline_fraction']:.0f}% of roofline")
