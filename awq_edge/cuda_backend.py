@@ -127,6 +127,9 @@ GEMM_SPLIT_WORKSPACE_BYTES = 8 << 20
 GEMM_SPLIT_MAX_TILES = GEMM_SPLIT_WORKSPACE_BYTES // (2 * GEMM_SPLIT_TILE_BYTES)  # counters: a split has 2+
 ROPE_THREADS, ATTEND_THREADS = 256, 128
 ATTEND_SPLIT_KEYS = 128          # decode attention: keys per block (and threads), plugins/kernels/attention.cu
+# The timing at load checks the persistent step (tune_decode_gemv) at this position of a filled cache:
+# several splits of the context, which the step's attention merges across blocks as a chat's does.
+STEP_CHECK_POSITION = 3 * ATTEND_SPLIT_KEYS + 64
 ATTEND_BLOCK_QUERIES = 16        # prefill attention from this many rows a chunk: blocks of tokens
 ATTEND_MMA_QUERIES = 64          # on tensor cores (awq_attend_mma), this many a block
 # A prefill chunk is padded to the first of these that holds it (at most 1.5x its rows) and
@@ -950,13 +953,19 @@ class CudaBackend:
         the same output (the logits, or an int4 head's input: within STEP_AGREEMENT of each
         other's norm, all finite, the step not stalled, the GPU not refusing its launch; else
         "persistent_step_error" says why), then both timed: the persistent step only if
-        TUNE_MARGIN faster ("persistent_step_us")."""
+        TUNE_MARGIN faster ("persistent_step_us"). With an empty cache (at load) both run at
+        STEP_CHECK_POSITION of a cache filled for it (where a chat's attention has several splits
+        to merge), the position put back after; else at the conversation's."""
         from .cuda_driver import CudaError
 
         ops = self.ops[:self.step_end()]
         out = ops[-1].args["out"]  # (the logits, fp32; else the final norm's fp16 row)
         size, dtype = (self.vocab_size, np.float32) if ops[-1].kind == "lm_head" else (self.spec.hidden, np.float16)
         graphs, outputs = {}, {}
+        empty = self.position == 0
+        if empty:
+            at = min(STEP_CHECK_POSITION, self.max_context - 1, self.spec.max_positions - 1)
+            self.drv.upload(self.past, np.array([at], np.int64))
         try:
             graphs["per_op"] = self.drv.capture(self._launches(chosen, ops))
             self._prepare_step()
@@ -966,6 +975,7 @@ class CudaBackend:
                 report["persistent_step_error"] = f"the GPU refused it: {e}"
                 return False
             for name, graph in graphs.items():
+                self._clear_for_check(empty)
                 self.drv.replay(graph)
                 self.drv.synchronize()
                 outputs[name] = np.empty(size, dtype)
@@ -974,8 +984,7 @@ class CudaBackend:
             self.drv.download(status, self.status)
             want, got = (outputs[name].astype(np.float64) for name in ("per_op", "persistent"))
             if status[0] & STEP_STALLED:
-                self.drv.zero(self.status, 4)
-                self._reset_step_queue()
+                self.drv.zero(self.status, 4)  # (the counts and the queue: below)
                 report["persistent_step_error"] = "it stalled (a task waited in vain)"
                 return False
             if not (np.isfinite(want).all() and np.isfinite(got).all()
@@ -988,8 +997,28 @@ class CudaBackend:
         finally:
             for graph in graphs.values():
                 self.drv.release(graph)
+            self.drv.synchronize()  # (a memset does not wait for the stream)
+            self.drv.zero(self.attn_counters, 4 * self.spec.heads)  # (as a step that went wrong may leave them)
+            self._reset_step_queue()
+            self.drv.upload(self.past, np.array([self.position], np.int64))
         report["persistent_step_us"] = {name: round(t * 1e6, 2) for name, t in times.items()}
         return times["persistent"] < (1 - TUNE_MARGIN) * times["per_op"]
+
+    def _clear_for_check(self, cache: bool) -> None:
+        """Zero what a step writes (the activations, rotated q, attention's partials), so that an
+        output one way of running the step fails to write shows, not the other's left there; and
+        where the cache is empty, fill it: keys of 0.25, values alternating 1 and -0.5 (zeros would
+        make attention's output ~0, which a missing one would match)."""
+        self.drv.synchronize()  # (a memset does not wait for the stream)
+        for name, nbytes in self.buf_bytes.items():
+            self.drv.zero(self.buf[name], nbytes)
+        self.drv.zero(self.q_rot, PREFILL_CHUNK * self.spec.heads * self.spec.head_dim * 2)
+        self.drv.zero(self.attn_partials, 4 * self.spec.heads * self.attn_splits * (2 + self.spec.head_dim))
+        if cache:
+            words = self._kv_bytes // (2 * self.spec.layers) // 4  # (a layer's cache, 2 fp16 a word)
+            for layer in range(self.spec.layers):
+                self.drv.fill32(self.k_cache[layer], words, 0x34003400)
+                self.drv.fill32(self.v_cache[layer], words, 0xB8003C00)
 
     def _launches(self, choice: dict, ops: list, prefetch_bytes: int | None = None):
         """What a graph captures: ops for one row, with auto's GEMV per role `choice` (and the L2

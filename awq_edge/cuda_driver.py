@@ -84,6 +84,7 @@ class Driver:
         lib.cuMemcpyDtoH_v2.argtypes = [ctypes.c_void_p, u64, ctypes.c_size_t]
         lib.cuMemcpyDtoHAsync_v2.argtypes = [ctypes.c_void_p, u64, ctypes.c_size_t, ctypes.c_void_p]
         lib.cuMemsetD8_v2.argtypes = [u64, ctypes.c_ubyte, ctypes.c_size_t]
+        lib.cuMemsetD32_v2.argtypes = [u64, ctypes.c_uint, ctypes.c_size_t]
         lib.cuMemcpyDtoDAsync_v2.argtypes = [u64, u64, ctypes.c_size_t, ctypes.c_void_p]
         lib.cuModuleLoadData.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
         lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
@@ -167,6 +168,10 @@ class Driver:
 
     def zero(self, device_ptr: int, nbytes: int) -> None:
         self.check(self.lib.cuMemsetD8_v2(device_ptr, 0, nbytes), "cuMemsetD8")
+
+    def fill32(self, device_ptr: int, count: int, word: int) -> None:
+        """count 32-bit words at device_ptr set to `word`."""
+        self.check(self.lib.cuMemsetD32_v2(device_ptr, word, count), "cuMemsetD32")
 
     def l2_cache_bytes(self) -> int:
         value = ctypes.c_int()

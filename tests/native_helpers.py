@@ -192,6 +192,7 @@ class RecordingDriver:
     def upload(self, device_ptr, array): pass
     def upload_async(self, device_ptr, array): pass
     def zero(self, device_ptr, nbytes): pass
+    def fill32(self, device_ptr, count, word): pass
     def synchronize(self): pass
     def wait(self, event): pass
 
@@ -267,6 +268,9 @@ class MemoryDriver(RecordingDriver):
 
     def zero(self, device_ptr, nbytes):
         self.bytes_at(device_ptr, nbytes)[:] = 0
+
+    def fill32(self, device_ptr, count, word):
+        self.bytes_at(device_ptr, 4 * count).view(np.uint32)[:] = word
 
     def launch(self, fn, grid, block, args, shared_bytes=0, programmatic=False):
         super().launch(fn, grid, block, args, shared_bytes, programmatic)
@@ -745,6 +749,10 @@ class EmulatedDriver(RecordingDriver):
     def zero(self, device_ptr, nbytes):
         assert not self.pending, "a synchronous memset while the stream has work queued (on the GPU: a race)"
         ctypes.memset(device_ptr, 0, nbytes)
+
+    def fill32(self, device_ptr, count, word):
+        assert not self.pending, "a synchronous memset while the stream has work queued (on the GPU: a race)"
+        np.ctypeslib.as_array((ctypes.c_uint32 * count).from_address(device_ptr))[:] = word
 
     def launch(self, fn, grid, block, args, shared_bytes=0, programmatic=False):
         super().launch(fn, grid, block, args, shared_bytes, programmatic)

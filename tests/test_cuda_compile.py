@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -125,6 +126,21 @@ def test_every_kernel_the_cuda_backend_launches_keeps_the_programmatic_launch_co
                         allowed = {"ld.global.nc.b16", copy}
                         assert loads.count(copy) == (3 if kernel.endswith("_v1") else 6), (kernel, loads)
                     assert set(loads) <= allowed, f"{kernel}: {sorted(set(loads) - allowed)} before the wait"
+
+
+def test_every_driver_call_declares_its_argument_types():
+    """cuda_driver.Driver's methods pass device pointers and sizes as Python ints, which ctypes
+    would convert to a C int (an error, or a wrong value, past 2**31) unless the function's
+    argtypes say otherwise: every `self.lib.<function>(` call has them. (Only the setup in
+    __init__ calls `lib.` functions without, with ctypes objects or small ints.)"""
+    import re
+
+    from awq_edge import cuda_driver
+
+    source = Path(cuda_driver.__file__).read_text()
+    called = set(re.findall(r"self\.lib\.(\w+)\(", source))
+    declared = set(re.findall(r"\blib\.(\w+)\.argtypes", source))
+    assert called and not called - declared, sorted(called - declared)
 
 
 @needs_nvcc

@@ -601,7 +601,8 @@ def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_pat
     backend never timed that runs the same choices (the timed graphs wrote nothing a step reads:
     the cache, the position), within fp16 rounding of the reference. On a clock where the
     persistent step is cheapest, its output agrees with the per-op step's (the real kernels:
-    here the int4 head's input) and auto decodes on it, within fp16 rounding of the reference."""
+    here the int4 head's input, at STEP_CHECK_POSITION of a 512-token cache: 4 splits of keys a
+    head, merged across tasks) and auto decodes on it, within fp16 rounding of the reference."""
     from awq_edge.build import build_engine
     from awq_edge.cuda_backend import CudaBackend
     from awq_edge.model import resolve_source
@@ -610,7 +611,8 @@ def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_pat
     from test_export_helpers import tiny_checkpoint
 
     ckpt = tiny_checkpoint(tmp_path, "llama", resolve_source("smollm2"), num_hidden_layers=2, hidden_size=128,
-                           intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+                           intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                           max_position_embeddings=1024)  # (the step checked at STEP_CHECK_POSITION)
     build_engine(str(ckpt), "h200", tmp_path / "engine", backend="cuda", progress=False, lm_head_bits=4)
     manifest, info = read_native_engine(tmp_path / "engine")
     timed = EmulatedDriver(emulated)
@@ -623,7 +625,7 @@ def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_pat
     plain.tuned_gemv = dict(tuned.tuned_gemv)
     step_timed = EmulatedDriver(emulated)
     step_timed.costs = {**timed.costs, "awq_decode_step": 1e-12}
-    stepped = CudaBackend(tmp_path / "engine", manifest, info, 32, driver=step_timed, tune=True)
+    stepped = CudaBackend(tmp_path / "engine", manifest, info, 512, driver=step_timed, tune=True)
     assert stepped.gemv_tuning["persistent_step"] and stepped.decodes_on_step(), stepped.gemv_tuning
     reference = ReferenceBackend(tmp_path / "engine", 32, info)
     ids = np.random.default_rng(2).integers(0, 256, 12).tolist()
