@@ -355,16 +355,18 @@ class CudaBackend:
         self.buf_bytes = {name: int(np.prod(shape)) * (4 if name == "logits" else 2)
                           for name, shape in buffer_shapes(spec, PREFILL_CHUNK).items()}
         self.buf = {name: drv.alloc(nbytes) for name, nbytes in self.buf_bytes.items()}
-        self.q_rot = drv.alloc(PREFILL_CHUNK * spec.heads * spec.head_dim * 2)
+        self.q_rot_bytes = PREFILL_CHUNK * spec.heads * spec.head_dim * 2
+        self.q_rot = drv.alloc(self.q_rot_bytes)
         # decode attention's splits of the context: each one's softmax state, and a counter per head
         self.attn_splits = -(-C // ATTEND_SPLIT_KEYS)
-        self.attn_partials = drv.alloc(4 * spec.heads * self.attn_splits * (2 + spec.head_dim))
+        self.attn_partials_bytes = 4 * spec.heads * self.attn_splits * (2 + spec.head_dim)
+        self.attn_partials = drv.alloc(self.attn_partials_bytes)
         self.attn_counters = drv.alloc(4 * spec.heads)
         drv.zero(self.attn_counters, 4 * spec.heads)
-        layer_kv = spec.kv_heads * C * spec.head_dim * 2
-        self.k_cache = [drv.alloc(layer_kv) for _ in range(spec.layers)]
-        self.v_cache = [drv.alloc(layer_kv) for _ in range(spec.layers)]
-        self._kv_bytes = 2 * spec.layers * layer_kv
+        self.layer_kv_bytes = spec.kv_heads * C * spec.head_dim * 2
+        self.k_cache = [drv.alloc(self.layer_kv_bytes) for _ in range(spec.layers)]
+        self.v_cache = [drv.alloc(self.layer_kv_bytes) for _ in range(spec.layers)]
+        self._kv_bytes = 2 * spec.layers * self.layer_kv_bytes
         self.ids = drv.alloc(PREFILL_CHUNK * 4)        # int32 ids of the step
         self.past = drv.alloc(8)                       # int64 position counter, advanced by the step
         self.sample_work = drv.alloc(2 * spec.vocab * 4)
@@ -904,9 +906,7 @@ class CudaBackend:
         "persistent_step" (whether decode runs on it), "seconds" (the host's wall time for all of
         it: what it adds to loading the engine)."""
         started = time.perf_counter()
-        self.drv.synchronize()  # (a memset does not wait for the stream)
-        for name, nbytes in self.buf_bytes.items():  # a role's graph reads its input unwritten
-            self.drv.zero(self.buf[name], nbytes)
+        self._zero_buffers()  # (a role's graph reads its input unwritten)
         saved, self.decode_gemv, self.tuned_gemv, self.tuned_step = self.decode_gemv, "auto", {}, False
         report, chosen, fitting, on_step = {"us": {}}, {}, self._kinds_per_role(), False
         try:
@@ -1009,16 +1009,20 @@ class CudaBackend:
         output one way of running the step fails to write shows, not the other's left there; and
         where the cache is empty, fill it: keys of 0.25, values alternating 1 and -0.5 (zeros would
         make attention's output ~0, which a missing one would match)."""
-        self.drv.synchronize()  # (a memset does not wait for the stream)
-        for name, nbytes in self.buf_bytes.items():
-            self.drv.zero(self.buf[name], nbytes)
-        self.drv.zero(self.q_rot, PREFILL_CHUNK * self.spec.heads * self.spec.head_dim * 2)
-        self.drv.zero(self.attn_partials, 4 * self.spec.heads * self.attn_splits * (2 + self.spec.head_dim))
+        self._zero_buffers()
+        self.drv.zero(self.q_rot, self.q_rot_bytes)
+        self.drv.zero(self.attn_partials, self.attn_partials_bytes)
         if cache:
-            words = self._kv_bytes // (2 * self.spec.layers) // 4  # (a layer's cache, 2 fp16 a word)
+            words = self.layer_kv_bytes // 4  # (2 fp16 a word)
             for layer in range(self.spec.layers):
                 self.drv.fill32(self.k_cache[layer], words, 0x34003400)
                 self.drv.fill32(self.v_cache[layer], words, 0xB8003C00)
+
+    def _zero_buffers(self) -> None:
+        """Zero the activation buffers (after what the stream has queued: a memset does not wait)."""
+        self.drv.synchronize()
+        for name, nbytes in self.buf_bytes.items():
+            self.drv.zero(self.buf[name], nbytes)
 
     def _launches(self, choice: dict, ops: list, prefetch_bytes: int | None = None):
         """What a graph captures: ops for one row, with auto's GEMV per role `choice` (and the L2
@@ -1159,19 +1163,19 @@ class CudaBackend:
             return
         self.drv.synchronize()  # (a step may be running ahead)
         self.drv.zero(self.status, 4)
-        if status & STEP_STALLED:
-            self._reset_step_queue()
         self.rewind(0)
         self.seen_mirror = []
         what = ("the GPU's persistent decode step stalled" if status & STEP_STALLED else
                 "the GPU's KV cache position went past its capacity")
-        if status & STEP_STALLED and self.tuned_step:
-            self.tuned_step = False
-            self._drop_graphs([1])
-            self._keep_tuning()
-            if self.gemv_tuning:
-                self.gemv_tuning["persistent_step"] = False
-            what += " (decode goes on without it)"
+        if status & STEP_STALLED:
+            self._reset_step_queue()
+            if self.tuned_step:
+                self.tuned_step = False
+                self._drop_graphs([1])
+                self._keep_tuning()
+                if self.gemv_tuning:
+                    self.gemv_tuning["persistent_step"] = False
+                what += " (decode goes on without it)"
         raise UserError(f"{what} (an engine bug, please report it); the conversation was reset: send the request "
                         "again")
 
