@@ -356,11 +356,10 @@ def test_auto_decodes_on_the_persistent_step_only_where_it_is_timed_faster_and_a
     per-op step 1), or where it stalls (the status word's bit, cleared after), or whose launch
     the GPU refuses, keeps the per-op step (and the GEMVs timed before it), and says why. The
     check runs with an empty cache at STEP_CHECK_POSITION (here the cache's last row), the
-    position put back after. A stall
-    of the step auto took, later in use, is a one-line error that resets the conversation, and
-    decode goes on per op from then on (and at the next load: the tuning file says so)."""
+    position put back after. A stall of the step auto took, later in use, is a one-line error
+    that resets the conversation, and decode goes on per op from then on (and at the next load:
+    the tuning file says so)."""
     from awq_edge.cuda_driver import CudaError
-
     from awq_edge.devices import resolve
     from awq_edge.synthetic import SHAPES, write_random_engine
 
@@ -429,7 +428,7 @@ def test_auto_decodes_on_the_persistent_step_only_where_it_is_timed_faster_and_a
         assert (backend.status in zeroed) is (error == "stalled")
         assert not zeroed or {backend.step_done, backend.step_queue, backend.attn_counters} <= set(zeroed[-3:])
         assert ("in one persistent launch" in backend.decode_path) is taken
-        if driver is agrees:  # (checked at the cache's last row, its zeroed keys all before: then 0 again)
+        if driver is agrees:  # (checked at the cache's last row, the filled keys all before it: then 0 again)
             assert [v for at, v in driver.uploads if at == backend.past] == [[63], [0]]
         for decode, on_step in (("auto", taken), ("cuda_cores", False), ("auto", taken)):
             backend.set_decode_gemv(decode)
