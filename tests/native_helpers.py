@@ -82,6 +82,31 @@ def elf_sections(data: bytes) -> dict[str, bytes]:
     return {name(h[0]): data[h[4]:h[4] + h[5]] for h in headers}
 
 
+def elf_static_objects(data: bytes) -> tuple[dict[str, list], dict[str, int]]:
+    """A shared library's function-local statics (symbols "_ZZ...": the kernels' __shared__
+    variables, under emulate.h) by the source file each came from (its STT_FILE symbol: the
+    linker lists each object's local symbols after it), as (offset, size) pairs, those with
+    external linkage under "" (the emulation's own, in namespace cuda_on_cpu, left out); and every
+    defined symbol's offset by name."""
+    import struct
+    from pathlib import Path
+
+    sections = elf_sections(data)
+    table, names = sections[".symtab"], sections[".strtab"]
+    statics, offsets, source = {}, {}, ""
+    for at in range(0, len(table), 24):
+        name_at, info, _, section, value, size = struct.unpack_from("<IBBHQQ", table, at)
+        name = names[name_at:names.index(b"\0", name_at)].decode()
+        kind, local = info & 0xF, info >> 4 == 0
+        if kind == 4:  # STT_FILE
+            source = Path(name).stem
+        elif section != 0:
+            offsets[name] = value
+            if kind == 1 and name.startswith("_ZZ") and "11cuda_on_cpu" not in name:  # STT_OBJECT
+                statics.setdefault(source if local else "", []).append((value, size))
+    return statics, offsets
+
+
 def cubin_kernels(cubin: bytes) -> dict[str, dict]:
     """kernel name -> {"params": [(offset, size) in ordinal order], "max_threads": x*y*z or None}."""
     import struct
@@ -575,6 +600,10 @@ BENCHMARK_KERNELS = {"gemv_w4a16": [f"awq_gemv_mma32_g{g}" for g in (32, 64, 128
                      "persistent_step": ["awq_step_skeleton", "awq_step_skeleton_queue"]}
 
 
+# Kernels whose blocks wait on other blocks' counts (grid_sync.cuh): the concurrent schedule's.
+BLOCKS_THAT_WAIT = ("awq_decode_step", "awq_step_skeleton")
+
+
 def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
     """Every kernel the cuda backend loads (cuda_backend.KERNELS_OF; and the 32-row tensor-core GEMV
     that benchmarks/gemv.py measures beside its 16-row one, and benchmarks/persistent_step.py's
@@ -621,9 +650,19 @@ def build_emulated_kernels(out_dir) -> ctypes.CDLL | None:
                                ctypes.c_void_p]
     lib.cpu_schedule.argtypes = [ctypes.c_int]
     lib.cpu_fault.restype = ctypes.c_char_p
+    lib.cpu_polls_not_ready.restype = ctypes.c_ulonglong
     lib.cpu_buffers.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.cpu_first_block.argtypes = [ctypes.c_ulonglong]
     lib.cpu_stale_memory.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.cpu_shared_memory.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    # each kernel's __shared__ statics (its file's: a resident block's own copy in the concurrent schedule)
+    statics, offsets = elf_static_objects((out / "kernels.so").read_bytes())
+    base = ctypes.cast(lib.cpu_launch, ctypes.c_void_p).value - offsets["cpu_launch"]
+    for module in sources.keys() - {"launch"}:
+        ranges = statics.get(module, []) + statics.get("", [])
+        for name in KERNELS_OF.get(module, []) + BENCHMARK_KERNELS.get(module, []):
+            lib.cpu_shared_memory(name.encode(), len(ranges), c_array(ctypes.c_void_p, [base + at for at, _ in ranges]),
+                                  c_array(ctypes.c_size_t, [size for _, size in ranges]))
     return lib
 
 
@@ -658,14 +697,22 @@ class EmulatedDriver(RecordingDriver):
     programmatic launches may all start as soon as its first does (each lets the next start first
     thing, before its own wait), so each block of a later one starts on the memory from before the
     chain's first kernel. A chain ends at anything that is not a kernel (a copy, an event, a
-    stand-in cuBLAS) and at a graph launch, which waits for everything before it."""
+    stand-in cuBLAS) and at a graph launch, which waits for everything before it.
+
+    concurrent=True runs the kernels whose blocks wait on each other's counts (BLOCKS_THAT_WAIT:
+    the persistent decode step, the skeletons) in emulate.h's concurrent schedule: their blocks
+    side by side, a round of each in turn, so that a task runs while the ones it waits for are
+    under way (in the other two, one block takes every task in order). The other kernels' blocks
+    never wait on another: they run one after another, as in the plain schedule."""
 
     launched: set[str] = set()  # every kernel any EmulatedDriver ran in this process
 
-    def __init__(self, lib, adversarial: bool = False):
+    def __init__(self, lib, adversarial: bool = False, concurrent: bool = False):
         super().__init__()
+        assert not (adversarial and concurrent), "the adversarial schedule runs one block at a time"
         self.lib, self.buffers, self.capturing, self.pending, self.page_locked = lib, {}, None, [], []
         self.adversarial, self.chain_start = adversarial, None  # (the buffers before a chain's first kernel)
+        self.concurrent = concurrent
 
     def alloc(self, nbytes: int) -> int:
         """Zeroed memory, 256-byte aligned as cuMemAlloc's, beside a page no access may touch: it
@@ -762,7 +809,8 @@ class EmulatedDriver(RecordingDriver):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         assert all(b == 1 for b in tuple(block)[1:]), "the kernels' blocks are 1-D"
         values = c_array(ctypes.c_void_p, [ctypes.addressof(a) for a in args])
-        self.lib.cpu_schedule(int(self.adversarial))
+        self.lib.cpu_schedule(1 if self.adversarial else 2 if self.concurrent and fn.startswith(BLOCKS_THAT_WAIT)
+                              else 0)
         if self.adversarial and programmatic and self.chain_start is not None:
             stale = [(b, self.chain_start[a]) for a, b in self.buffers.items()
                      if a in self.chain_start and not np.array_equal(b, self.chain_start[a])]

@@ -134,7 +134,7 @@ def test_long_prefill_chunks_match_the_reference_through_cublas_and_through_our_
 @pytest.mark.parametrize("model_type", TINY_FAMILIES)
 def test_every_family_on_the_persistent_step(model_type, tokenizer_dir, tmp_path):
     """Decode's layers in one launch (decode_step.cu): its blocks at once on the GPU, each task
-    waiting for the op before (the CPU emulation runs its blocks one after another)."""
+    waiting for the op before (the CPU emulation runs them side by side only a round at a time)."""
     check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320, cublas=False,
                             gemv="persistent_step")
 
@@ -536,8 +536,8 @@ def test_decode_run_ahead_gives_the_tokens_and_cache_of_one_step_at_a_time(token
 @pytest.mark.parametrize("way", ["per_op", "persistent", "queue"])
 def test_the_persistent_step_skeleton_matches_its_twin_with_its_blocks_at_once(way, tmp_path):
     """benchmarks/persistent_step.py's skeleton of a persistent decode step on the GPU, where its
-    blocks run at once (on the CPU emulation they run one after another, so a wait or barrier that
-    let a block run ahead could not show there), against skeleton_twin: three steps in a row, each
+    blocks run at once (on the CPU emulation, side by side only a round at a time, in its
+    concurrent schedule), against skeleton_twin: three steps in a row, each
     on a different grid, 8 SmolLM2-shaped layers."""
     from awq_edge.cuda_driver import Driver
 

@@ -30,10 +30,12 @@ def emulated(tmp_path_factory):
     return lib
 
 
-def run(lib, name: str, grid: tuple, threads: int, args: list, adversarial: bool = False) -> None:
+def run(lib, name: str, grid: tuple, threads: int, args: list, adversarial: bool = False,
+        concurrent: bool = False) -> None:
     """One kernel over host arrays: args are numpy arrays (copied to the driver's guarded memory
-    and back: an access past an end fails), ints or floats; in emulate.h's adversarial schedule or not."""
-    driver = EmulatedDriver(lib, adversarial)
+    and back: an access past an end fails), ints or floats; in emulate.h's plain, adversarial or
+    concurrent schedule (EmulatedDriver)."""
+    driver = EmulatedDriver(lib, adversarial, concurrent)
     arrays = [a for a in args if isinstance(a, np.ndarray)]
     with on_device(driver, {i: a for i, a in enumerate(arrays)}) as dev:
         pointers = iter(dev.values())
@@ -467,10 +469,10 @@ BACKEND_CASES = {
 }
 
 
-def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False):
+def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False, concurrent: bool = False):
     """BACKEND_CASES[case]'s engine (built under tmp_path the first time) on a CudaBackend over
-    the emulated kernels (EmulatedDriver, adversarial or not), the case's decode GEMV chosen; and
-    the case's token ids (prompt, 3 decode steps, a 40-token chunk)."""
+    the emulated kernels (EmulatedDriver, in its plain, adversarial or concurrent schedule), the
+    case's decode GEMV chosen; and the case's token ids (prompt, 3 decode steps, a 40-token chunk)."""
     from awq_edge.build import build_engine
     from awq_edge.cuda_backend import CudaBackend
     from awq_edge.decoder import decode_ops
@@ -494,7 +496,7 @@ def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False):
         ckpt = tiny_checkpoint(tmp_path, model_type, resolve_source("smollm2"), **shape)
         build_engine(str(ckpt), "h200", engine, backend="cuda", progress=False, lm_head_bits=lm_head)
     manifest, info = read_native_engine(engine)
-    driver = EmulatedDriver(lib, adversarial)
+    driver = EmulatedDriver(lib, adversarial, concurrent)
     cuda = CudaBackend(engine, manifest, info, prompt + 48, driver=driver)
     cuda.ops = decode_ops(info.spec, fused=fused)
     if model_type == "random":
@@ -520,7 +522,9 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     one at a time, each to its next barrier, from the last and the first in turn; blocks in
     reverse; cp.async copies landed at issue; every programmatic launch's blocks run up to their
     wait_for_previous_kernel() on the memory from before its chain's first kernel: pdl.cuh's
-    contract) give every logit and the token bit for bit."""
+    contract) give every logit and the token bit for bit. Where decode runs on the persistent
+    step, the prompt and 3 steps again in the concurrent schedule (the step's blocks side by
+    side, so that its tasks wait for the ones before them under way): bit for bit too."""
     from awq_edge.reference_backend import ReferenceBackend
     from native_helpers import teacher_forced
 
@@ -562,16 +566,26 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
     again.append(np.asarray(adversarial.forward([token])).copy())
     for step, (a, b) in enumerate(zip(plain_logits, again)):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"step {step}: {np.abs(a - b).max()}"
+    if gemv == "persistent_step":
+        concurrent, _, _, _ = emulated_backend(emulated, case, tmp_path, concurrent=True)
+        polls = emulated.cpu_polls_not_ready()
+        side_by_side = [np.asarray(concurrent.forward(step)).copy() for step in steps[:4]]  # (the prompt, 3 steps)
+        assert emulated.cpu_polls_not_ready() > polls  # (tasks did wait for ones under way)
+        for step, (a, b) in enumerate(zip(plain_logits, side_by_side)):
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"step {step}: {np.abs(a - b).max()}"
 
 
-def test_a_persistent_step_that_waits_in_vain_is_an_error_not_a_hang(emulated, tmp_path):
+@pytest.mark.parametrize("concurrent", [False, True], ids=["plain", "concurrent"])
+def test_a_persistent_step_that_waits_in_vain_is_an_error_not_a_hang(emulated, concurrent, tmp_path):
     """A task whose op before never completes (the table says the embedding has 2 tasks, the
-    queue hands out 1) gives up waiting, the step ends, and the host gets a one-line error; the
-    queue is left ready, so the table mended, the same tokens give the same logits again. And an
-    engine the step cannot run is refused with one line."""
+    queue hands out 1) gives up waiting (one block at a time, or the step's blocks side by side,
+    all waiting), the step ends, and the host gets a one-line error; the queue is left ready, so
+    the table mended, the same tokens give the same logits again. And an engine the step cannot
+    run is refused with one line."""
     from awq_edge.errors import UserError
 
-    cuda, driver, info, ids = emulated_backend(emulated, "qwen3-d128-persistent-step", tmp_path)
+    cuda, driver, info, ids = emulated_backend(emulated, "qwen3-d128-persistent-step", tmp_path,
+                                               concurrent=concurrent)
     prompt = ids[:20]
     cuda.forward(prompt)
     first = np.asarray(cuda.forward(ids[20:21])).copy()  # (captures the decode graph: the table)
@@ -600,9 +614,10 @@ def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_pat
     head included): a prompt and decode steps afterwards give the logits, bit for bit, of a
     backend never timed that runs the same choices (the timed graphs wrote nothing a step reads:
     the cache, the position), within fp16 rounding of the reference. On a clock where the
-    persistent step is cheapest, its output agrees with the per-op step's (the real kernels:
-    here the int4 head's input, at STEP_CHECK_POSITION of a 512-token cache: 4 splits of keys a
-    head, merged across tasks) and auto decodes on it, within fp16 rounding of the reference."""
+    persistent step is cheapest, its output agrees with the per-op step's (the real kernels, the
+    step's blocks side by side in the concurrent schedule: here the int4 head's input, at
+    STEP_CHECK_POSITION of a 512-token cache: 4 splits of keys a head, merged across tasks) and
+    auto decodes on it, within fp16 rounding of the reference."""
     from awq_edge.build import build_engine
     from awq_edge.cuda_backend import CudaBackend
     from awq_edge.model import resolve_source
@@ -623,7 +638,7 @@ def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_pat
     assert timed.released == timed.captures > 0 and not timed.pending
     plain = CudaBackend(tmp_path / "engine", manifest, info, 32, driver=EmulatedDriver(emulated))
     plain.tuned_gemv = dict(tuned.tuned_gemv)
-    step_timed = EmulatedDriver(emulated)
+    step_timed = EmulatedDriver(emulated, concurrent=True)  # (the step's blocks side by side)
     step_timed.costs = {**timed.costs, "awq_decode_step": 1e-12}
     stepped = CudaBackend(tmp_path / "engine", manifest, info, 512, driver=step_timed, tune=True)
     assert stepped.gemv_tuning["persistent_step"] and stepped.decodes_on_step(), stepped.gemv_tuning
@@ -813,14 +828,17 @@ def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(e
     assert history.tolist() == backend.seen_mirror and history.tolist()[:len(engine.cached_ids)] == engine.cached_ids
 
 
-@SCHEDULES
-def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_hangs(emulated, adversarial):
+@pytest.mark.parametrize("schedule", ["plain", "adversarial", "concurrent"])
+def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_hangs(emulated, schedule):
     """awq_step_skeleton (benchmarks/persistent_step.py's floor of a persistent decode step) on
     two layers of a small shape against skeleton_twin: in one launch (one block: its grid barriers
-    pass at once) and a launch per phase. A grid that cannot all be resident (here any of 2
-    blocks: they run one after another) sets the barrier's stalled flag instead of hanging. The
-    same step as a queue of tasks (awq_step_skeleton_queue) on grids of 1 to 5 blocks, launch
-    after launch."""
+    pass at once) and a launch per phase. A grid that cannot all be resident (in the plain and
+    adversarial schedules any of 2 blocks: they run one after another; in the concurrent one, 9
+    blocks, one more than it runs side by side) sets the barrier's stalled flag instead of
+    hanging; in the concurrent schedule grids of 2 to 8 blocks pass the barriers, each block's
+    sums its twin's. The same step as a queue of tasks (awq_step_skeleton_queue) on grids of 1 to
+    5 blocks, launch after launch (concurrent: a task waits while the ones before it run)."""
+    adversarial, concurrent = schedule == "adversarial", schedule == "concurrent"
     bench = load_benchmark("persistent_step")
     layer_phases, skeleton_twin, step_layout = bench.layer_phases, bench.skeleton_twin, bench.step_layout
     shape = dict(hidden_size=128, intermediate_size=256, head_dim=64, num_attention_heads=2, num_key_value_heads=1)
@@ -832,11 +850,11 @@ def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_ha
     want = skeleton_twin(data, start, words, initial, 1)
 
     def step(first_phases: list, blocks: int = 1):
-        vectors, barrier, sums = np.zeros(2 * stride, np.uint32), np.zeros(4, np.uint32), np.zeros(8, np.uint32)
+        vectors, barrier, sums = np.zeros(2 * stride, np.uint32), np.zeros(4, np.uint32), np.zeros(9, np.uint32)
         vectors[:initial.size] = initial
         for first, count in first_phases:
             run(emulated, "awq_step_skeleton", (blocks,), 256,
-                [data, start, words, first, count, vectors, stride, barrier, sums], adversarial)
+                [data, start, words, first, count, vectors, stride, barrier, sums], adversarial, concurrent)
         return sums[:blocks], barrier
 
     for plan in ([(0, phases)], [(p, 1) for p in range(phases)]):
@@ -845,17 +863,20 @@ def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_ha
     other = initial.copy()
     other[3] += 5
     assert want.tolist() != skeleton_twin(data, start, words, other, 1).tolist()  # (the vectors count)
-    _, barrier = step([(0, 3)], blocks=2)
+    for blocks in (2, 8) if concurrent else ():
+        sums, barrier = step([(0, phases)], blocks)
+        assert sums.tolist() == skeleton_twin(data, start, words, initial, blocks).tolist() and barrier[2] == 0
+    _, barrier = step([(0, 3)], blocks=9 if concurrent else 2)
     assert barrier[2] == 1
 
-    # the queue of tasks: any grid (here its blocks take the tasks one after another), launch after
+    # the queue of tasks: any grid (one block after another takes the tasks, or side by side), launch after
     # launch on the same counters (each from where the last left them), tiles and grids changing
     queue, done, handed_out = np.zeros(3, np.uint64), np.zeros(phases, np.uint32), 0
     for blocks, tiles in ((1, 3), (2, 3), (3, 2), (5, 4)):
         vectors, sums = np.zeros(2 * stride, np.uint32), np.zeros(8, np.uint32)
         vectors[:initial.size] = initial
         run(emulated, "awq_step_skeleton_queue", (blocks,), 256,
-            [data, start, words, phases, tiles, vectors, stride, queue, done, sums], adversarial)
+            [data, start, words, phases, tiles, vectors, stride, queue, done, sums], adversarial, concurrent)
         assert sums[:tiles].tolist() == skeleton_twin(data, start, words, initial, tiles).tolist(), (blocks, tiles)
         handed_out += phases * tiles + blocks
         assert queue.tolist() == [handed_out, handed_out, 0] and not done.any(), queue  # (and not stalled)
@@ -863,7 +884,7 @@ def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_ha
     # the benchmark's harness itself (its buffers, arguments and check) on the emulation, the ways
     # that need no cooperative launch
     names = {name: name for name in ("awq_step_skeleton", "awq_step_skeleton_queue")}
-    skeleton = bench.Skeleton(EmulatedDriver(emulated, adversarial), names, False, start, words, rng)
+    skeleton = bench.Skeleton(EmulatedDriver(emulated, adversarial, concurrent), names, False, start, words, rng)
     for way, blocks in (("per_op", 1), ("per_op", 3), ("queue", 2), ("queue", 3)):
         assert skeleton.check(way, blocks) is None, (way, blocks)
     skeleton.words = skeleton.words.copy()

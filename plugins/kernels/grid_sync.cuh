@@ -20,9 +20,9 @@ struct GridBarrier {       // zeroed once; the kernel leaves `arrived` at 0 afte
 
 // How long a wait polls before it gives up: a wrong launch fails, never hangs. On the GPU a second
 // by its clock (%globaltimer: a poll's cost, an L2 round trip and a sleep, varies by GPU and load,
-// so a count of polls would be ~1 s on one and ~10 on another); in the CPU emulation a count.
+// so a count of polls would be ~1 s on one and ~10 on another); in the CPU emulation until no
+// thread of the launch can run (tests/cuda_on_cpu/emulate.h emulated_wait_in_vain).
 constexpr unsigned long long kGridSyncMaxWaitNs = 1000000000ull;
-constexpr unsigned kGridSyncMaxPolls = 1u << 24;  // (the emulation's)
 
 __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 #ifdef AWQ_EDGE_CPU_EMULATION
@@ -40,8 +40,8 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 template <typename Ready>
 __device__ __forceinline__ void poll_until(const unsigned* p, Ready ready, unsigned* stalled) {
 #ifdef AWQ_EDGE_CPU_EMULATION
-    for (unsigned polls = 0; !ready(load_acquire(p)); ++polls) {
-        if (polls == kGridSyncMaxPolls) {
+    while (!ready(load_acquire(p))) {
+        if (emulated_wait_in_vain()) {
             atomicExch(stalled, 1u);
             break;
         }

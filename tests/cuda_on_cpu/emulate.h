@@ -1,7 +1,7 @@
 // Just enough of CUDA to run the kernels' own source on the CPU, for CI (no GPU): each thread of
 // a block is a fiber, __syncthreads a barrier of the block, and each warp collective (the
 // shuffles, ballot, match, mma.sync) an exchange through a barrier of the warp's 32 threads.
-// Blocks run one after another, so a kernel's `__shared__` variables are plain statics. A cp.async
+// Blocks run one after another, so a kernel's `__shared__` variables are statics. A cp.async
 // copy (async_copy.cuh) lands only at its thread's wait for it, the latest the GPU allows. What it
 // checks is the kernels' logic (indices, synchronization, what the collectives return, the
 // fragment layouts of mma.sync), not their speed or anything the GPU's memory does differently.
@@ -19,6 +19,15 @@
 // either way (tests/test_kernels_on_cpu.py compares them). A misaligned access, an index past a
 // local array and the like, which an x86 runs and a GPU may not, end the launch at the kernel's
 // line (-fsanitize checks, launch.cpp's handlers; the cached loads below check alignment).
+//
+// Neither runs blocks that wait on each other (the persistent decode step's tasks, a grid
+// barrier): there one block takes every task in order, and a grid barrier stalls. A third,
+// `schedule.concurrent`, runs up to kMaxResident blocks side by side, as a GPU's SMs do: a few
+// rounds of each block's threads in turn (each thread to its next barrier; the count drawn, so
+// that blocks drift apart), and a thread that polls another block's count (grid_sync.cuh
+// poll_until) waits while the others run; so a task that reads what the op before it has not
+// finished reads it unfinished. Each resident block keeps its own copy of the kernel's
+// `__shared__` statics (their addresses: cpu_shared_memory), swapped in when it runs.
 //
 // Included before each kernel file (g++ -include; tests/test_kernels_on_cpu.py builds them),
 // whose kernels a generated line AWQ_EMULATE(name) each registers; `cpu_launch` (launch.cpp)
@@ -93,6 +102,7 @@ struct Fiber {
     const Meeting* waiting = nullptr;  // the meeting it waits at, and that meeting's phase then
     uint64_t phase = 0;
     bool done = false;
+    bool polling = false;  // it waits for another block's count (runnable: it polls again when run)
 };
 
 // A thread's cp.async copies not yet landed (async_copy.cuh): each holds its bytes from when it
@@ -116,7 +126,10 @@ struct Warp {
 
 struct Schedule {
     bool adversarial = false;
+    bool concurrent = false;  // (not with adversarial: its hidden writes and stale memory assume one block at a time)
 };
+
+constexpr int kMaxResident = 8;  // blocks side by side in the concurrent schedule
 
 // Bytes an earlier kernel wrote that a programmatic dependent launch may still see before its
 // wait_for_previous_kernel(): each block starts on `before`, and the bytes of then (`now`) are put
@@ -145,11 +158,26 @@ struct HiddenWrites {
     std::vector<std::pair<unsigned char*, std::vector<unsigned char>>> later;
 };
 
+// A block resident now: its threads, its barrier, its warps' and its copies; and, while another
+// block runs (the concurrent schedule), its __shared__ variables.
+struct Block {
+    std::vector<Fiber> fibers;
+    std::vector<CopyQueue> copies;
+    std::vector<Warp> warps = std::vector<Warp>(kMaxThreads / kWarp);
+    Meeting meeting;
+    uint3 index{0, 0, 0};
+    unsigned left = 0;     // threads still running
+    bool backwards = true; // the adversarial schedule's direction this round
+    std::vector<unsigned char> shared;  // its __shared__ bytes while another block's are in place (empty: none yet)
+};
+
 inline jmp_buf scheduler;
-inline std::vector<Fiber> fibers(kMaxThreads);
-inline Meeting block_meeting;
-inline CopyQueue copy_queues[kMaxThreads];
-inline Warp warps[kMaxThreads / kWarp];
+inline std::vector<Block> resident(kMaxResident);
+inline Block* block = &resident[0];                      // the block running now
+inline Block* shared_owner = nullptr;                    // whose __shared__ bytes are in place
+inline std::vector<std::pair<unsigned char*, size_t>> shared_memory;  // the running kernel's __shared__ statics
+inline bool waits_in_vain = false;  // for this launch: every thread left waits, none can end another's wait
+inline unsigned long long polls_not_ready = 0;  // over all launches (a test's proof that tasks waited)
 inline const std::function<void()>* running_kernel = nullptr;
 inline Schedule schedule;
 inline std::vector<StaleBytes> stale;  // for the next launch only
@@ -265,8 +293,8 @@ inline void end_launch() {
 }
 
 inline int lane() { return static_cast<int>(thread_index.x) % kWarp; }
-inline Warp& warp() { return warps[thread_index.x / kWarp]; }
-inline Fiber& current() { return fibers[thread_index.x]; }
+inline Warp& warp() { return block->warps[thread_index.x / kWarp]; }
+inline Fiber& current() { return block->fibers[thread_index.x]; }
 
 inline void release(Meeting& m) {
     m.arrived = 0;
@@ -297,7 +325,7 @@ inline void finish_previous_kernel() {
 
 inline void start_on_stale_bytes() {
     previous_done = stale.empty();
-    previous_kernel = Meeting{block_meeting.party};
+    previous_kernel = Meeting{block->meeting.party};
     for (auto& s : stale) {
         std::memcpy(s.now.data(), s.at, s.now.size());
         put_bytes(s.at, s.before.data(), s.before.size());
@@ -318,7 +346,7 @@ inline void fiber_main() {
     (*running_kernel)();
     current().done = true;
     leave(warp().meet);
-    leave(block_meeting);
+    leave(block->meeting);
     if (!previous_done && --previous_kernel.party > 0 && previous_kernel.arrived == previous_kernel.party) {
         finish_previous_kernel();
     }
@@ -338,82 +366,160 @@ std::vector<T> gather(const T& value) {
     return all;
 }
 
-// kernel() for every block of the grid (1-D blocks of at most 1024 threads), one block at a time.
+// Block b running, its __shared__ bytes in place: in the concurrent schedule the block whose bytes
+// were in place keeps them aside, and b's kept ones come back (a block that has none yet starts on
+// what is there, as one block after another does).
+inline void switch_to(Block& b) {
+    block = &b;
+    block_index = b.index;
+    if (shared_owner == &b) return;
+    if (shared_owner != nullptr) {
+        auto& kept = shared_owner->shared;
+        kept.clear();
+        for (auto [at, size] : shared_memory) kept.insert(kept.end(), at, at + size);
+    }
+    if (!b.shared.empty()) {
+        const unsigned char* from = b.shared.data();
+        for (auto [at, size] : shared_memory) {
+            std::memcpy(at, from, size);
+            from += size;
+        }
+    }
+    shared_owner = &b;
+}
+
+// Block `index` of the grid into the free slot b, its threads fibers not yet started.
+inline void start_block(Block& b, size_t index, dim3 grid, unsigned threads) {
+    b.index = {static_cast<unsigned>(index % grid.x), static_cast<unsigned>(index / grid.x % grid.y),
+               static_cast<unsigned>(index / grid.x / grid.y)};
+    b.meeting = Meeting{static_cast<int>(threads)};
+    for (unsigned w = 0; w * kWarp < threads; ++w) {
+        b.warps[w].meet = Meeting{static_cast<int>(std::min<unsigned>(kWarp, threads - w * kWarp))};
+    }
+    if (b.fibers.size() < threads) b.fibers.resize(threads);  // (no fiber of a free slot's is running)
+    b.copies.assign(threads, CopyQueue{});
+    for (unsigned t = 0; t < threads; ++t) {
+        Fiber& f = b.fibers[t];
+        f.waiting = nullptr;
+        f.done = f.started = f.polling = false;
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = f.stack.get();
+        f.context.uc_stack.ss_size = kStackBytes;
+        f.context.uc_link = nullptr;
+        makecontext(&f.context, fiber_main, 0);
+    }
+    b.left = threads;
+    b.backwards = true;
+    b.shared.clear();
+    switch_to(b);
+    start_on_stale_bytes();
+}
+
+// Thread t of the running block, until it waits or returns. Whether it got anywhere: false if it
+// could not run (done, or at a barrier not yet met), or if it only polled again a count that was
+// not ready (emulated_wait_in_vain).
+inline bool run_fiber(unsigned t) {
+    Fiber& f = block->fibers[t];
+    if (f.done || (f.waiting != nullptr && f.waiting->phase == f.phase)) return false;
+    f.waiting = nullptr;
+    const bool was_polling = f.polling;
+    f.polling = false;
+    thread_index = {t, 0, 0};
+    if (_setjmp(scheduler) == 0) {
+        if (!f.started) {
+            f.started = true;
+            setcontext(&f.context);
+        }
+        _longjmp(f.resume, 1);
+    }
+    if (f.done) --block->left;
+    return !(was_polling && f.polling);
+}
+
+// One round of the running block's threads, each run until it waits; whether any got anywhere.
+inline bool run_round(unsigned threads) {
+    bool ran = false;
+    if (!schedule.adversarial) {  // round robin over the fibers that can run
+        for (unsigned t = 0; t < threads; ++t) ran |= run_fiber(t);
+        return ran;
+    }
+    // a warp at a time, each as far as it goes (to a __syncthreads): from the last warp and lane in
+    // one round, from the first in the next, so that of two warps racing between barriers each
+    // runs ahead of the other in turn
+    const bool backwards = block->backwards;
+    block->backwards = !backwards;
+    const unsigned warp_count = (threads + kWarp - 1) / kWarp;
+    for (unsigned n = 0; n < warp_count; ++n) {
+        const unsigned w = backwards ? warp_count - 1 - n : n;
+        const unsigned first = w * kWarp, lanes = std::min(threads - first, static_cast<unsigned>(kWarp));
+        for (bool again = true; again;) {
+            again = false;
+            for (unsigned l = 0; l < lanes; ++l) again |= run_fiber(first + (backwards ? lanes - 1 - l : l));
+            ran |= again;
+        }
+    }
+    return ran;
+}
+
+// kernel() for every block of the grid (1-D blocks of at most 1024 threads): one block at a time
+// (blocks in reverse in the adversarial schedule), or, in the concurrent one, up to kMaxResident
+// side by side, a few rounds of each in turn, the next block started as one ends.
 inline void launch(dim3 grid, unsigned threads, const std::function<void()>& kernel) {
     if (threads == 0 || threads > kMaxThreads) throw std::runtime_error("a block of 1..1024 threads");
+    if (schedule.concurrent && (schedule.adversarial || !stale.empty() || !hidden.buffers.empty())) {
+        throw std::runtime_error("the concurrent schedule is not adversarial (one block at a time)");
+    }
     grid_dim = {grid.x, grid.y, grid.z};
     block_dim = {threads, 1, 1};
     running_kernel = &kernel;
     const bool reversed = schedule.adversarial;
     hidden.on = reversed && !hidden.buffers.empty();
     if (hidden.on) protect_buffers(PROT_READ);
-    const size_t blocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
-    for (size_t b = 0; b < blocks; ++b) {
-        const size_t i = reversed ? blocks - 1 - b : b;
-        if (i < first_block) continue;
-        block_index = {static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
-                       static_cast<unsigned>(i / grid.x / grid.y)};
-        block_meeting = Meeting{static_cast<int>(threads)};
-        for (unsigned w = 0; w * kWarp < threads; ++w) {
-            warps[w].meet = Meeting{static_cast<int>(std::min<unsigned>(kWarp, threads - w * kWarp))};
+    const size_t blocks = static_cast<size_t>(grid.x) * grid.y * grid.z, first = std::min(first_block, blocks);
+    const size_t slots = schedule.concurrent ? kMaxResident : 1;
+    std::vector<Block*> running;  // in the order their rounds run
+    uint64_t skew = 0x9E3779B97F4A7C15ull;  // (xorshift: every launch draws the same)
+    shared_owner = nullptr;
+    waits_in_vain = false;
+    for (size_t started = 0;;) {
+        while (running.size() < slots && started < blocks - first) {
+            Block* b = &resident[0];
+            while (std::find(running.begin(), running.end(), b) != running.end()) ++b;
+            start_block(*b, reversed ? blocks - 1 - started : first + started, grid, threads);
+            running.push_back(b);
+            ++started;
         }
-        for (unsigned t = 0; t < threads; ++t) {
-            Fiber& f = fibers[t];
-            copy_queues[t] = CopyQueue{};
-            f.waiting = nullptr;
-            f.done = false;
-            f.started = false;
-            getcontext(&f.context);
-            f.context.uc_stack.ss_sp = f.stack.get();
-            f.context.uc_stack.ss_size = kStackBytes;
-            f.context.uc_link = nullptr;
-            makecontext(&f.context, fiber_main, 0);
-        }
-        start_on_stale_bytes();
-        unsigned left = threads;
-        const auto run_fiber = [&](unsigned t) {  // until it waits or returns; false if it cannot run
-            Fiber& f = fibers[t];
-            if (f.done || (f.waiting != nullptr && f.waiting->phase == f.phase)) return false;
-            f.waiting = nullptr;
-            thread_index = {t, 0, 0};
-            if (_setjmp(scheduler) == 0) {
-                if (!f.started) {
-                    f.started = true;
-                    setcontext(&f.context);
-                }
-                _longjmp(f.resume, 1);
+        if (running.empty()) break;
+        bool ran = false;
+        for (size_t r = 0; r < running.size();) {
+            switch_to(*running[r]);
+            // (concurrent: 1 to 4 rounds, drawn, so that blocks drift apart as SMs' do, not in lockstep)
+            skew ^= skew << 13, skew ^= skew >> 7, skew ^= skew << 17;
+            for (uint64_t n = slots > 1 ? 1 + skew % 4 : 1; n > 0 && block->left > 0; --n) ran |= run_round(threads);
+            if (block->left > 0) {
+                ++r;
+                continue;
             }
-            if (f.done) --left;
-            return true;
+            finish_previous_kernel();
+            if (hidden.on) hide_unfenced_writes();
+            running.erase(running.begin() + static_cast<std::ptrdiff_t>(r));
+            ran = true;
+        }
+        if (ran) continue;
+        // Every thread left waits. For the previous kernel: on a GPU it ends (the others wait at a
+        // barrier, and would not wait for these). For another block's count: in vain, as none can
+        // move it; such a wait gives up (grid_sync.cuh), flagged.
+        const auto polling = [threads](const Block* b) {
+            return std::any_of(b->fibers.begin(), b->fibers.begin() + threads,
+                               [](const Fiber& f) { return !f.done && f.polling; });
         };
-        const unsigned warp_count = (threads + kWarp - 1) / kWarp;
-        for (bool backwards = true; left > 0; backwards = !backwards) {
-            bool ran = false;
-            if (!reversed) {  // round robin over the fibers that can run
-                for (unsigned t = 0; t < threads; ++t) ran |= run_fiber(t);
-            } else {  // a warp at a time, each as far as it goes (to a __syncthreads): from the last
-                // warp and lane in one round, from the first in the next, so that of two warps
-                // racing between barriers each runs ahead of the other in turn
-                for (unsigned n = 0; n < warp_count; ++n) {
-                    const unsigned w = backwards ? warp_count - 1 - n : n;
-                    const unsigned first = w * kWarp, lanes = std::min(threads - first, static_cast<unsigned>(kWarp));
-                    for (bool again = true; again;) {
-                        again = false;
-                        for (unsigned l = 0; l < lanes; ++l) {
-                            again |= run_fiber(first + (backwards ? lanes - 1 - l : l));
-                        }
-                        ran |= again;
-                    }
-                }
-            }
-            if (!ran && previous_kernel.arrived > 0 && !previous_done) {
-                finish_previous_kernel();  // (the others wait at a barrier: on a GPU they would not wait for these)
-            } else if (!ran) {
-                throw std::runtime_error("every thread of the block waits: a barrier not all reach");
-            }
+        if (previous_kernel.arrived > 0 && !previous_done) {
+            finish_previous_kernel();
+        } else if (!waits_in_vain && std::any_of(running.begin(), running.end(), polling)) {
+            waits_in_vain = true;
+        } else {
+            throw std::runtime_error("every thread of the block waits: a barrier not all reach");
         }
-        finish_previous_kernel();
-        if (hidden.on) hide_unfenced_writes();
     }
     end_launch();
 }
@@ -448,7 +554,7 @@ bool add(const char* name, void (*kernel)(A...)) {
 #define blockDim (cuda_on_cpu::block_dim)
 #define gridDim (cuda_on_cpu::grid_dim)
 
-inline void __syncthreads() { cuda_on_cpu::wait(cuda_on_cpu::block_meeting); }
+inline void __syncthreads() { cuda_on_cpu::wait(cuda_on_cpu::block->meeting); }
 inline void __syncwarp(unsigned = 0xffffffffu) { cuda_on_cpu::wait(cuda_on_cpu::warp().meet); }
 inline void __threadfence() {
     std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -591,17 +697,17 @@ inline void emulated_copy_async(void* to, const void* from, int size, bool valid
         std::memcpy(to, copy.bytes, size);
         return;
     }
-    cuda_on_cpu::copy_queues[cuda_on_cpu::thread_index.x].open.push_back(copy);
+    cuda_on_cpu::block->copies[cuda_on_cpu::thread_index.x].open.push_back(copy);
 }
 
 inline void emulated_commit_copies() {
-    auto& queue = cuda_on_cpu::copy_queues[cuda_on_cpu::thread_index.x];
+    auto& queue = cuda_on_cpu::block->copies[cuda_on_cpu::thread_index.x];
     queue.committed.push_back(std::move(queue.open));
     queue.open.clear();
 }
 
 inline void emulated_wait_copies(int newest_pending) {
-    auto& queue = cuda_on_cpu::copy_queues[cuda_on_cpu::thread_index.x];
+    auto& queue = cuda_on_cpu::block->copies[cuda_on_cpu::thread_index.x];
     while (static_cast<int>(queue.committed.size()) > newest_pending) {
         for (const auto& copy : queue.committed.front()) std::memcpy(copy.to, copy.bytes, copy.size);
         queue.committed.erase(queue.committed.begin());
@@ -609,5 +715,16 @@ inline void emulated_wait_copies(int newest_pending) {
 }
 
 inline void emulated_wait_for_previous_kernel() { cuda_on_cpu::wait_for_previous(); }
+
+// A poll of another block's count that found it not ready (grid_sync.cuh poll_until): the thread
+// waits while the other threads and blocks run. True once none can move it (cuda_on_cpu::launch:
+// every thread left waits), so that the wait gives up, as a GPU's does after its second.
+inline bool emulated_wait_in_vain() {
+    cuda_on_cpu::Fiber& self = cuda_on_cpu::current();
+    self.polling = true;
+    ++cuda_on_cpu::polls_not_ready;
+    if (_setjmp(self.resume) == 0) _longjmp(cuda_on_cpu::scheduler, 1);
+    return cuda_on_cpu::waits_in_vain;
+}
 
 }  // namespace awq_edge

@@ -4,6 +4,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -11,6 +15,8 @@ bool in_kernel = false;  // a launch is running
 sigjmp_buf fault_exit;
 char fault_message[512] = "";
 struct sigaction previous_segv_action;
+// kernel -> the addresses and sizes of its file's __shared__ statics (cpu_shared_memory)
+std::map<std::string, std::vector<std::pair<unsigned char*, size_t>>> shared_of;
 
 // A kernel's access outside memory (EmulatedDriver's buffers end at a page no access may touch):
 // the launch returns 3 with fault_message saying where. (A fault anywhere else goes to whoever
@@ -105,6 +111,9 @@ void __ubsan_handle_float_cast_overflow_abort(const Check* check, uintptr_t) {
 }
 }
 
+// Polls of another block's count that found it not ready, over all launches so far.
+extern "C" unsigned long long cpu_polls_not_ready() { return cuda_on_cpu::polls_not_ready; }
+
 // What the last launch that returned 3 touched.
 extern "C" const char* cpu_fault() { return fault_message; }
 
@@ -115,6 +124,12 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
         std::fprintf(stderr, "no emulated kernel %s\n", name);
         return 1;
     }
+    const auto shared = shared_of.find(name);
+    if (cuda_on_cpu::schedule.concurrent && shared == shared_of.end()) {
+        std::fprintf(stderr, "%s: its __shared__ statics are not known (cpu_shared_memory)\n", name);
+        return 1;
+    }
+    cuda_on_cpu::shared_memory = shared != shared_of.end() ? shared->second : decltype(shared->second){};
     struct sigaction action = {};
     action.sa_sigaction = on_segmentation_fault;
     action.sa_flags = SA_SIGINFO | SA_ONSTACK;
@@ -141,8 +156,20 @@ extern "C" int cpu_launch(const char* name, unsigned grid_x, unsigned grid_y, un
     return status;
 }
 
-// The order the next launches run in (emulate.h, Schedule): 0 the plain one, 1 the adversarial one.
-extern "C" void cpu_schedule(int adversarial) { cuda_on_cpu::schedule.adversarial = adversarial != 0; }
+// The order the next launches run in (emulate.h, Schedule): 0 the plain one, 1 the adversarial
+// one, 2 the concurrent one.
+extern "C" void cpu_schedule(int schedule) {
+    cuda_on_cpu::schedule.adversarial = schedule == 1;
+    cuda_on_cpu::schedule.concurrent = schedule == 2;
+}
+
+// Where kernel's __shared__ statics are (those of its .cu file: `count` ranges at[i], size[i]
+// bytes), which each block resident in the concurrent schedule keeps a copy of.
+extern "C" void cpu_shared_memory(const char* kernel, int count, void** at, const size_t* size) {
+    auto& ranges = shared_of[kernel];
+    ranges.clear();
+    for (int i = 0; i < count; ++i) ranges.push_back({static_cast<unsigned char*>(at[i]), size[i]});
+}
 
 // For the next launch only: run the grid's blocks from this (linear) index on, the ones before
 // not at all (a test of a huge grid's last blocks: each block of these kernels stands alone).
