@@ -187,6 +187,15 @@ def step_tail(ops: list) -> int:
     return next(i for i, op in enumerate(ops) if op.args.get("last_row"))
 
 
+def step_row_blocks_at_once(k: int) -> int:
+    """How many 4-row blocks a task of the persistent step's GEMV runs at once (decode_step.cu
+    step_gemv_at_once: a group of the block's 128 threads each, a 16-byte chunk of K a thread): 4
+    while a row's K / 32 chunks fit one warp, 2 while they fit two, else 1 (the one-block body);
+    its tasks are cut to match."""
+    chunks = k // 32
+    return 4 if chunks <= 32 else 2 if chunks <= 64 else 1
+
+
 def step_capacity(spec) -> int:
     """The most ops a persistent step's table holds: the unfused op list, a RoPE op a layer more."""
     return len(decode_ops(spec, fused=False)) + spec.layers
@@ -292,6 +301,7 @@ class CudaBackend:
             self.cublas_from_rows = CUBLAS_FROM_ROWS  # (benchmarks/cuda_decode.py moves it to time both paths)
             self.tuned_gemv: dict[str, str] = {}      # auto's choice per gemv_role, where timed
             self.tuned_step = False                    # auto decodes on the persistent step (timed faster)
+            self.step_rows_at_once = None              # (None: step_row_blocks_at_once; tests set 1 or 2)
             self.gemv_tuning = None                    # what tune_decode_gemv measured
             self.slab_bytes = DEQUANT_SLAB_BYTES       # (and tries slabs that fit the L2)
             self.l2_slab_bytes = min(DEQUANT_SLAB_BYTES, self.drv.l2_cache_bytes() // 2)
@@ -644,10 +654,12 @@ class CudaBackend:
                 rope = self.rope_args(a["layer"], a["rope"]) if a["epilogue"] == "rope" else [0] * 7 + [("i32", 0)] * 5
                 if k % 32:
                     raise UserError(self.step_refusal())
-                rows.append(("linear", min(n // GEMV_ROWS_PER_BLOCK, blocks), fusion, [
+                at_once = self.step_rows_at_once or step_row_blocks_at_once(k)
+                rows.append(("linear", min(-(-n // GEMV_ROWS_PER_BLOCK // at_once), blocks), fusion, [
                     b[a["x"]], w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"], b[a["out"]],
                     ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0, eps,
-                    w[f"{name}.bias"] if a["bias"] else 0, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope]))
+                    w[f"{name}.bias"] if a["bias"] else 0, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope,
+                    ("i32", at_once)]))
             elif op.kind == "lm_head" and a["bits"] in (8, 16):
                 table = [w[a["table"]], w[a["scales"]]] if a["bits"] == 8 else [w[a["table"]], 0]
                 rows.append(("lm_head", min(-(-spec.vocab // STEP_HEAD_ROWS), blocks), a["bits"], [

@@ -19,7 +19,8 @@ next linear's weights (what sm_87/sm_89 run instead), and the fused list with ev
 the CUDA-core GEMV, on the tensor-core one, and on that on a persistent grid
 (cuda_backend.GEMV_KINDS; the default, "auto", takes the persistent tensor-core one for the
 linears with a norm prologue and the CUDA-core one for the rest); and the layers in one launch
-(decode choice "persistent_step", plugins/kernels/decode_step.cu). Time per layer = replay time /
+(decode choice "persistent_step", plugins/kernels/decode_step.cu), and, where a linear's K lets its
+GEMV tasks run several 4-row blocks at once, the same one at a time. Time per layer = replay time /
 (repeats x layers), host-timed over whole replays after a synchronize, median of 5.
 
 Roofline of a layer = (its weight bytes + the K and V rows its attention reads) / the bandwidth
@@ -63,6 +64,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # after PYTHONPATH: an installed (or gpu_check.sh's linked) awq_edge wins
 
 REPLAYS = 5
+
+
+ONE_ROW_BLOCK = "fused, layers in one launch, a row block at a time"
 
 
 def layer_ops(ops: list) -> list:
@@ -157,7 +161,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
 
-    from awq_edge.cuda_backend import GEMV_KINDS, CudaBackend
+    from awq_edge.cuda_backend import GEMV_KINDS, CudaBackend, step_row_blocks_at_once
     from awq_edge.decoder import decode_ops
     from awq_edge.cuda_runtime import CudaRuntime, find_gpus
     from awq_edge.devices import profile_for_arch
@@ -202,6 +206,9 @@ def main() -> int:
         for gemv in GEMV_KINDS:  # every linear on one GEMV
             variants[f"fused, GEMV on {gemv.replace('_', ' ')}"] = (*default[:3], gemv)
         variants["fused, layers in one launch"] = (*default[:3], "persistent_step")
+        if any(step_row_blocks_at_once(op.args["K"]) > 1 for op in decode_ops(info.spec) if op.kind == "linear"):
+            # (its GEMV tasks one 4-row block at a time, where K allows several: decode_step.cu step_gemv_at_once)
+            variants[ONE_ROW_BLOCK] = (*default[:3], "persistent_step")
         if backend.programmatic:  # what sm_87/sm_89 run, and the same without the prefetch
             variants["fused, not overlapped, L2 prefetch"] = (True, False, prefetch, default[3])
         variants["fused, not overlapped, no prefetch"] = (True, False, 0, default[3])
@@ -210,6 +217,7 @@ def main() -> int:
             for name, (fused, programmatic, prefetch_bytes, gemv) in variants.items():
                 backend.programmatic, backend.prefetch_bytes = programmatic, prefetch_bytes
                 backend.set_decode_gemv(gemv)
+                backend.step_rows_at_once = 1 if name == ONE_ROW_BLOCK else None
                 timed[name].append(time_layers(backend, layer_ops(decode_ops(info.spec, fused=fused)), repeats,
                                                step=gemv == "persistent_step"))
         breakdown = {}  # per decode GEMV kind, with the default launches

@@ -608,6 +608,33 @@ def test_a_persistent_step_that_waits_in_vain_is_an_error_not_a_hang(emulated, c
         ragged.set_decode_gemv("persistent_step")
 
 
+def test_the_persistent_steps_gemv_gives_the_same_logits_however_many_row_blocks_it_runs_at_once(emulated,
+                                                                                                 tmp_path):
+    """decode_step.cu's GEMV tasks run 1, 2 or 4 of their 4-row blocks at once (step_gemv_at_once:
+    a group of the block's threads each; cuda_backend.step_row_blocks_at_once chooses by K: 4 for
+    every linear here, K 128 and 256). Forced to each, the table says so (its slot 23, the tasks cut
+    to match), and the prompt and 3 decode steps give the same logits bit for bit, 2 at once also
+    with the step's blocks side by side (the concurrent schedule)."""
+    from awq_edge.cuda_backend import STEP_KINDS, step_row_blocks_at_once
+
+    assert [step_row_blocks_at_once(k) for k in (576, 1024, 1056, 2048, 2080, 4096)] == [4, 4, 2, 2, 1, 1]
+    runs = []
+    for at_once, concurrent in ((1, False), (2, False), (4, False), (2, True)):
+        cuda, driver, info, ids = emulated_backend(emulated, "qwen3-d128-persistent-step", tmp_path,
+                                                   concurrent=concurrent)
+        cuda.step_rows_at_once = at_once
+        steps = [ids[:20], *[[t] for t in ids[20:23]]]
+        runs.append([np.asarray(cuda.forward(step)).copy() for step in steps])
+        table = np.empty((cuda.step_count, 32), np.int64)
+        driver.download(table, cuda.step_table)
+        linears = table[table[:, 0] == STEP_KINDS["linear"]]
+        assert len(linears) and (linears[:, 4 + 23] == at_once).all(), linears[:, 4 + 23]
+        assert (linears[:, 1] == np.minimum(-(-linears[:, 4 + 5] // 4 // at_once), cuda.step_blocks())).all()
+    for run_ in runs[1:]:
+        for step, (a, b) in enumerate(zip(runs[0], run_)):
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"step {step}: {np.abs(a - b).max()}"
+
+
 def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_path):
     """tune_decode_gemv runs the real kernels (here emulated, its clock a cost per launch that
     makes q/k/v cheapest on CUDA cores and the rest on the persistent tensor-core grid, the int4

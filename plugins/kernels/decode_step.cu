@@ -70,6 +70,73 @@ struct GivenInvRms {
     __device__ __forceinline__ float operator()(const half*, int, float) const { return value; }
 };
 
+// Several of a task's 4-row blocks at once, for K of at most 2048: the block's threads in `at_once`
+// groups of 128 / at_once (4 or 2: a warp or two each), each group one row block, each thread one
+// 16-byte chunk of its 4 rows (K / 32 chunks a row: at K = 576 the one-block body below has 18 of
+// its 128 threads loading, and a task's blocks one after another wait on memory once each). The
+// sums in gemv_w4a16's order (each warp's by shuffles, then the group's warps' in shared memory;
+// the one-block body adds its idle warps' zeros too), and each row block's epilogue by the whole
+// block, one after another (one_row_epilogue: its first 4 threads write).
+template <int kGroupSize, bool kNorm, Epilogue kEpilogue>
+__device__ __forceinline__ void step_gemv_at_once(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
+                                                  const half* __restrict__ scales, const half* __restrict__ zeros,
+                                                  half* __restrict__ y, int N, int K, const Fusion& fusion, int tile,
+                                                  int tasks, int at_once, float inv_rms) {
+    constexpr int kWords = 4;
+    __shared__ float warp_sums[kWarpsPerBlock][kRowsPerBlock];
+    const int words_per_row = K / kValuesPerWord, loads = words_per_row / kWords, groups = num_groups(K, kGroupSize);
+    const int group_threads = kStepThreads / at_once, group = static_cast<int>(threadIdx.x) / group_threads;
+    const int chunk = static_cast<int>(threadIdx.x) % group_threads;
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    for (int first = tile; first < N / kRowsPerBlock; first += at_once * tasks) {
+        const int block = first + group * tasks;  // this group's row block of the batch
+        float acc[kRowsPerBlock] = {};
+        if (block < N / kRowsPerBlock && chunk < loads) {
+            const int k0 = chunk * kWords * kValuesPerWord, g = group_of(k0, kGroupSize);
+            uint32_t words[kRowsPerBlock][kWords];
+            GroupParams params[kRowsPerBlock];
+#pragma unroll
+            for (int r = 0; r < kRowsPerBlock; ++r) {
+                const size_t n = static_cast<size_t>(row_of_block<kEpilogue>(block, r, fusion.rope));
+                load_weight_words<kWords>(qweight + n * words_per_row + chunk * kWords, words[r]);
+                params[r] = make_group_params(scales[n * groups + g], zeros[n * groups + g]);
+            }
+#pragma unroll
+            for (int i = 0; i < kWords; ++i) {
+                const int k = k0 + i * kValuesPerWord;
+                uint4 xv = load_activation(reinterpret_cast<const uint4*>(x + k));
+                if constexpr (kNorm) xv = normed8(xv, fusion.norm_weight + k, inv_rms);
+#pragma unroll
+                for (int r = 0; r < kRowsPerBlock; ++r) {
+                    half2 w[4];
+                    dequant_word(words[r][i], params[r], w);
+                    acc[r] += dot8(w, xv);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsPerBlock; ++r) {
+            float v = acc[r];
+#pragma unroll
+            for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+            if (lane == 0) warp_sums[warp][r] = v;
+        }
+        __syncthreads();
+        const int group_warps = group_threads / kWarpSize;
+        for (int p = 0; p < at_once && first + p * tasks < N / kRowsPerBlock; ++p) {
+            const int b = first + p * tasks;
+            const auto row = [&](int r) { return row_of_block<kEpilogue>(b, r, fusion.rope); };
+            const auto sum = [&](int t) {
+                float v = 0.0f;
+                for (int w = p * group_warps; w < (p + 1) * group_warps; ++w) v += warp_sums[w][t];
+                return v;
+            };
+            one_row_epilogue<kEpilogue, kRowsPerBlock>(fusion, y, N, row, sum, b == 0);
+        }
+        __syncthreads();  // (warp_sums, before the next batch's)
+    }
+}
+
 // The GEMV's 16-byte-load body: K % 32 == 0 (cuda_backend refuses the step for an engine with another
 // K: the 4-byte loads' bodies would add a third to the kernel's compile time, for no real model's shape).
 template <int kGroupSize, bool kNorm, Epilogue kEpilogue>
@@ -91,9 +158,11 @@ __device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBef
     // The task's later row blocks' weights toward L2 now, before the first one's wait (each body
     // call sends its own first, but the calls after the first come after that wait), as the
     // per-op kernel's blocks all send theirs before theirs. (The first's: its call, unless a norm
-    // prologue waits below, before any call.)
+    // prologue or several row blocks at once wait below, before any call.)
     const int words_per_row = K / kValuesPerWord, loads = words_per_row / kWords;
-    for (int block = kNorm ? tile : tile + tasks; block < N / kRowsPerBlock; block += tasks) {
+    // row blocks at once (cuda_backend.step_row_blocks_at_once), as many as a row's chunks allow
+    const int at_once = a[23] >= 4 && loads <= kWarpSize ? 4 : a[23] >= 2 && loads <= 2 * kWarpSize ? 2 : 1;
+    for (int block = kNorm || at_once > 1 ? tile : tile + tasks; block < N / kRowsPerBlock; block += tasks) {
         for (int chunk = threadIdx.x; chunk < loads; chunk += kThreads) {  // (gemv_w4a16's prefetch_end)
 #pragma unroll
             for (int r = 0; r < kRowsPerBlock; ++r) {
@@ -104,9 +173,13 @@ __device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBef
     }
     const auto x = reinterpret_cast<const half*>(a[0]);
     float inv_rms = 0.f;  // (x is the op before's output: after its wait; tile < N / 4 always)
-    if constexpr (kNorm) {
-        wait();
-        inv_rms = row_inv_rms(x, K, fusion.eps);
+    if (kNorm || at_once > 1) wait();
+    if constexpr (kNorm) inv_rms = row_inv_rms(x, K, fusion.eps);
+    if (at_once > 1) {
+        step_gemv_at_once<kGroupSize, kNorm, kEpilogue>(
+            x, qweight, reinterpret_cast<const half*>(a[2]), reinterpret_cast<const half*>(a[3]),
+            reinterpret_cast<half*>(a[4]), N, K, fusion, tile, tasks, at_once, inv_rms);
+        return;
     }
     for (int block = tile; block < N / kRowsPerBlock; block += tasks) {
         gemv_w4a16<1, kGroupSize, kWords, kNorm, kEpilogue>(
