@@ -701,7 +701,7 @@ class EmulatedDriver(RecordingDriver):
 
     concurrent=True runs the kernels whose blocks wait on each other's counts (BLOCKS_THAT_WAIT:
     the persistent decode step, the skeletons) in emulate.h's concurrent schedule: their blocks
-    side by side, a round of each in turn, so that a task runs while the ones it waits for are
+    side by side, a few rounds of each in turn, so that a task runs while the ones it waits for are
     under way (in the other two, one block takes every task in order). The other kernels' blocks
     never wait on another: they run one after another, as in the plain schedule."""
 

@@ -11,8 +11,8 @@
 // before it (pdl.cuh), the task waits until every task of the op before it is done (`done`, a count
 // an op; the weights and older keys are loaded before that wait, as the kernels load them before
 // theirs). A task waits only on tasks taken before it, so any grid makes progress, and the CPU
-// emulation runs it too (blocks one after another, or side by side). A wait that never ends is a bug: it gives up
-// after ~a second and sets AWQ_STEP_STALLED in status, which the host reports.
+// emulation runs it too (blocks one after another, or side by side). A wait that never ends is a
+// bug: it gives up after ~a second and sets AWQ_STEP_STALLED in status, which the host reports.
 //
 // The ops, kinds and argument slots: awq_edge/cuda_backend.py step_ops writes them (and
 // tests/test_native_engine.py checks the kinds' order); the case of each kind below reads them in
