@@ -189,9 +189,9 @@ def step_tail(ops: list) -> int:
 
 def step_row_blocks_at_once(k: int) -> int:
     """How many 4-row blocks a task of the persistent step's GEMV runs at once (decode_step.cu
-    step_gemv_at_once: a group of the block's 128 threads each, a 16-byte chunk of K a thread): 4
-    while a row's K / 32 chunks fit one warp, 2 while they fit two, else 1 (the one-block body);
-    its tasks are cut to match."""
+    step_gemv_rows: a group of the block's 128 threads each, a 16-byte chunk of K a thread): 4
+    while a row's K / 32 chunks fit one warp, 2 while they fit two, else 1; its tasks are cut to
+    match."""
     chunks = k // 32
     return 4 if chunks <= 32 else 2 if chunks <= 64 else 1
 

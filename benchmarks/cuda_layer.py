@@ -207,7 +207,7 @@ def main() -> int:
             variants[f"fused, GEMV on {gemv.replace('_', ' ')}"] = (*default[:3], gemv)
         variants["fused, layers in one launch"] = (*default[:3], "persistent_step")
         if any(step_row_blocks_at_once(op.args["K"]) > 1 for op in decode_ops(info.spec) if op.kind == "linear"):
-            # (its GEMV tasks one 4-row block at a time, where K allows several: decode_step.cu step_gemv_at_once)
+            # (its GEMV tasks one 4-row block at a time, where K allows several: decode_step.cu step_gemv_rows)
             variants[ONE_ROW_BLOCK] = (*default[:3], "persistent_step")
         if backend.programmatic:  # what sm_87/sm_89 run, and the same without the prefetch
             variants["fused, not overlapped, L2 prefetch"] = (True, False, prefetch, default[3])

@@ -610,7 +610,7 @@ def test_a_persistent_step_that_waits_in_vain_is_an_error_not_a_hang(emulated, c
 
 def test_the_persistent_steps_gemv_gives_the_same_logits_however_many_row_blocks_it_runs_at_once(emulated,
                                                                                                  tmp_path):
-    """decode_step.cu's GEMV tasks run 1, 2 or 4 of their 4-row blocks at once (step_gemv_at_once:
+    """decode_step.cu's GEMV tasks run 1, 2 or 4 of their 4-row blocks at once (step_gemv_rows:
     a group of the block's threads each; cuda_backend.step_row_blocks_at_once chooses by K: 4 for
     every linear here, K 128 and 256). Forced to each, the table says so (its slot 23, the tasks cut
     to match), and the prompt and 3 decode steps give the same logits bit for bit, 2 at once also

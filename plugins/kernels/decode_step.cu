@@ -63,35 +63,30 @@ struct AfterOpBefore {
     }
 };
 
-// A task's 1 / rms of x, computed once for all its row blocks (gemv_w4a16.cu RowInvRms: each
-// block of the per-op kernel computes its own).
-struct GivenInvRms {
-    float value;
-    __device__ __forceinline__ float operator()(const half*, int, float) const { return value; }
-};
-
-// Several of a task's 4-row blocks at once, for K of at most 2048: the block's threads in `at_once`
-// groups of 128 / at_once (4 or 2: a warp or two each), each group one row block, each thread one
-// 16-byte chunk of its 4 rows (K / 32 chunks a row: at K = 576 the one-block body below has 18 of
-// its 128 threads loading, and a task's blocks one after another wait on memory once each). The
-// sums in gemv_w4a16's order (each warp's by shuffles, then the group's warps' in shared memory;
-// the one-block body adds its idle warps' zeros too), and each row block's epilogue by the whole
-// block, one after another (one_row_epilogue: its first 4 threads write).
+// A GEMV task's 4-row blocks (tile, tile + tasks, ...), `at_once` of them at a time: the block's
+// threads in groups of 128 / at_once (1, 2 or 4 groups), each group one row block, each thread its
+// 16-byte chunks of K (chunk, chunk + the group's threads, ...: one a row up to K = 4096 / at_once)
+// of the 4 rows. At K = 576 a row has 18 chunks: one row block at a time would keep 18 of the 128
+// threads loading and wait on memory once for each of a task's blocks in turn. The body is
+// gemv_w4a16.cu's one-row GEMV (its loads, dequantization, norm prologue and epilogues), with x's
+// 1 / rms computed once for the task; the sums in its order (each warp's by shuffles, then the
+// group's warps' in shared memory; at 1 group, all four warps' as there); each row block's
+// epilogue by the whole block in turn (one_row_epilogue: its first 4 threads write).
 template <int kGroupSize, bool kNorm, Epilogue kEpilogue>
-__device__ __forceinline__ void step_gemv_at_once(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
-                                                  const half* __restrict__ scales, const half* __restrict__ zeros,
-                                                  half* __restrict__ y, int N, int K, const Fusion& fusion, int tile,
-                                                  int tasks, int at_once, float inv_rms) {
+__device__ __forceinline__ void step_gemv_rows(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
+                                               const half* __restrict__ scales, const half* __restrict__ zeros,
+                                               half* __restrict__ y, int N, int K, const Fusion& fusion, int tile,
+                                               int tasks, int at_once, float inv_rms) {
     constexpr int kWords = 4;
     __shared__ float warp_sums[kWarpsPerBlock][kRowsPerBlock];
     const int words_per_row = K / kValuesPerWord, loads = words_per_row / kWords, groups = num_groups(K, kGroupSize);
     const int group_threads = kStepThreads / at_once, group = static_cast<int>(threadIdx.x) / group_threads;
-    const int chunk = static_cast<int>(threadIdx.x) % group_threads;
-    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, group_warps = group_threads / kWarpSize;
     for (int first = tile; first < N / kRowsPerBlock; first += at_once * tasks) {
         const int block = first + group * tasks;  // this group's row block of the batch
         float acc[kRowsPerBlock] = {};
-        if (block < N / kRowsPerBlock && chunk < loads) {
+        for (int chunk = static_cast<int>(threadIdx.x) % group_threads; block < N / kRowsPerBlock && chunk < loads;
+             chunk += group_threads) {
             const int k0 = chunk * kWords * kValuesPerWord, g = group_of(k0, kGroupSize);
             uint32_t words[kRowsPerBlock][kWords];
             GroupParams params[kRowsPerBlock];
@@ -122,7 +117,6 @@ __device__ __forceinline__ void step_gemv_at_once(const half* __restrict__ x, co
             if (lane == 0) warp_sums[warp][r] = v;
         }
         __syncthreads();
-        const int group_warps = group_threads / kWarpSize;
         for (int p = 0; p < at_once && first + p * tasks < N / kRowsPerBlock; ++p) {
             const int b = first + p * tasks;
             const auto row = [&](int r) { return row_of_block<kEpilogue>(b, r, fusion.rope); };
@@ -155,15 +149,13 @@ __device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBef
                            static_cast<int>(a[20]), static_cast<int>(a[21]), static_cast<int>(a[22])};
     const int N = static_cast<int>(a[5]), K = static_cast<int>(a[6]), tasks = static_cast<int>(op.tasks);
     const auto qweight = reinterpret_cast<const uint32_t*>(a[1]);
-    // The task's later row blocks' weights toward L2 now, before the first one's wait (each body
-    // call sends its own first, but the calls after the first come after that wait), as the
-    // per-op kernel's blocks all send theirs before theirs. (The first's: its call, unless a norm
-    // prologue or several row blocks at once wait below, before any call.)
     const int words_per_row = K / kValuesPerWord, loads = words_per_row / kWords;
     // row blocks at once (cuda_backend.step_row_blocks_at_once), as many as a row's chunks allow
     const int at_once = a[23] >= 4 && loads <= kWarpSize ? 4 : a[23] >= 2 && loads <= 2 * kWarpSize ? 2 : 1;
-    for (int block = kNorm || at_once > 1 ? tile : tile + tasks; block < N / kRowsPerBlock; block += tasks) {
-        for (int chunk = threadIdx.x; chunk < loads; chunk += kThreads) {  // (gemv_w4a16's prefetch_end)
+    // All the task's weights toward L2 before its wait, as the per-op kernel's blocks all send
+    // theirs before theirs (gemv_w4a16's prefetch).
+    for (int block = tile; block < N / kRowsPerBlock; block += tasks) {
+        for (int chunk = threadIdx.x; chunk < loads; chunk += kThreads) {
 #pragma unroll
             for (int r = 0; r < kRowsPerBlock; ++r) {
                 const size_t row = static_cast<size_t>(row_of_block<kEpilogue>(block, r, fusion.rope));
@@ -171,22 +163,13 @@ __device__ __forceinline__ void step_gemv(const StepOp& op, int tile, AfterOpBef
             }
         }
     }
+    wait();  // (x is the op before's output)
     const auto x = reinterpret_cast<const half*>(a[0]);
-    float inv_rms = 0.f;  // (x is the op before's output: after its wait; tile < N / 4 always)
-    if (kNorm || at_once > 1) wait();
+    float inv_rms = 0.f;
     if constexpr (kNorm) inv_rms = row_inv_rms(x, K, fusion.eps);
-    if (at_once > 1) {
-        step_gemv_at_once<kGroupSize, kNorm, kEpilogue>(
-            x, qweight, reinterpret_cast<const half*>(a[2]), reinterpret_cast<const half*>(a[3]),
-            reinterpret_cast<half*>(a[4]), N, K, fusion, tile, tasks, at_once, inv_rms);
-        return;
-    }
-    for (int block = tile; block < N / kRowsPerBlock; block += tasks) {
-        gemv_w4a16<1, kGroupSize, kWords, kNorm, kEpilogue>(
-            x, qweight, reinterpret_cast<const half*>(a[2]), reinterpret_cast<const half*>(a[3]),
-            reinterpret_cast<half*>(a[4]), N, K, fusion, block, wait, GivenInvRms{inv_rms});
-        __syncthreads();  // (the body's shared sums, before the next block's)
-    }
+    step_gemv_rows<kGroupSize, kNorm, kEpilogue>(x, qweight, reinterpret_cast<const half*>(a[2]),
+                                                 reinterpret_cast<const half*>(a[3]), reinterpret_cast<half*>(a[4]),
+                                                 N, K, fusion, tile, tasks, at_once, inv_rms);
 }
 
 // The GEMV's fusions in cuda_backend.GEMV_FUSIONS's order (gemv_w4a16.cu AWQ_GEMV_FUSIONS).

@@ -139,14 +139,6 @@ __device__ __forceinline__ float row_inv_rms(const half* __restrict__ x, int K, 
     return rsqrtf(total / static_cast<float>(K) + eps);
 }
 
-// The norm prologue's 1 / rms of x: each block of a per-op kernel computes it (the persistent
-// decode step's tasks once for all their row blocks: decode_step.cu GivenInvRms).
-struct RowInvRms {
-    __device__ __forceinline__ float operator()(const half* __restrict__ x, int K, float eps) const {
-        return row_inv_rms(x, K, eps);
-    }
-};
-
 // 8 values of x normed: x * inv_rms * weight, rounded to fp16 (as awq_rms_norm stores them).
 __device__ __forceinline__ uint4 normed8(uint4 bits, const float* __restrict__ weight, float inv_rms) {
     const float4 w0 = __ldg(reinterpret_cast<const float4*>(weight));
@@ -249,15 +241,14 @@ __device__ __forceinline__ void load_weight_words(const uint32_t* src, uint32_t 
     }
 }
 
-// Block `block` of the grid's N / 4 (its kernel's blockIdx.x; the persistent decode step's tasks
-// pass theirs), waiting with wait() where its kernel waits for the previous one; a norm prologue
-// scales x by inv_rms_of(x, K, eps).
+// Block `block` of the grid's N / 4 (its kernel's blockIdx.x), waiting with wait() where its
+// kernel waits for the previous one. (decode_step.cu's step_gemv_rows is this body for its tasks.)
 template <int kRows, int kGroupSize, int kWordsPerLoad, bool kNorm = false, Epilogue kEpilogue = Epilogue::kStore,
-          typename Wait = AfterPreviousKernel, typename InvRms = RowInvRms>
+          typename Wait = AfterPreviousKernel>
 __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                                            const half* __restrict__ scales, const half* __restrict__ zeros,
                                            half* __restrict__ y, int N, int K, Fusion fusion, int block,
-                                           Wait wait = Wait{}, InvRms inv_rms_of = InvRms{}) {
+                                           Wait wait = Wait{}) {
     static_assert(kRows == 1 || (!kNorm && kEpilogue == Epilogue::kStore), "fusions are for decode (M = 1)");
     static_assert(kRowsPerBlock % 2 == 0, "the act epilogue pairs a block's rows");
     // (a function, not an array: an array indexed by thread would live in local memory)
@@ -286,7 +277,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
     }
     wait();
     float inv_rms = 0.f;
-    if constexpr (kNorm) inv_rms = inv_rms_of(x, K, fusion.eps);
+    if constexpr (kNorm) inv_rms = row_inv_rms(x, K, fusion.eps);
 
     float acc[kRowsPerBlock][kRows];
 #pragma unroll
