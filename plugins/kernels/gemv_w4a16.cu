@@ -241,14 +241,12 @@ __device__ __forceinline__ void load_weight_words(const uint32_t* src, uint32_t 
     }
 }
 
-// Block `block` of the grid's N / 4 (its kernel's blockIdx.x), waiting with wait() where its
-// kernel waits for the previous one. (decode_step.cu's step_gemv_rows is this body for its tasks.)
-template <int kRows, int kGroupSize, int kWordsPerLoad, bool kNorm = false, Epilogue kEpilogue = Epilogue::kStore,
-          typename Wait = AfterPreviousKernel>
+// Block `block` of the grid's N / 4 (its kernel's blockIdx.x). (decode_step.cu's step_gemv_rows
+// is this body for the persistent step's tasks.)
+template <int kRows, int kGroupSize, int kWordsPerLoad, bool kNorm = false, Epilogue kEpilogue = Epilogue::kStore>
 __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                                            const half* __restrict__ scales, const half* __restrict__ zeros,
-                                           half* __restrict__ y, int N, int K, Fusion fusion, int block,
-                                           Wait wait = Wait{}) {
+                                           half* __restrict__ y, int N, int K, Fusion fusion, int block) {
     static_assert(kRows == 1 || (!kNorm && kEpilogue == Epilogue::kStore), "fusions are for decode (M = 1)");
     static_assert(kRowsPerBlock % 2 == 0, "the act epilogue pairs a block's rows");
     // (a function, not an array: an array indexed by thread would live in local memory)
@@ -275,7 +273,7 @@ __device__ __forceinline__ void gemv_w4a16(const half* __restrict__ x, const uin
             }
         }
     }
-    wait();
+    wait_for_previous_kernel();
     float inv_rms = 0.f;
     if constexpr (kNorm) inv_rms = row_inv_rms(x, K, fusion.eps);
 
