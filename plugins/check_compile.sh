@@ -9,7 +9,9 @@
 #                                                 message and exit 0 when they are absent)
 #
 # One nvcc invocation per arch (all files, -c), the arches in parallel up to $JOBS
-# (default: number of cores). Objects go to a temp dir that is removed afterwards.
+# (default: number of cores). Objects go to a temp dir that is removed afterwards. With
+# KEEP_PTX=DIR set, each file's PTX stays as DIR/sm_ARCH/NAME.ptx (the PDL contract test reads it:
+# the same front end's output, not compiled a second time).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -32,8 +34,9 @@ cuda_include() {
 }
 
 compile_kernels_for_arch() {
-    local arch="$1"
+    local arch="$1" keep=()
     mkdir -p "$work/sm_$arch"
+    if [ -n "${KEEP_PTX:-}" ]; then mkdir -p "$work/keep_$arch"; keep=(-keep -keep-dir "$work/keep_$arch"); fi
     # -Werror all-warnings covers nvcc, the host compiler and ptxas warnings;
     # -warn-spills / -warn-lmem-usage make ptxas warn (hence fail) on spills.
     "$NVCC" -std=c++17 -O3 -c \
@@ -42,11 +45,12 @@ compile_kernels_for_arch() {
         -Xptxas -warn-spills,-warn-lmem-usage \
         -Werror all-warnings \
         -I "$here/kernels" \
-        --output-directory "$work/sm_$arch" \
+        --output-directory "$work/sm_$arch" "${keep[@]}" \
         "$here"/kernels/*.cu \
         > "$work/sm_$arch.log" 2>&1 \
-        && echo "ok   sm_$arch: $(ls "$here"/kernels/*.cu | wc -l) files" \
         || { echo "FAIL sm_$arch:"; cat "$work/sm_$arch.log"; return 1; }
+    if [ -n "${KEEP_PTX:-}" ]; then mkdir -p "$KEEP_PTX/sm_$arch"; cp "$work/keep_$arch"/*.ptx "$KEEP_PTX/sm_$arch/"; fi
+    echo "ok   sm_$arch: $(ls "$here"/kernels/*.cu | wc -l) files"
 }
 
 case "$mode" in
