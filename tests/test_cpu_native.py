@@ -40,9 +40,13 @@ def random_weight(rng, n: int, k: int, group: int):
     return q, s, z, to_matmul_nbits(q, s, z, group)
 
 
+# (n, k, group): whole and ragged blocks, every block size, K below a 128-chunk (also test_cpu_native_arm.py's)
+GEMV_SHAPES = [(64, 576, 128), (40, 1536, 64), (24, 100, 32), (8, 48, 16), (9, 1000, 128), (5, 576, 32), (3, 200, 16),
+               (4, 99, 32), (2, 17, 16)]
+
+
 @pytest.mark.parametrize("path", sorted(FLAGS))
-@pytest.mark.parametrize("n,k,group", [(64, 576, 128), (40, 1536, 64), (24, 100, 32), (8, 48, 16), (9, 1000, 128),
-                                       (5, 576, 32), (3, 200, 16), (4, 99, 32), (2, 17, 16)])
+@pytest.mark.parametrize("n,k,group", GEMV_SHAPES)
 def test_gemv_matches_its_numpy_twin_on_every_simd_path(path, n, k, group):
     lib = cpu_native.load_library(FLAGS[path])
     rng = np.random.default_rng(n * k + group)
