@@ -69,13 +69,14 @@ def devices():
     """List the device profiles and say which one this machine is."""
     from .devices import all_devices, detect
 
-    here = detect().name
+    here = detect()
+    listed = all_devices()
     typer.echo(f"{'device':16} {'arch':6} {'memory':>8} {'default cap':>11} {'bandwidth':>10}  title")
-    for d in all_devices().values():
+    for d in [*listed.values(), *([] if here.name in listed else [here])]:  # (an unlisted GPU: `--device gpu`)
         total = f"{d.total_memory_gib:g} GiB" if d.total_memory_gib else "host"
         cap = f"{d.default_memory_bytes() / 2**30:.1f} GiB"
         bw = f"{d.memory_bandwidth_gbs:g} GB/s" if d.memory_bandwidth_gbs else "-"
-        mark = "  <- this machine" if d.name == here else ""
+        mark = "  <- this machine" if d.name == here.name else ""
         typer.echo(f"{d.name:16} {d.gpu_arch or '-':6} {total:>8} {cap:>11} {bw:>10}  {d.title}{mark}")
 
 
@@ -238,7 +239,8 @@ def export_cmd(
 def build(
     source: str = typer.Argument(..., help="float model (HF dir, .gguf, `smollm2`), quantized checkpoint "
                                           "(AWQ or compressed-tensors), or export dir"),
-    device: str = typer.Option("cpu", help="cpu, or a GPU profile: orin, orin-*, rtx4090, rtx4070-laptop"),
+    device: str = typer.Option("cpu", help="cpu, a GPU profile (orin, orin-*, rtx4090, rtx4070-laptop; "
+                                "`awq-edge devices` lists them), or gpu: this machine's GPU, listed or not (sm_80 on)"),
     output: Path = typer.Option(..., "--output", "-o", help="engine directory to write"),
     max_memory: Optional[str] = typer.Option(None, help="memory cap, e.g. 2GB, 512MiB, 1.5 (GiB); default: the device's"),
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the most that fit"),

@@ -7,7 +7,6 @@ builders read them from here and nowhere else.
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,19 +92,39 @@ def _jetson_model() -> str:
         return ""
 
 
-def _gpu_names() -> list[str]:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
+def _gpus():
+    """This machine's NVIDIA GPUs (cuda_runtime.Gpu: name, arch, memory; the driver, else nvidia-smi)."""
+    from ..cuda_runtime import find_gpus  # noqa: TID252
+
+    return find_gpus()
+
+
+# The kernels' oldest arch: cp.async and mma.sync m16n8k16 (plugins/kernels) are Ampere's.
+MIN_GPU_ARCH = 80
+UNLISTED_GPU = "gpu"  # `--device gpu`: this machine's GPU, listed or not
+
+
+def arch_number(gpu_arch: str) -> int:
+    """'sm_89' -> 89 (0 for anything else)."""
+    digits = gpu_arch.removeprefix("sm_")
+    return int(digits) if digits.isdigit() else 0
+
+
+def unlisted_gpu_profile(gpu) -> Device:
+    """A profile for a GPU the table does not list (an RTX 3090, an A100, an RTX 5080...), from what
+    its driver reports: its arch and memory, a default cap that leaves max(1.5 GiB, 8%) to the
+    CUDA context and the display, as the listed profiles do, and no bandwidth (unknown)."""
+    total = gpu.total_memory / GIB
+    return Device(name=UNLISTED_GPU, title=f"{gpu.name} (not in the device table)", family=UNLISTED_GPU,
+                  gpu_arch=gpu.arch, total_memory_gib=round(total, 2),
+                  usable_memory_gib=round(total - max(1.5, 0.08 * total), 2), memory_bandwidth_gbs=0,
+                  unified_memory=False, notes="This machine's GPU, read from its driver.", match_gpu_name=gpu.name)
 
 
 def detect() -> Device:
-    """The profile that matches this machine (the CPU profile when no known GPU is found)."""
+    """The profile that matches this machine: a Jetson by its model, a listed GPU by its name, an
+    unlisted GPU of a supported arch (MIN_GPU_ARCH on) by what its driver reports
+    (unlisted_gpu_profile); the CPU profile when there is none of these."""
     devices = all_devices()
     model = _jetson_model()
     if "Orin" in model:
@@ -114,11 +133,13 @@ def detect() -> Device:
         candidates = [d for d in devices.values() if d.match_model and d.match_model in model]
         if candidates:
             return min(candidates, key=lambda d: abs(d.total_memory_gib - gib))
-    for gpu in _gpu_names():
+    gpus = _gpus()
+    for gpu in gpus:
         for d in devices.values():
-            if d.match_gpu_name and d.match_gpu_name in gpu:
+            if d.match_gpu_name and d.match_gpu_name in gpu.name:
                 return d
-    return devices["cpu"]
+    supported = [g for g in gpus if arch_number(g.arch) >= MIN_GPU_ARCH and g.total_memory]
+    return unlisted_gpu_profile(supported[0]) if supported else devices["cpu"]
 
 
 def profile_for_arch(gpu_arch: str) -> Device | None:
@@ -132,13 +153,16 @@ def profile_for_arch(gpu_arch: str) -> Device | None:
 
 
 def resolve(name: str) -> Device:
-    """A device name or family (`orin`) -> one profile, or a UserError naming the choices."""
+    """A device name, a family (`orin`) or `gpu` (this machine's GPU, listed or not) -> one
+    profile, or a UserError naming the choices."""
     devices = all_devices()
     if name in devices:
         return devices[name]
+    if name == UNLISTED_GPU:
+        return this_gpu()
     family = [d for d in devices.values() if d.family == name]
     if not family:
-        raise UserError(f"unknown device {name!r}; choose one of: {', '.join(['orin', *devices])}")
+        raise UserError(f"unknown device {name!r}; choose one of: {', '.join(['orin', UNLISTED_GPU, *devices])}")
     here = detect()
     if here.family == name:
         return here
@@ -146,3 +170,20 @@ def resolve(name: str) -> Device:
         f"--device {name} has several variants and none was found on this machine; "
         f"name one: {', '.join(d.name for d in family)}"
     )
+
+
+def this_gpu() -> Device:
+    """`--device gpu`: this machine's GPU as detect() finds it, or a UserError saying why there is none."""
+    here = detect()
+    if here.is_gpu:
+        return here
+    gpus = _gpus()
+    if not gpus:
+        raise UserError("device gpu (this machine's GPU): no NVIDIA GPU found here (neither its driver nor "
+                        "nvidia-smi answers); build for --device cpu, or for a device `awq-edge devices` lists")
+    gpu = gpus[0]
+    if arch_number(gpu.arch) < MIN_GPU_ARCH:
+        raise UserError(f"device gpu (this machine's GPU): {gpu.name} is {gpu.arch}, and the cuda kernels need "
+                        f"sm_{MIN_GPU_ARCH} (Ampere) or newer; use --device cpu")
+    raise UserError(f"device gpu (this machine's GPU): its driver does not say how much memory {gpu.name} has; "
+                    "build for a device `awq-edge devices` lists")

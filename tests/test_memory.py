@@ -81,3 +81,64 @@ def test_default_cap_comes_from_the_device_profile():
     plan = plan_memory(GIB, 100_000, orin, max_position_embeddings=4096)
     assert plan.cap == orin.default_memory_bytes()
     assert plan.runtime_overhead > 0 and plan.total <= plan.cap
+
+
+def gpus_here(monkeypatch, *gpus) -> None:
+    """This machine's GPUs, as the driver would report them (this CI machine has none)."""
+    from awq_edge import cuda_runtime, devices
+
+    monkeypatch.setattr(cuda_runtime, "find_gpus", lambda: [cuda_runtime.Gpu(i, *g) for i, g in enumerate(gpus)])
+    monkeypatch.setattr(devices, "_jetson_model", lambda: "")
+
+
+def test_a_gpu_the_table_does_not_list_is_profiled_from_its_driver(monkeypatch):
+    """An RTX 3090 (sm_86, in no profile): `awq-edge devices` marks a `gpu` row of its arch and
+    memory, and `--device gpu` resolves to it, its cap leaving 8% (at least 1.5 GiB) as the listed
+    profiles do; a listed GPU resolves to its own profile; a Turing GPU (sm_75) is not offered."""
+    from typer.testing import CliRunner
+
+    from awq_edge.cli import app
+    from awq_edge.devices import detect
+
+    gpus_here(monkeypatch, ("NVIDIA GeForce RTX 3090", "sm_86", 24 * GIB))
+    here = detect()
+    assert (here.name, here.gpu_arch, here.total_memory_gib, here.usable_memory_gib) == ("gpu", "sm_86", 24, 22.08)
+    assert resolve("gpu") == here and here.default_cap_here() == int(22.08 * GIB)
+    listing = CliRunner().invoke(app, ["devices"])
+    assert listing.exit_code == 0
+    marked = [line for line in listing.output.splitlines() if line.endswith("<- this machine")]
+    assert len(marked) == 1 and marked[0].split()[:2] == ["gpu", "sm_86"] and "RTX 3090" in marked[0], listing.output
+    gpus_here(monkeypatch, ("NVIDIA GeForce RTX 4090", "sm_89", 24 * GIB))
+    assert resolve("gpu").name == detect().name == "rtx4090"
+    gpus_here(monkeypatch, ("Tesla T4", "sm_75", 16 * GIB))
+    assert detect().name == "cpu"
+    with pytest.raises(UserError, match=r"Tesla T4 is sm_75, and the cuda kernels need sm_80"):
+        resolve("gpu")
+    gpus_here(monkeypatch)
+    with pytest.raises(UserError, match="no NVIDIA GPU found"):
+        resolve("gpu")
+
+
+def test_an_engine_for_an_unlisted_gpu_plans_for_the_gpu_it_loads_on(monkeypatch, tmp_path):
+    """`--device gpu` on an H100 NVL (sm_90, not in the table): the engine names `gpu` and the H100's
+    arch, its kernels compiled for it; at load the cap is the smaller of the built one and that of
+    the GPU found then (an 80 GB H100 gets its own), and on a machine without one the error says
+    so in one line."""
+    import json
+
+    from awq_edge.engine import engine_plan
+    from awq_edge.synthetic import SHAPES, write_random_engine
+    from native_helpers import read_native_engine
+
+    gpus_here(monkeypatch, ("NVIDIA H100 NVL", "sm_90", 94 * GIB))
+    write_random_engine(tmp_path / "engine", {**SHAPES["smollm2-135m"], "num_hidden_layers": 2}, resolve("gpu"))
+    manifest = json.loads((tmp_path / "engine" / "manifest.json").read_text())
+    assert (manifest["device"], manifest["gpu_arch"]) == ("gpu", "sm_90")
+    assert manifest["memory_plan"]["cap"] == int(0.92 * 94 * GIB)
+    _, info = read_native_engine(tmp_path / "engine")
+    assert engine_plan(manifest, info).cap == int(0.92 * 94 * GIB)
+    gpus_here(monkeypatch, ("NVIDIA H100 80GB HBM3", "sm_90", 80 * GIB))
+    assert engine_plan(manifest, info).cap == int((80 - 6.4) * GIB)
+    gpus_here(monkeypatch)
+    with pytest.raises(UserError, match="no NVIDIA GPU found"):
+        engine_plan(manifest, info)
