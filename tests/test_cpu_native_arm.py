@@ -1,12 +1,13 @@
 """The native CPU kernels on Arm, where a Jetson's CPU fallback runs them, without an Arm machine:
 plugins/cpu/ cross-compiled by zig's clang (the `ziglang` wheel) for an Orin's Cortex-A78AE (NEON
 with the dot product: gemv_q4.c's sdot path, what `cc -march=native` picks on an Orin) and for an
-Armv8.0 Cortex-A72 (no dot product: the plain C path), then run in unicorn's aarch64 emulator
-(QEMU's CPU) against the numpy twins the x86 paths meet in test_cpu_native.py. decode_step.c
-(OpenMP and libm, which the bare executables here lack: not run) must compile for both without a
-warning."""
+Armv8.0 Cortex-A72 (no dot product: the plain C path), without a warning, into bare static
+executables (no libc, no OpenMP: one thread) that unicorn's aarch64 emulator (QEMU's CPU) runs:
+the GEMV against the numpy twins the x86 paths meet in test_cpu_native.py, and whole decode
+steps of tiny engines against the same steps on this machine's native build."""
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from awq_edge import cpu_native
+from conftest import TINY_FAMILIES
 from native_helpers import elf_static_objects
 from test_cpu_native import GEMV_SHAPES, random_weight
 
@@ -49,16 +51,19 @@ def zig_cc(tmp, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def arm_executables(tmp_path_factory) -> dict[str, bytes]:
-    """cpu name -> a static aarch64 executable of gemv_q4.c for that core (its ELF bytes)."""
+    """cpu name -> a static aarch64 executable of plugins/cpu/*.c for that core (its ELF bytes)."""
     tmp = tmp_path_factory.mktemp("arm")
     (tmp / "harness.c").write_text(HARNESS)
     zig_cc(tmp, "-O2", "-ffreestanding", "-fno-builtin", "-c", str(tmp / "harness.c"), "-o", str(tmp / "harness.o"))
     built = {}
     for name, (mcpu, _, _) in ARM_CPUS.items():
-        obj, exe = tmp / f"gemv_q4-{name}.o", tmp / f"gemv_q4-{name}"
-        zig_cc(tmp, f"-mcpu={mcpu}", *FLAGS, "-Wall", "-Wextra", "-Werror", "-c",
-               str(cpu_native.CPU_SOURCES / "gemv_q4.c"), "-o", str(obj))
-        zig_cc(tmp, "-nostdlib", "-static", "-Wl,--no-gc-sections", str(obj), str(tmp / "harness.o"), "-o", str(exe))
+        objects = []
+        for source in cpu_native.source_files():
+            if source.suffix == ".c":
+                objects.append(str(tmp / f"{source.stem}-{name}.o"))
+                zig_cc(tmp, f"-mcpu={mcpu}", *FLAGS, "-Wall", "-Wextra", "-Werror", "-c", str(source), "-o", objects[-1])
+        exe = tmp / f"cpu-kernels-{name}"
+        zig_cc(tmp, "-nostdlib", "-static", "-Wl,--no-gc-sections", *objects, str(tmp / "harness.o"), "-o", str(exe))
         built[name] = exe.read_bytes()
     return built
 
@@ -67,7 +72,7 @@ class Arm64:
     """Functions of a static aarch64 executable called in unicorn: its PT_LOAD segments mapped at
     their addresses, arrays copied into a heap, arguments in x0-x7 and then on the stack (AAPCS64,
     integers and pointers only), run until the function returns to a stop address."""
-    HEAP, STACK, STOP, PAGE = 0x4000_0000, 0x3000_0000, 0x2000_0000, 1 << 12
+    HEAP, STACK, STOP, PAGE, HEAP_BYTES = 0x4000_0000, 0x3000_0000, 0x2000_0000, 1 << 12, 256 << 20
 
     def __init__(self, elf: bytes, cpu: int):
         self.uc = unicorn.Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
@@ -81,16 +86,18 @@ class Arm64:
                 first, end = vaddr // self.PAGE * self.PAGE, -(-(vaddr + memory_size) // self.PAGE) * self.PAGE
                 self.uc.mem_map(first, end - first)
                 self.uc.mem_write(vaddr, elf[offset:offset + file_size])
-        self.uc.mem_map(self.HEAP, 64 << 20)
+        self.uc.mem_map(self.HEAP, self.HEAP_BYTES)
         self.uc.mem_map(self.STACK - (1 << 20), 1 << 20)
         self.uc.mem_map(self.STOP, self.PAGE)
         # FP and SIMD on at EL1 (CPACR_EL1.FPEN), else the first NEON instruction traps
         self.uc.reg_write(arm.UC_ARM64_REG_CPACR_EL1, self.uc.reg_read(arm.UC_ARM64_REG_CPACR_EL1) | 3 << 20)
         self.top = self.HEAP
 
-    def put(self, array: np.ndarray) -> int:
-        data = np.ascontiguousarray(array).tobytes()
+    def put(self, array) -> int:
+        """A copy of array (or bytes) in the heap: its address there."""
+        data = array if isinstance(array, bytes) else np.ascontiguousarray(array).tobytes()
         at, self.top = self.top, self.top + -(-max(len(data), 1) // 64) * 64
+        assert self.top <= self.HEAP + self.HEAP_BYTES, "the emulated heap is full"
         self.uc.mem_write(at, data)
         return at
 
@@ -140,10 +147,70 @@ def test_gemv_on_arm_matches_its_numpy_twin(arm_executables, cpu, n, k, group):
     assert np.abs(emu.get(y, np.float32, n) - twin).max() <= 1e-5 * np.abs(twin).max()
 
 
-@pytest.mark.parametrize("cpu", ARM_CPUS)
-def test_the_decode_step_compiles_for_arm_without_a_warning(tmp_path, cpu):
-    mcpu = ARM_CPUS[cpu][0]
-    for source in cpu_native.source_files():
-        if source.suffix == ".c":
-            zig_cc(tmp_path, f"-mcpu={mcpu}", *FLAGS, "-Wall", "-Wextra", "-Werror", "-c", str(source),
-                   "-o", str(tmp_path / f"{source.stem}.o"))
+class ArmDecoder:
+    """A NativeDecoder's state (cpu_native.py: weights, activations, scratch, both caches, its
+    cpu_model and op records) copied into an Arm64 emulator, every pointer moved to the copy it
+    points into; step() runs decode_step there as NativeDecoder.step does here."""
+
+    def __init__(self, emu: Arm64, native):
+        self.emu, self.native, self.regions = emu, native, []
+        rows = native.model.max_context
+        kv_bytes = native.spec.kv_heads * rows * native.spec.head_dim * 4  # ORT's float32 cache of a layer
+        for array in [*native.arrays.values(), *native.buffers.values(), *native.scratch.values(), *native.mirrors]:
+            self.regions.append((array.ctypes.data, array.nbytes, emu.put(array)))
+        for cache in (*native.caches[0], *native.caches[1]):
+            self.regions.append((cache, kv_bytes, emu.put(ctypes.string_at(cache, kv_bytes))))
+        model = native.model.__class__.from_buffer_copy(native.model)
+        for field, pointers in (("k_cache", native.caches[0]), ("v_cache", native.caches[1]),
+                                ("k_mirror", native.mirror_pointers[0]), ("v_mirror", native.mirror_pointers[1])):
+            setattr(model, field, emu.put(np.array([self.moved(p) for p in pointers], np.uint64)))
+        for field in ("x8", "x_scale", "x_sum", "scores", "top_ids", "top_logits"):
+            setattr(model, field, self.moved(getattr(model, field)))
+        program = (native.program._type_ * len(native.program)).from_buffer_copy(native.program)
+        for op in program:
+            for field in ("x", "out", "residual", "w0", "w1", "w2", "bias", "w_norm", "table", "cos", "sin"):
+                setattr(op, field, self.moved(getattr(op, field)))
+        self.model, self.program = emu.put(bytes(model)), emu.put(bytes(program))
+
+    def moved(self, pointer: int | None) -> int:
+        """Where a host pointer's bytes are in the emulator (NULL stays NULL)."""
+        if not pointer:
+            return 0
+        for start, size, there in self.regions:
+            if start <= pointer < start + size:
+                return there + pointer - start
+        raise AssertionError(f"a pointer into no copied buffer: {pointer:#x}")
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        native, emu = self.native, self.emu
+        emu.call("decode_step", self.model, self.program, len(native.ops), token, position, 0)
+        logits = emu.get(self.moved(native.buffers["logits"].ctypes.data), np.float32, native.spec.vocab)
+        top_ids = emu.get(self.moved(native.scratch["top_ids"].ctypes.data), np.int64, native.top_k)
+        logits[top_ids] = emu.get(self.moved(native.scratch["top_logits"].ctypes.data), np.float32, native.top_k)
+        return logits
+
+
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_decode_steps_on_arm_match_this_machines(arm_executables, model_type, smollm2_dir, tmp_path):
+    """A tiny engine of each family (q/k norms, biases, sandwich norms, GELU, sliding windows,
+    soft-caps) prefilled by ONNX Runtime here, then 6 native decode steps on each Arm core and
+    here from that state: the same logits to float rounding (the GEMV's integers are the same on
+    every path; the float sums' order is not), the same argmax."""
+    from awq_edge.backend_ort import OrtBackend
+    from awq_edge.export import export_checkpoint
+    from test_export_helpers import tiny_checkpoint
+
+    extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
+    ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, hidden_size=128, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, **extra)
+    backend = OrtBackend(export_checkpoint(ckpt, tmp_path / "ort", "ort"), max_context=32, threads=2,
+                         native_decode=True)
+    ids = np.random.default_rng(3).integers(0, 256, 12 + 6).tolist()
+    backend.forward(ids[:12])  # (ONNX Runtime's prefill, copied into the bf16 cache)
+    on_arm = {cpu: ArmDecoder(Arm64(arm_executables[cpu], ARM_CPUS[cpu][2]), backend.native) for cpu in ARM_CPUS}
+    for position, token in enumerate(ids[12:], start=12):
+        here = backend.native.step(token, position)
+        for cpu, decoder in on_arm.items():
+            there = decoder.step(token, position)
+            error = np.linalg.norm(there - here) / np.linalg.norm(here)
+            assert error < 1e-3 and there.argmax() == here.argmax(), (cpu, position, error)
