@@ -263,6 +263,22 @@ def find_gpu(manifest: dict):
                     "`awq-edge build SRC --device <this device>`")
 
 
+def kernels_refused(error, built_for: str | None, driver) -> str:
+    """Why the driver would not load an engine's cubins, in one line, and what to do: most often
+    they came from an nvcc newer than the CUDA the driver supports (CUDA 13's on JetPack 6's 12.6)."""
+    try:
+        supported = driver.cuda_version()
+    except Exception:  # noqa: BLE001  (the message below does without it)
+        supported = None
+    major = lambda version: int(version.split(".")[0])  # noqa: E731  (cubins load on any minor of their major)
+    if built_for and supported and major(built_for) > major(supported):
+        return (f"the engine's kernels were compiled by nvcc {built_for} and this GPU's driver supports CUDA "
+                f"{supported} at most ({error}); rebuild the engine with an nvcc of CUDA {supported} or older "
+                "(NVCC=/path/to/that/nvcc awq-edge build ...), or update the driver")
+    return (f"the GPU's driver refused the engine's kernels ({error}); rebuild the engine for this GPU "
+            "(`awq-edge build SRC --device gpu --output ENGINE`)")
+
+
 class CudaBackend:
     """The backend interface of awq_edge.engine: forward, rewind, position, max_context,
     vocab_size, kv_bytes; forward returns DeviceLogits."""
@@ -327,7 +343,10 @@ class CudaBackend:
 
         functions = {}
         for module_name, file in manifest["kernels"].items():  # checked by engine_dir.read_manifest
-            module = self.drv.load_module((engine_dir / file).read_bytes())
+            try:
+                module = self.drv.load_module((engine_dir / file).read_bytes())
+            except CudaError as e:
+                raise UserError(kernels_refused(e, manifest.get("kernels_cuda"), self.drv)) from None
             for name in KERNELS_OF[module_name]:
                 try:
                     functions[name] = self.drv.function(module, name)

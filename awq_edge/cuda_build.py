@@ -80,6 +80,20 @@ def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, m
                              force, device_name)
 
 
+def stock_driver_note(device, kernels_cuda: str | None) -> str | None:
+    """A warning when the engine's kernels need a newer CUDA than the device's stock driver has
+    (devices/*.toml stock_driver_cuda: an Orin's JetPack 6 has CUDA 12, an nvcc of CUDA 13 is common
+    on build hosts); None when they load there, or the device's driver is updated freely."""
+    if not device.stock_driver_cuda or not kernels_cuda:
+        return None
+    major = int(kernels_cuda.split(".")[0])
+    if major <= device.stock_driver_cuda:
+        return None
+    return (f"the kernels were compiled by nvcc {kernels_cuda}, which a {device.title} loads only with a CUDA "
+            f"{major} driver; its stock one is CUDA {device.stock_driver_cuda} (JetPack 6 on an Orin), so for that "
+            f"rebuild with a CUDA {device.stock_driver_cuda} nvcc: NVCC=/path/to/that/nvcc awq-edge build ...")
+
+
 def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path, source: dict, max_memory=None,
                       max_context: int | None = None, force: bool = False, device_name: str | None = None) -> dict:
     """The engine folder from tensors in the kernels' layout (decoder.pack_weights, or random ones:
@@ -92,6 +106,7 @@ def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path
             raise UserError(f"{what} {size} is not a multiple of 8, which the cuda backend's kernels need; "
                             "use the CPU engine (--device cpu)")
     cubins = plugins.build_cubins(device.gpu_arch)  # before any output: nvcc missing is one line, nothing written
+    cuda = plugins.nvcc_release(plugins.find_nvcc())  # what the device's driver must support
     staging = output_staging(output, force)
     try:
         index = write_weights(staging / WEIGHTS_FILE, tensors)
@@ -107,7 +122,8 @@ def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path
         files = {f.name: file_record(f) for f in sorted(staging.iterdir())}
         info = read_decoder_info(staging, files)  # what the device will read, checked here first
         manifest = {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION, "backend": "cuda",
-                    "device": device.name, "gpu_arch": device.gpu_arch, "kernels": kernel_files(device.gpu_arch)}
+                    "device": device.name, "gpu_arch": device.gpu_arch, "kernels": kernel_files(device.gpu_arch),
+                    "kernels_cuda": cuda}
         plan = engine_plan(manifest, info, max_memory, max_context, at_load=False)
         manifest.update({
             "device": device_name or device.name,

@@ -100,6 +100,7 @@ class Driver:
         lib.cuMemGetInfo_v2.argtypes = [ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
         lib.cuDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
         lib.cuDeviceGetName.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+        lib.cuDriverGetVersion.argtypes = [ctypes.POINTER(ctypes.c_int)]
         lib.cuMemAllocHost_v2.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
         lib.cuEventCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
         lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
@@ -183,6 +184,12 @@ class Driver:
         name = ctypes.create_string_buffer(256)
         self.check(self.lib.cuDeviceGetName(name, len(name), self.device), "cuDeviceGetName")
         return name.value.decode(errors="replace")
+
+    def cuda_version(self) -> str:
+        """The newest CUDA this driver supports ('12.6'): cubins from a newer nvcc it refuses."""
+        value = ctypes.c_int()
+        self.check(self.lib.cuDriverGetVersion(ctypes.byref(value)), "cuDriverGetVersion")
+        return f"{value.value // 1000}.{value.value % 1000 // 10}"
 
     def multiprocessor_count(self) -> int:
         value = ctypes.c_int()

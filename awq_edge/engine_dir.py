@@ -69,6 +69,8 @@ def read_manifest(path: Path) -> dict:
         kernels = f.obj("kernels")
         if not re.fullmatch(r"sm_\d{2,3}", arch) or set(kernels.raw) != set(CUBIN_SOURCES):
             raise UserError(f"{path / MANIFEST}: gpu_arch or kernels are not what a cuda engine has; {REBUILD}")
+        if not re.fullmatch(r"\d{1,3}\.\d{1,3}", f.str("kernels_cuda", default="0.0")):  # (absent: built before)
+            raise UserError(f"{path / MANIFEST}: kernels_cuda is not a CUDA version like 12.6; {REBUILD}")
         for module in CUBIN_SOURCES:
             name = plain_name(kernels.str(module), f"{path / MANIFEST} kernels", REBUILD)
             if name not in manifest.get("files", {}):

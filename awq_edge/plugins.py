@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -64,6 +65,16 @@ def find_nvcc() -> str | None:
         if found:
             return found
     return None
+
+
+def nvcc_release(nvcc: str) -> str:
+    """'13.0' for an nvcc whose --version says "release 13.0": the CUDA version its cubins need
+    of the driver that loads them (a driver older than the toolkit refuses them)."""
+    proc = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    found = re.search(r"release (\d+\.\d+)", proc.stdout)
+    if proc.returncode != 0 or found is None:
+        raise UserError(f"{nvcc} --version does not say its release; point NVCC at a CUDA toolkit's nvcc")
+    return found.group(1)
 
 
 def cuda_include_dir() -> Path | None:
@@ -140,16 +151,19 @@ CUBIN_SOURCES = ("gemv_w4a16", "gemm_w4a16", "attention", "sample", "head_top_k"
 
 def build_cubins(gpu_arch: str) -> dict[str, Path]:
     """name -> the cubin of plugins/kernels/<name>.cu for one arch (GPU code only: built on any
-    host with nvcc, loaded on the device with cuModuleLoadData). Cached by source hash."""
+    host with nvcc, loaded on the device with cuModuleLoadData, whose driver must support the
+    nvcc's release). Cached by source hash and release (NVCC=an older toolkit's nvcc builds for
+    an older driver)."""
     arch = arch_number(gpu_arch)
-    final = _cache_root() / source_hash() / f"sm_{arch}-cubins"
-    cubins = {name: final / f"{name}.cubin" for name in CUBIN_SOURCES}
-    if all(p.is_file() for p in cubins.values()):
-        return cubins
     nvcc = find_nvcc()
     if nvcc is None:
         raise UserError(f"nvcc not found: building a cuda engine compiles its kernels for {gpu_arch}; install the "
                         "CUDA toolkit on the build host (the device needs only the driver), or set NVCC / CUDA_HOME")
+    release = nvcc_release(nvcc)
+    final = _cache_root() / source_hash() / f"sm_{arch}-cubins-cuda{release}"
+    cubins = {name: final / f"{name}.cubin" for name in CUBIN_SOURCES}
+    if all(p.is_file() for p in cubins.values()):
+        return cubins
     final.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
     kernels = PLUGINS_DIR / "kernels"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError  # noqa: TID252  (awq_edge.devices -> awq_edge.errors)
+from ..plugins import arch_number  # noqa: TID252
 
 try:
     import tomllib  # novermin (3.11+; on 3.10 the same parser comes from PyPI, below)
@@ -34,6 +35,7 @@ class Device:
     notes: str
     match_model: str = ""  # substring of /proc/device-tree/model (Jetson)
     match_gpu_name: str = ""  # substring of the nvidia-smi GPU name
+    stock_driver_cuda: int = 0  # the CUDA major of the device's stock driver (JetPack 6: 12); 0: updated freely
 
     @property
     def is_gpu(self) -> bool:
@@ -104,12 +106,6 @@ MIN_GPU_ARCH = 80
 UNLISTED_GPU = "gpu"  # `--device gpu`: this machine's GPU, listed or not
 
 
-def arch_number(gpu_arch: str) -> int:
-    """'sm_89' -> 89 (0 for anything else)."""
-    digits = gpu_arch.removeprefix("sm_")
-    return int(digits) if digits.isdigit() else 0
-
-
 def unlisted_gpu_profile(gpu) -> Device:
     """A profile for a GPU the table does not list (an RTX 3090, an A100, an RTX 5080...), from what
     its driver reports: its arch and memory, a default cap that leaves max(1.5 GiB, 8%) to the
@@ -138,7 +134,7 @@ def detect() -> Device:
         for d in devices.values():
             if d.match_gpu_name and d.match_gpu_name in gpu.name:
                 return d
-    supported = [g for g in gpus if arch_number(g.arch) >= MIN_GPU_ARCH and g.total_memory]
+    supported = [g for g in gpus if int(arch_number(g.arch)) >= MIN_GPU_ARCH and g.total_memory]
     return unlisted_gpu_profile(supported[0]) if supported else devices["cpu"]
 
 
@@ -182,7 +178,7 @@ def this_gpu() -> Device:
         raise UserError("device gpu (this machine's GPU): no NVIDIA GPU found here (neither its driver nor "
                         "nvidia-smi answers); build for --device cpu, or for a device `awq-edge devices` lists")
     gpu = gpus[0]
-    if arch_number(gpu.arch) < MIN_GPU_ARCH:
+    if int(arch_number(gpu.arch)) < MIN_GPU_ARCH:
         raise UserError(f"device gpu (this machine's GPU): {gpu.name} is {gpu.arch}, and the cuda kernels need "
                         f"sm_{MIN_GPU_ARCH} (Ampere) or newer; use --device cpu")
     raise UserError(f"device gpu (this machine's GPU): its driver does not say how much memory {gpu.name} has; "

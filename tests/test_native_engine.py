@@ -66,12 +66,47 @@ def test_a_cuda_engine_builds_without_a_gpu_and_run_says_none_is_here(rtn_checkp
     assert "backend cuda" in build.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["backend"], manifest["device"], manifest["gpu_arch"]) == ("cuda", "orin", "sm_87")
+    # kernels of an nvcc newer than CUDA 12 do not load under JetPack 6's driver: the build says so
+    newer = int(manifest["kernels_cuda"].split(".")[0]) > 12
+    assert ("note: the kernels were compiled by nvcc" in build.stderr) == newer, build.stderr
     assert set(manifest["kernels"]) == set(plugins.CUBIN_SOURCES)
     for file in manifest["kernels"].values():  # GPU code, for the device's arch, in the engine
         assert (out / file).read_bytes()[:4] == b"\x7fELF" and file in manifest["files"]
     run = subprocess.run([*CLI, "run", str(out), "--prompt", "hi"], capture_output=True, text=True, timeout=120)
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: no NVIDIA GPU found"), run.stderr
+
+
+@needs_nvcc
+def test_kernels_the_driver_will_not_load_are_explained_in_one_line(smollm2_cuda_engine):
+    """An engine records the CUDA its kernels need (the nvcc release that compiled them); a driver
+    that supports an older CUDA and refuses them (CUDA 13's cubins on JetPack 6's 12.6) gets a
+    one-line error naming both and what to rebuild with; any other refusal, a line saying so."""
+    from awq_edge.cuda_driver import CudaError
+
+    manifest, info = read_native_engine(smollm2_cuda_engine)
+    built_for = manifest["kernels_cuda"]
+    assert built_for == plugins.nvcc_release(plugins.find_nvcc())
+    older = f"{int(built_for.split('.')[0]) - 1}.6"
+
+    class RefusingDriver(RecordingDriver):
+        def __init__(self, supported: str):
+            super().__init__()
+            self.supported = supported
+
+        def load_module(self, cubin: bytes):
+            raise CudaError("cuModuleLoadData failed: CUDA_ERROR_UNSUPPORTED_PTX_VERSION (222)")
+
+        def cuda_version(self) -> str:
+            return self.supported
+
+    with pytest.raises(UserError) as refused:
+        CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=RefusingDriver(older))
+    message = str(refused.value)
+    assert "\n" not in message and f"compiled by nvcc {built_for}" in message, message
+    assert f"supports CUDA {older} at most" in message and "NVCC=" in message and "UNSUPPORTED_PTX" in message
+    with pytest.raises(UserError, match=r"refused the engine's kernels \(cuModuleLoadData failed"):
+        CudaBackend(smollm2_cuda_engine, manifest, info, 64, driver=RefusingDriver(built_for))
 
 
 def check_launches_against_the_cubins(engine: Path, fused: bool = True, gemv: str = "auto") -> set[str]:
