@@ -10,7 +10,8 @@ another format. Every kernel has a numpy twin here (`*_reference`) that computes
 integers; tests compare the two, and the C against ORT's own MatMulNBits.
 
 Built with the system C compiler (`CC`, else cc/gcc/clang) at first use into
-<cache_dir>/plugins/cpu-<hash>-<machine>/; -march=native picks the SIMD path (cpu_ops.h).
+<cache_dir>/plugins/cpu-<hash>-<machine>/; -march=native (-mcpu=native on Arm) picks the SIMD
+path (cpu_ops.h).
 """
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ from .plugins import PLUGINS_DIR, _cache_root, _publish, _run
 
 CPU_SOURCES = PLUGINS_DIR / "cpu"
 CPU_LIBRARY = "libawq_edge_cpu.so"
-DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
+# -march=native picks the SIMD path; on Arm, -mcpu=native (the Arm compilers' spelling: the core's
+# features and its tuning, e.g. an Orin's Cortex-A78AE with the dot product)
+NATIVE_CPU = "-mcpu=native" if platform.machine() in ("aarch64", "arm64") else "-march=native"
+DEFAULT_FLAGS = ("-O3", NATIVE_CPU, "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
                  "-shared", "-fPIC", "-std=c11")
 KEY_BLOCK = 32  # decode_step.c's key tile: keys per tile of the bf16 cache copy
 

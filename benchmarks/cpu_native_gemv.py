@@ -54,7 +54,7 @@ def ort_graph(engine: Path, into: Path) -> Path:
 def native_flags(march: str) -> tuple:
     from awq_edge import cpu_native
 
-    return tuple(f"-march={march}" if f == "-march=native" else f for f in cpu_native.DEFAULT_FLAGS)
+    return tuple(f"-march={march}" if f == cpu_native.NATIVE_CPU else f for f in cpu_native.DEFAULT_FLAGS)
 
 
 def time_native(engine: Path, steps: int, repeats: int, march: str) -> dict:

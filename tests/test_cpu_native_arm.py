@@ -1,6 +1,6 @@
 """The native CPU kernels on Arm, where a Jetson's CPU fallback runs them, without an Arm machine:
 plugins/cpu/ cross-compiled by zig's clang (the `ziglang` wheel) for an Orin's Cortex-A78AE (NEON
-with the dot product: gemv_q4.c's sdot path, what `cc -march=native` picks on an Orin) and for an
+with the dot product: gemv_q4.c's sdot path, what `cc -mcpu=native` picks on an Orin) and for an
 Armv8.0 Cortex-A72 (no dot product: the plain C path), without a warning, into bare static
 executables (no libc, no OpenMP: one thread) that unicorn's aarch64 emulator (QEMU's CPU) runs:
 the GEMV against the numpy twins the x86 paths meet in test_cpu_native.py, and whole decode
@@ -29,8 +29,8 @@ from unicorn import arm64_const as arm  # noqa: E402
 # (zig's -mcpu names; unicorn's A72, A57 and A53 lack sdot)
 ARM_CPUS = {"orin": ("cortex_a78ae", "neon-dotprod", arm.UC_CPU_ARM64_MAX),
             "armv8.0": ("cortex_a72", "scalar", arm.UC_CPU_ARM64_A72)}
-# the library's own flags but -march=native, OpenMP and the shared-object ones
-FLAGS = [f for f in cpu_native.DEFAULT_FLAGS if f not in ("-march=native", "-fopenmp", "-shared", "-fPIC")]
+# the library's own flags but the host's CPU, OpenMP and the shared-object ones
+FLAGS = [f for f in cpu_native.DEFAULT_FLAGS if f not in (cpu_native.NATIVE_CPU, "-fopenmp", "-shared", "-fPIC")]
 # what a bare executable needs: the two libc calls the kernels make, and an entry point
 HARNESS = r"""
 #include <stddef.h>
