@@ -224,6 +224,7 @@ def _build_cuda(source, kind, dev, output, max_memory, max_context, force, progr
     work = temp_dir_beside(output, "work")
     try:
         checkpoint = _quantize(source, work / "checkpoint", progress) if kind == "model" else Path(source)
-        return build_cuda_engine(checkpoint, dev, output, max_memory, max_context, force, device_name, lm_head)
+        return build_cuda_engine(checkpoint, dev, output, max_memory, max_context, force, device_name, lm_head,
+                                 progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -54,7 +54,8 @@ def write_weights(path: Path, tensors: dict) -> dict:
 
 
 def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, max_context: int | None = None,
-                      force: bool = False, device_name: str | None = None, lm_head: str = "int8") -> dict:
+                      force: bool = False, device_name: str | None = None, lm_head: str = "int8",
+                      progress: bool = False) -> dict:
     """Write a native engine for a GPU device profile from a quantized checkpoint; returns its manifest.
     lm_head: int8 (the default: half the bytes of the checkpoint's fp16 head on every token), int4
     (under a third; each step's top 64 re-scored from the fp16 table) or fp16 (decoder.LM_HEADS).
@@ -71,13 +72,13 @@ def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, m
         raise UserError(f"{checkpoint} uses group sizes {sorted(group_sizes)}; the cuda backend's kernels take one "
                         "group size of 32, 64 or 128")
     spec = decoder_spec(model, group_sizes.pop(), checkpoint_has_qkv_bias(ckpt), lm_head)
-    tensors = pack_weights(ckpt, spec)
+    tensors = pack_weights(ckpt, spec, progress)
     source = {"source": str(checkpoint), "model_type": spec.model_type,
               "architectures": ckpt.config.get("architectures"),
               "quantization": ckpt.metadata.get("settings") or ckpt.config.get("quantization_config") or {}}
     del ckpt  # the unpacked levels: only the packed tensors are written
     return write_cuda_engine(output, device, spec, tensors, Path(checkpoint), source, max_memory, max_context,
-                             force, device_name)
+                             force, device_name, progress)
 
 
 def stock_driver_note(device, kernels_cuda: str | None) -> str | None:
@@ -95,7 +96,8 @@ def stock_driver_note(device, kernels_cuda: str | None) -> str | None:
 
 
 def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path, source: dict, max_memory=None,
-                      max_context: int | None = None, force: bool = False, device_name: str | None = None) -> dict:
+                      max_context: int | None = None, force: bool = False, device_name: str | None = None,
+                      progress: bool = False) -> dict:
     """The engine folder from tensors in the kernels' layout (decoder.pack_weights, or random ones:
     awq_edge/synthetic.py); config.json and the tokenizer come from model_dir."""
     from .engine import engine_plan
@@ -105,7 +107,7 @@ def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path
         if size % 8:  # the GEMV's rows come 8 at a time; int4 words pack 8 of K
             raise UserError(f"{what} {size} is not a multiple of 8, which the cuda backend's kernels need; "
                             "use the CPU engine (--device cpu)")
-    cubins = plugins.build_cubins(device.gpu_arch)  # before any output: nvcc missing is one line, nothing written
+    cubins = plugins.build_cubins(device.gpu_arch, progress)  # before any output: nvcc missing is one line
     cuda = plugins.nvcc_release(plugins.find_nvcc())  # what the device's driver must support
     staging = output_staging(output, force)
     try:

@@ -300,8 +300,11 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
     return layout
 
 
-def pack_weights(ckpt, spec: DecoderSpec) -> dict[str, np.ndarray]:
-    """The checkpoint's tensors in the layout tensor_layout() describes (checked against it)."""
+def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors in the layout tensor_layout() describes (checked against it);
+    progress: a bar over the linears."""
+    from tqdm import tqdm
+
     from .checkpoint import concat_linears
     from .packing import pack_for_plugin, quantize_rows_int8
 
@@ -321,7 +324,7 @@ def pack_weights(ckpt, spec: DecoderSpec) -> dict[str, np.ndarray]:
         if spec.lm_head == "int4":
             out.update(quantize_head_int4(head.astype(np.float16), spec))
     out.update(rope_weights(spec))
-    for op in decode_ops(spec):
+    for op in tqdm(decode_ops(spec), desc="pack", unit="op", disable=not progress):
         a = op.args
         if op.kind == "linear":
             prefix = a["weight"]

@@ -149,11 +149,13 @@ CUBIN_SOURCES = ("gemv_w4a16", "gemm_w4a16", "attention", "sample", "head_top_k"
                  "decode_step")
 
 
-def build_cubins(gpu_arch: str) -> dict[str, Path]:
+def build_cubins(gpu_arch: str, progress: bool = False) -> dict[str, Path]:
     """name -> the cubin of plugins/kernels/<name>.cu for one arch (GPU code only: built on any
     host with nvcc, loaded on the device with cuModuleLoadData, whose driver must support the
     nvcc's release). Cached by source hash and release (NVCC=an older toolkit's nvcc builds for
-    an older driver)."""
+    an older driver). progress: a bar over the files while nvcc compiles them (a minute or so)."""
+    from tqdm import tqdm
+
     arch = arch_number(gpu_arch)
     nvcc = find_nvcc()
     if nvcc is None:
@@ -170,12 +172,16 @@ def build_cubins(gpu_arch: str) -> dict[str, Path]:
     jobs = [subprocess.Popen([nvcc, "-std=c++17", "-O3", "-cubin", f"-arch=sm_{arch}", "-I", str(kernels),
                               "-o", str(build / f"{name}.cubin"), str(kernels / f"{name}.cu")],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in CUBIN_SOURCES]
-    for name, job in zip(CUBIN_SOURCES, jobs):
-        out, _ = job.communicate()
-        if job.returncode != 0:
-            shutil.rmtree(build, ignore_errors=True)
-            tail = (out.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"nvcc failed on plugins/kernels/{name}.cu for {gpu_arch} ({tail[:300]})")
+    with tqdm(total=len(jobs), desc=f"kernels sm_{arch}", unit="file", disable=not progress) as bar:
+        for name, job in zip(CUBIN_SOURCES, jobs):
+            out, _ = job.communicate()
+            if job.returncode != 0:
+                for other in jobs:
+                    other.kill()
+                shutil.rmtree(build, ignore_errors=True)
+                tail = (out.strip().splitlines() or ["no output"])[-1]
+                raise UserError(f"nvcc failed on plugins/kernels/{name}.cu for {gpu_arch} ({tail[:300]})")
+            bar.update()
     _publish(build, final)
     return cubins
 
