@@ -20,6 +20,7 @@ CUDA_DEV_ATTR_MULTIPROCESSOR_COUNT = 16  # cudaDevAttrMultiProcessorCount
 _STREAM_CAPTURE_THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
+_CU_DEVICE_ATTRIBUTE_INTEGRATED = 18  # a Jetson's GPU: its memory is the board's, shared with the CPU
 
 
 class CudaError(RuntimeError):
@@ -32,6 +33,7 @@ class Gpu:
     name: str
     arch: str  # "sm_89"
     total_memory: int = 0  # bytes; 0 when unknown
+    integrated: bool = False  # memory shared with the CPU (Jetson); False when unknown (nvidia-smi)
 
 
 def _load_first(names: list[str]) -> ctypes.CDLL | None:
@@ -62,9 +64,11 @@ def find_gpus() -> list[Gpu]:
                 cuda.cuDeviceGetName(name, 256, dev)
                 cuda.cuDeviceGetAttribute(ctypes.byref(major), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
                 cuda.cuDeviceGetAttribute(ctypes.byref(minor), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
-                total = ctypes.c_size_t(0)
+                total, integrated = ctypes.c_size_t(0), ctypes.c_int(0)
                 cuda.cuDeviceTotalMem_v2(ctypes.byref(total), dev)
-                gpus.append(Gpu(i, name.value.decode(errors="replace"), f"sm_{major.value}{minor.value}", total.value))
+                cuda.cuDeviceGetAttribute(ctypes.byref(integrated), _CU_DEVICE_ATTRIBUTE_INTEGRATED, dev)
+                gpus.append(Gpu(i, name.value.decode(errors="replace"), f"sm_{major.value}{minor.value}", total.value,
+                                bool(integrated.value)))
             if gpus:
                 return gpus
     if shutil.which("nvidia-smi"):

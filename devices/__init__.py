@@ -107,14 +107,17 @@ UNLISTED_GPU = "gpu"  # `--device gpu`: this machine's GPU, listed or not
 
 
 def unlisted_gpu_profile(gpu) -> Device:
-    """A profile for a GPU the table does not list (an RTX 3090, an A100, an RTX 5080...), from what
-    its driver reports: its arch and memory, a default cap that leaves max(1.5 GiB, 8%) to the
-    CUDA context and the display, as the listed profiles do, and no bandwidth (unknown)."""
+    """A profile for a GPU the table does not list (an RTX 3090, an A100, an RTX 5080, a Jetson
+    Thor...), from what its driver reports: its arch and memory, and a default cap near the
+    listed profiles' rule of thumb: a discrete GPU's memory less max(1.5 GiB, 8%) for the CUDA
+    context and the display; a Jetson's (integrated: the board's memory, shared with the CPU) less
+    max(2.5 GiB, 15%) for the system too. No bandwidth (unknown)."""
     total = gpu.total_memory / GIB
+    reserve = max(2.5, 0.15 * total) if gpu.integrated else max(1.5, 0.08 * total)
     return Device(name=UNLISTED_GPU, title=f"{gpu.name} (not in the device table)", family=UNLISTED_GPU,
-                  gpu_arch=gpu.arch, total_memory_gib=round(total, 2),
-                  usable_memory_gib=round(total - max(1.5, 0.08 * total), 2), memory_bandwidth_gbs=0,
-                  unified_memory=False, notes="This machine's GPU, read from its driver.", match_gpu_name=gpu.name)
+                  gpu_arch=gpu.arch, total_memory_gib=round(total, 2), usable_memory_gib=round(total - reserve, 2),
+                  memory_bandwidth_gbs=0, unified_memory=gpu.integrated,
+                  notes="This machine's GPU, read from its driver.", match_gpu_name=gpu.name)
 
 
 def detect() -> Device:

@@ -61,7 +61,8 @@ def arm_executables(tmp_path_factory) -> dict[str, bytes]:
         for source in cpu_native.source_files():
             if source.suffix == ".c":
                 objects.append(str(tmp / f"{source.stem}-{name}.o"))
-                zig_cc(tmp, f"-mcpu={mcpu}", *FLAGS, "-Wall", "-Wextra", "-Werror", "-c", str(source), "-o", objects[-1])
+                zig_cc(tmp, f"-mcpu={mcpu}", *FLAGS, "-Wall", "-Wextra", "-Werror", "-c", str(source),
+                       "-o", objects[-1])
         exe = tmp / f"cpu-kernels-{name}"
         zig_cc(tmp, "-nostdlib", "-static", "-Wl,--no-gc-sections", *objects, str(tmp / "harness.o"), "-o", str(exe))
         built[name] = exe.read_bytes()
@@ -81,7 +82,8 @@ class Arm64:
         (phoff,) = struct.unpack_from("<Q", elf, 0x20)
         entry_size, count = struct.unpack_from("<HH", elf, 0x36)
         for i in range(count):
-            kind, _, offset, vaddr, _, file_size, memory_size, _ = struct.unpack_from("<IIQQQQQQ", elf, phoff + i * entry_size)
+            header = struct.unpack_from("<IIQQQQQQ", elf, phoff + i * entry_size)
+            kind, _, offset, vaddr, _, file_size, memory_size, _ = header
             if kind == 1:  # PT_LOAD
                 first, end = vaddr // self.PAGE * self.PAGE, -(-(vaddr + memory_size) // self.PAGE) * self.PAGE
                 self.uc.mem_map(first, end - first)

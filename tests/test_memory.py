@@ -94,7 +94,8 @@ def gpus_here(monkeypatch, *gpus) -> None:
 def test_a_gpu_the_table_does_not_list_is_profiled_from_its_driver(monkeypatch):
     """An RTX 3090 (sm_86, in no profile): `awq-edge devices` marks a `gpu` row of its arch and
     memory, and `--device gpu` resolves to it, its cap leaving 8% (at least 1.5 GiB) as the listed
-    profiles do; a listed GPU resolves to its own profile; a Turing GPU (sm_75) is not offered."""
+    profiles do; a Jetson Thor's (integrated) leaves 15% (at least 2.5 GiB) of the board's memory
+    to the system too; a listed GPU resolves to its own profile; a Turing GPU (sm_75) is not offered."""
     from typer.testing import CliRunner
 
     from awq_edge.cli import app
@@ -108,6 +109,9 @@ def test_a_gpu_the_table_does_not_list_is_profiled_from_its_driver(monkeypatch):
     assert listing.exit_code == 0
     marked = [line for line in listing.output.splitlines() if line.endswith("<- this machine")]
     assert len(marked) == 1 and marked[0].split()[:2] == ["gpu", "sm_86"] and "RTX 3090" in marked[0], listing.output
+    gpus_here(monkeypatch, ("NVIDIA Jetson AGX Thor", "sm_110", 128 * GIB, True))  # (integrated: the board's memory)
+    here = detect()
+    assert (here.gpu_arch, here.unified_memory, here.usable_memory_gib) == ("sm_110", True, 128 - 19.2)
     gpus_here(monkeypatch, ("NVIDIA GeForce RTX 4090", "sm_89", 24 * GIB))
     assert resolve("gpu").name == detect().name == "rtx4090"
     gpus_here(monkeypatch, ("Tesla T4", "sm_75", 16 * GIB))
