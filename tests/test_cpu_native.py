@@ -23,12 +23,16 @@ from test_export_helpers import tiny_checkpoint
 pytestmark = pytest.mark.skipif(cpu_native.find_cc() is None, reason="no C compiler (cc, gcc, clang) here")
 
 BASE = ("-O3", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
-# Every SIMD path this machine can run: x86-64 v1 is plain C, v3 is AVX2 without VNNI, and v3 with
+# Every SIMD path this machine can run: x86-64 v1 is plain C, v3 is AVX2 without VNNI, v4 AVX-512
+# without VNNI (a Skylake-SP: the AVX2 steps, the rest compiled for 512-bit vectors), and v3 with
 # AVX512-VNNI but not AVX512BW the 256-bit VNNI steps (native takes the 512-bit ones where it can).
 FLAGS = {"native": cpu_native.DEFAULT_FLAGS}
 if platform.machine() in ("x86_64", "AMD64"):
     FLAGS.update({"avx2": ("-march=x86-64-v3", *BASE), "plain": ("-march=x86-64", *BASE)})
-    if "avx512_vnni" in open("/proc/cpuinfo").read():
+    cpu_flags = set(open("/proc/cpuinfo").read().split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= cpu_flags:
+        FLAGS["avx512"] = ("-march=x86-64-v4", *BASE)
+    if "avx512_vnni" in cpu_flags:
         FLAGS["vnni256"] = ("-march=x86-64-v3", "-mavx512f", "-mavx512vl", "-mavx512vnni", *BASE)
 
 
