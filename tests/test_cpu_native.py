@@ -177,6 +177,22 @@ def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_
     assert max(errors) < 0.1 and len(disagreements) <= 1, (max(errors), disagreements)
 
 
+@pytest.mark.parametrize("path", sorted(set(FLAGS) - {"native"}))
+def test_native_decode_on_every_simd_path_matches_onnxruntime(path, smollm2_dir, tmp_path, monkeypatch):
+    """The whole step, not only its GEMV, built as a machine without this one's ISA would build it
+    (an AVX2-only desktop: most Intel and pre-Zen 4 AMD ones, where native decode is the default):
+    a tiny Gemma 3 (GELU, soft-caps, a sliding window, sandwich norms) against ONNX Runtime."""
+    build = cpu_native.load_library
+    monkeypatch.setattr(cpu_native, "load_library", lambda flags=FLAGS[path]: build(flags))
+    ckpt = tiny_checkpoint(tmp_path, "gemma3_text", smollm2_dir, hidden_size=128, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64)
+    native, reference = native_and_onnxruntime(export_checkpoint(ckpt, tmp_path / "ort", "ort"), 64)
+    assert native.native.lib._name == str(build(FLAGS[path])._name)  # (the build of that path ran)
+    ids = np.random.default_rng(1).integers(0, 256, 12 + 24).tolist()
+    errors, disagreements = teacher_forced(native, reference, ids, 12)
+    assert max(errors) < 0.1 and len(disagreements) <= 1, (max(errors), disagreements)
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 3, 64), (4, 1, 128), (2, 1, 256)])
 def test_native_attention_for_other_head_shapes(heads, kv_heads, head_dim, smollm2_dir, tmp_path):
     # every head size the decoder takes (256 runs the generic path), a group split between the two
