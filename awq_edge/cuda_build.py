@@ -90,9 +90,9 @@ def stock_driver_note(device, kernels_cuda: str | None) -> str | None:
     major = int(kernels_cuda.split(".")[0])
     if major <= device.stock_driver_cuda:
         return None
-    return (f"the kernels were compiled by nvcc {kernels_cuda}, which a {device.title} loads only with a CUDA "
-            f"{major} driver; its stock one is CUDA {device.stock_driver_cuda} (JetPack 6 on an Orin), so for that "
-            f"rebuild with a CUDA {device.stock_driver_cuda} nvcc: NVCC=/path/to/that/nvcc awq-edge build ...")
+    return (f"the kernels were compiled by nvcc {kernels_cuda} and load only under a CUDA {major} driver; this "
+            f"device's stock one is CUDA {device.stock_driver_cuda} (JetPack 6 on an Orin): for that, rebuild with a "
+            f"CUDA {device.stock_driver_cuda} nvcc (NVCC=/path/to/that/nvcc awq-edge build ...)")
 
 
 def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path, source: dict, max_memory=None,
