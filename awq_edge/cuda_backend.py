@@ -260,7 +260,7 @@ def find_gpu(manifest: dict):
             return gpu
     here = ", ".join(f"{g.name} ({g.arch})" for g in gpus)
     raise UserError(f"this engine was built for {built} but this machine has {here}; rebuild it with "
-                    "`awq-edge build SRC --device <this device>`")
+                    "`awq-edge build SRC --device gpu`")
 
 
 def kernels_refused(error, built_for: str | None, driver) -> str:

@@ -36,7 +36,7 @@ def check_manifest(manifest: dict, gpus: list, tensorrt_version: str | None) -> 
     if not any(g.arch == manifest["gpu_arch"] for g in gpus):
         here = ", ".join(f"{g.arch} ({g.name})" for g in gpus)
         raise UserError(f"engine built for {built} but this GPU is {here}; rebuild it here with "
-                        "`awq-edge build SRC --device <this device>`")
+                        "`awq-edge build SRC --device gpu`")
     if tensorrt_version is not None and tensorrt_version != manifest["tensorrt_version"]:
         raise UserError(f"engine built with TensorRT {manifest['tensorrt_version']} but TensorRT {tensorrt_version} "
                         "is installed; engines do not move across TensorRT versions: rebuild it")

@@ -78,6 +78,20 @@ def test_a_cuda_engine_builds_without_a_gpu_and_run_says_none_is_here(rtn_checkp
 
 
 @needs_nvcc
+def test_an_engine_for_another_arch_says_how_to_build_one_here(smollm2_cuda_engine, monkeypatch):
+    """An Orin's engine (sm_87) on a machine whose GPU is an RTX 3090 (sm_86): one line naming both
+    and the build for this machine's GPU."""
+    from awq_edge import cuda_runtime
+
+    monkeypatch.setattr(cuda_runtime, "find_gpus", lambda: [cuda_runtime.Gpu(0, "NVIDIA GeForce RTX 3090", "sm_86",
+                                                                             24 << 30)])
+    manifest, info = read_native_engine(smollm2_cuda_engine)
+    with pytest.raises(UserError, match=r"built for sm_87 \(orin\) but this machine has NVIDIA GeForce RTX 3090 "
+                                        r"\(sm_86\); rebuild it with `awq-edge build SRC --device gpu`"):
+        CudaBackend(smollm2_cuda_engine, manifest, info, 64)
+
+
+@needs_nvcc
 def test_kernels_the_driver_will_not_load_are_explained_in_one_line(smollm2_cuda_engine):
     """An engine records the CUDA its kernels need (the nvcc release that compiled them); a driver
     that supports an older CUDA and refuses them (CUDA 13's cubins on JetPack 6's 12.6) gets a
