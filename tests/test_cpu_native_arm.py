@@ -1,7 +1,8 @@
 """The native CPU kernels on Arm, where a Jetson's CPU fallback runs them, without an Arm machine:
 plugins/cpu/ cross-compiled by zig's clang (the `ziglang` wheel) for an Orin's Cortex-A78AE (NEON
-with the dot product: gemv_q4.c's sdot path, what `cc -mcpu=native` picks on an Orin) and for an
-Armv8.0 Cortex-A72 (no dot product: the plain C path), without a warning, into bare static
+with the dot product: gemv_q4.c's sdot path, what `cc -mcpu=native` picks on an Orin), a Thor's
+Neoverse-V3AE (the same, and the step's loops vectorized with SVE) and an Armv8.0 Cortex-A72 (no
+dot product: the plain C path), without a warning, into bare static
 executables (no libc, no OpenMP: one thread) that unicorn's aarch64 emulator (QEMU's CPU) runs:
 the GEMV against the numpy twins the x86 paths meet in test_cpu_native.py, and whole decode
 steps of tiny engines against the same steps on this machine's native build."""
@@ -26,8 +27,10 @@ unicorn = pytest.importorskip("unicorn", reason="the unicorn wheel (pip install 
 from unicorn import arm64_const as arm  # noqa: E402
 
 # name -> (clang -mcpu, what cpu_kernels_simd() reports there, unicorn's CPU)
-# (zig's -mcpu names; unicorn's A72, A57 and A53 lack sdot)
+# (zig's -mcpu names; unicorn's A72, A57 and A53 lack sdot; a Jetson Thor's Neoverse-V3AE has SVE2,
+# with which clang vectorizes the step's loops, in 128-bit vectors as its own)
 ARM_CPUS = {"orin": ("cortex_a78ae", "neon-dotprod", arm.UC_CPU_ARM64_MAX),
+            "thor": ("neoverse_v3ae", "neon-dotprod", arm.UC_CPU_ARM64_MAX),
             "armv8.0": ("cortex_a72", "scalar", arm.UC_CPU_ARM64_A72)}
 # the library's own flags but the host's CPU, OpenMP and the shared-object ones
 FLAGS = [f for f in cpu_native.DEFAULT_FLAGS if f not in (cpu_native.NATIVE_CPU, "-fopenmp", "-shared", "-fPIC")]
@@ -91,8 +94,14 @@ class Arm64:
         self.uc.mem_map(self.HEAP, self.HEAP_BYTES)
         self.uc.mem_map(self.STACK - (1 << 20), 1 << 20)
         self.uc.mem_map(self.STOP, self.PAGE)
-        # FP and SIMD on at EL1 (CPACR_EL1.FPEN), else the first NEON instruction traps
+        # FP and SIMD on at EL1 (CPACR_EL1.FPEN), else the first NEON instruction traps; on the
+        # `max` core SVE too (CPACR_EL1.ZEN, CPTR_EL3.EZ) in 128-bit vectors (ZCR_ELx.LEN 0)
         self.uc.reg_write(arm.UC_ARM64_REG_CPACR_EL1, self.uc.reg_read(arm.UC_ARM64_REG_CPACR_EL1) | 3 << 20)
+        if cpu == arm.UC_CPU_ARM64_MAX:
+            self.uc.reg_write(arm.UC_ARM64_REG_CPACR_EL1, self.uc.reg_read(arm.UC_ARM64_REG_CPACR_EL1) | 3 << 16)
+            self.uc.reg_write(arm.UC_ARM64_REG_CP_REG, (1, 1, 3, 6, 2, 1 << 8))  # (crn, crm, op0, op1, op2, value)
+            for el in (6, 4, 0):  # ZCR_EL3, ZCR_EL2, ZCR_EL1
+                self.uc.reg_write(arm.UC_ARM64_REG_CP_REG, (1, 2, 3, el, 0, 0))
         self.top = self.HEAP
 
     def put(self, array) -> int:
