@@ -8,6 +8,7 @@ of the plugin library it was built with.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -67,6 +68,7 @@ def find_nvcc() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)  # (build_cubins keys its cache by it, the engine's manifest records it)
 def nvcc_release(nvcc: str) -> str:
     """'13.0' for an nvcc whose --version says "release 13.0": the CUDA version its cubins need
     of the driver that loads them (a driver older than the toolkit refuses them)."""
