@@ -262,10 +262,9 @@ def build(
     typer.echo(f"wrote {output} for {manifest.get('device')} (backend {manifest.get('backend')}): context {context} "
                f"tokens under a {format_size(cap) if cap else '?'} cap")
     if manifest.get("backend") == "cuda":
-        from .build import resolve_for_build
         from .cuda_build import stock_driver_note
 
-        note = stock_driver_note(resolve_for_build(manifest["device"], "cuda"), manifest.get("kernels_cuda"))
+        note = stock_driver_note(manifest["device"], manifest.get("kernels_cuda"))
         if note:
             typer.echo(f"note: {note}", err=True)
 

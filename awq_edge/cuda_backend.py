@@ -60,6 +60,7 @@ from .engine_dir import DecoderInfo
 from .errors import UserError
 from .gpu_tuning import read_tuning, tuning_key, write_tuning
 from .memory import PREFILL_CHUNK, format_size
+from .plugins import cuda_major
 from .sampling import NO_USABLE_LOGITS, DeviceLogits, fp32_draw
 
 CHUNK_BYTES = 64 << 20           # weights go to the GPU in pieces this size: no second host copy
@@ -270,8 +271,7 @@ def kernels_refused(error, built_for: str | None, driver) -> str:
         supported = driver.cuda_version()
     except Exception:  # noqa: BLE001  (the message below does without it)
         supported = None
-    major = lambda version: int(version.split(".")[0])  # noqa: E731  (cubins load on any minor of their major)
-    if built_for and supported and major(built_for) > major(supported):
+    if built_for and supported and cuda_major(built_for) > cuda_major(supported):
         return (f"the engine's kernels were compiled by nvcc {built_for} and this GPU's driver supports CUDA "
                 f"{supported} at most ({error}); rebuild the engine with an nvcc of CUDA {supported} or older "
                 "(NVCC=/path/to/that/nvcc awq-edge build ...), or update the driver")

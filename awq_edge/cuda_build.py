@@ -81,18 +81,20 @@ def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, m
                              force, device_name, progress)
 
 
-def stock_driver_note(device, kernels_cuda: str | None) -> str | None:
-    """A warning when the engine's kernels need a newer CUDA than the device's stock driver has
-    (devices/*.toml stock_driver_cuda: an Orin's JetPack 6 has CUDA 12, an nvcc of CUDA 13 is common
-    on build hosts); None when they load there, or the device's driver is updated freely."""
-    if not device.stock_driver_cuda or not kernels_cuda:
+def stock_driver_note(device_name: str, kernels_cuda: str | None) -> str | None:
+    """A warning when an engine for device_name (a profile or a family, as its manifest names it)
+    has kernels that need a newer CUDA than the profile's stock driver (devices/*.toml
+    stock_driver_cuda: an Orin's JetPack 6 has CUDA 12, an nvcc of CUDA 13 is common on build
+    hosts); None when they load there, or the device's driver is updated freely."""
+    from .devices import all_devices
+
+    stock = max((d.stock_driver_cuda for d in all_devices().values() if device_name in (d.name, d.family)),
+                default=0)
+    if not stock or not kernels_cuda or plugins.cuda_major(kernels_cuda) <= stock:
         return None
-    major = int(kernels_cuda.split(".")[0])
-    if major <= device.stock_driver_cuda:
-        return None
-    return (f"the kernels were compiled by nvcc {kernels_cuda} and load only under a CUDA {major} driver; this "
-            f"device's stock one is CUDA {device.stock_driver_cuda} (JetPack 6 on an Orin): for that, rebuild with a "
-            f"CUDA {device.stock_driver_cuda} nvcc (NVCC=/path/to/that/nvcc awq-edge build ...)")
+    return (f"the kernels were compiled by nvcc {kernels_cuda} and load only under a CUDA "
+            f"{plugins.cuda_major(kernels_cuda)} driver; this device's stock one is CUDA {stock} (JetPack 6 on an "
+            f"Orin): for that, rebuild with a CUDA {stock} nvcc (NVCC=/path/to/that/nvcc awq-edge build ...)")
 
 
 def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path, source: dict, max_memory=None,

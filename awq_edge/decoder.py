@@ -302,7 +302,7 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
 
 def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, np.ndarray]:
     """The checkpoint's tensors in the layout tensor_layout() describes (checked against it);
-    progress: a bar over the linears."""
+    progress: a bar over the op list."""
     from tqdm import tqdm
 
     from .checkpoint import concat_linears

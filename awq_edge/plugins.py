@@ -79,6 +79,11 @@ def nvcc_release(nvcc: str) -> str:
     return found.group(1)
 
 
+def cuda_major(version: str) -> int:
+    """'12.6' -> 12: what a driver must support of the cubins' CUDA (any minor of it loads them)."""
+    return int(version.split(".")[0])
+
+
 def cuda_include_dir() -> Path | None:
     """The directory with cuda_fp16.h and cuda_runtime_api.h, for host-only compiles."""
     roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
