@@ -77,6 +77,7 @@ class DecoderSpec:
     layer_windows: tuple           # per layer: sliding window or 0
     layer_rope: tuple              # per layer: index of its RoPE table
     rope_freqs: tuple = field(repr=False)  # per table: inverse frequencies [D/2] (float64)
+    rope_scales: tuple = field(repr=False)  # per table: cos/sin's multiplier (YaRN's attention factor; else 1)
     lm_head: str = "int8"          # the head in the engine: LM_HEADS
 
     @property
@@ -109,15 +110,16 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
     if lm_head == "int4" and model.vocab > HEAD_SELECT_CAPACITY ** 2 // HEAD_TOP_K:
         raise UserError(f"a vocabulary of {model.vocab} is more than the int4 head's candidate search takes "
                         f"({HEAD_SELECT_CAPACITY ** 2 // HEAD_TOP_K}); build with --lm-head int8")
-    freqs, layer_rope = [], []
-    for f in model.layer_inv_freq:
+    freqs, scales, layer_rope = [], [], []
+    for f, scale in zip(model.layer_inv_freq, model.layer_rope_scale):
         for j, known in enumerate(freqs):
-            if np.array_equal(known, f):
+            if np.array_equal(known, f) and scales[j] == scale:
                 layer_rope.append(j)
                 break
         else:
             layer_rope.append(len(freqs))
             freqs.append(f)
+            scales.append(scale)
     return DecoderSpec(
         model_type=model.model_type, hidden=model.hidden, intermediate=model.intermediate, layers=model.layers,
         heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim, vocab=model.vocab, eps=model.eps,
@@ -127,7 +129,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         activation=ACTIVATIONS[family.activation], mlp_norm=family.mlp_norm, attn_scale=model.attn_scale,
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
-        rope_freqs=tuple(freqs), lm_head=lm_head)
+        rope_freqs=tuple(freqs), rope_scales=tuple(scales), lm_head=lm_head)
 
 
 # ---------------------------------------------------------------- the op list
@@ -383,8 +385,8 @@ def rope_weights(spec: DecoderSpec) -> dict[str, np.ndarray]:
     from .export.spec import rope_tables
 
     out = {}
-    for j, freq in enumerate(spec.rope_freqs):
-        cos, sin = rope_tables(freq, spec.max_positions)
+    for j, (freq, scale) in enumerate(zip(spec.rope_freqs, spec.rope_scales)):
+        cos, sin = rope_tables(freq, spec.max_positions, scale)
         out[f"rope.{j}.cos"], out[f"rope.{j}.sin"] = cos.astype(np.float16), sin.astype(np.float16)
     return out
 

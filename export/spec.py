@@ -16,7 +16,7 @@ from ..families import Family, family_for
 from ..untrusted import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS,
                          MAX_VOCAB, Fields)
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 FIX = "the checkpoint config is incomplete or corrupt"
 MAX_ROPE_TABLE = 1 << 27  # positions x head_dim: 2 x 512 MiB of float32 cos/sin at most
 
@@ -38,6 +38,7 @@ class ModelSpec:
     attn_scale: float  # multiplies q.k
     layer_windows: list[int | None]  # per layer: sliding window (tokens attended, self included) or None
     layer_inv_freq: list[np.ndarray]  # per layer: RoPE inverse frequencies [head_dim / 2]
+    layer_rope_scale: list[float]  # per layer: what cos and sin are multiplied by (YaRN's attention factor; else 1)
     attn_softcap: float | None
     final_softcap: float | None
 
@@ -47,15 +48,17 @@ class ModelSpec:
         return 2 * self.layers * self.kv_heads * self.head_dim
 
 
-def inv_freq(rope: Fields, head_dim: int) -> np.ndarray:
-    """RoPE inverse frequencies for one rope parameter dict (HF semantics), float64."""
+def rope_frequencies(rope: Fields, head_dim: int, max_positions: int) -> tuple[np.ndarray, float]:
+    """RoPE inverse frequencies (float64) and the factor cos/sin are scaled by, for one rope
+    parameter dict (Hugging Face's semantics, transformers 5 `modeling_rope_utils`)."""
     rope_type = rope.str("rope_type", default=None) or rope.str("type", default="default")
     theta = rope.float("rope_theta", 1e-3, 1e12, default=10000.0)
     freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    if rope_type == "default":
-        return freq
+    if rope_type in ("default", "dynamic"):
+        # dynamic NTK scales the base only past max_position_embeddings, which is our tables' end
+        return freq, 1.0
     if rope_type == "linear":
-        return freq / rope.float("factor", 1e-3, 1e6)
+        return freq / rope.float("factor", 1e-3, 1e6), 1.0
     if rope_type == "llama3":
         factor = rope.float("factor", 1e-3, 1e6)
         low, high = rope.float("low_freq_factor", 1e-6, 1e6), rope.float("high_freq_factor", 1e-6, 1e6)
@@ -67,9 +70,39 @@ def inv_freq(rope: Fields, head_dim: int) -> np.ndarray:
         smoothed = (1 - smooth) * freq / factor + smooth * freq
         out = np.where(wavelen > old_ctx / low, freq / factor, freq)
         medium = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
-        return np.where(medium, smoothed, out)
+        return np.where(medium, smoothed, out), 1.0
+    if rope_type == "yarn":
+        return yarn_frequencies(rope, theta, freq, head_dim, max_positions)
     raise UserError(f"{rope.where}: RoPE type {rope_type!r} is not supported by the exporter "
                     f"(supported: {', '.join(ROPE_TYPES)})")
+
+
+def yarn_frequencies(rope: Fields, theta: float, freq: np.ndarray, head_dim: int,
+                     max_positions: int) -> tuple[np.ndarray, float]:
+    """YaRN (Qwen's long-context setting): the low frequencies divided by `factor`, the high ones
+    kept, a linear ramp between; cos/sin scaled by 0.1 ln(factor) + 1 unless attention_factor says."""
+    old_ctx = rope.float("original_max_position_embeddings", 1, MAX_POSITIONS, default=max_positions)
+    factor = rope.float("factor", 1e-3, 1e6, default=max_positions / old_ctx)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = rope.float("attention_factor", 1e-6, 1e3, default=None)
+    if attention is None:
+        m, m_all = rope.float("mscale", 0.0, 1e3, default=None), rope.float("mscale_all_dim", 0.0, 1e3, default=None)
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    fast = rope.float("beta_fast", 1e-6, 1e6, default=None) or 32.0
+    slow = rope.float("beta_slow", 1e-6, 1e6, default=None) or 1.0
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times in old_ctx
+        return head_dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if rope.bool("truncate", default=True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / ((high - low) or 0.001), 0, 1)
+    return freq / factor * ramp + freq * (1 - ramp), float(attention)
 
 
 def _rope_params(config: Fields) -> dict[str, Fields]:
@@ -84,6 +117,8 @@ def _rope_params(config: Fields) -> dict[str, Fields]:
         scaling = raw.get("rope_scaling")
         base = dict(scaling) if isinstance(scaling, dict) else {}
     base.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    if raw.get("original_max_position_embeddings") is not None:  # Phi-3 style: outside, and it wins (as in HF)
+        base["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
     out = {"full_attention": Fields(base, f"{config.where} rope parameters", config.fix)}
     local = raw.get("rope_local_base_freq")
     out["sliding_attention"] = (Fields({"rope_type": "default", "rope_theta": local},
@@ -127,12 +162,14 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     windows = [window if t == "sliding_attention" and window else None for t in layer_types]
 
     ropes = _rope_params(c)
-    freqs = []
+    freqs, scales = [], []
     for t in layer_types:
         rope = ropes.get(t) or ropes.get("full_attention")
         if rope is None:
             raise UserError(f"{where}: no RoPE parameters for layer type {t!r}; {fix}")
-        freqs.append(inv_freq(rope, head_dim))
+        freq, scale = rope_frequencies(rope, head_dim, max_positions)
+        freqs.append(freq)
+        scales.append(scale)
 
     scalar = c.float("query_pre_attn_scalar", 1e-6, 1e9, default=None)  # Gemma: scale by this, not head_dim
     return ModelSpec(
@@ -142,6 +179,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         max_positions=max_positions,
         tie_embeddings=c.bool("tie_word_embeddings", default=False),
         attn_scale=scalar ** -0.5 if scalar else head_dim ** -0.5, layer_windows=windows, layer_inv_freq=freqs,
+        layer_rope_scale=scales,
         attn_softcap=c.float("attn_logit_softcapping", 1e-3, 1e6, default=None),
         final_softcap=c.float("final_logit_softcapping", 1e-3, 1e6, default=None),
     )
@@ -196,11 +234,11 @@ def check_checkpoint_shapes(linears: dict, tensors: dict, spec: ModelSpec, where
                             "the checkpoint is corrupt or belongs to another model")
 
 
-def rope_tables(freq: np.ndarray, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [positions, head_dim / 2] in float32.
+def rope_tables(freq: np.ndarray, positions: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [positions, head_dim / 2] in float32, times scale (YaRN's attention factor).
 
     The angle is rounded to float32 like Hugging Face's float32 `position * inv_freq`, so long
     positions (large angles) agree with the reference model to float32 rounding of cos/sin."""
     angles = np.outer(np.arange(positions, dtype=np.float32), freq.astype(np.float32))
-    return (np.cos(angles.astype(np.float64)).astype(np.float32),
-            np.sin(angles.astype(np.float64)).astype(np.float32))
+    return ((np.cos(angles.astype(np.float64)) * scale).astype(np.float32),
+            (np.sin(angles.astype(np.float64)) * scale).astype(np.float32))

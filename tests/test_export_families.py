@@ -55,13 +55,30 @@ def test_gemma3_spec_reads_local_rope_and_window():
     assert spec.family.sandwich_norm and spec.family.norm_offset == 1.0
 
 
-def test_llama3_rope_scaling(tmp_path, smollm2_dir):
-    """rope_type llama3 (Llama 3.x) changes the low frequencies; the export follows HF."""
+ROPE_SCALINGS = {
+    "llama3": ("llama", {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    # Qwen's long-context setting; attention factor 0.1 ln 4 + 1 on cos/sin
+    "yarn": ("qwen3", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                       "original_max_position_embeddings": 64}),
+    # DeepSeek-style: the factor from the two lengths, mscale / mscale_all_dim, no truncation
+    "yarn_mscale": ("qwen2", {"rope_type": "yarn", "rope_theta": 500.0, "factor": None, "mscale": 1.0,
+                              "mscale_all_dim": 0.5, "beta_fast": 16, "truncate": False,
+                              "original_max_position_embeddings": 32}),
+    "yarn_attention_factor": ("mistral", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                                          "attention_factor": 0.8, "original_max_position_embeddings": 128}),
+    # NTK only past max_position_embeddings: the default frequencies everywhere the engine runs
+    "dynamic": ("llama", {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+}
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS)
+def test_rope_scaling(tmp_path, smollm2_dir, scaling):
+    """Each RoPE scaling type changes the frequencies (YaRN also cos/sin's size); the export follows HF."""
     from awq_edge.checkpoint import load_awq_as_float
 
-    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-    ckpt = tiny_checkpoint(tmp_path, "llama", smollm2_dir, rope_parameters=rope)
+    model_type, rope = ROPE_SCALINGS[scaling]
+    ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, rope_parameters=rope)
     ref = load_awq_as_float(ckpt).eval()
     for target in ("ort", "onnx"):
         check_against_reference(export_for_cpu(ckpt, tmp_path / "exports", target), ref, _ids(2), PROMPT, 1e-5)
@@ -70,12 +87,13 @@ def test_llama3_rope_scaling(tmp_path, smollm2_dir):
 def test_unsupported_rope_type_is_a_user_error(tmp_path, smollm2_dir):
     from awq_edge.export import export_checkpoint
 
-    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
-    with pytest.raises(UserError, match="RoPE type 'yarn' is not supported"):  # refused before quantizing
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 64}
+    with pytest.raises(UserError, match="RoPE type 'longrope' is not supported"):  # refused before quantizing
         tiny_checkpoint(tmp_path / "float", "llama", smollm2_dir, rope_parameters=rope)
     ckpt = tiny_checkpoint(tmp_path / "ok", "llama", smollm2_dir)
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
-    with pytest.raises(UserError, match="RoPE type 'yarn' is not supported"):  # and by the exporter
+    with pytest.raises(UserError, match="RoPE type 'longrope' is not supported"):  # and by the exporter
         export_checkpoint(ckpt, tmp_path / "out", "ort")
     assert not (tmp_path / "out").exists()

@@ -40,9 +40,9 @@ needs_nvcc = pytest.mark.skipif(plugins.find_nvcc() is None, reason="nvcc not fo
                                                                     "compiles its kernels")
 
 
-def tiny_native_checkpoint(root: Path, model_type: str, tokenizer_dir: Path) -> Path:
+def tiny_native_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, **overrides) -> Path:
     extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
-    return tiny_checkpoint(root, model_type, tokenizer_dir, **NATIVE_TINY, **extra)
+    return tiny_checkpoint(root, model_type, tokenizer_dir, **{**NATIVE_TINY, **extra, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -840,10 +840,15 @@ def test_reference_executor_matches_the_ort_engine_for_smollm2(smollm2_cuda_engi
     assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
 
 
+YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                            "original_max_position_embeddings": 16}}  # cos/sin scaled by 1.139
+
+
 @needs_nvcc
-@pytest.mark.parametrize("model_type", TINY_FAMILIES)
-def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, smollm2_dir, tmp_path):
-    ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir)
+@pytest.mark.parametrize("model_type, overrides", [*((t, {}) for t in TINY_FAMILIES), ("qwen3", YARN)],
+                         ids=[*TINY_FAMILIES, "qwen3_yarn"])
+def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
+    ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     engine = tmp_path / "engine"
     build_engine(str(ckpt), "rtx4090", engine, backend="cuda", progress=False)
     reference = ReferenceBackend(engine, max_context=64)
