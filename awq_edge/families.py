@@ -36,7 +36,8 @@ FAMILIES: dict[str, Family] = {
     )
 }
 
-SUPPORTED = ", ".join(sorted({t for f in FAMILIES.values() for t in f.model_types}))
+SUPPORTED_TYPES = frozenset(t for f in FAMILIES.values() for t in f.model_types)
+SUPPORTED = ", ".join(sorted(SUPPORTED_TYPES))
 
 
 def family_for(model_type: str) -> Family:

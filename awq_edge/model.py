@@ -16,7 +16,7 @@ from pathlib import Path
 from . import data
 from .checkpoint import temp_dir_beside
 from .errors import UserError
-from .families import Family, family_for
+from .families import SUPPORTED, SUPPORTED_TYPES, Family, family_for
 from .untrusted import read_json, sha256_file
 
 
@@ -31,9 +31,62 @@ def require_torch(needed_for: str) -> None:
 
 
 def read_config(model_dir: Path) -> dict:
+    """config.json; for a float vision-language checkpoint, its language model's config."""
+    config = read_raw_config(model_dir)
+    if is_vision_language(config) and not is_quantized_checkpoint(config):
+        return language_model_config(model_dir, config)
+    return config
+
+
+def read_raw_config(model_dir: Path) -> dict:
     if not (model_dir / "config.json").exists():
         raise UserError(f"{model_dir} has no config.json; give a Hugging Face model directory or a .gguf file")
     return read_json(model_dir / "config.json", "re-download or re-quantize the model")
+
+
+# A vision-language checkpoint (Gemma 3 from 4B on, Mistral Small 3.1, LLaVA) wraps a language model
+# of a supported family: awq-edge quantizes that model alone and never reads the vision tower.
+# transformers < 4.52 saved its weights as language_model.model.* and language_model.lm_head.*,
+# later versions as model.language_model.* and lm_head.*.
+LANGUAGE_MODEL_KEYS = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                       ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
+
+
+def is_vision_language(config: dict) -> bool:
+    return isinstance(config.get("text_config"), dict) and config.get("model_type") not in SUPPORTED_TYPES
+
+
+def language_model_key(stored: str) -> str | None:
+    """A vision-language checkpoint's tensor name -> its language model's name (None: not of it)."""
+    for prefix, ours in LANGUAGE_MODEL_KEYS:
+        if stored.startswith(prefix):
+            return ours + stored[len(prefix):]
+    return None
+
+
+def language_model_config(model_dir: Path, config: dict) -> dict:
+    """The whole config of a vision-language checkpoint's language model: transformers fills in
+    the defaults its text_config leaves out (Gemma 3's lists only what differs from them)."""
+    require_torch(f"reading the vision-language checkpoint {model_dir}")
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    text_type = config["text_config"].get("model_type")
+    if not isinstance(text_type, str) or text_type not in SUPPORTED_TYPES:
+        raise UserError(f"{model_dir} is a vision-language model ({config.get('model_type')}) whose language model "
+                        f"({str(text_type)[:40]}) is not a supported family; supported model types: {SUPPORTED}")
+    try:
+        wrapper = AutoConfig.from_pretrained(model_dir)
+        text = wrapper.get_text_config().to_dict()
+    except Exception as e:
+        raise UserError(f"transformers cannot read {model_dir / 'config.json'} ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:150]}); re-download the model") from None
+    text["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_type]]
+    text["tie_word_embeddings"] = bool(wrapper.tie_word_embeddings)  # the wrapper's decides, as in transformers
+    if config.get("eos_token_id") is not None:  # the instruct models' end of turn is listed here (Gemma 3: 106)
+        text["eos_token_id"] = config["eos_token_id"]
+    text["dtype"] = text.get("dtype") or config.get("dtype") or config.get("torch_dtype")
+    return text
 
 
 def check_causal_lm(config: dict, where: str) -> Family:
@@ -121,6 +174,11 @@ def load_float_model(model_dir: Path, dtype=None):
 
     config = read_config(model_dir)
     check_causal_lm(config, str(model_dir))
+    if is_vision_language(read_raw_config(model_dir)) and not is_quantized_checkpoint(config):
+        model, tokenizer, materialize = load_for_quantization(model_dir)
+        for i in range(len(decoder_layers(model))):
+            materialize(i)
+        return (model if dtype is None else model.to(dtype)), tokenizer
     if is_quantized_checkpoint(config):
         from .checkpoint import load_awq_as_float
 
@@ -162,21 +220,32 @@ def load_for_quantization(model_dir: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     files = sorted(model_dir.glob("*.safetensors"))
+    vision_language = is_vision_language(read_raw_config(model_dir))
     if not files:
+        if vision_language:
+            raise UserError(f"{model_dir} is a vision-language model stored as pytorch .bin; awq-edge reads its "
+                            "language model from safetensors files only: re-download them (or convert)")
         model, tokenizer = load_float_model(model_dir)
         return model, tokenizer, lambda i: None
     config_dict = read_config(model_dir)
     check_causal_lm(config_dict, str(model_dir))
-    where: dict[str, Path] = {}
+    where: dict[str, tuple[Path, str]] = {}  # the model's tensor name -> (file, the name stored there)
     try:
         for f in files:
             with safe_open(str(f), "pt") as handle:
-                where.update({key: f for key in handle.keys()})
+                for key in handle.keys():
+                    name = language_model_key(key) if vision_language else key
+                    if name is not None:
+                        where[name] = (f, key)
     except Exception as e:
         raise UserError(f"could not read {model_dir}: {str(e).splitlines()[0][:200]}; "
                         "the safetensors files are truncated or corrupt, re-download them") from None
     try:  # transformers checks the config in its own ways: one line for whatever it refuses
         config = AutoConfig.from_pretrained(model_dir)
+        if vision_language:
+            config = config.get_text_config()  # what language_model_config settled, on transformers' object
+            config.dtype = getattr(torch, str(config_dict["dtype"] or "float32").removeprefix("torch."))
+            config.tie_word_embeddings = config_dict["tie_word_embeddings"]
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
     except Exception as e:
@@ -184,14 +253,18 @@ def load_for_quantization(model_dir: Path):
                         f"{(str(e).strip().splitlines() or [''])[0][:150]}); re-download the model") from None
     names = [n for n in model.state_dict() if not (n == "lm_head.weight" and config.tie_word_embeddings)]
     missing = [n for n in names if n not in where]
+    if missing and vision_language:
+        raise UserError(f"{model_dir} lacks its language model's tensor {missing[0]} (looked for under "
+                        f"{', '.join(p for p, _ in LANGUAGE_MODEL_KEYS)}); re-download the model")
     if missing:  # renamed keys (a conversion mapping): let transformers load it whole
         model, tokenizer = load_float_model(model_dir)
         return model, tokenizer, lambda i: None
 
     def load(prefix: str) -> None:
         for name in [n for n in names if n.startswith(prefix)]:
-            with safe_open(str(where[name]), "pt") as handle:
-                set_module_tensor_to_device(model, name, "cpu", value=handle.get_tensor(name))
+            file, key = where[name]
+            with safe_open(str(file), "pt") as handle:
+                set_module_tensor_to_device(model, name, "cpu", value=handle.get_tensor(key))
 
     load("model.embed_tokens.")
     load("model.norm.")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..families import Family, family_for
+from ..families import SUPPORTED_TYPES, Family, family_for
 from ..untrusted import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS,
                          MAX_VOCAB, Fields)
 
@@ -130,6 +130,9 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     """The checked numbers of a model config (untrusted input: every field typed and bounded)."""
     c = Fields(config, where, fix)
     model_type = c.str("model_type", default="?")
+    if isinstance(config.get("text_config"), dict) and model_type not in SUPPORTED_TYPES:
+        raise UserError(f"{where}: a vision-language checkpoint ({model_type}) already quantized; awq-edge quantizes "
+                        "the language model of the float checkpoint itself: give that to quantize or build")
     family = family_for(model_type)
     hidden = c.int("hidden_size", 1, MAX_HIDDEN)
     layers = c.int("num_hidden_layers", 1, MAX_LAYERS)

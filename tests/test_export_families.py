@@ -6,6 +6,8 @@ sequences are longer than the sliding windows (Mistral 5, Gemma3 4), so window m
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +99,85 @@ def test_unsupported_rope_type_is_a_user_error(tmp_path, smollm2_dir):
     with pytest.raises(UserError, match="RoPE type 'longrope' is not supported"):  # and by the exporter
         export_checkpoint(ckpt, tmp_path / "out", "ort")
     assert not (tmp_path / "out").exists()
+
+
+# Vision-language checkpoints: the language model alone, from either key layout transformers wrote.
+VISION_LANGUAGE = {
+    # Gemma 3 4B and up: text_config lists only what differs from Gemma3TextConfig's defaults,
+    # the end of turn (106) only in the top-level eos_token_id; keys language_model.model.*
+    "gemma3": ({**TINY, **TINY_EXTRA["gemma3_text"], "vocab_size": 300},
+               dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, image_size=28, patch_size=14),
+               dict(mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298,
+                    eos_token_id=[1, 106])),
+    # Mistral Small 3.1; keys as transformers >= 4.52 saves them: model.language_model.*, lm_head.*
+    "mistral3": ({**TINY, "model_type": "mistral", "head_dim": 32, "vocab_size": 300},
+                 dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, image_size=28, patch_size=14, head_dim=16),
+                 dict(image_token_index=299)),
+}
+
+
+def vision_language_dir(root, wrapper: str, tokenizer_dir) -> tuple:
+    """A tiny random vision-language model saved as the hub has them, and the model itself."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    text, vision, extra = VISION_LANGUAGE[wrapper]
+    torch.manual_seed(0)
+    text = dict(text, model_type=text.get("model_type", "gemma3_text"))
+    config = AutoConfig.for_model(wrapper, text_config=text, vision_config=vision, **extra)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(mean=0.0 if wrapper == "gemma3" else 1.0, std=0.2)
+    out = root / wrapper
+    model.save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())
+    if wrapper == "gemma3":
+        defaults = AutoConfig.for_model("gemma3_text").to_dict()
+        saved["text_config"] = {k: v for k, v in saved["text_config"].items()
+                                if k == "model_type" or defaults.get(k) != v}
+        assert "num_attention_heads" not in saved["text_config"] or TINY["num_attention_heads"] != 8
+    else:
+        tensors = load_file(out / "model.safetensors")
+        renamed = {k.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head.",
+                                                                                        "lm_head."): v
+                   for k, v in tensors.items()}
+        save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(saved))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_dir) / name, out / name)
+    return out, model
+
+
+@pytest.mark.parametrize("wrapper", VISION_LANGUAGE)
+def test_a_vision_language_checkpoint_is_quantized_as_its_language_model(tmp_path, smollm2_dir, wrapper):
+    import torch
+
+    from awq_edge.checkpoint import load_awq_as_float
+    from awq_edge.model import load_float_model
+    from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
+
+    source, vision_language = vision_language_dir(tmp_path, wrapper, smollm2_dir)
+    ids = _ids(3)
+    language_model, _ = load_float_model(source)  # the vision tower left unread, the defaults filled in
+    with torch.no_grad():
+        want = vision_language(input_ids=torch.tensor([ids])).logits
+        got = language_model(input_ids=torch.tensor([ids])).logits
+    assert torch.equal(got, want)
+
+    ckpt = tmp_path / "ckpt"
+    quantize_checkpoint(str(source), ckpt, QuantizeSettings(method="rtn", group_size=32), progress=False)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["model_type"] == VISION_LANGUAGE[wrapper][0].get("model_type", "gemma3_text")
+    assert config["eos_token_id"] == VISION_LANGUAGE[wrapper][2].get("eos_token_id", config["eos_token_id"])
+    ref = load_awq_as_float(ckpt).eval()
+    check_against_reference(export_for_cpu(ckpt, tmp_path / "exports", "ort"), ref, ids, PROMPT, 1e-5)
+
+    from awq_edge.export.spec import model_spec  # one quantized by another tool (AutoAWQ) still wraps its model
+
+    with pytest.raises(UserError, match=f"a vision-language checkpoint \\({wrapper}\\) already quantized"):
+        model_spec(json.loads((source / "config.json").read_text()))
