@@ -22,17 +22,23 @@ class Family:
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
     activation: str = "silu"  # gate activation: silu | gelu_tanh
     qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    # which layers slide when config.json has no layer_types (older configs), as transformers decides:
+    # "none"; "all" (Mistral: every layer when sliding_window is set); "qwen" (only with
+    # use_sliding_window, from layer max_window_layers on); "gemma" (all but every
+    # sliding_window_pattern-th, 6 unless the config says)
+    sliding_layers: str = "none"
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("llama", ("llama",)),
-        Family("mistral", ("mistral",)),
-        Family("qwen2", ("qwen2",), qkv_bias=True),
-        Family("qwen3", ("qwen3",), qk_norm=True),
+        Family("mistral", ("mistral",), sliding_layers="all"),
+        Family("qwen2", ("qwen2",), qkv_bias=True, sliding_layers="qwen"),
+        Family("qwen3", ("qwen3",), qk_norm=True, sliding_layers="qwen"),
         Family("gemma3", ("gemma3_text",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,
-               qk_norm=True, sandwich_norm=True, embed_scale=True, activation="gelu_tanh"),
+               qk_norm=True, sandwich_norm=True, embed_scale=True, activation="gelu_tanh",
+               sliding_layers="gemma"),
     )
 }
 

@@ -126,6 +126,20 @@ def _rope_params(config: Fields) -> dict[str, Fields]:
     return out
 
 
+def default_layer_types(c: Fields, family: Family, layers: int, window: int | None) -> list[str]:
+    """Each layer's attention for a config without layer_types, by the family's rule (transformers')."""
+    rule = family.sliding_layers
+    if window is None or rule == "none":
+        return ["full_attention"] * layers
+    if rule == "qwen":
+        first = c.int("max_window_layers", 0, MAX_LAYERS, default=28)
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    if rule == "gemma":
+        pattern = c.int("sliding_window_pattern", 1, MAX_LAYERS, default=6)
+        return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    return ["sliding_attention"] * layers  # "all"
+
+
 def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> ModelSpec:
     """The checked numbers of a model config (untrusted input: every field typed and bounded)."""
     c = Fields(config, where, fix)
@@ -154,10 +168,9 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
 
     # Which layers use a sliding window, and how wide (tokens attended, the query's own included).
     window = c.int("sliding_window", 1, MAX_POSITIONS, default=None)
-    layer_types = config.get("layer_types")
-    if not layer_types:
-        sliding_all = window is not None and model_type == "mistral"
-        layer_types = ["sliding_attention" if sliding_all else "full_attention"] * layers
+    if family.sliding_layers == "qwen" and not c.bool("use_sliding_window", default=False):
+        window = None  # Qwen's configs keep a sliding_window that is off (transformers nulls it)
+    layer_types = config.get("layer_types") or default_layer_types(c, family, layers, window)
     if (not isinstance(layer_types, list) or len(layer_types) != layers
             or not all(t in ("full_attention", "sliding_attention") for t in layer_types)):
         raise UserError(f"{where}: layer_types must list full_attention or sliding_attention for each of the "

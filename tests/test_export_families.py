@@ -181,3 +181,31 @@ def test_a_vision_language_checkpoint_is_quantized_as_its_language_model(tmp_pat
 
     with pytest.raises(UserError, match=f"a vision-language checkpoint \\({wrapper}\\) already quantized"):
         model_spec(json.loads((source / "config.json").read_text()))
+
+
+# Configs written before transformers had layer_types (the hub's Gemma 3 1B, Qwen2.5): which layers
+# slide follows each family's rule, as transformers applies it to the same config.json.
+OLD_STYLE_WINDOWS = {
+    "gemma3_pattern_default": ("gemma3_text", {}, {}),  # every 6th layer full: both tiny layers slide
+    "gemma3_pattern_2": ("gemma3_text", {}, {"sliding_window_pattern": 2}),
+    "qwen2_sliding_on": ("qwen2", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 1}, {}),
+    "qwen3_sliding_off": ("qwen3", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 0},
+                          {"use_sliding_window": False}),
+}
+
+
+@pytest.mark.parametrize("case", OLD_STYLE_WINDOWS)
+def test_a_config_without_layer_types_slides_the_layers_transformers_slides(tmp_path, smollm2_dir, case):
+    from awq_edge.checkpoint import load_awq_as_float
+    from awq_edge.export.spec import model_spec
+
+    model_type, overrides, edit = OLD_STYLE_WINDOWS[case]
+    ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.pop("layer_types")
+    (ckpt / "config.json").write_text(json.dumps({**config, **edit}))
+    ref = load_awq_as_float(ckpt).eval()
+    want = [ref.config.sliding_window if t == "sliding_attention" and ref.config.sliding_window else None
+            for t in ref.config.layer_types]
+    assert model_spec(json.loads((ckpt / "config.json").read_text())).layer_windows == want
+    check_against_reference(export_for_cpu(ckpt, tmp_path / "exports", "ort"), ref, _ids(4), PROMPT, 1e-5)
