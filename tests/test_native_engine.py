@@ -860,6 +860,22 @@ def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, 
 
 
 @needs_nvcc
+def test_biases_the_cuda_kernels_do_not_add_are_refused_and_the_cpu_engine_adds_them(tmp_path, smollm2_dir):
+    """Llama's attention_bias biases o_proj as well as q/k/v, mlp_bias gate/up/down: the cuda
+    backend adds biases to q/k/v only, so it refuses in one line; the ORT graph adds every bias."""
+    from awq_edge.checkpoint import load_awq_as_float
+    from test_export_helpers import check_against_reference
+
+    ckpt = tiny_checkpoint(tmp_path, "llama", smollm2_dir, attention_bias=True, mlp_bias=True)
+    with pytest.raises(UserError, match=r"layers.0.mlp.down_proj carries a bias; .* --device cpu"):
+        build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
+    assert not (tmp_path / "engine").exists()
+    ids = np.random.default_rng(2).integers(0, 256, 12 + 8).tolist()
+    check_against_reference(export_for_cpu(ckpt, tmp_path / "exports", "ort"), load_awq_as_float(ckpt).eval(), ids,
+                            12, 1e-5)
+
+
+@needs_nvcc
 def test_a_cuda_engines_head_is_int8_unless_int4_or_float_is_asked(tmp_path, smollm2_dir):
     """int8 rows (half the bytes read per token) by default, the checkpoint's fp16 with --lm-head
     float, a 4-bit linear with its top 64 re-scored from the fp16 table with --lm-head int4. On
