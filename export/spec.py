@@ -18,6 +18,8 @@ from ..untrusted import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, 
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 FIX = "the checkpoint config is incomplete or corrupt"
+# config.json's names (hidden_act; Gemma's hidden_activation) of each families.Family.activation
+ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")}
 MAX_ROPE_TABLE = 1 << 27  # positions x head_dim: 2 x 512 MiB of float32 cos/sin at most
 
 
@@ -158,6 +160,10 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     max_positions = c.int("max_position_embeddings", 1, MAX_POSITIONS, default=4096)
     if c.float("partial_rotary_factor", 0, 1, default=1.0) != 1.0:
         raise UserError(f"model type {model_type}: partial rotary embeddings are not supported by the exporter")
+    act = c.str("hidden_activation", default=None) or c.str("hidden_act", default=None)
+    if act is not None and act not in ACTIVATION_NAMES[family.activation]:  # not silently another function
+        raise UserError(f"{where}: hidden activation {act!r} is not supported for {model_type} (its engines compute "
+                        f"{' / '.join(ACTIVATION_NAMES[family.activation])})")
     if heads % kv_heads:
         raise UserError(f"model type {model_type}: {heads} attention heads is not a multiple of {kv_heads} KV heads")
     if head_dim % 2:

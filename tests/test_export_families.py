@@ -209,3 +209,23 @@ def test_a_config_without_layer_types_slides_the_layers_transformers_slides(tmp_
             for t in ref.config.layer_types]
     assert model_spec(json.loads((ckpt / "config.json").read_text())).layer_windows == want
     check_against_reference(export_for_cpu(ckpt, tmp_path / "exports", "ort"), ref, _ids(4), PROMPT, 1e-5)
+
+
+@pytest.mark.parametrize("model_type, key, act, ok", [
+    ("llama", "hidden_act", "silu", True), ("qwen3", "hidden_act", "swish", True),
+    ("llama", "hidden_act", "gelu", False), ("mistral", "hidden_act", "relu", False),
+    ("gemma3_text", "hidden_activation", "gelu_pytorch_tanh", True),
+    ("gemma3_text", "hidden_activation", "gelu", False),  # exact GELU: not the tanh form the engines compute
+])
+def test_an_activation_the_engines_do_not_compute_is_refused(model_type, key, act, ok):
+    from transformers import AutoConfig
+
+    from awq_edge.export.spec import model_spec
+
+    config = {**AutoConfig.for_model(model_type, **{**TINY, **TINY_EXTRA[model_type]}).to_dict(), key: act}
+    config.pop("hidden_act" if key == "hidden_activation" else "hidden_activation", None)
+    if ok:
+        model_spec(config)
+    else:
+        with pytest.raises(UserError, match=f"hidden activation '{act}' is not supported for {model_type}"):
+            model_spec(config)
