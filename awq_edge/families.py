@@ -27,18 +27,29 @@ class Family:
     # use_sliding_window, from layer max_window_layers on); "gemma" (all but every
     # sliding_window_pattern-th, 6 unless the config says)
     sliding_layers: str = "none"
+    # what transformers' config class takes for a key config.json leaves out, where that is not the
+    # generic default export.spec assumes (head_dim hidden / heads, no window, untied, RoPE base 1e4)
+    config_defaults: tuple = ()
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("llama", ("llama",)),
-        Family("mistral", ("mistral",), sliding_layers="all"),
-        Family("qwen2", ("qwen2",), qkv_bias=True, sliding_layers="qwen"),
-        Family("qwen3", ("qwen3",), qk_norm=True, sliding_layers="qwen"),
+        Family("llama", ("llama",), config_defaults=(("max_position_embeddings", 2048),)),
+        Family("mistral", ("mistral",), sliding_layers="all",
+               config_defaults=(("max_position_embeddings", 131072), ("sliding_window", 4096),
+                                ("num_key_value_heads", 8))),
+        Family("qwen2", ("qwen2",), qkv_bias=True, sliding_layers="qwen",
+               config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 32))),
+        Family("qwen3", ("qwen3",), qk_norm=True, sliding_layers="qwen",
+               config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 32), ("head_dim", 128))),
         Family("gemma3", ("gemma3_text",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,
                qk_norm=True, sandwich_norm=True, embed_scale=True, activation="gelu_tanh",
-               sliding_layers="gemma"),
+               sliding_layers="gemma",
+               config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 4), ("head_dim", 256),
+                                ("sliding_window", 4096), ("tie_word_embeddings", True),
+                                ("query_pre_attn_scalar", 256), ("rope_theta", 1e6),
+                                ("rope_local_base_freq", 10000.0))),
     )
 }
 

@@ -144,12 +144,13 @@ def default_layer_types(c: Fields, family: Family, layers: int, window: int | No
 
 def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> ModelSpec:
     """The checked numbers of a model config (untrusted input: every field typed and bounded)."""
-    c = Fields(config, where, fix)
-    model_type = c.str("model_type", default="?")
+    model_type = Fields(config, where, fix).str("model_type", default="?")
     if isinstance(config.get("text_config"), dict) and model_type not in SUPPORTED_TYPES:
         raise UserError(f"{where}: a vision-language checkpoint ({model_type}) already quantized; awq-edge quantizes "
                         "the language model of the float checkpoint itself: give that to quantize or build")
     family = family_for(model_type)
+    config = {**dict(family.config_defaults), **config}  # a key left out means what it means to transformers
+    c = Fields(config, where, fix)
     hidden = c.int("hidden_size", 1, MAX_HIDDEN)
     layers = c.int("num_hidden_layers", 1, MAX_LAYERS)
     heads = c.int("num_attention_heads", 1, MAX_HEADS)

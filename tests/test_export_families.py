@@ -229,3 +229,22 @@ def test_an_activation_the_engines_do_not_compute_is_refused(model_type, key, ac
     else:
         with pytest.raises(UserError, match=f"hidden activation '{act}' is not supported for {model_type}"):
             model_spec(config)
+
+
+@pytest.mark.parametrize("model_type", TINY_EXTRA)
+def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
+    """A config.json that leaves keys out (Gemma 3's, third-party checkpoints') means transformers'
+    class defaults: head_dim, windows, tied head, RoPE bases, context, KV heads, score scale."""
+    from transformers import AutoConfig
+
+    from awq_edge.export.spec import model_spec
+
+    sizes = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=12, num_attention_heads=32, vocab_size=300)
+    sparse, full = model_spec({"model_type": model_type, **sizes}), model_spec(
+        AutoConfig.for_model(model_type, **sizes).to_dict())
+    for field in sparse.__dataclass_fields__:
+        got, want = getattr(sparse, field), getattr(full, field)
+        if field == "layer_inv_freq":
+            assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want)), field
+        else:
+            assert got == want, (field, got, want)
