@@ -38,6 +38,48 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt")
 
 
+# A vision-language checkpoint (Gemma 3 from 4B on, Mistral Small 3.1) wraps a language model of a
+# supported family: awq-edge reads that model alone and never the vision tower. transformers < 4.52
+# saved its weights as language_model.model.* and language_model.lm_head.*, later versions as
+# model.language_model.* and lm_head.*.
+LANGUAGE_MODEL_KEYS = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                       ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
+
+
+def is_vision_language(config: dict) -> bool:
+    from .families import SUPPORTED_TYPES
+
+    return isinstance(config.get("text_config"), dict) and config.get("model_type") not in SUPPORTED_TYPES
+
+
+def language_model_key(stored: str) -> str | None:
+    """A vision-language checkpoint's tensor name -> its language model's name (None: not of it)."""
+    for prefix, ours in LANGUAGE_MODEL_KEYS:
+        if stored.startswith(prefix):
+            return ours + stored[len(prefix):]
+    return None
+
+
+def language_model_view(config: dict):
+    """(config, tensor-name map) of a quantized checkpoint: its own and the identity; for a
+    vision-language one, its language model's text_config (export.spec fills in the defaults
+    transformers would, families.Family.config_defaults) with the wrapper's quantization_config,
+    eos_token_id and tie_word_embeddings carried over, and language_model_key."""
+    if not is_vision_language(config):
+        return config, lambda name: name
+    text = {**config["text_config"], "quantization_config": config.get("quantization_config")}
+    for key in ("eos_token_id", "tie_word_embeddings"):  # the wrapper's decide, as in transformers
+        if config.get(key) is not None:
+            text[key] = config[key]
+    return text, language_model_key
+
+
+def settle_tie(config: dict, wrapper: dict, tensors: dict) -> None:
+    """A vision-language wrapper that does not say whether its head is tied: tied where no lm_head is stored."""
+    if is_vision_language(wrapper) and wrapper.get("tie_word_embeddings") is None:
+        config["tie_word_embeddings"] = "lm_head.weight" not in tensors
+
+
 @dataclass
 class QuantizedLinear:
     q: np.ndarray  # uint8 [out, in]
@@ -195,8 +237,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
     if ct_checkpoint.is_ct_dir(Path(path)):  # llm-compressor's format has its own reader
         return ct_checkpoint.read_ct_checkpoint(path)
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     fix = "quantize the model again with `awq-edge quantize`"
@@ -214,12 +255,18 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise UserError(f"{path} uses AWQ {version} {bits}-bit{'' if zero_point else ' without zero points'}; "
                         "only the 4-bit zero-point 'gemm' layout is supported")
     group_hint = qc.int("group_size", 1, 1 << 20, default=128)
+    wrapper, (config, rename) = config, language_model_view(config)
     raw: dict[str, np.ndarray] = {}
     for f in _weight_files(path):
         try:
-            raw.update(load_file(str(f)))
+            with safe_open(str(f), framework="numpy") as handle:
+                for key in handle.keys():
+                    name = rename(key)
+                    if name is not None:  # a vision tower is never read
+                        raw[name] = handle.get_tensor(key)
         except (SafetensorError, OSError, ValueError, TypeError) as e:
             raise UserError(f"could not read {f}: {str(e)[:200]}; the file is truncated or corrupt") from None
+    settle_tie(config, wrapper, raw)
     linears: dict[str, QuantizedLinear] = {}
     for key in [k for k in raw if k.endswith(".qweight")]:
         prefix = key[: -len(".qweight")]

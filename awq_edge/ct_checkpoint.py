@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from . import packing
-from .checkpoint import METADATA_FILE, QUANTIZED_LINEARS, Checkpoint, QuantizedLinear, _weight_files
+from .checkpoint import (METADATA_FILE, QUANTIZED_LINEARS, Checkpoint, QuantizedLinear, _weight_files,
+                         language_model_view, settle_tie)
 from .errors import UserError
 from .untrusted import read_json
 
@@ -171,8 +172,9 @@ SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def read_safetensors(path: Path, rename=lambda name: name) -> dict[str, np.ndarray]:
     """Every tensor of a .safetensors file as numpy; BF16 (which numpy lacks) as float32, exactly.
+    rename: stored name -> the name to return it under, or None to leave it unread.
 
     The file is untrusted: every tensor's byte range and size are checked against the header
     and the file size before anything is read, and each tensor is read into its own array,
@@ -211,7 +213,8 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             np_dtype = np.dtype(SAFETENSORS_DTYPES[dtype])
             if int(np.prod(shape, dtype=object)) * np_dtype.itemsize != end - begin:
                 raise corrupt(f"tensor {name}: shape {shape} of {dtype} does not fill its {end - begin} bytes")
-            entries.append((name, dtype, np_dtype, shape, begin))
+            if rename(name) is not None:
+                entries.append((rename(name), dtype, np_dtype, shape, begin))
         tensors = {}
         for name, dtype, np_dtype, shape, begin in entries:
             array = np.empty(shape, dtype=np_dtype)
@@ -242,11 +245,12 @@ def read_ct_checkpoint(path: str | Path) -> Checkpoint:
     """Read a compressed-tensors W4A16 pack-quantized checkpoint into our unpacked INT4 arrays."""
     path = Path(path)
     fix = "quantize the model again"
-    config = read_json(path / "config.json", fix)
-    group_size, symmetric = weight_scheme(config["quantization_config"], path)
+    wrapper = read_json(path / "config.json", fix)
+    group_size, symmetric = weight_scheme(wrapper["quantization_config"], path)
+    config, rename = language_model_view(wrapper)
     raw: dict[str, np.ndarray] = {}
     for f in _weight_files(path):
-        tensors = read_safetensors(f)
+        tensors = read_safetensors(f, rename)
         twice = sorted(raw.keys() & tensors.keys())
         if twice:
             raise UserError(f"{path}: tensor {twice[0]} is stored in more than one file; the checkpoint is malformed")
@@ -286,6 +290,7 @@ def read_ct_checkpoint(path: str | Path) -> Checkpoint:
         if leaf == "weight" and owner.rsplit(".", 1)[-1] in QUANTIZED_LINEARS and owner not in linears:
             raise UserError(f"{path}: {owner} is stored float (the compressed-tensors `ignore` list or targets "
                             "leave it out), but awq-edge needs every decoder linear in 4 bits")
+    settle_tie(config, wrapper, raw)
     meta_file = path / METADATA_FILE
     metadata = read_json(meta_file, fix) if meta_file.is_file() else {}
     return Checkpoint(config, group_size, linears, raw, metadata)

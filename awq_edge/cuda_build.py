@@ -81,9 +81,10 @@ def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, m
     source = {"source": str(checkpoint), "model_type": spec.model_type,
               "architectures": ckpt.config.get("architectures"),
               "quantization": ckpt.metadata.get("settings") or ckpt.config.get("quantization_config") or {}}
+    config = ckpt.config  # as read: a vision-language checkpoint's is its language model's
     del ckpt  # the unpacked levels: only the packed tensors are written
     return write_cuda_engine(output, device, spec, tensors, Path(checkpoint), source, max_memory, max_context,
-                             force, device_name, progress)
+                             force, device_name, progress, config)
 
 
 def stock_driver_note(device_name: str, kernels_cuda: str | None) -> str | None:
@@ -104,9 +105,10 @@ def stock_driver_note(device_name: str, kernels_cuda: str | None) -> str | None:
 
 def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path, source: dict, max_memory=None,
                       max_context: int | None = None, force: bool = False, device_name: str | None = None,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, config: dict | None = None) -> dict:
     """The engine folder from tensors in the kernels' layout (decoder.pack_weights, or random ones:
-    awq_edge/synthetic.py); config.json and the tokenizer come from model_dir."""
+    awq_edge/synthetic.py); the tokenizer comes from model_dir, config.json is `config` (the
+    checkpoint's as read) or else model_dir's."""
     from .engine import engine_plan
 
     output = Path(output)
@@ -124,7 +126,10 @@ def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path
         (staging / DECODER_INFO).write_text(json.dumps(decoder, indent=1) + "\n")
         for name, file in kernel_files(device.gpu_arch).items():
             shutil.copy2(cubins[name], staging / file)
-        shutil.copy2(model_dir / "config.json", staging / "config.json")
+        if config is None:
+            shutil.copy2(model_dir / "config.json", staging / "config.json")
+        else:
+            (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_tokenizer(model_dir, staging)
         if not (staging / "tokenizer.json").exists():
             raise UserError(f"no tokenizer.json in {model_dir}; the engine needs the model's tokenizer")

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from . import data
-from .checkpoint import temp_dir_beside
+from .checkpoint import LANGUAGE_MODEL_KEYS, is_vision_language, language_model_key, temp_dir_beside
 from .errors import UserError
 from .families import SUPPORTED, SUPPORTED_TYPES, Family, family_for
 from .untrusted import read_json, sha256_file
@@ -44,26 +44,6 @@ def read_raw_config(model_dir: Path) -> dict:
     return read_json(model_dir / "config.json", "re-download or re-quantize the model")
 
 
-# A vision-language checkpoint (Gemma 3 from 4B on, Mistral Small 3.1, LLaVA) wraps a language model
-# of a supported family: awq-edge quantizes that model alone and never reads the vision tower.
-# transformers < 4.52 saved its weights as language_model.model.* and language_model.lm_head.*,
-# later versions as model.language_model.* and lm_head.*.
-LANGUAGE_MODEL_KEYS = (("language_model.model.", "model."), ("model.language_model.", "model."),
-                       ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
-
-
-def is_vision_language(config: dict) -> bool:
-    return isinstance(config.get("text_config"), dict) and config.get("model_type") not in SUPPORTED_TYPES
-
-
-def language_model_key(stored: str) -> str | None:
-    """A vision-language checkpoint's tensor name -> its language model's name (None: not of it)."""
-    for prefix, ours in LANGUAGE_MODEL_KEYS:
-        if stored.startswith(prefix):
-            return ours + stored[len(prefix):]
-    return None
-
-
 def language_model_config(model_dir: Path, config: dict) -> dict:
     """The whole config of a vision-language checkpoint's language model: transformers fills in
     the defaults its text_config leaves out (Gemma 3's lists only what differs from them)."""
@@ -90,6 +70,8 @@ def language_model_config(model_dir: Path, config: dict) -> dict:
 
 
 def check_causal_lm(config: dict, where: str) -> Family:
+    if is_vision_language(config):  # a quantized one (read_config gives a float one's language model)
+        return family_for(str(config["text_config"].get("model_type", "?")))
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise UserError(f"{where}: config.json architectures is not a list of names; re-download the model")

@@ -95,7 +95,8 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
         table = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.exact"
         exact_head = {"top_k": rescore_top_k, "table": table} if rescore else None
         copy_tokenizer(Path(ckpt_dir), staging)
-        shutil.copy2(Path(ckpt_dir) / "config.json", staging / "config.json")
+        # the config as read: a vision-language checkpoint's is its language model's
+        (staging / "config.json").write_text(json.dumps(ckpt.config, indent=2) + "\n")
         info = {
             "format": EXPORT_FORMAT,
             "format_version": EXPORT_FORMAT_VERSION,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..families import SUPPORTED_TYPES, Family, family_for
+from ..families import Family, family_for
 from ..untrusted import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS,
                          MAX_VOCAB, Fields)
 
@@ -145,9 +145,6 @@ def default_layer_types(c: Fields, family: Family, layers: int, window: int | No
 def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> ModelSpec:
     """The checked numbers of a model config (untrusted input: every field typed and bounded)."""
     model_type = Fields(config, where, fix).str("model_type", default="?")
-    if isinstance(config.get("text_config"), dict) and model_type not in SUPPORTED_TYPES:
-        raise UserError(f"{where}: a vision-language checkpoint ({model_type}) already quantized; awq-edge quantizes "
-                        "the language model of the float checkpoint itself: give that to quantize or build")
     family = family_for(model_type)
     config = {**dict(family.config_defaults), **config}  # a key left out means what it means to transformers
     c = Fields(config, where, fix)

@@ -114,7 +114,7 @@ VISION_LANGUAGE = {
     "mistral3": ({**TINY, "model_type": "mistral", "head_dim": 32, "vocab_size": 300},
                  dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, image_size=28, patch_size=14, head_dim=16),
-                 dict(image_token_index=299)),
+                 dict(image_token_index=299, tie_word_embeddings=False)),  # its own lm_head, as the 24B
 }
 
 
@@ -153,11 +153,38 @@ def vision_language_dir(root, wrapper: str, tokenizer_dir) -> tuple:
     return out, model
 
 
+def wrap_checkpoint(ckpt, source, out):
+    """ckpt (a text checkpoint quantized from the vision-language source) stored as tools that keep
+    the wrapper store it (AutoAWQ, llm-compressor): the wrapper's config and key layout, with its
+    vision tower beside, float (a compressed-tensors `ignore` leaves its q/k/v/o float too)."""
+    from safetensors.numpy import load_file, save_file
+
+    from awq_edge.checkpoint import language_model_key
+
+    wrapper_tensors = load_file(source / "model.safetensors")
+    legacy = any(k.startswith("language_model.") for k in wrapper_tensors)
+    moved = {(f"language_model.{k}" if legacy else k.replace("model.", "model.language_model.", 1)
+              if k.startswith("model.") else k): v for k, v in load_file(ckpt / "model.safetensors").items()}
+    vision = {k: v for k, v in wrapper_tensors.items() if language_model_key(k) is None}
+    out.mkdir()
+    save_file({**moved, **vision}, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    config.pop("tie_word_embeddings")  # as Gemma 3's: tied or not is told by a stored lm_head
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ckpt / name, out / name)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
 @pytest.mark.parametrize("wrapper", VISION_LANGUAGE)
-def test_a_vision_language_checkpoint_is_quantized_as_its_language_model(tmp_path, smollm2_dir, wrapper):
+def test_a_vision_language_checkpoint_is_quantized_as_its_language_model(tmp_path, smollm2_dir, wrapper, fmt):
+    """From the float wrapper: its language model quantized alone; from one quantized by a tool that
+    keeps the wrapper (RedHatAI's Gemma 3 w4a16 models): read as its language model's checkpoint."""
     import torch
 
-    from awq_edge.checkpoint import load_awq_as_float
+    from awq_edge.checkpoint import load_awq_as_float, read_checkpoint
     from awq_edge.model import load_float_model
     from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
 
@@ -170,17 +197,25 @@ def test_a_vision_language_checkpoint_is_quantized_as_its_language_model(tmp_pat
     assert torch.equal(got, want)
 
     ckpt = tmp_path / "ckpt"
-    quantize_checkpoint(str(source), ckpt, QuantizeSettings(method="rtn", group_size=32), progress=False)
+    quantize_checkpoint(str(source), ckpt, QuantizeSettings(method="rtn", group_size=32), progress=False,
+                        checkpoint_format=fmt)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["model_type"] == VISION_LANGUAGE[wrapper][0].get("model_type", "gemma3_text")
     assert config["eos_token_id"] == VISION_LANGUAGE[wrapper][2].get("eos_token_id", config["eos_token_id"])
     ref = load_awq_as_float(ckpt).eval()
     check_against_reference(export_for_cpu(ckpt, tmp_path / "exports", "ort"), ref, ids, PROMPT, 1e-5)
 
-    from awq_edge.export.spec import model_spec  # one quantized by another tool (AutoAWQ) still wraps its model
-
-    with pytest.raises(UserError, match=f"a vision-language checkpoint \\({wrapper}\\) already quantized"):
-        model_spec(json.loads((source / "config.json").read_text()))
+    wrapped = wrap_checkpoint(ckpt, source, tmp_path / "wrapped")
+    read = read_checkpoint(wrapped)
+    assert read.config["model_type"] == config["model_type"] and read.config["eos_token_id"] == config["eos_token_id"]
+    assert read.config["tie_word_embeddings"] == config["tie_word_embeddings"] == (wrapper == "gemma3")
+    assert sorted(read.linears) == sorted(read_checkpoint(ckpt).linears)
+    exported = export_for_cpu(wrapped, tmp_path / "wrapped-exports", "ort")
+    assert json.loads((exported / "config.json").read_text())["model_type"] == config["model_type"]
+    check_against_reference(exported, ref, ids, PROMPT, 1e-5)
+    with torch.no_grad():  # eval's reference of the wrapped checkpoint: the same model
+        assert torch.equal(load_awq_as_float(wrapped).eval()(input_ids=torch.tensor([ids])).logits,
+                           ref(input_ids=torch.tensor([ids])).logits)
 
 
 # Configs written before transformers had layer_types (the hub's Gemma 3 1B, Qwen2.5): which layers
