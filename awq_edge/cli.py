@@ -283,14 +283,17 @@ def _ask_variant(device: str) -> str:
 
 
 def _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens):
-    from .sampling import SamplingSettings
+    """The flags given, checked before the engine loads (those left out are the model's or ours)."""
+    from .sampling import sampling_with_defaults
 
-    SamplingSettings(temperature, top_k, top_p, repetition_penalty).validate()
+    sampling_with_defaults({}, temperature=temperature, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty).validate()
     if max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
 
 
 THREADS_HELP = "CPU threads for ONNX Runtime; default: this machine's physical cores"
+MODEL_SAMPLING = "default: the model's generation_config.json (where it says do_sample), else"
 SPIN_HELP = ("--spin: ONNX Runtime's threads busy-wait between ops (fastest on an idle machine); --no-spin: they "
              "sleep (better when other busy processes share the cores). docs/runtime.md has the measurements")
 NATIVE_HELP = ("CPU engines: decode one token at a time on awq-edge's own kernels (built with the system C compiler "
@@ -326,10 +329,10 @@ def run(
     engine: Path = typer.Argument(..., help="engine directory (awq-edge build)"),
     prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt; `-` reads it from stdin"),
     max_new_tokens: int = typer.Option(256, help="tokens to generate at most"),
-    temperature: float = typer.Option(0.7, help="0 = greedy"),
-    top_k: int = typer.Option(50, help="0 = off"),
-    top_p: float = typer.Option(0.95, help="1 = off"),
-    repetition_penalty: float = typer.Option(1.0, help="1 = off"),
+    temperature: Optional[float] = typer.Option(None, help=f"0 = greedy; {MODEL_SAMPLING} 0.7"),
+    top_k: Optional[int] = typer.Option(None, help=f"0 = off; {MODEL_SAMPLING} 50"),
+    top_p: Optional[float] = typer.Option(None, help=f"1 = off; {MODEL_SAMPLING} 0.95"),
+    repetition_penalty: Optional[float] = typer.Option(None, help=f"1 = off; {MODEL_SAMPLING} 1"),
     seed: Optional[int] = typer.Option(None, help="seed for sampling (same seed, same text)"),
     stop: Optional[list[str]] = typer.Option(None, help="stop at this text (repeatable)"),
     system: Optional[str] = typer.Option(None, help="system message (with the chat template)"),
@@ -352,9 +355,9 @@ def run(
             raise UserError("the prompt on stdin is not valid UTF-8; fix its encoding") from None
     _utf8(prompt, "the prompt")
     eng = _load_engine(engine, max_memory, max_context, verify, threads, spin, native_decode)
-    from .sampling import Sampler, SamplingSettings
+    from .sampling import Sampler
 
-    sampler = Sampler(SamplingSettings(temperature, top_k, top_p, repetition_penalty, seed))
+    sampler = Sampler(eng.sampling(temperature, top_k, top_p, repetition_penalty, seed))
     ids = eng.prompt_ids(prompt, system, chat_template=not no_chat_template)
     pieces = eng.stream_ids(ids, sampler, max_new_tokens, stop, ignore_eos=ignore_eos)
     for piece in pieces:
@@ -386,10 +389,10 @@ def chat(
     engine: Path = typer.Argument(..., help="engine directory (awq-edge build)"),
     system: Optional[str] = typer.Option(None, help="system message"),
     max_new_tokens: int = typer.Option(512, help="tokens per reply at most"),
-    temperature: float = typer.Option(0.7, help="0 = greedy"),
-    top_k: int = typer.Option(50, help="0 = off"),
-    top_p: float = typer.Option(0.95, help="1 = off"),
-    repetition_penalty: float = typer.Option(1.0, help="1 = off"),
+    temperature: Optional[float] = typer.Option(None, help=f"0 = greedy; {MODEL_SAMPLING} 0.7"),
+    top_k: Optional[int] = typer.Option(None, help=f"0 = off; {MODEL_SAMPLING} 50"),
+    top_p: Optional[float] = typer.Option(None, help=f"1 = off; {MODEL_SAMPLING} 0.95"),
+    repetition_penalty: Optional[float] = typer.Option(None, help=f"1 = off; {MODEL_SAMPLING} 1"),
     seed: Optional[int] = typer.Option(None, help="seed for sampling"),
     max_memory: Optional[str] = typer.Option(None, help="memory cap; default: the one the engine was built with"),
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 from .engine_dir import ExportInfo, check_files, read_decoder_info, read_export_info, read_manifest
 from .errors import UserError
 from .memory import PREFILL_CHUNK, MemoryPlan, format_size, parse_size, peak_rss_bytes, plan_memory
-from .sampling import DeviceLogits, Sampler, SamplingSettings
+from .sampling import DeviceLogits, Sampler, SamplingSettings, sampling_with_defaults
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -242,23 +242,31 @@ class Engine:
         return self.tokenizer.encode((system + "\n" if system else "") + prompt, add_special_tokens=True)
 
     # ------------------------------------------------------------ generation
-    def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 50,
-                 top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
+    def sampling(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, seed: int | None = None) -> SamplingSettings:
+        """The settings a generation uses: what is given, else what the model's generation_config.json
+        recommends (with do_sample), else temperature 0.7, top_k 50, top_p 0.95, repetition penalty 1."""
+        return sampling_with_defaults(self.tokenizer.sampling, seed, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, repetition_penalty=repetition_penalty)
+
+    def generate(self, prompt, max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, system: str | None = None,
                  chat_template: bool = True, cancel: Callable[[], bool] | None = None) -> str:
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                    seed, stop, system, chat_template, cancel))
 
-    def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 50,
-               top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
+    def stream(self, prompt, max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                stop: str | Sequence[str] | None = None, system: str | None = None,
                chat_template: bool = True, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
         """Yield text pieces as tokens are chosen. Bad values fail here, before the first piece.
+        Sampling settings left None are the model's or ours (Engine.sampling).
 
         cancel: called once per token (from the generating thread); when it returns True the
         reply ends there with finish_reason "cancelled". Pass `event.is_set` of a
         threading.Event to stop a generation from another thread."""
-        sampler = Sampler(SamplingSettings(temperature, top_k, top_p, repetition_penalty, seed))
+        sampler = Sampler(self.sampling(temperature, top_k, top_p, repetition_penalty, seed))
         ids = self.prompt_ids(prompt, system, chat_template)
         return self.stream_ids(ids, sampler, max_new_tokens, stop, cancel=cancel)
 
@@ -401,10 +409,11 @@ class Chat:
     def send(self, content: str, **sampling) -> str:
         return "".join(self.stream(content, **sampling))
 
-    def stream(self, content: str, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 50,
-               top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
-        sampler = Sampler(SamplingSettings(temperature, top_k, top_p, repetition_penalty, seed))
+    def stream(self, content: str, max_new_tokens: int = 256, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+               seed: int | None = None, stop: str | Sequence[str] | None = None,
+               cancel: Callable[[], bool] | None = None) -> Iterator[str]:
+        sampler = Sampler(self.engine.sampling(temperature, top_k, top_p, repetition_penalty, seed))
         messages = self.messages + [{"role": "user", "content": content}]
         text = self.engine.tokenizer.render_chat(messages)
         if self._text and text.startswith(self._text) and self.engine.cached_ids[:len(self._ids)] == self._ids:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .untrusted import Fields
 
 
 @dataclass
@@ -31,6 +32,34 @@ class SamplingSettings:
             raise UserError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
         if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise UserError(f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def model_sampling(generation_config: dict, where: str) -> dict:
+    """The sampling a model's generation_config.json recommends (Qwen3: temperature 0.6, top_k 20,
+    top_p 0.95; Gemma 3: top_k 64, top_p 0.95), where it says do_sample: what of SAMPLING_FIELDS it
+    sets, checked (an engine folder is untrusted). Without do_sample, nothing: our defaults stay
+    (transformers would decode greedily, which makes small models loop)."""
+    f = Fields(generation_config, where, "fix or remove the file and rebuild the engine")
+    if not f.bool("do_sample", default=False):
+        return {}
+    found = {"temperature": f.float("temperature", 0.0, 1e4, default=None),
+             "top_k": f.int("top_k", 0, 1 << 30, default=None),
+             "top_p": f.float("top_p", 1e-9, 1.0, default=None),
+             "repetition_penalty": f.float("repetition_penalty", 1e-6, 1e4, default=None)}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def sampling_with_defaults(model: dict, seed: int | None = None, **given) -> SamplingSettings:
+    """SamplingSettings from what the caller gave (None: not given), else the model's, else ours."""
+    unknown = set(given) - set(SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling setting {sorted(unknown)[0]}")
+    chosen = {k: given[k] if given.get(k) is not None else model.get(k, getattr(SamplingSettings, k))
+              for k in SAMPLING_FIELDS}
+    return SamplingSettings(**chosen, seed=seed)
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen_ids, penalty: float) -> np.ndarray:

@@ -49,7 +49,7 @@ from starlette.routing import Route
 from .engine import PREFILL_CHUNK, Engine, GenerationStats
 from .errors import UserError
 from .memory import peak_rss_bytes
-from .sampling import Sampler, SamplingSettings
+from .sampling import Sampler, SamplingSettings, sampling_with_defaults
 
 MAX_STOPS = 16          # stop strings per request (OpenAI allows 4)
 RECENT = 64             # finished requests kept for /stats
@@ -229,15 +229,15 @@ def tokenize(engine: Engine, prompt, param: str) -> list[int]:
     return ids
 
 
-def sampling_settings(body: dict) -> SamplingSettings:
-    """temperature, top_p, top_k, repetition_penalty, seed; the defaults are `awq-edge run`'s."""
+def sampling_settings(body: dict, model: dict) -> SamplingSettings:
+    """temperature, top_p, top_k, repetition_penalty, seed; those left out are `awq-edge run`'s:
+    model (the engine's generation_config.json advice, sampling.model_sampling), else ours."""
     seed = get(body, "seed", int)
     if seed is not None and seed < 0:  # numpy's generator takes none
         raise ApiError(400, f"'seed' must be >= 0, got {seed}", param="seed")
-    settings = SamplingSettings(temperature=get(body, "temperature", float, 0.7), top_k=get(body, "top_k", int, 50),
-                                top_p=get(body, "top_p", float, 0.95),
-                                repetition_penalty=get(body, "repetition_penalty", float, 1.0),
-                                seed=seed)
+    settings = sampling_with_defaults(model, seed, temperature=get(body, "temperature", float),
+                                      top_k=get(body, "top_k", int), top_p=get(body, "top_p", float),
+                                      repetition_penalty=get(body, "repetition_penalty", float))
     try:
         settings.validate()
     except UserError as e:  # the message names the CLI flag (--top-p); say the JSON field (top_p)
@@ -434,7 +434,7 @@ def record(server: Server, job: Job, stats: GenerationStats) -> None:
 
 def enqueue(server: Server, body: dict, ids: list[int], stream: bool) -> Job:
     """Check the generation settings, then queue the job (or 429 when the queue is full)."""
-    job = Job(number=server.arrivals + 1, ids=ids, settings=sampling_settings(body),
+    job = Job(number=server.arrivals + 1, ids=ids, settings=sampling_settings(body, server.engine.tokenizer.sampling),
               max_new_tokens=max_new_tokens(body, len(ids), server.engine.context), stops=stop_strings(body),
               ignore_eos=get(body, "ignore_eos", bool, False), stream=stream, loop=asyncio.get_running_loop())
     server.counts["requests"] += 1

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import UserError
+from .sampling import model_sampling
 from .untrusted import read_json
 
 REPLACEMENT = "\ufffd"
@@ -72,7 +73,9 @@ class Tokenizer:
             self.chat_template = _pick_template(read("chat_template.json").get("chat_template")
                                                 or self.config.get("chat_template"), folder)
         self._template = None
-        self.eos_ids = self._eos_ids(config or {}, read("generation_config.json"))
+        generation = read("generation_config.json")
+        self.eos_ids = self._eos_ids(config or {}, generation)
+        self.sampling = model_sampling(generation, str(folder / "generation_config.json"))  # the model's advice
 
     def _eos_ids(self, model_config: dict, generation_config: dict) -> set[int]:
         """Every id that ends a reply: eos_token_id of generation_config / config, and eos_token."""
