@@ -74,6 +74,8 @@ def rope_frequencies(rope: Fields, head_dim: int, max_positions: int) -> tuple[n
         medium = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
         return np.where(medium, smoothed, out), 1.0
     if rope_type == "yarn":
+        if theta <= 1:  # its correction range divides by ln(theta)
+            raise UserError(f"{rope.where}: rope_theta {theta} must be above 1 for YaRN; {rope.fix}")
         return yarn_frequencies(rope, theta, freq, head_dim, max_positions)
     raise UserError(f"{rope.where}: RoPE type {rope_type!r} is not supported by the exporter "
                     f"(supported: {', '.join(ROPE_TYPES)})")

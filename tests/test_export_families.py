@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from awq_edge.errors import UserError
 from test_export_helpers import CPU_TARGETS, TINY, TINY_EXTRA, check_against_reference, export_for_cpu, tiny_checkpoint
@@ -283,3 +285,29 @@ def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
             assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want)), field
         else:
             assert got == want, (field, got, want)
+
+
+ROPE_VALUES = st.one_of(st.none(), st.booleans(), st.text(max_size=3), st.lists(st.integers(), max_size=2),
+                        st.integers(-10, 10 ** 7), st.floats(allow_nan=True, allow_infinity=True))
+
+
+@settings(max_examples=300, derandomize=True, deadline=None, database=None)
+@given(rope=st.dictionaries(st.sampled_from(["rope_type", "rope_theta", "factor", "original_max_position_embeddings",
+                                             "attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
+                                             "truncate", "low_freq_factor", "high_freq_factor"]), ROPE_VALUES),
+       rope_type=st.sampled_from(["yarn", "llama3", "linear", "dynamic", "default"]))
+@example(rope={"rope_theta": 1}, rope_type="yarn")  # ln(theta) = 0 divides YaRN's correction range
+@example(rope={"rope_theta": 1e4, "mscale": 1e308, "mscale_all_dim": 1e-300, "factor": 1e6}, rope_type="yarn")
+def test_hostile_rope_parameters_give_finite_tables_or_one_line_errors(rope, rope_type):
+    """A checkpoint's config.json is untrusted: whatever its RoPE fields hold, the spec has finite
+    frequencies and a finite cos/sin scale, or the export stops with a UserError."""
+    from awq_edge.export.spec import model_spec
+
+    config = {**TINY, "model_type": "llama", "rope_scaling": {"rope_type": rope_type, **rope}}
+    try:
+        spec = model_spec(config)
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    assert all(np.isfinite(f).all() for f in spec.layer_inv_freq)
+    assert all(np.isfinite(scale) for scale in spec.layer_rope_scale)
