@@ -32,6 +32,7 @@ from .untrusted import Fields, read_json
 
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METADATA_FILE = "awq_edge.json"
+GPTQ_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what its stored zeros lack
 CHECKPOINT_FORMATS = ("awq", "compressed-tensors")  # what `awq-edge quantize --format` writes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json",
@@ -245,16 +246,29 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise UserError(f"{path} has no readable config.json; give an AWQ checkpoint directory")
     config = read_json(path / "config.json", fix)
     qc_raw = config.get("quantization_config")
-    if not isinstance(qc_raw, dict) or qc_raw.get("quant_method") != "awq":
-        raise UserError(f"{path} is not an AWQ checkpoint (no quantization_config.quant_method=awq); "
-                        "quantize it first with `awq-edge quantize`")
+    method = qc_raw.get("quant_method") if isinstance(qc_raw, dict) else None
+    if method not in ("awq", "gptq"):
+        raise UserError(f"{path} is not an AWQ or GPTQ checkpoint (no quantization_config.quant_method awq or "
+                        "gptq); quantize it first with `awq-edge quantize`")
     qc = Fields(qc_raw, f"{path / 'config.json'} quantization_config", fix)
-    version, bits, zero_point = qc.str("version", default="gemm"), qc.int("bits", 1, 64, default=4), \
-        qc.bool("zero_point", default=True)
-    if version.lower() != "gemm" or bits != 4 or not zero_point:
-        raise UserError(f"{path} uses AWQ {version} {bits}-bit{'' if zero_point else ' without zero points'}; "
-                        "only the 4-bit zero-point 'gemm' layout is supported")
-    group_hint = qc.int("group_size", 1, 1 << 20, default=128)
+    bits = qc.int("bits", 1, 64, default=4)
+    if method == "awq":
+        version, zero_point = qc.str("version", default="gemm"), qc.bool("zero_point", default=True)
+        if version.lower() != "gemm" or bits != 4 or not zero_point:
+            raise UserError(f"{path} uses AWQ {version} {bits}-bit{'' if zero_point else ' without zero points'}; "
+                            "only the 4-bit zero-point 'gemm' layout is supported")
+        group_hint = qc.int("group_size", 1, 1 << 20, default=128)
+        zero_offset = None
+    else:
+        layout = qc.str("checkpoint_format", default="gptq")
+        if bits != 4 or layout not in GPTQ_ZERO_OFFSET:
+            raise UserError(f"{path} is GPTQ {bits}-bit in the {layout!r} layout; only 4-bit 'gptq' and 'gptq_v2' "
+                            "are supported")
+        group_hint = qc.int("group_size", -1, 1 << 20, default=128)
+        if group_hint < 1:
+            raise UserError(f"{path} is GPTQ with group_size {group_hint} (one group per row), which awq-edge's "
+                            "kernels do not run; take a checkpoint of group size 32, 64 or 128")
+        zero_offset = GPTQ_ZERO_OFFSET[layout]
     wrapper, (config, rename) = config, language_model_view(config)
     raw: dict[str, np.ndarray] = {}
     for f in _weight_files(path):
@@ -274,7 +288,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             parts = [raw.pop(prefix + suffix) for suffix in (".qweight", ".qzeros", ".scales")]
         except KeyError as e:
             raise UserError(f"{path}: {prefix} lacks {e}; the checkpoint is incomplete") from None
-        linears[prefix] = _awq_linear(prefix, *parts, raw.pop(prefix + ".bias", None), group_hint, path)
+        bias = raw.pop(prefix + ".bias", None)
+        if method == "awq":
+            linears[prefix] = _awq_linear(prefix, *parts, bias, group_hint, path)
+        else:
+            linears[prefix] = _gptq_linear(prefix, *parts, raw.pop(prefix + ".g_idx", None), bias, group_hint,
+                                           zero_offset, path)
     if not linears:
         raise UserError(f"{path} holds no quantized linears (*.qweight); the checkpoint is incomplete")
     meta_file = path / METADATA_FILE
@@ -304,6 +323,31 @@ def _awq_linear(prefix: str, qweight, qzeros, scales, bias, group_hint: int, pat
     if bias is not None and (bias.shape != (out_features,) or bias.dtype not in (np.float16, np.float32)):
         raise bad(f"has a bias of shape {list(bias.shape)} ({bias.dtype}), not [{out_features}] float")
     q, scales, zeros = packing.from_awq_gemm(qweight, qzeros, scales)
+    return QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias)
+
+
+def _gptq_linear(prefix: str, qweight, qzeros, scales, g_idx, bias, group_hint: int, zero_offset: int,
+                 path: Path) -> QuantizedLinear:
+    """One GPTQ linear, its tensors checked: qweight int32 [in/8, out], qzeros int32 [groups, out/8],
+    scales float [groups, out], g_idx int32 [in] (optional), bias [out]."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{path}: {prefix} {what}; the checkpoint is corrupt or not GPTQ")
+
+    if qweight.dtype != np.int32 or qzeros.dtype != np.int32 or scales.dtype not in (np.float16, np.float32):
+        raise bad(f"has dtypes qweight {qweight.dtype}, qzeros {qzeros.dtype}, scales {scales.dtype} "
+                  "(int32, int32, float16 expected)")
+    if qweight.ndim != 2 or qzeros.ndim != 2 or scales.ndim != 2 or min(qweight.shape) < 1:
+        raise bad("has tensors that are not 2-D")
+    if g_idx is not None and g_idx.dtype.kind not in "iu":
+        raise bad(f"has a g_idx of {g_idx.dtype}, not integers")
+    in_features, out_features = 8 * qweight.shape[0], qweight.shape[1]
+    try:
+        group_size = packing.infer_group_size(in_features, scales.shape[0], group_hint)
+        q, scales, zeros = packing.from_gptq(qweight, qzeros, scales, g_idx, group_size, zero_offset)
+    except ValueError as e:
+        raise bad(str(e)) from None
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype not in (np.float16, np.float32)):
+        raise bad(f"has a bias of shape {list(bias.shape)} ({bias.dtype}), not [{out_features}] float")
     return QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias)
 
 

@@ -84,7 +84,7 @@ def check_causal_lm(config: dict, where: str) -> Family:
 
 
 # quantization_config.quant_method of the checkpoints checkpoint.read_checkpoint reads
-QUANTIZED_CHECKPOINT_METHODS = ("awq", "compressed-tensors")
+QUANTIZED_CHECKPOINT_METHODS = ("awq", "gptq", "compressed-tensors")
 
 
 def is_quantized_checkpoint(config: dict) -> bool:

@@ -27,6 +27,13 @@ Layouts:
     weight_scale      float [out, groups];  weight_shape int [2] = (out, in).
   Symmetric checkpoints store no zero point: signed q * scale = (q + 8 - 8) * scale,
   i.e. zeros = 8. The format has no short last group: in % group_size must be 0.
+- GPTQ (AutoGPTQ, GPTQModel, optimum; quant_method "gptq"): packed along IN, plain order:
+    qweight int32 [in/8, out]; nibble i of word [j, n] holds input 8j + i of output n;
+    qzeros  int32 [groups, out/8]; nibble i of word [g, j] holds the zero of output 8j + i,
+            minus 1 in the original "gptq" format (so a zero of 0 cannot be stored: AutoGPTQ's
+            -1 spills into every nibble of its word), as is in "gptq_v2";
+    scales  fp16 [groups, out]; g_idx int32 [in]: each input's group, k // group_size unless the
+            checkpoint was quantized in activation order (desc_act), which we cannot run.
 """
 from __future__ import annotations
 
@@ -176,6 +183,32 @@ def from_compressed_tensors(weight_packed: np.ndarray, weight_scale: np.ndarray,
                              f"{list(weight_zero_point.shape)}")
         zeros = unpack_int4(np.ascontiguousarray(weight_zero_point.T), CT_ORDER)[:, :out_features].T
     return np.ascontiguousarray(q), np.ascontiguousarray(weight_scale), np.ascontiguousarray(zeros)
+
+
+# ---------------------------------------------------------------- GPTQ layout
+
+def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None,
+              group_size: int, zero_offset: int):
+    """GPTQ tensors -> (q uint8 [out, in], scales [out, groups], zeros uint8 [out, groups]).
+    zero_offset: what the stored zeros lack (1 for checkpoint_format "gptq", 0 for "gptq_v2")."""
+    in_words, out_features = qweight.shape
+    in_features, groups = 8 * in_words, num_groups(8 * in_words, group_size)
+    if qzeros.shape != (groups, num_groups(out_features, 8)) or scales.shape != (groups, out_features):
+        raise ValueError(f"inconsistent GPTQ tensors at group {group_size}: qweight {list(qweight.shape)}, "
+                         f"qzeros {list(qzeros.shape)}, scales {list(scales.shape)}")
+    if g_idx is not None:
+        if g_idx.shape != (in_features,):
+            raise ValueError(f"g_idx is {list(g_idx.shape)}, not [{in_features}]")
+        if not np.array_equal(g_idx, group_index(in_features, group_size)):
+            raise ValueError("its inputs are grouped out of order (g_idx: quantized with desc_act / act-order), "
+                             "which awq-edge's kernels cannot run")
+    q = unpack_int4(np.ascontiguousarray(qweight.T), CT_ORDER)
+    zeros = unpack_int4(qzeros, CT_ORDER)[:, :out_features].T.astype(np.int16) + zero_offset
+    if zeros.max(initial=0) > MAX_INT:
+        raise ValueError("a zero point reads 16: the original GPTQ format cannot store a zero of 0 (its -1 spills "
+                         "into the whole word), so this layer's zeros are lost")
+    scales = np.ascontiguousarray(np.asarray(scales).T)
+    return np.ascontiguousarray(q), scales, np.ascontiguousarray(zeros.astype(np.uint8))
 
 
 def infer_group_size(in_features: int, groups: int, hint: int | None = None) -> int:

@@ -1,0 +1,123 @@
+"""GPTQ checkpoints (AutoGPTQ, GPTQModel, optimum: quant_method "gptq"), read as our arrays.
+
+The GPTQ files here are written by a transcription of AutoGPTQ's own QuantLinear.pack loops
+(row by row along the inputs, zeros minus one in the original format, wrapped to uint32 as its
+numpy code does), from a checkpoint our quantizer wrote; awq_edge.packing.from_gptq must read
+back exactly the same levels, scales and zeros, and the export the same logits.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from awq_edge.checkpoint import read_checkpoint
+from awq_edge.errors import UserError
+from test_export_helpers import check_against_reference, export_for_cpu, tiny_checkpoint
+
+
+def autogptq_pack(q_kn: np.ndarray, zeros_gn: np.ndarray, original_format: bool):
+    """AutoGPTQ's pack: q [in, out], zeros [groups, out] (0..15) -> qweight, qzeros int32."""
+    k, n = q_kn.shape
+    qweight = np.zeros((k // 8, n), dtype=np.uint32)
+    for row in range(k // 8):
+        for j in range(8):
+            qweight[row] |= q_kn[8 * row + j].astype(np.uint32) << np.uint32(4 * j)
+    zeros = (zeros_gn.astype(np.int64) - (1 if original_format else 0)).astype(np.uint32)  # -1 wraps, as there
+    qzeros = np.zeros((zeros_gn.shape[0], n // 8), dtype=np.uint32)
+    for col in range(n // 8):
+        for j in range(8):
+            qzeros[:, col] |= zeros[:, 8 * col + j] << np.uint32(4 * j)
+    return qweight.view(np.int32), qzeros.view(np.int32)
+
+
+def write_gptq(ckpt, out, layout: str, edit=None, **quantization):
+    """ckpt (ours, AutoAWQ layout) stored as a GPTQ checkpoint of `layout` ("gptq" or "gptq_v2")."""
+    source = read_checkpoint(ckpt)
+    tensors = {name: t.astype(np.float16) for name, t in source.tensors.items()}
+    for prefix, lin in source.linears.items():
+        k = lin.q.shape[1]
+        qweight, qzeros = autogptq_pack(lin.q.T, lin.zeros.T, layout == "gptq")
+        tensors.update({f"{prefix}.qweight": qweight, f"{prefix}.qzeros": qzeros,
+                        f"{prefix}.scales": np.ascontiguousarray(lin.scales.T).astype(np.float16),
+                        f"{prefix}.g_idx": (np.arange(k) // lin.group_size).astype(np.int32)})
+        if lin.bias is not None:
+            tensors[f"{prefix}.bias"] = lin.bias.astype(np.float16)
+    if edit:
+        edit(tensors)
+    out.mkdir()
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": source.group_size,
+                                     "desc_act": False, "sym": False, "checkpoint_format": layout, **quantization}
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ckpt / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen2_checkpoint(tmp_path_factory, smollm2_dir):
+    """Qwen2: q/k/v biases ride along with GPTQ linears too."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("gptq"), "qwen2", smollm2_dir)
+
+
+@pytest.mark.parametrize("layout", ["gptq", "gptq_v2"])
+def test_a_gptq_checkpoint_reads_as_the_same_levels_and_exports_the_same_logits(qwen2_checkpoint, tmp_path, layout):
+    from awq_edge.checkpoint import load_awq_as_float
+
+    ours = read_checkpoint(qwen2_checkpoint)
+    assert min(lin.zeros.min() for lin in ours.linears.values()) >= 1  # the original format can store them
+    gptq = read_checkpoint(write_gptq(qwen2_checkpoint, tmp_path / "gptq", layout))
+    assert sorted(gptq.linears) == sorted(ours.linears)
+    for prefix, lin in ours.linears.items():
+        got = gptq.linears[prefix]
+        assert got.group_size == lin.group_size
+        for field in ("q", "scales", "zeros", "bias"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(lin, field), err_msg=f"{prefix}.{field}")
+    ids = np.random.default_rng(0).integers(0, 256, 12 + 8).tolist()
+    check_against_reference(export_for_cpu(tmp_path / "gptq", tmp_path / "exports", "ort"),
+                            load_awq_as_float(qwen2_checkpoint).eval(), ids, 12, 1e-5)
+
+
+def test_build_takes_a_gptq_checkpoint_as_a_checkpoint(qwen2_checkpoint, tmp_path):
+    from awq_edge import Engine
+    from awq_edge.build import build_engine
+
+    manifest = build_engine(str(write_gptq(qwen2_checkpoint, tmp_path / "gptq", "gptq")), "cpu", tmp_path / "engine",
+                            progress=False)
+    assert manifest["model"]["source_kind"] == "checkpoint"
+    assert manifest["quantization"]["quantization_config"]["quant_method"] == "gptq", manifest["quantization"]
+    from awq_edge.sampling import Sampler, SamplingSettings
+
+    engine = Engine.load(tmp_path / "engine")  # tiny vocabulary: ids, not the tokenizer's text
+    "".join(engine.stream_ids([5, 6, 7], Sampler(SamplingSettings(temperature=0)), 4, ignore_eos=True))
+    assert engine.last_stats.new_tokens == 4
+
+
+def _act_order(tensors):
+    name = next(k for k in tensors if k.endswith(".g_idx"))
+    tensors[name] = np.random.default_rng(0).permutation(tensors[name])
+
+
+def _zero_of_zero(tensors):  # AutoGPTQ stores zero 0 as -1: every nibble of the word reads 15
+    name = next(k for k in tensors if k.endswith(".qzeros"))
+    tensors[name][0, 0] = -1
+
+
+@pytest.mark.parametrize("layout, edit, quantization, message", [
+    ("gptq", _act_order, {"desc_act": True}, "grouped out of order .g_idx: quantized with desc_act"),
+    ("gptq", _zero_of_zero, {}, "a zero point reads 16: the original GPTQ format cannot store a zero of 0"),
+    ("gptq", None, {"group_size": -1}, "group_size -1 .one group per row."),
+    ("gptq", None, {"bits": 8}, "GPTQ 8-bit"),
+    ("marlin", None, {}, "in the 'marlin' layout"),
+])
+def test_what_the_kernels_cannot_run_is_refused_in_one_line(qwen2_checkpoint, tmp_path, layout, edit, quantization,
+                                                           message):
+    folder = write_gptq(qwen2_checkpoint, tmp_path / "gptq", layout, edit, **quantization)
+    with pytest.raises(UserError, match=message) as e:
+        read_checkpoint(folder)
+    assert "\n" not in str(e.value)
