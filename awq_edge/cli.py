@@ -9,6 +9,7 @@ like Ctrl-C, so every temp dir of an unfinished output is removed on the way out
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import sys
@@ -293,6 +294,23 @@ def _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_token
 
 
 THREADS_HELP = "CPU threads for ONNX Runtime; default: this machine's physical cores"
+TEMPLATE_KWARGS_HELP = 'more chat template variables as a JSON object, e.g. \'{"enable_thinking": false}\' (Qwen3)'
+
+
+def _template_kwargs(text: str | None) -> dict | None:
+    """--chat-template-kwargs: a JSON object (checked before the engine loads)."""
+    from .tokenizer import check_template_kwargs
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise UserError(f"--chat-template-kwargs is not JSON: {text[:60]!r}; give an object such as "
+                        '\'{"enable_thinking": false}\'') from None
+    return check_template_kwargs(value)
+
+
 MODEL_SAMPLING = "default: the model's generation_config.json (where it says do_sample), else"
 SPIN_HELP = ("--spin: ONNX Runtime's threads busy-wait between ops (fastest on an idle machine); --no-spin: they "
              "sleep (better when other busy processes share the cores). docs/runtime.md has the measurements")
@@ -337,6 +355,7 @@ def run(
     stop: Optional[list[str]] = typer.Option(None, help="stop at this text (repeatable)"),
     system: Optional[str] = typer.Option(None, help="system message (with the chat template)"),
     no_chat_template: bool = typer.Option(False, help="feed the prompt as plain text"),
+    chat_template_kwargs: Optional[str] = typer.Option(None, help=TEMPLATE_KWARGS_HELP),
     max_memory: Optional[str] = typer.Option(None, help="memory cap; default: the one the engine was built with"),
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -354,11 +373,12 @@ def run(
         except UnicodeDecodeError:
             raise UserError("the prompt on stdin is not valid UTF-8; fix its encoding") from None
     _utf8(prompt, "the prompt")
+    template_kwargs = _template_kwargs(chat_template_kwargs)
     eng = _load_engine(engine, max_memory, max_context, verify, threads, spin, native_decode)
     from .sampling import Sampler
 
     sampler = Sampler(eng.sampling(temperature, top_k, top_p, repetition_penalty, seed))
-    ids = eng.prompt_ids(prompt, system, chat_template=not no_chat_template)
+    ids = eng.prompt_ids(prompt, system, chat_template=not no_chat_template, template_kwargs=template_kwargs)
     pieces = eng.stream_ids(ids, sampler, max_new_tokens, stop, ignore_eos=ignore_eos)
     for piece in pieces:
         sys.stdout.write(piece)
@@ -394,6 +414,7 @@ def chat(
     top_p: Optional[float] = typer.Option(None, help=f"1 = off; {MODEL_SAMPLING} 0.95"),
     repetition_penalty: Optional[float] = typer.Option(None, help=f"1 = off; {MODEL_SAMPLING} 1"),
     seed: Optional[int] = typer.Option(None, help="seed for sampling"),
+    chat_template_kwargs: Optional[str] = typer.Option(None, help=TEMPLATE_KWARGS_HELP),
     max_memory: Optional[str] = typer.Option(None, help="memory cap; default: the one the engine was built with"),
     max_context: Optional[int] = typer.Option(None, help="tokens of context; default: the engine's plan"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -404,8 +425,9 @@ def chat(
     _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     if system is not None:
         _utf8(system, "--system")
+    template_kwargs = _template_kwargs(chat_template_kwargs)
     eng = _load_engine(engine, max_memory, max_context, threads=threads, spin=spin, native_decode=native_decode)
-    conversation = eng.chat(system)
+    conversation = eng.chat(system, template_kwargs)
     interactive = sys.stdin.isatty()
     typer.echo(f"chatting with {engine} ({eng.manifest.get('device')}, context {eng.context} tokens); "
                "/reset starts over, /exit quits, Ctrl-C stops a reply", err=True)

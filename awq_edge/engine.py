@@ -30,7 +30,7 @@ from .engine_dir import ExportInfo, check_files, read_decoder_info, read_export_
 from .errors import UserError
 from .memory import PREFILL_CHUNK, MemoryPlan, format_size, parse_size, peak_rss_bytes, plan_memory
 from .sampling import DeviceLogits, Sampler, SamplingSettings, sampling_with_defaults
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer, check_template_kwargs
 
 
 # ---------------------------------------------------------------- the memory plan and the backend
@@ -226,19 +226,21 @@ class Engine:
         self.backend.rewind(position)
         del self.cached_ids[position:]
 
-    def chat(self, system: str | None = None) -> "Chat":
-        return Chat(self, system)
+    def chat(self, system: str | None = None, template_kwargs: dict | None = None) -> "Chat":
+        return Chat(self, system, template_kwargs)
 
     # ------------------------------------------------------------ prompts
-    def prompt_ids(self, prompt, system: str | None = None, chat_template: bool = True) -> list[int]:
-        """A string (wrapped as one user message when the model has a chat template) or a list of messages."""
+    def prompt_ids(self, prompt, system: str | None = None, chat_template: bool = True,
+                   template_kwargs: dict | None = None) -> list[int]:
+        """A string (wrapped as one user message when the model has a chat template) or a list of messages.
+        template_kwargs: more variables for the chat template, e.g. {"enable_thinking": False} (Qwen3)."""
         if isinstance(prompt, (list, tuple)):
-            return self.tokenizer.encode(self.tokenizer.render_chat(list(prompt)))
+            return self.tokenizer.encode(self.tokenizer.render_chat(list(prompt), template_kwargs=template_kwargs))
         if not isinstance(prompt, str):
             raise UserError(f"prompt must be a string or a list of messages, not {type(prompt).__name__}")
         if chat_template and self.tokenizer.chat_template:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            return self.tokenizer.encode(self.tokenizer.render_chat(messages))
+            return self.tokenizer.encode(self.tokenizer.render_chat(messages, template_kwargs=template_kwargs))
         return self.tokenizer.encode((system + "\n" if system else "") + prompt, add_special_tokens=True)
 
     # ------------------------------------------------------------ generation
@@ -252,22 +254,25 @@ class Engine:
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, system: str | None = None,
-                 chat_template: bool = True, cancel: Callable[[], bool] | None = None) -> str:
+                 chat_template: bool = True, cancel: Callable[[], bool] | None = None,
+                 template_kwargs: dict | None = None) -> str:
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                   seed, stop, system, chat_template, cancel))
+                                   seed, stop, system, chat_template, cancel, template_kwargs))
 
     def stream(self, prompt, max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                stop: str | Sequence[str] | None = None, system: str | None = None,
-               chat_template: bool = True, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
+               chat_template: bool = True, cancel: Callable[[], bool] | None = None,
+               template_kwargs: dict | None = None) -> Iterator[str]:
         """Yield text pieces as tokens are chosen. Bad values fail here, before the first piece.
-        Sampling settings left None are the model's or ours (Engine.sampling).
+        Sampling settings left None are the model's or ours (Engine.sampling); template_kwargs as
+        in prompt_ids.
 
         cancel: called once per token (from the generating thread); when it returns True the
         reply ends there with finish_reason "cancelled". Pass `event.is_set` of a
         threading.Event to stop a generation from another thread."""
         sampler = Sampler(self.sampling(temperature, top_k, top_p, repetition_penalty, seed))
-        ids = self.prompt_ids(prompt, system, chat_template)
+        ids = self.prompt_ids(prompt, system, chat_template, template_kwargs)
         return self.stream_ids(ids, sampler, max_new_tokens, stop, cancel=cancel)
 
     def stream_ids(self, ids: list[int], sampler: Sampler, max_new_tokens: int,
@@ -390,11 +395,12 @@ class Chat:
     """A multi-turn conversation on one engine. Earlier turns stay in the KV cache: each turn
     feeds only the template text after what the cache already holds."""
 
-    def __init__(self, engine: Engine, system: str | None = None):
+    def __init__(self, engine: Engine, system: str | None = None, template_kwargs: dict | None = None):
         if not engine.tokenizer.chat_template:
             raise UserError("this model has no chat template, so it cannot chat; use `awq-edge run`")
         self.engine = engine
         self.system = system
+        self.template_kwargs = check_template_kwargs(template_kwargs)  # every turn's (Qwen3's enable_thinking)
         self.reset()
 
     def reset(self) -> None:
@@ -415,7 +421,7 @@ class Chat:
                cancel: Callable[[], bool] | None = None) -> Iterator[str]:
         sampler = Sampler(self.engine.sampling(temperature, top_k, top_p, repetition_penalty, seed))
         messages = self.messages + [{"role": "user", "content": content}]
-        text = self.engine.tokenizer.render_chat(messages)
+        text = self.engine.tokenizer.render_chat(messages, template_kwargs=self.template_kwargs)
         if self._text and text.startswith(self._text) and self.engine.cached_ids[:len(self._ids)] == self._ids:
             # Keep the exact ids the cache holds (the reply as sampled) and encode only the new text.
             ids = self._ids + self.engine.tokenizer.encode(text[len(self._text):])

@@ -50,6 +50,7 @@ from .engine import PREFILL_CHUNK, Engine, GenerationStats
 from .errors import UserError
 from .memory import peak_rss_bytes
 from .sampling import Sampler, SamplingSettings, sampling_with_defaults
+from .tokenizer import check_template_kwargs
 
 MAX_STOPS = 16          # stop strings per request (OpenAI allows 4)
 RECENT = 64             # finished requests kept for /stats
@@ -204,7 +205,16 @@ def completion_prompt(body: dict) -> str | list[int]:
                    param="prompt", code="invalid_type")
 
 
-def tokenize(engine: Engine, prompt, param: str) -> list[int]:
+def template_kwargs(body: dict) -> dict | None:
+    """chat_template_kwargs (vLLM's extension): more chat template variables, e.g. enable_thinking."""
+    kwargs = get(body, "chat_template_kwargs", dict)
+    try:
+        return check_template_kwargs(kwargs)
+    except UserError as e:
+        raise ApiError(400, str(e), param="chat_template_kwargs") from None
+
+
+def tokenize(engine: Engine, prompt, param: str, kwargs: dict | None = None) -> list[int]:
     """Token ids as `awq-edge run` makes them: messages through the chat template, a string as plain text.
 
     Called in a thread: a 1 MiB prompt takes most of a second, which would stall the other
@@ -218,7 +228,7 @@ def tokenize(engine: Engine, prompt, param: str) -> list[int]:
         if isinstance(prompt, list) and not engine.tokenizer.chat_template:
             raise ApiError(400, "this model has no chat template; use /v1/completions with a plain prompt")
         try:
-            ids = engine.prompt_ids(prompt, chat_template=False)
+            ids = engine.prompt_ids(prompt, chat_template=False, template_kwargs=kwargs)
         except UserError as e:  # e.g. a chat template that refuses the order of the roles
             raise ApiError(400, str(e), param=param) from None
     if not ids:
@@ -561,7 +571,8 @@ async def completion(request: Request, server: Server, chat: bool):
     check_model(body, server)
     check_supported(body)
     prompt, field_name = (chat_messages(body), "messages") if chat else (completion_prompt(body), "prompt")
-    ids = await run_in_threadpool(tokenize, server.engine, prompt, field_name)
+    kwargs = template_kwargs(body) if chat else None
+    ids = await run_in_threadpool(tokenize, server.engine, prompt, field_name, kwargs)
     return await answer(request, server, body, ids, chat=chat)
 
 

@@ -105,19 +105,42 @@ class Tokenizer:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------ chat template
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    template_kwargs: dict | None = None) -> str:
+        """template_kwargs: more variables for the template (Qwen3's enable_thinking), checked by
+        check_template_kwargs; they cannot replace the messages or the special tokens."""
         if not self.chat_template:
             raise UserError("this model has no chat template; pass a plain prompt (--no-chat-template)")
         if self._template is None:
             self._template = _compile_template(self.chat_template)
-        context = dict(messages=messages, add_generation_prompt=add_generation_prompt,
-                       **{k: v or "" for k, v in self.special.items()})
+        context = dict(check_template_kwargs(template_kwargs), messages=messages,
+                       add_generation_prompt=add_generation_prompt, **{k: v or "" for k, v in self.special.items()})
         try:
             return _render_bounded(self._template, context)
         except UserError:
             raise
         except Exception as e:  # a template error is a problem of the model files, said in one line
             raise UserError(f"the chat template failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+TEMPLATE_KWARGS_MAX_CHARS = 1 << 16
+
+
+def check_template_kwargs(kwargs) -> dict:
+    """A JSON object of names to JSON values (at most 64 KiB as JSON), or a one-line UserError."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise UserError("chat template kwargs must be a JSON object of variable names, e.g. "
+                        '{"enable_thinking": false}')
+    try:
+        size = len(json.dumps(kwargs))
+    except (TypeError, ValueError):
+        raise UserError("chat template kwargs must hold JSON values (strings, numbers, booleans, lists, objects)") \
+            from None
+    if size > TEMPLATE_KWARGS_MAX_CHARS:
+        raise UserError(f"chat template kwargs are {size} characters as JSON; at most {TEMPLATE_KWARGS_MAX_CHARS}")
+    return kwargs
 
 
 def _pick_template(template, where: Path) -> str | None:

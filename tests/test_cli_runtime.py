@@ -135,3 +135,38 @@ def test_peak_rss_stays_under_the_cap_with_the_whole_context_filled(engine_dir):
     assert f"the context of {context} tokens is full" in result.stderr, result.stderr
     _, peak, rc = result.stdout.split()
     assert rc == "0" and 0 < int(peak) < cap, f"peak RSS {int(peak) / 2**20:.0f} MiB, cap {cap / 2**20:.0f} MiB"
+
+
+# A Qwen3-style switch (written here, not Qwen's template): an empty think block when thinking is off.
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                     "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_chat_template_kwargs_reach_the_template(engine_dir, tmp_path):
+    """`--chat-template-kwargs '{"enable_thinking": false}'` (run, chat, the API's template_kwargs)."""
+    import re
+
+    from awq_edge import Engine
+    from folder_helpers import linked_copy, resign, rewrite
+
+    engine = linked_copy(engine_dir, tmp_path / "engine")
+    rewrite(engine / "chat_template.jinja", THINKING_TEMPLATE.encode())  # the engine may have one: not in place
+    resign(engine, "manifest.json", "chat_template.jinja")
+    args = ["run", engine, "--prompt", "Hi", "--max-new-tokens", "1", "--temperature", "0", "--stats"]
+    plain, on, off = (cli(*args, *extra) for extra in (
+        [], ["--chat-template-kwargs", '{"enable_thinking": true}'], ["--chat-template-kwargs", '{"enable_thinking": false}']))
+
+    def prompt_tokens(result) -> int:
+        assert result.returncode == 0, result.stderr
+        return int(re.search(r"\[(\d+) prompt tokens", result.stderr.decode()).group(1))
+
+    assert prompt_tokens(off) > prompt_tokens(plain) == prompt_tokens(on)
+    eng = Engine.load(engine)
+    ids = eng.prompt_ids("Hi", template_kwargs={"enable_thinking": False})
+    assert len(ids) == prompt_tokens(off) and eng.tokenizer.decode(ids, False).endswith("<think>\n\n</think>\n\n")
+    chat = eng.chat(template_kwargs={"enable_thinking": False})  # every turn renders with them
+    chat.send("Hi", max_new_tokens=2, temperature=0)
+    assert eng.tokenizer.decode(eng.cached_ids, False).count("</think>") == 1
+    assert "enable_thinking" in one_line_error(cli(*args, "--chat-template-kwargs", '{"enable_thinking": fals}'))
+    assert "variable names" in one_line_error(cli(*args, "--chat-template-kwargs", "[1]"))

@@ -188,11 +188,12 @@ def test_run_and_the_server_sample_as_the_models_generation_config_says(engine_d
     import json
 
     from awq_edge.server import sampling_settings
-    from folder_helpers import linked_copy, resign
+    from folder_helpers import linked_copy, resign, rewrite
     from test_cli_runtime import cli
 
     engine = linked_copy(engine_dir, tmp_path / "engine")
-    (engine / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 1, "temperature": 0.9}))
+    rewrite(engine / "generation_config.json",  # hard links: never written in place
+            json.dumps({"do_sample": True, "top_k": 1, "temperature": 0.9}).encode())
     resign(engine, "manifest.json", "generation_config.json")
     prompt = ["--prompt", "Name three uses of a robot arm.", "--max-new-tokens", "24"]
     greedy = cli("run", engine, *prompt, "--temperature", "0")

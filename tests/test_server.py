@@ -375,3 +375,17 @@ def test_only_loopback_addresses_pass_without_a_warning():
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "robot.local"))
+
+
+def test_chat_template_kwargs_are_passed_or_refused_with_a_400(served):
+    url = f"http://127.0.0.1:{served.port}/v1/chat/completions"
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **GREEDY}
+    status, reply, _ = http_json("POST", url, json.dumps({**body, "chat_template_kwargs": {"enable_thinking": False}})
+                                 .encode(), {"Content-Type": "application/json"})
+    assert status == 200, reply  # SmolLM2's template has no such switch: the same prompt
+    plain = http_json("POST", url, json.dumps(body).encode(), {"Content-Type": "application/json"})[1]
+    assert reply["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    for bad in ("x", {"not a name": 1}):
+        status, error, _ = http_json("POST", url, json.dumps({**body, "chat_template_kwargs": bad}).encode(),
+                                     {"Content-Type": "application/json"})
+        assert status == 400 and error["error"]["param"] == "chat_template_kwargs", error
