@@ -862,12 +862,12 @@ def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, 
 @needs_nvcc
 def test_biases_the_cuda_kernels_do_not_add_are_refused_and_the_cpu_engine_adds_them(tmp_path, smollm2_dir):
     """Llama's attention_bias biases o_proj as well as q/k/v, mlp_bias gate/up/down: the cuda
-    backend adds biases to q/k/v only, so it refuses in one line; the ORT graph adds every bias."""
+    backend adds biases to q/k/v only, so pack_weights refuses in one line; the ORT graph adds them all."""
     from awq_edge.checkpoint import load_awq_as_float
     from test_export_helpers import check_against_reference
 
     ckpt = tiny_checkpoint(tmp_path, "llama", smollm2_dir, attention_bias=True, mlp_bias=True)
-    with pytest.raises(UserError, match=r"layers.0.mlp.down_proj carries a bias; .* --device cpu"):
+    with pytest.raises(UserError, match=r"layers.0.self_attn.o_proj has a bias, .* q/k/v only; .*--device cpu"):
         build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
     assert not (tmp_path / "engine").exists()
     ids = np.random.default_rng(2).integers(0, 256, 12 + 8).tolist()
