@@ -866,7 +866,7 @@ def test_biases_the_cuda_kernels_do_not_add_are_refused_and_the_cpu_engine_adds_
     from awq_edge.checkpoint import load_awq_as_float
     from test_export_helpers import check_against_reference
 
-    ckpt = tiny_checkpoint(tmp_path, "llama", smollm2_dir, attention_bias=True, mlp_bias=True)
+    ckpt = tiny_native_checkpoint(tmp_path, "llama", smollm2_dir, attention_bias=True, mlp_bias=True)
     with pytest.raises(UserError, match=r"layers.0.self_attn.o_proj has a bias, .* q/k/v only; .*--device cpu"):
         build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
     assert not (tmp_path / "engine").exists()
