@@ -639,9 +639,10 @@ class CudaBackend:
         rows = []
         for op in ops:
             a = op.args
-            if op.kind == "embed":
-                rows.append(("embed", 1, 0, [self.token, w[a["table"]], b[a["out"]], ("i32", spec.hidden),
-                                             ("i32", spec.vocab), ("f32", a["scale"] or 1.0)]))
+            if op.kind == "embed":  # variant 8: int8 rows, their scales last
+                rows.append(("embed", 1, 8 if a["scales"] else 0, [
+                    self.token, w[a["table"]], b[a["out"]], ("i32", spec.hidden), ("i32", spec.vocab),
+                    ("f32", a["scale"] or 1.0), *([w[a["scales"]]] if a["scales"] else [])]))
             elif op.kind == "norm":  # (the final one of the last row: the only row)
                 rows.append(("norm", 1, 0, [b[a["x"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps]))
             elif op.kind == "add_norm":
@@ -732,9 +733,11 @@ class CudaBackend:
         eps = ("f32", spec.eps)
         if op.kind == "embed":  # decode's id is where the sampler writes it
             ids = self.token if rows == 1 else self.ids
-            self.launch("awq_embed", (rows,), (NORM_THREADS,),
-                        [ids, w[a["table"]], b[a["out"]], ("i32", spec.hidden), ("i32", spec.vocab),
-                         ("f32", a["scale"] or 1.0)])
+            tail = [b[a["out"]], ("i32", spec.hidden), ("i32", spec.vocab), ("f32", a["scale"] or 1.0)]
+            if a["scales"]:
+                self.launch("awq_embed_q8", (rows,), (NORM_THREADS,), [ids, w[a["table"]], w[a["scales"]], *tail])
+            else:
+                self.launch("awq_embed", (rows,), (NORM_THREADS,), [ids, w[a["table"]], *tail])
         elif op.kind == "norm":
             last = a.get("last_row", False)
             self.launch("awq_rms_norm", (1 if last else rows,), (NORM_THREADS,),
@@ -1299,6 +1302,6 @@ KERNELS_OF = {
     "sample": ["awq_sample_step"],
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
-    "decoder_ops": ["awq_embed", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
+    "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
                     "awq_gated_act", "awq_residual_add", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
 }

@@ -29,13 +29,14 @@ Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qwei
 [N, K/8] (AWQ nibble order), `.scales` and `.zeros` fp16 [N, groups] (+ `.bias` fp16 [N]);
 q/k/v concatenated along N, gate/up with their rows interleaved (gate row j at 2j, up row j at
 2j + 1: a GEMV block holds both halves of its outputs); norms as float32 (w + the family's offset: Gemma's
-1 + w); the embedding fp16 [V, hidden], which is the lm_head too when tied (else
-`lm_head.weight` fp16); or the head as int8 rows with an fp16 scale per 32 values
-(`lm_head.q8`, `lm_head.q8_scales`: spec.lm_head "int8", the default, half the bytes per token);
-or as a 4-bit linear like the others (`lm_head.q4` at group 32, rows padded to a multiple of 8:
-"int4", under a third of the bytes), whose top HEAD_TOP_K logits are then recomputed from the fp16 table
-(which an untied model then keeps too), as the CPU engine's graph does; RoPE tables fp16
-[max_positions, D/2] per distinct frequency set.
+1 + w); the head as int8 rows with an fp16 scale per 32 values (`lm_head.q8`,
+`lm_head.q8_scales`: spec.lm_head "int8", the default, half the bytes per token), as fp16
+(`lm_head.weight`, or the embedding's table when tied), or as a 4-bit linear like the others
+(`lm_head.q4` at group 32, rows padded to a multiple of 8: "int4", under a third of the bytes),
+whose top HEAD_TOP_K logits are then recomputed from the fp16 table, as the CPU engine's graph
+does; the embedding as int8 rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied model's are
+`lm_head.q8`), or fp16 `model.embed_tokens.weight` where a tied head keeps it (embed_table);
+RoPE tables fp16 [max_positions, D/2] per distinct frequency set.
 """
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
     of the arithmetic; both lists compute the same numbers (the twins round at the same places).
     """
     H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
-    ops = [Op("embed", {"out": "h", "table": "model.embed_tokens.weight", "scale": spec.embed_scale})]
+    table, scales = embed_table(spec)
+    ops = [Op("embed", {"out": "h", "table": table, "scales": scales, "scale": spec.embed_scale})]
     fuse_residual = fused and not spec.sandwich_norm
     pending = None  # a buffer not yet added into h: the next norm adds it (add_norm)
 
@@ -239,7 +241,19 @@ def linear_op(x: str, out: str, name: str, n: int, k: int, bias: bool = False, n
 
 
 def lm_head_table(spec: DecoderSpec) -> str:
+    """The fp16 table of an fp16 head, or of an int4 head's re-scoring."""
     return "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
+
+
+def embed_table(spec: DecoderSpec) -> tuple[str, str | None]:
+    """(table, its int8 scales or None) the embedding reads: int8 rows with an fp16 scale per 32
+    values (a tied model's are the int8 head's own), unless a tied model keeps its fp16 table for
+    the head anyway (--lm-head int4 or float). Half the bytes of fp16 or none at all: 0.3-1.3 GB
+    for the 150k-262k vocabularies of Qwen, Llama 3 and Gemma 3; perplexity unchanged to 4
+    digits on SmolLM2 (benchmarks/embedding_int8_quality.py)."""
+    if spec.tie_embeddings:
+        return ("lm_head.q8", "lm_head.q8_scales") if spec.lm_head == "int8" else ("model.embed_tokens.weight", None)
+    return "model.embed_tokens.q8", "model.embed_tokens.q8_scales"
 
 
 def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
@@ -268,11 +282,15 @@ def step_ids(ids, position: int, max_context: int, vocab: int) -> np.ndarray:
 def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
     """name -> (dtype, shape) of every tensor a native engine holds for this spec."""
     g = spec.group_size
-    layout = {"model.embed_tokens.weight": ("float16", (spec.vocab, spec.hidden)),
-              "model.norm.weight": ("float32", (spec.hidden,))}
+    layout = {}
+    rows8 = (spec.vocab, spec.hidden), (spec.vocab, -(-spec.hidden // INT8_BLOCK))
+    table, scales = embed_table(spec)
+    if scales is None:
+        layout[table] = ("float16", (spec.vocab, spec.hidden))
+    elif table == "model.embed_tokens.q8":
+        layout[table], layout[scales] = ("int8", rows8[0]), ("float16", rows8[1])
     if spec.lm_head == "int8":  # (an untied model's fp16 head is then not needed)
-        layout["lm_head.q8"] = ("int8", (spec.vocab, spec.hidden))
-        layout["lm_head.q8_scales"] = ("float16", (spec.vocab, -(-spec.hidden // INT8_BLOCK)))
+        layout["lm_head.q8"], layout["lm_head.q8_scales"] = ("int8", rows8[0]), ("float16", rows8[1])
     else:  # fp16, or int4's exact table for the re-scoring
         if not spec.tie_embeddings:
             layout["lm_head.weight"] = ("float16", (spec.vocab, spec.hidden))
@@ -281,6 +299,7 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
             layout["lm_head.q4.qweight"] = ("int32", (n, k // 8))
             layout["lm_head.q4.scales"] = ("float16", (n, -(-k // HEAD_INT4_GROUP)))
             layout["lm_head.q4.zeros"] = ("float16", (n, -(-k // HEAD_INT4_GROUP)))
+    layout["model.norm.weight"] = ("float32", (spec.hidden,))
     for j in range(len(spec.rope_freqs)):
         for kind in ("cos", "sin"):
             layout[f"rope.{j}.{kind}"] = ("float16", (spec.max_positions, spec.head_dim // 2))
@@ -315,9 +334,14 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
             raise UserError(f"the checkpoint lacks {name}; it does not match its config")
         return ckpt.tensors[name]
 
-    out = {"model.embed_tokens.weight": tensor("model.embed_tokens.weight").astype(np.float16)}
-    head = ckpt.tensors.get("lm_head.weight", out["model.embed_tokens.weight"]) if not spec.tie_embeddings \
-        else out["model.embed_tokens.weight"]
+    embed = tensor("model.embed_tokens.weight").astype(np.float16)
+    head = ckpt.tensors.get("lm_head.weight", embed) if not spec.tie_embeddings else embed
+    out = {}
+    table, scales = embed_table(spec)
+    if scales is None:
+        out[table] = embed
+    elif table == "model.embed_tokens.q8":
+        out[table], out[scales] = quantize_rows_int8(embed)
     if spec.lm_head == "int8":
         out["lm_head.q8"], out["lm_head.q8_scales"] = quantize_rows_int8(head.astype(np.float16))
     else:

@@ -292,7 +292,7 @@ def _value_matches(value, want: dict) -> bool:
 
 DECODER_INFO = "decoder.json"
 DECODER_FORMAT = "awq-edge-decoder"
-DECODER_FORMAT_VERSION = 2  # 2: gate/up rows interleaved (2026-12-04)
+DECODER_FORMAT_VERSION = 3  # 2: gate/up rows interleaved (2026-12-04); 3: int8 embedding rows (2026-12-06)
 TENSOR_ALIGN = 256  # every tensor of weights.bin starts at a multiple of this (the GPU's alignment)
 DTYPE_BYTES = {"float16": 2, "float32": 4, "int32": 4, "int8": 1}
 

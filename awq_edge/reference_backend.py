@@ -24,7 +24,7 @@ import numpy as np
 from .decoder import DecoderSpec, buffer_shapes, decode_ops, step_ids
 from .engine_dir import DecoderInfo, check_files, read_decoder_info, read_manifest
 from .errors import UserError
-from .packing import dequantize, dequantize_rows_int8, unpack_int4
+from .packing import INT8_BLOCK, dequantize, dequantize_rows_int8, unpack_int4
 
 F16, F32 = np.float16, np.float32
 
@@ -38,8 +38,11 @@ def load_tensors(folder: Path, info: DecoderInfo) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- the kernels' twins
 
-def twin_embed(ids: np.ndarray, table: np.ndarray, scale: float | None) -> np.ndarray:
+def twin_embed(ids: np.ndarray, table: np.ndarray, scale: float | None, scales: np.ndarray | None = None) -> np.ndarray:
+    """table fp16 [V, hidden], or int8 with fp16 scales [V, ceil(hidden / 32)] (row_ops.cuh embed_row_q8)."""
     rows = table[ids].astype(F32)
+    if scales is not None:
+        rows = rows * np.repeat(scales[ids].astype(F32), INT8_BLOCK, axis=1)[:, :table.shape[1]]
     return (rows * F32(scale) if scale else rows).astype(F16)
 
 
@@ -319,7 +322,7 @@ class ReferenceBackend:
         """One op of the step on the buffers (the cuda backend launches the twin's kernel instead)."""
         a, t, spec = op.args, self.tensors, self.spec
         if op.kind == "embed":
-            buf[a["out"]][:] = twin_embed(ids, t[a["table"]], a["scale"])
+            buf[a["out"]][:] = twin_embed(ids, t[a["table"]], a["scale"], t[a["scales"]] if a["scales"] else None)
         elif op.kind == "norm":
             rows = slice(-1, None) if a.get("last_row") else slice(None)
             normed = twin_rms_norm(buf[a["x"]][rows], t[a["weight"]], spec.eps)

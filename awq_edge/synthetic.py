@@ -148,10 +148,12 @@ def random_engine_tensors(spec, rng: np.random.Generator) -> dict[str, np.ndarra
             out[name] = random_scales(rng, shape, k=layout[name.replace(".scales", ".qweight")][1][1] * 8)
         elif name.endswith(".zeros"):
             out[name] = rng.integers(6, 10, shape).astype(np.float16)
-        elif name == "lm_head.q8":
+        elif name.endswith(".q8"):  # int8 rows (uniform: std 73)
             out[name] = rng.integers(-127, 128, shape).astype(np.int8)
         elif name == "lm_head.q8_scales":  # rows of norm ~1, as an untied fp16 head's below
             out[name] = np.full(shape, 1 / (73 * math.sqrt(spec.hidden)), np.float16)
+        elif name == "model.embed_tokens.q8_scales":  # O(1) values, as the fp16 embedding's below
+            out[name] = np.full(shape, 1 / 73, np.float16)
         elif name.endswith(".bias"):
             out[name] = (0.1 * rng.standard_normal(shape, np.float32)).astype(np.float16)
         elif dtype == "float32":  # norms, with the family's offset folded in

@@ -155,7 +155,8 @@ def weight_bytes_read(info) -> int:
     import numpy as np
 
     head_is_table = info.spec.tie_embeddings and info.spec.lm_head == "fp16"
-    skip = set() if head_is_table else {"model.embed_tokens.weight"}
+    skip = {"model.embed_tokens.q8", "model.embed_tokens.q8_scales"} | (
+        set() if head_is_table else {"model.embed_tokens.weight"})
     if info.spec.lm_head == "int4":
         skip.add("lm_head.weight")
     return sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for name, (dtype, shape, _) in info.tensors.items()

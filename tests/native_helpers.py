@@ -51,6 +51,23 @@ def teacher_forced(backend, reference, ids: list[int], prompt: int, margin: floa
     return errors, disagreements
 
 
+def round_embedding_int8(ckpt) -> None:
+    """The checkpoint's embedding table rounded through a cuda engine's int8 rows, in place: an ORT
+    engine of it then holds what the cuda engine's embedding reads, and a comparison of the two
+    checks their arithmetic, not int8 quantization (benchmarks/embedding_int8_quality.py measures
+    that). A fresh checkpoint's file only: hard-linked copies must not be written in place."""
+    from safetensors.numpy import load_file, save_file
+
+    from awq_edge.packing import dequantize_rows_int8, quantize_rows_int8
+
+    path = ckpt / "model.safetensors"
+    tensors = load_file(path)
+    table = tensors["model.embed_tokens.weight"]
+    tensors["model.embed_tokens.weight"] = dequantize_rows_int8(*quantize_rows_int8(table)).astype(table.dtype)
+    path.unlink()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
 def near_tie(reference_logits: np.ndarray, token: int, tolerance: float) -> bool:
     """Whether `token` is within `tolerance` of the reference's best logit."""
     return float(reference_logits.max() - reference_logits[token]) <= tolerance

@@ -13,7 +13,7 @@ import pytest
 from awq_edge.cuda_backend import GEMV_FUSIONS, LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS
 from awq_edge.cuda_driver import f32, i32, ptr
 from awq_edge.decoder import HEAD_TOP_K, head_slices
-from awq_edge.reference_backend import twin_head_top_k, twin_lm_head
+from awq_edge.reference_backend import twin_embed, twin_head_top_k, twin_lm_head
 from awq_edge.sampling import SamplingSettings, candidates, choose_token
 from native_helpers import (EmulatedDriver, build_emulated_kernels, fused_gemv_error, head_candidates_twin,
                             load_benchmark, on_device, prefill_attention_error, random_quantized,
@@ -147,8 +147,13 @@ def test_the_embedding_and_heads_reach_the_last_rows_of_a_table_past_2_gib(emula
            [ptr(x_at), ptr(table), ptr(scales), ptr(logits), i32(vocab), i32(hidden), f32(0.0)])
     w8 = q8.astype(np.float32) * np.repeat(s8.astype(np.float32), 32, axis=1)
     assert close(got_logits(last), w8 @ x.astype(np.float32))
-    driver.free(table)
-    driver.free(scales)
+    ids, out = buffer((last,), np.int32, np.arange(vocab - last, vocab, dtype=np.int32)), buffer((last, hidden),
+                                                                                                  np.float16)
+    launch("awq_embed_q8", last, NORM_THREADS, [ptr(ids), ptr(table), ptr(scales), ptr(out), i32(hidden), i32(vocab),
+                                                f32(2.0)], last_block_only=False)  # (an int8 table: 1.4 GB)
+    assert np.array_equal(driver.array_at(out, np.float16, (last, hidden)), twin_embed(np.arange(last), q8, 2.0, s8))
+    for at in (table, scales, ids, out):
+        driver.free(at)
 
     q, s, z, packed = random_quantized(rng, last, hidden, g)  # int4 head, group 128
     weights = [buffer((vocab, *packed[name].shape[1:]), packed[name].dtype, packed[name])

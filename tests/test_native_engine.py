@@ -31,7 +31,8 @@ from awq_edge.sampling import SamplingSettings
 from conftest import TINY_FAMILIES, has_gpu
 from folder_helpers import edit_json, linked_copy, resign
 from native_helpers import (MemoryDriver, RecordingCublas, RecordingDriver, attention_f64, head_candidates_twin,
-                            head_rescore_twin, read_native_engine, teacher_forced, tie_heavy_logits)
+                            head_rescore_twin, read_native_engine, round_embedding_int8, teacher_forced,
+                            tie_heavy_logits)
 from test_export_helpers import export_for_cpu, tiny_checkpoint
 
 CLI = [sys.executable, "-m", "awq_edge.cli"]
@@ -849,6 +850,7 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                          ids=[*TINY_FAMILIES, "qwen3_yarn"])
 def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
+    round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)
     engine = tmp_path / "engine"
     build_engine(str(ckpt), "rtx4090", engine, backend="cuda", progress=False)
     reference = ReferenceBackend(engine, max_context=64)
@@ -942,6 +944,7 @@ def test_random_models_run_on_the_reference_executor(tmp_path):
 
     shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 2}
     ckpt = write_random_checkpoint(tmp_path / "ckpt", shape, 128, byte_tokenizer(tmp_path / "tokenizer"))
+    round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads
     build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
     reference = ReferenceBackend(tmp_path / "engine", max_context=64)
     ort = OrtBackend(export_for_cpu(ckpt, tmp_path / "exports", "ort"), max_context=64)

@@ -43,7 +43,7 @@ struct StepOp {
     int64_t kind;     // StepKind
     int64_t tasks;    // tiles of the op: 1, a head each, or the GEMV's 4-row blocks dealt out in turn
     int64_t first;    // its first task: the ops' tasks in order
-    int64_t variant;  // the GEMV's fusion, attention's head size, the head's bits
+    int64_t variant;  // the GEMV's fusion, attention's head size, the embedding's and the head's bits
     int64_t arg[kStepArgs];  // pointers, int32 and float32 (the bits), in each case's order below
 };
 
@@ -237,9 +237,14 @@ __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefo
     const auto f = [&](int i) { return __int_as_float(static_cast<int>(a[i])); };
     const auto i32 = [&](int i) { return static_cast<int>(a[i]); };
     switch (op.kind) {
-        case kStepEmbed:  // (ids, table, out, hidden, vocab, scale)
+        case kStepEmbed:  // (ids, table, out, hidden, vocab, scale, int8 scales): variant 8, int8 rows
             wait();
-            embed_row(*reinterpret_cast<const int32_t*>(a[0]), h(1), h(2), i32(3), i32(4), f(5));
+            if (op.variant == 8) {
+                embed_row_q8(*reinterpret_cast<const int32_t*>(a[0]), reinterpret_cast<const int8_t*>(a[1]),
+                             reinterpret_cast<const half*>(a[6]), h(2), i32(3), i32(4), f(5));
+            } else {
+                embed_row(*reinterpret_cast<const int32_t*>(a[0]), h(1), h(2), i32(3), i32(4), f(5));
+            }
             break;
         case kStepNorm:  // (x, weight, out, n, eps)
             wait();

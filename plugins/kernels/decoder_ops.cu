@@ -31,6 +31,15 @@ awq_embed(const int32_t* __restrict__ ids, const __half* __restrict__ table, __h
     awq_edge::embed_row(ids[blockIdx.x], table, out + static_cast<size_t>(blockIdx.x) * hidden, hidden, vocab, scale);
 }
 
+// The same from int8 rows with an fp16 scale per 32 values (row_ops.cuh embed_row_q8).
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_embed_q8(const int32_t* __restrict__ ids, const int8_t* __restrict__ table, const __half* __restrict__ scales,
+             __half* __restrict__ out, int hidden, int vocab, float scale) {
+    awq_edge::begin_after_previous_kernel();
+    awq_edge::embed_row_q8(ids[blockIdx.x], table, scales, out + static_cast<size_t>(blockIdx.x) * hidden, hidden,
+                           vocab, scale);
+}
+
 // out[r] = norm(x[first_row + r]) for the grid's rows (x may be out: Gemma's sandwich norms run in
 // place). weight is float32 with the family's offset folded in (Gemma: 1 + w).
 extern "C" __global__ void __launch_bounds__(kThreads)

@@ -59,6 +59,20 @@ __device__ __forceinline__ void embed_row(int id, const __half* __restrict__ tab
     }
 }
 
+// The same from int8 rows with an fp16 scale per 32 values (the int8 lm_head's table, shared when
+// tied): y = q[id, :] * scales[id, i / 32] * scale, in float32 before the one rounding to fp16.
+__device__ __forceinline__ void embed_row_q8(int id, const int8_t* __restrict__ table, const __half* __restrict__ scales,
+                                             __half* __restrict__ y, int hidden, int vocab, float scale) {
+    const bool valid = id >= 0 && id < vocab;
+    const size_t at = static_cast<size_t>(valid ? id : 0);
+    const int8_t* row = table + at * hidden;
+    const __half* row_scales = scales + at * ((hidden + 31) / 32);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float value = static_cast<float>(row[i]) * __half2float(row_scales[i / 32]) * scale;
+        y[i] = valid ? __float2half(value) : __float2half(NAN);
+    }
+}
+
 // y[j] = act(gate_up[2j]) * gate_up[2j + 1], j < inter (gate and up rows interleaved at packing).
 __device__ __forceinline__ void gated_act_row(const __half* __restrict__ gate_up, __half* __restrict__ y, int inter,
                                               int kind) {
