@@ -345,7 +345,8 @@ class NativeDecoder:
         ptr = lambda name: buf[name].ctypes.data  # noqa: E731
         if op.kind == "embed":
             rec.n, rec.out, rec.scale = spec.hidden, ptr(a["out"]), float(a["scale"] or 0.0)
-            rec.table = self._tensor(a["table"], np.float16, spec.vocab * spec.hidden).ctypes.data
+            # the graph's fp16 table (the op names the cuda engine's, int8 rows: decoder.embed_table)
+            rec.table = self._tensor("model.embed_tokens.weight", np.float16, spec.vocab * spec.hidden).ctypes.data
         elif op.kind in ("norm", "add_norm"):
             rec.n, rec.x, rec.out = spec.hidden, ptr(a["x"]), ptr(a["out"])
             rec.w_norm = self._tensor(a["weight"], np.float32, spec.hidden).ctypes.data
