@@ -277,7 +277,7 @@ def test_export_files_and_info(exports, rtn_checkpoint):
 
 
 def test_bad_inputs_are_one_line_user_errors(tmp_path, smollm2_dir, rtn_checkpoint):
-    with pytest.raises(UserError, match="not an AWQ checkpoint"):
+    with pytest.raises(UserError, match="not an AWQ or GPTQ checkpoint"):
         export_checkpoint(smollm2_dir, tmp_path / "a", "ort")
     with pytest.raises(UserError, match="no readable config.json"):
         export_checkpoint(tmp_path, tmp_path / "b", "ort")
