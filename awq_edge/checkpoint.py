@@ -28,6 +28,7 @@ import numpy as np
 
 from . import packing
 from .errors import UserError
+from .families import SUPPORTED_TYPES
 from .untrusted import Fields, read_json
 
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -48,8 +49,6 @@ LANGUAGE_MODEL_KEYS = (("language_model.model.", "model."), ("model.language_mod
 
 
 def is_vision_language(config: dict) -> bool:
-    from .families import SUPPORTED_TYPES
-
     return isinstance(config.get("text_config"), dict) and config.get("model_type") not in SUPPORTED_TYPES
 
 
@@ -301,17 +300,27 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(config, group_hint, linears, raw, metadata)
 
 
+def _check_packed(bad, qweight, qzeros, scales) -> None:
+    """What AutoAWQ's and GPTQ's linears share: int32 words, float scales, all 2-D."""
+    if qweight.dtype != np.int32 or qzeros.dtype != np.int32 or scales.dtype not in (np.float16, np.float32):
+        raise bad(f"has dtypes qweight {qweight.dtype}, qzeros {qzeros.dtype}, scales {scales.dtype} "
+                  "(int32, int32, float16 expected)")
+    if qweight.ndim != 2 or qzeros.ndim != 2 or scales.ndim != 2:
+        raise bad("has tensors that are not 2-D")
+
+
+def _check_bias(bad, bias, out_features: int) -> None:
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype not in (np.float16, np.float32)):
+        raise bad(f"has a bias of shape {list(bias.shape)} ({bias.dtype}), not [{out_features}] float")
+
+
 def _awq_linear(prefix: str, qweight, qzeros, scales, bias, group_hint: int, path: Path) -> QuantizedLinear:
     """One AutoAWQ GEMM linear, its tensors checked: qweight int32 [in, out/8], qzeros int32
     [groups, out/8], scales float [groups, out], bias [out]; groups = ceil(in / group size)."""
     def bad(what: str) -> UserError:
         return UserError(f"{path}: {prefix} {what}; the checkpoint is corrupt or not AutoAWQ GEMM")
 
-    if qweight.dtype != np.int32 or qzeros.dtype != np.int32 or scales.dtype not in (np.float16, np.float32):
-        raise bad(f"has dtypes qweight {qweight.dtype}, qzeros {qzeros.dtype}, scales {scales.dtype} "
-                  "(int32, int32, float16 expected)")
-    if qweight.ndim != 2 or qzeros.ndim != 2 or scales.ndim != 2:
-        raise bad("has tensors that are not 2-D")
+    _check_packed(bad, qweight, qzeros, scales)
     in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
     if qzeros.shape[1] * 8 != out_features or scales.shape != (qzeros.shape[0], out_features) or in_features < 1:
         raise bad(f"has inconsistent shapes: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, "
@@ -320,8 +329,7 @@ def _awq_linear(prefix: str, qweight, qzeros, scales, bias, group_hint: int, pat
         group_size = packing.infer_group_size(in_features, scales.shape[0], group_hint)
     except ValueError as e:
         raise bad(str(e)) from None
-    if bias is not None and (bias.shape != (out_features,) or bias.dtype not in (np.float16, np.float32)):
-        raise bad(f"has a bias of shape {list(bias.shape)} ({bias.dtype}), not [{out_features}] float")
+    _check_bias(bad, bias, out_features)
     q, scales, zeros = packing.from_awq_gemm(qweight, qzeros, scales)
     return QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias)
 
@@ -333,21 +341,18 @@ def _gptq_linear(prefix: str, qweight, qzeros, scales, g_idx, bias, group_hint: 
     def bad(what: str) -> UserError:
         return UserError(f"{path}: {prefix} {what}; the checkpoint is corrupt or not GPTQ")
 
-    if qweight.dtype != np.int32 or qzeros.dtype != np.int32 or scales.dtype not in (np.float16, np.float32):
-        raise bad(f"has dtypes qweight {qweight.dtype}, qzeros {qzeros.dtype}, scales {scales.dtype} "
-                  "(int32, int32, float16 expected)")
-    if qweight.ndim != 2 or qzeros.ndim != 2 or scales.ndim != 2 or min(qweight.shape) < 1:
+    _check_packed(bad, qweight, qzeros, scales)
+    if min(qweight.shape) < 1:
         raise bad("has tensors that are not 2-D")
     if g_idx is not None and g_idx.dtype.kind not in "iu":
         raise bad(f"has a g_idx of {g_idx.dtype}, not integers")
     in_features, out_features = 8 * qweight.shape[0], qweight.shape[1]
+    _check_bias(bad, bias, out_features)
     try:
         group_size = packing.infer_group_size(in_features, scales.shape[0], group_hint)
         q, scales, zeros = packing.from_gptq(qweight, qzeros, scales, g_idx, group_size, zero_offset)
     except ValueError as e:
         raise bad(str(e)) from None
-    if bias is not None and (bias.shape != (out_features,) or bias.dtype not in (np.float16, np.float32)):
-        raise bad(f"has a bias of shape {list(bias.shape)} ({bias.dtype}), not [{out_features}] float")
     return QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias)
 
 

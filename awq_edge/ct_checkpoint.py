@@ -213,8 +213,8 @@ def read_safetensors(path: Path, rename=lambda name: name) -> dict[str, np.ndarr
             np_dtype = np.dtype(SAFETENSORS_DTYPES[dtype])
             if int(np.prod(shape, dtype=object)) * np_dtype.itemsize != end - begin:
                 raise corrupt(f"tensor {name}: shape {shape} of {dtype} does not fill its {end - begin} bytes")
-            if rename(name) is not None:
-                entries.append((rename(name), dtype, np_dtype, shape, begin))
+            if (ours := rename(name)) is not None:
+                entries.append((ours, dtype, np_dtype, shape, begin))
         tensors = {}
         for name, dtype, np_dtype, shape, begin in entries:
             array = np.empty(shape, dtype=np_dtype)
