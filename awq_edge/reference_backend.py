@@ -24,7 +24,7 @@ import numpy as np
 from .decoder import DecoderSpec, buffer_shapes, decode_ops, step_ids
 from .engine_dir import DecoderInfo, check_files, read_decoder_info, read_manifest
 from .errors import UserError
-from .packing import INT8_BLOCK, dequantize, dequantize_rows_int8, unpack_int4
+from .packing import dequantize, dequantize_rows_int8, unpack_int4
 
 F16, F32 = np.float16, np.float32
 
@@ -40,9 +40,7 @@ def load_tensors(folder: Path, info: DecoderInfo) -> dict[str, np.ndarray]:
 
 def twin_embed(ids: np.ndarray, table: np.ndarray, scale: float | None, scales: np.ndarray | None = None) -> np.ndarray:
     """table fp16 [V, hidden], or int8 with fp16 scales [V, ceil(hidden / 32)] (row_ops.cuh embed_row_q8)."""
-    rows = table[ids].astype(F32)
-    if scales is not None:
-        rows = rows * np.repeat(scales[ids].astype(F32), INT8_BLOCK, axis=1)[:, :table.shape[1]]
+    rows = dequantize_rows_int8(table[ids], scales[ids]) if scales is not None else table[ids].astype(F32)
     return (rows * F32(scale) if scale else rows).astype(F16)
 
 
