@@ -154,13 +154,14 @@ def load_float_model(model_dir: Path, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = read_config(model_dir)
-    check_causal_lm(config, str(model_dir))
-    if is_vision_language(read_raw_config(model_dir)) and not is_quantized_checkpoint(config):
+    raw = read_raw_config(model_dir)
+    if is_vision_language(raw) and not is_quantized_checkpoint(raw):  # its language model, read (and checked) there
         model, tokenizer, materialize = load_for_quantization(model_dir)
         for i in range(len(decoder_layers(model))):
             materialize(i)
         return (model if dtype is None else model.to(dtype)), tokenizer
+    config = read_config(model_dir)
+    check_causal_lm(config, str(model_dir))
     if is_quantized_checkpoint(config):
         from .checkpoint import load_awq_as_float
 

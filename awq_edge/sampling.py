@@ -52,12 +52,12 @@ def model_sampling(generation_config: dict, where: str) -> dict:
     return {k: v for k, v in found.items() if v is not None}
 
 
-def sampling_with_defaults(model: dict, seed: int | None = None, **given) -> SamplingSettings:
+def sampling_with_defaults(model: dict, seed: int | None = None, temperature: float | None = None,
+                           top_k: int | None = None, top_p: float | None = None,
+                           repetition_penalty: float | None = None) -> SamplingSettings:
     """SamplingSettings from what the caller gave (None: not given), else the model's, else ours."""
-    unknown = set(given) - set(SAMPLING_FIELDS)
-    if unknown:
-        raise TypeError(f"unknown sampling setting {sorted(unknown)[0]}")
-    chosen = {k: given[k] if given.get(k) is not None else model.get(k, getattr(SamplingSettings, k))
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty}
+    chosen = {k: given[k] if given[k] is not None else model.get(k, getattr(SamplingSettings, k))
               for k in SAMPLING_FIELDS}
     return SamplingSettings(**chosen, seed=seed)
 
