@@ -28,10 +28,13 @@ import numpy as np
 
 from . import packing
 from .errors import UserError
-from .families import SUPPORTED_TYPES
+from .families import FAMILIES, SUPPORTED_TYPES, family_for
 from .untrusted import Fields, read_json
 
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# what a checkpoint may store quantized: those, or a family's fused ones (Phi-3's qkv_proj, gate_up_proj)
+STORED_LINEARS = QUANTIZED_LINEARS + tuple(sorted({fused.rsplit(".", 1)[1] for family in FAMILIES.values()
+                                                   for fused, _ in family.fused_linears}))
 METADATA_FILE = "awq_edge.json"
 GPTQ_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what its stored zeros lack
 CHECKPOINT_FORMATS = ("awq", "compressed-tensors")  # what `awq-edge quantize --format` writes
@@ -95,6 +98,11 @@ class QuantizedLinear:
     def dequantize(self) -> np.ndarray:
         return packing.dequantize(self.q, self.scales, self.zeros, self.group_size)
 
+    def rows(self, index) -> "QuantizedLinear":
+        """These output rows alone (a slice or an index array), each with its own scales and zeros."""
+        return QuantizedLinear(self.q[index], self.scales[index], self.zeros[index], self.group_size,
+                               None if self.bias is None else self.bias[index])
+
 
 def concat_linears(linears: list[QuantizedLinear]) -> QuantizedLinear:
     """Stack linears that read the same input (q, k, v) into one with N = sum of their N."""
@@ -124,6 +132,68 @@ class Checkpoint:
 def quantization_config(group_size: int) -> dict:
     return {"quant_method": "awq", "bits": packing.BITS, "group_size": group_size,
             "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+
+
+def split_fused(linears: dict[str, QuantizedLinear], spec, where: str) -> dict[str, QuantizedLinear]:
+    """The family's fused linears (Phi-3's qkv_proj, gate_up_proj) as their parts, split by the rows
+    the config gives each (export.spec.layer_linear_shapes); every other linear as it is."""
+    from .export.spec import layer_linear_shapes
+
+    shapes = layer_linear_shapes(spec)
+    out = dict(linears)
+    for fused, parts in spec.family.fused_linears:
+        for name in [n for n in out if n.endswith("." + fused)]:
+            layer, lin = name[: -len(fused)], out.pop(name)
+            rows = [shapes[part][0] for part in parts]
+            if lin.shape[0] != sum(rows):
+                raise UserError(f"{where}: {name} has {lin.shape[0]} rows, its config.json implies {sum(rows)} "
+                                f"({' + '.join(map(str, rows))}); the checkpoint is corrupt or belongs to another model")
+            starts = np.cumsum([0] + rows)
+            for part, start, end in zip(parts, starts, starts[1:]):
+                out[layer + part] = lin.rows(slice(start, end))
+    return out
+
+
+def fuse_linears(linears: dict, family) -> dict:
+    """The inverse of split_fused: the parts stacked again under the fused name, as the family's
+    checkpoints and its transformers model hold them. linears: QuantizedLinear values (concat_linears)."""
+    out = dict(linears)
+    for fused, parts in family.fused_linears:
+        for name in [n for n in out if n.endswith("." + parts[0])]:
+            layer = name[: -len(parts[0])]
+            out[layer + fused] = concat_linears([out.pop(layer + part) for part in parts])
+    return out
+
+
+def read_checked(path: str | Path):
+    """(Checkpoint, export.spec.ModelSpec): a quantized checkpoint read, its fused linears split, and
+    every tensor checked against its config."""
+    from .export.spec import check_checkpoint_shapes, model_spec
+
+    ckpt = read_checkpoint(path)
+    spec = model_spec(ckpt.config, str(Path(path) / "config.json"))
+    ckpt.linears = split_fused(ckpt.linears, spec, str(path))
+    check_checkpoint_shapes(ckpt.linears, ckpt.tensors, spec, str(path))
+    return ckpt, spec
+
+
+def read_for_engine(path: str | Path):
+    """read_checked, with each q/k head's dimensions (rows of q_proj, k_proj and their biases,
+    q_norm and k_norm) in the engines' rotary order (export.spec.rotary_order): what every
+    exporter builds from."""
+    from .export.spec import rotary_order
+
+    ckpt, spec = read_checked(path)
+    order = rotary_order(spec.head_dim, spec.rotary_dim)
+    if np.array_equal(order, np.arange(spec.head_dim)):
+        return ckpt, spec
+    for proj, heads in (("q_proj", spec.heads), ("k_proj", spec.kv_heads)):
+        rows = (np.arange(heads)[:, None] * spec.head_dim + order).ravel()
+        for name in [n for n in ckpt.linears if n.endswith("self_attn." + proj)]:
+            ckpt.linears[name] = ckpt.linears[name].rows(rows)
+    for name in [n for n in ckpt.tensors if n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight"))]:
+        ckpt.tensors[name] = ckpt.tensors[name][order]
+    return ckpt, spec
 
 
 # ---------------------------------------------------------------- writing
@@ -186,6 +256,7 @@ def write_checkpoint(staging: Path, config: dict, linears: dict[str, QuantizedLi
 
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise UserError(f"--format {checkpoint_format} is unknown; use {' or '.join(CHECKPOINT_FORMATS)}")
+    linears = fuse_linears(linears, family_for(str(config.get("model_type"))))  # as the family stores them
     out: dict[str, np.ndarray] = {}
     for name, t in tensors.items():
         out[name] = np.ascontiguousarray(t.astype(np.float16))
@@ -361,12 +432,9 @@ def load_awq_as_float(path: Path, dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .export.spec import check_checkpoint_shapes, model_spec
-
     path = Path(path)
-    ckpt = read_checkpoint(path)
+    ckpt, spec = read_checked(path)
     config_dict = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
-    check_checkpoint_shapes(ckpt.linears, ckpt.tensors, model_spec(config_dict, str(path / "config.json")), str(path))
     try:  # transformers validates the rest of the config in its own way
         config = AutoConfig.for_model(**config_dict)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -374,7 +442,7 @@ def load_awq_as_float(path: Path, dtype=None):
         raise UserError(f"transformers cannot build the model of {path / 'config.json'} ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:150]}); the config is corrupt") from None
     state = {name: torch.from_numpy(t.astype(np.float32)) for name, t in ckpt.tensors.items()}
-    for prefix, lin in ckpt.linears.items():
+    for prefix, lin in fuse_linears(ckpt.linears, spec.family).items():  # transformers' module names
         state[prefix + ".weight"] = torch.from_numpy(lin.dequantize())
         if lin.bias is not None:
             state[prefix + ".bias"] = torch.from_numpy(lin.bias.astype(np.float32))

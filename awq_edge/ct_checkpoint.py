@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import packing
-from .checkpoint import (METADATA_FILE, QUANTIZED_LINEARS, Checkpoint, QuantizedLinear, _weight_files,
+from .checkpoint import (METADATA_FILE, STORED_LINEARS, Checkpoint, QuantizedLinear, _weight_files,
                          language_model_view, settle_tie)
 from .errors import UserError
 from .untrusted import read_json
@@ -259,9 +259,9 @@ def read_ct_checkpoint(path: str | Path) -> Checkpoint:
     linears: dict[str, QuantizedLinear] = {}
     for key in sorted(k for k in raw if k.endswith(".weight_packed")):
         prefix = key[: -len(".weight_packed")]
-        if prefix.rsplit(".", 1)[-1] not in QUANTIZED_LINEARS:
+        if prefix.rsplit(".", 1)[-1] not in STORED_LINEARS:
             raise UserError(f"{path}: {prefix} is quantized, but awq-edge keeps it float (it quantizes only "
-                            f"{', '.join(QUANTIZED_LINEARS)}); quantize with {prefix} in the `ignore` list")
+                            f"{', '.join(STORED_LINEARS)}); quantize with {prefix} in the `ignore` list")
         if prefix + ".weight_g_idx" in raw:
             raise _unsupported(path, f"actorder with g_idx ({prefix}.weight_g_idx)")
         parts = {part: raw.pop(f"{prefix}.{part}", None) for part in LINEAR_PARTS}
@@ -287,7 +287,7 @@ def read_ct_checkpoint(path: str | Path) -> Checkpoint:
             raise UserError(f"{path}: unexpected tensor {name} (a W4A16 linear has only weight_packed, "
                             "weight_scale, weight_shape and weight_zero_point); the checkpoint uses another "
                             "scheme or is malformed")
-        if leaf == "weight" and owner.rsplit(".", 1)[-1] in QUANTIZED_LINEARS and owner not in linears:
+        if leaf == "weight" and owner.rsplit(".", 1)[-1] in STORED_LINEARS and owner not in linears:
             raise UserError(f"{path}: {owner} is stored float (the compressed-tensors `ignore` list or targets "
                             "leave it out), but awq-edge needs every decoder linear in 4 bits")
     settle_tie(config, wrapper, raw)

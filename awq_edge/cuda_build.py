@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plugins
-from .checkpoint import commit_staging, copy_tokenizer, output_staging, read_checkpoint
+from .checkpoint import commit_staging, copy_tokenizer, output_staging, read_for_engine
 from .decoder import checkpoint_has_qkv_bias, decoder_spec, pack_weights
 from .engine_dir import (DECODER_FORMAT, DECODER_FORMAT_VERSION, DECODER_INFO, ENGINE_FORMAT, ENGINE_FORMAT_VERSION,
                          MANIFEST, TENSOR_ALIGN, read_decoder_info)
@@ -62,11 +62,7 @@ def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, m
 
     device_name: what the manifest names (a family such as `orin`, whose variants resolve
     themselves at load); the plan is made for `device` (the family's smallest variant)."""
-    from .export.spec import check_checkpoint_shapes, model_spec
-
-    ckpt = read_checkpoint(checkpoint)
-    model = model_spec(ckpt.config, str(Path(checkpoint) / "config.json"))
-    check_checkpoint_shapes(ckpt.linears, ckpt.tensors, model, str(checkpoint))
+    ckpt, model = read_for_engine(checkpoint)
     group_sizes = {lin.group_size for lin in ckpt.linears.values()}
     if len(group_sizes) != 1 or not group_sizes <= {32, 64, 128}:
         raise UserError(f"{checkpoint} uses group sizes {sorted(group_sizes)}; the cuda backend's kernels take one "

@@ -77,8 +77,7 @@ class DecoderSpec:
     final_softcap: float           # 0: none
     layer_windows: tuple           # per layer: sliding window or 0
     layer_rope: tuple              # per layer: index of its RoPE table
-    rope_freqs: tuple = field(repr=False)  # per table: inverse frequencies [D/2] (float64)
-    rope_scales: tuple = field(repr=False)  # per table: cos/sin's multiplier (YaRN's attention factor; else 1)
+    ropes: tuple = field(repr=False)  # per table: its export.spec.Rope
     lm_head: str = "int8"          # the head in the engine: LM_HEADS
 
     @property
@@ -111,16 +110,13 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
     if lm_head == "int4" and model.vocab > HEAD_SELECT_CAPACITY ** 2 // HEAD_TOP_K:
         raise UserError(f"a vocabulary of {model.vocab} is more than the int4 head's candidate search takes "
                         f"({HEAD_SELECT_CAPACITY ** 2 // HEAD_TOP_K}); build with --lm-head int8")
-    freqs, scales, layer_rope = [], [], []
-    for f, scale in zip(model.layer_inv_freq, model.layer_rope_scale):
-        for j, known in enumerate(freqs):
-            if np.array_equal(known, f) and scales[j] == scale:
-                layer_rope.append(j)
-                break
-        else:
-            layer_rope.append(len(freqs))
-            freqs.append(f)
-            scales.append(scale)
+    tables: dict[bytes, int] = {}  # one table per distinct RoPE (Gemma3: local and global)
+    ropes, layer_rope = [], []
+    for rope in model.layer_rope:
+        if rope.key() not in tables:
+            tables[rope.key()] = len(ropes)
+            ropes.append(rope)
+        layer_rope.append(tables[rope.key()])
     return DecoderSpec(
         model_type=model.model_type, hidden=model.hidden, intermediate=model.intermediate, layers=model.layers,
         heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim, vocab=model.vocab, eps=model.eps,
@@ -130,7 +126,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         activation=ACTIVATIONS[family.activation], mlp_norm=family.mlp_norm, attn_scale=model.attn_scale,
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
-        rope_freqs=tuple(freqs), rope_scales=tuple(scales), lm_head=lm_head)
+        ropes=tuple(ropes), lm_head=lm_head)
 
 
 # ---------------------------------------------------------------- the op list
@@ -300,7 +296,7 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
             layout["lm_head.q4.scales"] = ("float16", (n, -(-k // HEAD_INT4_GROUP)))
             layout["lm_head.q4.zeros"] = ("float16", (n, -(-k // HEAD_INT4_GROUP)))
     layout["model.norm.weight"] = ("float32", (spec.hidden,))
-    for j in range(len(spec.rope_freqs)):
+    for j in range(len(spec.ropes)):
         for kind in ("cos", "sin"):
             layout[f"rope.{j}.{kind}"] = ("float16", (spec.max_positions, spec.head_dim // 2))
     for op in decode_ops(spec):
@@ -409,8 +405,8 @@ def rope_weights(spec: DecoderSpec) -> dict[str, np.ndarray]:
     from .export.spec import rope_tables
 
     out = {}
-    for j, (freq, scale) in enumerate(zip(spec.rope_freqs, spec.rope_scales)):
-        cos, sin = rope_tables(freq, spec.max_positions, scale)
+    for j, rope in enumerate(spec.ropes):
+        cos, sin = rope_tables(rope, spec.max_positions)
         out[f"rope.{j}.cos"], out[f"rope.{j}.sin"] = cos.astype(np.float16), sin.astype(np.float16)
     return out
 

@@ -1,7 +1,8 @@
 """The model family table: what the quantizer and the exporter need to know per architecture.
 
 All supported families use the Hugging Face Llama module names inside a decoder
-block (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm); what
+block (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm), or store
+some of those fused (Phi-3's qkv_proj, gate_up_proj) and are read split; what
 differs is written here. Adding a family is one entry, when its block has this shape.
 """
 from __future__ import annotations
@@ -30,6 +31,10 @@ class Family:
     # what transformers' config class takes for a key config.json leaves out, where that is not the
     # generic default export.spec assumes (head_dim hidden / heads, no window, untied, RoPE base 1e4)
     config_defaults: tuple = ()
+    # linears the family's checkpoints store fused, each as (its name, the names of its parts, whose
+    # rows it stacks in order): read_checkpoint's callers split them, write_checkpoint fuses them again
+    fused_linears: tuple = ()
+    rope_aliases: tuple = ()  # (older name, RoPE type) pairs of the family's configs
 
 
 FAMILIES: dict[str, Family] = {
@@ -50,6 +55,12 @@ FAMILIES: dict[str, Family] = {
                                 ("sliding_window", 4096), ("tie_word_embeddings", True),
                                 ("query_pre_attn_scalar", 256), ("rope_theta", 1e6),
                                 ("rope_local_base_freq", 10000.0))),
+        # Phi-3, 3.5 and 4-mini: fused q/k/v and gate/up, partial rotary (4-mini), LongRoPE (the long-context ones)
+        Family("phi3", ("phi3",), sliding_layers="all",
+               fused_linears=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))),
+               rope_aliases=(("su", "longrope"), ("yarn", "longrope")),
+               config_defaults=(("rms_norm_eps", 1e-5), ("original_max_position_embeddings", 4096))),
     )
 }
 

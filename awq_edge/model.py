@@ -161,7 +161,7 @@ def load_float_model(model_dir: Path, dtype=None):
             materialize(i)
         return (model if dtype is None else model.to(dtype)), tokenizer
     config = read_config(model_dir)
-    check_causal_lm(config, str(model_dir))
+    family = check_causal_lm(config, str(model_dir))
     if is_quantized_checkpoint(config):
         from .checkpoint import load_awq_as_float
 
@@ -180,12 +180,56 @@ def load_float_model(model_dir: Path, dtype=None):
     except Exception as e:
         raise UserError(f"could not load the tokenizer from {model_dir}: {str(e).splitlines()[0][:200]}") from None
     model.eval()
+    for layer in decoder_layers(model):
+        split_fused_modules(layer, family, config)
     return model, tokenizer
 
 
 def decoder_layers(model):
     """The list of decoder blocks (model.model.layers for every supported family)."""
     return model.model.layers
+
+
+class FusedOutputs:
+    """Stands in for a fused linear of a transformers model (Phi-3's qkv_proj) once its parts are
+    separate nn.Linear modules beside it: their outputs, concatenated. Not a module, so the model's
+    state_dict and modules list the parts alone (as every other family has them)."""
+
+    def __init__(self, parent, parts: tuple[str, ...]):
+        self.parent, self.parts = parent, parts
+
+    def __call__(self, x):
+        import torch
+
+        return torch.cat([getattr(self.parent, part)(x) for part in self.parts], dim=-1)
+
+
+def split_fused_modules(layer, family: Family, config: dict) -> None:
+    """One decoder block's fused linears (Phi-3's qkv_proj, gate_up_proj) as their parts, in place:
+    the quantizer then finds q/k/v and gate/up as in every family; transformers' forward is unchanged."""
+    if not family.fused_linears:
+        return
+    from torch import nn
+
+    from .export.spec import layer_linear_shapes, model_spec
+
+    shapes = layer_linear_shapes(model_spec(config))
+    for fused, parts in family.fused_linears:
+        parent_name, attr = fused.rsplit(".", 1)
+        parent = layer.get_submodule(parent_name)
+        lin = parent._modules.get(attr)
+        if lin is None:  # split already
+            continue
+        rows = [shapes[part][0] for part in parts]
+        biases = lin.bias.split(rows) if lin.bias is not None else [None] * len(parts)
+        delattr(parent, attr)
+        for part, w, b in zip(parts, lin.weight.split(rows), biases):
+            new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            new.weight = nn.Parameter(w.clone(), requires_grad=lin.weight.requires_grad)
+            if b is not None:
+                new.bias = nn.Parameter(b.clone(), requires_grad=lin.bias.requires_grad)
+            setattr(parent, part.rsplit(".", 1)[1], new)
+        setattr(parent, attr, FusedOutputs(parent, tuple(part.rsplit(".", 1)[1] for part in parts)))
 
 
 def load_for_quantization(model_dir: Path):
@@ -211,7 +255,7 @@ def load_for_quantization(model_dir: Path):
         model, tokenizer = load_float_model(model_dir)
         return model, tokenizer, lambda i: None
     config_dict = read_config(model_dir)
-    check_causal_lm(config_dict, str(model_dir))
+    family = check_causal_lm(config_dict, str(model_dir))
     where: dict[str, tuple[Path, str]] = {}  # the model's tensor name -> (file, the name stored there)
     try:
         for f in files:
@@ -261,4 +305,9 @@ def load_for_quantization(model_dir: Path):
     except Exception as e:
         raise UserError(f"could not load the tokenizer from {model_dir}: {str(e).splitlines()[0][:200]}") from None
     model.eval()
-    return model, tokenizer, lambda i: load(f"model.layers.{i}.")
+
+    def materialize(i: int) -> None:
+        load(f"model.layers.{i}.")
+        split_fused_modules(decoder_layers(model)[i], family, config_dict)
+
+    return model, tokenizer, materialize

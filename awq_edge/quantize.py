@@ -850,12 +850,12 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     output = Path(output)
     if output.exists() and not force:
         raise UserError(f"output {output} already exists; choose another path or pass --force to replace it")
-    from .export.spec import model_spec
+    from .export.spec import layer_linear_shapes, model_spec
 
     model_dir = resolve_source(source)
     config = read_config(model_dir)
     family = check_causal_lm(config, str(model_dir))
-    model_spec(config, str(model_dir / "config.json"), "re-download the model")  # exportable: checked now, not after
+    spec = model_spec(config, str(model_dir / "config.json"), "re-download the model")  # exportable: checked now
     if is_quantized_checkpoint(config):
         raise UserError(f"{source} is already a quantized checkpoint; give the float model to quantize")
     texts, calib_source = [], "none (rtn)"
@@ -867,9 +867,8 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
             calib_source = f"builtin: Wikipedia calibration split ({data.GENSIM_WHEEL} test dump)"
     model, tokenizer, materialize = load_for_quantization(model_dir)
     if checkpoint_format == "compressed-tensors":  # refuse a short last group now, not after quantizing
-        check_group_fits({f"model.layers.{i}.{_path(name)}": lin.in_features
-                          for i, layer in enumerate(model.model.layers)
-                          for name, lin in _linear_names(layer).items()}, settings.group_size)
+        check_group_fits({f"model.layers.{i}.{name}": shape[1] for i in range(spec.layers)
+                          for name, shape in layer_linear_shapes(spec).items()}, settings.group_size)
     tokens, prefix = None, []
     if settings.method == "awq":
         from .evaluate import window_prefix

@@ -109,6 +109,15 @@ class Fields:
             raise self._bad(key, value, f"a number in {lo:g}..{hi:g}")
         return float(value)
 
+    def floats(self, key: str, n: int, lo: float, hi: float) -> list[float]:
+        """A list of exactly n numbers, each in lo..hi (LongRoPE's per-frequency factors)."""
+        value = self.raw.get(key)
+        if (not isinstance(value, list) or len(value) != n
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           and lo <= v <= hi for v in value)):
+            raise self._bad(key, value, f"a list of {n} numbers in {lo:g}..{hi:g}")
+        return [float(v) for v in value]
+
     def str(self, key: str, choices=None, default=_MISSING):
         if not self.has(key):
             return self._missing(key, default)

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import commit_staging, copy_tokenizer, output_staging, read_checkpoint
+from ..checkpoint import commit_staging, copy_tokenizer, output_staging, read_for_engine
 from ..engine_dir import EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_INFO as INFO_FILE, MODEL_FILE
 from ..errors import UserError
 from ..untrusted import file_record
-from .spec import check_checkpoint_shapes, model_spec
 
 TARGETS = ("ort", "trt", "onnx")
 DATA_FILE = "model.onnx.data"
@@ -76,9 +75,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
         raise UserError(f"rescore_top_k must be an integer >= 0, got {rescore_top_k!r}")
     rescore = bool(lm_head_bits) and rescore_top_k > 0
 
-    ckpt = read_checkpoint(ckpt_dir)  # UserError when it is not an AWQ checkpoint
-    spec = model_spec(ckpt.config, str(Path(ckpt_dir) / "config.json"))
-    check_checkpoint_shapes(ckpt.linears, ckpt.tensors, spec, str(ckpt_dir))
+    ckpt, spec = read_for_engine(ckpt_dir)  # UserError when it is not a quantized checkpoint of its config
     _check_shapes(ckpt, target)
     from .graph import Decoder, Target  # onnx: only here, so export.spec imports without it (device side)
     t = Target(target, OPSETS[target], np.dtype(DTYPES[act_name]),

@@ -156,10 +156,10 @@ class Decoder:
         # RoPE tables: one per distinct frequency set (Gemma3: local and global).
         tables: dict[bytes, tuple[str, str]] = {}
         layer_rope = []
-        for freq, scale in zip(spec.layer_inv_freq, spec.layer_rope_scale):
-            key = freq.tobytes() + np.float64(scale).tobytes()
+        for rope in spec.layer_rope:
+            key = rope.key()
             if key not in tables:
-                cos, sin = rope_tables(freq, spec.max_positions, scale)
+                cos, sin = rope_tables(rope, spec.max_positions)
                 n = len(tables)
                 cos_name, sin_name = b.act_const(f"rope.{n}.cos", cos), b.act_const(f"rope.{n}.sin", sin)
                 if t.kv_mode == "concat":  # gather the rows of this step's positions once

@@ -3,6 +3,11 @@
 ModelSpec turns the Hugging Face config (which differs per family and per transformers
 version) into plain numbers: sizes, per-layer attention kind (full or sliding window) and
 per-layer RoPE frequencies.
+
+The engines rotate the pairs (i, i + head_dim / 2) of each q and k head. A model that rotates
+only its first rotary_dim dimensions (Phi-3's partial_rotary_factor, pairs (i, i + rotary_dim / 2))
+is brought to that form by reordering its q/k head dimensions (rotary_order, applied to the
+weights by checkpoint.read_for_engine) and a frequency of zero for the pairs that do not turn.
 """
 from __future__ import annotations
 
@@ -16,11 +21,32 @@ from ..families import Family, family_for
 from ..untrusted import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS,
                          MAX_VOCAB, Fields)
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 FIX = "the checkpoint config is incomplete or corrupt"
 # config.json's names (hidden_act; Gemma's hidden_activation) of each families.Family.activation
 ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")}
 MAX_ROPE_TABLE = 1 << 27  # positions x head_dim: 2 x 512 MiB of float32 cos/sin at most
+
+
+@dataclass(frozen=True, eq=False)
+class Rope:
+    """One layer's rotary embedding: cos/sin of position x inv_freq, times scale."""
+    inv_freq: np.ndarray  # [head_dim / 2] float64, in the engines' order (zeros: pairs that do not turn)
+    scale: float = 1.0  # what cos and sin are multiplied by (YaRN's and LongRoPE's attention factor; else 1)
+    long_inv_freq: np.ndarray | None = None  # LongRoPE: the frequencies of positions long_from and on
+    long_from: int = 0
+    turning: int = 0  # the pairs that turn, first (partial rotary: the others keep cos 1, sin 0); 0: all
+
+    def key(self) -> bytes:
+        """Equal for layers that can share one pair of tables."""
+        long = b"" if self.long_inv_freq is None else self.long_inv_freq.tobytes() + self.long_from.to_bytes(8, "little")
+        return self.inv_freq.tobytes() + np.float64(self.scale).tobytes() + long + self.turning.to_bytes(8, "little")
+
+    def padded(self, half: int) -> "Rope":
+        """Over `half` pairs: the pairs past these (partial rotary's) do not turn."""
+        def pad(f):
+            return None if f is None else np.concatenate([f, np.zeros(half - len(f))])
+        return Rope(pad(self.inv_freq), self.scale, pad(self.long_inv_freq), self.long_from, len(self.inv_freq))
 
 
 @dataclass
@@ -39,8 +65,8 @@ class ModelSpec:
     tie_embeddings: bool
     attn_scale: float  # multiplies q.k
     layer_windows: list[int | None]  # per layer: sliding window (tokens attended, self included) or None
-    layer_inv_freq: list[np.ndarray]  # per layer: RoPE inverse frequencies [head_dim / 2]
-    layer_rope_scale: list[float]  # per layer: what cos and sin are multiplied by (YaRN's attention factor; else 1)
+    layer_rope: list[Rope]  # per layer: its RoPE, over head_dim / 2 pairs in the engines' order
+    rotary_dim: int  # the head dimensions the model rotates (head_dim unless partial rotary)
     attn_softcap: float | None
     final_softcap: float | None
 
@@ -50,17 +76,19 @@ class ModelSpec:
         return 2 * self.layers * self.kv_heads * self.head_dim
 
 
-def rope_frequencies(rope: Fields, head_dim: int, max_positions: int) -> tuple[np.ndarray, float]:
-    """RoPE inverse frequencies (float64) and the factor cos/sin are scaled by, for one rope
-    parameter dict (Hugging Face's semantics, transformers 5 `modeling_rope_utils`)."""
+def rope_frequencies(rope: Fields, dim: int, max_positions: int, aliases: dict | None = None) -> Rope:
+    """The RoPE over the first `dim` head dimensions (all but partial rotary's), for one rope
+    parameter dict (Hugging Face's semantics, transformers 5 `modeling_rope_utils`).
+    aliases: a family's older names of a type (Phi-3: su -> longrope)."""
     rope_type = rope.str("rope_type", default=None) or rope.str("type", default="default")
+    rope_type = (aliases or {}).get(rope_type, rope_type)
     theta = rope.float("rope_theta", 1e-3, 1e12, default=10000.0)
-    freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     if rope_type in ("default", "dynamic"):
         # dynamic NTK scales the base only past max_position_embeddings, which is our tables' end
-        return freq, 1.0
+        return Rope(freq)
     if rope_type == "linear":
-        return freq / rope.float("factor", 1e-3, 1e6), 1.0
+        return Rope(freq / rope.float("factor", 1e-3, 1e6))
     if rope_type == "llama3":
         factor = rope.float("factor", 1e-3, 1e6)
         low, high = rope.float("low_freq_factor", 1e-6, 1e6), rope.float("high_freq_factor", 1e-6, 1e6)
@@ -72,17 +100,18 @@ def rope_frequencies(rope: Fields, head_dim: int, max_positions: int) -> tuple[n
         smoothed = (1 - smooth) * freq / factor + smooth * freq
         out = np.where(wavelen > old_ctx / low, freq / factor, freq)
         medium = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
-        return np.where(medium, smoothed, out), 1.0
+        return Rope(np.where(medium, smoothed, out))
     if rope_type == "yarn":
         if theta <= 1:  # its correction range divides by ln(theta)
             raise UserError(f"{rope.where}: rope_theta {theta} must be above 1 for YaRN; {rope.fix}")
-        return yarn_frequencies(rope, theta, freq, head_dim, max_positions)
+        return yarn_frequencies(rope, theta, freq, dim, max_positions)
+    if rope_type == "longrope":
+        return longrope_frequencies(rope, freq, max_positions)
     raise UserError(f"{rope.where}: RoPE type {rope_type!r} is not supported by the exporter "
                     f"(supported: {', '.join(ROPE_TYPES)})")
 
 
-def yarn_frequencies(rope: Fields, theta: float, freq: np.ndarray, head_dim: int,
-                     max_positions: int) -> tuple[np.ndarray, float]:
+def yarn_frequencies(rope: Fields, theta: float, freq: np.ndarray, head_dim: int, max_positions: int) -> Rope:
     """YaRN (Qwen's long-context setting): the low frequencies divided by `factor`, the high ones
     kept, a linear ramp between; cos/sin scaled by 0.1 ln(factor) + 1 unless attention_factor says."""
     old_ctx = rope.float("original_max_position_embeddings", 1, MAX_POSITIONS, default=max_positions)
@@ -106,7 +135,22 @@ def yarn_frequencies(rope: Fields, theta: float, freq: np.ndarray, head_dim: int
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, head_dim - 1)
     ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / ((high - low) or 0.001), 0, 1)
-    return freq / factor * ramp + freq * (1 - ramp), float(attention)
+    return Rope(freq / factor * ramp + freq * (1 - ramp), float(attention))
+
+
+def longrope_frequencies(rope: Fields, freq: np.ndarray, max_positions: int) -> Rope:
+    """Phi-3's LongRoPE: each frequency divided by its short_factor; from position
+    original_max_position_embeddings on, by its long_factor. That is what transformers computes
+    token by token (a forward whose last position is past the original context takes the long
+    set; a prompt prefilled past it in one forward takes it for every position, which no table
+    keyed by position can). cos/sin times sqrt(1 + ln(factor) / ln(original context))."""
+    old_ctx = rope.int("original_max_position_embeddings", 2, MAX_POSITIONS)
+    factor = rope.float("factor", 1e-3, 1e6, default=max_positions / old_ctx)
+    attention = rope.float("attention_factor", 1e-6, 1e3, default=None)
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_ctx))
+    short, long = (np.array(rope.floats(key, len(freq), 1e-6, 1e6)) for key in ("short_factor", "long_factor"))
+    return Rope(freq / short, attention, freq / long, old_ctx)
 
 
 def _rope_params(config: Fields) -> dict[str, Fields]:
@@ -158,8 +202,6 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     vocab = c.int("vocab_size", 1, MAX_VOCAB)
     intermediate = c.int("intermediate_size", 1, MAX_INTERMEDIATE)
     max_positions = c.int("max_position_embeddings", 1, MAX_POSITIONS, default=4096)
-    if c.float("partial_rotary_factor", 0, 1, default=1.0) != 1.0:
-        raise UserError(f"model type {model_type}: partial rotary embeddings are not supported by the exporter")
     act = c.str("hidden_activation", default=None) or c.str("hidden_act", default=None)
     if act is not None and act not in ACTIVATION_NAMES[family.activation]:  # not silently another function
         raise UserError(f"{where}: hidden activation {act!r} is not supported for {model_type} (its engines compute "
@@ -184,14 +226,23 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     windows = [window if t == "sliding_attention" and window else None for t in layer_types]
 
     ropes = _rope_params(c)
-    freqs, scales = [], []
+    rotary_dims, layer_rope = set(), []
     for t in layer_types:
         rope = ropes.get(t) or ropes.get("full_attention")
         if rope is None:
             raise UserError(f"{where}: no RoPE parameters for layer type {t!r}; {fix}")
-        freq, scale = rope_frequencies(rope, head_dim, max_positions)
-        freqs.append(freq)
-        scales.append(scale)
+        # partial rotary (Phi-3.5/4-mini: 0.75): inside the rope parameters (transformers 5) or beside them
+        factor = rope.float("partial_rotary_factor", 1e-6, 1.0, default=c.float("partial_rotary_factor", 1e-6, 1.0,
+                                                                                 default=1.0))
+        dim = int(head_dim * factor)  # as transformers rounds it
+        if dim < 2 or dim % 2:
+            raise UserError(f"{where}: partial_rotary_factor {factor} rotates {dim} of {head_dim} head dimensions; "
+                            f"RoPE needs an even number of at least 2; {fix}")
+        rotary_dims.add(dim)
+        layer_rope.append(rope_frequencies(rope, dim, max_positions, dict(family.rope_aliases)).padded(head_dim // 2))
+    if len(rotary_dims) != 1:
+        raise UserError(f"{where}: layer types rotate different numbers of head dimensions {sorted(rotary_dims)}, "
+                        "which the engines do not take")
 
     scalar = c.float("query_pre_attn_scalar", 1e-6, 1e9, default=None)  # Gemma: scale by this, not head_dim
     return ModelSpec(
@@ -200,29 +251,35 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         eps=c.float("rms_norm_eps", 1e-12, 1.0, default=1e-6),
         max_positions=max_positions,
         tie_embeddings=c.bool("tie_word_embeddings", default=False),
-        attn_scale=scalar ** -0.5 if scalar else head_dim ** -0.5, layer_windows=windows, layer_inv_freq=freqs,
-        layer_rope_scale=scales,
+        attn_scale=scalar ** -0.5 if scalar else head_dim ** -0.5, layer_windows=windows, layer_rope=layer_rope,
+        rotary_dim=rotary_dims.pop(),
         attn_softcap=c.float("attn_logit_softcapping", 1e-3, 1e6, default=None),
         final_softcap=c.float("final_logit_softcapping", 1e-3, 1e6, default=None),
     )
 
 
+def layer_linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """One decoder layer's quantized linears, as read (split): name in the layer -> [out, in]."""
+    h, inter = spec.hidden, spec.intermediate
+    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
+            "mlp.down_proj": (h, inter)}
+
+
 def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """What a checkpoint of this model holds: (quantized linears prefix -> [out, in], float tensors
     name -> shape). Biases and an untied lm_head are optional (checked when present)."""
-    h, hd, inter = spec.hidden, spec.head_dim, spec.intermediate
-    q, kv = spec.heads * hd, spec.kv_heads * hd
+    h, hd = spec.hidden, spec.head_dim
     family = spec.family
+    layer_linears = layer_linear_shapes(spec)
     linears, tensors = {}, {"model.embed_tokens.weight": (spec.vocab, h), "model.norm.weight": (h,)}
     norms = {"input_layernorm", family.mlp_norm}
     if family.sandwich_norm:
         norms |= {"post_attention_layernorm", "post_feedforward_layernorm"}
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        linears.update({f"{p}.self_attn.q_proj": (q, h), f"{p}.self_attn.k_proj": (kv, h),
-                        f"{p}.self_attn.v_proj": (kv, h), f"{p}.self_attn.o_proj": (h, q),
-                        f"{p}.mlp.gate_proj": (inter, h), f"{p}.mlp.up_proj": (inter, h),
-                        f"{p}.mlp.down_proj": (h, inter)})
+        linears.update({f"{p}.{name}": shape for name, shape in layer_linears.items()})
         tensors.update({f"{p}.{n}.weight": (h,) for n in norms})
         if family.qk_norm:
             tensors.update({f"{p}.self_attn.q_norm.weight": (hd,), f"{p}.self_attn.k_norm.weight": (hd,)})
@@ -256,11 +313,28 @@ def check_checkpoint_shapes(linears: dict, tensors: dict, spec: ModelSpec, where
                             "the checkpoint is corrupt or belongs to another model")
 
 
-def rope_tables(freq: np.ndarray, positions: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [positions, head_dim / 2] in float32, times scale (YaRN's attention factor).
+def rope_tables(rope: Rope, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [positions, head_dim / 2] in float32, the turning pairs' times rope.scale (the
+    others stay 1 and 0); LongRoPE's rows from long_from on from its long frequencies.
 
     The angle is rounded to float32 like Hugging Face's float32 `position * inv_freq`, so long
     positions (large angles) agree with the reference model to float32 rounding of cos/sin."""
-    angles = np.outer(np.arange(positions, dtype=np.float32), freq.astype(np.float32))
+    freq = np.broadcast_to(rope.inv_freq.astype(np.float32), (positions, len(rope.inv_freq)))
+    if rope.long_inv_freq is not None:
+        rows = np.arange(positions)[:, None] >= rope.long_from
+        freq = np.where(rows, rope.long_inv_freq.astype(np.float32), freq)
+    angles = np.arange(positions, dtype=np.float32)[:, None] * freq
+    half = len(rope.inv_freq)
+    scale = np.where(np.arange(half) < (rope.turning or half), rope.scale, 1.0)
     return ((np.cos(angles.astype(np.float64)) * scale).astype(np.float32),
             (np.sin(angles.astype(np.float64)) * scale).astype(np.float32))
+
+
+def rotary_order(head_dim: int, rotary_dim: int) -> np.ndarray:
+    """The engines' order of one q/k head's dimensions, as indices into the model's: the model's
+    rotary pairs (i, i + rotary_dim / 2) become the engines' (i, i + head_dim / 2), the dimensions
+    it does not rotate fill the rest (their frequency is zero). The identity without partial rotary."""
+    half, turn = head_dim // 2, rotary_dim // 2
+    still = half - turn  # pairs that do not turn
+    return np.concatenate([np.arange(turn), np.arange(rotary_dim, rotary_dim + still),
+                           np.arange(turn, rotary_dim), np.arange(rotary_dim + still, head_dim)])

@@ -64,7 +64,7 @@ def engine_dir(tmp_path_factory, rtn_checkpoint):
     return out
 
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # also in test_quantize.py
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")  # also in test_quantize.py
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +80,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from awq_edge.checkpoint import copy_tokenizer
+        from awq_edge.families import family_for
 
         torch.manual_seed(0)
         config = AutoConfig.for_model(
@@ -93,7 +94,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
         with torch.no_grad():  # non-trivial norms, so folding scales into them is exercised
             for name, p in model.named_parameters():
                 if "norm" in name:
-                    p.copy_(torch.rand_like(p) * 0.5 + (0.0 if model_type == "gemma3_text" else 0.75))
+                    p.copy_(torch.rand_like(p) * 0.5 + (0.0 if family_for(model_type).norm_offset else 0.75))
         out = tmp_path_factory.mktemp("tiny") / f"{model_type}-kv{kv_heads}"
         model.save_pretrained(out)
         copy_tokenizer(smollm2_dir, out)

@@ -167,7 +167,7 @@ def test_native_decode_checks_its_input_like_onnxruntime(default_export):
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES)
 def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_dir, tmp_path):
-    extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
+    extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
     ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, hidden_size=128, intermediate_size=256,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=64, **extra)
     native, reference = native_and_onnxruntime(export_checkpoint(ckpt, tmp_path / "ort", "ort"), 64)

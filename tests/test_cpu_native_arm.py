@@ -211,7 +211,7 @@ def test_decode_steps_on_arm_match_this_machines(arm_executables, model_type, sm
     from awq_edge.export import export_checkpoint
     from test_export_helpers import tiny_checkpoint
 
-    extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
+    extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
     ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, hidden_size=128, intermediate_size=256,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=64, **extra)
     backend = OrtBackend(export_checkpoint(ckpt, tmp_path / "ort", "ort"), max_context=32, threads=2,

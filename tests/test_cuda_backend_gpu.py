@@ -94,7 +94,7 @@ def check_against_reference(engine: Path, vocab: int, seed: int = 0, fused: bool
 
 
 def tiny_engine(root: Path, model_type: str, tokenizer_dir: Path, **overrides) -> Path:
-    extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
+    extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
     ckpt = tiny_checkpoint(root, model_type, tokenizer_dir, **{**TINY_GPU, **extra, **overrides})
     build_engine(str(ckpt), this_device().name, root / "engine", backend="cuda", progress=False)
     return root / "engine"

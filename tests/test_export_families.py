@@ -15,7 +15,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from awq_edge.errors import UserError
-from test_export_helpers import CPU_TARGETS, TINY, TINY_EXTRA, check_against_reference, export_for_cpu, tiny_checkpoint
+from test_export_helpers import (CPU_TARGETS, TINY, TINY_EXTRA, check_against_reference, export_for_cpu, longrope,
+                                 reference_logits, rel_err, run_backend, tiny_checkpoint, torch_one_thread)
 
 PROMPT = 12
 STEPS = 20
@@ -53,8 +54,8 @@ def test_gemma3_spec_reads_local_rope_and_window():
     config = AutoConfig.for_model("gemma3_text", **{**TINY, **TINY_EXTRA["gemma3_text"]}).to_dict()
     spec = model_spec(config)
     assert spec.layer_windows == [4, None]
-    assert np.isclose(spec.layer_inv_freq[0][1], 10000.0 ** (-2 / 16))  # local base 1e4
-    assert np.isclose(spec.layer_inv_freq[1][1], 1e6 ** (-2 / 16))  # global base 1e6
+    assert np.isclose(spec.layer_rope[0].inv_freq[1], 10000.0 ** (-2 / 16))  # local base 1e4
+    assert np.isclose(spec.layer_rope[1].inv_freq[1], 1e6 ** (-2 / 16))  # global base 1e6
     assert spec.attn_scale == 16 ** -0.5
     assert spec.family.sandwich_norm and spec.family.norm_offset == 1.0
 
@@ -88,17 +89,72 @@ def test_rope_scaling(tmp_path, smollm2_dir, scaling):
         check_against_reference(export_for_cpu(ckpt, tmp_path / "exports", target), ref, _ids(2), PROMPT, 1e-5)
 
 
+def test_phi3_longrope_switches_to_its_long_factors_as_generate_does(tmp_path, smollm2_dir):
+    """LongRoPE with the sequence crossing the original context (16 here; 4096 on Phi-3.5-mini):
+    transformers' generate rotates each token by the long factors once its position is past it,
+    the prompt before it keeping the short ones. The engines' tables, row by row, do the same."""
+    import torch
+
+    from awq_edge.checkpoint import load_awq_as_float
+
+    ckpt = tiny_checkpoint(tmp_path, "phi3", smollm2_dir, **longrope(16, original=16))
+    ref = load_awq_as_float(ckpt).eval()
+    ids = _ids(3)
+    with torch.no_grad(), torch_one_thread():  # as generate runs it: the prompt, then a token at a time
+        out = ref(torch.tensor([ids[:PROMPT]]), use_cache=True)
+        steps = [out.logits[0, -1]]
+        for token in ids[PROMPT:]:
+            out = ref(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[0, -1])
+    generated = torch.stack(steps).numpy()
+    for target in ("ort", "onnx"):
+        got = run_backend(export_for_cpu(ckpt, tmp_path / "exports", target), ids, PROMPT)
+        assert max(rel_err(g, r) for g, r in zip(got, generated)) < 1e-5, target
+    # one forward over all 32 positions takes the long factors for every one: the switch is real
+    whole = reference_logits(ref, ids)[PROMPT - 1:]
+    assert max(rel_err(g, r) for g, r in zip(generated, whole)) > 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
+def test_a_phi3_checkpoint_is_stored_fused_and_read_split(tmp_path, smollm2_dir, fmt):
+    """Phi-3's qkv_proj and gate_up_proj: fused on disk in either format, as AutoAWQ, llm-compressor
+    and vLLM have them; split on reading into the rows of q/k/v and gate/up, exactly; a fused
+    linear of another height is refused in one line."""
+    from safetensors import safe_open
+
+    from awq_edge.checkpoint import read_checked, write_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path, "phi3", smollm2_dir)
+    split, spec = read_checked(ckpt)
+    out = tmp_path / fmt
+    out.mkdir()
+    write_checkpoint(out, json.loads((ckpt / "config.json").read_text()), split.linears, split.tensors, {}, ckpt, fmt)
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        names = set(f.keys())
+    packed = "qweight" if fmt == "awq" else "weight_packed"
+    assert {f"model.layers.0.self_attn.qkv_proj.{packed}", f"model.layers.0.mlp.gate_up_proj.{packed}"} <= names
+    assert not any(".q_proj." in n or ".gate_proj." in n for n in names)
+    again, _ = read_checked(out)
+    assert sorted(again.linears) == sorted(split.linears) and len(split.linears) == 7 * spec.layers
+    for name, lin in split.linears.items():
+        for field in ("q", "scales", "zeros"):
+            np.testing.assert_array_equal(getattr(again.linears[name], field), getattr(lin, field), err_msg=name)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 1}))  # k and v of 16 rows
+    with pytest.raises(UserError, match=r"qkv_proj has 128 rows, its config.json implies 96 \(64 \+ 16 \+ 16\)"):
+        read_checked(out)
+
+
 def test_unsupported_rope_type_is_a_user_error(tmp_path, smollm2_dir):
     from awq_edge.export import export_checkpoint
 
-    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-            "original_max_position_embeddings": 64}
-    with pytest.raises(UserError, match="RoPE type 'longrope' is not supported"):  # refused before quantizing
+    rope = {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}  # Gemma 4's
+    with pytest.raises(UserError, match="RoPE type 'proportional' is not supported"):  # refused before quantizing
         tiny_checkpoint(tmp_path / "float", "llama", smollm2_dir, rope_parameters=rope)
     ckpt = tiny_checkpoint(tmp_path / "ok", "llama", smollm2_dir)
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
-    with pytest.raises(UserError, match="RoPE type 'longrope' is not supported"):  # and by the exporter
+    with pytest.raises(UserError, match="RoPE type 'proportional' is not supported"):  # and by the exporter
         export_checkpoint(ckpt, tmp_path / "out", "ort")
     assert not (tmp_path / "out").exists()
 
@@ -281,21 +337,24 @@ def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
         AutoConfig.for_model(model_type, **sizes).to_dict())
     for field in sparse.__dataclass_fields__:
         got, want = getattr(sparse, field), getattr(full, field)
-        if field == "layer_inv_freq":
-            assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want)), field
+        if field == "layer_rope":
+            assert [r.key() for r in got] == [r.key() for r in want], field
         else:
             assert got == want, (field, got, want)
 
 
 ROPE_VALUES = st.one_of(st.none(), st.booleans(), st.text(max_size=3), st.lists(st.integers(), max_size=2),
-                        st.integers(-10, 10 ** 7), st.floats(allow_nan=True, allow_infinity=True))
+                        st.integers(-10, 10 ** 7), st.floats(allow_nan=True, allow_infinity=True),
+                        st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=4, max_size=4),
+                        st.lists(st.floats(-1, 1e7), min_size=8, max_size=8))  # LongRoPE's, one per pair
 
 
 @settings(max_examples=300, derandomize=True, deadline=None, database=None)
 @given(rope=st.dictionaries(st.sampled_from(["rope_type", "rope_theta", "factor", "original_max_position_embeddings",
                                              "attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
-                                             "truncate", "low_freq_factor", "high_freq_factor"]), ROPE_VALUES),
-       rope_type=st.sampled_from(["yarn", "llama3", "linear", "dynamic", "default"]))
+                                             "truncate", "low_freq_factor", "high_freq_factor", "short_factor",
+                                             "long_factor", "partial_rotary_factor"]), ROPE_VALUES),
+       rope_type=st.sampled_from(["yarn", "llama3", "linear", "dynamic", "default", "longrope"]))
 @example(rope={"rope_theta": 1}, rope_type="yarn")  # ln(theta) = 0 divides YaRN's correction range
 @example(rope={"rope_theta": 1e4, "mscale": 1e308, "mscale_all_dim": 1e-300, "factor": 1e6}, rope_type="yarn")
 def test_hostile_rope_parameters_give_finite_tables_or_one_line_errors(rope, rope_type):
@@ -309,5 +368,5 @@ def test_hostile_rope_parameters_give_finite_tables_or_one_line_errors(rope, rop
     except UserError as e:
         assert "\n" not in str(e)
         return
-    assert all(np.isfinite(f).all() for f in spec.layer_inv_freq)
-    assert all(np.isfinite(scale) for scale in spec.layer_rope_scale)
+    assert all(np.isfinite(r.inv_freq).all() and np.isfinite(r.scale) for r in spec.layer_rope)
+    assert all(r.long_inv_freq is None or np.isfinite(r.long_inv_freq).all() for r in spec.layer_rope)

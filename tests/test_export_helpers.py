@@ -28,7 +28,20 @@ TINY_EXTRA = {
     "qwen3": {"head_dim": 16},
     "gemma3_text": {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16,
                     "layer_types": ["sliding_attention", "full_attention"]},
+    # fused q/k/v and gate/up; half of each head rotated (Phi-4-mini: 0.75); LongRoPE: longrope()
+    "phi3": {"sliding_window": 5, "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
+             "eos_token_id": 2},
 }
+
+
+def longrope(head_dim: int, original: int, rotary: float = 0.5) -> dict:
+    """A tiny Phi-3's LongRoPE overrides: its short and long factors (one per turning pair) and
+    original context (set beside rope_parameters: Phi-3's config takes that one)."""
+    pairs = int(head_dim * rotary) // 2
+    return {"original_max_position_embeddings": original,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                "short_factor": np.linspace(1.0, 3.5, pairs).tolist(),
+                                "long_factor": np.linspace(1.5, 8.0, pairs).tolist()}}
 
 
 def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
@@ -37,6 +50,7 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from awq_edge.families import family_for
     from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
 
     torch.manual_seed(seed)
@@ -46,7 +60,7 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.normal_(mean=0.0 if model_type == "gemma3_text" else 1.0, std=0.2)
+                p.normal_(mean=0.0 if family_for(model_type).norm_offset else 1.0, std=0.2)
             elif name.endswith(".bias"):
                 p.normal_(std=0.5)
     float_dir = root / "float"

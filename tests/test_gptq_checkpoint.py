@@ -65,13 +65,16 @@ def qwen2_checkpoint(tmp_path_factory, smollm2_dir):
     return tiny_checkpoint(tmp_path_factory.mktemp("gptq"), "qwen2", smollm2_dir)
 
 
-@pytest.mark.parametrize("layout", ["gptq", "gptq_v2"])
-def test_a_gptq_checkpoint_reads_as_the_same_levels_and_exports_the_same_logits(qwen2_checkpoint, tmp_path, layout):
+@pytest.mark.parametrize("layout, model_type", [("gptq", "qwen2"), ("gptq_v2", "qwen2"), ("gptq", "phi3")])
+def test_a_gptq_checkpoint_reads_as_the_same_levels_and_exports_the_same_logits(qwen2_checkpoint, smollm2_dir,
+                                                                                tmp_path, layout, model_type):
+    """Phi-3's fused qkv_proj and gate_up_proj, one GPTQ linear each, too."""
     from awq_edge.checkpoint import load_awq_as_float
 
-    ours = read_checkpoint(qwen2_checkpoint)
+    source = qwen2_checkpoint if model_type == "qwen2" else tiny_checkpoint(tmp_path / "phi3", "phi3", smollm2_dir)
+    ours = read_checkpoint(source)
     assert min(lin.zeros.min() for lin in ours.linears.values()) >= 1  # the original format can store them
-    gptq = read_checkpoint(write_gptq(qwen2_checkpoint, tmp_path / "gptq", layout))
+    gptq = read_checkpoint(write_gptq(source, tmp_path / "gptq", layout))
     assert sorted(gptq.linears) == sorted(ours.linears)
     for prefix, lin in ours.linears.items():
         got = gptq.linears[prefix]
@@ -80,7 +83,7 @@ def test_a_gptq_checkpoint_reads_as_the_same_levels_and_exports_the_same_logits(
             np.testing.assert_array_equal(getattr(got, field), getattr(lin, field), err_msg=f"{prefix}.{field}")
     ids = np.random.default_rng(0).integers(0, 256, 12 + 8).tolist()
     check_against_reference(export_for_cpu(tmp_path / "gptq", tmp_path / "exports", "ort"),
-                            load_awq_as_float(qwen2_checkpoint).eval(), ids, 12, 1e-5)
+                            load_awq_as_float(source).eval(), ids, 12, 1e-5)
 
 
 def test_build_takes_a_gptq_checkpoint_as_a_checkpoint(qwen2_checkpoint, tmp_path):

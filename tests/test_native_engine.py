@@ -33,7 +33,7 @@ from folder_helpers import edit_json, linked_copy, resign
 from native_helpers import (MemoryDriver, RecordingCublas, RecordingDriver, attention_f64, head_candidates_twin,
                             head_rescore_twin, read_native_engine, round_embedding_int8, teacher_forced,
                             tie_heavy_logits)
-from test_export_helpers import export_for_cpu, tiny_checkpoint
+from test_export_helpers import export_for_cpu, longrope, tiny_checkpoint
 
 CLI = [sys.executable, "-m", "awq_edge.cli"]
 NATIVE_TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
@@ -42,7 +42,7 @@ needs_nvcc = pytest.mark.skipif(plugins.find_nvcc() is None, reason="nvcc not fo
 
 
 def tiny_native_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, **overrides) -> Path:
-    extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
+    extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
     return tiny_checkpoint(root, model_type, tokenizer_dir, **{**NATIVE_TINY, **extra, **overrides})
 
 
@@ -217,7 +217,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     assert not {name for name in unfused if "norm_" in name or "residual" in name}
     launched |= unfused
     for model_type in ("qwen2", "qwen3", "gemma3_text"):
-        extra = {"query_pre_attn_scalar": 64} if model_type == "gemma3_text" else {}
+        extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
         ckpt = tiny_checkpoint(tmp_path / model_type, model_type, smollm2_dir,
                                **{**NATIVE_TINY, "hidden_size": 136, "intermediate_size": 200, **extra})
         device = "h200" if model_type == "gemma3_text" else "rtx4090"  # sm_90: programmatic launches
@@ -846,8 +846,9 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
 
 
 @needs_nvcc
-@pytest.mark.parametrize("model_type, overrides", [*((t, {}) for t in TINY_FAMILIES), ("qwen3", YARN)],
-                         ids=[*TINY_FAMILIES, "qwen3_yarn"])
+@pytest.mark.parametrize("model_type, overrides",
+                         [*((t, {}) for t in TINY_FAMILIES), ("qwen3", YARN), ("phi3", longrope(64, original=24))],
+                         ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope"])
 def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)
@@ -964,14 +965,14 @@ def test_random_models_run_on_the_reference_executor(tmp_path):
 def test_the_op_list_has_what_each_family_needs(model_type, tiny_model_dir):
     config = json.loads((tiny_model_dir(model_type) / "config.json").read_text())
     spec = decoder_spec(model_spec({**config, "head_dim": 64}), 32, qkv_bias=model_type == "qwen2")
-    layers, gemma = spec.layers, model_type == "gemma3_text"
+    layers, gemma = spec.layers, spec.sandwich_norm
     for fused in (False, True):
         ops = decode_ops(spec, fused=fused)
         kinds = [op.kind for op in ops]
         linears = [op.args for op in ops if op.kind == "linear"]
         assert kinds[0] == "embed" and kinds[-1] == "lm_head" and ops[-2].args["last_row"]
         assert kinds.count("attention") == layers and len(linears) == 4 * layers  # qkv, o, gate_up, down
-        assert kinds.count("head_norm") == (2 * layers if model_type in ("qwen3", "gemma3_text") else 0)
+        assert kinds.count("head_norm") == (2 * layers if spec.qk_norm else 0)
         assert sum(a["bias"] for a in linears) == (layers if model_type == "qwen2" else 0)  # on q/k/v only
         windows = [op.args["window"] for op in ops if op.kind == "attention"]
         assert windows == [w or 0 for w in model_spec(config).layer_windows]

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from awq_edge import data, packing
-from awq_edge.checkpoint import load_awq_as_float, read_checkpoint
+from awq_edge.checkpoint import load_awq_as_float, read_checked, read_checkpoint
 from awq_edge.errors import UserError
 from awq_edge.evaluate import deployed_prefix, perplexity
 from awq_edge.families import family_for
@@ -18,7 +18,7 @@ from awq_edge.quantize import (QuantizeSettings, _apply_group, _layer_output, _l
                                refit_scales, TunedWeight, coarse_to_fine, per_column, search_clip,
                                tune_block_outputs)
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +298,9 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
     settings = QuantizeSettings(group_size=32, calib_samples=4, calib_seqlen=64, loss_samples=2, scale_grid=5,
                                 clip_grid=4)
     quantize_checkpoint(str(src), out, settings, calib=str(calib), progress=False)
-    ckpt = read_checkpoint(out)
+    stored = read_checkpoint(out).linears  # the family's layout: Phi-3's fused qkv_proj and gate_up_proj
+    assert len(stored) == 2 * (7 - 3 * bool(family_for(model_type).fused_linears))
+    ckpt, _ = read_checked(out)
     assert len(ckpt.linears) == 2 * 7 and ckpt.metadata["family"] == family_for(model_type).name
     quant_model = load_awq_as_float(out)
     _, tokenizer = load_float_model(src)
