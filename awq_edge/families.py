@@ -26,7 +26,7 @@ class Family:
     # which layers slide when config.json has no layer_types (older configs), as transformers decides:
     # "none"; "all" (Mistral: every layer when sliding_window is set); "qwen" (only with
     # use_sliding_window, from layer max_window_layers on); "gemma" (all but every
-    # sliding_window_pattern-th, 6 unless the config says)
+    # sliding_window_pattern-th, 6 unless the config says); "alternate" (Gemma 2: layers 0, 2, 4, ...)
     sliding_layers: str = "none"
     # what transformers' config class takes for a key config.json leaves out, where that is not the
     # generic default export.spec assumes (head_dim hidden / heads, no window, untied, RoPE base 1e4)
@@ -55,6 +55,14 @@ FAMILIES: dict[str, Family] = {
                                 ("sliding_window", 4096), ("tie_word_embeddings", True),
                                 ("query_pre_attn_scalar", 256), ("rope_theta", 1e6),
                                 ("rope_local_base_freq", 10000.0))),
+        # Gemma 2 (2B, 9B, 27B): Gemma 3 without the q/k norms, with soft-capped scores and logits,
+        # every other layer sliding, one RoPE base
+        Family("gemma2", ("gemma2",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,
+               sandwich_norm=True, embed_scale=True, activation="gelu_tanh", sliding_layers="alternate",
+               config_defaults=(("max_position_embeddings", 8192), ("num_key_value_heads", 4), ("head_dim", 256),
+                                ("sliding_window", 4096), ("tie_word_embeddings", True),
+                                ("query_pre_attn_scalar", 256), ("attn_logit_softcapping", 50.0),
+                                ("final_logit_softcapping", 30.0))),
         # Phi-3, 3.5 and 4-mini: fused q/k/v and gate/up, partial rotary (4-mini), LongRoPE (the long-context ones)
         Family("phi3", ("phi3",), sliding_layers="all",
                fused_linears=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),

@@ -182,8 +182,8 @@ def default_layer_types(c: Fields, family: Family, layers: int, window: int | No
     if rule == "qwen":
         first = c.int("max_window_layers", 0, MAX_LAYERS, default=28)
         return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
-    if rule == "gemma":
-        pattern = c.int("sliding_window_pattern", 1, MAX_LAYERS, default=6)
+    if rule in ("gemma", "alternate"):
+        pattern = 2 if rule == "alternate" else c.int("sliding_window_pattern", 1, MAX_LAYERS, default=6)
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
     return ["sliding_attention"] * layers  # "all"
 

@@ -64,7 +64,7 @@ def engine_dir(tmp_path_factory, rtn_checkpoint):
     return out
 
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")  # also in test_quantize.py
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "phi3")  # also in test_quantize.py
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +87,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
             model_type, vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=512,
             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-        if model_type == "gemma3_text":
+        if model_type in ("gemma3_text", "gemma2"):
             config.sliding_window = 8  # small, so the sliding-window layers differ from full ones
             config.layer_types = ["sliding_attention", "full_attention"]
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -281,6 +281,7 @@ def test_a_vision_language_checkpoint_is_quantized_as_its_language_model(tmp_pat
 OLD_STYLE_WINDOWS = {
     "gemma3_pattern_default": ("gemma3_text", {}, {}),  # every 6th layer full: both tiny layers slide
     "gemma3_pattern_2": ("gemma3_text", {}, {"sliding_window_pattern": 2}),
+    "gemma2_alternate": ("gemma2", {}, {}),  # layer 0 slides, layer 1 does not
     "qwen2_sliding_on": ("qwen2", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 1}, {}),
     "qwen3_sliding_off": ("qwen3", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 0},
                           {"use_sliding_window": False}),

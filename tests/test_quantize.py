@@ -18,7 +18,7 @@ from awq_edge.quantize import (QuantizeSettings, _apply_group, _layer_output, _l
                                refit_scales, TunedWeight, coarse_to_fine, per_column, search_clip,
                                tune_block_outputs)
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "phi3")
 
 
 @pytest.fixture(scope="module")
