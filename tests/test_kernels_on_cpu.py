@@ -18,6 +18,7 @@ from awq_edge.sampling import SamplingSettings, candidates, choose_token
 from native_helpers import (EmulatedDriver, build_emulated_kernels, fused_gemv_error, head_candidates_twin,
                             load_benchmark, on_device, prefill_attention_error, random_quantized,
                             split_attention_errors, tie_heavy_logits)
+from test_export_helpers import longrope
 
 THREADS = 1024  # the selection kernels' block (cuda_backend.HEAD_SELECT_THREADS, SAMPLE_THREADS)
 
@@ -468,6 +469,13 @@ BACKEND_CASES = {
                                                           "num_hidden_layers": 2}, True, 20, "persistent_step",
                                     {"awq_decode_step_g32", "awq_lm_head"}),
     "qwen2-unfused-persistent-step": ("qwen2", "auto", {}, False, 20, "persistent_step", {"awq_decode_step_g32"}),
+    # Gemma 2's soft-capped scores and logits (caps of 0.5, test_export_helpers.TINY_EXTRA); Phi-3's
+    # fused linears read split, half of each head rotated, LongRoPE switching at position 12
+    "gemma2-softcaps-persistent-step": ("gemma2", "auto", {"query_pre_attn_scalar": 64, "num_hidden_layers": 2},
+                                        True, 20, "persistent_step", {"awq_decode_step_g32"}),
+    "phi3-longrope-partial-rotary": ("phi3", "auto", {"original_max_position_embeddings": 12,
+                                                      "rope_parameters": longrope(64, 12)["rope_parameters"]},
+                                     True, 9, "auto", set()),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),
