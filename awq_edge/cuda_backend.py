@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from .cublas import CublasUnavailable, load_cublas
-from .decoder import HEAD_TOP_K, buffer_shapes, decode_ops, head_slices, step_ids
+from .decoder import HEAD_DIMS, HEAD_TOP_K, buffer_shapes, decode_ops, head_slices, step_ids
 from .engine_dir import DecoderInfo
 from .errors import UserError
 from .gpu_tuning import read_tuning, tuning_key, write_tuning
@@ -94,6 +94,9 @@ GEMV_TC_BLOCKS_PER_SM = 2  # its persistent grid (kTcBlocksPerSm: launch bounds 
 # TUNE_MARGIN faster than auto's per-op step and its output agreed with that step's
 # (tune_decode_gemv; not yet timed on any GPU).
 DECODE_GEMVS = ("auto", "cuda_cores", "tensor_cores", "tensor_cores_persistent", "persistent_step")
+# the head sizes the persistent step's attention takes (decode_step.cu: a fourth, 96, took its
+# registers from 230 to 255 and spilled; a head size of 96 decodes on attend_split's own launch)
+STEP_HEAD_DIMS = (64, 128, 256)
 GEMV_KINDS = ("cuda_cores", "tensor_cores", "tensor_cores_persistent")
 STEP_BLOCKS_PER_SM = 2  # decode_step.cu: ~230 registers x 128 threads a block (ptxas, sm_90; 3 an SM spill)
 STEP_ARGS = 28          # decode_step.cu kStepArgs: a StepOp is 4 + this many int64
@@ -613,12 +616,17 @@ class CudaBackend:
 
     def step_refusal(self) -> str | None:
         """Why this engine cannot decode on the persistent step, or None: its GEMV bodies take
-        16-byte loads only, so every linear's K % 32 == 0 (every real model's shape)."""
+        16-byte loads only, so every linear's K % 32 == 0 (every real model's shape), and its
+        attention takes STEP_HEAD_DIMS."""
+        fix = "choose another decode (AWQ_EDGE_DECODE, or unset it)"
+        if self.spec.head_dim not in STEP_HEAD_DIMS:
+            return (f"the persistent decode step takes head sizes {', '.join(map(str, STEP_HEAD_DIMS))}, and this "
+                    f"model's is {self.spec.head_dim}; {fix}")
         ragged = next((a for a in (op.args for op in self.ops if op.kind == "linear") if a["K"] % 32), None)
         if ragged is None:
             return None
         return (f"the persistent decode step needs each linear's input width to be a multiple of 32, and "
-                f"{ragged['weight']}'s is {ragged['K']}; choose another decode (AWQ_EDGE_DECODE, or unset it)")
+                f"{ragged['weight']}'s is {ragged['K']}; {fix}")
 
     def step_blocks(self) -> int:
         """The persistent step's grid (its ops' tasks are cut for it)."""
@@ -1297,8 +1305,8 @@ KERNELS_OF = {
                   [f"awq_gemv_tc_{fusion}_g{g}" for fusion in (*GEMV_FUSIONS, "logits") for g in (32, 64, 128)],
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)] +
                   [f"awq_dequantize_g{g}" for g in (32, 64, 128)],
-    "attention": ["awq_rope_store"] + [f"awq_attend{kind}_d{d}" for kind in ("", "_block", "_split")
-                                       for d in (64, 128, 256)] + [f"awq_attend_mma_d{d}" for d in (64, 128, 256)],
+    "attention": ["awq_rope_store"] + [f"awq_attend{kind}_d{d}" for kind in ("", "_split", "_mma") for d in HEAD_DIMS]
+                 + [f"awq_attend_block_d{d}" for d in (64, 128, 256)],  # (benchmarks/cuda_attention.py's)
     "sample": ["awq_sample_step"],
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],

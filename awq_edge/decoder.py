@@ -93,6 +93,7 @@ class DecoderSpec:
 # the head in an engine: int8 rows (blocks of 32, fp16 scales), a 4-bit linear whose top HEAD_TOP_K
 # logits are re-scored with the fp16 table, or the fp16 table itself
 LM_HEADS = ("int8", "int4", "fp16")
+HEAD_DIMS = (64, 96, 128, 256)   # what plugins/kernels/attention.cu's kernels take (96: Phi-3 and 3.5-mini)
 HEAD_TOP_K = 64                  # an int4 head's candidates re-scored each step (as export's default)
 HEAD_INT4_GROUP = 32             # an int4 head's group size, whatever the body's (as the CPU engine's head):
                                  # a full softmax sums its approximate tail (benchmarks/cuda_head_quality.py)
@@ -102,9 +103,9 @@ HEAD_SELECT_CAPACITY = 8192      # plugins/kernels/head_top_k.cu: keys a block s
 def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8") -> DecoderSpec:
     """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size and the head's kind."""
     family = model.family
-    if model.head_dim not in (64, 128, 256):
+    if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
-                        "(64, 128 or 256); use the CPU engine (--device cpu)")
+                        f"({', '.join(map(str, HEAD_DIMS))}); use the CPU engine (--device cpu)")
     if lm_head not in LM_HEADS:
         raise UserError(f"lm_head {lm_head!r} is not one of {', '.join(LM_HEADS)}")
     if lm_head == "int4" and model.vocab > HEAD_SELECT_CAPACITY ** 2 // HEAD_TOP_K:

@@ -394,14 +394,17 @@ def test_the_cuda_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, gr
 @pytest.mark.parametrize("kernel, d, heads, past, rows, window, softcap", [
     ("mma", 256, (2, 1), 40, 37, 9, 0.0), ("mma", 256, (2, 2), 0, 70, 0, 30.0), ("mma", 128, (4, 2), 100, 20, 0, 0.0),
     ("block", 64, (2, 1), 20, 37, 9, 0.0), ("block", 128, (4, 2), 0, 20, 0, 30.0),
-    ("block", 256, (2, 2), 30, 17, 0, 0.0), ("", 128, (4, 2), 30, 9, 0, 0.0), ("", 256, (2, 1), 40, 15, 7, 30.0)])
+    ("block", 256, (2, 2), 30, 17, 0, 0.0), ("", 128, (4, 2), 30, 9, 0, 0.0), ("", 256, (2, 1), 40, 15, 7, 30.0),
+    ("mma", 96, (4, 2), 140, 70, 0, 0.0), ("", 96, (2, 1), 130, 9, 50, 30.0)])
 def test_the_prefill_attentions_match_their_twin(emulated, kernel, d, heads, past, rows, window, softcap, adversarial):
     """awq_attend_mma_d{D} (tensor cores, 32-key tiles at head size 256): a window shorter than a
     warp's tokens, GQA, a last block of 6 tokens, the soft-cap. awq_attend_block_d{D} (16 tokens a
     block sharing each K/V tile, CUDA cores; benchmarks/cuda_attention.py measures it beside the
     others) at every head size, a last block of 5 or 1 tokens. awq_attend_d{D} (a block per token:
     chunks of fewer than 16 rows, as a chat's next turn feeds) at head sizes 128 and 256, which the
-    backend cases reach only at 64. Outputs poisoned with NaN."""
+    backend cases reach only at 64. Head size 96 (Phi-3 and 3.5-mini; 12 chunks of 8 dims, 10 groups
+    of 120 threads, 8 idle in the value walk) on both, past more than a tile of keys. Outputs
+    poisoned with NaN."""
     driver = EmulatedDriver(emulated, adversarial)
     name = f"awq_attend_{kernel}_d{d}" if kernel else f"awq_attend_d{d}"
     err = prefill_attention_error(driver, name, kernel, d, heads, past, rows, window, softcap)
@@ -410,11 +413,13 @@ def test_the_prefill_attentions_match_their_twin(emulated, kernel, d, heads, pas
 
 @SCHEDULES
 @pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (4, 2), 100, 0.0),
-                                                       (256, (2, 2), 0, 50.0)])
+                                                       (256, (2, 2), 0, 50.0), (96, (4, 2), 0, 0.0),
+                                                       (96, (2, 1), 200, 30.0)])
 def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window, softcap, adversarial):
     """awq_attend_split over a 400-row cache at positions 300 and 301: full tiles of 128 keys (the
     value walk's batched loads and its remainder), splits past the position or before the window,
-    and the per-head counters reset between the two steps."""
+    and the per-head counters reset between the two steps. Head size 96: 13 keys a group, the
+    last of them past the tile for the last 2 groups."""
     driver = EmulatedDriver(emulated, adversarial)
     for pos, err in split_attention_errors(driver, f"awq_attend_split_d{d}", d, heads, window, softcap, 400,
                                            (300, 301)):
@@ -422,7 +427,7 @@ def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window,
 
 
 # (family, --lm-head, config overrides, fused op list, prompt length, decode GEMV, kernels it must
-# launch): between them every kind of kernel the backend launches, at head sizes 64, 128 and 256,
+# launch): between them every kind of kernel the backend launches, at head sizes 64, 96, 128 and 256,
 # K % 32 == 0 and not, a full prefill chunk, and every decode GEMV choice (cuda_backend.DECODE_GEMVS;
 # "auto": the normed linears on the persistent tensor-core grid where K % 32 == 0, the rest on CUDA cores)
 BACKEND_CASES = {
@@ -476,6 +481,10 @@ BACKEND_CASES = {
     "phi3-longrope-partial-rotary": ("phi3", "auto", {"original_max_position_embeddings": 12,
                                                       "rope_parameters": longrope(64, 12)["rope_parameters"]},
                                      True, 9, "auto", set()),
+    # Phi-3 and 3.5-mini's head size 96: prefill on tensor cores, decode on split attention's
+    # launch (the persistent step refuses it: test_the_persistent_step_refuses_a_head_size_it_lacks)
+    "phi3-d96": ("phi3", "auto", {"hidden_size": 192, "head_dim": 96}, True, 20, "auto",
+                 {"awq_attend_mma_d96", "awq_attend_split_d96"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),
@@ -517,6 +526,16 @@ def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False, concur
     cuda.set_decode_gemv(gemv)
     ids = np.random.default_rng(5).integers(0, 256, prompt + 3 + 40).tolist()
     return cuda, driver, info, ids
+
+
+def test_the_persistent_step_refuses_a_head_size_it_lacks(emulated, tmp_path):
+    from awq_edge.errors import UserError
+
+    cuda, _, _, _ = emulated_backend(emulated, "phi3-d96", tmp_path)
+    with pytest.raises(UserError, match="the persistent decode step takes head sizes 64, 128, 256, and this "
+                                        "model's is 96; choose another decode"):
+        cuda.set_decode_gemv("persistent_step")
+    assert cuda.step_refusal() and not cuda.decodes_on_step()
 
 
 @pytest.mark.parametrize("case", BACKEND_CASES)
