@@ -35,6 +35,10 @@ class Family:
     # rows it stacks in order): read_checkpoint's callers split them, write_checkpoint fuses them again
     fused_linears: tuple = ()
     rope_aliases: tuple = ()  # (older name, RoPE type) pairs of the family's configs
+    # Ministral 3: past the RoPE's original_max_position_embeddings transformers scales the queries
+    # by 1 + llama_4_scaling_beta * ln(1 + floor(position / original)), which the engines do not:
+    # their context ends there (export.spec.model_spec)
+    llama4_query_scaling: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -55,6 +59,15 @@ FAMILIES: dict[str, Family] = {
                                 ("sliding_window", 4096), ("tie_word_embeddings", True),
                                 ("query_pre_attn_scalar", 256), ("rope_theta", 1e6),
                                 ("rope_local_base_freq", 10000.0))),
+        # Ministral 3 (3B, 8B, 14B; the language model of their vision-language checkpoints): Mistral
+        # with YaRN, queries scaled past the original context
+        Family("ministral3", ("ministral3",), sliding_layers="all", llama4_query_scaling=True,
+               config_defaults=(("max_position_embeddings", 262144), ("num_key_value_heads", 8), ("head_dim", 128),
+                                ("rms_norm_eps", 1e-5),
+                                ("rope_parameters", {"type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                                                     "original_max_position_embeddings": 16384, "beta_fast": 32.0,
+                                                     "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                                                     "llama_4_scaling_beta": 0.1}))),
         # Gemma 2 (2B, 9B, 27B): Gemma 3 without the q/k norms, with soft-capped scores and logits,
         # every other layer sliding, one RoPE base
         Family("gemma2", ("gemma2",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,

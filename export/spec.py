@@ -192,7 +192,10 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     """The checked numbers of a model config (untrusted input: every field typed and bounded)."""
     model_type = Fields(config, where, fix).str("model_type", default="?")
     family = family_for(model_type)
-    config = {**dict(family.config_defaults), **config}  # a key left out means what it means to transformers
+    defaults = dict(family.config_defaults)  # a key left out means what it means to transformers
+    if config.get("rope_scaling") is not None:  # (which reads an older config's rope_scaling as rope_parameters)
+        defaults.pop("rope_parameters", None)
+    config = {**defaults, **config}
     c = Fields(config, where, fix)
     hidden = c.int("hidden_size", 1, MAX_HIDDEN)
     layers = c.int("num_hidden_layers", 1, MAX_LAYERS)
@@ -243,6 +246,11 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     if len(rotary_dims) != 1:
         raise UserError(f"{where}: layer types rotate different numbers of head dimensions {sorted(rotary_dims)}, "
                         "which the engines do not take")
+    if family.llama4_query_scaling and ropes["full_attention"].float("llama_4_scaling_beta", 0.0, 1e3, default=0.0):
+        # queries scaled by position from the original context on (Family.llama4_query_scaling): the
+        # engines end there; a RoPE table cannot scale q alone, its rows rotate k too
+        original = ropes["full_attention"].int("original_max_position_embeddings", 1, MAX_POSITIONS)
+        max_positions = min(max_positions, original)
 
     scalar = c.float("query_pre_attn_scalar", 1e-6, 1e9, default=None)  # Gemma: scale by this, not head_dim
     return ModelSpec(

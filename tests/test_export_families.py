@@ -145,6 +145,32 @@ def test_a_phi3_checkpoint_is_stored_fused_and_read_split(tmp_path, smollm2_dir,
         read_checked(out)
 
 
+def test_a_ministral3_engine_ends_where_transformers_starts_scaling_its_queries(tmp_path, smollm2_dir):
+    """Ministral 3 scales queries by 1 + beta ln(1 + floor(position / original context)): from
+    position 128 here (16384 on the real models), where the engine's context ends, in one line."""
+    import torch
+
+    from awq_edge.backend_ort import OrtBackend
+    from awq_edge.checkpoint import load_awq_as_float
+
+    ckpt = tiny_checkpoint(tmp_path, "ministral3", smollm2_dir)
+    ref = load_awq_as_float(ckpt).eval()
+    ids = _ids(4, 132)
+    whole = reference_logits(ref, ids)
+    out = export_for_cpu(ckpt, tmp_path / "exports", "ort")
+    with pytest.raises(UserError, match=r"max_context must be 1\.\.128"):
+        OrtBackend(out, max_context=129)
+    backend = OrtBackend(out, max_context=128)
+    got = np.stack([backend.forward(ids[:120])] + [backend.forward([t]) for t in ids[120:128]])
+    assert max(rel_err(g, r) for g, r in zip(got, whole[119:128])) < 1e-5  # up to the last position before 128
+    with pytest.raises(UserError, match="context"):
+        backend.forward([ids[128]])
+    with torch.no_grad():  # and transformers' logits do change there: without the scaling, position 48's differ
+        ref.config.rope_parameters["llama_4_scaling_beta"] = 0.0
+        unscaled = reference_logits(ref, ids)
+    assert rel_err(unscaled[127], whole[127]) < 1e-6 and rel_err(unscaled[128], whole[128]) > 1e-4
+
+
 def test_unsupported_rope_type_is_a_user_error(tmp_path, smollm2_dir):
     from awq_edge.export import export_checkpoint
 

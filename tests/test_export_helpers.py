@@ -28,6 +28,11 @@ TINY_EXTRA = {
     "qwen3": {"head_dim": 16},
     "gemma3_text": {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16,
                     "layer_types": ["sliding_attention", "full_attention"]},
+    # YaRN; queries scaled from position 128 on, where its engines end (Family.llama4_query_scaling)
+    "ministral3": {"sliding_window": 5, "pad_token_id": 0,
+                   "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                       "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0,
+                                       "mscale": 1.0, "mscale_all_dim": 0.5, "llama_4_scaling_beta": 0.1}},
     # every other layer sliding (no layer_types: the family's rule), soft-caps small enough to bend
     "gemma2": {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 0.5,
                "final_logit_softcapping": 0.5},
