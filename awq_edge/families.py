@@ -26,7 +26,8 @@ class Family:
     # which layers slide when config.json has no layer_types (older configs), as transformers decides:
     # "none"; "all" (Mistral: every layer when sliding_window is set); "qwen" (only with
     # use_sliding_window, from layer max_window_layers on); "gemma" (all but every
-    # sliding_window_pattern-th, 6 unless the config says); "alternate" (Gemma 2: layers 0, 2, 4, ...)
+    # sliding_window_pattern-th, 6 unless the config says); "alternate" (Gemma 2: layers 0, 2, 4, ...);
+    # "nope" (SmolLM3: only with use_sliding_window, the layers without RoPE)
     sliding_layers: str = "none"
     # what transformers' config class takes for a key config.json leaves out, where that is not the
     # generic default export.spec assumes (head_dim hidden / heads, no window, untied, RoPE base 1e4)
@@ -39,6 +40,9 @@ class Family:
     # by 1 + llama_4_scaling_beta * ln(1 + floor(position / original)), which the engines do not:
     # their context ends there (export.spec.model_spec)
     llama4_query_scaling: bool = False
+    # SmolLM3: the layers its no_rope_layers marks 0 do not rotate q and k (every
+    # no_rope_layer_interval-th, 4, where it lists none)
+    nope_layers: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -68,6 +72,10 @@ FAMILIES: dict[str, Family] = {
                                                      "original_max_position_embeddings": 16384, "beta_fast": 32.0,
                                                      "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
                                                      "llama_4_scaling_beta": 0.1}))),
+        # SmolLM3: Llama with every 4th layer without RoPE
+        Family("smollm3", ("smollm3",), nope_layers=True, sliding_layers="nope",
+               config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 4),
+                                ("tie_word_embeddings", True), ("rope_theta", 2e6))),
         # Gemma 2 (2B, 9B, 27B): Gemma 3 without the q/k norms, with soft-capped scores and logits,
         # every other layer sliding, one RoPE base
         Family("gemma2", ("gemma2",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,

@@ -174,11 +174,28 @@ def _rope_params(config: Fields) -> dict[str, Fields]:
     return out
 
 
-def default_layer_types(c: Fields, family: Family, layers: int, window: int | None) -> list[str]:
+def rotating_layers(c: Fields, family: Family, layers: int) -> list[bool]:
+    """Which layers rotate q and k: all, but those SmolLM3's no_rope_layers marks 0 (every
+    no_rope_layer_interval-th where it lists none, as transformers decides)."""
+    if not family.nope_layers:
+        return [True] * layers
+    listed = c.raw.get("no_rope_layers")
+    if listed is None:
+        interval = c.int("no_rope_layer_interval", 1, MAX_LAYERS, default=4)
+        return [(i + 1) % interval != 0 for i in range(layers)]
+    if not isinstance(listed, list) or len(listed) != layers or not all(v in (0, 1) for v in listed):
+        raise UserError(f"{c.where}: no_rope_layers must list 0 or 1 for each of the {layers} layers; {c.fix}")
+    return [bool(v) for v in listed]
+
+
+def default_layer_types(c: Fields, family: Family, layers: int, window: int | None,
+                        rotating: list[bool]) -> list[str]:
     """Each layer's attention for a config without layer_types, by the family's rule (transformers')."""
     rule = family.sliding_layers
     if window is None or rule == "none":
         return ["full_attention"] * layers
+    if rule == "nope":
+        return ["full_attention" if turns else "sliding_attention" for turns in rotating]
     if rule == "qwen":
         first = c.int("max_window_layers", 0, MAX_LAYERS, default=28)
         return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
@@ -219,9 +236,10 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
 
     # Which layers use a sliding window, and how wide (tokens attended, the query's own included).
     window = c.int("sliding_window", 1, MAX_POSITIONS, default=None)
-    if family.sliding_layers == "qwen" and not c.bool("use_sliding_window", default=False):
-        window = None  # Qwen's configs keep a sliding_window that is off (transformers nulls it)
-    layer_types = config.get("layer_types") or default_layer_types(c, family, layers, window)
+    if family.sliding_layers in ("qwen", "nope") and not c.bool("use_sliding_window", default=False):
+        window = None  # Qwen's and SmolLM3's configs keep a sliding_window that is off (transformers nulls it)
+    rotating = rotating_layers(c, family, layers)
+    layer_types = config.get("layer_types") or default_layer_types(c, family, layers, window, rotating)
     if (not isinstance(layer_types, list) or len(layer_types) != layers
             or not all(t in ("full_attention", "sliding_attention") for t in layer_types)):
         raise UserError(f"{where}: layer_types must list full_attention or sliding_attention for each of the "
@@ -230,7 +248,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
 
     ropes = _rope_params(c)
     rotary_dims, layer_rope = set(), []
-    for t in layer_types:
+    for t, turns in zip(layer_types, rotating):
         rope = ropes.get(t) or ropes.get("full_attention")
         if rope is None:
             raise UserError(f"{where}: no RoPE parameters for layer type {t!r}; {fix}")
@@ -242,7 +260,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
             raise UserError(f"{where}: partial_rotary_factor {factor} rotates {dim} of {head_dim} head dimensions; "
                             f"RoPE needs an even number of at least 2; {fix}")
         rotary_dims.add(dim)
-        layer_rope.append(rope_frequencies(rope, dim, max_positions, dict(family.rope_aliases)).padded(head_dim // 2))
+        turning = rope_frequencies(rope, dim, max_positions, dict(family.rope_aliases)).padded(head_dim // 2)
+        layer_rope.append(turning if turns else Rope(np.zeros(head_dim // 2)))  # (a frequency of 0: cos 1, sin 0)
     if len(rotary_dims) != 1:
         raise UserError(f"{where}: layer types rotate different numbers of head dimensions {sorted(rotary_dims)}, "
                         "which the engines do not take")

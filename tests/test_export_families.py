@@ -308,6 +308,8 @@ OLD_STYLE_WINDOWS = {
     "gemma3_pattern_default": ("gemma3_text", {}, {}),  # every 6th layer full: both tiny layers slide
     "gemma3_pattern_2": ("gemma3_text", {}, {"sliding_window_pattern": 2}),
     "gemma2_alternate": ("gemma2", {}, {}),  # layer 0 slides, layer 1 does not
+    "smollm3_nope_slides": ("smollm3", {}, {}),  # layer 1, without RoPE, slides
+    "smollm3_sliding_off": ("smollm3", {}, {"use_sliding_window": False}),
     "qwen2_sliding_on": ("qwen2", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 1}, {}),
     "qwen3_sliding_off": ("qwen3", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 0},
                           {"use_sliding_window": False}),
