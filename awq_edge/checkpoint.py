@@ -179,11 +179,22 @@ def read_checked(path: str | Path):
 
 def read_for_engine(path: str | Path):
     """read_checked, with each q/k head's dimensions (rows of q_proj, k_proj and their biases,
-    q_norm and k_norm) in the engines' rotary order (export.spec.rotary_order): what every
-    exporter builds from."""
+    q_norm and k_norm) in the engines' rotary order (export.spec.rotary_order), and Granite's
+    residual multiplier and logits scaling folded into the weights (o_proj's and down_proj's
+    scales and biases times it, in float32; the final norm's weight divided): what every exporter
+    builds from."""
     from .export.spec import rotary_order
 
     ckpt, spec = read_checked(path)
+    if spec.residual_multiplier != 1.0:
+        m = spec.residual_multiplier
+        for name in [n for n in ckpt.linears if n.endswith(("self_attn.o_proj", "mlp.down_proj"))]:
+            lin = ckpt.linears[name]
+            ckpt.linears[name] = QuantizedLinear(lin.q, lin.scales.astype(np.float32) * m, lin.zeros, lin.group_size,
+                                                 None if lin.bias is None else lin.bias.astype(np.float32) * m)
+    if spec.logits_scaling != 1.0:  # the final norm feeds the head alone
+        offset, weight = spec.family.norm_offset, ckpt.tensors["model.norm.weight"].astype(np.float32)
+        ckpt.tensors["model.norm.weight"] = (weight + offset) / spec.logits_scaling - offset
     order = rotary_order(spec.head_dim, spec.rotary_dim)
     if np.array_equal(order, np.arange(spec.head_dim)):
         return ckpt, spec

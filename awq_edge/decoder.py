@@ -69,7 +69,7 @@ class DecoderSpec:
     qk_norm: bool                  # Qwen3, Gemma3
     sandwich_norm: bool            # Gemma3
     qkv_bias: bool                 # Qwen2 (and any checkpoint whose q/k/v carry a bias)
-    embed_scale: float | None      # Gemma: embeddings times sqrt(hidden)
+    embed_scale: float | None      # embeddings times this (Gemma: sqrt(hidden); Granite's multiplier)
     activation: str                # silu | gelu_tanh
     mlp_norm: str                  # the norm before gate/up
     attn_scale: float
@@ -123,7 +123,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim, vocab=model.vocab, eps=model.eps,
         max_positions=model.max_positions, group_size=group_size, tie_embeddings=model.tie_embeddings,
         norm_offset=family.norm_offset, qk_norm=family.qk_norm, sandwich_norm=family.sandwich_norm,
-        qkv_bias=family.qkv_bias or qkv_bias, embed_scale=float(model.hidden) ** 0.5 if family.embed_scale else None,
+        qkv_bias=family.qkv_bias or qkv_bias, embed_scale=model.embed_multiplier,
         activation=ACTIVATIONS[family.activation], mlp_norm=family.mlp_norm, attn_scale=model.attn_scale,
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),

@@ -43,6 +43,9 @@ class Family:
     # SmolLM3: the layers its no_rope_layers marks 0 do not rotate q and k (every
     # no_rope_layer_interval-th, 4, where it lists none)
     nope_layers: bool = False
+    # Granite: embedding_multiplier, attention_multiplier (the score scale), residual_multiplier (on
+    # each attention and MLP output before its residual add) and logits_scaling (the logits divided)
+    multipliers: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -72,6 +75,8 @@ FAMILIES: dict[str, Family] = {
                                                      "original_max_position_embeddings": 16384, "beta_fast": 32.0,
                                                      "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
                                                      "llama_4_scaling_beta": 0.1}))),
+        # Granite 3 (2B, 8B): Llama with four multipliers
+        Family("granite", ("granite",), multipliers=True, config_defaults=(("max_position_embeddings", 2048),)),
         # SmolLM3: Llama with every 4th layer without RoPE
         Family("smollm3", ("smollm3",), nope_layers=True, sliding_layers="nope",
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 4),

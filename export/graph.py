@@ -187,8 +187,8 @@ class Decoder:
                 h = b.op("Gather", embed, input_ids, axis=0)
                 if act != TensorProto.FLOAT16:
                     h = b.cast(h, act)
-            if spec.family.embed_scale:
-                h = b.op("Mul", h, b.act_const("const/embed_scale", np.float32(spec.hidden ** 0.5)))
+            if spec.embed_multiplier is not None:
+                h = b.op("Mul", h, b.act_const("const/embed_scale", np.float32(spec.embed_multiplier)))
 
         pending = None  # output of the previous block, not yet added to the residual h
         for i in range(spec.layers):

@@ -69,6 +69,9 @@ class ModelSpec:
     rotary_dim: int  # the head dimensions the model rotates (head_dim unless partial rotary)
     attn_softcap: float | None
     final_softcap: float | None
+    embed_multiplier: float | None  # what embeddings are multiplied by (Gemma: sqrt(hidden); Granite's)
+    residual_multiplier: float  # Granite: on attention and MLP outputs before their residual adds; else 1
+    logits_scaling: float  # Granite: what the logits are divided by; else 1
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -272,16 +275,24 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         max_positions = min(max_positions, original)
 
     scalar = c.float("query_pre_attn_scalar", 1e-6, 1e9, default=None)  # Gemma: scale by this, not head_dim
+    attn_scale = scalar ** -0.5 if scalar else head_dim ** -0.5
+    embed, residual, logits_scaling = float(hidden) ** 0.5 if family.embed_scale else None, 1.0, 1.0
+    if family.multipliers:  # Granite's, each 1 unless set (the score scale too: not head_dim's)
+        embed = c.float("embedding_multiplier", 1e-6, 1e6, default=1.0)
+        attn_scale = c.float("attention_multiplier", 1e-9, 1e3, default=1.0)
+        residual = c.float("residual_multiplier", 1e-6, 1e6, default=1.0)
+        logits_scaling = c.float("logits_scaling", 1e-6, 1e6, default=1.0)
     return ModelSpec(
         family=family, model_type=model_type, hidden=hidden, layers=layers, heads=heads,
         kv_heads=kv_heads, head_dim=head_dim, vocab=vocab, intermediate=intermediate,
         eps=c.float("rms_norm_eps", 1e-12, 1.0, default=1e-6),
         max_positions=max_positions,
         tie_embeddings=c.bool("tie_word_embeddings", default=False),
-        attn_scale=scalar ** -0.5 if scalar else head_dim ** -0.5, layer_windows=windows, layer_rope=layer_rope,
+        attn_scale=attn_scale, layer_windows=windows, layer_rope=layer_rope,
         rotary_dim=rotary_dims.pop(),
         attn_softcap=c.float("attn_logit_softcapping", 1e-3, 1e6, default=None),
         final_softcap=c.float("final_logit_softcapping", 1e-3, 1e6, default=None),
+        embed_multiplier=embed, residual_multiplier=residual, logits_scaling=logits_scaling,
     )
 
 

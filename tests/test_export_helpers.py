@@ -33,6 +33,9 @@ TINY_EXTRA = {
                    "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                        "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0,
                                        "mscale": 1.0, "mscale_all_dim": 0.5, "llama_4_scaling_beta": 0.1}},
+    # every multiplier away from 1 (the real 2B's: 12, 0.015625, 0.22, 8)
+    "granite": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
+                "logits_scaling": 2.5},
     # layer 1 without RoPE (no_rope_layers from the interval) and sliding (the layers without RoPE)
     "smollm3": {"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": 5, "pad_token_id": 0,
                 "bos_token_id": 1, "eos_token_id": 2},

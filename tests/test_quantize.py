@@ -289,7 +289,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
     assert sorted(tried) == list(range(len(loss))) and best == loss.index(min(loss))
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES + ("ministral3", "smollm3"))
+@pytest.mark.parametrize("model_type", TINY_FAMILIES + ("ministral3", "smollm3", "granite"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
