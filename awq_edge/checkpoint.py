@@ -147,7 +147,7 @@ def split_fused(linears: dict[str, QuantizedLinear], spec, where: str) -> dict[s
             rows = [shapes[part][0] for part in parts]
             if lin.shape[0] != sum(rows):
                 raise UserError(f"{where}: {name} has {lin.shape[0]} rows, its config.json implies {sum(rows)} "
-                                f"({' + '.join(map(str, rows))}); the checkpoint is corrupt or belongs to another model")
+                                f"({' + '.join(map(str, rows))}); the checkpoint is corrupt or of another model")
             starts = np.cumsum([0] + rows)
             for part, start, end in zip(parts, starts, starts[1:]):
                 out[layer + part] = lin.rows(slice(start, end))

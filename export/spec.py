@@ -39,8 +39,9 @@ class Rope:
 
     def key(self) -> bytes:
         """Equal for layers that can share one pair of tables."""
-        long = b"" if self.long_inv_freq is None else self.long_inv_freq.tobytes() + self.long_from.to_bytes(8, "little")
-        return self.inv_freq.tobytes() + np.float64(self.scale).tobytes() + long + self.turning.to_bytes(8, "little")
+        long = b"" if self.long_inv_freq is None else self.long_inv_freq.tobytes()
+        numbers = np.array([self.scale, self.long_from, self.turning], np.float64)
+        return self.inv_freq.tobytes() + long + numbers.tobytes()
 
     def padded(self, half: int) -> "Rope":
         """Over `half` pairs: the pairs past these (partial rotary's) do not turn."""

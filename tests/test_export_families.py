@@ -199,7 +199,13 @@ VISION_LANGUAGE = {
                  dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, image_size=28, patch_size=14, head_dim=16),
                  dict(image_token_index=299, tie_word_embeddings=False)),  # its own lm_head, as the 24B
+    # Ministral 3 ships only so: Mistral3ForConditionalGeneration around a ministral3 language model
+    "ministral3": ({**TINY, **TINY_EXTRA["ministral3"], "model_type": "ministral3", "head_dim": 32, "vocab_size": 300},
+                   dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, image_size=28, patch_size=14, head_dim=16),
+                   dict(image_token_index=299, tie_word_embeddings=False)),
 }
+WRAPPERS = {"ministral3": "mistral3"}  # a case's wrapper model_type, where not its name
 
 
 def vision_language_dir(root, wrapper: str, tokenizer_dir) -> tuple:
@@ -211,7 +217,7 @@ def vision_language_dir(root, wrapper: str, tokenizer_dir) -> tuple:
     text, vision, extra = VISION_LANGUAGE[wrapper]
     torch.manual_seed(0)
     text = dict(text, model_type=text.get("model_type", "gemma3_text"))
-    config = AutoConfig.for_model(wrapper, text_config=text, vision_config=vision, **extra)
+    config = AutoConfig.for_model(WRAPPERS.get(wrapper, wrapper), text_config=text, vision_config=vision, **extra)
     model = AutoModelForImageTextToText.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
