@@ -35,12 +35,12 @@ class Rope:
     scale: float = 1.0  # what cos and sin are multiplied by (YaRN's and LongRoPE's attention factor; else 1)
     long_inv_freq: np.ndarray | None = None  # LongRoPE: the frequencies of positions long_from and on
     long_from: int = 0
-    turning: int = 0  # the pairs that turn, first (partial rotary: the others keep cos 1, sin 0); 0: all
+    turning: int | None = None  # the pairs that turn, first (partial rotary: the others keep cos 1, sin 0); all
 
     def key(self) -> bytes:
         """Equal for layers that can share one pair of tables."""
         long = b"" if self.long_inv_freq is None else self.long_inv_freq.tobytes()
-        numbers = np.array([self.scale, self.long_from, self.turning], np.float64)
+        numbers = np.array([self.scale, self.long_from, -1 if self.turning is None else self.turning], np.float64)
         return self.inv_freq.tobytes() + long + numbers.tobytes()
 
     def padded(self, half: int) -> "Rope":
@@ -115,7 +115,7 @@ def rope_frequencies(rope: Fields, dim: int, max_positions: int, aliases: dict |
                     f"(supported: {', '.join(ROPE_TYPES)})")
 
 
-def yarn_frequencies(rope: Fields, theta: float, freq: np.ndarray, head_dim: int, max_positions: int) -> Rope:
+def yarn_frequencies(rope: Fields, theta: float, freq: np.ndarray, dim: int, max_positions: int) -> Rope:
     """YaRN (Qwen's long-context setting): the low frequencies divided by `factor`, the high ones
     kept, a linear ramp between; cos/sin scaled by 0.1 ln(factor) + 1 unless attention_factor says."""
     old_ctx = rope.float("original_max_position_embeddings", 1, MAX_POSITIONS, default=max_positions)
@@ -132,13 +132,13 @@ def yarn_frequencies(rope: Fields, theta: float, freq: np.ndarray, head_dim: int
     slow = rope.float("beta_slow", 1e-6, 1e6, default=None) or 1.0
 
     def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times in old_ctx
-        return head_dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+        return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
     low, high = correction_dim(fast), correction_dim(slow)
     if rope.bool("truncate", default=True):
         low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, head_dim - 1)
-    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / ((high - low) or 0.001), 0, 1)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / ((high - low) or 0.001), 0, 1)
     return Rope(freq / factor * ramp + freq * (1 - ramp), float(attention))
 
 
@@ -364,7 +364,7 @@ def rope_tables(rope: Rope, positions: int) -> tuple[np.ndarray, np.ndarray]:
         freq = np.where(rows, rope.long_inv_freq.astype(np.float32), freq)
     angles = np.arange(positions, dtype=np.float32)[:, None] * freq
     half = len(rope.inv_freq)
-    scale = np.where(np.arange(half) < (rope.turning or half), rope.scale, 1.0)
+    scale = np.where(np.arange(half) < (half if rope.turning is None else rope.turning), rope.scale, 1.0)
     return ((np.cos(angles.astype(np.float64)) * scale).astype(np.float32),
             (np.sin(angles.astype(np.float64)) * scale).astype(np.float32))
 

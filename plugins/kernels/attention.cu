@@ -644,7 +644,8 @@ __device__ __forceinline__ void accumulate_loaded_values(float (&acc)[8], const 
     if (L::kRagged && group >= L::kGroups) return;
 #pragma unroll
     for (int u = 0; u < L::kEarlyV; ++u) {
-        if (!L::kRagged || group + u * L::kGroups < kSplitKeys) add_scaled8(acc, p_s[group + u * L::kGroups], loads.v[u]);
+        const int t = group + u * L::kGroups;
+        if (!L::kRagged || t < kSplitKeys) add_scaled8(acc, p_s[t], loads.v[u]);  // (D = 96: the last may be past)
     }
     const uint4* v = reinterpret_cast<const uint4*>(v_rows + begin * D) + chunk;
     for (int t = group + L::kEarlyV * L::kGroups; t < n; t += L::kGroups) {
