@@ -179,7 +179,8 @@ def read_checked(path: str | Path):
 
 def read_for_engine(path: str | Path):
     """read_checked, with each q/k head's dimensions (rows of q_proj, k_proj and their biases,
-    q_norm and k_norm) in the engines' rotary order (export.spec.rotary_order), and Granite's
+    q_norm and k_norm) in the engines' rotary order (export.spec.rotary_order: partial or
+    interleaved rotary), and Granite's
     residual multiplier and logits scaling folded into the weights (o_proj's and down_proj's
     scales and biases times it, in float32; the final norm's weight divided): what every exporter
     builds from."""
@@ -195,7 +196,7 @@ def read_for_engine(path: str | Path):
     if spec.logits_scaling != 1.0:  # the final norm feeds the head alone
         offset, weight = spec.family.norm_offset, ckpt.tensors["model.norm.weight"].astype(np.float32)
         ckpt.tensors["model.norm.weight"] = (weight + offset) / spec.logits_scaling - offset
-    order = rotary_order(spec.head_dim, spec.rotary_dim)
+    order = rotary_order(spec.head_dim, spec.rotary_dim, spec.family.rope_interleaved)
     if np.array_equal(order, np.arange(spec.head_dim)):
         return ckpt, spec
     for proj, heads in (("q_proj", spec.heads), ("k_proj", spec.kv_heads)):

@@ -46,6 +46,7 @@ class Family:
     # Granite: embedding_multiplier, attention_multiplier (the score scale), residual_multiplier (on
     # each attention and MLP output before its residual add) and logits_scaling (the logits divided)
     multipliers: bool = False
+    rope_interleaved: bool = False  # GLM: RoPE turns the pairs (2i, 2i + 1), not (i, i + rotary_dim / 2)
 
 
 FAMILIES: dict[str, Family] = {
@@ -77,6 +78,12 @@ FAMILIES: dict[str, Family] = {
                                                      "llama_4_scaling_beta": 0.1}))),
         # Granite 3 (2B, 8B): Llama with four multipliers
         Family("granite", ("granite",), multipliers=True, config_defaults=(("max_position_embeddings", 2048),)),
+        # GLM-Edge (1.5B, 4B) and GLM-4-9B-0414's predecessors: q/k/v bias, fused gate/up, half of
+        # each head rotated in interleaved pairs
+        Family("glm", ("glm",), qkv_bias=True, rope_interleaved=True,
+               fused_linears=(("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),),
+               config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
+                                ("rms_norm_eps", 1.5625e-07), ("partial_rotary_factor", 0.5))),
         # SmolLM3: Llama with every 4th layer without RoPE
         Family("smollm3", ("smollm3",), nope_layers=True, sliding_layers="nope",
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 4),

@@ -5,9 +5,10 @@ version) into plain numbers: sizes, per-layer attention kind (full or sliding wi
 per-layer RoPE frequencies.
 
 The engines rotate the pairs (i, i + head_dim / 2) of each q and k head. A model that rotates
-only its first rotary_dim dimensions (Phi-3's partial_rotary_factor, pairs (i, i + rotary_dim / 2))
-is brought to that form by reordering its q/k head dimensions (rotary_order, applied to the
-weights by checkpoint.read_for_engine) and a frequency of zero for the pairs that do not turn.
+only its first rotary_dim dimensions (Phi-3's partial_rotary_factor, pairs (i, i + rotary_dim / 2)),
+or other pairs (GLM's interleaved (2i, 2i + 1)), is brought to that form by reordering its q/k head
+dimensions (rotary_order, applied to the weights by checkpoint.read_for_engine) and a frequency of
+zero for the pairs that do not turn.
 """
 from __future__ import annotations
 
@@ -369,11 +370,14 @@ def rope_tables(rope: Rope, positions: int) -> tuple[np.ndarray, np.ndarray]:
             (np.sin(angles.astype(np.float64)) * scale).astype(np.float32))
 
 
-def rotary_order(head_dim: int, rotary_dim: int) -> np.ndarray:
+def rotary_order(head_dim: int, rotary_dim: int, interleaved: bool = False) -> np.ndarray:
     """The engines' order of one q/k head's dimensions, as indices into the model's: the model's
-    rotary pairs (i, i + rotary_dim / 2) become the engines' (i, i + head_dim / 2), the dimensions
-    it does not rotate fill the rest (their frequency is zero). The identity without partial rotary."""
+    rotary pair j, (j, j + rotary_dim / 2) or interleaved (2j, 2j + 1), becomes the engines'
+    (j, j + head_dim / 2); the dimensions it does not rotate fill the rest (their frequency is zero).
+    The identity without partial rotary or interleaving."""
     half, turn = head_dim // 2, rotary_dim // 2
     still = half - turn  # pairs that do not turn
-    return np.concatenate([np.arange(turn), np.arange(rotary_dim, rotary_dim + still),
-                           np.arange(turn, rotary_dim), np.arange(rotary_dim + still, head_dim)])
+    first, second = ((np.arange(0, rotary_dim, 2), np.arange(1, rotary_dim, 2)) if interleaved
+                     else (np.arange(turn), np.arange(turn, rotary_dim)))
+    return np.concatenate([first, np.arange(rotary_dim, rotary_dim + still),
+                           second, np.arange(rotary_dim + still, head_dim)])

@@ -36,6 +36,8 @@ TINY_EXTRA = {
     # every multiplier away from 1 (the real 2B's: 12, 0.015625, 0.22, 8)
     "granite": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                 "logits_scaling": 2.5},
+    # q/k/v biases, fused gate/up, a quarter of each head rotated in interleaved pairs
+    "glm": {"partial_rotary_factor": 0.25, "head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # layer 1 without RoPE (no_rope_layers from the interval) and sliding (the layers without RoPE)
     "smollm3": {"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": 5, "pad_token_id": 0,
                 "bos_token_id": 1, "eos_token_id": 2},
