@@ -139,6 +139,14 @@ def test_every_family_on_the_persistent_step(model_type, tokenizer_dir, tmp_path
                             gemv="persistent_step")
 
 
+@pytest.mark.parametrize("gemv", GEMVS)
+def test_a_head_size_96_model_matches_the_reference(gemv, tokenizer_dir, tmp_path):
+    """Phi-3 and 3.5-mini's head size: prefill on attend_mma_d96, decode on attend_split_d96 (the
+    persistent step refuses 96), a tiny Phi-3 with partial rotary."""
+    engine = tiny_engine(tmp_path, "phi3", tokenizer_dir, hidden_size=192, head_dim=96)
+    check_against_reference(engine, 320, cublas=False, gemv=gemv)
+
+
 @pytest.mark.parametrize("gemv", GEMVS + ["persistent_step"])
 def test_a_smollm2_shaped_checkpoint_matches_the_reference(gemv, tokenizer_dir, tmp_path):
     """The real packing path (AutoAWQ checkpoint -> kernels' layout) at SmolLM2's widths: 9 heads
