@@ -249,6 +249,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
             or not all(t in ("full_attention", "sliding_attention") for t in layer_types)):
         raise UserError(f"{where}: layer_types must list full_attention or sliding_attention for each of the "
                         f"{layers} layers; {fix}")
+    if window is not None and window >= max_positions:  # no narrower than the context (Phi-3.5's 262144): none
+        window = None
     windows = [window if t == "sliding_attention" and window else None for t in layer_types]
 
     ropes = _rope_params(c)

@@ -171,6 +171,16 @@ def test_a_ministral3_engine_ends_where_transformers_starts_scaling_its_queries(
     assert rel_err(unscaled[127], whole[127]) < 1e-6 and rel_err(unscaled[128], whole[128]) > 1e-4
 
 
+def test_a_window_as_wide_as_the_context_is_no_window():
+    """Phi-3.5 and 4-mini's configs say sliding_window 262144 at 131072 positions: full attention
+    (and the engines' full-attention paths), as a window of the whole context is."""
+    from awq_edge.export.spec import model_spec
+
+    config = {**TINY, **TINY_EXTRA["phi3"], "model_type": "phi3"}
+    assert model_spec({**config, "sliding_window": 256}).layer_windows == [None, None]  # TINY: 256 positions
+    assert model_spec({**config, "sliding_window": 255}).layer_windows == [255, 255]
+
+
 def test_unsupported_rope_type_is_a_user_error(tmp_path, smollm2_dir):
     from awq_edge.export import export_checkpoint
 
