@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .errors import UserError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per family: compared and hashed by identity
 class Family:
     name: str
     model_types: tuple[str, ...]  # config.json "model_type" values
