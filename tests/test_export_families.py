@@ -165,7 +165,7 @@ def test_a_ministral3_engine_ends_where_transformers_starts_scaling_its_queries(
     assert max(rel_err(g, r) for g, r in zip(got, whole[119:128])) < 1e-5  # up to the last position before 128
     with pytest.raises(UserError, match="context"):
         backend.forward([ids[128]])
-    with torch.no_grad():  # and transformers' logits do change there: without the scaling, position 48's differ
+    with torch.no_grad():  # and transformers' logits do change there: without the scaling, position 128's differ
         ref.config.rope_parameters["llama_4_scaling_beta"] = 0.0
         unscaled = reference_logits(ref, ids)
     assert rel_err(unscaled[127], whole[127]) < 1e-6 and rel_err(unscaled[128], whole[128]) > 1e-4
