@@ -214,7 +214,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     """The checked numbers of a model config (untrusted input: every field typed and bounded)."""
     model_type = Fields(config, where, fix).str("model_type", default="?")
     family = family_for(model_type)
-    defaults = dict(family.config_defaults)  # a key left out means what it means to transformers
+    # a key left out means what it means to transformers (dicts copied: the table's own are shared)
+    defaults = {k: dict(v) if isinstance(v, dict) else v for k, v in family.config_defaults}
     if config.get("rope_scaling") is not None:  # (which reads an older config's rope_scaling as rope_parameters)
         defaults.pop("rope_parameters", None)
     config = {**defaults, **config}
