@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,18 +90,27 @@ class QuantizedLinear:
     zeros: np.ndarray  # uint8 [out, groups]
     group_size: int
     bias: np.ndarray | None = None
+    # GPTQ act-order: column j of q is input order[j] (its groups contiguous, packing.from_gptq); the
+    # engines gather x by it first. None: the natural order
+    order: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.q.shape
 
     def dequantize(self) -> np.ndarray:
-        return packing.dequantize(self.q, self.scales, self.zeros, self.group_size)
+        """w_hat [out, in] with the inputs in their natural order."""
+        w = packing.dequantize(self.q, self.scales, self.zeros, self.group_size)
+        if self.order is None:
+            return w
+        natural = np.empty_like(w)
+        natural[:, self.order] = w
+        return natural
 
     def rows(self, index) -> "QuantizedLinear":
         """These output rows alone (a slice or an index array), each with its own scales and zeros."""
         return QuantizedLinear(self.q[index], self.scales[index], self.zeros[index], self.group_size,
-                               None if self.bias is None else self.bias[index])
+                               None if self.bias is None else self.bias[index], self.order)
 
 
 def concat_linears(linears: list[QuantizedLinear]) -> QuantizedLinear:
@@ -109,6 +118,9 @@ def concat_linears(linears: list[QuantizedLinear]) -> QuantizedLinear:
     group_sizes = {lin.group_size for lin in linears}
     if len(group_sizes) != 1 or len({lin.q.shape[1] for lin in linears}) != 1:
         raise ValueError("only linears with the same K and group size can be fused")
+    orders = [lin.order for lin in linears]
+    if any(o is not None for o in orders) and not all(o is not None and np.array_equal(o, orders[0]) for o in orders):
+        raise ValueError("only linears that read their inputs in one order (GPTQ act-order's) can be fused")
     biases = [lin.bias for lin in linears]
     bias = None
     if any(b is not None for b in biases):
@@ -117,7 +129,7 @@ def concat_linears(linears: list[QuantizedLinear]) -> QuantizedLinear:
     return QuantizedLinear(np.concatenate([lin.q for lin in linears]),
                            np.concatenate([lin.scales for lin in linears]),
                            np.concatenate([lin.zeros for lin in linears]),
-                           group_sizes.pop(), bias)
+                           group_sizes.pop(), bias, orders[0])
 
 
 @dataclass
@@ -191,8 +203,8 @@ def read_for_engine(path: str | Path):
         m = spec.residual_multiplier
         for name in [n for n in ckpt.linears if n.endswith(("self_attn.o_proj", "mlp.down_proj"))]:
             lin = ckpt.linears[name]
-            ckpt.linears[name] = QuantizedLinear(lin.q, lin.scales.astype(np.float32) * m, lin.zeros, lin.group_size,
-                                                 None if lin.bias is None else lin.bias.astype(np.float32) * m)
+            ckpt.linears[name] = replace(lin, scales=lin.scales.astype(np.float32) * m,
+                                         bias=None if lin.bias is None else lin.bias.astype(np.float32) * m)
     if spec.logits_scaling != 1.0:  # the final norm feeds the head alone
         offset, weight = spec.family.norm_offset, ckpt.tensors["model.norm.weight"].astype(np.float32)
         ckpt.tensors["model.norm.weight"] = (weight + offset) / spec.logits_scaling - offset
@@ -274,6 +286,8 @@ def write_checkpoint(staging: Path, config: dict, linears: dict[str, QuantizedLi
         out[name] = np.ascontiguousarray(t.astype(np.float16))
     group_size = None
     for prefix, lin in linears.items():
+        if lin.order is not None:  # (the quantizer writes none; a GPTQ act-order linear is only read)
+            raise ValueError(f"{prefix} reads its inputs out of order (GPTQ act-order), which this layout cannot store")
         group_size = lin.group_size
         if checkpoint_format == "awq":
             packed = packing.to_awq_gemm(lin.q, lin.scales, lin.zeros, lin.group_size)
@@ -433,10 +447,10 @@ def _gptq_linear(prefix: str, qweight, qzeros, scales, g_idx, bias, group_hint: 
     _check_bias(bad, bias, out_features)
     try:
         group_size = packing.infer_group_size(in_features, scales.shape[0], group_hint)
-        q, scales, zeros = packing.from_gptq(qweight, qzeros, scales, g_idx, group_size, zero_offset)
+        q, scales, zeros, order = packing.from_gptq(qweight, qzeros, scales, g_idx, group_size, zero_offset)
     except ValueError as e:
         raise bad(str(e)) from None
-    return QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias)
+    return QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias, order)
 
 
 def load_awq_as_float(path: Path, dtype=None):

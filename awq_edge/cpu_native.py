@@ -273,6 +273,8 @@ class NativeDecoder:
         if not info.lm_head_exact:
             raise Unsupported("only a quantized lm_head with exact re-scoring (the default)")
         self.arrays, self.matmuls = graph_weights(export_dir)
+        if any(name.endswith(".input_order") for name in self.arrays):
+            raise Unsupported("linears whose inputs are gathered first (GPTQ act-order)")
         groups = {m["block_size"] for name, m in self.matmuls.items() if name != "lm_head.q4"}
         if len(groups) != 1:
             raise Unsupported(f"one block size for the body's linears, got {sorted(groups)}")

@@ -63,6 +63,10 @@ def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, m
     device_name: what the manifest names (a family such as `orin`, whose variants resolve
     themselves at load); the plan is made for `device` (the family's smallest variant)."""
     ckpt, model = read_for_engine(checkpoint)
+    act_order = next((name for name, lin in ckpt.linears.items() if lin.order is not None), None)
+    if act_order:
+        raise UserError(f"{checkpoint}: {act_order} was quantized with GPTQ act-order (desc_act), whose inputs the "
+                        "cuda kernels do not gather; build for --device cpu, or take a checkpoint without act-order")
     group_sizes = {lin.group_size for lin in ckpt.linears.values()}
     if len(group_sizes) != 1 or not group_sizes <= {32, 64, 128}:
         raise UserError(f"{checkpoint} uses group sizes {sorted(group_sizes)}; the cuda backend's kernels take one "

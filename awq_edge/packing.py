@@ -189,26 +189,35 @@ def from_compressed_tensors(weight_packed: np.ndarray, weight_scale: np.ndarray,
 
 def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None,
               group_size: int, zero_offset: int):
-    """GPTQ tensors -> (q uint8 [out, in], scales [out, groups], zeros uint8 [out, groups]).
-    zero_offset: what the stored zeros lack (1 for checkpoint_format "gptq", 0 for "gptq_v2")."""
+    """GPTQ tensors -> (q uint8 [out, in], scales [out, groups], zeros uint8 [out, groups], order).
+    zero_offset: what the stored zeros lack (1 for checkpoint_format "gptq", 0 for "gptq_v2").
+
+    An act-order (desc_act) g_idx groups the inputs out of order: q's columns come back sorted by
+    group (each group's inputs together, as the kernels read them) and order [in] says which input
+    each column is (None: the natural order), which the engines gather x by."""
     in_words, out_features = qweight.shape
     in_features, groups = 8 * in_words, num_groups(8 * in_words, group_size)
     if qzeros.shape != (groups, num_groups(out_features, 8)) or scales.shape != (groups, out_features):
         raise ValueError(f"inconsistent GPTQ tensors at group {group_size}: qweight {list(qweight.shape)}, "
                          f"qzeros {list(qzeros.shape)}, scales {list(scales.shape)}")
+    order = None
+    natural = group_index(in_features, group_size)
     if g_idx is not None:
         if g_idx.shape != (in_features,):
             raise ValueError(f"g_idx is {list(g_idx.shape)}, not [{in_features}]")
-        if not np.array_equal(g_idx, group_index(in_features, group_size)):
-            raise ValueError("its inputs are grouped out of order (g_idx: quantized with desc_act / act-order), "
-                             "which awq-edge's kernels cannot run")
+        if not np.array_equal(g_idx, natural):
+            order = np.argsort(g_idx, kind="stable")
+            if not np.array_equal(np.asarray(g_idx)[order], natural):  # a group of another size, an index past them
+                raise ValueError(f"its g_idx does not put {group_size} inputs in each group")
     q = unpack_int4(np.ascontiguousarray(qweight.T), CT_ORDER)
+    if order is not None:
+        q = q[:, order]
     zeros = unpack_int4(qzeros, CT_ORDER)[:, :out_features].T.astype(np.int16) + zero_offset
     if zeros.max(initial=0) > MAX_INT:
         raise ValueError("a zero point reads 16: the original GPTQ format cannot store a zero of 0 (its -1 spills "
                          "into the whole word), so this layer's zeros are lost")
     scales = np.ascontiguousarray(np.asarray(scales).T)
-    return np.ascontiguousarray(q), scales, np.ascontiguousarray(zeros.astype(np.uint8))
+    return np.ascontiguousarray(q), scales, np.ascontiguousarray(zeros.astype(np.uint8)), order
 
 
 def infer_group_size(in_features: int, groups: int, hint: int | None = None) -> int:

@@ -135,6 +135,9 @@ def _check_shapes(ckpt, target: str) -> None:
     for prefix, lin in ckpt.linears.items():
         n, k = lin.q.shape
         g = lin.group_size
+        if target == "trt" and lin.order is not None:
+            raise UserError(f"{prefix} was quantized with GPTQ act-order (desc_act): its inputs are read out of "
+                            "order, which AwqMatMulW4A16 does not do; export with --target ort or onnx")
         if target == "ort" and (g < 16 or g & (g - 1)):
             raise UserError(f"{prefix}: group size {g} is not a power of two >= 16, which "
                             "MatMulNBits needs; export with --target onnx instead")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
-from ..checkpoint import Checkpoint, concat_linears
+from ..checkpoint import Checkpoint, QuantizedLinear, concat_linears
 from ..errors import UserError
 from . import attention, linear
 from .builder import MS_DOMAIN, GraphBuilder
@@ -69,6 +69,13 @@ class Decoder:
         except KeyError:
             raise UserError(f"checkpoint lacks quantized linear {prefix}; it is not a complete "
                             "AWQ checkpoint of this model") from None
+
+    def fused_weights(self, prefix: str, names) -> QuantizedLinear:
+        """The linears `prefix.{name}_proj` stacked (concat_linears), for one MatMulNBits."""
+        try:
+            return concat_linears([self.linear_weights(f"{prefix}.{n}_proj") for n in names])
+        except ValueError as e:  # GPTQ act-order linears of one input in different orders
+            raise UserError(f"{prefix}: {'/'.join(names)} cannot be fused ({e}); export with --target onnx") from None
 
     def norm_weight(self, name: str) -> str:
         w = self.tensor(name).astype(np.float32) + self.spec.family.norm_offset  # Gemma: (1 + w)
@@ -275,7 +282,7 @@ class Decoder:
         quantized to int8 once, one kernel instead of two), split after."""
         if self.t.name != "ort":
             return self.linear(x, f"{p}.gate_proj"), self.linear(x, f"{p}.up_proj")
-        lin = concat_linears([self.linear_weights(f"{p}.{n}_proj") for n in ("gate", "up")])
+        lin = self.fused_weights(p, ("gate", "up"))
         width = lin.q.shape[0] // 2
         gate, up = self.b.op("Split", self.linear(x, f"{p}.gate_up_proj", lin), self.b.int64s(width, width),
                              axis=-1, outputs=2)
@@ -289,7 +296,7 @@ class Decoder:
         qk_norm = spec.family.qk_norm
         if t.name == "ort":
             # One MatMulNBits for q, k and v (one read of x, one kernel launch).
-            lin = concat_linears([self.linear_weights(f"{p}.{n}_proj") for n in "qkv"])
+            lin = self.fused_weights(p, "qkv")
             qkv = self.linear(x, f"{p}.qkv_proj", lin)
             if not qk_norm:
                 ctx = attention.gqa_attention(b, spec, i, qkv, None, None, *past, self.info, *rope, names)

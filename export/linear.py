@@ -28,12 +28,20 @@ def _add_bias(b: GraphBuilder, y: str, lin: QuantizedLinear, name: str) -> str:
     return b.op("Add", y, b.act_const(f"{name}.bias", lin.bias.astype(np.float32)))
 
 
+def _in_order(b: GraphBuilder, x: str, lin: QuantizedLinear, name: str) -> str:
+    """x's columns in the order the linear's levels are stored (GPTQ act-order: a Gather), else x."""
+    if lin.order is None:
+        return x
+    return b.op("Gather", x, b.const(f"{name}.input_order", lin.order.astype(np.int64)), axis=-1,
+                full_name=f"{name}/input_order")
+
+
 def matmul_nbits(b: GraphBuilder, x: str, lin: QuantizedLinear, name: str, accuracy_level: int) -> str:
     """ort: one MatMulNBits node. accuracy_level 0 computes in fp32 (exact to rounding);
     4 quantizes X to int8 per block inside the kernel (AVX-VNNI/AVX512 int8 dot products)."""
     n, k = lin.q.shape
     t = to_matmul_nbits(lin.q, lin.scales, lin.zeros, lin.group_size, bits=4)
-    y = b.op("MatMulNBits", x, b.const(f"{name}.B", t["B"]),
+    y = b.op("MatMulNBits", _in_order(b, x, lin, name), b.const(f"{name}.B", t["B"]),
              b.act_const(f"{name}.scales", t["scales"]), b.const(f"{name}.zero_points", t["zero_points"]),
              domain=MS_DOMAIN, full_name=name, K=k, N=n, bits=4, block_size=lin.group_size,
              accuracy_level=accuracy_level)
@@ -63,7 +71,7 @@ def dequantize_matmul(b: GraphBuilder, x: str, lin: QuantizedLinear, name: str) 
              b.act_const(f"{name}.scale", scale),
              b.raw_const(f"{name}.zero_point", TensorProto.UINT4, zero.shape, pack_uint4_pairs(zero)),
              full_name=f"{name}/dequantize", axis=0, block_size=lin.group_size)
-    y = b.op("MatMul", x, w, full_name=name)
+    y = b.op("MatMul", _in_order(b, x, lin, name), w, full_name=name)
     return _add_bias(b, y, lin, name)
 
 

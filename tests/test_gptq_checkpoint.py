@@ -34,16 +34,22 @@ def autogptq_pack(q_kn: np.ndarray, zeros_gn: np.ndarray, original_format: bool)
     return qweight.view(np.int32), qzeros.view(np.int32)
 
 
-def write_gptq(ckpt, out, layout: str, edit=None, **quantization):
-    """ckpt (ours, AutoAWQ layout) stored as a GPTQ checkpoint of `layout` ("gptq" or "gptq_v2")."""
+def write_gptq(ckpt, out, layout: str, edit=None, orders=None, **quantization):
+    """ckpt (ours, AutoAWQ layout) stored as a GPTQ checkpoint of `layout` ("gptq" or "gptq_v2").
+    orders: prefix -> a permutation P of its inputs, stored as act-order (desc_act) stores it: the
+    levels of sorted column j at input P[j], and g_idx[P[j]] = j // group size."""
     source = read_checkpoint(ckpt)
     tensors = {name: t.astype(np.float16) for name, t in source.tensors.items()}
     for prefix, lin in source.linears.items():
         k = lin.q.shape[1]
-        qweight, qzeros = autogptq_pack(lin.q.T, lin.zeros.T, layout == "gptq")
+        q, g_idx = lin.q, np.arange(k) // lin.group_size
+        if orders and prefix in orders:
+            q, g_idx = np.empty_like(lin.q), np.empty_like(g_idx)
+            q[:, orders[prefix]], g_idx[orders[prefix]] = lin.q, np.arange(k) // lin.group_size
+        qweight, qzeros = autogptq_pack(q.T, lin.zeros.T, layout == "gptq")
         tensors.update({f"{prefix}.qweight": qweight, f"{prefix}.qzeros": qzeros,
                         f"{prefix}.scales": np.ascontiguousarray(lin.scales.T).astype(np.float16),
-                        f"{prefix}.g_idx": (np.arange(k) // lin.group_size).astype(np.int32)})
+                        f"{prefix}.g_idx": g_idx.astype(np.int32)})
         if lin.bias is not None:
             tensors[f"{prefix}.bias"] = lin.bias.astype(np.float16)
     if edit:
@@ -101,9 +107,49 @@ def test_build_takes_a_gptq_checkpoint_as_a_checkpoint(qwen2_checkpoint, tmp_pat
     assert engine.last_stats.new_tokens == 4
 
 
-def _act_order(tensors):
+def test_an_act_order_checkpoint_gathers_each_linears_inputs_on_the_cpu_and_is_refused_elsewhere(
+        qwen2_checkpoint, tmp_path):
+    """GPTQ act-order (desc_act): each input's group from g_idx, groups out of input order. The
+    levels are read back sorted by group with the permutation beside them, the ort and onnx
+    graphs gather x by it (the same logits as transformers' model of the dequantized weights),
+    and what cannot gather says so in one line: a cuda build, a trt export, native decode."""
+    from awq_edge.backend_ort import OrtBackend
+    from awq_edge.build import build_engine
+    from awq_edge.checkpoint import load_awq_as_float
+    from awq_edge.export import export_checkpoint
+
+    ours = read_checkpoint(qwen2_checkpoint)
+    rng = np.random.default_rng(0)
+    shared = {}  # one order per input (q/k/v read one, gate/up another), as GPTQ's Hessians make them
+    orders = {}
+    for prefix, lin in ours.linears.items():
+        reads = prefix.rsplit(".", 1)[0] + {"k_proj": ".q_proj", "v_proj": ".q_proj", "up_proj": ".gate_proj"}.get(
+            prefix.rsplit(".", 1)[1], "." + prefix.rsplit(".", 1)[1])
+        orders[prefix] = shared.setdefault(reads, rng.permutation(lin.q.shape[1]))
+    folder = write_gptq(qwen2_checkpoint, tmp_path / "gptq", "gptq", orders=orders, desc_act=True)
+    read = read_checkpoint(folder)
+    for prefix, lin in ours.linears.items():  # input P[j] holds what column j held (a group's columns in any order)
+        got = read.linears[prefix]
+        assert got.order is not None and sorted(got.order) == list(range(lin.q.shape[1]))
+        np.testing.assert_array_equal(got.dequantize()[:, orders[prefix]], lin.dequantize(), err_msg=prefix)
+    ref = load_awq_as_float(folder).eval()  # the act-order weights, dequantized in the inputs' order
+    ids = np.random.default_rng(1).integers(0, 256, 12 + 8).tolist()
+    for target in ("ort", "onnx"):
+        check_against_reference(export_for_cpu(folder, tmp_path / "exports", target), ref, ids, 12, 1e-5)
+    default = export_checkpoint(folder, tmp_path / "default", "ort")  # int8 head, int8 activations
+    native = OrtBackend(default, max_context=64, native_decode=True)
+    assert "act-order" in native.decode_path, native.decode_path
+    assert np.isfinite(native.forward(ids[:12])).all() and np.isfinite(native.forward(ids[12:13])).all()
+    with pytest.raises(UserError, match="AwqMatMulW4A16 does not do; export with --target ort or onnx"):
+        export_checkpoint(folder, tmp_path / "trt", "trt")
+    with pytest.raises(UserError, match="GPTQ act-order .desc_act., whose inputs the cuda kernels do not gather"):
+        build_engine(str(folder), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
+    assert not (tmp_path / "trt").exists() and not (tmp_path / "engine").exists()
+
+
+def _groups_of_another_size(tensors):
     name = next(k for k in tensors if k.endswith(".g_idx"))
-    tensors[name] = np.random.default_rng(0).permutation(tensors[name])
+    tensors[name] = np.zeros_like(tensors[name])  # every input in group 0
 
 
 def _zero_of_zero(tensors):  # AutoGPTQ stores zero 0 as -1: every nibble of the word reads 15
@@ -112,7 +158,7 @@ def _zero_of_zero(tensors):  # AutoGPTQ stores zero 0 as -1: every nibble of the
 
 
 @pytest.mark.parametrize("layout, edit, quantization, message", [
-    ("gptq", _act_order, {"desc_act": True}, "grouped out of order .g_idx: quantized with desc_act"),
+    ("gptq", _groups_of_another_size, {"desc_act": True}, "its g_idx does not put 32 inputs in each group"),
     ("gptq", _zero_of_zero, {}, "a zero point reads 16: the original GPTQ format cannot store a zero of 0"),
     ("gptq", None, {"group_size": -1}, "group_size -1 .one group per row."),
     ("gptq", None, {"bits": 8}, "GPTQ 8-bit"),
