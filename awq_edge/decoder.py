@@ -111,13 +111,9 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
     if lm_head == "int4" and model.vocab > HEAD_SELECT_CAPACITY ** 2 // HEAD_TOP_K:
         raise UserError(f"a vocabulary of {model.vocab} is more than the int4 head's candidate search takes "
                         f"({HEAD_SELECT_CAPACITY ** 2 // HEAD_TOP_K}); build with --lm-head int8")
-    tables: dict[bytes, int] = {}  # one table per distinct RoPE (Gemma3: local and global)
-    ropes, layer_rope = [], []
-    for rope in model.layer_rope:
-        if rope.key() not in tables:
-            tables[rope.key()] = len(ropes)
-            ropes.append(rope)
-        layer_rope.append(tables[rope.key()])
+    from .export.spec import distinct_ropes
+
+    ropes, layer_rope = distinct_ropes(model.layer_rope)
     return DecoderSpec(
         model_type=model.model_type, hidden=model.hidden, intermediate=model.intermediate, layers=model.layers,
         heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim, vocab=model.vocab, eps=model.eps,

@@ -30,7 +30,7 @@ from ..checkpoint import Checkpoint, QuantizedLinear, concat_linears
 from ..errors import UserError
 from . import attention, linear
 from .builder import MS_DOMAIN, GraphBuilder
-from .spec import ModelSpec, rope_tables
+from .spec import ModelSpec, distinct_ropes, rope_tables
 
 
 @dataclass
@@ -160,21 +160,18 @@ class Decoder:
             b.add_input(f"past_value.{i}", act, kv_shape)
         info = self.info = attention.step_info(b, input_ids, past_length, t.name)
 
-        # RoPE tables: one per distinct frequency set (Gemma3: local and global).
-        tables: dict[bytes, tuple[str, str]] = {}
-        layer_rope = []
-        for rope in spec.layer_rope:
-            key = rope.key()
-            if key not in tables:
-                cos, sin = rope_tables(rope, spec.max_positions)
-                n = len(tables)
-                cos_name, sin_name = b.act_const(f"rope.{n}.cos", cos), b.act_const(f"rope.{n}.sin", sin)
-                if t.kv_mode == "concat":  # gather the rows of this step's positions once
-                    with b.scope(f"rope.{n}"):
-                        cos_name = attention.rope_rows(b, cos_name, info.positions)
-                        sin_name = attention.rope_rows(b, sin_name, info.positions)
-                tables[key] = (cos_name, sin_name)
-            layer_rope.append(tables[key])
+        # RoPE tables: one per distinct RoPE (Gemma3: local and global).
+        ropes, which = distinct_ropes(spec.layer_rope)
+        tables = []
+        for n, rope in enumerate(ropes):
+            cos, sin = rope_tables(rope, spec.max_positions)
+            cos_name, sin_name = b.act_const(f"rope.{n}.cos", cos), b.act_const(f"rope.{n}.sin", sin)
+            if t.kv_mode == "concat":  # gather the rows of this step's positions once
+                with b.scope(f"rope.{n}"):
+                    cos_name = attention.rope_rows(b, cos_name, info.positions)
+                    sin_name = attention.rope_rows(b, sin_name, info.positions)
+            tables.append((cos_name, sin_name))
+        layer_rope = [tables[j] for j in which]
         masks = {}
         if t.kv_mode == "concat":
             for w in sorted(set(spec.layer_windows), key=lambda w: w or 0):

@@ -373,6 +373,18 @@ def rope_tables(rope: Rope, positions: int) -> tuple[np.ndarray, np.ndarray]:
             (np.sin(angles.astype(np.float64)) * scale).astype(np.float32))
 
 
+def distinct_ropes(layer_rope: list[Rope]) -> tuple[list[Rope], list[int]]:
+    """The distinct RoPEs, one pair of tables each (Gemma 3: local and global), in the order the
+    layers first use them, and each layer's index among them."""
+    index: dict[bytes, int] = {}
+    ropes = []
+    for rope in layer_rope:
+        if rope.key() not in index:
+            index[rope.key()] = len(ropes)
+            ropes.append(rope)
+    return ropes, [index[rope.key()] for rope in layer_rope]
+
+
 def rotary_order(head_dim: int, rotary_dim: int, interleaved: bool = False) -> np.ndarray:
     """The engines' order of one q/k head's dimensions, as indices into the model's: the model's
     rotary pair j, (j, j + rotary_dim / 2) or interleaved (2j, 2j + 1), becomes the engines'
