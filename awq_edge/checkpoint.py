@@ -190,12 +190,11 @@ def read_checked(path: str | Path):
 
 
 def read_for_engine(path: str | Path):
-    """read_checked, with each q/k head's dimensions (rows of q_proj, k_proj and their biases,
-    q_norm and k_norm) in the engines' rotary order (export.spec.rotary_order: partial or
-    interleaved rotary), and Granite's
-    residual multiplier and logits scaling folded into the weights (o_proj's and down_proj's
-    scales and biases times it, in float32; the final norm's weight divided): what every exporter
-    builds from."""
+    """read_checked in the engines' layout, what every exporter builds from: each q/k head's
+    dimensions (rows of q_proj, k_proj and their biases, q_norm and k_norm) in the engines' rotary
+    order (export.spec.rotary_order: partial or interleaved rotary), and Granite's residual
+    multiplier and logits scaling folded into the weights (o_proj's and down_proj's scales and
+    biases times it, in float32; the final norm's weight divided)."""
     from .export.spec import rotary_order
 
     ckpt, spec = read_checked(path)

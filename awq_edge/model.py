@@ -154,13 +154,12 @@ def load_float_model(model_dir: Path, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    raw = read_raw_config(model_dir)
-    if is_vision_language(raw) and not is_quantized_checkpoint(raw):  # its language model, read (and checked) there
+    config = read_raw_config(model_dir)  # what read_config gives, but for the vision-language case below
+    if is_vision_language(config) and not is_quantized_checkpoint(config):  # its language model, read there
         model, tokenizer, materialize = load_for_quantization(model_dir)
         for i in range(len(decoder_layers(model))):
             materialize(i)
         return (model if dtype is None else model.to(dtype)), tokenizer
-    config = read_config(model_dir)
     family = check_causal_lm(config, str(model_dir))
     if is_quantized_checkpoint(config):
         from .checkpoint import load_awq_as_float
