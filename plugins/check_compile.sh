@@ -8,10 +8,10 @@
 #                                                 in $TENSORRT_ROOT/include (skips with a
 #                                                 message and exit 0 when they are absent)
 #
-# One nvcc invocation per arch (all files, -c), the arches in parallel up to $JOBS
-# (default: number of cores). Objects go to a temp dir that is removed afterwards. With
-# KEEP_PTX=DIR set, each file's PTX stays as DIR/sm_ARCH/NAME.ptx (the PDL contract test reads it:
-# the same front end's output, not compiled a second time).
+# One nvcc invocation per file and arch, up to $JOBS at once (default: number of cores).
+# Objects go to a temp dir that is removed afterwards. With KEEP_PTX=DIR set, each file's PTX
+# stays as DIR/sm_ARCH/NAME.ptx (the PDL contract test reads it: the same front end's output,
+# not compiled a second time).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -33,24 +33,21 @@ cuda_include() {
     echo "/usr/local/cuda/include"
 }
 
-compile_kernels_for_arch() {
-    local arch="$1" keep=()
-    mkdir -p "$work/sm_$arch"
-    if [ -n "${KEEP_PTX:-}" ]; then mkdir -p "$work/keep_$arch"; keep=(-keep -keep-dir "$work/keep_$arch"); fi
-    # -Werror all-warnings covers nvcc, the host compiler and ptxas warnings;
-    # -warn-spills / -warn-lmem-usage make ptxas warn (hence fail) on spills.
+compile_kernel() {
+    # One file for one arch. -Werror all-warnings covers nvcc, the host compiler and ptxas
+    # warnings; -warn-spills / -warn-lmem-usage make ptxas warn (hence fail) on spills.
+    local arch="$1" src="$2" name keep=()
+    name="$(basename "$src" .cu)"
+    if [ -n "${KEEP_PTX:-}" ]; then mkdir -p "$work/keep_$arch/$name"; keep=(-keep -keep-dir "$work/keep_$arch/$name"); fi
     "$NVCC" -std=c++17 -O3 -c \
         -gencode "arch=compute_$arch,code=sm_$arch" \
         -Xcompiler -Wall,-Wextra \
         -Xptxas -warn-spills,-warn-lmem-usage \
         -Werror all-warnings \
         -I "$here/kernels" \
-        --output-directory "$work/sm_$arch" "${keep[@]}" \
-        "$here"/kernels/*.cu \
-        > "$work/sm_$arch.log" 2>&1 \
-        || { echo "FAIL sm_$arch:"; cat "$work/sm_$arch.log"; return 1; }
-    if [ -n "${KEEP_PTX:-}" ]; then mkdir -p "$KEEP_PTX/sm_$arch"; cp "$work/keep_$arch"/*.ptx "$KEEP_PTX/sm_$arch/"; fi
-    echo "ok   sm_$arch: $(ls "$here"/kernels/*.cu | wc -l) files"
+        -o "$work/sm_$arch/$name.o" "${keep[@]}" "$src" \
+        > "$work/sm_$arch/$name.log" 2>&1 \
+        || { echo "FAIL sm_$arch $name.cu:"; cat "$work/sm_$arch/$name.log"; touch "$work/sm_$arch/failed"; }
 }
 
 case "$mode" in
@@ -59,14 +56,25 @@ kernels)
     archs=("$@")
     [ ${#archs[@]} -gt 0 ] || archs=(87 89 90)
     "$NVCC" --version | tail -n 2
-    pids=()
+    # One job per (arch, file), up to $JOBS at once, largest files first: two files take most of
+    # the time, and one nvcc call per arch would leave a core idle while the third arch compiles.
+    mapfile -t sources < <(ls -S "$here"/kernels/*.cu)
+    running=0
+    for src in "${sources[@]}"; do
+        for arch in "${archs[@]}"; do
+            mkdir -p "$work/sm_$arch"
+            if [ "$running" -ge "$JOBS" ]; then wait -n; running=$((running - 1)); fi
+            compile_kernel "$arch" "$src" &
+            running=$((running + 1))
+        done
+    done
+    wait
     status=0
     for arch in "${archs[@]}"; do
-        compile_kernels_for_arch "$arch" &
-        pids+=($!)
-        if [ ${#pids[@]} -ge "$JOBS" ]; then wait "${pids[0]}" || status=1; pids=("${pids[@]:1}"); fi
+        if [ -e "$work/sm_$arch/failed" ]; then status=1; continue; fi
+        if [ -n "${KEEP_PTX:-}" ]; then mkdir -p "$KEEP_PTX/sm_$arch"; cp "$work/keep_$arch"/*/*.ptx "$KEEP_PTX/sm_$arch/"; fi
+        echo "ok   sm_$arch: ${#sources[@]} files"
     done
-    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
     exit $status
     ;;
 trt)

@@ -1,8 +1,8 @@
 """Compile checks that need no GPU: every kernel for Orin (sm_87), RTX 40xx (sm_89) and H100 (sm_90),
 the CMake build of the kernel library, and the TensorRT glue when TensorRT headers are present.
 
-On a 2-core CI machine the kernels' compile is the suite's largest item (one nvcc call per arch, two
-in parallel; the PDL contract test reads the PTX it keeps rather than compiling again), then the CMake
+On a 2-core CI machine the kernels' compile is the suite's largest item (one nvcc call per file and
+arch, two at once; the PDL contract test reads the PTX it keeps rather than compiling again), then the CMake
 build (one arch, PTX only: ptxas runs in the kernels' check).
 """
 from __future__ import annotations
