@@ -44,12 +44,13 @@ def rtn_checkpoint(tmp_path_factory, smollm2_dir):
 
 @pytest.fixture(scope="session")
 def awq_checkpoint(tmp_path_factory, smollm2_dir):
-    """A real AWQ run on a small calibration budget (group 64), about a minute on 2 cores."""
+    """A real AWQ run on a small calibration budget (group 64), about 30 s on 2 cores. Block tuning
+    is off here (it doubled the time); tests/test_quantize.py runs it on every tiny family."""
     from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
 
     out = tmp_path_factory.mktemp("ckpt") / "smollm2-awq-g64"
     settings = QuantizeSettings(group_size=64, calib_samples=4, calib_seqlen=128, loss_samples=2,
-                                scale_grid=5, clip_grid=4)
+                                scale_grid=5, clip_grid=4, block_tune_steps=0)
     quantize_checkpoint(str(smollm2_dir), out, settings, progress=False)
     return out
 

@@ -87,7 +87,8 @@ def test_calibration_protocols(tmp_path, tiny_model_dir):
     for protocol in ("plain", "deployed"):
         out = tmp_path / protocol
         proc = awq_edge("quantize", tiny_model_dir("llama"), "--calib", calib, "--calib-samples", "4",
-                        "--calib-seqlen", "64", "--group-size", "32", "--calib-protocol", protocol, "--output", out)
+                        "--calib-seqlen", "64", "--group-size", "32", "--calib-protocol", protocol, "--tune-steps", "0",
+                        "--output", out)
         assert proc.returncode == 0, proc.stderr[-2000:]
         metas[protocol] = json.loads((out / "awq_edge.json").read_text())
     assert metas["plain"]["calibration"]["prefix"] == [] and metas["deployed"]["calibration"]["prefix"] == [1]
@@ -107,10 +108,12 @@ def test_effort_high_and_the_full_scale_search_are_what_the_checkpoint_records(t
     calib.write_text("The robot arm picks up the red block and places it on the table.\n\n" * 100)
     out = tmp_path / "high"
     proc = awq_edge("quantize", tiny_model_dir("llama"), "--calib", calib, "--calib-samples", "4", "--calib-seqlen",
-                    "64", "--group-size", "32", "--effort", "high", "--scale-search", "full", "--output", out)
+                    "64", "--group-size", "32", "--effort", "high", "--scale-search", "full", "--tune-steps", "2",
+                    "--output", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((out / "awq_edge.json").read_text())
     assert meta["settings"]["block_tune_batch"] == 4 and meta["settings"]["scale_search"] == "full"
+    assert meta["settings"]["block_tune_steps"] == 2
     grid = meta["settings"]["scale_grid"]
     for layer in meta["layers"]:  # every alpha of the grid was tried
         for group in layer["groups"].values():
