@@ -128,8 +128,7 @@ def quantize(
     force: bool = typer.Option(False, help="replace OUTPUT if it exists"),
 ):
     """Quantize MODEL to 4-bit AWQ and write an AutoAWQ (or compressed-tensors) checkpoint."""
-    require_torch("`awq-edge quantize` runs on the host and")
-    from .quantize import QuantizeSettings, quantize_checkpoint
+    from .quantize_settings import QuantizeSettings, check_request
 
     if effort not in ("default", "high"):
         raise UserError(f"--effort {effort} is unknown; use default or high")
@@ -138,6 +137,10 @@ def quantize(
                                 rounding=rounding, device=device, calib_protocol=calib_protocol, scale_search=scale_search,
                                 **({} if tune_steps is None else {"block_tune_steps": tune_steps}),
                                 **({"block_tune_batch": 4} if effort == "high" else {}))
+    check_request(model, output, settings, checkpoint_format, force)  # before torch's seconds of imports
+    require_torch("`awq-edge quantize` runs on the host and")
+    from .quantize import quantize_checkpoint
+
     meta = quantize_checkpoint(model, output, settings, str(calib) if calib else None, force=force,
                                checkpoint_format=checkpoint_format)
     typer.echo(f"wrote {output} ({method}, group {group_size}, {checkpoint_format}) in {meta['seconds']:.0f} s, "
@@ -160,21 +163,21 @@ def eval_cmd(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Perplexity of a model or checkpoint over non-overlapping windows."""
-    require_torch("`awq-edge eval` runs on the host and")
     import json
 
     from . import data
-    from .evaluate import perplexity
     from .model import check_causal_lm, load_float_model, read_config, resolve_source
+    from .quantize_settings import PROTOCOLS
 
     if seqlen < 2 or (windows is not None and windows < 1):
         raise UserError("--seqlen must be >= 2 and --windows >= 1")
     if method not in ("float", "rtn"):
         raise UserError(f"--method {method} is unknown; use float or rtn")
-    from .evaluate import PROTOCOLS
-
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol {protocol} is unknown; use {' or '.join(PROTOCOLS)}")
+    require_torch("`awq-edge eval` runs on the host and")
+    from .evaluate import perplexity
+
     text_path = text if text else data.fetch_wikipedia()[1]
     body = data.eval_text(text_path)
     model_dir = resolve_source(model)

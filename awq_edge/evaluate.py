@@ -7,9 +7,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import UserError
-
-
-PROTOCOLS = ("plain", "deployed")
+from .quantize_settings import PROTOCOLS
 
 
 def deployed_prefix(tokenizer) -> list[int]:
