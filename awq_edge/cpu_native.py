@@ -206,7 +206,7 @@ class CpuOp(ctypes.Structure):
                                                       "kind_arg")] + \
                [("scale", ctypes.c_float), ("softcap", ctypes.c_float)] + \
                [(name, ctypes.c_void_p) for name in ("x", "out", "residual", "w0", "w1", "w2", "bias", "w_norm",
-                                                      "table", "cos", "sin")]
+                                                      "table", "cos", "sin", "order")]
 
 
 class CpuModel(ctypes.Structure):
@@ -215,7 +215,7 @@ class CpuModel(ctypes.Structure):
                [("eps", ctypes.c_float)] + \
                [(name, ctypes.c_void_p) for name in ("k_cache", "v_cache", "x8", "x_scale", "x_sum", "scores",
                                                       "top_ids", "top_logits", "k_mirror", "v_mirror")] + \
-               [("mirror_rows", ctypes.c_int32), ("top_slots", ctypes.c_int32)]
+               [("mirror_rows", ctypes.c_int32), ("top_slots", ctypes.c_int32), ("x_ordered", ctypes.c_void_p)]
 
 
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8}
@@ -273,8 +273,6 @@ class NativeDecoder:
         if not info.lm_head_exact:
             raise Unsupported("only a quantized lm_head with exact re-scoring (the default)")
         self.arrays, self.matmuls = graph_weights(export_dir)
-        if any(name.endswith(".input_order") for name in self.arrays):
-            raise Unsupported("linears whose inputs are gathered first (GPTQ act-order)")
         groups = {m["block_size"] for name, m in self.matmuls.items() if name != "lm_head.q4"}
         if len(groups) != 1:
             raise Unsupported(f"one block size for the body's linears, got {sorted(groups)}")
@@ -300,6 +298,7 @@ class NativeDecoder:
         self.scratch = {"x8": np.zeros(act_bytes(kmax, gmin) + 256, np.int8),
                         "x_scale": np.zeros(kmax // gmin + 2, np.float32), "x_sum": np.zeros(kmax // gmin + 2, np.int32),
                         "scores": np.zeros((spec.heads, max_context), np.float32),
+                        "x_ordered": np.zeros(kmax, np.float32),
                         "top_ids": np.zeros((threads + 1, self.top_k), np.int64),
                         "top_logits": np.zeros((threads + 1, self.top_k), np.float32)}
         self.caches = ((ctypes.c_void_p * spec.layers)(*k_caches), (ctypes.c_void_p * spec.layers)(*v_caches))
@@ -340,6 +339,11 @@ class NativeDecoder:
         rec.w0 = self._tensor(m["inputs"][1], np.uint8, n * blocks * g // 2).ctypes.data
         rec.w1 = self._tensor(m["inputs"][2], np.float32, n * blocks).ctypes.data
         rec.w2 = self._tensor(m["inputs"][3], np.uint8, n * ((blocks + 1) // 2)).ctypes.data
+        if f"{prefix}.input_order" in self.arrays:  # GPTQ act-order: x gathered first, as the graph's Gather
+            order = self._tensor(f"{prefix}.input_order", np.int64, k)
+            if not np.array_equal(np.sort(order), np.arange(k)):  # (decode_step.c indexes x by it)
+                raise Unsupported(f"{prefix}.input_order is not a permutation of its {k} inputs")
+            rec.order = order.ctypes.data
 
     def _op(self, op) -> CpuOp:
         a, spec, buf = op.args, self.spec, self.buffers

@@ -94,6 +94,25 @@ def test_gemv_refuses_a_weight_of_the_wrong_size():
         cpu_native.gemv_q4(lib, t["B"].reshape(8, -1)[:, 1:].copy(), t["scales"], t["zero_points"], np.zeros(128, np.float32), 128, 32)
 
 
+def test_the_step_records_are_laid_out_as_cpu_ops_h_declares_them(tmp_path):
+    """CpuOp and CpuModel (ctypes) against struct cpu_op and cpu_model as the C compiler lays them
+    out: each size and each field's offset, by name."""
+    import ctypes
+    import subprocess
+
+    structs = {"cpu_op": cpu_native.CpuOp, "cpu_model": cpu_native.CpuModel}
+    lines = ["#include <stddef.h>", "#include <stdio.h>", '#include "cpu_ops.h"', "int main(void) {"]
+    for struct, cls in structs.items():
+        lines.append(f'printf("%zu\\n", sizeof(struct {struct}));')
+        lines += [f'printf("%zu\\n", offsetof(struct {struct}, {name}));' for name, _ in cls._fields_]
+    (tmp_path / "layout.c").write_text("\n".join(lines + ["}"]) + "\n")
+    subprocess.run([cpu_native.find_cc(), "-I", str(cpu_native.CPU_SOURCES), "-o", str(tmp_path / "layout"),
+                    str(tmp_path / "layout.c")], check=True, timeout=120)
+    got = [int(v) for v in subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True).stdout.split()]
+    want = [n for cls in structs.values() for n in [ctypes.sizeof(cls)] + [getattr(cls, f).offset for f, _ in cls._fields_]]
+    assert got == want
+
+
 @pytest.fixture(scope="module")
 def default_export(rtn_checkpoint, tmp_path_factory):
     """SmolLM2 exported as `awq-edge build --device cpu` does (int4 lm_head re-scored, accuracy_level 4)."""

@@ -67,8 +67,9 @@ def write_gptq(ckpt, out, layout: str, edit=None, orders=None, **quantization):
 
 @pytest.fixture(scope="module")
 def qwen2_checkpoint(tmp_path_factory, smollm2_dir):
-    """Qwen2: q/k/v biases ride along with GPTQ linears too."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("gptq"), "qwen2", smollm2_dir)
+    """Qwen2: q/k/v biases ride along with GPTQ linears too. Head size 64: the native CPU step's."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("gptq"), "qwen2", smollm2_dir, hidden_size=128,
+                           intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
 
 
 @pytest.mark.parametrize("layout, model_type", [("gptq", "qwen2"), ("gptq_v2", "qwen2"), ("gptq", "phi3")])
@@ -108,15 +109,18 @@ def test_build_takes_a_gptq_checkpoint_as_a_checkpoint(qwen2_checkpoint, tmp_pat
 
 
 def test_an_act_order_checkpoint_gathers_each_linears_inputs_on_the_cpu_and_is_refused_elsewhere(
-        qwen2_checkpoint, tmp_path):
+        qwen2_checkpoint, tmp_path, monkeypatch):
     """GPTQ act-order (desc_act): each input's group from g_idx, groups out of input order. The
     levels are read back sorted by group with the permutation beside them, the ort and onnx
-    graphs gather x by it (the same logits as transformers' model of the dequantized weights),
-    and what cannot gather says so in one line: a cuda build, a trt export, native decode."""
+    graphs gather x by it (the same logits as transformers' model of the dequantized weights), so
+    does the native CPU decode step (as ONNX Runtime decodes), and what cannot gather says so in
+    one line: a cuda build, a trt export."""
     from awq_edge.backend_ort import OrtBackend
+    from awq_edge import cpu_native
     from awq_edge.build import build_engine
     from awq_edge.checkpoint import load_awq_as_float
     from awq_edge.export import export_checkpoint
+    from native_helpers import teacher_forced
 
     ours = read_checkpoint(qwen2_checkpoint)
     rng = np.random.default_rng(0)
@@ -137,9 +141,23 @@ def test_an_act_order_checkpoint_gathers_each_linears_inputs_on_the_cpu_and_is_r
     for target in ("ort", "onnx"):
         check_against_reference(export_for_cpu(folder, tmp_path / "exports", target), ref, ids, 12, 1e-5)
     default = export_checkpoint(folder, tmp_path / "default", "ort")  # int8 head, int8 activations
-    native = OrtBackend(default, max_context=64, native_decode=True)
-    assert "act-order" in native.decode_path, native.decode_path
-    assert np.isfinite(native.forward(ids[:12])).all() and np.isfinite(native.forward(ids[12:13])).all()
+    native = OrtBackend(default, max_context=64, threads=2, native_decode=True)
+    assert native.decode_path.startswith("native"), native.decode_path
+    errors, disagreements = teacher_forced(native, OrtBackend(default, max_context=64, threads=2), ids, 12)
+    assert max(errors) < 0.05 and disagreements == [], (max(errors), disagreements)
+    with monkeypatch.context() as m:  # an engine's order indexes x in C: one past its inputs is refused
+        weights = cpu_native.graph_weights
+
+        def one_order_out_of_range(export_dir):
+            arrays, matmuls = weights(export_dir)
+            name = next(n for n in arrays if n.endswith(".input_order"))
+            arrays[name] = arrays[name].copy()
+            arrays[name][0] = arrays[name].size
+            return arrays, matmuls
+
+        m.setattr(cpu_native, "graph_weights", one_order_out_of_range)
+        refused = OrtBackend(default, max_context=64, threads=2, native_decode=True).decode_path
+        assert refused.startswith("onnxruntime") and "input_order is not a permutation" in refused, refused
     with pytest.raises(UserError, match="AwqMatMulW4A16 does not do; export with --target ort or onnx"):
         export_checkpoint(folder, tmp_path / "trt", "trt")
     with pytest.raises(UserError, match="GPTQ act-order .desc_act., whose inputs the cuda kernels do not gather"):

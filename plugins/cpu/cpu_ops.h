@@ -71,6 +71,7 @@ struct cpu_op {
   const float *w_norm;   /* norm weight (the family's offset folded in) */
   const void *table;     /* fp16 [V, hidden]: embed; lm_head's exact table */
   const float *cos, *sin;  /* RoPE tables [max_positions, D / 2] */
+  const int64_t *order;    /* linear: its input read as x[order[i]] (GPTQ act-order), or NULL */
 };
 
 struct cpu_model {
@@ -88,6 +89,7 @@ struct cpu_model {
   uint16_t **k_mirror, **v_mirror;
   int32_t mirror_rows;          /* max_context rounded up to whole tiles of 32 */
   int32_t top_slots;            /* threads + 1 (fewer: one thread selects the top_k alone) */
+  float *x_ordered;             /* scratch: the largest K, for an input gathered by an op's order */
 };
 
 /* ops[0 .. n_ops) for one new token at `position` (the rows before it are cached). */

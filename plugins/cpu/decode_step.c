@@ -358,11 +358,21 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
 #pragma omp barrier
 }
 
+/* A linear's (or lm_head's) input, in the order its levels are stored, quantized into m->x8. */
+static void quantize_input(const struct cpu_model *m, const struct cpu_op *op) {
+  const float *x = op->x;
+  if (op->order) { /* GPTQ act-order: the columns sorted by group (cpu_native checked it is a permutation) */
+    for (int i = 0; i < op->k; i++) m->x_ordered[i] = x[op->order[i]];
+    x = m->x_ordered;
+  }
+  quantize_act_q8(x, op->k, op->group, m->x8, m->x_scale, m->x_sum);
+}
+
 /* Called by every thread of the step's parallel region (so are attention and lm_head). */
 static void linear(const struct cpu_model *m, const struct cpu_op *op, int quantized) {
   if (!quantized) {
 #pragma omp single
-    quantize_act_q8(op->x, op->k, op->group, m->x8, m->x_scale, m->x_sum);
+    quantize_input(m, op);
   }
   gemv_q4_rows(op->w0, op->w1, op->w2, op->n, op->k, op->group, m->x8, m->x_scale, m->x_sum, op->out);
   if (op->bias) {
@@ -510,7 +520,7 @@ void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops,
 #pragma omp single
           {
             small_op(m, op, token);
-            if (fold) quantize_act_q8(next->x, next->k, next->group, m->x8, m->x_scale, m->x_sum);
+            if (fold) quantize_input(m, next);
           }
           quantized = fold;
         }
