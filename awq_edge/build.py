@@ -55,6 +55,21 @@ def source_kind(source: str) -> str:
     return "model"
 
 
+def check_fits_before_quantizing(source: str, dev, max_memory: int | None, max_context: int | None) -> None:
+    """A float model's 4-bit linears alone and the fp16 KV of its shortest context, planned as its
+    engine will be (plan_memory): less than any engine of it needs, so what does not fit is refused
+    now, in the plan's own words, not after the quantization's minutes or hours."""
+    from .export.spec import layer_linear_shapes, model_spec
+    from .memory import plan_memory
+    from .model import read_config, resolve_source
+
+    model_dir = resolve_source(source)
+    spec = model_spec(read_config(model_dir), str(model_dir / "config.json"), "re-download the model")
+    linears = spec.layers * sum(n * k // 2 for n, k in layer_linear_shapes(spec).values())
+    plan_memory(linears, 2 * spec.layers * spec.kv_heads * spec.head_dim * 2, dev, max_memory=max_memory,
+                max_context=max_context, max_position_embeddings=spec.max_positions)
+
+
 def _quantize(source: str, out: Path, progress: bool) -> Path:
     from .model import require_torch
 
@@ -107,6 +122,7 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
         if not Path(resolve_model_alias(source)).expanduser().exists():
             raise UserError(f"model not found: {source}; give a Hugging Face model dir, a .gguf, `smollm2`, "
                             "an AWQ checkpoint or an export dir")
+        check_fits_before_quantizing(source, dev, max_memory, max_context)
     if dev.is_gpu:
         return _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress, backend, device,
                           lm_head_bits)

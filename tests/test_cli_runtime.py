@@ -104,6 +104,26 @@ def test_build_bad_inputs_write_nothing(engine_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out.engine"]  # no temp dirs left behind
 
 
+def test_a_float_model_that_cannot_fit_is_refused_before_it_is_quantized(tmp_path):
+    """A float model's shape is enough to know it cannot fit (its 4-bit linears alone): the build
+    says so at once, as the plan would after quantizing. The folder here holds only Llama-3.1-8B's
+    config.json, no weights: reaching the quantizer would fail otherwise."""
+    model = tmp_path / "llama-3.1-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 128256, "max_position_embeddings": 131072}))
+    out = tmp_path / "out.engine"
+    for args in (["--device", "orin-nano-4gb", "--backend", "cuda"], ["--device", "cpu", "--max-memory", "3GiB"]):
+        err = one_line_error(cli("build", model, "--output", out, *args))
+        assert "short by" in err and "raise --max-memory or use a smaller model" in err, err
+    err = one_line_error(cli("build", model, "--output", out, "--device", "orin-agx-64gb", "--backend", "cuda",
+                             "--max-memory", "6GiB", "--max-context", "65536"))
+    assert "--max-context 65536 does not fit" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-3.1-8b"]
+
+
 def test_build_from_an_export_dir_then_run(engine_dir, tmp_path):
     (tmp_path / "export").mkdir()
     for f in engine_dir.iterdir():
