@@ -51,8 +51,10 @@ from .errors import UserError
 from .memory import peak_rss_bytes
 from .sampling import Sampler, SamplingSettings, sampling_with_defaults
 from .tokenizer import check_template_kwargs
+from .tool_calls import ToolCallStream, parse_tool_calls
 
 MAX_STOPS = 16          # stop strings per request (OpenAI allows 4)
+MAX_TOOLS = 128         # tools per request (OpenAI's limit)
 RECENT = 64             # finished requests kept for /stats
 # A streamed piece is sent with the pieces that follow it within this time: each event costs
 # CPU in the event loop and in the client, which a fast model on 2 cores feels
@@ -62,8 +64,9 @@ STREAM_INTERVAL_S = 0.02
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length"}
 # Features of OpenAI's API that this server does not have: refused unless null or one of these defaults.
 UNSUPPORTED = {"logprobs": ("log probabilities", (False, 0)), "top_logprobs": ("log probabilities", (0,)),
-               "logit_bias": ("logit_bias", ({},)), "tools": ("tool calls", ([],)),
-               "tool_choice": ("tool calls", ("none", "auto")), "functions": ("function calls", ([],)),
+               "logit_bias": ("logit_bias", ({},)),
+               "tool_choice": ("tool choices but none and auto", ("none", "auto")),
+               "functions": ("function calls (the old API; use tools)", ([],)),
                "function_call": ("function calls", ("none", "auto")),
                "response_format": ("response formats (JSON mode)", ({"type": "text"},)),
                "echo": ("echo", (False,)), "suffix": ("suffix", ("",)), "best_of": ("best_of", (1,)),
@@ -175,6 +178,8 @@ def message_text(content, param: str) -> str:
 
 
 def chat_messages(body: dict) -> list[dict]:
+    """The messages as the chat template reads them: text content; an assistant's tool_calls with
+    their arguments as objects (the templates write them as JSON); a tool result's tool_call_id."""
     messages = get(body, "messages", list, required=True)
     if not messages:
         raise ApiError(400, "'messages' is empty; send at least one message", param="messages")
@@ -183,11 +188,56 @@ def chat_messages(body: dict) -> list[dict]:
         if not isinstance(m, dict):
             raise ApiError(400, f"'messages[{i}]' must be an object, not {json_type(m)}", param=f"messages[{i}]")
         role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"'messages[{i}].role' is {m.get('role')!r}; use system, user or assistant "
-                                "(tool messages are not supported)", param=f"messages[{i}].role")
-        out.append({"role": role, "content": message_text(m.get("content"), f"messages[{i}].content")})
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ApiError(400, f"'messages[{i}].role' is {m.get('role')!r}; use system, user, assistant or tool",
+                           param=f"messages[{i}].role")
+        calls = get(m, "tool_calls", list, []) if role == "assistant" else []
+        content = m.get("content")
+        message = {"role": role, "content": "" if content is None and calls else
+                   message_text(content, f"messages[{i}].content")}
+        if calls:
+            message["tool_calls"] = [message_tool_call(c, f"messages[{i}].tool_calls[{j}]")
+                                     for j, c in enumerate(calls)]
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     return out
+
+
+def message_tool_call(call, param: str) -> dict:
+    """An assistant's earlier call, {"id", "type": "function", "function": {"name", "arguments"}}."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ApiError(400, f"'{param}' must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                            "\"arguments\": ...}}", param=param, code="invalid_type")
+    arguments = function.get("arguments") or "{}"
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            raise ApiError(400, f"'{param}.function.arguments' is not JSON", param=f"{param}.function.arguments") \
+                from None
+    return {"id": str(call.get("id", "")), "type": "function",
+            "function": {"name": function["name"], "arguments": arguments}}
+
+
+def chat_tools(body: dict) -> list[dict]:
+    """The tools offered ([] with tool_choice "none"): [{"type": "function", "function": {"name", ...}}]."""
+    tools = get(body, "tools", list, [])
+    if body.get("tool_choice") == "none":
+        return []
+    if len(tools) > MAX_TOOLS:
+        raise ApiError(400, f"'tools' has {len(tools)} tools; at most {MAX_TOOLS}", param="tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ApiError(400, f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} "
+                                "with a name of 1-64 letters, digits, _ . or -", param=f"tools[{i}]")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise ApiError(400, f"'tools[{i}].function.parameters' must be a JSON schema object",
+                           param=f"tools[{i}].function.parameters", code="invalid_type")
+    return tools
 
 
 def completion_prompt(body: dict) -> str | list[int]:
@@ -469,14 +519,22 @@ def usage(stats: GenerationStats) -> dict:
             "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
 
 
-def choice(chat: bool, text: str | None, finish_reason: str | None, stream: bool) -> dict:
+def choice(chat: bool, text: str | None, finish_reason: str | None, stream: bool, calls: list | None = None) -> dict:
     if not chat:
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    message = {} if text is None else {"content": text}
+    if calls:
+        message["tool_calls"] = calls
     if stream:
-        return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": 0, "delta": message, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": 0, "message": {"role": "assistant", "content": text, **message}, "logprobs": None,
             "finish_reason": finish_reason}
+
+
+def tool_call_objects(job: "Job", calls: list[dict], stream: bool) -> list[dict]:
+    """OpenAI's tool_calls of a reply (parse_tool_calls' calls); a stream's carry their index."""
+    return [{**({"index": i} if stream else {}), "id": f"call_{job.number}_{i}", "type": "function",
+             "function": call} for i, call in enumerate(calls)]
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -485,7 +543,8 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def answer(request: Request, server: Server, body: dict, ids: list[int], chat: bool):
+async def answer(request: Request, server: Server, body: dict, ids: list[int], chat: bool, tools: set[str]):
+    """tools: the names of the tools offered (a chat's): the reply is parsed for calls of them."""
     stream = get(body, "stream", bool, False)
     stream_options = get(body, "stream_options", dict, {})
     include_usage = stream and get(stream_options, "include_usage", bool, False)
@@ -494,7 +553,7 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
             "object": ("chat.completion" if chat else "text_completion") + (".chunk" if stream and chat else ""),
             "created": int(job.arrived), "model": server.name}
     if stream:
-        return StreamingResponse(sse(job, head, chat, include_usage), media_type="text/event-stream",
+        return StreamingResponse(sse(job, head, chat, include_usage, tools), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     result = asyncio.ensure_future(job.events.get())
@@ -511,12 +570,16 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
     if kind == "error":
         raise ApiError(*value)
     stats, text = value
-    return JSONResponse({**head, "choices": [choice(chat, text, FINISH_REASONS.get(stats.finish_reason), False)],
-                         "usage": usage(stats)})
+    content, calls = parse_tool_calls(text, tools) if tools else (text, [])
+    finish = "tool_calls" if calls else FINISH_REASONS.get(stats.finish_reason)
+    calls = tool_call_objects(job, calls, False)
+    return JSONResponse({**head, "choices": [choice(chat, content, finish, False, calls)], "usage": usage(stats)})
 
 
-async def sse(job: Job, head: dict, chat: bool, include_usage: bool):
-    """Server-sent events: one chunk per text piece, a last chunk with finish_reason, data: [DONE]."""
+async def sse(job: Job, head: dict, chat: bool, include_usage: bool, tools: set[str]):
+    """Server-sent events: one chunk per text piece, a last chunk with finish_reason, data: [DONE].
+    With tools offered, text that may be a call is held back (ToolCallStream) and its calls sent
+    whole in one chunk before the last."""
     def event(payload: dict) -> str:
         return f"data: {json.dumps(payload)}\n\n"
 
@@ -524,14 +587,20 @@ async def sse(job: Job, head: dict, chat: bool, include_usage: bool):
         if chat:
             yield event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                               "logprobs": None, "finish_reason": None}]})
+        held = ToolCallStream(tools) if tools else None
         while (item := await job.events.get())[0] == "piece":
-            yield event({**head, "choices": [choice(chat, item[1], None, True)]})
+            if text := held.feed(item[1]) if held else item[1]:
+                yield event({**head, "choices": [choice(chat, text, None, True)]})
         kind, value = item
         if kind == "error":
             yield event({"error": {"message": value[1], "type": "server_error", "param": None, "code": None}})
         else:
-            stats = value[0]
-            yield event({**head, "choices": [choice(chat, None, FINISH_REASONS.get(stats.finish_reason), True)]})
+            stats, (rest, calls) = value[0], held.finish() if held else ("", [])
+            if rest or calls:
+                yield event({**head, "choices": [choice(chat, rest or None, None, True,
+                                                        tool_call_objects(job, calls, True))]})
+            finish = "tool_calls" if calls else FINISH_REASONS.get(stats.finish_reason)
+            yield event({**head, "choices": [choice(chat, None, finish, True)]})
             if include_usage:
                 yield event({**head, "choices": [], "usage": usage(stats)})
         yield "data: [DONE]\n\n"
@@ -571,9 +640,10 @@ async def completion(request: Request, server: Server, chat: bool):
     check_model(body, server)
     check_supported(body)
     prompt, field_name = (chat_messages(body), "messages") if chat else (completion_prompt(body), "prompt")
-    kwargs = template_kwargs(body) if chat else None
+    tools = chat_tools(body) if chat else []
+    kwargs = {**template_kwargs(body), **({"tools": tools} if tools else {})} if chat else None
     ids = await run_in_threadpool(tokenize, server.engine, prompt, field_name, kwargs)
-    return await answer(request, server, body, ids, chat=chat)
+    return await answer(request, server, body, ids, chat, {t["function"]["name"] for t in tools})
 
 
 def model_card(server: Server) -> dict:

@@ -287,8 +287,15 @@ def test_malformed_requests_get_openai_errors(served):
         (chat, chat_body("Hi", stop=5), 400, "stop"),
         (chat, chat_body("Hi", seed=-1), 400, "seed"),
         (chat, chat_body("Hi", stream="yes"), 400, "stream"),
-        (chat, json.dumps({"model": NAME, "messages": [{"role": "tool", "content": "x"}]}).encode(), 400,
+        (chat, json.dumps({"model": NAME, "messages": [{"role": "function", "content": "x"}]}).encode(), 400,
          "messages[0].role"),
+        (chat, chat_body("Hi", tools=[{"type": "function", "function": {"name": "two words"}}]), 400, "tools[0]"),
+        (chat, chat_body("Hi", tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]), 400,
+         "tools[0].function.parameters"),
+        (chat, chat_body("Hi", tools=[TIME_TOOL], tool_choice="required"), 400, "tool_choice"),
+        (chat, json.dumps({"model": NAME, "messages": [{"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}).encode(), 400,
+         "messages[0].tool_calls[0].function.arguments"),
         (chat, json.dumps({"model": NAME, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}).encode(), 400, "messages[0].content[0]"),
         (chat, chat_body("word " * 2500), 400, "messages"),  # longer than the 2048-token context
@@ -375,6 +382,114 @@ def test_only_loopback_addresses_pass_without_a_warning():
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "robot.local"))
+
+
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time now.",
+                                             "parameters": {"type": "object", "properties": {}}}}
+CALL = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'  # Hermes, as Qwen writes it
+
+
+def test_a_tool_call_in_the_reply_comes_back_as_tool_calls_streamed_or_not(served):
+    """Four turns that each answer with a call of get_time (SmolLM2 copies them, greedy): with the
+    tool offered the reply is OpenAI's tool_calls (finish_reason tool_calls, no content), streamed
+    or not; without it, or with tool_choice none, the same reply is text. The call's result then
+    goes back as a tool message, after the assistant's tool_calls, for the next turn."""
+    client = served.client()
+    messages = [m for _ in range(4) for m in ({"role": "user", "content": "What time is it?"},
+                                             {"role": "assistant", "content": CALL})]
+    messages.append({"role": "user", "content": "What time is it?"})
+    reply = client.chat.completions.create(model=NAME, messages=messages, tools=[TIME_TOOL], max_tokens=40, **GREEDY)
+    call = reply.choices[0].message.tool_calls[0]
+    assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None, reply
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == ("function", "get_time", {})
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, tools=[TIME_TOOL], max_tokens=40,
+                                                 stream=True, **GREEDY))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed = [t for d in deltas for t in d.tool_calls or []]
+    assert [(t.index, t.type, t.function.name, t.function.arguments) for t in streamed] == \
+        [(0, "function", "get_time", call.function.arguments)] and streamed[0].id.startswith("call_")
+    assert "".join(d.content or "" for d in deltas) == "" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    for offered in ({}, {"tools": [TIME_TOOL], "tool_choice": "none"}):
+        plain = client.chat.completions.create(model=NAME, messages=messages, max_tokens=40, **offered, **GREEDY)
+        assert plain.choices[0].message.content == CALL and plain.choices[0].message.tool_calls is None
+        assert plain.choices[0].finish_reason == "stop"
+    follow = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                         {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
+    assert client.chat.completions.create(model=NAME, messages=follow, tools=[TIME_TOOL], max_tokens=4,
+                                          **GREEDY).usage.prompt_tokens > reply.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("reply, content, calls", [
+    ('Sure.\n<tool_call>\n{"name": "move_arm", "arguments": {"x": 1.5}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "get_time", "arguments": {}}\n</tool_call>', "Sure.", [("move_arm", {"x": 1.5}), ("get_time", {})]),
+    ('<think>\nThe time.\n</think>\n\n<tool_call>\n{"name": "get_time", "arguments": {}}',  # cut at max_tokens
+     "<think>\nThe time.\n</think>", [("get_time", {})]),
+    ('{"name": "move_arm", "parameters": {"x": 1}}', None, [("move_arm", {"x": 1})]),  # Llama 3.x
+    ('[{"name": "move_arm", "arguments": {"x": 1}}, {"name": "get_time", "arguments": {}}]', None,  # Mistral
+     [("move_arm", {"x": 1}), ("get_time", {})]),
+    ('<|tool_call|>[{"name": "get_time", "arguments": "{}"}]<|/tool_call|>', None, [("get_time", {})]),  # Phi-4
+    ('{"name": "fly", "arguments": {}}', None, []),  # not offered
+    ('<tool_call>\n{"name": "get_time", "arguments": [1]}\n</tool_call>', None, []),  # arguments not an object
+    ('{"name": "get_time", "arguments": {}', None, []),  # not JSON
+    ("[1] is the first reference. <tool_ is not a tag", None, []),
+    ("The arm is at <x>, not <tool_", None, []),  # streamed as it comes, but for the tail that may be a tag
+])
+def test_tool_calls_are_read_in_each_familys_format_and_streamed_the_same(reply, content, calls):
+    """parse_tool_calls on each family's way of writing calls; and ToolCallStream, fed the reply in
+    pieces of every size from 1 to 8, finds the same calls and sends the text before a Hermes
+    block, or the whole of a reply without calls (some of it only at the end)."""
+    from awq_edge.tool_calls import ToolCallStream, parse_tool_calls
+
+    names = {"move_arm", "get_time"}
+    got_content, got = parse_tool_calls(reply, names)
+    assert [(c["name"], json.loads(c["arguments"])) for c in got] == calls
+    assert got_content == (content if calls else reply)
+    for size in range(1, 9):
+        stream = ToolCallStream(names)
+        sent = "".join(stream.feed(reply[i:i + size]) for i in range(0, len(reply), size))
+        rest, streamed = stream.finish()
+        assert streamed == got
+        assert (sent.strip() or None, rest) == (content, "") if calls else sent + rest == reply
+        if reply.startswith("The"):
+            assert rest == "<tool_"
+
+
+TOOLS_TEMPLATE = ("{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}"
+                  "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                  "{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}{% endfor %}<|im_end|>\n"
+                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_the_tools_and_earlier_calls_reach_the_chat_template(engine_dir, tmp_path):
+    """A template that lists the tools' names and writes earlier calls' arguments (as objects, the
+    way the families' templates take them): tools make the prompt longer, tool_choice none does not."""
+    from folder_helpers import linked_copy, resign, rewrite
+
+    engine = linked_copy(engine_dir, tmp_path / NAME)
+    rewrite(engine / "chat_template.jinja", TOOLS_TEMPLATE.encode())
+    resign(engine, "manifest.json", "chat_template.jinja")
+    served = Served(engine, tmp_path / "stderr.log")
+    try:
+        client = served.client()
+        messages = [{"role": "user", "content": "What time is it?"},
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "call_0", "type": "function",
+                         "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}]},
+                    {"role": "tool", "tool_call_id": "call_0", "content": "12:00"}]
+
+        def prompt(**offered) -> int:
+            return client.chat.completions.create(model=NAME, messages=messages, max_tokens=1, **offered,
+                                                  **GREEDY).usage.prompt_tokens
+
+        plain = prompt()
+        assert prompt(tools=[TIME_TOOL]) > plain == prompt(tools=[TIME_TOOL], tool_choice="none")
+    finally:
+        assert served.stop() == 0
+    from awq_edge.server import chat_messages
+
+    read = chat_messages({"messages": messages})
+    assert read[1]["tool_calls"][0]["function"]["arguments"] == {"tz": "UTC"} and read[1]["content"] == ""
+    assert read[2] == {"role": "tool", "content": "12:00", "tool_call_id": "call_0"}
 
 
 def test_chat_template_kwargs_are_passed_or_refused_with_a_400(served):
