@@ -6,10 +6,12 @@ what the model writes back to call one differs by family:
     Qwen 2.5/3, SmolLM3 (Hermes):  <tool_call>{"name": ..., "arguments": {...}}</tool_call>, after
                                    any text, one block per call
     Llama 3.1/3.2:                 {"name": ..., "parameters": {...}}  (after <|python_tag|>)
-    Mistral, Ministral:            [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
+    Mistral (v3 tokenizers):       [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
+    Mistral (v11+), Ministral 3:   [TOOL_CALLS]name[ARGS]{...}, once per call
     Phi-4-mini, Granite 3:         <|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>
 
-The markers of the last three are special tokens, which decoding drops, so what is left is JSON.
+The markers of the last four are special tokens, which decoding drops, so what is left is JSON,
+or (v11+) name{...}name{...}.
 A call counts only when it names one of the tools offered and its arguments are a JSON object;
 anything else stays text (a reply that merely starts with "{" is content).
 """
@@ -47,9 +49,29 @@ def calls_in(text: str, names: set[str]) -> list[dict] | None:
     return calls or None
 
 
+def named_calls(text: str, names: set[str]) -> list[dict] | None:
+    """Mistral v11+'s calls with their markers dropped, name{...} after name{...}, or None."""
+    calls, at, decoder = [], 0, json.JSONDecoder()
+    longest_first = sorted(names, key=len, reverse=True)
+    while at < len(text):
+        name = next((n for n in longest_first if text.startswith(n + "{", at)), None)
+        if name is None:
+            return None
+        try:
+            arguments, at = decoder.raw_decode(text, at + len(name))
+        except ValueError:
+            return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append({"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)})
+        while at < len(text) and text[at].isspace():
+            at += 1
+    return calls or None
+
+
 def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[dict]]:
     """(the reply's content, its calls): the text before the first Hermes block (None if blank)
-    and the blocks' calls, or the whole reply as one JSON call list; else (text, [])."""
+    and the blocks' calls, or the whole reply as calls (JSON, or Mistral v11+'s); else (text, [])."""
     if HERMES_OPEN in text:
         found = [calls_in(block.strip(), names) for block in HERMES_BLOCK.findall(text)]
         if found and all(found):
@@ -58,14 +80,15 @@ def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[dict]
     body = text.strip()
     for marker in MARKERS:
         body = body.removeprefix(marker).strip()
-    calls = calls_in(body.removesuffix(MARKER_END).strip(), names)
+    body = body.removesuffix(MARKER_END).strip()
+    calls = calls_in(body, names) or named_calls(body, names)
     return (None, calls) if calls else (text, [])
 
 
 class ToolCallStream:
     """A streamed reply with tools offered: pieces pass through until a call may be starting (a
-    Hermes tag, or a reply that starts with "{", "[" or a marker), and from there on are held
-    back, for finish() to parse with everything before them."""
+    Hermes tag, or a reply that starts with "{", "[", a marker or a tool's name and "{"), and from
+    there on are held back, for finish() to parse with everything before them."""
 
     def __init__(self, names: set[str]):
         self.names, self.sent, self.held, self.holding = names, "", "", False
@@ -76,13 +99,13 @@ class ToolCallStream:
         if self.holding:
             return ""
         if not self.sent.strip():  # the reply's first characters: JSON or a marker means hold it all
-            start = self.held.lstrip()
+            start, heads = self.held.lstrip(), MARKERS + tuple(n + "{" for n in self.names)
             if not start:
                 return ""
-            if start[0] in "{[" or start.startswith(MARKERS):
+            if start[0] in "{[" or start.startswith(heads):
                 self.holding = True
                 return ""
-            if any(m.startswith(start) for m in MARKERS):  # may still become one
+            if any(h.startswith(start) for h in heads):  # may still become one
                 return ""
         at = self.held.find(HERMES_OPEN)
         if at >= 0:
