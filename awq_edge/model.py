@@ -9,6 +9,7 @@ Accepted sources:
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -98,8 +99,15 @@ def _gguf_cache_dir(path: Path) -> Path:
     # Keyed by content, not by path: every fresh venv or clone holds the same GGUF at a new
     # path, and a path key left one ~0.5 GB float copy per path in the cache until the disk filled.
     # Hashing reads the file once (~0.5 s per 100 MB), far less than dequantizing it.
-    key = sha256_file(path)[:16]
-    return data.cache_dir() / "models" / f"{path.stem}-{key}"
+    stat = path.stat()
+    return data.cache_dir() / "models" / f"{path.stem}-{_content_key(str(path), stat.st_size, stat.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=8)
+def _content_key(path: str, size: int, mtime_ns: int) -> str:
+    """A file's content hash, once per process while its size and time stay (a build checks the
+    model before quantizing it: both resolve it)."""
+    return sha256_file(Path(path))[:16]
 
 
 def gguf_to_hf_dir(path: Path) -> Path:
