@@ -58,13 +58,13 @@ def source_kind(source: str) -> str:
 def check_fits_before_quantizing(source: str, dev, max_memory: int | None, max_context: int | None) -> None:
     """A float model's 4-bit linears alone and the fp16 KV of its shortest context, planned as its
     engine will be (plan_memory): less than any engine of it needs, so what does not fit is refused
-    now, in the plan's own words, not after the quantization's minutes or hours."""
+    now, in the plan's own words, not after the quantization's minutes or hours (or a GGUF's
+    conversion: its header is read)."""
     from .export.spec import layer_linear_shapes, model_spec
     from .memory import plan_memory
-    from .model import read_config, resolve_source
+    from .model import source_config
 
-    model_dir = resolve_source(source)
-    spec = model_spec(read_config(model_dir), str(model_dir / "config.json"), "re-download the model")
+    spec = model_spec(*source_config(source), "re-download the model")
     linears = spec.layers * sum(n * k // 2 for n, k in layer_linear_shapes(spec).values())
     plan_memory(linears, 2 * spec.layers * spec.kv_heads * spec.head_dim * 2, dev, max_memory=max_memory,
                 max_context=max_context, max_position_embeddings=spec.max_positions)

@@ -144,6 +144,23 @@ def gguf_to_hf_dir(path: Path) -> Path:
     return out
 
 
+def source_config(source: str) -> tuple[dict, str]:
+    """(config, where it was read) of a float model, a GGUF's from its header without converting it
+    (minutes, and 5x its size on disk): for the checks before the work."""
+    path = Path(data.resolve_model_alias(source)).expanduser()
+    if path.is_file() and path.suffix == ".gguf" and not (_gguf_cache_dir(path) / "config.json").exists():
+        require_torch(f"{path} is a GGUF: reading it")
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict(), str(path)
+        except Exception as e:  # gguf raises many kinds on a bad file
+            raise UserError(f"could not read GGUF {path}: {str(e).splitlines()[0][:200]}; "
+                            "check the file is a complete llama.cpp GGUF") from None
+    model_dir = resolve_source(source)
+    return read_config(model_dir), str(model_dir / "config.json")
+
+
 def resolve_source(source: str) -> Path:
     """CLI MODEL argument -> a Hugging Face directory (GGUF converted on first use)."""
     path = Path(data.resolve_model_alias(source)).expanduser()

@@ -124,6 +124,28 @@ def test_a_float_model_that_cannot_fit_is_refused_before_it_is_quantized(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-3.1-8b"]
 
 
+def test_a_gguf_that_cannot_fit_is_refused_from_its_header_before_it_is_converted(smollm2_dir, tmp_path):
+    """A GGUF the cache has not converted yet (SmolLM2's, one tensor byte changed): a cap it cannot
+    fit is refused from the GGUF's header, and no float copy is written."""
+    import shutil
+
+    from awq_edge.build import build_engine
+    from awq_edge.data import smollm2_gguf
+    from awq_edge.errors import UserError
+
+    gguf = tmp_path / smollm2_gguf().name
+    shutil.copy(smollm2_gguf(), gguf)
+    with open(gguf, "r+b") as f:
+        f.seek(-100, 2)
+        byte = f.read(1)
+        f.seek(-100, 2)
+        f.write(bytes([byte[0] ^ 1]))
+    models = sorted(smollm2_dir.parent.iterdir())
+    with pytest.raises(UserError, match="short by"):
+        build_engine(str(gguf), "cpu", tmp_path / "out.engine", max_memory="64MiB", progress=False)
+    assert sorted(smollm2_dir.parent.iterdir()) == models and not (tmp_path / "out.engine").exists()
+
+
 def test_build_from_an_export_dir_then_run(engine_dir, tmp_path):
     (tmp_path / "export").mkdir()
     for f in engine_dir.iterdir():
