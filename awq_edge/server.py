@@ -50,7 +50,7 @@ from .engine import PREFILL_CHUNK, Engine, GenerationStats
 from .errors import UserError
 from .memory import peak_rss_bytes
 from .sampling import Sampler, SamplingSettings, sampling_with_defaults
-from .tokenizer import check_template_kwargs
+from .tokenizer import TEMPLATE_KWARGS_MAX_CHARS, check_template_kwargs
 from .tool_calls import ToolCallStream, parse_tool_calls
 
 MAX_STOPS = 16          # stop strings per request (OpenAI allows 4)
@@ -228,6 +228,9 @@ def chat_tools(body: dict) -> list[dict]:
         return []
     if len(tools) > MAX_TOOLS:
         raise ApiError(400, f"'tools' has {len(tools)} tools; at most {MAX_TOOLS}", param="tools")
+    if (size := len(json.dumps(tools))) > TEMPLATE_KWARGS_MAX_CHARS:  # (they are a template variable)
+        raise ApiError(400, f"'tools' is {size} characters as JSON; at most {TEMPLATE_KWARGS_MAX_CHARS}",
+                       param="tools")
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
         name = function.get("name") if isinstance(function, dict) else None

@@ -293,6 +293,8 @@ def test_malformed_requests_get_openai_errors(served):
         (chat, chat_body("Hi", tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]), 400,
          "tools[0].function.parameters"),
         (chat, chat_body("Hi", tools=[TIME_TOOL], tool_choice="required"), 400, "tool_choice"),
+        (chat, chat_body("Hi", tools=[{**TIME_TOOL, "function": {"name": "f", "description": "x" * 70000}}]), 400,
+         "tools"),
         (chat, json.dumps({"model": NAME, "messages": [{"role": "assistant", "content": None, "tool_calls": [
             {"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}).encode(), 400,
          "messages[0].tool_calls[0].function.arguments"),
