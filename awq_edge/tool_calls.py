@@ -26,6 +26,11 @@ MARKERS = ("<|python_tag|>", "[TOOL_CALLS]", "<|tool_call|>")  # where decoding 
 MARKER_END = "<|/tool_call|>"
 
 
+def tool_call(name: str, arguments: dict) -> dict:
+    """One call as OpenAI's `function` holds it: the arguments as a JSON string."""
+    return {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}
+
+
 def calls_in(text: str, names: set[str]) -> list[dict] | None:
     """The calls a JSON object or array of objects makes ({"name", "arguments" as a JSON string}),
     or None unless each names an offered tool with an object of arguments."""
@@ -45,7 +50,7 @@ def calls_in(text: str, names: set[str]) -> list[dict] | None:
                 return None
         if not isinstance(arguments, dict):
             return None
-        calls.append({"name": item["name"], "arguments": json.dumps(arguments, ensure_ascii=False)})
+        calls.append(tool_call(item["name"], arguments))
     return calls or None
 
 
@@ -63,7 +68,7 @@ def named_calls(text: str, names: set[str]) -> list[dict] | None:
             return None
         if not isinstance(arguments, dict):
             return None
-        calls.append({"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)})
+        calls.append(tool_call(name, arguments))
         while at < len(text) and text[at].isspace():
             at += 1
     return calls or None
