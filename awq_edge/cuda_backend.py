@@ -619,6 +619,8 @@ class CudaBackend:
         16-byte loads only, so every linear's K % 32 == 0 (every real model's shape), and its
         attention takes STEP_HEAD_DIMS."""
         fix = "choose another decode (AWQ_EDGE_DECODE, or unset it)"
+        if self.spec.act_order:
+            return f"the persistent decode step does not gather GPTQ act-order inputs; {fix}"
         if self.spec.head_dim not in STEP_HEAD_DIMS:
             return (f"the persistent decode step takes head sizes {', '.join(map(str, STEP_HEAD_DIMS))}, and this "
                     f"model's is {self.spec.head_dim}; {fix}")
@@ -767,6 +769,9 @@ class CudaBackend:
         elif op.kind == "act":
             self.launch("awq_gated_act", (rows,), (NORM_THREADS,),
                         [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", ACT_KINDS[a["kind"]])])
+        elif op.kind == "gather":
+            self.launch("awq_gather_columns", (rows,), (NORM_THREADS,),
+                        [b[a["x"]], w[a["order"]], b[a["out"]], ("i32", a["n"])])
         elif op.kind == "lm_head" and a["bits"] == 4:
             self.rescored_head(a)
         elif op.kind == "lm_head":
@@ -1311,5 +1316,6 @@ KERNELS_OF = {
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
     "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
-                    "awq_gated_act", "awq_residual_add", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
+                    "awq_gated_act", "awq_residual_add", "awq_gather_columns", "awq_lm_head", "awq_lm_head_q8",
+                    "awq_advance"],
 }

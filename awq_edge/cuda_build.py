@@ -63,15 +63,12 @@ def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, m
     device_name: what the manifest names (a family such as `orin`, whose variants resolve
     themselves at load); the plan is made for `device` (the family's smallest variant)."""
     ckpt, model = read_for_engine(checkpoint)
-    act_order = next((name for name, lin in ckpt.linears.items() if lin.order is not None), None)
-    if act_order:
-        raise UserError(f"{checkpoint}: {act_order} was quantized with GPTQ act-order (desc_act), whose inputs the "
-                        "cuda kernels do not gather; build for --device cpu, or take a checkpoint without act-order")
+    act_order = any(lin.order is not None for lin in ckpt.linears.values())  # (all or none: pack_weights checks)
     group_sizes = {lin.group_size for lin in ckpt.linears.values()}
     if len(group_sizes) != 1 or not group_sizes <= {32, 64, 128}:
         raise UserError(f"{checkpoint} uses group sizes {sorted(group_sizes)}; the cuda backend's kernels take one "
                         "group size of 32, 64 or 128")
-    spec = decoder_spec(model, group_sizes.pop(), checkpoint_has_qkv_bias(ckpt), lm_head)
+    spec = decoder_spec(model, group_sizes.pop(), checkpoint_has_qkv_bias(ckpt), lm_head, act_order)
     tensors = pack_weights(ckpt, spec, progress)
     source = {"source": str(checkpoint), "model_type": spec.model_type,
               "architectures": ckpt.config.get("architectures"),
@@ -117,7 +114,8 @@ def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path
     try:
         index = write_weights(staging / WEIGHTS_FILE, tensors)
         decoder = {"format": DECODER_FORMAT, "format_version": DECODER_FORMAT_VERSION, "group_size": spec.group_size,
-                   "qkv_bias": spec.qkv_bias, "lm_head": spec.lm_head, "weights": WEIGHTS_FILE, "tensors": index}
+                   "qkv_bias": spec.qkv_bias, "lm_head": spec.lm_head, "act_order": spec.act_order,
+                   "weights": WEIGHTS_FILE, "tensors": index}
         (staging / DECODER_INFO).write_text(json.dumps(decoder, indent=1) + "\n")
         for name, file in kernel_files(device.gpu_arch).items():
             shutil.copy2(cubins[name], staging / file)

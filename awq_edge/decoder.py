@@ -19,6 +19,8 @@ A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kerne
     gate_up  [S, 2 I]             gate and up, rows interleaved (g0 u0 g1 u1 ...; one linear)
     act      [S, I]               act(gate) * up
     mlp      [S, hidden]          after down_proj (and Gemma's post-feedforward norm)
+    ordered  [S, K]               a linear's input in the order its levels are stored (GPTQ
+                                  act-order engines only: a gather op before each linear)
     logits   [V] float32          the last row's, after the final soft-cap
 In the fused op list (the default) the norms run in the next linear's prologue, the activation and
 the residual adds in the linears' epilogues (decode_ops); unfused, the residual add is fused into
@@ -36,7 +38,8 @@ q/k/v concatenated along N, gate/up with their rows interleaved (gate row j at 2
 whose top HEAD_TOP_K logits are then recomputed from the fp16 table, as the CPU engine's graph
 does; the embedding as int8 rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied model's are
 `lm_head.q8`), or fp16 `model.embed_tokens.weight` where a tied head keeps it (embed_table);
-RoPE tables fp16 [max_positions, D/2] per distinct frequency set.
+RoPE tables fp16 [max_positions, D/2] per distinct frequency set; a GPTQ act-order linear's
+permutation of its inputs as int32 `{name}.input_order` [K].
 """
 from __future__ import annotations
 
@@ -79,6 +82,7 @@ class DecoderSpec:
     layer_rope: tuple              # per layer: index of its RoPE table
     ropes: tuple = field(repr=False)  # per table: its export.spec.Rope
     lm_head: str = "int8"          # the head in the engine: LM_HEADS
+    act_order: bool = False        # GPTQ act-order: each linear's input gathered into its order first
 
     @property
     def qkv_width(self) -> int:
@@ -100,8 +104,10 @@ HEAD_INT4_GROUP = 32             # an int4 head's group size, whatever the body'
 HEAD_SELECT_CAPACITY = 8192      # plugins/kernels/head_top_k.cu: keys a block selects among
 
 
-def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8") -> DecoderSpec:
-    """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size and the head's kind."""
+def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8",
+                 act_order: bool = False) -> DecoderSpec:
+    """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size, the head's
+    kind, and whether the linears are GPTQ act-order ones."""
     family = model.family
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
@@ -123,7 +129,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         activation=ACTIVATIONS[family.activation], mlp_norm=family.mlp_norm, attn_scale=model.attn_scale,
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
-        ropes=tuple(ropes), lm_head=lm_head)
+        ropes=tuple(ropes), lm_head=lm_head, act_order=act_order)
 
 
 # ---------------------------------------------------------------- the op list
@@ -145,6 +151,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
     Llama layer is 4 linears and the attention. Gemma 3's sandwich norms sit between a linear and
     its residual add, so there the adds stay in add_norm ops. fused=False lists one op per step
     of the arithmetic; both lists compute the same numbers (the twins round at the same places).
+    An act-order engine gathers each linear's input into its order first (a gather op), so there
+    the norms are ops of their own in either list.
     """
     H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
     table, scales = embed_table(spec)
@@ -156,17 +164,25 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
         """(the linear's input buffer, the norm its prologue applies): the norm of h, fused or not,
         with the pending buffer added into h first (it is then no longer pending)."""
         nonlocal pending
-        if fused and pending is None:
+        if fused and pending is None and not spec.act_order:
             return "h", weight
         ops.append(Op("norm", {"x": "h", "out": "x", "weight": weight}) if pending is None else
                    Op("add_norm", {"x": pending, "residual": "h", "out": "x", "weight": weight}))
         pending = None
         return "x", None
 
+    def in_order(x: str, weight: str, k: int) -> str:
+        """The buffer the linear `weight` reads: x, or x gathered into its act-order."""
+        if not spec.act_order:
+            return x
+        ops.append(Op("gather", {"x": x, "out": "ordered", "order": f"{weight}.input_order", "n": k}))
+        return "ordered"
+
     for i in range(spec.layers):
         p = f"model.layers.{i}"
         x, norm = normed_input(f"{p}.input_layernorm.weight")
         rope_in_linear = fused and not spec.qk_norm  # q/k norms must see q and k before RoPE
+        x = in_order(x, f"{p}.self_attn.qkv_proj", spec.hidden)
         ops.append(linear_op(x, "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias, norm,
                              **({"epilogue": "rope", "layer": i, "rope": spec.layer_rope[i]} if rope_in_linear else {})))
         if spec.qk_norm:
@@ -175,25 +191,28 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                                         "weight": f"{p}.self_attn.k_norm.weight"}))
         ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": spec.layer_rope[i],
                                     "window": spec.layer_windows[i], "rotated": rope_in_linear}))
+        ctx = in_order("ctx", f"{p}.self_attn.o_proj", H * D)
         if fuse_residual:
-            ops.append(linear_op("ctx", "h", f"{p}.self_attn.o_proj", spec.hidden, H * D, epilogue="residual"))
+            ops.append(linear_op(ctx, "h", f"{p}.self_attn.o_proj", spec.hidden, H * D, epilogue="residual"))
         else:
-            ops.append(linear_op("ctx", "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D))
+            ops.append(linear_op(ctx, "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D))
             if spec.sandwich_norm:
                 ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.post_attention_layernorm.weight"}))
             pending = "attn"
         x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
         gate_up = f"{p}.mlp.gate_up_proj"
+        x = in_order(x, gate_up, spec.hidden)
         if fused:
             ops.append(linear_op(x, "act", gate_up, 2 * spec.intermediate, spec.hidden, norm=norm,
                                  epilogue="act", act=spec.activation))
         else:
             ops.append(linear_op(x, "gate_up", gate_up, 2 * spec.intermediate, spec.hidden))
             ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation}))
+        act = in_order("act", f"{p}.mlp.down_proj", spec.intermediate)
         if fuse_residual:
-            ops.append(linear_op("act", "h", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, epilogue="residual"))
+            ops.append(linear_op(act, "h", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, epilogue="residual"))
         else:
-            ops.append(linear_op("act", "mlp", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate))
+            ops.append(linear_op(act, "mlp", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate))
             if spec.sandwich_norm:
                 ops.append(Op("norm", {"x": "mlp", "out": "mlp", "weight": f"{p}.post_feedforward_layernorm.weight"}))
             pending = "mlp"
@@ -251,10 +270,13 @@ def embed_table(spec: DecoderSpec) -> tuple[str, str | None]:
 
 def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
     """The activation buffers of a step of `rows` tokens (fp16, but logits float32)."""
-    return {"h": (rows, spec.hidden), "x": (rows, spec.hidden), "qkv": (rows, spec.qkv_width),
-            "ctx": (rows, spec.heads * spec.head_dim), "attn": (rows, spec.hidden),
-            "gate_up": (rows, 2 * spec.intermediate), "act": (rows, spec.intermediate),
-            "mlp": (rows, spec.hidden), "logits": (spec.vocab,)}
+    shapes = {"h": (rows, spec.hidden), "x": (rows, spec.hidden), "qkv": (rows, spec.qkv_width),
+              "ctx": (rows, spec.heads * spec.head_dim), "attn": (rows, spec.hidden),
+              "gate_up": (rows, 2 * spec.intermediate), "act": (rows, spec.intermediate),
+              "mlp": (rows, spec.hidden), "logits": (spec.vocab,)}
+    if spec.act_order:
+        shapes["ordered"] = (rows, max(spec.hidden, spec.heads * spec.head_dim, spec.intermediate))
+    return shapes
 
 
 def step_ids(ids, position: int, max_context: int, vocab: int) -> np.ndarray:
@@ -311,6 +333,8 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
             layout[a["weight"]] = ("float32", (spec.hidden,))
         elif op.kind == "head_norm":
             layout[a["weight"]] = ("float32", (spec.head_dim,))
+        elif op.kind == "gather":
+            layout[a["order"]] = ("int32", (a["n"],))
     return layout
 
 
@@ -343,17 +367,37 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
         if spec.lm_head == "int4":
             out.update(quantize_head_int4(head.astype(np.float16), spec))
     out.update(rope_weights(spec))
-    for op in tqdm(decode_ops(spec), desc="pack", unit="op", disable=not progress):
-        a = op.args
-        if op.kind == "linear":
-            prefix = a["weight"]
+    linears = {}
+
+    def linear(prefix: str):
+        """The checkpoint's linear (q/k/v, gate/up concatenated), made once for its gather and itself."""
+        if prefix not in linears:
             if prefix.endswith(".qkv_proj"):
                 parts = [prefix.replace("qkv_proj", f"{n}_proj") for n in "qkv"]
             elif prefix.endswith(".gate_up_proj"):
                 parts = [prefix.replace("gate_up_proj", f"{n}_proj") for n in ("gate", "up")]
             else:
                 parts = [prefix]
-            lin = concat_linears([ckpt.linears[name] for name in parts]) if len(parts) > 1 else ckpt.linears[prefix]
+            try:
+                linears.clear()  # (one at a time: a 7B's gate/up is hundreds of MB unpacked)
+                linears[prefix] = concat_linears([ckpt.linears[n] for n in parts]) if len(parts) > 1 \
+                    else ckpt.linears[prefix]
+            except ValueError as e:  # GPTQ act-order parts of one input in different orders
+                raise UserError(f"{prefix}: its parts cannot be fused ({e}); use the CPU engine (--device cpu)") \
+                    from None
+        return linears[prefix]
+
+    for op in tqdm(decode_ops(spec), desc="pack", unit="op", disable=not progress):
+        a = op.args
+        if op.kind == "gather":
+            order = linear(a["order"].removesuffix(".input_order")).order
+            if order is None:
+                raise UserError(f"{a['order'].removesuffix('.input_order')} is not act-order, and others are; "
+                                "the cuda backend takes all linears of a checkpoint in act-order or none")
+            out[a["order"]] = order.astype(np.int32)
+        elif op.kind == "linear":
+            prefix = a["weight"]
+            lin = linear(prefix)
             if lin.bias is not None and not a["bias"]:
                 raise UserError(f"{prefix} has a bias, which the cuda backend supports on q/k/v only; "
                                 "use the CPU engine (--device cpu)")

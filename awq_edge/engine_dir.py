@@ -347,6 +347,15 @@ class DecoderInfo:
                 + (1 << 20))
 
 
+def check_input_orders(weights: Path, tensors: dict, where: Path) -> None:
+    """Each act-order linear's `.input_order` a permutation of its inputs: the kernels index x by it."""
+    for name, (dtype, shape, offset) in tensors.items():
+        if name.endswith(".input_order"):
+            order = np.fromfile(weights, dtype=np.int32, count=shape[0], offset=offset)
+            if order.size != shape[0] or not np.array_equal(np.sort(order), np.arange(shape[0])):
+                raise UserError(f"{where}: {name} is not a permutation of its {shape[0]} inputs; {REBUILD}")
+
+
 def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:
     """decoder.json of a native engine, checked against its config.json, the op list's tensor
     layout and the size of weights.bin."""
@@ -370,7 +379,7 @@ def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:
         raise UserError(f"{path}: weights {weights} is not a listed file; {REBUILD}")
     config = read_json(folder / "config.json", REBUILD)
     spec = decoder_spec(model_spec(config, str(folder / "config.json"), REBUILD), group_size, f.bool("qkv_bias"),
-                        lm_head)
+                        lm_head, f.bool("act_order", False))
     layout = tensor_layout(spec)
     index = f.obj("tensors")
     if set(index.raw) != set(layout):
@@ -388,5 +397,6 @@ def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:
         if offset < end or offset + tensor_nbytes(dtype, shape) > size:
             raise UserError(f"{path}: tensor {name} overlaps another or ends past {weights}; {REBUILD}")
         end = offset + tensor_nbytes(dtype, shape)
+    check_input_orders(folder / weights, tensors, path)
     return DecoderInfo(spec=spec, weights_file=weights, tensors=tensors, weight_bytes=size, config=config,
                        lm_head=lm_head)

@@ -38,6 +38,11 @@ def load_tensors(folder: Path, info: DecoderInfo) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- the kernels' twins
 
+def twin_gather(x: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """x fp16 [S, K]'s columns in a GPTQ act-order linear's order (decoder_ops.cu awq_gather_columns)."""
+    return x[:, order]
+
+
 def twin_embed(ids: np.ndarray, table: np.ndarray, scale: float | None, scales: np.ndarray | None = None) -> np.ndarray:
     """table fp16 [V, hidden], or int8 with fp16 scales [V, ceil(hidden / 32)] (row_ops.cuh embed_row_q8)."""
     rows = dequantize_rows_int8(table[ids], scales[ids]) if scales is not None else table[ids].astype(F32)
@@ -350,6 +355,8 @@ class ReferenceBackend:
                                            spec.attn_scale, spec.attn_softcap)
         elif op.kind == "act":
             buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"])
+        elif op.kind == "gather":
+            buf[a["out"]] = twin_gather(buf[a["x"]], t[a["order"]])
         elif op.kind == "lm_head":
             x = buf[a["x"]][0]
             if a["bits"] == 4:

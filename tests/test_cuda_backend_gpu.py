@@ -147,6 +147,17 @@ def test_a_head_size_96_model_matches_the_reference(gemv, tokenizer_dir, tmp_pat
     check_against_reference(engine, 320, cublas=False, gemv=gemv)
 
 
+@pytest.mark.parametrize("cublas", [False, None], ids=["ours", "cublas"])
+def test_a_gptq_act_order_model_matches_the_reference(cublas, tokenizer_dir, tmp_path):
+    """A GPTQ act-order (desc_act) checkpoint: a gather kernel before each linear, prefill on our
+    GEMM or cuBLAS, decode on the default GEMV."""
+    from test_gptq_checkpoint import act_order_gptq
+
+    folder, _ = act_order_gptq(tiny_checkpoint(tmp_path, "qwen2", tokenizer_dir, **TINY_GPU), tmp_path / "gptq")
+    build_engine(str(folder), this_device().name, tmp_path / "engine", backend="cuda", progress=False)
+    check_against_reference(tmp_path / "engine", 320, cublas=cublas)
+
+
 @pytest.mark.parametrize("gemv", GEMVS + ["persistent_step"])
 def test_a_smollm2_shaped_checkpoint_matches_the_reference(gemv, tokenizer_dir, tmp_path):
     """The real packing path (AutoAWQ checkpoint -> kernels' layout) at SmolLM2's widths: 9 heads

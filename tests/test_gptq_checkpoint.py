@@ -65,11 +65,15 @@ def write_gptq(ckpt, out, layout: str, edit=None, orders=None, **quantization):
     return out
 
 
+ACT_ORDER_SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+                   "head_dim": 64}
+
+
 @pytest.fixture(scope="module")
 def qwen2_checkpoint(tmp_path_factory, smollm2_dir):
     """Qwen2: q/k/v biases ride along with GPTQ linears too. Head size 64: the native CPU step's."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("gptq"), "qwen2", smollm2_dir, hidden_size=128,
-                           intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    return tiny_checkpoint(tmp_path_factory.mktemp("gptq"), "qwen2", smollm2_dir, **ACT_ORDER_SHAPE)
+
 
 
 @pytest.mark.parametrize("layout, model_type", [("gptq", "qwen2"), ("gptq_v2", "qwen2"), ("gptq", "phi3")])
@@ -108,29 +112,38 @@ def test_build_takes_a_gptq_checkpoint_as_a_checkpoint(qwen2_checkpoint, tmp_pat
     assert engine.last_stats.new_tokens == 4
 
 
-def test_an_act_order_checkpoint_gathers_each_linears_inputs_on_the_cpu_and_is_refused_elsewhere(
+def act_order_gptq(checkpoint, out):
+    """(folder, orders): our checkpoint written as a GPTQ act-order one, a random order of each
+    linear's inputs, one per input (q/k/v read one, gate/up another) as GPTQ's Hessians make them."""
+    rng = np.random.default_rng(0)
+    shared, orders = {}, {}
+    for prefix, lin in read_checkpoint(checkpoint).linears.items():
+        reads = prefix.rsplit(".", 1)[0] + {"k_proj": ".q_proj", "v_proj": ".q_proj", "up_proj": ".gate_proj"}.get(
+            prefix.rsplit(".", 1)[1], "." + prefix.rsplit(".", 1)[1])
+        orders[prefix] = shared.setdefault(reads, rng.permutation(lin.q.shape[1]))
+    return write_gptq(checkpoint, out, "gptq", orders=orders, desc_act=True), orders
+
+
+def test_an_act_order_checkpoint_gathers_each_linears_inputs_on_every_engine_but_trt(
         qwen2_checkpoint, tmp_path, monkeypatch):
     """GPTQ act-order (desc_act): each input's group from g_idx, groups out of input order. The
     levels are read back sorted by group with the permutation beside them, the ort and onnx
     graphs gather x by it (the same logits as transformers' model of the dequantized weights), so
-    does the native CPU decode step (as ONNX Runtime decodes), and what cannot gather says so in
-    one line: a cuda build, a trt export."""
+    does the native CPU decode step (as ONNX Runtime decodes), and so does a cuda engine (a gather
+    op before each linear: its reference executor, the twin of its kernels, as ONNX Runtime; the
+    kernels themselves in tests/test_kernels_on_cpu.py). A trt export says it cannot, in one line."""
     from awq_edge.backend_ort import OrtBackend
-    from awq_edge import cpu_native
+    from awq_edge import cpu_native, plugins
     from awq_edge.build import build_engine
+    from awq_edge.reference_backend import ReferenceBackend
+    from folder_helpers import resign, rewrite
+    from test_native_engine import check_launches_against_the_cubins
     from awq_edge.checkpoint import load_awq_as_float
     from awq_edge.export import export_checkpoint
     from native_helpers import teacher_forced
 
     ours = read_checkpoint(qwen2_checkpoint)
-    rng = np.random.default_rng(0)
-    shared = {}  # one order per input (q/k/v read one, gate/up another), as GPTQ's Hessians make them
-    orders = {}
-    for prefix, lin in ours.linears.items():
-        reads = prefix.rsplit(".", 1)[0] + {"k_proj": ".q_proj", "v_proj": ".q_proj", "up_proj": ".gate_proj"}.get(
-            prefix.rsplit(".", 1)[1], "." + prefix.rsplit(".", 1)[1])
-        orders[prefix] = shared.setdefault(reads, rng.permutation(lin.q.shape[1]))
-    folder = write_gptq(qwen2_checkpoint, tmp_path / "gptq", "gptq", orders=orders, desc_act=True)
+    folder, orders = act_order_gptq(qwen2_checkpoint, tmp_path / "gptq")
     read = read_checkpoint(folder)
     for prefix, lin in ours.linears.items():  # input P[j] holds what column j held (a group's columns in any order)
         got = read.linears[prefix]
@@ -138,8 +151,9 @@ def test_an_act_order_checkpoint_gathers_each_linears_inputs_on_the_cpu_and_is_r
         np.testing.assert_array_equal(got.dequantize()[:, orders[prefix]], lin.dequantize(), err_msg=prefix)
     ref = load_awq_as_float(folder).eval()  # the act-order weights, dequantized in the inputs' order
     ids = np.random.default_rng(1).integers(0, 256, 12 + 8).tolist()
-    for target in ("ort", "onnx"):
-        check_against_reference(export_for_cpu(folder, tmp_path / "exports", target), ref, ids, 12, 1e-5)
+    exports = {target: export_for_cpu(folder, tmp_path / "exports", target) for target in ("ort", "onnx")}
+    for export in exports.values():
+        check_against_reference(export, ref, ids, 12, 1e-5)
     default = export_checkpoint(folder, tmp_path / "default", "ort")  # int8 head, int8 activations
     native = OrtBackend(default, max_context=64, threads=2, native_decode=True)
     assert native.decode_path.startswith("native"), native.decode_path
@@ -160,9 +174,27 @@ def test_an_act_order_checkpoint_gathers_each_linears_inputs_on_the_cpu_and_is_r
         assert refused.startswith("onnxruntime") and "input_order is not a permutation" in refused, refused
     with pytest.raises(UserError, match="AwqMatMulW4A16 does not do; export with --target ort or onnx"):
         export_checkpoint(folder, tmp_path / "trt", "trt")
-    with pytest.raises(UserError, match="GPTQ act-order .desc_act., whose inputs the cuda kernels do not gather"):
-        build_engine(str(folder), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
-    assert not (tmp_path / "trt").exists() and not (tmp_path / "engine").exists()
+    assert not (tmp_path / "trt").exists()
+
+    if plugins.find_nvcc() is None:
+        pytest.skip("nvcc not found: the cuda engine's build skipped")
+    build_engine(str(folder), "rtx4090", tmp_path / "engine", backend="cuda", progress=False, lm_head_bits=None)
+    reference = ReferenceBackend(tmp_path / "engine", max_context=64)
+    assert sum(op.kind == "gather" for op in reference.ops) == 4 * reference.spec.layers
+    errors, disagreements = teacher_forced(reference, OrtBackend(exports["ort"], max_context=64), ids, 12)
+    # fp16 activations against fp32 ones, as every family's reference executor (test_native_engine.py)
+    assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
+    assert "awq_gather_columns" in check_launches_against_the_cubins(tmp_path / "engine")  # its parameters
+    decoder = tmp_path / "engine" / "decoder.json"  # an order that is no permutation: refused at load
+    info = json.loads(decoder.read_text())
+    name = next(n for n in info["tensors"] if n.endswith(".input_order"))
+    weights = bytearray((tmp_path / "engine" / "weights.bin").read_bytes())
+    offset = info["tensors"][name]["offset"]
+    weights[offset:offset + 4] = np.int32(1 << 20).tobytes()
+    rewrite(tmp_path / "engine" / "weights.bin", bytes(weights))
+    resign(tmp_path / "engine", "manifest.json", "weights.bin")
+    with pytest.raises(UserError, match=f"{name} is not a permutation of its"):
+        ReferenceBackend(tmp_path / "engine", max_context=64)
 
 
 def _groups_of_another_size(tensors):

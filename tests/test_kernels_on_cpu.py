@@ -713,6 +713,41 @@ def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_pat
     assert stepped._graphs[1][0][0] == "awq_decode_step_g32"
 
 
+def test_an_act_order_engine_gathers_each_linears_input_on_the_emulated_kernels(emulated, smollm2_dir, tmp_path):
+    """A GPTQ act-order checkpoint's cuda engine (tests/test_gptq_checkpoint.py's): the gather
+    kernel before each linear, in the plain and adversarial schedules, against the reference
+    executor: a 20-token prompt, 3 decode steps (graph replays) and a 40-token chunk (the GEMM).
+    The persistent step says it does not gather."""
+    from awq_edge.build import build_engine
+    from awq_edge.cuda_backend import CudaBackend
+    from awq_edge.errors import UserError
+    from awq_edge.reference_backend import ReferenceBackend
+    from native_helpers import read_native_engine, teacher_forced
+    from test_export_helpers import tiny_checkpoint
+    from test_gptq_checkpoint import ACT_ORDER_SHAPE, act_order_gptq
+
+    folder, _ = act_order_gptq(tiny_checkpoint(tmp_path, "qwen2", smollm2_dir, **ACT_ORDER_SHAPE), tmp_path / "gptq")
+    build_engine(str(folder), "h200", tmp_path / "engine", backend="cuda", progress=False)
+    manifest, info = read_native_engine(tmp_path / "engine")
+    ids = np.random.default_rng(7).integers(0, 256, 20 + 3 + 40).tolist()
+    logits = {}
+    for adversarial in (False, True):
+        driver = EmulatedDriver(emulated, adversarial)
+        cuda = CudaBackend(tmp_path / "engine", manifest, info, 72, driver=driver)
+        reference = ReferenceBackend(tmp_path / "engine", 72, info)
+        got = logits[adversarial] = []
+        errors, disagreements = teacher_forced(cuda, reference, ids[:23], 20, logits=got)
+        got.append(np.asarray(cuda.forward(ids[23:])).copy())
+        want = reference.forward(ids[23:])
+        errors.append(float(np.linalg.norm(got[-1] - want) / np.linalg.norm(want)))
+        assert max(errors) < 1e-2 and disagreements == [], (errors, disagreements)
+        assert "awq_gather_columns" in {fn for fn, *_ in driver.launches}
+    for a, b in zip(logits[False], logits[True]):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    with pytest.raises(UserError, match="the persistent decode step does not gather GPTQ act-order inputs"):
+        cuda.set_decode_gemv("persistent_step")
+
+
 @pytest.mark.parametrize("faster", ["cublas_l2", "ours"])
 def test_a_prefill_chunk_timed_on_every_path_keeps_the_fastest_and_what_it_computes(emulated, faster, tmp_path):
     """A chunk size's first use on a timed backend with cuBLAS (here a stand-in computing on the

@@ -150,8 +150,10 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True, gemv: st
     head = 3 if spec.lm_head == "int4" else 1  # (the int4 head's logits, then its top 64 re-scored)
     if gemv == "persistent_step":  # the step (with an fp16/int8 head), an int4 head's kernels, the advance
         assert decode_launches == 2 + (head if head == 3 else 0), decode_launches
-    elif fused and not spec.sandwich_norm:  # embed; per layer 4 GEMVs + attention (+ q/k norms and RoPE/KV); norm, head, advance
-        assert decode_launches == 1 + spec.layers * (5 + 3 * spec.qk_norm) + 2 + head, decode_launches
+    elif fused and not spec.sandwich_norm:  # embed; per layer 4 GEMVs + attention (+ q/k norms and RoPE/KV;
+        # + act-order's 4 gathers and the 2 norms they take out of the GEMVs); norm, head, advance
+        per_layer = 5 + 3 * spec.qk_norm + 6 * spec.act_order
+        assert decode_launches == 1 + spec.layers * per_layer + 2 + head, decode_launches
     backend.forward([4])
     backend.sample_token(backend.buf["logits"], SamplingSettings(0.7, 40, 0.9, 1.1), [1, 2, 3], 0.5)
     backend.forward(list(range(40)))  # a chunk of more rows than the chunked GEMV takes: the GEMM

@@ -90,6 +90,16 @@ awq_gated_act(const __half* __restrict__ gate_up, __half* __restrict__ out, int 
                             out + static_cast<size_t>(blockIdx.x) * inter, inter, kind);
 }
 
+// out[r, i] = x[r, order[i]]: a GPTQ act-order linear's input in the order its levels are stored
+// (its groups' columns together). order is a permutation of 0..n-1 (engine_dir checks it at load).
+// Grid: rows.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_gather_columns(const __half* __restrict__ x, const int* __restrict__ order, __half* __restrict__ out, int n) {
+    awq_edge::begin_after_previous_kernel();
+    const size_t row = static_cast<size_t>(blockIdx.x) * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[row + i] = x[row + order[i]];
+}
+
 // h[r, :] += y[r, :], rounded to fp16: the residual add of a prefill step, which the decode GEMV
 // fuses into its epilogue. Grid: rows.
 extern "C" __global__ void __launch_bounds__(kThreads)
