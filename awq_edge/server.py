@@ -191,7 +191,10 @@ def chat_messages(body: dict) -> list[dict]:
         if role not in ("system", "user", "assistant", "tool"):
             raise ApiError(400, f"'messages[{i}].role' is {m.get('role')!r}; use system, user, assistant or tool",
                            param=f"messages[{i}].role")
-        calls = get(m, "tool_calls", list, []) if role == "assistant" else []
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if calls is not None and not isinstance(calls, list):
+            raise ApiError(400, f"'messages[{i}].tool_calls' must be an array, not {json_type(calls)}",
+                           param=f"messages[{i}].tool_calls", code="invalid_type")
         content = m.get("content")
         message = {"role": role, "content": "" if content is None and calls else
                    message_text(content, f"messages[{i}].content")}

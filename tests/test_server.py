@@ -298,6 +298,8 @@ def test_malformed_requests_get_openai_errors(served):
         (chat, json.dumps({"model": NAME, "messages": [{"role": "assistant", "content": None, "tool_calls": [
             {"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}).encode(), 400,
          "messages[0].tool_calls[0].function.arguments"),
+        (chat, json.dumps({"model": NAME, "messages": [{"role": "assistant", "content": "x", "tool_calls": "f"}]})
+         .encode(), 400, "messages[0].tool_calls"),
         (chat, json.dumps({"model": NAME, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}).encode(), 400, "messages[0].content[0]"),
         (chat, chat_body("word " * 2500), 400, "messages"),  # longer than the 2048-token context
