@@ -367,37 +367,31 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
         if spec.lm_head == "int4":
             out.update(quantize_head_int4(head.astype(np.float16), spec))
     out.update(rope_weights(spec))
-    linears = {}
 
-    def linear(prefix: str):
-        """The checkpoint's linear (q/k/v, gate/up concatenated), made once for its gather and itself."""
-        if prefix not in linears:
-            if prefix.endswith(".qkv_proj"):
-                parts = [prefix.replace("qkv_proj", f"{n}_proj") for n in "qkv"]
-            elif prefix.endswith(".gate_up_proj"):
-                parts = [prefix.replace("gate_up_proj", f"{n}_proj") for n in ("gate", "up")]
-            else:
-                parts = [prefix]
-            try:
-                linears.clear()  # (one at a time: a 7B's gate/up is hundreds of MB unpacked)
-                linears[prefix] = concat_linears([ckpt.linears[n] for n in parts]) if len(parts) > 1 \
-                    else ckpt.linears[prefix]
-            except ValueError as e:  # GPTQ act-order parts of one input in different orders
-                raise UserError(f"{prefix}: its parts cannot be fused ({e}); use the CPU engine (--device cpu)") \
-                    from None
-        return linears[prefix]
+    def parts(prefix: str) -> list[str]:
+        """The checkpoint's linears that an engine linear stacks (q/k/v, gate/up), or itself."""
+        if prefix.endswith(".qkv_proj"):
+            return [prefix.replace("qkv_proj", f"{n}_proj") for n in "qkv"]
+        if prefix.endswith(".gate_up_proj"):
+            return [prefix.replace("gate_up_proj", f"{n}_proj") for n in ("gate", "up")]
+        return [prefix]
 
     for op in tqdm(decode_ops(spec), desc="pack", unit="op", disable=not progress):
         a = op.args
-        if op.kind == "gather":
-            order = linear(a["order"].removesuffix(".input_order")).order
+        if op.kind == "gather":  # (q/k/v's or gate/up's one order: concat_linears checks it at their linear)
+            prefix = a["order"].removesuffix(".input_order")
+            order = ckpt.linears[parts(prefix)[0]].order
             if order is None:
-                raise UserError(f"{a['order'].removesuffix('.input_order')} is not act-order, and others are; "
-                                "the cuda backend takes all linears of a checkpoint in act-order or none")
+                raise UserError(f"{prefix} is not act-order, and others are; the cuda backend takes all linears "
+                                "of a checkpoint in act-order or none")
             out[a["order"]] = order.astype(np.int32)
         elif op.kind == "linear":
-            prefix = a["weight"]
-            lin = linear(prefix)
+            prefix, names = a["weight"], parts(a["weight"])
+            try:
+                lin = concat_linears([ckpt.linears[n] for n in names]) if len(names) > 1 else ckpt.linears[prefix]
+            except ValueError as e:  # GPTQ act-order parts of one input in different orders
+                raise UserError(f"{prefix}: its parts cannot be fused ({e}); export the checkpoint with "
+                                "--target onnx and build that for --device cpu") from None
             if lin.bias is not None and not a["bias"]:
                 raise UserError(f"{prefix} has a bias, which the cuda backend supports on q/k/v only; "
                                 "use the CPU engine (--device cpu)")
