@@ -215,7 +215,8 @@ def read_for_engine(path: str | Path):
         for name in [n for n in ckpt.linears if n.endswith("self_attn." + proj)]:
             ckpt.linears[name] = ckpt.linears[name].rows(rows)
     for name in [n for n in ckpt.tensors if n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight"))]:
-        ckpt.tensors[name] = ckpt.tensors[name][order]
+        # one head's weight, or every head's (OLMo 2's q/k norms over the whole projection)
+        ckpt.tensors[name] = ckpt.tensors[name].reshape(-1, spec.head_dim)[:, order].ravel()
     return ckpt, spec
 
 

@@ -218,7 +218,8 @@ class CpuModel(ctypes.Structure):
                [("mirror_rows", ctypes.c_int32), ("top_slots", ctypes.c_int32), ("x_ordered", ctypes.c_void_p)]
 
 
-OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8}
+OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
+            "add": 9}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}
 
 
@@ -367,9 +368,11 @@ class NativeDecoder:
                 rec.bias = self._tensor(f"{a['weight']}.bias", np.float32, a["N"]).ctypes.data
             elif f"{a['weight']}.bias" in self.arrays:
                 raise Unsupported(f"{a['weight']} has a bias the op list does not expect")
+        elif op.kind == "add":
+            rec.n, rec.x, rec.residual = spec.hidden, ptr(a["x"]), ptr(a["residual"])
         elif op.kind == "head_norm":
-            rec.n, rec.offset, rec.x = a["heads"], a["offset"], ptr(a["x"])
-            rec.w_norm = self._tensor(a["weight"], np.float32, spec.head_dim).ctypes.data
+            rec.n, rec.k, rec.offset, rec.x = a["heads"], a["size"], a["offset"], ptr(a["x"])
+            rec.w_norm = self._tensor(a["weight"], np.float32, a["size"]).ctypes.data
         elif op.kind == "attention":
             rec.x, rec.out, rec.layer, rec.window = ptr(a["qkv"]), ptr(a["out"]), a["layer"], a["window"]
             rec.scale, rec.softcap = spec.attn_scale, spec.attn_softcap

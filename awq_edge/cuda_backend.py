@@ -621,6 +621,8 @@ class CudaBackend:
         fix = "choose another decode (AWQ_EDGE_DECODE, or unset it)"
         if self.spec.act_order:
             return f"the persistent decode step does not gather GPTQ act-order inputs; {fix}"
+        if not self.spec.pre_norms:
+            return f"the persistent decode step has no residual add of its own (OLMo 2's post-norm block); {fix}"
         if self.spec.head_dim not in STEP_HEAD_DIMS:
             return (f"the persistent decode step takes head sizes {', '.join(map(str, STEP_HEAD_DIMS))}, and this "
                     f"model's is {self.spec.head_dim}; {fix}")
@@ -659,7 +661,7 @@ class CudaBackend:
                 rows.append(("add_norm", 1, 0, [b[a["x"]], b[a["residual"]], w[a["weight"]], b[a["out"]],
                                                 ("i32", spec.hidden), eps]))
             elif op.kind == "head_norm":
-                rows.append(("head_norm", a["heads"], 0, [b[a["x"]], ("i32", a["offset"]), ("i32", D),
+                rows.append(("head_norm", a["heads"], 0, [b[a["x"]], ("i32", a["offset"]), ("i32", a["size"]),
                                                           w[a["weight"]], eps]))
             elif op.kind == "act":
                 rows.append(("act", 1, 0, [b[a["x"]], b[a["out"]], ("i32", spec.intermediate),
@@ -760,9 +762,11 @@ class CudaBackend:
                          ("i32", rows - 1 if last else 0)])
         elif op.kind == "linear":
             self.linear(op, rows, next_linear)
+        elif op.kind == "add":
+            self.launch("awq_residual_add", (rows,), (NORM_THREADS,), [b[a["residual"]], b[a["x"]], ("i32", spec.hidden)])
         elif op.kind == "head_norm":
             self.launch("awq_head_rms_norm", (a["heads"], rows), (NORM_THREADS,),
-                        [b[a["x"]], ("i32", spec.qkv_width), ("i32", a["offset"]), ("i32", spec.head_dim),
+                        [b[a["x"]], ("i32", spec.qkv_width), ("i32", a["offset"]), ("i32", a["size"]),
                          w[a["weight"]], eps])
         elif op.kind == "attention":
             self.attention(op, rows)

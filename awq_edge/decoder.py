@@ -8,24 +8,26 @@
 Two executors read the same list: awq_edge/reference_backend.py (numpy, the CPU twin that CI
 runs against the ONNX Runtime engine) and awq_edge/cuda_backend.py (our kernels, through the
 CUDA driver API). So what a step does (which norms, the fused q/k/v and gate/up linears, q/k
-norms, biases, sandwich norms, soft-caps, sliding windows) is decided here and nowhere else.
+norms, biases, post-norms, soft-caps, sliding windows) is decided here and nowhere else.
 
 A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kernels' W4A16):
     h        [S, hidden]          the residual stream
-    x        [S, hidden]          a normed copy of it, the linears' input
+    x        [S, hidden]          a normed copy of it, the linears' input (none without pre-norms:
+                                  OLMo 2's q/k/v and gate/up read h)
     qkv      [S, (H + 2 Hkv) D]   q, k and v side by side (one fused linear)
     ctx      [S, H D]             attention output
-    attn     [S, hidden]          after o_proj (and Gemma's post-attention norm)
+    attn     [S, hidden]          after o_proj (and a post-norm: Gemma's, GLM-4's, OLMo 2's)
     gate_up  [S, 2 I]             gate and up, rows interleaved (g0 u0 g1 u1 ...; one linear)
     act      [S, I]               act(gate) * up
-    mlp      [S, hidden]          after down_proj (and Gemma's post-feedforward norm)
+    mlp      [S, hidden]          after down_proj (and a post-norm)
     ordered  [S, K]               a linear's input in the order its levels are stored (GPTQ
                                   act-order engines only: a gather op before each linear)
     logits   [V] float32          the last row's, after the final soft-cap
 In the fused op list (the default) the norms run in the next linear's prologue, the activation and
 the residual adds in the linears' epilogues (decode_ops); unfused, the residual add is fused into
-the next norm (add_norm: h += pending; x = norm(h)), as the ONNX graph does. The final norm and
-the lm_head run on the last row only.
+the next norm (add_norm: h += pending; x = norm(h)), as the ONNX graph does; without pre-norms
+(OLMo 2) the add is an op of its own (add: h += pending). The final norm and the lm_head run on
+the last row only.
 
 Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qweight` int32
 [N, K/8] (AWQ nibble order), `.scales` and `.zeros` fp16 [N, groups] (+ `.bias` fp16 [N]);
@@ -69,8 +71,10 @@ class DecoderSpec:
     group_size: int
     tie_embeddings: bool
     norm_offset: float             # Gemma: 1.0 (the norm multiplies by 1 + w)
-    qk_norm: bool                  # Qwen3, Gemma3
-    sandwich_norm: bool            # Gemma3
+    qk_norm: bool                  # Qwen3, Gemma3, OLMo 2
+    qk_norm_whole: bool            # OLMo 2: q/k norms over the whole projection, not per head
+    pre_norms: bool                # False (OLMo 2): q/k/v and gate/up read h itself
+    post_norms: tuple              # norms after attention and the MLP (Gemma, GLM-4): their names, or ()
     qkv_bias: bool                 # Qwen2 (and any checkpoint whose q/k/v carry a bias)
     embed_scale: float | None      # embeddings times this (Gemma: sqrt(hidden); Granite's multiplier)
     activation: str                # silu | gelu_tanh
@@ -124,7 +128,8 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         model_type=model.model_type, hidden=model.hidden, intermediate=model.intermediate, layers=model.layers,
         heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim, vocab=model.vocab, eps=model.eps,
         max_positions=model.max_positions, group_size=group_size, tie_embeddings=model.tie_embeddings,
-        norm_offset=family.norm_offset, qk_norm=family.qk_norm, sandwich_norm=family.sandwich_norm,
+        norm_offset=family.norm_offset, qk_norm=family.qk_norm, qk_norm_whole=family.qk_norm_whole,
+        pre_norms=family.pre_norms, post_norms=family.post_norms,
         qkv_bias=family.qkv_bias or qkv_bias, embed_scale=model.embed_multiplier,
         activation=ACTIVATIONS[family.activation], mlp_norm=family.mlp_norm, attn_scale=model.attn_scale,
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
@@ -157,13 +162,19 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
     H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
     table, scales = embed_table(spec)
     ops = [Op("embed", {"out": "h", "table": table, "scales": scales, "scale": spec.embed_scale})]
-    fuse_residual = fused and not spec.sandwich_norm
+    fuse_residual = fused and not spec.post_norms
     pending = None  # a buffer not yet added into h: the next norm adds it (add_norm)
 
     def normed_input(weight: str) -> tuple[str, str | None]:
         """(the linear's input buffer, the norm its prologue applies): the norm of h, fused or not,
-        with the pending buffer added into h first (it is then no longer pending)."""
+        with the pending buffer added into h first (it is then no longer pending). Without pre-norms
+        (OLMo 2) h itself, the pending buffer added by an add op."""
         nonlocal pending
+        if not spec.pre_norms:
+            if pending is not None:
+                ops.append(Op("add", {"x": pending, "residual": "h"}))
+            pending = None
+            return "h", None
         if fused and pending is None and not spec.act_order:
             return "h", weight
         ops.append(Op("norm", {"x": "h", "out": "x", "weight": weight}) if pending is None else
@@ -185,9 +196,11 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
         x = in_order(x, f"{p}.self_attn.qkv_proj", spec.hidden)
         ops.append(linear_op(x, "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias, norm,
                              **({"epilogue": "rope", "layer": i, "rope": spec.layer_rope[i]} if rope_in_linear else {})))
-        if spec.qk_norm:
-            ops.append(Op("head_norm", {"x": "qkv", "offset": 0, "heads": H, "weight": f"{p}.self_attn.q_norm.weight"}))
-            ops.append(Op("head_norm", {"x": "qkv", "offset": H * D, "heads": Hkv,
+        if spec.qk_norm:  # per head, or (OLMo 2) one norm over all heads
+            q_heads, kv_heads, size = (1, 1, None) if spec.qk_norm_whole else (H, Hkv, D)
+            ops.append(Op("head_norm", {"x": "qkv", "offset": 0, "heads": q_heads, "size": size or H * D,
+                                        "weight": f"{p}.self_attn.q_norm.weight"}))
+            ops.append(Op("head_norm", {"x": "qkv", "offset": H * D, "heads": kv_heads, "size": size or Hkv * D,
                                         "weight": f"{p}.self_attn.k_norm.weight"}))
         ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": spec.layer_rope[i],
                                     "window": spec.layer_windows[i], "rotated": rope_in_linear}))
@@ -196,8 +209,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             ops.append(linear_op(ctx, "h", f"{p}.self_attn.o_proj", spec.hidden, H * D, epilogue="residual"))
         else:
             ops.append(linear_op(ctx, "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D))
-            if spec.sandwich_norm:
-                ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.post_attention_layernorm.weight"}))
+            if spec.post_norms:
+                ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.{spec.post_norms[0]}.weight"}))
             pending = "attn"
         x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
         gate_up = f"{p}.mlp.gate_up_proj"
@@ -213,8 +226,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             ops.append(linear_op(act, "h", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, epilogue="residual"))
         else:
             ops.append(linear_op(act, "mlp", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate))
-            if spec.sandwich_norm:
-                ops.append(Op("norm", {"x": "mlp", "out": "mlp", "weight": f"{p}.post_feedforward_layernorm.weight"}))
+            if spec.post_norms:
+                ops.append(Op("norm", {"x": "mlp", "out": "mlp", "weight": f"{p}.{spec.post_norms[1]}.weight"}))
             pending = "mlp"
     final = {"out": "x", "weight": "model.norm.weight", "last_row": True}
     ops.append(Op("add_norm", {"x": pending, "residual": "h", **final}) if pending else Op("norm", {"x": "h", **final}))
@@ -332,7 +345,7 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
         elif op.kind in ("norm", "add_norm"):
             layout[a["weight"]] = ("float32", (spec.hidden,))
         elif op.kind == "head_norm":
-            layout[a["weight"]] = ("float32", (spec.head_dim,))
+            layout[a["weight"]] = ("float32", (a["size"],))
         elif op.kind == "gather":
             layout[a["order"]] = ("int32", (a["n"],))
     return layout

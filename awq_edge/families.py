@@ -17,9 +17,15 @@ class Family:
     name: str
     model_types: tuple[str, ...]  # config.json "model_type" values
     mlp_norm: str = "post_attention_layernorm"  # the norm right before gate/up
+    # False: no norm before q/k/v (input_layernorm) nor before gate/up; the block's input goes to
+    # them as it is (OLMo 2's post-norm block: its norms are post_norms only)
+    pre_norms: bool = True
     norm_offset: float = 0.0  # 1.0 for Gemma's (1 + w) RMSNorm
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma3)
-    sandwich_norm: bool = False  # extra norms after attention and MLP (Gemma3)
+    qk_norm_whole: bool = False  # OLMo 2: the q and k norms span the whole projection (all heads), not one head
+    # the norms on the attention's and the MLP's outputs, before their residual adds, by name (Gemma's
+    # "sandwich"; GLM-4's): none, or (after attention, after the MLP)
+    post_norms: tuple = ()
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
     activation: str = "silu"  # gate activation: silu | gelu_tanh
     qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
@@ -40,14 +46,17 @@ class Family:
     # by 1 + llama_4_scaling_beta * ln(1 + floor(position / original)), which the engines do not:
     # their context ends there (export.spec.model_spec)
     llama4_query_scaling: bool = False
-    # SmolLM3: the layers its no_rope_layers marks 0 do not rotate q and k (every
-    # no_rope_layer_interval-th, 4, where it lists none)
-    nope_layers: bool = False
+    # layers that do not rotate q and k: "listed" (SmolLM3: those its no_rope_layers marks 0, every
+    # no_rope_layer_interval-th, 4, where it lists none); "full" (EXAONE 4: the full-attention
+    # layers, when config.json sets a sliding_window); "" (none)
+    nope_layers: str = ""
     # Granite: embedding_multiplier, attention_multiplier (the score scale), residual_multiplier (on
     # each attention and MLP output before its residual add) and logits_scaling (the logits divided)
     multipliers: bool = False
     rope_interleaved: bool = False  # GLM: RoPE turns the pairs (2i, 2i + 1), not (i, i + rotary_dim / 2)
 
+
+GEMMA_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -61,7 +70,7 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3", ("qwen3",), qk_norm=True, sliding_layers="qwen",
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 32), ("head_dim", 128))),
         Family("gemma3", ("gemma3_text",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,
-               qk_norm=True, sandwich_norm=True, embed_scale=True, activation="gelu_tanh",
+               qk_norm=True, post_norms=GEMMA_POST_NORMS, embed_scale=True, activation="gelu_tanh",
                sliding_layers="gemma",
                config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 4), ("head_dim", 256),
                                 ("sliding_window", 4096), ("tie_word_embeddings", True),
@@ -84,14 +93,47 @@ FAMILIES: dict[str, Family] = {
                fused_linears=(("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),),
                config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
                                 ("rms_norm_eps", 1.5625e-07), ("partial_rotary_factor", 0.5))),
+        # GLM-4-0414 and GLM-Z1 (9B; 32B): GLM with a norm on the attention's and the MLP's outputs
+        Family("glm4", ("glm4",), qkv_bias=True, rope_interleaved=True,
+               post_norms=("post_self_attn_layernorm", "post_mlp_layernorm"),
+               fused_linears=(("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),),
+               config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
+                                ("rms_norm_eps", 1.5625e-07), ("partial_rotary_factor", 0.5))),
+        # ERNIE 4.5 (0.3B dense): Llama whose RoPE turns interleaved pairs of the whole head
+        Family("ernie4_5", ("ernie4_5",), rope_interleaved=True,
+               config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
+                                ("rms_norm_eps", 1e-5), ("tie_word_embeddings", True), ("rope_theta", 500000.0))),
+        # Helium 1 (2B): Llama whose RoPE turns interleaved pairs
+        Family("helium", ("helium",), rope_interleaved=True,
+               config_defaults=(("max_position_embeddings", 4096), ("num_key_value_heads", 20), ("head_dim", 128),
+                                ("rms_norm_eps", 1e-8), ("rope_theta", 100000.0))),
+        # InternLM3 (8B): Llama under its own model_type
+        Family("internlm3", ("internlm3",),
+               config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 2), ("head_dim", 128),
+                                ("rms_norm_eps", 1e-5))),
+        # OLMo 2 (1B, 7B, 13B): no norm before attention or the MLP, one after each (Gemma's names),
+        # q/k norms over the whole projection
+        Family("olmo2", ("olmo2",), pre_norms=False, post_norms=GEMMA_POST_NORMS, qk_norm=True, qk_norm_whole=True,
+               config_defaults=(("max_position_embeddings", 2048), ("rms_norm_eps", 1e-5))),
+        # OLMo 3 (7B, 32B): OLMo 2 with three of every four layers sliding
+        Family("olmo3", ("olmo3",), pre_norms=False, post_norms=GEMMA_POST_NORMS, qk_norm=True, qk_norm_whole=True,
+               sliding_layers="gemma",
+               config_defaults=(("max_position_embeddings", 2048), ("rms_norm_eps", 1e-5), ("sliding_window", 4096),
+                                ("sliding_window_pattern", 4), ("rope_theta", 500000.0))),
+        # EXAONE 4.0 (1.2B, 32B): OLMo 2's block with per-head q/k norms; with a sliding window,
+        # three of every four layers slide and the others do not rotate q and k
+        Family("exaone4", ("exaone4",), pre_norms=False, post_norms=GEMMA_POST_NORMS, qk_norm=True,
+               sliding_layers="gemma", nope_layers="full",
+               config_defaults=(("max_position_embeddings", 2048), ("num_key_value_heads", 32), ("rms_norm_eps", 1e-5),
+                                ("sliding_window", 4096), ("sliding_window_pattern", 4))),
         # SmolLM3: Llama with every 4th layer without RoPE
-        Family("smollm3", ("smollm3",), nope_layers=True, sliding_layers="nope",
+        Family("smollm3", ("smollm3",), nope_layers="listed", sliding_layers="nope",
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 4),
                                 ("tie_word_embeddings", True), ("rope_theta", 2e6))),
         # Gemma 2 (2B, 9B, 27B): Gemma 3 without the q/k norms, with soft-capped scores and logits,
         # every other layer sliding, one RoPE base
         Family("gemma2", ("gemma2",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,
-               sandwich_norm=True, embed_scale=True, activation="gelu_tanh", sliding_layers="alternate",
+               post_norms=GEMMA_POST_NORMS, embed_scale=True, activation="gelu_tanh", sliding_layers="alternate",
                config_defaults=(("max_position_embeddings", 8192), ("num_key_value_heads", 4), ("head_dim", 256),
                                 ("sliding_window", 4096), ("tie_word_embeddings", True),
                                 ("query_pre_attn_scalar", 256), ("attn_logit_softcapping", 50.0),

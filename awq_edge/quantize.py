@@ -292,17 +292,24 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     group: a v channel feeds several query heads, so o's inputs can only take scales shared
     across those heads, and every shared rule we measured (x_mean averaged, max, RMS over the
     heads; losses plain, relative to the residual, down-weighting outliers) did worse than
-    leaving o unscaled, on two texts and four paired calibration runs (docs/quantizer.md)."""
+    leaving o unscaled, on two texts and four paired calibration runs (docs/quantizer.md).
+
+    A block without pre-norms (OLMo 2) has no qkv or gate_up group: their input is the residual
+    stream itself, which no op of the block could divide by the scales; those linears are clipped
+    and rounded only."""
     attn, mlp = layer.self_attn, layer.mlp
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    groups = [ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn", "q_proj")]
+    groups = []
+    if family.pre_norms:
+        groups.append(ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn",
+                                 "q_proj"))
     if kv_heads == heads:
         groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
-    return groups + [
-        ScaleGroup("gate_up", getattr(layer, family.mlp_norm), [mlp.gate_proj, mlp.up_proj], "mlp", "gate_proj"),
-        ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj"),
-    ]
+    if family.pre_norms:
+        groups.append(ScaleGroup("gate_up", getattr(layer, family.mlp_norm), [mlp.gate_proj, mlp.up_proj], "mlp",
+                                 "gate_proj"))
+    return groups + [ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj")]
 
 
 def _linear_names(layer) -> dict[str, nn.Linear]:
@@ -697,7 +704,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         layer.to(orig_dtype)
         result.layer_report.append(report)
         inputs, outputs = outputs, None
-        bar.set_postfix(mlp_loss=f"{report['groups']['gate_up']['loss']:.2e}")
+        mlp_group = report["groups"].get("gate_up") or report["groups"]["down"]  # (no gate_up: OLMo 2)
+        bar.set_postfix(mlp_loss=f"{mlp_group['loss']:.2e}")
     result.seconds = time.time() - started
     return result
 

@@ -81,7 +81,8 @@ def twin_linear(x: np.ndarray, w_hat: np.ndarray, bias: np.ndarray | None) -> np
 
 
 def twin_head_norm(x: np.ndarray, offset: int, heads: int, head_dim: int, weight: np.ndarray, eps: float) -> None:
-    """RMSNorm of each head of x[:, offset:offset + heads * head_dim], in place (Qwen3, Gemma3 q/k norms)."""
+    """RMSNorm of each head of x[:, offset:offset + heads * head_dim], in place (Qwen3, Gemma3 q/k
+    norms; OLMo 2's are one head as wide as all)."""
     block = x[:, offset:offset + heads * head_dim]
     rows = block.reshape(-1, head_dim)
     block[...] = twin_rms_norm(rows, weight, eps).reshape(block.shape)
@@ -346,8 +347,10 @@ class ReferenceBackend:
                 self.q_rot = self.rope_store(y, a["layer"], a["rope"])
             else:
                 buf[a["out"]][:] = y
+        elif op.kind == "add":
+            buf[a["residual"]][:] = twin_residual(buf[a["residual"]], buf[a["x"]])
         elif op.kind == "head_norm":
-            twin_head_norm(buf[a["x"]], a["offset"], a["heads"], spec.head_dim, t[a["weight"]], spec.eps)
+            twin_head_norm(buf[a["x"]], a["offset"], a["heads"], a["size"], t[a["weight"]], spec.eps)
         elif op.kind == "attention":
             i = a["layer"]
             q_rot = self.q_rot if a["rotated"] else self.rope_store(buf[a["qkv"]], i, a["rope"])

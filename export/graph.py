@@ -2,14 +2,14 @@
 
     h = embed[input_ids]                    (Gemma: * sqrt(hidden))
     for each layer:
-        x = norm(h)                         input_layernorm
+        x = norm(h)                         input_layernorm (OLMo 2: x = h, no norm)
         q, k, v = linear(x)                 (+ bias: Qwen2; per-head q/k norm: Qwen3, Gemma3)
         a = o_proj(attention(q, k, v))      RoPE, KV cache, causal (+ sliding window) mask
-        a = norm(a)                         Gemma's post_attention_layernorm (sandwich)
+        a = norm(a)                         post-norm (Gemma's post_attention_layernorm, GLM-4's)
         h = h + a
-        x = norm(h)                         post_attention_layernorm / pre_feedforward_layernorm
+        x = norm(h)                         post_attention_layernorm / pre_feedforward_layernorm (OLMo 2: none)
         m = down(act(gate(x)) * up(x))      silu or gelu_tanh
-        m = norm(m)                         Gemma's post_feedforward_layernorm (sandwich)
+        m = norm(m)                         post-norm (Gemma's post_feedforward_layernorm, GLM-4's)
         h = h + m
     logits = lm_head(norm(h))               last position only unless all_logits
     top_ids, top_logits                     optional (quantized ort lm_head): the top-k of the last
@@ -129,6 +129,15 @@ class Decoder:
         total = self.b.op("Add", residual, x, name="residual")
         return self.rms_norm(total, weight), total
 
+    def block_input(self, pending: str | None, h: str, weight: str) -> tuple[str, str]:
+        """(the input of attention or the MLP, the residual stream): pending (the previous block's
+        output) added into h, then normed with weight; OLMo 2's post-norm block reads h itself."""
+        if not self.spec.family.pre_norms:
+            h = h if pending is None else self.b.op("Add", h, pending, name="residual")
+            return h, h
+        w = self.norm_weight(weight)
+        return (self.rms_norm(h, w), h) if pending is None else self.add_rms_norm(pending, h, w)
+
     def activation(self, x: str) -> str:
         b = self.b
         if self.spec.family.activation == "silu":
@@ -199,19 +208,18 @@ class Decoder:
             p = f"model.layers.{i}"
             with b.scope(f"layers.{i}"):
                 with b.scope("input_norm"):
-                    w = self.norm_weight(f"{p}.input_layernorm.weight")
-                    x, h = (self.rms_norm(h, w), h) if pending is None else self.add_rms_norm(pending, h, w)
+                    x, h = self.block_input(pending, h, f"{p}.input_layernorm.weight")
                 with b.scope("attn"):
                     a = self.attention_block(x, i, layer_rope[i], masks.get(spec.layer_windows[i]))
-                    if spec.family.sandwich_norm:
-                        a = self.rms_norm(a, self.norm_weight(f"{p}.post_attention_layernorm.weight"))
+                    if spec.family.post_norms:
+                        a = self.rms_norm(a, self.norm_weight(f"{p}.{spec.family.post_norms[0]}.weight"))
                 with b.scope("mlp_norm"):
-                    x, h = self.add_rms_norm(a, h, self.norm_weight(f"{p}.{spec.family.mlp_norm}.weight"))
+                    x, h = self.block_input(a, h, f"{p}.{spec.family.mlp_norm}.weight")
                 with b.scope("mlp"):
                     gate, up = self.gate_up(x, f"{p}.mlp")
                     pending = self.linear(b.op("Mul", self.activation(gate), up), f"{p}.mlp.down_proj")
-                    if spec.family.sandwich_norm:
-                        pending = self.rms_norm(pending, self.norm_weight(f"{p}.post_feedforward_layernorm.weight"))
+                    if spec.family.post_norms:
+                        pending = self.rms_norm(pending, self.norm_weight(f"{p}.{spec.family.post_norms[1]}.weight"))
 
         with b.scope("final"):
             if not t.all_logits:  # only the last position reaches the (large) lm_head
@@ -302,7 +310,10 @@ class Decoder:
             q, k, v = b.op("Split", qkv, b.int64s(q_size, kv_size, kv_size), axis=-1, outputs=3)
         else:
             q, k, v = (self.linear(x, f"{p}.{n}_proj") for n in "qkv")
-        if qk_norm:
+        if qk_norm and spec.family.qk_norm_whole:  # OLMo 2: over all heads at once
+            q = self.rms_norm(q, self.norm_weight(f"{p}.q_norm.weight"))
+            k = self.rms_norm(k, self.norm_weight(f"{p}.k_norm.weight"))
+        elif qk_norm:
             q = attention.head_norm(b, q, spec.heads, spec.head_dim, self.norm_weight(f"{p}.q_norm.weight"), self.rms_norm)
             k = attention.head_norm(b, k, spec.kv_heads, spec.head_dim, self.norm_weight(f"{p}.k_norm.weight"), self.rms_norm)
         if t.name == "ort":

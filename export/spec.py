@@ -181,8 +181,9 @@ def _rope_params(config: Fields) -> dict[str, Fields]:
 
 def rotating_layers(c: Fields, family: Family, layers: int) -> list[bool]:
     """Which layers rotate q and k: all, but those SmolLM3's no_rope_layers marks 0 (every
-    no_rope_layer_interval-th where it lists none, as transformers decides)."""
-    if not family.nope_layers:
+    no_rope_layer_interval-th where it lists none, as transformers decides). (EXAONE 4's rule
+    follows the layer types: model_spec.)"""
+    if family.nope_layers != "listed":
         return [True] * layers
     listed = c.raw.get("no_rope_layers")
     if listed is None:
@@ -250,6 +251,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
             or not all(t in ("full_attention", "sliding_attention") for t in layer_types)):
         raise UserError(f"{where}: layer_types must list full_attention or sliding_attention for each of the "
                         f"{layers} layers; {fix}")
+    if family.nope_layers == "full" and c.raw.get("sliding_window") is not None:
+        rotating = [t == "sliding_attention" for t in layer_types]  # EXAONE 4: its full layers do not rotate
     if window is not None and window >= max_positions:  # no narrower than the context (Phi-3.5's 262144): none
         window = None
     windows = [window if t == "sliding_attention" and window else None for t in layer_types]
@@ -317,15 +320,14 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
     family = spec.family
     layer_linears = layer_linear_shapes(spec)
     linears, tensors = {}, {"model.embed_tokens.weight": (spec.vocab, h), "model.norm.weight": (h,)}
-    norms = {"input_layernorm", family.mlp_norm}
-    if family.sandwich_norm:
-        norms |= {"post_attention_layernorm", "post_feedforward_layernorm"}
+    norms = {*(("input_layernorm", family.mlp_norm) if family.pre_norms else ()), *family.post_norms}
+    q_norm, k_norm = (spec.heads * hd, spec.kv_heads * hd) if family.qk_norm_whole else (hd, hd)
     for i in range(spec.layers):
         p = f"model.layers.{i}"
         linears.update({f"{p}.{name}": shape for name, shape in layer_linears.items()})
         tensors.update({f"{p}.{n}.weight": (h,) for n in norms})
         if family.qk_norm:
-            tensors.update({f"{p}.self_attn.q_norm.weight": (hd,), f"{p}.self_attn.k_norm.weight": (hd,)})
+            tensors.update({f"{p}.self_attn.q_norm.weight": (q_norm,), f"{p}.self_attn.k_norm.weight": (k_norm,)})
     return linears, tensors
 
 

@@ -57,7 +57,7 @@ def test_gemma3_spec_reads_local_rope_and_window():
     assert np.isclose(spec.layer_rope[0].inv_freq[1], 10000.0 ** (-2 / 16))  # local base 1e4
     assert np.isclose(spec.layer_rope[1].inv_freq[1], 1e6 ** (-2 / 16))  # global base 1e6
     assert spec.attn_scale == 16 ** -0.5
-    assert spec.family.sandwich_norm and spec.family.norm_offset == 1.0
+    assert spec.family.post_norms and spec.family.norm_offset == 1.0
 
 
 ROPE_SCALINGS = {
@@ -377,7 +377,8 @@ def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
 
     from awq_edge.export.spec import model_spec
 
-    sizes = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=12, num_attention_heads=32, vocab_size=300)
+    # 160 heads: a multiple of every family's default KV heads (2, 4, 8, 20, 32)
+    sizes = dict(hidden_size=640, intermediate_size=512, num_hidden_layers=12, num_attention_heads=160, vocab_size=300)
     sparse, full = model_spec({"model_type": model_type, **sizes}), model_spec(
         AutoConfig.for_model(model_type, **sizes).to_dict())
     for field in sparse.__dataclass_fields__:

@@ -38,6 +38,22 @@ TINY_EXTRA = {
                 "logits_scaling": 2.5},
     # q/k/v biases, fused gate/up, a quarter of each head rotated in interleaved pairs
     "glm": {"partial_rotary_factor": 0.25, "head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # GLM's pieces with its two post-norms
+    "glm4": {"partial_rotary_factor": 0.25, "head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # the whole head rotated in interleaved pairs
+    "ernie4_5": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "helium": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "internlm3": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # no pre-norms, post-norms, q/k norms over all heads
+    "olmo2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # OLMo 2's block, layer 0 sliding, a RoPE base per layer type
+    "olmo3": {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"], "pad_token_id": 0,
+              "bos_token_id": 1, "eos_token_id": 2,
+              "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                  "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}},
+    # OLMo 2's block with per-head q/k norms; layer 0 sliding, layer 1 full and without RoPE
+    "exaone4": {"head_dim": 16, "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"],
+                "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # layer 1 without RoPE (no_rope_layers from the interval) and sliding (the layers without RoPE)
     "smollm3": {"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": 5, "pad_token_id": 0,
                 "bos_token_id": 1, "eos_token_id": 2},

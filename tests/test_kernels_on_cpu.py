@@ -485,6 +485,10 @@ BACKEND_CASES = {
     # launch (the persistent step refuses it: test_the_persistent_step_refuses_a_head_size_it_lacks)
     "phi3-d96": ("phi3", "auto", {"hidden_size": 192, "head_dim": 96}, True, 20, "auto",
                  {"awq_attend_mma_d96", "awq_attend_split_d96"}),
+    # OLMo 2's post-norm block: no norm before q/k/v or gate/up, the residual adds as kernels of their own,
+    # q/k norms as wide as all heads
+    "olmo2-post-norms": ("olmo2", "auto", {"num_hidden_layers": 2}, True, 20, "cuda_cores",
+                         {"awq_residual_add", "awq_head_rms_norm", "awq_gemv_store_g32_w4"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),

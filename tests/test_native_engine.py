@@ -150,7 +150,7 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True, gemv: st
     head = 3 if spec.lm_head == "int4" else 1  # (the int4 head's logits, then its top 64 re-scored)
     if gemv == "persistent_step":  # the step (with an fp16/int8 head), an int4 head's kernels, the advance
         assert decode_launches == 2 + (head if head == 3 else 0), decode_launches
-    elif fused and not spec.sandwich_norm:  # embed; per layer 4 GEMVs + attention (+ q/k norms and RoPE/KV;
+    elif fused and not spec.post_norms:  # embed; per layer 4 GEMVs + attention (+ q/k norms and RoPE/KV;
         # + act-order's 4 gathers and the 2 norms they take out of the GEMVs); norm, head, advance
         per_layer = 5 + 3 * spec.qk_norm + 6 * spec.act_order
         assert decode_launches == 1 + spec.layers * per_layer + 2 + head, decode_launches
@@ -850,8 +850,10 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
 @needs_nvcc
 @pytest.mark.parametrize("model_type, overrides",
                          [*((t, {}) for t in TINY_FAMILIES), ("qwen3", YARN), ("phi3", longrope(64, original=24)),
-                          ("smollm3", {}), ("granite", {}), ("glm", {})],
-                         ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope", "smollm3_nope", "granite", "glm"])
+                          ("smollm3", {}), ("granite", {}), ("glm", {}), ("glm4", {}), ("ernie4_5", {}),
+                          ("olmo2", {}), ("olmo3", {}), ("exaone4", {})],
+                         ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope", "smollm3_nope", "granite", "glm", "glm4",
+                              "ernie4_5", "olmo2", "olmo3", "exaone4"])
 def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)
@@ -968,7 +970,7 @@ def test_random_models_run_on_the_reference_executor(tmp_path):
 def test_the_op_list_has_what_each_family_needs(model_type, tiny_model_dir):
     config = json.loads((tiny_model_dir(model_type) / "config.json").read_text())
     spec = decoder_spec(model_spec({**config, "head_dim": 64}), 32, qkv_bias=model_type == "qwen2")
-    layers, gemma = spec.layers, spec.sandwich_norm
+    layers, post_norms = spec.layers, bool(spec.post_norms)
     for fused in (False, True):
         ops = decode_ops(spec, fused=fused)
         kinds = [op.kind for op in ops]
@@ -979,14 +981,14 @@ def test_the_op_list_has_what_each_family_needs(model_type, tiny_model_dir):
         assert sum(a["bias"] for a in linears) == (layers if model_type == "qwen2" else 0)  # on q/k/v only
         windows = [op.args["window"] for op in ops if op.kind == "attention"]
         assert windows == [w or 0 for w in model_spec(config).layer_windows]
-        sandwich = 2 * layers if gemma else 0
+        sandwich = 2 * layers if post_norms else 0
         prologues = sum(a["norm"] is not None for a in linears)
         residuals = sum(a["epilogue"] == "residual" for a in linears)
         acts = sum(a["epilogue"] == "act" for a in linears)
         if not fused:
             assert (prologues, residuals, acts, kinds.count("act")) == (0, 0, 0, layers)
             assert kinds.count("norm") == 1 + sandwich and kinds.count("add_norm") == 2 * layers
-        elif gemma:  # the sandwich norms keep the adds in add_norm: only layer 0's first norm is a prologue
+        elif post_norms:  # the post-norms keep the adds in add_norm: only layer 0's first norm is a prologue
             assert (prologues, residuals, acts, kinds.count("act")) == (1, 0, layers, 0)
             assert kinds.count("norm") == sandwich and kinds.count("add_norm") == 2 * layers
         else:  # a layer is its four linears and the attention

@@ -479,10 +479,13 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
       for (int j = 0; j < op->n; j++) op->residual[j] += op->x[j];
       rms_norm(op->residual, op->w_norm, op->n, m->eps, op->out);
       break;
-    case OP_HEAD_NORM:
+    case OP_ADD:  /* a post-norm block's residual add (OLMo 2) */
+      for (int j = 0; j < op->n; j++) op->residual[j] += op->x[j];
+      break;
+    case OP_HEAD_NORM:  /* each head, or (OLMo 2) one as wide as all */
       for (int h = 0; h < op->n; h++) {
-        float *x = op->x + op->offset + h * m->head_dim;
-        rms_norm(x, op->w_norm, m->head_dim, m->eps, x);
+        float *x = op->x + op->offset + h * op->k;
+        rms_norm(x, op->w_norm, op->k, m->eps, x);
       }
       break;
     case OP_ACT:
