@@ -763,7 +763,8 @@ class CudaBackend:
         elif op.kind == "linear":
             self.linear(op, rows, next_linear)
         elif op.kind == "add":
-            self.launch("awq_residual_add", (rows,), (NORM_THREADS,), [b[a["residual"]], b[a["x"]], ("i32", spec.hidden)])
+            self.launch("awq_residual_add", (rows,), (NORM_THREADS,),
+                        [b[a["residual"]], b[a["x"]], ("i32", spec.hidden)])
         elif op.kind == "head_norm":
             self.launch("awq_head_rms_norm", (a["heads"], rows), (NORM_THREADS,),
                         [b[a["x"]], ("i32", spec.qkv_width), ("i32", a["offset"]), ("i32", a["size"]),
