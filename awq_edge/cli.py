@@ -367,6 +367,7 @@ def run(
     verify: bool = typer.Option(False, help="check the sha256 of every engine file before loading"),
     stats: bool = typer.Option(False, help="print token counts and speed to stderr"),
     ignore_eos: bool = typer.Option(False, help="keep generating past the end-of-text token (measurements)"),
+    json_object: bool = typer.Option(False, "--json", help="the reply is one JSON object (ends where it closes)"),
 ):
     """Generate a reply to one prompt, streamed to stdout."""
     _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
@@ -382,7 +383,7 @@ def run(
 
     sampler = Sampler(eng.sampling(temperature, top_k, top_p, repetition_penalty, seed))
     ids = eng.prompt_ids(prompt, system, chat_template=not no_chat_template, template_kwargs=template_kwargs)
-    pieces = eng.stream_ids(ids, sampler, max_new_tokens, stop, ignore_eos=ignore_eos)
+    pieces = eng.stream_ids(ids, sampler, max_new_tokens, stop, ignore_eos=ignore_eos, json_object=json_object)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()

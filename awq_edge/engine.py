@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 from .engine_dir import ExportInfo, check_files, read_decoder_info, read_export_info, read_manifest
 from .errors import UserError
+from .json_reply import JsonReply
 from .memory import PREFILL_CHUNK, MemoryPlan, format_size, parse_size, peak_rss_bytes, plan_memory
 from .sampling import DeviceLogits, Sampler, SamplingSettings, sampling_with_defaults
 from .tokenizer import StreamDecoder, Tokenizer, check_template_kwargs
@@ -255,30 +256,35 @@ class Engine:
                  top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, system: str | None = None,
                  chat_template: bool = True, cancel: Callable[[], bool] | None = None,
-                 template_kwargs: dict | None = None) -> str:
+                 template_kwargs: dict | None = None, json_object: bool = False) -> str:
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                   seed, stop, system, chat_template, cancel, template_kwargs))
+                                   seed, stop, system, chat_template, cancel, template_kwargs, json_object))
 
     def stream(self, prompt, max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                stop: str | Sequence[str] | None = None, system: str | None = None,
                chat_template: bool = True, cancel: Callable[[], bool] | None = None,
-               template_kwargs: dict | None = None) -> Iterator[str]:
+               template_kwargs: dict | None = None, json_object: bool = False) -> Iterator[str]:
         """Yield text pieces as tokens are chosen. Bad values fail here, before the first piece.
         Sampling settings left None are the model's or ours (Engine.sampling); template_kwargs as
         in prompt_ids.
 
         cancel: called once per token (from the generating thread); when it returns True the
         reply ends there with finish_reason "cancelled". Pass `event.is_set` of a
-        threading.Event to stop a generation from another thread."""
+        threading.Event to stop a generation from another thread.
+
+        json_object: the reply is one JSON object (awq_edge/json_reply.py); it ends where the
+        object closes (finish_reason "stop"), or unfinished at max_new_tokens ("length")."""
         sampler = Sampler(self.sampling(temperature, top_k, top_p, repetition_penalty, seed))
         ids = self.prompt_ids(prompt, system, chat_template, template_kwargs)
-        return self.stream_ids(ids, sampler, max_new_tokens, stop, cancel=cancel)
+        return self.stream_ids(ids, sampler, max_new_tokens, stop, cancel=cancel, json_object=json_object)
 
     def stream_ids(self, ids: list[int], sampler: Sampler, max_new_tokens: int,
                    stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                   reuse_cache: bool = False, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
-        """The prompt as token ids; ignore_eos keeps going past EOS (benchmarks); cancel as in stream().
+                   reuse_cache: bool = False, cancel: Callable[[], bool] | None = None,
+                   json_object: bool = False) -> Iterator[str]:
+        """The prompt as token ids; ignore_eos keeps going past EOS (benchmarks); cancel and
+        json_object as in stream().
 
         reuse_cache: keep the cached tokens the prompt starts with (Chat does). Off for one-shot
         prompts: the same prompt then always gives the same text, because a prompt that is half
@@ -294,8 +300,9 @@ class Engine:
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         if not reuse_cache:
             self.reset()
+        constraint = JsonReply(self.tokenizer.token_bytes()) if json_object else None
         return self._run(list(ids), sampler, max_new_tokens, stops, set() if ignore_eos else self.tokenizer.eos_ids,
-                         cancel)
+                         cancel, constraint)
 
     def _forward(self, ids: Sequence[int]):
         logits = self.backend.forward(ids)
@@ -314,10 +321,13 @@ class Engine:
             logits = self._forward(ids[start:start + PREFILL_CHUNK])
         return logits, keep
 
-    def _sample(self, sampler: Sampler, logits, seen: list[int], feed: bool):
+    def _sample(self, sampler: Sampler, logits, seen: list[int], feed: bool, constraint: JsonReply | None = None):
         """(the next token, None), or where the backend runs decode ahead (the cuda backend) and
         feed is asked: (the token, the logits after feeding it), the step that feeds it queued on
-        the GPU before the token is read back, so it runs while the host handles this token."""
+        the GPU before the token is read back, so it runs while the host handles this token.
+        Under a constraint (JSON mode) the host chooses, from logits copied off the GPU."""
+        if constraint is not None:
+            return constraint.choose(logits, sampler.settings, seen, sampler.draw()), None
         if feed and getattr(self.backend, "run_ahead", False) and isinstance(logits, DeviceLogits):
             token, fed_logits = self.backend.sample_and_feed(logits.ptr, sampler.settings, seen, sampler.draw())
             self.cached_ids.append(token)
@@ -330,7 +340,8 @@ class Engine:
             self.rewind(self.backend.position - 1)
 
     def _run(self, ids: list[int], sampler: Sampler, max_new_tokens: int, stops: list[str],
-             eos_ids: set[int], cancel: Callable[[], bool] | None = None) -> Iterator[str]:
+             eos_ids: set[int], cancel: Callable[[], bool] | None = None,
+             constraint: JsonReply | None = None) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=len(ids), finish_reason="interrupted")
         self.last_stats = stats
         decoder = StreamDecoder(self.tokenizer)
@@ -346,7 +357,7 @@ class Engine:
                 reason = "cancelled"
                 break
             feed = step < max_new_tokens - 1 and self.backend.position < self.context
-            token, fed_logits = self._sample(sampler, logits, seen, feed)
+            token, fed_logits = self._sample(sampler, logits, seen, feed, constraint)
             stats.new_tokens += 1
             if t_first is None:
                 t_first = time.perf_counter()
@@ -359,6 +370,8 @@ class Engine:
                 break
             seen.append(token)
             held += decoder.push(token)
+            if constraint is not None:
+                constraint.push(token)
             if stops:
                 hit = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
                 if hit >= 0:
@@ -372,6 +385,9 @@ class Engine:
                 piece, held = held, ""
             if piece:
                 yield piece
+            if constraint is not None and constraint.done:
+                reason = "closed"  # the JSON object closed: the reply is whole
+                break
             if step == max_new_tokens - 1:
                 break  # no need to feed the last token
             if fed_logits is not None:
@@ -386,7 +402,7 @@ class Engine:
             hits = [i for i in (held.find(s) for s in stops) if i >= 0]
             if hits:
                 held, reason = held[:min(hits)], "stop"
-        stats.finish_reason = reason
+        stats.finish_reason = "stop" if reason == "closed" else reason
         if held:
             yield held
 
@@ -418,7 +434,7 @@ class Chat:
     def stream(self, content: str, max_new_tokens: int = 256, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                seed: int | None = None, stop: str | Sequence[str] | None = None,
-               cancel: Callable[[], bool] | None = None) -> Iterator[str]:
+               cancel: Callable[[], bool] | None = None, json_object: bool = False) -> Iterator[str]:
         sampler = Sampler(self.engine.sampling(temperature, top_k, top_p, repetition_penalty, seed))
         messages = self.messages + [{"role": "user", "content": content}]
         text = self.engine.tokenizer.render_chat(messages, template_kwargs=self.template_kwargs)
@@ -430,7 +446,8 @@ class Chat:
         if len(ids) >= self.engine.context:
             raise UserError(f"the conversation is {len(ids)} tokens and no longer fits in the context of "
                             f"{self.engine.context}; /reset (or chat.reset()) to start a new one")
-        pieces = self.engine.stream_ids(ids, sampler, max_new_tokens, stop, reuse_cache=True, cancel=cancel)
+        pieces = self.engine.stream_ids(ids, sampler, max_new_tokens, stop, reuse_cache=True, cancel=cancel,
+                                        json_object=json_object)
         return self._record(messages, text, ids, pieces)
 
     def _record(self, messages, text, ids, pieces) -> Iterator[str]:

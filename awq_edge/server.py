@@ -68,7 +68,6 @@ UNSUPPORTED = {"logprobs": ("log probabilities", (False, 0)), "top_logprobs": ("
                "tool_choice": ("tool choices but none and auto", ("none", "auto")),
                "functions": ("function calls (the old API; use tools)", ([],)),
                "function_call": ("function calls", ("none", "auto")),
-               "response_format": ("response formats (JSON mode)", ({"type": "text"},)),
                "echo": ("echo", (False,)), "suffix": ("suffix", ("",)), "best_of": ("best_of", (1,)),
                "audio": ("audio output", ())}
 
@@ -325,6 +324,18 @@ def stop_strings(body: dict) -> list[str]:
     return [s for s in stops if s]
 
 
+def json_object(body: dict) -> bool:
+    """response_format: {"type": "text"} (the default) or {"type": "json_object"} (JSON mode: the
+    reply is one JSON object, awq_edge/json_reply.py)."""
+    value = get(body, "response_format", dict, {"type": "text"})
+    kind = value.get("type")
+    if kind not in ("text", "json_object"):
+        hint = " (a reply held to a schema needs a schema-driven decoder)" if kind == "json_schema" else ""
+        raise ApiError(400, f"'response_format.type' {str(kind)[:40]!r} is not supported{hint}; use text or "
+                            "json_object", param="response_format", code="unsupported_parameter")
+    return kind == "json_object"
+
+
 def max_new_tokens(body: dict, prompt_tokens: int, context: int) -> int:
     """max_completion_tokens or max_tokens, capped at the room left in the context (also the default)."""
     room = context - prompt_tokens
@@ -347,6 +358,7 @@ class Job:
     max_new_tokens: int
     stops: list[str]
     ignore_eos: bool
+    json_object: bool            # response_format json_object
     stream: bool                 # send each piece as it comes (else the whole text at the end)
     loop: asyncio.AbstractEventLoop
     # ("piece", text) while streaming, then ("done", (stats, text)) or ("error", (status, message))
@@ -447,7 +459,8 @@ def run_job(server: Server, job: Job) -> tuple[GenerationStats, str]:
     engine.rewind(reusable_prefix(server, job.ids))
     text, sent, last_send = [], 0, 0.0
     for piece in engine.stream_ids(job.ids, Sampler(job.settings), job.max_new_tokens, job.stops,
-                                   ignore_eos=job.ignore_eos, reuse_cache=True, cancel=stopped):
+                                   ignore_eos=job.ignore_eos, reuse_cache=True, cancel=stopped,
+                                   json_object=job.json_object):
         text.append(piece)
         if job.stream and time.perf_counter() - last_send >= STREAM_INTERVAL_S:
             job.send("piece", "".join(text[sent:]))
@@ -502,7 +515,8 @@ def enqueue(server: Server, body: dict, ids: list[int], stream: bool) -> Job:
     """Check the generation settings, then queue the job (or 429 when the queue is full)."""
     job = Job(number=server.arrivals + 1, ids=ids, settings=sampling_settings(body, server.engine.tokenizer.sampling),
               max_new_tokens=max_new_tokens(body, len(ids), server.engine.context), stops=stop_strings(body),
-              ignore_eos=get(body, "ignore_eos", bool, False), stream=stream, loop=asyncio.get_running_loop())
+              ignore_eos=get(body, "ignore_eos", bool, False), json_object=json_object(body), stream=stream,
+              loop=asyncio.get_running_loop())
     server.counts["requests"] += 1
     try:
         server.jobs.put_nowait(job)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -73,6 +74,7 @@ class Tokenizer:
             self.chat_template = _pick_template(read("chat_template.json").get("chat_template")
                                                 or self.config.get("chat_template"), folder)
         self._template = None
+        self._token_bytes: list[bytes | None] | None = None
         generation = read("generation_config.json")
         self.eos_ids = self._eos_ids(config or {}, generation)
         self.sampling = model_sampling(generation, str(folder / "generation_config.json"))  # the model's advice
@@ -104,6 +106,33 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes as the decoder writes them (JSON mode checks tokens by them); None for a
+        special token or an id the vocabulary lacks. Byte-level BPE pieces through GPT-2's byte
+        alphabet; SentencePiece pieces with U+2581 as a space and <0xNN> byte-fallback tokens;
+        any other vocabulary's tokens each decoded alone. Built once, on first use."""
+        if self._token_bytes is None:
+            types = _decoder_types(json.loads(self.tk.to_str()).get("decoder"))
+            added = self.tk.get_added_tokens_decoder()
+            alphabet = _byte_alphabet() if "ByteLevel" in types else None
+            pieces = types & {"Metaspace", "Replace", "ByteFallback"}
+            out: list[bytes | None] = []
+            for i in range(self.vocab_size):
+                piece = self.tk.id_to_token(i)
+                if i in added:
+                    out.append(None if added[i].special else added[i].content.encode())
+                elif piece is None:
+                    out.append(None)
+                elif alphabet is not None:
+                    out.append(bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else None)
+                elif pieces:
+                    byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece) if "ByteFallback" in types else None
+                    out.append(bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode())
+                else:
+                    out.append(self.tk.decode([i]).encode())
+            self._token_bytes = out
+        return self._token_bytes
+
     # ------------------------------------------------------------ chat template
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     template_kwargs: dict | None = None) -> str:
@@ -124,6 +153,30 @@ class Tokenizer:
 
 
 TEMPLATE_KWARGS_MAX_CHARS = 1 << 16
+
+
+def _decoder_types(decoder) -> set[str]:
+    """The types of a tokenizer.json decoder and of the decoders a Sequence holds."""
+    if not isinstance(decoder, dict):
+        return set()
+    types = {decoder.get("type")}
+    for inner in decoder.get("decoders") or []:
+        types |= _decoder_types(inner)
+    return types
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
+    others, in order, for U+0100 on."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    alphabet, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[chr(b)] = b
+        else:
+            alphabet[chr(0x100 + extra)] = b
+            extra += 1
+    return alphabet
 
 
 def check_template_kwargs(kwargs) -> dict:

@@ -34,6 +34,15 @@ def test_run_streams_the_greedy_reply(engine_dir):
     assert "tok/s" in result.stderr.decode()
 
 
+def test_run_json_prints_one_json_object(engine_dir):
+    import json
+
+    result = cli("run", engine_dir, "--prompt", "Give me a JSON object with a city and its country.", "--json",
+                 "--temperature", "0", "--max-new-tokens", "120", "--stats")
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), dict) and ", stop]" in result.stderr.decode()
+
+
 def test_chat_three_turns_over_stdin(engine_dir):
     lines = [b"My name is Ada.", b"\xff\xfe not utf-8", b"What is my name?", b"/reset", b"Hello!", b"/exit",
              b"never read"]

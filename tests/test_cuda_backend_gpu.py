@@ -520,6 +520,10 @@ def test_the_engine_generates_on_the_gpu(tokenizer_dir, tmp_path):
         logits = np.asarray(reference.forward([token]))
     runs = [engine.generate("Once upon", max_new_tokens=16, temperature=0.9, seed=7) for _ in range(2)]
     assert runs[0] == runs[1]
+    from awq_edge.json_reply import JsonPrefix  # JSON mode: tokens chosen on the host from the GPU's logits
+
+    text = engine.generate("Once upon", max_new_tokens=16, temperature=0.9, seed=7, json_object=True)
+    assert JsonPrefix().feed_all(text.encode()) and engine.position == len(engine.cached_ids)
     with pytest.raises(UserError) as e:
         Engine.load(engine_dir, max_memory="100TB")
     assert "\n" not in str(e.value)

@@ -925,6 +925,17 @@ def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(e
     history = drv.array_at(backend.seen, np.int32, (int(drv.array_at(backend.n_seen, np.int32, (1,))[0]),))
     assert history.tolist() == backend.seen_mirror and history.tolist()[:len(engine.cached_ids)] == engine.cached_ids
 
+    # JSON mode with run ahead on: each token chosen on the host from the logits copied back,
+    # none fed ahead, so the cache holds the reply's ids and nothing past them
+    from awq_edge.json_reply import JsonPrefix
+
+    backend.run_ahead = True
+    for settings in (greedy, sampled):
+        text = "".join(engine.stream_ids(list(prompt), Sampler(settings), 10, json_object=True))
+        prefix, stats = JsonPrefix(), engine.last_stats
+        assert prefix.feed_all(text.encode()) and prefix.done == (stats.finish_reason == "stop"), text
+        assert engine.position == len(engine.cached_ids) == len(prompt) + stats.new_tokens - 1
+
 
 @pytest.mark.parametrize("schedule", ["plain", "adversarial", "concurrent"])
 def test_the_persistent_step_skeleton_matches_its_twin_and_stalls_rather_than_hangs(emulated, schedule):

@@ -150,6 +150,26 @@ def test_chat_streaming_and_not_give_the_same_text(served):
     assert again.choices[0].message.content == text
 
 
+def test_json_mode_replies_with_a_json_object_streamed_or_not(served):
+    """response_format json_object: the reply is an object that closes (finish_reason stop), the
+    same streamed; the same prompt without it is prose."""
+    client = served.client()
+    messages = [{"role": "user", "content": "Give me a JSON object with a city and its country."}]
+    plain = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Name three colors."}],
+                                           max_tokens=30, **GREEDY)
+    with pytest.raises(ValueError):
+        json.loads(plain.choices[0].message.content)
+    for body in ({"messages": messages}, {"messages": [{"role": "user", "content": "Name three colors."}]}):
+        reply = client.chat.completions.create(model=NAME, max_tokens=120, response_format={"type": "json_object"},
+                                               **body, **GREEDY)
+        text = reply.choices[0].message.content
+        assert reply.choices[0].finish_reason == "stop" and isinstance(json.loads(text), dict), text
+        chunks = list(client.chat.completions.create(model=NAME, max_tokens=120, stream=True,
+                                                     response_format={"type": "json_object"}, **body, **GREEDY))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
 def test_completions_streaming_and_not(served):
     client = served.client()
     reply = client.completions.create(model=NAME, prompt="The three primary colors are", max_tokens=8, **GREEDY)
@@ -293,6 +313,9 @@ def test_malformed_requests_get_openai_errors(served):
         (chat, chat_body("Hi", tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]), 400,
          "tools[0].function.parameters"),
         (chat, chat_body("Hi", tools=[TIME_TOOL], tool_choice="required"), 400, "tool_choice"),
+        (chat, chat_body("Hi", response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400,
+         "response_format"),
+        (chat, chat_body("Hi", response_format="json"), 400, "response_format"),
         (chat, chat_body("Hi", tools=[{**TIME_TOOL, "function": {"name": "f", "description": "x" * 70000}}]), 400,
          "tools"),
         (chat, json.dumps({"model": NAME, "messages": [{"role": "assistant", "content": None, "tool_calls": [
