@@ -368,6 +368,7 @@ def run(
     stats: bool = typer.Option(False, help="print token counts and speed to stderr"),
     ignore_eos: bool = typer.Option(False, help="keep generating past the end-of-text token (measurements)"),
     json_object: bool = typer.Option(False, "--json", help="the reply is one JSON object (ends where it closes)"),
+    json_schema: Optional[Path] = typer.Option(None, help="a JSON Schema file the reply is held to (docs/api.md)"),
 ):
     """Generate a reply to one prompt, streamed to stdout."""
     _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
@@ -378,12 +379,19 @@ def run(
             raise UserError("the prompt on stdin is not valid UTF-8; fix its encoding") from None
     _utf8(prompt, "the prompt")
     template_kwargs = _template_kwargs(chat_template_kwargs)
+    schema = None
+    if json_schema is not None:  # read and compiled before the engine loads: a bad schema fails fast
+        from .json_schema import schema_grammar
+        from .untrusted import read_json
+
+        schema = schema_grammar(read_json(json_schema, "give the path of a JSON Schema file"))
     eng = _load_engine(engine, max_memory, max_context, verify, threads, spin, native_decode)
     from .sampling import Sampler
 
     sampler = Sampler(eng.sampling(temperature, top_k, top_p, repetition_penalty, seed))
     ids = eng.prompt_ids(prompt, system, chat_template=not no_chat_template, template_kwargs=template_kwargs)
-    pieces = eng.stream_ids(ids, sampler, max_new_tokens, stop, ignore_eos=ignore_eos, json_object=json_object)
+    pieces = eng.stream_ids(ids, sampler, max_new_tokens, stop, ignore_eos=ignore_eos, json_object=json_object,
+                            json_schema=schema)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()

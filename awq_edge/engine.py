@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 from .engine_dir import ExportInfo, check_files, read_decoder_info, read_export_info, read_manifest
 from .errors import UserError
-from .json_reply import JsonReply
+from .json_reply import JsonReply, reply_constraint
 from .memory import PREFILL_CHUNK, MemoryPlan, format_size, parse_size, peak_rss_bytes, plan_memory
 from .sampling import DeviceLogits, Sampler, SamplingSettings, sampling_with_defaults
 from .tokenizer import StreamDecoder, Tokenizer, check_template_kwargs
@@ -256,15 +256,17 @@ class Engine:
                  top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, system: str | None = None,
                  chat_template: bool = True, cancel: Callable[[], bool] | None = None,
-                 template_kwargs: dict | None = None, json_object: bool = False) -> str:
+                 template_kwargs: dict | None = None, json_object: bool = False, json_schema=None) -> str:
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                   seed, stop, system, chat_template, cancel, template_kwargs, json_object))
+                                   seed, stop, system, chat_template, cancel, template_kwargs, json_object,
+                                   json_schema))
 
     def stream(self, prompt, max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                stop: str | Sequence[str] | None = None, system: str | None = None,
                chat_template: bool = True, cancel: Callable[[], bool] | None = None,
-               template_kwargs: dict | None = None, json_object: bool = False) -> Iterator[str]:
+               template_kwargs: dict | None = None, json_object: bool = False,
+               json_schema=None) -> Iterator[str]:
         """Yield text pieces as tokens are chosen. Bad values fail here, before the first piece.
         Sampling settings left None are the model's or ours (Engine.sampling); template_kwargs as
         in prompt_ids.
@@ -274,17 +276,20 @@ class Engine:
         threading.Event to stop a generation from another thread.
 
         json_object: the reply is one JSON object (awq_edge/json_reply.py); it ends where the
-        object closes (finish_reason "stop"), or unfinished at max_new_tokens ("length")."""
+        object closes (finish_reason "stop"), or unfinished at max_new_tokens ("length").
+        json_schema: a JSON Schema (a dict) the reply is held to (awq_edge/json_schema.py: the
+        subset taken; another is refused here, in one line); it ends where a whole value is."""
         sampler = Sampler(self.sampling(temperature, top_k, top_p, repetition_penalty, seed))
         ids = self.prompt_ids(prompt, system, chat_template, template_kwargs)
-        return self.stream_ids(ids, sampler, max_new_tokens, stop, cancel=cancel, json_object=json_object)
+        return self.stream_ids(ids, sampler, max_new_tokens, stop, cancel=cancel, json_object=json_object,
+                               json_schema=json_schema)
 
     def stream_ids(self, ids: list[int], sampler: Sampler, max_new_tokens: int,
                    stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
                    reuse_cache: bool = False, cancel: Callable[[], bool] | None = None,
-                   json_object: bool = False) -> Iterator[str]:
-        """The prompt as token ids; ignore_eos keeps going past EOS (benchmarks); cancel and
-        json_object as in stream().
+                   json_object: bool = False, json_schema=None) -> Iterator[str]:
+        """The prompt as token ids; ignore_eos keeps going past EOS (benchmarks); cancel,
+        json_object and json_schema as in stream().
 
         reuse_cache: keep the cached tokens the prompt starts with (Chat does). Off for one-shot
         prompts: the same prompt then always gives the same text, because a prompt that is half
@@ -300,9 +305,10 @@ class Engine:
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         if not reuse_cache:
             self.reset()
-        constraint = JsonReply(self.tokenizer.token_bytes()) if json_object else None
-        return self._run(list(ids), sampler, max_new_tokens, stops, set() if ignore_eos else self.tokenizer.eos_ids,
-                         cancel, constraint)
+        eos_ids = set() if ignore_eos else self.tokenizer.eos_ids
+        constraint = reply_constraint(self.tokenizer.token_bytes(), eos_ids, json_object, json_schema) \
+            if json_object or json_schema is not None else None
+        return self._run(list(ids), sampler, max_new_tokens, stops, eos_ids, cancel, constraint)
 
     def _forward(self, ids: Sequence[int]):
         logits = self.backend.forward(ids)
@@ -386,7 +392,7 @@ class Engine:
             if piece:
                 yield piece
             if constraint is not None and constraint.done:
-                reason = "closed"  # the JSON object closed: the reply is whole
+                reason = "closed"  # the JSON value is whole
                 break
             if step == max_new_tokens - 1:
                 break  # no need to feed the last token
@@ -434,7 +440,8 @@ class Chat:
     def stream(self, content: str, max_new_tokens: int = 256, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                seed: int | None = None, stop: str | Sequence[str] | None = None,
-               cancel: Callable[[], bool] | None = None, json_object: bool = False) -> Iterator[str]:
+               cancel: Callable[[], bool] | None = None, json_object: bool = False,
+               json_schema=None) -> Iterator[str]:
         sampler = Sampler(self.engine.sampling(temperature, top_k, top_p, repetition_penalty, seed))
         messages = self.messages + [{"role": "user", "content": content}]
         text = self.engine.tokenizer.render_chat(messages, template_kwargs=self.template_kwargs)
@@ -447,7 +454,7 @@ class Chat:
             raise UserError(f"the conversation is {len(ids)} tokens and no longer fits in the context of "
                             f"{self.engine.context}; /reset (or chat.reset()) to start a new one")
         pieces = self.engine.stream_ids(ids, sampler, max_new_tokens, stop, reuse_cache=True, cancel=cancel,
-                                        json_object=json_object)
+                                        json_object=json_object, json_schema=json_schema)
         return self._record(messages, text, ids, pieces)
 
     def _record(self, messages, text, ids, pieces) -> Iterator[str]:

@@ -1,4 +1,5 @@
-"""JSON mode: a reply that is one JSON object (OpenAI's response_format {"type": "json_object"}).
+"""JSON mode: a reply that is one JSON object (OpenAI's response_format {"type": "json_object"}),
+or one a JSON Schema describes (json_schema.py: {"type": "json_schema"}, forced tool calls).
 
 Each step the sampler's candidates (after the penalty, temperature, top-k and top-p) are tried in
 order against a byte-level JSON checker, and only a token whose bytes keep the reply a prefix of a
@@ -8,10 +9,11 @@ wants to write "Sure! ..." where "{" must come), the allowed token with the high
 searched among the tokens whose first byte can come next.
 
 What the checker holds to (RFC 8259): strings without raw control characters, escapes as listed,
-UTF-8 well-formed; numbers as the grammar writes them; true, false, null. Whitespace between
-tokens is one space, or a newline and at most MAX_INDENT spaces or tabs (what json.dumps writes,
-compact or indented; llama.cpp's JSON grammar has the same rule): a small model that would
-rather not write JSON otherwise fills the reply with blank lines. MAX_DEPTH bounds the nesting.
+UTF-8 well-formed; numbers as the grammar writes them; true, false, null. Whitespace goes where
+json.dumps writes it, compact or indented: after "{", "[" and ",", and before "}" and "]", one
+space or a newline and at most MAX_INDENT spaces or tabs; after ":" one space; nowhere else
+(llama.cpp's JSON grammar has a like rule): a small model that would rather not write JSON
+otherwise fills the reply with blank lines. MAX_DEPTH bounds the nesting.
 With sampling, the SAMPLED_CANDIDATES likeliest candidates are the ones tried.
 
 A token's bytes come from Tokenizer.token_bytes (byte-level BPE or SentencePiece pieces).
@@ -24,13 +26,13 @@ from .errors import UserError
 from .sampling import SamplingSettings, apply_repetition_penalty, candidates, usable_logits
 
 MAX_DEPTH = 64           # nested objects and arrays
-MAX_INDENT = 64          # spaces or tabs after a newline outside strings
+MAX_INDENT = 32          # spaces or tabs after a newline outside strings (8 levels of 4)
 GREEDY_TRIES = 64        # greedy: the highest logits tried before the first-byte search
 SAMPLED_CANDIDATES = 256  # sampling: the likeliest candidates tried (without top-k the vocabulary's tail is cut)
 
 # the checker's modes: where in the grammar the next byte falls
-(VALUE, VALUE_OR_CLOSE, KEY_OR_CLOSE, KEY, COLON, NEXT_OR_CLOSE, STRING, ESCAPE, HEX, NUMBER, LITERAL,
- DONE) = range(12)
+(VALUE, VALUE_OR_CLOSE, KEY_OR_CLOSE, KEY, COLON, MEMBER, NEXT_OR_CLOSE, STRING, ESCAPE, HEX, NUMBER, LITERAL,
+ DONE) = range(13)  # MEMBER: an object member's value, after its colon
 BLANK = frozenset(b" \t\n\r")
 SPACE, TAB, NEWLINE = b" \t\n"
 DIGITS = frozenset(b"0123456789")
@@ -130,8 +132,11 @@ class JsonPrefix:
         return ok
 
     def _blank(self, b: int) -> bool:
-        """Whitespace outside strings: one space, or a newline and up to MAX_INDENT spaces or tabs."""
+        """Whitespace outside strings: one space, or a newline and up to MAX_INDENT spaces or tabs;
+        only a space after a colon, none before a colon or a comma (where json.dumps writes none)."""
         n = self.blanks
+        if self.mode == COLON or self.mode == MEMBER and (n != 0 or b != SPACE):
+            return False
         if n == 0 and b in (SPACE, NEWLINE):
             self.blanks = -1 if b == SPACE else 1
             return True
@@ -159,14 +164,14 @@ class JsonPrefix:
         if mode == COLON:
             if c != ":":
                 return False
-            self.mode = VALUE
+            self.mode = MEMBER
             return True
         if mode == NEXT_OR_CLOSE:
-            if c != ",":
+            if c != "," or self.blanks:
                 return False
             self.mode = KEY if self.stack[-1] == "{" else VALUE
             return True
-        # VALUE or VALUE_OR_CLOSE: a value starts
+        # VALUE, VALUE_OR_CLOSE or MEMBER: a value starts
         if self.object_only and not self.stack and c != "{":
             return False
         if c in "{[":
@@ -231,23 +236,30 @@ class JsonPrefix:
 
 
 class JsonReply:
-    """The constraint a generation runs under (Engine.stream's json_object): choose() picks each
-    token, push() takes the chosen one, done says the object has closed (the reply ends there)."""
+    """The constraint a generation runs under (Engine.stream's json_object or json_schema):
+    choose() picks each token, push() takes the chosen one, done says the reply is whole (it ends
+    there). prefix: the checker, JsonPrefix (any JSON object) or json_schema.GrammarPrefix."""
 
-    def __init__(self, token_bytes: list[bytes | None]):
-        self.token_bytes = token_bytes
-        self.prefix = JsonPrefix(object_only=True)
+    def __init__(self, token_bytes: list[bytes | None], prefix=None, eos_ids=frozenset()):
+        self.token_bytes, self.eos_ids = token_bytes, eos_ids
+        self.prefix = prefix if prefix is not None else JsonPrefix(object_only=True)
         self._by_first_byte: dict[int, np.ndarray] | None = None
 
     @property
     def done(self) -> bool:
-        return self.prefix.done
+        """The reply is whole and nothing but whitespace could follow (a top-level number that
+        could go on is whole too, but ends by an end-of-sequence token)."""
+        return self.prefix.done and not any(self.prefix.copy().feed(b) for b in range(256) if b not in BLANK)
 
     def allows(self, token: int) -> bool:
+        if token in self.eos_ids:
+            return self.prefix.done
         data = self.token_bytes[token] if 0 <= token < len(self.token_bytes) else None
         return bool(data) and self.prefix.copy().feed_all(data)
 
     def push(self, token: int) -> None:
+        if token in self.eos_ids and self.prefix.done:
+            return
         if not self.allows(token):
             raise ValueError(f"token {token} does not continue the JSON reply")
         self.prefix.feed_all(self.token_bytes[token])
@@ -286,3 +298,16 @@ class JsonReply:
             if scores[token] > -np.inf and self.allows(int(token)):
                 return int(token)
         raise UserError("no token of this model can continue the JSON reply; turn JSON mode off for this model")
+
+
+def reply_constraint(token_bytes: list[bytes | None], eos_ids, json_object: bool = False,
+                     json_schema=None) -> JsonReply | None:
+    """What a generation is held to: a JSON Schema (any JSON value it allows; or the (grammar,
+    root) json_schema.schema_grammar or tool_calls_grammar made of one), any JSON object, or
+    nothing (None). eos_ids: the tokens that end a reply (allowed once it is whole)."""
+    if json_schema is not None:
+        from .json_schema import GrammarPrefix, schema_grammar
+
+        grammar = json_schema if isinstance(json_schema, tuple) else schema_grammar(json_schema)
+        return JsonReply(token_bytes, GrammarPrefix(*grammar), eos_ids)
+    return JsonReply(token_bytes, eos_ids=eos_ids) if json_object else None

@@ -51,7 +51,8 @@ from .errors import UserError
 from .memory import peak_rss_bytes
 from .sampling import Sampler, SamplingSettings, sampling_with_defaults
 from .tokenizer import TEMPLATE_KWARGS_MAX_CHARS, check_template_kwargs
-from .tool_calls import ToolCallStream, parse_tool_calls
+from .json_schema import NO_ARGUMENTS, schema_grammar, tool_calls_grammar
+from .tool_calls import ToolCallStream, parse_tool_calls, tool_call
 
 MAX_STOPS = 16          # stop strings per request (OpenAI allows 4)
 MAX_TOOLS = 128         # tools per request (OpenAI's limit)
@@ -65,7 +66,6 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context_fu
 # Features of OpenAI's API that this server does not have: refused unless null or one of these defaults.
 UNSUPPORTED = {"logprobs": ("log probabilities", (False, 0)), "top_logprobs": ("log probabilities", (0,)),
                "logit_bias": ("logit_bias", ({},)),
-               "tool_choice": ("tool choices but none and auto", ("none", "auto")),
                "functions": ("function calls (the old API; use tools)", ([],)),
                "function_call": ("function calls", ("none", "auto")),
                "echo": ("echo", (False,)), "suffix": ("suffix", ("",)), "best_of": ("best_of", (1,)),
@@ -324,16 +324,92 @@ def stop_strings(body: dict) -> list[str]:
     return [s for s in stops if s]
 
 
-def json_object(body: dict) -> bool:
-    """response_format: {"type": "text"} (the default) or {"type": "json_object"} (JSON mode: the
-    reply is one JSON object, awq_edge/json_reply.py)."""
-    value = get(body, "response_format", dict, {"type": "text"})
-    kind = value.get("type")
-    if kind not in ("text", "json_object"):
-        hint = " (a reply held to a schema needs a schema-driven decoder)" if kind == "json_schema" else ""
-        raise ApiError(400, f"'response_format.type' {str(kind)[:40]!r} is not supported{hint}; use text or "
-                            "json_object", param="response_format", code="unsupported_parameter")
-    return kind == "json_object"
+@dataclass
+class ReplyFormat:
+    """What a reply is held to: any JSON object (json_object), a compiled schema (grammar:
+    json_schema's (grammar, root)), and the call it must be (forced: "required", a tool's name)."""
+    json_object: bool = False
+    grammar: tuple | None = None
+    forced: str | None = None
+
+
+def reply_format(body: dict, tools: list[dict]) -> ReplyFormat:
+    """response_format text, json_object or json_schema; tool_choice auto, none, required or a
+    named function. A schema outside what awq_edge/json_schema.py takes is a 400 naming it."""
+    choice = body.get("tool_choice")
+    fmt = get(body, "response_format", dict, {"type": "text"})
+    kind = fmt.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, f"'response_format.type' {str(kind)[:40]!r} is not one of text, json_object, json_schema",
+                       param="response_format", code="unsupported_parameter")
+    if choice in (None, "auto", "none"):
+        if kind != "json_schema":
+            return ReplyFormat(json_object=kind == "json_object")
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+            raise ApiError(400, "'response_format.json_schema' must be {\"name\": ..., \"schema\": {...}}",
+                           param="response_format.json_schema", code="invalid_type")
+        return ReplyFormat(grammar=compiled(lambda: schema_grammar(spec.get("schema", {})),
+                                            "response_format.json_schema.schema"))
+    if kind != "text":
+        raise ApiError(400, "'tool_choice' required or a named function holds the reply to a call; send "
+                            "response_format text with it", param="response_format", code="unsupported_parameter")
+    functions = {t["function"]["name"]: t["function"].get("parameters") for t in tools}
+    if choice == "required":
+        if not functions:
+            raise ApiError(400, "'tool_choice' is 'required' but no tools are offered", param="tool_choice")
+        parallel = get(body, "parallel_tool_calls", bool, True)
+        return ReplyFormat(grammar=compiled(lambda: tool_calls_grammar(functions, parallel), "tools"),
+                           forced="required")
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        and isinstance(choice.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise ApiError(400, "'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": "
+                            "{\"name\": ...}}", param="tool_choice", code="invalid_value")
+    if name not in functions:
+        raise ApiError(400, f"'tool_choice' names {name[:64]!r}, which is not among the tools offered",
+                       param="tool_choice", code="invalid_value")
+    parameters = functions[name]
+    return ReplyFormat(grammar=compiled(lambda: schema_grammar(NO_ARGUMENTS if parameters is None else parameters),
+                                        "tools"), forced=name)
+
+
+def compiled(build, param: str) -> tuple:
+    try:
+        return build()
+    except UserError as e:
+        raise ApiError(400, str(e), param=param, code="unsupported_parameter") from None
+
+
+def forced_calls(text: str, forced: str) -> tuple[str | None, list[dict]]:
+    """(content, calls) of a reply held to a call: a named function's arguments are the reply
+    itself; tool_choice "required"'s reply is the array of calls (one call without parallel tool
+    calls). A reply cut short (max_tokens) that is not whole JSON stays text."""
+    try:
+        value = json.loads(text)
+        if forced == "required":
+            calls = [(c["name"], c["arguments"]) for c in (value if isinstance(value, list) else [value])]
+        else:
+            calls = [(forced, value)]
+    except (ValueError, TypeError, KeyError):
+        return text, []
+    return None, [tool_call(name, arguments) for name, arguments in calls]
+
+
+class ForcedCallStream:
+    """ToolCallStream's interface for a reply held to a call: nothing is streamed as text; the
+    calls are sent whole at the end."""
+
+    def __init__(self, forced: str):
+        self.forced, self.pieces = forced, []
+
+    def feed(self, piece: str) -> str:
+        self.pieces.append(piece)
+        return ""
+
+    def finish(self) -> tuple[str, list[dict]]:
+        content, calls = forced_calls("".join(self.pieces), self.forced)
+        return content or "", calls
 
 
 def max_new_tokens(body: dict, prompt_tokens: int, context: int) -> int:
@@ -358,7 +434,7 @@ class Job:
     max_new_tokens: int
     stops: list[str]
     ignore_eos: bool
-    json_object: bool            # response_format json_object
+    format: ReplyFormat          # response_format, or the call tool_choice requires
     stream: bool                 # send each piece as it comes (else the whole text at the end)
     loop: asyncio.AbstractEventLoop
     # ("piece", text) while streaming, then ("done", (stats, text)) or ("error", (status, message))
@@ -460,7 +536,7 @@ def run_job(server: Server, job: Job) -> tuple[GenerationStats, str]:
     text, sent, last_send = [], 0, 0.0
     for piece in engine.stream_ids(job.ids, Sampler(job.settings), job.max_new_tokens, job.stops,
                                    ignore_eos=job.ignore_eos, reuse_cache=True, cancel=stopped,
-                                   json_object=job.json_object):
+                                   json_object=job.format.json_object, json_schema=job.format.grammar):
         text.append(piece)
         if job.stream and time.perf_counter() - last_send >= STREAM_INTERVAL_S:
             job.send("piece", "".join(text[sent:]))
@@ -511,11 +587,11 @@ def record(server: Server, job: Job, stats: GenerationStats) -> None:
           f"waited {job.started - job.arrived:.2f} s, took {done - job.started:.2f} s", file=sys.stderr, flush=True)
 
 
-def enqueue(server: Server, body: dict, ids: list[int], stream: bool) -> Job:
+def enqueue(server: Server, body: dict, ids: list[int], stream: bool, fmt: ReplyFormat) -> Job:
     """Check the generation settings, then queue the job (or 429 when the queue is full)."""
     job = Job(number=server.arrivals + 1, ids=ids, settings=sampling_settings(body, server.engine.tokenizer.sampling),
               max_new_tokens=max_new_tokens(body, len(ids), server.engine.context), stops=stop_strings(body),
-              ignore_eos=get(body, "ignore_eos", bool, False), json_object=json_object(body), stream=stream,
+              ignore_eos=get(body, "ignore_eos", bool, False), format=fmt, stream=stream,
               loop=asyncio.get_running_loop())
     server.counts["requests"] += 1
     try:
@@ -563,12 +639,14 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def answer(request: Request, server: Server, body: dict, ids: list[int], chat: bool, tools: set[str]):
-    """tools: the names of the tools offered (a chat's): the reply is parsed for calls of them."""
+async def answer(request: Request, server: Server, body: dict, ids: list[int], chat: bool, tools: set[str],
+                 fmt: ReplyFormat):
+    """tools: the names of the tools offered (a chat's): the reply is parsed for calls of them,
+    or is the call fmt.forced asks for."""
     stream = get(body, "stream", bool, False)
     stream_options = get(body, "stream_options", dict, {})
     include_usage = stream and get(stream_options, "include_usage", bool, False)
-    job = enqueue(server, body, ids, stream)
+    job = enqueue(server, body, ids, stream, fmt)
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.number}",
             "object": ("chat.completion" if chat else "text_completion") + (".chunk" if stream and chat else ""),
             "created": int(job.arrived), "model": server.name}
@@ -590,7 +668,8 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
     if kind == "error":
         raise ApiError(*value)
     stats, text = value
-    content, calls = parse_tool_calls(text, tools) if tools else (text, [])
+    content, calls = forced_calls(text, fmt.forced) if fmt.forced else \
+        parse_tool_calls(text, tools) if tools else (text, [])
     finish = "tool_calls" if calls else FINISH_REASONS.get(stats.finish_reason)
     calls = tool_call_objects(job, calls, False)
     return JSONResponse({**head, "choices": [choice(chat, content, finish, False, calls)], "usage": usage(stats)})
@@ -607,7 +686,8 @@ async def sse(job: Job, head: dict, chat: bool, include_usage: bool, tools: set[
         if chat:
             yield event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                               "logprobs": None, "finish_reason": None}]})
-        held = ToolCallStream(tools) if tools else None
+        forced = job.format.forced
+        held = ForcedCallStream(forced) if forced else ToolCallStream(tools) if tools else None
         while (item := await job.events.get())[0] == "piece":
             if text := held.feed(item[1]) if held else item[1]:
                 yield event({**head, "choices": [choice(chat, text, None, True)]})
@@ -661,9 +741,10 @@ async def completion(request: Request, server: Server, chat: bool):
     check_supported(body)
     prompt, field_name = (chat_messages(body), "messages") if chat else (completion_prompt(body), "prompt")
     tools = chat_tools(body) if chat else []
+    fmt = reply_format(body, tools)
     kwargs = {**template_kwargs(body), **({"tools": tools} if tools else {})} if chat else None
     ids = await run_in_threadpool(tokenize, server.engine, prompt, field_name, kwargs)
-    return await answer(request, server, body, ids, chat, {t["function"]["name"] for t in tools})
+    return await answer(request, server, body, ids, chat, {t["function"]["name"] for t in tools}, fmt)
 
 
 def model_card(server: Server) -> dict:

@@ -43,6 +43,28 @@ def test_run_json_prints_one_json_object(engine_dir):
     assert isinstance(json.loads(result.stdout), dict) and ", stop]" in result.stderr.decode()
 
 
+def test_run_json_schema_holds_the_reply_to_the_schema_and_refuses_a_bad_one(engine_dir, tmp_path):
+    import json
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "size": {"enum": ["small", "large"]}},
+              "required": ["city", "size"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    result = cli("run", engine_dir, "--prompt", "Tell me about Paris.", "--json-schema", tmp_path / "schema.json",
+                 "--temperature", "0", "--max-new-tokens", "60")
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert set(reply) == {"city", "size"} and reply["size"] in ("small", "large") and len(reply["city"]) <= 30
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "string", "pattern": "^a"}))
+    assert "'pattern'" in one_line_error(cli("run", engine_dir, "--prompt", "hi", "--json-schema",
+                                             tmp_path / "bad.json"))
+    assert "is missing" in one_line_error(cli("run", engine_dir, "--prompt", "hi", "--json-schema",
+                                              tmp_path / "missing.json"))
+    (tmp_path / "broken.json").write_text('{"type": ')
+    assert "cannot be read as JSON" in one_line_error(cli("run", engine_dir, "--prompt", "hi", "--json-schema",
+                                                          tmp_path / "broken.json"))
+
+
 def test_chat_three_turns_over_stdin(engine_dir):
     lines = [b"My name is Ada.", b"\xff\xfe not utf-8", b"What is my name?", b"/reset", b"Hello!", b"/exit",
              b"never read"]

@@ -170,6 +170,49 @@ def test_json_mode_replies_with_a_json_object_streamed_or_not(served):
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}, "country": {"type": "string"},
+                                         "population": {"type": "integer"},
+                                         "size": {"enum": ["small", "medium", "large"]}},
+        "required": ["city", "country", "population", "size"], "additionalProperties": False}
+MOVE_TOOL = {"type": "function", "function": {"name": "move_arm", "description": "Move the arm to x, y (cm).",
+                                              "parameters": {"type": "object", "properties": {
+                                                  "x": {"type": "number"}, "y": {"type": "number"}},
+                                                  "required": ["x", "y"], "additionalProperties": False}}}
+
+
+def test_json_schema_replies_and_forced_tool_calls_streamed_or_not(served):
+    """response_format json_schema: the reply is valid under the schema (a real validator says);
+    tool_choice a named function or required: the reply is that call (or one of the tools'), its
+    arguments valid under the tool's parameters, sent as tool_calls, streamed or not."""
+    jsonschema = pytest.importorskip("jsonschema")
+    client = served.client()
+    ask = [{"role": "user", "content": "Tell me about Paris."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    reply = client.chat.completions.create(model=NAME, messages=ask, max_tokens=160, response_format=fmt, **GREEDY)
+    text = reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop", text
+    jsonschema.validate(json.loads(text), CITY)
+    chunks = list(client.chat.completions.create(model=NAME, messages=ask, max_tokens=160, response_format=fmt,
+                                                 stream=True, **GREEDY))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    tools = {t["function"]["name"]: t["function"]["parameters"] for t in (TIME_TOOL, MOVE_TOOL)}
+    move = [{"role": "user", "content": "Move the arm 5 cm to the right and 2 cm up."}]
+    for choice, names in (({"type": "function", "function": {"name": "move_arm"}}, {"move_arm"}),
+                          ("required", set(tools))):
+        kwargs = dict(model=NAME, messages=move, tools=[TIME_TOOL, MOVE_TOOL], tool_choice=choice, max_tokens=80,
+                      parallel_tool_calls=False, **GREEDY)
+        reply = client.chat.completions.create(**kwargs)
+        message, calls = reply.choices[0].message, reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "tool_calls" and not message.content and len(calls) == 1, reply
+        assert calls[0].function.name in names
+        jsonschema.validate(json.loads(calls[0].function.arguments), tools[calls[0].function.name])
+        deltas = [c.choices[0].delta for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
+        streamed = [t for d in deltas for t in d.tool_calls or []]
+        assert [(t.function.name, t.function.arguments) for t in streamed] == \
+            [(calls[0].function.name, calls[0].function.arguments)]
+        assert "".join(d.content or "" for d in deltas) == ""
+
+
 def test_completions_streaming_and_not(served):
     client = served.client()
     reply = client.completions.create(model=NAME, prompt="The three primary colors are", max_tokens=8, **GREEDY)
@@ -312,9 +355,19 @@ def test_malformed_requests_get_openai_errors(served):
         (chat, chat_body("Hi", tools=[{"type": "function", "function": {"name": "two words"}}]), 400, "tools[0]"),
         (chat, chat_body("Hi", tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]), 400,
          "tools[0].function.parameters"),
-        (chat, chat_body("Hi", tools=[TIME_TOOL], tool_choice="required"), 400, "tool_choice"),
-        (chat, chat_body("Hi", response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400,
-         "response_format"),
+        (chat, chat_body("Hi", tool_choice="required"), 400, "tool_choice"),  # no tools
+        (chat, chat_body("Hi", tools=[TIME_TOOL], tool_choice={"type": "function", "function": {"name": "fly"}}),
+         400, "tool_choice"),
+        (chat, chat_body("Hi", tools=[TIME_TOOL], tool_choice="sometimes"), 400, "tool_choice"),
+        (chat, chat_body("Hi", tools=[TIME_TOOL], tool_choice="required", response_format={"type": "json_object"}),
+         400, "response_format"),
+        (chat, chat_body("Hi", tools=[{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}}}], tool_choice="required"),
+         400, "tools"),
+        (chat, chat_body("Hi", response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "string", "pattern": "^a"}}}), 400, "response_format.json_schema.schema"),
+        (chat, chat_body("Hi", response_format={"type": "json_schema"}), 400, "response_format.json_schema"),
+        (chat, chat_body("Hi", response_format={"type": "xml"}), 400, "response_format"),
         (chat, chat_body("Hi", response_format="json"), 400, "response_format"),
         (chat, chat_body("Hi", tools=[{**TIME_TOOL, "function": {"name": "f", "description": "x" * 70000}}]), 400,
          "tools"),
