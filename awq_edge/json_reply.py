@@ -45,15 +45,20 @@ LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 NUMBER_ENDS = (N_ZERO, N_INT, N_FRAC, N_EXP_DIGITS)
 
 
+# The well-formed UTF-8 sequences past ASCII (RFC 3629): a lead byte's range, the range of the
+# byte after it (no overlong forms, no surrogates, nothing past U+10FFFF), then how many more
+# continuation bytes (0x80-0xBF). json_schema.py's grammar spells out the same table.
+UTF8_FORMS = (((0xC2, 0xDF), (0x80, 0xBF), 0), ((0xE0, 0xE0), (0xA0, 0xBF), 1), ((0xE1, 0xEC), (0x80, 0xBF), 1),
+              ((0xED, 0xED), (0x80, 0x9F), 1), ((0xEE, 0xEF), (0x80, 0xBF), 1), ((0xF0, 0xF0), (0x90, 0xBF), 2),
+              ((0xF1, 0xF3), (0x80, 0xBF), 2), ((0xF4, 0xF4), (0x80, 0x8F), 2))
+
+
 def utf8_lead(byte: int) -> tuple[int, int, int] | None:
     """(continuation bytes to come, the range of the first one) for a UTF-8 lead byte >= 0x80, or
     None where it cannot lead (a continuation byte, an overlong C0/C1, F5-FF)."""
-    if 0xC2 <= byte <= 0xDF:
-        return 1, 0x80, 0xBF
-    if 0xE0 <= byte <= 0xEF:  # no overlong forms (E0) nor surrogates (ED)
-        return 2, 0xA0 if byte == 0xE0 else 0x80, 0x9F if byte == 0xED else 0xBF
-    if 0xF0 <= byte <= 0xF4:  # no overlong forms (F0) nor past U+10FFFF (F4)
-        return 3, 0x90 if byte == 0xF0 else 0x80, 0x8F if byte == 0xF4 else 0xBF
+    for (low, high), (next_low, next_high), more in UTF8_FORMS:
+        if low <= byte <= high:
+            return 1 + more, next_low, next_high
     return None
 
 

@@ -25,11 +25,11 @@ from __future__ import annotations
 import json
 
 from .errors import UserError
+from .json_reply import MAX_INDENT, UTF8_FORMS
 
 MAX_UNROLL = 256       # minItems/maxItems and minLength/maxLength are unrolled into this many rules at most
 MAX_RULES = 50_000     # a schema that compiles to more is refused (a request is untrusted input)
 MAX_NESTING = 64       # nested schemas
-INDENT = 32            # json_reply.MAX_INDENT
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "format", "deprecated", "readOnly",
                          "writeOnly", "$schema", "$id", "$comment", "$defs", "definitions"})
 KEYWORDS = frozenset({"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required",
@@ -154,17 +154,14 @@ class SchemaCompiler:
         self.document = document
         self.g = Grammar()
         g = self.g
-        # whitespace: nothing, a space, or a newline and up to INDENT spaces or tabs
+        # whitespace: nothing, a space, or a newline and up to MAX_INDENT spaces or tabs
         indent = g.rule([])
-        for _ in range(INDENT):
+        for _ in range(MAX_INDENT):
             indent = g.rule([], [byte_set(0x20, 0x09), indent])
         self.ws = g.rule([], g.literal(b" "), [*g.literal(b"\n"), indent])
         self.colon = g.rule(g.literal(b":"), g.literal(b": "))  # a key's colon, and one space after it or none
         cont = byte_set((0x80, 0xBF))
-        utf8 = g.rule([byte_set((0xC2, 0xDF)), cont], [byte_set(0xE0), byte_set((0xA0, 0xBF)), cont],
-                      [byte_set((0xE1, 0xEC), (0xEE, 0xEF)), cont, cont], [byte_set(0xED), byte_set((0x80, 0x9F)), cont],
-                      [byte_set(0xF0), byte_set((0x90, 0xBF)), cont, cont], [byte_set((0xF1, 0xF3)), cont, cont, cont],
-                      [byte_set(0xF4), byte_set((0x80, 0x8F)), cont, cont])
+        utf8 = g.rule(*[[byte_set(lead), byte_set(second), *[cont] * more] for lead, second, more in UTF8_FORMS])
         hex_digit = byte_set((0x30, 0x39), (0x41, 0x46), (0x61, 0x66))
         escape = g.rule([byte_set(*b'"\\/bfnrt')], [*g.literal(b"u"), hex_digit, hex_digit, hex_digit, hex_digit])
         self.char = g.rule([byte_set((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x7F))], [*g.literal(b"\\"), escape], [utf8])
