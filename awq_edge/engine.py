@@ -30,7 +30,7 @@ from .engine_dir import ExportInfo, check_files, read_decoder_info, read_export_
 from .errors import UserError
 from .json_reply import JsonReply, reply_constraint
 from .memory import PREFILL_CHUNK, MemoryPlan, format_size, parse_size, peak_rss_bytes, plan_memory
-from .sampling import DeviceLogits, Sampler, SamplingSettings, sampling_with_defaults
+from .sampling import DeviceLogits, Sampler, SamplingSettings, sampling_with_defaults, token_logprobs
 from .tokenizer import StreamDecoder, Tokenizer, check_template_kwargs
 
 
@@ -112,6 +112,9 @@ def open_backend(path: Path, manifest: dict, info, plan: MemoryPlan, threads: in
 
 # ---------------------------------------------------------------- generation
 
+MAX_TOP_LOGPROBS = 20  # alternatives kept per token (OpenAI's top_logprobs limit)
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -165,6 +168,7 @@ class Engine:
         self.plan = plan
         self.cached_ids: list[int] = []   # the ids whose K/V the backend holds, in order
         self.last_stats = GenerationStats()
+        self.last_logprobs: list[tuple] = []  # (token, logprob, top alternatives): stream_ids' logprobs
 
     @classmethod
     def load(cls, path, max_memory=None, max_context: int | None = None, threads: int | None = None,
@@ -287,9 +291,12 @@ class Engine:
     def stream_ids(self, ids: list[int], sampler: Sampler, max_new_tokens: int,
                    stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
                    reuse_cache: bool = False, cancel: Callable[[], bool] | None = None,
-                   json_object: bool = False, json_schema=None) -> Iterator[str]:
+                   json_object: bool = False, json_schema=None, logprobs: int | None = None) -> Iterator[str]:
         """The prompt as token ids; ignore_eos keeps going past EOS (benchmarks); cancel,
-        json_object and json_schema as in stream().
+        json_object and json_schema as in stream(). logprobs: keep each chosen token's log
+        probability and the top `logprobs` alternatives' in last_logprobs (a list of (token,
+        logprob, [(id, logprob), ...]) that grows as tokens are chosen; the end-of-sequence token
+        is not in it), from the model's raw logits (sampling.token_logprobs).
 
         reuse_cache: keep the cached tokens the prompt starts with (Chat does). Off for one-shot
         prompts: the same prompt then always gives the same text, because a prompt that is half
@@ -308,7 +315,9 @@ class Engine:
         eos_ids = set() if ignore_eos else self.tokenizer.eos_ids
         constraint = reply_constraint(self.tokenizer.token_bytes(), eos_ids, json_object, json_schema) \
             if json_object or json_schema is not None else None
-        return self._run(list(ids), sampler, max_new_tokens, stops, eos_ids, cancel, constraint)
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise UserError(f"logprobs must be 0..{MAX_TOP_LOGPROBS} (the top alternatives kept), got {logprobs}")
+        return self._run(list(ids), sampler, max_new_tokens, stops, eos_ids, cancel, constraint, logprobs)
 
     def _forward(self, ids: Sequence[int]):
         logits = self.backend.forward(ids)
@@ -347,9 +356,9 @@ class Engine:
 
     def _run(self, ids: list[int], sampler: Sampler, max_new_tokens: int, stops: list[str],
              eos_ids: set[int], cancel: Callable[[], bool] | None = None,
-             constraint: JsonReply | None = None) -> Iterator[str]:
+             constraint: JsonReply | None = None, logprobs: int | None = None) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=len(ids), finish_reason="interrupted")
-        self.last_stats = stats
+        self.last_stats, self.last_logprobs = stats, []
         decoder = StreamDecoder(self.tokenizer)
         held = ""  # decoded text not yet yielded because it may be the start of a stop string
         t0 = time.perf_counter()
@@ -362,8 +371,11 @@ class Engine:
             if cancel is not None and cancel():
                 reason = "cancelled"
                 break
-            feed = step < max_new_tokens - 1 and self.backend.position < self.context
+            # (the host needs each step's logits for a constraint or logprobs: no decode run ahead then)
+            feed = step < max_new_tokens - 1 and self.backend.position < self.context and logprobs is None
             token, fed_logits = self._sample(sampler, logits, seen, feed, constraint)
+            if logprobs is not None and token not in eos_ids:
+                self.last_logprobs.append((token, *token_logprobs(logits, token, logprobs)))
             stats.new_tokens += 1
             if t_first is None:
                 t_first = time.perf_counter()

@@ -123,6 +123,18 @@ def choose_token(logits: np.ndarray, settings: SamplingSettings, seen_ids=(), un
     return int(ids[min(np.searchsorted(np.cumsum(probs), uniform), len(ids) - 1)])
 
 
+def token_logprobs(logits, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """(the log probability of token, the top ids with theirs, best first) under the model's own
+    distribution: the raw logits' log-softmax, in float64, before any penalty, temperature or cut
+    (OpenAI's logprobs). A NaN logit counts as -inf, as in choose_token."""
+    logits = usable_logits(np.asarray(logits, dtype=np.float32)).astype(np.float64)
+    shifted = logits - logits.max()
+    logp = shifted - np.log(np.exp(shifted).sum())
+    ids = np.argpartition(logp, -top)[-top:] if 0 < top < logp.size else np.arange(logp.size if top else 0)
+    ids = ids[np.argsort(-logp[ids], kind="stable")]
+    return float(logp[token]), [(int(i), float(logp[i])) for i in ids]
+
+
 _LARGEST_FP32_BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))
 
 

@@ -46,7 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .engine import PREFILL_CHUNK, Engine, GenerationStats
+from .engine import MAX_TOP_LOGPROBS, PREFILL_CHUNK, Engine, GenerationStats
 from .errors import UserError
 from .memory import peak_rss_bytes
 from .sampling import Sampler, SamplingSettings, sampling_with_defaults
@@ -64,8 +64,7 @@ RECENT = 64             # finished requests kept for /stats
 STREAM_INTERVAL_S = 0.02
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length"}
 # Features of OpenAI's API that this server does not have: refused unless null or one of these defaults.
-UNSUPPORTED = {"logprobs": ("log probabilities", (False, 0)), "top_logprobs": ("log probabilities", (0,)),
-               "logit_bias": ("logit_bias", ({},)),
+UNSUPPORTED = {"logit_bias": ("logit_bias", ({},)),
                "functions": ("function calls (the old API; use tools)", ([],)),
                "function_call": ("function calls", ("none", "auto")),
                "echo": ("echo", (False,)), "suffix": ("suffix", ("",)), "best_of": ("best_of", (1,)),
@@ -412,6 +411,56 @@ class ForcedCallStream:
         return content or "", calls
 
 
+def logprobs_asked(body: dict, chat: bool) -> int | None:
+    """How many alternatives to send with each token's log probability, or None for none: a chat's
+    logprobs (true/false) and top_logprobs (0-20); a completion's logprobs (0-5, OpenAI's legacy)."""
+    if not chat:
+        top = get(body, "logprobs", int)
+        if top is not None and not 0 <= top <= 5:
+            raise ApiError(400, f"'logprobs' must be 0..5 (the alternatives per token), got {top}", param="logprobs")
+        return top
+    top = get(body, "top_logprobs", int)
+    if not get(body, "logprobs", bool, False):
+        if top:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return None
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'top_logprobs' must be 0..{MAX_TOP_LOGPROBS}, got {top}", param="top_logprobs")
+    return top or 0
+
+
+class LogprobFormat:
+    """OpenAI's logprobs object for a reply's (token, logprob, alternatives) entries
+    (Engine.last_logprobs): a chat's {"content": [{token, logprob, bytes, top_logprobs}]}, a
+    completion's {tokens, token_logprobs, top_logprobs, text_offset}, whose offsets run on across
+    the chunks of a stream. A log probability of -inf is sent as -9999.0, as OpenAI does."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tokenizer, self.table, self.chat, self.offset = tokenizer, tokenizer.token_bytes(), chat, 0
+
+    def token(self, token: int) -> tuple[str, list[int]]:
+        data = self.table[token] if token < len(self.table) and self.table[token] is not None else \
+            self.tokenizer.decode([token], skip_special_tokens=False).encode()
+        return data.decode("utf-8", "backslashreplace"), list(data)
+
+    def __call__(self, entries: list[tuple]) -> dict | None:
+        if not entries:
+            return None
+        if self.chat:
+            def one(token, logprob):
+                text, data = self.token(token)
+                return {"token": text, "logprob": max(logprob, -9999.0), "bytes": data}
+            return {"content": [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in top]}
+                                for t, lp, top in entries], "refusal": None}
+        tokens, offsets = [self.token(t)[0] for t, _, _ in entries], []
+        for text in tokens:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [max(lp, -9999.0) for _, lp, _ in entries],
+                "top_logprobs": [{self.token(a)[0]: max(alp, -9999.0) for a, alp in top} for _, _, top in entries],
+                "text_offset": offsets}
+
+
 def max_new_tokens(body: dict, prompt_tokens: int, context: int) -> int:
     """max_completion_tokens or max_tokens, capped at the room left in the context (also the default)."""
     room = context - prompt_tokens
@@ -435,9 +484,11 @@ class Job:
     stops: list[str]
     ignore_eos: bool
     format: ReplyFormat          # response_format, or the call tool_choice requires
+    logprobs: int | None         # alternatives sent with each token's log probability (None: no logprobs)
     stream: bool                 # send each piece as it comes (else the whole text at the end)
     loop: asyncio.AbstractEventLoop
-    # ("piece", text) while streaming, then ("done", (stats, text)) or ("error", (status, message))
+    # ("piece", (text, logprob entries)) while streaming, then ("done", (stats, text, logprob entries))
+    # or ("error", (status, message))
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.time)
@@ -523,28 +574,36 @@ def reusable_prefix(server: Server, ids: list[int]) -> int:
     return n
 
 
-def run_job(server: Server, job: Job) -> tuple[GenerationStats, str]:
-    """One reply. While streaming, pieces go to the handler as they come, those of STREAM_INTERVAL_S together."""
+def run_job(server: Server, job: Job) -> tuple[GenerationStats, str, list]:
+    """One reply: (stats, text, logprob entries). While streaming, pieces go to the handler as they
+    come, those of STREAM_INTERVAL_S together, each with the logprob entries chosen since the last."""
     engine = server.engine
 
     def stopped() -> bool:  # checked once per token
         return job.cancel.is_set() or server.closing
 
     if stopped():  # its client left while it waited (or the server is closing): skip it
-        return GenerationStats(finish_reason="cancelled"), ""
+        return GenerationStats(finish_reason="cancelled"), "", []
     engine.rewind(reusable_prefix(server, job.ids))
-    text, sent, last_send = [], 0, 0.0
+    text, sent, sent_logprobs, last_send = [], 0, 0, 0.0
+
+    def send() -> None:
+        nonlocal sent, sent_logprobs
+        job.send("piece", ("".join(text[sent:]), engine.last_logprobs[sent_logprobs:]))
+        sent, sent_logprobs = len(text), len(engine.last_logprobs)
+
     for piece in engine.stream_ids(job.ids, Sampler(job.settings), job.max_new_tokens, job.stops,
                                    ignore_eos=job.ignore_eos, reuse_cache=True, cancel=stopped,
-                                   json_object=job.format.json_object, json_schema=job.format.grammar):
+                                   json_object=job.format.json_object, json_schema=job.format.grammar,
+                                   logprobs=job.logprobs):
         text.append(piece)
         if job.stream and time.perf_counter() - last_send >= STREAM_INTERVAL_S:
-            job.send("piece", "".join(text[sent:]))
-            sent, last_send = len(text), time.perf_counter()
-    if job.stream and sent < len(text):
-        job.send("piece", "".join(text[sent:]))
+            send()
+            last_send = time.perf_counter()
+    if job.stream and (sent < len(text) or sent_logprobs < len(engine.last_logprobs)):
+        send()
     server.prompt_rows = len(job.ids)
-    return engine.last_stats, "".join(text)
+    return engine.last_stats, "".join(text), list(engine.last_logprobs)
 
 
 def worker(server: Server) -> None:
@@ -554,21 +613,21 @@ def worker(server: Server) -> None:
         job.started = time.time()
         error = None
         try:
-            stats, text = run_job(server, job)
+            stats, text, logprobs = run_job(server, job)
             if server.closing and stats.finish_reason == "cancelled":
                 error = (503, "the server is shutting down; send the request again when it is back")
         except Exception as e:  # a bug, not the client's fault: log it, answer 500, start the next job clean
             traceback.print_exc()
             server.engine.reset()
             server.prompt_rows = 0
-            stats, text = GenerationStats(finish_reason="error"), ""
+            stats, text, logprobs = GenerationStats(finish_reason="error"), "", []
             error = (500, f"the engine failed: {type(e).__name__}: {e}")
         server.running = None
         record(server, job, stats)  # before the answer, so a client that then asks /stats finds it
         if error:
             job.send("error", error)
         else:
-            job.send("done", (stats, text))
+            job.send("done", (stats, text, logprobs))
 
 
 def record(server: Server, job: Job, stats: GenerationStats) -> None:
@@ -587,12 +646,12 @@ def record(server: Server, job: Job, stats: GenerationStats) -> None:
           f"waited {job.started - job.arrived:.2f} s, took {done - job.started:.2f} s", file=sys.stderr, flush=True)
 
 
-def enqueue(server: Server, body: dict, ids: list[int], stream: bool, fmt: ReplyFormat) -> Job:
+def enqueue(server: Server, body: dict, ids: list[int], chat: bool, stream: bool, fmt: ReplyFormat) -> Job:
     """Check the generation settings, then queue the job (or 429 when the queue is full)."""
     job = Job(number=server.arrivals + 1, ids=ids, settings=sampling_settings(body, server.engine.tokenizer.sampling),
               max_new_tokens=max_new_tokens(body, len(ids), server.engine.context), stops=stop_strings(body),
-              ignore_eos=get(body, "ignore_eos", bool, False), format=fmt, stream=stream,
-              loop=asyncio.get_running_loop())
+              ignore_eos=get(body, "ignore_eos", bool, False), format=fmt, logprobs=logprobs_asked(body, chat),
+              stream=stream, loop=asyncio.get_running_loop())
     server.counts["requests"] += 1
     try:
         server.jobs.put_nowait(job)
@@ -615,15 +674,16 @@ def usage(stats: GenerationStats) -> dict:
             "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
 
 
-def choice(chat: bool, text: str | None, finish_reason: str | None, stream: bool, calls: list | None = None) -> dict:
+def choice(chat: bool, text: str | None, finish_reason: str | None, stream: bool, calls: list | None = None,
+           logprobs: dict | None = None) -> dict:
     if not chat:
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
     message = {} if text is None else {"content": text}
     if calls:
         message["tool_calls"] = calls
     if stream:
-        return {"index": 0, "delta": message, "logprobs": None, "finish_reason": finish_reason}
-    return {"index": 0, "message": {"role": "assistant", "content": text, **message}, "logprobs": None,
+        return {"index": 0, "delta": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": 0, "message": {"role": "assistant", "content": text, **message}, "logprobs": logprobs,
             "finish_reason": finish_reason}
 
 
@@ -646,13 +706,14 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
     stream = get(body, "stream", bool, False)
     stream_options = get(body, "stream_options", dict, {})
     include_usage = stream and get(stream_options, "include_usage", bool, False)
-    job = enqueue(server, body, ids, stream, fmt)
+    job = enqueue(server, body, ids, chat, stream, fmt)
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.number}",
             "object": ("chat.completion" if chat else "text_completion") + (".chunk" if stream and chat else ""),
             "created": int(job.arrived), "model": server.name}
     if stream:
-        return StreamingResponse(sse(job, head, chat, include_usage, tools), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        logprobs = LogprobFormat(server.engine.tokenizer, chat) if job.logprobs is not None else None
+        return StreamingResponse(sse(job, head, chat, include_usage, tools, logprobs),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     result = asyncio.ensure_future(job.events.get())
     gone = asyncio.ensure_future(wait_for_disconnect(request))
@@ -667,20 +728,30 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
     kind, value = result.result()
     if kind == "error":
         raise ApiError(*value)
-    stats, text = value
+    stats, text, entries = value
     content, calls = forced_calls(text, fmt.forced) if fmt.forced else \
         parse_tool_calls(text, tools) if tools else (text, [])
     finish = "tool_calls" if calls else FINISH_REASONS.get(stats.finish_reason)
     calls = tool_call_objects(job, calls, False)
-    return JSONResponse({**head, "choices": [choice(chat, content, finish, False, calls)], "usage": usage(stats)})
+    logprobs = LogprobFormat(server.engine.tokenizer, chat)(entries) if job.logprobs is not None else None
+    return JSONResponse({**head, "choices": [choice(chat, content, finish, False, calls, logprobs)],
+                         "usage": usage(stats)})
 
 
-async def sse(job: Job, head: dict, chat: bool, include_usage: bool, tools: set[str]):
+async def sse(job: Job, head: dict, chat: bool, include_usage: bool, tools: set[str],
+              logprobs: LogprobFormat | None = None):
     """Server-sent events: one chunk per text piece, a last chunk with finish_reason, data: [DONE].
     With tools offered, text that may be a call is held back (ToolCallStream) and its calls sent
-    whole in one chunk before the last."""
+    whole in one chunk before the last. Logprob entries go with the next chunk sent after them."""
+    pending = []
+
     def event(payload: dict) -> str:
         return f"data: {json.dumps(payload)}\n\n"
+
+    def with_logprobs(*args, **kwargs) -> dict:
+        entries = pending[:]
+        pending.clear()
+        return choice(*args, **kwargs, logprobs=logprobs(entries) if logprobs else None)
 
     try:
         if chat:
@@ -689,18 +760,20 @@ async def sse(job: Job, head: dict, chat: bool, include_usage: bool, tools: set[
         forced = job.format.forced
         held = ForcedCallStream(forced) if forced else ToolCallStream(tools) if tools else None
         while (item := await job.events.get())[0] == "piece":
-            if text := held.feed(item[1]) if held else item[1]:
-                yield event({**head, "choices": [choice(chat, text, None, True)]})
+            piece, entries = item[1]
+            pending.extend(entries)
+            if text := held.feed(piece) if held else piece:
+                yield event({**head, "choices": [with_logprobs(chat, text, None, True)]})
         kind, value = item
         if kind == "error":
             yield event({"error": {"message": value[1], "type": "server_error", "param": None, "code": None}})
         else:
             stats, (rest, calls) = value[0], held.finish() if held else ("", [])
             if rest or calls:
-                yield event({**head, "choices": [choice(chat, rest or None, None, True,
-                                                        tool_call_objects(job, calls, True))]})
+                yield event({**head, "choices": [with_logprobs(chat, rest or None, None, True,
+                                                               tool_call_objects(job, calls, True))]})
             finish = "tool_calls" if calls else FINISH_REASONS.get(stats.finish_reason)
-            yield event({**head, "choices": [choice(chat, None, finish, True)]})
+            yield event({**head, "choices": [with_logprobs(chat, None, finish, True)]})
             if include_usage:
                 yield event({**head, "choices": [], "usage": usage(stats)})
         yield "data: [DONE]\n\n"
@@ -741,7 +814,7 @@ async def completion(request: Request, server: Server, chat: bool):
     check_supported(body)
     prompt, field_name = (chat_messages(body), "messages") if chat else (completion_prompt(body), "prompt")
     tools = chat_tools(body) if chat else []
-    fmt = reply_format(body, tools)
+    fmt = await run_in_threadpool(reply_format, body, tools)  # (a large schema takes a while to compile)
     kwargs = {**template_kwargs(body), **({"tools": tools} if tools else {})} if chat else None
     ids = await run_in_threadpool(tokenize, server.engine, prompt, field_name, kwargs)
     return await answer(request, server, body, ids, chat, {t["function"]["name"] for t in tools}, fmt)

@@ -213,6 +213,42 @@ def test_json_schema_replies_and_forced_tool_calls_streamed_or_not(served):
         assert "".join(d.content or "" for d in deltas) == ""
 
 
+def test_logprobs_are_the_engines_streamed_or_not(served, engine_dir):
+    """logprobs: each token's log probability and top alternatives (the raw model's), the tokens'
+    texts making up the reply, greedy's token the best alternative; the same in a stream and
+    from the engine in-process; completions in the legacy form, with offsets."""
+    from awq_edge.engine import Engine
+    from awq_edge.sampling import Sampler, SamplingSettings
+
+    client = served.client()
+    messages = [{"role": "user", "content": "Name three colors."}]
+    reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, logprobs=True,
+                                           top_logprobs=3, **GREEDY)
+    entries = reply.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == reply.choices[0].message.content
+    assert len(entries) == reply.usage.completion_tokens - (reply.choices[0].finish_reason == "stop")
+    for e in entries:
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+        assert len(e.top_logprobs) == 3 and (e.token, e.logprob) == (e.top_logprobs[0].token, e.top_logprobs[0].logprob)
+        assert e.logprob <= 0 and bytes(e.bytes).decode() == e.token
+    chunks = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, logprobs=True,
+                                            top_logprobs=3, stream=True, **GREEDY)
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    engine = Engine.load(engine_dir)
+    "".join(engine.stream_ids(engine.prompt_ids("Name three colors."), Sampler(SamplingSettings(0.0)), 12,
+                              logprobs=3))
+    assert [lp for _, lp, _ in engine.last_logprobs] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    done = client.completions.create(model=NAME, prompt="The three primary colors are", max_tokens=8, logprobs=2,
+                                     **GREEDY)
+    legacy = done.choices[0].logprobs
+    assert "".join(legacy.tokens) == done.choices[0].text and len(legacy.token_logprobs) == 8
+    assert legacy.text_offset == [sum(len(t) for t in legacy.tokens[:i]) for i in range(8)]
+    assert all(len(top) == 2 and max(top.values()) == lp for top, lp in zip(legacy.top_logprobs, legacy.token_logprobs))
+    plain = client.chat.completions.create(model=NAME, messages=messages, max_tokens=4, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
 def test_completions_streaming_and_not(served):
     client = served.client()
     reply = client.completions.create(model=NAME, prompt="The three primary colors are", max_tokens=8, **GREEDY)
@@ -346,7 +382,10 @@ def test_malformed_requests_get_openai_errors(served):
         (chat, chat_body("Hi", max_tokens=2.5), 400, "max_tokens"),
         (chat, chat_body("Hi", n=2), 400, "n"),
         (chat, chat_body("Hi", presence_penalty=0.5), 400, "presence_penalty"),
-        (chat, chat_body("Hi", logprobs=True), 400, "logprobs"),
+        (chat, chat_body("Hi", logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+        (chat, chat_body("Hi", top_logprobs=2), 400, "top_logprobs"),  # (without logprobs: true)
+        (chat, chat_body("Hi", logprobs="yes"), 400, "logprobs"),
+        (f"{url}/completions", json.dumps({"model": NAME, "prompt": "Hi", "logprobs": 6}).encode(), 400, "logprobs"),
         (chat, chat_body("Hi", stop=5), 400, "stop"),
         (chat, chat_body("Hi", seed=-1), 400, "seed"),
         (chat, chat_body("Hi", stream="yes"), 400, "stream"),
