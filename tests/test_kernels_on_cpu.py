@@ -935,6 +935,11 @@ def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(e
         prefix, stats = JsonPrefix(), engine.last_stats
         assert prefix.feed_all(text.encode()) and prefix.done == (stats.finish_reason == "stop"), text
         assert engine.position == len(engine.cached_ids) == len(prompt) + stats.new_tokens - 1
+    # logprobs: the same, from the logits on the device; greedy's token is each step's best
+    "".join(engine.stream_ids(list(prompt), Sampler(greedy), 6, logprobs=2))
+    chosen = [token for token, _, _ in engine.last_logprobs]
+    assert chosen == engine.cached_ids[len(prompt):] + chosen[-1:] and engine.position == len(engine.cached_ids)
+    assert all(top[0] == (token, logprob) for token, logprob, top in engine.last_logprobs)
 
 
 @pytest.mark.parametrize("schedule", ["plain", "adversarial", "concurrent"])
