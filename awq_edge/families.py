@@ -76,6 +76,10 @@ FAMILIES: dict[str, Family] = {
                                 ("sliding_window", 4096), ("tie_word_embeddings", True),
                                 ("query_pre_attn_scalar", 256), ("rope_theta", 1e6),
                                 ("rope_local_base_freq", 10000.0))),
+        # Ministral 8B (2410): Mistral under its own model_type, its sliding layers as config.json lists them
+        Family("ministral", ("ministral",), sliding_layers="all",
+               config_defaults=(("max_position_embeddings", 131072), ("sliding_window", 4096),
+                                ("num_key_value_heads", 8))),
         # Ministral 3 (3B, 8B, 14B; the language model of their vision-language checkpoints): Mistral
         # with YaRN, queries scaled past the original context
         Family("ministral3", ("ministral3",), sliding_layers="all", llama4_query_scaling=True,
@@ -130,6 +134,10 @@ FAMILIES: dict[str, Family] = {
         Family("smollm3", ("smollm3",), nope_layers="listed", sliding_layers="nope",
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 4),
                                 ("tie_word_embeddings", True), ("rope_theta", 2e6))),
+        # Gemma (2B, 7B; CodeGemma): Llama with Gemma's (1 + w) norms, scaled embeddings and gelu_tanh
+        Family("gemma", ("gemma",), norm_offset=1.0, embed_scale=True, activation="gelu_tanh",
+               config_defaults=(("max_position_embeddings", 8192), ("num_key_value_heads", 16), ("head_dim", 256),
+                                ("tie_word_embeddings", True))),
         # Gemma 2 (2B, 9B, 27B): Gemma 3 without the q/k norms, with soft-capped scores and logits,
         # every other layer sliding, one RoPE base
         Family("gemma2", ("gemma2",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,

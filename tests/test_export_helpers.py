@@ -57,6 +57,11 @@ TINY_EXTRA = {
     # layer 1 without RoPE (no_rope_layers from the interval) and sliding (the layers without RoPE)
     "smollm3": {"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": 5, "pad_token_id": 0,
                 "bos_token_id": 1, "eos_token_id": 2},
+    # Gemma 1: (1 + w) norms, scaled embeddings, gelu_tanh, no post-norms
+    "gemma": {"head_dim": 16},
+    # layer 0 sliding, layer 1 full, as its layer_types lists them
+    "ministral": {"head_dim": 16, "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"],
+                  "pad_token_id": 0},
     # every other layer sliding (no layer_types: the family's rule), soft-caps small enough to bend
     "gemma2": {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 0.5,
                "final_logit_softcapping": 0.5},
