@@ -248,7 +248,6 @@ class JsonReply:
     def __init__(self, token_bytes: list[bytes | None], prefix=None, eos_ids=frozenset()):
         self.token_bytes, self.eos_ids = token_bytes, eos_ids
         self.prefix = prefix if prefix is not None else JsonPrefix(object_only=True)
-        self._by_first_byte: dict[int, np.ndarray] | None = None
 
     @property
     def done(self) -> bool:
@@ -293,16 +292,25 @@ class JsonReply:
 
     def best_allowed(self, scores: np.ndarray) -> int:
         """The allowed token with the highest score, among those whose first byte can come next."""
-        if self._by_first_byte is None:
-            firsts = np.array([data[0] if data else -1 for data in self.token_bytes])
-            self._by_first_byte = {b: np.flatnonzero(firsts == b) for b in range(256)}
+        by_first_byte = first_byte_index(self.token_bytes)
         nexts = [b for b in range(256) if self.prefix.copy().feed(b)]
-        ids = np.concatenate([self._by_first_byte[b] for b in nexts]) if nexts else np.zeros(0, np.int64)
+        ids = np.concatenate([by_first_byte[b] for b in nexts]) if nexts else np.zeros(0, np.int64)
         ids = ids[ids < scores.size]
         for token in ids[np.argsort(-scores[ids], kind="stable")]:
             if scores[token] > -np.inf and self.allows(int(token)):
                 return int(token)
         raise UserError("no token of this model can continue the JSON reply; turn JSON mode off for this model")
+
+
+_FIRST_BYTES: dict[int, tuple] = {}  # id(token_bytes) -> (token_bytes, its index): one per tokenizer table
+
+
+def first_byte_index(token_bytes: list[bytes | None]) -> dict[int, np.ndarray]:
+    """byte -> the ids of the tokens that start with it (built once per table)."""
+    if id(token_bytes) not in _FIRST_BYTES:
+        firsts = np.array([data[0] if data else -1 for data in token_bytes])
+        _FIRST_BYTES[id(token_bytes)] = (token_bytes, {b: np.flatnonzero(firsts == b) for b in range(256)})
+    return _FIRST_BYTES[id(token_bytes)][1]
 
 
 def reply_constraint(token_bytes: list[bytes | None], eos_ids, json_object: bool = False,
