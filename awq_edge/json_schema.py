@@ -28,8 +28,12 @@ from .errors import UserError
 from .json_reply import MAX_INDENT, UTF8_FORMS
 
 MAX_UNROLL = 256       # minItems/maxItems and minLength/maxLength are unrolled into this many rules at most
-MAX_RULES = 50_000     # a schema that compiles to more is refused (a request is untrusted input)
+MAX_RULES = 50_000     # a schema that compiles to more rules, alternatives of one rule or elements
+MAX_ALTERNATIVES = 1024  # in all is refused (a request is untrusted input)
+MAX_ELEMENTS = 1_000_000
 MAX_NESTING = 64       # nested schemas
+MAX_STACKS = 4096      # parses kept at once: an ambiguous schema (anyOf of the same value twice, nested)
+                       # would double them at each level; past this some are dropped, never a wrong one kept
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "format", "deprecated", "readOnly",
                          "writeOnly", "$schema", "$id", "$comment", "$defs", "definitions"})
 KEYWORDS = frozenset({"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required",
@@ -55,6 +59,7 @@ class Grammar:
         self.rules: list[list[int]] = []    # rule id -> the ids of its alternatives
         self.alts: list[tuple] = []          # alternative id -> its elements
         self.named: dict = {}                # shared rules: key -> rule id
+        self.elements = 0                    # in all alternatives (bounded: MAX_ELEMENTS)
         self._bytes = [byte_set(b) for b in range(256)]
 
     def new(self) -> int:
@@ -65,9 +70,16 @@ class Grammar:
         return len(self.rules) - 1
 
     def define(self, rule: int, *alternatives) -> int:
+        if len(alternatives) > MAX_ALTERNATIVES:
+            raise UserError(f"the schema has a choice of {len(alternatives)} (an enum, anyOf or type list); at "
+                            f"most {MAX_ALTERNATIVES} can hold a reply")
         for alt in alternatives:
+            self.elements += len(alt)
             self.alts.append(tuple(alt))
             self.rules[rule].append(len(self.alts) - 1)
+        if self.elements > MAX_ELEMENTS:
+            raise UserError(f"the schema is too large to hold a reply to (over {MAX_ELEMENTS} grammar elements); "
+                            "simplify it")
         return rule
 
     def rule(self, *alternatives) -> int:
@@ -119,6 +131,8 @@ class GrammarPrefix:
                     self._expand(stack[:-1] + ((alt, i + 1),), out)
         if not out:
             return False
+        if len(out) > MAX_STACKS:  # (sound still: each parse kept is one the grammar has)
+            out = sorted(out)[:MAX_STACKS]
         self.stacks = frozenset(out)
         return True
 

@@ -110,6 +110,21 @@ def test_a_schema_outside_the_subset_is_one_line_naming_why(schema, needle):
     assert re.search(needle, str(e.value)) and "\n" not in str(e.value), str(e.value)
 
 
+def test_hostile_schemas_are_bounded():
+    """A request's schema is untrusted: a huge choice is refused in one line, and an ambiguous one
+    (the same value twice in an anyOf, nested: parses double at each level) stays fast and sound."""
+    import time
+
+    with pytest.raises(UserError, match="a choice of 5000"):
+        schema_grammar({"enum": list(range(5000))})
+    doubling = {"$defs": {"a": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/a"}},
+                                          {"type": "array", "items": {"$ref": "#/$defs/a"}}]}}, "$ref": "#/$defs/a"}
+    prefix, started = GrammarPrefix(*schema_grammar(doubling)), time.perf_counter()
+    text = b"[" * 40 + b"]" * 40
+    assert prefix.feed_all(text) and prefix.done and time.perf_counter() - started < 20
+    jsonschema.validate(json.loads(text), doubling)
+
+
 def test_tool_calls_grammar_is_an_array_of_calls_each_by_its_tools_parameters():
     weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
                "additionalProperties": False}
