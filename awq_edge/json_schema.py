@@ -6,8 +6,9 @@ llama.cpp's grammar sampler also keeps). json_reply.JsonReply picks tokens with 
 plain JSON checker.
 
 The schema subset (what OpenAI's structured outputs take, and a little more):
-- type (one or a list), enum, const, anyOf, oneOf (as anyOf), allOf of one schema, $ref into
-  the document (#, #/$defs/..., #/definitions/...: recursion allowed), {} or true for any value;
+- type (one or a list), enum and const (their values of that type), anyOf, oneOf (as anyOf),
+  allOf of one schema (keywords beside a combinator held in each branch), $ref into the
+  document (#, #/$defs/..., #/definitions/...: recursion allowed), {} or true for any value;
 - objects: properties (written in the schema's order; a required one always, an optional one
   or not), required, additionalProperties (false, true or a schema; absent with properties
   means none are written, which the schema allows);
@@ -16,7 +17,9 @@ The schema subset (what OpenAI's structured outputs take, and a little more):
 - annotations are read past: title, description, default, examples, format (an annotation in
   JSON Schema 2020-12), deprecated, readOnly, writeOnly, $schema, $id, $comment, $defs.
 Any other keyword (pattern, minimum, multipleOf, ...) is refused in one line that names it and
-where it is, rather than ignored: a reply would not be held to it.
+where it is, rather than ignored: a reply would not be held to it. So is a keyword beside $ref,
+beside an enum (but type), or contradicting a combinator's branch. One hole is left: with both
+properties and additionalProperties, a free key may repeat a listed one.
 
 Whitespace goes where json_reply's checker lets it: where json.dumps writes it.
 """
@@ -258,23 +261,22 @@ class SchemaCompiler:
             raise ValueError(f"{where}: the schema keyword '{unknown[0]}' is not supported (a reply cannot be held "
                              "to it here); remove it")
         if "$ref" in schema:
+            beside = sorted(set(schema) - ANNOTATIONS - {"$ref"})
+            if beside:
+                raise ValueError(f"{where}: '{beside[0]}' beside $ref is not supported; move it into the referenced "
+                                 "schema")
             return self.reference(schema["$ref"], where, depth)
-        if "const" in schema:
-            return g.rule(self.literal_value(schema["const"]))
-        if "enum" in schema:
-            values = schema["enum"]
-            if not isinstance(values, list) or not values:
-                raise ValueError(f"{where}/enum: must be a non-empty array")
-            return g.rule(*[self.literal_value(v) for v in values])
+        if "const" in schema or "enum" in schema:
+            return g.rule(*[self.literal_value(v) for v in self.values(schema, where)])
         for key in ("anyOf", "oneOf", "allOf"):
             if key in schema:
                 branches = schema[key]
                 if not isinstance(branches, list) or not branches or key == "allOf" and len(branches) != 1:
                     raise ValueError(f"{where}/{key}: must be a non-empty array" +
                                      (" of one schema (allOf of several is not supported)" if key == "allOf" else ""))
-                rest = {k: v for k, v in schema.items() if k != key and k not in ANNOTATIONS}
-                return g.rule(*[[self.compile({**rest, **b} if rest and isinstance(b, dict) else b,
-                                              f"{where}/{key}/{i}", depth + 1)] for i, b in enumerate(branches)])
+                beside = {k: v for k, v in schema.items() if k != key and k not in ANNOTATIONS}
+                return g.rule(*[[self.compile(self.merged(beside, b, f"{where}/{key}/{i}"), f"{where}/{key}/{i}",
+                                              depth + 1)] for i, b in enumerate(branches)])
         kind = schema.get("type")
         if kind is None:  # what its keywords imply, or any value
             kind = "object" if "properties" in schema or "additionalProperties" in schema else \
@@ -285,6 +287,37 @@ class SchemaCompiler:
         if not kinds or any(k not in TYPES for k in kinds):
             raise ValueError(f"{where}/type: {json.dumps(kind)[:60]} is not one of {', '.join(TYPES)}")
         return g.rule(*[[self.typed(k, schema, where, depth)] for k in kinds])
+
+    @staticmethod
+    def values(schema: dict, where: str) -> list:
+        """An enum's or a const's values, those of its type where it gives one (a value of another
+        type could not pass the schema)."""
+        values = [schema["const"]] if "const" in schema else schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{where}/enum: must be a non-empty array")
+        beside = sorted(set(schema) - ANNOTATIONS - {"const", "enum", "type"})
+        if beside:
+            raise ValueError(f"{where}: '{beside[0]}' beside an enum or const is not supported")
+        if "enum" in schema and "const" in schema:
+            values = [v for v in values if v in schema["enum"]]
+        if "type" in schema:
+            kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+            values = [v for v in values if json_types(v) & set(kinds)]
+        if not values:
+            raise ValueError(f"{where}: no value of its enum or const can pass its type")
+        return values
+
+    @staticmethod
+    def merged(beside: dict, branch, where: str):
+        """An anyOf/oneOf/allOf branch with the keywords beside the combinator (both must hold)."""
+        if branch is True or not beside:
+            return beside or branch
+        if not isinstance(branch, dict):
+            return branch  # (compile refuses it)
+        clash = sorted(k for k in beside if k in branch and branch[k] != beside[k])
+        if clash:
+            raise ValueError(f"{where}: its '{clash[0]}' differs from the one beside it, which is not supported")
+        return {**beside, **branch}
 
     def reference(self, ref, where: str, depth: int) -> int:
         """The rule of a $ref, resolved in the document being compiled (built once per document)."""
@@ -365,6 +398,17 @@ class SchemaCompiler:
 
 
 NO_ARGUMENTS = {"type": "object", "additionalProperties": False}  # a function without parameters: {}
+
+
+def json_types(value) -> set[str]:
+    """The JSON Schema types a value has (an integral number is an integer and a number)."""
+    if value is None:
+        return {"null"}
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, (int, float)):
+        return {"number", "integer"} if float(value).is_integer() else {"number"}
+    return {str: {"string"}, list: {"array"}, dict: {"object"}}.get(type(value), set())
 
 
 def schema_grammar(schema) -> tuple[Grammar, int]:

@@ -38,6 +38,10 @@ SCHEMAS = {
     "anything": ({}, [[1, {"a": None}], "text", 2.5e-3, {"k": [True]}]),
     "nullable string": ({"anyOf": [{"type": "string"}, {"type": "null"}], "title": "x", "default": None},
                         ["é ü", None]),
+    # an enum's values of another type, and a branch of "true" beside a type, cannot let that type go
+    "typed enum": ({"type": ["string", "null"], "enum": ["a", 1, None, 2.5]}, ["a", None]),
+    "combinator and type": ({"type": "object", "anyOf": [True, {"properties": {"x": {"type": "integer"}},
+                                                                "required": ["x"]}]}, [{}, {"x": 1}]),
 }
 
 
@@ -101,6 +105,10 @@ def test_the_grammar_refuses_what_the_schema_refuses():
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "'b' is not among its properties"),
     ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, "allOf of several is not supported"),
     ([1, 2], "must be an object or true"),
+    ({"$ref": "#/$defs/a", "type": "string", "$defs": {"a": {}}}, "'type' beside \\$ref"),
+    ({"enum": ["a", "bb"], "maxLength": 1}, "'maxLength' beside an enum"),
+    ({"type": "string", "anyOf": [{"type": "integer"}]}, "anyOf/0: its 'type' differs"),
+    ({"type": "string", "const": 3}, "no value of its enum or const can pass its type"),
 ])
 def test_a_schema_outside_the_subset_is_one_line_naming_why(schema, needle):
     import re
