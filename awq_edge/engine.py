@@ -310,13 +310,13 @@ class Engine:
             raise UserError(f"the prompt is {len(ids)} tokens but the context holds {self.context} "
                             "(one more is needed for the reply); shorten it or raise --max-context/--max-memory")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        if not reuse_cache:
-            self.reset()
-        eos_ids = set() if ignore_eos else self.tokenizer.eos_ids
-        constraint = reply_constraint(self.tokenizer.token_bytes(), eos_ids, json_object, json_schema) \
-            if json_object or json_schema is not None else None
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise UserError(f"logprobs must be 0..{MAX_TOP_LOGPROBS} (the top alternatives kept), got {logprobs}")
+        eos_ids = set() if ignore_eos else self.tokenizer.eos_ids
+        constraint = reply_constraint(self.tokenizer.token_bytes(), eos_ids, json_object, json_schema) \
+            if json_object or json_schema is not None else None  # (a bad schema fails here, the cache kept)
+        if not reuse_cache:
+            self.reset()
         return self._run(list(ids), sampler, max_new_tokens, stops, eos_ids, cancel, constraint, logprobs)
 
     def _forward(self, ids: Sequence[int]):
