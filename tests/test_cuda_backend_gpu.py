@@ -147,6 +147,13 @@ def test_a_head_size_96_model_matches_the_reference(gemv, tokenizer_dir, tmp_pat
     check_against_reference(engine, 320, cublas=False, gemv=gemv)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_a_post_norm_block_matches_the_reference(fused, tokenizer_dir, tmp_path):
+    """OLMo 2's block: no pre-norms (q/k/v and gate/up read h), the residual adds as kernels of their
+    own, q/k norms one head as wide as all heads; prefill on our GEMM, decode on the default GEMV."""
+    check_against_reference(tiny_engine(tmp_path, "olmo2", tokenizer_dir), 320, fused=fused, cublas=False)
+
+
 @pytest.mark.parametrize("cublas", [False, None], ids=["ours", "cublas"])
 def test_a_gptq_act_order_model_matches_the_reference(cublas, tokenizer_dir, tmp_path):
     """A GPTQ act-order (desc_act) checkpoint: a gather kernel before each linear, prefill on our
