@@ -48,6 +48,26 @@ def test_sampling_follows_the_distribution_and_the_seed():
     assert [again(logits) for _ in range(50)] == list(draws[:50])
 
 
+def test_token_logprobs_are_the_raw_logits_log_softmax():
+    """logprobs come from the model's own distribution: normalized, in float64, NaN as -inf, the
+    top alternatives best first; not from the sampler's (temperature, penalty)."""
+    from awq_edge.sampling import token_logprobs
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal(1000) * 8).astype(np.float32)
+    logits[7] = np.nan
+    want = logits.astype(np.float64)
+    want[7] = -np.inf
+    want = want - want.max() - np.log(np.exp(want - want.max()).sum())
+    logprob, top = token_logprobs(logits, 3, 5)
+    assert logprob == pytest.approx(want[3], abs=1e-12)
+    assert [i for i, _ in top] == list(np.argsort(-want)[:5]) and [lp for _, lp in top] == pytest.approx(
+        sorted(want, reverse=True)[:5], abs=1e-12)
+    _, everything = token_logprobs(logits, 0, 1000)
+    assert sum(np.exp(lp) for _, lp in everything) == pytest.approx(1.0, abs=1e-9)
+    assert token_logprobs(logits, 7, 0) == (-np.inf, [])
+
+
 def test_repetition_penalty_pushes_seen_tokens_down():
     logits = np.array([2.0, -1.0, 1.0], dtype=np.float32)
     out = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
