@@ -422,17 +422,18 @@ def schema_grammar(schema) -> tuple[Grammar, int]:
         raise UserError(f"the JSON schema cannot hold a reply: {reason}") from None
 
 
-def tool_calls_grammar(functions: dict[str, dict | None], parallel: bool = True) -> tuple[Grammar, int]:
+def tool_calls_grammar(functions: dict[str, dict], parallel: bool = True) -> tuple[Grammar, int]:
     """(grammar, root) of a reply that calls tools (tool_choice "required"): a JSON array of one or
     more {"name": one of functions, "arguments": what its parameters schema allows}, or (not
-    parallel) one such object. functions: name -> parameters (None: no parameters); each schema's
-    $refs resolve in that schema. UserError names the function whose schema is outside the subset."""
+    parallel) one such object. functions: name -> parameters schema (NO_ARGUMENTS for a function
+    without); each schema's $refs resolve in that schema. UserError names the function whose
+    schema is outside the subset."""
     compiler = SchemaCompiler(None)
     g, calls = compiler.g, []
     for name, parameters in functions.items():
         compiler.document = parameters
         try:
-            arguments = compiler.compile(NO_ARGUMENTS if parameters is None else parameters)
+            arguments = compiler.compile(parameters)
         except (ValueError, RecursionError) as e:
             reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)
             raise UserError(f"the parameters of tool {name!r} cannot hold a call: {reason}") from None

@@ -48,11 +48,11 @@ from starlette.routing import Route
 
 from .engine import MAX_TOP_LOGPROBS, PREFILL_CHUNK, Engine, GenerationStats
 from .errors import UserError
+from .json_schema import NO_ARGUMENTS, schema_grammar, tool_calls_grammar
 from .memory import peak_rss_bytes
 from .sampling import Sampler, SamplingSettings, sampling_with_defaults
 from .tokenizer import TEMPLATE_KWARGS_MAX_CHARS, check_template_kwargs
-from .json_schema import NO_ARGUMENTS, schema_grammar, tool_calls_grammar
-from .tool_calls import ToolCallStream, parse_tool_calls, tool_call
+from .tool_calls import ToolCallStream, calls_in, parse_tool_calls, tool_call
 
 MAX_STOPS = 16          # stop strings per request (OpenAI allows 4)
 MAX_TOOLS = 128         # tools per request (OpenAI's limit)
@@ -353,7 +353,7 @@ def reply_format(body: dict, tools: list[dict]) -> ReplyFormat:
     if kind != "text":
         raise ApiError(400, "'tool_choice' required or a named function holds the reply to a call; send "
                             "response_format text with it", param="response_format", code="unsupported_parameter")
-    functions = {t["function"]["name"]: t["function"].get("parameters") for t in tools}
+    functions = {t["function"]["name"]: t["function"].get("parameters", NO_ARGUMENTS) for t in tools}
     if choice == "required":
         if not functions:
             raise ApiError(400, "'tool_choice' is 'required' but no tools are offered", param="tool_choice")
@@ -368,9 +368,7 @@ def reply_format(body: dict, tools: list[dict]) -> ReplyFormat:
     if name not in functions:
         raise ApiError(400, f"'tool_choice' names {name[:64]!r}, which is not among the tools offered",
                        param="tool_choice", code="invalid_value")
-    parameters = functions[name]
-    return ReplyFormat(grammar=compiled(lambda: schema_grammar(NO_ARGUMENTS if parameters is None else parameters),
-                                        "tools"), forced=name)
+    return ReplyFormat(grammar=compiled(lambda: schema_grammar(functions[name]), "tools"), forced=name)
 
 
 def compiled(build, param: str) -> tuple:
@@ -380,34 +378,33 @@ def compiled(build, param: str) -> tuple:
         raise ApiError(400, str(e), param=param, code="unsupported_parameter") from None
 
 
-def forced_calls(text: str, forced: str) -> tuple[str | None, list[dict]]:
+def forced_calls(text: str, forced: str, names: set[str]) -> tuple[str | None, list[dict]]:
     """(content, calls) of a reply held to a call: a named function's arguments are the reply
     itself; tool_choice "required"'s reply is the array of calls (one call without parallel tool
-    calls). A reply cut short (max_tokens) that is not whole JSON stays text."""
+    calls), read as any reply's JSON calls are. A reply cut short (max_tokens) that is not whole
+    JSON stays text."""
+    if forced == "required":
+        calls = calls_in(text, names)
+        return (None, calls) if calls else (text, [])
     try:
-        value = json.loads(text)
-        if forced == "required":
-            calls = [(c["name"], c["arguments"]) for c in (value if isinstance(value, list) else [value])]
-        else:
-            calls = [(forced, value)]
-    except (ValueError, TypeError, KeyError):
+        return None, [tool_call(forced, json.loads(text))]
+    except ValueError:
         return text, []
-    return None, [tool_call(name, arguments) for name, arguments in calls]
 
 
 class ForcedCallStream:
     """ToolCallStream's interface for a reply held to a call: nothing is streamed as text; the
     calls are sent whole at the end."""
 
-    def __init__(self, forced: str):
-        self.forced, self.pieces = forced, []
+    def __init__(self, forced: str, names: set[str]):
+        self.forced, self.names, self.pieces = forced, names, []
 
     def feed(self, piece: str) -> str:
         self.pieces.append(piece)
         return ""
 
     def finish(self) -> tuple[str, list[dict]]:
-        content, calls = forced_calls("".join(self.pieces), self.forced)
+        content, calls = forced_calls("".join(self.pieces), self.forced, self.names)
         return content or "", calls
 
 
@@ -710,8 +707,8 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.number}",
             "object": ("chat.completion" if chat else "text_completion") + (".chunk" if stream and chat else ""),
             "created": int(job.arrived), "model": server.name}
+    logprobs = LogprobFormat(server.engine.tokenizer, chat) if job.logprobs is not None else None
     if stream:
-        logprobs = LogprobFormat(server.engine.tokenizer, chat) if job.logprobs is not None else None
         return StreamingResponse(sse(job, head, chat, include_usage, tools, logprobs),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -729,12 +726,12 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
     if kind == "error":
         raise ApiError(*value)
     stats, text, entries = value
-    content, calls = forced_calls(text, fmt.forced) if fmt.forced else \
+    content, calls = forced_calls(text, fmt.forced, tools) if fmt.forced else \
         parse_tool_calls(text, tools) if tools else (text, [])
     finish = "tool_calls" if calls else FINISH_REASONS.get(stats.finish_reason)
     calls = tool_call_objects(job, calls, False)
-    logprobs = LogprobFormat(server.engine.tokenizer, chat)(entries) if job.logprobs is not None else None
-    return JSONResponse({**head, "choices": [choice(chat, content, finish, False, calls, logprobs)],
+    return JSONResponse({**head, "choices": [choice(chat, content, finish, False, calls,
+                                                    logprobs(entries) if logprobs else None)],
                          "usage": usage(stats)})
 
 
@@ -758,7 +755,7 @@ async def sse(job: Job, head: dict, chat: bool, include_usage: bool, tools: set[
             yield event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                               "logprobs": None, "finish_reason": None}]})
         forced = job.format.forced
-        held = ForcedCallStream(forced) if forced else ToolCallStream(tools) if tools else None
+        held = ForcedCallStream(forced, tools) if forced else ToolCallStream(tools) if tools else None
         while (item := await job.events.get())[0] == "piece":
             piece, entries = item[1]
             pending.extend(entries)

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from awq_edge.errors import UserError
-from awq_edge.json_schema import GrammarPrefix, schema_grammar, tool_calls_grammar
+from awq_edge.json_schema import NO_ARGUMENTS, GrammarPrefix, schema_grammar, tool_calls_grammar
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "minLength": 1, "maxLength": 12},
@@ -136,7 +136,7 @@ def test_hostile_schemas_are_bounded():
 def test_tool_calls_grammar_is_an_array_of_calls_each_by_its_tools_parameters():
     weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
                "additionalProperties": False}
-    grammar = tool_calls_grammar({"get_weather": weather, "get_time": None})
+    grammar = tool_calls_grammar({"get_weather": weather, "get_time": NO_ARGUMENTS})
     calls_schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
         {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": weather},
          "required": ["name", "arguments"], "additionalProperties": False},
