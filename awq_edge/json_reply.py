@@ -43,6 +43,17 @@ LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 # after 'e', after the exponent's sign, in the exponent's digits; a number may end in ENDS
 (N_SIGN, N_ZERO, N_INT, N_DOT, N_FRAC, N_EXP, N_EXP_SIGN, N_EXP_DIGITS) = range(8)
 NUMBER_ENDS = (N_ZERO, N_INT, N_FRAC, N_EXP_DIGITS)
+# each state's next one by byte (built once: the checker runs for every candidate token's bytes)
+NUMBER_STEPS = {
+    N_SIGN: {**dict.fromkeys(b"0", N_ZERO), **dict.fromkeys(b"123456789", N_INT)},
+    N_ZERO: {**dict.fromkeys(b".", N_DOT), **dict.fromkeys(b"eE", N_EXP)},
+    N_INT: {**dict.fromkeys(DIGITS, N_INT), **dict.fromkeys(b".", N_DOT), **dict.fromkeys(b"eE", N_EXP)},
+    N_DOT: dict.fromkeys(DIGITS, N_FRAC),
+    N_FRAC: {**dict.fromkeys(DIGITS, N_FRAC), **dict.fromkeys(b"eE", N_EXP)},
+    N_EXP: {**dict.fromkeys(DIGITS, N_EXP_DIGITS), **dict.fromkeys(b"+-", N_EXP_SIGN)},
+    N_EXP_SIGN: dict.fromkeys(DIGITS, N_EXP_DIGITS),
+    N_EXP_DIGITS: dict.fromkeys(DIGITS, N_EXP_DIGITS),
+}
 
 
 # The well-formed UTF-8 sequences past ASCII (RFC 3629): a lead byte's range, the range of the
@@ -220,17 +231,7 @@ class JsonPrefix:
 
     def _number(self, b: int) -> bool:
         """One more byte of the number, if it can be one (the state moves on); False leaves it."""
-        s, digit = self.aux, b in DIGITS
-        step = {
-            N_SIGN: N_ZERO if b == ord("0") else N_INT if digit else None,
-            N_ZERO: N_DOT if b == ord(".") else N_EXP if b in b"eE" else None,
-            N_INT: N_INT if digit else N_DOT if b == ord(".") else N_EXP if b in b"eE" else None,
-            N_DOT: N_FRAC if digit else None,
-            N_FRAC: N_FRAC if digit else N_EXP if b in b"eE" else None,
-            N_EXP: N_EXP_DIGITS if digit else N_EXP_SIGN if b in b"+-" else None,
-            N_EXP_SIGN: N_EXP_DIGITS if digit else None,
-            N_EXP_DIGITS: N_EXP_DIGITS if digit else None,
-        }[s]
+        step = NUMBER_STEPS[self.aux].get(b)
         if step is None:
             return False
         self.aux = step
