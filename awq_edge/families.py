@@ -57,6 +57,9 @@ class Family:
 
 
 GEMMA_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+FUSED_GATE_UP = ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))
+GLM_DEFAULTS = (("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
+                ("rms_norm_eps", 1.5625e-07), ("partial_rotary_factor", 0.5))  # GLM's and GLM-4's
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -93,16 +96,12 @@ FAMILIES: dict[str, Family] = {
         Family("granite", ("granite",), multipliers=True, config_defaults=(("max_position_embeddings", 2048),)),
         # GLM-Edge (1.5B, 4B) and GLM-4-9B-0414's predecessors: q/k/v bias, fused gate/up, half of
         # each head rotated in interleaved pairs
-        Family("glm", ("glm",), qkv_bias=True, rope_interleaved=True,
-               fused_linears=(("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),),
-               config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
-                                ("rms_norm_eps", 1.5625e-07), ("partial_rotary_factor", 0.5))),
+        Family("glm", ("glm",), qkv_bias=True, rope_interleaved=True, fused_linears=(FUSED_GATE_UP,),
+               config_defaults=GLM_DEFAULTS),
         # GLM-4-0414 and GLM-Z1 (9B; 32B): GLM with a norm on the attention's and the MLP's outputs
         Family("glm4", ("glm4",), qkv_bias=True, rope_interleaved=True,
-               post_norms=("post_self_attn_layernorm", "post_mlp_layernorm"),
-               fused_linears=(("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),),
-               config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
-                                ("rms_norm_eps", 1.5625e-07), ("partial_rotary_factor", 0.5))),
+               post_norms=("post_self_attn_layernorm", "post_mlp_layernorm"), fused_linears=(FUSED_GATE_UP,),
+               config_defaults=GLM_DEFAULTS),
         # ERNIE 4.5 (0.3B dense): Llama whose RoPE turns interleaved pairs of the whole head
         Family("ernie4_5", ("ernie4_5",), rope_interleaved=True,
                config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
@@ -149,7 +148,7 @@ FAMILIES: dict[str, Family] = {
         # Phi-3, 3.5 and 4-mini: fused q/k/v and gate/up, partial rotary (4-mini), LongRoPE (the long-context ones)
         Family("phi3", ("phi3",), sliding_layers="all",
                fused_linears=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                              ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))),
+                              FUSED_GATE_UP),
                rope_aliases=(("su", "longrope"), ("yarn", "longrope")),
                config_defaults=(("rms_norm_eps", 1e-5), ("original_max_position_embeddings", 4096))),
     )
