@@ -63,18 +63,25 @@ def language_model_key(stored: str) -> str | None:
     return None
 
 
+def our_names(model_type):
+    """A stored tensor name -> transformers' (Family.tensor_renames: EXAONE 3's GPT-2 names)."""
+    family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    return family.our_name if family and family.tensor_renames else (lambda name: name)
+
+
 def language_model_view(config: dict):
-    """(config, tensor-name map) of a quantized checkpoint: its own and the identity; for a
+    """(config, tensor-name map) of a quantized checkpoint: its own and its family's our_names; for a
     vision-language one, its language model's text_config (export.spec fills in the defaults
     transformers would, families.Family.config_defaults) with the wrapper's quantization_config,
     eos_token_id and tie_word_embeddings carried over, and language_model_key."""
     if not is_vision_language(config):
-        return config, lambda name: name
+        return config, our_names(config.get("model_type"))
     text = {**config["text_config"], "quantization_config": config.get("quantization_config")}
     for key in ("eos_token_id", "tie_word_embeddings"):  # the wrapper's decide, as in transformers
         if config.get(key) is not None:
             text[key] = config[key]
-    return text, language_model_key
+    rename = our_names(text.get("model_type"))
+    return text, lambda name: None if (ours := language_model_key(name)) is None else rename(ours)
 
 
 def settle_tie(config: dict, wrapper: dict, tensors: dict) -> None:

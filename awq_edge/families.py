@@ -54,6 +54,18 @@ class Family:
     # each attention and MLP output before its residual add) and logits_scaling (the logits divided)
     multipliers: bool = False
     rope_interleaved: bool = False  # GLM: RoPE turns the pairs (2i, 2i + 1), not (i, i + rotary_dim / 2)
+    # a family's own config.json keys, as (theirs, transformers'): read as the second where it lacks that
+    config_aliases: tuple = ()
+    # a family's own tensor names in its checkpoints, as (a piece of theirs, transformers'), replaced in
+    # this order (transformers renames them on load, conversion_mapping.py); checkpoints awq-edge writes
+    # use transformers' names, which transformers reads as they are
+    tensor_renames: tuple = ()
+
+    def our_name(self, stored: str) -> str:
+        """A tensor's name in a checkpoint -> the name transformers' module gives it."""
+        for theirs, ours in self.tensor_renames:
+            stored = stored.replace(theirs, ours, 1)
+        return stored
 
 
 GEMMA_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
@@ -111,6 +123,17 @@ FAMILIES: dict[str, Family] = {
                config_defaults=(("max_position_embeddings", 4096), ("num_key_value_heads", 20), ("head_dim", 128),
                                 ("rms_norm_eps", 1e-8), ("rope_theta", 100000.0))),
         # InternLM3 (8B): Llama under its own model_type
+        # EXAONE 3.0 / 3.5 / Deep: Llama under GPT-2's names
+        Family("exaone", ("exaone",),
+               config_aliases=(("num_layers", "num_hidden_layers"), ("layer_norm_epsilon", "rms_norm_eps"),
+                               ("activation_function", "hidden_act")),
+               tensor_renames=(("transformer.wte.", "model.embed_tokens."), ("transformer.h.", "model.layers."),
+                               ("transformer.ln_f.", "model.norm."), (".attn.attention.out_proj.", ".self_attn.o_proj."),
+                               (".attn.attention.", ".self_attn."), (".ln_1.", ".input_layernorm."),
+                               (".ln_2.", ".post_attention_layernorm."), (".mlp.c_fc_0.", ".mlp.gate_proj."),
+                               (".mlp.c_fc_1.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj.")),
+               config_defaults=(("max_position_embeddings", 4096), ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5),
+                                ("rope_theta", 500000.0))),
         Family("internlm3", ("internlm3",),
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 2), ("head_dim", 128),
                                 ("rms_norm_eps", 1e-5))),

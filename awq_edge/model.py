@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from . import data
-from .checkpoint import LANGUAGE_MODEL_KEYS, is_vision_language, language_model_key, temp_dir_beside
+from .checkpoint import LANGUAGE_MODEL_KEYS, is_vision_language, language_model_view, temp_dir_beside
 from .errors import UserError
 from .families import SUPPORTED, SUPPORTED_TYPES, Family, family_for
 from .untrusted import read_json, sha256_file
@@ -281,12 +281,12 @@ def load_for_quantization(model_dir: Path):
     config_dict = read_config(model_dir)
     family = check_causal_lm(config_dict, str(model_dir))
     where: dict[str, tuple[Path, str]] = {}  # the model's tensor name -> (file, the name stored there)
+    _, rename = language_model_view(read_raw_config(model_dir))
     try:
         for f in files:
             with safe_open(str(f), "pt") as handle:
                 for key in handle.keys():
-                    name = language_model_key(key) if vision_language else key
-                    if name is not None:
+                    if (name := rename(key)) is not None:
                         where[name] = (f, key)
     except Exception as e:
         raise UserError(f"could not read {model_dir}: {str(e).splitlines()[0][:200]}; "

@@ -219,7 +219,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     defaults = {k: dict(v) if isinstance(v, dict) else v for k, v in family.config_defaults}
     if config.get("rope_scaling") is not None:  # (which reads an older config's rope_scaling as rope_parameters)
         defaults.pop("rope_parameters", None)
-    config = {**defaults, **config}
+    aliased = {ours: config[theirs] for theirs, ours in family.config_aliases if theirs in config}
+    config = {**defaults, **aliased, **config}
     c = Fields(config, where, fix)
     hidden = c.int("hidden_size", 1, MAX_HIDDEN)
     layers = c.int("num_hidden_layers", 1, MAX_LAYERS)

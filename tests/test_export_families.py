@@ -145,6 +145,67 @@ def test_a_phi3_checkpoint_is_stored_fused_and_read_split(tmp_path, smollm2_dir,
         read_checked(out)
 
 
+@pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
+def test_exaone3_checkpoints_under_its_own_names_and_config_keys_read_as_transformers_reads_them(
+        tmp_path, smollm2_dir, fmt):
+    """EXAONE 3's checkpoints (LG's float and AWQ ones) store GPT-2's tensor names
+    (transformer.h.0.attn.attention.q_proj) and config keys (num_layers, layer_norm_epsilon,
+    activation_function). The stored names are paired with transformers' by value (the model it
+    loads), not by awq-edge's table: the float model streams block by block, and a quantized one in
+    either format reads as the same linears. (The family's engines: test_family_matches_reference.)"""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from awq_edge.checkpoint import read_checked, write_checkpoint
+    from awq_edge.export.spec import model_spec
+    from awq_edge.model import load_for_quantization
+
+    ckpt = tiny_checkpoint(tmp_path, "exaone", smollm2_dir)
+    float_dir = tmp_path / "float"
+    stored = load_file(str(float_dir / "model.safetensors"))
+    assert "transformer.h.0.attn.attention.q_proj.weight" in stored
+    loaded = AutoModelForCausalLM.from_pretrained(float_dir).state_dict()
+    theirs = {ours: next(name for name, t in stored.items() if np.array_equal(t, w.numpy()))
+              for ours, w in loaded.items()}
+    config = json.loads((float_dir / "config.json").read_text())
+    own_keys = {"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
+                "activation_function": "hidden_act"}
+    as_lg = {k: v for k, v in config.items() if k not in own_keys.values()}
+    as_lg.update({theirs_key: config[ours] for theirs_key, ours in own_keys.items()})
+    (float_dir / "config.json").write_text(json.dumps(as_lg))
+    lg_spec, spec = model_spec(as_lg), model_spec(config)
+    assert [r.key() for r in lg_spec.layer_rope] == [r.key() for r in spec.layer_rope]
+    assert replace(lg_spec, layer_rope=None) == replace(spec, layer_rope=None) and lg_spec.layers == 2
+    model, _, materialize = load_for_quantization(float_dir)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.is_meta  # streamed, not loaded whole
+    materialize(0)
+    torch.testing.assert_close(q_proj.weight, loaded["model.layers.0.self_attn.q_proj.weight"], rtol=0, atol=0)
+
+    split, _ = read_checked(ckpt)
+    out = tmp_path / fmt
+    out.mkdir()
+    write_checkpoint(out, json.loads((ckpt / "config.json").read_text()), split.linears, split.tensors, {}, ckpt, fmt)
+    prefixes = {ours.removesuffix(".weight"): name.removesuffix(".weight") for ours, name in theirs.items()}
+    renamed = {}
+    for name, t in load_file(str(out / "model.safetensors")).items():
+        prefix, field = name.rsplit(".", 1)
+        renamed[f"{prefixes[prefix]}.{field}"] = t
+    save_file(renamed, str(out / "model.safetensors"))
+    written = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(
+        {**{k: v for k, v in written.items() if k not in own_keys.values()},
+         **{theirs_key: written[ours] for theirs_key, ours in own_keys.items()}}))
+    again, _ = read_checked(out)
+    assert sorted(again.linears) == sorted(split.linears) and sorted(again.tensors) == sorted(split.tensors)
+    for name, lin in split.linears.items():
+        for field in ("q", "scales", "zeros"):
+            np.testing.assert_array_equal(getattr(again.linears[name], field), getattr(lin, field), err_msg=name)
+
+
 def test_a_ministral3_engine_ends_where_transformers_starts_scaling_its_queries(tmp_path, smollm2_dir):
     """Ministral 3 scales queries by 1 + beta ln(1 + floor(position / original context)): from
     position 128 here (16384 on the real models), where the engine's context ends, in one line."""

@@ -44,6 +44,8 @@ TINY_EXTRA = {
     "ernie4_5": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     "helium": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     "internlm3": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # Llama saved under EXAONE 3's own tensor names (transformer.h.0.attn.attention.q_proj, ...)
+    "exaone": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # no pre-norms, post-norms, q/k norms over all heads
     "olmo2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # OLMo 2's block, layer 0 sliding, a RoPE base per layer type
