@@ -72,6 +72,9 @@ GEMMA_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 FUSED_GATE_UP = ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))
 GLM_DEFAULTS = (("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
                 ("rms_norm_eps", 1.5625e-07), ("partial_rotary_factor", 0.5))  # GLM's and GLM-4's
+GEMMA2_DEFAULTS = (("max_position_embeddings", 8192), ("num_key_value_heads", 4), ("head_dim", 256),
+                   ("sliding_window", 4096), ("tie_word_embeddings", True), ("query_pre_attn_scalar", 256),
+                   ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0))  # Gemma 2's and VaultGemma's
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -164,10 +167,10 @@ FAMILIES: dict[str, Family] = {
         # every other layer sliding, one RoPE base
         Family("gemma2", ("gemma2",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,
                post_norms=GEMMA_POST_NORMS, embed_scale=True, activation="gelu_tanh", sliding_layers="alternate",
-               config_defaults=(("max_position_embeddings", 8192), ("num_key_value_heads", 4), ("head_dim", 256),
-                                ("sliding_window", 4096), ("tie_word_embeddings", True),
-                                ("query_pre_attn_scalar", 256), ("attn_logit_softcapping", 50.0),
-                                ("final_logit_softcapping", 30.0))),
+               config_defaults=GEMMA2_DEFAULTS),
+        # VaultGemma (1B): Gemma 2 without the post-norms
+        Family("vaultgemma", ("vaultgemma",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,
+               embed_scale=True, activation="gelu_tanh", sliding_layers="alternate", config_defaults=GEMMA2_DEFAULTS),
         # Phi-3, 3.5 and 4-mini: fused q/k/v and gate/up, partial rotary (4-mini), LongRoPE (the long-context ones)
         Family("phi3", ("phi3",), sliding_layers="all",
                fused_linears=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),

@@ -67,6 +67,9 @@ TINY_EXTRA = {
     # every other layer sliding (no layer_types: the family's rule), soft-caps small enough to bend
     "gemma2": {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 0.5,
                "final_logit_softcapping": 0.5},
+    # Gemma 2's block without its post-norms
+    "vaultgemma": {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 0.5,
+                   "final_logit_softcapping": 0.5},
     # fused q/k/v and gate/up; half of each head rotated (Phi-4-mini: 0.75); LongRoPE: longrope()
     "phi3": {"sliding_window": 5, "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
              "eos_token_id": 2},
