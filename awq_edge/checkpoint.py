@@ -221,7 +221,7 @@ def read_for_engine(path: str | Path):
         rows = (np.arange(heads)[:, None] * spec.head_dim + order).ravel()
         for name in [n for n in ckpt.linears if n.endswith("self_attn." + proj)]:
             ckpt.linears[name] = ckpt.linears[name].rows(rows)
-    for name in [n for n in ckpt.tensors if n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight"))]:
+    for name in [n for n in ckpt.tensors if n.endswith(tuple(f"{norm}.weight" for norm in spec.family.qk_norms))]:
         # one head's weight, or every head's (OLMo 2's q/k norms over the whole projection)
         ckpt.tensors[name] = ckpt.tensors[name].reshape(-1, spec.head_dim)[:, order].ravel()
     return ckpt, spec

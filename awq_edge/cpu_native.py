@@ -219,7 +219,7 @@ class CpuModel(ctypes.Structure):
 
 
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
-            "add": 9}
+            "add": 9, "rope": 10}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}
 
 
@@ -373,12 +373,17 @@ class NativeDecoder:
         elif op.kind == "head_norm":
             rec.n, rec.k, rec.offset, rec.x = a["heads"], a["size"], a["offset"], ptr(a["x"])
             rec.w_norm = self._tensor(a["weight"], np.float32, a["size"]).ctypes.data
-        elif op.kind == "attention":
-            rec.x, rec.out, rec.layer, rec.window = ptr(a["qkv"]), ptr(a["out"]), a["layer"], a["window"]
-            rec.scale, rec.softcap = spec.attn_scale, spec.attn_softcap
-            half = spec.max_positions * (spec.head_dim // 2)
-            rec.cos = self._tensor(f"rope.{a['rope']}.cos", np.float32, half).ctypes.data
-            rec.sin = self._tensor(f"rope.{a['rope']}.sin", np.float32, half).ctypes.data
+        elif op.kind in ("attention", "rope"):
+            rec.x = ptr(a["qkv"])
+            if op.kind == "attention":
+                rec.out, rec.layer, rec.window = ptr(a["out"]), a["layer"], a["window"]
+                rec.scale, rec.softcap = spec.attn_scale, spec.attn_softcap
+            else:
+                rec.n = a["heads"]
+            if a["rope"] is not None:  # (None: q and k rotated by a rope op already)
+                half = spec.max_positions * (spec.head_dim // 2)
+                rec.cos = self._tensor(f"rope.{a['rope']}.cos", np.float32, half).ctypes.data
+                rec.sin = self._tensor(f"rope.{a['rope']}.sin", np.float32, half).ctypes.data
         elif op.kind == "act":
             rec.n, rec.x, rec.out, rec.kind_arg = spec.intermediate, ptr(a["x"]), ptr(a["out"]), ACT_KINDS[a["kind"]]
         elif op.kind == "lm_head":

@@ -623,6 +623,8 @@ class CudaBackend:
             return f"the persistent decode step does not gather GPTQ act-order inputs; {fix}"
         if not self.spec.pre_norms:
             return f"the persistent decode step has no residual add of its own (OLMo 2's post-norm block); {fix}"
+        if self.spec.qk_norm_after_rope:
+            return f"the persistent decode step does not rotate q and k before their norms (Hunyuan's); {fix}"
         if self.spec.head_dim not in STEP_HEAD_DIMS:
             return (f"the persistent decode step takes head sizes {', '.join(map(str, STEP_HEAD_DIMS))}, and this "
                     f"model's is {self.spec.head_dim}; {fix}")
@@ -671,7 +673,7 @@ class CudaBackend:
                 if not a["rotated"]:
                     rows.append(("rope_store", 1, 0, [
                         qkv, qkv + 2 * H * D, qkv + 2 * (H + Hkv) * D, self.k_cache[layer], self.v_cache[layer],
-                        self.past, w[f"rope.{a['rope']}.cos"], w[f"rope.{a['rope']}.sin"], self.q_rot, ("i32", H),
+                        self.past, *self.rope_tables(a["rope"]), self.q_rot, ("i32", H),
                         ("i32", Hkv), ("i32", D), ("i32", C), ("i32", spec.max_positions),
                         ("i32", spec.qkv_width), ("i32", spec.qkv_width), self.status]))
                 per_head = max(1, min(self.attn_splits, blocks // H))
@@ -765,6 +767,10 @@ class CudaBackend:
         elif op.kind == "add":
             self.launch("awq_residual_add", (rows,), (NORM_THREADS,),
                         [b[a["residual"]], b[a["x"]], ("i32", spec.hidden)])
+        elif op.kind == "rope":
+            self.launch("awq_rope_in_place", (rows,), (ROPE_THREADS,),
+                        [b[a["qkv"]], self.past, *self.rope_tables(a["rope"]), ("i32", a["heads"]),
+                         ("i32", spec.head_dim), ("i32", spec.qkv_width), ("i32", spec.max_positions)])
         elif op.kind == "head_norm":
             self.launch("awq_head_rms_norm", (a["heads"], rows), (NORM_THREADS,),
                         [b[a["x"]], ("i32", spec.qkv_width), ("i32", a["offset"]), ("i32", a["size"]),
@@ -1164,14 +1170,18 @@ class CudaBackend:
                 self.past, self.status, ("i32", spec.heads), ("i32", spec.kv_heads), ("i32", spec.head_dim),
                 ("i32", self.max_context), ("i32", spec.max_positions)]
 
-    def rope_store(self, qkv: int, layer: int, rope: int, rows: int) -> None:
+    def rope_tables(self, rope: int | None) -> list:
+        """The cos and sin tables of RoPE `rope`, or null pointers (None: q and k rotated already)."""
+        return [0, 0] if rope is None else [self.weights[f"rope.{rope}.cos"], self.weights[f"rope.{rope}.sin"]]
+
+    def rope_store(self, qkv: int, layer: int, rope: int | None, rows: int) -> None:
         """RoPE of q (into q_rot) and k, and the KV rows written in place (plugins/kernels/attention.h)."""
-        spec, w = self.spec, self.weights
+        spec = self.spec
         H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
         k, v = qkv + 2 * H * D, qkv + 2 * (H + Hkv) * D  # byte offsets of k and v in a fused row
         self.launch("awq_rope_store", (rows,), (ROPE_THREADS,),
-                    [qkv, k, v, self.k_cache[layer], self.v_cache[layer], self.past, w[f"rope.{rope}.cos"],
-                     w[f"rope.{rope}.sin"], self.q_rot, ("i32", rows), ("i32", H), ("i32", Hkv), ("i32", D),
+                    [qkv, k, v, self.k_cache[layer], self.v_cache[layer], self.past, *self.rope_tables(rope),
+                     self.q_rot, ("i32", rows), ("i32", H), ("i32", Hkv), ("i32", D),
                      ("i32", self.max_context), ("i32", spec.max_positions), ("i32", spec.qkv_width),
                      ("i32", spec.qkv_width), self.status])
 
@@ -1315,8 +1325,9 @@ KERNELS_OF = {
                   [f"awq_gemv_tc_{fusion}_g{g}" for fusion in (*GEMV_FUSIONS, "logits") for g in (32, 64, 128)],
     "gemm_w4a16": [f"awq_gemm_g{g}_v{v}" for g in (32, 64, 128) for v in (0, 1)] +
                   [f"awq_dequantize_g{g}" for g in (32, 64, 128)],
-    "attention": ["awq_rope_store"] + [f"awq_attend{kind}_d{d}" for kind in ("", "_split", "_mma") for d in HEAD_DIMS]
-                 + [f"awq_attend_block_d{d}" for d in (64, 128, 256)],  # (benchmarks/cuda_attention.py's)
+    "attention": ["awq_rope_store", "awq_rope_in_place"] +
+                 [f"awq_attend{kind}_d{d}" for kind in ("", "_split", "_mma") for d in HEAD_DIMS] +
+                 [f"awq_attend_block_d{d}" for d in (64, 128, 256)],  # (benchmarks/cuda_attention.py's)
     "sample": ["awq_sample_step"],
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],

@@ -73,6 +73,8 @@ class DecoderSpec:
     norm_offset: float             # Gemma: 1.0 (the norm multiplies by 1 + w)
     qk_norm: bool                  # Qwen3, Gemma3, OLMo 2
     qk_norm_whole: bool            # OLMo 2: q/k norms over the whole projection, not per head
+    qk_norms: tuple                # the q and k norms' names in a block
+    qk_norm_after_rope: bool       # Hunyuan: q and k rotated in place (a rope op) before their norms
     pre_norms: bool                # False (OLMo 2): q/k/v and gate/up read h itself
     post_norms: tuple              # norms after attention and the MLP (Gemma, GLM-4): their names, or ()
     qkv_bias: bool                 # Qwen2 (and any checkpoint whose q/k/v carry a bias)
@@ -129,6 +131,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim, vocab=model.vocab, eps=model.eps,
         max_positions=model.max_positions, group_size=group_size, tie_embeddings=model.tie_embeddings,
         norm_offset=family.norm_offset, qk_norm=family.qk_norm, qk_norm_whole=family.qk_norm_whole,
+        qk_norms=family.qk_norms, qk_norm_after_rope=family.qk_norm_after_rope,
         pre_norms=family.pre_norms, post_norms=family.post_norms,
         qkv_bias=family.qkv_bias or qkv_bias, embed_scale=model.embed_multiplier,
         activation=ACTIVATIONS[family.activation], mlp_norm=family.mlp_norm, attn_scale=model.attn_scale,
@@ -196,13 +199,17 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
         x = in_order(x, f"{p}.self_attn.qkv_proj", spec.hidden)
         ops.append(linear_op(x, "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias, norm,
                              **({"epilogue": "rope", "layer": i, "rope": spec.layer_rope[i]} if rope_in_linear else {})))
+        rope = spec.layer_rope[i]
+        if spec.qk_norm_after_rope:  # q and k rotated in place first; the attention then rotates nothing
+            ops.append(Op("rope", {"qkv": "qkv", "heads": H + Hkv, "rope": rope}))
+            rope = None
         if spec.qk_norm:  # per head, or (OLMo 2) one norm over all heads
             q_heads, kv_heads, size = (1, 1, None) if spec.qk_norm_whole else (H, Hkv, D)
             ops.append(Op("head_norm", {"x": "qkv", "offset": 0, "heads": q_heads, "size": size or H * D,
-                                        "weight": f"{p}.self_attn.q_norm.weight"}))
+                                        "weight": f"{p}.{spec.qk_norms[0]}.weight"}))
             ops.append(Op("head_norm", {"x": "qkv", "offset": H * D, "heads": kv_heads, "size": size or Hkv * D,
-                                        "weight": f"{p}.self_attn.k_norm.weight"}))
-        ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": spec.layer_rope[i],
+                                        "weight": f"{p}.{spec.qk_norms[1]}.weight"}))
+        ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": rope,
                                     "window": spec.layer_windows[i], "rotated": rope_in_linear}))
         ctx = in_order("ctx", f"{p}.self_attn.o_proj", H * D)
         if fuse_residual:

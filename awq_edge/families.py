@@ -23,6 +23,8 @@ class Family:
     norm_offset: float = 0.0  # 1.0 for Gemma's (1 + w) RMSNorm
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma3)
     qk_norm_whole: bool = False  # OLMo 2: the q and k norms span the whole projection (all heads), not one head
+    qk_norms: tuple = ("self_attn.q_norm", "self_attn.k_norm")  # their names in a block
+    qk_norm_after_rope: bool = False  # Hunyuan: the q/k norms see q and k rotated (everyone else's: before RoPE)
     # the norms on the attention's and the MLP's outputs, before their residual adds, by name (Gemma's
     # "sandwich"; GLM-4's): none, or (after attention, after the MLP)
     post_norms: tuple = ()
@@ -125,21 +127,26 @@ FAMILIES: dict[str, Family] = {
         Family("helium", ("helium",), rope_interleaved=True,
                config_defaults=(("max_position_embeddings", 4096), ("num_key_value_heads", 20), ("head_dim", 128),
                                 ("rms_norm_eps", 1e-8), ("rope_theta", 100000.0))),
-        # InternLM3 (8B): Llama under its own model_type
         # EXAONE 3.0 / 3.5 / Deep: Llama under GPT-2's names
         Family("exaone", ("exaone",),
                config_aliases=(("num_layers", "num_hidden_layers"), ("layer_norm_epsilon", "rms_norm_eps"),
                                ("activation_function", "hidden_act")),
                tensor_renames=(("transformer.wte.", "model.embed_tokens."), ("transformer.h.", "model.layers."),
-                               ("transformer.ln_f.", "model.norm."), (".attn.attention.out_proj.", ".self_attn.o_proj."),
-                               (".attn.attention.", ".self_attn."), (".ln_1.", ".input_layernorm."),
-                               (".ln_2.", ".post_attention_layernorm."), (".mlp.c_fc_0.", ".mlp.gate_proj."),
-                               (".mlp.c_fc_1.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj.")),
+                               ("transformer.ln_f.", "model.norm."),
+                               (".attn.attention.out_proj.", ".self_attn.o_proj."), (".attn.attention.", ".self_attn."),
+                               (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
+                               (".mlp.c_fc_0.", ".mlp.gate_proj."), (".mlp.c_fc_1.", ".mlp.up_proj."),
+                               (".mlp.c_proj.", ".mlp.down_proj.")),
                config_defaults=(("max_position_embeddings", 4096), ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5),
                                 ("rope_theta", 500000.0))),
+        # InternLM3 (8B): Llama under its own model_type
         Family("internlm3", ("internlm3",),
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 2), ("head_dim", 128),
                                 ("rms_norm_eps", 1e-5))),
+        # Hunyuan dense (0.5B-7B, Hy-MT): Llama with per-head q/k norms after RoPE, under their own names
+        Family("hunyuan", ("hunyuan_v1_dense",), qk_norm=True, qk_norm_after_rope=True,
+               qk_norms=("self_attn.query_layernorm", "self_attn.key_layernorm"),
+               config_defaults=(("max_position_embeddings", 2048), ("rms_norm_eps", 1e-5))),
         # OLMo 2 (1B, 7B, 13B): no norm before attention or the MLP, one after each (Gemma's names),
         # q/k norms over the whole projection
         Family("olmo2", ("olmo2",), pre_norms=False, post_norms=GEMMA_POST_NORMS, qk_norm=True, qk_norm_whole=True,

@@ -96,16 +96,27 @@ def twin_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(F16)
 
 
+def twin_rope_in_place(qkv: np.ndarray, heads: int, head_dim: int, past: int, cos: np.ndarray,
+                       sin: np.ndarray) -> None:
+    """awq_rope_in_place's twin: the first `heads` heads of each q/k/v row fp16 [S, width] (q's and
+    k's) rotated in place at positions past..past+S-1 (Hunyuan: before its q/k norms)."""
+    S, width = qkv.shape[0], heads * head_dim
+    positions = past + np.arange(S)
+    rotated = twin_rope(qkv[:, :width].reshape(S, heads, head_dim), cos[positions], sin[positions])
+    qkv[:, :width] = rotated.reshape(S, width)
+
+
 def twin_rope_store(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                     past: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """awq_rope_store's twin (and the q/k/v GEMV's rope epilogue's): q [S, H, D], k/v [S, Hkv, D]
     fp16; writes k rotated and v into the caches [Hkv, capacity, D] at rows past..past+S-1;
-    returns q rotated, fp16 [S, H, D]."""
+    returns q rotated, fp16 [S, H, D]. No tables (cos None): q and k rotated already (a rope op)."""
     S = q.shape[0]
     positions = past + np.arange(S)
-    k_cache[:, past:past + S] = twin_rope(k, cos[positions], sin[positions]).transpose(1, 0, 2)
+    rotate = (lambda x: x.copy()) if cos is None else (lambda x: twin_rope(x, cos[positions], sin[positions]))
+    k_cache[:, past:past + S] = rotate(k).transpose(1, 0, 2)
     v_cache[:, past:past + S] = v.transpose(1, 0, 2)
-    return twin_rope(q, cos[positions], sin[positions])
+    return rotate(q)
 
 
 def key_scores(q: np.ndarray, keys: np.ndarray, scale: float, softcap: float) -> np.ndarray:
@@ -309,8 +320,9 @@ class ReferenceBackend:
         q = qkv[:, :H * D].reshape(S, H, D)
         k = qkv[:, H * D:(H + Hkv) * D].reshape(S, Hkv, D)
         v = qkv[:, (H + Hkv) * D:].reshape(S, Hkv, D)
-        return twin_rope_store(q, k, v, self.k_cache[layer], self.v_cache[layer], self.position,
-                               self.tensors[f"rope.{rope}.cos"], self.tensors[f"rope.{rope}.sin"])
+        t = self.tensors
+        cos, sin = (None, None) if rope is None else (t[f"rope.{rope}.cos"], t[f"rope.{rope}.sin"])
+        return twin_rope_store(q, k, v, self.k_cache[layer], self.v_cache[layer], self.position, cos, sin)
 
     def forward(self, ids) -> np.ndarray:
         """Logits float32 [V] after the last of ids (a fresh array)."""
@@ -349,6 +361,9 @@ class ReferenceBackend:
                 buf[a["out"]][:] = y
         elif op.kind == "add":
             buf[a["residual"]][:] = twin_residual(buf[a["residual"]], buf[a["x"]])
+        elif op.kind == "rope":
+            twin_rope_in_place(buf[a["qkv"]], a["heads"], spec.head_dim, self.position, t[f"rope.{a['rope']}.cos"],
+                               t[f"rope.{a['rope']}.sin"])
         elif op.kind == "head_norm":
             twin_head_norm(buf[a["x"]], a["offset"], a["heads"], a["size"], t[a["weight"]], spec.eps)
         elif op.kind == "attention":

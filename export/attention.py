@@ -13,7 +13,8 @@
   grouped heads by broadcasting a [1, Hkv, 1, T, D] K/V against [1, Hkv, rep, S, D] queries.
 
 Both follow Hugging Face: non-interleaved RoPE (rotate_half), q/k norms before RoPE,
-query head h reads KV head h // (heads / kv_heads).
+query head h reads KV head h // (heads / kv_heads). Hunyuan's q/k norms come after RoPE: the ort
+and onnx graphs rotate q and k first (`rotate_heads`) and their attention rotates nothing.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class StepInfo:
     key_positions: str | None = None  # int64 [T]
 
 
-def step_info(b: GraphBuilder, input_ids: str, past_length: str, target: str) -> StepInfo:
+def step_info(b: GraphBuilder, input_ids: str, past_length: str, target: str, positions: bool = False) -> StepInfo:
+    """positions: an ort graph's too (RoPE rotated outside its attention: rotate_heads)."""
     info = StepInfo(past_length)
     if target == "trt":  # the AwqAttention plugin takes past_length as it is
         return info
@@ -47,7 +49,7 @@ def step_info(b: GraphBuilder, input_ids: str, past_length: str, target: str) ->
     if target == "ort":
         info.seqlens_k = b.cast(b.op("Sub", total, b.int64s(1), name="seqlens_k"), TensorProto.INT32)
         info.total_length = b.cast(b.op("Reshape", total, b.int64s(), name="total_scalar"), TensorProto.INT32)
-    else:
+    if target != "ort" or positions:
         past_scalar = b.op("Reshape", past_length, b.int64s(), name="past_scalar")
         total_scalar = b.op("Reshape", total, b.int64s(), name="total_scalar")
         one = b.op("Reshape", b.int64s(1), b.int64s(), name="one")
@@ -67,15 +69,16 @@ def head_norm(b: GraphBuilder, x: str, heads: int, head_dim: int, weight: str, n
 
 def gqa_attention(b: GraphBuilder, spec: ModelSpec, layer: int, query: str, key: str | None,
                   value: str | None, past_key: str, past_value: str, info: StepInfo,
-                  cos_cache: str, sin_cache: str, present_names: tuple[str, str]) -> str:
-    """query is either the packed [1, S, (H + 2 Hkv) D] qkv (key = value = None) or q alone."""
+                  cos_cache: str | None, sin_cache: str | None, present_names: tuple[str, str]) -> str:
+    """query is either the packed [1, S, (H + 2 Hkv) D] qkv (key = value = None) or q alone.
+    No cos/sin tables: q and k are rotated already (rotate_heads)."""
     window = spec.layer_windows[layer]
     out, _, _ = b.op(
         "GroupQueryAttention", query, key, value, past_key, past_value, info.seqlens_k,
         info.total_length, cos_cache, sin_cache,
         outputs=[b.name("attn_out"), *present_names], domain=MS_DOMAIN, name="attention",
         num_heads=spec.heads, kv_num_heads=spec.kv_heads, scale=float(spec.attn_scale),
-        do_rotary=1, rotary_interleaved=0,
+        do_rotary=int(cos_cache is not None), rotary_interleaved=0,
         # HF's sliding_window W: a query sees the W keys ending at itself. ORT 1.31's CPU kernel
         # with local_window_size = W gives the same mask (checked against HF in the tests).
         local_window_size=window if window else -1,
@@ -126,17 +129,26 @@ def _rotate(b: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
     return b.op("Concat", first, second, axis=-1, name="rope")
 
 
+def rotate_heads(b: GraphBuilder, x: str, heads: int, head_dim: int, cos: str, sin: str) -> str:
+    """RoPE of each head of x [1, S, heads * D] with this step's cos/sin rows [S, D/2]."""
+    x4 = b.op("Reshape", x, b.int64s(0, -1, heads, head_dim))
+    cos, sin = (b.op("Unsqueeze", t, b.int64s(1)) for t in (cos, sin))  # [S, 1, D/2]: one row for every head
+    return b.op("Reshape", _rotate(b, x4, cos, sin, head_dim // 2), b.int64s(0, -1, heads * head_dim))
+
+
 def standard_attention(b: GraphBuilder, spec: ModelSpec, q: str, k: str, v: str, past_key: str,
-                       past_value: str, cos: str, sin: str, mask: str,
+                       past_value: str, cos: str | None, sin: str | None, mask: str,
                        present_names: tuple[str, str]) -> str:
-    """q [1, S, H*D], k/v [1, S, Hkv*D] (q/k already normed); returns [1, S, H*D]."""
+    """q [1, S, H*D], k/v [1, S, Hkv*D] (q/k already normed; rotated already when cos is None);
+    returns [1, S, H*D]."""
     hkv, d = spec.kv_heads, spec.head_dim
     rep = spec.heads // hkv
     q5 = b.op("Transpose", b.op("Reshape", q, b.int64s(0, -1, hkv, rep, d)), perm=[0, 2, 3, 1, 4])
     k4 = b.op("Transpose", b.op("Reshape", k, b.int64s(0, -1, hkv, d)), perm=[0, 2, 1, 3])
     v4 = b.op("Transpose", b.op("Reshape", v, b.int64s(0, -1, hkv, d)), perm=[0, 2, 1, 3])
-    q5 = _rotate(b, q5, cos, sin, d // 2)  # [1, Hkv, rep, S, D]
-    k4 = _rotate(b, k4, cos, sin, d // 2)  # [1, Hkv, S, D]
+    if cos is not None:
+        q5 = _rotate(b, q5, cos, sin, d // 2)  # [1, Hkv, rep, S, D]
+        k4 = _rotate(b, k4, cos, sin, d // 2)  # [1, Hkv, S, D]
     present_k = b.op("Concat", past_key, k4, axis=2, outputs=[present_names[0]])
     present_v = b.op("Concat", past_value, v4, axis=2, outputs=[present_names[1]])
     k_t = b.op("Transpose", b.op("Unsqueeze", present_k, b.int64s(2)), perm=[0, 1, 2, 4, 3])  # [1,Hkv,1,D,T]

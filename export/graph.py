@@ -167,7 +167,11 @@ class Decoder:
         for i in range(spec.layers):
             b.add_input(f"past_key.{i}", act, kv_shape)
             b.add_input(f"past_value.{i}", act, kv_shape)
-        info = self.info = attention.step_info(b, input_ids, past_length, t.name)
+        after_rope = spec.family.qk_norm_after_rope  # (Hunyuan) q and k rotated in the graph, then normed
+        if after_rope and t.name == "trt":
+            raise UserError(f"{spec.model_type}'s q/k norms come after RoPE, and the trt target's attention plugin "
+                            "rotates q and k itself; build for the cuda backend or the CPU (--device cpu)")
+        info = self.info = attention.step_info(b, input_ids, past_length, t.name, positions=after_rope)
 
         # RoPE tables: one per distinct RoPE (Gemma3: local and global).
         ropes, which = distinct_ropes(spec.layer_rope)
@@ -175,7 +179,7 @@ class Decoder:
         for n, rope in enumerate(ropes):
             cos, sin = rope_tables(rope, spec.max_positions)
             cos_name, sin_name = b.act_const(f"rope.{n}.cos", cos), b.act_const(f"rope.{n}.sin", sin)
-            if t.kv_mode == "concat":  # gather the rows of this step's positions once
+            if t.kv_mode == "concat" or after_rope:  # gather the rows of this step's positions once
                 with b.scope(f"rope.{n}"):
                     cos_name = attention.rope_rows(b, cos_name, info.positions)
                     sin_name = attention.rope_rows(b, sin_name, info.positions)
@@ -298,7 +302,8 @@ class Decoder:
         p = f"model.layers.{i}.self_attn"
         names = (f"present_key.{i}", f"present_value.{i}")
         past = (f"past_key.{i}", f"past_value.{i}")
-        qk_norm = spec.family.qk_norm
+        family = spec.family
+        qk_norm, after_rope = family.qk_norm, family.qk_norm_after_rope
         if t.name == "ort":
             # One MatMulNBits for q, k and v (one read of x, one kernel launch).
             lin = self.fused_weights(p, "qkv")
@@ -310,12 +315,17 @@ class Decoder:
             q, k, v = b.op("Split", qkv, b.int64s(q_size, kv_size, kv_size), axis=-1, outputs=3)
         else:
             q, k, v = (self.linear(x, f"{p}.{n}_proj") for n in "qkv")
-        if qk_norm and spec.family.qk_norm_whole:  # OLMo 2: over all heads at once
-            q = self.rms_norm(q, self.norm_weight(f"{p}.q_norm.weight"))
-            k = self.rms_norm(k, self.norm_weight(f"{p}.k_norm.weight"))
-        elif qk_norm:
-            q = attention.head_norm(b, q, spec.heads, spec.head_dim, self.norm_weight(f"{p}.q_norm.weight"), self.rms_norm)
-            k = attention.head_norm(b, k, spec.kv_heads, spec.head_dim, self.norm_weight(f"{p}.k_norm.weight"), self.rms_norm)
+        if after_rope:  # this step's cos/sin rows (the tables gathered by position)
+            q = attention.rotate_heads(b, q, spec.heads, spec.head_dim, *rope)
+            k = attention.rotate_heads(b, k, spec.kv_heads, spec.head_dim, *rope)
+            rope = (None, None)
+        if qk_norm:
+            q_norm, k_norm = (self.norm_weight(f"model.layers.{i}.{name}.weight") for name in family.qk_norms)
+            if family.qk_norm_whole:  # OLMo 2: over all heads at once
+                q, k = self.rms_norm(q, q_norm), self.rms_norm(k, k_norm)
+            else:
+                q = attention.head_norm(b, q, spec.heads, spec.head_dim, q_norm, self.rms_norm)
+                k = attention.head_norm(b, k, spec.kv_heads, spec.head_dim, k_norm, self.rms_norm)
         if t.name == "ort":
             ctx = attention.gqa_attention(b, spec, i, q, k, v, *past, self.info, *rope, names)
         elif t.name == "trt":

@@ -89,6 +89,12 @@ def rope_frequencies(rope: Fields, dim: int, max_positions: int, aliases: dict |
     rope_type = (aliases or {}).get(rope_type, rope_type)
     theta = rope.float("rope_theta", 1e-3, 1e12, default=10000.0)
     freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if rope_type == "dynamic" and rope.raw.get("alpha") is not None:
+        # Hunyuan's NTK alpha: a base stretched once, whatever the length (transformers: "ntk_alpha")
+        if dim <= 2:
+            raise UserError(f"{rope.where}: NTK alpha scaling needs more than 2 rotated dimensions; {rope.fix}")
+        theta *= rope.float("alpha", 1e-6, 1e9) ** (dim / (dim - 2))
+        freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     if rope_type in ("default", "dynamic"):
         # dynamic NTK scales the base only past max_position_embeddings, which is our tables' end
         return Rope(freq)
@@ -328,7 +334,8 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
         linears.update({f"{p}.{name}": shape for name, shape in layer_linears.items()})
         tensors.update({f"{p}.{n}.weight": (h,) for n in norms})
         if family.qk_norm:
-            tensors.update({f"{p}.self_attn.q_norm.weight": (q_norm,), f"{p}.self_attn.k_norm.weight": (k_norm,)})
+            q_name, k_name = family.qk_norms
+            tensors.update({f"{p}.{q_name}.weight": (q_norm,), f"{p}.{k_name}.weight": (k_norm,)})
     return linears, tensors
 
 

@@ -154,6 +154,12 @@ def test_a_post_norm_block_matches_the_reference(fused, tokenizer_dir, tmp_path)
     check_against_reference(tiny_engine(tmp_path, "olmo2", tokenizer_dir), 320, fused=fused, cublas=False)
 
 
+def test_q_k_norms_after_rope_match_the_reference(tokenizer_dir, tmp_path):
+    """Hunyuan's block: q and k rotated in place (awq_rope_in_place), normed, then stored unrotated
+    by rope_store (no tables); prefill on our GEMM, decode on the default GEMV."""
+    check_against_reference(tiny_engine(tmp_path, "hunyuan_v1_dense", tokenizer_dir), 320, cublas=False)
+
+
 @pytest.mark.parametrize("cublas", [False, None], ids=["ours", "cublas"])
 def test_a_gptq_act_order_model_matches_the_reference(cublas, tokenizer_dir, tmp_path):
     """A GPTQ act-order (desc_act) checkpoint: a gather kernel before each linear, prefill on our

@@ -38,6 +38,11 @@ def _ids(seed: int, n: int = PROMPT + STEPS) -> list[int]:
 @pytest.mark.parametrize("target", CPU_TARGETS)
 def test_family_matches_reference(family, target):
     model_type, root, ckpt, ref = family
+    if target == "trt" and model_type == "hunyuan_v1_dense":  # its q/k norms follow RoPE, which the plugin does
+        with pytest.raises(UserError, match="q/k norms come after RoPE, and the trt target's attention plugin"):
+            export_for_cpu(ckpt, root / "exports", target)
+        assert not (root / "exports" / target).exists()
+        return
     out = export_for_cpu(ckpt, root / "exports", target)
     # trt runs in fp16 on the device; its stand-in keeps the fp16-rounded constants (RoPE
     # tables, scalars), hence a looser bound than the fp32 targets' rounding-level agreement.

@@ -46,6 +46,10 @@ TINY_EXTRA = {
     "internlm3": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # Llama saved under EXAONE 3's own tensor names (transformer.h.0.attn.attention.q_proj, ...)
     "exaone": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # per-head q/k norms after RoPE; NTK alpha stretching the RoPE base (Hunyuan's 1000 at head_dim 128)
+    "hunyuan_v1_dense": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                         "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0,
+                                             "factor": 1.0}},
     # no pre-norms, post-norms, q/k norms over all heads
     "olmo2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # OLMo 2's block, layer 0 sliding, a RoPE base per layer type

@@ -482,13 +482,16 @@ BACKEND_CASES = {
                                                       "rope_parameters": longrope(64, 12)["rope_parameters"]},
                                      True, 9, "auto", set()),
     # Phi-3 and 3.5-mini's head size 96: prefill on tensor cores, decode on split attention's
-    # launch (the persistent step refuses it: test_the_persistent_step_refuses_a_head_size_it_lacks)
+    # launch (the persistent step refuses it: test_the_persistent_step_refuses_what_it_lacks)
     "phi3-d96": ("phi3", "auto", {"hidden_size": 192, "head_dim": 96}, True, 20, "auto",
                  {"awq_attend_mma_d96", "awq_attend_split_d96"}),
     # OLMo 2's post-norm block: no norm before q/k/v or gate/up, the residual adds as kernels of their own,
     # q/k norms as wide as all heads
     "olmo2-post-norms": ("olmo2", "auto", {"num_hidden_layers": 2}, True, 20, "cuda_cores",
                          {"awq_residual_add", "awq_head_rms_norm", "awq_gemv_store_g32_w4"}),
+    # Hunyuan's q/k norms after RoPE: q and k rotated in place, normed, then stored as they are
+    "hunyuan-rope-before-norms": ("hunyuan_v1_dense", "auto", {}, True, 20, "cuda_cores",
+                                  {"awq_rope_in_place", "awq_head_rms_norm", "awq_rope_store"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),
@@ -532,12 +535,15 @@ def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False, concur
     return cuda, driver, info, ids
 
 
-def test_the_persistent_step_refuses_a_head_size_it_lacks(emulated, tmp_path):
+@pytest.mark.parametrize("case, refusal", [
+    ("phi3-d96", "the persistent decode step takes head sizes 64, 128, 256, and this model's is 96; choose another"),
+    ("hunyuan-rope-before-norms", "the persistent decode step does not rotate q and k before their norms"),
+], ids=["phi3-d96", "hunyuan"])
+def test_the_persistent_step_refuses_what_it_lacks(emulated, case, refusal, tmp_path):
     from awq_edge.errors import UserError
 
-    cuda, _, _, _ = emulated_backend(emulated, "phi3-d96", tmp_path)
-    with pytest.raises(UserError, match="the persistent decode step takes head sizes 64, 128, 256, and this "
-                                        "model's is 96; choose another decode"):
+    cuda, _, _, _ = emulated_backend(emulated, case, tmp_path)
+    with pytest.raises(UserError, match=refusal):
         cuda.set_decode_gemv("persistent_step")
     assert cuda.step_refusal() and not cuda.decodes_on_step()
 

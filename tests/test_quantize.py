@@ -290,7 +290,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
 
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("ministral3", "smollm3", "granite", "glm", "glm4", "ernie4_5",
-                                                       "olmo2", "exaone4", "gemma", "vaultgemma"))
+                                                       "olmo2", "exaone4", "gemma", "vaultgemma", "hunyuan_v1_dense"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"

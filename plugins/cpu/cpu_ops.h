@@ -49,13 +49,13 @@ void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scale
 /* ---------------------------------------------------------------- the decode step (decode_step.c) */
 
 enum cpu_op_kind { OP_EMBED = 1, OP_NORM, OP_ADD_NORM, OP_LINEAR, OP_HEAD_NORM, OP_ATTENTION, OP_ACT, OP_LM_HEAD,
-                   OP_ADD };
+                   OP_ADD, OP_ROPE };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 
 /* One op of the step; awq_edge/cpu_native.py (CpuOp) declares the same fields in the same order. */
 struct cpu_op {
   int32_t kind;      /* cpu_op_kind */
-  int32_t n;         /* outputs (linear, lm_head, act: I), width (norms, embed, add), heads (head_norm) */
+  int32_t n;         /* outputs (linear, lm_head, act: I), width (norms, embed, add), heads (head_norm, rope) */
   int32_t k;         /* inputs (linear, lm_head), a head's width (head_norm) */
   int32_t group;     /* the linear's block size */
   int32_t offset;    /* head_norm: first column */
@@ -71,7 +71,7 @@ struct cpu_op {
   const float *bias;     /* linear bias or NULL */
   const float *w_norm;   /* norm weight (the family's offset folded in) */
   const void *table;     /* fp16 [V, hidden]: embed; lm_head's exact table */
-  const float *cos, *sin;  /* RoPE tables [max_positions, D / 2] */
+  const float *cos, *sin;  /* RoPE tables [max_positions, D / 2]; attention: NULL when a rope op rotated q and k */
   const int64_t *order;    /* linear: its input read as x[order[i]] (GPTQ act-order), or NULL */
 };
 

@@ -327,12 +327,14 @@ static inline __attribute__((always_inline)) void attend_group(const float *q, i
 static void attention(const struct cpu_model *m, const struct cpu_op *op, int position) {
   const int H = m->heads, Hkv = m->kv_heads, D = m->head_dim, cap = m->max_context, rows = m->mirror_rows;
   float *q = op->x, *k = q + H * D, *v = k + Hkv * D;
-  const float *cos = op->cos + (size_t)position * (D / 2), *sin = op->sin + (size_t)position * (D / 2);
   float *kc = m->k_cache[op->layer], *vc = m->v_cache[op->layer];
 #pragma omp single
   {
-    rope(q, H, D, cos, sin);
-    rope(k, Hkv, D, cos, sin);
+    if (op->cos) {  /* (none: a rope op rotated q and k before their norms, Hunyuan's) */
+      const float *cos = op->cos + (size_t)position * (D / 2), *sin = op->sin + (size_t)position * (D / 2);
+      rope(q, H, D, cos, sin);
+      rope(k, Hkv, D, cos, sin);
+    }
     for (int g = 0; g < Hkv; g++) {
       memcpy(kc + ((size_t)g * cap + position) * D, k + g * D, sizeof(float) * D);
       memcpy(vc + ((size_t)g * cap + position) * D, v + g * D, sizeof(float) * D);
@@ -465,7 +467,7 @@ static void lm_head(const struct cpu_model *m, const struct cpu_op *op, int quan
 }
 
 /* The ops too small to share out: one thread runs each. */
-static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t token) {
+static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t token, int position) {
   switch (op->kind) {
     case OP_EMBED: {
       const uint16_t *row = (const uint16_t *)op->table + (size_t)token * op->n;
@@ -481,6 +483,10 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
       break;
     case OP_ADD:  /* a post-norm block's residual add (OLMo 2) */
       for (int j = 0; j < op->n; j++) op->residual[j] += op->x[j];
+      break;
+    case OP_ROPE:  /* q's and k's heads (the first n of the q/k/v row) in place, before their norms (Hunyuan) */
+      rope(op->x, op->n, m->head_dim, op->cos + (size_t)position * (m->head_dim / 2),
+           op->sin + (size_t)position * (m->head_dim / 2));
       break;
     case OP_HEAD_NORM:  /* each head, or (OLMo 2) one as wide as all */
       for (int h = 0; h < op->n; h++) {
@@ -522,7 +528,7 @@ void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops,
           const int fold = next && (next->kind == OP_LINEAR || next->kind == OP_LM_HEAD);
 #pragma omp single
           {
-            small_op(m, op, token);
+            small_op(m, op, token, position);
             if (fold) quantize_input(m, next);
           }
           quantized = fold;

@@ -53,7 +53,8 @@ __device__ __forceinline__ int64_t first_key(int64_t pos, int window) {
 // q_stride / kv_stride: elements from one token's q (k, v) to the next's (H * D and Hkv * D when
 // they are separate tensors; the qkv width when they are columns of one fused projection).
 // A step that does not fit is flagged here, once (attend only writes its NaN). s: the step's row
-// this block rotates and stores (its kernel's blockIdx.x).
+// this block rotates and stores (its kernel's blockIdx.x). No tables (cos null): q and k are
+// rotated already (awq_rope_in_place, before Hunyuan's q/k norms), copied as they are.
 __device__ __forceinline__ void rope_store(const __half* __restrict__ q, const __half* __restrict__ k,
                                            const __half* __restrict__ v, __half* __restrict__ k_cache,
                                            __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
@@ -67,8 +68,8 @@ __device__ __forceinline__ void rope_store(const __half* __restrict__ q, const _
     }
     const int half_d = D / 2;
     const int64_t pos = past + s;
-    const __half* cos_row = cos + pos * half_d;
-    const __half* sin_row = sin + pos * half_d;
+    const __half* cos_row = cos ? cos + pos * half_d : nullptr;
+    const __half* sin_row = sin ? sin + pos * half_d : nullptr;
     // (head, i) over the first half of every q head, then every k head
     for (int idx = threadIdx.x; idx < (H + Hkv) * half_d; idx += blockDim.x) {
         const int head = idx / half_d, i = idx % half_d;
@@ -78,7 +79,7 @@ __device__ __forceinline__ void rope_store(const __half* __restrict__ q, const _
         __half* dst = is_q ? q_rot + (static_cast<size_t>(s) * H + head) * D
                            : k_cache + (static_cast<size_t>(head - H) * capacity + pos) * D;
         const float x1 = __half2float(src[i]), x2 = __half2float(src[i + half_d]);
-        const float c = __half2float(cos_row[i]), sn = __half2float(sin_row[i]);
+        const float c = cos_row ? __half2float(cos_row[i]) : 1.f, sn = sin_row ? __half2float(sin_row[i]) : 0.f;
         dst[i] = __float2half(x1 * c - x2 * sn);
         dst[i + half_d] = __float2half(x2 * c + x1 * sn);
     }
@@ -86,6 +87,26 @@ __device__ __forceinline__ void rope_store(const __half* __restrict__ q, const _
         const int head = idx / D, d = idx % D;
         v_cache[(static_cast<size_t>(head) * capacity + pos) * D + d] =
             v[static_cast<size_t>(s) * kv_stride + static_cast<size_t>(head) * D + d];
+    }
+}
+
+// The first `heads` heads of q/k/v row s (q's, then k's) rotated in place at position past + s
+// (HF rotate_half, fp32 math, as rope_store); a position past the tables is left for rope_store
+// to flag.
+__device__ __forceinline__ void rope_in_place(__half* __restrict__ qkv, const int64_t* __restrict__ past_ptr,
+                                              const __half* __restrict__ cos, const __half* __restrict__ sin,
+                                              int heads, int D, int stride, int max_positions, int s) {
+    const int64_t pos = *past_ptr + s;
+    if (pos < 0 || pos >= max_positions) return;
+    const int half_d = D / 2;
+    __half* row = qkv + static_cast<size_t>(s) * stride;
+    for (int idx = threadIdx.x; idx < heads * half_d; idx += blockDim.x) {
+        const int i = idx % half_d;
+        __half* x = row + static_cast<size_t>(idx / half_d) * D + i;
+        const float x1 = __half2float(x[0]), x2 = __half2float(x[half_d]);
+        const float c = __half2float(cos[pos * half_d + i]), sn = __half2float(sin[pos * half_d + i]);
+        x[0] = __float2half(x1 * c - x2 * sn);
+        x[half_d] = __float2half(x2 * c + x1 * sn);
     }
 }
 
@@ -777,6 +798,14 @@ awq_rope_store(const __half* __restrict__ q, const __half* __restrict__ k, const
     awq_edge::begin_after_previous_kernel();
     rope_store(q, k, v, k_cache, v_cache, past_ptr, cos, sin, q_rot, S, H, Hkv, D, capacity, max_positions, q_stride,
                kv_stride, status, blockIdx.x);
+}
+
+// awq_rope_in_place: grid S blocks of 256 threads over the q/k/v rows (stride: the row's width).
+extern "C" __global__ void __launch_bounds__(kRopeThreads)
+awq_rope_in_place(__half* __restrict__ qkv, const int64_t* __restrict__ past_ptr, const __half* __restrict__ cos,
+                  const __half* __restrict__ sin, int heads, int D, int stride, int max_positions) {
+    awq_edge::begin_after_previous_kernel();
+    rope_in_place(qkv, past_ptr, cos, sin, heads, D, stride, max_positions, blockIdx.x);
 }
 
 // The prefill attention kernels, all with awq_attend's arguments and 128 threads a block:
