@@ -286,14 +286,31 @@ def _ask_variant(device: str) -> str:
             return answer
 
 
-def _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens):
+def _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens, presence_penalty=0.0,
+                    frequency_penalty=0.0, logit_bias=None):
     """The flags given, checked before the engine loads (those left out are the model's or ours)."""
     from .sampling import sampling_with_defaults
 
     sampling_with_defaults({}, temperature=temperature, top_k=top_k, top_p=top_p,
-                           repetition_penalty=repetition_penalty).validate()
+                           repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                           frequency_penalty=frequency_penalty, logit_bias=logit_bias).validate()
     if max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
+def _logit_bias(entries: list[str] | None) -> dict[int, float]:
+    """--logit-bias ID=BIAS (repeatable) -> {id: bias}."""
+    biases = {}
+    for entry in entries or []:
+        token, _, bias = entry.partition("=")
+        try:
+            biases[int(token)] = float(bias)
+        except ValueError:
+            raise UserError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 13=-100), got {entry[:40]!r}") from None
+    return biases
+
+
+PENALTY_HELP = "OpenAI's, in [-2, 2], 0 = off: subtracted from each generated token's logit"
 
 
 THREADS_HELP = "CPU threads for ONNX Runtime; default: this machine's physical cores"
@@ -369,9 +386,15 @@ def run(
     ignore_eos: bool = typer.Option(False, help="keep generating past the end-of-text token (measurements)"),
     json_object: bool = typer.Option(False, "--json", help="the reply is one JSON object (ends where it closes)"),
     json_schema: Optional[Path] = typer.Option(None, help="a JSON Schema file the reply is held to (docs/api.md)"),
+    presence_penalty: float = typer.Option(0.0, help=PENALTY_HELP + " once it is in the reply"),
+    frequency_penalty: float = typer.Option(0.0, help=PENALTY_HELP + " once per time in the reply"),
+    logit_bias: Optional[list[str]] = typer.Option(None, help="TOKEN_ID=BIAS, added to that token's logit (-100 "
+                                                              "bans it, 100 forces it; repeatable)"),
 ):
     """Generate a reply to one prompt, streamed to stdout."""
-    _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
+    biases = _logit_bias(logit_bias)
+    _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens, presence_penalty,
+                    frequency_penalty, biases)
     if prompt == "-":
         try:
             prompt = sys.stdin.buffer.read().decode("utf-8")
@@ -388,7 +411,8 @@ def run(
     eng = _load_engine(engine, max_memory, max_context, verify, threads, spin, native_decode)
     from .sampling import Sampler
 
-    sampler = Sampler(eng.sampling(temperature, top_k, top_p, repetition_penalty, seed))
+    sampler = Sampler(eng.sampling(temperature, top_k, top_p, repetition_penalty, seed, presence_penalty,
+                                   frequency_penalty, biases))
     ids = eng.prompt_ids(prompt, system, chat_template=not no_chat_template, template_kwargs=template_kwargs)
     pieces = eng.stream_ids(ids, sampler, max_new_tokens, stop, ignore_eos=ignore_eos, json_object=json_object,
                             json_schema=schema)
@@ -432,9 +456,12 @@ def chat(
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     spin: bool = typer.Option(True, "--spin/--no-spin", help=SPIN_HELP),
     native_decode: Optional[bool] = typer.Option(None, "--native-decode/--no-native-decode", help=NATIVE_HELP),
+    presence_penalty: float = typer.Option(0.0, help=PENALTY_HELP + " once it is in the reply"),
+    frequency_penalty: float = typer.Option(0.0, help=PENALTY_HELP + " once per time in the reply"),
 ):
     """Talk with the model. /reset starts over, /exit quits, Ctrl-C stops a reply."""
-    _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
+    _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens, presence_penalty,
+                    frequency_penalty)
     if system is not None:
         _utf8(system, "--system")
     template_kwargs = _template_kwargs(chat_template_kwargs)
@@ -470,7 +497,8 @@ def chat(
             turn_seed = None if seed is None else seed + turn - 1  # reproducible, yet not one reply per seed
             for piece in conversation.stream(line, max_new_tokens=max_new_tokens, temperature=temperature,
                                              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                             seed=turn_seed):
+                                             seed=turn_seed, presence_penalty=presence_penalty,
+                                             frequency_penalty=frequency_penalty):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:

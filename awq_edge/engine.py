@@ -30,7 +30,8 @@ from .engine_dir import ExportInfo, check_files, read_decoder_info, read_export_
 from .errors import UserError
 from .json_reply import JsonReply, reply_constraint
 from .memory import PREFILL_CHUNK, MemoryPlan, format_size, parse_size, peak_rss_bytes, plan_memory
-from .sampling import DeviceLogits, Sampler, SamplingSettings, sampling_with_defaults, token_logprobs
+from .sampling import (DeviceLogits, Sampler, SamplingSettings, adjusted_logits, sampling_with_defaults,
+                       token_logprobs)
 from .tokenizer import StreamDecoder, Tokenizer, check_template_kwargs
 
 
@@ -250,30 +251,37 @@ class Engine:
 
     # ------------------------------------------------------------ generation
     def sampling(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 repetition_penalty: float | None = None, seed: int | None = None) -> SamplingSettings:
+                 repetition_penalty: float | None = None, seed: int | None = None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, logit_bias: dict | None = None) -> SamplingSettings:
         """The settings a generation uses: what is given, else what the model's generation_config.json
-        recommends (with do_sample), else temperature 0.7, top_k 50, top_p 0.95, repetition penalty 1."""
+        recommends (with do_sample), else temperature 0.7, top_k 50, top_p 0.95, repetition penalty 1.
+        presence_penalty, frequency_penalty, logit_bias: OpenAI's (sampling.adjusted_logits), off by default."""
         return sampling_with_defaults(self.tokenizer.sampling, seed, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, repetition_penalty=repetition_penalty)
+                                      top_p=top_p, repetition_penalty=repetition_penalty,
+                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                      logit_bias=logit_bias)
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, system: str | None = None,
                  chat_template: bool = True, cancel: Callable[[], bool] | None = None,
-                 template_kwargs: dict | None = None, json_object: bool = False, json_schema=None) -> str:
+                 template_kwargs: dict | None = None, json_object: bool = False, json_schema=None,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: dict | None = None) -> str:
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                    seed, stop, system, chat_template, cancel, template_kwargs, json_object,
-                                   json_schema))
+                                   json_schema, presence_penalty, frequency_penalty, logit_bias))
 
     def stream(self, prompt, max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                stop: str | Sequence[str] | None = None, system: str | None = None,
                chat_template: bool = True, cancel: Callable[[], bool] | None = None,
                template_kwargs: dict | None = None, json_object: bool = False,
-               json_schema=None) -> Iterator[str]:
+               json_schema=None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               logit_bias: dict | None = None) -> Iterator[str]:
         """Yield text pieces as tokens are chosen. Bad values fail here, before the first piece.
         Sampling settings left None are the model's or ours (Engine.sampling); template_kwargs as
-        in prompt_ids.
+        in prompt_ids. presence_penalty, frequency_penalty (each in [-2, 2]) and logit_bias ({token
+        id: bias in [-100, 100]}) are OpenAI's: sampling.adjusted_logits.
 
         cancel: called once per token (from the generating thread); when it returns True the
         reply ends there with finish_reason "cancelled". Pass `event.is_set` of a
@@ -283,7 +291,8 @@ class Engine:
         object closes (finish_reason "stop"), or unfinished at max_new_tokens ("length").
         json_schema: a JSON Schema (a dict) the reply is held to (awq_edge/json_schema.py: the
         subset taken; another is refused here, in one line); it ends where a whole value is."""
-        sampler = Sampler(self.sampling(temperature, top_k, top_p, repetition_penalty, seed))
+        sampler = Sampler(self.sampling(temperature, top_k, top_p, repetition_penalty, seed, presence_penalty,
+                                        frequency_penalty, logit_bias))
         ids = self.prompt_ids(prompt, system, chat_template, template_kwargs)
         return self.stream_ids(ids, sampler, max_new_tokens, stop, cancel=cancel, json_object=json_object,
                                json_schema=json_schema)
@@ -312,6 +321,9 @@ class Engine:
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise UserError(f"logprobs must be 0..{MAX_TOP_LOGPROBS} (the top alternatives kept), got {logprobs}")
+        past = next((t for t in sampler.settings.logit_bias if t >= self.backend.vocab_size), None)
+        if past is not None:
+            raise UserError(f"logit_bias names token {past}, past the vocabulary ({self.backend.vocab_size} tokens)")
         eos_ids = set() if ignore_eos else self.tokenizer.eos_ids
         constraint = reply_constraint(self.tokenizer.token_bytes(), eos_ids, json_object, json_schema) \
             if json_object or json_schema is not None else None  # (a bad schema fails here, the cache kept)
@@ -336,11 +348,16 @@ class Engine:
             logits = self._forward(ids[start:start + PREFILL_CHUNK])
         return logits, keep
 
-    def _sample(self, sampler: Sampler, logits, seen: list[int], feed: bool, constraint: JsonReply | None = None):
+    def _sample(self, sampler: Sampler, logits, seen: list[int], prompt_length: int, feed: bool,
+                constraint: JsonReply | None = None):
         """(the next token, None), or where the backend runs decode ahead (the cuda backend) and
         feed is asked: (the token, the logits after feeding it), the step that feeds it queued on
         the GPU before the token is read back, so it runs while the host handles this token.
-        Under a constraint (JSON mode) the host chooses, from logits copied off the GPU."""
+        Under a constraint (JSON mode) the host chooses, from logits copied off the GPU; with
+        OpenAI's adjustments (logit_bias, presence or frequency penalty) too, from the adjusted ones.
+        seen: the prompt's tokens (the first prompt_length), then those chosen so far."""
+        if sampler.settings.adjusts_logits:
+            logits = adjusted_logits(logits, sampler.settings, seen[prompt_length:])
         if constraint is not None:
             return constraint.choose(logits, sampler.settings, seen, sampler.draw()), None
         if feed and getattr(self.backend, "run_ahead", False) and isinstance(logits, DeviceLogits):
@@ -373,7 +390,7 @@ class Engine:
                 break
             # (the host needs each step's logits for a constraint or logprobs: no decode run ahead then)
             feed = step < max_new_tokens - 1 and self.backend.position < self.context and logprobs is None
-            token, fed_logits = self._sample(sampler, logits, seen, feed, constraint)
+            token, fed_logits = self._sample(sampler, logits, seen, len(ids), feed, constraint)
             if logprobs is not None and token not in eos_ids:
                 self.last_logprobs.append((token, *token_logprobs(logits, token, logprobs)))
             stats.new_tokens += 1
@@ -453,8 +470,10 @@ class Chat:
                top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                seed: int | None = None, stop: str | Sequence[str] | None = None,
                cancel: Callable[[], bool] | None = None, json_object: bool = False,
-               json_schema=None) -> Iterator[str]:
-        sampler = Sampler(self.engine.sampling(temperature, top_k, top_p, repetition_penalty, seed))
+               json_schema=None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               logit_bias: dict | None = None) -> Iterator[str]:
+        sampler = Sampler(self.engine.sampling(temperature, top_k, top_p, repetition_penalty, seed, presence_penalty,
+                                               frequency_penalty, logit_bias))
         messages = self.messages + [{"role": "user", "content": content}]
         text = self.engine.tokenizer.render_chat(messages, template_kwargs=self.template_kwargs)
         if self._text and text.startswith(self._text) and self.engine.cached_ids[:len(self._ids)] == self._ids:

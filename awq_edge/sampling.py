@@ -1,4 +1,5 @@
-"""Next-token choice from float32 logits, in numpy: repetition penalty, temperature, top-k, top-p.
+"""Next-token choice from float32 logits, in numpy: repetition penalty, temperature, top-k, top-p
+(and OpenAI's logit_bias, presence and frequency penalties: adjusted_logits, on the host).
 
 temperature 0 means greedy (argmax after the repetition penalty). The random generator is
 seeded once per generation, so the same seed and prompt give the same text. A NaN logit counts
@@ -7,7 +8,7 @@ with no logit above -inf is an error (NO_USABLE_LOGITS), here and in plugins/ker
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +23,15 @@ class SamplingSettings:
     top_p: float = 0.95       # 1 = no nucleus cut
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the context
     seed: int | None = None
+    # OpenAI's: subtracted from the logit of each token generated so far (once / once per time)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict = field(default_factory=dict)  # token id -> added to its logit
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether adjusted_logits changes anything (then the host samples: the GPU sampler does not)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def validate(self) -> None:
         if not np.isfinite(self.temperature) or self.temperature < 0:
@@ -32,6 +42,37 @@ class SamplingSettings:
             raise UserError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
         if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise UserError(f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:  # (NaN fails too)
+                raise UserError(f"--{name.replace('_', '-')} must be in [-{MAX_PENALTY}, {MAX_PENALTY}] (0 = off), "
+                                f"got {getattr(self, name)}")
+        if len(self.logit_bias) > MAX_LOGIT_BIASES:
+            raise UserError(f"--logit-bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIASES}")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise UserError(f"--logit-bias keys must be token ids (integers >= 0), got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -MAX_BIAS <= bias <= MAX_BIAS:
+                raise UserError(f"--logit-bias values must be in [-{MAX_BIAS}, {MAX_BIAS}], got {bias} for {token}")
+
+
+# OpenAI's bounds: penalties in [-2, 2], biases in [-100, 100] (-100 bans a token in practice, 100
+# forces it); the number of biased tokens is ours (a request is untrusted input)
+MAX_PENALTY, MAX_BIAS, MAX_LOGIT_BIASES = 2.0, 100.0, 1024
+
+
+def adjusted_logits(logits: np.ndarray, settings: SamplingSettings, generated) -> np.ndarray:
+    """logits (a copy) with OpenAI's adjustments, before everything else: logit_bias added; the
+    presence penalty subtracted from each token generated so far, and the frequency penalty once
+    per time it was (the prompt's tokens do not count, as in vLLM: repetition_penalty covers them).
+    Token ids past the vocabulary are refused by the engine before generating."""
+    logits = np.array(logits, dtype=np.float32)
+    if settings.logit_bias:
+        ids = np.fromiter(settings.logit_bias, dtype=np.int64, count=len(settings.logit_bias))
+        logits[ids] += np.fromiter(settings.logit_bias.values(), dtype=np.float32, count=ids.size)
+    if len(generated) and (settings.presence_penalty or settings.frequency_penalty):
+        ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+        logits[ids] -= np.float32(settings.presence_penalty) + np.float32(settings.frequency_penalty) * counts
+    return logits
 
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")
@@ -54,12 +95,15 @@ def model_sampling(generation_config: dict, where: str) -> dict:
 
 def sampling_with_defaults(model: dict, seed: int | None = None, temperature: float | None = None,
                            top_k: int | None = None, top_p: float | None = None,
-                           repetition_penalty: float | None = None) -> SamplingSettings:
-    """SamplingSettings from what the caller gave (None: not given), else the model's, else ours."""
+                           repetition_penalty: float | None = None, presence_penalty: float | None = None,
+                           frequency_penalty: float | None = None, logit_bias: dict | None = None) -> SamplingSettings:
+    """SamplingSettings from what the caller gave (None: not given), else the model's, else ours
+    (the OpenAI adjustments are the caller's alone: off unless given)."""
     given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty}
     chosen = {k: given[k] if given[k] is not None else model.get(k, getattr(SamplingSettings, k))
               for k in SAMPLING_FIELDS}
-    return SamplingSettings(**chosen, seed=seed)
+    return SamplingSettings(**chosen, seed=seed, presence_penalty=presence_penalty or 0.0,
+                            frequency_penalty=frequency_penalty or 0.0, logit_bias=dict(logit_bias or {}))
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen_ids, penalty: float) -> np.ndarray:

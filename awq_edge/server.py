@@ -50,7 +50,7 @@ from .engine import MAX_TOP_LOGPROBS, PREFILL_CHUNK, Engine, GenerationStats
 from .errors import UserError
 from .json_schema import NO_ARGUMENTS, schema_grammar, tool_calls_grammar
 from .memory import peak_rss_bytes
-from .sampling import Sampler, SamplingSettings, sampling_with_defaults
+from .sampling import MAX_LOGIT_BIASES, Sampler, SamplingSettings, sampling_with_defaults
 from .tokenizer import TEMPLATE_KWARGS_MAX_CHARS, check_template_kwargs
 from .tool_calls import ToolCallStream, calls_in, parse_tool_calls, tool_call
 
@@ -64,8 +64,7 @@ RECENT = 64             # finished requests kept for /stats
 STREAM_INTERVAL_S = 0.02
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length"}
 # Features of OpenAI's API that this server does not have: refused unless null or one of these defaults.
-UNSUPPORTED = {"logit_bias": ("logit_bias", ({},)),
-               "functions": ("function calls (the old API; use tools)", ([],)),
+UNSUPPORTED = {"functions": ("function calls (the old API; use tools)", ([],)),
                "function_call": ("function calls", ("none", "auto")),
                "echo": ("echo", (False,)), "suffix": ("suffix", ("",)), "best_of": ("best_of", (1,)),
                "audio": ("audio output", ())}
@@ -145,10 +144,6 @@ def check_supported(body: dict) -> None:
     if n != 1:
         raise ApiError(400, f"n={n} is not supported: one engine answers one request at a time (batch 1); "
                             "send n=1 and repeat the request", param="n", code="unsupported_parameter")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if get(body, name, float, 0.0) != 0.0:
-            raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty' (an extension: 1 = off, "
-                                "e.g. 1.1)", param=name, code="unsupported_parameter")
     for name, (what, defaults) in UNSUPPORTED.items():
         if body.get(name) is not None and body[name] not in defaults:
             raise ApiError(400, f"'{name}': {what} are not supported by this server", param=name,
@@ -293,15 +288,36 @@ def tokenize(engine: Engine, prompt, param: str, kwargs: dict | None = None) -> 
     return ids
 
 
-def sampling_settings(body: dict, model: dict) -> SamplingSettings:
+def logit_bias(body: dict, vocab: int) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias}, ids as decimal strings, each in the vocabulary."""
+    raw = get(body, "logit_bias", dict, {})
+    if len(raw) > MAX_LOGIT_BIASES:
+        raise ApiError(400, f"'logit_bias' has {len(raw)} entries; at most {MAX_LOGIT_BIASES}", param="logit_bias")
+    biases = {}
+    for key, bias in raw.items():
+        if not re.fullmatch(r"[0-9]{1,9}", key) or int(key) >= vocab:
+            raise ApiError(400, f"'logit_bias' keys must be token ids below the vocabulary size {vocab}, got "
+                                f"{key[:40]!r}", param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise ApiError(400, f"'logit_bias' values must be numbers, got {json_type(bias)} for {key}",
+                           param="logit_bias", code="invalid_type")
+        biases[int(key)] = float(bias)
+    return biases
+
+
+def sampling_settings(body: dict, model: dict, vocab: int) -> SamplingSettings:
     """temperature, top_p, top_k, repetition_penalty, seed; those left out are `awq-edge run`'s:
-    model (the engine's generation_config.json advice, sampling.model_sampling), else ours."""
+    model (the engine's generation_config.json advice, sampling.model_sampling), else ours. Then
+    OpenAI's presence_penalty, frequency_penalty and logit_bias (sampling.adjusted_logits)."""
     seed = get(body, "seed", int)
     if seed is not None and seed < 0:  # numpy's generator takes none
         raise ApiError(400, f"'seed' must be >= 0, got {seed}", param="seed")
     settings = sampling_with_defaults(model, seed, temperature=get(body, "temperature", float),
                                       top_k=get(body, "top_k", int), top_p=get(body, "top_p", float),
-                                      repetition_penalty=get(body, "repetition_penalty", float))
+                                      repetition_penalty=get(body, "repetition_penalty", float),
+                                      presence_penalty=get(body, "presence_penalty", float),
+                                      frequency_penalty=get(body, "frequency_penalty", float),
+                                      logit_bias=logit_bias(body, vocab))
     try:
         settings.validate()
     except UserError as e:  # the message names the CLI flag (--top-p); say the JSON field (top_p)
@@ -645,7 +661,9 @@ def record(server: Server, job: Job, stats: GenerationStats) -> None:
 
 def enqueue(server: Server, body: dict, ids: list[int], chat: bool, stream: bool, fmt: ReplyFormat) -> Job:
     """Check the generation settings, then queue the job (or 429 when the queue is full)."""
-    job = Job(number=server.arrivals + 1, ids=ids, settings=sampling_settings(body, server.engine.tokenizer.sampling),
+    engine = server.engine
+    job = Job(number=server.arrivals + 1, ids=ids,
+              settings=sampling_settings(body, engine.tokenizer.sampling, engine.backend.vocab_size),
               max_new_tokens=max_new_tokens(body, len(ids), server.engine.context), stops=stop_strings(body),
               ignore_eos=get(body, "ignore_eos", bool, False), format=fmt, logprobs=logprobs_asked(body, chat),
               stream=stream, loop=asyncio.get_running_loop())

@@ -34,6 +34,20 @@ def test_run_streams_the_greedy_reply(engine_dir):
     assert "tok/s" in result.stderr.decode()
 
 
+def test_run_takes_openai_logit_bias_and_penalties(engine_dir):
+    from awq_edge.engine import Engine
+
+    prompt, adjust = "Write a paragraph about the ocean.", {"logit_bias": {5: -100.0, 6: 4.5}, "presence_penalty": 2.0,
+                                                           "frequency_penalty": -0.5}
+    result = cli("run", engine_dir, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24", "--logit-bias",
+                 "5=-100", "--logit-bias", "6=4.5", "--presence-penalty", "2", "--frequency-penalty", "-0.5")
+    assert result.returncode == 0, result.stderr
+    engine = Engine.load(engine_dir)
+    expected = engine.generate(prompt, max_new_tokens=24, temperature=0, **adjust)
+    assert result.stdout.decode() == expected + "\n"
+    assert expected != engine.generate(prompt, max_new_tokens=24, temperature=0)
+
+
 def test_run_json_prints_one_json_object(engine_dir):
     import json
 
@@ -97,6 +111,10 @@ def test_bench_json(engine_dir):
     (["--top-p", "2"], "--top-p"),
     (["--top-k", "-3"], "--top-k"),
     (["--repetition-penalty", "0"], "--repetition-penalty"),
+    (["--presence-penalty", "3"], "--presence-penalty"),
+    (["--logit-bias", "13"], "--logit-bias takes TOKEN_ID=BIAS"),
+    (["--logit-bias", "13=-101"], "--logit-bias values must be in [-100.0, 100.0]"),
+    (["--logit-bias", "49152=1"], "logit_bias names token 49152, past the vocabulary"),
     (["--max-memory", "lots"], "memory size"),
     (["--max-memory", "64MiB"], "short by"),
     (["--max-context", "64", "--prompt", "word " * 200], "context holds 64"),

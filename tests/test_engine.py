@@ -61,6 +61,39 @@ def test_seeds_make_sampling_reproducible(engine):
     assert len(set(texts[1:])) > 1
 
 
+def test_logit_bias_and_penalties_steer_each_greedy_choice(engine):
+    """Each token greedy chooses with OpenAI's adjustments is the argmax of the raw logits (fed
+    again one token at a time) plus logit_bias, less the presence penalty for each token generated
+    so far and the frequency penalty per time (sampling.adjusted_logits; the prompt not counted)."""
+    import numpy as np
+
+    from awq_edge.sampling import Sampler, SamplingSettings
+
+    ids = engine.prompt_ids("Write a paragraph about the ocean.")
+    "".join(engine.stream_ids(ids, Sampler(SamplingSettings(0.0)), 16, ignore_eos=True, logprobs=0))
+    plain = [token for token, _, _ in engine.last_logprobs]
+    settings = SamplingSettings(0.0, logit_bias={plain[0]: -100.0, plain[2]: 3.0}, presence_penalty=1.5,
+                                frequency_penalty=0.75)
+    "".join(engine.stream_ids(ids, Sampler(settings), 16, ignore_eos=True, logprobs=0))
+    steered = [token for token, _, _ in engine.last_logprobs]
+    assert steered[0] != plain[0] and steered != plain
+    engine.reset()
+    logits = engine.backend.forward(ids)
+    for i, token in enumerate(steered):
+        raw = np.asarray(logits, np.float64).copy()
+        raw[plain[0]] -= 100.0
+        raw[plain[2]] += 3.0
+        for t in set(steered[:i]):
+            raw[t] -= 1.5 + 0.75 * steered[:i].count(t)
+        assert token == int(np.argmax(raw)), i
+        logits = engine.backend.forward([token])
+    engine.reset()
+    with pytest.raises(UserError, match="logit_bias names token 49152, past the vocabulary"):
+        engine.generate("Hi", logit_bias={49152: 1.0})
+    with pytest.raises(UserError, match="--frequency-penalty must be in"):
+        engine.generate("Hi", frequency_penalty=2.5)
+
+
 def test_stop_strings_end_the_reply(engine):
     prompt = "Write a paragraph about the ocean."
     full = engine.generate(prompt, max_new_tokens=40, **GREEDY)

@@ -5,14 +5,17 @@ import numpy as np
 import pytest
 
 from awq_edge.errors import UserError
-from awq_edge.sampling import Sampler, SamplingSettings, apply_repetition_penalty
+from awq_edge.sampling import Sampler, SamplingSettings, adjusted_logits, apply_repetition_penalty
 from awq_edge.tokenizer import StreamDecoder, Tokenizer
 
 
 @pytest.mark.parametrize("kwargs, flag", [
     ({"temperature": -0.1}, "--temperature"), ({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"),
     ({"top_k": -1}, "--top-k"), ({"repetition_penalty": 0.0}, "--repetition-penalty"),
-    ({"temperature": float("nan")}, "--temperature"),
+    ({"temperature": float("nan")}, "--temperature"), ({"presence_penalty": 2.5}, "--presence-penalty"),
+    ({"frequency_penalty": float("nan")}, "--frequency-penalty"), ({"logit_bias": {5: 101.0}}, "--logit-bias"),
+    ({"logit_bias": {-1: 1.0}}, "--logit-bias"), ({"logit_bias": {5: "up"}}, "--logit-bias"),
+    ({"logit_bias": dict.fromkeys(range(1025), 1.0)}, "--logit-bias"),
 ])
 def test_invalid_sampling_values_are_one_line_errors(kwargs, flag):
     with pytest.raises(UserError) as e:
@@ -66,6 +69,15 @@ def test_token_logprobs_are_the_raw_logits_log_softmax():
     _, everything = token_logprobs(logits, 0, 1000)
     assert sum(np.exp(lp) for _, lp in everything) == pytest.approx(1.0, abs=1e-9)
     assert token_logprobs(logits, 7, 0) == (-np.inf, [])
+
+
+def test_openai_adjustments_bias_every_step_and_penalize_generated_tokens():
+    logits = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+    settings = SamplingSettings(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={0: 10.0, 3: -100.0})
+    assert settings.adjusts_logits and not SamplingSettings().adjusts_logits
+    assert adjusted_logits(logits, settings, [1, 1, 2]).tolist() == [11.0, 1.0, 2.25, -96.0]
+    assert adjusted_logits(logits, settings, []).tolist() == [11.0, 2.0, 3.0, -96.0]
+    assert logits.tolist() == [1.0, 2.0, 3.0, 4.0]  # input untouched
 
 
 def test_repetition_penalty_pushes_seen_tokens_down():
@@ -226,5 +238,5 @@ def test_run_and_the_server_sample_as_the_models_generation_config_says(engine_d
     from awq_edge import Engine
 
     model = Engine.load(engine).tokenizer.sampling
-    assert sampling_settings({}, model) == SamplingSettings(0.9, 1, 0.95, 1.0)
-    assert sampling_settings({"top_k": 40, "seed": 2}, model) == SamplingSettings(0.9, 40, 0.95, 1.0, 2)
+    assert sampling_settings({}, model, 49152) == SamplingSettings(0.9, 1, 0.95, 1.0)
+    assert sampling_settings({"top_k": 40, "seed": 2}, model, 49152) == SamplingSettings(0.9, 40, 0.95, 1.0, 2)

@@ -946,6 +946,12 @@ def test_decode_run_ahead_gives_step_by_steps_tokens_and_leaves_the_same_cache(e
     chosen = [token for token, _, _ in engine.last_logprobs]
     assert chosen == engine.cached_ids[len(prompt):] + chosen[-1:] and engine.position == len(engine.cached_ids)
     assert all(top[0] == (token, logprob) for token, logprob, top in engine.last_logprobs)
+    # OpenAI's logit_bias and penalties: chosen on the host from the adjusted logits (the device's
+    # sampler has none of them), none fed ahead; greedy's first token, banned, is never chosen
+    adjusted = SamplingSettings(0.0, logit_bias={chosen[0]: -100.0}, presence_penalty=2.0)
+    "".join(engine.stream_ids(list(prompt), Sampler(adjusted), 6, ignore_eos=True, logprobs=0))
+    steered = [token for token, _, _ in engine.last_logprobs]
+    assert len(steered) == 6 and chosen[0] not in steered and engine.position == len(engine.cached_ids)
 
 
 @pytest.mark.parametrize("schedule", ["plain", "adversarial", "concurrent"])

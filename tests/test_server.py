@@ -249,6 +249,30 @@ def test_logprobs_are_the_engines_streamed_or_not(served, engine_dir):
     assert plain.choices[0].logprobs is None
 
 
+def test_logit_bias_and_penalties_steer_the_reply(served, engine_dir):
+    """OpenAI's logit_bias: +100 on a token makes greedy choose it every time, -100 never; the
+    presence and frequency penalties are taken (their arithmetic: test_engine.py)."""
+    from tokenizers import Tokenizer
+
+    blue = Tokenizer.from_file(str(engine_dir / "tokenizer.json")).encode(" blue", add_special_tokens=False).ids
+    assert len(blue) == 1
+    client = served.client()
+
+    def chat(**kwargs):
+        reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Name a color."}],
+                                               **kwargs, **GREEDY)
+        return reply.choices[0].message.content, reply.usage.completion_tokens
+
+    def complete(**kwargs):
+        reply = client.completions.create(model=NAME, prompt="My favourite color is", **kwargs, **GREEDY)
+        return reply.choices[0].text, reply.usage.completion_tokens
+
+    for create in (chat, complete):
+        assert create(max_tokens=3, logit_bias={str(blue[0]): 100}) == (" blue" * 3, 3)
+        text, _ = create(max_tokens=12, logit_bias={str(blue[0]): -100}, presence_penalty=1.0, frequency_penalty=0.5)
+        assert " blue" not in text
+
+
 def test_completions_streaming_and_not(served):
     client = served.client()
     reply = client.completions.create(model=NAME, prompt="The three primary colors are", max_tokens=8, **GREEDY)
@@ -381,7 +405,12 @@ def test_malformed_requests_get_openai_errors(served):
         (chat, chat_body("Hi", max_tokens=0), 400, "max_tokens"),
         (chat, chat_body("Hi", max_tokens=2.5), 400, "max_tokens"),
         (chat, chat_body("Hi", n=2), 400, "n"),
-        (chat, chat_body("Hi", presence_penalty=0.5), 400, "presence_penalty"),
+        (chat, chat_body("Hi", presence_penalty=2.5), 400, "presence_penalty"),
+        (chat, chat_body("Hi", logit_bias={"the": 1}), 400, "logit_bias"),
+        (chat, chat_body("Hi", logit_bias={"49152": 1}), 400, "logit_bias"),  # past the vocabulary
+        (chat, chat_body("Hi", logit_bias={"5": 101}), 400, "logit_bias"),
+        (chat, chat_body("Hi", logit_bias={"5": "up"}), 400, "logit_bias"),
+        (chat, chat_body("Hi", logit_bias=[5]), 400, "logit_bias"),
         (chat, chat_body("Hi", logprobs=True, top_logprobs=21), 400, "top_logprobs"),
         (chat, chat_body("Hi", top_logprobs=2), 400, "top_logprobs"),  # (without logprobs: true)
         (chat, chat_body("Hi", logprobs="yes"), 400, "logprobs"),
@@ -434,8 +463,8 @@ def test_malformed_requests_get_openai_errors(served):
     # the openai client surfaces them as its own exceptions
     with pytest.raises(openai.NotFoundError):
         served.client().chat.completions.create(model="gpt-4o", messages=good)
-    with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
-        served.client().chat.completions.create(model=NAME, messages=good, frequency_penalty=1.0)
+    with pytest.raises(openai.BadRequestError, match=r"frequency_penalty must be in \[-2.0, 2.0\]"):
+        served.client().chat.completions.create(model=NAME, messages=good, frequency_penalty=3.0)
 
 
 def test_a_full_queue_gets_429_and_a_wrong_key_401(engine_dir, tmp_path):
