@@ -55,16 +55,23 @@ def source_kind(source: str) -> str:
     return "model"
 
 
+def _source_spec(source: str):
+    """A float model's checked config (export.spec.ModelSpec), a GGUF's from its header."""
+    from .export.spec import model_spec
+    from .model import source_config
+
+    return model_spec(*source_config(source), "re-download the model")
+
+
 def check_fits_before_quantizing(source: str, dev, max_memory: int | None, max_context: int | None) -> None:
     """A float model's 4-bit linears alone and the fp16 KV of its shortest context, planned as its
     engine will be (plan_memory): less than any engine of it needs, so what does not fit is refused
     now, in the plan's own words, not after the quantization's minutes or hours (or a GGUF's
     conversion: its header is read)."""
-    from .export.spec import layer_linear_shapes, model_spec
+    from .export.spec import layer_linear_shapes
     from .memory import plan_memory
-    from .model import source_config
 
-    spec = model_spec(*source_config(source), "re-download the model")
+    spec = _source_spec(source)
     linears = spec.layers * sum(n * k // 2 for n, k in layer_linear_shapes(spec).values())
     plan_memory(linears, 2 * spec.layers * spec.kv_heads * spec.head_dim * 2, dev, max_memory=max_memory,
                 max_context=max_context, max_position_embeddings=spec.max_positions)
@@ -218,6 +225,10 @@ def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progre
             if read_export_info(export_dir, graph=False).target != "trt":
                 raise UserError(f"{source} is not a TensorRT export; run `awq-edge export CKPT --target trt` first")
         else:
+            if kind == "model":
+                from .export.graph import check_target
+
+                check_target(_source_spec(source), "trt")
             checkpoint = _quantize(source, work / "checkpoint", progress) if kind == "model" else Path(source)
             export_dir = _export(checkpoint, work / "export", "trt")
         build_trt_engine(export_dir, dev, output, max_memory=max_memory, max_context=max_context, force=force)
@@ -237,6 +248,10 @@ def _build_cuda(source, kind, dev, output, max_memory, max_context, force, progr
                         "checkpoint (or pass --backend trt)")
     if output.exists() and not force:
         raise UserError(f"output {output} already exists; choose another path or pass --force to replace it")
+    if kind == "model":  # what the kernels cannot run (a head size, a vocabulary), before the quantization's minutes
+        from .decoder import decoder_spec
+
+        decoder_spec(_source_spec(source), 128, lm_head=lm_head)
     work = temp_dir_beside(output, "work")
     try:
         checkpoint = _quantize(source, work / "checkpoint", progress) if kind == "model" else Path(source)

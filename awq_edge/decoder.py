@@ -103,7 +103,8 @@ class DecoderSpec:
 # the head in an engine: int8 rows (blocks of 32, fp16 scales), a 4-bit linear whose top HEAD_TOP_K
 # logits are re-scored with the fp16 table, or the fp16 table itself
 LM_HEADS = ("int8", "int4", "fp16")
-HEAD_DIMS = (64, 96, 128, 256)   # what plugins/kernels/attention.cu's kernels take (96: Phi-3 and 3.5-mini)
+HEAD_DIMS = (64, 80, 96, 128, 256)  # what plugins/kernels/attention.cu's kernels take (80: EXAONE 3.5 2.4B;
+                                   # 96: Phi-3 and 3.5-mini)
 HEAD_TOP_K = 64                  # an int4 head's candidates re-scored each step (as export's default)
 HEAD_INT4_GROUP = 32             # an int4 head's group size, whatever the body's (as the CPU engine's head):
                                  # a full softmax sums its approximate tail (benchmarks/cuda_head_quality.py)

@@ -50,6 +50,13 @@ class Target:
         return self.name == "ort"
 
 
+def check_target(spec: ModelSpec, target: str) -> None:
+    """What a target's graph cannot hold, refused in one line (a build asks before it quantizes)."""
+    if target == "trt" and spec.family.qk_norm_after_rope:
+        raise UserError(f"{spec.model_type}'s q/k norms come after RoPE, and the trt target's attention plugin "
+                        "rotates q and k itself; build for the cuda backend or the CPU (--device cpu)")
+
+
 class Decoder:
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, target: Target):
         self.ckpt, self.spec, self.t = ckpt, spec, target
@@ -167,10 +174,8 @@ class Decoder:
         for i in range(spec.layers):
             b.add_input(f"past_key.{i}", act, kv_shape)
             b.add_input(f"past_value.{i}", act, kv_shape)
+        check_target(spec, t.name)
         after_rope = spec.family.qk_norm_after_rope  # (Hunyuan) q and k rotated in the graph, then normed
-        if after_rope and t.name == "trt":
-            raise UserError(f"{spec.model_type}'s q/k norms come after RoPE, and the trt target's attention plugin "
-                            "rotates q and k itself; build for the cuda backend or the CPU (--device cpu)")
         info = self.info = attention.step_info(b, input_ids, past_length, t.name, positions=after_rope)
 
         # RoPE tables: one per distinct RoPE (Gemma3: local and global).

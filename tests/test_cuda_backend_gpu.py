@@ -140,10 +140,12 @@ def test_every_family_on_the_persistent_step(model_type, tokenizer_dir, tmp_path
 
 
 @pytest.mark.parametrize("gemv", GEMVS)
-def test_a_head_size_96_model_matches_the_reference(gemv, tokenizer_dir, tmp_path):
-    """Phi-3 and 3.5-mini's head size: prefill on attend_mma_d96, decode on attend_split_d96 (the
-    persistent step refuses 96), a tiny Phi-3 with partial rotary."""
-    engine = tiny_engine(tmp_path, "phi3", tokenizer_dir, hidden_size=192, head_dim=96)
+@pytest.mark.parametrize("model_type, head_dim", [("phi3", 96), ("exaone", 80)])
+def test_the_ragged_head_sizes_match_the_reference(model_type, head_dim, gemv, tokenizer_dir, tmp_path):
+    """Phi-3 and 3.5-mini's head size 96 (a tiny Phi-3 with partial rotary) and EXAONE 3.5 2.4B's 80:
+    prefill on attend_mma, decode on attend_split (the persistent step refuses both), their value
+    walk leaving 8 of 128 threads idle."""
+    engine = tiny_engine(tmp_path, model_type, tokenizer_dir, hidden_size=2 * head_dim, head_dim=head_dim)
     check_against_reference(engine, 320, cublas=False, gemv=gemv)
 
 

@@ -295,7 +295,8 @@ def rotate(x, cos, sin):
     (1, 0, 9, 3, 64, 0, 0.0), (1, 300, 9, 3, 64, 0, 0.0), (7, 100, 8, 8, 128, 0, 0.0),
     (64, 0, 4, 1, 256, 0, 50.0), (1, 500, 8, 2, 128, 64, 0.0), (33, 40, 8, 4, 64, 16, 0.0),
     (200, 60, 8, 2, 128, 0, 0.0),  # S >= 16: blocks of 64 tokens on tensor cores
-    (1, 300, 8, 2, 96, 0, 0.0), (40, 130, 4, 2, 96, 20, 30.0)])  # Phi-3's head size: per token, then blocks
+    (1, 300, 8, 2, 96, 0, 0.0), (40, 130, 4, 2, 96, 20, 30.0),  # Phi-3's head size: per token, then blocks
+    (1, 300, 8, 2, 80, 0, 0.0), (40, 130, 4, 2, 80, 20, 0.0)])  # EXAONE 3.5 2.4B's
 def test_attention_writes_the_cache_in_place_and_matches_a_reference(gpu, s, past, heads, kv_heads, d, window,
                                                                      softcap):
     cuda, lib = gpu

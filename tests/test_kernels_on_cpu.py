@@ -485,6 +485,9 @@ BACKEND_CASES = {
     # launch (the persistent step refuses it: test_the_persistent_step_refuses_what_it_lacks)
     "phi3-d96": ("phi3", "auto", {"hidden_size": 192, "head_dim": 96}, True, 20, "auto",
                  {"awq_attend_mma_d96", "awq_attend_split_d96"}),
+    # EXAONE 3.5 2.4B's head size 80 (under EXAONE's own tensor names), as 96: 8 of 128 threads idle
+    "exaone-d80": ("exaone", "auto", {"hidden_size": 160, "head_dim": 80}, True, 9, "auto",
+                   {"awq_attend_mma_d80", "awq_attend_split_d80", "awq_attend_d80"}),
     # OLMo 2's post-norm block: no norm before q/k/v or gate/up, the residual adds as kernels of their own,
     # q/k norms as wide as all heads
     "olmo2-post-norms": ("olmo2", "auto", {"num_hidden_layers": 2}, True, 20, "cuda_cores",

@@ -868,6 +868,21 @@ def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, 
     assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
 
 
+@pytest.mark.parametrize("model_type, backend, refusal", [
+    ("llama", "cuda", "head_dim 16 is not supported by the cuda backend's attention kernel"),
+    ("hunyuan_v1_dense", "trt", "q/k norms come after RoPE, and the trt target's attention plugin"),
+])
+def test_a_gpu_build_refuses_what_its_kernels_cannot_run_before_quantizing(model_type, backend, refusal,
+                                                                           tiny_model_dir, tmp_path, monkeypatch):
+    from awq_edge import build
+
+    monkeypatch.setattr(build, "_quantize", lambda *args: pytest.fail("quantized before refusing"))
+    with pytest.raises(UserError, match=refusal):
+        build.build_engine(str(tiny_model_dir(model_type)), "rtx4090", tmp_path / "engine", backend=backend,
+                           progress=False)
+    assert not (tmp_path / "engine").exists()
+
+
 @needs_nvcc
 def test_biases_the_cuda_kernels_do_not_add_are_refused_and_the_cpu_engine_adds_them(tmp_path, smollm2_dir):
     """Llama's attention_bias biases o_proj as well as q/k/v, mlp_bias gate/up/down: the cuda

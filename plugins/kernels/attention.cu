@@ -176,7 +176,8 @@ __device__ __forceinline__ void add_scaled8(float (&acc)[8], float p, uint4 bits
     }
 }
 
-// D = 96 (Phi-3's heads): 12 chunks, so 10 groups of 120 threads; the 8 past them keep acc at 0.
+// D = 96 (Phi-3's heads): 12 chunks, so 10 groups of 120 threads; the 8 past them keep acc at 0
+// (D = 80, EXAONE 3.5 2.4B's: 10 chunks, 12 groups of 120 threads).
 template <int D>
 __device__ __forceinline__ void accumulate_values(float (&acc)[8], const float* p_s, const __half* __restrict__ v_rows,
                                                   int64_t begin, int n) {
@@ -454,7 +455,7 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
                                            const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
                                            __half* __restrict__ out, int S, int H, int Hkv, int capacity,
                                            int max_positions, int window, float scale, float softcap) {
-    static_assert(D == 64 || D == 96 || D == 128 || D == 256, "the head sizes the kernels take");
+    static_assert(D == 64 || D == 80 || D == 96 || D == 128 || D == 256, "the head sizes the kernels take");
     constexpr int kRow = D + 8;  // padded shared rows (halves)
     __shared__ __align__(16) __half k_s[kMmaKeys<D>][kRow];
     __shared__ __align__(16) __half v_s[kMmaKeys<D>][kRow];
@@ -601,8 +602,9 @@ template <int D>
 struct SplitLoads {
     static constexpr int kChunks = D / 8, kGroups = kSplitThreads / kChunks;
     // D = 96: 10 groups of 12 threads, the last 8 threads idle; a group's keys group, + 10, ... < 128
+    // (D = 80: 12 groups of 10 threads, the last 8 idle)
     static constexpr bool kRagged = kSplitThreads % kChunks != 0;
-    static constexpr int kKeysPerThread = (kSplitKeys + kGroups - 1) / kGroups;         // 8, 13, 16, 32
+    static constexpr int kKeysPerThread = (kSplitKeys + kGroups - 1) / kGroups;         // 8, 11, 13, 16, 32
     static constexpr int kEarlyK = kChunks < 16 ? kChunks : 16;                         // D = 256: half the row
     static constexpr int kEarlyV = kKeysPerThread < 16 ? kKeysPerThread : 16;           // D = 256: half the walk
     uint4 k[kEarlyK];
@@ -809,9 +811,9 @@ awq_rope_in_place(__half* __restrict__ qkv, const int64_t* __restrict__ past_ptr
 }
 
 // The prefill attention kernels, all with awq_attend's arguments and 128 threads a block:
-//   awq_attend_d{64,96,128,256}      grid (H, S): a block per token (chunks of fewer than 16 rows)
+//   awq_attend_d{64,80,96,128,256}   grid (H, S): a block per token (chunks of fewer than 16 rows)
 //   awq_attend_block_d{64,128,256}   grid (H, ceil(S / 16)): 16 tokens a block on CUDA cores
-//   awq_attend_mma_d{64,96,128,256}  grid (H, ceil(S / 64)): 64 tokens a block on tensor cores
+//   awq_attend_mma_d{64,80,96,...}   grid (H, ceil(S / 64)): 64 tokens a block on tensor cores
 // (__launch_bounds__(128, 1): without the 1, ptxas picked register targets that spilled.)
 #define AWQ_ATTEND_ROWS_ENTRY(NAME, BODY, D)                                                                        \
     extern "C" __global__ void __launch_bounds__(kTileThreads, 1)                                                   \
@@ -822,6 +824,7 @@ awq_rope_in_place(__half* __restrict__ qkv, const int64_t* __restrict__ past_ptr
         BODY<D>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale, softcap); \
     }
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_d64, attend, 64)
+AWQ_ATTEND_ROWS_ENTRY(awq_attend_d80, attend, 80)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_d96, attend, 96)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_d128, attend, 128)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_d256, attend, 256)
@@ -829,11 +832,12 @@ AWQ_ATTEND_ROWS_ENTRY(awq_attend_block_d64, attend_block, 64)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_block_d128, attend_block, 128)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_block_d256, attend_block, 256)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d64, attend_mma, 64)
+AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d80, attend_mma, 80)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d96, attend_mma, 96)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d128, attend_mma, 128)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d256, attend_mma, 256)
 
-// awq_attend_split_d{64,96,128,256}: decode (S = 1), grid (H, ceil(capacity / 128)) blocks of 128
+// awq_attend_split_d{64,80,96,128,256}: decode (S = 1), grid (H, ceil(capacity / 128)) blocks of 128
 // threads; partials float32 [H, grid.y, 2 + D], counters int32 [H] zeroed once at allocation.
 #define AWQ_ATTEND_SPLIT_ENTRY(D)                                                                                   \
     extern "C" __global__ void __launch_bounds__(kSplitThreads, 1) /* without the 1, ptxas spilled at 32 regs */ \
@@ -847,6 +851,7 @@ AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d256, attend_mma, 256)
                         max_positions, window, scale, softcap, blockIdx.x, blockIdx.y, gridDim.y);                  \
     }
 AWQ_ATTEND_SPLIT_ENTRY(64)
+AWQ_ATTEND_SPLIT_ENTRY(80)
 AWQ_ATTEND_SPLIT_ENTRY(96)
 AWQ_ATTEND_SPLIT_ENTRY(128)
 AWQ_ATTEND_SPLIT_ENTRY(256)
@@ -858,7 +863,7 @@ extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, 
                              float softcap, int* status, cudaStream_t stream) {
     const bool valid = q && k && v && k_cache && v_cache && past && cos && sin && q_rot && out && S >= 1 &&
                        S <= 65535 && H >= 1 && Hkv >= 1 && H % Hkv == 0 &&
-                       (D == 64 || D == 96 || D == 128 || D == 256) &&
+                       (D == 64 || D == 80 || D == 96 || D == 128 || D == 256) &&
                        capacity >= S && max_positions >= S && window >= 0 && isfinite(scale) &&
                        softcap >= 0.f && isfinite(softcap) && aligned4(q) && aligned4(k) && aligned4(v) &&
                        aligned4(k_cache) && aligned4(v_cache) && aligned4(q_rot) && aligned4(out);
@@ -866,11 +871,15 @@ extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, 
     awq_rope_store<<<S, kRopeThreads, 0, stream>>>(q, k, v, k_cache, v_cache, past, cos, sin, q_rot, S, H, Hkv, D,
                                                    capacity, max_positions, H * D, Hkv * D, status);
     // as the cuda backend chooses: 16 rows or more in blocks of 64 tokens on tensor cores
-    auto attend_kernel = D == 64 ? awq_attend_d64 : D == 96 ? awq_attend_d96 : D == 128 ? awq_attend_d128
-                                                                                        : awq_attend_d256;
+    auto attend_kernel = D == 64    ? awq_attend_d64
+                         : D == 80  ? awq_attend_d80
+                         : D == 96  ? awq_attend_d96
+                         : D == 128 ? awq_attend_d128
+                                    : awq_attend_d256;
     dim3 grid(H, S);
     if (S >= kBlockQueries) {
         attend_kernel = D == 64    ? awq_attend_mma_d64
+                        : D == 80  ? awq_attend_mma_d80
                         : D == 96  ? awq_attend_mma_d96
                         : D == 128 ? awq_attend_mma_d128
                                    : awq_attend_mma_d256;

@@ -21,7 +21,7 @@
  * softcap * tanh(scores / softcap) when softcap > 0; softmax and sums in fp32.
  *
  * Requirements (checked; AWQ_ATTENTION_INVALID_ARGUMENT, nothing launched):
- *   S >= 1; H % Hkv == 0; D in {64, 96, 128, 256}; capacity >= S; max_positions >= S;
+ *   S >= 1; H % Hkv == 0; D in {64, 80, 96, 128, 256}; capacity >= S; max_positions >= S;
  *   q, k, v, caches and out 4-byte aligned.
  * On the device, past + S > capacity or > max_positions (or past < 0) writes nothing to the cache,
  * fills out with NaN and sets the status flag: the host must not take that step's logits for a
