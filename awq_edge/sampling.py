@@ -38,8 +38,8 @@ class SamplingSettings:
             raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.top_k <= MAX_TOP_K:  # (the GPU samplers take an int32)
+            raise UserError(f"--top-k must be in 0..{MAX_TOP_K} (0 = off), got {str(self.top_k)[:20]}")
         if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise UserError(f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -55,6 +55,7 @@ class SamplingSettings:
                 raise UserError(f"--logit-bias values must be in [-{MAX_BIAS}, {MAX_BIAS}], got {bias} for {token}")
 
 
+MAX_TOP_K = (1 << 31) - 1
 # OpenAI's bounds: penalties in [-2, 2], biases in [-100, 100] (-100 bans a token in practice, 100
 # forces it); the number of biased tokens is ours (a request is untrusted input)
 MAX_PENALTY, MAX_BIAS, MAX_LOGIT_BIASES = 2.0, 100.0, 1024

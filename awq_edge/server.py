@@ -116,6 +116,14 @@ def json_type(value) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def as_float(value: int, name: str) -> float:
+    """A JSON integer as a number (one of 400 digits has none: a 400, not a 500)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ApiError(400, f"'{name}' is out of range ({str(value)[:20]}...)", param=name) from None
+
+
 def get(body: dict, name: str, kind: type, default=None, required: bool = False):
     """body[name] checked against a JSON type (null counts as absent, as in OpenAI's API)."""
     value = body.get(name)
@@ -124,7 +132,7 @@ def get(body: dict, name: str, kind: type, default=None, required: bool = False)
             raise ApiError(400, f"'{name}' is required", param=name, code="missing_required_parameter")
         return default
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        value = as_float(value, name)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         wanted = {float: "a number", int: "an integer", str: "a string", bool: "a boolean", list: "an array",
                   dict: "an object"}[kind]
@@ -301,7 +309,7 @@ def logit_bias(body: dict, vocab: int) -> dict[int, float]:
         if isinstance(bias, bool) or not isinstance(bias, (int, float)):
             raise ApiError(400, f"'logit_bias' values must be numbers, got {json_type(bias)} for {key}",
                            param="logit_bias", code="invalid_type")
-        biases[int(key)] = float(bias)
+        biases[int(key)] = as_float(bias, "logit_bias")
     return biases
 
 

@@ -11,7 +11,7 @@ from awq_edge.tokenizer import StreamDecoder, Tokenizer
 
 @pytest.mark.parametrize("kwargs, flag", [
     ({"temperature": -0.1}, "--temperature"), ({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"),
-    ({"top_k": -1}, "--top-k"), ({"repetition_penalty": 0.0}, "--repetition-penalty"),
+    ({"top_k": -1}, "--top-k"), ({"top_k": 1 << 31}, "--top-k"), ({"repetition_penalty": 0.0}, "--repetition-penalty"),
     ({"temperature": float("nan")}, "--temperature"), ({"presence_penalty": 2.5}, "--presence-penalty"),
     ({"frequency_penalty": float("nan")}, "--frequency-penalty"), ({"logit_bias": {5: 101.0}}, "--logit-bias"),
     ({"logit_bias": {-1: 1.0}}, "--logit-bias"), ({"logit_bias": {5: "up"}}, "--logit-bias"),

@@ -16,6 +16,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 openai = pytest.importorskip("openai")
 
@@ -654,3 +656,35 @@ def test_chat_template_kwargs_are_passed_or_refused_with_a_400(served):
         status, error, _ = http_json("POST", url, json.dumps({**body, "chat_template_kwargs": bad}).encode(),
                                      {"Content-Type": "application/json"})
         assert status == 400 and error["error"]["param"] == "chat_template_kwargs", error
+
+
+# ---------------------------------------------------------------- any request body
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-300, 300) | st.sampled_from([10 ** 400, -10 ** 400, 2 ** 31, 2 ** 63]) |
+    st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+FIELDS = ["messages", "prompt", "tools", "tool_choice", "parallel_tool_calls", "response_format", "temperature",
+          "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "seed",
+          "stop", "max_tokens", "max_completion_tokens", "n", "logprobs", "top_logprobs", "chat_template_kwargs",
+          "echo", "best_of", "ignore_eos"]
+
+
+@settings(max_examples=400, derandomize=True, deadline=None, database=None)
+@given(body=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=5))
+def test_any_request_fields_are_taken_or_refused_with_a_one_line_400(body):
+    """The checks a request passes before its job is queued, on any JSON in the fields they read:
+    each takes it or raises an ApiError 400 naming a field, never another exception (a 500)."""
+    from awq_edge.server import (ApiError, chat_messages, chat_tools, check_supported, completion_prompt,
+                                 logprobs_asked, max_new_tokens, reply_format, sampling_settings, stop_strings,
+                                 template_kwargs)
+
+    checks = [check_supported, chat_messages, completion_prompt, chat_tools, lambda b: reply_format(b, []),
+              template_kwargs, lambda b: sampling_settings(b, {}, 1000), stop_strings,
+              lambda b: logprobs_asked(b, True), lambda b: logprobs_asked(b, False), lambda b: max_new_tokens(b, 10, 100)]
+    for check in checks:  # each on its own: a request refused by one never reaches the next
+        try:
+            check(body)
+        except ApiError as e:
+            assert e.status == 400 and e.param and "\n" not in str(e), (body, e)
