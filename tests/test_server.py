@@ -682,7 +682,8 @@ def test_any_request_fields_are_taken_or_refused_with_a_one_line_400(body):
 
     checks = [check_supported, chat_messages, completion_prompt, chat_tools, lambda b: reply_format(b, []),
               template_kwargs, lambda b: sampling_settings(b, {}, 1000), stop_strings,
-              lambda b: logprobs_asked(b, True), lambda b: logprobs_asked(b, False), lambda b: max_new_tokens(b, 10, 100)]
+              lambda b: logprobs_asked(b, True), lambda b: logprobs_asked(b, False),
+              lambda b: max_new_tokens(b, 10, 100)]
     for check in checks:  # each on its own: a request refused by one never reaches the next
         try:
             check(body)
