@@ -18,8 +18,9 @@ The schema subset (what OpenAI's structured outputs take, and a little more):
   JSON Schema 2020-12), deprecated, readOnly, writeOnly, $schema, $id, $comment, $defs.
 Any other keyword (pattern, minimum, multipleOf, ...) is refused in one line that names it and
 where it is, rather than ignored: a reply would not be held to it. So is a keyword beside $ref,
-beside an enum (but type), or contradicting a combinator's branch. One hole is left: with both
-properties and additionalProperties, a free key may repeat a listed one.
+beside an enum (but type), or contradicting a combinator's branch. With both properties and
+additionalProperties, a free key is written without escapes and is none of the listed names
+(key_except), so no key is there twice.
 
 Whitespace goes where json_reply's checker lets it: where json.dumps writes it.
 """
@@ -28,7 +29,7 @@ from __future__ import annotations
 import json
 
 from .errors import UserError
-from .json_reply import MAX_INDENT, UTF8_FORMS
+from .json_reply import MAX_INDENT, UTF8_FORMS, utf8_lead
 
 MAX_UNROLL = 256       # minItems/maxItems and minLength/maxLength are unrolled into this many rules at most
 MAX_RULES = 50_000     # a schema that compiles to more rules, alternatives of one rule or elements
@@ -43,6 +44,13 @@ KEYWORDS = frozenset({"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"
                       "additionalProperties", "items", "prefixItems", "minItems", "maxItems", "minLength",
                       "maxLength"})
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+PLAIN_BYTES = (*range(0x20, 0x22), *range(0x23, 0x5C), *range(0x5D, 0x80))  # one-byte characters but '"' and '\\'
+
+
+# the bytes a string's character (but an escape) may start with
+LEADING_BYTES = (*PLAIN_BYTES, *(b for (low, high), _, _ in UTF8_FORMS for b in range(low, high + 1)))
 
 
 def byte_set(*ranges) -> bytes:
@@ -177,11 +185,12 @@ class SchemaCompiler:
             indent = g.rule([], [byte_set(0x20, 0x09), indent])
         self.ws = g.rule([], g.literal(b" "), [*g.literal(b"\n"), indent])
         self.colon = g.rule(g.literal(b":"), g.literal(b": "))  # a key's colon, and one space after it or none
-        cont = byte_set((0x80, 0xBF))
+        cont = self.cont = byte_set((0x80, 0xBF))
         utf8 = g.rule(*[[byte_set(lead), byte_set(second), *[cont] * more] for lead, second, more in UTF8_FORMS])
         hex_digit = byte_set((0x30, 0x39), (0x41, 0x46), (0x61, 0x66))
         escape = g.rule([byte_set(*b'"\\/bfnrt')], [*g.literal(b"u"), hex_digit, hex_digit, hex_digit, hex_digit])
-        self.char = g.rule([byte_set((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x7F))], [*g.literal(b"\\"), escape], [utf8])
+        self.char = g.rule([byte_set(*PLAIN_BYTES)], [*g.literal(b"\\"), escape], [utf8])
+        self.plain_char = g.rule([byte_set(*PLAIN_BYTES)], [utf8])  # (a free key's: no escapes)
         digit, digits = byte_set((0x30, 0x39)), g.new()
         g.define(digits, [], [digit, digits])
         integer = g.rule(g.literal(b"0"), [byte_set((0x31, 0x39)), digits])
@@ -207,6 +216,44 @@ class SchemaCompiler:
             for _ in range(high - low):
                 rest = g.rule([], [self.char, rest])
         return g.rule([*g.literal(b'"'), *[self.char] * low, rest, *g.literal(b'"')])
+
+    def key_except(self, names) -> int:
+        """'"', characters without escapes, '"': any key but `names` (a free key beside listed
+        properties: were it one of them, the object would hold that key twice). A trie of the
+        names' bytes: a key may end where no name does, and leaves the trie at any other byte
+        that may come there (then finishes its character and goes on freely)."""
+        g = self.g
+        rest = g.new()  # the key's other characters, then its quote
+        g.define(rest, g.literal(b'"'), [self.plain_char, rest])
+        trie: dict = {}
+        for name in names:  # (a name that needs an escape cannot be written without one)
+            if json.dumps(name, ensure_ascii=False)[1:-1] == name:
+                node = trie
+                for byte in name.encode():
+                    node = node.setdefault(byte, {})
+                node[None] = True  # a name ends here
+
+        def after(byte: int, need: int) -> tuple[int, int, int]:
+            """(continuation bytes still to come, the next one's range) after this byte."""
+            if need:
+                return need - 1, 0x80, 0xBF
+            return (0, 0, 0) if byte < 0x80 else utf8_lead(byte)
+
+        def rule(node: dict, need: int, low: int, high: int) -> int:
+            """The key from a trie node on; need: continuation bytes of the character still to come,
+            the next one in [low, high]."""
+            alternatives = [] if need or None in node else [g.literal(b'"')]
+            for byte, child in node.items():
+                if byte is not None:
+                    alternatives.append([byte_set(byte), rule(child, *after(byte, need))])
+            here = range(low, high + 1) if need else LEADING_BYTES
+            for byte in sorted(set(here) - set(node)):  # off the trie: finish the character, then any
+                more, next_low, next_high = after(byte, need)
+                alternatives.append([byte_set(byte), *([byte_set((next_low, next_high))] if more else []),
+                                     *[self.cont] * max(more - 1, 0), rest])
+            return g.rule(*alternatives)
+
+        return g.rule([*g.literal(b'"'), rule(trie, 0, 0, 0)])
 
     def free_object(self, values: int) -> int:
         """{ "key": value, ... } with any keys (each value of rule `values`)."""
@@ -374,7 +421,8 @@ class SchemaCompiler:
                     name in required) for name, sub in properties.items()]
         free = None
         if extra_rule is not None:
-            free = g.rule([self.string, self.colon, extra_rule])
+            key = self.key_except(list(properties)) if properties else self.string
+            free = g.rule([key, self.colon, extra_rule])
         # later[k]: at least one member written, properties k.. still to come (then free ones)
         later = g.new()
         if free is None:
