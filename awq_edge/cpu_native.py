@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .packing import is_permutation
 from .plugins import PLUGINS_DIR, _cache_root, _publish, _run
 
 CPU_SOURCES = PLUGINS_DIR / "cpu"
@@ -342,7 +343,7 @@ class NativeDecoder:
         rec.w2 = self._tensor(m["inputs"][3], np.uint8, n * ((blocks + 1) // 2)).ctypes.data
         if f"{prefix}.input_order" in self.arrays:  # GPTQ act-order: x gathered first, as the graph's Gather
             order = self._tensor(f"{prefix}.input_order", np.int64, k)
-            if not np.array_equal(np.sort(order), np.arange(k)):  # (decode_step.c indexes x by it)
+            if not is_permutation(order, k):
                 raise Unsupported(f"{prefix}.input_order is not a permutation of its {k} inputs")
             rec.order = order.ctypes.data
 

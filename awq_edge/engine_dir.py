@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .packing import is_permutation
 from .untrusted import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS,
                         MAX_VOCAB, Fields, check_file_records, plain_name, read_json)
 
@@ -352,7 +353,7 @@ def check_input_orders(weights: Path, tensors: dict, where: Path) -> None:
     for name, (dtype, shape, offset) in tensors.items():
         if name.endswith(".input_order"):
             order = np.fromfile(weights, dtype=np.int32, count=shape[0], offset=offset)
-            if order.size != shape[0] or not np.array_equal(np.sort(order), np.arange(shape[0])):
+            if not is_permutation(order, shape[0]):
                 raise UserError(f"{where}: {name} is not a permutation of its {shape[0]} inputs; {REBUILD}")
 
 

@@ -187,6 +187,12 @@ def from_compressed_tensors(weight_packed: np.ndarray, weight_scale: np.ndarray,
 
 # ---------------------------------------------------------------- GPTQ layout
 
+def is_permutation(order: np.ndarray, n: int) -> bool:
+    """Whether an act-order linear's input order holds each of 0..n-1 once (the kernels and the
+    CPU step index x by it: an engine's is untrusted)."""
+    return order.shape == (n,) and np.array_equal(np.sort(order), np.arange(n))
+
+
 def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None,
               group_size: int, zero_offset: int):
     """GPTQ tensors -> (q uint8 [out, in], scales [out, groups], zeros uint8 [out, groups], order).
