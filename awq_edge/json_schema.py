@@ -13,7 +13,8 @@ The schema subset (what OpenAI's structured outputs take, and a little more):
   or not), required, additionalProperties (false, true or a schema; absent with properties
   means none are written, which the schema allows);
 - arrays: items, prefixItems, minItems, maxItems (up to MAX_UNROLL);
-- strings: minLength, maxLength (up to MAX_UNROLL characters);
+- strings: minLength, maxLength (up to MAX_UNROLL characters, counted as json.loads counts them: a
+  \\u surrogate pair is one);
 - annotations are read past: title, description, default, examples, format (an annotation in
   JSON Schema 2020-12), deprecated, readOnly, writeOnly, $schema, $id, $comment, $defs.
 Any other keyword (pattern, minimum, multipleOf, ...) is refused in one line that names it and
@@ -188,7 +189,14 @@ class SchemaCompiler:
         cont = self.cont = byte_set((0x80, 0xBF))
         utf8 = g.rule(*[[byte_set(lead), byte_set(second), *[cont] * more] for lead, second, more in UTF8_FORMS])
         hex_digit = byte_set((0x30, 0x39), (0x41, 0x46), (0x61, 0x66))
-        escape = g.rule([byte_set(*b'"\\/bfnrt')], [*g.literal(b"u"), hex_digit, hex_digit, hex_digit, hex_digit])
+        # \uXXXX of one character, as a reader counts them (minLength, maxLength): a UTF-16 surrogate
+        # pair is one, so a high surrogate comes only with its low one (alone a low one is one more)
+        d, high, low = byte_set(*b"dD"), byte_set(*b"89abAB"), byte_set(*b"cdefCDEF")
+        not_high = g.rule([byte_set((0x30, 0x39), (0x41, 0x43), (0x45, 0x46), (0x61, 0x63), (0x65, 0x66)),
+                           hex_digit, hex_digit, hex_digit],
+                          [d, byte_set((0x30, 0x37), *b"cdefCDEF"), hex_digit, hex_digit])
+        pair = [d, high, hex_digit, hex_digit, *g.literal(b"\\u"), d, low, hex_digit, hex_digit]
+        escape = g.rule([byte_set(*b'"\\/bfnrt')], [*g.literal(b"u"), not_high], [*g.literal(b"u"), *pair])
         self.char = g.rule([byte_set(*PLAIN_BYTES)], [*g.literal(b"\\"), escape], [utf8])
         self.plain_char = g.rule([byte_set(*PLAIN_BYTES)], [utf8])  # (a free key's: no escapes)
         digit, digits = byte_set((0x30, 0x39)), g.new()

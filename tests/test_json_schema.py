@@ -94,6 +94,18 @@ def test_the_grammar_refuses_what_the_schema_refuses():
         assert not (prefix.feed_all(text.encode()) and prefix.done), text
 
 
+def test_string_lengths_count_characters_as_a_reader_does():
+    """A UTF-16 surrogate pair escape is one character to json.loads, a lone low surrogate one
+    more; minLength/maxLength count them so. A lone high surrogate is never written."""
+    grammar = schema_grammar({"type": "string", "minLength": 2, "maxLength": 2})
+    for text in (r'"\ud83d\ude00"', r'"\ud83d\ude00x"', r'"ab"', r'"\u00e9b"', r'"\ude00\ude00"',
+                 r'"\uD83D\uDE00\uDE00"', r'"\u1234\uDEAD"', '"é😀"', r'"\ud83dx"'):
+        prefix = GrammarPrefix(*grammar)
+        written = prefix.feed_all(text.encode()) and prefix.done
+        lone_high = "\\ud83dx" in text
+        assert written == (len(json.loads(text)) == 2 and not lone_high), text
+
+
 def test_a_free_key_is_none_of_the_listed_properties():
     """With both properties and additionalProperties a free key is never a listed name (the object
     would hold that key twice, and a reader keeps one of the two): every key of up to 3 characters
