@@ -331,6 +331,26 @@ class Engine:
             self.reset()
         return self._run(list(ids), sampler, max_new_tokens, stops, eos_ids, cancel, constraint, logprobs)
 
+    def prompt_logprobs(self, ids: list[int], top: int, cancel: Callable[[], bool] | None = None) -> list[tuple]:
+        """Each prompt token's (token, log probability given the tokens before it, the top `top`
+        alternatives), as last_logprobs has them; the first token's is (token, None, None). The
+        graphs return the last row's logits only, so the prompt is fed a token at a time from an
+        empty cache (a decode step each), which is emptied again after. None when cancelled."""
+        if not ids or len(ids) > self.context:
+            raise UserError(f"the prompt is {len(ids)} tokens; the context holds {self.context}")
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise UserError(f"logprobs must be 0..{MAX_TOP_LOGPROBS} (the top alternatives kept), got {top}")
+        self.reset()
+        entries = [(ids[0], None, None)]
+        try:
+            for token, after in zip(ids, ids[1:]):
+                if cancel is not None and cancel():
+                    return None
+                entries.append((after, *token_logprobs(self._forward([token]), after, top)))
+        finally:
+            self.reset()
+        return entries
+
     def _forward(self, ids: Sequence[int]):
         logits = self.backend.forward(ids)
         self.cached_ids.extend(int(i) for i in ids)  # only after the backend took them

@@ -66,7 +66,7 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context_fu
 # Features of OpenAI's API that this server does not have: refused unless null or one of these defaults.
 UNSUPPORTED = {"functions": ("function calls (the old API; use tools)", ([],)),
                "function_call": ("function calls", ("none", "auto")),
-               "echo": ("echo", (False,)), "suffix": ("suffix", ("",)), "best_of": ("best_of", (1,)),
+               "suffix": ("suffix", ("",)), "best_of": ("best_of", (1,)),
                "audio": ("audio output", ())}
 
 
@@ -432,6 +432,16 @@ class ForcedCallStream:
         return content or "", calls
 
 
+def echo_asked(body: dict, chat: bool, stream: bool) -> bool:
+    """A completion's echo: the prompt sent back before the reply, with its tokens' log probabilities
+    when logprobs are asked (not streamed: the prompt's are computed before the reply starts)."""
+    echo = get(body, "echo", bool, False)
+    if echo and (chat or stream):
+        raise ApiError(400, "'echo' is taken on /v1/completions without stream", param="echo",
+                       code="unsupported_parameter")
+    return echo
+
+
 def logprobs_asked(body: dict, chat: bool) -> int | None:
     """How many alternatives to send with each token's log probability, or None for none: a chat's
     logprobs (true/false) and top_logprobs (0-20); a completion's logprobs (0-5, OpenAI's legacy)."""
@@ -477,19 +487,22 @@ class LogprobFormat:
         for text in tokens:
             offsets.append(self.offset)
             self.offset += len(text)
-        return {"tokens": tokens, "token_logprobs": [max(lp, -9999.0) for _, lp, _ in entries],
-                "top_logprobs": [{self.token(a)[0]: max(alp, -9999.0) for a, alp in top} for _, _, top in entries],
+        # (an echoed prompt's first token has no log probability: None, as OpenAI sends it)
+        return {"tokens": tokens, "token_logprobs": [None if lp is None else max(lp, -9999.0) for _, lp, _ in entries],
+                "top_logprobs": [None if top is None else {self.token(a)[0]: max(alp, -9999.0) for a, alp in top}
+                                 for _, _, top in entries],
                 "text_offset": offsets}
 
 
-def max_new_tokens(body: dict, prompt_tokens: int, context: int) -> int:
-    """max_completion_tokens or max_tokens, capped at the room left in the context (also the default)."""
+def max_new_tokens(body: dict, prompt_tokens: int, context: int, echo: bool = False) -> int:
+    """max_completion_tokens or max_tokens, capped at the room left in the context (also the default);
+    0 only with echo (the prompt's log probabilities alone)."""
     room = context - prompt_tokens
     for name in ("max_completion_tokens", "max_tokens"):
         value = get(body, name, int)
         if value is not None:
-            if value < 1:
-                raise ApiError(400, f"'{name}' must be >= 1, got {value}", param=name)
+            if value < (0 if echo else 1):
+                raise ApiError(400, f"'{name}' must be >= {0 if echo else 1}, got {value}", param=name)
             return min(value, room)
     return room
 
@@ -506,6 +519,7 @@ class Job:
     ignore_eos: bool
     format: ReplyFormat          # response_format, or the call tool_choice requires
     logprobs: int | None         # alternatives sent with each token's log probability (None: no logprobs)
+    echo: bool                   # a completion's prompt sent back first (its log probabilities with logprobs)
     stream: bool                 # send each piece as it comes (else the whole text at the end)
     loop: asyncio.AbstractEventLoop
     # ("piece", (text, logprob entries)) while streaming, then ("done", (stats, text, logprob entries))
@@ -605,6 +619,12 @@ def run_job(server: Server, job: Job) -> tuple[GenerationStats, str, list]:
 
     if stopped():  # its client left while it waited (or the server is closing): skip it
         return GenerationStats(finish_reason="cancelled"), "", []
+    prompt_entries = []
+    if job.echo and job.logprobs is not None:  # (a token at a time: a cache a fresh prefill would not compute)
+        prompt_entries = engine.prompt_logprobs(job.ids, job.logprobs, cancel=stopped)
+        server.prompt_rows = 0
+        if prompt_entries is None:
+            return GenerationStats(finish_reason="cancelled"), "", []
     engine.rewind(reusable_prefix(server, job.ids))
     text, sent, sent_logprobs, last_send = [], 0, 0, 0.0
 
@@ -624,7 +644,7 @@ def run_job(server: Server, job: Job) -> tuple[GenerationStats, str, list]:
     if job.stream and (sent < len(text) or sent_logprobs < len(engine.last_logprobs)):
         send()
     server.prompt_rows = len(job.ids)
-    return engine.last_stats, "".join(text), list(engine.last_logprobs)
+    return engine.last_stats, "".join(text), prompt_entries + list(engine.last_logprobs)
 
 
 def worker(server: Server) -> None:
@@ -669,12 +689,12 @@ def record(server: Server, job: Job, stats: GenerationStats) -> None:
 
 def enqueue(server: Server, body: dict, ids: list[int], chat: bool, stream: bool, fmt: ReplyFormat) -> Job:
     """Check the generation settings, then queue the job (or 429 when the queue is full)."""
-    engine = server.engine
+    engine, echo = server.engine, echo_asked(body, chat, stream)
     job = Job(number=server.arrivals + 1, ids=ids,
               settings=sampling_settings(body, engine.tokenizer.sampling, engine.backend.vocab_size),
-              max_new_tokens=max_new_tokens(body, len(ids), server.engine.context), stops=stop_strings(body),
+              max_new_tokens=max_new_tokens(body, len(ids), server.engine.context, echo), stops=stop_strings(body),
               ignore_eos=get(body, "ignore_eos", bool, False), format=fmt, logprobs=logprobs_asked(body, chat),
-              stream=stream, loop=asyncio.get_running_loop())
+              echo=echo, stream=stream, loop=asyncio.get_running_loop())
     server.counts["requests"] += 1
     try:
         server.jobs.put_nowait(job)
@@ -756,6 +776,9 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
         parse_tool_calls(text, tools) if tools else (text, [])
     finish = "tool_calls" if calls else FINISH_REASONS.get(stats.finish_reason)
     calls = tool_call_objects(job, calls, False)
+    if job.echo:  # the prompt as sent (or its ids' text), then the reply
+        prompt = body["prompt"] if isinstance(body.get("prompt"), str) else server.engine.tokenizer.decode(ids)
+        content = prompt + content
     return JSONResponse({**head, "choices": [choice(chat, content, finish, False, calls,
                                                     logprobs(entries) if logprobs else None)],
                          "usage": usage(stats)})

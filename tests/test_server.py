@@ -275,6 +275,44 @@ def test_logit_bias_and_penalties_steer_the_reply(served, engine_dir):
         assert " blue" not in text
 
 
+def test_echo_sends_the_prompt_back_with_its_tokens_log_probabilities(served, engine_dir):
+    """echo on /v1/completions (lm-eval-harness scores a continuation so, max_tokens 0): the prompt,
+    then the reply; each prompt token's log probability given those before it (the first's null),
+    as a fresh prefill of the tokens before it gives them, and the reply's after them."""
+    import numpy as np
+
+    from awq_edge.engine import Engine
+    from awq_edge.sampling import token_logprobs
+
+    client = served.client()
+    prompt = "The capital of France is Paris"
+    scored = client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=2, **GREEDY)
+    legacy = scored.choices[0].logprobs
+    assert scored.choices[0].text == prompt == "".join(legacy.tokens)
+    assert legacy.token_logprobs[0] is None and legacy.top_logprobs[0] is None
+    assert legacy.text_offset == [sum(len(t) for t in legacy.tokens[:i]) for i in range(len(legacy.tokens))]
+    engine = Engine.load(engine_dir)
+    ids = engine.tokenizer.encode(prompt)
+    assert len(ids) == len(legacy.tokens) == scored.usage.prompt_tokens and scored.usage.completion_tokens == 0
+    # each as a prefill of the tokens before it gives it (many rows at once, where echo feeds one a
+    # step: ORT's int8-compute kernels for one row and for many round apart, up to ~0.1 here)
+    for k in range(1, len(ids)):
+        engine.reset()
+        want, top = token_logprobs(engine.backend.forward(ids[:k]), ids[k], 2)
+        assert legacy.token_logprobs[k] == pytest.approx(want, abs=0.25) and len(legacy.top_logprobs[k]) == 2
+        assert max(legacy.top_logprobs[k].values()) == pytest.approx(top[0][1], abs=0.25)
+    assert np.exp(legacy.token_logprobs[-1]) > 0.1  # " Paris" after "The capital of France is" (0.2 here)
+    both = client.completions.create(model=NAME, prompt=prompt, max_tokens=4, echo=True, logprobs=1, **GREEDY)
+    plain = client.completions.create(model=NAME, prompt=prompt, max_tokens=4, **GREEDY)
+    assert both.choices[0].text == prompt + plain.choices[0].text
+    assert len(both.choices[0].logprobs.tokens) == len(ids) + 4
+    assert client.completions.create(model=NAME, prompt=prompt, max_tokens=2, echo=True,
+                                     **GREEDY).choices[0].text.startswith(prompt)
+    status, answer, _ = http_json("POST", f"{served.url}/completions", json.dumps(
+        {"model": NAME, "prompt": prompt, "echo": True, "stream": True}).encode())
+    assert (status, answer["error"]["param"]) == (400, "echo")
+
+
 def test_completions_streaming_and_not(served):
     client = served.client()
     reply = client.completions.create(model=NAME, prompt="The three primary colors are", max_tokens=8, **GREEDY)
@@ -677,13 +715,13 @@ def test_any_request_fields_are_taken_or_refused_with_a_one_line_400(body):
     """The checks a request passes before its job is queued, on any JSON in the fields they read:
     each takes it or raises an ApiError 400 naming a field, never another exception (a 500)."""
     from awq_edge.server import (ApiError, chat_messages, chat_tools, check_supported, completion_prompt,
-                                 logprobs_asked, max_new_tokens, reply_format, sampling_settings, stop_strings,
-                                 template_kwargs)
+                                 echo_asked, logprobs_asked, max_new_tokens, reply_format, sampling_settings,
+                                 stop_strings, template_kwargs)
 
     checks = [check_supported, chat_messages, completion_prompt, chat_tools, lambda b: reply_format(b, []),
               template_kwargs, lambda b: sampling_settings(b, {}, 1000), stop_strings,
               lambda b: logprobs_asked(b, True), lambda b: logprobs_asked(b, False),
-              lambda b: max_new_tokens(b, 10, 100)]
+              lambda b: max_new_tokens(b, 10, 100), lambda b: echo_asked(b, False, False)]
     for check in checks:  # each on its own: a request refused by one never reaches the next
         try:
             check(body)
