@@ -248,9 +248,10 @@ def chat_tools(body: dict) -> list[dict]:
 
 
 def completion_prompt(body: dict) -> str | list[int]:
-    """/v1/completions: a string, a list of one string, or a list of token ids."""
+    """/v1/completions: a string, or a list of token ids, or a list of one of those (a batch of one,
+    as lm-eval-harness sends)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
         return prompt

@@ -308,6 +308,8 @@ def test_echo_sends_the_prompt_back_with_its_tokens_log_probabilities(served, en
     assert len(both.choices[0].logprobs.tokens) == len(ids) + 4
     assert client.completions.create(model=NAME, prompt=prompt, max_tokens=2, echo=True,
                                      **GREEDY).choices[0].text.startswith(prompt)
+    as_ids = client.completions.create(model=NAME, prompt=[ids], max_tokens=0, echo=True, logprobs=2, **GREEDY)
+    assert as_ids.choices[0].text == prompt and as_ids.choices[0].logprobs == legacy  # (a batch of one token list)
     status, answer, _ = http_json("POST", f"{served.url}/completions", json.dumps(
         {"model": NAME, "prompt": prompt, "echo": True, "stream": True}).encode())
     assert (status, answer["error"]["param"]) == (400, "echo")
