@@ -295,7 +295,7 @@ def test_echo_sends_the_prompt_back_with_its_tokens_log_probabilities(served, en
     ids = engine.tokenizer.encode(prompt)
     assert len(ids) == len(legacy.tokens) == scored.usage.prompt_tokens and scored.usage.completion_tokens == 0
     # each as a prefill of the tokens before it gives it (many rows at once, where echo feeds one a
-    # step: ORT's int8-compute kernels for one row and for many round apart, up to ~0.1 here)
+    # step: ORT's int8-compute kernels for one row and for many round apart: 0.11 at most, once)
     for k in range(1, len(ids)):
         engine.reset()
         want, top = token_logprobs(engine.backend.forward(ids[:k]), ids[k], 2)
