@@ -232,6 +232,20 @@ def test_an_engine_the_native_step_cannot_run_decodes_in_onnxruntime(rtn_checkpo
     assert backend.forward([4]).shape == (49152,)
 
 
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_a_head_size_the_native_attention_lacks_decodes_in_onnxruntime(head_dim, smollm2_dir, tmp_path):
+    """EXAONE 3.5 2.4B's 80 and Phi-3's 96: decode_step.c's attention walks values 64 dimensions a
+    block, so these decode in ORT (they gave NaN logits natively before), and match it."""
+    ckpt = tiny_checkpoint(tmp_path, "llama", smollm2_dir, hidden_size=2 * head_dim, intermediate_size=256,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim)
+    export = export_checkpoint(ckpt, tmp_path / "ort", "ort")
+    backend = OrtBackend(export, max_context=64, threads=2, native_decode=True)
+    assert backend.native is None and f"head_dim {head_dim}" in backend.decode_path, backend.decode_path
+    ids = np.random.default_rng(2).integers(0, 256, 12 + 8).tolist()
+    errors, disagreements = teacher_forced(backend, OrtBackend(export, max_context=64, threads=2), ids, 12)
+    assert max(errors) == 0.0 and np.isfinite(errors).all() and disagreements == []
+
+
 def test_an_engine_loaded_with_native_decode_plans_for_both_copies_and_generates(engine_dir):
     from awq_edge.engine import Engine
 
