@@ -254,10 +254,13 @@ class SchemaCompiler:
             for byte, child in node.items():
                 if byte is not None:
                     alternatives.append([byte_set(byte), rule(child, *after(byte, need))])
-            here = range(low, high + 1) if need else LEADING_BYTES
-            for byte in sorted(set(here) - set(node)):  # off the trie: finish the character, then any
-                more, next_low, next_high = after(byte, need)
-                alternatives.append([byte_set(byte), *([byte_set((next_low, next_high))] if more else []),
+            # off the trie at any other byte: it finishes its character, then any characters (the
+            # bytes with the same rest of a character in one alternative)
+            leaving: dict[tuple, list[int]] = {}
+            for byte in sorted(set(range(low, high + 1) if need else LEADING_BYTES) - set(node)):
+                leaving.setdefault(after(byte, need), []).append(byte)
+            for (more, next_low, next_high), bytes_ in leaving.items():
+                alternatives.append([byte_set(*bytes_), *([byte_set((next_low, next_high))] if more else []),
                                      *[self.cont] * max(more - 1, 0), rest])
             return g.rule(*alternatives)
 
