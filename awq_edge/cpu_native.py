@@ -219,8 +219,9 @@ class CpuModel(ctypes.Structure):
                [("mirror_rows", ctypes.c_int32), ("top_slots", ctypes.c_int32), ("x_ordered", ctypes.c_void_p)]
 
 
-# decode_step.c's attention: its key tiles and value walk built for these sizes (64 dimensions a block)
-NATIVE_HEAD_DIMS = (64, 128, 256)
+# decode_step.c's attention: its key tiles and value walk built for these sizes (64 dimensions a block,
+# then 80's and 96's last 16 or 32)
+NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
             "add": 9, "rope": 10}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}
@@ -285,7 +286,7 @@ class NativeDecoder:
                                 any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith("qkv_proj")))
         except UserError as e:
             raise Unsupported(str(e)) from None
-        if spec.head_dim not in NATIVE_HEAD_DIMS:  # (80 and 96, which the cuda kernels take, decode in ORT)
+        if spec.head_dim not in NATIVE_HEAD_DIMS:
             raise Unsupported(f"head_dim {spec.head_dim} (the native attention takes "
                               f"{', '.join(map(str, NATIVE_HEAD_DIMS))})")
         self.spec = spec

@@ -280,6 +280,30 @@ static inline __attribute__((always_inline)) void weighted_values(const uint16_t
   if (two) store16(outb, b0), store16(outb + 16, b1), store16(outb + 32, b2), store16(outb + 48, b3);
 }
 
+/* weighted_values for the last `width` (16, 32 or 48) dimensions of a head whose size is not a
+   multiple of 64 (80: EXAONE 3.5 2.4B; 96: Phi-3, 3.5-mini). */
+static inline __attribute__((always_inline)) void weighted_values_tail(const uint16_t *values, int t0, int t1,
+                                                                       const float *pa, const float *pb,
+                                                                       float *outa, float *outb, const int two,
+                                                                       const int D, const int width) {
+  const f32x16 zero = {0.f};
+  f32x16 a[3], b[3];
+  for (int j = 0; j < width / 16; j++) {
+    a[j] = load16(outa + 16 * j);
+    b[j] = two ? load16(outb + 16 * j) : zero;
+  }
+  for (int t = t0; t < t1; t++)
+    for (int j = 0; j < width / 16; j++) {
+      const f32x16 v = load_bf16x16(values + (size_t)t * D + 16 * j);
+      a[j] += pa[t] * v;
+      if (two) b[j] += pb[t] * v;
+    }
+  for (int j = 0; j < width / 16; j++) {
+    store16(outa + 16 * j, a[j]);
+    if (two) store16(outb + 16 * j, b[j]);
+  }
+}
+
 /* Query heads q[0..heads) of one KV head (its key tiles `keys`, value rows `values`) over rows
    first..position: scores tile by tile (heads two at a time, the tile in L1), softmax per head
    (normalized in place), then the weighted value rows in blocks, 64 dimensions at a time. */
@@ -318,7 +342,10 @@ static inline __attribute__((always_inline)) void attend_group(const float *q, i
       for (int c = 0; c < D; c += 64) {
         float *outa = out + h * D + c;
         const float *pa = scores + (size_t)h * cap;
-        if (h + 1 < heads) weighted_values(values + c, t0, t1, pa, pa + cap, outa, outa + D, 1, D);
+        if (D - c < 64) {  /* 80, 96: the head's last 16 or 32 dimensions */
+          if (h + 1 < heads) weighted_values_tail(values + c, t0, t1, pa, pa + cap, outa, outa + D, 1, D, D - c);
+          else weighted_values_tail(values + c, t0, t1, pa, NULL, outa, NULL, 0, D, D - c);
+        } else if (h + 1 < heads) weighted_values(values + c, t0, t1, pa, pa + cap, outa, outa + D, 1, D);
         else weighted_values(values + c, t0, t1, pa, NULL, outa, NULL, 0, D);
       }
   }
@@ -352,9 +379,15 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
     const uint16_t *keys = m->k_mirror[op->layer] + (size_t)g * rows * D;
     const uint16_t *values = m->v_mirror[op->layer] + (size_t)g * rows * D;
     float *score = m->scores + (size_t)h * cap, *out = op->out + h * D;
-    if (D == 64) attend_group(q + h * D, count, keys, values, first, position, op->scale, op->softcap, score, cap, out, 64);
-    else if (D == 128) attend_group(q + h * D, count, keys, values, first, position, op->scale, op->softcap, score, cap, out, 128);
-    else attend_group(q + h * D, count, keys, values, first, position, op->scale, op->softcap, score, cap, out, 256);
+    /* the head size as a constant in each (cpu_native.NATIVE_HEAD_DIMS): the loops over it unroll */
+#define ATTEND_GROUP(SIZE) \
+  attend_group(q + h * D, count, keys, values, first, position, op->scale, op->softcap, score, cap, out, SIZE)
+    if (D == 64) ATTEND_GROUP(64);
+    else if (D == 80) ATTEND_GROUP(80);
+    else if (D == 96) ATTEND_GROUP(96);
+    else if (D == 128) ATTEND_GROUP(128);
+    else ATTEND_GROUP(256);
+#undef ATTEND_GROUP
     h += count;
   }
 #pragma omp barrier
