@@ -63,15 +63,14 @@ def _source_spec(source: str):
     return model_spec(*source_config(source), "re-download the model")
 
 
-def check_fits_before_quantizing(source: str, dev, max_memory: int | None, max_context: int | None) -> None:
-    """A float model's 4-bit linears alone and the fp16 KV of its shortest context, planned as its
-    engine will be (plan_memory): less than any engine of it needs, so what does not fit is refused
-    now, in the plan's own words, not after the quantization's minutes or hours (or a GGUF's
-    conversion: its header is read)."""
+def check_fits_before_quantizing(spec, dev, max_memory: int | None, max_context: int | None) -> None:
+    """A float model's (its _source_spec) 4-bit linears alone and the fp16 KV of its shortest
+    context, planned as its engine will be (plan_memory): less than any engine of it needs, so what
+    does not fit is refused now, in the plan's own words, not after the quantization's minutes or
+    hours (or a GGUF's conversion: its header is read)."""
     from .export.spec import layer_linear_shapes
     from .memory import plan_memory
 
-    spec = _source_spec(source)
     linears = spec.layers * sum(n * k // 2 for n, k in layer_linear_shapes(spec).values())
     plan_memory(linears, 2 * spec.layers * spec.kv_heads * spec.head_dim * 2, dev, max_memory=max_memory,
                 max_context=max_context, max_position_embeddings=spec.max_positions)
@@ -129,7 +128,10 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
         if not Path(resolve_model_alias(source)).expanduser().exists():
             raise UserError(f"model not found: {source}; give a Hugging Face model dir, a .gguf, `smollm2`, "
                             "an AWQ checkpoint or an export dir")
-        check_fits_before_quantizing(source, dev, max_memory, max_context)
+        spec = _source_spec(source)
+        check_fits_before_quantizing(spec, dev, max_memory, max_context)
+        if dev.is_gpu:
+            check_kernels_before_quantizing(spec, gpu_backend(backend), lm_head_bits)
     if dev.is_gpu:
         return _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress, backend, device,
                           lm_head_bits)
@@ -206,13 +208,28 @@ def gpu_backend(choice: str) -> str:
     return "trt" if importlib.util.find_spec("tensorrt") else "cuda"
 
 
+CUDA_LM_HEADS = {"auto": "int8", 8: "int8", 4: "int4", None: "fp16"}  # lm_head_bits -> a cuda engine's head
+
+
+def check_kernels_before_quantizing(spec, backend: str, lm_head_bits) -> None:
+    """What a GPU backend cannot run, refused before the quantization's minutes: the cuda kernels'
+    head sizes and the int4 head's vocabulary (decoder_spec), the trt graph's (check_target)."""
+    if backend == "cuda":
+        from .decoder import decoder_spec
+
+        decoder_spec(spec, 128, lm_head=CUDA_LM_HEADS[lm_head_bits])
+    else:
+        from .export.graph import check_target
+
+        check_target(spec, "trt")
+
+
 def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progress, backend, device_name,
                lm_head_bits="auto") -> dict:
     backend = gpu_backend(backend)
     if backend == "cuda":
-        heads = {"auto": "int8", 8: "int8", 4: "int4", None: "fp16"}
         return _build_cuda(source, kind, dev, output, max_memory, max_context, force, progress, device_name,
-                           heads[lm_head_bits])
+                           CUDA_LM_HEADS[lm_head_bits])
     try:
         from .trt_build import build_trt_engine
     except ImportError as e:
@@ -225,10 +242,6 @@ def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progre
             if read_export_info(export_dir, graph=False).target != "trt":
                 raise UserError(f"{source} is not a TensorRT export; run `awq-edge export CKPT --target trt` first")
         else:
-            if kind == "model":
-                from .export.graph import check_target
-
-                check_target(_source_spec(source), "trt")
             checkpoint = _quantize(source, work / "checkpoint", progress) if kind == "model" else Path(source)
             export_dir = _export(checkpoint, work / "export", "trt")
         build_trt_engine(export_dir, dev, output, max_memory=max_memory, max_context=max_context, force=force)
@@ -248,10 +261,6 @@ def _build_cuda(source, kind, dev, output, max_memory, max_context, force, progr
                         "checkpoint (or pass --backend trt)")
     if output.exists() and not force:
         raise UserError(f"output {output} already exists; choose another path or pass --force to replace it")
-    if kind == "model":  # what the kernels cannot run (a head size, a vocabulary), before the quantization's minutes
-        from .decoder import decoder_spec
-
-        decoder_spec(_source_spec(source), 128, lm_head=lm_head)
     work = temp_dir_beside(output, "work")
     try:
         checkpoint = _quantize(source, work / "checkpoint", progress) if kind == "model" else Path(source)

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import packing
 from .errors import UserError
-from .families import FAMILIES, SUPPORTED_TYPES, family_for
+from .families import FAMILIES, SUPPORTED_TYPES, family_for, find_family
 from .untrusted import Fields, read_json
 
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,7 +65,7 @@ def language_model_key(stored: str) -> str | None:
 
 def our_names(model_type):
     """A stored tensor name -> transformers' (Family.tensor_renames: EXAONE 3's GPT-2 names)."""
-    family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    family = find_family(model_type)
     return family.our_name if family and family.tensor_renames else (lambda name: name)
 
 

@@ -116,6 +116,11 @@ def open_backend(path: Path, manifest: dict, info, plan: MemoryPlan, threads: in
 MAX_TOP_LOGPROBS = 20  # alternatives kept per token (OpenAI's top_logprobs limit)
 
 
+def check_top_logprobs(top: int) -> None:
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise UserError(f"logprobs must be 0..{MAX_TOP_LOGPROBS} (the top alternatives kept), got {top}")
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -319,8 +324,8 @@ class Engine:
             raise UserError(f"the prompt is {len(ids)} tokens but the context holds {self.context} "
                             "(one more is needed for the reply); shorten it or raise --max-context/--max-memory")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-            raise UserError(f"logprobs must be 0..{MAX_TOP_LOGPROBS} (the top alternatives kept), got {logprobs}")
+        if logprobs is not None:
+            check_top_logprobs(logprobs)
         past = next((t for t in sampler.settings.logit_bias if t >= self.backend.vocab_size), None)
         if past is not None:
             raise UserError(f"logit_bias names token {past}, past the vocabulary ({self.backend.vocab_size} tokens)")
@@ -338,8 +343,7 @@ class Engine:
         empty cache (a decode step each), which is emptied again after. None when cancelled."""
         if not ids or len(ids) > self.context:
             raise UserError(f"the prompt is {len(ids)} tokens; the context holds {self.context}")
-        if not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise UserError(f"logprobs must be 0..{MAX_TOP_LOGPROBS} (the top alternatives kept), got {top}")
+        check_top_logprobs(top)
         self.reset()
         entries = [(ids[0], None, None)]
         try:

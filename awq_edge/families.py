@@ -191,8 +191,13 @@ SUPPORTED_TYPES = frozenset(t for f in FAMILIES.values() for t in f.model_types)
 SUPPORTED = ", ".join(sorted(SUPPORTED_TYPES))
 
 
+def find_family(model_type) -> Family | None:
+    """The family of a config's model_type, or None."""
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+
+
 def family_for(model_type: str) -> Family:
-    for family in FAMILIES.values():
-        if model_type in family.model_types:
-            return family
+    family = find_family(model_type)
+    if family is not None:
+        return family
     raise UserError(f"model type {model_type!r} is not supported; supported model types: {SUPPORTED}")

@@ -50,7 +50,7 @@ from .engine import MAX_TOP_LOGPROBS, PREFILL_CHUNK, Engine, GenerationStats
 from .errors import UserError
 from .json_schema import NO_ARGUMENTS, schema_grammar, tool_calls_grammar
 from .memory import peak_rss_bytes
-from .sampling import MAX_LOGIT_BIASES, Sampler, SamplingSettings, sampling_with_defaults
+from .sampling import Sampler, SamplingSettings, sampling_with_defaults
 from .tokenizer import TEMPLATE_KWARGS_MAX_CHARS, check_template_kwargs
 from .tool_calls import ToolCallStream, calls_in, parse_tool_calls, tool_call
 
@@ -298,10 +298,9 @@ def tokenize(engine: Engine, prompt, param: str, kwargs: dict | None = None) -> 
 
 
 def logit_bias(body: dict, vocab: int) -> dict[int, float]:
-    """OpenAI's logit_bias: {"token id": bias}, ids as decimal strings, each in the vocabulary."""
+    """OpenAI's logit_bias: {"token id": bias}, ids as decimal strings, each in the vocabulary
+    (the values' range and the number of them: SamplingSettings.validate)."""
     raw = get(body, "logit_bias", dict, {})
-    if len(raw) > MAX_LOGIT_BIASES:
-        raise ApiError(400, f"'logit_bias' has {len(raw)} entries; at most {MAX_LOGIT_BIASES}", param="logit_bias")
     biases = {}
     for key, bias in raw.items():
         if not re.fullmatch(r"[0-9]{1,9}", key) or int(key) >= vocab:
@@ -778,8 +777,8 @@ async def answer(request: Request, server: Server, body: dict, ids: list[int], c
     finish = "tool_calls" if calls else FINISH_REASONS.get(stats.finish_reason)
     calls = tool_call_objects(job, calls, False)
     if job.echo:  # the prompt as sent (or its ids' text), then the reply
-        prompt = body["prompt"] if isinstance(body.get("prompt"), str) else server.engine.tokenizer.decode(ids)
-        content = prompt + content
+        prompt = completion_prompt(body)
+        content = (prompt if isinstance(prompt, str) else server.engine.tokenizer.decode(ids)) + content
     return JSONResponse({**head, "choices": [choice(chat, content, finish, False, calls,
                                                     logprobs(entries) if logprobs else None)],
                          "usage": usage(stats)})
