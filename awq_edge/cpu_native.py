@@ -224,7 +224,8 @@ class CpuModel(ctypes.Structure):
 NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
             "add": 9, "rope": 10}
-ACT_KINDS = {"silu": 0, "gelu_tanh": 1}
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2}  # cpu_ops.h's ACT_*
+ACT_UNGATED = 4  # added for act(x), not act(gate) * up (an MLP without a gate)
 
 
 class Unsupported(Exception):
@@ -390,7 +391,8 @@ class NativeDecoder:
                 rec.cos = self._tensor(f"rope.{a['rope']}.cos", np.float32, half).ctypes.data
                 rec.sin = self._tensor(f"rope.{a['rope']}.sin", np.float32, half).ctypes.data
         elif op.kind == "act":
-            rec.n, rec.x, rec.out, rec.kind_arg = spec.intermediate, ptr(a["x"]), ptr(a["out"]), ACT_KINDS[a["kind"]]
+            rec.n, rec.x, rec.out = spec.intermediate, ptr(a["x"]), ptr(a["out"])
+            rec.kind_arg = ACT_KINDS[a["kind"]] | (0 if a["gated"] else ACT_UNGATED)
         elif op.kind == "lm_head":
             rec.x, rec.out, rec.softcap = ptr(a["x"]), ptr(a["out"]), a["softcap"]
             self._linear(rec, "lm_head.q4", spec.vocab, spec.hidden)

@@ -155,7 +155,13 @@ CUBLAS_WORKSPACE_BYTES = 4 << 20
 # the memory plan, not allocated by us: 134 MiB on the H200 with CUDA 13's cuBLAS (2026-12-04,
 # test_cublas_fits_the_reserve_the_memory_plan_counts_for_it), with some room for other builds.
 CUBLAS_RESERVE_BYTES = 160 << 20
-ACT_KINDS = {"silu": 0, "gelu_tanh": 1}  # plugins/kernels/activation.cuh ActKind
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2}  # plugins/kernels/activation.cuh ActKind
+ACT_UNGATED = 4  # ActKind kUngated: act(x), not act(gate) * up (an MLP without a gate)
+
+
+def act_code(kind: str, gated: bool) -> int:
+    """The kernels' int for an activation: its ActKind, with kUngated added for an MLP without a gate."""
+    return ACT_KINDS[kind] | (0 if gated else ACT_UNGATED)
 
 
 def prefill_graph_rows(rows: int, room: int) -> int | None:
@@ -667,7 +673,7 @@ class CudaBackend:
                                                           w[a["weight"]], eps]))
             elif op.kind == "act":
                 rows.append(("act", 1, 0, [b[a["x"]], b[a["out"]], ("i32", spec.intermediate),
-                                           ("i32", ACT_KINDS[a["kind"]])]))
+                                           ("i32", act_code(a["kind"], a["gated"]))]))
             elif op.kind == "attention":
                 layer, qkv = a["layer"], b[a["qkv"]]
                 if not a["rotated"]:
@@ -692,7 +698,8 @@ class CudaBackend:
                 rows.append(("linear", min(-(-n // GEMV_ROWS_PER_BLOCK // at_once), blocks), fusion, [
                     b[a["x"]], w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"], b[a["out"]],
                     ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0, eps,
-                    w[f"{name}.bias"] if a["bias"] else 0, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope,
+                    w[f"{name}.bias"] if a["bias"] else 0,
+                    ("i32", act_code(a["act"], a["gated"]) if a["act"] else 0), *rope,
                     ("i32", at_once)]))
             elif op.kind == "lm_head" and a["bits"] in (8, 16):
                 table = [w[a["table"]], w[a["scales"]]] if a["bits"] == 8 else [w[a["table"]], 0]
@@ -778,8 +785,8 @@ class CudaBackend:
         elif op.kind == "attention":
             self.attention(op, rows)
         elif op.kind == "act":
-            self.launch("awq_gated_act", (rows,), (NORM_THREADS,),
-                        [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", ACT_KINDS[a["kind"]])])
+            self.launch("awq_act", (rows,), (NORM_THREADS,),
+                        [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", act_code(a["kind"], a["gated"]))])
         elif op.kind == "gather":
             self.launch("awq_gather_columns", (rows,), (NORM_THREADS,),
                         [b[a["x"]], w[a["order"]], b[a["out"]], ("i32", a["n"])])
@@ -839,7 +846,8 @@ class CudaBackend:
                 nxt = next_linear.args
                 prefetch = [w[f"{nxt['weight']}.qweight"], ("i32", min(nxt["N"] * nxt["K"] // 2, self.prefetch_bytes))]
             args = [b[a["x"]], *weights, b[a["out"]], ("i32", n), ("i32", k), w[a["norm"]] if a["norm"] else 0,
-                    ("f32", spec.eps), bias, ("i32", ACT_KINDS[a["act"]] if a["act"] else 0), *rope, *prefetch]
+                    ("f32", spec.eps), bias, ("i32", act_code(a["act"], a["gated"]) if a["act"] else 0), *rope,
+                    *prefetch]
             kind = self.gemv_kind(a)
             if kind != "cuda_cores":
                 self.launch(f"awq_gemv_tc_{fusion}_g{g}", self.tensor_core_grid(n, kind), (GEMV_TC_THREADS,), args)
@@ -858,8 +866,8 @@ class CudaBackend:
         if a["bias"]:
             self.launch("awq_bias_add", (rows,), (NORM_THREADS,), [y, bias, ("i32", n)])
         if a["epilogue"] == "act":
-            self.launch("awq_gated_act", (rows,), (NORM_THREADS,),
-                        [y, b[a["out"]], ("i32", n // 2), ("i32", ACT_KINDS[a["act"]])])
+            self.launch("awq_act", (rows,), (NORM_THREADS,),
+                        [y, b[a["out"]], ("i32", spec.intermediate), ("i32", act_code(a["act"], a["gated"]))])
         elif a["epilogue"] == "residual":
             self.launch("awq_residual_add", (rows,), (NORM_THREADS,), [b[a["out"]], y, ("i32", n)])
         elif a["epilogue"] == "rope":
@@ -1332,6 +1340,6 @@ KERNELS_OF = {
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
     "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
-                    "awq_gated_act", "awq_residual_add", "awq_gather_columns", "awq_lm_head", "awq_lm_head_q8",
+                    "awq_act", "awq_residual_add", "awq_gather_columns", "awq_lm_head", "awq_lm_head_q8",
                     "awq_advance"],
 }

@@ -17,8 +17,9 @@ A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kerne
     qkv      [S, (H + 2 Hkv) D]   q, k and v side by side (one fused linear)
     ctx      [S, H D]             attention output
     attn     [S, hidden]          after o_proj (and a post-norm: Gemma's, GLM-4's, OLMo 2's)
-    gate_up  [S, 2 I]             gate and up, rows interleaved (g0 u0 g1 u1 ...; one linear)
-    act      [S, I]               act(gate) * up
+    gate_up  [S, 2 I]             gate and up, rows interleaved (g0 u0 g1 u1 ...; one linear); an
+                                  MLP without a gate (Arcee): up alone, [S, I] at its start
+    act      [S, I]               act(gate) * up, or act(up)
     mlp      [S, hidden]          after down_proj (and a post-norm)
     ordered  [S, K]               a linear's input in the order its levels are stored (GPTQ
                                   act-order engines only: a gather op before each linear)
@@ -32,9 +33,9 @@ the last row only.
 Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qweight` int32
 [N, K/8] (AWQ nibble order), `.scales` and `.zeros` fp16 [N, groups] (+ `.bias` fp16 [N]);
 q/k/v concatenated along N, gate/up with their rows interleaved (gate row j at 2j, up row j at
-2j + 1: a GEMV block holds both halves of its outputs); norms as float32 (w + the family's offset: Gemma's
-1 + w); the head as int8 rows with an fp16 scale per 32 values (`lm_head.q8`,
-`lm_head.q8_scales`: spec.lm_head "int8", the default, half the bytes per token), as fp16
+2j + 1: a GEMV block holds both halves of its outputs; without a gate, up_proj as it is); norms
+as float32 (w + the family's offset: Gemma's 1 + w); the head as int8 rows with an fp16 scale
+per 32 values (`lm_head.q8`, `lm_head.q8_scales`: spec.lm_head "int8", the default, half the bytes per token), as fp16
 (`lm_head.weight`, or the embedding's table when tied), or as a 4-bit linear like the others
 (`lm_head.q4` at group 32, rows padded to a multiple of 8: "int4", under a third of the bytes),
 whose top HEAD_TOP_K logits are then recomputed from the fp16 table, as the CPU engine's graph
@@ -52,7 +53,7 @@ import numpy as np
 from .errors import UserError
 from .packing import INT8_BLOCK
 
-ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh"}
+ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh", "relu2": "relu2"}
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class DecoderSpec:
     post_norms: tuple              # norms after attention and the MLP (Gemma, GLM-4): their names, or ()
     qkv_bias: bool                 # Qwen2 (and any checkpoint whose q/k/v carry a bias)
     embed_scale: float | None      # embeddings times this (Gemma: sqrt(hidden); Granite's multiplier)
-    activation: str                # silu | gelu_tanh
+    activation: str                # silu | gelu_tanh | relu2
+    gated_mlp: bool                # act(gate) * up; False (Arcee): act(up), no gate
     mlp_norm: str                  # the norm before gate/up
     attn_scale: float
     attn_softcap: float            # 0: none
@@ -135,7 +137,8 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         qk_norms=family.qk_norms, qk_norm_after_rope=family.qk_norm_after_rope,
         pre_norms=family.pre_norms, post_norms=family.post_norms,
         qkv_bias=family.qkv_bias or qkv_bias, embed_scale=model.embed_multiplier,
-        activation=ACTIVATIONS[family.activation], mlp_norm=family.mlp_norm, attn_scale=model.attn_scale,
+        activation=ACTIVATIONS[family.activation], gated_mlp=family.gated_mlp, mlp_norm=family.mlp_norm,
+        attn_scale=model.attn_scale,
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
         ropes=tuple(ropes), lm_head=lm_head, act_order=act_order)
@@ -221,14 +224,14 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                 ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.{spec.post_norms[0]}.weight"}))
             pending = "attn"
         x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
-        gate_up = f"{p}.mlp.gate_up_proj"
+        gate_up, width = (f"{p}.mlp.gate_up_proj", 2) if spec.gated_mlp else (f"{p}.mlp.up_proj", 1)
         x = in_order(x, gate_up, spec.hidden)
         if fused:
-            ops.append(linear_op(x, "act", gate_up, 2 * spec.intermediate, spec.hidden, norm=norm,
-                                 epilogue="act", act=spec.activation))
+            ops.append(linear_op(x, "act", gate_up, width * spec.intermediate, spec.hidden, norm=norm,
+                                 epilogue="act", act=spec.activation, gated=spec.gated_mlp))
         else:
-            ops.append(linear_op(x, "gate_up", gate_up, 2 * spec.intermediate, spec.hidden))
-            ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation}))
+            ops.append(linear_op(x, "gate_up", gate_up, width * spec.intermediate, spec.hidden))
+            ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation, "gated": spec.gated_mlp}))
         act = in_order("act", f"{p}.mlp.down_proj", spec.intermediate)
         if fuse_residual:
             ops.append(linear_op(act, "h", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, epilogue="residual"))
@@ -262,15 +265,16 @@ def head_slices(vocab: int) -> tuple[int, int]:
 
 
 def linear_op(x: str, out: str, name: str, n: int, k: int, bias: bool = False, norm: str | None = None,
-              epilogue: str = "store", act: str | None = None, layer: int | None = None,
+              epilogue: str = "store", act: str | None = None, gated: bool = True, layer: int | None = None,
               rope: int | None = None) -> Op:
     """out = epilogue(norm(x) @ W^T + bias). norm: an RMSNorm weight applied to x first (the
     prologue). epilogue: store | act (out = act(gate) * up of the row-interleaved gate/up result,
-    N / 2 wide) | residual (out += the result; out is h) | rope (the q/k/v result rotated with
-    RoPE table `rope`, q kept for the attention, k and v written into `layer`'s cache row, as the
-    attention op does otherwise; its attention op then has rotated=True)."""
+    N / 2 wide; not gated: act(result), N wide) | residual (out += the result; out is h) | rope
+    (the q/k/v result rotated with RoPE table `rope`, q kept for the attention, k and v written
+    into `layer`'s cache row, as the attention op does otherwise; its attention op then has
+    rotated=True)."""
     return Op("linear", {"x": x, "out": out, "weight": name, "N": n, "K": k, "bias": bias, "norm": norm,
-                         "epilogue": epilogue, "act": act, "layer": layer, "rope": rope})
+                         "epilogue": epilogue, "act": act, "gated": gated, "layer": layer, "rope": rope})
 
 
 def lm_head_table(spec: DecoderSpec) -> str:
@@ -293,7 +297,7 @@ def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
     """The activation buffers of a step of `rows` tokens (fp16, but logits float32)."""
     shapes = {"h": (rows, spec.hidden), "x": (rows, spec.hidden), "qkv": (rows, spec.qkv_width),
               "ctx": (rows, spec.heads * spec.head_dim), "attn": (rows, spec.hidden),
-              "gate_up": (rows, 2 * spec.intermediate), "act": (rows, spec.intermediate),
+              "gate_up": (rows, (2 if spec.gated_mlp else 1) * spec.intermediate), "act": (rows, spec.intermediate),
               "mlp": (rows, spec.hidden), "logits": (spec.vocab,)}
     if spec.act_order:
         shapes["ordered"] = (rows, max(spec.hidden, spec.heads * spec.head_dim, spec.intermediate))

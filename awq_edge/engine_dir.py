@@ -249,15 +249,17 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
             if want is not None and attr.i != want:
                 raise UserError(f"{folder / EXPORT_INFO}: num_heads/num_kv_heads disagree with the graph's "
                                 f"{node.op_type} ({attr.name} {attr.i}); {fix}")
-    # The MLP's width from the exporter's names (export/graph.py): gate_proj's N, or half of the
-    # fused gate_up_proj's (target ort), or DequantizeLinear's [K, N] weight (target onnx).
+    # The MLP's width from the exporter's names (export/graph.py): gate_proj's and up_proj's N, or half
+    # of the fused gate_up_proj's (target ort), or DequantizeLinear's [K, N] weights (target onnx).
     mlp = "model.layers.0.mlp"
+    names = [f"{mlp}.{n}" for n in ("gate_proj", "up_proj")]
     widths = [a.i // (2 if n.name.endswith("gate_up_proj") else 1) for n in graph.node
-              if n.name in (f"{mlp}.gate_proj", f"{mlp}.gate_up_proj") for a in n.attribute if a.name == "N"]
-    widths += shapes.get(f"{mlp}.gate_proj.weight_uint4", [])[1:2]
-    if widths != [info.intermediate_size]:
+              if n.name in (*names, f"{mlp}.gate_up_proj") for a in n.attribute if a.name == "N"]
+    widths += [shapes[f"{n}.weight_uint4"][1] for n in names if len(shapes.get(f"{n}.weight_uint4", ())) == 2]
+    if not widths or set(widths) != {info.intermediate_size}:
+        odd = sorted(set(widths) - {info.intermediate_size})[:1] or "none found"
         raise UserError(f"{folder / EXPORT_INFO}: intermediate_size {info.intermediate_size} is not the width of "
-                        f"the graph's MLP ({widths[:1] or 'none found'}); {fix}")
+                        f"the graph's MLP ({odd}); {fix}")
 
 
 _ELEMENT_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 16: 16,

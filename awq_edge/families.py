@@ -2,8 +2,9 @@
 
 All supported families use the Hugging Face Llama module names inside a decoder
 block (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm), or store
-some of those fused (Phi-3's qkv_proj, gate_up_proj) and are read split; what
-differs is written here. Adding a family is one entry, when its block has this shape.
+some of those fused (Phi-3's qkv_proj, gate_up_proj) and are read split, or have no gate
+(Arcee's MLP: up_proj, the activation, down_proj); what differs is written here. Adding a
+family is one entry, when its block has this shape.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class Family:
     # "sandwich"; GLM-4's): none, or (after attention, after the MLP)
     post_norms: tuple = ()
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
-    activation: str = "silu"  # gate activation: silu | gelu_tanh
+    activation: str = "silu"  # the MLP's activation: silu | gelu_tanh | relu2 (relu(x)^2)
+    gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))), no gate_proj (Arcee)
     qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     # which layers slide when config.json has no layer_types (older configs), as transformers decides:
     # "none"; "all" (Mistral: every layer when sliding_window is set); "qwen" (only with
@@ -139,6 +141,8 @@ FAMILIES: dict[str, Family] = {
                                (".mlp.c_proj.", ".mlp.down_proj.")),
                config_defaults=(("max_position_embeddings", 4096), ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5),
                                 ("rope_theta", 500000.0))),
+        # Arcee (AFM-4.5B): Llama with an MLP without a gate, relu(up(x))^2
+        Family("arcee", ("arcee",), activation="relu2", gated_mlp=False, config_defaults=(("rms_norm_eps", 1e-5),)),
         # InternLM3 (8B): Llama under its own model_type
         Family("internlm3", ("internlm3",),
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 2), ("head_dim", 128),

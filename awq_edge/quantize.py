@@ -282,9 +282,14 @@ class ScaleGroup:
     linears: list[nn.Linear]  # the linears that read the scaled tensor
     inspect: str  # "self_attn" | "mlp" | a linear's name: the module whose output the loss compares
     input_of: str  # the linear whose captured input feeds `inspect`
+    # prev's output is divided by s ** (1 / prev_root): 2 across relu(x)^2, which turns x / sqrt(s)
+    # into relu(x)^2 / s (Arcee's up_proj before down_proj)
+    prev_root: int = 1
 
 
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")  # their loss runs attention: whole sequences
+# act(x / c) = act(x) / c^root for every c > 0, of the MLP activations that have one
+ACTIVATION_ROOTS = {"relu2": 2}
 
 
 def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
@@ -296,7 +301,8 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
 
     A block without pre-norms (OLMo 2) has no qkv or gate_up group: their input is the residual
     stream itself, which no op of the block could divide by the scales; those linears are clipped
-    and rounded only."""
+    and rounded only. An MLP without a gate (Arcee) has an up group in gate_up's place, and a down
+    group only across an activation that scales through (relu^2: ACTIVATION_ROOTS)."""
     attn, mlp = layer.self_attn, layer.mlp
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -306,16 +312,23 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
                                  "q_proj"))
     if kv_heads == heads:
         groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
-    if family.pre_norms:
-        groups.append(ScaleGroup("gate_up", getattr(layer, family.mlp_norm), [mlp.gate_proj, mlp.up_proj], "mlp",
-                                 "gate_proj"))
-    return groups + [ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj")]
+    norm = getattr(layer, family.mlp_norm, None)
+    if family.pre_norms and family.gated_mlp:
+        groups.append(ScaleGroup("gate_up", norm, [mlp.gate_proj, mlp.up_proj], "mlp", "gate_proj"))
+    elif family.pre_norms:
+        groups.append(ScaleGroup("up", norm, [mlp.up_proj], "mlp", "up_proj"))
+    if family.gated_mlp or family.activation in ACTIVATION_ROOTS:  # down's input: act(gate) * up, or act(up)
+        root = 1 if family.gated_mlp else ACTIVATION_ROOTS[family.activation]
+        groups.append(ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj", root))
+    return groups
 
 
 def _linear_names(layer) -> dict[str, nn.Linear]:
+    """A block's quantized linears by name (no gate_proj in an MLP without a gate)."""
     a, m = layer.self_attn, layer.mlp
     return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
-            "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
+            **({"gate_proj": m.gate_proj} if hasattr(m, "gate_proj") else {}), "up_proj": m.up_proj,
+            "down_proj": m.down_proj}
 
 
 # ---------------------------------------------------------------- scale search
@@ -704,8 +717,9 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         layer.to(orig_dtype)
         result.layer_report.append(report)
         inputs, outputs = outputs, None
-        mlp_group = report["groups"].get("gate_up") or report["groups"]["down"]  # (no gate_up: OLMo 2)
-        bar.set_postfix(mlp_loss=f"{mlp_group['loss']:.2e}")
+        mlp_group = next((report["groups"][n] for n in ("gate_up", "up", "down") if n in report["groups"]), None)
+        if mlp_group:
+            bar.set_postfix(mlp_loss=f"{mlp_group['loss']:.2e}")
     result.seconds = time.time() - started
     return result
 
@@ -731,9 +745,10 @@ def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: di
                  grams: dict) -> None:
     prev = g.prev
     if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.view(-1, 1))
+        root = s if g.prev_root == 1 else s ** (1 / g.prev_root)
+        prev.weight.div_(root.view(-1, 1))
         if prev.bias is not None:
-            prev.bias.div_(s)
+            prev.bias.div_(root)
     else:  # an RMSNorm: y = norm(x) * (offset + w); Gemma's offset is 1
         prev.weight.copy_((prev.weight.float() + family.norm_offset) / s - family.norm_offset)
     for lin in g.linears:

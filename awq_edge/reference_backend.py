@@ -232,15 +232,18 @@ def twin_attend_split(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarra
     return out.reshape(-1)
 
 
-def twin_act(gate_up: np.ndarray, kind: str) -> np.ndarray:
+def twin_act(gate_up: np.ndarray, kind: str, gated: bool = True) -> np.ndarray:
     """act(gate) * up of gate_up fp16 [rows, 2 I] (interleaved: gate j at 2j, up j at 2j + 1)
-    -> fp16 [rows, I]. The GEMV's act epilogue rounds its two sums to fp16 first, the same."""
-    g, u = gate_up[:, 0::2].astype(F32), gate_up[:, 1::2].astype(F32)
+    -> fp16 [rows, I]; not gated: act(up) of up fp16 [rows, I]. The GEMV's act epilogue rounds
+    its sums to fp16 first, the same."""
+    g = gate_up[:, 0::2].astype(F32) if gated else gate_up.astype(F32)
     if kind == "silu":
         a = g / (1.0 + np.exp(-g))
+    elif kind == "relu2":
+        a = np.maximum(g, F32(0)) ** 2
     else:  # gelu_tanh
         a = 0.5 * g * (1.0 + np.tanh(F32(math.sqrt(2.0 / math.pi)) * (g + F32(0.044715) * g * g * g)))
-    return (a * u).astype(F16)
+    return (a * gate_up[:, 1::2].astype(F32) if gated else a).astype(F16)
 
 
 def twin_lm_head(x: np.ndarray, table: np.ndarray, softcap: float) -> np.ndarray:
@@ -352,7 +355,7 @@ class ReferenceBackend:
             bias = t[f"{a['weight']}.bias"] if a["bias"] else None
             y = twin_linear(x, self.weight(a["weight"]), bias)
             if a["epilogue"] == "act":
-                buf[a["out"]][:] = twin_act(y, a["act"])
+                buf[a["out"]][:] = twin_act(y, a["act"], a["gated"])
             elif a["epilogue"] == "residual":
                 buf[a["out"]][:] = twin_residual(buf[a["out"]], y)
             elif a["epilogue"] == "rope":
@@ -372,7 +375,7 @@ class ReferenceBackend:
             buf[a["out"]][:] = twin_attend(q_rot, self.k_cache[i], self.v_cache[i], self.position, a["window"],
                                            spec.attn_scale, spec.attn_softcap)
         elif op.kind == "act":
-            buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"])
+            buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"], a["gated"])
         elif op.kind == "gather":
             buf[a["out"]] = twin_gather(buf[a["x"]], t[a["order"]])
         elif op.kind == "lm_head":

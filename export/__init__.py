@@ -106,7 +106,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
             "num_kv_heads": spec.kv_heads,
             "head_dim": spec.head_dim,
             "hidden_size": spec.hidden,
-            "intermediate_size": max(lin.q.shape[0] for name, lin in ckpt.linears.items() if name.endswith("gate_proj")),
+            "intermediate_size": spec.intermediate,
             "vocab_size": spec.vocab,
             "max_position_embeddings": spec.max_positions,
             "sliding_windows": spec.layer_windows,

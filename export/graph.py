@@ -8,7 +8,7 @@
         a = norm(a)                         post-norm (Gemma's post_attention_layernorm, GLM-4's)
         h = h + a
         x = norm(h)                         post_attention_layernorm / pre_feedforward_layernorm (OLMo 2: none)
-        m = down(act(gate(x)) * up(x))      silu or gelu_tanh
+        m = down(act(gate(x)) * up(x))      silu or gelu_tanh (Arcee: down(relu(up(x))^2), no gate)
         m = norm(m)                         post-norm (Gemma's post_feedforward_layernorm, GLM-4's)
         h = h + m
     logits = lm_head(norm(h))               last position only unless all_logits
@@ -149,6 +149,9 @@ class Decoder:
         b = self.b
         if self.spec.family.activation == "silu":
             return b.op("Mul", x, b.op("Sigmoid", x), name="silu")
+        if self.spec.family.activation == "relu2":
+            r = b.op("Relu", x)
+            return b.op("Mul", r, r, name="relu2")
         if self.t.contrib:
             return b.op("FastGelu", x, domain=MS_DOMAIN, name="gelu_tanh")  # the tanh approximation
         if b.opset >= 20:
@@ -225,8 +228,12 @@ class Decoder:
                 with b.scope("mlp_norm"):
                     x, h = self.block_input(a, h, f"{p}.{spec.family.mlp_norm}.weight")
                 with b.scope("mlp"):
-                    gate, up = self.gate_up(x, f"{p}.mlp")
-                    pending = self.linear(b.op("Mul", self.activation(gate), up), f"{p}.mlp.down_proj")
+                    if spec.family.gated_mlp:
+                        gate, up = self.gate_up(x, f"{p}.mlp")
+                        m = b.op("Mul", self.activation(gate), up)
+                    else:
+                        m = self.activation(self.linear(x, f"{p}.mlp.up_proj"))
+                    pending = self.linear(m, f"{p}.mlp.down_proj")
                     if spec.family.post_norms:
                         pending = self.rms_norm(pending, self.norm_weight(f"{p}.{spec.family.post_norms[1]}.weight"))
 

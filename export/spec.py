@@ -25,7 +25,8 @@ from ..untrusted import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 FIX = "the checkpoint config is incomplete or corrupt"
 # config.json's names (hidden_act; Gemma's hidden_activation) of each families.Family.activation
-ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")}
+ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new"),
+                    "relu2": ("relu2",)}
 MAX_ROPE_TABLE = 1 << 27  # positions x head_dim: 2 x 512 MiB of float32 cos/sin at most
 
 
@@ -316,8 +317,8 @@ def layer_linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     h, inter = spec.hidden, spec.intermediate
     q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-            "mlp.down_proj": (h, inter)}
+            "self_attn.o_proj": (h, q), **({"mlp.gate_proj": (inter, h)} if spec.family.gated_mlp else {}),
+            "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
 
 
 def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tuple]]:

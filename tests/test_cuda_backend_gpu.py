@@ -162,6 +162,13 @@ def test_q_k_norms_after_rope_match_the_reference(tokenizer_dir, tmp_path):
     check_against_reference(tiny_engine(tmp_path, "hunyuan_v1_dense", tokenizer_dir), 320, cublas=False)
 
 
+@pytest.mark.parametrize("gemv", [*GEMVS, "persistent_step"])
+def test_an_mlp_without_a_gate_matches_the_reference(gemv, tokenizer_dir, tmp_path):
+    """Arcee's MLP: relu(up)^2 in the decode GEMV's act epilogue (kUngated) on each decode path,
+    by awq_act in prefill; prefill on our GEMM."""
+    check_against_reference(tiny_engine(tmp_path, "arcee", tokenizer_dir), 320, cublas=False, gemv=gemv)
+
+
 @pytest.mark.parametrize("cublas", [False, None], ids=["ours", "cublas"])
 def test_a_gptq_act_order_model_matches_the_reference(cublas, tokenizer_dir, tmp_path):
     """A GPTQ act-order (desc_act) checkpoint: a gather kernel before each linear, prefill on our

@@ -495,6 +495,9 @@ BACKEND_CASES = {
     # Hunyuan's q/k norms after RoPE: q and k rotated in place, normed, then stored as they are
     "hunyuan-rope-before-norms": ("hunyuan_v1_dense", "auto", {}, True, 20, "cuda_cores",
                                   {"awq_rope_in_place", "awq_head_rms_norm", "awq_rope_store"}),
+    # Arcee's MLP without a gate: relu(up)^2 in the GEMV's act epilogue (decode), by awq_act (prefill)
+    "arcee-no-gate": ("arcee", "auto", {}, True, 20, "cuda_cores", {"awq_gemv_norm_act_g32_w4", "awq_act"}),
+    "arcee-no-gate-persistent-step": ("arcee", "auto", {}, True, 9, "persistent_step", {"awq_decode_step_g32"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),

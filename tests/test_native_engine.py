@@ -202,7 +202,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     sm_90, whose launches may overlap)."""
     launched = check_launches_against_the_cubins(smollm2_cuda_engine)
     assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128", "awq_gemv_residual_g128_w4",  # ("auto")
-            "awq_residual_add", "awq_gated_act", "awq_rope_store",  # (prefill: the fusions' kernels)
+            "awq_residual_add", "awq_act", "awq_rope_store",  # (prefill: the fusions' kernels)
             "awq_gemv_mma_x16_g128"} <= launched  # (a 9-row chunk: one pass on tensor cores)
     assert not {"awq_add_rms_norm", "awq_gemv_store_g128_w4", "awq_gemv_norm_store_g128_w4"} & launched
     on_cuda_cores = check_launches_against_the_cubins(smollm2_cuda_engine, gemv="cuda_cores")
@@ -215,7 +215,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     assert "awq_decode_step_g128" in one_launch
     launched |= on_cuda_cores | on_tensor_cores | persistent | one_launch
     unfused = check_launches_against_the_cubins(smollm2_cuda_engine, fused=False)
-    assert {"awq_gemv_store_g128_w4", "awq_add_rms_norm", "awq_gated_act"} <= unfused
+    assert {"awq_gemv_store_g128_w4", "awq_add_rms_norm", "awq_act"} <= unfused
     assert not {name for name in unfused if "norm_" in name or "residual" in name}
     launched |= unfused
     for model_type in ("qwen2", "qwen3", "gemma3_text"):
@@ -852,9 +852,9 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                          [*((t, {}) for t in TINY_FAMILIES), ("qwen3", YARN), ("phi3", longrope(64, original=24)),
                           ("smollm3", {}), ("granite", {}), ("glm", {}), ("glm4", {}), ("ernie4_5", {}),
                           ("olmo2", {}), ("olmo3", {}), ("exaone4", {}), ("gemma", {}), ("vaultgemma", {}),
-                          ("hunyuan_v1_dense", {})],
+                          ("hunyuan_v1_dense", {}), ("arcee", {})],
                          ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope", "smollm3_nope", "granite", "glm", "glm4",
-                              "ernie4_5", "olmo2", "olmo3", "exaone4", "gemma", "vaultgemma", "hunyuan"])
+                              "ernie4_5", "olmo2", "olmo3", "exaone4", "gemma", "vaultgemma", "hunyuan", "arcee"])
 def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)

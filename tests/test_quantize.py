@@ -290,7 +290,8 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
 
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("ministral3", "smollm3", "granite", "glm", "glm4", "ernie4_5",
-                                                       "olmo2", "exaone4", "gemma", "vaultgemma", "hunyuan_v1_dense"))
+                                                       "olmo2", "exaone4", "gemma", "vaultgemma", "hunyuan_v1_dense",
+                                                       "arcee"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -299,10 +300,12 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
     settings = QuantizeSettings(group_size=32, calib_samples=4, calib_seqlen=64, loss_samples=2, scale_grid=5,
                                 clip_grid=4)
     quantize_checkpoint(str(src), out, settings, calib=str(calib), progress=False)
+    family = family_for(model_type)
+    per_layer = 7 if family.gated_mlp else 6  # (Arcee's MLP: no gate_proj)
     stored = read_checkpoint(out).linears  # the family's layout: Phi-3's fused qkv_proj and gate_up_proj
-    assert len(stored) == 2 * (7 - sum(len(parts) - 1 for _, parts in family_for(model_type).fused_linears))
+    assert len(stored) == 2 * (per_layer - sum(len(parts) - 1 for _, parts in family.fused_linears))
     ckpt, _ = read_checked(out)
-    assert len(ckpt.linears) == 2 * 7 and ckpt.metadata["family"] == family_for(model_type).name
+    assert len(ckpt.linears) == 2 * per_layer and ckpt.metadata["family"] == family.name
     quant_model = load_awq_as_float(out)
     _, tokenizer = load_float_model(src)
     ids = torch.tensor([tokenizer("Robots on small boards need memory caps.")["input_ids"]])
@@ -311,13 +314,14 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
     # that the folded scales keep the function exactly: test_folding_scales_is_exact_in_every_family
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma"))
+@pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into
     its previous op: the float block computes the same function. Each family folds into its own
     norms (Gemma's 1 + w, the sandwich and q/k norms stay outside the folds). OLMo 2's block has
-    no norm before q/k/v and gate/up to fold into: only o and down are scaled there."""
+    no norm before q/k/v and gate/up to fold into: only o and down are scaled there. Arcee's MLP
+    has no gate: down's scales fold into up_proj across relu^2, as their square roots."""
     model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
     family = family_for(model.config.model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
@@ -326,7 +330,8 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
         before = _layer_output(layer(inputs, **kwargs[i]))
         linears = _linear_names(layer)
         groups = block_groups(layer, family, model.config)
-        assert [g.name for g in groups] == (["qkv", "o", "gate_up", "down"] if family.pre_norms else ["o", "down"])
+        mlp_in = "gate_up" if family.gated_mlp else "up"
+        assert [g.name for g in groups] == (["qkv", "o", mlp_in, "down"] if family.pre_norms else ["o", "down"])
         torch.manual_seed(i)
         for g in groups:
             _apply_group(g, torch.rand(g.prev.weight.shape[0]) + 0.5, family,

@@ -13,7 +13,8 @@
                 cache [Hkv, capacity, D] at that row (and into the step's bf16 copy of it, which
                 it reads), softmax(q k^T * scale (soft-capped)) v over rows 0..position (the last
                 `window` of them on sliding layers)                   (GroupQueryAttention)
-     act        out = act(gate) * up of x = [gate | up]       (silu, or gelu tanh: FastGelu)
+     act        out = act(gate) * up of x = [gate | up]       (silu, or gelu tanh: FastGelu), or
+                act(x) without a gate                       (relu^2: Arcee's)
      lm_head    logits = gemv_q4(x) (soft-capped); the top_k of them re-scored exactly from
                 the fp16 table (the graph's TopK + Gather + Gemm)
    The linears, the attention heads and the lm_head's top-k are split over OpenMP threads; the
@@ -417,18 +418,26 @@ static void linear(const struct cpu_model *m, const struct cpu_op *op, int quant
 }
 
 static void act(const struct cpu_op *op) {
-  const int n = op->n;
-  const float *gate = op->x, *up = op->x + n;
+  const int n = op->n, kind = op->kind_arg & ~ACT_UNGATED;
+  const float *gate = op->x;
   float *out = op->out;
-  if (op->kind_arg == ACT_SILU) {
+  if (kind == ACT_SILU) {
 #pragma omp simd
-    for (int i = 0; i < n; i++) out[i] = gate[i] / (1.f + exp_approx(-gate[i])) * up[i];
+    for (int i = 0; i < n; i++) out[i] = gate[i] / (1.f + exp_approx(-gate[i]));
+  } else if (kind == ACT_RELU2) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = gate[i] > 0.f ? gate[i] * gate[i] : 0.f;
   } else {
 #pragma omp simd
     for (int i = 0; i < n; i++) {
       const float g = gate[i];
-      out[i] = 0.5f * g * (1.f + tanh_approx(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
+      out[i] = 0.5f * g * (1.f + tanh_approx(0.7978845608028654f * (g + 0.044715f * g * g * g)));
     }
+  }
+  if (!(op->kind_arg & ACT_UNGATED)) {
+    const float *up = op->x + n;
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] *= up[i];
   }
 }
 

@@ -262,7 +262,7 @@ __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefo
         }
         case kStepAct:  // (gate_up, out, inter, kind)
             wait();
-            gated_act_row(h(0), h(1), i32(2), i32(3));
+            act_row(h(0), h(1), i32(2), i32(3));
             break;
         case kStepRopeStore:  // awq_rope_store's arguments for one row (S = 1)
             wait();

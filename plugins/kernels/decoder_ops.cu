@@ -81,13 +81,14 @@ awq_bias_add(__half* __restrict__ y, const __half* __restrict__ bias, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = __float2half(__half2float(row[i]) + __half2float(bias[i]));
 }
 
-// out[r, j] = act(gate_up[r, 2j]) * gate_up[r, 2j + 1] (gate and up rows interleaved at packing);
-// kind: 0 = SiLU, 1 = GELU (tanh approximation). Grid: rows. The decode GEMV fuses this (act epilogue).
+// out[r, j] = act(gate_up[r, 2j]) * gate_up[r, 2j + 1] (gate and up rows interleaved at packing),
+// or act(gate_up[r, j]) (kind has kUngated: rows of inter values); kind: activation.cuh ActKind.
+// Grid: rows. The decode GEMV fuses this (act epilogue).
 extern "C" __global__ void __launch_bounds__(kThreads)
-awq_gated_act(const __half* __restrict__ gate_up, __half* __restrict__ out, int inter, int kind) {
+awq_act(const __half* __restrict__ gate_up, __half* __restrict__ out, int inter, int kind) {
     awq_edge::begin_after_previous_kernel();
-    awq_edge::gated_act_row(gate_up + 2 * static_cast<size_t>(blockIdx.x) * inter,
-                            out + static_cast<size_t>(blockIdx.x) * inter, inter, kind);
+    const size_t width = (kind & awq_edge::kUngated) ? inter : 2 * static_cast<size_t>(inter);
+    awq_edge::act_row(gate_up + blockIdx.x * width, out + static_cast<size_t>(blockIdx.x) * inter, inter, kind);
 }
 
 // out[r, i] = x[r, order[i]]: a GPTQ act-order linear's input in the order its levels are stored

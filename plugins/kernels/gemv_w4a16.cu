@@ -23,13 +23,13 @@
 // reference_backend.run's "linear"): the prologue RMSNorms x on the fly (each block sums the
 // squares of the K values of x itself, then scales each 8-value load of x: norm(h) never goes
 // through memory); the epilogue stores (adding a bias), or applies the gated activation to the
-// block's gate/up row pairs (rows interleaved at packing, so a block of 4 rows makes 2 outputs),
-// or adds the result into the residual stream y, or (q/k/v) applies RoPE and writes q into q_rot
-// and k and v into their cache rows, as awq_rope_store does. For RoPE a block takes rows
-// (2j, 2j + 1, 2j + D/2, 2j + 1 + D/2) of a q or k head instead of 4 adjacent ones, so it holds
-// both halves of its two rotation pairs (the weights need no other layout: rows are read one by
-// one anyway). Every value is rounded to fp16 where the unfused kernels round it, so fused and
-// unfused steps agree.
+// block's gate/up row pairs (rows interleaved at packing, so a block of 4 rows makes 2 outputs;
+// without a gate, to each row), or adds the result into the residual stream y, or (q/k/v)
+// applies RoPE and writes q into q_rot and k and v into their cache rows, as awq_rope_store does.
+// For RoPE a block takes rows (2j, 2j + 1, 2j + D/2, 2j + 1 + D/2) of a q or k head instead of 4
+// adjacent ones, so it holds both halves of its two rotation pairs (the weights need no other
+// layout: rows are read one by one anyway). Every value is rounded to fp16 where the unfused
+// kernels round it, so fused and unfused steps agree.
 #include "activation.cuh"
 #include "dequant.cuh"
 #include "launch_checks.cuh"
@@ -214,7 +214,11 @@ __device__ __forceinline__ void one_row_epilogue(const Fusion& fusion, half* __r
     };
     const int t = threadIdx.x;
     if constexpr (kEpilogue == Epilogue::kAct) {
-        if (t < kBlockRows / 2 && row(2 * t) < N) {  // y is act [N / 2]: rows 2j and 2j + 1 are gate j and up j
+        if (fusion.act_kind & kUngated) {  // y is act [N]: each row's own (no gate)
+            if (t < kBlockRows && row(t) < N) {
+                y[row(t)] = __float2half_rn(activation(__half2float(result(t)), fusion.act_kind));
+            }
+        } else if (t < kBlockRows / 2 && row(2 * t) < N) {  // y is act [N / 2]: rows 2j and 2j + 1 are gate j and up j
             const float act = gated_act(__half2float(result(2 * t)), __half2float(result(2 * t + 1)), fusion.act_kind);
             y[row(0) / 2 + t] = __float2half_rn(act);
         }
