@@ -363,6 +363,8 @@ class NativeDecoder:
         elif op.kind in ("norm", "add_norm"):
             rec.n, rec.x, rec.out = spec.hidden, ptr(a["x"]), ptr(a["out"])
             rec.w_norm = self._tensor(a["weight"], np.float32, spec.hidden).ctypes.data
+            if a["bias"]:  # a LayerNorm's
+                rec.bias = self._tensor(a["bias"], np.float32, spec.hidden).ctypes.data
             if op.kind == "add_norm":
                 rec.residual = ptr(a["residual"])
         elif op.kind == "linear":

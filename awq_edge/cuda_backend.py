@@ -664,10 +664,11 @@ class CudaBackend:
                     self.token, w[a["table"]], b[a["out"]], ("i32", spec.hidden), ("i32", spec.vocab),
                     ("f32", a["scale"] or 1.0), *([w[a["scales"]]] if a["scales"] else [])]))
             elif op.kind == "norm":  # (the final one of the last row: the only row)
-                rows.append(("norm", 1, 0, [b[a["x"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps]))
+                rows.append(("norm", 1, 0, [b[a["x"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps,
+                                            w[a["bias"]] if a["bias"] else 0]))
             elif op.kind == "add_norm":
                 rows.append(("add_norm", 1, 0, [b[a["x"]], b[a["residual"]], w[a["weight"]], b[a["out"]],
-                                                ("i32", spec.hidden), eps]))
+                                                ("i32", spec.hidden), eps, w[a["bias"]] if a["bias"] else 0]))
             elif op.kind == "head_norm":
                 rows.append(("head_norm", a["heads"], 0, [b[a["x"]], ("i32", a["offset"]), ("i32", a["size"]),
                                                           w[a["weight"]], eps]))
@@ -761,14 +762,14 @@ class CudaBackend:
                 self.launch("awq_embed", (rows,), (NORM_THREADS,), [ids, w[a["table"]], *tail])
         elif op.kind == "norm":
             last = a.get("last_row", False)
-            self.launch("awq_rms_norm", (1 if last else rows,), (NORM_THREADS,),
-                        [b[a["x"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps,
-                         ("i32", rows - 1 if last else 0)])
+            self.launch("awq_norm", (1 if last else rows,), (NORM_THREADS,),
+                        [b[a["x"]], w[a["weight"]], w[a["bias"]] if a["bias"] else 0, b[a["out"]],
+                         ("i32", spec.hidden), eps, ("i32", rows - 1 if last else 0)])
         elif op.kind == "add_norm":
             last = a.get("last_row", False)
-            self.launch("awq_add_rms_norm", (1 if last else rows,), (NORM_THREADS,),
-                        [b[a["x"]], b[a["residual"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps,
-                         ("i32", rows - 1 if last else 0)])
+            self.launch("awq_add_norm", (1 if last else rows,), (NORM_THREADS,),
+                        [b[a["x"]], b[a["residual"]], w[a["weight"]], w[a["bias"]] if a["bias"] else 0, b[a["out"]],
+                         ("i32", spec.hidden), eps, ("i32", rows - 1 if last else 0)])
         elif op.kind == "linear":
             self.linear(op, rows, next_linear)
         elif op.kind == "add":
@@ -857,8 +858,8 @@ class CudaBackend:
             return
         x = b[a["x"]]
         if a["norm"]:
-            self.launch("awq_rms_norm", (rows,), (NORM_THREADS,),
-                        [x, w[a["norm"]], b["x"], ("i32", k), ("f32", spec.eps), ("i32", 0)])
+            self.launch("awq_norm", (rows,), (NORM_THREADS,),
+                        [x, w[a["norm"]], 0, b["x"], ("i32", k), ("f32", spec.eps), ("i32", 0)])
             x = b["x"]
         # the result's buffer before its epilogue kernel: "attn" is hidden wide and free when the adds are fused
         y = {"store": b[a["out"]], "rope": b[a["out"]], "act": b["gate_up"], "residual": b["attn"]}[a["epilogue"]]
@@ -1339,7 +1340,7 @@ KERNELS_OF = {
     "sample": ["awq_sample_step"],
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
-    "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_rms_norm", "awq_add_rms_norm", "awq_head_rms_norm", "awq_bias_add",
+    "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_norm", "awq_add_norm", "awq_head_rms_norm", "awq_bias_add",
                     "awq_act", "awq_residual_add", "awq_gather_columns", "awq_lm_head", "awq_lm_head_q8",
                     "awq_advance"],
 }

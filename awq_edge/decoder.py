@@ -27,22 +27,23 @@ A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kerne
 In the fused op list (the default) the norms run in the next linear's prologue, the activation and
 the residual adds in the linears' epilogues (decode_ops); unfused, the residual add is fused into
 the next norm (add_norm: h += pending; x = norm(h)), as the ONNX graph does; without pre-norms
-(OLMo 2) the add is an op of its own (add: h += pending). The final norm and the lm_head run on
-the last row only.
+(OLMo 2) the add is an op of its own (add: h += pending). A LayerNorm (Nemotron, StableLM: a
+norm op's `bias`) is always an op: the GEMV prologue computes RMSNorm only. The final norm and
+the lm_head run on the last row only.
 
-Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qweight` int32
-[N, K/8] (AWQ nibble order), `.scales` and `.zeros` fp16 [N, groups] (+ `.bias` fp16 [N]);
-q/k/v concatenated along N, gate/up with their rows interleaved (gate row j at 2j, up row j at
-2j + 1: a GEMV block holds both halves of its outputs; without a gate, up_proj as it is); norms
-as float32 (w + the family's offset: Gemma's 1 + w); the head as int8 rows with an fp16 scale
-per 32 values (`lm_head.q8`, `lm_head.q8_scales`: spec.lm_head "int8", the default, half the bytes per token), as fp16
-(`lm_head.weight`, or the embedding's table when tied), or as a 4-bit linear like the others
-(`lm_head.q4` at group 32, rows padded to a multiple of 8: "int4", under a third of the bytes),
-whose top HEAD_TOP_K logits are then recomputed from the fp16 table, as the CPU engine's graph
-does; the embedding as int8 rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied model's are
-`lm_head.q8`), or fp16 `model.embed_tokens.weight` where a tied head keeps it (embed_table);
-RoPE tables fp16 [max_positions, D/2] per distinct frequency set; a GPTQ act-order linear's
-permutation of its inputs as int32 `{name}.input_order` [K].
+Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qweight` int32 [N, K/8]
+(AWQ nibble order), `.scales` and `.zeros` fp16 [N, groups] (+ `.bias` fp16 [N]); q/k/v concatenated
+along N, gate/up with their rows interleaved (gate row j at 2j, up row j at 2j + 1: a GEMV block
+holds both halves of its outputs; without a gate, up_proj as it is); norms as float32 (w + the
+family's offset: Gemma's 1 + w; a LayerNorm's bias as it is); the head as int8 rows with an fp16
+scale per 32 values (`lm_head.q8`, `lm_head.q8_scales`: spec.lm_head "int8", the default, half the
+bytes per token), as fp16 (`lm_head.weight`, or the embedding's table when tied), or as a 4-bit
+linear like the others (`lm_head.q4` at group 32, rows padded to a multiple of 8: "int4", under a
+third of the bytes), whose top HEAD_TOP_K logits are then recomputed from the fp16 table, as the CPU
+engine's graph does; the embedding as int8 rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied
+model's are `lm_head.q8`), or fp16 `model.embed_tokens.weight` where a tied head keeps it
+(embed_table); RoPE tables fp16 [max_positions, D/2] per distinct frequency set; a GPTQ act-order
+linear's permutation of its inputs as int32 `{name}.input_order` [K].
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ class DecoderSpec:
     group_size: int
     tie_embeddings: bool
     norm_offset: float             # Gemma: 1.0 (the norm multiplies by 1 + w)
+    layer_norm: bool               # LayerNorm with a bias (Nemotron, StableLM): norm ops' `bias`, no prologue norms
     qk_norm: bool                  # Qwen3, Gemma3, OLMo 2
     qk_norm_whole: bool            # OLMo 2: q/k norms over the whole projection, not per head
     qk_norms: tuple                # the q and k norms' names in a block
@@ -133,7 +135,8 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         model_type=model.model_type, hidden=model.hidden, intermediate=model.intermediate, layers=model.layers,
         heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim, vocab=model.vocab, eps=model.eps,
         max_positions=model.max_positions, group_size=group_size, tie_embeddings=model.tie_embeddings,
-        norm_offset=family.norm_offset, qk_norm=family.qk_norm, qk_norm_whole=family.qk_norm_whole,
+        norm_offset=family.norm_offset, layer_norm=family.norm == "layer", qk_norm=family.qk_norm,
+        qk_norm_whole=family.qk_norm_whole,
         qk_norms=family.qk_norms, qk_norm_after_rope=family.qk_norm_after_rope,
         pre_norms=family.pre_norms, post_norms=family.post_norms,
         qkv_bias=family.qkv_bias or qkv_bias, embed_scale=model.embed_multiplier,
@@ -169,6 +172,11 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
     H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
     table, scales = embed_table(spec)
     ops = [Op("embed", {"out": "h", "table": table, "scales": scales, "scale": spec.embed_scale})]
+
+    def norm_args(weight: str) -> dict:
+        """A pre-norm's or the final norm's tensors: its weight, and a LayerNorm's bias (else None)."""
+        return {"weight": weight, "bias": weight.removesuffix(".weight") + ".bias" if spec.layer_norm else None}
+
     fuse_residual = fused and not spec.post_norms
     pending = None  # a buffer not yet added into h: the next norm adds it (add_norm)
 
@@ -182,10 +190,10 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                 ops.append(Op("add", {"x": pending, "residual": "h"}))
             pending = None
             return "h", None
-        if fused and pending is None and not spec.act_order:
+        if fused and pending is None and not spec.act_order and not spec.layer_norm:
             return "h", weight
-        ops.append(Op("norm", {"x": "h", "out": "x", "weight": weight}) if pending is None else
-                   Op("add_norm", {"x": pending, "residual": "h", "out": "x", "weight": weight}))
+        ops.append(Op("norm", {"x": "h", "out": "x", **norm_args(weight)}) if pending is None else
+                   Op("add_norm", {"x": pending, "residual": "h", "out": "x", **norm_args(weight)}))
         pending = None
         return "x", None
 
@@ -221,7 +229,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
         else:
             ops.append(linear_op(ctx, "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D))
             if spec.post_norms:
-                ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.{spec.post_norms[0]}.weight"}))
+                ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.{spec.post_norms[0]}.weight",
+                                       "bias": None}))
             pending = "attn"
         x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
         gate_up, width = (f"{p}.mlp.gate_up_proj", 2) if spec.gated_mlp else (f"{p}.mlp.up_proj", 1)
@@ -238,9 +247,10 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
         else:
             ops.append(linear_op(act, "mlp", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate))
             if spec.post_norms:
-                ops.append(Op("norm", {"x": "mlp", "out": "mlp", "weight": f"{p}.{spec.post_norms[1]}.weight"}))
+                ops.append(Op("norm", {"x": "mlp", "out": "mlp", "weight": f"{p}.{spec.post_norms[1]}.weight",
+                                       "bias": None}))
             pending = "mlp"
-    final = {"out": "x", "weight": "model.norm.weight", "last_row": True}
+    final = {"out": "x", **norm_args("model.norm.weight"), "last_row": True}
     ops.append(Op("add_norm", {"x": pending, "residual": "h", **final}) if pending else Op("norm", {"x": "h", **final}))
     heads = {"int8": {"bits": 8, "table": "lm_head.q8", "scales": "lm_head.q8_scales"},
              "int4": {"bits": 4, "weight": "lm_head.q4", "N": padded_vocab(spec), "K": spec.hidden,
@@ -356,6 +366,8 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
                 layout[a["norm"]] = ("float32", (k,))
         elif op.kind in ("norm", "add_norm"):
             layout[a["weight"]] = ("float32", (spec.hidden,))
+            if a["bias"]:
+                layout[a["bias"]] = ("float32", (spec.hidden,))
         elif op.kind == "head_norm":
             layout[a["weight"]] = ("float32", (a["size"],))
         elif op.kind == "gather":
@@ -430,6 +442,8 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
                 out[f"{prefix}.bias"] = bias.astype(np.float16)
         elif op.kind in ("norm", "add_norm", "head_norm"):
             out[a["weight"]] = tensor(a["weight"]).astype(np.float32) + np.float32(spec.norm_offset)
+            if a.get("bias"):  # (a LayerNorm's)
+                out[a["bias"]] = tensor(a["bias"]).astype(np.float32)
     layout = tensor_layout(spec)
     for name, (dtype, shape) in layout.items():
         got = out.get(name)

@@ -21,7 +21,10 @@ class Family:
     # False: no norm before q/k/v (input_layernorm) nor before gate/up; the block's input goes to
     # them as it is (OLMo 2's post-norm block: its norms are post_norms only)
     pre_norms: bool = True
-    norm_offset: float = 0.0  # 1.0 for Gemma's (1 + w) RMSNorm
+    norm_offset: float = 0.0  # 1.0 for Gemma's (1 + w) RMSNorm, Nemotron's (1 + w) LayerNorm
+    # "rms": RMSNorm, x / rms(x) * w; "layer": LayerNorm with a bias, (x - mean) / std * w + b
+    # (Nemotron, StableLM: the pre-norms and the final norm; no family has q/k or post-norms with it)
+    norm: str = "rms"
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma3)
     qk_norm_whole: bool = False  # OLMo 2: the q and k norms span the whole projection (all heads), not one head
     qk_norms: tuple = ("self_attn.q_norm", "self_attn.k_norm")  # their names in a block
@@ -64,6 +67,11 @@ class Family:
     # this order (transformers renames them on load, conversion_mapping.py); checkpoints awq-edge writes
     # use transformers' names, which transformers reads as they are
     tensor_renames: tuple = ()
+    # config.json switches the engines do not compute, as (key, what it turns on): refused when set
+    refused_switches: tuple = ()
+    # config.json keys the family's transformers model does not read (StableLM's head is always
+    # hidden / heads, whatever head_dim says): left out before the config is read
+    config_ignored: tuple = ()
 
     def our_name(self, stored: str) -> str:
         """A tensor's name in a checkpoint -> the name transformers' module gives it."""
@@ -143,6 +151,18 @@ FAMILIES: dict[str, Family] = {
                                 ("rope_theta", 500000.0))),
         # Arcee (AFM-4.5B): Llama with an MLP without a gate, relu(up(x))^2
         Family("arcee", ("arcee",), activation="relu2", gated_mlp=False, config_defaults=(("rms_norm_eps", 1e-5),)),
+        # Nemotron (Minitron 4B / 8B, Nemotron-Mini-4B): LayerNorm (1 + w) with a bias, Arcee's MLP,
+        # half of each head rotated
+        Family("nemotron", ("nemotron",), norm="layer", norm_offset=1.0, activation="relu2", gated_mlp=False,
+               config_aliases=(("norm_eps", "rms_norm_eps"),),
+               config_defaults=(("rms_norm_eps", 1e-5), ("partial_rotary_factor", 0.5))),
+        # StableLM 2 (1.6B, Zephyr 1.6B): LayerNorm with a bias, a quarter of each head rotated, q/k/v
+        # biases with use_qkv_bias
+        Family("stablelm", ("stablelm",), norm="layer", config_aliases=(("layer_norm_eps", "rms_norm_eps"),),
+               config_defaults=(("rms_norm_eps", 1e-5), ("partial_rotary_factor", 0.25), ("num_key_value_heads", 32)),
+               refused_switches=(("use_parallel_residual", "attention and the MLP side by side (StableLM 2 12B)"),
+                                 ("qk_layernorm", "LayerNorms on q's and k's heads (StableLM 2 12B)")),
+               config_ignored=("head_dim",)),
         # InternLM3 (8B): Llama under its own model_type
         Family("internlm3", ("internlm3",),
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 2), ("head_dim", 128),

@@ -749,8 +749,10 @@ def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: di
         prev.weight.div_(root.view(-1, 1))
         if prev.bias is not None:
             prev.bias.div_(root)
-    else:  # an RMSNorm: y = norm(x) * (offset + w); Gemma's offset is 1
+    else:  # a norm: y = normalized(x) * (offset + w) (+ b: LayerNorm's); Gemma's and Nemotron's offset is 1
         prev.weight.copy_((prev.weight.float() + family.norm_offset) / s - family.norm_offset)
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.div_(s)
     for lin in g.linears:
         lin.weight.mul_(s.view(1, -1))
     # The captured inputs of the scaled linears are now x / s (q/k/v share one input), and

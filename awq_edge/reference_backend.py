@@ -49,9 +49,14 @@ def twin_embed(ids: np.ndarray, table: np.ndarray, scale: float | None, scales: 
     return (rows * F32(scale) if scale else rows).astype(F16)
 
 
-def twin_rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x fp16 [rows, n], weight float32 [n] (the family's offset folded in) -> fp16."""
+def twin_norm(x: np.ndarray, weight: np.ndarray, eps: float, bias: np.ndarray | None = None) -> np.ndarray:
+    """x fp16 [rows, n], weight float32 [n] (the family's offset folded in) -> fp16; with a bias
+    float32 [n], LayerNorm: (x - mean) / sqrt(var + eps) * weight + bias (the kernels' two passes)."""
     x32 = x.astype(F32)
+    if bias is not None:
+        centered = x32 - np.mean(x32, axis=-1, keepdims=True)
+        inv = 1.0 / np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + F32(eps))
+        return (centered * inv * weight + bias).astype(F16)
     inv = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + F32(eps))
     return (x32 * inv * weight).astype(F16)
 
@@ -61,10 +66,11 @@ def twin_residual(h: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (h.astype(F32) + y.astype(F32)).astype(F16)
 
 
-def twin_add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float):
+def twin_add_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float,
+                      bias: np.ndarray | None = None):
     """(norm(residual + x), residual + x), both fp16: the residual add fused into the norm."""
     total = twin_residual(residual, x)
-    return twin_rms_norm(total, weight, eps), total
+    return twin_norm(total, weight, eps, bias), total
 
 
 def dequantized(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
@@ -85,7 +91,7 @@ def twin_head_norm(x: np.ndarray, offset: int, heads: int, head_dim: int, weight
     norms; OLMo 2's are one head as wide as all)."""
     block = x[:, offset:offset + heads * head_dim]
     rows = block.reshape(-1, head_dim)
-    block[...] = twin_rms_norm(rows, weight, eps).reshape(block.shape)
+    block[...] = twin_norm(rows, weight, eps).reshape(block.shape)
 
 
 def twin_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -344,14 +350,15 @@ class ReferenceBackend:
             buf[a["out"]][:] = twin_embed(ids, t[a["table"]], a["scale"], t[a["scales"]] if a["scales"] else None)
         elif op.kind == "norm":
             rows = slice(-1, None) if a.get("last_row") else slice(None)
-            normed = twin_rms_norm(buf[a["x"]][rows], t[a["weight"]], spec.eps)
+            normed = twin_norm(buf[a["x"]][rows], t[a["weight"]], spec.eps, t[a["bias"]] if a["bias"] else None)
             buf[a["out"]][:normed.shape[0]] = normed
         elif op.kind == "add_norm":
             rows = slice(-1, None) if a.get("last_row") else slice(None)
-            normed, total = twin_add_rms_norm(buf[a["x"]][rows], buf[a["residual"]][rows], t[a["weight"]], spec.eps)
+            normed, total = twin_add_norm(buf[a["x"]][rows], buf[a["residual"]][rows], t[a["weight"]], spec.eps,
+                                              t[a["bias"]] if a["bias"] else None)
             buf[a["residual"]][rows], buf[a["out"]][:normed.shape[0]] = total, normed
         elif op.kind == "linear":
-            x = buf[a["x"]] if a["norm"] is None else twin_rms_norm(buf[a["x"]], t[a["norm"]], spec.eps)
+            x = buf[a["x"]] if a["norm"] is None else twin_norm(buf[a["x"]], t[a["norm"]], spec.eps)
             bias = t[f"{a['weight']}.bias"] if a["bias"] else None
             y = twin_linear(x, self.weight(a["weight"]), bias)
             if a["epilogue"] == "act":

@@ -2,7 +2,7 @@
 
     h = embed[input_ids]                    (Gemma: * sqrt(hidden))
     for each layer:
-        x = norm(h)                         input_layernorm (OLMo 2: x = h, no norm)
+        x = norm(h)                         input_layernorm (OLMo 2: x = h, no norm; Nemotron, StableLM: LayerNorm)
         q, k, v = linear(x)                 (+ bias: Qwen2; per-head q/k norm: Qwen3, Gemma3)
         a = o_proj(attention(q, k, v))      RoPE, KV cache, causal (+ sliding window) mask
         a = norm(a)                         post-norm (Gemma's post_attention_layernorm, GLM-4's)
@@ -94,7 +94,9 @@ class Decoder:
     def gemma_fp32_weight(self) -> bool:
         """Gemma multiplies by (1 + w) in fp32 before casting back (HF Gemma3RMSNorm); Llama-style
         norms cast first, then multiply by the weight in the activation dtype."""
-        return bool(self.spec.family.norm_offset) and not self.t.contrib and self.b.act_type != TensorProto.FLOAT
+        family = self.spec.family
+        return (bool(family.norm_offset) and family.norm == "rms" and not self.t.contrib
+                and self.b.act_type != TensorProto.FLOAT)
 
     def lm_head_weight(self) -> np.ndarray:
         """The checkpoint's lm_head [V, H]: the embedding table when tied (or when no head is stored)."""
@@ -142,8 +144,24 @@ class Decoder:
         if not self.spec.family.pre_norms:
             h = h if pending is None else self.b.op("Add", h, pending, name="residual")
             return h, h
-        w = self.norm_weight(weight)
-        return (self.rms_norm(h, w), h) if pending is None else self.add_rms_norm(pending, h, w)
+        return self.pre_norm(pending, h, weight)
+
+    def pre_norm(self, pending: str | None, h: str, weight: str) -> tuple[str, str]:
+        """(norm(h + pending), h + pending), pending None: nothing added; the norm of the tensor
+        named `weight`: RMSNorm, or a LayerNorm with the bias named beside it (Nemotron, StableLM:
+        LayerNormalization, SkipLayerNormalization with its add on the ort target)."""
+        b, w = self.b, self.norm_weight(weight)
+        if self.spec.family.norm != "layer":
+            return (self.rms_norm(h, w), h) if pending is None else self.add_rms_norm(pending, h, w)
+        bias = weight.removesuffix(".weight") + ".bias"
+        bias = b.act_const(bias, self.tensor(bias).astype(np.float32))
+        if pending is not None and self.t.contrib:
+            normed, _, _, total = b.op("SkipLayerNormalization", pending, h, w, bias, domain=MS_DOMAIN,
+                                       outputs=[b.name("norm"), "", "", b.name("residual")], epsilon=self.spec.eps)
+            return normed, total
+        if pending is not None:
+            h = b.op("Add", h, pending, name="residual")
+        return b.op("LayerNormalization", h, w, bias, axis=-1, epsilon=self.spec.eps, name="norm"), h
 
     def activation(self, x: str) -> str:
         b = self.b
@@ -241,7 +259,7 @@ class Decoder:
             if not t.all_logits:  # only the last position reaches the (large) lm_head
                 pending = b.op("Slice", pending, b.int64s(-1), b.int64s(2**62), b.int64s(1), name="last")
                 h = b.op("Slice", h, b.int64s(-1), b.int64s(2**62), b.int64s(1), name="last_residual")
-            x, _ = self.add_rms_norm(pending, h, self.norm_weight("model.norm.weight"))
+            x, _ = self.pre_norm(pending, h, "model.norm.weight")
             logits = self.lm_head(x, lm_head_w, embed if float_head_fp32 and spec.tie_embeddings else None)
             if act != TensorProto.FLOAT:
                 logits = b.cast(logits, TensorProto.FLOAT)

@@ -227,8 +227,12 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     if config.get("rope_scaling") is not None:  # (which reads an older config's rope_scaling as rope_parameters)
         defaults.pop("rope_parameters", None)
     aliased = {ours: config[theirs] for theirs, ours in family.config_aliases if theirs in config}
-    config = {**defaults, **aliased, **config}
+    config = {k: v for k, v in {**defaults, **aliased, **config}.items() if k not in family.config_ignored}
     c = Fields(config, where, fix)
+    for key, what in family.refused_switches:
+        if c.bool(key, default=False):
+            raise UserError(f"{where}: {key} ({what}) is not supported for {model_type}: awq-edge's engines do not "
+                            "compute it")
     hidden = c.int("hidden_size", 1, MAX_HIDDEN)
     layers = c.int("num_hidden_layers", 1, MAX_LAYERS)
     heads = c.int("num_attention_heads", 1, MAX_HEADS)
@@ -329,11 +333,14 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
     layer_linears = layer_linear_shapes(spec)
     linears, tensors = {}, {"model.embed_tokens.weight": (spec.vocab, h), "model.norm.weight": (h,)}
     norms = {*(("input_layernorm", family.mlp_norm) if family.pre_norms else ()), *family.post_norms}
+    kinds = ("weight", "bias") if family.norm == "layer" else ("weight",)  # (LayerNorm's: the block's norms)
+    if family.norm == "layer":
+        tensors["model.norm.bias"] = (h,)
     q_norm, k_norm = (spec.heads * hd, spec.kv_heads * hd) if family.qk_norm_whole else (hd, hd)
     for i in range(spec.layers):
         p = f"model.layers.{i}"
         linears.update({f"{p}.{name}": shape for name, shape in layer_linears.items()})
-        tensors.update({f"{p}.{n}.weight": (h,) for n in norms})
+        tensors.update({f"{p}.{n}.{kind}": (h,) for n in norms for kind in kinds})
         if family.qk_norm:
             q_name, k_name = family.qk_norms
             tensors.update({f"{p}.{q_name}.weight": (q_norm,), f"{p}.{k_name}.weight": (k_norm,)})

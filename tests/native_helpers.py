@@ -409,7 +409,7 @@ def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tens
     from awq_edge import packing
     from awq_edge.cuda_backend import ACT_KINDS, GEMV_TC_ROWS, GEMV_TC_THREADS
     from awq_edge.cuda_driver import f32, i32, ptr
-    from awq_edge.reference_backend import (dequantized, twin_act, twin_linear, twin_residual, twin_rms_norm,
+    from awq_edge.reference_backend import (dequantized, twin_act, twin_linear, twin_residual, twin_norm,
                                             twin_rope_store)
 
     rng = np.random.default_rng(k * n + len(fusion) + tensor_cores)
@@ -429,7 +429,7 @@ def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tens
     heads = n // D - 2 * kv_heads
 
     cos, sin = (rng.uniform(-1, 1, (capacity, D // 2)).astype(np.float16) for _ in range(2))
-    xin = twin_rms_norm(x, norm_weight, eps) if fusion.startswith("norm") else x
+    xin = twin_norm(x, norm_weight, eps) if fusion.startswith("norm") else x
     y = twin_linear(xin, dequantized(packed["qweight"], packed["scales"], packed["zeros"], group_size), bias)
     if fusion.endswith("rope"):
         k_want, v_want = np.zeros((kv_heads, capacity, D), np.float16), np.zeros((kv_heads, capacity, D), np.float16)

@@ -184,11 +184,12 @@ def test_native_decode_checks_its_input_like_onnxruntime(default_export):
         native.forward([3])
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee"))
+@pytest.mark.parametrize("model_type", TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee", "nemotron", "stablelm"))
 def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_dir, tmp_path):
     extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
+    heads = 2 if model_type == "stablelm" else 4  # (StableLM's head is hidden / heads, whatever head_dim says)
     ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, hidden_size=128, intermediate_size=256,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, **extra)
+                           num_attention_heads=heads, num_key_value_heads=2, head_dim=64, **extra)
     native, reference = native_and_onnxruntime(export_checkpoint(ckpt, tmp_path / "ort", "ort"), 64)
     # 44 tokens: longer than Mistral's (5) and Gemma 3's (4) sliding windows in these tiny configs
     ids = np.random.default_rng(1).integers(0, 256, 12 + 32).tolist()

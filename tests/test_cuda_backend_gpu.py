@@ -169,6 +169,13 @@ def test_an_mlp_without_a_gate_matches_the_reference(gemv, tokenizer_dir, tmp_pa
     check_against_reference(tiny_engine(tmp_path, "arcee", tokenizer_dir), 320, cublas=False, gemv=gemv)
 
 
+@pytest.mark.parametrize("model_type, fused, gemv", [("nemotron", True, None), ("stablelm", False, "persistent_step")])
+def test_layer_norms_match_the_reference(model_type, fused, gemv, tokenizer_dir, tmp_path):
+    """LayerNorms with a bias: Nemotron's (1 + w, before Arcee's MLP) as norm ops of the fused list,
+    StableLM's with the residual adds (awq_add_norm; the persistent step's add_norm op)."""
+    check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320, fused=fused, cublas=False, gemv=gemv)
+
+
 @pytest.mark.parametrize("cublas", [False, None], ids=["ours", "cublas"])
 def test_a_gptq_act_order_model_matches_the_reference(cublas, tokenizer_dir, tmp_path):
     """A GPTQ act-order (desc_act) checkpoint: a gather kernel before each linear, prefill on our

@@ -420,6 +420,7 @@ def test_a_config_without_layer_types_slides_the_layers_transformers_slides(tmp_
     ("llama", "hidden_act", "gelu", False), ("mistral", "hidden_act", "relu", False),
     ("gemma3_text", "hidden_activation", "gelu_pytorch_tanh", True),
     ("gemma3_text", "hidden_activation", "gelu", False),  # exact GELU: not the tanh form the engines compute
+    ("arcee", "hidden_act", "relu2", True), ("nemotron", "hidden_act", "relu", False),
 ])
 def test_an_activation_the_engines_do_not_compute_is_refused(model_type, key, act, ok):
     from transformers import AutoConfig
@@ -435,6 +436,18 @@ def test_an_activation_the_engines_do_not_compute_is_refused(model_type, key, ac
             model_spec(config)
 
 
+@pytest.mark.parametrize("switch", ["use_parallel_residual", "qk_layernorm"])
+def test_a_stablelm_switch_the_engines_do_not_compute_is_refused_and_its_head_is_hidden_over_heads(switch):
+    from transformers import AutoConfig
+
+    from awq_edge.export.spec import model_spec
+
+    config = AutoConfig.for_model("stablelm", **TINY).to_dict()
+    assert model_spec({**config, "head_dim": 64}).head_dim == 16  # as transformers' StableLM: 64 / 4 heads
+    with pytest.raises(UserError, match=f"{switch} .* is not supported for stablelm"):
+        model_spec({**config, switch: True})
+
+
 @pytest.mark.parametrize("model_type", TINY_EXTRA)
 def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
     """A config.json that leaves keys out (Gemma 3's, third-party checkpoints') means transformers'
@@ -444,7 +457,8 @@ def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
     from awq_edge.export.spec import model_spec
 
     # 160 heads: a multiple of every family's default KV heads (2, 4, 8, 20, 32)
-    sizes = dict(hidden_size=640, intermediate_size=512, num_hidden_layers=12, num_attention_heads=160, vocab_size=300)
+    # hidden 1280: a head of 8, of which StableLM rotates a quarter
+    sizes = dict(hidden_size=1280, intermediate_size=512, num_hidden_layers=12, num_attention_heads=160, vocab_size=300)
     sparse, full = model_spec({"model_type": model_type, **sizes}), model_spec(
         AutoConfig.for_model(model_type, **sizes).to_dict())
     for field in sparse.__dataclass_fields__:

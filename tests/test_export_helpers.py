@@ -46,6 +46,10 @@ TINY_EXTRA = {
     "internlm3": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # an MLP without a gate: relu(up(x))^2
     "arcee": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # LayerNorm (1 + w) with a bias, Arcee's MLP, half of each head rotated (its default)
+    "nemotron": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # LayerNorm with a bias, q/k/v biases, a quarter of each head rotated (its default)
+    "stablelm": {"use_qkv_bias": True, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # Llama saved under EXAONE 3's own tensor names (transformer.h.0.attn.attention.q_proj, ...)
     "exaone": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # per-head q/k norms after RoPE; NTK alpha stretching the RoPE base (Hunyuan's 1000 at head_dim 128)

@@ -436,7 +436,7 @@ BACKEND_CASES = {
                          "awq_attend_mma_d64", "awq_gemv_norm_rope_g32_w4", "awq_gemv_norm_act_g32_w4",
                          "awq_gemv_residual_g32_w4", "awq_gemm_g32_v1"}),
     "qwen3-unfused-9-rows": ("qwen3", "auto", {}, False, 9, "auto",
-                             {"awq_attend_d64", "awq_gemv_mma_x16_g32", "awq_head_rms_norm", "awq_add_rms_norm",
+                             {"awq_attend_d64", "awq_gemv_mma_x16_g32", "awq_head_rms_norm", "awq_add_norm",
                               "awq_gemv_store_g32_w4", "awq_lm_head_q8"}),
     "gemma3-fp16-head": ("gemma3_text", None, {"query_pre_attn_scalar": 64, "num_hidden_layers": 2}, True, 20,
                          "cuda_cores",
@@ -498,6 +498,11 @@ BACKEND_CASES = {
     # Arcee's MLP without a gate: relu(up)^2 in the GEMV's act epilogue (decode), by awq_act (prefill)
     "arcee-no-gate": ("arcee", "auto", {}, True, 20, "cuda_cores", {"awq_gemv_norm_act_g32_w4", "awq_act"}),
     "arcee-no-gate-persistent-step": ("arcee", "auto", {}, True, 9, "persistent_step", {"awq_decode_step_g32"}),
+    # LayerNorms with a bias (Nemotron's, 1 + w): norm ops of their own, never a GEMV's prologue;
+    # unfused, the residual adds in them (StableLM's)
+    "nemotron-layer-norm": ("nemotron", "auto", {}, True, 20, "cuda_cores", {"awq_norm"}),
+    "stablelm-unfused-layer-norm-persistent-step": ("stablelm", "auto", {}, False, 9, "persistent_step",
+                                                    {"awq_decode_step_g32", "awq_add_norm"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),

@@ -204,7 +204,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128", "awq_gemv_residual_g128_w4",  # ("auto")
             "awq_residual_add", "awq_act", "awq_rope_store",  # (prefill: the fusions' kernels)
             "awq_gemv_mma_x16_g128"} <= launched  # (a 9-row chunk: one pass on tensor cores)
-    assert not {"awq_add_rms_norm", "awq_gemv_store_g128_w4", "awq_gemv_norm_store_g128_w4"} & launched
+    assert not {"awq_add_norm", "awq_gemv_store_g128_w4", "awq_gemv_norm_store_g128_w4"} & launched
     on_cuda_cores = check_launches_against_the_cubins(smollm2_cuda_engine, gemv="cuda_cores")
     assert {"awq_gemv_norm_rope_g128_w4", "awq_gemv_norm_act_g128_w4", "awq_gemv_residual_g128_w4"} <= on_cuda_cores
     on_tensor_cores = check_launches_against_the_cubins(smollm2_cuda_engine, gemv="tensor_cores")
@@ -215,7 +215,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     assert "awq_decode_step_g128" in one_launch
     launched |= on_cuda_cores | on_tensor_cores | persistent | one_launch
     unfused = check_launches_against_the_cubins(smollm2_cuda_engine, fused=False)
-    assert {"awq_gemv_store_g128_w4", "awq_add_rms_norm", "awq_act"} <= unfused
+    assert {"awq_gemv_store_g128_w4", "awq_add_norm", "awq_act"} <= unfused
     assert not {name for name in unfused if "norm_" in name or "residual" in name}
     launched |= unfused
     for model_type in ("qwen2", "qwen3", "gemma3_text"):
@@ -556,7 +556,7 @@ def test_prefill_chunks_and_decode_steps_replay_graphs_captured_once(smollm2_cud
     backend.forward(list(range(600)))
     # each chunk's tail after its graph: the final norm of its last real row (one block), the head, the advance
     tails = [(name, grid, args) for name, grid, _, args in driver.launches
-             if name in ("awq_rms_norm", "awq_add_rms_norm", "awq_advance") and grid == (1,)]
+             if name in ("awq_norm", "awq_add_norm", "awq_advance") and grid == (1,)]
     assert [args[-1].value for name, grid, args in tails] == [255, 256, 255, 256, 87, 88]
     backend.forward([5])
     assert (driver.captures, driver.replays, backend.position) == (3, 4, 601)
@@ -852,9 +852,10 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                          [*((t, {}) for t in TINY_FAMILIES), ("qwen3", YARN), ("phi3", longrope(64, original=24)),
                           ("smollm3", {}), ("granite", {}), ("glm", {}), ("glm4", {}), ("ernie4_5", {}),
                           ("olmo2", {}), ("olmo3", {}), ("exaone4", {}), ("gemma", {}), ("vaultgemma", {}),
-                          ("hunyuan_v1_dense", {}), ("arcee", {})],
+                          ("hunyuan_v1_dense", {}), ("arcee", {}), ("nemotron", {}), ("stablelm", {})],
                          ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope", "smollm3_nope", "granite", "glm", "glm4",
-                              "ernie4_5", "olmo2", "olmo3", "exaone4", "gemma", "vaultgemma", "hunyuan", "arcee"])
+                              "ernie4_5", "olmo2", "olmo3", "exaone4", "gemma", "vaultgemma", "hunyuan", "arcee",
+                              "nemotron", "stablelm"])
 def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)

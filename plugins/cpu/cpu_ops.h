@@ -68,7 +68,7 @@ struct cpu_op {
   const uint8_t *w0;     /* MatMulNBits B */
   const float *w1;       /* scales */
   const uint8_t *w2;     /* zero_points */
-  const float *bias;     /* linear bias or NULL */
+  const float *bias;     /* linear bias, a LayerNorm's bias (norm, add_norm), or NULL */
   const float *w_norm;   /* norm weight (the family's offset folded in) */
   const void *table;     /* fp16 [V, hidden]: embed; lm_head's exact table */
   const float *cos, *sin;  /* RoPE tables [max_positions, D / 2]; attention: NULL when a rope op rotated q and k */

@@ -5,8 +5,9 @@
    this once per token: no graph runtime, no Python between the ops. The maths is the ORT
    graph's (export/graph.py), op for op:
      embed      h = table[id] (fp16 -> fp32) (* sqrt(hidden): Gemma)
-     norm       out = x / rms(x) * w                          (RMSNormalization)
-     add_norm   residual += x; out = residual / rms * w       (SkipSimplifiedLayerNormalization)
+     norm       out = x / rms(x) * w                          (RMSNormalization), or with a bias
+                (x - mean) / std * w + b                      (LayerNormalization: Nemotron, StableLM)
+     add_norm   residual += x; out = norm(residual)           (Skip[Simplified]LayerNormalization)
      linear     out = gemv_q4(x) (+ bias)                     (MatMulNBits, accuracy_level 4)
      head_norm  per-head RMSNorm of a slice of x, in place    (Qwen3, Gemma3 q/k norms)
      attention  RoPE (rotate_half) on q and k at `position`, k and v written into the layer's
@@ -105,9 +106,19 @@ typedef float f32x16 __attribute__((vector_size(64)));
 static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
 
-static void rms_norm(const float *x, const float *w, int n, float eps, float *out) {
-  const float inv = 1.f / sqrtf(dot(x, x, n) / (float)n + eps);
-  for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+/* RMSNorm, or with a bias LayerNorm (ORT's LayerNormalization: the variance of the centred values). */
+static void norm(const float *x, const float *w, const float *bias, int n, float eps, float *out) {
+  if (bias == NULL) {
+    const float inv = 1.f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+    return;
+  }
+  float mean = 0.f, var = 0.f;
+  for (int i = 0; i < n; i++) mean += x[i];
+  mean /= (float)n;
+  for (int i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+  const float inv = 1.f / sqrtf(var / (float)n + eps);
+  for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * inv * w[i] + bias[i];
 }
 
 /* e^x in float, branch-free so that loops of it vectorize (libm's expf does not, without
@@ -517,11 +528,11 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
       break;
     }
     case OP_NORM:
-      rms_norm(op->x, op->w_norm, op->n, m->eps, op->out);
+      norm(op->x, op->w_norm, op->bias, op->n, m->eps, op->out);
       break;
     case OP_ADD_NORM:
       for (int j = 0; j < op->n; j++) op->residual[j] += op->x[j];
-      rms_norm(op->residual, op->w_norm, op->n, m->eps, op->out);
+      norm(op->residual, op->w_norm, op->bias, op->n, m->eps, op->out);
       break;
     case OP_ADD:  /* a post-norm block's residual add (OLMo 2) */
       for (int j = 0; j < op->n; j++) op->residual[j] += op->x[j];
@@ -533,7 +544,7 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
     case OP_HEAD_NORM:  /* each head, or (OLMo 2) one as wide as all */
       for (int h = 0; h < op->n; h++) {
         float *x = op->x + op->offset + h * op->k;
-        rms_norm(x, op->w_norm, op->k, m->eps, x);
+        norm(x, op->w_norm, NULL, op->k, m->eps, x);
       }
       break;
     case OP_ACT:

@@ -246,13 +246,15 @@ __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefo
                 embed_row(*reinterpret_cast<const int32_t*>(a[0]), h(1), h(2), i32(3), i32(4), f(5));
             }
             break;
-        case kStepNorm:  // (x, weight, out, n, eps)
+        case kStepNorm:  // (x, weight, out, n, eps, bias: a LayerNorm's, or 0)
             wait();
-            rms_norm_row(h(0), reinterpret_cast<const float*>(a[1]), h(2), i32(3), f(4), partial);
+            norm_row(h(0), reinterpret_cast<const float*>(a[1]), reinterpret_cast<const float*>(a[5]), h(2), i32(3),
+                     f(4), partial);
             break;
-        case kStepAddNorm:  // (x, residual, weight, out, n, eps)
+        case kStepAddNorm:  // (x, residual, weight, out, n, eps, bias)
             wait();
-            add_rms_norm_row(h(0), h(1), reinterpret_cast<const float*>(a[2]), h(3), i32(4), f(5), partial);
+            add_norm_row(h(0), h(1), reinterpret_cast<const float*>(a[2]), reinterpret_cast<const float*>(a[6]), h(3),
+                         i32(4), f(5), partial);
             break;
         case kStepHeadNorm: {  // (x, offset, head_dim, weight, eps): head `tile`, in place
             wait();

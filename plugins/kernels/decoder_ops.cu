@@ -41,26 +41,29 @@ awq_embed_q8(const int32_t* __restrict__ ids, const int8_t* __restrict__ table, 
 }
 
 // out[r] = norm(x[first_row + r]) for the grid's rows (x may be out: Gemma's sandwich norms run in
-// place). weight is float32 with the family's offset folded in (Gemma: 1 + w).
+// place): RMSNorm, or LayerNorm with a bias (float32, or null: RMSNorm). weight is float32 with
+// the family's offset folded in (Gemma, Nemotron: 1 + w).
 extern "C" __global__ void __launch_bounds__(kThreads)
-awq_rms_norm(const __half* x, const float* __restrict__ weight, __half* out, int hidden, float eps, int first_row) {
+awq_norm(const __half* x, const float* __restrict__ weight, const float* __restrict__ bias, __half* out, int hidden,
+         float eps, int first_row) {
     awq_edge::begin_after_previous_kernel();
     __shared__ float partial[kWarps];
     const int row = first_row + blockIdx.x;
-    awq_edge::rms_norm_row(x + static_cast<size_t>(row) * hidden, weight,
-                           out + static_cast<size_t>(blockIdx.x) * hidden, hidden, eps, partial);
+    awq_edge::norm_row(x + static_cast<size_t>(row) * hidden, weight, bias,
+                       out + static_cast<size_t>(blockIdx.x) * hidden, hidden, eps, partial);
 }
 
 // The residual add fused into the next norm: residual[row] += x[row] (rounded to fp16), then
-// out[r] = norm(residual[row]), row = first_row + r. The final norm runs on the last row only.
+// out[r] = norm(residual[row]), row = first_row + r (bias: as awq_norm's). The final norm runs on
+// the last row only.
 extern "C" __global__ void __launch_bounds__(kThreads)
-awq_add_rms_norm(const __half* __restrict__ x, __half* __restrict__ residual, const float* __restrict__ weight,
-                 __half* __restrict__ out, int hidden, float eps, int first_row) {
+awq_add_norm(const __half* __restrict__ x, __half* __restrict__ residual, const float* __restrict__ weight,
+             const float* __restrict__ bias, __half* __restrict__ out, int hidden, float eps, int first_row) {
     awq_edge::begin_after_previous_kernel();
     __shared__ float partial[kWarps];
     const size_t row = static_cast<size_t>(first_row + blockIdx.x) * hidden;
-    awq_edge::add_rms_norm_row(x + row, residual + row, weight, out + static_cast<size_t>(blockIdx.x) * hidden, hidden,
-                               eps, partial);
+    awq_edge::add_norm_row(x + row, residual + row, weight, bias, out + static_cast<size_t>(blockIdx.x) * hidden,
+                           hidden, eps, partial);
 }
 
 // Per-head RMSNorm in place (Qwen3 and Gemma3's q/k norms): the heads of row r start at

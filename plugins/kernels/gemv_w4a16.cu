@@ -139,7 +139,7 @@ __device__ __forceinline__ float row_inv_rms(const half* __restrict__ x, int K, 
     return rsqrtf(total / static_cast<float>(K) + eps);
 }
 
-// 8 values of x normed: x * inv_rms * weight, rounded to fp16 (as awq_rms_norm stores them).
+// 8 values of x normed: x * inv_rms * weight, rounded to fp16 (as awq_norm stores them).
 __device__ __forceinline__ uint4 normed8(uint4 bits, const float* __restrict__ weight, float inv_rms) {
     const float4 w0 = __ldg(reinterpret_cast<const float4*>(weight));
     const float4 w1 = __ldg(reinterpret_cast<const float4*>(weight) + 1);

@@ -38,15 +38,44 @@ __device__ __forceinline__ void rms_norm_row(const __half* x, const float* __res
     for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = __float2half(__half2float(x[i]) * inv * weight[i]);
 }
 
+// LayerNorm: y = (x - mean(x)) * rsqrt(mean((x - mean)^2) + eps) * weight + bias over one row of n
+// values (x may be y), in two passes over x (the variance of the centred values, not E[x^2] - mean^2).
+__device__ __forceinline__ void layer_norm_row(const __half* x, const float* __restrict__ weight,
+                                               const float* __restrict__ bias, __half* y, int n, float eps,
+                                               float* partial) {
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += __half2float(x[i]);
+    const float mean = block_sum(sum, partial) / static_cast<float>(n);
+    float sum_sq = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float c = __half2float(x[i]) - mean;
+        sum_sq += c * c;
+    }
+    const float inv = rsqrtf(block_sum(sum_sq, partial) / static_cast<float>(n) + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        y[i] = __float2half((__half2float(x[i]) - mean) * inv * weight[i] + bias[i]);
+    }
+}
+
+// A block's norm: LayerNorm where it has a bias (Nemotron, StableLM), else RMSNorm.
+__device__ __forceinline__ void norm_row(const __half* x, const float* __restrict__ weight,
+                                         const float* __restrict__ bias, __half* y, int n, float eps, float* partial) {
+    if (bias != nullptr) {
+        layer_norm_row(x, weight, bias, y, n, eps, partial);
+    } else {
+        rms_norm_row(x, weight, y, n, eps, partial);
+    }
+}
+
 // residual += x (rounded to fp16), then y = norm(residual): the residual add fused into the next norm.
-__device__ __forceinline__ void add_rms_norm_row(const __half* __restrict__ x, __half* __restrict__ residual,
-                                                 const float* __restrict__ weight, __half* __restrict__ y, int n,
-                                                 float eps, float* partial) {
+__device__ __forceinline__ void add_norm_row(const __half* __restrict__ x, __half* __restrict__ residual,
+                                             const float* __restrict__ weight, const float* __restrict__ bias,
+                                             __half* __restrict__ y, int n, float eps, float* partial) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         residual[i] = __float2half(__half2float(residual[i]) + __half2float(x[i]));
     }
     // each thread reads back the elements it wrote: no barrier needed before the norm's first pass
-    rms_norm_row(residual, weight, y, n, eps, partial);
+    norm_row(residual, weight, bias, y, n, eps, partial);
 }
 
 // y = table[id, :] * scale; an id outside the vocabulary gives a NaN row.
