@@ -199,9 +199,10 @@ def read_checked(path: str | Path):
 def read_for_engine(path: str | Path):
     """read_checked in the engines' layout, what every exporter builds from: each q/k head's
     dimensions (rows of q_proj, k_proj and their biases, q_norm and k_norm) in the engines' rotary
-    order (export.spec.rotary_order: partial or interleaved rotary), and Granite's residual
-    multiplier and logits scaling folded into the weights (o_proj's and down_proj's scales and
-    biases times it, in float32; the final norm's weight divided)."""
+    order (export.spec.rotary_order: partial or interleaved rotary), Granite's residual
+    multiplier and logits scaling (Cohere's logit_scale) folded into the weights (o_proj's and
+    down_proj's scales and biases times it, in float32; the final norm's weight and bias divided),
+    and a LayerNorm stored without a bias (Cohere's) given one of zeros."""
     from .export.spec import rotary_order
 
     ckpt, spec = read_checked(path)
@@ -211,9 +212,14 @@ def read_for_engine(path: str | Path):
             lin = ckpt.linears[name]
             ckpt.linears[name] = replace(lin, scales=lin.scales.astype(np.float32) * m,
                                          bias=None if lin.bias is None else lin.bias.astype(np.float32) * m)
+    if spec.family.norm == "layer" and not spec.family.norm_bias:  # Cohere's: every engine adds a bias of zeros
+        for name in [n for n in ckpt.tensors if n.endswith("norm.weight")]:
+            ckpt.tensors[name.removesuffix(".weight") + ".bias"] = np.zeros(spec.hidden, np.float32)
     if spec.logits_scaling != 1.0:  # the final norm feeds the head alone
         offset, weight = spec.family.norm_offset, ckpt.tensors["model.norm.weight"].astype(np.float32)
         ckpt.tensors["model.norm.weight"] = (weight + offset) / spec.logits_scaling - offset
+        if "model.norm.bias" in ckpt.tensors:  # (a LayerNorm's)
+            ckpt.tensors["model.norm.bias"] = ckpt.tensors["model.norm.bias"].astype(np.float32) / spec.logits_scaling
     order = rotary_order(spec.head_dim, spec.rotary_dim, spec.family.rope_interleaved)
     if np.array_equal(order, np.arange(spec.head_dim)):
         return ckpt, spec

@@ -627,8 +627,9 @@ class CudaBackend:
         fix = "choose another decode (AWQ_EDGE_DECODE, or unset it)"
         if self.spec.act_order:
             return f"the persistent decode step does not gather GPTQ act-order inputs; {fix}"
-        if not self.spec.pre_norms:
-            return f"the persistent decode step has no residual add of its own (OLMo 2's post-norm block); {fix}"
+        if any(op.kind == "add" for op in self.ops):
+            return (f"the persistent decode step has no residual add of its own (OLMo 2's post-norm block, an "
+                    f"unfused parallel block); {fix}")
         if self.spec.qk_norm_after_rope:
             return f"the persistent decode step does not rotate q and k before their norms (Hunyuan's); {fix}"
         if self.spec.head_dim not in STEP_HEAD_DIMS:

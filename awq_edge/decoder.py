@@ -74,6 +74,7 @@ class DecoderSpec:
     tie_embeddings: bool
     norm_offset: float             # Gemma: 1.0 (the norm multiplies by 1 + w)
     layer_norm: bool               # LayerNorm with a bias (Nemotron, StableLM): norm ops' `bias`, no prologue norms
+    parallel_block: bool           # Cohere: the MLP reads the attention's input x too (no MLP norm)
     qk_norm: bool                  # Qwen3, Gemma3, OLMo 2
     qk_norm_whole: bool            # OLMo 2: q/k norms over the whole projection, not per head
     qk_norms: tuple                # the q and k norms' names in a block
@@ -135,7 +136,8 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         model_type=model.model_type, hidden=model.hidden, intermediate=model.intermediate, layers=model.layers,
         heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim, vocab=model.vocab, eps=model.eps,
         max_positions=model.max_positions, group_size=group_size, tie_embeddings=model.tie_embeddings,
-        norm_offset=family.norm_offset, layer_norm=family.norm == "layer", qk_norm=family.qk_norm,
+        norm_offset=family.norm_offset, layer_norm=family.norm == "layer", parallel_block=family.parallel_block,
+        qk_norm=family.qk_norm,
         qk_norm_whole=family.qk_norm_whole,
         qk_norms=family.qk_norms, qk_norm_after_rope=family.qk_norm_after_rope,
         pre_norms=family.pre_norms, post_norms=family.post_norms,
@@ -190,7 +192,7 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                 ops.append(Op("add", {"x": pending, "residual": "h"}))
             pending = None
             return "h", None
-        if fused and pending is None and not spec.act_order and not spec.layer_norm:
+        if fused and pending is None and not spec.act_order and not spec.layer_norm and not spec.parallel_block:
             return "h", weight
         ops.append(Op("norm", {"x": "h", "out": "x", **norm_args(weight)}) if pending is None else
                    Op("add_norm", {"x": pending, "residual": "h", "out": "x", **norm_args(weight)}))
@@ -206,9 +208,9 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
 
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        x, norm = normed_input(f"{p}.input_layernorm.weight")
+        normed, norm = normed_input(f"{p}.input_layernorm.weight")
         rope_in_linear = fused and not spec.qk_norm  # q/k norms must see q and k before RoPE
-        x = in_order(x, f"{p}.self_attn.qkv_proj", spec.hidden)
+        x = in_order(normed, f"{p}.self_attn.qkv_proj", spec.hidden)
         ops.append(linear_op(x, "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias, norm,
                              **({"epilogue": "rope", "layer": i, "rope": spec.layer_rope[i]} if rope_in_linear else {})))
         rope = spec.layer_rope[i]
@@ -232,7 +234,12 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                 ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.{spec.post_norms[0]}.weight",
                                        "bias": None}))
             pending = "attn"
-        x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
+        if spec.parallel_block:  # the MLP reads the attention's normed input, which o_proj's add into h left as it was
+            if pending:
+                ops.append(Op("add", {"x": pending, "residual": "h"}))
+            x, norm, pending = normed, None, None
+        else:
+            x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
         gate_up, width = (f"{p}.mlp.gate_up_proj", 2) if spec.gated_mlp else (f"{p}.mlp.up_proj", 1)
         x = in_order(x, gate_up, spec.hidden)
         if fused:

@@ -23,8 +23,12 @@ class Family:
     pre_norms: bool = True
     norm_offset: float = 0.0  # 1.0 for Gemma's (1 + w) RMSNorm, Nemotron's (1 + w) LayerNorm
     # "rms": RMSNorm, x / rms(x) * w; "layer": LayerNorm with a bias, (x - mean) / std * w + b
-    # (Nemotron, StableLM: the pre-norms and the final norm; no family has q/k or post-norms with it)
+    # (Nemotron, StableLM, Cohere: the pre-norms and the final norm; no family has q/k or post-norms with it)
     norm: str = "rms"
+    norm_bias: bool = True  # a LayerNorm's bias is stored (Cohere's has none: the engines add zeros)
+    # Cohere: attention and the MLP both read the input norm's output (no norm before the MLP), and
+    # h + attention + MLP is the block's output
+    parallel_block: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma3)
     qk_norm_whole: bool = False  # OLMo 2: the q and k norms span the whole projection (all heads), not one head
     qk_norms: tuple = ("self_attn.q_norm", "self_attn.k_norm")  # their names in a block
@@ -60,6 +64,7 @@ class Family:
     # Granite: embedding_multiplier, attention_multiplier (the score scale), residual_multiplier (on
     # each attention and MLP output before its residual add) and logits_scaling (the logits divided)
     multipliers: bool = False
+    logit_scale: bool = False  # Cohere: the logits times config's logit_scale (Granite's logits_scaling is 1 / it)
     rope_interleaved: bool = False  # GLM: RoPE turns the pairs (2i, 2i + 1), not (i, i + rotary_dim / 2)
     # a family's own config.json keys, as (theirs, transformers'): read as the second where it lacks that
     config_aliases: tuple = ()
@@ -87,6 +92,8 @@ GLM_DEFAULTS = (("max_position_embeddings", 131072), ("num_key_value_heads", 2),
 GEMMA2_DEFAULTS = (("max_position_embeddings", 8192), ("num_key_value_heads", 4), ("head_dim", 256),
                    ("sliding_window", 4096), ("tie_word_embeddings", True), ("query_pre_attn_scalar", 256),
                    ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0))  # Gemma 2's and VaultGemma's
+
+COHERE_DEFAULTS = (("rms_norm_eps", 1e-5), ("tie_word_embeddings", True), ("logit_scale", 0.0625))
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -163,6 +170,18 @@ FAMILIES: dict[str, Family] = {
                refused_switches=(("use_parallel_residual", "attention and the MLP side by side (StableLM 2 12B)"),
                                  ("qk_layernorm", "LayerNorms on q's and k's heads (StableLM 2 12B)")),
                config_ignored=("head_dim",)),
+        # Cohere (Command R, Aya 23 and Expanse 8B): LayerNorms without a bias, attention and the MLP
+        # side by side on one norm, RoPE on interleaved pairs, logits times logit_scale
+        Family("cohere", ("cohere",), norm="layer", norm_bias=False, parallel_block=True, rope_interleaved=True,
+               logit_scale=True, config_aliases=(("layer_norm_eps", "rms_norm_eps"),),
+               config_defaults=COHERE_DEFAULTS + (("max_position_embeddings", 8192), ("rope_theta", 500000.0)),
+               refused_switches=(("use_qk_norm", "LayerNorms on q's and k's heads (Command R+)"),)),
+        # Cohere 2 (Command R7B): Cohere's block, three of every four layers sliding, the full ones without RoPE
+        Family("cohere2", ("cohere2",), norm="layer", norm_bias=False, parallel_block=True, rope_interleaved=True,
+               logit_scale=True, sliding_layers="gemma", nope_layers="full",
+               config_aliases=(("layer_norm_eps", "rms_norm_eps"),),
+               config_defaults=COHERE_DEFAULTS + (("max_position_embeddings", 8192), ("sliding_window", 4096),
+                                                  ("sliding_window_pattern", 4))),
         # InternLM3 (8B): Llama under its own model_type
         Family("internlm3", ("internlm3",),
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 2), ("head_dim", 128),

@@ -280,7 +280,9 @@ class ScaleGroup:
     name: str
     prev: nn.Module  # the op the scales fold into (a norm or a linear)
     linears: list[nn.Linear]  # the linears that read the scaled tensor
-    inspect: str  # "self_attn" | "mlp" | a linear's name: the module whose output the loss compares
+    # "self_attn" | "mlp" | "parallel" (attention + MLP on one input: Cohere's block) | a linear's name:
+    # the module whose output the loss compares
+    inspect: str
     input_of: str  # the linear whose captured input feeds `inspect`
     # prev's output is divided by s ** (1 / prev_root): 2 across relu(x)^2, which turns x / sqrt(s)
     # into relu(x)^2 / s (Arcee's up_proj before down_proj)
@@ -302,21 +304,24 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     A block without pre-norms (OLMo 2) has no qkv or gate_up group: their input is the residual
     stream itself, which no op of the block could divide by the scales; those linears are clipped
     and rounded only. An MLP without a gate (Arcee) has an up group in gate_up's place, and a down
-    group only across an activation that scales through (relu^2: ACTIVATION_ROOTS)."""
+    group only across an activation that scales through (relu^2: ACTIVATION_ROOTS). A parallel
+    block (Cohere: attention and MLP on one norm) has one qkv_gate_up group, scored on the sum
+    of the attention's and the MLP's outputs, as AutoAWQ's GPT-J."""
     attn, mlp = layer.self_attn, layer.mlp
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     groups = []
-    if family.pre_norms:
-        groups.append(ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn",
-                                 "q_proj"))
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    mlp_in, mlp_group = ([mlp.gate_proj, mlp.up_proj], "gate_up") if family.gated_mlp else ([mlp.up_proj], "up")
+    if family.parallel_block:  # q/k/v and gate/up read one norm: one group, its loss on attention + MLP
+        groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, qkv + mlp_in, "parallel", "q_proj"))
+    elif family.pre_norms:
+        groups.append(ScaleGroup("qkv", layer.input_layernorm, qkv, "self_attn", "q_proj"))
     if kv_heads == heads:
         groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
-    norm = getattr(layer, family.mlp_norm, None)
-    if family.pre_norms and family.gated_mlp:
-        groups.append(ScaleGroup("gate_up", norm, [mlp.gate_proj, mlp.up_proj], "mlp", "gate_proj"))
-    elif family.pre_norms:
-        groups.append(ScaleGroup("up", norm, [mlp.up_proj], "mlp", "up_proj"))
+    if family.pre_norms and not family.parallel_block:
+        groups.append(ScaleGroup(mlp_group, getattr(layer, family.mlp_norm), mlp_in, "mlp",
+                                 "gate_proj" if family.gated_mlp else "up_proj"))
     if family.gated_mlp or family.activation in ACTIVATION_ROOTS:  # down's input: act(gate) * up, or act(up)
         root = 1 if family.gated_mlp else ACTIVATION_ROOTS[family.activation]
         groups.append(ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj", root))
@@ -717,7 +722,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         layer.to(orig_dtype)
         result.layer_report.append(report)
         inputs, outputs = outputs, None
-        mlp_group = next((report["groups"][n] for n in ("gate_up", "up", "down") if n in report["groups"]), None)
+        mlp_group = next((report["groups"][n] for n in ("gate_up", "up", "qkv_gate_up", "qkv_up", "down")
+                          if n in report["groups"]), None)
         if mlp_group:
             bar.set_postfix(mlp_loss=f"{mlp_group['loss']:.2e}")
     result.seconds = time.time() - started
@@ -734,6 +740,8 @@ def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: i
     x is [sequences, tokens, K] for attention and [tokens, K] for the per-token modules."""
     if g.inspect == "self_attn":
         return lambda: [layer.self_attn(hidden_states=xb, **kwargs)[0] for xb in _batched(x, batch)]
+    if g.inspect == "parallel":
+        return lambda: [layer.self_attn(hidden_states=xb, **kwargs)[0] + layer.mlp(xb) for xb in _batched(x, batch)]
     rows = 4096
     if g.inspect == "mlp":
         return lambda: [layer.mlp(xb) for xb in _batched(x, rows)]

@@ -2,12 +2,14 @@
 
     h = embed[input_ids]                    (Gemma: * sqrt(hidden))
     for each layer:
-        x = norm(h)                         input_layernorm (OLMo 2: x = h, no norm; Nemotron, StableLM: LayerNorm)
+        x = norm(h)                         input_layernorm (OLMo 2: x = h, no norm; Nemotron, StableLM,
+                                            Cohere: LayerNorm)
         q, k, v = linear(x)                 (+ bias: Qwen2; per-head q/k norm: Qwen3, Gemma3)
         a = o_proj(attention(q, k, v))      RoPE, KV cache, causal (+ sliding window) mask
         a = norm(a)                         post-norm (Gemma's post_attention_layernorm, GLM-4's)
         h = h + a
-        x = norm(h)                         post_attention_layernorm / pre_feedforward_layernorm (OLMo 2: none)
+        x = norm(h)                         post_attention_layernorm / pre_feedforward_layernorm (OLMo 2: none;
+                                            Cohere: none, the MLP reads the attention's x)
         m = down(act(gate(x)) * up(x))      silu or gelu_tanh (Arcee: down(relu(up(x))^2), no gate)
         m = norm(m)                         post-norm (Gemma's post_feedforward_layernorm, GLM-4's)
         h = h + m
@@ -243,8 +245,11 @@ class Decoder:
                     a = self.attention_block(x, i, layer_rope[i], masks.get(spec.layer_windows[i]))
                     if spec.family.post_norms:
                         a = self.rms_norm(a, self.norm_weight(f"{p}.{spec.family.post_norms[0]}.weight"))
-                with b.scope("mlp_norm"):
-                    x, h = self.block_input(a, h, f"{p}.{spec.family.mlp_norm}.weight")
+                if spec.family.parallel_block:  # (Cohere) the MLP reads x too: h + attention + MLP, in that order
+                    h = b.op("Add", h, a, name="residual")
+                else:
+                    with b.scope("mlp_norm"):
+                        x, h = self.block_input(a, h, f"{p}.{spec.family.mlp_norm}.weight")
                 with b.scope("mlp"):
                     if spec.family.gated_mlp:
                         gate, up = self.gate_up(x, f"{p}.mlp")

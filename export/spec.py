@@ -302,6 +302,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         attn_scale = c.float("attention_multiplier", 1e-9, 1e3, default=1.0)
         residual = c.float("residual_multiplier", 1e-6, 1e6, default=1.0)
         logits_scaling = c.float("logits_scaling", 1e-6, 1e6, default=1.0)
+    if family.logit_scale:  # Cohere multiplies the logits by it: the same fold, by its inverse
+        logits_scaling = 1.0 / c.float("logit_scale", 1e-6, 1e6)
     return ModelSpec(
         family=family, model_type=model_type, hidden=hidden, layers=layers, heads=heads,
         kv_heads=kv_heads, head_dim=head_dim, vocab=vocab, intermediate=intermediate,
@@ -332,9 +334,11 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
     family = spec.family
     layer_linears = layer_linear_shapes(spec)
     linears, tensors = {}, {"model.embed_tokens.weight": (spec.vocab, h), "model.norm.weight": (h,)}
-    norms = {*(("input_layernorm", family.mlp_norm) if family.pre_norms else ()), *family.post_norms}
-    kinds = ("weight", "bias") if family.norm == "layer" else ("weight",)  # (LayerNorm's: the block's norms)
-    if family.norm == "layer":
+    pre_norms = ("input_layernorm",) if family.parallel_block else ("input_layernorm", family.mlp_norm)
+    norms = {*(pre_norms if family.pre_norms else ()), *family.post_norms}
+    biased = family.norm == "layer" and family.norm_bias  # (LayerNorm's: the block's norms and the final one)
+    kinds = ("weight", "bias") if biased else ("weight",)
+    if biased:
         tensors["model.norm.bias"] = (h,)
     q_norm, k_norm = (spec.heads * hd, spec.kv_heads * hd) if family.qk_norm_whole else (hd, hd)
     for i in range(spec.layers):

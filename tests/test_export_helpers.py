@@ -50,6 +50,11 @@ TINY_EXTRA = {
     "nemotron": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # LayerNorm with a bias, q/k/v biases, a quarter of each head rotated (its default)
     "stablelm": {"use_qkv_bias": True, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # LayerNorms without a bias, attention and MLP on one norm, interleaved RoPE, logits times logit_scale
+    "cohere": {"logit_scale": 0.25, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # Cohere's block, layer 0 sliding, layer 1 full and without RoPE
+    "cohere2": {"logit_scale": 0.25, "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"],
+                "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # Llama saved under EXAONE 3's own tensor names (transformer.h.0.attn.attention.q_proj, ...)
     "exaone": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # per-head q/k norms after RoPE; NTK alpha stretching the RoPE base (Hunyuan's 1000 at head_dim 128)

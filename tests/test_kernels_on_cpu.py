@@ -503,6 +503,11 @@ BACKEND_CASES = {
     "nemotron-layer-norm": ("nemotron", "auto", {}, True, 20, "cuda_cores", {"awq_norm"}),
     "stablelm-unfused-layer-norm-persistent-step": ("stablelm", "auto", {}, False, 9, "persistent_step",
                                                     {"awq_decode_step_g32", "awq_add_norm"}),
+    # Cohere's parallel block (attention and MLP on one LayerNorm without a bias): fused, on the
+    # persistent step; unfused, the attention's residual add an op of its own
+    "cohere-parallel-persistent-step": ("cohere", "auto", {}, True, 9, "persistent_step", {"awq_decode_step_g32"}),
+    "cohere2-unfused-parallel": ("cohere2", "auto", {"num_hidden_layers": 2}, False, 20, "cuda_cores",
+                                 {"awq_residual_add", "awq_add_norm"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),

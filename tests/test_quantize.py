@@ -291,7 +291,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("ministral3", "smollm3", "granite", "glm", "glm4", "ernie4_5",
                                                        "olmo2", "exaone4", "gemma", "vaultgemma", "hunyuan_v1_dense",
-                                                       "arcee", "nemotron", "stablelm"))
+                                                       "arcee", "nemotron", "stablelm", "cohere", "cohere2"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -314,7 +314,7 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
     # that the folded scales keep the function exactly: test_folding_scales_is_exact_in_every_family
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron"))
+@pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into
@@ -322,7 +322,8 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     norms (Gemma's 1 + w, the sandwich and q/k norms stay outside the folds). OLMo 2's block has
     no norm before q/k/v and gate/up to fold into: only o and down are scaled there. Arcee's MLP
     has no gate: down's scales fold into up_proj across relu^2, as their square roots. Nemotron's
-    LayerNorms (1 + w, a bias) take the q/k/v and up scales, bias and all."""
+    LayerNorms (1 + w, a bias) take the q/k/v and up scales, bias and all. Cohere's one input norm
+    takes q/k/v's and gate/up's as one group."""
     model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
     family = family_for(model.config.model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
@@ -332,7 +333,8 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
         linears = _linear_names(layer)
         groups = block_groups(layer, family, model.config)
         mlp_in = "gate_up" if family.gated_mlp else "up"
-        assert [g.name for g in groups] == (["qkv", "o", mlp_in, "down"] if family.pre_norms else ["o", "down"])
+        want = (["qkv_gate_up", "o"] if family.parallel_block else ["qkv", "o", mlp_in] if family.pre_norms else ["o"])
+        assert [g.name for g in groups] == want + ["down"]
         torch.manual_seed(i)
         for g in groups:
             _apply_group(g, torch.rand(g.prev.weight.shape[0]) + 0.5, family,
