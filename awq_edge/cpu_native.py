@@ -283,8 +283,10 @@ class NativeDecoder:
         if len(groups) != 1:
             raise Unsupported(f"one block size for the body's linears, got {sorted(groups)}")
         try:
-            spec = decoder_spec(model_spec(info.config), groups.pop(),
-                                any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith("qkv_proj")))
+            def biased(*names) -> bool:
+                return any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith(names))
+            spec = decoder_spec(model_spec(info.config), groups.pop(), biased("qkv_proj"),
+                                out_bias=biased("o_proj", "gate_up_proj", "up_proj", "down_proj"))
         except UserError as e:
             raise Unsupported(str(e)) from None
         if spec.head_dim not in NATIVE_HEAD_DIMS:

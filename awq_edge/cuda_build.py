@@ -26,7 +26,7 @@ import numpy as np
 
 from . import plugins
 from .checkpoint import commit_staging, copy_tokenizer, output_staging, read_for_engine
-from .decoder import checkpoint_has_qkv_bias, decoder_spec, pack_weights
+from .decoder import checkpoint_biases, decoder_spec, pack_weights
 from .engine_dir import (DECODER_FORMAT, DECODER_FORMAT_VERSION, DECODER_INFO, ENGINE_FORMAT, ENGINE_FORMAT_VERSION,
                          MANIFEST, TENSOR_ALIGN, read_decoder_info)
 from .errors import UserError
@@ -68,7 +68,8 @@ def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, m
     if len(group_sizes) != 1 or not group_sizes <= {32, 64, 128}:
         raise UserError(f"{checkpoint} uses group sizes {sorted(group_sizes)}; the cuda backend's kernels take one "
                         "group size of 32, 64 or 128")
-    spec = decoder_spec(model, group_sizes.pop(), checkpoint_has_qkv_bias(ckpt), lm_head, act_order)
+    qkv_bias, out_bias = checkpoint_biases(ckpt)
+    spec = decoder_spec(model, group_sizes.pop(), qkv_bias, lm_head, act_order, out_bias)
     tensors = pack_weights(ckpt, spec, progress)
     source = {"source": str(checkpoint), "model_type": spec.model_type,
               "architectures": ckpt.config.get("architectures"),
@@ -114,7 +115,8 @@ def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path
     try:
         index = write_weights(staging / WEIGHTS_FILE, tensors)
         decoder = {"format": DECODER_FORMAT, "format_version": DECODER_FORMAT_VERSION, "group_size": spec.group_size,
-                   "qkv_bias": spec.qkv_bias, "lm_head": spec.lm_head, "act_order": spec.act_order,
+                   "qkv_bias": spec.qkv_bias, "out_bias": spec.out_bias, "lm_head": spec.lm_head,
+                   "act_order": spec.act_order,
                    "weights": WEIGHTS_FILE, "tensors": index}
         (staging / DECODER_INFO).write_text(json.dumps(decoder, indent=1) + "\n")
         for name, file in kernel_files(device.gpu_arch).items():

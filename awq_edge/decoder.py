@@ -94,6 +94,7 @@ class DecoderSpec:
     ropes: tuple = field(repr=False)  # per table: its export.spec.Rope
     lm_head: str = "int8"          # the head in the engine: LM_HEADS
     act_order: bool = False        # GPTQ act-order: each linear's input gathered into its order first
+    out_bias: bool = False         # o_proj, gate/up and down carry biases (ERNIE 4.5's use_bias, Jais 2's)
 
     @property
     def qkv_width(self) -> int:
@@ -117,9 +118,10 @@ HEAD_SELECT_CAPACITY = 8192      # plugins/kernels/head_top_k.cu: keys a block s
 
 
 def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8",
-                 act_order: bool = False) -> DecoderSpec:
-    """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size, the head's
-    kind, and whether the linears are GPTQ act-order ones."""
+                 act_order: bool = False, out_bias: bool = False) -> DecoderSpec:
+    """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size, which
+    linears carry biases (checkpoint_biases), the head's kind, and whether the linears are GPTQ
+    act-order ones."""
     family = model.family
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
@@ -146,7 +148,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         attn_scale=model.attn_scale,
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
-        ropes=tuple(ropes), lm_head=lm_head, act_order=act_order)
+        ropes=tuple(ropes), lm_head=lm_head, act_order=act_order, out_bias=out_bias)
 
 
 # ---------------------------------------------------------------- the op list
@@ -227,9 +229,10 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                                     "window": spec.layer_windows[i], "rotated": rope_in_linear}))
         ctx = in_order("ctx", f"{p}.self_attn.o_proj", H * D)
         if fuse_residual:
-            ops.append(linear_op(ctx, "h", f"{p}.self_attn.o_proj", spec.hidden, H * D, epilogue="residual"))
+            ops.append(linear_op(ctx, "h", f"{p}.self_attn.o_proj", spec.hidden, H * D, spec.out_bias,
+                                 epilogue="residual"))
         else:
-            ops.append(linear_op(ctx, "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D))
+            ops.append(linear_op(ctx, "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D, spec.out_bias))
             if spec.post_norms:
                 ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.{spec.post_norms[0]}.weight",
                                        "bias": None}))
@@ -243,16 +246,17 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
         gate_up, width = (f"{p}.mlp.gate_up_proj", 2) if spec.gated_mlp else (f"{p}.mlp.up_proj", 1)
         x = in_order(x, gate_up, spec.hidden)
         if fused:
-            ops.append(linear_op(x, "act", gate_up, width * spec.intermediate, spec.hidden, norm=norm,
+            ops.append(linear_op(x, "act", gate_up, width * spec.intermediate, spec.hidden, spec.out_bias, norm=norm,
                                  epilogue="act", act=spec.activation, gated=spec.gated_mlp))
         else:
-            ops.append(linear_op(x, "gate_up", gate_up, width * spec.intermediate, spec.hidden))
+            ops.append(linear_op(x, "gate_up", gate_up, width * spec.intermediate, spec.hidden, spec.out_bias))
             ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation, "gated": spec.gated_mlp}))
         act = in_order("act", f"{p}.mlp.down_proj", spec.intermediate)
         if fuse_residual:
-            ops.append(linear_op(act, "h", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, epilogue="residual"))
+            ops.append(linear_op(act, "h", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, spec.out_bias,
+                                 epilogue="residual"))
         else:
-            ops.append(linear_op(act, "mlp", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate))
+            ops.append(linear_op(act, "mlp", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, spec.out_bias))
             if spec.post_norms:
                 ops.append(Op("norm", {"x": "mlp", "out": "mlp", "weight": f"{p}.{spec.post_norms[1]}.weight",
                                        "bias": None}))
@@ -436,9 +440,8 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
             except ValueError as e:  # GPTQ act-order parts of one input in different orders
                 raise UserError(f"{prefix}: its parts cannot be fused ({e}); export the checkpoint with "
                                 "--target onnx and build that for --device cpu") from None
-            if lin.bias is not None and not a["bias"]:
-                raise UserError(f"{prefix} has a bias, which the cuda backend supports on q/k/v only; "
-                                "use the CPU engine (--device cpu)")
+            if lin.bias is not None and not a["bias"]:  # (decoder_spec's biases come from the checkpoint)
+                raise UserError(f"{prefix} has a bias its engine's spec does not expect; the checkpoint is corrupt")
             rows = interleave_halves(lin.q.shape[0]) if prefix.endswith(".gate_up_proj") else slice(None)
             for key, value in pack_for_plugin(lin.q[rows], lin.scales[rows], lin.zeros[rows], lin.group_size).items():
                 out[f"{prefix}.{key}"] = value
@@ -446,7 +449,7 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
                 out[a["norm"]] = tensor(a["norm"]).astype(np.float32) + np.float32(spec.norm_offset)
             if a["bias"]:
                 bias = lin.bias if lin.bias is not None else np.zeros(lin.q.shape[0], np.float32)
-                out[f"{prefix}.bias"] = bias.astype(np.float16)
+                out[f"{prefix}.bias"] = bias[rows].astype(np.float16)
         elif op.kind in ("norm", "add_norm", "head_norm"):
             out[a["weight"]] = tensor(a["weight"]).astype(np.float32) + np.float32(spec.norm_offset)
             if a.get("bias"):  # (a LayerNorm's)
@@ -492,7 +495,9 @@ def rope_weights(spec: DecoderSpec) -> dict[str, np.ndarray]:
     return out
 
 
-def checkpoint_has_qkv_bias(ckpt) -> bool:
-    """Whether any layer's q/k/v projection carries a bias (Qwen2 always; others may)."""
-    return any(lin.bias is not None for name, lin in ckpt.linears.items()
-               if name.endswith(("q_proj", "k_proj", "v_proj")))
+def checkpoint_biases(ckpt) -> tuple[bool, bool]:
+    """(whether any layer's q/k/v projection carries a bias: Qwen2's always, others' may; whether any
+    other linear does: o_proj, gate/up, down, as ERNIE 4.5's use_bias and Jais 2's)."""
+    def any_bias(names) -> bool:
+        return any(lin.bias is not None for name, lin in ckpt.linears.items() if name.endswith(names))
+    return any_bias(("q_proj", "k_proj", "v_proj")), any_bias(("o_proj", "gate_proj", "up_proj", "down_proj"))

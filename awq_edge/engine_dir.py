@@ -382,7 +382,7 @@ def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:
         raise UserError(f"{path}: weights {weights} is not a listed file; {REBUILD}")
     config = read_json(folder / "config.json", REBUILD)
     spec = decoder_spec(model_spec(config, str(folder / "config.json"), REBUILD), group_size, f.bool("qkv_bias"),
-                        lm_head, f.bool("act_order", False))
+                        lm_head, f.bool("act_order", False), f.bool("out_bias", False))
     layout = tensor_layout(spec)
     index = f.obj("tensors")
     if set(index.raw) != set(layout):

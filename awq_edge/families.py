@@ -182,6 +182,10 @@ FAMILIES: dict[str, Family] = {
                config_aliases=(("layer_norm_eps", "rms_norm_eps"),),
                config_defaults=COHERE_DEFAULTS + (("max_position_embeddings", 8192), ("sliding_window", 4096),
                                                   ("sliding_window_pattern", 4))),
+        # Jais 2 (Arabic-English): LayerNorms with a bias, Arcee's MLP, biases on every linear
+        Family("jais2", ("jais2",), norm="layer", activation="relu2", gated_mlp=False,
+               config_aliases=(("layer_norm_eps", "rms_norm_eps"),),
+               config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 8192))),
         # InternLM3 (8B): Llama under its own model_type
         Family("internlm3", ("internlm3",),
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 2), ("head_dim", 128),

@@ -419,7 +419,9 @@ def fused_gemv_error(drv, fn, fusion: str, k: int, n: int, group_size: int, tens
                                      rng.integers(0, 16, (n, groups), dtype=np.uint8), group_size)
     x = (rng.standard_normal((1, k)) * 3).astype(np.float16)
     norm_weight = rng.uniform(0.5, 1.5, k).astype(np.float32)
-    bias = rng.standard_normal(n).astype(np.float16) if fusion.endswith(("store", "rope")) else None
+    # a bias on every fusion but norm_act, which runs without one (the store fusions: q/k/v's, Qwen2's;
+    # act and residual: the other linears' of ERNIE 4.5's use_bias, Jais 2's)
+    bias = rng.standard_normal(n).astype(np.float16) if fusion != "norm_act" else None
     h = rng.standard_normal((1, n)).astype(np.float16)
     act = "gelu_tanh" if k % 32 else "silu"
     eps = 1e-6

@@ -170,11 +170,13 @@ def test_an_mlp_without_a_gate_matches_the_reference(gemv, tokenizer_dir, tmp_pa
 
 
 @pytest.mark.parametrize("model_type, fused, gemv", [("nemotron", True, None), ("stablelm", False, "persistent_step"),
-                                                    ("cohere", True, "persistent_step"), ("cohere2", False, None)])
+                                                    ("cohere", True, "persistent_step"), ("cohere2", False, None),
+                                                    ("jais2", True, "tensor_cores")])
 def test_layer_norms_match_the_reference(model_type, fused, gemv, tokenizer_dir, tmp_path):
     """LayerNorms with a bias: Nemotron's (1 + w, before Arcee's MLP) as norm ops of the fused list,
     StableLM's with the residual adds (awq_add_norm; the persistent step's add_norm op); Cohere's
-    parallel block (its LayerNorms' bias zeros), fused and, with its attention's add an op, unfused."""
+    parallel block (its LayerNorms' bias zeros), fused and, with its attention's add an op, unfused;
+    Jais 2's, with biases on every linear (the GEMV's act and residual epilogues add them too)."""
     check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320, fused=fused, cublas=False, gemv=gemv)
 
 

@@ -50,6 +50,8 @@ TINY_EXTRA = {
     "nemotron": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # LayerNorm with a bias, q/k/v biases, a quarter of each head rotated (its default)
     "stablelm": {"use_qkv_bias": True, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # LayerNorms with a bias, an MLP without a gate, biases on every linear
+    "jais2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # LayerNorms without a bias, attention and MLP on one norm, interleaved RoPE, logits times logit_scale
     "cohere": {"logit_scale": 0.25, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # Cohere's block, layer 0 sliding, layer 1 full and without RoPE

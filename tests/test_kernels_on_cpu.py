@@ -508,6 +508,10 @@ BACKEND_CASES = {
     "cohere-parallel-persistent-step": ("cohere", "auto", {}, True, 9, "persistent_step", {"awq_decode_step_g32"}),
     "cohere2-unfused-parallel": ("cohere2", "auto", {"num_hidden_layers": 2}, False, 20, "cuda_cores",
                                  {"awq_residual_add", "awq_add_norm"}),
+    # a bias on every linear (attention_bias, mlp_bias: ERNIE 4.5's use_bias, Jais 2's) in the act and
+    # residual epilogues too; added by awq_bias_add in prefill
+    "llama-biases-everywhere": ("llama", "auto", {"attention_bias": True, "mlp_bias": True}, True, 20, "tensor_cores",
+                                {"awq_bias_add", "awq_gemv_tc_norm_act_g32"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),

@@ -853,10 +853,10 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                           ("smollm3", {}), ("granite", {}), ("glm", {}), ("glm4", {}), ("ernie4_5", {}),
                           ("olmo2", {}), ("olmo3", {}), ("exaone4", {}), ("gemma", {}), ("vaultgemma", {}),
                           ("hunyuan_v1_dense", {}), ("arcee", {}), ("nemotron", {}), ("stablelm", {}), ("cohere", {}),
-                          ("cohere2", {})],
+                          ("cohere2", {}), ("jais2", {})],
                          ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope", "smollm3_nope", "granite", "glm", "glm4",
                               "ernie4_5", "olmo2", "olmo3", "exaone4", "gemma", "vaultgemma", "hunyuan", "arcee",
-                              "nemotron", "stablelm", "cohere", "cohere2"])
+                              "nemotron", "stablelm", "cohere", "cohere2", "jais2"])
 def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)
@@ -886,19 +886,24 @@ def test_a_gpu_build_refuses_what_its_kernels_cannot_run_before_quantizing(model
 
 
 @needs_nvcc
-def test_biases_the_cuda_kernels_do_not_add_are_refused_and_the_cpu_engine_adds_them(tmp_path, smollm2_dir):
-    """Llama's attention_bias biases o_proj as well as q/k/v, mlp_bias gate/up/down: the cuda
-    backend adds biases to q/k/v only, so pack_weights refuses in one line; the ORT graph adds them all."""
+def test_biases_on_every_linear_run_on_the_cuda_op_list_as_on_the_cpu_engine(tmp_path, smollm2_dir):
+    """Llama's attention_bias biases o_proj as well as q/k/v, mlp_bias gate/up/down (ERNIE 4.5's
+    use_bias, Jais 2's): the cuda engine holds them all (decoder.json out_bias; gate/up's
+    interleaved with its rows) and its op list adds them as the ORT graph does; the graph matches
+    transformers."""
     from awq_edge.checkpoint import load_awq_as_float
     from test_export_helpers import check_against_reference
 
     ckpt = tiny_native_checkpoint(tmp_path, "llama", smollm2_dir, attention_bias=True, mlp_bias=True)
-    with pytest.raises(UserError, match=r"layers.0.self_attn.o_proj has a bias, .* q/k/v only; .*--device cpu"):
-        build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
-    assert not (tmp_path / "engine").exists()
+    round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads
+    build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
+    assert json.loads((tmp_path / "engine" / "decoder.json").read_text())["out_bias"] is True
+    ort = export_for_cpu(ckpt, tmp_path / "exports", "ort")
     ids = np.random.default_rng(2).integers(0, 256, 12 + 8).tolist()
-    check_against_reference(export_for_cpu(ckpt, tmp_path / "exports", "ort"), load_awq_as_float(ckpt).eval(), ids,
-                            12, 1e-5)
+    check_against_reference(ort, load_awq_as_float(ckpt).eval(), ids, 12, 1e-5)
+    errors, disagreements = teacher_forced(ReferenceBackend(tmp_path / "engine", max_context=64),
+                                           OrtBackend(ort, max_context=64), ids, 12)
+    assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
 
 
 @needs_nvcc

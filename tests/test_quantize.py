@@ -291,7 +291,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("ministral3", "smollm3", "granite", "glm", "glm4", "ernie4_5",
                                                        "olmo2", "exaone4", "gemma", "vaultgemma", "hunyuan_v1_dense",
-                                                       "arcee", "nemotron", "stablelm", "cohere", "cohere2"))
+                                                       "arcee", "nemotron", "stablelm", "cohere", "cohere2", "jais2"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -314,7 +314,8 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
     # that the folded scales keep the function exactly: test_folding_scales_is_exact_in_every_family
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere"))
+@pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere",
+                                                       "jais2"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into

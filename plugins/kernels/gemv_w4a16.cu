@@ -22,9 +22,9 @@
 // Fusions (decode, M = 1; awq_edge/decoder.py linear_op says what each computes, its twin is
 // reference_backend.run's "linear"): the prologue RMSNorms x on the fly (each block sums the
 // squares of the K values of x itself, then scales each 8-value load of x: norm(h) never goes
-// through memory); the epilogue stores (adding a bias), or applies the gated activation to the
-// block's gate/up row pairs (rows interleaved at packing, so a block of 4 rows makes 2 outputs;
-// without a gate, to each row), or adds the result into the residual stream y, or (q/k/v)
+// through memory); the epilogue adds a bias (if any), then stores, or applies the gated
+// activation to the block's gate/up row pairs (rows interleaved at packing, so a block of 4 rows
+// makes 2 outputs; without a gate, to each row), or adds the result into the residual stream y, or (q/k/v)
 // applies RoPE and writes q into q_rot and k and v into their cache rows, as awq_rope_store does.
 // For RoPE a block takes rows (2j, 2j + 1, 2j + D/2, 2j + 1 + D/2) of a q or k head instead of 4
 // adjacent ones, so it holds both halves of its two rotation pairs (the weights need no other
@@ -74,7 +74,7 @@ struct RopeArgs {
 struct Fusion {
     const float* norm_weight = nullptr;  // prologue: RMSNorm weight [K], float32 (the family offset folded in)
     float eps = 0.f;
-    const half* bias = nullptr;          // kStore, kRope: added to the fp16 result, or none
+    const half* bias = nullptr;          // added to the fp16 result (every epilogue but kLogits), or none
     int act_kind = kSilu;                // kAct: ActKind
     RopeArgs rope;                       // kRope
     const char* next_weights = nullptr;  // the next linear's weights: their first next_bytes are sent
@@ -199,8 +199,8 @@ __device__ __forceinline__ void prefetch_next_weights(const Fusion& fusion) {
 }
 
 // What a one-row GEMV block does with its kBlockRows dot products (sum(t): the fp32 dot product of
-// row(t)): stores them (+ bias), applies the gated activation to its gate/up row pairs (rows
-// interleaved at packing, so R rows make R/2 outputs), adds them into the residual stream y,
+// row(t)), each + the bias if any: stores them, applies the gated activation to its gate/up row
+// pairs (rows interleaved at packing, so R rows make R/2 outputs), adds them into the residual stream y,
 // writes fp32 logits, or applies RoPE and writes q and the KV-cache rows. Rows past N (a last
 // block of 16 when N % 16 == 8) are not written. first_block: block 0's (RoPE's over-capacity flag).
 template <Epilogue kEpilogue, int kBlockRows, typename Row, typename Sum>
@@ -216,10 +216,10 @@ __device__ __forceinline__ void one_row_epilogue(const Fusion& fusion, half* __r
     if constexpr (kEpilogue == Epilogue::kAct) {
         if (fusion.act_kind & kUngated) {  // y is act [N]: each row's own (no gate)
             if (t < kBlockRows && row(t) < N) {
-                y[row(t)] = __float2half_rn(activation(__half2float(result(t)), fusion.act_kind));
+                y[row(t)] = __float2half_rn(activation(__half2float(biased(t)), fusion.act_kind));
             }
         } else if (t < kBlockRows / 2 && row(2 * t) < N) {  // y is act [N / 2]: rows 2j and 2j + 1 are gate j and up j
-            const float act = gated_act(__half2float(result(2 * t)), __half2float(result(2 * t + 1)), fusion.act_kind);
+            const float act = gated_act(__half2float(biased(2 * t)), __half2float(biased(2 * t + 1)), fusion.act_kind);
             y[row(0) / 2 + t] = __float2half_rn(act);
         }
     } else if constexpr (kEpilogue == Epilogue::kRope) {
@@ -228,7 +228,7 @@ __device__ __forceinline__ void one_row_epilogue(const Fusion& fusion, half* __r
         if (t < kBlockRows && row(t) < N && row(t) < fusion.vocab) fusion.logits[row(t)] = soft_cap(sum(t), fusion.softcap);
     } else if (t < kBlockRows && row(t) < N) {
         if constexpr (kEpilogue == Epilogue::kResidual) {
-            y[row(t)] = __float2half_rn(__half2float(y[row(t)]) + __half2float(result(t)));
+            y[row(t)] = __float2half_rn(__half2float(y[row(t)]) + __half2float(biased(t)));
         } else {
             y[row(t)] = biased(t);
         }
@@ -1035,9 +1035,9 @@ extern "C" int awq_w4a16_read_only(const int32_t* qweight, const __half* scales,
 // variant does not use may be null or 0; next_weights/next_bytes: the L2 prefetch above, any variant):
 //   awq_gemv_store_g{G}_w{W}       y = x W^T (+ bias when bias is not null)
 //   awq_gemv_norm_store_g{G}_w{W}  y = norm(x) W^T (+ bias): x is h, norm_weight the layer's norm
-//   awq_gemv_act_g{G}_w{W}         y[N/2] = act(gate) * up of x W^T (gate/up rows interleaved)
+//   awq_gemv_act_g{G}_w{W}         y[N/2] = act(gate) * up of x W^T (+ bias) (gate/up rows interleaved)
 //   awq_gemv_norm_act_g{G}_w{W}    the same of norm(x) W^T
-//   awq_gemv_residual_g{G}_w{W}    y += x W^T (y is h)
+//   awq_gemv_residual_g{G}_w{W}    y += x W^T (+ bias) (y is h)
 //   awq_gemv_rope_g{G}_w{W}        q/k/v = x W^T (+ bias): q rotated into q_rot, k rotated and v
 //                                  written into the cache rows of position *past (y unused)
 //   awq_gemv_norm_rope_g{G}_w{W}   the same of norm(x) W^T
