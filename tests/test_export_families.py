@@ -436,6 +436,20 @@ def test_an_activation_the_engines_do_not_compute_is_refused(model_type, key, ac
             model_spec(config)
 
 
+def test_the_family_table_combines_only_what_every_engine_computes():
+    """The engines' q/k norms and post-norms are RMSNorms, and a parallel block's MLP reads the input
+    norm: a LayerNorm family has neither of the first two, a parallel block has pre-norms; every
+    family's activation is one the engines compute, and every family is tested here (TINY_EXTRA)."""
+    from awq_edge.export.spec import ACTIVATION_NAMES
+    from awq_edge.families import FAMILIES, SUPPORTED_TYPES
+
+    for f in FAMILIES.values():
+        assert f.norm in ("rms", "layer") and f.activation in ACTIVATION_NAMES, f.name
+        assert f.norm == "rms" or not (f.qk_norm or f.post_norms), f.name
+        assert f.pre_norms or not f.parallel_block, f.name
+    assert SUPPORTED_TYPES <= set(TINY_EXTRA), sorted(SUPPORTED_TYPES - set(TINY_EXTRA))
+
+
 @pytest.mark.parametrize("switch", ["use_parallel_residual", "qk_layernorm"])
 def test_a_stablelm_switch_the_engines_do_not_compute_is_refused_and_its_head_is_hidden_over_heads(switch):
     from transformers import AutoConfig
