@@ -27,9 +27,10 @@ A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kerne
 In the fused op list (the default) the norms run in the next linear's prologue, the activation and
 the residual adds in the linears' epilogues (decode_ops); unfused, the residual add is fused into
 the next norm (add_norm: h += pending; x = norm(h)), as the ONNX graph does; without pre-norms
-(OLMo 2) the add is an op of its own (add: h += pending). A LayerNorm (Nemotron, StableLM: a
-norm op's `bias`) is always an op: the GEMV prologue computes RMSNorm only. The final norm and
-the lm_head run on the last row only.
+(OLMo 2) the add is an op of its own (add: h += pending). A LayerNorm (Nemotron, StableLM, Cohere,
+Jais 2: a norm op's `bias`) is always an op: the GEMV prologue computes RMSNorm only. A parallel
+block's MLP (Cohere's) reads the attention's input x. The final norm and the lm_head run on the
+last row only.
 
 Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qweight` int32 [N, K/8]
 (AWQ nibble order), `.scales` and `.zeros` fp16 [N, groups] (+ `.bias` fp16 [N]); q/k/v concatenated
@@ -73,7 +74,7 @@ class DecoderSpec:
     group_size: int
     tie_embeddings: bool
     norm_offset: float             # Gemma: 1.0 (the norm multiplies by 1 + w)
-    layer_norm: bool               # LayerNorm with a bias (Nemotron, StableLM): norm ops' `bias`, no prologue norms
+    layer_norm: bool               # LayerNorms with a bias (Nemotron, ...): norm ops' `bias`, no prologue norms
     parallel_block: bool           # Cohere: the MLP reads the attention's input x too (no MLP norm)
     qk_norm: bool                  # Qwen3, Gemma3, OLMo 2
     qk_norm_whole: bool            # OLMo 2: q/k norms over the whole projection, not per head
@@ -139,9 +140,8 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim, vocab=model.vocab, eps=model.eps,
         max_positions=model.max_positions, group_size=group_size, tie_embeddings=model.tie_embeddings,
         norm_offset=family.norm_offset, layer_norm=family.norm == "layer", parallel_block=family.parallel_block,
-        qk_norm=family.qk_norm,
-        qk_norm_whole=family.qk_norm_whole,
-        qk_norms=family.qk_norms, qk_norm_after_rope=family.qk_norm_after_rope,
+        qk_norm=family.qk_norm, qk_norm_whole=family.qk_norm_whole, qk_norms=family.qk_norms,
+        qk_norm_after_rope=family.qk_norm_after_rope,
         pre_norms=family.pre_norms, post_norms=family.post_norms,
         qkv_bias=family.qkv_bias or qkv_bias, embed_scale=model.embed_multiplier,
         activation=ACTIVATIONS[family.activation], gated_mlp=family.gated_mlp, mlp_norm=family.mlp_norm,

@@ -150,7 +150,7 @@ class Decoder:
 
     def pre_norm(self, pending: str | None, h: str, weight: str) -> tuple[str, str]:
         """(norm(h + pending), h + pending), pending None: nothing added; the norm of the tensor
-        named `weight`: RMSNorm, or a LayerNorm with the bias named beside it (Nemotron, StableLM:
+        named `weight`: RMSNorm, or a LayerNorm with the bias named beside it (Family.norm "layer":
         LayerNormalization, SkipLayerNormalization with its add on the ort target)."""
         b, w = self.b, self.norm_weight(weight)
         if self.spec.family.norm != "layer":

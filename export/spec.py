@@ -334,8 +334,8 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
     family = spec.family
     layer_linears = layer_linear_shapes(spec)
     linears, tensors = {}, {"model.embed_tokens.weight": (spec.vocab, h), "model.norm.weight": (h,)}
-    pre_norms = ("input_layernorm",) if family.parallel_block else ("input_layernorm", family.mlp_norm)
-    norms = {*(pre_norms if family.pre_norms else ()), *family.post_norms}
+    block_norms = ("input_layernorm",) if family.parallel_block else ("input_layernorm", family.mlp_norm)
+    norms = {*(block_norms if family.pre_norms else ()), *family.post_norms}
     biased = family.norm == "layer" and family.norm_bias  # (LayerNorm's: the block's norms and the final one)
     kinds = ("weight", "bias") if biased else ("weight",)
     if biased:
