@@ -495,23 +495,18 @@ BACKEND_CASES = {
     # Hunyuan's q/k norms after RoPE: q and k rotated in place, normed, then stored as they are
     "hunyuan-rope-before-norms": ("hunyuan_v1_dense", "auto", {}, True, 20, "cuda_cores",
                                   {"awq_rope_in_place", "awq_head_rms_norm", "awq_rope_store"}),
-    # Arcee's MLP without a gate: relu(up)^2 in the GEMV's act epilogue (decode), by awq_act (prefill)
-    "arcee-no-gate": ("arcee", "auto", {}, True, 20, "cuda_cores", {"awq_gemv_norm_act_g32_w4", "awq_act"}),
-    "arcee-no-gate-persistent-step": ("arcee", "auto", {}, True, 9, "persistent_step", {"awq_decode_step_g32"}),
-    # LayerNorms with a bias (Nemotron's, 1 + w): norm ops of their own, never a GEMV's prologue;
-    # unfused, the residual adds in them (StableLM's)
-    "nemotron-layer-norm": ("nemotron", "auto", {}, True, 20, "cuda_cores", {"awq_norm"}),
-    "stablelm-unfused-layer-norm-persistent-step": ("stablelm", "auto", {}, False, 9, "persistent_step",
-                                                    {"awq_decode_step_g32", "awq_add_norm"}),
+    # Jais 2's block: LayerNorms with a bias (norm ops of their own, never a GEMV's prologue), an MLP
+    # without a gate (relu(up)^2 in the GEMV's act epilogue, awq_act's in prefill), a bias on every
+    # linear (the act and residual epilogues add them; awq_bias_add in prefill); unfused, on the
+    # persistent step (its add_norm's bias, its act op without a gate)
+    "jais2-layer-norm-no-gate-biases": ("jais2", "auto", {}, True, 20, "cuda_cores",
+                                        {"awq_norm", "awq_gemv_act_g32_w4", "awq_act", "awq_bias_add"}),
+    "jais2-unfused-persistent-step": ("jais2", "auto", {}, False, 9, "persistent_step",
+                                      {"awq_decode_step_g32", "awq_add_norm"}),
     # Cohere's parallel block (attention and MLP on one LayerNorm without a bias): fused, on the
     # persistent step; unfused, the attention's residual add an op of its own
     "cohere-parallel-persistent-step": ("cohere", "auto", {}, True, 9, "persistent_step", {"awq_decode_step_g32"}),
-    "cohere2-unfused-parallel": ("cohere2", "auto", {"num_hidden_layers": 2}, False, 20, "cuda_cores",
-                                 {"awq_residual_add", "awq_add_norm"}),
-    # a bias on every linear (attention_bias, mlp_bias: ERNIE 4.5's use_bias, Jais 2's) in the act and
-    # residual epilogues too; added by awq_bias_add in prefill
-    "llama-biases-everywhere": ("llama", "auto", {"attention_bias": True, "mlp_bias": True}, True, 20, "tensor_cores",
-                                {"awq_bias_add", "awq_gemv_tc_norm_act_g32"}),
+    "cohere-unfused-parallel": ("cohere", "auto", {}, False, 9, "cuda_cores", {"awq_residual_add", "awq_add_norm"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),
