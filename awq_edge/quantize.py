@@ -687,8 +687,11 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
 
         # b + c. scales, group by group
         report = {"layer": i, "groups": {}}
+        groups = block_groups(layer, family, model.config)
+        # the bar shows the loss of the group that scales the MLP's input (gate_up, up, qkv_gate_up), else down's
+        shown = next((g.name for g in groups if layer.mlp.up_proj in g.linears or g.name == "down"), None)
         with torch.no_grad():
-            for g in block_groups(layer, family, model.config):
+            for g in groups:
                 x = loss_inputs[g.input_of]
                 run = _module_runner(layer, g, x, kwargs, settings.batch_size)
                 s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
@@ -722,10 +725,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         layer.to(orig_dtype)
         result.layer_report.append(report)
         inputs, outputs = outputs, None
-        mlp_group = next((report["groups"][n] for n in ("gate_up", "up", "qkv_gate_up", "qkv_up", "down")
-                          if n in report["groups"]), None)
-        if mlp_group:
-            bar.set_postfix(mlp_loss=f"{mlp_group['loss']:.2e}")
+        if shown:
+            bar.set_postfix(mlp_loss=f"{report['groups'][shown]['loss']:.2e}")
     result.seconds = time.time() - started
     return result
 
