@@ -63,24 +63,27 @@ def language_model_key(stored: str) -> str | None:
     return None
 
 
-def our_names(model_type):
-    """A stored tensor name -> transformers' (Family.tensor_renames: EXAONE 3's GPT-2 names)."""
+def our_names(model_type, ours: bool = True):
+    """A stored tensor name -> ours (Family.our_name: EXAONE 3's GPT-2 names, Phi's dense and fc1, ...);
+    ours False: -> transformers' (Family.transformers_name: what a transformers model of it loads)."""
     family = find_family(model_type)
-    return family.our_name if family and family.tensor_renames else (lambda name: name)
+    if family is None or not (family.tensor_renames or family.module_renames):
+        return lambda name: name
+    return family.our_name if ours else family.transformers_name
 
 
-def language_model_view(config: dict):
+def language_model_view(config: dict, ours: bool = True):
     """(config, tensor-name map) of a quantized checkpoint: its own and its family's our_names; for a
     vision-language one, its language model's text_config (export.spec fills in the defaults
     transformers would, families.Family.config_defaults) with the wrapper's quantization_config,
     eos_token_id and tie_word_embeddings carried over, and language_model_key."""
     if not is_vision_language(config):
-        return config, our_names(config.get("model_type"))
+        return config, our_names(config.get("model_type"), ours)
     text = {**config["text_config"], "quantization_config": config.get("quantization_config")}
     for key in ("eos_token_id", "tie_word_embeddings"):  # the wrapper's decide, as in transformers
         if config.get(key) is not None:
             text[key] = config[key]
-    rename = our_names(text.get("model_type"))
+    rename = our_names(text.get("model_type"), ours)
     return text, lambda name: None if (ours := language_model_key(name)) is None else rename(ours)
 
 
@@ -218,8 +221,9 @@ def read_for_engine(path: str | Path):
     if spec.logits_scaling != 1.0:  # the final norm feeds the head alone
         offset, weight = spec.family.norm_offset, ckpt.tensors["model.norm.weight"].astype(np.float32)
         ckpt.tensors["model.norm.weight"] = (weight + offset) / spec.logits_scaling - offset
-        if "model.norm.bias" in ckpt.tensors:  # (a LayerNorm's)
-            ckpt.tensors["model.norm.bias"] = ckpt.tensors["model.norm.bias"].astype(np.float32) / spec.logits_scaling
+        for name in ("model.norm.bias", "lm_head.bias"):  # (a LayerNorm's; Phi's head's)
+            if name in ckpt.tensors:
+                ckpt.tensors[name] = ckpt.tensors[name].astype(np.float32) / spec.logits_scaling
     order = rotary_order(spec.head_dim, spec.rotary_dim, spec.family.rope_interleaved)
     if np.array_equal(order, np.arange(spec.head_dim)):
         return ckpt, spec
@@ -293,7 +297,8 @@ def write_checkpoint(staging: Path, config: dict, linears: dict[str, QuantizedLi
 
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise UserError(f"--format {checkpoint_format} is unknown; use {' or '.join(CHECKPOINT_FORMATS)}")
-    linears = fuse_linears(linears, family_for(str(config.get("model_type"))))  # as the family stores them
+    family = family_for(str(config.get("model_type")))
+    linears = fuse_linears(linears, family)  # as the family stores them
     out: dict[str, np.ndarray] = {}
     for name, t in tensors.items():
         out[name] = np.ascontiguousarray(t.astype(np.float16))
@@ -310,6 +315,7 @@ def write_checkpoint(staging: Path, config: dict, linears: dict[str, QuantizedLi
             out[f"{prefix}.{key}"] = value
         if lin.bias is not None:
             out[f"{prefix}.bias"] = lin.bias.astype(np.float16)
+    out = {family.their_name(name): t for name, t in out.items()}  # under the names transformers loads
     save_file(out, str(staging / "model.safetensors"), metadata={"format": "pt"})
     config = dict(config)
     config["quantization_config"] = (quantization_config(group_size) if checkpoint_format == "awq"
@@ -466,6 +472,16 @@ def _gptq_linear(prefix: str, qweight, qzeros, scales, g_idx, bias, group_hint: 
     return QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias, order)
 
 
+def tagged_floats(value):
+    """A config value with transformers' JSON tags for floats JSON lacks ({"__float__": "Infinity"}: Granite
+    4's time_step_limit) read as those floats, as its from_pretrained does."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in ("Infinity", "-Infinity", "NaN"):
+            return float(value["__float__"].replace("Infinity", "inf"))
+        return {k: tagged_floats(v) for k, v in value.items()}
+    return [tagged_floats(v) for v in value] if isinstance(value, list) else value
+
+
 def load_awq_as_float(path: Path, dtype=None):
     """The dequantized reference model (torch): every runtime must match this one."""
     import torch
@@ -473,7 +489,7 @@ def load_awq_as_float(path: Path, dtype=None):
 
     path = Path(path)
     ckpt, spec = read_checked(path)
-    config_dict = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    config_dict = {k: tagged_floats(v) for k, v in ckpt.config.items() if k != "quantization_config"}
     try:  # transformers validates the rest of the config in its own way
         config = AutoConfig.for_model(**config_dict)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -481,10 +497,11 @@ def load_awq_as_float(path: Path, dtype=None):
         raise UserError(f"transformers cannot build the model of {path / 'config.json'} ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:150]}); the config is corrupt") from None
     state = {name: torch.from_numpy(t.astype(np.float32)) for name, t in ckpt.tensors.items()}
-    for prefix, lin in fuse_linears(ckpt.linears, spec.family).items():  # transformers' module names
+    for prefix, lin in fuse_linears(ckpt.linears, spec.family).items():  # transformers' modules (their_name below)
         state[prefix + ".weight"] = torch.from_numpy(lin.dequantize())
         if lin.bias is not None:
             state[prefix + ".bias"] = torch.from_numpy(lin.bias.astype(np.float32))
+    state = {spec.family.their_name(name): t for name, t in state.items()}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes transformers derives from the config differently (a default it fills in)

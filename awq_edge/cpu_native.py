@@ -401,6 +401,8 @@ class NativeDecoder:
             rec.x, rec.out, rec.softcap = ptr(a["x"]), ptr(a["out"]), a["softcap"]
             self._linear(rec, "lm_head.q4", spec.vocab, spec.hidden)
             rec.table = self._tensor(self.exact_table, np.float16, spec.vocab * spec.hidden).ctypes.data
+            if a["bias"]:  # (Phi's: on every logit before the top_k, and on their exact values)
+                rec.bias = self._tensor(a["bias"], np.float32, spec.vocab).ctypes.data
         return rec
 
     def mirror(self, first: int, count: int) -> None:

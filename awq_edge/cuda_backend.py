@@ -707,7 +707,7 @@ class CudaBackend:
                 table = [w[a["table"]], w[a["scales"]]] if a["bits"] == 8 else [w[a["table"]], 0]
                 rows.append(("lm_head", min(-(-spec.vocab // STEP_HEAD_ROWS), blocks), a["bits"], [
                     b[a["x"]], *table, b[a["out"]], ("i32", spec.vocab), ("i32", spec.hidden),
-                    ("f32", a["softcap"])]))
+                    ("f32", a["softcap"]), w[a["bias"]] if a["bias"] else 0]))
             else:
                 raise ValueError(f"the persistent step has no op {op.kind} ({a.get('bits', '')})")
         return rows
@@ -799,7 +799,7 @@ class CudaBackend:
             table = [w[a["table"]], w[a["scales"]]] if a["bits"] == 8 else [w[a["table"]]]
             self.launch("awq_lm_head_q8" if a["bits"] == 8 else "awq_lm_head", (blocks,), (NORM_THREADS,),
                         [b[a["x"]], *table, b[a["out"]], ("i32", spec.vocab), ("i32", spec.hidden),
-                         ("f32", a["softcap"])])
+                         ("f32", a["softcap"]), w[a["bias"]] if a["bias"] else 0])
         else:
             raise ValueError(f"unknown op {op.kind}")
 

@@ -41,9 +41,9 @@ scale per 32 values (`lm_head.q8`, `lm_head.q8_scales`: spec.lm_head "int8", the
 bytes per token), as fp16 (`lm_head.weight`, or the embedding's table when tied), or as a 4-bit
 linear like the others (`lm_head.q4` at group 32, rows padded to a multiple of 8: "int4", under a
 third of the bytes), whose top HEAD_TOP_K logits are then recomputed from the fp16 table, as the CPU
-engine's graph does; the embedding as int8 rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied
-model's are `lm_head.q8`), or fp16 `model.embed_tokens.weight` where a tied head keeps it
-(embed_table); RoPE tables fp16 [max_positions, D/2] per distinct frequency set; a GPTQ act-order
+engine's graph does; a head's bias (Phi's) as `lm_head.bias` float32 [V]; the embedding as int8
+rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied model's are `lm_head.q8`), or fp16
+`model.embed_tokens.weight` where a tied head keeps it (embed_table); RoPE tables fp16 [max_positions, D/2] per distinct frequency set; a GPTQ act-order
 linear's permutation of its inputs as int32 `{name}.input_order` [K].
 """
 from __future__ import annotations
@@ -96,6 +96,7 @@ class DecoderSpec:
     lm_head: str = "int8"          # the head in the engine: LM_HEADS
     act_order: bool = False        # GPTQ act-order: each linear's input gathered into its order first
     out_bias: bool = False         # o_proj, gate/up and down carry biases (ERNIE 4.5's use_bias, Jais 2's)
+    head_bias: bool = False        # Phi: the logits get lm_head.bias (float32 [V]) before the soft-cap
 
     @property
     def qkv_width(self) -> int:
@@ -129,6 +130,9 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
                         f"({', '.join(map(str, HEAD_DIMS))}); use the CPU engine (--device cpu)")
     if lm_head not in LM_HEADS:
         raise UserError(f"lm_head {lm_head!r} is not one of {', '.join(LM_HEADS)}")
+    if lm_head == "int4" and family.head_bias:
+        raise UserError(f"{model.model_type}'s head has a bias, which the int4 head's kernels do not add; build with "
+                        "--lm-head int8 (the default) or fp16")
     if lm_head == "int4" and model.vocab > HEAD_SELECT_CAPACITY ** 2 // HEAD_TOP_K:
         raise UserError(f"a vocabulary of {model.vocab} is more than the int4 head's candidate search takes "
                         f"({HEAD_SELECT_CAPACITY ** 2 // HEAD_TOP_K}); build with --lm-head int8")
@@ -148,7 +152,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         attn_scale=model.attn_scale,
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
-        ropes=tuple(ropes), lm_head=lm_head, act_order=act_order, out_bias=out_bias)
+        ropes=tuple(ropes), lm_head=lm_head, act_order=act_order, out_bias=out_bias, head_bias=family.head_bias)
 
 
 # ---------------------------------------------------------------- the op list
@@ -268,7 +272,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                       "group_size": HEAD_INT4_GROUP, "exact": lm_head_table(spec),
                       "top_k": min(HEAD_TOP_K, spec.vocab)},
              "fp16": {"bits": 16, "table": lm_head_table(spec)}}
-    ops.append(Op("lm_head", {"x": "x", "out": "logits", **heads[spec.lm_head], "softcap": spec.final_softcap}))
+    ops.append(Op("lm_head", {"x": "x", "out": "logits", **heads[spec.lm_head], "softcap": spec.final_softcap,
+                              "bias": "lm_head.bias" if spec.head_bias else None}))
     return ops
 
 
@@ -360,6 +365,8 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
             layout["lm_head.q4.qweight"] = ("int32", (n, k // 8))
             layout["lm_head.q4.scales"] = ("float16", (n, -(-k // HEAD_INT4_GROUP)))
             layout["lm_head.q4.zeros"] = ("float16", (n, -(-k // HEAD_INT4_GROUP)))
+    if spec.head_bias:
+        layout["lm_head.bias"] = ("float32", (spec.vocab,))
     layout["model.norm.weight"] = ("float32", (spec.hidden,))
     for j in range(len(spec.ropes)):
         for kind in ("cos", "sin"):
@@ -414,6 +421,8 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
             out["lm_head.weight"] = head.astype(np.float16)
         if spec.lm_head == "int4":
             out.update(quantize_head_int4(head.astype(np.float16), spec))
+    if spec.head_bias:
+        out["lm_head.bias"] = tensor("lm_head.bias").astype(np.float32)
     out.update(rope_weights(spec))
 
     def parts(prefix: str) -> list[str]:

@@ -1,7 +1,8 @@
 """The model family table: what the quantizer and the exporter need to know per architecture.
 
 All supported families use the Hugging Face Llama module names inside a decoder
-block (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm), or store
+block (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm), or name them
+otherwise and are read under those (StarCoder 2's mlp.c_fc: module_renames), or store
 some of those fused (Phi-3's qkv_proj, gate_up_proj) and are read split, or have no gate
 (Arcee's MLP: up_proj, the activation, down_proj); what differs is written here. Adding a
 family is one entry, when its block has this shape.
@@ -44,7 +45,8 @@ class Family:
     # "none"; "all" (Mistral: every layer when sliding_window is set); "qwen" (only with
     # use_sliding_window, from layer max_window_layers on); "gemma" (all but every
     # sliding_window_pattern-th, 6 unless the config says); "alternate" (Gemma 2: layers 0, 2, 4, ...);
-    # "nope" (SmolLM3: only with use_sliding_window, the layers without RoPE)
+    # "nope" (SmolLM3: only with use_sliding_window, the layers without RoPE); "mamba" (Granite 4: none
+    # is attention, transformers makes every layer Mamba, which the engines refuse)
     sliding_layers: str = "none"
     # what transformers' config class takes for a key config.json leaves out, where that is not the
     # generic default export.spec assumes (head_dim hidden / heads, no window, untied, RoPE base 1e4)
@@ -59,30 +61,54 @@ class Family:
     llama4_query_scaling: bool = False
     # layers that do not rotate q and k: "listed" (SmolLM3: those its no_rope_layers marks 0, every
     # no_rope_layer_interval-th, 4, where it lists none); "full" (EXAONE 4: the full-attention
-    # layers, when config.json sets a sliding_window); "" (none)
+    # layers, when config.json sets a sliding_window); "unless_rope" (Granite 4: every layer, unless
+    # position_embedding_type is "rope"); "" (none)
     nope_layers: str = ""
     # Granite: embedding_multiplier, attention_multiplier (the score scale), residual_multiplier (on
     # each attention and MLP output before its residual add) and logits_scaling (the logits divided)
     multipliers: bool = False
     logit_scale: bool = False  # Cohere: the logits times config's logit_scale (Granite's logits_scaling is 1 / it)
+    head_bias: bool = False  # Phi: the lm_head has a bias (lm_head.bias, [vocab]) added to the logits
     rope_interleaved: bool = False  # GLM: RoPE turns the pairs (2i, 2i + 1), not (i, i + rotary_dim / 2)
     # a family's own config.json keys, as (theirs, transformers'): read as the second where it lacks that
     config_aliases: tuple = ()
+    # keys the family's model reads in place of transformers' usual one, as (theirs, the usual): read as the
+    # second whatever that says (Granite 4's MLP width is its shared_intermediate_size)
+    config_replaced: tuple = ()
     # a family's own tensor names in its checkpoints, as (a piece of theirs, transformers'), replaced in
     # this order (transformers renames them on load, conversion_mapping.py); checkpoints awq-edge writes
     # use transformers' names, which transformers reads as they are
     tensor_renames: tuple = ()
-    # config.json switches the engines do not compute, as (key, what it turns on): refused when set
+    # modules the family's transformers model names otherwise, as (a piece of its tensor names, ours), replaced
+    # in this order after tensor_renames (Phi's self_attn.dense is our o_proj); pieces that begin with "."
+    # name modules inside a block, which the quantizer renames in place (model.rename_block_modules);
+    # checkpoints and transformers models get their names back (their_name)
+    module_renames: tuple = ()
+    # config.json switches the engines do not compute, as (key, what it turns on): refused when set (true or
+    # not 0, config_defaults' value where config.json has none)
     refused_switches: tuple = ()
     # config.json keys the family's transformers model does not read (StableLM's head is always
     # hidden / heads, whatever head_dim says): left out before the config is read
     config_ignored: tuple = ()
 
-    def our_name(self, stored: str) -> str:
+    def transformers_name(self, stored: str) -> str:
         """A tensor's name in a checkpoint -> the name transformers' module gives it."""
         for theirs, ours in self.tensor_renames:
             stored = stored.replace(theirs, ours, 1)
         return stored
+
+    def our_name(self, stored: str) -> str:
+        """A tensor's name in a checkpoint -> the name the quantizer and the engines use (Llama's)."""
+        stored = self.transformers_name(stored)
+        for theirs, ours in self.module_renames:
+            stored = stored.replace(theirs, ours, 1)
+        return stored
+
+    def their_name(self, ours: str) -> str:
+        """The inverse of our_name's module renames: our tensor name -> transformers'."""
+        for theirs, ours_piece in reversed(self.module_renames):
+            ours = ours.replace(ours_piece, theirs, 1)
+        return ours
 
 
 GEMMA_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
@@ -186,6 +212,32 @@ FAMILIES: dict[str, Family] = {
         Family("jais2", ("jais2",), norm="layer", activation="relu2", gated_mlp=False,
                config_aliases=(("layer_norm_eps", "rms_norm_eps"),),
                config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 8192))),
+        # StarCoder 2 (3B, 7B, 15B): LayerNorms with a bias, biases on every linear, an MLP without a gate
+        # under GPT-2's names (c_fc, gelu_tanh, c_proj), every layer sliding when a window is set
+        Family("starcoder2", ("starcoder2",), norm="layer", activation="gelu_tanh", gated_mlp=False,
+               sliding_layers="all", config_aliases=(("norm_epsilon", "rms_norm_eps"),),
+               module_renames=((".mlp.c_fc.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj.")),
+               config_defaults=(("rms_norm_eps", 1e-5), ("num_key_value_heads", 2), ("tie_word_embeddings", True))),
+        # Granite 4.0 dense (micro, 1B, 350M): Granite 3 in Granite 4's hybrid model with every layer attention
+        # and no experts; its MLP (shared_mlp) stores gate and up as one input_linear; RoPE only if
+        # position_embedding_type says so
+        Family("granite4", ("granitemoehybrid",), multipliers=True, nope_layers="unless_rope", sliding_layers="mamba",
+               fused_linears=(FUSED_GATE_UP,),
+               module_renames=((".shared_mlp.", ".mlp."), (".mlp.input_linear.", ".mlp.gate_up_proj."),
+                               (".mlp.output_linear.", ".mlp.down_proj.")),
+               config_replaced=(("shared_intermediate_size", "intermediate_size"),),
+               config_defaults=(("max_position_embeddings", 2048), ("shared_intermediate_size", 1024),
+                                ("num_local_experts", 8)),
+               refused_switches=(("num_local_experts", "a mixture of experts: Granite 4.0's MoE models"),)),
+        # Phi-1, 1.5 and 2: attention and an MLP without a gate (fc1, gelu_tanh, fc2) side by side on
+        # one LayerNorm, biases on every linear and on the head, partial rotary, under their own names
+        Family("phi", ("phi",), norm="layer", parallel_block=True, activation="gelu_tanh", gated_mlp=False,
+               head_bias=True, config_aliases=(("layer_norm_eps", "rms_norm_eps"),),
+               module_renames=((".self_attn.dense.", ".self_attn.o_proj."), (".mlp.fc1.", ".mlp.up_proj."),
+                               (".mlp.fc2.", ".mlp.down_proj."), ("model.final_layernorm.", "model.norm.")),
+               config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 2048),
+                                ("partial_rotary_factor", 0.5)),
+               refused_switches=(("qk_layernorm", "LayerNorms on q's and k's heads"),)),
         # InternLM3 (8B): Llama under its own model_type
         Family("internlm3", ("internlm3",),
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 2), ("head_dim", 128),

@@ -205,7 +205,7 @@ def load_float_model(model_dir: Path, dtype=None):
         raise UserError(f"could not load the tokenizer from {model_dir}: {str(e).splitlines()[0][:200]}") from None
     model.eval()
     for layer in decoder_layers(model):
-        split_fused_modules(layer, family, config)
+        our_block_modules(layer, family, config)
     return model, tokenizer
 
 
@@ -226,6 +226,49 @@ class FusedOutputs:
         import torch
 
         return torch.cat([getattr(self.parent, part)(x) for part in self.parts], dim=-1)
+
+
+class Renamed:
+    """Stands in for a module of a transformers model under its own name (Phi's self_attn.dense) once
+    the module is registered under ours (self_attn.o_proj): calls and attributes go to whatever
+    ours is now (the parts' FusedOutputs, once split). Not a module, so state_dict lists ours alone."""
+
+    def __init__(self, parent, ours: str):
+        self.parent, self.ours = parent, ours
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self.parent, self.ours)(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name in ("parent", "ours") or name.startswith("__"):  # (not set yet: a copy being made)
+            raise AttributeError(name)
+        return getattr(getattr(self.parent, self.ours), name)
+
+
+def rename_block_modules(layer, family: Family) -> None:
+    """One decoder block's modules under our names (Family.module_renames' pieces that begin with a
+    dot), in place; transformers' forward reaches them through a Renamed under its own name."""
+    for theirs, ours in family.module_renames:
+        if not theirs.startswith("."):  # (a module outside the blocks: the final norm)
+            continue
+        theirs, ours = theirs.strip("."), ours.strip(".")
+        parent_name, _, attr = theirs.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        module = parent._modules.get(attr)
+        if module is None:  # renamed already
+            continue
+        our_parent, _, our_attr = ours.rpartition(".")
+        if our_parent != parent_name:
+            raise ValueError(f"{family.name}: a module rename may not move {theirs} to another parent ({ours})")
+        delattr(parent, attr)
+        setattr(parent, our_attr, module)
+        setattr(parent, attr, Renamed(parent, our_attr))
+
+
+def our_block_modules(layer, family: Family, config: dict) -> None:
+    """One decoder block as the quantizer reads every family's: Llama's module names, fused linears split."""
+    rename_block_modules(layer, family)
+    split_fused_modules(layer, family, config)
 
 
 def split_fused_modules(layer, family: Family, config: dict) -> None:
@@ -281,7 +324,7 @@ def load_for_quantization(model_dir: Path):
     config_dict = read_config(model_dir)
     family = check_causal_lm(config_dict, str(model_dir))
     where: dict[str, tuple[Path, str]] = {}  # the model's tensor name -> (file, the name stored there)
-    _, rename = language_model_view(read_raw_config(model_dir))
+    _, rename = language_model_view(read_raw_config(model_dir), ours=False)  # transformers' names
     try:
         for f in files:
             with safe_open(str(f), "pt") as handle:
@@ -311,15 +354,13 @@ def load_for_quantization(model_dir: Path):
         model, tokenizer = load_float_model(model_dir)
         return model, tokenizer, lambda i: None
 
-    def load(prefix: str) -> None:
-        for name in [n for n in names if n.startswith(prefix)]:
+    def load(wanted) -> None:
+        for name in filter(wanted, names):
             file, key = where[name]
             with safe_open(str(file), "pt") as handle:
                 set_module_tensor_to_device(model, name, "cpu", value=handle.get_tensor(key))
 
-    load("model.embed_tokens.")
-    load("model.norm.")
-    load("lm_head.")
+    load(lambda name: not name.startswith("model.layers."))  # embeddings, the final norm (Phi's final_layernorm), head
     if config.tie_word_embeddings:
         model.tie_weights()
     try:
@@ -331,7 +372,7 @@ def load_for_quantization(model_dir: Path):
     model.eval()
 
     def materialize(i: int) -> None:
-        load(f"model.layers.{i}.")
-        split_fused_modules(decoder_layers(model)[i], family, config_dict)
+        load(lambda name: name.startswith(f"model.layers.{i}."))
+        our_block_modules(decoder_layers(model)[i], family, config_dict)
 
     return model, tokenizer, materialize

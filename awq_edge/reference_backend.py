@@ -252,10 +252,13 @@ def twin_act(gate_up: np.ndarray, kind: str, gated: bool = True) -> np.ndarray:
     return (a * gate_up[:, 1::2].astype(F32) if gated else a).astype(F16)
 
 
-def twin_lm_head(x: np.ndarray, table: np.ndarray, softcap: float) -> np.ndarray:
+def twin_lm_head(x: np.ndarray, table: np.ndarray, softcap: float, bias: np.ndarray | None = None) -> np.ndarray:
     """float32 logits [V] of one fp16 row x [hidden] against the table [V, hidden]: float32 values
-    of the fp16 table, or of the int8 one (dequantize_rows_int8: q * s, exact in float32)."""
+    of the fp16 table, or of the int8 one (dequantize_rows_int8: q * s, exact in float32); plus
+    the head's bias (Phi's), before the soft-cap."""
     logits = table.astype(F32, copy=False) @ x.astype(F32)
+    if bias is not None:
+        logits = logits + bias.astype(F32)
     if softcap > 0:
         logits = F32(softcap) * np.tanh(logits / F32(softcap))
     return logits.astype(F32)
@@ -394,6 +397,6 @@ class ReferenceBackend:
             if a["table"] not in self._w:
                 self._w[a["table"]] = (dequantize_rows_int8(t[a["table"]], t[a["scales"]]) if a["bits"] == 8
                                        else t[a["table"]].astype(F32))
-            buf[a["out"]][:] = twin_lm_head(x, self._w[a["table"]], a["softcap"])
+            buf[a["out"]][:] = twin_lm_head(x, self._w[a["table"]], a["softcap"], t[a["bias"]] if a["bias"] else None)
         else:
             raise ValueError(f"unknown op {op.kind}")

@@ -268,6 +268,8 @@ class Decoder:
             logits = self.lm_head(x, lm_head_w, embed if float_head_fp32 and spec.tie_embeddings else None)
             if act != TensorProto.FLOAT:
                 logits = b.cast(logits, TensorProto.FLOAT)
+            if spec.family.head_bias:  # (Phi's) before the soft-cap, as the head's own
+                logits = b.op("Add", logits, self.head_bias(), name="head_bias")
             logits = self.final_softcap(logits)
             shape = b.int64s(1, -1, spec.vocab) if t.all_logits else b.int64s(1, spec.vocab)
             b.op("Reshape", logits, shape, outputs=["logits"])
@@ -308,9 +310,17 @@ class Decoder:
                 last = b.cast(last, TensorProto.FLOAT)
             _, ids = b.op("TopK", logits, b.int64s(k), axis=-1, largest=1, sorted=0,
                           outputs=[b.name("top_values"), "top_ids"])
-            rows = b.cast(b.op("Gather", fp16_table, b.op("Reshape", ids, b.int64s(-1)), axis=0), TensorProto.FLOAT)
-            exact = self.final_softcap(b.op("Gemm", last, rows, transB=1))  # [1, k]
+            flat_ids = b.op("Reshape", ids, b.int64s(-1))
+            rows = b.cast(b.op("Gather", fp16_table, flat_ids, axis=0), TensorProto.FLOAT)
+            biases = [b.op("Gather", self.head_bias(), flat_ids, axis=0)] if spec.family.head_bias else []
+            exact = self.final_softcap(b.op("Gemm", last, rows, *biases, transB=1))  # [1, k]
             b.op("Identity", exact, outputs=["top_logits"])
+
+    def head_bias(self) -> str:
+        """The head's bias [V], float32 (the logits' type): one initializer for the logits and the re-scoring."""
+        if "lm_head.bias" not in self.b.initializers:
+            self.b.const("lm_head.bias", self.tensor("lm_head.bias").astype(np.float32))
+        return "lm_head.bias"
 
     def lm_head(self, x: str, weight: np.ndarray, shared_table: str | None) -> str:
         b, t = self.b, self.t

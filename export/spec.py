@@ -27,6 +27,7 @@ FIX = "the checkpoint config is incomplete or corrupt"
 # config.json's names (hidden_act; Gemma's hidden_activation) of each families.Family.activation
 ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new"),
                     "relu2": ("relu2",)}
+LEGACY_LAYER_TYPES = {"attention": "full_attention", "mamba": "linear_attention"}  # config.json's older names
 MAX_ROPE_TABLE = 1 << 27  # positions x head_dim: 2 x 512 MiB of float32 cos/sin at most
 
 
@@ -188,8 +189,10 @@ def _rope_params(config: Fields) -> dict[str, Fields]:
 
 def rotating_layers(c: Fields, family: Family, layers: int) -> list[bool]:
     """Which layers rotate q and k: all, but those SmolLM3's no_rope_layers marks 0 (every
-    no_rope_layer_interval-th where it lists none, as transformers decides). (EXAONE 4's rule
-    follows the layer types: model_spec.)"""
+    no_rope_layer_interval-th where it lists none, as transformers decides); none of Granite 4's
+    unless its position_embedding_type is "rope". (EXAONE 4's rule follows the layer types: model_spec.)"""
+    if family.nope_layers == "unless_rope":
+        return [c.str("position_embedding_type", ("rope",), default=None) == "rope"] * layers
     if family.nope_layers != "listed":
         return [True] * layers
     listed = c.raw.get("no_rope_layers")
@@ -205,6 +208,8 @@ def default_layer_types(c: Fields, family: Family, layers: int, window: int | No
                         rotating: list[bool]) -> list[str]:
     """Each layer's attention for a config without layer_types, by the family's rule (transformers')."""
     rule = family.sliding_layers
+    if rule == "mamba":
+        return ["linear_attention"] * layers
     if window is None or rule == "none":
         return ["full_attention"] * layers
     if rule == "nope":
@@ -228,11 +233,12 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         defaults.pop("rope_parameters", None)
     aliased = {ours: config[theirs] for theirs, ours in family.config_aliases if theirs in config}
     config = {k: v for k, v in {**defaults, **aliased, **config}.items() if k not in family.config_ignored}
+    config.update({usual: config[theirs] for theirs, usual in family.config_replaced if theirs in config})
     c = Fields(config, where, fix)
     for key, what in family.refused_switches:
-        if c.bool(key, default=False):
-            raise UserError(f"{where}: {key} ({what}) is not supported for {model_type}: awq-edge's engines do not "
-                            "compute it")
+        if config.get(key) not in (None, False, 0):
+            raise UserError(f"{where}: {key} {config[key]!r} ({what}) is not supported for {model_type}: awq-edge's "
+                            "engines do not compute it")
     hidden = c.int("hidden_size", 1, MAX_HIDDEN)
     layers = c.int("num_hidden_layers", 1, MAX_LAYERS)
     heads = c.int("num_attention_heads", 1, MAX_HEADS)
@@ -259,6 +265,12 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         window = None  # Qwen's and SmolLM3's configs keep a sliding_window that is off (transformers nulls it)
     rotating = rotating_layers(c, family, layers)
     layer_types = config.get("layer_types") or default_layer_types(c, family, layers, window, rotating)
+    if isinstance(layer_types, list):  # (older configs' names, as transformers reads them)
+        layer_types = [LEGACY_LAYER_TYPES.get(t, t) if isinstance(t, str) else t for t in layer_types]
+        if "linear_attention" in layer_types:
+            raise UserError(f"{where}: layer {layer_types.index('linear_attention')} is a Mamba (linear attention) "
+                            "layer, which awq-edge's engines do not compute (Granite 4.0 H is such a hybrid); "
+                            "take a model whose every layer is attention")
     if (not isinstance(layer_types, list) or len(layer_types) != layers
             or not all(t in ("full_attention", "sliding_attention") for t in layer_types)):
         raise UserError(f"{where}: layer_types must list full_attention or sliding_attention for each of the "
@@ -340,6 +352,8 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
     kinds = ("weight", "bias") if biased else ("weight",)
     if biased:
         tensors["model.norm.bias"] = (h,)
+    if family.head_bias:
+        tensors["lm_head.bias"] = (spec.vocab,)
     q_norm, k_norm = (spec.heads * hd, spec.kv_heads * hd) if family.qk_norm_whole else (hd, hd)
     for i in range(spec.layers):
         p = f"model.layers.{i}"

@@ -84,10 +84,13 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
         from awq_edge.families import family_for
 
         torch.manual_seed(0)
+        # Granite 4's dense models: every layer attention, no experts (else refused), RoPE
+        dense = (dict(layer_types=["attention"] * 2, num_local_experts=0, position_embedding_type="rope",
+                      shared_intermediate_size=96) if model_type == "granitemoehybrid" else {})
         config = AutoConfig.for_model(
             model_type, vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=512,
-            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, **dense)
         if model_type in ("gemma3_text", "gemma2"):
             config.sliding_window = 8  # small, so the sliding-window layers differ from full ones
             config.layer_types = ["sliding_attention", "full_attention"]

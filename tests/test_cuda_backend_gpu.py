@@ -171,12 +171,14 @@ def test_an_mlp_without_a_gate_matches_the_reference(gemv, tokenizer_dir, tmp_pa
 
 @pytest.mark.parametrize("model_type, fused, gemv", [("nemotron", True, None), ("stablelm", False, "persistent_step"),
                                                     ("cohere", True, "persistent_step"), ("cohere2", False, None),
-                                                    ("jais2", True, "tensor_cores")])
+                                                    ("jais2", True, "tensor_cores"), ("phi", True, "persistent_step"),
+                                                    ("phi", False, None)])
 def test_layer_norms_match_the_reference(model_type, fused, gemv, tokenizer_dir, tmp_path):
     """LayerNorms with a bias: Nemotron's (1 + w, before Arcee's MLP) as norm ops of the fused list,
     StableLM's with the residual adds (awq_add_norm; the persistent step's add_norm op); Cohere's
     parallel block (its LayerNorms' bias zeros), fused and, with its attention's add an op, unfused;
-    Jais 2's, with biases on every linear (the GEMV's act and residual epilogues add them too)."""
+    Jais 2's, with biases on every linear (the GEMV's act and residual epilogues add them too);
+    Phi's parallel block with gelu and no gate, and its head's bias (the persistent step's head; awq_lm_head_q8)."""
     check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320, fused=fused, cublas=False, gemv=gemv)
 
 
@@ -285,7 +287,7 @@ def test_the_heads_match_their_twin(head, vocab, hidden, softcap):
     """awq_lm_head_q8 (int8 rows) and awq_lm_head (fp16) on their own (cubin, driver API) against
     twin_lm_head of the (dequantized) rows; logits poisoned with NaN first. hidden 576 and 4096:
     16-byte loads of int8 rows; 136: 8-byte ones; a vocabulary of 1000: a last warp with rows past
-    the end."""
+    the end, and a head bias (Phi's) before the soft-cap."""
     from awq_edge import packing
     from awq_edge.cuda_backend import LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS
     from awq_edge.cuda_driver import Driver, f32, i32, ptr
@@ -294,16 +296,20 @@ def test_the_heads_match_their_twin(head, vocab, hidden, softcap):
     rng = np.random.default_rng(vocab + hidden)
     table = (rng.standard_normal((vocab, hidden)) / hidden ** 0.5).astype(np.float16)
     x = (rng.standard_normal(hidden) * 3).astype(np.float16)
+    bias = rng.standard_normal(vocab).astype(np.float32) if softcap else None  # (Phi's head bias) before the cap
     if head == "int8":
         q, scales = packing.quantize_rows_int8(table)
-        tensors, want = {"q": q, "scales": scales}, twin_lm_head(x, packing.dequantize_rows_int8(q, scales), softcap)
+        rows = packing.dequantize_rows_int8(q, scales)
+        tensors, want = {"q": q, "scales": scales}, twin_lm_head(x, rows, softcap, bias)
     else:
-        tensors, want = {"table": table}, twin_lm_head(x, table, softcap)
+        tensors, want = {"table": table}, twin_lm_head(x, table, softcap, bias)
     drv = Driver(GPUS[0].index)
     fn = cubin_kernel(drv, "decoder_ops", "awq_lm_head_q8" if head == "int8" else "awq_lm_head")
-    with on_device(drv, {"x": x, **tensors, "logits": np.full(vocab, np.nan, np.float32)}) as dev:
+    biases = {} if bias is None else {"bias": bias}
+    with on_device(drv, {"x": x, **tensors, "logits": np.full(vocab, np.nan, np.float32), **biases}) as dev:
         drv.launch(fn, (-(-vocab // LM_HEAD_ROWS_PER_BLOCK),), (NORM_THREADS,),
-                   [ptr(dev[name]) for name in ("x", *tensors, "logits")] + [i32(vocab), i32(hidden), f32(softcap)])
+                   [ptr(dev[name]) for name in ("x", *tensors, "logits")] + [i32(vocab), i32(hidden), f32(softcap),
+                                                                            ptr(dev["bias"] if biases else 0)])
         got = np.empty(vocab, np.float32)
         drv.download(got, dev["logits"])
     assert not np.isnan(got).any(), f"{np.isnan(got).sum()} logits never written"

@@ -462,6 +462,23 @@ def test_a_stablelm_switch_the_engines_do_not_compute_is_refused_and_its_head_is
         model_spec({**config, switch: True})
 
 
+def test_granite4_runs_its_dense_models_and_refuses_its_hybrid_and_expert_ones():
+    """Granite 4: RoPE only where position_embedding_type says rope; Mamba layers (Granite 4.0 H, and
+    every layer where layer_types is left out, as transformers builds it) and experts refused."""
+    from awq_edge.export.spec import model_spec
+
+    dense = {**TINY, **TINY_EXTRA["granitemoehybrid"], "model_type": "granitemoehybrid"}
+    assert model_spec(dense).intermediate == 96  # shared_intermediate_size, whatever intermediate_size says
+    assert all(r.inv_freq.any() for r in model_spec(dense).layer_rope)
+    assert not any(r.inv_freq.any() for r in model_spec({**dense, "position_embedding_type": None}).layer_rope)
+    for change, message in (({"position_embedding_type": "alibi"}, "position_embedding_type"),
+                            ({"num_local_experts": 4}, "num_local_experts 4 .* not supported for granitemoehybrid"),
+                            ({"layer_types": ["attention", "mamba"]}, "layer 1 is a Mamba"),
+                            ({"layer_types": None}, "layer 0 is a Mamba")):
+        with pytest.raises(UserError, match=message):
+            model_spec({**dense, **change})
+
+
 @pytest.mark.parametrize("model_type", TINY_EXTRA)
 def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
     """A config.json that leaves keys out (Gemma 3's, third-party checkpoints') means transformers'
@@ -473,6 +490,8 @@ def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
     # 160 heads: a multiple of every family's default KV heads (2, 4, 8, 20, 32)
     # hidden 1280: a head of 8, of which StableLM rotates a quarter
     sizes = dict(hidden_size=1280, intermediate_size=512, num_hidden_layers=12, num_attention_heads=160, vocab_size=300)
+    if model_type == "granitemoehybrid":  # (left out, its layers are Mamba and its MLPs experts: refused)
+        sizes.update(layer_types=["attention"] * 12, num_local_experts=0)
     sparse, full = model_spec({"model_type": model_type, **sizes}), model_spec(
         AutoConfig.for_model(model_type, **sizes).to_dict())
     for field in sparse.__dataclass_fields__:

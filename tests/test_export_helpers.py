@@ -36,6 +36,13 @@ TINY_EXTRA = {
     # every multiplier away from 1 (the real 2B's: 12, 0.015625, 0.22, 8)
     "granite": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                 "logits_scaling": 2.5},
+    # attention and an MLP without a gate on one LayerNorm under Phi's names, biases everywhere, a head bias,
+    # half of each head rotated (its default)
+    "phi": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # Granite's multipliers in Granite 4's model: its own MLP width and names, gate and up stored as one
+    "granitemoehybrid": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
+                         "logits_scaling": 2.5, "layer_types": ["attention", "attention"], "num_local_experts": 0,
+                         "position_embedding_type": "rope", "shared_intermediate_size": 96, "pad_token_id": 0},
     # q/k/v biases, fused gate/up, a quarter of each head rotated in interleaved pairs
     "glm": {"partial_rotary_factor": 0.25, "head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # GLM's pieces with its two post-norms
@@ -52,6 +59,8 @@ TINY_EXTRA = {
     "stablelm": {"use_qkv_bias": True, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # LayerNorms with a bias, an MLP without a gate, biases on every linear
     "jais2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # LayerNorms with a bias, biases on every linear, an MLP without a gate under GPT-2's names, sliding
+    "starcoder2": {"sliding_window": 5, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # LayerNorms without a bias, attention and MLP on one norm, interleaved RoPE, logits times logit_scale
     "cohere": {"logit_scale": 0.25, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # Cohere's block, layer 0 sliding, layer 1 full and without RoPE

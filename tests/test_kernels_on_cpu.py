@@ -71,7 +71,7 @@ def test_an_access_a_gpu_faults_on_fails_its_emulated_launch_which_says_where(em
                                 "logits": np.zeros(vocab + 32, np.float32)}) as dev:
             def head(at: int, rows: int = vocab):
                 driver.run("awq_lm_head", (-(-rows // LM_HEAD_ROWS_PER_BLOCK),), (NORM_THREADS,),
-                           [ptr(dev["x"]), ptr(at), ptr(dev["logits"]), i32(rows), i32(hidden), f32(30.0)])
+                           [ptr(dev["x"]), ptr(at), ptr(dev["logits"]), i32(rows), i32(hidden), f32(30.0), ptr(0)])
                 return driver.array_at(dev["logits"], np.float32, (rows,)).copy()
 
             driver.upload(dev["table"], table)
@@ -130,22 +130,24 @@ def test_the_embedding_and_heads_reach_the_last_rows_of_a_table_past_2_gib(emula
     launch("awq_embed", last, NORM_THREADS, [ptr(ids), ptr(table), ptr(out), i32(hidden), i32(vocab), f32(1.0)],
            last_block_only=False)
     assert np.array_equal(driver.array_at(out, np.float16, rows.shape), rows)
+    bias = rng.standard_normal(last).astype(np.float32)  # a head bias (Phi's), its last rows
+    bias_at = buffer((vocab,), np.float32, bias)
     launch("awq_lm_head", vocab // LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS,
-           [ptr(x_at), ptr(table), ptr(logits), i32(vocab), i32(hidden), f32(0.0)])
-    assert close(got_logits(last), twin_lm_head(x, rows, 0.0))
+           [ptr(x_at), ptr(table), ptr(logits), i32(vocab), i32(hidden), f32(0.0), ptr(bias_at)])
+    assert close(got_logits(last), twin_lm_head(x, rows, 0.0, bias))
     keys = buffer((8,), np.uint32, np.arange(8, dtype=np.uint32))
     chosen = buffer((8,), np.int32, np.arange(vocab - 8, vocab, dtype=np.int32))
     launch("awq_head_rescore", 1, THREADS, [ptr(keys), ptr(chosen), i32(8), i32(8), ptr(x_at), ptr(table),
                                             i32(hidden), f32(30.0), ptr(logits)])
     assert close(got_logits(8), twin_lm_head(x, rows[-8:], 30.0))
-    for at in (table, ids, out, keys, chosen):
+    for at in (table, ids, out, keys, chosen, bias_at):
         driver.free(at)
 
     q8 = rng.integers(-127, 128, (last, hidden)).astype(np.int8)  # int8 table, a scale a 32 values
     s8 = rng.uniform(0.001, 0.01, (last, hidden // 32)).astype(np.float16)
     table, scales = buffer((vocab, hidden), np.int8, q8), buffer((vocab, hidden // 32), np.float16, s8)
     launch("awq_lm_head_q8", vocab // LM_HEAD_ROWS_PER_BLOCK, NORM_THREADS,
-           [ptr(x_at), ptr(table), ptr(scales), ptr(logits), i32(vocab), i32(hidden), f32(0.0)])
+           [ptr(x_at), ptr(table), ptr(scales), ptr(logits), i32(vocab), i32(hidden), f32(0.0), ptr(0)])
     w8 = q8.astype(np.float32) * np.repeat(s8.astype(np.float32), 32, axis=1)
     assert close(got_logits(last), w8 @ x.astype(np.float32))
     ids, out = buffer((last,), np.int32, np.arange(vocab - last, vocab, dtype=np.int32)), buffer((last, hidden),
@@ -503,10 +505,13 @@ BACKEND_CASES = {
                                         {"awq_norm", "awq_gemv_act_g32_w4", "awq_act", "awq_bias_add"}),
     "jais2-unfused-persistent-step": ("jais2", "auto", {}, False, 9, "persistent_step",
                                       {"awq_decode_step_g32", "awq_add_norm"}),
-    # Cohere's parallel block (attention and MLP on one LayerNorm without a bias): fused, on the
-    # persistent step; unfused, the attention's residual add an op of its own
-    "cohere-parallel-persistent-step": ("cohere", "auto", {}, True, 9, "persistent_step", {"awq_decode_step_g32"}),
-    "cohere-unfused-parallel": ("cohere", "auto", {}, False, 9, "cuda_cores", {"awq_residual_add", "awq_add_norm"}),
+    # Phi's parallel block (attention and an MLP without a gate, gelu, on one LayerNorm; Cohere's block
+    # too) and its head's bias: fused, on the persistent step (its int8 head); unfused, the attention's
+    # residual add an op of its own, the head a kernel of its own
+    "phi-parallel-head-bias-persistent-step": ("phi", "auto", {}, True, 9, "persistent_step",
+                                               {"awq_decode_step_g32"}),
+    "phi-unfused-parallel-head-bias": ("phi", "auto", {}, False, 9, "cuda_cores",
+                                       {"awq_residual_add", "awq_add_norm", "awq_lm_head_q8"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),

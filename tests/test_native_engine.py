@@ -853,10 +853,12 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                           ("smollm3", {}), ("granite", {}), ("glm", {}), ("glm4", {}), ("ernie4_5", {}),
                           ("olmo2", {}), ("olmo3", {}), ("exaone4", {}), ("gemma", {}), ("vaultgemma", {}),
                           ("hunyuan_v1_dense", {}), ("arcee", {}), ("nemotron", {}), ("stablelm", {}), ("cohere", {}),
-                          ("cohere2", {}), ("jais2", {})],
+                          ("cohere2", {}), ("jais2", {}), ("starcoder2", {}),
+                          ("granitemoehybrid", {"position_embedding_type": None}), ("phi", {})],
                          ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope", "smollm3_nope", "granite", "glm", "glm4",
                               "ernie4_5", "olmo2", "olmo3", "exaone4", "gemma", "vaultgemma", "hunyuan", "arcee",
-                              "nemotron", "stablelm", "cohere", "cohere2", "jais2"])
+                              "nemotron", "stablelm", "cohere", "cohere2", "jais2", "starcoder2",
+                              "granite4_nope", "phi"])
 def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)
@@ -939,6 +941,16 @@ def test_a_cuda_engines_head_is_int8_unless_int4_or_float_is_asked(tmp_path, smo
                               "int3", "--output", str(tmp_path / "int3")], capture_output=True, text=True)
     assert refused.returncode != 0 and refused.stderr.count("\n") == 1 and "--lm-head int3" in refused.stderr
     assert not (tmp_path / "int3").exists()
+
+
+def test_a_head_with_a_bias_runs_on_the_int8_and_fp16_heads_and_is_refused_on_int4():
+    """Phi's head bias: the int8 and fp16 heads' kernels add it (lm_head.cuh), the int4 head's do not."""
+    model = model_spec({"model_type": "phi", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1,
+                        "num_attention_heads": 4, "vocab_size": 300})
+    for head in ("int8", "fp16"):
+        assert decode_ops(decoder_spec(model, 32, lm_head=head))[-1].args["bias"] == "lm_head.bias"
+    with pytest.raises(UserError, match="phi's head has a bias, which the int4 head's kernels do not add"):
+        decoder_spec(model, 32, lm_head="int4")
 
 
 @needs_nvcc

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -12,11 +14,11 @@ from awq_edge.errors import UserError
 from awq_edge.evaluate import deployed_prefix, perplexity
 from awq_edge.families import family_for
 from awq_edge.model import load_float_model
-from awq_edge.quantize import (QuantizeSettings, _apply_group, _layer_output, _linear_names, block_groups,
-                               calibration_tokens, capture_block_inputs, fake_quantize, fake_quantize_model,
-                               _to_quantized, gptq_round, gram, quantize_checkpoint, quantize_model, quantize_tensor,
-                               refit_scales, TunedWeight, coarse_to_fine, per_column, search_clip,
-                               tune_block_outputs)
+from awq_edge.quantize import (ACTIVATION_ROOTS, QuantizeSettings, _apply_group, _layer_output, _linear_names,
+                               block_groups, calibration_tokens, capture_block_inputs, fake_quantize,
+                               fake_quantize_model, _to_quantized, gptq_round, gram, quantize_checkpoint,
+                               quantize_model, quantize_tensor, refit_scales, TunedWeight, coarse_to_fine, per_column,
+                               search_clip, tune_block_outputs)
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "phi3")
 
@@ -291,7 +293,8 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("ministral3", "smollm3", "granite", "glm", "glm4", "ernie4_5",
                                                        "olmo2", "exaone4", "gemma", "vaultgemma", "hunyuan_v1_dense",
-                                                       "arcee", "nemotron", "stablelm", "cohere", "cohere2", "jais2"))
+                                                       "arcee", "nemotron", "stablelm", "cohere", "cohere2", "jais2",
+                                                       "starcoder2", "granitemoehybrid", "phi"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -304,6 +307,11 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
     per_layer = 7 if family.gated_mlp else 6  # (Arcee's MLP: no gate_proj)
     stored = read_checkpoint(out).linears  # the family's layout: Phi-3's fused qkv_proj and gate_up_proj
     assert len(stored) == 2 * (per_layer - sum(len(parts) - 1 for _, parts in family.fused_linears))
+    # under the names the family's transformers model gives its modules (StarCoder 2's mlp.c_fc): other tools read it
+    modules = {name for name, _ in AutoModelForCausalLM.from_pretrained(src).named_modules()}
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        written = {key.rsplit(".", 1)[0] for key in f.keys()}
+    assert written <= modules and len(written) > len(stored), sorted(written - modules)[:2]
     ckpt, _ = read_checked(out)
     assert len(ckpt.linears) == 2 * per_layer and ckpt.metadata["family"] == family.name
     quant_model = load_awq_as_float(out)
@@ -315,16 +323,17 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
 
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere",
-                                                       "jais2"))
+                                                       "jais2", "starcoder2", "granitemoehybrid", "phi"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into
     its previous op: the float block computes the same function. Each family folds into its own
     norms (Gemma's 1 + w, the sandwich and q/k norms stay outside the folds). OLMo 2's block has
     no norm before q/k/v and gate/up to fold into: only o and down are scaled there. Arcee's MLP
-    has no gate: down's scales fold into up_proj across relu^2, as their square roots. Nemotron's
-    LayerNorms (1 + w, a bias) take the q/k/v and up scales, bias and all. Cohere's one input norm
-    takes q/k/v's and gate/up's as one group."""
+    has no gate: down's scales fold into up_proj across relu^2, as their square roots (across
+    StarCoder 2's gelu, which does not scale through, down has no group; its block runs under our
+    names). Nemotron's LayerNorms (1 + w, a bias) take the q/k/v and up scales, bias and all.
+    Cohere's one input norm takes q/k/v's and gate/up's as one group (Phi's: q/k/v's and up's)."""
     model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
     family = family_for(model.config.model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
@@ -334,8 +343,10 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
         linears = _linear_names(layer)
         groups = block_groups(layer, family, model.config)
         mlp_in = "gate_up" if family.gated_mlp else "up"
-        want = (["qkv_gate_up", "o"] if family.parallel_block else ["qkv", "o", mlp_in] if family.pre_norms else ["o"])
-        assert [g.name for g in groups] == want + ["down"]
+        want = ([f"qkv_{mlp_in}", "o"] if family.parallel_block else ["qkv", "o", mlp_in] if family.pre_norms
+                else ["o"])
+        down = family.gated_mlp or family.activation in ACTIVATION_ROOTS  # (StarCoder 2's gelu: no down group)
+        assert [g.name for g in groups] == want + ["down"] * down
         torch.manual_seed(i)
         for g in groups:
             _apply_group(g, torch.rand(g.prev.weight.shape[0]) + 0.5, family,

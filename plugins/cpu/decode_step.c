@@ -16,7 +16,7 @@
                 `window` of them on sliding layers)                   (GroupQueryAttention)
      act        out = act(gate) * up of x = [gate | up]       (silu, or gelu tanh: FastGelu), or
                 act(x) without a gate                       (relu^2: Arcee's)
-     lm_head    logits = gemv_q4(x) (soft-capped); the top_k of them re-scored exactly from
+     lm_head    logits = gemv_q4(x) (+ Phi's bias, soft-capped); the top_k re-scored exactly from
                 the fp16 table (the graph's TopK + Gather + Gemm)
    The linears, the attention heads and the lm_head's top-k are split over OpenMP threads; the
    rest is small. */
@@ -509,6 +509,7 @@ static void top_k_exact(const struct cpu_model *m, const struct cpu_op *op) {
     const uint16_t *row = table + (size_t)m->top_ids[j] * Hd;
     float s = 0.f;
     for (int i = 0; i < Hd; i++) s += half_to_float(row[i]) * op->x[i];
+    if (op->bias) s += op->bias[m->top_ids[j]]; /* (Phi's head bias: linear() added it to every logit) */
     m->top_logits[j] = op->softcap > 0.f ? op->softcap * tanh_approx(s / op->softcap) : s;
   }
 }

@@ -214,6 +214,7 @@ __device__ __forceinline__ void step_lm_head(const StepOp& op, int tile, AfterOp
     const auto logits = reinterpret_cast<float*>(a[3]);
     const int vocab = static_cast<int>(a[4]), hidden = static_cast<int>(a[5]);
     const float softcap = __int_as_float(static_cast<int>(a[6]));
+    const auto bias = reinterpret_cast<const float*>(a[7]);  // (Phi's head; else null)
     const bool int8 = op.variant == 8;
     constexpr int kBlockRows = kStepThreads / 32 * kHeadRowsPerWarp;
     const int blocks = (vocab + kBlockRows - 1) / kBlockRows;
@@ -225,8 +226,8 @@ __device__ __forceinline__ void step_lm_head(const StepOp& op, int tile, AfterOp
     for (int b = tile; b < blocks; b += static_cast<int>(op.tasks)) {
         const int v0 = b * kBlockRows + warp_row;
         if (v0 >= vocab) continue;  // (a whole warp: the shuffles see all 32 lanes)
-        if (int8) lm_head_warp<true>(x, table, scales, v0, vocab, hidden, softcap, logits);
-        else lm_head_warp<false>(x, table, nullptr, v0, vocab, hidden, softcap, logits);
+        if (int8) lm_head_warp<true>(x, table, scales, v0, vocab, hidden, softcap, bias, logits);
+        else lm_head_warp<false>(x, table, nullptr, v0, vocab, hidden, softcap, bias, logits);
     }
 }
 
@@ -277,7 +278,7 @@ __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefo
             else if (op.variant == 128) step_attend<128>(op, tile, wait);
             else step_attend<256>(op, tile, wait);
             break;
-        case kStepLmHead:  // (x, table, scales or null, logits, vocab, hidden, softcap)
+        case kStepLmHead:  // (x, table, scales or null, logits, vocab, hidden, softcap, bias or null)
             step_lm_head(op, tile, wait);
             break;
         default:  // kStepGemv: the fused one-row GEMV's arguments (AWQ_GEMV_FUSED_PARAMS, no prefetch)

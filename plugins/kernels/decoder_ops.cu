@@ -113,32 +113,33 @@ awq_residual_add(__half* __restrict__ h, const __half* __restrict__ y, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) h[row + i] = __float2half(__half2float(h[row + i]) + __half2float(y[row + i]));
 }
 
-// The lm_head: logits[v] = table[v, :] . x in fp32, then softcap * tanh(l / softcap) when
-// softcap > 0. Two tables: fp16 rows (awq_lm_head), or int8 rows with an fp16 scale per 32 values
-// (awq_lm_head_q8, the cuda engine's default: half the bytes; q int8 [vocab, hidden], scales fp16
-// [vocab, ceil(hidden / 32)]). The head is a third of a small model's reads a token, so it is
-// laid out like the decode GEMV (lm_head.cuh: a warp's rows, each lane's loads of all of them in
-// flight). hidden % 8 == 0 (the backend checks). Grid: ceil(vocab / 32) blocks of 256 threads.
+// The lm_head: logits[v] = table[v, :] . x in fp32 (+ bias[v], float, where the head has one:
+// Phi's; null otherwise), then softcap * tanh(l / softcap) when softcap > 0. Two tables: fp16
+// rows (awq_lm_head), or int8 rows with an fp16 scale per 32 values (awq_lm_head_q8, the cuda
+// engine's default: half the bytes; q int8 [vocab, hidden], scales fp16 [vocab, ceil(hidden / 32)]).
+// The head is a third of a small model's reads a token, so it is laid out like the decode GEMV
+// (lm_head.cuh: a warp's rows, each lane's loads of all of them in flight). hidden % 8 == 0 (the
+// backend checks). Grid: ceil(vocab / 32) blocks of 256 threads.
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_lm_head(const __half* __restrict__ x, const __half* __restrict__ table, float* __restrict__ logits, int vocab,
-            int hidden, float softcap) {
+            int hidden, float softcap, const float* __restrict__ bias) {
     awq_edge::let_next_kernel_start();
     const int v0 = (blockIdx.x * kWarps + threadIdx.x / 32) * awq_edge::kHeadRowsPerWarp;
     awq_edge::prefetch_head_rows(table, v0, vocab, 2 * hidden);
     awq_edge::wait_for_previous_kernel();
     if (v0 >= vocab) return;  // (a whole warp: the shuffles see all 32 lanes)
-    awq_edge::lm_head_warp<false>(x, table, nullptr, v0, vocab, hidden, softcap, logits);
+    awq_edge::lm_head_warp<false>(x, table, nullptr, v0, vocab, hidden, softcap, bias, logits);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)
 awq_lm_head_q8(const __half* __restrict__ x, const int8_t* __restrict__ q, const __half* __restrict__ scales,
-               float* __restrict__ logits, int vocab, int hidden, float softcap) {
+               float* __restrict__ logits, int vocab, int hidden, float softcap, const float* __restrict__ bias) {
     awq_edge::let_next_kernel_start();
     const int v0 = (blockIdx.x * kWarps + threadIdx.x / 32) * awq_edge::kHeadRowsPerWarp;
     awq_edge::prefetch_head_rows(q, v0, vocab, hidden);
     awq_edge::wait_for_previous_kernel();
     if (v0 >= vocab) return;
-    awq_edge::lm_head_warp<true>(x, q, scales, v0, vocab, hidden, softcap, logits);
+    awq_edge::lm_head_warp<true>(x, q, scales, v0, vocab, hidden, softcap, bias, logits);
 }
 
 // The position counter on the device: past += S after a step (the next replay reads it). Grid: 1 x 1.

@@ -79,24 +79,27 @@ __device__ __forceinline__ void prefetch_head_rows(const void* __restrict__ tabl
     }
 }
 
-// The warp's sums to logits (soft-capped); rows past the vocabulary are not written.
+// The warp's sums to logits (plus the head's bias where it has one, Phi's; then soft-capped); rows
+// past the vocabulary are not written.
 __device__ __forceinline__ void write_head_logits(float (&sum)[kHeadRowsPerWarp], int v0, int vocab, float softcap,
-                                                  float* __restrict__ logits) {
+                                                  const float* __restrict__ bias, float* __restrict__ logits) {
 #pragma unroll
     for (int r = 0; r < kHeadRowsPerWarp; ++r) {
 #pragma unroll
         for (int offset = 16; offset > 0; offset >>= 1) sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], offset);
         if ((threadIdx.x & 31) == 0 && v0 + r < vocab) {
-            logits[v0 + r] = soft_cap(sum[r], softcap);
+            logits[v0 + r] = soft_cap(bias != nullptr ? sum[r] + bias[v0 + r] : sum[r], softcap);
         }
     }
 }
 
-// The logits of the warp's rows v0.. (v0 < vocab) of an int8 table (with its scales) or fp16 one.
+// The logits of the warp's rows v0.. (v0 < vocab) of an int8 table (with its scales) or fp16 one;
+// bias: float [vocab], or null.
 template <bool kInt8>
 __device__ __forceinline__ void lm_head_warp(const __half* __restrict__ x, const void* __restrict__ table,
                                              const __half* __restrict__ scales, int v0, int vocab, int hidden,
-                                             float softcap, float* __restrict__ logits) {
+                                             float softcap, const float* __restrict__ bias,
+                                             float* __restrict__ logits) {
     float sum[kHeadRowsPerWarp] = {};
     if constexpr (!kInt8) {
         head_rows<false, 16>(x, table, nullptr, v0, vocab, hidden, sum);
@@ -105,7 +108,7 @@ __device__ __forceinline__ void lm_head_warp(const __half* __restrict__ x, const
     } else {
         head_rows<true, 8>(x, table, scales, v0, vocab, hidden, sum);
     }
-    write_head_logits(sum, v0, vocab, softcap, logits);
+    write_head_logits(sum, v0, vocab, softcap, bias, logits);
 }
 
 }  // namespace awq_edge
