@@ -43,8 +43,9 @@ linear like the others (`lm_head.q4` at group 32, rows padded to a multiple of 8
 third of the bytes), whose top HEAD_TOP_K logits are then recomputed from the fp16 table, as the CPU
 engine's graph does; a head's bias (Phi's) as `lm_head.bias` float32 [V]; the embedding as int8
 rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied model's are `lm_head.q8`), or fp16
-`model.embed_tokens.weight` where a tied head keeps it (embed_table); RoPE tables fp16 [max_positions, D/2] per distinct frequency set; a GPTQ act-order
-linear's permutation of its inputs as int32 `{name}.input_order` [K].
+`model.embed_tokens.weight` where a tied head keeps it (embed_table); RoPE tables fp16
+[max_positions, D/2] per distinct frequency set; a GPTQ act-order linear's permutation of its
+inputs as int32 `{name}.input_order` [K].
 """
 from __future__ import annotations
 

@@ -237,8 +237,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     c = Fields(config, where, fix)
     for key, what in family.refused_switches:
         if config.get(key) not in (None, False, 0):
-            raise UserError(f"{where}: {key} {config[key]!r} ({what}) is not supported for {model_type}: awq-edge's "
-                            "engines do not compute it")
+            raise UserError(f"{where}: {key} {config[key]!r:.40} ({what}) is not supported for {model_type}: "
+                            "awq-edge's engines do not compute it")
     hidden = c.int("hidden_size", 1, MAX_HIDDEN)
     layers = c.int("num_hidden_layers", 1, MAX_LAYERS)
     heads = c.int("num_attention_heads", 1, MAX_HEADS)
