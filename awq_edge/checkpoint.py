@@ -204,13 +204,18 @@ def read_for_engine(path: str | Path):
     dimensions (rows of q_proj, k_proj and their biases, q_norm and k_norm) in the engines' rotary
     order (export.spec.rotary_order: partial or interleaved rotary), Granite's residual
     multiplier and logits scaling (Cohere's logit_scale) folded into the weights (o_proj's and
-    down_proj's scales and biases times it, in float32; the final norm's weight and bias divided),
+    down_proj's scales and biases times it, in float32, or the post-norms' weights that follow them:
+    HyperCLOVA X's; the final norm's weight and bias divided),
     and a LayerNorm stored without a bias (Cohere's) given one of zeros."""
     from .export.spec import rotary_order
 
     ckpt, spec = read_checked(path)
-    if spec.residual_multiplier != 1.0:
-        m = spec.residual_multiplier
+    m, offset = spec.residual_multiplier, spec.family.norm_offset
+    post_norms = tuple(f".{norm}.weight" for norm in spec.family.post_norms)
+    if m != 1.0 and post_norms:  # (HyperCLOVA X's) a norm follows o_proj and down_proj: m goes into it
+        for name in [n for n in ckpt.tensors if n.endswith(post_norms)]:
+            ckpt.tensors[name] = (ckpt.tensors[name].astype(np.float32) + offset) * m - offset
+    elif m != 1.0:
         for name in [n for n in ckpt.linears if n.endswith(("self_attn.o_proj", "mlp.down_proj"))]:
             lin = ckpt.linears[name]
             ckpt.linears[name] = replace(lin, scales=lin.scales.astype(np.float32) * m,
@@ -219,7 +224,7 @@ def read_for_engine(path: str | Path):
         for name in [n for n in ckpt.tensors if n.endswith("norm.weight")]:
             ckpt.tensors[name.removesuffix(".weight") + ".bias"] = np.zeros(spec.hidden, np.float32)
     if spec.logits_scaling != 1.0:  # the final norm feeds the head alone
-        offset, weight = spec.family.norm_offset, ckpt.tensors["model.norm.weight"].astype(np.float32)
+        weight = ckpt.tensors["model.norm.weight"].astype(np.float32)
         ckpt.tensors["model.norm.weight"] = (weight + offset) / spec.logits_scaling - offset
         for name in ("model.norm.bias", "lm_head.bias"):  # (a LayerNorm's; Phi's head's)
             if name in ckpt.tensors:

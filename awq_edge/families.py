@@ -67,7 +67,9 @@ class Family:
     # Granite: embedding_multiplier, attention_multiplier (the score scale), residual_multiplier (on
     # each attention and MLP output before its residual add) and logits_scaling (the logits divided)
     multipliers: bool = False
-    logit_scale: bool = False  # Cohere: the logits times config's logit_scale (Granite's logits_scaling is 1 / it)
+    # the config key whose value multiplies the logits: Cohere's logit_scale, HyperCLOVA X's logits_scaling
+    # (Granite's logits_scaling divides them); "" (none)
+    logit_scale: str = ""
     head_bias: bool = False  # Phi: the lm_head has a bias (lm_head.bias, [vocab]) added to the logits
     rope_interleaved: bool = False  # GLM: RoPE turns the pairs (2i, 2i + 1), not (i, i + rotary_dim / 2)
     # a family's own config.json keys, as (theirs, transformers'): read as the second where it lacks that
@@ -87,6 +89,8 @@ class Family:
     # config.json switches the engines do not compute, as (key, what it turns on): refused when set (true or
     # not 0, config_defaults' value where config.json has none)
     refused_switches: tuple = ()
+    # config.json switches the engines need on, as (key, what turning it off leaves out): refused when false
+    required_switches: tuple = ()
     # config.json keys the family's transformers model does not read (StableLM's head is always
     # hidden / heads, whatever head_dim says): left out before the config is read
     config_ignored: tuple = ()
@@ -153,7 +157,13 @@ FAMILIES: dict[str, Family] = {
                                                      "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
                                                      "llama_4_scaling_beta": 0.1}))),
         # Granite 3 (2B, 8B): Llama with four multipliers
-        Family("granite", ("granite",), multipliers=True, config_defaults=(("max_position_embeddings", 2048),)),
+        Family("granite", ("granite",), multipliers=True,
+               config_defaults=(("max_position_embeddings", 2048), ("attention_multiplier", 1.0))),
+        # HyperCLOVA X SEED: Granite's multipliers (but the logits times logits_scaling, the score scale
+        # head_dim ** -0.5 unless set) with Peri-LN: an RMSNorm on each of the attention's and the MLP's outputs
+        Family("hyperclovax", ("hyperclovax",), multipliers=True, logit_scale="logits_scaling",
+               post_norms=("post_norm1", "post_norm2"), config_defaults=(("max_position_embeddings", 2048),),
+               required_switches=(("use_post_norm", "HyperCLOVA X without its Peri-LN post-norms"),)),
         # GLM-Edge (1.5B, 4B) and GLM-4-9B-0414's predecessors: q/k/v bias, fused gate/up, half of
         # each head rotated in interleaved pairs
         Family("glm", ("glm",), qkv_bias=True, rope_interleaved=True, fused_linears=(FUSED_GATE_UP,),
@@ -199,12 +209,12 @@ FAMILIES: dict[str, Family] = {
         # Cohere (Command R, Aya 23 and Expanse 8B): LayerNorms without a bias, attention and the MLP
         # side by side on one norm, RoPE on interleaved pairs, logits times logit_scale
         Family("cohere", ("cohere",), norm="layer", norm_bias=False, parallel_block=True, rope_interleaved=True,
-               logit_scale=True, config_aliases=(("layer_norm_eps", "rms_norm_eps"),),
+               logit_scale="logit_scale", config_aliases=(("layer_norm_eps", "rms_norm_eps"),),
                config_defaults=COHERE_DEFAULTS + (("max_position_embeddings", 8192), ("rope_theta", 500000.0)),
                refused_switches=(("use_qk_norm", "LayerNorms on q's and k's heads (Command R+)"),)),
         # Cohere 2 (Command R7B): Cohere's block, three of every four layers sliding, the full ones without RoPE
         Family("cohere2", ("cohere2",), norm="layer", norm_bias=False, parallel_block=True, rope_interleaved=True,
-               logit_scale=True, sliding_layers="gemma", nope_layers="full",
+               logit_scale="logit_scale", sliding_layers="gemma", nope_layers="full",
                config_aliases=(("layer_norm_eps", "rms_norm_eps"),),
                config_defaults=COHERE_DEFAULTS + (("max_position_embeddings", 8192), ("sliding_window", 4096),
                                                   ("sliding_window_pattern", 4))),
@@ -227,7 +237,7 @@ FAMILIES: dict[str, Family] = {
                                (".mlp.output_linear.", ".mlp.down_proj.")),
                config_replaced=(("shared_intermediate_size", "intermediate_size"),),
                config_defaults=(("max_position_embeddings", 2048), ("shared_intermediate_size", 1024),
-                                ("num_local_experts", 8)),
+                                ("num_local_experts", 8), ("attention_multiplier", 1.0)),
                refused_switches=(("num_local_experts", "a mixture of experts: Granite 4.0's MoE models"),)),
         # Phi-1, 1.5 and 2: attention and an MLP without a gate (fc1, gelu_tanh, fc2) side by side on
         # one LayerNorm, biases on every linear and on the head, partial rotary, under their own names

@@ -239,6 +239,10 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         if config.get(key) not in (None, False, 0):
             raise UserError(f"{where}: {key} {config[key]!r:.40} ({what}) is not supported for {model_type}: "
                             "awq-edge's engines do not compute it")
+    for key, what in family.required_switches:
+        if config.get(key) is not None and not c.bool(key):
+            raise UserError(f"{where}: {key} false ({what}) is not supported for {model_type}: awq-edge's engines "
+                            "compute its model with it on")
     hidden = c.int("hidden_size", 1, MAX_HIDDEN)
     layers = c.int("num_hidden_layers", 1, MAX_LAYERS)
     heads = c.int("num_attention_heads", 1, MAX_HEADS)
@@ -309,13 +313,13 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     scalar = c.float("query_pre_attn_scalar", 1e-6, 1e9, default=None)  # Gemma: scale by this, not head_dim
     attn_scale = scalar ** -0.5 if scalar else head_dim ** -0.5
     embed, residual, logits_scaling = float(hidden) ** 0.5 if family.embed_scale else None, 1.0, 1.0
-    if family.multipliers:  # Granite's, each 1 unless set (the score scale too: not head_dim's)
+    if family.multipliers:  # Granite's, each 1 unless set (its score scale too: config_defaults)
         embed = c.float("embedding_multiplier", 1e-6, 1e6, default=1.0)
-        attn_scale = c.float("attention_multiplier", 1e-9, 1e3, default=1.0)
+        attn_scale = c.float("attention_multiplier", 1e-9, 1e3, default=attn_scale)
         residual = c.float("residual_multiplier", 1e-6, 1e6, default=1.0)
         logits_scaling = c.float("logits_scaling", 1e-6, 1e6, default=1.0)
-    if family.logit_scale:  # Cohere multiplies the logits by it: the same fold, by its inverse
-        logits_scaling = 1.0 / c.float("logit_scale", 1e-6, 1e6)
+    if family.logit_scale:  # Cohere and HyperCLOVA X multiply the logits by it: the same fold, by its inverse
+        logits_scaling = 1.0 / c.float(family.logit_scale, 1e-6, 1e6, default=1.0)
     return ModelSpec(
         family=family, model_type=model_type, hidden=hidden, layers=layers, heads=heads,
         kv_heads=kv_heads, head_dim=head_dim, vocab=vocab, intermediate=intermediate,

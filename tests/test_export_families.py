@@ -479,6 +479,15 @@ def test_granite4_runs_its_dense_models_and_refuses_its_hybrid_and_expert_ones()
             model_spec({**dense, **change})
 
 
+def test_hyperclovax_without_its_post_norms_is_refused():
+    from awq_edge.export.spec import model_spec
+
+    config = {**TINY, **TINY_EXTRA["hyperclovax"], "model_type": "hyperclovax"}
+    assert model_spec({**config, "use_post_norm": True}).family.post_norms
+    with pytest.raises(UserError, match="use_post_norm false .* is not supported for hyperclovax"):
+        model_spec({**config, "use_post_norm": False})
+
+
 @pytest.mark.parametrize("model_type", TINY_EXTRA)
 def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
     """A config.json that leaves keys out (Gemma 3's, third-party checkpoints') means transformers'

@@ -39,6 +39,9 @@ TINY_EXTRA = {
     # attention and an MLP without a gate on one LayerNorm under Phi's names, biases everywhere, a head bias,
     # half of each head rotated (its default)
     "phi": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # Granite's multipliers (the logits times logits_scaling) with an RMSNorm after attention and the MLP
+    "hyperclovax": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
+                    "logits_scaling": 2.5, "pad_token_id": 0},
     # Granite's multipliers in Granite 4's model: its own MLP width and names, gate and up stored as one
     "granitemoehybrid": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                          "logits_scaling": 2.5, "layer_types": ["attention", "attention"], "num_local_experts": 0,

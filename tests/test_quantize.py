@@ -294,7 +294,8 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("ministral3", "smollm3", "granite", "glm", "glm4", "ernie4_5",
                                                        "olmo2", "exaone4", "gemma", "vaultgemma", "hunyuan_v1_dense",
                                                        "arcee", "nemotron", "stablelm", "cohere", "cohere2", "jais2",
-                                                       "starcoder2", "granitemoehybrid", "phi"))
+                                                       "starcoder2", "granitemoehybrid", "phi",
+                                                       "hyperclovax"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
