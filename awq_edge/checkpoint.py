@@ -206,8 +206,9 @@ def read_for_engine(path: str | Path):
     multiplier and logits scaling (Cohere's logit_scale) folded into the weights (o_proj's and
     down_proj's scales and biases times it, in float32, or the post-norms' weights that follow them:
     HyperCLOVA X's; the final norm's weight and bias divided),
-    and a LayerNorm stored without a bias (Cohere's) given one of zeros."""
-    from .export.spec import rotary_order
+    and a LayerNorm stored without a bias (Cohere's) given one of zeros, without a weight (OLMo 1's)
+    one of ones."""
+    from .export.spec import block_norms, rotary_order
 
     ckpt, spec = read_checked(path)
     m, offset = spec.residual_multiplier, spec.family.norm_offset
@@ -220,6 +221,10 @@ def read_for_engine(path: str | Path):
             lin = ckpt.linears[name]
             ckpt.linears[name] = replace(lin, scales=lin.scales.astype(np.float32) * m,
                                          bias=None if lin.bias is None else lin.bias.astype(np.float32) * m)
+    if not spec.family.norm_weight:  # OLMo 1's norms: every engine multiplies by ones
+        norms = [f"model.layers.{i}.{n}" for i in range(spec.layers) for n in block_norms(spec.family)]
+        for name in ["model.norm", *norms]:
+            ckpt.tensors[name + ".weight"] = np.ones(spec.hidden, np.float32)
     if spec.family.norm == "layer" and not spec.family.norm_bias:  # Cohere's: every engine adds a bias of zeros
         for name in [n for n in ckpt.tensors if n.endswith("norm.weight")]:
             ckpt.tensors[name.removesuffix(".weight") + ".bias"] = np.zeros(spec.hidden, np.float32)

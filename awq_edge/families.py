@@ -27,6 +27,7 @@ class Family:
     # (Nemotron, StableLM, Cohere: the pre-norms and the final norm; no family has q/k or post-norms with it)
     norm: str = "rms"
     norm_bias: bool = True  # a LayerNorm's bias is stored (Cohere's has none: the engines add zeros)
+    norm_weight: bool = True  # a norm's weight is stored (OLMo 1's LayerNorms have none: the engines add ones)
     # Cohere: attention and the MLP both read the input norm's output (no norm before the MLP), and
     # h + attention + MLP is the block's output
     parallel_block: bool = False
@@ -92,7 +93,7 @@ class Family:
     # config.json switches the engines need on, as (key, what turning it off leaves out): refused when false
     required_switches: tuple = ()
     # config.json keys the family's transformers model does not read (StableLM's head is always
-    # hidden / heads, whatever head_dim says): left out before the config is read
+    # hidden / heads, whatever head_dim says; OLMo 1's eps is always 1e-5): left out, config_defaults' taken
     config_ignored: tuple = ()
 
     def transformers_name(self, stored: str) -> str:
@@ -256,6 +257,12 @@ FAMILIES: dict[str, Family] = {
         Family("hunyuan", ("hunyuan_v1_dense",), qk_norm=True, qk_norm_after_rope=True,
                qk_norms=("self_attn.query_layernorm", "self_attn.key_layernorm"),
                config_defaults=(("max_position_embeddings", 2048), ("rms_norm_eps", 1e-5))),
+        # OLMo 1 (1B, 7B): Llama with LayerNorms that have neither weight nor bias, eps 1e-5 always;
+        # clip_qkv (OLMo 0424's and 0724's 7B) refused
+        Family("olmo", ("olmo",), norm="layer", norm_bias=False, norm_weight=False,
+               config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 2048)),
+               config_ignored=("rms_norm_eps", "layer_norm_eps"),
+               refused_switches=(("clip_qkv", "q, k and v clamped to +-clip_qkv"),)),
         # OLMo 2 (1B, 7B, 13B): no norm before attention or the MLP, one after each (Gemma's names),
         # q/k norms over the whole projection
         Family("olmo2", ("olmo2",), pre_norms=False, post_norms=GEMMA_POST_NORMS, qk_norm=True, qk_norm_whole=True,

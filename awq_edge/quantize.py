@@ -301,25 +301,27 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     heads; losses plain, relative to the residual, down-weighting outliers) did worse than
     leaving o unscaled, on two texts and four paired calibration runs (docs/quantizer.md).
 
-    A block without pre-norms (OLMo 2) has no qkv or gate_up group: their input is the residual
-    stream itself, which no op of the block could divide by the scales; those linears are clipped
-    and rounded only. An MLP without a gate (Arcee) has an up group in gate_up's place, and a down
-    group only across an activation that scales through (relu^2: ACTIVATION_ROOTS). A parallel
-    block (Cohere: attention and MLP on one norm) has one qkv_gate_up group, scored on the sum
-    of the attention's and the MLP's outputs, as AutoAWQ's GPT-J."""
+    A block without pre-norms (OLMo 2), or whose norms have no weight (OLMo 1), has no qkv or
+    gate_up group: their input is the residual stream itself, or a norm's output that no weight of
+    the block could divide by the scales; those linears are clipped and rounded only. An MLP
+    without a gate (Arcee) has an up group in gate_up's place, and a down group only across an
+    activation that scales through (relu^2: ACTIVATION_ROOTS). A parallel block (Cohere: attention
+    and MLP on one norm) has one qkv_gate_up group, scored on the sum of the attention's and the
+    MLP's outputs, as AutoAWQ's GPT-J."""
     attn, mlp = layer.self_attn, layer.mlp
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     groups = []
     qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
     mlp_in, mlp_group = ([mlp.gate_proj, mlp.up_proj], "gate_up") if family.gated_mlp else ([mlp.up_proj], "up")
+    foldable = family.pre_norms and family.norm_weight  # a norm with a weight to divide by the scales
     if family.parallel_block:  # q/k/v and gate/up read one norm: one group, its loss on attention + MLP
         groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, qkv + mlp_in, "parallel", "q_proj"))
-    elif family.pre_norms:
+    elif foldable:
         groups.append(ScaleGroup("qkv", layer.input_layernorm, qkv, "self_attn", "q_proj"))
     if kv_heads == heads:
         groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
-    if family.pre_norms and not family.parallel_block:
+    if foldable and not family.parallel_block:
         groups.append(ScaleGroup(mlp_group, getattr(layer, family.mlp_norm), mlp_in, "mlp",
                                  "gate_proj" if family.gated_mlp else "up_proj"))
     if family.gated_mlp or family.activation in ACTIVATION_ROOTS:  # down's input: act(gate) * up, or act(up)

@@ -232,7 +232,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     if config.get("rope_scaling") is not None:  # (which reads an older config's rope_scaling as rope_parameters)
         defaults.pop("rope_parameters", None)
     aliased = {ours: config[theirs] for theirs, ours in family.config_aliases if theirs in config}
-    config = {k: v for k, v in {**defaults, **aliased, **config}.items() if k not in family.config_ignored}
+    config = {**defaults, **aliased, **{k: v for k, v in config.items() if k not in family.config_ignored}}
     config.update({usual: config[theirs] for theirs, usual in family.config_replaced if theirs in config})
     c = Fields(config, where, fix)
     for key, what in family.refused_switches:
@@ -343,19 +343,23 @@ def layer_linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
             "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
 
 
+def block_norms(family: Family) -> set[str]:
+    """The names of a block's norms (on the hidden size): pre-norms (one in a parallel block) and post-norms."""
+    pre = ("input_layernorm",) if family.parallel_block else ("input_layernorm", family.mlp_norm)
+    return {*(pre if family.pre_norms else ()), *family.post_norms}
+
+
 def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """What a checkpoint of this model holds: (quantized linears prefix -> [out, in], float tensors
     name -> shape). Biases and an untied lm_head are optional (checked when present)."""
     h, hd = spec.hidden, spec.head_dim
     family = spec.family
     layer_linears = layer_linear_shapes(spec)
-    linears, tensors = {}, {"model.embed_tokens.weight": (spec.vocab, h), "model.norm.weight": (h,)}
-    block_norms = ("input_layernorm",) if family.parallel_block else ("input_layernorm", family.mlp_norm)
-    norms = {*(block_norms if family.pre_norms else ()), *family.post_norms}
+    linears, tensors = {}, {"model.embed_tokens.weight": (spec.vocab, h)}
+    norms = block_norms(family)
     biased = family.norm == "layer" and family.norm_bias  # (LayerNorm's: the block's norms and the final one)
-    kinds = ("weight", "bias") if biased else ("weight",)
-    if biased:
-        tensors["model.norm.bias"] = (h,)
+    kinds = ("weight", "bias") if biased else ("weight",) if family.norm_weight else ()  # (OLMo 1's: none)
+    tensors.update({f"model.norm.{kind}": (h,) for kind in kinds})
     if family.head_bias:
         tensors["lm_head.bias"] = (spec.vocab,)
     q_norm, k_norm = (spec.heads * hd, spec.kv_heads * hd) if family.qk_norm_whole else (hd, hd)

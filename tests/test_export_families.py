@@ -479,13 +479,23 @@ def test_granite4_runs_its_dense_models_and_refuses_its_hybrid_and_expert_ones()
             model_spec({**dense, **change})
 
 
-def test_hyperclovax_without_its_post_norms_is_refused():
+@pytest.mark.parametrize("model_type, taken, refused, message", [
+    ("hyperclovax", {"use_post_norm": True}, {"use_post_norm": False}, "use_post_norm false .* for hyperclovax"),
+    ("olmo", {"clip_qkv": None}, {"clip_qkv": 8.0}, "clip_qkv 8.0 .* is not supported for olmo")])
+def test_a_switch_the_engines_do_not_compute_is_refused(model_type, taken, refused, message):
+    """HyperCLOVA X without its Peri-LN post-norms (use_post_norm false); OLMo 1's clip_qkv (0424, 0724)."""
     from awq_edge.export.spec import model_spec
 
-    config = {**TINY, **TINY_EXTRA["hyperclovax"], "model_type": "hyperclovax"}
-    assert model_spec({**config, "use_post_norm": True}).family.post_norms
-    with pytest.raises(UserError, match="use_post_norm false .* is not supported for hyperclovax"):
-        model_spec({**config, "use_post_norm": False})
+    config = {**TINY, **TINY_EXTRA[model_type], "model_type": model_type}
+    model_spec({**config, **taken})
+    with pytest.raises(UserError, match=message):
+        model_spec({**config, **refused})
+
+
+def test_olmo_1s_layer_norms_take_eps_1e_5_whatever_its_config_says():
+    from awq_edge.export.spec import model_spec
+
+    assert model_spec({**TINY, "model_type": "olmo", "rms_norm_eps": 1e-6, "layer_norm_eps": 1e-3}).eps == 1e-5
 
 
 @pytest.mark.parametrize("model_type", TINY_EXTRA)

@@ -75,6 +75,8 @@ TINY_EXTRA = {
     "hunyuan_v1_dense": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
                          "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0,
                                              "factor": 1.0}},
+    # LayerNorms without a weight or a bias
+    "olmo": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # no pre-norms, post-norms, q/k norms over all heads
     "olmo2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # OLMo 2's block, layer 0 sliding, a RoPE base per layer type

@@ -295,7 +295,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
                                                        "olmo2", "exaone4", "gemma", "vaultgemma", "hunyuan_v1_dense",
                                                        "arcee", "nemotron", "stablelm", "cohere", "cohere2", "jais2",
                                                        "starcoder2", "granitemoehybrid", "phi",
-                                                       "hyperclovax"))
+                                                       "hyperclovax", "olmo"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -324,13 +324,15 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
 
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere",
-                                                       "jais2", "starcoder2", "granitemoehybrid", "phi"))
+                                                       "jais2", "starcoder2", "granitemoehybrid", "phi",
+                                                       "olmo"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into
     its previous op: the float block computes the same function. Each family folds into its own
     norms (Gemma's 1 + w, the sandwich and q/k norms stay outside the folds). OLMo 2's block has
-    no norm before q/k/v and gate/up to fold into: only o and down are scaled there. Arcee's MLP
+    no norm before q/k/v and gate/up to fold into, OLMo 1's no norm weight: only o and down are
+    scaled there. Arcee's MLP
     has no gate: down's scales fold into up_proj across relu^2, as their square roots (across
     StarCoder 2's gelu, which does not scale through, down has no group; its block runs under our
     names). Nemotron's LayerNorms (1 + w, a bias) take the q/k/v and up scales, bias and all.
@@ -344,8 +346,8 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
         linears = _linear_names(layer)
         groups = block_groups(layer, family, model.config)
         mlp_in = "gate_up" if family.gated_mlp else "up"
-        want = ([f"qkv_{mlp_in}", "o"] if family.parallel_block else ["qkv", "o", mlp_in] if family.pre_norms
-                else ["o"])
+        want = ([f"qkv_{mlp_in}", "o"] if family.parallel_block else ["qkv", "o", mlp_in]
+                if family.pre_norms and family.norm_weight else ["o"])
         down = family.gated_mlp or family.activation in ACTIVATION_ROOTS  # (StarCoder 2's gelu: no down group)
         assert [g.name for g in groups] == want + ["down"] * down
         torch.manual_seed(i)
