@@ -43,16 +43,43 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt")
 
 
-# A vision-language checkpoint (Gemma 3 from 4B on, Mistral Small 3.1) wraps a language model of a
-# supported family: awq-edge reads that model alone and never the vision tower. transformers < 4.52
-# saved its weights as language_model.model.* and language_model.lm_head.*, later versions as
-# model.language_model.* and lm_head.*.
+# A vision-language checkpoint (Gemma 3 from 4B on, Mistral Small 3.1, Qwen2.5-VL, Qwen3-VL) wraps a
+# language model of a supported family: awq-edge reads that model alone and never the vision tower.
+# transformers < 4.52 saved its weights as language_model.model.* and language_model.lm_head.*, later
+# versions as model.language_model.* and lm_head.*; Qwen2-VL's and Qwen2.5-VL's hub checkpoints keep
+# the language model's own names (model.layers.*, beside visual.*).
 LANGUAGE_MODEL_KEYS = (("language_model.model.", "model."), ("model.language_model.", "model."),
-                       ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
+                       ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
+                       *((f"model.{part}.", f"model.{part}.") for part in ("layers", "embed_tokens", "norm")))
+# Text models that are, on text, a causal LM of another model_type: Qwen2-VL's and Qwen2.5-VL's
+# are Qwen2's, Qwen3-VL's Qwen3's (their RoPE sections turn every text position as one RoPE does)
+TEXT_MODEL_TYPES = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3"}
+# Wrappers whose hub configs are flat (no text_config: the language model's keys at the top level)
+FLAT_WRAPPERS = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}
 
 
 def is_vision_language(config: dict) -> bool:
-    return isinstance(config.get("text_config"), dict) and config.get("model_type") not in SUPPORTED_TYPES
+    return config.get("model_type") not in SUPPORTED_TYPES and (
+        isinstance(config.get("text_config"), dict) or config.get("model_type") in FLAT_WRAPPERS)
+
+
+def text_config(config: dict) -> dict:
+    """A vision-language config's language model config as written: its text_config, or a flat
+    one's own keys (all but vision_config), under the model_type of the causal LM it is on text."""
+    wrapper_type = config.get("model_type")
+    if wrapper_type in FLAT_WRAPPERS and not isinstance(config.get("text_config"), dict):
+        text = {k: v for k, v in config.items() if k != "vision_config"}
+        text["model_type"] = FLAT_WRAPPERS[wrapper_type]
+    else:
+        text = dict(config["text_config"])
+    text_type = text.get("model_type")
+    if isinstance(text_type, str) and text_type in TEXT_MODEL_TYPES:
+        text["model_type"] = TEXT_MODEL_TYPES[text_type]
+        for key in ("rope_scaling", "rope_parameters"):  # "mrope", as the causal LM names it on text (its RoPE)
+            rope = text.get(key)
+            if isinstance(rope, dict) and "mrope" in (rope.get("type"), rope.get("rope_type")):
+                text[key] = {**{k: v for k, v in rope.items() if k != "type"}, "rope_type": "default"}
+    return text
 
 
 def language_model_key(stored: str) -> str | None:
@@ -79,7 +106,7 @@ def language_model_view(config: dict, ours: bool = True):
     eos_token_id and tie_word_embeddings carried over, and language_model_key."""
     if not is_vision_language(config):
         return config, our_names(config.get("model_type"), ours)
-    text = {**config["text_config"], "quantization_config": config.get("quantization_config")}
+    text = {**text_config(config), "quantization_config": config.get("quantization_config")}
     for key in ("eos_token_id", "tie_word_embeddings"):  # the wrapper's decide, as in transformers
         if config.get(key) is not None:
             text[key] = config[key]

@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 
 from . import data
-from .checkpoint import LANGUAGE_MODEL_KEYS, is_vision_language, language_model_view, temp_dir_beside
+from .checkpoint import (LANGUAGE_MODEL_KEYS, is_vision_language, language_model_view, temp_dir_beside,
+                         text_config)
 from .errors import UserError
 from .families import SUPPORTED, SUPPORTED_TYPES, Family, family_for
 from .untrusted import read_json, sha256_file
@@ -52,7 +53,7 @@ def language_model_config(model_dir: Path, config: dict) -> dict:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    text_type = config["text_config"].get("model_type")
+    text_type = text_config(config).get("model_type")
     if not isinstance(text_type, str) or text_type not in SUPPORTED_TYPES:
         raise UserError(f"{model_dir} is a vision-language model ({config.get('model_type')}) whose language model "
                         f"({str(text_type)[:40]}) is not a supported family; supported model types: {SUPPORTED}")
@@ -62,6 +63,7 @@ def language_model_config(model_dir: Path, config: dict) -> dict:
     except Exception as e:
         raise UserError(f"transformers cannot read {model_dir / 'config.json'} ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:150]}); re-download the model") from None
+    text["model_type"] = text_type  # (Qwen2.5-VL's text model: a Qwen2 on text, checkpoint.TEXT_MODEL_TYPES)
     text["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_type]]
     text["tie_word_embeddings"] = bool(wrapper.tie_word_embeddings)  # the wrapper's decides, as in transformers
     if config.get("eos_token_id") is not None:  # the instruct models' end of turn is listed here (Gemma 3: 106)
@@ -72,7 +74,7 @@ def language_model_config(model_dir: Path, config: dict) -> dict:
 
 def check_causal_lm(config: dict, where: str) -> Family:
     if is_vision_language(config):  # a quantized one (read_config gives a float one's language model)
-        return family_for(str(config["text_config"].get("model_type", "?")))
+        return family_for(str(text_config(config).get("model_type", "?")))
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise UserError(f"{where}: config.json architectures is not a list of names; re-download the model")
@@ -338,6 +340,9 @@ def load_for_quantization(model_dir: Path):
         config = AutoConfig.from_pretrained(model_dir)
         if vision_language:
             config = config.get_text_config()  # what language_model_config settled, on transformers' object
+            if config.model_type != config_dict["model_type"]:  # the causal LM it is on text (Qwen2.5-VL's: Qwen2)
+                config = AutoConfig.for_model(config_dict["model_type"],
+                                              **{k: v for k, v in config.to_dict().items() if k != "model_type"})
             config.dtype = getattr(torch, str(config_dict["dtype"] or "float32").removeprefix("torch."))
             config.tie_word_embeddings = config_dict["tie_word_embeddings"]
         with init_empty_weights():

@@ -280,8 +280,29 @@ VISION_LANGUAGE = {
                    dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, image_size=28, patch_size=14, head_dim=16),
                    dict(image_token_index=299, tie_word_embeddings=False)),
+    # Qwen2.5-VL: a Qwen2 on text (its RoPE sections all turn text positions alike); keys as the hub's,
+    # the language model's own (model.layers.*) beside visual.*; "_flat": its config as the hub's too,
+    # the language model's keys at the top level (no text_config), RoPE as rope_scaling type mrope
+    "qwen2_5_vl": ({**TINY, "model_type": "qwen2_5_vl_text", "vocab_size": 300,
+                    "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}},
+                   dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                        fullatt_block_indexes=[0], window_size=28, patch_size=14),
+                   dict(image_token_id=299, video_token_id=298, vision_start_token_id=297, vision_end_token_id=296)),
+    # Qwen3-VL: a Qwen3 on text; keys model.language_model.* beside model.visual.*
+    "qwen3_vl": ({**TINY, "model_type": "qwen3_vl_text", "head_dim": 16, "vocab_size": 300, "eos_token_id": 7,
+                  "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                      "rope_theta": 10000.0}},
+                 dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      deepstack_visual_indexes=[0], num_position_embeddings=16, patch_size=16),
+                 dict(image_token_id=299, video_token_id=298, vision_start_token_id=297, vision_end_token_id=296)),
 }
-WRAPPERS = {"ministral3": "mistral3"}  # a case's wrapper model_type, where not its name
+VISION_LANGUAGE["qwen2_5_vl_flat"] = VISION_LANGUAGE["qwen2_5_vl"]
+# Qwen2-VL: Qwen2.5-VL's language model before it, as the hub has it (flat)
+VISION_LANGUAGE["qwen2_vl_flat"] = ({**VISION_LANGUAGE["qwen2_5_vl"][0], "model_type": "qwen2_vl_text"},
+                                    dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                                         patch_size=14),
+                                    VISION_LANGUAGE["qwen2_5_vl"][2])
+WRAPPERS = {"ministral3": "mistral3", "qwen2_5_vl_flat": "qwen2_5_vl", "qwen2_vl_flat": "qwen2_vl"}  # if not its name
 
 
 def vision_language_dir(root, wrapper: str, tokenizer_dir) -> tuple:
@@ -307,6 +328,12 @@ def vision_language_dir(root, wrapper: str, tokenizer_dir) -> tuple:
         saved["text_config"] = {k: v for k, v in saved["text_config"].items()
                                 if k == "model_type" or defaults.get(k) != v}
         assert "num_attention_heads" not in saved["text_config"] or TINY["num_attention_heads"] != 8
+    elif wrapper.endswith("_flat"):
+        text = saved.pop("text_config")
+        rope = text.pop("rope_parameters")
+        saved.update({k: v for k, v in text.items() if k not in ("model_type", "dtype", "architectures")},
+                     rope_theta=rope["rope_theta"],
+                     rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
     else:
         tensors = load_file(out / "model.safetensors")
         renamed = {k.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head.",
@@ -329,7 +356,8 @@ def wrap_checkpoint(ckpt, source, out):
 
     wrapper_tensors = load_file(source / "model.safetensors")
     legacy = any(k.startswith("language_model.") for k in wrapper_tensors)
-    moved = {(f"language_model.{k}" if legacy else k.replace("model.", "model.language_model.", 1)
+    own = any(k.startswith("model.layers.") for k in wrapper_tensors)  # (Qwen2.5-VL's: as the language model's)
+    moved = {(f"language_model.{k}" if legacy else k if own else k.replace("model.", "model.language_model.", 1)
               if k.startswith("model.") else k): v for k, v in load_file(ckpt / "model.safetensors").items()}
     vision = {k: v for k, v in wrapper_tensors.items() if language_model_key(k) is None}
     out.mkdir()
@@ -350,7 +378,7 @@ def test_a_vision_language_checkpoint_is_quantized_as_its_language_model(tmp_pat
     keeps the wrapper (RedHatAI's Gemma 3 w4a16 models): read as its language model's checkpoint."""
     import torch
 
-    from awq_edge.checkpoint import load_awq_as_float, read_checkpoint
+    from awq_edge.checkpoint import TEXT_MODEL_TYPES, load_awq_as_float, read_checkpoint
     from awq_edge.model import load_float_model
     from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
 
@@ -366,8 +394,10 @@ def test_a_vision_language_checkpoint_is_quantized_as_its_language_model(tmp_pat
     quantize_checkpoint(str(source), ckpt, QuantizeSettings(method="rtn", group_size=32), progress=False,
                         checkpoint_format=fmt)
     config = json.loads((ckpt / "config.json").read_text())
-    assert config["model_type"] == VISION_LANGUAGE[wrapper][0].get("model_type", "gemma3_text")
-    assert config["eos_token_id"] == VISION_LANGUAGE[wrapper][2].get("eos_token_id", config["eos_token_id"])
+    text_type = VISION_LANGUAGE[wrapper][0].get("model_type", "gemma3_text")
+    assert config["model_type"] == TEXT_MODEL_TYPES.get(text_type, text_type)  # (Qwen2.5-VL's: a qwen2 checkpoint)
+    text, _, extra = VISION_LANGUAGE[wrapper]
+    assert config["eos_token_id"] == extra.get("eos_token_id", text.get("eos_token_id", config["eos_token_id"]))
     ref = load_awq_as_float(ckpt).eval()
     check_against_reference(export_for_cpu(ckpt, tmp_path / "exports", "ort"), ref, ids, PROMPT, 1e-5)
 
