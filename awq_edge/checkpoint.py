@@ -337,8 +337,8 @@ def write_checkpoint(staging: Path, config: dict, linears: dict[str, QuantizedLi
     family = family_for(str(config.get("model_type")))
     linears = fuse_linears(linears, family)  # as the family stores them
     out: dict[str, np.ndarray] = {}
-    for name, t in tensors.items():
-        out[name] = np.ascontiguousarray(t.astype(np.float16))
+    for name, t in tensors.items():  # (ascontiguousarray makes a 0-d array 1-d: Apertus's xIELU beta, eps are 0-d)
+        out[name] = np.ascontiguousarray(t.astype(np.float16)).reshape(t.shape)
     group_size = None
     for prefix, lin in linears.items():
         if lin.order is not None:  # (the quantizer writes none; a GPTQ act-order linear is only read)

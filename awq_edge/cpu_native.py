@@ -224,7 +224,8 @@ class CpuModel(ctypes.Structure):
 NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
             "add": 9, "rope": 10}
-ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2}  # cpu_ops.h's ACT_*
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3}  # cpu_ops.h's ACT_*
+XIELU_PARAMS = ("alpha_p", "alpha_n", "beta", "eps")  # the graph's {mlp}.act_fn.xielu.* scalars, as act() reads them
 ACT_UNGATED = 4  # added for act(x), not act(gate) * up (an MLP without a gate)
 
 
@@ -286,7 +287,7 @@ class NativeDecoder:
             def biased(*names) -> bool:
                 return any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith(names))
             spec = decoder_spec(model_spec(info.config), groups.pop(), biased("qkv_proj"),
-                                out_bias=biased("o_proj", "gate_up_proj", "up_proj", "down_proj"))
+                                out_bias=biased("o_proj", "gate_up_proj", "up_proj", "down_proj"), cuda=False)
         except UserError as e:
             raise Unsupported(str(e)) from None
         if spec.head_dim not in NATIVE_HEAD_DIMS:
@@ -328,6 +329,7 @@ class NativeDecoder:
                               **{k: v.ctypes.data for k, v in self.scratch.items()})
         # the unfused list: decode_step.c runs one op per record, and ORT's fused gate/up weight has
         # gate and up side by side (not interleaved as in a cuda engine), which its act op reads
+        self.act_params: list[np.ndarray] = []
         self.ops = [self._op(op) for op in decode_ops(spec, fused=False)]
         self.program = (CpuOp * len(self.ops))(*self.ops)
 
@@ -397,6 +399,11 @@ class NativeDecoder:
         elif op.kind == "act":
             rec.n, rec.x, rec.out = spec.intermediate, ptr(a["x"]), ptr(a["out"])
             rec.kind_arg = ACT_KINDS[a["kind"]] | (0 if a["gated"] else ACT_UNGATED)
+            if a["params"]:  # (Apertus's xIELU: the layer's four, in w_norm)
+                params = np.array([self._tensor(f"{a['params']}.xielu.{n}", np.float32, 1)[()] for n in XIELU_PARAMS],
+                                  np.float32)
+                self.act_params.append(params)  # (alive as long as the op)
+                rec.w_norm = params.ctypes.data
         elif op.kind == "lm_head":
             rec.x, rec.out, rec.softcap = ptr(a["x"]), ptr(a["out"]), a["softcap"]
             self._linear(rec, "lm_head.q4", spec.vocab, spec.hidden)

@@ -56,7 +56,8 @@ import numpy as np
 from .errors import UserError
 from .packing import INT8_BLOCK
 
-ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh", "relu2": "relu2"}
+ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh", "relu2": "relu2", "xielu": "xielu"}
+CUDA_ACTIVATIONS = ("silu", "gelu_tanh", "relu2")  # what the cuda kernels compute (activation.cuh); the C decode: all
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,14 @@ HEAD_SELECT_CAPACITY = 8192      # plugins/kernels/head_top_k.cu: keys a block s
 
 
 def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8",
-                 act_order: bool = False, out_bias: bool = False) -> DecoderSpec:
+                 act_order: bool = False, out_bias: bool = False, cuda: bool = True) -> DecoderSpec:
     """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size, which
     linears carry biases (checkpoint_biases), the head's kind, and whether the linears are GPTQ
-    act-order ones."""
+    act-order ones. cuda False: for the CPU's native decode (cpu_native), which computes every activation."""
     family = model.family
+    if cuda and family.activation not in CUDA_ACTIVATIONS:
+        raise UserError(f"the cuda kernels do not compute {model.model_type}'s {family.activation} activation; "
+                        "build for --device cpu")
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
                         f"({', '.join(map(str, HEAD_DIMS))}); use the CPU engine (--device cpu)")
@@ -255,7 +259,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                                  epilogue="act", act=spec.activation, gated=spec.gated_mlp))
         else:
             ops.append(linear_op(x, "gate_up", gate_up, width * spec.intermediate, spec.hidden, spec.out_bias))
-            ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation, "gated": spec.gated_mlp}))
+            ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation, "gated": spec.gated_mlp,
+                                  "params": f"{p}.mlp.act_fn" if spec.activation == "xielu" else None}))
         act = in_order("act", f"{p}.mlp.down_proj", spec.intermediate)
         if fuse_residual:
             ops.append(linear_op(act, "h", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, spec.out_bias,

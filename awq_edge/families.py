@@ -39,7 +39,8 @@ class Family:
     # "sandwich"; GLM-4's): none, or (after attention, after the MLP)
     post_norms: tuple = ()
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
-    activation: str = "silu"  # the MLP's activation: silu | gelu_tanh | relu2 (relu(x)^2)
+    # the MLP's activation: silu | gelu_tanh | relu2 (relu(x)^2) | xielu (Apertus's: two learned parameters a layer)
+    activation: str = "silu"
     gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))), no gate_proj (Arcee)
     qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     # which layers slide when config.json has no layer_types (older configs), as transformers decides:
@@ -229,6 +230,16 @@ FAMILIES: dict[str, Family] = {
                sliding_layers="all", config_aliases=(("norm_epsilon", "rms_norm_eps"),),
                module_renames=((".mlp.c_fc.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj.")),
                config_defaults=(("rms_norm_eps", 1e-5), ("num_key_value_heads", 2), ("tie_word_embeddings", True))),
+        # Apertus (8B, 70B): an MLP without a gate whose activation, xIELU, has learned parameters in each
+        # layer (mlp.act_fn.alpha_p, alpha_n, beta, eps), per-head q/k norms, its norms under their own
+        # names; the cuda kernels do not compute xIELU: the CPU engines run it
+        Family("apertus", ("apertus",), activation="xielu", gated_mlp=False, qk_norm=True,
+               module_renames=((".attention_layernorm.", ".input_layernorm."),
+                               (".feedforward_layernorm.", ".post_attention_layernorm.")),
+               config_defaults=(("max_position_embeddings", 65536), ("rms_norm_eps", 1e-5),
+                                ("rope_parameters", {"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0,
+                                                     "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0}))),
         # Granite 4.0 dense (micro, 1B, 350M): Granite 3 in Granite 4's hybrid model with every layer attention
         # and no experts; its MLP (shared_mlp) stores gate and up as one input_linear; RoPE only if
         # position_embedding_type says so

@@ -165,8 +165,11 @@ class Decoder:
             h = b.op("Add", h, pending, name="residual")
         return b.op("LayerNormalization", h, w, bias, axis=-1, epsilon=self.spec.eps, name="norm"), h
 
-    def activation(self, x: str) -> str:
+    def activation(self, x: str, mlp: str) -> str:
+        """The MLP's activation of x; mlp: the layer's MLP prefix (Apertus's xIELU has parameters in each)."""
         b = self.b
+        if self.spec.family.activation == "xielu":
+            return self.xielu(x, mlp)
         if self.spec.family.activation == "silu":
             return b.op("Mul", x, b.op("Sigmoid", x), name="silu")
         if self.spec.family.activation == "relu2":
@@ -182,6 +185,23 @@ class Decoder:
                                                     b.op("Mul", x, b.op("Mul", x, x)))))
         half_x = b.op("Mul", x, b.act_const("const/half", 0.5))
         return b.op("Mul", half_x, b.op("Add", b.act_const("const/one", 1.0), b.op("Tanh", inner)), name="gelu_tanh")
+
+    def xielu(self, x: str, mlp: str) -> str:
+        """Apertus's xIELU: x > 0: a_p x^2 + beta x; else (e^min(x, eps) - 1 - x) a_n + beta x, with the
+        layer's a_p = softplus(alpha_p), a_n = beta + softplus(alpha_n) (`{mlp}.act_fn.xielu.*`: what
+        cpu_native reads too)."""
+        b = self.b
+        raw = {n: float(np.asarray(self.tensor(f"{mlp}.act_fn.{n}"), np.float64).reshape(-1)[0])
+               for n in ("alpha_p", "alpha_n", "beta", "eps")}
+        softplus = np.logaddexp  # softplus(v) = ln(1 + e^v) = logaddexp(0, v)
+        values = {"alpha_p": softplus(0.0, raw["alpha_p"]), "alpha_n": raw["beta"] + softplus(0.0, raw["alpha_n"]),
+                  "beta": raw["beta"], "eps": raw["eps"]}
+        a_p, a_n, beta, eps = (b.act_const(f"{mlp}.act_fn.xielu.{n}", v) for n, v in values.items())
+        beta_x = b.op("Mul", x, beta)
+        positive = b.op("Add", b.op("Mul", b.op("Mul", x, x), a_p), beta_x)
+        expm1 = b.op("Sub", b.op("Exp", b.op("Min", x, eps)), b.act_const("const/one", 1.0))
+        negative = b.op("Add", b.op("Mul", b.op("Sub", expm1, x), a_n), beta_x)
+        return b.op("Where", b.op("Greater", x, b.act_const("const/zero", 0.0)), positive, negative, name="xielu")
 
     # ------------------------------------------------------------ the graph
     def build(self):
@@ -253,9 +273,9 @@ class Decoder:
                 with b.scope("mlp"):
                     if spec.family.gated_mlp:
                         gate, up = self.gate_up(x, f"{p}.mlp")
-                        m = b.op("Mul", self.activation(gate), up)
+                        m = b.op("Mul", self.activation(gate, f"{p}.mlp"), up)
                     else:
-                        m = self.activation(self.linear(x, f"{p}.mlp.up_proj"))
+                        m = self.activation(self.linear(x, f"{p}.mlp.up_proj"), f"{p}.mlp")
                     pending = self.linear(m, f"{p}.mlp.down_proj")
                     if spec.family.post_norms:
                         pending = self.rms_norm(pending, self.norm_weight(f"{p}.{spec.family.post_norms[1]}.weight"))

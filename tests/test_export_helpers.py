@@ -39,6 +39,8 @@ TINY_EXTRA = {
     # attention and an MLP without a gate on one LayerNorm under Phi's names, biases everywhere, a head bias,
     # half of each head rotated (its default)
     "phi": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # an MLP without a gate whose activation (xIELU) has parameters in each layer, per-head q/k norms
+    "apertus": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # Granite's multipliers (the logits times logits_scaling) with an RMSNorm after attention and the MLP
     "hyperclovax": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                     "logits_scaling": 2.5, "pad_token_id": 0},
@@ -134,7 +136,7 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(mean=0.0 if family_for(model_type).norm_offset else 1.0, std=0.2)
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or ".act_fn." in name:  # (Apertus's xIELU parameters: each layer's own)
                 p.normal_(std=0.5)
     float_dir = root / "float"
     model.save_pretrained(float_dir)

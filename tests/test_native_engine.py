@@ -954,6 +954,16 @@ def test_a_head_with_a_bias_runs_on_the_int8_and_fp16_heads_and_is_refused_on_in
         decoder_spec(model, 32, lm_head="int4")
 
 
+def test_an_activation_the_cuda_kernels_do_not_compute_is_refused_for_cuda_only():
+    """Apertus's xIELU: the cuda engine refuses it in one line; the CPU's native decode takes it."""
+    model = model_spec({"model_type": "apertus", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1,
+                        "num_attention_heads": 4, "vocab_size": 300})
+    with pytest.raises(UserError, match="the cuda kernels do not compute apertus's xielu activation; build for --dev"):
+        decoder_spec(model, 32)
+    acts = [op for op in decode_ops(decoder_spec(model, 32, cuda=False), fused=False) if op.kind == "act"]
+    assert [op.args["params"] for op in acts] == ["model.layers.0.mlp.act_fn"]
+
+
 @needs_nvcc
 def test_an_engine_runs_on_the_reference_executor(smollm2_cuda_engine, engine_dir):
     """The backend interface end to end (Engine, tokenizer, sampler) on the reference executor:

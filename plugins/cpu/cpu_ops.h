@@ -50,7 +50,8 @@ void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scale
 
 enum cpu_op_kind { OP_EMBED = 1, OP_NORM, OP_ADD_NORM, OP_LINEAR, OP_HEAD_NORM, OP_ATTENTION, OP_ACT, OP_LM_HEAD,
                    OP_ADD, OP_ROPE };
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_UNGATED = 4 };  /* ACT_UNGATED: a flag added */
+/* ACT_UNGATED: a flag added */
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_XIELU = 3, ACT_UNGATED = 4 };
 
 /* One op of the step; awq_edge/cpu_native.py (CpuOp) declares the same fields in the same order. */
 struct cpu_op {
@@ -61,7 +62,7 @@ struct cpu_op {
   int32_t offset;    /* head_norm: first column */
   int32_t layer;     /* attention: which cache */
   int32_t window;    /* attention: sliding window, 0 = none */
-  int32_t kind_arg;  /* act: ACT_SILU, ACT_GELU_TANH or ACT_RELU2 (+ ACT_UNGATED: no up) */
+  int32_t kind_arg;  /* act: ACT_SILU, ACT_GELU_TANH, ACT_RELU2 or ACT_XIELU (+ ACT_UNGATED: no up) */
   float scale;       /* attention: q k^T scale; embed: sqrt(hidden) or 0 */
   float softcap;     /* attention scores, lm_head logits: cap * tanh(x / cap), 0 = none */
   float *x, *out, *residual;
@@ -69,7 +70,7 @@ struct cpu_op {
   const float *w1;       /* scales */
   const uint8_t *w2;     /* zero_points */
   const float *bias;     /* linear bias, a LayerNorm's bias (norm, add_norm), or NULL */
-  const float *w_norm;   /* norm weight (the family's offset folded in) */
+  const float *w_norm;   /* norm weight (the family's offset folded in); act ACT_XIELU: a_p, a_n, beta, eps */
   const void *table;     /* fp16 [V, hidden]: embed; lm_head's exact table */
   const float *cos, *sin;  /* RoPE tables [max_positions, D / 2]; attention: NULL when a rope op rotated q and k */
   const int64_t *order;    /* linear: its input read as x[order[i]] (GPTQ act-order), or NULL */

@@ -15,7 +15,7 @@
                 it reads), softmax(q k^T * scale (soft-capped)) v over rows 0..position (the last
                 `window` of them on sliding layers)                   (GroupQueryAttention)
      act        out = act(gate) * up of x = [gate | up]       (silu, or gelu tanh: FastGelu), or
-                act(x) without a gate                       (relu^2: Arcee's)
+                act(x) without a gate                       (relu^2: Arcee's; xIELU: Apertus's)
      lm_head    logits = gemv_q4(x) (+ Phi's bias, soft-capped); the top_k re-scored exactly from
                 the fp16 table (the graph's TopK + Gather + Gemm)
    The linears, the attention heads and the lm_head's top-k are split over OpenMP threads; the
@@ -438,6 +438,12 @@ static void act(const struct cpu_op *op) {
   } else if (kind == ACT_RELU2) {
 #pragma omp simd
     for (int i = 0; i < n; i++) out[i] = gate[i] > 0.f ? gate[i] * gate[i] : 0.f;
+  } else if (kind == ACT_XIELU) { /* Apertus: x > 0: a_p x^2 + beta x; else (e^min(x, eps) - 1 - x) a_n + beta x */
+    const float a_p = op->w_norm[0], a_n = op->w_norm[1], beta = op->w_norm[2], eps = op->w_norm[3];
+    for (int i = 0; i < n; i++) {
+      const float g = gate[i];
+      out[i] = g > 0.f ? a_p * g * g + beta * g : (expf(fminf(g, eps)) - 1.f - g) * a_n + beta * g;
+    }
   } else {
 #pragma omp simd
     for (int i = 0; i < n; i++) {
