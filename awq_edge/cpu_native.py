@@ -225,7 +225,6 @@ NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
             "add": 9, "rope": 10}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3}  # cpu_ops.h's ACT_*
-XIELU_PARAMS = ("alpha_p", "alpha_n", "beta", "eps")  # the graph's {mlp}.act_fn.xielu.* scalars, as act() reads them
 ACT_UNGATED = 4  # added for act(x), not act(gate) * up (an MLP without a gate)
 
 
@@ -287,7 +286,7 @@ class NativeDecoder:
             def biased(*names) -> bool:
                 return any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith(names))
             spec = decoder_spec(model_spec(info.config), groups.pop(), biased("qkv_proj"),
-                                out_bias=biased("o_proj", "gate_up_proj", "up_proj", "down_proj"), cuda=False)
+                                out_bias=biased("o_proj", "gate_up_proj", "up_proj", "down_proj"))
         except UserError as e:
             raise Unsupported(str(e)) from None
         if spec.head_dim not in NATIVE_HEAD_DIMS:
@@ -399,8 +398,10 @@ class NativeDecoder:
         elif op.kind == "act":
             rec.n, rec.x, rec.out = spec.intermediate, ptr(a["x"]), ptr(a["out"])
             rec.kind_arg = ACT_KINDS[a["kind"]] | (0 if a["gated"] else ACT_UNGATED)
-            if a["params"]:  # (Apertus's xIELU: the layer's four, in w_norm)
-                params = np.array([self._tensor(f"{a['params']}.xielu.{n}", np.float32, 1)[()] for n in XIELU_PARAMS],
+            if a["params"]:  # (Apertus's xIELU: the layer's four, the graph's scalars, in w_norm)
+                from .decoder import XIELU_PARAMS
+
+                params = np.array([self._tensor(f"{a['params']}.{n}", np.float32, 1)[()] for n in XIELU_PARAMS],
                                   np.float32)
                 self.act_params.append(params)  # (alive as long as the op)
                 rec.w_norm = params.ctypes.data

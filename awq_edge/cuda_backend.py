@@ -155,7 +155,7 @@ CUBLAS_WORKSPACE_BYTES = 4 << 20
 # the memory plan, not allocated by us: 134 MiB on the H200 with CUDA 13's cuBLAS (2026-12-04,
 # test_cublas_fits_the_reserve_the_memory_plan_counts_for_it), with some room for other builds.
 CUBLAS_RESERVE_BYTES = 160 << 20
-ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2}  # plugins/kernels/activation.cuh ActKind
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3}  # plugins/kernels/activation.cuh ActKind
 ACT_UNGATED = 4  # ActKind kUngated: act(x), not act(gate) * up (an MLP without a gate)
 
 
@@ -675,7 +675,8 @@ class CudaBackend:
                                                           w[a["weight"]], eps]))
             elif op.kind == "act":
                 rows.append(("act", 1, 0, [b[a["x"]], b[a["out"]], ("i32", spec.intermediate),
-                                           ("i32", act_code(a["kind"], a["gated"]))]))
+                                           ("i32", act_code(a["kind"], a["gated"])),
+                                           w[a["params"]] if a["params"] else 0]))
             elif op.kind == "attention":
                 layer, qkv = a["layer"], b[a["qkv"]]
                 if not a["rotated"]:
@@ -788,7 +789,8 @@ class CudaBackend:
             self.attention(op, rows)
         elif op.kind == "act":
             self.launch("awq_act", (rows,), (NORM_THREADS,),
-                        [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", act_code(a["kind"], a["gated"]))])
+                        [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", act_code(a["kind"], a["gated"])),
+                         w[a["params"]] if a["params"] else 0])
         elif op.kind == "gather":
             self.launch("awq_gather_columns", (rows,), (NORM_THREADS,),
                         [b[a["x"]], w[a["order"]], b[a["out"]], ("i32", a["n"])])
@@ -869,7 +871,7 @@ class CudaBackend:
             self.launch("awq_bias_add", (rows,), (NORM_THREADS,), [y, bias, ("i32", n)])
         if a["epilogue"] == "act":
             self.launch("awq_act", (rows,), (NORM_THREADS,),
-                        [y, b[a["out"]], ("i32", spec.intermediate), ("i32", act_code(a["act"], a["gated"]))])
+                        [y, b[a["out"]], ("i32", spec.intermediate), ("i32", act_code(a["act"], a["gated"])), 0])
         elif a["epilogue"] == "residual":
             self.launch("awq_residual_add", (rows,), (NORM_THREADS,), [b[a["out"]], y, ("i32", n)])
         elif a["epilogue"] == "rope":

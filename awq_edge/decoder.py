@@ -57,7 +57,9 @@ from .errors import UserError
 from .packing import INT8_BLOCK
 
 ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh", "relu2": "relu2", "xielu": "xielu"}
-CUDA_ACTIVATIONS = ("silu", "gelu_tanh", "relu2")  # what the cuda kernels compute (activation.cuh); the C decode: all
+# activations with parameters in each layer (`{mlp}.act_fn.xielu`: xielu_constants): an act op of their own,
+# never the GEMV's act epilogue
+PARAMETERIZED_ACTIVATIONS = ("xielu",)
 
 
 @dataclass(frozen=True)
@@ -122,14 +124,11 @@ HEAD_SELECT_CAPACITY = 8192      # plugins/kernels/head_top_k.cu: keys a block s
 
 
 def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8",
-                 act_order: bool = False, out_bias: bool = False, cuda: bool = True) -> DecoderSpec:
+                 act_order: bool = False, out_bias: bool = False) -> DecoderSpec:
     """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size, which
     linears carry biases (checkpoint_biases), the head's kind, and whether the linears are GPTQ
-    act-order ones. cuda False: for the CPU's native decode (cpu_native), which computes every activation."""
+    act-order ones."""
     family = model.family
-    if cuda and family.activation not in CUDA_ACTIVATIONS:
-        raise UserError(f"the cuda kernels do not compute {model.model_type}'s {family.activation} activation; "
-                        "build for --device cpu")
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
                         f"({', '.join(map(str, HEAD_DIMS))}); use the CPU engine (--device cpu)")
@@ -254,13 +253,14 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
         gate_up, width = (f"{p}.mlp.gate_up_proj", 2) if spec.gated_mlp else (f"{p}.mlp.up_proj", 1)
         x = in_order(x, gate_up, spec.hidden)
-        if fused:
+        if fused and spec.activation not in PARAMETERIZED_ACTIVATIONS:
             ops.append(linear_op(x, "act", gate_up, width * spec.intermediate, spec.hidden, spec.out_bias, norm=norm,
                                  epilogue="act", act=spec.activation, gated=spec.gated_mlp))
         else:
-            ops.append(linear_op(x, "gate_up", gate_up, width * spec.intermediate, spec.hidden, spec.out_bias))
+            ops.append(linear_op(x, "gate_up", gate_up, width * spec.intermediate, spec.hidden, spec.out_bias,
+                                 norm=norm if fused else None))
             ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation, "gated": spec.gated_mlp,
-                                  "params": f"{p}.mlp.act_fn" if spec.activation == "xielu" else None}))
+                                  "params": f"{p}.mlp.act_fn.xielu" if spec.activation == "xielu" else None}))
         act = in_order("act", f"{p}.mlp.down_proj", spec.intermediate)
         if fuse_residual:
             ops.append(linear_op(act, "h", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, spec.out_bias,
@@ -394,6 +394,8 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
                 layout[a["bias"]] = ("float32", (spec.hidden,))
         elif op.kind == "head_norm":
             layout[a["weight"]] = ("float32", (a["size"],))
+        elif op.kind == "act" and a["params"]:
+            layout[a["params"]] = ("float32", (4,))
         elif op.kind == "gather":
             layout[a["order"]] = ("int32", (a["n"],))
     return layout
@@ -465,6 +467,9 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
             if a["bias"]:
                 bias = lin.bias if lin.bias is not None else np.zeros(lin.q.shape[0], np.float32)
                 out[f"{prefix}.bias"] = bias[rows].astype(np.float16)
+        elif op.kind == "act" and a["params"]:
+            mlp = a["params"].removesuffix(".act_fn.xielu")
+            out[a["params"]] = xielu_constants(*(tensor(f"{mlp}.act_fn.{n}") for n in XIELU_PARAMS))
         elif op.kind in ("norm", "add_norm", "head_norm"):
             out[a["weight"]] = tensor(a["weight"]).astype(np.float32) + np.float32(spec.norm_offset)
             if a.get("bias"):  # (a LayerNorm's)
@@ -476,6 +481,18 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
             raise UserError(f"the checkpoint's {name} does not fit its config ({None if got is None else got.shape}"
                             f", expected {shape}); it is corrupt or belongs to another model")
     return {name: np.ascontiguousarray(out[name]) for name in layout}
+
+
+XIELU_PARAMS = ("alpha_p", "alpha_n", "beta", "eps")  # a layer's mlp.act_fn.* of Apertus's xIELU, as stored
+
+
+def xielu_constants(alpha_p, alpha_n, beta, eps) -> np.ndarray:
+    """Apertus's xIELU of one layer as it computes, float32 (a_p, a_n, beta, eps): a_p = softplus(alpha_p),
+    a_n = beta + softplus(alpha_n) (what every engine uses: the graph's scalars, the kernels' params)."""
+    alpha_p, alpha_n, beta, eps = (float(np.asarray(v, np.float64).reshape(-1)[0])
+                                   for v in (alpha_p, alpha_n, beta, eps))
+    softplus = np.logaddexp  # softplus(v) = ln(1 + e^v) = logaddexp(0, v)
+    return np.array([softplus(0.0, alpha_p), beta + softplus(0.0, alpha_n), beta, eps], np.float32)
 
 
 def quantize_head_int4(table: np.ndarray, spec: DecoderSpec) -> dict[str, np.ndarray]:

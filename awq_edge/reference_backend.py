@@ -238,15 +238,18 @@ def twin_attend_split(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarra
     return out.reshape(-1)
 
 
-def twin_act(gate_up: np.ndarray, kind: str, gated: bool = True) -> np.ndarray:
+def twin_act(gate_up: np.ndarray, kind: str, gated: bool = True, params: np.ndarray | None = None) -> np.ndarray:
     """act(gate) * up of gate_up fp16 [rows, 2 I] (interleaved: gate j at 2j, up j at 2j + 1)
     -> fp16 [rows, I]; not gated: act(up) of up fp16 [rows, I]. The GEMV's act epilogue rounds
-    its sums to fp16 first, the same."""
+    its sums to fp16 first, the same. params: xielu's (a_p, a_n, beta, eps), decoder.xielu_constants."""
     g = gate_up[:, 0::2].astype(F32) if gated else gate_up.astype(F32)
     if kind == "silu":
         a = g / (1.0 + np.exp(-g))
     elif kind == "relu2":
         a = np.maximum(g, F32(0)) ** 2
+    elif kind == "xielu":
+        a_p, a_n, beta, eps = (F32(v) for v in params)
+        a = np.where(g > 0, a_p * g * g + beta * g, (np.exp(np.minimum(g, eps)) - F32(1) - g) * a_n + beta * g)
     else:  # gelu_tanh
         a = 0.5 * g * (1.0 + np.tanh(F32(math.sqrt(2.0 / math.pi)) * (g + F32(0.044715) * g * g * g)))
     return (a * gate_up[:, 1::2].astype(F32) if gated else a).astype(F16)
@@ -385,7 +388,7 @@ class ReferenceBackend:
             buf[a["out"]][:] = twin_attend(q_rot, self.k_cache[i], self.v_cache[i], self.position, a["window"],
                                            spec.attn_scale, spec.attn_softcap)
         elif op.kind == "act":
-            buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"], a["gated"])
+            buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"], a["gated"], t[a["params"]] if a["params"] else None)
         elif op.kind == "gather":
             buf[a["out"]] = twin_gather(buf[a["x"]], t[a["order"]])
         elif op.kind == "lm_head":

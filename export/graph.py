@@ -190,13 +190,11 @@ class Decoder:
         """Apertus's xIELU: x > 0: a_p x^2 + beta x; else (e^min(x, eps) - 1 - x) a_n + beta x, with the
         layer's a_p = softplus(alpha_p), a_n = beta + softplus(alpha_n) (`{mlp}.act_fn.xielu.*`: what
         cpu_native reads too)."""
+        from ..decoder import XIELU_PARAMS, xielu_constants
+
         b = self.b
-        raw = {n: float(np.asarray(self.tensor(f"{mlp}.act_fn.{n}"), np.float64).reshape(-1)[0])
-               for n in ("alpha_p", "alpha_n", "beta", "eps")}
-        softplus = np.logaddexp  # softplus(v) = ln(1 + e^v) = logaddexp(0, v)
-        values = {"alpha_p": softplus(0.0, raw["alpha_p"]), "alpha_n": raw["beta"] + softplus(0.0, raw["alpha_n"]),
-                  "beta": raw["beta"], "eps": raw["eps"]}
-        a_p, a_n, beta, eps = (b.act_const(f"{mlp}.act_fn.xielu.{n}", v) for n, v in values.items())
+        values = xielu_constants(*(self.tensor(f"{mlp}.act_fn.{n}") for n in XIELU_PARAMS))
+        a_p, a_n, beta, eps = (b.act_const(f"{mlp}.act_fn.xielu.{n}", v) for n, v in zip(XIELU_PARAMS, values))
         beta_x = b.op("Mul", x, beta)
         positive = b.op("Add", b.op("Mul", b.op("Mul", x, x), a_p), beta_x)
         expm1 = b.op("Sub", b.op("Exp", b.op("Min", x, eps)), b.act_const("const/one", 1.0))

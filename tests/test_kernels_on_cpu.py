@@ -512,6 +512,10 @@ BACKEND_CASES = {
                                                {"awq_decode_step_g32"}),
     "phi-unfused-parallel-head-bias": ("phi", "auto", {}, False, 9, "cuda_cores",
                                        {"awq_residual_add", "awq_add_norm", "awq_lm_head_q8"}),
+    # Apertus's xIELU, each layer's parameters: an act op of its own after the normed GEMV, in prefill and
+    # decode, on the persistent step too
+    "apertus-xielu": ("apertus", "auto", {}, True, 9, "cuda_cores", {"awq_act", "awq_gemv_norm_store_g32_w4"}),
+    "apertus-xielu-persistent-step": ("apertus", "auto", {}, True, 9, "persistent_step", {"awq_decode_step_g32"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),

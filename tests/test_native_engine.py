@@ -855,11 +855,11 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                           ("hunyuan_v1_dense", {}), ("arcee", {}), ("nemotron", {}), ("stablelm", {}), ("cohere", {}),
                           ("cohere2", {}), ("jais2", {}), ("starcoder2", {}),
                           ("granitemoehybrid", {"position_embedding_type": None}), ("phi", {}),
-                          ("hyperclovax", {}), ("olmo", {})],
+                          ("hyperclovax", {}), ("olmo", {}), ("apertus", {})],
                          ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope", "smollm3_nope", "granite", "glm", "glm4",
                               "ernie4_5", "olmo2", "olmo3", "exaone4", "gemma", "vaultgemma", "hunyuan", "arcee",
                               "nemotron", "stablelm", "cohere", "cohere2", "jais2", "starcoder2",
-                              "granite4_nope", "phi", "hyperclovax", "olmo"])
+                              "granite4_nope", "phi", "hyperclovax", "olmo", "apertus"])
 def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)
@@ -954,14 +954,18 @@ def test_a_head_with_a_bias_runs_on_the_int8_and_fp16_heads_and_is_refused_on_in
         decoder_spec(model, 32, lm_head="int4")
 
 
-def test_an_activation_the_cuda_kernels_do_not_compute_is_refused_for_cuda_only():
-    """Apertus's xIELU: the cuda engine refuses it in one line; the CPU's native decode takes it."""
-    model = model_spec({"model_type": "apertus", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1,
+def test_an_activation_with_parameters_is_an_act_op_of_its_own_fused_or_not():
+    """Apertus's xIELU (each layer's parameters): never the GEMV's act epilogue (which takes none);
+    an act op with the layer's `act_fn.xielu`, after a GEMV that norms its input in the fused list."""
+    model = model_spec({"model_type": "apertus", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
                         "num_attention_heads": 4, "vocab_size": 300})
-    with pytest.raises(UserError, match="the cuda kernels do not compute apertus's xielu activation; build for --dev"):
-        decoder_spec(model, 32)
-    acts = [op for op in decode_ops(decoder_spec(model, 32, cuda=False), fused=False) if op.kind == "act"]
-    assert [op.args["params"] for op in acts] == ["model.layers.0.mlp.act_fn"]
+    for fused in (True, False):
+        ops = decode_ops(decoder_spec(model, 32), fused=fused)
+        acts = [i for i, op in enumerate(ops) if op.kind == "act"]
+        assert [ops[i].args["params"] for i in acts] == [f"model.layers.{i}.mlp.act_fn.xielu" for i in range(2)]
+        assert all(ops[i - 1].args["weight"].endswith("mlp.up_proj") for i in acts)
+        assert all(op.args["epilogue"] != "act" for op in ops if op.kind == "linear")
+        assert bool(ops[acts[0] - 1].args["norm"]) == fused
 
 
 @needs_nvcc

@@ -263,9 +263,9 @@ __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefo
             rms_norm_row(head, reinterpret_cast<const float*>(a[3]), head, i32(2), f(4), partial);
             break;
         }
-        case kStepAct:  // (gate_up, out, inter, kind)
+        case kStepAct:  // (gate_up, out, inter, kind, params or null)
             wait();
-            act_row(h(0), h(1), i32(2), i32(3));
+            act_row(h(0), h(1), i32(2), i32(3), reinterpret_cast<const float*>(a[4]));
             break;
         case kStepRopeStore:  // awq_rope_store's arguments for one row (S = 1)
             wait();

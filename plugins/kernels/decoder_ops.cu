@@ -85,13 +85,16 @@ awq_bias_add(__half* __restrict__ y, const __half* __restrict__ bias, int n) {
 }
 
 // out[r, j] = act(gate_up[r, 2j]) * gate_up[r, 2j + 1] (gate and up rows interleaved at packing),
-// or act(gate_up[r, j]) (kind has kUngated: rows of inter values); kind: activation.cuh ActKind.
-// Grid: rows. The decode GEMV fuses this (act epilogue).
+// or act(gate_up[r, j]) (kind has kUngated: rows of inter values); kind: activation.cuh ActKind;
+// params: the layer's activation parameters (Apertus's xIELU: 4 floats), or null. Grid: rows. The
+// decode GEMV fuses this (act epilogue), but for an activation with parameters.
 extern "C" __global__ void __launch_bounds__(kThreads)
-awq_act(const __half* __restrict__ gate_up, __half* __restrict__ out, int inter, int kind) {
+awq_act(const __half* __restrict__ gate_up, __half* __restrict__ out, int inter, int kind,
+        const float* __restrict__ params) {
     awq_edge::begin_after_previous_kernel();
     const size_t width = (kind & awq_edge::kUngated) ? inter : 2 * static_cast<size_t>(inter);
-    awq_edge::act_row(gate_up + blockIdx.x * width, out + static_cast<size_t>(blockIdx.x) * inter, inter, kind);
+    awq_edge::act_row(gate_up + blockIdx.x * width, out + static_cast<size_t>(blockIdx.x) * inter, inter, kind,
+                      params);
 }
 
 // out[r, i] = x[r, order[i]]: a GPTQ act-order linear's input in the order its levels are stored

@@ -103,12 +103,13 @@ __device__ __forceinline__ void embed_row_q8(int id, const int8_t* __restrict__ 
 }
 
 // y[j] = act(gate_up[2j]) * gate_up[2j + 1], j < inter (gate and up rows interleaved at packing);
-// with kUngated in kind, y[j] = act(gate_up[j]) (an MLP without a gate: up's row alone).
+// with kUngated in kind, y[j] = act(gate_up[j]) (an MLP without a gate: up's row alone). params:
+// the activation's (Apertus's xIELU), or null.
 __device__ __forceinline__ void act_row(const __half* __restrict__ gate_up, __half* __restrict__ y, int inter,
-                                        int kind) {
+                                        int kind, const float* __restrict__ params) {
     if (kind & kUngated) {
         for (int j = threadIdx.x; j < inter; j += blockDim.x) {
-            y[j] = __float2half(activation(__half2float(gate_up[j]), kind));
+            y[j] = __float2half(activation(__half2float(gate_up[j]), kind, params));
         }
         return;
     }
