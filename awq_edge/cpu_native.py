@@ -399,7 +399,7 @@ class NativeDecoder:
             rec.n, rec.x, rec.out = spec.intermediate, ptr(a["x"]), ptr(a["out"])
             rec.kind_arg = ACT_KINDS[a["kind"]] | (0 if a["gated"] else ACT_UNGATED)
             if a["params"]:  # (Apertus's xIELU: the layer's four, the graph's scalars, in w_norm)
-                from .decoder import XIELU_PARAMS
+                from .export.spec import XIELU_PARAMS
 
                 params = np.array([self._tensor(f"{a['params']}.{n}", np.float32, 1)[()] for n in XIELU_PARAMS],
                                   np.float32)

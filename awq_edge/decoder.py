@@ -57,7 +57,7 @@ from .errors import UserError
 from .packing import INT8_BLOCK
 
 ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh", "relu2": "relu2", "xielu": "xielu"}
-# activations with parameters in each layer (`{mlp}.act_fn.xielu`: xielu_constants): an act op of their own,
+# activations with parameters in each layer (`{mlp}.act_fn.xielu`: export.spec.xielu_constants): an act op of their own,
 # never the GEMV's act epilogue
 PARAMETERIZED_ACTIVATIONS = ("xielu",)
 
@@ -468,6 +468,8 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
                 bias = lin.bias if lin.bias is not None else np.zeros(lin.q.shape[0], np.float32)
                 out[f"{prefix}.bias"] = bias[rows].astype(np.float16)
         elif op.kind == "act" and a["params"]:
+            from .export.spec import XIELU_PARAMS, xielu_constants
+
             mlp = a["params"].removesuffix(".act_fn.xielu")
             out[a["params"]] = xielu_constants(*(tensor(f"{mlp}.act_fn.{n}") for n in XIELU_PARAMS))
         elif op.kind in ("norm", "add_norm", "head_norm"):
@@ -481,18 +483,6 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
             raise UserError(f"the checkpoint's {name} does not fit its config ({None if got is None else got.shape}"
                             f", expected {shape}); it is corrupt or belongs to another model")
     return {name: np.ascontiguousarray(out[name]) for name in layout}
-
-
-XIELU_PARAMS = ("alpha_p", "alpha_n", "beta", "eps")  # a layer's mlp.act_fn.* of Apertus's xIELU, as stored
-
-
-def xielu_constants(alpha_p, alpha_n, beta, eps) -> np.ndarray:
-    """Apertus's xIELU of one layer as it computes, float32 (a_p, a_n, beta, eps): a_p = softplus(alpha_p),
-    a_n = beta + softplus(alpha_n) (what every engine uses: the graph's scalars, the kernels' params)."""
-    alpha_p, alpha_n, beta, eps = (float(np.asarray(v, np.float64).reshape(-1)[0])
-                                   for v in (alpha_p, alpha_n, beta, eps))
-    softplus = np.logaddexp  # softplus(v) = ln(1 + e^v) = logaddexp(0, v)
-    return np.array([softplus(0.0, alpha_p), beta + softplus(0.0, alpha_n), beta, eps], np.float32)
 
 
 def quantize_head_int4(table: np.ndarray, spec: DecoderSpec) -> dict[str, np.ndarray]:

@@ -32,7 +32,7 @@ from ..checkpoint import Checkpoint, QuantizedLinear, concat_linears
 from ..errors import UserError
 from . import attention, linear
 from .builder import MS_DOMAIN, GraphBuilder
-from .spec import ModelSpec, distinct_ropes, rope_tables
+from .spec import XIELU_PARAMS, ModelSpec, distinct_ropes, rope_tables, xielu_constants
 
 
 @dataclass
@@ -190,8 +190,6 @@ class Decoder:
         """Apertus's xIELU: x > 0: a_p x^2 + beta x; else (e^min(x, eps) - 1 - x) a_n + beta x, with the
         layer's a_p = softplus(alpha_p), a_n = beta + softplus(alpha_n) (`{mlp}.act_fn.xielu.*`: what
         cpu_native reads too)."""
-        from ..decoder import XIELU_PARAMS, xielu_constants
-
         b = self.b
         values = xielu_constants(*(self.tensor(f"{mlp}.act_fn.{n}") for n in XIELU_PARAMS))
         a_p, a_n, beta, eps = (b.act_const(f"{mlp}.act_fn.xielu.{n}", v) for n, v in zip(XIELU_PARAMS, values))

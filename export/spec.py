@@ -29,6 +29,17 @@ ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh"
                     "relu2": ("relu2",), "xielu": ("xielu",)}
 # an activation's learned parameters, each layer's `mlp.act_fn.{name}` of this shape (Apertus's xIELU)
 ACTIVATION_PARAMS = {"xielu": (("alpha_p", (1,)), ("alpha_n", (1,)), ("beta", ()), ("eps", ()))}
+XIELU_PARAMS = tuple(name for name, _ in ACTIVATION_PARAMS["xielu"])
+
+
+def xielu_constants(alpha_p, alpha_n, beta, eps) -> np.ndarray:
+    """Apertus's xIELU of one layer as it computes, float32 (a_p, a_n, beta, eps): a_p = softplus(alpha_p),
+    a_n = beta + softplus(alpha_n); what every engine uses (the graph's scalars, the cuda kernels' params)."""
+    alpha_p, alpha_n, beta, eps = (float(np.asarray(v, np.float64).reshape(-1)[0])
+                                   for v in (alpha_p, alpha_n, beta, eps))
+    softplus = np.logaddexp  # softplus(v) = ln(1 + e^v) = logaddexp(0, v)
+    return np.array([softplus(0.0, alpha_p), beta + softplus(0.0, alpha_n), beta, eps], np.float32)
+
 LEGACY_LAYER_TYPES = {"attention": "full_attention", "mamba": "linear_attention"}  # config.json's older names
 MAX_ROPE_TABLE = 1 << 27  # positions x head_dim: 2 x 512 MiB of float32 cos/sin at most
 
