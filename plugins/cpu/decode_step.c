@@ -440,9 +440,10 @@ static void act(const struct cpu_op *op) {
     for (int i = 0; i < n; i++) out[i] = gate[i] > 0.f ? gate[i] * gate[i] : 0.f;
   } else if (kind == ACT_XIELU) { /* Apertus: x > 0: a_p x^2 + beta x; else (e^min(x, eps) - 1 - x) a_n + beta x */
     const float a_p = op->w_norm[0], a_n = op->w_norm[1], beta = op->w_norm[2], eps = op->w_norm[3];
+#pragma omp simd
     for (int i = 0; i < n; i++) {
-      const float g = gate[i];
-      out[i] = g > 0.f ? a_p * g * g + beta * g : (expf(fminf(g, eps)) - 1.f - g) * a_n + beta * g;
+      const float g = gate[i], m = g < eps ? g : eps;
+      out[i] = g > 0.f ? a_p * g * g + beta * g : (exp_approx(m) - 1.f - g) * a_n + beta * g;
     }
   } else {
 #pragma omp simd
