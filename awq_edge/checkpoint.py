@@ -111,7 +111,7 @@ def language_model_view(config: dict, ours: bool = True):
         if config.get(key) is not None:
             text[key] = config[key]
     rename = our_names(text.get("model_type"), ours)
-    return text, lambda name: None if (ours := language_model_key(name)) is None else rename(ours)
+    return text, lambda name: None if (inner := language_model_key(name)) is None else rename(inner)
 
 
 def settle_tie(config: dict, wrapper: dict, tensors: dict) -> None:

@@ -253,14 +253,15 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
         gate_up, width = (f"{p}.mlp.gate_up_proj", 2) if spec.gated_mlp else (f"{p}.mlp.up_proj", 1)
         x = in_order(x, gate_up, spec.hidden)
-        if fused and spec.activation not in PARAMETERIZED_ACTIVATIONS:
+        params = f"{p}.mlp.act_fn.{spec.activation}" if spec.activation in PARAMETERIZED_ACTIVATIONS else None
+        if fused and not params:
             ops.append(linear_op(x, "act", gate_up, width * spec.intermediate, spec.hidden, spec.out_bias, norm=norm,
                                  epilogue="act", act=spec.activation, gated=spec.gated_mlp))
         else:
             ops.append(linear_op(x, "gate_up", gate_up, width * spec.intermediate, spec.hidden, spec.out_bias,
                                  norm=norm if fused else None))
             ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation, "gated": spec.gated_mlp,
-                                  "params": f"{p}.mlp.act_fn.xielu" if spec.activation == "xielu" else None}))
+                                  "params": params}))
         act = in_order("act", f"{p}.mlp.down_proj", spec.intermediate)
         if fuse_residual:
             ops.append(linear_op(act, "h", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, spec.out_bias,

@@ -232,7 +232,7 @@ FAMILIES: dict[str, Family] = {
                config_defaults=(("rms_norm_eps", 1e-5), ("num_key_value_heads", 2), ("tie_word_embeddings", True))),
         # Apertus (8B, 70B): an MLP without a gate whose activation, xIELU, has learned parameters in each
         # layer (mlp.act_fn.alpha_p, alpha_n, beta, eps), per-head q/k norms, its norms under their own
-        # names; the cuda kernels do not compute xIELU: the CPU engines run it
+        # names
         Family("apertus", ("apertus",), activation="xielu", gated_mlp=False, qk_norm=True,
                module_renames=((".attention_layernorm.", ".input_layernorm."),
                                (".feedforward_layernorm.", ".post_attention_layernorm.")),

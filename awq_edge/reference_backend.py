@@ -241,7 +241,7 @@ def twin_attend_split(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarra
 def twin_act(gate_up: np.ndarray, kind: str, gated: bool = True, params: np.ndarray | None = None) -> np.ndarray:
     """act(gate) * up of gate_up fp16 [rows, 2 I] (interleaved: gate j at 2j, up j at 2j + 1)
     -> fp16 [rows, I]; not gated: act(up) of up fp16 [rows, I]. The GEMV's act epilogue rounds
-    its sums to fp16 first, the same. params: xielu's (a_p, a_n, beta, eps), decoder.xielu_constants."""
+    its sums to fp16 first, the same. params: xielu's (a_p, a_n, beta, eps), export.spec.xielu_constants."""
     g = gate_up[:, 0::2].astype(F32) if gated else gate_up.astype(F32)
     if kind == "silu":
         a = g / (1.0 + np.exp(-g))

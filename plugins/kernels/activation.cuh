@@ -12,7 +12,7 @@ namespace awq_edge {
 // awq_edge/cuda_backend.py ACT_KINDS, act_code; kUngated is a flag added to the others
 enum ActKind { kSilu = 0, kGeluTanh = 1, kRelu2 = 2, kXielu = 3, kUngated = 4 };
 
-// params: kXielu's (a_p, a_n, beta, eps), the layer's (decoder.xielu_constants); the others take none.
+// params: kXielu's (a_p, a_n, beta, eps), the layer's (export.spec.xielu_constants); the others take none.
 __device__ __forceinline__ float activation(float g, int kind, const float* params = nullptr) {
     switch (kind & ~kUngated) {
         case kSilu: return g / (1.f + expf(-g));
