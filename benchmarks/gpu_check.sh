@@ -49,7 +49,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 pack() { [ -z "$bundle" ] || { tar czf "$bundle.part" -C "$out" . && mv "$bundle.part" "$bundle"; }; }
 # pytest-xdist (on the lent machine's image) runs the GPU tests' CPU side (engine writing, the
 # numpy reference) on all cores; -rA prints each passing case's measured error, as -s would.
-if python3 -c "import xdist" 2>/dev/null; then par=(-n 8 -rA); else par=(-s); fi
+# --durations: the slowest cases in each log (the backend step has grown to ~234 cases since run 1's
+# 68 in 68 s: if it nears its limit, these say what to split off)
+if python3 -c "import xdist" 2>/dev/null; then par=(-n 8 -rA --durations=15); else par=(-s --durations=15); fi
 
 # Most telling first: correctness of the kernels and the backend, then the layer and kernel
 # speeds, then end to end, then the quantizer. The limits keep a hung step from eating the
