@@ -43,12 +43,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt")
 
 
-# A vision-language checkpoint (Gemma 3 from 4B on, Mistral Small 3.1, Qwen2.5-VL, Qwen3-VL) wraps a
-# language model of a supported family: awq-edge reads that model alone and never the vision tower.
+# A vision-language checkpoint (Gemma 3 from 4B on, Mistral Small 3.1, Qwen2.5-VL, Qwen3-VL, SmolVLM,
+# LLaVA, InternVL, Aya Vision) wraps a language model of a supported family: awq-edge reads that
+# model alone and never the vision tower.
 # transformers < 4.52 saved its weights as language_model.model.* and language_model.lm_head.*, later
 # versions as model.language_model.* and lm_head.*; Qwen2-VL's and Qwen2.5-VL's hub checkpoints keep
-# the language model's own names (model.layers.*, beside visual.*).
+# the language model's own names (model.layers.*, beside visual.*); SmolVLM's (Idefics3's) name it
+# model.text_model.*.
 LANGUAGE_MODEL_KEYS = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                       ("model.text_model.", "model."),
                        ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
                        *((f"model.{part}.", f"model.{part}.") for part in ("layers", "embed_tokens", "norm")))
 # Text models that are, on text, a causal LM of another model_type: Qwen2-VL's and Qwen2.5-VL's

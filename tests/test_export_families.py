@@ -295,14 +295,35 @@ VISION_LANGUAGE = {
                  dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       deepstack_visual_indexes=[0], num_position_embeddings=16, patch_size=16),
                  dict(image_token_id=299, video_token_id=298, vision_start_token_id=297, vision_end_token_id=296)),
+    # SmolVLM 2 (and "smolvlm_1", SmolVLM's first, as Idefics3): a Llama (SmolLM2) named model.text_model.*
+    "smolvlm": ({**TINY, "model_type": "llama", "vocab_size": 300},
+                dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                     patch_size=14),
+                dict(image_token_id=299, scale_factor=1)),
+    # LLaVA 1.5 (a Llama; its Mistral, Qwen2 and Vicuna kin alike); InternVL 3 (a Qwen2, its own head
+    # though the wrapper's config says tied); Aya Vision (a Cohere 2, tied)
+    "llava": ({**TINY, "model_type": "llama", "vocab_size": 300},
+              dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+              dict(image_token_index=299)),
+    "internvl": ({**TINY, "model_type": "qwen2", "vocab_size": 300},
+                 dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=[28, 28], patch_size=[14, 14]),
+                 dict(image_token_id=299)),
+    "aya_vision": ({**TINY, **TINY_EXTRA["cohere2"], "model_type": "cohere2", "vocab_size": 300, "eos_token_id": 7},
+                   dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, image_size=28, patch_size=14),
+                   dict(image_token_index=299, downsample_factor=1)),
 }
+VISION_LANGUAGE["smolvlm_1"] = VISION_LANGUAGE["smolvlm"]
 VISION_LANGUAGE["qwen2_5_vl_flat"] = VISION_LANGUAGE["qwen2_5_vl"]
 # Qwen2-VL: Qwen2.5-VL's language model before it, as the hub has it (flat)
 VISION_LANGUAGE["qwen2_vl_flat"] = ({**VISION_LANGUAGE["qwen2_5_vl"][0], "model_type": "qwen2_vl_text"},
                                     dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
                                          patch_size=14),
                                     VISION_LANGUAGE["qwen2_5_vl"][2])
-WRAPPERS = {"ministral3": "mistral3", "qwen2_5_vl_flat": "qwen2_5_vl", "qwen2_vl_flat": "qwen2_vl"}  # if not its name
+WRAPPERS = {"ministral3": "mistral3", "qwen2_5_vl_flat": "qwen2_5_vl", "qwen2_vl_flat": "qwen2_vl",  # if not its name
+            "smolvlm_1": "idefics3"}
 
 
 def vision_language_dir(root, wrapper: str, tokenizer_dir) -> tuple:
@@ -357,7 +378,8 @@ def wrap_checkpoint(ckpt, source, out):
     wrapper_tensors = load_file(source / "model.safetensors")
     legacy = any(k.startswith("language_model.") for k in wrapper_tensors)
     own = any(k.startswith("model.layers.") for k in wrapper_tensors)  # (Qwen2.5-VL's: as the language model's)
-    moved = {(f"language_model.{k}" if legacy else k if own else k.replace("model.", "model.language_model.", 1)
+    inner = "text_model" if any(k.startswith("model.text_model.") for k in wrapper_tensors) else "language_model"
+    moved = {(f"language_model.{k}" if legacy else k if own else k.replace("model.", f"model.{inner}.", 1)
               if k.startswith("model.") else k): v for k, v in load_file(ckpt / "model.safetensors").items()}
     vision = {k: v for k, v in wrapper_tensors.items() if language_model_key(k) is None}
     out.mkdir()
@@ -404,7 +426,8 @@ def test_a_vision_language_checkpoint_is_quantized_as_its_language_model(tmp_pat
     wrapped = wrap_checkpoint(ckpt, source, tmp_path / "wrapped")
     read = read_checkpoint(wrapped)
     assert read.config["model_type"] == config["model_type"] and read.config["eos_token_id"] == config["eos_token_id"]
-    assert read.config["tie_word_embeddings"] == config["tie_word_embeddings"] == (wrapper == "gemma3")
+    tied = vision_language.get_output_embeddings().weight is vision_language.get_input_embeddings().weight
+    assert read.config["tie_word_embeddings"] == config["tie_word_embeddings"] == tied
     assert sorted(read.linears) == sorted(read_checkpoint(ckpt).linears)
     exported = export_for_cpu(wrapped, tmp_path / "wrapped-exports", "ort")
     assert json.loads((exported / "config.json").read_text())["model_type"] == config["model_type"]
