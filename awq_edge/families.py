@@ -260,6 +260,10 @@ FAMILIES: dict[str, Family] = {
                config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 2048),
                                 ("partial_rotary_factor", 0.5)),
                refused_switches=(("qk_layernorm", "LayerNorms on q's and k's heads"),)),
+        # Seed-OSS (36B): Llama with q/k/v biases (attention_bias) and none on o_proj (attention_out_bias)
+        Family("seed_oss", ("seed_oss",),
+               config_defaults=(("max_position_embeddings", 524288), ("num_key_value_heads", 8), ("head_dim", 128),
+                                ("rms_norm_eps", 1e-6))),
         # InternLM3 (8B): Llama under its own model_type
         Family("internlm3", ("internlm3",),
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 2), ("head_dim", 128),
