@@ -236,8 +236,8 @@ def read_for_engine(path: str | Path):
     multiplier and logits scaling (Cohere's logit_scale) folded into the weights (o_proj's and
     down_proj's scales and biases times it, in float32, or the post-norms' weights that follow them:
     HyperCLOVA X's; the final norm's weight and bias divided),
-    and a LayerNorm stored without a bias (Cohere's) given one of zeros, without a weight (OLMo 1's)
-    one of ones."""
+    and a LayerNorm stored without a bias (Cohere's) given one of zeros, a norm without a weight (OLMo
+    1's, nanochat's) one of ones; nanochat's embedding norm as `model.embed_norm` (the final norm's copy)."""
     from .export.spec import block_norms, rotary_order
 
     ckpt, spec = read_checked(path)
@@ -251,20 +251,30 @@ def read_for_engine(path: str | Path):
             lin = ckpt.linears[name]
             ckpt.linears[name] = replace(lin, scales=lin.scales.astype(np.float32) * m,
                                          bias=None if lin.bias is None else lin.bias.astype(np.float32) * m)
-    if not spec.family.norm_weight:  # OLMo 1's norms: every engine multiplies by ones
-        norms = [f"model.layers.{i}.{n}" for i in range(spec.layers) for n in block_norms(spec.family)]
+    family = spec.family
+    if not family.norm_weight:  # OLMo 1's and nanochat's norms: every engine multiplies by ones
+        norms = [f"model.layers.{i}.{n}" for i in range(spec.layers) for n in block_norms(family)]
         for name in ["model.norm", *norms]:
             ckpt.tensors[name + ".weight"] = np.ones(spec.hidden, np.float32)
-    if spec.family.norm == "layer" and not spec.family.norm_bias:  # Cohere's: every engine adds a bias of zeros
+        q_size, k_size = ((spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim) if family.qk_norm_whole
+                          else (spec.head_dim, spec.head_dim))
+        for i in range(spec.layers if family.qk_norm else 0):
+            for name, size in zip(family.qk_norms, (q_size, k_size)):
+                ckpt.tensors[f"model.layers.{i}.{name}.weight"] = np.ones(size, np.float32)
+    if family.norm == "layer" and not family.norm_bias:  # Cohere's: every engine adds a bias of zeros
         for name in [n for n in ckpt.tensors if n.endswith("norm.weight")]:
             ckpt.tensors[name.removesuffix(".weight") + ".bias"] = np.zeros(spec.hidden, np.float32)
+    if family.embed_norm:  # (nanochat's) the final norm as it is stored, before logits scaling goes into it
+        for kind in ("weight", "bias"):
+            if f"model.norm.{kind}" in ckpt.tensors:
+                ckpt.tensors[f"model.embed_norm.{kind}"] = ckpt.tensors[f"model.norm.{kind}"].copy()
     if spec.logits_scaling != 1.0:  # the final norm feeds the head alone
         weight = ckpt.tensors["model.norm.weight"].astype(np.float32)
         ckpt.tensors["model.norm.weight"] = (weight + offset) / spec.logits_scaling - offset
         for name in ("model.norm.bias", "lm_head.bias"):  # (a LayerNorm's; Phi's head's)
             if name in ckpt.tensors:
                 ckpt.tensors[name] = ckpt.tensors[name].astype(np.float32) / spec.logits_scaling
-    order = rotary_order(spec.head_dim, spec.rotary_dim, spec.family.rope_interleaved)
+    order = rotary_order(spec.head_dim, spec.rotary_dim, family.rope_interleaved, family.rope_reversed)
     if np.array_equal(order, np.arange(spec.head_dim)):
         return ckpt, spec
     for proj, heads in (("q_proj", spec.heads), ("k_proj", spec.kv_heads)):

@@ -101,6 +101,7 @@ class DecoderSpec:
     act_order: bool = False        # GPTQ act-order: each linear's input gathered into its order first
     out_bias: bool = False         # o_proj, gate/up and down carry biases (ERNIE 4.5's use_bias, Jais 2's)
     head_bias: bool = False        # Phi: the logits get lm_head.bias (float32 [V]) before the soft-cap
+    embed_norm: bool = False       # nanochat: h normed after the embedding (model.embed_norm, a norm op)
 
     @property
     def qkv_width(self) -> int:
@@ -156,7 +157,8 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         attn_scale=model.attn_scale,
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
-        ropes=tuple(ropes), lm_head=lm_head, act_order=act_order, out_bias=out_bias, head_bias=family.head_bias)
+        ropes=tuple(ropes), lm_head=lm_head, act_order=act_order, out_bias=out_bias, head_bias=family.head_bias,
+        embed_norm=family.embed_norm)
 
 
 # ---------------------------------------------------------------- the op list
@@ -189,6 +191,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
         """A pre-norm's or the final norm's tensors: its weight, and a LayerNorm's bias (else None)."""
         return {"weight": weight, "bias": weight.removesuffix(".weight") + ".bias" if spec.layer_norm else None}
 
+    if spec.embed_norm:  # in place, on every row
+        ops.append(Op("norm", {"x": "h", "out": "h", **norm_args("model.embed_norm.weight")}))
     fuse_residual = fused and not spec.post_norms
     pending = None  # a buffer not yet added into h: the next norm adds it (add_norm)
 

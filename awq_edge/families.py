@@ -74,6 +74,12 @@ class Family:
     logit_scale: str = ""
     head_bias: bool = False  # Phi: the lm_head has a bias (lm_head.bias, [vocab]) added to the logits
     rope_interleaved: bool = False  # GLM: RoPE turns the pairs (2i, 2i + 1), not (i, i + rotary_dim / 2)
+    # nanochat: RoPE turns each pair the other way (its rotate_half is (x2, -x1)), which is the usual turn
+    # of the pair's two dimensions swapped (export.spec.rotary_order)
+    rope_reversed: bool = False
+    # nanochat: the embeddings go through the final norm before the first layer (one weightless RMSNorm
+    # module for both); the engines' copy of that norm is `model.embed_norm`
+    embed_norm: bool = False
     # a family's own config.json keys, as (theirs, transformers'): read as the second where it lacks that
     config_aliases: tuple = ()
     # keys the family's model reads in place of transformers' usual one, as (theirs, the usual): read as the
@@ -272,6 +278,13 @@ FAMILIES: dict[str, Family] = {
         Family("hunyuan", ("hunyuan_v1_dense",), qk_norm=True, qk_norm_after_rope=True,
                qk_norms=("self_attn.query_layernorm", "self_attn.key_layernorm"),
                config_defaults=(("max_position_embeddings", 2048), ("rms_norm_eps", 1e-5))),
+        # nanochat: RMSNorms without weights everywhere (the embeddings normed too), per-head q/k norms
+        # after a RoPE that turns the other way, Arcee's MLP (relu(fc1(x))^2) under CLIP's names, a
+        # soft-capped head. Its q/k norms have no weight, and a rotation keeps a head's RMS, so they are
+        # the same before RoPE, where every engine computes q/k norms
+        Family("nanochat", ("nanochat",), norm_weight=False, embed_norm=True, qk_norm=True, rope_reversed=True, activation="relu2", gated_mlp=False,
+               module_renames=((".mlp.fc1.", ".mlp.up_proj."), (".mlp.fc2.", ".mlp.down_proj.")),
+               config_defaults=(("max_position_embeddings", 2048), ("final_logit_softcapping", 15.0))),
         # OLMo 1 (1B, 7B): Llama with LayerNorms that have neither weight nor bias, eps 1e-5 always;
         # clip_qkv (OLMo 0424's and 0724's 7B) refused
         Family("olmo", ("olmo",), norm="layer", norm_bias=False, norm_weight=False,

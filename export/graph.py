@@ -250,6 +250,8 @@ class Decoder:
                     h = b.cast(h, act)
             if spec.embed_multiplier is not None:
                 h = b.op("Mul", h, b.act_const("const/embed_scale", np.float32(spec.embed_multiplier)))
+            if spec.family.embed_norm:  # (nanochat's) the final norm's copy (checkpoint.read_for_engine)
+                h, _ = self.pre_norm(None, h, "model.embed_norm.weight")
 
         pending = None  # output of the previous block, not yet added to the residual h
         for i in range(spec.layers):

@@ -381,7 +381,7 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
         linears.update({f"{p}.{name}": shape for name, shape in layer_linears.items()})
         tensors.update({f"{p}.{n}.{kind}": (h,) for n in norms for kind in kinds})
         tensors.update({f"{p}.mlp.act_fn.{n}": shape for n, shape in ACTIVATION_PARAMS.get(family.activation, ())})
-        if family.qk_norm:
+        if family.qk_norm and family.norm_weight:  # (nanochat's q/k norms have no weight either)
             q_name, k_name = family.qk_norms
             tensors.update({f"{p}.{q_name}.weight": (q_norm,), f"{p}.{k_name}.weight": (k_norm,)})
     return linears, tensors
@@ -443,14 +443,18 @@ def distinct_ropes(layer_rope: list[Rope]) -> tuple[list[Rope], list[int]]:
     return ropes, [index[rope.key()] for rope in layer_rope]
 
 
-def rotary_order(head_dim: int, rotary_dim: int, interleaved: bool = False) -> np.ndarray:
+def rotary_order(head_dim: int, rotary_dim: int, interleaved: bool = False, reversed_: bool = False) -> np.ndarray:
     """The engines' order of one q/k head's dimensions, as indices into the model's: the model's
     rotary pair j, (j, j + rotary_dim / 2) or interleaved (2j, 2j + 1), becomes the engines'
     (j, j + head_dim / 2); the dimensions it does not rotate fill the rest (their frequency is zero).
-    The identity without partial rotary or interleaving."""
+    reversed_ (nanochat's RoPE, which turns each pair by -angle): the pair's two dimensions swapped,
+    since turning (b, a) by the angle is turning (a, b) by -angle with the result swapped back (q . k
+    sees both swapped alike). The identity without partial rotary, interleaving or reversal."""
     half, turn = head_dim // 2, rotary_dim // 2
     still = half - turn  # pairs that do not turn
     first, second = ((np.arange(0, rotary_dim, 2), np.arange(1, rotary_dim, 2)) if interleaved
                      else (np.arange(turn), np.arange(turn, rotary_dim)))
+    if reversed_:
+        first, second = second, first
     return np.concatenate([first, np.arange(rotary_dim, rotary_dim + still),
                            second, np.arange(rotary_dim + still, head_dim)])

@@ -187,7 +187,7 @@ def test_native_decode_checks_its_input_like_onnxruntime(default_export):
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee", "nemotron", "stablelm",
                                                        "cohere2", "jais2", "starcoder2",
                                                        "granitemoehybrid", "phi", "hyperclovax", "olmo",
-                                                       "apertus"))
+                                                       "apertus", "nanochat"))
 def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_dir, tmp_path):
     extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
     heads = 2 if model_type == "stablelm" else 4  # (StableLM's head is hidden / heads, whatever head_dim says)

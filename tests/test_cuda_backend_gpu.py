@@ -162,12 +162,13 @@ def test_q_k_norms_after_rope_match_the_reference(tokenizer_dir, tmp_path):
     check_against_reference(tiny_engine(tmp_path, "hunyuan_v1_dense", tokenizer_dir), 320, cublas=False)
 
 
-@pytest.mark.parametrize("model_type", ["arcee", "apertus"])
+@pytest.mark.parametrize("model_type", ["arcee", "apertus", "nanochat"])
 @pytest.mark.parametrize("gemv", [*GEMVS, "persistent_step"])
 def test_an_mlp_without_a_gate_matches_the_reference(gemv, model_type, tokenizer_dir, tmp_path):
     """Arcee's MLP: relu(up)^2 in the decode GEMV's act epilogue (kUngated) on each decode path,
     by awq_act in prefill; prefill on our GEMM. Apertus's: xIELU with each layer's parameters, an
-    act op of its own (awq_act, the persistent step's act)."""
+    act op of its own (awq_act, the persistent step's act). nanochat's: Arcee's MLP after an
+    embedding norm (awq_norm in place on h; the persistent step's norm op)."""
     check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320, cublas=False, gemv=gemv)
 
 

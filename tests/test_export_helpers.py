@@ -79,6 +79,9 @@ TINY_EXTRA = {
     "hunyuan_v1_dense": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
                          "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0,
                                              "factor": 1.0}},
+    # weightless RMSNorms (the embeddings normed too), q/k norms after a RoPE that turns the other way, an
+    # MLP without a gate (relu(fc1(x))^2), a soft-capped head (its default 15)
+    "nanochat": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # LayerNorms without a weight or a bias
     "olmo": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # no pre-norms, post-norms, q/k norms over all heads

@@ -516,6 +516,10 @@ BACKEND_CASES = {
     # decode, on the persistent step too
     "apertus-xielu": ("apertus", "auto", {}, True, 9, "cuda_cores", {"awq_act", "awq_gemv_norm_store_g32_w4"}),
     "apertus-xielu-persistent-step": ("apertus", "auto", {}, True, 9, "persistent_step", {"awq_decode_step_g32"}),
+    # nanochat's embedding norm (a norm op in place on h, every row; the persistent step's first after
+    # its embed), its weightless norms (ones) and a RoPE turning the other way (q/k rows swapped)
+    "nanochat-embed-norm-persistent-step": ("nanochat", "auto", {}, True, 9, "persistent_step",
+                                            {"awq_decode_step_g32", "awq_norm"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),
