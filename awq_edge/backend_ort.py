@@ -12,6 +12,11 @@ nothing but the new token ids in and the logits out.
   new rows in place. past_length says how many rows are valid, so rewind is free.
 - kv_mode concat (targets onnx, trt stand-in): ORT allocates each step's present (C' = C + S)
   and it becomes the next step's past; the length never exceeds max_context.
+- LFM2's short convolutions (export.json `conv_layers`): B * x of every position is kept, as K and
+  V are, in one [kernel - 1 + max_context, hidden] array per conv layer whose first kernel - 1 rows
+  stay zero (what the convolution reads before the first token). A step binds the kernel - 1 rows
+  before its first position as the input conv_state.{i} and the rows of its own positions as the
+  output conv_new.{i}, both views of that array: nothing is copied, and rewind is free here too.
 Exact re-scoring (export.json `lm_head_exact`, the default quantized int4 lm_head): the graph
 also outputs the top_k candidates of the last position (`top_ids`) and their exact logits from
 the fp16 table (`top_logits`); forward() puts those in place of the quantized ones, so greedy
@@ -82,6 +87,7 @@ class OrtBackend:
         self.info = info
         self.kv_mode = info.kv_mode
         self.num_layers = info.num_layers
+        self.attention_layers = info.attention_layers
         self.vocab_size = info.vocab_size
         self.all_logits = info.all_logits
         self.max_context = int(max_context)
@@ -107,15 +113,18 @@ class OrtBackend:
         self._cache: list[ort.OrtValue] = []  # shared_buffer: [k0, v0, k1, v1, ...] of max_context rows
         self._past: list[ort.OrtValue] = []  # concat: the current past, `position` rows
         if self.kv_mode == "shared_buffer":
-            for i in range(self.num_layers):
+            for i in self.attention_layers:
                 for kind in ("key", "value"):
                     buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.kv_shape, dtype=self.kv_dtype))
                     self._cache.append(buf)
                     self.binding.bind_ortvalue_input(f"past_{kind}.{i}", buf)
                     self.binding.bind_ortvalue_output(f"present_{kind}.{i}", buf)
         else:  # concat
-            self._ort_allocated += [f"present_{kind}.{i}" for i in range(self.num_layers) for kind in ("key", "value")]
-            self._set_past([np.zeros(self.kv_shape[:2] + (0,) + self.kv_shape[3:], self.kv_dtype)] * (2 * self.num_layers))
+            self._ort_allocated += [f"present_{kind}.{i}" for i in self.attention_layers for kind in ("key", "value")]
+            self._set_past([np.zeros(self.kv_shape[:2] + (0,) + self.kv_shape[3:], self.kv_dtype)]
+                           * (2 * len(self.attention_layers)))
+        self._conv = {i: np.zeros((info.conv_kernel - 1 + self.max_context, info.hidden_size), self.kv_dtype)
+                      for i in info.conv_layers}
         if self.all_logits:
             self._ort_allocated.append("logits")
         self.rescore_k = 0
@@ -131,6 +140,9 @@ class OrtBackend:
 
         if self.kv_mode != "shared_buffer":
             self.decode_path = "onnxruntime (native decode needs in-place KV buffers)"
+            return
+        if self._conv:
+            self.decode_path = "onnxruntime (native decode does not run short convolutions)"
             return
         try:
             self.native = NativeDecoder(export_dir, self.info, [v.data_ptr() for v in self._cache[0::2]],
@@ -177,6 +189,13 @@ class OrtBackend:
         n = ids_array.shape[1]
         self.binding.bind_cpu_input("input_ids", ids_array)
         self._past_length.update_inplace(np.array([self.position], dtype=np.int64))
+        # (first: the outputs ORT allocates must stay the binding's last)
+        before = self.info.conv_kernel - 1  # (row r of a conv layer's array holds position r - before)
+        for i, rows in self._conv.items():
+            state, new = rows[self.position:self.position + before], rows[self.position + before:][:n]
+            self.binding.bind_input(f"conv_state.{i}", "cpu", 0, self.kv_dtype, [1, *state.shape],
+                                    state.ctypes.data)
+            self.binding.bind_output(f"conv_new.{i}", "cpu", 0, self.kv_dtype, [1, *new.shape], new.ctypes.data)
         for name in self._ort_allocated:  # outputs whose shape changes per step: ORT allocates them
             self.binding.bind_output(name, "cpu")
         try:
@@ -190,7 +209,7 @@ class OrtBackend:
             outputs = dict(zip(self._ort_allocated, self.binding.get_outputs()[-len(self._ort_allocated):]))
             if self.kv_mode == "concat":
                 self._past = [outputs[f"present_{kind}.{i}"]
-                              for i in range(self.num_layers) for kind in ("key", "value")]
+                              for i in self.attention_layers for kind in ("key", "value")]
                 self._bind_past()
             if self.all_logits:
                 return outputs["logits"].numpy()[0].copy()
@@ -204,9 +223,10 @@ class OrtBackend:
         self.position = position  # shared_buffer: rows past `position` are ignored, then overwritten
 
     def kv_bytes(self) -> int:
+        conv = sum(rows.nbytes for rows in self._conv.values())
         if self.kv_mode == "shared_buffer":
-            return sum(int(np.prod(self.kv_shape)) * self.kv_dtype.itemsize for _ in self._cache)
-        return sum(int(np.prod(v.shape())) * self.kv_dtype.itemsize for v in self._past)
+            return conv + sum(int(np.prod(self.kv_shape)) * self.kv_dtype.itemsize for _ in self._cache)
+        return conv + sum(int(np.prod(v.shape())) * self.kv_dtype.itemsize for v in self._past)
 
     # ------------------------------------------------------------ concat mode
     def _set_past(self, arrays: list[np.ndarray]) -> None:
@@ -214,6 +234,6 @@ class OrtBackend:
         self._bind_past()
 
     def _bind_past(self) -> None:
-        for i in range(self.num_layers):
-            self.binding.bind_ortvalue_input(f"past_key.{i}", self._past[2 * i])
-            self.binding.bind_ortvalue_input(f"past_value.{i}", self._past[2 * i + 1])
+        for n, i in enumerate(self.attention_layers):
+            self.binding.bind_ortvalue_input(f"past_key.{i}", self._past[2 * n])
+            self.binding.bind_ortvalue_input(f"past_value.{i}", self._past[2 * n + 1])

@@ -68,11 +68,11 @@ def check_fits_before_quantizing(spec, dev, max_memory: int | None, max_context:
     context, planned as its engine will be (plan_memory): less than any engine of it needs, so what
     does not fit is refused now, in the plan's own words, not after the quantization's minutes or
     hours (or a GGUF's conversion: its header is read)."""
-    from .export.spec import layer_linear_shapes
+    from .export.spec import all_linear_shapes
     from .memory import plan_memory
 
-    linears = spec.layers * sum(n * k // 2 for n, k in layer_linear_shapes(spec).values())
-    plan_memory(linears, 2 * spec.layers * spec.kv_heads * spec.head_dim * 2, dev, max_memory=max_memory,
+    linears = sum(n * k // 2 for n, k in all_linear_shapes(spec).values())
+    plan_memory(linears, spec.kv_bytes_per_token * 2, dev, max_memory=max_memory,
                 max_context=max_context, max_position_embeddings=spec.max_positions)
 
 

@@ -130,6 +130,9 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
     linears carry biases (checkpoint_biases), the head's kind, and whether the linears are GPTQ
     act-order ones."""
     family = model.family
+    if model.conv_layers:
+        raise UserError(f"{model.model_type}'s short convolutions are not in the cuda backend's kernels; build for the "
+                        "CPU (--device cpu)")
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
                         f"({', '.join(map(str, HEAD_DIMS))}); use the CPU engine (--device cpu)")

@@ -112,6 +112,14 @@ class ExportInfo:
     config: dict                 # the model's config.json as exported (tokenizer: eos ids)
     quantization: dict           # the checkpoint's quantization_config and the quantizer's settings
     files: dict                  # the folder's checked file records (name -> size, sha256)
+    # LFM2: the layers that are short convolutions (inputs conv_state.{i}, outputs conv_new.{i}: no KV)
+    # and the tokens each convolves
+    conv_layers: tuple = ()
+    conv_kernel: int = 0
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if i not in self.conv_layers]
 
     def workspace(self, context: int) -> int:
         """Bytes of one prefill chunk's activations in ONNX Runtime (memory.workspace_bytes)."""
@@ -143,16 +151,20 @@ def read_export_info(folder: Path, listed: dict[str, dict] | None = None, graph:
     act_dtype = f.str("act_dtype", tuple(ACT_DTYPES))
     if heads % kv_heads:
         raise UserError(f"{path}: num_heads {heads} is not a multiple of num_kv_heads {kv_heads}; {fix}")
+    hidden = f.int("hidden_size", 1, MAX_HIDDEN)
+    conv_layers, conv_kernel = _read_conv_layers(f, layers)
+    attention = layers - len(conv_layers)
     kv_bytes = f.int("kv_bytes_per_token", 1, 1 << 40)
-    if kv_bytes != 2 * layers * kv_heads * head_dim * ACT_DTYPES[act_dtype]:
-        raise UserError(f"{path}: kv_bytes_per_token {kv_bytes} is not 2 x {layers} layers x {kv_heads} KV heads x "
-                        f"{head_dim} x {ACT_DTYPES[act_dtype]} bytes; {fix}")
+    if kv_bytes != (2 * attention * kv_heads * head_dim + len(conv_layers) * hidden) * ACT_DTYPES[act_dtype]:
+        raise UserError(f"{path}: kv_bytes_per_token {kv_bytes} is not (2 x {attention} attention layers x {kv_heads} "
+                        f"KV heads x {head_dim} + {len(conv_layers)} conv layers x {hidden}) x "
+                        f"{ACT_DTYPES[act_dtype]} bytes; {fix}")
     config = f.obj("config")
     info = ExportInfo(
         target=f.str("target", ("ort", "onnx", "trt", "trt_cpu_standin")),
         kv_mode=f.str("kv_mode", ("shared_buffer", "concat")),
         act_dtype=act_dtype, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        hidden_size=f.int("hidden_size", 1, MAX_HIDDEN),
+        hidden_size=hidden,
         intermediate_size=f.int("intermediate_size", 1, MAX_INTERMEDIATE),
         vocab_size=f.int("vocab_size", 1, MAX_VOCAB),
         max_position_embeddings=f.int("max_position_embeddings", 1, MAX_POSITIONS),
@@ -162,12 +174,27 @@ def read_export_info(folder: Path, listed: dict[str, dict] | None = None, graph:
         kv_bytes_per_token=kv_bytes,
         lm_head_exact=_read_exact_head(f),
         config=config.raw, quantization=raw["quantization"] if isinstance(raw.get("quantization"), dict) else {},
-        files=listed)
+        files=listed, conv_layers=conv_layers, conv_kernel=conv_kernel)
     if info.lm_head_exact and info.lm_head_exact["top_k"] > info.vocab_size:
         raise UserError(f"{path}: lm_head_exact top_k {info.lm_head_exact['top_k']} is more than the vocabulary; {fix}")
     if graph:
         check_graph(folder, info, listed, fix)
     return info
+
+
+def _read_conv_layers(f: Fields, layers: int) -> tuple[tuple, int]:
+    """(conv_layers, conv_kernel) of an LFM2 export: distinct layer numbers below `layers`, not all of
+    them (the rest are attention), and the kernel; ((), 0) where export.json names none."""
+    listed = f.raw.get("conv_layers")
+    if listed is None:
+        return (), 0
+    if (not isinstance(listed, list) or not 0 < len(listed) < layers or len(set(map(str, listed))) != len(listed)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in listed)):
+        raise UserError(f"{f.where}: conv_layers must list distinct layer numbers below {layers}, not all of them; "
+                        f"{f.fix}")
+    from .export.spec import MAX_CONV_KERNEL
+
+    return tuple(sorted(listed)), f.int("conv_kernel", 2, MAX_CONV_KERNEL)
 
 
 def _read_exact_head(f: Fields) -> dict | None:
@@ -221,7 +248,9 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
     act = TensorProto.FLOAT if info.act_dtype == "float32" else TensorProto.FLOAT16
     kv = {"elem": act, "dims": [1, info.num_kv_heads, None, info.head_dim]}
     expected_inputs = {"input_ids": None, "past_length": None}
-    expected_inputs.update({f"past_{kind}.{i}": kv for i in range(info.num_layers) for kind in ("key", "value")})
+    expected_inputs.update({f"past_{kind}.{i}": kv for i in info.attention_layers for kind in ("key", "value")})
+    expected_inputs.update({f"conv_state.{i}": {"elem": act, "dims": [1, info.conv_kernel - 1, info.hidden_size]}
+                            for i in info.conv_layers})
     expected_outputs = {"logits": {"elem": TensorProto.FLOAT,
                                    "dims": [1, None, info.vocab_size] if info.all_logits else [1, info.vocab_size]}}
     if info.lm_head_exact:
@@ -232,7 +261,9 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
         expected_outputs["top_ids"] = {"elem": TensorProto.INT64, "dims": [1, k]}
         expected_outputs["top_logits"] = {"elem": TensorProto.FLOAT, "dims": [1, k]}
     if info.target != "trt":
-        expected_outputs.update({f"present_{kind}.{i}": kv for i in range(info.num_layers) for kind in ("key", "value")})
+        expected_outputs.update({f"present_{kind}.{i}": kv for i in info.attention_layers for kind in ("key", "value")})
+    expected_outputs.update({f"conv_new.{i}": {"elem": act, "dims": [1, None, info.hidden_size]}
+                             for i in info.conv_layers})
     for kind, values, expected in (("inputs", graph.input, expected_inputs), ("outputs", graph.output, expected_outputs)):
         found = {v.name: v for v in values if v.name not in shapes}
         if set(found) != set(expected):

@@ -80,6 +80,13 @@ class Family:
     # nanochat: the embeddings go through the final norm before the first layer (one weightless RMSNorm
     # module for both); the engines' copy of that norm is `model.embed_norm`
     embed_norm: bool = False
+    # LFM2: the layers its layer_types names "conv" (all but full_attn_idxs' in older configs) are gated
+    # short convolutions, not attention: out_proj(C * conv(B * x)), B, C and x from one in_proj, conv a
+    # causal depthwise convolution over the last conv_L_cache tokens (export.spec.ModelSpec.conv_layers)
+    short_conv: bool = False
+    # LFM2: the MLP's width is intermediate_size as transformers' Lfm2MLP adjusts it (block_auto_adjust_ff_dim:
+    # 2/3 of it, times block_ffn_dim_multiplier, rounded up to block_multiple_of)
+    ff_dim_adjusted: bool = False
     # a family's own config.json keys, as (theirs, transformers'): read as the second where it lacks that
     config_aliases: tuple = ()
     # keys the family's model reads in place of transformers' usual one, as (theirs, the usual): read as the
@@ -278,6 +285,18 @@ FAMILIES: dict[str, Family] = {
         Family("hunyuan", ("hunyuan_v1_dense",), qk_norm=True, qk_norm_after_rope=True,
                qk_norms=("self_attn.query_layernorm", "self_attn.key_layernorm"),
                config_defaults=(("max_position_embeddings", 2048), ("rms_norm_eps", 1e-5))),
+        # LFM2 (350M-2.6B; LFM2.5): most layers gated short convolutions, the others attention with per-head
+        # q/k norms, under their own names; the final norm is its embedding_norm
+        Family("lfm2", ("lfm2",), qk_norm=True, qk_norms=("self_attn.q_layernorm", "self_attn.k_layernorm"),
+               short_conv=True, ff_dim_adjusted=True, config_aliases=(("norm_eps", "rms_norm_eps"),),
+               config_replaced=(("block_ff_dim", "intermediate_size"), ("tie_embedding", "tie_word_embeddings")),
+               module_renames=((".operator_norm.", ".input_layernorm."), (".ffn_norm.", ".post_attention_layernorm."),
+                               (".feed_forward.", ".mlp."), (".mlp.w1.", ".mlp.gate_proj."),
+                               (".mlp.w3.", ".mlp.up_proj."), (".mlp.w2.", ".mlp.down_proj."),
+                               (".self_attn.out_proj.", ".self_attn.o_proj."),
+                               ("model.embedding_norm.", "model.norm.")),
+               config_defaults=(("max_position_embeddings", 128000), ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5),
+                                ("tie_word_embeddings", True), ("rope_theta", 1000000.0))),
         # nanochat: RMSNorms without weights everywhere (the embeddings normed too), per-head q/k norms
         # after a RoPE that turns the other way, Arcee's MLP (relu(fc1(x))^2) under CLIP's names, a
         # soft-capped head. Its q/k norms have no weight, and a rotation keeps a head's RMS, so they are

@@ -255,9 +255,12 @@ def rename_block_modules(layer, family: Family) -> None:
             continue
         theirs, ours = theirs.strip("."), ours.strip(".")
         parent_name, _, attr = theirs.rpartition(".")
-        parent = layer.get_submodule(parent_name) if parent_name else layer
+        try:
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+        except AttributeError:  # a block without it (LFM2's short convolutions have no self_attn)
+            continue
         module = parent._modules.get(attr)
-        if module is None:  # renamed already
+        if module is None:  # renamed already, or not in this block
             continue
         our_parent, _, our_attr = ours.rpartition(".")
         if our_parent != parent_name:

@@ -289,7 +289,8 @@ class ScaleGroup:
     prev_root: int = 1
 
 
-ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")  # their loss runs attention: whole sequences
+# their loss runs attention, or (LFM2's in_proj) a convolution over the tokens: whole sequences
+SEQUENCE_INPUTS = ("q_proj", "k_proj", "v_proj", "in_proj")
 # act(x / c) = act(x) / c^root for every c > 0, of the MLP activations that have one
 ACTIVATION_ROOTS = {"relu2": 2}
 
@@ -307,20 +308,28 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     without a gate (Arcee) has an up group in gate_up's place, and a down group only across an
     activation that scales through (relu^2: ACTIVATION_ROOTS). A parallel block (Cohere: attention
     and MLP on one norm) has one qkv_gate_up group, scored on the sum of the attention's and the
-    MLP's outputs, as AutoAWQ's GPT-J."""
-    attn, mlp = layer.self_attn, layer.mlp
+    MLP's outputs, as AutoAWQ's GPT-J. An LFM2 short convolution has an in group (in_proj, scored
+    on the convolution's output) in qkv's place; its out_proj reads C * conv(B * x), whose scales
+    only C's rows of in_proj could take: it is clipped and rounded only."""
+    mlp = layer.mlp
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     groups = []
-    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
     mlp_in, mlp_group = ([mlp.gate_proj, mlp.up_proj], "gate_up") if family.gated_mlp else ([mlp.up_proj], "up")
     foldable = family.pre_norms and family.norm_weight  # a norm with a weight to divide by the scales
-    if family.parallel_block:  # q/k/v and gate/up read one norm: one group, its loss on attention + MLP
-        groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, qkv + mlp_in, "parallel", "q_proj"))
+    if is_conv_layer(layer):
+        if foldable:
+            groups.append(ScaleGroup("in", layer.input_layernorm, [layer.conv.in_proj], "conv", "in_proj"))
+    elif family.parallel_block:  # q/k/v and gate/up read one norm: one group, its loss on attention + MLP
+        attn = layer.self_attn
+        groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]
+                                 + mlp_in, "parallel", "q_proj"))
     elif foldable:
-        groups.append(ScaleGroup("qkv", layer.input_layernorm, qkv, "self_attn", "q_proj"))
-    if kv_heads == heads:
-        groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
+        attn = layer.self_attn
+        groups.append(ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn",
+                                 "q_proj"))
+    if kv_heads == heads and not is_conv_layer(layer):
+        groups.append(ScaleGroup("o", layer.self_attn.v_proj, [layer.self_attn.o_proj], "o_proj", "o_proj"))
     if foldable and not family.parallel_block:
         groups.append(ScaleGroup(mlp_group, getattr(layer, family.mlp_norm), mlp_in, "mlp",
                                  "gate_proj" if family.gated_mlp else "up_proj"))
@@ -330,11 +339,21 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     return groups
 
 
+def is_conv_layer(layer) -> bool:
+    """An LFM2 block whose mixer is a short convolution (layer.conv), not attention."""
+    return not hasattr(layer, "self_attn") and hasattr(layer, "conv")
+
+
 def _linear_names(layer) -> dict[str, nn.Linear]:
-    """A block's quantized linears by name (no gate_proj in an MLP without a gate)."""
-    a, m = layer.self_attn, layer.mlp
-    return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
-            **({"gate_proj": m.gate_proj} if hasattr(m, "gate_proj") else {}), "up_proj": m.up_proj,
+    """A block's quantized linears by name (no gate_proj in an MLP without a gate; LFM2's short
+    convolutions have in_proj and out_proj in q/k/v/o's place)."""
+    m = layer.mlp
+    if is_conv_layer(layer):
+        mixer = {"in_proj": layer.conv.in_proj, "out_proj": layer.conv.out_proj}
+    else:
+        a = layer.self_attn
+        mixer = {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj}
+    return {**mixer, **({"gate_proj": m.gate_proj} if hasattr(m, "gate_proj") else {}), "up_proj": m.up_proj,
             "down_proj": m.down_proj}
 
 
@@ -665,7 +684,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                         grams[name] += sample.T @ sample
                     else:
                         grams[name] += flat.T @ flat  # in place after the first batch: one K x K sum alive
-                if name in ATTENTION_INPUTS:
+                if name in SEQUENCE_INPUTS:
                     if counted["seqs"] < n_loss:
                         captured[name].append(x[: n_loss - counted["seqs"]].clone())
                 else:
@@ -734,7 +753,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
 
 
 def _path(name: str) -> str:
-    return ("self_attn." if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp.") + name
+    return ("self_attn." if name in ("q_proj", "k_proj", "v_proj", "o_proj") else
+            "conv." if name in ("in_proj", "out_proj") else "mlp.") + name
 
 
 def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: int):
@@ -745,6 +765,8 @@ def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: i
         return lambda: [layer.self_attn(hidden_states=xb, **kwargs)[0] for xb in _batched(x, batch)]
     if g.inspect == "parallel":
         return lambda: [layer.self_attn(hidden_states=xb, **kwargs)[0] + layer.mlp(xb) for xb in _batched(x, batch)]
+    if g.inspect == "conv":  # (LFM2's short convolution: whole sequences, no cache)
+        return lambda: [layer.conv(xb) for xb in _batched(x, batch)]
     rows = 4096
     if g.inspect == "mlp":
         return lambda: [layer.mlp(xb) for xb in _batched(x, rows)]

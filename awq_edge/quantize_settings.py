@@ -83,7 +83,7 @@ def check_request(source: str, output, settings: QuantizeSettings, checkpoint_fo
     (compressed-tensors) no short last group. Returns (model dir, its config, family)."""
     from .checkpoint import CHECKPOINT_FORMATS
     from .ct_checkpoint import check_group_fits
-    from .export.spec import layer_linear_shapes, model_spec
+    from .export.spec import all_linear_shapes, model_spec
     from .model import check_causal_lm, is_quantized_checkpoint, read_config, resolve_source
 
     settings.validate()
@@ -98,6 +98,5 @@ def check_request(source: str, output, settings: QuantizeSettings, checkpoint_fo
     if is_quantized_checkpoint(config):
         raise UserError(f"{source} is already a quantized checkpoint; give the float model to quantize")
     if checkpoint_format == "compressed-tensors":
-        check_group_fits({f"model.layers.{i}.{name}": shape[1] for i in range(spec.layers)
-                          for name, shape in layer_linear_shapes(spec).items()}, settings.group_size)
+        check_group_fits({name: shape[1] for name, shape in all_linear_shapes(spec).items()}, settings.group_size)
     return model_dir, config, family

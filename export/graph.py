@@ -57,6 +57,9 @@ def check_target(spec: ModelSpec, target: str) -> None:
     if target == "trt" and spec.family.qk_norm_after_rope:
         raise UserError(f"{spec.model_type}'s q/k norms come after RoPE, and the trt target's attention plugin "
                         "rotates q and k itself; build for the cuda backend or the CPU (--device cpu)")
+    if target == "trt" and spec.conv_layers:
+        raise UserError(f"{spec.model_type}'s short convolutions keep a state per position, which the trt target's "
+                        "engines do not; build for the CPU (--device cpu)")
 
 
 class Decoder:
@@ -211,8 +214,11 @@ class Decoder:
         past_length = b.add_input("past_length", TensorProto.INT64, [1])
         kv_shape = [1, spec.kv_heads, cache_dim, spec.head_dim]
         for i in range(spec.layers):
-            b.add_input(f"past_key.{i}", act, kv_shape)
-            b.add_input(f"past_value.{i}", act, kv_shape)
+            if i in spec.conv_layers:  # (LFM2's) B * x of the conv_kernel - 1 tokens before this step
+                b.add_input(f"conv_state.{i}", act, [1, spec.conv_kernel - 1, spec.hidden])
+            else:
+                b.add_input(f"past_key.{i}", act, kv_shape)
+                b.add_input(f"past_value.{i}", act, kv_shape)
         check_target(spec, t.name)
         after_rope = spec.family.qk_norm_after_rope  # (Hunyuan) q and k rotated in the graph, then normed
         info = self.info = attention.step_info(b, input_ids, past_length, t.name, positions=after_rope)
@@ -260,7 +266,8 @@ class Decoder:
                 with b.scope("input_norm"):
                     x, h = self.block_input(pending, h, f"{p}.input_layernorm.weight")
                 with b.scope("attn"):
-                    a = self.attention_block(x, i, layer_rope[i], masks.get(spec.layer_windows[i]))
+                    a = (self.conv_block(x, i) if i in spec.conv_layers else
+                         self.attention_block(x, i, layer_rope[i], masks.get(spec.layer_windows[i])))
                     if spec.family.post_norms:
                         a = self.rms_norm(a, self.norm_weight(f"{p}.{spec.family.post_norms[0]}.weight"))
                 if spec.family.parallel_block:  # (Cohere) the MLP reads x too: h + attention + MLP, in that order
@@ -297,9 +304,11 @@ class Decoder:
         if t.rescore_top_k:
             b.add_output("top_ids", TensorProto.INT64, [1, t.rescore_top_k])
             b.add_output("top_logits", TensorProto.FLOAT, [1, t.rescore_top_k])
-        for i in range(spec.layers if presents else 0):
+        for i in spec.attention_layers if presents else ():
             for kind in ("key", "value"):
                 b.add_output(f"present_{kind}.{i}", act, [1, spec.kv_heads, present_dim, spec.head_dim])
+        for i in spec.conv_layers:
+            b.add_output(f"conv_new.{i}", act, [1, seq, spec.hidden])
         return b.model(f"awq_edge_{spec.model_type}_{t.name}")
 
     def final_softcap(self, logits: str) -> str:
@@ -359,6 +368,30 @@ class Decoder:
         gate, up = self.b.op("Split", self.linear(x, f"{p}.gate_up_proj", lin), self.b.int64s(width, width),
                              axis=-1, outputs=2)
         return gate, up
+
+    def conv_block(self, x: str, i: int) -> str:
+        """LFM2's gated short convolution: B, C and x from in_proj; out_proj(C * conv(B * x)), the
+        convolution depthwise over each token and the conv_kernel - 1 before it (its weight [hidden,
+        1, kernel]: kernel tap j reads the token kernel - 1 - j back). Those before this step are the
+        input conv_state.{i}; this step's B * x is the output conv_new.{i}, which the runtime keeps per
+        position (backend_ort.py) as it keeps K and V."""
+        b, spec = self.b, self.spec
+        p, hidden, kernel = f"model.layers.{i}.conv", spec.hidden, spec.conv_kernel
+        gate_b, gate_c, xs = b.op("Split", self.linear(x, f"{p}.in_proj"), b.int64s(hidden, hidden, hidden), axis=-1,
+                                  outputs=3)
+        bx = b.op("Mul", gate_b, xs)
+        b.op("Identity", bx, outputs=[f"conv_new.{i}"])
+        rows = b.op("Concat", f"conv_state.{i}", bx, axis=1)  # [1, kernel - 1 + S, hidden]
+        weight = self.tensor(f"{p}.conv.weight").astype(np.float32).reshape(hidden, kernel)
+        y = None
+        for j in range(kernel):  # tap j: rows j .. j + S - 1 of `rows`
+            end = j - (kernel - 1)
+            tap = b.op("Slice", rows, b.int64s(j), b.int64s(end if end < 0 else 2**62), b.int64s(1))
+            tap = b.op("Mul", tap, b.act_const(f"{p}.conv.weight.{j}", weight[:, j]))
+            y = tap if y is None else b.op("Add", y, tap)
+        if spec.conv_bias:
+            y = b.op("Add", y, b.act_const(f"{p}.conv.bias", self.tensor(f"{p}.conv.bias").astype(np.float32)))
+        return self.linear(b.op("Mul", gate_c, y), f"{p}.out_proj")
 
     def attention_block(self, x: str, i: int, rope: tuple[str, str], mask: str | None) -> str:
         b, spec, t = self.b, self.spec, self.t

@@ -42,6 +42,7 @@ def xielu_constants(alpha_p, alpha_n, beta, eps) -> np.ndarray:
 
 LEGACY_LAYER_TYPES = {"attention": "full_attention", "mamba": "linear_attention"}  # config.json's older names
 MAX_ROPE_TABLE = 1 << 27  # positions x head_dim: 2 x 512 MiB of float32 cos/sin at most
+MAX_CONV_KERNEL = 16  # an LFM2 short convolution's tokens (its conv_L_cache: 3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,11 +90,22 @@ class ModelSpec:
     embed_multiplier: float | None  # what embeddings are multiplied by (Gemma: sqrt(hidden); Granite's)
     residual_multiplier: float  # Granite: on attention and MLP outputs before their residual adds; else 1
     logits_scaling: float  # Granite: what the logits are divided by; else 1
+    # LFM2: the layers that are gated short convolutions (Family.short_conv), not attention; the others
+    # keep their per-layer entries above. conv_kernel: the tokens each convolves (its conv_L_cache)
+    conv_layers: tuple = ()
+    conv_kernel: int = 0
+    conv_bias: bool = False  # in_proj, out_proj and the convolution carry biases
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i in range(self.layers) if i not in self.conv_layers]
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Elements per token per K or V, times 2 (K and V), times layers; multiply by itemsize."""
-        return 2 * self.layers * self.kv_heads * self.head_dim
+        """Cache elements per token (multiply by itemsize): K and V of every attention layer, and a conv
+        layer's B * x row (what its convolution reads of the tokens before; kept per position, as K and
+        V are, so that a rewind costs nothing)."""
+        return 2 * len(self.attention_layers) * self.kv_heads * self.head_dim + len(self.conv_layers) * self.hidden
 
 
 def rope_frequencies(rope: Fields, dim: int, max_positions: int, aliases: dict | None = None) -> Rope:
@@ -282,6 +294,12 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         window = None  # Qwen's and SmolLM3's configs keep a sliding_window that is off (transformers nulls it)
     rotating = rotating_layers(c, family, layers)
     layer_types = config.get("layer_types") or default_layer_types(c, family, layers, window, rotating)
+    conv_layers: tuple = ()
+    if family.short_conv:  # LFM2: "conv" layers (older configs: all but full_attn_idxs), as transformers reads them
+        layer_types = conv_layer_types(c, layers) if config.get("layer_types") is None else layer_types
+        if isinstance(layer_types, list):
+            conv_layers = tuple(i for i, t in enumerate(layer_types) if t == "conv")
+            layer_types = ["full_attention" if t == "conv" else t for t in layer_types]
     if isinstance(layer_types, list):  # (older configs' names, as transformers reads them)
         layer_types = [LEGACY_LAYER_TYPES.get(t, t) if isinstance(t, str) else t for t in layer_types]
         if "linear_attention" in layer_types:
@@ -323,6 +341,15 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         original = ropes["full_attention"].int("original_max_position_embeddings", 1, MAX_POSITIONS)
         max_positions = min(max_positions, original)
 
+    if family.ff_dim_adjusted and c.bool("block_auto_adjust_ff_dim", default=True):  # LFM2's, as its Lfm2MLP
+        intermediate = int(2 * intermediate / 3)
+        intermediate = int(c.float("block_ffn_dim_multiplier", 1e-3, 1e3, default=1.0) * intermediate)
+        multiple = c.int("block_multiple_of", 1, MAX_INTERMEDIATE, default=256)
+        intermediate = multiple * -(-intermediate // multiple)
+        if not 1 <= intermediate <= MAX_INTERMEDIATE:
+            raise UserError(f"{where}: the MLP's width {intermediate} (intermediate_size adjusted) is out of range; "
+                            f"{fix}")
+
     scalar = c.float("query_pre_attn_scalar", 1e-6, 1e9, default=None)  # Gemma: scale by this, not head_dim
     attn_scale = scalar ** -0.5 if scalar else head_dim ** -0.5
     embed, residual, logits_scaling = float(hidden) ** 0.5 if family.embed_scale else None, 1.0, 1.0
@@ -344,16 +371,40 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         attn_softcap=c.float("attn_logit_softcapping", 1e-3, 1e6, default=None),
         final_softcap=c.float("final_logit_softcapping", 1e-3, 1e6, default=None),
         embed_multiplier=embed, residual_multiplier=residual, logits_scaling=logits_scaling,
+        conv_layers=conv_layers,
+        conv_kernel=c.int("conv_L_cache", 2, MAX_CONV_KERNEL, default=3) if conv_layers else 0,
+        conv_bias=bool(conv_layers) and c.bool("conv_bias", default=False),
     )
 
 
-def layer_linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
-    """One decoder layer's quantized linears, as read (split): name in the layer -> [out, in]."""
+def conv_layer_types(c: Fields, layers: int) -> list[str]:
+    """An LFM2 config without layer_types: full attention at full_attn_idxs (every layer where it
+    lists none, as transformers reads it), a short convolution elsewhere."""
+    listed = c.raw.get("full_attn_idxs")
+    if listed is None:
+        return ["full_attention"] * layers
+    if (not isinstance(listed, list) or len(listed) > layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in listed)):
+        raise UserError(f"{c.where}: full_attn_idxs must list layer numbers below {layers}; {c.fix}")
+    return ["full_attention" if i in listed else "conv" for i in range(layers)]
+
+
+def layer_linear_shapes(spec: ModelSpec, layer: int | None = None) -> dict[str, tuple[int, int]]:
+    """A decoder layer's quantized linears, as read (split): name in the layer -> [out, in]. An
+    attention layer's unless `layer` is one of LFM2's short convolutions (conv.in_proj, conv.out_proj)."""
     h, inter = spec.hidden, spec.intermediate
     q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), **({"mlp.gate_proj": (inter, h)} if spec.family.gated_mlp else {}),
+    mixer = ({"conv.in_proj": (3 * h, h), "conv.out_proj": (h, h)} if layer in spec.conv_layers else
+             {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, q)})
+    return {**mixer, **({"mlp.gate_proj": (inter, h)} if spec.family.gated_mlp else {}),
             "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
+
+
+def all_linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """Every decoder layer's quantized linears: `model.layers.{i}.{name}` -> [out, in]."""
+    return {f"model.layers.{i}.{name}": shape for i in range(spec.layers)
+            for name, shape in layer_linear_shapes(spec, i).items()}
 
 
 def block_norms(family: Family) -> set[str]:
@@ -367,8 +418,7 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
     name -> shape). Biases and an untied lm_head are optional (checked when present)."""
     h, hd = spec.hidden, spec.head_dim
     family = spec.family
-    layer_linears = layer_linear_shapes(spec)
-    linears, tensors = {}, {"model.embed_tokens.weight": (spec.vocab, h)}
+    linears, tensors = all_linear_shapes(spec), {"model.embed_tokens.weight": (spec.vocab, h)}
     norms = block_norms(family)
     biased = family.norm == "layer" and family.norm_bias  # (LayerNorm's: the block's norms and the final one)
     kinds = ("weight", "bias") if biased else ("weight",) if family.norm_weight else ()  # (OLMo 1's: none)
@@ -378,10 +428,12 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
     q_norm, k_norm = (spec.heads * hd, spec.kv_heads * hd) if family.qk_norm_whole else (hd, hd)
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        linears.update({f"{p}.{name}": shape for name, shape in layer_linears.items()})
         tensors.update({f"{p}.{n}.{kind}": (h,) for n in norms for kind in kinds})
         tensors.update({f"{p}.mlp.act_fn.{n}": shape for n, shape in ACTIVATION_PARAMS.get(family.activation, ())})
-        if family.qk_norm and family.norm_weight:  # (nanochat's q/k norms have no weight either)
+        if i in spec.conv_layers:  # (LFM2's) the depthwise convolution's weight [hidden, 1, kernel], float
+            tensors.update({f"{p}.conv.conv.weight": (h, 1, spec.conv_kernel),
+                            **({f"{p}.conv.conv.bias": (h,)} if spec.conv_bias else {})})
+        elif family.qk_norm and family.norm_weight:  # (nanochat's q/k norms have no weight either)
             q_name, k_name = family.qk_norms
             tensors.update({f"{p}.{q_name}.weight": (q_norm,), f"{p}.{k_name}.weight": (k_norm,)})
     return linears, tensors

@@ -82,6 +82,9 @@ TINY_EXTRA = {
     # weightless RMSNorms (the embeddings normed too), q/k norms after a RoPE that turns the other way, an
     # MLP without a gate (relu(fc1(x))^2), a soft-capped head (its default 15)
     "nanochat": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # layer 0 a gated short convolution, layer 1 attention with per-head q/k norms, its own names; the MLP
+    # width adjusted (2/3 of 128, rounded up to 32: 96)
+    "lfm2": {"layer_types": ["conv", "full_attention"], "block_multiple_of": 32, "head_dim": 16},
     # LayerNorms without a weight or a bias
     "olmo": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # no pre-norms, post-norms, q/k norms over all heads

@@ -1,5 +1,7 @@
 """The AWQ algorithm on real parts: SmolLM2 blocks, tiny models of every family, real perplexity."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,10 +14,11 @@ from awq_edge import data, packing
 from awq_edge.checkpoint import load_awq_as_float, read_checked, read_checkpoint
 from awq_edge.errors import UserError
 from awq_edge.evaluate import deployed_prefix, perplexity
+from awq_edge.export.spec import all_linear_shapes, model_spec
 from awq_edge.families import family_for
 from awq_edge.model import load_float_model
 from awq_edge.quantize import (ACTIVATION_ROOTS, QuantizeSettings, _apply_group, _layer_output, _linear_names,
-                               block_groups, calibration_tokens, capture_block_inputs, fake_quantize,
+                               block_groups, calibration_tokens, is_conv_layer, capture_block_inputs, fake_quantize,
                                fake_quantize_model, _to_quantized, gptq_round, gram, quantize_checkpoint,
                                quantize_model, quantize_tensor, refit_scales, TunedWeight, coarse_to_fine, per_column,
                                search_clip, tune_block_outputs)
@@ -295,7 +298,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
                                                        "olmo2", "exaone4", "gemma", "vaultgemma", "hunyuan_v1_dense",
                                                        "arcee", "nemotron", "stablelm", "cohere", "cohere2", "jais2",
                                                        "starcoder2", "granitemoehybrid", "phi",
-                                                       "hyperclovax", "olmo", "apertus", "nanochat"))
+                                                       "hyperclovax", "olmo", "apertus", "nanochat", "lfm2"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -305,16 +308,17 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
                                 clip_grid=4)
     quantize_checkpoint(str(src), out, settings, calib=str(calib), progress=False)
     family = family_for(model_type)
-    per_layer = 7 if family.gated_mlp else 6  # (Arcee's MLP: no gate_proj)
+    # 7 a layer, 6 in an MLP without a gate (Arcee's), 5 in an LFM2 short convolution's (in_proj, out_proj)
+    linears = len(all_linear_shapes(model_spec(json.loads((src / "config.json").read_text()))))
     stored = read_checkpoint(out).linears  # the family's layout: Phi-3's fused qkv_proj and gate_up_proj
-    assert len(stored) == 2 * (per_layer - sum(len(parts) - 1 for _, parts in family.fused_linears))
+    assert len(stored) == linears - 2 * sum(len(parts) - 1 for _, parts in family.fused_linears)
     # under the names the family's transformers model gives its modules (StarCoder 2's mlp.c_fc): other tools read it
     modules = {name for name, _ in AutoModelForCausalLM.from_pretrained(src).named_modules()}
     with safe_open(str(out / "model.safetensors"), "np") as f:
         written = {key.rsplit(".", 1)[0] for key in f.keys()}
     assert written <= modules and len(written) > len(stored), sorted(written - modules)[:2]
     ckpt, _ = read_checked(out)
-    assert len(ckpt.linears) == 2 * per_layer and ckpt.metadata["family"] == family.name
+    assert len(ckpt.linears) == linears and ckpt.metadata["family"] == family.name
     quant_model = load_awq_as_float(out)
     _, tokenizer = load_float_model(src)
     ids = torch.tensor([tokenizer("Robots on small boards need memory caps.")["input_ids"]])
@@ -325,7 +329,7 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere",
                                                        "jais2", "starcoder2", "granitemoehybrid", "phi",
-                                                       "olmo", "apertus", "nanochat"))
+                                                       "olmo", "apertus", "nanochat", "lfm2"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into
@@ -336,7 +340,9 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     has no gate: down's scales fold into up_proj across relu^2, as their square roots (across
     StarCoder 2's gelu, which does not scale through, down has no group; its block runs under our
     names). Nemotron's LayerNorms (1 + w, a bias) take the q/k/v and up scales, bias and all.
-    Cohere's one input norm takes q/k/v's and gate/up's as one group (Phi's: q/k/v's and up's)."""
+    Cohere's one input norm takes q/k/v's and gate/up's as one group (Phi's: q/k/v's and up's).
+    An LFM2 short convolution's input norm takes in_proj's (its B, C and x: a product of two of them
+    and C times the convolution's output), and it has no o group."""
     model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
     family = family_for(model.config.model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
@@ -348,6 +354,8 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
         mlp_in = "gate_up" if family.gated_mlp else "up"
         want = ([f"qkv_{mlp_in}", "o"] if family.parallel_block else ["qkv", "o", mlp_in]
                 if family.pre_norms and family.norm_weight else ["o"])
+        if is_conv_layer(layer):
+            want = ["in", mlp_in]
         down = family.gated_mlp or family.activation in ACTIVATION_ROOTS  # (StarCoder 2's gelu: no down group)
         assert [g.name for g in groups] == want + ["down"] * down
         torch.manual_seed(i)

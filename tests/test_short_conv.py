@@ -1,0 +1,86 @@
+"""LFM2's short convolutions on the CPU engine: biases on every part, against transformers; their
+state kept per position (a rewind, a prompt fed in chunks); the native decode declining them, the
+cuda backend refusing them before anything is written; export.json's conv_layers read as
+untrusted input. (Every family's tiny model, LFM2's with one convolution, is in
+test_export_families.py; its quantizer groups in test_quantize.py.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from awq_edge.backend_ort import OrtBackend
+from awq_edge.engine_dir import read_export_info
+from awq_edge.errors import UserError
+from folder_helpers import edit_json, linked_copy
+from test_export_helpers import check_against_reference, export_for_cpu, tiny_checkpoint
+
+LAYERS = dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"])
+
+
+@pytest.fixture(scope="module")
+def lfm2(tmp_path_factory, smollm2_dir):
+    """(root, checkpoint, ort export) of a tiny LFM2 with two convolutions around an attention layer,
+    conv_bias on (in_proj, out_proj and the convolution carry biases, randomized)."""
+    root = tmp_path_factory.mktemp("lfm2")
+    ckpt = tiny_checkpoint(root, "lfm2", smollm2_dir, conv_bias=True, **LAYERS)
+    return root, ckpt, export_for_cpu(ckpt, root / "exports", "ort")
+
+
+def ids(n: int, seed: int = 3) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 256, n).tolist()
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_an_lfm2_with_biases_matches_transformers(lfm2, target):
+    from awq_edge.checkpoint import load_awq_as_float
+
+    root, ckpt, ort_export = lfm2
+    out = ort_export if target == "ort" else export_for_cpu(ckpt, root / "exports", target)
+    assert read_export_info(out).conv_layers == (0, 2)
+    check_against_reference(out, load_awq_as_float(ckpt).eval(), ids(24), 12, 1e-5)
+
+
+def test_a_rewind_and_a_prompt_in_chunks_give_the_same_logits(lfm2):
+    """The convolutions read the tokens before a step from the per-position store: after a rewind
+    into the middle, and across the chunks of a prompt fed piecewise, as the first time."""
+    tokens = ids(20)
+    backend = OrtBackend(lfm2[2], max_context=32)
+    first = [backend.forward(tokens[:8])] + [backend.forward([t]) for t in tokens[8:]]
+    backend.rewind(11)
+    again = [backend.forward([t]) for t in tokens[11:]]
+    np.testing.assert_array_equal(np.array(again), np.array(first[4:]))
+    backend.rewind(0)
+    for start in range(0, 20, 3):  # a kernel of 3 reads 2 tokens back: chunks of 3 cross every boundary
+        chunked = backend.forward(tokens[start:start + 3])
+    np.testing.assert_allclose(chunked, first[-1], rtol=0, atol=1e-4 * np.abs(first[-1]).max())
+
+
+def test_the_native_decode_declines_and_the_cuda_backend_refuses(lfm2, tmp_path):
+    from awq_edge.build import build_engine
+
+    root, ckpt, export = lfm2
+    backend = OrtBackend(export, max_context=32, native_decode=True)
+    assert backend.decode_path == "onnxruntime (native decode does not run short convolutions)"
+    assert np.isfinite(backend.forward(ids(5))).all() and np.isfinite(backend.forward([7])).all()
+    with pytest.raises(UserError, match="short convolutions are not in the cuda backend's kernels; build for the CPU"):
+        build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
+    assert not (tmp_path / "engine").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda i: i.update(conv_layers=[0, 0]), "conv_layers must list distinct layer numbers below 3"),
+    (lambda i: i.update(conv_layers=[0, 3]), "conv_layers must list distinct layer numbers below 3"),
+    (lambda i: i.update(conv_layers=[0, 1, 2]), "not all of them"),
+    (lambda i: i.update(conv_layers=[0, True]), "conv_layers must list"),
+    (lambda i: i.update(conv_layers="0,2"), "conv_layers must list"),
+    (lambda i: i.update(conv_kernel=1 << 30), "conv_kernel"),
+    # (K and V counted for a conv layer: here as many bytes as its B * x row, which the graph's inputs then tell)
+    (lambda i: i.pop("conv_layers"), "kv_bytes_per_token|the graph's inputs do not match"),
+    (lambda i: i.update(conv_layers=[0]), "kv_bytes_per_token|the graph's inputs do not match"),
+], ids=["twice", "past the layers", "every layer", "a bool", "a string", "a huge kernel", "left out", "one short"])
+def test_conv_layers_in_export_json_are_checked(lfm2, tmp_path, edit, message):
+    export = linked_copy(lfm2[2], tmp_path / "e")
+    edit_json(export / "export.json", edit)
+    with pytest.raises(UserError, match=message) as e:
+        read_export_info(export)
+    assert "\n" not in str(e.value)
