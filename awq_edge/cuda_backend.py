@@ -402,9 +402,15 @@ class CudaBackend:
         self.attn_counters = drv.alloc(4 * spec.heads)
         drv.zero(self.attn_counters, 4 * spec.heads)
         self.layer_kv_bytes = spec.kv_heads * C * spec.head_dim * 2
-        self.k_cache = [drv.alloc(self.layer_kv_bytes) for _ in range(spec.layers)]
-        self.v_cache = [drv.alloc(self.layer_kv_bytes) for _ in range(spec.layers)]
-        self._kv_bytes = 2 * spec.layers * self.layer_kv_bytes
+        attention = [i for i in range(spec.layers) if i not in spec.conv_layers]  # (0: an LFM2 convolution's)
+        self.k_cache = [drv.alloc(self.layer_kv_bytes) if i in attention else 0 for i in range(spec.layers)]
+        self.v_cache = [drv.alloc(self.layer_kv_bytes) if i in attention else 0 for i in range(spec.layers)]
+        # (LFM2's) each short convolution's B * x by position after kernel - 1 rows of zeros (awq_short_conv)
+        self.conv_store_bytes = (spec.conv_kernel - 1 + C) * spec.hidden * 2
+        self.conv_store = {i: drv.alloc(self.conv_store_bytes) for i in spec.conv_layers}
+        for store in self.conv_store.values():
+            drv.zero(store, self.conv_store_bytes)
+        self._kv_bytes = 2 * len(attention) * self.layer_kv_bytes + len(self.conv_store) * self.conv_store_bytes
         self.ids = drv.alloc(PREFILL_CHUNK * 4)        # int32 ids of the step
         self.past = drv.alloc(8)                       # int64 position counter, advanced by the step
         self.sample_work = drv.alloc(2 * spec.vocab * 4)
@@ -632,6 +638,8 @@ class CudaBackend:
                     f"unfused parallel block); {fix}")
         if self.spec.qk_norm_after_rope:
             return f"the persistent decode step does not rotate q and k before their norms (Hunyuan's); {fix}"
+        if self.spec.conv_layers:
+            return f"the persistent decode step has no short convolution (LFM2's); {fix}"
         if self.spec.head_dim not in STEP_HEAD_DIMS:
             return (f"the persistent decode step takes head sizes {', '.join(map(str, STEP_HEAD_DIMS))}, and this "
                     f"model's is {self.spec.head_dim}; {fix}")
@@ -794,6 +802,10 @@ class CudaBackend:
         elif op.kind == "gather":
             self.launch("awq_gather_columns", (rows,), (NORM_THREADS,),
                         [b[a["x"]], w[a["order"]], b[a["out"]], ("i32", a["n"])])
+        elif op.kind == "short_conv":
+            self.launch("awq_short_conv", (rows,), (NORM_THREADS,),
+                        [b[a["x"]], b[a["out"]], self.conv_store[a["layer"]], w[a["weight"]],
+                         w[a["bias"]] if a["bias"] else 0, self.past, ("i32", spec.hidden), ("i32", spec.conv_kernel)])
         elif op.kind == "lm_head" and a["bits"] == 4:
             self.rescored_head(a)
         elif op.kind == "lm_head":
@@ -1084,7 +1096,7 @@ class CudaBackend:
         self.drv.zero(self.attn_partials, self.attn_partials_bytes)
         if cache:
             words = self.layer_kv_bytes // 4  # (2 fp16 a word)
-            for layer in range(self.spec.layers):
+            for layer in (i for i in range(self.spec.layers) if self.k_cache[i]):
                 self.drv.fill32(self.k_cache[layer], words, 0x34003400)
                 self.drv.fill32(self.v_cache[layer], words, 0xB8003C00)
 
@@ -1344,6 +1356,6 @@ KERNELS_OF = {
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
     "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_norm", "awq_add_norm", "awq_head_rms_norm", "awq_bias_add",
-                    "awq_act", "awq_residual_add", "awq_gather_columns", "awq_lm_head", "awq_lm_head_q8",
-                    "awq_advance"],
+                    "awq_act", "awq_residual_add", "awq_gather_columns", "awq_short_conv", "awq_lm_head",
+                    "awq_lm_head_q8", "awq_advance"],
 }

@@ -21,6 +21,9 @@ A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kerne
                                   MLP without a gate (Arcee): up alone, [S, I] at its start
     act      [S, I]               act(gate) * up, or act(up)
     mlp      [S, hidden]          after down_proj (and a post-norm)
+    bcx      [S, 3 hidden]        an LFM2 short convolution's in_proj: B, C and x side by side
+    conv     [S, hidden]          C * conv(B * x), out_proj's input (the convolution reads B * x of the
+                                  tokens before from its layer's store: awq_short_conv)
     ordered  [S, K]               a linear's input in the order its levels are stored (GPTQ
                                   act-order engines only: a gather op before each linear)
     logits   [V] float32          the last row's, after the final soft-cap
@@ -41,7 +44,8 @@ scale per 32 values (`lm_head.q8`, `lm_head.q8_scales`: spec.lm_head "int8", the
 bytes per token), as fp16 (`lm_head.weight`, or the embedding's table when tied), or as a 4-bit
 linear like the others (`lm_head.q4` at group 32, rows padded to a multiple of 8: "int4", under a
 third of the bytes), whose top HEAD_TOP_K logits are then recomputed from the fp16 table, as the CPU
-engine's graph does; a head's bias (Phi's) as `lm_head.bias` float32 [V]; the embedding as int8
+engine's graph does; a head's bias (Phi's) as `lm_head.bias` float32 [V]; an LFM2 short
+convolution's weight as float32 [hidden, kernel] (`{layer}.conv.conv.weight`, + `.bias` [hidden]); the embedding as int8
 rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied model's are `lm_head.q8`), or fp16
 `model.embed_tokens.weight` where a tied head keeps it (embed_table); RoPE tables fp16
 [max_positions, D/2] per distinct frequency set; a GPTQ act-order linear's permutation of its
@@ -102,6 +106,9 @@ class DecoderSpec:
     out_bias: bool = False         # o_proj, gate/up and down carry biases (ERNIE 4.5's use_bias, Jais 2's)
     head_bias: bool = False        # Phi: the logits get lm_head.bias (float32 [V]) before the soft-cap
     embed_norm: bool = False       # nanochat: h normed after the embedding (model.embed_norm, a norm op)
+    conv_layers: tuple = ()        # LFM2: the layers that are short convolutions (a short_conv op), not attention
+    conv_kernel: int = 0           # the tokens a short convolution reads (its own and kernel - 1 before it)
+    conv_bias: bool = False        # in_proj, out_proj and the convolution carry biases
 
     @property
     def qkv_width(self) -> int:
@@ -109,8 +116,10 @@ class DecoderSpec:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """fp16 K and V of every layer for one token (the cache the attention kernel writes)."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+        """fp16 cache of one token: K and V of every attention layer (what the attention kernels
+        write), and B * x of every short convolution (awq_short_conv's store)."""
+        attention = self.layers - len(self.conv_layers)
+        return 2 * attention * self.kv_heads * self.head_dim * 2 + len(self.conv_layers) * self.hidden * 2
 
 
 # the head in an engine: int8 rows (blocks of 32, fp16 scales), a 4-bit linear whose top HEAD_TOP_K
@@ -130,9 +139,6 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
     linears carry biases (checkpoint_biases), the head's kind, and whether the linears are GPTQ
     act-order ones."""
     family = model.family
-    if model.conv_layers:
-        raise UserError(f"{model.model_type}'s short convolutions are not in the cuda backend's kernels; build for the "
-                        "CPU (--device cpu)")
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
                         f"({', '.join(map(str, HEAD_DIMS))}); use the CPU engine (--device cpu)")
@@ -161,7 +167,8 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
         ropes=tuple(ropes), lm_head=lm_head, act_order=act_order, out_bias=out_bias, head_bias=family.head_bias,
-        embed_norm=family.embed_norm)
+        embed_norm=family.embed_norm, conv_layers=tuple(model.conv_layers), conv_kernel=model.conv_kernel,
+        conv_bias=model.conv_bias)
 
 
 # ---------------------------------------------------------------- the op list
@@ -226,32 +233,46 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
     for i in range(spec.layers):
         p = f"model.layers.{i}"
         normed, norm = normed_input(f"{p}.input_layernorm.weight")
-        rope_in_linear = fused and not spec.qk_norm  # q/k norms must see q and k before RoPE
-        x = in_order(normed, f"{p}.self_attn.qkv_proj", spec.hidden)
-        ops.append(linear_op(x, "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias, norm,
-                             **({"epilogue": "rope", "layer": i, "rope": spec.layer_rope[i]} if rope_in_linear else {})))
-        rope = spec.layer_rope[i]
-        if spec.qk_norm_after_rope:  # q and k rotated in place first; the attention then rotates nothing
-            ops.append(Op("rope", {"qkv": "qkv", "heads": H + Hkv, "rope": rope}))
-            rope = None
-        if spec.qk_norm:  # per head, or (OLMo 2) one norm over all heads
-            q_heads, kv_heads, size = (1, 1, None) if spec.qk_norm_whole else (H, Hkv, D)
-            ops.append(Op("head_norm", {"x": "qkv", "offset": 0, "heads": q_heads, "size": size or H * D,
-                                        "weight": f"{p}.{spec.qk_norms[0]}.weight"}))
-            ops.append(Op("head_norm", {"x": "qkv", "offset": H * D, "heads": kv_heads, "size": size or Hkv * D,
-                                        "weight": f"{p}.{spec.qk_norms[1]}.weight"}))
-        ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": rope,
-                                    "window": spec.layer_windows[i], "rotated": rope_in_linear}))
-        ctx = in_order("ctx", f"{p}.self_attn.o_proj", H * D)
-        if fuse_residual:
-            ops.append(linear_op(ctx, "h", f"{p}.self_attn.o_proj", spec.hidden, H * D, spec.out_bias,
-                                 epilogue="residual"))
+        if i in spec.conv_layers:  # (LFM2's) out_proj(C * conv(B * x)), B, C and x from in_proj
+            x = in_order(normed, f"{p}.conv.in_proj", spec.hidden)
+            ops.append(linear_op(x, "bcx", f"{p}.conv.in_proj", 3 * spec.hidden, spec.hidden, spec.conv_bias, norm))
+            ops.append(Op("short_conv", {"x": "bcx", "out": "conv", "layer": i, "weight": f"{p}.conv.conv.weight",
+                                         "bias": f"{p}.conv.conv.bias" if spec.conv_bias else None}))
+            conv = in_order("conv", f"{p}.conv.out_proj", spec.hidden)
+            if fuse_residual:
+                ops.append(linear_op(conv, "h", f"{p}.conv.out_proj", spec.hidden, spec.hidden, spec.conv_bias,
+                                     epilogue="residual"))
+            else:
+                ops.append(linear_op(conv, "attn", f"{p}.conv.out_proj", spec.hidden, spec.hidden, spec.conv_bias))
+                pending = "attn"
         else:
-            ops.append(linear_op(ctx, "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D, spec.out_bias))
-            if spec.post_norms:
-                ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.{spec.post_norms[0]}.weight",
-                                       "bias": None}))
-            pending = "attn"
+            rope_in_linear = fused and not spec.qk_norm  # q/k norms must see q and k before RoPE
+            x = in_order(normed, f"{p}.self_attn.qkv_proj", spec.hidden)
+            in_linear = {"epilogue": "rope", "layer": i, "rope": spec.layer_rope[i]} if rope_in_linear else {}
+            ops.append(linear_op(x, "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias, norm,
+                                 **in_linear))
+            rope = spec.layer_rope[i]
+            if spec.qk_norm_after_rope:  # q and k rotated in place first; the attention then rotates nothing
+                ops.append(Op("rope", {"qkv": "qkv", "heads": H + Hkv, "rope": rope}))
+                rope = None
+            if spec.qk_norm:  # per head, or (OLMo 2) one norm over all heads
+                q_heads, kv_heads, size = (1, 1, None) if spec.qk_norm_whole else (H, Hkv, D)
+                ops.append(Op("head_norm", {"x": "qkv", "offset": 0, "heads": q_heads, "size": size or H * D,
+                                            "weight": f"{p}.{spec.qk_norms[0]}.weight"}))
+                ops.append(Op("head_norm", {"x": "qkv", "offset": H * D, "heads": kv_heads, "size": size or Hkv * D,
+                                            "weight": f"{p}.{spec.qk_norms[1]}.weight"}))
+            ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": rope,
+                                        "window": spec.layer_windows[i], "rotated": rope_in_linear}))
+            ctx = in_order("ctx", f"{p}.self_attn.o_proj", H * D)
+            if fuse_residual:
+                ops.append(linear_op(ctx, "h", f"{p}.self_attn.o_proj", spec.hidden, H * D, spec.out_bias,
+                                     epilogue="residual"))
+            else:
+                ops.append(linear_op(ctx, "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D, spec.out_bias))
+                if spec.post_norms:
+                    ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.{spec.post_norms[0]}.weight",
+                                           "bias": None}))
+                pending = "attn"
         if spec.parallel_block:  # the MLP reads the attention's normed input, which o_proj's add into h left as it was
             if pending:
                 ops.append(Op("add", {"x": pending, "residual": "h"}))
@@ -339,6 +360,8 @@ def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
               "ctx": (rows, spec.heads * spec.head_dim), "attn": (rows, spec.hidden),
               "gate_up": (rows, (2 if spec.gated_mlp else 1) * spec.intermediate), "act": (rows, spec.intermediate),
               "mlp": (rows, spec.hidden), "logits": (spec.vocab,)}
+    if spec.conv_layers:
+        shapes.update(bcx=(rows, 3 * spec.hidden), conv=(rows, spec.hidden))
     if spec.act_order:
         shapes["ordered"] = (rows, max(spec.hidden, spec.heads * spec.head_dim, spec.intermediate))
     return shapes
@@ -404,6 +427,10 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
             layout[a["weight"]] = ("float32", (a["size"],))
         elif op.kind == "act" and a["params"]:
             layout[a["params"]] = ("float32", (4,))
+        elif op.kind == "short_conv":
+            layout[a["weight"]] = ("float32", (spec.hidden, spec.conv_kernel))
+            if a["bias"]:
+                layout[a["bias"]] = ("float32", (spec.hidden,))
         elif op.kind == "gather":
             layout[a["order"]] = ("int32", (a["n"],))
     return layout
@@ -480,6 +507,10 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
 
             mlp = a["params"].removesuffix(".act_fn.xielu")
             out[a["params"]] = xielu_constants(*(tensor(f"{mlp}.act_fn.{n}") for n in XIELU_PARAMS))
+        elif op.kind == "short_conv":  # the depthwise convolution's [hidden, 1, kernel] as [hidden, kernel]
+            out[a["weight"]] = tensor(a["weight"]).astype(np.float32).reshape(spec.hidden, -1)
+            if a["bias"]:
+                out[a["bias"]] = tensor(a["bias"]).astype(np.float32)
         elif op.kind in ("norm", "add_norm", "head_norm"):
             out[a["weight"]] = tensor(a["weight"]).astype(np.float32) + np.float32(spec.norm_offset)
             if a.get("bias"):  # (a LayerNorm's)

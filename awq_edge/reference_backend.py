@@ -255,6 +255,25 @@ def twin_act(gate_up: np.ndarray, kind: str, gated: bool = True, params: np.ndar
     return (a * gate_up[:, 1::2].astype(F32) if gated else a).astype(F16)
 
 
+def twin_short_conv(bcx: np.ndarray, store: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+                    past: int) -> np.ndarray:
+    """LFM2's gated short convolution of a step's rows (decoder_ops.cu awq_short_conv): bcx fp16 [S,
+    3 hidden] (B, C, x side by side); store fp16 [kernel - 1 + context, hidden], row r holding B * x
+    of position r - kernel + 1 (its first kernel - 1 rows zeros: before the first token); weight
+    float32 [hidden, kernel], bias float32 [hidden] or None; past: row 0's position. B * x of the
+    step's rows goes into the store (rounded to fp16), then out[s] = C[s] * (sum over taps j of
+    weight[:, j] * store[past + s + j] (+ bias)), fp16."""
+    rows, hidden = bcx.shape[0], weight.shape[0]
+    kernel = weight.shape[1]
+    gate_b, gate_c, x = (bcx[:, i * hidden:(i + 1) * hidden].astype(F32) for i in range(3))
+    store[past + kernel - 1:past + kernel - 1 + rows] = (gate_b * x).astype(F16)
+    window = store[past:past + kernel - 1 + rows].astype(F32)
+    y = sum(window[j:j + rows] * weight[:, j] for j in range(kernel))
+    if bias is not None:
+        y = y + bias
+    return (gate_c * y).astype(F16)
+
+
 def twin_lm_head(x: np.ndarray, table: np.ndarray, softcap: float, bias: np.ndarray | None = None) -> np.ndarray:
     """float32 logits [V] of one fp16 row x [hidden] against the table [V, hidden]: float32 values
     of the fp16 table, or of the int8 one (dequantize_rows_int8: q * s, exact in float32); plus
@@ -310,10 +329,13 @@ class ReferenceBackend:
         shape = (spec.kv_heads, self.max_context, spec.head_dim)
         self.k_cache = [np.zeros(shape, F16) for _ in range(spec.layers)]
         self.v_cache = [np.zeros(shape, F16) for _ in range(spec.layers)]
+        # (LFM2's) each short convolution's B * x by position, after kernel - 1 rows of zeros: twin_short_conv
+        self.conv_store = {i: np.zeros((spec.conv_kernel - 1 + self.max_context, spec.hidden), F16)
+                           for i in spec.conv_layers}
         self._w: dict[str, np.ndarray] = {}  # dequantized linears and the head, float32, made on first use
 
     def kv_bytes(self) -> int:
-        return sum(c.nbytes for c in self.k_cache + self.v_cache)
+        return sum(c.nbytes for c in self.k_cache + self.v_cache + list(self.conv_store.values()))
 
     def rewind(self, position: int) -> None:
         if not 0 <= position <= self.position:
@@ -389,6 +411,9 @@ class ReferenceBackend:
                                            spec.attn_scale, spec.attn_softcap)
         elif op.kind == "act":
             buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"], a["gated"], t[a["params"]] if a["params"] else None)
+        elif op.kind == "short_conv":
+            buf[a["out"]][:] = twin_short_conv(buf[a["x"]], self.conv_store[a["layer"]], t[a["weight"]],
+                                               t[a["bias"]] if a["bias"] else None, self.position)
         elif op.kind == "gather":
             buf[a["out"]] = twin_gather(buf[a["x"]], t[a["order"]])
         elif op.kind == "lm_head":

@@ -84,14 +84,16 @@ step cuda_head 150 python3 benchmarks/cuda_head.py --output "$out/cuda_head.json
 step quantize 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quantize_gpu.py
 # Last, on whatever time is left: compute-sanitizer over three tiny engines' backend tests (every
 # kind of kernel a prefill and a decode step launch, graphs and programmatic launches; the ragged
-# one's K % 32 != 0; the persistent step, its blocks waiting on each other's counts): memcheck (an access outside an allocation, a misaligned one), racecheck
+# one's K % 32 != 0; the persistent step, its blocks waiting on each other's counts; LFM2's short
+# convolutions, their store by position): memcheck (an access outside an allocation, a misaligned one), racecheck
 # (shared memory read and written without a barrier between), synccheck (a barrier not all reach).
 # What the CPU emulation cannot see: the hardware's own order. sanitize.log: "ERROR SUMMARY" a tool.
 step sanitize 150 bash -c 'for tool in memcheck racecheck synccheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -P -m pytest -q -p no:cacheprovider -m gpu \
         "tests/test_cuda_backend_gpu.py::test_every_family_matches_the_reference[llama-fused-tensor_cores]" \
         tests/test_cuda_backend_gpu.py::test_ragged_shapes_match_the_reference \
-        "tests/test_cuda_backend_gpu.py::test_every_family_on_the_persistent_step[llama]" || exit; done'
+        "tests/test_cuda_backend_gpu.py::test_every_family_on_the_persistent_step[llama]" \
+        "tests/test_cuda_backend_gpu.py::test_short_convolutions_match_the_reference[cuda_cores]" || exit; done'
 # One screen of the numbers issue 19 asks for, from the JSONs above (whatever exists).
 python3 - "$out" <<'SUMMARY' 2>&1 | tee "$out/summary.log" ${bundle:+"$OUT/summary.log"}
 import json, sys

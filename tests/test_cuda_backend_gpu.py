@@ -162,6 +162,17 @@ def test_q_k_norms_after_rope_match_the_reference(tokenizer_dir, tmp_path):
     check_against_reference(tiny_engine(tmp_path, "hunyuan_v1_dense", tokenizer_dir), 320, cublas=False)
 
 
+@pytest.mark.parametrize("fused, gemv", [(True, "cuda_cores"), (True, "tensor_cores"), (False, None)],
+                         ids=["cuda_cores", "tensor_cores", "unfused"])
+def test_short_convolutions_match_the_reference(fused, gemv, tokenizer_dir, tmp_path):
+    """LFM2's gated short convolutions (awq_short_conv: the tokens before a step read from its store,
+    across the prefill chunks and the decode steps) around attention with q/k norms; biases on
+    in_proj, out_proj and the convolution; prefill on our GEMM."""
+    engine = tiny_engine(tmp_path, "lfm2", tokenizer_dir, num_hidden_layers=3, conv_bias=True,
+                         layer_types=["conv", "full_attention", "conv"])
+    check_against_reference(engine, 320, fused=fused, cublas=False, gemv=gemv)
+
+
 @pytest.mark.parametrize("model_type", ["arcee", "apertus", "nanochat"])
 @pytest.mark.parametrize("gemv", [*GEMVS, "persistent_step"])
 def test_an_mlp_without_a_gate_matches_the_reference(gemv, model_type, tokenizer_dir, tmp_path):

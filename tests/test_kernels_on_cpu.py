@@ -520,6 +520,14 @@ BACKEND_CASES = {
     # its embed), its weightless norms (ones) and a RoPE turning the other way (q/k rows swapped)
     "nanochat-embed-norm-persistent-step": ("nanochat", "auto", {}, True, 9, "persistent_step",
                                             {"awq_decode_step_g32", "awq_norm"}),
+    # LFM2's short convolutions (with conv_bias: in_proj's, out_proj's and the convolution's biases) around
+    # attention: awq_short_conv reading the tokens before each step from its store, across the prompt,
+    # the decode steps and the 40-token chunk; unfused too, its out_proj's residual add an op of its own
+    "lfm2-short-conv": ("lfm2", "auto", {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"],
+                                         "conv_bias": True}, True, 20, "cuda_cores",
+                        {"awq_short_conv", "awq_gemv_norm_store_g32_w4"}),
+    "lfm2-unfused": ("lfm2", "auto", {"num_hidden_layers": 2, "conv_bias": True}, False, 9, "tensor_cores",
+                     {"awq_short_conv", "awq_add_norm"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),
@@ -566,7 +574,8 @@ def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False, concur
 @pytest.mark.parametrize("case, refusal", [
     ("phi3-d96", "the persistent decode step takes head sizes 64, 128, 256, and this model's is 96; choose another"),
     ("hunyuan-rope-before-norms", "the persistent decode step does not rotate q and k before their norms"),
-], ids=["phi3-d96", "hunyuan"])
+    ("lfm2-unfused", "the persistent decode step has no short convolution"),
+], ids=["phi3-d96", "hunyuan", "lfm2"])
 def test_the_persistent_step_refuses_what_it_lacks(emulated, case, refusal, tmp_path):
     from awq_edge.errors import UserError
 

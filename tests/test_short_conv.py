@@ -1,8 +1,9 @@
 """LFM2's short convolutions on the CPU engine: biases on every part, against transformers; their
-state kept per position (a rewind, a prompt fed in chunks); the native decode declining them, the
-cuda backend refusing them before anything is written; export.json's conv_layers read as
+state kept per position (a rewind, a prompt fed in chunks); the native C decode declining them,
+the trt target refusing them before anything is written; export.json's conv_layers read as
 untrusted input. (Every family's tiny model, LFM2's with one convolution, is in
-test_export_families.py; its quantizer groups in test_quantize.py.)"""
+test_export_families.py; its quantizer groups in test_quantize.py; the cuda engine's op list
+against ORT in test_native_engine.py, its kernels emulated in test_kernels_on_cpu.py.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -55,15 +56,15 @@ def test_a_rewind_and_a_prompt_in_chunks_give_the_same_logits(lfm2):
     np.testing.assert_allclose(chunked, first[-1], rtol=0, atol=1e-4 * np.abs(first[-1]).max())
 
 
-def test_the_native_decode_declines_and_the_cuda_backend_refuses(lfm2, tmp_path):
+def test_the_native_decode_declines_and_the_trt_target_refuses(lfm2, tmp_path):
     from awq_edge.build import build_engine
 
     root, ckpt, export = lfm2
     backend = OrtBackend(export, max_context=32, native_decode=True)
     assert backend.decode_path == "onnxruntime (native decode does not run short convolutions)"
     assert np.isfinite(backend.forward(ids(5))).all() and np.isfinite(backend.forward([7])).all()
-    with pytest.raises(UserError, match="short convolutions are not in the cuda backend's kernels; build for the CPU"):
-        build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
+    with pytest.raises(UserError, match="short convolutions keep a state per position, which the trt target's"):
+        build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="trt", progress=False)
     assert not (tmp_path / "engine").exists()
 
 

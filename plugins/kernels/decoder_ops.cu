@@ -21,6 +21,11 @@ namespace {
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kWarps = kThreads / 32;
 
+// B * x of channel c of a row of an LFM2 short convolution's bcx (B, C, x side by side), rounded to fp16
+__device__ __forceinline__ __half gated_input(const __half* bcx_row, int hidden, int c) {
+    return __float2half(__half2float(bcx_row[c]) * __half2float(bcx_row[2 * hidden + c]));
+}
+
 }  // namespace
 
 // out[s, :] = table[ids[s], :] * scale. Grid: S blocks. An id outside the vocabulary gives a NaN row.
@@ -114,6 +119,36 @@ awq_residual_add(__half* __restrict__ h, const __half* __restrict__ y, int n) {
     awq_edge::begin_after_previous_kernel();
     const size_t row = static_cast<size_t>(blockIdx.x) * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) h[row + i] = __float2half(__half2float(h[row + i]) + __half2float(y[row + i]));
+}
+
+// LFM2's gated short convolution of a step's rows: bcx [rows, 3 hidden] holds B, C and x side by
+// side (in_proj's output); out[r, c] = C[r, c] * (sum_j weight[c, j] * bx(p - kernel + 1 + j) (+ bias[c])),
+// p = *past + r, bx(q) = B * x of position q rounded to fp16. store [kernel - 1 + context, hidden]
+// keeps bx by position (row q + kernel - 1; its first kernel - 1 rows stay zero: before the first
+// token). A row reads the positions before the step from the store and the step's own from bcx
+// (another block writes those rows of the store: reading them there would race), then stores its
+// own bx. weight float32 [hidden, kernel], bias float32 [hidden] or null. Grid: rows.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_short_conv(const __half* __restrict__ bcx, __half* __restrict__ out, __half* __restrict__ store,
+               const float* __restrict__ weight, const float* __restrict__ bias, const int64_t* __restrict__ past,
+               int hidden, int kernel) {
+    awq_edge::begin_after_previous_kernel();
+    const int r = blockIdx.x;
+    const int64_t first = *past;  // row 0's position
+    const size_t width = 3 * static_cast<size_t>(hidden);
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < kernel; ++j) {
+            const int s = r - kernel + 1 + j;  // the step's row of the tap's position, if it is in the step
+            const __half bx = s >= 0 ? gated_input(bcx + s * width, hidden, c)
+                                     : store[static_cast<size_t>(first + s + kernel - 1) * hidden + c];
+            acc += weight[static_cast<size_t>(c) * kernel + j] * __half2float(bx);
+        }
+        if (bias) acc += bias[c];
+        const __half* row = bcx + r * width;
+        out[static_cast<size_t>(r) * hidden + c] = __float2half(__half2float(row[hidden + c]) * acc);
+        store[static_cast<size_t>(first + r + kernel - 1) * hidden + c] = gated_input(row, hidden, c);
+    }
 }
 
 // The lm_head: logits[v] = table[v, :] . x in fp32 (+ bias[v], float, where the head has one:
