@@ -320,6 +320,11 @@ VISION_LANGUAGE = {
                    dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, image_size=28, patch_size=14),
                    dict(image_token_index=299, downsample_factor=1)),
+    # LFM2-VL: an LFM2 (a short convolution, then attention), tied
+    "lfm2_vl": ({**TINY, **TINY_EXTRA["lfm2"], "model_type": "lfm2", "vocab_size": 300},
+                dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                     patch_size=14),
+                dict(image_token_id=299)),
 }
 VISION_LANGUAGE["smolvlm_1"] = VISION_LANGUAGE["smolvlm"]
 VISION_LANGUAGE["qwen2_5_vl_flat"] = VISION_LANGUAGE["qwen2_5_vl"]
