@@ -17,6 +17,7 @@ nothing but the new token ids in and the logits out.
   stay zero (what the convolution reads before the first token). A step binds the kernel - 1 rows
   before its first position as the input conv_state.{i} and the rows of its own positions as the
   output conv_new.{i}, both views of that array: nothing is copied, and rewind is free here too.
+  The native decode step reads and writes the same arrays.
 Exact re-scoring (export.json `lm_head_exact`, the default quantized int4 lm_head): the graph
 also outputs the top_k candidates of the last position (`top_ids`) and their exact logits from
 the fp16 table (`top_logits`); forward() puts those in place of the quantized ones, so greedy
@@ -141,13 +142,12 @@ class OrtBackend:
         if self.kv_mode != "shared_buffer":
             self.decode_path = "onnxruntime (native decode needs in-place KV buffers)"
             return
-        if self._conv:
-            self.decode_path = "onnxruntime (native decode does not run short convolutions)"
-            return
+        kv = dict(zip(self.attention_layers, zip(self._cache[0::2], self._cache[1::2])))
         try:
-            self.native = NativeDecoder(export_dir, self.info, [v.data_ptr() for v in self._cache[0::2]],
-                                        [v.data_ptr() for v in self._cache[1::2]], self.max_context,
-                                        threads or physical_cores())
+            self.native = NativeDecoder(export_dir, self.info,
+                                        [kv[i][0].data_ptr() if i in kv else 0 for i in range(self.num_layers)],
+                                        [kv[i][1].data_ptr() if i in kv else 0 for i in range(self.num_layers)],
+                                        self.max_context, threads or physical_cores(), conv_rows=self._conv)
             self.decode_path = f"native ({simd_path(self.native.lib)})"
         except (Unsupported, UserError) as e:  # no compiler, or a graph the native step does not run
             self.decode_path = f"onnxruntime (native decode unavailable: {_first_line(e)})"

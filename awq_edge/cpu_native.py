@@ -223,7 +223,7 @@ class CpuModel(ctypes.Structure):
 # then 80's and 96's last 16 or 32)
 NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
-            "add": 9, "rope": 10}
+            "add": 9, "rope": 10, "short_conv": 11}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3}  # cpu_ops.h's ACT_*
 ACT_UNGATED = 4  # added for act(x), not act(gate) * up (an MLP without a gate)
 
@@ -270,7 +270,9 @@ class NativeDecoder:
     prefills and this decodes. Raises Unsupported for what it does not run."""
 
     def __init__(self, export_dir: Path, info, k_caches: list[int], v_caches: list[int], max_context: int,
-                 threads: int):
+                 threads: int, conv_rows: dict[int, np.ndarray] | None = None):
+        """k_caches, v_caches: ORT's KV buffers of each layer (0 for an LFM2 short convolution's);
+        conv_rows: each short convolution's B * x by position, ORT's arrays (OrtBackend)."""
         from .decoder import buffer_shapes, decode_ops, decoder_spec
         from .export.spec import model_spec
 
@@ -311,9 +313,15 @@ class NativeDecoder:
                         "top_ids": np.zeros((threads + 1, self.top_k), np.int64),
                         "top_logits": np.zeros((threads + 1, self.top_k), np.float32)}
         self.caches = ((ctypes.c_void_p * spec.layers)(*k_caches), (ctypes.c_void_p * spec.layers)(*v_caches))
+        self.conv_rows = conv_rows or {}
+        if sorted(self.conv_rows) != list(spec.conv_layers) or any(
+                r.dtype != np.float32 or r.shape != (spec.conv_kernel - 1 + max_context, spec.hidden)
+                for r in self.conv_rows.values()):
+            raise Unsupported("the short convolutions' arrays do not fit the model")
         # the step's bf16 copy of the cache (decode_step.c): keys in tiles of KEY_BLOCK, values in rows
         rows = -(-max_context // KEY_BLOCK) * KEY_BLOCK
-        self.mirrors = [np.zeros((spec.kv_heads, rows, spec.head_dim), np.uint16) for _ in range(2 * spec.layers)]
+        self.mirrors = [np.zeros((spec.kv_heads, 0 if i // 2 in spec.conv_layers else rows, spec.head_dim), np.uint16)
+                        for i in range(2 * spec.layers)]
         self.mirror_pointers = tuple((ctypes.c_void_p * spec.layers)(*(m.ctypes.data for m in self.mirrors[i::2]))
                                      for i in (0, 1))
         self.lib.cpu_mirror_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -405,6 +413,15 @@ class NativeDecoder:
                                   np.float32)
                 self.act_params.append(params)  # (alive as long as the op)
                 rec.w_norm = params.ctypes.data
+        elif op.kind == "short_conv":  # (LFM2's) its taps as [hidden, kernel]: the graph holds one [hidden] each
+            rec.n, rec.k, rec.x, rec.out = spec.hidden, spec.conv_kernel, ptr(a["x"]), ptr(a["out"])
+            rec.residual = self.conv_rows[a["layer"]].ctypes.data
+            taps = np.ascontiguousarray(np.stack([self._tensor(f"{a['weight']}.{j}", np.float32, spec.hidden)
+                                                  for j in range(spec.conv_kernel)], axis=1))
+            self.act_params.append(taps)  # (alive as long as the op)
+            rec.w_norm = taps.ctypes.data
+            if a["bias"]:
+                rec.bias = self._tensor(a["bias"], np.float32, spec.hidden).ctypes.data
         elif op.kind == "lm_head":
             rec.x, rec.out, rec.softcap = ptr(a["x"]), ptr(a["out"]), a["softcap"]
             self._linear(rec, "lm_head.q4", spec.vocab, spec.hidden)

@@ -187,9 +187,11 @@ def test_native_decode_checks_its_input_like_onnxruntime(default_export):
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee", "nemotron", "stablelm",
                                                        "cohere2", "jais2", "starcoder2",
                                                        "granitemoehybrid", "phi", "hyperclovax", "olmo",
-                                                       "apertus", "nanochat"))
+                                                       "apertus", "nanochat", "lfm2"))
 def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_dir, tmp_path):
     extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
+    if model_type == "lfm2":  # short convolutions (their biases too) around attention
+        extra = {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "conv_bias": True}
     heads = 2 if model_type == "stablelm" else 4  # (StableLM's head is hidden / heads, whatever head_dim says)
     ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, hidden_size=128, intermediate_size=256,
                            num_attention_heads=heads, num_key_value_heads=2, head_dim=64, **extra)
@@ -197,7 +199,9 @@ def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_
     # 44 tokens: longer than Mistral's (5) and Gemma 3's (4) sliding windows in these tiny configs
     ids = np.random.default_rng(1).integers(0, 256, 12 + 32).tolist()
     errors, disagreements = teacher_forced(native, reference, ids, 12)
-    assert max(errors) < 0.1 and len(disagreements) <= 1, (max(errors), disagreements)
+    # (LFM2: one attention layer's bf16 copy of the cache, ~1 %; its taps in the wrong order, ~8 %)
+    assert max(errors) < (0.03 if model_type == "lfm2" else 0.1) and len(disagreements) <= 1, (max(errors),
+                                                                                             disagreements)
 
 
 @pytest.mark.parametrize("path", sorted(set(FLAGS) - {"native"}))

@@ -146,6 +146,8 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
                 p.normal_(mean=0.0 if family_for(model_type).norm_offset else 1.0, std=0.2)
             elif name.endswith(".bias") or ".act_fn." in name:  # (Apertus's xIELU parameters: each layer's own)
                 p.normal_(std=0.5)
+            elif name.endswith(".conv.conv.weight"):  # (LFM2's short convolutions: taps that tell their order)
+                p.normal_(std=1.0)
     float_dir = root / "float"
     model.save_pretrained(float_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the quantizer loads a tokenizer

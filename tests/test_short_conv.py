@@ -1,6 +1,6 @@
 """LFM2's short convolutions on the CPU engine: biases on every part, against transformers; their
-state kept per position (a rewind, a prompt fed in chunks); the native C decode declining them,
-the trt target refusing them before anything is written; export.json's conv_layers read as
+state kept per position (a rewind, a prompt fed in chunks) and shared by ONNX Runtime and the
+native C decode; the trt target refusing them before anything is written; export.json's conv_layers read as
 untrusted input. (Every family's tiny model, LFM2's with one convolution, is in
 test_export_families.py; its quantizer groups in test_quantize.py; the cuda engine's op list
 against ORT in test_native_engine.py, its kernels emulated in test_kernels_on_cpu.py.)"""
@@ -15,7 +15,9 @@ from awq_edge.errors import UserError
 from folder_helpers import edit_json, linked_copy
 from test_export_helpers import check_against_reference, export_for_cpu, tiny_checkpoint
 
-LAYERS = dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"])
+# two convolutions around an attention layer whose heads the native engines take (64)
+LAYERS = dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], hidden_size=128,
+              intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +58,34 @@ def test_a_rewind_and_a_prompt_in_chunks_give_the_same_logits(lfm2):
     np.testing.assert_allclose(chunked, first[-1], rtol=0, atol=1e-4 * np.abs(first[-1]).max())
 
 
-def test_the_native_decode_declines_and_the_trt_target_refuses(lfm2, tmp_path):
+def test_the_native_decode_shares_the_stores_with_onnxruntime(lfm2):
+    """The C decode (decode_step.c's short_conv) writes each token's B * x into the same arrays
+    ONNX Runtime's prefill writes and reads: a prefill after native steps reads what they wrote,
+    and native steps after it what it wrote."""
+    from awq_edge.export import export_checkpoint
+
+    export = export_checkpoint(lfm2[1], lfm2[0] / "default", "ort")  # (the default head: the native step's)
+    tokens = ids(24)
+    native, plain = OrtBackend(export, max_context=32, native_decode=True), OrtBackend(export, max_context=32)
+    assert native.decode_path.startswith("native"), native.decode_path
+    for backend in (native, plain):
+        backend.forward(tokens[:6])
+        for t in tokens[6:12]:
+            backend.forward([t])
+    a, b = native.forward(tokens[12:18]), plain.forward(tokens[12:18])
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.03
+    errors = []
+    for t in tokens[18:]:
+        a, b = native.forward([t]), plain.forward([t])
+        errors.append(np.linalg.norm(a - b) / np.linalg.norm(b))
+    assert max(errors) < 0.03, errors
+
+
+def test_the_trt_target_refuses_before_anything_is_written(lfm2, tmp_path):
     from awq_edge.build import build_engine
 
-    root, ckpt, export = lfm2
-    backend = OrtBackend(export, max_context=32, native_decode=True)
-    assert backend.decode_path == "onnxruntime (native decode does not run short convolutions)"
-    assert np.isfinite(backend.forward(ids(5))).all() and np.isfinite(backend.forward([7])).all()
     with pytest.raises(UserError, match="short convolutions keep a state per position, which the trt target's"):
-        build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="trt", progress=False)
+        build_engine(str(lfm2[1]), "rtx4090", tmp_path / "engine", backend="trt", progress=False)
     assert not (tmp_path / "engine").exists()
 
 

@@ -49,15 +49,16 @@ void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scale
 /* ---------------------------------------------------------------- the decode step (decode_step.c) */
 
 enum cpu_op_kind { OP_EMBED = 1, OP_NORM, OP_ADD_NORM, OP_LINEAR, OP_HEAD_NORM, OP_ATTENTION, OP_ACT, OP_LM_HEAD,
-                   OP_ADD, OP_ROPE };
+                   OP_ADD, OP_ROPE, OP_SHORT_CONV };
 /* ACT_UNGATED: a flag added */
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_XIELU = 3, ACT_UNGATED = 4 };
 
 /* One op of the step; awq_edge/cpu_native.py (CpuOp) declares the same fields in the same order. */
 struct cpu_op {
   int32_t kind;      /* cpu_op_kind */
-  int32_t n;         /* outputs (linear, lm_head, act: I), width (norms, embed, add), heads (head_norm, rope) */
-  int32_t k;         /* inputs (linear, lm_head), a head's width (head_norm) */
+  int32_t n;         /* outputs (linear, lm_head, act: I), width (norms, embed, add, short_conv), heads (head_norm,
+                        rope) */
+  int32_t k;         /* inputs (linear, lm_head), a head's width (head_norm), the tokens a short_conv reads */
   int32_t group;     /* the linear's block size */
   int32_t offset;    /* head_norm: first column */
   int32_t layer;     /* attention: which cache */
@@ -65,12 +66,14 @@ struct cpu_op {
   int32_t kind_arg;  /* act: ACT_SILU, ACT_GELU_TANH, ACT_RELU2 or ACT_XIELU (+ ACT_UNGATED: no up) */
   float scale;       /* attention: q k^T scale; embed: sqrt(hidden) or 0 */
   float softcap;     /* attention scores, lm_head logits: cap * tanh(x / cap), 0 = none */
-  float *x, *out, *residual;
+  float *x, *out, *residual;  /* short_conv: x its B, C, x side by side; residual its layer's B * x by position
+                                 (ORT's array: row t + k - 1 is position t's, the first k - 1 rows zeros) */
   const uint8_t *w0;     /* MatMulNBits B */
   const float *w1;       /* scales */
   const uint8_t *w2;     /* zero_points */
   const float *bias;     /* linear bias, a LayerNorm's bias (norm, add_norm), or NULL */
-  const float *w_norm;   /* norm weight (the family's offset folded in); act ACT_XIELU: a_p, a_n, beta, eps */
+  const float *w_norm;   /* norm weight (the family's offset folded in); act ACT_XIELU: a_p, a_n, beta, eps;
+                            short_conv: its weight [n, k] */
   const void *table;     /* fp16 [V, hidden]: embed; lm_head's exact table */
   const float *cos, *sin;  /* RoPE tables [max_positions, D / 2]; attention: NULL when a rope op rotated q and k */
   const int64_t *order;    /* linear: its input read as x[order[i]] (GPTQ act-order), or NULL */
@@ -79,7 +82,8 @@ struct cpu_op {
 struct cpu_model {
   int32_t heads, kv_heads, head_dim, max_context, top_k;
   float eps;
-  float **k_cache, **v_cache;   /* per layer [kv_heads, max_context, head_dim], shared with ORT */
+  float **k_cache, **v_cache;   /* per layer [kv_heads, max_context, head_dim], shared with ORT (NULL: an LFM2
+                                   short convolution's layer) */
   int8_t *x8;                   /* scratch: Q8_ACT_BYTES of the largest K */
   float *x_scale;               /* scratch: blocks of the largest K */
   int32_t *x_sum;

@@ -231,6 +231,7 @@ void cpu_mirror_rows(const struct cpu_model *m, int layers, int first, int count
   for (int layer = 0; layer < layers; layer++)
     for (int g = 0; g < Hkv; g++)
       for (int t = first; t < first + count; t++) {
+        if (!m->k_cache[layer]) continue; /* (an LFM2 short convolution's layer: no KV) */
         const size_t at = ((size_t)g * cap + t) * D;
         mirror_row(m, layer, g, t, m->k_cache[layer] + at, m->v_cache[layer] + at);
       }
@@ -527,6 +528,21 @@ static void lm_head(const struct cpu_model *m, const struct cpu_op *op, int quan
   top_k_exact(m, op);
 }
 
+/* LFM2's gated short convolution of one token at `position`: op->x holds B, C and x (n each); B * x
+   goes into the layer's array (op->residual, row position + k - 1), then out = C * (the k taps over
+   rows position .. position + k - 1, in order, + bias), as the graph's Mul and Add of each tap. */
+static void short_conv(const struct cpu_op *op, int position) {
+  const int n = op->n, k = op->k;
+  float *rows = op->residual + (size_t)position * n;
+  for (int j = 0; j < n; j++) rows[(size_t)(k - 1) * n + j] = op->x[j] * op->x[2 * n + j];
+  for (int j = 0; j < n; j++) {
+    float acc = 0.f;
+    for (int t = 0; t < k; t++) acc += rows[(size_t)t * n + j] * op->w_norm[(size_t)j * k + t];
+    if (op->bias) acc += op->bias[j];
+    op->out[j] = op->x[n + j] * acc;
+  }
+}
+
 /* The ops too small to share out: one thread runs each. */
 static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t token, int position) {
   switch (op->kind) {
@@ -557,6 +573,9 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
       break;
     case OP_ACT:
       act(op);
+      break;
+    case OP_SHORT_CONV: /* LFM2: out = C * conv(B * x), the token's B * x stored at its position first */
+      short_conv(op, position);
       break;
   }
 }
