@@ -287,6 +287,9 @@ class ScaleGroup:
     # prev's output is divided by s ** (1 / prev_root): 2 across relu(x)^2, which turns x / sqrt(s)
     # into relu(x)^2 / s (Arcee's up_proj before down_proj)
     prev_root: int = 1
+    # the rows of a linear prev that the scales divide, (first, end); None: all (LFM2's out group: C's
+    # rows of in_proj, since out_proj reads C * conv(B * x))
+    prev_rows: tuple | None = None
 
 
 # their loss runs attention, or (LFM2's in_proj) a convolution over the tokens: whole sequences
@@ -309,8 +312,8 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     activation that scales through (relu^2: ACTIVATION_ROOTS). A parallel block (Cohere: attention
     and MLP on one norm) has one qkv_gate_up group, scored on the sum of the attention's and the
     MLP's outputs, as AutoAWQ's GPT-J. An LFM2 short convolution has an in group (in_proj, scored
-    on the convolution's output) in qkv's place; its out_proj reads C * conv(B * x), whose scales
-    only C's rows of in_proj could take: it is clipped and rounded only."""
+    on the convolution's output) in qkv's place, and an out group in o's: out_proj reads
+    C * conv(B * x), so its scales fold into C's rows of in_proj (C / s gives that product / s)."""
     mlp = layer.mlp
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -318,8 +321,11 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     mlp_in, mlp_group = ([mlp.gate_proj, mlp.up_proj], "gate_up") if family.gated_mlp else ([mlp.up_proj], "up")
     foldable = family.pre_norms and family.norm_weight  # a norm with a weight to divide by the scales
     if is_conv_layer(layer):
+        conv, hidden = layer.conv, layer.conv.out_proj.in_features
         if foldable:
-            groups.append(ScaleGroup("in", layer.input_layernorm, [layer.conv.in_proj], "conv", "in_proj"))
+            groups.append(ScaleGroup("in", layer.input_layernorm, [conv.in_proj], "conv", "in_proj"))
+        groups.append(ScaleGroup("out", conv.in_proj, [conv.out_proj], "out_proj", "out_proj",
+                                 prev_rows=(hidden, 2 * hidden)))
     elif family.parallel_block:  # q/k/v and gate/up read one norm: one group, its loss on attention + MLP
         attn = layer.self_attn
         groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]
@@ -779,9 +785,10 @@ def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: di
     prev = g.prev
     if isinstance(prev, nn.Linear):
         root = s if g.prev_root == 1 else s ** (1 / g.prev_root)
-        prev.weight.div_(root.view(-1, 1))
+        rows = slice(*g.prev_rows) if g.prev_rows else slice(None)
+        prev.weight[rows].div_(root.view(-1, 1))
         if prev.bias is not None:
-            prev.bias.div_(root)
+            prev.bias[rows].div_(root)
     else:  # a norm: y = normalized(x) * (offset + w) (+ b: LayerNorm's); Gemma's and Nemotron's offset is 1
         prev.weight.copy_((prev.weight.float() + family.norm_offset) / s - family.norm_offset)
         if getattr(prev, "bias", None) is not None:

@@ -87,8 +87,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
         # Granite 4's dense models: every layer attention, no experts (else refused), RoPE
         dense = (dict(layer_types=["attention"] * 2, num_local_experts=0, position_embedding_type="rope",
                       shared_intermediate_size=96) if model_type == "granitemoehybrid" else {})
-        if model_type == "lfm2":  # a short convolution, then attention
-            dense = dict(layer_types=["conv", "full_attention"], block_multiple_of=32)
+        if model_type == "lfm2":  # a short convolution (with biases), then attention
+            dense = dict(layer_types=["conv", "full_attention"], block_multiple_of=32, conv_bias=True)
         config = AutoConfig.for_model(
             model_type, vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=512,
@@ -101,6 +101,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.copy_(torch.rand_like(p) * 0.5 + (0.0 if family_for(model_type).norm_offset else 0.75))
+                elif name.endswith(".conv.conv.bias"):  # (LFM2's: a fold into B's rows, not C's, would miss it)
+                    p.normal_(std=0.5)
         out = tmp_path_factory.mktemp("tiny") / f"{model_type}-kv{kv_heads}"
         model.save_pretrained(out)
         copy_tokenizer(smollm2_dir, out)

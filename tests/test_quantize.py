@@ -342,7 +342,7 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     names). Nemotron's LayerNorms (1 + w, a bias) take the q/k/v and up scales, bias and all.
     Cohere's one input norm takes q/k/v's and gate/up's as one group (Phi's: q/k/v's and up's).
     An LFM2 short convolution's input norm takes in_proj's (its B, C and x: a product of two of them
-    and C times the convolution's output), and it has no o group."""
+    and C times the convolution's output), and C's rows of in_proj take out_proj's."""
     model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
     family = family_for(model.config.model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
@@ -355,12 +355,12 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
         want = ([f"qkv_{mlp_in}", "o"] if family.parallel_block else ["qkv", "o", mlp_in]
                 if family.pre_norms and family.norm_weight else ["o"])
         if is_conv_layer(layer):
-            want = ["in", mlp_in]
+            want = ["in", "out", mlp_in]
         down = family.gated_mlp or family.activation in ACTIVATION_ROOTS  # (StarCoder 2's gelu: no down group)
         assert [g.name for g in groups] == want + ["down"] * down
         torch.manual_seed(i)
         for g in groups:
-            _apply_group(g, torch.rand(g.prev.weight.shape[0]) + 0.5, family,
+            _apply_group(g, torch.rand(g.linears[0].in_features) + 0.5, family,
                          {n: torch.ones(1, lin.in_features) for n, lin in linears.items()}, linears, {})
         torch.testing.assert_close(_layer_output(layer(inputs, **kwargs[i])), before, rtol=1e-4, atol=1e-4)
 
