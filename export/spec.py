@@ -300,6 +300,9 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         if isinstance(layer_types, list):
             conv_layers = tuple(i for i, t in enumerate(layer_types) if t == "conv")
             layer_types = ["full_attention" if t == "conv" else t for t in layer_types]
+        if len(conv_layers) == layers:
+            raise UserError(f"{where}: every layer is a short convolution (conv), and awq-edge's engines take a model "
+                            f"with attention too; {fix}")
     if isinstance(layer_types, list):  # (older configs' names, as transformers reads them)
         layer_types = [LEGACY_LAYER_TYPES.get(t, t) if isinstance(t, str) else t for t in layer_types]
         if "linear_attention" in layer_types:
@@ -308,8 +311,9 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
                             "take a model whose every layer is attention")
     if (not isinstance(layer_types, list) or len(layer_types) != layers
             or not all(t in ("full_attention", "sliding_attention") for t in layer_types)):
-        raise UserError(f"{where}: layer_types must list full_attention or sliding_attention for each of the "
-                        f"{layers} layers; {fix}")
+        kinds = ("full_attention, sliding_attention or conv" if family.short_conv else
+                 "full_attention or sliding_attention")
+        raise UserError(f"{where}: layer_types must list {kinds} for each of the {layers} layers; {fix}")
     if family.nope_layers == "full" and c.raw.get("sliding_window") is not None:
         rotating = [t == "sliding_attention" for t in layer_types]  # EXAONE 4: its full layers do not rotate
     if window is not None and window >= max_positions:  # no narrower than the context (Phi-3.5's 262144): none

@@ -89,6 +89,26 @@ def test_the_trt_target_refuses_before_anything_is_written(lfm2, tmp_path):
     assert not (tmp_path / "engine").exists()
 
 
+@pytest.mark.parametrize("config, message", [
+    ({"layer_types": ["conv", "bogus"]}, "layer_types must list full_attention, sliding_attention or conv"),
+    ({"layer_types": ["conv", "conv"]}, "every layer is a short convolution"),
+    ({"layer_types": None, "full_attn_idxs": []}, "every layer is a short convolution"),
+    ({"layer_types": None, "full_attn_idxs": [5]}, "full_attn_idxs must list layer numbers below 2"),
+    ({"layer_types": None, "full_attn_idxs": [True]}, "full_attn_idxs must list layer numbers below 2"),
+    ({"conv_L_cache": 1000}, "conv_L_cache must be an integer in 2..16"),
+    ({"block_multiple_of": 0}, "block_multiple_of must be an integer"),
+    ({"block_ffn_dim_multiplier": 1e-3}, "the MLP's width 0"),
+], ids=["an unknown layer", "no attention", "no attention (older)", "past the layers", "a bool", "a huge kernel",
+        "multiple of 0", "no MLP"])
+def test_a_hostile_lfm2_config_is_refused_in_one_line(config, message):
+    from awq_edge.export.spec import model_spec
+    from test_export_helpers import TINY, TINY_EXTRA
+
+    with pytest.raises(UserError, match=message) as e:
+        model_spec({**TINY, **TINY_EXTRA["lfm2"], "model_type": "lfm2", **config})
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda i: i.update(conv_layers=[0, 0]), "conv_layers must list distinct layer numbers below 3"),
     (lambda i: i.update(conv_layers=[0, 3]), "conv_layers must list distinct layer numbers below 3"),
