@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from . import plugins
 from .checkpoint import commit_staging, copy_tokenizer, output_staging, read_for_engine
 from .decoder import checkpoint_biases, decoder_spec, pack_weights
 from .engine_dir import (DECODER_FORMAT, DECODER_FORMAT_VERSION, DECODER_INFO, ENGINE_FORMAT, ENGINE_FORMAT_VERSION,
-                         MANIFEST, TENSOR_ALIGN, read_decoder_info)
+                         MANIFEST, TENSOR_ALIGN, DecoderInfo, read_decoder_info)
 from .errors import UserError
 from .untrusted import file_record
 
@@ -40,17 +41,41 @@ def kernel_files(gpu_arch: str) -> dict[str, str]:
     return {name: f"kernels.{gpu_arch}.{name}.cubin" for name in plugins.CUBIN_SOURCES}
 
 
+def weights_index(tensors: dict) -> tuple[dict, int]:
+    """(decoder.json's index: each tensor at the next TENSOR_ALIGN offset, in order; weights.bin's size)."""
+    index, offset = {}, 0
+    for name, array in tensors.items():
+        offset += -offset % TENSOR_ALIGN
+        index[name] = {"dtype": str(array.dtype), "shape": list(array.shape), "offset": offset}
+        offset += array.nbytes
+    return index, offset
+
+
 def write_weights(path: Path, tensors: dict) -> dict:
     """tensors written one after another at TENSOR_ALIGN offsets; returns decoder.json's index."""
-    index, offset = {}, 0
+    index, _ = weights_index(tensors)
     with open(path, "wb") as f:
         for name, array in tensors.items():
-            f.write(b"\0" * (-offset % TENSOR_ALIGN))
-            offset += -offset % TENSOR_ALIGN
-            index[name] = {"dtype": str(array.dtype), "shape": list(array.shape), "offset": offset}
+            f.write(b"\0" * (index[name]["offset"] - f.tell()))
             np.ascontiguousarray(array).tofile(f)
-            offset += array.nbytes
     return index
+
+
+def rope_sized_to_context(spec, tensors: dict, manifest: dict, max_memory, max_context) -> tuple:
+    """(spec, tensors) with the RoPE tables cut to the context the engine is planned for (at build:
+    a GPU engine's context is fixed then, engine_plan): a table row for a position past it is
+    memory the device holds and never reads (Gemma 3 4B's four fp16 tables of 131072 x 128: 128
+    MiB). What does not fit at all is refused here, before anything is written."""
+    from .engine import engine_plan
+
+    index, size = weights_index(tensors)
+    info = DecoderInfo(spec=spec, weights_file=WEIGHTS_FILE, weight_bytes=size, config={}, lm_head=spec.lm_head,
+                       tensors={n: (e["dtype"], tuple(e["shape"]), e["offset"]) for n, e in index.items()})
+    context = engine_plan(manifest, info, max_memory, max_context, at_load=False).context
+    if context >= spec.max_positions:
+        return spec, tensors
+    return replace(spec, max_positions=context), {name: array[:context] if name.startswith("rope.") else array
+                                                   for name, array in tensors.items()}
 
 
 def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, max_context: int | None = None,
@@ -111,12 +136,18 @@ def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path
                             "use the CPU engine (--device cpu)")
     cubins = plugins.build_cubins(device.gpu_arch, progress)  # before any output: nvcc missing is one line
     cuda = plugins.nvcc_release(plugins.find_nvcc())  # what the device's driver must support
+    manifest = {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION, "backend": "cuda",
+                "device": device.name, "gpu_arch": device.gpu_arch, "kernels": kernel_files(device.gpu_arch),
+                "kernels_cuda": cuda}
+    full_positions = spec.max_positions
+    spec, tensors = rope_sized_to_context(spec, tensors, manifest, max_memory, max_context)
     staging = output_staging(output, force)
     try:
         index = write_weights(staging / WEIGHTS_FILE, tensors)
         decoder = {"format": DECODER_FORMAT, "format_version": DECODER_FORMAT_VERSION, "group_size": spec.group_size,
                    "qkv_bias": spec.qkv_bias, "out_bias": spec.out_bias, "lm_head": spec.lm_head,
                    "act_order": spec.act_order,
+                   **({"rope_positions": spec.max_positions} if spec.max_positions < full_positions else {}),
                    "weights": WEIGHTS_FILE, "tensors": index}
         (staging / DECODER_INFO).write_text(json.dumps(decoder, indent=1) + "\n")
         for name, file in kernel_files(device.gpu_arch).items():
@@ -130,9 +161,6 @@ def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path
             raise UserError(f"no tokenizer.json in {model_dir}; the engine needs the model's tokenizer")
         files = {f.name: file_record(f) for f in sorted(staging.iterdir())}
         info = read_decoder_info(staging, files)  # what the device will read, checked here first
-        manifest = {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION, "backend": "cuda",
-                    "device": device.name, "gpu_arch": device.gpu_arch, "kernels": kernel_files(device.gpu_arch),
-                    "kernels_cuda": cuda}
         plan = engine_plan(manifest, info, max_memory, max_context, at_load=False)
         manifest.update({
             "device": device_name or device.name,

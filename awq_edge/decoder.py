@@ -134,10 +134,11 @@ HEAD_SELECT_CAPACITY = 8192      # plugins/kernels/head_top_k.cu: keys a block s
 
 
 def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8",
-                 act_order: bool = False, out_bias: bool = False) -> DecoderSpec:
+                 act_order: bool = False, out_bias: bool = False, positions: int | None = None) -> DecoderSpec:
     """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size, which
     linears carry biases (checkpoint_biases), the head's kind, and whether the linears are GPTQ
-    act-order ones."""
+    act-order ones; positions: the RoPE tables' rows, where fewer than the model's (an engine
+    built for a shorter context: cuda_build.rope_sized_to_context)."""
     family = model.family
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
@@ -156,7 +157,8 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
     return DecoderSpec(
         model_type=model.model_type, hidden=model.hidden, intermediate=model.intermediate, layers=model.layers,
         heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim, vocab=model.vocab, eps=model.eps,
-        max_positions=model.max_positions, group_size=group_size, tie_embeddings=model.tie_embeddings,
+        max_positions=min(model.max_positions, positions or model.max_positions), group_size=group_size,
+        tie_embeddings=model.tie_embeddings,
         norm_offset=family.norm_offset, layer_norm=family.norm == "layer", parallel_block=family.parallel_block,
         qk_norm=family.qk_norm, qk_norm_whole=family.qk_norm_whole, qk_norms=family.qk_norms,
         qk_norm_after_rope=family.qk_norm_after_rope,

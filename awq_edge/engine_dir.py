@@ -412,8 +412,9 @@ def read_decoder_info(folder: Path, listed: dict[str, dict]) -> DecoderInfo:
     if weights not in listed:
         raise UserError(f"{path}: weights {weights} is not a listed file; {REBUILD}")
     config = read_json(folder / "config.json", REBUILD)
-    spec = decoder_spec(model_spec(config, str(folder / "config.json"), REBUILD), group_size, f.bool("qkv_bias"),
-                        lm_head, f.bool("act_order", False), f.bool("out_bias", False))
+    model = model_spec(config, str(folder / "config.json"), REBUILD)
+    spec = decoder_spec(model, group_size, f.bool("qkv_bias"), lm_head, f.bool("act_order", False),
+                        f.bool("out_bias", False), f.int("rope_positions", 1, model.max_positions, default=None))
     layout = tensor_layout(spec)
     index = f.obj("tensors")
     if set(index.raw) != set(layout):

@@ -79,6 +79,33 @@ def test_a_cuda_engine_builds_without_a_gpu_and_run_says_none_is_here(rtn_checkp
 
 
 @needs_nvcc
+def test_a_cuda_engine_holds_rope_rows_for_its_context_alone(smollm2_dir, tmp_path):
+    """A GPU engine's context is fixed at build: its RoPE tables are cut to it (decoder.json
+    rope_positions), the logits of what it holds are the full-table engine's, a longer context is
+    refused at load, and an edited rope_positions no longer fits the tensors (one line)."""
+    ckpt = tiny_native_checkpoint(tmp_path, "qwen3", smollm2_dir, max_position_embeddings=4096)
+    for name, context in (("full", None), ("short", 96)):
+        build_engine(str(ckpt), "rtx4090", tmp_path / name, backend="cuda", progress=False, max_context=context)
+    short = json.loads((tmp_path / "short" / "decoder.json").read_text())
+    assert short["rope_positions"] == 96 and short["tensors"]["rope.0.cos"]["shape"] == [96, 32]
+    assert "rope_positions" not in json.loads((tmp_path / "full" / "decoder.json").read_text())
+    assert (tmp_path / "short" / "weights.bin").stat().st_size < (tmp_path / "full" / "weights.bin").stat().st_size
+    ids = np.random.default_rng(2).integers(0, 256, 90).tolist()
+    full, cut = ReferenceBackend(tmp_path / "full", 96), ReferenceBackend(tmp_path / "short", 96)
+    np.testing.assert_array_equal(cut.forward(ids[:60]), full.forward(ids[:60]))
+    for t in ids[60:]:
+        np.testing.assert_array_equal(cut.forward([t]), full.forward([t]))
+    with pytest.raises(UserError, match="max_context must be 1..96"):
+        ReferenceBackend(tmp_path / "short", 97)
+    engine = linked_copy(tmp_path / "short", tmp_path / "edited")
+    edit_json(engine / "decoder.json", lambda d: d.update(rope_positions=128))
+    resign(engine, "manifest.json", "decoder.json")
+    with pytest.raises(UserError, match="rope.0.cos is not float16 \\[128, 32\\]") as e:
+        ReferenceBackend(engine, 64)
+    assert "\n" not in str(e.value)
+
+
+@needs_nvcc
 def test_an_engine_for_another_arch_says_how_to_build_one_here(smollm2_cuda_engine, monkeypatch):
     """An Orin's engine (sm_87) on a machine whose GPU is an RTX 3090 (sm_86): one line naming both
     and the build for this machine's GPU."""
