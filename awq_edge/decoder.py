@@ -225,6 +225,18 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
         pending = None
         return "x", None
 
+    def residual_linear(x: str, weight: str, k: int, bias: bool, out: str, post_norm: str | None = None):
+        """A linear whose output the residual stream takes (o_proj, an LFM2 out_proj, down): added into h
+        in its epilogue where fused, else into `out` (then its post-norm), which is returned: pending, for
+        the next norm's add (None where fused)."""
+        if fuse_residual:
+            ops.append(linear_op(x, "h", weight, spec.hidden, k, bias, epilogue="residual"))
+            return None
+        ops.append(linear_op(x, out, weight, spec.hidden, k, bias))
+        if post_norm:
+            ops.append(Op("norm", {"x": out, "out": out, "weight": post_norm, "bias": None}))
+        return out
+
     def in_order(x: str, weight: str, k: int) -> str:
         """The buffer the linear `weight` reads: x, or x gathered into its act-order."""
         if not spec.act_order:
@@ -241,12 +253,7 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             ops.append(Op("short_conv", {"x": "bcx", "out": "conv", "layer": i, "weight": f"{p}.conv.conv.weight",
                                          "bias": f"{p}.conv.conv.bias" if spec.conv_bias else None}))
             conv = in_order("conv", f"{p}.conv.out_proj", spec.hidden)
-            if fuse_residual:
-                ops.append(linear_op(conv, "h", f"{p}.conv.out_proj", spec.hidden, spec.hidden, spec.conv_bias,
-                                     epilogue="residual"))
-            else:
-                ops.append(linear_op(conv, "attn", f"{p}.conv.out_proj", spec.hidden, spec.hidden, spec.conv_bias))
-                pending = "attn"
+            pending = residual_linear(conv, f"{p}.conv.out_proj", spec.hidden, spec.conv_bias, "attn")
         else:
             rope_in_linear = fused and not spec.qk_norm  # q/k norms must see q and k before RoPE
             x = in_order(normed, f"{p}.self_attn.qkv_proj", spec.hidden)
@@ -266,15 +273,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": rope,
                                         "window": spec.layer_windows[i], "rotated": rope_in_linear}))
             ctx = in_order("ctx", f"{p}.self_attn.o_proj", H * D)
-            if fuse_residual:
-                ops.append(linear_op(ctx, "h", f"{p}.self_attn.o_proj", spec.hidden, H * D, spec.out_bias,
-                                     epilogue="residual"))
-            else:
-                ops.append(linear_op(ctx, "attn", f"{p}.self_attn.o_proj", spec.hidden, H * D, spec.out_bias))
-                if spec.post_norms:
-                    ops.append(Op("norm", {"x": "attn", "out": "attn", "weight": f"{p}.{spec.post_norms[0]}.weight",
-                                           "bias": None}))
-                pending = "attn"
+            pending = residual_linear(ctx, f"{p}.self_attn.o_proj", H * D, spec.out_bias, "attn",
+                                      f"{p}.{spec.post_norms[0]}.weight" if spec.post_norms else None)
         if spec.parallel_block:  # the MLP reads the attention's normed input, which o_proj's add into h left as it was
             if pending:
                 ops.append(Op("add", {"x": pending, "residual": "h"}))
@@ -293,15 +293,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation, "gated": spec.gated_mlp,
                                   "params": params}))
         act = in_order("act", f"{p}.mlp.down_proj", spec.intermediate)
-        if fuse_residual:
-            ops.append(linear_op(act, "h", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, spec.out_bias,
-                                 epilogue="residual"))
-        else:
-            ops.append(linear_op(act, "mlp", f"{p}.mlp.down_proj", spec.hidden, spec.intermediate, spec.out_bias))
-            if spec.post_norms:
-                ops.append(Op("norm", {"x": "mlp", "out": "mlp", "weight": f"{p}.{spec.post_norms[1]}.weight",
-                                       "bias": None}))
-            pending = "mlp"
+        pending = residual_linear(act, f"{p}.mlp.down_proj", spec.intermediate, spec.out_bias, "mlp",
+                                  f"{p}.{spec.post_norms[1]}.weight" if spec.post_norms else None)
     final = {"out": "x", **norm_args("model.norm.weight"), "last_row": True}
     ops.append(Op("add_norm", {"x": pending, "residual": "h", **final}) if pending else Op("norm", {"x": "h", **final}))
     heads = {"int8": {"bits": 8, "table": "lm_head.q8", "scales": "lm_head.q8_scales"},
