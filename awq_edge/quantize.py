@@ -314,28 +314,26 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     MLP's outputs, as AutoAWQ's GPT-J. An LFM2 short convolution has an in group (in_proj, scored
     on the convolution's output) in qkv's place, and an out group in o's: out_proj reads
     C * conv(B * x), so its scales fold into C's rows of in_proj (C / s gives that product / s)."""
-    mlp = layer.mlp
+    mlp, conv = layer.mlp, layer.conv if is_conv_layer(layer) else None
+    attn = None if conv else layer.self_attn
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     groups = []
+    qkv = [] if conv else [attn.q_proj, attn.k_proj, attn.v_proj]
     mlp_in, mlp_group = ([mlp.gate_proj, mlp.up_proj], "gate_up") if family.gated_mlp else ([mlp.up_proj], "up")
     foldable = family.pre_norms and family.norm_weight  # a norm with a weight to divide by the scales
-    if is_conv_layer(layer):
-        conv, hidden = layer.conv, layer.conv.out_proj.in_features
+    if conv is not None:
+        hidden = conv.out_proj.in_features
         if foldable:
             groups.append(ScaleGroup("in", layer.input_layernorm, [conv.in_proj], "conv", "in_proj"))
         groups.append(ScaleGroup("out", conv.in_proj, [conv.out_proj], "out_proj", "out_proj",
                                  prev_rows=(hidden, 2 * hidden)))
     elif family.parallel_block:  # q/k/v and gate/up read one norm: one group, its loss on attention + MLP
-        attn = layer.self_attn
-        groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]
-                                 + mlp_in, "parallel", "q_proj"))
+        groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, qkv + mlp_in, "parallel", "q_proj"))
     elif foldable:
-        attn = layer.self_attn
-        groups.append(ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn",
-                                 "q_proj"))
-    if kv_heads == heads and not is_conv_layer(layer):
-        groups.append(ScaleGroup("o", layer.self_attn.v_proj, [layer.self_attn.o_proj], "o_proj", "o_proj"))
+        groups.append(ScaleGroup("qkv", layer.input_layernorm, qkv, "self_attn", "q_proj"))
+    if attn is not None and kv_heads == heads:
+        groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
     if foldable and not family.parallel_block:
         groups.append(ScaleGroup(mlp_group, getattr(layer, family.mlp_norm), mlp_in, "mlp",
                                  "gate_proj" if family.gated_mlp else "up_proj"))
