@@ -277,6 +277,12 @@ FAMILIES: dict[str, Family] = {
         Family("seed_oss", ("seed_oss",),
                config_defaults=(("max_position_embeddings", 524288), ("num_key_value_heads", 8), ("head_dim", 128),
                                 ("rms_norm_eps", 1e-6))),
+        # IQuest-Coder-V1 (40B): Llama under its own model_type (transformers builds a LlamaForCausalLM);
+        # clip_qkv and use_sliding_window, which no released checkpoint sets, refused as its config is
+        Family("iquestcoder", ("iquestcoder",),
+               config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 8), ("head_dim", 128),
+                                ("rms_norm_eps", 1e-5)),
+               refused_switches=(("clip_qkv", "q, k and v clamped"), ("use_sliding_window", "a sliding window"))),
         # InternLM3 (8B): Llama under its own model_type
         Family("internlm3", ("internlm3",),
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 2), ("head_dim", 128),

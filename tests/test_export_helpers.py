@@ -56,6 +56,8 @@ TINY_EXTRA = {
     "ernie4_5": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     "helium": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     "internlm3": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # Llama under its own model_type
+    "iquestcoder": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # q/k/v biases (its default attention_bias), o_proj without one
     "seed_oss": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # an MLP without a gate: relu(up(x))^2
