@@ -87,12 +87,13 @@ def _quantize(source: str, out: Path, progress: bool) -> Path:
     return out
 
 
-def _export(checkpoint: Path, out: Path, target: str, lm_head_bits="auto") -> Path:
+def _export(checkpoint: Path, out: Path, target: str, lm_head_bits="auto", max_positions: int | None = None) -> Path:
     try:
         from .export import export_checkpoint
     except ImportError as e:
         raise UserError(f"the ONNX exporter is not available ({e}); update awq-edge") from None
-    return Path(export_checkpoint(checkpoint, out, target=target, force=True, lm_head_bits=lm_head_bits) or out)
+    return Path(export_checkpoint(checkpoint, out, target=target, force=True, lm_head_bits=lm_head_bits,
+                                  max_positions=max_positions) or out)
 
 
 def _quantization_settings(checkpoint: Path | None) -> dict:
@@ -146,7 +147,9 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
             checkpoint = _quantize(source, work / "checkpoint", progress)
         elif kind == "checkpoint":
             checkpoint = Path(source)
-        export_dir = _export(checkpoint, work / "export", "ort", lm_head_bits) if checkpoint else Path(source)
+        # (--max-context: the graph's RoPE tables hold that many positions, not the model's all)
+        export_dir = (_export(checkpoint, work / "export", "ort", lm_head_bits, max_context) if checkpoint
+                      else Path(source))
         info = read_export_info(export_dir)  # checks the export's files and graph (an export dir is untrusted)
         if info.target not in ("ort", "onnx"):
             raise UserError(f"{export_dir} is a {info.target} export (ops ONNX Runtime cannot run); "

@@ -12,6 +12,8 @@ limit), export.json, and the checkpoint's config.json and tokenizer files.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 from pathlib import Path
@@ -41,7 +43,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str | None = None,
                       all_logits: bool = False, force: bool = False, lm_head_bits: int | None | str = "auto",
                       accuracy_level: int | None = None, rescore_top_k: int = DEFAULT_RESCORE_TOP_K,
-                      lm_head_block: int = LM_HEAD_BLOCK) -> Path:
+                      lm_head_block: int = LM_HEAD_BLOCK, max_positions: int | None = None) -> Path:
     """Write the decoder graph of an AWQ checkpoint for `target`; returns out_dir.
 
     act_dtype: float32 | float16; default float32 (ort, onnx) or float16 (trt).
@@ -53,6 +55,8 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
     accuracy_level: MatMulNBits accuracy_level (ort): 0 = fp32 compute (matches the reference
         to ~1e-6), 4 = int8 compute (fast; default). For onnx it is recorded and passed by
         the backend to ORT's DequantizeLinear+MatMul -> MatMulNBits fusion (default 0).
+    max_positions: the most positions the graph takes (its RoPE tables' rows; export.json
+        max_position_embeddings), where fewer than the model's: `build --max-context` asks for no more.
     """
     out_dir = Path(out_dir)
     if target not in TARGETS:
@@ -75,7 +79,11 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
         raise UserError(f"rescore_top_k must be an integer >= 0, got {rescore_top_k!r}")
     rescore = bool(lm_head_bits) and rescore_top_k > 0
 
+    if max_positions is not None and (not isinstance(max_positions, int) or max_positions < 1):
+        raise UserError(f"max_positions must be an integer >= 1, got {max_positions!r}")
     ckpt, spec = read_for_engine(ckpt_dir)  # UserError when it is not a quantized checkpoint of its config
+    if max_positions and max_positions < spec.max_positions:  # (a table row a position: fewer bytes)
+        spec = dataclasses.replace(spec, max_positions=max_positions)
     _check_shapes(ckpt, target)
     from .graph import Decoder, Target  # onnx: only here, so export.spec imports without it (device side)
     t = Target(target, OPSETS[target], np.dtype(DTYPES[act_name]),

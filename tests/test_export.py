@@ -313,3 +313,29 @@ def test_export_runs_without_torch(tmp_path, rtn_checkpoint):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_cpu_engine_built_for_a_shorter_context_holds_rope_rows_for_it(tmp_path, smollm2_dir):
+    """build --max-context: the graph's RoPE tables have that many rows (export.json says so), the
+    logits of what it holds are the full engine's, and it plans no more context than that."""
+    from awq_edge.backend_ort import OrtBackend
+    from awq_edge.build import build_engine
+    from awq_edge.engine import Engine
+    from test_export_helpers import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path, "qwen3", smollm2_dir, max_position_embeddings=4096)
+    for name, context in (("full", None), ("short", 96)):
+        build_engine(str(ckpt), "cpu", tmp_path / name, max_context=context, progress=False)
+    short = json.loads((tmp_path / "short" / "export.json").read_text())
+    assert short["max_position_embeddings"] == 96
+    assert json.loads((tmp_path / "full" / "export.json").read_text())["max_position_embeddings"] == 4096
+    model = onnx.load(str(tmp_path / "short" / "model.onnx"), load_external_data=False)
+    assert [list(t.dims) for t in model.graph.initializer if t.name == "rope.0.cos"] == [[96, 8]]
+    ids = np.random.default_rng(4).integers(0, 256, 90).tolist()
+    full, cut = OrtBackend(tmp_path / "full", 96), OrtBackend(tmp_path / "short", 96)
+    np.testing.assert_array_equal(cut.forward(ids[:60]), full.forward(ids[:60]))
+    for t in ids[60:]:
+        np.testing.assert_array_equal(cut.forward([t]), full.forward([t]))
+    assert Engine.load(tmp_path / "short", max_context=4096).plan.context == 96
+    with pytest.raises(UserError, match="max_context must be 1..96"):
+        OrtBackend(tmp_path / "short", 97)
