@@ -29,25 +29,33 @@ def lfm2(tmp_path_factory, smollm2_dir):
     return root, ckpt, export_for_cpu(ckpt, root / "exports", "ort")
 
 
+@pytest.fixture(scope="module")
+def lfm2_onnx(lfm2):
+    """The onnx target's export of the same checkpoint (K and V concatenated, not kept in place)."""
+    return export_for_cpu(lfm2[1], lfm2[0] / "exports", "onnx")
+
+
 def ids(n: int, seed: int = 3) -> list[int]:
     return np.random.default_rng(seed).integers(0, 256, n).tolist()
 
 
 @pytest.mark.parametrize("target", ["ort", "onnx"])
-def test_an_lfm2_with_biases_matches_transformers(lfm2, target):
+def test_an_lfm2_with_biases_matches_transformers(lfm2, lfm2_onnx, target):
     from awq_edge.checkpoint import load_awq_as_float
 
     root, ckpt, ort_export = lfm2
-    out = ort_export if target == "ort" else export_for_cpu(ckpt, root / "exports", target)
+    out = ort_export if target == "ort" else lfm2_onnx
     assert read_export_info(out).conv_layers == (0, 2)
     check_against_reference(out, load_awq_as_float(ckpt).eval(), ids(24), 12, 1e-5)
 
 
-def test_a_rewind_and_a_prompt_in_chunks_give_the_same_logits(lfm2):
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_a_rewind_and_a_prompt_in_chunks_give_the_same_logits(lfm2, lfm2_onnx, target):
     """The convolutions read the tokens before a step from the per-position store: after a rewind
-    into the middle, and across the chunks of a prompt fed piecewise, as the first time."""
+    into the middle, and across the chunks of a prompt fed piecewise, as the first time (the onnx
+    target's K and V are concatenated, not kept in place: its rewind cuts them, the store stays)."""
     tokens = ids(20)
-    backend = OrtBackend(lfm2[2], max_context=32)
+    backend = OrtBackend(lfm2[2] if target == "ort" else lfm2_onnx, max_context=32)
     first = [backend.forward(tokens[:8])] + [backend.forward([t]) for t in tokens[8:]]
     backend.rewind(11)
     again = [backend.forward([t]) for t in tokens[11:]]
