@@ -223,7 +223,7 @@ class CpuModel(ctypes.Structure):
 # then 80's and 96's last 16 or 32)
 NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
-            "add": 9, "rope": 10, "short_conv": 11}
+            "add": 9, "rope": 10, "short_conv": 11, "clamp": 12}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3}  # cpu_ops.h's ACT_*
 ACT_UNGATED = 4  # added for act(x), not act(gate) * up (an MLP without a gate)
 
@@ -413,6 +413,8 @@ class NativeDecoder:
                                   np.float32)
                 self.act_params.append(params)  # (alive as long as the op)
                 rec.w_norm = params.ctypes.data
+        elif op.kind == "clamp":  # (OLMo 1's clip_qkv)
+            rec.n, rec.x, rec.scale = a["n"], ptr(a["x"]), a["limit"]
         elif op.kind == "short_conv":  # (LFM2's) its taps as [hidden, kernel]: the graph holds one [hidden] each
             rec.n, rec.k, rec.x, rec.out = spec.hidden, spec.conv_kernel, ptr(a["x"]), ptr(a["out"])
             rec.residual = self.conv_rows[a["layer"]].ctypes.data

@@ -640,6 +640,8 @@ class CudaBackend:
             return f"the persistent decode step does not rotate q and k before their norms (Hunyuan's); {fix}"
         if self.spec.conv_layers:
             return f"the persistent decode step has no short convolution (LFM2's); {fix}"
+        if self.spec.clip_qkv:
+            return f"the persistent decode step does not clamp q, k and v (OLMo 1's clip_qkv); {fix}"
         if self.spec.head_dim not in STEP_HEAD_DIMS:
             return (f"the persistent decode step takes head sizes {', '.join(map(str, STEP_HEAD_DIMS))}, and this "
                     f"model's is {self.spec.head_dim}; {fix}")
@@ -802,6 +804,8 @@ class CudaBackend:
         elif op.kind == "gather":
             self.launch("awq_gather_columns", (rows,), (NORM_THREADS,),
                         [b[a["x"]], w[a["order"]], b[a["out"]], ("i32", a["n"])])
+        elif op.kind == "clamp":
+            self.launch("awq_clamp", (rows,), (NORM_THREADS,), [b[a["x"]], ("i32", a["n"]), ("f32", a["limit"])])
         elif op.kind == "short_conv":
             self.launch("awq_short_conv", (rows,), (NORM_THREADS,),
                         [b[a["x"]], b[a["out"]], self.conv_store[a["layer"]], w[a["weight"]],
@@ -1356,6 +1360,6 @@ KERNELS_OF = {
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
     "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_norm", "awq_add_norm", "awq_head_rms_norm", "awq_bias_add",
-                    "awq_act", "awq_residual_add", "awq_gather_columns", "awq_short_conv", "awq_lm_head",
-                    "awq_lm_head_q8", "awq_advance"],
+                    "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv",
+                    "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
 }

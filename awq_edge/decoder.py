@@ -109,6 +109,7 @@ class DecoderSpec:
     conv_layers: tuple = ()        # LFM2: the layers that are short convolutions (a short_conv op), not attention
     conv_kernel: int = 0           # the tokens a short convolution reads (its own and kernel - 1 before it)
     conv_bias: bool = False        # in_proj, out_proj and the convolution carry biases
+    clip_qkv: float = 0.0          # OLMo 1: q, k and v clamped to +-this after their linear (a clamp op); 0: none
 
     @property
     def qkv_width(self) -> int:
@@ -170,7 +171,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
         ropes=tuple(ropes), lm_head=lm_head, act_order=act_order, out_bias=out_bias, head_bias=family.head_bias,
         embed_norm=family.embed_norm, conv_layers=tuple(model.conv_layers), conv_kernel=model.conv_kernel,
-        conv_bias=model.conv_bias)
+        conv_bias=model.conv_bias, clip_qkv=float(model.clip_qkv or 0.0))
 
 
 # ---------------------------------------------------------------- the op list
@@ -255,11 +256,14 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             conv = in_order("conv", f"{p}.conv.out_proj", spec.hidden)
             pending = residual_linear(conv, f"{p}.conv.out_proj", spec.hidden, spec.conv_bias, "attn")
         else:
-            rope_in_linear = fused and not spec.qk_norm  # q/k norms must see q and k before RoPE
+            # q/k norms, and OLMo 1's clamp, must see q and k before RoPE
+            rope_in_linear = fused and not spec.qk_norm and not spec.clip_qkv
             x = in_order(normed, f"{p}.self_attn.qkv_proj", spec.hidden)
             in_linear = {"epilogue": "rope", "layer": i, "rope": spec.layer_rope[i]} if rope_in_linear else {}
             ops.append(linear_op(x, "qkv", f"{p}.self_attn.qkv_proj", spec.qkv_width, spec.hidden, spec.qkv_bias, norm,
                                  **in_linear))
+            if spec.clip_qkv:
+                ops.append(Op("clamp", {"x": "qkv", "n": spec.qkv_width, "limit": spec.clip_qkv}))
             rope = spec.layer_rope[i]
             if spec.qk_norm_after_rope:  # q and k rotated in place first; the attention then rotates nothing
                 ops.append(Op("rope", {"qkv": "qkv", "heads": H + Hkv, "rope": rope}))

@@ -87,6 +87,8 @@ class Family:
     # LFM2: the MLP's width is intermediate_size as transformers' Lfm2MLP adjusts it (block_auto_adjust_ff_dim:
     # 2/3 of it, times block_ffn_dim_multiplier, rounded up to block_multiple_of)
     ff_dim_adjusted: bool = False
+    # OLMo 1 (7B 0424, 0724): q, k and v clamped to +-clip_qkv where config.json sets it
+    clip_qkv: bool = False
     # a family's own config.json keys, as (theirs, transformers'): read as the second where it lacks that
     config_aliases: tuple = ()
     # keys the family's model reads in place of transformers' usual one, as (theirs, the usual): read as the
@@ -307,15 +309,15 @@ FAMILIES: dict[str, Family] = {
         # after a RoPE that turns the other way, Arcee's MLP (relu(fc1(x))^2) under CLIP's names, a
         # soft-capped head. Its q/k norms have no weight, and a rotation keeps a head's RMS, so they are
         # the same before RoPE, where every engine computes q/k norms
-        Family("nanochat", ("nanochat",), norm_weight=False, embed_norm=True, qk_norm=True, rope_reversed=True, activation="relu2", gated_mlp=False,
+        Family("nanochat", ("nanochat",), norm_weight=False, embed_norm=True, qk_norm=True, rope_reversed=True,
+               activation="relu2", gated_mlp=False,
                module_renames=((".mlp.fc1.", ".mlp.up_proj."), (".mlp.fc2.", ".mlp.down_proj.")),
                config_defaults=(("max_position_embeddings", 2048), ("final_logit_softcapping", 15.0))),
         # OLMo 1 (1B, 7B): Llama with LayerNorms that have neither weight nor bias, eps 1e-5 always;
-        # clip_qkv (OLMo 0424's and 0724's 7B) refused
-        Family("olmo", ("olmo",), norm="layer", norm_bias=False, norm_weight=False,
+        # q, k and v clamped with clip_qkv (OLMo 0424's and 0724's 7B)
+        Family("olmo", ("olmo",), norm="layer", norm_bias=False, norm_weight=False, clip_qkv=True,
                config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 2048)),
-               config_ignored=("rms_norm_eps", "layer_norm_eps"),
-               refused_switches=(("clip_qkv", "q, k and v clamped to +-clip_qkv"),)),
+               config_ignored=("rms_norm_eps", "layer_norm_eps")),
         # OLMo 2 (1B, 7B, 13B): no norm before attention or the MLP, one after each (Gemma's names),
         # q/k norms over the whole projection
         Family("olmo2", ("olmo2",), pre_norms=False, post_norms=GEMMA_POST_NORMS, qk_norm=True, qk_norm_whole=True,

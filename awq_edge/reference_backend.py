@@ -411,6 +411,8 @@ class ReferenceBackend:
                                            spec.attn_scale, spec.attn_softcap)
         elif op.kind == "act":
             buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"], a["gated"], t[a["params"]] if a["params"] else None)
+        elif op.kind == "clamp":  # (decoder_ops.cu awq_clamp)
+            buf[a["x"]][:] = np.clip(buf[a["x"]].astype(F32), -a["limit"], a["limit"]).astype(F16)
         elif op.kind == "short_conv":
             buf[a["out"]][:] = twin_short_conv(buf[a["x"]], self.conv_store[a["layer"]], t[a["weight"]],
                                                t[a["bias"]] if a["bias"] else None, self.position)

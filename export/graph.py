@@ -369,6 +369,16 @@ class Decoder:
                              axis=-1, outputs=2)
         return gate, up
 
+    def clipped(self, x: str) -> str:
+        """x clamped to +-clip_qkv (OLMo 1's q, k and v, where its config sets it), else x."""
+        limit = self.spec.clip_qkv
+        if limit is None:
+            return x
+        b, low, high = self.b, "const/clip_qkv_min", "const/clip_qkv_max"
+        if low not in b.initializers:  # (one pair for every layer's q, k and v)
+            b.act_const(low, -limit), b.act_const(high, limit)
+        return b.op("Clip", x, low, high, name="clip_qkv")
+
     def conv_block(self, x: str, i: int) -> str:
         """LFM2's gated short convolution: B, C and x from in_proj; out_proj(C * conv(B * x)), the
         convolution depthwise over each token and the conv_kernel - 1 before it (its weight [hidden,
@@ -403,14 +413,14 @@ class Decoder:
         if t.name == "ort":
             # One MatMulNBits for q, k and v (one read of x, one kernel launch).
             lin = self.fused_weights(p, "qkv")
-            qkv = self.linear(x, f"{p}.qkv_proj", lin)
+            qkv = self.clipped(self.linear(x, f"{p}.qkv_proj", lin))
             if not qk_norm:
                 ctx = attention.gqa_attention(b, spec, i, qkv, None, None, *past, self.info, *rope, names)
                 return self.linear(ctx, f"{p}.o_proj")
             q_size, kv_size = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
             q, k, v = b.op("Split", qkv, b.int64s(q_size, kv_size, kv_size), axis=-1, outputs=3)
         else:
-            q, k, v = (self.linear(x, f"{p}.{n}_proj") for n in "qkv")
+            q, k, v = (self.clipped(self.linear(x, f"{p}.{n}_proj")) for n in "qkv")
         if after_rope:  # this step's cos/sin rows (the tables gathered by position)
             q = attention.rotate_heads(b, q, spec.heads, spec.head_dim, *rope)
             k = attention.rotate_heads(b, k, spec.kv_heads, spec.head_dim, *rope)

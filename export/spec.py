@@ -95,6 +95,7 @@ class ModelSpec:
     conv_layers: tuple = ()
     conv_kernel: int = 0
     conv_bias: bool = False  # in_proj, out_proj and the convolution carry biases
+    clip_qkv: float | None = None  # OLMo 1: q, k and v clamped to +-this (Family.clip_qkv), or None
 
     @property
     def attention_layers(self) -> list[int]:
@@ -378,6 +379,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         conv_layers=conv_layers,
         conv_kernel=c.int("conv_L_cache", 2, MAX_CONV_KERNEL, default=3) if conv_layers else 0,
         conv_bias=bool(conv_layers) and c.bool("conv_bias", default=False),
+        clip_qkv=c.float("clip_qkv", 1e-6, 1e6, default=None) if family.clip_qkv else None,
     )
 
 

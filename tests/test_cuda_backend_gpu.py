@@ -162,6 +162,13 @@ def test_q_k_norms_after_rope_match_the_reference(tokenizer_dir, tmp_path):
     check_against_reference(tiny_engine(tmp_path, "hunyuan_v1_dense", tokenizer_dir), 320, cublas=False)
 
 
+@pytest.mark.parametrize("gemv", GEMVS)
+def test_clip_qkv_matches_the_reference(gemv, tokenizer_dir, tmp_path):
+    """OLMo 1's clip_qkv (0.1: it bites): awq_clamp on the q/k/v rows after their GEMV, RoPE then in
+    rope_store; its LayerNorms without weights as norm ops."""
+    check_against_reference(tiny_engine(tmp_path, "olmo", tokenizer_dir), 320, cublas=False, gemv=gemv)
+
+
 @pytest.mark.parametrize("fused, gemv", [(True, "cuda_cores"), (True, "tensor_cores"), (False, None)],
                          ids=["cuda_cores", "tensor_cores", "unfused"])
 def test_short_convolutions_match_the_reference(fused, gemv, tokenizer_dir, tmp_path):

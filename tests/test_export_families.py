@@ -545,9 +545,10 @@ def test_granite4_runs_its_dense_models_and_refuses_its_hybrid_and_expert_ones()
 
 @pytest.mark.parametrize("model_type, taken, refused, message", [
     ("hyperclovax", {"use_post_norm": True}, {"use_post_norm": False}, "use_post_norm false .* for hyperclovax"),
-    ("olmo", {"clip_qkv": None}, {"clip_qkv": 8.0}, "clip_qkv 8.0 .* is not supported for olmo")])
+    ("iquestcoder", {"clip_qkv": None}, {"clip_qkv": 8.0}, "clip_qkv 8.0 .* is not supported for iquestcoder")])
 def test_a_switch_the_engines_do_not_compute_is_refused(model_type, taken, refused, message):
-    """HyperCLOVA X without its Peri-LN post-norms (use_post_norm false); OLMo 1's clip_qkv (0424, 0724)."""
+    """HyperCLOVA X without its Peri-LN post-norms (use_post_norm false); IQuest-Coder's clip_qkv (its config
+    refuses it too)."""
     from awq_edge.export.spec import model_spec
 
     config = {**TINY, **TINY_EXTRA[model_type], "model_type": model_type}

@@ -87,8 +87,8 @@ TINY_EXTRA = {
     # layer 0 a gated short convolution, layer 1 attention with per-head q/k norms, its own names; the MLP
     # width adjusted (2/3 of 128, rounded up to 32: 96)
     "lfm2": {"layer_types": ["conv", "full_attention"], "block_multiple_of": 32, "head_dim": 16},
-    # LayerNorms without a weight or a bias
-    "olmo": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # LayerNorms without a weight or a bias; q, k and v clamped (small enough to bite: OLMo 7B 0424's is 8)
+    "olmo": {"clip_qkv": 0.1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # no pre-norms, post-norms, q/k norms over all heads
     "olmo2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # OLMo 2's block, layer 0 sliding, a RoPE base per layer type

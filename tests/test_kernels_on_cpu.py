@@ -528,6 +528,10 @@ BACKEND_CASES = {
                         {"awq_short_conv", "awq_gemv_norm_store_g32_w4"}),
     "lfm2-unfused": ("lfm2", "auto", {"num_hidden_layers": 2, "conv_bias": True}, False, 9, "tensor_cores",
                      {"awq_short_conv", "awq_add_norm"}),
+    # OLMo 1's clip_qkv (0.1 here: it bites): q, k and v clamped after their GEMV (awq_clamp), RoPE then in
+    # rope_store, not the GEMV's epilogue
+    "olmo-clip-qkv": ("olmo", "auto", {"num_hidden_layers": 2}, True, 9, "cuda_cores",
+                      {"awq_clamp", "awq_gemv_store_g32_w4", "awq_rope_store"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),
@@ -575,7 +579,8 @@ def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False, concur
     ("phi3-d96", "the persistent decode step takes head sizes 64, 128, 256, and this model's is 96; choose another"),
     ("hunyuan-rope-before-norms", "the persistent decode step does not rotate q and k before their norms"),
     ("lfm2-unfused", "the persistent decode step has no short convolution"),
-], ids=["phi3-d96", "hunyuan", "lfm2"])
+    ("olmo-clip-qkv", "the persistent decode step does not clamp q, k and v"),
+], ids=["phi3-d96", "hunyuan", "lfm2", "olmo"])
 def test_the_persistent_step_refuses_what_it_lacks(emulated, case, refusal, tmp_path):
     from awq_edge.errors import UserError
 

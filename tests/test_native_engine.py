@@ -177,9 +177,10 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True, gemv: st
     head = 3 if spec.lm_head == "int4" else 1  # (the int4 head's logits, then its top 64 re-scored)
     if gemv == "persistent_step":  # the step (with an fp16/int8 head), an int4 head's kernels, the advance
         assert decode_launches == 2 + (head if head == 3 else 0), decode_launches
-    elif fused and not spec.post_norms:  # embed; per layer 4 GEMVs + attention (+ q/k norms and RoPE/KV;
-        # + act-order's 4 gathers and the 2 norms they take out of the GEMVs; an LFM2 short convolution: its
-        # in_proj and out_proj GEMVs, the convolution and the MLP's 2); norm, head, advance
+    elif fused and not (spec.post_norms or spec.layer_norm or spec.clip_qkv):
+        # embed; per layer 4 GEMVs + attention (+ q/k norms and RoPE/KV; + act-order's 4 gathers and the 2
+        # norms they take out of the GEMVs; an LFM2 short convolution: its in_proj and out_proj GEMVs, the
+        # convolution and the MLP's 2); norm, head, advance
         per_layer = 5 + 3 * spec.qk_norm + 6 * spec.act_order
         convs = len(spec.conv_layers)
         assert decode_launches == 1 + (spec.layers - convs) * per_layer + convs * (5 + 6 * spec.act_order) + 2 + head, \
@@ -229,7 +230,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     """The host side of every kernel call, checked without a GPU: SmolLM2 (group 128, sm_87) with
     the fused and the unfused op list, then tiny ragged engines at group 32 (sm_89): Qwen2 (q/k/v
     bias, K % 32 != 0: the narrow GEMV and GEMM paths), Qwen3 (q/k norms), Gemma 3 (sandwich norms;
-    sm_90, whose launches may overlap), LFM2 (a short convolution, its biases)."""
+    sm_90, whose launches may overlap), LFM2 (a short convolution, its biases), OLMo 1 (LayerNorms, clip_qkv)."""
     launched = check_launches_against_the_cubins(smollm2_cuda_engine)
     assert {"awq_gemv_tc_norm_rope_g128", "awq_gemv_tc_norm_act_g128", "awq_gemv_residual_g128_w4",  # ("auto")
             "awq_residual_add", "awq_act", "awq_rope_store",  # (prefill: the fusions' kernels)
@@ -248,7 +249,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     assert {"awq_gemv_store_g128_w4", "awq_add_norm", "awq_act"} <= unfused
     assert not {name for name in unfused if "norm_" in name or "residual" in name}
     launched |= unfused
-    for model_type in ("qwen2", "qwen3", "gemma3_text", "lfm2"):
+    for model_type in ("qwen2", "qwen3", "gemma3_text", "lfm2", "olmo"):
         extra = ({"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else
                  {"conv_bias": True} if model_type == "lfm2" else {})
         ckpt = tiny_checkpoint(tmp_path / model_type, model_type, smollm2_dir,
@@ -260,7 +261,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
     # not launched here: head_dim 128/256 attention, and the GEMV/GEMM of the group sizes not built above
     assert {"awq_rope_store", "awq_attend_d64", "awq_attend_mma_d64", "awq_attend_split_d64", "awq_sample_step", "awq_advance", "awq_bias_add",
             "awq_head_rms_norm", "awq_gemv_norm_rope_g32_w1", "awq_gemv_norm_store_g32_w1", "awq_gemv_act_g32_w1",
-            "awq_short_conv",
+            "awq_short_conv", "awq_clamp",
             "awq_gemv_store_g32_w1", "awq_gemv_rows8_g32_w1",
             "awq_gemm_g32_v0"} <= launched <= every
 

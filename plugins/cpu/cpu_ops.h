@@ -49,7 +49,7 @@ void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scale
 /* ---------------------------------------------------------------- the decode step (decode_step.c) */
 
 enum cpu_op_kind { OP_EMBED = 1, OP_NORM, OP_ADD_NORM, OP_LINEAR, OP_HEAD_NORM, OP_ATTENTION, OP_ACT, OP_LM_HEAD,
-                   OP_ADD, OP_ROPE, OP_SHORT_CONV };
+                   OP_ADD, OP_ROPE, OP_SHORT_CONV, OP_CLAMP };
 /* ACT_UNGATED: a flag added */
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_XIELU = 3, ACT_UNGATED = 4 };
 
@@ -64,7 +64,7 @@ struct cpu_op {
   int32_t layer;     /* attention: which cache */
   int32_t window;    /* attention: sliding window, 0 = none */
   int32_t kind_arg;  /* act: ACT_SILU, ACT_GELU_TANH, ACT_RELU2 or ACT_XIELU (+ ACT_UNGATED: no up) */
-  float scale;       /* attention: q k^T scale; embed: sqrt(hidden) or 0 */
+  float scale;       /* attention: q k^T scale; embed: sqrt(hidden) or 0; clamp: its limit */
   float softcap;     /* attention scores, lm_head logits: cap * tanh(x / cap), 0 = none */
   float *x, *out, *residual;  /* short_conv: x its B, C, x side by side; residual its layer's B * x by position
                                  (ORT's array: row t + k - 1 is position t's, the first k - 1 rows zeros) */

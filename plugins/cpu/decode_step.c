@@ -577,6 +577,10 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
     case OP_SHORT_CONV: /* LFM2: out = C * conv(B * x), the token's B * x stored at its position first */
       short_conv(op, position);
       break;
+    case OP_CLAMP: /* OLMo 1's clip_qkv: the q/k/v row into [-limit, limit] (compares: no libm here) */
+      for (int j = 0; j < op->n; j++) op->x[j] = op->x[j] > op->scale ? op->scale
+                                               : op->x[j] < -op->scale ? -op->scale : op->x[j];
+      break;
   }
 }
 

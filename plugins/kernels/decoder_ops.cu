@@ -102,6 +102,15 @@ awq_act(const __half* __restrict__ gate_up, __half* __restrict__ out, int inter,
                       params);
 }
 
+// x[r, :n] clamped to [-limit, limit] in place (OLMo 1's clip_qkv on the q/k/v rows). Grid: rows.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_clamp(__half* __restrict__ x, int n, float limit) {
+    awq_edge::begin_after_previous_kernel();
+    __half* row = x + static_cast<size_t>(blockIdx.x) * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        row[i] = __float2half(fminf(fmaxf(__half2float(row[i]), -limit), limit));
+}
+
 // out[r, i] = x[r, order[i]]: a GPTQ act-order linear's input in the order its levels are stored
 // (its groups' columns together). order is a permutation of 0..n-1 (engine_dir checks it at load).
 // Grid: rows.
