@@ -332,7 +332,8 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
         groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, qkv + mlp_in, "parallel", "q_proj"))
     elif foldable:
         groups.append(ScaleGroup("qkv", layer.input_layernorm, qkv, "self_attn", "q_proj"))
-    if attn is not None and kv_heads == heads:
+    # (OLMo 1's clip_qkv clamps v: clamp(v / s) is not clamp(v) / s, so o's scales would not fold exactly)
+    if attn is not None and kv_heads == heads and not getattr(config, "clip_qkv", None):
         groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
     if foldable and not family.parallel_block:
         groups.append(ScaleGroup(mlp_group, getattr(layer, family.mlp_norm), mlp_in, "mlp",

@@ -365,6 +365,16 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
         torch.testing.assert_close(_layer_output(layer(inputs, **kwargs[i])), before, rtol=1e-4, atol=1e-4)
 
 
+def test_clip_qkv_leaves_o_unscaled(tiny_model_dir):
+    """OLMo 1 (7B 0424, 0724) clamps v: o's scales folded into v_proj would be clamped with it, so with
+    clip_qkv there is no o group (without, multi-head attention has one: the fold test)."""
+    model, _ = load_float_model(tiny_model_dir("olmo", kv_heads=4))
+    layer, family = model.model.layers[0], family_for("olmo")
+    assert "o" in [g.name for g in block_groups(layer, family, model.config)]
+    model.config.clip_qkv = 8.0
+    assert "o" not in [g.name for g in block_groups(layer, family, model.config)]
+
+
 def test_gptq_rounding_changes_only_the_levels_on_awq_grid(tiny_model_dir, tmp_path):
     # same calibration, same scales and clips: every scale and zero must match nearest rounding's,
     # q/k keep nearest levels, the other linears take others
