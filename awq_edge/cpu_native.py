@@ -288,7 +288,8 @@ class NativeDecoder:
             def biased(*names) -> bool:
                 return any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith(names))
             spec = decoder_spec(model_spec(info.config), groups.pop(), biased("qkv_proj"),
-                                out_bias=biased("o_proj", "gate_up_proj", "up_proj", "down_proj"))
+                                out_bias=biased("o_proj", "gate_up_proj", "up_proj", "down_proj"),
+                                positions=info.max_position_embeddings)  # (the graph's RoPE rows: build --max-context)
         except UserError as e:
             raise Unsupported(str(e)) from None
         if spec.head_dim not in NATIVE_HEAD_DIMS:
