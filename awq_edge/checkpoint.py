@@ -239,7 +239,7 @@ def read_for_engine(path: str | Path):
     HyperCLOVA X's; the final norm's weight and bias divided),
     and a LayerNorm stored without a bias (Cohere's) given one of zeros, a norm without a weight (OLMo
     1's, nanochat's) one of ones; nanochat's embedding norm as `model.embed_norm` (the final norm's copy)."""
-    from .export.spec import block_norms, rotary_order
+    from .export.spec import block_norms, qk_norm_widths, rotary_order
 
     ckpt, spec = read_checked(path)
     m, offset = spec.residual_multiplier, spec.family.norm_offset
@@ -257,10 +257,8 @@ def read_for_engine(path: str | Path):
         norms = [f"model.layers.{i}.{n}" for i in range(spec.layers) for n in block_norms(family)]
         for name in ["model.norm", *norms]:
             ckpt.tensors[name + ".weight"] = np.ones(spec.hidden, np.float32)
-        q_size, k_size = ((spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim) if family.qk_norm_whole
-                          else (spec.head_dim, spec.head_dim))
-        for i in range(spec.layers if family.qk_norm else 0):
-            for name, size in zip(family.qk_norms, (q_size, k_size)):
+        for i in spec.attention_layers if family.qk_norm else ():
+            for name, size in zip(family.qk_norms, qk_norm_widths(spec)):
                 ckpt.tensors[f"model.layers.{i}.{name}.weight"] = np.ones(size, np.float32)
     if family.norm == "layer" and not family.norm_bias:  # Cohere's: every engine adds a bias of zeros
         for name in [n for n in ckpt.tensors if n.endswith("norm.weight")]:

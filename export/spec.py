@@ -419,11 +419,16 @@ def block_norms(family: Family) -> set[str]:
     return {*(pre if family.pre_norms else ()), *family.post_norms}
 
 
+def qk_norm_widths(spec: ModelSpec) -> tuple[int, int]:
+    """The q and k norms' weight sizes: one head's, or (OLMo 2) the whole projection's."""
+    hd = spec.head_dim
+    return (spec.heads * hd, spec.kv_heads * hd) if spec.family.qk_norm_whole else (hd, hd)
+
+
 def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """What a checkpoint of this model holds: (quantized linears prefix -> [out, in], float tensors
     name -> shape). Biases and an untied lm_head are optional (checked when present)."""
-    h, hd = spec.hidden, spec.head_dim
-    family = spec.family
+    h, family = spec.hidden, spec.family
     linears, tensors = all_linear_shapes(spec), {"model.embed_tokens.weight": (spec.vocab, h)}
     norms = block_norms(family)
     biased = family.norm == "layer" and family.norm_bias  # (LayerNorm's: the block's norms and the final one)
@@ -431,7 +436,7 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
     tensors.update({f"model.norm.{kind}": (h,) for kind in kinds})
     if family.head_bias:
         tensors["lm_head.bias"] = (spec.vocab,)
-    q_norm, k_norm = (spec.heads * hd, spec.kv_heads * hd) if family.qk_norm_whole else (hd, hd)
+    q_norm, k_norm = qk_norm_widths(spec)
     for i in range(spec.layers):
         p = f"model.layers.{i}"
         tensors.update({f"{p}.{n}.{kind}": (h,) for n in norms for kind in kinds})
