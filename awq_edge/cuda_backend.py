@@ -402,7 +402,7 @@ class CudaBackend:
         self.attn_counters = drv.alloc(4 * spec.heads)
         drv.zero(self.attn_counters, 4 * spec.heads)
         self.layer_kv_bytes = spec.kv_heads * C * spec.head_dim * 2
-        attention = [i for i in range(spec.layers) if i not in spec.conv_layers]  # (0: an LFM2 convolution's)
+        attention = spec.attention_layers  # (a cache of 0: an LFM2 short convolution's layer)
         self.k_cache = [drv.alloc(self.layer_kv_bytes) if i in attention else 0 for i in range(spec.layers)]
         self.v_cache = [drv.alloc(self.layer_kv_bytes) if i in attention else 0 for i in range(spec.layers)]
         # (LFM2's) each short convolution's B * x by position after kernel - 1 rows of zeros (awq_short_conv)

@@ -116,11 +116,15 @@ class DecoderSpec:
         return (self.heads + 2 * self.kv_heads) * self.head_dim
 
     @property
+    def attention_layers(self) -> list[int]:
+        return [i for i in range(self.layers) if i not in self.conv_layers]
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """fp16 cache of one token: K and V of every attention layer (what the attention kernels
         write), and B * x of every short convolution (awq_short_conv's store)."""
-        attention = self.layers - len(self.conv_layers)
-        return 2 * attention * self.kv_heads * self.head_dim * 2 + len(self.conv_layers) * self.hidden * 2
+        return (2 * len(self.attention_layers) * self.kv_heads * self.head_dim * 2
+                + len(self.conv_layers) * self.hidden * 2)
 
 
 # the head in an engine: int8 rows (blocks of 32, fp16 scales), a 4-bit linear whose top HEAD_TOP_K

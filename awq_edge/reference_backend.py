@@ -326,9 +326,11 @@ class ReferenceBackend:
         self.tensors = load_tensors(engine_dir, info)
         self.max_context, self.vocab_size, self.position = int(max_context), self.spec.vocab, 0
         spec = self.spec
-        shape = (spec.kv_heads, self.max_context, spec.head_dim)
-        self.k_cache = [np.zeros(shape, F16) for _ in range(spec.layers)]
-        self.v_cache = [np.zeros(shape, F16) for _ in range(spec.layers)]
+        # (as the cuda backend's: none for an LFM2 short convolution's layer)
+        shapes = [(spec.kv_heads, self.max_context if i in spec.attention_layers else 0, spec.head_dim)
+                  for i in range(spec.layers)]
+        self.k_cache = [np.zeros(shape, F16) for shape in shapes]
+        self.v_cache = [np.zeros(shape, F16) for shape in shapes]
         # (LFM2's) each short convolution's B * x by position, after kernel - 1 rows of zeros: twin_short_conv
         self.conv_store = {i: np.zeros((spec.conv_kernel - 1 + self.max_context, spec.hidden), F16)
                            for i in spec.conv_layers}
