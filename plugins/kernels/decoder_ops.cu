@@ -145,18 +145,20 @@ awq_short_conv(const __half* __restrict__ bcx, __half* __restrict__ out, __half*
     const int r = blockIdx.x;
     const int64_t first = *past;  // row 0's position
     const size_t width = 3 * static_cast<size_t>(hidden);
+    const __half* row = bcx + r * width;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+        const __half own = gated_input(row, hidden, c);  // (the last tap's)
         float acc = 0.f;
-        for (int j = 0; j < kernel; ++j) {
+        for (int j = 0; j < kernel - 1; ++j) {
             const int s = r - kernel + 1 + j;  // the step's row of the tap's position, if it is in the step
             const __half bx = s >= 0 ? gated_input(bcx + s * width, hidden, c)
                                      : store[static_cast<size_t>(first + s + kernel - 1) * hidden + c];
             acc += weight[static_cast<size_t>(c) * kernel + j] * __half2float(bx);
         }
+        acc += weight[static_cast<size_t>(c) * kernel + kernel - 1] * __half2float(own);
         if (bias) acc += bias[c];
-        const __half* row = bcx + r * width;
         out[static_cast<size_t>(r) * hidden + c] = __float2half(__half2float(row[hidden + c]) * acc);
-        store[static_cast<size_t>(first + r + kernel - 1) * hidden + c] = gated_input(row, hidden, c);
+        store[static_cast<size_t>(first + r + kernel - 1) * hidden + c] = own;
     }
 }
 
