@@ -96,11 +96,13 @@ def language_model_key(stored: str) -> str | None:
 
 def our_names(model_type, ours: bool = True):
     """A stored tensor name -> ours (Family.our_name: EXAONE 3's GPT-2 names, Phi's dense and fc1, ...);
-    ours False: -> transformers' (Family.transformers_name: what a transformers model of it loads)."""
+    ours False: -> transformers' (Family.transformers_name: what a transformers model of it loads);
+    None for a tensor that holds no weights (Family.ignored_tensors)."""
     family = find_family(model_type)
-    if family is None or not (family.tensor_renames or family.module_renames):
+    if family is None or not (family.tensor_renames or family.module_renames or family.ignored_tensors):
         return lambda name: name
-    return family.our_name if ours else family.transformers_name
+    rename = family.our_name if ours else family.transformers_name
+    return lambda name: None if family.ignored(name) else rename(name)  # (GPT-NeoX's mask buffers: not read)
 
 
 def language_model_view(config: dict, ours: bool = True):
@@ -188,33 +190,36 @@ def quantization_config(group_size: int) -> dict:
 
 
 def split_fused(linears: dict[str, QuantizedLinear], spec, where: str) -> dict[str, QuantizedLinear]:
-    """The family's fused linears (Phi-3's qkv_proj, gate_up_proj) as their parts, split by the rows
-    the config gives each (export.spec.layer_linear_shapes); every other linear as it is."""
-    from .export.spec import layer_linear_shapes
+    """The family's fused linears (Phi-3's qkv_proj, gate_up_proj; GPT-NeoX's by head) as their parts,
+    by the rows the config gives each (export.spec.fused_part_rows); every other linear as it is."""
+    from .export.spec import fused_part_rows
 
-    shapes = layer_linear_shapes(spec)
     out = dict(linears)
     for fused, parts in spec.family.fused_linears:
+        rows = fused_part_rows(spec, parts)
         for name in [n for n in out if n.endswith("." + fused)]:
             layer, lin = name[: -len(fused)], out.pop(name)
-            rows = [shapes[part][0] for part in parts]
-            if lin.shape[0] != sum(rows):
-                raise UserError(f"{where}: {name} has {lin.shape[0]} rows, its config.json implies {sum(rows)} "
-                                f"({' + '.join(map(str, rows))}); the checkpoint is corrupt or of another model")
-            starts = np.cumsum([0] + rows)
-            for part, start, end in zip(parts, starts, starts[1:]):
-                out[layer + part] = lin.rows(slice(start, end))
+            if lin.shape[0] != sum(map(len, rows)):
+                raise UserError(f"{where}: {name} has {lin.shape[0]} rows, its config.json implies "
+                                f"{sum(map(len, rows))} ({' + '.join(str(len(r)) for r in rows)}); the checkpoint is "
+                                "corrupt or of another model")
+            for part, index in zip(parts, rows):
+                out[layer + part] = lin.rows(index)
     return out
 
 
-def fuse_linears(linears: dict, family) -> dict:
+def fuse_linears(linears: dict, spec) -> dict:
     """The inverse of split_fused: the parts stacked again under the fused name, as the family's
     checkpoints and its transformers model hold them. linears: QuantizedLinear values (concat_linears)."""
+    from .export.spec import fused_part_rows
+
     out = dict(linears)
-    for fused, parts in family.fused_linears:
+    for fused, parts in spec.family.fused_linears:
+        # row r of the parts stacked is fused row order[r]: argsort(order) puts each back
+        back = np.argsort(np.concatenate(fused_part_rows(spec, parts)))
         for name in [n for n in out if n.endswith("." + parts[0])]:
             layer = name[: -len(parts[0])]
-            out[layer + fused] = concat_linears([out.pop(layer + part) for part in parts])
+            out[layer + fused] = concat_linears([out.pop(layer + part) for part in parts]).rows(back)
     return out
 
 
@@ -346,8 +351,10 @@ def write_checkpoint(staging: Path, config: dict, linears: dict[str, QuantizedLi
 
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise UserError(f"--format {checkpoint_format} is unknown; use {' or '.join(CHECKPOINT_FORMATS)}")
+    from .export.spec import model_spec
+
     family = family_for(str(config.get("model_type")))
-    linears = fuse_linears(linears, family)  # as the family stores them
+    linears = fuse_linears(linears, model_spec(config))  # as the family stores them
     out: dict[str, np.ndarray] = {}
     for name, t in tensors.items():  # (ascontiguousarray makes a 0-d array 1-d: Apertus's xIELU beta, eps are 0-d)
         out[name] = np.ascontiguousarray(t.astype(np.float16)).reshape(t.shape)
@@ -546,7 +553,7 @@ def load_awq_as_float(path: Path, dtype=None):
         raise UserError(f"transformers cannot build the model of {path / 'config.json'} ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:150]}); the config is corrupt") from None
     state = {name: torch.from_numpy(t.astype(np.float32)) for name, t in ckpt.tensors.items()}
-    for prefix, lin in fuse_linears(ckpt.linears, spec.family).items():  # transformers' modules (their_name below)
+    for prefix, lin in fuse_linears(ckpt.linears, spec).items():  # transformers' modules (their_name below)
         state[prefix + ".weight"] = torch.from_numpy(lin.dequantize())
         if lin.bias is not None:
             state[prefix + ".bias"] = torch.from_numpy(lin.bias.astype(np.float32))

@@ -224,8 +224,8 @@ class CpuModel(ctypes.Structure):
 NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
             "add": 9, "rope": 10, "short_conv": 11, "clamp": 12}
-ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3}  # cpu_ops.h's ACT_*
-ACT_UNGATED = 4  # added for act(x), not act(gate) * up (an MLP without a gate)
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4}  # cpu_ops.h's ACT_*
+ACT_UNGATED = 8  # added for act(x), not act(gate) * up (an MLP without a gate)
 
 
 class Unsupported(Exception):

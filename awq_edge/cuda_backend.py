@@ -155,8 +155,8 @@ CUBLAS_WORKSPACE_BYTES = 4 << 20
 # the memory plan, not allocated by us: 134 MiB on the H200 with CUDA 13's cuBLAS (2026-12-04,
 # test_cublas_fits_the_reserve_the_memory_plan_counts_for_it), with some room for other builds.
 CUBLAS_RESERVE_BYTES = 160 << 20
-ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3}  # plugins/kernels/activation.cuh ActKind
-ACT_UNGATED = 4  # ActKind kUngated: act(x), not act(gate) * up (an MLP without a gate)
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4}  # plugins/kernels/activation.cuh ActKind
+ACT_UNGATED = 8  # ActKind kUngated: act(x), not act(gate) * up (an MLP without a gate)
 
 
 def act_code(kind: str, gated: bool) -> int:

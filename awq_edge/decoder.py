@@ -21,6 +21,8 @@ A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kerne
                                   MLP without a gate (Arcee): up alone, [S, I] at its start
     act      [S, I]               act(gate) * up, or act(up)
     mlp      [S, hidden]          after down_proj (and a post-norm)
+    mlp_x    [S, hidden]          GPT-NeoX's parallel block: the MLP's own norm of h, taken before
+                                  o_proj adds into h
     bcx      [S, 3 hidden]        an LFM2 short convolution's in_proj: B, C and x side by side
     conv     [S, hidden]          C * conv(B * x), out_proj's input (the convolution reads B * x of the
                                   tokens before from its layer's store: awq_short_conv)
@@ -32,7 +34,7 @@ the residual adds in the linears' epilogues (decode_ops); unfused, the residual 
 the next norm (add_norm: h += pending; x = norm(h)), as the ONNX graph does; without pre-norms
 (OLMo 2) the add is an op of its own (add: h += pending). A LayerNorm (Nemotron, StableLM, Cohere,
 Jais 2: a norm op's `bias`) is always an op: the GEMV prologue computes RMSNorm only. A parallel
-block's MLP (Cohere's) reads the attention's input x. The final norm and the lm_head run on the
+block's MLP (Cohere's) reads the attention's input x; GPT-NeoX's, mlp_x. The final norm and the lm_head run on the
 last row only.
 
 Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qweight` int32 [N, K/8]
@@ -60,7 +62,7 @@ import numpy as np
 from .errors import UserError
 from .packing import INT8_BLOCK
 
-ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh", "relu2": "relu2", "xielu": "xielu"}
+ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2", "xielu": "xielu"}
 # activations with parameters in each layer (`{mlp}.act_fn.xielu`: export.spec.xielu_constants): an act op of their own,
 # never the GEMV's act epilogue
 PARAMETERIZED_ACTIVATIONS = ("xielu",)
@@ -84,6 +86,7 @@ class DecoderSpec:
     norm_offset: float             # Gemma: 1.0 (the norm multiplies by 1 + w)
     layer_norm: bool               # LayerNorms with a bias (Nemotron, ...): norm ops' `bias`, no prologue norms
     parallel_block: bool           # Cohere: the MLP reads the attention's input x too (no MLP norm)
+    parallel_norms: bool           # GPT-NeoX: the MLP reads its own norm of h as attention found it (buffer mlp_x)
     qk_norm: bool                  # Qwen3, Gemma3, OLMo 2
     qk_norm_whole: bool            # OLMo 2: q/k norms over the whole projection, not per head
     qk_norms: tuple                # the q and k norms' names in a block
@@ -92,7 +95,7 @@ class DecoderSpec:
     post_norms: tuple              # norms after attention and the MLP (Gemma, GLM-4): their names, or ()
     qkv_bias: bool                 # Qwen2 (and any checkpoint whose q/k/v carry a bias)
     embed_scale: float | None      # embeddings times this (Gemma: sqrt(hidden); Granite's multiplier)
-    activation: str                # silu | gelu_tanh | relu2
+    activation: str                # silu | gelu_tanh | gelu | relu2 | xielu
     gated_mlp: bool                # act(gate) * up; False (Arcee): act(up), no gate
     mlp_norm: str                  # the norm before gate/up
     attn_scale: float
@@ -165,6 +168,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         max_positions=min(model.max_positions, positions or model.max_positions), group_size=group_size,
         tie_embeddings=model.tie_embeddings,
         norm_offset=family.norm_offset, layer_norm=family.norm == "layer", parallel_block=family.parallel_block,
+        parallel_norms=model.parallel_norms,
         qk_norm=family.qk_norm, qk_norm_whole=family.qk_norm_whole, qk_norms=family.qk_norms,
         qk_norm_after_rope=family.qk_norm_after_rope,
         pre_norms=family.pre_norms, post_norms=family.post_norms,
@@ -252,6 +256,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
     for i in range(spec.layers):
         p = f"model.layers.{i}"
         normed, norm = normed_input(f"{p}.input_layernorm.weight")
+        if spec.parallel_norms:  # (GPT-NeoX) the MLP's norm of h now: o_proj's epilogue adds into h
+            ops.append(Op("norm", {"x": "h", "out": "mlp_x", **norm_args(f"{p}.{spec.mlp_norm}.weight")}))
         if i in spec.conv_layers:  # (LFM2's) out_proj(C * conv(B * x)), B, C and x from in_proj
             x = in_order(normed, f"{p}.conv.in_proj", spec.hidden)
             ops.append(linear_op(x, "bcx", f"{p}.conv.in_proj", 3 * spec.hidden, spec.hidden, spec.conv_bias, norm))
@@ -283,10 +289,10 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             ctx = in_order("ctx", f"{p}.self_attn.o_proj", H * D)
             pending = residual_linear(ctx, f"{p}.self_attn.o_proj", H * D, spec.out_bias, "attn",
                                       f"{p}.{spec.post_norms[0]}.weight" if spec.post_norms else None)
-        if spec.parallel_block:  # the MLP reads the attention's normed input, which o_proj's add into h left as it was
+        if spec.parallel_block or spec.parallel_norms:  # the MLP reads the attention's normed input or its own
             if pending:
                 ops.append(Op("add", {"x": pending, "residual": "h"}))
-            x, norm, pending = normed, None, None
+            x, norm, pending = "mlp_x" if spec.parallel_norms else normed, None, None
         else:
             x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
         gate_up, width = (f"{p}.mlp.gate_up_proj", 2) if spec.gated_mlp else (f"{p}.mlp.up_proj", 1)
@@ -363,6 +369,8 @@ def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
               "ctx": (rows, spec.heads * spec.head_dim), "attn": (rows, spec.hidden),
               "gate_up": (rows, (2 if spec.gated_mlp else 1) * spec.intermediate), "act": (rows, spec.intermediate),
               "mlp": (rows, spec.hidden), "logits": (spec.vocab,)}
+    if spec.parallel_norms:
+        shapes["mlp_x"] = (rows, spec.hidden)
     if spec.conv_layers:
         shapes.update(bcx=(rows, 3 * spec.hidden), conv=(rows, spec.hidden))
     if spec.act_order:

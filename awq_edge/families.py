@@ -31,6 +31,10 @@ class Family:
     # Cohere: attention and the MLP both read the input norm's output (no norm before the MLP), and
     # h + attention + MLP is the block's output
     parallel_block: bool = False
+    # GPT-NeoX: the config switch (use_parallel_residual, on unless false) that puts attention and the MLP
+    # side by side, each reading the block's input through its own norm: h + attention(norm1(h)) +
+    # MLP(norm2(h)); off, the usual block (export.spec.ModelSpec.parallel_norms)
+    parallel_norms_switch: str = ""
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma3)
     qk_norm_whole: bool = False  # OLMo 2: the q and k norms span the whole projection (all heads), not one head
     qk_norms: tuple = ("self_attn.q_norm", "self_attn.k_norm")  # their names in a block
@@ -39,7 +43,8 @@ class Family:
     # "sandwich"; GLM-4's): none, or (after attention, after the MLP)
     post_norms: tuple = ()
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
-    # the MLP's activation: silu | gelu_tanh | relu2 (relu(x)^2) | xielu (Apertus's: two learned parameters a layer)
+    # the MLP's activation: silu | gelu_tanh | gelu (exact, with erf: GPT-NeoX's) | relu2 (relu(x)^2) | xielu
+    # (Apertus's: two learned parameters a layer)
     activation: str = "silu"
     gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))), no gate_proj (Arcee)
     qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
@@ -56,6 +61,9 @@ class Family:
     # linears the family's checkpoints store fused, each as (its name, the names of its parts, whose
     # rows it stacks in order): read_checkpoint's callers split them, write_checkpoint fuses them again
     fused_linears: tuple = ()
+    # GPT-NeoX: its fused linears stack their parts head by head (q, k, v of head 0, then of head 1, ...),
+    # not part by part (export.spec.fused_part_rows)
+    fused_by_head: bool = False
     rope_aliases: tuple = ()  # (older name, RoPE type) pairs of the family's configs
     # Ministral 3: past the RoPE's original_max_position_embeddings transformers scales the queries
     # by 1 + llama_4_scaling_beta * ln(1 + floor(position / original)), which the engines do not:
@@ -108,6 +116,9 @@ class Family:
     refused_switches: tuple = ()
     # config.json switches the engines need on, as (key, what turning it off leaves out): refused when false
     required_switches: tuple = ()
+    # pieces of the names of tensors the family's checkpoints may hold that are no weights (GPT-NeoX's
+    # causal-mask and RoPE buffers, which older transformers saved): never read
+    ignored_tensors: tuple = ()
     # config.json keys the family's transformers model does not read (StableLM's head is always
     # hidden / heads, whatever head_dim says; OLMo 1's eps is always 1e-5): left out, config_defaults' taken
     config_ignored: tuple = ()
@@ -117,6 +128,10 @@ class Family:
         for theirs, ours in self.tensor_renames:
             stored = stored.replace(theirs, ours, 1)
         return stored
+
+    def ignored(self, stored: str) -> bool:
+        """Whether a stored tensor is one of the family's buffers that hold no weights (ignored_tensors)."""
+        return any(piece in stored for piece in self.ignored_tensors)
 
     def our_name(self, stored: str) -> str:
         """A tensor's name in a checkpoint -> the name the quantizer and the engines use (Llama's)."""
@@ -275,6 +290,25 @@ FAMILIES: dict[str, Family] = {
                config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 2048),
                                 ("partial_rotary_factor", 0.5)),
                refused_switches=(("qk_layernorm", "LayerNorms on q's and k's heads"),)),
+        # GPT-NeoX (Pythia 14M-12B, and models trained on its code): attention and an MLP without a gate
+        # (exact GELU) side by side, each on its own LayerNorm, with use_parallel_residual (else one after
+        # the other); q, k and v fused head by head; biases on every linear; a quarter of each head rotated
+        Family("gpt_neox", ("gpt_neox",), norm="layer", activation="gelu", gated_mlp=False,
+               parallel_norms_switch="use_parallel_residual",
+               fused_linears=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
+               fused_by_head=True,
+               config_aliases=(("layer_norm_eps", "rms_norm_eps"), ("rotary_pct", "partial_rotary_factor"),
+                               ("rotary_emb_base", "rope_theta")),
+               tensor_renames=(("embed_out.", "lm_head."),),
+               module_renames=(("gpt_neox.embed_in.", "model.embed_tokens."), ("gpt_neox.final_layer_norm.", "model.norm."),
+                               ("gpt_neox.layers.", "model.layers."), (".attention.", ".self_attn."),
+                               (".self_attn.query_key_value.", ".self_attn.qkv_proj."),
+                               (".self_attn.dense.", ".self_attn.o_proj."),
+                               (".mlp.dense_h_to_4h.", ".mlp.up_proj."), (".mlp.dense_4h_to_h.", ".mlp.down_proj.")),
+               ignored_tensors=(".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq"),
+               config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 2048),
+                                ("partial_rotary_factor", 0.25)),
+               config_ignored=("head_dim", "num_key_value_heads")),
         # Seed-OSS (36B): Llama with q/k/v biases (attention_bias) and none on o_proj (attention_out_bias)
         Family("seed_oss", ("seed_oss",),
                config_defaults=(("max_position_embeddings", 524288), ("num_key_value_heads", 8), ("head_dim", 128),

@@ -212,22 +212,24 @@ def load_float_model(model_dir: Path, dtype=None):
 
 
 def decoder_layers(model):
-    """The list of decoder blocks (model.model.layers for every supported family)."""
-    return model.model.layers
+    """The list of decoder blocks: model.model.layers, GPT-NeoX's model.gpt_neox.layers (its base model's)."""
+    return model.base_model.layers
 
 
 class FusedOutputs:
     """Stands in for a fused linear of a transformers model (Phi-3's qkv_proj) once its parts are
-    separate nn.Linear modules beside it: their outputs, concatenated. Not a module, so the model's
+    separate nn.Linear modules beside it: their outputs, concatenated, in the fused linear's row
+    order (`back`: GPT-NeoX's head by head; None: as concatenated). Not a module, so the model's
     state_dict and modules list the parts alone (as every other family has them)."""
 
-    def __init__(self, parent, parts: tuple[str, ...]):
-        self.parent, self.parts = parent, parts
+    def __init__(self, parent, parts: tuple[str, ...], back=None):
+        self.parent, self.parts, self.back = parent, parts, back
 
     def __call__(self, x):
         import torch
 
-        return torch.cat([getattr(self.parent, part)(x) for part in self.parts], dim=-1)
+        out = torch.cat([getattr(self.parent, part)(x) for part in self.parts], dim=-1)
+        return out if self.back is None else out[..., self.back]
 
 
 class Renamed:
@@ -281,27 +283,31 @@ def split_fused_modules(layer, family: Family, config: dict) -> None:
     the quantizer then finds q/k/v and gate/up as in every family; transformers' forward is unchanged."""
     if not family.fused_linears:
         return
+    import numpy as np
+    import torch
     from torch import nn
 
-    from .export.spec import layer_linear_shapes, model_spec
+    from .export.spec import fused_part_rows, model_spec
 
-    shapes = layer_linear_shapes(model_spec(config))
+    spec = model_spec(config)
     for fused, parts in family.fused_linears:
         parent_name, attr = fused.rsplit(".", 1)
         parent = layer.get_submodule(parent_name)
         lin = parent._modules.get(attr)
         if lin is None:  # split already
             continue
-        rows = [shapes[part][0] for part in parts]
-        biases = lin.bias.split(rows) if lin.bias is not None else [None] * len(parts)
+        rows = fused_part_rows(spec, parts)
         delattr(parent, attr)
-        for part, w, b in zip(parts, lin.weight.split(rows), biases):
+        for part, index in zip(parts, rows):
+            index = torch.from_numpy(index)
+            w, b = lin.weight[index], None if lin.bias is None else lin.bias[index]
             new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
             new.weight = nn.Parameter(w.clone(), requires_grad=lin.weight.requires_grad)
             if b is not None:
                 new.bias = nn.Parameter(b.clone(), requires_grad=lin.bias.requires_grad)
             setattr(parent, part.rsplit(".", 1)[1], new)
-        setattr(parent, attr, FusedOutputs(parent, tuple(part.rsplit(".", 1)[1] for part in parts)))
+        back = None if not family.fused_by_head else torch.from_numpy(np.argsort(np.concatenate(rows)))
+        setattr(parent, attr, FusedOutputs(parent, tuple(part.rsplit(".", 1)[1] for part in parts), back))
 
 
 def load_for_quantization(model_dir: Path):
@@ -368,7 +374,8 @@ def load_for_quantization(model_dir: Path):
             with safe_open(str(file), "pt") as handle:
                 set_module_tensor_to_device(model, name, "cpu", value=handle.get_tensor(key))
 
-    load(lambda name: not name.startswith("model.layers."))  # embeddings, the final norm (Phi's final_layernorm), head
+    layers = f"{model.base_model_prefix}.layers."  # (model.layers., GPT-NeoX's gpt_neox.layers.)
+    load(lambda name: not name.startswith(layers))  # embeddings, the final norm (Phi's final_layernorm), head
     if config.tie_word_embeddings:
         model.tie_weights()
     try:
@@ -380,7 +387,7 @@ def load_for_quantization(model_dir: Path):
     model.eval()
 
     def materialize(i: int) -> None:
-        load(lambda name: name.startswith(f"model.layers.{i}."))
+        load(lambda name: name.startswith(f"{layers}{i}."))
         our_block_modules(decoder_layers(model)[i], family, config_dict)
 
     return model, tokenizer, materialize

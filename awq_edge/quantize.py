@@ -36,6 +36,7 @@ from tqdm import tqdm
 from .checkpoint import QuantizedLinear
 from .errors import UserError
 from .families import Family
+from .model import decoder_layers
 from .packing import MAX_INT
 from .quantize_settings import QuantizeSettings, check_request
 
@@ -240,7 +241,7 @@ def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int):
     with, so one pass over the embeddings costs almost nothing. Kwargs come from a
     batch-1 call so their masks/rotary tables broadcast over any batch size.
     """
-    layers = model.model.layers
+    layers = decoder_layers(model)
     recorded_kwargs: list[dict] = [{} for _ in layers]
     first_inputs: list[torch.Tensor] = []
 
@@ -259,10 +260,10 @@ def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int):
         layer.forward = recorder(i)
     try:
         with torch.no_grad():
-            model.model(input_ids=tokens[:1], use_cache=False)
+            model.base_model(input_ids=tokens[:1], use_cache=False)
             first_inputs.clear()
             for start in range(0, len(tokens), batch_size):
-                model.model(input_ids=tokens[start:start + batch_size], use_cache=False)
+                model.base_model(input_ids=tokens[start:start + batch_size], use_cache=False)
     finally:
         for layer in layers:
             del layer.forward  # back to the class's forward
@@ -641,7 +642,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
     settings.validate()
     started = time.time()
     dev = torch.device(settings.device)
-    layers = model.model.layers
+    layers = decoder_layers(model)
     result = QuantizeResult({}, settings=asdict(settings))
     prefix = "model.layers"
 
@@ -805,11 +806,13 @@ def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: di
 
 # ---------------------------------------------------------------- model dir -> checkpoint dir
 
-def float_tensors(model, quantized: dict[str, QuantizedLinear]) -> dict[str, np.ndarray]:
-    """Every tensor of the model that is not a quantized linear (embeddings, norms, lm_head)."""
+def float_tensors(model, family: Family, quantized: dict[str, QuantizedLinear]) -> dict[str, np.ndarray]:
+    """Every tensor of the model that is not a quantized linear (embeddings, norms, lm_head), under
+    our names, as `quantized` is (GPT-NeoX's gpt_neox.layers are our model.layers)."""
     tied = getattr(model.config, "tie_word_embeddings", False)
     out = {}
     for name, t in model.state_dict().items():
+        name = family.our_name(name)
         owner = name.rsplit(".", 1)[0]
         if owner in quantized or (tied and name == "lm_head.weight"):
             continue
@@ -873,7 +876,7 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     }
     staging = output_staging(output, force)
     try:
-        write_checkpoint(staging, config, result.linears, float_tensors(model, result.linears), metadata, model_dir,
+        write_checkpoint(staging, config, result.linears, float_tensors(model, family, result.linears), metadata, model_dir,
                          checkpoint_format)
         commit_staging(staging, output)
     finally:
@@ -885,6 +888,6 @@ def fake_quantize_model(model, settings: QuantizeSettings) -> None:
     """RTN in place on a float model (for `eval --method rtn`): same numbers as an RTN checkpoint."""
     settings.validate()
     with torch.no_grad():
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             for lin in _linear_names(layer).values():
                 lin.weight.data = fake_quantize(lin.weight.data, settings.group_size).to(lin.weight.dtype)

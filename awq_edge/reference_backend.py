@@ -27,6 +27,7 @@ from .errors import UserError
 from .packing import dequantize, dequantize_rows_int8, unpack_int4
 
 F16, F32 = np.float16, np.float32
+ERF = np.vectorize(math.erf, otypes=[np.float64])  # (numpy has no erf; exact GELU's)
 
 
 def load_tensors(folder: Path, info: DecoderInfo) -> dict[str, np.ndarray]:
@@ -250,6 +251,8 @@ def twin_act(gate_up: np.ndarray, kind: str, gated: bool = True, params: np.ndar
     elif kind == "xielu":
         a_p, a_n, beta, eps = (F32(v) for v in params)
         a = np.where(g > 0, a_p * g * g + beta * g, (np.exp(np.minimum(g, eps)) - F32(1) - g) * a_n + beta * g)
+    elif kind == "gelu":  # exact, erf in float64 (the kernels' erff is within 2 ulp of it)
+        a = (0.5 * g * (1.0 + ERF(g.astype(np.float64) / math.sqrt(2.0)))).astype(F32)
     else:  # gelu_tanh
         a = 0.5 * g * (1.0 + np.tanh(F32(math.sqrt(2.0 / math.pi)) * (g + F32(0.044715) * g * g * g)))
     return (a * gate_up[:, 1::2].astype(F32) if gated else a).astype(F16)

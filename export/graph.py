@@ -9,8 +9,9 @@
         a = norm(a)                         post-norm (Gemma's post_attention_layernorm, GLM-4's)
         h = h + a
         x = norm(h)                         post_attention_layernorm / pre_feedforward_layernorm (OLMo 2: none;
-                                            Cohere: none, the MLP reads the attention's x)
-        m = down(act(gate(x)) * up(x))      silu or gelu_tanh (Arcee: down(relu(up(x))^2), no gate)
+                                            Cohere: none, the MLP reads the attention's x; GPT-NeoX: the norm
+                                            of h before a is added)
+        m = down(act(gate(x)) * up(x))      silu, gelu_tanh or gelu (Arcee: down(relu(up(x))^2), no gate)
         m = norm(m)                         post-norm (Gemma's post_feedforward_layernorm, GLM-4's)
         h = h + m
     logits = lm_head(norm(h))               last position only unless all_logits
@@ -178,6 +179,14 @@ class Decoder:
         if self.spec.family.activation == "relu2":
             r = b.op("Relu", x)
             return b.op("Mul", r, r, name="relu2")
+        if self.spec.family.activation == "gelu":  # exact: 0.5 x (1 + erf(x / sqrt(2)))
+            if self.t.contrib:
+                return b.op("Gelu", x, domain=MS_DOMAIN, name="gelu")
+            if b.opset >= 20:
+                return b.op("Gelu", x, name="gelu")
+            erf = b.op("Erf", b.op("Mul", x, b.act_const("const/gelu_sqrt_half", np.sqrt(0.5))))
+            half_x = b.op("Mul", x, b.act_const("const/half", 0.5))
+            return b.op("Mul", half_x, b.op("Add", b.act_const("const/one", 1.0), erf), name="gelu")
         if self.t.contrib:
             return b.op("FastGelu", x, domain=MS_DOMAIN, name="gelu_tanh")  # the tanh approximation
         if b.opset >= 20:
@@ -271,6 +280,10 @@ class Decoder:
                     if spec.family.post_norms:
                         a = self.rms_norm(a, self.norm_weight(f"{p}.{spec.family.post_norms[0]}.weight"))
                 if spec.family.parallel_block:  # (Cohere) the MLP reads x too: h + attention + MLP, in that order
+                    h = b.op("Add", h, a, name="residual")
+                elif spec.parallel_norms:  # (GPT-NeoX) the MLP's own norm of h, as it was before attention
+                    with b.scope("mlp_norm"):
+                        x, _ = self.pre_norm(None, h, f"{p}.{spec.family.mlp_norm}.weight")
                     h = b.op("Add", h, a, name="residual")
                 else:
                     with b.scope("mlp_norm"):

@@ -26,7 +26,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 FIX = "the checkpoint config is incomplete or corrupt"
 # config.json's names (hidden_act; Gemma's hidden_activation) of each families.Family.activation
 ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new"),
-                    "relu2": ("relu2",), "xielu": ("xielu",)}
+                    "gelu": ("gelu",), "relu2": ("relu2",), "xielu": ("xielu",)}
 # an activation's learned parameters, each layer's `mlp.act_fn.{name}` of this shape (Apertus's xIELU)
 ACTIVATION_PARAMS = {"xielu": (("alpha_p", (1,)), ("alpha_n", (1,)), ("beta", ()), ("eps", ()))}
 XIELU_PARAMS = tuple(name for name, _ in ACTIVATION_PARAMS["xielu"])
@@ -96,6 +96,9 @@ class ModelSpec:
     conv_kernel: int = 0
     conv_bias: bool = False  # in_proj, out_proj and the convolution carry biases
     clip_qkv: float | None = None  # OLMo 1: q, k and v clamped to +-this (Family.clip_qkv), or None
+    # GPT-NeoX with use_parallel_residual: attention and the MLP side by side, each on its own norm of the
+    # block's input (Family.parallel_norms_switch)
+    parallel_norms: bool = False
 
     @property
     def attention_layers(self) -> list[int]:
@@ -377,6 +380,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         final_softcap=c.float("final_logit_softcapping", 1e-3, 1e6, default=None),
         embed_multiplier=embed, residual_multiplier=residual, logits_scaling=logits_scaling,
         conv_layers=conv_layers,
+        parallel_norms=bool(family.parallel_norms_switch) and c.bool(family.parallel_norms_switch, default=True),
         conv_kernel=c.int("conv_L_cache", 2, MAX_CONV_KERNEL, default=3) if conv_layers else 0,
         conv_bias=bool(conv_layers) and c.bool("conv_bias", default=False),
         clip_qkv=c.float("clip_qkv", 1e-6, 1e6, default=None) if family.clip_qkv else None,
@@ -405,6 +409,25 @@ def layer_linear_shapes(spec: ModelSpec, layer: int | None = None) -> dict[str, 
               "self_attn.o_proj": (h, q)})
     return {**mixer, **({"mlp.gate_proj": (inter, h)} if spec.family.gated_mlp else {}),
             "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
+
+
+def fused_part_rows(spec: ModelSpec, parts: tuple[str, ...]) -> list[np.ndarray]:
+    """The rows of a fused linear (Family.fused_linears) each of its parts takes, in order: its parts
+    one after another, or (Family.fused_by_head: GPT-NeoX's query_key_value) head by head, each head's
+    rows of every part in turn. The one layout checkpoint.split_fused, fuse_linears and the quantizer's
+    split_fused_modules read."""
+    shapes = layer_linear_shapes(spec)
+    rows = [shapes[part][0] for part in parts]
+    if not spec.family.fused_by_head:
+        starts = np.cumsum([0] + rows)
+        return [np.arange(start, end) for start, end in zip(starts, starts[1:])]
+    if any(n % spec.heads for n in rows):  # (GQA's k and v have fewer heads: no family fuses those by head)
+        raise UserError(f"{spec.model_type}: a fused linear by head needs as many heads in each part; "
+                        f"{spec.kv_heads} KV heads and {spec.heads} query heads")
+    per_head = [n // spec.heads for n in rows]
+    starts = np.cumsum([0] + per_head)[:-1]
+    head_rows = np.arange(spec.heads)[:, None] * sum(per_head)
+    return [(head_rows + start + np.arange(n)).reshape(-1) for start, n in zip(starts, per_head)]
 
 
 def all_linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:

@@ -62,8 +62,9 @@ def round_embedding_int8(ckpt) -> None:
 
     path = ckpt / "model.safetensors"
     tensors = load_file(path)
-    table = tensors["model.embed_tokens.weight"]
-    tensors["model.embed_tokens.weight"] = dequantize_rows_int8(*quantize_rows_int8(table)).astype(table.dtype)
+    name = next(n for n in ("model.embed_tokens.weight", "gpt_neox.embed_in.weight") if n in tensors)  # (stored as)
+    table = tensors[name]
+    tensors[name] = dequantize_rows_int8(*quantize_rows_int8(table)).astype(table.dtype)
     path.unlink()
     save_file(tensors, path, metadata={"format": "pt"})
 

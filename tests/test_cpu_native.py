@@ -187,21 +187,24 @@ def test_native_decode_checks_its_input_like_onnxruntime(default_export):
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee", "nemotron", "stablelm",
                                                        "cohere2", "jais2", "starcoder2",
                                                        "granitemoehybrid", "phi", "hyperclovax", "olmo",
-                                                       "apertus", "nanochat", "lfm2"))
+                                                       "apertus", "nanochat", "lfm2", "gpt_neox"))
 def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_dir, tmp_path):
     extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
     if model_type == "lfm2":  # short convolutions (their biases too) around attention
         extra = {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "conv_bias": True}
-    heads = 2 if model_type == "stablelm" else 4  # (StableLM's head is hidden / heads, whatever head_dim says)
+    # (StableLM's and GPT-NeoX's head is hidden / heads, whatever head_dim says)
+    heads = 2 if model_type in ("stablelm", "gpt_neox") else 4
     ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, hidden_size=128, intermediate_size=256,
                            num_attention_heads=heads, num_key_value_heads=2, head_dim=64, **extra)
     native, reference = native_and_onnxruntime(export_checkpoint(ckpt, tmp_path / "ort", "ort"), 64)
     # 44 tokens: longer than Mistral's (5) and Gemma 3's (4) sliding windows in these tiny configs
     ids = np.random.default_rng(1).integers(0, 256, 12 + 32).tolist()
     errors, disagreements = teacher_forced(native, reference, ids, 12)
-    # (LFM2: one attention layer's bf16 copy of the cache, ~1 %; its taps in the wrong order, ~8 %)
-    assert max(errors) < (0.03 if model_type == "lfm2" else 0.1) and len(disagreements) <= 1, (max(errors),
-                                                                                             disagreements)
+    # the bf16 copy of the cache and int8 activations: 0.2-2.7 % (session 45, every family); an MLP
+    # computed wrong, ~8 % (GPT-NeoX's GELU without erf's sign, its MLP on the attention's norm; LFM2's
+    # taps in the wrong order; LFM2: one attention layer's bf16 copy of the cache, ~1 %)
+    assert max(errors) < (0.03 if model_type == "lfm2" else 0.04) and len(disagreements) <= 1, (max(errors),
+                                                                                              disagreements)
 
 
 @pytest.mark.parametrize("path", sorted(set(FLAGS) - {"native"}))

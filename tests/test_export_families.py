@@ -613,3 +613,64 @@ def test_hostile_rope_parameters_give_finite_tables_or_one_line_errors(rope, rop
         return
     assert all(np.isfinite(r.inv_freq).all() and np.isfinite(r.scale) for r in spec.layer_rope)
     assert all(r.long_inv_freq is None or np.isfinite(r.long_inv_freq).all() for r in spec.layer_rope)
+
+
+# Pythia-70M's config.json as EleutherAI published it (transformers 4.24): its own names for the
+# RoPE's base and rotated fraction, and the LayerNorms' eps
+PYTHIA_70M = {"architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu",
+              "hidden_size": 512, "initializer_range": 0.02, "intermediate_size": 2048, "layer_norm_eps": 1e-05,
+              "max_position_embeddings": 2048, "model_type": "gpt_neox", "num_attention_heads": 8,
+              "num_hidden_layers": 6, "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False,
+              "torch_dtype": "float16", "use_cache": True, "use_parallel_residual": True, "vocab_size": 50304}
+
+
+def test_gpt_neox_reads_pythias_config_as_transformers_does():
+    """Pythia's config.json: a quarter of each 64-wide head rotated, base 10000, eps 1e-5, attention and
+    the MLP side by side (use_parallel_residual false: one after the other), as transformers 5 reads it."""
+    from transformers import AutoConfig
+
+    from awq_edge.export.spec import model_spec
+
+    for parallel in (True, False):
+        config = {**PYTHIA_70M, "use_parallel_residual": parallel}
+        ours = model_spec(config)
+        theirs = model_spec(AutoConfig.for_model(**config).to_dict())
+        assert (ours.head_dim, ours.rotary_dim, ours.eps, ours.parallel_norms) == (64, 16, 1e-5, parallel)
+        assert ours.layer_rope[0].key() == theirs.layer_rope[0].key()
+        assert (theirs.rotary_dim, theirs.eps, theirs.parallel_norms) == (16, 1e-5, parallel)
+
+
+def test_gpt_neox_reads_pythias_tensor_names_and_skips_its_buffers(tmp_path, smollm2_dir):
+    """Pythia's safetensors (written by transformers 4) name the head embed_out, as transformers 5 still
+    saves it, and hold each layer's causal mask, masked_bias and RoPE frequencies: a float model and a
+    quantized checkpoint stored that way read as transformers 5's names do, the buffers left out."""
+    from safetensors.numpy import load_file, save_file
+
+    from awq_edge.checkpoint import read_checked
+    from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path, "gpt_neox", smollm2_dir)
+
+    def legacy(directory: Path) -> Path:
+        old = tmp_path / f"legacy-{directory.name}"
+        shutil.copytree(directory, old)
+        tensors = load_file(str(old / "model.safetensors"))
+        if "lm_head.weight" in tensors:  # (ours; transformers 5 saves embed_out too)
+            tensors["embed_out.weight"] = tensors.pop("lm_head.weight")
+        for i in range(TINY["num_hidden_layers"]):
+            p = f"gpt_neox.layers.{i}.attention"
+            tensors[f"{p}.bias"] = np.tril(np.ones((1, 1, 8, 8), bool))
+            tensors[f"{p}.masked_bias"] = np.array(-1e9, np.float32)
+            tensors[f"{p}.rotary_emb.inv_freq"] = np.ones(2, np.float32)
+        save_file(tensors, str(old / "model.safetensors"))
+        return old
+
+    want, _ = read_checked(ckpt)
+    got, _ = read_checked(legacy(ckpt))
+    requantized = tmp_path / "requantized"
+    quantize_checkpoint(str(legacy(tmp_path / "float")), requantized, QuantizeSettings(method="rtn", group_size=32),
+                        progress=False)
+    for got in (got, read_checked(requantized)[0]):
+        assert sorted(got.tensors) == sorted(want.tensors) and sorted(got.linears) == sorted(want.linears)
+        assert all(np.array_equal(got.tensors[n], want.tensors[n]) for n in want.tensors)
+        assert all(np.array_equal(got.linears[n].q, want.linears[n].q) for n in want.linears)

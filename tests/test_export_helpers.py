@@ -113,6 +113,10 @@ TINY_EXTRA = {
     # Gemma 2's block without its post-norms
     "vaultgemma": {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 0.5,
                    "final_logit_softcapping": 0.5},
+    # attention and an MLP without a gate (exact GELU) side by side, each on its own LayerNorm; q, k and v
+    # fused head by head; biases everywhere; a quarter of each head rotated (its default); no GQA (its
+    # model ignores num_key_value_heads)
+    "gpt_neox": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # fused q/k/v and gate/up; half of each head rotated (Phi-4-mini: 0.75); LongRoPE: longrope()
     "phi3": {"sliding_window": 5, "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
              "eos_token_id": 2},

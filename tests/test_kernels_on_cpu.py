@@ -392,6 +392,36 @@ def test_the_cuda_core_decode_gemvs_match_their_twins(emulated, fusion, k, n, gr
     assert err < 5e-3, err
 
 
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh", "gelu", "relu2"])
+def test_the_act_kernel_is_its_twin_and_the_twin_is_transformers_activation(emulated, kind):
+    """awq_act (activation.cuh, which the decode GEMV's act epilogue shares) over every activation
+    without parameters, gated (act(gate) * up, rows interleaved) and not: its twin's fp16 values
+    within one rounding; the twin within one fp16 rounding of transformers' own function of that
+    name in float64 (exact GELU's erf is not the tanh approximation: ~10 % apart at -3)."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    from awq_edge.cuda_backend import act_code
+    from awq_edge.export.spec import ACTIVATION_NAMES
+    from awq_edge.reference_backend import twin_act
+
+    rng = np.random.default_rng(len(kind))
+    rows, inter = 3, 200
+    for gated in (True, False):
+        gate_up = (rng.standard_normal((rows, (2 if gated else 1) * inter)) * 3).astype(np.float16)
+        got = np.full((rows, inter), np.nan, np.float16)
+        run(emulated, "awq_act", (rows,), NORM_THREADS,
+            [gate_up, got, inter, act_code(kind, gated), np.zeros(4, np.float32)])
+        want = twin_act(gate_up, kind, gated)
+        g = torch.from_numpy(gate_up[:, 0::2] if gated else gate_up).double()
+        exact = ACT2FN[ACTIVATION_NAMES[kind][0]](g) * (torch.from_numpy(gate_up[:, 1::2]).double() if gated else 1)
+        # one fp16 step at each value, and 1e-5 where 1 + tanh or 1 + erf cancels in float32 (x below -4; the
+        # tanh approximation is 1e-4 to 4e-4 off for x in -4..-1)
+        bound = np.spacing(np.abs(want)).astype(np.float64) + 1e-5
+        assert np.all(np.abs(got.astype(np.float64) - want) <= bound), (kind, gated)
+        assert np.all(np.abs(want - exact.numpy()) <= bound), (kind, gated)
+
+
 @SCHEDULES
 @pytest.mark.parametrize("kernel, d, heads, past, rows, window, softcap", [
     ("mma", 256, (2, 1), 40, 37, 9, 0.0), ("mma", 256, (2, 2), 0, 70, 0, 30.0), ("mma", 128, (4, 2), 100, 20, 0, 0.0),
@@ -532,6 +562,14 @@ BACKEND_CASES = {
     # rope_store, not the GEMV's epilogue
     "olmo-clip-qkv": ("olmo", "auto", {"num_hidden_layers": 2}, True, 9, "cuda_cores",
                       {"awq_clamp", "awq_gemv_store_g32_w4", "awq_rope_store"}),
+    # GPT-NeoX's parallel block (attention and an MLP without a gate side by side, each on its own LayerNorm:
+    # the MLP's norm taken before o_proj adds into h), exact GELU in the act epilogue, biases everywhere; on
+    # the persistent step; and (use_parallel_residual false) one after the other, exact GELU in the decode
+    # GEMV's act epilogue (the native C decode runs the parallel block unfused: test_cpu_native)
+    "gpt_neox-parallel-norms-persistent-step": ("gpt_neox", "auto", {}, True, 9, "persistent_step",
+                                                {"awq_decode_step_g32", "awq_norm", "awq_act"}),
+    "gpt_neox-sequential-gelu-epilogue": ("gpt_neox", "auto", {"use_parallel_residual": False}, True, 20,
+                                          "cuda_cores", {"awq_gemv_act_g32_w4", "awq_norm"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),

@@ -298,7 +298,8 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
                                                        "olmo2", "exaone4", "gemma", "vaultgemma", "hunyuan_v1_dense",
                                                        "arcee", "nemotron", "stablelm", "cohere", "cohere2", "jais2",
                                                        "starcoder2", "granitemoehybrid", "phi",
-                                                       "hyperclovax", "olmo", "apertus", "nanochat", "lfm2"))
+                                                       "hyperclovax", "olmo", "apertus", "nanochat", "lfm2",
+                                                       "gpt_neox"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -329,7 +330,7 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere",
                                                        "jais2", "starcoder2", "granitemoehybrid", "phi",
-                                                       "olmo", "apertus", "nanochat", "lfm2"))
+                                                       "olmo", "apertus", "nanochat", "lfm2", "gpt_neox"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into
@@ -347,7 +348,7 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     family = family_for(model.config.model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
     inputs, kwargs = capture_block_inputs(model, tokens, 1)
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(model.base_model.layers):  # (GPT-NeoX's are model.gpt_neox.layers)
         before = _layer_output(layer(inputs, **kwargs[i]))
         linears = _linear_names(layer)
         groups = block_groups(layer, family, model.config)
@@ -363,6 +364,20 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
             _apply_group(g, torch.rand(g.linears[0].in_features) + 0.5, family,
                          {n: torch.ones(1, lin.in_features) for n, lin in linears.items()}, linears, {})
         torch.testing.assert_close(_layer_output(layer(inputs, **kwargs[i])), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox"])
+@torch.no_grad()
+def test_fused_linears_split_for_the_quantizer_compute_what_they_did(model_type, tiny_model_dir):
+    """Phi-3's q/k/v and gate/up, GPT-NeoX's q/k/v stacked head by head: the quantizer sees each
+    part as an nn.Linear of its own, and the model (calibration runs it) computes the same logits
+    through them as transformers' own model with the fused linear."""
+    src = tiny_model_dir(model_type, kv_heads=4)
+    plain = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    model, tokenizer = load_float_model(src, torch.float32)
+    assert all(isinstance(lin, torch.nn.Linear) for lin in _linear_names(model.base_model.layers[0]).values())
+    ids = torch.tensor([tokenizer("Robots on small boards need memory caps.")["input_ids"]])
+    torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_clip_qkv_leaves_o_unscaled(tiny_model_dir):

@@ -145,6 +145,19 @@ static inline float tanh_approx(float x) { /* 1 - 2 / (e^2x + 1): exact limits, 
   return 1.f - 2.f / (exp_approx(2.f * x) + 1.f);
 }
 
+/* erf(x) as Abramowitz and Stegun's 7.1.26 (absolute error < 1.5e-7, odd by construction): exact GELU's.
+   No libm (erff): see exp_approx. */
+static inline float erf_approx(float x) {
+  const float a = x < 0.f ? -x : x, t = 1.f / (1.f + 0.3275911f * a);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float y = 1.f - p * t * exp_approx(-a * a);
+  return x < 0.f ? -y : y;
+}
+
 static void rope(float *x, int heads, int D, const float *cos, const float *sin) {
   const int half = D / 2;
   for (int h = 0; h < heads; h++) {
@@ -446,6 +459,9 @@ static void act(const struct cpu_op *op) {
       const float g = gate[i], m = g < eps ? g : eps;
       out[i] = g > 0.f ? a_p * g * g + beta * g : (exp_approx(m) - 1.f - g) * a_n + beta * g;
     }
+  } else if (kind == ACT_GELU) { /* exact: 0.5 x (1 + erf(x / sqrt(2))) */
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = 0.5f * gate[i] * (1.f + erf_approx(gate[i] * 0.7071067811865476f));
   } else {
 #pragma omp simd
     for (int i = 0; i < n; i++) {
