@@ -554,7 +554,8 @@ def load_awq_as_float(path: Path, dtype=None):
                         f"{(str(e).strip().splitlines() or [''])[0][:150]}); the config is corrupt") from None
     state = {name: torch.from_numpy(t.astype(np.float32)) for name, t in ckpt.tensors.items()}
     for prefix, lin in fuse_linears(ckpt.linears, spec).items():  # transformers' modules (their_name below)
-        state[prefix + ".weight"] = torch.from_numpy(lin.dequantize())
+        weight = lin.dequantize()
+        state[prefix + ".weight"] = torch.from_numpy(weight.T.copy() if spec.family.conv1d_linears else weight)
         if lin.bias is not None:
             state[prefix + ".bias"] = torch.from_numpy(lin.bias.astype(np.float32))
     state = {spec.family.their_name(name): t for name, t in state.items()}

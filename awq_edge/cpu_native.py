@@ -207,7 +207,7 @@ class CpuOp(ctypes.Structure):
                                                       "kind_arg")] + \
                [("scale", ctypes.c_float), ("softcap", ctypes.c_float)] + \
                [(name, ctypes.c_void_p) for name in ("x", "out", "residual", "w0", "w1", "w2", "bias", "w_norm",
-                                                      "table", "cos", "sin", "order")]
+                                                      "table", "cos", "sin", "order", "positions")]
 
 
 class CpuModel(ctypes.Structure):
@@ -224,7 +224,7 @@ class CpuModel(ctypes.Structure):
 NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
             "add": 9, "rope": 10, "short_conv": 11, "clamp": 12}
-ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4}  # cpu_ops.h's ACT_*
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4, "relu": 5}  # cpu_ops.h's ACT_*
 ACT_UNGATED = 8  # added for act(x), not act(gate) * up (an MLP without a gate)
 
 
@@ -372,6 +372,8 @@ class NativeDecoder:
             rec.n, rec.out, rec.scale = spec.hidden, ptr(a["out"]), float(a["scale"] or 0.0)
             # the graph's fp16 table (the op names the cuda engine's, int8 rows: decoder.embed_table)
             rec.table = self._tensor("model.embed_tokens.weight", np.float16, spec.vocab * spec.hidden).ctypes.data
+            if a["positions"]:  # (GPT-2's learned positions: the graph's table, rows by position)
+                rec.positions = self._tensor(a["positions"], np.float32, spec.max_positions * spec.hidden).ctypes.data
         elif op.kind in ("norm", "add_norm"):
             rec.n, rec.x, rec.out = spec.hidden, ptr(a["x"]), ptr(a["out"])
             rec.w_norm = self._tensor(a["weight"], np.float32, spec.hidden).ctypes.data

@@ -155,7 +155,7 @@ CUBLAS_WORKSPACE_BYTES = 4 << 20
 # the memory plan, not allocated by us: 134 MiB on the H200 with CUDA 13's cuBLAS (2026-12-04,
 # test_cublas_fits_the_reserve_the_memory_plan_counts_for_it), with some room for other builds.
 CUBLAS_RESERVE_BYTES = 160 << 20
-ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4}  # plugins/kernels/activation.cuh ActKind
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4, "relu": 5}  # plugins/kernels/activation.cuh ActKind
 ACT_UNGATED = 8  # ActKind kUngated: act(x), not act(gate) * up (an MLP without a gate)
 
 
@@ -670,10 +670,11 @@ class CudaBackend:
         rows = []
         for op in ops:
             a = op.args
-            if op.kind == "embed":  # variant 8: int8 rows, their scales last
+            if op.kind == "embed":  # variant 8: int8 rows, their scales; then GPT-2's positions and the counter
                 rows.append(("embed", 1, 8 if a["scales"] else 0, [
                     self.token, w[a["table"]], b[a["out"]], ("i32", spec.hidden), ("i32", spec.vocab),
-                    ("f32", a["scale"] or 1.0), *([w[a["scales"]]] if a["scales"] else [])]))
+                    ("f32", a["scale"] or 1.0), w[a["scales"]] if a["scales"] else 0,
+                    w[a["positions"]] if a["positions"] else 0, self.past]))
             elif op.kind == "norm":  # (the final one of the last row: the only row)
                 rows.append(("norm", 1, 0, [b[a["x"]], w[a["weight"]], b[a["out"]], ("i32", spec.hidden), eps,
                                             w[a["bias"]] if a["bias"] else 0]))
@@ -772,6 +773,9 @@ class CudaBackend:
                 self.launch("awq_embed_q8", (rows,), (NORM_THREADS,), [ids, w[a["table"]], w[a["scales"]], *tail])
             else:
                 self.launch("awq_embed", (rows,), (NORM_THREADS,), [ids, w[a["table"]], *tail])
+            if a["positions"]:  # (GPT-2's learned positions: each row's, from the device's position counter)
+                self.launch("awq_add_positions", (rows,), (NORM_THREADS,),
+                            [b[a["out"]], w[a["positions"]], self.past, ("i32", spec.hidden)])
         elif op.kind == "norm":
             last = a.get("last_row", False)
             self.launch("awq_norm", (1 if last else rows,), (NORM_THREADS,),
@@ -1360,6 +1364,6 @@ KERNELS_OF = {
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
     "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_norm", "awq_add_norm", "awq_head_rms_norm", "awq_bias_add",
-                    "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv",
+                    "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv", "awq_add_positions",
                     "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
 }

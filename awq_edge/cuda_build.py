@@ -27,7 +27,7 @@ import numpy as np
 
 from . import plugins
 from .checkpoint import commit_staging, copy_tokenizer, output_staging, read_for_engine
-from .decoder import checkpoint_biases, decoder_spec, pack_weights
+from .decoder import POSITIONS_TABLE, checkpoint_biases, decoder_spec, pack_weights
 from .engine_dir import (DECODER_FORMAT, DECODER_FORMAT_VERSION, DECODER_INFO, ENGINE_FORMAT, ENGINE_FORMAT_VERSION,
                          MANIFEST, TENSOR_ALIGN, DecoderInfo, read_decoder_info)
 from .errors import UserError
@@ -62,7 +62,7 @@ def write_weights(path: Path, tensors: dict) -> dict:
 
 
 def rope_sized_to_context(spec, tensors: dict, manifest: dict, max_memory, max_context) -> tuple:
-    """(spec, tensors) with the RoPE tables cut to the context the engine is planned for (at build:
+    """(spec, tensors) with the RoPE tables (and learned positions') cut to the context the engine is planned for (at build:
     a GPU engine's context is fixed then, engine_plan): a table row for a position past it is
     memory the device holds and never reads (Gemma 3 4B's four fp16 tables of 131072 x 128: 128
     MiB). What does not fit at all is refused here, before anything is written."""
@@ -74,7 +74,8 @@ def rope_sized_to_context(spec, tensors: dict, manifest: dict, max_memory, max_c
     context = engine_plan(manifest, info, max_memory, max_context, at_load=False).context
     if context >= spec.max_positions:
         return spec, tensors
-    return replace(spec, max_positions=context), {name: array[:context] if name.startswith("rope.") else array
+    by_position = [name for name in tensors if name.startswith("rope.") or name == POSITIONS_TABLE]
+    return replace(spec, max_positions=context), {name: array[:context] if name in by_position else array
                                                    for name, array in tensors.items()}
 
 

@@ -49,7 +49,8 @@ third of the bytes), whose top HEAD_TOP_K logits are then recomputed from the fp
 engine's graph does; a head's bias (Phi's) as `lm_head.bias` float32 [V]; an LFM2 short
 convolution's weight as float32 [hidden, kernel] (`{layer}.conv.conv.weight`, + `.bias` [hidden]); the embedding as int8
 rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied model's are `lm_head.q8`), or fp16
-`model.embed_tokens.weight` where a tied head keeps it (embed_table); RoPE tables fp16
+`model.embed_tokens.weight` where a tied head keeps it (embed_table); learned positions (GPT-2's, OPT's)
+as fp16 `model.embed_positions` [max_positions, hidden], which the embed op adds; RoPE tables fp16
 [max_positions, D/2] per distinct frequency set; a GPTQ act-order linear's permutation of its
 inputs as int32 `{name}.input_order` [K].
 """
@@ -62,7 +63,8 @@ import numpy as np
 from .errors import UserError
 from .packing import INT8_BLOCK
 
-ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2", "xielu": "xielu"}
+ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2", "relu": "relu",
+               "xielu": "xielu"}
 # activations with parameters in each layer (`{mlp}.act_fn.xielu`: export.spec.xielu_constants): an act op of their own,
 # never the GEMV's act epilogue
 PARAMETERIZED_ACTIVATIONS = ("xielu",)
@@ -95,7 +97,10 @@ class DecoderSpec:
     post_norms: tuple              # norms after attention and the MLP (Gemma, GLM-4): their names, or ()
     qkv_bias: bool                 # Qwen2 (and any checkpoint whose q/k/v carry a bias)
     embed_scale: float | None      # embeddings times this (Gemma: sqrt(hidden); Granite's multiplier)
-    activation: str                # silu | gelu_tanh | gelu | relu2 | xielu
+    # GPT-2, OPT: the embed op adds the position's row of the learned table, which is the checkpoint's
+    # model.embed_positions from this offset on (OPT's 2; POSITIONS_TABLE); None: RoPE
+    position_offset: int | None
+    activation: str                # silu | gelu_tanh | gelu | relu2 | relu | xielu
     gated_mlp: bool                # act(gate) * up; False (Arcee): act(up), no gate
     mlp_norm: str                  # the norm before gate/up
     attn_scale: float
@@ -135,6 +140,9 @@ class DecoderSpec:
 LM_HEADS = ("int8", "int4", "fp16")
 HEAD_DIMS = (64, 80, 96, 128, 256)  # what plugins/kernels/attention.cu's kernels take (80: EXAONE 3.5 2.4B;
                                    # 96: Phi-3 and 3.5-mini)
+# GPT-2's, OPT's learned positions in an engine: fp16 [max_positions, hidden], row p position p's (the
+# checkpoint's model.embed_positions.weight from its offset on); the ONNX graph's initializer of that name too
+POSITIONS_TABLE = "model.embed_positions"
 HEAD_TOP_K = 64                  # an int4 head's candidates re-scored each step (as export's default)
 HEAD_INT4_GROUP = 32             # an int4 head's group size, whatever the body's (as the CPU engine's head):
                                  # a full softmax sums its approximate tail (benchmarks/cuda_head_quality.py)
@@ -173,6 +181,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         qk_norm_after_rope=family.qk_norm_after_rope,
         pre_norms=family.pre_norms, post_norms=family.post_norms,
         qkv_bias=family.qkv_bias or qkv_bias, embed_scale=model.embed_multiplier,
+        position_offset=model.position_offset,
         activation=ACTIVATIONS[family.activation], gated_mlp=family.gated_mlp, mlp_norm=family.mlp_norm,
         attn_scale=model.attn_scale,
         attn_softcap=float(model.attn_softcap or 0.0), final_softcap=float(model.final_softcap or 0.0),
@@ -206,7 +215,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
     """
     H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
     table, scales = embed_table(spec)
-    ops = [Op("embed", {"out": "h", "table": table, "scales": scales, "scale": spec.embed_scale})]
+    ops = [Op("embed", {"out": "h", "table": table, "scales": scales, "scale": spec.embed_scale,
+                        "positions": None if spec.position_offset is None else POSITIONS_TABLE})]
 
     def norm_args(weight: str) -> dict:
         """A pre-norm's or the final norm's tensors: its weight, and a LayerNorm's bias (else None)."""
@@ -416,6 +426,8 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
     if spec.head_bias:
         layout["lm_head.bias"] = ("float32", (spec.vocab,))
     layout["model.norm.weight"] = ("float32", (spec.hidden,))
+    if spec.position_offset is not None:
+        layout[POSITIONS_TABLE] = ("float16", (spec.max_positions, spec.hidden))
     for j in range(len(spec.ropes)):
         for kind in ("cos", "sin"):
             layout[f"rope.{j}.{kind}"] = ("float16", (spec.max_positions, spec.head_dim // 2))
@@ -477,6 +489,9 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
             out.update(quantize_head_int4(head.astype(np.float16), spec))
     if spec.head_bias:
         out["lm_head.bias"] = tensor("lm_head.bias").astype(np.float32)
+    if spec.position_offset is not None:  # (rows from the offset on: row p is position p's)
+        first = spec.position_offset
+        out[POSITIONS_TABLE] = tensor("model.embed_positions.weight")[first:first + spec.max_positions].astype(np.float16)
     out.update(rope_weights(spec))
 
     def parts(prefix: str) -> list[str]:

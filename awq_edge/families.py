@@ -43,8 +43,8 @@ class Family:
     # "sandwich"; GLM-4's): none, or (after attention, after the MLP)
     post_norms: tuple = ()
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
-    # the MLP's activation: silu | gelu_tanh | gelu (exact, with erf: GPT-NeoX's) | relu2 (relu(x)^2) | xielu
-    # (Apertus's: two learned parameters a layer)
+    # the MLP's activation: silu | gelu_tanh | gelu (exact, with erf: GPT-NeoX's) | relu2 (relu(x)^2) | relu
+    # (OPT's) | xielu (Apertus's: two learned parameters a layer)
     activation: str = "silu"
     gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))), no gate_proj (Arcee)
     qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
@@ -61,8 +61,25 @@ class Family:
     # linears the family's checkpoints store fused, each as (its name, the names of its parts, whose
     # rows it stacks in order): read_checkpoint's callers split them, write_checkpoint fuses them again
     fused_linears: tuple = ()
-    # GPT-NeoX: its fused linears stack their parts head by head (q, k, v of head 0, then of head 1, ...),
-    # not part by part (export.spec.fused_part_rows)
+    # GPT-2, StarCoder 1, OPT: positions by a learned table (model.embed_positions) added to the
+    # embeddings, not RoPE; its row for position p is p + this offset (OPT's 2). -1: RoPE
+    learned_positions: int = -1
+    # GPT-2, StarCoder 1: the MLP's width where config.json gives none (their n_inner null), in hiddens
+    mlp_width_default: int = 0
+    # StarCoder 1: the config switch (multi_query, on unless false) for one KV head; off, as many as query heads
+    multi_query: str = ""
+    # GPT-2: its linears are transformers' Conv1D, whose weights are stored [in, out]: the quantizer reads
+    # them as nn.Linear (model.linears_from_conv1d), the torch reference writes them back transposed
+    conv1d_linears: bool = False
+    # OPT: the MLP's linears (fc1, fc2) are the block's own modules, in no mlp module: the quantizer gathers
+    # them into one (model.gather_block_mlp), as module_renames name them (.fc1. -> .mlp.up_proj.)
+    mlp_in_block: bool = False
+    # where the decoder blocks are under the transformers model's base model (Llama's model.layers;
+    # GPT-2's transformer.h: "h"); our names are model.layers.{i} whatever it is (model.decoder_layers)
+    layers_path: str = "layers"
+    # GPT-NeoX, StarCoder 1: its fused linears stack their parts head by head (q, k, v of head 0, then
+    # of head 1, ...), not part by part, where each part has every head (StarCoder 1's multi-query
+    # attention, one KV head, stacks q, k, v one after another; export.spec.fused_part_rows)
     fused_by_head: bool = False
     rope_aliases: tuple = ()  # (older name, RoPE type) pairs of the family's configs
     # Ministral 3: past the RoPE's original_max_position_embeddings transformers scales the queries
@@ -309,6 +326,68 @@ FAMILIES: dict[str, Family] = {
                config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 2048),
                                 ("partial_rotary_factor", 0.25)),
                config_ignored=("head_dim", "num_key_value_heads")),
+        # StarCoder 1 (1B-15B), SantaCoder, Granite 20B Code: GPT-2's block (LayerNorms with a bias, an MLP
+        # without a gate, biases on every linear) with learned positions, multi-query attention (multi_query),
+        # q/k/v fused (head by head without multi_query), under GPT-2's names
+        Family("gpt_bigcode", ("gpt_bigcode",), norm="layer", activation="gelu_tanh", gated_mlp=False,
+               learned_positions=0, layers_path="h", mlp_width_default=4, multi_query="multi_query",
+               fused_linears=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
+               fused_by_head=True,
+               config_aliases=(("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
+                               ("n_head", "num_attention_heads"), ("n_inner", "intermediate_size"),
+                               ("n_positions", "max_position_embeddings"), ("layer_norm_epsilon", "rms_norm_eps"),
+                               ("activation_function", "hidden_act")),
+               module_renames=(("transformer.wte.", "model.embed_tokens."),
+                               ("transformer.wpe.", "model.embed_positions."), ("transformer.ln_f.", "model.norm."),
+                               ("transformer.h.", "model.layers."), (".attn.", ".self_attn."),
+                               (".self_attn.c_attn.", ".self_attn.qkv_proj."), (".self_attn.c_proj.", ".self_attn.o_proj."),
+                               (".mlp.c_fc.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj."),
+                               (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm.")),
+               ignored_tensors=(".attn.bias", ".attn.masked_bias"),
+               config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 1024), ("tie_word_embeddings", True),
+                                ("hidden_act", "gelu_pytorch_tanh")),
+               config_ignored=("head_dim", "num_key_value_heads", "intermediate_size"),  # (n_inner is its MLP's width)
+               required_switches=(("scale_attn_weights", "scores scaled by head_dim ** -0.5"),)),
+        # GPT-2 (124M-1.5B, DistilGPT2): StarCoder 1's block with multi-head attention, its linears transformers'
+        # Conv1D (weights [in, out]), refused: scores divided by the layer's number too
+        Family("gpt2", ("gpt2",), norm="layer", activation="gelu_tanh", gated_mlp=False,
+               learned_positions=0, layers_path="h", mlp_width_default=4, conv1d_linears=True,
+               fused_linears=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
+               config_aliases=(("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
+                               ("n_head", "num_attention_heads"), ("n_inner", "intermediate_size"),
+                               ("n_positions", "max_position_embeddings"), ("layer_norm_epsilon", "rms_norm_eps"),
+                               ("activation_function", "hidden_act")),
+               module_renames=(("transformer.wte.", "model.embed_tokens."),
+                               ("transformer.wpe.", "model.embed_positions."), ("transformer.ln_f.", "model.norm."),
+                               ("transformer.h.", "model.layers."), (".attn.", ".self_attn."),
+                               (".self_attn.c_attn.", ".self_attn.qkv_proj."), (".self_attn.c_proj.", ".self_attn.o_proj."),
+                               (".mlp.c_fc.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj."),
+                               (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm.")),
+               ignored_tensors=(".attn.bias", ".attn.masked_bias"),
+               config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 1024), ("tie_word_embeddings", True),
+                                ("hidden_act", "gelu_new")),
+               config_ignored=("head_dim", "num_key_value_heads", "intermediate_size"),  # (n_inner is its MLP's width)
+               required_switches=(("scale_attn_weights", "scores scaled by head_dim ** -0.5"),),
+               refused_switches=(("scale_attn_by_inverse_layer_idx", "scores divided by the layer's number too"),
+                                 ("add_cross_attention", "cross-attention to an encoder"))),
+        # OPT (125M-66B, Galactica): LayerNorms with a bias before attention and a ReLU MLP without a gate (the
+        # block's own fc1, fc2), biases on every linear, learned positions from row 2 on, under its own names
+        Family("opt", ("opt",), norm="layer", activation="relu", gated_mlp=False, learned_positions=2,
+               layers_path="decoder.layers", mlp_in_block=True,
+               config_aliases=(("ffn_dim", "intermediate_size"), ("activation_function", "hidden_act")),
+               module_renames=(("model.decoder.final_layer_norm.", "model.norm."),
+                               ("model.decoder.embed_tokens.", "model.embed_tokens."),
+                               ("model.decoder.embed_positions.", "model.embed_positions."),
+                               ("model.decoder.layers.", "model.layers."), (".self_attn.out_proj.", ".self_attn.o_proj."),
+                               (".self_attn_layer_norm.", ".input_layernorm."),
+                               (".final_layer_norm.", ".post_attention_layernorm."),
+                               (".fc1.", ".mlp.up_proj."), (".fc2.", ".mlp.down_proj.")),
+               config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 2048), ("tie_word_embeddings", True),
+                                ("hidden_act", "relu"), ("intermediate_size", 3072)),
+               config_ignored=("head_dim", "num_key_value_heads", "intermediate_size", "rms_norm_eps", "layer_norm_eps"),
+               required_switches=(("do_layer_norm_before", "OPT-350M's norms after each residual add"),
+                                  ("layer_norm_elementwise_affine", "LayerNorms without a weight and bias")),
+               refused_switches=(("_remove_final_layer_norm", "no final norm"),)),
         # Seed-OSS (36B): Llama with q/k/v biases (attention_bias) and none on o_proj (attention_out_bias)
         Family("seed_oss", ("seed_oss",),
                config_defaults=(("max_position_embeddings", 524288), ("num_key_value_heads", 8), ("head_dim", 128),

@@ -18,7 +18,7 @@ from . import data
 from .checkpoint import (LANGUAGE_MODEL_KEYS, is_vision_language, language_model_view, temp_dir_beside,
                          text_config)
 from .errors import UserError
-from .families import SUPPORTED, SUPPORTED_TYPES, Family, family_for
+from .families import SUPPORTED, SUPPORTED_TYPES, Family, family_for, find_family
 from .untrusted import read_json, sha256_file
 
 
@@ -80,7 +80,7 @@ def check_causal_lm(config: dict, where: str) -> Family:
         raise UserError(f"{where}: config.json architectures is not a list of names; re-download the model")
     if not isinstance(config.get("model_type", ""), str):
         raise UserError(f"{where}: config.json model_type is not a name; re-download the model")
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):  # (GPT-2's GPT2LMHeadModel)
         raise UserError(f"{where} is not a causal LM (architectures: {', '.join(archs)}); "
                         "give a decoder-only *ForCausalLM model")
     return family_for(config.get("model_type", "?"))
@@ -212,8 +212,10 @@ def load_float_model(model_dir: Path, dtype=None):
 
 
 def decoder_layers(model):
-    """The list of decoder blocks: model.model.layers, GPT-NeoX's model.gpt_neox.layers (its base model's)."""
-    return model.base_model.layers
+    """The list of decoder blocks, under the base model (Llama's model.model, GPT-NeoX's model.gpt_neox) at
+    the family's layers_path (Llama's layers, GPT-2's h)."""
+    family = find_family(model.config.model_type)
+    return model.base_model.get_submodule(family.layers_path if family else "layers")
 
 
 class FusedOutputs:
@@ -240,13 +242,17 @@ class Renamed:
     def __init__(self, parent, ours: str):
         self.parent, self.ours = parent, ours
 
+    def target(self):
+        """What ours is now (a dotted path: OPT's fc1 is mlp.up_proj)."""
+        return functools.reduce(getattr, self.ours.split("."), self.parent)
+
     def __call__(self, *args, **kwargs):
-        return getattr(self.parent, self.ours)(*args, **kwargs)
+        return self.target()(*args, **kwargs)
 
     def __getattr__(self, name):
         if name in ("parent", "ours") or name.startswith("__"):  # (not set yet: a copy being made)
             raise AttributeError(name)
-        return getattr(getattr(self.parent, self.ours), name)
+        return getattr(self.target(), name)
 
 
 def rename_block_modules(layer, family: Family) -> None:
@@ -272,8 +278,53 @@ def rename_block_modules(layer, family: Family) -> None:
         setattr(parent, attr, Renamed(parent, our_attr))
 
 
+def gather_block_mlp(layer, family: Family) -> None:
+    """OPT's fc1 and fc2, modules of the block itself, moved into an `mlp` module as up_proj and
+    down_proj (the family's module_renames of them); transformers' forward reaches them through a
+    Renamed under their own names, and its activation_fn stays the block's."""
+    from torch import nn
+
+    class Mlp(nn.Module):  # (what the quantizer's loss of the up group runs)
+        def __init__(self, act):
+            super().__init__()
+            self.act = act
+
+        def forward(self, x):
+            return self.down_proj(self.act(self.up_proj(x)))
+
+    if "mlp" in layer._modules:  # (gathered already)
+        return
+    mlp = Mlp(layer.activation_fn)
+    for theirs, ours in family.module_renames:
+        theirs, ours = theirs.strip("."), ours.strip(".")
+        if ours.startswith("mlp.") and theirs in layer._modules:
+            mlp.add_module(ours.removeprefix("mlp."), layer._modules.pop(theirs))
+            setattr(layer, theirs, Renamed(layer, ours))
+    layer.add_module("mlp", mlp)
+
+
+def linears_from_conv1d(layer) -> None:
+    """GPT-2's Conv1D modules (y = x W + b, W [in, out]) of one block as the nn.Linear each is (W
+    transposed), in place under the same names: the quantizer reads nn.Linear weights [out, in]."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in list(layer.named_modules()):
+        if isinstance(module, Conv1D):
+            parent_name, _, attr = name.rpartition(".")
+            linear = nn.Linear(module.weight.shape[0], module.weight.shape[1], device=module.weight.device,
+                               dtype=module.weight.dtype)
+            linear.weight = nn.Parameter(module.weight.t().contiguous(), requires_grad=module.weight.requires_grad)
+            linear.bias = module.bias
+            setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, linear)
+
+
 def our_block_modules(layer, family: Family, config: dict) -> None:
     """One decoder block as the quantizer reads every family's: Llama's module names, fused linears split."""
+    if family.conv1d_linears:
+        linears_from_conv1d(layer)
+    if family.mlp_in_block:
+        gather_block_mlp(layer, family)
     rename_block_modules(layer, family)
     split_fused_modules(layer, family, config)
 
@@ -374,7 +425,7 @@ def load_for_quantization(model_dir: Path):
             with safe_open(str(file), "pt") as handle:
                 set_module_tensor_to_device(model, name, "cpu", value=handle.get_tensor(key))
 
-    layers = f"{model.base_model_prefix}.layers."  # (model.layers., GPT-NeoX's gpt_neox.layers.)
+    layers = f"{model.base_model_prefix}.{family.layers_path}."  # (model.layers., GPT-NeoX's gpt_neox.layers.)
     load(lambda name: not name.startswith(layers))  # embeddings, the final norm (Phi's final_layernorm), head
     if config.tie_word_embeddings:
         model.tie_weights()

@@ -296,7 +296,7 @@ class ScaleGroup:
 # their loss runs attention, or (LFM2's in_proj) a convolution over the tokens: whole sequences
 SEQUENCE_INPUTS = ("q_proj", "k_proj", "v_proj", "in_proj")
 # act(x / c) = act(x) / c^root for every c > 0, of the MLP activations that have one
-ACTIVATION_ROOTS = {"relu2": 2}
+ACTIVATION_ROOTS = {"relu2": 2, "relu": 1}
 
 
 def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
@@ -317,8 +317,6 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     C * conv(B * x), so its scales fold into C's rows of in_proj (C / s gives that product / s)."""
     mlp, conv = layer.mlp, layer.conv if is_conv_layer(layer) else None
     attn = None if conv else layer.self_attn
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     groups = []
     qkv = [] if conv else [attn.q_proj, attn.k_proj, attn.v_proj]
     mlp_in, mlp_group = ([mlp.gate_proj, mlp.up_proj], "gate_up") if family.gated_mlp else ([mlp.up_proj], "up")
@@ -334,7 +332,8 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     elif foldable:
         groups.append(ScaleGroup("qkv", layer.input_layernorm, qkv, "self_attn", "q_proj"))
     # (OLMo 1's clip_qkv clamps v: clamp(v / s) is not clamp(v) / s, so o's scales would not fold exactly)
-    if attn is not None and kv_heads == heads and not getattr(config, "clip_qkv", None):
+    # (multi-head attention: v as wide as o's input; what the config calls KV heads may be a key its model ignores)
+    if attn is not None and attn.v_proj.out_features == attn.o_proj.in_features and not getattr(config, "clip_qkv", None):
         groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
     if foldable and not family.parallel_block:
         groups.append(ScaleGroup(mlp_group, getattr(layer, family.mlp_norm), mlp_in, "mlp",

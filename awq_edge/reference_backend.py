@@ -50,6 +50,12 @@ def twin_embed(ids: np.ndarray, table: np.ndarray, scale: float | None, scales: 
     return (rows * F32(scale) if scale else rows).astype(F16)
 
 
+def twin_add_positions(h: np.ndarray, table: np.ndarray, past: int) -> np.ndarray:
+    """GPT-2's learned positions (decoder_ops.cu awq_add_positions): h fp16 [rows, hidden] plus the
+    table's rows past.. (fp16 [max_positions, hidden]), each sum rounded to fp16."""
+    return (h.astype(F32) + table[past:past + h.shape[0]].astype(F32)).astype(F16)
+
+
 def twin_norm(x: np.ndarray, weight: np.ndarray, eps: float, bias: np.ndarray | None = None) -> np.ndarray:
     """x fp16 [rows, n], weight float32 [n] (the family's offset folded in) -> fp16; with a bias
     float32 [n], LayerNorm: (x - mean) / sqrt(var + eps) * weight + bias (the kernels' two passes)."""
@@ -248,6 +254,8 @@ def twin_act(gate_up: np.ndarray, kind: str, gated: bool = True, params: np.ndar
         a = g / (1.0 + np.exp(-g))
     elif kind == "relu2":
         a = np.maximum(g, F32(0)) ** 2
+    elif kind == "relu":
+        a = np.maximum(g, F32(0))
     elif kind == "xielu":
         a_p, a_n, beta, eps = (F32(v) for v in params)
         a = np.where(g > 0, a_p * g * g + beta * g, (np.exp(np.minimum(g, eps)) - F32(1) - g) * a_n + beta * g)
@@ -381,6 +389,8 @@ class ReferenceBackend:
         a, t, spec = op.args, self.tensors, self.spec
         if op.kind == "embed":
             buf[a["out"]][:] = twin_embed(ids, t[a["table"]], a["scale"], t[a["scales"]] if a["scales"] else None)
+            if a["positions"]:
+                buf[a["out"]][:] = twin_add_positions(buf[a["out"]], t[a["positions"]], self.position)
         elif op.kind == "norm":
             rows = slice(-1, None) if a.get("last_row") else slice(None)
             normed = twin_norm(buf[a["x"]][rows], t[a["weight"]], spec.eps, t[a["bias"]] if a["bias"] else None)

@@ -33,6 +33,7 @@ from ..checkpoint import Checkpoint, QuantizedLinear, concat_linears
 from ..errors import UserError
 from . import attention, linear
 from .builder import MS_DOMAIN, GraphBuilder
+from ..decoder import POSITIONS_TABLE
 from .spec import XIELU_PARAMS, ModelSpec, distinct_ropes, rope_tables, xielu_constants
 
 
@@ -58,6 +59,9 @@ def check_target(spec: ModelSpec, target: str) -> None:
     if target == "trt" and spec.family.qk_norm_after_rope:
         raise UserError(f"{spec.model_type}'s q/k norms come after RoPE, and the trt target's attention plugin "
                         "rotates q and k itself; build for the cuda backend or the CPU (--device cpu)")
+    if target == "trt" and spec.position_offset is not None:
+        raise UserError(f"{spec.model_type}'s positions are a learned table, which the trt target's graph does not "
+                        "add; build for the cuda backend or the CPU (--device cpu)")
     if target == "trt" and spec.conv_layers:
         raise UserError(f"{spec.model_type}'s short convolutions keep a state per position, which the trt target's "
                         "engines do not; build for the CPU (--device cpu)")
@@ -176,6 +180,8 @@ class Decoder:
             return self.xielu(x, mlp)
         if self.spec.family.activation == "silu":
             return b.op("Mul", x, b.op("Sigmoid", x), name="silu")
+        if self.spec.family.activation == "relu":
+            return b.op("Relu", x, name="relu")
         if self.spec.family.activation == "relu2":
             r = b.op("Relu", x)
             return b.op("Mul", r, r, name="relu2")
@@ -230,7 +236,8 @@ class Decoder:
                 b.add_input(f"past_value.{i}", act, kv_shape)
         check_target(spec, t.name)
         after_rope = spec.family.qk_norm_after_rope  # (Hunyuan) q and k rotated in the graph, then normed
-        info = self.info = attention.step_info(b, input_ids, past_length, t.name, positions=after_rope)
+        learned = spec.position_offset is not None  # (GPT-2's) a learned table's rows added to the embeddings
+        info = self.info = attention.step_info(b, input_ids, past_length, t.name, positions=after_rope or learned)
 
         # RoPE tables: one per distinct RoPE (Gemma3: local and global).
         ropes, which = distinct_ropes(spec.layer_rope)
@@ -265,6 +272,11 @@ class Decoder:
                     h = b.cast(h, act)
             if spec.embed_multiplier is not None:
                 h = b.op("Mul", h, b.act_const("const/embed_scale", np.float32(spec.embed_multiplier)))
+            if learned:  # rows from the offset on (OPT's 2): row p is position p's, as the native engines hold it
+                first = spec.position_offset
+                table = self.tensor("model.embed_positions.weight")[first:first + spec.max_positions]
+                h = b.op("Add", h, b.op("Gather", b.act_const(POSITIONS_TABLE, table.astype(np.float32)),
+                                        info.positions, axis=0), name="positions")
             if spec.family.embed_norm:  # (nanochat's) the final norm's copy (checkpoint.read_for_engine)
                 h, _ = self.pre_norm(None, h, "model.embed_norm.weight")
 

@@ -26,7 +26,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 FIX = "the checkpoint config is incomplete or corrupt"
 # config.json's names (hidden_act; Gemma's hidden_activation) of each families.Family.activation
 ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new"),
-                    "gelu": ("gelu",), "relu2": ("relu2",), "xielu": ("xielu",)}
+                    "gelu": ("gelu",), "relu2": ("relu2",), "relu": ("relu",), "xielu": ("xielu",)}
 # an activation's learned parameters, each layer's `mlp.act_fn.{name}` of this shape (Apertus's xIELU)
 ACTIVATION_PARAMS = {"xielu": (("alpha_p", (1,)), ("alpha_n", (1,)), ("beta", ()), ("eps", ()))}
 XIELU_PARAMS = tuple(name for name, _ in ACTIVATION_PARAMS["xielu"])
@@ -96,6 +96,9 @@ class ModelSpec:
     conv_kernel: int = 0
     conv_bias: bool = False  # in_proj, out_proj and the convolution carry biases
     clip_qkv: float | None = None  # OLMo 1: q, k and v clamped to +-this (Family.clip_qkv), or None
+    # GPT-2, StarCoder 1, OPT: a learned position table (model.embed_positions) whose row for position p
+    # is p + this (OPT's 2); None: RoPE (Family.learned_positions)
+    position_offset: int | None = None
     # GPT-NeoX with use_parallel_residual: attention and the MLP side by side, each on its own norm of the
     # block's input (Family.parallel_norms_switch)
     parallel_norms: bool = False
@@ -220,6 +223,8 @@ def rotating_layers(c: Fields, family: Family, layers: int) -> list[bool]:
     """Which layers rotate q and k: all, but those SmolLM3's no_rope_layers marks 0 (every
     no_rope_layer_interval-th where it lists none, as transformers decides); none of Granite 4's
     unless its position_embedding_type is "rope". (EXAONE 4's rule follows the layer types: model_spec.)"""
+    if family.learned_positions >= 0:  # (GPT-2's: positions are a learned table, no layer rotates)
+        return [False] * layers
     if family.nope_layers == "unless_rope":
         return [c.str("position_embedding_type", ("rope",), default=None) == "rope"] * layers
     if family.nope_layers != "listed":
@@ -276,9 +281,15 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     layers = c.int("num_hidden_layers", 1, MAX_LAYERS)
     heads = c.int("num_attention_heads", 1, MAX_HEADS)
     kv_heads = c.int("num_key_value_heads", 1, heads, default=heads)
+    if family.multi_query and c.bool(family.multi_query, default=True):  # (StarCoder 1's) one KV head
+        kv_heads = 1
     head_dim = c.int("head_dim", 2, MAX_HEAD_DIM, default=max(hidden // heads, 2))
     vocab = c.int("vocab_size", 1, MAX_VOCAB)
-    intermediate = c.int("intermediate_size", 1, MAX_INTERMEDIATE)
+    if c.has("word_embed_proj_dim") and c.int("word_embed_proj_dim", 1, MAX_HIDDEN) != hidden:
+        raise UserError(f"{where}: word_embed_proj_dim {c.raw['word_embed_proj_dim']} is not hidden_size {hidden} "
+                        f"(OPT-350M's projected embeddings), which awq-edge's engines do not compute; take another model")
+    width = {"default": family.mlp_width_default * hidden} if family.mlp_width_default else {}  # (GPT-2's n_inner)
+    intermediate = c.int("intermediate_size", 1, MAX_INTERMEDIATE, **width)
     max_positions = c.int("max_position_embeddings", 1, MAX_POSITIONS, default=4096)
     act = c.str("hidden_activation", default=None) or c.str("hidden_act", default=None)
     if act is not None and act not in ACTIVATION_NAMES[family.activation]:  # not silently another function
@@ -380,6 +391,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         final_softcap=c.float("final_logit_softcapping", 1e-3, 1e6, default=None),
         embed_multiplier=embed, residual_multiplier=residual, logits_scaling=logits_scaling,
         conv_layers=conv_layers,
+        position_offset=family.learned_positions if family.learned_positions >= 0 else None,
         parallel_norms=bool(family.parallel_norms_switch) and c.bool(family.parallel_norms_switch, default=True),
         conv_kernel=c.int("conv_L_cache", 2, MAX_CONV_KERNEL, default=3) if conv_layers else 0,
         conv_bias=bool(conv_layers) and c.bool("conv_bias", default=False),
@@ -418,12 +430,9 @@ def fused_part_rows(spec: ModelSpec, parts: tuple[str, ...]) -> list[np.ndarray]
     split_fused_modules read."""
     shapes = layer_linear_shapes(spec)
     rows = [shapes[part][0] for part in parts]
-    if not spec.family.fused_by_head:
+    if not spec.family.fused_by_head or spec.kv_heads != spec.heads:  # (StarCoder 1's multi-query: one after another)
         starts = np.cumsum([0] + rows)
         return [np.arange(start, end) for start, end in zip(starts, starts[1:])]
-    if any(n % spec.heads for n in rows):  # (GQA's k and v have fewer heads: no family fuses those by head)
-        raise UserError(f"{spec.model_type}: a fused linear by head needs as many heads in each part; "
-                        f"{spec.kv_heads} KV heads and {spec.heads} query heads")
     per_head = [n // spec.heads for n in rows]
     starts = np.cumsum([0] + per_head)[:-1]
     head_rows = np.arange(spec.heads)[:, None] * sum(per_head)
@@ -459,6 +468,8 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
     tensors.update({f"model.norm.{kind}": (h,) for kind in kinds})
     if family.head_bias:
         tensors["lm_head.bias"] = (spec.vocab,)
+    if spec.position_offset is not None:  # (GPT-2's learned positions: a row for each, from the offset on)
+        tensors["model.embed_positions.weight"] = (spec.position_offset + spec.max_positions, h)
     q_norm, k_norm = qk_norm_widths(spec)
     for i in range(spec.layers):
         p = f"model.layers.{i}"

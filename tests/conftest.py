@@ -87,6 +87,10 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
         # Granite 4's dense models: every layer attention, no experts (else refused), RoPE
         dense = (dict(layer_types=["attention"] * 2, num_local_experts=0, position_embedding_type="rope",
                       shared_intermediate_size=96) if model_type == "granitemoehybrid" else {})
+        if model_type == "gpt_bigcode":  # (its KV heads: 1 with multi_query, else as many as query heads)
+            dense = dict(multi_query=kv_heads < 4)
+        if model_type == "opt":  # (its MLP's width)
+            dense = dict(ffn_dim=128)
         if model_type == "lfm2":  # a short convolution (with biases), then attention
             dense = dict(layer_types=["conv", "full_attention"], block_multiple_of=32, conv_bias=True)
         config = AutoConfig.for_model(

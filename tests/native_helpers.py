@@ -30,6 +30,7 @@ bare GPU machine imports it too).
 from __future__ import annotations
 
 import ctypes
+import json
 import functools
 import mmap
 from contextlib import contextmanager
@@ -58,11 +59,13 @@ def round_embedding_int8(ckpt) -> None:
     that). A fresh checkpoint's file only: hard-linked copies must not be written in place."""
     from safetensors.numpy import load_file, save_file
 
+    from awq_edge.families import family_for
     from awq_edge.packing import dequantize_rows_int8, quantize_rows_int8
 
     path = ckpt / "model.safetensors"
     tensors = load_file(path)
-    name = next(n for n in ("model.embed_tokens.weight", "gpt_neox.embed_in.weight") if n in tensors)  # (stored as)
+    family = family_for(json.loads((ckpt / "config.json").read_text())["model_type"])
+    name = family.their_name("model.embed_tokens.weight")  # (as stored: GPT-NeoX's gpt_neox.embed_in)
     table = tensors[name]
     tensors[name] = dequantize_rows_int8(*quantize_rows_int8(table)).astype(table.dtype)
     path.unlink()

@@ -194,14 +194,16 @@ def test_an_mlp_without_a_gate_matches_the_reference(gemv, model_type, tokenizer
                                                     ("cohere", True, "persistent_step"), ("cohere2", False, None),
                                                     ("jais2", True, "tensor_cores"), ("phi", True, "persistent_step"),
                                                     ("phi", False, None), ("gpt_neox", True, "persistent_step"),
-                                                    ("gpt_neox", False, None)])
+                                                    ("gpt_neox", False, None), ("gpt_bigcode", True, None),
+                                                    ("opt", False, None)])
 def test_layer_norms_match_the_reference(model_type, fused, gemv, tokenizer_dir, tmp_path):
     """LayerNorms with a bias: Nemotron's (1 + w, before Arcee's MLP) as norm ops of the fused list,
     StableLM's with the residual adds (awq_add_norm; the persistent step's add_norm op); Cohere's
     parallel block (its LayerNorms' bias zeros), fused and, with its attention's add an op, unfused;
     Jais 2's, with biases on every linear (the GEMV's act and residual epilogues add them too);
     Phi's parallel block with gelu and no gate, and its head's bias (the persistent step's head; awq_lm_head_q8);
-    GPT-NeoX's parallel block on two LayerNorms (the MLP's into mlp_x before o_proj adds into h) with exact GELU."""
+    GPT-NeoX's parallel block on two LayerNorms (the MLP's into mlp_x before o_proj adds into h) with exact GELU;
+    StarCoder 1's and OPT's learned positions (awq_add_positions), multi-query attention, OPT's ReLU."""
     check_against_reference(tiny_engine(tmp_path, model_type, tokenizer_dir), 320, fused=fused, cublas=False, gemv=gemv)
 
 

@@ -36,9 +36,13 @@ def _ids(seed: int, n: int = PROMPT + STEPS) -> list[int]:
 
 
 # what the trt target refuses: Hunyuan's q/k norms follow RoPE, which its attention plugin does;
-# LFM2's short convolutions keep a state no trt engine holds
+# LFM2's short convolutions keep a state no trt engine holds; GPT-2's, StarCoder 1's and OPT's learned positions the trt
+# graph does not add (its attention plugin takes past_length, no position ids)
 TRT_REFUSES = {"hunyuan_v1_dense": "q/k norms come after RoPE, and the trt target's attention plugin",
-               "lfm2": "short convolutions keep a state per position, which the trt target's engines do not"}
+               "lfm2": "short convolutions keep a state per position, which the trt target's engines do not",
+               "gpt_bigcode": "positions are a learned table, which the trt target's graph does not add",
+               "opt": "positions are a learned table, which the trt target's graph does not add",
+               "gpt2": "positions are a learned table, which the trt target's graph does not add"}
 
 
 @pytest.mark.parametrize("target", CPU_TARGETS)
@@ -640,37 +644,92 @@ def test_gpt_neox_reads_pythias_config_as_transformers_does():
         assert (theirs.rotary_dim, theirs.eps, theirs.parallel_norms) == (16, 1e-5, parallel)
 
 
-def test_gpt_neox_reads_pythias_tensor_names_and_skips_its_buffers(tmp_path, smollm2_dir):
-    """Pythia's safetensors (written by transformers 4) name the head embed_out, as transformers 5 still
-    saves it, and hold each layer's causal mask, masked_bias and RoPE frequencies: a float model and a
-    quantized checkpoint stored that way read as transformers 5's names do, the buffers left out."""
+def hub_layout(model_type: str, tensors: dict) -> dict:
+    """A checkpoint's tensors as the hub's files of the family hold them: Pythia's (transformers 4)
+    name the head embed_out, as transformers 5 still saves it, and hold each layer's causal mask,
+    masked_bias and RoPE frequencies; GPT-2's names lack the transformer. prefix, and its layers
+    hold their causal mask and masked_bias."""
+    out = {}
+    for name, t in tensors.items():
+        if model_type == "gpt2":
+            name = name.removeprefix("transformer.")
+        out["embed_out.weight" if name == "lm_head.weight" else name] = t
+    for i in range(TINY["num_hidden_layers"]):
+        p = f"gpt_neox.layers.{i}.attention" if model_type == "gpt_neox" else f"h.{i}.attn"
+        out[f"{p}.bias"] = np.tril(np.ones((1, 1, 8, 8), bool))
+        out[f"{p}.masked_bias"] = np.array(-1e9, np.float32)
+        if model_type == "gpt_neox":
+            out[f"{p}.rotary_emb.inv_freq"] = np.ones(2, np.float32)
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gpt2"])
+def test_the_hubs_tensor_names_and_buffers_read_as_transformers_5s(model_type, tmp_path, smollm2_dir):
+    """A float model stored as the hub holds Pythia and GPT-2 (hub_layout) quantizes to what it does
+    under transformers 5's names, the buffers left out; a quantized Pythia checkpoint so stored
+    (embed_out, the buffers) reads as ours."""
     from safetensors.numpy import load_file, save_file
 
     from awq_edge.checkpoint import read_checked
     from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
 
-    ckpt = tiny_checkpoint(tmp_path, "gpt_neox", smollm2_dir)
+    ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir)
 
-    def legacy(directory: Path) -> Path:
-        old = tmp_path / f"legacy-{directory.name}"
+    def from_the_hub(directory: Path) -> Path:
+        old = tmp_path / f"hub-{directory.name}"
         shutil.copytree(directory, old)
-        tensors = load_file(str(old / "model.safetensors"))
-        if "lm_head.weight" in tensors:  # (ours; transformers 5 saves embed_out too)
-            tensors["embed_out.weight"] = tensors.pop("lm_head.weight")
-        for i in range(TINY["num_hidden_layers"]):
-            p = f"gpt_neox.layers.{i}.attention"
-            tensors[f"{p}.bias"] = np.tril(np.ones((1, 1, 8, 8), bool))
-            tensors[f"{p}.masked_bias"] = np.array(-1e9, np.float32)
-            tensors[f"{p}.rotary_emb.inv_freq"] = np.ones(2, np.float32)
-        save_file(tensors, str(old / "model.safetensors"))
+        save_file(hub_layout(model_type, load_file(str(old / "model.safetensors"))), str(old / "model.safetensors"))
         return old
 
     want, _ = read_checked(ckpt)
-    got, _ = read_checked(legacy(ckpt))
     requantized = tmp_path / "requantized"
-    quantize_checkpoint(str(legacy(tmp_path / "float")), requantized, QuantizeSettings(method="rtn", group_size=32),
-                        progress=False)
-    for got in (got, read_checked(requantized)[0]):
+    quantize_checkpoint(str(from_the_hub(tmp_path / "float")), requantized,
+                        QuantizeSettings(method="rtn", group_size=32), progress=False)
+    read = [read_checked(requantized)[0]] + ([read_checked(from_the_hub(ckpt))[0]] if model_type == "gpt_neox" else [])
+    for got in read:
         assert sorted(got.tensors) == sorted(want.tensors) and sorted(got.linears) == sorted(want.linears)
         assert all(np.array_equal(got.tensors[n], want.tensors[n]) for n in want.tensors)
         assert all(np.array_equal(got.linears[n].q, want.linears[n].q) for n in want.linears)
+
+
+# OPT-125M's and tiny_starcoder_py's config.json as published (their own key names)
+OPT_125M = {"_remove_final_layer_norm": False, "activation_function": "relu", "architectures": ["OPTForCausalLM"],
+            "bos_token_id": 2, "do_layer_norm_before": True, "eos_token_id": 2, "ffn_dim": 3072, "hidden_size": 768,
+            "max_position_embeddings": 2048, "model_type": "opt", "num_attention_heads": 12, "num_hidden_layers": 12,
+            "pad_token_id": 1, "torch_dtype": "float16", "vocab_size": 50272, "word_embed_proj_dim": 768}
+TINY_STARCODER = {"activation_function": "gelu_pytorch_tanh", "architectures": ["GPTBigCodeForCausalLM"],
+                  "attention_softmax_in_fp32": True, "multi_query": True, "n_embd": 768, "n_head": 12, "n_inner": 3072,
+                  "n_layer": 20, "n_positions": 8192, "scale_attention_softmax_in_fp32": True, "vocab_size": 49152,
+                  "model_type": "gpt_bigcode", "layer_norm_epsilon": 1e-05, "scale_attn_weights": True}
+
+
+@pytest.mark.parametrize("config, changes, want", [
+    (OPT_125M, {}, (768, 3072, 12, 12, 2048, 2)),
+    (TINY_STARCODER, {}, (768, 3072, 12, 1, 8192, 0)),
+    (TINY_STARCODER, {"multi_query": False, "n_inner": None}, (768, 3072, 12, 12, 8192, 0)),
+])
+def test_opt_and_starcoder_1_read_their_configs_as_transformers_does(config, changes, want):
+    """Their own keys (ffn_dim; n_embd, n_inner, n_head, multi_query: one KV head), learned positions
+    (OPT's from row 2), no layer rotating q and k, as transformers 5 reads the same config."""
+    from transformers import AutoConfig
+
+    from awq_edge.export.spec import model_spec
+
+    config = {**config, **changes}
+    for spec in (model_spec(config), model_spec(AutoConfig.for_model(**config).to_dict())):
+        got = (spec.hidden, spec.intermediate, spec.heads, spec.kv_heads, spec.max_positions, spec.position_offset)
+        assert got == want and not any(r.inv_freq.any() for r in spec.layer_rope) and spec.eps == 1e-5
+
+
+@pytest.mark.parametrize("config, change, message", [
+    (OPT_125M, {"do_layer_norm_before": False}, "do_layer_norm_before false .OPT-350M's norms after each residual"),
+    (OPT_125M, {"word_embed_proj_dim": 512}, "word_embed_proj_dim 512 is not hidden_size 768"),
+    (OPT_125M, {"_remove_final_layer_norm": True}, "_remove_final_layer_norm True .* is not supported for opt"),
+    (TINY_STARCODER, {"scale_attn_weights": False}, "scale_attn_weights false .* is not supported for gpt_bigcode"),
+])
+def test_what_opt_and_starcoder_1_configs_turn_on_that_the_engines_do_not_compute_is_refused(config, change,
+                                                                                              message):
+    from awq_edge.export.spec import model_spec
+
+    with pytest.raises(UserError, match=message):
+        model_spec({**config, **change})

@@ -117,6 +117,14 @@ TINY_EXTRA = {
     # fused head by head; biases everywhere; a quarter of each head rotated (its default); no GQA (its
     # model ignores num_key_value_heads)
     "gpt_neox": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # learned positions, multi-query attention (its default), q/k/v fused, an MLP without a gate (4 x hidden
+    # wide: its n_inner null), biases everywhere, LayerNorms with a bias, under GPT-2's names
+    "gpt_bigcode": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # StarCoder 1's block with multi-head attention and GPT-2's Conv1D linears (weights [in, out])
+    "gpt2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # learned positions from row 2 on, a ReLU MLP without a gate whose linears are the block's own, biases
+    # everywhere, LayerNorms with a bias, under its own names
+    "opt": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "ffn_dim": 128},
     # fused q/k/v and gate/up; half of each head rotated (Phi-4-mini: 0.75); LongRoPE: longrope()
     "phi3": {"sliding_window": 5, "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
              "eos_token_id": 2},
@@ -153,6 +161,8 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
             elif name.endswith(".bias") or ".act_fn." in name:  # (Apertus's xIELU parameters: each layer's own)
                 p.normal_(std=0.5)
             elif name.endswith(".conv.conv.weight"):  # (LFM2's short convolutions: taps that tell their order)
+                p.normal_(std=1.0)
+            elif name.endswith(("wpe.weight", "embed_positions.weight")):  # (learned positions: rows that tell apart)
                 p.normal_(std=1.0)
     float_dir = root / "float"
     model.save_pretrained(float_dir)

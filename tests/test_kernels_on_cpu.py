@@ -570,6 +570,14 @@ BACKEND_CASES = {
                                                 {"awq_decode_step_g32", "awq_norm", "awq_act"}),
     "gpt_neox-sequential-gelu-epilogue": ("gpt_neox", "auto", {"use_parallel_residual": False}, True, 20,
                                           "cuda_cores", {"awq_gemv_act_g32_w4", "awq_norm"}),
+    # StarCoder 1's learned positions (awq_add_positions after the embedding, each row's position from the
+    # device counter: the prompt, the decode steps' graph replays, the chunk) and multi-query attention
+    "gpt_bigcode-learned-positions": ("gpt_bigcode", "auto", {}, True, 20, "cuda_cores",
+                                      {"awq_add_positions", "awq_gemv_act_g32_w4"}),
+    # OPT's positions from row 2 of its table (cut off at packing) and its ReLU on the persistent step (its
+    # embed op adds the position's row; prefill's awq_add_positions)
+    "opt-positions-relu-persistent-step": ("opt", "auto", {"ffn_dim": 256}, True, 9, "persistent_step",
+                                           {"awq_decode_step_g32", "awq_add_positions"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),

@@ -16,7 +16,7 @@ from awq_edge.errors import UserError
 from awq_edge.evaluate import deployed_prefix, perplexity
 from awq_edge.export.spec import all_linear_shapes, model_spec
 from awq_edge.families import family_for
-from awq_edge.model import load_float_model
+from awq_edge.model import decoder_layers, load_float_model
 from awq_edge.quantize import (ACTIVATION_ROOTS, QuantizeSettings, _apply_group, _layer_output, _linear_names,
                                block_groups, calibration_tokens, is_conv_layer, capture_block_inputs, fake_quantize,
                                fake_quantize_model, _to_quantized, gptq_round, gram, quantize_checkpoint,
@@ -299,7 +299,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
                                                        "arcee", "nemotron", "stablelm", "cohere", "cohere2", "jais2",
                                                        "starcoder2", "granitemoehybrid", "phi",
                                                        "hyperclovax", "olmo", "apertus", "nanochat", "lfm2",
-                                                       "gpt_neox"))
+                                                       "gpt_neox", "gpt_bigcode", "opt", "gpt2"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -330,7 +330,8 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere",
                                                        "jais2", "starcoder2", "granitemoehybrid", "phi",
-                                                       "olmo", "apertus", "nanochat", "lfm2", "gpt_neox"))
+                                                       "olmo", "apertus", "nanochat", "lfm2", "gpt_neox",
+                                                       "gpt_bigcode", "opt", "gpt2"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into
@@ -348,7 +349,7 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     family = family_for(model.config.model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
     inputs, kwargs = capture_block_inputs(model, tokens, 1)
-    for i, layer in enumerate(model.base_model.layers):  # (GPT-NeoX's are model.gpt_neox.layers)
+    for i, layer in enumerate(decoder_layers(model)):  # (GPT-NeoX's are model.gpt_neox.layers)
         before = _layer_output(layer(inputs, **kwargs[i]))
         linears = _linear_names(layer)
         groups = block_groups(layer, family, model.config)
@@ -366,18 +367,25 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
         torch.testing.assert_close(_layer_output(layer(inputs, **kwargs[i])), before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox", "gpt_bigcode", "opt", "gpt2"])
 @torch.no_grad()
-def test_fused_linears_split_for_the_quantizer_compute_what_they_did(model_type, tiny_model_dir):
-    """Phi-3's q/k/v and gate/up, GPT-NeoX's q/k/v stacked head by head: the quantizer sees each
-    part as an nn.Linear of its own, and the model (calibration runs it) computes the same logits
-    through them as transformers' own model with the fused linear."""
+def test_the_quantizers_view_of_a_block_computes_what_transformers_does(model_type, tiny_model_dir):
+    """Phi-3's q/k/v and gate/up, GPT-NeoX's and StarCoder 1's q/k/v stacked head by head: the
+    quantizer sees each part as an nn.Linear of its own, and the model (calibration runs it) computes
+    the same logits through them as transformers' own model with the fused linear (GPT-2's Conv1D
+    ones read as the nn.Linear each is). OPT's fc1 and
+    fc2, the block's own modules, are gathered into an mlp whose forward (the up group's loss) is
+    the block's MLP."""
     src = tiny_model_dir(model_type, kv_heads=4)
     plain = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     model, tokenizer = load_float_model(src, torch.float32)
-    assert all(isinstance(lin, torch.nn.Linear) for lin in _linear_names(model.base_model.layers[0]).values())
+    assert all(isinstance(lin, torch.nn.Linear) for lin in _linear_names(decoder_layers(model)[0]).values())
     ids = torch.tensor([tokenizer("Robots on small boards need memory caps.")["input_ids"]])
     torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    if model_type == "opt":
+        x, theirs = torch.randn(5, 64), decoder_layers(plain)[0]
+        want = theirs.fc2(theirs.activation_fn(theirs.fc1(x)))
+        torch.testing.assert_close(decoder_layers(model)[0].mlp(x), want, rtol=1e-6, atol=1e-6)
 
 
 def test_clip_qkv_leaves_o_unscaled(tiny_model_dir):
@@ -499,4 +507,4 @@ def test_the_tuned_weight_is_the_plain_expression_and_its_gradient_autograds():
 
 def test_unsupported_family_lists_the_supported_ones():
     with pytest.raises(UserError, match="not supported; supported model types: .*llama.*qwen3"):
-        family_for("gpt2")
+        family_for("bloom")

@@ -51,7 +51,7 @@ void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scale
 enum cpu_op_kind { OP_EMBED = 1, OP_NORM, OP_ADD_NORM, OP_LINEAR, OP_HEAD_NORM, OP_ATTENTION, OP_ACT, OP_LM_HEAD,
                    OP_ADD, OP_ROPE, OP_SHORT_CONV, OP_CLAMP };
 /* ACT_UNGATED: a flag added */
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_XIELU = 3, ACT_GELU = 4, ACT_UNGATED = 8 };
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_XIELU = 3, ACT_GELU = 4, ACT_RELU = 5, ACT_UNGATED = 8 };
 
 /* One op of the step; awq_edge/cpu_native.py (CpuOp) declares the same fields in the same order. */
 struct cpu_op {
@@ -63,7 +63,7 @@ struct cpu_op {
   int32_t offset;    /* head_norm: first column */
   int32_t layer;     /* attention: which cache */
   int32_t window;    /* attention: sliding window, 0 = none */
-  int32_t kind_arg;  /* act: ACT_SILU, ACT_GELU_TANH, ACT_RELU2, ACT_XIELU or ACT_GELU (+ ACT_UNGATED: no up) */
+  int32_t kind_arg;  /* act: ACT_SILU, ACT_GELU_TANH, ACT_RELU2, ACT_XIELU, ACT_GELU or ACT_RELU (+ ACT_UNGATED: no up) */
   float scale;       /* attention: q k^T scale; embed: sqrt(hidden) or 0; clamp: its limit */
   float softcap;     /* attention scores, lm_head logits: cap * tanh(x / cap), 0 = none */
   float *x, *out, *residual;  /* short_conv: x its B, C, x side by side; residual its layer's B * x by position
@@ -77,6 +77,7 @@ struct cpu_op {
   const void *table;     /* fp16 [V, hidden]: embed; lm_head's exact table */
   const float *cos, *sin;  /* RoPE tables [max_positions, D / 2]; attention: NULL when a rope op rotated q and k */
   const int64_t *order;    /* linear: its input read as x[order[i]] (GPTQ act-order), or NULL */
+  const float *positions;  /* embed: learned positions [max_positions, n], row p position p's (GPT-2's), or NULL */
 };
 
 struct cpu_model {

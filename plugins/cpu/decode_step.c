@@ -452,6 +452,9 @@ static void act(const struct cpu_op *op) {
   } else if (kind == ACT_RELU2) {
 #pragma omp simd
     for (int i = 0; i < n; i++) out[i] = gate[i] > 0.f ? gate[i] * gate[i] : 0.f;
+  } else if (kind == ACT_RELU) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = gate[i] > 0.f ? gate[i] : 0.f;
   } else if (kind == ACT_XIELU) { /* Apertus: x > 0: a_p x^2 + beta x; else (e^min(x, eps) - 1 - x) a_n + beta x */
     const float a_p = op->w_norm[0], a_n = op->w_norm[1], beta = op->w_norm[2], eps = op->w_norm[3];
 #pragma omp simd
@@ -565,6 +568,8 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
     case OP_EMBED: {
       const uint16_t *row = (const uint16_t *)op->table + (size_t)token * op->n;
       for (int j = 0; j < op->n; j++) op->out[j] = half_to_float(row[j]) * (op->scale > 0.f ? op->scale : 1.f);
+      if (op->positions)
+        for (int j = 0; j < op->n; j++) op->out[j] += op->positions[(size_t)position * op->n + j];
       break;
     }
     case OP_NORM:

@@ -10,13 +10,14 @@
 namespace awq_edge {
 
 // awq_edge/cuda_backend.py ACT_KINDS, act_code; kUngated is a flag added to the others
-enum ActKind { kSilu = 0, kGeluTanh = 1, kRelu2 = 2, kXielu = 3, kGelu = 4, kUngated = 8 };
+enum ActKind { kSilu = 0, kGeluTanh = 1, kRelu2 = 2, kXielu = 3, kGelu = 4, kRelu = 5, kUngated = 8 };
 
 // params: kXielu's (a_p, a_n, beta, eps), the layer's (export.spec.xielu_constants); the others take none.
 __device__ __forceinline__ float activation(float g, int kind, const float* params = nullptr) {
     switch (kind & ~kUngated) {
         case kSilu: return g / (1.f + expf(-g));
         case kRelu2: return fmaxf(g, 0.f) * fmaxf(g, 0.f);
+        case kRelu: return fmaxf(g, 0.f);
         case kGelu: return 0.5f * g * (1.f + erff(g * 0.7071067811865476f));  // exact (GPT-NeoX's)
         case kXielu:  // Apertus: g > 0: a_p g^2 + beta g; else (e^min(g, eps) - 1 - g) a_n + beta g (as the graph)
             return g > 0.f ? params[0] * g * g + params[2] * g

@@ -238,7 +238,7 @@ __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefo
     const auto f = [&](int i) { return __int_as_float(static_cast<int>(a[i])); };
     const auto i32 = [&](int i) { return static_cast<int>(a[i]); };
     switch (op.kind) {
-        case kStepEmbed:  // (ids, table, out, hidden, vocab, scale, int8 scales): variant 8, int8 rows
+        case kStepEmbed:  // (ids, table, out, hidden, vocab, scale, int8 scales, positions, past): variant 8, int8 rows
             wait();
             if (op.variant == 8) {
                 embed_row_q8(*reinterpret_cast<const int32_t*>(a[0]), reinterpret_cast<const int8_t*>(a[1]),
@@ -246,6 +246,7 @@ __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefo
             } else {
                 embed_row(*reinterpret_cast<const int32_t*>(a[0]), h(1), h(2), i32(3), i32(4), f(5));
             }
+            if (a[7]) add_position_row(h(2), h(7), *reinterpret_cast<const int64_t*>(a[8]), i32(3));  // (GPT-2's)
             break;
         case kStepNorm:  // (x, weight, out, n, eps, bias: a LayerNorm's, or 0)
             wait();

@@ -130,6 +130,15 @@ awq_residual_add(__half* __restrict__ h, const __half* __restrict__ y, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) h[row + i] = __float2half(__half2float(h[row + i]) + __half2float(y[row + i]));
 }
 
+// GPT-2's, OPT's learned positions: h[r] += table[*past + r] (each sum rounded to fp16, as the
+// embedding's row was). table fp16 [max_positions, hidden], row p position p's. Grid: rows.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_add_positions(__half* __restrict__ h, const __half* __restrict__ table, const int64_t* __restrict__ past,
+                  int hidden) {
+    awq_edge::begin_after_previous_kernel();
+    awq_edge::add_position_row(h + static_cast<size_t>(blockIdx.x) * hidden, table, *past + blockIdx.x, hidden);
+}
+
 // LFM2's gated short convolution of a step's rows: bcx [rows, 3 hidden] holds B, C and x side by
 // side (in_proj's output); out[r, c] = C[r, c] * (sum_j weight[c, j] * bx(p - kernel + 1 + j) (+ bias[c])),
 // p = *past + r, bx(q) = B * x of position q rounded to fp16. store [kernel - 1 + context, hidden]

@@ -88,6 +88,14 @@ __device__ __forceinline__ void embed_row(int id, const __half* __restrict__ tab
     }
 }
 
+// GPT-2's, OPT's learned positions: y += table[position] (fp16 [positions, hidden]), each sum rounded to
+// fp16, y's values those this thread wrote (embed_row's stride): no barrier between.
+__device__ __forceinline__ void add_position_row(__half* __restrict__ y, const __half* __restrict__ table,
+                                                 int64_t position, int hidden) {
+    const __half* row = table + static_cast<size_t>(position) * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) y[i] = __float2half(__half2float(y[i]) + __half2float(row[i]));
+}
+
 // The same from int8 rows with an fp16 scale per 32 values (the int8 lm_head's table, shared when
 // tied): y = q[id, :] * scales[id, i / 32] * scale, in float32 before the one rounding to fp16.
 __device__ __forceinline__ void embed_row_q8(int id, const int8_t* __restrict__ table, const __half* __restrict__ scales,
