@@ -338,6 +338,7 @@ class NativeDecoder:
         # the unfused list: decode_step.c runs one op per record, and ORT's fused gate/up weight has
         # gate and up side by side (not interleaved as in a cuda engine), which its act op reads
         self.act_params: list[np.ndarray] = []
+        self.zero_biases: list[np.ndarray] = []  # a linear's where the op list adds one and the graph has none
         self.ops = [self._op(op) for op in decode_ops(spec, fused=False)]
         self.program = (CpuOp * len(self.ops))(*self.ops)
 
@@ -386,7 +387,10 @@ class NativeDecoder:
                 raise Unsupported(f"{a['weight']}: a fused linear ({a['epilogue']}), which decode_step.c does not run")
             rec.x, rec.out = ptr(a["x"]), ptr(a["out"])
             self._linear(rec, a["weight"], a["N"], a["K"])
-            if a["bias"]:
+            if a["bias"] and f"{a['weight']}.bias" not in self.arrays:  # (GPT-J's o_proj beside its MLP's biases)
+                self.zero_biases.append(np.zeros(a["N"], np.float32))  # (kept alive: the record points at it)
+                rec.bias = self.zero_biases[-1].ctypes.data
+            elif a["bias"]:
                 rec.bias = self._tensor(f"{a['weight']}.bias", np.float32, a["N"]).ctypes.data
             elif f"{a['weight']}.bias" in self.arrays:
                 raise Unsupported(f"{a['weight']} has a bias the op list does not expect")

@@ -74,6 +74,8 @@ class Family:
     # OPT: the MLP's linears (fc1, fc2) are the block's own modules, in no mlp module: the quantizer gathers
     # them into one (model.gather_block_mlp), as module_renames name them (.fc1. -> .mlp.up_proj.)
     mlp_in_block: bool = False
+    # GPT-J: the config key that gives how many of a head's dimensions rotate (its rotary_dim), not a fraction
+    rotary_dim_key: str = ""
     # where the decoder blocks are under the transformers model's base model (Llama's model.layers;
     # GPT-2's transformer.h: "h"); our names are model.layers.{i} whatever it is (model.decoder_layers)
     layers_path: str = "layers"
@@ -370,6 +372,23 @@ FAMILIES: dict[str, Family] = {
                required_switches=(("scale_attn_weights", "scores scaled by head_dim ** -0.5"),),
                refused_switches=(("scale_attn_by_inverse_layer_idx", "scores divided by the layer's number too"),
                                  ("add_cross_attention", "cross-attention to an encoder"))),
+        # GPT-J (6B) and its fine-tunes: attention and an MLP without a gate (gelu_tanh) side by side on one
+        # LayerNorm, rotary_dim of each head rotated in interleaved pairs, a bias on the head and the MLP's
+        # linears (none on attention's), under GPT-2's names
+        Family("gptj", ("gptj",), norm="layer", parallel_block=True, rope_interleaved=True, activation="gelu_tanh",
+               gated_mlp=False, head_bias=True, layers_path="h", mlp_width_default=4, rotary_dim_key="rotary_dim",
+               config_aliases=(("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
+                               ("n_head", "num_attention_heads"), ("n_inner", "intermediate_size"),
+                               ("n_positions", "max_position_embeddings"), ("layer_norm_epsilon", "rms_norm_eps"),
+                               ("activation_function", "hidden_act")),
+               module_renames=(("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
+                               ("transformer.h.", "model.layers."), (".attn.", ".self_attn."),
+                               (".self_attn.out_proj.", ".self_attn.o_proj."), (".mlp.fc_in.", ".mlp.up_proj."),
+                               (".mlp.fc_out.", ".mlp.down_proj."), (".ln_1.", ".input_layernorm.")),
+               ignored_tensors=(".attn.bias", ".attn.masked_bias"),
+               config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 2048), ("hidden_act", "gelu_new"),
+                                ("rotary_dim", 64)),
+               config_ignored=("head_dim", "num_key_value_heads", "intermediate_size", "partial_rotary_factor")),
         # OPT (125M-66B, Galactica): LayerNorms with a bias before attention and a ReLU MLP without a gate (the
         # block's own fc1, fc2), biases on every linear, learned positions from row 2 on, under its own names
         Family("opt", ("opt",), norm="layer", activation="relu", gated_mlp=False, learned_positions=2,

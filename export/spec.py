@@ -345,6 +345,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         factor = rope.float("partial_rotary_factor", 1e-6, 1.0, default=c.float("partial_rotary_factor", 1e-6, 1.0,
                                                                                  default=1.0))
         dim = int(head_dim * factor)  # as transformers rounds it
+        if family.rotary_dim_key:  # (GPT-J's rotary_dim: the rotated dimensions themselves)
+            dim = c.int(family.rotary_dim_key, 2, head_dim)
         if dim < 2 or dim % 2:
             raise UserError(f"{where}: partial_rotary_factor {factor} rotates {dim} of {head_dim} head dimensions; "
                             f"RoPE needs an even number of at least 2; {fix}")

@@ -91,6 +91,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
             dense = dict(multi_query=kv_heads < 4)
         if model_type == "opt":  # (its MLP's width)
             dense = dict(ffn_dim=128)
+        if model_type == "gptj":  # (half of each 16-wide head rotated; its default, 64, is wider)
+            dense = dict(rotary_dim=8)
         if model_type == "lfm2":  # a short convolution (with biases), then attention
             dense = dict(layer_types=["conv", "full_attention"], block_multiple_of=32, conv_bias=True)
         config = AutoConfig.for_model(

@@ -195,7 +195,7 @@ def test_an_mlp_without_a_gate_matches_the_reference(gemv, model_type, tokenizer
                                                     ("jais2", True, "tensor_cores"), ("phi", True, "persistent_step"),
                                                     ("phi", False, None), ("gpt_neox", True, "persistent_step"),
                                                     ("gpt_neox", False, None), ("gpt_bigcode", True, None),
-                                                    ("opt", False, None)])
+                                                    ("opt", False, None), ("gptj", True, "persistent_step")])
 def test_layer_norms_match_the_reference(model_type, fused, gemv, tokenizer_dir, tmp_path):
     """LayerNorms with a bias: Nemotron's (1 + w, before Arcee's MLP) as norm ops of the fused list,
     StableLM's with the residual adds (awq_add_norm; the persistent step's add_norm op); Cohere's

@@ -580,6 +580,8 @@ def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
     sizes = dict(hidden_size=1280, intermediate_size=512, num_hidden_layers=12, num_attention_heads=160, vocab_size=300)
     if model_type == "granitemoehybrid":  # (left out, its layers are Mamba and its MLPs experts: refused)
         sizes.update(layer_types=["attention"] * 12, num_local_experts=0)
+    if model_type == "gptj":  # (its default rotary_dim, 64, is wider than these heads)
+        sizes.update(rotary_dim=4)
     sparse, full = model_spec({"model_type": model_type, **sizes}), model_spec(
         AutoConfig.for_model(model_type, **sizes).to_dict())
     for field in sparse.__dataclass_fields__:
@@ -733,3 +735,17 @@ def test_what_opt_and_starcoder_1_configs_turn_on_that_the_engines_do_not_comput
 
     with pytest.raises(UserError, match=message):
         model_spec({**config, **change})
+
+
+def test_gptj_reads_its_config_as_transformers_does():
+    """GPT-J 6B's config.json: rotary_dim 64 of each 256-wide head rotated (not a fraction), n_inner
+    null: 4 x 4096 wide, an untied head."""
+    from transformers import AutoConfig
+
+    from awq_edge.export.spec import model_spec
+
+    config = {"activation_function": "gelu_new", "architectures": ["GPTJForCausalLM"], "n_embd": 4096, "n_head": 16,
+              "n_layer": 28, "n_positions": 2048, "rotary_dim": 64, "vocab_size": 50400, "tie_word_embeddings": False,
+              "layer_norm_epsilon": 1e-05, "model_type": "gptj"}
+    for spec in (model_spec(config), model_spec(AutoConfig.for_model(**config).to_dict())):
+        assert (spec.head_dim, spec.rotary_dim, spec.intermediate, spec.tie_embeddings) == (256, 64, 16384, False)

@@ -122,6 +122,9 @@ TINY_EXTRA = {
     "gpt_bigcode": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # StarCoder 1's block with multi-head attention and GPT-2's Conv1D linears (weights [in, out])
     "gpt2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # attention and an MLP without a gate side by side on one LayerNorm, 8 of each head's 16 dimensions rotated
+    # in interleaved pairs, biases on the head and the MLP, none on attention
+    "gptj": {"rotary_dim": 8, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # learned positions from row 2 on, a ReLU MLP without a gate whose linears are the block's own, biases
     # everywhere, LayerNorms with a bias, under its own names
     "opt": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "ffn_dim": 128},

@@ -299,7 +299,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
                                                        "arcee", "nemotron", "stablelm", "cohere", "cohere2", "jais2",
                                                        "starcoder2", "granitemoehybrid", "phi",
                                                        "hyperclovax", "olmo", "apertus", "nanochat", "lfm2",
-                                                       "gpt_neox", "gpt_bigcode", "opt", "gpt2"))
+                                                       "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -331,7 +331,7 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere",
                                                        "jais2", "starcoder2", "granitemoehybrid", "phi",
                                                        "olmo", "apertus", "nanochat", "lfm2", "gpt_neox",
-                                                       "gpt_bigcode", "opt", "gpt2"))
+                                                       "gpt_bigcode", "opt", "gpt2", "gptj"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into
