@@ -155,7 +155,8 @@ CUBLAS_WORKSPACE_BYTES = 4 << 20
 # the memory plan, not allocated by us: 134 MiB on the H200 with CUDA 13's cuBLAS (2026-12-04,
 # test_cublas_fits_the_reserve_the_memory_plan_counts_for_it), with some room for other builds.
 CUBLAS_RESERVE_BYTES = 160 << 20
-ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4, "relu": 5}  # plugins/kernels/activation.cuh ActKind
+# plugins/kernels/activation.cuh ActKind
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4, "relu": 5}
 ACT_UNGATED = 8  # ActKind kUngated: act(x), not act(gate) * up (an MLP without a gate)
 
 
@@ -1364,6 +1365,7 @@ KERNELS_OF = {
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
     "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_norm", "awq_add_norm", "awq_head_rms_norm", "awq_bias_add",
-                    "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv", "awq_add_positions",
+                    "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv",
+                    "awq_add_positions",
                     "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
 }

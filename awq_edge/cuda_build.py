@@ -62,10 +62,10 @@ def write_weights(path: Path, tensors: dict) -> dict:
 
 
 def rope_sized_to_context(spec, tensors: dict, manifest: dict, max_memory, max_context) -> tuple:
-    """(spec, tensors) with the RoPE tables (and learned positions') cut to the context the engine is planned for (at build:
-    a GPU engine's context is fixed then, engine_plan): a table row for a position past it is
-    memory the device holds and never reads (Gemma 3 4B's four fp16 tables of 131072 x 128: 128
-    MiB). What does not fit at all is refused here, before anything is written."""
+    """(spec, tensors) with the RoPE tables (and learned positions') cut to the context the engine is
+    planned for (at build: a GPU engine's context is fixed then, engine_plan): a table row for a
+    position past it is memory the device holds and never reads (Gemma 3 4B's four fp16 tables of
+    131072 x 128: 128 MiB). What does not fit at all is refused here, before anything is written."""
     from .engine import engine_plan
 
     index, size = weights_index(tensors)

@@ -491,7 +491,8 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
         out["lm_head.bias"] = tensor("lm_head.bias").astype(np.float32)
     if spec.position_offset is not None:  # (rows from the offset on: row p is position p's)
         first = spec.position_offset
-        out[POSITIONS_TABLE] = tensor("model.embed_positions.weight")[first:first + spec.max_positions].astype(np.float16)
+        table = tensor("model.embed_positions.weight")
+        out[POSITIONS_TABLE] = table[first:first + spec.max_positions].astype(np.float16)
     out.update(rope_weights(spec))
 
     def parts(prefix: str) -> list[str]:

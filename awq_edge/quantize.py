@@ -333,7 +333,8 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
         groups.append(ScaleGroup("qkv", layer.input_layernorm, qkv, "self_attn", "q_proj"))
     # (OLMo 1's clip_qkv clamps v: clamp(v / s) is not clamp(v) / s, so o's scales would not fold exactly)
     # (multi-head attention: v as wide as o's input; what the config calls KV heads may be a key its model ignores)
-    if attn is not None and attn.v_proj.out_features == attn.o_proj.in_features and not getattr(config, "clip_qkv", None):
+    multi_head = attn is not None and attn.v_proj.out_features == attn.o_proj.in_features
+    if multi_head and not getattr(config, "clip_qkv", None):
         groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
     if foldable and not family.parallel_block:
         groups.append(ScaleGroup(mlp_group, getattr(layer, family.mlp_norm), mlp_in, "mlp",
@@ -875,8 +876,8 @@ def quantize_checkpoint(source: str, output, settings: QuantizeSettings, calib: 
     }
     staging = output_staging(output, force)
     try:
-        write_checkpoint(staging, config, result.linears, float_tensors(model, family, result.linears), metadata, model_dir,
-                         checkpoint_format)
+        write_checkpoint(staging, config, result.linears, float_tensors(model, family, result.linears), metadata,
+                         model_dir, checkpoint_format)
         commit_staging(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

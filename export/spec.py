@@ -287,7 +287,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     vocab = c.int("vocab_size", 1, MAX_VOCAB)
     if c.has("word_embed_proj_dim") and c.int("word_embed_proj_dim", 1, MAX_HIDDEN) != hidden:
         raise UserError(f"{where}: word_embed_proj_dim {c.raw['word_embed_proj_dim']} is not hidden_size {hidden} "
-                        f"(OPT-350M's projected embeddings), which awq-edge's engines do not compute; take another model")
+                        "(OPT-350M's projected embeddings), which awq-edge's engines do not compute; take another "
+                        "model")
     width = {"default": family.mlp_width_default * hidden} if family.mlp_width_default else {}  # (GPT-2's n_inner)
     intermediate = c.int("intermediate_size", 1, MAX_INTERMEDIATE, **width)
     max_positions = c.int("max_position_embeddings", 1, MAX_POSITIONS, default=4096)

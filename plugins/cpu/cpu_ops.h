@@ -63,7 +63,8 @@ struct cpu_op {
   int32_t offset;    /* head_norm: first column */
   int32_t layer;     /* attention: which cache */
   int32_t window;    /* attention: sliding window, 0 = none */
-  int32_t kind_arg;  /* act: ACT_SILU, ACT_GELU_TANH, ACT_RELU2, ACT_XIELU, ACT_GELU or ACT_RELU (+ ACT_UNGATED: no up) */
+  int32_t kind_arg;  /* act: ACT_SILU, ACT_GELU_TANH, ACT_RELU2, ACT_XIELU, ACT_GELU or ACT_RELU (+ ACT_UNGATED: no
+                        up) */
   float scale;       /* attention: q k^T scale; embed: sqrt(hidden) or 0; clamp: its limit */
   float softcap;     /* attention scores, lm_head logits: cap * tanh(x / cap), 0 = none */
   float *x, *out, *residual;  /* short_conv: x its B, C, x side by side; residual its layer's B * x by position

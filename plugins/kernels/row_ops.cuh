@@ -93,7 +93,8 @@ __device__ __forceinline__ void embed_row(int id, const __half* __restrict__ tab
 __device__ __forceinline__ void add_position_row(__half* __restrict__ y, const __half* __restrict__ table,
                                                  int64_t position, int hidden) {
     const __half* row = table + static_cast<size_t>(position) * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) y[i] = __float2half(__half2float(y[i]) + __half2float(row[i]));
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        y[i] = __float2half(__half2float(y[i]) + __half2float(row[i]));
 }
 
 // The same from int8 rows with an fp16 scale per 32 values (the int8 lm_head's table, shared when
