@@ -215,11 +215,13 @@ def fuse_linears(linears: dict, spec) -> dict:
 
     out = dict(linears)
     for fused, parts in spec.family.fused_linears:
-        # row r of the parts stacked is fused row order[r]: argsort(order) puts each back
-        back = np.argsort(np.concatenate(fused_part_rows(spec, parts)))
+        # row r of the parts stacked is fused row order[r]: argsort(order) puts each back (GPT-NeoX's, by head)
+        order = np.concatenate(fused_part_rows(spec, parts))
+        back = None if np.array_equal(order, np.arange(order.size)) else np.argsort(order)
         for name in [n for n in out if n.endswith("." + parts[0])]:
             layer = name[: -len(parts[0])]
-            out[layer + fused] = concat_linears([out.pop(layer + part) for part in parts]).rows(back)
+            stacked = concat_linears([out.pop(layer + part) for part in parts])
+            out[layer + fused] = stacked if back is None else stacked.rows(back)
     return out
 
 

@@ -357,7 +357,8 @@ def split_fused_modules(layer, family: Family, config: dict) -> None:
             if b is not None:
                 new.bias = nn.Parameter(b.clone(), requires_grad=lin.bias.requires_grad)
             setattr(parent, part.rsplit(".", 1)[1], new)
-        back = None if not family.fused_by_head else torch.from_numpy(np.argsort(np.concatenate(rows)))
+        order = np.concatenate(rows)  # (fused row of each part's row: in order but for GPT-NeoX's, by head)
+        back = None if np.array_equal(order, np.arange(order.size)) else torch.from_numpy(np.argsort(order))
         setattr(parent, attr, FusedOutputs(parent, tuple(part.rsplit(".", 1)[1] for part in parts), back))
 
 
