@@ -55,9 +55,13 @@ class GraphBuilder:
 
     # ------------------------------------------------------------ tensors
     def const(self, name: str, value, dtype=None) -> str:
-        """An initializer; `name` is used as is when free (weights keep their checkpoint names)."""
+        """An initializer; `name` is used as is when free (weights keep their checkpoint names), and
+        shared when it names the same values already (the scalars each layer asks for)."""
         array = np.asarray(value, dtype=dtype)
         if name in self.initializers:
+            held = numpy_helper.to_array(self.initializers[name])
+            if held.dtype == array.dtype and held.shape == array.shape and np.array_equal(held, array):
+                return name
             name = self.name(name)
         self.initializers[name] = numpy_helper.from_array(array, name)
         return name

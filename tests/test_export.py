@@ -276,6 +276,21 @@ def test_export_files_and_info(exports, rtn_checkpoint):
     assert info["weight_bytes"] == pytest.approx((out / "model.onnx.data").stat().st_size, rel=0.01)
 
 
+@pytest.mark.parametrize("target", ["ort", "onnx", "trt"])
+def test_a_graph_holds_each_small_constant_once(exports, target):
+    """The scalars each of the 30 layers asks for (an eps, 1, 0.5) are one initializer each, not one a layer."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(exports[target] / "model.onnx"), load_external_data=False)
+    seen = {}
+    for t in model.graph.initializer:
+        small = t.data_location != onnx.TensorProto.EXTERNAL and np.prod(t.dims, dtype=np.int64) <= 16
+        if small and not t.name.startswith("standin/"):  # (the trt graph's CPU stand-in adds its own)
+            array = numpy_helper.to_array(t)
+            seen.setdefault((array.dtype.str, array.shape, array.tobytes()), []).append(t.name)
+    assert seen and all(len(names) == 1 for names in seen.values()), [n for n in seen.values() if len(n) > 1][:3]
+
+
 def test_bad_inputs_are_one_line_user_errors(tmp_path, smollm2_dir, rtn_checkpoint):
     with pytest.raises(UserError, match="not an AWQ or GPTQ checkpoint"):
         export_checkpoint(smollm2_dir, tmp_path / "a", "ort")
