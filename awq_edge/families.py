@@ -53,7 +53,8 @@ class Family:
     # use_sliding_window, from layer max_window_layers on); "gemma" (all but every
     # sliding_window_pattern-th, 6 unless the config says); "alternate" (Gemma 2: layers 0, 2, 4, ...);
     # "nope" (SmolLM3: only with use_sliding_window, the layers without RoPE); "mamba" (Granite 4: none
-    # is attention, transformers makes every layer Mamba, which the engines refuse)
+    # is attention, transformers makes every layer Mamba, which the engines refuse); "gpt_neo" (its
+    # attention_layers, global or local, or its attention_types expanded: [[["global", "local"], 12]])
     sliding_layers: str = "none"
     # what transformers' config class takes for a key config.json leaves out, where that is not the
     # generic default export.spec assumes (head_dim hidden / heads, no window, untied, RoPE base 1e4)
@@ -74,6 +75,11 @@ class Family:
     # OPT: the MLP's linears (fc1, fc2) are the block's own modules, in no mlp module: the quantizer gathers
     # them into one (model.gather_block_mlp), as module_renames name them (.fc1. -> .mlp.up_proj.)
     mlp_in_block: bool = False
+    # GPT-Neo: q . k is not divided by sqrt(head_dim) (a score scale of 1)
+    unscaled_scores: bool = False
+    # GPT-Neo: its transformers block returns a tuple (hidden states first), which its model indexes; the
+    # quantizer's pass-through blocks return one too (quantize.capture_block_inputs)
+    block_returns_tuple: bool = False
     # GPT-J: the config key that gives how many of a head's dimensions rotate (its rotary_dim), not a fraction
     rotary_dim_key: str = ""
     # where the decoder blocks are under the transformers model's base model (Llama's model.layers;
@@ -368,6 +374,24 @@ FAMILIES: dict[str, Family] = {
                required_switches=(("scale_attn_weights", "scores scaled by head_dim ** -0.5"),),
                refused_switches=(("scale_attn_by_inverse_layer_idx", "scores divided by the layer's number too"),
                                  ("add_cross_attention", "cross-attention to an encoder"))),
+        # GPT-Neo (125M-2.7B; TinyStories' models): GPT-2's block (separate q/k/v without biases) with every other
+        # layer local (a window of window_size tokens), scores not scaled, under its own names
+        Family("gpt_neo", ("gpt_neo",), norm="layer", activation="gelu_tanh", gated_mlp=False, learned_positions=0,
+               layers_path="h", mlp_width_default=4, sliding_layers="gpt_neo", unscaled_scores=True,
+               block_returns_tuple=True,
+               config_aliases=(("num_layers", "num_hidden_layers"), ("num_heads", "num_attention_heads"),
+                               ("window_size", "sliding_window"), ("layer_norm_epsilon", "rms_norm_eps"),
+                               ("activation_function", "hidden_act")),
+               module_renames=(("transformer.wte.", "model.embed_tokens."),
+                               ("transformer.wpe.", "model.embed_positions."), ("transformer.ln_f.", "model.norm."),
+                               ("transformer.h.", "model.layers."), (".attn.attention.", ".self_attn."),
+                               (".self_attn.out_proj.", ".self_attn.o_proj."), (".mlp.c_fc.", ".mlp.up_proj."),
+                               (".mlp.c_proj.", ".mlp.down_proj."), (".ln_1.", ".input_layernorm."),
+                               (".ln_2.", ".post_attention_layernorm.")),
+               ignored_tensors=(".attn.attention.bias", ".attn.attention.masked_bias"),
+               config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 2048),
+                                ("tie_word_embeddings", True), ("hidden_act", "gelu_new"), ("sliding_window", 256)),
+               config_ignored=("head_dim", "num_key_value_heads", "layer_types")),
         # GPT-J (6B) and its fine-tunes: attention and an MLP without a gate (gelu_tanh) side by side on one
         # LayerNorm, rotary_dim of each head rotated in interleaved pairs, a bias on the head and the MLP's
         # linears (none on attention's), under GPT-2's names

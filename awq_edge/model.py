@@ -257,7 +257,8 @@ class Renamed:
 
 def rename_block_modules(layer, family: Family) -> None:
     """One decoder block's modules under our names (Family.module_renames' pieces that begin with a
-    dot), in place; transformers' forward reaches them through a Renamed under its own name."""
+    dot), in place, moved to another parent where ours names one (GPT-Neo's attn.attention is our
+    self_attn); transformers' forward reaches them through a Renamed under its own name."""
     for theirs, ours in family.module_renames:
         if not theirs.startswith("."):  # (a module outside the blocks: the final norm)
             continue
@@ -271,11 +272,9 @@ def rename_block_modules(layer, family: Family) -> None:
         if module is None:  # renamed already, or not in this block
             continue
         our_parent, _, our_attr = ours.rpartition(".")
-        if our_parent != parent_name:
-            raise ValueError(f"{family.name}: a module rename may not move {theirs} to another parent ({ours})")
         delattr(parent, attr)
-        setattr(parent, our_attr, module)
-        setattr(parent, attr, Renamed(parent, our_attr))
+        setattr(layer.get_submodule(our_parent) if our_parent else layer, our_attr, module)
+        setattr(parent, attr, Renamed(layer, ours))
 
 
 def gather_block_mlp(layer, family: Family) -> None:

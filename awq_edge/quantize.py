@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .checkpoint import QuantizedLinear
 from .errors import UserError
-from .families import Family
+from .families import Family, find_family
 from .model import decoder_layers
 from .packing import MAX_INT
 from .quantize_settings import QuantizeSettings, check_request
@@ -242,6 +242,8 @@ def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int):
     batch-1 call so their masks/rotary tables broadcast over any batch size.
     """
     layers = decoder_layers(model)
+    family = find_family(model.config.model_type)
+    as_returned = (lambda h: (h,)) if family and family.block_returns_tuple else (lambda h: h)  # (GPT-Neo's)
     recorded_kwargs: list[dict] = [{} for _ in layers]
     first_inputs: list[torch.Tensor] = []
 
@@ -253,7 +255,7 @@ def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int):
                 recorded_kwargs[i] = kwargs
             if i == 0:
                 first_inputs.append(hidden_states.detach().float().cpu())
-            return hidden_states
+            return as_returned(hidden_states)
         return forward
 
     for i, layer in enumerate(layers):

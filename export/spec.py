@@ -238,6 +238,26 @@ def rotating_layers(c: Fields, family: Family, layers: int) -> list[bool]:
     return [bool(v) for v in listed]
 
 
+def gpt_neo_layer_types(c: Fields, layers: int) -> list[str]:
+    """GPT-Neo's layers, global (full) or local (sliding), as transformers reads its config: attention_layers,
+    or attention_types ([[pattern, times], ...]) expanded."""
+    listed = c.raw.get("attention_layers")
+    if listed is None:
+        listed = []
+        for entry in c.raw.get("attention_types") or [[["global", "local"], 12]]:
+            ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+            if not ok or not isinstance(entry[1], int) or not 0 < entry[1] * len(entry[0]) <= MAX_LAYERS - len(listed):
+                raise UserError(f"{c.where}: attention_types must list [[kinds, times], ...] for its {layers} layers; "
+                                f"{c.fix}")
+            listed += entry[0] * entry[1]
+    kinds = {"global": "full_attention", "local": "sliding_attention"}
+    if not (isinstance(listed, list) and len(listed) == layers and all(isinstance(k, str) and k in kinds
+                                                                     for k in listed)):
+        raise UserError(f"{c.where}: attention_layers must list global or local for each of the {layers} layers; "
+                        f"{c.fix}")
+    return [kinds[k] for k in listed]
+
+
 def default_layer_types(c: Fields, family: Family, layers: int, window: int | None,
                         rotating: list[bool]) -> list[str]:
     """Each layer's attention for a config without layer_types, by the family's rule (transformers')."""
@@ -248,6 +268,8 @@ def default_layer_types(c: Fields, family: Family, layers: int, window: int | No
         return ["full_attention"] * layers
     if rule == "nope":
         return ["full_attention" if turns else "sliding_attention" for turns in rotating]
+    if rule == "gpt_neo":
+        return gpt_neo_layer_types(c, layers)
     if rule == "qwen":
         first = c.int("max_window_layers", 0, MAX_LAYERS, default=28)
         return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
@@ -374,6 +396,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
 
     scalar = c.float("query_pre_attn_scalar", 1e-6, 1e9, default=None)  # Gemma: scale by this, not head_dim
     attn_scale = scalar ** -0.5 if scalar else head_dim ** -0.5
+    if family.unscaled_scores:  # (GPT-Neo's)
+        attn_scale = 1.0
     embed, residual, logits_scaling = float(hidden) ** 0.5 if family.embed_scale else None, 1.0, 1.0
     if family.multipliers:  # Granite's, each 1 unless set (its score scale too: config_defaults)
         embed = c.float("embedding_multiplier", 1e-6, 1e6, default=1.0)

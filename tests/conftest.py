@@ -93,6 +93,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
             dense = dict(ffn_dim=128)
         if model_type == "gptj":  # (half of each 16-wide head rotated; its default, 64, is wider)
             dense = dict(rotary_dim=8)
+        if model_type == "gpt_neo":  # (a global layer, then a local one of 8 tokens)
+            dense = dict(attention_types=[[["global", "local"], 1]], window_size=8)
         if model_type == "lfm2":  # a short convolution (with biases), then attention
             dense = dict(layer_types=["conv", "full_attention"], block_multiple_of=32, conv_bias=True)
         config = AutoConfig.for_model(

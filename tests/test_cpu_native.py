@@ -188,14 +188,14 @@ def test_native_decode_checks_its_input_like_onnxruntime(default_export):
                                                        "cohere2", "jais2", "starcoder2",
                                                        "granitemoehybrid", "phi", "hyperclovax", "olmo",
                                                        "apertus", "nanochat", "lfm2", "gpt_neox", "gpt_bigcode",
-                                                       "opt", "gpt2", "gptj"))
+                                                       "opt", "gpt2", "gptj", "gpt_neo"))
 def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_dir, tmp_path):
     extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
     if model_type == "lfm2":  # short convolutions (their biases too) around attention
         extra = {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "conv_bias": True}
-    # (StableLM's, GPT-NeoX's, GPT-2's, GPT-J's, StarCoder 1's and OPT's head is hidden / heads, whatever
-    # head_dim says)
-    heads = 2 if model_type in ("stablelm", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj") else 4
+    # (StableLM's, GPT-NeoX's, GPT-2's, GPT-J's, GPT-Neo's, StarCoder 1's and OPT's head is hidden / heads,
+    # whatever head_dim says)
+    heads = 2 if model_type in ("stablelm", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo") else 4
     ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, hidden_size=128, intermediate_size=256,
                            num_attention_heads=heads, num_key_value_heads=2, head_dim=64, **extra)
     native, reference = native_and_onnxruntime(export_checkpoint(ckpt, tmp_path / "ort", "ort"), 64)

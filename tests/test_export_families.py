@@ -42,7 +42,8 @@ TRT_REFUSES = {"hunyuan_v1_dense": "q/k norms come after RoPE, and the trt targe
                "lfm2": "short convolutions keep a state per position, which the trt target's engines do not",
                "gpt_bigcode": "positions are a learned table, which the trt target's graph does not add",
                "opt": "positions are a learned table, which the trt target's graph does not add",
-               "gpt2": "positions are a learned table, which the trt target's graph does not add"}
+               "gpt2": "positions are a learned table, which the trt target's graph does not add",
+               "gpt_neo": "positions are a learned table, which the trt target's graph does not add"}
 
 
 @pytest.mark.parametrize("target", CPU_TARGETS)
@@ -582,6 +583,8 @@ def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
         sizes.update(layer_types=["attention"] * 12, num_local_experts=0)
     if model_type == "gptj":  # (its default rotary_dim, 64, is wider than these heads)
         sizes.update(rotary_dim=4)
+    if model_type == "gpt_neo":  # (its default attention_types lists 24 layers)
+        sizes.update(attention_types=[[["global", "local"], 6]])
     sparse, full = model_spec({"model_type": model_type, **sizes}), model_spec(
         AutoConfig.for_model(model_type, **sizes).to_dict())
     for field in sparse.__dataclass_fields__:
@@ -749,3 +752,32 @@ def test_gptj_reads_its_config_as_transformers_does():
               "layer_norm_epsilon": 1e-05, "model_type": "gptj"}
     for spec in (model_spec(config), model_spec(AutoConfig.for_model(**config).to_dict())):
         assert (spec.head_dim, spec.rotary_dim, spec.intermediate, spec.tie_embeddings) == (256, 64, 16384, False)
+
+
+GPT_NEO_125M = {"activation_function": "gelu_new", "architectures": ["GPTNeoForCausalLM"],
+                "attention_layers": ["global", "local"] * 6, "attention_types": [[["global", "local"], 6]],
+                "hidden_size": 768, "intermediate_size": None, "layer_norm_epsilon": 1e-05,
+                "max_position_embeddings": 2048, "model_type": "gpt_neo", "num_heads": 12, "num_layers": 12,
+                "vocab_size": 50257, "window_size": 256}
+
+
+@pytest.mark.parametrize("changes", [{}, {"attention_layers": None},  # (None: left out)
+                                     {"attention_layers": None, "attention_types": None, "num_layers": 24}])
+def test_gpt_neo_reads_its_config_as_transformers_does(changes):
+    """GPT-Neo 125M's config.json: every other layer local (a window of 256), from attention_layers or
+    attention_types expanded (its default when neither is there: 24 layers), scores not scaled, an MLP
+    4 x hidden wide where intermediate_size is null."""
+    from transformers import AutoConfig
+
+    from awq_edge.export.spec import model_spec
+
+    config = {k: v for k, v in {**GPT_NEO_125M, **changes}.items() if v is not None or k == "intermediate_size"}
+    for spec in (model_spec(config), model_spec(AutoConfig.for_model(**config).to_dict())):
+        layers = config["num_layers"]
+        assert spec.layer_windows == [None, 256] * (layers // 2) and spec.attn_scale == 1.0
+        assert (spec.intermediate, spec.position_offset, spec.head_dim) == (3072, 0, 64)
+    for bad in ({"attention_layers": ["global", "sliding"] * 6}, {"attention_layers": ["global"] * 5},
+                {"attention_layers": None, "attention_types": [[["global", "local"], 10 ** 9]]},
+                {"attention_layers": None, "attention_types": [["global", 6]]}):
+        with pytest.raises(UserError, match="attention_(layers|types) must list"):
+            model_spec({**config, **bad})

@@ -122,6 +122,9 @@ TINY_EXTRA = {
     "gpt_bigcode": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # StarCoder 1's block with multi-head attention and GPT-2's Conv1D linears (weights [in, out])
     "gpt2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # learned positions, layer 0 global and layer 1 local (a window of 5), scores not scaled, q/k/v without biases
+    "gpt_neo": {"window_size": 5, "attention_types": [[["global", "local"], 1]], "pad_token_id": 0, "bos_token_id": 1,
+                "eos_token_id": 2},
     # attention and an MLP without a gate side by side on one LayerNorm, 8 of each head's 16 dimensions rotated
     # in interleaved pairs, biases on the head and the MLP, none on attention
     "gptj": {"rotary_dim": 8, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},

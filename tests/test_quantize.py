@@ -299,7 +299,8 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
                                                        "arcee", "nemotron", "stablelm", "cohere", "cohere2", "jais2",
                                                        "starcoder2", "granitemoehybrid", "phi",
                                                        "hyperclovax", "olmo", "apertus", "nanochat", "lfm2",
-                                                       "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj"))
+                                                       "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj",
+                                                       "gpt_neo"))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -331,7 +332,7 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere",
                                                        "jais2", "starcoder2", "granitemoehybrid", "phi",
                                                        "olmo", "apertus", "nanochat", "lfm2", "gpt_neox",
-                                                       "gpt_bigcode", "opt", "gpt2", "gptj"))
+                                                       "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into
@@ -367,13 +368,13 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
         torch.testing.assert_close(_layer_output(layer(inputs, **kwargs[i])), before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox", "gpt_bigcode", "opt", "gpt2"])
+@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gpt_neo"])
 @torch.no_grad()
 def test_the_quantizers_view_of_a_block_computes_what_transformers_does(model_type, tiny_model_dir):
     """Phi-3's q/k/v and gate/up, GPT-NeoX's and StarCoder 1's q/k/v stacked head by head: the
     quantizer sees each part as an nn.Linear of its own, and the model (calibration runs it) computes
     the same logits through them as transformers' own model with the fused linear (GPT-2's Conv1D
-    ones read as the nn.Linear each is). OPT's fc1 and
+    ones read as the nn.Linear each is; GPT-Neo's attn.attention moved up as self_attn). OPT's fc1 and
     fc2, the block's own modules, are gathered into an mlp whose forward (the up group's loss) is
     the block's MLP."""
     src = tiny_model_dir(model_type, kv_heads=4)
