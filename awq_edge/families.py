@@ -174,6 +174,7 @@ class Family:
 
 GEMMA_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 FUSED_GATE_UP = ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))
+FUSED_QKV = ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
 GLM_DEFAULTS = (("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
                 ("rms_norm_eps", 1.5625e-07), ("partial_rotary_factor", 0.5))  # GLM's and GLM-4's
 GEMMA2_DEFAULTS = (("max_position_embeddings", 8192), ("num_key_value_heads", 4), ("head_dim", 256),
@@ -190,6 +191,15 @@ GPT2_MODULE_NAMES = (("transformer.wte.", "model.embed_tokens."), ("transformer.
                      (".self_attn.c_proj.", ".self_attn.o_proj."), (".mlp.c_fc.", ".mlp.up_proj."),
                      (".mlp.c_proj.", ".mlp.down_proj."), (".ln_1.", ".input_layernorm."),
                      (".ln_2.", ".post_attention_layernorm."))
+
+# GPT-2's block (StarCoder 1's too): LayerNorms with a bias, an MLP without a gate (gelu_tanh, n_inner or
+# 4 x hidden wide), learned positions, q/k/v fused, biases on every linear, its names (n_inner is the MLP's width:
+# a config's intermediate_size is not read)
+GPT2_BLOCK = dict(norm="layer", activation="gelu_tanh", gated_mlp=False, learned_positions=0, layers_path="h",
+                  mlp_width_default=4, fused_linears=(FUSED_QKV,), config_aliases=GPT2_CONFIG_NAMES,
+                  module_renames=GPT2_MODULE_NAMES, ignored_tensors=(".attn.bias", ".attn.masked_bias"),
+                  config_ignored=("head_dim", "num_key_value_heads", "intermediate_size"),
+                  required_switches=(("scale_attn_weights", "scores scaled by head_dim ** -0.5"),))
 
 COHERE_DEFAULTS = (("rms_norm_eps", 1e-5), ("tie_word_embeddings", True), ("logit_scale", 0.0625))
 
@@ -331,7 +341,7 @@ FAMILIES: dict[str, Family] = {
         # the other); q, k and v fused head by head; biases on every linear; a quarter of each head rotated
         Family("gpt_neox", ("gpt_neox",), norm="layer", activation="gelu", gated_mlp=False,
                parallel_norms_switch="use_parallel_residual",
-               fused_linears=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
+               fused_linears=(FUSED_QKV,),
                fused_by_head=True,
                config_aliases=(("layer_norm_eps", "rms_norm_eps"), ("rotary_pct", "partial_rotary_factor"),
                                ("rotary_emb_base", "rope_theta")),
@@ -349,29 +359,14 @@ FAMILIES: dict[str, Family] = {
         # StarCoder 1 (1B-15B), SantaCoder, Granite 20B Code: GPT-2's block (LayerNorms with a bias, an MLP
         # without a gate, biases on every linear) with learned positions, multi-query attention (multi_query),
         # q/k/v fused (head by head without multi_query), under GPT-2's names
-        Family("gpt_bigcode", ("gpt_bigcode",), norm="layer", activation="gelu_tanh", gated_mlp=False,
-               learned_positions=0, layers_path="h", mlp_width_default=4, multi_query="multi_query",
-               fused_linears=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
-               fused_by_head=True,
-               config_aliases=GPT2_CONFIG_NAMES,
-               module_renames=GPT2_MODULE_NAMES,
-               ignored_tensors=(".attn.bias", ".attn.masked_bias"),
+        Family("gpt_bigcode", ("gpt_bigcode",), **GPT2_BLOCK, multi_query="multi_query", fused_by_head=True,
                config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 1024),
-                                ("tie_word_embeddings", True), ("hidden_act", "gelu_pytorch_tanh")),
-               config_ignored=("head_dim", "num_key_value_heads", "intermediate_size"),  # (n_inner is its MLP's width)
-               required_switches=(("scale_attn_weights", "scores scaled by head_dim ** -0.5"),)),
+                                ("tie_word_embeddings", True), ("hidden_act", "gelu_pytorch_tanh"))),
         # GPT-2 (124M-1.5B, DistilGPT2): StarCoder 1's block with multi-head attention, its linears transformers'
         # Conv1D (weights [in, out]), refused: scores divided by the layer's number too
-        Family("gpt2", ("gpt2",), norm="layer", activation="gelu_tanh", gated_mlp=False,
-               learned_positions=0, layers_path="h", mlp_width_default=4, conv1d_linears=True,
-               fused_linears=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
-               config_aliases=GPT2_CONFIG_NAMES,
-               module_renames=GPT2_MODULE_NAMES,
-               ignored_tensors=(".attn.bias", ".attn.masked_bias"),
+        Family("gpt2", ("gpt2",), **GPT2_BLOCK, conv1d_linears=True,
                config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 1024),
                                 ("tie_word_embeddings", True), ("hidden_act", "gelu_new")),
-               config_ignored=("head_dim", "num_key_value_heads", "intermediate_size"),  # (n_inner is its MLP's width)
-               required_switches=(("scale_attn_weights", "scores scaled by head_dim ** -0.5"),),
                refused_switches=(("scale_attn_by_inverse_layer_idx", "scores divided by the layer's number too"),
                                  ("add_cross_attention", "cross-attention to an encoder"))),
         # GPT-Neo (125M-2.7B; TinyStories' models): GPT-2's block (separate q/k/v without biases) with every other
@@ -502,8 +497,7 @@ FAMILIES: dict[str, Family] = {
                embed_scale=True, activation="gelu_tanh", sliding_layers="alternate", config_defaults=GEMMA2_DEFAULTS),
         # Phi-3, 3.5 and 4-mini: fused q/k/v and gate/up, partial rotary (4-mini), LongRoPE (the long-context ones)
         Family("phi3", ("phi3",), sliding_layers="all",
-               fused_linears=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                              FUSED_GATE_UP),
+               fused_linears=(FUSED_QKV, FUSED_GATE_UP),
                rope_aliases=(("su", "longrope"), ("yarn", "longrope")),
                config_defaults=(("rms_norm_eps", 1e-5), ("original_max_position_embeddings", 4096))),
     )
