@@ -243,8 +243,10 @@ def gpt_neo_layer_types(c: Fields, layers: int) -> list[str]:
     or attention_types ([[pattern, times], ...]) expanded."""
     listed = c.raw.get("attention_layers")
     if listed is None:
+        types = c.raw.get("attention_types")
+        types = [[["global", "local"], 12]] if types is None else types
         listed = []
-        for entry in c.raw.get("attention_types") or [[["global", "local"], 12]]:
+        for entry in types if isinstance(types, list) else [None]:
             ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
             if not ok or not isinstance(entry[1], int) or not 0 < entry[1] * len(entry[0]) <= MAX_LAYERS - len(listed):
                 raise UserError(f"{c.where}: attention_types must list [[kinds, times], ...] for its {layers} layers; "

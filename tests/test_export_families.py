@@ -781,3 +781,34 @@ def test_gpt_neo_reads_its_config_as_transformers_does(changes):
                 {"attention_layers": None, "attention_types": [["global", 6]]}):
         with pytest.raises(UserError, match="attention_(layers|types) must list"):
             model_spec({**config, **bad})
+
+
+GPT2_SMALL = {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "layer_norm_epsilon": 1e-05,
+              "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+              "vocab_size": 50257}
+GPTJ_6B = {"activation_function": "gelu_new", "architectures": ["GPTJForCausalLM"], "n_embd": 4096, "n_head": 16,
+           "n_layer": 28, "n_positions": 2048, "rotary_dim": 64, "vocab_size": 50400, "model_type": "gptj"}
+WRONG = [None, "x", -1, 0, 10 ** 18, 1e308, True, [], {}, [[["global"], 10 ** 18]], [["local", 1]]]
+
+
+@pytest.mark.parametrize("config", [PYTHIA_70M, OPT_125M, TINY_STARCODER, GPT_NEO_125M, GPT2_SMALL, GPTJ_6B,
+                                    {k: v for k, v in GPT_NEO_125M.items() if k != "attention_layers"}],
+                         ids=["gpt_neox", "opt", "gpt_bigcode", "gpt_neo", "gpt2", "gptj", "gpt_neo_types"])
+def test_a_wrong_value_in_any_key_of_these_configs_is_read_or_refused_in_one_line(config):
+    """Every key these families read (theirs and the ones they alias), set to each wrong value or left
+    out: model_spec gives a spec or a one-line UserError, never another exception."""
+    from awq_edge.export.spec import model_spec
+
+    keys = set(config) | {"attention_types", "attention_layers", "window_size", "multi_query", "use_parallel_residual",
+                          "rotary_dim", "rotary_pct", "rotary_emb_base", "word_embed_proj_dim", "n_inner", "ffn_dim",
+                          "do_layer_norm_before", "scale_attn_weights", "_remove_final_layer_norm", "hidden_size",
+                          "intermediate_size", "num_key_value_heads"}
+    for key in sorted(keys - {"model_type"}):
+        for value in WRONG + ["left out"]:
+            changed = {k: v for k, v in config.items() if k != key}
+            if value != "left out":
+                changed[key] = value
+            try:
+                model_spec(changed)
+            except UserError as e:
+                assert "\n" not in str(e), (key, value, str(e))
