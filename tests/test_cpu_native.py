@@ -184,27 +184,35 @@ def test_native_decode_checks_its_input_like_onnxruntime(default_export):
         native.forward([3])
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee", "nemotron", "stablelm",
-                                                       "cohere2", "jais2", "starcoder2",
-                                                       "granitemoehybrid", "phi", "hyperclovax", "olmo",
-                                                       "apertus", "nanochat", "lfm2", "gpt_neox", "gpt_bigcode",
-                                                       "opt", "gpt2", "gptj", "gpt_neo"))
-def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_dir, tmp_path):
+FAMILIES = TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee", "nemotron", "stablelm", "cohere2", "jais2",
+                            "starcoder2", "granitemoehybrid", "phi", "hyperclovax", "olmo", "apertus", "nanochat",
+                            "lfm2", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo")
+# families whose head is hidden / heads, whatever head_dim says
+HEAD_FROM_HEADS = ("stablelm", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo")
+
+
+def tiny_family_checkpoint(root, model_type: str, tokenizer_dir):
+    """The native decode's tiny checkpoint of a family: hidden 128, heads of 64 (the native attention's
+    smallest), LFM2's short convolutions (their biases too) around attention."""
     extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
-    if model_type == "lfm2":  # short convolutions (their biases too) around attention
+    if model_type == "lfm2":
         extra = {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "conv_bias": True}
-    # (StableLM's, GPT-NeoX's, GPT-2's, GPT-J's, GPT-Neo's, StarCoder 1's and OPT's head is hidden / heads,
-    # whatever head_dim says)
-    heads = 2 if model_type in ("stablelm", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo") else 4
-    ckpt = tiny_checkpoint(tmp_path, model_type, smollm2_dir, hidden_size=128, intermediate_size=256,
+    heads = 2 if model_type in HEAD_FROM_HEADS else 4
+    return tiny_checkpoint(root, model_type, tokenizer_dir, hidden_size=128, intermediate_size=256,
                            num_attention_heads=heads, num_key_value_heads=2, head_dim=64, **extra)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_dir, tmp_path):
+    ckpt = tiny_family_checkpoint(tmp_path, model_type, smollm2_dir)
     native, reference = native_and_onnxruntime(export_checkpoint(ckpt, tmp_path / "ort", "ort"), 64)
     # 44 tokens: longer than Mistral's (5) and Gemma 3's (4) sliding windows in these tiny configs
     ids = np.random.default_rng(1).integers(0, 256, 12 + 32).tolist()
     errors, disagreements = teacher_forced(native, reference, ids, 12)
-    # the bf16 copy of the cache and int8 activations: 0.2-2.7 % (session 45, every family); an MLP
-    # computed wrong, ~8 % (GPT-NeoX's GELU without erf's sign, its MLP on the attention's norm; LFM2's
-    # taps in the wrong order; LFM2: one attention layer's bf16 copy of the cache, ~1 %)
+    # the bf16 copy of the cache and int8 activations: under 3 % in every family
+    # (benchmarks/native_decode_families.py); an MLP computed wrong, ~8 % (GPT-NeoX's GELU without erf's
+    # sign, its MLP on the attention's norm; LFM2's taps in the wrong order; LFM2: one attention layer's
+    # bf16 copy of the cache, ~1 %)
     assert max(errors) < (0.03 if model_type == "lfm2" else 0.04) and len(disagreements) <= 1, (max(errors),
                                                                                               disagreements)
 
