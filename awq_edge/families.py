@@ -401,7 +401,7 @@ FAMILIES: dict[str, Family] = {
                config_defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 2048), ("hidden_act", "gelu_new"),
                                 ("rotary_dim", 64)),
                config_ignored=("head_dim", "num_key_value_heads", "intermediate_size", "partial_rotary_factor")),
-        # OPT (125M-66B, Galactica): LayerNorms with a bias before attention and a ReLU MLP without a gate (the
+        # OPT (125M-66B): LayerNorms with a bias before attention and a ReLU MLP without a gate (the
         # block's own fc1, fc2), biases on every linear, learned positions from row 2 on, under its own names
         Family("opt", ("opt",), norm="layer", activation="relu", gated_mlp=False, learned_positions=2,
                layers_path="decoder.layers", mlp_in_block=True,
