@@ -1366,6 +1366,5 @@ KERNELS_OF = {
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
     "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_norm", "awq_add_norm", "awq_head_rms_norm", "awq_bias_add",
                     "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv",
-                    "awq_add_positions",
-                    "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
+                    "awq_add_positions", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
 }

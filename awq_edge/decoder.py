@@ -34,8 +34,8 @@ the residual adds in the linears' epilogues (decode_ops); unfused, the residual 
 the next norm (add_norm: h += pending; x = norm(h)), as the ONNX graph does; without pre-norms
 (OLMo 2) the add is an op of its own (add: h += pending). A LayerNorm (Nemotron, StableLM, Cohere,
 Jais 2: a norm op's `bias`) is always an op: the GEMV prologue computes RMSNorm only. A parallel
-block's MLP (Cohere's) reads the attention's input x; GPT-NeoX's, mlp_x. The final norm and the lm_head run on the
-last row only.
+block's MLP (Cohere's) reads the attention's input x; GPT-NeoX's, mlp_x. The final norm and the
+lm_head run on the last row only.
 
 Weights, in the kernels' layout (plugins/README.md): each linear as `{name}.qweight` int32 [N, K/8]
 (AWQ nibble order), `.scales` and `.zeros` fp16 [N, groups] (+ `.bias` fp16 [N]); q/k/v concatenated

@@ -72,8 +72,8 @@ class Family:
     # GPT-2: its linears are transformers' Conv1D, whose weights are stored [in, out]: the quantizer reads
     # them as nn.Linear (model.linears_from_conv1d), the torch reference writes them back transposed
     conv1d_linears: bool = False
-    # OPT: the MLP's linears (fc1, fc2) are the block's own modules, in no mlp module: the quantizer gathers
-    # them into one (model.gather_block_mlp), as module_renames name them (.fc1. -> .mlp.up_proj.)
+    # OPT: the MLP's linears (fc1, fc2) are the block's own modules, in no mlp module: the quantizer adds one
+    # (model.add_block_mlp), into which module_renames move them (.fc1. -> .mlp.up_proj.)
     mlp_in_block: bool = False
     # GPT-Neo: q . k is not divided by sqrt(head_dim) (a score scale of 1)
     unscaled_scores: bool = False

@@ -277,10 +277,10 @@ def rename_block_modules(layer, family: Family) -> None:
         setattr(parent, attr, Renamed(layer, ours))
 
 
-def gather_block_mlp(layer, family: Family) -> None:
-    """OPT's fc1 and fc2, modules of the block itself, moved into an `mlp` module as up_proj and
-    down_proj (the family's module_renames of them); transformers' forward reaches them through a
-    Renamed under their own names, and its activation_fn stays the block's."""
+def add_block_mlp(layer) -> None:
+    """An empty `mlp` module in OPT's block, whose fc1 and fc2 are the block's own: the family's
+    module_renames then move them into it as up_proj and down_proj (rename_block_modules), and its
+    forward is the block's MLP with the block's activation_fn."""
     from torch import nn
 
     class Mlp(nn.Module):  # (what the quantizer's loss of the up group runs)
@@ -291,15 +291,8 @@ def gather_block_mlp(layer, family: Family) -> None:
         def forward(self, x):
             return self.down_proj(self.act(self.up_proj(x)))
 
-    if "mlp" in layer._modules:  # (gathered already)
-        return
-    mlp = Mlp(layer.activation_fn)
-    for theirs, ours in family.module_renames:
-        theirs, ours = theirs.strip("."), ours.strip(".")
-        if ours.startswith("mlp.") and theirs in layer._modules:
-            mlp.add_module(ours.removeprefix("mlp."), layer._modules.pop(theirs))
-            setattr(layer, theirs, Renamed(layer, ours))
-    layer.add_module("mlp", mlp)
+    if "mlp" not in layer._modules:  # (added already)
+        layer.add_module("mlp", Mlp(layer.activation_fn))
 
 
 def linears_from_conv1d(layer) -> None:
@@ -323,7 +316,7 @@ def our_block_modules(layer, family: Family, config: dict) -> None:
     if family.conv1d_linears:
         linears_from_conv1d(layer)
     if family.mlp_in_block:
-        gather_block_mlp(layer, family)
+        add_block_mlp(layer)
     rename_block_modules(layer, family)
     split_fused_modules(layer, family, config)
 

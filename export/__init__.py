@@ -13,7 +13,6 @@ limit), export.json, and the checkpoint's config.json and tokenizer files.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import shutil
 from pathlib import Path

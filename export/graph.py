@@ -30,10 +30,10 @@ import numpy as np
 from onnx import TensorProto
 
 from ..checkpoint import Checkpoint, QuantizedLinear, concat_linears
+from ..decoder import POSITIONS_TABLE
 from ..errors import UserError
 from . import attention, linear
 from .builder import MS_DOMAIN, GraphBuilder
-from ..decoder import POSITIONS_TABLE
 from .spec import XIELU_PARAMS, ModelSpec, distinct_ropes, rope_tables, xielu_constants
 
 
@@ -275,8 +275,8 @@ class Decoder:
             if learned:  # rows from the offset on (OPT's 2): row p is position p's, as the native engines hold it
                 first = spec.position_offset
                 table = self.tensor("model.embed_positions.weight")[first:first + spec.max_positions]
-                h = b.op("Add", h, b.op("Gather", b.act_const(POSITIONS_TABLE, table.astype(np.float32)),
-                                        info.positions, axis=0), name="positions")
+                h = b.op("Add", h, b.op("Gather", b.act_const(POSITIONS_TABLE, table), info.positions, axis=0),
+                         name="positions")
             if spec.family.embed_norm:  # (nanochat's) the final norm's copy (checkpoint.read_for_engine)
                 h, _ = self.pre_norm(None, h, "model.embed_norm.weight")
 
@@ -399,10 +399,9 @@ class Decoder:
         limit = self.spec.clip_qkv
         if limit is None:
             return x
-        b, low, high = self.b, "const/clip_qkv_min", "const/clip_qkv_max"
-        if low not in b.initializers:  # (one pair for every layer's q, k and v)
-            b.act_const(low, -limit), b.act_const(high, limit)
-        return b.op("Clip", x, low, high, name="clip_qkv")
+        b = self.b  # (one pair of constants for every layer's q, k and v: the builder shares them)
+        return b.op("Clip", x, b.act_const("const/clip_qkv_min", -limit), b.act_const("const/clip_qkv_max", limit),
+                    name="clip_qkv")
 
     def conv_block(self, x: str, i: int) -> str:
         """LFM2's gated short convolution: B, C and x from in_proj; out_proj(C * conv(B * x)), the
