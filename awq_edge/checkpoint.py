@@ -211,13 +211,11 @@ def split_fused(linears: dict[str, QuantizedLinear], spec, where: str) -> dict[s
 def fuse_linears(linears: dict, spec) -> dict:
     """The inverse of split_fused: the parts stacked again under the fused name, as the family's
     checkpoints and its transformers model hold them. linears: QuantizedLinear values (concat_linears)."""
-    from .export.spec import fused_part_rows
+    from .export.spec import fused_rows_back
 
     out = dict(linears)
     for fused, parts in spec.family.fused_linears:
-        # row r of the parts stacked is fused row order[r]: argsort(order) puts each back (GPT-NeoX's, by head)
-        order = np.concatenate(fused_part_rows(spec, parts))
-        back = None if np.array_equal(order, np.arange(order.size)) else np.argsort(order)
+        back = fused_rows_back(spec, parts)
         for name in [n for n in out if n.endswith("." + parts[0])]:
             layer = name[: -len(parts[0])]
             stacked = concat_linears([out.pop(layer + part) for part in parts])

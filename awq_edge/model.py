@@ -326,11 +326,10 @@ def split_fused_modules(layer, family: Family, config: dict) -> None:
     the quantizer then finds q/k/v and gate/up as in every family; transformers' forward is unchanged."""
     if not family.fused_linears:
         return
-    import numpy as np
     import torch
     from torch import nn
 
-    from .export.spec import fused_part_rows, model_spec
+    from .export.spec import fused_part_rows, fused_rows_back, model_spec
 
     spec = model_spec(config)
     for fused, parts in family.fused_linears:
@@ -349,9 +348,9 @@ def split_fused_modules(layer, family: Family, config: dict) -> None:
             if b is not None:
                 new.bias = nn.Parameter(b.clone(), requires_grad=lin.bias.requires_grad)
             setattr(parent, part.rsplit(".", 1)[1], new)
-        order = np.concatenate(rows)  # (fused row of each part's row: in order but for GPT-NeoX's, by head)
-        back = None if np.array_equal(order, np.arange(order.size)) else torch.from_numpy(np.argsort(order))
-        setattr(parent, attr, FusedOutputs(parent, tuple(part.rsplit(".", 1)[1] for part in parts), back))
+        back = fused_rows_back(spec, parts)  # (GPT-NeoX's by head; None: in order)
+        setattr(parent, attr, FusedOutputs(parent, tuple(part.rsplit(".", 1)[1] for part in parts),
+                                           None if back is None else torch.from_numpy(back)))
 
 
 def load_for_quantization(model_dir: Path):

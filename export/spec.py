@@ -468,6 +468,13 @@ def fused_part_rows(spec: ModelSpec, parts: tuple[str, ...]) -> list[np.ndarray]
     return [(head_rows + start + np.arange(n)).reshape(-1) for start, n in zip(starts, per_head)]
 
 
+def fused_rows_back(spec: ModelSpec, parts: tuple[str, ...]) -> np.ndarray | None:
+    """The fused linear's rows from its parts stacked one after another: row j is stacked row back[j]
+    (GPT-NeoX's, by head); None where the parts are stacked in order already (every other family's)."""
+    order = np.concatenate(fused_part_rows(spec, parts))  # (stacked row r is fused row order[r])
+    return None if np.array_equal(order, np.arange(order.size)) else np.argsort(order)
+
+
 def all_linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     """Every decoder layer's quantized linears: `model.layers.{i}.{name}` -> [out, in]."""
     return {f"model.layers.{i}.{name}": shape for i in range(spec.layers)
