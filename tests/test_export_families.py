@@ -740,6 +740,11 @@ def test_what_opt_and_starcoder_1_configs_turn_on_that_the_engines_do_not_comput
         model_spec({**config, **change})
 
 
+GPTJ_6B = {"activation_function": "gelu_new", "architectures": ["GPTJForCausalLM"], "n_embd": 4096, "n_head": 16,
+           "n_layer": 28, "n_positions": 2048, "rotary_dim": 64, "vocab_size": 50400, "tie_word_embeddings": False,
+           "layer_norm_epsilon": 1e-05, "model_type": "gptj"}
+
+
 def test_gptj_reads_its_config_as_transformers_does():
     """GPT-J 6B's config.json: rotary_dim 64 of each 256-wide head rotated (not a fraction), n_inner
     null: 4 x 4096 wide, an untied head."""
@@ -747,10 +752,7 @@ def test_gptj_reads_its_config_as_transformers_does():
 
     from awq_edge.export.spec import model_spec
 
-    config = {"activation_function": "gelu_new", "architectures": ["GPTJForCausalLM"], "n_embd": 4096, "n_head": 16,
-              "n_layer": 28, "n_positions": 2048, "rotary_dim": 64, "vocab_size": 50400, "tie_word_embeddings": False,
-              "layer_norm_epsilon": 1e-05, "model_type": "gptj"}
-    for spec in (model_spec(config), model_spec(AutoConfig.for_model(**config).to_dict())):
+    for spec in (model_spec(GPTJ_6B), model_spec(AutoConfig.for_model(**GPTJ_6B).to_dict())):
         assert (spec.head_dim, spec.rotary_dim, spec.intermediate, spec.tie_embeddings) == (256, 64, 16384, False)
 
 
@@ -786,8 +788,6 @@ def test_gpt_neo_reads_its_config_as_transformers_does(changes):
 GPT2_SMALL = {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "layer_norm_epsilon": 1e-05,
               "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
               "vocab_size": 50257}
-GPTJ_6B = {"activation_function": "gelu_new", "architectures": ["GPTJForCausalLM"], "n_embd": 4096, "n_head": 16,
-           "n_layer": 28, "n_positions": 2048, "rotary_dim": 64, "vocab_size": 50400, "model_type": "gptj"}
 WRONG = [None, "x", -1, 0, 10 ** 18, 1e308, True, [], {}, [[["global"], 10 ** 18]], [["local", 1]]]
 
 
