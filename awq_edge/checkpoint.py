@@ -253,7 +253,7 @@ def read_for_engine(path: str | Path):
         for name in [n for n in ckpt.tensors if n.endswith(post_norms)]:
             ckpt.tensors[name] = (ckpt.tensors[name].astype(np.float32) + offset) * m - offset
     elif m != 1.0:
-        for name in [n for n in ckpt.linears if n.endswith(("self_attn.o_proj", "mlp.down_proj"))]:
+        for name in [n for n in ckpt.linears if n.endswith(("self_attn.o_proj", "down_proj"))]:  # (each expert's)
             lin = ckpt.linears[name]
             ckpt.linears[name] = replace(lin, scales=lin.scales.astype(np.float32) * m,
                                          bias=None if lin.bias is None else lin.bias.astype(np.float32) * m)
@@ -538,6 +538,22 @@ def tagged_floats(value):
     return [tagged_floats(v) for v in value] if isinstance(value, list) else value
 
 
+def experts_stacked(state: dict, spec) -> dict:
+    """A float state dict under our names with each layer's experts (mlp.experts.{j}.gate_proj, ...) as
+    transformers 5 holds them: mlp.experts.gate_up_proj [E, 2 x width, hidden] (each expert's gate, then
+    up) and mlp.experts.down_proj [E, hidden, width]."""
+    import torch
+
+    for i in spec.moe_layers:
+        p = f"model.layers.{i}.mlp.experts"
+        weight = {(j, n): state.pop(f"{p}.{j}.{n}_proj.weight") for j in range(spec.experts)
+                  for n in ("gate", "up", "down")}
+        state[f"{p}.gate_up_proj"] = torch.stack([torch.cat([weight[j, "gate"], weight[j, "up"]])
+                                                  for j in range(spec.experts)])
+        state[f"{p}.down_proj"] = torch.stack([weight[j, "down"] for j in range(spec.experts)])
+    return state
+
+
 def load_awq_as_float(path: Path, dtype=None):
     """The dequantized reference model (torch): every runtime must match this one."""
     import torch
@@ -558,7 +574,7 @@ def load_awq_as_float(path: Path, dtype=None):
         state[prefix + ".weight"] = torch.from_numpy(weight.T.copy() if spec.family.conv1d_linears else weight)
         if lin.bias is not None:
             state[prefix + ".bias"] = torch.from_numpy(lin.bias.astype(np.float32))
-    state = {spec.family.their_name(name): t for name, t in state.items()}
+    state = {spec.family.their_name(name): t for name, t in experts_stacked(state, spec).items()}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes transformers derives from the config differently (a default it fills in)

@@ -207,7 +207,9 @@ class CpuOp(ctypes.Structure):
                                                       "kind_arg")] + \
                [("scale", ctypes.c_float), ("softcap", ctypes.c_float)] + \
                [(name, ctypes.c_void_p) for name in ("x", "out", "residual", "w0", "w1", "w2", "bias", "w_norm",
-                                                      "table", "cos", "sin", "order", "positions")]
+                                                      "table", "cos", "sin", "order", "positions", "w3", "w4", "w5",
+                                                      "router", "scratch")] + \
+               [(name, ctypes.c_int32) for name in ("experts", "top_k", "normalize")]
 
 
 class CpuModel(ctypes.Structure):
@@ -223,7 +225,7 @@ class CpuModel(ctypes.Structure):
 # then 80's and 96's last 16 or 32)
 NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
-            "add": 9, "rope": 10, "short_conv": 11, "clamp": 12}
+            "add": 9, "rope": 10, "short_conv": 11, "clamp": 12, "moe": 13}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4, "relu": 5}  # cpu_ops.h's ACT_*
 ACT_UNGATED = 8  # added for act(x), not act(gate) * up (an MLP without a gate)
 
@@ -234,7 +236,8 @@ class Unsupported(Exception):
 
 def graph_weights(export_dir: Path):
     """(initializers: name -> array, a read-only view of model.onnx.data or the proto's own bytes;
-    MatMulNBits attributes: weight prefix -> {K, N, bits, block_size}) of an engine's graph."""
+    MatMulNBits and QMoE attributes: weight prefix -> {K, N, bits, block_size} or {k, block_size, ...},
+    `inputs` too) of an engine's graph."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -258,9 +261,10 @@ def graph_weights(export_dir: Path):
         arrays[t.name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
     matmuls = {}
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
+        if node.op_type in ("MatMulNBits", "QMoE"):  # (QMoE's experts: {layer}.mlp.experts.fc1.B)
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            matmuls[node.input[1].removesuffix(".B")] = {**attrs, "inputs": list(node.input)}
+            key = node.input[1 if node.op_type == "MatMulNBits" else 2].removesuffix(".B").removesuffix(".fc1")
+            matmuls[key] = {**attrs, "op": node.op_type, "inputs": list(node.input)}
     return arrays, matmuls
 
 
@@ -289,7 +293,8 @@ class NativeDecoder:
                 return any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith(names))
             spec = decoder_spec(model_spec(info.config), groups.pop(), biased("qkv_proj"),
                                 out_bias=biased("o_proj", "gate_up_proj", "up_proj", "down_proj"),
-                                positions=info.max_position_embeddings)  # (the graph's RoPE rows: build --max-context)
+                                positions=info.max_position_embeddings,  # (the graph's RoPE rows: build --max-context)
+                                experts=True)
         except UserError as e:
             raise Unsupported(str(e)) from None
         if spec.head_dim not in NATIVE_HEAD_DIMS:
@@ -305,7 +310,8 @@ class NativeDecoder:
         self.buffers = {name: np.zeros(shape[-1], np.float32) for name, shape in buffer_shapes(spec, 1).items()}
         self.top_k = info.lm_head_exact["top_k"]
         self.exact_table = info.lm_head_exact["table"]
-        kmax = max(m["K"] for m in self.matmuls.values())
+        # (the largest input a product quantizes: a linear's K, or an expert's down's, its width)
+        kmax = max([m["K"] for m in self.matmuls.values() if m["op"] == "MatMulNBits"] + [spec.expert_width])
         gmin = min(m["block_size"] for m in self.matmuls.values())
         self.scratch = {"x8": np.zeros(act_bytes(kmax, gmin) + 256, np.int8),
                         "x_scale": np.zeros(kmax // gmin + 2, np.float32), "x_sum": np.zeros(kmax // gmin + 2, np.int32),
@@ -364,6 +370,36 @@ class NativeDecoder:
             if not is_permutation(order, k):
                 raise Unsupported(f"{prefix}.input_order is not a permutation of its {k} inputs")
             rec.order = order.ctypes.data
+
+    def _experts(self, rec: CpuOp, a: dict) -> None:
+        """A moe op's record: the layer's QMoE node as the graph holds it (ORT's prefill runs that node: the
+        native step must read the same weights the same way), its router transposed back to rows."""
+        m, width, hidden, count = self.matmuls.get(a["experts"]), a["n"], a["k"], a["count"]
+        if m is None or m["op"] != "QMoE":
+            raise Unsupported(f"{a['experts']}: not one QMoE node (a ragged or act-order engine's experts)")
+        g = m["block_size"]
+        want = {"k": a["top_k"], "normalize_routing_weights": int(a["normalize"]), "activation_type": b"swiglu",
+                "swiglu_fusion": 1, "expert_weight_bits": 4, "activation_alpha": 1.0, "activation_beta": 0.0}
+        if any(m.get(key) != value for key, value in want.items()) or len(m["inputs"]) != 15 or any(
+                m["inputs"][i] for i in (4, 7, 8, 13)):
+            raise Unsupported(f"{a['experts']}: a QMoE node other than the exporter's (export/graph.py experts)")
+        tensors = []
+        for part, (n, k) in (("fc1", (2 * width, hidden)), ("fc2", (hidden, width))):
+            blocks = _blocks(k, g)
+            tensors += [self._tensor(f"{a['experts']}.{part}.B", np.uint8, count * n * blocks * g // 2),
+                        self._tensor(f"{a['experts']}.{part}.scales", np.float32, count * n * blocks),
+                        self._tensor(f"{a['experts']}.{part}.zero_points", np.uint8, count * n * ((blocks + 1) // 2))]
+        if [m["inputs"][i] for i in (2, 3, 5, 6, 11, 12)] != [f"{a['experts']}.{part}.{kind}" for part, kinds in (
+                ("fc1", ("B", "scales")), ("fc2", ("B", "scales")), ("fc1", ("zero_points",)),
+                ("fc2", ("zero_points",))) for kind in kinds]:
+            raise Unsupported(f"{a['experts']}: the QMoE node reads other weights than its experts'")
+        router = np.ascontiguousarray(self._tensor(a["router"], np.float32, hidden * count).reshape(hidden, count).T)
+        scratch = np.zeros(a["top_k"] * 2 * width + width + hidden + count + 2 * a["top_k"], np.float32)  # (cpu_ops.h)
+        self.act_params += [router, scratch]  # (alive as long as the op)
+        rec.n, rec.k, rec.group = width, hidden, g
+        rec.experts, rec.top_k, rec.normalize = count, a["top_k"], a["normalize"]
+        rec.w0, rec.w1, rec.w2, rec.w3, rec.w4, rec.w5 = (t.ctypes.data for t in tensors)
+        rec.router, rec.scratch = router.ctypes.data, scratch.ctypes.data
 
     def _op(self, op) -> CpuOp:
         a, spec, buf = op.args, self.spec, self.buffers
@@ -431,6 +467,11 @@ class NativeDecoder:
             rec.w_norm = taps.ctypes.data
             if a["bias"]:
                 rec.bias = self._tensor(a["bias"], np.float32, spec.hidden).ctypes.data
+        elif op.kind == "moe":
+            if a["norm"]:
+                raise Unsupported(f"{a['experts']}: a fused norm, which decode_step.c does not run")
+            rec.x, rec.out = ptr(a["x"]), ptr(a["out"])
+            self._experts(rec, a)
         elif op.kind == "lm_head":
             rec.x, rec.out, rec.softcap = ptr(a["x"]), ptr(a["out"]), a["softcap"]
             self._linear(rec, "lm_head.q4", spec.vocab, spec.hidden)

@@ -118,6 +118,12 @@ class DecoderSpec:
     conv_kernel: int = 0           # the tokens a short convolution reads (its own and kernel - 1 before it)
     conv_bias: bool = False        # in_proj, out_proj and the convolution carry biases
     clip_qkv: float = 0.0          # OLMo 1: q, k and v clamped to +-this after their linear (a clamp op); 0: none
+    # a mixture of experts (export.spec.ModelSpec's): its layers' MLP is one moe op (the native CPU decode's alone)
+    moe_layers: tuple = ()
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_width: int = 0
+    norm_top_k: bool = False
 
     @property
     def qkv_width(self) -> int:
@@ -150,12 +156,17 @@ HEAD_SELECT_CAPACITY = 8192      # plugins/kernels/head_top_k.cu: keys a block s
 
 
 def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8",
-                 act_order: bool = False, out_bias: bool = False, positions: int | None = None) -> DecoderSpec:
+                 act_order: bool = False, out_bias: bool = False, positions: int | None = None,
+                 experts: bool = False) -> DecoderSpec:
     """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size, which
     linears carry biases (checkpoint_biases), the head's kind, and whether the linears are GPTQ
     act-order ones; positions: the RoPE tables' rows, where fewer than the model's (an engine
-    built for a shorter context: cuda_build.rope_sized_to_context)."""
+    built for a shorter context: cuda_build.rope_sized_to_context); experts: the caller runs a
+    mixture of experts' moe ops (the native CPU decode), which the cuda backend does not."""
     family = model.family
+    if model.moe_layers and not experts:
+        raise UserError(f"{model.model_type}'s mixture of experts is not on the cuda backend yet (its kernels run "
+                        "dense MLPs); build for the CPU (--device cpu)")
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
                         f"({', '.join(map(str, HEAD_DIMS))}); use the CPU engine (--device cpu)")
@@ -188,7 +199,9 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         layer_windows=tuple(int(w or 0) for w in model.layer_windows), layer_rope=tuple(layer_rope),
         ropes=tuple(ropes), lm_head=lm_head, act_order=act_order, out_bias=out_bias, head_bias=family.head_bias,
         embed_norm=family.embed_norm, conv_layers=tuple(model.conv_layers), conv_kernel=model.conv_kernel,
-        conv_bias=model.conv_bias, clip_qkv=float(model.clip_qkv or 0.0))
+        conv_bias=model.conv_bias, clip_qkv=float(model.clip_qkv or 0.0), moe_layers=tuple(model.moe_layers),
+        experts=model.experts, experts_per_token=model.experts_per_token, expert_width=model.expert_width,
+        norm_top_k=model.norm_top_k)
 
 
 # ---------------------------------------------------------------- the op list
@@ -305,6 +318,13 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             x, norm, pending = "mlp_x" if spec.parallel_norms else normed, None, None
         else:
             x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
+        if i in spec.moe_layers:  # (a mixture of experts' pieces: the ORT graph's QMoE initializers)
+            ops.append(Op("moe", {"x": x, "out": "mlp", "norm": norm, "router": f"{p}.mlp.gate.weight",
+                                  "experts": f"{p}.mlp.experts", "n": spec.expert_width, "k": spec.hidden,
+                                  "count": spec.experts, "top_k": spec.experts_per_token,
+                                  "normalize": spec.norm_top_k}))
+            pending = "mlp"
+            continue
         gate_up, width = (f"{p}.mlp.gate_up_proj", 2) if spec.gated_mlp else (f"{p}.mlp.up_proj", 1)
         x = in_order(x, gate_up, spec.hidden)
         params = f"{p}.mlp.act_fn.{spec.activation}" if spec.activation in PARAMETERIZED_ACTIVATIONS else None

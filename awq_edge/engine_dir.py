@@ -122,11 +122,17 @@ class ExportInfo:
         return [i for i in range(self.num_layers) if i not in self.conv_layers]
 
     def workspace(self, context: int) -> int:
-        """Bytes of one prefill chunk's activations in ONNX Runtime (memory.workspace_bytes)."""
+        """Bytes of one prefill chunk's activations in ONNX Runtime (memory.workspace_bytes); a mixture of
+        experts' MLP as wide as the experts a token runs together, where wider than a dense layer's."""
+        from .export.spec import model_spec
+        from .families import find_family
         from .memory import workspace_bytes
 
-        return workspace_bytes(self.hidden_size, self.intermediate_size, self.vocab_size, self.num_heads, context,
-                               self.all_logits)
+        width, family = self.intermediate_size, find_family(self.config.get("model_type"))
+        if family is not None and family.experts_key:
+            spec = model_spec(self.config)
+            width = max(width, spec.experts_per_token * spec.expert_width)
+        return workspace_bytes(self.hidden_size, width, self.vocab_size, self.num_heads, context, self.all_logits)
 
 
 def read_export_info(folder: Path, listed: dict[str, dict] | None = None, graph: bool = True) -> ExportInfo:
@@ -281,12 +287,19 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
                 raise UserError(f"{folder / EXPORT_INFO}: num_heads/num_kv_heads disagree with the graph's "
                                 f"{node.op_type} ({attr.name} {attr.i}); {fix}")
     # The MLP's width from the exporter's names (export/graph.py): gate_proj's and up_proj's N, or half
-    # of the fused gate_up_proj's (target ort), or DequantizeLinear's [K, N] weights (target onnx).
-    mlp = "model.layers.0.mlp"
-    names = [f"{mlp}.{n}" for n in ("gate_proj", "up_proj")]
-    widths = [a.i // (2 if n.name.endswith("gate_up_proj") else 1) for n in graph.node
-              if n.name in (*names, f"{mlp}.gate_up_proj") for a in n.attribute if a.name == "N"]
-    widths += [shapes[f"{n}.weight_uint4"][1] for n in names if len(shapes.get(f"{n}.weight_uint4", ())) == 2]
+    # of the fused gate_up_proj's (target ort), or DequantizeLinear's [K, N] weights (target onnx), in the
+    # first layer with a dense MLP (a mixture of experts' have none: mlp.experts.*)
+    matmuls = {n.name: a.i for n in graph.node for a in n.attribute if a.name == "N"}
+    widths = []
+    for mlp in (f"model.layers.{i}.mlp" for i in range(info.num_layers)):
+        names = [f"{mlp}.{n}" for n in ("gate_proj", "up_proj")]
+        widths = [matmuls[n] for n in names if n in matmuls]
+        widths += [matmuls[f"{mlp}.gate_up_proj"] // 2] if f"{mlp}.gate_up_proj" in matmuls else []
+        widths += [shapes[f"{n}.weight_uint4"][1] for n in names if len(shapes.get(f"{n}.weight_uint4", ())) == 2]
+        if widths:
+            break
+    if not widths and any(".mlp.experts." in name for name in shapes):  # (every layer's a mixture of experts)
+        return
     if not widths or set(widths) != {info.intermediate_size}:
         odd = sorted(set(widths) - {info.intermediate_size})[:1] or "none found"
         raise UserError(f"{folder / EXPORT_INFO}: intermediate_size {info.intermediate_size} is not the width of "

@@ -136,6 +136,15 @@ class Family:
     # name modules inside a block, which the quantizer renames in place (model.rename_block_modules);
     # checkpoints and transformers models get their names back (their_name)
     module_renames: tuple = ()
+    # a mixture of experts (Qwen3-MoE, OLMoE, Mixtral, Granite 3 MoE): the config key of the number of experts
+    # ("": the family has none); each is a gated MLP expert_width_key wide, and a token runs the
+    # num_experts_per_tok its router scores highest, weighted by their softmax probabilities, which
+    # norm_top_k renormalizes over the chosen: the config key of that switch, or "always" (Mixtral's)
+    experts_key: str = ""
+    expert_width_key: str = "intermediate_size"
+    norm_top_k: str = "always"
+    # Qwen3-MoE: decoder_sparse_step and mlp_only_layers name the layers with experts (others a dense MLP)
+    sparse_step: bool = False
     # config.json switches the engines do not compute, as (key, what it turns on): refused when set (true or
     # not 0, config_defaults' value where config.json has none)
     refused_switches: tuple = ()
@@ -495,6 +504,34 @@ FAMILIES: dict[str, Family] = {
         # VaultGemma (1B): Gemma 2 without the post-norms
         Family("vaultgemma", ("vaultgemma",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,
                embed_scale=True, activation="gelu_tanh", sliding_layers="alternate", config_defaults=GEMMA2_DEFAULTS),
+        # Qwen3-MoE (30B-A3B, Coder-30B-A3B): Qwen3 whose MLPs are experts, moe_intermediate_size wide, 8 of 128 a
+        # token; decoder_sparse_step and mlp_only_layers may leave dense MLPs (intermediate_size wide)
+        Family("qwen3_moe", ("qwen3_moe",), qk_norm=True, sliding_layers="qwen", experts_key="num_local_experts",
+               expert_width_key="moe_intermediate_size", norm_top_k="norm_topk_prob", sparse_step=True,
+               config_aliases=(("num_experts", "num_local_experts"),),
+               config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 4),
+                                ("num_local_experts", 128), ("num_experts_per_tok", 8),
+                                ("moe_intermediate_size", 768))),
+        # OLMoE (1B-7B): Llama with q/k norms over the whole projection (OLMo 2's) and 8 of 64 experts a token;
+        # its clip_qkv clamps after those norms, where the engines' clamp comes before: refused
+        Family("olmoe", ("olmoe",), qk_norm=True, qk_norm_whole=True, experts_key="num_experts",
+               norm_top_k="norm_topk_prob",
+               config_defaults=(("max_position_embeddings", 4096), ("rms_norm_eps", 1e-5),
+                                ("num_experts", 64), ("num_experts_per_tok", 8)),
+               refused_switches=(("clip_qkv", "q, k and v clamped after their norms"),)),
+        # Mixtral (8x7B, 8x22B): Mistral with 2 of 8 experts a token, their weights renormalized; AutoAWQ's
+        # checkpoints keep the experts under their own names (block_sparse_moe, w1, w3, w2)
+        Family("mixtral", ("mixtral",), sliding_layers="all", experts_key="num_local_experts",
+               tensor_renames=((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."),
+                               (".w2.", ".down_proj.")),
+               config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5),
+                                ("rope_theta", 1e6), ("num_local_experts", 8), ("num_experts_per_tok", 2))),
+        # Granite 3 MoE (1B-A400M, 3B-A800M): Granite 3 (its multipliers) with 8 of 32 or 40 experts a token,
+        # renormalized, under its own names
+        Family("granitemoe", ("granitemoe",), multipliers=True, experts_key="num_local_experts",
+               module_renames=((".block_sparse_moe.", ".mlp."), (".mlp.router.", ".mlp.gate.")),
+               config_defaults=(("max_position_embeddings", 2048), ("attention_multiplier", 1.0),
+                                ("num_local_experts", 8), ("num_experts_per_tok", 2))),
         # Phi-3, 3.5 and 4-mini: fused q/k/v and gate/up, partial rotary (4-mini), LongRoPE (the long-context ones)
         Family("phi3", ("phi3",), sliding_layers="all",
                fused_linears=(FUSED_QKV, FUSED_GATE_UP),

@@ -312,13 +312,70 @@ def linears_from_conv1d(layer) -> None:
 
 
 def our_block_modules(layer, family: Family, config: dict) -> None:
-    """One decoder block as the quantizer reads every family's: Llama's module names, fused linears split."""
+    """One decoder block as the quantizer reads every family's: Llama's module names, fused linears split,
+    experts as nn.Linear modules."""
     if family.conv1d_linears:
         linears_from_conv1d(layer)
     if family.mlp_in_block:
         add_block_mlp(layer)
     rename_block_modules(layer, family)
     split_fused_modules(layer, family, config)
+    if family.experts_key:
+        experts_as_linears(layer, config)
+
+
+def experts_as_linears(layer, config: dict) -> None:
+    """One block's experts (transformers 5 stacks them in 3-d tensors: gate_up_proj [E, 2 x width, hidden],
+    down_proj [E, hidden, width]) and router (mlp.gate, under our names) as a SparseMoe of nn.Linear modules
+    in the mlp's place, what the quantizer reads. A dense layer's MLP (Qwen3-MoE's mlp_only_layers) is left."""
+    import torch
+    from torch import nn
+
+    from .export.spec import model_spec
+
+    moe = layer._modules.get("mlp")
+    if moe is None or not hasattr(getattr(moe, "experts", None), "gate_up_proj"):  # dense, or converted already
+        return
+
+    class Expert(nn.Module):
+        def __init__(self, gate_proj, up_proj, down_proj, act_fn):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    class SparseMoe(nn.Module):
+        """Each token runs the top_k experts of the router's softmax, weighted by their probabilities
+        (renormalized over the top_k with normalize): what every family's block computes."""
+
+        def __init__(self, router, experts, top_k: int, normalize: bool):
+            super().__init__()
+            self.gate, self.experts, self.top_k, self.normalize = router, nn.ModuleList(experts), top_k, normalize
+
+        def forward(self, x):
+            flat = x.reshape(-1, x.shape[-1])
+            probs = torch.softmax(self.gate(flat).float(), dim=-1)
+            weights, chosen = probs.topk(self.top_k, dim=-1)
+            if self.normalize:
+                weights = weights / weights.sum(-1, keepdim=True)
+            out = torch.zeros_like(flat)
+            for j, expert in enumerate(self.experts):
+                token, slot = torch.where(chosen == j)
+                if len(token):
+                    out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None].to(flat.dtype))
+            return out.reshape(x.shape)
+
+    def linear(w):
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        lin.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        return lin
+
+    spec = model_spec(config)
+    gate_up, down, width = moe.experts.gate_up_proj, moe.experts.down_proj, spec.expert_width
+    experts = [Expert(linear(gate_up[j, :width]), linear(gate_up[j, width:]), linear(down[j]), moe.experts.act_fn)
+               for j in range(spec.experts)]
+    layer.mlp = SparseMoe(linear(moe.gate.weight), experts, spec.experts_per_token, spec.norm_top_k)
 
 
 def split_fused_modules(layer, family: Family, config: dict) -> None:

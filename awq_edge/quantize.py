@@ -293,6 +293,9 @@ class ScaleGroup:
     # the rows of a linear prev that the scales divide, (first, end); None: all (LFM2's out group: C's
     # rows of in_proj, since out_proj reads C * conv(B * x))
     prev_rows: tuple | None = None
+    # linears that read the scaled tensor too but stay float (a mixture of experts' router): their
+    # weights take the scales when the group is applied, and the search leaves them as they are
+    floats: tuple = ()
 
 
 # their loss runs attention, or (LFM2's in_proj) a convolution over the tokens: whole sequences
@@ -316,7 +319,14 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     and MLP on one norm) has one qkv_gate_up group, scored on the sum of the attention's and the
     MLP's outputs, as AutoAWQ's GPT-J. An LFM2 short convolution has an in group (in_proj, scored
     on the convolution's output) in qkv's place, and an out group in o's: out_proj reads
-    C * conv(B * x), so its scales fold into C's rows of in_proj (C / s gives that product / s)."""
+    C * conv(B * x), so its scales fold into C's rows of in_proj (C / s gives that product / s).
+
+    A mixture of experts (model.SparseMoe) has one gate_up group of every expert's gate and up (their
+    input is the norm's, all tokens; AutoAWQ's Mixtral), scored on the whole mixture, whose router
+    takes the scales in float; and a down group per expert, on the tokens routed to it (none, if
+    the calibration routed none there)."""
+    if is_moe_layer(layer):
+        return moe_groups(layer, family, config)
     mlp, conv = layer.mlp, layer.conv if is_conv_layer(layer) else None
     attn = None if conv else layer.self_attn
     groups = []
@@ -347,6 +357,26 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     return groups
 
 
+def moe_groups(layer, family: Family, config) -> list[ScaleGroup]:
+    """block_groups of a block whose MLP is a mixture of experts (Qwen3-MoE, OLMoE, Mixtral, Granite MoE)."""
+    attn, experts = layer.self_attn, layer.mlp.experts
+    groups = [ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn",
+                         "q_proj")]
+    if attn.v_proj.out_features == attn.o_proj.in_features:  # (multi-head attention: see block_groups)
+        groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
+    groups.append(ScaleGroup("gate_up", getattr(layer, family.mlp_norm),
+                             [lin for e in experts for lin in (e.gate_proj, e.up_proj)], "mlp", "router",
+                             floats=(layer.mlp.gate,)))
+    groups += [ScaleGroup(f"experts.{j}.down", e.up_proj, [e.down_proj], f"experts.{j}.down_proj",
+                          f"experts.{j}.down_proj") for j, e in enumerate(experts)]
+    return groups
+
+
+def is_moe_layer(layer) -> bool:
+    """A block whose MLP is a mixture of experts, as model.experts_as_linears leaves it."""
+    return isinstance(getattr(layer.mlp, "experts", None), nn.ModuleList)
+
+
 def is_conv_layer(layer) -> bool:
     """An LFM2 block whose mixer is a short convolution (layer.conv), not attention."""
     return not hasattr(layer, "self_attn") and hasattr(layer, "conv")
@@ -356,6 +386,11 @@ def _linear_names(layer) -> dict[str, nn.Linear]:
     """A block's quantized linears by name (no gate_proj in an MLP without a gate; LFM2's short
     convolutions have in_proj and out_proj in q/k/v/o's place)."""
     m = layer.mlp
+    if is_moe_layer(layer):  # experts.{j}.gate_proj, ...: the mixture's own names (_path puts mlp. before them)
+        experts = {f"experts.{j}.{n}": getattr(e, n) for j, e in enumerate(m.experts)
+                   for n in ("gate_proj", "up_proj", "down_proj")}
+        a = layer.self_attn
+        return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj, **experts}
     if is_conv_layer(layer):
         mixer = {"in_proj": layer.conv.in_proj, "out_proj": layer.conv.out_proj}
     else:
@@ -611,11 +646,13 @@ def tune_block_outputs(layer, rounded: dict, inputs: torch.Tensor, targets: torc
     for step in range(steps):
         seqs = n_check + torch.randperm(len(inputs) - n_check, generator=gen)[:settings.block_tune_batch]
         with torch.enable_grad():  # the steps need their gradient, even under the caller's torch.no_grad()
-            grads = torch.autograd.grad(block_mse(weights(), seqs), params)
+            # (an expert none of these sequences reached has no gradient: it stays as it is)
+            grads = torch.autograd.grad(block_mse(weights(), seqs), params, allow_unused=True)
         lr = settings.block_tune_lr * (1 - step / steps) / steps
         with torch.no_grad():
             for v, g in zip(params, grads):
-                v.sub_(lr * torch.sign(g)).clamp_(-0.5, 0.5)
+                if g is not None:
+                    v.sub_(lr * torch.sign(g)).clamp_(-0.5, 0.5)
     with torch.no_grad():
         after = block_mse(weights(), check).item()
     report = {"mse_before": before, "mse_after": after, "kept": after < before}
@@ -673,10 +710,13 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                       tuple(t.to(dev) for t in v) if isinstance(v, tuple) else v)
                   for k, v in layer_kwargs[i].items()}
         linears = _linear_names(layer)
+        # the modules whose inputs are captured: the quantized linears, and a mixture of experts' router
+        # (its input is the mixture's, every token; an expert's linears see the tokens routed to it)
+        readers = {**linears, **({"router": layer.mlp.gate} if is_moe_layer(layer) else {})}
 
         # a. float outputs for the next block; |x| statistics; loss inputs
         abs_sum: dict[str, torch.Tensor] = {}
-        captured: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+        captured: dict[str, list[torch.Tensor]] = {n: [] for n in readers}
         grams = {n: 0 for n in linears if settings.rounding == "gptq"
                  and (n in settings.gptq_all_tokens or n in settings.gptq_strided)}
         counted = {"tokens": 0, "seqs": 0}
@@ -700,7 +740,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                     captured[name].append(flat[start::token_stride].clone())
             return fn
 
-        handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+        handles = [lin.register_forward_hook(hook(n)) for n, lin in readers.items()]
         outputs = []
         with torch.no_grad():
             for xb in _batched(inputs, settings.batch_size):
@@ -712,21 +752,24 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         outputs = torch.cat(outputs)
         x_mean = {n: v / counted["tokens"] for n, v in abs_sum.items()}
         grams = {n: v / counted["tokens"] for n, v in grams.items()}
-        loss_inputs = {n: torch.cat(captured.pop(n)) for n in list(linears)}  # pop: no second copy
+        loss_inputs = {n: torch.cat(captured.pop(n)) if captured[n] else torch.zeros(0, lin.in_features, device=dev)
+                       for n, lin in readers.items()}  # pop: no second copy; (an expert no token reached: none)
 
         # b + c. scales, group by group
         report = {"layer": i, "groups": {}}
         groups = block_groups(layer, family, model.config)
         # the bar shows the loss of the group that scales the MLP's input (gate_up, up, qkv_gate_up), else down's
-        shown = next((g.name for g in groups if layer.mlp.up_proj in g.linears or g.name == "down"), None)
+        shown = next((g.name for g in groups if g.inspect in ("mlp", "parallel") or g.name == "down"), None)
         with torch.no_grad():
             for g in groups:
                 x = loss_inputs[g.input_of]
+                if not len(x):  # (an expert the calibration routed no token to: its down takes no scales)
+                    continue
                 run = _module_runner(layer, g, x, kwargs, settings.batch_size)
                 s, alpha, losses = search_scales(g, x_mean[g.input_of], run, settings)
                 report["groups"][g.name] = {"alpha": alpha, "loss": min(loss for _, loss in losses),
                                             "loss_alpha0": losses[0][1], "losses": losses}
-                _apply_group(g, s, family, loss_inputs, linears, grams)
+                _apply_group(g, s, family, loss_inputs, readers, grams)
 
             # d + e. clip (not q/k: their errors are amplified by the softmax) and quantize
             # (--rounding gptq: not q/k either; their output MSE measured a poor guide there too)
@@ -734,7 +777,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
             rounded = {}
             for name, lin in linears.items():
                 clip, gptq_h = None, None
-                if name not in ("q_proj", "k_proj"):
+                if name not in ("q_proj", "k_proj") and len(loss_inputs[name]):  # (an expert no token reached)
                     x = loss_inputs[name].reshape(-1, loss_inputs[name].shape[-1])
                     clip = search_clip(lin.weight.data, x, settings) if settings.clip_grid > 0 else None
                     if settings.rounding == "gptq":
@@ -795,12 +838,12 @@ def _apply_group(g: ScaleGroup, s: torch.Tensor, family: Family, loss_inputs: di
         prev.weight.copy_((prev.weight.float() + family.norm_offset) / s - family.norm_offset)
         if getattr(prev, "bias", None) is not None:
             prev.bias.div_(s)
-    for lin in g.linears:
+    for lin in (*g.linears, *g.floats):
         lin.weight.mul_(s.view(1, -1))
     # The captured inputs of the scaled linears are now x / s (q/k/v share one input), and
     # their grams (x/s)^T (x/s) / n. Each linear has its own copies, so each is divided once.
     for name, lin in linears.items():
-        if any(lin is scaled for scaled in g.linears):
+        if any(lin is scaled for scaled in (*g.linears, *g.floats)):
             loss_inputs[name].div_(s)
             if name in grams:
                 grams[name].div_(s.view(-1, 1)).div_(s.view(1, -1))

@@ -30,7 +30,8 @@ import numpy as np
 from onnx import TensorProto
 
 from ..checkpoint import Checkpoint, QuantizedLinear, concat_linears
-from ..decoder import POSITIONS_TABLE
+from ..decoder import POSITIONS_TABLE, interleave_halves
+from ..packing import to_matmul_nbits
 from ..errors import UserError
 from . import attention, linear
 from .builder import MS_DOMAIN, GraphBuilder
@@ -62,6 +63,9 @@ def check_target(spec: ModelSpec, target: str) -> None:
     if target == "trt" and spec.position_offset is not None:
         raise UserError(f"{spec.model_type}'s positions are a learned table, which the trt target's graph does not "
                         "add; build for the cuda backend or the CPU (--device cpu)")
+    if target == "trt" and spec.moe_layers:
+        raise UserError(f"{spec.model_type}'s mixture of experts is not in the trt target's graph (its plugins run "
+                        "dense linears); build for the CPU (--device cpu)")
     if target == "trt" and spec.conv_layers:
         raise UserError(f"{spec.model_type}'s short convolutions keep a state per position, which the trt target's "
                         "engines do not; build for the CPU (--device cpu)")
@@ -301,12 +305,15 @@ class Decoder:
                     with b.scope("mlp_norm"):
                         x, h = self.block_input(a, h, f"{p}.{spec.family.mlp_norm}.weight")
                 with b.scope("mlp"):
-                    if spec.family.gated_mlp:
+                    if i in spec.moe_layers:
+                        pending = self.experts(x, f"{p}.mlp")
+                    elif spec.family.gated_mlp:
                         gate, up = self.gate_up(x, f"{p}.mlp")
                         m = b.op("Mul", self.activation(gate, f"{p}.mlp"), up)
                     else:
                         m = self.activation(self.linear(x, f"{p}.mlp.up_proj"), f"{p}.mlp")
-                    pending = self.linear(m, f"{p}.mlp.down_proj")
+                    if i not in spec.moe_layers:
+                        pending = self.linear(m, f"{p}.mlp.down_proj")
                     if spec.family.post_norms:
                         pending = self.rms_norm(pending, self.norm_weight(f"{p}.{spec.family.post_norms[1]}.weight"))
 
@@ -393,6 +400,59 @@ class Decoder:
         gate, up = self.b.op("Split", self.linear(x, f"{p}.gate_up_proj", lin), self.b.int64s(width, width),
                              axis=-1, outputs=2)
         return gate, up
+
+    def experts(self, x: str, p: str) -> str:
+        """A mixture of experts' output for x [1, S, hidden]: the experts_per_token of the router's softmax
+        (p.gate, float) with the highest probabilities run on each token, their outputs summed weighted by
+        those (renormalized over the chosen with norm_top_k). ort: one QMoE node (its CPU kernel takes
+        gate and up interleaved row by row, the probabilities as router_weights); the onnx target, or
+        experts it cannot hold (a ragged K, GPTQ act-order): every expert on every token, each weighted
+        by its probability where chosen, else 0 (the same sum, E / experts_per_token times the work)."""
+        b, spec = self.b, self.spec
+        k, width = spec.experts_per_token, spec.expert_width
+        x2d = b.op("Reshape", x, b.int64s(-1, spec.hidden))
+        router = b.act_const(f"{p}.gate.weight", self.tensor(f"{p}.gate.weight").astype(np.float32).T)
+        logits = b.op("MatMul", x2d, router, name="router")  # [S, E]
+        probs = b.op("Softmax", logits, axis=-1)
+        gate_up = [self.fused_weights(f"{p}.experts.{j}", ("gate", "up")) for j in range(spec.experts)]
+        down = [self.linear_weights(f"{p}.experts.{j}.down_proj") for j in range(spec.experts)]
+        group = gate_up[0].group_size
+        if (self.t.name == "ort" and spec.hidden % group == 0 and width % group == 0
+                and all(lin.order is None for lin in gate_up + down)):
+            rows = interleave_halves(2 * width)
+            fc1 = [to_matmul_nbits(t.q, t.scales, t.zeros, group) for t in (lin.rows(rows) for lin in gate_up)]
+            fc2 = [to_matmul_nbits(lin.q, lin.scales, lin.zeros, group) for lin in down]
+
+            def stacked(name, tensors, key, shape):
+                values = np.stack([t[key].reshape(shape) for t in tensors])
+                return b.act_const(name, values) if key == "scales" else b.const(name, values)
+
+            blocks = (spec.hidden // group, width // group)
+            inputs = [x2d, logits,
+                      stacked(f"{p}.experts.fc1.B", fc1, "B", (2 * width, spec.hidden // 2)),
+                      stacked(f"{p}.experts.fc1.scales", fc1, "scales", (2 * width, blocks[0])), "",
+                      stacked(f"{p}.experts.fc2.B", fc2, "B", (spec.hidden, width // 2)),
+                      stacked(f"{p}.experts.fc2.scales", fc2, "scales", (spec.hidden, blocks[1])), "", "", "", "",
+                      stacked(f"{p}.experts.fc1.zero_points", fc1, "zero_points", (2 * width, -1)),
+                      stacked(f"{p}.experts.fc2.zero_points", fc2, "zero_points", (spec.hidden, -1)), "", probs]
+            y = b.op("QMoE", *inputs, domain=MS_DOMAIN, name="experts", k=k, activation_type="swiglu",
+                     swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                     normalize_routing_weights=int(spec.norm_top_k), expert_weight_bits=4, block_size=group)
+            return b.op("Reshape", y, b.int64s(1, -1, spec.hidden))
+        # each token's weight of each expert: its probability where among the top k (renormalized), else 0
+        top, chosen = b.op("TopK", probs, b.int64s(k), axis=-1, outputs=[b.name("top"), b.name("chosen")])
+        if spec.norm_top_k:
+            top = b.op("Div", top, b.op("ReduceSum", top, b.int64s(-1), keepdims=1))
+        weights = b.op("ScatterElements", b.op("Mul", probs, b.act_const("const/zero", 0.0)), chosen, top, axis=-1)
+        y = None
+        for j in range(spec.experts):
+            with b.scope(f"experts.{j}"):
+                gate, up = (self.linear(x2d, f"{p}.experts.{j}.{n}_proj") for n in ("gate", "up"))
+                out = self.linear(b.op("Mul", self.activation(gate, p), up), f"{p}.experts.{j}.down_proj")
+                weight = b.op("Slice", weights, b.int64s(j), b.int64s(j + 1), b.int64s(1))  # [S, 1]
+                out = b.op("Mul", out, weight)
+                y = out if y is None else b.op("Add", y, out)
+        return b.op("Reshape", y, b.int64s(1, -1, spec.hidden))
 
     def clipped(self, x: str) -> str:
         """x clamped to +-clip_qkv (OLMo 1's q, k and v, where its config sets it), else x."""

@@ -43,6 +43,8 @@ def xielu_constants(alpha_p, alpha_n, beta, eps) -> np.ndarray:
 LEGACY_LAYER_TYPES = {"attention": "full_attention", "mamba": "linear_attention"}  # config.json's older names
 MAX_ROPE_TABLE = 1 << 27  # positions x head_dim: 2 x 512 MiB of float32 cos/sin at most
 MAX_CONV_KERNEL = 16  # an LFM2 short convolution's tokens (its conv_L_cache: 3)
+MAX_EXPERTS = 1024  # a mixture of experts' per layer (Qwen3-MoE's: 128)
+MAX_EXPERTS_IN_ALL = 1 << 16  # over all layers (Qwen3-MoE 30B's: 48 x 128; DeepSeek-V3's 58 x 256)
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,6 +104,15 @@ class ModelSpec:
     # GPT-NeoX with use_parallel_residual: attention and the MLP side by side, each on its own norm of the
     # block's input (Family.parallel_norms_switch)
     parallel_norms: bool = False
+    # a mixture of experts (Family.experts_key): the layers whose MLP is `experts` gated MLPs, each
+    # expert_width wide, of which a token runs the experts_per_token its router (mlp.gate, float) scores
+    # highest, weighted by their softmax probabilities (renormalized over the chosen with norm_top_k);
+    # the other layers' MLP is the dense one, intermediate wide
+    moe_layers: tuple = ()
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_width: int = 0
+    norm_top_k: bool = False
 
     @property
     def attention_layers(self) -> list[int]:
@@ -316,6 +327,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     width = {"default": family.mlp_width_default * hidden} if family.mlp_width_default else {}  # (GPT-2's n_inner)
     intermediate = c.int("intermediate_size", 1, MAX_INTERMEDIATE, **width)
     max_positions = c.int("max_position_embeddings", 1, MAX_POSITIONS, default=4096)
+    moe = experts_spec(c, family, layers) if family.experts_key else {}
     act = c.str("hidden_activation", default=None) or c.str("hidden_act", default=None)
     if act is not None and act not in ACTIVATION_NAMES[family.activation]:  # not silently another function
         raise UserError(f"{where}: hidden activation {act!r} is not supported for {model_type} (its engines compute "
@@ -425,18 +437,42 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         conv_kernel=c.int("conv_L_cache", 2, MAX_CONV_KERNEL, default=3) if conv_layers else 0,
         conv_bias=bool(conv_layers) and c.bool("conv_bias", default=False),
         clip_qkv=c.float("clip_qkv", 1e-6, 1e6, default=None) if family.clip_qkv else None,
+        **moe,
     )
+
+
+def experts_spec(c: Fields, family: Family, layers: int) -> dict:
+    """A mixture of experts' ModelSpec fields (Family.experts_key): every layer has experts, or (Qwen3-MoE's
+    decoder_sparse_step and mlp_only_layers, as its decoder layers read them) those these leave."""
+    experts = c.int(family.experts_key, 1, MAX_EXPERTS)
+    moe_layers = tuple(range(layers))
+    if family.sparse_step:
+        step = c.int("decoder_sparse_step", 1, MAX_LAYERS, default=1)
+        dense = layer_numbers(c, "mlp_only_layers", layers) if c.raw.get("mlp_only_layers") is not None else []
+        moe_layers = tuple(i for i in moe_layers if i not in dense and (i + 1) % step == 0)
+    if experts * len(moe_layers) > MAX_EXPERTS_IN_ALL:  # (each a checkpoint's three linears to list and check)
+        raise UserError(f"{c.where}: {experts} experts in each of {len(moe_layers)} layers is more than any model has "
+                        f"({MAX_EXPERTS_IN_ALL} experts in all at most); {c.fix}")
+    return dict(moe_layers=moe_layers, experts=experts, experts_per_token=c.int("num_experts_per_tok", 1, experts),
+                expert_width=c.int(family.expert_width_key, 1, MAX_INTERMEDIATE),
+                norm_top_k=family.norm_top_k == "always" or c.bool(family.norm_top_k, default=False))
+
+
+def layer_numbers(c: Fields, key: str, layers: int) -> list[int]:
+    """A config's list of layer numbers (LFM2's full_attn_idxs, Qwen3-MoE's mlp_only_layers), each checked."""
+    listed = c.raw.get(key)
+    if (not isinstance(listed, list) or len(listed) > layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in listed)):
+        raise UserError(f"{c.where}: {key} must list layer numbers below {layers}; {c.fix}")
+    return listed
 
 
 def conv_layer_types(c: Fields, layers: int) -> list[str]:
     """An LFM2 config without layer_types: full attention at full_attn_idxs (every layer where it
     lists none, as transformers reads it), a short convolution elsewhere."""
-    listed = c.raw.get("full_attn_idxs")
-    if listed is None:
+    if c.raw.get("full_attn_idxs") is None:
         return ["full_attention"] * layers
-    if (not isinstance(listed, list) or len(listed) > layers
-            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in listed)):
-        raise UserError(f"{c.where}: full_attn_idxs must list layer numbers below {layers}; {c.fix}")
+    listed = layer_numbers(c, "full_attn_idxs", layers)
     return ["full_attention" if i in listed else "conv" for i in range(layers)]
 
 
@@ -448,6 +484,10 @@ def layer_linear_shapes(spec: ModelSpec, layer: int | None = None) -> dict[str, 
     mixer = ({"conv.in_proj": (3 * h, h), "conv.out_proj": (h, h)} if layer in spec.conv_layers else
              {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, q)})
+    if layer in spec.moe_layers:  # (gated, each expert_width wide)
+        width = spec.expert_width
+        return {**mixer, **{f"mlp.experts.{j}.{name}": shape for j in range(spec.experts) for name, shape in
+                            (("gate_proj", (width, h)), ("up_proj", (width, h)), ("down_proj", (h, width)))}}
     return {**mixer, **({"mlp.gate_proj": (inter, h)} if spec.family.gated_mlp else {}),
             "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
 
@@ -511,6 +551,8 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
         p = f"model.layers.{i}"
         tensors.update({f"{p}.{n}.{kind}": (h,) for n in norms for kind in kinds})
         tensors.update({f"{p}.mlp.act_fn.{n}": shape for n, shape in ACTIVATION_PARAMS.get(family.activation, ())})
+        if i in spec.moe_layers:  # the router's weight, float
+            tensors[f"{p}.mlp.gate.weight"] = (spec.experts, h)
         if i in spec.conv_layers:  # (LFM2's) the depthwise convolution's weight [hidden, 1, kernel], float
             tensors.update({f"{p}.conv.conv.weight": (h, 1, spec.conv_kernel),
                             **({f"{p}.conv.conv.bias": (h,)} if spec.conv_bias else {})})

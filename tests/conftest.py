@@ -68,6 +68,11 @@ def engine_dir(tmp_path_factory, rtn_checkpoint):
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "phi3")  # also in test_quantize.py
 
 
+# the mixture-of-experts families' config key of their number of experts
+MOE_EXPERTS = {"qwen3_moe": "num_experts", "olmoe": "num_experts", "mixtral": "num_local_experts",
+               "granitemoe": "num_local_experts"}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir):
     """make(model_type, kv_heads=2) -> a tiny random model dir of that family (SmolLM2's tokenizer,
@@ -97,10 +102,14 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
             dense = dict(attention_types=[[["global", "local"], 1]], window_size=8)
         if model_type == "lfm2":  # a short convolution (with biases), then attention
             dense = dict(layer_types=["conv", "full_attention"], block_multiple_of=32, conv_bias=True)
+        if model_type in MOE_EXPERTS:  # 2 of 4 experts a token, each 64 wide (Qwen3-MoE: layer 1 a dense MLP)
+            dense = {MOE_EXPERTS[model_type]: 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                     "intermediate_size": 64 if model_type != "qwen3_moe" else 128,
+                     **({"mlp_only_layers": [1]} if model_type == "qwen3_moe" else {})}
         config = AutoConfig.for_model(
-            model_type, vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=512,
-            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, **dense)
+            model_type, vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2, **{"intermediate_size": 128, **dense})
         if model_type in ("gemma3_text", "gemma2"):
             config.sliding_window = 8  # small, so the sliding-window layers differ from full ones
             config.layer_types = ["sliding_attention", "full_attention"]

@@ -16,7 +16,7 @@ from awq_edge.backend_ort import OrtBackend
 from awq_edge.errors import UserError
 from awq_edge.export import export_checkpoint
 from awq_edge.packing import dequantize, to_matmul_nbits
-from conftest import TINY_FAMILIES
+from conftest import MOE_EXPERTS, TINY_FAMILIES
 from native_helpers import teacher_forced
 from test_export_helpers import tiny_checkpoint
 
@@ -184,11 +184,12 @@ def test_native_decode_checks_its_input_like_onnxruntime(default_export):
         native.forward([3])
 
 
+MOE_FAMILIES = tuple(MOE_EXPERTS)
 FAMILIES = TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee", "nemotron", "stablelm", "cohere2", "jais2",
                             "starcoder2", "granitemoehybrid", "phi", "hyperclovax", "olmo", "apertus", "nanochat",
-                            "lfm2", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo")
-# families whose head is hidden / heads, whatever head_dim says
-HEAD_FROM_HEADS = ("stablelm", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo")
+                            "lfm2", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo") + MOE_FAMILIES
+# families whose head is hidden / heads, whatever head_dim says (OLMoE's q norm is hidden wide)
+HEAD_FROM_HEADS = ("stablelm", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo", "olmoe")
 
 
 def tiny_family_checkpoint(root, model_type: str, tokenizer_dir):
@@ -212,9 +213,12 @@ def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_
     # the bf16 copy of the cache and int8 activations: under 3 % in every family
     # (benchmarks/native_decode_families.py); an MLP computed wrong, ~8 % (GPT-NeoX's GELU without erf's
     # sign, its MLP on the attention's norm; LFM2's taps in the wrong order; LFM2: one attention layer's
-    # bf16 copy of the cache, ~1 %)
-    assert max(errors) < (0.03 if model_type == "lfm2" else 0.04) and len(disagreements) <= 1, (max(errors),
-                                                                                              disagreements)
+    # bf16 copy of the cache, ~1 %). A mixture of experts: those differences may turn a near tie of two
+    # experts the other way on a step (Mixtral's: ~8 % there), so one step is let off; an expert
+    # computed or weighted wrong errs on every step
+    worst = sorted(errors)[-2] if model_type in MOE_FAMILIES else max(errors)
+    assert worst < (0.03 if model_type == "lfm2" else 0.04) and max(errors) < 0.2 and len(disagreements) <= 1, (
+        errors, disagreements)
 
 
 @pytest.mark.parametrize("path", sorted(set(FLAGS) - {"native"}))

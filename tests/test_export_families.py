@@ -15,6 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from awq_edge.errors import UserError
+from conftest import MOE_EXPERTS
 from test_export_helpers import (CPU_TARGETS, TINY, TINY_EXTRA, check_against_reference, export_for_cpu, longrope,
                                  reference_logits, rel_err, run_backend, tiny_checkpoint, torch_one_thread)
 
@@ -37,13 +38,14 @@ def _ids(seed: int, n: int = PROMPT + STEPS) -> list[int]:
 
 # what the trt target refuses: Hunyuan's q/k norms follow RoPE, which its attention plugin does;
 # LFM2's short convolutions keep a state no trt engine holds; GPT-2's, StarCoder 1's and OPT's learned positions the trt
-# graph does not add (its attention plugin takes past_length, no position ids)
+# graph does not add (its attention plugin takes past_length, no position ids); experts its plugins do not run
 TRT_REFUSES = {"hunyuan_v1_dense": "q/k norms come after RoPE, and the trt target's attention plugin",
                "lfm2": "short convolutions keep a state per position, which the trt target's engines do not",
                "gpt_bigcode": "positions are a learned table, which the trt target's graph does not add",
                "opt": "positions are a learned table, which the trt target's graph does not add",
                "gpt2": "positions are a learned table, which the trt target's graph does not add",
-               "gpt_neo": "positions are a learned table, which the trt target's graph does not add"}
+               "gpt_neo": "positions are a learned table, which the trt target's graph does not add",
+               **{moe: "mixture of experts is not in the trt target's graph" for moe in MOE_EXPERTS}}
 
 
 @pytest.mark.parametrize("target", CPU_TARGETS)
@@ -788,12 +790,83 @@ def test_gpt_neo_reads_its_config_as_transformers_does(changes):
 GPT2_SMALL = {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "layer_norm_epsilon": 1e-05,
               "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
               "vocab_size": 50257}
+# the mixtures of experts' published configs (Qwen/Qwen3-30B-A3B, allenai/OLMoE-1B-7B-0924,
+# mistralai/Mixtral-8x7B-v0.1, ibm-granite/granite-3.0-1b-a400m-base), as their config.json has them
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "bos_token_id": 151643,
+                 "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+                 "hidden_size": 2048, "intermediate_size": 6144, "max_position_embeddings": 40960,
+                 "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+                 "moe_intermediate_size": 768,
+                 "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+                 "num_hidden_layers": 48, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_scaling": None,
+                 "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+                 "use_sliding_window": False, "vocab_size": 151936}
+OLMOE_1B_7B = {"architectures": ["OlmoeForCausalLM"], "attention_bias": False, "clip_qkv": None, "eos_token_id": 50279,
+               "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 1024, "max_position_embeddings": 4096,
+               "model_type": "olmoe", "norm_topk_prob": False, "num_attention_heads": 16, "num_experts": 64,
+               "num_experts_per_tok": 8, "num_hidden_layers": 16, "num_key_value_heads": 16, "pad_token_id": 1,
+               "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": False,
+               "vocab_size": 50304}
+MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+                "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768,
+                "model_type": "mixtral", "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32,
+                "num_key_value_heads": 8,
+                "num_local_experts": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+                "tie_word_embeddings": False, "vocab_size": 32000}
+GRANITE_1B_A400M = {"architectures": ["GraniteMoeForCausalLM"], "attention_bias": False,
+                    "attention_multiplier": 0.015625,
+                    "bos_token_id": 0, "embedding_multiplier": 12.0, "eos_token_id": 0, "hidden_act": "silu",
+                    "hidden_size": 1024, "intermediate_size": 512, "logits_scaling": 6.0,
+                    "max_position_embeddings": 4096, "model_type": "granitemoe", "num_attention_heads": 16,
+                    "num_experts_per_tok": 8, "num_hidden_layers": 24, "num_key_value_heads": 8,
+                    "num_local_experts": 32, "pad_token_id": 0, "residual_multiplier": 0.22, "rms_norm_eps": 1e-06,
+                    "rope_scaling": None, "rope_theta": 10000, "tie_word_embeddings": True, "vocab_size": 49155}
+MOE_CONFIGS = {"qwen3_moe": QWEN3_30B_A3B, "olmoe": OLMOE_1B_7B, "mixtral": MIXTRAL_8X7B,
+               "granitemoe": GRANITE_1B_A400M}
+
+
+@pytest.mark.parametrize("model_type", MOE_CONFIGS)
+def test_a_mixture_of_experts_reads_its_published_config_as_transformers_does(model_type):
+    """Experts, how many a token, their width, renormalized or not, and (Qwen3-MoE's decoder_sparse_step
+    and mlp_only_layers) which layers have them: as transformers' model of the config builds them."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from awq_edge.export.spec import model_spec
+
+    published = MOE_CONFIGS[model_type]
+    spec = model_spec(published)
+    want = {"qwen3_moe": (128, 8, 768, True), "olmoe": (64, 8, 1024, False), "mixtral": (8, 2, 14336, True),
+            "granitemoe": (32, 8, 512, True)}[model_type]
+    assert (spec.experts, spec.experts_per_token, spec.expert_width, spec.norm_top_k) == want
+    assert spec.moe_layers == tuple(range(spec.layers))
+    # the layers transformers gives experts, at a small size: Qwen3-MoE's every other one but layer 1
+    small = {**published, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 6, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 64, "decoder_sparse_step": 2,
+             "mlp_only_layers": [1], "moe_intermediate_size": 16}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**small), dtype=torch.float32)
+    built = tuple(i for i, layer in enumerate(model.model.layers)  # (Granite's: block_sparse_moe)
+                  if hasattr(getattr(layer, "mlp", None), "experts") or hasattr(layer, "block_sparse_moe"))
+    assert model_spec(small).moe_layers == built == ((3, 5) if model_type == "qwen3_moe" else tuple(range(6)))
+
+
+def test_a_config_of_more_experts_than_any_model_is_refused_before_anything_is_made():
+    """1024 layers of 1024 experts: three million linears to list and check, for a checkpoint that cannot
+    exist; refused in one line, at once."""
+    from awq_edge.export.spec import model_spec
+
+    with pytest.raises(UserError, match="experts in all"):
+        model_spec({**MIXTRAL_8X7B, "num_hidden_layers": 1024, "num_local_experts": 1024})
+
+
 WRONG = [None, "x", -1, 0, 10 ** 18, 1e308, True, [], {}, [[["global"], 10 ** 18]], [["local", 1]]]
 
 
 @pytest.mark.parametrize("config", [PYTHIA_70M, OPT_125M, TINY_STARCODER, GPT_NEO_125M, GPT2_SMALL, GPTJ_6B,
-                                    {k: v for k, v in GPT_NEO_125M.items() if k != "attention_layers"}],
-                         ids=["gpt_neox", "opt", "gpt_bigcode", "gpt_neo", "gpt2", "gptj", "gpt_neo_types"])
+                                    {k: v for k, v in GPT_NEO_125M.items() if k != "attention_layers"},
+                                    *MOE_CONFIGS.values()],
+                         ids=["gpt_neox", "opt", "gpt_bigcode", "gpt_neo", "gpt2", "gptj", "gpt_neo_types",
+                              *MOE_CONFIGS])
 def test_a_wrong_value_in_any_key_of_these_configs_is_read_or_refused_in_one_line(config):
     """Every key these families read (theirs and the ones they alias), set to each wrong value or left
     out: model_spec gives a spec or a one-line UserError, never another exception."""
@@ -802,7 +875,9 @@ def test_a_wrong_value_in_any_key_of_these_configs_is_read_or_refused_in_one_lin
     keys = set(config) | {"attention_types", "attention_layers", "window_size", "multi_query", "use_parallel_residual",
                           "rotary_dim", "rotary_pct", "rotary_emb_base", "word_embed_proj_dim", "n_inner", "ffn_dim",
                           "do_layer_norm_before", "scale_attn_weights", "_remove_final_layer_norm", "hidden_size",
-                          "intermediate_size", "num_key_value_heads"}
+                          "intermediate_size", "num_key_value_heads", "num_experts", "num_local_experts",
+                          "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                          "mlp_only_layers"}
     for key in sorted(keys - {"model_type"}):
         for value in WRONG + ["left out"]:
             changed = {k: v for k, v in config.items() if k != key}

@@ -131,6 +131,18 @@ TINY_EXTRA = {
     # learned positions from row 2 on, a ReLU MLP without a gate whose linears are the block's own, biases
     # everywhere, LayerNorms with a bias, under its own names
     "opt": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "ffn_dim": 128},
+    # mixtures of experts: 2 of 4 a token. Qwen3-MoE: layer 1 a dense MLP (mlp_only_layers), the chosen
+    # experts' weights not renormalized (its norm_topk_prob false)
+    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "mlp_only_layers": [1], "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # q/k norms over all heads, experts not renormalized
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64, "pad_token_id": 0,
+              "bos_token_id": 1, "eos_token_id": 2},
+    # renormalized; every layer sliding
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 5, "pad_token_id": 0},
+    # renormalized, Granite's multipliers, its experts' names (block_sparse_moe, router)
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
+                   "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.5, "pad_token_id": 0},
     # fused q/k/v and gate/up; half of each head rotated (Phi-4-mini: 0.75); LongRoPE: longrope()
     "phi3": {"sliding_window": 5, "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
              "eos_token_id": 2},

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from awq_edge import data, packing
+from conftest import MOE_EXPERTS
 from awq_edge.checkpoint import load_awq_as_float, read_checked, read_checkpoint
 from awq_edge.errors import UserError
 from awq_edge.evaluate import deployed_prefix, perplexity
@@ -18,7 +19,8 @@ from awq_edge.export.spec import all_linear_shapes, model_spec
 from awq_edge.families import family_for
 from awq_edge.model import decoder_layers, load_float_model
 from awq_edge.quantize import (ACTIVATION_ROOTS, QuantizeSettings, _apply_group, _layer_output, _linear_names,
-                               block_groups, calibration_tokens, is_conv_layer, capture_block_inputs, fake_quantize,
+                               block_groups, calibration_tokens, is_conv_layer, is_moe_layer, capture_block_inputs,
+                               fake_quantize,
                                fake_quantize_model, _to_quantized, gptq_round, gram, quantize_checkpoint,
                                quantize_model, quantize_tensor, refit_scales, TunedWeight, coarse_to_fine, per_column,
                                search_clip, tune_block_outputs)
@@ -300,7 +302,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
                                                        "starcoder2", "granitemoehybrid", "phi",
                                                        "hyperclovax", "olmo", "apertus", "nanochat", "lfm2",
                                                        "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj",
-                                                       "gpt_neo"))
+                                                       "gpt_neo", *MOE_EXPERTS))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -315,10 +317,12 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
     stored = read_checkpoint(out).linears  # the family's layout: Phi-3's fused qkv_proj and gate_up_proj
     assert len(stored) == linears - 2 * sum(len(parts) - 1 for _, parts in family.fused_linears)
     # under the names the family's transformers model gives its modules (StarCoder 2's mlp.c_fc): other tools read it
+    # (but experts, one by one as the hub's checkpoints store them: transformers 5 stacks them in one module)
     modules = {name for name, _ in AutoModelForCausalLM.from_pretrained(src).named_modules()}
     with safe_open(str(out / "model.safetensors"), "np") as f:
         written = {key.rsplit(".", 1)[0] for key in f.keys()}
-    assert written <= modules and len(written) > len(stored), sorted(written - modules)[:2]
+    experts = {name for name in written if ".experts." in name}
+    assert written - experts <= modules and len(written) > len(stored), sorted(written - experts - modules)[:2]
     ckpt, _ = read_checked(out)
     assert len(ckpt.linears) == linears and ckpt.metadata["family"] == family.name
     quant_model = load_awq_as_float(out)
@@ -368,7 +372,70 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
         torch.testing.assert_close(_layer_output(layer(inputs, **kwargs[i])), before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gpt_neo"])
+@pytest.mark.parametrize("model_type", MOE_EXPERTS)
+@torch.no_grad()
+def test_folding_scales_is_exact_in_a_mixture_of_experts(model_type, tiny_model_dir):
+    """A mixture of experts' groups: q/k/v and o as in every block; one gate_up group of every expert's gate
+    and up, whose scales the norm takes and the float router too (it reads the same input); a down group
+    per expert, folded into that expert's up. Random scales keep the block's function (Qwen3-MoE's
+    layer 1: a dense MLP, the usual groups)."""
+    model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
+    family = family_for(model_type)
+    tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
+    inputs, kwargs = capture_block_inputs(model, tokens, 1)
+    for i, layer in enumerate(decoder_layers(model)):
+        before = _layer_output(layer(inputs, **kwargs[i]))
+        linears = {**_linear_names(layer), **({"router": layer.mlp.gate} if is_moe_layer(layer) else {})}
+        groups = block_groups(layer, family, model.config)
+        moe = [f"experts.{j}.down" for j in range(4)]
+        assert [g.name for g in groups] == ["qkv", "o", "gate_up"] + (moe if is_moe_layer(layer) else ["down"])
+        assert model_type == "qwen3_moe" and i == 1 or is_moe_layer(layer)
+        torch.manual_seed(i)
+        for g in groups:
+            _apply_group(g, torch.rand(g.linears[0].in_features) + 0.5, family,
+                         {n: torch.ones(1, lin.in_features) for n, lin in linears.items()}, linears, {})
+        torch.testing.assert_close(_layer_output(layer(inputs, **kwargs[i])), before, rtol=1e-4, atol=1e-4)
+
+
+def test_an_expert_no_calibration_token_reaches_is_quantized_without_scales(tiny_model_dir, tmp_path):
+    """Expert 4 of 5 has a router row of zeros and the others +-v, +-w: each token's top 2 are among those
+    four (|v.x| and |w.x| > 0), so no calibration token reaches it. Its down has no scale group and its
+    linears no clip search nor GPTQ (no inputs to fit): its down is the nearest rounding of its own
+    weights (its gate and up take the scales of every expert's). The others are quantized as in every
+    block, and the checkpoint runs."""
+    from transformers import AutoConfig
+
+    src = tiny_model_dir("qwen3_moe")
+    config = AutoConfig.from_pretrained(src)
+    config.num_experts, config.mlp_only_layers = 5, []
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    v, w = torch.randn(2, config.hidden_size)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.copy_(torch.stack([v, -v, w, -w, torch.zeros_like(v)]))
+    model.save_pretrained(tmp_path / "float")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "float" / name).write_bytes((src / name).read_bytes())
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(data.read_texts(data.fetch_wikipedia()[0])[:6]))
+    settings = QuantizeSettings(group_size=32, calib_samples=4, calib_seqlen=64, loss_samples=2, scale_grid=5,
+                                clip_grid=4)
+    metadata = quantize_checkpoint(str(tmp_path / "float"), tmp_path / "ckpt", settings, calib=str(calib),
+                                   progress=False)
+    for report in metadata["layers"]:
+        assert sorted(report["groups"]) == sorted(["qkv", "gate_up"] + [f"experts.{j}.down" for j in range(4)])  # (GQA)
+    ckpt, _ = read_checked(tmp_path / "ckpt")
+    float_model, _ = load_float_model(tmp_path / "float")
+    for i, layer in enumerate(decoder_layers(float_model)):
+        for j, reached in ((4, False), (0, True)):  # (reached: its down takes scales)
+            nearest = quantize_tensor(layer.mlp.experts[j].down_proj.weight, 32)[0].numpy()
+            assert np.array_equal(ckpt.linears[f"model.layers.{i}.mlp.experts.{j}.down_proj"].q, nearest) != reached
+    with torch.no_grad():
+        assert torch.isfinite(load_awq_as_float(tmp_path / "ckpt")(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gpt_neo", *MOE_EXPERTS])
 @torch.no_grad()
 def test_the_quantizers_view_of_a_block_computes_what_transformers_does(model_type, tiny_model_dir):
     """Phi-3's q/k/v and gate/up, GPT-NeoX's and StarCoder 1's q/k/v stacked head by head: the
@@ -376,7 +443,9 @@ def test_the_quantizers_view_of_a_block_computes_what_transformers_does(model_ty
     the same logits through them as transformers' own model with the fused linear (GPT-2's Conv1D
     ones read as the nn.Linear each is; GPT-Neo's attn.attention moved up as self_attn). OPT's fc1 and
     fc2, the block's own modules, are gathered into an mlp whose forward (the up group's loss) is
-    the block's MLP."""
+    the block's MLP. A mixture of experts' (transformers 5's 3-d tensors) as one nn.Linear per expert
+    and linear, its routing each family's (softmax, top k, renormalized or not; Granite's softmax of the
+    top k logits)."""
     src = tiny_model_dir(model_type, kv_heads=4)
     plain = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     model, tokenizer = load_float_model(src, torch.float32)

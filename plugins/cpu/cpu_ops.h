@@ -49,7 +49,7 @@ void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scale
 /* ---------------------------------------------------------------- the decode step (decode_step.c) */
 
 enum cpu_op_kind { OP_EMBED = 1, OP_NORM, OP_ADD_NORM, OP_LINEAR, OP_HEAD_NORM, OP_ATTENTION, OP_ACT, OP_LM_HEAD,
-                   OP_ADD, OP_ROPE, OP_SHORT_CONV, OP_CLAMP };
+                   OP_ADD, OP_ROPE, OP_SHORT_CONV, OP_CLAMP, OP_MOE };
 /* ACT_UNGATED: a flag added */
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_XIELU = 3, ACT_GELU = 4, ACT_RELU = 5, ACT_UNGATED = 8 };
 
@@ -57,8 +57,8 @@ enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_XIELU = 3, ACT_GELU =
 struct cpu_op {
   int32_t kind;      /* cpu_op_kind */
   int32_t n;         /* outputs (linear, lm_head, act: I), width (norms, embed, add, short_conv), heads (head_norm,
-                        rope) */
-  int32_t k;         /* inputs (linear, lm_head), a head's width (head_norm), the tokens a short_conv reads */
+                        rope), an expert's width (moe) */
+  int32_t k;         /* inputs (linear, lm_head, moe), a head's width (head_norm), the tokens a short_conv reads */
   int32_t group;     /* the linear's block size */
   int32_t offset;    /* head_norm: first column */
   int32_t layer;     /* attention: which cache */
@@ -79,6 +79,16 @@ struct cpu_op {
   const float *cos, *sin;  /* RoPE tables [max_positions, D / 2]; attention: NULL when a rope op rotated q and k */
   const int64_t *order;    /* linear: its input read as x[order[i]] (GPTQ act-order), or NULL */
   const float *positions;  /* embed: learned positions [max_positions, n], row p position p's (GPT-2's), or NULL */
+  /* moe (a mixture of experts): w0..w2 every expert's gate and up [experts][2 n rows, gate i and up i side by side
+     (ORT's QMoE layout)], w3..w5 their down [experts][k rows], in the MatMulNBits layout; out = the top_k experts'
+     downs summed, each times its softmax probability (renormalized over the top_k with normalize) */
+  const uint8_t *w3;
+  const float *w4;
+  const uint8_t *w5;
+  const float *router;     /* moe: float32 [experts, k], the router's logits x . row */
+  float *scratch;          /* moe: top_k * 2 n + n + k + experts + 2 top_k floats: the chosen's gate/up rows,
+                              act(gate) * up, one down's output, the probabilities, the chosen's weights and ids */
+  int32_t experts, top_k, normalize;
 };
 
 struct cpu_model {

@@ -479,6 +479,58 @@ static void act(const struct cpu_op *op) {
   }
 }
 
+/* A mixture of experts (Qwen3-MoE, OLMoE, Mixtral, Granite MoE): the router's softmax over the experts, its top_k
+   (the first of equal ones; a NaN never chosen over a number), each one's gate/up then act(gate) * up then down.
+   Called by every thread: the GEMVs share their rows out; the small steps run in `single`s. */
+static void moe(const struct cpu_model *m, const struct cpu_op *op, int quantized) {
+  const int width = op->n, K = op->k, G = op->group, top = op->top_k;
+  const size_t in_blocks = (K + G - 1) / G, out_blocks = (width + G - 1) / G;
+  float *gate_up = op->scratch, *act_in = gate_up + (size_t)top * 2 * width, *y = act_in + width;
+  float *probs = y + K, *weights = probs + op->experts;  /* weights: the chosen's, then their ids as int32 */
+  int32_t *chosen = (int32_t *)(weights + top);
+#pragma omp single
+  {
+    if (!quantized) quantize_input(m, op);
+    float largest = -3.4e38f, total = 0.f;
+    for (int e = 0; e < op->experts; e++) {
+      probs[e] = dot(op->router + (size_t)e * K, op->x, K);
+      largest = probs[e] > largest ? probs[e] : largest;
+    }
+    for (int e = 0; e < op->experts; e++) total += probs[e] = exp_approx(probs[e] - largest);
+    float picked = 0.f;
+    for (int c = 0; c < top; c++) {  /* top_k is small (8 of 128 at most in the families): a scan each */
+      int best = -1;
+      for (int e = 0; e < op->experts; e++)
+        if (probs[e] >= 0.f && (best < 0 || probs[e] > probs[best])) best = e;
+      if (best < 0) best = c;  /* (every probability NaN: a broken router; any expert, in bounds) */
+      chosen[c] = best;
+      picked += weights[c] = probs[best] / total;
+      probs[best] = -1.f;  /* taken (a probability is never negative) */
+    }
+    if (op->normalize)
+      for (int c = 0; c < top; c++) weights[c] /= picked;
+  }
+  for (int c = 0; c < top; c++) {  /* every chosen expert's gate/up first: they all read x8 */
+    const size_t e = chosen[c], rows = 2 * (size_t)width;
+    gemv_q4_rows(op->w0 + e * rows * in_blocks * G / 2, op->w1 + e * rows * in_blocks,
+                 op->w2 + e * rows * ((in_blocks + 1) / 2), 2 * width, K, G, m->x8, m->x_scale, m->x_sum,
+                 gate_up + c * rows);
+  }
+  for (int c = 0; c < top; c++) {
+    const size_t e = chosen[c];
+#pragma omp single
+    {
+      const float *pair = gate_up + (size_t)c * 2 * width;
+      for (int i = 0; i < width; i++) act_in[i] = pair[2 * i] / (1.f + exp_approx(-pair[2 * i])) * pair[2 * i + 1];
+      quantize_act_q8(act_in, width, G, m->x8, m->x_scale, m->x_sum);
+    }
+    gemv_q4_rows(op->w3 + e * K * out_blocks * G / 2, op->w4 + e * K * out_blocks,
+                 op->w5 + e * K * ((out_blocks + 1) / 2), K, width, G, m->x8, m->x_scale, m->x_sum, y);
+#pragma omp single
+    for (int i = 0; i < K; i++) op->out[i] = (c ? op->out[i] : 0.f) + weights[c] * y[i];
+  }
+}
+
 /* Offer (id, v) to a min-heap of the k largest seen (size <= k entries): most values fail the
    first comparison. NaN never enters. */
 static inline void heap_offer(int64_t *ids, float *vals, int *size, int k, int64_t id, float v) {
@@ -629,8 +681,12 @@ void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops,
           lm_head(m, op, quantized);
           quantized = 0;
           break;
+        case OP_MOE:
+          moe(m, op, quantized);
+          quantized = 0;
+          break;
         default: {
-          const int fold = next && (next->kind == OP_LINEAR || next->kind == OP_LM_HEAD);
+          const int fold = next && (next->kind == OP_LINEAR || next->kind == OP_LM_HEAD || next->kind == OP_MOE);
 #pragma omp single
           {
             small_op(m, op, token, position);
