@@ -44,6 +44,13 @@ SHAPES = {
     "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                         max_position_embeddings=8192, rope_theta=500000.0),
+    # a mixture of experts: Granite 3.0 1B-A400M's shapes (8 of 32 experts a token, each 512 wide; its
+    # multipliers left out), the CPU engine's (benchmarks/cpu_experts.py)
+    "granite3-1b-a400m": dict(model_type="granitemoe", architectures=["GraniteMoeForCausalLM"], hidden_size=1024,
+                              intermediate_size=512, num_hidden_layers=24, num_attention_heads=16,
+                              num_key_value_heads=8, head_dim=64, vocab_size=49155, tie_word_embeddings=True,
+                              max_position_embeddings=4096, rope_theta=10000.0, num_local_experts=32,
+                              num_experts_per_tok=8),
 }
 BOS, EOS = 256, 257  # byte_tokenizer's special tokens
 
@@ -102,22 +109,22 @@ def random_checkpoint_config(shape: dict) -> dict:
 
 def write_random_checkpoint(output: Path, shape: dict, group_size: int = 128, tokenizer_dir: Path | None = None,
                             seed: int = 0, force: bool = False) -> Path:
-    """A Llama-family AWQ checkpoint of `shape` (a SHAPES entry) with random weights."""
+    """An AWQ checkpoint of `shape` (a SHAPES entry: a Llama unless it names another model_type) with random
+    weights: every tensor its config implies (export.spec.checkpoint_shapes), norms near 1."""
+    from .export.spec import checkpoint_shapes, model_spec
+
     rng = np.random.default_rng(seed)
     config = random_checkpoint_config(shape)
     hidden, vocab = shape["hidden_size"], shape["vocab_size"]
-    tensors = {"model.embed_tokens.weight": rng.standard_normal((vocab, hidden), np.float32).astype(np.float16),
-               "model.norm.weight": rng.uniform(0.8, 1.2, hidden).astype(np.float16)}
+    linear_shapes, tensor_shapes = checkpoint_shapes(model_spec(config))
     if not shape["tie_word_embeddings"]:
-        tensors["lm_head.weight"] = (rng.standard_normal((vocab, hidden), np.float32)
-                                     / math.sqrt(hidden)).astype(np.float16)
-    linears = {}
-    for i in range(shape["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"{p}.{norm}.weight"] = rng.uniform(0.8, 1.2, hidden).astype(np.float16)
-        for name, n, k in llama_linears(shape):
-            linears[f"{p}.{name}"] = random_linear(rng, n, k, group_size)
+        tensor_shapes["lm_head.weight"] = (vocab, hidden)
+    tensors = {}
+    for name, size in tensor_shapes.items():  # norms near 1; the head's and a router's rows of norm ~1
+        spread = 1 if name == "model.embed_tokens.weight" else math.sqrt(hidden)
+        values = rng.uniform(0.8, 1.2, size) if len(size) == 1 else rng.standard_normal(size, np.float32) / spread
+        tensors[name] = values.astype(np.float16)
+    linears = {name: random_linear(rng, n, k, group_size) for name, (n, k) in linear_shapes.items()}
     metadata = {"source_model": "random", "shape": shape, "seed": seed}
     output = Path(output)
     staging = output_staging(output, force)
