@@ -5,7 +5,8 @@ For each family that test runs, the same tiny random checkpoint (tests/test_expo
 tiny_checkpoint, hidden 128, head 64), exported for the ort target, prefilled with 12 tokens and
 then fed 32 more one at a time, teacher-forced: each step's relative logit error
 ||native - ort|| / ||ort|| (the native step keeps a bf16 copy of the cache and int8 activations, so
-it is not bit-exact). Prints the largest error per family and writes JSON under benchmarks/results/.
+it is not bit-exact). Prints the largest error per family (and the next largest: a mixture of
+experts may route a near tie the other way on one step) and writes JSON under benchmarks/results/.
 
     python benchmarks/native_decode_families.py [--families llama gpt_neox ...]
 """
@@ -42,8 +43,11 @@ def main() -> None:
             native, reference = native_and_onnxruntime(export_checkpoint(ckpt, root / "ort", "ort"), 64)
             ids = np.random.default_rng(1).integers(0, 256, 12 + 32).tolist()
             steps, disagreements = teacher_forced(native, reference, ids, 12)
-            errors[model_type] = {"max_rel_error": max(steps), "disagreements": disagreements}
-            print(f"{model_type:18} max relative logit error {max(steps):.4f}  argmax disagreements {disagreements}")
+            # (a mixture of experts: one step may route a near tie the other way; the test lets one off)
+            errors[model_type] = {"max_rel_error": max(steps), "second_largest": sorted(steps)[-2],
+                                  "disagreements": disagreements}
+            print(f"{model_type:18} max relative logit error {max(steps):.4f} (next {sorted(steps)[-2]:.4f})  "
+                  f"argmax disagreements {disagreements}")
     result = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "families": errors,
               "largest": max(e["max_rel_error"] for e in errors.values())}
