@@ -437,7 +437,8 @@ class Decoder:
                       stacked(f"{p}.experts.fc2.zero_points", fc2, "zero_points", (spec.hidden, -1)), "", probs]
             y = b.op("QMoE", *inputs, domain=MS_DOMAIN, name="experts", k=k, activation_type="swiglu",
                      swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                     normalize_routing_weights=int(spec.norm_top_k), expert_weight_bits=4, block_size=group)
+                     normalize_routing_weights=int(spec.norm_top_k), expert_weight_bits=4, block_size=group,
+                     accuracy_level=self.t.accuracy_level)  # (4: int8 activations, as MatMulNBits')
             return b.op("Reshape", y, b.int64s(1, -1, spec.hidden))
         # each token's weight of each expert: its probability where among the top k (renormalized), else 0
         top, chosen = b.op("TopK", probs, b.int64s(k), axis=-1, outputs=[b.name("top"), b.name("chosen")])
