@@ -208,8 +208,8 @@ class CpuOp(ctypes.Structure):
                [("scale", ctypes.c_float), ("softcap", ctypes.c_float)] + \
                [(name, ctypes.c_void_p) for name in ("x", "out", "residual", "w0", "w1", "w2", "bias", "w_norm",
                                                       "table", "cos", "sin", "order", "positions", "w3", "w4", "w5",
-                                                      "router", "scratch")] + \
-               [(name, ctypes.c_int32) for name in ("experts", "top_k", "normalize")]
+                                                      "router", "expert_bias", "scratch")] + \
+               [(name, ctypes.c_int32) for name in ("experts", "top_k", "normalize", "sigmoid")]
 
 
 class CpuModel(ctypes.Structure):
@@ -394,10 +394,13 @@ class NativeDecoder:
                 ("fc2", ("zero_points",))) for kind in kinds]:
             raise Unsupported(f"{a['experts']}: the QMoE node reads other weights than its experts'")
         router = np.ascontiguousarray(self._tensor(a["router"], np.float32, hidden * count).reshape(hidden, count).T)
-        scratch = np.zeros(a["top_k"] * 2 * width + width + hidden + count + 2 * a["top_k"], np.float32)  # (cpu_ops.h)
+        scratch = np.zeros(a["top_k"] * 2 * width + width + hidden + 2 * count + 2 * a["top_k"],
+                           np.float32)  # (cpu_ops.h: scratch)
         self.act_params += [router, scratch]  # (alive as long as the op)
-        rec.n, rec.k, rec.group = width, hidden, g
-        rec.experts, rec.top_k, rec.normalize = count, a["top_k"], a["normalize"]
+        if a["bias"]:  # (LFM2-MoE's, which the graph adds to the sigmoids it chooses by)
+            rec.expert_bias = self._tensor(a["bias"], np.float32, count).ctypes.data
+        rec.n, rec.k, rec.group, rec.scale = width, hidden, g, a["scale"]
+        rec.experts, rec.top_k, rec.normalize, rec.sigmoid = count, a["top_k"], a["normalize"], a["sigmoid"]
         rec.w0, rec.w1, rec.w2, rec.w3, rec.w4, rec.w5 = (t.ctypes.data for t in tensors)
         rec.router, rec.scratch = router.ctypes.data, scratch.ctypes.data
 

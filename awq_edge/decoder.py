@@ -124,6 +124,9 @@ class DecoderSpec:
     experts_per_token: int = 0
     expert_width: int = 0
     norm_top_k: bool = False
+    sigmoid_router: bool = False   # LFM2-MoE: the weights the logits' sigmoids, chosen with mlp.expert_bias added
+    expert_bias: bool = False
+    routed_scale: float = 1.0      # the chosen's weights times this (LFM2-MoE's routed_scaling_factor)
 
     @property
     def qkv_width(self) -> int:
@@ -201,7 +204,8 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         embed_norm=family.embed_norm, conv_layers=tuple(model.conv_layers), conv_kernel=model.conv_kernel,
         conv_bias=model.conv_bias, clip_qkv=float(model.clip_qkv or 0.0), moe_layers=tuple(model.moe_layers),
         experts=model.experts, experts_per_token=model.experts_per_token, expert_width=model.expert_width,
-        norm_top_k=model.norm_top_k)
+        norm_top_k=model.norm_top_k, sigmoid_router=family.router == "sigmoid", expert_bias=model.expert_bias,
+        routed_scale=model.routed_scale)
 
 
 # ---------------------------------------------------------------- the op list
@@ -322,7 +326,9 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             ops.append(Op("moe", {"x": x, "out": "mlp", "norm": norm, "router": f"{p}.mlp.gate.weight",
                                   "experts": f"{p}.mlp.experts", "n": spec.expert_width, "k": spec.hidden,
                                   "count": spec.experts, "top_k": spec.experts_per_token,
-                                  "normalize": spec.norm_top_k}))
+                                  "normalize": spec.norm_top_k, "sigmoid": spec.sigmoid_router,
+                                  "bias": f"{p}.mlp.expert_bias" if spec.expert_bias else None,
+                                  "scale": spec.routed_scale}))
             pending = "mlp"
             continue
         gate_up, width = (f"{p}.mlp.gate_up_proj", 2) if spec.gated_mlp else (f"{p}.mlp.up_proj", 1)

@@ -136,15 +136,20 @@ class Family:
     # name modules inside a block, which the quantizer renames in place (model.rename_block_modules);
     # checkpoints and transformers models get their names back (their_name)
     module_renames: tuple = ()
-    # a mixture of experts (Qwen3-MoE, OLMoE, Mixtral, Granite 3 MoE): the config key of the number of experts
-    # ("": the family has none); each is a gated MLP expert_width_key wide, and a token runs the
+    # a mixture of experts (Qwen3-MoE, OLMoE, Mixtral, Granite 3 MoE, LFM2-MoE): the config key of the number
+    # of experts ("": the family has none); each is a gated MLP expert_width_key wide, and a token runs the
     # num_experts_per_tok its router scores highest, weighted by their softmax probabilities, which
     # norm_top_k renormalizes over the chosen: the config key of that switch, or "always" (Mixtral's)
     experts_key: str = ""
     expert_width_key: str = "intermediate_size"
     norm_top_k: str = "always"
-    # Qwen3-MoE: decoder_sparse_step and mlp_only_layers name the layers with experts (others a dense MLP)
-    sparse_step: bool = False
+    # the layers with experts, the others a dense MLP: "all"; "qwen" (Qwen3-MoE: decoder_sparse_step and
+    # mlp_only_layers say); "after_dense" (LFM2-MoE: all but the first num_dense_layers)
+    expert_layers: str = "all"
+    # "softmax"; "sigmoid" (LFM2-MoE): each expert's weight the sigmoid of its logit, the chosen those whose
+    # weight plus the layer's expert_bias (mlp.expert_bias, with use_expert_bias) is highest, their weights
+    # times routed_scaling_factor after any renormalizing
+    router: str = "softmax"
     # config.json switches the engines do not compute, as (key, what it turns on): refused when set (true or
     # not 0, config_defaults' value where config.json has none)
     refused_switches: tuple = ()
@@ -209,6 +214,15 @@ GPT2_BLOCK = dict(norm="layer", activation="gelu_tanh", gated_mlp=False, learned
                   module_renames=GPT2_MODULE_NAMES, ignored_tensors=(".attn.bias", ".attn.masked_bias"),
                   config_ignored=("head_dim", "num_key_value_heads", "intermediate_size"),
                   required_switches=(("scale_attn_weights", "scores scaled by head_dim ** -0.5"),))
+
+# LFM2's (LFM2-MoE's too): q/k norms, module names (feed_forward's w1, w3, w2 are gate, up, down), defaults
+LFM2_QK_NORMS = ("self_attn.q_layernorm", "self_attn.k_layernorm")
+LFM2_NAMES = ((".operator_norm.", ".input_layernorm."), (".ffn_norm.", ".post_attention_layernorm."),
+              (".feed_forward.", ".mlp."), (".mlp.w1.", ".mlp.gate_proj."), (".mlp.w3.", ".mlp.up_proj."),
+              (".mlp.w2.", ".mlp.down_proj."), (".self_attn.out_proj.", ".self_attn.o_proj."),
+              ("model.embedding_norm.", "model.norm."))
+LFM2_DEFAULTS = (("max_position_embeddings", 128000), ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5),
+                 ("tie_word_embeddings", True), ("rope_theta", 1000000.0))
 
 COHERE_DEFAULTS = (("rms_norm_eps", 1e-5), ("tie_word_embeddings", True), ("logit_scale", 0.0625))
 
@@ -450,16 +464,21 @@ FAMILIES: dict[str, Family] = {
                config_defaults=(("max_position_embeddings", 2048), ("rms_norm_eps", 1e-5))),
         # LFM2 (350M-2.6B; LFM2.5): most layers gated short convolutions, the others attention with per-head
         # q/k norms, under their own names; the final norm is its embedding_norm
-        Family("lfm2", ("lfm2",), qk_norm=True, qk_norms=("self_attn.q_layernorm", "self_attn.k_layernorm"),
-               short_conv=True, ff_dim_adjusted=True, config_aliases=(("norm_eps", "rms_norm_eps"),),
+        Family("lfm2", ("lfm2",), qk_norm=True, qk_norms=LFM2_QK_NORMS, short_conv=True, ff_dim_adjusted=True,
+               config_aliases=(("norm_eps", "rms_norm_eps"),),
                config_replaced=(("block_ff_dim", "intermediate_size"), ("tie_embedding", "tie_word_embeddings")),
-               module_renames=((".operator_norm.", ".input_layernorm."), (".ffn_norm.", ".post_attention_layernorm."),
-                               (".feed_forward.", ".mlp."), (".mlp.w1.", ".mlp.gate_proj."),
-                               (".mlp.w3.", ".mlp.up_proj."), (".mlp.w2.", ".mlp.down_proj."),
-                               (".self_attn.out_proj.", ".self_attn.o_proj."),
-                               ("model.embedding_norm.", "model.norm.")),
-               config_defaults=(("max_position_embeddings", 128000), ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5),
-                                ("tie_word_embeddings", True), ("rope_theta", 1000000.0))),
+               module_renames=LFM2_NAMES, config_defaults=LFM2_DEFAULTS),
+        # LFM2-MoE (8B-A1B): LFM2's layers with experts after the first num_dense_layers (whose MLP is as wide as
+        # intermediate_size says), 4 of 32 a token by a sigmoid router with expert biases; its experts' w1, w3, w2
+        Family("lfm2_moe", ("lfm2_moe",), qk_norm=True, qk_norms=LFM2_QK_NORMS, short_conv=True,
+               experts_key="num_experts", expert_width_key="moe_intermediate_size", norm_top_k="norm_topk_prob",
+               expert_layers="after_dense", router="sigmoid", config_aliases=(("norm_eps", "rms_norm_eps"),),
+               config_replaced=(("tie_embedding", "tie_word_embeddings"),),
+               tensor_renames=((".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj.")),
+               module_renames=LFM2_NAMES,
+               config_defaults=LFM2_DEFAULTS + (("num_experts", 32), ("num_experts_per_tok", 4),
+                                                ("moe_intermediate_size", 1792), ("num_dense_layers", 2),
+                                                ("norm_topk_prob", True))),
         # nanochat: RMSNorms without weights everywhere (the embeddings normed too), per-head q/k norms
         # after a RoPE that turns the other way, Arcee's MLP (relu(fc1(x))^2) under CLIP's names, a
         # soft-capped head. Its q/k norms have no weight, and a rotation keeps a head's RMS, so they are
@@ -507,7 +526,7 @@ FAMILIES: dict[str, Family] = {
         # Qwen3-MoE (30B-A3B, Coder-30B-A3B): Qwen3 whose MLPs are experts, moe_intermediate_size wide, 8 of 128 a
         # token; decoder_sparse_step and mlp_only_layers may leave dense MLPs (intermediate_size wide)
         Family("qwen3_moe", ("qwen3_moe",), qk_norm=True, sliding_layers="qwen", experts_key="num_local_experts",
-               expert_width_key="moe_intermediate_size", norm_top_k="norm_topk_prob", sparse_step=True,
+               expert_width_key="moe_intermediate_size", norm_top_k="norm_topk_prob", expert_layers="qwen",
                config_aliases=(("num_experts", "num_local_experts"),),
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 4),
                                 ("num_local_experts", 128), ("num_experts_per_tok", 8),

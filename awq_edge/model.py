@@ -346,19 +346,30 @@ def experts_as_linears(layer, config: dict) -> None:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
     class SparseMoe(nn.Module):
-        """Each token runs the top_k experts of the router's softmax, weighted by their probabilities
-        (renormalized over the top_k with normalize): what every family's block computes."""
+        """Each token runs the spec.experts_per_token experts of the router's softmax, weighted by their
+        probabilities (renormalized over those with norm_top_k): what every family's block computes.
+        LFM2-MoE's sigmoid router: the logits' sigmoids are the weights, those highest with expert_bias
+        added chosen, the weights times routed_scale after renormalizing."""
 
-        def __init__(self, router, experts, top_k: int, normalize: bool):
+        def __init__(self, router, experts, spec, expert_bias=None):
             super().__init__()
-            self.gate, self.experts, self.top_k, self.normalize = router, nn.ModuleList(experts), top_k, normalize
+            self.gate, self.experts, self.spec = router, nn.ModuleList(experts), spec
+            if expert_bias is not None:
+                self.register_buffer("expert_bias", expert_bias.detach().clone().float())
 
         def forward(self, x):
-            flat = x.reshape(-1, x.shape[-1])
-            probs = torch.softmax(self.gate(flat).float(), dim=-1)
-            weights, chosen = probs.topk(self.top_k, dim=-1)
-            if self.normalize:
+            flat, spec = x.reshape(-1, x.shape[-1]), self.spec
+            logits = self.gate(flat).float()
+            if spec.family.router == "sigmoid":
+                probs = logits.sigmoid()
+                scores = probs + self.expert_bias if spec.expert_bias else probs
+                chosen = scores.topk(spec.experts_per_token, dim=-1).indices
+                weights = probs.gather(-1, chosen)
+            else:
+                weights, chosen = torch.softmax(logits, dim=-1).topk(spec.experts_per_token, dim=-1)
+            if spec.norm_top_k:
                 weights = weights / weights.sum(-1, keepdim=True)
+            weights = weights * spec.routed_scale
             out = torch.zeros_like(flat)
             for j, expert in enumerate(self.experts):
                 token, slot = torch.where(chosen == j)
@@ -375,7 +386,7 @@ def experts_as_linears(layer, config: dict) -> None:
     gate_up, down, width = moe.experts.gate_up_proj, moe.experts.down_proj, spec.expert_width
     experts = [Expert(linear(gate_up[j, :width]), linear(gate_up[j, width:]), linear(down[j]), moe.experts.act_fn)
                for j in range(spec.experts)]
-    layer.mlp = SparseMoe(linear(moe.gate.weight), experts, spec.experts_per_token, spec.norm_top_k)
+    layer.mlp = SparseMoe(linear(moe.gate.weight), experts, spec, getattr(moe, "expert_bias", None))
 
 
 def split_fused_modules(layer, family: Family, config: dict) -> None:

@@ -325,13 +325,14 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     input is the norm's, all tokens; AutoAWQ's Mixtral), scored on the whole mixture, whose router
     takes the scales in float; and a down group per expert, on the tokens routed to it (none, if
     the calibration routed none there)."""
-    if is_moe_layer(layer):
-        return moe_groups(layer, family, config)
-    mlp, conv = layer.mlp, layer.conv if is_conv_layer(layer) else None
+    mlp, conv, moe = layer.mlp, layer.conv if is_conv_layer(layer) else None, is_moe_layer(layer)
     attn = None if conv else layer.self_attn
     groups = []
     qkv = [] if conv else [attn.q_proj, attn.k_proj, attn.v_proj]
-    mlp_in, mlp_group = ([mlp.gate_proj, mlp.up_proj], "gate_up") if family.gated_mlp else ([mlp.up_proj], "up")
+    if moe:  # every expert's gate and up (gated, never in a parallel block: the family table's test)
+        mlp_in, mlp_group = [lin for expert in mlp.experts for lin in (expert.gate_proj, expert.up_proj)], "gate_up"
+    else:
+        mlp_in, mlp_group = ([mlp.gate_proj, mlp.up_proj], "gate_up") if family.gated_mlp else ([mlp.up_proj], "up")
     foldable = family.pre_norms and family.norm_weight  # a norm with a weight to divide by the scales
     if conv is not None:
         hidden = conv.out_proj.in_features
@@ -348,27 +349,16 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     multi_head = attn is not None and attn.v_proj.out_features == attn.o_proj.in_features
     if multi_head and not getattr(config, "clip_qkv", None):
         groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
-    if foldable and not family.parallel_block:
+    if foldable and not family.parallel_block:  # (a mixture's router reads the norm's output too, every token)
         groups.append(ScaleGroup(mlp_group, getattr(layer, family.mlp_norm), mlp_in, "mlp",
-                                 "gate_proj" if family.gated_mlp else "up_proj"))
-    if family.gated_mlp or family.activation in ACTIVATION_ROOTS:  # down's input: act(gate) * up, or act(up)
+                                 "router" if moe else "gate_proj" if family.gated_mlp else "up_proj",
+                                 floats=(mlp.gate,) if moe else ()))
+    if moe:
+        groups += [ScaleGroup(f"experts.{j}.down", e.up_proj, [e.down_proj], f"experts.{j}.down_proj",
+                              f"experts.{j}.down_proj") for j, e in enumerate(mlp.experts)]
+    elif family.gated_mlp or family.activation in ACTIVATION_ROOTS:  # down's input: act(gate) * up, or act(up)
         root = 1 if family.gated_mlp else ACTIVATION_ROOTS[family.activation]
         groups.append(ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj", root))
-    return groups
-
-
-def moe_groups(layer, family: Family, config) -> list[ScaleGroup]:
-    """block_groups of a block whose MLP is a mixture of experts (Qwen3-MoE, OLMoE, Mixtral, Granite MoE)."""
-    attn, experts = layer.self_attn, layer.mlp.experts
-    groups = [ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn",
-                         "q_proj")]
-    if attn.v_proj.out_features == attn.o_proj.in_features:  # (multi-head attention: see block_groups)
-        groups.append(ScaleGroup("o", attn.v_proj, [attn.o_proj], "o_proj", "o_proj"))
-    groups.append(ScaleGroup("gate_up", getattr(layer, family.mlp_norm),
-                             [lin for e in experts for lin in (e.gate_proj, e.up_proj)], "mlp", "router",
-                             floats=(layer.mlp.gate,)))
-    groups += [ScaleGroup(f"experts.{j}.down", e.up_proj, [e.down_proj], f"experts.{j}.down_proj",
-                          f"experts.{j}.down_proj") for j, e in enumerate(experts)]
     return groups
 
 
@@ -384,18 +374,17 @@ def is_conv_layer(layer) -> bool:
 
 def _linear_names(layer) -> dict[str, nn.Linear]:
     """A block's quantized linears by name (no gate_proj in an MLP without a gate; LFM2's short
-    convolutions have in_proj and out_proj in q/k/v/o's place)."""
+    convolutions have in_proj and out_proj in q/k/v/o's place; a mixture of experts' are
+    experts.{j}.gate_proj, ...: _path puts mlp. before them)."""
     m = layer.mlp
-    if is_moe_layer(layer):  # experts.{j}.gate_proj, ...: the mixture's own names (_path puts mlp. before them)
-        experts = {f"experts.{j}.{n}": getattr(e, n) for j, e in enumerate(m.experts)
-                   for n in ("gate_proj", "up_proj", "down_proj")}
-        a = layer.self_attn
-        return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj, **experts}
     if is_conv_layer(layer):
         mixer = {"in_proj": layer.conv.in_proj, "out_proj": layer.conv.out_proj}
     else:
         a = layer.self_attn
         mixer = {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj}
+    if is_moe_layer(layer):
+        return {**mixer, **{f"experts.{j}.{n}": getattr(e, n) for j, e in enumerate(m.experts)
+                            for n in ("gate_proj", "up_proj", "down_proj")}}
     return {**mixer, **({"gate_proj": m.gate_proj} if hasattr(m, "gate_proj") else {}), "up_proj": m.up_proj,
             "down_proj": m.down_proj}
 

@@ -404,16 +404,23 @@ class Decoder:
     def experts(self, x: str, p: str) -> str:
         """A mixture of experts' output for x [1, S, hidden]: the experts_per_token of the router's softmax
         (p.gate, float) with the highest probabilities run on each token, their outputs summed weighted by
-        those (renormalized over the chosen with norm_top_k). ort: one QMoE node (its CPU kernel takes
-        gate and up interleaved row by row, the probabilities as router_weights); the onnx target, or
-        experts it cannot hold (a ragged K, GPTQ act-order): every expert on every token, each weighted
-        by its probability where chosen, else 0 (the same sum, E / experts_per_token times the work)."""
+        those (renormalized over the chosen with norm_top_k); LFM2-MoE's sigmoid router: the logits'
+        sigmoids are the weights, the chosen those highest with p.expert_bias added, the sum times
+        routed_scale. ort: one QMoE node (its CPU kernel takes gate and up interleaved row by row; the
+        scores it chooses by as router_probs, the weights as router_weights); the onnx target, or experts
+        it cannot hold (a ragged K, GPTQ act-order): every expert on every token, each weighted by its
+        weight where chosen, else 0 (the same sum, E / experts_per_token times the work)."""
         b, spec = self.b, self.spec
         k, width = spec.experts_per_token, spec.expert_width
         x2d = b.op("Reshape", x, b.int64s(-1, spec.hidden))
         router = b.act_const(f"{p}.gate.weight", self.tensor(f"{p}.gate.weight").astype(np.float32).T)
         logits = b.op("MatMul", x2d, router, name="router")  # [S, E]
-        probs = b.op("Softmax", logits, axis=-1)
+        if spec.family.router == "sigmoid":
+            weights = b.op("Sigmoid", logits)
+            scores = weights if not spec.expert_bias else b.op(
+                "Add", weights, b.act_const(f"{p}.expert_bias", self.tensor(f"{p}.expert_bias").astype(np.float32)))
+        else:
+            weights = scores = b.op("Softmax", logits, axis=-1)
         gate_up = [self.fused_weights(f"{p}.experts.{j}", ("gate", "up")) for j in range(spec.experts)]
         down = [self.linear_weights(f"{p}.experts.{j}.down_proj") for j in range(spec.experts)]
         group = gate_up[0].group_size
@@ -428,31 +435,34 @@ class Decoder:
                 return b.act_const(name, values) if key == "scales" else b.const(name, values)
 
             blocks = (spec.hidden // group, width // group)
-            inputs = [x2d, logits,
+            inputs = [x2d, scores,
                       stacked(f"{p}.experts.fc1.B", fc1, "B", (2 * width, spec.hidden // 2)),
                       stacked(f"{p}.experts.fc1.scales", fc1, "scales", (2 * width, blocks[0])), "",
                       stacked(f"{p}.experts.fc2.B", fc2, "B", (spec.hidden, width // 2)),
                       stacked(f"{p}.experts.fc2.scales", fc2, "scales", (spec.hidden, blocks[1])), "", "", "", "",
                       stacked(f"{p}.experts.fc1.zero_points", fc1, "zero_points", (2 * width, -1)),
-                      stacked(f"{p}.experts.fc2.zero_points", fc2, "zero_points", (spec.hidden, -1)), "", probs]
+                      stacked(f"{p}.experts.fc2.zero_points", fc2, "zero_points", (spec.hidden, -1)), "", weights]
             y = b.op("QMoE", *inputs, domain=MS_DOMAIN, name="experts", k=k, activation_type="swiglu",
                      swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
                      normalize_routing_weights=int(spec.norm_top_k), expert_weight_bits=4, block_size=group,
                      accuracy_level=self.t.accuracy_level)  # (4: int8 activations, as MatMulNBits')
-            return b.op("Reshape", y, b.int64s(1, -1, spec.hidden))
-        # each token's weight of each expert: its probability where among the top k (renormalized), else 0
-        top, chosen = b.op("TopK", probs, b.int64s(k), axis=-1, outputs=[b.name("top"), b.name("chosen")])
-        if spec.norm_top_k:
-            top = b.op("Div", top, b.op("ReduceSum", top, b.int64s(-1), keepdims=1))
-        weights = b.op("ScatterElements", b.op("Mul", probs, b.act_const("const/zero", 0.0)), chosen, top, axis=-1)
-        y = None
-        for j in range(spec.experts):
-            with b.scope(f"experts.{j}"):
-                gate, up = (self.linear(x2d, f"{p}.experts.{j}.{n}_proj") for n in ("gate", "up"))
-                out = self.linear(b.op("Mul", self.activation(gate, p), up), f"{p}.experts.{j}.down_proj")
-                weight = b.op("Slice", weights, b.int64s(j), b.int64s(j + 1), b.int64s(1))  # [S, 1]
-                out = b.op("Mul", out, weight)
-                y = out if y is None else b.op("Add", y, out)
+        else:  # each token's weight of each expert: its weight where among the top k (renormalized), else 0
+            _, chosen = b.op("TopK", scores, b.int64s(k), axis=-1, outputs=[b.name("top"), b.name("chosen")])
+            top = b.op("GatherElements", weights, chosen, axis=-1)
+            if spec.norm_top_k:
+                top = b.op("Div", top, b.op("ReduceSum", top, b.int64s(-1), keepdims=1))
+            weights = b.op("ScatterElements", b.op("Mul", weights, b.act_const("const/zero", 0.0)), chosen, top,
+                           axis=-1)
+            y = None
+            for j in range(spec.experts):
+                with b.scope(f"experts.{j}"):
+                    gate, up = (self.linear(x2d, f"{p}.experts.{j}.{n}_proj") for n in ("gate", "up"))
+                    out = self.linear(b.op("Mul", self.activation(gate, p), up), f"{p}.experts.{j}.down_proj")
+                    weight = b.op("Slice", weights, b.int64s(j), b.int64s(j + 1), b.int64s(1))  # [S, 1]
+                    out = b.op("Mul", out, weight)
+                    y = out if y is None else b.op("Add", y, out)
+        if spec.routed_scale != 1.0:
+            y = b.op("Mul", y, b.act_const("const/routed_scale", spec.routed_scale))
         return b.op("Reshape", y, b.int64s(1, -1, spec.hidden))
 
     def clipped(self, x: str) -> str:

@@ -107,12 +107,16 @@ class ModelSpec:
     # a mixture of experts (Family.experts_key): the layers whose MLP is `experts` gated MLPs, each
     # expert_width wide, of which a token runs the experts_per_token its router (mlp.gate, float) scores
     # highest, weighted by their softmax probabilities (renormalized over the chosen with norm_top_k);
-    # the other layers' MLP is the dense one, intermediate wide
+    # the other layers' MLP is the dense one, intermediate wide. LFM2-MoE's router (Family.router
+    # "sigmoid"): weights the sigmoids of the logits, the chosen those highest with the layer's
+    # mlp.expert_bias added (expert_bias), the weights times routed_scale after renormalizing
     moe_layers: tuple = ()
     experts: int = 0
     experts_per_token: int = 0
     expert_width: int = 0
     norm_top_k: bool = False
+    expert_bias: bool = False
+    routed_scale: float = 1.0
 
     @property
     def attention_layers(self) -> list[int]:
@@ -442,20 +446,26 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
 
 
 def experts_spec(c: Fields, family: Family, layers: int) -> dict:
-    """A mixture of experts' ModelSpec fields (Family.experts_key): every layer has experts, or (Qwen3-MoE's
-    decoder_sparse_step and mlp_only_layers, as its decoder layers read them) those these leave."""
+    """A mixture of experts' ModelSpec fields (Family.experts_key): every layer has experts, or those Qwen3-MoE's
+    decoder_sparse_step and mlp_only_layers leave, or all but LFM2-MoE's first num_dense_layers, as their
+    decoder layers read them."""
     experts = c.int(family.experts_key, 1, MAX_EXPERTS)
     moe_layers = tuple(range(layers))
-    if family.sparse_step:
+    if family.expert_layers == "qwen":
         step = c.int("decoder_sparse_step", 1, MAX_LAYERS, default=1)
         dense = layer_numbers(c, "mlp_only_layers", layers) if c.raw.get("mlp_only_layers") is not None else []
         moe_layers = tuple(i for i in moe_layers if i not in dense and (i + 1) % step == 0)
+    elif family.expert_layers == "after_dense":
+        moe_layers = moe_layers[c.int("num_dense_layers", 0, layers):]
+    sigmoid = family.router == "sigmoid"
     if experts * len(moe_layers) > MAX_EXPERTS_IN_ALL:  # (each a checkpoint's three linears to list and check)
         raise UserError(f"{c.where}: {experts} experts in each of {len(moe_layers)} layers is more than any model has "
                         f"({MAX_EXPERTS_IN_ALL} experts in all at most); {c.fix}")
     return dict(moe_layers=moe_layers, experts=experts, experts_per_token=c.int("num_experts_per_tok", 1, experts),
                 expert_width=c.int(family.expert_width_key, 1, MAX_INTERMEDIATE),
-                norm_top_k=family.norm_top_k == "always" or c.bool(family.norm_top_k, default=False))
+                norm_top_k=family.norm_top_k == "always" or c.bool(family.norm_top_k, default=False),
+                expert_bias=sigmoid and c.bool("use_expert_bias", default=True),
+                routed_scale=c.float("routed_scaling_factor", 1e-6, 1e6, default=1.0) if sigmoid else 1.0)
 
 
 def layer_numbers(c: Fields, key: str, layers: int) -> list[int]:
@@ -551,8 +561,10 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
         p = f"model.layers.{i}"
         tensors.update({f"{p}.{n}.{kind}": (h,) for n in norms for kind in kinds})
         tensors.update({f"{p}.mlp.act_fn.{n}": shape for n, shape in ACTIVATION_PARAMS.get(family.activation, ())})
-        if i in spec.moe_layers:  # the router's weight, float
+        if i in spec.moe_layers:  # the router's weight (and LFM2-MoE's expert biases), float
             tensors[f"{p}.mlp.gate.weight"] = (spec.experts, h)
+            if spec.expert_bias:
+                tensors[f"{p}.mlp.expert_bias"] = (spec.experts,)
         if i in spec.conv_layers:  # (LFM2's) the depthwise convolution's weight [hidden, 1, kernel], float
             tensors.update({f"{p}.conv.conv.weight": (h, 1, spec.conv_kernel),
                             **({f"{p}.conv.conv.bias": (h,)} if spec.conv_bias else {})})

@@ -518,6 +518,9 @@ def test_the_family_table_combines_only_what_every_engine_computes():
         assert f.norm in ("rms", "layer") and f.activation in ACTIVATION_NAMES, f.name
         assert f.norm == "rms" or not (f.qk_norm or f.post_norms), f.name
         assert f.pre_norms or not f.parallel_block, f.name
+        # experts: gated SiLU MLPs (ONNX Runtime's QMoE and decode_step.c's moe op compute that) on a norm of their own
+        assert not f.experts_key or (f.gated_mlp and f.activation == "silu" and not f.parallel_block
+                                     and not f.parallel_norms_switch), f.name
     assert SUPPORTED_TYPES <= set(TINY_EXTRA), sorted(SUPPORTED_TYPES - set(TINY_EXTRA))
 
 
@@ -821,14 +824,23 @@ GRANITE_1B_A400M = {"architectures": ["GraniteMoeForCausalLM"], "attention_bias"
                     "num_experts_per_tok": 8, "num_hidden_layers": 24, "num_key_value_heads": 8,
                     "num_local_experts": 32, "pad_token_id": 0, "residual_multiplier": 0.22, "rms_norm_eps": 1e-06,
                     "rope_scaling": None, "rope_theta": 10000, "tie_word_embeddings": True, "vocab_size": 49155}
+# LiquidAI/LFM2-8B-A1B's keys and sizes (18 short convolutions and 6 attention layers; this order ours)
+LFM2_8B_A1B = {"architectures": ["Lfm2MoeForCausalLM"], "bos_token_id": 1, "conv_L_cache": 3, "conv_bias": False,
+               "eos_token_id": 7, "hidden_size": 2048, "intermediate_size": 7168,
+               "layer_types": ["conv", "conv", "full_attention", "conv"] * 6, "max_position_embeddings": 128000,
+               "model_type": "lfm2_moe", "moe_intermediate_size": 1792, "norm_eps": 1e-05, "norm_topk_prob": True,
+               "num_attention_heads": 32, "num_dense_layers": 2, "num_experts": 32, "num_experts_per_tok": 4,
+               "num_hidden_layers": 24, "num_key_value_heads": 8, "pad_token_id": 0, "rope_theta": 1000000.0,
+               "routed_scaling_factor": 1.0, "tie_embedding": True, "use_expert_bias": True, "vocab_size": 65536}
 MOE_CONFIGS = {"qwen3_moe": QWEN3_30B_A3B, "olmoe": OLMOE_1B_7B, "mixtral": MIXTRAL_8X7B,
-               "granitemoe": GRANITE_1B_A400M}
+               "granitemoe": GRANITE_1B_A400M, "lfm2_moe": LFM2_8B_A1B}
 
 
 @pytest.mark.parametrize("model_type", MOE_CONFIGS)
 def test_a_mixture_of_experts_reads_its_published_config_as_transformers_does(model_type):
     """Experts, how many a token, their width, renormalized or not, and (Qwen3-MoE's decoder_sparse_step
-    and mlp_only_layers) which layers have them: as transformers' model of the config builds them."""
+    and mlp_only_layers, LFM2-MoE's num_dense_layers) which layers have them: as transformers' model of
+    the config builds them."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -837,17 +849,21 @@ def test_a_mixture_of_experts_reads_its_published_config_as_transformers_does(mo
     published = MOE_CONFIGS[model_type]
     spec = model_spec(published)
     want = {"qwen3_moe": (128, 8, 768, True), "olmoe": (64, 8, 1024, False), "mixtral": (8, 2, 14336, True),
-            "granitemoe": (32, 8, 512, True)}[model_type]
+            "granitemoe": (32, 8, 512, True), "lfm2_moe": (32, 4, 1792, True)}[model_type]
     assert (spec.experts, spec.experts_per_token, spec.expert_width, spec.norm_top_k) == want
-    assert spec.moe_layers == tuple(range(spec.layers))
+    assert spec.moe_layers == tuple(range(2 if model_type == "lfm2_moe" else 0, spec.layers))
+    assert spec.expert_bias == (model_type == "lfm2_moe") and spec.routed_scale == 1.0
     # the layers transformers gives experts, at a small size: Qwen3-MoE's every other one but layer 1
     small = {**published, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 6, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 64, "decoder_sparse_step": 2,
-             "mlp_only_layers": [1], "moe_intermediate_size": 16}
+             "mlp_only_layers": [1], "moe_intermediate_size": 16,
+             **({"layer_types": ["conv", "full_attention"] * 3} if model_type == "lfm2_moe" else {})}
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**small), dtype=torch.float32)
-    built = tuple(i for i, layer in enumerate(model.model.layers)  # (Granite's: block_sparse_moe)
-                  if hasattr(getattr(layer, "mlp", None), "experts") or hasattr(layer, "block_sparse_moe"))
-    assert model_spec(small).moe_layers == built == ((3, 5) if model_type == "qwen3_moe" else tuple(range(6)))
+    built = tuple(i for i, layer in enumerate(model.model.layers)  # (Granite's: block_sparse_moe; LFM2's feed_forward)
+                  if hasattr(getattr(layer, "mlp", getattr(layer, "feed_forward", None)), "experts")
+                  or hasattr(layer, "block_sparse_moe"))
+    want = {"qwen3_moe": (3, 5), "lfm2_moe": (2, 3, 4, 5)}.get(model_type, tuple(range(6)))
+    assert model_spec(small).moe_layers == built == want
 
 
 def test_a_config_of_more_experts_than_any_model_is_refused_before_anything_is_made():
@@ -877,7 +893,7 @@ def test_a_wrong_value_in_any_key_of_these_configs_is_read_or_refused_in_one_lin
                           "do_layer_norm_before", "scale_attn_weights", "_remove_final_layer_norm", "hidden_size",
                           "intermediate_size", "num_key_value_heads", "num_experts", "num_local_experts",
                           "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-                          "mlp_only_layers"}
+                          "mlp_only_layers", "num_dense_layers", "use_expert_bias", "routed_scaling_factor"}
     for key in sorted(keys - {"model_type"}):
         for value in WRONG + ["left out"]:
             changed = {k: v for k, v in config.items() if k != key}

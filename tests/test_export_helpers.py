@@ -140,6 +140,11 @@ TINY_EXTRA = {
               "bos_token_id": 1, "eos_token_id": 2},
     # renormalized; every layer sliding
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 5, "pad_token_id": 0},
+    # LFM2-MoE: layer 0 a short convolution with a dense MLP (num_dense_layers), layers 1 (attention) and 2 (a
+    # short convolution) with experts, chosen by a sigmoid router with expert biases, weights scaled
+    "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"], "num_hidden_layers": 3, "num_dense_layers": 1,
+                 "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "head_dim": 16,
+                 "routed_scaling_factor": 1.5},
     # renormalized, Granite's multipliers, its experts' names (block_sparse_moe, router)
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
                    "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.5, "pad_token_id": 0},
@@ -182,6 +187,9 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
                 p.normal_(std=1.0)
             elif name.endswith(("wpe.weight", "embed_positions.weight")):  # (learned positions: rows that tell apart)
                 p.normal_(std=1.0)
+        for name, buffer in model.named_buffers():
+            if name.endswith(".expert_bias"):  # (LFM2-MoE's: which experts a token chooses)
+                buffer.normal_(std=0.5)
     float_dir = root / "float"
     model.save_pretrained(float_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the quantizer loads a tokenizer

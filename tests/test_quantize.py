@@ -378,7 +378,7 @@ def test_folding_scales_is_exact_in_a_mixture_of_experts(model_type, tiny_model_
     """A mixture of experts' groups: q/k/v and o as in every block; one gate_up group of every expert's gate
     and up, whose scales the norm takes and the float router too (it reads the same input); a down group
     per expert, folded into that expert's up. Random scales keep the block's function (Qwen3-MoE's
-    layer 1: a dense MLP, the usual groups)."""
+    layer 1 and LFM2-MoE's layer 0, a short convolution: a dense MLP, the usual groups)."""
     model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
     family = family_for(model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
@@ -387,9 +387,9 @@ def test_folding_scales_is_exact_in_a_mixture_of_experts(model_type, tiny_model_
         before = _layer_output(layer(inputs, **kwargs[i]))
         linears = {**_linear_names(layer), **({"router": layer.mlp.gate} if is_moe_layer(layer) else {})}
         groups = block_groups(layer, family, model.config)
-        moe = [f"experts.{j}.down" for j in range(4)]
-        assert [g.name for g in groups] == ["qkv", "o", "gate_up"] + (moe if is_moe_layer(layer) else ["down"])
-        assert model_type == "qwen3_moe" and i == 1 or is_moe_layer(layer)
+        moe, mixer = [f"experts.{j}.down" for j in range(4)], ["in", "out"] if is_conv_layer(layer) else ["qkv", "o"]
+        assert [g.name for g in groups] == mixer + ["gate_up"] + (moe if is_moe_layer(layer) else ["down"])
+        assert is_moe_layer(layer) or (model_type, i) in (("qwen3_moe", 1), ("lfm2_moe", 0))
         torch.manual_seed(i)
         for g in groups:
             _apply_group(g, torch.rand(g.linears[0].in_features) + 0.5, family,

@@ -65,7 +65,8 @@ struct cpu_op {
   int32_t window;    /* attention: sliding window, 0 = none */
   int32_t kind_arg;  /* act: ACT_SILU, ACT_GELU_TANH, ACT_RELU2, ACT_XIELU, ACT_GELU or ACT_RELU (+ ACT_UNGATED: no
                         up) */
-  float scale;       /* attention: q k^T scale; embed: sqrt(hidden) or 0; clamp: its limit */
+  float scale;       /* attention: q k^T scale; embed: sqrt(hidden) or 0; clamp: its limit; moe: the chosen's
+                        weights times this (LFM2-MoE's routed_scaling_factor) */
   float softcap;     /* attention scores, lm_head logits: cap * tanh(x / cap), 0 = none */
   float *x, *out, *residual;  /* short_conv: x its B, C, x side by side; residual its layer's B * x by position
                                  (ORT's array: row t + k - 1 is position t's, the first k - 1 rows zeros) */
@@ -86,9 +87,12 @@ struct cpu_op {
   const float *w4;
   const uint8_t *w5;
   const float *router;     /* moe: float32 [experts, k], the router's logits x . row */
-  float *scratch;          /* moe: top_k * 2 n + n + k + experts + 2 top_k floats: the chosen's gate/up rows,
-                              act(gate) * up, one down's output, the probabilities, the chosen's weights and ids */
+  const float *expert_bias;  /* moe, sigmoid: added to the weights to choose by (LFM2-MoE's), or NULL */
+  float *scratch;          /* moe: top_k * 2 n + n + k + 2 experts + 2 top_k floats: the chosen's gate/up rows,
+                              act(gate) * up, one down's output, the weights and the scores to choose by, the
+                              chosen's weights and ids */
   int32_t experts, top_k, normalize;
+  int32_t sigmoid;         /* moe: the weights the logits' sigmoids (LFM2-MoE), else their softmax */
 };
 
 struct cpu_model {

@@ -479,36 +479,44 @@ static void act(const struct cpu_op *op) {
   }
 }
 
-/* A mixture of experts (Qwen3-MoE, OLMoE, Mixtral, Granite MoE): the router's softmax over the experts, its top_k
-   (the first of equal ones; a NaN never chosen over a number), each one's gate/up then act(gate) * up then down.
-   Called by every thread: the GEMVs share their rows out; the small steps run in `single`s. */
+/* A mixture of experts (Qwen3-MoE, OLMoE, Mixtral, Granite MoE, LFM2-MoE): the router's softmax over the experts
+   (LFM2-MoE's: each logit's sigmoid, chosen by it plus the expert's bias), its top_k (the first of equal ones; a
+   NaN never chosen over a number), each one's gate/up then act(gate) * up then down, weighted. Called by every
+   thread: the GEMVs share their rows out; the small steps run in `single`s. */
 static void moe(const struct cpu_model *m, const struct cpu_op *op, int quantized) {
-  const int width = op->n, K = op->k, G = op->group, top = op->top_k;
+  const int width = op->n, K = op->k, G = op->group, top = op->top_k, experts = op->experts;
   const size_t in_blocks = (K + G - 1) / G, out_blocks = (width + G - 1) / G;
   float *gate_up = op->scratch, *act_in = gate_up + (size_t)top * 2 * width, *y = act_in + width;
-  float *probs = y + K, *weights = probs + op->experts;  /* weights: the chosen's, then their ids as int32 */
+  float *probs = y + K, *scores = probs + experts, *weights = scores + experts;  /* then the chosen's ids */
   int32_t *chosen = (int32_t *)(weights + top);
 #pragma omp single
   {
     if (!quantized) quantize_input(m, op);
     float largest = -3.4e38f, total = 0.f;
-    for (int e = 0; e < op->experts; e++) {
+    for (int e = 0; e < experts; e++) {
       probs[e] = dot(op->router + (size_t)e * K, op->x, K);
       largest = probs[e] > largest ? probs[e] : largest;
     }
-    for (int e = 0; e < op->experts; e++) total += probs[e] = exp_approx(probs[e] - largest);
+    for (int e = 0; e < experts; e++) {
+      if (op->sigmoid) {
+        probs[e] = 1.f / (1.f + exp_approx(-probs[e]));
+        scores[e] = probs[e] + (op->expert_bias ? op->expert_bias[e] : 0.f);
+      } else {
+        total += probs[e] = exp_approx(probs[e] - largest);
+      }
+    }
+    for (int e = 0; e < experts && !op->sigmoid; e++) scores[e] = probs[e] /= total;
     float picked = 0.f;
     for (int c = 0; c < top; c++) {  /* top_k is small (8 of 128 at most in the families): a scan each */
       int best = -1;
-      for (int e = 0; e < op->experts; e++)
-        if (probs[e] >= 0.f && (best < 0 || probs[e] > probs[best])) best = e;
-      if (best < 0) best = c;  /* (every probability NaN: a broken router; any expert, in bounds) */
+      for (int e = 0; e < experts; e++)  /* (taken: -3.4e38; NaN compares false) */
+        if (scores[e] > -3.4e38f && (best < 0 || scores[e] > scores[best])) best = e;
+      if (best < 0) best = c;  /* (every score NaN: a broken router; any expert, in bounds) */
       chosen[c] = best;
-      picked += weights[c] = probs[best] / total;
-      probs[best] = -1.f;  /* taken (a probability is never negative) */
+      picked += weights[c] = probs[best];
+      scores[best] = -3.4e38f;
     }
-    if (op->normalize)
-      for (int c = 0; c < top; c++) weights[c] /= picked;
+    for (int c = 0; c < top; c++) weights[c] = (op->normalize ? weights[c] / picked : weights[c]) * op->scale;
   }
   for (int c = 0; c < top; c++) {  /* every chosen expert's gate/up first: they all read x8 */
     const size_t e = chosen[c], rows = 2 * (size_t)width;
