@@ -541,16 +541,28 @@ def tagged_floats(value):
 def experts_stacked(state: dict, spec) -> dict:
     """A float state dict under our names with each layer's experts (mlp.experts.{j}.gate_proj, ...) as
     transformers 5 holds them: mlp.experts.gate_up_proj [E, 2 x width, hidden] (each expert's gate, then
-    up) and mlp.experts.down_proj [E, hidden, width]."""
+    up) and mlp.experts.down_proj [E, hidden, width]; gpt-oss's (Family.experts_layout "interleaved")
+    [E, hidden, 2 x width] with gate and up column by column and [E, width, hidden], and their biases."""
     import torch
 
+    interleaved = spec.family.experts_layout == "interleaved"
     for i in spec.moe_layers:
         p = f"model.layers.{i}.mlp.experts"
-        weight = {(j, n): state.pop(f"{p}.{j}.{n}_proj.weight") for j in range(spec.experts)
-                  for n in ("gate", "up", "down")}
-        state[f"{p}.gate_up_proj"] = torch.stack([torch.cat([weight[j, "gate"], weight[j, "up"]])
-                                                  for j in range(spec.experts)])
-        state[f"{p}.down_proj"] = torch.stack([weight[j, "down"] for j in range(spec.experts)])
+        tensor = {(j, n, kind): state.pop(f"{p}.{j}.{n}_proj.{kind}") for j in range(spec.experts)
+                  for n in ("gate", "up", "down") for kind in ("weight", "bias") if f"{p}.{j}.{n}_proj.{kind}" in state}
+        for kind in ("weight", "bias") if interleaved else ("weight",):
+            if interleaved:  # (row r of the pair's stack: gate's r // 2 when r is even, else up's)
+                gate_up = [torch.stack([tensor[j, "gate", kind], tensor[j, "up", kind]], 1).flatten(0, 1)
+                           for j in range(spec.experts)]
+                down = [tensor[j, "down", kind] for j in range(spec.experts)]
+                if kind == "weight":
+                    gate_up, down = [w.T for w in gate_up], [w.T for w in down]
+            else:
+                gate_up = [torch.cat([tensor[j, "gate", kind], tensor[j, "up", kind]]) for j in range(spec.experts)]
+                down = [tensor[j, "down", kind] for j in range(spec.experts)]
+            suffix = "" if kind == "weight" else "_bias"
+            state[f"{p}.gate_up_proj{suffix}"] = torch.stack(gate_up)
+            state[f"{p}.down_proj{suffix}"] = torch.stack(down)
     return state
 
 

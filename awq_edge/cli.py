@@ -143,8 +143,8 @@ def quantize(
 
     meta = quantize_checkpoint(model, output, settings, str(calib) if calib else None, force=force,
                                checkpoint_format=checkpoint_format)
-    typer.echo(f"wrote {output} ({method}, group {group_size}, {checkpoint_format}) in {meta['seconds']:.0f} s, "
-               f"peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB")
+    typer.echo(f"wrote {output} ({method}, group {settings.group_size}, {checkpoint_format}) in "
+               f"{meta['seconds']:.0f} s, peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB")
 
 
 @app.command("eval")

@@ -289,9 +289,14 @@ class NativeDecoder:
         if len(groups) != 1:
             raise Unsupported(f"one block size for the body's linears, got {sorted(groups)}")
         try:
+            model = model_spec(info.config)
+            if model.attention_sinks or model.swiglu_limit is not None:
+                raise Unsupported(f"{model.model_type}'s attention sinks and clamped SwiGLU experts, which "
+                                  "decode_step.c does not compute yet")
+
             def biased(*names) -> bool:
                 return any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith(names))
-            spec = decoder_spec(model_spec(info.config), groups.pop(), biased("qkv_proj"),
+            spec = decoder_spec(model, groups.pop(), biased("qkv_proj"),
                                 out_bias=biased("o_proj", "gate_up_proj", "up_proj", "down_proj"),
                                 positions=info.max_position_embeddings,  # (the graph's RoPE rows: build --max-context)
                                 experts=True)

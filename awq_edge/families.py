@@ -150,6 +150,17 @@ class Family:
     # weight plus the layer's expert_bias (mlp.expert_bias, with use_expert_bias) is highest, their weights
     # times routed_scaling_factor after any renormalizing
     router: str = "softmax"
+    # gpt-oss: its router's logits have a bias (mlp.gate.bias); its experts' linears have biases, are stored
+    # [E, hidden, 2 x width] with gate and up interleaved by column ("interleaved": transformers' GptOssExperts),
+    # and compute clamped SwiGLU: (clamp(up, +-limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit)
+    # (swiglu_alpha, swiglu_limit), which no scale folds across (no down groups)
+    router_bias: bool = False
+    experts_layout: str = "stacked"
+    expert_act: str = "silu"
+    # gpt-oss: each head's learned sink, a logit (self_attn.sinks [heads]) in the softmax's denominator only
+    attention_sinks: bool = False
+    # gpt-oss: its MLP returns (output, router scores), which its block unpacks; the quantizer's SparseMoe too
+    moe_returns_tuple: bool = False
     # config.json switches the engines do not compute, as (key, what it turns on): refused when set (true or
     # not 0, config_defaults' value where config.json has none)
     refused_switches: tuple = ()
@@ -551,6 +562,18 @@ FAMILIES: dict[str, Family] = {
                module_renames=((".block_sparse_moe.", ".mlp."), (".mlp.router.", ".mlp.gate.")),
                config_defaults=(("max_position_embeddings", 2048), ("attention_multiplier", 1.0),
                                 ("num_local_experts", 8), ("num_experts_per_tok", 2))),
+        # gpt-oss (20B, 120B): 4 of 32 (128) experts a token with clamped SwiGLU and biases, its router's logits
+        # biased, softmax over the chosen; attention with biases and a sink per head, every other layer sliding
+        Family("gpt_oss", ("gpt_oss",), experts_key="num_local_experts", router_bias=True, sliding_layers="alternate",
+               experts_layout="interleaved", expert_act="clamped_swiglu", attention_sinks=True, moe_returns_tuple=True,
+               module_renames=((".mlp.router.", ".mlp.gate."),),
+               config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 8), ("head_dim", 64),
+                                ("num_local_experts", 128), ("num_experts_per_tok", 4), ("sliding_window", 128),
+                                ("rms_norm_eps", 1e-5), ("swiglu_alpha", 1.702), ("swiglu_limit", 7.0),
+                                ("rope_parameters", {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                     "beta_slow": 1.0, "truncate": False,
+                                                     "original_max_position_embeddings": 4096,
+                                                     "rope_theta": 150000.0}))),
         # Phi-3, 3.5 and 4-mini: fused q/k/v and gate/up, partial rotary (4-mini), LongRoPE (the long-context ones)
         Family("phi3", ("phi3",), sliding_layers="all",
                fused_linears=(FUSED_QKV, FUSED_GATE_UP),

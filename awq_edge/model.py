@@ -197,7 +197,8 @@ def load_float_model(model_dir: Path, dtype=None):
         if not weights:
             raise UserError(f"{model_dir} has no weights (*.safetensors or *.bin); re-download the model")
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto", low_cpu_mem_usage=True)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto", low_cpu_mem_usage=True,
+                                                         **mxfp4_dequantized(config))
         except Exception as e:
             raise UserError(f"could not load weights from {model_dir}: {str(e).splitlines()[0][:200]}; "
                             "the files may be truncated or corrupt, re-download them") from None
@@ -209,6 +210,18 @@ def load_float_model(model_dir: Path, dtype=None):
     for layer in decoder_layers(model):
         our_block_modules(layer, family, config)
     return model, tokenizer
+
+
+def mxfp4_dequantized(config: dict) -> dict:
+    """from_pretrained's keyword for a checkpoint of MXFP4 experts (gpt-oss as OpenAI ships it): dequantized to
+    floats on load, whatever kernels this machine has (with triton's, transformers would keep them packed, which
+    the quantizer cannot read); {} for any other."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "mxfp4":
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
 def decoder_layers(model):
@@ -326,8 +339,9 @@ def our_block_modules(layer, family: Family, config: dict) -> None:
 
 def experts_as_linears(layer, config: dict) -> None:
     """One block's experts (transformers 5 stacks them in 3-d tensors: gate_up_proj [E, 2 x width, hidden],
-    down_proj [E, hidden, width]) and router (mlp.gate, under our names) as a SparseMoe of nn.Linear modules
-    in the mlp's place, what the quantizer reads. A dense layer's MLP (Qwen3-MoE's mlp_only_layers) is left."""
+    down_proj [E, hidden, width]; gpt-oss's Family.experts_layout) and router (mlp.gate, under our names) as a
+    SparseMoe of nn.Linear modules in the mlp's place, what the quantizer reads. A dense layer's MLP
+    (Qwen3-MoE's mlp_only_layers) is left as it is."""
     import torch
     from torch import nn
 
@@ -338,12 +352,18 @@ def experts_as_linears(layer, config: dict) -> None:
         return
 
     class Expert(nn.Module):
-        def __init__(self, gate_proj, up_proj, down_proj, act_fn):
+        """down(silu(gate(x)) * up(x)), or gpt-oss's clamped SwiGLU (spec.swiglu_limit set)."""
+
+        def __init__(self, gate_proj, up_proj, down_proj, spec):
             super().__init__()
-            self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+            self.gate_proj, self.up_proj, self.down_proj, self.spec = gate_proj, up_proj, down_proj, spec
 
         def forward(self, x):
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            gate, up, limit = self.gate_proj(x), self.up_proj(x), self.spec.swiglu_limit
+            if limit is None:
+                return self.down_proj(nn.functional.silu(gate) * up)
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            return self.down_proj((up + 1) * gate * torch.sigmoid(gate * self.spec.swiglu_alpha))
 
     class SparseMoe(nn.Module):
         """Each token runs the spec.experts_per_token experts of the router's softmax, weighted by their
@@ -375,18 +395,26 @@ def experts_as_linears(layer, config: dict) -> None:
                 token, slot = torch.where(chosen == j)
                 if len(token):
                     out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None].to(flat.dtype))
-            return out.reshape(x.shape)
+            return (out.reshape(x.shape), None) if spec.family.moe_returns_tuple else out.reshape(x.shape)
 
-    def linear(w):
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    def linear(w, b=None):
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
         lin.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        if b is not None:
+            lin.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
         return lin
 
-    spec = model_spec(config)
-    gate_up, down, width = moe.experts.gate_up_proj, moe.experts.down_proj, spec.expert_width
-    experts = [Expert(linear(gate_up[j, :width]), linear(gate_up[j, width:]), linear(down[j]), moe.experts.act_fn)
-               for j in range(spec.experts)]
-    layer.mlp = SparseMoe(linear(moe.gate.weight), experts, spec, getattr(moe, "expert_bias", None))
+    spec, ex = model_spec(config), moe.experts
+    width = spec.expert_width
+    if spec.family.experts_layout == "interleaved":  # (gpt-oss's) [E, hidden, 2 x width]: gate, up by column; biases
+        parts = [(ex.gate_up_proj[j][:, 0::2].T, ex.gate_up_proj_bias[j][0::2], ex.gate_up_proj[j][:, 1::2].T,
+                  ex.gate_up_proj_bias[j][1::2], ex.down_proj[j].T, ex.down_proj_bias[j]) for j in range(spec.experts)]
+    else:
+        parts = [(ex.gate_up_proj[j, :width], None, ex.gate_up_proj[j, width:], None, ex.down_proj[j], None)
+                 for j in range(spec.experts)]
+    experts = [Expert(linear(g, gb), linear(u, ub), linear(d, db), spec) for g, gb, u, ub, d, db in parts]
+    router = linear(moe.gate.weight, moe.gate.bias if spec.family.router_bias else None)
+    layer.mlp = SparseMoe(router, experts, spec, getattr(moe, "expert_bias", None))
 
 
 def split_fused_modules(layer, family: Family, config: dict) -> None:

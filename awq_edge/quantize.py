@@ -353,9 +353,10 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
         groups.append(ScaleGroup(mlp_group, getattr(layer, family.mlp_norm), mlp_in, "mlp",
                                  "router" if moe else "gate_proj" if family.gated_mlp else "up_proj",
                                  floats=(mlp.gate,) if moe else ()))
-    if moe:
+    if moe:  # (across gpt-oss's clamped SwiGLU, (up + 1) * ..., no scale folds)
         groups += [ScaleGroup(f"experts.{j}.down", e.up_proj, [e.down_proj], f"experts.{j}.down_proj",
-                              f"experts.{j}.down_proj") for j, e in enumerate(mlp.experts)]
+                              f"experts.{j}.down_proj") for j, e in enumerate(mlp.experts)
+                   if family.expert_act == "silu"]
     elif family.gated_mlp or family.activation in ACTIVATION_ROOTS:  # down's input: act(gate) * up, or act(up)
         root = 1 if family.gated_mlp else ACTIVATION_ROOTS[family.activation]
         groups.append(ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj", root))
@@ -808,8 +809,8 @@ def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: i
     if g.inspect == "conv":  # (LFM2's short convolution: whole sequences, no cache)
         return lambda: [layer.conv(xb) for xb in _batched(x, batch)]
     rows = 4096
-    if g.inspect == "mlp":
-        return lambda: [layer.mlp(xb) for xb in _batched(x, rows)]
+    if g.inspect == "mlp":  # (gpt-oss's mixture returns a tuple, its output first)
+        return lambda: [_layer_output(layer.mlp(xb)) for xb in _batched(x, rows)]
     lin = _linear_names(layer)[g.inspect]
     return lambda: [lin(xb) for xb in _batched(x, rows)]
 

@@ -2,6 +2,7 @@
 model or an existing output is one line at once, not after seconds of imports."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,20 @@ def check_request(source: str, output, settings: QuantizeSettings, checkpoint_fo
     spec = model_spec(config, str(model_dir / "config.json"), "re-download the model")  # exportable: checked now
     if is_quantized_checkpoint(config):
         raise UserError(f"{source} is already a quantized checkpoint; give the float model to quantize")
+    if spec.moe_layers:
+        settings.group_size = expert_group_size(spec, settings.group_size)
     if checkpoint_format == "compressed-tensors":
         check_group_fits({name: shape[1] for name, shape in all_linear_shapes(spec).items()}, settings.group_size)
     return model_dir, config, family
+
+
+def expert_group_size(spec, group_size: int) -> int:
+    """The group size for a mixture of experts: ONNX Runtime's QMoE and the native decode's moe op hold its
+    experts only where the group divides hidden and the expert width (gpt-oss's 2880: 64, not 128), else
+    every expert runs on every token; the largest that does, at most the one asked for (a note says so)."""
+    fitting = [g for g in (128, 64, 32) if g <= group_size and spec.hidden % g == 0 and spec.expert_width % g == 0]
+    if not fitting or fitting[0] == group_size:
+        return group_size
+    print(f"note: group size {fitting[0]}, not {group_size}: {spec.model_type}'s experts ({spec.hidden} x "
+          f"{spec.expert_width}) run as one ONNX Runtime QMoE node only where the group divides both", file=sys.stderr)
+    return fitting[0]

@@ -69,13 +69,15 @@ def head_norm(b: GraphBuilder, x: str, heads: int, head_dim: int, weight: str, n
 
 def gqa_attention(b: GraphBuilder, spec: ModelSpec, layer: int, query: str, key: str | None,
                   value: str | None, past_key: str, past_value: str, info: StepInfo,
-                  cos_cache: str | None, sin_cache: str | None, present_names: tuple[str, str]) -> str:
+                  cos_cache: str | None, sin_cache: str | None, present_names: tuple[str, str],
+                  sinks: str | None = None) -> str:
     """query is either the packed [1, S, (H + 2 Hkv) D] qkv (key = value = None) or q alone.
-    No cos/sin tables: q and k are rotated already (rotate_heads)."""
+    No cos/sin tables: q and k are rotated already (rotate_heads). sinks: gpt-oss's [H] logits, one in
+    each head's softmax denominator (GroupQueryAttention's head_sink)."""
     window = spec.layer_windows[layer]
     out, _, _ = b.op(
         "GroupQueryAttention", query, key, value, past_key, past_value, info.seqlens_k,
-        info.total_length, cos_cache, sin_cache,
+        info.total_length, cos_cache, sin_cache, *(("", "", sinks) if sinks else ()),
         outputs=[b.name("attn_out"), *present_names], domain=MS_DOMAIN, name="attention",
         num_heads=spec.heads, kv_num_heads=spec.kv_heads, scale=float(spec.attn_scale),
         do_rotary=int(cos_cache is not None), rotary_interleaved=0,
@@ -138,9 +140,10 @@ def rotate_heads(b: GraphBuilder, x: str, heads: int, head_dim: int, cos: str, s
 
 def standard_attention(b: GraphBuilder, spec: ModelSpec, q: str, k: str, v: str, past_key: str,
                        past_value: str, cos: str | None, sin: str | None, mask: str,
-                       present_names: tuple[str, str]) -> str:
+                       present_names: tuple[str, str], sinks: str | None = None) -> str:
     """q [1, S, H*D], k/v [1, S, Hkv*D] (q/k already normed; rotated already when cos is None);
-    returns [1, S, H*D]."""
+    returns [1, S, H*D]. sinks: gpt-oss's [H] logits, each a column of its head's softmax that no value
+    reads (its probability dropped after)."""
     hkv, d = spec.kv_heads, spec.head_dim
     rep = spec.heads // hkv
     q5 = b.op("Transpose", b.op("Reshape", q, b.int64s(0, -1, hkv, rep, d)), perm=[0, 2, 3, 1, 4])
@@ -161,7 +164,15 @@ def standard_attention(b: GraphBuilder, spec: ModelSpec, q: str, k: str, v: str,
     if spec.attn_softcap:
         cap = b.const("const/f32/attn_softcap", np.float32(spec.attn_softcap))
         scores = b.op("Mul", b.op("Tanh", b.op("Div", scores, cap)), cap)
-    probs = b.op("Softmax", b.op("Add", scores, mask), axis=-1)
+    scores = b.op("Add", scores, mask)
+    if sinks is not None:  # [1, Hkv, rep, S, 1]: the head's sink on every row (the last column's shape, times 0)
+        sink = b.op("Reshape", b.cast(sinks, TensorProto.FLOAT), b.int64s(1, hkv, rep, 1, 1))
+        column = b.op("Add", b.op("Mul", b.op("Slice", scores, b.int64s(-1), b.int64s(2**62), b.int64s(-1)),
+                                  b.const("const/f32/0", np.float32(0))), sink)
+        scores = b.op("Concat", scores, column, axis=-1)
+    probs = b.op("Softmax", scores, axis=-1)
+    if sinks is not None:
+        probs = b.op("Slice", probs, b.int64s(0), b.int64s(-1), b.int64s(-1))
     if b.act_type != TensorProto.FLOAT:
         probs = b.cast(probs, b.act_type)
     out = b.op("MatMul", probs, v5, name="context")  # [1, Hkv, rep, S, D]

@@ -415,6 +415,9 @@ class Decoder:
         x2d = b.op("Reshape", x, b.int64s(-1, spec.hidden))
         router = b.act_const(f"{p}.gate.weight", self.tensor(f"{p}.gate.weight").astype(np.float32).T)
         logits = b.op("MatMul", x2d, router, name="router")  # [S, E]
+        if spec.family.router_bias:  # (gpt-oss's)
+            bias = self.tensor(f"{p}.gate.bias").astype(np.float32)
+            logits = b.op("Add", logits, b.act_const(f"{p}.gate.bias", bias))
         if spec.family.router == "sigmoid":
             weights = b.op("Sigmoid", logits)
             scores = weights if not spec.expert_bias else b.op(
@@ -434,18 +437,28 @@ class Decoder:
                 values = np.stack([t[key].reshape(shape) for t in tensors])
                 return b.act_const(name, values) if key == "scales" else b.const(name, values)
 
+            def biases(name, linears, order=None):  # (gpt-oss's experts have them; gate/up's rows as fc1's)
+                if all(lin.bias is None for lin in linears):
+                    return ""
+                return b.act_const(name, np.stack([np.zeros(lin.q.shape[0], np.float32) if lin.bias is None else
+                                                   lin.bias.astype(np.float32)[order] for lin in linears]))
+
             blocks = (spec.hidden // group, width // group)
             inputs = [x2d, scores,
                       stacked(f"{p}.experts.fc1.B", fc1, "B", (2 * width, spec.hidden // 2)),
-                      stacked(f"{p}.experts.fc1.scales", fc1, "scales", (2 * width, blocks[0])), "",
+                      stacked(f"{p}.experts.fc1.scales", fc1, "scales", (2 * width, blocks[0])),
+                      biases(f"{p}.experts.fc1.bias", gate_up, rows),
                       stacked(f"{p}.experts.fc2.B", fc2, "B", (spec.hidden, width // 2)),
-                      stacked(f"{p}.experts.fc2.scales", fc2, "scales", (spec.hidden, blocks[1])), "", "", "", "",
+                      stacked(f"{p}.experts.fc2.scales", fc2, "scales", (spec.hidden, blocks[1])),
+                      biases(f"{p}.experts.fc2.bias", down, slice(None)), "", "", "",
                       stacked(f"{p}.experts.fc1.zero_points", fc1, "zero_points", (2 * width, -1)),
                       stacked(f"{p}.experts.fc2.zero_points", fc2, "zero_points", (spec.hidden, -1)), "", weights]
+            # SwiGLU: gate * sigmoid(alpha gate) * (up + beta), gate and up clamped first with a limit (gpt-oss's)
+            clamped = {"activation_alpha": spec.swiglu_alpha, "activation_beta": 1.0, "swiglu_limit": spec.swiglu_limit
+                       } if spec.swiglu_limit is not None else {"activation_alpha": 1.0, "activation_beta": 0.0}
             y = b.op("QMoE", *inputs, domain=MS_DOMAIN, name="experts", k=k, activation_type="swiglu",
-                     swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                     normalize_routing_weights=int(spec.norm_top_k), expert_weight_bits=4, block_size=group,
-                     accuracy_level=self.t.accuracy_level)  # (4: int8 activations, as MatMulNBits')
+                     swiglu_fusion=1, normalize_routing_weights=int(spec.norm_top_k), expert_weight_bits=4,
+                     block_size=group, accuracy_level=self.t.accuracy_level, **clamped)  # (4: int8 activations)
         else:  # each token's weight of each expert: its weight where among the top k (renormalized), else 0
             _, chosen = b.op("TopK", scores, b.int64s(k), axis=-1, outputs=[b.name("top"), b.name("chosen")])
             top = b.op("GatherElements", weights, chosen, axis=-1)
@@ -457,13 +470,25 @@ class Decoder:
             for j in range(spec.experts):
                 with b.scope(f"experts.{j}"):
                     gate, up = (self.linear(x2d, f"{p}.experts.{j}.{n}_proj") for n in ("gate", "up"))
-                    out = self.linear(b.op("Mul", self.activation(gate, p), up), f"{p}.experts.{j}.down_proj")
+                    out = self.linear(self.swiglu(gate, up, p), f"{p}.experts.{j}.down_proj")
                     weight = b.op("Slice", weights, b.int64s(j), b.int64s(j + 1), b.int64s(1))  # [S, 1]
                     out = b.op("Mul", out, weight)
                     y = out if y is None else b.op("Add", y, out)
         if spec.routed_scale != 1.0:
             y = b.op("Mul", y, b.act_const("const/routed_scale", spec.routed_scale))
         return b.op("Reshape", y, b.int64s(1, -1, spec.hidden))
+
+    def swiglu(self, gate: str, up: str, mlp: str) -> str:
+        """act(gate) * up; gpt-oss's clamped SwiGLU: g * sigmoid(alpha g) * (clamp(up, +-limit) + 1), g = min(gate,
+        limit)."""
+        b, limit = self.b, self.spec.swiglu_limit
+        if limit is None:
+            return b.op("Mul", self.activation(gate, mlp), up)
+        gate = b.op("Min", gate, b.act_const("const/swiglu_limit", limit))
+        up = b.op("Clip", up, b.act_const("const/swiglu_min", -limit), b.act_const("const/swiglu_limit", limit))
+        glu = b.op("Mul", gate, b.op("Sigmoid", b.op("Mul", gate, b.act_const("const/swiglu_alpha",
+                                                                                self.spec.swiglu_alpha))))
+        return b.op("Mul", glu, b.op("Add", up, b.act_const("const/one", 1.0)), name="swiglu")
 
     def clipped(self, x: str) -> str:
         """x clamped to +-clip_qkv (OLMo 1's q, k and v, where its config sets it), else x."""
@@ -505,12 +530,15 @@ class Decoder:
         past = (f"past_key.{i}", f"past_value.{i}")
         family = spec.family
         qk_norm, after_rope = family.qk_norm, family.qk_norm_after_rope
+        sinks = None  # (gpt-oss's: a logit per head)
+        if spec.attention_sinks:
+            sinks = b.act_const(f"{p}.sinks", self.tensor(f"{p}.sinks").astype(np.float32))
         if t.name == "ort":
             # One MatMulNBits for q, k and v (one read of x, one kernel launch).
             lin = self.fused_weights(p, "qkv")
             qkv = self.clipped(self.linear(x, f"{p}.qkv_proj", lin))
             if not qk_norm:
-                ctx = attention.gqa_attention(b, spec, i, qkv, None, None, *past, self.info, *rope, names)
+                ctx = attention.gqa_attention(b, spec, i, qkv, None, None, *past, self.info, *rope, names, sinks)
                 return self.linear(ctx, f"{p}.o_proj")
             q_size, kv_size = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
             q, k, v = b.op("Split", qkv, b.int64s(q_size, kv_size, kv_size), axis=-1, outputs=3)
@@ -528,9 +556,9 @@ class Decoder:
                 q = attention.head_norm(b, q, spec.heads, spec.head_dim, q_norm, self.rms_norm)
                 k = attention.head_norm(b, k, spec.kv_heads, spec.head_dim, k_norm, self.rms_norm)
         if t.name == "ort":
-            ctx = attention.gqa_attention(b, spec, i, q, k, v, *past, self.info, *rope, names)
+            ctx = attention.gqa_attention(b, spec, i, q, k, v, *past, self.info, *rope, names, sinks)
         elif t.name == "trt":
             ctx = attention.plugin_attention(b, spec, i, q, k, v, *past, self.info.past_length, *rope)
         else:
-            ctx = attention.standard_attention(b, spec, q, k, v, *past, *rope, mask, names)
+            ctx = attention.standard_attention(b, spec, q, k, v, *past, *rope, mask, names, sinks)
         return self.linear(ctx, f"{p}.o_proj")

@@ -117,6 +117,10 @@ class ModelSpec:
     norm_top_k: bool = False
     expert_bias: bool = False
     routed_scale: float = 1.0
+    # gpt-oss: clamped SwiGLU's alpha and limit (Family.expert_act), None: SiLU; the heads' attention sinks
+    swiglu_alpha: float = 1.0
+    swiglu_limit: float | None = None
+    attention_sinks: bool = False
 
     @property
     def attention_layers(self) -> list[int]:
@@ -441,7 +445,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         conv_kernel=c.int("conv_L_cache", 2, MAX_CONV_KERNEL, default=3) if conv_layers else 0,
         conv_bias=bool(conv_layers) and c.bool("conv_bias", default=False),
         clip_qkv=c.float("clip_qkv", 1e-6, 1e6, default=None) if family.clip_qkv else None,
-        **moe,
+        attention_sinks=family.attention_sinks, **moe,
     )
 
 
@@ -458,6 +462,8 @@ def experts_spec(c: Fields, family: Family, layers: int) -> dict:
     elif family.expert_layers == "after_dense":
         moe_layers = moe_layers[c.int("num_dense_layers", 0, layers):]
     sigmoid = family.router == "sigmoid"
+    clamped = ({"swiglu_alpha": c.float("swiglu_alpha", 1e-6, 1e6), "swiglu_limit": c.float("swiglu_limit", 1e-6, 1e6)}
+               if family.expert_act == "clamped_swiglu" else {})
     if experts * len(moe_layers) > MAX_EXPERTS_IN_ALL:  # (each a checkpoint's three linears to list and check)
         raise UserError(f"{c.where}: {experts} experts in each of {len(moe_layers)} layers is more than any model has "
                         f"({MAX_EXPERTS_IN_ALL} experts in all at most); {c.fix}")
@@ -465,7 +471,8 @@ def experts_spec(c: Fields, family: Family, layers: int) -> dict:
                 expert_width=c.int(family.expert_width_key, 1, MAX_INTERMEDIATE),
                 norm_top_k=family.norm_top_k == "always" or c.bool(family.norm_top_k, default=False),
                 expert_bias=sigmoid and c.bool("use_expert_bias", default=True),
-                routed_scale=c.float("routed_scaling_factor", 1e-6, 1e6, default=1.0) if sigmoid else 1.0)
+                routed_scale=c.float("routed_scaling_factor", 1e-6, 1e6, default=1.0) if sigmoid else 1.0,
+                **clamped)
 
 
 def layer_numbers(c: Fields, key: str, layers: int) -> list[int]:
@@ -565,6 +572,10 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
             tensors[f"{p}.mlp.gate.weight"] = (spec.experts, h)
             if spec.expert_bias:
                 tensors[f"{p}.mlp.expert_bias"] = (spec.experts,)
+            if family.router_bias:  # (gpt-oss's)
+                tensors[f"{p}.mlp.gate.bias"] = (spec.experts,)
+        if spec.attention_sinks and i not in spec.conv_layers:  # (gpt-oss's: a logit per head)
+            tensors[f"{p}.self_attn.sinks"] = (spec.heads,)
         if i in spec.conv_layers:  # (LFM2's) the depthwise convolution's weight [hidden, 1, kernel], float
             tensors.update({f"{p}.conv.conv.weight": (h, 1, spec.conv_kernel),
                             **({f"{p}.conv.conv.bias": (h,)} if spec.conv_bias else {})})

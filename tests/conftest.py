@@ -70,7 +70,7 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", 
 
 # the mixture-of-experts families' config key of their number of experts
 MOE_EXPERTS = {"qwen3_moe": "num_experts", "olmoe": "num_experts", "mixtral": "num_local_experts",
-               "granitemoe": "num_local_experts", "lfm2_moe": "num_experts"}
+               "granitemoe": "num_local_experts", "lfm2_moe": "num_experts", "gpt_oss": "num_local_experts"}
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +108,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
                      "intermediate_size": 64 if model_type not in ("qwen3_moe", "lfm2_moe") else 128,
                      **({"mlp_only_layers": [1]} if model_type == "qwen3_moe" else {}),
                      **({"layer_types": ["conv", "full_attention"], "num_dense_layers": 1, "routed_scaling_factor": 1.5}
-                        if model_type == "lfm2_moe" else {})}
+                        if model_type == "lfm2_moe" else {}),
+                     **({"swiglu_limit": 0.5, "sliding_window": 8} if model_type == "gpt_oss" else {})}
         config = AutoConfig.for_model(
             model_type, vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
@@ -122,6 +123,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
                 if "norm" in name:
                     p.copy_(torch.rand_like(p) * 0.5 + (0.0 if family_for(model_type).norm_offset else 0.75))
                 elif name.endswith(".conv.conv.bias"):  # (LFM2's: a fold into B's rows, not C's, would miss it)
+                    p.normal_(std=0.5)
+                elif name.endswith(("_bias", ".sinks")):  # (gpt-oss's experts' biases, its attention sinks)
                     p.normal_(std=0.5)
             for name, buffer in model.named_buffers():
                 if name.endswith(".expert_bias"):  # (LFM2-MoE's: which experts a token chooses)

@@ -832,8 +832,19 @@ LFM2_8B_A1B = {"architectures": ["Lfm2MoeForCausalLM"], "bos_token_id": 1, "conv
                "num_attention_heads": 32, "num_dense_layers": 2, "num_experts": 32, "num_experts_per_tok": 4,
                "num_hidden_layers": 24, "num_key_value_heads": 8, "pad_token_id": 0, "rope_theta": 1000000.0,
                "routed_scaling_factor": 1.0, "tie_embedding": True, "use_expert_bias": True, "vocab_size": 65536}
+# openai/gpt-oss-20b's (its MXFP4 quantization_config left out)
+GPT_OSS_20B = {"architectures": ["GptOssForCausalLM"], "attention_bias": True, "eos_token_id": 200002,
+               "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+               "initial_context_length": 4096, "intermediate_size": 2880,
+               "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+               "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+               "num_key_value_heads": 8, "num_local_experts": 32, "pad_token_id": 199999, "rms_norm_eps": 1e-05,
+               "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+               "rope_theta": 150000, "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+               "vocab_size": 201088}
 MOE_CONFIGS = {"qwen3_moe": QWEN3_30B_A3B, "olmoe": OLMOE_1B_7B, "mixtral": MIXTRAL_8X7B,
-               "granitemoe": GRANITE_1B_A400M, "lfm2_moe": LFM2_8B_A1B}
+               "granitemoe": GRANITE_1B_A400M, "lfm2_moe": LFM2_8B_A1B, "gpt_oss": GPT_OSS_20B}
 
 
 @pytest.mark.parametrize("model_type", MOE_CONFIGS)
@@ -849,21 +860,35 @@ def test_a_mixture_of_experts_reads_its_published_config_as_transformers_does(mo
     published = MOE_CONFIGS[model_type]
     spec = model_spec(published)
     want = {"qwen3_moe": (128, 8, 768, True), "olmoe": (64, 8, 1024, False), "mixtral": (8, 2, 14336, True),
-            "granitemoe": (32, 8, 512, True), "lfm2_moe": (32, 4, 1792, True)}[model_type]
+            "granitemoe": (32, 8, 512, True), "lfm2_moe": (32, 4, 1792, True),
+            "gpt_oss": (32, 4, 2880, True)}[model_type]
     assert (spec.experts, spec.experts_per_token, spec.expert_width, spec.norm_top_k) == want
     assert spec.moe_layers == tuple(range(2 if model_type == "lfm2_moe" else 0, spec.layers))
     assert spec.expert_bias == (model_type == "lfm2_moe") and spec.routed_scale == 1.0
     # the layers transformers gives experts, at a small size: Qwen3-MoE's every other one but layer 1
     small = {**published, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 6, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 64, "decoder_sparse_step": 2,
-             "mlp_only_layers": [1], "moe_intermediate_size": 16,
-             **({"layer_types": ["conv", "full_attention"] * 3} if model_type == "lfm2_moe" else {})}
+             "mlp_only_layers": [1], "moe_intermediate_size": 16, "pad_token_id": 0,
+             **({"layer_types": ["conv", "full_attention"] * 3} if model_type == "lfm2_moe" else {}),
+             **({"layer_types": ["sliding_attention", "full_attention"] * 3} if model_type == "gpt_oss" else {})}
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**small), dtype=torch.float32)
     built = tuple(i for i, layer in enumerate(model.model.layers)  # (Granite's: block_sparse_moe; LFM2's feed_forward)
                   if hasattr(getattr(layer, "mlp", getattr(layer, "feed_forward", None)), "experts")
                   or hasattr(layer, "block_sparse_moe"))
     want = {"qwen3_moe": (3, 5), "lfm2_moe": (2, 3, 4, 5)}.get(model_type, tuple(range(6)))
     assert model_spec(small).moe_layers == built == want
+
+
+def test_a_mixture_of_experts_takes_the_largest_group_that_divides_its_experts(capsys):
+    """gpt-oss's hidden and expert width, 2880, are not multiples of 128: group 64, said in a note, so that
+    ONNX Runtime's QMoE and the native moe op hold its experts; the others keep the group asked for."""
+    from awq_edge.export.spec import model_spec
+    from awq_edge.quantize_settings import expert_group_size
+
+    assert expert_group_size(model_spec(GPT_OSS_20B), 128) == 64
+    assert "note: group size 64, not 128: gpt_oss's experts (2880 x 2880)" in capsys.readouterr().err
+    assert expert_group_size(model_spec(GPT_OSS_20B), 32) == 32
+    assert [expert_group_size(model_spec(config), 128) for config in MOE_CONFIGS.values()] == [128] * 5 + [64]
 
 
 def test_a_config_of_more_experts_than_any_model_is_refused_before_anything_is_made():

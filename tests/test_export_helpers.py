@@ -145,6 +145,12 @@ TINY_EXTRA = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"], "num_hidden_layers": 3, "num_dense_layers": 1,
                  "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "head_dim": 16,
                  "routed_scaling_factor": 1.5},
+    # gpt-oss: clamped SwiGLU experts with biases, its router's logits biased; attention with biases and sinks, layer
+    # 0 sliding; YaRN
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 5,
+                "layer_types": ["sliding_attention", "full_attention"], "swiglu_limit": 0.5,
+                "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                    "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0}},
     # renormalized, Granite's multipliers, its experts' names (block_sparse_moe, router)
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
                    "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.5, "pad_token_id": 0},
@@ -181,8 +187,8 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(mean=0.0 if family_for(model_type).norm_offset else 1.0, std=0.2)
-            elif name.endswith(".bias") or ".act_fn." in name:  # (Apertus's xIELU parameters: each layer's own)
-                p.normal_(std=0.5)
+            elif name.endswith((".bias", "_bias", ".sinks")) or ".act_fn." in name:  # (xIELU's parameters; gpt-oss's
+                p.normal_(std=0.5)  # experts' biases and attention sinks)
             elif name.endswith(".conv.conv.weight"):  # (LFM2's short convolutions: taps that tell their order)
                 p.normal_(std=1.0)
             elif name.endswith(("wpe.weight", "embed_positions.weight")):  # (learned positions: rows that tell apart)

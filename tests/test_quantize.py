@@ -17,7 +17,7 @@ from awq_edge.errors import UserError
 from awq_edge.evaluate import deployed_prefix, perplexity
 from awq_edge.export.spec import all_linear_shapes, model_spec
 from awq_edge.families import family_for
-from awq_edge.model import decoder_layers, load_float_model
+from awq_edge.model import decoder_layers, load_float_model, mxfp4_dequantized
 from awq_edge.quantize import (ACTIVATION_ROOTS, QuantizeSettings, _apply_group, _layer_output, _linear_names,
                                block_groups, calibration_tokens, is_conv_layer, is_moe_layer, capture_block_inputs,
                                fake_quantize,
@@ -377,8 +377,9 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
 def test_folding_scales_is_exact_in_a_mixture_of_experts(model_type, tiny_model_dir):
     """A mixture of experts' groups: q/k/v and o as in every block; one gate_up group of every expert's gate
     and up, whose scales the norm takes and the float router too (it reads the same input); a down group
-    per expert, folded into that expert's up. Random scales keep the block's function (Qwen3-MoE's
-    layer 1 and LFM2-MoE's layer 0, a short convolution: a dense MLP, the usual groups)."""
+    per expert, folded into that expert's up (not across gpt-oss's clamped SwiGLU: none). Random scales keep
+    the block's function (Qwen3-MoE's layer 1 and LFM2-MoE's layer 0, a short convolution: a dense MLP, the
+    usual groups; gpt-oss's biased router and experts, its attention's sinks)."""
     model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
     family = family_for(model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
@@ -388,7 +389,8 @@ def test_folding_scales_is_exact_in_a_mixture_of_experts(model_type, tiny_model_
         linears = {**_linear_names(layer), **({"router": layer.mlp.gate} if is_moe_layer(layer) else {})}
         groups = block_groups(layer, family, model.config)
         moe, mixer = [f"experts.{j}.down" for j in range(4)], ["in", "out"] if is_conv_layer(layer) else ["qkv", "o"]
-        assert [g.name for g in groups] == mixer + ["gate_up"] + (moe if is_moe_layer(layer) else ["down"])
+        downs = [] if model_type == "gpt_oss" else moe if is_moe_layer(layer) else ["down"]  # (no fold across its act)
+        assert [g.name for g in groups] == mixer + ["gate_up"] + downs
         assert is_moe_layer(layer) or (model_type, i) in (("qwen3_moe", 1), ("lfm2_moe", 0))
         torch.manual_seed(i)
         for g in groups:
@@ -433,6 +435,47 @@ def test_an_expert_no_calibration_token_reaches_is_quantized_without_scales(tiny
             assert np.array_equal(ckpt.linears[f"model.layers.{i}.mlp.experts.{j}.down_proj"].q, nearest) != reached
     with torch.no_grad():
         assert torch.isfinite(load_awq_as_float(tmp_path / "ckpt")(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_an_mxfp4_gpt_oss_checkpoint_is_read_as_the_floats_its_blocks_hold(tiny_model_dir, tmp_path):
+    """OpenAI ships gpt-oss's experts in MXFP4: e2m1 values two to a byte (`*_blocks` [E, out, in / 32, 16],
+    the low nibble first) in blocks of 32 with a power-of-two scale each (`*_scales`, biased by 127). The
+    quantizer reads the floats they hold (transformers dequantizes them, whatever kernels are here), each
+    expert's gate and up the even and odd rows of gate_up, and quantizes from there."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    src = tmp_path / "mxfp4"
+    shutil.copytree(tiny_model_dir("gpt_oss"), src)
+    tensors, rng, want = load_file(src / "model.safetensors"), np.random.default_rng(0), {}
+    for i in range(2):
+        for proj, (n, k) in (("gate_up_proj", (128, 64)), ("down_proj", (64, 64))):  # [E, out, in]
+            name = f"model.layers.{i}.mlp.experts.{proj}"
+            del tensors[name]
+            levels = rng.integers(0, 16, (4, n, k // 32, 32)).astype(np.uint8)
+            exponents = rng.integers(120, 130, (4, n, k // 32)).astype(np.uint8)
+            tensors[name + "_blocks"] = torch.from_numpy(levels[..., 0::2] | (levels[..., 1::2] << 4))
+            tensors[name + "_scales"] = torch.from_numpy(exponents)
+            values = np.array(FP4_VALUES, np.float32)[levels] * np.exp2(exponents.astype(np.float32) - 127)[..., None]
+            want[i, proj] = values.reshape(4, n, k)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (src / "config.json").write_text(json.dumps(config))
+    # (asked for explicitly: with triton's kernels, transformers would keep the blocks packed; here it has none)
+    assert mxfp4_dequantized(config)["quantization_config"].dequantize and mxfp4_dequantized({}) == {}
+    model, _ = load_float_model(src, torch.float32)
+    for i, layer in enumerate(decoder_layers(model)):
+        for j, expert in enumerate(layer.mlp.experts):
+            np.testing.assert_array_equal(expert.gate_proj.weight.numpy(), want[i, "gate_up_proj"][j, 0::2])
+            np.testing.assert_array_equal(expert.up_proj.weight.numpy(), want[i, "gate_up_proj"][j, 1::2])
+            np.testing.assert_array_equal(expert.down_proj.weight.numpy(), want[i, "down_proj"][j])
+    quantize_checkpoint(str(src), tmp_path / "ckpt", QuantizeSettings(method="rtn", group_size=32), progress=False)
+    ckpt, _ = read_checked(tmp_path / "ckpt")
+    assert "quantization_config" in ckpt.config and ckpt.config["quantization_config"]["quant_method"] == "awq"
 
 
 @pytest.mark.parametrize("model_type", ["phi3", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gpt_neo", *MOE_EXPERTS])
