@@ -209,7 +209,10 @@ class CpuOp(ctypes.Structure):
                [(name, ctypes.c_void_p) for name in ("x", "out", "residual", "w0", "w1", "w2", "bias", "w_norm",
                                                       "table", "cos", "sin", "order", "positions", "w3", "w4", "w5",
                                                       "router", "expert_bias", "scratch")] + \
-               [(name, ctypes.c_int32) for name in ("experts", "top_k", "normalize", "sigmoid")]
+               [(name, ctypes.c_int32) for name in ("experts", "top_k", "normalize", "sigmoid")] + \
+               [(name, ctypes.c_void_p) for name in ("fc1_bias", "fc2_bias")] + \
+               [(name, ctypes.c_float) for name in ("swiglu_alpha", "swiglu_limit")] + \
+               [(name, ctypes.c_void_p) for name in ("sinks", "shared_gate")]
 
 
 class CpuModel(ctypes.Structure):
@@ -290,9 +293,6 @@ class NativeDecoder:
             raise Unsupported(f"one block size for the body's linears, got {sorted(groups)}")
         try:
             model = model_spec(info.config)
-            if model.attention_sinks or model.swiglu_limit is not None:
-                raise Unsupported(f"{model.model_type}'s attention sinks and clamped SwiGLU experts, which "
-                                  "decode_step.c does not compute yet")
 
             def biased(*names) -> bool:
                 return any(f"{p}.bias" in self.arrays for p in self.matmuls if p.endswith(names))
@@ -382,12 +382,17 @@ class NativeDecoder:
         m, width, hidden, count = self.matmuls.get(a["experts"]), a["n"], a["k"], a["count"]
         if m is None or m["op"] != "QMoE":
             raise Unsupported(f"{a['experts']}: not one QMoE node (a ragged or act-order engine's experts)")
-        g = m["block_size"]
+        g, e = m["block_size"], a["experts"]
+        alpha, limit = a["swiglu"] or (1.0, None)  # (gpt-oss's clamped SwiGLU: its alpha, beta 1 and limit)
         want = {"k": a["top_k"], "normalize_routing_weights": int(a["normalize"]), "activation_type": b"swiglu",
-                "swiglu_fusion": 1, "expert_weight_bits": 4, "activation_alpha": 1.0, "activation_beta": 0.0}
-        if any(m.get(key) != value for key, value in want.items()) or len(m["inputs"]) != 15 or any(
-                m["inputs"][i] for i in (4, 7, 8, 13)):
-            raise Unsupported(f"{a['experts']}: a QMoE node other than the exporter's (export/graph.py experts)")
+                "swiglu_fusion": 1, "expert_weight_bits": 4, "activation_alpha": np.float32(alpha),
+                "activation_beta": 0.0 if limit is None else 1.0,
+                "swiglu_limit": None if limit is None else np.float32(limit)}
+        biases = [m["inputs"][i] for i in (4, 7)]  # (gpt-oss's experts': fc1's and fc2's, else none)
+        if (any(m.get(key) != value for key, value in want.items()) or len(m["inputs"]) != 15
+                or any(m["inputs"][i] for i in (8, 13))
+                or biases not in ([f"{e}.fc1.bias", f"{e}.fc2.bias"], ["", ""])):
+            raise Unsupported(f"{e}: a QMoE node other than the exporter's (export/graph.py experts)")
         tensors = []
         for part, (n, k) in (("fc1", (2 * width, hidden)), ("fc2", (hidden, width))):
             blocks = _blocks(k, g)
@@ -406,6 +411,16 @@ class NativeDecoder:
             rec.expert_bias = self._tensor(a["bias"], np.float32, count).ctypes.data
         rec.n, rec.k, rec.group, rec.scale = width, hidden, g, a["scale"]
         rec.experts, rec.top_k, rec.normalize, rec.sigmoid = count, a["top_k"], a["normalize"], a["sigmoid"]
+        if biases[0]:
+            rec.fc1_bias = self._tensor(biases[0], np.float32, count * 2 * width).ctypes.data
+            rec.fc2_bias = self._tensor(biases[1], np.float32, count * hidden).ctypes.data
+        if a["router_bias"]:  # (gpt-oss's: on the logits)
+            rec.bias = self._tensor(a["router_bias"], np.float32, count).ctypes.data
+        rec.swiglu_alpha, rec.swiglu_limit = alpha, limit or 0.0
+        if a["shared"]:  # (Qwen2-MoE's shared expert's output, which the ops before wrote; its gate's row)
+            rec.residual = self.buffers[a["shared"]].ctypes.data
+            if a["shared_gate"]:
+                rec.shared_gate = self._tensor(a["shared_gate"], np.float32, hidden).ctypes.data
         rec.w0, rec.w1, rec.w2, rec.w3, rec.w4, rec.w5 = (t.ctypes.data for t in tensors)
         rec.router, rec.scratch = router.ctypes.data, scratch.ctypes.data
 
@@ -448,6 +463,8 @@ class NativeDecoder:
             if op.kind == "attention":
                 rec.out, rec.layer, rec.window = ptr(a["out"]), a["layer"], a["window"]
                 rec.scale, rec.softcap = spec.attn_scale, spec.attn_softcap
+                if a["sinks"]:  # (gpt-oss's: the graph's, one logit a head)
+                    rec.sinks = self._tensor(a["sinks"], np.float32, spec.heads).ctypes.data
             else:
                 rec.n = a["heads"]
             if a["rope"] is not None:  # (None: q and k rotated by a rope op already)
@@ -455,7 +472,7 @@ class NativeDecoder:
                 rec.cos = self._tensor(f"rope.{a['rope']}.cos", np.float32, half).ctypes.data
                 rec.sin = self._tensor(f"rope.{a['rope']}.sin", np.float32, half).ctypes.data
         elif op.kind == "act":
-            rec.n, rec.x, rec.out = spec.intermediate, ptr(a["x"]), ptr(a["out"])
+            rec.n, rec.x, rec.out = a["n"], ptr(a["x"]), ptr(a["out"])
             rec.kind_arg = ACT_KINDS[a["kind"]] | (0 if a["gated"] else ACT_UNGATED)
             if a["params"]:  # (Apertus's xIELU: the layer's four, the graph's scalars, in w_norm)
                 from .export.spec import XIELU_PARAMS

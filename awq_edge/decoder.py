@@ -127,6 +127,12 @@ class DecoderSpec:
     sigmoid_router: bool = False   # LFM2-MoE: the weights the logits' sigmoids, chosen with mlp.expert_bias added
     expert_bias: bool = False
     routed_scale: float = 1.0      # the chosen's weights times this (LFM2-MoE's routed_scaling_factor)
+    router_bias: bool = False      # gpt-oss: mlp.gate.bias on the router's logits
+    swiglu_alpha: float = 1.0      # gpt-oss: its experts' clamped SwiGLU, where swiglu_limit > 0
+    swiglu_limit: float = 0.0
+    attention_sinks: bool = False  # gpt-oss: each head's sink (self_attn.sinks) in its softmax's denominator
+    shared_width: int = 0          # Qwen2-MoE: its shared expert's width (0: none), an MLP the moe op adds in
+    shared_gate: bool = False      # ... times sigmoid(mlp.shared_expert_gate . x)
 
     @property
     def qkv_width(self) -> int:
@@ -205,7 +211,9 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         conv_bias=model.conv_bias, clip_qkv=float(model.clip_qkv or 0.0), moe_layers=tuple(model.moe_layers),
         experts=model.experts, experts_per_token=model.experts_per_token, expert_width=model.expert_width,
         norm_top_k=model.norm_top_k, sigmoid_router=family.router == "sigmoid", expert_bias=model.expert_bias,
-        routed_scale=model.routed_scale)
+        routed_scale=model.routed_scale, router_bias=family.router_bias, swiglu_alpha=model.swiglu_alpha,
+        swiglu_limit=float(model.swiglu_limit or 0.0), attention_sinks=model.attention_sinks,
+        shared_width=model.shared_width, shared_gate=model.shared_gate)
 
 
 # ---------------------------------------------------------------- the op list
@@ -312,7 +320,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                 ops.append(Op("head_norm", {"x": "qkv", "offset": H * D, "heads": kv_heads, "size": size or Hkv * D,
                                             "weight": f"{p}.{spec.qk_norms[1]}.weight"}))
             ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": rope,
-                                        "window": spec.layer_windows[i], "rotated": rope_in_linear}))
+                                        "window": spec.layer_windows[i], "rotated": rope_in_linear,
+                                        "sinks": f"{p}.self_attn.sinks" if spec.attention_sinks else None}))
             ctx = in_order("ctx", f"{p}.self_attn.o_proj", H * D)
             pending = residual_linear(ctx, f"{p}.self_attn.o_proj", H * D, spec.out_bias, "attn",
                                       f"{p}.{spec.post_norms[0]}.weight" if spec.post_norms else None)
@@ -322,13 +331,23 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             x, norm, pending = "mlp_x" if spec.parallel_norms else normed, None, None
         else:
             x, norm = normed_input(f"{p}.{spec.mlp_norm}.weight")
+        if i in spec.moe_layers and spec.shared_width:  # (Qwen2-MoE's shared expert into `shared`, first)
+            shared = f"{p}.mlp.shared_expert"
+            ops.append(linear_op(x, "gate_up", f"{shared}.gate_up_proj", 2 * spec.shared_width, spec.hidden, norm=norm))
+            ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation, "gated": True, "params": None,
+                                  "n": spec.shared_width}))
+            ops.append(linear_op("act", "shared", f"{shared}.down_proj", spec.hidden, spec.shared_width))
         if i in spec.moe_layers:  # (a mixture of experts' pieces: the ORT graph's QMoE initializers)
             ops.append(Op("moe", {"x": x, "out": "mlp", "norm": norm, "router": f"{p}.mlp.gate.weight",
                                   "experts": f"{p}.mlp.experts", "n": spec.expert_width, "k": spec.hidden,
                                   "count": spec.experts, "top_k": spec.experts_per_token,
                                   "normalize": spec.norm_top_k, "sigmoid": spec.sigmoid_router,
                                   "bias": f"{p}.mlp.expert_bias" if spec.expert_bias else None,
-                                  "scale": spec.routed_scale}))
+                                  "scale": spec.routed_scale,
+                                  "router_bias": f"{p}.mlp.gate.bias" if spec.router_bias else None,
+                                  "swiglu": (spec.swiglu_alpha, spec.swiglu_limit) if spec.swiglu_limit else None,
+                                  "shared": "shared" if spec.shared_width else None,
+                                  "shared_gate": f"{p}.mlp.shared_expert_gate.weight" if spec.shared_gate else None}))
             pending = "mlp"
             continue
         gate_up, width = (f"{p}.mlp.gate_up_proj", 2) if spec.gated_mlp else (f"{p}.mlp.up_proj", 1)
@@ -341,7 +360,7 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             ops.append(linear_op(x, "gate_up", gate_up, width * spec.intermediate, spec.hidden, spec.out_bias,
                                  norm=norm if fused else None))
             ops.append(Op("act", {"x": "gate_up", "out": "act", "kind": spec.activation, "gated": spec.gated_mlp,
-                                  "params": params}))
+                                  "params": params, "n": spec.intermediate}))
         act = in_order("act", f"{p}.mlp.down_proj", spec.intermediate)
         pending = residual_linear(act, f"{p}.mlp.down_proj", spec.intermediate, spec.out_bias, "mlp",
                                   f"{p}.{spec.post_norms[1]}.weight" if spec.post_norms else None)
@@ -401,10 +420,13 @@ def embed_table(spec: DecoderSpec) -> tuple[str, str | None]:
 
 def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
     """The activation buffers of a step of `rows` tokens (fp16, but logits float32)."""
+    width = max(spec.intermediate, spec.shared_width)  # (Qwen2-MoE's shared expert's gate_up and act here too)
     shapes = {"h": (rows, spec.hidden), "x": (rows, spec.hidden), "qkv": (rows, spec.qkv_width),
               "ctx": (rows, spec.heads * spec.head_dim), "attn": (rows, spec.hidden),
-              "gate_up": (rows, (2 if spec.gated_mlp else 1) * spec.intermediate), "act": (rows, spec.intermediate),
+              "gate_up": (rows, (2 if spec.gated_mlp else 1) * width), "act": (rows, width),
               "mlp": (rows, spec.hidden), "logits": (spec.vocab,)}
+    if spec.shared_width:
+        shapes["shared"] = (rows, spec.hidden)
     if spec.parallel_norms:
         shapes["mlp_x"] = (rows, spec.hidden)
     if spec.conv_layers:

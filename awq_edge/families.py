@@ -161,6 +161,10 @@ class Family:
     attention_sinks: bool = False
     # gpt-oss: its MLP returns (output, router scores), which its block unpacks; the quantizer's SparseMoe too
     moe_returns_tuple: bool = False
+    # Qwen2-MoE: a shared expert beside the routed ones, on every token (mlp.shared_expert, a gated MLP as wide as
+    # this config key says), its output times sigmoid(mlp.shared_expert_gate . x) with shared_expert_gate
+    shared_expert_key: str = ""
+    shared_expert_gate: bool = False
     # config.json switches the engines do not compute, as (key, what it turns on): refused when set (true or
     # not 0, config_defaults' value where config.json has none)
     refused_switches: tuple = ()
@@ -542,6 +546,15 @@ FAMILIES: dict[str, Family] = {
                config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 4),
                                 ("num_local_experts", 128), ("num_experts_per_tok", 8),
                                 ("moe_intermediate_size", 768))),
+        # Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): Qwen2 with 4 of 60 (64) experts a token and a shared expert
+        # on every token, gated by a sigmoid
+        Family("qwen2_moe", ("qwen2_moe",), qkv_bias=True, sliding_layers="qwen", experts_key="num_local_experts",
+               expert_width_key="moe_intermediate_size", norm_top_k="norm_topk_prob", expert_layers="qwen",
+               shared_expert_key="shared_expert_intermediate_size", shared_expert_gate=True,
+               config_aliases=(("num_experts", "num_local_experts"),),
+               config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 16),
+                                ("num_local_experts", 60), ("num_experts_per_tok", 4), ("moe_intermediate_size", 1408),
+                                ("shared_expert_intermediate_size", 5632))),
         # OLMoE (1B-7B): Llama with q/k norms over the whole projection (OLMo 2's) and 8 of 64 experts a token;
         # its clip_qkv clamps after those norms, where the engines' clamp comes before: refused
         Family("olmoe", ("olmoe",), qk_norm=True, qk_norm_whole=True, experts_key="num_experts",

@@ -371,11 +371,13 @@ def experts_as_linears(layer, config: dict) -> None:
         LFM2-MoE's sigmoid router: the logits' sigmoids are the weights, those highest with expert_bias
         added chosen, the weights times routed_scale after renormalizing."""
 
-        def __init__(self, router, experts, spec, expert_bias=None):
+        def __init__(self, router, experts, spec, expert_bias=None, shared_expert=None, shared_expert_gate=None):
             super().__init__()
             self.gate, self.experts, self.spec = router, nn.ModuleList(experts), spec
             if expert_bias is not None:
                 self.register_buffer("expert_bias", expert_bias.detach().clone().float())
+            if shared_expert is not None:  # (Qwen2-MoE's: transformers' own modules, nn.Linear already)
+                self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
 
         def forward(self, x):
             flat, spec = x.reshape(-1, x.shape[-1]), self.spec
@@ -395,6 +397,9 @@ def experts_as_linears(layer, config: dict) -> None:
                 token, slot = torch.where(chosen == j)
                 if len(token):
                     out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None].to(flat.dtype))
+            if spec.shared_width:  # (on every token, gated by a sigmoid of its own linear)
+                shared = self.shared_expert(flat)
+                out = out + (torch.sigmoid(self.shared_expert_gate(flat)) * shared if spec.shared_gate else shared)
             return (out.reshape(x.shape), None) if spec.family.moe_returns_tuple else out.reshape(x.shape)
 
     def linear(w, b=None):
@@ -414,7 +419,8 @@ def experts_as_linears(layer, config: dict) -> None:
                  for j in range(spec.experts)]
     experts = [Expert(linear(g, gb), linear(u, ub), linear(d, db), spec) for g, gb, u, ub, d, db in parts]
     router = linear(moe.gate.weight, moe.gate.bias if spec.family.router_bias else None)
-    layer.mlp = SparseMoe(router, experts, spec, getattr(moe, "expert_bias", None))
+    layer.mlp = SparseMoe(router, experts, spec, getattr(moe, "expert_bias", None), getattr(moe, "shared_expert", None),
+                          getattr(moe, "shared_expert_gate", None))
 
 
 def split_fused_modules(layer, family: Family, config: dict) -> None:

@@ -329,8 +329,10 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     attn = None if conv else layer.self_attn
     groups = []
     qkv = [] if conv else [attn.q_proj, attn.k_proj, attn.v_proj]
+    shared = getattr(mlp, "shared_expert", None) if moe else None  # (Qwen2-MoE's, on every token)
     if moe:  # every expert's gate and up (gated, never in a parallel block: the family table's test)
-        mlp_in, mlp_group = [lin for expert in mlp.experts for lin in (expert.gate_proj, expert.up_proj)], "gate_up"
+        experts = [*mlp.experts, *([shared] if shared is not None else [])]
+        mlp_in, mlp_group = [lin for expert in experts for lin in (expert.gate_proj, expert.up_proj)], "gate_up"
     else:
         mlp_in, mlp_group = ([mlp.gate_proj, mlp.up_proj], "gate_up") if family.gated_mlp else ([mlp.up_proj], "up")
     foldable = family.pre_norms and family.norm_weight  # a norm with a weight to divide by the scales
@@ -352,11 +354,15 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     if foldable and not family.parallel_block:  # (a mixture's router reads the norm's output too, every token)
         groups.append(ScaleGroup(mlp_group, getattr(layer, family.mlp_norm), mlp_in, "mlp",
                                  "router" if moe else "gate_proj" if family.gated_mlp else "up_proj",
-                                 floats=(mlp.gate,) if moe else ()))
+                                 floats=(mlp.gate, *([mlp.shared_expert_gate] if family.shared_expert_gate and shared
+                                                     else [])) if moe else ()))
     if moe:  # (across gpt-oss's clamped SwiGLU, (up + 1) * ..., no scale folds)
         groups += [ScaleGroup(f"experts.{j}.down", e.up_proj, [e.down_proj], f"experts.{j}.down_proj",
                               f"experts.{j}.down_proj") for j, e in enumerate(mlp.experts)
                    if family.expert_act == "silu"]
+        if shared is not None:
+            groups.append(ScaleGroup("shared_expert.down", shared.up_proj, [shared.down_proj],
+                                     "shared_expert.down_proj", "shared_expert.down_proj"))
     elif family.gated_mlp or family.activation in ACTIVATION_ROOTS:  # down's input: act(gate) * up, or act(up)
         root = 1 if family.gated_mlp else ACTIVATION_ROOTS[family.activation]
         groups.append(ScaleGroup("down", mlp.up_proj, [mlp.down_proj], "down_proj", "down_proj", root))
@@ -383,9 +389,12 @@ def _linear_names(layer) -> dict[str, nn.Linear]:
     else:
         a = layer.self_attn
         mixer = {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj}
-    if is_moe_layer(layer):
+    if is_moe_layer(layer):  # (Qwen2-MoE's shared expert too: shared_expert.gate_proj, ...)
+        shared = m.shared_expert if hasattr(m, "shared_expert") else None
         return {**mixer, **{f"experts.{j}.{n}": getattr(e, n) for j, e in enumerate(m.experts)
-                            for n in ("gate_proj", "up_proj", "down_proj")}}
+                            for n in ("gate_proj", "up_proj", "down_proj")},
+                **({f"shared_expert.{n}": getattr(shared, n) for n in ("gate_proj", "up_proj", "down_proj")}
+                   if shared is not None else {})}
     return {**mixer, **({"gate_proj": m.gate_proj} if hasattr(m, "gate_proj") else {}), "up_proj": m.up_proj,
             "down_proj": m.down_proj}
 

@@ -409,7 +409,8 @@ class Decoder:
         routed_scale. ort: one QMoE node (its CPU kernel takes gate and up interleaved row by row; the
         scores it chooses by as router_probs, the weights as router_weights); the onnx target, or experts
         it cannot hold (a ragged K, GPTQ act-order): every expert on every token, each weighted by its
-        weight where chosen, else 0 (the same sum, E / experts_per_token times the work)."""
+        weight where chosen, else 0 (the same sum, E / experts_per_token times the work). gpt-oss's biases
+        and clamped SwiGLU (swiglu); Qwen2-MoE's shared expert added, times sigmoid(its gate . x)."""
         b, spec = self.b, self.spec
         k, width = spec.experts_per_token, spec.expert_width
         x2d = b.op("Reshape", x, b.int64s(-1, spec.hidden))
@@ -476,6 +477,15 @@ class Decoder:
                     y = out if y is None else b.op("Add", y, out)
         if spec.routed_scale != 1.0:
             y = b.op("Mul", y, b.act_const("const/routed_scale", spec.routed_scale))
+        if spec.shared_width:  # (Qwen2-MoE's shared expert, on every token: one more gated MLP, times its gate)
+            with b.scope("shared_expert"):
+                gate, up = self.gate_up(x2d, f"{p}.shared_expert")
+                shared = self.linear(self.swiglu(gate, up, p), f"{p}.shared_expert.down_proj")
+                if spec.shared_gate:
+                    weight = self.tensor(f"{p}.shared_expert_gate.weight").astype(np.float32).T  # [hidden, 1]
+                    gate = b.op("MatMul", x2d, b.act_const(f"{p}.shared_expert_gate.weight", weight))
+                    shared = b.op("Mul", shared, b.op("Sigmoid", gate))
+                y = b.op("Add", y, shared)
         return b.op("Reshape", y, b.int64s(1, -1, spec.hidden))
 
     def swiglu(self, gate: str, up: str, mlp: str) -> str:

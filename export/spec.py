@@ -121,6 +121,10 @@ class ModelSpec:
     swiglu_alpha: float = 1.0
     swiglu_limit: float | None = None
     attention_sinks: bool = False
+    # Qwen2-MoE: a shared expert as wide as this (0: none) beside the routed ones, its output gated by
+    # sigmoid(mlp.shared_expert_gate . x) with shared_gate
+    shared_width: int = 0
+    shared_gate: bool = False
 
     @property
     def attention_layers(self) -> list[int]:
@@ -349,9 +353,9 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
                         f"too large to export; {fix}")
 
     # Which layers use a sliding window, and how wide (tokens attended, the query's own included).
-    window = c.int("sliding_window", 1, MAX_POSITIONS, default=None)
-    if family.sliding_layers in ("qwen", "nope") and not c.bool("use_sliding_window", default=False):
-        window = None  # Qwen's and SmolLM3's configs keep a sliding_window that is off (transformers nulls it)
+    # (Qwen's and SmolLM3's configs keep a sliding_window that is off, which transformers nulls: Qwen2-MoE's 0)
+    off = family.sliding_layers in ("qwen", "nope") and not c.bool("use_sliding_window", default=False)
+    window = None if off else c.int("sliding_window", 1, MAX_POSITIONS, default=None)
     rotating = rotating_layers(c, family, layers)
     layer_types = config.get("layer_types") or default_layer_types(c, family, layers, window, rotating)
     conv_layers: tuple = ()
@@ -472,7 +476,8 @@ def experts_spec(c: Fields, family: Family, layers: int) -> dict:
                 norm_top_k=family.norm_top_k == "always" or c.bool(family.norm_top_k, default=False),
                 expert_bias=sigmoid and c.bool("use_expert_bias", default=True),
                 routed_scale=c.float("routed_scaling_factor", 1e-6, 1e6, default=1.0) if sigmoid else 1.0,
-                **clamped)
+                shared_width=c.int(family.shared_expert_key, 0, MAX_INTERMEDIATE) if family.shared_expert_key else 0,
+                shared_gate=family.shared_expert_gate, **clamped)
 
 
 def layer_numbers(c: Fields, key: str, layers: int) -> list[int]:
@@ -501,10 +506,14 @@ def layer_linear_shapes(spec: ModelSpec, layer: int | None = None) -> dict[str, 
     mixer = ({"conv.in_proj": (3 * h, h), "conv.out_proj": (h, h)} if layer in spec.conv_layers else
              {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, q)})
-    if layer in spec.moe_layers:  # (gated, each expert_width wide)
-        width = spec.expert_width
-        return {**mixer, **{f"mlp.experts.{j}.{name}": shape for j in range(spec.experts) for name, shape in
-                            (("gate_proj", (width, h)), ("up_proj", (width, h)), ("down_proj", (h, width)))}}
+    if layer in spec.moe_layers:  # (gated, each expert_width wide; Qwen2-MoE's shared expert, shared_width)
+        width, shared = spec.expert_width, spec.shared_width
+        experts = {f"mlp.experts.{j}.{name}": shape for j in range(spec.experts) for name, shape in
+                   (("gate_proj", (width, h)), ("up_proj", (width, h)), ("down_proj", (h, width)))}
+        if shared:
+            experts.update({"mlp.shared_expert.gate_proj": (shared, h), "mlp.shared_expert.up_proj": (shared, h),
+                            "mlp.shared_expert.down_proj": (h, shared)})
+        return {**mixer, **experts}
     return {**mixer, **({"mlp.gate_proj": (inter, h)} if spec.family.gated_mlp else {}),
             "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
 
@@ -574,6 +583,8 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
                 tensors[f"{p}.mlp.expert_bias"] = (spec.experts,)
             if family.router_bias:  # (gpt-oss's)
                 tensors[f"{p}.mlp.gate.bias"] = (spec.experts,)
+            if spec.shared_width and spec.shared_gate:  # (Qwen2-MoE's)
+                tensors[f"{p}.mlp.shared_expert_gate.weight"] = (1, h)
         if spec.attention_sinks and i not in spec.conv_layers:  # (gpt-oss's: a logit per head)
             tensors[f"{p}.self_attn.sinks"] = (spec.heads,)
         if i in spec.conv_layers:  # (LFM2's) the depthwise convolution's weight [hidden, 1, kernel], float

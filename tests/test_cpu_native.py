@@ -184,7 +184,7 @@ def test_native_decode_checks_its_input_like_onnxruntime(default_export):
         native.forward([3])
 
 
-MOE_FAMILIES = tuple(m for m in MOE_EXPERTS if m != "gpt_oss")  # (gpt-oss: ONNX Runtime decodes it)
+MOE_FAMILIES = tuple(MOE_EXPERTS)
 FAMILIES = TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee", "nemotron", "stablelm", "cohere2", "jais2",
                             "starcoder2", "granitemoehybrid", "phi", "hyperclovax", "olmo", "apertus", "nanochat",
                             "lfm2", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo") + MOE_FAMILIES
@@ -219,16 +219,6 @@ def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_
     worst = sorted(errors)[-2] if model_type in MOE_FAMILIES else max(errors)
     assert worst < (0.03 if model_type == "lfm2" else 0.04) and max(errors) < 0.2 and len(disagreements) <= 1, (
         errors, disagreements)
-
-
-def test_native_decode_declines_gpt_oss_and_onnxruntime_decodes_it(smollm2_dir, tmp_path):
-    """gpt-oss's attention sinks and clamped SwiGLU experts are not in decode_step.c yet: the engine says so
-    in its decode path and ONNX Runtime decodes, as it prefills."""
-    ckpt = tiny_family_checkpoint(tmp_path, "gpt_oss", smollm2_dir)
-    backend = OrtBackend(export_checkpoint(ckpt, tmp_path / "ort", "ort"), max_context=64, threads=2, native_decode=True)
-    assert "gpt_oss's attention sinks and clamped SwiGLU experts" in backend.decode_path, backend.decode_path
-    assert backend.native is None
-    assert np.isfinite(backend.forward([5, 6, 7])).all() and np.isfinite(backend.forward([8])).all()
 
 
 @pytest.mark.parametrize("path", sorted(set(FLAGS) - {"native"}))

@@ -164,6 +164,36 @@ def test_a_phi3_checkpoint_is_stored_fused_and_read_split(tmp_path, smollm2_dir,
 
 
 @pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
+def test_a_mixture_of_experts_checkpoint_reads_back_in_either_format_and_under_autoawqs_mixtral_names(
+        tmp_path, smollm2_dir, fmt):
+    """Experts one by one in either format (as AutoAWQ, llm-compressor and vLLM store them), the router in
+    float, read back exactly; AutoAWQ's Mixtral checkpoints name them block_sparse_moe.experts.N.w1 (gate), w3
+    (up), w2 (down) and block_sparse_moe.gate: read as ours."""
+    from safetensors.numpy import load_file, save_file
+
+    from awq_edge.checkpoint import read_checked, write_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path, "mixtral", smollm2_dir)
+    ours, spec = read_checked(ckpt)
+    out = tmp_path / fmt
+    out.mkdir()
+    write_checkpoint(out, json.loads((ckpt / "config.json").read_text()), ours.linears, ours.tensors, {}, ckpt, fmt)
+    if fmt == "awq":  # AutoAWQ's names for Mixtral's
+        tensors = load_file(out / "model.safetensors")
+        renamed = {name.replace(".mlp.", ".block_sparse_moe.").replace(".gate_proj.", ".w1.").replace(
+            ".up_proj.", ".w3.").replace(".down_proj.", ".w2."): t for name, t in tensors.items()}
+        assert "model.layers.1.block_sparse_moe.experts.3.w2.qweight" in renamed
+        save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+    again, _ = read_checked(out)
+    assert sorted(again.linears) == sorted(ours.linears) and len(ours.linears) == (4 + 3 * 4) * spec.layers
+    for name, lin in ours.linears.items():
+        for field in ("q", "scales", "zeros"):
+            np.testing.assert_array_equal(getattr(again.linears[name], field), getattr(lin, field), err_msg=name)
+    np.testing.assert_array_equal(again.tensors["model.layers.1.mlp.gate.weight"],
+                                  ours.tensors["model.layers.1.mlp.gate.weight"])
+
+
+@pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
 def test_exaone3_checkpoints_under_its_own_names_and_config_keys_read_as_transformers_reads_them(
         tmp_path, smollm2_dir, fmt):
     """EXAONE 3's checkpoints (LG's float and AWQ ones) store GPT-2's tensor names

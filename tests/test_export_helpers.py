@@ -135,6 +135,10 @@ TINY_EXTRA = {
     # experts' weights not renormalized (its norm_topk_prob false)
     "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                   "mlp_only_layers": [1], "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # q/k/v biases, a shared expert (96 wide) on every token gated by a sigmoid, layer 1 a dense MLP
+    "qwen2_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "shared_expert_intermediate_size": 96, "mlp_only_layers": [1], "pad_token_id": 0, "bos_token_id": 1,
+                  "eos_token_id": 2},
     # q/k norms over all heads, experts not renormalized
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64, "pad_token_id": 0,
               "bos_token_id": 1, "eos_token_id": 2},
@@ -187,8 +191,14 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(mean=0.0 if family_for(model_type).norm_offset else 1.0, std=0.2)
-            elif name.endswith((".bias", "_bias", ".sinks")) or ".act_fn." in name:  # (xIELU's parameters; gpt-oss's
-                p.normal_(std=0.5)  # experts' biases and attention sinks)
+            elif name.endswith((".bias", "_bias")) or ".act_fn." in name:  # (xIELU's parameters; gpt-oss's experts')
+                p.normal_(std=0.5)
+            elif name.endswith(".sinks"):  # (gpt-oss's: large enough to take a share of each softmax)
+                p.normal_(mean=2.0, std=1.0)
+            elif name.endswith("shared_expert_gate.weight"):  # (Qwen2-MoE's: a gate that varies by token)
+                p.normal_(std=1.0)
+            elif ".shared_expert." in name:  # (Qwen2-MoE's shared expert: loud enough to tell in the logits)
+                p.normal_(std=0.2)
             elif name.endswith(".conv.conv.weight"):  # (LFM2's short convolutions: taps that tell their order)
                 p.normal_(std=1.0)
             elif name.endswith(("wpe.weight", "embed_positions.weight")):  # (learned positions: rows that tell apart)

@@ -69,11 +69,12 @@ struct cpu_op {
                         weights times this (LFM2-MoE's routed_scaling_factor) */
   float softcap;     /* attention scores, lm_head logits: cap * tanh(x / cap), 0 = none */
   float *x, *out, *residual;  /* short_conv: x its B, C, x side by side; residual its layer's B * x by position
-                                 (ORT's array: row t + k - 1 is position t's, the first k - 1 rows zeros) */
+                                 (ORT's array: row t + k - 1 is position t's, the first k - 1 rows zeros); moe:
+                                 residual a shared expert's output, or NULL */
   const uint8_t *w0;     /* MatMulNBits B */
   const float *w1;       /* scales */
   const uint8_t *w2;     /* zero_points */
-  const float *bias;     /* linear bias, a LayerNorm's bias (norm, add_norm), or NULL */
+  const float *bias;     /* linear bias, a LayerNorm's bias (norm, add_norm), moe: the router's (gpt-oss), or NULL */
   const float *w_norm;   /* norm weight (the family's offset folded in); act ACT_XIELU: a_p, a_n, beta, eps;
                             short_conv: its weight [n, k] */
   const void *table;     /* fp16 [V, hidden]: embed; lm_head's exact table */
@@ -93,6 +94,15 @@ struct cpu_op {
                               chosen's weights and ids */
   int32_t experts, top_k, normalize;
   int32_t sigmoid;         /* moe: the weights the logits' sigmoids (LFM2-MoE), else their softmax */
+  /* moe, gpt-oss: the experts' biases, gate/up's [experts][2 n] (interleaved as w0's rows) and down's [experts][k],
+     or NULL; clamped SwiGLU, g sigmoid(alpha g) (clamp(up, +-limit) + 1) with g = min(gate, limit), where
+     swiglu_limit > 0, else silu(gate) up */
+  const float *fc1_bias, *fc2_bias;
+  float swiglu_alpha, swiglu_limit;
+  const float *sinks;      /* attention: the heads' sinks (gpt-oss), a logit in each softmax's denominator, or NULL */
+  /* moe, Qwen2-MoE: `residual` the shared expert's output (the ops before computed it), added in, times
+     sigmoid(shared_gate . x) where shared_gate is not NULL */
+  const float *shared_gate;
 };
 
 struct cpu_model {

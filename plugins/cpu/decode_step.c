@@ -335,8 +335,8 @@ static inline __attribute__((always_inline)) void weighted_values_tail(const uin
    (normalized in place), then the weighted value rows in blocks, 64 dimensions at a time. */
 static inline __attribute__((always_inline)) void attend_group(const float *q, int heads, const uint16_t *keys,
                                                                const uint16_t *values, int first, int position,
-                                                               float scale, float softcap, float *scores,
-                                                               int cap, float *out, const int D) {
+                                                               float scale, float softcap, const float *sinks,
+                                                               float *scores, int cap, float *out, const int D) {
   for (int b = first / KEY_BLOCK; b <= position / KEY_BLOCK; b++) {
     const uint16_t *tile = keys + (size_t)b * D * KEY_BLOCK;
     const int t0 = b * KEY_BLOCK, lo = first > t0 ? first : t0;
@@ -354,10 +354,12 @@ static inline __attribute__((always_inline)) void attend_group(const float *q, i
     float *score = scores + (size_t)h * cap;
     if (softcap > 0.f)
       for (int t = first; t <= position; t++) score[t] = softcap * tanh_approx(score[t] / softcap);
-    const float best = max_of(score + first, position + 1 - first);
+    /* a sink (gpt-oss's): one more logit in the denominator, no value's weight */
+    float best = max_of(score + first, position + 1 - first);
+    best = sinks && sinks[h] > best ? sinks[h] : best;
 #pragma omp simd
     for (int t = first; t <= position; t++) score[t] = exp_approx(score[t] - best);
-    const float inv = 1.f / sum_of(score + first, position + 1 - first);
+    const float inv = 1.f / (sum_of(score + first, position + 1 - first) + (sinks ? exp_approx(sinks[h] - best) : 0.f));
 #pragma omp simd
     for (int t = first; t <= position; t++) score[t] *= inv;
     for (int i = 0; i < D; i++) out[h * D + i] = 0.f;
@@ -407,7 +409,8 @@ static void attention(const struct cpu_model *m, const struct cpu_op *op, int po
     float *score = m->scores + (size_t)h * cap, *out = op->out + h * D;
     /* the head size as a constant in each (cpu_native.NATIVE_HEAD_DIMS): the loops over it unroll */
 #define ATTEND_GROUP(SIZE) \
-  attend_group(q + h * D, count, keys, values, first, position, op->scale, op->softcap, score, cap, out, SIZE)
+  attend_group(q + h * D, count, keys, values, first, position, op->scale, op->softcap, \
+               op->sinks ? op->sinks + h : NULL, score, cap, out, SIZE)
     if (D == 64) ATTEND_GROUP(64);
     else if (D == 80) ATTEND_GROUP(80);
     else if (D == 96) ATTEND_GROUP(96);
@@ -494,7 +497,7 @@ static void moe(const struct cpu_model *m, const struct cpu_op *op, int quantize
     if (!quantized) quantize_input(m, op);
     float largest = -3.4e38f, total = 0.f;
     for (int e = 0; e < experts; e++) {
-      probs[e] = dot(op->router + (size_t)e * K, op->x, K);
+      probs[e] = dot(op->router + (size_t)e * K, op->x, K) + (op->bias ? op->bias[e] : 0.f);
       largest = probs[e] > largest ? probs[e] : largest;
     }
     for (int e = 0; e < experts; e++) {
@@ -524,18 +527,37 @@ static void moe(const struct cpu_model *m, const struct cpu_op *op, int quantize
                  op->w2 + e * rows * ((in_blocks + 1) / 2), 2 * width, K, G, m->x8, m->x_scale, m->x_sum,
                  gate_up + c * rows);
   }
+  const float limit = op->swiglu_limit, alpha = op->swiglu_alpha;
   for (int c = 0; c < top; c++) {
     const size_t e = chosen[c];
 #pragma omp single
     {
-      const float *pair = gate_up + (size_t)c * 2 * width;
-      for (int i = 0; i < width; i++) act_in[i] = pair[2 * i] / (1.f + exp_approx(-pair[2 * i])) * pair[2 * i + 1];
+      float *pair = gate_up + (size_t)c * 2 * width;
+      if (op->fc1_bias)
+        for (int i = 0; i < 2 * width; i++) pair[i] += op->fc1_bias[e * 2 * width + i];
+      if (limit > 0.f) {  /* gpt-oss's clamped SwiGLU (compares: no libm here) */
+        for (int i = 0; i < width; i++) {
+          const float g = pair[2 * i] < limit ? pair[2 * i] : limit;
+          const float u = pair[2 * i + 1] < -limit ? -limit : pair[2 * i + 1] > limit ? limit : pair[2 * i + 1];
+          act_in[i] = g / (1.f + exp_approx(-alpha * g)) * (u + 1.f);
+        }
+      } else {
+        for (int i = 0; i < width; i++) act_in[i] = pair[2 * i] / (1.f + exp_approx(-pair[2 * i])) * pair[2 * i + 1];
+      }
       quantize_act_q8(act_in, width, G, m->x8, m->x_scale, m->x_sum);
     }
     gemv_q4_rows(op->w3 + e * K * out_blocks * G / 2, op->w4 + e * K * out_blocks,
                  op->w5 + e * K * ((out_blocks + 1) / 2), K, width, G, m->x8, m->x_scale, m->x_sum, y);
 #pragma omp single
-    for (int i = 0; i < K; i++) op->out[i] = (c ? op->out[i] : 0.f) + weights[c] * y[i];
+    for (int i = 0; i < K; i++)
+      op->out[i] = (c ? op->out[i] : 0.f) + weights[c] * (y[i] + (op->fc2_bias ? op->fc2_bias[e * K + i] : 0.f));
+  }
+  if (op->residual) {  /* Qwen2-MoE's shared expert */
+#pragma omp single
+    {
+      const float gate = op->shared_gate ? 1.f / (1.f + exp_approx(-dot(op->shared_gate, op->x, K))) : 1.f;
+      for (int i = 0; i < K; i++) op->out[i] += gate * op->residual[i];
+    }
   }
 }
 
