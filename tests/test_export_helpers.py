@@ -198,7 +198,7 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
             elif name.endswith("shared_expert_gate.weight"):  # (Qwen2-MoE's: a gate that varies by token)
                 p.normal_(std=1.0)
             elif ".shared_expert." in name:  # (Qwen2-MoE's shared expert: loud enough to tell in the logits)
-                p.normal_(std=0.2)
+                p.normal_(std=0.1)
             elif name.endswith(".conv.conv.weight"):  # (LFM2's short convolutions: taps that tell their order)
                 p.normal_(std=1.0)
             elif name.endswith(("wpe.weight", "embed_positions.weight")):  # (learned positions: rows that tell apart)
