@@ -369,7 +369,8 @@ def experts_as_linears(layer, config: dict) -> None:
         """Each token runs the spec.experts_per_token experts of the router's softmax, weighted by their
         probabilities (renormalized over those with norm_top_k): what every family's block computes.
         LFM2-MoE's sigmoid router: the logits' sigmoids are the weights, those highest with expert_bias
-        added chosen, the weights times routed_scale after renormalizing."""
+        added chosen, the weights times routed_scale after renormalizing. Qwen2-MoE's shared expert runs on
+        every token, times sigmoid(shared_expert_gate(x)); gpt-oss's block takes (output, scores)."""
 
         def __init__(self, router, experts, spec, expert_bias=None, shared_expert=None, shared_expert_gate=None):
             super().__init__()

@@ -403,16 +403,13 @@ class Decoder:
 
     def experts(self, x: str, p: str) -> str:
         """A mixture of experts' output for x [1, S, hidden]: the experts_per_token of the router's softmax
-        (p.gate, float) with the highest probabilities run on each token, their outputs summed weighted by
-        those (renormalized over the chosen with norm_top_k); LFM2-MoE's sigmoid router: the logits'
-        sigmoids are the weights, the chosen those highest with p.expert_bias added, the sum times
-        routed_scale. ort: one QMoE node (its CPU kernel takes gate and up interleaved row by row; the
-        scores it chooses by as router_probs, the weights as router_weights); the onnx target, or experts
-        it cannot hold (a ragged K, GPTQ act-order): every expert on every token, each weighted by its
-        weight where chosen, else 0 (the same sum, E / experts_per_token times the work). gpt-oss's biases
-        and clamped SwiGLU (swiglu); Qwen2-MoE's shared expert added, times sigmoid(its gate . x)."""
+        (p.gate, float; gpt-oss's logits biased) with the highest probabilities run on each token, their
+        outputs summed weighted by those (renormalized over the chosen with norm_top_k); LFM2-MoE's sigmoid
+        router: the logits' sigmoids are the weights, the chosen those highest with p.expert_bias added, the
+        sum times routed_scale. Qwen2-MoE's shared expert is added, times sigmoid(its gate . x). ort: one
+        QMoE node (experts_qmoe); the onnx target, or experts QMoE cannot hold (a ragged K, GPTQ act-order):
+        every expert on every token (experts_everywhere)."""
         b, spec = self.b, self.spec
-        k, width = spec.experts_per_token, spec.expert_width
         x2d = b.op("Reshape", x, b.int64s(-1, spec.hidden))
         router = b.act_const(f"{p}.gate.weight", self.tensor(f"{p}.gate.weight").astype(np.float32).T)
         logits = b.op("MatMul", x2d, router, name="router")  # [S, E]
@@ -428,53 +425,11 @@ class Decoder:
         gate_up = [self.fused_weights(f"{p}.experts.{j}", ("gate", "up")) for j in range(spec.experts)]
         down = [self.linear_weights(f"{p}.experts.{j}.down_proj") for j in range(spec.experts)]
         group = gate_up[0].group_size
-        if (self.t.name == "ort" and spec.hidden % group == 0 and width % group == 0
+        if (self.t.name == "ort" and spec.hidden % group == 0 and spec.expert_width % group == 0
                 and all(lin.order is None for lin in gate_up + down)):
-            rows = interleave_halves(2 * width)
-            fc1 = [to_matmul_nbits(t.q, t.scales, t.zeros, group) for t in (lin.rows(rows) for lin in gate_up)]
-            fc2 = [to_matmul_nbits(lin.q, lin.scales, lin.zeros, group) for lin in down]
-
-            def stacked(name, tensors, key, shape):
-                values = np.stack([t[key].reshape(shape) for t in tensors])
-                return b.act_const(name, values) if key == "scales" else b.const(name, values)
-
-            def biases(name, linears, order=None):  # (gpt-oss's experts have them; gate/up's rows as fc1's)
-                if all(lin.bias is None for lin in linears):
-                    return ""
-                return b.act_const(name, np.stack([np.zeros(lin.q.shape[0], np.float32) if lin.bias is None else
-                                                   lin.bias.astype(np.float32)[order] for lin in linears]))
-
-            blocks = (spec.hidden // group, width // group)
-            inputs = [x2d, scores,
-                      stacked(f"{p}.experts.fc1.B", fc1, "B", (2 * width, spec.hidden // 2)),
-                      stacked(f"{p}.experts.fc1.scales", fc1, "scales", (2 * width, blocks[0])),
-                      biases(f"{p}.experts.fc1.bias", gate_up, rows),
-                      stacked(f"{p}.experts.fc2.B", fc2, "B", (spec.hidden, width // 2)),
-                      stacked(f"{p}.experts.fc2.scales", fc2, "scales", (spec.hidden, blocks[1])),
-                      biases(f"{p}.experts.fc2.bias", down, slice(None)), "", "", "",
-                      stacked(f"{p}.experts.fc1.zero_points", fc1, "zero_points", (2 * width, -1)),
-                      stacked(f"{p}.experts.fc2.zero_points", fc2, "zero_points", (spec.hidden, -1)), "", weights]
-            # SwiGLU: gate * sigmoid(alpha gate) * (up + beta), gate and up clamped first with a limit (gpt-oss's)
-            clamped = {"activation_alpha": spec.swiglu_alpha, "activation_beta": 1.0, "swiglu_limit": spec.swiglu_limit
-                       } if spec.swiglu_limit is not None else {"activation_alpha": 1.0, "activation_beta": 0.0}
-            y = b.op("QMoE", *inputs, domain=MS_DOMAIN, name="experts", k=k, activation_type="swiglu",
-                     swiglu_fusion=1, normalize_routing_weights=int(spec.norm_top_k), expert_weight_bits=4,
-                     block_size=group, accuracy_level=self.t.accuracy_level, **clamped)  # (4: int8 activations)
-        else:  # each token's weight of each expert: its weight where among the top k (renormalized), else 0
-            _, chosen = b.op("TopK", scores, b.int64s(k), axis=-1, outputs=[b.name("top"), b.name("chosen")])
-            top = b.op("GatherElements", weights, chosen, axis=-1)
-            if spec.norm_top_k:
-                top = b.op("Div", top, b.op("ReduceSum", top, b.int64s(-1), keepdims=1))
-            weights = b.op("ScatterElements", b.op("Mul", weights, b.act_const("const/zero", 0.0)), chosen, top,
-                           axis=-1)
-            y = None
-            for j in range(spec.experts):
-                with b.scope(f"experts.{j}"):
-                    gate, up = (self.linear(x2d, f"{p}.experts.{j}.{n}_proj") for n in ("gate", "up"))
-                    out = self.linear(self.swiglu(gate, up, p), f"{p}.experts.{j}.down_proj")
-                    weight = b.op("Slice", weights, b.int64s(j), b.int64s(j + 1), b.int64s(1))  # [S, 1]
-                    out = b.op("Mul", out, weight)
-                    y = out if y is None else b.op("Add", y, out)
+            y = self.experts_qmoe(x2d, scores, weights, gate_up, down, p)
+        else:
+            y = self.experts_everywhere(x2d, scores, weights, p)
         if spec.routed_scale != 1.0:
             y = b.op("Mul", y, b.act_const("const/routed_scale", spec.routed_scale))
         if spec.shared_width:  # (Qwen2-MoE's shared expert, on every token: one more gated MLP, times its gate)
@@ -487,6 +442,63 @@ class Decoder:
                     shared = b.op("Mul", shared, b.op("Sigmoid", gate))
                 y = b.op("Add", y, shared)
         return b.op("Reshape", y, b.int64s(1, -1, spec.hidden))
+
+    def experts_qmoe(self, x2d: str, scores: str, weights: str, gate_up: list, down: list, p: str) -> str:
+        """One QMoE node: its CPU kernel takes int4 blocks with zero points, each expert's gate and up rows
+        interleaved, the scores it chooses by as router_probs, the weights as router_weights, SwiGLU
+        gate * sigmoid(alpha gate) * (up + beta) (gpt-oss's: both clamped first, beta 1), the experts'
+        biases (gpt-oss's) and int8 activations at the engine's accuracy_level (4), as MatMulNBits."""
+        b, spec = self.b, self.spec
+        width, group = spec.expert_width, gate_up[0].group_size
+        rows = interleave_halves(2 * width)
+        fc1 = [to_matmul_nbits(t.q, t.scales, t.zeros, group) for t in (lin.rows(rows) for lin in gate_up)]
+        fc2 = [to_matmul_nbits(lin.q, lin.scales, lin.zeros, group) for lin in down]
+
+        def stacked(name, tensors, key, shape):
+            values = np.stack([t[key].reshape(shape) for t in tensors])
+            return b.act_const(name, values) if key == "scales" else b.const(name, values)
+
+        def biases(name, linears, order):  # (gate/up's rows in fc1's order)
+            if all(lin.bias is None for lin in linears):
+                return ""
+            return b.act_const(name, np.stack([np.zeros(lin.q.shape[0], np.float32) if lin.bias is None else
+                                               lin.bias.astype(np.float32)[order] for lin in linears]))
+
+        blocks = (spec.hidden // group, width // group)
+        inputs = [x2d, scores,
+                  stacked(f"{p}.experts.fc1.B", fc1, "B", (2 * width, spec.hidden // 2)),
+                  stacked(f"{p}.experts.fc1.scales", fc1, "scales", (2 * width, blocks[0])),
+                  biases(f"{p}.experts.fc1.bias", gate_up, rows),
+                  stacked(f"{p}.experts.fc2.B", fc2, "B", (spec.hidden, width // 2)),
+                  stacked(f"{p}.experts.fc2.scales", fc2, "scales", (spec.hidden, blocks[1])),
+                  biases(f"{p}.experts.fc2.bias", down, slice(None)), "", "", "",
+                  stacked(f"{p}.experts.fc1.zero_points", fc1, "zero_points", (2 * width, -1)),
+                  stacked(f"{p}.experts.fc2.zero_points", fc2, "zero_points", (spec.hidden, -1)), "", weights]
+        clamped = {"activation_alpha": 1.0, "activation_beta": 0.0} if spec.swiglu_limit is None else {
+            "activation_alpha": spec.swiglu_alpha, "activation_beta": 1.0, "swiglu_limit": spec.swiglu_limit}
+        return b.op("QMoE", *inputs, domain=MS_DOMAIN, name="experts", k=spec.experts_per_token,
+                    activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=int(spec.norm_top_k),
+                    expert_weight_bits=4, block_size=group, accuracy_level=self.t.accuracy_level, **clamped)
+
+    def experts_everywhere(self, x2d: str, scores: str, weights: str, p: str) -> str:
+        """Every expert on every token, its output times its weight where among the chosen (renormalized),
+        else 0 (TopK, GatherElements, ScatterElements): the same sum as QMoE's, at experts /
+        experts_per_token times the work."""
+        b, spec = self.b, self.spec
+        _, chosen = b.op("TopK", scores, b.int64s(spec.experts_per_token), axis=-1,
+                         outputs=[b.name("top"), b.name("chosen")])
+        top = b.op("GatherElements", weights, chosen, axis=-1)
+        if spec.norm_top_k:
+            top = b.op("Div", top, b.op("ReduceSum", top, b.int64s(-1), keepdims=1))
+        weights = b.op("ScatterElements", b.op("Mul", weights, b.act_const("const/zero", 0.0)), chosen, top, axis=-1)
+        y = None
+        for j in range(spec.experts):
+            with b.scope(f"experts.{j}"):
+                gate, up = (self.linear(x2d, f"{p}.experts.{j}.{n}_proj") for n in ("gate", "up"))
+                out = self.linear(self.swiglu(gate, up, p), f"{p}.experts.{j}.down_proj")
+                weight = b.op("Slice", weights, b.int64s(j), b.int64s(j + 1), b.int64s(1))  # [S, 1]
+                y = b.op("Mul", out, weight) if y is None else b.op("Add", y, b.op("Mul", out, weight))
+        return y
 
     def swiglu(self, gate: str, up: str, mlp: str) -> str:
         """act(gate) * up; gpt-oss's clamped SwiGLU: g * sigmoid(alpha g) * (clamp(up, +-limit) + 1), g = min(gate,

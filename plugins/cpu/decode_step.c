@@ -482,10 +482,11 @@ static void act(const struct cpu_op *op) {
   }
 }
 
-/* A mixture of experts (Qwen3-MoE, OLMoE, Mixtral, Granite MoE, LFM2-MoE): the router's softmax over the experts
-   (LFM2-MoE's: each logit's sigmoid, chosen by it plus the expert's bias), its top_k (the first of equal ones; a
-   NaN never chosen over a number), each one's gate/up then act(gate) * up then down, weighted. Called by every
-   thread: the GEMVs share their rows out; the small steps run in `single`s. */
+/* A mixture of experts (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, Granite MoE, LFM2-MoE, gpt-oss): the router's
+   softmax over the experts (LFM2-MoE's: each logit's sigmoid, chosen by it plus the expert's bias; gpt-oss's logits
+   biased), its top_k (the first of equal ones; a NaN never chosen over a number), each one's gate/up then
+   act(gate) * up (gpt-oss's: biased, clamped SwiGLU) then down, weighted; Qwen2-MoE's shared expert added last.
+   Called by every thread: the GEMVs share their rows out; the small steps run in `single`s. */
 static void moe(const struct cpu_model *m, const struct cpu_op *op, int quantized) {
   const int width = op->n, K = op->k, G = op->group, top = op->top_k, experts = op->experts;
   const size_t in_blocks = (K + G - 1) / G, out_blocks = (width + G - 1) / G;
