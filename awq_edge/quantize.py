@@ -324,7 +324,8 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     A mixture of experts (model.SparseMoe) has one gate_up group of every expert's gate and up (their
     input is the norm's, all tokens; AutoAWQ's Mixtral), scored on the whole mixture, whose router
     takes the scales in float; and a down group per expert, on the tokens routed to it (none, if
-    the calibration routed none there)."""
+    the calibration routed none there; none across gpt-oss's clamped SwiGLU). Qwen2-MoE's shared
+    expert joins the gate_up group (its sigmoid gate in float, as the router) and has a down group."""
     mlp, conv, moe = layer.mlp, layer.conv if is_conv_layer(layer) else None, is_moe_layer(layer)
     attn = None if conv else layer.self_attn
     groups = []
