@@ -489,8 +489,8 @@ FAMILIES: dict[str, Family] = {
                experts_key="num_experts", expert_width_key="moe_intermediate_size", norm_top_k="norm_topk_prob",
                expert_layers="after_dense", router="sigmoid", config_aliases=(("norm_eps", "rms_norm_eps"),),
                config_replaced=(("tie_embedding", "tie_word_embeddings"),),
-               tensor_renames=((".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj.")),
-               module_renames=LFM2_NAMES,
+               # (its experts' w1, w3, w2 after the dense MLP's: stored as the hub has them, feed_forward.experts.N.w1)
+               module_renames=LFM2_NAMES + ((".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj.")),
                config_defaults=LFM2_DEFAULTS + (("num_experts", 32), ("num_experts_per_tok", 4),
                                                 ("moe_intermediate_size", 1792), ("num_dense_layers", 2),
                                                 ("norm_topk_prob", True))),

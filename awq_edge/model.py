@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from . import data
@@ -456,6 +457,33 @@ def split_fused_modules(layer, family: Family, config: dict) -> None:
                                            None if back is None else torch.from_numpy(back)))
 
 
+def stacked_experts(names: list[str], where: dict, family: Family, config: dict) -> dict:
+    """A mixture of experts' stacked tensors of the model (transformers 5's mlp.experts.gate_up_proj, ...) that its
+    files store one expert at a time (the hub's and AutoAWQ's layout), by layer: i -> ({our name of a part: (file,
+    stored name)}, {the model's name: our name of the stacked tensor}), for every layer whose parts are all
+    there; the quantizer then loads them with their block (checkpoint.experts_stacked), not the whole model."""
+    from .export.spec import model_spec
+
+    if not family.experts_key:
+        return {}
+    spec = model_spec(config)
+    by_ours = {family.our_name(name): stored for name, stored in where.items()}
+    out = {}
+    for i in spec.moe_layers:
+        p = f"model.layers.{i}.mlp.experts"
+        parts = {f"{p}.{j}.{n}_proj.{kind}" for j in range(spec.experts) for n in ("gate", "up", "down")
+                 for kind in ("weight", "bias")}
+        stored = {ours: by_ours[ours] for ours in parts if ours in by_ours}
+        biased = len(stored) == len(parts)  # (gpt-oss's)
+        if not biased and len(stored) != len(parts) // 2 or any(ours.endswith(".bias") for ours in stored) != biased:
+            continue  # (stacked in its files already, or some missing: the model's own loading sees to them)
+        kinds = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if biased else ())
+        stacked = {family.their_name(f"{p}.{kind}"): f"{p}.{kind}" for kind in kinds}
+        if set(stacked) <= set(names):
+            out[i] = (stored, stacked)
+    return out
+
+
 def load_for_quantization(model_dir: Path):
     """(model, tokenizer, materialize): decoder blocks stay unloaded until materialize(i).
 
@@ -506,7 +534,9 @@ def load_for_quantization(model_dir: Path):
         raise UserError(f"transformers cannot build the model of {model_dir / 'config.json'} ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:150]}); re-download the model") from None
     names = [n for n in model.state_dict() if not (n == "lm_head.weight" and config.tie_word_embeddings)]
-    missing = [n for n in names if n not in where]
+    experts = stacked_experts(names, where, family, config_dict)  # (a mixture's: assembled from its files' experts)
+    stacked = {name for _, names_of in experts.values() for name in names_of}
+    missing = [n for n in names if n not in where and n not in stacked]
     if missing and vision_language:
         raise UserError(f"{model_dir} lacks its language model's tensor {missing[0]} (looked for under "
                         f"{', '.join(p for p, _ in LANGUAGE_MODEL_KEYS)}); re-download the model")
@@ -533,7 +563,19 @@ def load_for_quantization(model_dir: Path):
     model.eval()
 
     def materialize(i: int) -> None:
-        load(lambda name: name.startswith(f"{layers}{i}."))
+        load(lambda name: name.startswith(f"{layers}{i}.") and name not in stacked)
+        if i in experts:  # (its experts, read one by one and stacked as the model holds them)
+            from .checkpoint import experts_stacked
+            from .export.spec import model_spec
+
+            parts, names_of = experts[i]
+            state = {}
+            for ours, (file, key) in parts.items():
+                with safe_open(str(file), "pt") as handle:
+                    state[ours] = handle.get_tensor(key)
+            state = experts_stacked(state, replace(model_spec(config_dict), moe_layers=(i,)))
+            for name, ours in names_of.items():
+                set_module_tensor_to_device(model, name, "cpu", value=state[ours])
         our_block_modules(decoder_layers(model)[i], family, config_dict)
 
     return model, tokenizer, materialize

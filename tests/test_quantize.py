@@ -439,6 +439,25 @@ def test_an_expert_no_calibration_token_reaches_is_quantized_without_scales(tiny
         assert torch.isfinite(load_awq_as_float(tmp_path / "ckpt")(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "lfm2_moe"])
+@torch.no_grad()
+def test_a_mixture_of_experts_loads_block_by_block_from_files_of_one_expert_at_a_time(model_type, tiny_model_dir):
+    """Transformers 5 stacks the experts its checkpoints store one by one: the quantizer's loader stacks a
+    layer's from the files only when that block is loaded (Qwen3-30B-A3B's 61 GB of bf16 never whole in
+    memory), and the model then computes what transformers' own loading gives."""
+    from awq_edge.model import load_for_quantization
+
+    src = tiny_model_dir(model_type)
+    model, tokenizer, materialize = load_for_quantization(src)
+    stacked = {name: t for name, t in model.state_dict().items() if name.endswith("experts.gate_up_proj")}
+    assert stacked and all(t.is_meta for t in stacked.values())  # (not loaded yet)
+    for i in range(len(decoder_layers(model))):
+        materialize(i)
+    plain = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer("Robots on small boards need memory caps.")["input_ids"]])
+    torch.testing.assert_close(model.float()(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_an_mxfp4_gpt_oss_checkpoint_is_read_as_the_floats_its_blocks_hold(tiny_model_dir, tmp_path):
     """OpenAI ships gpt-oss's experts in MXFP4: e2m1 values two to a byte (`*_blocks` [E, out, in / 32, 16],
     the low nibble first) in blocks of 32 with a power-of-two scale each (`*_scales`, biased by 127). The
