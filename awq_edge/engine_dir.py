@@ -14,6 +14,7 @@ cannot point outside the folder.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,18 +122,26 @@ class ExportInfo:
     def attention_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if i not in self.conv_layers]
 
-    def workspace(self, context: int) -> int:
-        """Bytes of one prefill chunk's activations in ONNX Runtime (memory.workspace_bytes); a mixture of
-        experts' MLP as wide as the experts a token runs together, where wider than a dense layer's."""
+    @functools.cached_property
+    def mlp_width(self) -> int:
+        """The MLP activations' width of a prefill token: intermediate_size, or a mixture of experts' experts a
+        token runs together, where wider (read from the config once: the memory plan asks at every context
+        it tries)."""
         from .export.spec import model_spec
         from .families import find_family
+
+        family = find_family(self.config.get("model_type"))
+        if family is None or not family.experts_key:
+            return self.intermediate_size
+        spec = model_spec(self.config)
+        return max(self.intermediate_size, spec.experts_per_token * spec.expert_width)
+
+    def workspace(self, context: int) -> int:
+        """Bytes of one prefill chunk's activations in ONNX Runtime (memory.workspace_bytes)."""
         from .memory import workspace_bytes
 
-        width, family = self.intermediate_size, find_family(self.config.get("model_type"))
-        if family is not None and family.experts_key:
-            spec = model_spec(self.config)
-            width = max(width, spec.experts_per_token * spec.expert_width)
-        return workspace_bytes(self.hidden_size, width, self.vocab_size, self.num_heads, context, self.all_logits)
+        return workspace_bytes(self.hidden_size, self.mlp_width, self.vocab_size, self.num_heads, context,
+                               self.all_logits)
 
 
 def read_export_info(folder: Path, listed: dict[str, dict] | None = None, graph: bool = True) -> ExportInfo:
