@@ -379,10 +379,11 @@ class NativeDecoder:
     def _experts(self, rec: CpuOp, a: dict) -> None:
         """A moe op's record: the layer's QMoE node as the graph holds it (ORT's prefill runs that node: the
         native step must read the same weights the same way), its router transposed back to rows."""
-        m, width, hidden, count = self.matmuls.get(a["experts"]), a["n"], a["k"], a["count"]
+        e, width, hidden, count = a["experts"], a["n"], a["k"], a["count"]
+        m = self.matmuls.get(e)
         if m is None or m["op"] != "QMoE":
-            raise Unsupported(f"{a['experts']}: not one QMoE node (a ragged or act-order engine's experts)")
-        g, e = m["block_size"], a["experts"]
+            raise Unsupported(f"{e}: not one QMoE node (a ragged or act-order engine's experts)")
+        g = m["block_size"]
         alpha, limit = a["swiglu"] or (1.0, None)  # (gpt-oss's clamped SwiGLU: its alpha, beta 1 and limit)
         want = {"k": a["top_k"], "normalize_routing_weights": int(a["normalize"]), "activation_type": b"swiglu",
                 "swiglu_fusion": 1, "expert_weight_bits": 4, "activation_alpha": np.float32(alpha),
@@ -396,13 +397,13 @@ class NativeDecoder:
         tensors = []
         for part, (n, k) in (("fc1", (2 * width, hidden)), ("fc2", (hidden, width))):
             blocks = _blocks(k, g)
-            tensors += [self._tensor(f"{a['experts']}.{part}.B", np.uint8, count * n * blocks * g // 2),
-                        self._tensor(f"{a['experts']}.{part}.scales", np.float32, count * n * blocks),
-                        self._tensor(f"{a['experts']}.{part}.zero_points", np.uint8, count * n * ((blocks + 1) // 2))]
-        if [m["inputs"][i] for i in (2, 3, 5, 6, 11, 12)] != [f"{a['experts']}.{part}.{kind}" for part, kinds in (
+            tensors += [self._tensor(f"{e}.{part}.B", np.uint8, count * n * blocks * g // 2),
+                        self._tensor(f"{e}.{part}.scales", np.float32, count * n * blocks),
+                        self._tensor(f"{e}.{part}.zero_points", np.uint8, count * n * ((blocks + 1) // 2))]
+        if [m["inputs"][i] for i in (2, 3, 5, 6, 11, 12)] != [f"{e}.{part}.{kind}" for part, kinds in (
                 ("fc1", ("B", "scales")), ("fc2", ("B", "scales")), ("fc1", ("zero_points",)),
                 ("fc2", ("zero_points",))) for kind in kinds]:
-            raise Unsupported(f"{a['experts']}: the QMoE node reads other weights than its experts'")
+            raise Unsupported(f"{e}: the QMoE node reads other weights than its experts'")
         router = np.ascontiguousarray(self._tensor(a["router"], np.float32, hidden * count).reshape(hidden, count).T)
         scratch = np.zeros(a["top_k"] * 2 * width + width + hidden + 2 * count + 2 * a["top_k"],
                            np.float32)  # (cpu_ops.h: scratch)
