@@ -166,16 +166,19 @@ HEAD_SELECT_CAPACITY = 8192      # plugins/kernels/head_top_k.cu: keys a block s
 
 def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8",
                  act_order: bool = False, out_bias: bool = False, positions: int | None = None,
-                 experts: bool = False) -> DecoderSpec:
+                 cpu: bool = False) -> DecoderSpec:
     """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size, which
     linears carry biases (checkpoint_biases), the head's kind, and whether the linears are GPTQ
     act-order ones; positions: the RoPE tables' rows, where fewer than the model's (an engine
-    built for a shorter context: cuda_build.rope_sized_to_context); experts: the caller runs a
-    mixture of experts' moe ops (the native CPU decode), which the cuda backend does not."""
+    built for a shorter context: cuda_build.rope_sized_to_context); cpu: the caller is the native
+    CPU decode, which runs what the cuda backend does not yet (a mixture of experts, attention sinks)."""
     family = model.family
-    if model.moe_layers and not experts:
+    if model.moe_layers and not cpu:
         raise UserError(f"{model.model_type}'s mixture of experts is not on the cuda backend yet (its kernels run "
                         "dense MLPs); build for the CPU (--device cpu)")
+    if model.attention_sinks and not cpu:
+        raise UserError(f"{model.model_type}'s attention sinks are not in the cuda backend's attention kernels yet; "
+                        "build for the CPU (--device cpu)")
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
                         f"({', '.join(map(str, HEAD_DIMS))}); use the CPU engine (--device cpu)")

@@ -54,7 +54,8 @@ class Family:
     # sliding_window_pattern-th, 6 unless the config says); "alternate" (Gemma 2: layers 0, 2, 4, ...);
     # "nope" (SmolLM3: only with use_sliding_window, the layers without RoPE); "mamba" (Granite 4: none
     # is attention, transformers makes every layer Mamba, which the engines refuse); "gpt_neo" (its
-    # attention_layers, global or local, or its attention_types expanded: [[["global", "local"], 12]])
+    # attention_layers, global or local, or its attention_types expanded: [[["global", "local"], 12]]);
+    # "fourth" (CWM, Granite SWA: layers 0, 4, 8, ... full, the others slide)
     sliding_layers: str = "none"
     # what transformers' config class takes for a key config.json leaves out, where that is not the
     # generic default export.spec assumes (head_dim hidden / heads, no window, untied, RoPE base 1e4)
@@ -99,6 +100,9 @@ class Family:
     # layers, when config.json sets a sliding_window); "unless_rope" (Granite 4: every layer, unless
     # position_embedding_type is "rope"); "" (none)
     nope_layers: str = ""
+    # Granite SWA: the config key listing each layer's RoPE base (0: that layer does not rotate), which
+    # replaces rope_theta layer by layer where config.json sets it; "" (none)
+    layer_rope_theta: str = ""
     # Granite: embedding_multiplier, attention_multiplier (the score scale), residual_multiplier (on
     # each attention and MLP output before its residual add) and logits_scaling (the logits divided)
     multipliers: bool = False
@@ -157,7 +161,8 @@ class Family:
     router_bias: bool = False
     experts_layout: str = "stacked"
     expert_act: str = "silu"
-    # gpt-oss: each head's learned sink, a logit (self_attn.sinks [heads]) in the softmax's denominator only
+    # gpt-oss, Granite SWA: each head's learned sink, a logit (self_attn.sinks [heads]) in the softmax's
+    # denominator only (Granite SWA's output times sigmoid(logsumexp(scores) - sink): the same numbers)
     attention_sinks: bool = False
     # gpt-oss: its MLP returns (output, router scores), which its block unpacks; the quantizer's SparseMoe too
     moe_returns_tuple: bool = False
@@ -245,6 +250,14 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("llama", ("llama",), config_defaults=(("max_position_embeddings", 2048),)),
+        # Meta's Code World Model: Llama with layers 0, 4, 8, ... full and the rest sliding (8192 tokens), Llama
+        # 3's RoPE scaling unless its config says
+        Family("cwm", ("cwm",), sliding_layers="fourth",
+               config_defaults=(("max_position_embeddings", 131072), ("sliding_window", 8192),
+                                ("num_key_value_heads", 8), ("head_dim", 128), ("rms_norm_eps", 1e-5),
+                                ("rope_parameters", {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0,
+                                                     "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                     "original_max_position_embeddings": 8192}))),
         Family("mistral", ("mistral",), sliding_layers="all",
                config_defaults=(("max_position_embeddings", 131072), ("sliding_window", 4096),
                                 ("num_key_value_heads", 8))),
@@ -275,6 +288,13 @@ FAMILIES: dict[str, Family] = {
         # Granite 3 (2B, 8B): Llama with four multipliers
         Family("granite", ("granite",), multipliers=True,
                config_defaults=(("max_position_embeddings", 2048), ("attention_multiplier", 1.0))),
+        # Granite SWA: Granite's multipliers, layers 0, 4, 8, ... full and the rest sliding, a sink per head,
+        # a RoPE base per layer (0: none)
+        Family("granite_swa", ("granite_swa",), multipliers=True, sliding_layers="fourth", attention_sinks=True,
+               layer_rope_theta="layer_rope_theta",
+               config_defaults=(("max_position_embeddings", 8192), ("attention_multiplier", 1.0),
+                                ("num_key_value_heads", 4), ("rms_norm_eps", 1e-5), ("tie_word_embeddings", True),
+                                ("sliding_window", 128))),
         # HyperCLOVA X SEED: Granite's multipliers (but the logits times logits_scaling, the score scale
         # head_dim ** -0.5 unless set) with Peri-LN: an RMSNorm on each of the attention's and the MLP's outputs
         Family("hyperclovax", ("hyperclovax",), multipliers=True, logit_scale="logits_scaling",
@@ -575,6 +595,14 @@ FAMILIES: dict[str, Family] = {
                module_renames=((".block_sparse_moe.", ".mlp."), (".mlp.router.", ".mlp.gate.")),
                config_defaults=(("max_position_embeddings", 2048), ("attention_multiplier", 1.0),
                                 ("num_local_experts", 8), ("num_experts_per_tok", 2))),
+        # Granite MoE SWA: Granite 3 MoE with Granite SWA's attention (sinks, layers 0, 4, 8, ... full, a RoPE base
+        # per layer); its shared expert (shared_intermediate_size, 0 unless set) is refused
+        Family("granitemoe_swa", ("granitemoe_swa",), multipliers=True, experts_key="num_local_experts",
+               sliding_layers="fourth", attention_sinks=True, layer_rope_theta="layer_rope_theta",
+               module_renames=((".block_sparse_moe.", ".mlp."), (".mlp.router.", ".mlp.gate.")),
+               refused_switches=(("shared_intermediate_size", "a shared expert beside the routed ones"),),
+               config_defaults=(("max_position_embeddings", 2048), ("attention_multiplier", 1.0),
+                                ("num_local_experts", 8), ("num_experts_per_tok", 2), ("sliding_window", 128))),
         # gpt-oss (20B, 120B): 4 of 32 (128) experts a token with clamped SwiGLU and biases, its router's logits
         # biased, softmax over the chosen; attention with biases and a sink per head, every other layer sliding
         Family("gpt_oss", ("gpt_oss",), experts_key="num_local_experts", router_bias=True, sliding_layers="alternate",

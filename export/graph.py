@@ -66,6 +66,9 @@ def check_target(spec: ModelSpec, target: str) -> None:
     if target == "trt" and spec.moe_layers:
         raise UserError(f"{spec.model_type}'s mixture of experts is not in the trt target's graph (its plugins run "
                         "dense linears); build for the CPU (--device cpu)")
+    if target == "trt" and spec.attention_sinks:
+        raise UserError(f"{spec.model_type}'s attention sinks are not in the trt target's attention plugin; build for "
+                        "the CPU (--device cpu)")
     if target == "trt" and spec.conv_layers:
         raise UserError(f"{spec.model_type}'s short convolutions keep a state per position, which the trt target's "
                         "engines do not; build for the CPU (--device cpu)")

@@ -298,6 +298,8 @@ def default_layer_types(c: Fields, family: Family, layers: int, window: int | No
     if rule == "qwen":
         first = c.int("max_window_layers", 0, MAX_LAYERS, default=28)
         return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    if rule == "fourth":
+        return ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(layers)]
     if rule in ("gemma", "alternate"):
         pattern = 2 if rule == "alternate" else c.int("sliding_window_pattern", 1, MAX_LAYERS, default=6)
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
@@ -385,11 +387,17 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     windows = [window if t == "sliding_attention" and window else None for t in layer_types]
 
     ropes = _rope_params(c)
+    thetas = [None] * layers  # Granite SWA's RoPE base per layer (Family.layer_rope_theta), 0 for none
+    if family.layer_rope_theta and c.raw.get(family.layer_rope_theta) is not None:
+        thetas = c.floats(family.layer_rope_theta, layers, 0.0, 1e12)
+        rotating = [turns and theta != 0 for turns, theta in zip(rotating, thetas)]
     rotary_dims, layer_rope = set(), []
-    for t, turns in zip(layer_types, rotating):
+    for t, turns, theta in zip(layer_types, rotating, thetas):
         rope = ropes.get(t) or ropes.get("full_attention")
         if rope is None:
             raise UserError(f"{where}: no RoPE parameters for layer type {t!r}; {fix}")
+        if theta:
+            rope = Fields({**rope.raw, "rope_theta": theta}, f"{where} {family.layer_rope_theta}", fix)
         # partial rotary (Phi-3.5/4-mini: 0.75): inside the rope parameters (transformers 5) or beside them
         factor = rope.float("partial_rotary_factor", 1e-6, 1.0, default=c.float("partial_rotary_factor", 1e-6, 1.0,
                                                                                  default=1.0))

@@ -71,7 +71,7 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", 
 # the mixture-of-experts families' config key of their number of experts
 MOE_EXPERTS = {"qwen3_moe": "num_experts", "olmoe": "num_experts", "mixtral": "num_local_experts",
                "granitemoe": "num_local_experts", "lfm2_moe": "num_experts", "gpt_oss": "num_local_experts",
-               "qwen2_moe": "num_experts"}
+               "qwen2_moe": "num_experts", "granitemoe_swa": "num_local_experts"}
 
 
 @pytest.fixture(scope="session")

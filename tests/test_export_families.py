@@ -38,13 +38,15 @@ def _ids(seed: int, n: int = PROMPT + STEPS) -> list[int]:
 
 # what the trt target refuses: Hunyuan's q/k norms follow RoPE, which its attention plugin does;
 # LFM2's short convolutions keep a state no trt engine holds; GPT-2's, StarCoder 1's and OPT's learned positions the trt
-# graph does not add (its attention plugin takes past_length, no position ids); experts its plugins do not run
+# graph does not add (its attention plugin takes past_length, no position ids); experts its plugins do not run;
+# sinks its attention plugin does not add
 TRT_REFUSES = {"hunyuan_v1_dense": "q/k norms come after RoPE, and the trt target's attention plugin",
                "lfm2": "short convolutions keep a state per position, which the trt target's engines do not",
                "gpt_bigcode": "positions are a learned table, which the trt target's graph does not add",
                "opt": "positions are a learned table, which the trt target's graph does not add",
                "gpt2": "positions are a learned table, which the trt target's graph does not add",
                "gpt_neo": "positions are a learned table, which the trt target's graph does not add",
+               "granite_swa": "attention sinks are not in the trt target's attention plugin",
                **{moe: "mixture of experts is not in the trt target's graph" for moe in MOE_EXPERTS}}
 
 
@@ -493,6 +495,8 @@ OLD_STYLE_WINDOWS = {
     "gemma2_alternate": ("gemma2", {}, {}),  # layer 0 slides, layer 1 does not
     "smollm3_nope_slides": ("smollm3", {}, {}),  # layer 1, without RoPE, slides
     "smollm3_sliding_off": ("smollm3", {}, {"use_sliding_window": False}),
+    "cwm_fourth": ("cwm", {}, {}),  # layers 0, 4, 8, ... full: layer 1 slides
+    "granite_swa_fourth": ("granite_swa", {}, {}),
     "qwen2_sliding_on": ("qwen2", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 1}, {}),
     "qwen3_sliding_off": ("qwen3", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 0},
                           {"use_sliding_window": False}),
@@ -585,10 +589,12 @@ def test_granite4_runs_its_dense_models_and_refuses_its_hybrid_and_expert_ones()
 
 @pytest.mark.parametrize("model_type, taken, refused, message", [
     ("hyperclovax", {"use_post_norm": True}, {"use_post_norm": False}, "use_post_norm false .* for hyperclovax"),
-    ("iquestcoder", {"clip_qkv": None}, {"clip_qkv": 8.0}, "clip_qkv 8.0 .* is not supported for iquestcoder")])
+    ("iquestcoder", {"clip_qkv": None}, {"clip_qkv": 8.0}, "clip_qkv 8.0 .* is not supported for iquestcoder"),
+    ("granitemoe_swa", {"shared_intermediate_size": 0}, {"shared_intermediate_size": 64},
+     "shared_intermediate_size 64 .a shared expert beside the routed ones. is not supported for granitemoe_swa")])
 def test_a_switch_the_engines_do_not_compute_is_refused(model_type, taken, refused, message):
     """HyperCLOVA X without its Peri-LN post-norms (use_post_norm false); IQuest-Coder's clip_qkv (its config
-    refuses it too)."""
+    refuses it too); Granite MoE SWA's shared expert."""
     from awq_edge.export.spec import model_spec
 
     config = {**TINY, **TINY_EXTRA[model_type], "model_type": model_type}
@@ -931,13 +937,47 @@ def test_a_config_of_more_experts_than_any_model_is_refused_before_anything_is_m
 
 
 WRONG = [None, "x", -1, 0, 10 ** 18, 1e308, True, [], {}, [[["global"], 10 ** 18]], [["local", 1]]]
+# transformers' defaults for Granite SWA (4 of its layers, two of them without RoPE) and Meta's CWM (4 layers)
+GRANITE_SWA = {"model_type": "granite_swa", "vocab_size": 100352, "hidden_size": 2560, "intermediate_size": 8192,
+               "num_hidden_layers": 4, "num_attention_heads": 20, "num_key_value_heads": 4, "hidden_act": "silu",
+               "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "tie_word_embeddings": True,
+               "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "embedding_multiplier": 1.0,
+               "logits_scaling": 1.0, "residual_multiplier": 1.0, "attention_multiplier": 1.0, "sliding_window": 128,
+               "layer_types": ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"],
+               "layer_rope_theta": [10000.0, 0, 500000.0, 0]}
+CWM = {"model_type": "cwm", "vocab_size": 128256, "hidden_size": 6144, "intermediate_size": 21504,
+       "num_hidden_layers": 4, "num_attention_heads": 48, "num_key_value_heads": 8, "hidden_act": "silu",
+       "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "tie_word_embeddings": False, "head_dim": 128,
+       "rope_parameters": {"rope_theta": 1000000.0, "factor": 16.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                           "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+       "sliding_window": 8192, "layer_types": ["full_attention", "sliding_attention", "sliding_attention",
+                                               "sliding_attention"]}
+
+
+def test_granite_swa_reads_a_rope_base_per_layer_and_cwm_slides_all_but_every_fourth_layer():
+    """Granite SWA's layer_rope_theta: each layer's base, 0 none (the sliding layers here); left out, rope_theta
+    everywhere. Both families: layers 0, 4, 8, ... full where config.json lists no layer_types."""
+    from awq_edge.export.spec import model_spec
+
+    spec = model_spec(GRANITE_SWA)
+    assert spec.layer_windows == [None, 128, 128, 128] and spec.attention_sinks
+    turns = [float(r.inv_freq[1]) for r in spec.layer_rope]
+    assert turns == pytest.approx([1e4 ** (-2 / 128), 0, 5e5 ** (-2 / 128), 0])
+    spec = model_spec({k: v for k, v in GRANITE_SWA.items() if k not in ("layer_rope_theta", "layer_types")})
+    assert spec.layer_windows == [None, 128, 128, 128]
+    assert [float(r.inv_freq[1]) for r in spec.layer_rope] == pytest.approx([1e4 ** (-2 / 128)] * 4)
+    spec = model_spec({k: v for k, v in CWM.items() if k not in ("layer_types", "rope_parameters")})
+    assert spec.layer_windows == [None, 8192, 8192, 8192] and not spec.attention_sinks
+    assert spec.layer_rope[0].key() == model_spec(CWM).layer_rope[0].key()  # Llama 3's scaling by default
+    with pytest.raises(UserError, match="layer_rope_theta"):
+        model_spec({**GRANITE_SWA, "layer_rope_theta": [1e4] * 3})
 
 
 @pytest.mark.parametrize("config", [PYTHIA_70M, OPT_125M, TINY_STARCODER, GPT_NEO_125M, GPT2_SMALL, GPTJ_6B,
                                     {k: v for k, v in GPT_NEO_125M.items() if k != "attention_layers"},
-                                    *MOE_CONFIGS.values()],
+                                    *MOE_CONFIGS.values(), GRANITE_SWA, CWM],
                          ids=["gpt_neox", "opt", "gpt_bigcode", "gpt_neo", "gpt2", "gptj", "gpt_neo_types",
-                              *MOE_CONFIGS])
+                              *MOE_CONFIGS, "granite_swa", "cwm"])
 def test_a_wrong_value_in_any_key_of_these_configs_is_read_or_refused_in_one_line(config):
     """Every key these families read (theirs and the ones they alias), set to each wrong value or left
     out: model_spec gives a spec or a one-line UserError, never another exception."""

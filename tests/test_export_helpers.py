@@ -24,6 +24,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 TINY_EXTRA = {
     "llama": {},
     "mistral": {"sliding_window": 5},
+    # Llama's block, layer 0 full and layer 1 sliding (its rule), Llama 3's RoPE scaling (its default)
+    "cwm": {"head_dim": 16, "sliding_window": 5, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     "qwen2": {},
     "qwen3": {"head_dim": 16},
     "gemma3_text": {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16,
@@ -36,6 +38,11 @@ TINY_EXTRA = {
     # every multiplier away from 1 (the real 2B's: 12, 0.015625, 0.22, 8)
     "granite": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                 "logits_scaling": 2.5},
+    # Granite's multipliers, a sink per head; layer 0 full and rotating at its own base, layer 1 sliding
+    # without RoPE (layer_rope_theta 0)
+    "granite_swa": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
+                    "logits_scaling": 2.5, "sliding_window": 5, "layer_rope_theta": [500.0, 0],
+                    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # attention and an MLP without a gate on one LayerNorm under Phi's names, biases everywhere, a head bias,
     # half of each head rotated (its default)
     "phi": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
@@ -158,6 +165,10 @@ TINY_EXTRA = {
     # renormalized, Granite's multipliers, its experts' names (block_sparse_moe, router)
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
                    "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.5, "pad_token_id": 0},
+    # Granite 3 MoE's experts with Granite SWA's attention: sinks, layer 1 sliding, layer 0 without RoPE
+    "granitemoe_swa": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
+                       "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.5,
+                       "sliding_window": 5, "layer_rope_theta": [0, 500.0], "pad_token_id": 0},
     # fused q/k/v and gate/up; half of each head rotated (Phi-4-mini: 0.75); LongRoPE: longrope()
     "phi3": {"sliding_window": 5, "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
              "eos_token_id": 2},

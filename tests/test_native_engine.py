@@ -917,6 +917,9 @@ def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, 
 @pytest.mark.parametrize("model_type, backend, refusal", [
     ("llama", "cuda", "head_dim 16 is not supported by the cuda backend's attention kernel"),
     ("hunyuan_v1_dense", "trt", "q/k norms come after RoPE, and the trt target's attention plugin"),
+    ("granite_swa", "cuda", "granite_swa's attention sinks are not in the cuda backend's attention kernels yet"),
+    ("granite_swa", "trt", "granite_swa's attention sinks are not in the trt target's attention plugin"),
+    ("qwen3_moe", "cuda", "qwen3_moe's mixture of experts is not on the cuda backend yet"),
 ])
 def test_a_gpu_build_refuses_what_its_kernels_cannot_run_before_quantizing(model_type, backend, refusal,
                                                                            tiny_model_dir, tmp_path, monkeypatch):

@@ -302,7 +302,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
                                                        "starcoder2", "granitemoehybrid", "phi",
                                                        "hyperclovax", "olmo", "apertus", "nanochat", "lfm2",
                                                        "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj",
-                                                       "gpt_neo", *MOE_EXPERTS))
+                                                       "gpt_neo", "cwm", "granite_swa", *MOE_EXPERTS))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
