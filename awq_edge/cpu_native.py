@@ -299,7 +299,7 @@ class NativeDecoder:
             spec = decoder_spec(model, groups.pop(), biased("qkv_proj"),
                                 out_bias=biased("o_proj", "gate_up_proj", "up_proj", "down_proj"),
                                 positions=info.max_position_embeddings,  # (the graph's RoPE rows: build --max-context)
-                                cpu=True)
+                                experts=True)
         except UserError as e:
             raise Unsupported(str(e)) from None
         if spec.head_dim not in NATIVE_HEAD_DIMS:

@@ -702,7 +702,7 @@ class CudaBackend:
                     self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, b[a["out"]], self.attn_partials,
                     self.attn_counters, ("i32", H), ("i32", Hkv), ("i32", C), ("i32", spec.max_positions),
                     ("i32", a["window"]), ("f32", spec.attn_scale), ("f32", spec.attn_softcap),
-                    ("i32", self.attn_splits), ("i32", per_head)]))
+                    ("i32", self.attn_splits), ("i32", per_head), w[a["sinks"]] if a["sinks"] else 0]))
             elif op.kind == "linear":
                 name, n, k = a["weight"], a["N"], a["K"]
                 fusion = GEMV_FUSIONS.index(f"{'norm_' if a['norm'] else ''}{a['epilogue']}")
@@ -1226,7 +1226,8 @@ class CudaBackend:
             self.rope_store(self.buf[a["qkv"]], layer, a["rope"], rows)
         out = self.buf[a["out"]]
         limits = [("i32", self.max_context), ("i32", spec.max_positions), ("i32", a["window"]),
-                  ("f32", spec.attn_scale), ("f32", spec.attn_softcap)]
+                  ("f32", spec.attn_scale), ("f32", spec.attn_softcap),
+                  self.weights[a["sinks"]] if a["sinks"] else 0]  # (and the sinks: gpt-oss's, Granite SWA's)
         if rows == 1:  # decode: the context split over blocks (flash-decoding), merged by each head's last block
             self.launch(f"awq_attend_split_d{D}", (H, self.attn_splits), (ATTEND_SPLIT_KEYS,),
                         [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, self.attn_partials,

@@ -52,7 +52,8 @@ rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied model's are `lm_head.q8`
 `model.embed_tokens.weight` where a tied head keeps it (embed_table); learned positions (GPT-2's, OPT's)
 as fp16 `model.embed_positions` [max_positions, hidden], which the embed op adds; RoPE tables fp16
 [max_positions, D/2] per distinct frequency set; a GPTQ act-order linear's permutation of its
-inputs as int32 `{name}.input_order` [K].
+inputs as int32 `{name}.input_order` [K]; attention sinks (gpt-oss's, Granite SWA's: a logit per head
+in its softmax's denominator) as float32 `{layer}.self_attn.sinks` [H].
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ class DecoderSpec:
     router_bias: bool = False      # gpt-oss: mlp.gate.bias on the router's logits
     swiglu_alpha: float = 1.0      # gpt-oss: its experts' clamped SwiGLU, where swiglu_limit > 0
     swiglu_limit: float = 0.0
-    attention_sinks: bool = False  # gpt-oss: each head's sink (self_attn.sinks) in its softmax's denominator
+    attention_sinks: bool = False  # gpt-oss, Granite SWA: each head's sink (self_attn.sinks), a softmax's denominator
     shared_width: int = 0          # Qwen2-MoE: its shared expert's width (0: none), an MLP the moe op adds in
     shared_gate: bool = False      # ... times sigmoid(mlp.shared_expert_gate . x)
 
@@ -166,19 +167,16 @@ HEAD_SELECT_CAPACITY = 8192      # plugins/kernels/head_top_k.cu: keys a block s
 
 def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = "int8",
                  act_order: bool = False, out_bias: bool = False, positions: int | None = None,
-                 cpu: bool = False) -> DecoderSpec:
+                 experts: bool = False) -> DecoderSpec:
     """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size, which
     linears carry biases (checkpoint_biases), the head's kind, and whether the linears are GPTQ
     act-order ones; positions: the RoPE tables' rows, where fewer than the model's (an engine
-    built for a shorter context: cuda_build.rope_sized_to_context); cpu: the caller is the native
-    CPU decode, which runs what the cuda backend does not yet (a mixture of experts, attention sinks)."""
+    built for a shorter context: cuda_build.rope_sized_to_context); experts: the caller runs a
+    mixture of experts' moe ops (the native CPU decode), which the cuda backend does not."""
     family = model.family
-    if model.moe_layers and not cpu:
+    if model.moe_layers and not experts:
         raise UserError(f"{model.model_type}'s mixture of experts is not on the cuda backend yet (its kernels run "
                         "dense MLPs); build for the CPU (--device cpu)")
-    if model.attention_sinks and not cpu:
-        raise UserError(f"{model.model_type}'s attention sinks are not in the cuda backend's attention kernels yet; "
-                        "build for the CPU (--device cpu)")
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
                         f"({', '.join(map(str, HEAD_DIMS))}); use the CPU engine (--device cpu)")
@@ -507,6 +505,8 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
                 layout[a["bias"]] = ("float32", (spec.hidden,))
         elif op.kind == "gather":
             layout[a["order"]] = ("int32", (a["n"],))
+        elif op.kind == "attention" and a["sinks"]:
+            layout[a["sinks"]] = ("float32", (spec.heads,))
     return layout
 
 
@@ -589,6 +589,8 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
             out[a["weight"]] = tensor(a["weight"]).astype(np.float32).reshape(spec.hidden, -1)
             if a["bias"]:
                 out[a["bias"]] = tensor(a["bias"]).astype(np.float32)
+        elif op.kind == "attention" and a["sinks"]:
+            out[a["sinks"]] = tensor(a["sinks"]).astype(np.float32)
         elif op.kind in ("norm", "add_norm", "head_norm"):
             out[a["weight"]] = tensor(a["weight"]).astype(np.float32) + np.float32(spec.norm_offset)
             if a.get("bias"):  # (a LayerNorm's)

@@ -139,9 +139,10 @@ def key_scores(q: np.ndarray, keys: np.ndarray, scale: float, softcap: float) ->
 
 
 def twin_attend(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, window: int, scale: float,
-                softcap: float) -> np.ndarray:
+                softcap: float, sinks: np.ndarray | None = None) -> np.ndarray:
     """The attend kernels' twin: q_rot fp16 [S, H, D] at positions past..past+S-1 over the caches,
-    causally (and within the window), fp32 scores and softmax; returns fp16 [S, H * D]."""
+    causally (and within the window), fp32 scores and softmax (sinks: float32 [H], each head's logit
+    in its denominator, attention.cu sink_term); returns fp16 [S, H * D]."""
     S, H, D = q_rot.shape
     Hkv = k_cache.shape[0]
     out = np.empty((S, H, D), F16)
@@ -154,8 +155,13 @@ def twin_attend(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pas
             kv = h // (H // Hkv)
             scores = np.where(visible, key_scores(q_rot[s, h].astype(F32), keys[kv], scale, softcap), -np.inf)
             p = np.exp(scores - scores.max())
-            out[s, h] = (p @ values[kv] / p.sum()).astype(F16)
+            out[s, h] = (p @ values[kv] / (p.sum() + sink_term(sinks, h, scores.max()))).astype(F16)
     return out.reshape(S, H * D)
+
+
+def sink_term(sinks: np.ndarray | None, h: int, max_score) -> F32:
+    """What head h's sink adds to a softmax's sum whose scores were exponentiated against max_score (0 without)."""
+    return F32(0) if sinks is None else np.exp(F32(sinks[h]) - F32(max_score))
 
 
 def twin_attend_tiles(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, window: int,
@@ -185,7 +191,8 @@ def twin_attend_tiles(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarra
 
 
 def twin_attend_block(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, window: int,
-                      scale: float, softcap: float, block_queries: int = 16) -> np.ndarray:
+                      scale: float, softcap: float, block_queries: int = 16, sinks: np.ndarray | None = None
+                      ) -> np.ndarray:
     """Prefill attention as awq_attend_block computes it: q_rot fp16 [S, H, D] at positions
     past..past+S-1; per head, blocks of block_queries tokens walk the keys any of them sees in
     tiles of 4096 / D from the block's first visible key, each token with its own online softmax
@@ -214,12 +221,14 @@ def twin_attend_block(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarra
                 running_sum = running_sum * rescale + p.sum(axis=1)
                 acc = acc * rescale[:, None] + p @ v_cache[kv, j].astype(F32)
                 running_max = new_max
-            out[tokens, h] = (acc / running_sum[:, None]).astype(F16)
+            total = running_sum + np.array([sink_term(sinks, h, m) for m in running_max], F32)
+            out[tokens, h] = (acc / total[:, None]).astype(F16)
     return out.reshape(S, H * D)
 
 
 def twin_attend_split(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, window: int,
-                      scale: float, softcap: float, split_keys: int = 128) -> np.ndarray:
+                      scale: float, softcap: float, split_keys: int = 128, sinks: np.ndarray | None = None
+                      ) -> np.ndarray:
     """Decode attention as awq_attend_split computes it (flash-decoding): q_rot fp16 [H, D] at
     position pos over the caches [Hkv, capacity, D]; each split of split_keys keys keeps its
     softmax state (max, sum, V-weighted sum, fp32), then the splits are merged. -> fp16 [H * D]."""
@@ -240,7 +249,7 @@ def twin_attend_split(q_rot: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarra
             states.append((scores.max(), p.sum(), p @ v_cache[kv, begin:end].astype(F32)))
         m = max(state[0] for state in states)
         weights = [np.exp(mc - m) if mc > -np.inf else F32(0) for mc, _, _ in states]
-        total = sum(w * s for w, (_, s, _) in zip(weights, states))
+        total = sum(w * s for w, (_, s, _) in zip(weights, states)) + sink_term(sinks, h, m)
         out[h] = (sum(w * acc for w, (_, _, acc) in zip(weights, states)) / total).astype(F16)
     return out.reshape(-1)
 
@@ -423,7 +432,7 @@ class ReferenceBackend:
             i = a["layer"]
             q_rot = self.q_rot if a["rotated"] else self.rope_store(buf[a["qkv"]], i, a["rope"])
             buf[a["out"]][:] = twin_attend(q_rot, self.k_cache[i], self.v_cache[i], self.position, a["window"],
-                                           spec.attn_scale, spec.attn_softcap)
+                                           spec.attn_scale, spec.attn_softcap, t[a["sinks"]] if a["sinks"] else None)
         elif op.kind == "act":
             buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"], a["gated"], t[a["params"]] if a["params"] else None)
         elif op.kind == "clamp":  # (decoder_ops.cu awq_clamp)

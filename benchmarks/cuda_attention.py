@@ -63,7 +63,7 @@ def main() -> int:
 
             def arguments(out):
                 return [ptr(dev["q"]), ptr(dev["k"]), ptr(dev["v"]), ptr(dev["past"]), ptr(dev[out]), i32(ROWS), i32(H),
-                        i32(Hkv), i32(capacity), i32(capacity), i32(0), f32(D ** -0.5), f32(0.0)]
+                        i32(Hkv), i32(capacity), i32(capacity), i32(0), f32(D ** -0.5), f32(0.0), ptr(0)]  # (no sinks)
             runs = {"per_token": lambda: drv.launch(per_token, (H, ROWS), (ATTEND_THREADS,), arguments("out_a")),
                     "block": lambda: drv.launch(block, (H, -(-ROWS // ATTEND_BLOCK_QUERIES)), (ATTEND_THREADS,),
                                                 arguments("out_b")),

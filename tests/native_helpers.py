@@ -486,11 +486,11 @@ def random_quantized(rng, n: int, k: int, group_size: int):
 
 
 def prefill_attention_error(drv, fn, kernel: str, d: int, heads: tuple, past: int, rows: int, window: int,
-                            softcap: float) -> float:
+                            softcap: float, sinks: bool = False) -> float:
     """awq_attend_{kernel}_d{d} ("block" or "mma"; "" for awq_attend_d{d}, a block per token;
     drv.function's handle `fn`) over a chunk of `rows` random query rows after `past` random cached
-    rows, outputs poisoned with NaN: its worst element error against twin_attend_block relative to
-    the largest output."""
+    rows, outputs poisoned with NaN (sinks: a random sink a head, gpt-oss's): its worst element error
+    against twin_attend_block relative to the largest output."""
     from awq_edge.cuda_backend import ATTEND_BLOCK_QUERIES, ATTEND_MMA_QUERIES, ATTEND_THREADS
     from awq_edge.cuda_driver import f32, i32, ptr
     from awq_edge.reference_backend import twin_attend_block
@@ -501,25 +501,28 @@ def prefill_attention_error(drv, fn, kernel: str, d: int, heads: tuple, past: in
     k_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
     v_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
     per_block = {"mma": ATTEND_MMA_QUERIES, "block": ATTEND_BLOCK_QUERIES, "": 1}[kernel]
+    head_sinks = rng.normal(1.0, 1.0, H).astype(np.float32) if sinks else None
     arrays = {"q": q, "k": k_cache, "v": v_cache, "past": np.array([past], np.int64),
-              "out": np.full(rows * H * d, np.nan, np.float16)}
+              "out": np.full(rows * H * d, np.nan, np.float16),
+              "sinks": head_sinks if sinks else np.zeros(H, np.float32)}
     with on_device(drv, arrays) as dev:
         drv.launch(fn, (H, -(-rows // per_block)), (ATTEND_THREADS,),
                    [*[ptr(dev[name]) for name in ("q", "k", "v", "past", "out")], i32(rows), i32(H), i32(Hkv),
-                    i32(capacity), i32(capacity), i32(window), f32(d ** -0.5), f32(softcap)])
+                    i32(capacity), i32(capacity), i32(window), f32(d ** -0.5), f32(softcap),
+                    ptr(dev["sinks"] if sinks else 0)])
         got = np.empty(rows * H * d, np.float16)
         drv.download(got, dev["out"])
-    want = twin_attend_block(q, k_cache, v_cache, past, window, d ** -0.5, softcap).reshape(-1)
+    want = twin_attend_block(q, k_cache, v_cache, past, window, d ** -0.5, softcap, sinks=head_sinks).reshape(-1)
     assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs never written"
     return float(np.abs(got.astype(np.float32) - want.astype(np.float32)).max() / np.abs(want.astype(np.float32)).max())
 
 
 def split_attention_errors(drv, fn, d: int, heads: tuple, window: int, softcap: float, capacity: int,
-                           positions) -> list[tuple[int, float]]:
+                           positions, sinks: bool = False) -> list[tuple[int, float]]:
     """awq_attend_split_d{d} (drv.function's handle `fn`) over a random cache of `capacity` rows at each
     of `positions` in turn (the per-head counters carried over: the merging blocks must reset them),
-    outputs poisoned with NaN each time: (position, worst element error against twin_attend_split
-    relative to the largest output) per position."""
+    outputs poisoned with NaN each time (sinks: a random sink a head): (position, worst element error
+    against twin_attend_split relative to the largest output) per position."""
     from awq_edge.cuda_backend import ATTEND_SPLIT_KEYS
     from awq_edge.cuda_driver import f32, i32, ptr
     from awq_edge.reference_backend import twin_attend_split
@@ -530,8 +533,10 @@ def split_attention_errors(drv, fn, d: int, heads: tuple, window: int, softcap: 
     k_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
     v_cache = rng.standard_normal((Hkv, capacity, d)).astype(np.float16)
     splits = -(-capacity // ATTEND_SPLIT_KEYS)
+    head_sinks = rng.normal(1.0, 1.0, H).astype(np.float32) if sinks else None
     arrays = {"q": q, "k": k_cache, "v": v_cache, "past": np.zeros(1, np.int64), "out": np.zeros(H * d, np.float16),
-              "partials": np.zeros(H * splits * (2 + d), np.float32), "counters": np.zeros(H, np.int32)}
+              "partials": np.zeros(H * splits * (2 + d), np.float32), "counters": np.zeros(H, np.int32),
+              "sinks": head_sinks if sinks else np.zeros(H, np.float32)}
     errors = []
     with on_device(drv, arrays) as dev:
         for pos in positions:
@@ -539,10 +544,12 @@ def split_attention_errors(drv, fn, d: int, heads: tuple, window: int, softcap: 
             drv.upload(dev["out"], np.full(H * d, np.nan, np.float16))
             drv.launch(fn, (H, splits), (ATTEND_SPLIT_KEYS,),
                        [*[ptr(dev[name]) for name in ("q", "k", "v", "past", "out", "partials", "counters")],
-                        i32(H), i32(Hkv), i32(capacity), i32(capacity), i32(window), f32(d ** -0.5), f32(softcap)])
+                        i32(H), i32(Hkv), i32(capacity), i32(capacity), i32(window), f32(d ** -0.5), f32(softcap),
+                        ptr(dev["sinks"] if sinks else 0)])
             got = np.empty(H * d, np.float16)
             drv.download(got, dev["out"])
-            want = twin_attend_split(q, k_cache, v_cache, pos, window, d ** -0.5, softcap, ATTEND_SPLIT_KEYS)
+            want = twin_attend_split(q, k_cache, v_cache, pos, window, d ** -0.5, softcap, ATTEND_SPLIT_KEYS,
+                                     sinks=head_sinks)
             assert not np.isnan(got).any(), f"pos {pos}: {np.isnan(got).sum()} outputs never written"
             errors.append((pos, float(np.abs(got.astype(np.float32) - want.astype(np.float32)).max()
                                       / np.abs(want.astype(np.float32)).max())))

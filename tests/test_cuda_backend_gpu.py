@@ -162,6 +162,14 @@ def test_q_k_norms_after_rope_match_the_reference(tokenizer_dir, tmp_path):
     check_against_reference(tiny_engine(tmp_path, "hunyuan_v1_dense", tokenizer_dir), 320, cublas=False)
 
 
+@pytest.mark.parametrize("gemv", GEMVS + ["persistent_step"])
+def test_attention_sinks_match_the_reference(gemv, tokenizer_dir, tmp_path):
+    """Granite SWA's sinks (a logit a head in every softmax's denominator, each attention kernel's
+    sink_term), layer 1 sliding without RoPE (queued 2026-12-07, unrun on a GPU)."""
+    engine = tiny_engine(tmp_path, "granite_swa", tokenizer_dir, num_hidden_layers=2)
+    check_against_reference(engine, 320, cublas=False, gemv=gemv)
+
+
 @pytest.mark.parametrize("gemv", GEMVS)
 def test_clip_qkv_matches_the_reference(gemv, tokenizer_dir, tmp_path):
     """OLMo 1's clip_qkv (0.1: it bites): awq_clamp on the q/k/v rows after their GEMV, RoPE then in
@@ -435,40 +443,45 @@ def test_the_head_candidate_search_on_ties_and_nan_keeps_the_twins_choice(vocab)
         assert np.array_equal(np.flatnonzero(got == 8.0), twin_head_top_k(logits, top_k))
 
 
-@pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (8, 2), 700, 0.0),
-                                                       (256, (4, 4), 0, 50.0)])
-def test_split_decode_attention_matches_its_twin(d, heads, window, softcap):
+@pytest.mark.parametrize("d, heads, window, softcap, sinks", [
+    (64, (9, 3), 0, 0.0, False), (128, (8, 2), 700, 0.0, False), (256, (4, 4), 0, 50.0, False),
+    (64, (8, 2), 0, 0.0, True)])
+def test_split_decode_attention_matches_its_twin(d, heads, window, softcap, sinks):
     """awq_attend_split on its own (cubin, driver API) over a 2000-row cache: 16 splits of 128
     keys, most of them past the position or before the window; two positions in a row, so the
-    per-head counters must have been reset by the first step's merging blocks."""
+    per-head counters must have been reset by the first step's merging blocks. A sink a head
+    (Granite SWA's, gpt-oss's: queued 2026-12-07, unrun on a GPU)."""
     from awq_edge.cuda_driver import Driver
 
     drv = Driver(GPUS[0].index)
     for pos, err in split_attention_errors(drv, cubin_kernel(drv, "attention", f"awq_attend_split_d{d}"), d, heads,
-                                           window, softcap, 2000, (1234, 1235)):
+                                           window, softcap, 2000, (1234, 1235), sinks):
         print(f"split attention D={d} pos={pos} window={window} softcap={softcap}: worst element {err:.1e}")
         assert err < 5e-3, err
 
 
 @pytest.mark.parametrize("kernel", ["block", "mma"])
-@pytest.mark.parametrize("d, heads, past, rows, window, softcap", [(64, (9, 3), 1000, 37, 0, 0.0),
-                                                                 (128, (8, 2), 700, 256, 300, 0.0),
-                                                                 (128, (4, 1), 40, 20, 6, 0.0),
-                                                                 (64, (2, 2), 5, 70, 0, 30.0),
-                                                                 (256, (4, 4), 0, 33, 0, 50.0),
-                                                                 (256, (8, 4), 600, 100, 0, 0.0)])
-def test_prefill_attention_over_blocks_of_tokens_matches_its_twin(kernel, d, heads, past, rows, window, softcap):
+@pytest.mark.parametrize("d, heads, past, rows, window, softcap, sinks", [(64, (9, 3), 1000, 37, 0, 0.0, False),
+                                                                        (128, (8, 2), 700, 256, 300, 0.0, False),
+                                                                        (128, (4, 1), 40, 20, 6, 0.0, False),
+                                                                        (64, (2, 2), 5, 70, 0, 30.0, False),
+                                                                        (256, (4, 4), 0, 33, 0, 50.0, False),
+                                                                        (256, (8, 4), 600, 100, 0, 0.0, False),
+                                                                        (64, (8, 2), 300, 70, 0, 0.0, True)])
+def test_prefill_attention_over_blocks_of_tokens_matches_its_twin(kernel, d, heads, past, rows, window, softcap,
+                                                                  sinks):
     """awq_attend_block (16 tokens a block, CUDA cores) and awq_attend_mma (64, tensor cores; 32-key
     tiles at head size 256) on their own (cubin, driver API): chunks of 37, 256, 20, 70, 33 and 100
     rows (last blocks of fewer tokens), after 0 to 1000 cached rows, windows shorter than a block
-    (tiles some tokens see nothing of), GQA, the soft-cap; outputs poisoned with NaN beforehand.
+    (tiles some tokens see nothing of), GQA, the soft-cap, a sink a head (queued 2026-12-07, unrun on
+    a GPU); outputs poisoned with NaN beforehand.
     The twin is twin_attend_block; the tensor-core kernel multiplies V by fp16 probabilities (its
     fragment plan is checked on the CPU, test_native_engine.py)."""
     from awq_edge.cuda_driver import Driver
 
     drv = Driver(GPUS[0].index)
     err = prefill_attention_error(drv, cubin_kernel(drv, "attention", f"awq_attend_{kernel}_d{d}"), kernel, d, heads,
-                                  past, rows, window, softcap)
+                                  past, rows, window, softcap, sinks)
     print(f"{kernel} attention D={d} past={past} rows={rows} window={window} softcap={softcap}: worst element {err:.1e}")
     assert err < 5e-3, err
 

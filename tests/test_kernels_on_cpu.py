@@ -423,12 +423,16 @@ def test_the_act_kernel_is_its_twin_and_the_twin_is_transformers_activation(emul
 
 
 @SCHEDULES
-@pytest.mark.parametrize("kernel, d, heads, past, rows, window, softcap", [
-    ("mma", 256, (2, 1), 40, 37, 9, 0.0), ("mma", 256, (2, 2), 0, 70, 0, 30.0), ("mma", 128, (4, 2), 100, 20, 0, 0.0),
-    ("block", 64, (2, 1), 20, 37, 9, 0.0), ("block", 128, (4, 2), 0, 20, 0, 30.0),
-    ("block", 256, (2, 2), 30, 17, 0, 0.0), ("", 128, (4, 2), 30, 9, 0, 0.0), ("", 256, (2, 1), 40, 15, 7, 30.0),
-    ("mma", 96, (4, 2), 140, 70, 0, 0.0), ("", 96, (2, 1), 130, 9, 50, 30.0)])
-def test_the_prefill_attentions_match_their_twin(emulated, kernel, d, heads, past, rows, window, softcap, adversarial):
+@pytest.mark.parametrize("kernel, d, heads, past, rows, window, softcap, sinks", [
+    ("mma", 256, (2, 1), 40, 37, 9, 0.0, False), ("mma", 256, (2, 2), 0, 70, 0, 30.0, False),
+    ("mma", 128, (4, 2), 100, 20, 0, 0.0, False), ("block", 64, (2, 1), 20, 37, 9, 0.0, False),
+    ("block", 128, (4, 2), 0, 20, 0, 30.0, False), ("block", 256, (2, 2), 30, 17, 0, 0.0, False),
+    ("", 128, (4, 2), 30, 9, 0, 0.0, False), ("", 256, (2, 1), 40, 15, 7, 30.0, False),
+    ("mma", 96, (4, 2), 140, 70, 0, 0.0, False), ("", 96, (2, 1), 130, 9, 50, 30.0, False),
+    ("mma", 64, (4, 2), 10, 20, 5, 0.0, True), ("block", 64, (4, 2), 10, 20, 0, 0.0, True),
+    ("", 64, (4, 2), 10, 3, 0, 0.0, True)])
+def test_the_prefill_attentions_match_their_twin(emulated, kernel, d, heads, past, rows, window, softcap, sinks,
+                                                 adversarial):
     """awq_attend_mma_d{D} (tensor cores, 32-key tiles at head size 256): a window shorter than a
     warp's tokens, GQA, a last block of 6 tokens, the soft-cap. awq_attend_block_d{D} (16 tokens a
     block sharing each K/V tile, CUDA cores; benchmarks/cuda_attention.py measures it beside the
@@ -436,25 +440,25 @@ def test_the_prefill_attentions_match_their_twin(emulated, kernel, d, heads, pas
     chunks of fewer than 16 rows, as a chat's next turn feeds) at head sizes 128 and 256, which the
     backend cases reach only at 64. Head size 96 (Phi-3 and 3.5-mini; 12 chunks of 8 dims, 10 groups
     of 120 threads, 8 idle in the value walk) on both, past more than a tile of keys. Outputs
-    poisoned with NaN."""
+    poisoned with NaN. Each with a sink a head (gpt-oss's, Granite SWA's) at head size 64."""
     driver = EmulatedDriver(emulated, adversarial)
     name = f"awq_attend_{kernel}_d{d}" if kernel else f"awq_attend_d{d}"
-    err = prefill_attention_error(driver, name, kernel, d, heads, past, rows, window, softcap)
+    err = prefill_attention_error(driver, name, kernel, d, heads, past, rows, window, softcap, sinks)
     assert err < 5e-3, err
 
 
 @SCHEDULES
-@pytest.mark.parametrize("d, heads, window, softcap", [(64, (9, 3), 0, 0.0), (128, (4, 2), 100, 0.0),
-                                                       (256, (2, 2), 0, 50.0), (96, (4, 2), 0, 0.0),
-                                                       (96, (2, 1), 200, 30.0)])
-def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window, softcap, adversarial):
+@pytest.mark.parametrize("d, heads, window, softcap, sinks", [
+    (64, (9, 3), 0, 0.0, False), (128, (4, 2), 100, 0.0, False), (256, (2, 2), 0, 50.0, False),
+    (96, (4, 2), 0, 0.0, False), (96, (2, 1), 200, 30.0, False), (64, (4, 2), 0, 0.0, True)])
+def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window, softcap, sinks, adversarial):
     """awq_attend_split over a 400-row cache at positions 300 and 301: full tiles of 128 keys (the
     value walk's batched loads and its remainder), splits past the position or before the window,
     and the per-head counters reset between the two steps. Head size 96: 13 keys a group, the
-    last of them past the tile for the last 2 groups."""
+    last of them past the tile for the last 2 groups. A sink a head, added once in the merge."""
     driver = EmulatedDriver(emulated, adversarial)
     for pos, err in split_attention_errors(driver, f"awq_attend_split_d{d}", d, heads, window, softcap, 400,
-                                           (300, 301)):
+                                           (300, 301), sinks):
         assert err < 5e-3, (pos, err)
 
 
@@ -578,6 +582,13 @@ BACKEND_CASES = {
     # embed op adds the position's row; prefill's awq_add_positions)
     "opt-positions-relu-persistent-step": ("opt", "auto", {"ffn_dim": 256}, True, 9, "persistent_step",
                                            {"awq_decode_step_g32", "awq_add_positions"}),
+    # Granite SWA's sinks (a logit a head in each softmax's denominator): layer 0 full, rotating at its own
+    # base; layer 1 sliding (5 tokens) without RoPE; prefill on tensor cores (20 rows), the per-token kernel
+    # (9), decode's split attention and the persistent step's
+    "granite_swa-sinks": ("granite_swa", "auto", {"num_hidden_layers": 2}, True, 20, "auto",
+                          {"awq_attend_mma_d64", "awq_attend_split_d64"}),
+    "granite_swa-sinks-persistent-step": ("granite_swa", "auto", {"num_hidden_layers": 2}, True, 9,
+                                          "persistent_step", {"awq_decode_step_g32", "awq_attend_d64"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),

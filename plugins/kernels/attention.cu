@@ -50,6 +50,13 @@ __device__ __forceinline__ int64_t first_key(int64_t pos, int window) {
     return (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
 }
 
+// A head's sink (gpt-oss's, Granite SWA's self_attn.sinks: a logit in its softmax's denominator
+// only, no value) as the term it adds to a sum of scores exponentiated against `max`; 0 without
+// sinks (null). A sink far above max makes the sum inf and the output 0, as the softmax all but does.
+__device__ __forceinline__ float sink_term(const float* __restrict__ sinks, int h, float max) {
+    return sinks ? __expf(sinks[h] - max) : 0.f;
+}
+
 // q_stride / kv_stride: elements from one token's q (k, v) to the next's (H * D and Hkv * D when
 // they are separate tensors; the qkv width when they are columns of one fused projection).
 // A step that does not fit is flagged here, once (attend only writes its NaN). s: the step's row
@@ -224,7 +231,7 @@ template <int D>
 __device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,
                                        const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
                                        __half* __restrict__ out, int S, int H, int Hkv, int capacity, int max_positions,
-                                       int window, float scale, float softcap) {
+                                       int window, float scale, float softcap, const float* __restrict__ sinks) {
     __shared__ float q_s[D];
     __shared__ float p_s[kTileKeys];
     __shared__ float scratch[kTileThreads / 32];
@@ -262,6 +269,7 @@ __device__ __forceinline__ void attend(const __half* __restrict__ q_rot, const _
         accumulate_values<D>(acc, p_s, v_rows, begin, n);
         __syncthreads();  // p_s is rewritten by the next tile
     }
+    running_sum += sink_term(sinks, h, running_max);
     const float2 sum = sum_over_groups<D>(acc, acc_s);
     if (threadIdx.x < D / 2) {
         reinterpret_cast<__half2*>(y)[threadIdx.x] = __floats2half2_rn(sum.x / running_sum, sum.y / running_sum);
@@ -319,7 +327,8 @@ template <int D>
 __device__ __forceinline__ void attend_block(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,
                                              const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
                                              __half* __restrict__ out, int S, int H, int Hkv, int capacity,
-                                             int max_positions, int window, float scale, float softcap) {
+                                             int max_positions, int window, float scale, float softcap,
+                                             const float* __restrict__ sinks) {
     using T = BlockTile<D>;
     __shared__ __align__(16) float q_s[kBlockQueries][D];
     __shared__ __align__(16) __half k_s[T::kKeys][T::kKRow];
@@ -419,9 +428,10 @@ __device__ __forceinline__ void attend_block(const __half* __restrict__ q_rot, c
     }
     if (s < S) {
         __half2* y = reinterpret_cast<__half2*>(out + (static_cast<size_t>(s) * H + h) * D);
+        const float total = running_sum + sink_term(sinks, h, running_max);  // (a token's max: finite, it sees a key)
 #pragma unroll
         for (int i = 0; i < T::kPairsPerLane; ++i) {
-            y[lane + i * kLanesPerQuery] = __floats2half2_rn(acc[i].x / running_sum, acc[i].y / running_sum);
+            y[lane + i * kLanesPerQuery] = __floats2half2_rn(acc[i].x / total, acc[i].y / total);
         }
     }
 }
@@ -454,7 +464,8 @@ template <int D>
 __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,
                                            const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
                                            __half* __restrict__ out, int S, int H, int Hkv, int capacity,
-                                           int max_positions, int window, float scale, float softcap) {
+                                           int max_positions, int window, float scale, float softcap,
+                                           const float* __restrict__ sinks) {
     static_assert(D == 64 || D == 80 || D == 96 || D == 128 || D == 256, "the head sizes the kernels take");
     constexpr int kRow = D + 8;  // padded shared rows (halves)
     __shared__ __align__(16) __half k_s[kMmaKeys<D>][kRow];
@@ -581,10 +592,11 @@ __device__ __forceinline__ void attend_mma(const __half* __restrict__ q_rot, con
     for (int r = 0; r < 2; ++r) {
         if (token[r] >= S) continue;
         __half* y = out + (static_cast<size_t>(token[r]) * H + h) * D;
+        const float total = running_sum[r] + sink_term(sinks, h, running_max[r]);
 #pragma unroll
         for (int dn = 0; dn < D / 8; ++dn) {
             *reinterpret_cast<__half2*>(y + 8 * dn + 2 * t) =
-                __floats2half2_rn(o[dn][2 * r] / running_sum[r], o[dn][2 * r + 1] / running_sum[r]);
+                __floats2half2_rn(o[dn][2 * r] / total, o[dn][2 * r + 1] / total);
         }
     }
 }
@@ -685,8 +697,9 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
                                              const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,
                                              __half* __restrict__ out, float* __restrict__ partials,
                                              int* __restrict__ counters, int H, int Hkv, int capacity,
-                                             int max_positions, int window, float scale, float softcap, int h,
-                                             int split, int splits, Wait wait = Wait{}) {
+                                             int max_positions, int window, float scale, float softcap,
+                                             const float* __restrict__ sinks, int h, int split, int splits,
+                                             Wait wait = Wait{}) {
     __shared__ float q_s[D];
     __shared__ float p_s[kSplitKeys];
     __shared__ float scratch[kSplitThreads / 32];
@@ -778,6 +791,7 @@ __device__ __forceinline__ void attend_split(const __half* __restrict__ q_rot, c
             m = new_m;
         }
     }
+    total += sink_term(sinks, h, m);
     if (q < D / 2) reinterpret_cast<__half2*>(y)[q] = __floats2half2_rn(merged.x / total, merged.y / total);
     if (threadIdx.x == 0) counters[h] = 0;  // ready for the next step
 }
@@ -819,9 +833,11 @@ awq_rope_in_place(__half* __restrict__ qkv, const int64_t* __restrict__ past_ptr
     extern "C" __global__ void __launch_bounds__(kTileThreads, 1)                                                   \
         NAME(const __half* __restrict__ q_rot, const __half* __restrict__ k_cache,                                  \
              const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr, __half* __restrict__ out,    \
-             int S, int H, int Hkv, int capacity, int max_positions, int window, float scale, float softcap) {      \
+             int S, int H, int Hkv, int capacity, int max_positions, int window, float scale, float softcap,       \
+             const float* __restrict__ sinks) {                                                                     \
         awq_edge::begin_after_previous_kernel();                                                                    \
-        BODY<D>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale, softcap); \
+        BODY<D>(q_rot, k_cache, v_cache, past_ptr, out, S, H, Hkv, capacity, max_positions, window, scale, softcap, \
+                sinks);                                                                                             \
     }
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_d64, attend, 64)
 AWQ_ATTEND_ROWS_ENTRY(awq_attend_d80, attend, 80)
@@ -845,10 +861,10 @@ AWQ_ATTEND_ROWS_ENTRY(awq_attend_mma_d256, attend_mma, 256)
                               const __half* __restrict__ v_cache, const int64_t* __restrict__ past_ptr,             \
                               __half* __restrict__ out, float* __restrict__ partials, int* __restrict__ counters,   \
                               int H, int Hkv, int capacity, int max_positions, int window, float scale,             \
-                              float softcap) {                                                                      \
+                              float softcap, const float* __restrict__ sinks) {                                     \
         awq_edge::let_next_kernel_start(); /* and the wait inside, after the older keys' loads */                  \
         attend_split<D>(q_rot, k_cache, v_cache, past_ptr, out, partials, counters, H, Hkv, capacity,              \
-                        max_positions, window, scale, softcap, blockIdx.x, blockIdx.y, gridDim.y);                  \
+                        max_positions, window, scale, softcap, sinks, blockIdx.x, blockIdx.y, gridDim.y);           \
     }
 AWQ_ATTEND_SPLIT_ENTRY(64)
 AWQ_ATTEND_SPLIT_ENTRY(80)
@@ -886,7 +902,7 @@ extern "C" int awq_attention(const __half* q, const __half* k, const __half* v, 
         grid.y = (S + kMmaQueries - 1) / kMmaQueries;
     }
     attend_kernel<<<grid, kTileThreads, 0, stream>>>(q_rot, k_cache, v_cache, past, out, S, H, Hkv, capacity,
-                                                     max_positions, window, scale, softcap);
+                                                     max_positions, window, scale, softcap, nullptr);  // (no sinks)
     return static_cast<int>(cudaGetLastError());
 }
 #endif  // __CUDACC__

@@ -199,7 +199,8 @@ __device__ __forceinline__ void step_attend(const StepOp& op, int tile, AfterOpB
                         reinterpret_cast<half*>(a[4]), reinterpret_cast<float*>(a[5]), reinterpret_cast<int*>(a[6]),
                         static_cast<int>(a[7]), static_cast<int>(a[8]), static_cast<int>(a[9]),
                         static_cast<int>(a[10]), static_cast<int>(a[11]), __int_as_float(static_cast<int>(a[12])),
-                        __int_as_float(static_cast<int>(a[13])), tile / per_head, split, splits, wait);
+                        __int_as_float(static_cast<int>(a[13])), reinterpret_cast<const float*>(a[16]),
+                        tile / per_head, split, splits, wait);
         __syncthreads();  // (its shared memory, before the next split's)
     }
 }
@@ -274,7 +275,7 @@ __device__ __forceinline__ void run_task(const StepOp& op, int tile, AfterOpBefo
                        i32(9), i32(10), i32(11), i32(12), i32(13), i32(14), i32(15), reinterpret_cast<int*>(a[16]),
                        0);
             break;
-        case kStepAttend:  // awq_attend_split's arguments, then splits and the tasks a head (step_attend)
+        case kStepAttend:  // awq_attend_split's arguments but sinks, splits, the tasks a head, sinks (step_attend)
             if (op.variant == 64) step_attend<64>(op, tile, wait);
             else if (op.variant == 128) step_attend<128>(op, tile, wait);
             else step_attend<256>(op, tile, wait);
