@@ -408,7 +408,7 @@ class NativeDecoder:
         scratch = np.zeros(a["top_k"] * 2 * width + width + hidden + 2 * count + 2 * a["top_k"],
                            np.float32)  # (cpu_ops.h: scratch)
         self.act_params += [router, scratch]  # (alive as long as the op)
-        if a["bias"]:  # (LFM2-MoE's, which the graph adds to the sigmoids it chooses by)
+        if a["bias"]:  # (LFM2-MoE's, ERNIE 4.5's, which the graph adds to the scores it chooses by)
             rec.expert_bias = self._tensor(a["bias"], np.float32, count).ctypes.data
         rec.n, rec.k, rec.group, rec.scale = width, hidden, g, a["scale"]
         rec.experts, rec.top_k, rec.normalize, rec.sigmoid = count, a["top_k"], a["normalize"], a["sigmoid"]

@@ -148,12 +148,17 @@ class Family:
     expert_width_key: str = "intermediate_size"
     norm_top_k: str = "always"
     # the layers with experts, the others a dense MLP: "all"; "qwen" (Qwen3-MoE: decoder_sparse_step and
-    # mlp_only_layers say); "after_dense" (LFM2-MoE: all but the first num_dense_layers)
+    # mlp_only_layers say); "after_dense" (LFM2-MoE: all but the first num_dense_layers); "ernie" (ERNIE 4.5:
+    # moe_layer_start_index to moe_layer_end_index, every moe_layer_interval-th)
     expert_layers: str = "all"
     # "softmax"; "sigmoid" (LFM2-MoE): each expert's weight the sigmoid of its logit, the chosen those whose
     # weight plus the layer's expert_bias (mlp.expert_bias, with use_expert_bias) is highest, their weights
     # times routed_scaling_factor after any renormalizing
     router: str = "softmax"
+    # biases added to the scores a token's experts are chosen by, not to their weights: "" none;
+    # "use_expert_bias" (LFM2-MoE: mlp.expert_bias [E], unless that config switch is false); "moe_statics"
+    # (ERNIE 4.5: always, stored [1, E] as its router's moe_statics.e_score_correction_bias: our mlp.expert_bias)
+    expert_bias: str = ""
     # gpt-oss: its router's logits have a bias (mlp.gate.bias); its experts' linears have biases, are stored
     # [E, hidden, 2 x width] with gate and up interleaved by column ("interleaved": transformers' GptOssExperts),
     # and compute clamped SwiGLU: (clamp(up, +-limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit)
@@ -170,6 +175,9 @@ class Family:
     # this config key says), its output times sigmoid(mlp.shared_expert_gate . x) with shared_expert_gate
     shared_expert_key: str = ""
     shared_expert_gate: bool = False
+    # ERNIE 4.5 MoE: the config key of how many experts wide its shared expert is (one MLP, that many times
+    # expert_width_key wide, moe_num_shared_experts), where shared_expert_key gives no width
+    shared_experts_key: str = ""
     # config.json switches the engines do not compute, as (key, what it turns on): refused when set (true or
     # not 0, config_defaults' value where config.json has none)
     refused_switches: tuple = ()
@@ -312,6 +320,21 @@ FAMILIES: dict[str, Family] = {
         Family("ernie4_5", ("ernie4_5",), rope_interleaved=True,
                config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
                                 ("rms_norm_eps", 1e-5), ("tie_word_embeddings", True), ("rope_theta", 500000.0))),
+        # ERNIE 4.5 MoE (21B-A3B, 300B-A47B): ERNIE 4.5's attention; 6 of 64 experts a token by their softmax
+        # probabilities, chosen with a bias added (moe_statics), renormalized, from layer 1 on; a shared expert 2
+        # experts wide; its multi-token-prediction layers (mtp_*) never read
+        Family("ernie4_5_moe", ("ernie4_5_moe",), rope_interleaved=True, experts_key="moe_num_experts",
+               expert_width_key="moe_intermediate_size", expert_layers="ernie", expert_bias="moe_statics",
+               shared_experts_key="moe_num_shared_experts", config_aliases=(("moe_k", "num_experts_per_tok"),),
+               tensor_renames=((".mlp.moe_statics.", ".mlp.gate.moe_statics."),),
+               module_renames=((".mlp.shared_experts.", ".mlp.shared_expert."),
+                               (".mlp.gate.moe_statics.e_score_correction_bias", ".mlp.expert_bias")),
+               ignored_tensors=("mtp",),
+               config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 4), ("rms_norm_eps", 1e-5),
+                                ("tie_word_embeddings", True), ("rope_theta", 500000.0), ("moe_num_experts", 64),
+                                ("num_experts_per_tok", 6), ("moe_intermediate_size", 1536),
+                                ("moe_num_shared_experts", 2), ("moe_layer_start_index", 1),
+                                ("moe_layer_interval", 1))),
         # Helium 1 (2B): Llama whose RoPE turns interleaved pairs
         Family("helium", ("helium",), rope_interleaved=True,
                config_defaults=(("max_position_embeddings", 4096), ("num_key_value_heads", 20), ("head_dim", 128),
@@ -507,7 +530,8 @@ FAMILIES: dict[str, Family] = {
         # intermediate_size says), 4 of 32 a token by a sigmoid router with expert biases; its experts' w1, w3, w2
         Family("lfm2_moe", ("lfm2_moe",), qk_norm=True, qk_norms=LFM2_QK_NORMS, short_conv=True,
                experts_key="num_experts", expert_width_key="moe_intermediate_size", norm_top_k="norm_topk_prob",
-               expert_layers="after_dense", router="sigmoid", config_aliases=(("norm_eps", "rms_norm_eps"),),
+               expert_layers="after_dense", router="sigmoid", expert_bias="use_expert_bias",
+               config_aliases=(("norm_eps", "rms_norm_eps"),),
                config_replaced=(("tie_embedding", "tie_word_embeddings"),),
                # (its experts' w1, w3, w2 after the dense MLP's: stored as the hub has them, feed_forward.experts.N.w1)
                module_renames=LFM2_NAMES + ((".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj.")),

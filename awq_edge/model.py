@@ -369,9 +369,10 @@ def experts_as_linears(layer, config: dict) -> None:
     class SparseMoe(nn.Module):
         """Each token runs the spec.experts_per_token experts of the router's softmax, weighted by their
         probabilities (renormalized over those with norm_top_k): what every family's block computes.
-        LFM2-MoE's sigmoid router: the logits' sigmoids are the weights, those highest with expert_bias
-        added chosen, the weights times routed_scale after renormalizing. Qwen2-MoE's shared expert runs on
-        every token, times sigmoid(shared_expert_gate(x)); gpt-oss's block takes (output, scores)."""
+        LFM2-MoE's sigmoid router: the logits' sigmoids are the weights, the weights times routed_scale
+        after renormalizing. With expert_bias (LFM2-MoE's, ERNIE 4.5's) those highest with it added are
+        chosen. Qwen2-MoE's shared expert runs on every token, times sigmoid(shared_expert_gate(x));
+        ERNIE 4.5's ungated; gpt-oss's block takes (output, scores)."""
 
         def __init__(self, router, experts, spec, expert_bias=None, shared_expert=None, shared_expert_gate=None):
             super().__init__()
@@ -383,14 +384,11 @@ def experts_as_linears(layer, config: dict) -> None:
 
         def forward(self, x):
             flat, spec = x.reshape(-1, x.shape[-1]), self.spec
-            logits = self.gate(flat).float()
-            if spec.family.router == "sigmoid":
-                probs = logits.sigmoid()
-                scores = probs + self.expert_bias if spec.expert_bias else probs
-                chosen = scores.topk(spec.experts_per_token, dim=-1).indices
-                weights = probs.gather(-1, chosen)
-            else:
-                weights, chosen = torch.softmax(logits, dim=-1).topk(spec.experts_per_token, dim=-1)
+            logits = self.gate(flat.to(self.gate.weight.dtype)).float()  # (ERNIE 4.5's router: float32 always)
+            probs = logits.sigmoid() if spec.family.router == "sigmoid" else torch.softmax(logits, dim=-1)
+            scores = probs + self.expert_bias if spec.expert_bias else probs
+            chosen = scores.topk(spec.experts_per_token, dim=-1).indices
+            weights = probs.gather(-1, chosen)
             if spec.norm_top_k:
                 weights = weights / weights.sum(-1, keepdim=True)
             weights = weights * spec.routed_scale
@@ -421,7 +419,9 @@ def experts_as_linears(layer, config: dict) -> None:
                  for j in range(spec.experts)]
     experts = [Expert(linear(g, gb), linear(u, ub), linear(d, db), spec) for g, gb, u, ub, d, db in parts]
     router = linear(moe.gate.weight, moe.gate.bias if spec.family.router_bias else None)
-    layer.mlp = SparseMoe(router, experts, spec, getattr(moe, "expert_bias", None), getattr(moe, "shared_expert", None),
+    statics = getattr(moe.gate, "moe_statics", None)  # (ERNIE 4.5's expert biases, kept in its router)
+    bias = statics.e_score_correction_bias if statics is not None else getattr(moe, "expert_bias", None)
+    layer.mlp = SparseMoe(router, experts, spec, bias, getattr(moe, "shared_expert", None),
                           getattr(moe, "shared_expert_gate", None))
 
 

@@ -408,8 +408,9 @@ class Decoder:
         """A mixture of experts' output for x [1, S, hidden]: the experts_per_token of the router's softmax
         (p.gate, float; gpt-oss's logits biased) with the highest probabilities run on each token, their
         outputs summed weighted by those (renormalized over the chosen with norm_top_k); LFM2-MoE's sigmoid
-        router: the logits' sigmoids are the weights, the chosen those highest with p.expert_bias added, the
-        sum times routed_scale. Qwen2-MoE's shared expert is added, times sigmoid(its gate . x). ort: one
+        router: the logits' sigmoids are the weights, the sum times routed_scale; the chosen those highest with
+        p.expert_bias added where it has one (ERNIE 4.5's softmax too). Qwen2-MoE's shared expert is added,
+        times sigmoid(its gate . x); ERNIE 4.5's ungated. ort: one
         QMoE node (experts_qmoe); the onnx target, or experts QMoE cannot hold (a ragged K, GPTQ act-order):
         every expert on every token (experts_everywhere)."""
         b, spec = self.b, self.spec
@@ -419,12 +420,11 @@ class Decoder:
         if spec.family.router_bias:  # (gpt-oss's)
             bias = self.tensor(f"{p}.gate.bias").astype(np.float32)
             logits = b.op("Add", logits, b.act_const(f"{p}.gate.bias", bias))
-        if spec.family.router == "sigmoid":
-            weights = b.op("Sigmoid", logits)
-            scores = weights if not spec.expert_bias else b.op(
-                "Add", weights, b.act_const(f"{p}.expert_bias", self.tensor(f"{p}.expert_bias").astype(np.float32)))
-        else:
-            weights = scores = b.op("Softmax", logits, axis=-1)
+        weights = b.op("Sigmoid", logits) if spec.family.router == "sigmoid" else b.op("Softmax", logits, axis=-1)
+        scores = weights
+        if spec.expert_bias:  # (LFM2-MoE's, ERNIE 4.5's: on the scores it chooses by, [E] or [1, E] stored)
+            bias = self.tensor(f"{p}.expert_bias").astype(np.float32).reshape(-1)
+            scores = b.op("Add", weights, b.act_const(f"{p}.expert_bias", bias))
         gate_up = [self.fused_weights(f"{p}.experts.{j}", ("gate", "up")) for j in range(spec.experts)]
         down = [self.linear_weights(f"{p}.experts.{j}.down_proj") for j in range(spec.experts)]
         group = gate_up[0].group_size

@@ -473,6 +473,11 @@ def experts_spec(c: Fields, family: Family, layers: int) -> dict:
         moe_layers = tuple(i for i in moe_layers if i not in dense and (i + 1) % step == 0)
     elif family.expert_layers == "after_dense":
         moe_layers = moe_layers[c.int("num_dense_layers", 0, layers):]
+    elif family.expert_layers == "ernie":  # (its end index -1: the last layer)
+        first, interval = c.int("moe_layer_start_index", 0, MAX_LAYERS), c.int("moe_layer_interval", 1, MAX_LAYERS)
+        last = c.int("moe_layer_end_index", -1, MAX_LAYERS, default=-1)
+        last = layers - 1 if last == -1 else last
+        moe_layers = tuple(i for i in moe_layers if first <= i <= last and (i + 1) % interval == 0)
     sigmoid = family.router == "sigmoid"
     clamped = ({"swiglu_alpha": c.float("swiglu_alpha", 1e-6, 1e6), "swiglu_limit": c.float("swiglu_limit", 1e-6, 1e6)}
                if family.expert_act == "clamped_swiglu" else {})
@@ -482,10 +487,22 @@ def experts_spec(c: Fields, family: Family, layers: int) -> dict:
     return dict(moe_layers=moe_layers, experts=experts, experts_per_token=c.int("num_experts_per_tok", 1, experts),
                 expert_width=c.int(family.expert_width_key, 1, MAX_INTERMEDIATE),
                 norm_top_k=family.norm_top_k == "always" or c.bool(family.norm_top_k, default=False),
-                expert_bias=sigmoid and c.bool("use_expert_bias", default=True),
+                expert_bias=family.expert_bias == "moe_statics" or (family.expert_bias == "use_expert_bias"
+                                                                    and c.bool("use_expert_bias", default=True)),
                 routed_scale=c.float("routed_scaling_factor", 1e-6, 1e6, default=1.0) if sigmoid else 1.0,
-                shared_width=c.int(family.shared_expert_key, 0, MAX_INTERMEDIATE) if family.shared_expert_key else 0,
+                shared_width=shared_width(c, family),
                 shared_gate=family.shared_expert_gate, **clamped)
+
+
+def shared_width(c: Fields, family: Family) -> int:
+    """A mixture's shared expert's width: its own key's (Qwen2-MoE's shared_expert_intermediate_size), or
+    ERNIE 4.5's moe_num_shared_experts experts' widths; 0: none."""
+    if family.shared_experts_key:
+        width = c.int(family.shared_experts_key, 0, 64) * c.int(family.expert_width_key, 1, MAX_INTERMEDIATE)
+        if width > MAX_INTERMEDIATE:
+            raise UserError(f"{c.where}: a shared expert {width} wide is out of range; {c.fix}")
+        return width
+    return c.int(family.shared_expert_key, 0, MAX_INTERMEDIATE) if family.shared_expert_key else 0
 
 
 def layer_numbers(c: Fields, key: str, layers: int) -> list[int]:
@@ -587,8 +604,9 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
         tensors.update({f"{p}.mlp.act_fn.{n}": shape for n, shape in ACTIVATION_PARAMS.get(family.activation, ())})
         if i in spec.moe_layers:  # the router's weight (and LFM2-MoE's expert biases), float
             tensors[f"{p}.mlp.gate.weight"] = (spec.experts, h)
-            if spec.expert_bias:
-                tensors[f"{p}.mlp.expert_bias"] = (spec.experts,)
+            if spec.expert_bias:  # (ERNIE 4.5's stored as one row)
+                tensors[f"{p}.mlp.expert_bias"] = (1, spec.experts) if family.expert_bias == "moe_statics" else (
+                    spec.experts,)
             if family.router_bias:  # (gpt-oss's)
                 tensors[f"{p}.mlp.gate.bias"] = (spec.experts,)
             if spec.shared_width and spec.shared_gate:  # (Qwen2-MoE's)

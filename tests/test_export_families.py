@@ -738,6 +738,40 @@ def test_the_hubs_tensor_names_and_buffers_read_as_transformers_5s(model_type, t
         assert all(np.array_equal(got.linears[n].q, want.linears[n].q) for n in want.linears)
 
 
+def test_ernie_4_5_moes_hub_names_and_prediction_layers_read_as_transformers_5s(tmp_path, smollm2_dir):
+    """ERNIE 4.5 MoE's hub files keep its expert biases as mlp.moe_statics.e_score_correction_bias (transformers
+    5's mlp.gate.moe_statics...) and hold multi-token-prediction layers (model.mtp_*) that no engine runs: a float
+    model so stored quantizes to what it does under transformers' names, and a quantized checkpoint so stored
+    reads as ours."""
+    from safetensors.numpy import load_file, save_file
+
+    from awq_edge.checkpoint import read_checked
+    from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path, "ernie4_5_moe", smollm2_dir)
+
+    def from_the_hub(directory: Path) -> Path:
+        hub = tmp_path / f"hub-{directory.name}"
+        shutil.copytree(directory, hub)
+        tensors = {name.replace(".mlp.gate.moe_statics.", ".mlp.moe_statics."): t
+                   for name, t in load_file(str(hub / "model.safetensors")).items()}
+        assert "model.layers.1.mlp.moe_statics.e_score_correction_bias" in tensors
+        tensors.update({"model.mtp_block.0.mlp.up_proj.weight": np.ones((8, 64), np.float16),
+                        "model.mtp_emb_norm.0.weight": np.ones(64, np.float16)})
+        save_file(tensors, str(hub / "model.safetensors"), metadata={"format": "pt"})
+        return hub
+
+    want, spec = read_checked(ckpt)
+    assert spec.moe_layers == (1,) and want.tensors["model.layers.1.mlp.expert_bias"].shape == (1, 4)
+    requantized = tmp_path / "requantized"
+    quantize_checkpoint(str(from_the_hub(tmp_path / "float")), requantized,
+                        QuantizeSettings(method="rtn", group_size=32), progress=False)
+    for got in (read_checked(requantized)[0], read_checked(from_the_hub(ckpt))[0]):
+        assert sorted(got.tensors) == sorted(want.tensors) and sorted(got.linears) == sorted(want.linears)
+        assert all(np.array_equal(got.tensors[n], want.tensors[n]) for n in want.tensors)
+        assert all(np.array_equal(got.linears[n].q, want.linears[n].q) for n in want.linears)
+
+
 # OPT-125M's and tiny_starcoder_py's config.json as published (their own key names)
 OPT_125M = {"_remove_final_layer_norm": False, "activation_function": "relu", "architectures": ["OPTForCausalLM"],
             "bos_token_id": 2, "do_layer_norm_before": True, "eos_token_id": 2, "ffn_dim": 3072, "hidden_size": 768,
@@ -879,15 +913,25 @@ GPT_OSS_20B = {"architectures": ["GptOssForCausalLM"], "attention_bias": True, "
                                 "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
                "rope_theta": 150000, "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": False,
                "vocab_size": 201088}
+# ERNIE 4.5 21B-A3B's shape and its MoE keys, as its model card and transformers' defaults give them (no hub here)
+ERNIE_21B_A3B = {"architectures": ["Ernie4_5_MoeForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+                 "hidden_act": "silu", "hidden_size": 2560, "intermediate_size": 12288,
+                 "max_position_embeddings": 131072,
+                 "model_type": "ernie4_5_moe", "num_attention_heads": 20, "num_key_value_heads": 4,
+                 "num_hidden_layers": 28, "pad_token_id": 0, "rms_norm_eps": 1e-05, "rope_theta": 500000,
+                 "tie_word_embeddings": True, "use_bias": False, "vocab_size": 103424, "moe_num_experts": 64,
+                 "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_intermediate_size": 1536, "moe_k": 6,
+                 "moe_layer_interval": 1, "num_nextn_predict_layers": 1}
 MOE_CONFIGS = {"qwen3_moe": QWEN3_30B_A3B, "olmoe": OLMOE_1B_7B, "mixtral": MIXTRAL_8X7B,
-               "granitemoe": GRANITE_1B_A400M, "lfm2_moe": LFM2_8B_A1B, "gpt_oss": GPT_OSS_20B}
+               "granitemoe": GRANITE_1B_A400M, "lfm2_moe": LFM2_8B_A1B, "gpt_oss": GPT_OSS_20B,
+               "ernie4_5_moe": ERNIE_21B_A3B}
 
 
 @pytest.mark.parametrize("model_type", MOE_CONFIGS)
 def test_a_mixture_of_experts_reads_its_published_config_as_transformers_does(model_type):
     """Experts, how many a token, their width, renormalized or not, and (Qwen3-MoE's decoder_sparse_step
-    and mlp_only_layers, LFM2-MoE's num_dense_layers) which layers have them: as transformers' model of
-    the config builds them."""
+    and mlp_only_layers, LFM2-MoE's num_dense_layers, ERNIE 4.5's start, end and interval) which layers
+    have them: as transformers' model of the config builds them."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -897,21 +941,23 @@ def test_a_mixture_of_experts_reads_its_published_config_as_transformers_does(mo
     spec = model_spec(published)
     want = {"qwen3_moe": (128, 8, 768, True), "olmoe": (64, 8, 1024, False), "mixtral": (8, 2, 14336, True),
             "granitemoe": (32, 8, 512, True), "lfm2_moe": (32, 4, 1792, True),
-            "gpt_oss": (32, 4, 2880, True)}[model_type]
+            "gpt_oss": (32, 4, 2880, True), "ernie4_5_moe": (64, 6, 1536, True)}[model_type]
     assert (spec.experts, spec.experts_per_token, spec.expert_width, spec.norm_top_k) == want
-    assert spec.moe_layers == tuple(range(2 if model_type == "lfm2_moe" else 0, spec.layers))
-    assert spec.expert_bias == (model_type == "lfm2_moe") and spec.routed_scale == 1.0
+    assert spec.moe_layers == tuple(range({"lfm2_moe": 2, "ernie4_5_moe": 1}.get(model_type, 0), spec.layers))
+    assert spec.expert_bias == (model_type in ("lfm2_moe", "ernie4_5_moe")) and spec.routed_scale == 1.0
+    assert spec.shared_width == (3072 if model_type == "ernie4_5_moe" else 0)
     # the layers transformers gives experts, at a small size: Qwen3-MoE's every other one but layer 1
     small = {**published, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 6, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 64, "decoder_sparse_step": 2,
              "mlp_only_layers": [1], "moe_intermediate_size": 16, "pad_token_id": 0,
              **({"layer_types": ["conv", "full_attention"] * 3} if model_type == "lfm2_moe" else {}),
-             **({"layer_types": ["sliding_attention", "full_attention"] * 3} if model_type == "gpt_oss" else {})}
+             **({"layer_types": ["sliding_attention", "full_attention"] * 3} if model_type == "gpt_oss" else {}),
+             "moe_layer_end_index": 4, "moe_layer_interval": 2}  # (ERNIE 4.5's)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**small), dtype=torch.float32)
     built = tuple(i for i, layer in enumerate(model.model.layers)  # (Granite's: block_sparse_moe; LFM2's feed_forward)
                   if hasattr(getattr(layer, "mlp", getattr(layer, "feed_forward", None)), "experts")
                   or hasattr(layer, "block_sparse_moe"))
-    want = {"qwen3_moe": (3, 5), "lfm2_moe": (2, 3, 4, 5)}.get(model_type, tuple(range(6)))
+    want = {"qwen3_moe": (3, 5), "lfm2_moe": (2, 3, 4, 5), "ernie4_5_moe": (1, 3)}.get(model_type, tuple(range(6)))
     assert model_spec(small).moe_layers == built == want
 
 
@@ -924,7 +970,8 @@ def test_a_mixture_of_experts_takes_the_largest_group_that_divides_its_experts(c
     assert expert_group_size(model_spec(GPT_OSS_20B), 128) == 64
     assert "note: group size 64, not 128: gpt_oss's experts (2880 x 2880)" in capsys.readouterr().err
     assert expert_group_size(model_spec(GPT_OSS_20B), 32) == 32
-    assert [expert_group_size(model_spec(config), 128) for config in MOE_CONFIGS.values()] == [128] * 5 + [64]
+    assert {t: expert_group_size(model_spec(config), 128) for t, config in MOE_CONFIGS.items()} == {
+        **{t: 128 for t in MOE_CONFIGS}, "gpt_oss": 64}
 
 
 def test_a_config_of_more_experts_than_any_model_is_refused_before_anything_is_made():
@@ -988,7 +1035,8 @@ def test_a_wrong_value_in_any_key_of_these_configs_is_read_or_refused_in_one_lin
                           "do_layer_norm_before", "scale_attn_weights", "_remove_final_layer_norm", "hidden_size",
                           "intermediate_size", "num_key_value_heads", "num_experts", "num_local_experts",
                           "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-                          "mlp_only_layers", "num_dense_layers", "use_expert_bias", "routed_scaling_factor"}
+                          "mlp_only_layers", "num_dense_layers", "use_expert_bias", "routed_scaling_factor",
+                          "moe_layer_end_index"}
     for key in sorted(keys - {"model_type"}):
         for value in WRONG + ["left out"]:
             changed = {k: v for k, v in config.items() if k != key}

@@ -165,6 +165,10 @@ TINY_EXTRA = {
     # renormalized, Granite's multipliers, its experts' names (block_sparse_moe, router)
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
                    "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.5, "pad_token_id": 0},
+    # ERNIE 4.5 MoE: layer 0 a dense MLP, layer 1 experts chosen with a bias added to their softmax
+    # probabilities (moe_statics), renormalized, and a shared expert one expert wide; RoPE on interleaved pairs
+    "ernie4_5_moe": {"head_dim": 16, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 64,
+                     "moe_num_shared_experts": 1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # Granite 3 MoE's experts with Granite SWA's attention: sinks, layer 1 sliding, layer 0 without RoPE
     "granitemoe_swa": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
                        "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.5,

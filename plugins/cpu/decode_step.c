@@ -502,14 +502,13 @@ static void moe(const struct cpu_model *m, const struct cpu_op *op, int quantize
       largest = probs[e] > largest ? probs[e] : largest;
     }
     for (int e = 0; e < experts; e++) {
-      if (op->sigmoid) {
-        probs[e] = 1.f / (1.f + exp_approx(-probs[e]));
-        scores[e] = probs[e] + (op->expert_bias ? op->expert_bias[e] : 0.f);
-      } else {
-        total += probs[e] = exp_approx(probs[e] - largest);
-      }
+      if (op->sigmoid) probs[e] = 1.f / (1.f + exp_approx(-probs[e]));
+      else total += probs[e] = exp_approx(probs[e] - largest);
     }
-    for (int e = 0; e < experts && !op->sigmoid; e++) scores[e] = probs[e] /= total;
+    for (int e = 0; e < experts; e++) {  /* chosen by the scores: with LFM2-MoE's or ERNIE 4.5's expert biases */
+      if (!op->sigmoid) probs[e] /= total;
+      scores[e] = probs[e] + (op->expert_bias ? op->expert_bias[e] : 0.f);
+    }
     float picked = 0.f;
     for (int c = 0; c < top; c++) {  /* top_k is small (8 of 128 at most in the families): a scan each */
       int best = -1;
