@@ -67,6 +67,7 @@ CHUNK_BYTES = 64 << 20           # weights go to the GPU in pieces this size: no
 # Launch shapes of the kernels (their comments in plugins/kernels/*.cu give the same).
 NORM_THREADS = 256
 GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
+MOE_THREADS = 256  # plugins/kernels/moe.cu's route and combine (its expert GEMVs: the GEMV's shape)
 # The one-row GEMV on tensor cores (awq_gemv_tc_*, plugins/kernels/gemv_w4a16.cu gemv_tc): 16 rows
 # a block of 256 threads, for K % 32 == 0 and K <= 16384 (x in its shared memory), RoPE at
 # head_dim % 16 == 0; other linears take the CUDA-core one (4 rows a block).
@@ -643,6 +644,8 @@ class CudaBackend:
             return f"the persistent decode step has no short convolution (LFM2's); {fix}"
         if self.spec.clip_qkv:
             return f"the persistent decode step does not clamp q, k and v (OLMo 1's clip_qkv); {fix}"
+        if self.spec.moe_layers:
+            return f"the persistent decode step has no mixture of experts; {fix}"
         if self.spec.head_dim not in STEP_HEAD_DIMS:
             return (f"the persistent decode step takes head sizes {', '.join(map(str, STEP_HEAD_DIMS))}, and this "
                     f"model's is {self.spec.head_dim}; {fix}")
@@ -802,9 +805,11 @@ class CudaBackend:
                          w[a["weight"]], eps])
         elif op.kind == "attention":
             self.attention(op, rows)
+        elif op.kind == "moe":
+            self.experts(op, rows)
         elif op.kind == "act":
-            self.launch("awq_act", (rows,), (NORM_THREADS,),
-                        [b[a["x"]], b[a["out"]], ("i32", spec.intermediate), ("i32", act_code(a["kind"], a["gated"])),
+            self.launch("awq_act", (rows,), (NORM_THREADS,),  # (a["n"]: a shared expert's width, or the MLP's)
+                        [b[a["x"]], b[a["out"]], ("i32", a["n"]), ("i32", act_code(a["kind"], a["gated"])),
                          w[a["params"]] if a["params"] else 0])
         elif op.kind == "gather":
             self.launch("awq_gather_columns", (rows,), (NORM_THREADS,),
@@ -1241,6 +1246,35 @@ class CudaBackend:
                         [self.q_rot, self.k_cache[layer], self.v_cache[layer], self.past, out, ("i32", rows),
                          ("i32", H), ("i32", Hkv), *limits])
 
+    def experts(self, op, rows: int) -> None:
+        """A mixture of experts' layer (plugins/kernels/moe.cu): the input normed (unless an op before
+        did), each row's experts chosen on the device, each chosen expert's gate/up then down GEMV, and
+        their weighted sum (with the shared expert's output, which the ops before computed) into out."""
+        a, w, b, spec = op.args, self.weights, self.buf, self.spec
+        E, W, H, k, g = spec.experts, spec.expert_width, spec.hidden, spec.experts_per_token, spec.group_size
+        x = b[a["x"]]
+        if a["norm"]:
+            self.launch("awq_norm", (rows,), (NORM_THREADS,),
+                        [x, w[a["norm"]], 0, b["moe_x"], ("i32", H), ("f32", spec.eps), ("i32", 0)])
+            x = b["moe_x"]
+        ids, weights = b["moe_ids"], b["moe_weights"]
+        self.launch("awq_moe_route", (rows,), (MOE_THREADS,),
+                    [x, w[a["router"]], w[a["bias"]] if a["bias"] else 0, ids, weights, ("i32", E), ("i32", H),
+                     ("i32", k), ("i32", int(a["normalize"])), ("i32", int(a["sigmoid"])), ("f32", a["scale"])])
+        # (gate/up reads the row's x, slot after slot; down reads each slot's act)
+        for part, fusion, src, n, width, strides, out in (
+                ("gate_up", "act", x, 2 * W, H, (H, 0), b["moe_act"]),
+                ("down", "store", b["moe_act"], H, W, (k * W, W), b["moe_out"])):
+            name = f"{a['experts']}.{part}"
+            wide = 4 if width % 32 == 0 else 1  # (16-byte weight loads)
+            self.launch(f"awq_moe_gemv_{fusion}_g{g}_w{wide}", (n // GEMV_ROWS_PER_BLOCK, k, rows), (GEMV_THREADS,),
+                        [src, ("i32", strides[0]), ("i32", strides[1]), ids, ("i32", k), ("i32", E),
+                         w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"], out, ("i32", n),
+                         ("i32", width), ("i32", act_code("silu", True))])
+        self.launch("awq_moe_combine", (rows,), (MOE_THREADS,),
+                    [b["moe_out"], weights, ("i32", k), b["shared"] if a["shared"] else 0,
+                     w[a["shared_gate"]] if a["shared_gate"] else 0, x, b[a["out"]], ("i32", H)])
+
     # ------------------------------------------------------------ logits and sampling
     def logits_to_host(self, device_ptr: int) -> np.ndarray:
         host, status = np.empty(self.vocab_size, np.float32), np.empty(1, np.int32)
@@ -1368,4 +1402,6 @@ KERNELS_OF = {
     "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_norm", "awq_add_norm", "awq_head_rms_norm", "awq_bias_add",
                     "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv",
                     "awq_add_positions", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
+    "moe": ["awq_moe_route", "awq_moe_combine"] +
+           [f"awq_moe_gemv_{fusion}_g{g}_w{w}" for fusion in ("act", "store") for g in (32, 64, 128) for w in (1, 4)],
 }

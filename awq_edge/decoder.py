@@ -53,7 +53,8 @@ rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied model's are `lm_head.q8`
 as fp16 `model.embed_positions` [max_positions, hidden], which the embed op adds; RoPE tables fp16
 [max_positions, D/2] per distinct frequency set; a GPTQ act-order linear's permutation of its
 inputs as int32 `{name}.input_order` [K]; attention sinks (gpt-oss's, Granite SWA's: a logit per head
-in its softmax's denominator) as float32 `{layer}.self_attn.sinks` [H].
+in its softmax's denominator) as float32 `{layer}.self_attn.sinks` [H]; a mixture of experts' router
+and experts as experts_layout says.
 """
 from __future__ import annotations
 
@@ -171,12 +172,15 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
     """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size, which
     linears carry biases (checkpoint_biases), the head's kind, and whether the linears are GPTQ
     act-order ones; positions: the RoPE tables' rows, where fewer than the model's (an engine
-    built for a shorter context: cuda_build.rope_sized_to_context); experts: the caller runs a
-    mixture of experts' moe ops (the native CPU decode), which the cuda backend does not."""
+    built for a shorter context: cuda_build.rope_sized_to_context); experts: the caller runs every
+    mixture of experts' moe ops (the native CPU decode), the cuda backend's kernels all but gpt-oss's."""
     family = model.family
-    if model.moe_layers and not experts:
-        raise UserError(f"{model.model_type}'s mixture of experts is not on the cuda backend yet (its kernels run "
-                        "dense MLPs); build for the CPU (--device cpu)")
+    if model.moe_layers and (model.swiglu_limit or family.router_bias) and not experts:
+        raise UserError(f"{model.model_type}'s experts (clamped SwiGLU with biases, a biased router) are not on the "
+                        "cuda backend yet; build for the CPU (--device cpu)")
+    if model.moe_layers and (model.expert_width % 8 or model.hidden % 8) and not experts:
+        raise UserError(f"{model.model_type}'s experts ({model.expert_width} wide, hidden {model.hidden}) are not "
+                        "multiples of 8, which the cuda backend's expert GEMV takes; build for the CPU (--device cpu)")
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
                         f"({', '.join(map(str, HEAD_DIMS))}); use the CPU engine (--device cpu)")
@@ -428,6 +432,11 @@ def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
               "mlp": (rows, spec.hidden), "logits": (spec.vocab,)}
     if spec.shared_width:
         shapes["shared"] = (rows, spec.hidden)
+    if spec.moe_layers:  # (the cuda backend's moe op: the normed input, each slot's act and output; the
+        # chosen ids (int32) and weights (float32) in fp16 units)
+        k = spec.experts_per_token
+        shapes.update(moe_x=(rows, spec.hidden), moe_act=(rows, k * spec.expert_width),
+                      moe_out=(rows, k * spec.hidden), moe_ids=(rows, 2 * k), moe_weights=(rows, 2 * k))
     if spec.parallel_norms:
         shapes["mlp_x"] = (rows, spec.hidden)
     if spec.conv_layers:
@@ -507,6 +516,28 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
             layout[a["order"]] = ("int32", (a["n"],))
         elif op.kind == "attention" and a["sinks"]:
             layout[a["sinks"]] = ("float32", (spec.heads,))
+        elif op.kind == "moe":
+            layout.update(experts_layout(spec, a))
+    return layout
+
+
+def experts_layout(spec: DecoderSpec, a: dict) -> dict[str, tuple[str, tuple]]:
+    """A moe op's tensors in a cuda engine: the router float32 [E, hidden] (the expert biases [E] and
+    the shared expert's gate [hidden] where the family has them) and the experts stacked by
+    rows: `{experts}.gate_up` (expert e's gate and up rows interleaved at rows e * 2W ..) and
+    `{experts}.down` (at rows e * hidden ..), each a 4-bit linear in the kernels' layout."""
+    E, W, H, g = spec.experts, spec.expert_width, spec.hidden, spec.group_size
+    layout = {a["router"]: ("float32", (E, H))}
+    if a["bias"]:  # (LFM2-MoE's, ERNIE 4.5's expert biases)
+        layout[a["bias"]] = ("float32", (E,))
+    if a["norm"]:  # (the MLP's input norm, which the op runs first)
+        layout[a["norm"]] = ("float32", (H,))
+    if a["shared_gate"]:
+        layout[a["shared_gate"]] = ("float32", (H,))
+    for part, (n, k) in (("gate_up", (E * 2 * W, H)), ("down", (E * H, W))):
+        name = f"{a['experts']}.{part}"
+        layout.update({f"{name}.qweight": ("int32", (n, k // 8)), f"{name}.scales": ("float16", (n, -(-k // g))),
+                       f"{name}.zeros": ("float16", (n, -(-k // g)))})
     return layout
 
 
@@ -591,6 +622,8 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
                 out[a["bias"]] = tensor(a["bias"]).astype(np.float32)
         elif op.kind == "attention" and a["sinks"]:
             out[a["sinks"]] = tensor(a["sinks"]).astype(np.float32)
+        elif op.kind == "moe":
+            out.update(pack_experts(ckpt, spec, a, tensor))
         elif op.kind in ("norm", "add_norm", "head_norm"):
             out[a["weight"]] = tensor(a["weight"]).astype(np.float32) + np.float32(spec.norm_offset)
             if a.get("bias"):  # (a LayerNorm's)
@@ -618,6 +651,39 @@ def quantize_head_int4(table: np.ndarray, spec: DecoderSpec) -> dict[str, np.nda
         q, scales, zeros = quantize_blockwise(padded[start:start + 8192], 4, HEAD_INT4_GROUP)
         parts.append(pack_for_plugin(q, scales.astype(np.float16), zeros.astype(np.float16), HEAD_INT4_GROUP))
     return {f"lm_head.q4.{key}": np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def pack_experts(ckpt, spec: DecoderSpec, a: dict, tensor) -> dict[str, np.ndarray]:
+    """A moe op's tensors (experts_layout) from a checkpoint's: each expert's gate/up rows interleaved,
+    then every expert's stacked, in the kernels' layout; the router and biases float32."""
+    from .checkpoint import concat_linears
+    from .packing import pack_for_plugin
+
+    out = {a["router"]: tensor(a["router"]).astype(np.float32)}
+    if a["norm"]:
+        out[a["norm"]] = tensor(a["norm"]).astype(np.float32) + np.float32(spec.norm_offset)
+    out.update({a[key]: tensor(a[key]).astype(np.float32).reshape(-1) for key in ("bias", "shared_gate")
+                if a[key]})  # (ERNIE 4.5's expert biases [1, E], Qwen2-MoE's gate [1, hidden]: flat)
+    parts = {"gate_up": [], "down": []}
+    for j in range(spec.experts):
+        names = [f"{a['experts']}.{j}.{n}_proj" for n in ("gate", "up", "down")]
+        missing = next((n for n in names if n not in ckpt.linears), None)
+        if missing:
+            raise UserError(f"the checkpoint lacks quantized linear {missing}; it does not match its config")
+        linears = [ckpt.linears[n] for n in names]
+        if any(lin.bias is not None or lin.order is not None for lin in linears):
+            raise UserError(f"{names[0]}: experts with biases or GPTQ act-order are not on the cuda backend yet; build "
+                            "for the CPU (--device cpu)")
+        gate_up = concat_linears(linears[:2])
+        rows = interleave_halves(gate_up.q.shape[0])
+        parts["gate_up"].append(pack_for_plugin(gate_up.q[rows], gate_up.scales[rows], gate_up.zeros[rows],
+                                                gate_up.group_size))
+        down = linears[2]
+        parts["down"].append(pack_for_plugin(down.q, down.scales, down.zeros, down.group_size))
+    for part, packed in parts.items():
+        for key in ("qweight", "scales", "zeros"):
+            out[f"{a['experts']}.{part}.{key}"] = np.concatenate([p[key] for p in packed])
+    return out
 
 
 def interleave_halves(n: int) -> np.ndarray:

@@ -275,6 +275,32 @@ def twin_act(gate_up: np.ndarray, kind: str, gated: bool = True, params: np.ndar
     return (a * gate_up[:, 1::2].astype(F32) if gated else a).astype(F16)
 
 
+def twin_moe_route(x: np.ndarray, router: np.ndarray, expert_bias: np.ndarray | None, top_k: int, normalize: bool,
+                   sigmoid: bool, scale: float) -> tuple[list[int], np.ndarray]:
+    """awq_moe_route's twin for one row x fp16 [hidden]: the router's logits (float32 rows [E, hidden]),
+    their softmax (or sigmoids), the top_k of those plus the expert biases, one by one (the first of
+    equals; none left that compares: expert c), their probabilities renormalized with normalize, times
+    scale. -> (ids, weights float32 [top_k])."""
+    # (in float64, rounded: equal rows give equal logits, where BLAS's float32 sums may differ by an ulp
+    # between rows and turn a tie the other way)
+    logits = (router.astype(np.float64) @ x.astype(np.float64)).astype(F32)
+    if sigmoid:
+        probs = F32(1) / (F32(1) + np.exp(-logits))
+    else:
+        probs = np.exp(logits - logits.max())
+        probs = probs / probs.sum(dtype=F32)
+    scores = probs + (expert_bias if expert_bias is not None else F32(0))
+    ids, picked = [], F32(0)
+    for c in range(top_k):
+        eligible = np.flatnonzero(scores > -np.inf)
+        best = int(eligible[np.argmax(scores[eligible])]) if eligible.size else c
+        ids.append(best)
+        picked = F32(picked + probs[best])
+        scores[best] = -np.inf
+    weights = probs[ids] / picked if normalize else probs[ids]
+    return ids, (weights * F32(scale)).astype(F32)
+
+
 def twin_short_conv(bcx: np.ndarray, store: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
                     past: int) -> np.ndarray:
     """LFM2's gated short convolution of a step's rows (decoder_ops.cu awq_short_conv): bcx fp16 [S,
@@ -372,6 +398,31 @@ class ReferenceBackend:
                                         group_size or self.spec.group_size)
         return self._w[name]
 
+    def experts(self, a: dict, buf: dict) -> np.ndarray:
+        """A moe op's output rows fp16 [rows, hidden], as plugins/kernels/moe.cu computes them: the input
+        normed (fp16), each row's experts (twin_moe_route), each one's gate/up (fp16) through SiLU and up
+        (fp16) and its down (fp16), summed weighted in float32 with the shared expert's output (Qwen2-MoE's
+        times sigmoid(its gate . x))."""
+        t, spec = self.tensors, self.spec
+        x = buf[a["x"]] if a["norm"] is None else twin_norm(buf[a["x"]], t[a["norm"]], self.spec.eps)
+        W, H = spec.expert_width, spec.hidden
+        gate_up, down = self.weight(f"{a['experts']}.gate_up"), self.weight(f"{a['experts']}.down")
+        out = np.empty_like(x)
+        for r in range(x.shape[0]):
+            ids, weights = twin_moe_route(x[r], t[a["router"]], t[a["bias"]] if a["bias"] else None, a["top_k"],
+                                          a["normalize"], a["sigmoid"], a["scale"])
+            acc = np.zeros(H, F32)
+            for e, weight in zip(ids, weights):
+                act = twin_act(twin_linear(x[r:r + 1], gate_up[e * 2 * W:(e + 1) * 2 * W], None), "silu")
+                acc += weight * twin_linear(act, down[e * H:(e + 1) * H], None)[0].astype(F32)
+            if a["shared"]:
+                gate = F32(1)
+                if a["shared_gate"]:
+                    gate = F32(1) / (F32(1) + np.exp(-(t[a["shared_gate"]] @ x[r].astype(F32))))
+                acc += gate * buf[a["shared"]][r].astype(F32)
+            out[r] = acc.astype(F16)
+        return out
+
     def rope_store(self, qkv: np.ndarray, layer: int, rope: int) -> np.ndarray:
         """q/k/v rows fp16 [S, qkv_width] of this step: k and v into the layer's cache, q rotated."""
         spec, S = self.spec, qkv.shape[0]
@@ -409,18 +460,20 @@ class ReferenceBackend:
             normed, total = twin_add_norm(buf[a["x"]][rows], buf[a["residual"]][rows], t[a["weight"]], spec.eps,
                                               t[a["bias"]] if a["bias"] else None)
             buf[a["residual"]][rows], buf[a["out"]][:normed.shape[0]] = total, normed
-        elif op.kind == "linear":
-            x = buf[a["x"]] if a["norm"] is None else twin_norm(buf[a["x"]], t[a["norm"]], spec.eps)
+        elif op.kind == "linear":  # (a shared expert's reads and writes the first columns of a wider buffer)
+            x = buf[a["x"]][:, :a["K"]]
+            x = x if a["norm"] is None else twin_norm(x, t[a["norm"]], spec.eps)
             bias = t[f"{a['weight']}.bias"] if a["bias"] else None
             y = twin_linear(x, self.weight(a["weight"]), bias)
             if a["epilogue"] == "act":
-                buf[a["out"]][:] = twin_act(y, a["act"], a["gated"])
+                y = twin_act(y, a["act"], a["gated"])
+                buf[a["out"]][:, :y.shape[1]] = y
             elif a["epilogue"] == "residual":
                 buf[a["out"]][:] = twin_residual(buf[a["out"]], y)
             elif a["epilogue"] == "rope":
                 self.q_rot = self.rope_store(y, a["layer"], a["rope"])
             else:
-                buf[a["out"]][:] = y
+                buf[a["out"]][:, :y.shape[1]] = y
         elif op.kind == "add":
             buf[a["residual"]][:] = twin_residual(buf[a["residual"]], buf[a["x"]])
         elif op.kind == "rope":
@@ -437,6 +490,8 @@ class ReferenceBackend:
             buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"], a["gated"], t[a["params"]] if a["params"] else None)
         elif op.kind == "clamp":  # (decoder_ops.cu awq_clamp)
             buf[a["x"]][:] = np.clip(buf[a["x"]].astype(F32), -a["limit"], a["limit"]).astype(F16)
+        elif op.kind == "moe":
+            buf[a["out"]][:] = self.experts(a, buf)
         elif op.kind == "short_conv":
             buf[a["out"]][:] = twin_short_conv(buf[a["x"]], self.conv_store[a["layer"]], t[a["weight"]],
                                                t[a["bias"]] if a["bias"] else None, self.position)

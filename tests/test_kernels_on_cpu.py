@@ -462,10 +462,46 @@ def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window,
         assert err < 5e-3, (pos, err)
 
 
+@pytest.mark.parametrize("experts, top_k, sigmoid, bias, normalize", [
+    (64, 6, False, True, True), (32, 4, True, True, True), (128, 8, False, False, False), (5, 2, False, False, True)])
+def test_the_expert_router_matches_its_twin(emulated, experts, top_k, sigmoid, bias, normalize):
+    """awq_moe_route (plugins/kernels/moe.cu) over 5 rows: the softmax (ERNIE 4.5's with expert biases,
+    Qwen3-MoE's 128 experts) or sigmoid (LFM2-MoE's) router, renormalized or not, times a scale: the same
+    experts in the same order as twin_moe_route, each expert's weight within float32 rounding. Experts 3
+    and 4 have the same router row: equal scores, the lower chosen first (the CPU engines' order)."""
+    from awq_edge.cuda_backend import MOE_THREADS
+    from awq_edge.reference_backend import twin_moe_route
+    from native_helpers import on_device
+
+    driver = EmulatedDriver(emulated)
+    rng = np.random.default_rng(experts)
+    rows, hidden = 5, 96
+    x = rng.standard_normal((rows, hidden)).astype(np.float16)
+    router = (rng.standard_normal((experts, hidden)) * 0.3).astype(np.float32)
+    router[4] = router[3]
+    expert_bias = rng.normal(0, 0.05, experts).astype(np.float32)
+    expert_bias[4] = expert_bias[3]
+    arrays = {"x": x, "router": router, "bias": expert_bias, "ids": np.full(rows * top_k, -1, np.int32),
+              "weights": np.full(rows * top_k, np.nan, np.float32)}
+    with on_device(driver, arrays) as dev:
+        driver.launch("awq_moe_route", (rows,), (MOE_THREADS,),
+                      [ptr(dev["x"]), ptr(dev["router"]), ptr(dev["bias"] if bias else 0), ptr(dev["ids"]),
+                       ptr(dev["weights"]), i32(experts), i32(hidden), i32(top_k), i32(normalize), i32(sigmoid),
+                       f32(1.5)])
+        ids, weights = np.empty(rows * top_k, np.int32), np.empty(rows * top_k, np.float32)
+        driver.download(ids, dev["ids"])
+        driver.download(weights, dev["weights"])
+    for r in range(rows):
+        want_ids, want = twin_moe_route(x[r], router, expert_bias if bias else None, top_k, normalize, sigmoid, 1.5)
+        assert ids[r * top_k:(r + 1) * top_k].tolist() == want_ids, r
+        np.testing.assert_allclose(weights[r * top_k:(r + 1) * top_k], want, rtol=1e-5)
+
+
 # (family, --lm-head, config overrides, fused op list, prompt length, decode GEMV, kernels it must
 # launch): between them every kind of kernel the backend launches, at head sizes 64, 96, 128 and 256,
 # K % 32 == 0 and not, a full prefill chunk, and every decode GEMV choice (cuda_backend.DECODE_GEMVS;
 # "auto": the normed linears on the persistent tensor-core grid where K % 32 == 0, the rest on CUDA cores)
+MOE_KERNELS = {"awq_moe_route", "awq_moe_gemv_act_g32_w4", "awq_moe_gemv_store_g32_w4", "awq_moe_combine"}
 BACKEND_CASES = {
     "llama-int4-head-cuda-cores": ("llama", 4, {}, True, 20, "cuda_cores",
                         {"awq_gemv_logits_g32_w4", "awq_head_candidates", "awq_head_rescore", "awq_gemv_mma_x32_g32",
@@ -589,6 +625,13 @@ BACKEND_CASES = {
                           {"awq_attend_mma_d64", "awq_attend_split_d64"}),
     "granite_swa-sinks-persistent-step": ("granite_swa", "auto", {"num_hidden_layers": 2}, True, 9,
                                           "persistent_step", {"awq_decode_step_g32", "awq_attend_d64"}),
+    # mixtures of experts (plugins/kernels/moe.cu: each row's experts chosen on the device, their GEMVs by the
+    # ids in device memory): Qwen2-MoE's softmax router, not renormalized, a shared expert 96 wide gated by a
+    # sigmoid, layer 1 dense; LFM2-MoE's sigmoid router with expert biases and a scale after a short
+    # convolution's dense layer; ERNIE 4.5's softmax with expert biases, renormalized, its shared expert ungated
+    "qwen2_moe-shared-gate": ("qwen2_moe", "auto", {"num_hidden_layers": 2}, True, 20, "auto", MOE_KERNELS),
+    "lfm2_moe-sigmoid-router": ("lfm2_moe", "auto", {"num_hidden_layers": 3}, True, 20, "cuda_cores", MOE_KERNELS),
+    "ernie4_5_moe-unfused": ("ernie4_5_moe", "auto", {"num_hidden_layers": 2}, False, 9, "auto", MOE_KERNELS),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),
@@ -637,7 +680,8 @@ def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False, concur
     ("hunyuan-rope-before-norms", "the persistent decode step does not rotate q and k before their norms"),
     ("lfm2-unfused", "the persistent decode step has no short convolution"),
     ("olmo-clip-qkv", "the persistent decode step does not clamp q, k and v"),
-], ids=["phi3-d96", "hunyuan", "lfm2", "olmo"])
+    ("ernie4_5_moe-unfused", "the persistent decode step has no mixture of experts"),
+], ids=["phi3-d96", "hunyuan", "lfm2", "olmo", "ernie4_5_moe"])
 def test_the_persistent_step_refuses_what_it_lacks(emulated, case, refusal, tmp_path):
     from awq_edge.errors import UserError
 

@@ -894,13 +894,15 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                           ("gpt_neox", {}), ("gpt_neox", {"use_parallel_residual": False}),
                           ("gpt_bigcode", {}), ("gpt_bigcode", {"multi_query": False}), ("opt", {"ffn_dim": 256}),
                           ("gpt2", {}),
-                          ("gptj", {"rotary_dim": 16}), ("gpt_neo", {}), ("granite_swa", {})],
+                          ("gptj", {"rotary_dim": 16}), ("gpt_neo", {}), ("granite_swa", {}),
+                          ("qwen2_moe", {}), ("lfm2_moe", {}), ("ernie4_5_moe", {})],
                          ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope", "smollm3_nope", "granite", "glm", "glm4",
                               "ernie4_5", "olmo2", "olmo3", "exaone4", "gemma", "vaultgemma", "hunyuan", "arcee",
                               "nemotron", "stablelm", "cohere", "cohere2", "jais2", "starcoder2",
                               "granite4_nope", "phi", "hyperclovax", "olmo", "apertus", "nanochat", "lfm2",
                               "gpt_neox", "gpt_neox_sequential", "gpt_bigcode_multi_query", "gpt_bigcode",
-                              "opt", "gpt2", "gptj", "gpt_neo", "granite_swa_sinks"])
+                              "opt", "gpt2", "gptj", "gpt_neo", "granite_swa_sinks", "qwen2_moe", "lfm2_moe",
+                              "ernie4_5_moe"])
 def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)
@@ -918,7 +920,7 @@ def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, 
     ("llama", "cuda", "head_dim 16 is not supported by the cuda backend's attention kernel"),
     ("hunyuan_v1_dense", "trt", "q/k norms come after RoPE, and the trt target's attention plugin"),
     ("granite_swa", "trt", "granite_swa's attention sinks are not in the trt target's attention plugin"),
-    ("qwen3_moe", "cuda", "qwen3_moe's mixture of experts is not on the cuda backend yet"),
+    ("gpt_oss", "cuda", "gpt_oss's experts .clamped SwiGLU with biases, a biased router. are not on the cuda backend"),
 ])
 def test_a_gpu_build_refuses_what_its_kernels_cannot_run_before_quantizing(model_type, backend, refusal,
                                                                            tiny_model_dir, tmp_path, monkeypatch):
@@ -1168,6 +1170,9 @@ def test_launch_shapes_match_the_kernel_sources():
     assert f"constexpr int kRowsPerBlock = {cb.HEAD_RESCORE_ROWS};" in src["head_top_k"]
     assert f"constexpr int kTopK = {HEAD_TOP_K};" in src["head_top_k"]
     assert f"constexpr int kCapacity = {HEAD_SELECT_CAPACITY};" in src["head_top_k"]
+    assert f"constexpr int kMoeThreads = {cb.MOE_THREADS};" in src["moe"]
+    from awq_edge.export.spec import MAX_EXPERTS  # (the router's scores in shared memory: every expert's)
+    assert f"constexpr int kMaxExperts = {MAX_EXPERTS};" in src["moe"]
     fusions = re.search(r"#define AWQ_GEMV_FUSIONS\(ENTRIES\)(.*?)\n\n", src["gemv_w4a16"], re.S)
     fusions = fusions.group(1).split("AWQ_GEMV_FUSIONS(AWQ_GEMV_ENTRIES)")[0] if fusions else ""
     # the persistent step's table (decode_step.cu StepOp) as cuda_backend.step_ops writes it: its
@@ -1202,6 +1207,10 @@ def test_launch_shapes_match_the_kernel_sources():
             elif module == "gemv_w4a16":  # the fusions' list, each for every group size and load width
                 assert "AWQ_GEMV_FUSIONS(AWQ_GEMV_ENTRIES)" in src[module], name
                 assert f"ENTRIES({base[len('awq_gemv_'):]}," in fusions, name
+            elif name.startswith("awq_moe_gemv_"):  # the experts' GEMVs: a macro per fusion, then per group and width
+                fusion, g, w = re.match(r"awq_moe_gemv_(\w+)_g(\d+)_w(\d)$", name).groups()
+                assert f"AWQ_MOE_GEMV_ENTRIES({fusion}, " in src[module], name
+                assert f"AWQ_MOE_GEMV_ENTRY(NAME, EPILOGUE, {g}, {w})" in src[module], name
             elif module == "attention" and base.startswith("awq_attend") and "split" not in base:
                 assert f"AWQ_ATTEND_ROWS_ENTRY({name}, " in src[module], name  # prefill: a macro per kernel
             else:
