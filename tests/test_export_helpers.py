@@ -212,8 +212,8 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
                 p.normal_(mean=2.0, std=1.0)
             elif name.endswith("shared_expert_gate.weight"):  # (Qwen2-MoE's: a gate that varies by token)
                 p.normal_(std=1.0)
-            elif ".shared_expert." in name or ".experts." in name:  # (loud enough to tell in the logits beside
-                p.normal_(std=0.1)  # Qwen2-MoE's shared expert, which choice of experts a token gets)
+            elif ".shared_expert." in name:  # (Qwen2-MoE's shared expert: loud enough to tell in the logits)
+                p.normal_(std=0.1)
             elif name.endswith(".conv.conv.weight"):  # (LFM2's short convolutions: taps that tell their order)
                 p.normal_(std=1.0)
             elif name.endswith(("wpe.weight", "embed_positions.weight")):  # (learned positions: rows that tell apart)
