@@ -108,8 +108,8 @@ class ModelSpec:
     # expert_width wide, of which a token runs the experts_per_token its router (mlp.gate, float) scores
     # highest, weighted by their softmax probabilities (renormalized over the chosen with norm_top_k);
     # the other layers' MLP is the dense one, intermediate wide. LFM2-MoE's router (Family.router
-    # "sigmoid"): weights the sigmoids of the logits, the chosen those highest with the layer's
-    # mlp.expert_bias added (expert_bias), the weights times routed_scale after renormalizing
+    # "sigmoid"): weights the sigmoids of the logits, times routed_scale after renormalizing. With
+    # expert_bias (LFM2-MoE's, ERNIE 4.5's: mlp.expert_bias) the chosen are those highest with it added
     moe_layers: tuple = ()
     experts: int = 0
     experts_per_token: int = 0
@@ -118,11 +118,12 @@ class ModelSpec:
     expert_bias: bool = False
     routed_scale: float = 1.0
     # gpt-oss: clamped SwiGLU's alpha and limit (Family.expert_act), None: SiLU; the heads' attention sinks
+    # (gpt-oss's, Granite SWA's)
     swiglu_alpha: float = 1.0
     swiglu_limit: float | None = None
     attention_sinks: bool = False
-    # Qwen2-MoE: a shared expert as wide as this (0: none) beside the routed ones, its output gated by
-    # sigmoid(mlp.shared_expert_gate . x) with shared_gate
+    # Qwen2-MoE, ERNIE 4.5: a shared expert as wide as this (0: none) beside the routed ones, its output
+    # gated by sigmoid(mlp.shared_expert_gate . x) with shared_gate (Qwen2-MoE's)
     shared_width: int = 0
     shared_gate: bool = False
 
