@@ -1248,8 +1248,9 @@ class CudaBackend:
 
     def experts(self, op, rows: int) -> None:
         """A mixture of experts' layer (plugins/kernels/moe.cu): the input normed (unless an op before
-        did), each row's experts chosen on the device, each chosen expert's gate/up then down GEMV, and
-        their weighted sum (with the shared expert's output, which the ops before computed) into out."""
+        did), each row's experts chosen on the device, each chosen expert's gate/up then down GEMV (gpt-oss's
+        gate/up stored, its clamped SwiGLU a kernel of its own), and their weighted sum (with the shared
+        expert's output, which the ops before computed) into out."""
         a, w, b, spec = op.args, self.weights, self.buf, self.spec
         E, W, H, k, g = spec.experts, spec.expert_width, spec.hidden, spec.experts_per_token, spec.group_size
         x = b[a["x"]]
@@ -1259,18 +1260,25 @@ class CudaBackend:
             x = b["moe_x"]
         ids, weights = b["moe_ids"], b["moe_weights"]
         self.launch("awq_moe_route", (rows,), (MOE_THREADS,),
-                    [x, w[a["router"]], w[a["bias"]] if a["bias"] else 0, ids, weights, ("i32", E), ("i32", H),
-                     ("i32", k), ("i32", int(a["normalize"])), ("i32", int(a["sigmoid"])), ("f32", a["scale"])])
+                    [x, w[a["router"]], w[a["router_bias"]] if a["router_bias"] else 0,
+                     w[a["bias"]] if a["bias"] else 0, ids, weights, ("i32", E), ("i32", H), ("i32", k),
+                     ("i32", int(a["normalize"])), ("i32", int(a["sigmoid"])), ("f32", a["scale"])])
         # (gate/up reads the row's x, slot after slot; down reads each slot's act)
-        for part, fusion, src, n, width, strides, out in (
-                ("gate_up", "act", x, 2 * W, H, (H, 0), b["moe_act"]),
-                ("down", "store", b["moe_act"], H, W, (k * W, W), b["moe_out"])):
+        gate_up = ("gate_up", "store", x, 2 * W, H, (H, 0), b["moe_gate_up"]) if a["swiglu"] else (
+            "gate_up", "act", x, 2 * W, H, (H, 0), b["moe_act"])
+        down = ("down", "store", b["moe_act"], H, W, (k * W, W), b["moe_out"])
+        for part, fusion, src, n, width, strides, out in (gate_up, down):
             name = f"{a['experts']}.{part}"
             wide = 4 if width % 32 == 0 else 1  # (16-byte weight loads)
             self.launch(f"awq_moe_gemv_{fusion}_g{g}_w{wide}", (n // GEMV_ROWS_PER_BLOCK, k, rows), (GEMV_THREADS,),
                         [src, ("i32", strides[0]), ("i32", strides[1]), ids, ("i32", k), ("i32", E),
-                         w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"], out, ("i32", n),
-                         ("i32", width), ("i32", act_code("silu", True))])
+                         w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"],
+                         w[f"{name}.bias"] if a["swiglu"] else 0, out, ("i32", n), ("i32", width),
+                         ("i32", act_code("silu", True))])
+            if part == "gate_up" and a["swiglu"]:  # (gpt-oss's clamped SwiGLU, each slot's)
+                alpha, limit = a["swiglu"]
+                self.launch("awq_moe_swiglu", (rows * k,), (MOE_THREADS,),
+                            [b["moe_gate_up"], b["moe_act"], ("i32", W), ("f32", alpha), ("f32", limit)])
         self.launch("awq_moe_combine", (rows,), (MOE_THREADS,),
                     [b["moe_out"], weights, ("i32", k), b["shared"] if a["shared"] else 0,
                      w[a["shared_gate"]] if a["shared_gate"] else 0, x, b[a["out"]], ("i32", H)])
@@ -1402,6 +1410,6 @@ KERNELS_OF = {
     "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_norm", "awq_add_norm", "awq_head_rms_norm", "awq_bias_add",
                     "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv",
                     "awq_add_positions", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
-    "moe": ["awq_moe_route", "awq_moe_combine"] +
+    "moe": ["awq_moe_route", "awq_moe_swiglu", "awq_moe_combine"] +
            [f"awq_moe_gemv_{fusion}_g{g}_w{w}" for fusion in ("act", "store") for g in (32, 64, 128) for w in (1, 4)],
 }

@@ -172,12 +172,9 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
     """A DecoderSpec from an export.spec.ModelSpec (a checked config), the group size, which
     linears carry biases (checkpoint_biases), the head's kind, and whether the linears are GPTQ
     act-order ones; positions: the RoPE tables' rows, where fewer than the model's (an engine
-    built for a shorter context: cuda_build.rope_sized_to_context); experts: the caller runs every
-    mixture of experts' moe ops (the native CPU decode), the cuda backend's kernels all but gpt-oss's."""
+    built for a shorter context: cuda_build.rope_sized_to_context); experts: the caller is the native
+    CPU decode, whose moe op takes any expert width."""
     family = model.family
-    if model.moe_layers and (model.swiglu_limit or family.router_bias) and not experts:
-        raise UserError(f"{model.model_type}'s experts (clamped SwiGLU with biases, a biased router) are not on the "
-                        "cuda backend yet; build for the CPU (--device cpu)")
     if model.moe_layers and (model.expert_width % 8 or model.hidden % 8) and not experts:
         raise UserError(f"{model.model_type}'s experts ({model.expert_width} wide, hidden {model.hidden}) are not "
                         "multiples of 8, which the cuda backend's expert GEMV takes; build for the CPU (--device cpu)")
@@ -437,6 +434,8 @@ def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
         k = spec.experts_per_token
         shapes.update(moe_x=(rows, spec.hidden), moe_act=(rows, k * spec.expert_width),
                       moe_out=(rows, k * spec.hidden), moe_ids=(rows, 2 * k), moe_weights=(rows, 2 * k))
+        if spec.swiglu_limit:  # (gpt-oss's gate/up before its clamped SwiGLU, an op of its own)
+            shapes["moe_gate_up"] = (rows, 2 * k * spec.expert_width)
     if spec.parallel_norms:
         shapes["mlp_x"] = (rows, spec.hidden)
     if spec.conv_layers:
@@ -522,14 +521,14 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
 
 
 def experts_layout(spec: DecoderSpec, a: dict) -> dict[str, tuple[str, tuple]]:
-    """A moe op's tensors in a cuda engine: the router float32 [E, hidden] (the expert biases [E] and
-    the shared expert's gate [hidden] where the family has them) and the experts stacked by
+    """A moe op's tensors in a cuda engine: the router float32 [E, hidden] (its bias, the expert biases
+    [E] and the shared expert's gate [hidden] where the family has them) and the experts stacked by
     rows: `{experts}.gate_up` (expert e's gate and up rows interleaved at rows e * 2W ..) and
-    `{experts}.down` (at rows e * hidden ..), each a 4-bit linear in the kernels' layout."""
+    `{experts}.down` (at rows e * hidden ..), each a 4-bit linear in the kernels' layout (gpt-oss's,
+    whose experts compute clamped SwiGLU, with fp16 biases in the same rows' order)."""
     E, W, H, g = spec.experts, spec.expert_width, spec.hidden, spec.group_size
     layout = {a["router"]: ("float32", (E, H))}
-    if a["bias"]:  # (LFM2-MoE's, ERNIE 4.5's expert biases)
-        layout[a["bias"]] = ("float32", (E,))
+    layout.update({a[key]: ("float32", (E,)) for key in ("bias", "router_bias") if a[key]})
     if a["norm"]:  # (the MLP's input norm, which the op runs first)
         layout[a["norm"]] = ("float32", (H,))
     if a["shared_gate"]:
@@ -538,6 +537,8 @@ def experts_layout(spec: DecoderSpec, a: dict) -> dict[str, tuple[str, tuple]]:
         name = f"{a['experts']}.{part}"
         layout.update({f"{name}.qweight": ("int32", (n, k // 8)), f"{name}.scales": ("float16", (n, -(-k // g))),
                        f"{name}.zeros": ("float16", (n, -(-k // g)))})
+        if a["swiglu"]:
+            layout[f"{name}.bias"] = ("float16", (n,))
     return layout
 
 
@@ -662,7 +663,7 @@ def pack_experts(ckpt, spec: DecoderSpec, a: dict, tensor) -> dict[str, np.ndarr
     out = {a["router"]: tensor(a["router"]).astype(np.float32)}
     if a["norm"]:
         out[a["norm"]] = tensor(a["norm"]).astype(np.float32) + np.float32(spec.norm_offset)
-    out.update({a[key]: tensor(a[key]).astype(np.float32).reshape(-1) for key in ("bias", "shared_gate")
+    out.update({a[key]: tensor(a[key]).astype(np.float32).reshape(-1) for key in ("bias", "router_bias", "shared_gate")
                 if a[key]})  # (ERNIE 4.5's expert biases [1, E], Qwen2-MoE's gate [1, hidden]: flat)
     parts = {"gate_up": [], "down": []}
     for j in range(spec.experts):
@@ -671,17 +672,20 @@ def pack_experts(ckpt, spec: DecoderSpec, a: dict, tensor) -> dict[str, np.ndarr
         if missing:
             raise UserError(f"the checkpoint lacks quantized linear {missing}; it does not match its config")
         linears = [ckpt.linears[n] for n in names]
-        if any(lin.bias is not None or lin.order is not None for lin in linears):
-            raise UserError(f"{names[0]}: experts with biases or GPTQ act-order are not on the cuda backend yet; build "
-                            "for the CPU (--device cpu)")
+        if any(lin.order is not None for lin in linears) or (not a["swiglu"] and any(lin.bias is not None
+                                                                                      for lin in linears)):
+            raise UserError(f"{names[0]}: GPTQ act-order experts, or biases on experts other than gpt-oss's, are not "
+                            "on the cuda backend yet; build for the CPU (--device cpu)")
         gate_up = concat_linears(linears[:2])
         rows = interleave_halves(gate_up.q.shape[0])
-        parts["gate_up"].append(pack_for_plugin(gate_up.q[rows], gate_up.scales[rows], gate_up.zeros[rows],
-                                                gate_up.group_size))
-        down = linears[2]
-        parts["down"].append(pack_for_plugin(down.q, down.scales, down.zeros, down.group_size))
+        for part, lin, order in (("gate_up", gate_up, rows), ("down", linears[2], slice(None))):
+            packed = pack_for_plugin(lin.q[order], lin.scales[order], lin.zeros[order], lin.group_size)
+            if a["swiglu"]:  # (gpt-oss's biases; none stored: zeros)
+                bias = lin.bias if lin.bias is not None else np.zeros(lin.q.shape[0], np.float32)
+                packed["bias"] = bias[order].astype(np.float16)
+            parts[part].append(packed)
     for part, packed in parts.items():
-        for key in ("qweight", "scales", "zeros"):
+        for key in packed[0]:
             out[f"{a['experts']}.{part}.{key}"] = np.concatenate([p[key] for p in packed])
     return out
 

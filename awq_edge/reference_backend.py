@@ -275,15 +275,16 @@ def twin_act(gate_up: np.ndarray, kind: str, gated: bool = True, params: np.ndar
     return (a * gate_up[:, 1::2].astype(F32) if gated else a).astype(F16)
 
 
-def twin_moe_route(x: np.ndarray, router: np.ndarray, expert_bias: np.ndarray | None, top_k: int, normalize: bool,
-                   sigmoid: bool, scale: float) -> tuple[list[int], np.ndarray]:
-    """awq_moe_route's twin for one row x fp16 [hidden]: the router's logits (float32 rows [E, hidden]),
-    their softmax (or sigmoids), the top_k of those plus the expert biases, one by one (the first of
-    equals; none left that compares: expert c), their probabilities renormalized with normalize, times
-    scale. -> (ids, weights float32 [top_k])."""
+def twin_moe_route(x: np.ndarray, router: np.ndarray, router_bias: np.ndarray | None, expert_bias: np.ndarray | None,
+                   top_k: int, normalize: bool, sigmoid: bool, scale: float) -> tuple[list[int], np.ndarray]:
+    """awq_moe_route's twin for one row x fp16 [hidden]: the router's logits (float32 rows [E, hidden];
+    gpt-oss's bias added), their softmax (or sigmoids), the top_k of those plus the expert biases, one
+    by one (the first of equals; none left that compares: expert c), their probabilities renormalized
+    with normalize, times scale. -> (ids, weights float32 [top_k])."""
     # (in float64, rounded: equal rows give equal logits, where BLAS's float32 sums may differ by an ulp
     # between rows and turn a tie the other way)
     logits = (router.astype(np.float64) @ x.astype(np.float64)).astype(F32)
+    logits = logits + router_bias if router_bias is not None else logits
     if sigmoid:
         probs = F32(1) / (F32(1) + np.exp(-logits))
     else:
@@ -299,6 +300,14 @@ def twin_moe_route(x: np.ndarray, router: np.ndarray, expert_bias: np.ndarray | 
         scores[best] = -np.inf
     weights = probs[ids] / picked if normalize else probs[ids]
     return ids, (weights * F32(scale)).astype(F32)
+
+
+def twin_clamped_swiglu(gate_up: np.ndarray, alpha: float, limit: float) -> np.ndarray:
+    """awq_moe_swiglu's twin: gpt-oss's (clamp(up, +-limit) + 1) g sigmoid(alpha g), g = min(gate, limit), of
+    gate_up fp16 [rows, 2 W] (gate j at 2j, up j at 2j + 1) -> fp16 [rows, W]."""
+    g = np.minimum(gate_up[:, 0::2].astype(F32), F32(limit))
+    u = np.clip(gate_up[:, 1::2].astype(F32), F32(-limit), F32(limit))
+    return ((u + F32(1)) * g / (F32(1) + np.exp(-F32(alpha) * g))).astype(F16)
 
 
 def twin_short_conv(bcx: np.ndarray, store: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
@@ -400,21 +409,28 @@ class ReferenceBackend:
 
     def experts(self, a: dict, buf: dict) -> np.ndarray:
         """A moe op's output rows fp16 [rows, hidden], as plugins/kernels/moe.cu computes them: the input
-        normed (fp16), each row's experts (twin_moe_route), each one's gate/up (fp16) through SiLU and up
-        (fp16) and its down (fp16), summed weighted in float32 with the shared expert's output (Qwen2-MoE's
-        times sigmoid(its gate . x))."""
+        normed (fp16), each row's experts (twin_moe_route), each one's gate/up (fp16) through SiLU and up,
+        or gpt-oss's clamped SwiGLU with its biases (fp16), and its down (fp16), summed weighted in float32
+        with the shared expert's output (Qwen2-MoE's times sigmoid(its gate . x))."""
         t, spec = self.tensors, self.spec
         x = buf[a["x"]] if a["norm"] is None else twin_norm(buf[a["x"]], t[a["norm"]], self.spec.eps)
         W, H = spec.expert_width, spec.hidden
         gate_up, down = self.weight(f"{a['experts']}.gate_up"), self.weight(f"{a['experts']}.down")
+        biases = (t[f"{a['experts']}.gate_up.bias"], t[f"{a['experts']}.down.bias"]) if a["swiglu"] else None
         out = np.empty_like(x)
         for r in range(x.shape[0]):
-            ids, weights = twin_moe_route(x[r], t[a["router"]], t[a["bias"]] if a["bias"] else None, a["top_k"],
-                                          a["normalize"], a["sigmoid"], a["scale"])
+            ids, weights = twin_moe_route(x[r], t[a["router"]], t[a["router_bias"]] if a["router_bias"] else None,
+                                          t[a["bias"]] if a["bias"] else None, a["top_k"], a["normalize"],
+                                          a["sigmoid"], a["scale"])
             acc = np.zeros(H, F32)
             for e, weight in zip(ids, weights):
-                act = twin_act(twin_linear(x[r:r + 1], gate_up[e * 2 * W:(e + 1) * 2 * W], None), "silu")
-                acc += weight * twin_linear(act, down[e * H:(e + 1) * H], None)[0].astype(F32)
+                rows, cols = slice(e * 2 * W, (e + 1) * 2 * W), slice(e * H, (e + 1) * H)
+                if biases:  # (gpt-oss's)
+                    act = twin_clamped_swiglu(twin_linear(x[r:r + 1], gate_up[rows], biases[0][rows]), *a["swiglu"])
+                else:
+                    act = twin_act(twin_linear(x[r:r + 1], gate_up[rows], None), "silu")
+                y = twin_linear(act, down[cols], biases[1][cols] if biases else None)
+                acc += weight * y[0].astype(F32)
             if a["shared"]:
                 gate = F32(1)
                 if a["shared_gate"]:

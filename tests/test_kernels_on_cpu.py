@@ -462,13 +462,15 @@ def test_the_split_decode_attention_matches_its_twin(emulated, d, heads, window,
         assert err < 5e-3, (pos, err)
 
 
-@pytest.mark.parametrize("experts, top_k, sigmoid, bias, normalize", [
-    (64, 6, False, True, True), (32, 4, True, True, True), (128, 8, False, False, False), (5, 2, False, False, True)])
-def test_the_expert_router_matches_its_twin(emulated, experts, top_k, sigmoid, bias, normalize):
+@pytest.mark.parametrize("experts, top_k, sigmoid, bias, normalize, router_bias", [
+    (64, 6, False, True, True, False), (32, 4, True, True, True, False), (128, 8, False, False, False, False),
+    (5, 2, False, False, True, False), (32, 4, False, False, True, True)])
+def test_the_expert_router_matches_its_twin(emulated, experts, top_k, sigmoid, bias, normalize, router_bias):
     """awq_moe_route (plugins/kernels/moe.cu) over 5 rows: the softmax (ERNIE 4.5's with expert biases,
-    Qwen3-MoE's 128 experts) or sigmoid (LFM2-MoE's) router, renormalized or not, times a scale: the same
-    experts in the same order as twin_moe_route, each expert's weight within float32 rounding. Experts 3
-    and 4 have the same router row: equal scores, the lower chosen first (the CPU engines' order)."""
+    Qwen3-MoE's 128 experts, gpt-oss's with its logits biased) or sigmoid (LFM2-MoE's) router,
+    renormalized or not, times a scale: the same experts in the same order as twin_moe_route, each
+    expert's weight within float32 rounding. Experts 3 and 4 have the same router row (and biases):
+    equal scores, the lower chosen first (the CPU engines' order)."""
     from awq_edge.cuda_backend import MOE_THREADS
     from awq_edge.reference_backend import twin_moe_route
     from native_helpers import on_device
@@ -481,18 +483,22 @@ def test_the_expert_router_matches_its_twin(emulated, experts, top_k, sigmoid, b
     router[4] = router[3]
     expert_bias = rng.normal(0, 0.05, experts).astype(np.float32)
     expert_bias[4] = expert_bias[3]
-    arrays = {"x": x, "router": router, "bias": expert_bias, "ids": np.full(rows * top_k, -1, np.int32),
-              "weights": np.full(rows * top_k, np.nan, np.float32)}
+    logit_bias = rng.normal(0, 0.5, experts).astype(np.float32)
+    logit_bias[4] = logit_bias[3]
+    arrays = {"x": x, "router": router, "bias": expert_bias, "logit_bias": logit_bias,
+              "ids": np.full(rows * top_k, -1, np.int32), "weights": np.full(rows * top_k, np.nan, np.float32)}
     with on_device(driver, arrays) as dev:
         driver.launch("awq_moe_route", (rows,), (MOE_THREADS,),
-                      [ptr(dev["x"]), ptr(dev["router"]), ptr(dev["bias"] if bias else 0), ptr(dev["ids"]),
+                      [ptr(dev["x"]), ptr(dev["router"]), ptr(dev["logit_bias"] if router_bias else 0),
+                       ptr(dev["bias"] if bias else 0), ptr(dev["ids"]),
                        ptr(dev["weights"]), i32(experts), i32(hidden), i32(top_k), i32(normalize), i32(sigmoid),
                        f32(1.5)])
         ids, weights = np.empty(rows * top_k, np.int32), np.empty(rows * top_k, np.float32)
         driver.download(ids, dev["ids"])
         driver.download(weights, dev["weights"])
     for r in range(rows):
-        want_ids, want = twin_moe_route(x[r], router, expert_bias if bias else None, top_k, normalize, sigmoid, 1.5)
+        want_ids, want = twin_moe_route(x[r], router, logit_bias if router_bias else None,
+                                        expert_bias if bias else None, top_k, normalize, sigmoid, 1.5)
         assert ids[r * top_k:(r + 1) * top_k].tolist() == want_ids, r
         np.testing.assert_allclose(weights[r * top_k:(r + 1) * top_k], want, rtol=1e-5)
 
@@ -632,6 +638,11 @@ BACKEND_CASES = {
     "qwen2_moe-shared-gate": ("qwen2_moe", "auto", {"num_hidden_layers": 2}, True, 20, "auto", MOE_KERNELS),
     "lfm2_moe-sigmoid-router": ("lfm2_moe", "auto", {"num_hidden_layers": 3}, True, 20, "cuda_cores", MOE_KERNELS),
     "ernie4_5_moe-unfused": ("ernie4_5_moe", "auto", {"num_hidden_layers": 2}, False, 9, "auto", MOE_KERNELS),
+    # gpt-oss: its experts' gate/up stored (with their biases), its clamped SwiGLU a kernel of its own, down
+    # with its biases; the router's logits biased; attention with biases and sinks, layer 0 sliding, YaRN
+    "gpt_oss-clamped-swiglu-sinks": ("gpt_oss", "auto", {"num_hidden_layers": 2}, True, 20, "auto",
+                                     {"awq_moe_route", "awq_moe_swiglu", "awq_moe_gemv_store_g32_w4",
+                                      "awq_moe_combine"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),

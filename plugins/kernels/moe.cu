@@ -8,7 +8,7 @@
 // gate_up linear's; down: E x hidden rows), so expert e is rows e * N .. of its stack.
 //
 //   awq_moe_route            grid (rows), 256 threads: x (the normed input, fp16) against the
-//                            router's rows (float32), the logits' softmax (or
+//                            router's rows (float32; gpt-oss's bias added), the logits' softmax (or
 //                            LFM2-MoE's sigmoids), the top_k of those plus the expert biases (LFM2-MoE's,
 //                            ERNIE 4.5's) by a scan in warp 0 (ties: the lower expert; none left that
 //                            compares: expert c, as the CPU decode's moe), their probabilities as
@@ -16,8 +16,13 @@
 //                            -> ids int32 [rows, top_k], weights float32 [rows, top_k]
 //   awq_moe_gemv_act_g{G}_w{W}    grid (2W / 4, top_k, rows), 128 threads: act(gate) * up of x's row
 //                            through the slot's expert's gate/up rows -> act fp16 [rows, top_k, W]
-//   awq_moe_gemv_store_g{G}_w{W}  grid (hidden / 4, top_k, rows): the slot's act through its
-//                            expert's down rows -> y fp16 [rows, top_k, hidden]
+//   awq_moe_gemv_store_g{G}_w{W}  grid (N / 4, top_k, rows): the slot's act through its expert's
+//                            down rows -> y fp16 [rows, top_k, hidden]; or (gpt-oss) x's row through
+//                            its gate/up rows -> gate_up fp16 [rows, top_k, 2W], for awq_moe_swiglu
+//                            (each expert's biases, gpt-oss's, added to its rows: the GEMV's bias)
+//   awq_moe_swiglu           grid (rows x top_k), 256 threads: gpt-oss's clamped SwiGLU of each
+//                            slot's gate/up, (clamp(up, +-limit) + 1) g sigmoid(alpha g), g = min(gate,
+//                            limit) -> act fp16 [rows, top_k, W]
 //   awq_moe_combine          grid (rows), 256 threads: out = sum over slots of weight * y, plus the
 //                            shared expert's output (Qwen2-MoE's times sigmoid(shared_gate . x)), fp16
 // W = 4: 16-byte weight loads (K % 32 == 0), else 4-byte ones, as the GEMV's. Checked on the CPU
@@ -54,8 +59,8 @@ template <int kGroupSize, int kWordsPerLoad, Epilogue kEpilogue>
 __device__ __forceinline__ void expert_gemv(const half* __restrict__ x, int x_row, int x_slot,
                                             const int32_t* __restrict__ ids, int top_k, int experts,
                                             const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
-                                            const half* __restrict__ zeros, half* __restrict__ y, int N, int K,
-                                            int act_kind) {
+                                            const half* __restrict__ zeros, const half* __restrict__ bias,
+                                            half* __restrict__ y, int N, int K, int act_kind) {
     wait_for_previous_kernel();  // (the ids: the route kernel's)
     const int slot = blockIdx.y, row = blockIdx.z;
     int e = ids[row * top_k + slot];
@@ -63,6 +68,7 @@ __device__ __forceinline__ void expert_gemv(const half* __restrict__ x, int x_ro
     const size_t rows = static_cast<size_t>(e) * N;
     Fusion fusion;
     fusion.act_kind = act_kind;
+    fusion.bias = bias != nullptr ? bias + rows : nullptr;  // (the expert's own: gpt-oss's)
     const int width = kEpilogue == Epilogue::kAct ? N / 2 : N;
     gemv_w4a16<1, kGroupSize, kWordsPerLoad, false, kEpilogue>(
         x + static_cast<size_t>(row) * x_row + static_cast<size_t>(slot) * x_slot,
@@ -75,9 +81,9 @@ __device__ __forceinline__ void expert_gemv(const half* __restrict__ x, int x_ro
 }  // namespace awq_edge
 
 extern "C" __global__ void __launch_bounds__(awq_edge::kMoeThreads)
-awq_moe_route(const __half* __restrict__ x, const float* __restrict__ router, const float* __restrict__ expert_bias,
-              int32_t* __restrict__ ids, float* __restrict__ weights, int experts, int hidden, int top_k, int normalize,
-              int sigmoid, float scale) {
+awq_moe_route(const __half* __restrict__ x, const float* __restrict__ router, const float* __restrict__ router_bias,
+              const float* __restrict__ expert_bias, int32_t* __restrict__ ids, float* __restrict__ weights,
+              int experts, int hidden, int top_k, int normalize, int sigmoid, float scale) {
     using namespace awq_edge;
     begin_after_previous_kernel();
     __shared__ float probs[kMaxExperts];
@@ -89,7 +95,7 @@ awq_moe_route(const __half* __restrict__ x, const float* __restrict__ router, co
         float dot = 0.f;
         for (int i = lane; i < hidden; i += 32) dot += __half2float(x_row[i]) * w[i];
         dot = warp_sum(dot);
-        if (lane == 0) probs[e] = dot;
+        if (lane == 0) probs[e] = dot + (router_bias ? router_bias[e] : 0.f);
     }
     __syncthreads();
     if (warp != 0) return;
@@ -149,10 +155,10 @@ awq_moe_route(const __half* __restrict__ x, const float* __restrict__ router, co
         awq_moe_gemv_##NAME##_g##G##_w##W(const __half* __restrict__ x, int x_row, int x_slot,                      \
                                           const int32_t* __restrict__ ids, int top_k, int experts,                  \
                                           const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,  \
-                                          const __half* __restrict__ zeros, __half* __restrict__ y, int N, int K,   \
-                                          int act_kind) {                                                           \
+                                          const __half* __restrict__ zeros, const __half* __restrict__ bias,        \
+                                          __half* __restrict__ y, int N, int K, int act_kind) {                     \
         awq_edge::expert_gemv<G, W, awq_edge::Epilogue::EPILOGUE>(x, x_row, x_slot, ids, top_k, experts, qweight,   \
-                                                                  scales, zeros, y, N, K, act_kind);                \
+                                                                  scales, zeros, bias, y, N, K, act_kind);          \
     }
 #define AWQ_MOE_GEMV_ENTRIES(NAME, EPILOGUE)                                                                        \
     AWQ_MOE_GEMV_ENTRY(NAME, EPILOGUE, 32, 1)                                                                       \
@@ -163,6 +169,18 @@ awq_moe_route(const __half* __restrict__ x, const float* __restrict__ router, co
     AWQ_MOE_GEMV_ENTRY(NAME, EPILOGUE, 128, 4)
 AWQ_MOE_GEMV_ENTRIES(act, kAct)
 AWQ_MOE_GEMV_ENTRIES(store, kStore)
+
+extern "C" __global__ void __launch_bounds__(awq_edge::kMoeThreads)
+awq_moe_swiglu(const __half* __restrict__ gate_up, __half* __restrict__ act, int width, float alpha, float limit) {
+    awq_edge::begin_after_previous_kernel();
+    const size_t slot = blockIdx.x;  // (row x top_k + slot)
+    const __half* pairs = gate_up + slot * 2 * width;  // gate j at 2j, up j at 2j + 1
+    for (int i = threadIdx.x; i < width; i += awq_edge::kMoeThreads) {
+        const float g = fminf(__half2float(pairs[2 * i]), limit);
+        const float u = fminf(fmaxf(__half2float(pairs[2 * i + 1]), -limit), limit);
+        act[slot * width + i] = __float2half_rn((u + 1.f) * g / (1.f + expf(-alpha * g)));
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(awq_edge::kMoeThreads)
 awq_moe_combine(const __half* __restrict__ y, const float* __restrict__ weights, int top_k,
