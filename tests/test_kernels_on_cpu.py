@@ -503,6 +503,62 @@ def test_the_expert_router_matches_its_twin(emulated, experts, top_k, sigmoid, b
         np.testing.assert_allclose(weights[r * top_k:(r + 1) * top_k], want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_the_expert_gemvs_and_their_sum_match_their_twins(emulated, group_size):
+    """awq_moe_gemv_{act,store}_g{G}_w{1,4} over 3 stacked experts (rows e * N ..), 2 rows of 2 slots each
+    reading its expert's id from device memory (expert 2 twice, expert 0 once, expert 1 never), K = 128
+    (16-byte loads) and 136 (4-byte), biases on the store's (gpt-oss's), outputs poisoned: each slot's
+    rows as the twin computes that expert's (twin_linear, twin_act). Then awq_moe_combine: the slots'
+    weighted sum plus a shared expert's output times sigmoid(its gate . x) (Qwen2-MoE's)."""
+    from awq_edge.cuda_backend import GEMV_ROWS_PER_BLOCK, GEMV_THREADS, MOE_THREADS, act_code
+    from awq_edge.reference_backend import dequantized, twin_act, twin_linear
+    from native_helpers import on_device
+
+    driver = EmulatedDriver(emulated)
+    rng = np.random.default_rng(group_size)
+    experts, n, rows, top_k = 3, 16, 2, 2
+    ids = np.array([2, 0, 2, 2], np.int32)
+    for k in (128, 136):
+        packed = [random_quantized(rng, n, k, group_size)[3] for _ in range(experts)]
+        stack = {key: np.concatenate([p[key] for p in packed]) for key in ("qweight", "scales", "zeros")}
+        w_hat = dequantized(stack["qweight"], stack["scales"], stack["zeros"], group_size)
+        bias = rng.normal(0, 0.5, experts * n).astype(np.float16)
+        x = rng.standard_normal((rows, k)).astype(np.float16)
+        for fusion, width in (("act", n // 2), ("store", n)):
+            arrays = {"x": x, "ids": ids, "bias": bias, "y": np.full(rows * top_k * width, np.nan, np.float16), **stack}
+            with on_device(driver, arrays) as dev:
+                driver.launch(f"awq_moe_gemv_{fusion}_g{group_size}_w{4 if k % 32 == 0 else 1}",
+                              (n // GEMV_ROWS_PER_BLOCK, top_k, rows), (GEMV_THREADS,),
+                              [ptr(dev["x"]), i32(k), i32(0), ptr(dev["ids"]), i32(top_k), i32(experts),
+                               ptr(dev["qweight"]), ptr(dev["scales"]), ptr(dev["zeros"]),
+                               ptr(dev["bias"] if fusion == "store" else 0), ptr(dev["y"]), i32(n), i32(k),
+                               i32(act_code("silu", True))])
+                got = np.empty(rows * top_k * width, np.float16)
+                driver.download(got, dev["y"])
+            for slot, e in enumerate(ids):
+                rows_e = slice(e * n, (e + 1) * n)
+                y = twin_linear(x[slot // top_k][None], w_hat[rows_e], bias[rows_e] if fusion == "store" else None)
+                want = twin_act(y, "silu") if fusion == "act" else y
+                np.testing.assert_allclose(got[slot * width:(slot + 1) * width].astype(np.float32),
+                                           want[0].astype(np.float32), rtol=2e-3, atol=2e-3, err_msg=(fusion, k, slot))
+    hidden = 96
+    y = rng.standard_normal((rows * top_k, hidden)).astype(np.float16)
+    weights = rng.uniform(0.1, 1.0, rows * top_k).astype(np.float32)
+    shared, gate = rng.standard_normal((rows, hidden)).astype(np.float16), rng.normal(0, 0.2, hidden).astype(np.float32)
+    x = rng.standard_normal((rows, hidden)).astype(np.float16)
+    arrays = {"y": y, "weights": weights, "shared": shared, "gate": gate, "x": x,
+              "out": np.full(rows * hidden, np.nan, np.float16)}
+    with on_device(driver, arrays) as dev:
+        driver.launch("awq_moe_combine", (rows,), (MOE_THREADS,),
+                      [ptr(dev["y"]), ptr(dev["weights"]), i32(top_k), ptr(dev["shared"]), ptr(dev["gate"]),
+                       ptr(dev["x"]), ptr(dev["out"]), i32(hidden)])
+        got = np.empty(rows * hidden, np.float16)
+        driver.download(got, dev["out"])
+    sigmoid = 1 / (1 + np.exp(-(x.astype(np.float64) @ gate)))
+    want = (weights.reshape(rows, top_k, 1) * y.reshape(rows, top_k, hidden)).sum(1) + sigmoid[:, None] * shared
+    np.testing.assert_allclose(got.reshape(rows, hidden), want, rtol=2e-3, atol=2e-3)
+
+
 # (family, --lm-head, config overrides, fused op list, prompt length, decode GEMV, kernels it must
 # launch): between them every kind of kernel the backend launches, at head sizes 64, 96, 128 and 256,
 # K % 32 == 0 and not, a full prefill chunk, and every decode GEMV choice (cuda_backend.DECODE_GEMVS;
@@ -625,19 +681,16 @@ BACKEND_CASES = {
     "opt-positions-relu-persistent-step": ("opt", "auto", {"ffn_dim": 256}, True, 9, "persistent_step",
                                            {"awq_decode_step_g32", "awq_add_positions"}),
     # Granite SWA's sinks (a logit a head in each softmax's denominator): layer 0 full, rotating at its own
-    # base; layer 1 sliding (5 tokens) without RoPE; prefill on tensor cores (20 rows), the per-token kernel
-    # (9), decode's split attention and the persistent step's
-    "granite_swa-sinks": ("granite_swa", "auto", {"num_hidden_layers": 2}, True, 20, "auto",
-                          {"awq_attend_mma_d64", "awq_attend_split_d64"}),
+    # base; layer 1 sliding (5 tokens) without RoPE; prefill's per-token kernel (9 rows) and the persistent
+    # step's split attention (gpt-oss's below: prefill on tensor cores, decode's split attention launch)
     "granite_swa-sinks-persistent-step": ("granite_swa", "auto", {"num_hidden_layers": 2}, True, 9,
                                           "persistent_step", {"awq_decode_step_g32", "awq_attend_d64"}),
     # mixtures of experts (plugins/kernels/moe.cu: each row's experts chosen on the device, their GEMVs by the
-    # ids in device memory): Qwen2-MoE's softmax router, not renormalized, a shared expert 96 wide gated by a
-    # sigmoid, layer 1 dense; LFM2-MoE's sigmoid router with expert biases and a scale after a short
-    # convolution's dense layer; ERNIE 4.5's softmax with expert biases, renormalized, its shared expert ungated
-    "qwen2_moe-shared-gate": ("qwen2_moe", "auto", {"num_hidden_layers": 2}, True, 20, "auto", MOE_KERNELS),
-    "lfm2_moe-sigmoid-router": ("lfm2_moe", "auto", {"num_hidden_layers": 3}, True, 20, "cuda_cores", MOE_KERNELS),
-    "ernie4_5_moe-unfused": ("ernie4_5_moe", "auto", {"num_hidden_layers": 2}, False, 9, "auto", MOE_KERNELS),
+    # ids in device memory): LFM2-MoE's sigmoid router with expert biases and a scale after a short
+    # convolution's dense layer, unfused (the input norm an op before); the kernels' other cases (shared
+    # experts, the softmax routers): test_the_expert_router_..., test_the_expert_gemvs_...
+    "lfm2_moe-sigmoid-router-unfused": ("lfm2_moe", "auto", {"num_hidden_layers": 3}, False, 9, "cuda_cores",
+                                        MOE_KERNELS),
     # gpt-oss: its experts' gate/up stored (with their biases), its clamped SwiGLU a kernel of its own, down
     # with its biases; the router's logits biased; attention with biases and sinks, layer 0 sliding, YaRN
     "gpt_oss-clamped-swiglu-sinks": ("gpt_oss", "auto", {"num_hidden_layers": 2}, True, 20, "auto",
@@ -691,8 +744,8 @@ def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False, concur
     ("hunyuan-rope-before-norms", "the persistent decode step does not rotate q and k before their norms"),
     ("lfm2-unfused", "the persistent decode step has no short convolution"),
     ("olmo-clip-qkv", "the persistent decode step does not clamp q, k and v"),
-    ("ernie4_5_moe-unfused", "the persistent decode step has no mixture of experts"),
-], ids=["phi3-d96", "hunyuan", "lfm2", "olmo", "ernie4_5_moe"])
+    ("gpt_oss-clamped-swiglu-sinks", "the persistent decode step has no mixture of experts"),
+], ids=["phi3-d96", "hunyuan", "lfm2", "olmo", "gpt_oss"])
 def test_the_persistent_step_refuses_what_it_lacks(emulated, case, refusal, tmp_path):
     from awq_edge.errors import UserError
 
