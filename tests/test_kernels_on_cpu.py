@@ -686,14 +686,16 @@ BACKEND_CASES = {
     "granite_swa-sinks-persistent-step": ("granite_swa", "auto", {"num_hidden_layers": 2}, True, 9,
                                           "persistent_step", {"awq_decode_step_g32", "awq_attend_d64"}),
     # mixtures of experts (plugins/kernels/moe.cu: each row's experts chosen on the device, their GEMVs by the
-    # ids in device memory): LFM2-MoE's sigmoid router with expert biases and a scale after a short
+    # ids in device memory): LFM2-MoE's sigmoid router with expert biases and a scale (layer 1) after a short
     # convolution's dense layer, unfused (the input norm an op before); the kernels' other cases (shared
     # experts, the softmax routers): test_the_expert_router_..., test_the_expert_gemvs_...
-    "lfm2_moe-sigmoid-router-unfused": ("lfm2_moe", "auto", {"num_hidden_layers": 3}, False, 9, "cuda_cores",
-                                        MOE_KERNELS),
+    "lfm2_moe-sigmoid-router-unfused": ("lfm2_moe", "auto", {"num_hidden_layers": 2,
+                                                             "layer_types": ["conv", "full_attention"]},
+                                        False, 9, "cuda_cores", MOE_KERNELS),
     # gpt-oss: its experts' gate/up stored (with their biases), its clamped SwiGLU a kernel of its own, down
     # with its biases; the router's logits biased; attention with biases and sinks, layer 0 sliding, YaRN
-    "gpt_oss-clamped-swiglu-sinks": ("gpt_oss", "auto", {"num_hidden_layers": 2}, True, 20, "auto",
+    "gpt_oss-clamped-swiglu-sinks": ("gpt_oss", "auto", {"num_hidden_layers": 2, "intermediate_size": 64}, True, 20,
+                                     "auto",
                                      {"awq_moe_route", "awq_moe_swiglu", "awq_moe_gemv_store_g32_w4",
                                       "awq_moe_combine"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
