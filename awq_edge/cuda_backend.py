@@ -1247,27 +1247,25 @@ class CudaBackend:
                          ("i32", H), ("i32", Hkv), *limits])
 
     def experts(self, op, rows: int) -> None:
-        """A mixture of experts' layer (plugins/kernels/moe.cu): the input normed (unless an op before
-        did), each row's experts chosen on the device, each chosen expert's gate/up then down GEMV (gpt-oss's
-        gate/up stored, its clamped SwiGLU a kernel of its own), and their weighted sum (with the shared
-        expert's output, which the ops before computed) into out."""
+        """A mixture of experts' layer (plugins/kernels/moe.cu): the input normed into x (unless an op
+        before did, as a linear's prefill norms it), each row's experts chosen on the device, each chosen
+        expert's gate/up then down GEMV (gpt-oss's gate/up stored, its clamped SwiGLU a kernel of its
+        own), and their weighted sum (with the shared expert's output, which the ops before computed)
+        into out."""
         a, w, b, spec = op.args, self.weights, self.buf, self.spec
         E, W, H, k, g = spec.experts, spec.expert_width, spec.hidden, spec.experts_per_token, spec.group_size
         x = b[a["x"]]
         if a["norm"]:
             self.launch("awq_norm", (rows,), (NORM_THREADS,),
-                        [x, w[a["norm"]], 0, b["moe_x"], ("i32", H), ("f32", spec.eps), ("i32", 0)])
-            x = b["moe_x"]
+                        [x, w[a["norm"]], 0, b["x"], ("i32", H), ("f32", spec.eps), ("i32", 0)])
+            x = b["x"]
         ids, weights = b["moe_ids"], b["moe_weights"]
         self.launch("awq_moe_route", (rows,), (MOE_THREADS,),
                     [x, w[a["router"]], w[a["router_bias"]] if a["router_bias"] else 0,
                      w[a["bias"]] if a["bias"] else 0, ids, weights, ("i32", E), ("i32", H), ("i32", k),
                      ("i32", int(a["normalize"])), ("i32", int(a["sigmoid"])), ("f32", a["scale"])])
-        # (gate/up reads the row's x, slot after slot; down reads each slot's act)
-        gate_up = ("gate_up", "store", x, 2 * W, H, (H, 0), b["moe_gate_up"]) if a["swiglu"] else (
-            "gate_up", "act", x, 2 * W, H, (H, 0), b["moe_act"])
-        down = ("down", "store", b["moe_act"], H, W, (k * W, W), b["moe_out"])
-        for part, fusion, src, n, width, strides, out in (gate_up, down):
+
+        def expert_gemv(part: str, fusion: str, src: int, strides: tuple, n: int, width: int, out: int) -> None:
             name = f"{a['experts']}.{part}"
             wide = 4 if width % 32 == 0 else 1  # (16-byte weight loads)
             self.launch(f"awq_moe_gemv_{fusion}_g{g}_w{wide}", (n // GEMV_ROWS_PER_BLOCK, k, rows), (GEMV_THREADS,),
@@ -1275,10 +1273,16 @@ class CudaBackend:
                          w[f"{name}.qweight"], w[f"{name}.scales"], w[f"{name}.zeros"],
                          w[f"{name}.bias"] if a["swiglu"] else 0, out, ("i32", n), ("i32", width),
                          ("i32", act_code("silu", True))])
-            if part == "gate_up" and a["swiglu"]:  # (gpt-oss's clamped SwiGLU, each slot's)
-                alpha, limit = a["swiglu"]
-                self.launch("awq_moe_swiglu", (rows * k,), (MOE_THREADS,),
-                            [b["moe_gate_up"], b["moe_act"], ("i32", W), ("f32", alpha), ("f32", limit)])
+
+        # gate/up reads each row's x for every slot (strides: a row, a slot); down reads each slot's act
+        if a["swiglu"]:  # (gpt-oss's: gate/up stored with its biases, then its clamped SwiGLU)
+            expert_gemv("gate_up", "store", x, (H, 0), 2 * W, H, b["moe_gate_up"])
+            alpha, limit = a["swiglu"]
+            self.launch("awq_moe_swiglu", (rows * k,), (MOE_THREADS,),
+                        [b["moe_gate_up"], b["moe_act"], ("i32", W), ("f32", alpha), ("f32", limit)])
+        else:
+            expert_gemv("gate_up", "act", x, (H, 0), 2 * W, H, b["moe_act"])
+        expert_gemv("down", "store", b["moe_act"], (k * W, W), H, W, b["moe_out"])
         self.launch("awq_moe_combine", (rows,), (MOE_THREADS,),
                     [b["moe_out"], weights, ("i32", k), b["shared"] if a["shared"] else 0,
                      w[a["shared_gate"]] if a["shared_gate"] else 0, x, b[a["out"]], ("i32", H)])

@@ -429,11 +429,11 @@ def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
               "mlp": (rows, spec.hidden), "logits": (spec.vocab,)}
     if spec.shared_width:
         shapes["shared"] = (rows, spec.hidden)
-    if spec.moe_layers:  # (the cuda backend's moe op: the normed input, each slot's act and output; the
-        # chosen ids (int32) and weights (float32) in fp16 units)
+    if spec.moe_layers:  # (the cuda backend's moe op: each slot's act and output; the chosen ids (int32)
+        # and weights (float32) in fp16 units; its normed input goes to x, as a linear's prefill norm)
         k = spec.experts_per_token
-        shapes.update(moe_x=(rows, spec.hidden), moe_act=(rows, k * spec.expert_width),
-                      moe_out=(rows, k * spec.hidden), moe_ids=(rows, 2 * k), moe_weights=(rows, 2 * k))
+        shapes.update(moe_act=(rows, k * spec.expert_width), moe_out=(rows, k * spec.hidden),
+                      moe_ids=(rows, 2 * k), moe_weights=(rows, 2 * k))
         if spec.swiglu_limit:  # (gpt-oss's gate/up before its clamped SwiGLU, an op of its own)
             shapes["moe_gate_up"] = (rows, 2 * k * spec.expert_width)
     if spec.parallel_norms:

@@ -33,12 +33,14 @@
 #define AWQ_EDGE_BODIES_ONLY
 #include "gemv_w4a16.cu"
 #undef AWQ_EDGE_BODIES_ONLY
+#include "row_ops.cuh"
 
 namespace awq_edge {
 namespace {
 
 constexpr int kMoeThreads = 256;  // the route and combine kernels' blocks: 8 warps
 constexpr int kMoeWarps = kMoeThreads / 32;
+static_assert(kMoeWarps <= kRowOpsMaxWarps, "block_sum's partial sums: a float a warp");
 constexpr int kMaxExperts = 1024;  // export/spec.py MAX_EXPERTS: the router's scores in shared memory
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -196,13 +198,7 @@ awq_moe_combine(const __half* __restrict__ y, const float* __restrict__ weights,
         for (int i = threadIdx.x; i < hidden; i += kMoeThreads) {
             dot += shared_gate[i] * __half2float(x[row * hidden + i]);
         }
-        dot = warp_sum(dot);
-        if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
-        __syncthreads();
-        dot = 0.f;
-#pragma unroll
-        for (int w = 0; w < kMoeWarps; ++w) dot += partial[w];
-        gate = 1.f / (1.f + expf(-dot));
+        gate = 1.f / (1.f + expf(-block_sum(dot, partial)));
     }
     for (int i = threadIdx.x; i < hidden; i += kMoeThreads) {
         float acc = 0.f;
