@@ -413,7 +413,7 @@ class ReferenceBackend:
         or gpt-oss's clamped SwiGLU with its biases (fp16), and its down (fp16), summed weighted in float32
         with the shared expert's output (Qwen2-MoE's times sigmoid(its gate . x))."""
         t, spec = self.tensors, self.spec
-        x = buf[a["x"]] if a["norm"] is None else twin_norm(buf[a["x"]], t[a["norm"]], self.spec.eps)
+        x = buf[a["x"]] if a["norm"] is None else twin_norm(buf[a["x"]], t[a["norm"]], spec.eps)
         W, H = spec.expert_width, spec.hidden
         gate_up, down = self.weight(f"{a['experts']}.gate_up"), self.weight(f"{a['experts']}.down")
         biases = (t[f"{a['experts']}.gate_up.bias"], t[f"{a['experts']}.down.bias"]) if a["swiglu"] else None
