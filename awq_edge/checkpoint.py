@@ -21,8 +21,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +40,8 @@ STORED_LINEARS = QUANTIZED_LINEARS + tuple(sorted({fused.rsplit(".", 1)[1] for f
                                                    for fused, _ in family.fused_linears}))
 METADATA_FILE = "awq_edge.json"
 GPTQ_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what its stored zeros lack
+# a quantized linear's tensors in AutoAWQ's and GPTQ's layouts (the first three always there)
+LINEAR_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx", ".bias")
 CHECKPOINT_FORMATS = ("awq", "compressed-tensors")  # what `awq-edge quantize --format` writes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json",
@@ -175,13 +179,79 @@ def concat_linears(linears: list[QuantizedLinear]) -> QuantizedLinear:
                            group_sizes.pop(), bias, orders[0])
 
 
+@dataclass(frozen=True)
+class LinearInfo:
+    """What a linear is, known from its checkpoint's headers without reading its weights."""
+    shape: tuple[int, int]  # [out, in]
+    group_size: int
+    bias: int | None  # the bias's length; None: no bias
+    act_order: bool  # GPTQ act-order: its inputs read out of order
+
+    @classmethod
+    def of(cls, lin: QuantizedLinear) -> "LinearInfo":
+        return cls(tuple(lin.q.shape), lin.group_size, None if lin.bias is None else len(lin.bias),
+                   lin.order is not None)
+
+
+class Linears(MutableMapping):
+    """prefix -> QuantizedLinear, each read from the checkpoint's files when asked for, and not kept.
+
+    The exporters pack a linear at a time, so a build holds one linear's unpacked levels, never a
+    model's (a 7B's are 6.5 GB at a byte a level, more than an 8 GB board has to spare). `info`
+    answers shape, group size, bias and act-order without reading; `transform` adds a step (rows
+    reordered, scales multiplied) to a linear's reading. A linear set in (the quantizer's) is kept."""
+
+    def __init__(self, linears: Mapping | None = None):
+        self._read: dict[str, Callable[[], QuantizedLinear]] = {}
+        self._info: dict[str, LinearInfo] = {}
+        if isinstance(linears, Linears):
+            self._read, self._info = dict(linears._read), dict(linears._info)
+        else:
+            self.update(linears or {})
+
+    def add(self, name: str, info: LinearInfo, read: Callable[[], QuantizedLinear]) -> None:
+        self._read[name], self._info[name] = read, info
+
+    def info(self, name: str) -> LinearInfo:
+        return self._info[name]
+
+    def reader(self, name: str) -> Callable[[], QuantizedLinear]:
+        return self._read[name]
+
+    def transform(self, name: str, step: Callable[[QuantizedLinear], QuantizedLinear], rows: int | None = None):
+        """name's linear read, then step applied; rows: how many rows step leaves (None: as many)."""
+        read, info = self._read[name], self._info[name]
+        self._read[name] = lambda: step(read())
+        if rows is not None:
+            self._info[name] = replace(info, shape=(rows, info.shape[1]), bias=None if info.bias is None else rows)
+
+    def __getitem__(self, name: str) -> QuantizedLinear:
+        return self._read[name]()
+
+    def __setitem__(self, name: str, lin: QuantizedLinear) -> None:
+        self.add(name, LinearInfo.of(lin), lambda: lin)
+
+    def __delitem__(self, name: str) -> None:
+        del self._read[name], self._info[name]
+
+    def __iter__(self):
+        return iter(self._read)
+
+    def __len__(self) -> int:
+        return len(self._read)
+
+
 @dataclass
 class Checkpoint:
     config: dict
     group_size: int
-    linears: dict[str, QuantizedLinear]  # "model.layers.0.self_attn.q_proj" -> weights
+    linears: Linears  # "model.layers.0.self_attn.q_proj" -> weights, read on demand (a dict is wrapped)
     tensors: dict[str, np.ndarray]  # everything else, float
     metadata: dict
+
+    def __post_init__(self):
+        if not isinstance(self.linears, Linears):
+            self.linears = Linears(self.linears)
 
 
 def quantization_config(group_size: int) -> dict:
@@ -189,22 +259,25 @@ def quantization_config(group_size: int) -> dict:
             "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
 
 
-def split_fused(linears: dict[str, QuantizedLinear], spec, where: str) -> dict[str, QuantizedLinear]:
+def split_fused(linears: Mapping[str, QuantizedLinear], spec, where: str) -> Linears:
     """The family's fused linears (Phi-3's qkv_proj, gate_up_proj; GPT-NeoX's by head) as their parts,
     by the rows the config gives each (export.spec.fused_part_rows); every other linear as it is."""
     from .export.spec import fused_part_rows
 
-    out = dict(linears)
+    out = Linears(linears)
     for fused, parts in spec.family.fused_linears:
         rows = fused_part_rows(spec, parts)
         for name in [n for n in out if n.endswith("." + fused)]:
-            layer, lin = name[: -len(fused)], out.pop(name)
-            if lin.shape[0] != sum(map(len, rows)):
-                raise UserError(f"{where}: {name} has {lin.shape[0]} rows, its config.json implies "
+            layer, info, read = name[: -len(fused)], out.info(name), out.reader(name)
+            del out[name]
+            if info.shape[0] != sum(map(len, rows)):
+                raise UserError(f"{where}: {name} has {info.shape[0]} rows, its config.json implies "
                                 f"{sum(map(len, rows))} ({' + '.join(str(len(r)) for r in rows)}); the checkpoint is "
                                 "corrupt or of another model")
-            for part, index in zip(parts, rows):
-                out[layer + part] = lin.rows(index)
+            for part, index in zip(parts, rows):  # (each part reads the fused linear and keeps its rows)
+                out.add(layer + part, replace(info, shape=(len(index), info.shape[1]),
+                                              bias=None if info.bias is None else len(index)),
+                        lambda read=read, index=index: read().rows(index))
     return out
 
 
@@ -231,7 +304,7 @@ def read_checked(path: str | Path):
     ckpt = read_checkpoint(path)
     spec = model_spec(ckpt.config, str(Path(path) / "config.json"))
     ckpt.linears = split_fused(ckpt.linears, spec, str(path))
-    check_checkpoint_shapes(ckpt.linears, ckpt.tensors, spec, str(path))
+    check_checkpoint_shapes({name: ckpt.linears.info(name) for name in ckpt.linears}, ckpt.tensors, spec, str(path))
     return ckpt, spec
 
 
@@ -253,10 +326,11 @@ def read_for_engine(path: str | Path):
         for name in [n for n in ckpt.tensors if n.endswith(post_norms)]:
             ckpt.tensors[name] = (ckpt.tensors[name].astype(np.float32) + offset) * m - offset
     elif m != 1.0:
+        def times_m(lin: QuantizedLinear) -> QuantizedLinear:
+            return replace(lin, scales=lin.scales.astype(np.float32) * m,
+                           bias=None if lin.bias is None else lin.bias.astype(np.float32) * m)
         for name in [n for n in ckpt.linears if n.endswith(("self_attn.o_proj", "down_proj"))]:  # (each expert's)
-            lin = ckpt.linears[name]
-            ckpt.linears[name] = replace(lin, scales=lin.scales.astype(np.float32) * m,
-                                         bias=None if lin.bias is None else lin.bias.astype(np.float32) * m)
+            ckpt.linears.transform(name, times_m)
     family = spec.family
     if not family.norm_weight:  # OLMo 1's and nanochat's norms: every engine multiplies by ones
         norms = [f"model.layers.{i}.{n}" for i in range(spec.layers) for n in block_norms(family)]
@@ -284,7 +358,7 @@ def read_for_engine(path: str | Path):
     for proj, heads in (("q_proj", spec.heads), ("k_proj", spec.kv_heads)):
         rows = (np.arange(heads)[:, None] * spec.head_dim + order).ravel()
         for name in [n for n in ckpt.linears if n.endswith("self_attn." + proj)]:
-            ckpt.linears[name] = ckpt.linears[name].rows(rows)
+            ckpt.linears.transform(name, lambda lin, rows=rows: lin.rows(rows), len(rows))
     for name in [n for n in ckpt.tensors if n.endswith(tuple(f"{norm}.weight" for norm in spec.family.qk_norms))]:
         # one head's weight, or every head's (OLMo 2's q/k norms over the whole projection)
         ckpt.tensors[name] = ckpt.tensors[name].reshape(-1, spec.head_dim)[:, order].ravel()
@@ -409,8 +483,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
     if ct_checkpoint.is_ct_dir(Path(path)):  # llm-compressor's format has its own reader
         return ct_checkpoint.read_ct_checkpoint(path)
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     fix = "quantize the model again with `awq-edge quantize`"
     if not (path / "config.json").is_file():
@@ -441,30 +513,20 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                             "kernels do not run; take a checkpoint of group size 32, 64 or 128")
         zero_offset = GPTQ_ZERO_OFFSET[layout]
     wrapper, (config, rename) = config, language_model_view(config)
-    raw: dict[str, np.ndarray] = {}
-    for f in _weight_files(path):
-        try:
-            with safe_open(str(f), framework="numpy") as handle:
-                for key in handle.keys():
-                    name = rename(key)
-                    if name is not None:  # a vision tower is never read
-                        raw[name] = handle.get_tensor(key)
-        except (SafetensorError, OSError, ValueError, TypeError) as e:
-            raise UserError(f"could not read {f}: {str(e)[:200]}; the file is truncated or corrupt") from None
+    stored = StoredTensors(path, rename)
+    prefixes = [name.removesuffix(".qweight") for name in stored if name.endswith(".qweight")]
+    of_linears = {prefix + part for prefix in prefixes for part in LINEAR_PARTS}
+    raw = stored.read([name for name in stored if name not in of_linears])
     settle_tie(config, wrapper, raw)
-    linears: dict[str, QuantizedLinear] = {}
-    for key in [k for k in raw if k.endswith(".qweight")]:
-        prefix = key[: -len(".qweight")]
-        try:
-            parts = [raw.pop(prefix + suffix) for suffix in (".qweight", ".qzeros", ".scales")]
-        except KeyError as e:
-            raise UserError(f"{path}: {prefix} lacks {e}; the checkpoint is incomplete") from None
-        bias = raw.pop(prefix + ".bias", None)
+    linears = Linears()  # (only their headers now: each is read when an exporter asks for it)
+    for prefix in prefixes:
+        missing = next((prefix + part for part in LINEAR_PARTS[:3] if prefix + part not in stored), None)
+        if missing:
+            raise UserError(f"{path}: {prefix} lacks '{missing}'; the checkpoint is incomplete")
         if method == "awq":
-            linears[prefix] = _awq_linear(prefix, *parts, bias, group_hint, path)
+            linears.add(prefix, *_awq_linear(prefix, stored, group_hint, path))
         else:
-            linears[prefix] = _gptq_linear(prefix, *parts, raw.pop(prefix + ".g_idx", None), bias, group_hint,
-                                           zero_offset, path)
+            linears.add(prefix, *_gptq_linear(prefix, stored, group_hint, zero_offset, path))
     if not linears:
         raise UserError(f"{path} holds no quantized linears (*.qweight); the checkpoint is incomplete")
     meta_file = path / METADATA_FILE
@@ -472,26 +534,176 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(config, group_hint, linears, raw, metadata)
 
 
+# ---------------------------------------------------------------- safetensors without torch
+
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                      "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+
+class StoredEntry(NamedTuple):
+    """One tensor of a .safetensors file as its (checked) header gives it."""
+    name: str  # ours (rename's)
+    stored_dtype: str  # "BF16", ...
+    dtype: np.dtype  # as read_entries returns it (BF16, which numpy lacks, as float32)
+    shape: tuple
+    begin: int  # its bytes' offset from the data's start
+
+
+def safetensors_entries(path: Path, rename=lambda name: name) -> tuple[list[StoredEntry], int]:
+    """(the tensors of a .safetensors file that rename names, where its data starts), from the header.
+
+    The file is untrusted: every tensor's byte range and size are checked against the header
+    and the file size, so no more than the file holds is ever allocated by read_entries.
+    """
+    def corrupt(why: str) -> UserError:
+        return UserError(f"could not read {path}: {why}; the file is truncated or corrupt")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
+            raise corrupt("bad header length")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise corrupt("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    data_start, data_size = 8 + n, size - 8 - n
+    entries = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise corrupt(f"tensor {name} has no dtype/shape/data_offsets") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise UserError(f"{path}: tensor {name} is {dtype}, which awq-edge cannot read "
+                            f"(it reads {', '.join(SAFETENSORS_DTYPES)})")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size):
+            raise corrupt(f"tensor {name} has a bad shape or byte range")
+        np_dtype = np.dtype(SAFETENSORS_DTYPES[dtype])
+        if int(np.prod(shape, dtype=object)) * np_dtype.itemsize != end - begin:
+            raise corrupt(f"tensor {name}: shape {shape} of {dtype} does not fill its {end - begin} bytes")
+        if (ours := rename(name)) is not None:
+            read_as = np.dtype(np.float32) if dtype == "BF16" else np_dtype
+            entries.append(StoredEntry(ours, dtype, read_as, tuple(shape), begin))
+    return entries, data_start
+
+
+def read_entries(path: Path, entries: list[StoredEntry], data_start: int) -> dict[str, np.ndarray]:
+    """These tensors of a .safetensors file (safetensors_entries'), by our name; BF16 (which numpy
+    lacks) as float32, exactly. Each is read into its own array."""
+    tensors = {}
+    with open(path, "rb") as f:
+        for entry in entries:
+            array = np.empty(entry.shape, dtype=SAFETENSORS_DTYPES[entry.stored_dtype])
+            f.seek(data_start + entry.begin)
+            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+                raise UserError(f"could not read {path}: tensor {entry.name} ends past the end of the file; "
+                                "the file is truncated or corrupt")
+            if entry.stored_dtype == "BF16":  # bf16 is the top half of an fp32
+                array = (array.astype(np.uint32) << 16).view(np.float32)
+            tensors[entry.name] = array
+    return tensors
+
+
+def read_safetensors(path: Path, rename=lambda name: name) -> dict[str, np.ndarray]:
+    """Every tensor of a .safetensors file (that rename names: stored name -> ours, or None to
+    leave it unread) as numpy, checked as safetensors_entries does."""
+    return read_entries(path, *safetensors_entries(path, rename))
+
+
+class StoredTensors:
+    """A checkpoint's *.safetensors files by their headers (safetensors_entries): every tensor's
+    shape and dtype known, its data read when asked for. rename: stored name -> ours, or None for
+    one never read (a vision tower's)."""
+
+    def __init__(self, path: Path, rename=lambda name: name):
+        self.where: dict[str, tuple[Path, StoredEntry, int]] = {}  # ours -> (file, entry, where its data starts)
+        self.stamps: dict[Path, tuple[int, int]] = {}  # file -> (size, mtime) as indexed
+        for f in _weight_files(path):
+            self.stamps[f] = _stamp(f)
+            entries, data_start = safetensors_entries(f, rename)
+            for entry in entries:
+                if entry.name in self.where:
+                    raise UserError(f"{path}: tensor {entry.name} is stored in more than one file; the checkpoint "
+                                    "is malformed")
+                self.where[entry.name] = (f, entry, data_start)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def entry(self, name: str) -> StoredEntry:
+        return self.where[name][1]
+
+    def read(self, names) -> dict[str, np.ndarray]:
+        """These tensors, by our name (a file opened once for all of its)."""
+        out = {}
+        for f in dict.fromkeys(self.where[n][0] for n in names):
+            if _stamp(f) != self.stamps[f]:  # (its header's offsets would read another file's bytes)
+                raise UserError(f"{f} changed while it was being read; run the command again")
+            here = [self.where[n] for n in names if self.where[n][0] == f]
+            out.update(read_entries(f, [entry for _, entry, _ in here], here[0][2]))
+        return out
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise UserError(f"could not read {path}: {e.strerror}; the checkpoint changed while it was being "
+                        "read") from None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _fp16_scales(scales: np.ndarray, where: str) -> np.ndarray:
+    """awq-edge computes with fp16 scales. fp16 and bf16 ones (bf16 down to 2**-17) convert
+    exactly; fp32 ones are rounded to fp16, as vLLM's fp16 kernels do. Refused: what fp16
+    cannot hold at all (inf, nan, > 65504, or a nonzero scale that would become 0)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        s16 = scales.astype(np.float16)
+    if not np.all(np.isfinite(s16)) or np.any((s16 == 0) != (scales == 0)):
+        raise UserError(f"{where}: its scales hold values fp16 cannot hold (inf, nan, beyond 65504 "
+                        "or too small); awq-edge keeps scales in fp16")
+    return s16
+
+
 def _check_packed(bad, qweight, qzeros, scales) -> None:
     """What AutoAWQ's and GPTQ's linears share: int32 words, float scales, all 2-D."""
     if qweight.dtype != np.int32 or qzeros.dtype != np.int32 or scales.dtype not in (np.float16, np.float32):
         raise bad(f"has dtypes qweight {qweight.dtype}, qzeros {qzeros.dtype}, scales {scales.dtype} "
                   "(int32, int32, float16 expected)")
-    if qweight.ndim != 2 or qzeros.ndim != 2 or scales.ndim != 2:
+    if len(qweight.shape) != 2 or len(qzeros.shape) != 2 or len(scales.shape) != 2:
         raise bad("has tensors that are not 2-D")
 
 
 def _check_bias(bad, bias, out_features: int) -> None:
-    if bias is not None and (bias.shape != (out_features,) or bias.dtype not in (np.float16, np.float32)):
+    if bias is not None and (tuple(bias.shape) != (out_features,) or bias.dtype not in (np.float16, np.float32)):
         raise bad(f"has a bias of shape {list(bias.shape)} ({bias.dtype}), not [{out_features}] float")
 
 
-def _awq_linear(prefix: str, qweight, qzeros, scales, bias, group_hint: int, path: Path) -> QuantizedLinear:
-    """One AutoAWQ GEMM linear, its tensors checked: qweight int32 [in, out/8], qzeros int32
-    [groups, out/8], scales float [groups, out], bias [out]; groups = ceil(in / group size)."""
+def _linear_parts(prefix: str, stored: StoredTensors) -> dict:
+    """A quantized linear's entries in LINEAR_PARTS' order (g_idx and bias None where absent)."""
+    return {part: stored.entry(prefix + part) if prefix + part in stored else None for part in LINEAR_PARTS}
+
+
+def _awq_linear(prefix: str, stored: StoredTensors, group_hint: int, path: Path):
+    """(LinearInfo, read) of one AutoAWQ GEMM linear, its tensors' headers checked: qweight int32
+    [in, out/8], qzeros int32 [groups, out/8], scales float [groups, out], bias [out]; groups =
+    ceil(in / group size). read() reads and unpacks them."""
     def bad(what: str) -> UserError:
         return UserError(f"{path}: {prefix} {what}; the checkpoint is corrupt or not AutoAWQ GEMM")
 
+    parts = _linear_parts(prefix, stored)
+    qweight, qzeros, scales, bias = (parts[p] for p in (".qweight", ".qzeros", ".scales", ".bias"))
     _check_packed(bad, qweight, qzeros, scales)
     in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
     if qzeros.shape[1] * 8 != out_features or scales.shape != (qzeros.shape[0], out_features) or in_features < 1:
@@ -502,30 +714,52 @@ def _awq_linear(prefix: str, qweight, qzeros, scales, bias, group_hint: int, pat
     except ValueError as e:
         raise bad(str(e)) from None
     _check_bias(bad, bias, out_features)
-    q, scales, zeros = packing.from_awq_gemm(qweight, qzeros, scales)
-    return QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias)
+
+    def read() -> QuantizedLinear:
+        tensors = stored.read([entry.name for entry in (qweight, qzeros, scales, bias) if entry is not None])
+        q, s, zeros = packing.from_awq_gemm(tensors[qweight.name], tensors[qzeros.name], tensors[scales.name])
+        return QuantizedLinear(q, _fp16_scales(s, f"{path}: {prefix}"), zeros, group_size,
+                               tensors.get(prefix + ".bias"))
+    return LinearInfo((out_features, in_features), group_size, None if bias is None else out_features, False), read
 
 
-def _gptq_linear(prefix: str, qweight, qzeros, scales, g_idx, bias, group_hint: int, zero_offset: int,
-                 path: Path) -> QuantizedLinear:
-    """One GPTQ linear, its tensors checked: qweight int32 [in/8, out], qzeros int32 [groups, out/8],
-    scales float [groups, out], g_idx int32 [in] (optional), bias [out]."""
+def _gptq_linear(prefix: str, stored: StoredTensors, group_hint: int, zero_offset: int, path: Path):
+    """(LinearInfo, read) of one GPTQ linear, its tensors' headers checked: qweight int32 [in/8, out],
+    qzeros int32 [groups, out/8], scales float [groups, out], g_idx int32 [in] (optional), bias
+    [out]; g_idx and the zeros (small) read and checked here too. read() reads and unpacks them."""
     def bad(what: str) -> UserError:
         return UserError(f"{path}: {prefix} {what}; the checkpoint is corrupt or not GPTQ")
 
+    parts = _linear_parts(prefix, stored)
+    qweight, qzeros, scales, bias = (parts[p] for p in (".qweight", ".qzeros", ".scales", ".bias"))
     _check_packed(bad, qweight, qzeros, scales)
     if min(qweight.shape) < 1:
         raise bad("has tensors that are not 2-D")
+    g_idx = None if parts[".g_idx"] is None else stored.read([prefix + ".g_idx"])[prefix + ".g_idx"]
     if g_idx is not None and g_idx.dtype.kind not in "iu":
         raise bad(f"has a g_idx of {g_idx.dtype}, not integers")
     in_features, out_features = 8 * qweight.shape[0], qweight.shape[1]
     _check_bias(bad, bias, out_features)
     try:
         group_size = packing.infer_group_size(in_features, scales.shape[0], group_hint)
-        q, scales, zeros, order = packing.from_gptq(qweight, qzeros, scales, g_idx, group_size, zero_offset)
+        packing.check_gptq_shapes(qweight.shape, qzeros.shape, scales.shape, group_size)
+        order = packing.gptq_input_order(g_idx, in_features, group_size)
+        packing.gptq_zeros(stored.read([qzeros.name])[qzeros.name], out_features, zero_offset)  # (a lost zero)
     except ValueError as e:
         raise bad(str(e)) from None
-    return QuantizedLinear(q, scales.astype(np.float16), zeros, group_size, bias, order)
+
+    def read() -> QuantizedLinear:
+        tensors = stored.read([entry.name for entry in (qweight, qzeros, scales, bias) if entry is not None])
+        try:
+            q, s, zeros, _ = packing.from_gptq(tensors[qweight.name], tensors[qzeros.name], tensors[scales.name],
+                                               g_idx, group_size, zero_offset)
+        except ValueError as e:
+            raise bad(str(e)) from None
+        return QuantizedLinear(q, _fp16_scales(s, f"{path}: {prefix}"), zeros, group_size,
+                               tensors.get(prefix + ".bias"), order)
+    info = LinearInfo((out_features, in_features), group_size, None if bias is None else out_features,
+                      order is not None)
+    return info, read
 
 
 def tagged_floats(value):

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from . import packing
-from .checkpoint import (METADATA_FILE, STORED_LINEARS, Checkpoint, QuantizedLinear, _weight_files,
-                         language_model_view, settle_tie)
+from .checkpoint import (METADATA_FILE, STORED_LINEARS, Checkpoint, LinearInfo, Linears, QuantizedLinear,
+                         StoredTensors, _fp16_scales, language_model_view, settle_tie)
 from .errors import UserError
 from .untrusted import read_json
 
@@ -165,81 +165,7 @@ def weight_scheme(qc: dict, where) -> tuple[int, bool]:
     return schemes.pop()
 
 
-# ---------------------------------------------------------------- safetensors without torch
-
-SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
-                      "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
-MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
-
-
-def read_safetensors(path: Path, rename=lambda name: name) -> dict[str, np.ndarray]:
-    """Every tensor of a .safetensors file as numpy; BF16 (which numpy lacks) as float32, exactly.
-    rename: stored name -> the name to return it under, or None to leave it unread.
-
-    The file is untrusted: every tensor's byte range and size are checked against the header
-    and the file size before anything is read, and each tensor is read into its own array,
-    so no more than the file holds is ever allocated.
-    """
-    def corrupt(why: str) -> UserError:
-        return UserError(f"could not read {path}: {why}; the file is truncated or corrupt")
-
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
-            raise corrupt("bad header length")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise corrupt("the header is not JSON") from None
-        if not isinstance(header, dict):
-            raise corrupt("the header is not a JSON object")
-        data_start, data_size = 8 + n, size - 8 - n
-        entries = []
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            except (TypeError, KeyError, ValueError):
-                raise corrupt(f"tensor {name} has no dtype/shape/data_offsets") from None
-            if dtype not in SAFETENSORS_DTYPES:
-                raise UserError(f"{path}: tensor {name} is {dtype}, which awq-edge cannot read "
-                                f"(it reads {', '.join(SAFETENSORS_DTYPES)})")
-            if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
-                    and type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size):
-                raise corrupt(f"tensor {name} has a bad shape or byte range")
-            np_dtype = np.dtype(SAFETENSORS_DTYPES[dtype])
-            if int(np.prod(shape, dtype=object)) * np_dtype.itemsize != end - begin:
-                raise corrupt(f"tensor {name}: shape {shape} of {dtype} does not fill its {end - begin} bytes")
-            if (ours := rename(name)) is not None:
-                entries.append((ours, dtype, np_dtype, shape, begin))
-        tensors = {}
-        for name, dtype, np_dtype, shape, begin in entries:
-            array = np.empty(shape, dtype=np_dtype)
-            f.seek(data_start + begin)
-            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
-                raise corrupt(f"tensor {name} ends past the end of the file")
-            if dtype == "BF16":  # bf16 is the top half of an fp32
-                array = (array.astype(np.uint32) << 16).view(np.float32)
-            tensors[name] = array
-    return tensors
-
-
 # ---------------------------------------------------------------- reading
-
-def _fp16_scales(scales: np.ndarray, where: str) -> np.ndarray:
-    """awq-edge computes with fp16 scales. fp16 and bf16 ones (bf16 down to 2**-17) convert
-    exactly; fp32 ones are rounded to fp16, as vLLM's fp16 kernels do. Refused: what fp16
-    cannot hold at all (inf, nan, > 65504, or a nonzero scale that would become 0)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        s16 = scales.astype(np.float16)
-    if not np.all(np.isfinite(s16)) or np.any((s16 == 0) != (scales == 0)):
-        raise UserError(f"{where}: weight_scale holds values fp16 cannot hold (inf, nan, beyond 65504 "
-                        "or too small); awq-edge keeps scales in fp16")
-    return s16
-
 
 def read_ct_checkpoint(path: str | Path) -> Checkpoint:
     """Read a compressed-tensors W4A16 pack-quantized checkpoint into our unpacked INT4 arrays."""
@@ -248,16 +174,11 @@ def read_ct_checkpoint(path: str | Path) -> Checkpoint:
     wrapper = read_json(path / "config.json", fix)
     group_size, symmetric = weight_scheme(wrapper["quantization_config"], path)
     config, rename = language_model_view(wrapper)
-    raw: dict[str, np.ndarray] = {}
-    for f in _weight_files(path):
-        tensors = read_safetensors(f, rename)
-        twice = sorted(raw.keys() & tensors.keys())
-        if twice:
-            raise UserError(f"{path}: tensor {twice[0]} is stored in more than one file; the checkpoint is malformed")
-        raw.update(tensors)
-
-    linears: dict[str, QuantizedLinear] = {}
-    for key in sorted(k for k in raw if k.endswith(".weight_packed")):
+    stored = StoredTensors(path, rename)
+    packed = sorted(name for name in stored if name.endswith(".weight_packed"))  # (the levels: read when asked for)
+    raw = stored.read([name for name in stored if not name.endswith(".weight_packed")])
+    linears = Linears()
+    for key in packed:
         prefix = key[: -len(".weight_packed")]
         if prefix.rsplit(".", 1)[-1] not in STORED_LINEARS:
             raise UserError(f"{path}: {prefix} is quantized, but awq-edge keeps it float (it quantizes only "
@@ -271,14 +192,18 @@ def read_ct_checkpoint(path: str | Path) -> Checkpoint:
         if symmetric and parts["weight_zero_point"] is not None:
             raise UserError(f"{path}: {prefix} has a weight_zero_point but its scheme is symmetric; "
                             "the checkpoint is malformed")
+        args = (parts["weight_scale"], parts["weight_zero_point"], parts["weight_shape"], group_size)
         try:
-            q, scales, zeros = packing.from_compressed_tensors(raw.pop(key), parts["weight_scale"],
-                                                               parts["weight_zero_point"], parts["weight_shape"],
-                                                               group_size)
+            out_features, in_features = packing.check_compressed_tensors(stored.entry(key), *args)
         except ValueError as e:
             raise UserError(f"{path}: {prefix}: {e}; the checkpoint is malformed") from None
-        linears[prefix] = QuantizedLinear(q, _fp16_scales(scales, f"{path}: {prefix}"), zeros, group_size,
-                                          raw.pop(prefix + ".bias", None))
+        scales, bias = _fp16_scales(parts["weight_scale"], f"{path}: {prefix}"), raw.pop(prefix + ".bias", None)
+
+        def read_linear(key=key, args=args, scales=scales, bias=bias) -> QuantizedLinear:
+            q, _, zeros = packing.from_compressed_tensors(stored.read([key])[key], *args)
+            return QuantizedLinear(q, scales, zeros, group_size, bias)
+        linears.add(prefix, LinearInfo((out_features, in_features), group_size,
+                                       None if bias is None else len(bias), False), read_linear)
     if not linears:
         raise UserError(f"{path} holds no quantized linears (*.weight_packed); the checkpoint is incomplete")
     for name in raw:

@@ -18,6 +18,7 @@ Written into a temp dir beside OUTPUT and renamed at the end, like every engine.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import replace
@@ -27,7 +28,7 @@ import numpy as np
 
 from . import plugins
 from .checkpoint import commit_staging, copy_tokenizer, output_staging, read_for_engine
-from .decoder import POSITIONS_TABLE, checkpoint_biases, decoder_spec, pack_weights
+from .decoder import POSITIONS_TABLE, checkpoint_biases, decoder_spec, pack_weights, tensor_layout
 from .engine_dir import (DECODER_FORMAT, DECODER_FORMAT_VERSION, DECODER_INFO, ENGINE_FORMAT, ENGINE_FORMAT_VERSION,
                          MANIFEST, TENSOR_ALIGN, DecoderInfo, read_decoder_info)
 from .errors import UserError
@@ -41,42 +42,56 @@ def kernel_files(gpu_arch: str) -> dict[str, str]:
     return {name: f"kernels.{gpu_arch}.{name}.cubin" for name in plugins.CUBIN_SOURCES}
 
 
-def weights_index(tensors: dict) -> tuple[dict, int]:
-    """(decoder.json's index: each tensor at the next TENSOR_ALIGN offset, in order; weights.bin's size)."""
+def weights_index(layout: dict) -> tuple[dict, int]:
+    """(decoder.json's index: each tensor of a layout (name -> (dtype, shape), decoder.tensor_layout)
+    at the next TENSOR_ALIGN offset, in order; weights.bin's size)."""
     index, offset = {}, 0
-    for name, array in tensors.items():
+    for name, (dtype, shape) in layout.items():
         offset += -offset % TENSOR_ALIGN
-        index[name] = {"dtype": str(array.dtype), "shape": list(array.shape), "offset": offset}
-        offset += array.nbytes
+        index[name] = {"dtype": dtype, "shape": list(shape), "offset": offset}
+        offset += np.dtype(dtype).itemsize * math.prod(shape)
     return index, offset
 
 
-def write_weights(path: Path, tensors: dict) -> dict:
-    """tensors written one after another at TENSOR_ALIGN offsets; returns decoder.json's index."""
-    index, _ = weights_index(tensors)
+def write_weights(path: Path, layout: dict, tensors) -> dict:
+    """weights.bin: tensors ((name, array) pairs, in any order, as decoder.pack_weights yields them)
+    each written where weights_index puts it as it comes; returns decoder.json's index."""
+    index, size = weights_index(layout)
+    written = set()
     with open(path, "wb") as f:
-        for name, array in tensors.items():
-            f.write(b"\0" * (index[name]["offset"] - f.tell()))
+        for name, array in tensors:
+            entry = index[name]
+            if str(array.dtype) != entry["dtype"] or list(array.shape) != entry["shape"]:
+                raise ValueError(f"{name} is {array.dtype} {list(array.shape)}, its layout {entry}")
+            f.seek(entry["offset"])
             np.ascontiguousarray(array).tofile(f)
+            written.add(name)
+        f.truncate(size)
+    if written != set(index):
+        raise ValueError(f"weights.bin lacks {sorted(set(index) - written)[:3]}")
     return index
 
 
-def rope_sized_to_context(spec, tensors: dict, manifest: dict, max_memory, max_context) -> tuple:
-    """(spec, tensors) with the RoPE tables (and learned positions') cut to the context the engine is
+def rope_sized_to_context(spec, layout: dict, manifest: dict, max_memory, max_context) -> tuple:
+    """(spec, layout) with the RoPE tables (and learned positions') cut to the context the engine is
     planned for (at build: a GPU engine's context is fixed then, engine_plan): a table row for a
     position past it is memory the device holds and never reads (Gemma 3 4B's four fp16 tables of
     131072 x 128: 128 MiB). What does not fit at all is refused here, before anything is written."""
     from .engine import engine_plan
 
-    index, size = weights_index(tensors)
+    index, size = weights_index(layout)
     info = DecoderInfo(spec=spec, weights_file=WEIGHTS_FILE, weight_bytes=size, config={}, lm_head=spec.lm_head,
                        tensors={n: (e["dtype"], tuple(e["shape"]), e["offset"]) for n, e in index.items()})
     context = engine_plan(manifest, info, max_memory, max_context, at_load=False).context
     if context >= spec.max_positions:
-        return spec, tensors
-    by_position = [name for name in tensors if name.startswith("rope.") or name == POSITIONS_TABLE]
-    return replace(spec, max_positions=context), {name: array[:context] if name in by_position else array
-                                                   for name, array in tensors.items()}
+        return spec, layout
+    return replace(spec, max_positions=context), {name: (dtype, (context, *shape[1:]) if by_position(name) else shape)
+                                                   for name, (dtype, shape) in layout.items()}
+
+
+def by_position(name: str) -> bool:
+    """A table of a row a position (RoPE's, learned positions')."""
+    return name.startswith("rope.") or name == POSITIONS_TABLE
 
 
 def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, max_context: int | None = None,
@@ -89,19 +104,19 @@ def build_cuda_engine(checkpoint: Path, device, output: Path, max_memory=None, m
     device_name: what the manifest names (a family such as `orin`, whose variants resolve
     themselves at load); the plan is made for `device` (the family's smallest variant)."""
     ckpt, model = read_for_engine(checkpoint)
-    act_order = any(lin.order is not None for lin in ckpt.linears.values())  # (all or none: pack_weights checks)
-    group_sizes = {lin.group_size for lin in ckpt.linears.values()}
+    infos = [ckpt.linears.info(name) for name in ckpt.linears]
+    act_order = any(info.act_order for info in infos)  # (all or none: pack_weights checks)
+    group_sizes = {info.group_size for info in infos}
     if len(group_sizes) != 1 or not group_sizes <= {32, 64, 128}:
         raise UserError(f"{checkpoint} uses group sizes {sorted(group_sizes)}; the cuda backend's kernels take one "
                         "group size of 32, 64 or 128")
     qkv_bias, out_bias = checkpoint_biases(ckpt)
     spec = decoder_spec(model, group_sizes.pop(), qkv_bias, lm_head, act_order, out_bias)
-    tensors = pack_weights(ckpt, spec, progress)
+    tensors = pack_weights(ckpt, spec, progress)  # (packed as they are written)
     source = {"source": str(checkpoint), "model_type": spec.model_type,
               "architectures": ckpt.config.get("architectures"),
               "quantization": ckpt.metadata.get("settings") or ckpt.config.get("quantization_config") or {}}
     config = ckpt.config  # as read: a vision-language checkpoint's is its language model's
-    del ckpt  # the unpacked levels: only the packed tensors are written
     return write_cuda_engine(output, device, spec, tensors, Path(checkpoint), source, max_memory, max_context,
                              force, device_name, progress, config)
 
@@ -122,12 +137,12 @@ def stock_driver_note(device_name: str, kernels_cuda: str | None) -> str | None:
             f"Orin): for that, rebuild with a CUDA {stock} nvcc (NVCC=/path/to/that/nvcc awq-edge build ...)")
 
 
-def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path, source: dict, max_memory=None,
+def write_cuda_engine(output: Path, device, spec, tensors, model_dir: Path, source: dict, max_memory=None,
                       max_context: int | None = None, force: bool = False, device_name: str | None = None,
                       progress: bool = False, config: dict | None = None) -> dict:
-    """The engine folder from tensors in the kernels' layout (decoder.pack_weights, or random ones:
-    awq_edge/synthetic.py); the tokenizer comes from model_dir, config.json is `config` (the
-    checkpoint's as read) or else model_dir's."""
+    """The engine folder from tensors in the kernels' layout (decoder.tensor_layout): (name, array)
+    pairs as decoder.pack_weights yields them, or a dict (random ones: awq_edge/synthetic.py); the
+    tokenizer comes from model_dir, config.json is `config` (the checkpoint's as read) or else model_dir's."""
     from .engine import engine_plan
 
     output = Path(output)
@@ -141,10 +156,13 @@ def write_cuda_engine(output: Path, device, spec, tensors: dict, model_dir: Path
                 "device": device.name, "gpu_arch": device.gpu_arch, "kernels": kernel_files(device.gpu_arch),
                 "kernels_cuda": cuda}
     full_positions = spec.max_positions
-    spec, tensors = rope_sized_to_context(spec, tensors, manifest, max_memory, max_context)
+    spec, layout = rope_sized_to_context(spec, tensor_layout(spec), manifest, max_memory, max_context)
+    context = spec.max_positions
+    pairs = tensors.items() if isinstance(tensors, dict) else tensors
     staging = output_staging(output, force)
     try:
-        index = write_weights(staging / WEIGHTS_FILE, tensors)
+        index = write_weights(staging / WEIGHTS_FILE, layout,
+                              ((name, array[:context] if by_position(name) else array) for name, array in pairs))
         decoder = {"format": DECODER_FORMAT, "format_version": DECODER_FORMAT_VERSION, "group_size": spec.group_size,
                    "qkv_bias": spec.qkv_bias, "out_bias": spec.out_bias, "lm_head": spec.lm_head,
                    "act_order": spec.act_order,

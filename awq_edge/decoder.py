@@ -2,7 +2,7 @@
 
     spec = decoder_spec(model_spec(config), group_size)
     ops = decode_ops(spec)               # [Op("embed", ...), Op("norm", ...), ..., Op("lm_head", ...)]
-    tensors = pack_weights(ckpt, spec)   # name -> array, in the kernels' layout
+    tensors = pack_weights(ckpt, spec)   # (name, array) pairs, in the kernels' layout
     layout = tensor_layout(spec)         # name -> (dtype, shape): what a cuda engine must hold
 
 Two executors read the same list: awq_edge/reference_backend.py (numpy, the CPU twin that CI
@@ -58,6 +58,7 @@ and experts as experts_layout says.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -542,9 +543,29 @@ def experts_layout(spec: DecoderSpec, a: dict) -> dict[str, tuple[str, tuple]]:
     return layout
 
 
-def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, np.ndarray]:
-    """The checkpoint's tensors in the layout tensor_layout() describes (checked against it);
-    progress: a bar over the op list."""
+def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """The checkpoint's tensors in the layout tensor_layout() describes, (name, array) an op's at a
+    time, each checked against it (a build writes each as it comes: it holds one linear's weights,
+    never a model's); the last check that none is missing. progress: a bar over the op list."""
+    layout = tensor_layout(spec)
+    done = set()
+    for name, array in _packed_by_op(ckpt, spec, progress):
+        want = layout.get(name)
+        if want is None:  # (what a op packs that this spec's engine does not hold)
+            continue
+        if str(array.dtype) != want[0] or tuple(array.shape) != want[1]:
+            raise UserError(f"the checkpoint's {name} does not fit its config ({array.shape}, expected {want[1]}); "
+                            "it is corrupt or belongs to another model")
+        done.add(name)
+        yield name, np.ascontiguousarray(array)
+    missing = next((name for name in layout if name not in done), None)
+    if missing:
+        raise UserError(f"the checkpoint's {missing} does not fit its config (none, expected {layout[missing][1]}); "
+                        "it is corrupt or belongs to another model")
+
+
+def _packed_by_op(ckpt, spec: DecoderSpec, progress: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """pack_weights' tensors, unchecked: the head's and the tables, then each op's."""
     from tqdm import tqdm
 
     from .checkpoint import concat_linears
@@ -555,7 +576,7 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
             raise UserError(f"the checkpoint lacks {name}; it does not match its config")
         return ckpt.tensors[name]
 
-    embed = tensor("model.embed_tokens.weight").astype(np.float16)
+    embed = tensor("model.embed_tokens.weight").astype(np.float16, copy=False)
     head = ckpt.tensors.get("lm_head.weight", embed) if not spec.tie_embeddings else embed
     out = {}
     table, scales = embed_table(spec)
@@ -577,6 +598,8 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
         table = tensor("model.embed_positions.weight")
         out[POSITIONS_TABLE] = table[first:first + spec.max_positions].astype(np.float16)
     out.update(rope_weights(spec))
+    yield from out.items()
+    del embed, head, out  # (written: not held while the layers are packed)
 
     def parts(prefix: str) -> list[str]:
         """The checkpoint's linears that an engine linear stacks (q/k/v, gate/up), or itself."""
@@ -587,7 +610,7 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
         return [prefix]
 
     for op in tqdm(decode_ops(spec), desc="pack", unit="op", disable=not progress):
-        a = op.args
+        a, out = op.args, {}
         if op.kind == "gather":  # (q/k/v's or gate/up's one order: concat_linears checks it at their linear)
             prefix = a["order"].removesuffix(".input_order")
             order = ckpt.linears[parts(prefix)[0]].order
@@ -629,13 +652,7 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> dict[str, n
             out[a["weight"]] = tensor(a["weight"]).astype(np.float32) + np.float32(spec.norm_offset)
             if a.get("bias"):  # (a LayerNorm's)
                 out[a["bias"]] = tensor(a["bias"]).astype(np.float32)
-    layout = tensor_layout(spec)
-    for name, (dtype, shape) in layout.items():
-        got = out.get(name)
-        if got is None or str(got.dtype) != dtype or tuple(got.shape) != shape:
-            raise UserError(f"the checkpoint's {name} does not fit its config ({None if got is None else got.shape}"
-                            f", expected {shape}); it is corrupt or belongs to another model")
-    return {name: np.ascontiguousarray(out[name]) for name in layout}
+        yield from out.items()
 
 
 def quantize_head_int4(table: np.ndarray, spec: DecoderSpec) -> dict[str, np.ndarray]:
@@ -710,5 +727,5 @@ def checkpoint_biases(ckpt) -> tuple[bool, bool]:
     """(whether any layer's q/k/v projection carries a bias: Qwen2's always, others' may; whether any
     other linear does: o_proj, gate/up, down, as ERNIE 4.5's use_bias and Jais 2's)."""
     def any_bias(names) -> bool:
-        return any(lin.bias is not None for name, lin in ckpt.linears.items() if name.endswith(names))
+        return any(ckpt.linears.info(name).bias is not None for name in ckpt.linears if name.endswith(names))
     return any_bias(("q_proj", "k_proj", "v_proj")), any_bias(("o_proj", "gate_proj", "up_proj", "down_proj"))

@@ -73,10 +73,10 @@ def pack_int4(q: np.ndarray, order=AWQ_ORDER) -> np.ndarray:
         raise ValueError(f"pack_int4 needs a column count divisible by 8, got {cols}")
     if q.min(initial=0) < 0 or q.max(initial=0) > MAX_INT:
         raise ValueError("pack_int4 takes integers in 0..15")
-    blocks = q.astype(np.uint32).reshape(rows, cols // 8, 8)
+    blocks = q.reshape(rows, cols // 8, 8)  # (widened a nibble at a time: a 7B MLP's as uint32 at once is 360 MB)
     packed = np.zeros((rows, cols // 8), dtype=np.uint32)
     for nibble, column in enumerate(order):
-        packed |= blocks[:, :, column] << np.uint32(4 * nibble)
+        packed |= blocks[:, :, column].astype(np.uint32) << np.uint32(4 * nibble)
     return packed.view(np.int32)
 
 
@@ -157,6 +157,20 @@ def from_compressed_tensors(weight_packed: np.ndarray, weight_scale: np.ndarray,
     weight_zero_point None means symmetric (zeros = 8). Every shape is checked against
     weight_shape before anything is unpacked, so a lying weight_shape allocates nothing.
     """
+    out_features, in_features = check_compressed_tensors(weight_packed, weight_scale, weight_zero_point,
+                                                         weight_shape, group_size)
+    q = unpack_int4(weight_packed, CT_ORDER)[:, :in_features]
+    if weight_zero_point is None:
+        zeros = np.full((out_features, in_features // group_size), CT_OFFSET, dtype=np.uint8)
+    else:
+        zeros = unpack_int4(np.ascontiguousarray(weight_zero_point.T), CT_ORDER)[:, :out_features].T
+    return np.ascontiguousarray(q), np.ascontiguousarray(weight_scale), np.ascontiguousarray(zeros)
+
+
+def check_compressed_tensors(weight_packed, weight_scale: np.ndarray, weight_zero_point: np.ndarray | None,
+                             weight_shape: np.ndarray, group_size: int) -> tuple[int, int]:
+    """from_compressed_tensors' checks alone, weight_packed's of its dtype and shape only (its file's
+    header will do); -> (out, in)."""
     shape = np.asarray(weight_shape)
     if shape.shape != (2,) or shape.dtype.kind not in "iu" or shape.min() < 1:
         raise ValueError(f"weight_shape must be two positive integers [out, in], got {shape.tolist()}")
@@ -172,17 +186,12 @@ def from_compressed_tensors(weight_packed: np.ndarray, weight_scale: np.ndarray,
     if weight_scale.dtype.kind != "f" or weight_scale.shape != (out_features, groups):
         raise ValueError(f"weight_scale must be float [{out_features}, {groups}] at group {group_size}, "
                          f"got {weight_scale.dtype} {list(weight_scale.shape)}")
-    q = unpack_int4(weight_packed, CT_ORDER)[:, :in_features]
-    if weight_zero_point is None:
-        zeros = np.full((out_features, groups), CT_OFFSET, dtype=np.uint8)
-    else:
-        zp_words = num_groups(out_features, 8)
-        if weight_zero_point.dtype != np.int32 or weight_zero_point.shape != (zp_words, groups):
-            raise ValueError(f"weight_zero_point must be int32 [{zp_words}, {groups}] (packed along the "
-                             f"{out_features} outputs), got {weight_zero_point.dtype} "
-                             f"{list(weight_zero_point.shape)}")
-        zeros = unpack_int4(np.ascontiguousarray(weight_zero_point.T), CT_ORDER)[:, :out_features].T
-    return np.ascontiguousarray(q), np.ascontiguousarray(weight_scale), np.ascontiguousarray(zeros)
+    zp_words = num_groups(out_features, 8)
+    if weight_zero_point is not None and (weight_zero_point.dtype != np.int32
+                                          or weight_zero_point.shape != (zp_words, groups)):
+        raise ValueError(f"weight_zero_point must be int32 [{zp_words}, {groups}] (packed along the "
+                         f"{out_features} outputs), got {weight_zero_point.dtype} {list(weight_zero_point.shape)}")
+    return out_features, in_features
 
 
 # ---------------------------------------------------------------- GPTQ layout
@@ -201,29 +210,48 @@ def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx
     An act-order (desc_act) g_idx groups the inputs out of order: q's columns come back sorted by
     group (each group's inputs together, as the kernels read them) and order [in] says which input
     each column is (None: the natural order), which the engines gather x by."""
-    in_words, out_features = qweight.shape
-    in_features, groups = 8 * in_words, num_groups(8 * in_words, group_size)
-    if qzeros.shape != (groups, num_groups(out_features, 8)) or scales.shape != (groups, out_features):
-        raise ValueError(f"inconsistent GPTQ tensors at group {group_size}: qweight {list(qweight.shape)}, "
-                         f"qzeros {list(qzeros.shape)}, scales {list(scales.shape)}")
-    order = None
-    natural = group_index(in_features, group_size)
-    if g_idx is not None:
-        if g_idx.shape != (in_features,):
-            raise ValueError(f"g_idx is {list(g_idx.shape)}, not [{in_features}]")
-        if not np.array_equal(g_idx, natural):
-            order = np.argsort(g_idx, kind="stable")
-            if not np.array_equal(np.asarray(g_idx)[order], natural):  # a group of another size, an index past them
-                raise ValueError(f"its g_idx does not put {group_size} inputs in each group")
+    check_gptq_shapes(qweight.shape, qzeros.shape, scales.shape, group_size)
+    out_features = qweight.shape[1]
+    order = gptq_input_order(g_idx, 8 * qweight.shape[0], group_size)
     q = unpack_int4(np.ascontiguousarray(qweight.T), CT_ORDER)
     if order is not None:
         q = q[:, order]
+    scales = np.ascontiguousarray(np.asarray(scales).T)
+    return np.ascontiguousarray(q), scales, gptq_zeros(qzeros, out_features, zero_offset), order
+
+
+def gptq_zeros(qzeros: np.ndarray, out_features: int, zero_offset: int) -> np.ndarray:
+    """GPTQ's packed zeros [groups, out/8] -> uint8 [out, groups], what the stored ones lack added."""
     zeros = unpack_int4(qzeros, CT_ORDER)[:, :out_features].T.astype(np.int16) + zero_offset
     if zeros.max(initial=0) > MAX_INT:
         raise ValueError("a zero point reads 16: the original GPTQ format cannot store a zero of 0 (its -1 spills "
                          "into the whole word), so this layer's zeros are lost")
-    scales = np.ascontiguousarray(np.asarray(scales).T)
-    return np.ascontiguousarray(q), scales, np.ascontiguousarray(zeros.astype(np.uint8)), order
+    return np.ascontiguousarray(zeros.astype(np.uint8))
+
+
+def check_gptq_shapes(qweight: tuple, qzeros: tuple, scales: tuple, group_size: int) -> None:
+    """GPTQ's qweight [in/8, out], qzeros [groups, out/8], scales [groups, out] agree (shapes alone)."""
+    in_words, out_features = qweight
+    groups = num_groups(8 * in_words, group_size)
+    if tuple(qzeros) != (groups, num_groups(out_features, 8)) or tuple(scales) != (groups, out_features):
+        raise ValueError(f"inconsistent GPTQ tensors at group {group_size}: qweight {list(qweight)}, "
+                         f"qzeros {list(qzeros)}, scales {list(scales)}")
+
+
+def gptq_input_order(g_idx: np.ndarray | None, in_features: int, group_size: int) -> np.ndarray | None:
+    """The act-order input order a GPTQ g_idx gives (column j of q is input order[j], the groups'
+    inputs together); None: the natural order (no g_idx, or one that groups the inputs in order)."""
+    natural = group_index(in_features, group_size)
+    if g_idx is None:
+        return None
+    if g_idx.shape != (in_features,):
+        raise ValueError(f"g_idx is {list(g_idx.shape)}, not [{in_features}]")
+    if np.array_equal(g_idx, natural):
+        return None
+    order = np.argsort(g_idx, kind="stable")
+    if not np.array_equal(np.asarray(g_idx)[order], natural):  # a group of another size, an index past them
+        raise ValueError(f"its g_idx does not put {group_size} inputs in each group")
+    return order
 
 
 def infer_group_size(in_features: int, groups: int, hint: int | None = None) -> int:
@@ -253,15 +281,18 @@ INT8_BLOCK = 32  # the cuda engine's int8 lm_head: one fp16 scale per 32 values 
 def quantize_rows_int8(table: np.ndarray, block: int = INT8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """A float table [V, K] -> (q int8 [V, K], scales fp16 [V, ceil(K / block)]), symmetric per block:
     s = max|w| / 127 rounded to fp16, q = round(w / s) in -127..127. W_hat = q * s."""
-    w = np.asarray(table, np.float32)
-    v, k = w.shape
+    v, k = table.shape
     blocks = -(-k // block)
-    padded = np.zeros((v, blocks * block), np.float32)
-    padded[:, :k] = w
-    scales = (np.abs(padded.reshape(v, blocks, block)).max(axis=2) / 127).astype(np.float16)
-    s = np.repeat(scales.astype(np.float32), block, axis=1)[:, :k]
-    q = np.where(s > 0, np.rint(w / np.where(s > 0, s, 1)), 0)
-    return np.clip(q, -127, 127).astype(np.int8), scales
+    q, scales = np.empty((v, k), np.int8), np.empty((v, blocks), np.float16)
+    for start in range(0, v, 4096):  # in rows at a time: float32 copies of a whole 7B head are GBs
+        w = np.asarray(table[start:start + 4096], np.float32)
+        padded = np.zeros((len(w), blocks * block), np.float32)
+        padded[:, :k] = w
+        part = (np.abs(padded.reshape(len(w), blocks, block)).max(axis=2) / 127).astype(np.float16)
+        scales[start:start + 4096] = part
+        s = np.repeat(part.astype(np.float32), block, axis=1)[:, :k]
+        q[start:start + 4096] = np.clip(np.where(s > 0, np.rint(w / np.where(s > 0, s, 1)), 0), -127, 127)
+    return q, scales
 
 
 def dequantize_rows_int8(q: np.ndarray, scales: np.ndarray, block: int = INT8_BLOCK) -> np.ndarray:

@@ -91,9 +91,12 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
 
     staging = output_staging(out_dir, force)
     try:
-        decoder = Decoder(ckpt, spec, t)
-        model = decoder.build()
-        weight_bytes = sum(len(init.raw_data) for init in model.graph.initializer)
+        decoder = Decoder(ckpt, spec, t, staging / DATA_FILE)  # (initializers written as they are made)
+        try:
+            model = decoder.build()
+        finally:
+            decoder.b.close()
+        weight_bytes = decoder.b.weight_bytes
         _save(model, staging)
         # The exact table the graph re-scores with: the embedding table when tied (no extra bytes).
         table = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.exact"
@@ -140,10 +143,10 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
 
 
 def _check_shapes(ckpt, target: str) -> None:
-    for prefix, lin in ckpt.linears.items():
-        n, k = lin.q.shape
-        g = lin.group_size
-        if target == "trt" and lin.order is not None:
+    for prefix in ckpt.linears:
+        info = ckpt.linears.info(prefix)
+        (n, k), g = info.shape, info.group_size
+        if target == "trt" and info.act_order:
             raise UserError(f"{prefix} was quantized with GPTQ act-order (desc_act): its inputs are read out of "
                             "order, which AwqMatMulW4A16 does not do; export with --target ort or onnx")
         if target == "ort" and (g < 16 or g & (g - 1)):
@@ -157,8 +160,7 @@ def _check_shapes(ckpt, target: str) -> None:
 def _save(model, staging: Path) -> None:
     import onnx
 
-    onnx.save_model(model, str(staging / MODEL_FILE), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+    onnx.save_model(model, str(staging / MODEL_FILE))  # (its large initializers are in DATA_FILE already)
     try:  # path-based: works for graphs over 2 GB
         onnx.checker.check_model(str(staging / MODEL_FILE))
     except onnx.checker.ValidationError as e:

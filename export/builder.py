@@ -6,14 +6,21 @@
 
 Every op's output gets a readable name from a prefix stack (b.scope("layers.3.attn")), so
 the exported graph reads like the model in Netron.
+
+    b = GraphBuilder(np.float32, 21, data_path=staging / "model.onnx.data")
+
+writes each initializer of EXTERNAL_BYTES or more to that file as it is made, the graph keeping
+only where it lies (ONNX external data): an export holds one layer's weights, never a model's.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 MS_DOMAIN = "com.microsoft"
 # ORT 1.31 reads IR version <= 13 and onnx 1.23 writes 14 by default; 11 covers opsets up to 23.
@@ -25,8 +32,11 @@ ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Ten
               np.dtype(np.bool_): TensorProto.BOOL}
 
 
+EXTERNAL_BYTES = 1024  # an initializer this large goes to the data file (data_path), a smaller one in the graph
+
+
 class GraphBuilder:
-    def __init__(self, act_dtype, opset: int):
+    def __init__(self, act_dtype, opset: int, data_path: Path | None = None):
         self.act_dtype = np.dtype(act_dtype)
         self.act_type = ONNX_TYPES[self.act_dtype]
         self.opset = opset
@@ -37,6 +47,8 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._prefix: list[str] = []
         self._counts: dict[str, int] = {}
+        self._data = None if data_path is None else open(data_path, "wb")
+        self.weight_bytes = 0  # every initializer's data, in the graph or the data file
 
     # ------------------------------------------------------------ naming
     @contextlib.contextmanager
@@ -59,12 +71,43 @@ class GraphBuilder:
         shared when it names the same values already (the scalars each layer asks for)."""
         array = np.asarray(value, dtype=dtype)
         if name in self.initializers:
-            held = numpy_helper.to_array(self.initializers[name])
-            if held.dtype == array.dtype and held.shape == array.shape and np.array_equal(held, array):
+            held = self.initializers[name]
+            if tuple(held.dims) == array.shape and held.data_type == ONNX_TYPES.get(array.dtype) and \
+                    self._raw(held) == np.ascontiguousarray(array).tobytes():
                 return name
             name = self.name(name)
-        self.initializers[name] = numpy_helper.from_array(array, name)
+        self._add(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape, np.ascontiguousarray(array))
         return name
+
+    def _add(self, name: str, data_type: int, dims, raw) -> None:
+        """An initializer of raw data (bytes, or a contiguous array's); to the data file where it is
+        EXTERNAL_BYTES or more, straight from `raw` (a TensorProto's own copy would stay in its arena
+        after the field is cleared: upb frees none before the message)."""
+        raw = memoryview(raw).cast("B")
+        self.weight_bytes += raw.nbytes
+        if self._data is None or raw.nbytes < EXTERNAL_BYTES:
+            self.initializers[name] = helper.make_tensor(name, data_type, list(dims), bytes(raw), raw=True)
+            return
+        tensor = TensorProto(name=name, data_type=data_type, dims=list(dims), data_location=TensorProto.EXTERNAL)
+        offset = self._data.tell()
+        self._data.write(raw)
+        for key, value in (("location", Path(self._data.name).name), ("offset", offset), ("length", raw.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.initializers[name] = tensor
+
+    def _raw(self, tensor: onnx.TensorProto) -> bytes:
+        """An initializer's raw data, from the data file where it went there."""
+        if tensor.data_location != TensorProto.EXTERNAL:
+            return tensor.raw_data
+        where = {entry.key: int(entry.value) for entry in tensor.external_data if entry.key in ("offset", "length")}
+        self._data.flush()
+        return os.pread(self._data.fileno(), where["length"], where["offset"])
+
+    def close(self) -> None:
+        """The data file written out (model() does it; an export that fails calls it too)."""
+        if self._data is not None:
+            self._data.close()
 
     def act_const(self, name: str, value) -> str:
         """A constant in the activation dtype (norm weights, rope tables, scalars)."""
@@ -72,14 +115,14 @@ class GraphBuilder:
 
     def raw_const(self, name: str, onnx_type: int, dims, raw: bytes) -> str:
         """An initializer from packed raw bytes (4-bit ONNX types)."""
-        self.initializers[name] = helper.make_tensor(name, onnx_type, list(dims), raw, raw=True)
+        self._add(name, onnx_type, dims, raw)
         return name
 
     def int64s(self, *values: int) -> str:
         """A small int64 vector constant, shared by value."""
         name = "const/i64/" + "_".join(str(v) for v in values)
         if name not in self.initializers:
-            self.initializers[name] = numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+            self._add(name, TensorProto.INT64, (len(values),), np.array(values, dtype=np.int64))
         return name
 
     def add_input(self, name: str, elem_type: int, shape) -> str:
@@ -123,6 +166,7 @@ class GraphBuilder:
 
     # ------------------------------------------------------------ result
     def model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
+        self.close()
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs,
                                   list(self.initializers.values()), doc_string=doc)
         opsets = [helper.make_opsetid(d, v) for d, v in self.domains.items()]

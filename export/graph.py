@@ -25,6 +25,7 @@ SkipSimplifiedLayerNormalization (add + norm in one pass); the standard targets 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto
@@ -75,9 +76,9 @@ def check_target(spec: ModelSpec, target: str) -> None:
 
 
 class Decoder:
-    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, target: Target):
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, target: Target, data_path: Path | None = None):
         self.ckpt, self.spec, self.t = ckpt, spec, target
-        self.b = GraphBuilder(target.act_dtype, target.opset)
+        self.b = GraphBuilder(target.act_dtype, target.opset, data_path)  # (data_path: GraphBuilder's)
 
     # ------------------------------------------------------------ weights
     def tensor(self, name: str) -> np.ndarray:

@@ -85,13 +85,17 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int):
     n, k = w.shape
     blocks = num_groups(k, block)
     qmax = (1 << bits) - 1
-    padded = np.pad(w.astype(np.float32), ((0, 0), (0, blocks * block - k)), mode="edge")
-    wb = padded.reshape(n, blocks, block)
-    hi, lo = np.maximum(wb.max(-1), 0), np.minimum(wb.min(-1), 0)
-    scales = np.maximum(hi - lo, 1e-10) / qmax
-    zeros = np.clip(np.round(-lo / scales), 0, qmax)
-    q = np.clip(np.round(wb / scales[..., None]) + zeros[..., None], 0, qmax)
-    return (q.astype(np.uint8).reshape(n, -1)[:, :k], scales.astype(np.float32), zeros.astype(np.uint8))
+    q, scales, zeros = np.empty((n, k), np.uint8), np.empty((n, blocks), np.float32), np.empty((n, blocks), np.uint8)
+    for start in range(0, n, 4096):  # rows at a time: float32 copies of a whole 7B head are GBs
+        rows = slice(start, start + 4096)
+        padded = np.pad(w[rows].astype(np.float32), ((0, 0), (0, blocks * block - k)), mode="edge")
+        wb = padded.reshape(len(padded), blocks, block)
+        hi, lo = np.maximum(wb.max(-1), 0), np.minimum(wb.min(-1), 0)
+        part_scales = np.maximum(hi - lo, 1e-10) / qmax
+        part_zeros = np.clip(np.round(-lo / part_scales), 0, qmax)
+        part_q = np.clip(np.round(wb / part_scales[..., None]) + part_zeros[..., None], 0, qmax)
+        q[rows], scales[rows], zeros[rows] = part_q.reshape(len(padded), -1)[:, :k], part_scales, part_zeros
+    return q, scales, zeros
 
 
 def lm_head_quantized(b: GraphBuilder, x: str, weight: np.ndarray, bits: int, block: int,

@@ -626,14 +626,14 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
 def check_checkpoint_shapes(linears: dict, tensors: dict, spec: ModelSpec, where: str) -> None:
     """The checkpoint's tensors are the ones its config describes, with the config's shapes.
 
-    linears: prefix -> an object with .shape ([out, in]) and .bias (None or [out]);
+    linears: prefix -> checkpoint.LinearInfo (.shape [out, in], .bias: None or its length);
     tensors: name -> array. One line names the first tensor that does not fit."""
     want_linears, want_tensors = checkpoint_shapes(spec)
     for prefix, shape in want_linears.items():
         lin = linears.get(prefix)
         if lin is None:
             raise UserError(f"{where} lacks the quantized linear {prefix}; it does not match its config.json")
-        if tuple(lin.shape) != shape or (lin.bias is not None and tuple(lin.bias.shape) != shape[:1]):
+        if tuple(lin.shape) != shape or (lin.bias is not None and lin.bias != shape[0]):
             raise UserError(f"{where}: {prefix} is {list(lin.shape)}, its config.json implies {list(shape)}; "
                             "the checkpoint is corrupt or belongs to another model")
     extra = sorted(set(linears) - set(want_linears))

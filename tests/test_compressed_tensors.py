@@ -23,7 +23,7 @@ from test_cli_quantize import assert_clean_error, assert_nothing_written, awq_ed
 
 from awq_edge import packing
 from awq_edge.checkpoint import read_checkpoint
-from awq_edge.ct_checkpoint import read_safetensors
+from awq_edge.checkpoint import read_safetensors
 from awq_edge.errors import UserError
 
 

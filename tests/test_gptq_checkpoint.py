@@ -97,6 +97,38 @@ def test_a_gptq_checkpoint_reads_as_the_same_levels_and_exports_the_same_logits(
                             load_awq_as_float(source).eval(), ids, 12, 1e-5)
 
 
+def test_bfloat16_tensors_are_read_exactly(qwen2_checkpoint, tmp_path):
+    """A bf16 model's GPTQ (or AWQ) checkpoint keeps its float tensors (embeddings, norms, biases)
+    and may keep its scales in bf16, which numpy lacks: read widened to float32 exactly (the scales
+    then to fp16, exact for bf16's 8-bit mantissas), the levels as they are."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    from awq_edge.checkpoint import read_safetensors
+
+    folder = write_gptq(qwen2_checkpoint, tmp_path / "gptq", "gptq")
+    as_fp16 = read_checkpoint(folder)
+    linears = dict(as_fp16.linears)  # (each read now: a Checkpoint reads its linears when asked for)
+    stored = read_safetensors(folder / "model.safetensors")
+    bf16 = {name: torch.from_numpy(t.astype(np.float32)).to(torch.bfloat16) if t.dtype == np.float16
+            else torch.from_numpy(t) for name, t in stored.items()}
+    save_torch(bf16, str(folder / "model.safetensors"))
+    with pytest.raises(UserError, match="changed while it was being read"):  # not another file's bytes
+        as_fp16.linears[next(iter(linears))]
+    got = read_checkpoint(folder)
+    assert sorted(got.tensors) == sorted(as_fp16.tensors)
+    for name, t in got.tensors.items():
+        assert t.dtype == np.float32
+        np.testing.assert_array_equal(t, bf16[name].float().numpy(), err_msg=name)
+    for prefix, lin in linears.items():
+        read = got.linears[prefix]
+        np.testing.assert_array_equal(read.q, lin.q, err_msg=prefix)
+        np.testing.assert_array_equal(read.zeros, lin.zeros, err_msg=prefix)
+        np.testing.assert_array_equal(read.scales, bf16[f"{prefix}.scales"].float().numpy().T.astype(np.float16))
+        if lin.bias is not None:
+            np.testing.assert_array_equal(read.bias, bf16[f"{prefix}.bias"].float().numpy(), err_msg=prefix)
+
+
 def test_build_takes_a_gptq_checkpoint_as_a_checkpoint(qwen2_checkpoint, tmp_path):
     from awq_edge import Engine
     from awq_edge.build import build_engine
