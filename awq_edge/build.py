@@ -87,13 +87,14 @@ def _quantize(source: str, out: Path, progress: bool) -> Path:
     return out
 
 
-def _export(checkpoint: Path, out: Path, target: str, lm_head_bits="auto", max_positions: int | None = None) -> Path:
+def _export(checkpoint: Path, out: Path, target: str, lm_head_bits="auto", max_positions: int | None = None,
+            progress: bool = False) -> Path:
     try:
         from .export import export_checkpoint
     except ImportError as e:
         raise UserError(f"the ONNX exporter is not available ({e}); update awq-edge") from None
     return Path(export_checkpoint(checkpoint, out, target=target, force=True, lm_head_bits=lm_head_bits,
-                                  max_positions=max_positions) or out)
+                                  max_positions=max_positions, progress=progress) or out)
 
 
 def _quantization_settings(checkpoint: Path | None) -> dict:
@@ -148,7 +149,7 @@ def build_engine(source: str, device: str = "cpu", output: Path | str = "engine"
         elif kind == "checkpoint":
             checkpoint = Path(source)
         # (--max-context: the graph's RoPE tables hold that many positions, not the model's all)
-        export_dir = (_export(checkpoint, work / "export", "ort", lm_head_bits, max_context) if checkpoint
+        export_dir = (_export(checkpoint, work / "export", "ort", lm_head_bits, max_context, progress) if checkpoint
                       else Path(source))
         info = read_export_info(export_dir)  # checks the export's files and graph (an export dir is untrusted)
         if info.target not in ("ort", "onnx"):
@@ -246,7 +247,7 @@ def _build_gpu(source, kind, dev, output, max_memory, max_context, force, progre
                 raise UserError(f"{source} is not a TensorRT export; run `awq-edge export CKPT --target trt` first")
         else:
             checkpoint = _quantize(source, work / "checkpoint", progress) if kind == "model" else Path(source)
-            export_dir = _export(checkpoint, work / "export", "trt")
+            export_dir = _export(checkpoint, work / "export", "trt", progress=progress)
         build_trt_engine(export_dir, dev, output, max_memory=max_memory, max_context=max_context, force=force)
     finally:
         shutil.rmtree(work, ignore_errors=True)

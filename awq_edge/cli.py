@@ -234,7 +234,8 @@ def export_cmd(
         raise UserError(f"--target {target} is unknown; use ort, trt or onnx")
     from .export import export_checkpoint
 
-    out = export_checkpoint(checkpoint, output, target=target, force=force, lm_head_bits=_lm_head_bits(lm_head))
+    out = export_checkpoint(checkpoint, output, target=target, force=force, lm_head_bits=_lm_head_bits(lm_head),
+                            progress=True)
     typer.echo(f"wrote {out or output} (target {target})")
 
 

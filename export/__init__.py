@@ -42,7 +42,8 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str | None = None,
                       all_logits: bool = False, force: bool = False, lm_head_bits: int | None | str = "auto",
                       accuracy_level: int | None = None, rescore_top_k: int = DEFAULT_RESCORE_TOP_K,
-                      lm_head_block: int = LM_HEAD_BLOCK, max_positions: int | None = None) -> Path:
+                      lm_head_block: int = LM_HEAD_BLOCK, max_positions: int | None = None,
+                      progress: bool = False) -> Path:
     """Write the decoder graph of an AWQ checkpoint for `target`; returns out_dir.
 
     act_dtype: float32 | float16; default float32 (ort, onnx) or float16 (trt).
@@ -54,6 +55,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
     accuracy_level: MatMulNBits accuracy_level (ort): 0 = fp32 compute (matches the reference
         to ~1e-6), 4 = int8 compute (fast; default). For onnx it is recorded and passed by
         the backend to ORT's DequantizeLinear+MatMul -> MatMulNBits fusion (default 0).
+    progress: a bar over the layers (each read, packed and written as it comes).
     max_positions: the most positions the graph takes (its RoPE tables' rows; export.json
         max_position_embeddings), where fewer than the model's: `build --max-context` asks for no more.
     """
@@ -91,7 +93,7 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
 
     staging = output_staging(out_dir, force)
     try:
-        decoder = Decoder(ckpt, spec, t, staging / DATA_FILE)  # (initializers written as they are made)
+        decoder = Decoder(ckpt, spec, t, staging / DATA_FILE, progress)  # (initializers written as they are made)
         try:
             model = decoder.build()
         finally:

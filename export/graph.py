@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto
+from tqdm import tqdm
 
 from ..checkpoint import Checkpoint, QuantizedLinear, concat_linears
 from ..decoder import POSITIONS_TABLE, interleave_halves
@@ -76,8 +77,9 @@ def check_target(spec: ModelSpec, target: str) -> None:
 
 
 class Decoder:
-    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, target: Target, data_path: Path | None = None):
-        self.ckpt, self.spec, self.t = ckpt, spec, target
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, target: Target, data_path: Path | None = None,
+                 progress: bool = False):
+        self.ckpt, self.spec, self.t, self.progress = ckpt, spec, target, progress
         self.b = GraphBuilder(target.act_dtype, target.opset, data_path)  # (data_path: GraphBuilder's)
 
     # ------------------------------------------------------------ weights
@@ -289,7 +291,7 @@ class Decoder:
                 h, _ = self.pre_norm(None, h, "model.embed_norm.weight")
 
         pending = None  # output of the previous block, not yet added to the residual h
-        for i in range(spec.layers):
+        for i in tqdm(range(spec.layers), desc="export", unit="layer", disable=not self.progress):
             p = f"model.layers.{i}"
             with b.scope(f"layers.{i}"):
                 with b.scope("input_norm"):
