@@ -11,7 +11,8 @@ Directory layout (what `awq-edge quantize` writes, and what AutoAWQ writes too):
 `--format compressed-tensors` writes llm-compressor's layout instead (ct_checkpoint.py), and
 read_checkpoint reads either into the same Checkpoint. docs/formats.md describes both.
 
-Reading needs numpy and safetensors only (no torch), so the exporter can use it on a device.
+Reading needs numpy only (our own safetensors reader, no torch), so the exporter can use it on a
+device; a quantized linear is read when an exporter asks for it (Linears), so a build holds one.
 """
 from __future__ import annotations
 

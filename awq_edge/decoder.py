@@ -551,7 +551,7 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> Iterator[tu
     done = set()
     for name, array in _packed_by_op(ckpt, spec, progress):
         want = layout.get(name)
-        if want is None:  # (what a op packs that this spec's engine does not hold)
+        if want is None:  # (what an op packs that this spec's engine does not hold)
             continue
         if str(array.dtype) != want[0] or tuple(array.shape) != want[1]:
             raise UserError(f"the checkpoint's {name} does not fit its config ({array.shape}, expected {want[1]}); "
