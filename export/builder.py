@@ -70,13 +70,14 @@ class GraphBuilder:
         """An initializer; `name` is used as is when free (weights keep their checkpoint names), and
         shared when it names the same values already (the scalars each layer asks for)."""
         array = np.asarray(value, dtype=dtype)
+        data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
         if name in self.initializers:
             held = self.initializers[name]
-            if tuple(held.dims) == array.shape and held.data_type == ONNX_TYPES.get(array.dtype) and \
+            if tuple(held.dims) == array.shape and held.data_type == data_type and \
                     self._raw(held) == np.ascontiguousarray(array).tobytes():
                 return name
             name = self.name(name)
-        self._add(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape, np.ascontiguousarray(array))
+        self._add(name, data_type, array.shape, np.ascontiguousarray(array))
         return name
 
     def _add(self, name: str, data_type: int, dims, raw) -> None:
