@@ -773,15 +773,16 @@ def tagged_floats(value):
     return [tagged_floats(v) for v in value] if isinstance(value, list) else value
 
 
-def experts_stacked(state: dict, spec) -> dict:
+def experts_stacked(state: dict, spec, layers=None) -> dict:
     """A float state dict under our names with each layer's experts (mlp.experts.{j}.gate_proj, ...) as
     transformers 5 holds them: mlp.experts.gate_up_proj [E, 2 x width, hidden] (each expert's gate, then
     up) and mlp.experts.down_proj [E, hidden, width]; gpt-oss's (Family.experts_layout "interleaved")
-    [E, hidden, 2 x width] with gate and up column by column and [E, width, hidden], and their biases."""
+    [E, hidden, 2 x width] with gate and up column by column and [E, width, hidden], and their biases.
+    layers: the layers state holds (None: all)."""
     import torch
 
     interleaved = spec.family.experts_layout == "interleaved"
-    for i in spec.moe_layers:
+    for i in [i for i in spec.moe_layers if layers is None or i in layers]:
         p = f"model.layers.{i}.mlp.experts"
         tensor = {(j, n, kind): state.pop(f"{p}.{j}.{n}_proj.{kind}") for j in range(spec.experts)
                   for n in ("gate", "up", "down") for kind in ("weight", "bias") if f"{p}.{j}.{n}_proj.{kind}" in state}
@@ -815,19 +816,37 @@ def load_awq_as_float(path: Path, dtype=None):
     except Exception as e:
         raise UserError(f"transformers cannot build the model of {path / 'config.json'} ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:150]}); the config is corrupt") from None
-    state = {name: torch.from_numpy(t.astype(np.float32)) for name, t in ckpt.tensors.items()}
-    for prefix, lin in fuse_linears(ckpt.linears, spec).items():  # transformers' modules (their_name below)
-        weight = lin.dequantize()
-        state[prefix + ".weight"] = torch.from_numpy(weight.T.copy() if spec.family.conv1d_linears else weight)
-        if lin.bias is not None:
-            state[prefix + ".bias"] = torch.from_numpy(lin.bias.astype(np.float32))
-    state = {spec.family.their_name(name): t for name, t in experts_stacked(state, spec).items()}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes transformers derives from the config differently (a default it fills in)
-        raise UserError(f"{path} does not match the model transformers builds from its config.json "
-                        f"({(str(e).strip().splitlines() or [''])[-1].strip()[:150]}); the config is corrupt") from None
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+
+    def layer_of(name: str):
+        parts = name.split(".")
+        return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
+
+    # A layer at a time (each linear dequantized as its layer loads, then dropped): the float model
+    # and one layer's state in memory, not the model twice.
+    names = {}
+    for name in [*ckpt.tensors, *ckpt.linears]:
+        names.setdefault(layer_of(name), []).append(name)
+    loaded, unexpected = set(), []
+    for layer, group in names.items():
+        state = {name: torch.from_numpy(ckpt.tensors[name].astype(np.float32)) for name in group
+                 if name in ckpt.tensors}
+        linears = {name: ckpt.linears[name] for name in group if name in ckpt.linears}
+        for prefix, lin in fuse_linears(linears, spec).items():  # transformers' modules (their_name below)
+            weight = lin.dequantize()
+            state[prefix + ".weight"] = torch.from_numpy(weight.T.copy() if spec.family.conv1d_linears else weight)
+            if lin.bias is not None:
+                state[prefix + ".bias"] = torch.from_numpy(lin.bias.astype(np.float32))
+        state = {spec.family.their_name(name): t for name, t in experts_stacked(state, spec, {layer}).items()}
+        try:
+            _, extra = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes transformers derives from the config differently (a default it fills in)
+            raise UserError(f"{path} does not match the model transformers builds from its config.json "
+                            f"({(str(e).strip().splitlines() or [''])[-1].strip()[:150]}); the config is "
+                            "corrupt") from None
+        loaded |= state.keys() - set(extra)
+        unexpected += extra
+    missing = [m for m in model.state_dict() if m not in loaded and not (m == "lm_head.weight"
+                                                                          and config.tie_word_embeddings)]
     if missing or unexpected:
         raise UserError(f"{path} does not match its config.json (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}); the checkpoint is incomplete")

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Peak host memory of `awq-edge build` from a quantized checkpoint, against the layer count.
 
-    python benchmarks/build_memory.py [--shape llama2-7b] [--layers 2 4 8] [--targets cpu cuda]
+    python benchmarks/build_memory.py [--shape llama2-7b] [--layers 2 4 8] [--targets cpu cuda float]
                                       [--baseline REV]
 
 For each layer count: a random AutoAWQ checkpoint of that shape cut to that many layers
 (awq_edge/synthetic.py: the real sizes of every tensor, random values), built for each target
-(`cpu`: the ONNX Runtime engine; `cuda`: the native engine for an RTX 4090, which needs nvcc) in
-a child process of its own, whose peak RSS (its VmHWM: not nvcc's) is the number.
+(`cpu`: the ONNX Runtime engine; `cuda`: the native engine for an RTX 4090, which needs nvcc;
+`float`: no build, the dequantized float32 model `awq-edge eval` runs, torch) in a child process of
+its own, whose peak RSS (its VmHWM: not nvcc's) is the number.
 --baseline REV builds the same checkpoints with the code of that git revision too (a temporary
 worktree), in the same run: the ratio is what a change did. Per target and code: the fit
 peak = a + b * layers, and what it gives at the shape's own layer count (arithmetic on the fit,
@@ -27,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DEVICE = {"cpu": "cpu", "cuda": "rtx4090"}
+DEVICE = {"cpu": "cpu", "cuda": "rtx4090", "float": None}  # float: `awq-edge eval`'s model, not a build
 
 # Run in the child: the build, then its peak RSS and what it imported, as one JSON line. VmHWM, not
 # getrusage's ru_maxrss: that counts the parent's pages the child had between fork and exec.
@@ -37,8 +38,13 @@ sys.path.insert(0, sys.argv[1]) if sys.argv[1] else None
 import awq_edge, awq_edge.export
 from awq_edge.build import build_engine
 start = time.perf_counter()
-build_engine(sys.argv[2], device=sys.argv[3], output=sys.argv[4], force=True, progress=False,
-             backend="cuda" if sys.argv[3] != "cpu" else "auto")
+if sys.argv[3] == "None":  # the dequantized float32 model awq-edge eval runs (torch)
+    from awq_edge.checkpoint import load_awq_as_float
+    load_awq_as_float(sys.argv[2])
+    import os; os.makedirs(sys.argv[4])
+else:
+    build_engine(sys.argv[2], device=sys.argv[3], output=sys.argv[4], force=True, progress=False,
+                 backend="cuda" if sys.argv[3] != "cpu" else "auto")
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"peak_rss_bytes": int(hwm.split()[1]) * 1024,
                   "seconds": round(time.perf_counter() - start, 1),
@@ -57,7 +63,7 @@ def baseline_tree(rev: str, work: Path) -> Path:
 
 
 def build_peak(code: Path | None, checkpoint: Path, target: str, output: Path) -> dict:
-    child = subprocess.run([sys.executable, "-c", CHILD, str(code or ""), str(checkpoint), DEVICE[target],
+    child = subprocess.run([sys.executable, "-c", CHILD, str(code or ""), str(checkpoint), str(DEVICE[target]),
                             str(output)], capture_output=True, text=True)
     if child.returncode:
         raise SystemExit(f"build failed ({target}, {code or 'this tree'}): {child.stderr[-2000:]}")
