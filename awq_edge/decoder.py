@@ -584,13 +584,15 @@ def _packed_by_op(ckpt, spec: DecoderSpec, progress: bool) -> Iterator[tuple[str
         out[table] = embed
     elif table == "model.embed_tokens.q8":
         out[table], out[scales] = quantize_rows_int8(embed)
+    yield from out.items()  # (written before the head's: a 128k vocabulary's tables are GBs)
+    out, head = {}, head.astype(np.float16, copy=False)
     if spec.lm_head == "int8":
-        out["lm_head.q8"], out["lm_head.q8_scales"] = quantize_rows_int8(head.astype(np.float16))
+        out["lm_head.q8"], out["lm_head.q8_scales"] = quantize_rows_int8(head)
     else:
         if not spec.tie_embeddings:
-            out["lm_head.weight"] = head.astype(np.float16)
+            out["lm_head.weight"] = head
         if spec.lm_head == "int4":
-            out.update(quantize_head_int4(head.astype(np.float16), spec))
+            out.update(quantize_head_int4(head, spec))
     if spec.head_bias:
         out["lm_head.bias"] = tensor("lm_head.bias").astype(np.float32)
     if spec.position_offset is not None:  # (rows from the offset on: row p is position p's)

@@ -276,7 +276,7 @@ class Decoder:
                 embed = b.const("model.embed_tokens.weight", embed_w.astype(np.float32))
                 h = b.op("Gather", embed, input_ids, axis=0)
             else:
-                embed = b.const("model.embed_tokens.weight", embed_w.astype(np.float16))
+                embed = b.const("model.embed_tokens.weight", embed_w.astype(np.float16, copy=False))
                 h = b.op("Gather", embed, input_ids, axis=0)
                 if act != TensorProto.FLOAT16:
                     h = b.cast(h, act)
@@ -365,7 +365,7 @@ class Decoder:
         b, spec, k = self.b, self.spec, self.t.rescore_top_k
         with b.scope("rescore"):
             if fp16_table is None:  # an untied head: its exact table beside the quantized one
-                fp16_table = b.const("lm_head.exact", self.lm_head_weight().astype(np.float16))
+                fp16_table = b.const("lm_head.exact", self.lm_head_weight().astype(np.float16, copy=False))
             last = b.op("Reshape", x, b.int64s(-1, spec.hidden))
             logits = b.op("Reshape", "logits", b.int64s(-1, spec.vocab))
             if self.t.all_logits:  # the last position of [S, H] and [S, V]
