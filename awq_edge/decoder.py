@@ -565,7 +565,7 @@ def pack_weights(ckpt, spec: DecoderSpec, progress: bool = False) -> Iterator[tu
 
 
 def _packed_by_op(ckpt, spec: DecoderSpec, progress: bool) -> Iterator[tuple[str, np.ndarray]]:
-    """pack_weights' tensors, unchecked: the head's and the tables, then each op's."""
+    """pack_weights' tensors, unchecked: the embedding's, the head's and the tables, then each op's."""
     from tqdm import tqdm
 
     from .checkpoint import concat_linears
