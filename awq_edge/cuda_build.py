@@ -141,8 +141,8 @@ def write_cuda_engine(output: Path, device, spec, tensors, model_dir: Path, sour
                       max_context: int | None = None, force: bool = False, device_name: str | None = None,
                       progress: bool = False, config: dict | None = None) -> dict:
     """The engine folder from tensors in the kernels' layout (decoder.tensor_layout): (name, array)
-    pairs as decoder.pack_weights yields them, or a dict (random ones: awq_edge/synthetic.py); the
-    tokenizer comes from model_dir, config.json is `config` (the checkpoint's as read) or else model_dir's."""
+    pairs as decoder.pack_weights yields them (or random ones: awq_edge/synthetic.py); the tokenizer
+    comes from model_dir, config.json is `config` (the checkpoint's as read) or else model_dir's."""
     from .engine import engine_plan
 
     output = Path(output)
@@ -158,11 +158,10 @@ def write_cuda_engine(output: Path, device, spec, tensors, model_dir: Path, sour
     full_positions = spec.max_positions
     spec, layout = rope_sized_to_context(spec, tensor_layout(spec), manifest, max_memory, max_context)
     context = spec.max_positions
-    pairs = tensors.items() if isinstance(tensors, dict) else tensors
     staging = output_staging(output, force)
     try:
         index = write_weights(staging / WEIGHTS_FILE, layout,
-                              ((name, array[:context] if by_position(name) else array) for name, array in pairs))
+                              ((name, array[:context] if by_position(name) else array) for name, array in tensors))
         decoder = {"format": DECODER_FORMAT, "format_version": DECODER_FORMAT_VERSION, "group_size": spec.group_size,
                    "qkv_bias": spec.qkv_bias, "out_bias": spec.out_bias, "lm_head": spec.lm_head,
                    "act_order": spec.act_order,

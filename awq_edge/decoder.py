@@ -667,7 +667,7 @@ def quantize_head_int4(table: np.ndarray, spec: DecoderSpec) -> dict[str, np.nda
     padded = np.zeros((padded_vocab(spec), spec.hidden), np.float16)  # zero rows: scale 0, zero 0
     padded[:spec.vocab] = table
     parts = []
-    for start in range(0, padded.shape[0], 8192):  # in pieces: float32 copies of a 7B head are GBs
+    for start in range(0, padded.shape[0], 8192):  # in pieces: a whole 7B head's levels and words are GBs
         q, scales, zeros = quantize_blockwise(padded[start:start + 8192], 4, HEAD_INT4_GROUP)
         parts.append(pack_for_plugin(q, scales.astype(np.float16), zeros.astype(np.float16), HEAD_INT4_GROUP))
     return {f"lm_head.q4.{key}": np.concatenate([p[key] for p in parts]) for key in parts[0]}

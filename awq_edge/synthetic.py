@@ -191,5 +191,5 @@ def write_random_engine(output: Path, shape: str | dict, device, group_size: int
         (Path(model_dir) / "config.json").write_text(json.dumps(config, indent=1))
         source = {"source": f"random:{shape_name}", "model_type": "llama", "architectures": config["architectures"],
                   "quantization": {"method": "random", "group_size": group_size, "seed": seed}}
-        return write_cuda_engine(output, device, spec, tensors, Path(model_dir), source,
+        return write_cuda_engine(output, device, spec, tensors.items(), Path(model_dir), source,
                                  max_context=max_context, force=force)
