@@ -15,7 +15,7 @@ A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kerne
     x        [S, hidden]          a normed copy of it, the linears' input (none without pre-norms:
                                   OLMo 2's q/k/v and gate/up read h)
     qkv      [S, (H + 2 Hkv) D]   q, k and v side by side (one fused linear)
-    ctx      [S, H D]             attention output
+    ctx      [S, H D]             attention output (LFM3's: each head's then times its gate, head_gate)
     attn     [S, hidden]          after o_proj (and a post-norm: Gemma's, GLM-4's, OLMo 2's)
     gate_up  [S, 2 I]             gate and up, rows interleaved (g0 u0 g1 u1 ...; one linear); an
                                   MLP without a gate (Arcee): up alone, [S, I] at its start
@@ -53,7 +53,8 @@ rows too (`model.embed_tokens.q8`, `.q8_scales`; a tied model's are `lm_head.q8`
 as fp16 `model.embed_positions` [max_positions, hidden], which the embed op adds; RoPE tables fp16
 [max_positions, D/2] per distinct frequency set; a GPTQ act-order linear's permutation of its
 inputs as int32 `{name}.input_order` [K]; attention sinks (gpt-oss's, Granite SWA's: a logit per head
-in its softmax's denominator) as float32 `{layer}.self_attn.sinks` [H]; a mixture of experts' router
+in its softmax's denominator) as float32 `{layer}.self_attn.sinks` [H]; LFM3's head gates as float32
+`{layer}.self_attn.g_proj.weight` [H, hidden]; a mixture of experts' router
 and experts as experts_layout says.
 """
 from __future__ import annotations
@@ -136,6 +137,7 @@ class DecoderSpec:
     attention_sinks: bool = False  # gpt-oss, Granite SWA: each head's sink (self_attn.sinks), a softmax's denominator
     shared_width: int = 0          # Qwen2-MoE: its shared expert's width (0: none), an MLP the moe op adds in
     shared_gate: bool = False      # ... times sigmoid(mlp.shared_expert_gate . x)
+    attention_gate: bool = False   # LFM3: head j's ctx times sigmoid(self_attn.g_proj.weight[j] . x) (head_gate)
 
     @property
     def qkv_width(self) -> int:
@@ -216,7 +218,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         norm_top_k=model.norm_top_k, sigmoid_router=family.router == "sigmoid", expert_bias=model.expert_bias,
         routed_scale=model.routed_scale, router_bias=family.router_bias, swiglu_alpha=model.swiglu_alpha,
         swiglu_limit=float(model.swiglu_limit or 0.0), attention_sinks=model.attention_sinks,
-        shared_width=model.shared_width, shared_gate=model.shared_gate)
+        shared_width=model.shared_width, shared_gate=model.shared_gate, attention_gate=model.attention_gate)
 
 
 # ---------------------------------------------------------------- the op list
@@ -255,17 +257,19 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
     fuse_residual = fused and not spec.post_norms
     pending = None  # a buffer not yet added into h: the next norm adds it (add_norm)
 
-    def normed_input(weight: str) -> tuple[str, str | None]:
+    def normed_input(weight: str, kept: bool = False) -> tuple[str, str | None]:
         """(the linear's input buffer, the norm its prologue applies): the norm of h, fused or not,
         with the pending buffer added into h first (it is then no longer pending). Without pre-norms
-        (OLMo 2) h itself, the pending buffer added by an add op."""
+        (OLMo 2) h itself, the pending buffer added by an add op. kept: the norm in x, never in a
+        prologue (LFM3's head gates read it after attention)."""
         nonlocal pending
         if not spec.pre_norms:
             if pending is not None:
                 ops.append(Op("add", {"x": pending, "residual": "h"}))
             pending = None
             return "h", None
-        if fused and pending is None and not spec.act_order and not spec.layer_norm and not spec.parallel_block:
+        if (fused and pending is None and not spec.act_order and not spec.layer_norm and not spec.parallel_block
+                and not kept):
             return "h", weight
         ops.append(Op("norm", {"x": "h", "out": "x", **norm_args(weight)}) if pending is None else
                    Op("add_norm", {"x": pending, "residual": "h", "out": "x", **norm_args(weight)}))
@@ -293,7 +297,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
 
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        normed, norm = normed_input(f"{p}.input_layernorm.weight")
+        gated = spec.attention_gate and i not in spec.conv_layers  # (its gates read the normed input after attention)
+        normed, norm = normed_input(f"{p}.input_layernorm.weight", kept=gated)
         if spec.parallel_norms:  # (GPT-NeoX) the MLP's norm of h now: o_proj's epilogue adds into h
             ops.append(Op("norm", {"x": "h", "out": "mlp_x", **norm_args(f"{p}.{spec.mlp_norm}.weight")}))
         if i in spec.conv_layers:  # (LFM2's) out_proj(C * conv(B * x)), B, C and x from in_proj
@@ -302,7 +307,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             ops.append(Op("short_conv", {"x": "bcx", "out": "conv", "layer": i, "weight": f"{p}.conv.conv.weight",
                                          "bias": f"{p}.conv.conv.bias" if spec.conv_bias else None}))
             conv = in_order("conv", f"{p}.conv.out_proj", spec.hidden)
-            pending = residual_linear(conv, f"{p}.conv.out_proj", spec.hidden, spec.conv_bias, "attn")
+            pending = residual_linear(conv, f"{p}.conv.out_proj", spec.hidden, spec.conv_bias, "attn",
+                                      f"{p}.{spec.post_norms[0]}.weight" if spec.post_norms else None)
         else:
             # q/k norms, and OLMo 1's clamp, must see q and k before RoPE
             rope_in_linear = fused and not spec.qk_norm and not spec.clip_qkv
@@ -325,6 +331,9 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             ops.append(Op("attention", {"qkv": "qkv", "out": "ctx", "layer": i, "rope": rope,
                                         "window": spec.layer_windows[i], "rotated": rope_in_linear,
                                         "sinks": f"{p}.self_attn.sinks" if spec.attention_sinks else None}))
+            if spec.attention_gate:  # (LFM3's) each head's output times sigmoid(its gate row . x), in place
+                ops.append(Op("head_gate", {"x": normed, "ctx": "ctx", "weight": f"{p}.self_attn.g_proj.weight",
+                                            "heads": H, "size": D}))
             ctx = in_order("ctx", f"{p}.self_attn.o_proj", H * D)
             pending = residual_linear(ctx, f"{p}.self_attn.o_proj", H * D, spec.out_bias, "attn",
                                       f"{p}.{spec.post_norms[0]}.weight" if spec.post_norms else None)
@@ -516,6 +525,8 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
             layout[a["order"]] = ("int32", (a["n"],))
         elif op.kind == "attention" and a["sinks"]:
             layout[a["sinks"]] = ("float32", (spec.heads,))
+        elif op.kind == "head_gate":
+            layout[a["weight"]] = ("float32", (spec.heads, spec.hidden))
         elif op.kind == "moe":
             layout.update(experts_layout(spec, a))
     return layout
@@ -648,6 +659,8 @@ def _packed_by_op(ckpt, spec: DecoderSpec, progress: bool) -> Iterator[tuple[str
                 out[a["bias"]] = tensor(a["bias"]).astype(np.float32)
         elif op.kind == "attention" and a["sinks"]:
             out[a["sinks"]] = tensor(a["sinks"]).astype(np.float32)
+        elif op.kind == "head_gate":
+            out[a["weight"]] = tensor(a["weight"]).astype(np.float32)
         elif op.kind == "moe":
             out.update(pack_experts(ckpt, spec, a, tensor))
         elif op.kind in ("norm", "add_norm", "head_norm"):

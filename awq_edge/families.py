@@ -55,7 +55,8 @@ class Family:
     # "nope" (SmolLM3: only with use_sliding_window, the layers without RoPE); "mamba" (Granite 4: none
     # is attention, transformers makes every layer Mamba, which the engines refuse); "gpt_neo" (its
     # attention_layers, global or local, or its attention_types expanded: [[["global", "local"], 12]]);
-    # "fourth" (CWM, Granite SWA: layers 0, 4, 8, ... full, the others slide)
+    # "fourth" (CWM, Granite SWA: layers 0, 4, 8, ... full, the others slide); "lfm3" (layers 2, 6, 10, ...
+    # full, 4, 8, 12, ... sliding, the others short convolutions)
     sliding_layers: str = "none"
     # what transformers' config class takes for a key config.json leaves out, where that is not the
     # generic default export.spec assumes (head_dim hidden / heads, no window, untied, RoPE base 1e4)
@@ -169,6 +170,9 @@ class Family:
     # gpt-oss, Granite SWA: each head's learned sink, a logit (self_attn.sinks [heads]) in the softmax's
     # denominator only (Granite SWA's output times sigmoid(logsumexp(scores) - sink): the same numbers)
     attention_sinks: bool = False
+    # LFM3: the config switch (use_attention_gate, on unless false) of a gate on each head's output: the
+    # attention's output for head j times sigmoid(self_attn.g_proj(x))[j], x the attention's normed input
+    attention_gate: str = ""
     # gpt-oss: its MLP returns (output, router scores), which its block unpacks; the quantizer's SparseMoe too
     moe_returns_tuple: bool = False
     # Qwen2-MoE: a shared expert beside the routed ones, on every token (mlp.shared_expert, a gated MLP as wide as
@@ -251,6 +255,9 @@ LFM2_NAMES = ((".operator_norm.", ".input_layernorm."), (".ffn_norm.", ".post_at
               ("model.embedding_norm.", "model.norm."))
 LFM2_DEFAULTS = (("max_position_embeddings", 128000), ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5),
                  ("tie_word_embeddings", True), ("rope_theta", 1000000.0))
+
+# LFM3's: LFM2's names with Qwen3's attention (o_proj, q_norm, k_norm) and sandwich norms
+LFM3_NAMES = tuple(pair for pair in LFM2_NAMES if pair[0] != ".self_attn.out_proj.")
 
 COHERE_DEFAULTS = (("rms_norm_eps", 1e-5), ("tie_word_embeddings", True), ("logit_scale", 0.0625))
 
@@ -526,6 +533,21 @@ FAMILIES: dict[str, Family] = {
                config_aliases=(("norm_eps", "rms_norm_eps"),),
                config_replaced=(("block_ff_dim", "intermediate_size"), ("tie_embedding", "tie_word_embeddings")),
                module_renames=LFM2_NAMES, config_defaults=LFM2_DEFAULTS),
+        # LFM3: LFM2's short convolutions and MLP, attention layers full (every 4th from layer 2: RoPE on half
+        # of each head's pairs, "proportional") or sliding (every 4th from layer 4), each head's output gated
+        # (attention_gate), sandwich norms; no ff_dim adjusting (its MLP is intermediate_size wide)
+        Family("lfm3", ("lfm3",), qk_norm=True, short_conv=True, sliding_layers="lfm3",
+               attention_gate="use_attention_gate", post_norms=("post_operator_norm", "post_ffn_norm"),
+               config_aliases=(("norm_eps", "rms_norm_eps"),), module_renames=LFM3_NAMES,
+               config_defaults=(("max_position_embeddings", 128000), ("num_key_value_heads", 4), ("head_dim", 128),
+                                ("rms_norm_eps", 1e-5), ("tie_word_embeddings", True), ("sliding_window", 256),
+                                ("conv_L_cache", 7),
+                                ("rope_parameters", {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                     "full_attention": {"rope_type": "proportional",
+                                                                        "rope_theta": 1e6,
+                                                                        "partial_rotary_factor": 0.5}})),
+               required_switches=(("use_sandwich_norm", "a norm on each attention, convolution and MLP output"),),
+               refused_switches=(("attention_bias", "biases on q, k, v and o"),)),
         # LFM2-MoE (8B-A1B): LFM2's layers with experts after the first num_dense_layers (whose MLP is as wide as
         # intermediate_size says), 4 of 32 a token by a sigmoid router with expert biases; its experts' w1, w3, w2
         Family("lfm2_moe", ("lfm2_moe",), qk_norm=True, qk_norms=LFM2_QK_NORMS, short_conv=True,

@@ -346,7 +346,9 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     elif family.parallel_block:  # q/k/v and gate/up read one norm: one group, its loss on attention + MLP
         groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, qkv + mlp_in, "parallel", "q_proj"))
     elif foldable:
-        groups.append(ScaleGroup("qkv", layer.input_layernorm, qkv, "self_attn", "q_proj"))
+        # (LFM3's head gate g_proj reads that norm too, and stays float: as a router, it takes the scales)
+        groups.append(ScaleGroup("qkv", layer.input_layernorm, qkv, "self_attn", "q_proj",
+                                 floats=tuple(attention_gate(attn))))
     # (OLMo 1's clip_qkv clamps v: clamp(v / s) is not clamp(v) / s, so o's scales would not fold exactly)
     # (multi-head attention: v as wide as o's input; what the config calls KV heads may be a key its model ignores)
     multi_head = attn is not None and attn.v_proj.out_features == attn.o_proj.in_features
@@ -373,6 +375,12 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
 def is_moe_layer(layer) -> bool:
     """A block whose MLP is a mixture of experts, as model.experts_as_linears leaves it."""
     return isinstance(getattr(layer.mlp, "experts", None), nn.ModuleList)
+
+
+def attention_gate(attn) -> list[nn.Linear]:
+    """LFM3's gate on each head's output (self_attn.g_proj), or none."""
+    gate = getattr(attn, "g_proj", None)
+    return [gate] if isinstance(gate, nn.Linear) else []
 
 
 def is_conv_layer(layer) -> bool:

@@ -329,6 +329,17 @@ def twin_short_conv(bcx: np.ndarray, store: np.ndarray, weight: np.ndarray, bias
     return (gate_c * y).astype(F16)
 
 
+def twin_head_gate(ctx: np.ndarray, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """LFM3's head gates (decoder_ops.cu awq_head_gate): ctx fp16 [S, H D], each head's D values times
+    sigmoid(weight[head] . x) in float32, x fp16 [S, hidden] (the attention's normed input), weight
+    float32 [H, hidden] -> fp16 [S, H D]."""
+    heads = weight.shape[0]
+    logits = x.astype(F32) @ weight.T  # [S, H]
+    gates = F32(1) / (F32(1) + np.exp(-logits))
+    rows = ctx.reshape(ctx.shape[0], heads, -1).astype(F32) * gates[:, :, None]
+    return rows.reshape(ctx.shape).astype(F16)
+
+
 def twin_lm_head(x: np.ndarray, table: np.ndarray, softcap: float, bias: np.ndarray | None = None) -> np.ndarray:
     """float32 logits [V] of one fp16 row x [hidden] against the table [V, hidden]: float32 values
     of the fp16 table, or of the int8 one (dequantize_rows_int8: q * s, exact in float32); plus
@@ -502,6 +513,8 @@ class ReferenceBackend:
             q_rot = self.q_rot if a["rotated"] else self.rope_store(buf[a["qkv"]], i, a["rope"])
             buf[a["out"]][:] = twin_attend(q_rot, self.k_cache[i], self.v_cache[i], self.position, a["window"],
                                            spec.attn_scale, spec.attn_softcap, t[a["sinks"]] if a["sinks"] else None)
+        elif op.kind == "head_gate":
+            buf[a["ctx"]][:] = twin_head_gate(buf[a["ctx"]], buf[a["x"]], t[a["weight"]])
         elif op.kind == "act":
             buf[a["out"]][:] = twin_act(buf[a["x"]], a["kind"], a["gated"], t[a["params"]] if a["params"] else None)
         elif op.kind == "clamp":  # (decoder_ops.cu awq_clamp)

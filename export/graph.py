@@ -567,7 +567,7 @@ class Decoder:
             qkv = self.clipped(self.linear(x, f"{p}.qkv_proj", lin))
             if not qk_norm:
                 ctx = attention.gqa_attention(b, spec, i, qkv, None, None, *past, self.info, *rope, names, sinks)
-                return self.linear(ctx, f"{p}.o_proj")
+                return self.linear(self.gated(ctx, x, p), f"{p}.o_proj")
             q_size, kv_size = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
             q, k, v = b.op("Split", qkv, b.int64s(q_size, kv_size, kv_size), axis=-1, outputs=3)
         else:
@@ -589,4 +589,16 @@ class Decoder:
             ctx = attention.plugin_attention(b, spec, i, q, k, v, *past, self.info.past_length, *rope)
         else:
             ctx = attention.standard_attention(b, spec, q, k, v, *past, *rope, mask, names, sinks)
-        return self.linear(ctx, f"{p}.o_proj")
+        return self.linear(self.gated(ctx, x, p), f"{p}.o_proj")
+
+    def gated(self, ctx: str, x: str, p: str) -> str:
+        """LFM3's gate: each head's output [1, S, heads x head_dim] times sigmoid(g_proj(x)) for that head,
+        x the attention's input; without one, ctx."""
+        if not self.spec.attention_gate:
+            return ctx
+        b, spec = self.b, self.spec
+        weight = self.tensor(f"{p}.g_proj.weight").astype(np.float32).T  # [hidden, heads]
+        gate = b.op("MatMul", x, b.act_const(f"{p}.g_proj.weight", weight))
+        gate = b.op("Unsqueeze", b.op("Sigmoid", gate), b.int64s(-1))  # [1, S, heads, 1]
+        heads = b.op("Reshape", ctx, b.int64s(1, -1, spec.heads, spec.head_dim))
+        return b.op("Reshape", b.op("Mul", heads, gate), b.int64s(1, -1, spec.heads * spec.head_dim))

@@ -22,7 +22,7 @@ from ..families import Family, family_for
 from ..untrusted import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS,
                          MAX_VOCAB, Fields)
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope", "proportional")
 FIX = "the checkpoint config is incomplete or corrupt"
 # config.json's names (hidden_act; Gemma's hidden_activation) of each families.Family.activation
 ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new"),
@@ -126,6 +126,9 @@ class ModelSpec:
     # gated by sigmoid(mlp.shared_expert_gate . x) with shared_gate (Qwen2-MoE's)
     shared_width: int = 0
     shared_gate: bool = False
+    # LFM3: each head's output times sigmoid(self_attn.g_proj(x))[head] (Family.attention_gate), x the
+    # attention's normed input; g_proj stays float (self_attn.g_proj.weight [heads, hidden]), as a router
+    attention_gate: bool = False
 
     @property
     def attention_layers(self) -> list[int]:
@@ -158,6 +161,9 @@ def rope_frequencies(rope: Fields, dim: int, max_positions: int, aliases: dict |
         return Rope(freq)
     if rope_type == "linear":
         return Rope(freq / rope.float("factor", 1e-3, 1e6))
+    if rope_type == "proportional":  # (LFM3's) the first pairs as default's, the rest past partial_rotary_factor 0
+        turning = int(rope.float("partial_rotary_factor", 1e-6, 1.0, default=1.0) * dim // 2)
+        return Rope(np.where(np.arange(len(freq)) < turning, freq, 0.0) / rope.float("factor", 1e-3, 1e6, default=1.0))
     if rope_type == "llama3":
         factor = rope.float("factor", 1e-3, 1e6)
         low, high = rope.float("low_freq_factor", 1e-6, 1e6), rope.float("high_freq_factor", 1e-6, 1e6)
@@ -363,7 +369,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     layer_types = config.get("layer_types") or default_layer_types(c, family, layers, window, rotating)
     conv_layers: tuple = ()
     if family.short_conv:  # LFM2: "conv" layers (older configs: all but full_attn_idxs), as transformers reads them
-        layer_types = conv_layer_types(c, layers) if config.get("layer_types") is None else layer_types
+        layer_types = conv_layer_types(c, family, layers) if config.get("layer_types") is None else layer_types
         if isinstance(layer_types, list):
             conv_layers = tuple(i for i, t in enumerate(layer_types) if t == "conv")
             layer_types = ["full_attention" if t == "conv" else t for t in layer_types]
@@ -403,6 +409,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         factor = rope.float("partial_rotary_factor", 1e-6, 1.0, default=c.float("partial_rotary_factor", 1e-6, 1.0,
                                                                                  default=1.0))
         dim = int(head_dim * factor)  # as transformers rounds it
+        if (rope.str("rope_type", default=None) or rope.str("type", default="default")) == "proportional":
+            dim = head_dim  # (its pairs past the factor's turn at frequency 0: rope_frequencies)
         if family.rotary_dim_key:  # (GPT-J's rotary_dim: the rotated dimensions themselves)
             dim = c.int(family.rotary_dim_key, 2, head_dim)
         if dim < 2 or dim % 2:
@@ -458,7 +466,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         conv_kernel=c.int("conv_L_cache", 2, MAX_CONV_KERNEL, default=3) if conv_layers else 0,
         conv_bias=bool(conv_layers) and c.bool("conv_bias", default=False),
         clip_qkv=c.float("clip_qkv", 1e-6, 1e6, default=None) if family.clip_qkv else None,
-        attention_sinks=family.attention_sinks, **moe,
+        attention_sinks=family.attention_sinks,
+        attention_gate=bool(family.attention_gate) and c.bool(family.attention_gate, default=True), **moe,
     )
 
 
@@ -515,9 +524,12 @@ def layer_numbers(c: Fields, key: str, layers: int) -> list[int]:
     return listed
 
 
-def conv_layer_types(c: Fields, layers: int) -> list[str]:
+def conv_layer_types(c: Fields, family: Family, layers: int) -> list[str]:
     """An LFM2 config without layer_types: full attention at full_attn_idxs (every layer where it
-    lists none, as transformers reads it), a short convolution elsewhere."""
+    lists none, as transformers reads it), a short convolution elsewhere; LFM3's by its rule."""
+    if family.sliding_layers == "lfm3":  # (LFM3's: every 4th from 2 full, every 4th from 4 sliding)
+        return ["full_attention" if i % 4 == 2 else "sliding_attention" if i % 4 == 0 and i else "conv"
+                for i in range(layers)]
     if c.raw.get("full_attn_idxs") is None:
         return ["full_attention"] * layers
     listed = layer_numbers(c, "full_attn_idxs", layers)

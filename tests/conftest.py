@@ -103,6 +103,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
             dense = dict(attention_types=[[["global", "local"], 1]], window_size=8)
         if model_type == "lfm2":  # a short convolution (with biases), then attention
             dense = dict(layer_types=["conv", "full_attention"], block_multiple_of=32, conv_bias=True)
+        if model_type == "lfm3":  # a short convolution, then attention with gated heads
+            dense = dict(layer_types=["conv", "full_attention"])
         if model_type in MOE_EXPERTS:  # 2 of 4 experts a token, each 64 wide; Qwen3-MoE: layer 1 a dense MLP;
             # LFM2-MoE: layer 0 a short convolution with a dense MLP, layer 1 attention with experts
             dense = {MOE_EXPERTS[model_type]: 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,

@@ -187,7 +187,7 @@ def test_native_decode_checks_its_input_like_onnxruntime(default_export):
 MOE_FAMILIES = tuple(MOE_EXPERTS)
 FAMILIES = TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee", "nemotron", "stablelm", "cohere2", "jais2",
                             "starcoder2", "granitemoehybrid", "phi", "hyperclovax", "olmo", "apertus", "nanochat",
-                            "lfm2", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo",
+                            "lfm2", "lfm3", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo",
                             "granite_swa") + MOE_FAMILIES
 # families whose head is hidden / heads, whatever head_dim says (OLMoE's q norm is hidden wide)
 HEAD_FROM_HEADS = ("stablelm", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo", "olmoe")
@@ -195,10 +195,13 @@ HEAD_FROM_HEADS = ("stablelm", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj",
 
 def tiny_family_checkpoint(root, model_type: str, tokenizer_dir):
     """The native decode's tiny checkpoint of a family: hidden 128, heads of 64 (the native attention's
-    smallest), LFM2's short convolutions (their biases too) around attention."""
+    smallest), LFM2's short convolutions (their biases too) around attention; LFM3's sliding and full
+    attention (gated heads) around one."""
     extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
     if model_type == "lfm2":
         extra = {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "conv_bias": True}
+    if model_type == "lfm3":
+        extra = {"num_hidden_layers": 3, "layer_types": ["sliding_attention", "conv", "full_attention"]}
     heads = 2 if model_type in HEAD_FROM_HEADS else 4
     return tiny_checkpoint(root, model_type, tokenizer_dir, hidden_size=128, intermediate_size=256,
                            num_attention_heads=heads, num_key_value_heads=2, head_dim=64, **extra)
@@ -216,10 +219,12 @@ def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_
     # sign, its MLP on the attention's norm; LFM2's taps in the wrong order; LFM2: one attention layer's
     # bf16 copy of the cache, ~1 %). A mixture of experts: those differences may turn a near tie of two
     # experts the other way on a step (Mixtral's: ~8 % there), so one step is let off; an expert
-    # computed or weighted wrong errs on every step
+    # computed or weighted wrong errs on every step. LFM3: its sandwich norms scale the tiny random
+    # outputs' int8 rounding up to each norm's RMS (3.3 % at most without its head gates, 6.5 % with;
+    # a gate left out or read transposed, over 100 %)
     worst = sorted(errors)[-2] if model_type in MOE_FAMILIES else max(errors)
-    assert worst < (0.03 if model_type == "lfm2" else 0.04) and max(errors) < 0.2 and len(disagreements) <= 1, (
-        errors, disagreements)
+    limit = {"lfm2": 0.03, "lfm3": 0.08}.get(model_type, 0.04)
+    assert worst < limit and max(errors) < 0.2 and len(disagreements) <= 1, (errors, disagreements)
 
 
 @pytest.mark.parametrize("path", sorted(set(FLAGS) - {"native"}))

@@ -198,6 +198,16 @@ def test_short_convolutions_match_the_reference(fused, gemv, tokenizer_dir, tmp_
     check_against_reference(engine, 320, fused=fused, cublas=False, gemv=gemv)
 
 
+@pytest.mark.parametrize("gemv", GEMVS)
+def test_lfm3s_gated_heads_match_the_reference(gemv, tokenizer_dir, tmp_path):
+    """LFM3: awq_head_gate after each attention (each head's output times sigmoid of its gate row . the
+    normed input), sandwich norms after the convolution, attention and MLP, a sliding layer and a full
+    one turning half its pairs ("proportional" RoPE); prefill on our GEMM."""
+    engine = tiny_engine(tmp_path, "lfm3", tokenizer_dir, num_hidden_layers=3, sliding_window=5,
+                         layer_types=["sliding_attention", "conv", "full_attention"])
+    check_against_reference(engine, 320, cublas=False, gemv=gemv)
+
+
 @pytest.mark.parametrize("model_type", ["arcee", "apertus", "nanochat"])
 @pytest.mark.parametrize("gemv", [*GEMVS, "persistent_step"])
 def test_an_mlp_without_a_gate_matches_the_reference(gemv, model_type, tokenizer_dir, tmp_path):

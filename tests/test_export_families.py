@@ -42,6 +42,7 @@ def _ids(seed: int, n: int = PROMPT + STEPS) -> list[int]:
 # sinks its attention plugin does not add
 TRT_REFUSES = {"hunyuan_v1_dense": "q/k norms come after RoPE, and the trt target's attention plugin",
                "lfm2": "short convolutions keep a state per position, which the trt target's engines do not",
+               "lfm3": "short convolutions keep a state per position, which the trt target's engines do not",
                "gpt_bigcode": "positions are a learned table, which the trt target's graph does not add",
                "opt": "positions are a learned table, which the trt target's graph does not add",
                "gpt2": "positions are a learned table, which the trt target's graph does not add",
@@ -295,13 +296,18 @@ def test_a_window_as_wide_as_the_context_is_no_window():
 def test_unsupported_rope_type_is_a_user_error(tmp_path, smollm2_dir):
     from awq_edge.export import export_checkpoint
 
-    rope = {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}  # Gemma 4's
-    with pytest.raises(UserError, match="RoPE type 'proportional' is not supported"):  # refused before quantizing
-        tiny_checkpoint(tmp_path / "float", "llama", smollm2_dir, rope_parameters=rope)
+    from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
+
+    rope = {"rope_type": "axial", "rope_theta": 10000.0}  # (one that transformers names, and no RoPE function of its)
     ckpt = tiny_checkpoint(tmp_path / "ok", "llama", smollm2_dir)
-    config = json.loads((ckpt / "config.json").read_text())
-    (ckpt / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
-    with pytest.raises(UserError, match="RoPE type 'proportional' is not supported"):  # and by the exporter
+    for folder in (tmp_path / "ok" / "float", ckpt):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    with pytest.raises(UserError, match="RoPE type 'axial' is not supported"):  # refused before quantizing
+        quantize_checkpoint(str(tmp_path / "ok" / "float"), tmp_path / "again", QuantizeSettings(method="rtn"),
+                            progress=False)
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(UserError, match="RoPE type 'axial' is not supported"):  # and by the exporter
         export_checkpoint(ckpt, tmp_path / "out", "ort")
     assert not (tmp_path / "out").exists()
 
@@ -591,16 +597,42 @@ def test_granite4_runs_its_dense_models_and_refuses_its_hybrid_and_expert_ones()
     ("hyperclovax", {"use_post_norm": True}, {"use_post_norm": False}, "use_post_norm false .* for hyperclovax"),
     ("iquestcoder", {"clip_qkv": None}, {"clip_qkv": 8.0}, "clip_qkv 8.0 .* is not supported for iquestcoder"),
     ("granitemoe_swa", {"shared_intermediate_size": 0}, {"shared_intermediate_size": 64},
-     "shared_intermediate_size 64 .a shared expert beside the routed ones. is not supported for granitemoe_swa")])
+     "shared_intermediate_size 64 .a shared expert beside the routed ones. is not supported for granitemoe_swa"),
+    ("lfm3", {"use_sandwich_norm": True}, {"use_sandwich_norm": False}, "use_sandwich_norm false .* for lfm3"),
+    ("lfm3", {"attention_bias": False}, {"attention_bias": True}, "attention_bias True .* is not supported for lfm3")])
 def test_a_switch_the_engines_do_not_compute_is_refused(model_type, taken, refused, message):
     """HyperCLOVA X without its Peri-LN post-norms (use_post_norm false); IQuest-Coder's clip_qkv (its config
-    refuses it too); Granite MoE SWA's shared expert."""
+    refuses it too); Granite MoE SWA's shared expert; LFM3 without its sandwich norms, or with attention biases."""
     from awq_edge.export.spec import model_spec
 
     config = {**TINY, **TINY_EXTRA[model_type], "model_type": model_type}
     model_spec({**config, **taken})
     with pytest.raises(UserError, match=message):
         model_spec({**config, **refused})
+
+
+def test_lfm3s_gates_and_rope_read_as_transformers_reads_them():
+    """LFM3: its head gates unless use_attention_gate is false; its full layers' "proportional" RoPE
+    over the whole head, the pairs past partial_rotary_factor's at frequency 0 (transformers' inv_freq),
+    its sliding layers' over every pair; layer types by its rule where config.json lists none."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from awq_edge.export.spec import model_spec
+
+    config = AutoConfig.for_model("lfm3", **{**TINY, **TINY_EXTRA["lfm3"], "num_hidden_layers": 8, "layer_types": None})
+    spec = model_spec({k: v for k, v in config.to_dict().items() if k != "layer_types"})
+    listed = model_spec(config.to_dict())  # (as transformers lists them)
+    assert (listed.conv_layers, listed.layer_windows) == (spec.conv_layers, spec.layer_windows)
+    assert [r.key() for r in listed.layer_rope] == [r.key() for r in spec.layer_rope]
+    assert spec.attention_gate and not model_spec({**config.to_dict(), "use_attention_gate": False}).attention_gate
+    assert spec.conv_layers == (0, 1, 3, 5, 7) and spec.layer_windows == [None, None, None, None, 5, None, None, None]
+    assert spec.rotary_dim == spec.head_dim == 16
+    full, _ = ROPE_INIT_FUNCTIONS["proportional"](config, torch.device("cpu"), layer_type="full_attention")
+    assert np.allclose(spec.layer_rope[2].inv_freq, full.numpy(), rtol=1e-6) and (full[4:] == 0).all()
+    sliding = 1.0 / 1e4 ** (np.arange(0, 16, 2) / 16)
+    assert np.allclose(spec.layer_rope[4].inv_freq, sliding, rtol=1e-6)
 
 
 def test_olmo_1s_layer_norms_take_eps_1e_5_whatever_its_config_says():

@@ -94,6 +94,10 @@ TINY_EXTRA = {
     # layer 0 a gated short convolution, layer 1 attention with per-head q/k norms, its own names; the MLP
     # width adjusted (2/3 of 128, rounded up to 32: 96)
     "lfm2": {"layer_types": ["conv", "full_attention"], "block_multiple_of": 32, "head_dim": 16},
+    # LFM2's short convolution (layer 0), then attention layers with gated heads, sandwich norms, q/k norms: layer 1
+    # sliding, layer 2 full with half of each head's pairs turning ("proportional" RoPE: its default)
+    "lfm3": {"layer_types": ["conv", "sliding_attention", "full_attention"], "num_hidden_layers": 3, "head_dim": 16,
+             "sliding_window": 5, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # LayerNorms without a weight or a bias; q, k and v clamped (small enough to bite: OLMo 7B 0424's is 8)
     "olmo": {"clip_qkv": 0.1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # no pre-norms, post-norms, q/k norms over all heads
@@ -214,6 +218,8 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
                 p.normal_(std=1.0)
             elif ".shared_expert." in name:  # (Qwen2-MoE's shared expert: loud enough to tell in the logits)
                 p.normal_(std=0.1)
+            elif name.endswith(".g_proj.weight"):  # (LFM3's head gates: open and shut by token and head)
+                p.normal_(std=1.0)
             elif name.endswith(".conv.conv.weight"):  # (LFM2's short convolutions: taps that tell their order)
                 p.normal_(std=1.0)
             elif name.endswith(("wpe.weight", "embed_positions.weight")):  # (learned positions: rows that tell apart)

@@ -660,6 +660,12 @@ BACKEND_CASES = {
                         {"awq_short_conv", "awq_gemv_norm_store_g32_w4"}),
     "lfm2-unfused": ("lfm2", "auto", {"num_hidden_layers": 2, "conv_bias": True}, False, 9, "tensor_cores",
                      {"awq_short_conv", "awq_add_norm"}),
+    # LFM3's head gates (awq_head_gate after each attention, on its normed input: an add_norm op, not a
+    # prologue), sandwich norms after the convolution and attention, a sliding layer (5 tokens) and a full one
+    # turning half its pairs ("proportional" RoPE), across the prompt, the decode steps and the chunk
+    "lfm3-head-gate": ("lfm3", "auto", {"num_hidden_layers": 3, "sliding_window": 5,
+                                        "layer_types": ["sliding_attention", "conv", "full_attention"]},
+                       True, 20, "cuda_cores", {"awq_head_gate", "awq_short_conv", "awq_add_norm"}),
     # OLMo 1's clip_qkv (0.1 here: it bites): q, k and v clamped after their GEMV (awq_clamp), RoPE then in
     # rope_store, not the GEMV's epilogue
     "olmo-clip-qkv": ("olmo", "auto", {"num_hidden_layers": 2}, True, 9, "cuda_cores",
@@ -745,9 +751,10 @@ def emulated_backend(lib, case: str, tmp_path, adversarial: bool = False, concur
     ("phi3-d96", "the persistent decode step takes head sizes 64, 128, 256, and this model's is 96; choose another"),
     ("hunyuan-rope-before-norms", "the persistent decode step does not rotate q and k before their norms"),
     ("lfm2-unfused", "the persistent decode step has no short convolution"),
+    ("lfm3-head-gate", "the persistent decode step does not gate each head's output"),
     ("olmo-clip-qkv", "the persistent decode step does not clamp q, k and v"),
     ("gpt_oss-clamped-swiglu-sinks", "the persistent decode step has no mixture of experts"),
-], ids=["phi3-d96", "hunyuan", "lfm2", "olmo", "gpt_oss"])
+], ids=["phi3-d96", "hunyuan", "lfm2", "lfm3", "olmo", "gpt_oss"])
 def test_the_persistent_step_refuses_what_it_lacks(emulated, case, refusal, tmp_path):
     from awq_edge.errors import UserError
 

@@ -891,6 +891,8 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                           ("hyperclovax", {}), ("olmo", {}), ("apertus", {}), ("nanochat", {}),
                           ("lfm2", {"conv_bias": True, "num_hidden_layers": 3,
                                     "layer_types": ["conv", "full_attention", "conv"]}),
+                          ("lfm3", {"num_hidden_layers": 4,
+                                    "layer_types": ["sliding_attention", "conv", "full_attention", "conv"]}),
                           ("gpt_neox", {}), ("gpt_neox", {"use_parallel_residual": False}),
                           ("gpt_bigcode", {}), ("gpt_bigcode", {"multi_query": False}), ("opt", {"ffn_dim": 256}),
                           ("gpt2", {}),
@@ -899,7 +901,7 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                          ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope", "smollm3_nope", "granite", "glm", "glm4",
                               "ernie4_5", "olmo2", "olmo3", "exaone4", "gemma", "vaultgemma", "hunyuan", "arcee",
                               "nemotron", "stablelm", "cohere", "cohere2", "jais2", "starcoder2",
-                              "granite4_nope", "phi", "hyperclovax", "olmo", "apertus", "nanochat", "lfm2",
+                              "granite4_nope", "phi", "hyperclovax", "olmo", "apertus", "nanochat", "lfm2", "lfm3",
                               "gpt_neox", "gpt_neox_sequential", "gpt_bigcode_multi_query", "gpt_bigcode",
                               "opt", "gpt2", "gptj", "gpt_neo", "granite_swa_sinks", "qwen2_moe", "lfm2_moe",
                               "ernie4_5_moe", "gpt_oss"])

@@ -300,7 +300,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
                                                        "olmo2", "exaone4", "gemma", "vaultgemma", "hunyuan_v1_dense",
                                                        "arcee", "nemotron", "stablelm", "cohere", "cohere2", "jais2",
                                                        "starcoder2", "granitemoehybrid", "phi",
-                                                       "hyperclovax", "olmo", "apertus", "nanochat", "lfm2",
+                                                       "hyperclovax", "olmo", "apertus", "nanochat", "lfm2", "lfm3",
                                                        "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj",
                                                        "gpt_neo", "cwm", "granite_swa", *MOE_EXPERTS))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
@@ -335,7 +335,7 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere",
                                                        "jais2", "starcoder2", "granitemoehybrid", "phi",
-                                                       "olmo", "apertus", "nanochat", "lfm2", "gpt_neox",
+                                                       "olmo", "apertus", "nanochat", "lfm2", "lfm3", "gpt_neox",
                                                        "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):

@@ -49,7 +49,7 @@ void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scale
 /* ---------------------------------------------------------------- the decode step (decode_step.c) */
 
 enum cpu_op_kind { OP_EMBED = 1, OP_NORM, OP_ADD_NORM, OP_LINEAR, OP_HEAD_NORM, OP_ATTENTION, OP_ACT, OP_LM_HEAD,
-                   OP_ADD, OP_ROPE, OP_SHORT_CONV, OP_CLAMP, OP_MOE };
+                   OP_ADD, OP_ROPE, OP_SHORT_CONV, OP_CLAMP, OP_MOE, OP_HEAD_GATE };
 /* ACT_UNGATED: a flag added */
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_XIELU = 3, ACT_GELU = 4, ACT_RELU = 5, ACT_UNGATED = 8 };
 
@@ -57,8 +57,9 @@ enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_XIELU = 3, ACT_GELU =
 struct cpu_op {
   int32_t kind;      /* cpu_op_kind */
   int32_t n;         /* outputs (linear, lm_head, act: I), width (norms, embed, add, short_conv), heads (head_norm,
-                        rope), an expert's width (moe) */
-  int32_t k;         /* inputs (linear, lm_head, moe), a head's width (head_norm), the tokens a short_conv reads */
+                        rope, head_gate), an expert's width (moe) */
+  int32_t k;         /* inputs (linear, lm_head, moe, head_gate), a head's width (head_norm), the tokens a short_conv
+                        reads */
   int32_t group;     /* the linear's block size */
   int32_t offset;    /* head_norm: first column */
   int32_t layer;     /* attention: which cache */
@@ -76,7 +77,7 @@ struct cpu_op {
   const uint8_t *w2;     /* zero_points */
   const float *bias;     /* linear bias, a LayerNorm's bias (norm, add_norm), moe: the router's (gpt-oss), or NULL */
   const float *w_norm;   /* norm weight (the family's offset folded in); act ACT_XIELU: a_p, a_n, beta, eps;
-                            short_conv: its weight [n, k] */
+                            short_conv: its weight [n, k]; head_gate: the gates' weight [k, n] */
   const void *table;     /* fp16 [V, hidden]: embed; lm_head's exact table */
   const float *cos, *sin;  /* RoPE tables [max_positions, D / 2]; attention: NULL when a rope op rotated q and k */
   const int64_t *order;    /* linear: its input read as x[order[i]] (GPTQ act-order), or NULL */

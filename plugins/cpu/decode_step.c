@@ -644,6 +644,17 @@ static void short_conv(const struct cpu_op *op, int position) {
   }
 }
 
+/* LFM3's head gates: each head's head_dim values of op->out (the attention's output) times
+   sigmoid(x . column h of w_norm [k, n]), x (k values) the attention's normed input: the graph's MatMul. */
+static void head_gate(const struct cpu_model *m, const struct cpu_op *op) {
+  for (int h = 0; h < op->n; h++) {
+    float logit = 0.f;
+    for (int i = 0; i < op->k; i++) logit += op->x[i] * op->w_norm[(size_t)i * op->n + h];
+    const float gate = 1.f / (1.f + exp_approx(-logit));
+    for (int d = 0; d < m->head_dim; d++) op->out[(size_t)h * m->head_dim + d] *= gate;
+  }
+}
+
 /* The ops too small to share out: one thread runs each. */
 static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t token, int position) {
   switch (op->kind) {
@@ -679,6 +690,9 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
       break;
     case OP_SHORT_CONV: /* LFM2: out = C * conv(B * x), the token's B * x stored at its position first */
       short_conv(op, position);
+      break;
+    case OP_HEAD_GATE: /* LFM3: each head's output times its gate */
+      head_gate(m, op);
       break;
     case OP_CLAMP: /* OLMo 1's clip_qkv: the q/k/v row into [-limit, limit] (compares: no libm here) */
       for (int j = 0; j < op->n; j++) op->x[j] = op->x[j] > op->scale ? op->scale

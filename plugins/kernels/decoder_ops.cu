@@ -111,6 +111,23 @@ awq_clamp(__half* __restrict__ x, int n, float limit) {
         row[i] = __float2half(fminf(fmaxf(__half2float(row[i]), -limit), limit));
 }
 
+// LFM3's head gates, in place: ctx[r, head * head_dim ..] (the attention's output) times
+// sigmoid(weight[head, :] . x[r, :]), x the attention's normed input, weight float32 [heads, hidden].
+// Grid: (heads, rows).
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_head_gate(__half* __restrict__ ctx, const __half* __restrict__ x, const float* __restrict__ weight, int hidden,
+              int head_dim) {
+    awq_edge::begin_after_previous_kernel();
+    __shared__ float partial[kWarps];
+    const __half* row = x + static_cast<size_t>(blockIdx.y) * hidden;
+    const float* gate_row = weight + static_cast<size_t>(blockIdx.x) * hidden;
+    float dot = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dot += gate_row[i] * __half2float(row[i]);
+    const float gate = 1.f / (1.f + expf(-awq_edge::block_sum(dot, partial)));
+    __half* head = ctx + (static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x) * head_dim;
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) head[i] = __float2half(__half2float(head[i]) * gate);
+}
+
 // out[r, i] = x[r, order[i]]: a GPTQ act-order linear's input in the order its levels are stored
 // (its groups' columns together). order is a permutation of 0..n-1 (engine_dir checks it at load).
 // Grid: rows.
