@@ -39,6 +39,9 @@ QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 # what a checkpoint may store quantized: those, or a family's fused ones (Phi-3's qkv_proj, gate_up_proj)
 STORED_LINEARS = QUANTIZED_LINEARS + tuple(sorted({fused.rsplit(".", 1)[1] for family in FAMILIES.values()
                                                    for fused, _ in family.fused_linears}))
+# linears the engines keep float that another tool's checkpoint may store quantized: LFM3's head gates
+# (float_gates dequantizes them at reading)
+FLOAT_LINEARS = ("g_proj",)
 METADATA_FILE = "awq_edge.json"
 GPTQ_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what its stored zeros lack
 # a quantized linear's tensors in AutoAWQ's and GPTQ's layouts (the first three always there)
@@ -305,8 +308,23 @@ def read_checked(path: str | Path):
     ckpt = read_checkpoint(path)
     spec = model_spec(ckpt.config, str(Path(path) / "config.json"))
     ckpt.linears = split_fused(ckpt.linears, spec, str(path))
+    if spec.attention_gate:
+        float_gates(ckpt, str(path))
     check_checkpoint_shapes({name: ckpt.linears.info(name) for name in ckpt.linears}, ckpt.tensors, spec, str(path))
     return ckpt, spec
+
+
+def float_gates(ckpt: Checkpoint, where: str) -> None:
+    """LFM3's head gates (self_attn.g_proj, [heads, hidden]) are float in the engines; a checkpoint that
+    stores them quantized (llm-compressor's W4A16 recipes quantize every Linear) has them dequantized
+    here, as its float weight: what its quantized model computes."""
+    for name in [n for n in ckpt.linears if n.endswith(tuple(f".self_attn.{leaf}" for leaf in FLOAT_LINEARS))]:
+        lin = ckpt.linears[name]
+        if f"{name}.weight" in ckpt.tensors or lin.bias is not None:
+            raise UserError(f"{where}: {name} is stored both quantized and float, or with a bias; the checkpoint "
+                            "is malformed")
+        ckpt.tensors[f"{name}.weight"] = lin.dequantize()
+        del ckpt.linears[name]
 
 
 def read_for_engine(path: str | Path):

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from . import packing
-from .checkpoint import (METADATA_FILE, STORED_LINEARS, Checkpoint, LinearInfo, Linears, QuantizedLinear,
-                         StoredTensors, _fp16_scales, language_model_view, settle_tie)
+from .checkpoint import (FLOAT_LINEARS, METADATA_FILE, STORED_LINEARS, Checkpoint, LinearInfo, Linears,
+                         QuantizedLinear, StoredTensors, _fp16_scales, language_model_view, settle_tie)
 from .errors import UserError
 from .untrusted import read_json
 
@@ -180,7 +180,7 @@ def read_ct_checkpoint(path: str | Path) -> Checkpoint:
     linears = Linears()
     for key in packed:
         prefix = key[: -len(".weight_packed")]
-        if prefix.rsplit(".", 1)[-1] not in STORED_LINEARS:
+        if prefix.rsplit(".", 1)[-1] not in STORED_LINEARS + FLOAT_LINEARS:
             raise UserError(f"{path}: {prefix} is quantized, but awq-edge keeps it float (it quantizes only "
                             f"{', '.join(STORED_LINEARS)}); quantize with {prefix} in the `ignore` list")
         if prefix + ".weight_g_idx" in raw:

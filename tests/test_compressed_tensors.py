@@ -378,3 +378,34 @@ def test_cli_export_and_build_say_what_is_unsupported(tmp_path, ct_tiny):
     proc = awq_edge("build", ckpt, "--device", "cpu", "--output", tmp_path / "engine")
     assert_clean_error(proc, "num_bits 8")
     assert_nothing_written(tmp_path, "engine")
+
+
+@pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
+def test_lfm3s_head_gates_stored_quantized_read_as_their_float_values(fmt, tmp_path, smollm2_dir):
+    """LFM3's head gates (g_proj) stay float in our checkpoints and engines; another tool's checkpoint may
+    store them quantized (llm-compressor's W4A16 recipes quantize every Linear), in either layout: read as
+    the float weights their levels give, and the engine built from it matches that model."""
+    from awq_edge.checkpoint import QuantizedLinear, load_awq_as_float, read_checked
+    from awq_edge.quantize import QuantizeSettings, quantize_checkpoint, quantize_tensor
+    from test_export_helpers import check_against_reference, export_for_cpu, tiny_checkpoint
+
+    shape = {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16}  # (8 gate rows: AWQ packs by 8)
+    ckpt = tiny_checkpoint(tmp_path, "lfm3", smollm2_dir, **shape)
+    if fmt == "compressed-tensors":
+        ckpt = tmp_path / "ct"
+        quantize_checkpoint(str(tmp_path / "float"), ckpt, QuantizeSettings(method="rtn", group_size=32),
+                            progress=False, checkpoint_format=fmt)
+    tensors, expected = load_file(ckpt / "model.safetensors"), {}
+    for name in [n for n in tensors if n.endswith(".self_attn.g_proj.weight")]:
+        q, s, z = (t.numpy() for t in quantize_tensor(torch.from_numpy(tensors.pop(name).astype(np.float32)), 32))
+        expected[name] = QuantizedLinear(q, s, z, 32).dequantize()
+        stored = packing.to_awq_gemm(q, s, z, 32) if fmt == "awq" else packing.to_compressed_tensors(q, s, z, 32)
+        tensors.update({f"{name.removesuffix('.weight')}.{key}": value for key, value in stored.items()})
+    assert expected
+    save_file(tensors, ckpt / "model.safetensors")
+    read, _ = read_checked(ckpt)
+    for name, weight in expected.items():
+        assert np.array_equal(read.tensors[name], weight) and name.removesuffix(".weight") not in read.linears
+    ids = np.random.default_rng(3).integers(0, 256, 20).tolist()
+    check_against_reference(export_for_cpu(ckpt, tmp_path / "exports", "ort"), load_awq_as_float(ckpt).eval(), ids,
+                            12, 1e-5)
