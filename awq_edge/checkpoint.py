@@ -34,8 +34,9 @@ from .errors import UserError
 from .families import FAMILIES, SUPPORTED_TYPES, family_for, find_family
 from .untrusted import Fields, read_json
 
-# (and an LFM2 short convolution's in_proj and out_proj)
-QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj", "out_proj")
+# (and an LFM2 short convolution's in_proj and out_proj; AFMoE's gate on the attention's output)
+QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj", "out_proj",
+                     "out_gate_proj")
 # what a checkpoint may store quantized: those, or a family's fused ones (Phi-3's qkv_proj, gate_up_proj)
 STORED_LINEARS = QUANTIZED_LINEARS + tuple(sorted({fused.rsplit(".", 1)[1] for family in FAMILIES.values()
                                                    for fused, _ in family.fused_linears}))

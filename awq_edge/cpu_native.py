@@ -228,7 +228,8 @@ class CpuModel(ctypes.Structure):
 # then 80's and 96's last 16 or 32)
 NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
-            "add": 9, "rope": 10, "short_conv": 11, "clamp": 12, "moe": 13, "head_gate": 14}
+            "add": 9, "rope": 10, "short_conv": 11, "clamp": 12, "moe": 13, "head_gate": 14,
+            "output_gate": 15}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4, "relu": 5}  # cpu_ops.h's ACT_*
 ACT_UNGATED = 8  # added for act(x), not act(gate) * up (an MLP without a gate)
 
@@ -485,6 +486,8 @@ class NativeDecoder:
         elif op.kind == "head_gate":  # (LFM3's) the gates' weight as the graph's MatMul holds it, [hidden, heads]
             rec.n, rec.k, rec.x, rec.out = a["heads"], spec.hidden, ptr(a["x"]), ptr(a["ctx"])
             rec.w_norm = self._tensor(a["weight"], np.float32, spec.hidden * a["heads"]).ctypes.data
+        elif op.kind == "output_gate":  # (AFMoE's)
+            rec.n, rec.x, rec.out = a["n"], ptr(a["x"]), ptr(a["ctx"])
         elif op.kind == "clamp":  # (OLMo 1's clip_qkv)
             rec.n, rec.x, rec.scale = a["n"], ptr(a["x"]), a["limit"]
         elif op.kind == "short_conv":  # (LFM2's) its taps as [hidden, kernel]: the graph holds one [hidden] each

@@ -640,8 +640,8 @@ class CudaBackend:
                     f"unfused parallel block); {fix}")
         if self.spec.qk_norm_after_rope:
             return f"the persistent decode step does not rotate q and k before their norms (Hunyuan's); {fix}"
-        if self.spec.attention_gate:
-            return f"the persistent decode step does not gate each head's output (LFM3's); {fix}"
+        if self.spec.attention_gate or self.spec.output_gate:
+            return f"the persistent decode step does not gate the attention's output (LFM3's, AFMoE's); {fix}"
         if self.spec.conv_layers:
             return f"the persistent decode step has no short convolution (LFM2's); {fix}"
         if self.spec.clip_qkv:
@@ -819,6 +819,8 @@ class CudaBackend:
         elif op.kind == "head_gate":
             self.launch("awq_head_gate", (a["heads"], rows), (NORM_THREADS,),
                         [b[a["ctx"]], b[a["x"]], w[a["weight"]], ("i32", spec.hidden), ("i32", a["size"])])
+        elif op.kind == "output_gate":
+            self.launch("awq_output_gate", (rows,), (NORM_THREADS,), [b[a["ctx"]], b[a["x"]], ("i32", a["n"])])
         elif op.kind == "clamp":
             self.launch("awq_clamp", (rows,), (NORM_THREADS,), [b[a["x"]], ("i32", a["n"]), ("f32", a["limit"])])
         elif op.kind == "short_conv":
@@ -1418,6 +1420,7 @@ KERNELS_OF = {
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
     "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_norm", "awq_add_norm", "awq_head_rms_norm", "awq_bias_add",
                     "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv", "awq_head_gate",
+                    "awq_output_gate",
                     "awq_add_positions", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
     "moe": ["awq_moe_route", "awq_moe_swiglu", "awq_moe_combine"] +
            [f"awq_moe_gemv_{fusion}_g{g}_w{w}" for fusion in ("act", "store") for g in (32, 64, 128) for w in (1, 4)],

@@ -15,7 +15,9 @@ A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kerne
     x        [S, hidden]          a normed copy of it, the linears' input (none without pre-norms:
                                   OLMo 2's q/k/v and gate/up read h)
     qkv      [S, (H + 2 Hkv) D]   q, k and v side by side (one fused linear)
-    ctx      [S, H D]             attention output (LFM3's: each head's then times its gate, head_gate)
+    ctx      [S, H D]             attention output (LFM3's: each head's then times its gate, head_gate;
+                                  AFMoE's: each value times its gate's sigmoid, output_gate)
+    gate     [S, H D]             AFMoE: out_gate_proj(x), the gates of ctx's values
     attn     [S, hidden]          after o_proj (and a post-norm: Gemma's, GLM-4's, OLMo 2's)
     gate_up  [S, 2 I]             gate and up, rows interleaved (g0 u0 g1 u1 ...; one linear); an
                                   MLP without a gate (Arcee): up alone, [S, I] at its start
@@ -138,6 +140,7 @@ class DecoderSpec:
     shared_width: int = 0          # Qwen2-MoE: its shared expert's width (0: none), an MLP the moe op adds in
     shared_gate: bool = False      # ... times sigmoid(mlp.shared_expert_gate . x)
     attention_gate: bool = False   # LFM3: head j's ctx times sigmoid(self_attn.g_proj.weight[j] . x) (head_gate)
+    output_gate: bool = False      # AFMoE: ctx times sigmoid(self_attn.out_gate_proj(x)), value by value (output_gate)
 
     @property
     def qkv_width(self) -> int:
@@ -218,7 +221,8 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         norm_top_k=model.norm_top_k, sigmoid_router=family.router == "sigmoid", expert_bias=model.expert_bias,
         routed_scale=model.routed_scale, router_bias=family.router_bias, swiglu_alpha=model.swiglu_alpha,
         swiglu_limit=float(model.swiglu_limit or 0.0), attention_sinks=model.attention_sinks,
-        shared_width=model.shared_width, shared_gate=model.shared_gate, attention_gate=model.attention_gate)
+        shared_width=model.shared_width, shared_gate=model.shared_gate, attention_gate=model.attention_gate,
+        output_gate=model.output_gate)
 
 
 # ---------------------------------------------------------------- the op list
@@ -297,7 +301,8 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
 
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        gated = spec.attention_gate and i not in spec.conv_layers  # (its gates read the normed input after attention)
+        # (LFM3's and AFMoE's gates read the normed input after the attention: x, not q/k/v's prologue)
+        gated = (spec.attention_gate or spec.output_gate) and i not in spec.conv_layers
         normed, norm = normed_input(f"{p}.input_layernorm.weight", kept=gated)
         if spec.parallel_norms:  # (GPT-NeoX) the MLP's norm of h now: o_proj's epilogue adds into h
             ops.append(Op("norm", {"x": "h", "out": "mlp_x", **norm_args(f"{p}.{spec.mlp_norm}.weight")}))
@@ -334,6 +339,10 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             if spec.attention_gate:  # (LFM3's) each head's output times sigmoid(its gate row . x), in place
                 ops.append(Op("head_gate", {"x": normed, "ctx": "ctx", "weight": f"{p}.self_attn.g_proj.weight",
                                             "heads": H, "size": D}))
+            if spec.output_gate:  # (AFMoE's) each value times the sigmoid of its gate, in place
+                gate_x = in_order(normed, f"{p}.self_attn.out_gate_proj", spec.hidden)
+                ops.append(linear_op(gate_x, "gate", f"{p}.self_attn.out_gate_proj", H * D, spec.hidden))
+                ops.append(Op("output_gate", {"x": "gate", "ctx": "ctx", "n": H * D}))
             ctx = in_order("ctx", f"{p}.self_attn.o_proj", H * D)
             pending = residual_linear(ctx, f"{p}.self_attn.o_proj", H * D, spec.out_bias, "attn",
                                       f"{p}.{spec.post_norms[0]}.weight" if spec.post_norms else None)
@@ -360,6 +369,9 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                                   "swiglu": (spec.swiglu_alpha, spec.swiglu_limit) if spec.swiglu_limit else None,
                                   "shared": "shared" if spec.shared_width else None,
                                   "shared_gate": f"{p}.mlp.shared_expert_gate.weight" if spec.shared_gate else None}))
+            if spec.post_norms:  # (AFMoE's sandwich norm after the mixture)
+                ops.append(Op("norm", {"x": "mlp", "out": "mlp", "weight": f"{p}.{spec.post_norms[1]}.weight",
+                                       "bias": None}))
             pending = "mlp"
             continue
         gate_up, width = (f"{p}.mlp.gate_up_proj", 2) if spec.gated_mlp else (f"{p}.mlp.up_proj", 1)
@@ -448,6 +460,8 @@ def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
             shapes["moe_gate_up"] = (rows, 2 * k * spec.expert_width)
     if spec.parallel_norms:
         shapes["mlp_x"] = (rows, spec.hidden)
+    if spec.output_gate:
+        shapes["gate"] = (rows, spec.heads * spec.head_dim)
     if spec.conv_layers:
         shapes.update(bcx=(rows, 3 * spec.hidden), conv=(rows, spec.hidden))
     if spec.act_order:

@@ -43,6 +43,7 @@ class Family:
     # "sandwich"; GLM-4's): none, or (after attention, after the MLP)
     post_norms: tuple = ()
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
+    embed_scale_switch: str = ""  # the config switch that does so where it is true (AFMoE's mup_enabled)
     # the MLP's activation: silu | gelu_tanh | gelu (exact, with erf: GPT-NeoX's) | relu2 (relu(x)^2) | relu
     # (OPT's) | xielu (Apertus's: two learned parameters a layer)
     activation: str = "silu"
@@ -56,7 +57,8 @@ class Family:
     # is attention, transformers makes every layer Mamba, which the engines refuse); "gpt_neo" (its
     # attention_layers, global or local, or its attention_types expanded: [[["global", "local"], 12]]);
     # "fourth" (CWM, Granite SWA: layers 0, 4, 8, ... full, the others slide); "lfm3" (layers 2, 6, 10, ...
-    # full, 4, 8, 12, ... sliding, the others short convolutions)
+    # full, 4, 8, 12, ... sliding, the others short convolutions); "afmoe" (every global_attn_every_n_layers-th
+    # full, 4 unless the config says, the others sliding, whether or not a sliding_window is set)
     sliding_layers: str = "none"
     # what transformers' config class takes for a key config.json leaves out, where that is not the
     # generic default export.spec assumes (head_dim hidden / heads, no window, untied, RoPE base 1e4)
@@ -98,8 +100,8 @@ class Family:
     llama4_query_scaling: bool = False
     # layers that do not rotate q and k: "listed" (SmolLM3: those its no_rope_layers marks 0, every
     # no_rope_layer_interval-th, 4, where it lists none); "full" (EXAONE 4: the full-attention
-    # layers, when config.json sets a sliding_window); "unless_rope" (Granite 4: every layer, unless
-    # position_embedding_type is "rope"); "" (none)
+    # layers, when config.json sets a sliding_window); "full_layers" (AFMoE: the full-attention layers);
+    # "unless_rope" (Granite 4: every layer, unless position_embedding_type is "rope"); "" (none)
     nope_layers: str = ""
     # Granite SWA: the config key listing each layer's RoPE base (0: that layer does not rotate), which
     # replaces rope_theta layer by layer where config.json sets it; "" (none)
@@ -173,6 +175,9 @@ class Family:
     # LFM3: the config switch (use_attention_gate, on unless false) of a gate on each head's output: the
     # attention's output for head j times sigmoid(self_attn.g_proj(x))[j], x the attention's normed input
     attention_gate: str = ""
+    # AFMoE: the attention's output times sigmoid(self_attn.gate_proj(x)) value by value before o_proj, x the
+    # attention's normed input; that gate a quantized linear [heads x head_dim, hidden], ours out_gate_proj
+    output_gate: bool = False
     # gpt-oss: its MLP returns (output, router scores), which its block unpacks; the quantizer's SparseMoe too
     moe_returns_tuple: bool = False
     # Qwen2-MoE: a shared expert beside the routed ones, on every token (mlp.shared_expert, a gated MLP as wide as
@@ -548,6 +553,21 @@ FAMILIES: dict[str, Family] = {
                                                                         "partial_rotary_factor": 0.5}})),
                required_switches=(("use_sandwich_norm", "a norm on each attention, convolution and MLP output"),),
                refused_switches=(("attention_bias", "biases on q, k, v and o"),)),
+        # AFMoE (Arcee's Trinity: Nano 6B-A1B, Mini 26B-A3B): Llama's attention with per-head q/k norms, its output
+        # gated value by value (output_gate), every 4th layer full and without RoPE, the others sliding; sandwich
+        # norms; after num_dense_layers dense MLPs, experts chosen by a sigmoid router with expert biases, their
+        # weights renormalized and times route_scale, beside shared experts (num_shared_experts experts wide)
+        Family("afmoe", ("afmoe",), qk_norm=True, mlp_norm="pre_mlp_layernorm",
+               post_norms=("post_attention_layernorm", "post_mlp_layernorm"), sliding_layers="afmoe",
+               nope_layers="full_layers", embed_scale_switch="mup_enabled", output_gate=True,
+               experts_key="num_experts", expert_width_key="moe_intermediate_size", expert_layers="after_dense",
+               router="sigmoid", expert_bias="use_expert_bias", shared_experts_key="num_shared_experts",
+               config_aliases=(("route_scale", "routed_scaling_factor"),),
+               module_renames=((".self_attn.gate_proj.", ".self_attn.out_gate_proj."),
+                               (".mlp.router.gate.", ".mlp.gate."), (".mlp.shared_experts.", ".mlp.shared_expert.")),
+               config_defaults=(("max_position_embeddings", 16384), ("head_dim", 128), ("rms_norm_eps", 1e-5),
+                                ("num_experts", 64), ("num_experts_per_tok", 6), ("moe_intermediate_size", 1408),
+                                ("num_shared_experts", 2), ("num_dense_layers", 1), ("sliding_window", 1024))),
         # LFM2-MoE (8B-A1B): LFM2's layers with experts after the first num_dense_layers (whose MLP is as wide as
         # intermediate_size says), 4 of 32 a token by a sigmoid router with expert biases; its experts' w1, w3, w2
         Family("lfm2_moe", ("lfm2_moe",), qk_norm=True, qk_norms=LFM2_QK_NORMS, short_conv=True,

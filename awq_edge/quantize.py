@@ -329,7 +329,7 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     mlp, conv, moe = layer.mlp, layer.conv if is_conv_layer(layer) else None, is_moe_layer(layer)
     attn = None if conv else layer.self_attn
     groups = []
-    qkv = [] if conv else [attn.q_proj, attn.k_proj, attn.v_proj]
+    qkv = [] if conv else [attn.q_proj, attn.k_proj, attn.v_proj, *output_gate(attn)]
     shared = getattr(mlp, "shared_expert", None) if moe else None  # (Qwen2-MoE's, on every token)
     if moe:  # every expert's gate and up (gated, never in a parallel block: the family table's test)
         experts = [*mlp.experts, *([shared] if shared is not None else [])]
@@ -377,6 +377,12 @@ def is_moe_layer(layer) -> bool:
     return isinstance(getattr(layer.mlp, "experts", None), nn.ModuleList)
 
 
+def output_gate(attn) -> list[nn.Linear]:
+    """AFMoE's gate on the attention's output (self_attn.out_gate_proj, quantized; it reads q/k/v's input), or none."""
+    gate = getattr(attn, "out_gate_proj", None)
+    return [gate] if isinstance(gate, nn.Linear) else []
+
+
 def attention_gate(attn) -> list[nn.Linear]:
     """LFM3's gate on each head's output (self_attn.g_proj), or none."""
     gate = getattr(attn, "g_proj", None)
@@ -397,7 +403,8 @@ def _linear_names(layer) -> dict[str, nn.Linear]:
         mixer = {"in_proj": layer.conv.in_proj, "out_proj": layer.conv.out_proj}
     else:
         a = layer.self_attn
-        mixer = {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj}
+        mixer = {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
+                 **{"out_gate_proj": gate for gate in output_gate(a)}}
     if is_moe_layer(layer):  # (Qwen2-MoE's shared expert too: shared_expert.gate_proj, ...)
         shared = m.shared_expert if hasattr(m, "shared_expert") else None
         return {**mixer, **{f"experts.{j}.{n}": getattr(e, n) for j, e in enumerate(m.experts)
@@ -812,7 +819,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
 
 
 def _path(name: str) -> str:
-    return ("self_attn." if name in ("q_proj", "k_proj", "v_proj", "o_proj") else
+    return ("self_attn." if name in ("q_proj", "k_proj", "v_proj", "o_proj", "out_gate_proj") else
             "conv." if name in ("in_proj", "out_proj") else "mlp.") + name
 
 

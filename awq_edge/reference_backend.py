@@ -340,6 +340,12 @@ def twin_head_gate(ctx: np.ndarray, x: np.ndarray, weight: np.ndarray) -> np.nda
     return rows.reshape(ctx.shape).astype(F16)
 
 
+def twin_output_gate(ctx: np.ndarray, gate: np.ndarray) -> np.ndarray:
+    """AFMoE's gates (decoder_ops.cu awq_output_gate): ctx fp16 [S, n] times sigmoid(gate) value by value, in
+    float32 -> fp16 [S, n]."""
+    return (ctx.astype(F32) / (F32(1) + np.exp(-gate.astype(F32)))).astype(F16)
+
+
 def twin_lm_head(x: np.ndarray, table: np.ndarray, softcap: float, bias: np.ndarray | None = None) -> np.ndarray:
     """float32 logits [V] of one fp16 row x [hidden] against the table [V, hidden]: float32 values
     of the fp16 table, or of the int8 one (dequantize_rows_int8: q * s, exact in float32); plus
@@ -513,6 +519,8 @@ class ReferenceBackend:
             q_rot = self.q_rot if a["rotated"] else self.rope_store(buf[a["qkv"]], i, a["rope"])
             buf[a["out"]][:] = twin_attend(q_rot, self.k_cache[i], self.v_cache[i], self.position, a["window"],
                                            spec.attn_scale, spec.attn_softcap, t[a["sinks"]] if a["sinks"] else None)
+        elif op.kind == "output_gate":
+            buf[a["ctx"]][:] = twin_output_gate(buf[a["ctx"]], buf[a["x"]])
         elif op.kind == "head_gate":
             buf[a["ctx"]][:] = twin_head_gate(buf[a["ctx"]], buf[a["x"]], t[a["weight"]])
         elif op.kind == "act":

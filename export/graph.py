@@ -592,11 +592,13 @@ class Decoder:
         return self.linear(self.gated(ctx, x, p), f"{p}.o_proj")
 
     def gated(self, ctx: str, x: str, p: str) -> str:
-        """LFM3's gate: each head's output [1, S, heads x head_dim] times sigmoid(g_proj(x)) for that head,
-        x the attention's input; without one, ctx."""
-        if not self.spec.attention_gate:
-            return ctx
+        """LFM3's gate: each head's output [1, S, heads x head_dim] times sigmoid(g_proj(x)) for that head;
+        AFMoE's: each value times sigmoid(out_gate_proj(x)) for it; x the attention's input. Without, ctx."""
         b, spec = self.b, self.spec
+        if spec.output_gate:
+            return b.op("Mul", ctx, b.op("Sigmoid", self.linear(x, f"{p}.out_gate_proj")))
+        if not spec.attention_gate:
+            return ctx
         weight = self.tensor(f"{p}.g_proj.weight").astype(np.float32).T  # [hidden, heads]
         gate = b.op("MatMul", x, b.act_const(f"{p}.g_proj.weight", weight))
         gate = b.op("Unsqueeze", b.op("Sigmoid", gate), b.int64s(-1))  # [1, S, heads, 1]

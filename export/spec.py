@@ -129,6 +129,7 @@ class ModelSpec:
     # LFM3: each head's output times sigmoid(self_attn.g_proj(x))[head] (Family.attention_gate), x the
     # attention's normed input; g_proj stays float (self_attn.g_proj.weight [heads, hidden]), as a router
     attention_gate: bool = False
+    output_gate: bool = False  # AFMoE: the attention's output times sigmoid(self_attn.out_gate_proj(x)) (Family's)
 
     @property
     def attention_layers(self) -> list[int]:
@@ -296,6 +297,9 @@ def default_layer_types(c: Fields, family: Family, layers: int, window: int | No
     rule = family.sliding_layers
     if rule == "mamba":
         return ["linear_attention"] * layers
+    if rule == "afmoe":  # (whatever the window: its full layers are the ones without RoPE)
+        every = c.int("global_attn_every_n_layers", 1, MAX_LAYERS, default=4)
+        return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
     if window is None or rule == "none":
         return ["full_attention"] * layers
     if rule == "nope":
@@ -387,7 +391,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         kinds = ("full_attention, sliding_attention or conv" if family.short_conv else
                  "full_attention or sliding_attention")
         raise UserError(f"{where}: layer_types must list {kinds} for each of the {layers} layers; {fix}")
-    if family.nope_layers == "full" and c.raw.get("sliding_window") is not None:
+    if family.nope_layers == "full_layers" or family.nope_layers == "full" and c.raw.get("sliding_window") is not None:
         rotating = [t == "sliding_attention" for t in layer_types]  # EXAONE 4: its full layers do not rotate
     if window is not None and window >= max_positions:  # no narrower than the context (Phi-3.5's 262144): none
         window = None
@@ -441,7 +445,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     attn_scale = scalar ** -0.5 if scalar else head_dim ** -0.5
     if family.unscaled_scores:  # (GPT-Neo's)
         attn_scale = 1.0
-    embed, residual, logits_scaling = float(hidden) ** 0.5 if family.embed_scale else None, 1.0, 1.0
+    scaled = family.embed_scale or bool(family.embed_scale_switch) and c.bool(family.embed_scale_switch, default=False)
+    embed, residual, logits_scaling = float(hidden) ** 0.5 if scaled else None, 1.0, 1.0
     if family.multipliers:  # Granite's, each 1 unless set (its score scale too: config_defaults)
         embed = c.float("embedding_multiplier", 1e-6, 1e6, default=1.0)
         attn_scale = c.float("attention_multiplier", 1e-9, 1e3, default=attn_scale)
@@ -467,7 +472,8 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         conv_bias=bool(conv_layers) and c.bool("conv_bias", default=False),
         clip_qkv=c.float("clip_qkv", 1e-6, 1e6, default=None) if family.clip_qkv else None,
         attention_sinks=family.attention_sinks,
-        attention_gate=bool(family.attention_gate) and c.bool(family.attention_gate, default=True), **moe,
+        attention_gate=bool(family.attention_gate) and c.bool(family.attention_gate, default=True),
+        output_gate=family.output_gate, **moe,
     )
 
 
@@ -543,7 +549,7 @@ def layer_linear_shapes(spec: ModelSpec, layer: int | None = None) -> dict[str, 
     q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     mixer = ({"conv.in_proj": (3 * h, h), "conv.out_proj": (h, h)} if layer in spec.conv_layers else
              {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-              "self_attn.o_proj": (h, q)})
+              "self_attn.o_proj": (h, q), **({"self_attn.out_gate_proj": (q, h)} if spec.output_gate else {})})
     if layer in spec.moe_layers:  # (gated, each expert_width wide; Qwen2-MoE's shared expert, shared_width)
         width, shared = spec.expert_width, spec.shared_width
         experts = {f"mlp.experts.{j}.{name}": shape for j in range(spec.experts) for name, shape in

@@ -71,7 +71,8 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", 
 # the mixture-of-experts families' config key of their number of experts
 MOE_EXPERTS = {"qwen3_moe": "num_experts", "olmoe": "num_experts", "mixtral": "num_local_experts",
                "granitemoe": "num_local_experts", "lfm2_moe": "num_experts", "gpt_oss": "num_local_experts",
-               "qwen2_moe": "num_experts", "granitemoe_swa": "num_local_experts", "ernie4_5_moe": "moe_num_experts"}
+               "qwen2_moe": "num_experts", "granitemoe_swa": "num_local_experts", "ernie4_5_moe": "moe_num_experts",
+               "afmoe": "num_experts"}
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +115,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
                         if model_type == "lfm2_moe" else {}),
                      **({"swiglu_limit": 0.5, "sliding_window": 8} if model_type == "gpt_oss" else {}),
                      **({"shared_expert_intermediate_size": 96} if model_type == "qwen2_moe" else {}),
-                     **({"moe_num_shared_experts": 1} if model_type == "ernie4_5_moe" else {})}
+                     **({"moe_num_shared_experts": 1} if model_type == "ernie4_5_moe" else {}),
+                     **({"num_shared_experts": 1, "num_dense_layers": 1} if model_type == "afmoe" else {})}
         config = AutoConfig.for_model(
             model_type, vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,

@@ -98,6 +98,13 @@ TINY_EXTRA = {
     # sliding, layer 2 full with half of each head's pairs turning ("proportional" RoPE: its default)
     "lfm3": {"layer_types": ["conv", "sliding_attention", "full_attention"], "num_hidden_layers": 3, "head_dim": 16,
              "sliding_window": 5, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # AFMoE: layer 0 a dense MLP, layers 1 and 2 experts chosen by a sigmoid router with expert biases, weights
+    # renormalized and scaled, beside a shared expert; attention with q/k norms and its output gated value by
+    # value, layers 0 and 1 sliding, layer 2 full without RoPE (every 3rd); sandwich norms; scaled embeddings
+    "afmoe": {"num_hidden_layers": 3, "num_dense_layers": 1, "num_experts": 4, "num_experts_per_tok": 2,
+              "moe_intermediate_size": 64, "num_shared_experts": 1, "route_scale": 1.5, "head_dim": 16,
+              "sliding_window": 5, "global_attn_every_n_layers": 3, "mup_enabled": True, "pad_token_id": 0,
+              "bos_token_id": 1, "eos_token_id": 2},
     # LayerNorms without a weight or a bias; q, k and v clamped (small enough to bite: OLMo 7B 0424's is 8)
     "olmo": {"clip_qkv": 0.1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # no pre-norms, post-norms, q/k norms over all heads
@@ -218,12 +225,15 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
                 p.normal_(std=1.0)
             elif ".shared_expert." in name:  # (Qwen2-MoE's shared expert: loud enough to tell in the logits)
                 p.normal_(std=0.1)
-            elif name.endswith(".g_proj.weight"):  # (LFM3's head gates: open and shut by token and head)
+            elif name.endswith((".g_proj.weight", ".self_attn.gate_proj.weight")):  # (LFM3's, AFMoE's gates: open
+                # and shut by token and head or value)
                 p.normal_(std=1.0)
             elif name.endswith(".conv.conv.weight"):  # (LFM2's short convolutions: taps that tell their order)
                 p.normal_(std=1.0)
             elif name.endswith(("wpe.weight", "embed_positions.weight")):  # (learned positions: rows that tell apart)
                 p.normal_(std=1.0)
+            elif name.endswith(".expert_bias"):  # (AFMoE's, a parameter: which experts a token chooses)
+                p.normal_(std=0.5)
         for name, buffer in model.named_buffers():
             if name.endswith(".expert_bias"):  # (LFM2-MoE's: which experts a token chooses)
                 buffer.normal_(std=0.5)

@@ -49,15 +49,15 @@ void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scale
 /* ---------------------------------------------------------------- the decode step (decode_step.c) */
 
 enum cpu_op_kind { OP_EMBED = 1, OP_NORM, OP_ADD_NORM, OP_LINEAR, OP_HEAD_NORM, OP_ATTENTION, OP_ACT, OP_LM_HEAD,
-                   OP_ADD, OP_ROPE, OP_SHORT_CONV, OP_CLAMP, OP_MOE, OP_HEAD_GATE };
+                   OP_ADD, OP_ROPE, OP_SHORT_CONV, OP_CLAMP, OP_MOE, OP_HEAD_GATE, OP_OUTPUT_GATE };
 /* ACT_UNGATED: a flag added */
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_XIELU = 3, ACT_GELU = 4, ACT_RELU = 5, ACT_UNGATED = 8 };
 
 /* One op of the step; awq_edge/cpu_native.py (CpuOp) declares the same fields in the same order. */
 struct cpu_op {
   int32_t kind;      /* cpu_op_kind */
-  int32_t n;         /* outputs (linear, lm_head, act: I), width (norms, embed, add, short_conv), heads (head_norm,
-                        rope, head_gate), an expert's width (moe) */
+  int32_t n;         /* outputs (linear, lm_head, act: I), width (norms, embed, add, short_conv, output_gate), heads
+                        (head_norm, rope, head_gate), an expert's width (moe) */
   int32_t k;         /* inputs (linear, lm_head, moe, head_gate), a head's width (head_norm), the tokens a short_conv
                         reads */
   int32_t group;     /* the linear's block size */
@@ -71,7 +71,8 @@ struct cpu_op {
   float softcap;     /* attention scores, lm_head logits: cap * tanh(x / cap), 0 = none */
   float *x, *out, *residual;  /* short_conv: x its B, C, x side by side; residual its layer's B * x by position
                                  (ORT's array: row t + k - 1 is position t's, the first k - 1 rows zeros); moe:
-                                 residual a shared expert's output, or NULL */
+                                 residual a shared expert's output, or NULL; output_gate: out (the attention's)
+                                 times sigmoid(x), value by value */
   const uint8_t *w0;     /* MatMulNBits B */
   const float *w1;       /* scales */
   const uint8_t *w2;     /* zero_points */

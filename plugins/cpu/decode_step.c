@@ -694,6 +694,9 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
     case OP_HEAD_GATE: /* LFM3: each head's output times its gate */
       head_gate(m, op);
       break;
+    case OP_OUTPUT_GATE: /* AFMoE: each of the attention's outputs times the sigmoid of its gate */
+      for (int j = 0; j < op->n; j++) op->out[j] /= 1.f + exp_approx(-op->x[j]);
+      break;
     case OP_CLAMP: /* OLMo 1's clip_qkv: the q/k/v row into [-limit, limit] (compares: no libm here) */
       for (int j = 0; j < op->n; j++) op->x[j] = op->x[j] > op->scale ? op->scale
                                                : op->x[j] < -op->scale ? -op->scale : op->x[j];

@@ -128,6 +128,16 @@ awq_head_gate(__half* __restrict__ ctx, const __half* __restrict__ x, const floa
     for (int i = threadIdx.x; i < head_dim; i += blockDim.x) head[i] = __float2half(__half2float(head[i]) * gate);
 }
 
+// AFMoE's gates, in place: ctx[r, i] (the attention's output) times sigmoid(gate[r, i]) (out_gate_proj's
+// output), n values a row. Grid: rows.
+extern "C" __global__ void __launch_bounds__(kThreads)
+awq_output_gate(__half* __restrict__ ctx, const __half* __restrict__ gate, int n) {
+    awq_edge::begin_after_previous_kernel();
+    const size_t row = static_cast<size_t>(blockIdx.x) * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        ctx[row + i] = __float2half(__half2float(ctx[row + i]) / (1.f + expf(-__half2float(gate[row + i]))));
+}
+
 // out[r, i] = x[r, order[i]]: a GPTQ act-order linear's input in the order its levels are stored
 // (its groups' columns together). order is a permutation of 0..n-1 (engine_dir checks it at load).
 // Grid: rows.
