@@ -329,17 +329,19 @@ def float_gates(ckpt: Checkpoint, where: str) -> None:
 
 
 def read_for_engine(path: str | Path):
-    """read_checked in the engines' layout, what every exporter builds from: each q/k head's
-    dimensions (rows of q_proj, k_proj and their biases, q_norm and k_norm) in the engines' rotary
-    order (export.spec.rotary_order: partial or interleaved rotary), Granite's residual
-    multiplier and logits scaling (Cohere's logit_scale) folded into the weights (o_proj's and
-    down_proj's scales and biases times it, in float32, or the post-norms' weights that follow them:
-    HyperCLOVA X's; the final norm's weight and bias divided),
-    and a LayerNorm stored without a bias (Cohere's) given one of zeros, a norm without a weight (OLMo
-    1's, nanochat's) one of ones; nanochat's embedding norm as `model.embed_norm` (the final norm's copy)."""
+    """read_checked in the engines' layout, what every exporter builds from: each q/k head's dimensions (rows
+    of q_proj, k_proj and their biases, q_norm and k_norm) in the engines' rotary order
+    (export.spec.rotary_order: partial or interleaved rotary), Granite's residual multiplier and logits
+    scaling (Cohere's logit_scale) folded into the weights (o_proj's and down_proj's scales and biases
+    times it, in float32, or the post-norms' weights that follow them: HyperCLOVA X's; the final norm's
+    weight and bias divided), the embedding cut to a pruned head's vocabulary (Apertus 1.5's), and a
+    LayerNorm stored without a bias (Cohere's) given one of zeros, a norm without a weight (OLMo 1's,
+    nanochat's) one of ones; nanochat's embedding norm as `model.embed_norm` (the final norm's copy)."""
     from .export.spec import block_norms, qk_norm_widths, rotary_order
 
     ckpt, spec = read_checked(path)
+    if spec.embed_vocab:  # (Apertus 1.5's head pruned to the text ids: the rows past them are input only)
+        ckpt.tensors["model.embed_tokens.weight"] = ckpt.tensors["model.embed_tokens.weight"][:spec.vocab]
     m, offset = spec.residual_multiplier, spec.family.norm_offset
     post_norms = tuple(f".{norm}.weight" for norm in spec.family.post_norms)
     if m != 1.0 and post_norms:  # (HyperCLOVA X's) a norm follows o_proj and down_proj: m goes into it

@@ -113,6 +113,10 @@ class Family:
     # (Granite's logits_scaling divides them); "" (none)
     logit_scale: str = ""
     head_bias: bool = False  # Phi: the lm_head has a bias (lm_head.bias, [vocab]) added to the logits
+    # Apertus 1.5: the config key of the head's rows where its head is pruned to the vocabulary's first ids
+    # (output_vocab_size): the engines' vocabulary, the embedding cut to it (the ids past it, image and audio
+    # tokens, are input only and never in text); "" (none)
+    head_vocab_key: str = ""
     rope_interleaved: bool = False  # GLM: RoPE turns the pairs (2i, 2i + 1), not (i, i + rotary_dim / 2)
     # nanochat: RoPE turns each pair the other way (its rotate_half is (x2, -x1)), which is the usual turn
     # of the pair's two dimensions swapped (export.spec.rotary_order)
@@ -264,6 +268,15 @@ LFM2_DEFAULTS = (("max_position_embeddings", 128000), ("num_key_value_heads", 8)
 # LFM3's: LFM2's names with Qwen3's attention (o_proj, q_norm, k_norm) and sandwich norms
 LFM3_NAMES = tuple(pair for pair in LFM2_NAMES if pair[0] != ".self_attn.out_proj.")
 
+# Apertus's (Apertus 1.5's too): xIELU MLP without a gate, q/k norms, its norms' names, Llama 3's RoPE scaling
+APERTUS = dict(activation="xielu", gated_mlp=False, qk_norm=True,
+               module_renames=((".attention_layernorm.", ".input_layernorm."),
+                               (".feedforward_layernorm.", ".post_attention_layernorm.")),
+               config_defaults=(("max_position_embeddings", 65536), ("rms_norm_eps", 1e-5),
+                                ("rope_parameters", {"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0,
+                                                     "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0})))
+
 COHERE_DEFAULTS = (("rms_norm_eps", 1e-5), ("tie_word_embeddings", True), ("logit_scale", 0.0625))
 
 FAMILIES: dict[str, Family] = {
@@ -402,13 +415,10 @@ FAMILIES: dict[str, Family] = {
         # Apertus (8B, 70B): an MLP without a gate whose activation, xIELU, has learned parameters in each
         # layer (mlp.act_fn.alpha_p, alpha_n, beta, eps), per-head q/k norms, its norms under their own
         # names
-        Family("apertus", ("apertus",), activation="xielu", gated_mlp=False, qk_norm=True,
-               module_renames=((".attention_layernorm.", ".input_layernorm."),
-                               (".feedforward_layernorm.", ".post_attention_layernorm.")),
-               config_defaults=(("max_position_embeddings", 65536), ("rms_norm_eps", 1e-5),
-                                ("rope_parameters", {"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0,
-                                                     "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
-                                                     "high_freq_factor": 4.0}))),
+        Family("apertus", ("apertus",), **APERTUS),
+        # Apertus 1.5's language model: Apertus with a vocabulary extended by image and audio tokens, its head
+        # pruned to the text ids before them (output_vocab_size) where config.json says
+        Family("apertus1p5", ("apertus1p5_text",), **APERTUS, head_vocab_key="output_vocab_size"),
         # Granite 4.0 dense (micro, 1B, 350M): Granite 3 in Granite 4's hybrid model with every layer attention
         # and no experts; its MLP (shared_mlp) stores gate and up as one input_linear; RoPE only if
         # position_embedding_type says so

@@ -130,6 +130,9 @@ class ModelSpec:
     # attention's normed input; g_proj stays float (self_attn.g_proj.weight [heads, hidden]), as a router
     attention_gate: bool = False
     output_gate: bool = False  # AFMoE: the attention's output times sigmoid(self_attn.out_gate_proj(x)) (Family's)
+    # the checkpoint's embedding rows, where more than vocab (Apertus 1.5's pruned head: vocab is the head's,
+    # the ids past it are input only; the engines keep the first vocab rows); 0: vocab
+    embed_vocab: int = 0
 
     @property
     def attention_layers(self) -> list[int]:
@@ -344,7 +347,12 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     if family.multi_query and c.bool(family.multi_query, default=True):  # (StarCoder 1's) one KV head
         kv_heads = 1
     head_dim = c.int("head_dim", 2, MAX_HEAD_DIM, default=max(hidden // heads, 2))
-    vocab = c.int("vocab_size", 1, MAX_VOCAB)
+    vocab = embed_vocab = c.int("vocab_size", 1, MAX_VOCAB)
+    if family.head_vocab_key and c.raw.get(family.head_vocab_key) is not None:  # (Apertus 1.5's pruned head)
+        vocab = c.int(family.head_vocab_key, 1, embed_vocab)
+        if vocab < embed_vocab and c.bool("tie_word_embeddings", default=False):
+            raise UserError(f"{where}: {family.head_vocab_key} {vocab} prunes a head tied to the embedding of "
+                            f"{embed_vocab} rows, which transformers does not build; {fix}")
     if c.has("word_embed_proj_dim") and c.int("word_embed_proj_dim", 1, MAX_HIDDEN) != hidden:
         raise UserError(f"{where}: word_embed_proj_dim {c.raw['word_embed_proj_dim']} is not hidden_size {hidden} "
                         "(OPT-350M's projected embeddings), which awq-edge's engines do not compute; take another "
@@ -473,7 +481,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         clip_qkv=c.float("clip_qkv", 1e-6, 1e6, default=None) if family.clip_qkv else None,
         attention_sinks=family.attention_sinks,
         attention_gate=bool(family.attention_gate) and c.bool(family.attention_gate, default=True),
-        output_gate=family.output_gate, **moe,
+        output_gate=family.output_gate, embed_vocab=embed_vocab if embed_vocab != vocab else 0, **moe,
     )
 
 
@@ -607,7 +615,7 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
     """What a checkpoint of this model holds: (quantized linears prefix -> [out, in], float tensors
     name -> shape). Biases and an untied lm_head are optional (checked when present)."""
     h, family = spec.hidden, spec.family
-    linears, tensors = all_linear_shapes(spec), {"model.embed_tokens.weight": (spec.vocab, h)}
+    linears, tensors = all_linear_shapes(spec), {"model.embed_tokens.weight": (spec.embed_vocab or spec.vocab, h)}
     norms = block_norms(family)
     biased = family.norm == "layer" and family.norm_bias  # (LayerNorm's: the block's norms and the final one)
     kinds = ("weight", "bias") if biased else ("weight",) if family.norm_weight else ()  # (OLMo 1's: none)

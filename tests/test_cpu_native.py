@@ -186,9 +186,9 @@ def test_native_decode_checks_its_input_like_onnxruntime(default_export):
 
 MOE_FAMILIES = tuple(MOE_EXPERTS)
 FAMILIES = TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee", "nemotron", "stablelm", "cohere2", "jais2",
-                            "starcoder2", "granitemoehybrid", "phi", "hyperclovax", "olmo", "apertus", "nanochat",
-                            "lfm2", "lfm3", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo",
-                            "granite_swa") + MOE_FAMILIES
+                            "starcoder2", "granitemoehybrid", "phi", "hyperclovax", "olmo", "apertus",
+                            "apertus1p5_text", "nanochat", "lfm2", "lfm3", "gpt_neox", "gpt_bigcode", "opt", "gpt2",
+                            "gptj", "gpt_neo", "granite_swa") + MOE_FAMILIES
 # families whose head is hidden / heads, whatever head_dim says (OLMoE's q norm is hidden wide)
 HEAD_FROM_HEADS = ("stablelm", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo", "olmoe")
 

@@ -370,6 +370,16 @@ VISION_LANGUAGE = {
                 dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                      patch_size=14),
                 dict(image_token_id=299)),
+    # Apertus 1.5: its language model's head pruned to the text ids (256 of 300), beside its image and audio
+    # tokenizers (whose codes are the ids past them); keys model.language_model.*, lm_head.*
+    "apertus1p5": ({**TINY, **TINY_EXTRA["apertus1p5_text"], "model_type": "apertus1p5_text"},
+                   dict(codebook_size=16, embed_dim=8, latent_channels=32, base_channels=32, channel_multiplier=[1],
+                        num_res_blocks=1, attn_resolutions=[], resolution=16),
+                   dict(audio_config=dict(model_type="wavtokenizer_encoder", num_filters=4, upsampling_ratios=[2, 2],
+                                          num_lstm_layers=1, hidden_size=8, codebook_size=16, codebook_dim=8,
+                                          decoder_hidden_size=16, decoder_intermediate_size=32, decoder_num_layers=1,
+                                          decoder_attention_num_groups=4, adanorm_num_embeddings=2),
+                        image_token_id=258, audio_token_id=259, image_token_offset=260, audio_token_offset=276)),
 }
 VISION_LANGUAGE["smolvlm_1"] = VISION_LANGUAGE["smolvlm"]
 VISION_LANGUAGE["qwen2_5_vl_flat"] = VISION_LANGUAGE["qwen2_5_vl"]
@@ -633,6 +643,22 @@ def test_lfm3s_gates_and_rope_read_as_transformers_reads_them():
     assert np.allclose(spec.layer_rope[2].inv_freq, full.numpy(), rtol=1e-6) and (full[4:] == 0).all()
     sliding = 1.0 / 1e4 ** (np.arange(0, 16, 2) / 16)
     assert np.allclose(spec.layer_rope[4].inv_freq, sliding, rtol=1e-6)
+
+
+def test_apertus_1_5s_pruned_head_is_the_engines_vocabulary():
+    """Apertus 1.5: output_vocab_size prunes the head to the text ids (the engines' vocabulary; the embedding's
+    rows past it, image and audio ids, are cut at reading); unset, head and embedding are vocab_size; a pruned
+    head tied to the embedding is refused."""
+    from awq_edge.export.spec import model_spec
+
+    config = {**TINY, **TINY_EXTRA["apertus1p5_text"], "model_type": "apertus1p5_text"}
+    assert (model_spec(config).vocab, model_spec(config).embed_vocab) == (256, 300)
+    assert (model_spec({**config, "output_vocab_size": None}).vocab, model_spec({**config, "output_vocab_size": None})
+            .embed_vocab) == (300, 0)
+    with pytest.raises(UserError, match="output_vocab_size 256 prunes a head tied to the embedding of 300 rows"):
+        model_spec({**config, "tie_word_embeddings": True})
+    with pytest.raises(UserError, match="output_vocab_size"):
+        model_spec({**config, "output_vocab_size": 301})
 
 
 def test_olmo_1s_layer_norms_take_eps_1e_5_whatever_its_config_says():

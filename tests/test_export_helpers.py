@@ -48,6 +48,10 @@ TINY_EXTRA = {
     "phi": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # an MLP without a gate whose activation (xIELU) has parameters in each layer, per-head q/k norms
     "apertus": {"head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # Apertus 1.5's language model: Apertus's block, its embedding 300 rows (image and audio ids past 256) and its
+    # head pruned to the first 256 (output_vocab_size)
+    "apertus1p5_text": {"head_dim": 16, "vocab_size": 300, "output_vocab_size": 256, "pad_token_id": 0,
+                        "bos_token_id": 1, "eos_token_id": 2},
     # Granite's multipliers (the logits times logits_scaling) with an RMSNorm after attention and the MLP
     "hyperclovax": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                     "logits_scaling": 2.5, "pad_token_id": 0},
