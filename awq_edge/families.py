@@ -156,7 +156,8 @@ class Family:
     norm_top_k: str = "always"
     # the layers with experts, the others a dense MLP: "all"; "qwen" (Qwen3-MoE: decoder_sparse_step and
     # mlp_only_layers say); "after_dense" (LFM2-MoE: all but the first num_dense_layers); "ernie" (ERNIE 4.5:
-    # moe_layer_start_index to moe_layer_end_index, every moe_layer_interval-th)
+    # moe_layer_start_index to moe_layer_end_index, every moe_layer_interval-th); "listed" (Mellum: those its
+    # mlp_layer_types names "sparse", the others "dense", all where it lists none)
     expert_layers: str = "all"
     # "softmax"; "sigmoid" (LFM2-MoE): each expert's weight the sigmoid of its logit, the chosen those whose
     # weight plus the layer's expert_bias (mlp.expert_bias, with use_expert_bias) is highest, their weights
@@ -578,6 +579,18 @@ FAMILIES: dict[str, Family] = {
                config_defaults=(("max_position_embeddings", 16384), ("head_dim", 128), ("rms_norm_eps", 1e-5),
                                 ("num_experts", 64), ("num_experts_per_tok", 6), ("moe_intermediate_size", 1408),
                                 ("num_shared_experts", 2), ("num_dense_layers", 1), ("sliding_window", 1024))),
+        # Mellum (JetBrains' Mellum 2, 12B-A2.5B): Qwen3-MoE's block, sliding and full layers as layer_types lists
+        # them (a RoPE base each), dense and sparse MLPs as mlp_layer_types does; its multi-token-prediction layer
+        # (mtp.*) not read
+        Family("mellum", ("mellum",), qk_norm=True, experts_key="num_local_experts",
+               expert_width_key="moe_intermediate_size", norm_top_k="norm_topk_prob", expert_layers="listed",
+               ignored_tensors=("mtp.",), config_aliases=(("num_experts", "num_local_experts"),),
+               config_defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 4), ("head_dim", 128),
+                                ("sliding_window", 1024), ("num_local_experts", 64), ("num_experts_per_tok", 8),
+                                ("moe_intermediate_size", 896), ("norm_topk_prob", True),
+                                ("rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 5e5},
+                                                     "sliding_attention": {"rope_type": "default",
+                                                                           "rope_theta": 1e4}}))),
         # LFM2-MoE (8B-A1B): LFM2's layers with experts after the first num_dense_layers (whose MLP is as wide as
         # intermediate_size says), 4 of 32 a token by a sigmoid router with expert biases; its experts' w1, w3, w2
         Family("lfm2_moe", ("lfm2_moe",), qk_norm=True, qk_norms=LFM2_QK_NORMS, short_conv=True,

@@ -497,6 +497,12 @@ def experts_spec(c: Fields, family: Family, layers: int) -> dict:
         moe_layers = tuple(i for i in moe_layers if i not in dense and (i + 1) % step == 0)
     elif family.expert_layers == "after_dense":
         moe_layers = moe_layers[c.int("num_dense_layers", 0, layers):]
+    elif family.expert_layers == "listed" and c.raw.get("mlp_layer_types") is not None:  # (Mellum's)
+        kinds = c.raw["mlp_layer_types"]
+        if not isinstance(kinds, list) or len(kinds) != layers or not all(k in ("sparse", "dense") for k in kinds):
+            raise UserError(f"{c.where}: mlp_layer_types must list sparse or dense for each of the {layers} layers; "
+                            f"{c.fix}")
+        moe_layers = tuple(i for i, kind in enumerate(kinds) if kind == "sparse")
     elif family.expert_layers == "ernie":  # (its end index -1: the last layer)
         first, interval = c.int("moe_layer_start_index", 0, MAX_LAYERS), c.int("moe_layer_interval", 1, MAX_LAYERS)
         last = c.int("moe_layer_end_index", -1, MAX_LAYERS, default=-1)

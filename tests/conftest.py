@@ -72,7 +72,7 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", 
 MOE_EXPERTS = {"qwen3_moe": "num_experts", "olmoe": "num_experts", "mixtral": "num_local_experts",
                "granitemoe": "num_local_experts", "lfm2_moe": "num_experts", "gpt_oss": "num_local_experts",
                "qwen2_moe": "num_experts", "granitemoe_swa": "num_local_experts", "ernie4_5_moe": "moe_num_experts",
-               "afmoe": "num_experts"}
+               "afmoe": "num_experts", "mellum": "num_local_experts"}
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +116,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
                      **({"swiglu_limit": 0.5, "sliding_window": 8} if model_type == "gpt_oss" else {}),
                      **({"shared_expert_intermediate_size": 96} if model_type == "qwen2_moe" else {}),
                      **({"moe_num_shared_experts": 1} if model_type == "ernie4_5_moe" else {}),
-                     **({"num_shared_experts": 1, "num_dense_layers": 1} if model_type == "afmoe" else {})}
+                     **({"num_shared_experts": 1, "num_dense_layers": 1} if model_type == "afmoe" else {}),
+                     **({"mlp_layer_types": ["sparse", "dense"]} if model_type == "mellum" else {})}
         config = AutoConfig.for_model(
             model_type, vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,

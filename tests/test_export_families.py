@@ -661,6 +661,28 @@ def test_apertus_1_5s_pruned_head_is_the_engines_vocabulary():
         model_spec({**config, "output_vocab_size": 301})
 
 
+def test_mellums_multi_token_prediction_layer_is_not_read(tmp_path, smollm2_dir):
+    """Mellum's checkpoints hold an MTP layer (mtp.*) that decoding does not run: a float one quantizes and a
+    quantized one reads as without it (transformers' model ignores it on load too)."""
+    from safetensors.numpy import load_file, save_file
+
+    from awq_edge.checkpoint import read_checked
+    from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path, "mellum", smollm2_dir)
+    for path, extra in ((tmp_path / "float", {"mtp.layers.0.self_attn.q_proj.weight": np.ones((64, 64), np.float32)}),
+                        (ckpt, {"mtp.layers.0.self_attn.q_proj.qweight": np.ones((64, 8), np.int32)})):
+        tensors = load_file(path / "model.safetensors")
+        save_file({**tensors, **extra, "mtp.norm.weight": np.ones(64, np.float32)}, path / "model.safetensors",
+                  metadata={"format": "pt"})
+    quantize_checkpoint(str(tmp_path / "float"), tmp_path / "again", QuantizeSettings(method="rtn", group_size=32),
+                        progress=False)
+    again, _ = read_checked(tmp_path / "again")
+    read, _ = read_checked(ckpt)
+    assert sorted(again.linears) == sorted(read.linears) and sorted(again.tensors) == sorted(read.tensors)
+    assert not [name for name in [*read.linears, *read.tensors] if "mtp" in name]
+
+
 def test_olmo_1s_layer_norms_take_eps_1e_5_whatever_its_config_says():
     from awq_edge.export.spec import model_spec
 

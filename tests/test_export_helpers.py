@@ -164,6 +164,10 @@ TINY_EXTRA = {
     # q/k norms over all heads, experts not renormalized
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64, "pad_token_id": 0,
               "bos_token_id": 1, "eos_token_id": 2},
+    # Mellum: Qwen3-MoE's block, layer 0 sliding (its own RoPE base) with a dense MLP, layer 1 full with experts
+    "mellum": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+               "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"],
+               "mlp_layer_types": ["dense", "sparse"], "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # renormalized; every layer sliding
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 5, "pad_token_id": 0},
     # LFM2-MoE: layer 0 a short convolution with a dense MLP (num_dense_layers), layers 1 (attention) and 2 (a

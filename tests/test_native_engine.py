@@ -898,7 +898,8 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                           ("gpt_bigcode", {}), ("gpt_bigcode", {"multi_query": False}), ("opt", {"ffn_dim": 256}),
                           ("gpt2", {}),
                           ("gptj", {"rotary_dim": 16}), ("gpt_neo", {}), ("granite_swa", {}),
-                          ("qwen2_moe", {}), ("lfm2_moe", {}), ("ernie4_5_moe", {}), ("gpt_oss", {}), ("afmoe", {})],
+                          ("qwen2_moe", {}), ("lfm2_moe", {}), ("ernie4_5_moe", {}), ("gpt_oss", {}), ("afmoe", {}),
+                          ("mellum", {})],
                          ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope", "smollm3_nope", "granite", "glm", "glm4",
                               "ernie4_5", "olmo2", "olmo3", "exaone4", "gemma", "vaultgemma", "hunyuan", "arcee",
                               "nemotron", "stablelm", "cohere", "cohere2", "jais2", "starcoder2",
@@ -906,7 +907,7 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                               "lfm2", "lfm3",
                               "gpt_neox", "gpt_neox_sequential", "gpt_bigcode_multi_query", "gpt_bigcode",
                               "opt", "gpt2", "gptj", "gpt_neo", "granite_swa_sinks", "qwen2_moe", "lfm2_moe",
-                              "ernie4_5_moe", "gpt_oss", "afmoe"])
+                              "ernie4_5_moe", "gpt_oss", "afmoe", "mellum"])
 def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)

@@ -396,7 +396,7 @@ def test_folding_scales_is_exact_in_a_mixture_of_experts(model_type, tiny_model_
         downs += ["shared_expert.down"] if shared else []  # (its shared expert's, every token)
         assert [g.name for g in groups] == mixer + ["gate_up"] + downs
         assert is_moe_layer(layer) or (model_type, i) in (("qwen3_moe", 1), ("lfm2_moe", 0), ("ernie4_5_moe", 0),
-                                                          ("afmoe", 0))
+                                                          ("afmoe", 0), ("mellum", 1))
         torch.manual_seed(i)
         for g in groups:
             _apply_group(g, torch.rand(g.linears[0].in_features) + 0.5, family,
