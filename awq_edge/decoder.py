@@ -265,7 +265,7 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
         """(the linear's input buffer, the norm its prologue applies): the norm of h, fused or not,
         with the pending buffer added into h first (it is then no longer pending). Without pre-norms
         (OLMo 2) h itself, the pending buffer added by an add op. kept: the norm in x, never in a
-        prologue (LFM3's head gates read it after attention)."""
+        prologue (LFM3's and AFMoE's gates read it after the attention)."""
         nonlocal pending
         if not spec.pre_norms:
             if pending is not None:
