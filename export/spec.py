@@ -646,6 +646,8 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
                 tensors[f"{p}.mlp.shared_expert_gate.weight"] = (1, h)
         if spec.attention_sinks and i not in spec.conv_layers:  # (gpt-oss's: a logit per head)
             tensors[f"{p}.self_attn.sinks"] = (spec.heads,)
+        if spec.attention_gate and i not in spec.conv_layers:  # (LFM3's head gates, float: float_gates)
+            tensors[f"{p}.self_attn.g_proj.weight"] = (spec.heads, h)
         if i in spec.conv_layers:  # (LFM2's) the depthwise convolution's weight [hidden, 1, kernel], float
             tensors.update({f"{p}.conv.conv.weight": (h, 1, spec.conv_kernel),
                             **({f"{p}.conv.conv.bias": (h,)} if spec.conv_bias else {})})

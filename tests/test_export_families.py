@@ -645,6 +645,24 @@ def test_lfm3s_gates_and_rope_read_as_transformers_reads_them():
     assert np.allclose(spec.layer_rope[4].inv_freq, sliding, rtol=1e-6)
 
 
+def test_lfm3s_head_gates_are_checked_against_its_config():
+    """LFM3's float gates are checked with the checkpoint's other tensors: [heads, hidden] in each attention
+    layer, one line otherwise."""
+    from awq_edge.checkpoint import LinearInfo
+    from awq_edge.export.spec import check_checkpoint_shapes, checkpoint_shapes, model_spec
+
+    spec = model_spec({**TINY, **TINY_EXTRA["lfm3"], "model_type": "lfm3"})
+    linears, tensors = checkpoint_shapes(spec)
+    assert {n for n in tensors if n.endswith("g_proj.weight")} == {"model.layers.1.self_attn.g_proj.weight",
+                                                                   "model.layers.2.self_attn.g_proj.weight"}
+    infos = {name: LinearInfo(shape, 32, None, False) for name, shape in linears.items()}
+    arrays = {name: np.zeros(shape, np.float32) for name, shape in tensors.items()}
+    check_checkpoint_shapes(infos, arrays, spec, "ckpt")
+    arrays["model.layers.2.self_attn.g_proj.weight"] = np.zeros((64, 4), np.float32)
+    with pytest.raises(UserError, match=r"g_proj.weight is \[64, 4\], its config.json implies \[4, 64\]"):
+        check_checkpoint_shapes(infos, arrays, spec, "ckpt")
+
+
 def test_apertus_1_5s_pruned_head_is_the_engines_vocabulary():
     """Apertus 1.5: output_vocab_size prunes the head to the text ids (the engines' vocabulary; the embedding's
     rows past it, image and audio ids, are cut at reading); unset, head and embedding are vocab_size; a pruned
