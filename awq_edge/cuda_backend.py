@@ -1419,8 +1419,8 @@ KERNELS_OF = {
     "head_top_k": ["awq_head_candidates", "awq_head_rescore"],
     "decode_step": [f"awq_decode_step_g{g}" for g in (32, 64, 128)],
     "decoder_ops": ["awq_embed", "awq_embed_q8", "awq_norm", "awq_add_norm", "awq_head_rms_norm", "awq_bias_add",
-                    "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv", "awq_head_gate",
-                    "awq_output_gate",
+                    "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv",
+                    "awq_head_gate", "awq_output_gate",
                     "awq_add_positions", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
     "moe": ["awq_moe_route", "awq_moe_swiglu", "awq_moe_combine"] +
            [f"awq_moe_gemv_{fusion}_g{g}_w{w}" for fusion in ("act", "store") for g in (32, 64, 128) for w in (1, 4)],

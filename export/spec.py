@@ -146,12 +146,18 @@ class ModelSpec:
         return 2 * len(self.attention_layers) * self.kv_heads * self.head_dim + len(self.conv_layers) * self.hidden
 
 
+def rope_type_of(rope: Fields, aliases: dict | None = None) -> str:
+    """A rope parameter dict's type (rope_type, or older configs' type; "default"), under a family's
+    older names of a type (aliases; Phi-3: su -> longrope)."""
+    rope_type = rope.str("rope_type", default=None) or rope.str("type", default="default")
+    return (aliases or {}).get(rope_type, rope_type)
+
+
 def rope_frequencies(rope: Fields, dim: int, max_positions: int, aliases: dict | None = None) -> Rope:
     """The RoPE over the first `dim` head dimensions (all but partial rotary's), for one rope
     parameter dict (Hugging Face's semantics, transformers 5 `modeling_rope_utils`).
     aliases: a family's older names of a type (Phi-3: su -> longrope)."""
-    rope_type = rope.str("rope_type", default=None) or rope.str("type", default="default")
-    rope_type = (aliases or {}).get(rope_type, rope_type)
+    rope_type = rope_type_of(rope, aliases)
     theta = rope.float("rope_theta", 1e-3, 1e12, default=10000.0)
     freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     if rope_type == "dynamic" and rope.raw.get("alpha") is not None:
@@ -421,7 +427,7 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         factor = rope.float("partial_rotary_factor", 1e-6, 1.0, default=c.float("partial_rotary_factor", 1e-6, 1.0,
                                                                                  default=1.0))
         dim = int(head_dim * factor)  # as transformers rounds it
-        if (rope.str("rope_type", default=None) or rope.str("type", default="default")) == "proportional":
+        if rope_type_of(rope, dict(family.rope_aliases)) == "proportional":
             dim = head_dim  # (its pairs past the factor's turn at frequency 0: rope_frequencies)
         if family.rotary_dim_key:  # (GPT-J's rotary_dim: the rotated dimensions themselves)
             dim = c.int(family.rotary_dim_key, 2, head_dim)
