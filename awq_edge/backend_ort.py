@@ -18,6 +18,12 @@ nothing but the new token ids in and the logits out.
   before its first position as the input conv_state.{i} and the rows of its own positions as the
   output conv_new.{i}, both views of that array: nothing is copied, and rewind is free here too.
   The native decode step reads and writes the same arrays.
+- Qwen3.5's gated delta nets (export.json `delta_net`): a fixed state per layer (the convolution's
+  last inputs and S, float32), bound as the inputs delta_conv.{i} / delta_state.{i} and, in a
+  second pair of arrays, the outputs delta_conv_new.{i} / delta_state_new.{i}; the pairs swap after
+  each step. A state cannot be rewound row by row: each prefill's end is kept (a copy), and a rewind
+  goes back to it where it lies at or before the position asked for, else to 0; `position` then says
+  where the cache stands, which the engine feeds on from.
 Exact re-scoring (export.json `lm_head_exact`, the default quantized int4 lm_head): the graph
 also outputs the top_k candidates of the last position (`top_ids`) and their exact logits from
 the fp16 table (`top_logits`); forward() puts those in place of the quantized ones, so greedy
@@ -35,6 +41,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .decoder import step_ids
+from .export.delta_net import state_names
 from .engine_dir import MODEL_FILE, ExportInfo, read_export_info
 from .errors import UserError
 
@@ -126,6 +133,11 @@ class OrtBackend:
                            * (2 * len(self.attention_layers)))
         self._conv = {i: np.zeros((info.conv_kernel - 1 + self.max_context, info.hidden_size), self.kv_dtype)
                       for i in info.conv_layers}
+        d = info.delta_net
+        shapes = [(1, d.kernel - 1, d.conv_dim), (d.v_heads, d.k_dim, d.v_dim)] if d else []
+        self._delta = {i: [np.zeros(shape, np.float32) for shape in shapes] for i in info.delta_layers}
+        self._delta_out = {i: [np.zeros(shape, np.float32) for shape in shapes] for i in info.delta_layers}
+        self._delta_kept: tuple[int, dict] | None = None  # (position, the states there) after the last prefill
         if self.all_logits:
             self._ort_allocated.append("logits")
         self.rescore_k = 0
@@ -196,6 +208,12 @@ class OrtBackend:
             self.binding.bind_input(f"conv_state.{i}", "cpu", 0, self.kv_dtype, [1, *state.shape],
                                     state.ctypes.data)
             self.binding.bind_output(f"conv_new.{i}", "cpu", 0, self.kv_dtype, [1, *new.shape], new.ctypes.data)
+        for i in self._delta:  # (Qwen3.5's) this step reads one pair of state arrays and writes the other
+            conv_in, state_in, conv_out, state_out = state_names(i)
+            for name, array in zip((conv_in, state_in), self._delta[i]):
+                self.binding.bind_input(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+            for name, array in zip((conv_out, state_out), self._delta_out[i]):
+                self.binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
         for name in self._ort_allocated:  # outputs whose shape changes per step: ORT allocates them
             self.binding.bind_output(name, "cpu")
         try:
@@ -205,6 +223,10 @@ class OrtBackend:
         if self.native is not None:  # the native step reads its own (bf16) copy of these rows
             self.native.mirror(self.position, n)
         self.position += n
+        if self._delta:
+            self._delta, self._delta_out = self._delta_out, self._delta
+            if n > 1:  # a prefill's end: where a rewind can go back to (a conversation's next turn)
+                self._delta_kept = (self.position, {i: [a.copy() for a in arrays] for i, arrays in self._delta.items()})
         if self._ort_allocated:
             outputs = dict(zip(self._ort_allocated, self.binding.get_outputs()[-len(self._ort_allocated):]))
             if self.kv_mode == "concat":
@@ -218,12 +240,19 @@ class OrtBackend:
     def rewind(self, position: int) -> None:
         if not 0 <= position <= self.position:
             raise UserError(f"cannot rewind to {position}: the cache holds {self.position} tokens")
+        if self._delta and position < self.position:  # (Qwen3.5's states) back to the last prefill's end, or 0
+            kept, states = self._delta_kept if self._delta_kept and self._delta_kept[0] <= position else (0, None)
+            for i, arrays in self._delta.items():
+                for n, array in enumerate(arrays):
+                    array[...] = states[i][n] if states else 0.0
+            position = kept
         if self.kv_mode == "concat" and position < self.position:
             self._set_past([np.ascontiguousarray(v.numpy()[:, :, :position]) for v in self._past])
         self.position = position  # shared_buffer: rows past `position` are ignored, then overwritten
 
     def kv_bytes(self) -> int:
         conv = sum(rows.nbytes for rows in self._conv.values())
+        conv += 3 * sum(a.nbytes for arrays in self._delta.values() for a in arrays)  # (in, out, kept)
         if self.kv_mode == "shared_buffer":
             return conv + sum(int(np.prod(self.kv_shape)) * self.kv_dtype.itemsize for _ in self._cache)
         return conv + sum(int(np.prod(v.shape())) * self.kv_dtype.itemsize for v in self._past)

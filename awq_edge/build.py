@@ -71,7 +71,7 @@ def check_fits_before_quantizing(spec, dev, max_memory: int | None, max_context:
     from .export.spec import all_linear_shapes
     from .memory import plan_memory
 
-    linears = sum(n * k // 2 for n, k in all_linear_shapes(spec).values())
+    linears = sum(n * k // 2 for n, k in all_linear_shapes(spec).values()) + 4 * spec.state_elems
     plan_memory(linears, spec.kv_bytes_per_token * 2, dev, max_memory=max_memory,
                 max_context=max_context, max_position_embeddings=spec.max_positions)
 

@@ -34,15 +34,16 @@ from .errors import UserError
 from .families import FAMILIES, SUPPORTED_TYPES, family_for, find_family
 from .untrusted import Fields, read_json
 
-# (and an LFM2 short convolution's in_proj and out_proj; AFMoE's gate on the attention's output)
+# (and an LFM2 short convolution's in_proj and out_proj; AFMoE's gate on the attention's output; Qwen3.5's delta
+# nets' in_proj_qkv, in_proj_z, out_proj)
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj", "out_proj",
-                     "out_gate_proj")
+                     "out_gate_proj", "in_proj_qkv", "in_proj_z")
 # what a checkpoint may store quantized: those, or a family's fused ones (Phi-3's qkv_proj, gate_up_proj)
 STORED_LINEARS = QUANTIZED_LINEARS + tuple(sorted({fused.rsplit(".", 1)[1] for family in FAMILIES.values()
                                                    for fused, _ in family.fused_linears}))
-# linears the engines keep float that another tool's checkpoint may store quantized: LFM3's head gates
-# (float_gates dequantizes them at reading)
-FLOAT_LINEARS = ("g_proj",)
+# linears the engines keep float that another tool's checkpoint may store quantized: LFM3's head gates, Qwen3.5's
+# delta nets' b and a (one row a value head; float_gates dequantizes them at reading)
+FLOAT_LINEARS = ("g_proj", "in_proj_b", "in_proj_a")
 METADATA_FILE = "awq_edge.json"
 GPTQ_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what its stored zeros lack
 # a quantized linear's tensors in AutoAWQ's and GPTQ's layouts (the first three always there)
@@ -267,11 +268,10 @@ def quantization_config(group_size: int) -> dict:
 def split_fused(linears: Mapping[str, QuantizedLinear], spec, where: str) -> Linears:
     """The family's fused linears (Phi-3's qkv_proj, gate_up_proj; GPT-NeoX's by head) as their parts,
     by the rows the config gives each (export.spec.fused_part_rows); every other linear as it is."""
-    from .export.spec import fused_part_rows
+    from .export.spec import stored_fused
 
     out = Linears(linears)
-    for fused, parts in spec.family.fused_linears:
-        rows = fused_part_rows(spec, parts)
+    for fused, parts, rows in stored_fused(spec):
         for name in [n for n in out if n.endswith("." + fused)]:
             layer, info, read = name[: -len(fused)], out.info(name), out.reader(name)
             del out[name]
@@ -288,14 +288,18 @@ def split_fused(linears: Mapping[str, QuantizedLinear], spec, where: str) -> Lin
 
 def fuse_linears(linears: dict, spec) -> dict:
     """The inverse of split_fused: the parts stacked again under the fused name, as the family's
-    checkpoints and its transformers model hold them. linears: QuantizedLinear values (concat_linears)."""
-    from .export.spec import fused_rows_back
+    checkpoints and its transformers model hold them (the quantizer's Qwen3.5 q_proj is whole already).
+    linears: QuantizedLinear values (concat_linears)."""
+    from .export.spec import stored_fused
 
     out = dict(linears)
-    for fused, parts in spec.family.fused_linears:
-        back = fused_rows_back(spec, parts)
+    for fused, parts, rows in stored_fused(spec):
+        order = np.concatenate(rows)  # (stacked row r is fused row order[r])
+        back = None if np.array_equal(order, np.arange(order.size)) else np.argsort(order)
         for name in [n for n in out if n.endswith("." + parts[0])]:
             layer = name[: -len(parts[0])]
+            if not all(layer + part in out for part in parts):
+                continue
             stacked = concat_linears([out.pop(layer + part) for part in parts])
             out[layer + fused] = stacked if back is None else stacked.rows(back)
     return out
@@ -309,17 +313,18 @@ def read_checked(path: str | Path):
     ckpt = read_checkpoint(path)
     spec = model_spec(ckpt.config, str(Path(path) / "config.json"))
     ckpt.linears = split_fused(ckpt.linears, spec, str(path))
-    if spec.attention_gate:
+    if spec.attention_gate or spec.delta:
         float_gates(ckpt, str(path))
     check_checkpoint_shapes({name: ckpt.linears.info(name) for name in ckpt.linears}, ckpt.tensors, spec, str(path))
     return ckpt, spec
 
 
 def float_gates(ckpt: Checkpoint, where: str) -> None:
-    """LFM3's head gates (self_attn.g_proj, [heads, hidden]) are float in the engines; a checkpoint that
-    stores them quantized (llm-compressor's W4A16 recipes quantize every Linear) has them dequantized
-    here, as its float weight: what its quantized model computes."""
-    for name in [n for n in ckpt.linears if n.endswith(tuple(f".self_attn.{leaf}" for leaf in FLOAT_LINEARS))]:
+    """LFM3's head gates (self_attn.g_proj, [heads, hidden]) and Qwen3.5's b and a (linear_attn.in_proj_b,
+    in_proj_a: [value heads, hidden]) are float in the engines; a checkpoint that stores them quantized
+    (llm-compressor's W4A16 recipes quantize every Linear) has them dequantized here, as its float weight:
+    what its quantized model computes."""
+    for name in [n for n in ckpt.linears if n.endswith(tuple(f".{leaf}" for leaf in FLOAT_LINEARS))]:
         lin = ckpt.linears[name]
         if f"{name}.weight" in ckpt.tensors or lin.bias is not None:
             raise UserError(f"{where}: {name} is stored both quantized and float, or with a bias; the checkpoint "

@@ -181,6 +181,9 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
     built for a shorter context: cuda_build.rope_sized_to_context); experts: the caller is the native
     CPU decode, whose moe op takes any expert width."""
     family = model.family
+    if model.delta:  # (the ONNX graph's export/delta_net.py computes them; no kernel of ours does yet)
+        raise UserError(f"{model.model_type}'s gated delta nets are not in the native engines (the cuda backend, "
+                        "the native CPU decode); build for the CPU (--device cpu), where ONNX Runtime runs them")
     if model.moe_layers and (model.expert_width % 8 or model.hidden % 8) and not experts:
         raise UserError(f"{model.model_type}'s experts ({model.expert_width} wide, hidden {model.hidden}) are not "
                         "multiples of 8, which the cuda backend's expert GEMV takes; build for the CPU (--device cpu)")

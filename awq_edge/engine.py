@@ -83,7 +83,8 @@ def engine_plan(manifest: dict, info, max_memory=None, max_context: int | None =
             raise UserError(f"--max-context {max_context} is more than the {positions} tokens this GPU engine was "
                             "built for; rebuild it with a larger --max-context")
     native = native_decode and manifest.get("backend") == "ort"
-    weights = info.weight_bytes * (2 if native else 1)
+    delta = getattr(info, "delta_net", None)  # (an ONNX engine's Qwen3.5 states: read, written, kept; float32)
+    weights = info.weight_bytes * (2 if native else 1) + (3 * 4 * len(delta.layers) * delta.state_elems if delta else 0)
     kv_per_token = info.kv_bytes_per_token + (info.kv_bytes_per_token // 2 if native else 0)
     return plan_memory(weights, kv_per_token, device, max_memory=max_memory,
                        default_cap=min(c for c in (built.get("cap"), default_cap) if c),
@@ -234,8 +235,8 @@ class Engine:
     def rewind(self, position: int) -> None:
         """Keep the first `position` cached tokens and drop the rest (the server keeps only the
         part of the cache that a fresh prefill would compute the same: docs/server.md)."""
-        self.backend.rewind(position)
-        del self.cached_ids[position:]
+        self.backend.rewind(position)  # (a backend with Qwen3.5's states may keep less: backend_ort.py)
+        del self.cached_ids[self.backend.position:]
 
     def chat(self, system: str | None = None, template_kwargs: dict | None = None) -> "Chat":
         return Chat(self, system, template_kwargs)
@@ -366,6 +367,7 @@ class Engine:
             self.cached_ids = []
         keep = min(_common_prefix(self.cached_ids, ids), len(ids) - 1)  # feed >= 1 id to get logits
         self.backend.rewind(keep)
+        keep = self.backend.position  # (what it kept: less, where its states cannot go back there)
         del self.cached_ids[keep:]
         logits = None
         for start in range(keep, len(ids), PREFILL_CHUNK):

@@ -117,10 +117,17 @@ class ExportInfo:
     # and the tokens each convolves
     conv_layers: tuple = ()
     conv_kernel: int = 0
+    # Qwen3.5: its gated delta nets (export.spec.DeltaNet; inputs delta_conv.{i} and delta_state.{i}, outputs
+    # delta_conv_new.{i} and delta_state_new.{i}: no KV), or None
+    delta_net: object = None
+
+    @property
+    def delta_layers(self) -> tuple:
+        return self.delta_net.layers if self.delta_net else ()
 
     @property
     def attention_layers(self) -> list[int]:
-        return [i for i in range(self.num_layers) if i not in self.conv_layers]
+        return [i for i in range(self.num_layers) if i not in self.conv_layers and i not in self.delta_layers]
 
     @functools.cached_property
     def mlp_width(self) -> int:
@@ -168,7 +175,8 @@ def read_export_info(folder: Path, listed: dict[str, dict] | None = None, graph:
         raise UserError(f"{path}: num_heads {heads} is not a multiple of num_kv_heads {kv_heads}; {fix}")
     hidden = f.int("hidden_size", 1, MAX_HIDDEN)
     conv_layers, conv_kernel = _read_conv_layers(f, layers)
-    attention = layers - len(conv_layers)
+    delta = _read_delta_net(f, layers, conv_layers)
+    attention = layers - len(conv_layers) - (len(delta.layers) if delta else 0)
     kv_bytes = f.int("kv_bytes_per_token", 1, 1 << 40)
     if kv_bytes != (2 * attention * kv_heads * head_dim + len(conv_layers) * hidden) * ACT_DTYPES[act_dtype]:
         raise UserError(f"{path}: kv_bytes_per_token {kv_bytes} is not (2 x {attention} attention layers x {kv_heads} "
@@ -189,7 +197,7 @@ def read_export_info(folder: Path, listed: dict[str, dict] | None = None, graph:
         kv_bytes_per_token=kv_bytes,
         lm_head_exact=_read_exact_head(f),
         config=config.raw, quantization=raw["quantization"] if isinstance(raw.get("quantization"), dict) else {},
-        files=listed, conv_layers=conv_layers, conv_kernel=conv_kernel)
+        files=listed, conv_layers=conv_layers, conv_kernel=conv_kernel, delta_net=delta)
     if info.lm_head_exact and info.lm_head_exact["top_k"] > info.vocab_size:
         raise UserError(f"{path}: lm_head_exact top_k {info.lm_head_exact['top_k']} is more than the vocabulary; {fix}")
     if graph:
@@ -210,6 +218,29 @@ def _read_conv_layers(f: Fields, layers: int) -> tuple[tuple, int]:
     from .export.spec import MAX_CONV_KERNEL
 
     return tuple(sorted(listed)), f.int("conv_kernel", 2, MAX_CONV_KERNEL)
+
+
+def _read_delta_net(f: Fields, layers: int, conv_layers: tuple):
+    """export.spec.DeltaNet of a Qwen3.5 export (export.json `delta_net`), each number bounded and its state
+    (the runtime allocates it) at most MAX_DELTA_STATE bytes a layer; None where export.json names none."""
+    from .export.spec import MAX_CONV_KERNEL, MAX_DELTA_STATE, DeltaNet
+
+    d = f.obj("delta_net", optional=True)
+    if d is None:
+        return None
+    listed = d.raw.get("layers")
+    if (not isinstance(listed, list) or not 0 < len(listed) < layers or len(set(map(str, listed))) != len(listed)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers and i not in conv_layers
+                       for i in listed)):
+        raise UserError(f"{f.where}: delta_net layers must list distinct layer numbers below {layers}, not all of "
+                        f"them; {f.fix}")
+    delta = DeltaNet(layers=tuple(sorted(listed)), k_heads=d.int("k_heads", 1, MAX_HEADS),
+                     v_heads=d.int("v_heads", 1, MAX_HEADS), k_dim=d.int("k_dim", 1, MAX_HEAD_DIM),
+                     v_dim=d.int("v_dim", 1, MAX_HEAD_DIM), kernel=d.int("kernel", 2, MAX_CONV_KERNEL))
+    if delta.v_heads % delta.k_heads or delta.state_elems * 4 > MAX_DELTA_STATE:
+        raise UserError(f"{f.where}: delta_net's heads do not group ({delta.v_heads} value heads, {delta.k_heads} key "
+                        f"heads) or its state is over {MAX_DELTA_STATE >> 20} MiB a layer; {f.fix}")
+    return delta
 
 
 def _read_exact_head(f: Fields) -> dict | None:
@@ -266,6 +297,16 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
     expected_inputs.update({f"past_{kind}.{i}": kv for i in info.attention_layers for kind in ("key", "value")})
     expected_inputs.update({f"conv_state.{i}": {"elem": act, "dims": [1, info.conv_kernel - 1, info.hidden_size]}
                             for i in info.conv_layers})
+    delta_states = {}
+    if info.delta_net:  # (Qwen3.5's) float32 whatever the activations' dtype
+        from .export.delta_net import state_names
+
+        d = info.delta_net
+        conv = {"elem": TensorProto.FLOAT, "dims": [1, d.kernel - 1, d.conv_dim]}
+        state = {"elem": TensorProto.FLOAT, "dims": [d.v_heads, d.k_dim, d.v_dim]}
+        delta_states = {i: dict(zip(state_names(i), (conv, state, conv, state))) for i in d.layers}
+        expected_inputs.update({name: want for names in delta_states.values() for name, want in
+                                list(names.items())[:2]})
     expected_outputs = {"logits": {"elem": TensorProto.FLOAT,
                                    "dims": [1, None, info.vocab_size] if info.all_logits else [1, info.vocab_size]}}
     if info.lm_head_exact:
@@ -279,6 +320,7 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
         expected_outputs.update({f"present_{kind}.{i}": kv for i in info.attention_layers for kind in ("key", "value")})
     expected_outputs.update({f"conv_new.{i}": {"elem": act, "dims": [1, None, info.hidden_size]}
                              for i in info.conv_layers})
+    expected_outputs.update({name: want for names in delta_states.values() for name, want in list(names.items())[2:]})
     for kind, values, expected in (("inputs", graph.input, expected_inputs), ("outputs", graph.output, expected_outputs)):
         found = {v.name: v for v in values if v.name not in shapes}
         if set(found) != set(expected):

@@ -183,6 +183,13 @@ class Family:
     # AFMoE: the attention's output times sigmoid(self_attn.gate_proj(x)) value by value before o_proj, x the
     # attention's normed input; that gate a quantized linear [heads x head_dim, hidden], ours out_gate_proj
     output_gate: bool = False
+    # Qwen3.5: that gate's rows stored in q_proj, each head's after its query's ([heads x 2 head_dim, hidden], as
+    # transformers' model computes them): the quantizer keeps q_proj whole, the engines read it split
+    # (checkpoint.split_fused: q_proj and out_gate_proj)
+    query_gate: bool = False
+    # Qwen3.5: the layers its layer_types names "linear_attention" are gated delta nets (linear_attn: a recurrent
+    # state per value head in place of a KV cache; export.spec.DeltaNet), not attention
+    delta_net: bool = False
     # gpt-oss: its MLP returns (output, router scores), which its block unpacks; the quantizer's SparseMoe too
     moe_returns_tuple: bool = False
     # Qwen2-MoE: a shared expert beside the routed ones, on every token (mlp.shared_expert, a gated MLP as wide as
@@ -649,6 +656,16 @@ FAMILIES: dict[str, Family] = {
                embed_scale=True, activation="gelu_tanh", sliding_layers="alternate", config_defaults=GEMMA2_DEFAULTS),
         # Qwen3-MoE (30B-A3B, Coder-30B-A3B): Qwen3 whose MLPs are experts, moe_intermediate_size wide, 8 of 128 a
         # token; decoder_sparse_step and mlp_only_layers may leave dense MLPs (intermediate_size wide)
+        # Qwen3.5 (0.8B to 27B; the language model of their vision-language checkpoints): three of every four
+        # layers gated delta nets, the fourth Qwen3's attention with a gate on its output (in q_proj) and a
+        # quarter of each head rotated; (1 + w) RMSNorms
+        Family("qwen3_5", ("qwen3_5_text",), qk_norm=True, norm_offset=1.0, output_gate=True, query_gate=True,
+               delta_net=True,
+               config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 4), ("head_dim", 256),
+                                ("partial_rotary_factor", 0.25), ("linear_conv_kernel_dim", 4),
+                                ("linear_key_head_dim", 128), ("linear_value_head_dim", 128),
+                                ("linear_num_key_heads", 16), ("linear_num_value_heads", 32)),
+               refused_switches=(("attention_bias", "biases on q, k, v and o"),), ignored_tensors=("mtp.",)),
         Family("qwen3_moe", ("qwen3_moe",), qk_norm=True, sliding_layers="qwen", experts_key="num_local_experts",
                expert_width_key="moe_intermediate_size", norm_top_k="norm_topk_prob", expert_layers="qwen",
                config_aliases=(("num_experts", "num_local_experts"),),

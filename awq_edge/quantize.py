@@ -299,7 +299,7 @@ class ScaleGroup:
 
 
 # their loss runs attention, or (LFM2's in_proj) a convolution over the tokens: whole sequences
-SEQUENCE_INPUTS = ("q_proj", "k_proj", "v_proj", "in_proj")
+SEQUENCE_INPUTS = ("q_proj", "k_proj", "v_proj", "in_proj", "in_proj_qkv")
 # act(x / c) = act(x) / c^root for every c > 0, of the MLP activations that have one
 ACTIVATION_ROOTS = {"relu2": 2, "relu": 1}
 
@@ -320,6 +320,9 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     MLP's outputs, as AutoAWQ's GPT-J. An LFM2 short convolution has an in group (in_proj, scored
     on the convolution's output) in qkv's place, and an out group in o's: out_proj reads
     C * conv(B * x), so its scales fold into C's rows of in_proj (C / s gives that product / s).
+    A Qwen3.5 gated delta net has an in group (in_proj_qkv and in_proj_z, b and a in float, scored on
+    the delta net's output over whole sequences) and no out group: out_proj reads a norm per value head
+    times silu(z), which no scale folds across.
 
     A mixture of experts (model.SparseMoe) has one gate_up group of every expert's gate and up (their
     input is the norm's, all tokens; AutoAWQ's Mixtral), scored on the whole mixture, whose router
@@ -327,9 +330,10 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     the calibration routed none there; none across gpt-oss's clamped SwiGLU). Qwen2-MoE's shared
     expert joins the gate_up group (its sigmoid gate in float, as the router) and has a down group."""
     mlp, conv, moe = layer.mlp, layer.conv if is_conv_layer(layer) else None, is_moe_layer(layer)
-    attn = None if conv else layer.self_attn
+    delta = getattr(layer, "linear_attn", None)
+    attn = None if conv or delta is not None else layer.self_attn
     groups = []
-    qkv = [] if conv else [attn.q_proj, attn.k_proj, attn.v_proj, *output_gate(attn)]
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj, *output_gate(attn)] if attn is not None else []
     shared = getattr(mlp, "shared_expert", None) if moe else None  # (Qwen2-MoE's, on every token)
     if moe:  # every expert's gate and up (gated, never in a parallel block: the family table's test)
         experts = [*mlp.experts, *([shared] if shared is not None else [])]
@@ -343,6 +347,10 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
             groups.append(ScaleGroup("in", layer.input_layernorm, [conv.in_proj], "conv", "in_proj"))
         groups.append(ScaleGroup("out", conv.in_proj, [conv.out_proj], "out_proj", "out_proj",
                                  prev_rows=(hidden, 2 * hidden)))
+    elif delta is not None:  # (Qwen3.5's; b and a, one row a value head, stay float, as a router)
+        if foldable:
+            groups.append(ScaleGroup("in", layer.input_layernorm, [delta.in_proj_qkv, delta.in_proj_z],
+                                     "linear_attn", "in_proj_qkv", floats=(delta.in_proj_b, delta.in_proj_a)))
     elif family.parallel_block:  # q/k/v and gate/up read one norm: one group, its loss on attention + MLP
         groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, qkv + mlp_in, "parallel", "q_proj"))
     elif foldable:
@@ -401,6 +409,9 @@ def _linear_names(layer) -> dict[str, nn.Linear]:
     m = layer.mlp
     if is_conv_layer(layer):
         mixer = {"in_proj": layer.conv.in_proj, "out_proj": layer.conv.out_proj}
+    elif hasattr(layer, "linear_attn"):  # (Qwen3.5's gated delta nets: in_proj_b and in_proj_a stay float)
+        d = layer.linear_attn
+        mixer = {"in_proj_qkv": d.in_proj_qkv, "in_proj_z": d.in_proj_z, "out_proj": d.out_proj}
     else:
         a = layer.self_attn
         mixer = {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
@@ -704,7 +715,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
         for i, layer in enumerate(tqdm(layers, desc="rtn", unit="block", disable=not progress)):
             materialize(i)
             for name, lin in _linear_names(layer).items():
-                result.linears[f"{prefix}.{i}.{_path(name)}"] = _to_quantized(lin, settings.group_size)
+                result.linears[f"{prefix}.{i}.{_path(name, layer)}"] = _to_quantized(lin, settings.group_size)
                 _release(lin)
         result.seconds = time.time() - started
         return result
@@ -808,7 +819,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
                                                        inputs, outputs, kwargs, settings)
             rounded = {n: tuned[linears[n]] for n in rounded}
         for name, quantized in rounded.items():
-            result.linears[f"{prefix}.{i}.{_path(name)}"] = quantized
+            result.linears[f"{prefix}.{i}.{_path(name, layer)}"] = quantized
         layer.to(orig_dtype)
         result.layer_report.append(report)
         inputs, outputs = outputs, None
@@ -818,8 +829,10 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
     return result
 
 
-def _path(name: str) -> str:
+def _path(name: str, layer) -> str:
+    """A block's linear (_linear_names) -> its name in the block."""
     return ("self_attn." if name in ("q_proj", "k_proj", "v_proj", "o_proj", "out_gate_proj") else
+            "linear_attn." if hasattr(layer, "linear_attn") and name in ("in_proj_qkv", "in_proj_z", "out_proj") else
             "conv." if name in ("in_proj", "out_proj") else "mlp.") + name
 
 
@@ -833,6 +846,8 @@ def _module_runner(layer, g: ScaleGroup, x: torch.Tensor, kwargs: dict, batch: i
         return lambda: [layer.self_attn(hidden_states=xb, **kwargs)[0] + layer.mlp(xb) for xb in _batched(x, batch)]
     if g.inspect == "conv":  # (LFM2's short convolution: whole sequences, no cache)
         return lambda: [layer.conv(xb) for xb in _batched(x, batch)]
+    if g.inspect == "linear_attn":  # (Qwen3.5's gated delta net: whole sequences, no cache)
+        return lambda: [layer.linear_attn(xb) for xb in _batched(x, batch)]
     rows = 4096
     if g.inspect == "mlp":  # (gpt-oss's mixture returns a tuple, its output first)
         return lambda: [_layer_output(layer.mlp(xb)) for xb in _batched(x, rows)]

@@ -123,6 +123,8 @@ def export_checkpoint(ckpt_dir, out_dir, target: str = "ort", *, act_dtype: str 
             "max_position_embeddings": spec.max_positions,
             "sliding_windows": spec.layer_windows,
             **({"conv_layers": list(spec.conv_layers), "conv_kernel": spec.conv_kernel} if spec.conv_layers else {}),
+            **({"delta_net": {**dataclasses.asdict(spec.delta), "layers": list(spec.delta.layers)}}
+               if spec.delta else {}),
             "all_logits": all_logits,
             "lm_head": "float" if lm_head_bits is None else f"int{lm_head_bits}",
             "lm_head_exact": exact_head,

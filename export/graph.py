@@ -35,7 +35,7 @@ from ..checkpoint import Checkpoint, QuantizedLinear, concat_linears
 from ..decoder import POSITIONS_TABLE, interleave_halves
 from ..packing import to_matmul_nbits
 from ..errors import UserError
-from . import attention, linear
+from . import attention, delta_net, linear
 from .builder import MS_DOMAIN, GraphBuilder
 from .spec import XIELU_PARAMS, ModelSpec, distinct_ropes, rope_tables, xielu_constants
 
@@ -71,6 +71,9 @@ def check_target(spec: ModelSpec, target: str) -> None:
     if target == "trt" and spec.attention_sinks:
         raise UserError(f"{spec.model_type}'s attention sinks are not in the trt target's attention plugin; build for "
                         "the CPU (--device cpu)")
+    if target == "trt" and spec.delta_layers:
+        raise UserError(f"{spec.model_type}'s gated delta nets keep a recurrent state, which the trt target's engines "
+                        "do not; build for the CPU (--device cpu)")
     if target == "trt" and spec.conv_layers:
         raise UserError(f"{spec.model_type}'s short convolutions keep a state per position, which the trt target's "
                         "engines do not; build for the CPU (--device cpu)")
@@ -241,6 +244,10 @@ class Decoder:
         for i in range(spec.layers):
             if i in spec.conv_layers:  # (LFM2's) B * x of the conv_kernel - 1 tokens before this step
                 b.add_input(f"conv_state.{i}", act, [1, spec.conv_kernel - 1, spec.hidden])
+            elif i in spec.delta_layers:  # (Qwen3.5's) the convolution's inputs before this step, and S
+                d, (conv, state, _, _) = spec.delta, delta_net.state_names(i)
+                b.add_input(conv, TensorProto.FLOAT, [1, d.kernel - 1, d.conv_dim])
+                b.add_input(state, TensorProto.FLOAT, [d.v_heads, d.k_dim, d.v_dim])
             else:
                 b.add_input(f"past_key.{i}", act, kv_shape)
                 b.add_input(f"past_value.{i}", act, kv_shape)
@@ -298,6 +305,7 @@ class Decoder:
                     x, h = self.block_input(pending, h, f"{p}.input_layernorm.weight")
                 with b.scope("attn"):
                     a = (self.conv_block(x, i) if i in spec.conv_layers else
+                         delta_net.delta_block(self, x, i) if i in spec.delta_layers else
                          self.attention_block(x, i, layer_rope[i], masks.get(spec.layer_windows[i])))
                     if spec.family.post_norms:
                         a = self.rms_norm(a, self.norm_weight(f"{p}.{spec.family.post_norms[0]}.weight"))
@@ -347,6 +355,10 @@ class Decoder:
                 b.add_output(f"present_{kind}.{i}", act, [1, spec.kv_heads, present_dim, spec.head_dim])
         for i in spec.conv_layers:
             b.add_output(f"conv_new.{i}", act, [1, seq, spec.hidden])
+        for i in spec.delta_layers:
+            d, (_, _, conv, state) = spec.delta, delta_net.state_names(i)
+            b.add_output(conv, TensorProto.FLOAT, [1, d.kernel - 1, d.conv_dim])
+            b.add_output(state, TensorProto.FLOAT, [d.v_heads, d.k_dim, d.v_dim])
         return b.model(f"awq_edge_{spec.model_type}_{t.name}")
 
     def final_softcap(self, logits: str) -> str:

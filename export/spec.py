@@ -43,6 +43,7 @@ def xielu_constants(alpha_p, alpha_n, beta, eps) -> np.ndarray:
 LEGACY_LAYER_TYPES = {"attention": "full_attention", "mamba": "linear_attention"}  # config.json's older names
 MAX_ROPE_TABLE = 1 << 27  # positions x head_dim: 2 x 512 MiB of float32 cos/sin at most
 MAX_CONV_KERNEL = 16  # an LFM2 short convolution's tokens (its conv_L_cache: 3)
+MAX_DELTA_STATE = 1 << 30  # bytes of a gated delta net's state a layer (Qwen3.5 27B's: 3 MiB)
 MAX_EXPERTS = 1024  # a mixture of experts' per layer (Qwen3-MoE's: 128)
 MAX_EXPERTS_IN_ALL = 1 << 16  # over all layers (Qwen3-MoE 30B's: 48 x 128; DeepSeek-V3's 58 x 256)
 
@@ -67,6 +68,42 @@ class Rope:
         def pad(f):
             return None if f is None else np.concatenate([f, np.zeros(half - len(f))])
         return Rope(pad(self.inv_freq), self.scale, pad(self.long_inv_freq), self.long_from, len(self.inv_freq))
+
+
+@dataclass(frozen=True)
+class DeltaNet:
+    """Qwen3.5's gated delta nets (Family.delta_net): the layers its layer_types names linear_attention, each
+    in place of attention. From the normed x: q, k (k_heads x k_dim each) and v (v_heads x v_dim) by in_proj_qkv,
+    through a causal depthwise convolution over the last `kernel` tokens (its weight conv1d [conv_dim, 1,
+    kernel]) and SiLU; z (v_dim per value head) by in_proj_z; b and a (one per value head) by in_proj_b and
+    in_proj_a, float. Per value head h (k head h // (v_heads / k_heads)), with q and k L2-normed, q / sqrt(k_dim):
+        decay = exp(-exp(A_log[h]) * softplus(a + dt_bias[h])),  beta = sigmoid(b)
+        S = decay S;  S += k (beta (v - S^T k))^T;  o = S^T q           (S: [k_dim, v_dim], the state)
+    then out_proj(rms_norm(o) * norm.weight * silu(z)). The runtime keeps S (float32) and the convolution's
+    last kernel - 1 inputs per layer: a fixed size, not a row per token."""
+    layers: tuple
+    k_heads: int
+    v_heads: int
+    k_dim: int
+    v_dim: int
+    kernel: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.k_heads * self.k_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_heads * self.v_dim
+
+    @property
+    def conv_dim(self) -> int:  # q, k and v side by side: what the convolution runs over
+        return 2 * self.key_dim + self.value_dim
+
+    @property
+    def state_elems(self) -> int:
+        """Float32 elements one layer keeps: its state S of every value head and its convolution's inputs."""
+        return self.v_heads * self.k_dim * self.v_dim + (self.kernel - 1) * self.conv_dim
 
 
 @dataclass
@@ -133,10 +170,15 @@ class ModelSpec:
     # the checkpoint's embedding rows, where more than vocab (Apertus 1.5's pruned head: vocab is the head's,
     # the ids past it are input only; the engines keep the first vocab rows); 0: vocab
     embed_vocab: int = 0
+    delta: DeltaNet | None = None  # Qwen3.5's gated delta nets (Family.delta_net), or none
 
     @property
     def attention_layers(self) -> list[int]:
-        return [i for i in range(self.layers) if i not in self.conv_layers]
+        return [i for i in range(self.layers) if i not in self.conv_layers and i not in self.delta_layers]
+
+    @property
+    def delta_layers(self) -> tuple:
+        return self.delta.layers if self.delta else ()
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -144,6 +186,11 @@ class ModelSpec:
         layer's B * x row (what its convolution reads of the tokens before; kept per position, as K and
         V are, so that a rewind costs nothing)."""
         return 2 * len(self.attention_layers) * self.kv_heads * self.head_dim + len(self.conv_layers) * self.hidden
+
+    @property
+    def state_elems(self) -> int:
+        """Float32 elements of the fixed state the runtime keeps besides the cache (Qwen3.5's delta nets')."""
+        return len(self.delta_layers) * self.delta.state_elems if self.delta else 0
 
 
 def rope_type_of(rope: Fields, aliases: dict | None = None) -> str:
@@ -386,6 +433,12 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     rotating = rotating_layers(c, family, layers)
     layer_types = config.get("layer_types") or default_layer_types(c, family, layers, window, rotating)
     conv_layers: tuple = ()
+    delta = None
+    if family.delta_net:  # Qwen3.5: "linear_attention" layers are gated delta nets (default: every fourth full)
+        if config.get("layer_types") is None:
+            every = c.int("full_attention_interval", 1, MAX_LAYERS, default=4)
+            layer_types = ["linear_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
+        delta, layer_types = delta_net_spec(c, layer_types, layers)
     if family.short_conv:  # LFM2: "conv" layers (older configs: all but full_attn_idxs), as transformers reads them
         layer_types = conv_layer_types(c, family, layers) if config.get("layer_types") is None else layer_types
         if isinstance(layer_types, list):
@@ -487,8 +540,34 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         clip_qkv=c.float("clip_qkv", 1e-6, 1e6, default=None) if family.clip_qkv else None,
         attention_sinks=family.attention_sinks,
         attention_gate=bool(family.attention_gate) and c.bool(family.attention_gate, default=True),
-        output_gate=family.output_gate, embed_vocab=embed_vocab if embed_vocab != vocab else 0, **moe,
+        output_gate=family.output_gate, embed_vocab=embed_vocab if embed_vocab != vocab else 0, delta=delta, **moe,
     )
+
+
+def delta_net_spec(c: Fields, layer_types, layers: int) -> tuple[DeltaNet, list]:
+    """(DeltaNet, layer_types with its layers as full attention's, whose per-layer entries they keep) of a
+    Qwen3.5 config; refused where no layer is attention (the engines' graph needs one) or the heads do not
+    group."""
+    if not isinstance(layer_types, list) or len(layer_types) != layers:
+        raise UserError(f"{c.where}: layer_types must list full_attention or linear_attention for each of the "
+                        f"{layers} layers; {c.fix}")
+    listed = tuple(i for i, t in enumerate(layer_types) if t == "linear_attention")
+    if len(listed) == layers:
+        raise UserError(f"{c.where}: every layer is a gated delta net (linear_attention), and awq-edge's engines "
+                        f"take a model with attention too; {c.fix}")
+    k_heads = c.int("linear_num_key_heads", 1, MAX_HEADS)
+    v_heads = c.int("linear_num_value_heads", 1, MAX_HEADS)
+    if v_heads % k_heads:
+        raise UserError(f"{c.where}: linear_num_value_heads {v_heads} is not a multiple of linear_num_key_heads "
+                        f"{k_heads}; {c.fix}")
+    delta = DeltaNet(layers=listed, k_heads=k_heads, v_heads=v_heads,
+                     k_dim=c.int("linear_key_head_dim", 1, MAX_HEAD_DIM), v_dim=c.int("linear_value_head_dim", 1,
+                                                                                        MAX_HEAD_DIM),
+                     kernel=c.int("linear_conv_kernel_dim", 2, MAX_CONV_KERNEL))
+    if delta.conv_dim > MAX_INTERMEDIATE or delta.state_elems * 4 > MAX_DELTA_STATE:
+        raise UserError(f"{c.where}: the gated delta nets' q, k and v ({delta.conv_dim} wide) or state "
+                        f"({delta.state_elems * 4 >> 20} MiB a layer) are out of range; {c.fix}")
+    return delta, ["full_attention" if t == "linear_attention" else t for t in layer_types]
 
 
 def experts_spec(c: Fields, family: Family, layers: int) -> dict:
@@ -567,7 +646,10 @@ def layer_linear_shapes(spec: ModelSpec, layer: int | None = None) -> dict[str, 
     attention layer's unless `layer` is one of LFM2's short convolutions (conv.in_proj, conv.out_proj)."""
     h, inter = spec.hidden, spec.intermediate
     q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    d = spec.delta
     mixer = ({"conv.in_proj": (3 * h, h), "conv.out_proj": (h, h)} if layer in spec.conv_layers else
+             {"linear_attn.in_proj_qkv": (d.conv_dim, h), "linear_attn.in_proj_z": (d.value_dim, h),
+              "linear_attn.out_proj": (h, d.value_dim)} if layer in spec.delta_layers else
              {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, q), **({"self_attn.out_gate_proj": (q, h)} if spec.output_gate else {})})
     if layer in spec.moe_layers:  # (gated, each expert_width wide; Qwen2-MoE's shared expert, shared_width)
@@ -596,6 +678,18 @@ def fused_part_rows(spec: ModelSpec, parts: tuple[str, ...]) -> list[np.ndarray]
     starts = np.cumsum([0] + per_head)[:-1]
     head_rows = np.arange(spec.heads)[:, None] * sum(per_head)
     return [(head_rows + start + np.arange(n)).reshape(-1) for start, n in zip(starts, per_head)]
+
+
+def stored_fused(spec: ModelSpec) -> list[tuple[str, tuple[str, ...], list[np.ndarray]]]:
+    """The linears a checkpoint of this model stores fused, as (the fused name, its parts, the rows of it each
+    part takes): the family's fused_linears, and Qwen3.5's q_proj whose rows are each head's query then its
+    output gate's (Family.query_gate), read as q_proj and out_gate_proj."""
+    fused = [(name, parts, fused_part_rows(spec, parts)) for name, parts in spec.family.fused_linears]
+    if spec.family.query_gate:
+        head = np.arange(spec.heads)[:, None] * 2 * spec.head_dim + np.arange(spec.head_dim)
+        fused.append(("self_attn.q_proj", ("self_attn.q_proj", "self_attn.out_gate_proj"),
+                      [head.reshape(-1), (head + spec.head_dim).reshape(-1)]))
+    return fused
 
 
 def fused_rows_back(spec: ModelSpec, parts: tuple[str, ...]) -> np.ndarray | None:
@@ -650,13 +744,18 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
                 tensors[f"{p}.mlp.gate.bias"] = (spec.experts,)
             if spec.shared_width and spec.shared_gate:  # (Qwen2-MoE's)
                 tensors[f"{p}.mlp.shared_expert_gate.weight"] = (1, h)
-        if spec.attention_sinks and i not in spec.conv_layers:  # (gpt-oss's: a logit per head)
+        if spec.attention_sinks and i in spec.attention_layers:  # (gpt-oss's: a logit per head)
             tensors[f"{p}.self_attn.sinks"] = (spec.heads,)
-        if spec.attention_gate and i not in spec.conv_layers:  # (LFM3's head gates, float: float_gates)
+        if spec.attention_gate and i in spec.attention_layers:  # (LFM3's head gates, float: float_gates)
             tensors[f"{p}.self_attn.g_proj.weight"] = (spec.heads, h)
         if i in spec.conv_layers:  # (LFM2's) the depthwise convolution's weight [hidden, 1, kernel], float
             tensors.update({f"{p}.conv.conv.weight": (h, 1, spec.conv_kernel),
                             **({f"{p}.conv.conv.bias": (h,)} if spec.conv_bias else {})})
+        elif i in spec.delta_layers:  # (Qwen3.5's) b, a, the convolution, the decay's and the norm's, float
+            d, a = spec.delta, f"{p}.linear_attn"
+            tensors.update({f"{a}.in_proj_b.weight": (d.v_heads, h), f"{a}.in_proj_a.weight": (d.v_heads, h),
+                            f"{a}.conv1d.weight": (d.conv_dim, 1, d.kernel), f"{a}.dt_bias": (d.v_heads,),
+                            f"{a}.A_log": (d.v_heads,), f"{a}.norm.weight": (d.v_dim,)})
         elif family.qk_norm and family.norm_weight:  # (nanochat's q/k norms have no weight either)
             q_name, k_name = family.qk_norms
             tensors.update({f"{p}.{q_name}.weight": (q_norm,), f"{p}.{k_name}.weight": (k_norm,)})

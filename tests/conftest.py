@@ -106,6 +106,9 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
             dense = dict(layer_types=["conv", "full_attention"], block_multiple_of=32, conv_bias=True)
         if model_type == "lfm3":  # a short convolution, then attention with gated heads
             dense = dict(layer_types=["conv", "full_attention"])
+        if model_type == "qwen3_5_text":  # a gated delta net (value heads two to a key head), then attention
+            dense = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=16)
         if model_type in MOE_EXPERTS:  # 2 of 4 experts a token, each 64 wide; Qwen3-MoE: layer 1 a dense MLP;
             # LFM2-MoE: layer 0 a short convolution with a dense MLP, layer 1 attention with experts
             dense = {MOE_EXPERTS[model_type]: 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,

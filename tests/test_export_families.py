@@ -48,6 +48,7 @@ TRT_REFUSES = {"hunyuan_v1_dense": "q/k norms come after RoPE, and the trt targe
                "gpt2": "positions are a learned table, which the trt target's graph does not add",
                "gpt_neo": "positions are a learned table, which the trt target's graph does not add",
                "granite_swa": "attention sinks are not in the trt target's attention plugin",
+               "qwen3_5_text": "gated delta nets keep a recurrent state, which the trt target's engines do not",
                **{moe: "mixture of experts is not in the trt target's graph" for moe in MOE_EXPERTS}}
 
 
@@ -346,6 +347,14 @@ VISION_LANGUAGE = {
                  dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       deepstack_visual_indexes=[0], num_position_embeddings=16, patch_size=16),
                  dict(image_token_id=299, video_token_id=298, vision_start_token_id=297, vision_end_token_id=296)),
+    # Qwen3.5 (every size ships so): a gated delta net, then attention; keys model.language_model.* beside
+    # model.visual.*, its multi-token-prediction layer (mtp.*) beside them in the hub's
+    "qwen3_5": ({**TINY, **TINY_EXTRA["qwen3_5_text"], "model_type": "qwen3_5_text", "vocab_size": 300,
+                 "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 0], "mrope_interleaved": True,
+                                     "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
+                dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                     num_position_embeddings=16, patch_size=16),
+                dict(image_token_id=299, video_token_id=298, vision_start_token_id=297, vision_end_token_id=296)),
     # SmolVLM 2 (and "smolvlm_1", SmolVLM's first, as Idefics3): a Llama (SmolLM2) named model.text_model.*
     "smolvlm": ({**TINY, "model_type": "llama", "vocab_size": 300},
                 dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,

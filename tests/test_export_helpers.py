@@ -109,6 +109,12 @@ TINY_EXTRA = {
               "moe_intermediate_size": 64, "num_shared_experts": 1, "route_scale": 1.5, "head_dim": 16,
               "sliding_window": 5, "global_attn_every_n_layers": 3, "mup_enabled": True, "pad_token_id": 0,
               "bos_token_id": 1, "eos_token_id": 2},
+    # Qwen3.5: layer 0 a gated delta net (2 key heads of 8, 4 value heads of 16: two to a key head), layer 1
+    # attention with its output gated (in q_proj), q/k norms, a quarter of each head rotated (its default); (1 + w)
+    # norms
+    "qwen3_5_text": {"layer_types": ["linear_attention", "full_attention"], "head_dim": 16, "linear_num_key_heads": 2,
+                     "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 16,
+                     "linear_conv_kernel_dim": 4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # LayerNorms without a weight or a bias; q, k and v clamped (small enough to bite: OLMo 7B 0424's is 8)
     "olmo": {"clip_qkv": 0.1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # no pre-norms, post-norms, q/k norms over all heads
@@ -223,7 +229,9 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
     config.architectures = [type(model).__name__]
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if name.endswith(".linear_attn.norm.weight"):  # (Qwen3.5's gated norm: a weight, not 1 + w)
+                p.normal_(mean=1.0, std=0.2)
+            elif "norm" in name:
                 p.normal_(mean=0.0 if family_for(model_type).norm_offset else 1.0, std=0.2)
             elif name.endswith((".bias", "_bias")) or ".act_fn." in name:  # (xIELU's parameters; gpt-oss's experts')
                 p.normal_(std=0.5)

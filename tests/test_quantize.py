@@ -15,7 +15,7 @@ from conftest import MOE_EXPERTS
 from awq_edge.checkpoint import load_awq_as_float, read_checked, read_checkpoint
 from awq_edge.errors import UserError
 from awq_edge.evaluate import deployed_prefix, perplexity
-from awq_edge.export.spec import all_linear_shapes, model_spec
+from awq_edge.export.spec import all_linear_shapes, model_spec, stored_fused
 from awq_edge.families import family_for
 from awq_edge.model import decoder_layers, load_float_model, mxfp4_dequantized
 from awq_edge.quantize import (ACTIVATION_ROOTS, QuantizeSettings, _apply_group, _layer_output, _linear_names,
@@ -302,7 +302,7 @@ def test_coarse_to_fine_on_any_loss_returns_the_best_point_it_tried(loss):
                                                        "starcoder2", "granitemoehybrid", "phi",
                                                        "hyperclovax", "olmo", "apertus", "nanochat", "lfm2", "lfm3",
                                                        "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj",
-                                                       "gpt_neo", "cwm", "granite_swa", *MOE_EXPERTS))
+                                                       "gpt_neo", "cwm", "granite_swa", "qwen3_5_text", *MOE_EXPERTS))
 def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path):
     src = tiny_model_dir(model_type)
     calib = tmp_path / "calib.txt"
@@ -313,9 +313,11 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
     quantize_checkpoint(str(src), out, settings, calib=str(calib), progress=False)
     family = family_for(model_type)
     # 7 a layer, 6 in an MLP without a gate (Arcee's), 5 in an LFM2 short convolution's (in_proj, out_proj)
-    linears = len(all_linear_shapes(model_spec(json.loads((src / "config.json").read_text()))))
+    spec = model_spec(json.loads((src / "config.json").read_text()))
+    linears = len(all_linear_shapes(spec))
     stored = read_checkpoint(out).linears  # the family's layout: Phi-3's fused qkv_proj and gate_up_proj
-    assert len(stored) == linears - 2 * sum(len(parts) - 1 for _, parts in family.fused_linears)
+    fused = {name: len(parts) - 1 for name, parts, _ in stored_fused(spec)}  # (Qwen3.5's q_proj: its gate's too)
+    assert len(stored) == linears - sum(fused.get(name.split(".", 3)[3], 0) for name in stored)
     # under the names the family's transformers model gives its modules (StarCoder 2's mlp.c_fc): other tools read it
     # (but experts, one by one as the hub's checkpoints store them: transformers 5 stacks them in one module)
     modules = {name for name, _ in AutoModelForCausalLM.from_pretrained(src).named_modules()}
@@ -336,7 +338,7 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere",
                                                        "jais2", "starcoder2", "granitemoehybrid", "phi",
                                                        "olmo", "apertus", "nanochat", "lfm2", "lfm3", "gpt_neox",
-                                                       "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo"))
+                                                       "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo", "qwen3_5_text"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into
@@ -349,7 +351,8 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     names). Nemotron's LayerNorms (1 + w, a bias) take the q/k/v and up scales, bias and all.
     Cohere's one input norm takes q/k/v's and gate/up's as one group (Phi's: q/k/v's and up's).
     An LFM2 short convolution's input norm takes in_proj's (its B, C and x: a product of two of them
-    and C times the convolution's output), and C's rows of in_proj take out_proj's."""
+    and C times the convolution's output), and C's rows of in_proj take out_proj's. A Qwen3.5 delta
+    net's (1 + w) input norm takes in_proj_qkv's and in_proj_z's, its float b and a too."""
     model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
     family = family_for(model.config.model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
@@ -363,6 +366,8 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
                 if family.pre_norms and family.norm_weight else ["o"])
         if is_conv_layer(layer):
             want = ["in", "out", mlp_in]
+        if hasattr(layer, "linear_attn"):  # (no out group: out_proj reads a norm per value head times silu(z))
+            want = ["in", mlp_in]
         down = family.gated_mlp or family.activation in ACTIVATION_ROOTS  # (StarCoder 2's gelu: no down group)
         assert [g.name for g in groups] == want + ["down"] * down
         torch.manual_seed(i)
