@@ -20,10 +20,11 @@ nothing but the new token ids in and the logits out.
   The native decode step reads and writes the same arrays.
 - Qwen3.5's gated delta nets (export.json `delta_net`): a fixed state per layer (the convolution's
   last inputs and S, float32), bound as the inputs delta_conv.{i} / delta_state.{i} and, in a
-  second pair of arrays, the outputs delta_conv_new.{i} / delta_state_new.{i}; the pairs swap after
-  each step. A state cannot be rewound row by row: each prefill's end is kept (a copy), and a rewind
-  goes back to it where it lies at or before the position asked for, else to 0; `position` then says
-  where the cache stands, which the engine feeds on from.
+  second pair of arrays, the outputs delta_conv_new.{i} / delta_state_new.{i}; the pairs swap
+  after each step (with the native decode, which updates the first pair in place, the second is
+  copied back). A state cannot be rewound row by row: each prefill's end is kept (a copy), and a
+  rewind goes back to it where it lies at or before the position asked for, else to 0; `position`
+  then says where the cache stands, which the engine feeds on from.
 Exact re-scoring (export.json `lm_head_exact`, the default quantized int4 lm_head): the graph
 also outputs the top_k candidates of the last position (`top_ids`) and their exact logits from
 the fp16 table (`top_logits`); forward() puts those in place of the quantized ones, so greedy
@@ -159,7 +160,8 @@ class OrtBackend:
             self.native = NativeDecoder(export_dir, self.info,
                                         [kv[i][0].data_ptr() if i in kv else 0 for i in range(self.num_layers)],
                                         [kv[i][1].data_ptr() if i in kv else 0 for i in range(self.num_layers)],
-                                        self.max_context, threads or physical_cores(), conv_rows=self._conv)
+                                        self.max_context, threads or physical_cores(), conv_rows=self._conv,
+                                        delta_states=self._delta)
             self.decode_path = f"native ({simd_path(self.native.lib)})"
         except (Unsupported, UserError) as e:  # no compiler, or a graph the native step does not run
             self.decode_path = f"onnxruntime (native decode unavailable: {_first_line(e)})"
@@ -224,7 +226,12 @@ class OrtBackend:
             self.native.mirror(self.position, n)
         self.position += n
         if self._delta:
-            self._delta, self._delta_out = self._delta_out, self._delta
+            if self.native is not None:  # (the native step updates these arrays in place: they stay where it reads)
+                for now, after in zip(self._delta.values(), self._delta_out.values()):
+                    for array, new in zip(now, after):
+                        array[...] = new
+            else:
+                self._delta, self._delta_out = self._delta_out, self._delta
             if n > 1:  # a prefill's end: where a rewind can go back to (a conversation's next turn)
                 self._delta_kept = (self.position, {i: [a.copy() for a in arrays] for i, arrays in self._delta.items()})
         if self._ort_allocated:

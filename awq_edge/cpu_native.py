@@ -212,7 +212,9 @@ class CpuOp(ctypes.Structure):
                [(name, ctypes.c_int32) for name in ("experts", "top_k", "normalize", "sigmoid")] + \
                [(name, ctypes.c_void_p) for name in ("fc1_bias", "fc2_bias")] + \
                [(name, ctypes.c_float) for name in ("swiglu_alpha", "swiglu_limit")] + \
-               [(name, ctypes.c_void_p) for name in ("sinks", "shared_gate")]
+               [(name, ctypes.c_void_p) for name in ("sinks", "shared_gate", "state", "normed", "delta_b", "delta_a",
+                                                      "dt_bias", "rate")] + \
+               [(name, ctypes.c_int32) for name in ("k_heads", "v_heads", "k_dim", "v_dim")]
 
 
 class CpuModel(ctypes.Structure):
@@ -229,7 +231,7 @@ class CpuModel(ctypes.Structure):
 NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
             "add": 9, "rope": 10, "short_conv": 11, "clamp": 12, "moe": 13, "head_gate": 14,
-            "output_gate": 15}
+            "output_gate": 15, "delta_conv": 16, "delta_rule": 17}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4, "relu": 5}  # cpu_ops.h's ACT_*
 ACT_UNGATED = 8  # added for act(x), not act(gate) * up (an MLP without a gate)
 
@@ -278,9 +280,11 @@ class NativeDecoder:
     prefills and this decodes. Raises Unsupported for what it does not run."""
 
     def __init__(self, export_dir: Path, info, k_caches: list[int], v_caches: list[int], max_context: int,
-                 threads: int, conv_rows: dict[int, np.ndarray] | None = None):
-        """k_caches, v_caches: ORT's KV buffers of each layer (0 for an LFM2 short convolution's);
-        conv_rows: each short convolution's B * x by position, ORT's arrays (OrtBackend)."""
+                 threads: int, conv_rows: dict[int, np.ndarray] | None = None,
+                 delta_states: dict[int, list[np.ndarray]] | None = None):
+        """k_caches, v_caches: ORT's KV buffers of each layer (0 for an LFM2 short convolution's, a delta net's);
+        conv_rows: each short convolution's B * x by position, ORT's arrays (OrtBackend); delta_states: each
+        Qwen3.5 delta net's [convolution inputs, S], float32, ORT's arrays (which the step updates in place)."""
         from .decoder import buffer_shapes, decode_ops, decoder_spec
         from .export.spec import model_spec
 
@@ -331,10 +335,18 @@ class NativeDecoder:
                 r.dtype != np.float32 or r.shape != (spec.conv_kernel - 1 + max_context, spec.hidden)
                 for r in self.conv_rows.values()):
             raise Unsupported("the short convolutions' arrays do not fit the model")
+        self.delta_states = delta_states or {}
+        d = spec.delta
+        shapes = [(1, d.kernel - 1, d.conv_dim), (d.v_heads, d.k_dim, d.v_dim)] if d else []
+        if sorted(self.delta_states) != list(spec.delta_layers) or any(
+                [(a.dtype, a.shape, a.flags.c_contiguous) for a in arrays] != [(np.float32, shape, True)
+                                                                               for shape in shapes]
+                for arrays in self.delta_states.values()):
+            raise Unsupported("the delta nets' state arrays do not fit the model")
         # the step's bf16 copy of the cache (decode_step.c): keys in tiles of KEY_BLOCK, values in rows
         rows = -(-max_context // KEY_BLOCK) * KEY_BLOCK
-        self.mirrors = [np.zeros((spec.kv_heads, 0 if i // 2 in spec.conv_layers else rows, spec.head_dim), np.uint16)
-                        for i in range(2 * spec.layers)]
+        self.mirrors = [np.zeros((spec.kv_heads, rows if i // 2 in spec.attention_layers else 0, spec.head_dim),
+                                 np.uint16) for i in range(2 * spec.layers)]
         self.mirror_pointers = tuple((ctypes.c_void_p * spec.layers)(*(m.ctypes.data for m in self.mirrors[i::2]))
                                      for i in (0, 1))
         self.lib.cpu_mirror_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -499,6 +511,26 @@ class NativeDecoder:
             rec.w_norm = taps.ctypes.data
             if a["bias"]:
                 rec.bias = self._tensor(a["bias"], np.float32, spec.hidden).ctypes.data
+        elif op.kind == "delta_conv":  # (Qwen3.5's) its taps as [conv_dim, kernel]: the graph holds one [conv_dim] each
+            d = spec.delta
+            rec.n, rec.k, rec.x = d.conv_dim, d.kernel, ptr(a["x"])
+            rec.residual = self.delta_states[a["layer"]][0].ctypes.data
+            taps = np.ascontiguousarray(np.stack([self._tensor(f"{a['weight']}.{j}", np.float32, d.conv_dim)
+                                                  for j in range(d.kernel)], axis=1))
+            self.act_params.append(taps)  # (alive as long as the op)
+            rec.w_norm = taps.ctypes.data
+        elif op.kind == "delta_rule":  # (Qwen3.5's) b and a as [v_heads, hidden]: the graph's are [hidden, v_heads]
+            d, hidden = spec.delta, spec.hidden
+            rec.x, rec.out, rec.normed, rec.k = ptr(a["x"]), ptr(a["out"]), ptr(a["normed"]), hidden
+            rec.state = self.delta_states[a["layer"]][1].ctypes.data
+            for key in ("b", "a"):
+                rows = np.ascontiguousarray(self._tensor(a[key], np.float32, hidden * d.v_heads).reshape(hidden, -1).T)
+                self.act_params.append(rows)
+                setattr(rec, f"delta_{key}", rows.ctypes.data)
+            rec.dt_bias = self._tensor(a["dt_bias"], np.float32, d.v_heads).ctypes.data
+            rec.rate = self._tensor(a["rate"], np.float32, d.v_heads).ctypes.data
+            rec.w_norm = self._tensor(a["norm"], np.float32, d.v_dim).ctypes.data
+            rec.k_heads, rec.v_heads, rec.k_dim, rec.v_dim = d.k_heads, d.v_heads, d.k_dim, d.v_dim
         elif op.kind == "moe":
             if a["norm"]:
                 raise Unsupported(f"{a['experts']}: a fused norm, which decode_step.c does not run")

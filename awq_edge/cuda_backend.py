@@ -66,6 +66,7 @@ from .sampling import NO_USABLE_LOGITS, DeviceLogits, fp32_draw
 CHUNK_BYTES = 64 << 20           # weights go to the GPU in pieces this size: no second host copy
 # Launch shapes of the kernels (their comments in plugins/kernels/*.cu give the same).
 NORM_THREADS = 256
+DELTA_THREADS = 256  # plugins/kernels/delta_net.cu's blocks: a delta net's key and value heads at most this wide
 GEMV_ROWS_PER_BLOCK, GEMV_THREADS = 4, 128
 MOE_THREADS = 256  # plugins/kernels/moe.cu's route and combine (its expert GEMVs: the GEMV's shape)
 # The one-row GEMV on tensor cores (awq_gemv_tc_*, plugins/kernels/gemv_w4a16.cu gemv_tc): 16 rows
@@ -412,7 +413,17 @@ class CudaBackend:
         self.conv_store = {i: drv.alloc(self.conv_store_bytes) for i in spec.conv_layers}
         for store in self.conv_store.values():
             drv.zero(store, self.conv_store_bytes)
-        self._kv_bytes = 2 * len(attention) * self.layer_kv_bytes + len(self.conv_store) * self.conv_store_bytes
+        # (Qwen3.5's) each delta net's convolution inputs and S, float32, updated in place by its kernels; a copy
+        # at the last prefill's end, where a rewind can go back to, and a spare for the tuning's replays
+        d = spec.delta
+        self.delta_bytes = 4 * ((d.kernel - 1) * d.conv_dim + d.v_heads * d.k_dim * d.v_dim) if d else 0
+        self.delta_state, self.delta_kept, self.delta_spare = (
+            {i: drv.alloc(self.delta_bytes) for i in spec.delta_layers} for _ in range(3))
+        for state in self.delta_state.values():
+            drv.zero(state, self.delta_bytes)
+        self.delta_kept_at: int | None = None  # the position delta_kept holds
+        self._kv_bytes = (2 * len(attention) * self.layer_kv_bytes + len(self.conv_store) * self.conv_store_bytes
+                          + 3 * len(self.delta_state) * self.delta_bytes)
         self.ids = drv.alloc(PREFILL_CHUNK * 4)        # int32 ids of the step
         self.past = drv.alloc(8)                       # int64 position counter, advanced by the step
         self.sample_work = drv.alloc(2 * spec.vocab * 4)
@@ -490,11 +501,32 @@ class CudaBackend:
         return self._kv_bytes
 
     def rewind(self, position: int) -> None:
+        """As backend_ort's: where a delta net's states cannot be taken back to `position`, to the last
+        prefill's end at or before it, else 0; `position` then says where."""
         if not 0 <= position <= self.position:
             raise UserError(f"cannot rewind to {position}: the cache holds {self.position} tokens")
-        self.position = int(position)
         self.drv.synchronize()  # a step run ahead may still advance the counter (a plain copy would not wait)
+        if self.delta_state and position < self.position:
+            kept = self.delta_kept_at is not None and self.delta_kept_at <= position
+            for i, state in self.delta_state.items():
+                if kept:
+                    self.drv.copy(state, self.delta_kept[i], self.delta_bytes)
+                else:
+                    self.drv.zero(state, self.delta_bytes)
+            self.drv.synchronize()  # (the copies queued: the upload below is a synchronous one)
+            position = self.delta_kept_at if kept else 0
+        self.position = int(position)
         self.drv.upload(self.past, np.array([self.position], np.int64))
+
+    def _keep_delta_states(self, into: dict) -> None:
+        """Each delta net's states copied into `into` (delta_kept, delta_spare), behind the queued work."""
+        for i, state in self.delta_state.items():
+            self.drv.copy(into[i], state, self.delta_bytes)
+
+    def _restore_delta_states(self) -> None:
+        """The states as _keep_delta_states(delta_spare) left them (after the tuning's replays)."""
+        for i, state in self.delta_state.items():
+            self.drv.copy(state, self.delta_spare[i], self.delta_bytes)
 
     def forward(self, ids) -> DeviceLogits:
         ids = step_ids(ids, self.position, self.max_context, self.vocab_size)
@@ -503,7 +535,8 @@ class CudaBackend:
             chunk = ids[start:start + PREFILL_CHUNK].astype(np.int32)
             rows = chunk.size
             room = min(self.max_context, self.spec.max_positions) - self.position
-            padded = 1 if rows == 1 else prefill_graph_rows(rows, room)
+            # (a delta net's state would take a padded row in: its prefill chunks' kernels run one by one)
+            padded = 1 if rows == 1 else None if self.delta_state else prefill_graph_rows(rows, room)
             staged.append(chunk if padded is None else np.pad(chunk, (0, padded - rows)))
             self.drv.upload_async(self.token if rows == 1 else self.ids, staged[-1])  # (decode embeds `token`)
             if padded is None:
@@ -513,6 +546,9 @@ class CudaBackend:
                 if rows > 1:  # (decode's graph has its tail)
                     self._tail(rows)
             self.position += rows
+        if self.delta_state and ids.size > 1:  # a prefill's end: where a rewind can go back to
+            self._keep_delta_states(self.delta_kept)
+            self.delta_kept_at = self.position
         self.drv.synchronize()
         return DeviceLogits(self, self.buf["logits"], self.vocab_size)
 
@@ -640,6 +676,8 @@ class CudaBackend:
                     f"unfused parallel block); {fix}")
         if self.spec.qk_norm_after_rope:
             return f"the persistent decode step does not rotate q and k before their norms (Hunyuan's); {fix}"
+        if self.spec.delta:
+            return f"the persistent decode step has no gated delta net (Qwen3.5's); {fix}"
         if self.spec.attention_gate or self.spec.output_gate:
             return f"the persistent decode step does not gate the attention's output (LFM3's, AFMoE's); {fix}"
         if self.spec.conv_layers:
@@ -827,6 +865,18 @@ class CudaBackend:
             self.launch("awq_short_conv", (rows,), (NORM_THREADS,),
                         [b[a["x"]], b[a["out"]], self.conv_store[a["layer"]], w[a["weight"]],
                          w[a["bias"]] if a["bias"] else 0, self.past, ("i32", spec.hidden), ("i32", spec.conv_kernel)])
+        elif op.kind == "delta_conv":
+            d = spec.delta
+            self.launch("awq_delta_conv", (-(-d.conv_dim // DELTA_THREADS),), (DELTA_THREADS,),
+                        [b[a["x"]], ("i32", d.conv_dim + d.value_dim), self.delta_state[a["layer"]], w[a["weight"]],
+                         ("i32", rows), ("i32", d.conv_dim), ("i32", d.kernel)])
+        elif op.kind == "delta_rule":  # (S after the convolution's inputs in the layer's state)
+            d = spec.delta
+            self.launch("awq_delta_rule", (d.v_heads,), (DELTA_THREADS,),
+                        [b[a["x"]], ("i32", d.conv_dim + d.value_dim), b[a["normed"]], b[a["out"]],
+                         self.delta_state[a["layer"]] + 4 * (d.kernel - 1) * d.conv_dim, w[a["b"]], w[a["a"]],
+                         w[a["dt_bias"]], w[a["rate"]], w[a["norm"]], ("i32", rows), ("i32", spec.hidden),
+                         ("i32", d.k_heads), ("i32", d.v_heads), ("i32", d.k_dim), ("i32", d.v_dim), eps])
         elif op.kind == "lm_head" and a["bits"] == 4:
             self.rescored_head(a)
         elif op.kind == "lm_head":
@@ -1010,6 +1060,7 @@ class CudaBackend:
         it: what it adds to loading the engine)."""
         started = time.perf_counter()
         self._zero_buffers()  # (a role's graph reads its input unwritten)
+        self._keep_delta_states(self.delta_spare)  # (the steps timed run the delta nets: put back after)
         saved, self.decode_gemv, self.tuned_gemv, self.tuned_step = self.decode_gemv, "auto", {}, False
         report, chosen, fitting, on_step = {"us": {}}, {}, self._kinds_per_role(), False
         try:
@@ -1044,6 +1095,7 @@ class CudaBackend:
             self.decode_gemv, self.tuned_gemv, self.tuned_step = saved, chosen, on_step
             report["gemv"], report["prefetch"] = self.auto_choices(), self.prefetch_bytes > 0
             report["persistent_step"] = on_step
+            self._restore_delta_states()
             self.drv.synchronize()
             self._drop_graphs([1])
         report["seconds"] = round(time.perf_counter() - started, 4)
@@ -1422,6 +1474,7 @@ KERNELS_OF = {
                     "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv",
                     "awq_head_gate", "awq_output_gate",
                     "awq_add_positions", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
+    "delta_net": ["awq_delta_conv", "awq_delta_rule"],
     "moe": ["awq_moe_route", "awq_moe_swiglu", "awq_moe_combine"] +
            [f"awq_moe_gemv_{fusion}_g{g}_w{w}" for fusion in ("act", "store") for g in (32, 64, 128) for w in (1, 4)],
 }

@@ -28,6 +28,10 @@ A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kerne
     bcx      [S, 3 hidden]        an LFM2 short convolution's in_proj: B, C and x side by side
     conv     [S, hidden]          C * conv(B * x), out_proj's input (the convolution reads B * x of the
                                   tokens before from its layer's store: awq_short_conv)
+    dqkvz    [S, Cq + Hv Dv]      a Qwen3.5 delta net's in_proj_qkv and in_proj_z (one linear): q, k and v
+                                  (Cq wide), through its convolution and SiLU in place (delta_conv), then z
+    dout     [S, Hv Dv]           the delta net's output, out_proj's input (delta_rule: its state S a value
+                                  head, float32, kept by the executor as the convolution's last inputs)
     ordered  [S, K]               a linear's input in the order its levels are stored (GPTQ
                                   act-order engines only: a gather op before each linear)
     logits   [V] float32          the last row's, after the final soft-cap
@@ -56,7 +60,10 @@ as fp16 `model.embed_positions` [max_positions, hidden], which the embed op adds
 [max_positions, D/2] per distinct frequency set; a GPTQ act-order linear's permutation of its
 inputs as int32 `{name}.input_order` [K]; attention sinks (gpt-oss's, Granite SWA's: a logit per head
 in its softmax's denominator) as float32 `{layer}.self_attn.sinks` [H]; LFM3's head gates as float32
-`{layer}.self_attn.g_proj.weight` [H, hidden]; a mixture of experts' router
+`{layer}.self_attn.g_proj.weight` [H, hidden]; a Qwen3.5 delta net's convolution as float32 [Cq, kernel]
+(`{layer}.linear_attn.conv1d.weight`), its b and a float32 [Hv, hidden] (`.in_proj_b.weight`,
+`.in_proj_a.weight`), `.dt_bias` and `.decay_rate` (-exp(A_log)) float32 [Hv], its norm float32 [Dv]
+(`.norm.weight`, no offset: a plain weight); a mixture of experts' router
 and experts as experts_layout says.
 """
 from __future__ import annotations
@@ -141,14 +148,19 @@ class DecoderSpec:
     shared_gate: bool = False      # ... times sigmoid(mlp.shared_expert_gate . x)
     attention_gate: bool = False   # LFM3: head j's ctx times sigmoid(self_attn.g_proj.weight[j] . x) (head_gate)
     output_gate: bool = False      # AFMoE: ctx times sigmoid(self_attn.out_gate_proj(x)), value by value (output_gate)
+    delta: object = None           # Qwen3.5: its export.spec.DeltaNet (delta_conv and delta_rule ops), or None
 
     @property
     def qkv_width(self) -> int:
         return (self.heads + 2 * self.kv_heads) * self.head_dim
 
     @property
+    def delta_layers(self) -> tuple:
+        return self.delta.layers if self.delta else ()
+
+    @property
     def attention_layers(self) -> list[int]:
-        return [i for i in range(self.layers) if i not in self.conv_layers]
+        return [i for i in range(self.layers) if i not in self.conv_layers and i not in self.delta_layers]
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -181,12 +193,12 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
     built for a shorter context: cuda_build.rope_sized_to_context); experts: the caller is the native
     CPU decode, whose moe op takes any expert width."""
     family = model.family
-    if model.delta:  # (the ONNX graph's export/delta_net.py computes them; no kernel of ours does yet)
-        raise UserError(f"{model.model_type}'s gated delta nets are not in the native engines (the cuda backend, "
-                        "the native CPU decode); build for the CPU (--device cpu), where ONNX Runtime runs them")
     if model.moe_layers and (model.expert_width % 8 or model.hidden % 8) and not experts:
         raise UserError(f"{model.model_type}'s experts ({model.expert_width} wide, hidden {model.hidden}) are not "
                         "multiples of 8, which the cuda backend's expert GEMV takes; build for the CPU (--device cpu)")
+    if model.delta and max(model.delta.k_dim, model.delta.v_dim) > 256:  # (cuda_backend.DELTA_THREADS)
+        raise UserError(f"{model.model_type}'s delta-net heads ({model.delta.k_dim} and {model.delta.v_dim} wide) are "
+                        "wider than the cuda backend's delta-net kernel takes (256); use the CPU engine (--device cpu)")
     if model.head_dim not in HEAD_DIMS:
         raise UserError(f"head_dim {model.head_dim} is not supported by the cuda backend's attention kernel "
                         f"({', '.join(map(str, HEAD_DIMS))}); use the CPU engine (--device cpu)")
@@ -225,7 +237,7 @@ def decoder_spec(model, group_size: int, qkv_bias: bool = False, lm_head: str = 
         routed_scale=model.routed_scale, router_bias=family.router_bias, swiglu_alpha=model.swiglu_alpha,
         swiglu_limit=float(model.swiglu_limit or 0.0), attention_sinks=model.attention_sinks,
         shared_width=model.shared_width, shared_gate=model.shared_gate, attention_gate=model.attention_gate,
-        output_gate=model.output_gate)
+        output_gate=model.output_gate, delta=model.delta)
 
 
 # ---------------------------------------------------------------- the op list
@@ -304,9 +316,9 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
 
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        # (LFM3's and AFMoE's gates read the normed input after the attention: x, not q/k/v's prologue)
-        gated = (spec.attention_gate or spec.output_gate) and i not in spec.conv_layers
-        normed, norm = normed_input(f"{p}.input_layernorm.weight", kept=gated)
+        # (LFM3's and AFMoE's gates, a delta net's b and a, read the normed input after a linear: x, not a prologue)
+        kept = i in spec.delta_layers or (spec.attention_gate or spec.output_gate) and i in spec.attention_layers
+        normed, norm = normed_input(f"{p}.input_layernorm.weight", kept=kept)
         if spec.parallel_norms:  # (GPT-NeoX) the MLP's norm of h now: o_proj's epilogue adds into h
             ops.append(Op("norm", {"x": "h", "out": "mlp_x", **norm_args(f"{p}.{spec.mlp_norm}.weight")}))
         if i in spec.conv_layers:  # (LFM2's) out_proj(C * conv(B * x)), B, C and x from in_proj
@@ -316,6 +328,18 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
                                          "bias": f"{p}.conv.conv.bias" if spec.conv_bias else None}))
             conv = in_order("conv", f"{p}.conv.out_proj", spec.hidden)
             pending = residual_linear(conv, f"{p}.conv.out_proj", spec.hidden, spec.conv_bias, "attn",
+                                      f"{p}.{spec.post_norms[0]}.weight" if spec.post_norms else None)
+        elif i in spec.delta_layers:  # (Qwen3.5's) q, k, v and z by one linear; the convolution, then the rule
+            d, la = spec.delta, f"{p}.linear_attn"
+            x = in_order(normed, f"{la}.in_proj_qkvz", spec.hidden)
+            ops.append(linear_op(x, "dqkvz", f"{la}.in_proj_qkvz", d.conv_dim + d.value_dim, spec.hidden, norm=norm))
+            ops.append(Op("delta_conv", {"x": "dqkvz", "layer": i, "weight": f"{la}.conv1d.weight"}))
+            ops.append(Op("delta_rule", {"x": "dqkvz", "normed": normed, "out": "dout", "layer": i,
+                                         "b": f"{la}.in_proj_b.weight", "a": f"{la}.in_proj_a.weight",
+                                         "dt_bias": f"{la}.dt_bias", "rate": f"{la}.decay_rate",
+                                         "norm": f"{la}.norm.weight"}))
+            out = in_order("dout", f"{la}.out_proj", d.value_dim)
+            pending = residual_linear(out, f"{la}.out_proj", d.value_dim, False, "attn",
                                       f"{p}.{spec.post_norms[0]}.weight" if spec.post_norms else None)
         else:
             # q/k norms, and OLMo 1's clamp, must see q and k before RoPE
@@ -467,6 +491,8 @@ def buffer_shapes(spec: DecoderSpec, rows: int) -> dict[str, tuple]:
         shapes["gate"] = (rows, spec.heads * spec.head_dim)
     if spec.conv_layers:
         shapes.update(bcx=(rows, 3 * spec.hidden), conv=(rows, spec.hidden))
+    if spec.delta:
+        shapes.update(dqkvz=(rows, spec.delta.conv_dim + spec.delta.value_dim), dout=(rows, spec.delta.value_dim))
     if spec.act_order:
         shapes["ordered"] = (rows, max(spec.hidden, spec.heads * spec.head_dim, spec.intermediate))
     return shapes
@@ -540,6 +566,13 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
                 layout[a["bias"]] = ("float32", (spec.hidden,))
         elif op.kind == "gather":
             layout[a["order"]] = ("int32", (a["n"],))
+        elif op.kind == "delta_conv":
+            layout[a["weight"]] = ("float32", (spec.delta.conv_dim, spec.delta.kernel))
+        elif op.kind == "delta_rule":
+            d = spec.delta
+            layout.update({a["b"]: ("float32", (d.v_heads, spec.hidden)), a["a"]: ("float32", (d.v_heads, spec.hidden)),
+                           a["dt_bias"]: ("float32", (d.v_heads,)), a["rate"]: ("float32", (d.v_heads,)),
+                           a["norm"]: ("float32", (d.v_dim,))})
         elif op.kind == "attention" and a["sinks"]:
             layout[a["sinks"]] = ("float32", (spec.heads,))
         elif op.kind == "head_gate":
@@ -637,6 +670,8 @@ def _packed_by_op(ckpt, spec: DecoderSpec, progress: bool) -> Iterator[tuple[str
             return [prefix.replace("qkv_proj", f"{n}_proj") for n in "qkv"]
         if prefix.endswith(".gate_up_proj"):
             return [prefix.replace("gate_up_proj", f"{n}_proj") for n in ("gate", "up")]
+        if prefix.endswith(".in_proj_qkvz"):  # (Qwen3.5's delta nets)
+            return [prefix.replace("in_proj_qkvz", n) for n in ("in_proj_qkv", "in_proj_z")]
         return [prefix]
 
     for op in tqdm(decode_ops(spec), desc="pack", unit="op", disable=not progress):
@@ -674,6 +709,12 @@ def _packed_by_op(ckpt, spec: DecoderSpec, progress: bool) -> Iterator[tuple[str
             out[a["weight"]] = tensor(a["weight"]).astype(np.float32).reshape(spec.hidden, -1)
             if a["bias"]:
                 out[a["bias"]] = tensor(a["bias"]).astype(np.float32)
+        elif op.kind == "delta_conv":  # the depthwise convolution's [Cq, 1, kernel] as [Cq, kernel]
+            out[a["weight"]] = tensor(a["weight"]).astype(np.float32).reshape(spec.delta.conv_dim, -1)
+        elif op.kind == "delta_rule":  # (its norm a plain weight: no family offset)
+            out.update({a[key]: tensor(a[key]).astype(np.float32) for key in ("b", "a", "dt_bias", "norm")})
+            la = a["rate"].removesuffix(".decay_rate")
+            out[a["rate"]] = -np.exp(tensor(f"{la}.A_log").astype(np.float32))
         elif op.kind == "attention" and a["sinks"]:
             out[a["sinks"]] = tensor(a["sinks"]).astype(np.float32)
         elif op.kind == "head_gate":

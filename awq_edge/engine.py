@@ -83,7 +83,8 @@ def engine_plan(manifest: dict, info, max_memory=None, max_context: int | None =
             raise UserError(f"--max-context {max_context} is more than the {positions} tokens this GPU engine was "
                             "built for; rebuild it with a larger --max-context")
     native = native_decode and manifest.get("backend") == "ort"
-    delta = getattr(info, "delta_net", None)  # (an ONNX engine's Qwen3.5 states: read, written, kept; float32)
+    # (Qwen3.5's delta-net states, float32: an ONNX engine's read, written and kept; a cuda engine's, kept and spare)
+    delta = getattr(info, "delta_net", None) or getattr(getattr(info, "spec", None), "delta", None)
     weights = info.weight_bytes * (2 if native else 1) + (3 * 4 * len(delta.layers) * delta.state_elems if delta else 0)
     kv_per_token = info.kv_bytes_per_token + (info.kv_bytes_per_token // 2 if native else 0)
     return plan_memory(weights, kv_per_token, device, max_memory=max_memory,

@@ -153,7 +153,7 @@ def build_kernel_library(gpu_arch: str) -> Path:
 # The kernel files the cuda backend launches through the driver API (their C-named __global__
 # entry points), one cubin each: awq_edge/cuda_backend.py loads them by these names.
 CUBIN_SOURCES = ("gemv_w4a16", "gemm_w4a16", "attention", "sample", "head_top_k", "decoder_ops",
-                 "decode_step", "moe")
+                 "decode_step", "moe", "delta_net")
 
 
 def build_cubins(gpu_arch: str, progress: bool = False) -> dict[str, Path]:

@@ -329,6 +329,57 @@ def twin_short_conv(bcx: np.ndarray, store: np.ndarray, weight: np.ndarray, bias
     return (gate_c * y).astype(F16)
 
 
+def twin_delta_conv(x: np.ndarray, state: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """A Qwen3.5 delta net's causal convolution and SiLU (delta_net.cu awq_delta_conv): x fp16 [S, >= C]
+    (q, k and v in its first C columns, this step's rows); state float32 [kernel - 1, C], the inputs of
+    the kernel - 1 tokens before, oldest first (zeros before the first token), moved on past this step's;
+    weight float32 [C, kernel], tap j reading the token kernel - 1 - j back. -> silu(conv) fp16 [S, C]."""
+    channels, kernel = weight.shape
+    rows = x.shape[0]
+    window = np.concatenate([state, x[:, :channels].astype(F32)])  # [kernel - 1 + S, C]
+    y = np.zeros((rows, channels), F32)
+    for j in range(kernel):
+        y = y + weight[:, j] * window[j:j + rows]
+    state[:] = window[rows:]
+    return (y / (F32(1) + np.exp(-y))).astype(F16)
+
+
+def softplus(x: np.ndarray) -> np.ndarray:
+    """log(1 + e^x) in float32, x itself past 20 (torch's threshold)."""
+    return np.where(x > F32(20), x, np.log1p(np.exp(np.minimum(x, F32(20))))).astype(F32)
+
+
+def twin_delta_rule(qkvz: np.ndarray, x: np.ndarray, state: np.ndarray, b: np.ndarray, a: np.ndarray,
+                    dt_bias: np.ndarray, rate: np.ndarray, norm: np.ndarray, delta, eps: float) -> np.ndarray:
+    """A Qwen3.5 delta net's rule over a step's rows in order (delta_net.cu awq_delta_rule; export.spec.DeltaNet
+    says what it computes): qkvz fp16 [S, Cq + Hv Dv] (q, k, v after the convolution, then z), x fp16 [S,
+    hidden] the normed input (b and a: float32 [Hv, hidden]), state float32 [Hv, Dk, Dv] (updated), dt_bias,
+    rate (-exp(A_log)) float32 [Hv], norm float32 [Dv] -> out fp16 [S, Hv Dv], all in float32."""
+    d = delta
+    group = d.v_heads // d.k_heads
+    out = np.empty((qkvz.shape[0], d.value_dim), F16)
+    for r in range(qkvz.shape[0]):
+        row = qkvz[r].astype(F32)
+        q, k = (row[n * d.key_dim:(n + 1) * d.key_dim].reshape(d.k_heads, d.k_dim) for n in range(2))
+        q = q / np.sqrt((q * q).sum(-1, keepdims=True) + F32(1e-6)) * F32(d.k_dim ** -0.5)
+        k = k / np.sqrt((k * k).sum(-1, keepdims=True) + F32(1e-6))
+        v = row[2 * d.key_dim:d.conv_dim].reshape(d.v_heads, d.v_dim)
+        z = row[d.conv_dim:].reshape(d.v_heads, d.v_dim)
+        xs = x[r].astype(F32)
+        beta = F32(1) / (F32(1) + np.exp(-(b @ xs)))
+        decay = np.exp(rate * softplus(a @ xs + dt_bias))
+        for h in range(d.v_heads):
+            kh = h // group
+            s = state[h] * decay[h]
+            delta_v = (v[h] - k[kh] @ s) * beta[h]
+            s = s + np.outer(k[kh], delta_v)
+            state[h] = s
+            o = q[kh] @ s
+            o = o / np.sqrt((o * o).mean() + F32(eps)) * norm * (z[h] / (F32(1) + np.exp(-z[h])))
+            out[r, h * d.v_dim:(h + 1) * d.v_dim] = o.astype(F16)
+    return out
+
+
 def twin_head_gate(ctx: np.ndarray, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """LFM3's head gates (decoder_ops.cu awq_head_gate): ctx fp16 [S, H D], each head's D values times
     sigmoid(weight[head] . x) in float32, x fp16 [S, hidden] (the attention's normed input), weight
@@ -406,14 +457,28 @@ class ReferenceBackend:
         # (LFM2's) each short convolution's B * x by position, after kernel - 1 rows of zeros: twin_short_conv
         self.conv_store = {i: np.zeros((spec.conv_kernel - 1 + self.max_context, spec.hidden), F16)
                            for i in spec.conv_layers}
+        # (Qwen3.5's) each delta net's convolution inputs and state, float32, and a copy at the last prefill's end
+        d = spec.delta
+        self.delta_states = {i: [np.zeros((d.kernel - 1, d.conv_dim), F32),
+                                 np.zeros((d.v_heads, d.k_dim, d.v_dim), F32)] for i in spec.delta_layers}
+        self.delta_kept: tuple[int, dict] | None = None
         self._w: dict[str, np.ndarray] = {}  # dequantized linears and the head, float32, made on first use
 
     def kv_bytes(self) -> int:
-        return sum(c.nbytes for c in self.k_cache + self.v_cache + list(self.conv_store.values()))
+        states = sum(2 * a.nbytes for arrays in self.delta_states.values() for a in arrays)  # (and their copies)
+        return sum(c.nbytes for c in self.k_cache + self.v_cache + list(self.conv_store.values())) + states
 
     def rewind(self, position: int) -> None:
+        """As backend_ort's: where a delta net's states cannot be taken back to `position`, to the last
+        prefill's end at or before it, else 0; `position` then says where."""
         if not 0 <= position <= self.position:
             raise UserError(f"cannot rewind to {position}: the cache holds {self.position} tokens")
+        if self.delta_states and position < self.position:
+            kept = self.delta_kept if self.delta_kept and self.delta_kept[0] <= position else None
+            for i, arrays in self.delta_states.items():
+                for n, array in enumerate(arrays):
+                    array[...] = kept[1][i][n] if kept else 0.0
+            position = kept[0] if kept else 0
         self.position = position
 
     def weight(self, name: str, group_size: int | None = None) -> np.ndarray:
@@ -475,6 +540,9 @@ class ReferenceBackend:
         for op in self.ops:
             self.run(op, buf, ids)
         self.position += ids.size
+        if self.delta_states and ids.size > 1:  # a prefill's end: where a rewind can go back to
+            self.delta_kept = (self.position, {i: [a.copy() for a in arrays]
+                                               for i, arrays in self.delta_states.items()})
         return buf["logits"].copy()
 
     def run(self, op, buf: dict, ids: np.ndarray) -> None:
@@ -532,6 +600,13 @@ class ReferenceBackend:
         elif op.kind == "short_conv":
             buf[a["out"]][:] = twin_short_conv(buf[a["x"]], self.conv_store[a["layer"]], t[a["weight"]],
                                                t[a["bias"]] if a["bias"] else None, self.position)
+        elif op.kind == "delta_conv":
+            x = buf[a["x"]]
+            x[:, :spec.delta.conv_dim] = twin_delta_conv(x, self.delta_states[a["layer"]][0], t[a["weight"]])
+        elif op.kind == "delta_rule":
+            buf[a["out"]][:] = twin_delta_rule(buf[a["x"]], buf[a["normed"]], self.delta_states[a["layer"]][1],
+                                               t[a["b"]], t[a["a"]], t[a["dt_bias"]], t[a["rate"]], t[a["norm"]],
+                                               spec.delta, spec.eps)
         elif op.kind == "gather":
             buf[a["out"]] = twin_gather(buf[a["x"]], t[a["order"]])
         elif op.kind == "lm_head":

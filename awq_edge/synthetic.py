@@ -51,6 +51,16 @@ SHAPES = {
                               num_key_value_heads=8, head_dim=64, vocab_size=49155, tie_word_embeddings=True,
                               max_position_embeddings=4096, rope_theta=10000.0, num_local_experts=32,
                               num_experts_per_tok=8),
+    # Qwen3.5 0.8B's published layers, hidden size, heads and vocabulary (18 gated delta nets, 6 attention layers,
+    # a quarter of each 256-wide head rotated); its MLP width and delta-net heads (16 of 128 for keys and for
+    # values) as its larger siblings' configs have them: the CPU engine's (benchmarks/cpu_delta_net.py)
+    "qwen3.5-0.8b": dict(model_type="qwen3_5_text", architectures=["Qwen3_5ForCausalLM"], hidden_size=1024,
+                         intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2,
+                         head_dim=256, vocab_size=248320, tie_word_embeddings=True, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                          "partial_rotary_factor": 0.25},
+                         linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128,
+                         linear_value_head_dim=128, linear_conv_kernel_dim=4),
 }
 BOS, EOS = 256, 257  # byte_tokenizer's special tokens
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
+from ..checkpoint import concat_linears
 from .builder import GraphBuilder
 
 F32 = TensorProto.FLOAT
@@ -66,8 +67,19 @@ def delta_block(dec, x: str, i: int) -> str:
     conv_in, state_in, conv_out, state_out = state_names(i)
     to_f32 = (lambda t: t) if b.act_type == F32 else (lambda t: b.cast(t, F32))
 
+    # q, k, v and z: one MatMulNBits on the ort target (one read of x; the native decode's in_proj_qkvz op)
+    qkv, z = None, None
+    if dec.t.name == "ort":
+        try:
+            lin = concat_linears([dec.linear_weights(f"{p}.in_proj_qkv"), dec.linear_weights(f"{p}.in_proj_z")])
+            qkv, z = b.op("Split", dec.linear(x, f"{p}.in_proj_qkvz", lin), b.int64s(d.conv_dim, d.value_dim), axis=-1,
+                          outputs=2)
+        except ValueError:  # (GPTQ act-order linears of one input in different orders: two MatMulNBits)
+            pass
+    if qkv is None:
+        qkv, z = dec.linear(x, f"{p}.in_proj_qkv"), dec.linear(x, f"{p}.in_proj_z")
     # q, k and v through the causal convolution: kernel tap j reads the token kernel - 1 - j back
-    rows = b.op("Concat", conv_in, to_f32(dec.linear(x, f"{p}.in_proj_qkv")), axis=1)  # [1, kernel - 1 + S, conv]
+    rows = b.op("Concat", conv_in, to_f32(qkv), axis=1)  # [1, kernel - 1 + S, conv]
     b.op("Slice", rows, b.int64s(-(d.kernel - 1)), b.int64s(2**62), b.int64s(1), outputs=[conv_out])
     weight = dec.tensor(f"{p}.conv1d.weight").astype(np.float32).reshape(d.conv_dim, d.kernel)
     y = None
@@ -100,7 +112,7 @@ def delta_block(dec, x: str, i: int) -> str:
     beta = b.op("Sigmoid", float_linear("in_proj_b"))
     a = b.op("Add", float_linear("in_proj_a"), b.const(f"{p}.dt_bias", dec.tensor(f"{p}.dt_bias").astype(np.float32)))
     rate = -np.exp(dec.tensor(f"{p}.A_log").astype(np.float32))
-    decay = b.op("Exp", b.op("Mul", b.op("Softplus", a), b.const(f"{p}.neg_A", rate)))
+    decay = b.op("Exp", b.op("Mul", b.op("Softplus", a), b.const(f"{p}.decay_rate", rate)))
 
     _, o = b.op("Scan", state_in, heads[0], heads[1], v, decay, beta, outputs=[state_out, b.name("o")],
                         body=scan_body(d.v_heads, d.k_dim, d.v_dim), num_scan_inputs=5, name="recurrence")
@@ -110,7 +122,7 @@ def delta_block(dec, x: str, i: int) -> str:
     o = b.op("Mul", o, b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean, b.const("const/f32/eps",
                                                                                   np.float32(spec.eps))))))
     o = b.op("Mul", o, b.const(f"{p}.norm.weight", dec.tensor(f"{p}.norm.weight").astype(np.float32)))
-    z = b.op("Reshape", to_f32(dec.linear(x, f"{p}.in_proj_z")), b.int64s(-1, d.v_heads, d.v_dim))
+    z = b.op("Reshape", to_f32(z), b.int64s(-1, d.v_heads, d.v_dim))
     o = b.op("Mul", o, b.op("Mul", z, b.op("Sigmoid", z)))
     o = b.op("Reshape", o, b.int64s(1, -1, d.value_dim))
     if b.act_type != F32:

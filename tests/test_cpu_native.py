@@ -188,7 +188,7 @@ MOE_FAMILIES = tuple(MOE_EXPERTS)
 FAMILIES = TINY_FAMILIES + ("olmo2", "hunyuan_v1_dense", "arcee", "nemotron", "stablelm", "cohere2", "jais2",
                             "starcoder2", "granitemoehybrid", "phi", "hyperclovax", "olmo", "apertus",
                             "apertus1p5_text", "nanochat", "lfm2", "lfm3", "gpt_neox", "gpt_bigcode", "opt", "gpt2",
-                            "gptj", "gpt_neo", "granite_swa") + MOE_FAMILIES
+                            "gptj", "gpt_neo", "granite_swa", "qwen3_5_text") + MOE_FAMILIES
 # families whose head is hidden / heads, whatever head_dim says (OLMoE's q norm is hidden wide)
 HEAD_FROM_HEADS = ("stablelm", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo", "olmoe")
 
@@ -196,8 +196,12 @@ HEAD_FROM_HEADS = ("stablelm", "gpt_neox", "gpt_bigcode", "opt", "gpt2", "gptj",
 def tiny_family_checkpoint(root, model_type: str, tokenizer_dir):
     """The native decode's tiny checkpoint of a family: hidden 128, heads of 64 (the native attention's
     smallest), LFM2's short convolutions (their biases too) around attention; LFM3's sliding and full
-    attention (gated heads) around one."""
+    attention (gated heads) around one; Qwen3.5's delta nets (value heads two to a key head) around attention."""
     extra = {"query_pre_attn_scalar": 64} if model_type.startswith("gemma") else {}
+    if model_type == "qwen3_5_text":
+        extra = {"num_hidden_layers": 3, "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+                 "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
+                 "linear_value_head_dim": 64}
     if model_type == "lfm2":
         extra = {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "conv_bias": True}
     if model_type == "lfm3":

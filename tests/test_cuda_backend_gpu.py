@@ -216,6 +216,18 @@ def test_lfm3s_gated_heads_match_the_reference(gemv, tokenizer_dir, tmp_path):
     check_against_reference(engine, 320, cublas=False, gemv=gemv)
 
 
+@pytest.mark.parametrize("gemv", GEMVS)
+def test_qwen3_5s_delta_nets_match_the_reference(gemv, tokenizer_dir, tmp_path):
+    """Qwen3.5: awq_delta_conv and awq_delta_rule (a block a value head, two to a key head) over a 320-row
+    prompt (launched one by one: no padded rows in the states) and decode's graph replays; its attention's
+    output gated (in q_proj, read as out_gate_proj: awq_output_gate) after (1 + w) q/k norms, a quarter of
+    each head rotated (queued 2026-12-07, unrun on a GPU)."""
+    engine = tiny_engine(tmp_path, "qwen3_5_text", tokenizer_dir, num_hidden_layers=3,
+                         layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=1,
+                         linear_num_value_heads=2, linear_key_head_dim=64, linear_value_head_dim=128)
+    check_against_reference(engine, 320, cublas=False, gemv=gemv)
+
+
 @pytest.mark.parametrize("model_type", ["arcee", "apertus", "nanochat"])
 @pytest.mark.parametrize("gemv", [*GEMVS, "persistent_step"])
 def test_an_mlp_without_a_gate_matches_the_reference(gemv, model_type, tokenizer_dir, tmp_path):

@@ -1,9 +1,11 @@
 """Qwen3.5's gated delta nets on the CPU engine: against transformers (prefill and step by step,
 value heads grouped unevenly), their states kept across steps and taken back by a rewind (to the
-last prefill's end, or to 0) as a fresh prefill would compute them, the native engines refusing them
-in one line (the CPU engine then decodes on ONNX Runtime), and export.json's delta_net read as
-untrusted input. (Every family's tiny model, Qwen3.5's with one delta net, is in
-test_export_families.py; its quantizer groups in test_quantize.py.)"""
+last prefill's end, or to 0) as a fresh prefill would compute them, on ONNX Runtime and with the
+native C decode, and export.json's delta_net read as untrusted input. (Every family's tiny model,
+Qwen3.5's with one delta net, is in test_export_families.py; its quantizer groups in
+test_quantize.py; the native C decode against ONNX Runtime in test_cpu_native.py; the cuda backend's
+kernels against the reference executor in test_kernels_on_cpu.py, the reference executor against
+ONNX Runtime in test_native_engine.py.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +17,9 @@ from awq_edge.errors import UserError
 from folder_helpers import edit_json, linked_copy
 from test_export_helpers import TINY, TINY_EXTRA, check_against_reference, export_for_cpu, tiny_checkpoint
 
-# two delta nets around an attention layer: one key head of 16 serving three value heads of 8, a kernel of 3
-LAYERS = dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+# two delta nets around an attention layer: one key head of 16 serving three value heads of 8, a kernel of 3;
+# attention heads of 64 (the native C decode's smallest)
+LAYERS = dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"], head_dim=64,
               linear_num_key_heads=1, linear_num_value_heads=3, linear_key_head_dim=16, linear_value_head_dim=8,
               linear_conv_kernel_dim=3)
 
@@ -62,9 +65,10 @@ def test_a_rewind_goes_back_to_the_last_prefills_end_or_to_0_and_feeds_on_as_bef
 
 
 def test_an_engine_asked_twice_and_in_a_chat_answers_as_a_fresh_one(qwen3_5, tmp_path):
-    """A built engine (native decode asked for: ONNX Runtime decodes) keeps what its backend kept
-    (Engine._prefill): the same prompt again (fed from 0), a longer one that starts with the first and
-    its reply (fed from the first prompt's end, a chat's next turn) give what a fresh engine gives."""
+    """A built engine (the native C decode, updating ONNX Runtime's state arrays in place) keeps what its
+    backend kept (Engine._prefill): the same prompt again (fed from 0), a longer one that starts with the
+    first and its reply (fed from the first prompt's end, a chat's next turn) give what a fresh engine
+    gives."""
     from awq_edge.build import build_engine
     from awq_edge.engine import Engine
     from awq_edge.sampling import Sampler, SamplingSettings
@@ -78,8 +82,7 @@ def test_an_engine_asked_twice_and_in_a_chat_answers_as_a_fresh_one(qwen3_5, tmp
         return [token for token, _, _ in engine.last_logprobs], [p for _, p, _ in engine.last_logprobs]
 
     engine = Engine.load(path, native_decode=True)
-    assert engine.backend.decode_path.startswith("onnxruntime (native decode unavailable: qwen3_5_text's gated "
-                                                 "delta nets are not in the native engines")
+    assert engine.backend.decode_path.startswith("native"), engine.backend.decode_path
     prompt = ids(20, seed=9)
     first, again = reply(engine, prompt), reply(engine, prompt)
     longer = prompt + first[0] + ids(5, seed=11)
@@ -89,16 +92,12 @@ def test_an_engine_asked_twice_and_in_a_chat_answers_as_a_fresh_one(qwen3_5, tmp
         np.testing.assert_allclose(a[1], b[1], atol=1e-4)
 
 
-def test_the_cuda_backend_refuses_delta_nets_before_quantizing(qwen3_5, tmp_path):
-    from awq_edge.build import build_engine
+def test_the_cuda_backend_refuses_delta_net_heads_wider_than_its_kernel_takes():
     from awq_edge.decoder import decoder_spec
     from awq_edge.export.spec import model_spec
 
-    with pytest.raises(UserError, match=r"gated delta nets are not in the native engines .*\(--device cpu\)"):
-        build_engine(str(qwen3_5[0] / "float"), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
-    assert not (tmp_path / "engine").exists()
-    config = {**TINY, **TINY_EXTRA["qwen3_5_text"], "model_type": "qwen3_5_text"}
-    with pytest.raises(UserError, match=r"gated delta nets are not in the native engines .*\(--device cpu\)"):
+    config = {**TINY, **TINY_EXTRA["qwen3_5_text"], "model_type": "qwen3_5_text", "linear_value_head_dim": 512}
+    with pytest.raises(UserError, match=r"delta-net heads \(8 and 512 wide\) are wider than the cuda backend's"):
         decoder_spec(model_spec(config), 32)
 
 

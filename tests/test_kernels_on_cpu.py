@@ -712,6 +712,16 @@ BACKEND_CASES = {
     "afmoe-output-gate": ("afmoe", "auto", {"num_hidden_layers": 2, "num_dense_layers": 2,
                                             "global_attn_every_n_layers": 2},
                           True, 9, "cuda_cores", {"awq_output_gate", "awq_add_norm"}),
+    # Qwen3.5's gated delta nets: its convolution (awq_delta_conv, its state moved on row by row) and its rule
+    # (awq_delta_rule: a block a value head, two to its key head) across the prompt (kernels launched one by one:
+    # a padded row would enter the state), the decode steps' graph replays and the chunk; then the attention
+    # layer's output gate (in q_proj, read as out_gate_proj) and (1 + w) q/k norms over a quarter of each head
+    # rotated
+    "qwen3_5-delta-net": ("qwen3_5_text", "auto", {"num_hidden_layers": 2,
+                                                   "layer_types": ["linear_attention", "full_attention"],
+                                                   "linear_num_key_heads": 1, "linear_num_value_heads": 2,
+                                                   "linear_key_head_dim": 32, "linear_value_head_dim": 64},
+                          True, 9, "cuda_cores", {"awq_delta_conv", "awq_delta_rule", "awq_output_gate"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),
@@ -815,9 +825,9 @@ def test_the_cuda_backend_on_emulated_kernels_matches_the_reference(emulated, ca
         # persistent grid: fewer blocks than tiles somewhere
         assert any(grid[0] < -(-args[5].value // 16) for fn, grid, _, args in driver.launches
                    if fn.startswith("awq_gemv_tc_")), "no persistent grid"
-    # graphs: the prompt's chunks (padded: 9 -> 12, 20 -> 24, 70 -> 96 rows; 300 = 256 + 44 -> 48) and
-    # decode's, each captured once; the 40-row chunk's padding (48) does not fit the 45 rows left: launched
-    chunk_graphs = 1 if prompt <= 256 else 2
+    # graphs: the prompt's chunks (padded: 9 -> 12, 20 -> 24, 70 -> 96 rows; 300 = 256 + 44 -> 48; none with
+    # delta nets) and decode's, each captured once; the 40-row chunk's padding (48) does not fit the 45 rows left
+    chunk_graphs = 0 if info.spec.delta else 1 if prompt <= 256 else 2
     assert (driver.captures, driver.replays) == (chunk_graphs + 1, chunk_graphs + 3)
     assert model_type != "random" or cuda.cublas.calls  # (the 70-row prompt, the 40-row chunk is below 64)
 
@@ -945,6 +955,25 @@ def test_decode_gemvs_timed_at_load_leave_nothing_a_step_reads(emulated, tmp_pat
     launched = {work[0] for work in tuned._graphs[1]}  # (the decode step's graph)
     assert {"awq_gemv_norm_rope_g32_w4", "awq_gemv_tc_residual_g32", "awq_gemv_tc_logits_g32"} <= launched
     assert stepped._graphs[1][0][0] == "awq_decode_step_g32"
+
+
+def test_a_delta_nets_states_rewind_and_outlast_the_tuning_on_the_emulated_kernels(emulated, tmp_path):
+    """Qwen3.5's states on the cuda backend: a rewind past the last prefill's end goes back to it, one
+    before it to 0, and what is fed again gives the first run's logits bit for bit; the decode tuning in
+    a conversation's middle (the steps it times run the delta nets) leaves them as they were. The
+    persistent step says it has no delta net."""
+    cuda, _, _, ids = emulated_backend(emulated, "qwen3_5-delta-net", tmp_path)
+    assert cuda.step_refusal().startswith("the persistent decode step has no gated delta net (Qwen3.5's)")
+    first = [np.asarray(cuda.forward(ids[:9])).copy()] + [np.asarray(cuda.forward([t])).copy() for t in ids[9:12]]
+    cuda.rewind(11)
+    assert cuda.position == 9
+    for token, want in zip(ids[9:12], first[1:]):
+        assert np.array_equal(np.asarray(cuda.forward([token])), want)
+    cuda.rewind(4)
+    assert cuda.position == 0
+    assert np.array_equal(np.asarray(cuda.forward(ids[:9])), first[0])
+    cuda.tune_decode_gemv()
+    assert np.array_equal(np.asarray(cuda.forward([ids[9]])), first[1])
 
 
 def test_an_act_order_engine_gathers_each_linears_input_on_the_emulated_kernels(emulated, smollm2_dir, tmp_path):

@@ -141,6 +141,22 @@ static inline float exp_approx(float x) {
   return p * scale.f;
 }
 
+/* ln(y) for y >= 1 (softplus's 1 + e^x): y = f 2^e, f in [1, 2), ln f = 2 atanh(t), t = (f - 1) / (f + 1) <= 1/3,
+   by its series to t^11 (relative error < 1e-7); no libm: see exp_approx. */
+static inline float log_approx(float y) {
+  const union { float f; int32_t bits; } in = {.f = y};
+  const int e = ((in.bits >> 23) & 255) - 127;
+  const union { int32_t bits; float f; } mant = {.bits = (in.bits & 0x007fffff) | 0x3f800000};
+  const float t = (mant.f - 1.f) / (mant.f + 1.f), t2 = t * t;
+  float p = 1.f / 11.f;
+  p = p * t2 + 1.f / 9.f;
+  p = p * t2 + 1.f / 7.f;
+  p = p * t2 + 1.f / 5.f;
+  p = p * t2 + 1.f / 3.f;
+  p = p * t2 + 1.f;
+  return (float)e * 0.693147181f + 2.f * t * p;
+}
+
 static inline float tanh_approx(float x) { /* 1 - 2 / (e^2x + 1): exact limits, abs error ~1e-7 */
   return 1.f - 2.f / (exp_approx(2.f * x) + 1.f);
 }
@@ -655,6 +671,59 @@ static void head_gate(const struct cpu_model *m, const struct cpu_op *op) {
   }
 }
 
+/* Qwen3.5's delta-net convolution of one token (struct cpu_op says the fields): one thread. */
+static void delta_conv(const struct cpu_op *op) {
+  const int n = op->n, k = op->k;
+  for (int c = 0; c < n; c++) {
+    const float x = op->x[c];
+    float acc = 0.f;
+    for (int j = 0; j < k - 1; j++) acc += op->w_norm[(size_t)c * k + j] * op->residual[(size_t)j * n + c];
+    acc += op->w_norm[(size_t)c * k + k - 1] * x;
+    for (int j = 0; j + 1 < k - 1; j++) op->residual[(size_t)j * n + c] = op->residual[(size_t)(j + 1) * n + c];
+    op->residual[(size_t)(k - 2) * n + c] = x;
+    op->x[c] = acc / (1.f + exp_approx(-acc));
+  }
+}
+
+/* Qwen3.5's delta-net rule of one token, value head h: q and k of its key head L2-normed (q / sqrt(k_dim)), decay =
+   exp(rate softplus(a . normed + dt_bias)), beta = sigmoid(b . normed); S = decay S; S += k (beta (v - S^T k))^T;
+   o = S^T q, RMS-normed over the head, times w_norm and silu(z). Called by every thread: the heads shared out. */
+static void delta_rule(const struct cpu_model *m, const struct cpu_op *op) {
+  const int kh = op->k_heads, vh = op->v_heads, dk = op->k_dim, dv = op->v_dim, hidden = op->k;
+  const int key_dim = kh * dk, conv_dim = 2 * key_dim + vh * dv;
+#pragma omp for schedule(static)
+  for (int h = 0; h < vh; h++) {
+    const float *q = op->x + (h / (vh / kh)) * dk, *kv = q + key_dim, *v = op->x + 2 * key_dim + h * dv;
+    const float *z = op->x + conv_dim + h * dv;
+    const float q_scale = 1.f / sqrtf(dot(q, q, dk) + 1e-6f) / sqrtf((float)dk);
+    const float k_scale = 1.f / sqrtf(dot(kv, kv, dk) + 1e-6f);
+    const float beta = 1.f / (1.f + exp_approx(-dot(op->delta_b + (size_t)h * hidden, op->normed, hidden)));
+    const float pre = dot(op->delta_a + (size_t)h * hidden, op->normed, hidden) + op->dt_bias[h];
+    const float decay = exp_approx(op->rate[h] * (pre > 20.f ? pre : log_approx(1.f + exp_approx(pre))));
+    float *s = op->state + (size_t)h * dk * dv, *o = op->out + (size_t)h * dv;
+    for (int j = 0; j < dv; j++) o[j] = 0.f;  /* first (S decayed)^T k, then beta (v - that) */
+    for (int i = 0; i < dk; i++) {
+      const float ki = kv[i] * k_scale * decay;
+      for (int j = 0; j < dv; j++) o[j] += s[(size_t)i * dv + j] * ki;
+    }
+    for (int j = 0; j < dv; j++) o[j] = (v[j] - o[j]) * beta;
+    float total = 0.f;
+    for (int i = 0; i < dk; i++) {  /* S updated row by row, o[j] then gathering S^T q */
+      const float ki = kv[i] * k_scale, qi = q[i] * q_scale;
+      float *row = s + (size_t)i * dv;
+      for (int j = 0; j < dv; j++) row[j] = row[j] * decay + ki * o[j];
+    }
+    for (int j = 0; j < dv; j++) {
+      float acc = 0.f;
+      for (int i = 0; i < dk; i++) acc += s[(size_t)i * dv + j] * q[i];
+      o[j] = acc * q_scale;
+      total += o[j] * o[j];
+    }
+    const float inv = 1.f / sqrtf(total / (float)dv + m->eps);
+    for (int j = 0; j < dv; j++) o[j] *= inv * op->w_norm[j] * z[j] / (1.f + exp_approx(-z[j]));
+  }
+}
+
 /* The ops too small to share out: one thread runs each. */
 static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t token, int position) {
   switch (op->kind) {
@@ -690,6 +759,9 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
       break;
     case OP_SHORT_CONV: /* LFM2: out = C * conv(B * x), the token's B * x stored at its position first */
       short_conv(op, position);
+      break;
+    case OP_DELTA_CONV: /* Qwen3.5: a delta net's convolution, its inputs before moved on */
+      delta_conv(op);
       break;
     case OP_HEAD_GATE: /* LFM3: each head's output times its gate */
       head_gate(m, op);
@@ -730,6 +802,10 @@ void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops,
           break;
         case OP_MOE:
           moe(m, op, quantized);
+          quantized = 0;
+          break;
+        case OP_DELTA_RULE:
+          delta_rule(m, op);
           quantized = 0;
           break;
         default: {

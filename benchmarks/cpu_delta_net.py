@@ -1,0 +1,75 @@
+"""Decode and prefill speed of Qwen3.5's gated delta nets on the CPU engine, against a model of the same shape
+whose every layer is attention.
+
+A random checkpoint of Qwen3.5 0.8B's shapes (awq_edge/synthetic.py SHAPES: 24 layers, hidden 1024, 18 gated
+delta nets and 6 attention layers) and its attention-only twin: the same embedding, head, MLPs and attention
+layers, a Qwen3.5 whose layer_types name every layer full_attention (its q_proj's output gate, q/k norms, partial
+RoPE). Both CPU engines, greedy, batch 1, ONNX Runtime's decode (a delta net's recurrence: an ONNX Scan) and the
+native C decode (decode_step.c's delta_conv and delta_rule ops). Prints tokens/s and the ratios to the twin's,
+and writes JSON under benchmarks/results/.
+
+    python benchmarks/cpu_delta_net.py [--layers 24] [--prompt-tokens 256] [--new-tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    from awq_edge.build import build_engine
+    from awq_edge.engine import Engine, bench_engine
+    from awq_edge.synthetic import SHAPES, byte_tokenizer, write_random_checkpoint
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    hybrid = {**SHAPES["qwen3.5-0.8b"], "num_hidden_layers": args.layers}
+    twin = {**hybrid, "layer_types": ["full_attention"] * args.layers}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="awq-edge-delta-") as tmp:
+        tokenizer = byte_tokenizer(Path(tmp) / "tokenizer")
+        for name, shape in (("delta_nets", hybrid), ("attention", twin)):
+            ckpt = write_random_checkpoint(Path(tmp) / f"{name}.ckpt", shape, 128, tokenizer)
+            engine_dir = Path(tmp) / f"{name}.engine"
+            build_engine(str(ckpt), "cpu", engine_dir, max_memory="8GiB", max_context=1024, progress=False)
+            for native in (False, True):
+                engine = Engine.load(engine_dir, native_decode=native)
+                stats = bench_engine(engine, args.prompt_tokens, args.new_tokens, args.runs)
+                path = stats.get("decode_path", "onnxruntime" if not native else "native")
+                results[f"{name}/{'native' if native else 'onnxruntime'}"] = {
+                    "decode_tok_s": stats["decode_tok_s"], "prefill_tok_s": stats["prefill_tok_s"],
+                    "decode_path": path}
+                print(f"{name:10} {'native' if native else 'ort':6} decode {stats['decode_tok_s']:8.1f} tok/s  "
+                      f"prefill {stats['prefill_tok_s']:8.1f} tok/s  ({path[:70]})")
+                del engine
+    ratios = {key: {kind: value[kind] / results[key.replace("delta_nets", "attention")][kind]
+                    for kind in ("decode_tok_s", "prefill_tok_s")}
+              for key, value in results.items() if key.startswith("delta_nets")}
+    for key, ratio in ratios.items():
+        print(f"{key:22} decode {ratio['decode_tok_s']:5.2f}x, prefill {ratio['prefill_tok_s']:5.2f}x the "
+              "attention-only twin's")
+    result = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.processor() or platform.machine(),
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "shapes": {"delta_nets": hybrid, "attention": twin}, "results": results,
+              "ratio_to_the_attention_twin": ratios}
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"cpu_delta_net-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
