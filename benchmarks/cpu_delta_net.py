@@ -8,7 +8,7 @@ RoPE). Both CPU engines, greedy, batch 1, ONNX Runtime's decode (a delta net's r
 native C decode (decode_step.c's delta_conv and delta_rule ops). Prints tokens/s and the ratios to the twin's,
 and writes JSON under benchmarks/results/.
 
-    python benchmarks/cpu_delta_net.py [--layers 24] [--prompt-tokens 256] [--new-tokens 64]
+    python benchmarks/cpu_delta_net.py [--layers 24] [--prompt-tokens 256] [--new-tokens 64] [--max-context 4096]
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-context", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     hybrid = {**SHAPES["qwen3.5-0.8b"], "num_hidden_layers": args.layers}
@@ -43,7 +44,7 @@ def main() -> None:
         for name, shape in (("delta_nets", hybrid), ("attention", twin)):
             ckpt = write_random_checkpoint(Path(tmp) / f"{name}.ckpt", shape, 128, tokenizer)
             engine_dir = Path(tmp) / f"{name}.engine"
-            build_engine(str(ckpt), "cpu", engine_dir, max_memory="8GiB", max_context=1024, progress=False)
+            build_engine(str(ckpt), "cpu", engine_dir, max_memory="8GiB", max_context=args.max_context, progress=False)
             for native in (False, True):
                 engine = Engine.load(engine_dir, native_decode=native)
                 stats = bench_engine(engine, args.prompt_tokens, args.new_tokens, args.runs)

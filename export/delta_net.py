@@ -68,15 +68,16 @@ def delta_block(dec, x: str, i: int) -> str:
     to_f32 = (lambda t: t) if b.act_type == F32 else (lambda t: b.cast(t, F32))
 
     # q, k, v and z: one MatMulNBits on the ort target (one read of x; the native decode's in_proj_qkvz op)
-    qkv, z = None, None
+    fused = None
     if dec.t.name == "ort":
         try:
-            lin = concat_linears([dec.linear_weights(f"{p}.in_proj_qkv"), dec.linear_weights(f"{p}.in_proj_z")])
-            qkv, z = b.op("Split", dec.linear(x, f"{p}.in_proj_qkvz", lin), b.int64s(d.conv_dim, d.value_dim), axis=-1,
-                          outputs=2)
+            fused = concat_linears([dec.linear_weights(f"{p}.in_proj_qkv"), dec.linear_weights(f"{p}.in_proj_z")])
         except ValueError:  # (GPTQ act-order linears of one input in different orders: two MatMulNBits)
             pass
-    if qkv is None:
+    if fused is not None:
+        qkvz = dec.linear(x, f"{p}.in_proj_qkvz", fused)
+        qkv, z = b.op("Split", qkvz, b.int64s(d.conv_dim, d.value_dim), axis=-1, outputs=2)
+    else:
         qkv, z = dec.linear(x, f"{p}.in_proj_qkv"), dec.linear(x, f"{p}.in_proj_z")
     # q, k and v through the causal convolution: kernel tap j reads the token kernel - 1 - j back
     rows = b.op("Concat", conv_in, to_f32(qkv), axis=1)  # [1, kernel - 1 + S, conv]
@@ -107,15 +108,15 @@ def delta_block(dec, x: str, i: int) -> str:
 
     # beta = sigmoid(b); decay = exp(-exp(A_log) softplus(a + dt_bias)); b and a float linears of x
     x32 = b.op("Reshape", to_f32(x), b.int64s(-1, spec.hidden))
-    def float_linear(name):
-        return b.op("MatMul", x32, b.const(f"{p}.{name}.weight", dec.tensor(f"{p}.{name}.weight").astype(np.float32).T))
-    beta = b.op("Sigmoid", float_linear("in_proj_b"))
-    a = b.op("Add", float_linear("in_proj_a"), b.const(f"{p}.dt_bias", dec.tensor(f"{p}.dt_bias").astype(np.float32)))
+    weights = {n: dec.tensor(f"{p}.{n}.weight").astype(np.float32).T for n in ("in_proj_b", "in_proj_a")}
+    b_proj, a_proj = (b.op("MatMul", x32, b.const(f"{p}.{n}.weight", w)) for n, w in weights.items())  # [hidden, Hv]
+    beta = b.op("Sigmoid", b_proj)
+    a = b.op("Add", a_proj, b.const(f"{p}.dt_bias", dec.tensor(f"{p}.dt_bias").astype(np.float32)))
     rate = -np.exp(dec.tensor(f"{p}.A_log").astype(np.float32))
     decay = b.op("Exp", b.op("Mul", b.op("Softplus", a), b.const(f"{p}.decay_rate", rate)))
 
     _, o = b.op("Scan", state_in, heads[0], heads[1], v, decay, beta, outputs=[state_out, b.name("o")],
-                        body=scan_body(d.v_heads, d.k_dim, d.v_dim), num_scan_inputs=5, name="recurrence")
+                body=scan_body(d.v_heads, d.k_dim, d.v_dim), num_scan_inputs=5, name="recurrence")
 
     # rms_norm(o) * norm.weight * silu(z) per value head, then out_proj
     mean = b.reduce_mean_last(b.op("Mul", o, o))

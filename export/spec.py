@@ -544,14 +544,16 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     )
 
 
-def delta_net_spec(c: Fields, layer_types, layers: int) -> tuple[DeltaNet, list]:
+def delta_net_spec(c: Fields, layer_types, layers: int) -> tuple[DeltaNet | None, list]:
     """(DeltaNet, layer_types with its layers as full attention's, whose per-layer entries they keep) of a
-    Qwen3.5 config; refused where no layer is attention (the engines' graph needs one) or the heads do not
-    group."""
+    Qwen3.5 config (None where no layer is one); refused where no layer is attention (the engines' graph
+    needs one) or the heads do not group."""
     if not isinstance(layer_types, list) or len(layer_types) != layers:
         raise UserError(f"{c.where}: layer_types must list full_attention or linear_attention for each of the "
                         f"{layers} layers; {c.fix}")
     listed = tuple(i for i, t in enumerate(layer_types) if t == "linear_attention")
+    if not listed:  # (every layer attention: no state to keep)
+        return None, layer_types
     if len(listed) == layers:
         raise UserError(f"{c.where}: every layer is a gated delta net (linear_attention), and awq-edge's engines "
                         f"take a model with attention too; {c.fix}")

@@ -92,6 +92,14 @@ def test_an_engine_asked_twice_and_in_a_chat_answers_as_a_fresh_one(qwen3_5, tmp
         np.testing.assert_allclose(a[1], b[1], atol=1e-4)
 
 
+def test_a_qwen3_5_whose_every_layer_is_attention_keeps_no_state():
+    from awq_edge.export.spec import model_spec
+
+    config = {**TINY, **TINY_EXTRA["qwen3_5_text"], "model_type": "qwen3_5_text"}
+    assert model_spec({**config, "layer_types": ["full_attention"] * 2}).delta is None
+    assert model_spec(config).delta.layers == (0,)
+
+
 def test_the_cuda_backend_refuses_delta_net_heads_wider_than_its_kernel_takes():
     from awq_edge.decoder import decoder_spec
     from awq_edge.export.spec import model_spec

@@ -693,32 +693,34 @@ static void delta_rule(const struct cpu_model *m, const struct cpu_op *op) {
   const int key_dim = kh * dk, conv_dim = 2 * key_dim + vh * dv;
 #pragma omp for schedule(static)
   for (int h = 0; h < vh; h++) {
-    const float *q = op->x + (h / (vh / kh)) * dk, *kv = q + key_dim, *v = op->x + 2 * key_dim + h * dv;
+    const float *q = op->x + (h / (vh / kh)) * dk, *key = q + key_dim, *v = op->x + 2 * key_dim + h * dv;
     const float *z = op->x + conv_dim + h * dv;
     const float q_scale = 1.f / sqrtf(dot(q, q, dk) + 1e-6f) / sqrtf((float)dk);
-    const float k_scale = 1.f / sqrtf(dot(kv, kv, dk) + 1e-6f);
+    const float k_scale = 1.f / sqrtf(dot(key, key, dk) + 1e-6f);
     const float beta = 1.f / (1.f + exp_approx(-dot(op->delta_b + (size_t)h * hidden, op->normed, hidden)));
     const float pre = dot(op->delta_a + (size_t)h * hidden, op->normed, hidden) + op->dt_bias[h];
     const float decay = exp_approx(op->rate[h] * (pre > 20.f ? pre : log_approx(1.f + exp_approx(pre))));
     float *s = op->state + (size_t)h * dk * dv, *o = op->out + (size_t)h * dv;
-    for (int j = 0; j < dv; j++) o[j] = 0.f;  /* first (S decayed)^T k, then beta (v - that) */
+    float delta[256];  /* (v_dim <= 256: decoder_spec refuses wider delta-net heads) */
+    for (int j = 0; j < dv; j++) delta[j] = 0.f;  /* first (S decayed)^T k, then beta (v - that) */
     for (int i = 0; i < dk; i++) {
-      const float ki = kv[i] * k_scale * decay;
-      for (int j = 0; j < dv; j++) o[j] += s[(size_t)i * dv + j] * ki;
-    }
-    for (int j = 0; j < dv; j++) o[j] = (v[j] - o[j]) * beta;
-    float total = 0.f;
-    for (int i = 0; i < dk; i++) {  /* S updated row by row, o[j] then gathering S^T q */
-      const float ki = kv[i] * k_scale, qi = q[i] * q_scale;
-      float *row = s + (size_t)i * dv;
-      for (int j = 0; j < dv; j++) row[j] = row[j] * decay + ki * o[j];
+      const float ki = key[i] * k_scale * decay;
+      for (int j = 0; j < dv; j++) delta[j] += s[(size_t)i * dv + j] * ki;
     }
     for (int j = 0; j < dv; j++) {
-      float acc = 0.f;
-      for (int i = 0; i < dk; i++) acc += s[(size_t)i * dv + j] * q[i];
-      o[j] = acc * q_scale;
-      total += o[j] * o[j];
+      delta[j] = (v[j] - delta[j]) * beta;
+      o[j] = 0.f;
     }
+    for (int i = 0; i < dk; i++) {  /* S updated row by row, S^T q gathered from the new rows in the same pass */
+      const float ki = key[i] * k_scale, qi = q[i] * q_scale;
+      float *row = s + (size_t)i * dv;
+      for (int j = 0; j < dv; j++) {
+        row[j] = row[j] * decay + ki * delta[j];
+        o[j] += row[j] * qi;
+      }
+    }
+    float total = 0.f;
+    for (int j = 0; j < dv; j++) total += o[j] * o[j];
     const float inv = 1.f / sqrtf(total / (float)dv + m->eps);
     for (int j = 0; j < dv; j++) o[j] *= inv * op->w_norm[j] * z[j] / (1.f + exp_approx(-z[j]));
   }
