@@ -72,7 +72,7 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", 
 MOE_EXPERTS = {"qwen3_moe": "num_experts", "olmoe": "num_experts", "mixtral": "num_local_experts",
                "granitemoe": "num_local_experts", "lfm2_moe": "num_experts", "gpt_oss": "num_local_experts",
                "qwen2_moe": "num_experts", "granitemoe_swa": "num_local_experts", "ernie4_5_moe": "moe_num_experts",
-               "afmoe": "num_experts", "mellum": "num_local_experts"}
+               "afmoe": "num_experts", "mellum": "num_local_experts", "qwen3_5_moe_text": "num_experts"}
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +106,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
             dense = dict(layer_types=["conv", "full_attention"], block_multiple_of=32, conv_bias=True)
         if model_type == "lfm3":  # a short convolution, then attention with gated heads
             dense = dict(layer_types=["conv", "full_attention"])
-        if model_type == "qwen3_5_text":  # a gated delta net (value heads two to a key head), then attention
+        if model_type in ("qwen3_5_text", "qwen3_5_moe_text"):  # a gated delta net (value heads two to a key
+            # head), then attention
             dense = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                          linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=16)
         if model_type in MOE_EXPERTS:  # 2 of 4 experts a token, each 64 wide; Qwen3-MoE: layer 1 a dense MLP;
@@ -117,7 +118,9 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
                      **({"layer_types": ["conv", "full_attention"], "num_dense_layers": 1, "routed_scaling_factor": 1.5}
                         if model_type == "lfm2_moe" else {}),
                      **({"swiglu_limit": 0.5, "sliding_window": 8} if model_type == "gpt_oss" else {}),
-                     **({"shared_expert_intermediate_size": 96} if model_type == "qwen2_moe" else {}),
+                     **({"shared_expert_intermediate_size": 96} if model_type in ("qwen2_moe", "qwen3_5_moe_text")
+                        else {}),
+                     **(dense if model_type == "qwen3_5_moe_text" else {}),  # (its delta net, above)
                      **({"moe_num_shared_experts": 1} if model_type == "ernie4_5_moe" else {}),
                      **({"num_shared_experts": 1, "num_dense_layers": 1} if model_type == "afmoe" else {}),
                      **({"mlp_layer_types": ["sparse", "dense"]} if model_type == "mellum" else {})}

@@ -177,11 +177,12 @@ def test_attention_sinks_match_the_reference(gemv, tokenizer_dir, tmp_path):
 
 
 @pytest.mark.parametrize("model_type, layers", [("qwen2_moe", 2), ("lfm2_moe", 3), ("ernie4_5_moe", 2), ("gpt_oss", 2),
-                                                ("afmoe", 3)])
+                                                ("afmoe", 3), ("qwen3_5_moe_text", 2)])
 def test_mixtures_of_experts_match_the_reference(model_type, layers, tokenizer_dir, tmp_path):
     """plugins/kernels/moe.cu: each row's experts chosen on the device (softmax or sigmoid routers, expert
     biases, a gated or ungated shared expert; gpt-oss's biased router and experts, its clamped SwiGLU and
-    attention sinks; AFMoE's attention output gated value by value, awq_output_gate), their GEMVs by the
+    attention sinks; AFMoE's attention output gated value by value, awq_output_gate; Qwen3.5 MoE's after a
+    delta net), their GEMVs by the
     ids in device memory, the weighted sum; in prefill and in decode's graph (queued 2026-12-07, unrun on
     a GPU)."""
     engine = tiny_engine(tmp_path, model_type, tokenizer_dir, num_hidden_layers=layers)

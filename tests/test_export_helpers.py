@@ -115,6 +115,13 @@ TINY_EXTRA = {
     "qwen3_5_text": {"layer_types": ["linear_attention", "full_attention"], "head_dim": 16, "linear_num_key_heads": 2,
                      "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 16,
                      "linear_conv_kernel_dim": 4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # Qwen3.5 MoE: Qwen3.5's layers (a delta net, then attention), each MLP 2 of 4 experts a token, renormalized,
+    # beside a shared expert gated by a sigmoid
+    "qwen3_5_moe_text": {"layer_types": ["linear_attention", "full_attention"], "head_dim": 16,
+                         "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+                         "linear_value_head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                         "moe_intermediate_size": 64, "shared_expert_intermediate_size": 96, "pad_token_id": 0,
+                         "bos_token_id": 1, "eos_token_id": 2},
     # LayerNorms without a weight or a bias; q, k and v clamped (small enough to bite: OLMo 7B 0424's is 8)
     "olmo": {"clip_qkv": 0.1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # no pre-norms, post-norms, q/k norms over all heads

@@ -902,7 +902,8 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                           ("mellum", {}),
                           ("qwen3_5_text", {"num_hidden_layers": 3, "layer_types": ["linear_attention",
                                                                                    "full_attention",
-                                                                                   "linear_attention"]})],
+                                                                                   "linear_attention"]}),
+                          ("qwen3_5_moe_text", {})],
                          ids=[*TINY_FAMILIES, "qwen3_yarn", "phi3_longrope", "smollm3_nope", "granite", "glm", "glm4",
                               "ernie4_5", "olmo2", "olmo3", "exaone4", "gemma", "vaultgemma", "hunyuan", "arcee",
                               "nemotron", "stablelm", "cohere", "cohere2", "jais2", "starcoder2",
@@ -910,7 +911,7 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
                               "lfm2", "lfm3",
                               "gpt_neox", "gpt_neox_sequential", "gpt_bigcode_multi_query", "gpt_bigcode",
                               "opt", "gpt2", "gptj", "gpt_neo", "granite_swa_sinks", "qwen2_moe", "lfm2_moe",
-                              "ernie4_5_moe", "gpt_oss", "afmoe", "mellum", "qwen3_5"])
+                              "ernie4_5_moe", "gpt_oss", "afmoe", "mellum", "qwen3_5", "qwen3_5_moe"])
 def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, overrides, smollm2_dir, tmp_path):
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)

@@ -386,7 +386,8 @@ def test_folding_scales_is_exact_in_a_mixture_of_experts(model_type, tiny_model_
     the block's function (Qwen3-MoE's layer 1 and LFM2-MoE's layer 0, a short convolution: a dense MLP, the
     usual groups; gpt-oss's biased router and experts, its attention's sinks; Qwen2-MoE's shared expert, in
     the gate_up group with its gate, and its down; ERNIE 4.5's and AFMoE's: layer 0 dense, the shared expert
-    ungated; AFMoE's gate on the attention's output in the qkv group)."""
+    ungated; AFMoE's gate on the attention's output in the qkv group; Qwen3.5 MoE's delta net and gated shared
+    expert)."""
     model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
     family = family_for(model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
@@ -396,8 +397,9 @@ def test_folding_scales_is_exact_in_a_mixture_of_experts(model_type, tiny_model_
         linears = {**_linear_names(layer), **({"router": layer.mlp.gate} if is_moe_layer(layer) else {})}
         groups = block_groups(layer, family, model.config)
         moe, mixer = [f"experts.{j}.down" for j in range(4)], ["in", "out"] if is_conv_layer(layer) else ["qkv", "o"]
+        mixer = ["in"] if hasattr(layer, "linear_attn") else mixer  # (Qwen3.5 MoE's delta net: no out group)
         downs = [] if model_type == "gpt_oss" else moe if is_moe_layer(layer) else ["down"]  # (no fold across its act)
-        shared = model_type in ("qwen2_moe", "ernie4_5_moe", "afmoe") and is_moe_layer(layer)
+        shared = model_type in ("qwen2_moe", "ernie4_5_moe", "afmoe", "qwen3_5_moe_text") and is_moe_layer(layer)
         downs += ["shared_expert.down"] if shared else []  # (its shared expert's, every token)
         assert [g.name for g in groups] == mixer + ["gate_up"] + downs
         assert is_moe_layer(layer) or (model_type, i) in (("qwen3_moe", 1), ("lfm2_moe", 0), ("ernie4_5_moe", 0),
