@@ -563,8 +563,8 @@ def delta_net_spec(c: Fields, layer_types, layers: int) -> tuple[DeltaNet | None
         raise UserError(f"{c.where}: linear_num_value_heads {v_heads} is not a multiple of linear_num_key_heads "
                         f"{k_heads}; {c.fix}")
     delta = DeltaNet(layers=listed, k_heads=k_heads, v_heads=v_heads,
-                     k_dim=c.int("linear_key_head_dim", 1, MAX_HEAD_DIM), v_dim=c.int("linear_value_head_dim", 1,
-                                                                                        MAX_HEAD_DIM),
+                     k_dim=c.int("linear_key_head_dim", 1, MAX_HEAD_DIM),
+                     v_dim=c.int("linear_value_head_dim", 1, MAX_HEAD_DIM),
                      kernel=c.int("linear_conv_kernel_dim", 2, MAX_CONV_KERNEL))
     if delta.conv_dim > MAX_INTERMEDIATE or delta.state_elems * 4 > MAX_DELTA_STATE:
         raise UserError(f"{c.where}: the gated delta nets' q, k and v ({delta.conv_dim} wide) or state "
