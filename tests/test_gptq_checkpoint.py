@@ -210,7 +210,7 @@ def test_an_act_order_checkpoint_gathers_each_linears_inputs_on_every_engine_but
 
     if plugins.find_nvcc() is None:
         pytest.skip("nvcc not found: the cuda engine's build skipped")
-    build_engine(str(folder), "rtx4090", tmp_path / "engine", backend="cuda", progress=False, lm_head_bits=None)
+    build_engine(str(folder), "orin", tmp_path / "engine", backend="cuda", progress=False, lm_head_bits=None)
     reference = ReferenceBackend(tmp_path / "engine", max_context=64)
     assert sum(op.kind == "gather" for op in reference.ops) == 4 * reference.spec.layers
     errors, disagreements = teacher_forced(reference, OrtBackend(exports["ort"], max_context=64), ids, 12)

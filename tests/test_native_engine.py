@@ -85,7 +85,7 @@ def test_a_cuda_engine_holds_rope_rows_for_its_context_alone(smollm2_dir, tmp_pa
     refused at load, and an edited rope_positions no longer fits the tensors (one line)."""
     ckpt = tiny_native_checkpoint(tmp_path, "qwen3", smollm2_dir, max_position_embeddings=4096)
     for name, context in (("full", None), ("short", 96)):
-        build_engine(str(ckpt), "rtx4090", tmp_path / name, backend="cuda", progress=False, max_context=context)
+        build_engine(str(ckpt), "orin", tmp_path / name, backend="cuda", progress=False, max_context=context)
     short = json.loads((tmp_path / "short" / "decoder.json").read_text())
     assert short["rope_positions"] == 96 and short["tensors"]["rope.0.cos"]["shape"] == [96, 32]
     assert "rope_positions" not in json.loads((tmp_path / "full" / "decoder.json").read_text())
@@ -228,7 +228,7 @@ def check_launches_against_the_cubins(engine: Path, fused: bool = True, gemv: st
 @needs_nvcc
 def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm2_cuda_engine, smollm2_dir, tmp_path):
     """The host side of every kernel call, checked without a GPU: SmolLM2 (group 128, sm_87) with
-    the fused and the unfused op list, then tiny ragged engines at group 32 (sm_89): Qwen2 (q/k/v
+    the fused and the unfused op list, then tiny ragged engines at group 32 (sm_87): Qwen2 (q/k/v
     bias, K % 32 != 0: the narrow GEMV and GEMM paths), Qwen3 (q/k norms), Gemma 3 (sandwich norms;
     sm_90, whose launches may overlap), LFM2 (a short convolution, its biases), OLMo 1 (LayerNorms, clip_qkv)."""
     launched = check_launches_against_the_cubins(smollm2_cuda_engine)
@@ -254,7 +254,7 @@ def test_every_launch_of_the_cuda_backend_matches_its_kernel_in_the_cubin(smollm
                  {"conv_bias": True} if model_type == "lfm2" else {})
         ckpt = tiny_checkpoint(tmp_path / model_type, model_type, smollm2_dir,
                                **{**NATIVE_TINY, "hidden_size": 136, "intermediate_size": 200, **extra})
-        device = "h200" if model_type == "gemma3_text" else "rtx4090"  # sm_90: programmatic launches
+        device = "h200" if model_type == "gemma3_text" else "orin"  # sm_90: programmatic launches
         build_engine(str(ckpt), device, tmp_path / model_type / "engine", backend="cuda", progress=False)
         launched |= check_launches_against_the_cubins(tmp_path / model_type / "engine")
     every = {name for names in KERNELS_OF.values() for name in names}
@@ -551,7 +551,7 @@ def test_the_l2_prefetch_of_sm87_and_sm89_is_kept_only_where_it_is_timed_faster(
     from awq_edge.synthetic import SHAPES, write_random_engine
 
     write_random_engine(tmp_path / "e", dict(SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=512),
-                        resolve("rtx4090"), max_context=64)
+                        resolve("orin-agx-64gb"), max_context=64)
     manifest, info = read_native_engine(tmp_path / "e")
 
     class PrefetchHelps(RecordingDriver):
@@ -822,7 +822,7 @@ def test_an_int4_heads_three_launches_give_the_rescored_logits_on_host_memory(tm
 
     shape = dict(SHAPES["smollm2-135m"], num_hidden_layers=1, vocab_size=20003, tie_word_embeddings=False,
                  final_logit_softcapping=30.0)
-    write_random_engine(tmp_path / "e", shape, resolve("rtx4090"), group_size=64, max_context=32, lm_head="int4")
+    write_random_engine(tmp_path / "e", shape, resolve("orin-agx-64gb"), group_size=64, max_context=32, lm_head="int4")
     manifest, info = read_native_engine(tmp_path / "e")
     spec = info.spec
     assert (spec.final_softcap, padded_vocab(spec)) == (30.0, 20008)
@@ -916,7 +916,7 @@ def test_reference_executor_matches_the_ort_engine_for_every_family(model_type, 
     ckpt = tiny_native_checkpoint(tmp_path, model_type, smollm2_dir, **overrides)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads (its cost: a benchmark's)
     engine = tmp_path / "engine"
-    build_engine(str(ckpt), "rtx4090", engine, backend="cuda", progress=False)
+    build_engine(str(ckpt), "orin", engine, backend="cuda", progress=False)
     reference = ReferenceBackend(engine, max_context=64)
     ort = OrtBackend(export_for_cpu(ckpt, tmp_path / "exports", "ort"), max_context=64)
     # 44 tokens: longer than Mistral's (5) and Gemma 3's (4) sliding windows in these tiny configs
@@ -952,7 +952,7 @@ def test_biases_on_every_linear_run_on_the_cuda_op_list_as_on_the_cpu_engine(tmp
 
     ckpt = tiny_native_checkpoint(tmp_path, "llama", smollm2_dir, attention_bias=True, mlp_bias=True)
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads
-    build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
+    build_engine(str(ckpt), "orin", tmp_path / "engine", backend="cuda", progress=False)
     assert json.loads((tmp_path / "engine" / "decoder.json").read_text())["out_bias"] is True
     ort = export_for_cpu(ckpt, tmp_path / "exports", "ort")
     ids = np.random.default_rng(2).integers(0, 256, 12 + 8).tolist()
@@ -973,7 +973,7 @@ def test_a_cuda_engines_head_is_int8_unless_int4_or_float_is_asked(tmp_path, smo
     backends = {}
     for bits, head in (("auto", "int8"), (None, "fp16"), (4, "int4")):
         engine = tmp_path / head
-        build_engine(str(ckpt), "rtx4090", engine, backend="cuda", progress=False, lm_head_bits=bits)
+        build_engine(str(ckpt), "orin", engine, backend="cuda", progress=False, lm_head_bits=bits)
         decoder = json.loads((engine / "decoder.json").read_text())
         assert decoder["lm_head"] == head
         assert ("lm_head.q8" in decoder["tensors"], "lm_head.weight" in decoder["tensors"],
@@ -991,7 +991,7 @@ def test_a_cuda_engines_head_is_int8_unless_int4_or_float_is_asked(tmp_path, smo
     launched = check_launches_against_the_cubins(tmp_path / "int4")
     assert {"awq_head_candidates", "awq_head_rescore"} <= launched
     assert any(name.startswith("awq_gemv_logits_") for name in launched)
-    refused = subprocess.run([*CLI, "build", str(ckpt), "--device", "rtx4090", "--backend", "cuda", "--lm-head",
+    refused = subprocess.run([*CLI, "build", str(ckpt), "--device", "orin", "--backend", "cuda", "--lm-head",
                               "int3", "--output", str(tmp_path / "int3")], capture_output=True, text=True)
     assert refused.returncode != 0 and refused.stderr.count("\n") == 1 and "--lm-head int3" in refused.stderr
     assert not (tmp_path / "int3").exists()
@@ -1054,14 +1054,14 @@ def test_random_models_run_on_the_reference_executor(tmp_path):
     shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 2}
     ckpt = write_random_checkpoint(tmp_path / "ckpt", shape, 128, byte_tokenizer(tmp_path / "tokenizer"))
     round_embedding_int8(ckpt)  # what the cuda engine's int8 embedding reads
-    build_engine(str(ckpt), "rtx4090", tmp_path / "engine", backend="cuda", progress=False)
+    build_engine(str(ckpt), "orin", tmp_path / "engine", backend="cuda", progress=False)
     reference = ReferenceBackend(tmp_path / "engine", max_context=64)
     ort = OrtBackend(export_for_cpu(ckpt, tmp_path / "exports", "ort"), max_context=64)
     ids = np.random.default_rng(2).integers(0, 258, 12 + 20).tolist()
     errors, disagreements = teacher_forced(reference, ort, ids, 12)
     assert max(errors) < 1e-2 and disagreements == [], (max(errors), disagreements)
 
-    manifest = write_random_engine(tmp_path / "random", shape, resolve("rtx4090"))
+    manifest = write_random_engine(tmp_path / "random", shape, resolve("orin-agx-64gb"))
     assert manifest["backend"] == "cuda" and manifest["model"]["source"] == "random:custom"
     logits = ReferenceBackend(tmp_path / "random", max_context=16).forward(ids[:8])
     assert logits.shape == (shape["vocab_size"],) and np.isfinite(logits).all() and logits.std() > 1
@@ -1110,7 +1110,7 @@ def test_fused_and_unfused_op_lists_compute_the_same_logits(tmp_path, smollm2_di
     for a family with sandwich norms (Gemma 3) and one without, with a prefill and decode steps."""
     for model_type in ("qwen2", "gemma3_text"):
         ckpt = tiny_native_checkpoint(tmp_path / model_type, model_type, smollm2_dir)
-        build_engine(str(ckpt), "rtx4090", tmp_path / model_type / "engine", backend="cuda", progress=False)
+        build_engine(str(ckpt), "orin", tmp_path / model_type / "engine", backend="cuda", progress=False)
         fused = ReferenceBackend(tmp_path / model_type / "engine", max_context=64)
         unfused = ReferenceBackend(tmp_path / model_type / "engine", max_context=64)
         unfused.ops = decode_ops(unfused.spec, fused=False)
