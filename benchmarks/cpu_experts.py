@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +23,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    from awq_edge.build import build_engine
-    from awq_edge.engine import Engine, bench_engine
-    from awq_edge.synthetic import SHAPES, byte_tokenizer, write_random_checkpoint
+    from awq_edge.synthetic import SHAPES
+    from cpu_random_engines import bench_random_engines
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
@@ -40,23 +38,7 @@ def main() -> None:
     dense = {k: v for k, v in moe.items() if k not in ("model_type", "architectures", "num_local_experts",
                                                           "num_experts_per_tok")}
     dense["intermediate_size"] = active
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="awq-edge-experts-") as tmp:
-        tokenizer = byte_tokenizer(Path(tmp) / "tokenizer")
-        for name, shape in (("experts", moe), ("dense", dense)):
-            ckpt = write_random_checkpoint(Path(tmp) / f"{name}.ckpt", shape, 128, tokenizer)
-            engine_dir = Path(tmp) / f"{name}.engine"
-            build_engine(str(ckpt), "cpu", engine_dir, max_memory="8GiB", max_context=1024, progress=False)
-            for native in (False, True):
-                engine = Engine.load(engine_dir, native_decode=native)
-                stats = bench_engine(engine, args.prompt_tokens, args.new_tokens, args.runs)
-                path = stats.get("decode_path", "onnxruntime" if not native else "native")
-                results[f"{name}/{'native' if native else 'onnxruntime'}"] = {
-                    "decode_tok_s": stats["decode_tok_s"], "prefill_tok_s": stats["prefill_tok_s"],
-                    "decode_path": path}
-                print(f"{name:8} {'native' if native else 'ort':6} decode {stats['decode_tok_s']:8.1f} tok/s  "
-                      f"prefill {stats['prefill_tok_s']:8.1f} tok/s  ({path[:70]})")
-                del engine
+    results = bench_random_engines({"experts": moe, "dense": dense}, args.prompt_tokens, args.new_tokens, args.runs)
     base = results["dense/onnxruntime"]["decode_tok_s"]
     ratios = {k: v["decode_tok_s"] / base for k, v in results.items()}
     for key, ratio in ratios.items():

@@ -211,7 +211,8 @@ def tiny_family_checkpoint(root, model_type: str, tokenizer_dir):
                            num_attention_heads=heads, num_key_value_heads=2, head_dim=64, **extra)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+# (Qwen3.5 MoE's pieces, its delta nets and Qwen2-MoE's mixture, each run here in its own family: not again together)
+@pytest.mark.parametrize("model_type", [f for f in FAMILIES if f != "qwen3_5_moe_text"])
 def test_native_decode_matches_onnxruntime_for_every_family(model_type, smollm2_dir, tmp_path):
     ckpt = tiny_family_checkpoint(tmp_path, model_type, smollm2_dir)
     native, reference = native_and_onnxruntime(export_checkpoint(ckpt, tmp_path / "ort", "ort"), 64)

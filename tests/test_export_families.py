@@ -355,13 +355,6 @@ VISION_LANGUAGE = {
                 dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                      num_position_embeddings=16, patch_size=16),
                 dict(image_token_id=299, video_token_id=298, vision_start_token_id=297, vision_end_token_id=296)),
-    # Qwen3.5 MoE (35B-A3B and up ship so): the same around Qwen3.5 MoE's language model, its experts stacked
-    "qwen3_5_moe": ({**TINY, **TINY_EXTRA["qwen3_5_moe_text"], "model_type": "qwen3_5_moe_text", "vocab_size": 300,
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 0], "mrope_interleaved": True,
-                                         "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
-                    dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                         num_position_embeddings=16, patch_size=16),
-                    dict(image_token_id=299, video_token_id=298, vision_start_token_id=297, vision_end_token_id=296)),
     # SmolVLM 2 (and "smolvlm_1", SmolVLM's first, as Idefics3): a Llama (SmolLM2) named model.text_model.*
     "smolvlm": ({**TINY, "model_type": "llama", "vocab_size": 300},
                 dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
@@ -398,6 +391,9 @@ VISION_LANGUAGE = {
                         image_token_id=258, audio_token_id=259, image_token_offset=260, audio_token_offset=276)),
 }
 VISION_LANGUAGE["smolvlm_1"] = VISION_LANGUAGE["smolvlm"]
+# Qwen3.5 MoE (35B-A3B and up ship so): Qwen3.5's wrapper around Qwen3.5 MoE's language model, its experts stacked
+VISION_LANGUAGE["qwen3_5_moe"] = ({**VISION_LANGUAGE["qwen3_5"][0], **TINY_EXTRA["qwen3_5_moe_text"],
+                                   "model_type": "qwen3_5_moe_text"}, *VISION_LANGUAGE["qwen3_5"][1:])
 VISION_LANGUAGE["qwen2_5_vl_flat"] = VISION_LANGUAGE["qwen2_5_vl"]
 # Qwen2-VL: Qwen2.5-VL's language model before it, as the hub has it (flat)
 VISION_LANGUAGE["qwen2_vl_flat"] = ({**VISION_LANGUAGE["qwen2_5_vl"][0], "model_type": "qwen2_vl_text"},

@@ -701,7 +701,7 @@ BACKEND_CASES = {
                                         False, 9, "cuda_cores", MOE_KERNELS),
     # gpt-oss: its experts' gate/up stored (with their biases), its clamped SwiGLU a kernel of its own, down
     # with its biases; the router's logits biased; attention with biases and sinks, layer 0 sliding, YaRN
-    "gpt_oss-clamped-swiglu-sinks": ("gpt_oss", "auto", {"num_hidden_layers": 2, "intermediate_size": 64}, True, 20,
+    "gpt_oss-clamped-swiglu-sinks": ("gpt_oss", "auto", {"num_hidden_layers": 2, "intermediate_size": 64}, True, 9,
                                      "auto",
                                      {"awq_moe_route", "awq_moe_swiglu", "awq_moe_gemv_store_g32_w4",
                                       "awq_moe_combine"}),
