@@ -285,6 +285,10 @@ APERTUS = dict(activation="xielu", gated_mlp=False, qk_norm=True,
                                                      "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
                                                      "high_freq_factor": 4.0})))
 
+# Qwen3.5's text-only checkpoints that keep their vision-language one's prefix (model.language_model.*), which
+# transformers reads as a causal LM's names
+QWEN3_5_TEXT_PREFIX = (("model.language_model.", "model."),)
+
 COHERE_DEFAULTS = (("rms_norm_eps", 1e-5), ("tie_word_embeddings", True), ("logit_scale", 0.0625))
 
 FAMILIES: dict[str, Family] = {
@@ -665,7 +669,8 @@ FAMILIES: dict[str, Family] = {
                                 ("partial_rotary_factor", 0.25), ("linear_conv_kernel_dim", 4),
                                 ("linear_key_head_dim", 128), ("linear_value_head_dim", 128),
                                 ("linear_num_key_heads", 16), ("linear_num_value_heads", 32)),
-               refused_switches=(("attention_bias", "biases on q, k, v and o"),), ignored_tensors=("mtp.",)),
+               refused_switches=(("attention_bias", "biases on q, k, v and o"),), ignored_tensors=("mtp.",),
+               tensor_renames=QWEN3_5_TEXT_PREFIX),
         # Qwen3.5 MoE (35B-A3B, 122B-A10B, 397B-A17B): Qwen3.5's layers, every MLP a mixture as Qwen2-MoE's (the
         # chosen experts' weights renormalized, a shared expert gated by a sigmoid)
         Family("qwen3_5_moe", ("qwen3_5_moe_text",), qk_norm=True, norm_offset=1.0, output_gate=True, query_gate=True,
@@ -678,7 +683,8 @@ FAMILIES: dict[str, Family] = {
                                 ("linear_num_key_heads", 16), ("linear_num_value_heads", 32),
                                 ("num_local_experts", 256), ("num_experts_per_tok", 8), ("moe_intermediate_size", 512),
                                 ("shared_expert_intermediate_size", 512)),
-               refused_switches=(("attention_bias", "biases on q, k, v and o"),), ignored_tensors=("mtp.",)),
+               refused_switches=(("attention_bias", "biases on q, k, v and o"),), ignored_tensors=("mtp.",),
+               tensor_renames=QWEN3_5_TEXT_PREFIX),
         Family("qwen3_moe", ("qwen3_moe",), qk_norm=True, sliding_layers="qwen", experts_key="num_local_experts",
                expert_width_key="moe_intermediate_size", norm_top_k="norm_topk_prob", expert_layers="qwen",
                config_aliases=(("num_experts", "num_local_experts"),),

@@ -92,6 +92,26 @@ def test_an_engine_asked_twice_and_in_a_chat_answers_as_a_fresh_one(qwen3_5, tmp
         np.testing.assert_allclose(a[1], b[1], atol=1e-4)
 
 
+def test_a_text_checkpoint_that_keeps_the_vision_language_prefix_reads_as_ours(qwen3_5, tmp_path):
+    """A text-only Qwen3.5 checkpoint named model.language_model.* (as taken out of its wrapper; transformers
+    reads it so) holds the same model."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from awq_edge.checkpoint import read_for_engine
+
+    ckpt = qwen3_5[1]
+    prefixed = shutil.copytree(ckpt, tmp_path / "prefixed")
+    tensors = load_file(ckpt / "model.safetensors")
+    save_file({k.replace("model.", "model.language_model.", 1): v for k, v in tensors.items()},
+              prefixed / "model.safetensors", metadata={"format": "pt"})
+    (ours, _), (theirs, _) = read_for_engine(ckpt), read_for_engine(prefixed)
+    assert sorted(ours.tensors) == sorted(theirs.tensors) and sorted(ours.linears) == sorted(theirs.linears)
+    for name in ours.tensors:
+        np.testing.assert_array_equal(ours.tensors[name], theirs.tensors[name])
+
+
 def test_a_qwen3_5_whose_every_layer_is_attention_keeps_no_state():
     from awq_edge.export.spec import model_spec
 
