@@ -235,7 +235,8 @@ class Engine:
 
     def rewind(self, position: int) -> None:
         """Keep the first `position` cached tokens and drop the rest (the server keeps only the
-        part of the cache that a fresh prefill would compute the same: docs/server.md)."""
+        part of the cache that a fresh prefill would compute the same: docs/server.md), or fewer:
+        a model with delta nets keeps its last prefill's end at most (backend.position says)."""
         self.backend.rewind(position)  # (a backend with Qwen3.5's states may keep less: backend_ort.py)
         del self.cached_ids[self.backend.position:]
 
