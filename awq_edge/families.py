@@ -285,9 +285,15 @@ APERTUS = dict(activation="xielu", gated_mlp=False, qk_norm=True,
                                                      "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
                                                      "high_freq_factor": 4.0})))
 
-# Qwen3.5's text-only checkpoints that keep their vision-language one's prefix (model.language_model.*), which
-# transformers reads as a causal LM's names
-QWEN3_5_TEXT_PREFIX = (("model.language_model.", "model."),)
+# Qwen3.5's (Qwen3.5 MoE's too): gated delta nets beside Qwen3's attention, its output gate stored in q_proj, (1 + w)
+# norms; its MTP layer never read; text-only checkpoints that keep their vision-language one's prefix
+# (model.language_model.*) read as a causal LM's names, as transformers reads them
+QWEN3_5 = dict(qk_norm=True, norm_offset=1.0, output_gate=True, query_gate=True, delta_net=True,
+               refused_switches=(("attention_bias", "biases on q, k, v and o"),), ignored_tensors=("mtp.",),
+               tensor_renames=(("model.language_model.", "model."),))
+QWEN3_5_DEFAULTS = (("max_position_embeddings", 32768), ("head_dim", 256), ("partial_rotary_factor", 0.25),
+                    ("linear_conv_kernel_dim", 4), ("linear_key_head_dim", 128), ("linear_value_head_dim", 128),
+                    ("linear_num_key_heads", 16), ("linear_num_value_heads", 32))
 
 COHERE_DEFAULTS = (("rms_norm_eps", 1e-5), ("tie_word_embeddings", True), ("logit_scale", 0.0625))
 
@@ -658,33 +664,21 @@ FAMILIES: dict[str, Family] = {
         # VaultGemma (1B): Gemma 2 without the post-norms
         Family("vaultgemma", ("vaultgemma",), mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,
                embed_scale=True, activation="gelu_tanh", sliding_layers="alternate", config_defaults=GEMMA2_DEFAULTS),
-        # Qwen3-MoE (30B-A3B, Coder-30B-A3B): Qwen3 whose MLPs are experts, moe_intermediate_size wide, 8 of 128 a
-        # token; decoder_sparse_step and mlp_only_layers may leave dense MLPs (intermediate_size wide)
         # Qwen3.5 (0.8B to 27B; the language model of their vision-language checkpoints): three of every four
         # layers gated delta nets, the fourth Qwen3's attention with a gate on its output (in q_proj) and a
         # quarter of each head rotated; (1 + w) RMSNorms
-        Family("qwen3_5", ("qwen3_5_text",), qk_norm=True, norm_offset=1.0, output_gate=True, query_gate=True,
-               delta_net=True,
-               config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 4), ("head_dim", 256),
-                                ("partial_rotary_factor", 0.25), ("linear_conv_kernel_dim", 4),
-                                ("linear_key_head_dim", 128), ("linear_value_head_dim", 128),
-                                ("linear_num_key_heads", 16), ("linear_num_value_heads", 32)),
-               refused_switches=(("attention_bias", "biases on q, k, v and o"),), ignored_tensors=("mtp.",),
-               tensor_renames=QWEN3_5_TEXT_PREFIX),
+        Family("qwen3_5", ("qwen3_5_text",), **QWEN3_5,
+               config_defaults=QWEN3_5_DEFAULTS + (("num_key_value_heads", 4),)),
         # Qwen3.5 MoE (35B-A3B, 122B-A10B, 397B-A17B): Qwen3.5's layers, every MLP a mixture as Qwen2-MoE's (the
         # chosen experts' weights renormalized, a shared expert gated by a sigmoid)
-        Family("qwen3_5_moe", ("qwen3_5_moe_text",), qk_norm=True, norm_offset=1.0, output_gate=True, query_gate=True,
-               delta_net=True, experts_key="num_local_experts", expert_width_key="moe_intermediate_size",
-               shared_expert_key="shared_expert_intermediate_size", shared_expert_gate=True,
-               config_aliases=(("num_experts", "num_local_experts"),),
-               config_defaults=(("max_position_embeddings", 32768), ("num_key_value_heads", 2), ("head_dim", 256),
-                                ("partial_rotary_factor", 0.25), ("linear_conv_kernel_dim", 4),
-                                ("linear_key_head_dim", 128), ("linear_value_head_dim", 128),
-                                ("linear_num_key_heads", 16), ("linear_num_value_heads", 32),
-                                ("num_local_experts", 256), ("num_experts_per_tok", 8), ("moe_intermediate_size", 512),
-                                ("shared_expert_intermediate_size", 512)),
-               refused_switches=(("attention_bias", "biases on q, k, v and o"),), ignored_tensors=("mtp.",),
-               tensor_renames=QWEN3_5_TEXT_PREFIX),
+        Family("qwen3_5_moe", ("qwen3_5_moe_text",), **QWEN3_5, experts_key="num_local_experts",
+               expert_width_key="moe_intermediate_size", shared_expert_key="shared_expert_intermediate_size",
+               shared_expert_gate=True, config_aliases=(("num_experts", "num_local_experts"),),
+               config_defaults=QWEN3_5_DEFAULTS + (("num_key_value_heads", 2), ("num_local_experts", 256),
+                                                   ("num_experts_per_tok", 8), ("moe_intermediate_size", 512),
+                                                   ("shared_expert_intermediate_size", 512))),
+        # Qwen3-MoE (30B-A3B, Coder-30B-A3B): Qwen3 whose MLPs are experts, moe_intermediate_size wide, 8 of 128 a
+        # token; decoder_sparse_step and mlp_only_layers may leave dense MLPs (intermediate_size wide)
         Family("qwen3_moe", ("qwen3_moe",), qk_norm=True, sliding_layers="qwen", experts_key="num_local_experts",
                expert_width_key="moe_intermediate_size", norm_top_k="norm_topk_prob", expert_layers="qwen",
                config_aliases=(("num_experts", "num_local_experts"),),
