@@ -134,8 +134,7 @@ class OrtBackend:
                            * (2 * len(self.attention_layers)))
         self._conv = {i: np.zeros((info.conv_kernel - 1 + self.max_context, info.hidden_size), self.kv_dtype)
                       for i in info.conv_layers}
-        d = info.delta_net
-        shapes = [(1, d.kernel - 1, d.conv_dim), (d.v_heads, d.k_dim, d.v_dim)] if d else []
+        shapes = info.delta_net.state_shapes if info.delta_net else ()
         self._delta = {i: [np.zeros(shape, np.float32) for shape in shapes] for i in info.delta_layers}
         self._delta_out = {i: [np.zeros(shape, np.float32) for shape in shapes] for i in info.delta_layers}
         self._delta_kept: tuple[int, dict] | None = None  # (position, the states there) after the last prefill

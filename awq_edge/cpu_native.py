@@ -336,8 +336,7 @@ class NativeDecoder:
                 for r in self.conv_rows.values()):
             raise Unsupported("the short convolutions' arrays do not fit the model")
         self.delta_states = delta_states or {}
-        d = spec.delta
-        shapes = [(1, d.kernel - 1, d.conv_dim), (d.v_heads, d.k_dim, d.v_dim)] if d else []
+        shapes = spec.delta.state_shapes if spec.delta else ()
         if sorted(self.delta_states) != list(spec.delta_layers) or any(
                 [(a.dtype, a.shape, a.flags.c_contiguous) for a in arrays] != [(np.float32, shape, True)
                                                                                for shape in shapes]

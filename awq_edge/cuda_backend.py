@@ -416,7 +416,7 @@ class CudaBackend:
         # (Qwen3.5's) each delta net's convolution inputs and S, float32, updated in place by its kernels; a copy
         # at the last prefill's end, where a rewind can go back to, and a spare for the tuning's replays
         d = spec.delta
-        self.delta_bytes = 4 * ((d.kernel - 1) * d.conv_dim + d.v_heads * d.k_dim * d.v_dim) if d else 0
+        self.delta_bytes = 4 * d.state_elems if d else 0
         self.delta_state, self.delta_kept, self.delta_spare = (
             {i: drv.alloc(self.delta_bytes) for i in spec.delta_layers} for _ in range(3))
         for state in self.delta_state.values():
@@ -870,11 +870,11 @@ class CudaBackend:
             self.launch("awq_delta_conv", (-(-d.conv_dim // DELTA_THREADS),), (DELTA_THREADS,),
                         [b[a["x"]], ("i32", d.conv_dim + d.value_dim), self.delta_state[a["layer"]], w[a["weight"]],
                          ("i32", rows), ("i32", d.conv_dim), ("i32", d.kernel)])
-        elif op.kind == "delta_rule":  # (S after the convolution's inputs in the layer's state)
+        elif op.kind == "delta_rule":  # (S after the convolution's inputs in the layer's state: state_shapes' order)
             d = spec.delta
             self.launch("awq_delta_rule", (d.v_heads,), (DELTA_THREADS,),
                         [b[a["x"]], ("i32", d.conv_dim + d.value_dim), b[a["normed"]], b[a["out"]],
-                         self.delta_state[a["layer"]] + 4 * (d.kernel - 1) * d.conv_dim, w[a["b"]], w[a["a"]],
+                         self.delta_state[a["layer"]] + 4 * int(np.prod(d.state_shapes[0])), w[a["b"]], w[a["a"]],
                          w[a["dt_bias"]], w[a["rate"]], w[a["norm"]], ("i32", rows), ("i32", spec.hidden),
                          ("i32", d.k_heads), ("i32", d.v_heads), ("i32", d.k_dim), ("i32", d.v_dim), eps])
         elif op.kind == "lm_head" and a["bits"] == 4:

@@ -301,10 +301,8 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
     if info.delta_net:  # (Qwen3.5's) float32 whatever the activations' dtype
         from .export.delta_net import state_names
 
-        d = info.delta_net
-        conv = {"elem": TensorProto.FLOAT, "dims": [1, d.kernel - 1, d.conv_dim]}
-        state = {"elem": TensorProto.FLOAT, "dims": [d.v_heads, d.k_dim, d.v_dim]}
-        delta_states = {i: dict(zip(state_names(i), (conv, state, conv, state))) for i in d.layers}
+        conv, state = ({"elem": TensorProto.FLOAT, "dims": list(shape)} for shape in info.delta_net.state_shapes)
+        delta_states = {i: dict(zip(state_names(i), (conv, state, conv, state))) for i in info.delta_layers}
         expected_inputs.update({name: want for names in delta_states.values() for name, want in
                                 list(names.items())[:2]})
     expected_outputs = {"logits": {"elem": TensorProto.FLOAT,

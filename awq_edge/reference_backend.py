@@ -458,9 +458,8 @@ class ReferenceBackend:
         self.conv_store = {i: np.zeros((spec.conv_kernel - 1 + self.max_context, spec.hidden), F16)
                            for i in spec.conv_layers}
         # (Qwen3.5's) each delta net's convolution inputs and state, float32, and a copy at the last prefill's end
-        d = spec.delta
-        self.delta_states = {i: [np.zeros((d.kernel - 1, d.conv_dim), F32),
-                                 np.zeros((d.v_heads, d.k_dim, d.v_dim), F32)] for i in spec.delta_layers}
+        shapes = spec.delta.state_shapes if spec.delta else ()
+        self.delta_states = {i: [np.zeros(shape, F32) for shape in shapes] for i in spec.delta_layers}
         self.delta_kept: tuple[int, dict] | None = None
         self._w: dict[str, np.ndarray] = {}  # dequantized linears and the head, float32, made on first use
 
@@ -602,7 +601,7 @@ class ReferenceBackend:
                                                t[a["bias"]] if a["bias"] else None, self.position)
         elif op.kind == "delta_conv":
             x = buf[a["x"]]
-            x[:, :spec.delta.conv_dim] = twin_delta_conv(x, self.delta_states[a["layer"]][0], t[a["weight"]])
+            x[:, :spec.delta.conv_dim] = twin_delta_conv(x, self.delta_states[a["layer"]][0][0], t[a["weight"]])
         elif op.kind == "delta_rule":
             buf[a["out"]][:] = twin_delta_rule(buf[a["x"]], buf[a["normed"]], self.delta_states[a["layer"]][1],
                                                t[a["b"]], t[a["a"]], t[a["dt_bias"]], t[a["rate"]], t[a["norm"]],

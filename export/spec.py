@@ -101,9 +101,15 @@ class DeltaNet:
         return 2 * self.key_dim + self.value_dim
 
     @property
+    def state_shapes(self) -> tuple[tuple, tuple]:
+        """The float32 arrays one layer keeps: its convolution's inputs of the kernel - 1 tokens before
+        [1, kernel - 1, conv_dim] (oldest first), then S of every value head [v_heads, k_dim, v_dim]."""
+        return (1, self.kernel - 1, self.conv_dim), (self.v_heads, self.k_dim, self.v_dim)
+
+    @property
     def state_elems(self) -> int:
-        """Float32 elements one layer keeps: its state S of every value head and its convolution's inputs."""
-        return self.v_heads * self.k_dim * self.v_dim + (self.kernel - 1) * self.conv_dim
+        """Float32 elements one layer keeps (state_shapes')."""
+        return sum(int(np.prod(shape)) for shape in self.state_shapes)
 
 
 @dataclass
