@@ -211,13 +211,19 @@ def _read_conv_layers(f: Fields, layers: int) -> tuple[tuple, int]:
     listed = f.raw.get("conv_layers")
     if listed is None:
         return (), 0
-    if (not isinstance(listed, list) or not 0 < len(listed) < layers or len(set(map(str, listed))) != len(listed)
-            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in listed)):
-        raise UserError(f"{f.where}: conv_layers must list distinct layer numbers below {layers}, not all of them; "
-                        f"{f.fix}")
     from .export.spec import MAX_CONV_KERNEL
 
-    return tuple(sorted(listed)), f.int("conv_kernel", 2, MAX_CONV_KERNEL)
+    return _layer_numbers(listed, "conv_layers", layers, f), f.int("conv_kernel", 2, MAX_CONV_KERNEL)
+
+
+def _layer_numbers(listed, what: str, layers: int, f: Fields, taken: tuple = ()) -> tuple:
+    """export.json's list `what` of the layers of one kind, sorted: distinct layer numbers below `layers`,
+    none of `taken` (another kind's), not all of them (the rest are attention); else one line."""
+    if (not isinstance(listed, list) or not 0 < len(listed) < layers or len(set(map(str, listed))) != len(listed)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers and i not in taken
+                       for i in listed)):
+        raise UserError(f"{f.where}: {what} must list distinct layer numbers below {layers}, not all of them; {f.fix}")
+    return tuple(sorted(listed))
 
 
 def _read_delta_net(f: Fields, layers: int, conv_layers: tuple):
@@ -228,13 +234,8 @@ def _read_delta_net(f: Fields, layers: int, conv_layers: tuple):
     d = f.obj("delta_net", optional=True)
     if d is None:
         return None
-    listed = d.raw.get("layers")
-    if (not isinstance(listed, list) or not 0 < len(listed) < layers or len(set(map(str, listed))) != len(listed)
-            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers and i not in conv_layers
-                       for i in listed)):
-        raise UserError(f"{f.where}: delta_net layers must list distinct layer numbers below {layers}, not all of "
-                        f"them; {f.fix}")
-    delta = DeltaNet(layers=tuple(sorted(listed)), k_heads=d.int("k_heads", 1, MAX_HEADS),
+    delta = DeltaNet(layers=_layer_numbers(d.raw.get("layers"), "delta_net layers", layers, f, conv_layers),
+                     k_heads=d.int("k_heads", 1, MAX_HEADS),
                      v_heads=d.int("v_heads", 1, MAX_HEADS), k_dim=d.int("k_dim", 1, MAX_HEAD_DIM),
                      v_dim=d.int("v_dim", 1, MAX_HEAD_DIM), kernel=d.int("kernel", 2, MAX_CONV_KERNEL))
     if delta.v_heads % delta.k_heads or delta.state_elems * 4 > MAX_DELTA_STATE:
@@ -297,14 +298,15 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
     expected_inputs.update({f"past_{kind}.{i}": kv for i in info.attention_layers for kind in ("key", "value")})
     expected_inputs.update({f"conv_state.{i}": {"elem": act, "dims": [1, info.conv_kernel - 1, info.hidden_size]}
                             for i in info.conv_layers})
-    delta_states = {}
+    delta_outputs = {}
     if info.delta_net:  # (Qwen3.5's) float32 whatever the activations' dtype
         from .export.delta_net import state_names
 
         conv, state = ({"elem": TensorProto.FLOAT, "dims": list(shape)} for shape in info.delta_net.state_shapes)
-        delta_states = {i: dict(zip(state_names(i), (conv, state, conv, state))) for i in info.delta_layers}
-        expected_inputs.update({name: want for names in delta_states.values() for name, want in
-                                list(names.items())[:2]})
+        for i in info.delta_layers:
+            conv_in, state_in, conv_out, state_out = state_names(i)
+            expected_inputs.update({conv_in: conv, state_in: state})
+            delta_outputs.update({conv_out: conv, state_out: state})
     expected_outputs = {"logits": {"elem": TensorProto.FLOAT,
                                    "dims": [1, None, info.vocab_size] if info.all_logits else [1, info.vocab_size]}}
     if info.lm_head_exact:
@@ -318,7 +320,7 @@ def check_graph(folder: Path, info: ExportInfo, listed: dict[str, dict], fix: st
         expected_outputs.update({f"present_{kind}.{i}": kv for i in info.attention_layers for kind in ("key", "value")})
     expected_outputs.update({f"conv_new.{i}": {"elem": act, "dims": [1, None, info.hidden_size]}
                              for i in info.conv_layers})
-    expected_outputs.update({name: want for names in delta_states.values() for name, want in list(names.items())[2:]})
+    expected_outputs.update(delta_outputs)
     for kind, values, expected in (("inputs", graph.input, expected_inputs), ("outputs", graph.output, expected_outputs)):
         found = {v.name: v for v in values if v.name not in shapes}
         if set(found) != set(expected):
