@@ -290,12 +290,11 @@ def fuse_linears(linears: dict, spec) -> dict:
     """The inverse of split_fused: the parts stacked again under the fused name, as the family's
     checkpoints and its transformers model hold them (the quantizer's Qwen3.5 q_proj is whole already).
     linears: QuantizedLinear values (concat_linears)."""
-    from .export.spec import stored_fused
+    from .export.spec import fused_rows_back, stored_fused
 
     out = dict(linears)
     for fused, parts, rows in stored_fused(spec):
-        order = np.concatenate(rows)  # (stacked row r is fused row order[r])
-        back = None if np.array_equal(order, np.arange(order.size)) else np.argsort(order)
+        back = fused_rows_back(rows)
         for name in [n for n in out if n.endswith("." + parts[0])]:
             layer = name[: -len(parts[0])]
             if not all(layer + part in out for part in parts):

@@ -452,7 +452,7 @@ def split_fused_modules(layer, family: Family, config: dict) -> None:
             if b is not None:
                 new.bias = nn.Parameter(b.clone(), requires_grad=lin.bias.requires_grad)
             setattr(parent, part.rsplit(".", 1)[1], new)
-        back = fused_rows_back(spec, parts)  # (GPT-NeoX's by head; None: in order)
+        back = fused_rows_back(rows)  # (GPT-NeoX's by head; None: in order)
         setattr(parent, attr, FusedOutputs(parent, tuple(part.rsplit(".", 1)[1] for part in parts),
                                            None if back is None else torch.from_numpy(back)))
 

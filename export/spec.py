@@ -700,10 +700,11 @@ def stored_fused(spec: ModelSpec) -> list[tuple[str, tuple[str, ...], list[np.nd
     return fused
 
 
-def fused_rows_back(spec: ModelSpec, parts: tuple[str, ...]) -> np.ndarray | None:
-    """The fused linear's rows from its parts stacked one after another: row j is stacked row back[j]
-    (GPT-NeoX's, by head); None where the parts are stacked in order already (every other family's)."""
-    order = np.concatenate(fused_part_rows(spec, parts))  # (stacked row r is fused row order[r])
+def fused_rows_back(rows: list[np.ndarray]) -> np.ndarray | None:
+    """The fused linear's rows from its parts' (`rows`: each part's rows of it, fused_part_rows' or
+    stored_fused's) stacked one after another: row j is stacked row back[j] (GPT-NeoX's, by head; Qwen3.5's
+    q_proj); None where the parts are stacked in order already (every other family's)."""
+    order = np.concatenate(rows)  # (stacked row r is fused row order[r])
     return None if np.array_equal(order, np.arange(order.size)) else np.argsort(order)
 
 
