@@ -304,6 +304,26 @@ def fuse_linears(linears: dict, spec) -> dict:
     return out
 
 
+def fused_float(state: dict, spec) -> dict:
+    """fuse_linears on float weights and biases (name -> torch tensor): the parts of each of the model's stored
+    fused linears stacked under the fused name, as its transformers model holds them (a Mamba-2's in_proj, whose dt
+    rows are float once read: float_gates)."""
+    import torch
+
+    from .export.spec import fused_rows_back, stored_fused
+
+    out = dict(state)
+    for fused, parts, rows in stored_fused(spec):
+        back = fused_rows_back(rows)
+        for name in [n for n in out if n.endswith(f".{parts[0]}.weight")]:
+            layer = name[: -len(f"{parts[0]}.weight")]
+            for kind in ("weight", "bias"):
+                if all(f"{layer}{part}.{kind}" in out for part in parts):
+                    stacked = torch.cat([out.pop(f"{layer}{part}.{kind}") for part in parts])
+                    out[f"{layer}{fused}.{kind}"] = stacked if back is None else stacked[torch.from_numpy(back)]
+    return out
+
+
 def read_checked(path: str | Path):
     """(Checkpoint, export.spec.ModelSpec): a quantized checkpoint read, its fused linears split, and
     every tensor checked against its config."""
@@ -336,8 +356,8 @@ def read_for_engine(path: str | Path):
     """read_checked in the engines' layout, what every exporter builds from: each q/k head's dimensions (rows
     of q_proj, k_proj and their biases, q_norm and k_norm) in the engines' rotary order
     (export.spec.rotary_order: partial or interleaved rotary), Granite's residual multiplier and logits
-    scaling (Cohere's logit_scale) folded into the weights (o_proj's and down_proj's scales and biases
-    times it, in float32, or the post-norms' weights that follow them: HyperCLOVA X's; the final norm's
+    scaling (Cohere's logit_scale) folded into the weights (o_proj's, down_proj's and a mixer's out_proj's
+    scales and biases times it, in float32, or the post-norms' weights that follow them: HyperCLOVA X's; the final norm's
     weight and bias divided), the embedding cut to a pruned head's vocabulary (Apertus 1.5's), and a
     LayerNorm stored without a bias (Cohere's) given one of zeros, a norm without a weight (OLMo 1's,
     nanochat's) one of ones; nanochat's embedding norm as `model.embed_norm` (the final norm's copy)."""
@@ -355,7 +375,8 @@ def read_for_engine(path: str | Path):
         def times_m(lin: QuantizedLinear) -> QuantizedLinear:
             return replace(lin, scales=lin.scales.astype(np.float32) * m,
                            bias=None if lin.bias is None else lin.bias.astype(np.float32) * m)
-        for name in [n for n in ckpt.linears if n.endswith(("self_attn.o_proj", "down_proj"))]:  # (each expert's)
+        # (each expert's down_proj; LFM2's and Granite 4.0-H's mixers' out_proj)
+        for name in [n for n in ckpt.linears if n.endswith(("self_attn.o_proj", "down_proj", "out_proj"))]:
             ckpt.linears.transform(name, times_m)
     family = spec.family
     if not family.norm_weight:  # OLMo 1's and nanochat's norms: every engine multiplies by ones
@@ -855,12 +876,18 @@ def load_awq_as_float(path: Path, dtype=None):
     for layer, group in names.items():
         state = {name: torch.from_numpy(ckpt.tensors[name].astype(np.float32)) for name in group
                  if name in ckpt.tensors}
-        linears = {name: ckpt.linears[name] for name in group if name in ckpt.linears}
-        for prefix, lin in fuse_linears(linears, spec).items():  # transformers' modules (their_name below)
-            weight = lin.dequantize()
-            state[prefix + ".weight"] = torch.from_numpy(weight.T.copy() if spec.family.conv1d_linears else weight)
+        weights = set()  # (the linears' weights, and the fused ones': GPT-2's Conv1D stores them transposed)
+        for prefix in [name for name in group if name in ckpt.linears]:
+            lin = ckpt.linears[prefix]
+            state[prefix + ".weight"] = torch.from_numpy(lin.dequantize())
+            weights.add(prefix + ".weight")
             if lin.bias is not None:
                 state[prefix + ".bias"] = torch.from_numpy(lin.bias.astype(np.float32))
+        before = set(state)
+        state = fused_float(state, spec)  # transformers' modules (their_name below)
+        weights |= {name for name in set(state) - before if name.endswith(".weight")}
+        if spec.family.conv1d_linears:
+            state = {name: t.T.contiguous() if name in weights else t for name, t in state.items()}
         state = {spec.family.their_name(name): t for name, t in experts_stacked(state, spec, {layer}).items()}
         try:
             _, extra = model.load_state_dict(state, strict=False)

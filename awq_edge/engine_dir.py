@@ -227,8 +227,8 @@ def _layer_numbers(listed, what: str, layers: int, f: Fields, taken: tuple = ())
 
 
 def _read_delta_net(f: Fields, layers: int, conv_layers: tuple):
-    """export.spec.DeltaNet of a Qwen3.5 export (export.json `delta_net`), each number bounded and its state
-    (the runtime allocates it) at most MAX_DELTA_STATE bytes a layer; None where export.json names none."""
+    """export.spec.DeltaNet of a Qwen3.5 or Granite 4.0-H export (export.json `delta_net`), each number bounded and
+    its state (the runtime allocates it) at most MAX_DELTA_STATE bytes a layer; None where export.json names none."""
     from .export.spec import MAX_CONV_KERNEL, MAX_DELTA_STATE, DeltaNet
 
     d = f.obj("delta_net", optional=True)
@@ -237,10 +237,15 @@ def _read_delta_net(f: Fields, layers: int, conv_layers: tuple):
     delta = DeltaNet(layers=_layer_numbers(d.raw.get("layers"), "delta_net layers", layers, f, conv_layers),
                      k_heads=d.int("k_heads", 1, MAX_HEADS),
                      v_heads=d.int("v_heads", 1, MAX_HEADS), k_dim=d.int("k_dim", 1, MAX_HEAD_DIM),
-                     v_dim=d.int("v_dim", 1, MAX_HEAD_DIM), kernel=d.int("kernel", 2, MAX_CONV_KERNEL))
-    if delta.v_heads % delta.k_heads or delta.state_elems * 4 > MAX_DELTA_STATE:
+                     v_dim=d.int("v_dim", 1, MAX_HEAD_DIM), kernel=d.int("kernel", 2, MAX_CONV_KERNEL),
+                     rule=d.str("rule", ("gated", "mamba2"), default="gated"),
+                     conv_bias=d.bool("conv_bias", default=False), dt_min=d.float("dt_min", 0, 1e30, default=0.0),
+                     dt_max=d.float("dt_max", 0, 1e30, default=None))
+    if delta.v_heads % delta.k_heads or delta.state_elems * 4 > MAX_DELTA_STATE or (
+            delta.dt_max is not None and delta.dt_max < delta.dt_min):
         raise UserError(f"{f.where}: delta_net's heads do not group ({delta.v_heads} value heads, {delta.k_heads} key "
-                        f"heads) or its state is over {MAX_DELTA_STATE >> 20} MiB a layer; {f.fix}")
+                        f"heads), its state is over {MAX_DELTA_STATE >> 20} MiB a layer or dt_max is below dt_min; "
+                        f"{f.fix}")
     return delta
 
 

@@ -187,9 +187,10 @@ class Family:
     # transformers' model computes them): the quantizer keeps q_proj whole, the engines read it split
     # (checkpoint.split_fused: q_proj and out_gate_proj)
     query_gate: bool = False
-    # Qwen3.5: the layers its layer_types names "linear_attention" are gated delta nets (linear_attn: a recurrent
-    # state per value head in place of a KV cache; export.spec.DeltaNet), not attention
-    delta_net: bool = False
+    # the layers its layer_types names "linear_attention" (older configs: "mamba") keep a recurrent state in place
+    # of a KV cache (linear_attn; export.spec.DeltaNet): "gated" (Qwen3.5's gated delta nets) or "mamba2"
+    # (Granite 4.0-H's Mamba-2 mixers); "": none
+    delta_net: str = ""
     # gpt-oss: its MLP returns (output, router scores), which its block unpacks; the quantizer's SparseMoe too
     moe_returns_tuple: bool = False
     # Qwen2-MoE: a shared expert beside the routed ones, on every token (mlp.shared_expert, a gated MLP as wide as
@@ -238,6 +239,8 @@ class Family:
 GEMMA_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 FUSED_GATE_UP = ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))
 FUSED_QKV = ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+# a Mamba-2 mixer's in_proj: z, then x B C (what its convolution runs over), then dt (Family.delta_net "mamba2")
+FUSED_MAMBA_IN = ("linear_attn.in_proj", ("linear_attn.in_proj_z", "linear_attn.in_proj_qkv", "linear_attn.in_proj_a"))
 GLM_DEFAULTS = (("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
                 ("rms_norm_eps", 1.5625e-07), ("partial_rotary_factor", 0.5))  # GLM's and GLM-4's
 GEMMA2_DEFAULTS = (("max_position_embeddings", 8192), ("num_key_value_heads", 4), ("head_dim", 256),
@@ -288,7 +291,7 @@ APERTUS = dict(activation="xielu", gated_mlp=False, qk_norm=True,
 # Qwen3.5's (Qwen3.5 MoE's too): gated delta nets beside Qwen3's attention, its output gate stored in q_proj, (1 + w)
 # norms; its MTP layer never read; text-only checkpoints that keep their vision-language one's prefix
 # (model.language_model.*) read as a causal LM's names, as transformers reads them
-QWEN3_5 = dict(qk_norm=True, norm_offset=1.0, output_gate=True, query_gate=True, delta_net=True,
+QWEN3_5 = dict(qk_norm=True, norm_offset=1.0, output_gate=True, query_gate=True, delta_net="gated",
                refused_switches=(("attention_bias", "biases on q, k, v and o"),), ignored_tensors=("mtp.",),
                tensor_renames=(("model.language_model.", "model."),))
 QWEN3_5_DEFAULTS = (("max_position_embeddings", 32768), ("head_dim", 256), ("partial_rotary_factor", 0.25),
@@ -437,17 +440,21 @@ FAMILIES: dict[str, Family] = {
         # Apertus 1.5's language model: Apertus with a vocabulary extended by image and audio tokens, its head
         # pruned to the text ids before them (output_vocab_size) where config.json says
         Family("apertus1p5", ("apertus1p5_text",), **APERTUS, head_vocab_key="output_vocab_size"),
-        # Granite 4.0 dense (micro, 1B, 350M): Granite 3 in Granite 4's hybrid model with every layer attention
-        # and no experts; its MLP (shared_mlp) stores gate and up as one input_linear; RoPE only if
-        # position_embedding_type says so
+        # Granite 4.0 (micro, 1B, 350M) and 4.0-H (H-micro, H-1B, H-350M): Granite 3's attention, without RoPE
+        # unless position_embedding_type says so, and the layers layer_types names "mamba" Mamba-2 mixers (its
+        # in_proj stacks z, x B C and dt: read as in_proj_z, in_proj_qkv and in_proj_a, dt float); no experts;
+        # its MLP (shared_mlp) stores gate and up as one input_linear
         Family("granite4", ("granitemoehybrid",), multipliers=True, nope_layers="unless_rope", sliding_layers="mamba",
-               fused_linears=(FUSED_GATE_UP,),
+               delta_net="mamba2", fused_linears=(FUSED_GATE_UP, FUSED_MAMBA_IN),
                module_renames=((".shared_mlp.", ".mlp."), (".mlp.input_linear.", ".mlp.gate_up_proj."),
-                               (".mlp.output_linear.", ".mlp.down_proj.")),
+                               (".mlp.output_linear.", ".mlp.down_proj."), (".mamba.", ".linear_attn.")),
                config_replaced=(("shared_intermediate_size", "intermediate_size"),),
                config_defaults=(("max_position_embeddings", 2048), ("shared_intermediate_size", 1024),
-                                ("num_local_experts", 8), ("attention_multiplier", 1.0)),
-               refused_switches=(("num_local_experts", "a mixture of experts: Granite 4.0's MoE models"),)),
+                                ("num_local_experts", 8), ("attention_multiplier", 1.0), ("mamba_n_heads", 128),
+                                ("mamba_n_groups", 1), ("mamba_d_state", 256), ("mamba_d_conv", 4), ("mamba_expand", 2),
+                                ("mamba_conv_bias", True)),
+               refused_switches=(("num_local_experts", "a mixture of experts: Granite 4.0's MoE models"),
+                                 ("mamba_proj_bias", "biases on the Mamba mixers' in_proj and out_proj"))),
         # Phi-1, 1.5 and 2: attention and an MLP without a gate (fc1, gelu_tanh, fc2) side by side on
         # one LayerNorm, biases on every linear and on the head, partial rotary, under their own names
         Family("phi", ("phi",), norm="layer", parallel_block=True, activation="gelu_tanh", gated_mlp=False,

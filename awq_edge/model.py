@@ -433,16 +433,20 @@ def split_fused_modules(layer, family: Family, config: dict) -> None:
     import torch
     from torch import nn
 
-    from .export.spec import fused_part_rows, fused_rows_back, model_spec
+    from .export.spec import fused_rows_back, model_spec, stored_fused
 
     spec = model_spec(config)
-    for fused, parts in family.fused_linears:
+    for fused, parts, rows in stored_fused(spec):
+        if (fused, parts) not in family.fused_linears:  # (Qwen3.5's q_proj: the quantizer keeps it whole)
+            continue
         parent_name, attr = fused.rsplit(".", 1)
-        parent = layer.get_submodule(parent_name)
+        try:
+            parent = layer.get_submodule(parent_name)
+        except AttributeError:  # not in this block (Granite 4.0-H's attention layers have no Mamba)
+            continue
         lin = parent._modules.get(attr)
         if lin is None:  # split already
             continue
-        rows = fused_part_rows(spec, parts)
         delattr(parent, attr)
         for part, index in zip(parts, rows):
             index = torch.from_numpy(index)

@@ -347,10 +347,12 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
             groups.append(ScaleGroup("in", layer.input_layernorm, [conv.in_proj], "conv", "in_proj"))
         groups.append(ScaleGroup("out", conv.in_proj, [conv.out_proj], "out_proj", "out_proj",
                                  prev_rows=(hidden, 2 * hidden)))
-    elif delta is not None:  # (Qwen3.5's; b and a, one row a value head, stay float, as a router)
-        if foldable:
-            groups.append(ScaleGroup("in", layer.input_layernorm, [delta.in_proj_qkv, delta.in_proj_z],
-                                     "linear_attn", "in_proj_qkv", floats=(delta.in_proj_b, delta.in_proj_a)))
+    elif delta is not None and foldable:  # (Qwen3.5's b and a, one row a value head, stay float, as a router; a
+        # Mamba-2's dt, in in_proj with z and x B C, is quantized with them and read back float)
+        gated = hasattr(delta, "in_proj_b")
+        groups.append(ScaleGroup("in", layer.input_layernorm, [delta.in_proj_qkv, delta.in_proj_z,
+                                                               *([] if gated else [delta.in_proj_a])],
+                                 "linear_attn", "in_proj_qkv", floats=(delta.in_proj_b, delta.in_proj_a) if gated else ()))
     elif family.parallel_block:  # q/k/v and gate/up read one norm: one group, its loss on attention + MLP
         groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, qkv + mlp_in, "parallel", "q_proj"))
     elif foldable:
@@ -409,9 +411,10 @@ def _linear_names(layer) -> dict[str, nn.Linear]:
     m = layer.mlp
     if is_conv_layer(layer):
         mixer = {"in_proj": layer.conv.in_proj, "out_proj": layer.conv.out_proj}
-    elif hasattr(layer, "linear_attn"):  # (Qwen3.5's gated delta nets: in_proj_b and in_proj_a stay float)
-        d = layer.linear_attn
-        mixer = {"in_proj_qkv": d.in_proj_qkv, "in_proj_z": d.in_proj_z, "out_proj": d.out_proj}
+    elif hasattr(layer, "linear_attn"):  # (Qwen3.5's gated delta nets: in_proj_b and in_proj_a stay float; a
+        d = layer.linear_attn             # Mamba-2's in_proj_a, quantized within its in_proj)
+        mixer = {"in_proj_qkv": d.in_proj_qkv, "in_proj_z": d.in_proj_z, "out_proj": d.out_proj,
+                 **({} if hasattr(d, "in_proj_b") else {"in_proj_a": d.in_proj_a})}
     else:
         a = layer.self_attn
         mixer = {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
@@ -832,7 +835,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor | None, settings:
 def _path(name: str, layer) -> str:
     """A block's linear (_linear_names) -> its name in the block."""
     return ("self_attn." if name in ("q_proj", "k_proj", "v_proj", "o_proj", "out_gate_proj") else
-            "linear_attn." if hasattr(layer, "linear_attn") and name in ("in_proj_qkv", "in_proj_z", "out_proj") else
+            "linear_attn." if hasattr(layer, "linear_attn") and name in ("in_proj_qkv", "in_proj_z", "in_proj_a",
+                                                                         "out_proj") else
             "conv." if name in ("in_proj", "out_proj") else "mlp.") + name
 
 

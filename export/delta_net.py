@@ -27,28 +27,45 @@ def state_names(i: int) -> tuple[str, str, str, str]:
     return f"delta_conv.{i}", f"delta_state.{i}", f"delta_conv_new.{i}", f"delta_state_new.{i}"
 
 
-def scan_body(v_heads: int, k_dim: int, v_dim: int) -> "helper.GraphProto":
-    """One token: S = decay S; S += k (beta (v - S^T k))^T; o = S^T q, every value head at once."""
+def scan_body(v_heads: int, k_dim: int, v_dim: int, rule: str) -> "helper.GraphProto":
+    """One token, every value head at once: S = decay S, then (gated) S += k (beta (v - S^T k))^T or (mamba2,
+    v = dt x) S += k v^T; o = S^T q."""
     b = GraphBuilder(np.float32, 21)
     state, q, k, v = "state", "q_t", "k_t", "v_t"
+    gated = rule == "gated"
     inputs = [helper.make_tensor_value_info("state", F32, [v_heads, k_dim, v_dim]),
               helper.make_tensor_value_info("q_t", F32, [v_heads, k_dim]),
               helper.make_tensor_value_info("k_t", F32, [v_heads, k_dim]),
               helper.make_tensor_value_info("v_t", F32, [v_heads, v_dim]),
               helper.make_tensor_value_info("decay_t", F32, [v_heads]),
-              helper.make_tensor_value_info("beta_t", F32, [v_heads])]
+              *([helper.make_tensor_value_info("beta_t", F32, [v_heads])] if gated else [])]
     decayed = b.op("Mul", state, b.op("Reshape", "decay_t", b.int64s(v_heads, 1, 1)))
-    k_row = b.op("Reshape", k, b.int64s(v_heads, 1, k_dim))
-    remembered = b.op("MatMul", k_row, decayed)  # [v_heads, 1, v_dim]: S^T k
-    delta = b.op("Mul", b.op("Sub", b.op("Reshape", v, b.int64s(v_heads, 1, v_dim)), remembered),
-                 b.op("Reshape", "beta_t", b.int64s(v_heads, 1, 1)))
+    written = b.op("Reshape", v, b.int64s(v_heads, 1, v_dim))
+    if gated:
+        remembered = b.op("MatMul", b.op("Reshape", k, b.int64s(v_heads, 1, k_dim)), decayed)  # [v_heads, 1, v_dim]
+        written = b.op("Mul", b.op("Sub", written, remembered), b.op("Reshape", "beta_t", b.int64s(v_heads, 1, 1)))
     k_col = b.op("Reshape", k, b.int64s(v_heads, k_dim, 1))
-    b.op("Add", decayed, b.op("MatMul", k_col, delta), outputs=["state_out"])
+    b.op("Add", decayed, b.op("MatMul", k_col, written), outputs=["state_out"])
     out = b.op("MatMul", b.op("Reshape", q, b.int64s(v_heads, 1, k_dim)), "state_out")
     b.op("Reshape", out, b.int64s(v_heads, v_dim), outputs=["o_t"])
     outputs = [helper.make_tensor_value_info("state_out", F32, [v_heads, k_dim, v_dim]),
                helper.make_tensor_value_info("o_t", F32, [v_heads, v_dim])]
-    return helper.make_graph(b.nodes, "delta_step", inputs, outputs, list(b.initializers.values()))
+    return helper.make_graph(b.nodes, f"{rule}_step", inputs, outputs, list(b.initializers.values()))
+
+
+def grouped_heads(b: GraphBuilder, t: str, d) -> str:
+    """t [S, k_heads, k_dim] -> [S, v_heads, k_dim]: each key head's for the v_heads / k_heads value heads it serves."""
+    group = d.v_heads // d.k_heads
+    if group == 1:
+        return t
+    t = b.op("Expand", b.op("Unsqueeze", t, b.int64s(2)), b.int64s(1, 1, group, 1))
+    return b.op("Reshape", t, b.int64s(-1, d.v_heads, d.k_dim))
+
+
+def rms_normed(b: GraphBuilder, t: str, eps: float) -> str:
+    """t / sqrt(mean(t^2) + eps) over the last axis, float32."""
+    mean = b.reduce_mean_last(b.op("Mul", t, t))
+    return b.op("Mul", t, b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean, b.const("const/f32/eps", np.float32(eps))))))
 
 
 def l2_normed_heads(b: GraphBuilder, x: str, heads: int, dim: int) -> str:
@@ -83,7 +100,7 @@ def delta_block(dec, x: str, i: int) -> str:
     rows = b.op("Concat", conv_in, to_f32(qkv), axis=1)  # [1, kernel - 1 + S, conv]
     b.op("Slice", rows, b.int64s(-(d.kernel - 1)), b.int64s(2**62), b.int64s(1), outputs=[conv_out])
     weight = dec.tensor(f"{p}.conv1d.weight").astype(np.float32).reshape(d.conv_dim, d.kernel)
-    y = None
+    y = b.const(f"{p}.conv1d.bias", dec.tensor(f"{p}.conv1d.bias").astype(np.float32)) if d.conv_bias else None
     for j in range(d.kernel):
         end = j - (d.kernel - 1)
         tap = b.op("Slice", rows, b.int64s(j), b.int64s(end if end < 0 else 2**62), b.int64s(1))
@@ -91,40 +108,46 @@ def delta_block(dec, x: str, i: int) -> str:
         y = tap if y is None else b.op("Add", y, tap)
     y = b.op("Mul", y, b.op("Sigmoid", y))  # SiLU
     y = b.op("Reshape", y, b.int64s(-1, d.conv_dim))  # [S, conv]
-    q, k, v = b.op("Split", y, b.int64s(d.key_dim, d.key_dim, d.value_dim), axis=-1, outputs=3)
+    starts = d.conv_parts
+    q, k, v = (b.op("Slice", y, b.int64s(start), b.int64s(start + width), b.int64s(1))
+               for start, width in zip(starts, (d.key_dim, d.key_dim, d.value_dim)))
 
-    # q and k L2-normed per key head (q also / sqrt(k_dim)), each key head's serving v_heads / k_heads value heads
-    group = d.v_heads // d.k_heads
-    heads = []
-    for t, scale in ((q, d.k_dim ** -0.5), (k, None)):
-        t = l2_normed_heads(b, t, d.k_heads, d.k_dim)
-        if scale is not None:
-            t = b.op("Mul", t, b.const("const/f32/delta_q_scale", np.float32(scale)))
-        if group > 1:
-            t = b.op("Expand", b.op("Unsqueeze", t, b.int64s(2)), b.int64s(1, 1, group, 1))
-            t = b.op("Reshape", t, b.int64s(-1, d.v_heads, d.k_dim))
-        heads.append(t)
-    v = b.op("Reshape", v, b.int64s(-1, d.v_heads, d.v_dim))
-
-    # beta = sigmoid(b); decay = exp(-exp(A_log) softplus(a + dt_bias)); b and a float linears of x
+    # decay = exp(-exp(A_log) dt), dt = softplus(a + dt_bias) (a Mamba-2's clamped); a a float linear of x
     x32 = b.op("Reshape", to_f32(x), b.int64s(-1, spec.hidden))
-    weights = {n: dec.tensor(f"{p}.{n}.weight").astype(np.float32).T for n in ("in_proj_b", "in_proj_a")}
-    b_proj, a_proj = (b.op("MatMul", x32, b.const(f"{p}.{n}.weight", w)) for n, w in weights.items())  # [hidden, Hv]
-    beta = b.op("Sigmoid", b_proj)
-    a = b.op("Add", a_proj, b.const(f"{p}.dt_bias", dec.tensor(f"{p}.dt_bias").astype(np.float32)))
+    a_proj = b.op("MatMul", x32, b.const(f"{p}.in_proj_a.weight",
+                                         dec.tensor(f"{p}.in_proj_a.weight").astype(np.float32).T))  # [S, Hv]
+    dt = b.op("Softplus", b.op("Add", a_proj, b.const(f"{p}.dt_bias", dec.tensor(f"{p}.dt_bias").astype(np.float32))))
+    if d.dt_min > 0 or d.dt_max is not None:
+        dt = b.op("Clip", dt, b.const(f"{p}.dt_min", np.float32(d.dt_min)),
+                  b.const(f"{p}.dt_max", np.float32(np.inf if d.dt_max is None else d.dt_max)))
     rate = -np.exp(dec.tensor(f"{p}.A_log").astype(np.float32))
-    decay = b.op("Exp", b.op("Mul", b.op("Softplus", a), b.const(f"{p}.decay_rate", rate)))
-
-    _, o = b.op("Scan", state_in, heads[0], heads[1], v, decay, beta, outputs=[state_out, b.name("o")],
-                body=scan_body(d.v_heads, d.k_dim, d.v_dim), num_scan_inputs=5, name="recurrence")
-
-    # rms_norm(o) * norm.weight * silu(z) per value head, then out_proj
-    mean = b.reduce_mean_last(b.op("Mul", o, o))
-    o = b.op("Mul", o, b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean, b.const("const/f32/eps",
-                                                                                  np.float32(spec.eps))))))
-    o = b.op("Mul", o, b.const(f"{p}.norm.weight", dec.tensor(f"{p}.norm.weight").astype(np.float32)))
+    decay = b.op("Exp", b.op("Mul", dt, b.const(f"{p}.decay_rate", rate)))
+    v = b.op("Reshape", v, b.int64s(-1, d.v_heads, d.v_dim))
     z = b.op("Reshape", to_f32(z), b.int64s(-1, d.v_heads, d.v_dim))
-    o = b.op("Mul", o, b.op("Mul", z, b.op("Sigmoid", z)))
+    silu_z = b.op("Mul", z, b.op("Sigmoid", z))
+    norm = b.const(f"{p}.norm.weight", dec.tensor(f"{p}.norm.weight").astype(np.float32))
+    if d.rule == "gated":
+        # q and k L2-normed per key head (q also / sqrt(k_dim)); beta = sigmoid(b), b a float linear of x
+        q = b.op("Mul", l2_normed_heads(b, q, d.k_heads, d.k_dim),
+                 b.const("const/f32/delta_q_scale", np.float32(d.k_dim ** -0.5)))
+        k = l2_normed_heads(b, k, d.k_heads, d.k_dim)
+        beta = b.op("Sigmoid", b.op("MatMul", x32, b.const(f"{p}.in_proj_b.weight", dec.tensor(
+            f"{p}.in_proj_b.weight").astype(np.float32).T)))
+        _, o = b.op("Scan", state_in, grouped_heads(b, q, d), grouped_heads(b, k, d), v, decay, beta,
+                    outputs=[state_out, b.name("o")], body=scan_body(d.v_heads, d.k_dim, d.v_dim, d.rule),
+                    num_scan_inputs=5, name="recurrence")
+        o = b.op("Mul", b.op("Mul", rms_normed(b, o, spec.eps), norm), silu_z)  # rms_norm(o) w silu(z), by head
+    else:
+        # C and B (q, k) as they are; x (v) written times dt; o + D x, times silu(z), rms-normed by group, times w
+        q, k = (b.op("Reshape", t, b.int64s(-1, d.k_heads, d.k_dim)) for t in (q, k))
+        written = b.op("Mul", v, b.op("Unsqueeze", dt, b.int64s(-1)))
+        _, o = b.op("Scan", state_in, grouped_heads(b, q, d), grouped_heads(b, k, d), written, decay,
+                    outputs=[state_out, b.name("o")], body=scan_body(d.v_heads, d.k_dim, d.v_dim, d.rule),
+                    num_scan_inputs=4, name="recurrence")
+        skip = b.const(f"{p}.D", dec.tensor(f"{p}.D").astype(np.float32).reshape(d.v_heads, 1))
+        o = b.op("Mul", b.op("Add", o, b.op("Mul", v, skip)), silu_z)
+        o = b.op("Reshape", o, b.int64s(-1, d.k_heads, d.norm_width))
+        o = b.op("Mul", b.op("Reshape", rms_normed(b, o, spec.eps), b.int64s(-1, d.value_dim)), norm)
     o = b.op("Reshape", o, b.int64s(1, -1, d.value_dim))
     if b.act_type != F32:
         o = b.cast(o, b.act_type)

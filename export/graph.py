@@ -72,8 +72,9 @@ def check_target(spec: ModelSpec, target: str) -> None:
         raise UserError(f"{spec.model_type}'s attention sinks are not in the trt target's attention plugin; build for "
                         "the CPU (--device cpu)")
     if target == "trt" and spec.delta_layers:
-        raise UserError(f"{spec.model_type}'s gated delta nets keep a recurrent state, which the trt target's engines "
-                        "do not; build for the CPU (--device cpu)")
+        what = "gated delta nets" if spec.delta.rule == "gated" else "Mamba-2 mixers"
+        raise UserError(f"{spec.model_type}'s {what} keep a recurrent state, which the trt target's engines do not; "
+                        "build for the CPU (--device cpu)")
     if target == "trt" and spec.conv_layers:
         raise UserError(f"{spec.model_type}'s short convolutions keep a state per position, which the trt target's "
                         "engines do not; build for the CPU (--device cpu)")

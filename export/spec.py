@@ -43,7 +43,7 @@ def xielu_constants(alpha_p, alpha_n, beta, eps) -> np.ndarray:
 LEGACY_LAYER_TYPES = {"attention": "full_attention", "mamba": "linear_attention"}  # config.json's older names
 MAX_ROPE_TABLE = 1 << 27  # positions x head_dim: 2 x 512 MiB of float32 cos/sin at most
 MAX_CONV_KERNEL = 16  # an LFM2 short convolution's tokens (its conv_L_cache: 3)
-MAX_DELTA_STATE = 1 << 30  # bytes of a gated delta net's state a layer (Qwen3.5 27B's: 3 MiB)
+MAX_DELTA_STATE = 1 << 30  # bytes of a DeltaNet layer's state (Qwen3.5 27B's: 3 MiB; Granite 4.0-H micro's: 3 MiB)
 MAX_EXPERTS = 1024  # a mixture of experts' per layer (Qwen3-MoE's: 128)
 MAX_EXPERTS_IN_ALL = 1 << 16  # over all layers (Qwen3-MoE 30B's: 48 x 128; DeepSeek-V3's 58 x 256)
 
@@ -72,21 +72,36 @@ class Rope:
 
 @dataclass(frozen=True)
 class DeltaNet:
-    """Qwen3.5's gated delta nets (Family.delta_net): the layers its layer_types names linear_attention, each
-    in place of attention. From the normed x: q, k (k_heads x k_dim each) and v (v_heads x v_dim) by in_proj_qkv,
-    through a causal depthwise convolution over the last `kernel` tokens (its weight conv1d [conv_dim, 1,
-    kernel]) and SiLU; z (v_dim per value head) by in_proj_z; b and a (one per value head) by in_proj_b and
-    in_proj_a, float. Per value head h (k head h // (v_heads / k_heads)), with q and k L2-normed, q / sqrt(k_dim):
-        decay = exp(-exp(A_log[h]) * softplus(a + dt_bias[h])),  beta = sigmoid(b)
-        S = decay S;  S += k (beta (v - S^T k))^T;  o = S^T q           (S: [k_dim, v_dim], the state)
-    then out_proj(rms_norm(o) * norm.weight * silu(z)). The runtime keeps S (float32) and the convolution's
-    last kernel - 1 inputs per layer: a fixed size, not a row per token."""
+    """The layers that keep a recurrent state in place of a KV cache (Family.delta_net): those layer_types names
+    linear_attention (older configs: mamba). Each reads the normed x through in_proj_qkv (conv_dim wide), a causal
+    depthwise convolution over the last `kernel` tokens (its weight conv1d [conv_dim, 1, kernel], and bias where
+    conv_bias) and SiLU; z (v_dim per value head) by in_proj_z; a (one per value head) by in_proj_a, float. Value
+    head h reads key head h // (v_heads / k_heads), and decays its state S [k_dim, v_dim] by
+        decay = exp(-exp(A_log[h]) * softplus(a + dt_bias[h]))
+
+    rule "gated" (Qwen3.5's gated delta nets): the convolution's channels are q, k (k_heads x k_dim each), v
+    (v_heads x v_dim); q and k L2-normed, q / sqrt(k_dim); b by in_proj_b (float), beta = sigmoid(b):
+        S = decay S;  S += k (beta (v - S^T k))^T;  o = S^T q
+    then out_proj(rms_norm(o) * norm.weight * silu(z)), the norm per value head.
+
+    rule "mamba2" (Mamba-2 mixers: Granite 4.0-H's): the channels are x (v_heads x v_dim: v), B and C (k_heads
+    x k_dim each: k and q; k_heads its groups, k_dim its state size); dt = softplus(a + dt_bias[h]), clamped to
+    dt_limit, the decay's:
+        S = decay S;  S += B (dt x)^T;  o = S^T C + D[h] x
+    then out_proj(rms_norm(o * silu(z)) * norm.weight), the norm over each of k_heads equal groups of o.
+
+    The runtime keeps S (float32) and the convolution's last kernel - 1 inputs per layer: a fixed size, not a
+    row per token."""
     layers: tuple
     k_heads: int
     v_heads: int
     k_dim: int
     v_dim: int
     kernel: int
+    rule: str = "gated"
+    conv_bias: bool = False
+    dt_min: float = 0.0
+    dt_max: float | None = None  # (None: no bound)
 
     @property
     def key_dim(self) -> int:
@@ -97,8 +112,19 @@ class DeltaNet:
         return self.v_heads * self.v_dim
 
     @property
-    def conv_dim(self) -> int:  # q, k and v side by side: what the convolution runs over
+    def conv_dim(self) -> int:  # q, k and v side by side (x, B and C): what the convolution runs over
         return 2 * self.key_dim + self.value_dim
+
+    @property
+    def conv_parts(self) -> tuple[int, int, int]:
+        """Where q, k and v begin among the convolution's channels (C, B and x: a Mamba-2's x B C)."""
+        return (0, self.key_dim, 2 * self.key_dim) if self.rule == "gated" else (
+            self.value_dim + self.key_dim, self.value_dim, 0)
+
+    @property
+    def norm_width(self) -> int:
+        """What each rms_norm of the output spans: a value head's (gated) or a group's (mamba2)."""
+        return self.v_dim if self.rule == "gated" else self.value_dim // self.k_heads
 
     @property
     def state_shapes(self) -> tuple[tuple, tuple]:
@@ -176,7 +202,7 @@ class ModelSpec:
     # the checkpoint's embedding rows, where more than vocab (Apertus 1.5's pruned head: vocab is the head's,
     # the ids past it are input only; the engines keep the first vocab rows); 0: vocab
     embed_vocab: int = 0
-    delta: DeltaNet | None = None  # Qwen3.5's gated delta nets (Family.delta_net), or none
+    delta: DeltaNet | None = None  # Qwen3.5's gated delta nets, Granite 4.0-H's Mamba-2 (Family.delta_net), or none
 
     @property
     def attention_layers(self) -> list[int]:
@@ -195,7 +221,7 @@ class ModelSpec:
 
     @property
     def state_elems(self) -> int:
-        """Float32 elements of the fixed state the runtime keeps besides the cache (Qwen3.5's delta nets')."""
+        """Float32 elements of the fixed state the runtime keeps besides the cache (DeltaNet's layers')."""
         return len(self.delta_layers) * self.delta.state_elems if self.delta else 0
 
 
@@ -440,11 +466,13 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     layer_types = config.get("layer_types") or default_layer_types(c, family, layers, window, rotating)
     conv_layers: tuple = ()
     delta = None
-    if family.delta_net:  # Qwen3.5: "linear_attention" layers are gated delta nets (default: every fourth full)
-        if config.get("layer_types") is None:
+    if isinstance(layer_types, list):  # (older configs' names, as transformers reads them: Granite 4's mamba)
+        layer_types = [LEGACY_LAYER_TYPES.get(t, t) if isinstance(t, str) else t for t in layer_types]
+    if family.delta_net:  # "linear_attention" layers keep a state (Qwen3.5's default: every fourth layer full)
+        if family.delta_net == "gated" and config.get("layer_types") is None:
             every = c.int("full_attention_interval", 1, MAX_LAYERS, default=4)
             layer_types = ["linear_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
-        delta, layer_types = delta_net_spec(c, layer_types, layers)
+        delta, layer_types = delta_net_spec(c, family, layer_types, layers)
     if family.short_conv:  # LFM2: "conv" layers (older configs: all but full_attn_idxs), as transformers reads them
         layer_types = conv_layer_types(c, family, layers) if config.get("layer_types") is None else layer_types
         if isinstance(layer_types, list):
@@ -453,12 +481,10 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
         if len(conv_layers) == layers:
             raise UserError(f"{where}: every layer is a short convolution (conv), and awq-edge's engines take a model "
                             f"with attention too; {fix}")
-    if isinstance(layer_types, list):  # (older configs' names, as transformers reads them)
-        layer_types = [LEGACY_LAYER_TYPES.get(t, t) if isinstance(t, str) else t for t in layer_types]
-        if "linear_attention" in layer_types:
-            raise UserError(f"{where}: layer {layer_types.index('linear_attention')} is a Mamba (linear attention) "
-                            "layer, which awq-edge's engines do not compute (Granite 4.0 H is such a hybrid); "
-                            "take a model whose every layer is attention")
+    if isinstance(layer_types, list) and "linear_attention" in layer_types:
+        raise UserError(f"{where}: layer {layer_types.index('linear_attention')} is a linear attention (Mamba) layer, "
+                        f"which awq-edge's engines do not compute for {model_type}; take a model whose every layer "
+                        "is attention")
     if (not isinstance(layer_types, list) or len(layer_types) != layers
             or not all(t in ("full_attention", "sliding_attention") for t in layer_types)):
         kinds = ("full_attention, sliding_attention or conv" if family.short_conv else
@@ -550,10 +576,12 @@ def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> Mode
     )
 
 
-def delta_net_spec(c: Fields, layer_types, layers: int) -> tuple[DeltaNet | None, list]:
+def delta_net_spec(c: Fields, family: Family, layer_types, layers: int) -> tuple[DeltaNet | None, list]:
     """(DeltaNet, layer_types with its layers as full attention's, whose per-layer entries they keep) of a
-    Qwen3.5 config (None where no layer is one); refused where no layer is attention (the engines' graph
-    needs one) or the heads do not group."""
+    Qwen3.5 or Granite 4.0-H config (None where no layer is one); refused where no layer is attention (the
+    engines' graph needs one) or the heads do not group."""
+    mamba = family.delta_net == "mamba2"
+    what = "a Mamba-2 mixer (mamba)" if mamba else "a gated delta net (linear_attention)"
     if not isinstance(layer_types, list) or len(layer_types) != layers:
         raise UserError(f"{c.where}: layer_types must list full_attention or linear_attention for each of the "
                         f"{layers} layers; {c.fix}")
@@ -561,21 +589,52 @@ def delta_net_spec(c: Fields, layer_types, layers: int) -> tuple[DeltaNet | None
     if not listed:  # (every layer attention: no state to keep)
         return None, layer_types
     if len(listed) == layers:
-        raise UserError(f"{c.where}: every layer is a gated delta net (linear_attention), and awq-edge's engines "
-                        f"take a model with attention too; {c.fix}")
-    k_heads = c.int("linear_num_key_heads", 1, MAX_HEADS)
-    v_heads = c.int("linear_num_value_heads", 1, MAX_HEADS)
-    if v_heads % k_heads:
-        raise UserError(f"{c.where}: linear_num_value_heads {v_heads} is not a multiple of linear_num_key_heads "
-                        f"{k_heads}; {c.fix}")
-    delta = DeltaNet(layers=listed, k_heads=k_heads, v_heads=v_heads,
-                     k_dim=c.int("linear_key_head_dim", 1, MAX_HEAD_DIM),
-                     v_dim=c.int("linear_value_head_dim", 1, MAX_HEAD_DIM),
-                     kernel=c.int("linear_conv_kernel_dim", 2, MAX_CONV_KERNEL))
+        raise UserError(f"{c.where}: every layer is {what}, and awq-edge's engines take a model with attention too; "
+                        f"{c.fix}")
+    if mamba:
+        delta = mamba_spec(c, listed)
+    else:
+        k_heads = c.int("linear_num_key_heads", 1, MAX_HEADS)
+        v_heads = c.int("linear_num_value_heads", 1, MAX_HEADS)
+        if v_heads % k_heads:
+            raise UserError(f"{c.where}: linear_num_value_heads {v_heads} is not a multiple of linear_num_key_heads "
+                            f"{k_heads}; {c.fix}")
+        delta = DeltaNet(layers=listed, k_heads=k_heads, v_heads=v_heads,
+                         k_dim=c.int("linear_key_head_dim", 1, MAX_HEAD_DIM),
+                         v_dim=c.int("linear_value_head_dim", 1, MAX_HEAD_DIM),
+                         kernel=c.int("linear_conv_kernel_dim", 2, MAX_CONV_KERNEL))
     if delta.conv_dim > MAX_INTERMEDIATE or delta.state_elems * 4 > MAX_DELTA_STATE:
-        raise UserError(f"{c.where}: the gated delta nets' q, k and v ({delta.conv_dim} wide) or state "
-                        f"({delta.state_elems * 4 >> 20} MiB a layer) are out of range; {c.fix}")
+        raise UserError(f"{c.where}: the {'Mamba-2 mixers' if mamba else 'gated delta nets'}' inputs "
+                        f"({delta.conv_dim} wide) or state ({delta.state_elems * 4 >> 20} MiB a layer) are out of "
+                        f"range; {c.fix}")
     return delta, ["full_attention" if t == "linear_attention" else t for t in layer_types]
+
+
+def mamba_spec(c: Fields, layers: tuple) -> DeltaNet:
+    """A Granite 4.0-H config's Mamba-2 mixers (transformers' GraniteMoeHybridMambaLayer) as a DeltaNet: its
+    groups as key heads, its state size as their width, its heads (mamba_d_head wide, "auto": the expanded
+    width over the heads) as value heads."""
+    inner = c.int("mamba_expand", 1, 64) * c.int("hidden_size", 1, MAX_HIDDEN)
+    heads = c.int("mamba_n_heads", 1, MAX_HEADS)
+    groups = c.int("mamba_n_groups", 1, heads)
+    width = inner // heads if c.raw.get("mamba_d_head", "auto") == "auto" else c.int("mamba_d_head", 1, MAX_HEAD_DIM)
+    if heads * width != inner or heads % groups:
+        raise UserError(f"{c.where}: mamba_n_heads {heads} x mamba_d_head {width} is not mamba_expand x hidden_size "
+                        f"{inner}, or not a multiple of mamba_n_groups {groups}; {c.fix}")
+    limit = c.raw.get("time_step_limit")
+    if limit is None:
+        limit = (0.0, None)
+    else:  # (transformers 5 writes infinity as {"__float__": "Infinity"}; older ones as JSON's Infinity)
+        limit = [float("inf") if v == {"__float__": "Infinity"} else v for v in limit] if isinstance(
+            limit, (list, tuple)) else limit
+        if (not isinstance(limit, list) or len(limit) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in limit)
+                or not limit[0] <= limit[1]):
+            raise UserError(f"{c.where}: time_step_limit must be two numbers, low <= high, 0 or more; {c.fix}")
+    return DeltaNet(layers=layers, k_heads=groups, v_heads=heads, k_dim=c.int("mamba_d_state", 1, MAX_HEAD_DIM),
+                    v_dim=width, kernel=c.int("mamba_d_conv", 2, MAX_CONV_KERNEL), rule="mamba2",
+                    conv_bias=c.bool("mamba_conv_bias", default=True), dt_min=float(limit[0]),
+                    dt_max=None if limit[1] is None or limit[1] == float("inf") else float(limit[1]))
 
 
 def experts_spec(c: Fields, family: Family, layers: int) -> dict:
@@ -672,13 +731,22 @@ def layer_linear_shapes(spec: ModelSpec, layer: int | None = None) -> dict[str, 
             "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
 
 
+def part_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """What a fused linear's parts may be: an attention layer's linears, and a state-keeping layer's (a Mamba-2's
+    in_proj_a too: its dt, float once read)."""
+    shapes = layer_linear_shapes(spec)
+    if spec.delta:
+        shapes.update(layer_linear_shapes(spec, spec.delta.layers[0]))
+        shapes["linear_attn.in_proj_a"] = (spec.delta.v_heads, spec.hidden)
+    return shapes
+
+
 def fused_part_rows(spec: ModelSpec, parts: tuple[str, ...]) -> list[np.ndarray]:
     """The rows of a fused linear (Family.fused_linears) each of its parts takes, in order: its parts
     one after another, or (Family.fused_by_head: GPT-NeoX's query_key_value) head by head, each head's
     rows of every part in turn. The one layout checkpoint.split_fused, fuse_linears and the quantizer's
     split_fused_modules read."""
-    shapes = layer_linear_shapes(spec)
-    rows = [shapes[part][0] for part in parts]
+    rows = [part_shapes(spec)[part][0] for part in parts]
     if not spec.family.fused_by_head or spec.kv_heads != spec.heads:  # (StarCoder 1's multi-query: one after another)
         starts = np.cumsum([0] + rows)
         return [np.arange(start, end) for start, end in zip(starts, starts[1:])]
@@ -692,7 +760,9 @@ def stored_fused(spec: ModelSpec) -> list[tuple[str, tuple[str, ...], list[np.nd
     """The linears a checkpoint of this model stores fused, as (the fused name, its parts, the rows of it each
     part takes): the family's fused_linears, and Qwen3.5's q_proj whose rows are each head's query then its
     output gate's (Family.query_gate), read as q_proj and out_gate_proj."""
-    fused = [(name, parts, fused_part_rows(spec, parts)) for name, parts in spec.family.fused_linears]
+    shapes = part_shapes(spec)  # (Granite 4.0's dense models have no Mamba in_proj)
+    fused = [(name, parts, fused_part_rows(spec, parts)) for name, parts in spec.family.fused_linears
+             if all(part in shapes for part in parts)]
     if spec.family.query_gate:
         head = np.arange(spec.heads)[:, None] * 2 * spec.head_dim + np.arange(spec.head_dim)
         fused.append(("self_attn.q_proj", ("self_attn.q_proj", "self_attn.out_gate_proj"),
@@ -760,11 +830,13 @@ def checkpoint_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tupl
         if i in spec.conv_layers:  # (LFM2's) the depthwise convolution's weight [hidden, 1, kernel], float
             tensors.update({f"{p}.conv.conv.weight": (h, 1, spec.conv_kernel),
                             **({f"{p}.conv.conv.bias": (h,)} if spec.conv_bias else {})})
-        elif i in spec.delta_layers:  # (Qwen3.5's) b, a, the convolution, the decay's and the norm's, float
+        elif i in spec.delta_layers:  # a, (Qwen3.5's) b, the convolution, the decay's and the norm's, float
             d, a = spec.delta, f"{p}.linear_attn"
-            tensors.update({f"{a}.in_proj_b.weight": (d.v_heads, h), f"{a}.in_proj_a.weight": (d.v_heads, h),
-                            f"{a}.conv1d.weight": (d.conv_dim, 1, d.kernel), f"{a}.dt_bias": (d.v_heads,),
-                            f"{a}.A_log": (d.v_heads,), f"{a}.norm.weight": (d.v_dim,)})
+            tensors.update({f"{a}.in_proj_a.weight": (d.v_heads, h), f"{a}.conv1d.weight": (d.conv_dim, 1, d.kernel),
+                            f"{a}.dt_bias": (d.v_heads,), f"{a}.A_log": (d.v_heads,),
+                            f"{a}.norm.weight": (d.v_dim if d.rule == "gated" else d.value_dim,)})
+            tensors.update({f"{a}.in_proj_b.weight": (d.v_heads, h)} if d.rule == "gated" else
+                           {f"{a}.D": (d.v_heads,), **({f"{a}.conv1d.bias": (d.conv_dim,)} if d.conv_bias else {})})
         elif family.qk_norm and family.norm_weight:  # (nanochat's q/k norms have no weight either)
             q_name, k_name = family.qk_norms
             tensors.update({f"{p}.{q_name}.weight": (q_norm,), f"{p}.{k_name}.weight": (k_norm,)})

@@ -49,6 +49,7 @@ TRT_REFUSES = {"hunyuan_v1_dense": "q/k norms come after RoPE, and the trt targe
                "gpt_neo": "positions are a learned table, which the trt target's graph does not add",
                "granite_swa": "attention sinks are not in the trt target's attention plugin",
                "qwen3_5_text": "gated delta nets keep a recurrent state, which the trt target's engines do not",
+               "granitemoehybrid": "Mamba-2 mixers keep a recurrent state, which the trt target's engines do not",
                **{moe: "mixture of experts is not in the trt target's graph" for moe in MOE_EXPERTS}}
 
 
@@ -602,19 +603,21 @@ def test_a_stablelm_switch_the_engines_do_not_compute_is_refused_and_its_head_is
         model_spec({**config, switch: True})
 
 
-def test_granite4_runs_its_dense_models_and_refuses_its_hybrid_and_expert_ones():
-    """Granite 4: RoPE only where position_embedding_type says rope; Mamba layers (Granite 4.0 H, and
-    every layer where layer_types is left out, as transformers builds it) and experts refused."""
+def test_granite4_reads_its_dense_and_hybrid_models_and_refuses_its_expert_ones():
+    """Granite 4: RoPE only where position_embedding_type says rope; 4.0-H's Mamba layers read as Mamba-2 mixers
+    (every layer one where layer_types is left out, as transformers builds it: refused, no attention); experts
+    refused."""
     from awq_edge.export.spec import model_spec
 
-    dense = {**TINY, **TINY_EXTRA["granitemoehybrid"], "model_type": "granitemoehybrid"}
+    hybrid = {**TINY, **TINY_EXTRA["granitemoehybrid"], "model_type": "granitemoehybrid"}
+    dense = {**hybrid, "layer_types": ["attention", "attention"]}
     assert model_spec(dense).intermediate == 96  # shared_intermediate_size, whatever intermediate_size says
+    assert model_spec(dense).delta is None and model_spec(hybrid).delta.layers == (0,)
     assert all(r.inv_freq.any() for r in model_spec(dense).layer_rope)
     assert not any(r.inv_freq.any() for r in model_spec({**dense, "position_embedding_type": None}).layer_rope)
     for change, message in (({"position_embedding_type": "alibi"}, "position_embedding_type"),
                             ({"num_local_experts": 4}, "num_local_experts 4 .* not supported for granitemoehybrid"),
-                            ({"layer_types": ["attention", "mamba"]}, "layer 1 is a Mamba"),
-                            ({"layer_types": None}, "layer 0 is a Mamba")):
+                            ({"layer_types": None}, "every layer is a Mamba-2 mixer")):
         with pytest.raises(UserError, match=message):
             model_spec({**dense, **change})
 
@@ -735,7 +738,7 @@ def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
     # hidden 1280: a head of 8, of which StableLM rotates a quarter
     sizes = dict(hidden_size=1280, intermediate_size=512, num_hidden_layers=12, num_attention_heads=160, vocab_size=300)
     if model_type == "granitemoehybrid":  # (left out, its layers are Mamba and its MLPs experts: refused)
-        sizes.update(layer_types=["attention"] * 12, num_local_experts=0)
+        sizes.update(layer_types=["mamba"] + ["attention"] * 11, num_local_experts=0)
     if model_type == "gptj":  # (its default rotary_dim, 64, is wider than these heads)
         sizes.update(rotary_dim=4)
     if model_type == "gpt_neo":  # (its default attention_types lists 24 layers)

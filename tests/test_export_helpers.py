@@ -55,10 +55,12 @@ TINY_EXTRA = {
     # Granite's multipliers (the logits times logits_scaling) with an RMSNorm after attention and the MLP
     "hyperclovax": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                     "logits_scaling": 2.5, "pad_token_id": 0},
-    # Granite's multipliers in Granite 4's model: its own MLP width and names, gate and up stored as one
+    # Granite's multipliers in Granite 4's model: its own MLP width and names, gate and up stored as one; a Mamba-2
+    # mixer (4.0-H's), then attention: 8 heads of 16 in 2 groups (a state of 16 each), a convolution of 4 with a bias
     "granitemoehybrid": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
-                         "logits_scaling": 2.5, "layer_types": ["attention", "attention"], "num_local_experts": 0,
-                         "position_embedding_type": "rope", "shared_intermediate_size": 96, "pad_token_id": 0},
+                         "logits_scaling": 2.5, "layer_types": ["mamba", "attention"], "num_local_experts": 0,
+                         "position_embedding_type": "rope", "shared_intermediate_size": 96, "pad_token_id": 0,
+                         "mamba_n_heads": 8, "mamba_n_groups": 2, "mamba_d_state": 16, "mamba_d_conv": 4},
     # q/k/v biases, fused gate/up, a quarter of each head rotated in interleaved pairs
     "glm": {"partial_rotary_factor": 0.25, "head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # GLM's pieces with its two post-norms

@@ -316,7 +316,9 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
     spec = model_spec(json.loads((src / "config.json").read_text()))
     linears = len(all_linear_shapes(spec))
     stored = read_checkpoint(out).linears  # the family's layout: Phi-3's fused qkv_proj and gate_up_proj
-    fused = {name: len(parts) - 1 for name, parts, _ in stored_fused(spec)}  # (Qwen3.5's q_proj: its gate's too)
+    # (Qwen3.5's q_proj: its gate's too; a Mamba-2's in_proj: its z, x B C and dt, the last float once read)
+    quantized = {name.split(".", 3)[3] for name in all_linear_shapes(spec)}
+    fused = {name: sum(part in quantized for part in parts) - 1 for name, parts, _ in stored_fused(spec)}
     assert len(stored) == linears - sum(fused.get(name.split(".", 3)[3], 0) for name in stored)
     # under the names the family's transformers model gives its modules (StarCoder 2's mlp.c_fc): other tools read it
     # (but experts, one by one as the hub's checkpoints store them: transformers 5 stacks them in one module)
@@ -352,7 +354,8 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     Cohere's one input norm takes q/k/v's and gate/up's as one group (Phi's: q/k/v's and up's).
     An LFM2 short convolution's input norm takes in_proj's (its B, C and x: a product of two of them
     and C times the convolution's output), and C's rows of in_proj take out_proj's. A Qwen3.5 delta
-    net's (1 + w) input norm takes in_proj_qkv's and in_proj_z's, its float b and a too."""
+    net's (1 + w) input norm takes in_proj_qkv's and in_proj_z's, its float b and a too; a Granite
+    4.0-H Mamba-2 mixer's, its in_proj's (z, x B C and dt)."""
     model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
     family = family_for(model.config.model_type)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
@@ -366,7 +369,7 @@ def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
                 if family.pre_norms and family.norm_weight else ["o"])
         if is_conv_layer(layer):
             want = ["in", "out", mlp_in]
-        if hasattr(layer, "linear_attn"):  # (no out group: out_proj reads a norm per value head times silu(z))
+        if hasattr(layer, "linear_attn"):  # (no out group: out_proj reads a norm of o times silu(z))
             want = ["in", mlp_in]
         down = family.gated_mlp or family.activation in ACTIVATION_ROOTS  # (StarCoder 2's gelu: no down group)
         assert [g.name for g in groups] == want + ["down"] * down
