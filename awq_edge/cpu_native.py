@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -214,7 +215,8 @@ class CpuOp(ctypes.Structure):
                [(name, ctypes.c_float) for name in ("swiglu_alpha", "swiglu_limit")] + \
                [(name, ctypes.c_void_p) for name in ("sinks", "shared_gate", "state", "normed", "delta_b", "delta_a",
                                                       "dt_bias", "rate")] + \
-               [(name, ctypes.c_int32) for name in ("k_heads", "v_heads", "k_dim", "v_dim")]
+               [(name, ctypes.c_int32) for name in ("k_heads", "v_heads", "k_dim", "v_dim")] + \
+               [("skip", ctypes.c_void_p), ("dt_min", ctypes.c_float), ("dt_max", ctypes.c_float)]
 
 
 class CpuModel(ctypes.Structure):
@@ -231,7 +233,7 @@ class CpuModel(ctypes.Structure):
 NATIVE_HEAD_DIMS = (64, 80, 96, 128, 256)
 OP_KINDS = {"embed": 1, "norm": 2, "add_norm": 3, "linear": 4, "head_norm": 5, "attention": 6, "act": 7, "lm_head": 8,
             "add": 9, "rope": 10, "short_conv": 11, "clamp": 12, "moe": 13, "head_gate": 14,
-            "output_gate": 15, "delta_conv": 16, "delta_rule": 17}
+            "output_gate": 15, "delta_conv": 16, "delta_rule": 17, "mamba_rule": 18, "group_norm": 19}
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3, "gelu": 4, "relu": 5}  # cpu_ops.h's ACT_*
 ACT_UNGATED = 8  # added for act(x), not act(gate) * up (an MLP without a gate)
 
@@ -518,18 +520,28 @@ class NativeDecoder:
                                                   for j in range(d.kernel)], axis=1))
             self.act_params.append(taps)  # (alive as long as the op)
             rec.w_norm = taps.ctypes.data
-        elif op.kind == "delta_rule":  # (Qwen3.5's) b and a as [v_heads, hidden]: the graph's are [hidden, v_heads]
+            if a["bias"]:  # (a Mamba-2's)
+                rec.bias = self._tensor(a["bias"], np.float32, d.conv_dim).ctypes.data
+        elif op.kind in ("delta_rule", "mamba_rule"):  # b and a as [v_heads, hidden]: the graph's are [hidden, v_heads]
             d, hidden = spec.delta, spec.hidden
             rec.x, rec.out, rec.normed, rec.k = ptr(a["x"]), ptr(a["out"]), ptr(a["normed"]), hidden
             rec.state = self.delta_states[a["layer"]][1].ctypes.data
-            for key in ("b", "a"):
+            for key in ("b", "a") if op.kind == "delta_rule" else ("a",):
                 rows = np.ascontiguousarray(self._tensor(a[key], np.float32, hidden * d.v_heads).reshape(hidden, -1).T)
                 self.act_params.append(rows)
                 setattr(rec, f"delta_{key}", rows.ctypes.data)
             rec.dt_bias = self._tensor(a["dt_bias"], np.float32, d.v_heads).ctypes.data
             rec.rate = self._tensor(a["rate"], np.float32, d.v_heads).ctypes.data
-            rec.w_norm = self._tensor(a["norm"], np.float32, d.v_dim).ctypes.data
+            if op.kind == "delta_rule":
+                rec.w_norm = self._tensor(a["norm"], np.float32, d.v_dim).ctypes.data
+            else:  # (Granite 4.0-H's: its D, dt's bounds)
+                rec.skip = self._tensor(a["skip"], np.float32, d.v_heads).ctypes.data
+                rec.dt_min, rec.dt_max = d.dt_min, math.inf if d.dt_max is None else d.dt_max
             rec.k_heads, rec.v_heads, rec.k_dim, rec.v_dim = d.k_heads, d.v_heads, d.k_dim, d.v_dim
+        elif op.kind == "group_norm":  # (a Mamba-2's, by group)
+            d = spec.delta
+            rec.n, rec.k, rec.x = d.value_dim, a["groups"], ptr(a["x"])
+            rec.w_norm = self._tensor(a["weight"], np.float32, d.value_dim).ctypes.data
         elif op.kind == "moe":
             if a["norm"]:
                 raise Unsupported(f"{a['experts']}: a fused norm, which decode_step.c does not run")

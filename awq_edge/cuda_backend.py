@@ -48,6 +48,7 @@ in CI with the kernels' own source on a CPU emulation (tests/test_kernels_on_cpu
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -677,7 +678,8 @@ class CudaBackend:
         if self.spec.qk_norm_after_rope:
             return f"the persistent decode step does not rotate q and k before their norms (Hunyuan's); {fix}"
         if self.spec.delta:
-            return f"the persistent decode step has no gated delta net (Qwen3.5's); {fix}"
+            return (f"the persistent decode step has no gated delta net nor Mamba-2 mixer (Qwen3.5's, Granite "
+                    f"4.0-H's); {fix}")
         if self.spec.attention_gate or self.spec.output_gate:
             return f"the persistent decode step does not gate the attention's output (LFM3's, AFMoE's); {fix}"
         if self.spec.conv_layers:
@@ -869,7 +871,7 @@ class CudaBackend:
             d = spec.delta
             self.launch("awq_delta_conv", (-(-d.conv_dim // DELTA_THREADS),), (DELTA_THREADS,),
                         [b[a["x"]], ("i32", d.conv_dim + d.value_dim), self.delta_state[a["layer"]], w[a["weight"]],
-                         ("i32", rows), ("i32", d.conv_dim), ("i32", d.kernel)])
+                         w[a["bias"]] if a["bias"] else 0, ("i32", rows), ("i32", d.conv_dim), ("i32", d.kernel)])
         elif op.kind == "delta_rule":  # (S after the convolution's inputs in the layer's state: state_shapes' order)
             d = spec.delta
             self.launch("awq_delta_rule", (d.v_heads,), (DELTA_THREADS,),
@@ -877,6 +879,17 @@ class CudaBackend:
                          self.delta_state[a["layer"]] + 4 * int(np.prod(d.state_shapes[0])), w[a["b"]], w[a["a"]],
                          w[a["dt_bias"]], w[a["rate"]], w[a["norm"]], ("i32", rows), ("i32", spec.hidden),
                          ("i32", d.k_heads), ("i32", d.v_heads), ("i32", d.k_dim), ("i32", d.v_dim), eps])
+        elif op.kind == "mamba_rule":  # (S after the convolution's inputs, as above)
+            d = spec.delta
+            self.launch("awq_mamba_rule", (d.v_heads,), (DELTA_THREADS,),
+                        [b[a["x"]], ("i32", d.conv_dim + d.value_dim), b[a["normed"]], b[a["out"]],
+                         self.delta_state[a["layer"]] + 4 * int(np.prod(d.state_shapes[0])), w[a["a"]],
+                         w[a["dt_bias"]], w[a["rate"]], w[a["skip"]], ("i32", rows), ("i32", spec.hidden),
+                         ("i32", d.k_heads), ("i32", d.v_heads), ("i32", d.k_dim), ("i32", d.v_dim),
+                         ("f32", d.dt_min), ("f32", math.inf if d.dt_max is None else d.dt_max)])
+        elif op.kind == "group_norm":
+            self.launch("awq_group_norm", (rows, a["groups"]), (DELTA_THREADS,),
+                        [b[a["x"]], w[a["weight"]], ("i32", spec.delta.value_dim), ("i32", a["groups"]), eps])
         elif op.kind == "lm_head" and a["bits"] == 4:
             self.rescored_head(a)
         elif op.kind == "lm_head":
@@ -1474,7 +1487,7 @@ KERNELS_OF = {
                     "awq_act", "awq_residual_add", "awq_gather_columns", "awq_clamp", "awq_short_conv",
                     "awq_head_gate", "awq_output_gate",
                     "awq_add_positions", "awq_lm_head", "awq_lm_head_q8", "awq_advance"],
-    "delta_net": ["awq_delta_conv", "awq_delta_rule"],
+    "delta_net": ["awq_delta_conv", "awq_delta_rule", "awq_mamba_rule", "awq_group_norm"],
     "moe": ["awq_moe_route", "awq_moe_swiglu", "awq_moe_combine"] +
            [f"awq_moe_gemv_{fusion}_g{g}_w{w}" for fusion in ("act", "store") for g in (32, 64, 128) for w in (1, 4)],
 }

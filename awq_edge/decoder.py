@@ -329,15 +329,19 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             conv = in_order("conv", f"{p}.conv.out_proj", spec.hidden)
             pending = residual_linear(conv, f"{p}.conv.out_proj", spec.hidden, spec.conv_bias, "attn",
                                       f"{p}.{spec.post_norms[0]}.weight" if spec.post_norms else None)
-        elif i in spec.delta_layers:  # (Qwen3.5's) q, k, v and z by one linear; the convolution, then the rule
-            d, la = spec.delta, f"{p}.linear_attn"
+        elif i in spec.delta_layers:  # q, k, v and z by one linear; the convolution, then the rule (a Mamba-2's
+            d, la = spec.delta, f"{p}.linear_attn"  # gated norm by group after it)
             x = in_order(normed, f"{la}.in_proj_qkvz", spec.hidden)
             ops.append(linear_op(x, "dqkvz", f"{la}.in_proj_qkvz", d.conv_dim + d.value_dim, spec.hidden, norm=norm))
-            ops.append(Op("delta_conv", {"x": "dqkvz", "layer": i, "weight": f"{la}.conv1d.weight"}))
-            ops.append(Op("delta_rule", {"x": "dqkvz", "normed": normed, "out": "dout", "layer": i,
-                                         "b": f"{la}.in_proj_b.weight", "a": f"{la}.in_proj_a.weight",
-                                         "dt_bias": f"{la}.dt_bias", "rate": f"{la}.decay_rate",
-                                         "norm": f"{la}.norm.weight"}))
+            ops.append(Op("delta_conv", {"x": "dqkvz", "layer": i, "weight": f"{la}.conv1d.weight",
+                                         "bias": f"{la}.conv1d.bias" if d.conv_bias else None}))
+            rule = {"x": "dqkvz", "normed": normed, "out": "dout", "layer": i, "a": f"{la}.in_proj_a.weight",
+                    "dt_bias": f"{la}.dt_bias", "rate": f"{la}.decay_rate", "norm": f"{la}.norm.weight"}
+            if d.rule == "gated":
+                ops.append(Op("delta_rule", {**rule, "b": f"{la}.in_proj_b.weight"}))
+            else:
+                ops.append(Op("mamba_rule", {**rule, "skip": f"{la}.D", "norm": None}))
+                ops.append(Op("group_norm", {"x": "dout", "weight": f"{la}.norm.weight", "groups": d.k_heads}))
             out = in_order("dout", f"{la}.out_proj", d.value_dim)
             pending = residual_linear(out, f"{la}.out_proj", d.value_dim, False, "attn",
                                       f"{p}.{spec.post_norms[0]}.weight" if spec.post_norms else None)
@@ -568,11 +572,16 @@ def tensor_layout(spec: DecoderSpec) -> dict[str, tuple[str, tuple]]:
             layout[a["order"]] = ("int32", (a["n"],))
         elif op.kind == "delta_conv":
             layout[a["weight"]] = ("float32", (spec.delta.conv_dim, spec.delta.kernel))
-        elif op.kind == "delta_rule":
+            if a["bias"]:
+                layout[a["bias"]] = ("float32", (spec.delta.conv_dim,))
+        elif op.kind in ("delta_rule", "mamba_rule"):
             d = spec.delta
-            layout.update({a["b"]: ("float32", (d.v_heads, spec.hidden)), a["a"]: ("float32", (d.v_heads, spec.hidden)),
-                           a["dt_bias"]: ("float32", (d.v_heads,)), a["rate"]: ("float32", (d.v_heads,)),
-                           a["norm"]: ("float32", (d.v_dim,))})
+            layout.update({a["a"]: ("float32", (d.v_heads, spec.hidden)), a["dt_bias"]: ("float32", (d.v_heads,)),
+                           a["rate"]: ("float32", (d.v_heads,))})
+            layout.update({a["b"]: ("float32", (d.v_heads, spec.hidden)), a["norm"]: ("float32", (d.v_dim,))}
+                          if op.kind == "delta_rule" else {a["skip"]: ("float32", (d.v_heads,))})
+        elif op.kind == "group_norm":
+            layout[a["weight"]] = ("float32", (spec.delta.value_dim,))
         elif op.kind == "attention" and a["sinks"]:
             layout[a["sinks"]] = ("float32", (spec.heads,))
         elif op.kind == "head_gate":
@@ -711,10 +720,15 @@ def _packed_by_op(ckpt, spec: DecoderSpec, progress: bool) -> Iterator[tuple[str
                 out[a["bias"]] = tensor(a["bias"]).astype(np.float32)
         elif op.kind == "delta_conv":  # the depthwise convolution's [Cq, 1, kernel] as [Cq, kernel]
             out[a["weight"]] = tensor(a["weight"]).astype(np.float32).reshape(spec.delta.conv_dim, -1)
-        elif op.kind == "delta_rule":  # (its norm a plain weight: no family offset)
-            out.update({a[key]: tensor(a[key]).astype(np.float32) for key in ("b", "a", "dt_bias", "norm")})
+            if a["bias"]:
+                out[a["bias"]] = tensor(a["bias"]).astype(np.float32)
+        elif op.kind in ("delta_rule", "mamba_rule"):  # (a gated one's norm a plain weight: no family offset)
+            keys = ("b", "a", "dt_bias", "norm") if op.kind == "delta_rule" else ("a", "dt_bias", "skip")
+            out.update({a[key]: tensor(a[key]).astype(np.float32) for key in keys})
             la = a["rate"].removesuffix(".decay_rate")
             out[a["rate"]] = -np.exp(tensor(f"{la}.A_log").astype(np.float32))
+        elif op.kind == "group_norm":  # (a Mamba-2's: a plain weight)
+            out[a["weight"]] = tensor(a["weight"]).astype(np.float32)
         elif op.kind == "attention" and a["sinks"]:
             out[a["sinks"]] = tensor(a["sinks"]).astype(np.float32)
         elif op.kind == "head_gate":

@@ -329,15 +329,16 @@ def twin_short_conv(bcx: np.ndarray, store: np.ndarray, weight: np.ndarray, bias
     return (gate_c * y).astype(F16)
 
 
-def twin_delta_conv(x: np.ndarray, state: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """A Qwen3.5 delta net's causal convolution and SiLU (delta_net.cu awq_delta_conv): x fp16 [S, >= C]
+def twin_delta_conv(x: np.ndarray, state: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """A delta net's or Mamba-2's causal convolution and SiLU (delta_net.cu awq_delta_conv): x fp16 [S, >= C]
     (q, k and v in its first C columns, this step's rows); state float32 [kernel - 1, C], the inputs of
     the kernel - 1 tokens before, oldest first (zeros before the first token), moved on past this step's;
-    weight float32 [C, kernel], tap j reading the token kernel - 1 - j back. -> silu(conv) fp16 [S, C]."""
+    weight float32 [C, kernel], tap j reading the token kernel - 1 - j back; bias float32 [C] or None.
+    -> silu(conv + bias) fp16 [S, C]."""
     channels, kernel = weight.shape
     rows = x.shape[0]
     window = np.concatenate([state, x[:, :channels].astype(F32)])  # [kernel - 1 + S, C]
-    y = np.zeros((rows, channels), F32)
+    y = np.zeros((rows, channels), F32) if bias is None else np.tile(bias.astype(F32), (rows, 1))
     for j in range(kernel):
         y = y + weight[:, j] * window[j:j + rows]
     state[:] = window[rows:]
@@ -378,6 +379,40 @@ def twin_delta_rule(qkvz: np.ndarray, x: np.ndarray, state: np.ndarray, b: np.nd
             o = o / np.sqrt((o * o).mean() + F32(eps)) * norm * (z[h] / (F32(1) + np.exp(-z[h])))
             out[r, h * d.v_dim:(h + 1) * d.v_dim] = o.astype(F16)
     return out
+
+
+def twin_mamba_rule(qkvz: np.ndarray, x: np.ndarray, state: np.ndarray, a: np.ndarray, dt_bias: np.ndarray,
+                    rate: np.ndarray, skip: np.ndarray, delta) -> np.ndarray:
+    """A Mamba-2 mixer's rule over a step's rows in order (delta_net.cu awq_mamba_rule; export.spec.DeltaNet, rule
+    mamba2): qkvz fp16 [S, Cq + Hv Dv] (x, B, C after the convolution, then z), x fp16 [S, hidden] the normed
+    input (a: float32 [Hv, hidden]), state float32 [Hv, N, Dv] (updated), dt_bias, rate (-exp(A_log)), skip (D)
+    float32 [Hv] -> (S^T C + D x) silu(z) fp16 [S, Hv Dv], all in float32: group_norm's input."""
+    d = delta
+    group = d.v_heads // d.k_heads
+    c_at, b_at, x_at = d.conv_parts
+    out = np.empty((qkvz.shape[0], d.value_dim), F16)
+    for r in range(qkvz.shape[0]):
+        row = qkvz[r].astype(F32)
+        c, b = (row[at:at + d.key_dim].reshape(d.k_heads, d.k_dim) for at in (c_at, b_at))
+        v = row[x_at:x_at + d.value_dim].reshape(d.v_heads, d.v_dim)
+        z = row[d.conv_dim:].reshape(d.v_heads, d.v_dim)
+        dt = softplus(a @ x[r].astype(F32) + dt_bias)
+        dt = np.clip(dt, F32(d.dt_min), F32(np.inf if d.dt_max is None else d.dt_max))
+        decay = np.exp(rate * dt)
+        for h in range(d.v_heads):
+            g = h // group
+            state[h] = state[h] * decay[h] + np.outer(b[g], dt[h] * v[h])
+            o = c[g] @ state[h] + skip[h] * v[h]
+            out[r, h * d.v_dim:(h + 1) * d.v_dim] = (o * z[h] / (F32(1) + np.exp(-z[h]))).astype(F16)
+    return out
+
+
+def twin_group_norm(x: np.ndarray, weight: np.ndarray, groups: int, eps: float) -> np.ndarray:
+    """A Mamba-2's gated norm after its rule (delta_net.cu awq_group_norm): x fp16 [S, n] RMS-normed over each of
+    `groups` equal parts of a row, times weight float32 [n], in float32 -> fp16 [S, n]."""
+    parts = x.astype(F32).reshape(x.shape[0], groups, -1)
+    normed = parts / np.sqrt((parts * parts).mean(-1, keepdims=True) + F32(eps))
+    return (normed.reshape(x.shape) * weight).astype(F16)
 
 
 def twin_head_gate(ctx: np.ndarray, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -601,7 +636,13 @@ class ReferenceBackend:
                                                t[a["bias"]] if a["bias"] else None, self.position)
         elif op.kind == "delta_conv":
             x = buf[a["x"]]
-            x[:, :spec.delta.conv_dim] = twin_delta_conv(x, self.delta_states[a["layer"]][0][0], t[a["weight"]])
+            x[:, :spec.delta.conv_dim] = twin_delta_conv(x, self.delta_states[a["layer"]][0][0], t[a["weight"]],
+                                                         t[a["bias"]] if a["bias"] else None)
+        elif op.kind == "mamba_rule":
+            buf[a["out"]][:] = twin_mamba_rule(buf[a["x"]], buf[a["normed"]], self.delta_states[a["layer"]][1],
+                                               t[a["a"]], t[a["dt_bias"]], t[a["rate"]], t[a["skip"]], spec.delta)
+        elif op.kind == "group_norm":
+            buf[a["x"]][:] = twin_group_norm(buf[a["x"]], t[a["weight"]], a["groups"], spec.eps)
         elif op.kind == "delta_rule":
             buf[a["out"]][:] = twin_delta_rule(buf[a["x"]], buf[a["normed"]], self.delta_states[a["layer"]][1],
                                                t[a["b"]], t[a["a"]], t[a["dt_bias"]], t[a["rate"]], t[a["norm"]],

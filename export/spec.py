@@ -621,6 +621,10 @@ def mamba_spec(c: Fields, layers: tuple) -> DeltaNet:
     if heads * width != inner or heads % groups:
         raise UserError(f"{c.where}: mamba_n_heads {heads} x mamba_d_head {width} is not mamba_expand x hidden_size "
                         f"{inner}, or not a multiple of mamba_n_groups {groups}; {c.fix}")
+    rows = 2 * inner + 2 * groups * c.int("mamba_d_state", 1, MAX_HEAD_DIM) + heads
+    if rows % 8:  # (z, x, B, C and dt: AutoAWQ's layout packs 8 rows a word)
+        raise UserError(f"{c.where}: the Mamba mixers' in_proj has {rows} rows, not a multiple of 8, which 4-bit "
+                        f"packing takes (mamba_n_heads {heads}); {c.fix}")
     limit = c.raw.get("time_step_limit")
     if limit is None:
         limit = (0.0, None)

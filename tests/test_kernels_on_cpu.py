@@ -722,6 +722,13 @@ BACKEND_CASES = {
                                                    "linear_num_key_heads": 1, "linear_num_value_heads": 2,
                                                    "linear_key_head_dim": 32, "linear_value_head_dim": 64},
                           True, 9, "cuda_cores", {"awq_delta_conv", "awq_delta_rule", "awq_output_gate"}),
+    # Granite 4.0-H's Mamba-2 mixer (awq_delta_conv with its bias, awq_mamba_rule: a block a head of 32, four to
+    # its group, then awq_group_norm over each group's half of the heads), unfused (the input norm an op), before
+    # attention without RoPE
+    "granite4-mamba": ("granitemoehybrid", "auto", {"num_hidden_layers": 2, "layer_types": ["mamba", "attention"],
+                                                     "mamba_n_heads": 8, "mamba_n_groups": 2, "mamba_d_state": 32,
+                                                     "position_embedding_type": None},
+                       False, 9, "cuda_cores", {"awq_delta_conv", "awq_mamba_rule", "awq_group_norm"}),
     "random-g128-persistent-step": ("random", 4, {}, True, 70, "persistent_step", {"awq_decode_step_g128"}),
     "random-g64-persistent-step": ("random", 4, {"group_size": 64}, True, 70, "persistent_step",
                                    {"awq_decode_step_g64"}),
@@ -963,7 +970,7 @@ def test_a_delta_nets_states_rewind_and_outlast_the_tuning_on_the_emulated_kerne
     a conversation's middle (the steps it times run the delta nets) leaves them as they were. The
     persistent step says it has no delta net."""
     cuda, _, _, ids = emulated_backend(emulated, "qwen3_5-delta-net", tmp_path)
-    assert cuda.step_refusal().startswith("the persistent decode step has no gated delta net (Qwen3.5's)")
+    assert cuda.step_refusal().startswith("the persistent decode step has no gated delta net nor Mamba-2 mixer")
     first = [np.asarray(cuda.forward(ids[:9])).copy()] + [np.asarray(cuda.forward([t])).copy() for t in ids[9:12]]
     cuda.rewind(11)
     assert cuda.position == 9

@@ -50,7 +50,7 @@ void gemv_q4_chain(int count, const uint8_t *const *B, const float *const *scale
 
 enum cpu_op_kind { OP_EMBED = 1, OP_NORM, OP_ADD_NORM, OP_LINEAR, OP_HEAD_NORM, OP_ATTENTION, OP_ACT, OP_LM_HEAD,
                    OP_ADD, OP_ROPE, OP_SHORT_CONV, OP_CLAMP, OP_MOE, OP_HEAD_GATE, OP_OUTPUT_GATE, OP_DELTA_CONV,
-                   OP_DELTA_RULE };
+                   OP_DELTA_RULE, OP_MAMBA_RULE, OP_GROUP_NORM };
 /* ACT_UNGATED: a flag added */
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU2 = 2, ACT_XIELU = 3, ACT_GELU = 4, ACT_RELU = 5, ACT_UNGATED = 8 };
 
@@ -106,15 +106,20 @@ struct cpu_op {
   /* moe, Qwen2-MoE: `residual` the shared expert's output (the ops before computed it), added in, times
      sigmoid(shared_gate . x) where shared_gate is not NULL */
   const float *shared_gate;
-  /* Qwen3.5's gated delta net (export.spec.DeltaNet; the numpy twins' reference_backend.twin_delta_conv and
-     twin_delta_rule). delta_conv: x's first n values (q, k, v) replaced by silu of their causal convolution, w_norm
-     its weight [n, k] (tap j reads the token k - 1 - j back), residual its inputs before [k - 1, n] (ORT's array,
-     oldest first), moved on. delta_rule: x q, k and v after it then z, out [v_heads x v_dim], state S [v_heads,
-     k_dim, v_dim] (ORT's array), normed the layer's normed input [k] that b and a [v_heads, k] read, dt_bias and
-     rate (-exp(A_log)) [v_heads], w_norm the output norm's weight [v_dim] */
+  /* Qwen3.5's gated delta net and Granite 4.0-H's Mamba-2 mixer (export.spec.DeltaNet; the numpy twins'
+     reference_backend.twin_delta_conv, twin_delta_rule, twin_mamba_rule and twin_group_norm). delta_conv: x's first n
+     values (q, k, v) replaced by silu of their causal convolution (+ bias, or NULL), w_norm its weight [n, k] (tap j
+     reads the token k - 1 - j back), residual its inputs before [k - 1, n] (ORT's array, oldest first), moved on.
+     delta_rule: x q, k and v after it then z, out [v_heads x v_dim], state S [v_heads, k_dim, v_dim] (ORT's array),
+     normed the layer's normed input [k] that b and a [v_heads, k] read, dt_bias and rate (-exp(A_log)) [v_heads],
+     w_norm the output norm's weight [v_dim]. mamba_rule: the same fields but b and w_norm (x: x, B and C, then z),
+     skip (D) [v_heads], dt within dt_min..dt_max. group_norm: x [n] in k equal parts, each RMS-normed in place times
+     its part of w_norm [n] */
   float *state;
   const float *normed, *delta_b, *delta_a, *dt_bias, *rate;
   int32_t k_heads, v_heads, k_dim, v_dim;
+  const float *skip;
+  float dt_min, dt_max;
 };
 
 struct cpu_model {

@@ -671,12 +671,12 @@ static void head_gate(const struct cpu_model *m, const struct cpu_op *op) {
   }
 }
 
-/* Qwen3.5's delta-net convolution of one token (struct cpu_op says the fields): one thread. */
+/* A delta net's or Mamba-2's convolution of one token (struct cpu_op says the fields): one thread. */
 static void delta_conv(const struct cpu_op *op) {
   const int n = op->n, k = op->k;
   for (int c = 0; c < n; c++) {
     const float x = op->x[c];
-    float acc = 0.f;
+    float acc = op->bias ? op->bias[c] : 0.f;
     for (int j = 0; j < k - 1; j++) acc += op->w_norm[(size_t)c * k + j] * op->residual[(size_t)j * n + c];
     acc += op->w_norm[(size_t)c * k + k - 1] * x;
     for (int j = 0; j + 1 < k - 1; j++) op->residual[(size_t)j * n + c] = op->residual[(size_t)(j + 1) * n + c];
@@ -726,6 +726,34 @@ static void delta_rule(const struct cpu_model *m, const struct cpu_op *op) {
   }
 }
 
+/* A Mamba-2's rule of one token, value head h: dt = softplus(a . normed + dt_bias) within dt_min..dt_max, decay =
+   exp(rate dt); S = decay S + B (dt x)^T; out = (S^T C + D x) silu(z), the group norm's input. Called by every
+   thread: the heads shared out. */
+static void mamba_rule(const struct cpu_op *op) {
+  const int kh = op->k_heads, vh = op->v_heads, dk = op->k_dim, dv = op->v_dim, hidden = op->k;
+  const int value_dim = vh * dv, key_dim = kh * dk;
+#pragma omp for schedule(static)
+  for (int h = 0; h < vh; h++) {
+    const float *x = op->x + h * dv, *b = op->x + value_dim + (h / (vh / kh)) * dk, *c = b + key_dim;
+    const float *z = op->x + 2 * key_dim + value_dim + h * dv;
+    const float pre = dot(op->delta_a + (size_t)h * hidden, op->normed, hidden) + op->dt_bias[h];
+    float dt = pre > 20.f ? pre : log_approx(1.f + exp_approx(pre));
+    dt = dt < op->dt_min ? op->dt_min : dt > op->dt_max ? op->dt_max : dt;
+    const float decay = exp_approx(op->rate[h] * dt);
+    float *s = op->state + (size_t)h * dk * dv, *o = op->out + (size_t)h * dv;
+    for (int j = 0; j < dv; j++) o[j] = 0.f;
+    for (int i = 0; i < dk; i++) {  /* S updated row by row, S^T C gathered from the new rows in the same pass */
+      const float bi = b[i], ci = c[i];
+      float *row = s + (size_t)i * dv;
+      for (int j = 0; j < dv; j++) {
+        row[j] = row[j] * decay + bi * (dt * x[j]);
+        o[j] += row[j] * ci;
+      }
+    }
+    for (int j = 0; j < dv; j++) o[j] = (o[j] + op->skip[h] * x[j]) * z[j] / (1.f + exp_approx(-z[j]));
+  }
+}
+
 /* The ops too small to share out: one thread runs each. */
 static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t token, int position) {
   switch (op->kind) {
@@ -762,8 +790,14 @@ static void small_op(const struct cpu_model *m, const struct cpu_op *op, int64_t
     case OP_SHORT_CONV: /* LFM2: out = C * conv(B * x), the token's B * x stored at its position first */
       short_conv(op, position);
       break;
-    case OP_DELTA_CONV: /* Qwen3.5: a delta net's convolution, its inputs before moved on */
+    case OP_DELTA_CONV: /* Qwen3.5, Granite 4.0-H: the convolution, its inputs before moved on */
       delta_conv(op);
+      break;
+    case OP_GROUP_NORM: /* Granite 4.0-H: the Mamba-2's gated norm, each of k parts of x normed in place */
+      for (int g = 0; g < op->k; g++) {
+        const int width = op->n / op->k;
+        norm(op->x + g * width, op->w_norm + g * width, NULL, width, m->eps, op->x + g * width);
+      }
       break;
     case OP_HEAD_GATE: /* LFM3: each head's output times its gate */
       head_gate(m, op);
@@ -808,6 +842,10 @@ void decode_step(const struct cpu_model *m, const struct cpu_op *ops, int n_ops,
           break;
         case OP_DELTA_RULE:
           delta_rule(m, op);
+          quantized = 0;
+          break;
+        case OP_MAMBA_RULE:
+          mamba_rule(op);
           quantized = 0;
           break;
         default: {
