@@ -345,7 +345,8 @@ def rotating_layers(c: Fields, family: Family, layers: int) -> list[bool]:
     if family.learned_positions >= 0:  # (GPT-2's: positions are a learned table, no layer rotates)
         return [False] * layers
     if family.nope_layers == "unless_rope":
-        return [c.str("position_embedding_type", ("rope",), default=None) == "rope"] * layers
+        # (Granite 4.0-H's configs say "nope": transformers rotates with "rope" alone)
+        return [c.str("position_embedding_type", ("rope", "nope"), default=None) == "rope"] * layers
     if family.nope_layers != "listed":
         return [True] * layers
     listed = c.raw.get("no_rope_layers")

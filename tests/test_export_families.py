@@ -614,8 +614,9 @@ def test_granite4_reads_its_dense_and_hybrid_models_and_refuses_its_expert_ones(
     assert model_spec(dense).intermediate == 96  # shared_intermediate_size, whatever intermediate_size says
     assert model_spec(dense).delta is None and model_spec(hybrid).delta.layers == (0,)
     assert all(r.inv_freq.any() for r in model_spec(dense).layer_rope)
-    assert not any(r.inv_freq.any() for r in model_spec({**dense, "position_embedding_type": None}).layer_rope)
-    for change, message in (({"position_embedding_type": "alibi"}, "position_embedding_type"),
+    for unrotated in (None, "nope"):  # (4.0-H's configs: "nope")
+        assert not any(r.inv_freq.any() for r in model_spec({**dense, "position_embedding_type": unrotated}).layer_rope)
+    for change, message in (({"position_embedding_type": "alibi"}, "position_embedding_type must be one of rope, nope"),
                             ({"num_local_experts": 4}, "num_local_experts 4 .* not supported for granitemoehybrid"),
                             ({"layer_types": None}, "every layer is a Mamba-2 mixer")):
         with pytest.raises(UserError, match=message):
