@@ -61,6 +61,17 @@ SHAPES = {
                                           "partial_rotary_factor": 0.25},
                          linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128,
                          linear_value_head_dim=128, linear_conv_kernel_dim=4),
+    # Granite 4.0-H micro (3B) as third-party copies of its config.json have it (no hub here to check): 40 layers,
+    # attention (no RoPE) at 5, 15, 25 and 35, 36 Mamba-2 mixers of 64 heads of 64 in one group, a state of 128,
+    # hidden 2048, MLPs 8192 wide; its multipliers left out: the CPU engine's (benchmarks/cpu_delta_net.py)
+    "granite-4.0-h-micro": dict(model_type="granitemoehybrid", architectures=["GraniteMoeHybridForCausalLM"],
+                                hidden_size=2048, intermediate_size=8192, shared_intermediate_size=8192,
+                                num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                vocab_size=100352, tie_word_embeddings=True, max_position_embeddings=8192,
+                                position_embedding_type="nope", num_local_experts=0,
+                                layer_types=["attention" if i % 10 == 5 else "mamba" for i in range(40)],
+                                mamba_n_heads=64, mamba_d_head=64, mamba_d_state=128, mamba_n_groups=1,
+                                mamba_d_conv=4, mamba_expand=2),
 }
 BOS, EOS = 256, 257  # byte_tokenizer's special tokens
 
