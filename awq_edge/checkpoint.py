@@ -357,8 +357,8 @@ def read_for_engine(path: str | Path):
     of q_proj, k_proj and their biases, q_norm and k_norm) in the engines' rotary order
     (export.spec.rotary_order: partial or interleaved rotary), Granite's residual multiplier and logits
     scaling (Cohere's logit_scale) folded into the weights (o_proj's, down_proj's and a mixer's out_proj's
-    scales and biases times it, in float32, or the post-norms' weights that follow them: HyperCLOVA X's; the final norm's
-    weight and bias divided), the embedding cut to a pruned head's vocabulary (Apertus 1.5's), and a
+    scales and biases times it, in float32, or the post-norms' weights that follow them: HyperCLOVA X's; the
+    final norm's weight and bias divided), the embedding cut to a pruned head's vocabulary (Apertus 1.5's), and a
     LayerNorm stored without a bias (Cohere's) given one of zeros, a norm without a weight (OLMo 1's,
     nanochat's) one of ones; nanochat's embedding norm as `model.embed_norm` (the final norm's copy)."""
     from .export.spec import block_norms, qk_norm_widths, rotary_order

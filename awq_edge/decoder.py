@@ -29,9 +29,11 @@ A step feeds S new tokens. Its activations are fp16 buffers of S rows (the kerne
     conv     [S, hidden]          C * conv(B * x), out_proj's input (the convolution reads B * x of the
                                   tokens before from its layer's store: awq_short_conv)
     dqkvz    [S, Cq + Hv Dv]      a Qwen3.5 delta net's in_proj_qkv and in_proj_z (one linear): q, k and v
-                                  (Cq wide), through its convolution and SiLU in place (delta_conv), then z
+                                  (Cq wide; a Granite 4.0-H Mamba-2's x, B and C), through its convolution
+                                  and SiLU in place (delta_conv), then z
     dout     [S, Hv Dv]           the delta net's output, out_proj's input (delta_rule: its state S a value
-                                  head, float32, kept by the executor as the convolution's last inputs)
+                                  head, float32, kept by the executor as the convolution's last inputs; a
+                                  Mamba-2's mamba_rule, then group_norm in place)
     ordered  [S, K]               a linear's input in the order its levels are stored (GPTQ
                                   act-order engines only: a gather op before each linear)
     logits   [V] float32          the last row's, after the final soft-cap
@@ -63,7 +65,8 @@ in its softmax's denominator) as float32 `{layer}.self_attn.sinks` [H]; LFM3's h
 `{layer}.self_attn.g_proj.weight` [H, hidden]; a Qwen3.5 delta net's convolution as float32 [Cq, kernel]
 (`{layer}.linear_attn.conv1d.weight`), its b and a float32 [Hv, hidden] (`.in_proj_b.weight`,
 `.in_proj_a.weight`), `.dt_bias` and `.decay_rate` (-exp(A_log)) float32 [Hv], its norm float32 [Dv]
-(`.norm.weight`, no offset: a plain weight); a mixture of experts' router
+(`.norm.weight`, no offset: a plain weight); a Mamba-2's the same but b, with its convolution's bias float32
+[Cq] (`.conv1d.bias`), D float32 [Hv] (`.D`) and its norm float32 [Hv Dv]; a mixture of experts' router
 and experts as experts_layout says.
 """
 from __future__ import annotations

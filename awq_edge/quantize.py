@@ -322,7 +322,8 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     C * conv(B * x), so its scales fold into C's rows of in_proj (C / s gives that product / s).
     A Qwen3.5 gated delta net has an in group (in_proj_qkv and in_proj_z, b and a in float, scored on
     the delta net's output over whole sequences) and no out group: out_proj reads a norm per value head
-    times silu(z), which no scale folds across.
+    times silu(z), which no scale folds across. A Granite 4.0-H Mamba-2 mixer's in group is all of its
+    in_proj (z, x B C and dt, read back with dt float), its out_proj likewise without a group.
 
     A mixture of experts (model.SparseMoe) has one gate_up group of every expert's gate and up (their
     input is the norm's, all tokens; AutoAWQ's Mixtral), scored on the whole mixture, whose router
@@ -350,9 +351,9 @@ def block_groups(layer, family: Family, config) -> list[ScaleGroup]:
     elif delta is not None and foldable:  # (Qwen3.5's b and a, one row a value head, stay float, as a router; a
         # Mamba-2's dt, in in_proj with z and x B C, is quantized with them and read back float)
         gated = hasattr(delta, "in_proj_b")
-        groups.append(ScaleGroup("in", layer.input_layernorm, [delta.in_proj_qkv, delta.in_proj_z,
-                                                               *([] if gated else [delta.in_proj_a])],
-                                 "linear_attn", "in_proj_qkv", floats=(delta.in_proj_b, delta.in_proj_a) if gated else ()))
+        linears = [delta.in_proj_qkv, delta.in_proj_z, *([] if gated else [delta.in_proj_a])]
+        groups.append(ScaleGroup("in", layer.input_layernorm, linears, "linear_attn", "in_proj_qkv",
+                                 floats=(delta.in_proj_b, delta.in_proj_a) if gated else ()))
     elif family.parallel_block:  # q/k/v and gate/up read one norm: one group, its loss on attention + MLP
         groups.append(ScaleGroup(f"qkv_{mlp_group}", layer.input_layernorm, qkv + mlp_in, "parallel", "q_proj"))
     elif foldable:

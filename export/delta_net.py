@@ -1,4 +1,5 @@
-"""Qwen3.5's gated delta net in the decoder graph (export.spec.DeltaNet says what it computes).
+"""Qwen3.5's gated delta nets and Granite 4.0-H's Mamba-2 mixers in the decoder graph (export.spec.DeltaNet
+says what each rule computes).
 
 A step of S tokens (S >= 1: prefill or decode) reads two states the runtime keeps per layer and
 returns their next values, all float32 whatever the activations' dtype:
@@ -65,7 +66,8 @@ def grouped_heads(b: GraphBuilder, t: str, d) -> str:
 def rms_normed(b: GraphBuilder, t: str, eps: float) -> str:
     """t / sqrt(mean(t^2) + eps) over the last axis, float32."""
     mean = b.reduce_mean_last(b.op("Mul", t, t))
-    return b.op("Mul", t, b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean, b.const("const/f32/eps", np.float32(eps))))))
+    root = b.op("Sqrt", b.op("Add", mean, b.const("const/f32/eps", np.float32(eps))))
+    return b.op("Mul", t, b.op("Reciprocal", root))
 
 
 def l2_normed_heads(b: GraphBuilder, x: str, heads: int, dim: int) -> str:
@@ -77,7 +79,7 @@ def l2_normed_heads(b: GraphBuilder, x: str, heads: int, dim: int) -> str:
 
 
 def delta_block(dec, x: str, i: int) -> str:
-    """The delta net of layer i on its normed input x [1, S, hidden] (act dtype); its output [1, S, hidden].
+    """The delta net (Mamba-2) of layer i on its normed input x [1, S, hidden] (act dtype); its output [1, S, hidden].
     dec: the export.graph.Decoder (its builder, spec, linears and tensors)."""
     b, spec = dec.b, dec.spec
     d, p = spec.delta, f"model.layers.{i}.linear_attn"
