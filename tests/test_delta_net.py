@@ -1,11 +1,12 @@
 """Qwen3.5's gated delta nets on the CPU engine: against transformers (prefill and step by step,
 value heads grouped unevenly), their states kept across steps and taken back by a rewind (to the
 last prefill's end, or to 0) as a fresh prefill would compute them, on ONNX Runtime and with the
-native C decode, and export.json's delta_net read as untrusted input. (Every family's tiny model,
-Qwen3.5's with one delta net, is in test_export_families.py; its quantizer groups in
-test_quantize.py; the native C decode against ONNX Runtime in test_cpu_native.py; the cuda backend's
-kernels against the reference executor in test_kernels_on_cpu.py, the reference executor against
-ONNX Runtime in test_native_engine.py.)"""
+native C decode, and export.json's delta_net read as untrusted input; Granite 4.0-H's Mamba-2 mixers
+(the same frame, rule mamba2) with their dt limits biting, and its hostile configs. (Every family's
+tiny model, Qwen3.5's with one delta net, Granite 4.0-H's with one Mamba-2, is in
+test_export_families.py; their quantizer groups in test_quantize.py; the native C decode against
+ONNX Runtime in test_cpu_native.py; the cuda backend's kernels against the reference executor in
+test_kernels_on_cpu.py, the reference executor against ONNX Runtime in test_native_engine.py.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -148,6 +149,40 @@ def test_a_hostile_qwen3_5_config_is_refused_in_one_line(config, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_granite4_h_whose_time_step_limit_bites_matches_transformers(tmp_path, smollm2_dir):
+    """Mamba-2 mixers (three heads to each of two groups) around attention, dt held within 0.05..0.3 (transformers'
+    one full forward clamps it, as the engine does at every step), a convolution of 3 with its bias."""
+    from awq_edge.checkpoint import load_awq_as_float
+
+    ckpt = tiny_checkpoint(tmp_path, "granitemoehybrid", smollm2_dir, num_hidden_layers=3, mamba_n_heads=8,
+                           mamba_n_groups=2, mamba_d_state=24, mamba_d_conv=3, time_step_limit=[0.05, 0.3],
+                           layer_types=["mamba", "attention", "mamba"])
+    export = export_for_cpu(ckpt, tmp_path / "exports", "ort")
+    delta = read_export_info(export).delta_net
+    assert (delta.layers, delta.rule, delta.dt_min, delta.dt_max, delta.conv_bias) == ((0, 2), "mamba2", 0.05, 0.3,
+                                                                                       True)
+    check_against_reference(export, load_awq_as_float(ckpt).eval(), ids(40), 20, 1e-5)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"layer_types": ["mamba"] * 2}, "every layer is a Mamba-2 mixer"),
+    ({"mamba_n_heads": 6}, "mamba_n_heads 6 x mamba_d_head 21 is not mamba_expand x hidden_size 128"),
+    ({"mamba_n_groups": 3}, "not a multiple of mamba_n_groups 3"),
+    ({"mamba_n_heads": 4}, "in_proj has 324 rows, not a multiple of 8"),
+    ({"time_step_limit": [0.5, 0.1]}, "time_step_limit must be two numbers, low <= high"),
+    ({"time_step_limit": "fast"}, "time_step_limit must be two numbers"),
+    ({"mamba_d_state": 1 << 20}, "mamba_d_state must be an integer"),
+    ({"mamba_proj_bias": True}, "mamba_proj_bias True .* is not supported for granitemoehybrid"),
+], ids=["no attention", "heads that do not divide", "groups that do not divide", "rows not packable",
+        "a limit upside down", "a limit not numbers", "a huge state", "biases"])
+def test_a_hostile_granite4_h_config_is_refused_in_one_line(config, message):
+    from awq_edge.export.spec import model_spec
+
+    with pytest.raises(UserError, match=message) as e:
+        model_spec({**TINY, **TINY_EXTRA["granitemoehybrid"], "model_type": "granitemoehybrid", **config})
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda i: i["delta_net"].update(layers=[0, 0]), "delta_net layers must list distinct layer numbers below 3"),
     (lambda i: i["delta_net"].update(layers=[0, 1, 2]), "not all of them"),
@@ -156,10 +191,12 @@ def test_a_hostile_qwen3_5_config_is_refused_in_one_line(config, message):
     (lambda i: i["delta_net"].update(k_dim=1 << 30), "k_dim must be an integer"),
     (lambda i: i["delta_net"].update(k_dim=1024, v_dim=1024, v_heads=300), "over 1024 MiB a layer"),
     (lambda i: i["delta_net"].update(kernel=4), "the graph's inputs do not have|does not have the type and shape"),
+    (lambda i: i["delta_net"].update(rule="mamba3"), "rule must be one of gated, mamba2"),
+    (lambda i: i["delta_net"].update(dt_min=0.5, dt_max=0.1), "dt_max is below dt_min"),
     # (K and V counted for a delta layer: the byte count or the graph's inputs tell)
     (lambda i: i.pop("delta_net"), "kv_bytes_per_token"),
 ], ids=["twice", "every layer", "a bool", "heads that do not group", "a huge head", "a huge state", "another kernel",
-        "left out"])
+        "another rule", "dt limits upside down", "left out"])
 def test_delta_net_in_export_json_is_checked(qwen3_5, tmp_path, edit, message):
     export = linked_copy(qwen3_5[2], tmp_path / "e")
     edit_json(export / "export.json", edit)
