@@ -229,6 +229,17 @@ def test_qwen3_5s_delta_nets_match_the_reference(gemv, tokenizer_dir, tmp_path):
     check_against_reference(engine, 320, cublas=False, gemv=gemv)
 
 
+@pytest.mark.parametrize("gemv", GEMVS)
+def test_granite4_hs_mamba_mixers_match_the_reference(gemv, tokenizer_dir, tmp_path):
+    """Granite 4.0-H: awq_delta_conv with its bias, awq_mamba_rule (a block a head of 32, four to each of two
+    groups, a state of 128) and awq_group_norm over a 320-row prompt and decode's graph replays, around attention
+    without RoPE (queued 2026-12-07, unrun on a GPU)."""
+    engine = tiny_engine(tmp_path, "granitemoehybrid", tokenizer_dir, num_hidden_layers=3,
+                         layer_types=["mamba", "attention", "mamba"], mamba_n_heads=8, mamba_n_groups=2,
+                         mamba_d_state=128, position_embedding_type=None)
+    check_against_reference(engine, 320, cublas=False, gemv=gemv)
+
+
 @pytest.mark.parametrize("model_type", ["arcee", "apertus", "nanochat"])
 @pytest.mark.parametrize("gemv", [*GEMVS, "persistent_step"])
 def test_an_mlp_without_a_gate_matches_the_reference(gemv, model_type, tokenizer_dir, tmp_path):
