@@ -446,6 +446,7 @@ FAMILIES: dict[str, Family] = {
         # its MLP (shared_mlp) stores gate and up as one input_linear
         Family("granite4", ("granitemoehybrid",), multipliers=True, nope_layers="unless_rope", sliding_layers="mamba",
                delta_net="mamba2", fused_linears=(FUSED_GATE_UP, FUSED_MAMBA_IN),
+               config_aliases=(("layers_block_type", "layer_types"),),  # (its configs' older name, as transformers')
                module_renames=((".shared_mlp.", ".mlp."), (".mlp.input_linear.", ".mlp.gate_up_proj."),
                                (".mlp.output_linear.", ".mlp.down_proj."), (".mamba.", ".linear_attn.")),
                config_replaced=(("shared_intermediate_size", "intermediate_size"),),

@@ -85,8 +85,8 @@ class DeltaNet:
     then out_proj(rms_norm(o) * norm.weight * silu(z)), the norm per value head.
 
     rule "mamba2" (Mamba-2 mixers: Granite 4.0-H's): the channels are x (v_heads x v_dim: v), B and C (k_heads
-    x k_dim each: k and q; k_heads its groups, k_dim its state size); dt = softplus(a + dt_bias[h]), clamped to
-    dt_limit, the decay's:
+    x k_dim each: k and q; k_heads its groups, k_dim its state size); dt = softplus(a + dt_bias[h]) within
+    dt_min..dt_max (time_step_limit), the decay's:
         S = decay S;  S += B (dt x)^T;  o = S^T C + D[h] x
     then out_proj(rms_norm(o * silu(z)) * norm.weight), the norm over each of k_heads equal groups of o.
 

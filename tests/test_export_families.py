@@ -613,6 +613,8 @@ def test_granite4_reads_its_dense_and_hybrid_models_and_refuses_its_expert_ones(
     dense = {**hybrid, "layer_types": ["attention", "attention"]}
     assert model_spec(dense).intermediate == 96  # shared_intermediate_size, whatever intermediate_size says
     assert model_spec(dense).delta is None and model_spec(hybrid).delta.layers == (0,)
+    older = {key: value for key, value in hybrid.items() if key != "layer_types"}  # (its configs' older key)
+    assert model_spec({**older, "layers_block_type": ["attention", "mamba"]}).delta.layers == (1,)
     assert all(r.inv_freq.any() for r in model_spec(dense).layer_rope)
     for unrotated in (None, "nope"):  # (4.0-H's configs: "nope")
         assert not any(r.inv_freq.any() for r in model_spec({**dense, "position_embedding_type": unrotated}).layer_rope)
