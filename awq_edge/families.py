@@ -58,7 +58,8 @@ class Family:
     # attention_layers, global or local, or its attention_types expanded: [[["global", "local"], 12]]);
     # "fourth" (CWM, Granite SWA: layers 0, 4, 8, ... full, the others slide); "lfm3" (layers 2, 6, 10, ...
     # full, 4, 8, 12, ... sliding, the others short convolutions); "afmoe" (every global_attn_every_n_layers-th
-    # full, 4 unless the config says, the others sliding, whether or not a sliding_window is set)
+    # full, 4 unless the config says, the others sliding, whether or not a sliding_window is set);
+    # "attn_layer_indices" (Bamba: the layers it lists attention, the others Mamba)
     sliding_layers: str = "none"
     # what transformers' config class takes for a key config.json leaves out, where that is not the
     # generic default export.spec assumes (head_dim hidden / heads, no window, untied, RoPE base 1e4)
@@ -456,6 +457,20 @@ FAMILIES: dict[str, Family] = {
                                 ("mamba_conv_bias", True)),
                refused_switches=(("num_local_experts", "a mixture of experts: Granite 4.0's MoE models"),
                                  ("mamba_proj_bias", "biases on the Mamba mixers' in_proj and out_proj"))),
+        # Bamba (9B v1, v2): Llama's attention (half of each head rotated, whatever the config says: transformers
+        # fixes it) at the layers attn_layer_indices lists, Granite 4.0-H's Mamba-2 mixers at the others; its MLP
+        # feed_forward after pre_ff_layernorm, its final norm final_layernorm
+        Family("bamba", ("bamba",), delta_net="mamba2", sliding_layers="attn_layer_indices",
+               mlp_norm="pre_ff_layernorm", fused_linears=(FUSED_MAMBA_IN,), block_returns_tuple=True,
+               module_renames=((".feed_forward.", ".mlp."), ("model.final_layernorm.", "model.norm."),
+                               (".mamba.", ".linear_attn.")),
+               config_ignored=("partial_rotary_factor",),
+               config_defaults=(("partial_rotary_factor", 0.5), ("max_position_embeddings", 262144),
+                                ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5), ("mamba_n_heads", 128),
+                                ("mamba_n_groups", 1), ("mamba_d_state", 256), ("mamba_d_conv", 4), ("mamba_expand", 2),
+                                ("mamba_conv_bias", True)),
+               refused_switches=(("mamba_proj_bias", "biases on the Mamba mixers' in_proj and out_proj"),
+                                 ("attention_bias", "biases on q, k, v and o"), ("mlp_bias", "biases on the MLP"))),
         # Phi-1, 1.5 and 2: attention and an MLP without a gate (fc1, gelu_tanh, fc2) side by side on
         # one LayerNorm, biases on every linear and on the head, partial rotary, under their own names
         Family("phi", ("phi",), norm="layer", parallel_block=True, activation="gelu_tanh", gated_mlp=False,

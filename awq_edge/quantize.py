@@ -243,7 +243,8 @@ def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int):
     """
     layers = decoder_layers(model)
     family = find_family(model.config.model_type)
-    as_returned = (lambda h: (h,)) if family and family.block_returns_tuple else (lambda h: h)  # (GPT-Neo's)
+    # (GPT-Neo's, Bamba's: (hidden, attention weights), unpacked or indexed)
+    as_returned = (lambda h: (h, None)) if family and family.block_returns_tuple else (lambda h: h)
     recorded_kwargs: list[dict] = [{} for _ in layers]
     first_inputs: list[torch.Tensor] = []
 

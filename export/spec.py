@@ -386,6 +386,9 @@ def default_layer_types(c: Fields, family: Family, layers: int, window: int | No
     rule = family.sliding_layers
     if rule == "mamba":
         return ["linear_attention"] * layers
+    if rule == "attn_layer_indices":  # (Bamba's; none listed: every layer Mamba, as transformers builds it)
+        listed = layer_numbers(c, rule, layers) if c.raw.get(rule) is not None else []
+        return ["full_attention" if i in listed else "linear_attention" for i in range(layers)]
     if rule == "afmoe":  # (whatever the window: its full layers are the ones without RoPE)
         every = c.int("global_attn_every_n_layers", 1, MAX_LAYERS, default=4)
         return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers)]

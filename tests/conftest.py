@@ -95,6 +95,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
         dense = (dict(layer_types=["mamba", "attention"], num_local_experts=0, position_embedding_type="rope",
                       shared_intermediate_size=96, mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16)
                  if model_type == "granitemoehybrid" else {})
+        if model_type == "bamba":  # a Mamba-2 mixer, then attention
+            dense = dict(attn_layer_indices=[1], mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16)
         if model_type == "gpt_bigcode":  # (its KV heads: 1 with multi_query, else as many as query heads)
             dense = dict(multi_query=kv_heads < 4)
         if model_type == "opt":  # (its MLP's width)

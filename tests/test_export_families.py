@@ -50,6 +50,7 @@ TRT_REFUSES = {"hunyuan_v1_dense": "q/k norms come after RoPE, and the trt targe
                "granite_swa": "attention sinks are not in the trt target's attention plugin",
                "qwen3_5_text": "gated delta nets keep a recurrent state, which the trt target's engines do not",
                "granitemoehybrid": "Mamba-2 mixers keep a recurrent state, which the trt target's engines do not",
+               "bamba": "Mamba-2 mixers keep a recurrent state, which the trt target's engines do not",
                **{moe: "mixture of experts is not in the trt target's graph" for moe in MOE_EXPERTS}}
 
 
@@ -742,6 +743,8 @@ def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
     sizes = dict(hidden_size=1280, intermediate_size=512, num_hidden_layers=12, num_attention_heads=160, vocab_size=300)
     if model_type == "granitemoehybrid":  # (left out, its layers are Mamba and its MLPs experts: refused)
         sizes.update(layer_types=["mamba"] + ["attention"] * 11, num_local_experts=0)
+    if model_type == "bamba":  # (left out, every layer is Mamba: refused)
+        sizes.update(attn_layer_indices=[3, 7])
     if model_type == "gptj":  # (its default rotary_dim, 64, is wider than these heads)
         sizes.update(rotary_dim=4)
     if model_type == "gpt_neo":  # (its default attention_types lists 24 layers)

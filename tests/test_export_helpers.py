@@ -61,6 +61,10 @@ TINY_EXTRA = {
                          "logits_scaling": 2.5, "layer_types": ["mamba", "attention"], "num_local_experts": 0,
                          "position_embedding_type": "rope", "shared_intermediate_size": 96, "pad_token_id": 0,
                          "mamba_n_heads": 8, "mamba_n_groups": 2, "mamba_d_state": 16, "mamba_d_conv": 4},
+    # Bamba: Granite 4.0-H's Mamba-2 mixer (two heads to each of 4 groups) at layer 1, Llama's attention (half of
+    # each head rotated) at layer 0; its own norm and MLP names
+    "bamba": {"attn_layer_indices": [0], "mamba_n_heads": 8, "mamba_n_groups": 4, "mamba_d_head": 16,
+              "mamba_d_state": 16, "mamba_d_conv": 3, "pad_token_id": 0},
     # q/k/v biases, fused gate/up, a quarter of each head rotated in interleaved pairs
     "glm": {"partial_rotary_factor": 0.25, "head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # GLM's pieces with its two post-norms

@@ -340,7 +340,8 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
 @pytest.mark.parametrize("model_type", TINY_FAMILIES + ("glm4", "olmo2", "vaultgemma", "arcee", "nemotron", "cohere",
                                                        "jais2", "starcoder2", "granitemoehybrid", "phi",
                                                        "olmo", "apertus", "nanochat", "lfm2", "lfm3", "gpt_neox",
-                                                       "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo", "qwen3_5_text"))
+                                                       "gpt_bigcode", "opt", "gpt2", "gptj", "gpt_neo", "qwen3_5_text",
+                                                       "bamba"))
 @torch.no_grad()
 def test_folding_scales_is_exact_in_every_family(model_type, tiny_model_dir):
     """Every scale group of a block (multi-head attention: o's too), folded with random scales into
