@@ -82,8 +82,8 @@ class Family:
     mlp_in_block: bool = False
     # GPT-Neo: q . k is not divided by sqrt(head_dim) (a score scale of 1)
     unscaled_scores: bool = False
-    # GPT-Neo: its transformers block returns a tuple (hidden states first), which its model indexes; the
-    # quantizer's pass-through blocks return one too (quantize.capture_block_inputs)
+    # GPT-Neo, Bamba: its transformers block returns a tuple (hidden states first), which its model indexes or
+    # unpacks; the quantizer's pass-through blocks return one too (quantize.capture_block_inputs)
     block_returns_tuple: bool = False
     # GPT-J: the config key that gives how many of a head's dimensions rotate (its rotary_dim), not a fraction
     rotary_dim_key: str = ""
@@ -242,6 +242,11 @@ FUSED_GATE_UP = ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))
 FUSED_QKV = ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
 # a Mamba-2 mixer's in_proj: z, then x B C (what its convolution runs over), then dt (Family.delta_net "mamba2")
 FUSED_MAMBA_IN = ("linear_attn.in_proj", ("linear_attn.in_proj_z", "linear_attn.in_proj_qkv", "linear_attn.in_proj_a"))
+# the Mamba-2 mixers' config keys as transformers' classes default them (Granite 4.0-H's and Bamba's alike), and what
+# the engines do not compute of them
+MAMBA_DEFAULTS = (("mamba_n_heads", 128), ("mamba_n_groups", 1), ("mamba_d_state", 256), ("mamba_d_conv", 4),
+                  ("mamba_expand", 2), ("mamba_conv_bias", True))
+MAMBA_REFUSED = (("mamba_proj_bias", "biases on the Mamba mixers' in_proj and out_proj"),)
 GLM_DEFAULTS = (("max_position_embeddings", 131072), ("num_key_value_heads", 2), ("head_dim", 128),
                 ("rms_norm_eps", 1.5625e-07), ("partial_rotary_factor", 0.5))  # GLM's and GLM-4's
 GEMMA2_DEFAULTS = (("max_position_embeddings", 8192), ("num_key_value_heads", 4), ("head_dim", 256),
@@ -452,11 +457,9 @@ FAMILIES: dict[str, Family] = {
                                (".mlp.output_linear.", ".mlp.down_proj."), (".mamba.", ".linear_attn.")),
                config_replaced=(("shared_intermediate_size", "intermediate_size"),),
                config_defaults=(("max_position_embeddings", 2048), ("shared_intermediate_size", 1024),
-                                ("num_local_experts", 8), ("attention_multiplier", 1.0), ("mamba_n_heads", 128),
-                                ("mamba_n_groups", 1), ("mamba_d_state", 256), ("mamba_d_conv", 4), ("mamba_expand", 2),
-                                ("mamba_conv_bias", True)),
+                                ("num_local_experts", 8), ("attention_multiplier", 1.0), *MAMBA_DEFAULTS),
                refused_switches=(("num_local_experts", "a mixture of experts: Granite 4.0's MoE models"),
-                                 ("mamba_proj_bias", "biases on the Mamba mixers' in_proj and out_proj"))),
+                                 *MAMBA_REFUSED)),
         # Bamba (9B v1, v2): Llama's attention (half of each head rotated, whatever the config says: transformers
         # fixes it) at the layers attn_layer_indices lists, Granite 4.0-H's Mamba-2 mixers at the others; its MLP
         # feed_forward after pre_ff_layernorm, its final norm final_layernorm
@@ -466,11 +469,9 @@ FAMILIES: dict[str, Family] = {
                                (".mamba.", ".linear_attn.")),
                config_ignored=("partial_rotary_factor",),
                config_defaults=(("partial_rotary_factor", 0.5), ("max_position_embeddings", 262144),
-                                ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5), ("mamba_n_heads", 128),
-                                ("mamba_n_groups", 1), ("mamba_d_state", 256), ("mamba_d_conv", 4), ("mamba_expand", 2),
-                                ("mamba_conv_bias", True)),
-               refused_switches=(("mamba_proj_bias", "biases on the Mamba mixers' in_proj and out_proj"),
-                                 ("attention_bias", "biases on q, k, v and o"), ("mlp_bias", "biases on the MLP"))),
+                                ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5), *MAMBA_DEFAULTS),
+               refused_switches=(*MAMBA_REFUSED, ("attention_bias", "biases on q, k, v and o"),
+                                 ("mlp_bias", "biases on the MLP"))),
         # Phi-1, 1.5 and 2: attention and an MLP without a gate (fc1, gelu_tanh, fc2) side by side on
         # one LayerNorm, biases on every linear and on the head, partial rotary, under their own names
         Family("phi", ("phi",), norm="layer", parallel_block=True, activation="gelu_tanh", gated_mlp=False,
