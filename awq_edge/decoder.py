@@ -339,11 +339,11 @@ def decode_ops(spec: DecoderSpec, fused: bool = True) -> list[Op]:
             ops.append(Op("delta_conv", {"x": "dqkvz", "layer": i, "weight": f"{la}.conv1d.weight",
                                          "bias": f"{la}.conv1d.bias" if d.conv_bias else None}))
             rule = {"x": "dqkvz", "normed": normed, "out": "dout", "layer": i, "a": f"{la}.in_proj_a.weight",
-                    "dt_bias": f"{la}.dt_bias", "rate": f"{la}.decay_rate", "norm": f"{la}.norm.weight"}
+                    "dt_bias": f"{la}.dt_bias", "rate": f"{la}.decay_rate"}
             if d.rule == "gated":
-                ops.append(Op("delta_rule", {**rule, "b": f"{la}.in_proj_b.weight"}))
+                ops.append(Op("delta_rule", {**rule, "b": f"{la}.in_proj_b.weight", "norm": f"{la}.norm.weight"}))
             else:
-                ops.append(Op("mamba_rule", {**rule, "skip": f"{la}.D", "norm": None}))
+                ops.append(Op("mamba_rule", {**rule, "skip": f"{la}.D"}))
                 ops.append(Op("group_norm", {"x": "dout", "weight": f"{la}.norm.weight", "groups": d.k_heads}))
             out = in_order("dout", f"{la}.out_proj", d.value_dim)
             pending = residual_linear(out, f"{la}.out_proj", d.value_dim, False, "attn",
