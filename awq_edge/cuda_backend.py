@@ -519,6 +519,11 @@ class CudaBackend:
         self.position = int(position)
         self.drv.upload(self.past, np.array([self.position], np.int64))
 
+    def delta_s(self, layer: int) -> int:
+        """Where S of a delta-net or Mamba-2 layer begins: after its convolution's inputs in the layer's state
+        (export.spec.DeltaNet.state_shapes' order)."""
+        return self.delta_state[layer] + 4 * int(np.prod(self.spec.delta.state_shapes[0]))
+
     def _keep_delta_states(self, into: dict) -> None:
         """Each delta net's states copied into `into` (delta_kept, delta_spare), behind the queued work."""
         for i, state in self.delta_state.items():
@@ -872,18 +877,18 @@ class CudaBackend:
             self.launch("awq_delta_conv", (-(-d.conv_dim // DELTA_THREADS),), (DELTA_THREADS,),
                         [b[a["x"]], ("i32", d.conv_dim + d.value_dim), self.delta_state[a["layer"]], w[a["weight"]],
                          w[a["bias"]] if a["bias"] else 0, ("i32", rows), ("i32", d.conv_dim), ("i32", d.kernel)])
-        elif op.kind == "delta_rule":  # (S after the convolution's inputs in the layer's state: state_shapes' order)
+        elif op.kind == "delta_rule":
             d = spec.delta
             self.launch("awq_delta_rule", (d.v_heads,), (DELTA_THREADS,),
                         [b[a["x"]], ("i32", d.conv_dim + d.value_dim), b[a["normed"]], b[a["out"]],
-                         self.delta_state[a["layer"]] + 4 * int(np.prod(d.state_shapes[0])), w[a["b"]], w[a["a"]],
+                         self.delta_s(a["layer"]), w[a["b"]], w[a["a"]],
                          w[a["dt_bias"]], w[a["rate"]], w[a["norm"]], ("i32", rows), ("i32", spec.hidden),
                          ("i32", d.k_heads), ("i32", d.v_heads), ("i32", d.k_dim), ("i32", d.v_dim), eps])
-        elif op.kind == "mamba_rule":  # (S after the convolution's inputs, as above)
+        elif op.kind == "mamba_rule":
             d = spec.delta
             self.launch("awq_mamba_rule", (d.v_heads,), (DELTA_THREADS,),
                         [b[a["x"]], ("i32", d.conv_dim + d.value_dim), b[a["normed"]], b[a["out"]],
-                         self.delta_state[a["layer"]] + 4 * int(np.prod(d.state_shapes[0])), w[a["a"]],
+                         self.delta_s(a["layer"]), w[a["a"]],
                          w[a["dt_bias"]], w[a["rate"]], w[a["skip"]], ("i32", rows), ("i32", spec.hidden),
                          ("i32", d.k_heads), ("i32", d.v_heads), ("i32", d.k_dim), ("i32", d.v_dim),
                          ("f32", d.dt_min), ("f32", math.inf if d.dt_max is None else d.dt_max)])

@@ -625,7 +625,8 @@ def mamba_spec(c: Fields, layers: tuple) -> DeltaNet:
     if heads * width != inner or heads % groups:
         raise UserError(f"{c.where}: mamba_n_heads {heads} x mamba_d_head {width} is not mamba_expand x hidden_size "
                         f"{inner}, or not a multiple of mamba_n_groups {groups}; {c.fix}")
-    rows = 2 * inner + 2 * groups * c.int("mamba_d_state", 1, MAX_HEAD_DIM) + heads
+    state = c.int("mamba_d_state", 1, MAX_HEAD_DIM)
+    rows = 2 * inner + 2 * groups * state + heads
     if rows % 8:  # (z, x, B, C and dt: AutoAWQ's layout packs 8 rows a word)
         raise UserError(f"{c.where}: the Mamba mixers' in_proj has {rows} rows, not a multiple of 8, which 4-bit "
                         f"packing takes (mamba_n_heads {heads}); {c.fix}")
@@ -639,7 +640,7 @@ def mamba_spec(c: Fields, layers: tuple) -> DeltaNet:
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in limit)
                 or not limit[0] <= limit[1]):
             raise UserError(f"{c.where}: time_step_limit must be two numbers, low <= high, 0 or more; {c.fix}")
-    return DeltaNet(layers=layers, k_heads=groups, v_heads=heads, k_dim=c.int("mamba_d_state", 1, MAX_HEAD_DIM),
+    return DeltaNet(layers=layers, k_heads=groups, v_heads=heads, k_dim=state,
                     v_dim=width, kernel=c.int("mamba_d_conv", 2, MAX_CONV_KERNEL), rule="mamba2",
                     conv_bias=c.bool("mamba_conv_bias", default=True), dt_min=float(limit[0]),
                     dt_max=None if limit[1] is None or limit[1] == float("inf") else float(limit[1]))
