@@ -104,11 +104,11 @@ def language_model_key(stored: str) -> str | None:
     return None
 
 
-def our_names(model_type, ours: bool = True):
+def our_names(config: dict, ours: bool = True):
     """A stored tensor name -> ours (Family.our_name: EXAONE 3's GPT-2 names, Phi's dense and fc1, ...);
     ours False: -> transformers' (Family.transformers_name: what a transformers model of it loads);
     None for a tensor that holds no weights (Family.ignored_tensors)."""
-    family = find_family(model_type)
+    family = find_family(config.get("model_type"), config)
     if family is None or not (family.tensor_renames or family.module_renames or family.ignored_tensors):
         return lambda name: name
     rename = family.our_name if ours else family.transformers_name
@@ -121,12 +121,12 @@ def language_model_view(config: dict, ours: bool = True):
     transformers would, families.Family.config_defaults) with the wrapper's quantization_config,
     eos_token_id and tie_word_embeddings carried over, and language_model_key."""
     if not is_vision_language(config):
-        return config, our_names(config.get("model_type"), ours)
+        return config, our_names(config, ours)
     text = {**text_config(config), "quantization_config": config.get("quantization_config")}
     for key in ("eos_token_id", "tie_word_embeddings"):  # the wrapper's decide, as in transformers
         if config.get(key) is not None:
             text[key] = config[key]
-    rename = our_names(text.get("model_type"), ours)
+    rename = our_names(text, ours)
     return text, lambda name: None if (inner := language_model_key(name)) is None else rename(inner)
 
 
@@ -474,7 +474,7 @@ def write_checkpoint(staging: Path, config: dict, linears: dict[str, QuantizedLi
         raise UserError(f"--format {checkpoint_format} is unknown; use {' or '.join(CHECKPOINT_FORMATS)}")
     from .export.spec import model_spec
 
-    family = family_for(str(config.get("model_type")))
+    family = family_for(str(config.get("model_type")), config)
     linears = fuse_linears(linears, model_spec(config))  # as the family stores them
     out: dict[str, np.ndarray] = {}
     for name, t in tensors.items():  # (ascontiguousarray makes a 0-d array 1-d: Apertus's xIELU beta, eps are 0-d)

@@ -137,11 +137,11 @@ class ExportInfo:
         from .export.spec import model_spec
         from .families import find_family
 
-        family = find_family(self.config.get("model_type"))
+        family = find_family(self.config.get("model_type"), self.config)
         if family is None or not family.experts_key:
             return self.intermediate_size
         spec = model_spec(self.config)
-        return max(self.intermediate_size, spec.experts_per_token * spec.expert_width)
+        return max(self.intermediate_size, spec.experts_per_token * spec.expert_width, spec.shared_width)
 
     def workspace(self, context: int) -> int:
         """Bytes of one prefill chunk's activations in ONNX Runtime (memory.workspace_bytes)."""

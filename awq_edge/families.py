@@ -201,6 +201,9 @@ class Family:
     # ERNIE 4.5 MoE: the config key of how many experts wide its shared expert is (one MLP, that many times
     # expert_width_key wide, moe_num_shared_experts), where shared_expert_key gives no width
     shared_experts_key: str = ""
+    # Granite 4.0: the family that reads its configs with experts (num_local_experts above 0, or left out:
+    # transformers' default is 8), whose MLP modules are named otherwise (find_family)
+    with_experts: str = ""
     # config.json switches the engines do not compute, as (key, what it turns on): refused when set (true or
     # not 0, config_defaults' value where config.json has none)
     refused_switches: tuple = ()
@@ -240,6 +243,13 @@ class Family:
 GEMMA_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 FUSED_GATE_UP = ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))
 FUSED_QKV = ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+FUSED_SHARED_GATE_UP = ("mlp.shared_expert.gate_up_proj", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"))
+# Granite's MoE blocks: experts and router under their names (block_sparse_moe, router), and the shared_mlp
+# beside them (a gated MLP on every token, ungated; gate and up stored as one input_linear): our shared expert
+GRANITE_MOE_NAMES = ((".block_sparse_moe.", ".mlp."), (".mlp.router.", ".mlp.gate."))
+GRANITE_SHARED_MLP_NAMES = ((".shared_mlp.", ".mlp.shared_expert."),
+                            (".mlp.shared_expert.input_linear.", ".mlp.shared_expert.gate_up_proj."),
+                            (".mlp.shared_expert.output_linear.", ".mlp.shared_expert.down_proj."))
 # a Mamba-2 mixer's in_proj: z, then x B C (what its convolution runs over), then dt (Family.delta_net "mamba2")
 FUSED_MAMBA_IN = ("linear_attn.in_proj", ("linear_attn.in_proj_z", "linear_attn.in_proj_qkv", "linear_attn.in_proj_a"))
 # the Mamba-2 mixers' config keys as transformers' classes default them (Granite 4.0-H's and Bamba's alike), and what
@@ -303,6 +313,12 @@ QWEN3_5 = dict(qk_norm=True, norm_offset=1.0, output_gate=True, query_gate=True,
 QWEN3_5_DEFAULTS = (("max_position_embeddings", 32768), ("head_dim", 256), ("partial_rotary_factor", 0.25),
                     ("linear_conv_kernel_dim", 4), ("linear_key_head_dim", 128), ("linear_value_head_dim", 128),
                     ("linear_num_key_heads", 16), ("linear_num_value_heads", 32))
+
+GRANITE4 = dict(multipliers=True, nope_layers="unless_rope", sliding_layers="mamba", delta_net="mamba2",
+                config_aliases=(("layers_block_type", "layer_types"),),  # (its configs' older name, as transformers')
+                refused_switches=MAMBA_REFUSED)
+GRANITE4_DEFAULTS = (("max_position_embeddings", 2048), ("shared_intermediate_size", 1024), ("num_local_experts", 8),
+                     ("attention_multiplier", 1.0), *MAMBA_DEFAULTS)
 
 COHERE_DEFAULTS = (("rms_norm_eps", 1e-5), ("tie_word_embeddings", True), ("logit_scale", 0.0625))
 
@@ -448,18 +464,21 @@ FAMILIES: dict[str, Family] = {
         Family("apertus1p5", ("apertus1p5_text",), **APERTUS, head_vocab_key="output_vocab_size"),
         # Granite 4.0 (micro, 1B, 350M) and 4.0-H (H-micro, H-1B, H-350M): Granite 3's attention, without RoPE
         # unless position_embedding_type says so, and the layers layer_types names "mamba" Mamba-2 mixers (its
-        # in_proj stacks z, x B C and dt: read as in_proj_z, in_proj_qkv and in_proj_a, dt float); no experts;
-        # its MLP (shared_mlp) stores gate and up as one input_linear
-        Family("granite4", ("granitemoehybrid",), multipliers=True, nope_layers="unless_rope", sliding_layers="mamba",
-               delta_net="mamba2", fused_linears=(FUSED_GATE_UP, FUSED_MAMBA_IN),
-               config_aliases=(("layers_block_type", "layer_types"),),  # (its configs' older name, as transformers')
+        # in_proj stacks z, x B C and dt: read as in_proj_z, in_proj_qkv and in_proj_a, dt float); no experts
+        # (num_local_experts 0; granite4_moe reads the others); its MLP (shared_mlp) stores gate and up as one
+        # input_linear
+        Family("granite4", ("granitemoehybrid",), **GRANITE4, with_experts="granite4_moe",
+               fused_linears=(FUSED_GATE_UP, FUSED_MAMBA_IN),
                module_renames=((".shared_mlp.", ".mlp."), (".mlp.input_linear.", ".mlp.gate_up_proj."),
                                (".mlp.output_linear.", ".mlp.down_proj."), (".mamba.", ".linear_attn.")),
                config_replaced=(("shared_intermediate_size", "intermediate_size"),),
-               config_defaults=(("max_position_embeddings", 2048), ("shared_intermediate_size", 1024),
-                                ("num_local_experts", 8), ("attention_multiplier", 1.0), *MAMBA_DEFAULTS),
-               refused_switches=(("num_local_experts", "a mixture of experts: Granite 4.0's MoE models"),
-                                 *MAMBA_REFUSED)),
+               config_defaults=GRANITE4_DEFAULTS),
+        # Granite 4.0-H tiny and small (granitemoehybrid with num_local_experts above 0): Granite 4.0-H whose MLPs
+        # are Granite 3 MoE's experts (intermediate_size wide, renormalized) beside its shared_mlp, on every token
+        Family("granite4_moe", (), **GRANITE4, experts_key="num_local_experts",
+               shared_expert_key="shared_intermediate_size", fused_linears=(FUSED_SHARED_GATE_UP, FUSED_MAMBA_IN),
+               module_renames=(*GRANITE_MOE_NAMES, *GRANITE_SHARED_MLP_NAMES, (".mamba.", ".linear_attn.")),
+               config_defaults=(*GRANITE4_DEFAULTS, ("num_experts_per_tok", 2))),
         # Bamba (9B v1, v2): Llama's attention (half of each head rotated, whatever the config says: transformers
         # fixes it) at the layers attn_layer_indices lists, Granite 4.0-H's Mamba-2 mixers at the others; its MLP
         # feed_forward after pre_ff_layernorm, its final norm final_layernorm
@@ -735,17 +754,25 @@ FAMILIES: dict[str, Family] = {
         # Granite 3 MoE (1B-A400M, 3B-A800M): Granite 3 (its multipliers) with 8 of 32 or 40 experts a token,
         # renormalized, under its own names
         Family("granitemoe", ("granitemoe",), multipliers=True, experts_key="num_local_experts",
-               module_renames=((".block_sparse_moe.", ".mlp."), (".mlp.router.", ".mlp.gate.")),
+               module_renames=GRANITE_MOE_NAMES,
                config_defaults=(("max_position_embeddings", 2048), ("attention_multiplier", 1.0),
                                 ("num_local_experts", 8), ("num_experts_per_tok", 2))),
-        # Granite MoE SWA: Granite 3 MoE with Granite SWA's attention (sinks, layers 0, 4, 8, ... full, a RoPE base
-        # per layer); its shared expert (shared_intermediate_size, 0 unless set) is refused
+        # Granite MoE Shared: Granite 3 MoE with a shared_mlp beside the experts (shared_intermediate_size wide;
+        # 0, the default: none)
+        Family("granitemoeshared", ("granitemoeshared",), multipliers=True, experts_key="num_local_experts",
+               shared_expert_key="shared_intermediate_size", fused_linears=(FUSED_SHARED_GATE_UP,),
+               module_renames=(*GRANITE_MOE_NAMES, *GRANITE_SHARED_MLP_NAMES),
+               config_defaults=(("max_position_embeddings", 2048), ("attention_multiplier", 1.0),
+                                ("num_local_experts", 8), ("num_experts_per_tok", 2), ("shared_intermediate_size", 0))),
+        # Granite MoE SWA: Granite MoE Shared with Granite SWA's attention (sinks, layers 0, 4, 8, ... full, a RoPE
+        # base per layer)
         Family("granitemoe_swa", ("granitemoe_swa",), multipliers=True, experts_key="num_local_experts",
                sliding_layers="fourth", attention_sinks=True, layer_rope_theta="layer_rope_theta",
-               module_renames=((".block_sparse_moe.", ".mlp."), (".mlp.router.", ".mlp.gate.")),
-               refused_switches=(("shared_intermediate_size", "a shared expert beside the routed ones"),),
+               shared_expert_key="shared_intermediate_size", fused_linears=(FUSED_SHARED_GATE_UP,),
+               module_renames=(*GRANITE_MOE_NAMES, *GRANITE_SHARED_MLP_NAMES),
                config_defaults=(("max_position_embeddings", 2048), ("attention_multiplier", 1.0),
-                                ("num_local_experts", 8), ("num_experts_per_tok", 2), ("sliding_window", 128))),
+                                ("num_local_experts", 8), ("num_experts_per_tok", 2), ("sliding_window", 128),
+                                ("shared_intermediate_size", 0))),
         # gpt-oss (20B, 120B): 4 of 32 (128) experts a token with clamped SwiGLU and biases, its router's logits
         # biased, softmax over the chosen; attention with biases and a sink per head, every other layer sliding
         Family("gpt_oss", ("gpt_oss",), experts_key="num_local_experts", router_bias=True, sliding_layers="alternate",
@@ -770,13 +797,22 @@ SUPPORTED_TYPES = frozenset(t for f in FAMILIES.values() for t in f.model_types)
 SUPPORTED = ", ".join(sorted(SUPPORTED_TYPES))
 
 
-def find_family(model_type) -> Family | None:
-    """The family of a config's model_type, or None."""
-    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+def find_family(model_type, config=None) -> Family | None:
+    """The family of a config's model_type, or None. Where it reads configs with experts as another family
+    (Family.with_experts: Granite 4.0's), that one for a config (a dict or transformers') that has them: callers
+    reading a model pass its config."""
+    family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    if family is None or not family.with_experts or config is None:
+        return family
+    moe = FAMILIES[family.with_experts]
+    experts = config.get(moe.experts_key) if isinstance(config, dict) else getattr(config, moe.experts_key, None)
+    if experts is None:  # (transformers' default)
+        experts = dict(moe.config_defaults)[moe.experts_key]
+    return family if experts == 0 and not isinstance(experts, bool) else moe  # (anything else: moe's spec checks it)
 
 
-def family_for(model_type: str) -> Family:
-    family = find_family(model_type)
+def family_for(model_type: str, config=None) -> Family:
+    family = find_family(model_type, config)
     if family is not None:
         return family
     raise UserError(f"model type {model_type!r} is not supported; supported model types: {SUPPORTED}")

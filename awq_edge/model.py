@@ -75,7 +75,7 @@ def language_model_config(model_dir: Path, config: dict) -> dict:
 
 def check_causal_lm(config: dict, where: str) -> Family:
     if is_vision_language(config):  # a quantized one (read_config gives a float one's language model)
-        return family_for(str(text_config(config).get("model_type", "?")))
+        return family_for(str(text_config(config).get("model_type", "?")), text_config(config))
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise UserError(f"{where}: config.json architectures is not a list of names; re-download the model")
@@ -84,7 +84,7 @@ def check_causal_lm(config: dict, where: str) -> Family:
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):  # (GPT-2's GPT2LMHeadModel)
         raise UserError(f"{where} is not a causal LM (architectures: {', '.join(archs)}); "
                         "give a decoder-only *ForCausalLM model")
-    return family_for(config.get("model_type", "?"))
+    return family_for(config.get("model_type", "?"), config)
 
 
 # quantization_config.quant_method of the checkpoints checkpoint.read_checkpoint reads
@@ -228,7 +228,7 @@ def mxfp4_dequantized(config: dict) -> dict:
 def decoder_layers(model):
     """The list of decoder blocks, under the base model (Llama's model.model, GPT-NeoX's model.gpt_neox) at
     the family's layers_path (Llama's layers, GPT-2's h)."""
-    family = find_family(model.config.model_type)
+    family = find_family(model.config.model_type, model.config)
     return model.base_model.get_submodule(family.layers_path if family else "layers")
 
 
@@ -423,6 +423,17 @@ def experts_as_linears(layer, config: dict) -> None:
     bias = statics.e_score_correction_bias if statics is not None else getattr(moe, "expert_bias", None)
     layer.mlp = SparseMoe(router, experts, spec, bias, getattr(moe, "shared_expert", None),
                           getattr(moe, "shared_expert_gate", None))
+    for name, value in list(vars(layer).items()):  # (Granite's block adds its shared_mlp to the mixture's output
+        if isinstance(value, Renamed) and value.ours == "mlp.shared_expert":  # itself: the SparseMoe adds it now)
+            setattr(layer, name, AddsNothing())
+
+
+class AddsNothing:
+    """Stands in for a module whose output the block adds where our modules add it already (Granite's
+    shared_mlp, which model.SparseMoe runs as its shared expert): 0."""
+
+    def __call__(self, *args, **kwargs):
+        return 0
 
 
 def split_fused_modules(layer, family: Family, config: dict) -> None:

@@ -242,7 +242,7 @@ def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int):
     batch-1 call so their masks/rotary tables broadcast over any batch size.
     """
     layers = decoder_layers(model)
-    family = find_family(model.config.model_type)
+    family = find_family(model.config.model_type, model.config)
     # (GPT-Neo's, Bamba's: (hidden, attention weights), unpacked or indexed)
     as_returned = (lambda h: (h, None)) if family and family.block_returns_tuple else (lambda h: h)
     recorded_kwargs: list[dict] = [{} for _ in layers]

@@ -412,7 +412,7 @@ def default_layer_types(c: Fields, family: Family, layers: int, window: int | No
 def model_spec(config: dict, where: str = "config.json", fix: str = FIX) -> ModelSpec:
     """The checked numbers of a model config (untrusted input: every field typed and bounded)."""
     model_type = Fields(config, where, fix).str("model_type", default="?")
-    family = family_for(model_type)
+    family = family_for(model_type, config)
     # a key left out means what it means to transformers (dicts copied: the table's own are shared)
     defaults = {k: dict(v) if isinstance(v, dict) else v for k, v in family.config_defaults}
     if config.get("rope_scaling") is not None:  # (which reads an older config's rope_scaling as rope_parameters)
@@ -741,9 +741,11 @@ def layer_linear_shapes(spec: ModelSpec, layer: int | None = None) -> dict[str, 
 
 
 def part_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
-    """What a fused linear's parts may be: an attention layer's linears, and a state-keeping layer's (a Mamba-2's
-    in_proj_a too: its dt, float once read)."""
+    """What a fused linear's parts may be: an attention layer's linears, a mixture of experts' (Granite's shared
+    expert), and a state-keeping layer's (a Mamba-2's in_proj_a too: its dt, float once read)."""
     shapes = layer_linear_shapes(spec)
+    if spec.moe_layers:
+        shapes.update(layer_linear_shapes(spec, spec.moe_layers[0]))
     if spec.delta:
         shapes.update(layer_linear_shapes(spec, spec.delta.layers[0]))
         shapes["linear_attn.in_proj_a"] = (spec.delta.v_heads, spec.hidden)

@@ -72,7 +72,10 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", 
 MOE_EXPERTS = {"qwen3_moe": "num_experts", "olmoe": "num_experts", "mixtral": "num_local_experts",
                "granitemoe": "num_local_experts", "lfm2_moe": "num_experts", "gpt_oss": "num_local_experts",
                "qwen2_moe": "num_experts", "granitemoe_swa": "num_local_experts", "ernie4_5_moe": "moe_num_experts",
-               "afmoe": "num_experts", "mellum": "num_local_experts", "qwen3_5_moe_text": "num_experts"}
+               "afmoe": "num_experts", "mellum": "num_local_experts", "qwen3_5_moe_text": "num_experts",
+               "granitemoeshared": "num_local_experts", "granitemoehybrid_moe": "num_local_experts"}
+# the tests' names of families whose model_type alone does not tell them (Granite 4.0-H with experts) -> model_type
+TINY_TYPES = {"granitemoehybrid_moe": "granitemoehybrid"}
 
 
 @pytest.fixture(scope="session")
@@ -81,9 +84,10 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
     vocab 49152; 4 query heads, so kv_heads=4 makes it plain multi-head attention)."""
     made = {}
 
-    def make(model_type: str, kv_heads: int = 2):
-        if (model_type, kv_heads) in made:
-            return made[model_type, kv_heads]
+    def make(name: str, kv_heads: int = 2):
+        if (name, kv_heads) in made:
+            return made[name, kv_heads]
+        model_type = TINY_TYPES.get(name, name)
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -113,9 +117,10 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
             # head), then attention
             dense = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                          linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=16)
-        if model_type in MOE_EXPERTS:  # 2 of 4 experts a token, each 64 wide; Qwen3-MoE: layer 1 a dense MLP;
-            # LFM2-MoE: layer 0 a short convolution with a dense MLP, layer 1 attention with experts
-            dense = {MOE_EXPERTS[model_type]: 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+        if name in MOE_EXPERTS:  # 2 of 4 experts a token, each 64 wide; Qwen3-MoE: layer 1 a dense MLP;
+            # LFM2-MoE: layer 0 a short convolution with a dense MLP, layer 1 attention with experts; Granite's
+            # shared_mlp 96 wide (4.0-H's: beside a Mamba-2 mixer, then attention)
+            dense = {MOE_EXPERTS[name]: 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                      "intermediate_size": 64 if model_type not in ("qwen3_moe", "lfm2_moe", "ernie4_5_moe") else 128,
                      **({"mlp_only_layers": [1]} if model_type == "qwen3_moe" else {}),
                      **({"layer_types": ["conv", "full_attention"], "num_dense_layers": 1, "routed_scaling_factor": 1.5}
@@ -126,7 +131,10 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
                      **(dense if model_type == "qwen3_5_moe_text" else {}),  # (its delta net, above)
                      **({"moe_num_shared_experts": 1} if model_type == "ernie4_5_moe" else {}),
                      **({"num_shared_experts": 1, "num_dense_layers": 1} if model_type == "afmoe" else {}),
-                     **({"mlp_layer_types": ["sparse", "dense"]} if model_type == "mellum" else {})}
+                     **({"mlp_layer_types": ["sparse", "dense"]} if model_type == "mellum" else {}),
+                     **({"shared_intermediate_size": 96} if model_type in ("granitemoeshared", "granitemoe_swa") else {}),
+                     **({**dense, "num_local_experts": 4, "position_embedding_type": None}
+                        if name == "granitemoehybrid_moe" else {})}
         config = AutoConfig.for_model(
             model_type, vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
@@ -146,10 +154,10 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
             for name, buffer in model.named_buffers():
                 if name.endswith(".expert_bias"):  # (LFM2-MoE's: which experts a token chooses)
                     buffer.normal_(std=0.5)
-        out = tmp_path_factory.mktemp("tiny") / f"{model_type}-kv{kv_heads}"
+        out = tmp_path_factory.mktemp("tiny") / f"{name}-kv{kv_heads}"
         model.save_pretrained(out)
         copy_tokenizer(smollm2_dir, out)
-        made[model_type, kv_heads] = out
+        made[name, kv_heads] = out
         return out
 
     return make

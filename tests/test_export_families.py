@@ -604,10 +604,11 @@ def test_a_stablelm_switch_the_engines_do_not_compute_is_refused_and_its_head_is
         model_spec({**config, switch: True})
 
 
-def test_granite4_reads_its_dense_and_hybrid_models_and_refuses_its_expert_ones():
+def test_granite4_reads_its_dense_hybrid_and_expert_models():
     """Granite 4: RoPE only where position_embedding_type says rope; 4.0-H's Mamba layers read as Mamba-2 mixers
-    (every layer one where layer_types is left out, as transformers builds it: refused, no attention); experts
-    refused."""
+    (every layer one where layer_types is left out, as transformers builds it: refused, no attention); with
+    num_local_experts above 0 (or left out: transformers' default, 8) its MLPs are experts beside the shared_mlp
+    (4.0-H tiny and small), read as the family granite4_moe; a count not a whole number is refused."""
     from awq_edge.export.spec import model_spec
 
     hybrid = {**TINY, **TINY_EXTRA["granitemoehybrid"], "model_type": "granitemoehybrid"}
@@ -619,8 +620,14 @@ def test_granite4_reads_its_dense_and_hybrid_models_and_refuses_its_expert_ones(
     assert all(r.inv_freq.any() for r in model_spec(dense).layer_rope)
     for unrotated in (None, "nope"):  # (4.0-H's configs: "nope")
         assert not any(r.inv_freq.any() for r in model_spec({**dense, "position_embedding_type": unrotated}).layer_rope)
+    moe = model_spec({**hybrid, "num_local_experts": 4, "intermediate_size": 32})
+    assert (moe.family.name, moe.experts, moe.expert_width, moe.shared_width, moe.moe_layers) == (
+        "granite4_moe", 4, 32, 96, (0, 1)) and moe.delta.layers == (0,)
+    left_out = {key: value for key, value in dense.items() if key != "num_local_experts"}
+    assert model_spec(left_out).experts == 8 and model_spec(dense).family.name == "granite4"
     for change, message in (({"position_embedding_type": "alibi"}, "position_embedding_type must be one of rope, nope"),
-                            ({"num_local_experts": 4}, "num_local_experts 4 .* not supported for granitemoehybrid"),
+                            ({"num_local_experts": "4"}, "num_local_experts must be an integer"),
+                            ({"num_local_experts": -1}, "num_local_experts must be an integer in 1..1024, not -1"),
                             ({"layer_types": None}, "every layer is a Mamba-2 mixer")):
         with pytest.raises(UserError, match=message):
             model_spec({**dense, **change})
@@ -629,13 +636,11 @@ def test_granite4_reads_its_dense_and_hybrid_models_and_refuses_its_expert_ones(
 @pytest.mark.parametrize("model_type, taken, refused, message", [
     ("hyperclovax", {"use_post_norm": True}, {"use_post_norm": False}, "use_post_norm false .* for hyperclovax"),
     ("iquestcoder", {"clip_qkv": None}, {"clip_qkv": 8.0}, "clip_qkv 8.0 .* is not supported for iquestcoder"),
-    ("granitemoe_swa", {"shared_intermediate_size": 0}, {"shared_intermediate_size": 64},
-     "shared_intermediate_size 64 .a shared expert beside the routed ones. is not supported for granitemoe_swa"),
     ("lfm3", {"use_sandwich_norm": True}, {"use_sandwich_norm": False}, "use_sandwich_norm false .* for lfm3"),
     ("lfm3", {"attention_bias": False}, {"attention_bias": True}, "attention_bias True .* is not supported for lfm3")])
 def test_a_switch_the_engines_do_not_compute_is_refused(model_type, taken, refused, message):
     """HyperCLOVA X without its Peri-LN post-norms (use_post_norm false); IQuest-Coder's clip_qkv (its config
-    refuses it too); Granite MoE SWA's shared expert; LFM3 without its sandwich norms, or with attention biases."""
+    refuses it too); LFM3 without its sandwich norms, or with attention biases."""
     from awq_edge.export.spec import model_spec
 
     config = {**TINY, **TINY_EXTRA[model_type], "model_type": model_type}
@@ -730,19 +735,23 @@ def test_olmo_1s_layer_norms_take_eps_1e_5_whatever_its_config_says():
     assert model_spec({**TINY, "model_type": "olmo", "rms_norm_eps": 1e-6, "layer_norm_eps": 1e-3}).eps == 1e-5
 
 
-@pytest.mark.parametrize("model_type", TINY_EXTRA)
-def test_a_sparse_config_reads_as_transformers_completes_it(model_type):
+@pytest.mark.parametrize("name", TINY_EXTRA)
+def test_a_sparse_config_reads_as_transformers_completes_it(name):
     """A config.json that leaves keys out (Gemma 3's, third-party checkpoints') means transformers'
-    class defaults: head_dim, windows, tied head, RoPE bases, context, KV heads, score scale."""
+    class defaults: head_dim, windows, tied head, RoPE bases, context, KV heads, score scale (Granite 4.0-H's
+    experts: 8 of them, 2 a token, its shared_mlp 1024 wide)."""
     from transformers import AutoConfig
 
     from awq_edge.export.spec import model_spec
 
+    model_type = TINY_EXTRA[name].get("model_type", name)
+
     # 160 heads: a multiple of every family's default KV heads (2, 4, 8, 20, 32)
     # hidden 1280: a head of 8, of which StableLM rotates a quarter
     sizes = dict(hidden_size=1280, intermediate_size=512, num_hidden_layers=12, num_attention_heads=160, vocab_size=300)
-    if model_type == "granitemoehybrid":  # (left out, its layers are Mamba and its MLPs experts: refused)
-        sizes.update(layer_types=["mamba"] + ["attention"] * 11, num_local_experts=0)
+    if model_type == "granitemoehybrid":  # (left out, its layers are Mamba: refused; experts only as the name says)
+        sizes.update(layer_types=["mamba"] + ["attention"] * 11, **({} if name.endswith("_moe") else
+                                                                     {"num_local_experts": 0}))
     if model_type == "bamba":  # (left out, every layer is Mamba: refused)
         sizes.update(attn_layer_indices=[3, 7])
     if model_type == "gptj":  # (its default rotary_dim, 64, is wider than these heads)
@@ -1045,9 +1054,21 @@ ERNIE_21B_A3B = {"architectures": ["Ernie4_5_MoeForCausalLM"], "bos_token_id": 1
                  "tie_word_embeddings": True, "use_bias": False, "vocab_size": 103424, "moe_num_experts": 64,
                  "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_intermediate_size": 1536, "moe_k": 6,
                  "moe_layer_interval": 1, "num_nextn_predict_layers": 1}
+# ibm-granite/granite-4.0-h-tiny's sizes as third-party copies of its config.json give them (nothing downloads
+# here): 40 layers, attention at every tenth from 5, Mamba-2 mixers at the others; 6 of 64 experts a token
+GRANITE_4_H_TINY = {"architectures": ["GraniteMoeHybridForCausalLM"], "attention_multiplier": 0.0078125,
+                    "embedding_multiplier": 12.0, "hidden_size": 1536, "intermediate_size": 512,
+                    "shared_intermediate_size": 1024, "num_local_experts": 64, "num_experts_per_tok": 6,
+                    "num_hidden_layers": 40, "num_attention_heads": 12, "num_key_value_heads": 4,
+                    "layer_types": ["attention" if i % 10 == 5 else "mamba" for i in range(40)],
+                    "logits_scaling": 6.0, "residual_multiplier": 0.22, "position_embedding_type": "nope",
+                    "mamba_n_heads": 48, "mamba_d_head": 64, "mamba_d_state": 128, "mamba_n_groups": 1,
+                    "mamba_d_conv": 4, "mamba_expand": 2, "mamba_conv_bias": True, "mamba_proj_bias": False,
+                    "max_position_embeddings": 131072, "model_type": "granitemoehybrid", "rms_norm_eps": 1e-05,
+                    "tie_word_embeddings": True, "vocab_size": 100352}
 MOE_CONFIGS = {"qwen3_moe": QWEN3_30B_A3B, "olmoe": OLMOE_1B_7B, "mixtral": MIXTRAL_8X7B,
                "granitemoe": GRANITE_1B_A400M, "lfm2_moe": LFM2_8B_A1B, "gpt_oss": GPT_OSS_20B,
-               "ernie4_5_moe": ERNIE_21B_A3B}
+               "ernie4_5_moe": ERNIE_21B_A3B, "granitemoehybrid": GRANITE_4_H_TINY}
 
 
 @pytest.mark.parametrize("model_type", MOE_CONFIGS)
@@ -1064,17 +1085,20 @@ def test_a_mixture_of_experts_reads_its_published_config_as_transformers_does(mo
     spec = model_spec(published)
     want = {"qwen3_moe": (128, 8, 768, True), "olmoe": (64, 8, 1024, False), "mixtral": (8, 2, 14336, True),
             "granitemoe": (32, 8, 512, True), "lfm2_moe": (32, 4, 1792, True),
-            "gpt_oss": (32, 4, 2880, True), "ernie4_5_moe": (64, 6, 1536, True)}[model_type]
+            "gpt_oss": (32, 4, 2880, True), "ernie4_5_moe": (64, 6, 1536, True),
+            "granitemoehybrid": (64, 6, 512, True)}[model_type]
     assert (spec.experts, spec.experts_per_token, spec.expert_width, spec.norm_top_k) == want
     assert spec.moe_layers == tuple(range({"lfm2_moe": 2, "ernie4_5_moe": 1}.get(model_type, 0), spec.layers))
     assert spec.expert_bias == (model_type in ("lfm2_moe", "ernie4_5_moe")) and spec.routed_scale == 1.0
-    assert spec.shared_width == (3072 if model_type == "ernie4_5_moe" else 0)
+    assert spec.shared_width == {"ernie4_5_moe": 3072, "granitemoehybrid": 1024}.get(model_type, 0)
     # the layers transformers gives experts, at a small size: Qwen3-MoE's every other one but layer 1
     small = {**published, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 6, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 64, "decoder_sparse_step": 2,
              "mlp_only_layers": [1], "moe_intermediate_size": 16, "pad_token_id": 0,
              **({"layer_types": ["conv", "full_attention"] * 3} if model_type == "lfm2_moe" else {}),
              **({"layer_types": ["sliding_attention", "full_attention"] * 3} if model_type == "gpt_oss" else {}),
+             **({"layer_types": ["mamba", "attention"] * 3, "mamba_n_heads": 8, "mamba_d_head": 16,
+                 "mamba_d_state": 16} if model_type == "granitemoehybrid" else {}),
              "moe_layer_end_index": 4, "moe_layer_interval": 2}  # (ERNIE 4.5's)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**small), dtype=torch.float32)
     built = tuple(i for i, layer in enumerate(model.model.layers)  # (Granite's: block_sparse_moe; LFM2's feed_forward)

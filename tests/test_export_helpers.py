@@ -207,10 +207,24 @@ TINY_EXTRA = {
     # probabilities (moe_statics), renormalized, and a shared expert one expert wide; RoPE on interleaved pairs
     "ernie4_5_moe": {"head_dim": 16, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 64,
                      "moe_num_shared_experts": 1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
-    # Granite 3 MoE's experts with Granite SWA's attention: sinks, layer 1 sliding, layer 0 without RoPE
+    # Granite 3 MoE's experts with Granite SWA's attention: sinks, layer 1 sliding, layer 0 without RoPE; its
+    # shared_mlp beside the experts
     "granitemoe_swa": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
                        "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.5,
-                       "sliding_window": 5, "layer_rope_theta": [0, 500.0], "pad_token_id": 0},
+                       "sliding_window": 5, "layer_rope_theta": [0, 500.0], "pad_token_id": 0,
+                       "shared_intermediate_size": 48},
+    # Granite 3 MoE with a shared_mlp beside the experts
+    "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
+                         "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.5,
+                         "pad_token_id": 0, "shared_intermediate_size": 48},
+    # Granite 4.0-H tiny and small (the tests' name; model_type granitemoehybrid): its Mamba-2 mixer, then attention
+    # without RoPE (as its configs: nope), each before Granite 3 MoE's experts (32 wide) and a shared_mlp
+    "granitemoehybrid_moe": {"model_type": "granitemoehybrid", "embedding_multiplier": 3.0,
+                             "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.5,
+                             "layer_types": ["mamba", "attention"], "num_local_experts": 4, "num_experts_per_tok": 2,
+                             "intermediate_size": 32, "position_embedding_type": "nope",
+                             "shared_intermediate_size": 48, "pad_token_id": 0, "mamba_n_heads": 8,
+                             "mamba_n_groups": 2, "mamba_d_state": 16, "mamba_d_conv": 4},
     # fused q/k/v and gate/up; half of each head rotated (Phi-4-mini: 0.75); LongRoPE: longrope()
     "phi3": {"sliding_window": 5, "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
              "eos_token_id": 2},
@@ -237,7 +251,9 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
     from awq_edge.quantize import QuantizeSettings, quantize_checkpoint
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **{**TINY, **TINY_EXTRA[model_type], **overrides})
+    extra = dict(TINY_EXTRA[model_type])
+    model_type = extra.pop("model_type", model_type)  # (a name of the tests': Granite 4.0-H's with experts)
+    config = AutoConfig.for_model(model_type, **{**TINY, **extra, **overrides})
     model = AutoModelForCausalLM.from_config(config)
     config.architectures = [type(model).__name__]
     with torch.no_grad():
@@ -252,7 +268,8 @@ def tiny_checkpoint(root: Path, model_type: str, tokenizer_dir: Path, seed: int 
                 p.normal_(mean=2.0, std=1.0)
             elif name.endswith("shared_expert_gate.weight"):  # (Qwen2-MoE's: a gate that varies by token)
                 p.normal_(std=1.0)
-            elif ".shared_expert." in name:  # (Qwen2-MoE's shared expert: loud enough to tell in the logits)
+            elif ".shared_expert." in name or ".shared_mlp." in name:  # (Qwen2-MoE's, Granite's shared expert: loud
+                # enough to tell in the logits)
                 p.normal_(std=0.1)
             elif name.endswith((".g_proj.weight", ".self_attn.gate_proj.weight")):  # (LFM3's, AFMoE's gates: open
                 # and shut by token and head or value)

@@ -311,9 +311,10 @@ def test_every_family_quantizes_end_to_end(model_type, tiny_model_dir, tmp_path)
     settings = QuantizeSettings(group_size=32, calib_samples=4, calib_seqlen=64, loss_samples=2, scale_grid=5,
                                 clip_grid=4)
     quantize_checkpoint(str(src), out, settings, calib=str(calib), progress=False)
-    family = family_for(model_type)
+    config = json.loads((src / "config.json").read_text())
+    family = family_for(config["model_type"], config)  # (Granite 4.0-H's with experts: granite4_moe)
     # 7 a layer, 6 in an MLP without a gate (Arcee's), 5 in an LFM2 short convolution's (in_proj, out_proj)
-    spec = model_spec(json.loads((src / "config.json").read_text()))
+    spec = model_spec(config)
     linears = len(all_linear_shapes(spec))
     stored = read_checkpoint(out).linears  # the family's layout: Phi-3's fused qkv_proj and gate_up_proj
     # (Qwen3.5's q_proj: its gate's too; a Mamba-2's in_proj: its z, x B C and dt, the last float once read)
@@ -391,9 +392,9 @@ def test_folding_scales_is_exact_in_a_mixture_of_experts(model_type, tiny_model_
     usual groups; gpt-oss's biased router and experts, its attention's sinks; Qwen2-MoE's shared expert, in
     the gate_up group with its gate, and its down; ERNIE 4.5's and AFMoE's: layer 0 dense, the shared expert
     ungated; AFMoE's gate on the attention's output in the qkv group; Qwen3.5 MoE's delta net and gated shared
-    expert)."""
+    expert; Granite's shared_mlp, ungated; Granite 4.0-H's Mamba-2 mixer)."""
     model, tokenizer = load_float_model(tiny_model_dir(model_type, kv_heads=4))
-    family = family_for(model_type)
+    family = family_for(model.config.model_type, model.config)
     tokens = torch.tensor([tokenizer("Robots on small boards need memory caps. " * 4)["input_ids"][:32]])
     inputs, kwargs = capture_block_inputs(model, tokens, 1)
     for i, layer in enumerate(decoder_layers(model)):
@@ -403,7 +404,8 @@ def test_folding_scales_is_exact_in_a_mixture_of_experts(model_type, tiny_model_
         moe, mixer = [f"experts.{j}.down" for j in range(4)], ["in", "out"] if is_conv_layer(layer) else ["qkv", "o"]
         mixer = ["in"] if hasattr(layer, "linear_attn") else mixer  # (Qwen3.5 MoE's delta net: no out group)
         downs = [] if model_type == "gpt_oss" else moe if is_moe_layer(layer) else ["down"]  # (no fold across its act)
-        shared = model_type in ("qwen2_moe", "ernie4_5_moe", "afmoe", "qwen3_5_moe_text") and is_moe_layer(layer)
+        shared = model_type in ("qwen2_moe", "ernie4_5_moe", "afmoe", "qwen3_5_moe_text", "granitemoeshared",
+                                "granitemoe_swa", "granitemoehybrid_moe") and is_moe_layer(layer)
         downs += ["shared_expert.down"] if shared else []  # (its shared expert's, every token)
         assert [g.name for g in groups] == mixer + ["gate_up"] + downs
         assert is_moe_layer(layer) or (model_type, i) in (("qwen3_moe", 1), ("lfm2_moe", 0), ("ernie4_5_moe", 0),
