@@ -132,7 +132,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
                      **({"moe_num_shared_experts": 1} if model_type == "ernie4_5_moe" else {}),
                      **({"num_shared_experts": 1, "num_dense_layers": 1} if model_type == "afmoe" else {}),
                      **({"mlp_layer_types": ["sparse", "dense"]} if model_type == "mellum" else {}),
-                     **({"shared_intermediate_size": 96} if model_type in ("granitemoeshared", "granitemoe_swa") else {}),
+                     **({"shared_intermediate_size": 96} if model_type in ("granitemoeshared", "granitemoe_swa")
+                        else {}),
                      **({**dense, "num_local_experts": 4, "position_embedding_type": None}
                         if name == "granitemoehybrid_moe" else {})}
         config = AutoConfig.for_model(
