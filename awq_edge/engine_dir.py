@@ -147,8 +147,9 @@ class ExportInfo:
         """Bytes of one prefill chunk's activations in ONNX Runtime (memory.workspace_bytes)."""
         from .memory import workspace_bytes
 
+        mamba = self.delta_net is not None and self.delta_net.rule == "mamba2"
         return workspace_bytes(self.hidden_size, self.mlp_width, self.vocab_size, self.num_heads, context,
-                               self.all_logits)
+                               self.all_logits, self.delta_net.v_heads if mamba else 0)
 
 
 def read_export_info(folder: Path, listed: dict[str, dict] | None = None, graph: bool = True) -> ExportInfo:

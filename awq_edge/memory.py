@@ -83,13 +83,15 @@ class MemoryPlan:
 
 
 def workspace_bytes(hidden_size: int, intermediate_size: int, vocab_size: int, num_heads: int,
-                    context: int, all_logits: bool = False) -> int:
+                    context: int, all_logits: bool = False, mamba_heads: int = 0) -> int:
     """Activations of one PREFILL_CHUNK-token step, float32, with a 2x margin for ORT's temporaries.
 
     Per token: a few hidden-size vectors (residual, norm, q/k/v/o), the MLP's gate/up/act
-    (3 x intermediate), attention scores over the whole context per head, and the logits
+    (3 x intermediate), attention scores over the whole context per head, a Mamba-2's decays and
+    scores over the chunk per head (four at once: export/delta_net.mamba_chunk), and the logits
     (every position when the graph returns all of them, otherwise one row)."""
-    per_token = 8 * hidden_size + 3 * intermediate_size + num_heads * context + (vocab_size if all_logits else 0)
+    per_token = (8 * hidden_size + 3 * intermediate_size + num_heads * context + 4 * mamba_heads * PREFILL_CHUNK
+                 + (vocab_size if all_logits else 0))
     return 2 * 4 * (PREFILL_CHUNK * per_token + vocab_size)
 
 

@@ -150,18 +150,28 @@ def test_a_hostile_qwen3_5_config_is_refused_in_one_line(config, message):
 
 
 def test_a_granite4_h_whose_time_step_limit_bites_matches_transformers(tmp_path, smollm2_dir):
-    """Mamba-2 mixers (three heads to each of two groups) around attention, dt held within 0.05..0.3 (transformers'
-    one full forward clamps it, as the engine does at every step), a convolution of 3 with its bias."""
+    """Mamba-2 mixers (four heads to each of two groups) around attention, dt held within 0.05..0.3 (transformers'
+    one full forward clamps it, as the engine does at every step), a convolution of 3 with its bias; a prompt of
+    300 fed as the engine feeds it, 256 tokens (PREFILL_CHUNK) and then 44 onto the state they left (the graph
+    computes a step's tokens at once, mamba_chunk; transformers' chunks are 256 too, mamba_chunk_size)."""
     from awq_edge.checkpoint import load_awq_as_float
+    from awq_edge.memory import PREFILL_CHUNK
+    from test_export_helpers import reference_logits, rel_err
 
     ckpt = tiny_checkpoint(tmp_path, "granitemoehybrid", smollm2_dir, num_hidden_layers=3, mamba_n_heads=8,
                            mamba_n_groups=2, mamba_d_state=24, mamba_d_conv=3, time_step_limit=[0.05, 0.3],
-                           layer_types=["mamba", "attention", "mamba"])
+                           layer_types=["mamba", "attention", "mamba"], max_position_embeddings=512)
     export = export_for_cpu(ckpt, tmp_path / "exports", "ort")
     delta = read_export_info(export).delta_net
     assert (delta.layers, delta.rule, delta.dt_min, delta.dt_max, delta.conv_bias) == ((0, 2), "mamba2", 0.05, 0.3,
                                                                                        True)
-    check_against_reference(export, load_awq_as_float(ckpt).eval(), ids(40), 20, 1e-5)
+    reference = load_awq_as_float(ckpt).eval()
+    check_against_reference(export, reference, ids(40), 20, 1e-5)
+    long, backend = ids(303), OrtBackend(export, max_context=512)
+    backend.forward(long[:PREFILL_CHUNK])
+    got = [backend.forward(long[PREFILL_CHUNK:300]), *(backend.forward([token]) for token in long[300:])]
+    want = reference_logits(reference, long)[299:]
+    assert max(rel_err(g, w) for g, w in zip(got, want)) < 1e-5
 
 
 @pytest.mark.parametrize("config, message", [
