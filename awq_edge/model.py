@@ -75,7 +75,8 @@ def language_model_config(model_dir: Path, config: dict) -> dict:
 
 def check_causal_lm(config: dict, where: str) -> Family:
     if is_vision_language(config):  # a quantized one (read_config gives a float one's language model)
-        return family_for(str(text_config(config).get("model_type", "?")), text_config(config))
+        text = text_config(config)
+        return family_for(str(text.get("model_type", "?")), text)
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise UserError(f"{where}: config.json architectures is not a list of names; re-download the model")
