@@ -47,7 +47,7 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._prefix: list[str] = []
         self._counts: dict[str, int] = {}
-        self._data = None if data_path is None else open(data_path, "wb")
+        self._data = None if data_path is None else open(data_path, "w+b")  # (read back: const compares)
         self.weight_bytes = 0  # every initializer's data, in the graph or the data file
 
     # ------------------------------------------------------------ naming
@@ -58,6 +58,16 @@ class GraphBuilder:
             yield
         finally:
             self._prefix.pop()
+
+    @contextlib.contextmanager
+    def subgraph(self, nodes: list):
+        """Ops appended while open go to `nodes` (an If branch's), not the graph's; their names and constants
+        stay the graph's own, which a subgraph reads from its outer scope."""
+        outer, self.nodes = self.nodes, nodes
+        try:
+            yield
+        finally:
+            self.nodes = outer
 
     def name(self, base: str) -> str:
         full = "/".join(self._prefix + [base])

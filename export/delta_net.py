@@ -22,7 +22,13 @@ from ..checkpoint import concat_linears
 from .builder import GraphBuilder
 
 F32 = TensorProto.FLOAT
+CHUNK = 256  # the most tokens gated_chunk takes at once: memory.PREFILL_CHUNK, what the engine feeds
 L2_EPS = 1e-6  # transformers' l2norm of q and k (FLA's)
+
+
+def branch(nodes: list, name: str, outputs) -> "helper.GraphProto":
+    """An If branch of these nodes, giving these outputs (float32, shapes left to ONNX Runtime)."""
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(o, F32, None) for o in outputs])
 
 
 def state_names(i: int) -> tuple[str, str, str, str]:
@@ -88,6 +94,67 @@ def mamba_chunk(b: GraphBuilder, state_in: str, c: str, bk: str, x: str, log_dec
     whole = b.op("Gather", since_start, b.int64s(-1), axis=1)  # [Hv, 1, 1]
     b.op("Add", b.op("Mul", state_in, whole), written, outputs=[state_out])
     return b.op("Transpose", o, perm=[1, 0, 2])
+
+
+def gated_chunk(b: GraphBuilder, state_in: str, q: str, k: str, v: str, log_decay: str, beta: str,
+                d) -> tuple[str, str]:
+    """A gated delta net's S tokens at once (2 <= S <= CHUNK; padded to CHUNK with tokens that write nothing: beta
+    0, decay 1), the WY form transformers' torch path computes a chunk in: with G_t the product of the decays
+    through t and A[t, s] = beta_t (G_t / G_s) k_t . k_s below the diagonal, the values each token writes are
+    U = (I + A)^-1 (beta v - beta G k S) (unit_lower_inverse), o_t = G_t S^T q_t + sum over s <= t of
+    (G_t / G_s) (q_t . k_s) u_s, and the state after them G_S S + sum over s of (G_S / G_s) k_s u_s^T; each
+    G_t / G_s the exp of a sum of its own (as mamba_chunk's). q, k: [S, v_heads, k_dim] (grouped), v:
+    [S, v_heads, v_dim], log_decay and beta: [S, v_heads]. Returns (o [S, v_heads, v_dim], the state)."""
+    steps = b.op("Gather", b.op("Shape", log_decay), b.int64s(0), axis=0)  # [1]
+    pad = b.op("Sub", b.int64s(CHUNK), steps)
+    pads3, pads2 = (b.op("Concat", b.int64s(*zeros), pad, b.int64s(*rest), axis=0)
+                    for zeros, rest in (((0, 0, 0), (0, 0)), ((0, 0), (0,))))
+    q, k, v = (b.op("Transpose", b.op("Pad", t, pads3), perm=[1, 0, 2]) for t in (q, k, v))  # [Hv, CHUNK, D]
+    logs, beta = (b.op("Transpose", b.op("Pad", t, pads2), perm=[1, 0]) for t in (log_decay, beta))  # [Hv, CHUNK]
+    below = b.const("const/f32/chunk_below", np.tril(np.ones((CHUNK, CHUNK), np.float32), -1))
+    summed = b.op("CumSum", b.op("Mul", b.op("Unsqueeze", logs, b.int64s(2)), below), b.int64s(1))  # log G_t / G_s
+    decays = b.op("Mul", b.op("Exp", summed), b.const("const/f32/chunk_lower", np.tril(np.ones((CHUNK, CHUNK),
+                                                                                               np.float32))))
+    since_start = b.op("Unsqueeze", b.op("Exp", b.op("CumSum", logs, b.int64s(1))), b.int64s(2))  # G_t [Hv, CHUNK, 1]
+    beta_col = b.op("Unsqueeze", beta, b.int64s(2))
+    k_rows = b.op("Transpose", k, perm=[0, 2, 1])  # [Hv, Dk, CHUNK]
+    a = b.op("Mul", b.op("Mul", b.op("MatMul", k, k_rows), decays), b.op("Mul", beta_col, below))
+    inverse = unit_lower_inverse(b, b.op("Add", a, b.const("const/f32/chunk_eye", np.eye(CHUNK, dtype=np.float32))),
+                                 d.v_heads)
+    written = b.op("Sub", b.op("MatMul", inverse, b.op("Mul", v, beta_col)),
+                   b.op("MatMul", b.op("MatMul", inverse, b.op("Mul", k, b.op("Mul", beta_col, since_start))),
+                        state_in))  # U [Hv, CHUNK, Dv]
+    o = b.op("Add", b.op("MatMul", b.op("Mul", q, since_start), state_in),
+             b.op("MatMul", b.op("Mul", b.op("MatMul", q, k_rows), decays), written))
+    o = b.op("Slice", b.op("Transpose", o, perm=[1, 0, 2]), b.int64s(0), steps, b.int64s(0))
+    last = b.op("Exp", b.op("Gather", summed, b.int64s(-1), axis=1))  # G_S / G_s [Hv, 1, CHUNK]
+    state = b.op("Add", b.op("Mul", state_in, b.op("Gather", since_start, b.int64s(-1), axis=1)),
+                 b.op("MatMul", b.op("Mul", k_rows, last), written))
+    return o, state
+
+
+def unit_lower_inverse(b: GraphBuilder, m: str, heads: int) -> str:
+    """The inverse of each head's unit lower-triangular m [heads, CHUNK, CHUNK], block by block: the inverses of
+    the diagonal blocks of b rows give those of 2b rows, [[A, 0], [B, D]]^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]],
+    log2(CHUNK) rounds of batched MatMuls (a triangular solve's exactness, no row-by-row loop)."""
+    inverse = b.op("Expand", b.const("const/f32/ones_4d", np.ones((1, 1, 1, 1), np.float32)),
+                   b.int64s(heads, CHUNK, 1, 1))  # the 1 x 1 blocks: 1
+    size = 1
+    while size < CHUNK:
+        pairs = CHUNK // (2 * size)
+        view = b.op("Reshape", m, b.int64s(heads, pairs, 2, size, pairs, 2, size))
+        below = b.op("Reshape", b.op("Slice", view, b.int64s(1, 0), b.int64s(2, 1), b.int64s(2, 5)),
+                     b.int64s(heads, pairs, size, pairs, size))  # every pair's rows of the second by its columns
+        same = b.const(f"const/f32/same_pair_{pairs}", np.eye(pairs, dtype=np.float32).reshape(pairs, 1, pairs, 1))
+        lower_left = b.op("ReduceSum", b.op("Mul", below, same), b.int64s(3), keepdims=0)  # B [heads, pairs, s, s]
+        halves = b.op("Reshape", inverse, b.int64s(heads, pairs, 2, size, size))
+        first, second = (b.op("Reshape", b.op("Slice", halves, b.int64s(i), b.int64s(i + 1), b.int64s(2)),
+                              b.int64s(heads, pairs, size, size)) for i in (0, 1))
+        corner = b.op("Neg", b.op("MatMul", b.op("MatMul", second, lower_left), first))
+        top = b.op("Concat", first, b.op("Mul", first, b.const("const/f32/0", np.float32(0))), axis=-1)
+        inverse = b.op("Concat", top, b.op("Concat", corner, second, axis=-1), axis=-2)  # [heads, pairs, 2s, 2s]
+        size *= 2
+    return b.op("Reshape", inverse, b.int64s(heads, CHUNK, CHUNK))
 
 
 def grouped_heads(b: GraphBuilder, t: str, d) -> str:
@@ -171,9 +238,19 @@ def delta_block(dec, x: str, i: int) -> str:
         k = l2_normed_heads(b, k, d.k_heads, d.k_dim)
         beta = b.op("Sigmoid", b.op("MatMul", x32, b.const(f"{p}.in_proj_b.weight", dec.tensor(
             f"{p}.in_proj_b.weight").astype(np.float32).T)))
-        _, o = b.op("Scan", state_in, grouped_heads(b, q, d), grouped_heads(b, k, d), v, b.op("Exp", log_decay), beta,
-                    outputs=[state_out, b.name("o")], body=scan_body(d.v_heads, d.k_dim, d.v_dim),
-                    num_scan_inputs=5, name="recurrence")
+        q, k = grouped_heads(b, q, d), grouped_heads(b, k, d)
+        # a prefill chunk at once (gated_chunk); a decode step, or more tokens than a chunk, a token at a time
+        steps = b.op("Reshape", b.op("Gather", b.op("Shape", log_decay), b.int64s(0), axis=0), b.int64s())
+        by_token = b.op("Or", b.op("Equal", steps, b.const("const/i64/scalar_1", np.int64(1))),
+                        b.op("Greater", steps, b.const(f"const/i64/scalar_{CHUNK}", np.int64(CHUNK))))
+        scan, chunk = [], []
+        with b.subgraph(scan):
+            scan_out = b.op("Scan", state_in, q, k, v, b.op("Exp", log_decay), beta, outputs=2,
+                            body=scan_body(d.v_heads, d.k_dim, d.v_dim), num_scan_inputs=5, name="recurrence")
+        with b.subgraph(chunk):
+            chunk_out = gated_chunk(b, state_in, q, k, v, log_decay, beta, d)
+        _, o = b.op("If", by_token, outputs=[state_out, b.name("o")],
+                    then_branch=branch(scan, "by_token", scan_out), else_branch=branch(chunk, "chunk", chunk_out[::-1]))
         o = b.op("Mul", b.op("Mul", rms_normed(b, o, spec.eps), norm), silu_z)  # rms_norm(o) w silu(z), by head
     else:
         # C and B (q, k) as they are; x (v) written times dt; o + D x, times silu(z), rms-normed by group, times w

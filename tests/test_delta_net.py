@@ -46,6 +46,26 @@ def test_a_qwen3_5_with_uneven_value_heads_matches_transformers(qwen3_5):
     check_against_reference(export, load_awq_as_float(ckpt).eval(), ids(80), 70, 1e-5)
 
 
+def test_a_qwen3_5_prompt_in_chunks_and_at_once_matches_transformers(tmp_path, smollm2_dir):
+    """A prompt of 300 fed as the engine feeds it, 256 tokens (PREFILL_CHUNK: the graph's gated_chunk, the WY
+    form) and then 44 onto the state they left (the chunk form again, from a state), then steps (the Scan, a
+    token); and fed at once, 300 tokens, more than a chunk: a token at a time in the Scan. Each within 1e-5 of
+    transformers."""
+    from awq_edge.checkpoint import load_awq_as_float
+    from awq_edge.memory import PREFILL_CHUNK
+    from test_export_helpers import reference_logits, rel_err
+
+    ckpt = tiny_checkpoint(tmp_path, "qwen3_5_text", smollm2_dir, **LAYERS, max_position_embeddings=512)
+    export = export_for_cpu(ckpt, tmp_path / "exports", "ort")
+    long = ids(303)
+    want = reference_logits(load_awq_as_float(ckpt).eval(), long)[299:]
+    chunked, whole = OrtBackend(export, max_context=512), OrtBackend(export, max_context=512)
+    chunked.forward(long[:PREFILL_CHUNK])
+    got = [chunked.forward(long[PREFILL_CHUNK:300]), *(chunked.forward([token]) for token in long[300:])]
+    assert max(rel_err(g, w) for g, w in zip(got, want)) < 1e-5
+    assert rel_err(whole.forward(long[:300]), want[0]) < 1e-5
+
+
 def test_a_rewind_goes_back_to_the_last_prefills_end_or_to_0_and_feeds_on_as_before(qwen3_5):
     """The states cannot be taken back token by token: a rewind past the last prefill's end stops there,
     one before it goes to 0; what is fed again gives the first run's logits."""
