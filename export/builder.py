@@ -59,16 +59,6 @@ class GraphBuilder:
         finally:
             self._prefix.pop()
 
-    @contextlib.contextmanager
-    def subgraph(self, nodes: list):
-        """Ops appended while open go to `nodes` (an If branch's), not the graph's; their names and constants
-        stay the graph's own, which a subgraph reads from its outer scope."""
-        outer, self.nodes = self.nodes, nodes
-        try:
-            yield
-        finally:
-            self.nodes = outer
-
     def name(self, base: str) -> str:
         full = "/".join(self._prefix + [base])
         n = self._counts.get(full, 0)

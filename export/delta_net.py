@@ -22,13 +22,7 @@ from ..checkpoint import concat_linears
 from .builder import GraphBuilder
 
 F32 = TensorProto.FLOAT
-CHUNK = 64  # gated_chunks' chunk: its MatMuls' work a token grows with it, their number shrinks
 L2_EPS = 1e-6  # transformers' l2norm of q and k (FLA's)
-
-
-def branch(nodes: list, name: str, outputs) -> "helper.GraphProto":
-    """An If branch of these nodes, giving these outputs (float32, shapes left to ONNX Runtime)."""
-    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(o, F32, None) for o in outputs])
 
 
 def state_names(i: int) -> tuple[str, str, str, str]:
@@ -94,96 +88,6 @@ def mamba_chunk(b: GraphBuilder, state_in: str, c: str, bk: str, x: str, log_dec
     whole = b.op("Gather", since_start, b.int64s(-1), axis=1)  # [Hv, 1, 1]
     b.op("Add", b.op("Mul", state_in, whole), written, outputs=[state_out])
     return b.op("Transpose", o, perm=[1, 0, 2])
-
-
-def gated_chunks(b: GraphBuilder, state_in: str, q: str, k: str, v: str, log_decay: str, beta: str, d,
-                 state_out: str) -> str:
-    """A gated delta net's S tokens in chunks of CHUNK (the last padded with tokens that write nothing: beta 0,
-    decay 1), the WY form transformers' torch path computes: within a chunk, with G_t the product of its decays
-    through t and A[t, s] = beta_t (G_t / G_s) k_t . k_s below the diagonal, the values its tokens write are
-    U = (I + A)^-1 (beta v - beta G k S) (unit_lower_inverse, every chunk's at once), o_t = G_t S^T q_t +
-    sum over s <= t of (G_t / G_s) (q_t . k_s) u_s, and the state after it G_C S + sum over s of
-    (G_C / G_s) k_s u_s^T: that last part a Scan over the chunks (chunk_body), S the state entering each.
-    Each G_t / G_s the exp of a sum of its own (as mamba_chunk's). q, k: [S, v_heads, k_dim] (grouped), v:
-    [S, v_heads, v_dim], log_decay and beta: [S, v_heads]. Returns o [S, v_heads, v_dim]; writes state_out."""
-    steps = b.op("Gather", b.op("Shape", log_decay), b.int64s(0), axis=0)  # [1]
-    pad = b.op("Mod", b.op("Sub", b.int64s(CHUNK), b.op("Mod", steps, b.int64s(CHUNK))), b.int64s(CHUNK))
-    pads3, pads2 = (b.op("Concat", b.int64s(*zeros), pad, b.int64s(*rest), axis=0)
-                    for zeros, rest in (((0, 0, 0), (0, 0)), ((0, 0), (0,))))
-
-    def chunked(t: str, width: int | None) -> str:  # [S, Hv(, width)] -> [chunks, Hv, CHUNK(, width)]
-        if width is None:
-            return b.op("Transpose", b.op("Reshape", b.op("Pad", t, pads2), b.int64s(-1, CHUNK, d.v_heads)),
-                        perm=[0, 2, 1])
-        return b.op("Transpose", b.op("Reshape", b.op("Pad", t, pads3), b.int64s(-1, CHUNK, d.v_heads, width)),
-                    perm=[0, 2, 1, 3])
-
-    q, k, v = chunked(q, d.k_dim), chunked(k, d.k_dim), chunked(v, d.v_dim)
-    logs, beta = chunked(log_decay, None), chunked(beta, None)
-    below = b.const("const/f32/chunk_below", np.tril(np.ones((CHUNK, CHUNK), np.float32), -1))
-    summed = b.op("CumSum", b.op("Mul", b.op("Unsqueeze", logs, b.int64s(3)), below), b.int64s(2))  # log G_t / G_s
-    decays = b.op("Mul", b.op("Exp", summed), b.const("const/f32/chunk_lower", np.tril(np.ones((CHUNK, CHUNK),
-                                                                                               np.float32))))
-    since_start = b.op("Unsqueeze", b.op("Exp", b.op("CumSum", logs, b.int64s(2))), b.int64s(3))  # G_t [.., CHUNK, 1]
-    beta_col = b.op("Unsqueeze", beta, b.int64s(3))
-    k_rows = b.op("Transpose", k, perm=[0, 1, 3, 2])  # [chunks, Hv, Dk, CHUNK]
-    a = b.op("Mul", b.op("Mul", b.op("MatMul", k, k_rows), decays), b.op("Mul", beta_col, below))
-    inverse = unit_lower_inverse(b, b.op("Add", a, b.const("const/f32/chunk_eye", np.eye(CHUNK, dtype=np.float32))))
-    inverse = b.op("Reshape", inverse, b.int64s(-1, d.v_heads, CHUNK, CHUNK))
-    values = b.op("MatMul", inverse, b.op("Mul", v, beta_col))  # U = values - decayed_keys S
-    decayed_keys = b.op("MatMul", inverse, b.op("Mul", k, b.op("Mul", beta_col, since_start)))
-    scores = b.op("Mul", b.op("MatMul", q, k_rows), decays)
-    to_end = b.op("Mul", k_rows, b.op("Exp", b.op("Gather", summed, b.int64s(-1), axis=2)))  # [.., Dk, CHUNK]
-    whole = b.op("Gather", since_start, b.int64s(-1), axis=2)  # G_C [chunks, Hv, 1, 1]
-    _, o = b.op("Scan", state_in, decayed_keys, values, b.op("Mul", q, since_start), scores, to_end, whole,
-                outputs=[state_out, b.name("o")], body=chunk_body(d.v_heads, d.k_dim, d.v_dim), num_scan_inputs=6,
-                name="chunks")
-    o = b.op("Reshape", b.op("Transpose", o, perm=[0, 2, 1, 3]), b.int64s(-1, d.v_heads, d.v_dim))
-    return b.op("Slice", o, b.int64s(0), steps, b.int64s(0))
-
-
-def chunk_body(v_heads: int, k_dim: int, v_dim: int) -> "helper.GraphProto":
-    """One chunk of gated_chunks, every value head at once, S the state entering it: U = values - decayed_keys S;
-    o = queries S + scores U; the state after it, S G_C + to_end U."""
-    b = GraphBuilder(np.float32, 21)
-    names = {"decayed_keys": [v_heads, CHUNK, k_dim], "values": [v_heads, CHUNK, v_dim],
-             "queries": [v_heads, CHUNK, k_dim], "scores": [v_heads, CHUNK, CHUNK], "to_end": [v_heads, k_dim, CHUNK],
-             "whole": [v_heads, 1, 1]}
-    inputs = [helper.make_tensor_value_info("state", F32, [v_heads, k_dim, v_dim]),
-              *(helper.make_tensor_value_info(name, F32, shape) for name, shape in names.items())]
-    written = b.op("Sub", "values", b.op("MatMul", "decayed_keys", "state"))
-    b.op("Add", b.op("MatMul", "queries", "state"), b.op("MatMul", "scores", written), outputs=["o_chunk"])
-    b.op("Add", b.op("Mul", "state", "whole"), b.op("MatMul", "to_end", written), outputs=["state_out"])
-    outputs = [helper.make_tensor_value_info("state_out", F32, [v_heads, k_dim, v_dim]),
-               helper.make_tensor_value_info("o_chunk", F32, [v_heads, CHUNK, v_dim])]
-    return helper.make_graph(b.nodes, "gated_chunk", inputs, outputs, list(b.initializers.values()))
-
-
-def unit_lower_inverse(b: GraphBuilder, m: str) -> str:
-    """The inverse of each unit lower-triangular m [.., CHUNK, CHUNK] (every chunk's, every head's), block by
-    block: the inverses of the diagonal blocks of b rows give those of 2b rows, [[A, 0], [B, D]]^-1 =
-    [[A^-1, 0], [-D^-1 B A^-1, D^-1]], log2(CHUNK) rounds of batched MatMuls (a triangular solve's exactness,
-    no row-by-row loop). Returns [-1, CHUNK, CHUNK]."""
-    m = b.op("Reshape", m, b.int64s(-1, CHUNK, CHUNK))
-    batch = b.op("Slice", b.op("Shape", m), b.int64s(0), b.int64s(1), b.int64s(0))
-    inverse = b.op("Expand", b.const("const/f32/ones_4d", np.ones((1, 1, 1, 1), np.float32)),
-                   b.op("Concat", batch, b.int64s(CHUNK, 1, 1), axis=0))  # the 1 x 1 blocks: 1
-    size = 1
-    while size < CHUNK:
-        pairs = CHUNK // (2 * size)
-        view = b.op("Reshape", m, b.int64s(-1, pairs, 2, size, pairs, 2, size))
-        below = b.op("Reshape", b.op("Slice", view, b.int64s(1, 0), b.int64s(2, 1), b.int64s(2, 5)),
-                     b.int64s(-1, pairs, size, pairs, size))  # every pair's rows of the second by its columns
-        same = b.const(f"const/f32/same_pair_{pairs}", np.eye(pairs, dtype=np.float32).reshape(pairs, 1, pairs, 1))
-        lower_left = b.op("ReduceSum", b.op("Mul", below, same), b.int64s(3), keepdims=0)  # B [.., pairs, s, s]
-        halves = b.op("Reshape", inverse, b.int64s(-1, pairs, 2, size, size))
-        first, second = (b.op("Reshape", b.op("Slice", halves, b.int64s(i), b.int64s(i + 1), b.int64s(2)),
-                              b.int64s(-1, pairs, size, size)) for i in (0, 1))
-        corner = b.op("Neg", b.op("MatMul", b.op("MatMul", second, lower_left), first))
-        top = b.op("Concat", first, b.op("Mul", first, b.const("const/f32/0", np.float32(0))), axis=-1)
-        inverse = b.op("Concat", top, b.op("Concat", corner, second, axis=-1), axis=-2)  # [.., pairs, 2s, 2s]
-        size *= 2
-    return b.op("Reshape", inverse, b.int64s(-1, CHUNK, CHUNK))
 
 
 def grouped_heads(b: GraphBuilder, t: str, d) -> str:
@@ -267,19 +171,9 @@ def delta_block(dec, x: str, i: int) -> str:
         k = l2_normed_heads(b, k, d.k_heads, d.k_dim)
         beta = b.op("Sigmoid", b.op("MatMul", x32, b.const(f"{p}.in_proj_b.weight", dec.tensor(
             f"{p}.in_proj_b.weight").astype(np.float32).T)))
-        q, k = grouped_heads(b, q, d), grouped_heads(b, k, d)
-        # a decode step a token at a time (the Scan's one iteration), a prefill in chunks (gated_chunks)
-        steps = b.op("Reshape", b.op("Gather", b.op("Shape", log_decay), b.int64s(0), axis=0), b.int64s())
-        by_token = b.op("Equal", steps, b.const("const/i64/scalar_1", np.int64(1)))
-        scan, chunks = [], []
-        with b.subgraph(scan):
-            scan_out = b.op("Scan", state_in, q, k, v, b.op("Exp", log_decay), beta, outputs=2,
-                            body=scan_body(d.v_heads, d.k_dim, d.v_dim), num_scan_inputs=5, name="recurrence")
-        with b.subgraph(chunks):
-            chunks_state = b.name("chunks_state")
-            chunks_out = [chunks_state, gated_chunks(b, state_in, q, k, v, log_decay, beta, d, chunks_state)]
-        _, o = b.op("If", by_token, outputs=[state_out, b.name("o")],
-                    then_branch=branch(scan, "by_token", scan_out), else_branch=branch(chunks, "chunks", chunks_out))
+        _, o = b.op("Scan", state_in, grouped_heads(b, q, d), grouped_heads(b, k, d), v, b.op("Exp", log_decay), beta,
+                    outputs=[state_out, b.name("o")], body=scan_body(d.v_heads, d.k_dim, d.v_dim),
+                    num_scan_inputs=5, name="recurrence")
         o = b.op("Mul", b.op("Mul", rms_normed(b, o, spec.eps), norm), silu_z)  # rms_norm(o) w silu(z), by head
     else:
         # C and B (q, k) as they are; x (v) written times dt; o + D x, times silu(z), rms-normed by group, times w

@@ -47,9 +47,8 @@ def test_a_qwen3_5_with_uneven_value_heads_matches_transformers(qwen3_5):
 
 
 def test_a_qwen3_5_prompt_in_chunks_and_at_once_matches_transformers(tmp_path, smollm2_dir):
-    """A prompt of 300 fed as the engine feeds it, 256 tokens (PREFILL_CHUNK: the graph's gated_chunks, the WY
-    form, four chunks of 64) and then 44 onto the state they left (one chunk, padded), then steps (the Scan, a
-    token); and fed at once (five chunks, the last padded). Each within 1e-5 of transformers."""
+    """A prompt of 300 fed as the engine feeds it, 256 tokens (PREFILL_CHUNK) and then 44 onto the state they
+    left, then steps; and fed at once. Each within 1e-5 of transformers."""
     from awq_edge.checkpoint import load_awq_as_float
     from awq_edge.memory import PREFILL_CHUNK
     from test_export_helpers import reference_logits, rel_err
