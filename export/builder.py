@@ -76,7 +76,9 @@ class GraphBuilder:
             if tuple(held.dims) == array.shape and held.data_type == data_type and \
                     self._raw(held) == np.ascontiguousarray(array).tobytes():
                 return name
-            name = self.name(name)
+            base = name
+            while name in self.initializers:  # (name() gives the name itself first: not a free one)
+                name = self.name(base)
         self._add(name, data_type, array.shape, np.ascontiguousarray(array))
         return name
 

@@ -354,3 +354,18 @@ def test_a_cpu_engine_built_for_a_shorter_context_holds_rope_rows_for_it(tmp_pat
     assert Engine.load(tmp_path / "short", max_context=4096).plan.context == 96
     with pytest.raises(UserError, match="max_context must be 1..96"):
         OrtBackend(tmp_path / "short", 97)
+
+
+def test_a_large_constant_asked_for_twice_is_one_initializer_in_the_data_file(tmp_path):
+    """GraphBuilder.const shares a name that holds the same values, reading a large one back from the data file
+    to compare (the file is opened to be read too); other values under that name get a name of their own."""
+    from awq_edge.export.builder import EXTERNAL_BYTES, GraphBuilder
+
+    b = GraphBuilder(np.float32, 21, tmp_path / "model.onnx.data")
+    table = np.arange(EXTERNAL_BYTES, dtype=np.float32)
+    assert b.const("table", table) == b.const("table", table.copy()) == "table"
+    other = b.const("table", table + 1)
+    b.close()
+    assert other != "table" and set(b.initializers) == {"table", other}
+    data = np.fromfile(tmp_path / "model.onnx.data", np.float32)
+    np.testing.assert_array_equal(data, np.concatenate([table, table + 1]))
