@@ -54,25 +54,33 @@ def scan_body(v_heads: int, k_dim: int, v_dim: int) -> "helper.GraphProto":
     return helper.make_graph(b.nodes, "gated_step", inputs, outputs, list(b.initializers.values()))
 
 
-def mamba_chunk(b: GraphBuilder, state_in: str, c: str, bk: str, x: str, log_decay: str, d, state_out: str) -> str:
+def chunk_masks(b: GraphBuilder, input_ids: str) -> tuple[str, str]:
+    """This step's [S, S] masks, float32, once for every Mamba-2 layer's mamba_chunk: 1 where s < t (after),
+    and where s <= t (lower); t the row, s the column."""
+    steps = b.op("Reshape", b.op("Gather", b.op("Shape", input_ids), b.int64s(1), axis=0), b.int64s())
+    token = b.op("Range", b.const("const/i64/scalar_0", np.int64(0)), steps, b.const("const/i64/scalar_1",
+                                                                                        np.int64(1)))
+    t_col, s_row = b.op("Unsqueeze", token, b.int64s(1)), b.op("Unsqueeze", token, b.int64s(0))  # [S, 1], [1, S]
+    return (b.op("Cast", b.op("Greater", t_col, s_row), to=F32, name="after"),
+            b.op("Cast", b.op("GreaterOrEqual", t_col, s_row), to=F32, name="lower"))
+
+
+def mamba_chunk(b: GraphBuilder, state_in: str, c: str, bk: str, x: str, log_decay: str, d, state_out: str,
+                masks: tuple[str, str]) -> str:
     """A Mamba-2's S tokens at once: o_t = sum over s <= t of a(s, t) (C_t . B_s) x_s + a(0, t) C_t S,
     a(s, t) the product of the decays after s through t (exp of their logs' sum, each sum taken whole: no
     difference of two long sums, which would lose digits), and the state after them
     a(0, S) S + sum over s of a(s, S) B_s x_s^T. The same sums as the scan's, in another order; the
     [v_heads, S, S] tensors are passed over four times (their memory traffic is what this costs).
     c, bk: C and B [S, k_heads, k_dim]; x: x times dt [S, v_heads, v_dim]; log_decay: dt times the decay
-    rate [S, v_heads], <= 0. Returns o [S, v_heads, v_dim]; writes state_out."""
+    rate [S, v_heads], <= 0; masks: chunk_masks'. Returns o [S, v_heads, v_dim]; writes state_out."""
+    after, lower = masks
     logs = b.op("Transpose", log_decay, perm=[1, 0])  # [Hv, S]
-    steps = b.op("Reshape", b.op("Gather", b.op("Shape", log_decay), b.int64s(0), axis=0), b.int64s())
-    token = b.op("Range", b.const("const/i64/scalar_0", np.int64(0)), steps, b.const("const/i64/scalar_1",
-                                                                                        np.int64(1)))
-    t_col, s_row = b.op("Unsqueeze", token, b.int64s(1)), b.op("Unsqueeze", token, b.int64s(0))  # [S, 1], [1, S]
-    after = b.op("Cast", b.op("Greater", t_col, s_row), to=F32)  # [S(t), S(s)]: 1 where s < t
     # logs[h, i] at [h, i, s] for s < i, summed down to t: the log of a(s, t) where s <= t (0 above the diagonal)
     summed = b.op("CumSum", b.op("Mul", b.op("Unsqueeze", logs, b.int64s(2)), after), b.int64s(1))
     # C_t . B_s for each key head, 0 above the diagonal, times a(s, t) for each value head it serves
     scores = b.op("MatMul", b.op("Transpose", c, perm=[1, 0, 2]), b.op("Transpose", bk, perm=[1, 2, 0]))
-    scores = b.op("Mul", scores, b.op("Cast", b.op("GreaterOrEqual", t_col, s_row), to=F32))
+    scores = b.op("Mul", scores, lower)
     scores = b.op("Unsqueeze", scores, b.int64s(1))  # [Hk, 1, S, S]
     group = d.v_heads // d.k_heads
     weights = b.op("Mul", b.op("Reshape", b.op("Exp", summed), b.int64s(d.k_heads, group, 0, -1)), scores)
@@ -179,7 +187,7 @@ def delta_block(dec, x: str, i: int) -> str:
         # C and B (q, k) as they are; x (v) written times dt; o + D x, times silu(z), rms-normed by group, times w
         q, k = (b.op("Reshape", t, b.int64s(-1, d.k_heads, d.k_dim)) for t in (q, k))
         written = b.op("Mul", v, b.op("Unsqueeze", dt, b.int64s(-1)))
-        o = mamba_chunk(b, state_in, q, k, written, log_decay, d, state_out)
+        o = mamba_chunk(b, state_in, q, k, written, log_decay, d, state_out, dec.chunk_masks)
         skip = b.const(f"{p}.D", dec.tensor(f"{p}.D").astype(np.float32).reshape(d.v_heads, 1))
         o = b.op("Mul", b.op("Add", o, b.op("Mul", v, skip)), silu_z)
         o = b.op("Reshape", o, b.int64s(-1, d.k_heads, d.norm_width))

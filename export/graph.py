@@ -269,6 +269,9 @@ class Decoder:
                     sin_name = attention.rope_rows(b, sin_name, info.positions)
             tables.append((cos_name, sin_name))
         layer_rope = [tables[j] for j in which]
+        if spec.delta and spec.delta.rule == "mamba2":  # (the same for every Mamba-2 layer's chunk)
+            with b.scope("chunk_masks"):
+                self.chunk_masks = delta_net.chunk_masks(b, input_ids)
         masks = {}
         if t.kv_mode == "concat":
             for w in sorted(set(spec.layer_windows), key=lambda w: w or 0):
